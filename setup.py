@@ -1,0 +1,38 @@
+"""zephyr_jax: Zephyr-7B alignment (dSFT, AI feedback, dDPO) on Mistral-7B in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="zephyr_jax",
+    version="0.1.0",
+    description="Zephyr-7B (distilled SFT + distilled DPO on Mistral-7B-v0.1) in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["zephyr_jax", "zephyr_jax.*"]),
+    install_requires=[
+        # The code uses only long-stable jax/flax APIs; the lower bounds are the oldest releases it was read against.
+        "jax>=0.4.35",
+        "flax>=0.10.4",  # NNX with Variable[...] access
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.46",  # 4.x and 5.x config layouts are both read (rope_theta / rope_parameters)
+        "huggingface_hub>=0.26",
+        "datasets>=3.0",
+        "ml_collections>=1.0",
+        "safetensors>=0.4.5",
+        "sentencepiece>=0.2",
+        "mistral-common>=1.5",  # ships the Mistral-7B-v0.1 tokenizer.model offline
+        "jinja2>=3.1",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch is pinned: the parity tests compare against transformers' PyTorch Mistral on the CPU, and an
+        # unpinned torch pulls several GB of CUDA wheels.
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9"],
+        "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5"],
+        "gpu": ["jax[cuda12]>=0.4.35"],
+        "tpu": ["jax[tpu]>=0.4.35"],
+    },
+)

@@ -1,0 +1,112 @@
+"""MistralConfig: the architecture, with Hugging Face's field names, plus the JAX-side compute settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+# Fields that describe the architecture and appear in a Hugging Face config.json.
+_HF_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "rope_theta", "sliding_window", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "pad_token_id", "attention_dropout",
+)
+# HF config.json keys that carry no architecture information and are accepted silently.
+_HF_IGNORED = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "_name_or_path", "output_hidden_states", "output_attentions", "return_dict", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "rope_scaling", "rope_parameters",
+    "tokenizer_class", "quantization_config",
+}
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class MistralConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096  # a query sees at most this many keys, itself included (HF semantics)
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+    attention_dropout: float = 0.0
+    # JAX-side settings (not part of the HF config).
+    dtype: Any = jnp.float32  # compute dtype of activations and matmuls
+    param_dtype: Any = jnp.float32  # storage dtype of the parameters
+    attention_impl: str = "xla"  # "xla": einsum attention, runs anywhere; "cudnn": jax.nn.dot_product_attention
+    remat: bool = False  # recompute each decoder layer in the backward pass
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is implemented")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
+        for name in ("dtype", "param_dtype"):  # accept "bfloat16" strings from configs and the command line
+            object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
+
+    @classmethod
+    def mistral_7b_v0_1(cls, **overrides) -> MistralConfig:
+        """mistralai/Mistral-7B-v0.1 (the defaults above are its values)."""
+        return cls(**overrides)
+
+    def replace(self, **changes) -> MistralConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_params(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        mlp = 3 * h * self.intermediate_size
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * (attn + mlp + 2 * h) + embed + h
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, **jax_settings) -> MistralConfig:
+        """Builds the config from a HF config.json dict; refuses other architectures and unknown fields."""
+        arch = d.get("architectures") or []
+        if d.get("model_type", "mistral") != "mistral" or any(a != "MistralForCausalLM" for a in arch):
+            raise ValueError(f"config.json describes model_type={d.get('model_type')!r}, architectures={arch}; "
+                             "zephyr_jax loads only Mistral (MistralForCausalLM) checkpoints")
+        rope = d.get("rope_scaling") or {}
+        params = d.get("rope_parameters") or {}
+        if (rope and rope.get("rope_type", rope.get("type")) not in (None, "default")) or \
+                params.get("rope_type", "default") != "default":
+            raise ValueError(f"rope scaling {rope or params} is not supported (Mistral-7B-v0.1 uses plain RoPE)")
+        unknown = sorted(k for k in d if k not in _HF_FIELDS and k not in _HF_IGNORED)
+        if unknown:
+            raise ValueError(f"config.json has fields zephyr_jax does not know: {unknown}")
+        fields = {k: d[k] for k in _HF_FIELDS if k in d}
+        if "rope_theta" not in fields and "rope_theta" in params:  # transformers>=5 nests it
+            fields["rope_theta"] = params["rope_theta"]
+        for k in ("bos_token_id", "eos_token_id"):
+            if isinstance(fields.get(k), list):
+                fields[k] = fields[k][0]
+        return cls(**fields, **jax_settings)
+
+    def to_hf_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in _HF_FIELDS}
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}  # transformers>=5 reads this
+        d.update(architectures=["MistralForCausalLM"], model_type="mistral",
+                 torch_dtype=str(jnp.dtype(self.param_dtype)), use_cache=True)
+        return d

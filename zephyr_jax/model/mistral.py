@@ -1,0 +1,217 @@
+"""Mistral-7B in Flax NNX, top to bottom: embedding -> N x (RMSNorm, GQA attention with RoPE, RMSNorm, SwiGLU)
+-> RMSNorm -> untied LM head. Parameter names mirror Hugging Face's so the weight mapping in hf.py is obvious.
+
+Every parameter carries `logical_axes` metadata; sharding.py maps those names onto the device mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zephyr_jax.model.attention import fused_attention, make_mask, xla_attention
+from zephyr_jax.model.config import MistralConfig
+from zephyr_jax.model.kv_cache import KVCache
+from zephyr_jax.sharding import constrain
+
+_List = getattr(nnx, "List", list)  # flax >= 0.12 wants module lists wrapped
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (no bias); kernel [in, out] is HF's weight transposed."""
+
+    def __init__(self, in_features, out_features, axes, cfg: MistralConfig, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(cfg.initializer_range)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), cfg.param_dtype),
+                                logical_axes=axes)
+        self.dtype = cfg.dtype
+
+    def __call__(self, x, out_dtype=None):
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                       preferred_element_type=out_dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 and cast back to the compute dtype (as HF does)."""
+
+    def __init__(self, cfg: MistralConfig):
+        self.scale = nnx.Param(jnp.ones((cfg.hidden_size,), cfg.param_dtype), logical_axes=("norm",))
+        self.eps, self.dtype = cfg.rms_norm_eps, cfg.dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_tables(positions, head_dim, theta):
+    """cos, sin [B, T, head_dim] in float32 for HF's rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, D]: x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: MistralConfig, rngs: nnx.Rngs):
+        h, d, n, k = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = Linear(h, n * d, ("embed", "heads"), cfg, rngs)
+        self.k_proj = Linear(h, k * d, ("embed", "kv_heads"), cfg, rngs)
+        self.v_proj = Linear(h, k * d, ("embed", "kv_heads"), cfg, rngs)
+        self.o_proj = Linear(n * d, h, ("heads", "embed"), cfg, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        if cache_kv is not None:  # decoding: write the new keys/values into their slots, attend over the cache
+            k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, axis=1)
+            cache_kv = (k, v)
+            out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        elif cfg.attention_impl == "cudnn":
+            out = fused_attention(q, k, v, mask, sliding_window=cfg.sliding_window)
+        else:
+            out = xla_attention(q, k, v, mask)
+        out = self.o_proj(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
+        return out, cache_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: MistralConfig, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, ("embed", "mlp"), cfg, rngs)
+        self.up_proj = Linear(h, i, ("embed", "mlp"), cfg, rngs)
+        self.down_proj = Linear(i, h, ("mlp", "embed"), cfg, rngs)
+
+    def __call__(self, x):
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, ("batch", "length", "mlp")))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: MistralConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "length", "embed")), cache_kv
+
+
+def _run_layer(layer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask)[0]
+
+
+_run_layer_remat = nnx.remat(_run_layer)  # recompute the layer's activations in the backward pass
+
+
+def default_positions(attention_mask, segment_ids):
+    """Position ids when none are given: count real tokens (so left padding does not shift RoPE), restarting
+    at 0 at every segment boundary of a packed row."""
+    counted = attention_mask.astype(jnp.int32)
+    if segment_ids is not None:
+        new_segment = jnp.concatenate(
+            [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        # Restart the running count at each boundary: subtract the count reached just before the segment began.
+        total = jnp.cumsum(counted, axis=1)
+        start = jnp.where(new_segment, total - counted, 0)
+        start = jax.lax.cummax(start, axis=1)
+        return jnp.maximum(total - start - 1, 0)
+    return jnp.maximum(jnp.cumsum(counted, axis=1) - 1, 0)
+
+
+class Mistral(nnx.Module):
+    def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        init = jax.nn.initializers.normal(cfg.initializer_range)
+        self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype),
+                                      logical_axes=("vocab", "embed"))
+        self.layers = _List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None):
+        """Logits [B, T, vocab] in float32.
+
+        input_ids [B, T]; positions [B, T] (default: counted from attention_mask / segment_ids);
+        segment_ids [B, T] (packed rows: a token attends only inside its own segment);
+        attention_mask [B, T] (1 = real token, 0 = padding, left or right).
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            ones = jnp.ones((b, t), jnp.int32)
+            positions = default_positions(ones if attention_mask is None else attention_mask, segment_ids)
+        slots = jnp.arange(t)
+        if cfg.attention_impl == "cudnn" and segment_ids is None and attention_mask is None:
+            mask = None  # causal + window only: the fused kernel applies both itself
+        else:
+            mask = make_mask(slots, slots, positions, positions, key_valid=attention_mask,
+                                  q_segments=segment_ids, k_segments=segment_ids, sliding_window=cfg.sliding_window)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        x = self._embed(input_ids)
+        run = _run_layer_remat if cfg.remat else _run_layer
+        for layer in self.layers:
+            x = run(layer, x, cos, sin, mask)
+        return self._logits(self.norm(x))
+
+    def with_cache(self, input_ids, cache: KVCache, attention_mask=None):
+        """Appends `input_ids` [B, T] to the cache (a prompt for prefill, one token per decoding step).
+
+        Returns (logits of the last new token [B, vocab] float32, updated cache). attention_mask [B, T] marks
+        real tokens (left padding of the prompt); their positions continue from the cache's per-row lengths.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        positions = cache.lengths[:, None] + jnp.cumsum(real, axis=1) - 1
+        key_positions = jax.lax.dynamic_update_slice_in_dim(
+            cache.positions, jnp.where(real > 0, positions, -1), cache.index, axis=1)
+        q_slots = cache.index + jnp.arange(t)
+        k_slots = jnp.arange(cache.max_length)
+        mask = make_mask(q_slots, k_slots, positions, key_positions, key_valid=key_positions >= 0,
+                              sliding_window=cfg.sliding_window)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        x = self._embed(input_ids)
+        new_kv = []
+        for layer, kv in zip(self.layers, zip(cache.k, cache.v)):
+            x, kv = layer(x, cos, sin, mask, kv, cache.index)
+            new_kv.append(kv)
+        logits = self._logits(self.norm(x[:, -1:]))[:, 0]
+        cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv), positions=key_positions,
+                        lengths=cache.lengths + real.sum(axis=1), index=cache.index + t)
+        return logits, cache
+
+    def _embed(self, input_ids):
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.dtype)
+        return constrain(x, ("batch", "length", "embed"))
+
+    def _logits(self, x):
+        if self.config.tie_word_embeddings:
+            w = self.embed_tokens[...].astype(self.config.dtype)
+            logits = jnp.einsum("bte,ve->btv", x, w, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x, out_dtype=jnp.float32)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

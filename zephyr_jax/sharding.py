@@ -1,0 +1,77 @@
+"""Logical-axis sharding: parameters and activations carry axis names, rules map the names onto mesh axes.
+
+A parameter declares its axes where it is created (`nnx.Param(..., logical_axes=("embed", "mlp"))`), an
+activation where it is computed (`constrain(x, ("batch", "length", "embed"))`). The rules (one line per logical
+name, in the config) say which mesh axis, if any, splits that dimension. Without an active mesh, `constrain` does
+nothing, so the same model code runs on one CPU and on a pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or axes, or None for replicated). FSDP shards weights on their embed dimension;
+# tensor parallelism splits heads, the MLP hidden dimension and the vocabulary.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+_active: list[tuple[Mesh, tuple]] = []
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Sequence = DEFAULT_RULES):
+    """Activates `mesh` and `rules` for `constrain` inside the block (trace your jitted functions inside it)."""
+    _active.append((mesh, tuple(tuple(r) for r in rules)))
+    try:
+        yield mesh
+    finally:
+        _active.pop()
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Sequence = DEFAULT_RULES) -> PartitionSpec:
+    """("batch", "length", "embed") -> PartitionSpec(("data", "fsdp"), None, "fsdp") under the rules."""
+    table = dict((name, mesh_axes) for name, mesh_axes in rules)
+    used, spec = set(), []
+    for name in axes:
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}")
+        mesh_axes = table.get(name) if name is not None else None
+        flat = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        flat = tuple(a for a in flat if a not in used)  # a mesh axis may split only one dimension
+        used.update(flat)
+        spec.append(flat[0] if len(flat) == 1 else (flat or None))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation, by logical axis names; a no-op outside `use_mesh`."""
+    if not _active:
+        return x
+    mesh, rules = _active[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def param_specs(state: nnx.State, rules: Sequence = DEFAULT_RULES):
+    """PartitionSpecs for a model's state, from each parameter's `logical_axes` metadata."""
+
+    def spec(v):
+        axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
+        return logical_to_spec(axes, rules) if axes is not None else PartitionSpec()
+
+    return jax.tree.map(spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
