@@ -1,0 +1,146 @@
+"""Logits of zephyr_jax's Mistral against transformers' PyTorch MistralForCausalLM with the same random weights.
+
+The weights travel the way a user's would: transformers' save_pretrained (safetensors) -> hf.load_pretrained.
+Three configs cover GQA ratios 1, 2 and 4, a head_dim unequal to hidden/heads, and sliding windows shorter than
+the sequences; inputs have odd lengths, right and left padding, and packed rows.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.torch_reference import positions_from_mask, save_torch, torch_logits, torch_mistral
+from zephyr_jax import hf
+from zephyr_jax.model.attention import fused_attention, make_mask, xla_attention
+
+CONFIGS = {
+    # GQA ratio 1 (plain multi-head attention), no sliding window.
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4, sliding_window=None),
+    # GQA ratio 2, head_dim 24 != 64 / 4, sliding window 5 (shorter than every test sequence).
+    "gqa2_headdim24_window5": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, sliding_window=5),
+    # GQA ratio 4, head_dim 16 != 64 / 8, window 7, three layers.
+    "gqa4_window7": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=7,
+                         num_hidden_layers=3),
+}
+TOL = 1e-4  # float32, max |diff| (the issue's bound)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(torch model, zephyr_jax model loaded from the torch model's safetensors, that directory)."""
+    tm = torch_mistral(**CONFIGS[request.param])
+    path = save_torch(tm, tmp_path_factory.mktemp(request.param))
+    return tm, hf.load_pretrained(path, dtype=jnp.float32), path
+
+
+def _random_ids(rng, batch, length, vocab=128):
+    return rng.integers(3, vocab, size=(batch, length)).astype(np.int32)
+
+
+def _assert_close(ours, ref, where=None):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    if where is not None:
+        ours, ref = ours[where], ref[where]
+    assert ref.std() > 0.3, "reference logits are nearly constant: the comparison would say little"
+    err = np.abs(ours - ref).max()
+    assert err <= TOL, f"max |diff| {err:.2e} > {TOL}"
+
+
+def test_logits_match_transformers_unpadded_odd_length(pair):
+    tm, model, _ = pair
+    ids = _random_ids(np.random.default_rng(0), 2, 13)
+    _assert_close(model(jnp.asarray(ids)), torch_logits(tm, ids))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_transformers_padded(pair, side):
+    tm, model, _ = pair
+    rng = np.random.default_rng(1)
+    lengths, total = [17, 11], 17
+    ids = np.zeros((2, total), np.int32)
+    mask = np.zeros((2, total), np.int32)
+    for row, n in enumerate(lengths):
+        span = slice(0, n) if side == "right" else slice(total - n, total)
+        ids[row, span] = _random_ids(rng, 1, n)[0]
+        mask[row, span] = 1
+    ours = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    # transformers counts positions from the first column; give it the token-counting positions zephyr_jax uses.
+    ref = torch_logits(tm, ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    _assert_close(ours, ref, where=mask.astype(bool))
+    # A padded row gives the same logits as the row run alone.
+    short = ids[1][mask[1].astype(bool)][None]
+    alone = model(jnp.asarray(short))
+    np.testing.assert_allclose(np.asarray(ours)[1][mask[1].astype(bool)], np.asarray(alone)[0], atol=TOL)
+
+
+def test_packed_row_equals_examples_run_alone(pair):
+    tm, model, _ = pair
+    rng = np.random.default_rng(2)
+    a, b = _random_ids(rng, 1, 7), _random_ids(rng, 1, 9)
+    packed = np.concatenate([a, b], axis=1)
+    segments = np.array([[1] * 7 + [2] * 9], np.int32)
+    ours = np.asarray(model(jnp.asarray(packed), segment_ids=jnp.asarray(segments)))
+    _assert_close(ours[:, :7], torch_logits(tm, a))
+    _assert_close(ours[:, 7:], torch_logits(tm, b))
+
+
+def test_bf16_compute_within_documented_tolerance(pair):
+    """bf16 activations over float32 parameters: max |diff| to float32 logits <= 5% of the logits' range.
+
+    bf16 has an 8-bit mantissa (relative step 2^-8 = 0.4%); a few layers of rounding compound to about 1%.
+    """
+    _, model, path = pair
+    model_bf16 = hf.load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert model_bf16.embed_tokens[...].dtype == jnp.float32
+    ids = jnp.asarray(_random_ids(np.random.default_rng(3), 2, 16))
+    ref = np.asarray(model(ids))
+    ours = np.asarray(model_bf16(ids))
+    assert ours.dtype == np.float32
+    assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_cudnn_option_honours_window_segments_and_padding(pair):
+    """attention_impl="cudnn" goes through jax.nn.dot_product_attention (its XLA version on CPU): it must
+    give the same logits as the einsum path with the sliding window, packed segments and padding."""
+    _, model, path = pair
+    fused_model = hf.load_pretrained(path, attention_impl="cudnn")
+    rng = np.random.default_rng(4)
+    ids = jnp.asarray(_random_ids(rng, 2, 15))
+    segments = jnp.asarray([[1] * 6 + [2] * 9, [1] * 15], jnp.int32)
+    mask = jnp.asarray([[1] * 15, [0] * 4 + [1] * 11], jnp.int32)
+    for kwargs in [{}, {"segment_ids": segments}, {"attention_mask": mask}]:
+        np.testing.assert_allclose(np.asarray(fused_model(ids, **kwargs)), np.asarray(model(ids, **kwargs)),
+                                   atol=TOL)
+
+
+def test_fused_and_xla_attention_kernels_agree():
+    rng = np.random.default_rng(5)
+    b, t, n, k, d = 2, 11, 8, 2, 16
+    q, kk, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(b, t, n, d), (b, t, k, d), (b, t, k, d)])
+    slots = jnp.arange(t)
+    pos = jnp.broadcast_to(slots, (b, t))
+    seg = jnp.asarray([[1] * 4 + [2] * 7, [3] * 11], jnp.int32)
+    mask = make_mask(slots, slots, pos, pos, q_segments=seg, k_segments=seg, sliding_window=3)
+    ref = xla_attention(q, kk, v, mask)
+    out = fused_attention(q, kk, v, mask, sliding_window=3, implementation=None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+    # The window alone (mask=None) is applied by the kernel itself.
+    out = fused_attention(q, kk, v, None, sliding_window=3, implementation=None)
+    ref = xla_attention(q, kk, v, make_mask(slots, slots, pos, pos, sliding_window=3))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_remat_gives_same_loss_and_gradients(pair):
+    from flax import nnx
+
+    _, model, path = pair
+    remat_model = hf.load_pretrained(path, remat=True)
+    ids = jnp.asarray(_random_ids(np.random.default_rng(6), 2, 12))
+
+    def loss(m):
+        return jnp.mean(jax.nn.logsumexp(m(ids), axis=-1))
+
+    g_plain = nnx.grad(loss)(model)
+    g_remat = nnx.grad(loss)(remat_model)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_plain, g_remat)

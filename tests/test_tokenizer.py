@@ -1,0 +1,78 @@
+"""The real Mistral-7B-v0.1 tokenizer (offline, from mistral-common) and the Zephyr chat template."""
+
+import os
+import shutil
+
+import pytest
+import sentencepiece as spm
+import transformers
+
+from zephyr_jax.tokenizer import (ZEPHYR_CHAT_TEMPLATE, load_tokenizer, mistral_v0_1_model_file, render_chat,
+                                  with_system_message)
+
+# The rendering given in shared/RECIPE.md for this conversation.
+CONVERSATION = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}]
+RENDERED = "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def test_hello_world_ids(tok):
+    assert tok("Hello world").input_ids == [1, 22557, 1526]
+    assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (1, 2, 32000)
+    assert tok.pad_token is None  # </s> must never double as padding
+
+
+def test_template_renders_recipe_string(tok):
+    assert tok.chat_template == ZEPHYR_CHAT_TEMPLATE
+    assert tok.apply_chat_template(CONVERSATION, tokenize=False) == RENDERED
+    prompt = tok.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    # No system message given: an empty one is inserted, as the recipe does.
+    assert render_chat(tok, CONVERSATION[1:]) == RENDERED
+    assert with_system_message(CONVERSATION) == CONVERSATION
+
+
+def test_encoding_matches_independent_tokenizers(tok, tmp_path):
+    """Same ids as (a) a transformers tokenizer built separately from the same file and (b) sentencepiece
+    itself, encoding each text piece between `</s>` tokens (each piece starting a fresh "▁"-prefixed text)."""
+    shutil.copyfile(mistral_v0_1_model_file(), os.path.join(tmp_path, "tokenizer.model"))
+    other = transformers.LlamaTokenizer.from_pretrained(str(tmp_path), legacy=True, add_bos_token=True)
+    ids = tok(RENDERED).input_ids
+    assert other(RENDERED).input_ids == ids
+
+    sp = spm.SentencePieceProcessor(model_file=mistral_v0_1_model_file())
+    expected = [1]
+    pieces = RENDERED.split("</s>")
+    for i, piece in enumerate(pieces):
+        if piece:
+            expected += sp.encode(piece)
+        if i < len(pieces) - 1:
+            expected.append(2)
+    assert ids == expected
+    assert ids.count(1) == 1 and ids[0] == 1  # one BOS: the template emits none
+    assert ids.count(2) == 3  # every turn ends in </s>
+
+
+def test_tokenizer_from_directory_gets_template(tok, tmp_path):
+    plain = transformers.AutoTokenizer.from_pretrained(_save_without_template(tok, tmp_path))
+    assert not plain.chat_template
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.chat_template == ZEPHYR_CHAT_TEMPLATE
+    assert loaded(RENDERED).input_ids == tok(RENDERED).input_ids
+
+
+def _save_without_template(tok, path):
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        tok.save_pretrained(str(path))
+    finally:
+        tok.chat_template = template
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    return str(path)

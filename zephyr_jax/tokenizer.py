@@ -1,0 +1,85 @@
+"""The Mistral-7B-v0.1 tokenizer and the Zephyr chat template.
+
+BOS/EOS policy (the same everywhere in zephyr_jax):
+- Every sequence starts with exactly one BOS (`<s>`, id 1), added by the tokenizer when it encodes a whole
+  rendered conversation (`add_bos_token=True`). The chat template itself emits no BOS, so rendering and then
+  encoding never doubles it.
+- Every turn ends in EOS (`</s>`, id 2): the template writes `eos_token` after each message, and the tokenizer
+  reads that text back as the single special token. `</s>` is a learned target, never treated as padding:
+  the tokenizer has no pad token, and batches carry an explicit mask instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import transformers
+
+# Zephyr's chat template, exactly as in HuggingFaceH4/zephyr-7b-beta (see shared/RECIPE.md).
+ZEPHYR_CHAT_TEMPLATE = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+
+# The settings of mistralai/Mistral-7B-v0.1's tokenizer_config.json. legacy=True keeps its tokenizer.json's
+# behaviour of starting every text piece (also the one after a special token such as `</s>`) with "▁".
+MISTRAL_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": True,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": None,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": 32768,
+}
+
+
+def mistral_v0_1_model_file() -> str:
+    """Path of the Mistral-7B-v0.1 sentencepiece model shipped inside the `mistral-common` package."""
+    import mistral_common
+
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: this mistral-common release does not ship the v0.1 "
+                                "tokenizer; install mistral-common>=1.5")
+    return path
+
+
+def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTokenizerBase:
+    """A transformers tokenizer with the Zephyr chat template.
+
+    None: the real Mistral-7B-v0.1 tokenizer, offline, from `mistral-common`. A directory or hub name: that
+    tokenizer (hub names need the network), given the Zephyr template if it has no chat template of its own.
+    """
+    if path_or_name is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(mistral_v0_1_model_file(), os.path.join(tmp, "tokenizer.model"))
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump(MISTRAL_TOKENIZER_CONFIG, f)
+            tok = transformers.AutoTokenizer.from_pretrained(tmp)
+        # transformers 5 does not write `legacy` back on save unless it is in init_kwargs; without it a saved
+        # copy reloads with another pre-tokenizer and encodes text after `</s>` differently.
+        tok.init_kwargs["legacy"] = True
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(path_or_name)
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    if tok.bos_token_id is None or tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {path_or_name or 'mistral-7b-v0.1'} lacks a BOS or EOS token")
+    return tok
+
+
+def with_system_message(messages: list[dict]) -> list[dict]:
+    """Prepends an empty system message when the conversation has none (as the Zephyr recipe does)."""
+    if messages and messages[0].get("role") == "system":
+        return list(messages)
+    return [{"role": "system", "content": ""}, *messages]
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as template text (no BOS: the tokenizer adds it when encoding)."""
+    return tok.apply_chat_template(with_system_message(messages), tokenize=False,
+                                   add_generation_prompt=add_generation_prompt)
