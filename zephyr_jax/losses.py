@@ -1,0 +1,328 @@
+"""Losses for dSFT and dDPO: pure, stateless, jit-able functions of arrays.
+
+Three public functions (the design doc's public surface):
+
+* `sequence_logps(logits, targets, loss_mask)`: log pi(y|x) summed over the completion tokens, the quantity
+  every preference loss is built from. It works through the sequence in chunks so that neither the forward
+  nor the backward pass holds a float32 [B, T, V] log-softmax (for Mistral's V = 32000 that array is
+  B * T * 128 KiB: 512 MiB at B=4, T=1024, more than the bf16 logits themselves).
+* `sft_loss(logits, targets, loss_mask)`: token-level cross-entropy averaged over every masked token of the
+  batch (not a mean of per-sequence means), so micro-batching and sharding reproduce the big-batch value.
+* `dpo_loss(...)`: DPO (Rafailov et al. 2023, eq. 7) and its variants on per-sequence log-probabilities:
+  conservative DPO / label smoothing (cDPO), robust DPO (Chowdhury et al. 2024), hinge (SLiC, Zhao et al.
+  2023) and IPO (Azar et al. 2023, eq. 17). Metrics use TRL's names.
+
+Conventions: `targets` are already aligned with `logits` (targets[:, t] is the token that logits[:, t]
+predicts); `loss_mask` is 0/1 or bool, and targets at masked positions are never read for the result, so they
+may hold anything (a pad id, -100, ...). Every result is float32 whatever the logits dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK_SIZE = 256
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token log-probabilities, chunked over the sequence
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _num_chunks(length: int, chunk: int) -> tuple[int, int]:
+    """Number of chunks and the chunk size actually used for a sequence of `length` tokens."""
+    chunk = max(1, min(int(chunk), length))
+    return -(-length // chunk), chunk
+
+
+def _chunk_start(i, length: int, chunk: int):
+    # The last chunk is slid back so that it ends at `length` instead of being padded: it overlaps the one
+    # before it, recomputes identical values there, and overwrites them. This avoids copying the logits into
+    # a padded [B, T', V] buffer; every position is computed by at least one chunk and written with the same
+    # value by each chunk that covers it.
+    return jnp.minimum(i * chunk, length - chunk)
+
+
+def _slice_chunk(logits, start, chunk):
+    # The barrier keeps XLA from rewriting convert(slice(logits)) as slice(convert(logits)) and hoisting the
+    # convert out of the loop, which would materialise the whole float32 [B, T, V] copy we are avoiding
+    # (XLA:CPU does exactly that with bf16 logits).
+    return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(logits, start, chunk, axis=1))
+
+
+def _chunk_stats(x, t):
+    """float32 logsumexp and target logit of one chunk. x: [B, C, V] any float dtype, t: [B, C] int."""
+    x = x.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    # Select-and-sum instead of a gather: an out-of-range target (a pad id or -100 at a masked position)
+    # contributes 0 rather than an out-of-bounds read, and XLA fuses this into one pass over V.
+    vocab = jax.lax.broadcasted_iota(jnp.int32, x.shape, 2)
+    tgt = jnp.sum(jnp.where(vocab == t[..., None], x, 0.0), axis=-1)
+    return lse, tgt
+
+
+def _token_logps_fwd_impl(logits, targets, chunk_size):
+    batch, length, _ = logits.shape
+    n, chunk = _num_chunks(length, chunk_size)
+    if n == 1:
+        lse, tgt = _chunk_stats(logits, targets)
+        return tgt - lse, lse
+
+    def body(i, carry):
+        logps, lses = carry
+        start = _chunk_start(i, length, chunk)
+        x = _slice_chunk(logits, start, chunk)
+        t = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
+        lse, tgt = _chunk_stats(x, t)
+        logps = jax.lax.dynamic_update_slice_in_dim(logps, tgt - lse, start, axis=1)
+        lses = jax.lax.dynamic_update_slice_in_dim(lses, lse, start, axis=1)
+        return logps, lses
+
+    zeros = jnp.zeros((batch, length), jnp.float32)
+    return jax.lax.fori_loop(0, n, body, (zeros, zeros))
+
+
+def _chunk_grad(x, t, lse, g):
+    """d(sum g * logp)/dx for one chunk: g * (onehot(t) - softmax(x)), in x's dtype."""
+    p = jnp.exp(x.astype(jnp.float32) - lse[..., None])
+    vocab = jax.lax.broadcasted_iota(jnp.int32, x.shape, 2)
+    onehot = (vocab == t[..., None]).astype(jnp.float32)
+    return (g[..., None] * (onehot - p)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _token_logps(logits, targets, chunk_size):
+    return _token_logps_fwd_impl(logits, targets, chunk_size)[0]
+
+
+def _token_logps_fwd(logits, targets, chunk_size):
+    logps, lse = _token_logps_fwd_impl(logits, targets, chunk_size)
+    # Residuals: the logits (alive anyway as the model's output) and the [B, T] float32 logsumexp.
+    return logps, (logits, targets, lse)
+
+
+def _token_logps_bwd(chunk_size, residuals, g):
+    logits, targets, lse = residuals
+    length = logits.shape[1]
+    n, chunk = _num_chunks(length, chunk_size)
+    g = g.astype(jnp.float32)
+    if n == 1:
+        return _chunk_grad(logits, targets, lse, g), None
+
+    def body(i, grad):
+        start = _chunk_start(i, length, chunk)
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=chunk, axis=1)
+        dx = _chunk_grad(_slice_chunk(logits, start, chunk), sl(targets), sl(lse), sl(g))
+        return jax.lax.dynamic_update_slice_in_dim(grad, dx, start, axis=1)
+
+    return jax.lax.fori_loop(0, n, body, jnp.zeros_like(logits)), None
+
+
+_token_logps.defvjp(_token_logps_fwd, _token_logps_bwd)
+
+
+def _check_shapes(logits, targets, loss_mask=None):
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be [batch, length, vocab], got shape {logits.shape}")
+    if targets.shape != logits.shape[:2]:
+        raise ValueError(f"targets shape {targets.shape} does not match logits' [batch, length] {logits.shape[:2]}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
+    if loss_mask is not None and loss_mask.shape != targets.shape:
+        raise ValueError(f"loss_mask shape {loss_mask.shape} does not match targets shape {targets.shape}")
+
+
+def token_logps(logits: jax.Array, targets: jax.Array, chunk_size: int | None = None) -> jax.Array:
+    """Per-token log-probabilities log softmax(logits)[b, t, targets[b, t]] as float32 [B, T].
+
+    Computed as logits[target] - logsumexp(logits) in float32, `chunk_size` positions of the sequence at a
+    time (default min(T, 256)), so only one chunk's float32 [B, chunk, V] copy exists at once. The gradient
+    is a custom VJP that also walks the chunks: d/dlogits = g * (onehot(target) - softmax(logits)), written
+    chunk by chunk into a gradient of the logits' dtype. A chunk size that does not divide T is fine (the last
+    chunk overlaps the previous one). Out-of-range targets give -logsumexp (no error); mask them out.
+    """
+    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+    _check_shapes(logits, targets)
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    return _token_logps(logits, targets.astype(jnp.int32), int(chunk_size))
+
+
+def _as_mask(loss_mask):
+    return jnp.asarray(loss_mask).astype(bool)
+
+
+def sequence_logps(
+    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array, chunk_size: int | None = None
+) -> jax.Array:
+    """log pi(y | x) = sum over masked positions t of log softmax(logits[b, t])[targets[b, t]], float32 [B].
+
+    This is the sequence log-likelihood in the DPO objective (Rafailov et al. 2023, eq. 7): log-probs summed
+    over the completion tokens, with `loss_mask` selecting them. Memory: see `token_logps`; neither pass
+    materialises a float32 [B, T, V] array besides the gradient itself (which has the logits' dtype).
+    """
+    mask = _as_mask(loss_mask)
+    _check_shapes(jnp.asarray(logits), jnp.asarray(targets), mask)
+    logps = token_logps(logits, targets, chunk_size)
+    return jnp.sum(jnp.where(mask, logps, 0.0), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dSFT: token cross-entropy
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sft_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    loss_mask: jax.Array,
+    normalizer: jax.Array | float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-level cross-entropy: -sum_{masked b,t} log p(targets[b,t]) / normalizer.
+
+    By default the normalizer is the number of masked tokens in this batch, i.e. the mean over every
+    supervised token of the batch (a long sequence weighs more than a short one; this is not a mean of
+    per-sequence means). That mean is what one big batch gives, so:
+
+    * sharding the batch over devices changes nothing (the sums are global under jit);
+    * for gradient accumulation, pass `normalizer` = the number of masked tokens of the whole global batch
+      (sum of `loss_mask` over all micro-batches) to every micro-batch and *sum* the micro-batch losses and
+      gradients: the result equals the full-batch loss and gradient exactly (up to float rounding).
+
+    An all-masked batch gives loss 0 (the normalizer is clamped to at least 1).
+
+    Returns (loss, metrics) with metrics {"loss", "token_accuracy" (argmax == target over this batch's
+    masked tokens), "num_tokens" (this batch's masked tokens)}. Metrics carry no gradient.
+    """
+    mask = _as_mask(loss_mask)
+    logits = jnp.asarray(logits)
+    _check_shapes(logits, jnp.asarray(targets), mask)
+    logps = token_logps(logits, targets, chunk_size)
+    num_tokens = jnp.sum(mask, dtype=jnp.float32)
+    denom = num_tokens if normalizer is None else jnp.asarray(normalizer, jnp.float32)
+    loss = -jnp.sum(jnp.where(mask, logps, 0.0)) / jnp.maximum(denom, 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == targets) & mask
+    metrics = {
+        "loss": jax.lax.stop_gradient(loss),
+        "token_accuracy": jnp.sum(correct, dtype=jnp.float32) / jnp.maximum(num_tokens, 1.0),
+        "num_tokens": num_tokens,
+    }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dDPO: preference losses on sequence log-probabilities
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _is_static_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    reference_chosen_logps: jax.Array,
+    reference_rejected_logps: jax.Array,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+    reference_free: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Preference loss on [B] sequence log-probabilities; returns (mean loss over the batch, metrics).
+
+    Let pc, pr be the policy's log pi(y_w|x), log pi(y_l|x) (summed over completion tokens, see
+    `sequence_logps`), rc, rr the reference model's, and the implicit-reward margin
+
+        z = (pc - rc) - (pr - rr).
+
+    With eps = `label_smoothing` and b = `beta`, per example:
+
+    * "sigmoid" (DPO, Rafailov et al. 2023, eq. 7): -log sigma(b z). With eps > 0 this is conservative DPO
+      (cDPO, Mitchell 2023: the preference label is flipped with probability eps):
+      -(1 - eps) log sigma(b z) - eps log sigma(-b z). eps must lie in [0, 0.5].
+    * "robust" (robust DPO, Chowdhury et al. 2024, the unbiased loss under label-flip rate eps):
+      (-(1 - eps) log sigma(b z) + eps log sigma(-b z)) / (1 - 2 eps). eps must lie in [0, 0.5).
+    * "hinge" (SLiC-HF, Zhao et al. 2023, calibration hinge with delta = 1/b): relu(1 - b z).
+    * "ipo" (IPO, Azar et al. 2023, eq. 17, in TRL's form with log-ratios averaged per completion token):
+      ((pc - rc) / |y_w| - (pr - rr) / |y_l| - 1 / (2 b))^2. Needs `chosen_lengths` and `rejected_lengths`
+      ([B] numbers of completion tokens, i.e. the loss_mask sums; clamped to at least 1).
+
+    `reference_free=True` drops the reference model (rc = rr = 0). "hinge" and "ipo" take no label smoothing.
+
+    Metrics (TRL's names; computed without gradient, means over the batch): "loss"; "rewards/chosen" =
+    mean b(pc - rc); "rewards/rejected" = mean b(pr - rr); "rewards/accuracies" = mean(chosen reward >
+    rejected reward), strict, so ties count as wrong; "rewards/margins" = mean(chosen - rejected reward);
+    "logps/chosen" = mean pc; "logps/rejected" = mean pr. For "ipo" the rewards stay b times the *summed*
+    log-ratios, as for the other losses.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    if _is_static_number(beta) and not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if _is_static_number(label_smoothing):
+        eps = float(label_smoothing)
+        if loss_type == "robust" and not 0.0 <= eps < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {eps}")
+        if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {eps}")
+        if loss_type in ("hinge", "ipo") and eps != 0.0:
+            raise ValueError(f"loss_type={loss_type!r} does not use label_smoothing; got {eps}, expected 0")
+    if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(
+            "loss_type='ipo' averages log-ratios per completion token: pass chosen_lengths and "
+            "rejected_lengths (the number of completion tokens of each chosen / rejected sequence, [B])"
+        )
+
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
+    if reference_free:
+        rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
+    else:
+        rc, rr = f32(reference_chosen_logps), f32(reference_rejected_logps)
+    shapes = {x.shape for x in (pc, pr, rc, rr)}
+    if len(shapes) != 1 or pc.ndim != 1:
+        raise ValueError(
+            "policy/reference chosen/rejected logps must all be [batch], got shapes "
+            f"{pc.shape}, {pr.shape}, {rc.shape}, {rr.shape}"
+        )
+    beta = f32(beta)
+    eps = f32(label_smoothing)
+    chosen_ratio, rejected_ratio = pc - rc, pr - rr
+    z = chosen_ratio - rejected_ratio
+
+    if loss_type == "sigmoid":
+        losses = -(1.0 - eps) * jax.nn.log_sigmoid(beta * z) - eps * jax.nn.log_sigmoid(-beta * z)
+    elif loss_type == "robust":
+        losses = (-(1.0 - eps) * jax.nn.log_sigmoid(beta * z) + eps * jax.nn.log_sigmoid(-beta * z)) / (
+            1.0 - 2.0 * eps
+        )
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1.0 - beta * z)
+    else:  # ipo
+        len_w = jnp.maximum(f32(chosen_lengths), 1.0)
+        len_l = jnp.maximum(f32(rejected_lengths), 1.0)
+        losses = (chosen_ratio / len_w - rejected_ratio / len_l - 1.0 / (2.0 * beta)) ** 2
+    loss = jnp.mean(losses)
+
+    sg = jax.lax.stop_gradient
+    chosen_rewards, rejected_rewards = sg(beta * chosen_ratio), sg(beta * rejected_ratio)
+    metrics = {
+        "loss": sg(loss),
+        "rewards/chosen": jnp.mean(chosen_rewards),
+        "rewards/rejected": jnp.mean(rejected_rewards),
+        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": jnp.mean(sg(pc)),
+        "logps/rejected": jnp.mean(sg(pr)),
+    }
+    return loss, metrics
