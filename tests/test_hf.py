@@ -1,0 +1,290 @@
+"""zephyr_jax.hf: HF checkpoints load into the JAX Mistral and export back, bit for bit, in layouts transformers
+reads; bad checkpoints fail with errors that name the culprit. Tiny configs, CPU only, no network."""
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from zephyr_jax import hf
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.sharding import param_specs
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, sliding_window=4096)
+IDS = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 12)).astype(np.int32)
+
+
+def torch_logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(IDS).long()).logits.float().numpy()
+
+
+def jax_logits(model) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(IDS)))
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def flat_params(model) -> dict:
+    return {hf._dotted(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def load_hf(path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def tensors_of(file) -> dict:
+    with safetensors.safe_open(file, "numpy") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random transformers MistralForCausalLM saved as safetensors, and its logits."""
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(**TINY, attn_implementation="eager"))
+    path = str(tmp_path_factory.mktemp("hf_tiny"))
+    model.eval().save_pretrained(path, safe_serialization=True)
+    return path, torch_logits(model)
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_dir):
+    return hf.load_pretrained(hf_dir[0])
+
+
+def copy_ckpt(src, dst, edit=None):
+    """A copy of a single-file checkpoint, its tensors passed through edit(dict) first."""
+    shutil.copytree(src, dst)
+    tensors = tensors_of(os.path.join(src, hf.WEIGHTS_NAME))
+    if edit:
+        edit(tensors)
+    safetensors.numpy.save_file(tensors, os.path.join(dst, hf.WEIGHTS_NAME), metadata={"format": "pt"})
+    return str(dst)
+
+
+# --- names ------------------------------------------------------------------------------------------------
+
+def test_name_mapping_round_trips():
+    cfg = MistralConfig(**TINY)
+    names = hf.hf_names(cfg)
+    assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
+    assert len(names) == 2 * 9 + 3
+    for name in names:
+        flax_name, transposed = hf.hf_to_flax_name(name)
+        assert hf.flax_to_hf_name(flax_name) == (name, transposed)
+    assert hf.hf_to_flax_name("model.layers.1.mlp.up_proj.weight") == ("layers.1.mlp.up_proj.kernel", True)
+    assert hf.hf_to_flax_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+    assert "lm_head.weight" not in hf.hf_names(cfg.replace(tie_word_embeddings=True))
+    assert hf.parse_size("5GB") == 5 * 10**9 and hf.parse_size("200MB") == 200 * 10**6
+    assert hf.parse_size("1GiB") == 2**30 and hf.parse_size(1234) == 1234
+
+
+# --- import -----------------------------------------------------------------------------------------------
+
+def test_load_matches_transformers(hf_dir, loaded):
+    path, expected = hf_dir
+    assert isinstance(loaded, Mistral)
+    cfg = loaded.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (64, 2, 2, 128)
+    assert cfg.rms_norm_eps == 1e-5 and cfg.param_dtype == jnp.float32
+    assert max_diff(jax_logits(loaded), expected) <= 1e-4
+
+
+def test_load_casts_and_overrides(hf_dir):
+    model = hf.load_pretrained(hf_dir[0], dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=True)
+    assert model.config.dtype == jnp.bfloat16 and model.config.remat
+    assert all(v.dtype == jnp.float32 for v in flat_params(model).values())
+    model = hf.load_pretrained(hf_dir[0], dtype=jnp.bfloat16)
+    assert all(v.dtype == jnp.bfloat16 for v in flat_params(model).values())
+
+
+# --- export -----------------------------------------------------------------------------------------------
+
+def test_export_loads_in_transformers(loaded, tmp_path):
+    hf.save_pretrained(loaded, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
+    with safetensors.safe_open(str(tmp_path / "model.safetensors"), "numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["MistralForCausalLM"] and config["dtype"] == "float32"
+    generation = transformers.GenerationConfig.from_pretrained(str(tmp_path))
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 2)
+    assert max_diff(torch_logits(load_hf(str(tmp_path))), jax_logits(loaded)) <= 1e-4
+
+
+def test_save_load_is_bitwise(tmp_path):
+    model = Mistral(MistralConfig(**TINY), rngs=nnx.Rngs(7))
+    hf.save_pretrained(model, str(tmp_path))
+    again = hf.load_pretrained(str(tmp_path))
+    before, after = flat_params(model), flat_params(again)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert after[name].dtype == before[name].dtype and np.array_equal(after[name], before[name]), name
+    assert again.config == model.config
+
+
+def test_sharded_save_writes_a_correct_index(loaded, tmp_path):
+    out = str(tmp_path)
+    hf.save_pretrained(loaded, out)  # a single file first: the sharded save must replace it
+    hf.save_pretrained(loaded, out, max_shard_size="40KB")
+    files = sorted(glob.glob(os.path.join(out, "*.safetensors")))
+    assert len(files) > 2 and not os.path.exists(os.path.join(out, hf.WEIGHTS_NAME))
+    n = len(files)
+    assert [os.path.basename(f) for f in files] == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    index = json.loads(open(os.path.join(out, hf.INDEX_NAME)).read())
+    weight_map = index["weight_map"]
+    assert sorted(weight_map) == sorted(hf.hf_names(loaded.config))  # every tensor listed, once (dict keys)
+    total = 0
+    for file in files:
+        tensors = tensors_of(file)
+        listed = {name for name, f in weight_map.items() if f == os.path.basename(file)}
+        assert set(tensors) == listed, file
+        assert sum(t.nbytes for t in tensors.values()) <= 40_000 or len(tensors) == 1
+        total += sum(t.nbytes for t in tensors.values())
+    assert index["metadata"]["total_size"] == total
+    expected = jax_logits(loaded)
+    assert max_diff(torch_logits(load_hf(out)), expected) <= 1e-4
+    assert max_diff(jax_logits(hf.load_pretrained(out)), expected) <= 1e-4
+
+
+def test_bf16_save_reloads(loaded, tmp_path):
+    out = str(tmp_path)
+    hf.save_pretrained(loaded, out, dtype=jnp.bfloat16)
+    with safetensors.safe_open(os.path.join(out, hf.WEIGHTS_NAME), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads(open(os.path.join(out, "config.json")).read())["dtype"] == "bfloat16"
+    want = {k: v.astype(jnp.bfloat16) for k, v in flat_params(loaded).items()}
+    again = flat_params(hf.load_pretrained(out, dtype=jnp.bfloat16))
+    for name in want:
+        assert again[name].dtype == jnp.bfloat16 and np.array_equal(again[name], want[name]), name
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    q = torch_model.model.layers[1].self_attn.q_proj.weight.detach()
+    assert q.dtype == torch.bfloat16
+    assert np.array_equal(q.float().numpy().T, want["layers.1.self_attn.q_proj.kernel"].astype(np.float32))
+
+
+def test_tokenizer_and_chat_template_are_exported(loaded, tmp_path):
+    tokenizer_module = pytest.importorskip("zephyr_jax.tokenizer")
+    try:
+        tok = tokenizer_module.load_tokenizer()
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"tokenizer unavailable: {e}")
+    hf.save_pretrained(loaded, str(tmp_path), tokenizer=tok)
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "How are you?"}]
+    for prompt in (False, True):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+        assert reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == text
+        assert reloaded(text).input_ids == tok(text).input_ids
+
+
+# --- clear errors -----------------------------------------------------------------------------------------
+
+def test_other_architecture_is_refused(hf_dir, tmp_path):
+    path = shutil.copytree(hf_dir[0], tmp_path / "llama")
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json.*llama.*only Mistral"):
+        hf.load_pretrained(str(path))
+
+
+def test_wrong_shape_names_the_tensor(hf_dir, tmp_path):
+    def edit(t):
+        t["model.layers.1.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+
+    path = copy_ckpt(hf_dir[0], tmp_path / "ckpt", edit)
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.1\.self_attn\.k_proj\.weight "
+                                         r"has shape \(16, 64\), but the config needs \(32, 64\)"):
+        hf.load_pretrained(path)
+
+
+def test_missing_tensor_is_named(hf_dir, tmp_path):
+    path = copy_ckpt(hf_dir[0], tmp_path / "ckpt", lambda t: t.pop("model.layers.0.mlp.down_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): model\.layers\.0\.mlp\.down_proj\.weight"):
+        hf.load_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(hf_dir, tmp_path):
+    def edit(t):
+        t["model.layers.0.self_attn.q_proj.bias"] = np.zeros((64,), np.float32)
+
+    path = copy_ckpt(hf_dir[0], tmp_path / "ckpt", edit)
+    with pytest.raises(ValueError, match=r"does not use: model\.layers\.0\.self_attn\.q_proj\.bias"):
+        hf.load_pretrained(path)
+
+
+def test_rotary_inv_freq_buffers_are_ignored(hf_dir, tmp_path):
+    def edit(t):
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones((8,), np.float32)
+
+    model = hf.load_pretrained(copy_ckpt(hf_dir[0], tmp_path / "ckpt", edit))
+    assert max_diff(jax_logits(model), hf_dir[1]) <= 1e-4
+
+
+def test_missing_shard_file_is_named(loaded, tmp_path):
+    hf.save_pretrained(loaded, str(tmp_path), max_shard_size="100KB")
+    shards = sorted(glob.glob(str(tmp_path / "model-*.safetensors")))
+    os.remove(shards[1])
+    with pytest.raises(FileNotFoundError, match=rf"lists shard {os.path.basename(shards[1])}, which is missing"):
+        hf.load_pretrained(str(tmp_path))
+
+
+def test_pytorch_bin_checkpoint_says_safetensors_only(hf_dir, tmp_path):
+    path = tmp_path / "bin"
+    path.mkdir()
+    shutil.copy(os.path.join(hf_dir[0], "config.json"), path)
+    torch.save({"model.norm.weight": torch.ones(64)}, path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*safetensors only.*safe_serialization=True"):
+        hf.load_pretrained(str(path))
+
+
+def test_unreachable_hub_name_is_named(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match=r"'someone/no-such-model' is not a local directory.*no network"):
+        hf.load_pretrained("someone/no-such-model")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hf.load_pretrained("/nonexistent/dir")
+
+
+# --- sharded loading --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
+def test_load_onto_mesh_shardings(hf_dir, loaded, mesh_shape):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py simulates them on CPU)")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("data", "fsdp", "tensor"))
+    specs = param_specs(nnx.state(loaded))
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    model = hf.load_pretrained(hf_dir[0], shardings=shardings)
+    expected = {hf._dotted(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        want = expected[hf._dotted(path)]
+        assert value.sharding.is_equivalent_to(want, value.ndim), (path, value.sharding, want)
+    kernel = model.layers[0].mlp.gate_proj.kernel.get_value()  # [embed, mlp]: split over fsdp x tensor
+    assert len(kernel.addressable_shards) == 8
+    assert kernel.addressable_shards[0].data.shape == (64 // mesh_shape[1], 128 // mesh_shape[2])
+    assert max_diff(jax_logits(model), jax_logits(loaded)) <= 1e-5
+    assert max_diff(jax_logits(model), hf_dir[1]) <= 1e-4

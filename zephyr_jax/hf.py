@@ -1,0 +1,431 @@
+"""Hugging Face <-> JAX: Mistral weights (safetensors only) and config.json.
+
+    model = hf.load_pretrained("path/or/hub-name", dtype=jnp.bfloat16)    # model.config is the MistralConfig
+    hf.save_pretrained(model, out_dir, tokenizer=tok)                      # transformers loads out_dir
+
+Both directions go one tensor at a time, so the host never holds a second copy of the model: loading maps
+each tensor of the file (np.memmap, read-only), copies it once into the parameter's layout and dtype, places it
+on its device(s) and drops the host copy; saving fetches one parameter, writes its bytes and drops them. The
+safetensors format (an 8-byte header length, a JSON header, raw little-endian bytes) is read and written here
+directly rather than through `safetensors`: its numpy API has no bfloat16 and its writer wants a whole shard
+in memory at once.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zephyr_jax.model import Mistral, MistralConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+# ---------------------------------------------------------------------------------------------------------
+# The name mapping, shared by import and export. HF tensor name <-> dotted path of the parameter in Mistral;
+# True marks a Linear: HF stores weight [out, in], our kernel is [in, out] (the transpose).
+# In HF's module order, which is also the order the tensors are saved in.
+NAME_TABLE = (
+    ("model.embed_tokens.weight", "embed_tokens", False),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj.kernel", True),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj.kernel", True),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj.kernel", True),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj.kernel", True),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.kernel", True),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.kernel", True),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.kernel", True),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.scale", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.scale", False),
+    ("model.norm.weight", "norm.scale", False),
+    ("lm_head.weight", "lm_head.kernel", True),  # absent when tie_word_embeddings
+)
+# Buffers some checkpoints carry that are recomputed, not loaded.
+IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+
+_HF_TO_FLAX = [(_pattern(hf), flax, t) for hf, flax, t in NAME_TABLE]
+_FLAX_TO_HF = [(_pattern(flax), hf, t) for hf, flax, t in NAME_TABLE]
+
+
+def _translate(name: str, table) -> tuple[str, bool] | None:
+    for pattern, template, transposed in table:
+        m = pattern.fullmatch(name)
+        if m:
+            return template.format(**m.groupdict()), transposed
+    return None
+
+
+def hf_to_flax_name(hf_name: str) -> tuple[str, bool] | None:
+    """"model.layers.3.mlp.up_proj.weight" -> ("layers.3.mlp.up_proj.kernel", True); None if not a Mistral name."""
+    return _translate(hf_name, _HF_TO_FLAX)
+
+
+def flax_to_hf_name(flax_name: str) -> tuple[str, bool]:
+    """"layers.3.mlp.up_proj.kernel" -> ("model.layers.3.mlp.up_proj.weight", True)."""
+    found = _translate(flax_name, _FLAX_TO_HF)
+    if found is None:
+        raise KeyError(f"parameter {flax_name!r} has no Hugging Face name (see NAME_TABLE in zephyr_jax/hf.py)")
+    return found
+
+
+def hf_names(cfg: MistralConfig) -> list[str]:
+    """Every HF tensor name of a Mistral with this config, in HF's module order."""
+    per_layer = [hf for hf, _, _ in NAME_TABLE if "{i}" in hf]
+    names = ["model.embed_tokens.weight"]
+    names += [t.format(i=i) for i in range(cfg.num_hidden_layers) for t in per_layer]
+    names.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def _dotted(path) -> str:
+    """A state path (tuple of names/indices, or jax key path entries) as "layers.0.mlp.up_proj.kernel"."""
+    parts = []
+    for p in path:
+        for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+            if hasattr(p, attr):
+                p = getattr(p, attr)
+                break
+        parts.append(str(p))
+    return ".".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The safetensors format: u64 little-endian header length, JSON header {name: {dtype, shape, data_offsets}},
+# then the tensors' bytes. Offsets are relative to the end of the header.
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(jnp.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors_header(file: str) -> tuple[dict, int]:
+    """({tensor name: {dtype, shape, data_offsets}}, byte offset where the data starts) of one file."""
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= 100_000_000:
+            raise ValueError(f"{file} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} has a corrupt safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _map_tensor(file: str, name: str, info: dict, data_start: int) -> np.ndarray:
+    """A read-only view of one tensor's bytes in the file (nothing is read until it is used)."""
+    if info["dtype"] not in _ST_DTYPES:
+        raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which zephyr_jax cannot load")
+    dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+    begin, end = info["data_offsets"]
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{file}: tensor {name} has {end - begin} bytes for shape {shape} {info['dtype']}")
+    return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+
+
+def _write_safetensors(file: str, tensors: list[tuple[str, tuple, np.dtype, callable]], metadata: dict):
+    """Writes (name, shape, dtype, fetch) entries, calling fetch() for one tensor's array at a time."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, shape, dtype, _ in tensors:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned, as safetensors does
+    tmp = file + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape, dtype, fetch in tensors:
+            array = fetch()
+            if array.shape != tuple(shape) or array.dtype != dtype or not array.flags.c_contiguous:
+                raise AssertionError(f"{name}: got {array.shape} {array.dtype}, planned {shape} {dtype}")
+            f.write(array.reshape(-1).view(np.uint8))  # raw bytes (bfloat16 has no buffer format)
+            del array
+    os.replace(tmp, file)  # a crash mid-write leaves no truncated shard behind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading.
+
+def resolve(path_or_hub_name: str) -> str:
+    """A local checkpoint directory, downloading a hub name (config, safetensors, tokenizer) when needed."""
+    path = os.path.expanduser(path_or_hub_name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path} is a file: pass the checkpoint directory that holds config.json")
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path_or_hub_name, allow_patterns=HUB_PATTERNS)
+    except Exception as e:
+        raise OSError(f"{path_or_hub_name!r} is not a local directory and could not be fetched from the Hugging "
+                      f"Face Hub ({type(e).__name__}: {e}). Check the name, your network / HF_HUB_OFFLINE, and "
+                      "your token for gated models, or pass a local directory.") from e
+
+
+def load_config(path: str, **jax_settings) -> MistralConfig:
+    """The MistralConfig of a checkpoint directory's config.json, with JAX-side settings (dtype, remat...)."""
+    file = os.path.join(path, CONFIG_NAME)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a Hugging Face model directory")
+    with open(file) as f:
+        d = json.load(f)
+    try:
+        return MistralConfig.from_hf_dict(d, **jax_settings)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from e
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """{HF tensor name: file} from the index of a sharded checkpoint, or from model.safetensors."""
+    index, single = os.path.join(path, INDEX_NAME), os.path.join(path, WEIGHTS_NAME)
+    if os.path.exists(single):  # transformers prefers the single file too
+        header, _ = read_safetensors_header(single)
+        return {name: single for name in header}
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map")
+        files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"{index} lists shard {os.path.basename(file)}, which is missing")
+        return files
+    torch_files = [os.path.basename(f) for ext in ("bin", "pt", "pth", "ckpt")
+                   for f in glob.glob(os.path.join(path, f"*.{ext}"))]
+    if torch_files:
+        raise ValueError(
+            f"{path} holds only PyTorch pickle weights ({', '.join(sorted(torch_files))}); zephyr_jax loads "
+            "safetensors only. Convert once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(dir, safe_serialization=True)")
+    raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+
+
+def _check_names(files: dict[str, str], params: dict) -> None:
+    """Every parameter has exactly one tensor and every tensor a parameter; otherwise say which."""
+    expected = {flax_to_hf_name(p)[0] for p in params}
+    present = {n for n in files if not IGNORED_TENSORS.fullmatch(n)}
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    where = sorted({os.path.basename(f) for f in files.values()})
+    if missing:
+        raise ValueError(f"checkpoint ({', '.join(where)}) is missing {len(missing)} tensor(s): "
+                         f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        raise ValueError(f"checkpoint ({', '.join(where)}) has {len(unexpected)} tensor(s) this Mistral config "
+                         f"does not use: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+
+
+def _flat_shardings(shardings, names) -> dict:
+    """{dotted param name: Sharding} from a pytree matching nnx.state(model) (or one Sharding for all)."""
+    if shardings is None:
+        return dict.fromkeys(names)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return dict.fromkeys(names, shardings)
+    is_leaf = lambda x: isinstance(x, (jax.sharding.Sharding, nnx.Variable))
+    flat = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_leaf)[0]:
+        leaf = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        if not isinstance(leaf, jax.sharding.Sharding):
+            raise TypeError(f"shardings[{_dotted(key_path)}] is {leaf!r}, not a jax Sharding (wrap "
+                            "PartitionSpecs in NamedSharding(mesh, spec))")
+        flat[_dotted(key_path)] = leaf
+    uncovered = sorted(set(names) - set(flat))
+    if uncovered:
+        raise ValueError(f"shardings has no entry for {', '.join(uncovered[:10])}: pass a pytree matching "
+                         "nnx.state(model)")
+    return flat
+
+
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """np.empty aligned to 64 bytes: jax on CPU then adopts the buffer instead of copying it."""
+    dtype = np.dtype(dtype)
+    buf = np.empty(math.prod(shape) * dtype.itemsize + align, np.uint8)
+    start = -buf.ctypes.data % align
+    return buf[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _load_tensor(file, name, info, data_start, transposed, abstract, sharding) -> jax.Array:
+    """One checkpoint tensor -> the parameter's layout, dtype and placement."""
+    mapped = _map_tensor(file, name, info, data_start)
+    src = mapped.T if transposed else mapped
+    if src.shape != abstract.shape:
+        hf_shape = abstract.shape[::-1] if transposed else abstract.shape
+        raise ValueError(f"{file}: tensor {name} has shape {tuple(mapped.shape)}, but the config "
+                         f"needs {tuple(hf_shape)}")
+    host = _aligned_empty(abstract.shape, abstract.dtype)
+    np.copyto(host, src, casting="unsafe")  # the one host copy: transposes and casts in a single pass
+    del mapped, src  # unmaps the file pages
+    # A fresh buffer of our own, so letting the CPU backend alias it is safe; elsewhere this is the transfer.
+    array = jax.device_put(host, sharding, may_alias=True)
+    return array.block_until_ready()  # bounded memory: the host copy is released before the next tensor
+
+
+def load_pretrained(path_or_hub_name: str, dtype=jnp.float32, param_dtype=None, shardings=None,
+                    **config_overrides) -> Mistral:
+    """A Mistral with the weights of a HF checkpoint (directory or hub name; safetensors only).
+
+    dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype). shardings: a pytree
+    of jax Shardings matching nnx.state(model) (e.g. NamedSharding over sharding.param_specs), or one
+    Sharding for every parameter; None puts them on the default device. config_overrides: MistralConfig
+    fields, e.g. attention_impl="cudnn", remat=True.
+    """
+    path = resolve(path_or_hub_name)
+    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
+    params = {_dotted(path): var for path, var in nnx.to_flat_state(state)}  # values: ShapeDtypeStructs
+    placement = _flat_shardings(shardings, params)
+    files = _weight_files(path)
+    _check_names(files, params)
+
+    for file in sorted(set(files.values())):
+        header, data_start = read_safetensors_header(file)
+        names = [n for n, f in files.items() if f == file and not IGNORED_TENSORS.fullmatch(n)]
+        absent = [n for n in names if n not in header]
+        if absent:
+            raise ValueError(f"{file} lacks tensor(s) {', '.join(absent)}, which the index places in it")
+        for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):  # read the file front to back
+            flax_name, transposed = hf_to_flax_name(name)
+            var = params[flax_name]
+            var.set_value(_load_tensor(file, name, header[name], data_start, transposed, var.get_value(),
+                                       placement[flax_name]))
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving.
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or "5GB" / "200MB" / "10KB" (powers of 10) / "1GiB" / "512MiB" (powers of 2)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: use an int (bytes) or a string such as '5GB' or '200MB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(m.group(1)) * scale
+
+
+def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+    """Tensor names grouped into shards, as huggingface_hub does: in order, opening a new shard when the next
+    tensor would overflow the current one; a tensor bigger than the limit gets a shard of its own."""
+    shards, current, current_size = [], [], 0
+    for name, size in sizes.items():
+        if size > max_shard_size:
+            shards.append([name])
+            continue
+        if current and current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(name)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _hf_array(param, transposed: bool, dtype) -> np.ndarray:
+    """One parameter fetched to the host in HF's layout and the save dtype."""
+    host = np.asarray(jax.device_get(param))
+    src = host.T if transposed else host
+    if src.dtype == dtype and src.flags.c_contiguous:
+        return src
+    out = np.empty(src.shape, dtype)
+    np.copyto(out, src, casting="unsafe")
+    return out
+
+
+def _remove_stale_weights(out_dir: str, keep: set[str]) -> None:
+    """Drops weight files of an earlier save that this one does not overwrite (a stale model.safetensors
+    would shadow a new sharded index, and old shards would linger)."""
+    stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+    for name in os.listdir(out_dir):
+        if stale.fullmatch(name) and name not in keep:
+            os.remove(os.path.join(out_dir, name))
+
+
+def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size: int | str = "5GB",
+                    dtype=None) -> None:
+    """Writes a HF checkpoint transformers loads: safetensors shards (+ index), config.json,
+    generation_config.json, and the tokenizer (with its chat template) when given.
+
+    dtype: the saved dtype (e.g. jnp.bfloat16); default: the parameters' own dtype.
+    """
+    cfg: MistralConfig = model.config
+    params = {_dotted(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    names = hf_names(cfg)
+    to_flax = {name: hf_to_flax_name(name) for name in names}
+    if set(params) != {flax for flax, _ in to_flax.values()}:
+        raise ValueError(f"the model's parameters {sorted(params)} do not match its config's HF names {names}")
+    save_dtype = {name: np.dtype(dtype or params[flax].dtype) for name, (flax, _) in to_flax.items()}
+    shapes = {name: params[flax].shape[::-1] if t else params[flax].shape for name, (flax, t) in to_flax.items()}
+    sizes = {name: math.prod(shapes[name]) * save_dtype[name].itemsize for name in names}
+
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    if len(shards) == 1:
+        files = [WEIGHTS_NAME]
+    else:
+        files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_weights(out_dir, keep=set(files) | ({INDEX_NAME} if len(shards) > 1 else set()))
+
+    def fetch(name):
+        flax, transposed = to_flax[name]
+        return lambda: _hf_array(params[flax], transposed, save_dtype[name])
+
+    for file, shard in zip(files, shards):
+        entries = [(name, shapes[name], save_dtype[name], fetch(name)) for name in shard]
+        _write_safetensors(os.path.join(out_dir, file), entries, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_parameters": sum(math.prod(s) for s in shapes.values()),
+                              "total_size": sum(sizes.values())},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        _write_json(os.path.join(out_dir, INDEX_NAME), index)
+
+    dtype_name = str(save_dtype[names[0]])
+    config = cfg.to_hf_dict()
+    config.update(dtype=dtype_name, torch_dtype=dtype_name)  # transformers>=4.56 reads dtype, older torch_dtype
+    _write_json(os.path.join(out_dir, CONFIG_NAME), config)
+    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(cfg))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def generation_config(cfg: MistralConfig) -> dict:
+    """generation_config.json: BOS/EOS, and pad = EOS when the model has no pad token. transformers'
+    generate() falls back to exactly that (with a warning each call); saying it here silences the warning. It
+    affects only how finished rows are filled during batched generation, never training."""
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad,
+            "do_sample": False}
+
+
+def _write_json(file: str, obj) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
