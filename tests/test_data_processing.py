@@ -1,0 +1,174 @@
+"""SFT and preference tokenization, packing, batches and the loader, on the real Mistral-7B-v0.1 tokenizer."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zephyr_jax.data import (BadRow, Loader, default_buckets, pack, pad_sft, preference_batch, preference_example,
+                             process_rows, sft_example)
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.tokenizer import load_tokenizer
+
+DIALOGUE = [
+    {"role": "user", "content": "Write a haiku about the sea."},
+    {"role": "assistant", "content": "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time."},
+    {"role": "user", "content": "Now one about mountains, please"},
+    {"role": "assistant", "content": "Stone shoulders in cloud."},
+]
+PAIR = {
+    "prompt": "What is 2 + 2?",
+    "chosen": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}],
+    "rejected": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "It is 5"}],
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _whole_conversation_ids(tok, messages):
+    """The conversation encoded in one go by transformers (the template's final newline dropped)."""
+    text = tok.apply_chat_template([{"role": "system", "content": ""}, *messages], tokenize=False)
+    assert text.endswith("</s>\n")
+    return tok(text[:-1]).input_ids
+
+
+def _runs(mask):
+    """[start, end) of each run of True."""
+    edges = np.diff(np.concatenate([[0], mask.astype(int), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def test_sft_assistant_targets_decode_to_the_replies(tok):
+    ex = sft_example({"messages": DIALOGUE}, 0, tok, loss_on="assistant")
+    batch = pad_sft([ex], 128)
+    targets, mask = batch["targets"][0], batch["loss_mask"][0].astype(bool)
+    replies = [tok.decode(targets[a:b]) for a, b in _runs(mask)]
+    assert replies == [m["content"] + "</s>" for m in DIALOGUE if m["role"] == "assistant"]
+    assert list(ex.ids) == _whole_conversation_ids(tok, DIALOGUE)
+
+
+def test_sft_all_learns_every_token_after_bos(tok):
+    ex = sft_example({"messages": DIALOGUE}, 0, tok, loss_on="all")
+    assert ex.ids[0] == tok.bos_token_id and (ex.ids == tok.bos_token_id).sum() == 1
+    assert ex.ids[-1] == tok.eos_token_id  # every sequence ends in </s>
+    assert not ex.loss_mask[0] and ex.loss_mask[1:].all()
+    batch = pad_sft([ex], 128)
+    eos_targets = batch["targets"][0] == tok.eos_token_id
+    assert eos_targets.sum() == 5 and batch["loss_mask"][0][eos_targets].all()  # </s> is never excluded
+
+
+def test_sft_too_long_truncates_or_drops(tok):
+    ex = sft_example({"messages": DIALOGUE}, 0, tok, max_length=20)
+    assert len(ex.ids) == 20 and ex.truncated
+    with pytest.raises(BadRow, match="row 3: longer than max_length=20"):
+        sft_example({"messages": DIALOGUE}, 3, tok, max_length=20, too_long="drop")
+    examples, counter = process_rows([{"messages": DIALOGUE}] * 3, lambda r, i: sft_example(
+        r, i, tok, max_length=20, too_long="drop"), on_bad_row="skip", progress=False, log=lambda s: None)
+    assert examples == [] and counter.as_dict()["skipped"] == 3
+
+
+def test_preference_prompt_plus_completion_is_the_whole_conversation(tok):
+    ex = preference_example(PAIR, 0, tok)
+    for key, completion in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+        assert list(ex.prompt) + list(completion) == _whole_conversation_ids(tok, PAIR[key])
+        assert completion[-1] == tok.eos_token_id
+    assert tok.decode(ex.chosen) == "2 + 2 = 4.</s>"
+    assert (ex.prompt == tok.bos_token_id).sum() == 1
+    batch = preference_batch([ex, ex], 64)
+    assert batch["inputs"].shape == (2, 2, 64)
+    for k, completion in ((0, ex.chosen), (1, ex.rejected)):
+        row_mask = batch["loss_mask"][0, k].astype(bool)
+        assert list(batch["targets"][0, k][row_mask]) == list(completion)
+
+
+def test_preference_truncation_prompt_left_then_completions(tok):
+    long_prompt = " ".join(["word"] * 300)
+    row = {"chosen": [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "yes " * 200}],
+           "rejected": [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "no"}]}
+    ex = preference_example(row, 0, tok, max_length=256, max_prompt_length=128)
+    full = preference_example(row, 0, tok, max_length=4096, max_prompt_length=4096)
+    assert ex.truncated and len(ex.prompt) == 128
+    assert ex.prompt[0] == tok.bos_token_id and list(ex.prompt[1:]) == list(full.prompt[-127:])
+    assert len(ex.prompt) + len(ex.chosen) == 256 and list(ex.chosen) == list(full.chosen[:128])
+    assert list(ex.rejected) == list(full.rejected)
+
+
+def test_packed_row_logits_equal_separate_examples(tok):
+    cfg = MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    model = Mistral(cfg, rngs=nnx.Rngs(0))
+    examples = [sft_example({"messages": DIALOGUE[:2]}, 0, tok), sft_example({"messages": DIALOGUE}, 1, tok)]
+    packed = pack(examples, 160)
+    assert packed["inputs"].shape[0] == 1, "both examples fit one row"
+    logits = np.asarray(model(jnp.asarray(packed["inputs"]), positions=jnp.asarray(packed["positions"]),
+                              segment_ids=jnp.asarray(packed["segment_ids"])))[0]
+    start = 0
+    for ex in examples:
+        alone = np.asarray(model(jnp.asarray(ex.ids[None, :-1])))[0]
+        np.testing.assert_allclose(logits[start:start + len(alone)], alone, atol=1e-5)
+        start += len(alone)
+    assert (packed["segment_ids"][0, start:] == 0).all() and (packed["loss_mask"][0, start:] == 0).all()
+
+
+def test_loader_is_deterministic_resumable_and_sliced(tok):
+    examples = [sft_example({"messages": [{"role": "user", "content": f"q{i}"},
+                                          {"role": "assistant", "content": "a " * (i % 7 + 1)}]}, i, tok)
+                for i in range(20)]
+    make = lambda: Loader(examples, 4, pad_sft, buckets=default_buckets(64, smallest=16), seed=3)
+    a, b = make(), make()
+    first = [next(a) for _ in range(7)]  # crosses the epoch boundary (5 steps per epoch)
+    for x, y in zip(first, [next(b) for _ in range(7)]):
+        np.testing.assert_array_equal(x["inputs"], y["inputs"])
+    resumed = make()
+    resumed.restore({"epoch": 0, "step": 3})
+    for x in first[3:]:
+        np.testing.assert_array_equal(next(resumed)["inputs"], x["inputs"])
+    assert {x["inputs"].shape[1] for x in first} <= {16, 32, 64}
+    # Two processes' slices stack to the one-process global batch.
+    halves = [Loader(examples, 4, pad_sft, buckets=(64,), seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    whole = Loader(examples, 4, pad_sft, buckets=(64,), seed=3)
+    for _ in range(3):
+        np.testing.assert_array_equal(np.concatenate([next(h)["inputs"] for h in halves]), next(whole)["inputs"])
+    assert make().order(0).tolist() != make().order(1).tolist()  # a new shuffle each epoch
+
+
+# --- Bad rows: processed, or a BadRow naming the index; nothing else escapes. ---
+
+text = st.one_of(st.text(max_size=30), st.sampled_from(["", " ", "</s>", "<s>", "hi", "\n"]))
+message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", ""]), "content": text}),
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"])}),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.integers(), st.none(), st.fixed_dictionaries({"role": st.just("user"), "content": st.integers()}))
+messages = st.one_of(st.lists(message, max_size=5), st.text(max_size=5), st.none(), st.integers())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=st.one_of(st.fixed_dictionaries({"messages": messages}), st.dictionaries(st.text(max_size=8), messages),
+                     st.none(), st.lists(st.integers(), max_size=2)),
+       index=st.integers(0, 10_000))
+def test_sft_rows_fuzz(tok, row, index):
+    try:
+        ex = sft_example(row, index, tok, loss_on="assistant", max_length=64)
+    except BadRow as err:
+        assert str(err).startswith(f"row {index}") and err.reason
+    else:
+        assert ex.ids[0] == tok.bos_token_id and ex.loss_mask.any()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.lists(message, max_size=3), chosen=message, rejected=message,
+       keys=st.sampled_from([("chosen", "rejected"), ("chosen",), ()]), index=st.integers(0, 10_000))
+def test_preference_rows_fuzz(tok, prompt, chosen, rejected, keys, index):
+    row = {k: v for k, v in (("chosen", prompt + [chosen]), ("rejected", prompt + [rejected])) if k in keys}
+    try:
+        ex = preference_example(row, index, tok, max_length=64, max_prompt_length=32)
+    except BadRow as err:
+        assert str(err).startswith(f"row {index}") and err.reason
+    else:
+        assert len(ex.chosen) and len(ex.rejected) and ex.prompt[0] == tok.bos_token_id

@@ -1,0 +1,74 @@
+"""Chat conversations -> token ids, with a per-token mask of which tokens belong to assistant replies.
+
+The conversation is rendered once with the chat template and encoded once (one BOS, from the tokenizer), so the
+ids are exactly what the model sees at inference. Which tokens belong to an assistant reply (its text plus its
+closing `</s>`) is read from the tokenizer's character offsets, never by encoding pieces separately: Mistral's
+tokenizer starts each text piece with "▁", so piecewise encoding would not reproduce the whole.
+The template's newline after the final `</s>` is not encoded: every sequence ends in `</s>`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zephyr_jax.data.errors import BadRow
+from zephyr_jax.tokenizer import with_system_message
+
+ROLES = ("system", "user", "assistant")
+# Strings the tokenizer would read as control tokens if they appeared inside message text.
+SPECIAL_TEXTS = ("<s>", "</s>")
+
+
+def check_messages(messages, index, source, field="messages") -> list[dict]:
+    """Validates a message list; raises BadRow naming the row and the reason."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise BadRow(index, f"{field} is not a non-empty list", source)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRow(index, f"{field}[{i}] lacks 'role' or 'content'", source)
+        if m["role"] not in ROLES:
+            raise BadRow(index, f"unknown role {m['role']!r} in {field}[{i}]", source)
+        if not isinstance(m["content"], str):
+            raise BadRow(index, f"{field}[{i}].content is not a string", source)
+        if m["role"] != "system" and not m["content"].strip():
+            raise BadRow(index, f"empty content in {field}[{i}]", source)
+        if any(s in m["content"] for s in SPECIAL_TEXTS):
+            raise BadRow(index, f"{field}[{i}] contains special-token text {SPECIAL_TEXTS}", source)
+        if m["role"] == "system" and i != 0:
+            raise BadRow(index, f"system message at {field}[{i}] (only the first may be)", source)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def encode_conversation(tok, messages, index=None, source=None, add_generation_prompt=False):
+    """(ids int32 [L], assistant_mask bool [L]) for a checked conversation (system message inserted if absent).
+
+    assistant_mask marks each assistant reply's tokens and its closing `</s>`.
+    """
+    messages = with_system_message(messages)
+    render = lambda msgs, gen=False: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    text = render(messages, add_generation_prompt)
+    eos = tok.eos_token
+    if not add_generation_prompt and text.endswith(eos + "\n"):
+        text = text[:-1]
+    spans, start = [], 0  # character spans of assistant text + </s>
+    for k, m in enumerate(messages):
+        end = len(render(messages[:k + 1]))
+        if m["role"] == "assistant":
+            at = text.find(m["content"] + eos, start, end)
+            if at < 0:
+                raise BadRow(index, f"the chat template did not render messages[{k}] verbatim", source)
+            spans.append((at, at + len(m["content"]) + len(eos)))
+        start = end
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    mask = np.zeros(len(ids), bool)
+    for lo, hi in spans:
+        inside = (offsets[:, 0] >= lo) & (offsets[:, 1] <= hi) & (offsets[:, 1] > offsets[:, 0])
+        straddles = (offsets[:, 0] < lo) & (offsets[:, 1] > lo)
+        if straddles.any():
+            raise BadRow(index, "a token spans the start of an assistant reply", source)
+        mask |= inside
+    if len(ids) < 2 or ids[0] != tok.bos_token_id or (ids == tok.bos_token_id).sum() != 1:
+        raise BadRow(index, "conversation did not encode to one BOS followed by text", source)
+    return ids, mask

@@ -1,0 +1,61 @@
+"""Deterministic, resumable global batches.
+
+Every process holds the same example list and computes the same shuffled order for (seed, epoch); each then
+builds only its own slice of every global batch. The padded length of a batch is chosen from the whole global
+batch, so all processes agree on shapes. The position (epoch, step) is two integers: saving it with a
+checkpoint and restoring it continues with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from zephyr_jax.data.batches import bucket, positions_needed
+
+
+class Loader:
+    def __init__(self, examples: Sequence, global_batch_size: int, make_batch: Callable, *, buckets,
+                 seed: int = 0, shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+        """make_batch(examples, length) -> dict of [rows, length] arrays (see data/batches.py)."""
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch {global_batch_size} does not divide over {process_count} processes")
+        if len(examples) < global_batch_size:
+            raise ValueError(f"{len(examples)} examples cannot fill one global batch of {global_batch_size}")
+        self.examples, self.global_batch_size, self.make_batch = examples, global_batch_size, make_batch
+        self.buckets, self.seed, self.shuffle = tuple(buckets), seed, shuffle
+        self.process_index, self.process_count = process_index, process_count
+        self.lengths = np.array([positions_needed(e) for e in examples])
+        self.epoch, self.step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.examples) // self.global_batch_size  # the remainder is left out of that epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def global_indices(self, epoch: int, step: int) -> np.ndarray:
+        return self.order(epoch)[step * self.global_batch_size:(step + 1) * self.global_batch_size]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        idx = self.global_indices(self.epoch, self.step)
+        length = bucket(int(self.lengths[idx].max()), self.buckets)
+        per_process = len(idx) // self.process_count
+        mine = idx[self.process_index * per_process:(self.process_index + 1) * per_process]
+        self.step += 1
+        return self.make_batch([self.examples[i] for i in mine], length)

@@ -1,0 +1,66 @@
+"""dDPO examples: an ultrafeedback_binarized row {chosen: [...], rejected: [...]} -> prompt and completion ids.
+
+The prompt is every message before the final assistant reply, rendered with the generation prompt
+(`<|assistant|>\\n`). Each completion's ids are the tail of the WHOLE conversation's encoding after the prompt's
+ids, so prompt + completion is exactly the encoding of the conversation (no re-tokenization seam).
+Too long (prompt + longer completion > max_length): the prompt is cut from the left to max_prompt_length
+(BOS kept), then the completions from the right.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from zephyr_jax.data.conversation import check_messages, encode_conversation
+from zephyr_jax.data.errors import BadRow
+
+
+class PreferenceExample(NamedTuple):
+    prompt: np.ndarray  # int32, starts with BOS
+    chosen: np.ndarray  # int32 completion, ends in </s> unless truncated
+    rejected: np.ndarray
+    truncated: bool
+
+
+def split_prompt(row, index, source=None):
+    """(prompt messages, chosen reply, rejected reply) from a binarized row; checks both share the prompt."""
+    for key in ("chosen", "rejected"):
+        if not isinstance(row, dict) or key not in row:
+            raise BadRow(index, f"missing key {key!r}", source)
+    chosen = check_messages(row["chosen"], index, source, "chosen")
+    rejected = check_messages(row["rejected"], index, source, "rejected")
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1]["role"] != "assistant":
+            raise BadRow(index, f"{key} does not end with an assistant reply", source)
+        if len(msgs) < 2:
+            raise BadRow(index, f"{key} has no prompt before its reply", source)
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRow(index, "chosen and rejected have different prompts", source)
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        raise BadRow(index, "chosen == rejected", source)
+    return chosen[:-1], chosen[-1], rejected[-1]
+
+
+def preference_example(row, index, tok, *, max_length=1024, max_prompt_length=512,
+                       source=None) -> PreferenceExample:
+    prompt_msgs, chosen_msg, rejected_msg = split_prompt(row, index, source)
+    prompt, _ = encode_conversation(tok, prompt_msgs, index, source, add_generation_prompt=True)
+    completions = []
+    for reply in (chosen_msg, rejected_msg):
+        ids, _ = encode_conversation(tok, prompt_msgs + [reply], index, source)
+        # The prompt ends in "\n" (a byte token that never merges), so its ids are a prefix of the whole's.
+        if not np.array_equal(ids[:len(prompt)], prompt):
+            raise BadRow(index, "prompt ids are not a prefix of the conversation's ids", source)
+        completions.append(ids[len(prompt):])
+    chosen, rejected = completions
+    truncated = len(prompt) + max(len(chosen), len(rejected)) > max_length
+    if truncated:
+        if len(prompt) > max_prompt_length:  # keep BOS, drop the oldest context
+            prompt = np.concatenate([prompt[:1], prompt[len(prompt) - max_prompt_length + 1:]])
+        room = max_length - len(prompt)
+        chosen, rejected = chosen[:room], rejected[:room]
+    if len(chosen) == 0 or len(rejected) == 0:
+        raise BadRow(index, "a completion is empty after truncation", source)
+    return PreferenceExample(prompt, chosen, rejected, truncated)
