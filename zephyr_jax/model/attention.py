@@ -42,13 +42,16 @@ def xla_attention(q, k, v, mask) -> jax.Array:
     return out.reshape(b, t, n, d)
 
 
-def fused_attention(q, k, v, mask, *, sliding_window, implementation="cudnn") -> jax.Array:
+def fused_attention(q, k, v, mask, *, sliding_window, implementation="auto") -> jax.Array:
     """jax.nn.dot_product_attention (cuDNN flash attention on GPU) for self-attention without a cache.
 
     Causality and the sliding window go to the kernel natively; segment ids and padding arrive in `mask`
     (None when the batch has neither), which cuDNN applies as an additive bias: correct, somewhat slower.
-    `implementation=None` runs the same call through XLA, which is how the CPU tests check this wiring.
+    implementation="auto" picks cuDNN on a GPU backend and the XLA version of the same call elsewhere (None),
+    which is how the CPU tests check this wiring.
     """
+    if implementation == "auto":
+        implementation = "cudnn" if jax.default_backend() == "gpu" else None
     if q.shape[1] != k.shape[1]:
         raise ValueError("fused attention is self-attention only; decoding with a KV cache uses xla_attention")
     window = None if sliding_window is None else (sliding_window - 1, 0)
