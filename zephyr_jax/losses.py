@@ -5,7 +5,8 @@ Three public functions (the design doc's public surface):
 * `sequence_logps(logits, targets, loss_mask)`: log pi(y|x) summed over the completion tokens, the quantity
   every preference loss is built from. It works through the sequence in chunks so that neither the forward
   nor the backward pass holds a float32 [B, T, V] log-softmax (for Mistral's V = 32000 that array is
-  B * T * 128 KiB: 512 MiB at B=4, T=1024, more than the bf16 logits themselves).
+  B * T * 125 KiB: 500 MiB at B=4, T=1024, twice the bf16 logits themselves). bench/logps_memory.py
+  measures the compiled temporary memory.
 * `sft_loss(logits, targets, loss_mask)`: token-level cross-entropy averaged over every masked token of the
   batch (not a mean of per-sequence means), so micro-batching and sharding reproduce the big-batch value.
 * `dpo_loss(...)`: DPO (Rafailov et al. 2023, eq. 7) and its variants on per-sequence log-probabilities:
@@ -47,21 +48,12 @@ def _chunk_start(i, length: int, chunk: int):
     return jnp.minimum(i * chunk, length - chunk)
 
 
-def _slice_chunk(logits, start, chunk):
-    # The barrier keeps XLA from rewriting convert(slice(logits)) as slice(convert(logits)) and hoisting the
-    # convert out of the loop, which would materialise the whole float32 [B, T, V] copy we are avoiding
-    # (XLA:CPU does exactly that with bf16 logits).
-    return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(logits, start, chunk, axis=1))
-
-
 def _chunk_stats(x, t):
     """float32 logsumexp and target logit of one chunk. x: [B, C, V] any float dtype, t: [B, C] int."""
-    x = x.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)
-    # Select-and-sum instead of a gather: an out-of-range target (a pad id or -100 at a masked position)
-    # contributes 0 rather than an out-of-bounds read, and XLA fuses this into one pass over V.
-    vocab = jax.lax.broadcasted_iota(jnp.int32, x.shape, 2)
-    tgt = jnp.sum(jnp.where(vocab == t[..., None], x, 0.0), axis=-1)
+    # A gather of the target logits rather than a one-hot select-and-sum: the select would be a second
+    # [B, C, V] float32 temporary on XLA:CPU. (`token_logps` has clipped t into the vocabulary.)
+    tgt = jnp.take_along_axis(x, t[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    lse = jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)
     return lse, tgt
 
 
@@ -75,7 +67,7 @@ def _token_logps_fwd_impl(logits, targets, chunk_size):
     def body(i, carry):
         logps, lses = carry
         start = _chunk_start(i, length, chunk)
-        x = _slice_chunk(logits, start, chunk)
+        x = jax.lax.dynamic_slice_in_dim(logits, start, chunk, axis=1)
         t = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
         lse, tgt = _chunk_stats(x, t)
         logps = jax.lax.dynamic_update_slice_in_dim(logps, tgt - lse, start, axis=1)
@@ -116,7 +108,7 @@ def _token_logps_bwd(chunk_size, residuals, g):
     def body(i, grad):
         start = _chunk_start(i, length, chunk)
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=chunk, axis=1)
-        dx = _chunk_grad(_slice_chunk(logits, start, chunk), sl(targets), sl(lse), sl(g))
+        dx = _chunk_grad(sl(logits), sl(targets), sl(lse), sl(g))
         return jax.lax.dynamic_update_slice_in_dim(grad, dx, start, axis=1)
 
     return jax.lax.fori_loop(0, n, body, jnp.zeros_like(logits)), None
@@ -143,7 +135,7 @@ def token_logps(logits: jax.Array, targets: jax.Array, chunk_size: int | None = 
     time (default min(T, 256)), so only one chunk's float32 [B, chunk, V] copy exists at once. The gradient
     is a custom VJP that also walks the chunks: d/dlogits = g * (onehot(target) - softmax(logits)), written
     chunk by chunk into a gradient of the logits' dtype. A chunk size that does not divide T is fine (the last
-    chunk overlaps the previous one). Out-of-range targets give -logsumexp (no error); mask them out.
+    chunk overlaps the previous one). Out-of-range targets are clipped into [0, V) (no error): mask them out.
     """
     logits, targets = jnp.asarray(logits), jnp.asarray(targets)
     _check_shapes(logits, targets)
@@ -151,7 +143,10 @@ def token_logps(logits: jax.Array, targets: jax.Array, chunk_size: int | None = 
         chunk_size = DEFAULT_CHUNK_SIZE
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    return _token_logps(logits, targets.astype(jnp.int32), int(chunk_size))
+    # Junk targets at masked positions (-100, a pad id) read a real logit instead of going out of bounds;
+    # forward and backward both see the clipped ids, so the gradient matches the value.
+    targets = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
+    return _token_logps(logits, targets, int(chunk_size))
 
 
 def _as_mask(loss_mask):
@@ -166,6 +161,8 @@ def sequence_logps(
     This is the sequence log-likelihood in the DPO objective (Rafailov et al. 2023, eq. 7): log-probs summed
     over the completion tokens, with `loss_mask` selecting them. Memory: see `token_logps`; neither pass
     materialises a float32 [B, T, V] array besides the gradient itself (which has the logits' dtype).
+    Exception: XLA:CPU has no bf16 dynamic-slice and converts bf16 logits to one float32 copy for the loop;
+    GPU/TPU slice bf16 natively, and float32 logits (what the model returns) are unaffected.
     """
     mask = _as_mask(loss_mask)
     _check_shapes(jnp.asarray(logits), jnp.asarray(targets), mask)
