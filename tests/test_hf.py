@@ -138,6 +138,18 @@ def test_save_load_is_bitwise(tmp_path):
     assert again.config == model.config
 
 
+def test_row_block_streaming_is_exact(hf_dir, monkeypatch, tmp_path):
+    """Tensors move in row blocks; blocks of a few rows (and a partial last one) change nothing."""
+    monkeypatch.setattr(hf, "_BLOCK_BYTES", 1000)
+    model = hf.load_pretrained(hf_dir[0])
+    assert max_diff(jax_logits(model), hf_dir[1]) <= 1e-4
+    hf.save_pretrained(model, str(tmp_path), dtype=jnp.bfloat16)
+    original = tensors_of(os.path.join(hf_dir[0], hf.WEIGHTS_NAME))
+    with safetensors.safe_open(str(tmp_path / hf.WEIGHTS_NAME), "pt") as f:
+        for name, value in original.items():
+            assert torch.equal(f.get_tensor(name), torch.from_numpy(value).bfloat16()), name
+
+
 def test_sharded_save_writes_a_correct_index(loaded, tmp_path):
     out = str(tmp_path)
     hf.save_pretrained(loaded, out)  # a single file first: the sharded save must replace it
@@ -238,6 +250,14 @@ def test_rotary_inv_freq_buffers_are_ignored(hf_dir, tmp_path):
     assert max_diff(jax_logits(model), hf_dir[1]) <= 1e-4
 
 
+def test_truncated_file_is_named(hf_dir, tmp_path):
+    path = shutil.copytree(hf_dir[0], tmp_path / "ckpt")
+    file = path / hf.WEIGHTS_NAME
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated inside tensor"):
+        hf.load_pretrained(str(path))
+
+
 def test_missing_shard_file_is_named(loaded, tmp_path):
     hf.save_pretrained(loaded, str(tmp_path), max_shard_size="100KB")
     shards = sorted(glob.glob(str(tmp_path / "model-*.safetensors")))
@@ -271,7 +291,7 @@ def test_unreachable_hub_name_is_named(monkeypatch):
 # --- sharded loading --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
-def test_load_onto_mesh_shardings(hf_dir, loaded, mesh_shape):
+def test_load_onto_mesh_shardings_and_save_back(hf_dir, loaded, mesh_shape, tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py simulates them on CPU)")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("data", "fsdp", "tensor"))
@@ -288,3 +308,9 @@ def test_load_onto_mesh_shardings(hf_dir, loaded, mesh_shape):
     assert kernel.addressable_shards[0].data.shape == (64 // mesh_shape[1], 128 // mesh_shape[2])
     assert max_diff(jax_logits(model), jax_logits(loaded)) <= 1e-5
     assert max_diff(jax_logits(model), hf_dir[1]) <= 1e-4
+
+    hf.save_pretrained(model, str(tmp_path), max_shard_size="100KB")  # gathers each sharded param in turn
+    params = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert all(getattr(p, "_npy_value", None) is None for p in params), "a host copy stayed cached on a param"
+    want, again = flat_params(loaded), flat_params(hf.load_pretrained(str(tmp_path)))
+    assert all(np.array_equal(again[name], want[name]) for name in want)

@@ -3,12 +3,12 @@
     model = hf.load_pretrained("path/or/hub-name", dtype=jnp.bfloat16)    # model.config is the MistralConfig
     hf.save_pretrained(model, out_dir, tokenizer=tok)                      # transformers loads out_dir
 
-Both directions go one tensor at a time, so the host never holds a second copy of the model: loading maps
-each tensor of the file (np.memmap, read-only), copies it once into the parameter's layout and dtype, places it
-on its device(s) and drops the host copy; saving fetches one parameter, writes its bytes and drops them. The
-safetensors format (an 8-byte header length, a JSON header, raw little-endian bytes) is read and written here
-directly rather than through `safetensors`: its numpy API has no bfloat16 and its writer wants a whole shard
-in memory at once.
+Both directions go one tensor at a time, so the host never holds a second copy of the model: loading reads
+each tensor in row blocks straight into one buffer in the parameter's layout and dtype, places it on its
+device(s) and drops the host copy; saving fetches one parameter and writes it in row blocks. The safetensors
+format (an 8-byte header length, a JSON header, raw little-endian bytes) is read and written here directly
+rather than through `safetensors`: its numpy API has no bfloat16, its writer wants a whole shard in memory,
+and a memory-mapped file would add each tensor's pages to the process's RSS.
 """
 
 from __future__ import annotations
@@ -115,6 +115,14 @@ _ST_DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_BLOCK_BYTES = 32 * 2**20  # tensors move between file and host in row blocks of about this size
+
+
+def _row_blocks(shape, itemsize):
+    """Slices of the first axis, each about _BLOCK_BYTES of a C-order array of this shape."""
+    row_bytes = math.prod(shape[1:]) * itemsize
+    rows = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    return [slice(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
 
 
 def read_safetensors_header(file: str) -> tuple[dict, int]:
@@ -132,19 +140,32 @@ def read_safetensors_header(file: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _map_tensor(file: str, name: str, info: dict, data_start: int) -> np.ndarray:
-    """A read-only view of one tensor's bytes in the file (nothing is read until it is used)."""
+def tensor_layout(file: str, name: str, info: dict) -> tuple[np.dtype, tuple, int]:
+    """(dtype, shape, byte offset from the data start) of one tensor of a header, checked for consistency."""
     if info["dtype"] not in _ST_DTYPES:
         raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which zephyr_jax cannot load")
     dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
     begin, end = info["data_offsets"]
     if end - begin != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"{file}: tensor {name} has {end - begin} bytes for shape {shape} {info['dtype']}")
-    return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+    return dtype, shape, begin
+
+
+def _read_into(file: str, offset: int, dtype: np.dtype, shape: tuple, target: np.ndarray, name: str):
+    """Reads a C-order [shape] tensor of `dtype` at `offset` into `target` (any view of that shape), casting
+    as it goes; only one row block is ever held besides the target."""
+    block = np.empty((_row_blocks(shape, dtype.itemsize)[0].stop, *shape[1:]), dtype) if shape[0] else None
+    with open(file, "rb") as f:
+        f.seek(offset)
+        for rows in _row_blocks(shape, dtype.itemsize):
+            part = block[: rows.stop - rows.start]
+            if f.readinto(part.reshape(-1).view(np.uint8)) != part.nbytes:
+                raise ValueError(f"{file} is truncated inside tensor {name}")
+            np.copyto(target[rows], part, casting="unsafe")
 
 
 def _write_safetensors(file: str, tensors: list[tuple[str, tuple, np.dtype, callable]], metadata: dict):
-    """Writes (name, shape, dtype, fetch) entries, calling fetch() for one tensor's array at a time."""
+    """Writes (name, shape, dtype, blocks) entries; blocks() yields one tensor's C-order row blocks."""
     header, offset = {"__metadata__": metadata}, 0
     for name, shape, dtype, _ in tensors:
         size = math.prod(shape) * dtype.itemsize
@@ -155,12 +176,13 @@ def _write_safetensors(file: str, tensors: list[tuple[str, tuple, np.dtype, call
     tmp = file + ".tmp"
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, shape, dtype, fetch in tensors:
-            array = fetch()
-            if array.shape != tuple(shape) or array.dtype != dtype or not array.flags.c_contiguous:
-                raise AssertionError(f"{name}: got {array.shape} {array.dtype}, planned {shape} {dtype}")
-            f.write(array.reshape(-1).view(np.uint8))  # raw bytes (bfloat16 has no buffer format)
-            del array
+        for name, shape, dtype, blocks in tensors:
+            written = 0
+            for block in blocks():
+                assert block.dtype == dtype and block.flags.c_contiguous, (name, block.dtype)
+                written += f.write(block.reshape(-1).view(np.uint8))  # raw bytes (bfloat16 has no buffer format)
+            if written != math.prod(shape) * dtype.itemsize:
+                raise AssertionError(f"{name}: wrote {written} bytes for shape {shape} {dtype}")
     os.replace(tmp, file)  # a crash mid-write leaves no truncated shard behind
 
 
@@ -270,15 +292,12 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 
 def _load_tensor(file, name, info, data_start, transposed, abstract, sharding) -> jax.Array:
     """One checkpoint tensor -> the parameter's layout, dtype and placement."""
-    mapped = _map_tensor(file, name, info, data_start)
-    src = mapped.T if transposed else mapped
-    if src.shape != abstract.shape:
-        hf_shape = abstract.shape[::-1] if transposed else abstract.shape
-        raise ValueError(f"{file}: tensor {name} has shape {tuple(mapped.shape)}, but the config "
-                         f"needs {tuple(hf_shape)}")
-    host = _aligned_empty(abstract.shape, abstract.dtype)
-    np.copyto(host, src, casting="unsafe")  # the one host copy: transposes and casts in a single pass
-    del mapped, src  # unmaps the file pages
+    dtype, shape, begin = tensor_layout(file, name, info)
+    hf_shape = abstract.shape[::-1] if transposed else abstract.shape
+    if shape != tuple(hf_shape):
+        raise ValueError(f"{file}: tensor {name} has shape {shape}, but the config needs {tuple(hf_shape)}")
+    host = _aligned_empty(abstract.shape, abstract.dtype)  # the one host copy, in the parameter's layout
+    _read_into(file, data_start + begin, dtype, shape, host.T if transposed else host, name)
     # A fresh buffer of our own, so letting the CPU backend alias it is safe; elsewhere this is the transfer.
     array = jax.device_put(host, sharding, may_alias=True)
     return array.block_until_ready()  # bounded memory: the host copy is released before the next tensor
@@ -350,15 +369,24 @@ def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
     return shards
 
 
-def _hf_array(param, transposed: bool, dtype) -> np.ndarray:
-    """One parameter fetched to the host in HF's layout and the save dtype."""
-    host = np.asarray(jax.device_get(param))
+def _fetch(x: jax.Array) -> np.ndarray:
+    """x on the host, leaving no copy behind: np.asarray(x) caches the host copy on x for x's lifetime (a
+    sharded or accelerator array would keep a second model on the host after a save). Reading through a fresh
+    Array over the same device buffers caches on that one instead, which goes when we are done."""
+    if not x.is_fully_addressable:
+        raise ValueError("save_pretrained needs every parameter addressable from this process (single host); "
+                         "on a multi-host mesh, gather the parameters first or export from an orbax checkpoint")
+    shards = [s.data for s in x.addressable_shards]
+    return np.asarray(jax.make_array_from_single_device_arrays(x.shape, x.sharding, shards))
+
+
+def _hf_blocks(param, transposed: bool, dtype):
+    """One parameter in HF's layout and the save dtype, as C-order row blocks (transposed and cast per block,
+    so the host holds the fetched parameter, a view of the device buffer on CPU, plus one block)."""
+    host = _fetch(param)
     src = host.T if transposed else host
-    if src.dtype == dtype and src.flags.c_contiguous:
-        return src
-    out = np.empty(src.shape, dtype)
-    np.copyto(out, src, casting="unsafe")
-    return out
+    for rows in _row_blocks(src.shape, np.dtype(dtype).itemsize):
+        yield np.ascontiguousarray(src[rows], dtype=dtype)
 
 
 def _remove_stale_weights(out_dir: str, keep: set[str]) -> None:
@@ -395,12 +423,12 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     os.makedirs(out_dir, exist_ok=True)
     _remove_stale_weights(out_dir, keep=set(files) | ({INDEX_NAME} if len(shards) > 1 else set()))
 
-    def fetch(name):
+    def blocks(name):
         flax, transposed = to_flax[name]
-        return lambda: _hf_array(params[flax], transposed, save_dtype[name])
+        return lambda: _hf_blocks(params[flax], transposed, save_dtype[name])
 
     for file, shard in zip(files, shards):
-        entries = [(name, shapes[name], save_dtype[name], fetch(name)) for name in shard]
+        entries = [(name, shapes[name], save_dtype[name], blocks(name)) for name in shard]
         _write_safetensors(os.path.join(out_dir, file), entries, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": sum(math.prod(s) for s in shapes.values()),
