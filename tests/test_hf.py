@@ -127,15 +127,18 @@ def test_export_loads_in_transformers(loaded, tmp_path):
     assert max_diff(torch_logits(load_hf(str(tmp_path))), jax_logits(loaded)) <= 1e-4
 
 
-def test_save_load_is_bitwise(tmp_path):
-    model = Mistral(MistralConfig(**TINY), rngs=nnx.Rngs(7))
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_is_bitwise(tmp_path, tied):
+    model = Mistral(MistralConfig(**TINY, tie_word_embeddings=tied), rngs=nnx.Rngs(7))
     hf.save_pretrained(model, str(tmp_path))
     again = hf.load_pretrained(str(tmp_path))
     before, after = flat_params(model), flat_params(again)
-    assert before.keys() == after.keys()
+    assert before.keys() == after.keys() and ("lm_head.kernel" in before) != tied
     for name in before:
         assert after[name].dtype == before[name].dtype and np.array_equal(after[name], before[name]), name
     assert again.config == model.config
+    if tied:  # transformers ties lm_head to the embedding from the config alone
+        assert max_diff(torch_logits(load_hf(str(tmp_path))), jax_logits(model)) <= 1e-4
 
 
 def test_row_block_streaming_is_exact(hf_dir, monkeypatch, tmp_path):

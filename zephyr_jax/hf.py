@@ -317,7 +317,7 @@ def load_pretrained(path_or_hub_name: str, dtype=jnp.float32, param_dtype=None, 
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
-    params = {_dotted(path): var for path, var in nnx.to_flat_state(state)}  # values: ShapeDtypeStructs
+    params = {_dotted(p): var for p, var in nnx.to_flat_state(state)}  # values: ShapeDtypeStructs
     placement = _flat_shardings(shardings, params)
     files = _weight_files(path)
     _check_names(files, params)
@@ -406,12 +406,12 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     dtype: the saved dtype (e.g. jnp.bfloat16); default: the parameters' own dtype.
     """
     cfg: MistralConfig = model.config
-    params = {_dotted(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = {_dotted(p): var.get_value() for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     names = hf_names(cfg)
     to_flax = {name: hf_to_flax_name(name) for name in names}
     if set(params) != {flax for flax, _ in to_flax.values()}:
         raise ValueError(f"the model's parameters {sorted(params)} do not match its config's HF names {names}")
-    save_dtype = {name: np.dtype(dtype or params[flax].dtype) for name, (flax, _) in to_flax.items()}
+    save_dtype = {name: jnp.dtype(dtype or params[flax].dtype) for name, (flax, _) in to_flax.items()}
     shapes = {name: params[flax].shape[::-1] if t else params[flax].shape for name, (flax, t) in to_flax.items()}
     sizes = {name: math.prod(shapes[name]) * save_dtype[name].itemsize for name in names}
 
