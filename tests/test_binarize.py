@@ -1,0 +1,254 @@
+"""AI-feedback binarization of raw UltraFeedback rows, on a hand-checked fixture and on random rows."""
+
+import hashlib
+import json
+import random
+
+import pytest
+from hypothesis import HealthCheck, Phase, event, find, given, settings
+from hypothesis import strategies as st
+
+from zephyr_jax.data.binarize import ASPECTS, binarize, binarize_row, completion_score, main, train_test_split
+from zephyr_jax.data.errors import BadRow, SkipCounter, handle_bad_row
+from zephyr_jax.data.sources import load_rows
+
+
+def completion(name, ratings, overall, response=None):
+    """A raw UltraFeedback completion; ratings are the four aspect ratings (str "1".."5" or "N/A")."""
+    return {
+        "model": f"model-{name}",
+        "principle": "helpfulness",
+        "custom_system_prompt": "",
+        "response": response if response is not None else f"answer {name}",
+        "annotations": {a: {"Rating": str(r), "Rationale": "because"} for a, r in zip(ASPECTS, ratings)},
+        "fine-grained_score": 0.0,  # not used for ranking
+        "critique": "ok",
+        "overall_score": float(overall),
+    }
+
+
+def raw_row(instruction, completions, source="evol_instruct"):
+    return {"source": source, "instruction": instruction, "models": [c["model"] for c in completions],
+            "completions": completions, "correct_answers": ["none"], "incorrect_answers": ["none"]}
+
+
+def fixture_rows():
+    return [
+        # 0 normal: means A 4.5, B 3, C 2, D 4
+        raw_row("Normal?", [completion("A", [5, 4, 5, 4], 8), completion("B", [3, 3, 3, 3], 5),
+                            completion("C", [2, 2, 2, 2], 3), completion("D", [4, 4, 4, 4], 7)]),
+        # 1 "N/A" ratings are ignored: A 5.0, B 4.0, C no numeric rating (unusable by mean), D 3.0
+        raw_row("N/A?", [completion("A", [5, "N/A", "N/A", 5], 9), completion("B", [4, 4, 4, 4], 7),
+                         completion("C", ["N/A"] * 4, 5), completion("D", [3, 3, "N/A", 3], 6)]),
+        # 2 tie at the top: A 4, B 4.5, C 4.5, D 2 -> chosen B (first maximum); C (tied) is never rejected
+        raw_row("Tie?", [completion("A", [4, 4, 4, 4], 7), completion("B", [5, 4, 5, 4], 8),
+                         completion("C", [4, 5, 4, 5], 8), completion("D", [2, 2, 2, 2], 3)]),
+        # 3 all equal -> skipped
+        raw_row("Equal?", [completion(x, [3, 3, 3, 3], 6) for x in "ABCD"]),
+        # 4 a single completion -> skipped
+        raw_row("Single?", [completion("A", [5, 5, 5, 5], 9)]),
+        # 5 empty instruction -> skipped
+        raw_row("   ", [completion("A", [5, 5, 5, 5], 9), completion("B", [1, 1, 1, 1], 2)]),
+        # 6 mean and overall disagree: mean A 5, B 3, C 4; overall A 6, B 9, C 7
+        raw_row("Disagree?", [completion("A", [5, 5, 5, 5], 6), completion("B", [3, 3, 3, 3], 9),
+                              completion("C", [4, 4, 4, 4], 7)]),
+        # 7 from truthful_qa: A 5 beats B 1 either way
+        raw_row("Truthful?", [completion("A", [5, 5, 5, 5], 9), completion("B", [1, 1, 1, 1], 2)],
+                source="truthful_qa"),
+        # 8 two completions, the better one second
+        raw_row("Second?", [completion("A", [2, 2, 2, 2], 4), completion("B", [4, 4, 4, 4], 8)]),
+    ]
+
+
+# Hand-checked: row -> (chosen, the eligible rejected in list order, score_chosen) for each ranking.
+EXPECTED = {
+    "mean": {0: ("A", "BCD", 4.5), 1: ("A", "BD", 5.0), 2: ("B", "AD", 4.5), 6: ("A", "BC", 5.0),
+             7: ("A", "B", 5.0), 8: ("B", "A", 4.0)},
+    "overall": {0: ("A", "BCD", 8.0), 1: ("A", "BCD", 9.0), 2: ("B", "AD", 8.0), 6: ("B", "AC", 9.0),
+                7: ("A", "B", 9.0), 8: ("B", "A", 8.0)},
+}
+SKIPS = {"no other response scores below the best": 1, "fewer than 2 usable completions": 1,
+         "empty instruction": 1}
+
+
+def reply(pair):
+    return pair[-1]["content"]
+
+
+@pytest.mark.parametrize("rank_by", ["mean", "overall"])
+def test_fixture_by_hand(rank_by):
+    counter = SkipCounter("fixture")
+    out = binarize(fixture_rows(), rank_by=rank_by, seed=42, counter=counter)
+    expected = EXPECTED[rank_by]
+    assert len(out) == len(expected)
+    rng = random.Random(42)  # documented: one rng.choice over the eligible completions per kept row, in order
+    for row, (index, (chosen, eligible, score)) in zip(out, sorted(expected.items())):
+        prompt = fixture_rows()[index]["instruction"]
+        assert row["prompt"] == prompt
+        assert row["prompt_id"] == hashlib.sha256(prompt.encode()).hexdigest()
+        assert row["chosen"] == [{"role": "user", "content": prompt},
+                                 {"role": "assistant", "content": f"answer {chosen}"}]
+        assert row["messages"] == row["chosen"]
+        assert row["rejected"][0] == {"role": "user", "content": prompt}
+        assert reply(row["rejected"]) == f"answer {rng.choice(eligible)}"
+        assert row["score_chosen"] == score
+        assert row["score_rejected"] < row["score_chosen"]
+    assert counter.kept == len(expected)
+    assert counter.as_dict() == {"kept": len(expected), "skipped": 3, "reasons": SKIPS}
+    assert counter.summary().startswith("skipped 3 of 9 rows of fixture:\n")
+
+
+def test_scores():
+    rows = fixture_rows()
+    assert completion_score(rows[1]["completions"][0]) == 5.0
+    assert completion_score(rows[1]["completions"][2]) is None  # all "N/A"
+    assert completion_score(rows[1]["completions"][2], "overall") == 5.0
+    assert completion_score(rows[6]["completions"][1], "overall") == 9.0
+
+
+def test_seeds():
+    rows = fixture_rows() * 5
+    assert binarize(rows, seed=3) == binarize(rows, seed=3)
+    outputs = {json.dumps(binarize(rows, seed=s)) for s in range(6)}
+    assert len(outputs) > 1
+
+
+def test_drop_truthful_qa():
+    counter = SkipCounter()
+    out = binarize(fixture_rows(), drop_sources=("truthful_qa",), counter=counter)
+    assert "Truthful?" not in {r["prompt"] for r in out}
+    assert counter.skipped["source 'truthful_qa' dropped"] == 1 and counter.kept == 5
+
+
+def test_raise_names_row():
+    with pytest.raises(BadRow, match=r"^row 3 of raw:train: no other response scores below the best$") as e:
+        binarize(fixture_rows(), on_bad_row="raise", source="raw:train")
+    assert (e.value.index, e.value.source) == (3, "raw:train")
+    with pytest.raises(ValueError, match="on_bad_row"):
+        binarize(fixture_rows(), on_bad_row="ignore")
+
+
+def test_errors_helpers():
+    err = BadRow(17, "unknown role 'bot' in messages[2]", "HuggingFaceH4/ultrachat_200k:train_sft")
+    assert str(err) == "row 17 of HuggingFaceH4/ultrachat_200k:train_sft: unknown role 'bot' in messages[2]"
+    counter = SkipCounter()
+    handle_bad_row(err, "skip", counter)
+    handle_bad_row(BadRow(3, "unknown role 'bot' in messages[0]"), "skip", counter)
+    handle_bad_row(BadRow(4, "chosen == rejected"), "skip", counter)
+    counter.keep(997)
+    assert counter.total == 3
+    assert counter.summary() == ("skipped 3 of 1000 rows:\n  2 x unknown role 'bot' in messages[*]\n"
+                                 "  1 x chosen == rejected")
+    with pytest.raises(BadRow):
+        handle_bad_row(err, "raise", counter)
+    with pytest.raises(ValueError):
+        handle_bad_row(err, "warn", counter)
+
+
+def test_train_test_split():
+    train, test = train_test_split(list(range(10)), 3, seed=1)
+    assert len(test) == 3 and sorted(train + test) == list(range(10))
+    assert train == sorted(train) and test == sorted(test)
+    assert train_test_split(list(range(10)), 3, seed=1) == (train, test)
+    with pytest.raises(ValueError):
+        train_test_split(list(range(3)), 3)
+
+
+def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # keep the cache in tmp
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows()))
+    out = tmp_path / "prefs"
+    stats = main([f"--input={raw}", "--split=train", f"--output={out}", "--test_size=2", "--seed=7",
+                  "--drop_truthful_qa"])
+    printed = capsys.readouterr().out
+    assert "skipped 4 of 9 rows" in printed and "1 x source 'truthful_qa' dropped" in printed
+    assert stats["train_prefs"] == 3 and stats["test_prefs"] == 2
+    expected = binarize(fixture_rows(), seed=7, drop_sources=("truthful_qa",))
+    test_positions = set(random.Random(7).sample(range(len(expected)), 2))  # the documented split
+    train, test = load_rows(out, "train_prefs"), load_rows(out, "test_prefs")
+    assert list(train) == [r for i, r in enumerate(expected) if i not in test_positions]
+    assert list(test) == [r for i, r in enumerate(expected) if i in test_positions]
+
+
+# --------------------------------------------------------------------------------------------- property
+
+def mostly(good, bad):
+    """good 3 times in 4 (st.one_of would weigh each of bad's own branches like good)."""
+    return st.integers(0, 3).flatmap(lambda k: bad if k == 0 else good)
+
+
+junk = st.one_of(st.none(), st.text(max_size=3), st.integers(-2, 12), st.booleans(),
+                st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers(), max_size=2))
+ratings = mostly(st.sampled_from(["1", "2", "3", "4", "5", "N/A"]), st.one_of(st.sampled_from([" 4 ", "", "x"]), junk))
+good_completions = st.fixed_dictionaries({
+    "response": mostly(st.sampled_from(["a", "b", "c", "d", "e"]),
+                       st.one_of(st.sampled_from(["", " ", "\ud800"]), junk)),  # a lone surrogate cannot be written
+    "annotations": st.fixed_dictionaries({a: st.fixed_dictionaries({"Rating": ratings}) for a in ASPECTS}),
+    "overall_score": mostly(st.sampled_from([1.0, 5.5, 7.0, 9.0]), junk),
+})
+junk_completions = st.one_of(junk, st.fixed_dictionaries({}, optional={
+    "response": st.one_of(st.sampled_from(["a", "b"]), junk),
+    "annotations": st.one_of(junk, st.dictionaries(st.sampled_from(ASPECTS + ("other",)),
+                                                    st.one_of(st.fixed_dictionaries({"Rating": ratings}), junk))),
+    "overall_score": st.one_of(st.sampled_from([2.0, 8.0]), junk),
+}))
+good_rows = st.fixed_dictionaries({
+    "instruction": mostly(st.sampled_from(["Why?", "Write a poem."]),
+                          st.one_of(st.sampled_from(["", " ", "a\udfff"]), st.text())),
+    "completions": st.lists(mostly(good_completions, junk_completions), max_size=5),
+}, optional={"source": st.sampled_from(["evol_instruct", "truthful_qa"])})
+junk_rows = st.one_of(junk, st.fixed_dictionaries({}, optional={"instruction": st.one_of(st.text(max_size=3), junk),
+                                                                 "completions": st.one_of(st.lists(junk_completions,
+                                                                                                   max_size=3), junk)}))
+
+
+def kept(row, rank_by="mean"):
+    try:
+        binarize_row(row, 0, rank_by=rank_by, rng=random.Random(0))
+        return True
+    except BadRow:
+        return False
+
+
+def test_strategy_reaches_both_outcomes():
+    for rank_by in ("mean", "overall"):
+        no_shrinking = settings(database=None, phases=[Phase.generate])
+        find(good_rows, lambda r, rank_by=rank_by: kept(r, rank_by), settings=no_shrinking)  # the property is not vacuous
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(row=good_rows, rank_by=st.sampled_from(["mean", "overall"]), seed=st.integers(0, 2**32))
+def test_any_row_is_binarized_or_skipped(row, rank_by, seed):
+    check_binarized_or_skipped(row, rank_by, seed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(row=junk_rows, rank_by=st.sampled_from(["mean", "overall"]))
+def test_junk_rows_are_skipped_with_a_reason(row, rank_by):
+    check_binarized_or_skipped(row, rank_by, 0)
+
+
+def check_binarized_or_skipped(row, rank_by, seed):
+    """Either a valid pair from the row's own responses, or a BadRow; no other exception."""
+    try:
+        out = binarize_row(row, 0, rank_by=rank_by, rng=random.Random(seed))
+    except BadRow as e:
+        assert e.index == 0 and e.reason
+        event(e.reason)
+        return
+    event("kept")
+    responses = [c["response"] for c in row["completions"] if isinstance(c, dict) and "response" in c]
+    assert out["prompt"] == row["instruction"] and out["prompt"].strip()
+    assert out["score_chosen"] > out["score_rejected"]
+    assert reply(out["chosen"]) in responses and reply(out["rejected"]) in responses
+    assert reply(out["chosen"]) != reply(out["rejected"])
+    scores = {(c["response"], completion_score(c, rank_by)) for c in row["completions"]
+              if isinstance(c, dict) and isinstance(c.get("response"), str) and c["response"].strip()
+              and c["response"] != "\ud800"}
+    json.dumps(out, ensure_ascii=False).encode("utf-8")  # can be written
+    assert (reply(out["chosen"]), out["score_chosen"]) in scores
+    assert (reply(out["rejected"]), out["score_rejected"]) in scores
+    assert out["score_chosen"] == max(s for _, s in scores if s is not None)

@@ -1,0 +1,168 @@
+"""Row sources on small local data in the real schemas: save_to_disk dirs, jsonl/json/parquet, the hub offline, TFDS."""
+
+import json
+import sys
+import time
+
+import datasets
+import numpy as np
+import pytest
+
+from zephyr_jax.data.sources import ULTRACHAT, load_rows, tfds_to_python
+
+ROWS = [  # the HuggingFaceH4/ultrachat_200k schema
+    {"prompt": "Hi", "prompt_id": "a1",
+     "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+    {"prompt": "Café?", "prompt_id": "b2",
+     "messages": [{"role": "user", "content": "Café?"}, {"role": "assistant", "content": "Oui."},
+                  {"role": "user", "content": "Merci"}, {"role": "assistant", "content": "De rien"}]},
+    {"prompt": "Bye", "prompt_id": "c3",
+     "messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]},
+]
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    """datasets caches what it reads from files: keep that cache inside the test's tmp dir."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+def rows_of(ds):
+    return [ds[i] for i in range(len(ds))]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_save_to_disk_dataset_and_dict(tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
+    assert rows_of(load_rows(tmp_path / "one", "train_sft")) == ROWS  # a single Dataset: split ignored
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(ROWS[:2]),
+                          "test_sft": datasets.Dataset.from_list(ROWS[2:])}).save_to_disk(str(tmp_path / "dict"))
+    assert rows_of(load_rows(str(tmp_path / "dict"), "train_sft")) == ROWS[:2]
+    assert rows_of(load_rows(str(tmp_path / "dict"), "test_sft")) == ROWS[2:]
+    assert list(load_rows(str(tmp_path / "dict"), "test_sft", streaming=True)) == ROWS[2:]
+    with pytest.raises(ValueError, match=r"split 'validation' is not in the DatasetDict .*'test_sft', 'train_sft'"):
+        load_rows(str(tmp_path / "dict"), "validation")
+
+
+def test_jsonl_json_parquet_files(tmp_path):
+    write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS), encoding="utf-8")
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "rows.parquet"))
+    for name in ("rows.jsonl", "rows.json", "rows.parquet"):
+        assert rows_of(load_rows(str(tmp_path / name), "train")) == ROWS, name
+    assert list(load_rows(str(tmp_path / "rows.jsonl"), None, streaming=True)) == ROWS
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "part-0.jsonl", ROWS[:1])
+    write_jsonl(shards / "part-1.jsonl", ROWS[1:])
+    assert rows_of(load_rows(str(shards / "part-*.jsonl"), None)) == ROWS  # a glob, in sorted order
+
+
+def test_directory_split_convention(tmp_path):
+    write_jsonl(tmp_path / "train_sft.jsonl", ROWS[:2])
+    write_jsonl(tmp_path / "test_sft.jsonl", ROWS[2:])
+    assert rows_of(load_rows(tmp_path, "train_sft")) == ROWS[:2]
+    assert rows_of(load_rows(tmp_path, "test_sft")) == ROWS[2:]
+    assert len(load_rows(tmp_path, None)) == 3  # every data file in the directory
+    with pytest.raises(FileNotFoundError, match=r"no data files for split 'validation' in .*test_sft\.jsonl"):
+        load_rows(tmp_path, "validation")
+    repo = tmp_path / "hub_snapshot"  # the layout of a downloaded hub dataset repo
+    (repo / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(ROWS[:1]).to_parquet(str(repo / "data" / "train_sft-00000-of-00002-abc.parquet"))
+    datasets.Dataset.from_list(ROWS[1:]).to_parquet(str(repo / "data" / "train_sft-00001-of-00002-abc.parquet"))
+    assert rows_of(load_rows(repo, "train_sft")) == ROWS
+
+
+def test_missing_local_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no data file matches"):
+        load_rows(str(tmp_path / "nope.jsonl"), "train")
+    with pytest.raises(FileNotFoundError, match="no data file matches"):
+        load_rows(str(tmp_path / "*.parquet"), "train")
+    (tmp_path / "rows.csv").write_text("a\n1\n")
+    with pytest.raises(FileNotFoundError, match="neither a directory nor"):
+        load_rows(str(tmp_path / "rows.csv"), "train")
+
+
+def test_hub_name_offline_fails_fast_and_names_it(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # conftest sets the env vars; be sure anyway
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"{ULTRACHAT}.*train_sft.*could not be reached.*offline"):
+        load_rows(ULTRACHAT, "train_sft")
+    assert time.monotonic() - start < 5
+
+
+def test_tfds_missing_package_is_explained(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install zephyr_jax\[tfds\]"):
+        load_rows("tfds:ultrachat_200k", "train_sft")
+
+
+# ---------------------------------------------------------------------------------------------------- TFDS
+
+RAW = [  # a slice of the openbmb/UltraFeedback schema: a sequence of dicts with a nested dict inside
+    {"instruction": "Why?", "completions": [
+        {"response": "Because.", "overall_score": 7.5, "annotations": {"helpfulness": {"Rating": "4"}}},
+        {"response": "No idea", "overall_score": 2.0, "annotations": {"helpfulness": {"Rating": "N/A"}}}]},
+]
+
+
+def build_tfds(data_dir):
+    """Writes tiny array_record TFDS datasets with TFDS's own builder (no TensorFlow needed)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    f = tfds.features
+
+    class TinyChat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            message = {"role": f.Text(), "content": f.Text()}
+            features = f.FeaturesDict({"prompt": f.Text(), "prompt_id": f.Text(), "messages": f.Sequence(message)})
+            return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {"train_sft": self._generate_examples(ROWS[:2]), "test_sft": self._generate_examples(ROWS[2:])}
+
+        def _generate_examples(self, rows):
+            yield from enumerate(rows)
+
+    class TinyRaw(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            completion = {"response": f.Text(), "overall_score": f.Scalar(dtype=np.float32),
+                          "annotations": {"helpfulness": {"Rating": f.Text()}}}
+            features = f.FeaturesDict({"instruction": f.Text(), "completions": f.Sequence(completion)})
+            return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(RAW)}
+
+        def _generate_examples(self, rows):
+            yield from enumerate(rows)
+
+    for builder in (TinyChat, TinyRaw):
+        builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_tfds_array_record(tmp_path):
+    build_tfds(tmp_path)
+    train = load_rows("tfds:tiny_chat", "train_sft", data_dir=tmp_path)
+    assert len(train) == 2 and list(train) == ROWS[:2]
+    assert train[-1] == ROWS[1] and train[0:2] == ROWS[:2]
+    with pytest.raises(IndexError):
+        train[2]
+    assert list(load_rows("tfds:tiny_chat:1.0.0", "test_sft", data_dir=tmp_path)) == ROWS[2:]
+    assert list(load_rows("tfds:tiny_raw", "train", data_dir=tmp_path)) == RAW
+    with pytest.raises(ValueError, match=r"TFDS dataset 'no_such_set' \(split 'train'"):
+        load_rows("tfds:no_such_set", "train", data_dir=tmp_path)
+
+
+def test_tfds_to_python_without_features():
+    value = {"a": b"x", "b": np.array([b"y", b"z"], dtype=object), "c": np.float32(1.5), "d": np.int64(3)}
+    assert tfds_to_python(value) == {"a": "x", "b": ["y", "z"], "c": 1.5, "d": 3}

@@ -1,0 +1,216 @@
+"""AI feedback: raw openbmb/UltraFeedback rows -> binarized preference pairs (the ultrafeedback_binarized schema).
+
+One raw row holds an instruction and (up to) 4 completions, each rated by GPT-4 on four aspects (1-5 or "N/A")
+and given an overall_score (1-10). `binarize_row` turns it into
+    {prompt, prompt_id = sha256(prompt) hex, chosen = [user, assistant], rejected = [user, assistant],
+     messages = chosen, score_chosen, score_rejected}.
+
+Rules (the paper's, §4 and the dataset card):
+- score: rank_by="mean" (default) = mean of the numeric aspect ratings, "N/A" and other non-numbers ignored;
+  rank_by="overall" = overall_score. A completion is usable if it has a score and a non-blank response
+  (valid UTF-8).
+- chosen: the highest score; among equal maxima, the first in list order.
+- rejected: drawn uniformly from the other usable completions whose score is strictly below chosen's and whose
+  response text differs from chosen's. Completions tied with chosen are never rejected (the paper's intent;
+  the script that built HuggingFaceH4/ultrafeedback_binarized drew from all the others, so it could pick a tie,
+  and it ranked by overall_score).
+- randomness: one `rng.choice` per kept row, in row order; skipped rows draw nothing. So a seed fixes the
+  output for a given input order.
+- skipped (BadRow, counted by reason): missing/empty instruction, fewer than 2 usable completions, no other
+  response scored strictly below the best (e.g. all scores equal).
+- drop_sources: rows whose `source` is listed are dropped before binarizing (counted). The later H4 revision
+  dropped "truthful_qa" (TruthfulQA contamination of the Open LLM Leaderboard); here it is off unless asked
+  (`--drop_truthful_qa`).
+
+CLI:
+    python -m zephyr_jax.data.binarize --input=RAW --split=train --output=DIR [--rank_by=mean|overall]
+        [--seed=42] [--test_size=2000] [--drop_truthful_qa]
+RAW is anything `sources.load_rows` reads (jsonl/parquet file, directory, hub name such as openbmb/UltraFeedback).
+DIR receives train_prefs.jsonl and test_prefs.jsonl, so `load_rows(DIR, "train_prefs")` reads them back.
+The test rows are `random.Random(seed).sample` of the kept rows (a generator separate from the rejected draws);
+both splits keep the input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
+
+ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+RANK_BY = ("mean", "overall")
+TRUTHFUL_QA = "truthful_qa"
+
+
+def _number(x) -> float | None:
+    """A finite float from a rating (int/float or numeric string); None for "N/A", None, or anything else."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, str):
+        try:
+            x = float(x.strip())
+        except ValueError:
+            return None
+    if isinstance(x, (int, float)) and math.isfinite(x):
+        return float(x)
+    return None
+
+
+def _is_text(x) -> bool:
+    """A non-blank str that UTF-8 can encode (JSON may carry lone surrogates, which cannot be written back)."""
+    if not isinstance(x, str) or not x.strip():
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def completion_score(completion, rank_by: str = "mean") -> float | None:
+    """The completion's score, or None if it has none (no numeric rating / overall_score)."""
+    if not isinstance(completion, dict):
+        return None
+    if rank_by == "overall":
+        return _number(completion.get("overall_score"))
+    annotations = completion.get("annotations")
+    if not isinstance(annotations, dict):
+        return None
+    ratings = [_number(a.get("Rating")) for k in ASPECTS if isinstance(a := annotations.get(k), dict)]
+    ratings = [r for r in ratings if r is not None]
+    return sum(ratings) / len(ratings) if ratings else None
+
+
+def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, source: str | None = None) -> dict:
+    """One raw UltraFeedback row -> one preference pair; raises BadRow for rows it cannot use."""
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by={rank_by!r}; expected one of {RANK_BY}")
+    if not isinstance(row, dict):
+        raise BadRow(index, "row is not a dict", source)
+    for key in ("instruction", "completions"):
+        if key not in row:
+            raise BadRow(index, f"missing key {key!r}", source)
+    prompt = row["instruction"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRow(index, "empty instruction", source)
+    if not _is_text(prompt):
+        raise BadRow(index, "instruction is not valid UTF-8 text", source)
+    completions = row["completions"]
+    if not isinstance(completions, (list, tuple)):
+        raise BadRow(index, "completions is not a list", source)
+    usable = []  # (score, response) in list order
+    for c in completions:
+        score = completion_score(c, rank_by)
+        response = c.get("response") if isinstance(c, dict) else None
+        if score is not None and _is_text(response):
+            usable.append((score, response))
+    if len(usable) < 2:
+        raise BadRow(index, "fewer than 2 usable completions", source)
+    best = max(score for score, _ in usable)
+    chosen = next(c for c in usable if c[0] == best)  # the first of the maxima
+    eligible = [c for c in usable if c[0] < best and c[1] != chosen[1]]
+    if not eligible:
+        raise BadRow(index, "no other response scores below the best", source)
+    rejected = rng.choice(eligible)
+
+    def pair(response):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+    return {
+        "prompt": prompt,
+        "prompt_id": hashlib.sha256(prompt.encode("utf-8")).hexdigest(),
+        "chosen": pair(chosen[1]),
+        "rejected": pair(rejected[1]),
+        "messages": pair(chosen[1]),
+        "score_chosen": chosen[0],
+        "score_rejected": rejected[0],
+    }
+
+
+def binarize(rows, *, rank_by: str = "mean", seed: int = 42, drop_sources=(), on_bad_row: str = "skip",
+             counter: SkipCounter | None = None, source: str | None = None, progress: bool = False) -> list[dict]:
+    """Binarizes every row in order (see the module docstring); skipped rows are counted in `counter`."""
+    check_on_bad_row(on_bad_row)
+    rng = random.Random(seed)
+    counter = counter if counter is not None else SkipCounter(source)
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc="binarize", unit=" rows", total=_len(rows))
+    out = []
+    for i, row in enumerate(rows):
+        if drop_sources and isinstance(row, dict) and row.get("source") in drop_sources:
+            counter.skip(f"source {row['source']!r} dropped")
+            continue
+        try:
+            out.append(binarize_row(row, i, rank_by=rank_by, rng=rng, source=source))
+        except BadRow as err:
+            handle_bad_row(err, on_bad_row, counter)
+            continue
+        counter.keep()
+    return out
+
+
+def _len(rows):
+    try:
+        return len(rows)
+    except TypeError:
+        return None
+
+
+def train_test_split(rows: list, test_size: int, seed: int = 42) -> tuple[list, list]:
+    """(train, test): test is `random.Random(seed).sample` of the row positions; both keep the input order."""
+    if not 0 <= test_size < len(rows):
+        raise ValueError(f"test_size={test_size} needs 0 <= test_size < the {len(rows)} kept rows")
+    test = set(random.Random(seed).sample(range(len(rows)), test_size))
+    return [r for i, r in enumerate(rows) if i not in test], [r for i, r in enumerate(rows) if i in test]
+
+
+def write_jsonl(rows, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m zephyr_jax.data.binarize", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, help="raw UltraFeedback: jsonl/parquet file or dir, or a hub name")
+    p.add_argument("--split", default="train", help="split of --input (ignored for a single file)")
+    p.add_argument("--output", required=True, help="directory for train_prefs.jsonl and test_prefs.jsonl")
+    p.add_argument("--rank_by", choices=RANK_BY, default="mean")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--test_size", type=int, default=2000)
+    p.add_argument("--drop_truthful_qa", action="store_true", help="drop rows whose source is truthful_qa")
+    p.add_argument("--data_dir", default=None, help="TFDS data dir for --input=tfds:NAME")
+    args = p.parse_args(argv)
+    if args.output.endswith((".jsonl", ".json")):
+        p.error("--output is a directory (it receives train_prefs.jsonl and test_prefs.jsonl)")
+
+    from zephyr_jax.data.sources import load_rows
+
+    rows = load_rows(args.input, args.split, data_dir=args.data_dir)
+    name = f"{args.input}:{args.split}"
+    counter = SkipCounter(name)
+    kept = binarize(rows, rank_by=args.rank_by, seed=args.seed, counter=counter, source=name, progress=True,
+                    drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else ())
+    if not 0 <= args.test_size < len(kept):
+        p.error(f"--test_size={args.test_size} must be below the {len(kept)} kept rows")
+    train, test = train_test_split(kept, args.test_size, args.seed)
+    os.makedirs(args.output, exist_ok=True)
+    write_jsonl(train, os.path.join(args.output, "train_prefs.jsonl"))
+    write_jsonl(test, os.path.join(args.output, "test_prefs.jsonl"))
+    print(counter.summary())
+    print(f"kept {len(kept)} rows: {len(train)} train_prefs, {len(test)} test_prefs -> {args.output}")
+    return {"train_prefs": len(train), "test_prefs": len(test), **counter.as_dict()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Where rows come from: the Hugging Face hub, local files, or TFDS. Every source gives plain-Python dict rows.
+
+`load_rows(source, split)` accepts:
+
+- a hub dataset name, e.g. `load_rows(ULTRACHAT, "train_sft")` -> `datasets.load_dataset(name, split=split)`.
+  It needs the network (or a datasets cache that already holds it); offline, the error names the dataset.
+- a directory written by `Dataset.save_to_disk` (split ignored) or `DatasetDict.save_to_disk` (split picks one).
+- a URL to such a file (gs://, s3://, https://): handed to `datasets`, which reads it with fsspec.
+- local `*.jsonl` / `*.json` / `*.parquet` data: one file or a glob (split ignored: the files are the split),
+  or a directory. In a directory the split picks, first match wins:
+      DIR/{split}.jsonl   DIR/{split}.json   DIR/{split}.parquet
+      DIR/{split}-*.jsonl  DIR/{split}-*.parquet          (shards: train_prefs-00000-of-00001.parquet)
+      DIR/data/{split}-*.parquet  DIR/data/{split}-*.jsonl (the layout of a downloaded hub dataset repo)
+  With split=None a directory gives all of its data files (which must share one format).
+  This is the layout that `python -m zephyr_jax.data.binarize` writes (DIR/train_prefs.jsonl, DIR/test_prefs.jsonl).
+- `tfds:NAME` (NAME may carry a config and version, "name/config:1.0.0"): `tfds.data_source(NAME, split=split,
+  data_dir=data_dir)`, random access over array_record files. Needs `pip install zephyr_jax[tfds]` (no
+  TensorFlow). Rows are converted to the same plain schema as the hub rows: bytes decoded to str, numpy values
+  to Python values, and sequences of dicts (which TFDS stores column-wise, {"role": [...], "content": [...]})
+  back to lists of dicts ([{"role", "content"}, ...]).
+
+Hub and file sources return a `datasets.Dataset` (`rows[i]` is a dict), or with `streaming=True` a
+`datasets.IterableDataset`; TFDS sources return a sequence of dicts (`streaming` has no effect: it is lazy).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+ULTRACHAT = "HuggingFaceH4/ultrachat_200k"  # splits train_sft (207,865) / test_sft (23,110)
+ULTRAFEEDBACK_BINARIZED = "HuggingFaceH4/ultrafeedback_binarized"  # splits train_prefs (61,135) / test_prefs (2,000)
+ULTRAFEEDBACK_RAW = "openbmb/UltraFeedback"  # split train; binarize with zephyr_jax.data.binarize
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # extension -> datasets builder
+SPLIT_PATTERNS = ("{split}.jsonl", "{split}.json", "{split}.parquet", "{split}-*.jsonl", "{split}-*.parquet",
+                  "data/{split}-*.parquet", "data/{split}-*.jsonl")
+
+
+def load_rows(source, split: str | None, *, data_dir: str | os.PathLike | None = None, streaming: bool = False):
+    """Rows of `source` (see the module docstring for the accepted forms). `data_dir` is the TFDS data dir."""
+    source = os.fspath(source)
+    if source.startswith("tfds:"):
+        return load_tfds(source[len("tfds:"):], split, data_dir=data_dir)
+    path = Path(source)
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return _load_saved(path, split, streaming)
+        return _load_files(_split_files(path, split), streaming)
+    if "://" in source and Path(source.split("://", 1)[1]).suffix in FORMATS:
+        return _load_files([source], streaming)  # gs://, s3://, https://: fsspec resolves it (and its globs)
+    if path.suffix in FORMATS or glob.has_magic(source):
+        files = sorted(f for f in glob.glob(source) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f"no data file matches {source!r}")
+        return _load_files(files, streaming)
+    if path.is_absolute() or source.startswith(".") or os.path.exists(source):
+        raise FileNotFoundError(f"{source!r} is neither a directory nor a {'/'.join(FORMATS)} file")
+    return load_hub(source, split, streaming=streaming)
+
+
+def load_hub(name: str, split: str | None, *, streaming: bool = False, cache_dir=None):
+    """`datasets.load_dataset(name, split=split)`, with the dataset's name in any error."""
+    import datasets
+
+    what = f"Hugging Face dataset {name!r} (split {split!r})"
+    if split is None:
+        raise ValueError(f"{what}: pass a split")
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir)
+    except ConnectionError as e:
+        offline = " (offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if _offline() else ""
+        raise ConnectionError(
+            f"{what} could not be reached{offline}. Load it where the hub is reachable and pass the directory "
+            f"written by save_to_disk, or jsonl/parquet files, as the source instead. Cause: {e}") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what} was not found: {e}") from e
+    except ValueError as e:  # e.g. an unknown split
+        raise ValueError(f"{what}: {e}") from e
+
+
+def _offline() -> bool:
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE or getattr(datasets.config, "HF_DATASETS_OFFLINE", False))
+
+
+def _load_saved(path: Path, split, streaming):
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"split {split!r} is not in the DatasetDict at {path} (it has {sorted(ds)})")
+        ds = ds[split]
+    return ds.to_iterable_dataset() if streaming else ds
+
+
+def _split_files(directory: Path, split) -> list[str]:
+    if split is None:
+        files = sorted(str(p) for p in directory.iterdir() if p.suffix in FORMATS and p.is_file())
+    else:
+        files = []
+        for pattern in SPLIT_PATTERNS:
+            files = sorted(glob.glob(str(directory / pattern.format(split=glob.escape(split)))))
+            if files:
+                break
+    if not files:
+        present = sorted(p.name for p in directory.iterdir())[:20]
+        want = ", ".join(p.format(split=split) for p in SPLIT_PATTERNS) if split else "*.jsonl/json/parquet"
+        raise FileNotFoundError(f"no data files for split {split!r} in {directory} (looked for {want}; "
+                                f"the directory holds {present})")
+    return files
+
+
+def _load_files(files: list[str], streaming: bool):
+    import datasets
+
+    formats = {FORMATS.get(Path(f).suffix) for f in files}
+    if None in formats or len(formats) != 1:
+        raise ValueError(f"data files must all be one of {'/'.join(FORMATS)} formats, got {files[:5]}")
+    try:
+        return datasets.load_dataset(formats.pop(), data_files=files, split="train", streaming=streaming)
+    except Exception as e:
+        raise ValueError(f"could not read {files if len(files) < 4 else files[:3] + ['...']}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------- TFDS
+
+
+def load_tfds(name: str, split: str | None, *, data_dir=None) -> TFDSRows:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(f"reading 'tfds:{name}' needs tensorflow_datasets and array_record: "
+                          "pip install zephyr_jax[tfds]") from e
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError's message lists the whole catalog: keep its first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = f"TFDS dataset {name!r} (split {split!r}, data_dir={data_dir}): {first}"
+        try:
+            error = type(e)(message)
+        except Exception:  # noqa: BLE001 (an exception type with another constructor)
+            error = RuntimeError(message)
+        raise error from e
+    return TFDSRows(source, f"tfds:{name}:{split}")
+
+
+class TFDSRows(Sequence):
+    """A TFDS data source whose rows come back as plain-Python dicts (see `tfds_to_python`)."""
+
+    def __init__(self, source, name: str):
+        self.source, self.name = source, name
+        info = getattr(source, "dataset_info", None)
+        self.features = getattr(info, "features", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {self.name} ({n} rows)")
+        return tfds_to_python(self.source[i % n], self.features)
+
+    def __repr__(self) -> str:
+        return f"TFDSRows({self.name}, {len(self)} rows)"
+
+
+def tfds_to_python(value, feature=None):
+    """A TFDS example -> plain Python. With the dataset's `feature` tree, Sequence(FeaturesDict) values (which
+    TFDS stores column-wise, nested dicts included) become lists of dicts; without it, only bytes and numpy
+    values are converted."""
+    if _kind(feature) == "Sequence":
+        if isinstance(value, dict):  # {"role": [n], "content": [n]} -> [{"role", "content"}] * n
+            n = _column_length(value)
+            return [tfds_to_python(_element(value, i), feature.feature) for i in range(n)]
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return [tfds_to_python(v, feature.feature) for v in value]
+    if isinstance(value, dict):
+        return {k: tfds_to_python(v, _child(feature, k)) for k, v in value.items()}
+    return _plain(value)
+
+
+def _kind(feature):
+    return None if feature is None else type(feature).__name__
+
+
+def _column_length(columns) -> int:
+    while isinstance(columns, dict):
+        if not columns:
+            return 0
+        columns = next(iter(columns.values()))
+    return len(columns)
+
+
+def _element(columns, i):
+    if isinstance(columns, dict):
+        return {k: _element(v, i) for k, v in columns.items()}
+    return columns[i]
+
+
+def _child(feature, key):
+    if _kind(feature) != "FeaturesDict":
+        return None
+    return feature[key] if key in feature else None
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.ndim else _plain(value.item())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
