@@ -26,6 +26,7 @@ setup(
         "jinja2>=3.1",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # torch is pinned: the parity tests compare against transformers' PyTorch Mistral on the CPU, and an

@@ -12,7 +12,9 @@ import contextlib
 from typing import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -68,10 +70,36 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def param_specs(state: nnx.State, rules: Sequence = DEFAULT_RULES):
-    """PartitionSpecs for a model's state, from each parameter's `logical_axes` metadata."""
+    """PartitionSpecs for a model's state, from each parameter's `logical_axes` metadata. The result has the
+    state's own structure (each Variable holding a PartitionSpec), so it can serve as jit/orbax shardings."""
 
     def spec(v):
-        axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
-        return logical_to_spec(axes, rules) if axes is not None else PartitionSpec()
+        axes = v.get_metadata().get("logical_axes")
+        return v.replace(value=logical_to_spec(axes, rules) if axes is not None else PartitionSpec())
 
     return jax.tree.map(spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one entry may be -1 to take the devices left over."""
+    devices = jax.devices() if devices is None else devices
+    shape = [int(s) for s in shape]
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {tuple(shape)} must give one size per axis {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {tuple(shape)}: sizes must be positive, with at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {tuple(shape)} cannot fill {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices; "
+                         f"{len(devices)} are available ({jax.process_count()} process(es))")
+    grid = mesh_utils.create_device_mesh(tuple(shape), devices=devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES)
+
+
+def named(mesh: Mesh, specs):
+    """PartitionSpecs -> NamedShardings on `mesh` (same tree)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))

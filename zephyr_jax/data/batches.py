@@ -51,6 +51,11 @@ def pack(examples, seq_len: int) -> dict:
     return batch
 
 
+def stack_rows(rows, length: int) -> dict:
+    """Packed rows (dicts of [seq_len] arrays) -> a batch; length is always seq_len."""
+    return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+
+
 def pad_sft(examples, length: int) -> dict:
     """One example per row, right-padded to `length` positions."""
     batch = _empty(len(examples), length)
@@ -69,7 +74,10 @@ def preference_batch(examples, length: int) -> dict:
             ids = np.concatenate([ex.prompt, completion])
             mask = np.concatenate([np.zeros(len(ex.prompt), bool), np.ones(len(completion), bool)])
             _place(batch, 2 * r + k, 0, ids, mask, 1)
-    return {k: v.reshape(len(examples), 2, length) for k, v in batch.items()}
+    batch = {k: v.reshape(len(examples), 2, length) for k, v in batch.items()}
+    if all(ex.reference is not None for ex in examples):
+        batch["reference_logps"] = np.stack([ex.reference for ex in examples]).astype(np.float32)
+    return batch
 
 
 def positions_needed(example) -> int:

@@ -17,8 +17,10 @@ from zephyr_jax.data.batches import bucket, positions_needed
 
 class Loader:
     def __init__(self, examples: Sequence, global_batch_size: int, make_batch: Callable, *, buckets,
-                 seed: int = 0, shuffle: bool = True, process_index: int = 0, process_count: int = 1):
-        """make_batch(examples, length) -> dict of [rows, length] arrays (see data/batches.py)."""
+                 seed: int = 0, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                 lengths=None):
+        """make_batch(examples, length) -> dict of [rows, length] arrays (see data/batches.py).
+        lengths: positions each example needs (default: computed from SFT / preference examples)."""
         if global_batch_size % process_count:
             raise ValueError(f"global batch {global_batch_size} does not divide over {process_count} processes")
         if len(examples) < global_batch_size:
@@ -26,7 +28,7 @@ class Loader:
         self.examples, self.global_batch_size, self.make_batch = examples, global_batch_size, make_batch
         self.buckets, self.seed, self.shuffle = tuple(buckets), seed, shuffle
         self.process_index, self.process_count = process_index, process_count
-        self.lengths = np.array([positions_needed(e) for e in examples])
+        self.lengths = np.array([positions_needed(e) for e in examples] if lengths is None else lengths)
         self.epoch, self.step = 0, 0
 
     @property

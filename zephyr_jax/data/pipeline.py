@@ -25,3 +25,29 @@ def process_rows(rows: Iterable, make_example: Callable, *, on_bad_row: str = "r
             handle_bad_row(err, on_bad_row, counter)
     log(counter.summary())
     return examples, counter
+
+
+def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print):
+    """Tokenized examples of the config's train or eval split ("train" / "eval"), with bad rows handled per
+    data_cfg.on_bad_row. Every process loads the same list (the loader then takes each process's slice)."""
+    from zephyr_jax.data.preference import preference_example
+    from zephyr_jax.data.sft import sft_example
+    from zephyr_jax.data.sources import load_rows
+
+    source, split = data_cfg.get(which), data_cfg.get(f"{which}_split")
+    limit = data_cfg.get(f"max_{which}_examples", -1)
+    rows = load_rows(source, split, data_dir=data_cfg.get("data_dir"))
+    if limit is not None and limit >= 0 and len(rows) > limit:
+        rows = rows.select(range(limit)) if hasattr(rows, "select") else rows[:limit]
+    if stage == "sft":
+        make = lambda row, i: sft_example(row, i, tok, loss_on=data_cfg.loss_on, max_length=data_cfg.max_length,
+                                          too_long=data_cfg.too_long, source=f"{source}:{split}")
+    else:
+        make = lambda row, i: preference_example(row, i, tok, max_length=data_cfg.max_length,
+                                                 max_prompt_length=data_cfg.max_prompt_length,
+                                                 source=f"{source}:{split}")
+    examples, counter = process_rows(rows, make, on_bad_row=data_cfg.on_bad_row, source=f"{source}:{split}",
+                                     log=log)
+    if not examples:
+        raise ValueError(f"no usable examples in {source}:{split} ({counter.summary()})")
+    return examples, counter

@@ -22,6 +22,7 @@ class PreferenceExample(NamedTuple):
     chosen: np.ndarray  # int32 completion, ends in </s> unless truncated
     rejected: np.ndarray
     truncated: bool
+    reference: np.ndarray | None = None  # precomputed reference log-probs (chosen, rejected), if any
 
 
 def split_prompt(row, index, source=None):

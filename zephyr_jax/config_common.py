@@ -1,0 +1,61 @@
+"""Fields shared by configs/sft.py and configs/dpo.py: model init, mesh, loop, checkpoints, logging.
+
+The stage configs set the recipe's values on top of these; every field can be overridden on the command line
+(`--config.train.global_batch_size=64`). A key that is not defined here or in the stage config is an error.
+"""
+
+import ml_collections
+
+from zephyr_jax.sharding import DEFAULT_RULES
+
+# A small Mistral-shaped model for the demo and the tests: the real 32000-token vocabulary, tiny everything else.
+TINY_ARCH = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, sliding_window=4096)
+
+
+def base(stage: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage  # "sft" or "dpo"
+    c.seed = 42  # the alignment-handbook recipes' seed
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init = "hf"  # "hf": a HF directory or hub name; "orbax": a zephyr_jax workdir; "random"
+    c.model.path = "mistralai/Mistral-7B-v0.1"
+    c.model.step = -1  # orbax init: the checkpoint step (-1: latest)
+    c.model.arch = ml_collections.ConfigDict(TINY_ARCH)  # random init only: MistralConfig fields
+    c.model.dtype = "bfloat16"  # compute (paper: bf16)
+    c.model.param_dtype = "float32"  # master weights
+    c.model.attention_impl = "xla"  # "cudnn" on GPUs: jax.nn.dot_product_attention
+    c.model.remat = True  # recompute each layer in the backward pass (7B activations do not fit otherwise)
+    c.tokenizer = ml_collections.config_dict.placeholder(str)  # None: Mistral-7B-v0.1 from mistral-common
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir
+    c.data.on_bad_row = "skip"  # "skip": count and report; "raise": stop at the first bad row
+    c.data.max_train_examples = -1  # -1: all
+    c.data.max_eval_examples = -1
+    c.data.buckets = ()  # padded lengths; () = powers of two up to max_length
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8  # AdamW defaults of HF Trainer, used by the recipe
+    c.optim.weight_decay = 0.0  # paper: AdamW without weight decay
+    c.optim.clip_norm = 1.0  # HF Trainer's max_grad_norm default
+
+    c.train = ml_collections.ConfigDict()
+    c.train.grad_accum = 1  # micro-batches per optimizer step (global_batch_size must divide)
+    c.train.max_steps = -1  # -1: num_epochs worth of steps
+    c.train.log_every = 10
+    c.train.eval_every = 200  # 0: only at the end
+    c.train.eval_batch_size = 64
+    c.train.save_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.progress = True  # tqdm bar
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (see zephyr_jax/sharding.py)
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True
+    c.logging.wandb_project = ml_collections.config_dict.placeholder(str)  # set to log to W&B (if installed)
+    return c

@@ -1,0 +1,80 @@
+"""Where metrics go (workdir/metrics.jsonl, TensorBoard, W&B) and how throughput becomes MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
+PEAK_FLOPS = {
+    "h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
+    "tpu v6": 918e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v4": 275e12,
+}
+
+
+def peak_flops(device=None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name, flops in PEAK_FLOPS.items():
+        if name in kind:
+            return flops
+    return None  # CPUs and unknown chips: MFU is not reported
+
+
+def flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
+    """Matmul FLOPs per token (PaLM, appendix B): 6N + 12 L H Q T for a training step (forward + backward),
+    a third of that for a forward pass. N excludes the embedding lookup (the LM head is counted)."""
+    n = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    per_token = 6 * n + attention
+    return per_token if training else per_token / 3
+
+
+class MetricWriter:
+    """Writes on process 0 only: one JSON line per record, TensorBoard scalars, W&B if configured."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True, wandb_project: str | None = None, config=None):
+        self.active = jax.process_index() == 0
+        self.tb = self.wandb = None
+        if not self.active:
+            return
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                print("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
+        if wandb_project:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config, resume="allow")
+            except ImportError:
+                print("wandb is not installed: not logging to W&B (pip install wandb)")
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if not self.active:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "dtype") else v)
+                 for k, v in metrics.items()}
+        clean = {k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v) and k == "mfu")}
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
+        self.jsonl.flush()
+        for k, v in clean.items():
+            if isinstance(v, float):
+                if self.tb is not None:
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()

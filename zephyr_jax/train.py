@@ -1,0 +1,377 @@
+"""dSFT and dDPO training from an ml_collections config, on any device mesh.
+
+    python -m zephyr_jax.train --config=configs/sft.py[:VARIANT] --workdir=DIR [--config.key=value ...]
+    python -m zephyr_jax.train --config=configs/dpo.py --workdir=DIR --config.model.path=SFT_WORKDIR
+
+Reads top to bottom: check the config -> mesh -> data -> model -> optimizer -> (DPO reference) -> resume ->
+loop (step, log, eval, checkpoint) -> final eval and checkpoint. The step itself lives in train_steps.py.
+Multi-process runs (TPU pods, SLURM, N local processes) pass --distributed or the --coordinator_address trio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from zephyr_jax import checkpoint, hf
+from zephyr_jax import train_steps as steps
+from zephyr_jax.data import Loader, default_buckets, pack, pad_sft, preference_batch
+from zephyr_jax.data.batches import stack_rows
+from zephyr_jax.data.pipeline import load_examples
+from zephyr_jax.losses import LOSS_TYPES
+from zephyr_jax.metrics import MetricWriter, flops_per_token, peak_flops
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.sharding import logical_to_spec, make_mesh, named, param_specs, use_mesh
+from zephyr_jax.tokenizer import load_tokenizer
+
+# ---------------------------------------------------------------------------------------------------------
+# Config checks: every mistake a config can hold is reported here, before anything is loaded or compiled.
+
+
+def check_config(cfg) -> None:
+    if cfg.stage not in ("sft", "dpo"):
+        raise ValueError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
+    if cfg.model.init not in ("hf", "orbax", "random"):
+        raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
+    if cfg.model.init == "orbax" and not os.path.isdir(os.path.join(cfg.model.path, "checkpoints")):
+        raise FileNotFoundError(f"config.model.path={cfg.model.path!r}: no zephyr_jax workdir with checkpoints "
+                                "there (train the SFT stage first, or set config.model.init='hf')")
+    if cfg.model.init == "hf" and (cfg.model.path.startswith((".", "/")) or os.path.sep * 2 in cfg.model.path) \
+            and not os.path.isdir(cfg.model.path):
+        raise FileNotFoundError(f"config.model.path={cfg.model.path!r}: no such Hugging Face checkpoint directory")
+    t = cfg.train
+    if t.global_batch_size % t.grad_accum:
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                         f"train.grad_accum={t.grad_accum}")
+    if t.global_batch_size % jax.process_count() or t.eval_batch_size % jax.process_count():
+        raise ValueError(f"train.global_batch_size and eval_batch_size must divide over {jax.process_count()} "
+                         "processes")
+    if cfg.stage == "dpo":
+        if cfg.dpo.loss_type not in LOSS_TYPES:
+            raise ValueError(f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {LOSS_TYPES}")
+        if cfg.data.max_prompt_length >= cfg.data.max_length:
+            raise ValueError("data.max_prompt_length must be below data.max_length")
+
+
+def check_batch_fits_mesh(cfg, mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.global_batch_size // cfg.train.grad_accum
+    for name, size in (("micro-batch (global_batch_size / grad_accum)", micro),
+                       ("train.eval_batch_size", cfg.train.eval_batch_size)):
+        if size % shards:
+            raise ValueError(f"{name}={size} does not divide over the mesh's data x fsdp = {shards} batch shards")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model initialisation, straight onto the mesh.
+
+
+def model_config(cfg) -> MistralConfig:
+    """The architecture: from the HF checkpoint, the SFT workdir, or config.model.arch for random init."""
+    jax_settings = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                        attention_impl=cfg.model.attention_impl, remat=cfg.model.remat)
+    if cfg.model.init == "random":
+        return MistralConfig(**cfg.model.arch.to_dict(), **jax_settings)
+    if cfg.model.init == "orbax":
+        return checkpoint.load_model_config(cfg.model.path, **jax_settings)
+    return hf.load_config(hf.resolve(cfg.model.path), **jax_settings)
+
+
+def init_params(cfg, mcfg: MistralConfig, mesh):
+    """(graphdef, params on the mesh, their shardings)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(mcfg, rngs=nnx.Rngs(cfg.seed))))
+    shardings = named(mesh, param_specs(abstract, cfg.mesh.rules))
+    if cfg.model.init == "random":
+        init = jax.jit(lambda: nnx.split(Mistral(mcfg, rngs=nnx.Rngs(cfg.seed)))[1], out_shardings=shardings)
+        params = init()
+    elif cfg.model.init == "orbax":
+        params, step = checkpoint.restore_params(cfg.model.path, abstract, shardings, cfg.model.step)
+        print(f"initialised from {cfg.model.path} step {step}")
+    else:
+        model = hf.load_pretrained(cfg.model.path, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+                                   shardings=shardings, attention_impl=mcfg.attention_impl, remat=mcfg.remat)
+        params = nnx.split(model)[1]
+    return graphdef, params, shardings
+
+
+def frozen_copy(params, shardings, dtype):
+    """The DPO reference: a separate copy of the initial parameters (never donated), optionally in bf16."""
+    copy = jax.jit(lambda p: jax.tree.map(lambda x: (x.astype(dtype) if x.dtype != dtype else x) + 0, p),
+                   out_shardings=shardings)
+    return copy(params)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches: host numpy -> global arrays on the mesh.
+
+
+def batch_sharding(mesh, rules):
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",), rules))
+
+
+def place(local_batch: dict, sharding) -> dict:
+    """Each process's rows of the global batch -> global jax arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def eval_batches(examples, batch_size: int, make_batch, buckets):
+    """All examples in order, in fixed-size batches (the last one filled with repeats), each with its count of
+    real rows; every process builds its own slice of each global batch."""
+    p, n = jax.process_index(), jax.process_count()
+    per = batch_size // n
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
+        length = bucket_of(chunk, buckets)
+        yield make_batch(chunk[p * per:(p + 1) * per], length), real
+
+
+def bucket_of(examples, buckets) -> int:
+    from zephyr_jax.data.batches import bucket, positions_needed
+
+    return bucket(max(positions_needed(e) for e in examples), buckets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DPO reference log-probs, computed once and cached in the workdir.
+
+
+def reference_key(cfg, examples) -> str:
+    h = hashlib.sha256()
+    model = {k: cfg.model[k] for k in ("init", "path", "step", "dtype", "param_dtype")}
+    if cfg.model.init == "random":
+        model.update(arch=cfg.model.arch.to_dict(), seed=cfg.seed)
+    h.update(json.dumps(model, sort_keys=True, default=str).encode())
+    for ex in examples:
+        for part in (ex.prompt, ex.chosen, ex.rejected):
+            h.update(np.asarray(part, np.int32).tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, buckets, name: str) -> np.ndarray:
+    """[N, 2] reference log-probs of `examples` under `params` (the initial model), cached by model and data."""
+    path = os.path.join(workdir, "reference_logps", f"{name}-{reference_key(cfg, examples)}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    batches = eval_batches(examples, cfg.train.eval_batch_size, preference_batch, buckets)
+    logps = steps.run_eval_batches(eval_fn, params, tqdm(batches, desc=f"reference log-probs ({name})",
+                                                         disable=not cfg.train.progress,
+                                                         total=-(-len(examples) // cfg.train.eval_batch_size)),
+                                   lambda b: place(b, sharding))["logps"]
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(path, logps)
+    return logps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run.
+
+
+def run(cfg, workdir: str) -> dict:
+    """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics."""
+    check_config(cfg)
+    mesh = make_mesh(cfg.mesh.shape)
+    check_batch_fits_mesh(cfg, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        print(cfg)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+    rules, dpo = cfg.mesh.rules, cfg.stage == "dpo"
+    sharding = batch_sharding(mesh, rules)
+    buckets = tuple(cfg.data.buckets) or default_buckets(cfg.data.max_length, min(128, cfg.data.max_length))
+
+    # Data.
+    tok = load_tokenizer(cfg.tokenizer)
+    train_examples, _ = load_examples(cfg.data, cfg.stage, tok, "train")
+    eval_examples, _ = load_examples(cfg.data, cfg.stage, tok, "eval")
+    if dpo:
+        make_batch, lengths = preference_batch, None
+    elif cfg.data.packing:  # pack once, after a seeded shuffle, so rows mix examples from the whole split
+        order = np.random.default_rng(cfg.seed).permutation(len(train_examples))
+        rows = pack([train_examples[i] for i in order], cfg.data.max_length)
+        train_examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+        make_batch, lengths = stack_rows, [cfg.data.max_length] * len(train_examples)
+        print(f"packed into {len(train_examples)} rows of {cfg.data.max_length} tokens")
+    else:
+        make_batch, lengths = pad_sft, None
+    loader = Loader(train_examples, cfg.train.global_batch_size, make_batch, buckets=buckets, seed=cfg.seed,
+                    process_index=jax.process_index(), process_count=jax.process_count(), lengths=lengths)
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
+
+    # Model and optimizer, created directly with their shardings.
+    mcfg = model_config(cfg)
+    graphdef, params, param_shardings = init_params(cfg, mcfg, mesh)
+    if jax.process_index() == 0:
+        checkpoint.save_model_config(workdir, mcfg)
+    tx, schedule = steps.make_optimizer(cfg.optim, total_steps)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_shardings = _opt_shardings(tx, abstract_opt, param_shardings, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = steps.TrainState(param_shardings, opt_shardings, replicated)
+    state = steps.TrainState(params, jax.jit(tx.init, out_shardings=opt_shardings)(params),
+                             jax.device_put(jnp.zeros((), jnp.int32), replicated))
+    eval_fn = steps.make_eval_fn(cfg.stage, graphdef)
+
+    # DPO reference: from the initial parameters, before any checkpoint is restored.
+    reference, eval_reference = None, None
+    with use_mesh(mesh, rules):
+        if dpo and not cfg.dpo.reference_free:
+            if cfg.dpo.precompute_reference:
+                logps = reference_logps(cfg, workdir, train_examples, eval_fn, params, sharding, buckets, "train")
+                train_examples[:] = [ex._replace(reference=lp) for ex, lp in zip(train_examples, logps)]
+            else:
+                ref_dtype = jnp.dtype(cfg.dpo.reference_dtype)
+                ref_shardings = param_shardings
+                reference = frozen_copy(params, ref_shardings, ref_dtype)
+            eval_reference = reference_logps(cfg, workdir, eval_examples, eval_fn, params, sharding, buckets, "eval")
+        elif dpo:
+            eval_reference = np.zeros((len(eval_examples), 2), np.float32)
+
+    # Resume.
+    mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints)
+    if mngr.latest_step() is not None:
+        state, meta = checkpoint.restore(mngr, mngr.latest_step(), jax.eval_shape(lambda: state), state_shardings)
+        loader.restore(meta["loader"])
+        print(f"resumed from step {int(state.step)} of {workdir}")
+
+    ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
+    train_step = jax.jit(steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum,
+                                               cfg.get("dpo")),
+                         in_shardings=(state_shardings, sharding, ref_shardings),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+    stop = _preemption_flag()
+
+    def evaluate(step):
+        with use_mesh(mesh, rules):
+            batches = eval_batches(eval_examples, cfg.train.eval_batch_size,
+                                   preference_batch if dpo else pad_sft, buckets)
+            out = steps.run_eval_batches(eval_fn, state.params, batches, lambda b: place(b, sharding))
+        if dpo:
+            lengths = np.array([[len(e.chosen), len(e.rejected)] for e in eval_examples])
+            metrics = steps.dpo_eval_metrics(out["logps"], eval_reference, lengths, cfg.dpo)
+        else:
+            metrics = steps.sft_eval_metrics(out)
+        writer.write(step, metrics, "eval")
+        return metrics
+
+    # The loop.
+    step = int(jax.device_get(state.step))
+    flops_token = flops_per_token(mcfg, cfg.data.max_length) * (4 / 3 if reference is not None else 1)
+    peak = peak_flops()
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.stage, disable=not cfg.train.progress or
+               jax.process_index() != 0, dynamic_ncols=True)
+    last_eval = {}
+    t_last = time.perf_counter()
+    while step < total_steps:
+        local = next(loader)
+        tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+        positions = local["inputs"].size * jax.process_count()
+        with use_mesh(mesh, rules):
+            state, metrics = train_step(state, place(local, sharding), reference)
+        metrics = {k: float(v) for k, v in steps.to_host(metrics).items()}
+        step += 1
+        if not math.isfinite(metrics["loss"]):
+            mngr.wait_until_finished()
+            raise FloatingPointError(
+                f"loss is {metrics['loss']} at step {step}: stopping. The last good checkpoint is step "
+                f"{mngr.latest_step()} in {os.path.join(workdir, 'checkpoints')} (this step was not saved); "
+                "lower optim.lr, check the data, or use float32 compute to find the cause.")
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        metrics.update(step_time=dt, tokens_per_sec=tokens / dt, tokens_per_sec_per_device=tokens / dt /
+                       jax.device_count(), epoch=loader.epoch)
+        if peak:
+            metrics["mfu"] = positions * flops_token / dt / (peak * jax.device_count())
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            writer.write(step, metrics)
+        bar.update(1)
+        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "tokens_per_sec")
+                         if k in metrics})
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+            last_eval = evaluate(step)
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or stop["now"]:
+            checkpoint.save(mngr, state, {"loader": loader.state()})
+        if stop["now"]:
+            print(f"SIGTERM: saved step {step}; exiting")
+            break
+        t_last = time.perf_counter()  # eval and checkpoint time is not step time
+    bar.close()
+    if not stop["now"] and step == total_steps:
+        last_eval = evaluate(step)
+        print("eval:", json.dumps({k: round(v, 5) for k, v in last_eval.items()}))
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    return last_eval
+
+
+def _opt_shardings(tx, abstract_opt, param_shardings, mesh):
+    """Optimizer state sharded like the parameters it mirrors (Adam's mu and nu); scalars replicated."""
+    import optax
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    base = jax.tree.map(lambda _: replicated, abstract_opt)
+    return optax.tree_map_params(tx, lambda _, s: s, base, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def _preemption_flag():
+    """SIGTERM (a preempted TPU VM, `scancel`, a job scheduler) asks the loop to save and exit cleanly."""
+    flag = {"now": False}
+
+    def handler(signum, frame):
+        flag["now"] = True
+
+    if os.name == "posix":
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
+            pass
+    return flag
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/dpo.py, with :VARIANT",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the resolved config")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection "
+                                 "(TPU pods, SLURM)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (N local processes)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (with coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with coordinator_address)")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
+    if _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
