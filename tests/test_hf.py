@@ -15,11 +15,11 @@ import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zephyr_jax import hf
 from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.sharding import param_specs
+from zephyr_jax.sharding import logical_to_spec, param_specs
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, sliding_window=4096)
@@ -299,12 +299,12 @@ def test_load_onto_mesh_shardings_and_save_back(hf_dir, loaded, mesh_shape, tmp_
         pytest.skip("needs 8 devices (tests/conftest.py simulates them on CPU)")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("data", "fsdp", "tensor"))
     specs = param_specs(nnx.state(loaded))
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                             is_leaf=lambda x: isinstance(x, PartitionSpec))
     model = hf.load_pretrained(hf_dir[0], shardings=shardings)
-    expected = {hf._dotted(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()
-        want = expected[hf._dotted(path)]
+        want = NamedSharding(mesh, logical_to_spec(var.get_metadata()["logical_axes"]))
         assert value.sharding.is_equivalent_to(want, value.ndim), (path, value.sharding, want)
     kernel = model.layers[0].mlp.gate_proj.kernel.get_value()  # [embed, mlp]: split over fsdp x tensor
     assert len(kernel.addressable_shards) == 8
