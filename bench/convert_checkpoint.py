@@ -201,7 +201,7 @@ def fsdp_shardings(ckpt: str, devices: int):
     """NamedShardings over a (1, devices, 1) mesh from the model's logical axes (sharding.param_specs)."""
     import jax
     from flax import nnx
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from zephyr_jax import hf
     from zephyr_jax.model import Mistral
@@ -210,7 +210,7 @@ def fsdp_shardings(ckpt: str, devices: int):
     cfg = hf.load_config(ckpt)
     mesh = Mesh(np.array(jax.devices()[:devices]).reshape(1, devices, 1), ("data", "fsdp", "tensor"))
     specs = param_specs(nnx.state(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0)))))
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def child(ckpt: str, resaved: str, dtype: str, shard_size: str, devices: str):
