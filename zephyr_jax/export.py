@@ -1,0 +1,103 @@
+"""Orbax checkpoint of a training workdir -> a Hugging Face directory ready for transformers and the Hub.
+
+    python -m zephyr_jax.export --workdir=DIR [--step=N] --out=HF_DIR [--dtype=bfloat16] [--max_shard_size=5GB]
+
+Writes sharded safetensors + index, config.json, generation_config.json, the tokenizer with the Zephyr chat
+template, and a model card (README.md) recording the training config and the final metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+from flax import nnx
+
+from zephyr_jax import checkpoint, hf
+from zephyr_jax.model import Mistral
+from zephyr_jax.tokenizer import load_tokenizer
+
+
+def load_model(workdir: str, step: int = -1, dtype=jnp.float32):
+    """(model, step) from a workdir's checkpoint, on the default device."""
+    cfg = checkpoint.load_model_config(workdir, dtype=dtype, param_dtype=jnp.float32)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params, step = checkpoint.restore_params(workdir, abstract, jax.tree.map(lambda _: device, abstract), step)
+    return nnx.merge(graphdef, params), step
+
+
+def final_metrics(workdir: str) -> dict:
+    """The last train and eval records of workdir/metrics.jsonl."""
+    last = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                last[record["split"]] = record
+    return last
+
+
+def model_card(workdir: str, step: int, train_config: dict, metrics: dict) -> str:
+    stage = train_config.get("stage", "?")
+    what = {"sft": "distilled supervised fine-tuning (dSFT)", "dpo": "distilled direct preference optimization "
+            "(dDPO)"}.get(stage, stage)
+    data = train_config.get("data", {})
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [zephyr_jax, mistral, "
+        f"{stage}]", "---", "", "# zephyr_jax checkpoint", "",
+        f"Mistral-architecture model trained with zephyr_jax by {what}, following Zephyr "
+        "(arXiv 2310.16944).", "",
+        f"- training workdir: `{os.path.abspath(workdir)}`, step {step}",
+        f"- data: `{data.get('train')}` ({data.get('train_split')}), evaluated on `{data.get('eval')}` "
+        f"({data.get('eval_split')})",
+        f"- init: {train_config.get('model', {}).get('init')} `{train_config.get('model', {}).get('path')}`", "",
+        "## Chat format", "",
+        "The Zephyr template (`tokenizer.apply_chat_template`): `<|system|>`, `<|user|>`, `<|assistant|>` turns, "
+        "each ending in `</s>`; generation starts after `<|assistant|>\\n`.", "",
+        "## Final metrics", "",
+    ]
+    for split in ("eval", "train"):
+        if split in metrics:
+            shown = {k: v for k, v in metrics[split].items() if k not in ("split",)}
+            lines += [f"**{split}**", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {k} | {v:.5g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items()]
+            lines.append("")
+    lines += ["## Training config", "", "```json", json.dumps(train_config, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", max_shard_size="5GB",
+           tokenizer: str | None = None) -> str:
+    model, step = load_model(workdir, step)
+    config_path = os.path.join(workdir, "config.json")
+    train_config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+    tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))
+    hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype))
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(model_card(workdir, step, train_config, final_metrics(workdir)))
+    print(f"exported {workdir} step {step} -> {out_dir}")
+    return out_dir
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (with checkpoints/ and model_config.json)")
+_OUT = flags.DEFINE_string("out", None, "output Hugging Face directory")
+_STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: latest)")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype of the saved weights (bfloat16, float32, float16)")
+_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors shard")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer dir/hub name (default: the training config's)")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    export(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, _SHARD.value, _TOKENIZER.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)
