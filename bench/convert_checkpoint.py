@@ -264,7 +264,8 @@ def main():
         ckpt, resaved = os.path.join(work, "synthetic"), os.path.join(work, "resaved")
         t0 = time.perf_counter()
         ckpt_bytes = write_checkpoint(ckpt, args.size_gb, args.dtype, parse_size(args.shard_size))
-        layers = json.load(open(os.path.join(ckpt, "config.json")))["num_hidden_layers"]
+        with open(os.path.join(ckpt, "config.json")) as f:
+            layers = json.load(f)["num_hidden_layers"]
         print(f"wrote {ckpt_bytes / GB:.3f} GB ({layers} layers, {args.dtype}) in {time.perf_counter() - t0:.1f}s")
         env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         if args.fsdp > 1:

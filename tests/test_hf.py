@@ -97,7 +97,7 @@ def test_name_mapping_round_trips():
 # --- import -----------------------------------------------------------------------------------------------
 
 def test_load_matches_transformers(hf_dir, loaded):
-    path, expected = hf_dir
+    expected = hf_dir[1]
     assert isinstance(loaded, Mistral)
     cfg = loaded.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (64, 2, 2, 128)
@@ -161,7 +161,7 @@ def test_sharded_save_writes_a_correct_index(loaded, tmp_path):
     assert len(files) > 2 and not os.path.exists(os.path.join(out, hf.WEIGHTS_NAME))
     n = len(files)
     assert [os.path.basename(f) for f in files] == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-    index = json.loads(open(os.path.join(out, hf.INDEX_NAME)).read())
+    index = json.loads((tmp_path / hf.INDEX_NAME).read_text())
     weight_map = index["weight_map"]
     assert sorted(weight_map) == sorted(hf.hf_names(loaded.config))  # every tensor listed, once (dict keys)
     total = 0
@@ -182,11 +182,11 @@ def test_bf16_save_reloads(loaded, tmp_path):
     hf.save_pretrained(loaded, out, dtype=jnp.bfloat16)
     with safetensors.safe_open(os.path.join(out, hf.WEIGHTS_NAME), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
-    assert json.loads(open(os.path.join(out, "config.json")).read())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     want = {k: v.astype(jnp.bfloat16) for k, v in flat_params(loaded).items()}
     again = flat_params(hf.load_pretrained(out, dtype=jnp.bfloat16))
-    for name in want:
-        assert again[name].dtype == jnp.bfloat16 and np.array_equal(again[name], want[name]), name
+    for name, value in want.items():
+        assert again[name].dtype == jnp.bfloat16 and np.array_equal(again[name], value), name
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     q = torch_model.model.layers[1].self_attn.q_proj.weight.detach()
     assert q.dtype == torch.bfloat16
