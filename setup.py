@@ -32,7 +32,7 @@ setup(
         # torch is pinned: the parity tests compare against transformers' PyTorch Mistral on the CPU, and an
         # unpinned torch pulls several GB of CUDA wheels.
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9"],
-        "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5"],
+        "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5", "importlib_resources"],  # no TensorFlow needed
         "gpu": ["jax[cuda12]>=0.4.35"],
         "tpu": ["jax[tpu]>=0.4.35"],
     },

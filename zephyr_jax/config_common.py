@@ -53,6 +53,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    c.mesh.num_devices = -1  # -1: every device; N: the first N (e.g. to compare with a smaller run)
     c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (see zephyr_jax/sharding.py)
 
     c.logging = ml_collections.ConfigDict()

@@ -8,12 +8,12 @@ template, and a model card (README.md) recording the training config and the fin
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
 from flax import nnx
 
 from zephyr_jax import checkpoint, hf
@@ -84,20 +84,17 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     return out_dir
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (with checkpoints/ and model_config.json)")
-_OUT = flags.DEFINE_string("out", None, "output Hugging Face directory")
-_STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: latest)")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype of the saved weights (bfloat16, float32, float16)")
-_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors shard")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer dir/hub name (default: the training config's)")
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    export(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, _SHARD.value, _TOKENIZER.value)
+def cli(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="training workdir (checkpoints/, model_config.json)")
+    parser.add_argument("--out", required=True, help="output Hugging Face directory")
+    parser.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir/hub name (default: the training config's)")
+    args = parser.parse_args(argv)
+    export(args.workdir, args.out, args.step, args.dtype, args.max_shard_size, args.tokenizer)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)
+    cli()

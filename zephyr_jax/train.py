@@ -185,7 +185,8 @@ def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, buckets, 
 def run(cfg, workdir: str) -> dict:
     """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics."""
     check_config(cfg)
-    mesh = make_mesh(cfg.mesh.shape)
+    devices = jax.devices() if cfg.mesh.num_devices == -1 else jax.devices()[:cfg.mesh.num_devices]
+    mesh = make_mesh(cfg.mesh.shape, devices)
     check_batch_fits_mesh(cfg, mesh)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -350,28 +351,29 @@ def _preemption_flag():
 # ---------------------------------------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/dpo.py, with :VARIANT",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the resolved config")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection "
-                                 "(TPU pods, SLURM)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (N local processes)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (with coordinator_address)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with coordinator_address)")
+def cli():
+    """Flags are defined here, not at import, so other modules and tests can import this one."""
+    config = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/dpo.py, with :VARIANT",
+                                             lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the resolved config")
+    distributed = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection "
+                                    "(TPU pods, SLURM)")
+    coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (N local processes)")
+    num_processes = flags.DEFINE_integer("num_processes", None, "number of processes (with coordinator_address)")
+    process_id = flags.DEFINE_integer("process_id", None, "this process's index (with coordinator_address)")
+    flags.mark_flags_as_required(["config", "workdir"])
 
+    def main(argv):
+        del argv
+        logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
+        if coordinator.value:
+            jax.distributed.initialize(coordinator.value, num_processes.value, process_id.value)
+        elif distributed.value:
+            jax.distributed.initialize()
+        run(config.value, workdir.value)
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
-    if _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    run(_CONFIG.value, _WORKDIR.value)
+    app.run(main)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli()

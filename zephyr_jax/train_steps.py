@@ -117,7 +117,7 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
         metrics = jax.tree.map(jnp.sum, metrics)
         if stage == "sft":
             metrics["token_accuracy"] = metrics.pop("correct") / jnp.maximum(metrics["num_tokens"], 1)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree_utils.tree_l2_norm(grads)
         metrics["lr"] = schedule(state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

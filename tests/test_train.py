@@ -1,0 +1,309 @@
+"""The training loop: CLI, meshes, gradient accumulation, multi-process, resume, preemption, DPO reference
+modes, NaN and config errors. Tiny configs (configs/*.py:tiny) on small local data in the real schemas."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from zephyr_jax import train, train_steps
+from zephyr_jax.data import pad_sft, preference_batch, preference_example, sft_example
+from zephyr_jax.export import export, load_model
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """UltraChat-schema and ultrafeedback_binarized-schema jsonl splits of a toy task (largest digit)."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+
+    def row(i):
+        digits = rng.integers(0, 10, size=4)
+        question = f"Which is the largest: {' '.join(map(str, digits))}?"
+        wrong = str(digits.min()) if digits.min() != digits.max() else "none"
+        user = {"role": "user", "content": question}
+        return question, user, {"role": "assistant", "content": str(digits.max())}, \
+            {"role": "assistant", "content": wrong}
+
+    for split, n in (("train", 64), ("test", 16)):
+        sft, prefs = [], []
+        for i in range(n):
+            q, user, good, bad = row(i)
+            sft.append({"prompt": q, "prompt_id": str(i), "messages": [user, good]})
+            prefs.append({"prompt": q, "prompt_id": str(i), "chosen": [user, good], "rejected": [user, bad],
+                          "messages": [user, good], "score_chosen": 9.0, "score_rejected": 2.0})
+        _write_jsonl(str(root / "sft" / f"{split}_sft.jsonl"), sft)
+        _write_jsonl(str(root / "prefs" / f"{split}_prefs.jsonl"), prefs)
+    return root
+
+
+def tiny_config(stage, data_dir, **overrides):
+    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", os.path.join(ROOT, "configs", f"{stage}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("tiny")
+    folder = "sft" if stage == "sft" else "prefs"
+    cfg.data.train = cfg.data.eval = str(data_dir / folder)
+    cfg.train.progress = False
+    cfg.logging.tensorboard = False
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def train_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r["loss"] for r in records if r["split"] == "train"]
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+# --- The command line, end to end: dSFT -> dDPO from the SFT workdir -> export -> transformers. ---
+
+def test_cli_sft_then_dpo_then_export(data_dir, tmp_path):
+    sft_dir, dpo_dir, hf_dir = tmp_path / "sft", tmp_path / "dpo", tmp_path / "hf"
+    data = lambda folder: [f"--config.data.train={data_dir / folder}", f"--config.data.eval={data_dir / folder}"]
+    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={sft_dir}", *data("sft"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(train_losses(sft_dir)) == 6 and sorted(os.listdir(sft_dir / "checkpoints")) == ["3", "6"]
+    assert json.load(open(sft_dir / "config.json"))["stage"] == "sft"
+    out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={dpo_dir}", *data("prefs"),
+               "--config.model.init=orbax", f"--config.model.path={sft_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in open(dpo_dir / "metrics.jsonl")]
+    assert {"rewards/accuracies", "rewards/margins", "logps/chosen"} <= set(records[-1])
+    assert records[-1]["split"] == "eval"
+    out = _cli("zephyr_jax.export", f"--workdir={dpo_dir}", f"--out={hf_dir}", "--dtype=float32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rewards/accuracies" in open(hf_dir / "README.md").read()
+
+    ours, _ = load_model(str(dpo_dir))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = tok("<|user|>\nWhich is the largest: 1 7 3 2?</s>\n<|assistant|>\n").input_ids
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray([ids]))), ref_logits, atol=1e-4)
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}",
+               "--config.train.no_such_key=1")
+    assert out.returncode != 0 and "no_such_key" in out.stderr
+
+
+def test_config_errors_before_compiling(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="does not divide over the mesh"):
+        train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 6}), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"needs 3 devices; 8 are available"):
+        train.run(tiny_config("sft", data_dir, **{"mesh.shape": (3, 1, 1)}), str(tmp_path / "b"))
+    with pytest.raises(FileNotFoundError, match="no zephyr_jax workdir"):
+        train.run(tiny_config("dpo", data_dir, **{"model.init": "orbax", "model.path": str(tmp_path / "none")}),
+                  str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="loss_type"):
+        train.run(tiny_config("dpo", data_dir, **{"dpo.loss_type": "kto"}), str(tmp_path / "d"))
+
+
+# --- Sharding: the same losses on every mesh; FSDP splits parameter and optimizer bytes. ---
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_meshes_give_the_same_losses(data_dir, tmp_path, stage):
+    meshes = {"one_device": ((1, 1, 1), 1), "data8": ((8, 1, 1), -1), "fsdp8": ((1, 8, 1), -1),
+              "2x2x2": ((2, 2, 2), -1)}
+    losses = {}
+    for name, (shape, devices) in meshes.items():
+        cfg = tiny_config(stage, data_dir, **{"mesh.shape": shape, "mesh.num_devices": devices,
+                                              "train.max_steps": 5, "train.eval_every": 0, "train.save_every": 0})
+        train.run(cfg, str(tmp_path / name))
+        losses[name] = train_losses(tmp_path / name)
+    for name, values in losses.items():
+        np.testing.assert_allclose(values, losses["one_device"], rtol=1e-5, err_msg=name)
+
+
+def test_fsdp_holds_an_eighth_of_parameter_and_optimizer_bytes(data_dir):
+    cfg = tiny_config("sft", data_dir, **{"mesh.shape": (1, 8, 1)})
+    mesh = train.make_mesh(cfg.mesh.shape)
+    mcfg = train.model_config(cfg)
+    _, params, shardings = train.init_params(cfg, mcfg, mesh)
+    tx, _ = train_steps.make_optimizer(cfg.optim, 10)
+    opt_state = jax.jit(tx.init, out_shardings=train._opt_shardings(tx, jax.eval_shape(tx.init, params),
+                                                                     shardings, mesh))(params)
+    for tree in (params, opt_state):
+        leaves = [x for x in jax.tree.leaves(tree) if x.ndim >= 1]
+        sharded = [x for x in leaves if not x.sharding.is_fully_replicated]
+        replicated = [x for x in leaves if x.sharding.is_fully_replicated]
+        assert all(x.ndim == 1 and x.size == mcfg.hidden_size for x in replicated)  # only the RMSNorm scales
+        total = sum(x.nbytes for x in sharded)
+        for device in jax.devices():
+            held = sum(s.data.nbytes for x in sharded for s in x.addressable_shards if s.device == device)
+            assert held == total // 8
+
+
+# --- Gradient accumulation: 4 x B/4 is the update of one batch of B. ---
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_gradient_accumulation_matches_one_batch(data_dir, stage):
+    tok = load_tokenizer()
+    cfg = tiny_config(stage, data_dir)
+    rows = [json.loads(line) for line in open(data_dir / ("sft" if stage == "sft" else "prefs") /
+                                              f"train_{stage if stage == 'sft' else 'prefs'}.jsonl")][:8]
+    if stage == "sft":
+        batch = pad_sft([sft_example(r, i, tok) for i, r in enumerate(rows)], 48)
+    else:
+        batch = preference_batch([preference_example(r, i, tok) for i, r in enumerate(rows)], 48)
+    mcfg = MistralConfig(**cfg.model.arch.to_dict())
+    graphdef, params = nnx.split(Mistral(mcfg, rngs=nnx.Rngs(0)))
+    tx, schedule = train_steps.make_optimizer(cfg.optim, 10)
+    results = []
+    for accum in (1, 4):
+        step = jax.jit(train_steps.make_train_step(stage, graphdef, tx, schedule, accum, cfg.get("dpo")))
+        state = train_steps.TrainState(params, tx.init(params), jnp.asarray(3))
+        reference = jax.tree.map(lambda x: x * 0.9, params) if stage == "dpo" else None
+        results.append(step(state, {k: jnp.asarray(v) for k, v in batch.items()}, reference))
+    (one, m1), (four, m4) = results
+    assert abs(float(m1["loss"]) - float(m4["loss"])) <= 1e-5 * abs(float(m1["loss"]))
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# --- Two processes x two devices (launch/local.sh) equal one process with four devices. ---
+
+def test_two_processes_match_one_process(data_dir, tmp_path):
+    args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
+            f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=4", "--config.train.progress=False",
+            "--config.train.eval_every=0"]
+    env = {"LOG_DIR": str(tmp_path)}
+    out = subprocess.run(["bash", "launch/local.sh", "2", "--cpu_devices=2", "--", f"--workdir={tmp_path / 'mp'}",
+                          *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = _cli("zephyr_jax.train", f"--workdir={tmp_path / 'sp'}", *args,
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert len(train_losses(tmp_path / "mp")) == 4
+    np.testing.assert_allclose(train_losses(tmp_path / "mp"), train_losses(tmp_path / "sp"), rtol=1e-5)
+
+
+# --- Preemption and resume. ---
+
+def _params(workdir):
+    model, step = load_model(str(workdir))
+    return step, jax.tree.leaves(nnx.state(model))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
+    args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
+            f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=24", "--config.train.save_every=2",
+            "--config.train.eval_every=0", "--config.train.progress=False"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    full = _cli("zephyr_jax.train", f"--workdir={tmp_path / 'full'}", *args, env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "zephyr_jax.train", f"--workdir={killed_dir}", *args], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed_dir / "checkpoints" / "2").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_before = sorted(int(s) for s in os.listdir(killed_dir / "checkpoints") if s.isdigit())
+    assert steps_before and max(steps_before) < 24, "the run finished before it could be killed"
+    resumed = _cli("zephyr_jax.train", f"--workdir={killed_dir}", *args, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout
+
+    full_step, full_params = _params(tmp_path / "full")
+    killed_step, killed_params = _params(killed_dir)
+    assert full_step == killed_step == 24
+    for a, b in zip(full_params, killed_params):
+        np.testing.assert_array_equal(a, b)
+    by_step = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))
+                         if r["split"] == "train"}
+    full_losses, killed_losses = by_step(tmp_path / "full"), by_step(killed_dir)
+    assert all(killed_losses[s] == full_losses[s] for s in killed_losses)
+
+
+def test_sigterm_saves_the_current_step(data_dir, tmp_path):
+    workdir = tmp_path / "w"
+    args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
+            f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=100000",
+            "--config.train.save_every=0", "--config.train.eval_every=0", "--config.train.progress=False"]
+    proc = subprocess.Popen([sys.executable, "-m", "zephyr_jax.train", f"--workdir={workdir}", *args], cwd=ROOT,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").exists() and len(train_losses(workdir)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    last_logged = train_losses(workdir)
+    saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert saved == [len(last_logged)] and 3 <= saved[0] < 100000
+    assert "SIGTERM: saved step" in stdout
+
+
+# --- DPO reference modes, NaN. ---
+
+def test_precomputed_reference_equals_frozen_copy(data_dir, tmp_path):
+    base = {"train.max_steps": 4, "train.eval_every": 0, "train.save_every": 0}
+    frozen = train.run(tiny_config("dpo", data_dir, **base), str(tmp_path / "frozen"))
+    cached = train.run(tiny_config("dpo", data_dir, **base, **{"dpo.precompute_reference": True}),
+                       str(tmp_path / "pre"))
+    np.testing.assert_allclose(train_losses(tmp_path / "pre"), train_losses(tmp_path / "frozen"), rtol=1e-5)
+    assert cached.keys() == frozen.keys()
+    for k in frozen:
+        np.testing.assert_allclose(cached[k], frozen[k], rtol=1e-5, atol=1e-6)
+    assert os.listdir(tmp_path / "pre" / "reference_logps")  # the cache was written
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "w")
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 0})
+    cfg_3 = tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 0})
+    train.run(cfg_3, workdir)  # steps 1-6, checkpoints 3 and 6
+    good_step, good_params = _params(workdir)
+
+    real = train_steps.losses.sft_loss
+    monkeypatch.setattr(train_steps.losses, "sft_loss",
+                        lambda *a, **kw: (lambda out: (out[0] * jnp.nan, out[1]))(real(*a, **kw)))
+    cfg.train.max_steps = 9
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 7.*last good checkpoint is step 6"):
+        train.run(cfg, workdir)
+    step, params = _params(workdir)
+    assert step == good_step == 6
+    for a, b in zip(params, good_params):
+        np.testing.assert_array_equal(a, b)
