@@ -84,6 +84,45 @@ def generate_ids(model, input_ids, attention_mask=None, *, max_new_tokens: int, 
     return np.asarray(out)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length"))
+def _prefill(graphdef, state, input_ids, attention_mask, *, cache_length):
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.init(model.config, input_ids.shape[0], cache_length)
+    return model.with_cache(input_ids, cache, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"), donate_argnums=(3,))
+def _decode_step(graphdef, state, logits, cache, key, *, temperature, top_k, top_p):
+    token = sample_next(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+    logits, cache = nnx.merge(graphdef, state).with_cache(token[:, None], cache)
+    return token, logits, cache
+
+
+def stream_ids(model, input_ids, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, eos_id: int | None = None):
+    """Yields new token ids one at a time for ONE prompt (a list of ids), for live display in the chat.
+
+    Each step is one jitted call on fixed shapes (the prompt is left-padded to a bucket), so a conversation
+    compiles a few times, not once per token; the Python loop exists only to hand each token to the screen.
+    """
+    length = bucket_length(len(input_ids))
+    ids = np.zeros((1, length), np.int32)
+    mask = np.zeros_like(ids)
+    ids[0, length - len(input_ids):], mask[0, length - len(input_ids):] = input_ids, 1
+    graphdef, state = nnx.split(model)
+    logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
+                             cache_length=length + max_new_tokens)
+    key = jax.random.key(seed)
+    for _ in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        token, logits, cache = _decode_step(graphdef, state, logits, cache, sub, temperature=float(temperature),
+                                            top_k=int(top_k), top_p=float(top_p))
+        token = int(token[0])
+        if token == eos_id:
+            return
+        yield token
+
+
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Pads prompt lengths to powers of two, so a chat session compiles a handful of shapes, not one per turn."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
