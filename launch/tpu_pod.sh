@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Zephyr on a Cloud TPU pod slice: create the VM, install zephyr_jax on every worker, run the same command on all.
+#
+#   TPU_NAME=zephyr ZONE=us-central2-b ACCELERATOR=v4-64 launch/tpu_pod.sh create
+#   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh install
+#   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh run -- --config=configs/sft.py --workdir=/mnt/shared/sft
+#   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh delete
+#
+# Every worker runs `python -m zephyr_jax.train --distributed ...`; jax.distributed.initialize() finds the other
+# workers through the TPU metadata. The workdir must be visible to every worker (Filestore/NFS, or GCSFuse).
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+ACCELERATOR=${ACCELERATOR:-v4-64}
+VERSION=${VERSION:-tpu-ubuntu2204-base}
+REPO=${REPO:-https://github.com/your-org/zephyr_jax.git}
+ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }
+
+case "${1:-}" in
+  create)
+    gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$ACCELERATOR" --version "$VERSION" ;;
+  install)
+    ssh_all "set -e; [ -d zephyr_jax ] || git clone $REPO zephyr_jax; cd zephyr_jax && git pull && pip install -U pip && pip install -e '.[tpu]'" ;;
+  run)
+    shift; [[ "${1:-}" == "--" ]] && shift
+    args=$(printf '%q ' "$@")
+    # HF_TOKEN, WANDB_API_KEY etc. can be exported in the command below if needed.
+    ssh_all "cd zephyr_jax && python -m zephyr_jax.train --distributed $args" ;;
+  delete)
+    gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
+  *)
+    echo "usage: launch/tpu_pod.sh create|install|run -- TRAIN_ARGS|delete" >&2; exit 2 ;;
+esac
