@@ -1,0 +1,271 @@
+"""python -m zephyr_jax.evaluate (DPO preference metrics, MT-Bench and AlpacaEval answer files) and the
+lm-evaluation-harness adapter, on a tiny random HF model and a tiny dDPO workdir trained on local data."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from tests.test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
+from zephyr_jax import evaluate, hf, train
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    path = str(tmp_path_factory.mktemp("eval_model"))
+    hf.save_pretrained(Mistral(cfg, rngs=nnx.Rngs(0)), path, tokenizer=load_tokenizer())
+    return path
+
+
+@pytest.fixture(scope="module")
+def dpo_workdir(data_dir, tmp_path_factory):  # noqa: F811
+    workdir = str(tmp_path_factory.mktemp("dpo_run"))
+    cfg = tiny_config("dpo", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 0})
+    train.run(cfg, workdir)
+    return workdir
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _last_eval(workdir):
+    return [r for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "eval"][-1]
+
+
+# --- prefs ---------------------------------------------------------------------------------------------
+
+def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path):
+    expected = _last_eval(dpo_workdir)
+    out = tmp_path / "prefs.json"
+    evaluate.main(["prefs", f"--workdir={dpo_workdir}", f"--out={out}"])
+    got = _read_json(out)
+    assert got["step"] == expected["step"] == 3 and got["num_pairs"] == 8
+    for k in DPO_METRICS:
+        assert abs(got[k] - expected[k]) <= 1e-6, (k, got[k], expected[k])
+
+    # Without the run's cached reference log-probs, the reference is rebuilt from the config (random init, seed).
+    copy = tmp_path / "copy"
+    shutil.copytree(dpo_workdir, copy, ignore=shutil.ignore_patterns("reference_logps"))
+    again = evaluate.prefs_from_workdir(str(copy))
+    for k in DPO_METRICS:
+        assert abs(again[k] - expected[k]) <= 1e-6, (k, again[k], expected[k])
+
+
+def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
+    """--model/--reference: the same model twice gives zero rewards, loss log 2, and the policy's log-probs."""
+    expected = _last_eval(dpo_workdir)
+    got = evaluate.main(["prefs", f"--model={dpo_workdir}", f"--reference={dpo_workdir}",
+                         f"--data={data_dir / 'prefs'}", "--max_examples=8", "--max_length=128",
+                         "--max_prompt_length=64", "--batch_size=8"])
+    assert got["num_pairs"] == 8
+    assert got["rewards/chosen"] == got["rewards/margins"] == got["rewards/accuracies"] == 0.0
+    assert got["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for k in ("logps/chosen", "logps/rejected"):
+        assert got[k] == pytest.approx(expected[k], abs=1e-4)
+
+
+def test_prefs_argument_errors(dpo_workdir):
+    with pytest.raises(SystemExit):
+        evaluate.main(["prefs", f"--model={dpo_workdir}"])  # no reference
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
+
+
+# --- MT-Bench and AlpacaEval ---------------------------------------------------------------------------
+
+QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it rhyme."]},
+    {"question_id": 111, "category": "math", "turns": ["What is 2 + 3?", "And times 4?"]},
+]
+
+
+def _write_questions(path):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(q) + "\n" for q in QUESTIONS)
+
+
+def test_mt_bench_turn_two_sees_turn_one_and_category_temperatures(monkeypatch):
+    calls = []
+
+    def fake(model, tok, conversations, **kw):
+        calls.append((kw["temperature"], [list(c) for c in conversations]))
+        return [f"answer {len(calls)}.{i}" for i in range(len(conversations))]
+
+    monkeypatch.setattr(evaluate, "generate_chats", fake)
+    records = evaluate.mt_bench_answers(None, None, QUESTIONS, "m")
+    assert [t for t, _ in calls] == [0.7, 0.7, 0.0, 0.0]  # FastChat: writing 0.7, math 0.0; one batch per turn
+    _, (conv,) = calls[1]
+    assert conv == [{"role": "system", "content": ""},
+                    {"role": "user", "content": "Write a haiku about rain."},
+                    {"role": "assistant", "content": "answer 1.0"},
+                    {"role": "user", "content": "Now make it rhyme."}]
+    assert records[0]["choices"] == [{"index": 0, "turns": ["answer 1.0", "answer 2.0"]}]
+    assert records[1]["choices"] == [{"index": 0, "turns": ["answer 3.0", "answer 4.0"]}]
+    calls.clear()
+    evaluate.mt_bench_answers(None, None, QUESTIONS, "m", temperature=0.3)
+    assert [t for t, _ in calls] == [0.3, 0.3] and len(calls[0][1]) == 2
+
+
+def test_mt_bench_answer_file(model_dir, tmp_path):
+    questions, answers = tmp_path / "question.jsonl", tmp_path / "model_answer" / "tiny.jsonl"
+    _write_questions(questions)
+    evaluate.main(["mt_bench", f"--model={model_dir}", f"--question_file={questions}", f"--answer_file={answers}",
+                   "--model_id=tiny", "--max_new_tokens=5", "--batch_size=2", "--temperature=0"])
+    lines = _read_jsonl(answers)
+    assert [r["question_id"] for r in lines] == [81, 111]
+    assert len({r["answer_id"] for r in lines}) == 2
+    for r in lines:
+        assert set(r) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert r["model_id"] == "tiny" and isinstance(r["tstamp"], float) and isinstance(r["answer_id"], str)
+        assert len(r["choices"]) == 1 and r["choices"][0]["index"] == 0
+        turns = r["choices"][0]["turns"]
+        assert len(turns) == 2 and all(isinstance(t, str) and t for t in turns)
+
+
+def test_mt_bench_bad_question_file(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "turns": "not a list"}) + "\n")
+    with pytest.raises(ValueError, match="question_id 1.*turns"):
+        evaluate.read_questions(str(path))
+
+
+def test_alpaca_eval_outputs(model_dir, tmp_path):
+    instructions = [{"instruction": "Name a color.", "dataset": "helpful_base"},
+                    {"instruction": "Say hi.", "dataset": "koala"}, {"instruction": "Count to three."}]
+    src, out = tmp_path / "alpaca_eval.json", tmp_path / "outputs.json"
+    src.write_text(json.dumps(instructions))
+    evaluate.main(["alpaca_eval", f"--model={model_dir}", f"--instructions={src}", f"--out={out}",
+                   "--generator=tiny-zephyr", "--max_new_tokens=5", "--batch_size=2", "--temperature=0.7"])
+    outputs = _read_json(out)
+    assert isinstance(outputs, list) and len(outputs) == 3
+    for row, given in zip(outputs, instructions):
+        assert row["instruction"] == given["instruction"] and row["generator"] == "tiny-zephyr"
+        assert isinstance(row["output"], str) and row["output"]
+        assert set(row) == {"instruction", "output", "generator"} | ({"dataset"} & set(given))
+        assert row.get("dataset") == given.get("dataset")
+    jsonl = tmp_path / "alpaca_eval.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in instructions))
+    assert evaluate.read_instructions(str(jsonl)) == instructions
+
+
+# --- lm-evaluation-harness ---------------------------------------------------------------------------
+
+def _lm_eval_tasks(root):
+    """Three local tasks, one per request type: multiple choice, generation, rolling log-likelihood."""
+    rows = {
+        "mc": [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)],
+                "label": 0} for a, b in ((1, 2), (3, 4), (2, 2))],
+        "gen": [{"question": f"Repeat: {w}", "answer": w} for w in ("cat", "blue sky")],
+        "rolling": [{"text": "The quick brown fox jumps over the lazy dog. " * 3}, {"text": "Hello world."}],
+    }
+    yaml = {
+        "mc": "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+              "doc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+        "gen": "output_type: generate_until\ndoc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: answer\n"
+               "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+               "metric_list:\n  - metric: exact_match\n",
+        "rolling": "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+                   "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+                   "  - metric: bits_per_byte\n",
+    }
+    os.makedirs(root, exist_ok=True)
+    for name, docs in rows.items():
+        data = os.path.join(root, f"{name}.jsonl")
+        with open(data, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in docs)
+        with open(os.path.join(root, f"zj_{name}.yaml"), "w") as f:
+            f.write(f"task: zj_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                    f"test_split: test\n{yaml[name]}metadata:\n  version: 1.0\n")
+    return str(root)
+
+
+def test_lm_eval_adapter_numbers(model_dir):
+    """loglikelihood equals an unpadded forward pass; rolling equals loglikelihood after <s>; greedy flags."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from zephyr_jax.lm_eval_adapter import ZephyrJaxLM
+
+    lm = ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()  # PyTorch, unpadded
+    req = lambda kind, args: Instance(kind, {}, args, 0)
+    pairs = [("Question: What is 1 + 2?\nAnswer:", " 3"), ("The sky is ", "blue today"), ("", "Hello world")]
+    got = lm.loglikelihood([req("loglikelihood", p) for p in pairs])
+    for (context, continuation), (logp, greedy) in zip(pairs, got):
+        ctx, cont = lm._encode_pair(context, continuation)
+        ids, n = ctx + cont, len(cont)
+        assert ids[0] == 1 and n > 0  # one BOS
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids[:-1]])).logits[0, -n:].double()
+        want = torch.log_softmax(logits, -1)[torch.arange(n), torch.tensor(cont)].sum().item()
+        assert logp == pytest.approx(want, abs=1e-4)
+        assert greedy == bool((logits.argmax(-1) == torch.tensor(cont)).all())
+    assert lm._encode_pair("The sky is ", "blue today")[1] == lm._encode_pair("The sky is", " blue today")[1]
+    rolling = lm.loglikelihood_rolling([req("loglikelihood_rolling", ("Hello world",))])
+    assert rolling[0] == pytest.approx(got[2][0], abs=1e-4)
+    # A text longer than max_length is scored in windows: every token once.
+    long_text = "one two three four five six seven eight nine ten " * 8
+    assert len(lm.tok_encode(long_text)) > 64
+    (windowed,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", (long_text,))])
+    assert np.isfinite(windowed) and windowed < rolling[0]
+    # is_greedy is True for the model's own argmax token.
+    ids = lm._encode_pair(*pairs[0])[0]
+    with torch.no_grad():
+        top = int(reference(torch.tensor([ids])).logits[0, -1].argmax())
+    assert [g for _, g in lm._score_rows([(ids + [top], 1), (ids + [(top + 1) % 32000], 1)])] == [True, False]
+    # Greedy generation does not depend on what else is in the batch (left padding, filler rows).
+    gen = lambda prompt: req("generate_until", (prompt, {"until": ["\n\n"], "max_gen_toks": 4}))
+    alone = lm.generate_until([gen("Hi there")])
+    together = lm.generate_until([gen("Hi there"), gen("A much longer prompt than the other one, " * 3)])
+    assert alone[0] == together[0] and all(isinstance(t, str) for t in together)
+
+
+def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    import zephyr_jax.lm_eval_adapter  # noqa: F401  (registers "zephyr_jax")
+
+    tasks = _lm_eval_tasks(tmp_path / "tasks")
+    out = lm_eval.simple_evaluate(model="zephyr_jax", model_args=f"pretrained={model_dir},batch_size=4",
+                                  tasks=["zj_mc", "zj_gen", "zj_rolling"],
+                                  task_manager=TaskManager(include_path=tasks), bootstrap_iters=0,
+                                  log_samples=False)
+    results = out["results"]
+    assert 0.0 <= results["zj_mc"]["acc,none"] <= 1.0 and "acc_norm,none" in results["zj_mc"]
+    assert 0.0 <= results["zj_gen"]["exact_match,none"] <= 1.0
+    assert results["zj_rolling"]["word_perplexity,none"] > 1.0 and "bits_per_byte,none" in results["zj_rolling"]
+
+    # The command line: lm_eval's own CLI through the adapter module (which registers the model first).
+    cli = subprocess.run([sys.executable, "-m", "zephyr_jax.lm_eval_adapter", "--model", "zephyr_jax",
+                          "--model_args", f"pretrained={model_dir},batch_size=4", "--tasks", "zj_mc",
+                          "--include_path", tasks, "--output_path", str(tmp_path / "out")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results")]
+    assert len(files) == 1, files
+    saved = _read_json(files[0])["results"]["zj_mc"]
+    assert saved["acc,none"] == pytest.approx(results["zj_mc"]["acc,none"])

@@ -1,0 +1,462 @@
+"""Evaluation: DPO preference metrics, MT-Bench and AlpacaEval answer files (lm-eval: see lm_eval_adapter.py).
+
+    # The DPO metrics of a training run, recomputed exactly as its eval loop does (same split, same numbers):
+    python -m zephyr_jax.evaluate prefs --workdir=DPO_WORKDIR [--step=N] [--out=prefs.json]
+    # Any policy against any reference (HF dirs / hub names or zephyr_jax workdirs):
+    python -m zephyr_jax.evaluate prefs --model=POLICY --reference=REFERENCE
+        [--data=HuggingFaceH4/ultrafeedback_binarized] [--split=test_prefs] [--beta=0.1] [--loss_type=sigmoid]
+        [--max_length=1024] [--max_prompt_length=512]
+    # FastChat's MT-Bench: question.jsonl -> model_answer/<model_id>.jsonl (then FastChat's gen_judgment):
+    python -m zephyr_jax.evaluate mt_bench --model=M --question_file=question.jsonl
+        --answer_file=model_answer/ID.jsonl --model_id=ID
+    # AlpacaEval: instruction set -> outputs.json (then `alpaca_eval --model_outputs outputs.json`):
+    python -m zephyr_jax.evaluate alpaca_eval --model=M --instructions=alpaca_eval.json --out=outputs.json
+        --generator=ID
+
+The preference metrics carry TRL's names (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+logps/chosen, logps/rejected, loss); rewards/accuracies is the preference accuracy. With --workdir they come from
+the training code itself (train.eval_batches, train_steps.make_eval_fn / run_eval_batches / dpo_eval_metrics, the
+workdir's cached reference log-probs), so they equal the run's eval records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import uuid
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from zephyr_jax import train
+from zephyr_jax import train_steps as steps
+from zephyr_jax.data import default_buckets, preference_batch
+from zephyr_jax.data.pipeline import load_examples
+from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED
+from zephyr_jax.losses import LOSS_TYPES
+from zephyr_jax.sharding import make_mesh, use_mesh
+from zephyr_jax.tokenizer import load_tokenizer, render_chat
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and tokenizers from HF directories or zephyr_jax workdirs.
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "model_config.json"))
+
+
+def tokenizer_for(path: str | None, tokenizer: str | None = None):
+    """The tokenizer that goes with a model: `tokenizer` if given, else the HF directory's own, else the one in a
+    workdir's training config, else Mistral-7B-v0.1 (offline)."""
+    if tokenizer is None and path and isinstance(path, str):
+        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            tokenizer = path
+        elif os.path.exists(os.path.join(path, "config.json")) and is_workdir(path):
+            with open(os.path.join(path, "config.json")) as f:
+                tokenizer = json.load(f).get("tokenizer")
+    return load_tokenizer(tokenizer)
+
+
+def load_model_and_tokenizer(path: str, dtype="float32", tokenizer: str | None = None):
+    """(model, tokenizer) from a HF directory / hub name or a zephyr_jax workdir (latest checkpoint)."""
+    from zephyr_jax.chat import load_any
+
+    return load_any(path, jnp.dtype(dtype)), tokenizer_for(path, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preference metrics.
+
+
+def train_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved training config a run saved in workdir/config.json (JSON lists back to tuples)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: {workdir} is not a zephyr_jax training workdir")
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+
+    with open(path) as f:
+        return ml_collections.ConfigDict(tuples(json.load(f)))
+
+
+def _buckets(data_cfg) -> tuple:
+    # As train.run: the config's buckets, else powers of two from min(128, max_length) up to max_length.
+    return tuple(data_cfg.buckets) or default_buckets(data_cfg.max_length, min(128, data_cfg.max_length))
+
+
+def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, split: str | None = None,
+                       max_examples: int | None = None, log=print) -> dict:
+    """DPO metrics of a dDPO workdir's checkpoint (latest when step == -1) on its config's eval split (or `data` /
+    `split` / `max_examples` instead), computed by the training loop's own eval path: the same examples, batches,
+    mesh, jitted eval function, reference log-probs (the workdir's cache, else the config's initial model) and
+    metric function. On the run's eval split and final step the result equals its last eval record."""
+    cfg = train_config(workdir)
+    if cfg.stage != "dpo":
+        raise ValueError(f"{workdir} is a {cfg.stage!r} run: preference metrics need a dDPO workdir")
+    with cfg.unlocked():
+        if data is not None:
+            cfg.data.eval = data
+        if split is not None:
+            cfg.data.eval_split = split
+        if max_examples is not None:
+            cfg.data.max_eval_examples = max_examples
+    devices = jax.devices() if cfg.mesh.num_devices == -1 else jax.devices()[:cfg.mesh.num_devices]
+    mesh = make_mesh(cfg.mesh.shape, devices)
+    train.check_batch_fits_mesh(cfg, mesh)
+    rules = cfg.mesh.rules
+    sharding = train.batch_sharding(mesh, rules)
+    buckets = _buckets(cfg.data)
+    tok = load_tokenizer(cfg.tokenizer)
+    examples, _ = load_examples(cfg.data, "dpo", tok, "eval", log=log)
+
+    # The policy: the workdir's checkpoint, built and placed as train.run builds an orbax-initialised model.
+    policy_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    policy_cfg.model.init, policy_cfg.model.path, policy_cfg.model.step = "orbax", os.path.abspath(workdir), step
+    mcfg = train.model_config(policy_cfg)
+    graphdef, params, _ = train.init_params(policy_cfg, mcfg, mesh)
+    checkpoint_step = _restored_step(workdir, step)
+    eval_fn = steps.make_eval_fn("dpo", graphdef)
+
+    with use_mesh(mesh, rules):
+        if cfg.dpo.reference_free:
+            reference = np.zeros((len(examples), 2), np.float32)
+        else:
+            # train.reference_logps reads the run's cache (keyed by model and data); only when it is missing
+            # (another split, a deleted cache) is the reference model -- the run's initial one -- loaded.
+            cache = os.path.join(workdir, "reference_logps", f"eval-{train.reference_key(cfg, examples)}.npy")
+            ref_params = None if os.path.exists(cache) else train.init_params(cfg, mcfg, mesh)[1]
+            reference = train.reference_logps(cfg, workdir, examples, eval_fn, ref_params, sharding, buckets, "eval")
+            del ref_params
+        batches = train.eval_batches(examples, cfg.train.eval_batch_size, preference_batch, buckets)
+        out = steps.run_eval_batches(eval_fn, params, batches, lambda b: train.place(b, sharding))
+    lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
+    metrics = steps.dpo_eval_metrics(out["logps"], reference, lengths, cfg.dpo)
+    return {**metrics, "num_pairs": len(examples), "step": checkpoint_step,
+            "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
+
+
+def _restored_step(workdir: str, step: int) -> int:
+    from zephyr_jax import checkpoint
+
+    mngr = checkpoint.manager(workdir, async_save=False)
+    steps_ = mngr.all_steps()
+    mngr.close()
+    return int(max(steps_)) if step == -1 else int(step)
+
+
+def pair_logps(model, examples, batch_size: int, buckets) -> np.ndarray:
+    """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples, on one device,
+    through the training code's eval batches and jitted eval function."""
+    graphdef, state = nnx.split(model)
+    eval_fn = steps.make_eval_fn("dpo", graphdef)
+    batches = train.eval_batches(examples, batch_size, preference_batch, buckets)
+    return steps.run_eval_batches(eval_fn, state, batches, jax.device_put)["logps"]
+
+
+def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: str | None = "test_prefs",
+          max_examples: int = -1, data_dir: str | None = None, on_bad_row: str = "skip", beta: float = 0.1,
+          loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False,
+          max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 16, dtype="float32",
+          tokenizer=None, log=print) -> dict:
+    """DPO metrics of policy `model` against `reference` on a preference split. Models: paths (HF dir / hub
+    name / zephyr_jax workdir) or Mistral modules; `tokenizer`: a tokenizer, a path, or None (the policy's).
+    Defaults: the paper's test_prefs split, beta 0.1, sigmoid loss, max_length 1024, max_prompt_length 512."""
+    from zephyr_jax.chat import load_any
+
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    if max_prompt_length >= max_length:
+        raise ValueError("max_prompt_length must be below max_length")
+    if reference is None and not reference_free:
+        raise ValueError("pass a reference model (or reference_free=True; or evaluate a dDPO workdir with "
+                         "--workdir, which takes the reference from its config)")
+    data_cfg = ml_collections.ConfigDict(dict(
+        eval=os.fspath(data), eval_split=split, max_eval_examples=max_examples, data_dir=data_dir,
+        on_bad_row=on_bad_row, max_length=max_length, max_prompt_length=max_prompt_length, buckets=()))
+    dpo_cfg = ml_collections.ConfigDict(dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                             reference_free=reference_free))
+    if tokenizer is None or isinstance(tokenizer, str):
+        tokenizer = tokenizer_for(model if isinstance(model, str) else None, tokenizer)
+    examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
+    buckets = _buckets(data_cfg)
+    load = lambda m: load_any(m, jnp.dtype(dtype)) if isinstance(m, str) else m
+
+    if reference_free:
+        ref_logps = np.zeros((len(examples), 2), np.float32)
+    else:  # the reference first, released before the policy is loaded: one model in memory at a time
+        ref_model = load(reference)
+        ref_logps = pair_logps(ref_model, examples, batch_size, buckets)
+        del ref_model
+    policy_logps = pair_logps(load(model), examples, batch_size, buckets)
+    lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
+    metrics = steps.dpo_eval_metrics(policy_logps, ref_logps, lengths, dpo_cfg)
+    return {**metrics, "num_pairs": len(examples), "data": f"{data}:{split}"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched chat generation (MT-Bench, AlpacaEval).
+
+
+def generate_chats(model, tok, conversations: list[list[dict]], *, batch_size: int = 8, max_new_tokens: int = 1024,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """The assistant's reply to each conversation (message lists), with zephyr_jax.generate.generate in batches
+    of exactly `batch_size` rows (sorted by prompt length; the last batch filled with repeats), so jit sees a few
+    shapes. Replies are stripped of surrounding whitespace, as FastChat does."""
+    from zephyr_jax.generate import generate
+
+    if not conversations:
+        return []
+    lengths = [len(tok(render_chat(tok, c, add_generation_prompt=True)).input_ids) for c in conversations]
+    order = sorted(range(len(conversations)), key=lambda i: -lengths[i])
+    replies = [None] * len(conversations)
+    for n, start in enumerate(range(0, len(order), batch_size)):
+        rows = order[start:start + batch_size]
+        prompts = [conversations[i] for i in rows]
+        prompts += [prompts[-1]] * (batch_size - len(prompts))
+        out = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed + n)
+        for i, text in zip(rows, out):
+            replies[i] = text.strip()
+    return replies
+
+
+# FastChat's MT-Bench sampling temperatures per question category (fastchat/llm_judge/common.py); other
+# categories get 0.7, as FastChat's gen_model_answer does.
+MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+MT_BENCH_DEFAULT_TEMPERATURE = 0.7
+
+
+def _read_jsonl(path: str) -> list:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
+    return rows
+
+
+def read_questions(path: str) -> list[dict]:
+    """FastChat's question.jsonl: one {"question_id", "category", "turns": [str, ...]} per line."""
+    questions = _read_jsonl(path)
+    seen = set()
+    for number, q in enumerate(questions, 1):
+        where = f"{path}: question {number}"
+        if not isinstance(q, dict) or "question_id" not in q:
+            raise ValueError(f"{where}: no question_id")
+        turns = q.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise ValueError(f"{where} (question_id {q['question_id']}): 'turns' must be a non-empty list of "
+                             "strings")
+        if q["question_id"] in seen:
+            raise ValueError(f"{where}: question_id {q['question_id']} appears twice")
+        seen.add(q["question_id"])
+    return questions
+
+
+def question_temperature(question: dict, override: float | None = None) -> float:
+    if override is not None:
+        return float(override)
+    return MT_BENCH_TEMPERATURES.get(question.get("category"), MT_BENCH_DEFAULT_TEMPERATURE)
+
+
+def mt_bench_answers(model, tok, questions: list[dict], model_id: str, *, max_new_tokens: int = 1024,
+                     temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, batch_size: int = 8,
+                     num_choices: int = 1, seed: int = 0, system: str = "") -> list[dict]:
+    """FastChat model_answer records, one per question in the questions' order. Each turn is answered with the
+    conversation so far (turn 2 sees turn 1's question and this model's answer); questions are batched per
+    sampling temperature (FastChat's per-category table unless `temperature` overrides it)."""
+    groups: dict[float, list[int]] = {}
+    for i, q in enumerate(questions):
+        groups.setdefault(question_temperature(q, temperature), []).append(i)
+    choices = [[None] * num_choices for _ in questions]
+    for temp, members in groups.items():
+        for c in range(num_choices):
+            history = {i: [{"role": "system", "content": system}] for i in members}
+            answers = {i: [] for i in members}
+            for turn in range(max(len(questions[i]["turns"]) for i in members)):
+                active = [i for i in members if turn < len(questions[i]["turns"])]
+                for i in active:
+                    history[i].append({"role": "user", "content": questions[i]["turns"][turn]})
+                replies = generate_chats(model, tok, [history[i] for i in active], batch_size=batch_size,
+                                         max_new_tokens=max_new_tokens, temperature=temp, top_k=top_k, top_p=top_p,
+                                         seed=seed + 1000 * c + 100 * turn)
+                for i, reply in zip(active, replies):
+                    history[i].append({"role": "assistant", "content": reply})
+                    answers[i].append(reply)
+            for i in members:
+                choices[i][c] = {"index": c, "turns": answers[i]}
+    return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+             "choices": choices[i], "tstamp": time.time()} for i, q in enumerate(questions)]
+
+
+def read_instructions(source: str, split: str = "eval") -> list[dict]:
+    """AlpacaEval's instruction set: a JSON list of {"instruction", "dataset", ...}, a jsonl file, or anything
+    zephyr_jax.data.sources.load_rows reads (a hub dataset name with `split`, a saved dataset directory)."""
+    if source.endswith(".jsonl"):
+        rows = _read_jsonl(source)
+    elif source.endswith(".json"):
+        with open(source, encoding="utf-8") as f:
+            rows = json.load(f)
+    else:
+        from zephyr_jax.data.sources import load_rows
+
+        rows = [dict(r) for r in load_rows(source, split)]
+    if not isinstance(rows, list):
+        raise ValueError(f"{source}: expected a list of {{'instruction': ...}} objects")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise ValueError(f"{source}: item {number} has no 'instruction' string")
+    return rows
+
+
+def alpaca_eval_outputs(model, tok, instructions: list[dict], generator: str, *, max_new_tokens: int = 2048,
+                        temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, batch_size: int = 8,
+                        seed: int = 0, system: str = "") -> list[dict]:
+    """AlpacaEval model outputs: [{"instruction", "output", "generator", "dataset" (when the input has it)}]."""
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": r["instruction"]}]
+             for r in instructions]
+    outputs = generate_chats(model, tok, chats, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    records = []
+    for row, output in zip(instructions, outputs):
+        record = {"instruction": row["instruction"], "output": output, "generator": generator}
+        if "dataset" in row:
+            record["dataset"] = row["dataset"]
+        records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _write_json(path: str, obj) -> None:
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
+    p.add_argument("--model", required=True, help="HF directory / hub name, or a zephyr_jax workdir")
+    p.add_argument("--tokenizer", default=None, help="default: the model's own, else Mistral-7B-v0.1")
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--max_new_tokens", type=int, default=sampling_defaults["max_new_tokens"])
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=sampling_defaults["top_p"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", default="", help="system message (Zephyr: empty)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m zephyr_jax.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prefs", help="DPO metrics / preference accuracy of a policy against a reference")
+    p.add_argument("--workdir", default=None, help="a dDPO workdir: policy = its latest checkpoint; reference, "
+                   "beta, loss, lengths and eval split from its config")
+    p.add_argument("--step", type=int, default=-1, help="--workdir: the checkpoint step (-1: latest)")
+    p.add_argument("--model", default=None, help="the policy: HF directory / hub name or zephyr_jax workdir")
+    p.add_argument("--reference", default=None, help="the reference model (as --model)")
+    p.add_argument("--reference_free", action="store_true", help="no reference model (log-ratios against 0)")
+    p.add_argument("--data", default=None, help=f"preference data (default {ULTRAFEEDBACK_BINARIZED}; --workdir: "
+                   "its eval data); hub name, dataset dir or jsonl/json/parquet files")
+    p.add_argument("--split", default=None, help="split (default test_prefs; --workdir: its eval split)")
+    p.add_argument("--data_dir", default=None, help="TFDS data dir (tfds: sources)")
+    p.add_argument("--max_examples", type=int, default=None, help="evaluate the first N pairs (default: all)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--loss_type", default="sigmoid", choices=LOSS_TYPES)
+    p.add_argument("--label_smoothing", type=float, default=0.0)
+    p.add_argument("--max_length", type=int, default=1024)
+    p.add_argument("--max_prompt_length", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--tokenizer", default=None, help="default: the policy's own, else Mistral-7B-v0.1")
+    p.add_argument("--out", default=None, help="write the metrics here as JSON")
+
+    p = sub.add_parser("mt_bench", help="FastChat MT-Bench answers (model_answer jsonl)")
+    _model_args(p, {"max_new_tokens": 1024, "top_p": 1.0})
+    p.add_argument("--question_file", required=True, help="FastChat data/mt_bench/question.jsonl")
+    p.add_argument("--answer_file", default=None, help="default: model_answer/<model_id>.jsonl")
+    p.add_argument("--model_id", required=True, help="the name FastChat's judge and tables show")
+    p.add_argument("--temperature", type=float, default=None, help="one temperature for every question "
+                   "(default: FastChat's per category: writing/roleplay 0.7, extraction/math/coding/reasoning 0, "
+                   "stem/humanities 0.1)")
+    p.add_argument("--num_choices", type=int, default=1)
+
+    p = sub.add_parser("alpaca_eval", help="AlpacaEval model outputs (JSON list)")
+    _model_args(p, {"max_new_tokens": 2048, "top_p": 1.0})
+    p.add_argument("--instructions", required=True, help="AlpacaEval eval set: JSON list / jsonl of "
+                   "{instruction, dataset, ...}, or a hub dataset / dataset dir")
+    p.add_argument("--split", default="eval", help="split of a hub dataset / dataset dir")
+    p.add_argument("--out", required=True, help="outputs JSON for alpaca_eval --model_outputs")
+    p.add_argument("--generator", required=True, help="the model's name in AlpacaEval's leaderboard")
+    p.add_argument("--temperature", type=float, default=0.7, help="default 0.7, top_p 1.0, 2048 new tokens: "
+                   "AlpacaEval's zephyr-7b-beta generation config")
+    args = parser.parse_args(argv)
+
+    if args.command == "prefs":
+        if args.workdir:
+            if args.model or args.reference:
+                parser.error("prefs: pass either --workdir or --model/--reference, not both")
+            metrics = prefs_from_workdir(args.workdir, args.step, args.data, args.split, args.max_examples)
+        else:
+            if not args.model:
+                parser.error("prefs: pass --workdir=DPO_WORKDIR, or --model and --reference")
+            if not args.reference and not args.reference_free:
+                parser.error("prefs: --model needs --reference (or --reference_free)")
+            metrics = prefs(args.model, args.reference, data=args.data or ULTRAFEEDBACK_BINARIZED,
+                            split=args.split or "test_prefs",
+                            max_examples=-1 if args.max_examples is None else args.max_examples,
+                            data_dir=args.data_dir, beta=args.beta, loss_type=args.loss_type,
+                            label_smoothing=args.label_smoothing, reference_free=args.reference_free,
+                            max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                            batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer)
+        metrics = {**metrics, "policy": args.workdir or args.model,
+                   "reference": "config" if args.workdir else (args.reference or "none")}
+        if args.out:
+            _write_json(args.out, metrics)
+        print(json.dumps(metrics, indent=2))
+        return metrics
+
+    model, tok = load_model_and_tokenizer(args.model, args.dtype, args.tokenizer)
+    sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    batch_size=args.batch_size, system=args.system)
+    if args.command == "mt_bench":
+        questions = read_questions(args.question_file)
+        records = mt_bench_answers(model, tok, questions, args.model_id, temperature=args.temperature,
+                                   num_choices=args.num_choices, **sampling)
+        path = args.answer_file or os.path.join("model_answer", f"{args.model_id}.jsonl")
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        print(f"wrote {len(records)} answers to {path}")
+        return records
+    rows = read_instructions(args.instructions, args.split)
+    records = alpaca_eval_outputs(model, tok, rows, args.generator, temperature=args.temperature, **sampling)
+    _write_json(args.out, records)
+    print(f"wrote {len(records)} outputs to {args.out}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""lm-evaluation-harness model "zephyr_jax": the Open LLM Leaderboard tasks (ARC, HellaSwag, MMLU, TruthfulQA, ...)
+on a zephyr_jax workdir or a Hugging Face Mistral directory, with the JAX model.
+
+Command line (this module registers the model, then runs lm_eval's own CLI with the same arguments; lm_eval has
+no plugin hook for models, so `lm_eval --model zephyr_jax` alone does not find it):
+
+    python -m zephyr_jax.lm_eval_adapter --model zephyr_jax \\
+        --model_args pretrained=HF_DIR_OR_WORKDIR,dtype=bfloat16,batch_size=16 \\
+        --tasks arc_challenge,hellaswag [--include_path MY_TASKS_DIR] [--num_fewshot 25] [--output_path out/]
+
+Python:
+
+    import lm_eval, zephyr_jax.lm_eval_adapter          # the import registers "zephyr_jax"
+    lm_eval.simple_evaluate(model="zephyr_jax", model_args="pretrained=DIR", tasks=["arc_easy"])
+
+model_args: pretrained (HF dir / hub name / workdir, or a Mistral module from Python), tokenizer (default: the
+model's own, else Mistral-7B-v0.1), dtype (float32), batch_size (8), max_length (default: the smaller of the
+model's max_position_embeddings and 4096, Mistral v0.1's sliding window), max_gen_toks (256), add_bos_token
+(True: every sequence starts with `<s>`, the format the model was trained on), seed (0).
+
+Scoring runs one jitted forward per batch of `batch_size` rows padded to a power-of-two length, so a task
+compiles a handful of shapes; generation uses zephyr_jax.generate (KV cache, jax.lax.while_loop).
+Single process: run one evaluation per host (the model may still use every local device through jit).
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m zephyr_jax.lm_eval_adapter`: register under the importable module name
+    from zephyr_jax.lm_eval_adapter import main
+
+    main()
+    raise SystemExit(0)
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import lm_eval.models  # noqa: F401  (lm_eval's own model names, so registering ours first does not hide them)
+import numpy as np
+from flax import nnx
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm.auto import tqdm
+
+from zephyr_jax import losses
+from zephyr_jax.data.batches import bucket, default_buckets
+from zephyr_jax.generate import bucket_length, generate_ids
+from zephyr_jax.tokenizer import with_system_message
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _score(graphdef, state, inputs, targets, mask, scored):
+    """Per row: sum of log p(targets) over `scored` positions, and whether each of them is the argmax."""
+    logits = nnx.merge(graphdef, state)(inputs, attention_mask=mask)
+    logps = losses.token_logps(logits, targets)
+    greedy = jnp.argmax(logits, axis=-1) == targets
+    return jnp.sum(jnp.where(scored, logps, 0.0), axis=-1), jnp.all(greedy | ~scored, axis=-1)
+
+
+def _flag(x) -> bool:
+    return x if isinstance(x, bool) else str(x).lower() in ("1", "true", "yes")
+
+
+@register_model("zephyr_jax")
+class ZephyrJaxLM(LM):
+    def __init__(self, pretrained, tokenizer=None, dtype="float32", batch_size=8, max_length=None,
+                 max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None, **unused):
+        super().__init__()
+        from zephyr_jax.evaluate import load_model_and_tokenizer, tokenizer_for
+
+        if isinstance(pretrained, str):
+            self.model, self.tokenizer = load_model_and_tokenizer(pretrained, dtype, tokenizer)
+        else:  # a Mistral module built in Python
+            self.model = pretrained
+            self.tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) \
+                else tokenizer_for(None, tokenizer)
+        self.pretrained = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
+        if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
+            batch_size = 8
+        self.batch_size = int(batch_size)
+        cfg = self.model.config
+        self.max_length = int(max_length) if max_length else min(int(cfg.max_position_embeddings), 4096)
+        self.max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = _flag(add_bos_token)
+        self.seed = int(seed)
+        self.graphdef, self.state = nnx.split(self.model)
+        self.buckets = default_buckets(self.max_length, min(16, self.max_length))
+        self.bos, self.eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """lm_eval passes --batch_size / --device beside model_args; a model_args value wins over them."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    # --- tokenization -----------------------------------------------------------------------------------
+
+    def tok_encode(self, text: str, bos: bool | None = None) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return ([self.bos] if (self.add_bos_token if bos is None else bos) else []) + ids
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids): the two texts encoded together and split at the context's length,
+        so the continuation's tokens are those the model sees in the joint text. Spaces at the end of the
+        context move to the continuation (lm-eval's convention). An empty context becomes `<s>`."""
+        stripped = context.rstrip()
+        if len(stripped) < len(context):
+            continuation, context = context[len(stripped):] + continuation, stripped
+        if not context:
+            return [self.bos], self.tok_encode(continuation, bos=False)
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        cont = whole[len(ctx):]
+        if not cont or whole[:len(ctx)] != ctx:  # the joint encoding merged across the boundary
+            cont = self.tok_encode(continuation, bos=False)
+        return ctx, cont
+
+    # --- scoring ----------------------------------------------------------------------------------------
+
+    def _score_rows(self, rows: list[tuple[list[int], int]], desc: str = "") -> list[tuple[float, bool]]:
+        """rows: (token ids, n): the log-prob of the last n tokens given everything before them, and whether
+        greedy decoding produces them. Inputs keep their last max_length tokens (left truncation)."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results = [None] * len(rows)
+        bs = self.batch_size
+        for start in tqdm(range(0, len(order), bs), desc=desc, disable=len(order) <= bs, mininterval=5):
+            chunk = order[start:start + bs]
+            prepared = []
+            for i in chunk:
+                tokens, n = rows[i]
+                inputs, targets = tokens[:-1][-self.max_length:], tokens[1:][-self.max_length:]
+                prepared.append((inputs, targets, min(n, len(targets))))
+            length = bucket(max(len(p[0]) for p in prepared), self.buckets)
+            arrays = [np.zeros((bs, length), np.int32) for _ in range(4)]
+            for row, (inputs, targets, n) in enumerate(prepared):
+                arrays[0][row, :len(inputs)] = inputs
+                arrays[1][row, :len(targets)] = targets
+                arrays[2][row, :len(inputs)] = 1
+                arrays[3][row, len(targets) - n:len(targets)] = 1
+            logp, greedy = _score(self.graphdef, self.state, *(jnp.asarray(a) for a in arrays[:3]),
+                                  jnp.asarray(arrays[3], bool))
+            logp, greedy = np.asarray(logp), np.asarray(greedy)
+            for row, i in enumerate(chunk):
+                results[i] = (float(logp[row]), bool(greedy[row]))
+        return results
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        rows = []
+        for request in requests:
+            ctx, cont = self._encode_pair(*request.args)
+            rows.append((ctx + cont, len(cont)))
+        results = self._score_rows(rows, "loglikelihood")
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        """Each text's log-likelihood after `<s>`, in windows of max_length tokens that predict each token once."""
+        rows, owner = [], []
+        for k, request in enumerate(requests):
+            tokens = self.tok_encode(request.args[0], bos=False)
+            for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(
+                    tokens, prefix_token=self.bos, max_seq_len=self.max_length, context_len=1)):
+                rows.append((ctx + pred, len(pred)))
+                owner.append(k)
+        totals = [0.0] * len(requests)
+        for k, (logp, _) in zip(owner, self._score_rows(rows, "loglikelihood_rolling")):
+            totals[k] += logp
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # --- generation -------------------------------------------------------------------------------------
+
+    def _sampling(self, gen_kwargs: dict) -> tuple:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        eos_text = self.tokenizer.decode([self.eos])
+        if eos_text not in until:
+            until.append(eos_text)
+        max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        do_sample = _flag(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 1.0 if do_sample else 0.0))
+        if not do_sample:
+            temperature = 0.0
+        top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
+        return tuple(until), max_gen, temperature, top_k, top_p
+
+    def generate_until(self, requests) -> list[str]:
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(self._sampling(request.args[1]), []).append(i)
+        results = [None] * len(requests)
+        bs, calls = self.batch_size, 0
+        for (until, max_gen, temperature, top_k, top_p), members in groups.items():
+            keep = max(self.max_length - max_gen, 1)
+            prompts = {i: self.tok_encode(requests[i].args[0])[-keep:] for i in members}
+            order = sorted(members, key=lambda i: -len(prompts[i]))
+            for start in tqdm(range(0, len(order), bs), desc="generate_until", disable=len(order) <= bs,
+                              mininterval=5):
+                chunk = order[start:start + bs]
+                length = bucket_length(max(len(prompts[i]) for i in chunk))
+                ids, mask = np.zeros((bs, length), np.int32), np.zeros((bs, length), np.int32)
+                for row in range(bs):  # left padding; the last batch is filled with its last prompt
+                    p = prompts[chunk[min(row, len(chunk) - 1)]]
+                    ids[row, length - len(p):], mask[row, length - len(p):] = p, 1
+                out = generate_ids(self.model, ids, mask, max_new_tokens=max_gen, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=self.seed + calls, eos_id=self.eos)
+                calls += 1
+                for row, i in enumerate(chunk):
+                    tokens = list(out[row])
+                    if self.eos in tokens:
+                        tokens = tokens[:tokens.index(self.eos)]
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text[:text.index(stop)]
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results
+
+    # --- chat templates (lm_eval --apply_chat_template) ---------------------------------------------------
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(with_system_message(chat_history), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "mistral-7b-v0.1")).replace("/", "__")
+
+    def chat_template(self, chat_template=False) -> str | None:
+        return self.tokenizer.chat_template
+
+    def get_model_info(self) -> dict:
+        return {"model_name": self.pretrained, "max_length": self.max_length, "add_bos_token": self.add_bos_token}
+
+
+def main(argv=None) -> None:
+    """lm_eval's command line, with "zephyr_jax" registered (argv: the arguments after the program name)."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
