@@ -103,8 +103,10 @@ class ZephyrJaxLM(LM):
     # --- tokenization -----------------------------------------------------------------------------------
 
     def tok_encode(self, text: str, bos: bool | None = None) -> list[int]:
+        """Token ids of `text`, after one `<s>` (unless bos=False, add_bos_token=False, or the text has its own)."""
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        return ([self.bos] if (self.add_bos_token if bos is None else bos) else []) + ids
+        bos = self.add_bos_token if bos is None else bos
+        return ([self.bos] if bos and ids[:1] != [self.bos] else []) + ids
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids): the two texts encoded together and split at the context's length,
