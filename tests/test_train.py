@@ -19,7 +19,7 @@ from flax import nnx
 
 from zephyr_jax import train, train_steps
 from zephyr_jax.data import pad_sft, preference_batch, preference_example, sft_example
-from zephyr_jax.export import export, load_model
+from zephyr_jax.export import load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
 

@@ -35,11 +35,11 @@ from flax import nnx
 
 from zephyr_jax import train
 from zephyr_jax import train_steps as steps
-from zephyr_jax.data import default_buckets, preference_batch
+from zephyr_jax.data import preference_batch
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED
 from zephyr_jax.losses import LOSS_TYPES
-from zephyr_jax.sharding import make_mesh, use_mesh
+from zephyr_jax.sharding import use_mesh
 from zephyr_jax.tokenizer import load_tokenizer, render_chat
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,11 +90,6 @@ def train_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(tuples(json.load(f)))
 
 
-def _buckets(data_cfg) -> tuple:
-    # As train.run: the config's buckets, else powers of two from min(128, max_length) up to max_length.
-    return tuple(data_cfg.buckets) or default_buckets(data_cfg.max_length, min(128, data_cfg.max_length))
-
-
 def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, split: str | None = None,
                        max_examples: int | None = None, log=print) -> dict:
     """DPO metrics of a dDPO workdir's checkpoint (latest when step == -1) on its config's eval split (or `data` /
@@ -111,12 +106,9 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             cfg.data.eval_split = split
         if max_examples is not None:
             cfg.data.max_eval_examples = max_examples
-    devices = jax.devices() if cfg.mesh.num_devices == -1 else jax.devices()[:cfg.mesh.num_devices]
-    mesh = make_mesh(cfg.mesh.shape, devices)
-    train.check_batch_fits_mesh(cfg, mesh)
-    rules = cfg.mesh.rules
+    mesh, rules = train.mesh_for(cfg), cfg.mesh.rules
     sharding = train.batch_sharding(mesh, rules)
-    buckets = _buckets(cfg.data)
+    buckets = train.buckets_for(cfg.data)
     tok = load_tokenizer(cfg.tokenizer)
     examples, _ = load_examples(cfg.data, "dpo", tok, "eval", log=log)
 
@@ -132,16 +124,12 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
         if cfg.dpo.reference_free:
             reference = np.zeros((len(examples), 2), np.float32)
         else:
-            # train.reference_logps reads the run's cache (keyed by model and data); only when it is missing
-            # (another split, a deleted cache) is the reference model -- the run's initial one -- loaded.
-            cache = os.path.join(workdir, "reference_logps", f"eval-{train.reference_key(cfg, examples)}.npy")
-            ref_params = None if os.path.exists(cache) else train.init_params(cfg, mcfg, mesh)[1]
-            reference = train.reference_logps(cfg, workdir, examples, eval_fn, ref_params, sharding, buckets, "eval")
-            del ref_params
-        batches = train.eval_batches(examples, cfg.train.eval_batch_size, preference_batch, buckets)
-        out = steps.run_eval_batches(eval_fn, params, batches, lambda b: train.place(b, sharding))
-    lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
-    metrics = steps.dpo_eval_metrics(out["logps"], reference, lengths, cfg.dpo)
+            # The run's cache (keyed by model and data); only when it is missing (another split, a deleted
+            # cache) is the reference model -- the run's initial one -- loaded.
+            reference = train.reference_logps(cfg, workdir, examples, eval_fn,
+                                              lambda: train.init_params(cfg, mcfg, mesh)[1], sharding, buckets,
+                                              "eval")
+        metrics = train.eval_metrics(cfg, eval_fn, params, examples, reference, sharding, buckets)
     return {**metrics, "num_pairs": len(examples), "step": checkpoint_step,
             "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
 
@@ -189,7 +177,7 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     if tokenizer is None or isinstance(tokenizer, str):
         tokenizer = tokenizer_for(model if isinstance(model, str) else None, tokenizer)
     examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
-    buckets = _buckets(data_cfg)
+    buckets = train.buckets_for(data_cfg)
     load = lambda m: load_any(m, jnp.dtype(dtype)) if isinstance(m, str) else m
 
     if reference_free:

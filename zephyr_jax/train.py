@@ -74,6 +74,19 @@ def check_batch_fits_mesh(cfg, mesh) -> None:
             raise ValueError(f"{name}={size} does not divide over the mesh's data x fsdp = {shards} batch shards")
 
 
+def mesh_for(cfg):
+    """The config's mesh over its devices, checked against the batch sizes."""
+    devices = jax.devices() if cfg.mesh.num_devices == -1 else jax.devices()[:cfg.mesh.num_devices]
+    mesh = make_mesh(cfg.mesh.shape, devices)
+    check_batch_fits_mesh(cfg, mesh)
+    return mesh
+
+
+def buckets_for(data_cfg) -> tuple:
+    """The config's padded lengths, else powers of two from min(128, max_length) up to max_length."""
+    return tuple(data_cfg.buckets) or default_buckets(data_cfg.max_length, min(128, data_cfg.max_length))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Model initialisation, straight onto the mesh.
 
@@ -162,11 +175,17 @@ def reference_key(cfg, examples) -> str:
     return h.hexdigest()[:16]
 
 
+def reference_cache_path(cfg, workdir, examples, name: str) -> str:
+    return os.path.join(workdir, "reference_logps", f"{name}-{reference_key(cfg, examples)}.npy")
+
+
 def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, buckets, name: str) -> np.ndarray:
-    """[N, 2] reference log-probs of `examples` under `params` (the initial model), cached by model and data."""
-    path = os.path.join(workdir, "reference_logps", f"{name}-{reference_key(cfg, examples)}.npy")
+    """[N, 2] reference log-probs of `examples` under `params` (the initial model), cached by model and data.
+    `params` may be a function returning them, called only when the cache misses."""
+    path = reference_cache_path(cfg, workdir, examples, name)
     if os.path.exists(path):
         return np.load(path)
+    params = params() if callable(params) else params
     batches = eval_batches(examples, cfg.train.eval_batch_size, preference_batch, buckets)
     logps = steps.run_eval_batches(eval_fn, params, tqdm(batches, desc=f"reference log-probs ({name})",
                                                          disable=not cfg.train.progress,
@@ -178,6 +197,18 @@ def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, buckets, 
     return logps
 
 
+def eval_metrics(cfg, eval_fn, params, examples, reference, sharding, buckets) -> dict:
+    """Metrics over a whole held-out split: SFT loss and token accuracy, or the DPO metrics against `reference`
+    log-probs [N, 2]. Call inside `use_mesh`."""
+    dpo = cfg.stage == "dpo"
+    batches = eval_batches(examples, cfg.train.eval_batch_size, preference_batch if dpo else pad_sft, buckets)
+    out = steps.run_eval_batches(eval_fn, params, batches, lambda b: place(b, sharding))
+    if not dpo:
+        return steps.sft_eval_metrics(out)
+    lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
+    return steps.dpo_eval_metrics(out["logps"], reference, lengths, cfg.dpo)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The run.
 
@@ -185,9 +216,7 @@ def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, buckets, 
 def run(cfg, workdir: str) -> dict:
     """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics."""
     check_config(cfg)
-    devices = jax.devices() if cfg.mesh.num_devices == -1 else jax.devices()[:cfg.mesh.num_devices]
-    mesh = make_mesh(cfg.mesh.shape, devices)
-    check_batch_fits_mesh(cfg, mesh)
+    mesh = mesh_for(cfg)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         print(cfg)
@@ -195,7 +224,7 @@ def run(cfg, workdir: str) -> dict:
             f.write(cfg.to_json_best_effort(indent=2))
     rules, dpo = cfg.mesh.rules, cfg.stage == "dpo"
     sharding = batch_sharding(mesh, rules)
-    buckets = tuple(cfg.data.buckets) or default_buckets(cfg.data.max_length, min(128, cfg.data.max_length))
+    buckets = buckets_for(cfg.data)
 
     # Data.
     tok = load_tokenizer(cfg.tokenizer)
@@ -261,14 +290,7 @@ def run(cfg, workdir: str) -> dict:
 
     def evaluate(step):
         with use_mesh(mesh, rules):
-            batches = eval_batches(eval_examples, cfg.train.eval_batch_size,
-                                   preference_batch if dpo else pad_sft, buckets)
-            out = steps.run_eval_batches(eval_fn, state.params, batches, lambda b: place(b, sharding))
-        if dpo:
-            lengths = np.array([[len(e.chosen), len(e.rejected)] for e in eval_examples])
-            metrics = steps.dpo_eval_metrics(out["logps"], eval_reference, lengths, cfg.dpo)
-        else:
-            metrics = steps.sft_eval_metrics(out)
+            metrics = eval_metrics(cfg, eval_fn, state.params, eval_examples, eval_reference, sharding, buckets)
         writer.write(step, metrics, "eval")
         return metrics
 

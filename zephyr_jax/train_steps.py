@@ -84,6 +84,10 @@ def split_micro(batch, n: int):
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
 
 
+# optax renamed tree_l2_norm to tree_norm in 0.2.5; take whichever this install has.
+_tree_norm = getattr(optax.tree_utils, "tree_norm", None) or optax.tree_utils.tree_l2_norm
+
+
 def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg=None):
     """train_step(state, batch, reference) -> (state, metrics). reference: DPO only, either frozen reference
     parameters (an nnx.State) or None when the batch carries precomputed "reference_logps" [B, 2]."""
@@ -117,7 +121,7 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
         metrics = jax.tree.map(jnp.sum, metrics)
         if stage == "sft":
             metrics["token_accuracy"] = metrics.pop("correct") / jnp.maximum(metrics["num_tokens"], 1)
-        metrics["grad_norm"] = optax.tree_utils.tree_l2_norm(grads)
+        metrics["grad_norm"] = _tree_norm(grads)
         metrics["lr"] = schedule(state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
