@@ -33,6 +33,7 @@ setup(
         # unpinned torch pulls several GB of CUDA wheels.
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5", "importlib_resources"],  # no TensorFlow needed
+        "eval": ["lm_eval>=0.4.13"],  # python -m zephyr_jax.lm_eval_adapter
         "gpu": ["jax[cuda12]>=0.4.35"],
         "tpu": ["jax[tpu]>=0.4.35"],
     },
