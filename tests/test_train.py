@@ -1,7 +1,6 @@
 """The training loop: CLI, meshes, gradient accumulation, multi-process, resume, preemption, DPO reference
 modes, NaN and config errors. Tiny configs (configs/*.py:tiny) on small local data in the real schemas."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ import transformers
 from flax import nnx
 
 from zephyr_jax import train, train_steps
+from zephyr_jax.config_common import load_config
 from zephyr_jax.data import pad_sft, preference_batch, preference_example, sft_example
 from zephyr_jax.export import load_model
 from zephyr_jax.model import Mistral, MistralConfig
@@ -60,21 +60,10 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(stage, data_dir, **overrides):
-    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", os.path.join(ROOT, "configs", f"{stage}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
     folder = "sft" if stage == "sft" else "prefs"
-    cfg.data.train = cfg.data.eval = str(data_dir / folder)
-    cfg.train.progress = False
-    cfg.logging.tensorboard = False
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return load_config(os.path.join(ROOT, "configs", f"{stage}.py:tiny"), **{
+        "data.train": str(data_dir / folder), "data.eval": str(data_dir / folder), "train.progress": False,
+        "logging.tensorboard": False, **overrides})
 
 
 def train_losses(workdir):
@@ -293,8 +282,7 @@ def test_precomputed_reference_equals_frozen_copy(data_dir, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     workdir = str(tmp_path / "w")
     cfg = tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 0})
-    cfg_3 = tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 0})
-    train.run(cfg_3, workdir)  # steps 1-6, checkpoints 3 and 6
+    train.run(cfg, workdir)  # steps 1-6, checkpoints 3 and 6
     good_step, good_params = _params(workdir)
 
     real = train_steps.losses.sft_loss

@@ -60,3 +60,28 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.logging.tensorboard = True
     c.logging.wandb_project = ml_collections.config_dict.placeholder(str)  # set to log to W&B (if installed)
     return c
+
+
+def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
+    """The config of "configs/dpo.py:demo" (as --config takes it), with dotted-key overrides applied:
+    load_config("configs/dpo.py:demo", **{"dpo.beta": 0.05}). Unknown keys raise, as on the command line."""
+    import importlib.util
+    import os
+
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found (paths are relative to the repository root)")
+    module_spec = importlib.util.spec_from_file_location(f"zephyr_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg or None)
+    cfg.lock()
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"config {spec} has no key {key!r}")
+        node[leaf] = value
+    return cfg
