@@ -11,3 +11,53 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny Mistral (real 32000-token vocabulary) saved as a HF directory with the Zephyr tokenizer."""
+    from flax import nnx
+
+    from zephyr_jax import hf
+    from zephyr_jax.model import Mistral, MistralConfig
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    cfg = MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    path = str(tmp_path_factory.mktemp("tiny_model"))
+    hf.save_pretrained(Mistral(cfg, rngs=nnx.Rngs(0)), path, tokenizer=load_tokenizer())
+    return path
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """UltraChat-schema (sft/) and ultrafeedback_binarized-schema (prefs/) jsonl splits of a toy task."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 16)):
+        sft, prefs = [], []
+        for i in range(n):
+            digits = rng.integers(0, 10, size=4)
+            question = f"Which is the largest: {' '.join(map(str, digits))}?"
+            wrong = str(digits.min()) if digits.min() != digits.max() else "none"
+            user = {"role": "user", "content": question}
+            good, bad = {"role": "assistant", "content": str(digits.max())}, {"role": "assistant", "content": wrong}
+            sft.append({"prompt": question, "prompt_id": str(i), "messages": [user, good]})
+            prefs.append({"prompt": question, "prompt_id": str(i), "chosen": [user, good], "rejected": [user, bad],
+                          "messages": [user, good], "score_chosen": 9.0, "score_rejected": 2.0})
+        _write_jsonl(root / "sft" / f"{split}_sft.jsonl", sft)
+        _write_jsonl(root / "prefs" / f"{split}_prefs.jsonl", prefs)
+    return root

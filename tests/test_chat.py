@@ -6,23 +6,16 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from zephyr_jax import hf
 from zephyr_jax.generate import generate_ids, stream_ids
-from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    cfg = MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-    path = str(tmp_path_factory.mktemp("chat_model"))
-    hf.save_pretrained(Mistral(cfg, rngs=nnx.Rngs(0)), path, tokenizer=load_tokenizer())
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_stream_equals_batched_greedy(model_dir):

@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
-from tests.test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
-from zephyr_jax import evaluate, hf, train
-from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.tokenizer import load_tokenizer
+from tests.test_train import tiny_config
+from zephyr_jax import evaluate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -25,16 +22,12 @@ DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    cfg = MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-    path = str(tmp_path_factory.mktemp("eval_model"))
-    hf.save_pretrained(Mistral(cfg, rngs=nnx.Rngs(0)), path, tokenizer=load_tokenizer())
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def dpo_workdir(data_dir, tmp_path_factory):  # noqa: F811
+def dpo_workdir(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("dpo_run"))
     cfg = tiny_config("dpo", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 0})
     train.run(cfg, workdir)

@@ -26,39 +26,6 @@ from zephyr_jax.tokenizer import load_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """UltraChat-schema and ultrafeedback_binarized-schema jsonl splits of a toy task (largest digit)."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-
-    def row(i):
-        digits = rng.integers(0, 10, size=4)
-        question = f"Which is the largest: {' '.join(map(str, digits))}?"
-        wrong = str(digits.min()) if digits.min() != digits.max() else "none"
-        user = {"role": "user", "content": question}
-        return question, user, {"role": "assistant", "content": str(digits.max())}, \
-            {"role": "assistant", "content": wrong}
-
-    for split, n in (("train", 64), ("test", 16)):
-        sft, prefs = [], []
-        for i in range(n):
-            q, user, good, bad = row(i)
-            sft.append({"prompt": q, "prompt_id": str(i), "messages": [user, good]})
-            prefs.append({"prompt": q, "prompt_id": str(i), "chosen": [user, good], "rejected": [user, bad],
-                          "messages": [user, good], "score_chosen": 9.0, "score_rejected": 2.0})
-        _write_jsonl(str(root / "sft" / f"{split}_sft.jsonl"), sft)
-        _write_jsonl(str(root / "prefs" / f"{split}_prefs.jsonl"), prefs)
-    return root
-
-
 def tiny_config(stage, data_dir, **overrides):
     folder = "sft" if stage == "sft" else "prefs"
     return load_config(os.path.join(ROOT, "configs", f"{stage}.py:tiny"), **{
