@@ -1,0 +1,123 @@
+"""The embedded demo's data (determinism, schemas, answers) and its task metric."""
+
+import filecmp
+import hashlib
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from zephyr_jax import demo
+from zephyr_jax.data import preference_example, sft_example
+from zephyr_jax.data.sources import load_rows
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.tokenizer import load_tokenizer
+
+SIZES = dict(n_sft=200, n_pref=100, n_test=40)
+FILES = ("train_sft", "test_sft", "train_prefs", "test_prefs", "test_prompts")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return demo.make_demo_data(tmp_path_factory.mktemp("demo"), seed=0, **SIZES)
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def question(prompt):
+    """(kind, digits) parsed back from a prompt, independently of demo's generator."""
+    words, _, digits = prompt.rstrip("?").partition(":") if ":" in prompt else prompt.rstrip("?").partition(" of ")
+    kind = "max" if any(w in words.lower() for w in ("biggest", "largest")) else "min"
+    assert kind == "max" or any(w in words.lower() for w in ("lowest", "smallest")), prompt
+    return kind, [int(d) for d in digits.split()]
+
+
+def test_same_seed_same_files_other_seed_other_files(data, tmp_path):
+    again = demo.make_demo_data(tmp_path / "again", seed=0, **SIZES)
+    other = demo.make_demo_data(tmp_path / "other", seed=1, **SIZES)
+    for name in FILES:
+        assert filecmp.cmp(data[name], again[name], shallow=False), name
+        assert not filecmp.cmp(data[name], other[name], shallow=False), name
+    assert [len(read(data[n])) for n in FILES] == [200, 40, 100, 40, 40]
+
+
+def test_layout_loads_with_load_rows(data):
+    assert len(load_rows(data["sft"], "train_sft")) == 200
+    assert len(load_rows(data["sft"], "test_sft")) == 40
+    assert len(load_rows(data["prefs"], "train_prefs")) == 100
+    assert len(load_rows(data["prefs"], "test_prefs")) == 40
+    assert data["sft"] == os.path.dirname(data["train_sft"])
+
+
+def test_sft_rows(data, tok):
+    rows = read(data["train_sft"]) + read(data["test_sft"])
+    correct = 0
+    for i, row in enumerate(rows):
+        assert set(row) == {"prompt", "prompt_id", "messages"}
+        assert row["prompt_id"] == hashlib.sha256(row["prompt"].encode()).hexdigest()
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        assert row["messages"][0]["content"] == row["prompt"]
+        kind, digits = question(row["prompt"])
+        reply = int(row["messages"][1]["content"])
+        assert reply in digits  # the weak teacher answers with a number from the list...
+        correct += reply == (max(digits) if kind == "max" else min(digits))
+        ex = sft_example(row, i, tok, loss_on="assistant", max_length=64, too_long="drop")
+        assert len(ex.ids) <= 44 and ex.ids[-1] == tok.eos_token_id
+        assert ex.loss_mask.sum() == 2  # the digit and </s>
+    assert 0.25 < correct / len(rows) < 0.65  # ... and is right only some of the time
+
+
+def test_preference_rows(data, tok):
+    rows = read(data["train_prefs"]) + read(data["test_prefs"])
+    for i, row in enumerate(rows):
+        assert set(row) == {"prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen",
+                            "score_rejected"}
+        assert row["prompt_id"] == hashlib.sha256(row["prompt"].encode()).hexdigest()
+        assert row["messages"] == row["chosen"]
+        assert row["chosen"][0] == row["rejected"][0] == {"role": "user", "content": row["prompt"]}
+        chosen, rejected = row["chosen"][1]["content"], row["rejected"][1]["content"]
+        assert chosen != rejected
+        kind, digits = question(row["prompt"])
+        assert int(chosen) == (max(digits) if kind == "max" else min(digits))
+        assert int(rejected) in digits
+        assert row["score_chosen"] > row["score_rejected"] >= 1.0
+        ex = preference_example(row, i, tok, max_length=64, max_prompt_length=64)
+        assert not ex.truncated and len(ex.chosen) == len(ex.rejected) == 2
+
+
+def test_task_prompts_are_held_out(data):
+    tasks = read(data["test_prompts"])
+    for row in tasks:
+        kind, digits = question(row["prompt"])
+        assert row["answer"] == str(max(digits) if kind == "max" else min(digits))
+        assert row["messages"] == [{"role": "user", "content": row["prompt"]}]
+    train_lists = {tuple(question(r["prompt"])[1]) for n in ("train_sft", "train_prefs") for r in read(data[n])}
+    assert not train_lists & {tuple(question(r["prompt"])[1]) for r in tasks}
+
+
+@pytest.mark.parametrize("reply, answer, ok", [
+    ("8", "8", True), (" 8\n", "8", True), ("8", 8, True), ("8 ", " 8", True),
+    ("3", "8", False), ("8.", "8", False), ("88", "8", False), ("", "8", False), ("The answer is 8", "8", False),
+])
+def test_is_correct(reply, answer, ok):
+    assert demo.is_correct(reply, answer) is ok
+
+
+def test_task_accuracy_on_a_tiny_random_model(data, tok):
+    cfg = MistralConfig(vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, dtype=jnp.float32)
+    model = Mistral(cfg, rngs=nnx.Rngs(0))
+    rows = read(data["test_prompts"])[:10]
+    acc = demo.task_accuracy(model, tok, rows, max_new_tokens=2, batch_size=8)
+    assert isinstance(acc, float) and 0.0 <= acc <= 1.0
+    assert demo.task_accuracy(model, tok, data["test_prompts"], max_new_tokens=2, batch_size=64) >= 0.0

@@ -1,0 +1,271 @@
+"""The embedded demo: a tiny synthetic chat task on which dDPO measurably beats dSFT, trained on 2 CPU cores.
+
+The task. The user asks for the largest or the smallest of a few distinct digits, in one of a few phrasings:
+
+    <|user|>  Which is the largest: 3 8 5 1?
+    <|assistant|>  8
+
+Mistral's tokenizer gives every digit its own token, so a prompt is ~35 tokens with the Zephyr template and the
+reply is one digit and `</s>`.
+
+dSFT data (UltraChat schema) imitates a weak teacher with a systematic bias, as distilled dialogue data
+inherits its teacher's mistakes: it answers correctly only `TEACHER_ACCURACY` of the time and otherwise gives
+the *first* number of the list (or, when that one is the answer, another one at random). A model that imitates
+it well learns the format and the teacher's favourite answer, so its greedy replies are mostly wrong.
+
+Preference data (ultrafeedback_binarized schema) is AI feedback on the teacher's replies: for each prompt,
+chosen = the correct reply, rejected = a wrong reply drawn from the teacher's mistakes; scores mimic
+UltraFeedback's 1-10 overall score (10 for the right answer, lower the further the rejected answer ranks from
+it). dDPO on these pairs should move the greedy replies to the right answer.
+
+Held out: digit lists are split between train and test by a hash of the list, so no test list (in any
+phrasing) occurs in the training data.
+
+Files (`make_demo_data`), laid out for `zephyr_jax.data.sources.load_rows(DIR, split)`:
+    DIR/sft/train_sft.jsonl   DIR/sft/test_sft.jsonl        load_rows(DIR + "/sft", "train_sft")
+    DIR/prefs/train_prefs.jsonl DIR/prefs/test_prefs.jsonl  load_rows(DIR + "/prefs", "train_prefs")
+    DIR/task/test_prompts.jsonl                             held-out prompts with their answers (task_accuracy)
+
+    python -m zephyr_jax.demo make-data --out=demo_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+
+import numpy as np
+
+# (kind, template): kind picks max or min; {digits} is the list, space-separated (every digit its own token).
+TEMPLATES = (
+    ("max", "Which is biggest: {digits}?"),
+    ("max", "Largest of {digits}?"),
+    ("min", "Which is lowest: {digits}?"),
+    ("min", "Smallest of {digits}?"),
+)
+LIST_LENGTHS = (3, 4, 5)  # distinct digits per question
+TEACHER_ACCURACY = 0.45  # the dSFT teacher's rate of correct replies (else: its favourite wrong answer)
+TEST_FRACTION = 0.1  # share of digit lists held out for the test splits
+SCORE_CORRECT = 10.0
+
+
+def _is_test_list(digits) -> bool:
+    """Train/test split of digit lists by a hash (stable across runs, Python versions and machines)."""
+    h = hashlib.sha256(("".join(map(str, digits))).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < TEST_FRACTION
+
+
+def _question(rng: random.Random, test: bool):
+    """(prompt text, kind, digits) for a random question from the train or the test pool of digit lists."""
+    while True:
+        digits = rng.sample(range(10), rng.choice(LIST_LENGTHS))
+        if _is_test_list(digits) == test:
+            break
+    kind, template = rng.choice(TEMPLATES)
+    return template.format(digits=" ".join(map(str, digits))), kind, digits
+
+
+def correct_answer(kind: str, digits) -> int:
+    return max(digits) if kind == "max" else min(digits)
+
+
+def _teacher_wrong(rng: random.Random, kind: str, digits) -> int:
+    """The weak teacher's mistake: the first number of the list, or (if that is right) a random other one."""
+    right = correct_answer(kind, digits)
+    if digits[0] != right:
+        return digits[0]
+    return rng.choice([d for d in digits if d != right])
+
+
+def _teacher_reply(rng: random.Random, kind: str, digits) -> int:
+    if rng.random() < TEACHER_ACCURACY:
+        return correct_answer(kind, digits)
+    return _teacher_wrong(rng, kind, digits)
+
+
+def _score(kind: str, digits, reply: int) -> float:
+    """UltraFeedback-like 1-10 score: 10 for the right answer, lower the further the reply ranks from it."""
+    ranked = sorted(digits, reverse=(kind == "max"))
+    return round(SCORE_CORRECT - 9.0 * ranked.index(reply) / (len(digits) - 1), 2)
+
+
+def prompt_id(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def _sft_row(rng, test):
+    prompt, kind, digits = _question(rng, test)
+    reply = str(_teacher_reply(rng, kind, digits))
+    return {"prompt": prompt, "prompt_id": prompt_id(prompt),
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]}
+
+
+def _pref_row(rng, test):
+    prompt, kind, digits = _question(rng, test)
+    good, bad = correct_answer(kind, digits), _teacher_wrong(rng, kind, digits)
+    user = {"role": "user", "content": prompt}
+    chosen = [user, {"role": "assistant", "content": str(good)}]
+    rejected = [user, {"role": "assistant", "content": str(bad)}]
+    return {"prompt": prompt, "prompt_id": prompt_id(prompt), "chosen": chosen, "rejected": rejected,
+            "messages": chosen, "score_chosen": _score(kind, digits, good),
+            "score_rejected": _score(kind, digits, bad)}
+
+
+def _task_row(rng, test):
+    prompt, kind, digits = _question(rng, test)
+    return {"prompt": prompt, "prompt_id": prompt_id(prompt), "messages": [{"role": "user", "content": prompt}],
+            "answer": str(correct_answer(kind, digits)), "kind": kind, "digits": digits}
+
+
+def _write_jsonl(path: str, rows) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def make_demo_data(out_dir, seed: int = 0, n_sft: int = 6000, n_pref: int = 3000, n_test: int = 500) -> dict:
+    """Writes the demo's SFT, preference and task files under `out_dir` (see the module docstring); the same
+    seed gives byte-identical files. n_test is the size of each held-out file. Returns {name: path}."""
+    out_dir = os.fspath(out_dir)
+    specs = {  # name: (path, row maker, count, test pool?)
+        "train_sft": ("sft/train_sft.jsonl", _sft_row, n_sft, False),
+        "test_sft": ("sft/test_sft.jsonl", _sft_row, n_test, True),
+        "train_prefs": ("prefs/train_prefs.jsonl", _pref_row, n_pref, False),
+        "test_prefs": ("prefs/test_prefs.jsonl", _pref_row, n_test, True),
+        "test_prompts": ("task/test_prompts.jsonl", _task_row, n_test, True),
+    }
+    paths = {}
+    for k, (name, (rel, make_row, count, test)) in enumerate(specs.items()):
+        rng = random.Random(seed * 1000 + k)  # one stream per file: changing one size leaves the others alone
+        paths[name] = _write_jsonl(os.path.join(out_dir, rel), (make_row(rng, test) for _ in range(count)))
+    paths.update(sft=os.path.join(out_dir, "sft"), prefs=os.path.join(out_dir, "prefs"))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The task metric
+
+
+def normalize_reply(text: str) -> str:
+    return text.strip()
+
+
+def is_correct(reply: str, answer) -> bool:
+    """Exact match of the reply with the answer, surrounding whitespace ignored."""
+    return normalize_reply(reply) == normalize_reply(str(answer))
+
+
+def load_task_rows(prompts_file_or_rows) -> list[dict]:
+    if isinstance(prompts_file_or_rows, (str, os.PathLike)):
+        with open(prompts_file_or_rows, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    return list(prompts_file_or_rows)
+
+
+def task_replies(model, tokenizer, prompts_file_or_rows, max_new_tokens: int = 8, batch_size: int = 64):
+    """(rows, greedy replies) for the task prompts, `batch_size` prompts per generate call."""
+    from zephyr_jax.generate import generate
+
+    rows = load_task_rows(prompts_file_or_rows)
+    replies = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        chunk_messages = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in chunk]
+        # Pad the last batch with repeats so every call has one shape (one compilation).
+        padded = chunk_messages + [chunk_messages[-1]] * (batch_size - len(chunk_messages))
+        replies += generate(model, tokenizer, padded, max_new_tokens=max_new_tokens)[:len(chunk)]
+    return rows, replies
+
+
+def task_accuracy(model, tokenizer, prompts_file_or_rows, max_new_tokens: int = 8, batch_size: int = 64) -> float:
+    """Exact-match accuracy of greedy replies on the task prompts (rows with "messages" or "prompt", and
+    "answer"), e.g. DIR/task/test_prompts.jsonl."""
+    rows, replies = task_replies(model, tokenizer, prompts_file_or_rows, max_new_tokens, batch_size)
+    if not rows:
+        raise ValueError("no task prompts")
+    return sum(is_correct(reply, row["answer"]) for row, reply in zip(rows, replies)) / len(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole demo: data -> dSFT -> dDPO -> export -> sample reply, with the held-out effect of dDPO.
+
+
+def preference_accuracy(model, tok, prefs_dir, split="test_prefs", batch_size=32) -> float:
+    """Fraction of held-out pairs where the model gives the chosen reply a higher log-prob than the rejected
+    one (meaningful for any model, unlike DPO's rewards/accuracies, which compare with a reference)."""
+    from zephyr_jax.data import preference_example, process_rows
+    from zephyr_jax.data.sources import load_rows
+    from zephyr_jax.evaluate import pair_logps
+
+    rows = load_rows(prefs_dir, split)
+    examples, _ = process_rows(rows, lambda r, i: preference_example(r, i, tok, max_length=128,
+                                                                     max_prompt_length=64),
+                               progress=False, log=lambda s: None)
+    logps = pair_logps(model, examples, batch_size, (128,))
+    return float(np.mean(logps[:, 0] > logps[:, 1]))
+
+
+def run_demo(out: str, seed: int = 0, repo_root: str | None = None) -> dict:
+    """Everything the README's first command does; returns the before/after numbers."""
+    from zephyr_jax import train
+    from zephyr_jax.chat import reply
+    from zephyr_jax.config_common import load_config
+    from zephyr_jax.export import export, load_model
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = make_demo_data(os.path.join(out, "data"), seed=seed)
+    tok = load_tokenizer()
+    data = lambda kind: {"data.train": paths[kind], "data.eval": paths[kind], "logging.tensorboard": False}
+    print("== dSFT ==")
+    train.run(load_config(os.path.join(root, "configs/sft.py:demo"), **data("sft")), os.path.join(out, "sft"))
+    print("== dDPO ==")
+    dpo_eval = train.run(load_config(os.path.join(root, "configs/dpo.py:demo"), **data("prefs"),
+                                     **{"model.path": os.path.join(out, "sft")}), os.path.join(out, "dpo"))
+    hf_dir = export(os.path.join(out, "dpo"), os.path.join(out, "hf"), dtype="float32")
+    results = {}
+    for stage in ("sft", "dpo"):
+        model, _ = load_model(os.path.join(out, stage))
+        results[stage] = {"task_accuracy": task_accuracy(model, tok, paths["test_prompts"]),
+                          "preference_accuracy": preference_accuracy(model, tok, paths["prefs"])}
+    question = load_task_rows(paths["test_prompts"])[0]
+    messages = question.get("messages") or [{"role": "user", "content": question["prompt"]}]
+    print(f"\n== sample chat reply (exported model in {hf_dir}) ==\nuser> {messages[-1]['content']}\nzephyr> ",
+          end="")
+    reply(model, tok, messages, max_new_tokens=8, temperature=0.0)
+    print(f"(correct answer: {question['answer']})\n")
+    print("held-out effect of dDPO          dSFT     dSFT + dDPO")
+    for k in ("task_accuracy", "preference_accuracy"):
+        print(f"  {k:<30} {results['sft'][k]:>6.1%}   {results['dpo'][k]:>6.1%}")
+    print(f"  dDPO eval rewards/accuracies                {dpo_eval['rewards/accuracies']:>6.1%}")
+    return {**results, "dpo_eval": dpo_eval}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m zephyr_jax.demo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make-data", help="write the demo's SFT, preference and task jsonl files")
+    make.add_argument("--out", default="demo_data", help="output directory (default: demo_data)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--n_sft", type=int, default=6000)
+    make.add_argument("--n_pref", type=int, default=3000)
+    make.add_argument("--n_test", type=int, default=500)
+    run = sub.add_parser("run", help="data -> dSFT -> dDPO -> export -> sample reply, with dDPO's held-out effect")
+    run.add_argument("--out", default="workdirs/demo", help="where data, workdirs and the export go")
+    run.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run_demo(args.out, seed=args.seed)
+    elif args.command == "make-data":
+        paths = make_demo_data(args.out, seed=args.seed, n_sft=args.n_sft, n_pref=args.n_pref, n_test=args.n_test)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
