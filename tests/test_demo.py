@@ -15,7 +15,7 @@ from zephyr_jax.data.sources import load_rows
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
 
-SIZES = dict(n_sft=200, n_pref=100, n_test=40)
+SIZES = {"n_sft": 200, "n_pref": 100, "n_test": 40}
 FILES = ("train_sft", "test_sft", "train_prefs", "test_prefs", "test_prompts")
 
 
@@ -74,7 +74,7 @@ def test_sft_rows(data, tok):
         ex = sft_example(row, i, tok, loss_on="assistant", max_length=64, too_long="drop")
         assert len(ex.ids) <= 44 and ex.ids[-1] == tok.eos_token_id
         assert ex.loss_mask.sum() == 2  # the digit and </s>
-    assert 0.25 < correct / len(rows) < 0.65  # ... and is right only some of the time
+    assert 0.3 < correct / len(rows) < 0.6  # ... and is right only some of the time
 
 
 def test_preference_rows(data, tok):

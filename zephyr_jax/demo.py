@@ -2,16 +2,18 @@
 
 The task. The user asks for the largest or the smallest of a few distinct digits, in one of a few phrasings:
 
-    <|user|>  Which is the largest: 3 8 5 1?
+    <|user|>  Which is biggest: 3 8 5 1?
     <|assistant|>  8
 
-Mistral's tokenizer gives every digit its own token, so a prompt is ~35 tokens with the Zephyr template and the
+Lists hold 3-5 distinct digits; four phrasings (two for max, two for min). Mistral's tokenizer gives every digit
+its own token, so a whole conversation is 36-43 tokens with the Zephyr template (28 of them template), and the
 reply is one digit and `</s>`.
 
 dSFT data (UltraChat schema) imitates a weak teacher with a systematic bias, as distilled dialogue data
 inherits its teacher's mistakes: it answers correctly only `TEACHER_ACCURACY` of the time and otherwise gives
 the *first* number of the list (or, when that one is the answer, another one at random). A model that imitates
-it well learns the format and the teacher's favourite answer, so its greedy replies are mostly wrong.
+it well learns the format, the skill (45% of its data is right) and the teacher's favourite answer (55%), so
+its greedy replies are mostly the first number: right only when the teacher would be, by luck, ~35-40%.
 
 Preference data (ultrafeedback_binarized schema) is AI feedback on the teacher's replies: for each prompt,
 chosen = the correct reply, rejected = a wrong reply drawn from the teacher's mistakes; scores mimic
@@ -27,6 +29,16 @@ Files (`make_demo_data`), laid out for `zephyr_jax.data.sources.load_rows(DIR, s
     DIR/task/test_prompts.jsonl                             held-out prompts with their answers (task_accuracy)
 
     python -m zephyr_jax.demo make-data --out=demo_data
+
+Measured (throwaway loop on train_steps.make_train_step, 2 shared CPU cores, defaults n_sft=10000,
+n_pref=3000, n_test=500): a from-scratch Mistral with hidden 96, intermediate 256, 2 layers, 4 query / 2 kv
+heads (0.2M non-embedding parameters, 6.35M with the 32000-token embeddings and LM head);
+dSFT 1 epoch, batch 32 unpacked rows padded to 48, loss on the assistant reply, AdamW lr 2e-3 cosine 10% warmup
+(312 steps); dDPO from it, sigmoid loss, beta 1.0, batch 32 pairs padded to 48, lr 1e-3 linear 10% warmup,
+1 epoch (93 steps). Greedy exact match on task/test_prompts.jsonl: dSFT 0.41 -> dDPO 0.82 (data seed 0),
+0.34 -> 0.87 (seed 1); held-out preference accuracy (implicit reward, test_prefs) 0.00 -> 0.99 / 1.00.
+dSFT ~150-200 s, dDPO ~80-140 s depending on the load. (beta 0.5, lr 5e-4, 2 epochs: 0.84; lr 1e-3 with
+beta 0.5 breaks the reply format.)
 """
 
 from __future__ import annotations
@@ -123,12 +135,11 @@ def _task_row(rng, test):
 def _write_jsonl(path: str, rows) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return path
 
 
-def make_demo_data(out_dir, seed: int = 0, n_sft: int = 6000, n_pref: int = 3000, n_test: int = 500) -> dict:
+def make_demo_data(out_dir, seed: int = 0, n_sft: int = 10000, n_pref: int = 3000, n_test: int = 500) -> dict:
     """Writes the demo's SFT, preference and task files under `out_dir` (see the module docstring); the same
     seed gives byte-identical files. n_test is the size of each held-out file. Returns {name: path}."""
     out_dir = os.fspath(out_dir)
@@ -252,7 +263,7 @@ def main(argv=None):
     make = sub.add_parser("make-data", help="write the demo's SFT, preference and task jsonl files")
     make.add_argument("--out", default="demo_data", help="output directory (default: demo_data)")
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--n_sft", type=int, default=6000)
+    make.add_argument("--n_sft", type=int, default=10000)
     make.add_argument("--n_pref", type=int, default=3000)
     make.add_argument("--n_test", type=int, default=500)
     run = sub.add_parser("run", help="data -> dSFT -> dDPO -> export -> sample reply, with dDPO's held-out effect")
