@@ -38,6 +38,18 @@ def _random_ids(rng, batch, length, vocab=128):
     return rng.integers(3, vocab, size=(batch, length)).astype(np.int32)
 
 
+def _padded(rng, lengths, side):
+    """Random ids and their mask, each row padded on `side` to the longest length."""
+    total = max(lengths)
+    ids = np.zeros((len(lengths), total), np.int32)
+    mask = np.zeros((len(lengths), total), np.int32)
+    for row, n in enumerate(lengths):
+        span = slice(0, n) if side == "right" else slice(total - n, total)
+        ids[row, span] = _random_ids(rng, 1, n)[0]
+        mask[row, span] = 1
+    return ids, mask
+
+
 def _assert_close(ours, ref, where=None):
     ours, ref = np.asarray(ours), np.asarray(ref)
     if where is not None:
@@ -56,14 +68,7 @@ def test_logits_match_transformers_unpadded_odd_length(pair):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_match_transformers_padded(pair, side):
     tm, model, _ = pair
-    rng = np.random.default_rng(1)
-    lengths, total = [17, 11], 17
-    ids = np.zeros((2, total), np.int32)
-    mask = np.zeros((2, total), np.int32)
-    for row, n in enumerate(lengths):
-        span = slice(0, n) if side == "right" else slice(total - n, total)
-        ids[row, span] = _random_ids(rng, 1, n)[0]
-        mask[row, span] = 1
+    ids, mask = _padded(np.random.default_rng(1), [17, 11], side)
     ours = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     # transformers counts positions from the first column; give it the token-counting positions zephyr_jax uses.
     ref = torch_logits(tm, ids, attention_mask=mask, position_ids=positions_from_mask(mask))
@@ -155,14 +160,7 @@ def test_sequence_logps_match_transformers_logits(pair, side):
     from zephyr_jax.losses import sequence_logps
 
     tm, model, _ = pair
-    rng = np.random.default_rng(8)
-    lengths, total = [16, 9], 16
-    ids = np.zeros((2, total), np.int32)
-    mask = np.zeros((2, total), np.int32)
-    for row, n in enumerate(lengths):
-        span = slice(0, n) if side == "right" else slice(total - n, total)
-        ids[row, span] = _random_ids(rng, 1, n)[0]
-        mask[row, span] = 1
+    ids, mask = _padded(np.random.default_rng(8), [16, 9], side)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     loss_mask = mask[:, 1:] * mask[:, :-1]
     loss_mask[:, :3] = 0  # a "prompt" that is not scored
