@@ -246,6 +246,14 @@ def test_precomputed_reference_equals_frozen_copy(data_dir, tmp_path):
     assert os.listdir(tmp_path / "pre" / "reference_logps")  # the cache was written
 
 
+def test_frozen_reference_with_remat_equals_without(data_dir, tmp_path):
+    # The recipe's configs remat every layer; the frozen reference then runs rematted inside value_and_grad.
+    base = {"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 0}
+    train.run(tiny_config("dpo", data_dir, **base), str(tmp_path / "plain"))
+    train.run(tiny_config("dpo", data_dir, **base, **{"model.remat": True}), str(tmp_path / "remat"))
+    np.testing.assert_allclose(train_losses(tmp_path / "remat"), train_losses(tmp_path / "plain"), rtol=1e-5)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     workdir = str(tmp_path / "w")
     cfg = tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 0})

@@ -123,7 +123,13 @@ def _run_layer(layer, x, cos, sin, mask):
     return layer(x, cos, sin, mask)[0]
 
 
-_run_layer_remat = nnx.remat(_run_layer)  # recompute the layer's activations in the backward pass
+def _run_layer_remat(layer, x, cos, sin, mask):
+    """_run_layer, with the layer's activations recomputed in the backward pass instead of stored. A pure
+    jax.checkpoint over (params, inputs): unlike nnx.remat it never writes back into the module, so it also
+    runs on a model merged from arrays of an outer trace (the frozen DPO reference inside value_and_grad)."""
+    graphdef, state = nnx.split(layer)
+    pure = jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), *args))
+    return pure(state, x, cos, sin, mask)
 
 
 def default_positions(attention_mask, segment_ids):
