@@ -31,7 +31,10 @@ setup(
     extras_require={
         # torch is pinned: the parity tests compare against transformers' PyTorch Mistral on the CPU, and an
         # unpinned torch pulls several GB of CUDA wheels.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9",
+                 # CI executes the notebooks in a Jupyter kernel
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
+        "notebooks": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5", "importlib_resources"],  # no TensorFlow needed
         "eval": ["lm_eval>=0.4.13"],  # python -m zephyr_jax.lm_eval_adapter
         "gpu": ["jax[cuda12]>=0.4.35"],
