@@ -12,7 +12,7 @@ set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v4-64}
 VERSION=${VERSION:-tpu-ubuntu2204-base}
-REPO=${REPO:-https://github.com/your-org/zephyr_jax.git}
+REPO=${REPO:-https://github.com/zephyr-jax/zephyr_jax.git}  # or your fork
 ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }
 
 case "${1:-}" in

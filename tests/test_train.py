@@ -153,21 +153,52 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-# --- Two processes x two devices (launch/local.sh) equal one process with four devices. ---
+# --- Two processes x two devices (launch/local.sh, launch/slurm_gpu.sbatch) equal one process with four. ---
+
+# A stand-in for SLURM's srun on one machine: SLURM_NTASKS copies of the command, each with the variables srun
+# sets (jax.distributed.initialize() reads SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and
+# SLURM_LOCALID), so launch/slurm_gpu.sbatch runs unchanged.
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" >"$LOG_DIR/task_$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+exit $status
+"""
+
 
 def test_two_processes_match_one_process(data_dir, tmp_path):
     args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
             f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=4", "--config.train.progress=False",
             "--config.train.eval_every=0"]
-    env = {"LOG_DIR": str(tmp_path)}
+    two_devices = {"LOG_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
+                   "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     out = subprocess.run(["bash", "launch/local.sh", "2", "--cpu_devices=2", "--", f"--workdir={tmp_path / 'mp'}",
-                          *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+                          *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **two_devices},
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    slurm = {**two_devices, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NTASKS": "2",
+             "SLURM_JOB_ID": str(np.random.randint(1, 4096)), "SLURM_STEP_NODELIST": "localhost"}
+    out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", f"--workdir={tmp_path / 'slurm'}", *args], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, **slurm}, timeout=300)
+    logs = "".join((tmp_path / f"task_{i}.log").read_text()[-1500:] for i in range(2))
+    assert out.returncode == 0, logs
+    assert "process 0 of 2" in (tmp_path / "task_0.log").read_text()
     single = _cli("zephyr_jax.train", f"--workdir={tmp_path / 'sp'}", *args,
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert single.returncode == 0, single.stderr[-3000:]
-    assert len(train_losses(tmp_path / "mp")) == 4
+    assert len(train_losses(tmp_path / "mp")) == len(train_losses(tmp_path / "slurm")) == 4
     np.testing.assert_allclose(train_losses(tmp_path / "mp"), train_losses(tmp_path / "sp"), rtol=1e-5)
+    # The sbatch script adds attention_impl=cudnn: jax.nn.dot_product_attention (its XLA version on CPU).
+    np.testing.assert_allclose(train_losses(tmp_path / "slurm"), train_losses(tmp_path / "sp"), rtol=1e-5)
 
 
 # --- Preemption and resume. ---

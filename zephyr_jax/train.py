@@ -222,6 +222,8 @@ def run(cfg, workdir: str) -> dict:
         print(cfg)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
+          f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}")
     rules, dpo = cfg.mesh.rules, cfg.stage == "dpo"
     sharding = batch_sharding(mesh, rules)
     buckets = buckets_for(cfg.data)
