@@ -198,19 +198,13 @@ def measure(step):
 
 
 def fsdp_shardings(ckpt: str, devices: int):
-    """NamedShardings over a (1, devices, 1) mesh from the model's logical axes (sharding.param_specs)."""
+    """NamedShardings over a (1, devices, 1) mesh from the model's logical axes (sharding.model_shardings)."""
     import jax
-    from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from zephyr_jax import hf
-    from zephyr_jax.model import Mistral
-    from zephyr_jax.sharding import param_specs
+    from zephyr_jax.sharding import make_mesh, model_shardings
 
-    cfg = hf.load_config(ckpt)
-    mesh = Mesh(np.array(jax.devices()[:devices]).reshape(1, devices, 1), ("data", "fsdp", "tensor"))
-    specs = param_specs(nnx.state(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0)))))
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return model_shardings(hf.load_config(ckpt), make_mesh((1, devices, 1), jax.devices()[:devices]))
 
 
 def child(ckpt: str, resaved: str, dtype: str, shard_size: str, devices: str):

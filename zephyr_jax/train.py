@@ -268,9 +268,7 @@ def run(cfg, workdir: str) -> dict:
                 logps = reference_logps(cfg, workdir, train_examples, eval_fn, params, sharding, buckets, "train")
                 train_examples[:] = [ex._replace(reference=lp) for ex, lp in zip(train_examples, logps)]
             else:
-                ref_dtype = jnp.dtype(cfg.dpo.reference_dtype)
-                ref_shardings = param_shardings
-                reference = frozen_copy(params, ref_shardings, ref_dtype)
+                reference = frozen_copy(params, param_shardings, jnp.dtype(cfg.dpo.reference_dtype))
             eval_reference = reference_logps(cfg, workdir, eval_examples, eval_fn, params, sharding, buckets, "eval")
         elif dpo:
             eval_reference = np.zeros((len(eval_examples), 2), np.float32)
@@ -282,7 +280,7 @@ def run(cfg, workdir: str) -> dict:
         loader.restore(meta["loader"])
         print(f"resumed from step {int(state.step)} of {workdir}")
 
-    ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
+    ref_shardings = None if reference is None else param_shardings  # frozen_copy keeps the params' layout
     train_step = jax.jit(steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum,
                                                cfg.get("dpo")),
                          in_shardings=(state_shardings, sharding, ref_shardings),
