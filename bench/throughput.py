@@ -35,7 +35,6 @@ import numpy as np  # noqa: E402
 from zephyr_jax import train  # noqa: E402
 from zephyr_jax import train_steps as steps  # noqa: E402
 from zephyr_jax.metrics import flops_per_token, peak_flops  # noqa: E402
-from zephyr_jax.sharding import use_mesh  # noqa: E402
 
 # configs/dpo.py's DPO settings, for timing the DPO step of an SFT config.
 DPO_DEFAULTS = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
@@ -109,24 +108,20 @@ def measure(cfg, stage: str, batch: int | None = None, seq: int | None = None, n
     # Model, optimizer state and reference, as train.run builds them.
     graphdef, params, param_shardings = train.init_params(cfg, arch_cfg, mesh)
     tx, schedule = steps.make_optimizer(cfg.optim, warmup + num_steps + 1)
-    opt_shardings = train._opt_shardings(tx, jax.eval_shape(tx.init, params), param_shardings, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_shardings = steps.TrainState(param_shardings, opt_shardings, replicated)
-    state = steps.TrainState(params, jax.jit(tx.init, out_shardings=opt_shardings)(params),
-                             jax.device_put(jnp.zeros((), jnp.int32), replicated))
+    state_shardings = train.train_state_shardings(tx, params, param_shardings, mesh)
+    state = steps.TrainState(params, jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params),
+                             jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step))
     local = synthetic_batch(stage, batch, seq, arch_cfg.vocab_size, cfg.seed)
     reference = None
     if dpo and cfg.dpo.precompute_reference and not cfg.dpo.reference_free:
         local["reference_logps"] = np.full((batch, 2), -float(seq), np.float32)
     elif dpo and not cfg.dpo.reference_free:
         reference = train.frozen_copy(params, param_shardings, jnp.dtype(cfg.dpo.reference_dtype))
-    ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
-    step_fn = jax.jit(steps.make_train_step(stage, graphdef, tx, schedule, cfg.train.grad_accum, cfg.get("dpo")),
-                      in_shardings=(state_shardings, sharding, ref_shardings),
-                      out_shardings=(state_shardings, None), donate_argnums=(0,))
+    step_fn = train.jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
+                                   frozen_reference=reference is not None)
 
-    with use_mesh(mesh, rules):
-        placed = train.place(local, sharding)
+    with jax.set_mesh(mesh):
+        placed = train.place(local, sharding, np.arange(batch), batch)
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, placed, reference).compile()
         compile_s = time.perf_counter() - t0

@@ -122,18 +122,23 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
     make = lambda: Loader(examples, 4, pad_sft, buckets=default_buckets(64, smallest=16), seed=3)
     a, b = make(), make()
     first = [next(a) for _ in range(7)]  # crosses the epoch boundary (5 steps per epoch)
-    for x, y in zip(first, [next(b) for _ in range(7)]):
+    for (x, info), (y, _) in zip(first, [next(b) for _ in range(7)]):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
+        assert info.length == x["inputs"].shape[1] and len(info.indices) == 4
     resumed = make()
     resumed.restore({"epoch": 0, "step": 3})
-    for x in first[3:]:
-        np.testing.assert_array_equal(next(resumed)["inputs"], x["inputs"])
-    assert {x["inputs"].shape[1] for x in first} <= {16, 32, 64}
-    # Two processes' slices stack to the one-process global batch.
-    halves = [Loader(examples, 4, pad_sft, buckets=(64,), seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    for x, _ in first[3:]:
+        np.testing.assert_array_equal(next(resumed)[0]["inputs"], x["inputs"])
+    assert {x["inputs"].shape[1] for x, _ in first} <= {16, 32, 64}
+    # Processes holding interleaved rows of the global batch (as on a pod) build exactly those rows.
+    parts = [Loader(examples, 4, pad_sft, buckets=(64,), seed=3, rows=rows) for rows in ([0, 2], [1, 3])]
     whole = Loader(examples, 4, pad_sft, buckets=(64,), seed=3)
     for _ in range(3):
-        np.testing.assert_array_equal(np.concatenate([next(h)["inputs"] for h in halves]), next(whole)["inputs"])
+        (even, _), (odd, _), (full, info) = next(parts[0]), next(parts[1]), next(whole)
+        np.testing.assert_array_equal(even["inputs"], full["inputs"][[0, 2]])
+        np.testing.assert_array_equal(odd["inputs"], full["inputs"][[1, 3]])
+        np.testing.assert_array_equal(full["inputs"][1][:len(examples[info.indices[1]].ids) - 1],
+                                      examples[info.indices[1]].ids[:-1])
     assert make().order(0).tolist() != make().order(1).tolist()  # a new shuffle each epoch
 
 

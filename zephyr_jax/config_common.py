@@ -50,10 +50,12 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.train.save_every = 200
     c.train.keep_checkpoints = 2
     c.train.progress = True  # tqdm bar
+    c.train.peak_tflops = 0.0  # per device, for MFU; 0: the device's data-sheet figure (metrics.PEAK_FLOPS), none on CPUs
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     c.mesh.num_devices = -1  # -1: every device; N: the first N (e.g. to compare with a smaller run)
+    c.mesh.device_order = "auto"  # "auto": physical topology; "interleave_processes": pod-like order for CPU tests
     c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (see zephyr_jax/sharding.py)
 
     c.logging = ml_collections.ConfigDict()

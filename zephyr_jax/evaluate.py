@@ -39,7 +39,6 @@ from zephyr_jax.data import preference_batch
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED
 from zephyr_jax.losses import LOSS_TYPES
-from zephyr_jax.sharding import use_mesh
 from zephyr_jax.tokenizer import load_tokenizer, render_chat
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +119,7 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
     checkpoint_step = _restored_step(workdir, step)
     eval_fn = steps.make_eval_fn("dpo", graphdef)
 
-    with use_mesh(mesh, rules):
+    with jax.set_mesh(mesh):
         if cfg.dpo.reference_free:
             reference = np.zeros((len(examples), 2), np.float32)
         else:

@@ -7,6 +7,7 @@ import math
 import os
 
 import jax
+import numpy as np
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
@@ -30,6 +31,21 @@ def flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
     attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     per_token = 6 * n + attention
     return per_token if training else per_token / 3
+
+
+def sequence_flops(cfg, lengths, training: bool = True) -> float:
+    """Model FLOPs of sequences of the given real lengths: sum of flops_per_token(cfg, l) * l, so a packed row
+    counts each segment's own attention and padding counts nothing."""
+    lengths = np.asarray(lengths, np.float64)
+    per_token = flops_per_token(cfg, 0, training)  # the 6N (or 2N) part
+    attention = flops_per_token(cfg, 1, training) - per_token  # the attention part per token per unit length
+    return float(per_token * lengths.sum() + attention * (lengths ** 2).sum())
+
+
+def step_flops(cfg, lengths, frozen_reference: bool = False) -> float:
+    """Model FLOPs of one training step over sequences of `lengths`: forward and backward of the policy, plus a
+    forward pass of a frozen DPO reference when it runs inside the step."""
+    return sequence_flops(cfg, lengths) + (sequence_flops(cfg, lengths, training=False) if frozen_reference else 0.)
 
 
 class MetricWriter:

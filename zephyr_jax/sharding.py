@@ -1,14 +1,17 @@
 """Logical-axis sharding: parameters and activations carry axis names, rules map the names onto mesh axes.
 
 A parameter declares its axes where it is created (`nnx.Param(..., logical_axes=("embed", "mlp"))`), an
-activation where it is computed (`constrain(x, ("batch", "length", "embed"))`). The rules (one line per logical
-name, in the config) say which mesh axis, if any, splits that dimension. Without an active mesh, `constrain` does
-nothing, so the same model code runs on one CPU and on a pod.
+activation where it is computed (`constrain(x, ("batch", "length", "embed"), rules)`). The rules (one line per
+logical name, in the config: `config.mesh.rules`, carried by `MistralConfig.sharding_rules`) say which mesh axis,
+if any, splits that dimension.
+
+The mesh is JAX's own context (`with jax.set_mesh(mesh):`), which jit keys its cache on, and the rules are an
+argument: nothing here is module-global, so a function traced outside a mesh is retraced inside one. Without a
+mesh, `constrain` does nothing, so the same model code runs on one CPU and on a pod.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import jax
@@ -33,19 +36,6 @@ DEFAULT_RULES = (
     ("norm", None),
 )
 
-_active: list[tuple[Mesh, tuple]] = []
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Sequence = DEFAULT_RULES):
-    """Activates `mesh` and `rules` for `constrain` inside the block (trace your jitted functions inside it)."""
-    _active.append((mesh, tuple(tuple(r) for r in rules)))
-    try:
-        yield mesh
-    finally:
-        _active.pop()
-
-
 def logical_to_spec(axes: Sequence[str | None], rules: Sequence = DEFAULT_RULES) -> PartitionSpec:
     """("batch", "length", "embed") -> PartitionSpec(("data", "fsdp"), None, "fsdp") under the rules."""
     table = dict((name, mesh_axes) for name, mesh_axes in rules)
@@ -61,12 +51,12 @@ def logical_to_spec(axes: Sequence[str | None], rules: Sequence = DEFAULT_RULES)
     return PartitionSpec(*spec)
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation, by logical axis names; a no-op outside `use_mesh`."""
-    if not _active:
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Sequence = DEFAULT_RULES) -> jax.Array:
+    """Sharding constraint on an activation, by logical axis names under `rules`, on the mesh of the enclosing
+    `jax.set_mesh` block; a no-op outside one."""
+    if jax.sharding.get_abstract_mesh().empty:
         return x
-    mesh, rules = _active[-1]
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))
 
 
 def param_specs(state: nnx.State, rules: Sequence = DEFAULT_RULES):
@@ -80,8 +70,17 @@ def param_specs(state: nnx.State, rules: Sequence = DEFAULT_RULES):
     return jax.tree.map(spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one entry may be -1 to take the devices left over."""
+DEVICE_ORDERS = ("auto", "interleave_processes")
+
+
+def make_mesh(shape: Sequence[int], devices=None, order: str = "auto") -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one entry may be -1 to take the devices left over.
+
+    order "auto": the physical topology's order (mesh_utils), as on a TPU pod or GPU cluster;
+    "interleave_processes": process 0's first device, process 1's first device, ..., then everyone's second
+    device: a pod-like order in which no process holds a contiguous block of the batch (for tests on CPUs)."""
+    if order not in DEVICE_ORDERS:
+        raise ValueError(f"mesh device order {order!r}: expected one of {DEVICE_ORDERS}")
     devices = jax.devices() if devices is None else devices
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
@@ -96,7 +95,13 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices; "
                          f"{len(devices)} are available ({jax.process_count()} process(es))")
-    grid = mesh_utils.create_device_mesh(tuple(shape), devices=devices, allow_split_physical_axes=True)
+    if order == "interleave_processes":
+        rank = {}
+        for d in devices:  # each device's index among its own process's devices
+            rank[d] = sum(1 for e in rank if e.process_index == d.process_index)
+        grid = np.array(sorted(devices, key=lambda d: (rank[d], d.process_index)), dtype=object).reshape(shape)
+    else:
+        grid = mesh_utils.create_device_mesh(tuple(shape), devices=devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)
 
 

@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 from zephyr_jax import checkpoint, hf
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data import Loader, default_buckets, pack, pad_sft, preference_batch
-from zephyr_jax.data.batches import stack_rows
+from zephyr_jax.data.batches import sequence_lengths, stack_rows
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.losses import LOSS_TYPES
-from zephyr_jax.metrics import MetricWriter, flops_per_token, peak_flops
+from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.sharding import logical_to_spec, make_mesh, named, param_specs, use_mesh
+from zephyr_jax.sharding import logical_to_spec, make_mesh, named, param_specs
 from zephyr_jax.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,9 +55,6 @@ def check_config(cfg) -> None:
     if t.global_batch_size % t.grad_accum:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                          f"train.grad_accum={t.grad_accum}")
-    if t.global_batch_size % jax.process_count() or t.eval_batch_size % jax.process_count():
-        raise ValueError(f"train.global_batch_size and eval_batch_size must divide over {jax.process_count()} "
-                         "processes")
     if cfg.stage == "dpo":
         if cfg.dpo.loss_type not in LOSS_TYPES:
             raise ValueError(f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {LOSS_TYPES}")
@@ -74,10 +71,11 @@ def check_batch_fits_mesh(cfg, mesh) -> None:
             raise ValueError(f"{name}={size} does not divide over the mesh's data x fsdp = {shards} batch shards")
 
 
-def mesh_for(cfg):
-    """The config's mesh over its devices, checked against the batch sizes."""
-    devices = jax.devices() if cfg.mesh.num_devices == -1 else jax.devices()[:cfg.mesh.num_devices]
-    mesh = make_mesh(cfg.mesh.shape, devices)
+def mesh_for(cfg, devices=None):
+    """The config's mesh over its devices (default: this job's), checked against the batch sizes."""
+    devices = jax.devices() if devices is None else devices
+    devices = devices if cfg.mesh.num_devices == -1 else devices[:cfg.mesh.num_devices]
+    mesh = make_mesh(cfg.mesh.shape, devices, order=cfg.mesh.device_order)
     check_batch_fits_mesh(cfg, mesh)
     return mesh
 
@@ -94,7 +92,8 @@ def buckets_for(data_cfg) -> tuple:
 def model_config(cfg) -> MistralConfig:
     """The architecture: from the HF checkpoint, the SFT workdir, or config.model.arch for random init."""
     jax_settings = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                        attention_impl=cfg.model.attention_impl, remat=cfg.model.remat)
+                        attention_impl=cfg.model.attention_impl, remat=cfg.model.remat,
+                        sharding_rules=cfg.mesh.rules)
     if cfg.model.init == "random":
         return MistralConfig(**cfg.model.arch.to_dict(), **jax_settings)
     if cfg.model.init == "orbax":
@@ -102,10 +101,15 @@ def model_config(cfg) -> MistralConfig:
     return hf.load_config(hf.resolve(cfg.model.path), **jax_settings)
 
 
+def abstract_params(cfg, mcfg: MistralConfig, mesh):
+    """(graphdef, parameter shapes and dtypes, their shardings on `mesh`): nothing is allocated."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(mcfg, rngs=nnx.Rngs(cfg.seed))))
+    return graphdef, abstract, named(mesh, param_specs(abstract, cfg.mesh.rules))
+
+
 def init_params(cfg, mcfg: MistralConfig, mesh):
     """(graphdef, params on the mesh, their shardings)."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(mcfg, rngs=nnx.Rngs(cfg.seed))))
-    shardings = named(mesh, param_specs(abstract, cfg.mesh.rules))
+    graphdef, abstract, shardings = abstract_params(cfg, mcfg, mesh)
     if cfg.model.init == "random":
         init = jax.jit(lambda: nnx.split(Mistral(mcfg, rngs=nnx.Rngs(cfg.seed)))[1], out_shardings=shardings)
         params = init()
@@ -127,29 +131,45 @@ def frozen_copy(params, shardings, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Batches: host numpy -> global arrays on the mesh.
+# Batches: host numpy -> global arrays on the mesh, row by global row index.
 
 
 def batch_sharding(mesh, rules):
     return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
 
-def place(local_batch: dict, sharding) -> dict:
-    """Each process's rows of the global batch -> global jax arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def local_rows(sharding, num_rows: int) -> np.ndarray:
+    """The global batch rows (ascending) held by this process's devices. On a pod the mesh follows the physical
+    topology, so they need not be one contiguous block, and rows replicated over other axes may also be held
+    by other processes."""
+    held = set()
+    for index in sharding.addressable_devices_indices_map((num_rows,)).values():
+        held.update(range(*index[0].indices(num_rows)))
+    return np.array(sorted(held), np.int64)
 
 
-def eval_batches(examples, batch_size: int, make_batch, buckets):
-    """All examples in order, in fixed-size batches (the last one filled with repeats), each with its count of
-    real rows; every process builds its own slice of each global batch."""
-    p, n = jax.process_index(), jax.process_count()
-    per = batch_size // n
+def place(local_batch: dict, sharding, rows, num_rows: int) -> dict:
+    """This process's rows of a global batch of `num_rows` (local_batch[k][i] is global row rows[i]) -> global
+    jax arrays sharded over the batch axes; each device gets exactly the global rows its shard covers."""
+    where = {int(r): i for i, r in enumerate(rows)}
+
+    def put(x):
+        pick = lambda index: x[[where[r] for r in range(*index[0].indices(num_rows))]]
+        return jax.make_array_from_callback((num_rows,) + x.shape[1:], sharding, pick)
+
+    return {k: put(v) for k, v in local_batch.items()}
+
+
+def eval_batches(examples, batch_size: int, make_batch, buckets, rows=None):
+    """All examples in order, in fixed-size global batches (the last one filled with repeats of its last
+    example), each with its count of real rows; the process builds the batch rows `rows` (default: all)."""
+    rows = np.arange(batch_size) if rows is None else rows
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)
         length = bucket_of(chunk, buckets)
-        yield make_batch(chunk[p * per:(p + 1) * per], length), real
+        yield make_batch([chunk[r] for r in rows], length), real
 
 
 def bucket_of(examples, buckets) -> int:
@@ -160,6 +180,16 @@ def bucket_of(examples, buckets) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 # DPO reference log-probs, computed once and cached in the workdir.
+
+
+def run_eval(cfg, eval_fn, params, examples, make_batch, sharding, buckets, desc=None) -> dict:
+    """eval_fn's per-row outputs over `examples`, in example order (rows are matched by global index)."""
+    size = cfg.train.eval_batch_size
+    rows = local_rows(sharding, size)
+    batches = eval_batches(examples, size, make_batch, buckets, rows)
+    if desc:
+        batches = tqdm(batches, desc=desc, disable=not cfg.train.progress, total=-(-len(examples) // size))
+    return steps.run_eval_batches(eval_fn, params, batches, lambda b: place(b, sharding, rows, size))
 
 
 def reference_key(cfg, examples) -> str:
@@ -186,11 +216,8 @@ def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, buckets, 
     if os.path.exists(path):
         return np.load(path)
     params = params() if callable(params) else params
-    batches = eval_batches(examples, cfg.train.eval_batch_size, preference_batch, buckets)
-    logps = steps.run_eval_batches(eval_fn, params, tqdm(batches, desc=f"reference log-probs ({name})",
-                                                         disable=not cfg.train.progress,
-                                                         total=-(-len(examples) // cfg.train.eval_batch_size)),
-                                   lambda b: place(b, sharding))["logps"]
+    logps = run_eval(cfg, eval_fn, params, examples, preference_batch, sharding, buckets,
+                     desc=f"reference log-probs ({name})")["logps"]
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.save(path, logps)
@@ -199,10 +226,9 @@ def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, buckets, 
 
 def eval_metrics(cfg, eval_fn, params, examples, reference, sharding, buckets) -> dict:
     """Metrics over a whole held-out split: SFT loss and token accuracy, or the DPO metrics against `reference`
-    log-probs [N, 2]. Call inside `use_mesh`."""
+    log-probs [N, 2]. Call inside `jax.set_mesh(mesh)`."""
     dpo = cfg.stage == "dpo"
-    batches = eval_batches(examples, cfg.train.eval_batch_size, preference_batch if dpo else pad_sft, buckets)
-    out = steps.run_eval_batches(eval_fn, params, batches, lambda b: place(b, sharding))
+    out = run_eval(cfg, eval_fn, params, examples, preference_batch if dpo else pad_sft, sharding, buckets)
     if not dpo:
         return steps.sft_eval_metrics(out)
     lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
@@ -242,8 +268,10 @@ def run(cfg, workdir: str) -> dict:
         print(f"packed into {len(train_examples)} rows of {cfg.data.max_length} tokens")
     else:
         make_batch, lengths = pad_sft, None
+    train_rows = local_rows(sharding, cfg.train.global_batch_size)
     loader = Loader(train_examples, cfg.train.global_batch_size, make_batch, buckets=buckets, seed=cfg.seed,
-                    process_index=jax.process_index(), process_count=jax.process_count(), lengths=lengths)
+                    rows=train_rows, lengths=lengths)
+    sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
 
     # Model and optimizer, created directly with their shardings.
@@ -252,17 +280,14 @@ def run(cfg, workdir: str) -> dict:
     if jax.process_index() == 0:
         checkpoint.save_model_config(workdir, mcfg)
     tx, schedule = steps.make_optimizer(cfg.optim, total_steps)
-    abstract_opt = jax.eval_shape(tx.init, params)
-    opt_shardings = _opt_shardings(tx, abstract_opt, param_shardings, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_shardings = steps.TrainState(param_shardings, opt_shardings, replicated)
-    state = steps.TrainState(params, jax.jit(tx.init, out_shardings=opt_shardings)(params),
-                             jax.device_put(jnp.zeros((), jnp.int32), replicated))
+    state_shardings = train_state_shardings(tx, params, param_shardings, mesh)
+    state = steps.TrainState(params, jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params),
+                             jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step))
     eval_fn = steps.make_eval_fn(cfg.stage, graphdef)
 
     # DPO reference: from the initial parameters, before any checkpoint is restored.
     reference, eval_reference = None, None
-    with use_mesh(mesh, rules):
+    with jax.set_mesh(mesh):
         if dpo and not cfg.dpo.reference_free:
             if cfg.dpo.precompute_reference:
                 logps = reference_logps(cfg, workdir, train_examples, eval_fn, params, sharding, buckets, "train")
@@ -280,34 +305,29 @@ def run(cfg, workdir: str) -> dict:
         loader.restore(meta["loader"])
         print(f"resumed from step {int(state.step)} of {workdir}")
 
-    ref_shardings = None if reference is None else param_shardings  # frozen_copy keeps the params' layout
-    train_step = jax.jit(steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum,
-                                               cfg.get("dpo")),
-                         in_shardings=(state_shardings, sharding, ref_shardings),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    train_step = jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
+                                frozen_reference=reference is not None)
     writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
-    stop = _preemption_flag()
+    sigterm = _sigterm_flag()
 
     def evaluate(step):
-        with use_mesh(mesh, rules):
+        with jax.set_mesh(mesh):
             metrics = eval_metrics(cfg, eval_fn, state.params, eval_examples, eval_reference, sharding, buckets)
         writer.write(step, metrics, "eval")
         return metrics
 
     # The loop.
     step = int(jax.device_get(state.step))
-    flops_token = flops_per_token(mcfg, cfg.data.max_length) * (4 / 3 if reference is not None else 1)
-    peak = peak_flops()
+    peak = cfg.train.peak_tflops * 1e12 or peak_flops()
     bar = tqdm(total=total_steps, initial=step, desc=cfg.stage, disable=not cfg.train.progress or
                jax.process_index() != 0, dynamic_ncols=True)
-    last_eval = {}
+    last_eval, preempted = {}, False
     t_last = time.perf_counter()
     while step < total_steps:
-        local = next(loader)
-        tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
-        positions = local["inputs"].size * jax.process_count()
-        with use_mesh(mesh, rules):
-            state, metrics = train_step(state, place(local, sharding), reference)
+        local, info = next(loader)
+        with jax.set_mesh(mesh):
+            state, metrics = train_step(state, place(local, sharding, train_rows, cfg.train.global_batch_size),
+                                        reference)
         metrics = {k: float(v) for k, v in steps.to_host(metrics).items()}
         step += 1
         if not math.isfinite(metrics["loss"]):
@@ -318,31 +338,68 @@ def run(cfg, workdir: str) -> dict:
                 "lower optim.lr, check the data, or use float32 compute to find the cause.")
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        metrics.update(step_time=dt, tokens_per_sec=tokens / dt, tokens_per_sec_per_device=tokens / dt /
-                       jax.device_count(), epoch=loader.epoch)
-        if peak:
-            metrics["mfu"] = positions * flops_token / dt / (peak * jax.device_count())
+        metrics.update(throughput(mcfg, [sequences[i] for i in info.indices], info.length, dt,
+                                  frozen_reference=reference is not None, peak=peak, pairs=dpo),
+                       epoch=loader.epoch)
         if step % cfg.train.log_every == 0 or step == total_steps:
             writer.write(step, metrics)
         bar.update(1)
-        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "tokens_per_sec")
+        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "tokens_per_sec", "mfu")
                          if k in metrics})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
             last_eval = evaluate(step)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or stop["now"]:
+        # Preemption: every process sees the same answer at the same step (orbax over JAX's preemption sync
+        # manager when jax.distributed runs; this process's own SIGTERM flag when it runs alone).
+        preempted = mngr.reached_preemption(step) or sigterm["now"]
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
             checkpoint.save(mngr, state, {"loader": loader.state()})
-        if stop["now"]:
-            print(f"SIGTERM: saved step {step}; exiting")
+        if preempted:
+            print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
             break
         t_last = time.perf_counter()  # eval and checkpoint time is not step time
     bar.close()
-    if not stop["now"] and step == total_steps:
+    if not preempted and step == total_steps:
         last_eval = evaluate(step)
         print("eval:", json.dumps({k: round(v, 5) for k, v in last_eval.items()}))
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
     return last_eval
+
+
+def throughput(mcfg, sequences, length: int, seconds: float, *, frozen_reference: bool, peak, pairs: bool) -> dict:
+    """Throughput of one step over a global batch whose rows hold sequences of real lengths `sequences` (one list
+    per example: a pair's two, a packed row's segments) padded to `length`: real tokens only, the share of
+    positions that were padding, and MFU from the FLOPs of those real sequences (not of the padded shapes)."""
+    lengths = [n for seqs in sequences for n in seqs]
+    real = sum(lengths)
+    positions = len(sequences) * (2 if pairs else 1) * length
+    flops = step_flops(mcfg, lengths, frozen_reference)
+    out = {"step_time": seconds, "tokens_per_sec": real / seconds,
+           "tokens_per_sec_per_device": real / seconds / jax.device_count(),
+           "padding_fraction": 1 - real / positions, "tflops_per_device": flops / seconds / jax.device_count() / 1e12}
+    if peak:
+        out["mfu"] = flops / seconds / (peak * jax.device_count())
+    return out
+
+
+def train_state_shardings(tx, abstract_params, param_shardings, mesh) -> steps.TrainState:
+    """Shardings of the whole TrainState: parameters per the rules, optimizer state like the parameters it
+    mirrors, the step replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = _opt_shardings(tx, jax.eval_shape(tx.init, abstract_params), param_shardings, mesh)
+    return steps.TrainState(param_shardings, opt_shardings, replicated)
+
+
+def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding_, *, frozen_reference: bool):
+    """The jitted train step of this config: the state donated, batches sharded over the batch axes, and a
+    frozen DPO reference (when it runs in the step) laid out like the parameters. The planner
+    (zephyr_jax/plan.py) compiles this same function ahead of time."""
+    ref_shardings = state_shardings.params if frozen_reference else None  # frozen_copy keeps the params' layout
+    step = steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum, cfg.get("dpo"),
+                                 rules=cfg.mesh.rules)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding_, ref_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def _opt_shardings(tx, abstract_opt, param_shardings, mesh):
@@ -355,14 +412,16 @@ def _opt_shardings(tx, abstract_opt, param_shardings, mesh):
                                  transform_non_params=lambda _: replicated)
 
 
-def _preemption_flag():
-    """SIGTERM (a preempted TPU VM, `scancel`, a job scheduler) asks the loop to save and exit cleanly."""
+def _sigterm_flag():
+    """SIGTERM (a preempted TPU VM, `scancel`, a job scheduler) asks the loop to save and exit cleanly. Only for
+    a process running alone: under jax.distributed, JAX's preemption notifier owns SIGTERM and propagates the
+    notice to every process (read through mngr.reached_preemption), which a Python handler would break."""
     flag = {"now": False}
 
     def handler(signum, frame):
         flag["now"] = True
 
-    if os.name == "posix":
+    if os.name == "posix" and not jax.distributed.is_initialized():
         try:
             signal.signal(signal.SIGTERM, handler)
         except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler

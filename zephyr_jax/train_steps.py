@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from zephyr_jax import losses
-from zephyr_jax.sharding import constrain
+from zephyr_jax.sharding import DEFAULT_RULES, constrain
 
 
 class TrainState(NamedTuple):
@@ -88,12 +88,13 @@ def split_micro(batch, n: int):
 _tree_norm = getattr(optax.tree_utils, "tree_norm", None) or optax.tree_utils.tree_l2_norm
 
 
-def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg=None):
+def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg=None, rules=DEFAULT_RULES):
     """train_step(state, batch, reference) -> (state, metrics). reference: DPO only, either frozen reference
-    parameters (an nnx.State) or None when the batch carries precomputed "reference_logps" [B, 2]."""
+    parameters (an nnx.State) or None when the batch carries precomputed "reference_logps" [B, 2].
+    rules: the logical-axis rules that shard each micro-batch's rows (under `jax.set_mesh`)."""
 
     def micro_loss(params, micro, reference, normalizer):
-        micro = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), micro)
+        micro = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), rules), micro)
         if stage == "sft":
             loss, metrics = sft_loss_fn(params, graphdef, micro, normalizer)
             metrics = {"loss": loss, "correct": metrics["token_accuracy"] * metrics["num_tokens"],

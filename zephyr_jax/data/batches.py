@@ -87,6 +87,17 @@ def positions_needed(example) -> int:
     return len(example.ids) - 1
 
 
+def sequence_lengths(example) -> list[int]:
+    """Real positions of each sequence an example puts through the model: an SFT example's one, a preference
+    pair's two (prompt + chosen, prompt + rejected), a packed row's segments. Padding is not counted."""
+    if isinstance(example, dict):  # a packed row
+        ids = example["segment_ids"]
+        return np.bincount(ids[ids > 0]).tolist()[1:] if (ids > 0).any() else []
+    if hasattr(example, "prompt"):
+        return [len(example.prompt) + len(example.chosen) - 1, len(example.prompt) + len(example.rejected) - 1]
+    return [len(example.ids) - 1]
+
+
 def bucket(n: int, buckets) -> int:
     """The smallest bucket length >= n, so batches come in a few shapes and jit compiles a few times."""
     for b in sorted(buckets):

@@ -1,33 +1,41 @@
 """Deterministic, resumable global batches.
 
 Every process holds the same example list and computes the same shuffled order for (seed, epoch); each then
-builds only its own slice of every global batch. The padded length of a batch is chosen from the whole global
-batch, so all processes agree on shapes. The position (epoch, step) is two integers: saving it with a
+builds only the rows of every global batch that its devices hold (`rows`: positions in the global batch, from
+train.local_rows; on a pod they need not be one contiguous block). The padded length of a batch is chosen from
+the whole global batch, so all processes agree on shapes. The position (epoch, step) is two integers: saving it with a
 checkpoint and restoring it continues with exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from zephyr_jax.data.batches import bucket, positions_needed
 
 
+class BatchInfo(NamedTuple):
+    """What a global batch holds: its examples' indices (in global row order) and its padded length."""
+    indices: np.ndarray
+    length: int
+
+
 class Loader:
     def __init__(self, examples: Sequence, global_batch_size: int, make_batch: Callable, *, buckets,
-                 seed: int = 0, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
-                 lengths=None):
+                 seed: int = 0, shuffle: bool = True, rows=None, lengths=None):
         """make_batch(examples, length) -> dict of [rows, length] arrays (see data/batches.py).
+        rows: the positions in each global batch this process builds (default: all of them).
         lengths: positions each example needs (default: computed from SFT / preference examples)."""
-        if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} does not divide over {process_count} processes")
+        rows = np.arange(global_batch_size) if rows is None else np.asarray(rows)
+        if len(rows) and (rows.min() < 0 or rows.max() >= global_batch_size):
+            raise ValueError(f"rows {rows.tolist()} fall outside a global batch of {global_batch_size}")
         if len(examples) < global_batch_size:
             raise ValueError(f"{len(examples)} examples cannot fill one global batch of {global_batch_size}")
         self.examples, self.global_batch_size, self.make_batch = examples, global_batch_size, make_batch
         self.buckets, self.seed, self.shuffle = tuple(buckets), seed, shuffle
-        self.process_index, self.process_count = process_index, process_count
+        self.rows = rows
         self.lengths = np.array([positions_needed(e) for e in examples] if lengths is None else lengths)
         self.epoch, self.step = 0, 0
 
@@ -52,12 +60,11 @@ class Loader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> tuple[dict, BatchInfo]:
+        """(this process's rows of the next global batch, what the whole global batch holds)."""
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         idx = self.global_indices(self.epoch, self.step)
         length = bucket(int(self.lengths[idx].max()), self.buckets)
-        per_process = len(idx) // self.process_count
-        mine = idx[self.process_index * per_process:(self.process_index + 1) * per_process]
         self.step += 1
-        return self.make_batch([self.examples[i] for i in mine], length)
+        return self.make_batch([self.examples[i] for i in idx[self.rows]], length), BatchInfo(idx, length)

@@ -49,6 +49,7 @@ class MistralConfig:
     param_dtype: Any = jnp.float32  # storage dtype of the parameters
     attention_impl: str = "xla"  # "xla": einsum attention, runs anywhere; "cudnn": jax.nn.dot_product_attention
     remat: bool = False  # recompute each decoder layer in the backward pass
+    sharding_rules: Any = None  # logical axis -> mesh axes for activations (None: sharding.DEFAULT_RULES)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -62,6 +63,7 @@ class MistralConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
+        object.__setattr__(self, "sharding_rules", _hashable_rules(self.sharding_rules))
         for name in ("dtype", "param_dtype"):  # accept "bfloat16" strings from configs and the command line
             object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
 
@@ -110,3 +112,13 @@ class MistralConfig:
         d.update(architectures=["MistralForCausalLM"], model_type="mistral",
                  torch_dtype=str(jnp.dtype(self.param_dtype)), use_cache=True)
         return d
+
+
+def _hashable_rules(rules) -> tuple:
+    """Rules as nested tuples (from a config, JSON lists or None), so the config stays hashable for jit."""
+    if rules is None:
+        from zephyr_jax.sharding import DEFAULT_RULES
+
+        rules = DEFAULT_RULES
+    as_tuple = lambda axes: tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    return tuple((name, as_tuple(axes)) for name, axes in rules)

@@ -76,8 +76,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
-        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), cfg.sharding_rules)
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"), cfg.sharding_rules)
         if cache_kv is not None:  # decoding: write the new keys/values into their slots, attend over the cache
             k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, axis=1)
@@ -99,10 +99,11 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(h, i, ("embed", "mlp"), cfg, rngs)
         self.up_proj = Linear(h, i, ("embed", "mlp"), cfg, rngs)
         self.down_proj = Linear(i, h, ("mlp", "embed"), cfg, rngs)
+        self.rules = cfg.sharding_rules
 
     def __call__(self, x):
         hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(constrain(hidden, ("batch", "length", "mlp")))
+        return self.down_proj(constrain(hidden, ("batch", "length", "mlp"), self.rules))
 
 
 class DecoderLayer(nnx.Module):
@@ -111,12 +112,13 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs)
+        self.rules = cfg.sharding_rules
 
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
         attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "embed")), cache_kv
+        return constrain(x, ("batch", "length", "embed"), self.rules), cache_kv
 
 
 def _run_layer(layer, x, cos, sin, mask):
@@ -212,7 +214,7 @@ class Mistral(nnx.Module):
 
     def _embed(self, input_ids):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.dtype)
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("batch", "length", "embed"), self.config.sharding_rules)
 
     def _logits(self, x):
         if self.config.tie_word_embeddings:
@@ -220,4 +222,4 @@ class Mistral(nnx.Module):
             logits = jnp.einsum("bte,ve->btv", x, w, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x, out_dtype=jnp.float32)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"), self.config.sharding_rules)
