@@ -1,0 +1,116 @@
+"""Several processes, as on a pod: batch rows placed by global index under a pod-like device order, and a
+coordinated preemption through launch/local.sh. Tiny configs on CPU devices (the processes talk over loopback)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.test_train import _params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = {"JAX_PLATFORMS": "cpu"}
+
+
+def _records(workdir, split):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def _local_sh(num_processes, cpu_devices, log_dir, *train_args, **popen):
+    env = {**os.environ, **CPU, "LOG_DIR": str(log_dir)}
+    return subprocess.Popen(["bash", "launch/local.sh", str(num_processes), f"--cpu_devices={cpu_devices}", "--",
+                             *train_args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+def _finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+# --- A process's devices need not hold a contiguous block of the batch: rows go by global index. ---
+
+def test_interleaved_processes_match_one_process(data_dir, tmp_path):
+    """2 processes x 4 devices, with the mesh's device order alternating between the processes (process 0 holds
+    batch rows 0, 2, 4, ...), give the losses, precomputed reference log-probs and eval metrics of 1 process x 8
+    devices. IPO's length normalisation and eval's filler rows (8 eval pairs in a batch of 32) are both exercised."""
+    args = ["--config=configs/dpo.py:tiny", f"--config.data.train={data_dir / 'prefs'}",
+            f"--config.data.eval={data_dir / 'prefs'}", "--config.train.max_steps=3", "--config.train.eval_every=2",
+            "--config.train.save_every=0", "--config.train.progress=False", "--config.logging.tensorboard=False",
+            "--config.mesh.shape=(8,1,1)", "--config.mesh.device_order=interleave_processes",
+            "--config.dpo.precompute_reference=True", "--config.dpo.loss_type=ipo"]
+    multi = _local_sh(2, 4, tmp_path, f"--workdir={tmp_path / 'two'}", *args)
+    code, out = _finish(multi)
+    assert code == 0, out[-3000:] + (tmp_path / "process_1.log").read_text()[-3000:]
+    single = subprocess.run([sys.executable, "-m", "zephyr_jax.train", f"--workdir={tmp_path / 'one'}", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **CPU, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    for split in ("train", "eval"):
+        a, b = _records(two, split), _records(one, split)
+        assert [r["step"] for r in a] == [r["step"] for r in b] and a
+        for ra, rb in zip(a, b):
+            for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+                np.testing.assert_allclose(ra[key], rb[key], rtol=1e-5, atol=1e-6, err_msg=f"{split} {key}")
+    for name in sorted(os.listdir(one / "reference_logps")):
+        ours, theirs = np.load(two / "reference_logps" / name), np.load(one / "reference_logps" / name)
+        assert ours.shape == theirs.shape and ours.shape[1] == 2
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    assert sorted(os.listdir(two / "reference_logps")) == sorted(os.listdir(one / "reference_logps"))
+
+
+# --- SIGTERM to one process: every process saves the same step and exits 0; the resumed run is exact. ---
+
+def _python_children(proc):
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "zephyr_jax.train" in " ".join(
+        p.cmdline())]
+
+
+def test_sigterm_to_one_process_saves_the_same_step_everywhere(data_dir, tmp_path):
+    args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
+            f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=30", "--config.train.save_every=0",
+            "--config.train.eval_every=0", "--config.train.progress=False", "--config.logging.tensorboard=False"]
+    (tmp_path / "full_logs").mkdir()
+    full = _local_sh(2, 2, tmp_path / "full_logs", f"--workdir={tmp_path / 'full'}", *args)
+    code, out = _finish(full)
+    assert code == 0, out[-3000:]
+
+    (tmp_path / "logs").mkdir()
+    workdir = tmp_path / "preempted"
+    proc = _local_sh(2, 2, tmp_path / "logs", f"--workdir={workdir}", *args)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").exists() and len(_records(workdir, "train")) >= 3:
+            break
+        time.sleep(0.05)
+    workers = _python_children(proc)
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    target = next(p for p in workers if "--process_id=1" in p.cmdline())
+    sent = time.time()
+    target.send_signal(signal.SIGTERM)
+    code, out = _finish(proc, timeout=120)
+    assert code == 0, out[-3000:]
+    assert time.time() - sent < 60  # both processes stopped promptly, no hang in a collective
+    logs = out + (tmp_path / "logs" / "process_1.log").read_text()
+    saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < 30, saved
+    for p in (0, 1):
+        assert f"process {p} saved step {saved[0]}; exiting" in logs
+
+    resumed = _local_sh(2, 2, tmp_path / "logs", f"--workdir={workdir}", *args)
+    code, out = _finish(resumed)
+    assert code == 0 and f"resumed from step {saved[0]}" in out, out[-3000:]
+    full_step, full_params = _params(tmp_path / "full")
+    step, params = _params(workdir)
+    assert step == full_step == 30
+    for a, b in zip(full_params, params):
+        np.testing.assert_array_equal(a, b)
