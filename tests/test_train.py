@@ -260,7 +260,7 @@ def test_sigterm_saves_the_current_step(data_dir, tmp_path):
     last_logged = train_losses(workdir)
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert saved == [len(last_logged)] and 3 <= saved[0] < 100000
-    assert "SIGTERM: saved step" in stdout
+    assert f"preempted (SIGTERM): process 0 saved step {saved[0]}; exiting" in stdout
 
 
 # --- DPO reference modes, NaN. ---
@@ -301,3 +301,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     assert step == good_step == 6
     for a, b in zip(params, good_params):
         np.testing.assert_array_equal(a, b)
+
+
+# --- Honest throughput: real tokens only, the padding share, MFU from the sequences actually processed. ---
+
+def test_logged_throughput_counts_real_tokens_and_their_flops(data_dir, tmp_path):
+    from zephyr_jax.data import Loader
+    from zephyr_jax.data.pipeline import load_examples
+
+    cfg = tiny_config("dpo", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 0,
+                                          "train.peak_tflops": 0.5})
+    train.run(cfg, str(tmp_path))
+    logged = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
+
+    # The same global batches, rebuilt; real tokens counted from their segment ids.
+    examples, _ = load_examples(cfg.data, "dpo", load_tokenizer(), "train", log=lambda *_: None)
+    loader = Loader(examples, cfg.train.global_batch_size, preference_batch, buckets=train.buckets_for(cfg.data),
+                    seed=cfg.seed)
+    mcfg = train.model_config(cfg)
+    n = mcfg.num_params - mcfg.vocab_size * mcfg.hidden_size  # PaLM's N: no embedding lookup
+    per_layer = mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim
+    for record in logged:
+        batch, _ = next(loader)
+        seg = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1])
+        lengths = (seg > 0).sum(axis=1)  # one sequence per row (prompt + completion)
+        real = lengths.sum()
+        train_flops = (6 * n * lengths + 12 * per_layer * lengths ** 2).sum()
+        flops = train_flops * 4 / 3  # + the frozen reference's forward pass
+        assert record["tokens_per_sec"] * record["step_time"] == pytest.approx(real, rel=1e-9)
+        assert record["padding_fraction"] == pytest.approx(1 - real / seg.size, rel=1e-9)
+        assert 0 < record["padding_fraction"] < 1
+        assert record["mfu"] == pytest.approx(flops / record["step_time"] / (0.5e12 * jax.device_count()), rel=1e-9)

@@ -344,7 +344,7 @@ def run(cfg, workdir: str) -> dict:
         if step % cfg.train.log_every == 0 or step == total_steps:
             writer.write(step, metrics)
         bar.update(1)
-        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "tokens_per_sec", "mfu")
+        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
                          if k in metrics})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
             last_eval = evaluate(step)

@@ -1,0 +1,44 @@
+"""Sharding rules are part of what jit traces: the mesh comes from JAX's own context (`jax.set_mesh`), which
+jit keys its cache on, and the rules are an argument, so no trace made under one mesh is reused under another."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.sharding import DEFAULT_RULES, constrain, make_mesh
+
+
+def test_constrain_follows_the_mesh_context_not_a_stale_trace():
+    f = jax.jit(lambda x: constrain(x * 2, ("batch", "embed")))
+    x = jnp.ones((8, 4))
+    mesh = make_mesh((8, 1, 1))
+    outside = f(x)  # traced without a mesh: no constraint
+    assert len(outside.sharding.device_set) == 1
+    with jax.set_mesh(mesh):
+        inside = f(x)  # must be retraced with the constraint, not reuse the trace above
+    assert inside.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), 2)
+    again = f(x)  # and back outside, the unconstrained trace again
+    assert len(again.sharding.device_set) == 1
+    np.testing.assert_array_equal(inside, outside)
+
+
+def test_rules_travel_with_the_model_config():
+    """Two models that differ only in their rules shard the same activation differently under one mesh."""
+    mesh = make_mesh((1, 8, 1))
+    by_fsdp = tuple((name, axes) for name, axes in DEFAULT_RULES)
+    replicated_batch = tuple((name, None if name == "batch" else axes) for name, axes in DEFAULT_RULES)
+    ids = jnp.zeros((8, 4), jnp.int32)
+    shardings = []
+    for rules in (by_fsdp, replicated_batch):
+        cfg = MistralConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, sharding_rules=rules)
+        model = Mistral(cfg, rngs=nnx.Rngs(0))
+        with jax.set_mesh(mesh):
+            shardings.append(nnx.jit(lambda m, i: m(i))(model, ids).sharding)
+    assert not shardings[0].is_fully_replicated  # logits rows split over the 8 fsdp devices
+    assert shardings[0].shard_shape((8, 4, 128)) == (1, 4, 128)
+    assert shardings[1].is_fully_replicated  # the same model with "batch" unmapped
+    assert hash(MistralConfig(sharding_rules=[["batch", ["data", "fsdp"]]])) is not None  # JSON lists are accepted
