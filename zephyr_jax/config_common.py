@@ -50,7 +50,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.train.save_every = 200
     c.train.keep_checkpoints = 2
     c.train.progress = True  # tqdm bar
-    c.train.peak_tflops = 0.0  # per device, for MFU; 0: the device's data-sheet figure (metrics.PEAK_FLOPS), none on CPUs
+    c.train.peak_tflops = 0.0  # per device, for MFU; 0: the data-sheet figure (metrics.PEAK_FLOPS); none on CPUs
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices

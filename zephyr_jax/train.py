@@ -338,14 +338,14 @@ def run(cfg, workdir: str) -> dict:
                 "lower optim.lr, check the data, or use float32 compute to find the cause.")
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        metrics.update(throughput(mcfg, [sequences[i] for i in info.indices], info.length, dt,
+        metrics.update(throughput(mcfg, [sequences[i] for i in info.indices], info.length, dt, mesh.size,
                                   frozen_reference=reference is not None, peak=peak, pairs=dpo),
                        epoch=loader.epoch)
         if step % cfg.train.log_every == 0 or step == total_steps:
             writer.write(step, metrics)
         bar.update(1)
-        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
-                         if k in metrics})
+        shown = ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
+        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in shown if k in metrics})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
             last_eval = evaluate(step)
         # Preemption: every process sees the same answer at the same step (orbax over JAX's preemption sync
@@ -367,7 +367,8 @@ def run(cfg, workdir: str) -> dict:
     return last_eval
 
 
-def throughput(mcfg, sequences, length: int, seconds: float, *, frozen_reference: bool, peak, pairs: bool) -> dict:
+def throughput(mcfg, sequences, length: int, seconds: float, devices: int, *, frozen_reference: bool, peak,
+               pairs: bool) -> dict:
     """Throughput of one step over a global batch whose rows hold sequences of real lengths `sequences` (one list
     per example: a pair's two, a packed row's segments) padded to `length`: real tokens only, the share of
     positions that were padding, and MFU from the FLOPs of those real sequences (not of the padded shapes)."""
@@ -376,10 +377,10 @@ def throughput(mcfg, sequences, length: int, seconds: float, *, frozen_reference
     positions = len(sequences) * (2 if pairs else 1) * length
     flops = step_flops(mcfg, lengths, frozen_reference)
     out = {"step_time": seconds, "tokens_per_sec": real / seconds,
-           "tokens_per_sec_per_device": real / seconds / jax.device_count(),
-           "padding_fraction": 1 - real / positions, "tflops_per_device": flops / seconds / jax.device_count() / 1e12}
+           "tokens_per_sec_per_device": real / seconds / devices, "padding_fraction": 1 - real / positions,
+           "tflops_per_device": flops / seconds / devices / 1e12}
     if peak:
-        out["mfu"] = flops / seconds / (peak * jax.device_count())
+        out["mfu"] = flops / seconds / (peak * devices)
     return out
 
 
