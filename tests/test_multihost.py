@@ -75,15 +75,28 @@ def _python_children(proc):
         p.cmdline())]
 
 
-def test_sigterm_to_one_process_saves_the_same_step_everywhere(data_dir, tmp_path):
-    args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
-            f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=30", "--config.train.save_every=0",
-            "--config.train.eval_every=0", "--config.train.progress=False", "--config.logging.tensorboard=False"]
-    (tmp_path / "full_logs").mkdir()
-    full = _local_sh(2, 2, tmp_path / "full_logs", f"--workdir={tmp_path / 'full'}", *args)
-    code, out = _finish(full)
-    assert code == 0, out[-3000:]
+PREEMPT_ARGS = ["--config=configs/sft.py:tiny", "--config.train.max_steps=30", "--config.train.save_every=0",
+                "--config.train.eval_every=0", "--config.train.progress=False", "--config.logging.tensorboard=False"]
 
+
+def _data_args(data_dir):
+    return [f"--config.data.train={data_dir / 'sft'}", f"--config.data.eval={data_dir / 'sft'}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """The parameters of the same 2-process run left to finish its 30 steps."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    (root / "logs").mkdir()
+    code, out = _finish(_local_sh(2, 2, root / "logs", f"--workdir={root / 'w'}", *PREEMPT_ARGS,
+                                  *_data_args(data_dir)))
+    assert code == 0, out[-3000:]
+    return _params(root / "w")
+
+
+@pytest.mark.parametrize("targets", [[1], [1, 0]], ids=["one_process", "both_at_different_moments"])
+def test_sigterm_saves_the_same_step_everywhere_and_resumes_exactly(data_dir, tmp_path, uninterrupted, targets):
+    args = [*PREEMPT_ARGS, *_data_args(data_dir)]
     (tmp_path / "logs").mkdir()
     workdir = tmp_path / "preempted"
     proc = _local_sh(2, 2, tmp_path / "logs", f"--workdir={workdir}", *args)
@@ -94,9 +107,15 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere(data_dir, tmp_pat
         time.sleep(0.05)
     workers = _python_children(proc)
     assert len(workers) == 2, [p.cmdline() for p in workers]
-    target = next(p for p in workers if "--process_id=1" in p.cmdline())
     sent = time.time()
-    target.send_signal(signal.SIGTERM)
+    for i, target in enumerate(targets):
+        if i:
+            time.sleep(0.7)  # the next host hears of the preemption a few steps later
+        worker = next(p for p in workers if f"--process_id={target}" in p.cmdline())
+        try:
+            worker.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:  # it already saved and left
+            pass
     code, out = _finish(proc, timeout=120)
     assert code == 0, out[-3000:]
     assert time.time() - sent < 60  # both processes stopped promptly, no hang in a collective
@@ -109,7 +128,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere(data_dir, tmp_pat
     resumed = _local_sh(2, 2, tmp_path / "logs", f"--workdir={workdir}", *args)
     code, out = _finish(resumed)
     assert code == 0 and f"resumed from step {saved[0]}" in out, out[-3000:]
-    full_step, full_params = _params(tmp_path / "full")
+    full_step, full_params = uninterrupted
     step, params = _params(workdir)
     assert step == full_step == 30
     for a, b in zip(full_params, params):

@@ -40,17 +40,14 @@ from zephyr_jax.tokenizer import load_tokenizer
 # Config checks: every mistake a config can hold is reported here, before anything is loaded or compiled.
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, check_model_source: bool = True) -> None:
+    """check_model_source=False (the planner) skips checking that the init checkpoint exists on this machine."""
     if cfg.stage not in ("sft", "dpo"):
         raise ValueError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
-    if cfg.model.init == "orbax" and not os.path.isdir(os.path.join(cfg.model.path, "checkpoints")):
-        raise FileNotFoundError(f"config.model.path={cfg.model.path!r}: no zephyr_jax workdir with checkpoints "
-                                "there (train the SFT stage first, or set config.model.init='hf')")
-    if cfg.model.init == "hf" and (cfg.model.path.startswith((".", "/")) or os.path.sep * 2 in cfg.model.path) \
-            and not os.path.isdir(cfg.model.path):
-        raise FileNotFoundError(f"config.model.path={cfg.model.path!r}: no such Hugging Face checkpoint directory")
+    if check_model_source:
+        check_model_source_exists(cfg.model)
     t = cfg.train
     if t.global_batch_size % t.grad_accum:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -60,6 +57,15 @@ def check_config(cfg) -> None:
             raise ValueError(f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {LOSS_TYPES}")
         if cfg.data.max_prompt_length >= cfg.data.max_length:
             raise ValueError("data.max_prompt_length must be below data.max_length")
+
+
+def check_model_source_exists(model_cfg) -> None:
+    if model_cfg.init == "orbax" and not os.path.isdir(os.path.join(model_cfg.path, "checkpoints")):
+        raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no zephyr_jax workdir with checkpoints "
+                                "there (train the SFT stage first, or set config.model.init='hf')")
+    if model_cfg.init == "hf" and (model_cfg.path.startswith((".", "/")) or os.path.sep * 2 in model_cfg.path) \
+            and not os.path.isdir(model_cfg.path):
+        raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no such Hugging Face checkpoint directory")
 
 
 def check_batch_fits_mesh(cfg, mesh) -> None:

@@ -1,0 +1,457 @@
+"""Will this config fit that slice, and what will a step cost? Compiled ahead of time, nothing allocated.
+
+    python -m zephyr_jax.plan --config=configs/dpo.py[:VARIANT] --topology=v5e-64 [--config.key=value ...] [--json]
+
+The train step that train.py jits (same function, shardings, donation, gradient accumulation, and DPO reference
+parameters or precomputed log-probs) is lowered from abstract shapes and compiled by XLA for a TPU slice
+(libtpu compiles for TPUs on a CPU-only machine: `pip install -e .[tpu]`) or for this job's own devices
+(--topology=local). MaxText's train_compile.py does the same for pre-training; this one covers SFT and DPO.
+
+Per chip it reports the bytes of parameters, optimizer state, DPO reference, batch and XLA's temporaries against
+the chip's HBM, with a verdict; the tokens a step holds and the real (non-padding) tokens it holds for a length
+mix; FLOPs counted from the shapes the step processes; the compile time; and the attention kernel compiled.
+XLA's own cost analysis is shown only where it is sane, and labelled as an estimate: it is not a throughput
+measure for a whole train step (on a 7B DPO step it has counted about half the FLOPs and a negative time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zephyr_jax import train
+from zephyr_jax import train_steps as steps
+from zephyr_jax.data import pack, pad_sft, preference_batch
+from zephyr_jax.data.batches import bucket, positions_needed, sequence_lengths
+from zephyr_jax.data.preference import PreferenceExample
+from zephyr_jax.data.sft import SFTExample
+from zephyr_jax.metrics import peak_flops, sequence_flops, step_flops
+from zephyr_jax.model import MistralConfig
+
+GiB = 1024 ** 3
+
+# ---------------------------------------------------------------------------------------------------------
+# TPU slices. Names follow Cloud TPU's: v4-N and v5p-N count TensorCores (two per chip, one JAX device per chip
+# in megacore mode), v5e-N and v6e-N count chips. HBM is what XLA:TPU (libtpu 0.0.42) lets a program use per
+# chip, as its out-of-memory errors state it; dense bf16 peaks are the data sheets'.
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    prefix: str  # libtpu's topology prefix
+    chip_config: str  # "megacore": one device per chip (two TensorCores)
+    cores_in_name: int  # how many of the name's count one chip is
+    hbm_bytes: int
+    peak_flops: float
+    shapes: dict  # chips -> physical topology
+
+
+_TWO_D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_THREE_D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+            512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
+CHIPS = {
+    "v4": Chip("v4", "megacore", 2, int(30.75 * GiB), 275e12, _THREE_D),
+    "v5e": Chip("v5e", "default", 1, int(15.75 * GiB), 197e12, _TWO_D),
+    "v5p": Chip("v5", "megacore", 2, int(95.74 * GiB), 459e12, _THREE_D),
+    "v6e": Chip("v6e", "default", 1, int(31.25 * GiB), 918e12, _TWO_D),
+}
+
+
+def known_topologies() -> list[str]:
+    return [f"{gen}-{chips * chip.cores_in_name}" for gen, chip in CHIPS.items() for chips in chip.shapes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    devices: list
+    hbm_bytes: int | None  # per chip; None where unknown (CPU devices)
+    peak_flops: float | None  # per chip
+
+
+def tpu_target(name: str) -> Target:
+    """"v5e-64" -> 64 abstract v5e chips (an 8x8 slice) that XLA:TPU can compile for without a TPU."""
+    gen, _, count = name.partition("-")
+    chip = CHIPS.get(gen)
+    chips = int(count) // chip.cores_in_name if chip and count.isdigit() else None
+    if chip is None or chips not in chip.shapes or int(count) % chip.cores_in_name:
+        raise ValueError(f"unknown TPU topology {name!r}; known: {', '.join(known_topologies())} "
+                         "(or 'local' for this job's own devices)")
+    try:
+        from jax.experimental import topologies
+
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=f"{chip.prefix}:{chip.shapes[chips]}", chip_config_name=chip.chip_config,
+            chips_per_host_bounds=(2, 2, 1) if chips >= 4 else (1, 1, 1), num_slices=1)
+    except Exception as e:  # no libtpu: say how to get it
+        raise RuntimeError(f"compiling for {name} needs libtpu (pip install -e .[tpu]): {e}") from e
+    return Target(name, list(desc.devices), chip.hbm_bytes, chip.peak_flops)
+
+
+def local_target() -> Target:
+    devices = jax.devices()
+    hbm = (devices[0].memory_stats() or {}).get("bytes_limit") if devices[0].platform != "cpu" else None
+    return Target(f"local ({len(devices)} x {devices[0].device_kind})", devices, hbm, peak_flops(devices[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model a config trains, without reading weights.
+
+
+def planned_model_config(cfg) -> tuple[MistralConfig, str]:
+    """(architecture, where it came from). A local HF directory or zephyr_jax workdir is read; a workdir that does
+    not exist yet (the dDPO config before dSFT has run) or the recipe's hub name plans Mistral-7B-v0.1."""
+    local = cfg.model.init == "random" or os.path.isdir(cfg.model.path)
+    if local:
+        return train.model_config(cfg), cfg.model.path if cfg.model.init != "random" else "config.model.arch"
+    base = MistralConfig.mistral_7b_v0_1()
+    mcfg = base.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                        attention_impl=cfg.model.attention_impl, remat=cfg.model.remat,
+                        sharding_rules=cfg.mesh.rules)
+    why = "the recipe's base" if cfg.model.init == "orbax" else f"{cfg.model.path} is not on this machine"
+    return mcfg, f"Mistral-7B-v0.1's architecture ({why})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Length mixes: what a step's rows really hold.
+
+
+def length_mix(spec: str, stage: str, seed: int = 0, n: int = 4096) -> list:
+    """Examples with the token counts of a length mix, for the real batching code to pack or pad.
+
+    spec: "lognormal:MEDIAN,SIGMA" (SFT: tokens per example; DPO: prompt tokens, then completion tokens drawn
+    independently for chosen and rejected with the same median) or a file with one example per line: the
+    token count for SFT, "prompt chosen rejected" for DPO."""
+    rng = np.random.default_rng(seed)
+    if spec.startswith("lognormal:"):
+        median, sigma = (float(x) for x in spec.split(":", 1)[1].split(","))
+        draw = lambda size: np.maximum(2, rng.lognormal(math.log(median), sigma, size)).astype(int)
+        counts = np.stack([draw(n), draw(n), draw(n)], 1) if stage == "dpo" else draw(n)[:, None]
+    else:
+        counts = np.loadtxt(spec, dtype=int, ndmin=2)
+        if counts.shape[1] != (3 if stage == "dpo" else 1):
+            raise ValueError(f"length mix {spec}: expected {3 if stage == 'dpo' else 1} integer(s) per line")
+    ones = lambda k: np.ones(int(k), np.int32)
+    if stage == "dpo":
+        return [PreferenceExample(ones(p), ones(c), ones(r), False) for p, c, r in counts]
+    return [SFTExample(ones(k), ones(k).astype(bool), False) for (k,) in counts]
+
+
+def fit_to_config(examples, cfg) -> list:
+    """Cuts examples to the config's limits as the data pipeline does (SFT: max_length; DPO: the prompt from the
+    left to max_prompt_length, then completions to what is left of max_length)."""
+    d = cfg.data
+    if cfg.stage == "sft":
+        return [SFTExample(e.ids[:d.max_length], e.loss_mask[:d.max_length], False) for e in examples]
+    out = []
+    for e in examples:
+        prompt = e.prompt[-d.max_prompt_length:]
+        room = d.max_length - len(prompt)
+        out.append(PreferenceExample(prompt, e.chosen[:room], e.rejected[:room], False))
+    return out
+
+
+def batches_of_mix(cfg, spec: str, buckets, num_steps: int = 8) -> list[tuple[list, int]]:
+    """(real sequence lengths, padded length) of up to `num_steps` global batches that the real batching code
+    (SFT packing or padding to buckets, DPO pairs padded to the batch's bucket) makes from the length mix."""
+    n = 4 * cfg.train.global_batch_size
+    while True:
+        batches = _batches(cfg, length_mix(spec, cfg.stage, cfg.seed, n), buckets, num_steps)
+        if len(batches) >= num_steps or not spec.startswith("lognormal:"):
+            break
+        n *= 4  # packing needs more examples than rows
+    if not batches:
+        raise ValueError(f"the length mix {spec} holds fewer than one global batch of {cfg.train.global_batch_size}")
+    return batches
+
+
+def _batches(cfg, examples, buckets, num_steps: int) -> list[tuple[list, int]]:
+    examples = fit_to_config(examples, cfg)
+    size = cfg.train.global_batch_size
+    if cfg.stage == "sft" and cfg.data.packing:
+        rows = pack(examples, cfg.data.max_length)
+        examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+    groups = [examples[i:i + size] for i in range(0, len(examples) - size + 1, size)][:num_steps]
+    padded = lambda g: (cfg.data.max_length if isinstance(g[0], dict) else
+                        bucket(max(positions_needed(e) for e in g), buckets))
+    return [([n for e in g for n in sequence_lengths(e)], padded(g)) for g in groups]
+
+
+def computed_flops(mcfg: MistralConfig, lengths, frozen_reference: bool) -> float:
+    """FLOPs the chips spend on sequences of `lengths`: the training step's (policy forward and backward, the
+    frozen reference's forward) plus remat's second forward of every layer."""
+    return step_flops(mcfg, lengths, frozen_reference) + (sequence_flops(mcfg, lengths, False) if mcfg.remat else 0.)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Abstract inputs of the train step, and its compilation.
+
+
+def abstract_batch(cfg, length: int, precomputed_reference: bool) -> dict:
+    """The step's batch as ShapeDtypeStructs: the real batch builder's keys and dtypes at the planned shape."""
+    size = cfg.train.global_batch_size
+    one = np.ones(2, np.int32)
+    if cfg.stage == "dpo":
+        ref = np.zeros(2, np.float32) if precomputed_reference else None
+        example = preference_batch([PreferenceExample(one, one, one, False, ref)], length)
+    else:
+        example = pad_sft([SFTExample(one, one.astype(bool), False)], length)
+    return {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype) for k, v in example.items()}
+
+
+class StepInputs(NamedTuple):
+    state: steps.TrainState  # ShapeDtypeStructs
+    batch: dict
+    reference: Any  # frozen DPO reference parameters, or None
+    shardings: tuple  # (state, batch, reference) shardings, the trees of the three above
+
+
+def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, length: int):
+    """(train.py's jitted train step for cfg, its abstract inputs at batch length `length`)."""
+    dpo = cfg.stage == "dpo"
+    frozen = dpo and not cfg.dpo.reference_free and not cfg.dpo.precompute_reference
+    graphdef, params, param_shardings = train.abstract_params(cfg, mcfg, mesh)
+    tx, schedule = steps.make_optimizer(cfg.optim, 1000)  # the schedule's length changes no shape
+    state_shardings = train.train_state_shardings(tx, params, param_shardings, mesh)
+    state = steps.TrainState(params, jax.eval_shape(tx.init, params), jax.ShapeDtypeStruct((), jnp.int32))
+    batch = abstract_batch(cfg, length, dpo and cfg.dpo.precompute_reference)
+    batch_sharding = train.batch_sharding(mesh, cfg.mesh.rules)
+    reference = None
+    if frozen:
+        ref_dtype = jnp.dtype(cfg.dpo.reference_dtype)
+        reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), params)
+    step = train.jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding,
+                                frozen_reference=frozen)
+    shardings = (state_shardings, jax.tree.map(lambda _: batch_sharding, batch), param_shardings if frozen else None)
+    return step, StepInputs(state, batch, reference, shardings)
+
+
+def input_buffers(inputs: StepInputs) -> list[tuple[str, int]]:
+    """(name, bytes one chip holds) of every input array of the step, largest first."""
+    out = []
+    for name, tree, sh in zip(("state", "batch", "reference"), inputs[:3], inputs.shardings):
+        if tree is None:
+            continue
+        shards = jax.tree.leaves(sh, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+        for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(tree), shards, strict=True):
+            size = int(np.prod(s.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+            out.append((f"{name}.{jax.tree_util.keystr(path, simple=True, separator='.')}", size))
+    return sorted(out, key=lambda kv: -kv[1])
+
+
+def input_bytes(buffers) -> dict:
+    """Per-chip bytes of the step's inputs by kind: parameters, optimizer state, DPO reference, batch."""
+    kinds = {"parameters": "state.params.", "optimizer_state": "state.opt_state.", "reference": "reference.",
+             "batch": "batch."}
+    return {kind: sum(b for n, b in buffers if n.startswith(prefix)) for kind, prefix in kinds.items()}
+
+
+def attention_kernel(compiled_text: str, mcfg: MistralConfig) -> str:
+    """What the compiled program runs for attention: a fused kernel's custom call, or XLA's einsum softmax."""
+    for marker, name in (("cudnn$fmha", "cuDNN flash attention"), ("splash", "Pallas splash attention"),
+                         ("flash", "Pallas flash attention")):
+        if marker in compiled_text:
+            return name
+    return f"XLA einsum attention (attention_impl={mcfg.attention_impl!r}; no fused kernel in the program)"
+
+
+# XLA:TPU refuses to compile a program that does not fit. Its message counts arguments, outputs and temporaries
+# together (checked with programs whose arguments alone exceed HBM), although it calls them "HLO temporaries".
+_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def out_of_memory(error: Exception) -> tuple[float, float] | None:
+    """(bytes the program needs, bytes available) from XLA:TPU's out-of-memory compile error, else None."""
+    m = _OOM.search(str(error))
+    return (float(m.group(1)) * GiB, float(m.group(2)) * GiB) if m else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan.
+
+
+def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> dict:
+    """Compiles cfg's train step for `topology` (a TPU slice name or "local") and returns the report."""
+    train.check_config(cfg, check_model_source=False)
+    target = local_target() if topology == "local" else tpu_target(topology)
+    mesh = train.mesh_for(cfg, target.devices)
+    mcfg, model_source = planned_model_config(cfg)
+    buckets = train.buckets_for(cfg.data)
+    length = max(buckets)  # the largest shape sets the memory
+    dpo = cfg.stage == "dpo"
+    frozen = dpo and not cfg.dpo.reference_free and not cfg.dpo.precompute_reference
+    rows = cfg.train.global_batch_size * (2 if dpo else 1)
+    report = {
+        "config": {"stage": cfg.stage, "mesh": dict(mesh.shape), "global_batch_size": cfg.train.global_batch_size,
+                   "grad_accum": cfg.train.grad_accum, "length": length, "packing": bool(cfg.data.get("packing")),
+                   "remat": mcfg.remat, "dtype": str(mcfg.dtype), "param_dtype": str(mcfg.param_dtype),
+                   "reference": ("frozen copy in " + cfg.dpo.reference_dtype if frozen else "precomputed log-probs"
+                                 if dpo and cfg.dpo.precompute_reference else "none") if dpo else None},
+        "target": {"name": target.name, "chips": len(target.devices), "hbm_bytes": target.hbm_bytes,
+                   "peak_flops": target.peak_flops},
+        "model": {"source": model_source, "params": mcfg.num_params}}
+
+    # Tokens and FLOPs, counted from the shapes the step processes.
+    flops = computed_flops(mcfg, [length] * rows, frozen)
+    tokens = {"positions_per_step": rows * length, "flops_per_step": flops, "flops_per_position": flops / (rows * length)}
+    if length_mix_spec:
+        batches = batches_of_mix(cfg, length_mix_spec, buckets)
+        real = np.mean([sum(lens) for lens, _ in batches])
+        positions = np.mean([rows * padded for _, padded in batches])
+        spent = np.mean([computed_flops(mcfg, [padded] * rows, frozen) for _, padded in batches])
+        model = np.mean([step_flops(mcfg, lens, frozen) for lens, _ in batches])
+        tokens.update(length_mix=length_mix_spec, real_tokens_per_step=real, padded_positions_per_step=positions,
+                      padding_fraction=1 - real / positions, flops_per_real_token=spent / real,
+                      model_flops_per_real_token=model / real)
+    report["tokens"] = tokens
+    if target.peak_flops:
+        report["ideal_step_seconds"] = flops / (target.peak_flops * len(target.devices))
+
+    # Compile, then the bytes per chip: the inputs from their shapes and shardings, the rest from XLA.
+    step, inputs = train_step_and_inputs(cfg, mcfg, mesh, length)
+    buffers = input_buffers(inputs)
+    parts = input_bytes(buffers)
+    start = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = step.lower(inputs.state, inputs.batch, inputs.reference).compile()
+    except Exception as e:
+        figures = out_of_memory(e)
+        if figures is None:
+            raise
+        total, hbm = figures
+        report["memory"] = {**parts, "temporaries_inferred": total - sum(parts.values()), "total": total, "hbm": hbm,
+                            "xla_error": str(e).strip()}
+    else:
+        report["compile_seconds"] = time.perf_counter() - start
+        mem = compiled.memory_analysis()
+        not_donated = mem.output_size_in_bytes - mem.alias_size_in_bytes
+        total = mem.argument_size_in_bytes + not_donated + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
+        report["memory"] = {**parts, "temporaries": mem.temp_size_in_bytes, "outputs_not_donated": not_donated,
+                            "code": mem.generated_code_size_in_bytes, "total": total, "hbm": target.hbm_bytes}
+        text = compiled.as_text()
+        report["attention"] = attention_kernel(text, mcfg)
+        report["xla_estimate"] = xla_estimate(compiled, flops, len(target.devices))
+    report["memory"]["largest_inputs"] = buffers[:5]
+    report["verdict"] = verdict(report["memory"])
+    return report
+
+
+def verdict(memory: dict) -> str:
+    hbm, total = memory.get("hbm"), memory["total"]
+    if not hbm:
+        return f"needs {total / GiB:.2f} GiB per device (the device's capacity is unknown)"
+    if total <= hbm:
+        return f"fits with {(hbm - total) / GiB:.2f} GiB free ({total / GiB:.2f} of {hbm / GiB:.2f} GiB per chip)"
+    kinds = {k: v for k, v in memory.items() if k in ("parameters", "optimizer_state", "reference", "batch",
+                                                      "temporaries", "temporaries_inferred") and v > 0}
+    big = sorted(kinds.items(), key=lambda kv: -kv[1])[:3]
+    arrays = ", ".join(f"{name} {size / GiB:.2f}" for name, size in memory["largest_inputs"][:2])
+    return (f"does not fit by {(total - hbm) / GiB:.2f} GiB ({total / GiB:.2f} of {hbm / GiB:.2f} GiB per chip): "
+            "the largest buffers are " + ", ".join(f"{k.split('_inferred')[0].replace('_', ' ')} {v / GiB:.2f} GiB" for k, v in big)
+            + f" (largest arrays: {arrays} GiB)")
+
+
+def xla_estimate(compiled, counted_flops: float, chips: int) -> dict:
+    """XLA's cost analysis, labelled an estimate and kept only where sane: its FLOPs (and their share of the
+    counted FLOPs) when positive, the cost model's time when positive."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends have none
+        return {}
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    out = {}
+    flops = float(cost.get("flops", -1))
+    if 0 < flops < math.inf:
+        out.update(flops_per_chip=flops, share_of_counted=flops * chips / counted_flops)
+    seconds = float(cost.get("optimal_seconds", -1))
+    if 0 < seconds < math.inf:
+        out["optimal_seconds"] = seconds
+    return out
+
+
+def format_report(r: dict) -> str:
+    c, t, m, tok = r["config"], r["target"], r["memory"], r["tokens"]
+    gib = lambda b: f"{b / GiB:8.2f} GiB"
+    params = r["model"]["params"]
+    lines = [
+        f"plan: {c['stage']} on {t['name']} ({t['chips']} chips), mesh {c['mesh']}",
+        f"  model: {params / 1e9:.2f}B parameters" if params >= 1e8 else f"  model: {params / 1e6:.1f}M parameters",
+        f"    ({r['model']['source']}); {c['param_dtype']} weights, {c['dtype']} compute, remat={c['remat']}",
+        f"  batch: {c['global_batch_size']} x {c['length']} tokens{' x 2 (chosen, rejected)' if c['stage'] == 'dpo' else ''}"
+        f", grad_accum {c['grad_accum']}{', packed' if c['packing'] else ''}"
+        + (f"; DPO reference: {c['reference']}" if c["reference"] else ""),
+        "  bytes per chip:"]
+    lines[1] += " " + lines.pop(2).strip()
+    for key in ("parameters", "optimizer_state", "reference", "batch", "temporaries", "temporaries_inferred",
+                "outputs_not_donated", "code"):
+        if m.get(key) or (key in ("parameters", "temporaries") and key in m):
+            label = "temporaries (XLA total minus inputs)" if key == "temporaries_inferred" else key.replace("_", " ")
+            lines.append(f"    {label:36s}{gib(m[key])}")
+    lines.append(f"    {'total':36s}{gib(m['total'])}" + (f"  of {gib(m['hbm']).strip()} usable" if m.get("hbm") else ""))
+    lines.append(f"  verdict: {r['verdict']}")
+    lines.append(f"  tokens per step: {tok['positions_per_step']:,} positions at the largest bucket")
+    if "real_tokens_per_step" in tok:
+        lines.append(f"  length mix {tok['length_mix']}: {tok['real_tokens_per_step']:,.0f} real tokens in "
+                     f"{tok['padded_positions_per_step']:,.0f} positions per step ({100 * tok['padding_fraction']:.1f}% "
+                     "padding)")
+        lines.append(f"  FLOPs per real token: {tok['flops_per_real_token']:.3g} computed, "
+                     f"{tok['model_flops_per_real_token']:.3g} model FLOPs (the MFU numerator)")
+    lines.append(f"  FLOPs per step at the largest bucket: {tok['flops_per_step']:.3g} "
+                 f"({tok['flops_per_position']:.3g} per position{', remat included' if c['remat'] else ''})")
+    if r.get("ideal_step_seconds"):
+        lines.append(f"  step time at 100% of peak: {r['ideal_step_seconds']:.3f} s (a lower bound)")
+    x = r.get("xla_estimate") or {}
+    if "flops_per_chip" in x:
+        lines.append(f"  XLA cost analysis (an estimate, not a throughput measure): {x['flops_per_chip']:.3g} FLOPs "
+                     f"per chip, {100 * x['share_of_counted']:.0f}% of the counted FLOPs"
+                     + (f", {x['optimal_seconds']:.3f} s" if "optimal_seconds" in x else ""))
+    if "attention" in r:
+        lines.append(f"  attention: {r['attention']}")
+    if "compile_seconds" in r:
+        lines.append(f"  compiled in {r['compile_seconds']:.1f} s")
+    else:
+        lines.append(f"  XLA:TPU refused the program: {m['xla_error'].splitlines()[0]}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def cli():
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/dpo.py, with :VARIANT",
+                                             lock_config=True)
+    topology = flags.DEFINE_string("topology", "local", f"a TPU slice ({', '.join(known_topologies()[:6])}, ...) "
+                                   "or 'local' for this job's devices")
+    mix = flags.DEFINE_string("length_mix", None, "lognormal:MEDIAN,SIGMA or a file of example lengths "
+                              "(see plan.length_mix), for real tokens per step")
+    as_json = flags.DEFINE_bool("json", False, "print the report as JSON")
+    flags.mark_flags_as_required(["config"])
+
+    def main(argv):
+        del argv
+        try:
+            report = plan(config.value, topology.value, mix.value)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print(json.dumps(report, indent=2, default=str) if as_json.value else format_report(report))
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()
