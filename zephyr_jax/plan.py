@@ -87,6 +87,7 @@ def tpu_target(name: str) -> Target:
     if chip is None or chips not in chip.shapes or int(count) % chip.cores_in_name:
         raise ValueError(f"unknown TPU topology {name!r}; known: {', '.join(known_topologies())} "
                          "(or 'local' for this job's own devices)")
+    quiet_libtpu(name)
     try:
         from jax.experimental import topologies
 
@@ -96,6 +97,17 @@ def tpu_target(name: str) -> Target:
     except Exception as e:  # no libtpu: say how to get it
         raise RuntimeError(f"compiling for {name} needs libtpu (pip install -e .[tpu]): {e}") from e
     return Target(name, list(desc.devices), chip.hbm_bytes, chip.peak_flops)
+
+
+def quiet_libtpu(name: str) -> None:
+    """Compiling for a slice from a machine that is not in it: the environment a TPU VM of that slice would have,
+    so libtpu does not look for TPU metadata and hosts (it warns at length otherwise), and several processes may
+    load libtpu at once. Variables already set are kept."""
+    gen, _, count = name.partition("-")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{'v5litepod' if gen == 'v5e' else gen}-{count}")
 
 
 def local_target() -> Target:
@@ -129,18 +141,26 @@ def planned_model_config(cfg) -> tuple[MistralConfig, str]:
 def length_mix(spec: str, stage: str, seed: int = 0, n: int = 4096) -> list:
     """Examples with the token counts of a length mix, for the real batching code to pack or pad.
 
-    spec: "lognormal:MEDIAN,SIGMA" (SFT: tokens per example; DPO: prompt tokens, then completion tokens drawn
-    independently for chosen and rejected with the same median) or a file with one example per line: the
-    token count for SFT, "prompt chosen rejected" for DPO."""
+    spec: "lognormal:MEDIAN,SIGMA" for SFT (tokens per example), "lognormal:PROMPT,COMPLETION,SIGMA" for DPO
+    (medians; chosen and rejected are drawn independently), or a file with one example per line: its token
+    count for SFT, "prompt chosen rejected" token counts for DPO."""
     rng = np.random.default_rng(seed)
+    width = 3 if stage == "dpo" else 1
     if spec.startswith("lognormal:"):
-        median, sigma = (float(x) for x in spec.split(":", 1)[1].split(","))
-        draw = lambda size: np.maximum(2, rng.lognormal(math.log(median), sigma, size)).astype(int)
-        counts = np.stack([draw(n), draw(n), draw(n)], 1) if stage == "dpo" else draw(n)[:, None]
+        try:
+            *medians, sigma = (float(x) for x in spec.split(":", 1)[1].split(","))
+        except ValueError:
+            medians, sigma = [], 0.0
+        if len(medians) != (2 if stage == "dpo" else 1):
+            raise ValueError(f"length mix {spec!r}: expected lognormal:" +
+                             ("PROMPT,COMPLETION,SIGMA for DPO" if stage == "dpo" else "MEDIAN,SIGMA for SFT"))
+        medians = [medians[0], medians[1], medians[1]] if stage == "dpo" else medians
+        counts = np.stack([rng.lognormal(math.log(m), sigma, n) for m in medians], 1)
+        counts = np.maximum(2, counts).astype(int)
     else:
         counts = np.loadtxt(spec, dtype=int, ndmin=2)
-        if counts.shape[1] != (3 if stage == "dpo" else 1):
-            raise ValueError(f"length mix {spec}: expected {3 if stage == 'dpo' else 1} integer(s) per line")
+        if counts.shape[1] != width:
+            raise ValueError(f"length mix {spec}: expected {width} integer(s) per line for {stage}")
     ones = lambda k: np.ones(int(k), np.int32)
     if stage == "dpo":
         return [PreferenceExample(ones(p), ones(c), ones(r), False) for p, c, r in counts]
@@ -437,13 +457,15 @@ def cli():
                                              lock_config=True)
     topology = flags.DEFINE_string("topology", "local", f"a TPU slice ({', '.join(known_topologies()[:6])}, ...) "
                                    "or 'local' for this job's devices")
-    mix = flags.DEFINE_string("length_mix", None, "lognormal:MEDIAN,SIGMA or a file of example lengths "
-                              "(see plan.length_mix), for real tokens per step")
+    mix = flags.DEFINE_string("length_mix", None, "lognormal:MEDIAN,SIGMA (SFT), lognormal:PROMPT,COMPLETION,SIGMA "
+                              "(DPO), or a file of example lengths (see plan.length_mix): real tokens per step")
     as_json = flags.DEFINE_bool("json", False, "print the report as JSON")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
         del argv
+        if topology.value != "local" and not os.environ.get("JAX_PLATFORMS"):
+            jax.config.update("jax_platforms", "cpu")  # a CPU default backend; libtpu only compiles
         try:
             report = plan(config.value, topology.value, mix.value)
         except ValueError as e:

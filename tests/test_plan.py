@@ -1,0 +1,90 @@
+"""The planner (python -m zephyr_jax.plan): its verdict on a TPU slice both ways, its bytes against a real run's
+measured peak, and its token and FLOP counts against hand counts and XLA's own count."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zephyr_jax import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2 ** 30
+
+
+def _plan(*args) -> dict:
+    out = subprocess.run([sys.executable, "-m", "zephyr_jax.plan", *args, "--json"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def test_tiny_dpo_fits_a_v5e_slice_with_exact_input_bytes_and_flops(tmp_path):
+    # Eight pairs (prompt, chosen, rejected token counts) within the tiny config's limits: one global batch.
+    pairs = [(10, 5, 7), (20, 30, 2), (40, 20, 50), (3, 3, 3), (64, 60, 1), (12, 40, 41), (7, 9, 11), (30, 30, 30)]
+    mix = tmp_path / "pairs.txt"
+    mix.write_text("".join(f"{p} {c} {r}\n" for p, c, r in pairs))
+    r = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", f"--length_mix={mix}")
+
+    assert r["verdict"].startswith("fits with"), r["verdict"]
+    assert r["target"] == {"name": "v5e-4", "chips": 4, "hbm_bytes": int(15.75 * GiB), "peak_flops": 197e12}
+    assert r["config"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    m = r["memory"]
+    # Data parallelism replicates the float32 parameters: every chip holds all of them, Adam's two moments and the
+    # float32 frozen reference; the batch (8 pairs x 2 x 128 positions x 5 int32 fields) is split over 4 chips.
+    params = r["model"]["params"]
+    assert m["parameters"] == 4 * params and m["reference"] == 4 * params
+    assert m["optimizer_state"] == 8 * params + 2 * 4  # mu, nu, and the int32 step counts of Adam and the schedule
+    assert m["batch"] == 8 * 2 * 128 * 5 * 4 // 4
+    assert m["total"] >= m["parameters"] + m["optimizer_state"] + m["reference"] + m["batch"] + m["temporaries"]
+    assert "XLA einsum attention" in r["attention"] and r["compile_seconds"] > 0
+
+    t = r["tokens"]
+    assert t["positions_per_step"] == 8 * 2 * 128
+    assert t["real_tokens_per_step"] == sum((p + c - 1) + (p + rj - 1) for p, c, rj in pairs)
+    assert t["padded_positions_per_step"] == 8 * 2 * 128  # the longest pair needs 123 positions: bucket 128
+    # XLA's own FLOP count (independent of ours) for a step without remat or loops agrees with the counted FLOPs.
+    assert 0.9 < r["xla_estimate"]["share_of_counted"] < 1.15, r["xla_estimate"]
+
+
+def test_a_config_that_does_not_fit_says_by_how_much_and_what_is_largest():
+    r = _plan("--config=configs/sft.py:tiny", "--topology=v5e-4", "--config.train.global_batch_size=4096")
+    m = r["memory"]
+    assert r["verdict"].startswith("does not fit by"), r["verdict"]
+    assert m["total"] > m["hbm"] == int(15.75 * GiB)
+    assert "RESOURCE_EXHAUSTED" in m["xla_error"]
+    assert "the largest buffers are temporaries" in r["verdict"]
+    text = plan.format_report(r)
+    assert "does not fit by" in text and "XLA:TPU refused the program" in text
+
+
+def test_unknown_topology_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown TPU topology 'v5e-3'.*v4-8.*v5e-64.*v5p-32.*v6e-256"):
+        plan.tpu_target("v5e-3")
+    with pytest.raises(ValueError, match="unknown TPU topology 'v4-9'"):
+        plan.tpu_target("v4-9")
+
+
+def test_bad_length_mix_is_named():
+    with pytest.raises(ValueError, match="PROMPT,COMPLETION,SIGMA for DPO"):
+        plan.length_mix("lognormal:100,0.5", "dpo")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resident-set high-water mark")
+@pytest.mark.parametrize("config,devices,overrides", [
+    ("configs/sft.py:tiny", 1, ["--config.train.global_batch_size=16", "--config.train.grad_accum=2"]),
+    ("configs/dpo.py:tiny", 8, ["--config.train.global_batch_size=64", "--config.mesh.shape=(1,8,1)"]),
+], ids=["sft_1_device_grad_accum", "dpo_8_devices_fsdp"])
+def test_planned_bytes_match_the_measured_peak_of_a_real_step(config, devices, overrides):
+    """The planner's total per device against a real step's peak resident memory on the local CPU devices
+    (bench/plan_memory.py), within 10%."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets the device count
+    out = subprocess.run([sys.executable, "bench/plan_memory.py", f"--config={config}", f"--devices={devices}",
+                          *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == devices
+    assert result["planned_bytes"] > 300 * 2 ** 20  # big enough that the step's own memory dominates the peak
+    assert 0.9 < result["ratio"] < 1.1, result
