@@ -88,3 +88,14 @@ def test_planned_bytes_match_the_measured_peak_of_a_real_step(config, devices, o
     assert result["devices"] == devices
     assert result["planned_bytes"] > 300 * 2 ** 20  # big enough that the step's own memory dominates the peak
     assert 0.9 < result["ratio"] < 1.1, result
+
+
+def test_the_planned_model_is_read_without_weights(tiny_model_dir):
+    from zephyr_jax.config_common import load_config
+
+    local, source = plan.planned_model_config(load_config("configs/sft.py", **{"model.path": tiny_model_dir}))
+    assert (local.hidden_size, local.num_hidden_layers, source) == (32, 2, tiny_model_dir)
+    base, source = plan.planned_model_config(load_config("configs/dpo.py"))  # before dSFT has run
+    assert base.num_params == 7_241_732_096 and "recipe's base" in source
+    with pytest.raises(ValueError, match="'someone/elses-model': not a local directory"):  # the hub is offline here
+        plan.planned_model_config(load_config("configs/sft.py", **{"model.path": "someone/elses-model"}))

@@ -120,18 +120,32 @@ def local_target() -> Target:
 # The model a config trains, without reading weights.
 
 
+BASE_MODEL = "mistralai/Mistral-7B-v0.1"
+
+
 def planned_model_config(cfg) -> tuple[MistralConfig, str]:
-    """(architecture, where it came from). A local HF directory or zephyr_jax workdir is read; a workdir that does
-    not exist yet (the dDPO config before dSFT has run) or the recipe's hub name plans Mistral-7B-v0.1."""
-    local = cfg.model.init == "random" or os.path.isdir(cfg.model.path)
-    if local:
-        return train.model_config(cfg), cfg.model.path if cfg.model.init != "random" else "config.model.arch"
-    base = MistralConfig.mistral_7b_v0_1()
-    mcfg = base.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                        attention_impl=cfg.model.attention_impl, remat=cfg.model.remat,
-                        sharding_rules=cfg.mesh.rules)
-    why = "the recipe's base" if cfg.model.init == "orbax" else f"{cfg.model.path} is not on this machine"
-    return mcfg, f"Mistral-7B-v0.1's architecture ({why})"
+    """(architecture, where it came from), without reading weights: a local HF directory or zephyr_jax workdir is
+    read; Mistral-7B-v0.1 (by hub name, or a dSFT workdir that does not exist yet: the dDPO config before dSFT has
+    run) is MistralConfig's defaults; another hub name has only its config.json fetched."""
+    jax_settings = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                        attention_impl=cfg.model.attention_impl, remat=cfg.model.remat, sharding_rules=cfg.mesh.rules)
+    init, path = cfg.model.init, cfg.model.path
+    if init == "random" or (init == "orbax" and os.path.isdir(os.path.join(path, "checkpoints"))) or \
+            (init == "hf" and os.path.isdir(path)):
+        return train.model_config(cfg), "config.model.arch" if init == "random" else path
+    if init == "orbax" or path == BASE_MODEL:
+        why = f"{path} has no checkpoint yet: planned as the recipe's base" if init == "orbax" else path
+        return MistralConfig.mistral_7b_v0_1(**jax_settings), f"Mistral-7B-v0.1's architecture ({why})"
+    from huggingface_hub import hf_hub_download
+
+    from zephyr_jax import hf
+
+    try:
+        config_file = hf_hub_download(path, hf.CONFIG_NAME)
+    except Exception as e:
+        raise ValueError(f"config.model.path={path!r}: not a local directory, and its {hf.CONFIG_NAME} could not be "
+                         f"fetched from the Hugging Face Hub ({type(e).__name__}: {e})") from e
+    return hf.load_config(os.path.dirname(config_file), **jax_settings), f"{path} ({hf.CONFIG_NAME} from the hub)"
 
 
 # ---------------------------------------------------------------------------------------------------------
