@@ -99,3 +99,37 @@ def test_the_planned_model_is_read_without_weights(tiny_model_dir):
     assert base.num_params == 7_241_732_096 and "recipe's base" in source
     with pytest.raises(ValueError, match="'someone/elses-model': not a local directory"):  # the hub is offline here
         plan.planned_model_config(load_config("configs/sft.py", **{"model.path": "someone/elses-model"}))
+
+
+def test_both_of_xla_tpus_out_of_memory_messages_are_read():
+    before = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+              "(15.91G) exceeds available HBM (15.75G).")
+    assert plan.out_of_memory(RuntimeError(before)) == {"total": 15.91 * GiB, "hbm": 15.75 * GiB, "largest": []}
+    # The shape of XLA:TPU's message when the scheduled program overflows (abridged from a v4-64 DPO compile).
+    after = """RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in
+memory space hbm. Used 30.75G of 30.75G hbm. Exceeded hbm capacity by 1.60M.
+
+Total hbm usage >= 32.00G:
+    reserved          1.25G
+  Largest program allocations in hbm:
+
+  1. Size: 1.00G
+     Operator: op_name="jit(train_step)/while/body/checkpoint/rematted_computation/btkgd,bskd->bkgts/dot_general"
+     Shape: f32[8,8,1024,1024,4]{3,2,4,1,0:T(8,128)}
+     Allocation type: HLO temp
+     ==========================
+
+  2. Size: 512.00M
+     Shape: bf16[8,1024,14336]{2,1,0:T(8,128)(2,1)}
+     ==========================
+
+  Largest program arguments and outputs in hbm:
+
+  1. Size: 15.62M
+     Shape: f32[32000,128]{1,0:T(8,128)}
+"""
+    oom = plan.out_of_memory(RuntimeError(after))
+    assert oom["hbm"] == 30.75 * GiB and oom["total"] == 30.75 * GiB + 1.6 * 2 ** 20
+    assert oom["largest"] == [("f32[8,8,1024,1024,4] (btkgd,bskd->bkgts/dot_general)", GiB),
+                              ("bf16[8,1024,14336] (?)", 512 * 2 ** 20)]
+    assert plan.out_of_memory(RuntimeError("INTERNAL: something else")) is None

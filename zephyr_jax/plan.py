@@ -299,15 +299,38 @@ def attention_kernel(compiled_text: str, mcfg: MistralConfig) -> str:
     return f"XLA einsum attention (attention_impl={mcfg.attention_impl!r}; no fused kernel in the program)"
 
 
-# XLA:TPU refuses to compile a program that does not fit. Its message counts arguments, outputs and temporaries
-# together (checked with programs whose arguments alone exceed HBM), although it calls them "HLO temporaries".
-_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+# XLA:TPU refuses to compile a program that does not fit, in one of two messages. Before scheduling: "the total
+# memory required for HLO temporaries (X) exceeds available HBM (Y)", where X counts arguments, outputs and
+# temporaries together (checked with programs whose arguments alone exceed HBM). After: "Used Y of Y hbm. Exceeded
+# hbm capacity by Z", followed by its list of the largest allocations.
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_NUMBER = r"([\d.]+)([KMGT]?)"
+_OOM_BEFORE = re.compile(rf"required for HLO temporaries \({_NUMBER}\) exceeds available HBM \({_NUMBER}\)")
+_OOM_AFTER = re.compile(rf"Used {_NUMBER} of {_NUMBER} hbm\. Exceeded hbm capacity by {_NUMBER}")
 
 
-def out_of_memory(error: Exception) -> tuple[float, float] | None:
-    """(bytes the program needs, bytes available) from XLA:TPU's out-of-memory compile error, else None."""
-    m = _OOM.search(str(error))
-    return (float(m.group(1)) * GiB, float(m.group(2)) * GiB) if m else None
+def _bytes(number: str, unit: str) -> float:
+    return float(number) * _UNITS[unit]
+
+
+def out_of_memory(error: Exception) -> dict | None:
+    """{"total", "hbm", "largest"} from XLA:TPU's out-of-memory compile error (bytes per chip; `largest`: XLA's
+    biggest temporaries as (description, bytes)), or None for any other error."""
+    text = str(error)
+    if m := _OOM_BEFORE.search(text):
+        return {"total": _bytes(*m.group(1, 2)), "hbm": _bytes(*m.group(3, 4)), "largest": []}
+    if m := _OOM_AFTER.search(text):
+        hbm = _bytes(*m.group(3, 4))
+        section = text.partition("Largest program allocations in hbm:")[2].partition("Largest program arguments")[0]
+        largest = []
+        for entry in section.split("=========================="):
+            size, shape = re.search(rf"Size: {_NUMBER}", entry), re.search(r"Shape: (\S+)", entry)
+            op = re.search(r'op_name="([^"]+)"', entry)
+            if size and shape:
+                where = "/".join(op.group(1).split("/")[-2:]) if op else "?"
+                largest.append((f"{shape.group(1).split('{')[0]} ({where})", _bytes(*size.group(1, 2))))
+        return {"total": hbm + _bytes(*m.group(5, 6)), "hbm": hbm, "largest": largest}
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,7 +360,8 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
 
     # Tokens and FLOPs, counted from the shapes the step processes.
     flops = computed_flops(mcfg, [length] * rows, frozen)
-    tokens = {"positions_per_step": rows * length, "flops_per_step": flops, "flops_per_position": flops / (rows * length)}
+    positions = rows * length
+    tokens = {"positions_per_step": positions, "flops_per_step": flops, "flops_per_position": flops / positions}
     if length_mix_spec:
         batches = batches_of_mix(cfg, length_mix_spec, buckets)
         real = np.mean([sum(lens) for lens, _ in batches])
@@ -360,12 +384,12 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
         with jax.set_mesh(mesh):
             compiled = step.lower(inputs.state, inputs.batch, inputs.reference).compile()
     except Exception as e:
-        figures = out_of_memory(e)
-        if figures is None:
+        oom = out_of_memory(e)
+        if oom is None:
             raise
-        total, hbm = figures
-        report["memory"] = {**parts, "temporaries_inferred": total - sum(parts.values()), "total": total, "hbm": hbm,
-                            "xla_error": str(e).strip()}
+        report["memory"] = {**parts, "temporaries_inferred": oom["total"] - sum(parts.values()), "total": oom["total"],
+                            "hbm": oom["hbm"], "xla_largest_temporaries": oom["largest"][:5],
+                            "xla_error": str(e).strip().splitlines()[0]}
     else:
         report["compile_seconds"] = time.perf_counter() - start
         mem = compiled.memory_analysis()
@@ -375,7 +399,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
                             "code": mem.generated_code_size_in_bytes, "total": total, "hbm": target.hbm_bytes}
         text = compiled.as_text()
         report["attention"] = attention_kernel(text, mcfg)
-        report["xla_estimate"] = xla_estimate(compiled, flops, len(target.devices))
+        report["xla_estimate"] = xla_estimate(compiled, flops, len(target.devices), report.get("ideal_step_seconds"))
     report["memory"]["largest_inputs"] = buffers[:5]
     report["verdict"] = verdict(report["memory"])
     return report
@@ -390,15 +414,17 @@ def verdict(memory: dict) -> str:
     kinds = {k: v for k, v in memory.items() if k in ("parameters", "optimizer_state", "reference", "batch",
                                                       "temporaries", "temporaries_inferred") and v > 0}
     big = sorted(kinds.items(), key=lambda kv: -kv[1])[:3]
-    arrays = ", ".join(f"{name} {size / GiB:.2f}" for name, size in memory["largest_inputs"][:2])
+    arrays = memory.get("xla_largest_temporaries") or memory["largest_inputs"]
+    arrays = ", ".join(f"{name} {size / GiB:.2f} GiB" for name, size in arrays[:3])
+    kinds = ", ".join(f"{k.split('_inferred')[0].replace('_', ' ')} {v / GiB:.2f} GiB" for k, v in big)
     return (f"does not fit by {(total - hbm) / GiB:.2f} GiB ({total / GiB:.2f} of {hbm / GiB:.2f} GiB per chip): "
-            "the largest buffers are " + ", ".join(f"{k.split('_inferred')[0].replace('_', ' ')} {v / GiB:.2f} GiB" for k, v in big)
-            + f" (largest arrays: {arrays} GiB)")
+            f"the largest buffers are {kinds}; largest arrays: {arrays}")
 
 
-def xla_estimate(compiled, counted_flops: float, chips: int) -> dict:
-    """XLA's cost analysis, labelled an estimate and kept only where sane: its FLOPs (and their share of the
-    counted FLOPs) when positive, the cost model's time when positive."""
+def xla_estimate(compiled, counted_flops: float, chips: int, ideal_seconds: float | None) -> dict:
+    """XLA's cost analysis, labelled an estimate and kept only where sane: its FLOPs (with their share of the
+    counted FLOPs) when within 4x of the count either way (a lax.scan body, as in gradient accumulation, is counted
+    once), the cost model's time when it is no faster than the counted FLOPs at the chips' peak."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends have none
@@ -406,10 +432,10 @@ def xla_estimate(compiled, counted_flops: float, chips: int) -> dict:
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     out = {}
     flops = float(cost.get("flops", -1))
-    if 0 < flops < math.inf:
+    if 0.25 < flops * chips / counted_flops < 4:
         out.update(flops_per_chip=flops, share_of_counted=flops * chips / counted_flops)
     seconds = float(cost.get("optimal_seconds", -1))
-    if 0 < seconds < math.inf:
+    if 0 < seconds < math.inf and seconds >= (ideal_seconds or 0):
         out["optimal_seconds"] = seconds
     return out
 
@@ -418,26 +444,28 @@ def format_report(r: dict) -> str:
     c, t, m, tok = r["config"], r["target"], r["memory"], r["tokens"]
     gib = lambda b: f"{b / GiB:8.2f} GiB"
     params = r["model"]["params"]
-    lines = [
-        f"plan: {c['stage']} on {t['name']} ({t['chips']} chips), mesh {c['mesh']}",
-        f"  model: {params / 1e9:.2f}B parameters" if params >= 1e8 else f"  model: {params / 1e6:.1f}M parameters",
-        f"    ({r['model']['source']}); {c['param_dtype']} weights, {c['dtype']} compute, remat={c['remat']}",
-        f"  batch: {c['global_batch_size']} x {c['length']} tokens{' x 2 (chosen, rejected)' if c['stage'] == 'dpo' else ''}"
-        f", grad_accum {c['grad_accum']}{', packed' if c['packing'] else ''}"
-        + (f"; DPO reference: {c['reference']}" if c["reference"] else ""),
-        "  bytes per chip:"]
-    lines[1] += " " + lines.pop(2).strip()
+    size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+    pairs = " x 2 (chosen, rejected)" if c["stage"] == "dpo" else ""
+    reference = f"; DPO reference: {c['reference']}" if c["reference"] else ""
+    lines = [f"plan: {c['stage']} on {t['name']} ({t['chips']} chips), mesh {c['mesh']}",
+             f"  model: {size} parameters ({r['model']['source']}); {c['param_dtype']} weights, {c['dtype']} compute, "
+             f"remat={c['remat']}",
+             f"  batch: {c['global_batch_size']} x {c['length']} tokens{pairs}, grad_accum {c['grad_accum']}"
+             f"{', packed' if c['packing'] else ''}{reference}",
+             "  bytes per chip:"]
     for key in ("parameters", "optimizer_state", "reference", "batch", "temporaries", "temporaries_inferred",
                 "outputs_not_donated", "code"):
         if m.get(key) or (key in ("parameters", "temporaries") and key in m):
             label = "temporaries (XLA total minus inputs)" if key == "temporaries_inferred" else key.replace("_", " ")
             lines.append(f"    {label:36s}{gib(m[key])}")
-    lines.append(f"    {'total':36s}{gib(m['total'])}" + (f"  of {gib(m['hbm']).strip()} usable" if m.get("hbm") else ""))
+    usable = f"  of {gib(m['hbm']).strip()} usable" if m.get("hbm") else ""
+    lines.append(f"    {'total':36s}{gib(m['total'])}{usable}")
     lines.append(f"  verdict: {r['verdict']}")
     lines.append(f"  tokens per step: {tok['positions_per_step']:,} positions at the largest bucket")
     if "real_tokens_per_step" in tok:
         lines.append(f"  length mix {tok['length_mix']}: {tok['real_tokens_per_step']:,.0f} real tokens in "
-                     f"{tok['padded_positions_per_step']:,.0f} positions per step ({100 * tok['padding_fraction']:.1f}% "
+                     f"{tok['padded_positions_per_step']:,.0f} positions per step "
+                     f"({100 * tok['padding_fraction']:.1f}% "
                      "padding)")
         lines.append(f"  FLOPs per real token: {tok['flops_per_real_token']:.3g} computed, "
                      f"{tok['model_flops_per_real_token']:.3g} model FLOPs (the MFU numerator)")
