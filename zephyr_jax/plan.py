@@ -417,7 +417,9 @@ def verdict(memory: dict) -> str:
     arrays = memory.get("xla_largest_temporaries") or memory["largest_inputs"]
     arrays = ", ".join(f"{name} {size / GiB:.2f} GiB" for name, size in arrays[:3])
     kinds = ", ".join(f"{k.split('_inferred')[0].replace('_', ' ')} {v / GiB:.2f} GiB" for k, v in big)
-    return (f"does not fit by {(total - hbm) / GiB:.2f} GiB ({total / GiB:.2f} of {hbm / GiB:.2f} GiB per chip): "
+    over = total - hbm
+    over = f"{over / GiB:.2f} GiB" if over >= GiB / 100 else f"{over / 2 ** 20:.1f} MiB"
+    return (f"does not fit by {over} ({total / GiB:.2f} of {hbm / GiB:.2f} GiB per chip): "
             f"the largest buffers are {kinds}; largest arrays: {arrays}")
 
 
