@@ -352,8 +352,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
         "config": {"stage": cfg.stage, "mesh": dict(mesh.shape), "global_batch_size": cfg.train.global_batch_size,
                    "grad_accum": cfg.train.grad_accum, "length": length, "packing": bool(cfg.data.get("packing")),
                    "remat": mcfg.remat, "dtype": str(mcfg.dtype), "param_dtype": str(mcfg.param_dtype),
-                   "reference": ("frozen copy in " + cfg.dpo.reference_dtype if frozen else "precomputed log-probs"
-                                 if dpo and cfg.dpo.precompute_reference else "none") if dpo else None},
+                   "reference": _reference_kind(cfg)},
         "target": {"name": target.name, "chips": len(target.devices), "hbm_bytes": target.hbm_bytes,
                    "peak_flops": target.peak_flops},
         "model": {"source": model_source, "params": mcfg.num_params}}
@@ -387,6 +386,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
         oom = out_of_memory(e)
         if oom is None:
             raise
+        report["compile_seconds"] = time.perf_counter() - start  # until XLA refused it
         report["memory"] = {**parts, "temporaries_inferred": oom["total"] - sum(parts.values()), "total": oom["total"],
                             "hbm": oom["hbm"], "xla_largest_temporaries": oom["largest"][:5],
                             "xla_error": str(e).strip().splitlines()[0]}
@@ -403,6 +403,16 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     report["memory"]["largest_inputs"] = buffers[:5]
     report["verdict"] = verdict(report["memory"])
     return report
+
+
+def _reference_kind(cfg) -> str | None:
+    if cfg.stage != "dpo":
+        return None
+    if cfg.dpo.reference_free:
+        return "none (reference-free)"
+    if cfg.dpo.precompute_reference:
+        return "precomputed log-probs"
+    return f"frozen copy in {cfg.dpo.reference_dtype}"
 
 
 def verdict(memory: dict) -> str:
@@ -482,10 +492,10 @@ def format_report(r: dict) -> str:
                      + (f", {x['optimal_seconds']:.3f} s" if "optimal_seconds" in x else ""))
     if "attention" in r:
         lines.append(f"  attention: {r['attention']}")
-    if "compile_seconds" in r:
-        lines.append(f"  compiled in {r['compile_seconds']:.1f} s")
+    if "xla_error" in m:
+        lines.append(f"  XLA:TPU refused the program after {r['compile_seconds']:.1f} s: {m['xla_error']}")
     else:
-        lines.append(f"  XLA:TPU refused the program: {m['xla_error'].splitlines()[0]}")
+        lines.append(f"  compiled in {r['compile_seconds']:.1f} s")
     return "\n".join(lines)
 
 
