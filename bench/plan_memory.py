@@ -45,8 +45,7 @@ def main(argv):
     _, params, _ = train.init_params(cfg, mcfg, mesh)
     state_shardings, batch_shardings, ref_shardings = inputs.shardings
     tx, _ = steps.make_optimizer(cfg.optim, 1000)
-    state = steps.TrainState(params, jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params),
-                             jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step))
+    state = train.initial_state(tx, params, state_shardings)
     rng = np.random.default_rng(0)
     batch = jax.device_put({k: rng.integers(1, 100, x.shape).astype(x.dtype) for k, x in inputs.batch.items()},
                            batch_shardings)

@@ -109,8 +109,7 @@ def measure(cfg, stage: str, batch: int | None = None, seq: int | None = None, n
     graphdef, params, param_shardings = train.init_params(cfg, arch_cfg, mesh)
     tx, schedule = steps.make_optimizer(cfg.optim, warmup + num_steps + 1)
     state_shardings = train.train_state_shardings(tx, params, param_shardings, mesh)
-    state = steps.TrainState(params, jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params),
-                             jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step))
+    state = train.initial_state(tx, params, state_shardings)
     local = synthetic_batch(stage, batch, seq, arch_cfg.vocab_size, cfg.seed)
     reference = None
     if dpo and cfg.dpo.precompute_reference and not cfg.dpo.reference_free:

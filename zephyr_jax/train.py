@@ -287,8 +287,7 @@ def run(cfg, workdir: str) -> dict:
         checkpoint.save_model_config(workdir, mcfg)
     tx, schedule = steps.make_optimizer(cfg.optim, total_steps)
     state_shardings = train_state_shardings(tx, params, param_shardings, mesh)
-    state = steps.TrainState(params, jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params),
-                             jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step))
+    state = initial_state(tx, params, state_shardings)
     eval_fn = steps.make_eval_fn(cfg.stage, graphdef)
 
     # DPO reference: from the initial parameters, before any checkpoint is restored.
@@ -396,6 +395,13 @@ def train_state_shardings(tx, abstract_params, param_shardings, mesh) -> steps.T
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shardings = _opt_shardings(tx, jax.eval_shape(tx.init, abstract_params), param_shardings, mesh)
     return steps.TrainState(param_shardings, opt_shardings, replicated)
+
+
+def initial_state(tx, params, state_shardings: steps.TrainState) -> steps.TrainState:
+    """Step 0: the parameters, the optimizer's initial state and the step counter, each laid out per
+    `state_shardings` (train_state_shardings)."""
+    return steps.TrainState(params, jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params),
+                            jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step))
 
 
 def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding_, *, frozen_reference: bool):
