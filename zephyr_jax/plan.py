@@ -33,7 +33,7 @@ from zephyr_jax import train
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data import pack, pad_sft, preference_batch
 from zephyr_jax.data.batches import bucket, positions_needed, sequence_lengths
-from zephyr_jax.data.preference import PreferenceExample
+from zephyr_jax.data.preference import PreferenceExample, truncate_pair
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.metrics import peak_flops, sequence_flops, step_flops
 from zephyr_jax.model import MistralConfig
@@ -182,17 +182,12 @@ def length_mix(spec: str, stage: str, seed: int = 0, n: int = 4096) -> list:
 
 
 def fit_to_config(examples, cfg) -> list:
-    """Cuts examples to the config's limits as the data pipeline does (SFT: max_length; DPO: the prompt from the
-    left to max_prompt_length, then completions to what is left of max_length)."""
+    """Cuts examples to the config's limits as the data pipeline does (SFT: max_length; DPO: data.preference's
+    truncate_pair)."""
     d = cfg.data
     if cfg.stage == "sft":
         return [SFTExample(e.ids[:d.max_length], e.loss_mask[:d.max_length], False) for e in examples]
-    out = []
-    for e in examples:
-        prompt = e.prompt[-d.max_prompt_length:]
-        room = d.max_length - len(prompt)
-        out.append(PreferenceExample(prompt, e.chosen[:room], e.rejected[:room], False))
-    return out
+    return [truncate_pair(e.prompt, e.chosen, e.rejected, d.max_length, d.max_prompt_length) for e in examples]
 
 
 def batches_of_mix(cfg, spec: str, buckets, num_steps: int = 8) -> list[tuple[list, int]]:

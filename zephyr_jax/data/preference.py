@@ -55,13 +55,19 @@ def preference_example(row, index, tok, *, max_length=1024, max_prompt_length=51
         if not np.array_equal(ids[:len(prompt)], prompt):
             raise BadRow(index, "prompt ids are not a prefix of the conversation's ids", source)
         completions.append(ids[len(prompt):])
-    chosen, rejected = completions
+    example = truncate_pair(prompt, *completions, max_length, max_prompt_length)
+    if len(example.chosen) == 0 or len(example.rejected) == 0:
+        raise BadRow(index, "a completion is empty after truncation", source)
+    return example
+
+
+def truncate_pair(prompt, chosen, rejected, max_length: int, max_prompt_length: int) -> PreferenceExample:
+    """A pair cut to fit max_length only when it is too long: the prompt from the left (BOS kept) to
+    max_prompt_length, then both completions to the room left."""
     truncated = len(prompt) + max(len(chosen), len(rejected)) > max_length
     if truncated:
         if len(prompt) > max_prompt_length:  # keep BOS, drop the oldest context
             prompt = np.concatenate([prompt[:1], prompt[len(prompt) - max_prompt_length + 1:]])
         room = max_length - len(prompt)
         chosen, rejected = chosen[:room], rejected[:room]
-    if len(chosen) == 0 or len(rejected) == 0:
-        raise BadRow(index, "a completion is empty after truncation", source)
     return PreferenceExample(prompt, chosen, rejected, truncated)
