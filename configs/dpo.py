@@ -71,7 +71,7 @@ def _small(c: ml_collections.ConfigDict, sft_workdir: str) -> None:
     """A tiny model on the embedded demo preferences (python -m zephyr_jax.demo make-data)."""
     c.model.path = sft_workdir
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.dpo.reference_dtype = "float32"
     c.data.train = "demo_data/prefs"
     c.data.eval = "demo_data/prefs"

@@ -61,7 +61,7 @@ def _small(c: ml_collections.ConfigDict, name: str) -> None:
     if name == "demo":  # hidden 96 learns the demo task much faster than 64 at about the same step cost
         c.model.arch.hidden_size, c.model.arch.intermediate_size = 96, 256
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.data.train = "demo_data/sft"
     c.data.eval = "demo_data/sft"
     c.data.max_length = 128

@@ -85,9 +85,10 @@ def test_name_mapping_round_trips():
     assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
     assert len(names) == 2 * 9 + 3
     for name in names:
-        flax_name, transposed = hf.hf_to_flax_name(name)
-        assert hf.flax_to_hf_name(flax_name) == (name, transposed)
-    assert hf.hf_to_flax_name("model.layers.1.mlp.up_proj.weight") == ("layers.1.mlp.up_proj.kernel", True)
+        flax_name, layer, transposed = hf.hf_to_flax_name(name)
+        assert hf.flax_to_hf_name(flax_name, layer) == (name, transposed)
+    # The decoder layers are stacked: HF's layer 1 is slice 1 of one parameter.
+    assert hf.hf_to_flax_name("model.layers.1.mlp.up_proj.weight") == ("layers.mlp.up_proj.kernel", 1, True)
     assert hf.hf_to_flax_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     assert "lm_head.weight" not in hf.hf_names(cfg.replace(tie_word_embeddings=True))
     assert hf.parse_size("5GB") == 5 * 10**9 and hf.parse_size("200MB") == 200 * 10**6
@@ -190,7 +191,7 @@ def test_bf16_save_reloads(loaded, tmp_path):
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     q = torch_model.model.layers[1].self_attn.q_proj.weight.detach()
     assert q.dtype == torch.bfloat16
-    assert np.array_equal(q.float().numpy().T, want["layers.1.self_attn.q_proj.kernel"].astype(np.float32))
+    assert np.array_equal(q.float().numpy().T, want["layers.self_attn.q_proj.kernel"][1].astype(np.float32))
 
 
 def test_tokenizer_and_chat_template_are_exported(loaded, tmp_path):
@@ -306,9 +307,9 @@ def test_load_onto_mesh_shardings_and_save_back(hf_dir, loaded, mesh_shape, tmp_
         value = var.get_value()
         want = NamedSharding(mesh, logical_to_spec(var.get_metadata()["logical_axes"]))
         assert value.sharding.is_equivalent_to(want, value.ndim), (path, value.sharding, want)
-    kernel = model.layers[0].mlp.gate_proj.kernel.get_value()  # [embed, mlp]: split over fsdp x tensor
+    kernel = model.layers.mlp.gate_proj.kernel.get_value()  # [layers, embed, mlp]: split over fsdp x tensor
     assert len(kernel.addressable_shards) == 8
-    assert kernel.addressable_shards[0].data.shape == (64 // mesh_shape[1], 128 // mesh_shape[2])
+    assert kernel.addressable_shards[0].data.shape == (2, 64 // mesh_shape[1], 128 // mesh_shape[2])
     assert max_diff(jax_logits(model), jax_logits(loaded)) <= 1e-5
     assert max_diff(jax_logits(model), hf_dir[1]) <= 1e-4
 

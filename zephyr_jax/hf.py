@@ -34,53 +34,46 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 
 # ---------------------------------------------------------------------------------------------------------
 # The name mapping, shared by import and export. HF tensor name <-> dotted path of the parameter in Mistral;
-# True marks a Linear: HF stores weight [out, in], our kernel is [in, out] (the transpose).
-# In HF's module order, which is also the order the tensors are saved in.
+# True marks a Linear: HF stores weight [out, in], our kernel is [in, out] (the transpose). The decoder layers'
+# parameters are stacked on a leading axis (the model scans over them): HF's "model.layers.{i}.X" is slice i
+# of our "layers.X". In HF's module order, which is also the order the tensors are saved in.
 NAME_TABLE = (
     ("model.embed_tokens.weight", "embed_tokens", False),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj.kernel", True),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj.kernel", True),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj.kernel", True),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj.kernel", True),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.kernel", True),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.kernel", True),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.kernel", True),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.scale", False),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.scale", False),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.self_attn.q_proj.kernel", True),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.self_attn.k_proj.kernel", True),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.self_attn.v_proj.kernel", True),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.self_attn.o_proj.kernel", True),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.mlp.gate_proj.kernel", True),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.mlp.up_proj.kernel", True),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.mlp.down_proj.kernel", True),
+    ("model.layers.{i}.input_layernorm.weight", "layers.input_layernorm.scale", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.post_attention_layernorm.scale", False),
     ("model.norm.weight", "norm.scale", False),
     ("lm_head.weight", "lm_head.kernel", True),  # absent when tie_word_embeddings
 )
 # Buffers some checkpoints carry that are recomputed, not loaded.
 IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_HF_PATTERNS = [(re.compile(re.escape(hf).replace(r"\{i\}", r"(\d+)")), flax, t) for hf, flax, t in NAME_TABLE]
 
 
-def _pattern(template: str) -> re.Pattern:
-    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
-
-
-_HF_TO_FLAX = [(_pattern(hf), flax, t) for hf, flax, t in NAME_TABLE]
-_FLAX_TO_HF = [(_pattern(flax), hf, t) for hf, flax, t in NAME_TABLE]
-
-
-def _translate(name: str, table) -> tuple[str, bool] | None:
-    for pattern, template, transposed in table:
-        m = pattern.fullmatch(name)
+def hf_to_flax_name(hf_name: str) -> tuple[str, int | None, bool] | None:
+    """"model.layers.3.mlp.up_proj.weight" -> ("layers.mlp.up_proj.kernel", 3, True): the parameter, the
+    layer (its slice of the stacked parameter; None outside the layers) and whether HF stores it transposed.
+    None if it is not a Mistral tensor name."""
+    for pattern, flax, transposed in _HF_PATTERNS:
+        m = pattern.fullmatch(hf_name)
         if m:
-            return template.format(**m.groupdict()), transposed
+            return flax, (int(m.group(1)) if m.groups() else None), transposed
     return None
 
 
-def hf_to_flax_name(hf_name: str) -> tuple[str, bool] | None:
-    """"model.layers.3.mlp.up_proj.weight" -> ("layers.3.mlp.up_proj.kernel", True); None if not a Mistral name."""
-    return _translate(hf_name, _HF_TO_FLAX)
-
-
-def flax_to_hf_name(flax_name: str) -> tuple[str, bool]:
-    """"layers.3.mlp.up_proj.kernel" -> ("model.layers.3.mlp.up_proj.weight", True)."""
-    found = _translate(flax_name, _FLAX_TO_HF)
-    if found is None:
-        raise KeyError(f"parameter {flax_name!r} has no Hugging Face name (see NAME_TABLE in zephyr_jax/hf.py)")
-    return found
+def flax_to_hf_name(flax_name: str, layer: int | None = None) -> tuple[str, bool]:
+    """("layers.mlp.up_proj.kernel", 3) -> ("model.layers.3.mlp.up_proj.weight", True)."""
+    for hf, flax, transposed in NAME_TABLE:
+        if flax == flax_name and ("{i}" in hf) == (layer is not None):
+            return hf.format(i=layer), transposed
+    raise KeyError(f"parameter {flax_name!r} (layer {layer}) has no Hugging Face name (see NAME_TABLE in "
+                   "zephyr_jax/hf.py)")
 
 
 def hf_names(cfg: MistralConfig) -> list[str]:
@@ -249,7 +242,9 @@ def _weight_files(path: str) -> dict[str, str]:
 
 def _check_names(files: dict[str, str], params: dict) -> None:
     """Every parameter has exactly one tensor and every tensor a parameter; otherwise say which."""
-    expected = {flax_to_hf_name(p)[0] for p in params}
+    layers = params["layers.input_layernorm.scale"].get_value().shape[0]
+    expected = {flax_to_hf_name(p, i)[0]
+                for p in params for i in (range(layers) if p.startswith("layers.") else [None])}
     present = {n for n in files if not IGNORED_TENSORS.fullmatch(n)}
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     where = sorted({os.path.basename(f) for f in files.values()})
@@ -290,17 +285,13 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     return buf[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def _load_tensor(file, name, info, data_start, transposed, abstract, sharding) -> jax.Array:
-    """One checkpoint tensor -> the parameter's layout, dtype and placement."""
+def _read_tensor(file, name, info, data_start, transposed, target: np.ndarray) -> None:
+    """One checkpoint tensor into `target` (the parameter, or one layer's slice of it), checking its shape."""
     dtype, shape, begin = tensor_layout(file, name, info)
-    hf_shape = abstract.shape[::-1] if transposed else abstract.shape
+    hf_shape = target.shape[::-1] if transposed else target.shape
     if shape != tuple(hf_shape):
         raise ValueError(f"{file}: tensor {name} has shape {shape}, but the config needs {tuple(hf_shape)}")
-    host = _aligned_empty(abstract.shape, abstract.dtype)  # the one host copy, in the parameter's layout
-    _read_into(file, data_start + begin, dtype, shape, host.T if transposed else host, name)
-    # A fresh buffer of our own, so letting the CPU backend alias it is safe; elsewhere this is the transfer.
-    array = jax.device_put(host, sharding, may_alias=True)
-    return array.block_until_ready()  # bounded memory: the host copy is released before the next tensor
+    _read_into(file, data_start + begin, dtype, shape, target.T if transposed else target, name)
 
 
 def load_pretrained(path_or_hub_name: str, dtype=jnp.float32, param_dtype=None, shardings=None,
@@ -321,18 +312,28 @@ def load_pretrained(path_or_hub_name: str, dtype=jnp.float32, param_dtype=None, 
     placement = _flat_shardings(shardings, params)
     files = _weight_files(path)
     _check_names(files, params)
+    headers = {file: read_safetensors_header(file) for file in sorted(set(files.values()))}
+    sources = {}  # parameter -> [(layer, HF name)], in file order so each file is read front to back
+    for name in sorted(files, key=lambda n: (files[n], headers[files[n]][0].get(n, {}).get("data_offsets", [0]))):
+        if not IGNORED_TENSORS.fullmatch(name):
+            flax_name, layer, _ = hf_to_flax_name(name)
+            sources.setdefault(flax_name, []).append((layer, name))
 
-    for file in sorted(set(files.values())):
-        header, data_start = read_safetensors_header(file)
-        names = [n for n, f in files.items() if f == file and not IGNORED_TENSORS.fullmatch(n)]
-        absent = [n for n in names if n not in header]
-        if absent:
-            raise ValueError(f"{file} lacks tensor(s) {', '.join(absent)}, which the index places in it")
-        for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):  # read the file front to back
-            flax_name, transposed = hf_to_flax_name(name)
-            var = params[flax_name]
-            var.set_value(_load_tensor(file, name, header[name], data_start, transposed, var.get_value(),
-                                       placement[flax_name]))
+    for flax_name, parts in sources.items():
+        var = params[flax_name]
+        abstract = var.get_value()
+        host = _aligned_empty(abstract.shape, abstract.dtype)  # the one host copy, in the parameter's layout
+        for layer, name in parts:
+            file = files[name]
+            header, data_start = headers[file]
+            if name not in header:
+                raise ValueError(f"{file} lacks tensor {name}, which the index places in it")
+            _, _, transposed = hf_to_flax_name(name)
+            target = host if layer is None else host[layer]
+            _read_tensor(file, name, header[name], data_start, transposed, target)
+        # A fresh buffer of our own, so letting the CPU backend alias it is safe; elsewhere this is the transfer.
+        array = jax.device_put(host, placement[flax_name], may_alias=True)
+        var.set_value(array.block_until_ready())  # bounded memory: the host copy goes before the next parameter
     return nnx.merge(graphdef, state)
 
 
@@ -380,10 +381,20 @@ def _fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.make_array_from_single_device_arrays(x.shape, x.sharding, shards))
 
 
+class _LayerSlice:
+    """Layer `layer` of a stacked parameter, sliced on the device only when the writer reaches it."""
+
+    def __init__(self, param, layer: int):
+        self.param, self.layer, self.shape = param, layer, param.shape[1:]
+
+    def fetch(self) -> np.ndarray:
+        return _fetch(self.param[self.layer])
+
+
 def _hf_blocks(param, transposed: bool, dtype):
     """One parameter in HF's layout and the save dtype, as C-order row blocks (transposed and cast per block,
     so the host holds the fetched parameter, a view of the device buffer on CPU, plus one block)."""
-    host = _fetch(param)
+    host = param.fetch() if isinstance(param, _LayerSlice) else _fetch(param)
     src = host.T if transposed else host
     for rows in _row_blocks(src.shape, np.dtype(dtype).itemsize):
         yield np.ascontiguousarray(src[rows], dtype=dtype)
@@ -409,10 +420,17 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     params = {_dotted(p): var.get_value() for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     names = hf_names(cfg)
     to_flax = {name: hf_to_flax_name(name) for name in names}
-    if set(params) != {flax for flax, _ in to_flax.values()}:
+    if set(params) != {flax for flax, _, _ in to_flax.values()}:
         raise ValueError(f"the model's parameters {sorted(params)} do not match its config's HF names {names}")
-    save_dtype = {name: jnp.dtype(dtype or params[flax].dtype) for name, (flax, _) in to_flax.items()}
-    shapes = {name: params[flax].shape[::-1] if t else params[flax].shape for name, (flax, t) in to_flax.items()}
+
+    def hf_tensor(name):  # (the parameter or its layer's slice, transposed) without fetching anything yet
+        flax, layer, transposed = to_flax[name]
+        param = params[flax]
+        return (param if layer is None else _LayerSlice(param, layer)), transposed
+
+    tensors = {name: hf_tensor(name) for name in names}
+    save_dtype = {name: jnp.dtype(dtype or params[to_flax[name][0]].dtype) for name in names}
+    shapes = {name: t.shape[::-1] if tr else t.shape for name, (t, tr) in tensors.items()}
     sizes = {name: math.prod(shapes[name]) * save_dtype[name].itemsize for name in names}
 
     shards = plan_shards(sizes, parse_size(max_shard_size))
@@ -424,8 +442,8 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     _remove_stale_weights(out_dir, keep=set(files) | ({INDEX_NAME} if len(shards) > 1 else set()))
 
     def blocks(name):
-        flax, transposed = to_flax[name]
-        return lambda: _hf_blocks(params[flax], transposed, save_dtype[name])
+        tensor, transposed = tensors[name]
+        return lambda: _hf_blocks(tensor, transposed, save_dtype[name])
 
     for file, shard in zip(files, shards):
         entries = [(name, shapes[name], save_dtype[name], blocks(name)) for name in shard]

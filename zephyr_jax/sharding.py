@@ -34,6 +34,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked decoder layers' leading axis (scanned, so never split)
 )
 
 def logical_to_spec(axes: Sequence[str | None], rules: Sequence = DEFAULT_RULES) -> PartitionSpec:

@@ -22,6 +22,7 @@ _HF_IGNORED = {
     "tokenizer_class", "quantization_config",
 }
 ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_all_but_mlp", "offload")  # see model/mistral.py remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,7 @@ class MistralConfig:
     dtype: Any = jnp.float32  # compute dtype of activations and matmuls
     param_dtype: Any = jnp.float32  # storage dtype of the parameters
     attention_impl: str = "xla"  # "xla": einsum attention, runs anywhere; "cudnn": jax.nn.dot_product_attention
-    remat: bool = False  # recompute each decoder layer in the backward pass
+    remat: str = "none"  # what the backward pass recomputes of each layer: one of REMAT_POLICIES
     sharding_rules: Any = None  # logical axis -> mesh axes for activations (None: sharding.DEFAULT_RULES)
 
     def __post_init__(self):
@@ -61,6 +62,10 @@ class MistralConfig:
             raise ValueError(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is implemented")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+        if isinstance(self.remat, bool):  # older configs: remat=True recomputed whole layers
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
         object.__setattr__(self, "sharding_rules", _hashable_rules(self.sharding_rules))

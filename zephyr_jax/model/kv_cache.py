@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 
 class KVCache(NamedTuple):
-    k: tuple  # per layer [B, S, num_key_value_heads, head_dim]
-    v: tuple
+    k: jax.Array  # [layers, B, S, num_key_value_heads, head_dim]
+    v: jax.Array
     positions: jax.Array  # [B, S] int32: position of the token in each slot, -1 if none
     lengths: jax.Array  # [B] int32: real tokens written so far per row
     index: jax.Array  # int32 scalar: next slot to write
@@ -27,8 +27,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def init(cls, cfg, batch_size: int, max_length: int, dtype=None) -> "KVCache":
-        shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
         dtype = cfg.dtype if dtype is None else dtype
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-        return cls(k=zeros(), v=zeros(), positions=jnp.full((batch_size, max_length), -1, jnp.int32),
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), positions=jnp.full((batch_size, max_length), -1, jnp.int32),
                    lengths=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))

@@ -9,14 +9,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from zephyr_jax.model.attention import fused_attention, make_mask, xla_attention
+from zephyr_jax.model.attention import make_mask, xla_attention
+
+try:  # TEMPORARY until attention.attend lands
+    from zephyr_jax.model.attention import attend
+except ImportError:
+    def attend(q, k, v, segment_ids, *, sliding_window, impl="auto", rules=None):
+        slots = jnp.arange(q.shape[1])
+        pos = jnp.broadcast_to(slots, q.shape[:2])
+        mask = make_mask(slots, slots, pos, pos, q_segments=segment_ids, k_segments=segment_ids,
+                         sliding_window=sliding_window)
+        return xla_attention(q, k, v, mask)
 from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
 from zephyr_jax.sharding import constrain
-
-_List = getattr(nnx, "List", list)  # flax >= 0.12 wants module lists wrapped
-
 
 class Linear(nnx.Module):
     """y = x @ kernel (no bias); kernel [in, out] is HF's weight transposed."""
@@ -70,7 +78,10 @@ class Attention(nnx.Module):
         self.o_proj = Linear(n * d, h, ("heads", "embed"), cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, cache_mask=None, cache_index=None):
+        """Training / scoring: attend(...) with the config's kernel over this row's segments. Decoding:
+        cache_kv = (k, v) [B, S, K, D], the new keys and values written at cache_index, then einsum attention
+        over the cache under cache_mask [B, 1, T, S]."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -78,17 +89,17 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), cfg.sharding_rules)
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"), cfg.sharding_rules)
-        if cache_kv is not None:  # decoding: write the new keys/values into their slots, attend over the cache
+        q, k, v = (checkpoint_name(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+        if cache_kv is None:
+            out = attend(q, k, v, segment_ids, sliding_window=cfg.sliding_window, impl=cfg.attention_impl,
+                         rules=cfg.sharding_rules)
+        else:
             k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, axis=1)
             cache_kv = (k, v)
-            out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        elif cfg.attention_impl == "cudnn":
-            out = fused_attention(q, k, v, mask, sliding_window=cfg.sliding_window)
-        else:
-            out = xla_attention(q, k, v, mask)
-        out = self.o_proj(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
-        return out, cache_kv
+            out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), cache_mask)
+        out = checkpoint_name(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim), "attention")
+        return self.o_proj(out), cache_kv
 
 
 class MLP(nnx.Module):
@@ -114,24 +125,62 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.rules = cfg.sharding_rules
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
-        attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
-        x = x + attn_out
+    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, cache_mask=None, cache_index=None):
+        attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache_kv, cache_mask,
+                                            cache_index)
+        x = checkpoint_name(x + attn_out, "attention_residual")
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "embed"), self.rules), cache_kv
 
 
-def _run_layer(layer, x, cos, sin, mask):
-    return layer(x, cos, sin, mask)[0]
+def remat_policy(name: str):
+    """What the backward pass keeps of a layer's forward (the rest is recomputed). "none" keeps everything."""
+    policies = jax.checkpoint_policies
+    attention_side = ("q", "k", "v", "attention", "attention_residual")
+    table = {
+        "full": policies.nothing_saveable,  # keep only each layer's input: +1 forward of FLOPs, least memory
+        "save_dots": policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs: recompute the cheap ops
+        "save_all_but_mlp": policies.save_only_these_names(*attention_side),  # recompute the [T, 14336] MLP only
+        # Like save_dots, but the matmul outputs wait in pinned host memory (TPU/GPU) instead of HBM.
+        "offload": policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }
+    return table[name]
 
 
-def _run_layer_remat(layer, x, cos, sin, mask):
-    """_run_layer, with the layer's activations recomputed in the backward pass instead of stored. A pure
-    jax.checkpoint over (params, inputs): unlike nnx.remat it never writes back into the module, so it also
-    runs on a model merged from arrays of an outer trace (the frozen DPO reference inside value_and_grad)."""
-    graphdef, state = nnx.split(layer)
-    pure = jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), *args))
-    return pure(state, x, cos, sin, mask)
+def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache=None, cache_mask=None, *, remat="none"):
+    """The decoder stack as one jax.lax.scan over the layers' stacked parameters, so XLA compiles one layer,
+    not num_hidden_layers copies. `layers` is a DecoderLayer whose parameters carry a leading layer axis.
+    cache: (k, v) stacked [L, B, S, K, D] and the write index (decoding), or None (training, prefill-free).
+    Returns (x, new (k, v) or None).
+
+    A pure scan over (parameters, inputs) rather than nnx.scan: nothing is written back into the module, so it
+    also runs on a model merged from arrays of an outer trace (the frozen DPO reference inside value_and_grad).
+    """
+    graphdef, stacked = nnx.split(layers)
+    index = None if cache is None else cache[2]
+
+    def body(x, per_layer):
+        state, kv = per_layer
+        return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, kv, cache_mask, index)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
+    return jax.lax.scan(body, x, (stacked, None if cache is None else cache[:2]))
+
+
+def stacked_layers(cfg: MistralConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """num_hidden_layers decoder layers as one DecoderLayer with a leading "layers" axis on every parameter."""
+
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return DecoderLayer(cfg, rngs)
+
+    layers = create(rngs)
+    for _, param in nnx.iter_graph(layers):
+        if isinstance(param, nnx.Param):  # the sharding rules see the new axis (replicated by default)
+            param.set_metadata("logical_axes", ("layers",) + tuple(param.get_metadata()["logical_axes"]))
+    return layers
 
 
 def default_positions(attention_mask, segment_ids):
@@ -155,7 +204,7 @@ class Mistral(nnx.Module):
         init = jax.nn.initializers.normal(cfg.initializer_range)
         self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype),
                                       logical_axes=("vocab", "embed"))
-        self.layers = _List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = stacked_layers(cfg, rngs)
         self.norm = RMSNorm(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
@@ -164,26 +213,25 @@ class Mistral(nnx.Module):
         """Logits [B, T, vocab] in float32.
 
         input_ids [B, T]; positions [B, T] (default: counted from attention_mask / segment_ids);
-        segment_ids [B, T] (packed rows: a token attends only inside its own segment);
+        segment_ids [B, T] (packed rows: a token attends only inside its own segment; 0 = padding);
         attention_mask [B, T] (1 = real token, 0 = padding, left or right).
         """
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids, attention_mask))
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, attention_mask=None):
+        """The final norm's output [B, T, hidden] in the compute dtype: what the LM head reads. Training applies
+        the head only at the loss positions (losses.head_logps)."""
         cfg = self.config
         b, t = input_ids.shape
+        if attention_mask is not None:  # padding is segment 0, which attends only to itself and carries no loss
+            real = attention_mask.astype(jnp.int32)
+            segment_ids = real if segment_ids is None else segment_ids * real
         if positions is None:
-            ones = jnp.ones((b, t), jnp.int32)
-            positions = default_positions(ones if attention_mask is None else attention_mask, segment_ids)
-        slots = jnp.arange(t)
-        if cfg.attention_impl == "cudnn" and segment_ids is None and attention_mask is None:
-            mask = None  # causal + window only: the fused kernel applies both itself
-        else:
-            mask = make_mask(slots, slots, positions, positions, key_valid=attention_mask,
-                                  q_segments=segment_ids, k_segments=segment_ids, sliding_window=cfg.sliding_window)
+            real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+            positions = default_positions(real, segment_ids)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        x = self._embed(input_ids)
-        run = _run_layer_remat if cfg.remat else _run_layer
-        for layer in self.layers:
-            x = run(layer, x, cos, sin, mask)
-        return self._logits(self.norm(x))
+        x, _ = run_layers(self.layers, self._embed(input_ids), cos, sin, segment_ids, remat=cfg.remat)
+        return self.norm(x)
 
     def with_cache(self, input_ids, cache: KVCache, attention_mask=None):
         """Appends `input_ids` [B, T] to the cache (a prompt for prefill, one token per decoding step).
@@ -200,26 +248,25 @@ class Mistral(nnx.Module):
         q_slots = cache.index + jnp.arange(t)
         k_slots = jnp.arange(cache.max_length)
         mask = make_mask(q_slots, k_slots, positions, key_positions, key_valid=key_positions >= 0,
-                              sliding_window=cfg.sliding_window)
+                         sliding_window=cfg.sliding_window)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        x = self._embed(input_ids)
-        new_kv = []
-        for layer, kv in zip(self.layers, zip(cache.k, cache.v)):
-            x, kv = layer(x, cos, sin, mask, kv, cache.index)
-            new_kv.append(kv)
-        logits = self._logits(self.norm(x[:, -1:]))[:, 0]
-        cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv), positions=key_positions,
-                        lengths=cache.lengths + real.sum(axis=1), index=cache.index + t)
+        x, (k, v) = run_layers(self.layers, self._embed(input_ids), cos, sin, None, (cache.k, cache.v, cache.index),
+                               mask)
+        logits = self.logits(self.norm(x[:, -1:]))[:, 0]
+        cache = KVCache(k=k, v=v, positions=key_positions, lengths=cache.lengths + real.sum(axis=1),
+                        index=cache.index + t)
         return logits, cache
 
     def _embed(self, input_ids):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.dtype)
         return constrain(x, ("batch", "length", "embed"), self.config.sharding_rules)
 
-    def _logits(self, x):
-        if self.config.tie_word_embeddings:
-            w = self.embed_tokens[...].astype(self.config.dtype)
-            logits = jnp.einsum("bte,ve->btv", x, w, preferred_element_type=jnp.float32)
-        else:
-            logits = self.lm_head(x, out_dtype=jnp.float32)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"), self.config.sharding_rules)
+    def head_kernel(self):
+        """The LM head's [hidden, vocab] matrix (the embedding's transpose when tied)."""
+        return self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head.kernel[...]
+
+    def logits(self, x):
+        """The LM head on hidden states [B, T, hidden]: float32 logits [B, T, vocab]."""
+        w = self.head_kernel().astype(self.config.dtype)
+        logits = jnp.dot(x.astype(self.config.dtype), w, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"), self.config.sharding_rules)
