@@ -3,6 +3,9 @@ loader's position. Saves are asynchronous (the device->host copy happens before 
 step may donate the buffers); restoring takes target shardings, so a run may resume on another mesh.
 
 Layout: WORKDIR/checkpoints/<step>/{params, opt_state, meta (step, loader position)}, WORKDIR/model_config.json.
+
+Checkpoints written before the decoder layers were stacked (one subtree per layer: layers/0/..., layers/1/...)
+still restore: `_restore_item` reads them in their own layout and stacks each parameter's layers.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from zephyr_jax.model import MistralConfig
@@ -35,11 +39,70 @@ def _abstract(tree, shardings):
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, state_shardings):
     """(TrainState, meta) of `step`, placed on `state_shardings` (a TrainState of shardings)."""
     target = _abstract(abstract_state, state_shardings)
-    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target.params),
-                                                     opt_state=ocp.args.StandardRestore(target.opt_state),
-                                                     meta=ocp.args.JsonRestore()))
-    step_array = jax.device_put(jax.numpy.asarray(out.meta["step"], jax.numpy.int32), state_shardings.step)
-    return type(abstract_state)(out.params, out.opt_state, step_array), out.meta
+    params = _restore_item(mngr, step, "params", target.params)
+    opt_state = _restore_item(mngr, step, "opt_state", target.opt_state)
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    step_array = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state_shardings.step)
+    return type(abstract_state)(params, opt_state, step_array), meta
+
+
+def _key(entry) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _stacked_path(path: tuple) -> tuple[tuple, int | None]:
+    """A legacy leaf path (..., "layers", "3", ...) -> (the stacked parameter's path, 3); others unchanged."""
+    for n in range(len(path) - 1):
+        if path[n] == "layers" and path[n + 1].isdigit():
+            return path[:n + 1] + path[n + 2:], int(path[n + 1])
+    return path, None
+
+
+def _restore_item(mngr, step: int, item: str, target):
+    """One item (params or opt_state) restored onto `target` (abstract arrays with shardings). A legacy item
+    (per-layer subtrees) is read in its saved layout, each layer onto its slice's sharding, then stacked."""
+    saved = ocp.StandardCheckpointer().metadata(os.path.join(mngr.directory, str(step), item)).item_metadata
+    saved = saved.tree if hasattr(saved, "tree") else saved
+    saved_paths = [tuple(map(_key, p)) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
+    if not any(_stacked_path(p)[1] is not None for p in saved_paths):
+        return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    new = {tuple(map(_key, p)): leaf for p, leaf in leaves}
+
+    def legacy_leaf(path, _):
+        stacked, layer = _stacked_path(tuple(map(_key, path)))
+        if stacked not in new:
+            raise ValueError(f"checkpoint step {step} in {mngr.directory} has {item} entry {'/'.join(stacked)}, "
+                             "which this model does not have (a different architecture?)")
+        leaf = new[stacked]
+        if layer is None:
+            return leaf
+        spec = jax.sharding.PartitionSpec(*tuple(leaf.sharding.spec)[1:])
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
+                                    sharding=jax.sharding.NamedSharding(leaf.sharding.mesh, spec))
+
+    old_target = jax.tree_util.tree_map_with_path(legacy_leaf, saved)
+    old = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(old_target)}))[item]
+    layers = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(old)[0]:
+        stacked, layer = _stacked_path(tuple(map(_key, path)))
+        layers.setdefault(stacked, {})[layer] = value
+    out = []
+    for path, leaf in leaves:
+        parts = layers[tuple(map(_key, path))]
+        if list(parts) == [None]:
+            out.append(parts[None])
+            continue
+        if sorted(parts) != list(range(leaf.shape[0])):
+            raise ValueError(f"checkpoint step {step} in {mngr.directory} has layers {sorted(parts)} of "
+                             f"{'/'.join(map(_key, path))}; this model has {leaf.shape[0]}")
+        stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=leaf.sharding)
+        out.append(stack(*(parts[i] for i in range(leaf.shape[0]))))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def restore_params(workdir: str, abstract_params, shardings, step: int = -1):
@@ -51,8 +114,7 @@ def restore_params(workdir: str, abstract_params, shardings, step: int = -1):
     step = max(steps) if step == -1 else step
     if step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (have {sorted(steps)})")
-    target = _abstract(abstract_params, shardings)
-    params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+    params = _restore_item(mngr, step, "params", _abstract(abstract_params, shardings))
     mngr.close()
     return params, step
 

@@ -1,0 +1,74 @@
+"""Orbax checkpoints written before the decoder layers were stacked (layers/0/..., layers/1/...) still restore."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from zephyr_jax import checkpoint
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.sharding import make_mesh, named, param_specs
+from zephyr_jax.train import train_state_shardings
+from zephyr_jax.train_steps import TrainState
+
+CFG = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2)
+
+
+def legacy_layout(tree):
+    """A state pytree as the unstacked model saved it: each Variable a {"value": array} node, and the layers one
+    subtree per layer keyed "0", "1", ... (the on-disk layout of checkpoints from before the scan)."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            if k == "layers":
+                n = jax.tree.leaves(v)[0].shape[0]
+                out[k] = {str(i): legacy_layout(jax.tree.map(lambda x: x[i], v)) for i in range(n)}
+            else:
+                out[k] = legacy_layout(v)
+        return out
+    return {"value": np.asarray(tree)}
+
+
+def test_a_checkpoint_with_unstacked_layers_restores_into_the_scanned_model(tmp_path):
+    model = Mistral(CFG, rngs=nnx.Rngs(3))
+    params = nnx.state(model)
+    tx = optax.adamw(1e-3)
+    opt_state = tx.init(params)
+    # Non-trivial moments and count, so a mix-up would show.
+    opt_state = jax.tree.map(lambda x: x + (3 if x.dtype == jnp.int32 else jax.random.uniform(jax.random.key(1),
+                                                                                              x.shape)), opt_state)
+    adam = opt_state[0]
+    legacy_opt = [{"count": np.asarray(adam.count), "mu": legacy_layout(adam.mu), "nu": legacy_layout(adam.nu)},
+                  None, None]
+    mngr = checkpoint.manager(str(tmp_path), async_save=False)
+    mngr.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(legacy_layout(params)),
+                                         opt_state=ocp.args.StandardSave(legacy_opt),
+                                         meta=ocp.args.JsonSave({"step": 7, "loader": {"epoch": 0, "step": 7}})))
+    mngr.wait_until_finished()
+    saved = ocp.StandardCheckpointer().metadata(str(tmp_path / "checkpoints" / "7" / "params")).item_metadata
+    assert "0" in (saved.tree if hasattr(saved, "tree") else saved)["layers"]  # really the old layout
+
+    mesh = make_mesh((1, 4, 2), jax.devices()[:8])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(CFG, rngs=nnx.Rngs(0))))
+    shardings = named(mesh, param_specs(abstract))
+    restored, step = checkpoint.restore_params(str(tmp_path), abstract, shardings)
+    assert step == 7
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, params)
+    kernel = restored["layers"]["mlp"]["gate_proj"]["kernel"].get_value()
+    assert kernel.sharding.is_equivalent_to(shardings["layers"]["mlp"]["gate_proj"]["kernel"].get_value(), 3)
+    ids = jnp.arange(12).reshape(2, 6)
+    # Same weights, sharded over 8 devices: equal up to the order of float32 sums.
+    np.testing.assert_allclose(nnx.merge(graphdef, restored)(ids), model(ids), rtol=0, atol=1e-6)
+
+    # Resuming: the optimizer moments are stacked the same way, and the step and loader position come back.
+    state_shardings = train_state_shardings(tx, abstract, shardings, mesh)
+    abstract_state = jax.eval_shape(lambda: TrainState(abstract, tx.init(abstract), jnp.zeros((), jnp.int32)))
+    state, meta = checkpoint.restore(checkpoint.manager(str(tmp_path)), 7, abstract_state, state_shardings)
+    assert int(state.step) == 7 and meta["loader"] == {"epoch": 0, "step": 7}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.opt_state,
+                 opt_state)
