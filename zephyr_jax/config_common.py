@@ -25,7 +25,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.model.arch = ml_collections.ConfigDict(TINY_ARCH)  # random init only: MistralConfig fields
     c.model.dtype = "bfloat16"  # compute (paper: bf16)
     c.model.param_dtype = "float32"  # master weights
-    c.model.attention_impl = "xla"  # "cudnn" on GPUs: jax.nn.dot_product_attention
+    c.model.attention_impl = "auto"  # the platform's kernel: splash (TPU), cuDNN (GPU), else "xla" einsum
     c.model.remat = True  # recompute each layer in the backward pass (7B activations do not fit otherwise)
     c.tokenizer = ml_collections.config_dict.placeholder(str)  # None: Mistral-7B-v0.1 from mistral-common
 

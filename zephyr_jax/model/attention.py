@@ -1,5 +1,9 @@
 """Attention kernels and masks.
 
+`attend` is self-attention for training and prompt prefill (no KV cache), with the kernel picked by platform:
+Pallas splash attention on TPUs, cuDNN flash attention on GPUs, einsum attention (`xla_attention` under
+`make_mask`) elsewhere. Decoding with a cache uses `make_mask` and `xla_attention` directly.
+
 Shapes: q [B, T, N, D]; k, v [B, S, K, D] with N = K * G (grouped-query attention). A query may attend to a
 key when all of these hold:
   causal     the key's slot is not after the query's slot;
@@ -11,8 +15,17 @@ key when all of these hold:
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from zephyr_jax import sharding
+
+IMPLS = ("auto", "xla", "splash", "cudnn")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def make_mask(q_slots, k_slots, q_positions, k_positions, *, key_valid=None, q_segments=None,
@@ -42,18 +55,251 @@ def xla_attention(q, k, v, mask) -> jax.Array:
     return out.reshape(b, t, n, d)
 
 
-def fused_attention(q, k, v, mask, *, sliding_window, implementation="auto") -> jax.Array:
-    """jax.nn.dot_product_attention (cuDNN flash attention on GPU) for self-attention without a cache.
+# ---------------------------------------------------------------------------------------------------------
+# attend: one entry point, the kernel chosen by platform.
 
-    Causality and the sliding window go to the kernel natively; segment ids and padding arrive in `mask`
-    (None when the batch has neither), which cuDNN applies as an additive bias: correct, somewhat slower.
-    implementation="auto" picks cuDNN on a GPU backend and the XLA version of the same call elsewhere (None),
-    which is how the CPU tests check this wiring.
+
+def attend(q, k, v, segment_ids, *, sliding_window, impl="auto", rules=None, interpret=None,
+           max_segments=None) -> jax.Array:
+    """Causal self-attention for training and prompt prefill (no KV cache). Returns [B, T, N, D] in q's dtype.
+
+    q [B, T, N, D]; k, v [B, T, K, D] with N = K * G. segment_ids [B, T] int32, or None (every token real, one
+    sequence per row): 0 marks padding, ids >= 1 packed sequences, each contiguous with positions restarting at 0,
+    so the window applies on slots. A query sees a key when the key's slot is not after its own, both carry the
+    same segment id, and (sliding_window not None) query slot - key slot < sliding_window. Padding queries give
+    finite values of no meaning.
+
+    impl: "xla" einsum attention under a dense mask (any backend); "splash" Pallas TPU splash attention;
+    "cudnn" cuDNN flash attention (NVIDIA GPUs, bf16/fp16); "auto" the platform's kernel (the mesh's devices under
+    `jax.set_mesh`, else jax.default_backend()): splash on TPUs when T is a multiple of 128, cudnn on GPUs when
+    the dtype, head size and `max_segments` allow it, xla otherwise.
+    rules: logical-axis rules (None: sharding.DEFAULT_RULES); under a mesh the kernels run per shard (shard_map)
+    with batch and heads split as the rules say; length and head_dim must not be split.
+    interpret: run the Pallas kernel in interpret mode (None: unless the platform is a TPU); splash only.
+    max_segments: cudnn only, static (segment ids are traced): the most sequences one row holds. None: unknown,
+    which the cudnn path refuses when segment_ids are given. 1: one right-padded sequence per row (cuDNN's
+    sequence lengths). > 1: packed rows (cuDNN's segment offsets, Hopper or newer). Rows the stated layout cannot
+    describe (more sequences, a sequence not starting at slot 0 when 1, an id used by two runs) raise a ValueError
+    when segment_ids are concrete and come out NaN under jit, so the loss shows it: never a mask ignored.
     """
-    if implementation == "auto":
-        implementation = "cudnn" if jax.default_backend() == "gpu" else None
-    if q.shape[1] != k.shape[1]:
-        raise ValueError("fused attention is self-attention only; decoding with a KV cache uses xla_attention")
-    window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=window,
-                                        implementation=implementation)
+    _check_shapes(q, k, v, segment_ids)
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {IMPLS}")
+    platform = _platform()
+    if impl == "auto":
+        impl = _auto_impl(platform, q, k, segment_ids, max_segments, rules)
+    if impl == "xla":
+        return _xla_self_attention(q, k, v, segment_ids, sliding_window).astype(q.dtype)
+    if impl == "splash":
+        _check_splash(q)
+        interpret = platform != "tpu" if interpret is None else interpret
+        kernel = functools.partial(_splash, sliding_window=sliding_window, interpret=bool(interpret))
+    else:
+        _check_cudnn(q, segment_ids, max_segments, platform)
+        kernel = functools.partial(_cudnn, sliding_window=sliding_window, max_segments=max_segments)
+    return _per_shard(kernel, q, k, v, segment_ids, rules).astype(q.dtype)
+
+
+def _check_shapes(q, k, v, segment_ids):
+    b, t, n, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d or n % k.shape[2]:
+        raise ValueError(f"attend is self-attention with grouped heads: q {q.shape} [B, T, N, D] needs k, v "
+                         f"[B, T, K, D] with N a multiple of K; got k {k.shape}, v {v.shape}")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = {(b, t)}")
+
+
+def _platform() -> str:
+    """The platform the program is traced for: the mesh's devices (which may be a TPU slice compiled for from a
+    CPU host), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def _auto_impl(platform, q, k, segment_ids, max_segments, rules) -> str:
+    """The platform's kernel where its static requirements hold, else einsum attention."""
+    if _shard_problem(q, k, rules):
+        return "xla"
+    if platform == "tpu" and q.shape[1] % 128 == 0:
+        return "splash"
+    if platform == "gpu" and q.dtype in CUDNN_DTYPES and q.shape[3] % 8 == 0 and q.shape[3] <= 256 and \
+            (segment_ids is None or max_segments is not None):
+        return "cudnn"
+    return "xla"
+
+
+def _xla_self_attention(q, k, v, segment_ids, sliding_window):
+    b, t = q.shape[:2]
+    slots = jnp.arange(t)
+    positions = jnp.broadcast_to(slots, (b, t))  # slot distances are position distances within a segment
+    mask = make_mask(slots, slots, positions, positions, q_segments=segment_ids, k_segments=segment_ids,
+                     sliding_window=sliding_window)
+    return xla_attention(q, k, v, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding: Pallas and cuDNN calls run per shard, batch and heads split as the rules say.
+
+
+def _specs(rules):
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    return (sharding.logical_to_spec(("batch", "length", "heads", "head_dim"), rules),
+            sharding.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules),
+            sharding.logical_to_spec(("batch", "length"), rules))
+
+
+def _split(entry, sizes) -> int:
+    """How many ways a PartitionSpec entry (None, an axis name, or a tuple of them) splits its dimension."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(sizes[a] for a in names)
+
+
+def _shard_problem(q, k, rules) -> str | None:
+    """Why the kernels cannot run per shard under the enclosing mesh (None: they can, or there is no mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    q_spec, kv_spec, _ = _specs(rules)
+    for spec, x, heads in ((q_spec, q, "heads"), (kv_spec, k, "kv_heads")):
+        if _split(spec[1], sizes) > 1 or _split(spec[3], sizes) > 1:
+            return (f"attention kernels need whole sequences and heads on each device; the rules split length or "
+                    f"head_dim ({spec} over {sizes}): map them to None, or use impl='xla'")
+        if x.shape[2] % _split(spec[2], sizes) or x.shape[0] % _split(spec[0], sizes):
+            return (f"{x.shape[2]} {heads} and batch {x.shape[0]} must divide over the mesh axes {spec[2]} and "
+                    f"{spec[0]} ({sizes}): change the mesh or use impl='xla'")
+    return None
+
+
+def _per_shard(kernel, q, k, v, segment_ids, rules):
+    """kernel(q, k, v, segment_ids) on each device's shard under the enclosing mesh (XLA cannot partition a
+    Pallas or cuDNN custom call itself); a plain call without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, segment_ids)
+    problem = _shard_problem(q, k, rules)
+    if problem:
+        raise ValueError(problem)
+    q_spec, kv_spec, seg_spec = _specs(rules)
+    if segment_ids is None:
+        fn = jax.shard_map(lambda q, k, v: kernel(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec),
+                           out_specs=q_spec, check_vma=False)
+        return fn(q, k, v)
+    fn = jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False)
+    return fn(q, k, v, segment_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TPU: Pallas splash attention.
+
+SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides T; 512 is what MaxText uses on v5e/v6e
+
+
+def _check_splash(q):
+    t = q.shape[1]
+    if t % 128:
+        raise ValueError(f"splash attention needs T (sequence length) a multiple of 128; got T={t}: pad the batch "
+                         "to a multiple of 128 or use impl='xla'")
+
+
+def _splash(q, k, v, segment_ids, *, sliding_window, interpret):
+    """Splash attention on one shard: causal, or local (W - 1 keys back) for a sliding window, with segment ids;
+    the grouped-head (GQA) form of the kernel, so K/V are not repeated. [B, T, N, D] -> [B, T, N, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    _, t, n, d = q.shape
+    if sliding_window is None or sliding_window >= t:
+        head_mask = masks.CausalMask((t, t))
+    else:
+        head_mask = masks.LocalMask((t, t), window_size=(sliding_window - 1, 0), offset=0)
+    block = next(b for b in SPLASH_BLOCKS if t % b == 0)
+    blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * n), block_sizes=blocks, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    heads_first = lambda x: x.swapaxes(1, 2)  # the kernel takes [heads, T, D] per batch row
+    q = heads_first(q * (1 / math.sqrt(d))).astype(q.dtype)  # the kernel does not scale
+    k, v = heads_first(k), heads_first(v)
+    if segment_ids is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        rows = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+        out = jax.vmap(rows)(q, k, v, segment_ids.astype(jnp.int32))
+    return heads_first(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: cuDNN flash attention, padding and packing as sequence lengths / offsets (no dense mask).
+
+
+def segment_offsets(segment_ids, max_segments: int):
+    """segment_ids [B, T] -> (lengths, offsets, ok): the rows in the form cuDNN's fused attention takes them.
+
+    A sequence is a run of equal non-zero ids. max_segments == 1: lengths [B] int32 (the first run's length; the
+    kernel reads a right-padded row), offsets None. max_segments = M > 1: lengths [B, M] and offsets [B, M + 1]
+    int32, each run's length and start slot, -1 where a row has fewer runs. ok [B] bool: the row is exactly what
+    lengths/offsets describe (at most M runs; with M == 1 the run starts at slot 0; no id in two runs)."""
+    ids = segment_ids.astype(jnp.int32)
+    b, t = ids.shape
+    real = ids > 0
+    previous = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), ids[:, :-1]], axis=1)
+    starts = real & (ids != previous)
+    count = starts.sum(axis=1)
+    run = jnp.cumsum(starts, axis=1) - 1  # each real token's run index
+    slots = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments, fill_value=-1)[0])(starts).astype(jnp.int32)
+    found = slots >= 0  # [B, M]
+    lengths = ((run[:, None, :] == jnp.arange(max_segments)[None, :, None]) & real[:, None, :]).sum(axis=2)
+    lengths = jnp.where(found, lengths, -1).astype(jnp.int32)
+    run_ids = jnp.where(found, jnp.take_along_axis(ids, jnp.maximum(slots, 0), axis=1), -1)
+    shared = (run_ids[:, :, None] == run_ids[:, None, :]) & found[:, :, None] & ~jnp.eye(max_segments, dtype=bool)
+    ok = (count <= max_segments) & ~shared.any(axis=(1, 2))
+    if max_segments == 1:
+        ok &= (count == 0) | (slots[:, 0] == 0)
+        return jnp.maximum(lengths[:, 0], 0), None, ok
+    offsets = jnp.concatenate([slots, jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    return lengths, offsets, ok
+
+
+def _check_cudnn(q, segment_ids, max_segments, platform):
+    if q.dtype not in CUDNN_DTYPES:
+        raise ValueError(f"cuDNN flash attention takes bfloat16 or float16, not {q.dtype}: compute in bfloat16 "
+                         "or use impl='xla'")
+    if segment_ids is not None:
+        if max_segments is None or max_segments < 1:
+            raise ValueError("impl='cudnn' with segment ids needs max_segments (static): the most sequences one "
+                             "row holds, 1 for right-padded rows; or use impl='xla'")
+        if not isinstance(segment_ids, jax.core.Tracer):  # concrete ids: say which rows now rather than NaN later
+            with jax.ensure_compile_time_eval():  # even inside a trace that closed over them
+                ok = jax.jit(segment_offsets, static_argnums=1)(segment_ids, max_segments)[2]
+            bad = np.flatnonzero(~np.asarray(ok)).tolist()
+            if bad:
+                layout = "one sequence from slot 0" if max_segments == 1 else f"{max_segments} sequences"
+                raise ValueError(f"rows {bad} of segment_ids do not fit max_segments={max_segments} ({layout} per "
+                                 "row, each id one contiguous run): raise max_segments or use impl='xla'")
+    if platform != "gpu":
+        raise ValueError(f"impl='cudnn' runs on NVIDIA GPUs; this program is for {platform}: use impl='auto' or "
+                         "'xla'")
+
+
+def _cudnn(q, k, v, segment_ids, *, sliding_window, max_segments):
+    """cuDNN flash attention on one shard, the mask as causal + window + sequence lengths/offsets."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    call = functools.partial(cudnn_attention, scale=1 / math.sqrt(q.shape[3]), sliding_window_length=sliding_window)
+    if segment_ids is None:
+        return call(q, k, v, mask_type=MaskType.CAUSAL)
+    lengths, offsets, ok = segment_offsets(segment_ids, max_segments)
+    if offsets is None:
+        # An all-padding row as a one-token sequence: its output is zeroed below, and no sequence is empty.
+        lengths = jnp.maximum(lengths, 1)
+        out = call(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, mask_type=MaskType.PADDING_CAUSAL)
+    else:
+        # jax 0.10.2 strides packed K/V offsets by the query heads, so K/V go in with as many heads as q.
+        groups = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        out = call(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+                   mask_type=MaskType.PADDING_CAUSAL)
+    out = jnp.where((segment_ids > 0)[:, :, None, None], out, 0)  # cuDNN leaves padding queries unwritten
+    return jnp.where(ok[:, None, None, None], out, jnp.nan)  # rows the lengths/offsets misdescribe: loud, not wrong

@@ -21,7 +21,7 @@ _HF_IGNORED = {
     "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "rope_scaling", "rope_parameters",
     "tokenizer_class", "quantization_config",
 }
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # see model/attention.py attend
 REMAT_POLICIES = ("none", "full", "save_dots", "save_all_but_mlp", "offload")  # see model/mistral.py remat_policy
 
 
@@ -48,7 +48,7 @@ class MistralConfig:
     # JAX-side settings (not part of the HF config).
     dtype: Any = jnp.float32  # compute dtype of activations and matmuls
     param_dtype: Any = jnp.float32  # storage dtype of the parameters
-    attention_impl: str = "xla"  # "xla": einsum attention, runs anywhere; "cudnn": jax.nn.dot_product_attention
+    attention_impl: str = "auto"  # "auto": splash on TPUs, cuDNN on GPUs, einsum ("xla") elsewhere
     remat: str = "none"  # what the backward pass recomputes of each layer: one of REMAT_POLICIES
     sharding_rules: Any = None  # logical axis -> mesh axes for activations (None: sharding.DEFAULT_RULES)
 

@@ -1,0 +1,231 @@
+"""attend(): the kernel chosen by platform gives what einsum attention under make_mask gives.
+
+Splash attention runs in Pallas interpret mode on these CPUs, alone and per shard under a mesh, and compiles to a
+Mosaic kernel for a TPU slice. cuDNN cannot run here: its sequence lengths / offsets are checked against
+make_mask, its call against jax's own shape checks, and its refusals of what it cannot honour."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zephyr_jax.model import attention
+from zephyr_jax.model.attention import attend, make_mask, segment_offsets
+from zephyr_jax.sharding import make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _qkv(b, t, n, k, d, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(s), dtype) for s in [(b, t, n, d), (b, t, k, d), (b, t, k, d)])
+
+
+def _rows(t, *layouts):
+    """Segment ids [len(layouts), t]: each layout lists (id, length) runs; the rest of the row is padding."""
+    ids = np.zeros((len(layouts), t), np.int32)
+    for r, runs in enumerate(layouts):
+        start = 0
+        for segment, length in runs:
+            ids[r, start:start + length] = segment
+            start += length
+    return jnp.asarray(ids)
+
+
+def _assert_close(out, ref, rel=1e-5):
+    out, ref = np.asarray(out), np.asarray(ref)
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= rel * np.abs(ref).max(), (np.abs(out - ref).max(), np.abs(ref).max())
+
+
+def _output_and_grads(impl, q, k, v, segment_ids, window, **kwargs):
+    """attend's output and the gradients of a fixed projection of it with respect to q, k, v, jitted."""
+    cotangent = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape), q.dtype)
+
+    def f(q, k, v, s):
+        out = attend(q, k, v, s, sliding_window=window, impl=impl, **kwargs)
+        return (out * cotangent).sum(), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v, segment_ids)
+    return out, grads
+
+
+# T=256 is one 256-block per head; T=384 is 3 x 3 blocks of 128, which the window leaves partly empty.
+SPLASH_CASES = {
+    "gqa_window_padding_and_3_packed": (256, 100, ((1, 200),), ((1, 80), (2, 90), (3, 70))),
+    "window_across_blocks_no_segments": (384, 150, None, None),
+    "packed_across_blocks_no_window": (384, None, ((1, 384),), ((1, 130), (2, 200), (3, 30))),
+}
+
+
+@pytest.mark.parametrize("case", SPLASH_CASES, ids=list(SPLASH_CASES))
+def test_splash_matches_einsum_attention_and_its_gradients(case):
+    t, window, *layouts = SPLASH_CASES[case]
+    q, k, v = _qkv(2, t, 4, 2, 128)
+    segments = None if layouts[0] is None else _rows(t, *layouts)
+    out, grads = _output_and_grads("splash", q, k, v, segments, window, interpret=True)
+    ref, ref_grads = _output_and_grads("xla", q, k, v, segments, window)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        _assert_close(g, r)
+
+
+def test_splash_per_shard_under_a_mesh_equals_the_unsharded_kernel():
+    q, k, v = _qkv(2, 256, 4, 2, 128, seed=1)
+    segments = _rows(256, ((1, 256),), ((1, 100), (2, 100)))
+    ref, ref_grads = _output_and_grads("splash", q, k, v, segments, 64, interpret=True)
+    with jax.set_mesh(make_mesh((1, 2, 2), jax.devices()[:4])):  # batch over fsdp, (kv) heads over tensor
+        out, grads = _output_and_grads("splash", q, k, v, segments, 64, interpret=True)
+        text = jax.jit(lambda q, k, v, s: attend(q, k, v, s, sliding_window=64, impl="splash")).lower(
+            q, k, v, segments).as_text()
+    assert "manual_computation" in text  # shard_map: the kernel runs per shard, not on gathered arrays
+    _assert_close(out, ref, rel=1e-6)
+    for g, r in zip(grads, ref_grads):
+        _assert_close(g, r, rel=1e-6)
+
+
+def test_splash_refuses_a_length_or_head_split_it_cannot_run():
+    q, k, v = _qkv(1, 200, 4, 2, 128)
+    with pytest.raises(ValueError, match="T=200"):
+        attend(q, k, v, None, sliding_window=None, impl="splash", interpret=True)
+    q, k, v = _qkv(1, 128, 4, 2, 128)
+    with jax.set_mesh(make_mesh((1, 1, 8))):  # 4 heads cannot split 8 ways
+        with pytest.raises(ValueError, match="4 heads and batch 1 must divide"):
+            attend(q, k, v, None, sliding_window=None, impl="splash", interpret=True)
+        auto = attend(q, k, v, None, sliding_window=None, impl="auto")  # auto falls back to einsum attention
+    np.testing.assert_allclose(auto, attend(q, k, v, None, sliding_window=None, impl="xla"), atol=1e-6)
+    with pytest.raises(ValueError, match="attention impl 'flash'"):
+        attend(q, k, v, None, sliding_window=None, impl="flash")
+
+
+def test_auto_is_einsum_attention_on_cpu():
+    q, k, v = _qkv(2, 128, 4, 2, 16, dtype=jnp.bfloat16)
+    segments = _rows(128, ((1, 100),), ((1, 50), (2, 78)))
+    f = lambda impl: (lambda q, k, v, s: attend(q, k, v, s, sliding_window=32, impl=impl))
+    assert "pallas_call" not in str(jax.make_jaxpr(f("auto"))(q, k, v, segments))
+    np.testing.assert_array_equal(jax.jit(f("auto"))(q, k, v, segments), jax.jit(f("xla"))(q, k, v, segments))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cuDNN: what its lengths and offsets describe, against make_mask.
+
+
+def _described_mask(lengths, offsets, t, window):
+    """[B, T, T]: the mask cuDNN applies for these lengths (and offsets): causal within each sequence
+    [offset, offset + length), a query seeing `window` keys, itself included."""
+    lengths = np.asarray(lengths)
+    if offsets is None:  # one sequence per row, from slot 0
+        lengths, offsets = lengths[:, None], np.zeros_like(lengths)[:, None]
+    offsets = np.asarray(offsets)
+    mask = np.zeros((len(lengths), t, t), bool)
+    qi, ki = np.arange(t)[:, None], np.arange(t)[None, :]
+    for b in range(len(lengths)):
+        for length, start in zip(lengths[b], offsets[b]):
+            if length < 0:
+                continue
+            inside = (qi >= start) & (qi < start + length) & (ki >= start) & (ki <= qi)
+            mask[b] |= inside & ((qi - ki < window) if window else True)
+    return mask
+
+
+def _expected_mask(segment_ids, window):
+    t = segment_ids.shape[1]
+    slots = jnp.arange(t)
+    pos = jnp.broadcast_to(slots, segment_ids.shape)
+    return np.asarray(make_mask(slots, slots, pos, pos, q_segments=segment_ids, k_segments=segment_ids,
+                                sliding_window=window))[:, 0]
+
+
+OFFSET_CASES = {  # max_segments -> rows (id, length runs) and whether the lengths/offsets can describe each
+    1: [(((1, 16),), True), (((1, 11),), True), ((), True), (((1, 5), (2, 6)), False), (((0, 3), (1, 9)), False)],
+    3: [(((1, 4), (2, 7), (3, 3)), True), (((0, 5), (1, 11)), True), (((1, 4), (0, 2), (2, 5)), True),
+        (((7, 16),), True), ((), True), (((1, 3), (2, 3), (3, 3), (4, 3)), False),
+        (((1, 2), (2, 2), (1, 4)), False)],
+}
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("max_segments", sorted(OFFSET_CASES))
+def test_cudnn_lengths_and_offsets_reproduce_make_mask(max_segments, window):
+    rows = OFFSET_CASES[max_segments]
+    segment_ids = _rows(16, *(runs for runs, _ in rows))
+    lengths, offsets, ok = jax.jit(segment_offsets, static_argnums=1)(segment_ids, max_segments)
+    assert np.asarray(ok).tolist() == [fits for _, fits in rows]
+    if max_segments == 1:
+        assert offsets is None and lengths.shape == (len(rows),)
+    else:
+        assert lengths.shape == (len(rows), max_segments) and offsets.shape == (len(rows), max_segments + 1)
+    assert lengths.dtype == jnp.int32 and (offsets is None or offsets.dtype == jnp.int32)
+    described, expected = _described_mask(lengths, offsets, 16, window), _expected_mask(segment_ids, window)
+    real = np.asarray(segment_ids) > 0  # padding queries carry no loss: their rows may differ
+    for b, (_, fits) in enumerate(rows):
+        if fits:
+            np.testing.assert_array_equal(described[b][real[b]], expected[b][real[b]], err_msg=f"row {b}")
+        else:  # a row the lengths/offsets cannot describe: some real query's keys differ, hence the NaN guard
+            assert (described[b][real[b]] != expected[b][real[b]]).any(), f"row {b}"
+
+
+def test_cudnn_refuses_what_it_cannot_honour():
+    q, k, v = _qkv(2, 16, 4, 2, 16, dtype=jnp.bfloat16)
+    packed = _rows(16, ((1, 16),), ((1, 8), (2, 8)))
+    with pytest.raises(ValueError, match="bfloat16 or float16, not float32"):
+        attend(*(x.astype(jnp.float32) for x in (q, k, v)), None, sliding_window=4, impl="cudnn")
+    with pytest.raises(ValueError, match="needs max_segments"):
+        attend(q, k, v, packed, sliding_window=4, impl="cudnn")
+    with pytest.raises(ValueError, match=r"rows \[1\] of segment_ids do not fit max_segments=1"):
+        attend(q, k, v, packed, sliding_window=4, impl="cudnn", max_segments=1)
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs; this program is for cpu"):
+        attend(q, k, v, packed, sliding_window=4, impl="cudnn", max_segments=2)
+
+
+TRACE_ROWS = {1: (((1, 100),), ((1, 50),)), 3: (((1, 100),), ((1, 50), (2, 40), (3, 38)))}
+
+
+@pytest.mark.parametrize("max_segments", [None, 1, 3])
+def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
+    """Traced (not run) as if on a Hopper GPU: jax's fused-attention front end checks shapes, dtypes and the
+    packed layout of what attend passes, forward and backward."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
+    segments = None if max_segments is None else _rows(128, *TRACE_ROWS[max_segments])
+    loss = lambda q, k, v: attend(q, k, v, segments, sliding_window=32, impl="auto",
+                                  max_segments=max_segments).astype(jnp.float32).sum()
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    assert "dot_product_attention_fwd" in jaxpr and "dot_product_attention_bwd" in jaxpr  # auto chose cuDNN
+
+
+def test_splash_compiles_to_a_mosaic_kernel_for_a_tpu_slice():
+    """attend(impl="auto") under a mesh of v5e chips (compiled on this CPU with libtpu) is splash attention, per
+    shard, forward and backward. In a child process: libtpu and its environment stay out of this one."""
+    pytest.importorskip("libtpu")
+    script = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding
+from zephyr_jax.model.attention import _specs, attend
+from zephyr_jax.plan import tpu_target
+from zephyr_jax.sharding import make_mesh
+
+mesh = make_mesh((1, 2, 2), devices=tpu_target("v5e-4").devices)
+arg = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+q_spec, kv_spec, seg_spec = _specs(None)
+args = (arg((2, 1024, 8, 128), jnp.bfloat16, q_spec), arg((2, 1024, 4, 128), jnp.bfloat16, kv_spec),
+        arg((2, 1024, 4, 128), jnp.bfloat16, kv_spec), arg((2, 1024), jnp.int32, seg_spec))
+loss = lambda q, k, v, s: attend(q, k, v, s, sliding_window=512).astype(jnp.float32).sum()
+with jax.set_mesh(mesh):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+print("KERNELS", text.count("tpu_custom_call"), "splash" in text)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # forward, dq and dkv kernels
+    assert "KERNELS 3 True" in out.stdout, out.stdout[-2000:]
