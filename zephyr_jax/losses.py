@@ -13,6 +13,13 @@ Three public functions (the design doc's public surface):
   conservative DPO / label smoothing (cDPO), robust DPO (Chowdhury et al. 2024), hinge (SLiC, Zhao et al.
   2023) and IPO (Azar et al. 2023, eq. 17). Metrics use TRL's names.
 
+`head_logps(hidden, kernel, targets)` fuses the LM head into the chunked log-softmax: it takes the final-norm
+hidden states [B, K, E] and the head kernel [E, V] instead of logits, and computes each chunk's float32 logits
+[B, chunk, V] inside the loop, so no float32 [B, K, V] array exists in the forward or the backward pass (nor
+the logits' gradient: its backward turns each chunk's d_logits straight into d_hidden and a float32 d_kernel
+sum). Its forward keeps only the [B, K] logsumexp; the backward recomputes the chunk's logits, one more head
+matmul per chunk. The functions above stay the full-head path, which it is tested against.
+
 Conventions: `targets` are already aligned with `logits` (targets[:, t] is the token that logits[:, t]
 predicts); `loss_mask` is 0/1 or bool, and targets at masked positions are never read for the result, so they
 may hold anything (a pad id, -100, ...). Every result is float32 whatever the logits dtype.
@@ -147,6 +154,153 @@ def token_logps(logits: jax.Array, targets: jax.Array, chunk_size: int | None = 
     # forward and backward both see the clipped ids, so the gradient matches the value.
     targets = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
     return _token_logps(logits, targets, int(chunk_size))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The LM head fused into the chunked log-softmax
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _head_logits(h, w):
+    """float32 logits of one chunk, as the model's head computes them: h [B, C, E] @ w [E, V] with both in the
+    compute dtype (h's) and float32 accumulation."""
+    return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+
+def _head_weight(kernel, dtype):
+    """The kernel in the compute dtype, gathered whole along E before the chunk loop.
+
+    Under GSPMD with an FSDP-sharded kernel ([E over "fsdp", V over "tensor"]) XLA otherwise all-gathers E
+    inside the loop, once per chunk and matmul, rather than once. The constraint fixes only E (replicated) and
+    leaves V to propagation, so it names no mesh axis; outside a mesh it does nothing. The cast comes first,
+    so a float32 kernel is gathered at the compute dtype's width (as the model's head gathers it)."""
+    w = kernel.astype(dtype)
+    if jax.sharding.get_abstract_mesh().empty:
+        return w
+    P = jax.sharding.PartitionSpec
+    return jax.lax.with_sharding_constraint(w, P(None, P.UNCONSTRAINED))
+
+
+def _head_chunk_fwd(h, w, t):
+    logits = _head_logits(h, w)
+    lse, tgt = _chunk_stats(logits, t)
+    return tgt - lse, lse, jnp.argmax(logits, axis=-1) == t
+
+
+def _head_logps_fwd_impl(hidden, kernel, targets, chunk_size):
+    w = _head_weight(kernel, hidden.dtype)
+    batch, length, _ = hidden.shape
+    n, chunk = _num_chunks(length, chunk_size)
+    if n == 1:
+        return _head_chunk_fwd(hidden, w, targets)
+
+    def body(i, carry):
+        start = _chunk_start(i, length, chunk)
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=chunk, axis=1)
+        new = _head_chunk_fwd(sl(hidden), w, sl(targets))
+        return tuple(jax.lax.dynamic_update_slice_in_dim(a, x, start, axis=1) for a, x in zip(carry, new))
+
+    zeros = jnp.zeros((batch, length), jnp.float32)
+    return jax.lax.fori_loop(0, n, body, (zeros, zeros, jnp.zeros((batch, length), bool)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_logps(hidden, kernel, targets, chunk_size):
+    logps, _, correct = _head_logps_fwd_impl(hidden, kernel, targets, chunk_size)
+    return logps, correct
+
+
+def _head_logps_fwd(hidden, kernel, targets, chunk_size):
+    logps, lse, correct = _head_logps_fwd_impl(hidden, kernel, targets, chunk_size)
+    # Residuals: the inputs and the [B, K] float32 logsumexp; the logits are recomputed chunk by chunk.
+    return (logps, correct), (hidden, kernel, targets, lse)
+
+
+def _head_chunk_bwd(h, w, t, lse, g):
+    """One chunk's d_hidden [B, C, E] (hidden's dtype) and the float32 d_logits [B, C, V] cast to the compute
+    dtype, ready for the d_kernel matmul."""
+    dlogits = _chunk_grad(_head_logits(h, w), t, lse, g).astype(h.dtype)  # g * (onehot - softmax)
+    dh = jnp.einsum("bcv,ev->bce", dlogits, w, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dlogits
+
+
+def _head_logps_bwd(chunk_size, residuals, cotangents):
+    hidden, kernel, targets, lse = residuals
+    g = cotangents[0].astype(jnp.float32)  # `correct` is boolean: its cotangent is float0, nothing to pass on
+    w = _head_weight(kernel, hidden.dtype)
+    length = hidden.shape[1]
+    n, chunk = _num_chunks(length, chunk_size)
+    kernel_grad = functools.partial(jnp.einsum, "bce,bcv->ev", preferred_element_type=jnp.float32)
+    if n == 1:
+        dh, dlogits = _head_chunk_bwd(hidden, w, targets, lse, g)
+        return dh, kernel_grad(hidden, dlogits).astype(kernel.dtype), None
+
+    def body(i, carry):
+        d_hidden, d_kernel = carry
+        start = _chunk_start(i, length, chunk)
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=chunk, axis=1)
+        h = sl(hidden)
+        dh, dlogits = _head_chunk_bwd(h, w, sl(targets), sl(lse), sl(g))
+        # d_hidden is written (the slid-back last chunk rewrites its overlap with the same values), but
+        # d_kernel is a sum: positions that an earlier chunk already added are zeroed in the hidden states
+        # here (a [B, C, E] select rather than one on the [B, C, V] d_logits).
+        fresh = start + jnp.arange(chunk) >= i * chunk
+        d_kernel = d_kernel + kernel_grad(jnp.where(fresh[None, :, None], h, jnp.zeros((), h.dtype)), dlogits)
+        return jax.lax.dynamic_update_slice_in_dim(d_hidden, dh, start, axis=1), d_kernel
+
+    init = (jnp.zeros_like(hidden), jnp.zeros(kernel.shape, jnp.float32))
+    d_hidden, d_kernel = jax.lax.fori_loop(0, n, body, init)
+    return d_hidden, d_kernel.astype(kernel.dtype), None
+
+
+_head_logps.defvjp(_head_logps_fwd, _head_logps_bwd)
+
+
+def head_logps(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk_size: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """LM head + per-token log-probabilities in one chunked pass: log_softmax(hidden @ kernel)[targets].
+
+    hidden [B, K, E]: the final-norm output at the K loss positions (any float dtype; it is the compute
+    dtype), kernel [E, V]: the LM head (any float dtype; cast to hidden's dtype, as the model's head does),
+    targets [B, K] int. Each chunk of `chunk_size` positions along K (default min(K, 256); B stays whole, it
+    is the sharded batch axis) gets its logits from jnp.dot(h, w, preferred_element_type=float32), so at most
+    one float32 [B, chunk, V] block of logits exists at a time, in the forward and in the backward pass. A
+    chunk size that does not divide K is fine (the last chunk is slid back, as in `token_logps`).
+
+    Returns (logps float32 [B, K], correct bool [B, K]: argmax of the logits == target, no gradient).
+    Out-of-range targets are clipped into [0, V) for logps, as in `token_logps`, and are never `correct`.
+
+    Custom VJP: the forward saves hidden, kernel, targets and the float32 [B, K] logsumexp. The backward
+    recomputes each chunk's logits, forms d_logits = g * (onehot(target) - softmax) in float32, casts it to
+    the compute dtype and returns d_hidden = d_logits @ kernel^T (float32 accumulation, hidden's dtype) and
+    d_kernel = sum over chunks of h^T @ d_logits, accumulated in float32 and cast to kernel's dtype.
+
+    Sharding (GSPMD, no shard_map): with hidden split on B and the kernel as [E over "fsdp", V over "tensor"],
+    the kernel is gathered along E once before each loop and V stays split, so a device holds a
+    [B / batch shards, chunk, V / tensor] block of logits. The price of chunking: each chunk's float32 d_kernel
+    [E, V / tensor] contribution is summed over the batch shards inside the loop (the full path does this
+    once), so larger chunks mean fewer of these reductions.
+    """
+    hidden, kernel, targets = jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(targets)
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must be [batch, length, embed], got shape {hidden.shape}")
+    if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+        raise ValueError(f"kernel must be [embed, vocab] with embed = {hidden.shape[-1]}, got shape {kernel.shape}")
+    if not (jnp.issubdtype(hidden.dtype, jnp.floating) and jnp.issubdtype(kernel.dtype, jnp.floating)):
+        raise ValueError(f"hidden and kernel must be floating point, got {hidden.dtype} and {kernel.dtype}")
+    if targets.shape != hidden.shape[:2]:
+        raise ValueError(f"targets shape {targets.shape} does not match hidden's [batch, length] {hidden.shape[:2]}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    vocab = kernel.shape[-1]
+    clipped = jnp.clip(targets.astype(jnp.int32), 0, vocab - 1)
+    logps, correct = _head_logps(hidden, kernel, clipped, int(chunk_size))
+    return logps, correct & (targets >= 0) & (targets < vocab)
 
 
 def _as_mask(loss_mask):
