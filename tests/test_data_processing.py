@@ -7,8 +7,9 @@ from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zephyr_jax.data import (BadRow, Loader, default_buckets, pack, pad_sft, preference_batch, preference_example,
+from zephyr_jax.data import (BadRow, Loader, default_buckets, pack, pack_pairs, pad_sft, preference_example,
                              process_rows, sft_example)
+from zephyr_jax.data.loader import padded_batcher
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
 
@@ -79,11 +80,12 @@ def test_preference_prompt_plus_completion_is_the_whole_conversation(tok):
         assert completion[-1] == tok.eos_token_id
     assert tok.decode(ex.chosen) == "2 + 2 = 4.</s>"
     assert (ex.prompt == tok.bos_token_id).sum() == 1
-    batch = preference_batch([ex, ex], 64)
-    assert batch["inputs"].shape == (2, 2, 64)
+    batch = pack_pairs([ex, ex], 4, (64,))  # a row per sequence
+    assert batch["inputs"].shape == (4, 64)
+    assert batch["sequence_pair"].tolist() == [[0], [1], [2], [3]]  # 2 * pair + (0 chosen, 1 rejected)
     for k, completion in ((0, ex.chosen), (1, ex.rejected)):
-        row_mask = batch["loss_mask"][0, k].astype(bool)
-        assert list(batch["targets"][0, k][row_mask]) == list(completion)
+        row_mask = batch["loss_mask"][k].astype(bool)
+        assert list(batch["targets"][k][row_mask]) == list(completion)
 
 
 def test_preference_truncation_prompt_left_then_completions(tok):
@@ -108,7 +110,7 @@ def test_packed_row_logits_equal_separate_examples(tok):
     logits = np.asarray(model(jnp.asarray(packed["inputs"]), positions=jnp.asarray(packed["positions"]),
                               segment_ids=jnp.asarray(packed["segment_ids"])))[0]
     start = 0
-    for ex in examples:
+    for ex in sorted(examples, key=lambda e: -len(e.ids)):  # best-fit decreasing places the longest first
         alone = np.asarray(model(jnp.asarray(ex.ids[None, :-1])))[0]
         np.testing.assert_allclose(logits[start:start + len(alone)], alone, atol=1e-5)
         start += len(alone)
@@ -119,7 +121,7 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
     examples = [sft_example({"messages": [{"role": "user", "content": f"q{i}"},
                                           {"role": "assistant", "content": "a " * (i % 7 + 1)}]}, i, tok)
                 for i in range(20)]
-    make = lambda: Loader(examples, 4, pad_sft, buckets=default_buckets(64, smallest=16), seed=3)
+    make = lambda: Loader(examples, 4, padded_batcher(pad_sft, default_buckets(64, smallest=16)), seed=3)
     a, b = make(), make()
     first = [next(a) for _ in range(7)]  # crosses the epoch boundary (5 steps per epoch)
     for (x, info), (y, _) in zip(first, [next(b) for _ in range(7)]):
@@ -131,8 +133,8 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
         np.testing.assert_array_equal(next(resumed)[0]["inputs"], x["inputs"])
     assert {x["inputs"].shape[1] for x, _ in first} <= {16, 32, 64}
     # Processes holding interleaved rows of the global batch (as on a pod) build exactly those rows.
-    parts = [Loader(examples, 4, pad_sft, buckets=(64,), seed=3, rows=rows) for rows in ([0, 2], [1, 3])]
-    whole = Loader(examples, 4, pad_sft, buckets=(64,), seed=3)
+    parts = [Loader(examples, 4, padded_batcher(pad_sft, (64,)), seed=3, rows=rows) for rows in ([0, 2], [1, 3])]
+    whole = Loader(examples, 4, padded_batcher(pad_sft, (64,)), seed=3)
     for _ in range(3):
         (even, _), (odd, _), (full, info) = next(parts[0]), next(parts[1]), next(whole)
         np.testing.assert_array_equal(even["inputs"], full["inputs"][[0, 2]])

@@ -118,11 +118,12 @@ def test_splash_option_honours_window_segments_and_padding(pair):
                                    atol=TOL)
 
 
-def test_remat_gives_same_loss_and_gradients(pair):
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_all_but_mlp"])
+def test_remat_gives_same_loss_and_gradients(pair, policy):
     from flax import nnx
 
     _, model, path = pair
-    remat_model = hf.load_pretrained(path, remat=True)
+    remat_model = hf.load_pretrained(path, remat=policy)
     ids = jnp.asarray(_random_ids(np.random.default_rng(6), 2, 12))
 
     def loss(m):

@@ -18,7 +18,8 @@ from flax import nnx
 
 from zephyr_jax import train, train_steps
 from zephyr_jax.config_common import load_config
-from zephyr_jax.data import pad_sft, preference_batch, preference_example, sft_example
+from zephyr_jax.data import pack_pairs, pad_sft, preference_example, sft_example
+from zephyr_jax.data.batches import loss_positions, multiples
 from zephyr_jax.export import load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
@@ -133,16 +134,20 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage):
     cfg = tiny_config(stage, data_dir)
     rows = [json.loads(line) for line in open(data_dir / ("sft" if stage == "sft" else "prefs") /
                                               f"train_{stage if stage == 'sft' else 'prefs'}.jsonl")][:8]
-    if stage == "sft":
-        batch = pad_sft([sft_example(r, i, tok) for i, r in enumerate(rows)], 48)
-    else:
-        batch = preference_batch([preference_example(r, i, tok) for i, r in enumerate(rows)], 48)
     mcfg = MistralConfig(**cfg.model.arch.to_dict())
     graphdef, params = nnx.split(Mistral(mcfg, rngs=nnx.Rngs(0)))
     tx, schedule = train_steps.make_optimizer(cfg.optim, 10)
     results = []
     for accum in (1, 4):
-        step = jax.jit(train_steps.make_train_step(stage, graphdef, tx, schedule, accum, cfg.get("dpo")))
+        if stage == "sft":
+            batch = pad_sft([sft_example(r, i, tok) for i, r in enumerate(rows)], 48)
+            batch["loss_positions"] = loss_positions(batch["loss_mask"], 48)
+        else:  # 8 pairs packed into 8 rows, planned per micro-batch
+            batch = pack_pairs([preference_example(r, i, tok) for i, r in enumerate(rows)], 8,
+                               multiples(16, 512), accum)
+            batch["loss_positions"] = loss_positions(batch["loss_mask"], batch["loss_mask"].shape[1])
+        step = jax.jit(train_steps.make_train_step(stage, graphdef, tx, schedule, accum, cfg.get("dpo"),
+                                                   num_pairs=8))
         state = train_steps.TrainState(params, tx.init(params), jnp.asarray(3))
         reference = jax.tree.map(lambda x: x * 0.9, params) if stage == "dpo" else None
         results.append(step(state, {k: jnp.asarray(v) for k, v in batch.items()}, reference))
@@ -197,7 +202,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     assert len(train_losses(tmp_path / "mp")) == len(train_losses(tmp_path / "slurm")) == 4
     np.testing.assert_allclose(train_losses(tmp_path / "mp"), train_losses(tmp_path / "sp"), rtol=1e-5)
-    # The sbatch script adds attention_impl=cudnn: jax.nn.dot_product_attention (its XLA version on CPU).
+    # The sbatch script runs the configs' attention_impl="auto" (einsum attention on CPU, cuDNN on GPUs).
     np.testing.assert_allclose(train_losses(tmp_path / "slurm"), train_losses(tmp_path / "sp"), rtol=1e-5)
 
 
@@ -281,7 +286,7 @@ def test_frozen_reference_with_remat_equals_without(data_dir, tmp_path):
     # The recipe's configs remat every layer; the frozen reference then runs rematted inside value_and_grad.
     base = {"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 0}
     train.run(tiny_config("dpo", data_dir, **base), str(tmp_path / "plain"))
-    train.run(tiny_config("dpo", data_dir, **base, **{"model.remat": True}), str(tmp_path / "remat"))
+    train.run(tiny_config("dpo", data_dir, **base, **{"model.remat": "full"}), str(tmp_path / "remat"))
     np.testing.assert_allclose(train_losses(tmp_path / "remat"), train_losses(tmp_path / "plain"), rtol=1e-5)
 
 
@@ -316,15 +321,17 @@ def test_logged_throughput_counts_real_tokens_and_their_flops(data_dir, tmp_path
 
     # The same global batches, rebuilt; real tokens counted from their segment ids.
     examples, _ = load_examples(cfg.data, "dpo", load_tokenizer(), "train", log=lambda *_: None)
-    loader = Loader(examples, cfg.train.global_batch_size, preference_batch, buckets=train.buckets_for(cfg.data),
-                    seed=cfg.seed)
+    mesh = train.mesh_for(cfg)
+    loader = Loader(examples, cfg.train.global_batch_size,
+                    train.preference_batcher(cfg, mesh, cfg.train.global_batch_size), seed=cfg.seed)
     mcfg = train.model_config(cfg)
     n = mcfg.num_params - mcfg.vocab_size * mcfg.hidden_size  # PaLM's N: no embedding lookup
     per_layer = mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim
     for record in logged:
         batch, _ = next(loader)
-        seg = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1])
-        lengths = (seg > 0).sum(axis=1)  # one sequence per row (prompt + completion)
+        seg = batch["segment_ids"]
+        lengths = np.array([(row == s).sum() for row in seg for s in range(1, row.max() + 1)])  # packed sequences
+        assert len(lengths) == 2 * cfg.train.global_batch_size and seg.shape[0] < len(lengths)
         real = lengths.sum()
         train_flops = (6 * n * lengths + 12 * per_layer * lengths ** 2).sum()
         flops = train_flops * 4 / 3  # + the frozen reference's forward pass

@@ -26,7 +26,8 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute (paper: bf16)
     c.model.param_dtype = "float32"  # master weights
     c.model.attention_impl = "auto"  # the platform's kernel: splash (TPU), cuDNN (GPU), else "xla" einsum
-    c.model.remat = True  # recompute each layer in the backward pass (7B activations do not fit otherwise)
+    c.model.remat = "full"  # none, full, save_dots, save_all_but_mlp, offload (TPU/GPU): see model/mistral.py
+    c.model.scan_layers = True  # one compiled layer under lax.scan; False unrolls it (per-layer profiles)
     c.tokenizer = ml_collections.config_dict.placeholder(str)  # None: Mistral-7B-v0.1 from mistral-common
 
     c.data = ml_collections.ConfigDict()
@@ -34,7 +35,10 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.data.on_bad_row = "skip"  # "skip": count and report; "raise": stop at the first bad row
     c.data.max_train_examples = -1  # -1: all
     c.data.max_eval_examples = -1
-    c.data.buckets = ()  # padded lengths; () = powers of two up to max_length
+    c.data.buckets = ()  # padded lengths; (): powers of two up to max_length, multiples of 128 for packed DPO rows
+    c.data.packing = True  # several sequences per row, each its own segment (data/batches.py); False: one a row
+    c.data.pack_window = 1000  # dSFT packing: best-fit decreasing over this many shuffled examples at a time
+    c.data.packed_rows = 0  # dDPO packing: rows per global batch (0: about four sequences a row, mesh-aligned)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8  # AdamW defaults of HF Trainer, used by the recipe

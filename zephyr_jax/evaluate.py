@@ -35,7 +35,7 @@ from flax import nnx
 
 from zephyr_jax import train
 from zephyr_jax import train_steps as steps
-from zephyr_jax.data import preference_batch
+from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED
 from zephyr_jax.losses import LOSS_TYPES
@@ -107,7 +107,6 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             cfg.data.max_eval_examples = max_examples
     mesh, rules = train.mesh_for(cfg), cfg.mesh.rules
     sharding = train.batch_sharding(mesh, rules)
-    buckets = train.buckets_for(cfg.data)
     tok = load_tokenizer(cfg.tokenizer)
     examples, _ = load_examples(cfg.data, "dpo", tok, "eval", log=log)
 
@@ -117,7 +116,7 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
     mcfg = train.model_config(policy_cfg)
     graphdef, params, _ = train.init_params(policy_cfg, mcfg, mesh)
     checkpoint_step = _restored_step(workdir, step)
-    eval_fn = steps.make_eval_fn("dpo", graphdef)
+    eval_fn = steps.make_eval_fn("dpo", graphdef, cfg.train.eval_batch_size)
 
     with jax.set_mesh(mesh):
         if cfg.dpo.reference_free:
@@ -126,9 +125,8 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             # The run's cache (keyed by model and data); only when it is missing (another split, a deleted
             # cache) is the reference model -- the run's initial one -- loaded.
             reference = train.reference_logps(cfg, workdir, examples, eval_fn,
-                                              lambda: train.init_params(cfg, mcfg, mesh)[1], sharding, buckets,
-                                              "eval")
-        metrics = train.eval_metrics(cfg, eval_fn, params, examples, reference, sharding, buckets)
+                                              lambda: train.init_params(cfg, mcfg, mesh)[1], sharding, "eval")
+        metrics = train.eval_metrics(cfg, eval_fn, params, examples, reference, sharding)
     return {**metrics, "num_pairs": len(examples), "step": checkpoint_step,
             "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
 
@@ -144,10 +142,10 @@ def _restored_step(workdir: str, step: int) -> int:
 
 def pair_logps(model, examples, batch_size: int, buckets) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples, on one device,
-    through the training code's eval batches and jitted eval function."""
+    through the training code's eval batches (a row per sequence, padded to `buckets`) and eval function."""
     graphdef, state = nnx.split(model)
-    eval_fn = steps.make_eval_fn("dpo", graphdef)
-    batches = train.eval_batches(examples, batch_size, preference_batch, buckets)
+    eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
+    batches = train.eval_batches(examples, batch_size, pair_batcher(2 * batch_size, buckets))
     return steps.run_eval_batches(eval_fn, state, batches, jax.device_put)["logps"]
 
 

@@ -31,11 +31,12 @@ import numpy as np
 
 from zephyr_jax import train
 from zephyr_jax import train_steps as steps
-from zephyr_jax.data import pack, pad_sft, preference_batch
-from zephyr_jax.data.batches import bucket, positions_needed, sequence_lengths
+from zephyr_jax.data import pack, pad_sft
+from zephyr_jax.data.batches import sequence_lengths, stack_rows
+from zephyr_jax.data.loader import padded_batcher
 from zephyr_jax.data.preference import PreferenceExample, truncate_pair
 from zephyr_jax.data.sft import SFTExample
-from zephyr_jax.metrics import peak_flops, sequence_flops, step_flops
+from zephyr_jax.metrics import peak_flops, step_flops
 from zephyr_jax.model import MistralConfig
 
 GiB = 1024 ** 3
@@ -127,8 +128,7 @@ def planned_model_config(cfg) -> tuple[MistralConfig, str]:
     """(architecture, where it came from), without reading weights: a local HF directory or zephyr_jax workdir is
     read; Mistral-7B-v0.1 (by hub name, or a dSFT workdir that does not exist yet: the dDPO config before dSFT has
     run) is MistralConfig's defaults; another hub name has only its config.json fetched."""
-    jax_settings = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                        attention_impl=cfg.model.attention_impl, remat=cfg.model.remat, sharding_rules=cfg.mesh.rules)
+    jax_settings = train.model_settings(cfg)
     init, path = cfg.model.init, cfg.model.path
     if init == "random" or (init == "orbax" and os.path.isdir(os.path.join(path, "checkpoints"))) or \
             (init == "hf" and os.path.isdir(path)):
@@ -190,12 +190,24 @@ def fit_to_config(examples, cfg) -> list:
     return [truncate_pair(e.prompt, e.chosen, e.rejected, d.max_length, d.max_prompt_length) for e in examples]
 
 
-def batches_of_mix(cfg, spec: str, buckets, num_steps: int = 8) -> list[tuple[list, int]]:
-    """(real sequence lengths, padded length) of up to `num_steps` global batches that the real batching code
-    (SFT packing or padding to buckets, DPO pairs padded to the batch's bucket) makes from the length mix."""
+# Without --length_mix, the recipe's data as the dataset cards describe it (bench/RESULTS.md, "Planner"): UltraChat
+# dialogues around 1,400 tokens; UltraFeedback prompts around 117 and replies around 276 tokens.
+DEFAULT_MIX = {"sft": "lognormal:1400,0.5", "dpo": "lognormal:117,276,0.7"}
+
+
+class MixBatch(NamedTuple):
+    """One global batch that the real batching code made from a length mix."""
+    batch: dict  # numpy arrays, the whole global batch
+    sequences: list  # real positions of each sequence
+    loss_tokens: int  # positions with a loss
+
+
+def batches_of_mix(cfg, mesh, spec: str, num_steps: int = 8) -> list[MixBatch]:
+    """Up to `num_steps` global batches that train.py's batching code (SFT packing or padding; DPO pairs packed
+    into rows or a row per sequence) makes from the length mix."""
     n = 4 * cfg.train.global_batch_size
     while True:
-        batches = _batches(cfg, length_mix(spec, cfg.stage, cfg.seed, n), buckets, num_steps)
+        batches = _batches(cfg, mesh, length_mix(spec, cfg.stage, cfg.seed, n), num_steps)
         if len(batches) >= num_steps or not spec.startswith("lognormal:"):
             break
         n *= 4  # packing needs more examples than rows
@@ -204,38 +216,57 @@ def batches_of_mix(cfg, spec: str, buckets, num_steps: int = 8) -> list[tuple[li
     return batches
 
 
-def _batches(cfg, examples, buckets, num_steps: int) -> list[tuple[list, int]]:
+def _batches(cfg, mesh, examples, num_steps: int) -> list[MixBatch]:
     examples = fit_to_config(examples, cfg)
     size = cfg.train.global_batch_size
-    if cfg.stage == "sft" and cfg.data.packing:
-        rows = pack(examples, cfg.data.max_length)
-        examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
-    groups = [examples[i:i + size] for i in range(0, len(examples) - size + 1, size)][:num_steps]
-    padded = lambda g: (cfg.data.max_length if isinstance(g[0], dict) else
-                        bucket(max(positions_needed(e) for e in g), buckets))
-    return [([n for e in g for n in sequence_lengths(e)], padded(g)) for g in groups]
-
-
-def computed_flops(mcfg: MistralConfig, lengths, frozen_reference: bool) -> float:
-    """FLOPs the chips spend on sequences of `lengths`: the training step's (policy forward and backward, the
-    frozen reference's forward) plus remat's second forward of every layer."""
-    return step_flops(mcfg, lengths, frozen_reference) + (sequence_flops(mcfg, lengths, False) if mcfg.remat else 0.)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Abstract inputs of the train step, and its compilation.
-
-
-def abstract_batch(cfg, length: int, precomputed_reference: bool) -> dict:
-    """The step's batch as ShapeDtypeStructs: the real batch builder's keys and dtypes at the planned shape."""
-    size = cfg.train.global_batch_size
-    one = np.ones(2, np.int32)
     if cfg.stage == "dpo":
-        ref = np.zeros(2, np.float32) if precomputed_reference else None
-        example = preference_batch([PreferenceExample(one, one, one, False, ref)], length)
+        batcher = train.preference_batcher(cfg, mesh, size, cfg.train.grad_accum)
     else:
-        example = pad_sft([SFTExample(one, one.astype(bool), False)], length)
-    return {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype) for k, v in example.items()}
+        if cfg.data.packing:
+            rows = pack(examples, cfg.data.max_length, cfg.data.pack_window)
+            examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+        batcher = padded_batcher(stack_rows if cfg.data.packing else pad_sft, train.buckets_for(cfg.data))
+    out = []
+    for start in range(0, min(len(examples) - size + 1, num_steps * size), size):
+        group = examples[start:start + size]
+        batch = batcher(group)[0]
+        out.append(MixBatch(batch, [n for e in group for n in sequence_lengths(e)], int(batch["loss_mask"].sum())))
+    return out
+
+
+def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: float, head_positions: float,
+                     frozen_reference: bool) -> float:
+    """FLOPs of one train step: the decoder layers at `positions` (padding included), attention over
+    `attention_pairs` query-key pairs (what the kernel computes: a whole row for einsum attention, each segment's
+    own for a kernel that skips masked blocks), the LM head at `head_positions`. Forward and backward (3 forward
+    passes' worth), the frozen DPO reference's forward, and what the remat policy recomputes."""
+    e, v, layers = mcfg.hidden_size, mcfg.vocab_size, mcfg.num_hidden_layers
+    layer_params = mcfg.num_params - v * e * (1 if mcfg.tie_word_embeddings else 2) - e
+    mlp = 2 * 3 * e * mcfg.intermediate_size * layers * positions
+    layer_fwd = 2 * layer_params * positions
+    attention_fwd = 4 * layers * mcfg.num_attention_heads * mcfg.head_dim * attention_pairs
+    head_fwd = 2 * e * v * head_positions
+    forward = layer_fwd + attention_fwd + head_fwd
+    recompute = {"none": 0.0, "full": layer_fwd + attention_fwd, "save_all_but_mlp": mlp,
+                 "save_dots": attention_fwd, "offload": attention_fwd}[mcfg.remat]
+    return 3 * forward + recompute + (forward if frozen_reference else 0.0)
+
+
+def attention_pairs(batch: dict, kernel_skips_masked: bool) -> float:
+    """Query-key pairs attention computes on a batch: every row's T x T for einsum attention, each segment's
+    l x l for a kernel that skips the blocks its mask rules out (splash, cuDNN)."""
+    seg = batch["segment_ids"]
+    if not kernel_skips_masked:
+        return float(seg.shape[0]) * seg.shape[1] ** 2
+    return float(sum((np.bincount(row[row > 0]).astype(np.float64) ** 2).sum() for row in seg))
+
+
+def abstract_batch(batches: list[MixBatch]) -> dict:
+    """The step's batch as ShapeDtypeStructs: the real batches' keys and dtypes, each dimension the largest any
+    of them has (rows are fixed; length, loss positions and segment slots vary), so memory is the worst case."""
+    first = batches[0].batch
+    return {k: jax.ShapeDtypeStruct(tuple(max(b.batch[k].shape[i] for b in batches) for i in range(v.ndim)), v.dtype)
+            for k, v in first.items()}
 
 
 class StepInputs(NamedTuple):
@@ -245,15 +276,14 @@ class StepInputs(NamedTuple):
     shardings: tuple  # (state, batch, reference) shardings, the trees of the three above
 
 
-def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, length: int):
-    """(train.py's jitted train step for cfg, its abstract inputs at batch length `length`)."""
+def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batch: dict):
+    """(train.py's jitted train step for cfg, its abstract inputs for the abstract `batch`)."""
     dpo = cfg.stage == "dpo"
     frozen = dpo and not cfg.dpo.reference_free and not cfg.dpo.precompute_reference
     graphdef, params, param_shardings = train.abstract_params(cfg, mcfg, mesh)
     tx, schedule = steps.make_optimizer(cfg.optim, 1000)  # the schedule's length changes no shape
     state_shardings = train.train_state_shardings(tx, params, param_shardings, mesh)
     state = steps.TrainState(params, jax.eval_shape(tx.init, params), jax.ShapeDtypeStruct((), jnp.int32))
-    batch = abstract_batch(cfg, length, dpo and cfg.dpo.precompute_reference)
     batch_sharding = train.batch_sharding(mesh, cfg.mesh.rules)
     reference = None
     if frozen:
@@ -338,39 +368,24 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     target = local_target() if topology == "local" else tpu_target(topology)
     mesh = train.mesh_for(cfg, target.devices)
     mcfg, model_source = planned_model_config(cfg)
-    buckets = train.buckets_for(cfg.data)
-    length = max(buckets)  # the largest shape sets the memory
     dpo = cfg.stage == "dpo"
     frozen = dpo and not cfg.dpo.reference_free and not cfg.dpo.precompute_reference
-    rows = cfg.train.global_batch_size * (2 if dpo else 1)
+    spec = length_mix_spec or DEFAULT_MIX[cfg.stage]
+    batches = batches_of_mix(cfg, mesh, spec)
+    batch = abstract_batch(batches)  # the largest shapes among them set the memory
+    rows, length = batch["inputs"].shape
     report = {
         "config": {"stage": cfg.stage, "mesh": dict(mesh.shape), "global_batch_size": cfg.train.global_batch_size,
-                   "grad_accum": cfg.train.grad_accum, "length": length, "packing": bool(cfg.data.get("packing")),
+                   "grad_accum": cfg.train.grad_accum, "rows": rows, "length": length,
+                   "loss_positions": batch["loss_positions"].shape[1], "packing": bool(cfg.data.packing),
                    "remat": mcfg.remat, "dtype": str(mcfg.dtype), "param_dtype": str(mcfg.param_dtype),
                    "reference": _reference_kind(cfg)},
         "target": {"name": target.name, "chips": len(target.devices), "hbm_bytes": target.hbm_bytes,
                    "peak_flops": target.peak_flops},
         "model": {"source": model_source, "params": mcfg.num_params}}
 
-    # Tokens and FLOPs, counted from the shapes the step processes.
-    flops = computed_flops(mcfg, [length] * rows, frozen)
-    positions = rows * length
-    tokens = {"positions_per_step": positions, "flops_per_step": flops, "flops_per_position": flops / positions}
-    if length_mix_spec:
-        batches = batches_of_mix(cfg, length_mix_spec, buckets)
-        real = np.mean([sum(lens) for lens, _ in batches])
-        positions = np.mean([rows * padded for _, padded in batches])
-        spent = np.mean([computed_flops(mcfg, [padded] * rows, frozen) for _, padded in batches])
-        model = np.mean([step_flops(mcfg, lens, frozen) for lens, _ in batches])
-        tokens.update(length_mix=length_mix_spec, real_tokens_per_step=real, padded_positions_per_step=positions,
-                      padding_fraction=1 - real / positions, flops_per_real_token=spent / real,
-                      model_flops_per_real_token=model / real)
-    report["tokens"] = tokens
-    if target.peak_flops:
-        report["ideal_step_seconds"] = flops / (target.peak_flops * len(target.devices))
-
     # Compile, then the bytes per chip: the inputs from their shapes and shardings, the rest from XLA.
-    step, inputs = train_step_and_inputs(cfg, mcfg, mesh, length)
+    step, inputs = train_step_and_inputs(cfg, mcfg, mesh, batch)
     buffers = input_buffers(inputs)
     parts = input_bytes(buffers)
     start = time.perf_counter()
@@ -394,10 +409,45 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
                             "code": mem.generated_code_size_in_bytes, "total": total, "hbm": target.hbm_bytes}
         text = compiled.as_text()
         report["attention"] = attention_kernel(text, mcfg)
-        report["xla_estimate"] = xla_estimate(compiled, flops, len(target.devices), report.get("ideal_step_seconds"))
     report["memory"]["largest_inputs"] = buffers[:5]
+
+    # Tokens and FLOPs of the mix's batches, counted from what the step computes and from what it had to.
+    skips = any(k in report.get("attention", _expected_kernel(cfg, mcfg, target, length)) for k in ("splash", "cuDNN"))
+    spent = lambda p, pairs, head: step_flops_spent(mcfg, positions=p, attention_pairs=pairs, head_positions=head,
+                                                    frozen_reference=frozen)
+    per_batch = []
+    for b in batches:
+        real = sum(b.sequences)
+        per_batch.append(dict(
+            real=real, positions=b.batch["inputs"].size, head=b.batch["loss_positions"].size, loss=b.loss_tokens,
+            spent=spent(b.batch["inputs"].size, attention_pairs(b.batch, skips), b.batch["loss_positions"].size),
+            ideal=spent(real, float(np.sum(np.square(np.asarray(b.sequences, np.float64)))), b.loss_tokens),
+            model=step_flops(mcfg, b.sequences, frozen)))
+    mean = lambda k: float(np.mean([x[k] for x in per_batch]))
+    real = mean("real")
+    flops = spent(rows * length, rows * length ** 2, rows * batch["loss_positions"].shape[1])  # the compiled shape
+    report["tokens"] = {
+        "length_mix": spec + ("" if length_mix_spec else " (default)"), "batches": len(batches),
+        "positions_per_step": rows * length, "flops_per_step": flops, "real_tokens_per_step": real,
+        "padded_positions_per_step": mean("positions"), "padding_fraction": 1 - real / mean("positions"),
+        "loss_tokens_per_step": mean("loss"), "head_positions_per_step": mean("head"),
+        "flops_per_real_token": mean("spent") / real, "ideal_flops_per_real_token": mean("ideal") / real,
+        "overhead_vs_ideal": mean("spent") / mean("ideal"), "model_flops_per_real_token": mean("model") / real,
+        "attention_flops_counted": "per segment (the kernel skips masked blocks)" if skips else "whole rows"}
+    if target.peak_flops:
+        report["ideal_step_seconds"] = mean("spent") / (target.peak_flops * len(target.devices))
+    if "attention" in report:
+        report["xla_estimate"] = xla_estimate(compiled, flops, len(target.devices), report.get("ideal_step_seconds"))
     report["verdict"] = verdict(report["memory"])
     return report
+
+
+def _expected_kernel(cfg, mcfg, target, length: int) -> str:
+    """The attention kernel a program XLA refused would have used (for counting its FLOPs)."""
+    platform = target.devices[0].platform
+    if mcfg.attention_impl == "splash" or (mcfg.attention_impl == "auto" and platform == "tpu" and length % 128 == 0):
+        return "splash"
+    return "cuDNN" if mcfg.attention_impl == "cudnn" else "xla"
 
 
 def _reference_kind(cfg) -> str | None:
@@ -452,12 +502,13 @@ def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GiB:8.2f} GiB"
     params = r["model"]["params"]
     size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
-    pairs = " x 2 (chosen, rejected)" if c["stage"] == "dpo" else ""
+    unit = "pairs" if c["stage"] == "dpo" else "rows"
     reference = f"; DPO reference: {c['reference']}" if c["reference"] else ""
     lines = [f"plan: {c['stage']} on {t['name']} ({t['chips']} chips), mesh {c['mesh']}",
              f"  model: {size} parameters ({r['model']['source']}); {c['param_dtype']} weights, {c['dtype']} compute, "
              f"remat={c['remat']}",
-             f"  batch: {c['global_batch_size']} x {c['length']} tokens{pairs}, grad_accum {c['grad_accum']}"
+             f"  batch: {c['global_batch_size']} {unit} in {c['rows']} rows x {c['length']} positions (the largest "
+             f"of the mix's batches), head at {c['loss_positions']} positions a row, grad_accum {c['grad_accum']}"
              f"{', packed' if c['packing'] else ''}{reference}",
              "  bytes per chip:"]
     for key in ("parameters", "optimizer_state", "reference", "batch", "temporaries", "temporaries_inferred",
@@ -468,16 +519,14 @@ def format_report(r: dict) -> str:
     usable = f"  of {gib(m['hbm']).strip()} usable" if m.get("hbm") else ""
     lines.append(f"    {'total':36s}{gib(m['total'])}{usable}")
     lines.append(f"  verdict: {r['verdict']}")
-    lines.append(f"  tokens per step: {tok['positions_per_step']:,} positions at the largest bucket")
-    if "real_tokens_per_step" in tok:
-        lines.append(f"  length mix {tok['length_mix']}: {tok['real_tokens_per_step']:,.0f} real tokens in "
-                     f"{tok['padded_positions_per_step']:,.0f} positions per step "
-                     f"({100 * tok['padding_fraction']:.1f}% "
-                     "padding)")
-        lines.append(f"  FLOPs per real token: {tok['flops_per_real_token']:.3g} computed, "
-                     f"{tok['model_flops_per_real_token']:.3g} model FLOPs (the MFU numerator)")
-    lines.append(f"  FLOPs per step at the largest bucket: {tok['flops_per_step']:.3g} "
-                 f"({tok['flops_per_position']:.3g} per position{', remat included' if c['remat'] else ''})")
+    lines.append(f"  length mix {tok['length_mix']}, {tok['batches']} batches: {tok['real_tokens_per_step']:,.0f} real "
+                 f"tokens in {tok['padded_positions_per_step']:,.0f} positions per step "
+                 f"({100 * (1 - tok['padding_fraction']):.1f}% real); LM head at "
+                 f"{tok['head_positions_per_step']:,.0f} positions for {tok['loss_tokens_per_step']:,.0f} loss tokens")
+    lines.append(f"  FLOPs per real token: {tok['flops_per_real_token']:.3g} computed, "
+                 f"{tok['ideal_flops_per_real_token']:.3g} ideal (no padding, head at loss tokens only: "
+                 f"{tok['overhead_vs_ideal']:.3f}x), {tok['model_flops_per_real_token']:.3g} model FLOPs (the MFU "
+                 f"numerator); attention counted over {tok['attention_flops_counted']}")
     if r.get("ideal_step_seconds"):
         lines.append(f"  step time at 100% of peak: {r['ideal_step_seconds']:.3f} s (a lower bound)")
     x = r.get("xla_estimate") or {}

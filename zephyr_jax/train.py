@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from zephyr_jax import checkpoint, hf
 from zephyr_jax import train_steps as steps
-from zephyr_jax.data import Loader, default_buckets, pack, pad_sft, preference_batch
-from zephyr_jax.data.batches import sequence_lengths, stack_rows
+from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
+from zephyr_jax.data.batches import multiples, sequence_lengths, stack_rows
+from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.losses import LOSS_TYPES
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
@@ -69,7 +70,7 @@ def check_model_source_exists(model_cfg) -> None:
 
 
 def check_batch_fits_mesh(cfg, mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
     for name, size in (("micro-batch (global_batch_size / grad_accum)", micro),
                        ("train.eval_batch_size", cfg.train.eval_batch_size)):
@@ -91,15 +92,44 @@ def buckets_for(data_cfg) -> tuple:
     return tuple(data_cfg.buckets) or default_buckets(data_cfg.max_length, min(128, data_cfg.max_length))
 
 
+def batch_shards(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def preference_rows_for(cfg, mesh, pairs: int, micro_batches: int) -> int:
+    """Rows a batch of `pairs` preference pairs goes into: 2 * pairs without packing (a row per sequence); with
+    packing data.packed_rows, or by default about four sequences a row, rounded up so that every micro-batch
+    splits evenly over the batch shards."""
+    if not cfg.data.packing:
+        return 2 * pairs
+    unit = batch_shards(mesh) * micro_batches
+    return cfg.data.packed_rows or max(unit, -(-pairs // 2 // unit) * unit)
+
+
+def preference_batcher(cfg, mesh, pairs: int, micro_batches: int = 1):
+    """The loader's batcher for DPO batches of `pairs` pairs. Packed rows get lengths in multiples of 128 up to
+    what the fullest row could need (unless data.buckets says otherwise)."""
+    rows = preference_rows_for(cfg, mesh, pairs, micro_batches)
+    buckets = buckets_for(cfg.data)
+    if cfg.data.packing and not cfg.data.buckets:
+        step = min(128, cfg.data.max_length)
+        buckets = multiples(step, (-(-2 * pairs // rows) + 1) * cfg.data.max_length)
+    return pair_batcher(rows, buckets, micro_batches)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Model initialisation, straight onto the mesh.
 
 
+def model_settings(cfg) -> dict:
+    """The MistralConfig fields a run's config sets on top of the architecture: dtypes, kernels, remat, sharding."""
+    return dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, attention_impl=cfg.model.attention_impl,
+                remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, sharding_rules=cfg.mesh.rules)
+
+
 def model_config(cfg) -> MistralConfig:
     """The architecture: from the HF checkpoint, the SFT workdir, or config.model.arch for random init."""
-    jax_settings = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                        attention_impl=cfg.model.attention_impl, remat=cfg.model.remat,
-                        sharding_rules=cfg.mesh.rules)
+    jax_settings = model_settings(cfg)
     if cfg.model.init == "random":
         return MistralConfig(**cfg.model.arch.to_dict(), **jax_settings)
     if cfg.model.init == "orbax":
@@ -124,7 +154,8 @@ def init_params(cfg, mcfg: MistralConfig, mesh):
         print(f"initialised from {cfg.model.path} step {step}")
     else:
         model = hf.load_pretrained(cfg.model.path, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
-                                   shardings=shardings, attention_impl=mcfg.attention_impl, remat=mcfg.remat)
+                                   shardings=shardings, attention_impl=mcfg.attention_impl, remat=mcfg.remat,
+                                   scan_layers=mcfg.scan_layers)
         params = nnx.split(model)[1]
     return graphdef, params, shardings
 
@@ -166,36 +197,37 @@ def place(local_batch: dict, sharding, rows, num_rows: int) -> dict:
     return {k: put(v) for k, v in local_batch.items()}
 
 
-def eval_batches(examples, batch_size: int, make_batch, buckets, rows=None):
-    """All examples in order, in fixed-size global batches (the last one filled with repeats of its last
-    example), each with its count of real rows; the process builds the batch rows `rows` (default: all)."""
-    rows = np.arange(batch_size) if rows is None else rows
+def eval_batches(examples, batch_size: int, batcher, rows=None):
+    """All examples in order, in global batches of batch_size examples (the last one filled with repeats of its
+    last example), each with its count of real examples; the process builds the batch rows `rows`."""
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)
-        length = bucket_of(chunk, buckets)
-        yield make_batch([chunk[r] for r in rows], length), real
+        yield batcher(chunk, rows)[0], real
 
 
-def bucket_of(examples, buckets) -> int:
-    from zephyr_jax.data.batches import bucket, positions_needed
-
-    return bucket(max(positions_needed(e) for e in examples), buckets)
+def eval_batcher(cfg, mesh):
+    """(batcher, global rows) of the eval batches: an example per row (SFT), or pairs (DPO)."""
+    size = cfg.train.eval_batch_size
+    if cfg.stage == "dpo":
+        return preference_batcher(cfg, mesh, size), preference_rows_for(cfg, mesh, size, 1)
+    return padded_batcher(pad_sft, buckets_for(cfg.data)), size
 
 
 # ---------------------------------------------------------------------------------------------------------
 # DPO reference log-probs, computed once and cached in the workdir.
 
 
-def run_eval(cfg, eval_fn, params, examples, make_batch, sharding, buckets, desc=None) -> dict:
-    """eval_fn's per-row outputs over `examples`, in example order (rows are matched by global index)."""
+def run_eval(cfg, eval_fn, params, examples, sharding, desc=None) -> dict:
+    """eval_fn's per-example outputs over `examples`, in example order. Call inside `jax.set_mesh(mesh)`."""
     size = cfg.train.eval_batch_size
-    rows = local_rows(sharding, size)
-    batches = eval_batches(examples, size, make_batch, buckets, rows)
+    batcher, num_rows = eval_batcher(cfg, sharding.mesh)
+    rows = local_rows(sharding, num_rows)
+    batches = eval_batches(examples, size, batcher, rows)
     if desc:
         batches = tqdm(batches, desc=desc, disable=not cfg.train.progress, total=-(-len(examples) // size))
-    return steps.run_eval_batches(eval_fn, params, batches, lambda b: place(b, sharding, rows, size))
+    return steps.run_eval_batches(eval_fn, params, batches, lambda b: place(b, sharding, rows, num_rows))
 
 
 def reference_key(cfg, examples) -> str:
@@ -215,27 +247,25 @@ def reference_cache_path(cfg, workdir, examples, name: str) -> str:
     return os.path.join(workdir, "reference_logps", f"{name}-{reference_key(cfg, examples)}.npy")
 
 
-def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, buckets, name: str) -> np.ndarray:
+def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, name: str) -> np.ndarray:
     """[N, 2] reference log-probs of `examples` under `params` (the initial model), cached by model and data.
     `params` may be a function returning them, called only when the cache misses."""
     path = reference_cache_path(cfg, workdir, examples, name)
     if os.path.exists(path):
         return np.load(path)
     params = params() if callable(params) else params
-    logps = run_eval(cfg, eval_fn, params, examples, preference_batch, sharding, buckets,
-                     desc=f"reference log-probs ({name})")["logps"]
+    logps = run_eval(cfg, eval_fn, params, examples, sharding, desc=f"reference log-probs ({name})")["logps"]
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.save(path, logps)
     return logps
 
 
-def eval_metrics(cfg, eval_fn, params, examples, reference, sharding, buckets) -> dict:
+def eval_metrics(cfg, eval_fn, params, examples, reference, sharding) -> dict:
     """Metrics over a whole held-out split: SFT loss and token accuracy, or the DPO metrics against `reference`
     log-probs [N, 2]. Call inside `jax.set_mesh(mesh)`."""
-    dpo = cfg.stage == "dpo"
-    out = run_eval(cfg, eval_fn, params, examples, preference_batch if dpo else pad_sft, sharding, buckets)
-    if not dpo:
+    out = run_eval(cfg, eval_fn, params, examples, sharding)
+    if cfg.stage != "dpo":
         return steps.sft_eval_metrics(out)
     lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
     return steps.dpo_eval_metrics(out["logps"], reference, lengths, cfg.dpo)
@@ -258,25 +288,25 @@ def run(cfg, workdir: str) -> dict:
           f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}")
     rules, dpo = cfg.mesh.rules, cfg.stage == "dpo"
     sharding = batch_sharding(mesh, rules)
-    buckets = buckets_for(cfg.data)
 
     # Data.
     tok = load_tokenizer(cfg.tokenizer)
     train_examples, _ = load_examples(cfg.data, cfg.stage, tok, "train")
     eval_examples, _ = load_examples(cfg.data, cfg.stage, tok, "eval")
+    batch_size = cfg.train.global_batch_size
     if dpo:
-        make_batch, lengths = preference_batch, None
-    elif cfg.data.packing:  # pack once, after a seeded shuffle, so rows mix examples from the whole split
-        order = np.random.default_rng(cfg.seed).permutation(len(train_examples))
-        rows = pack([train_examples[i] for i in order], cfg.data.max_length)
-        train_examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
-        make_batch, lengths = stack_rows, [cfg.data.max_length] * len(train_examples)
-        print(f"packed into {len(train_examples)} rows of {cfg.data.max_length} tokens")
+        batcher = preference_batcher(cfg, mesh, batch_size, cfg.train.grad_accum)
+        num_rows = preference_rows_for(cfg, mesh, batch_size, cfg.train.grad_accum)
     else:
-        make_batch, lengths = pad_sft, None
-    train_rows = local_rows(sharding, cfg.train.global_batch_size)
-    loader = Loader(train_examples, cfg.train.global_batch_size, make_batch, buckets=buckets, seed=cfg.seed,
-                    rows=train_rows, lengths=lengths)
+        if cfg.data.packing:  # pack once, after a seeded shuffle, so rows mix examples from the whole split
+            order = np.random.default_rng(cfg.seed).permutation(len(train_examples))
+            rows = pack([train_examples[i] for i in order], cfg.data.max_length, cfg.data.pack_window)
+            train_examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+            print(f"packed into {len(train_examples)} rows of {cfg.data.max_length} tokens")
+        batcher = padded_batcher(stack_rows if cfg.data.packing else pad_sft, buckets_for(cfg.data))
+        num_rows = batch_size
+    train_rows = local_rows(sharding, num_rows)
+    loader = Loader(train_examples, batch_size, batcher, seed=cfg.seed, rows=train_rows)
     sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
 
@@ -288,18 +318,18 @@ def run(cfg, workdir: str) -> dict:
     tx, schedule = steps.make_optimizer(cfg.optim, total_steps)
     state_shardings = train_state_shardings(tx, params, param_shardings, mesh)
     state = initial_state(tx, params, state_shardings)
-    eval_fn = steps.make_eval_fn(cfg.stage, graphdef)
+    eval_fn = steps.make_eval_fn(cfg.stage, graphdef, cfg.train.eval_batch_size)
 
     # DPO reference: from the initial parameters, before any checkpoint is restored.
     reference, eval_reference = None, None
     with jax.set_mesh(mesh):
         if dpo and not cfg.dpo.reference_free:
             if cfg.dpo.precompute_reference:
-                logps = reference_logps(cfg, workdir, train_examples, eval_fn, params, sharding, buckets, "train")
+                logps = reference_logps(cfg, workdir, train_examples, eval_fn, params, sharding, "train")
                 train_examples[:] = [ex._replace(reference=lp) for ex, lp in zip(train_examples, logps)]
             else:
                 reference = frozen_copy(params, param_shardings, jnp.dtype(cfg.dpo.reference_dtype))
-            eval_reference = reference_logps(cfg, workdir, eval_examples, eval_fn, params, sharding, buckets, "eval")
+            eval_reference = reference_logps(cfg, workdir, eval_examples, eval_fn, params, sharding, "eval")
         elif dpo:
             eval_reference = np.zeros((len(eval_examples), 2), np.float32)
 
@@ -317,7 +347,7 @@ def run(cfg, workdir: str) -> dict:
 
     def evaluate(step):
         with jax.set_mesh(mesh):
-            metrics = eval_metrics(cfg, eval_fn, state.params, eval_examples, eval_reference, sharding, buckets)
+            metrics = eval_metrics(cfg, eval_fn, state.params, eval_examples, eval_reference, sharding)
         writer.write(step, metrics, "eval")
         return metrics
 
@@ -331,8 +361,7 @@ def run(cfg, workdir: str) -> dict:
     while step < total_steps:
         local, info = next(loader)
         with jax.set_mesh(mesh):
-            state, metrics = train_step(state, place(local, sharding, train_rows, cfg.train.global_batch_size),
-                                        reference)
+            state, metrics = train_step(state, place(local, sharding, train_rows, info.rows), reference)
         metrics = {k: float(v) for k, v in steps.to_host(metrics).items()}
         step += 1
         if not math.isfinite(metrics["loss"]):
@@ -343,8 +372,8 @@ def run(cfg, workdir: str) -> dict:
                 "lower optim.lr, check the data, or use float32 compute to find the cause.")
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        metrics.update(throughput(mcfg, [sequences[i] for i in info.indices], info.length, dt, mesh.size,
-                                  frozen_reference=reference is not None, peak=peak, pairs=dpo),
+        metrics.update(throughput(mcfg, [sequences[i] for i in info.indices], info.rows * info.length, dt,
+                                  mesh.size, frozen_reference=reference is not None, peak=peak),
                        epoch=loader.epoch)
         if step % cfg.train.log_every == 0 or step == total_steps:
             writer.write(step, metrics)
@@ -372,14 +401,13 @@ def run(cfg, workdir: str) -> dict:
     return last_eval
 
 
-def throughput(mcfg, sequences, length: int, seconds: float, devices: int, *, frozen_reference: bool, peak,
-               pairs: bool) -> dict:
-    """Throughput of one step over a global batch whose rows hold sequences of real lengths `sequences` (one list
-    per example: a pair's two, a packed row's segments) padded to `length`: real tokens only, the share of
-    positions that were padding, and MFU from the FLOPs of those real sequences (not of the padded shapes)."""
+def throughput(mcfg, sequences, positions: int, seconds: float, devices: int, *, frozen_reference: bool,
+               peak) -> dict:
+    """Throughput of one step over a global batch of `positions` positions (rows x length) holding sequences of
+    real lengths `sequences` (one list per example: a pair's two, a packed row's segments): real tokens only,
+    the share of positions that were padding, and MFU from the FLOPs of those real sequences."""
     lengths = [n for seqs in sequences for n in seqs]
     real = sum(lengths)
-    positions = len(sequences) * (2 if pairs else 1) * length
     flops = step_flops(mcfg, lengths, frozen_reference)
     out = {"step_time": seconds, "tokens_per_sec": real / seconds,
            "tokens_per_sec_per_device": real / seconds / devices, "padding_fraction": 1 - real / positions,
@@ -410,7 +438,7 @@ def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding_
     (zephyr_jax/plan.py) compiles this same function ahead of time."""
     ref_shardings = state_shardings.params if frozen_reference else None  # frozen_copy keeps the params' layout
     step = steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum, cfg.get("dpo"),
-                                 rules=cfg.mesh.rules)
+                                 rules=cfg.mesh.rules, num_pairs=cfg.train.global_batch_size)
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding_, ref_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 

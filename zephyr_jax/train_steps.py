@@ -46,32 +46,64 @@ def make_optimizer(optim_cfg, total_steps: int):
     return tx, schedule
 
 
-def forward(graphdef, params, batch):
-    """Logits [rows, T, V] for a batch of rows [rows, T]."""
+def loss_position_logps(graphdef, params, batch):
+    """Log-probs of the targets at each row's loss positions, the LM head applied there only (fused with the
+    log-softmax, chunked: losses.head_logps). Returns (logps, correct, valid, segment), each [rows, K]: valid
+    marks real entries of batch["loss_positions"] (-1 fills the rest), segment is their segment id."""
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                                 max_segments=max_segments(batch))
+    where = batch["loss_positions"]
+    valid = where >= 0
+    where = jnp.maximum(where, 0)
+    pick = lambda x: jnp.take_along_axis(x, where, axis=1)
+    hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)
+    logps, correct = losses.head_logps(hidden, model.head_kernel(), pick(batch["targets"]))
+    return jnp.where(valid, logps, 0.0), correct & valid, valid, pick(batch["segment_ids"])
 
 
-def fold_pairs(batch):
-    """[B, 2, T] -> [2B, T] (chosen and rejected of a pair stay adjacent)."""
-    return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items() if v.ndim >= 3}
+def max_segments(batch) -> int:
+    """The most sequences a row of this batch can hold, known from its shapes (static under jit): a DPO row's
+    segment slots, or for SFT half the row length (every example takes at least two positions)."""
+    if "sequence_pair" in batch:
+        return batch["sequence_pair"].shape[1]
+    return max(1, batch["inputs"].shape[1] // 2)
 
 
-def pair_logps(graphdef, params, batch) -> jax.Array:
-    """Summed completion log-probs [B, 2] (chosen, rejected) of a preference batch, in one forward pass."""
-    rows = fold_pairs(batch)
-    logps = losses.sequence_logps(forward(graphdef, params, rows), rows["targets"], rows["loss_mask"])
-    return logps.reshape(-1, 2)
+def segment_sums(values, segment, slots: int):
+    """[rows, K] values summed per segment slot (segment id s + 1 -> slot s): [rows, slots]."""
+    one_hot = segment[..., None] == jnp.arange(1, slots + 1)
+    return jnp.einsum("rk,rks->rs", values.astype(jnp.float32), one_hot.astype(jnp.float32))
+
+
+def per_pair(slot_values, sequence_pair, num_pairs: int, micro_batches: int = 1):
+    """[rows, slots] per-sequence values -> [num_pairs, 2] (chosen, rejected), through "sequence_pair"
+    (2 * pair + side in the global batch, -1 empty). In micro-batch m of n, pair p is local pair p // n."""
+    pair, side = sequence_pair // 2, sequence_pair % 2
+    index = jnp.where(sequence_pair >= 0, 2 * (pair // micro_batches) + side, 2 * num_pairs)  # -1: dropped
+    table = jax.ops.segment_sum(slot_values.reshape(-1), index.reshape(-1), num_segments=2 * num_pairs)
+    return table.reshape(num_pairs, 2)
+
+
+def pair_logps(graphdef, params, batch, num_pairs: int, micro_batches: int = 1):
+    """(summed completion log-probs, completion lengths), each [num_pairs, 2] (chosen, rejected)."""
+    logps, _, valid, segment = loss_position_logps(graphdef, params, batch)
+    slots = batch["sequence_pair"].shape[1]
+    table = lambda x: per_pair(segment_sums(x, segment, slots), batch["sequence_pair"], num_pairs, micro_batches)
+    return table(logps), table(valid)
 
 
 def sft_loss_fn(params, graphdef, batch, normalizer):
-    logits = forward(graphdef, params, batch)
-    return losses.sft_loss(logits, batch["targets"], batch["loss_mask"], normalizer=normalizer)
+    """losses.sft_loss's token cross-entropy, on the loss positions only."""
+    logps, correct, valid, _ = loss_position_logps(graphdef, params, batch)
+    num_tokens = valid.sum(dtype=jnp.float32)
+    loss = -logps.sum() / jnp.maximum(normalizer, 1.0)
+    return loss, {"loss": jax.lax.stop_gradient(loss), "correct": correct.sum(dtype=jnp.float32),
+                  "num_tokens": num_tokens}
 
 
-def dpo_loss_fn(params, graphdef, batch, reference_logps, dpo_cfg):
-    policy = pair_logps(graphdef, params, batch)
-    lengths = batch["loss_mask"].sum(axis=-1)
+def dpo_loss_fn(params, graphdef, batch, reference_logps, dpo_cfg, num_pairs: int, micro_batches: int):
+    policy, lengths = pair_logps(graphdef, params, batch, num_pairs, micro_batches)
     return losses.dpo_loss(policy[:, 0], policy[:, 1], reference_logps[:, 0], reference_logps[:, 1],
                            beta=dpo_cfg.beta, loss_type=dpo_cfg.loss_type, label_smoothing=dpo_cfg.label_smoothing,
                            chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
@@ -88,25 +120,25 @@ def split_micro(batch, n: int):
 _tree_norm = getattr(optax.tree_utils, "tree_norm", None) or optax.tree_utils.tree_l2_norm
 
 
-def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg=None, rules=DEFAULT_RULES):
+def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg=None, rules=DEFAULT_RULES,
+                    num_pairs: int | None = None):
     """train_step(state, batch, reference) -> (state, metrics). reference: DPO only, either frozen reference
-    parameters (an nnx.State) or None when the batch carries precomputed "reference_logps" [B, 2].
-    rules: the logical-axis rules that shard each micro-batch's rows (under `jax.set_mesh`)."""
+    parameters (an nnx.State) or None when the batch carries precomputed per-sequence "reference_logps".
+    num_pairs: DPO pairs per global batch. rules: the logical-axis rules that shard each micro-batch's rows
+    (under `jax.set_mesh`)."""
 
     def micro_loss(params, micro, reference, normalizer):
         micro = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), rules), micro)
         if stage == "sft":
-            loss, metrics = sft_loss_fn(params, graphdef, micro, normalizer)
-            metrics = {"loss": loss, "correct": metrics["token_accuracy"] * metrics["num_tokens"],
-                       "num_tokens": metrics["num_tokens"]}
-            return loss, metrics
+            return sft_loss_fn(params, graphdef, micro, normalizer)
+        pairs = num_pairs // grad_accum
         if "reference_logps" in micro:
-            ref = micro["reference_logps"]
+            ref = per_pair(micro["reference_logps"], micro["sequence_pair"], pairs, grad_accum)
         elif dpo_cfg.reference_free:
-            ref = jnp.zeros(micro["inputs"].shape[:2], jnp.float32)
+            ref = jnp.zeros((pairs, 2), jnp.float32)
         else:
-            ref = jax.lax.stop_gradient(pair_logps(graphdef, reference, micro))
-        loss, metrics = dpo_loss_fn(params, graphdef, micro, ref, dpo_cfg)
+            ref = jax.lax.stop_gradient(pair_logps(graphdef, reference, micro, pairs, grad_accum)[0])
+        loss, metrics = dpo_loss_fn(params, graphdef, micro, ref, dpo_cfg, pairs, grad_accum)
         return loss / grad_accum, {k: v / grad_accum for k, v in metrics.items()}  # means of equal-sized parts
 
     def train_step(state: TrainState, batch, reference):
@@ -133,19 +165,16 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
 
 # --- Evaluation and reference passes: per-example numbers, aggregated on the host. ---
 
-def make_eval_fn(stage: str, graphdef):
-    """SFT: per-row (sum of target NLL, tokens, correct tokens). DPO: pair log-probs [B, 2]."""
+def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None):
+    """SFT: per-row (sum of target NLL, tokens, correct tokens). DPO: pair log-probs [num_pairs, 2] (the pairs
+    of an eval batch, in order)."""
 
     def sft_eval(params, batch):
-        logits = forward(graphdef, params, batch)
-        mask = batch["loss_mask"].astype(bool)
-        logps = losses.token_logps(logits, batch["targets"])
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
-        return {"nll": -jnp.sum(jnp.where(mask, logps, 0.0), axis=-1), "tokens": mask.sum(-1),
-                "correct": correct.sum(-1)}
+        logps, correct, valid, _ = loss_position_logps(graphdef, params, batch)
+        return {"nll": -logps.sum(-1), "tokens": valid.sum(-1), "correct": correct.sum(-1)}
 
     def dpo_eval(params, batch):
-        return {"logps": pair_logps(graphdef, params, batch)}
+        return {"logps": pair_logps(graphdef, params, batch, num_pairs)[0]}
 
     return jax.jit(sft_eval if stage == "sft" else dpo_eval)
 

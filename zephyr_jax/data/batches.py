@@ -3,9 +3,22 @@
 targets are already shifted (targets[t] = the token after inputs[t]), so losses never shift. Padding has
 segment id 0 and loss_mask 0; real tokens have segment ids >= 1, so they never attend to padding or, in a
 packed row, to another example (the PyTorch recipe's packing defect). Positions restart at 0 per example.
+
+Packing means the same for both stages: several sequences share a row, each its own segment.
+* dSFT: `pack` fills rows of seq_len with whole examples, best-fit decreasing within windows of a shuffled
+  order (the rows are shuffled again by the loader).
+* dDPO: a global batch of B pairs is 2B sequences (prompt + chosen, prompt + rejected), spread over a fixed
+  number of rows so that the longest row is as short as possible (`plan_pairs`); the row length is then the
+  bucket above it. Per segment slot s (segment id s + 1) of each row, "sequence_pair" [rows, slots] says whose
+  sequence it is: 2 * pair + 0 (chosen) or + 1 (rejected), -1 for an empty slot; the train step sums each
+  segment's completion log-probs and puts them back together per pair. Without packing every sequence has a
+  row of its own: the same layout with one slot per row.
 """
 
 from __future__ import annotations
+
+import bisect
+import heapq
 
 import numpy as np
 
@@ -28,21 +41,47 @@ def _place(batch, row, start, ids, loss_mask, segment):
     return start + n
 
 
-def pack(examples, seq_len: int) -> dict:
-    """Packs SFT examples (ids, loss_mask) in order into rows of seq_len positions, starting a new row when the
-    next example does not fit. An example of L tokens takes L - 1 positions."""
-    rows, current, used = [], [], 0
-    for ex in examples:
-        n = len(ex.ids) - 1
-        if n > seq_len:
-            raise ValueError(f"example of {len(ex.ids)} tokens does not fit a packed row of {seq_len}")
-        if used + n > seq_len:
-            rows.append(current)
-            current, used = [], 0
-        current.append(ex)
-        used += n
-    if current:
-        rows.append(current)
+def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
+    """Bins (lists of item indices) of total length <= capacity: items longest first, each into the fullest bin
+    it still fits (a new bin when none has room). Within a few percent of the fewest bins on typical mixes."""
+    bins, spaces = [], []  # spaces: sorted (room left, bin index)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"an item of {n} positions does not fit a row of {capacity}")
+        k = bisect.bisect_left(spaces, (n, -1))
+        if k == len(spaces):
+            bins.append([i])
+            room, b = capacity - n, len(bins) - 1
+        else:
+            room, b = spaces.pop(k)
+            bins[b].append(i)
+            room -= n
+        bisect.insort(spaces, (room, b))
+    return bins
+
+
+def balance(lengths, num_bins: int) -> list[list[int]]:
+    """Items spread over exactly num_bins bins so the fullest is as empty as possible: longest first, each into
+    the currently emptiest bin (Graham's LPT rule: at most 4/3 of the optimum, usually within one item)."""
+    heap = [(0, b) for b in range(num_bins)]
+    bins = [[] for _ in range(num_bins)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        load, b = heapq.heappop(heap)
+        bins[b].append(i)
+        heapq.heappush(heap, (load + lengths[i], b))
+    return bins
+
+
+def pack(examples, seq_len: int, window: int | None = None) -> dict:
+    """Packs SFT examples (ids, loss_mask) into rows of seq_len positions: best-fit decreasing within each
+    window of `window` consecutive examples (None: all of them), so rows mix examples from one stretch of the
+    caller's (shuffled) order. An example of L tokens takes L - 1 positions."""
+    window = window or max(len(examples), 1)
+    rows = []
+    for start in range(0, len(examples), window):
+        part = examples[start:start + window]
+        rows += [[part[i] for i in row] for row in best_fit_decreasing([len(e.ids) - 1 for e in part], seq_len)]
     batch = _empty(len(rows), seq_len)
     for r, row in enumerate(rows):
         start = 0
@@ -64,24 +103,78 @@ def pad_sft(examples, length: int) -> dict:
     return batch
 
 
-def preference_batch(examples, length: int) -> dict:
-    """B pairs -> arrays [B, 2, length]: [:, 0] is prompt + chosen, [:, 1] prompt + rejected. Keeping the pair
-    on one batch row means any split of the batch (processes, devices, micro-batches) keeps pairs whole; the
-    train step folds it to [2B, length] for one forward pass. The loss covers completion tokens only."""
-    batch = _empty(2 * len(examples), length)
-    for r, ex in enumerate(examples):
-        for k, completion in enumerate((ex.chosen, ex.rejected)):
+def pair_sequence_lengths(example) -> tuple[int, int]:
+    """Positions of a pair's two sequences: prompt + chosen and prompt + rejected, each minus one."""
+    return len(example.prompt) + len(example.chosen) - 1, len(example.prompt) + len(example.rejected) - 1
+
+
+def plan_pairs(examples, num_rows: int, micro_batches: int = 1) -> list[list[tuple[int, int]]]:
+    """Which sequences go in which row: for each of num_rows rows, its (pair, side) list in segment order.
+
+    Micro-batch m (rows m, m + n, m + 2n, ...: train_steps.split_micro's split) holds pairs m, m + n, ..., both
+    sequences of each, spread over its rows by `balance`. num_rows = 2 * len(examples) puts every sequence in a
+    row of its own (no packing)."""
+    n = micro_batches
+    if num_rows % n or len(examples) % n:
+        raise ValueError(f"{num_rows} rows and {len(examples)} pairs do not split into {n} micro-batches")
+    plan = [[] for _ in range(num_rows)]
+    for m in range(n):
+        items = [(p, side) for p in range(m, len(examples), n) for side in (0, 1)]
+        lengths = [pair_sequence_lengths(examples[p])[side] for p, side in items]
+        rows = sorted(balance(lengths, num_rows // n), key=lambda row: min(row, default=len(items)))
+        for k, row in enumerate(rows):  # in pair order: without packing, pair p's sequences are rows 2p, 2p + 1
+            plan[m + k * n] = [items[i] for i in sorted(row)]
+    return plan
+
+
+def plan_length(examples, plan) -> int:
+    """Positions the fullest row of a plan needs."""
+    return max(sum(pair_sequence_lengths(examples[p])[side] for p, side in row) for row in plan)
+
+
+def preference_rows(examples, plan_rows, length: int, slots: int) -> dict:
+    """Rows [len(plan_rows), length] holding the planned sequences, plus "sequence_pair" [rows, slots] and,
+    when every example carries one, the precomputed "reference_logps" [rows, slots] of each slot's sequence.
+    The loss covers completion tokens only."""
+    batch = _empty(len(plan_rows), length)
+    batch["sequence_pair"] = np.full((len(plan_rows), slots), -1, np.int32)
+    with_reference = all(ex.reference is not None for ex in examples)
+    if with_reference:
+        batch["reference_logps"] = np.zeros((len(plan_rows), slots), np.float32)
+    for r, row in enumerate(plan_rows):
+        if len(row) > slots:
+            raise ValueError(f"a row holds {len(row)} sequences, more than its {slots} slots")
+        start = 0
+        for s, (p, side) in enumerate(row):
+            ex = examples[p]
+            completion = ex.rejected if side else ex.chosen
             ids = np.concatenate([ex.prompt, completion])
             mask = np.concatenate([np.zeros(len(ex.prompt), bool), np.ones(len(completion), bool)])
-            _place(batch, 2 * r + k, 0, ids, mask, 1)
-    batch = {k: v.reshape(len(examples), 2, length) for k, v in batch.items()}
-    if all(ex.reference is not None for ex in examples):
-        batch["reference_logps"] = np.stack([ex.reference for ex in examples]).astype(np.float32)
+            start = _place(batch, r, start, ids, mask, s + 1)
+            batch["sequence_pair"][r, s] = 2 * p + side
+            if with_reference:
+                batch["reference_logps"][r, s] = ex.reference[side]
+        if start > length:
+            raise ValueError(f"row {r} needs {start} positions, more than the batch length {length}")
     return batch
 
 
+def slots_for(plan) -> int:
+    """Segment slots per row: a power of two above the most sequences any row holds, so few shapes compile."""
+    most = max(len(row) for row in plan)
+    return 1 << max(most - 1, 0).bit_length()
+
+
+def pack_pairs(examples, num_rows: int, buckets, micro_batches: int = 1) -> dict:
+    """A whole preference batch: plan_pairs, then every row at the bucket length above the fullest."""
+    plan = plan_pairs(examples, num_rows, micro_batches)
+    return preference_rows(examples, plan, bucket(plan_length(examples, plan), buckets), slots_for(plan))
+
+
 def positions_needed(example) -> int:
-    """Model positions one example needs (its longest sequence minus one)."""
+    """Model positions one example needs in a row of its own (a pair: its longer sequence)."""
+    if isinstance(example, dict):  # a packed row
+        return example["inputs"].shape[-1]
     if hasattr(example, "prompt"):
         return len(example.prompt) + max(len(example.chosen), len(example.rejected)) - 1
     return len(example.ids) - 1
@@ -94,7 +187,7 @@ def sequence_lengths(example) -> list[int]:
         ids = example["segment_ids"]
         return np.bincount(ids[ids > 0]).tolist()[1:] if (ids > 0).any() else []
     if hasattr(example, "prompt"):
-        return [len(example.prompt) + len(example.chosen) - 1, len(example.prompt) + len(example.rejected) - 1]
+        return list(pair_sequence_lengths(example))
     return [len(example.ids) - 1]
 
 
@@ -113,3 +206,33 @@ def default_buckets(max_length: int, smallest: int = 128) -> tuple:
         out.append(b)
         b *= 2
     return tuple(out) + (max_length,)
+
+
+def loss_count(example) -> int:
+    """Positions with a loss in one example's row: an SFT example's targets, a packed row's."""
+    if isinstance(example, dict):
+        return int(example["loss_mask"].sum())
+    return int(np.sum(example.loss_mask[1:]))
+
+
+def loss_positions(loss_mask: np.ndarray, width: int) -> np.ndarray:
+    """[rows, width] int32: each row's positions with a loss, in order, then -1. The train step reads hidden
+    states only there, so the LM head costs nothing at prompt tokens and padding."""
+    out = np.full((loss_mask.shape[0], width), -1, np.int32)
+    for r, row in enumerate(loss_mask):
+        where = np.flatnonzero(row)
+        if len(where) > width:
+            raise ValueError(f"row {r} has {len(where)} loss positions, more than the batch's {width}")
+        out[r, :len(where)] = where
+    return out
+
+
+def loss_width(most: int, length: int, buckets) -> int:
+    """Loss positions per row: the bucket above the row with the most (at most the row length), so the head's
+    input has few shapes."""
+    return bucket(max(most, 1), [b for b in buckets if b < length] + [length])
+
+
+def multiples(step: int, max_length: int) -> tuple:
+    """Bucket lengths step, 2 * step, ... up to max_length: for packed rows, whose lengths vary little."""
+    return tuple(range(step, max_length + step, step))

@@ -13,30 +13,57 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from zephyr_jax.data.batches import bucket, positions_needed
+from zephyr_jax.data.batches import (bucket, loss_count, loss_positions, loss_width, plan_length, plan_pairs,
+                                     positions_needed, preference_rows, slots_for)
 
 
 class BatchInfo(NamedTuple):
-    """What a global batch holds: its examples' indices (in global row order) and its padded length."""
+    """What a global batch holds: its examples' indices (in global order), its row length and number of rows."""
     indices: np.ndarray
     length: int
+    rows: int
+
+
+def padded_batcher(make_rows: Callable, buckets) -> Callable:
+    """One example per row (an SFT example, or a packed row), every row padded to the bucket above the longest."""
+
+    def batcher(examples, rows=None):
+        length = bucket(max(positions_needed(e) for e in examples), buckets)
+        rows = range(len(examples)) if rows is None else rows
+        batch = make_rows([examples[r] for r in rows], length)
+        width = loss_width(max(loss_count(e) for e in examples), length, buckets)
+        batch["loss_positions"] = loss_positions(batch["loss_mask"], width)
+        return batch, length, len(examples)
+
+    return batcher
+
+
+def pair_batcher(num_rows: int, buckets, micro_batches: int = 1) -> Callable:
+    """Preference pairs spread over num_rows rows (data/batches.py plan_pairs); 2 * pairs rows: no packing."""
+
+    def batcher(examples, rows=None):
+        plan = plan_pairs(examples, num_rows, micro_batches)
+        length = bucket(plan_length(examples, plan), buckets)
+        rows = range(num_rows) if rows is None else rows
+        batch = preference_rows(examples, [plan[r] for r in rows], length, slots_for(plan))
+        completions = lambda row: sum(len(examples[p].rejected if side else examples[p].chosen) for p, side in row)
+        width = loss_width(max(completions(row) for row in plan), length, buckets)
+        batch["loss_positions"] = loss_positions(batch["loss_mask"], width)
+        return batch, length, num_rows
+
+    return batcher
 
 
 class Loader:
-    def __init__(self, examples: Sequence, global_batch_size: int, make_batch: Callable, *, buckets,
-                 seed: int = 0, shuffle: bool = True, rows=None, lengths=None):
-        """make_batch(examples, length) -> dict of [rows, length] arrays (see data/batches.py).
-        rows: the positions in each global batch this process builds (default: all of them).
-        lengths: positions each example needs (default: computed from SFT / preference examples)."""
-        rows = np.arange(global_batch_size) if rows is None else np.asarray(rows)
-        if len(rows) and (rows.min() < 0 or rows.max() >= global_batch_size):
-            raise ValueError(f"rows {rows.tolist()} fall outside a global batch of {global_batch_size}")
+    def __init__(self, examples: Sequence, global_batch_size: int, batcher: Callable, *, seed: int = 0,
+                 shuffle: bool = True, rows=None):
+        """batcher(the global batch's examples, rows) -> (those rows of the batch as a dict of [rows, length]
+        arrays, length, rows in the global batch): padded_batcher or pair_batcher.
+        rows: the rows of each global batch this process builds (default: all of them; train.local_rows)."""
+        self.examples, self.global_batch_size, self.batcher = examples, global_batch_size, batcher
         if len(examples) < global_batch_size:
             raise ValueError(f"{len(examples)} examples cannot fill one global batch of {global_batch_size}")
-        self.examples, self.global_batch_size, self.make_batch = examples, global_batch_size, make_batch
-        self.buckets, self.seed, self.shuffle = tuple(buckets), seed, shuffle
-        self.rows = rows
-        self.lengths = np.array([positions_needed(e) for e in examples] if lengths is None else lengths)
+        self.seed, self.shuffle, self.rows = seed, shuffle, rows
         self.epoch, self.step = 0, 0
 
     @property
@@ -65,6 +92,6 @@ class Loader:
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         idx = self.global_indices(self.epoch, self.step)
-        length = bucket(int(self.lengths[idx].max()), self.buckets)
         self.step += 1
-        return self.make_batch([self.examples[i] for i in idx[self.rows]], length), BatchInfo(idx, length)
+        batch, length, num_rows = self.batcher([self.examples[i] for i in idx], self.rows)
+        return batch, BatchInfo(idx, length, num_rows)

@@ -50,6 +50,7 @@ class MistralConfig:
     param_dtype: Any = jnp.float32  # storage dtype of the parameters
     attention_impl: str = "auto"  # "auto": splash on TPUs, cuDNN on GPUs, einsum ("xla") elsewhere
     remat: str = "none"  # what the backward pass recomputes of each layer: one of REMAT_POLICIES
+    scan_layers: bool = True  # False: the layer scan fully unrolled (one compiled copy per layer; XLA cost analysis)
     sharding_rules: Any = None  # logical axis -> mesh axes for activations (None: sharding.DEFAULT_RULES)
 
     def __post_init__(self):

@@ -11,17 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from zephyr_jax.model.attention import make_mask, xla_attention
+from zephyr_jax.model.attention import attend, make_mask, xla_attention
 
-try:  # TEMPORARY until attention.attend lands
-    from zephyr_jax.model.attention import attend
-except ImportError:
-    def attend(q, k, v, segment_ids, *, sliding_window, impl="auto", rules=None):
-        slots = jnp.arange(q.shape[1])
-        pos = jnp.broadcast_to(slots, q.shape[:2])
-        mask = make_mask(slots, slots, pos, pos, q_segments=segment_ids, k_segments=segment_ids,
-                         sliding_window=sliding_window)
-        return xla_attention(q, k, v, mask)
 from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
 from zephyr_jax.sharding import constrain
@@ -78,7 +69,8 @@ class Attention(nnx.Module):
         self.o_proj = Linear(n * d, h, ("heads", "embed"), cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, cache_mask=None, cache_index=None):
+    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, cache_mask=None, cache_index=None,
+                 max_segments=None):
         """Training / scoring: attend(...) with the config's kernel over this row's segments. Decoding:
         cache_kv = (k, v) [B, S, K, D], the new keys and values written at cache_index, then einsum attention
         over the cache under cache_mask [B, 1, T, S]."""
@@ -92,7 +84,7 @@ class Attention(nnx.Module):
         q, k, v = (checkpoint_name(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
         if cache_kv is None:
             out = attend(q, k, v, segment_ids, sliding_window=cfg.sliding_window, impl=cfg.attention_impl,
-                         rules=cfg.sharding_rules)
+                         rules=cfg.sharding_rules, max_segments=max_segments)
         else:
             k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, axis=1)
@@ -125,9 +117,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.rules = cfg.sharding_rules
 
-    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, cache_mask=None, cache_index=None):
+    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, cache_mask=None, cache_index=None,
+                 max_segments=None):
         attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache_kv, cache_mask,
-                                            cache_index)
+                                            cache_index, max_segments)
         x = checkpoint_name(x + attn_out, "attention_residual")
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "embed"), self.rules), cache_kv
@@ -147,11 +140,12 @@ def remat_policy(name: str):
     return table[name]
 
 
-def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache=None, cache_mask=None, *, remat="none"):
+def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache=None, cache_mask=None, *, remat="none",
+               max_segments=None, unroll=False):
     """The decoder stack as one jax.lax.scan over the layers' stacked parameters, so XLA compiles one layer,
     not num_hidden_layers copies. `layers` is a DecoderLayer whose parameters carry a leading layer axis.
     cache: (k, v) stacked [L, B, S, K, D] and the write index (decoding), or None (training, prefill-free).
-    Returns (x, new (k, v) or None).
+    Returns (x, new (k, v) or None). max_segments: see attention.attend (the cuDNN kernel needs it).
 
     A pure scan over (parameters, inputs) rather than nnx.scan: nothing is written back into the module, so it
     also runs on a model merged from arrays of an outer trace (the frozen DPO reference inside value_and_grad).
@@ -161,11 +155,11 @@ def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache=None, cache
 
     def body(x, per_layer):
         state, kv = per_layer
-        return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, kv, cache_mask, index)
+        return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, kv, cache_mask, index, max_segments)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-    return jax.lax.scan(body, x, (stacked, None if cache is None else cache[:2]))
+    return jax.lax.scan(body, x, (stacked, None if cache is None else cache[:2]), unroll=unroll)
 
 
 def stacked_layers(cfg: MistralConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -218,9 +212,10 @@ class Mistral(nnx.Module):
         """
         return self.logits(self.hidden_states(input_ids, positions, segment_ids, attention_mask))
 
-    def hidden_states(self, input_ids, positions=None, segment_ids=None, attention_mask=None):
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, attention_mask=None, max_segments=None):
         """The final norm's output [B, T, hidden] in the compute dtype: what the LM head reads. Training applies
-        the head only at the loss positions (losses.head_logps)."""
+        the head only at the loss positions (losses.head_logps). max_segments: the most sequences a row holds
+        (static; GPU attention needs it for segment ids, see attention.attend)."""
         cfg = self.config
         b, t = input_ids.shape
         if attention_mask is not None:  # padding is segment 0, which attends only to itself and carries no loss
@@ -230,7 +225,8 @@ class Mistral(nnx.Module):
             real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
             positions = default_positions(real, segment_ids)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        x, _ = run_layers(self.layers, self._embed(input_ids), cos, sin, segment_ids, remat=cfg.remat)
+        x, _ = run_layers(self.layers, self._embed(input_ids), cos, sin, segment_ids, remat=cfg.remat,
+                          max_segments=max_segments, unroll=not cfg.scan_layers)
         return self.norm(x)
 
     def with_cache(self, input_ids, cache: KVCache, attention_mask=None):
@@ -251,7 +247,7 @@ class Mistral(nnx.Module):
                          sliding_window=cfg.sliding_window)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         x, (k, v) = run_layers(self.layers, self._embed(input_ids), cos, sin, None, (cache.k, cache.v, cache.index),
-                               mask)
+                               mask, unroll=not cfg.scan_layers)
         logits = self.logits(self.norm(x[:, -1:]))[:, 0]
         cache = KVCache(k=k, v=v, positions=key_positions, lengths=cache.lengths + real.sum(axis=1),
                         index=cache.index + t)

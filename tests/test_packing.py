@@ -1,0 +1,140 @@
+"""Padding-free batches: packed rows give the numbers of padded rows, and both give the full-head reference's.
+
+The reference is the plain path nobody optimised: the model's full logits for each sequence in a row of its own
+(model(...) and losses.sequence_logps / losses.sft_loss), then losses.dpo_loss. The train step's path packs
+sequences into shared rows (segments), applies the LM head only at loss positions (losses.head_logps) and puts
+pairs back together from per-segment sums.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from zephyr_jax import losses, train_steps
+from zephyr_jax.data import pack, pack_pairs, pad_sft
+from zephyr_jax.data.batches import balance, best_fit_decreasing, loss_positions, multiples
+from zephyr_jax.data.preference import PreferenceExample
+from zephyr_jax.data.sft import SFTExample
+from zephyr_jax.model import Mistral, MistralConfig
+
+CFG = MistralConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=24)
+DPO = ml_collections.ConfigDict(dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False))
+
+
+def random_pairs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = lambda k: rng.integers(3, CFG.vocab_size, k).astype(np.int32)
+    return [PreferenceExample(np.concatenate([[1], ids(rng.integers(2, 20))]).astype(np.int32),
+                              ids(rng.integers(1, 30)), ids(rng.integers(1, 30)), False) for _ in range(n)]
+
+
+def random_sft(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = np.concatenate([[1], rng.integers(3, CFG.vocab_size, rng.integers(4, 40))]).astype(np.int32)
+        mask = np.arange(len(ids)) >= rng.integers(1, len(ids) - 1)  # a prompt without loss, then the reply
+        out.append(SFTExample(ids, mask, False))
+    return out
+
+
+def with_loss_positions(batch):
+    batch["loss_positions"] = loss_positions(batch["loss_mask"], batch["loss_mask"].shape[1])
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nnx.split(Mistral(CFG, rngs=nnx.Rngs(0)))
+
+
+def reference_pair_logps(graphdef, params, pairs):
+    """[B, 2] log pi(y|x) from full logits, each sequence alone in a row padded to 64."""
+    m = nnx.merge(graphdef, params)
+    out = np.zeros((len(pairs), 2), np.float32)
+    for p, ex in enumerate(pairs):
+        for side, completion in enumerate((ex.chosen, ex.rejected)):
+            ids = np.concatenate([ex.prompt, completion])
+            mask = np.r_[np.zeros(len(ex.prompt) - 1), np.ones(len(completion))]
+            row = lambda x: jnp.asarray(np.pad(x, (0, 64 - len(x)))[None])
+            logits = m(row(ids[:-1]), attention_mask=row(np.ones(len(ids) - 1, np.int32)))
+            out[p, side] = losses.sequence_logps(logits, row(ids[1:]), row(mask))[0]
+    return out
+
+
+def dpo_value_and_grad(graphdef, params, reference, batch, num_pairs):
+    fn = lambda p: train_steps.dpo_loss_fn(p, graphdef, batch, reference, DPO, num_pairs, 1)
+    return jax.value_and_grad(fn, has_aux=True)(params)
+
+
+def test_packed_dpo_batch_gives_the_padded_batch_and_the_full_head_reference(model):
+    graphdef, params = model
+    pairs = random_pairs(8)
+    reference = jnp.asarray(np.random.default_rng(1).normal(-60, 5, (8, 2)), jnp.float32)
+    padded = with_loss_positions(pack_pairs(pairs, 16, (64,)))  # a row per sequence
+    packed = with_loss_positions(pack_pairs(pairs, 2, multiples(16, 512)))  # eight sequences a row
+    assert padded["inputs"].shape == (16, 64) and packed["inputs"].shape[0] == 2
+    assert packed["inputs"].size < 0.7 * padded["inputs"].size
+
+    want = reference_pair_logps(graphdef, params, pairs)
+    for batch in (padded, packed):
+        np.testing.assert_allclose(train_steps.pair_logps(graphdef, params, batch, 8)[0], want, rtol=1e-5)
+    (loss_a, metrics_a), grads_a = dpo_value_and_grad(graphdef, params, reference, padded, 8)
+    (loss_b, metrics_b), grads_b = dpo_value_and_grad(graphdef, params, reference, packed, 8)
+    ref_loss, ref_metrics = losses.dpo_loss(want[:, 0], want[:, 1], reference[:, 0], reference[:, 1], beta=0.1)
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+    np.testing.assert_allclose(loss_b, ref_loss, rtol=1e-5)
+    for k in ref_metrics:
+        np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(metrics_b[k], ref_metrics[k], rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_b, grads_a)
+
+
+def test_dpo_pairs_of_a_micro_batch_stay_in_its_rows():
+    pairs = random_pairs(8, seed=2)
+    batch = pack_pairs(pairs, 4, multiples(16, 512), micro_batches=2)
+    for row in range(4):  # split_micro gives rows m, m + 2 to micro-batch m; they must hold pairs m, m + 2, ...
+        held = batch["sequence_pair"][row][batch["sequence_pair"][row] >= 0] // 2
+        assert set(held % 2) <= {row % 2}
+    assert sorted(batch["sequence_pair"][batch["sequence_pair"] >= 0].tolist()) == list(range(16))
+
+
+def test_packed_sft_rows_give_the_padded_rows_and_the_full_head_reference(model):
+    graphdef, params = model
+    examples = random_sft(12)
+    padded = with_loss_positions(pad_sft(examples, 64))
+    packed = with_loss_positions(pack(examples, 96))
+    assert packed["inputs"].shape[0] < 12
+    normalizer = float(padded["loss_mask"].sum())
+    assert normalizer == float(packed["loss_mask"].sum())
+    grad = lambda b: jax.value_and_grad(train_steps.sft_loss_fn, has_aux=True)(params, graphdef, b, normalizer)
+    (loss_a, metrics_a), grads_a = grad(padded)
+    (loss_b, metrics_b), grads_b = grad(packed)
+    m = nnx.merge(graphdef, params)
+    ref_loss, ref_metrics = losses.sft_loss(m(padded["inputs"], positions=padded["positions"],
+                                              segment_ids=padded["segment_ids"]),
+                                            padded["targets"], padded["loss_mask"])
+    np.testing.assert_allclose(loss_a, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+    np.testing.assert_allclose(metrics_b["correct"], metrics_a["correct"])
+    np.testing.assert_allclose(metrics_a["correct"] / metrics_a["num_tokens"], ref_metrics["token_accuracy"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_b, grads_a)
+
+
+def test_bin_packing_places_every_item_once_within_bounds():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 100, 500).tolist()
+    bins = best_fit_decreasing(lengths, 128)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert max(sum(lengths[i] for i in b) for b in bins) <= 128
+    assert len(bins) <= 1.1 * sum(lengths) / 128 + 1  # near the lower bound on this mix
+    rows = balance(lengths, 16)
+    loads = [sum(lengths[i] for i in b) for b in rows]
+    assert sorted(i for b in rows for i in b) == list(range(500))
+    assert max(loads) <= sum(lengths) / 16 + max(lengths)  # LPT's bound
+    with pytest.raises(ValueError, match="does not fit a row of 128"):
+        best_fit_decreasing([129], 128)
