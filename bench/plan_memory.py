@@ -41,14 +41,15 @@ def main(argv):
     # The same step with real arrays: parameters on the mesh, random tokens in the planner's batch shapes.
     mesh = train.mesh_for(cfg)
     mcfg, _ = plan.planned_model_config(cfg)
-    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, max(train.buckets_for(cfg.data)))
+    batches = plan.batches_of_mix(cfg, mesh, plan.DEFAULT_MIX[cfg.stage])  # the planner's own (same seed)
+    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, plan.abstract_batch(batches))
     _, params, _ = train.init_params(cfg, mcfg, mesh)
     state_shardings, batch_shardings, ref_shardings = inputs.shardings
     tx, _ = steps.make_optimizer(cfg.optim, 1000)
     state = train.initial_state(tx, params, state_shardings)
     rng = np.random.default_rng(0)
     batch = jax.device_put({k: rng.integers(1, 100, x.shape).astype(x.dtype) for k, x in inputs.batch.items()},
-                           batch_shardings)
+                           batch_shardings)  # values do not change memory; shapes do
     reference = None if inputs.reference is None else train.frozen_copy(params, ref_shardings,
                                                                         jnp.dtype(cfg.dpo.reference_dtype))
     with jax.set_mesh(mesh):

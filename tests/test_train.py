@@ -119,7 +119,8 @@ def test_fsdp_holds_an_eighth_of_parameter_and_optimizer_bytes(data_dir):
         leaves = [x for x in jax.tree.leaves(tree) if x.ndim >= 1]
         sharded = [x for x in leaves if not x.sharding.is_fully_replicated]
         replicated = [x for x in leaves if x.sharding.is_fully_replicated]
-        assert all(x.ndim == 1 and x.size == mcfg.hidden_size for x in replicated)  # only the RMSNorm scales
+        norms = {(mcfg.hidden_size,), (mcfg.num_hidden_layers, mcfg.hidden_size)}  # the final / stacked layers'
+        assert all(x.shape in norms for x in replicated)  # only the RMSNorm scales
         total = sum(x.nbytes for x in sharded)
         for device in jax.devices():
             held = sum(s.data.nbytes for x in sharded for s in x.addressable_shards if s.device == device)
@@ -296,9 +297,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     train.run(cfg, workdir)  # steps 1-6, checkpoints 3 and 6
     good_step, good_params = _params(workdir)
 
-    real = train_steps.losses.sft_loss
-    monkeypatch.setattr(train_steps.losses, "sft_loss",
-                        lambda *a, **kw: (lambda out: (out[0] * jnp.nan, out[1]))(real(*a, **kw)))
+    real = train_steps.losses.sft_loss_from_logps
+    monkeypatch.setattr(train_steps.losses, "sft_loss_from_logps", lambda *a, **kw: real(*a, **kw) * jnp.nan)
     cfg.train.max_steps = 9
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 7.*last good checkpoint is step 6"):
         train.run(cfg, workdir)

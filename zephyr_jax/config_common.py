@@ -35,6 +35,10 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.data.on_bad_row = "skip"  # "skip": count and report; "raise": stop at the first bad row
     c.data.max_train_examples = -1  # -1: all
     c.data.max_eval_examples = -1
+    c.data.num_proc = 0  # tokenizing processes: 0: min(8, CPUs), 1: in this process; 2000+ rows per process
+    # Tokenized examples are cached here (data/cache.py): None: $ZEPHYR_JAX_CACHE or ~/.cache/zephyr_jax/tokenized;
+    # "": off. Keyed by the data files, tokenizer and processing args, so it never serves stale examples.
+    c.data.cache_dir = ml_collections.config_dict.placeholder(str)
     c.data.buckets = ()  # padded lengths; (): powers of two up to max_length, multiples of 128 for packed DPO rows
     c.data.packing = True  # several sequences per row, each its own segment (data/batches.py); False: one a row
     c.data.pack_window = 1000  # dSFT packing: best-fit decreasing over this many shuffled examples at a time
@@ -54,6 +58,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.train.save_every = 200
     c.train.keep_checkpoints = 2
     c.train.progress = True  # tqdm bar
+    c.train.compilation_cache_dir = "~/.cache/zephyr_jax/xla"  # JAX's persistent compilation cache; "": off
     c.train.peak_tflops = 0.0  # per device, for MFU; 0: the data-sheet figure (metrics.PEAK_FLOPS); none on CPUs
 
     c.mesh = ml_collections.ConfigDict()

@@ -329,6 +329,14 @@ def sequence_logps(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def sft_loss_from_logps(logps: jax.Array, loss_mask: jax.Array, normalizer=None) -> jax.Array:
+    """-sum_{masked} logps / normalizer (default: the number of masked tokens, clamped to at least 1): the
+    cross-entropy of `sft_loss` from per-token log-probs, e.g. the train step's (losses.head_logps)."""
+    mask = _as_mask(loss_mask)
+    denom = jnp.sum(mask, dtype=jnp.float32) if normalizer is None else jnp.asarray(normalizer, jnp.float32)
+    return -jnp.sum(jnp.where(mask, logps, 0.0)) / jnp.maximum(denom, 1.0)
+
+
 def sft_loss(
     logits: jax.Array,
     targets: jax.Array,
@@ -355,10 +363,8 @@ def sft_loss(
     mask = _as_mask(loss_mask)
     logits = jnp.asarray(logits)
     _check_shapes(logits, jnp.asarray(targets), mask)
-    logps = token_logps(logits, targets, chunk_size)
+    loss = sft_loss_from_logps(token_logps(logits, targets, chunk_size), mask, normalizer)
     num_tokens = jnp.sum(mask, dtype=jnp.float32)
-    denom = num_tokens if normalizer is None else jnp.asarray(normalizer, jnp.float32)
-    loss = -jnp.sum(jnp.where(mask, logps, 0.0)) / jnp.maximum(denom, 1.0)
     correct = (jnp.argmax(logits, axis=-1) == targets) & mask
     metrics = {
         "loss": jax.lax.stop_gradient(loss),

@@ -239,7 +239,8 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     """FLOPs of one train step: the decoder layers at `positions` (padding included), attention over
     `attention_pairs` query-key pairs (what the kernel computes: a whole row for einsum attention, each segment's
     own for a kernel that skips masked blocks), the LM head at `head_positions`. Forward and backward (3 forward
-    passes' worth), the frozen DPO reference's forward, and what the remat policy recomputes."""
+    passes' worth), the frozen DPO reference's forward, and what is recomputed: the remat policy's part of the
+    layers, and the head's logits (the fused head keeps none)."""
     e, v, layers = mcfg.hidden_size, mcfg.vocab_size, mcfg.num_hidden_layers
     layer_params = mcfg.num_params - v * e * (1 if mcfg.tie_word_embeddings else 2) - e
     mlp = 2 * 3 * e * mcfg.intermediate_size * layers * positions
@@ -249,6 +250,7 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     forward = layer_fwd + attention_fwd + head_fwd
     recompute = {"none": 0.0, "full": layer_fwd + attention_fwd, "save_all_but_mlp": mlp,
                  "save_dots": attention_fwd, "offload": attention_fwd}[mcfg.remat]
+    recompute += head_fwd  # losses.head_logps recomputes each chunk's logits in the backward pass
     return 3 * forward + recompute + (forward if frozen_reference else 0.0)
 
 
@@ -378,6 +380,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
         "config": {"stage": cfg.stage, "mesh": dict(mesh.shape), "global_batch_size": cfg.train.global_batch_size,
                    "grad_accum": cfg.train.grad_accum, "rows": rows, "length": length,
                    "loss_positions": batch["loss_positions"].shape[1], "packing": bool(cfg.data.packing),
+                   "segment_slots": batch["sequence_pair"].shape[1] if dpo else None,
                    "remat": mcfg.remat, "dtype": str(mcfg.dtype), "param_dtype": str(mcfg.param_dtype),
                    "reference": _reference_kind(cfg)},
         "target": {"name": target.name, "chips": len(target.devices), "hbm_bytes": target.hbm_bytes,

@@ -10,12 +10,14 @@ Multi-process runs (TPU pods, SLURM, N local processes) pass --distributed or th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,15 @@ def check_config(cfg, check_model_source: bool = True) -> None:
             raise ValueError(f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {LOSS_TYPES}")
         if cfg.data.max_prompt_length >= cfg.data.max_length:
             raise ValueError("data.max_prompt_length must be below data.max_length")
+
+
+def use_compilation_cache(path: str | None) -> None:
+    """JAX's persistent compilation cache: a restart, or a later run with the same shapes, loads each compiled
+    step instead of compiling it again (minutes for a 7B step). Any path JAX can write, including gs:// buckets;
+    "" turns it off."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # skip the trivial programs
 
 
 def check_model_source_exists(model_cfg) -> None:
@@ -278,6 +289,7 @@ def eval_metrics(cfg, eval_fn, params, examples, reference, sharding) -> dict:
 def run(cfg, workdir: str) -> dict:
     """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics."""
     check_config(cfg)
+    use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = mesh_for(cfg)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -351,46 +363,46 @@ def run(cfg, workdir: str) -> dict:
         writer.write(step, metrics, "eval")
         return metrics
 
-    # The loop.
+    # The loop. The host never waits for a step's result: metrics stay on the device until a log line, an eval or
+    # a checkpoint needs them, and the next batch is built and placed while the device runs this one.
     step = int(jax.device_get(state.step))
-    peak = cfg.train.peak_tflops * 1e12 or peak_flops()
     bar = tqdm(total=total_steps, initial=step, desc=cfg.stage, disable=not cfg.train.progress or
                jax.process_index() != 0, dynamic_ncols=True)
-    last_eval, preempted = {}, False
-    t_last = time.perf_counter()
-    while step < total_steps:
+    log = StepLog(writer, bar, mngr, workdir, lambda info: throughput(
+        mcfg, [sequences[i] for i in info.indices], info.rows * info.length, 1.0, mesh.size,
+        frozen_reference=reference is not None, peak=cfg.train.peak_tflops * 1e12 or peak_flops()))
+
+    def next_batch():  # runs on the prefetch thread
         local, info = next(loader)
-        with jax.set_mesh(mesh):
-            state, metrics = train_step(state, place(local, sharding, train_rows, info.rows), reference)
-        metrics = {k: float(v) for k, v in steps.to_host(metrics).items()}
-        step += 1
-        if not math.isfinite(metrics["loss"]):
-            mngr.wait_until_finished()
-            raise FloatingPointError(
-                f"loss is {metrics['loss']} at step {step}: stopping. The last good checkpoint is step "
-                f"{mngr.latest_step()} in {os.path.join(workdir, 'checkpoints')} (this step was not saved); "
-                "lower optim.lr, check the data, or use float32 compute to find the cause.")
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        metrics.update(throughput(mcfg, [sequences[i] for i in info.indices], info.rows * info.length, dt,
-                                  mesh.size, frozen_reference=reference is not None, peak=peak),
-                       epoch=loader.epoch)
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            writer.write(step, metrics)
-        bar.update(1)
-        shown = ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
-        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in shown if k in metrics})
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-            last_eval = evaluate(step)
-        # Preemption: every process sees the same answer at the same step (orbax over JAX's preemption sync
-        # manager when jax.distributed runs; this process's own SIGTERM flag when it runs alone).
-        preempted = mngr.reached_preemption(step) or sigterm["now"]
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
-            checkpoint.save(mngr, state, {"loader": loader.state()})
-        if preempted:
-            print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
-            break
-        t_last = time.perf_counter()  # eval and checkpoint time is not step time
+        return place(local, sharding, train_rows, info.rows), info, loader.state()
+
+    last_eval, preempted = {}, False
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+        upcoming = prefetch.submit(next_batch)
+        while step < total_steps:
+            batch, info, position = upcoming.result()
+            with jax.set_mesh(mesh):
+                state, metrics = train_step(state, batch, reference)
+            step += 1
+            if step < total_steps:
+                upcoming = prefetch.submit(next_batch)
+            log.add(step, metrics, info, epoch=position["epoch"])
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                log.write()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+                with log.paused():
+                    last_eval = evaluate(step)
+            # Preemption: every process sees the same answer at the same step (orbax over JAX's preemption sync
+            # manager when jax.distributed runs; this process's own SIGTERM flag when it runs alone).
+            preempted = mngr.reached_preemption(step) or sigterm["now"]
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
+                with log.paused():
+                    log.check_finite()  # never save a step whose loss went bad
+                    checkpoint.save(mngr, state, {"loader": position})
+            if preempted:
+                log.write()
+                print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
+                break
     bar.close()
     if not preempted and step == total_steps:
         last_eval = evaluate(step)
@@ -399,6 +411,71 @@ def run(cfg, workdir: str) -> dict:
     mngr.close()
     writer.close()
     return last_eval
+
+
+class StepLog:
+    """Train metrics on their way from the device to the log. `add` keeps a step's metrics on the device (at most
+    two steps ahead of the host: the host then waits, so queued batches stay bounded); `write` fetches every
+    pending step at once and writes one line: the mean of each metric over the steps since the last line, and
+    throughput over the wall time they took (eval and checkpoint time excluded)."""
+
+    SHOWN = ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
+
+    def __init__(self, writer, bar, mngr, workdir: str, throughput_of):
+        self.writer, self.bar, self.mngr, self.workdir, self.throughput_of = writer, bar, mngr, workdir, throughput_of
+        self.on_device, self.on_host, self.excluded = [], [], 0.0
+        self.started = time.perf_counter()
+
+    def add(self, step: int, metrics, info, **extra) -> None:
+        self.on_device.append((step, metrics, info, extra))
+        if len(self.on_device) > 2:
+            jax.block_until_ready(self.on_device[-3][1])
+        self.bar.update(1)
+
+    def check_finite(self) -> None:
+        """Fetches the pending metrics; a non-finite loss stops the run (the step's state is never saved)."""
+        if not self.on_device:
+            return
+        fetched = steps.to_host([m for _, m, _, _ in self.on_device])
+        for (step, _, info, extra), metrics in zip(self.on_device, fetched):
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                self.mngr.wait_until_finished()
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step}: stopping. The last good checkpoint is step "
+                    f"{self.mngr.latest_step()} in {os.path.join(self.workdir, 'checkpoints')} (no later step was "
+                    "saved); lower optim.lr, check the data, or use float32 compute to find the cause.")
+            self.on_host.append((step, {k: float(v) for k, v in metrics.items()}, info, extra))
+        self.on_device = []
+
+    def write(self) -> None:
+        self.check_finite()
+        if not self.on_host:
+            return
+        seconds = time.perf_counter() - self.started - self.excluded
+        n = len(self.on_host)
+        line = {k: float(np.mean([m[k] for _, m, _, _ in self.on_host])) for k in self.on_host[-1][1]}
+        work = [self.throughput_of(info) for _, _, info, _ in self.on_host]  # per step, over one second
+        real = sum(w["tokens_per_sec"] for w in work)
+        positions = sum(w["tokens_per_sec"] / (1 - w["padding_fraction"]) for w in work)
+        line.update(step_time=seconds / n, tokens_per_sec=real / seconds,
+                    tokens_per_sec_per_device=sum(w["tokens_per_sec_per_device"] for w in work) / seconds,
+                    padding_fraction=1 - real / positions,
+                    tflops_per_device=sum(w["tflops_per_device"] for w in work) / seconds, **self.on_host[-1][3])
+        if "mfu" in work[0]:
+            line["mfu"] = sum(w["mfu"] for w in work) / seconds
+        self.writer.write(self.on_host[-1][0], line)
+        self.bar.set_postfix({k: f"{line[k]:.4g}" for k in self.SHOWN if k in line})
+        self.on_host, self.excluded, self.started = [], 0.0, time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (eval, checkpoints) is not step time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
 
 def throughput(mcfg, sequences, positions: int, seconds: float, devices: int, *, frozen_reference: bool,

@@ -96,10 +96,9 @@ def pair_logps(graphdef, params, batch, num_pairs: int, micro_batches: int = 1):
 def sft_loss_fn(params, graphdef, batch, normalizer):
     """losses.sft_loss's token cross-entropy, on the loss positions only."""
     logps, correct, valid, _ = loss_position_logps(graphdef, params, batch)
-    num_tokens = valid.sum(dtype=jnp.float32)
-    loss = -logps.sum() / jnp.maximum(normalizer, 1.0)
+    loss = losses.sft_loss_from_logps(logps, valid, normalizer)
     return loss, {"loss": jax.lax.stop_gradient(loss), "correct": correct.sum(dtype=jnp.float32),
-                  "num_tokens": num_tokens}
+                  "num_tokens": valid.sum(dtype=jnp.float32)}
 
 
 def dpo_loss_fn(params, graphdef, batch, reference_logps, dpo_cfg, num_pairs: int, micro_batches: int):

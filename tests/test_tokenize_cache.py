@@ -1,0 +1,202 @@
+"""Parallel tokenization (same examples, skips and errors as in one process) and the tokenized-example cache."""
+
+import json
+import os
+import pickle
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from zephyr_jax.config_common import base
+from zephyr_jax.data import BadRow, cache, pipeline
+from zephyr_jax.tokenizer import load_tokenizer
+
+USER, REPLY = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+# (position, row): bad rows among the good ones, with two reasons that tie in count (the summary's order).
+BAD_SFT = [(3, {"prompt": "x", "messages": [USER]}),  # no assistant turn
+           (10, {"prompt": "x", "messages": [USER, {"role": "assistant", "content": " "}]}),  # empty content
+           (20, {"prompt": "x", "messages": [{"role": "user", "content": "Hey"}]}),
+           (30, {"prompt": "x"})]  # missing key: jsonl gives messages=None
+BAD_PREFS = [(2, {"prompt": "x", "chosen": [USER, REPLY], "rejected": [USER, REPLY]}),  # chosen == rejected
+             (7, {"prompt": "x", "chosen": [USER, REPLY], "rejected": [USER]}),  # rejected has no reply
+             (9, {"prompt": "x", "chosen": [USER, REPLY], "rejected": [USER, REPLY]})]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def bad_data(data_dir, tmp_path):
+    """sft/train_sft.jsonl and prefs/train_prefs.jsonl: the toy rows with bad rows inserted."""
+    for kind, bad in (("sft", BAD_SFT), ("prefs", BAD_PREFS)):
+        rows = [json.loads(line) for line in open(data_dir / kind / f"train_{kind}.jsonl")]
+        if kind == "prefs":
+            rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+        for at, row in bad:
+            rows.insert(at, row)
+        _write(tmp_path / kind / f"train_{kind}.jsonl", rows)
+    return tmp_path
+
+
+def _cfg(root, stage, **kw):
+    kind = "sft" if stage == "sft" else "prefs"
+    cfg = dict(train=str(root / kind), train_split=f"train_{kind}", data_dir=None, on_bad_row="skip",
+               max_train_examples=-1, loss_on="assistant", max_length=64, too_long="truncate", max_prompt_length=32,
+               num_proc=1, cache_dir="")
+    cfg.update(kw)
+    return ml_collections.ConfigDict(cfg)
+
+
+def _load(cfg, stage, tok):
+    lines = []
+    examples, counter = pipeline.load_examples(cfg, stage, tok, "train", log=lines.append)
+    return examples, counter, lines
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b) and type(a[0]) is type(b[0])
+    for x, y in zip(a, b):
+        for u, v in zip(x, y):
+            if isinstance(u, np.ndarray):
+                assert u.dtype == v.dtype and np.array_equal(u, v)
+            else:
+                assert u == v and type(u) is type(v)
+
+
+@pytest.fixture
+def parallel_spy(monkeypatch):
+    """Lets two processes take the toy splits, and records that the parallel path ran."""
+    monkeypatch.setattr(pipeline, "MIN_ROWS_PER_PROCESS", 1)
+    calls, real = [], pipeline._outcomes_parallel
+    monkeypatch.setattr(pipeline, "_outcomes_parallel", lambda *a: (calls.append(a[2]), real(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_parallel_equals_in_process(bad_data, tok, stage, parallel_spy):
+    here, here_counter, here_log = _load(_cfg(bad_data, stage), stage, tok)
+    assert not parallel_spy
+    there, there_counter, there_log = _load(_cfg(bad_data, stage, num_proc=2), stage, tok)
+    assert parallel_spy == [2]
+    _assert_same(here, there)
+    assert here_counter.as_dict() == there_counter.as_dict() and here_log == there_log
+    bad = BAD_SFT if stage == "sft" else BAD_PREFS
+    assert here_counter.total == len(bad) and here_counter.kept == 64
+    if stage == "sft":
+        assert here_log[0].splitlines()[1:] == ["  2 x no assistant turn", "  1 x empty content in messages[*]",
+                                                "  1 x messages is not a non-empty list"]
+
+
+def test_parallel_raise_names_the_same_first_bad_row(bad_data, tok, parallel_spy):
+    errors = []
+    for num_proc in (1, 2):
+        with pytest.raises(BadRow) as err:
+            _load(_cfg(bad_data, "sft", on_bad_row="raise", num_proc=num_proc), "sft", tok)
+        errors.append(str(err.value))
+    assert parallel_spy == [2]
+    assert errors[0] == errors[1] == f"row 3 of {bad_data / 'sft'}:train_sft: no assistant turn"
+
+
+def test_worker_count():
+    assert pipeline.worker_count(1, 10**6) == 1 and pipeline.worker_count(4, None) == 1
+    assert pipeline.worker_count(4, 3 * pipeline.MIN_ROWS_PER_PROCESS) == 3  # enough rows for 3 workers only
+    assert 1 <= pipeline.worker_count(0, 10**7) <= pipeline.MAX_AUTO_PROCESSES
+    assert base("sft").data.num_proc == 0 and base("sft").data.cache_dir is None
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_second_call_reads_the_cache(bad_data, tok, stage, tmp_path, monkeypatch):
+    cfg = _cfg(bad_data, stage, cache_dir=str(tmp_path / "cache"))
+    first, first_counter, log = _load(cfg, stage, tok)
+    assert log[-1].startswith(f"tokenized examples of {cfg.train}:{cfg.train_split} cached to {tmp_path}/cache/")
+    assert [f for f in os.listdir(tmp_path / "cache")] == [os.path.basename(log[-1].split(" cached to ")[1])]
+
+    monkeypatch.setattr(pipeline, "process_rows", lambda *a, **k: pytest.fail("tokenized again"))
+    again, counter, log = _load(cfg, stage, tok)
+    _assert_same(first, again)
+    assert counter.as_dict() == first_counter.as_dict() and log[1] == first_counter.summary()
+    assert log[0].startswith(f"tokenized examples of {cfg.train}:{cfg.train_split} from cache {tmp_path}/cache/")
+
+
+def _entries(directory):
+    return sorted(f for f in os.listdir(directory) if f.endswith(".npz"))
+
+
+def test_cache_misses_when_anything_that_changes_the_examples_changes(bad_data, tok, tmp_path):
+    cfg = _cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"), loss_on="all")
+    examples, _, _ = _load(cfg, "sft", tok)
+    cfg.max_length = 16
+    shorter, _, log = _load(cfg, "sft", tok)
+    assert "cached to" in log[-1] and len(_entries(cfg.cache_dir)) == 2
+    assert max(len(e.ids) for e in shorter) == 16 < max(len(e.ids) for e in examples)
+
+    with open(bad_data / "sft" / "train_sft.jsonl", "a") as f:  # an edited data file
+        f.write(json.dumps({"prompt": "y", "messages": [USER, REPLY]}) + "\n")
+    edited, counter, log = _load(cfg, "sft", tok)
+    assert "cached to" in log[-1] and len(edited) == len(shorter) + 1 and counter.kept == 65
+
+    other = pickle.loads(pickle.dumps(tok))
+    other.chat_template = other.chat_template.replace("<|user|>", "<|human|>")
+    parts = lambda t: cache.key_parts(stage="sft", source=cfg.train, split=cfg.train_split, data_dir=None, limit=-1,
+                                      rows=[], tok=t, args=pipeline.example_args(cfg, "sft"), on_bad_row="skip")
+    assert cache.entry_path("d", parts(tok)) == cache.entry_path("d", parts(load_tokenizer()))  # no temp paths
+    assert cache.entry_path("d", parts(tok)) != cache.entry_path("d", parts(other))
+    cfg.max_train_examples = 10
+    _, counter, log = _load(cfg, "sft", tok)
+    assert "cached to" in log[-1] and counter.seen == 10
+
+
+def test_corrupt_or_foreign_cache_file_is_rebuilt_with_a_warning(bad_data, tok, tmp_path):
+    cfg = _cfg(bad_data, "dpo", cache_dir=str(tmp_path / "cache"))
+    examples, _, log = _load(cfg, "dpo", tok)
+    path = log[-1].split(" cached to ")[1]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])  # a truncated file (as a crash without os.replace would leave)
+    rebuilt, _, log = _load(cfg, "dpo", tok)
+    assert log[0].startswith(f"warning: ignoring the unreadable tokenized-example cache {path}")
+    assert log[-1].endswith(f"cached to {path}")
+    _assert_same(examples, rebuilt)
+    assert "from cache" in _load(cfg, "dpo", tok)[2][0]  # rewritten whole
+
+    cfg.max_length = 48  # another key's entry copied onto this key's path
+    other = _load(cfg, "dpo", tok)[2][-1].split(" cached to ")[1]
+    shutil.copyfile(path, other)
+    _, _, log = _load(cfg, "dpo", tok)
+    assert log[0] == f"warning: ignoring the tokenized-example cache {other}: it was written for another key"
+
+
+def test_failed_write_leaves_nothing_behind(bad_data, tok, tmp_path, monkeypatch):
+    def savez(f, **arrays):
+        f.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.np, "savez", savez)
+    cfg = _cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"))
+    examples, _, log = _load(cfg, "sft", tok)
+    assert len(examples) == 64 and "could not write" in log[-1] and os.listdir(tmp_path / "cache") == []
+
+
+def test_cache_dir_setting_env_and_off(bad_data, tok, tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "env"))
+    _, _, log = _load(_cfg(bad_data, "sft", cache_dir=None), "sft", tok)
+    assert f"cached to {tmp_path}/env/" in log[-1]
+    _, _, log = _load(_cfg(bad_data, "sft", cache_dir=""), "sft", tok)  # "" turns it off
+    assert log == [log[0]] and not log[0].startswith("tokenized") and len(_entries(tmp_path / "env")) == 1
+    monkeypatch.delenv(cache.ENV_VAR)
+    assert cache.cache_dir(None) == os.path.expanduser("~/.cache/zephyr_jax/tokenized")
+
+
+def test_only_process_zero_writes(bad_data, tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "process_index", lambda: 1)
+    cfg = _cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"))
+    examples, _, log = _load(cfg, "sft", tok)
+    assert len(examples) == 64 and not os.path.exists(tmp_path / "cache") and len(log) == 1
