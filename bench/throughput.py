@@ -1,27 +1,28 @@
-"""Training throughput of the real jitted SFT and DPO train steps, on synthetic batches of a fixed shape.
+"""Training throughput of the real jitted SFT and DPO train steps, on the batches the real batching code makes
+from a length mix.
 
     python bench/throughput.py --config=configs/dpo.py:tiny [--config.key=value ...] [--stage=sft|dpo|both]
-        [--batch=B] [--seq=T] [--steps=N] [--warmup=W]
+        [--batch=B] [--length_mix=SPEC] [--batches=N] [--warmup=W]
 
 Builds the mesh, parameters, optimizer state, DPO reference and the jitted step exactly as zephyr_jax/train.py
-does (same functions, same shardings, same donation), feeds random-token batches in the loader's format
-(inputs, targets, loss_mask, positions, segment_ids; DPO arrays [B, 2, T]), compiles once, warms up, then times
-N steps with block_until_ready and reports the median. Defaults: B = train.global_batch_size,
-T = data.max_length, the stage of the config. Models that the config would load from a checkpoint (init "hf"
-or "orbax") get random weights of the architecture read from that checkpoint's config; without the checkpoint,
-pass --config.model.init=random and the --config.model.arch.* fields.
+does (same functions, same shardings, same donation). The batches are N global batches that train.py's batching
+(SFT packing or padding, DPO pairs packed into rows or a row per sequence, the LM head's loss positions) makes
+from a length mix (zephyr_jax.plan.length_mix; default: plan.DEFAULT_MIX, the recipe's data as the dataset cards
+describe it), with random token ids. Each batch shape compiles once (not timed); after W untimed passes every
+batch is timed with block_until_ready. Defaults: B = train.global_batch_size, the stage of the config. Models
+that the config would load from a checkpoint (init "hf" or "orbax") get random weights of the architecture read
+from that checkpoint's config; without the checkpoint, pass --config.model.init=random and --config.model.arch.*.
 
-Tokens per step: B*T for SFT, 2*B*T for DPO (chosen + rejected; every position counts, as in MFU).
-FLOPs: zephyr_jax.metrics.flops_per_token (6N + attention) per token, times 4/3 for DPO with a frozen
-reference model (its forward pass). MFU needs the device's peak (metrics.peak_flops): n/a on CPUs.
-"CPU s/step" is this process's CPU time per step, "other load" the cores other processes kept busy meanwhile
-(on a shared machine, rerun when it is above ~0.05).
+Real tokens/s counts only the real positions of the batches (no padding); "positions/s" counts every position the
+step computes. FLOPs: zephyr_jax.metrics.step_flops of the real sequences (the MFU numerator, with the frozen
+reference's forward). MFU needs the device's peak (metrics.peak_flops): n/a on CPUs. "CPU s/step" is this
+process's CPU time per step, "other load" the cores other processes kept busy meanwhile (on a shared machine,
+rerun when it is above ~0.05).
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
@@ -32,9 +33,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zephyr_jax import train  # noqa: E402
+from zephyr_jax import plan, train  # noqa: E402
 from zephyr_jax import train_steps as steps  # noqa: E402
-from zephyr_jax.metrics import flops_per_token, peak_flops  # noqa: E402
+from zephyr_jax.metrics import peak_flops, step_flops  # noqa: E402
 
 # configs/dpo.py's DPO settings, for timing the DPO step of an SFT config.
 DPO_DEFAULTS = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
@@ -73,23 +74,24 @@ class CpuUse:
         return self.other / self.wall if self.wall else None
 
 
-def synthetic_batch(stage: str, batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
-    """Random tokens in the loader's format: no padding, one segment per row; DPO rows [B, 2, T] with the loss
-    on the second half (the completion)."""
+def mix_batches(cfg, mesh, spec: str, num_batches: int, seed: int = 0) -> list:
+    """plan.batches_of_mix's global batches (the real batching code on the length mix) with random token ids."""
     rng = np.random.default_rng(seed)
-    shape = (batch, 2, seq) if stage == "dpo" else (batch, seq)
-    tokens = rng.integers(0, vocab, shape[:-1] + (seq + 1,), dtype=np.int32)
-    loss_mask = np.ones(shape, np.int32)
-    if stage == "dpo":
-        loss_mask[..., :seq // 2] = 0
-    return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "loss_mask": loss_mask,
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), shape).copy(),
-            "segment_ids": np.ones(shape, np.int32)}
+    out = []
+    for b in plan.batches_of_mix(cfg, mesh, spec, num_batches):
+        batch = dict(b.batch)
+        real = batch["segment_ids"] > 0
+        tokens = rng.integers(3, cfg.model.arch.vocab_size, batch["inputs"].shape, dtype=np.int32)
+        batch["inputs"], batch["targets"] = np.where(real, tokens, 0), np.where(real, np.roll(tokens, -1, 1), 0)
+        if "reference_logps" in batch:
+            batch["reference_logps"] = np.where(batch["sequence_pair"] >= 0, -100.0, 0.0).astype(np.float32)
+        out.append(b._replace(batch=batch))
+    return out
 
 
-def measure(cfg, stage: str, batch: int | None = None, seq: int | None = None, num_steps: int = 10,
-            warmup: int = 2) -> dict:
-    """Times `num_steps` train steps of `stage` for `cfg`; returns the numbers `report` prints."""
+def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, num_batches: int = 4,
+            warmup: int = 1) -> dict:
+    """Times one step on each of `num_batches` mix batches of `stage` for `cfg`; returns what `report` prints."""
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.stage = stage
@@ -98,69 +100,82 @@ def measure(cfg, stage: str, batch: int | None = None, seq: int | None = None, n
             cfg.dpo = ml_collections.ConfigDict(dict(DPO_DEFAULTS, reference_dtype=cfg.model.dtype))
         arch_cfg = train.model_config(cfg)  # reads the architecture of an hf/orbax model without its weights
         cfg.model.init = "random"
-    batch, seq = cfg.train.global_batch_size, seq or cfg.data.max_length
+        cfg.model.arch = ml_collections.ConfigDict({k: getattr(arch_cfg, k) for k in cfg.model.arch})
+    spec = spec or plan.DEFAULT_MIX[stage]
     dpo, rules = stage == "dpo", cfg.mesh.rules
 
     mesh = train.mesh_for(cfg)
     devices = mesh.devices.flatten()
     sharding = train.batch_sharding(mesh, rules)
+    batches = mix_batches(cfg, mesh, spec, num_batches, cfg.seed)
 
     # Model, optimizer state and reference, as train.run builds them.
     graphdef, params, param_shardings = train.init_params(cfg, arch_cfg, mesh)
-    tx, schedule = steps.make_optimizer(cfg.optim, warmup + num_steps + 1)
+    tx, schedule = steps.make_optimizer(cfg.optim, (warmup + 1) * len(batches) + 1)
     state_shardings = train.train_state_shardings(tx, params, param_shardings, mesh)
     state = train.initial_state(tx, params, state_shardings)
-    local = synthetic_batch(stage, batch, seq, arch_cfg.vocab_size, cfg.seed)
     reference = None
-    if dpo and cfg.dpo.precompute_reference and not cfg.dpo.reference_free:
-        local["reference_logps"] = np.full((batch, 2), -float(seq), np.float32)
-    elif dpo and not cfg.dpo.reference_free:
+    if dpo and not cfg.dpo.precompute_reference and not cfg.dpo.reference_free:
         reference = train.frozen_copy(params, param_shardings, jnp.dtype(cfg.dpo.reference_dtype))
+    if not (dpo and cfg.dpo.precompute_reference):
+        batches = [b._replace(batch={k: v for k, v in b.batch.items() if k != "reference_logps"}) for b in batches]
     step_fn = train.jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
                                    frozen_reference=reference is not None)
 
     with jax.set_mesh(mesh):
-        placed = train.place(local, sharding, np.arange(batch), batch)
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(state, placed, reference).compile()
-        compile_s = time.perf_counter() - t0
+        placed = [train.place(b.batch, sharding, np.arange(len(b.batch["inputs"])), len(b.batch["inputs"]))
+                  for b in batches]
+        compiled, compile_s = {}, 0.0
+        for x in placed:  # one compile per batch shape, before any timing
+            shapes = tuple(sorted((k, v.shape) for k, v in x.items()))
+            if shapes not in compiled:
+                t0 = time.perf_counter()
+                compiled[shapes] = step_fn.lower(state, x, reference).compile()
+                compile_s += time.perf_counter() - t0
+        run = lambda x: compiled[tuple(sorted((k, v.shape) for k, v in x.items()))]
         times, load = [], CpuUse()
-        for i in range(warmup + num_steps):
+        for i in range(warmup + 1):
             if i == warmup:
                 load.start()
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, placed, reference)
-            jax.block_until_ready((state, metrics))
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+            for x in placed:
+                t0 = time.perf_counter()
+                state, metrics = run(x)(state, x, reference)
+                jax.block_until_ready((state, metrics))
+                if i == warmup:
+                    times.append(time.perf_counter() - t0)
         load.stop()
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"{stage}: loss is {loss}")
 
-    step_s = statistics.median(times)
-    tokens = (2 if dpo else 1) * batch * seq
-    flops = tokens * flops_per_token(arch_cfg, seq) * (4 / 3 if reference is not None else 1)
+    seconds = sum(times)
+    real = sum(sum(b.sequences) for b in batches)
+    positions = sum(b.batch["inputs"].size for b in batches)
+    flops = sum(step_flops(arch_cfg, b.sequences, reference is not None) for b in batches)
     peak = peak_flops()
-    return {"stage": stage, "batch": batch, "seq": seq, "tokens": tokens, "compile_s": compile_s,
-            "step_s": step_s, "min_s": min(times), "max_s": max(times), "tokens_per_s": tokens / step_s,
-            "tflops": flops / step_s / 1e12, "mfu": flops / step_s / (peak * len(devices)) if peak else None,
+    shapes = sorted({b.batch["inputs"].shape for b in batches})
+    return {"stage": stage, "batch": cfg.train.global_batch_size, "mix": spec, "shapes": shapes,
+            "real_fraction": real / positions, "compile_s": compile_s, "compiles": len(compiled),
+            "step_s": seconds / len(times), "real_tokens_per_s": real / seconds, "positions_per_s": positions / seconds,
+            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / (peak * len(devices)) if peak else None,
             "params_m": arch_cfg.num_params / 1e6, "devices": len(devices), "device": devices[0].device_kind,
             "reference": "frozen" if reference is not None else ("precomputed" if dpo else "-"), "loss": loss,
-            "cpu_s": load.own / num_steps if load.wall else None, "other_load": load.other_cores}
+            "cpu_s": load.own / len(times) if load.wall else None, "other_load": load.other_cores}
 
 
 def report(results) -> None:
     print(f"device: {results[0]['devices']} x {results[0]['device']} ({jax.default_backend()}), "
           f"jax {jax.__version__}, model {results[0]['params_m']:.1f}M params")
-    print("| stage | batch | seq | tokens/step | reference | compile s | median step s (min-max) | tokens/s "
-          "| TFLOP/s | MFU | CPU s/step | other load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| stage | batch | length mix | rows x length | real tokens | reference | compiles (s) | mean step s "
+          "| real tokens/s | positions/s | TFLOP/s | MFU | CPU s/step | other load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"| {r['stage']} | {r['batch']} | {r['seq']} | {r['tokens']} | {r['reference']} | {r['compile_s']:.1f} "
-              f"| {r['step_s']:.4f} ({r['min_s']:.4f}-{r['max_s']:.4f}) | {r['tokens_per_s']:,.0f} "
-              f"| {r['tflops']:.3f} | {mfu} | {fmt(r['cpu_s'])} | {fmt_load(r['other_load'])} |")
+        shapes = ", ".join(f"{a}x{b}" for a, b in r["shapes"])
+        print(f"| {r['stage']} | {r['batch']} | {r['mix']} | {shapes} | {100 * r['real_fraction']:.1f}% "
+              f"| {r['reference']} | {r['compiles']} ({r['compile_s']:.1f}) | {r['step_s']:.3f} "
+              f"| {r['real_tokens_per_s']:,.0f} | {r['positions_per_s']:,.0f} | {r['tflops']:.3f} | {mfu} "
+              f"| {fmt(r['cpu_s'])} | {fmt_load(r['other_load'])} |")
 
 
 def fmt(x, digits=3) -> str:
@@ -180,9 +195,9 @@ def cli():
                                              lock_config=True)
     stage = flags.DEFINE_enum("stage", None, ["sft", "dpo", "both"], "default: the config's stage")
     batch = flags.DEFINE_integer("batch", None, "global batch (pairs for DPO); default train.global_batch_size")
-    seq = flags.DEFINE_integer("seq", None, "positions per row; default data.max_length")
-    num_steps = flags.DEFINE_integer("steps", 10, "timed steps")
-    warmup = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+    mix = flags.DEFINE_string("length_mix", None, "plan.length_mix spec or file; default plan.DEFAULT_MIX[stage]")
+    num_batches = flags.DEFINE_integer("batches", 4, "global batches of the mix, each timed once")
+    warmup = flags.DEFINE_integer("warmup", 1, "untimed passes over the batches after compilation")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
@@ -190,7 +205,7 @@ def cli():
         logging.set_verbosity(logging.WARNING)
         cfg = config.value
         stages = ["sft", "dpo"] if stage.value == "both" else [stage.value or cfg.stage]
-        report([measure(cfg, s, batch.value, seq.value, num_steps.value, warmup.value) for s in stages])
+        report([measure(cfg, s, batch.value, mix.value, num_batches.value, warmup.value) for s in stages])
 
     app.run(main)
 

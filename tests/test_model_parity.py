@@ -154,3 +154,35 @@ def test_sequence_logps_match_transformers_logits(pair, side):
     token = torch.log_softmax(ref_logits.double(), -1).gather(-1, torch.as_tensor(targets).long()[..., None])[..., 0]
     ref = (token * torch.as_tensor(loss_mask)).sum(-1).numpy()
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+
+
+def test_scanned_layers_give_the_unrolled_models_and_transformers_gradients(pair):
+    """The layers run under one lax.scan; scan_layers=False unrolls it. Both give the same logits and gradients,
+    and the gradients of a next-token loss equal PyTorch autograd's through transformers' model."""
+    import torch
+    from flax import nnx
+
+    tm, model, path = pair
+    unrolled = hf.load_pretrained(path, dtype=jnp.float32, scan_layers=False)
+    ids = _random_ids(np.random.default_rng(9), 2, 13)
+
+    def loss(m):
+        logps = jax.nn.log_softmax(m(jnp.asarray(ids[:, :-1])), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logps, jnp.asarray(ids[:, 1:, None]), axis=-1))
+
+    np.testing.assert_allclose(unrolled(jnp.asarray(ids)), model(jnp.asarray(ids)), rtol=0, atol=1e-6)
+    grads, unrolled_grads = nnx.grad(loss)(model), nnx.grad(loss)(unrolled)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, unrolled_grads)
+
+    tm.zero_grad()
+    out = tm(input_ids=torch.as_tensor(ids[:, :-1]).long()).logits.double()
+    ref = -torch.log_softmax(out, -1).gather(-1, torch.as_tensor(ids[:, 1:, None]).long()).mean()
+    ref.backward()
+    last, layers = tm.config.num_hidden_layers - 1, tm.model.layers
+    for ours, theirs in [(grads.embed_tokens[...], tm.model.embed_tokens.weight.grad),
+                         (grads.layers.self_attn.q_proj.kernel[...][last], layers[last].self_attn.q_proj.weight.grad.T),
+                         (grads.layers.mlp.down_proj.kernel[...][0], layers[0].mlp.down_proj.weight.grad.T),
+                         (grads.lm_head.kernel[...], tm.lm_head.weight.grad.T)]:
+        theirs = theirs.detach().numpy()
+        assert np.abs(theirs).max() > 0
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())

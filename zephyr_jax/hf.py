@@ -301,7 +301,7 @@ def load_pretrained(path_or_hub_name: str, dtype=jnp.float32, param_dtype=None, 
     dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype). shardings: a pytree
     of jax Shardings matching nnx.state(model) (e.g. NamedSharding over sharding.param_specs), or one
     Sharding for every parameter; None puts them on the default device. config_overrides: MistralConfig
-    fields, e.g. attention_impl="cudnn", remat=True.
+    fields, e.g. attention_impl="xla", remat="full".
     """
     path = resolve(path_or_hub_name)
     cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype)
