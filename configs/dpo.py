@@ -47,7 +47,7 @@ def get_config(arg=None):
         c.train.global_batch_size = 128  # handbook: batch 128
     elif variant == "demo":  # values measured on 2 CPU cores (see zephyr_jax/demo.py)
         _small(c, "workdirs/demo_sft")
-        c.data.max_length, c.data.max_prompt_length, c.data.buckets = 64, 63, (48,)
+        c.data.max_length, c.data.max_prompt_length = 64, 63  # packed rows: lengths in multiples of 64
         c.data.max_eval_examples = 256
         c.train.global_batch_size = 32
         c.train.num_epochs = 1  # 93 steps on 3,000 pairs
