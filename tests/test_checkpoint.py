@@ -72,3 +72,17 @@ def test_a_checkpoint_with_unstacked_layers_restores_into_the_scanned_model(tmp_
     assert int(state.step) == 7 and meta["loader"] == {"epoch": 0, "step": 7}
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.opt_state,
                  opt_state)
+
+
+def test_a_seed_draws_the_weights_the_unstacked_model_drew():
+    """Random init consumes the key stream as separate layer modules did (embedding, then each layer in turn), so
+    seeded runs and demos keep their weights across the change to stacked layers."""
+    from zephyr_jax.model.mistral import DecoderLayer
+
+    stacked = nnx.state(Mistral(CFG, rngs=nnx.Rngs(5)))
+    rngs = nnx.Rngs(5)
+    rngs.params()  # the embedding's key
+    for i in range(CFG.num_hidden_layers):
+        layer = nnx.state(DecoderLayer(CFG, rngs))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b)),
+                     stacked["layers"], layer)

@@ -163,18 +163,15 @@ def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache=None, cache
 
 
 def stacked_layers(cfg: MistralConfig, rngs: nnx.Rngs) -> DecoderLayer:
-    """num_hidden_layers decoder layers as one DecoderLayer with a leading "layers" axis on every parameter."""
-
-    @nnx.split_rngs(splits=cfg.num_hidden_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-        return DecoderLayer(cfg, rngs)
-
-    layers = create(rngs)
-    for _, param in nnx.iter_graph(layers):
+    """num_hidden_layers decoder layers as one DecoderLayer with a leading "layers" axis on every parameter. The
+    layers are drawn one after another, as separate modules would be, so a seed gives the same weights as ever."""
+    layers = [DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)]
+    graphdef, first = nnx.split(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first, *[nnx.state(layer) for layer in layers[1:]])
+    for _, param in nnx.iter_graph(stacked):
         if isinstance(param, nnx.Param):  # the sharding rules see the new axis (replicated by default)
             param.set_metadata("logical_axes", ("layers",) + tuple(param.get_metadata()["logical_axes"]))
-    return layers
+    return nnx.merge(graphdef, stacked)
 
 
 def default_positions(attention_mask, segment_ids):
