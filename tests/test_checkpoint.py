@@ -79,10 +79,10 @@ def test_a_seed_draws_the_weights_the_unstacked_model_drew():
     seeded runs and demos keep their weights across the change to stacked layers."""
     from zephyr_jax.model.mistral import DecoderLayer
 
-    stacked = nnx.state(Mistral(CFG, rngs=nnx.Rngs(5)))
+    stacked = nnx.to_pure_dict(nnx.state(Mistral(CFG, rngs=nnx.Rngs(5))))
     rngs = nnx.Rngs(5)
     rngs.params()  # the embedding's key
     for i in range(CFG.num_hidden_layers):
-        layer = nnx.state(DecoderLayer(CFG, rngs))
+        layer = nnx.to_pure_dict(nnx.state(DecoderLayer(CFG, rngs)))
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b)),
                      stacked["layers"], layer)
