@@ -15,7 +15,7 @@ from flax import nnx
 
 from zephyr_jax import losses, train_steps
 from zephyr_jax.data import pack, pack_pairs, pad_sft
-from zephyr_jax.data.batches import balance, best_fit_decreasing, loss_positions, multiples
+from zephyr_jax.data.batches import best_fit_decreasing, loss_positions, multiples, plan_pairs, plan_length
 from zephyr_jax.data.preference import PreferenceExample
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.model import Mistral, MistralConfig
@@ -53,17 +53,17 @@ def model():
 
 
 def reference_pair_logps(graphdef, params, pairs):
-    """[B, 2] log pi(y|x) from full logits, each sequence alone in a row padded to 64."""
-    m = nnx.merge(graphdef, params)
-    out = np.zeros((len(pairs), 2), np.float32)
-    for p, ex in enumerate(pairs):
-        for side, completion in enumerate((ex.chosen, ex.rejected)):
-            ids = np.concatenate([ex.prompt, completion])
-            mask = np.r_[np.zeros(len(ex.prompt) - 1), np.ones(len(completion))]
-            row = lambda x: jnp.asarray(np.pad(x, (0, 64 - len(x)))[None])
-            logits = m(row(ids[:-1]), attention_mask=row(np.ones(len(ids) - 1, np.int32)))
-            out[p, side] = losses.sequence_logps(logits, row(ids[1:]), row(mask))[0]
-    return out
+    """[B, 2] log pi(y|x) from full logits, each sequence in a row of its own, right-padded to 64."""
+    rows = [(ex.prompt, completion) for ex in pairs for completion in (ex.chosen, ex.rejected)]
+    ids, mask, real = (np.zeros((len(rows), 65), np.int32) for _ in range(3))
+    for r, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        ids[r, :n] = np.concatenate([prompt, completion])
+        mask[r, len(prompt):n] = 1  # targets[t] = ids[t + 1]: the completion's tokens
+        real[r, :n] = 1
+    logits = nnx.merge(graphdef, params)(jnp.asarray(ids[:, :-1]), attention_mask=jnp.asarray(real[:, :-1]))
+    logps = losses.sequence_logps(logits, jnp.asarray(ids[:, 1:]), jnp.asarray(mask[:, 1:]))
+    return np.asarray(logps).reshape(len(pairs), 2)
 
 
 def dpo_value_and_grad(graphdef, params, reference, batch, num_pairs):
@@ -132,9 +132,14 @@ def test_bin_packing_places_every_item_once_within_bounds():
     assert sorted(i for b in bins for i in b) == list(range(500))
     assert max(sum(lengths[i] for i in b) for b in bins) <= 128
     assert len(bins) <= 1.1 * sum(lengths) / 128 + 1  # near the lower bound on this mix
-    rows = balance(lengths, 16)
-    loads = [sum(lengths[i] for i in b) for b in rows]
-    assert sorted(i for b in rows for i in b) == list(range(500))
-    assert max(loads) <= sum(lengths) / 16 + max(lengths)  # LPT's bound
+    # DPO rows: the shortest bucket at which best-fit decreasing holds all 2B sequences in the given rows.
+    pairs = random_pairs(64, seed=4)
+    buckets = multiples(16, 1024)
+    plan = plan_pairs(pairs, 16, buckets)
+    assert sorted((p, side) for row in plan for p, side in row) == [(p, s) for p in range(64) for s in (0, 1)]
+    length = plan_length(pairs, plan)
+    seqs = [n for ex in pairs for n in (len(ex.prompt) + len(ex.chosen) - 1, len(ex.prompt) + len(ex.rejected) - 1)]
+    assert length <= min(b for b in buckets if b >= max(seqs) and len(best_fit_decreasing(seqs, b)) <= 16)
+    assert length >= sum(seqs) / 16  # the lower bound
     with pytest.raises(ValueError, match="does not fit a row of 128"):
         best_fit_decreasing([129], 128)

@@ -55,7 +55,7 @@ def test_tiny_dpo_fits_a_v5e_slice_with_exact_input_bytes_and_flops(pairs_file):
     real = sum((p + c - 1) + (p + rj - 1) for p, c, rj in pairs)
     assert t["real_tokens_per_step"] == real and t["loss_tokens_per_step"] == sum(c + rj for _, c, rj in pairs)
     assert t["padded_positions_per_step"] == t["positions_per_step"] == 4 * c["length"]
-    assert c["length"] % 128 == 0 and c["length"] < 128 + real / 4  # balanced rows: at most one bucket above even
+    assert c["length"] % 128 == 0 and c["length"] < 128 + real / 4  # best-fit rows: at most one bucket above even
     assert 1 <= t["overhead_vs_ideal"] < 4 * c["length"] / real * 1.5
 
 

@@ -118,8 +118,9 @@ def preference_rows_for(cfg, mesh, pairs: int, micro_batches: int) -> int:
 
 
 def preference_batcher(cfg, mesh, pairs: int, micro_batches: int = 1):
-    """The loader's batcher for DPO batches of `pairs` pairs. Packed rows get lengths in multiples of 128 up to
-    what the fullest row could need (unless data.buckets says otherwise)."""
+    """The loader's batcher for DPO batches of `pairs` pairs. Packed rows get lengths in multiples of 128 (what
+    the TPU splash kernel's blocks need) up to what the fullest row could need, unless data.buckets says
+    otherwise."""
     rows = preference_rows_for(cfg, mesh, pairs, micro_batches)
     buckets = buckets_for(cfg.data)
     if cfg.data.packing and not cfg.data.buckets:

@@ -7,9 +7,8 @@ packed row, to another example (the PyTorch recipe's packing defect). Positions 
 Packing means the same for both stages: several sequences share a row, each its own segment.
 * dSFT: `pack` fills rows of seq_len with whole examples, best-fit decreasing within windows of a shuffled
   order (the rows are shuffled again by the loader).
-* dDPO: a global batch of B pairs is 2B sequences (prompt + chosen, prompt + rejected), spread over a fixed
-  number of rows so that the longest row is as short as possible (`plan_pairs`); the row length is then the
-  bucket above it. Per segment slot s (segment id s + 1) of each row, "sequence_pair" [rows, slots] says whose
+* dDPO: a global batch of B pairs is 2B sequences (prompt + chosen, prompt + rejected), packed best-fit
+  decreasing into a fixed number of rows at the shortest bucket length that holds them all (`plan_pairs`). Per segment slot s (segment id s + 1) of each row, "sequence_pair" [rows, slots] says whose
   sequence it is: 2 * pair + 0 (chosen) or + 1 (rejected), -1 for an empty slot; the train step sums each
   segment's completion log-probs and puts them back together per pair. Without packing every sequence has a
   row of its own: the same layout with one slot per row.
@@ -18,7 +17,6 @@ Packing means the same for both stages: several sequences share a row, each its 
 from __future__ import annotations
 
 import bisect
-import heapq
 
 import numpy as np
 
@@ -61,18 +59,6 @@ def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
     return bins
 
 
-def balance(lengths, num_bins: int) -> list[list[int]]:
-    """Items spread over exactly num_bins bins so the fullest is as empty as possible: longest first, each into
-    the currently emptiest bin (Graham's LPT rule: at most 4/3 of the optimum, usually within one item)."""
-    heap = [(0, b) for b in range(num_bins)]
-    bins = [[] for _ in range(num_bins)]
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        load, b = heapq.heappop(heap)
-        bins[b].append(i)
-        heapq.heappush(heap, (load + lengths[i], b))
-    return bins
-
-
 def pack(examples, seq_len: int, window: int | None = None) -> dict:
     """Packs SFT examples (ids, loss_mask) into rows of seq_len positions: best-fit decreasing within each
     window of `window` consecutive examples (None: all of them), so rows mix examples from one stretch of the
@@ -108,22 +94,33 @@ def pair_sequence_lengths(example) -> tuple[int, int]:
     return len(example.prompt) + len(example.chosen) - 1, len(example.prompt) + len(example.rejected) - 1
 
 
-def plan_pairs(examples, num_rows: int, micro_batches: int = 1) -> list[list[tuple[int, int]]]:
+def plan_pairs(examples, num_rows: int, buckets, micro_batches: int = 1) -> list[list[tuple[int, int]]]:
     """Which sequences go in which row: for each of num_rows rows, its (pair, side) list in segment order.
 
     Micro-batch m (rows m, m + n, m + 2n, ...: train_steps.split_micro's split) holds pairs m, m + n, ..., both
-    sequences of each, spread over its rows by `balance`. num_rows = 2 * len(examples) puts every sequence in a
-    row of its own (no packing)."""
+    sequences of each. The row length is the shortest bucket into which best-fit decreasing packs every
+    micro-batch's sequences within its rows. num_rows = 2 * len(examples) puts every sequence in a row of its
+    own (no packing), in pair order: pair p's are rows 2p and 2p + 1."""
     n = micro_batches
     if num_rows % n or len(examples) % n:
         raise ValueError(f"{num_rows} rows and {len(examples)} pairs do not split into {n} micro-batches")
+    items = [[(p, side) for p in range(m, len(examples), n) for side in (0, 1)] for m in range(n)]
+    lengths = [[pair_sequence_lengths(examples[p])[side] for p, side in part] for part in items]
+    if num_rows == 2 * len(examples):
+        rows = [[[i] for i in range(len(part))] for part in items]
+    else:
+        longest = max(max(part) for part in lengths)
+        for length in sorted(b for b in buckets if b >= longest):
+            rows = [best_fit_decreasing(part, length) for part in lengths]
+            if all(len(r) <= num_rows // n for r in rows):
+                break
+        else:
+            raise ValueError(f"{len(examples)} pairs do not fit {num_rows} rows of at most {max(buckets)} positions")
     plan = [[] for _ in range(num_rows)]
-    for m in range(n):
-        items = [(p, side) for p in range(m, len(examples), n) for side in (0, 1)]
-        lengths = [pair_sequence_lengths(examples[p])[side] for p, side in items]
-        rows = sorted(balance(lengths, num_rows // n), key=lambda row: min(row, default=len(items)))
-        for k, row in enumerate(rows):  # in pair order: without packing, pair p's sequences are rows 2p, 2p + 1
-            plan[m + k * n] = [items[i] for i in sorted(row)]
+    for m, (part, part_rows) in enumerate(zip(items, rows)):
+        part_rows = sorted(part_rows, key=min) + [[]] * (num_rows // n - len(part_rows))  # leftover rows: empty
+        for k, row in enumerate(part_rows):
+            plan[m + k * n] = [part[i] for i in sorted(row)]
     return plan
 
 
@@ -167,7 +164,7 @@ def slots_for(plan) -> int:
 
 def pack_pairs(examples, num_rows: int, buckets, micro_batches: int = 1) -> dict:
     """A whole preference batch: plan_pairs, then every row at the bucket length above the fullest."""
-    plan = plan_pairs(examples, num_rows, micro_batches)
+    plan = plan_pairs(examples, num_rows, buckets, micro_batches)
     return preference_rows(examples, plan, bucket(plan_length(examples, plan), buckets), slots_for(plan))
 
 

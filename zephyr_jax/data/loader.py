@@ -42,7 +42,7 @@ def pair_batcher(num_rows: int, buckets, micro_batches: int = 1) -> Callable:
     """Preference pairs spread over num_rows rows (data/batches.py plan_pairs); 2 * pairs rows: no packing."""
 
     def batcher(examples, rows=None):
-        plan = plan_pairs(examples, num_rows, micro_batches)
+        plan = plan_pairs(examples, num_rows, buckets, micro_batches)
         length = bucket(plan_length(examples, plan), buckets)
         rows = range(num_rows) if rows is None else rows
         batch = preference_rows(examples, [plan[r] for r in rows], length, slots_for(plan))
