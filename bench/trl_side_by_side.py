@@ -54,8 +54,13 @@ def run_zephyr_jax(args) -> dict:
     cfg = module.get_config("tiny")  # random init, float32 compute and reference, no remat, 1 device
     cfg.model.arch.update(arch(args))
     cfg.dpo.beta, cfg.dpo.loss_type = 0.1, "sigmoid"
-    seq = args.prompt + args.completion
-    return throughput.measure(cfg, "dpo", args.batch, seq, args.steps, args.warmup)  # step_s, cpu_s, ...
+    # Every pair the same: prompt and completion token counts as TRL's rows have them (one line per pair).
+    mix = os.path.join(tempfile.mkdtemp(), "pairs.txt")
+    with open(mix, "w") as f:
+        f.write(f"{args.prompt} {args.completion} {args.completion}\n" * (args.batch * args.steps))
+    with cfg.unlocked():
+        cfg.data.max_length, cfg.data.max_prompt_length = args.prompt + args.completion, args.prompt
+    return throughput.measure(cfg, "dpo", args.batch, mix, args.steps, args.warmup)  # step_s, cpu_s, ...
 
 
 def run_trl(args) -> dict:
