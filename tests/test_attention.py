@@ -196,12 +196,17 @@ def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
     monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
     monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
     q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
     segments = None if max_segments is None else _rows(128, *TRACE_ROWS[max_segments])
     loss = lambda q, k, v: attend(q, k, v, segments, sliding_window=32, impl="auto",
                                   max_segments=max_segments).astype(jnp.float32).sum()
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
     assert "dot_product_attention_fwd" in jaxpr and "dot_product_attention_bwd" in jaxpr  # auto chose cuDNN
+    # Before Hopper (an A100) cuDNN has no packed layout: packed rows take einsum attention, single rows cuDNN.
+    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: False)
+    jaxpr = str(jax.make_jaxpr(loss)(q, k, v))
+    assert ("dot_product_attention_fwd" in jaxpr) == (max_segments in (None, 1))
 
 
 def test_splash_compiles_to_a_mosaic_kernel_for_a_tpu_slice():

@@ -516,7 +516,8 @@ def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding_
     (zephyr_jax/plan.py) compiles this same function ahead of time."""
     ref_shardings = state_shardings.params if frozen_reference else None  # frozen_copy keeps the params' layout
     step = steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum, cfg.get("dpo"),
-                                 rules=cfg.mesh.rules, num_pairs=cfg.train.global_batch_size)
+                                 rules=cfg.mesh.rules, num_pairs=cfg.train.global_batch_size,
+                                 max_segments=None if cfg.data.packing else 1)
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding_, ref_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 

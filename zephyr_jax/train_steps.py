@@ -46,13 +46,13 @@ def make_optimizer(optim_cfg, total_steps: int):
     return tx, schedule
 
 
-def loss_position_logps(graphdef, params, batch):
+def loss_position_logps(graphdef, params, batch, max_segments: int | None = None):
     """Log-probs of the targets at each row's loss positions, the LM head applied there only (fused with the
     log-softmax, chunked: losses.head_logps). Returns (logps, correct, valid, segment), each [rows, K]: valid
     marks real entries of batch["loss_positions"] (-1 fills the rest), segment is their segment id."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                 max_segments=max_segments(batch))
+                                 max_segments=segments_per_row(batch, max_segments))
     where = batch["loss_positions"]
     valid = where >= 0
     where = jnp.maximum(where, 0)
@@ -62,12 +62,13 @@ def loss_position_logps(graphdef, params, batch):
     return jnp.where(valid, logps, 0.0), correct & valid, valid, pick(batch["segment_ids"])
 
 
-def max_segments(batch) -> int:
-    """The most sequences a row of this batch can hold, known from its shapes (static under jit): a DPO row's
-    segment slots, or for SFT half the row length (every example takes at least two positions)."""
+def segments_per_row(batch, known: int | None = None) -> int:
+    """The most sequences a row of this batch can hold, static under jit (the GPU kernel needs it): a DPO row's
+    segment slots; for SFT `known` (1 for rows of one example), else half the row length (every example takes
+    at least two positions)."""
     if "sequence_pair" in batch:
         return batch["sequence_pair"].shape[1]
-    return max(1, batch["inputs"].shape[1] // 2)
+    return known or max(1, batch["inputs"].shape[1] // 2)
 
 
 def segment_sums(values, segment, slots: int):
@@ -93,9 +94,9 @@ def pair_logps(graphdef, params, batch, num_pairs: int, micro_batches: int = 1):
     return table(logps), table(valid)
 
 
-def sft_loss_fn(params, graphdef, batch, normalizer):
+def sft_loss_fn(params, graphdef, batch, normalizer, max_segments=None):
     """losses.sft_loss's token cross-entropy, on the loss positions only."""
-    logps, correct, valid, _ = loss_position_logps(graphdef, params, batch)
+    logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments)
     loss = losses.sft_loss_from_logps(logps, valid, normalizer)
     return loss, {"loss": jax.lax.stop_gradient(loss), "correct": correct.sum(dtype=jnp.float32),
                   "num_tokens": valid.sum(dtype=jnp.float32)}
@@ -120,16 +121,16 @@ _tree_norm = getattr(optax.tree_utils, "tree_norm", None) or optax.tree_utils.tr
 
 
 def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg=None, rules=DEFAULT_RULES,
-                    num_pairs: int | None = None):
+                    num_pairs: int | None = None, max_segments: int | None = None):
     """train_step(state, batch, reference) -> (state, metrics). reference: DPO only, either frozen reference
     parameters (an nnx.State) or None when the batch carries precomputed per-sequence "reference_logps".
-    num_pairs: DPO pairs per global batch. rules: the logical-axis rules that shard each micro-batch's rows
-    (under `jax.set_mesh`)."""
+    num_pairs: DPO pairs per global batch. max_segments: SFT, 1 when rows hold one example (unpacked), else None.
+    rules: the logical-axis rules that shard each micro-batch's rows (under `jax.set_mesh`)."""
 
     def micro_loss(params, micro, reference, normalizer):
         micro = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), rules), micro)
         if stage == "sft":
-            return sft_loss_fn(params, graphdef, micro, normalizer)
+            return sft_loss_fn(params, graphdef, micro, normalizer, max_segments)
         pairs = num_pairs // grad_accum
         if "reference_logps" in micro:
             ref = per_pair(micro["reference_logps"], micro["sequence_pair"], pairs, grad_accum)
@@ -168,8 +169,8 @@ def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None):
     """SFT: per-row (sum of target NLL, tokens, correct tokens). DPO: pair log-probs [num_pairs, 2] (the pairs
     of an eval batch, in order)."""
 
-    def sft_eval(params, batch):
-        logps, correct, valid, _ = loss_position_logps(graphdef, params, batch)
+    def sft_eval(params, batch):  # eval rows hold one example each (train.eval_batcher)
+        logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments=1)
         return {"nll": -logps.sum(-1), "tokens": valid.sum(-1), "correct": correct.sum(-1)}
 
     def dpo_eval(params, batch):

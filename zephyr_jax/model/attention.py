@@ -123,9 +123,18 @@ def _auto_impl(platform, q, k, segment_ids, max_segments, rules) -> str:
     if platform == "tpu" and q.shape[1] % 128 == 0:
         return "splash"
     if platform == "gpu" and q.dtype in CUDNN_DTYPES and q.shape[3] % 8 == 0 and q.shape[3] <= 256 and \
-            (segment_ids is None or max_segments is not None):
+            (segment_ids is None or max_segments == 1 or (max_segments is not None and _hopper_or_newer())):
         return "cudnn"
     return "xla"
+
+
+def _hopper_or_newer() -> bool:
+    """cuDNN's packed (segment offsets) layout needs compute capability 9.0 or newer (H100, H200); on an A100,
+    packed rows take einsum attention."""
+    try:
+        return float(jax.devices("gpu")[0].compute_capability) >= 9.0
+    except Exception:  # no local GPU or no capability reported: do not assume the packed layout works
+        return False
 
 
 def _xla_self_attention(q, k, v, segment_ids, sliding_window):
