@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
+from tests.xla_memory import temp_bytes
 from zephyr_jax import losses
 from zephyr_jax.sharding import logical_to_spec, make_mesh
 
@@ -111,17 +112,6 @@ def test_head_logps_float32_kernel_with_bfloat16_hidden():
     _assert_close_relative(d_kernel, ref_kernel, 2e-2)
 
 
-def _temp_bytes(fn, args):
-    compiled = jax.jit(fn).lower(*args).compile()
-    try:
-        analysis = compiled.memory_analysis()
-    except (NotImplementedError, AttributeError, jax.errors.JaxRuntimeError) as e:  # pragma: no cover
-        pytest.skip(f"memory_analysis unavailable on {jax.default_backend()}: {e}")
-    if analysis is None:  # pragma: no cover
-        pytest.skip(f"memory_analysis returns None on {jax.default_backend()}")
-    return analysis.temp_size_in_bytes
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_head_logps_never_materialises_the_full_logits(dtype):
     """Compiled forward + backward: head_logps' temp memory stays well below one float32 [B, K, V] array
@@ -134,8 +124,8 @@ def test_head_logps_never_materialises_the_full_logits(dtype):
     def fwd_bwd(fn):
         return jax.value_and_grad(lambda h, w, t, m: jnp.sum(m * fn(h, w, t, chunk)[0]), argnums=(0, 1))
 
-    fused = _temp_bytes(fwd_bwd(losses.head_logps), args)
-    full = _temp_bytes(fwd_bwd(_full_path), args)
+    fused = temp_bytes(fwd_bwd(losses.head_logps), *args)
+    full = temp_bytes(fwd_bwd(_full_path), *args)
     assert fused < 0.35 * full_f32, (fused, full_f32)
     assert full >= full_f32, (full, full_f32)
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tests.xla_memory import temp_bytes
 from zephyr_jax import losses
 
 IGNORE = -100
@@ -139,18 +140,10 @@ def test_chunked_gradient_memory_stays_below_one_float32_logits_copy():
         jax.ShapeDtypeStruct((batch, length), jnp.bool_),
     )
 
-    def temp_bytes(fn):
-        compiled = jax.jit(jax.grad(lambda x, t, m: jnp.sum(fn(x, t, m)))).lower(*args).compile()
-        try:
-            analysis = compiled.memory_analysis()
-        except (NotImplementedError, AttributeError, jax.errors.JaxRuntimeError) as e:  # pragma: no cover
-            pytest.skip(f"memory_analysis unavailable on {jax.default_backend()}: {e}")
-        if analysis is None:  # pragma: no cover
-            pytest.skip(f"memory_analysis returns None on {jax.default_backend()}")
-        return analysis.temp_size_in_bytes
+    grad_temp_bytes = lambda fn: temp_bytes(jax.grad(lambda x, t, m: jnp.sum(fn(x, t, m))), *args)
 
-    chunked = temp_bytes(lambda x, t, m: losses.sequence_logps(x, t, m, chunk_size=chunk))
-    naive = temp_bytes(_naive_sequence_logps)
+    chunked = grad_temp_bytes(lambda x, t, m: losses.sequence_logps(x, t, m, chunk_size=chunk))
+    naive = grad_temp_bytes(_naive_sequence_logps)
     assert chunked < 0.5 * full_f32, (chunked, full_f32)
     assert naive >= full_f32, (naive, full_f32)
 

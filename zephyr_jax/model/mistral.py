@@ -26,9 +26,8 @@ class Linear(nnx.Module):
                                 logical_axes=axes)
         self.dtype = cfg.dtype
 
-    def __call__(self, x, out_dtype=None):
-        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                       preferred_element_type=out_dtype)
+    def __call__(self, x):
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class RMSNorm(nnx.Module):
