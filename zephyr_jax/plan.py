@@ -31,9 +31,7 @@ import numpy as np
 
 from zephyr_jax import train
 from zephyr_jax import train_steps as steps
-from zephyr_jax.data import pack, pad_sft
-from zephyr_jax.data.batches import sequence_lengths, stack_rows
-from zephyr_jax.data.loader import padded_batcher
+from zephyr_jax.data.batches import sequence_lengths
 from zephyr_jax.data.preference import PreferenceExample, truncate_pair
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.metrics import peak_flops, step_flops
@@ -217,15 +215,8 @@ def batches_of_mix(cfg, mesh, spec: str, num_steps: int = 8) -> list[MixBatch]:
 
 
 def _batches(cfg, mesh, examples, num_steps: int) -> list[MixBatch]:
-    examples = fit_to_config(examples, cfg)
     size = cfg.train.global_batch_size
-    if cfg.stage == "dpo":
-        batcher = train.preference_batcher(cfg, mesh, size, cfg.train.grad_accum)
-    else:
-        if cfg.data.packing:
-            rows = pack(examples, cfg.data.max_length, cfg.data.pack_window)
-            examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
-        batcher = padded_batcher(stack_rows if cfg.data.packing else pad_sft, train.buckets_for(cfg.data))
+    examples, batcher, _ = train.training_batches(cfg, mesh, fit_to_config(examples, cfg), log=lambda _: None)
     out = []
     for start in range(0, min(len(examples) - size + 1, num_steps * size), size):
         group = examples[start:start + size]

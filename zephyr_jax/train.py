@@ -209,6 +209,22 @@ def place(local_batch: dict, sharding, rows, num_rows: int) -> dict:
     return {k: put(v) for k, v in local_batch.items()}
 
 
+def training_batches(cfg, mesh, examples, log=print):
+    """(the loader's examples, its batcher, rows per global batch) for the train split. dDPO: pairs, packed per
+    batch. dSFT with packing: packed once, after a seeded shuffle so rows mix examples from the whole split, into
+    rows the loader then treats as examples; without: an example per row."""
+    batch_size = cfg.train.global_batch_size
+    if cfg.stage == "dpo":
+        return (examples, preference_batcher(cfg, mesh, batch_size, cfg.train.grad_accum),
+                preference_rows_for(cfg, mesh, batch_size, cfg.train.grad_accum))
+    if cfg.data.packing:
+        order = np.random.default_rng(cfg.seed).permutation(len(examples))
+        rows = pack([examples[i] for i in order], cfg.data.max_length, cfg.data.pack_window)
+        examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+        log(f"packed into {len(examples)} rows of {cfg.data.max_length} tokens")
+    return examples, padded_batcher(stack_rows if cfg.data.packing else pad_sft, buckets_for(cfg.data)), batch_size
+
+
 def eval_batches(examples, batch_size: int, batcher, rows=None):
     """All examples in order, in global batches of batch_size examples (the last one filled with repeats of its
     last example), each with its count of real examples; the process builds the batch rows `rows`."""
@@ -306,20 +322,9 @@ def run(cfg, workdir: str) -> dict:
     tok = load_tokenizer(cfg.tokenizer)
     train_examples, _ = load_examples(cfg.data, cfg.stage, tok, "train")
     eval_examples, _ = load_examples(cfg.data, cfg.stage, tok, "eval")
-    batch_size = cfg.train.global_batch_size
-    if dpo:
-        batcher = preference_batcher(cfg, mesh, batch_size, cfg.train.grad_accum)
-        num_rows = preference_rows_for(cfg, mesh, batch_size, cfg.train.grad_accum)
-    else:
-        if cfg.data.packing:  # pack once, after a seeded shuffle, so rows mix examples from the whole split
-            order = np.random.default_rng(cfg.seed).permutation(len(train_examples))
-            rows = pack([train_examples[i] for i in order], cfg.data.max_length, cfg.data.pack_window)
-            train_examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
-            print(f"packed into {len(train_examples)} rows of {cfg.data.max_length} tokens")
-        batcher = padded_batcher(stack_rows if cfg.data.packing else pad_sft, buckets_for(cfg.data))
-        num_rows = batch_size
+    train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
     train_rows = local_rows(sharding, num_rows)
-    loader = Loader(train_examples, batch_size, batcher, seed=cfg.seed, rows=train_rows)
+    loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
     sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
 
