@@ -374,9 +374,9 @@ def run(cfg, workdir: str) -> dict:
     step = int(jax.device_get(state.step))
     bar = tqdm(total=total_steps, initial=step, desc=cfg.stage, disable=not cfg.train.progress or
                jax.process_index() != 0, dynamic_ncols=True)
-    log = StepLog(writer, bar, mngr, workdir, lambda info: throughput(
-        mcfg, [sequences[i] for i in info.indices], info.rows * info.length, 1.0, mesh.size,
-        frozen_reference=reference is not None, peak=cfg.train.peak_tflops * 1e12 or peak_flops()))
+    log = StepLog(writer, bar, mngr, workdir, lambda infos, seconds: throughput(
+        mcfg, [sequences[i] for info in infos for i in info.indices], sum(info.rows * info.length for info in infos),
+        seconds, mesh.size, frozen_reference=reference is not None, peak=cfg.train.peak_tflops * 1e12 or peak_flops()))
 
     def next_batch():  # runs on the prefetch thread
         local, info = next(loader)
@@ -428,6 +428,7 @@ class StepLog:
     SHOWN = ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
 
     def __init__(self, writer, bar, mngr, workdir: str, throughput_of):
+        """throughput_of(the steps' BatchInfos, their wall seconds) -> train.throughput's figures."""
         self.writer, self.bar, self.mngr, self.workdir, self.throughput_of = writer, bar, mngr, workdir, throughput_of
         self.on_device, self.on_host, self.excluded = [], [], 0.0
         self.started = time.perf_counter()
@@ -461,15 +462,8 @@ class StepLog:
         seconds = time.perf_counter() - self.started - self.excluded
         n = len(self.on_host)
         line = {k: float(np.mean([m[k] for _, m, _, _ in self.on_host])) for k in self.on_host[-1][1]}
-        work = [self.throughput_of(info) for _, _, info, _ in self.on_host]  # per step, over one second
-        real = sum(w["tokens_per_sec"] for w in work)
-        positions = sum(w["tokens_per_sec"] / (1 - w["padding_fraction"]) for w in work)
-        line.update(step_time=seconds / n, tokens_per_sec=real / seconds,
-                    tokens_per_sec_per_device=sum(w["tokens_per_sec_per_device"] for w in work) / seconds,
-                    padding_fraction=1 - real / positions,
-                    tflops_per_device=sum(w["tflops_per_device"] for w in work) / seconds, **self.on_host[-1][3])
-        if "mfu" in work[0]:
-            line["mfu"] = sum(w["mfu"] for w in work) / seconds
+        line.update(self.throughput_of([info for _, _, info, _ in self.on_host], seconds), **self.on_host[-1][3])
+        line["step_time"] = seconds / n
         self.writer.write(self.on_host[-1][0], line)
         self.bar.set_postfix({k: f"{line[k]:.4g}" for k in self.SHOWN if k in line})
         self.on_host, self.excluded, self.started = [], 0.0, time.perf_counter()
@@ -486,8 +480,8 @@ class StepLog:
 
 def throughput(mcfg, sequences, positions: int, seconds: float, devices: int, *, frozen_reference: bool,
                peak) -> dict:
-    """Throughput of one step over a global batch of `positions` positions (rows x length) holding sequences of
-    real lengths `sequences` (one list per example: a pair's two, a packed row's segments): real tokens only,
+    """Throughput of steps that took `seconds` over `positions` positions (rows x length, summed) holding sequences
+    of real lengths `sequences` (one list per example: a pair's two, a packed row's segments): real tokens only,
     the share of positions that were padding, and MFU from the FLOPs of those real sequences."""
     lengths = [n for seqs in sequences for n in seqs]
     real = sum(lengths)
