@@ -77,7 +77,8 @@ def main(spec_config, stage, batch_size, num_batches, *overrides):
             times.append(time.perf_counter() - t0)
     real = sum(sum(s) for _, s in batches)
     positions = sum(b["inputs"].size for b, _ in batches)
-    print(f"BEFORE {stage}: {mcfg.num_params / 1e6:.1f}M params, shapes {sorted({b['inputs'].shape for b, _ in batches})}, "
+    shapes = sorted({b["inputs"].shape for b, _ in batches})
+    print(f"BEFORE {stage}: {mcfg.num_params / 1e6:.1f}M params, shapes {shapes}, "
           f"real {100 * real / positions:.1f}%, compiles {len(compiled)} ({compile_s:.1f} s), mean step "
           f"{sum(times) / len(times):.3f} s, real tokens/s {real / sum(times):,.0f}, positions/s "
           f"{positions / sum(times):,.0f}, loss {float(metrics['loss']):.3f}")

@@ -8,7 +8,8 @@ Packing means the same for both stages: several sequences share a row, each its 
 * dSFT: `pack` fills rows of seq_len with whole examples, best-fit decreasing within windows of a shuffled
   order (the rows are shuffled again by the loader).
 * dDPO: a global batch of B pairs is 2B sequences (prompt + chosen, prompt + rejected), packed best-fit
-  decreasing into a fixed number of rows at the shortest bucket length that holds them all (`plan_pairs`). Per segment slot s (segment id s + 1) of each row, "sequence_pair" [rows, slots] says whose
+  decreasing into a fixed number of rows at the shortest bucket length that holds them all (`plan_pairs`).
+  Per segment slot s (segment id s + 1) of each row, "sequence_pair" [rows, slots] says whose
   sequence it is: 2 * pair + 0 (chosen) or + 1 (rejected), -1 for an empty slot; the train step sums each
   segment's completion log-probs and puts them back together per pair. Without packing every sequence has a
   row of its own: the same layout with one slot per row.

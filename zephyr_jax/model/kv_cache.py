@@ -30,4 +30,5 @@ class KVCache(NamedTuple):
         shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
         dtype = cfg.dtype if dtype is None else dtype
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   positions=jnp.full((batch_size, max_length), -1, jnp.int32), lengths=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
+                   positions=jnp.full((batch_size, max_length), -1, jnp.int32),
+                   lengths=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
