@@ -1,9 +1,10 @@
-"""The key/value cache for decoding: fixed-size buffers, so every decoding step has the same shapes (one jit).
+"""The key/value cache of the generation engine: one fixed buffer of `slots` rows, each holding one sequence.
 
-Each row's slots are filled left to right in step (prefill writes the whole left-padded prompt, then one token
-per step). `positions` records each slot's token position, -1 for padding or an unfilled slot; attention masks
-keys by it, which is how padding and the sliding window are respected. The buffers hold the whole sequence
-(prompt + new tokens): memory grows with max_length, not with the window.
+A row's cache index is the token's position (index p holds the keys/values of position p), so nothing else is
+recorded: a query at position q may see indices k <= q (and q - k < sliding_window). Whatever lies beyond a
+row's current length (a previous occupant's tokens, a prefill bucket's padding) is never visible, because a
+query only ever sees positions up to its own, and every one of those was written by this sequence first.
+The buffers hold the whole sequence (prompt + new tokens): memory grows with the length, not with the window.
 """
 
 from __future__ import annotations
@@ -15,20 +16,29 @@ import jax.numpy as jnp
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, B, S, num_key_value_heads, head_dim]
+    k: jax.Array  # [layers, slots, max_length, num_key_value_heads, head_dim]
     v: jax.Array
-    positions: jax.Array  # [B, S] int32: position of the token in each slot, -1 if none
-    lengths: jax.Array  # [B] int32: real tokens written so far per row
-    index: jax.Array  # int32 scalar: next slot to write
 
     @property
     def max_length(self) -> int:
-        return self.positions.shape[1]
+        return self.k.shape[2]
 
     @classmethod
-    def init(cls, cfg, batch_size: int, max_length: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    def init(cls, cfg, slots: int, max_length: int, dtype=None, sharding=None) -> "KVCache":
+        shape = (cfg.num_hidden_layers, slots, max_length, cfg.num_key_value_heads, cfg.head_dim)
         dtype = cfg.dtype if dtype is None else dtype
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   positions=jnp.full((batch_size, max_length), -1, jnp.int32),
-                   lengths=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return cls(k=zeros(), v=zeros())
+
+
+def write(buffer, layer, rows, positions, new):
+    """buffer [L, slots, S, K, D] with layer `layer`'s rows[b] at positions[b, t] set to new[b, t]. Positions
+    past the end (a bucket's padding) and rows past the last slot (a padded batch) are dropped."""
+    index = (layer, rows[:, None], positions)
+    return buffer.at[index].set(new.astype(buffer.dtype), mode="drop")
+
+
+def read(buffer, layer, rows, length: int):
+    """The first `length` positions of layer `layer` for rows [B] (None: every row): [B, length, K, D]."""
+    per_layer = jax.lax.dynamic_index_in_dim(buffer, layer, axis=0, keepdims=False)[:, :length]
+    return per_layer if rows is None else jnp.take(per_layer, rows, axis=0, mode="clip")

@@ -6,13 +6,15 @@ Every parameter carries `logical_axes` metadata; sharding.py maps those names on
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from zephyr_jax.model.attention import attend, make_mask, xla_attention
-
+from zephyr_jax.model import kv_cache
+from zephyr_jax.model.attention import attend, xla_attention
 from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
 from zephyr_jax.sharding import constrain
@@ -68,11 +70,10 @@ class Attention(nnx.Module):
         self.o_proj = Linear(n * d, h, ("heads", "embed"), cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, cache_mask=None, cache_index=None,
-                 max_segments=None):
-        """Training / scoring: attend(...) with the config's kernel over this row's segments. Decoding:
-        cache_kv = (k, v) [B, S, K, D], the new keys and values written at cache_index, then einsum attention
-        over the cache under cache_mask [B, 1, T, S]."""
+    def __call__(self, x, cos, sin, segment_ids, cache=None, max_segments=None):
+        """Training / scoring: attend(...) with the config's kernel over this row's segments. Decoding: cache =
+        a CacheStep; the new keys and values are written into it, then the queries attend over its first
+        kv_length positions."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -81,16 +82,15 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"), cfg.sharding_rules)
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"), cfg.sharding_rules)
         q, k, v = (checkpoint_name(a, n) for a, n in ((q, "q"), (k, "k"), (v, "v")))
-        if cache_kv is None:
+        if cache is None:
             out = attend(q, k, v, segment_ids, sliding_window=cfg.sliding_window, impl=cfg.attention_impl,
                          rules=cfg.sharding_rules, max_segments=max_segments)
         else:
-            k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, axis=1)
-            cache_kv = (k, v)
-            out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), cache_mask)
+            cache = cache.write(k, v)
+            keys, values = cache.read()
+            out = xla_attention(q, keys.astype(q.dtype), values.astype(q.dtype), cache.mask)
         out = checkpoint_name(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim), "attention")
-        return self.o_proj(out), cache_kv
+        return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
@@ -116,13 +116,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.rules = cfg.sharding_rules
 
-    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, cache_mask=None, cache_index=None,
-                 max_segments=None):
-        attn_out, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache_kv, cache_mask,
-                                            cache_index, max_segments)
+    def __call__(self, x, cos, sin, segment_ids, cache=None, max_segments=None):
+        attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache, max_segments)
         x = checkpoint_name(x + attn_out, "attention_residual")
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "embed"), self.rules), cache_kv
+        return constrain(x, ("batch", "length", "embed"), self.rules), cache
 
 
 def remat_policy(name: str):
@@ -139,26 +137,54 @@ def remat_policy(name: str):
     return table[name]
 
 
-def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache=None, cache_mask=None, *, remat="none",
+class CacheStep(NamedTuple):
+    """One layer's view of the engine's KV cache during a decoding call: the whole buffers (carried through the
+    layer scan, so each write is in place), the layer, which cache rows the batch's rows are (None: row b is
+    slot b), the new tokens' positions [B, T], how many positions attention reads (a static bucket), and the
+    [B, 1, T, kv_length] mask over them."""
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+    rows: jax.Array | None
+    positions: jax.Array
+    mask: jax.Array
+
+    def write(self, k, v) -> "CacheStep":
+        rows = jnp.arange(k.shape[0]) if self.rows is None else self.rows
+        return self._replace(k=kv_cache.write(self.k, self.layer, rows, self.positions, k),
+                             v=kv_cache.write(self.v, self.layer, rows, self.positions, v))
+
+    def read(self):
+        length = self.mask.shape[-1]
+        return (kv_cache.read(self.k, self.layer, self.rows, length),
+                kv_cache.read(self.v, self.layer, self.rows, length))
+
+
+def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: CacheStep | None = None, *, remat="none",
                max_segments=None, unroll=False):
     """The decoder stack as one jax.lax.scan over the layers' stacked parameters, so XLA compiles one layer,
     not num_hidden_layers copies. `layers` is a DecoderLayer whose parameters carry a leading layer axis.
-    cache: (k, v) stacked [L, B, S, K, D] and the write index (decoding), or None (training, prefill-free).
-    Returns (x, new (k, v) or None). max_segments: see attention.attend (the cuDNN kernel needs it).
+    cache: a CacheStep (decoding; its buffers ride in the scan's carry, so only the new tokens are written),
+    or None (training, scoring). Returns (x, the updated KVCache or None). max_segments: see attention.attend.
 
     A pure scan over (parameters, inputs) rather than nnx.scan: nothing is written back into the module, so it
     also runs on a model merged from arrays of an outer trace (the frozen DPO reference inside value_and_grad).
     """
     graphdef, stacked = nnx.split(layers)
-    index = None if cache is None else cache[2]
 
-    def body(x, per_layer):
-        state, kv = per_layer
-        return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, kv, cache_mask, index, max_segments)
+    def body(carry, per_layer):
+        x, buffers = carry
+        state, layer = per_layer
+        step = None if cache is None else cache._replace(k=buffers[0], v=buffers[1], layer=layer)
+        x, step = nnx.merge(graphdef, state)(x, cos, sin, segment_ids, step, max_segments)
+        return (x, None if step is None else (step.k, step.v)), None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-    return jax.lax.scan(body, x, (stacked, None if cache is None else cache[:2]), unroll=unroll)
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    buffers = None if cache is None else (cache.k, cache.v)
+    (x, buffers), _ = jax.lax.scan(body, (x, buffers), (stacked, jnp.arange(num_layers)), unroll=unroll)
+    return x, None if buffers is None else KVCache(*buffers)
 
 
 def stacked_layers(cfg: MistralConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -225,29 +251,23 @@ class Mistral(nnx.Module):
                           max_segments=max_segments, unroll=not cfg.scan_layers)
         return self.norm(x)
 
-    def with_cache(self, input_ids, cache: KVCache, attention_mask=None):
-        """Appends `input_ids` [B, T] to the cache (a prompt for prefill, one token per decoding step).
-
-        Returns (logits of the last new token [B, vocab] float32, updated cache). attention_mask [B, T] marks
-        real tokens (left padding of the prompt); their positions continue from the cache's per-row lengths.
-        """
+    def with_cache(self, input_ids, positions, cache: KVCache, rows=None, kv_length: int | None = None):
+        """Runs input_ids [B, T] at positions [B, T] of cache rows `rows` [B] (None: row b is slot b), writing
+        their keys and values at index = position and attending causally (and within the sliding window) over
+        the first kv_length cache positions (static; default all). A prompt chunk for prefill, one token per
+        row for decoding. Returns (final-norm hidden states [B, T, hidden], the updated cache): the caller
+        applies `logits` where it needs them."""
         cfg = self.config
-        b, t = input_ids.shape
-        real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-        positions = cache.lengths[:, None] + jnp.cumsum(real, axis=1) - 1
-        key_positions = jax.lax.dynamic_update_slice_in_dim(
-            cache.positions, jnp.where(real > 0, positions, -1), cache.index, axis=1)
-        q_slots = cache.index + jnp.arange(t)
-        k_slots = jnp.arange(cache.max_length)
-        mask = make_mask(q_slots, k_slots, positions, key_positions, key_valid=key_positions >= 0,
-                         sliding_window=cfg.sliding_window)
+        kv_length = cache.max_length if kv_length is None else kv_length
+        keys = jnp.arange(kv_length)
+        mask = keys[None, None, :] <= positions[:, :, None]
+        if cfg.sliding_window is not None:
+            mask = mask & (positions[:, :, None] - keys[None, None, :] < cfg.sliding_window)
+        step = CacheStep(cache.k, cache.v, jnp.zeros((), jnp.int32), rows, positions, mask[:, None])
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        x, (k, v) = run_layers(self.layers, self._embed(input_ids), cos, sin, None, (cache.k, cache.v, cache.index),
-                               mask, unroll=not cfg.scan_layers)
-        logits = self.logits(self.norm(x[:, -1:]))[:, 0]
-        cache = KVCache(k=k, v=v, positions=key_positions, lengths=cache.lengths + real.sum(axis=1),
-                        index=cache.index + t)
-        return logits, cache
+        x, cache = run_layers(self.layers, self._embed(input_ids), cos, sin, None, step,
+                              unroll=not cfg.scan_layers)
+        return self.norm(x), cache
 
     def _embed(self, input_ids):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.dtype)

@@ -1,0 +1,473 @@
+"""The generation engine: continuous batching over a fixed number of KV-cache slots.
+
+Every request gets a slot for its whole life. Each scheduling step
+  1. admits waiting requests into free slots;
+  2. prefills them: their prompts go through the model in chunks of at most `prefill_chunk` tokens (a bucketed
+     length, several requests a call), so a long prompt never stalls the others for long; the chunk that ends
+     a prompt also samples its first token;
+  3. decodes: one jitted call advances every decoding slot by up to `decode_steps` tokens (a jax.lax.scan; a
+     slot that meets a stop token or its max_tokens stops inside the call), then the host checks stop strings.
+A finished or cancelled request frees its slot at once, and the next waiting request takes it in the next step,
+while the other slots go on decoding: nobody waits for the longest reply of a batch.
+
+Shapes are bucketed (powers of two: rows, chunk length, and how much of the cache attention reads), so each
+bucket compiles once. The cache is donated to every call, so it is updated in place. Parameters may be sharded
+over a mesh (zephyr_jax.load(..., mesh=...)); XLA gathers what each layer needs.
+
+Use it synchronously (`generate`) or from a server (`start` runs the loop on a thread; `submit` and `cancel` may
+be called from any thread; a request's `on_update` is called on the engine's thread after each new token).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zephyr_jax.model import KVCache
+from zephyr_jax.sampling import sample
+
+TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)
+MAX_STOP_TOKENS = 8  # stop token ids per request, the EOS included
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is at its bound: the caller should retry later (HTTP 429)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
+    stop_token_ids: tuple[int, ...] = ()  # ... or at these tokens (and at EOS unless ignore_eos)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n >= 0: each sampled token's log-prob and the top n alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (scoring, OpenAI's `echo`)
+
+    def check(self) -> None:
+        """ValueError naming the first out-of-range field."""
+        checks = [
+            ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("seed", 0 <= self.seed < 2 ** 32, "must be in [0, 2**32)"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_token_ids", len(self.stop_token_ids) < MAX_STOP_TOKENS, f"at most {MAX_STOP_TOKENS - 1}"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS, f"must be in [0, {TOP_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= TOP_LOGPROBS,
+             f"must be in [0, {TOP_LOGPROBS}]"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One prompt's generation. The engine fills the outputs; `done` is set when finish_reason is."""
+    prompt: list[int]
+    params: SamplingParams = SamplingParams()
+    id: str = ""
+    on_update: Callable[["Request"], None] | None = None
+    # Outputs.
+    tokens: list[int] = dataclasses.field(default_factory=list)  # the reply, without its stop token
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # with logprobs: per reply token
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # [0] is None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    generated: int = 0  # tokens sampled, the stop token included (usage.completion_tokens)
+    text: str = ""  # the reply's text (cut before a stop string); final once done
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    # Engine-private.
+    done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    cancelled: bool = False
+    _slot: int | None = None
+    _prefilled: int = 0
+    _last_token: int = 0
+    _stop_scan: int = 0
+    _sent: int = 0
+
+    def new_text(self, tokenizer) -> str:
+        """The reply's text since the last call (for streaming). Text that may still turn out to begin a stop
+        string, or an incomplete UTF-8 character, is held back until it is settled."""
+        if self.finish_reason is not None:
+            safe = self.text
+        else:
+            safe = tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd")
+            for stop in self.params.stop:
+                for n in range(min(len(stop) - 1, len(safe)), 0, -1):
+                    if safe.endswith(stop[:n]):
+                        safe = safe[:-n]
+                        break
+        delta = safe[self._sent:] if len(safe) > self._sent else ""
+        self._sent = max(self._sent, len(safe))
+        return delta
+
+
+def _bucket(n: int, minimum: int, maximum: int) -> int:
+    return min(max(minimum, 1 << (max(n, 1) - 1).bit_length()), maximum)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv_length", "top_n", "prompt_top_n"),
+                   donate_argnames=("cache",))
+def _prefill(graphdef, state, cache, tokens, positions, rows, last, targets, sampling, *, kv_length, top_n,
+             prompt_top_n):
+    """One chunk of P prompts [P, T] at positions [P, T] into cache rows [P]: the first reply token sampled
+    after each row's position `last` [P], and (prompt_top_n >= 0) the log-probs of `targets` [P, T] (the next
+    prompt tokens) with the top prompt_top_n alternatives."""
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model.with_cache(tokens, positions, cache, rows, kv_length)
+    scores = {}
+    if prompt_top_n >= 0:
+        logps = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+        scores["logprobs"] = jnp.take_along_axis(logps, targets[..., None], axis=-1)[..., 0]
+        if prompt_top_n:
+            scores["top"] = jax.lax.top_k(logps, prompt_top_n)
+    final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+    logits = model.logits(final)[:, 0]
+    token, logprob, top = sample(logits, *sampling, top_n=top_n)
+    return cache, (token, logprob, top), scores
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "kv_length", "top_n"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, tokens, lengths, active, remaining, stop_ids, sampling, *, steps, kv_length,
+            top_n):
+    """Up to `steps` tokens for every active slot: feed each slot's last token [N] at its position lengths [N],
+    sample the next. A slot stops (inside the scan) at a stop id [N, M] or when `remaining` [N] reaches 0.
+    Returns the cache and per step: tokens [steps, N], their log-probs, top-n, and which slots emitted."""
+    model = nnx.merge(graphdef, state)
+    temperature, top_k, top_p, seeds, counters = sampling
+
+    def one(carry, _):
+        cache, tokens, lengths, active, remaining, counters = carry
+        # Rows with nothing to decode write past the cache's end, which drops the write.
+        positions = jnp.where(active, lengths, cache.max_length)[:, None]
+        hidden, cache = model.with_cache(tokens[:, None], positions, cache, None, kv_length)
+        new, logprob, top = sample(model.logits(hidden)[:, 0], temperature, top_k, top_p, seeds, counters,
+                                   top_n=top_n)
+        emitted = active
+        remaining = remaining - emitted
+        stopped = jnp.any(new[:, None] == stop_ids, axis=1)
+        active = active & ~stopped & (remaining > 0)
+        carry = (cache, jnp.where(emitted, new, tokens), lengths + emitted, active, remaining,
+                 counters + emitted)
+        return carry, (new, logprob, top, emitted)
+
+    carry = (cache, tokens, lengths, active, remaining, counters)
+    carry, out = jax.lax.scan(one, carry, None, length=steps)
+    return carry[0], out
+
+
+class Engine:
+    """Continuous batching over `max_slots` KV-cache rows of `max_length` tokens (prompt + reply)."""
+
+    def __init__(self, model, tokenizer=None, *, max_slots: int = 16, max_length: int | None = None,
+                 prefill_chunk: int = 512, decode_steps: int = 8, max_queue: int | None = None,
+                 eos_id: int | None = None, mesh=None):
+        cfg = model.config
+        self.config, self.tokenizer = cfg, tokenizer
+        self.graphdef, self.state = nnx.split(model)
+        self.max_slots, self.decode_steps = int(max_slots), int(decode_steps)
+        self.prefill_chunk = _bucket(prefill_chunk, 16, prefill_chunk)
+        length = max_length or min(cfg.max_position_embeddings, 4096)
+        # A whole number of chunks, so a chunk's bucket never runs past the cache's end.
+        self.max_length = -(-int(length) // self.prefill_chunk) * self.prefill_chunk
+        self.max_queue = max_queue
+        eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+        self.eos_id = None if eos is None else int(eos)
+        self.cache = KVCache.init(cfg, self.max_slots, self.max_length, sharding=self._cache_sharding(mesh))
+        self.slots: list[Request | None] = [None] * self.max_slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+        self.stats = collections.Counter()  # calls and tokens, for benchmarks and logs
+
+    def _cache_sharding(self, mesh):
+        """Under a mesh: the cache's KV heads split like the k/v projections' (tensor axis) when they divide."""
+        if mesh is None:
+            return None
+        tensor = mesh.shape.get("tensor", 1)
+        heads = "tensor" if tensor > 1 and self.config.num_key_value_heads % tensor == 0 else None
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, None, heads, None))
+
+    # --- requests ---------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Queues a request (any thread). ValueError for a request that cannot run (too long, bad sampling
+        values), QueueFull when `max_queue` requests already wait."""
+        params = request.params
+        params.check()
+        if not request.prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        total = len(request.prompt) + params.max_tokens
+        if total > self.max_length:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens and max_tokens is {params.max_tokens}: "
+                             f"{total} tokens exceed the context of {self.max_length}")
+        vocab = self.config.vocab_size
+        if min(request.prompt) < 0 or max(request.prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        request.id = request.id or f"req-{next(self._ids)}"
+        request.submitted_at = time.perf_counter()
+        with self._wake:
+            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue={self.max_queue})")
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request (any thread); its slot is freed at the engine's next step."""
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    def generate(self, requests: list[Request], progress: bool = False) -> list[Request]:
+        """Runs the requests to completion on this thread (the engine must not be `start`ed)."""
+        if self._thread is not None:
+            raise RuntimeError("this engine runs on its own thread: submit() and wait on request.done instead")
+        from tqdm.auto import tqdm
+
+        pending = collections.deque(requests)
+        bar = tqdm(total=len(requests), desc="generate", disable=not progress, mininterval=2)
+        finished = 0
+        while pending or self.busy():
+            while pending and len(self.waiting) < self.max_slots:  # feed the queue, never beyond its bound
+                self.submit(pending.popleft())
+            self.step()
+            now = sum(r.done.is_set() for r in requests)
+            bar.update(now - finished)
+            finished = now
+        bar.close()
+        return requests
+
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    # --- the loop on a thread (the server) ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="zephyr-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.busy():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    # --- one scheduling step ------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        self._free_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _free_cancelled(self) -> None:
+        with self._wake:
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                self._finish(request, "cancelled")
+        for request in self.slots:
+            if request is not None and request.cancelled:
+                self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        with self._wake:
+            for slot in range(self.max_slots):
+                if self.slots[slot] is None and self.waiting:
+                    request = self.waiting.popleft()
+                    request._slot, request._prefilled = slot, 0
+                    self.slots[slot] = request
+
+    def _prefill(self) -> None:
+        """Every admitted request's next prompt chunk, one call per chunk-length bucket."""
+        chunks = collections.defaultdict(list)
+        for request in self.slots:
+            if request is not None and request._prefilled < len(request.prompt):
+                n = min(self.prefill_chunk, len(request.prompt) - request._prefilled)
+                chunks[_bucket(n, 16, self.prefill_chunk)].append(request)
+        for length, requests in sorted(chunks.items()):
+            self._prefill_call(length, requests)
+
+    def _prefill_call(self, length: int, requests: list[Request]) -> None:
+        rows = _bucket(len(requests), 1, self.max_slots)
+        tokens = np.zeros((rows, length), np.int32)
+        targets = np.zeros((rows, length), np.int32)
+        positions = np.zeros((rows, length), np.int32)
+        slots = np.full((rows,), self.max_slots, np.int32)  # padding rows: past the last slot, dropped
+        last = np.zeros((rows,), np.int32)
+        for row, r in enumerate(requests):
+            start = r._prefilled
+            chunk = r.prompt[start:start + length]
+            tokens[row, :len(chunk)] = chunk
+            following = r.prompt[start + 1:start + 1 + length]
+            targets[row, :len(following)] = following
+            positions[row] = start + np.arange(length)
+            slots[row], last[row] = r._slot, len(chunk) - 1
+        scoring = [r for r in requests if r.params.prompt_logprobs is not None]
+        prompt_top_n = -1 if not scoring else (TOP_LOGPROBS if any(r.params.prompt_logprobs for r in scoring) else 0)
+        top_n = TOP_LOGPROBS if any(r.params.logprobs for r in requests) else 0
+        kv_length = _bucket(int(positions[:len(requests), -1].max()) + 1, 128, self.max_length)
+        sampling = self._sampling(requests, rows, counters=np.zeros((rows,), np.uint32))
+        self.cache, first, scores = _prefill(
+            self.graphdef, self.state, self.cache, tokens, positions, slots, last, targets, sampling,
+            kv_length=kv_length, top_n=top_n, prompt_top_n=prompt_top_n)
+        first = jax.device_get(first)
+        scores = jax.device_get(scores)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += sum(min(length, len(r.prompt) - r._prefilled) for r in requests)
+        for row, r in enumerate(requests):
+            n = min(length, len(r.prompt) - r._prefilled)
+            if r.params.prompt_logprobs is not None:
+                self._record_prompt_scores(r, row, n, scores)
+            r._prefilled += n
+            if r._prefilled == len(r.prompt):  # the prompt is in: its first reply token was sampled
+                if r.params.max_tokens == 0:
+                    self._finish(r, "length")
+                else:
+                    self._accept(r, int(first[0][row]), float(first[1][row]),
+                                 None if first[2] is None else (first[2][0][row], first[2][1][row]))
+
+    def _record_prompt_scores(self, r: Request, row: int, n: int, scores) -> None:
+        if r._prefilled == 0:
+            r.prompt_logprobs.append(None)
+            r.prompt_top_logprobs.append(None)
+        count = min(n, len(r.prompt) - 1 - r._prefilled)  # the last prompt position predicts the reply
+        r.prompt_logprobs.extend(float(x) for x in scores["logprobs"][row, :count])
+        for i in range(count):
+            if "top" in scores and r.params.prompt_logprobs:
+                k = r.params.prompt_logprobs
+                r.prompt_top_logprobs.append(list(zip(scores["top"][1][row, i, :k].tolist(),
+                                                      scores["top"][0][row, i, :k].tolist())))
+            else:
+                r.prompt_top_logprobs.append([])
+
+    def _decode(self) -> None:
+        decoding = [r for r in self.slots if r is not None and r.finish_reason is None
+                    and r._prefilled == len(r.prompt)]
+        if not decoding:
+            return
+        n = self.max_slots
+        tokens, lengths = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+        active, remaining = np.zeros((n,), bool), np.zeros((n,), np.int32)
+        stop_ids = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
+        counters = np.zeros((n,), np.uint32)
+        for r in decoding:
+            s = r._slot
+            tokens[s] = r._last_token
+            lengths[s] = len(r.prompt) + r.generated - 1  # the last token is not in the cache yet
+            active[s], remaining[s], counters[s] = True, r.params.max_tokens - r.generated, r.generated
+            ids = self._stop_ids(r)
+            stop_ids[s, :len(ids)] = ids
+        kv_length = _bucket(int(lengths.max()) + self.decode_steps, 128, self.max_length)
+        top_n = TOP_LOGPROBS if any(r.params.logprobs for r in decoding) else 0
+        sampling = self._sampling(self.slots, n, counters)
+        self.cache, out = _decode(self.graphdef, self.state, self.cache, tokens, lengths, active, remaining,
+                                  stop_ids, sampling, steps=self.decode_steps, kv_length=kv_length, top_n=top_n)
+        new, logprob, top, emitted = jax.device_get(out)
+        self.stats["decode_calls"] += 1
+        for step in range(self.decode_steps):
+            for r in decoding:
+                s = r._slot
+                if r.finish_reason is None and emitted[step, s]:
+                    self._accept(r, int(new[step, s]), float(logprob[step, s]),
+                                 None if top is None else (top[0][step, s], top[1][step, s]))
+
+    def _sampling(self, requests, rows: int, counters):
+        temperature, top_p = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)
+        top_k, seeds = np.zeros((rows,), np.int32), np.zeros((rows,), np.uint32)
+        for row, r in enumerate(requests):
+            if r is not None:
+                p = r.params
+                temperature[row], top_k[row], top_p[row], seeds[row] = p.temperature, p.top_k, p.top_p, p.seed
+        return temperature, top_k, top_p, seeds, counters
+
+    def _stop_ids(self, r: Request) -> list[int]:
+        ids = list(r.params.stop_token_ids)
+        if self.eos_id is not None and not r.params.ignore_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    # --- outputs ------------------------------------------------------------------------------------------
+
+    def _accept(self, r: Request, token: int, logprob: float, top) -> None:
+        """One sampled token: record it, then finish the request if it stops it."""
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        r.generated += 1
+        r._last_token = token
+        self.stats["tokens"] += 1
+        if token in self._stop_ids(r):
+            self._finish(r, "stop")
+            return
+        r.tokens.append(token)
+        if r.params.logprobs is not None:
+            r.logprobs.append(logprob)
+            k = r.params.logprobs
+            r.top_logprobs.append([] if top is None or not k else list(zip(top[1][:k].tolist(), top[0][:k].tolist())))
+        if r.params.stop and self._stop_string(r):
+            self._finish(r, "stop")
+        elif r.generated >= r.params.max_tokens:
+            self._finish(r, "length")
+        elif r.on_update is not None:
+            r.on_update(r)
+
+    def _stop_string(self, r: Request) -> bool:
+        """Whether the reply now contains a stop string; if so its text is cut before it."""
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        start = max(0, r._stop_scan - max(len(s) for s in r.params.stop))
+        found = [i for i in (text.find(s, start) for s in r.params.stop) if i >= 0]
+        r._stop_scan = len(text)
+        if found:
+            r.text = text[:min(found)]
+            return True
+        return False
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if r.finish_reason is not None:
+            return
+        if not (reason == "stop" and r.params.stop and r.text) and self.tokenizer is not None:
+            r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+            if r.params.stop:  # a stop string completed by the last token of a max_tokens reply
+                found = [i for i in (r.text.find(s) for s in r.params.stop) if i >= 0]
+                if found:
+                    r.text, reason = r.text[:min(found)], "stop"
+        r.finish_reason, r.finished_at = reason, time.perf_counter()
+        if r._slot is not None and self.slots[r._slot] is r:
+            self.slots[r._slot] = None
+        self.stats["finished"] += 1
+        r.done.set()
+        if r.on_update is not None:
+            r.on_update(r)

@@ -1,0 +1,51 @@
+"""Choosing the next token, row by row: each row has its own temperature, top-k, top-p and random stream.
+
+The filters follow Hugging Face's warpers, in their order (temperature, then top-k, then top-p); temperature 0 is
+greedy. A row's random key is derived from its request's seed and the token's index in the reply, so a
+request samples the same tokens whichever slot it sits in and whoever shares the batch with it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits, temperature, top_k, top_p):
+    """logits [B, V] / temperature, with every token outside the row's top-k and top-p nucleus set to -inf.
+    temperature, top_p: [B] float; top_k: [B] int (0 = no limit); top_p 1.0 = no limit."""
+    vocab = logits.shape[-1]
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+    ranked = -jnp.sort(-scaled, axis=-1)  # descending
+    in_top_k = (jnp.arange(vocab)[None] < top_k[:, None]) | (top_k[:, None] <= 0)
+    ranked = jnp.where(in_top_k, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+    cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled < cutoff, -jnp.inf, scaled)
+
+
+def row_keys(seeds, counters):
+    """One key per row: the request's seed [B] folded with the index of the token being drawn [B]."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+
+
+def sample(logits, temperature, top_k, top_p, seeds, counters, top_n: int = 0):
+    """(token [B] int32, its log-prob [B], top-n (log-probs, ids) [B, n] or None) for float32 logits [B, V].
+    Log-probs are the model's own (before temperature and filters), as OpenAI and vLLM report them."""
+    logps = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        keys = row_keys(seeds, counters)
+        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+    # Sorting the vocabulary is the costly part: skip it when every row is greedy.
+    drawn = jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
+    token = jnp.where(temperature > 0, drawn, greedy)
+    logprob = jnp.take_along_axis(logps, token[:, None], axis=-1)[:, 0]
+    top = jax.lax.top_k(logps, top_n) if top_n else None
+    return token, logprob, top
