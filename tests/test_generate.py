@@ -1,84 +1,112 @@
-"""Generation: greedy decoding with the KV cache against transformers' generate(do_sample=False), token for
-token; sampling against the filtered-softmax formula; seeds, top-k/top-p limits, per-row stopping, sharding."""
+"""Generation on the engine: greedy decoding against transformers' generate(do_sample=False), token for token,
+with requests arriving while others decode; chunked prefill against one pass; log-probs against a full
+forward; sampling against the filtered-softmax formula; seeds, stops, cancellation and sharded parameters."""
+
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from tests.torch_reference import save_torch, torch_mistral
-from zephyr_jax import hf
-from zephyr_jax.generate import generate_ids, sample_next
+import zephyr_jax
+from zephyr_jax.engine import Engine, QueueFull, Request, SamplingParams
+from zephyr_jax.generate import generate_ids
 from zephyr_jax.model import KVCache
+from zephyr_jax.sampling import sample
 
 NEW_TOKENS = 40
-EOS, PAD = 2, 0
+EOS = 2
 
 
-def _left_padded(rng, lengths, vocab=128):
-    total = max(lengths)
-    ids = np.full((len(lengths), total), PAD, np.int32)
-    mask = np.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, total - n:] = rng.integers(3, vocab, size=n)
-        mask[row, total - n:] = 1
-    return ids, mask
+def _prompts(seed, lengths, vocab=128):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, vocab, size=n)] for n in lengths]
 
 
-def _hf_greedy(tm, ids, mask):
+def _hf_greedy(tm, prompt, new_tokens=NEW_TOKENS):
+    """transformers' greedy reply to one prompt, without the EOS it may end with."""
     with torch.no_grad():
-        out = tm.generate(torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
-                          do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=0, eos_token_id=EOS,
-                          pad_token_id=PAD)
-    new = out[:, ids.shape[1]:].numpy()
-    return np.pad(new, ((0, 0), (0, NEW_TOKENS - new.shape[1])), constant_values=PAD)  # stopped early
+        out = tm.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=0,
+                          eos_token_id=EOS, pad_token_id=0)
+    reply = out[0, len(prompt):].tolist()
+    return reply[:reply.index(EOS)] if EOS in reply else reply
 
 
 @pytest.mark.parametrize("fields,lengths", [
-    # No window: two prompt lengths in one left-padded batch.
-    (dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None), [9, 5]),
-    # Window 6 < prompt + 40 new tokens: both rows decode far past the window; the longer prompt exceeds it.
-    (dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=6), [12, 4]),
-    # Window 16: the short row crosses it only while decoding.
-    (dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=16, num_hidden_layers=3), [20, 7]),
+    # No window; 2 slots for 4 requests: the third and fourth arrive while the others are mid-decode.
+    (dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None), [9, 5, 23, 3]),
+    # Window 6 < prompt + 40 new tokens: rows decode far past the window; a prompt exceeds it; prompts of 23
+    # and 30 tokens take two prefill chunks of 16.
+    (dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=6), [12, 4, 30, 23]),
+    # Window 16, three layers: the short rows cross it only while decoding.
+    (dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=16, num_hidden_layers=3), [20, 7, 2, 17]),
 ])
-def test_greedy_matches_transformers(tmp_path, fields, lengths):
+def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path, fields, lengths):
     # A sharper output distribution keeps greedy choices away from near-ties, where float rounding could flip one.
     tm = torch_mistral(seed=len(lengths) + lengths[0], initializer_range=0.2, **fields)
-    model = hf.load_pretrained(save_torch(tm, tmp_path), dtype=jnp.float32)
-    ids, mask = _left_padded(np.random.default_rng(lengths[0]), lengths)
-    ours = generate_ids(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_id=EOS, pad_id=PAD)
-    ref = _hf_greedy(tm, ids, mask)
-    assert ref.shape == ours.shape == (2, NEW_TOKENS)
-    assert len(np.unique(ref)) > 5, "degenerate reference (a repeated token) would prove little"
-    np.testing.assert_array_equal(ours, ref)
+    model = zephyr_jax.load(save_torch(tm, tmp_path), dtype="float32")
+    prompts = _prompts(lengths[0], lengths)
+    budgets = [NEW_TOKENS, 12, NEW_TOKENS, 25]  # the short second reply frees its slot while the first decodes
+    engine = Engine(model, max_slots=2, max_length=96, prefill_chunk=16, decode_steps=4, eos_id=EOS)
+    requests = engine.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
+    refs = [_hf_greedy(tm, p, n) for p, n in zip(prompts, budgets)]
+    assert len({t for ref in refs for t in ref}) > 5, "degenerate reference (a repeated token) would prove little"
+    for request, ref, n in zip(requests, refs, budgets):
+        assert request.tokens == ref
+        assert request.finish_reason == ("stop" if len(ref) < n else "length")
+    # The third request was admitted and started while the first was still decoding.
+    if len(refs[1]) < len(refs[0]):
+        assert requests[2].first_token_at < requests[0].finished_at
 
 
-def test_cached_decoding_equals_full_forward(tmp_path):
-    """Prefill + one-token steps give the same logits as one forward pass over the whole sequence."""
+def test_prefill_and_decode_through_the_cache_equal_one_forward_pass(tmp_path):
+    """with_cache in chunks and one token at a time, into arbitrary cache rows, gives the full pass's logits."""
     tm = torch_mistral(num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
-    model = hf.load_pretrained(save_torch(tm, tmp_path), dtype=jnp.float32)
-    ids, mask = _left_padded(np.random.default_rng(7), [14, 9])
-    full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-    cache = KVCache.init(model.config, 2, 14)
-    logits, cache = model.with_cache(jnp.asarray(ids[:, :6]), cache, jnp.asarray(mask[:, :6]))
-    np.testing.assert_allclose(np.asarray(logits), full[:, 5], atol=1e-4)
+    model = zephyr_jax.load(save_torch(tm, tmp_path), dtype="float32")
+    ids = jnp.asarray(_prompts(7, [14, 14]))
+    full = np.asarray(model(ids))
+    cache = KVCache.init(model.config, 3, 32)
+    step = nnx.jit(lambda m, ids, positions, cache: (lambda h, c: (m.logits(h), c))(
+        *m.with_cache(ids, positions, cache, jnp.array([2, 0]), 16)))
+    logits, cache = step(model, ids[:, :6], jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :6], atol=1e-4)
     for t in range(6, 14):
-        logits, cache = model.with_cache(jnp.asarray(ids[:, t:t + 1]), cache)
-        np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-4)
+        logits, cache = step(model, ids[:, t:t + 1], jnp.full((2, 1), t), cache)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-4)
 
-
-# --- Sampling: the filtered softmax, seeds, top-k/top-p limits, per-row stopping, sharded parameters. ---
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
+def small(tmp_path_factory):
     tm = torch_mistral(seed=11, initializer_range=0.2)
-    return hf.load_pretrained(save_torch(tm, tmp_path_factory.mktemp("small")), dtype=jnp.float32)
+    return tm, zephyr_jax.load(save_torch(tm, tmp_path_factory.mktemp("small")), dtype="float32")
+
+
+def test_logprobs_of_prompt_and_reply_equal_a_full_forward_pass(small):
+    """Prompt log-probs (across prefill chunks) and the sampled tokens' log-probs and top alternatives are the
+    log-softmax of one forward pass over prompt + reply."""
+    _, model = small
+    prompt = _prompts(3, [37])[0]
+    engine = Engine(model, max_slots=2, max_length=128, prefill_chunk=16, eos_id=None)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=4, logprobs=3, prompt_logprobs=2)
+    (r,) = engine.generate([Request(prompt, params)])
+    whole = prompt + r.tokens
+    logps = np.asarray(jax.nn.log_softmax(model(jnp.asarray([whole]))[0], axis=-1))
+    expected = logps[np.arange(len(whole) - 1), whole[1:]]
+    assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(prompt)
+    np.testing.assert_allclose(r.prompt_logprobs[1:], expected[:len(prompt) - 1], atol=1e-5)
+    np.testing.assert_allclose(r.logprobs, expected[len(prompt) - 1:], atol=1e-5)
+    for position, top in [(3, r.prompt_top_logprobs[4]), (len(prompt) + 2, r.top_logprobs[3])]:
+        best = np.argsort(-logps[position])[:len(top)]
+        assert [t for t, _ in top] == best.tolist()
+        np.testing.assert_allclose([lp for _, lp in top], logps[position, best], atol=1e-5)
 
 
 def _filtered_softmax(logits, temperature, top_k, top_p):
-    """Reference (numpy, float64) of what sample_next draws from: HF's temperature, top-k and top-p warpers."""
+    """Reference (numpy, float64) of what sampling draws from: HF's temperature, top-k and top-p warpers."""
     z = np.asarray(logits, np.float64) / temperature
     keep = np.ones_like(z, bool)
     if top_k:
@@ -88,66 +116,109 @@ def _filtered_softmax(logits, temperature, top_k, top_p):
     if top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
         order = np.argsort(-p)
         mass_before = np.cumsum(p[order]) - p[order]
-        keep_sorted = mass_before < top_p
         keep = np.zeros_like(keep)
-        keep[order[keep_sorted]] = True
+        keep[order[mass_before < top_p]] = True
         p = np.where(keep, p, 0.0) / p[keep].sum()
     return p
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 3, 1.0),
-                                                      (1.0, 0, 0.8), (1.3, 5, 0.9)])
-def test_sample_next_draws_from_the_filtered_softmax(temperature, top_k, top_p):
-    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+def test_each_row_draws_from_its_own_filtered_softmax():
+    """Five rows with five (temperature, top_k, top_p) settings in one call, 40,000 draws (different counters)."""
+    settings = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (1.3, 5, 0.9)]
+    logits = jnp.tile(jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]]), (len(settings), 1))
+    temperature, top_k, top_p = (jnp.asarray(c) for c in zip(*settings))
     n = 40000
-    keys = jax.random.split(jax.random.key(0), n)
-    draws = jax.vmap(lambda k: sample_next(logits, k, temperature=temperature, top_k=top_k, top_p=top_p))(keys)
-    freq = np.bincount(np.asarray(draws).ravel(), minlength=8) / n
-    expected = _filtered_softmax(logits[0], temperature, top_k, top_p)
-    assert np.all(freq[expected == 0] == 0), "a filtered-out token was drawn"
-    np.testing.assert_allclose(freq, expected, atol=5 * np.sqrt(0.25 / n))  # 5 sigma of a frequency
+    draw = jax.jit(jax.vmap(lambda c: sample(logits, temperature, top_k, top_p, jnp.full((5,), 9, jnp.uint32),
+                                             jnp.full((5,), c, jnp.uint32))[0]))
+    draws = np.asarray(draw(jnp.arange(n, dtype=jnp.uint32)))
+    for row, (t, k, p) in enumerate(settings):
+        freq = np.bincount(draws[:, row], minlength=8) / n
+        expected = _filtered_softmax(logits[row], t, k, p)
+        assert np.all(freq[expected == 0] == 0), "a filtered-out token was drawn"
+        np.testing.assert_allclose(freq, expected, atol=5 * np.sqrt(0.25 / n))  # 5 sigma of a frequency
 
 
-def test_sampling_is_reproducible_per_seed(small_model):
-    ids, mask = _left_padded(np.random.default_rng(1), [7, 4])
-    draw = lambda seed: generate_ids(small_model, ids, mask, max_new_tokens=24, temperature=1.0, seed=seed)
-    first = draw(5)
-    np.testing.assert_array_equal(draw(5), first)
-    assert not np.array_equal(draw(6), first)
-    greedy = generate_ids(small_model, ids, mask, max_new_tokens=24)
-    assert not np.array_equal(first, greedy)  # temperature 1 really samples
-
-
-def test_top_k_1_and_a_tiny_top_p_are_greedy(small_model):
-    ids, mask = _left_padded(np.random.default_rng(2), [9, 3])
-    greedy = generate_ids(small_model, ids, mask, max_new_tokens=24)
+def test_a_requests_samples_depend_on_its_seed_only(small):
+    """Same seed: same reply, whichever slot it lands in and whatever shares the batch; greedy rows beside
+    sampled ones stay greedy; top_k=1 and a tiny top_p are greedy."""
+    _, model = small
+    prompts = _prompts(1, [7, 4, 11])
+    sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=5)
+    alone = generate_ids(model, prompts[:1], max_new_tokens=24, temperature=1.0)  # seeds from the call's seed
+    engine = Engine(model, max_slots=4, max_length=64, eos_id=None)
+    greedy = SamplingParams(max_tokens=24)
+    mixed = engine.generate([Request(prompts[1], greedy), Request(prompts[2], sampled),
+                             Request(prompts[0], sampled), Request(prompts[0], greedy)])
+    again = engine.generate([Request(prompts[0], sampled)])
+    assert mixed[2].tokens == again[0].tokens
+    assert mixed[2].tokens != mixed[3].tokens  # temperature 1 really samples
+    assert mixed[1].tokens != mixed[2].tokens and alone[0] != mixed[2].tokens  # other seeds, other draws
+    assert engine.generate([Request(prompts[0], SamplingParams(max_tokens=24, temperature=1.0, seed=6))])[0].tokens \
+        != mixed[2].tokens
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
-        np.testing.assert_array_equal(
-            generate_ids(small_model, ids, mask, max_new_tokens=24, temperature=1.5, seed=3, **kw), greedy)
+        (r,) = engine.generate([Request(prompts[0], SamplingParams(max_tokens=24, temperature=1.5, seed=3, **kw))])
+        assert r.tokens == mixed[3].tokens
 
 
-def test_a_row_that_emits_eos_stops_while_the_others_go_on(small_model):
-    ids, mask = _left_padded(np.random.default_rng(4), [6, 8])
-    free = generate_ids(small_model, ids, mask, max_new_tokens=NEW_TOKENS)  # never stops
-    # Declare as "</s>" a token that row 0 emits at some step k but row 1 never emits.
-    k, eos = next((k, int(t)) for k, t in enumerate(free[0]) if k > 2 and t not in free[1] and t not in free[0][:k])
-    out = generate_ids(small_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_id=eos, pad_id=PAD)
-    np.testing.assert_array_equal(out[0, :k + 1], free[0, :k + 1])
-    assert np.all(out[0, k + 1:] == PAD)
-    np.testing.assert_array_equal(out[1], free[1])
+def test_stop_token_ids_and_stop_strings_end_a_reply(small):
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    _, model = small
+    tok = load_tokenizer()
+    prompt = _prompts(4, [6])[0]
+    engine = Engine(model, tok, max_slots=2, max_length=64, eos_id=None)
+    free = engine.generate([Request(prompt, SamplingParams(max_tokens=NEW_TOKENS))])[0]
+    assert free.finish_reason == "length" and len(free.tokens) == NEW_TOKENS
+    k = next(k for k, t in enumerate(free.tokens) if k > 2 and t not in free.tokens[:k])
+    stopped = engine.generate([Request(prompt, SamplingParams(max_tokens=NEW_TOKENS,
+                                                              stop_token_ids=(free.tokens[k],)))])[0]
+    assert stopped.tokens == free.tokens[:k] and stopped.finish_reason == "stop" and stopped.generated == k + 1
+    # A stop string: the text ends right before it (the decoded reply of a random model is just pieces).
+    text = tok.decode(free.tokens, skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = engine.generate([Request(prompt, SamplingParams(max_tokens=NEW_TOKENS, stop=(stop, "\x00never")))])[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+    assert len(cut.tokens) < NEW_TOKENS and free.tokens[:len(cut.tokens)] == cut.tokens
+
+
+def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
+    _, model = small
+    engine = Engine(model, max_slots=1, max_length=64, max_queue=1, eos_id=None)
+    with pytest.raises(ValueError, match="exceed the context of 64"):
+        engine.submit(Request([5] * 60, SamplingParams(max_tokens=8)))
+    for bad, name in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+                      (dict(logprobs=21), "logprobs"), (dict(max_tokens=-1), "max_tokens")]:
+        with pytest.raises(ValueError, match=name):
+            engine.submit(Request([5], SamplingParams(**bad)))
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        engine.submit(Request([5, 500], SamplingParams()))
+    engine.start()
+    try:
+        seen = threading.Event()
+        first = engine.submit(Request([5, 6], SamplingParams(max_tokens=50), on_update=lambda r: seen.set()))
+        assert seen.wait(60)  # first is decoding in the only slot
+        waiting = engine.submit(Request([7], SamplingParams(max_tokens=3)))
+        with pytest.raises(QueueFull):
+            engine.submit(Request([8], SamplingParams(max_tokens=3)))
+        engine.cancel(first)
+        assert first.done.wait(60) and first.finish_reason == "cancelled" and len(first.tokens) < 50
+        assert waiting.done.wait(60) and waiting.finish_reason == "length" and len(waiting.tokens) == 3
+    finally:
+        engine.stop()
 
 
 def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
-    from zephyr_jax.sharding import make_mesh, model_shardings
+    from zephyr_jax.sharding import make_mesh
 
     assert jax.device_count() == 8
     tm = torch_mistral(seed=12, initializer_range=0.2)
     path = save_torch(tm, tmp_path)
-    single = hf.load_pretrained(path, dtype=jnp.float32)
-    shardings = model_shardings(single.config, make_mesh((1, -1, 1)))
-    sharded = hf.load_pretrained(path, dtype=jnp.float32, shardings=shardings)
+    single = zephyr_jax.load(path, dtype="float32")
+    mesh = make_mesh((1, 4, 2))
+    sharded = zephyr_jax.load(path, dtype="float32", mesh=mesh)
     embed = sharded.embed_tokens.get_value()
-    assert len(embed.sharding.device_set) == 8 and embed.addressable_shards[0].data.shape[1] == 64 // 8
-    ids, mask = _left_padded(np.random.default_rng(5), [10, 6])
-    np.testing.assert_array_equal(generate_ids(sharded, ids, mask, max_new_tokens=NEW_TOKENS),
-                                  generate_ids(single, ids, mask, max_new_tokens=NEW_TOKENS))
+    assert len(embed.sharding.device_set) == 8 and embed.addressable_shards[0].data.shape[1] == 64 // 4
+    prompts = _prompts(5, [10, 6, 3])
+    out = Engine(sharded, max_slots=2, max_length=64, eos_id=None, mesh=mesh).generate(
+        [Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])
+    assert [r.tokens for r in out] == generate_ids(single, prompts, max_new_tokens=NEW_TOKENS)

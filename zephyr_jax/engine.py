@@ -186,9 +186,8 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
         self.max_slots, self.decode_steps = int(max_slots), int(decode_steps)
         self.prefill_chunk = _bucket(prefill_chunk, 16, prefill_chunk)
-        length = max_length or min(cfg.max_position_embeddings, 4096)
-        # A whole number of chunks, so a chunk's bucket never runs past the cache's end.
-        self.max_length = -(-int(length) // self.prefill_chunk) * self.prefill_chunk
+        # A chunk's bucket may run past the cache's end: those padding positions' writes are dropped.
+        self.max_length = int(max_length or min(cfg.max_position_embeddings, 4096))
         self.max_queue = max_queue
         eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos_id = None if eos is None else int(eos)
@@ -218,13 +217,13 @@ class Engine:
         params.check()
         if not request.prompt:
             raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.config.vocab_size
+        if min(request.prompt) < 0 or max(request.prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         total = len(request.prompt) + params.max_tokens
         if total > self.max_length:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens and max_tokens is {params.max_tokens}: "
                              f"{total} tokens exceed the context of {self.max_length}")
-        vocab = self.config.vocab_size
-        if min(request.prompt) < 0 or max(request.prompt) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
         request.id = request.id or f"req-{next(self._ids)}"
