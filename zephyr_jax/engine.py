@@ -229,8 +229,10 @@ class Engine:
         request.id = request.id or f"req-{next(self._ids)}"
         request.submitted_at = time.perf_counter()
         with self._wake:
-            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue={self.max_queue})")
+            free = sum(s is None for s in self.slots)  # about to be taken: waiting there does not count
+            if self.max_queue is not None and len(self.waiting) >= self.max_queue + free:
+                raise QueueFull(f"{len(self.waiting) - free} requests are already waiting for a slot "
+                                f"(max_queue={self.max_queue})")
             self.waiting.append(request)
             self._wake.notify()
         return request

@@ -1,0 +1,248 @@
+"""python -m zephyr_jax.serve as a real process on 127.0.0.1, driven by real clients: the `openai` package (chat,
+streamed chat, completions with log-probs), lm-eval's local-completions (against the in-process adapter), raw
+HTTP for every bad request, a full queue and a client that walks away. Greedy replies equal generate() and
+transformers' greedy generation on the same weights, for concurrent requests arriving while others decode."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "sk-test-key"
+NAME = "tiny-zephyr"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    """The server process (float32, 4 slots, at most 4 waiting), its base URL and its log file."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zephyr_jax.serve", f"--model={tiny_model_dir}", "--dtype=float32",
+         f"--port={port}", f"--api-key={KEY}", f"--served-model-name={NAME}", "--max-slots=4", "--max-queue=4",
+         "--max-length=512", "--decode-steps=4"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "XLA_FLAGS": ""})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the server did not come up in 180 s:\n" + log_path.read_text()[-3000:])
+    yield base, log_path
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model_dir):
+    """The same weights in process: zephyr_jax (float32), transformers, and the tokenizer."""
+    import zephyr_jax
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    model = zephyr_jax.load(tiny_model_dir, dtype="float32")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    return model, reference.eval(), load_tokenizer(tiny_model_dir)
+
+
+def _chat_ids(tok, text):
+    from zephyr_jax.tokenizer import render_chat
+
+    return tok(render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)).input_ids
+
+
+def _hf_greedy_text(reference, tok, ids, n):
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=0,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    return tok.decode(new, skip_special_tokens=True), len(new)
+
+
+def test_openai_client_concurrent_greedy_chats_equal_generate_and_transformers(client, local):
+    """Six concurrent chats of different prompt and reply lengths on 4 slots, the last ones sent while the first
+    decode: each reply equals generate()'s and transformers' greedy reply to the same prompt."""
+    from zephyr_jax.generate import generate
+
+    model, reference, tok = local
+    questions = [("What is 2 + 2?", 30), ("Hi", 7), ("Write a long story about a cat and a dog. " * 6, 45),
+                 ("Name three colours.", 20), ("Why?", 12), ("Tell me about the sea and the sky.", 38)]
+
+    def ask(q, n, delay):
+        time.sleep(delay)
+        return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": q}],
+                                              temperature=0, max_tokens=n)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(ask, q, n, 0.0 if i < 4 else 0.3) for i, (q, n) in enumerate(questions)]
+        replies = [f.result() for f in futures]
+    ours = [generate(model, tok, [[{"role": "user", "content": q}]], max_new_tokens=n)[0] for q, n in questions]
+    for (q, n), reply, mine in zip(questions, replies, ours):
+        text, count = _hf_greedy_text(reference, tok, _chat_ids(tok, q), n)
+        assert reply.choices[0].message.content == mine == text
+        assert reply.usage.prompt_tokens == len(_chat_ids(tok, q))
+        assert reply.usage.completion_tokens == count + (reply.choices[0].finish_reason == "stop")
+        assert reply.choices[0].finish_reason == ("length" if count == n else "stop")
+    assert len({r.choices[0].message.content for r in replies}) == len(replies)
+
+
+def test_openai_client_streaming_and_completion_logprobs(client, local):
+    model, _, tok = local
+    messages = [{"role": "user", "content": "Count to ten."}]
+    whole = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=25)
+    stream = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=25,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and len([c for c in chunks if c.choices]) > 3
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    # Completions with echo + logprobs: the prompt's log-probs are the model's own (a full forward pass).
+    import jax
+    import jax.numpy as jnp
+
+    out = client.completions.create(model=NAME, prompt="The sky is blue and", max_tokens=5, temperature=0,
+                                    echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    ids = tok("The sky is blue and").input_ids
+    assert out.choices[0].text.startswith("The sky is blue and") and out.usage.prompt_tokens == len(ids)
+    assert len(lp.token_logprobs) == len(ids) + 5 and lp.token_logprobs[0] is None
+    logps = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0], axis=-1))
+    np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], logps[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    # Sampling with a seed repeats; without one it is fresh each call.
+    draw = lambda **kw: client.completions.create(model=NAME, prompt="Once upon", max_tokens=12, temperature=1.0,
+                                                  **kw).choices[0].text
+    assert draw(seed=7) == draw(seed=7)
+
+
+def _post(base, path, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = raw if raw is not None else json.dumps(body)
+    return httpx.post(base + path, content=content, headers={**headers, "Content-Type": "application/json"},
+                      timeout=60)
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    base, _ = server
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    cases = [
+        (dict(raw="{not json"), 400, None),
+        (dict(body={**chat, "model": "gpt-17"}), 400, "model"),
+        (dict(body={**chat, "messages": [{"role": "user", "content": "word " * 600}]}), 400, "messages"),
+        (dict(body={**chat, "max_tokens": 100000}), 400, "max_tokens"),
+        (dict(body={**chat, "temperature": 7}), 400, "temperature"),
+        (dict(body={**chat, "top_p": "high"}), 400, "top_p"),
+        (dict(body={**chat, "messages": []}), 400, "messages"),
+        (dict(body={**chat, "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages"),
+        (dict(body=chat, key=None), 401, None),
+        (dict(body=chat, key="sk-wrong"), 401, None),
+    ]
+    for kwargs, status, param in cases:
+        r = _post(base, "/v1/chat/completions", kwargs.get("body"), kwargs.get("key", KEY), kwargs.get("raw"))
+        assert r.status_code == status, (kwargs, r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["type"] and error["param"] == param, r.text
+    assert _post(base, "/v1/completions", {"model": NAME, "prompt": [[5, 99999]]}).status_code == 400
+    assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 9}).json()["error"]["param"] \
+        == "logprobs"
+    assert httpx.get(base + "/v1/nowhere").status_code == 404
+    assert httpx.get(base + "/v1/models").status_code == 401
+    models = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [m["id"] for m in models["data"]] == [NAME]
+    ok = _post(base, "/v1/chat/completions", chat)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_full_queue_answers_429_and_never_drops_an_accepted_request(server):
+    base, log_path = server
+    body = {"model": NAME, "prompt": "Tell me everything.", "max_tokens": 300, "ignore_eos": True,
+            "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda _: _post(base, "/v1/completions", body), range(24)))
+    accepted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(accepted) + len(refused) == 24 and len(accepted) >= 8 and refused, \
+        [r.status_code for r in responses]
+    assert all(r.json()["usage"]["completion_tokens"] == 300 for r in accepted)
+    assert all(r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+    # One log line per finished request: id, tokens in and out, seconds.
+    lines = [line for line in log_path.read_text().splitlines() if "completion_tokens=300" in line]
+    assert len(lines) >= len(accepted) and all("prompt_tokens=" in l and "seconds=" in l for l in lines)
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    base, log_path = server
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 450,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        next(lines)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        health = httpx.get(base + "/health").json()
+        if health["running"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert "finish=cancelled" in log_path.read_text()
+
+
+def test_lm_eval_local_completions_scores_like_the_in_process_adapter(server, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    """A local multiple-choice task through lm-eval's local-completions model (the server, token ids) and through
+    the in-process adapter: the same log-likelihood for every choice (1e-4) and the same accuracy."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("aiohttp")
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from tests.test_evaluate import _lm_eval_tasks
+    from zephyr_jax.lm_eval_adapter import ZephyrJaxLM
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    tasks = TaskManager(include_path=_lm_eval_tasks(tmp_path / "tasks"))
+    remote = get_model("local-completions")(
+        base_url=server[0] + "/v1/completions", model=NAME, tokenizer=tiny_model_dir,
+        tokenizer_backend="huggingface", add_bos_token=True, max_length=512, batch_size=4, max_retries=1)
+    here = ZephyrJaxLM(pretrained=tiny_model_dir, batch_size=4)
+    results = [lm_eval.simple_evaluate(model=lm, tasks=["zj_mc"], task_manager=tasks, bootstrap_iters=0,
+                                       log_samples=True) for lm in (remote, here)]
+    scores = [[[float(r[0][0]) for r in s["resps"]] for s in out["samples"]["zj_mc"]] for out in results]
+    assert len(scores[0]) == 3 and all(len(s) == 3 for s in scores[0])
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)
+    assert results[0]["results"]["zj_mc"]["acc,none"] == results[1]["results"]["zj_mc"]["acc,none"]
