@@ -18,13 +18,14 @@ def request_seed(seed: int, index: int) -> int:
 
 
 def run(model, prompts: list[list[int]], params: list[SamplingParams], tokenizer=None, *, max_slots: int = 64,
-        eos_id: int | None = None, progress: bool = False, **engine_options) -> list[Request]:
-    """The finished requests for token-id prompts, on an engine sized for them (cache rows of the longest
-    prompt + reply, at most max_slots of them)."""
+        max_length: int | None = None, eos_id: int | None = None, progress: bool = False,
+        **engine_options) -> list[Request]:
+    """The finished requests for token-id prompts, on an engine sized for them (at most max_slots cache rows,
+    each of max_length tokens: by default the longest prompt + reply)."""
     if not prompts:
         return []
     longest = max(len(p) + s.max_tokens for p, s in zip(prompts, params))
-    engine = Engine(model, tokenizer, max_slots=min(max_slots, len(prompts)), max_length=longest,
+    engine = Engine(model, tokenizer, max_slots=min(max_slots, len(prompts)), max_length=max_length or longest,
                     eos_id=eos_id, **engine_options)
     return engine.generate([Request(list(map(int, p)), s) for p, s in zip(prompts, params)], progress=progress)
 
