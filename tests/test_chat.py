@@ -4,11 +4,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from zephyr_jax import hf
-from zephyr_jax.generate import generate_ids, stream_ids
+from zephyr_jax.loading import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,12 +16,29 @@ def model_dir(tiny_model_dir):
     return tiny_model_dir
 
 
-def test_stream_equals_batched_greedy(model_dir):
-    model = hf.load_pretrained(model_dir)
-    prompt = [1, 523, 28766, 1838, 28766, 28767, 13, 23809]
-    streamed = list(stream_ids(model, prompt, max_new_tokens=12, eos_id=None))
-    batched = generate_ids(model, np.asarray([prompt]), max_new_tokens=12)[0]
-    assert streamed == list(batched)
+def test_streamed_reply_equals_batched_greedy(model_dir):
+    """What the chat prints, piece by piece, is generate()'s greedy reply to the same conversation."""
+    import io
+
+    from zephyr_jax.chat import reply
+    from zephyr_jax.engine import Engine
+    from zephyr_jax.generate import generate
+    from zephyr_jax.tokenizer import tokenizer_for
+
+    model, tok = load(model_dir, "float32"), tokenizer_for(model_dir)
+    messages = [{"role": "user", "content": "Hello, who are you?"}]
+    pieces = []
+
+    class Screen(io.StringIO):
+        def write(self, text):
+            pieces.append(text)
+            return super().write(text)
+
+    screen = Screen()
+    text = reply(Engine(model, tok, max_slots=1, max_length=128), tok, messages, screen, max_new_tokens=12,
+                 temperature=0.0)
+    assert text == generate(model, tok, [messages], max_new_tokens=12)[0]
+    assert screen.getvalue() == text + "\n" and len([p for p in pieces if p]) > 2  # it streamed
 
 
 def _chat(model_dir, *args, stdin=None):

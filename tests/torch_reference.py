@@ -1,5 +1,5 @@
 """The reference nobody here wrote: transformers' PyTorch MistralForCausalLM with random weights, handed to
-zephyr_jax through a safetensors directory (transformers' save_pretrained -> hf.load_pretrained)."""
+zephyr_jax through a safetensors directory (transformers' save_pretrained -> zephyr_jax.load)."""
 
 from __future__ import annotations
 

@@ -9,38 +9,31 @@ In the interactive mode, /reset clears the history and /exit (or end of input) q
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-import jax.numpy as jnp
-
-from zephyr_jax.generate import stream_ids
-from zephyr_jax.tokenizer import load_tokenizer, render_chat
-
-
-def load_any(path: str, dtype=jnp.float32):
-    """A model from a zephyr_jax training workdir (latest checkpoint) or a Hugging Face directory/hub name."""
-    from zephyr_jax import hf
-    from zephyr_jax.export import load_model
-
-    if os.path.exists(os.path.join(path, "model_config.json")):
-        return load_model(path, dtype=dtype)[0]
-    return hf.load_pretrained(path, dtype=dtype)
+from zephyr_jax.engine import Engine, Request, SamplingParams
+from zephyr_jax.loading import load
+from zephyr_jax.tokenizer import render_chat, tokenizer_for
 
 
-def reply(model, tok, messages, out=sys.stdout, **sampling) -> str:
-    """Streams the assistant's reply to `out` and returns it."""
+def reply(engine: Engine, tok, messages, out=sys.stdout, *, max_new_tokens: int, temperature: float = 0.7,
+          top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+    """Streams the assistant's reply to `out` as the engine produces it, and returns it."""
     prompt = tok(render_chat(tok, messages, add_generation_prompt=True)).input_ids
-    tokens, shown = [], ""
-    for token in stream_ids(model, prompt, eos_id=tok.eos_token_id, **sampling):
-        tokens.append(token)
-        text = tok.decode(tokens, skip_special_tokens=True)
-        out.write(text[len(shown):])  # decode the whole reply: sentencepiece spaces depend on neighbours
+    room = engine.max_length - len(prompt)
+    if room < 1:
+        raise ValueError(f"the conversation has {len(prompt)} tokens, the context {engine.max_length}: /reset it")
+    params = SamplingParams(max_tokens=min(max_new_tokens, room), temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed)
+
+    def show(request: Request) -> None:  # the reply's new text; held back while it could still change
+        out.write(request.new_text(tok))
         out.flush()
-        shown = text
+
+    (done,) = engine.generate([Request(prompt, params, on_update=show)])
     out.write("\n")
     out.flush()
-    return shown
+    return done.text
 
 
 def main(argv=None):
@@ -54,17 +47,17 @@ def main(argv=None):
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    parser.add_argument("--dtype", default="bfloat16", help="compute and weight dtype (float32 for exact numbers)")
+    parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
     args = parser.parse_args(argv)
 
-    model = load_any(args.model, jnp.dtype(args.dtype))
-    has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer_config.json"))
-    tok = load_tokenizer(args.tokenizer or (args.model if has_tokenizer else None))
+    tok = tokenizer_for(args.model, args.tokenizer)
+    engine = Engine(load(args.model, args.dtype), tok, max_slots=1, max_length=args.max_length)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p)
     history = [{"role": "system", "content": args.system}]
     if args.prompt is not None:
-        reply(model, tok, history + [{"role": "user", "content": args.prompt}], seed=args.seed, **sampling)
+        reply(engine, tok, history + [{"role": "user", "content": args.prompt}], seed=args.seed, **sampling)
         return
     interactive = sys.stdin.isatty()
     turn = 0
@@ -82,7 +75,7 @@ def main(argv=None):
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
         print("zephyr> ", end="", flush=True)
-        history.append({"role": "assistant", "content": reply(model, tok, history, seed=args.seed + turn,
+        history.append({"role": "assistant", "content": reply(engine, tok, history, seed=args.seed + turn,
                                                               **sampling)})
         turn += 1
 

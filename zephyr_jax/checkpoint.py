@@ -105,18 +105,43 @@ def _restore_item(mngr, step: int, item: str, target):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def restore_params(workdir: str, abstract_params, shardings, step: int = -1):
-    """Only the parameters of a workdir's checkpoint (init of dDPO from a dSFT run, export). step -1: latest."""
-    mngr = manager(workdir, async_save=False)
+def _reader(workdir: str) -> ocp.CheckpointManager:
+    """A manager for reading a workdir's checkpoints; unlike manager() it never creates the directory."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoint in {workdir}: it has no checkpoints/ directory")
+    return manager(workdir, async_save=False)
+
+
+def _checkpoint_step(mngr: ocp.CheckpointManager, workdir: str, step: int) -> int:
     steps = mngr.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    step = max(steps) if step == -1 else step
+    if step == -1:
+        return int(max(steps))
     if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (have {sorted(steps)})")
-    params = _restore_item(mngr, step, "params", _abstract(abstract_params, shardings))
-    mngr.close()
-    return params, step
+        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir} (have steps {sorted(steps)})")
+    return int(step)
+
+
+def resolve_step(workdir: str, step: int = -1) -> int:
+    """The checkpoint step `step` names in a workdir (-1: the latest); FileNotFoundError, listing the steps there,
+    when it has no such checkpoint."""
+    mngr = _reader(workdir)
+    try:
+        return _checkpoint_step(mngr, workdir, step)
+    finally:
+        mngr.close()
+
+
+def restore_params(workdir: str, abstract_params, shardings, step: int = -1):
+    """(params, step): only the parameters of a workdir's checkpoint, read in the dtypes of `abstract_params`
+    (orbax casts each shard on the host as it reads it) onto `shardings`. step -1: latest."""
+    mngr = _reader(workdir)
+    try:
+        step = _checkpoint_step(mngr, workdir, step)
+        return _restore_item(mngr, step, "params", _abstract(abstract_params, shardings)), step
+    finally:
+        mngr.close()
 
 
 def save_model_config(workdir: str, cfg: MistralConfig) -> None:

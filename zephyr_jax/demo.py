@@ -179,18 +179,12 @@ def load_task_rows(prompts_file_or_rows) -> list[dict]:
 
 
 def task_replies(model, tokenizer, prompts_file_or_rows, max_new_tokens: int = 8, batch_size: int = 64):
-    """(rows, greedy replies) for the task prompts, `batch_size` prompts per generate call."""
+    """(rows, greedy replies) for the task prompts, on the engine with `batch_size` slots."""
     from zephyr_jax.generate import generate
 
     rows = load_task_rows(prompts_file_or_rows)
-    replies = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        chunk_messages = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in chunk]
-        # Pad the last batch with repeats so every call has one shape (one compilation).
-        padded = chunk_messages + [chunk_messages[-1]] * (batch_size - len(chunk_messages))
-        replies += generate(model, tokenizer, padded, max_new_tokens=max_new_tokens)[:len(chunk)]
-    return rows, replies
+    messages = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in rows]
+    return rows, generate(model, tokenizer, messages, max_new_tokens=max_new_tokens, max_slots=batch_size)
 
 
 def task_accuracy(model, tokenizer, prompts_file_or_rows, max_new_tokens: int = 8, batch_size: int = 64) -> float:
@@ -226,7 +220,8 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None) -> dict:
     from zephyr_jax import train
     from zephyr_jax.chat import reply
     from zephyr_jax.config_common import load_config
-    from zephyr_jax.export import export, load_model
+    from zephyr_jax.export import export
+    from zephyr_jax.loading import load
     from zephyr_jax.tokenizer import load_tokenizer
 
     root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +236,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None) -> dict:
     hf_dir = export(os.path.join(out, "dpo"), os.path.join(out, "hf"), dtype="float32")
     results = {}
     for stage in ("sft", "dpo"):
-        model, _ = load_model(os.path.join(out, stage))
+        model = load(os.path.join(out, stage), dtype="float32")
         results[stage] = {"task_accuracy": task_accuracy(model, tok, paths["test_prompts"]),
                           "preference_accuracy": preference_accuracy(model, tok, paths["prefs"])}
     question = load_task_rows(paths["test_prompts"])[0]

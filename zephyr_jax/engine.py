@@ -147,19 +147,20 @@ def _prefill(graphdef, state, cache, tokens, positions, rows, last, targets, sam
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "kv_length", "top_n"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, tokens, lengths, active, remaining, stop_ids, sampling, *, steps, kv_length,
-            top_n):
-    """Up to `steps` tokens for every active slot: feed each slot's last token [N] at its position lengths [N],
-    sample the next. A slot stops (inside the scan) at a stop id [N, M] or when `remaining` [N] reaches 0.
-    Returns the cache and per step: tokens [steps, N], their log-probs, top-n, and which slots emitted."""
+def _decode(graphdef, state, cache, rows, tokens, lengths, active, remaining, stop_ids, sampling, *, steps,
+            kv_length, top_n):
+    """Up to `steps` tokens for the decoding slots `rows` [R] (padding rows: past the last slot): feed each
+    row's last token [R] at its position lengths [R], sample the next. A row stops (inside the scan) at a stop
+    id [R, M] or when `remaining` [R] reaches 0. Returns the cache and per step: tokens [steps, R], their
+    log-probs, top-n, and which rows emitted."""
     model = nnx.merge(graphdef, state)
     temperature, top_k, top_p, seeds, counters = sampling
 
     def one(carry, _):
         cache, tokens, lengths, active, remaining, counters = carry
-        # Rows with nothing to decode write past the cache's end, which drops the write.
+        # Rows that have stopped write past the cache's end, which drops the write.
         positions = jnp.where(active, lengths, cache.max_length)[:, None]
-        hidden, cache = model.with_cache(tokens[:, None], positions, cache, None, kv_length)
+        hidden, cache = model.with_cache(tokens[:, None], positions, cache, rows, kv_length)
         new, logprob, top = sample(model.logits(hidden)[:, 0], temperature, top_k, top_p, seeds, counters,
                                    top_n=top_n)
         emitted = active
@@ -380,31 +381,31 @@ class Engine:
                     and r._prefilled == len(r.prompt)]
         if not decoding:
             return
-        n = self.max_slots
+        # Only the decoding slots are computed, in a bucketed number of rows (not all max_slots).
+        n = _bucket(len(decoding), 1, self.max_slots)
+        rows = np.full((n,), self.max_slots, np.int32)
         tokens, lengths = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         active, remaining = np.zeros((n,), bool), np.zeros((n,), np.int32)
         stop_ids = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
         counters = np.zeros((n,), np.uint32)
-        for r in decoding:
-            s = r._slot
-            tokens[s] = r._last_token
-            lengths[s] = len(r.prompt) + r.generated - 1  # the last token is not in the cache yet
-            active[s], remaining[s], counters[s] = True, r.params.max_tokens - r.generated, r.generated
+        for i, r in enumerate(decoding):
+            rows[i], tokens[i] = r._slot, r._last_token
+            lengths[i] = len(r.prompt) + r.generated - 1  # the last token is not in the cache yet
+            active[i], remaining[i], counters[i] = True, r.params.max_tokens - r.generated, r.generated
             ids = self._stop_ids(r)
-            stop_ids[s, :len(ids)] = ids
+            stop_ids[i, :len(ids)] = ids
         kv_length = _bucket(int(lengths.max()) + self.decode_steps, 128, self.max_length)
         top_n = TOP_LOGPROBS if any(r.params.logprobs for r in decoding) else 0
-        sampling = self._sampling(self.slots, n, counters)
-        self.cache, out = _decode(self.graphdef, self.state, self.cache, tokens, lengths, active, remaining,
+        sampling = self._sampling(decoding, n, counters)
+        self.cache, out = _decode(self.graphdef, self.state, self.cache, rows, tokens, lengths, active, remaining,
                                   stop_ids, sampling, steps=self.decode_steps, kv_length=kv_length, top_n=top_n)
         new, logprob, top, emitted = jax.device_get(out)
         self.stats["decode_calls"] += 1
         for step in range(self.decode_steps):
-            for r in decoding:
-                s = r._slot
-                if r.finish_reason is None and emitted[step, s]:
-                    self._accept(r, int(new[step, s]), float(logprob[step, s]),
-                                 None if top is None else (top[0][step, s], top[1][step, s]))
+            for i, r in enumerate(decoding):
+                if r.finish_reason is None and emitted[step, i]:
+                    self._accept(r, int(new[step, i]), float(logprob[step, i]),
+                                 None if top is None else (top[0][step, i], top[1][step, i]))
 
     def _sampling(self, requests, rows: int, counters):
         temperature, top_p = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)

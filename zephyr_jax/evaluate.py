@@ -28,45 +28,18 @@ import time
 import uuid
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from zephyr_jax import train
+from zephyr_jax import checkpoint, train
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED
 from zephyr_jax.losses import LOSS_TYPES
-from zephyr_jax.tokenizer import load_tokenizer, render_chat
-
-# ---------------------------------------------------------------------------------------------------------
-# Models and tokenizers from HF directories or zephyr_jax workdirs.
-
-
-def is_workdir(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "model_config.json"))
-
-
-def tokenizer_for(path: str | None, tokenizer: str | None = None):
-    """The tokenizer that goes with a model: `tokenizer` if given, else the HF directory's own, else the one in a
-    workdir's training config, else Mistral-7B-v0.1 (offline)."""
-    if tokenizer is None and path and isinstance(path, str):
-        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
-            tokenizer = path
-        elif os.path.exists(os.path.join(path, "config.json")) and is_workdir(path):
-            with open(os.path.join(path, "config.json")) as f:
-                tokenizer = json.load(f).get("tokenizer")
-    return load_tokenizer(tokenizer)
-
-
-def load_model_and_tokenizer(path: str, dtype="float32", tokenizer: str | None = None):
-    """(model, tokenizer) from a HF directory / hub name or a zephyr_jax workdir (latest checkpoint)."""
-    from zephyr_jax.chat import load_any
-
-    return load_any(path, jnp.dtype(dtype)), tokenizer_for(path, tokenizer)
-
+from zephyr_jax.loading import load
+from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 
 # ---------------------------------------------------------------------------------------------------------
 # Preference metrics.
@@ -115,7 +88,7 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
     policy_cfg.model.init, policy_cfg.model.path, policy_cfg.model.step = "orbax", os.path.abspath(workdir), step
     mcfg = train.model_config(policy_cfg)
     graphdef, params, _ = train.init_params(policy_cfg, mcfg, mesh)
-    checkpoint_step = _restored_step(workdir, step)
+    checkpoint_step = checkpoint.resolve_step(workdir, step)
     eval_fn = steps.make_eval_fn("dpo", graphdef, cfg.train.eval_batch_size)
 
     with jax.set_mesh(mesh):
@@ -129,15 +102,6 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
         metrics = train.eval_metrics(cfg, eval_fn, params, examples, reference, sharding)
     return {**metrics, "num_pairs": len(examples), "step": checkpoint_step,
             "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
-
-
-def _restored_step(workdir: str, step: int) -> int:
-    from zephyr_jax import checkpoint
-
-    mngr = checkpoint.manager(workdir, async_save=False)
-    steps_ = mngr.all_steps()
-    mngr.close()
-    return int(max(steps_)) if step == -1 else int(step)
 
 
 def pair_logps(model, examples, batch_size: int, buckets) -> np.ndarray:
@@ -157,8 +121,6 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     """DPO metrics of policy `model` against `reference` on a preference split. Models: paths (HF dir / hub
     name / zephyr_jax workdir) or Mistral modules; `tokenizer`: a tokenizer, a path, or None (the policy's).
     Defaults: the paper's test_prefs split, beta 0.1, sigmoid loss, max_length 1024, max_prompt_length 512."""
-    from zephyr_jax.chat import load_any
-
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
     if max_prompt_length >= max_length:
@@ -175,15 +137,15 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
         tokenizer = tokenizer_for(model if isinstance(model, str) else None, tokenizer)
     examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
     buckets = train.buckets_for(data_cfg)
-    load = lambda m: load_any(m, jnp.dtype(dtype)) if isinstance(m, str) else m
+    as_model = lambda m: load(m, dtype) if isinstance(m, str) else m
 
     if reference_free:
         ref_logps = np.zeros((len(examples), 2), np.float32)
     else:  # the reference first, released before the policy is loaded: one model in memory at a time
-        ref_model = load(reference)
+        ref_model = as_model(reference)
         ref_logps = pair_logps(ref_model, examples, batch_size, buckets)
         del ref_model
-    policy_logps = pair_logps(load(model), examples, batch_size, buckets)
+    policy_logps = pair_logps(as_model(model), examples, batch_size, buckets)
     lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
     metrics = steps.dpo_eval_metrics(policy_logps, ref_logps, lengths, dpo_cfg)
     return {**metrics, "num_pairs": len(examples), "data": f"{data}:{split}"}
@@ -195,25 +157,15 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
 
 def generate_chats(model, tok, conversations: list[list[dict]], *, batch_size: int = 8, max_new_tokens: int = 1024,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """The assistant's reply to each conversation (message lists), with zephyr_jax.generate.generate in batches
-    of exactly `batch_size` rows (sorted by prompt length; the last batch filled with repeats), so jit sees a few
-    shapes. Replies are stripped of surrounding whitespace, as FastChat does."""
+    """The assistant's reply to each conversation (message lists): all of them on the engine at once, batch_size
+    KV-cache slots (a finished reply's slot goes to the next conversation). Replies are stripped of surrounding
+    whitespace, as FastChat does."""
     from zephyr_jax.generate import generate
 
-    if not conversations:
-        return []
-    lengths = [len(tok(render_chat(tok, c, add_generation_prompt=True)).input_ids) for c in conversations]
-    order = sorted(range(len(conversations)), key=lambda i: -lengths[i])
-    replies = [None] * len(conversations)
-    for n, start in enumerate(range(0, len(order), batch_size)):
-        rows = order[start:start + batch_size]
-        prompts = [conversations[i] for i in rows]
-        prompts += [prompts[-1]] * (batch_size - len(prompts))
-        out = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed + n)
-        for i, text in zip(rows, out):
-            replies[i] = text.strip()
-    return replies
+    replies = generate(model, tok, conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, max_slots=batch_size,
+                       progress=len(conversations) > batch_size)
+    return [text.strip() for text in replies]
 
 
 # FastChat's MT-Bench sampling temperatures per question category (fastchat/llm_judge/common.py); other
@@ -341,7 +293,7 @@ def _write_json(path: str, obj) -> None:
 def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
     p.add_argument("--model", required=True, help="HF directory / hub name, or a zephyr_jax workdir")
     p.add_argument("--tokenizer", default=None, help="default: the model's own, else Mistral-7B-v0.1")
-    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--dtype", default="bfloat16", help="compute and weight dtype (float32 for exact numbers)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--max_new_tokens", type=int, default=sampling_defaults["max_new_tokens"])
     p.add_argument("--top_k", type=int, default=0)
@@ -373,7 +325,7 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=1024)
     p.add_argument("--max_prompt_length", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--dtype", default="float32", help="compute and weight dtype (float32: the training eval's numbers)")
     p.add_argument("--tokenizer", default=None, help="default: the policy's own, else Mistral-7B-v0.1")
     p.add_argument("--out", default=None, help="write the metrics here as JSON")
 
@@ -422,7 +374,7 @@ def main(argv=None):
         print(json.dumps(metrics, indent=2))
         return metrics
 
-    model, tok = load_model_and_tokenizer(args.model, args.dtype, args.tokenizer)
+    model, tok = load(args.model, args.dtype), tokenizer_for(args.model, args.tokenizer)
     sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     batch_size=args.batch_size, system=args.system)
     if args.command == "mt_bench":

@@ -12,22 +12,11 @@ import argparse
 import json
 import os
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from zephyr_jax import checkpoint, hf
-from zephyr_jax.model import Mistral
+from zephyr_jax.loading import load
 from zephyr_jax.tokenizer import load_tokenizer
-
-
-def load_model(workdir: str, step: int = -1, dtype=jnp.float32):
-    """(model, step) from a workdir's checkpoint, on the default device."""
-    cfg = checkpoint.load_model_config(workdir, dtype=dtype, param_dtype=jnp.float32)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params, step = checkpoint.restore_params(workdir, abstract, jax.tree.map(lambda _: device, abstract), step)
-    return nnx.merge(graphdef, params), step
 
 
 def final_metrics(workdir: str) -> dict:
@@ -73,7 +62,9 @@ def model_card(workdir: str, step: int, train_config: dict, metrics: dict) -> st
 
 def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", max_shard_size="5GB",
            tokenizer: str | None = None) -> str:
-    model, step = load_model(workdir, step)
+    step = checkpoint.resolve_step(workdir, step)
+    # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
+    model = load(workdir, dtype, step=step)
     config_path = os.path.join(workdir, "config.json")
     train_config = json.load(open(config_path)) if os.path.exists(config_path) else {}
     tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))

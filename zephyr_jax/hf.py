@@ -1,7 +1,7 @@
 """Hugging Face <-> JAX: Mistral weights (safetensors only) and config.json.
 
-    model = hf.load_pretrained("path/or/hub-name", dtype=jnp.bfloat16)    # model.config is the MistralConfig
-    hf.save_pretrained(model, out_dir, tokenizer=tok)                      # transformers loads out_dir
+    model = zephyr_jax.load("path/or/hub-name", dtype="bfloat16")   # reads through hf.read_weights
+    hf.save_pretrained(model, out_dir, tokenizer=tok)                # transformers loads out_dir
 
 Both directions go one tensor at a time, so the host never holds a second copy of the model: loading reads
 each tensor in row blocks straight into one buffer in the parameter's layout and dtype, places it on its
@@ -294,19 +294,14 @@ def _read_tensor(file, name, info, data_start, transposed, target: np.ndarray) -
     _read_into(file, data_start + begin, dtype, shape, target.T if transposed else target, name)
 
 
-def load_pretrained(path_or_hub_name: str, dtype=jnp.float32, param_dtype=None, shardings=None,
-                    **config_overrides) -> Mistral:
-    """A Mistral with the weights of a HF checkpoint (directory or hub name; safetensors only).
+def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
+    """A Mistral(cfg) holding the safetensors weights of the local HF directory `path` (internal: the reader
+    behind zephyr_jax.load, which resolves hub names and builds `cfg` from config.json).
 
-    dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype). shardings: a pytree
-    of jax Shardings matching nnx.state(model) (e.g. NamedSharding over sharding.param_specs), or one
-    Sharding for every parameter; None puts them on the default device. config_overrides: MistralConfig
-    fields, e.g. attention_impl="xla", remat="full".
+    Parameters are stored in cfg.param_dtype. shardings: a pytree of jax Shardings matching nnx.state(model)
+    (e.g. NamedSharding over sharding.param_specs), or one Sharding for every parameter; None puts them on the
+    default device.
     """
-    path = resolve(path_or_hub_name)
-    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype)
-    if config_overrides:
-        cfg = cfg.replace(**config_overrides)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
     params = {_dotted(p): var for p, var in nnx.to_flat_state(state)}  # values: ShapeDtypeStructs
     placement = _flat_shardings(shardings, params)

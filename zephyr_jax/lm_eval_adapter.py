@@ -19,7 +19,8 @@ model's max_position_embeddings and 4096, Mistral v0.1's sliding window), max_ge
 (True: every sequence starts with `<s>`, the format the model was trained on), seed (0).
 
 Scoring runs one jitted forward per batch of `batch_size` rows padded to a power-of-two length, so a task
-compiles a handful of shapes; generation uses zephyr_jax.generate (KV cache, jax.lax.while_loop).
+compiles a handful of shapes; generation runs on the engine (zephyr_jax/engine.py: continuous batching
+over batch_size KV-cache slots).
 Single process: run one evaluation per host (the model may still use every local device through jit).
 """
 
@@ -45,7 +46,8 @@ from tqdm.auto import tqdm
 
 from zephyr_jax import losses
 from zephyr_jax.data.batches import bucket, default_buckets
-from zephyr_jax.generate import bucket_length, generate_ids
+from zephyr_jax.engine import SamplingParams
+from zephyr_jax.generate import request_seed, run
 from zephyr_jax.tokenizer import with_system_message
 
 
@@ -67,10 +69,11 @@ class ZephyrJaxLM(LM):
     def __init__(self, pretrained, tokenizer=None, dtype="float32", batch_size=8, max_length=None,
                  max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None, **unused):
         super().__init__()
-        from zephyr_jax.evaluate import load_model_and_tokenizer, tokenizer_for
+        from zephyr_jax.loading import load
+        from zephyr_jax.tokenizer import tokenizer_for
 
         if isinstance(pretrained, str):
-            self.model, self.tokenizer = load_model_and_tokenizer(pretrained, dtype, tokenizer)
+            self.model, self.tokenizer = load(pretrained, dtype), tokenizer_for(pretrained, tokenizer)
         else:  # a Mistral module built in Python
             self.model = pretrained
             self.tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) \
@@ -197,36 +200,21 @@ class ZephyrJaxLM(LM):
         return tuple(until), max_gen, temperature, top_k, top_p
 
     def generate_until(self, requests) -> list[str]:
-        groups: dict[tuple, list[int]] = {}
+        """Every request on the engine at once (continuous batching over batch_size slots): each stops at its
+        own `until` strings, EOS or max_gen_toks, and its prompt keeps its last max_length - max_gen_toks
+        tokens."""
+        prompts, params = [], []
         for i, request in enumerate(requests):
-            groups.setdefault(self._sampling(request.args[1]), []).append(i)
-        results = [None] * len(requests)
-        bs, calls = self.batch_size, 0
-        for (until, max_gen, temperature, top_k, top_p), members in groups.items():
+            until, max_gen, temperature, top_k, top_p = self._sampling(request.args[1])
             keep = max(self.max_length - max_gen, 1)
-            prompts = {i: self.tok_encode(requests[i].args[0])[-keep:] for i in members}
-            order = sorted(members, key=lambda i: -len(prompts[i]))
-            for start in tqdm(range(0, len(order), bs), desc="generate_until", disable=len(order) <= bs,
-                              mininterval=5):
-                chunk = order[start:start + bs]
-                length = bucket_length(max(len(prompts[i]) for i in chunk))
-                ids, mask = np.zeros((bs, length), np.int32), np.zeros((bs, length), np.int32)
-                for row in range(bs):  # left padding; the last batch is filled with its last prompt
-                    p = prompts[chunk[min(row, len(chunk) - 1)]]
-                    ids[row, length - len(p):], mask[row, length - len(p):] = p, 1
-                out = generate_ids(self.model, ids, mask, max_new_tokens=max_gen, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=self.seed + calls, eos_id=self.eos)
-                calls += 1
-                for row, i in enumerate(chunk):
-                    tokens = list(out[row])
-                    if self.eos in tokens:
-                        tokens = tokens[:tokens.index(self.eos)]
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    for stop in until:
-                        if stop and stop in text:
-                            text = text[:text.index(stop)]
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            prompts.append(self.tok_encode(request.args[0])[-keep:])
+            params.append(SamplingParams(max_tokens=max_gen, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         seed=request_seed(self.seed, i), stop=tuple(s for s in until if s)))
+        done = run(self.model, prompts, params, self.tokenizer, max_slots=self.batch_size, eos_id=self.eos,
+                   max_length=self.max_length, progress=len(requests) > self.batch_size)
+        results = [r.text for r in done]
+        for request, text in zip(requests, results):
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return results
 
     # --- chat templates (lm_eval --apply_chat_template) ---------------------------------------------------

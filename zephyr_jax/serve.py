@@ -403,6 +403,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=8, help="tokens per decoding call")
+    parser.add_argument("--compilation-cache", default="~/.cache/zephyr_jax/xla",
+                        help="JAX's persistent compilation cache, so a restart skips compiling ('' = off)")
     parser.add_argument("--mesh", default=None, help="shard parameters over local devices, e.g. '1,-1,1' (FSDP)")
     args = parser.parse_args(argv)
 
@@ -410,8 +412,10 @@ def main(argv=None) -> None:
 
     import zephyr_jax
     from zephyr_jax.tokenizer import tokenizer_for
+    from zephyr_jax.train import use_compilation_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    use_compilation_cache(args.compilation_cache)
     mesh = None
     if args.mesh:
         from zephyr_jax.sharding import make_mesh

@@ -112,8 +112,8 @@ def named(mesh: Mesh, specs):
 
 
 def model_shardings(cfg, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
-    """NamedShardings for every parameter of a Mistral(cfg) on `mesh`, e.g. for
-    hf.load_pretrained(path, shardings=model_shardings(cfg, make_mesh((1, -1, 1)))) (FSDP over all devices)."""
+    """NamedShardings for every parameter of a Mistral(cfg) on `mesh` (what zephyr_jax.load(path, mesh=mesh)
+    places the parameters on; e.g. make_mesh((1, -1, 1)): FSDP over all devices)."""
     from zephyr_jax.model import Mistral  # the model imports this module for `constrain`
 
     abstract = nnx.state(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))

@@ -72,6 +72,20 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
     return tok
 
 
+def tokenizer_for(path: str | None, tokenizer: str | None = None) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer that goes with a model (as zephyr_jax.load reads it): `tokenizer` if given, else the HF
+    directory's own, else the one in a training workdir's config.json ("tokenizer"), else Mistral-7B-v0.1
+    (offline)."""
+    if tokenizer is None and path and isinstance(path, str):
+        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            tokenizer = path
+        elif os.path.exists(os.path.join(path, "config.json")) and \
+                os.path.exists(os.path.join(path, "model_config.json")):  # a workdir (loading.is_workdir)
+            with open(os.path.join(path, "config.json")) as f:
+                tokenizer = json.load(f).get("tokenizer")
+    return load_tokenizer(tokenizer)
+
+
 def with_system_message(messages: list[dict]) -> list[dict]:
     """Prepends an empty system message when the conversation has none (as the Zephyr recipe does)."""
     if messages and messages[0].get("role") == "system":

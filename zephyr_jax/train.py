@@ -33,6 +33,7 @@ from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
 from zephyr_jax.data.batches import multiples, sequence_lengths, stack_rows
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
+from zephyr_jax.loading import load
 from zephyr_jax.losses import LOSS_TYPES
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
@@ -156,20 +157,21 @@ def abstract_params(cfg, mcfg: MistralConfig, mesh):
 
 
 def init_params(cfg, mcfg: MistralConfig, mesh):
-    """(graphdef, params on the mesh, their shardings)."""
-    graphdef, abstract, shardings = abstract_params(cfg, mcfg, mesh)
+    """(graphdef, params on the mesh, their shardings): random (a jitted init, each device making its shards), or
+    read by zephyr_jax.load from the orbax workdir / HF checkpoint in config.model.path straight onto the mesh."""
+    graphdef, _, shardings = abstract_params(cfg, mcfg, mesh)
     if cfg.model.init == "random":
         init = jax.jit(lambda: nnx.split(Mistral(mcfg, rngs=nnx.Rngs(cfg.seed)))[1], out_shardings=shardings)
-        params = init()
-    elif cfg.model.init == "orbax":
-        params, step = checkpoint.restore_params(cfg.model.path, abstract, shardings, cfg.model.step)
+        return graphdef, init(), shardings
+    step = -1
+    if cfg.model.init == "orbax":
+        step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
+    settings = {k: v for k, v in model_settings(cfg).items() if k not in ("dtype", "param_dtype")}
+    model = load(cfg.model.path, mcfg.dtype, mesh, step=step, param_dtype=mcfg.param_dtype, rules=cfg.mesh.rules,
+                 **settings)
+    if cfg.model.init == "orbax":
         print(f"initialised from {cfg.model.path} step {step}")
-    else:
-        model = hf.load_pretrained(cfg.model.path, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
-                                   shardings=shardings, attention_impl=mcfg.attention_impl, remat=mcfg.remat,
-                                   scan_layers=mcfg.scan_layers)
-        params = nnx.split(model)[1]
-    return graphdef, params, shardings
+    return graphdef, nnx.state(model), shardings
 
 
 def frozen_copy(params, shardings, dtype):

@@ -1,0 +1,140 @@
+"""zephyr_jax.load: one loader for Hugging Face directories and zephyr_jax training workdirs, in the asked dtype,
+straight onto the mesh. Tiny models, CPU only, no network."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+
+import zephyr_jax
+from tests.test_checkpoint import legacy_layout
+from tests.torch_reference import save_torch, torch_mistral
+from zephyr_jax import checkpoint, hf
+from zephyr_jax.loading import load
+from zephyr_jax.model import Mistral, MistralConfig
+from zephyr_jax.sharding import logical_to_spec, make_mesh
+from zephyr_jax.train_steps import TrainState
+
+CFG = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+STEPS = {3: 1, 6: 2}  # checkpoint step -> the seed of its random weights
+
+
+def flat(model) -> dict:
+    return {hf._dotted(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def save_checkpoint(workdir, step, params):
+    """A checkpoint as training writes it (checkpoint.save: params, optimizer state, step, loader position)."""
+    mngr = checkpoint.manager(str(workdir), async_save=False)
+    tx = optax.sgd(0.1)
+    checkpoint.save(mngr, TrainState(params, tx.init(params), jnp.asarray(step, jnp.int32)),
+                    {"loader": {"epoch": 0, "step": step}})
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A training workdir (model_config.json + float32 checkpoints at steps 3 and 6) and each step's weights."""
+    path = tmp_path_factory.mktemp("workdir")
+    checkpoint.save_model_config(str(path), CFG)
+    weights = {}
+    for step, seed in STEPS.items():
+        model = Mistral(CFG, rngs=nnx.Rngs(seed))
+        save_checkpoint(path, step, nnx.state(model))
+        weights[step] = {k: np.asarray(v) for k, v in flat(model).items()}
+    return str(path), weights
+
+
+def assert_on_mesh(model, mesh):
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        want = NamedSharding(mesh, logical_to_spec(var.get_metadata()["logical_axes"]))
+        assert value.sharding.is_equivalent_to(want, value.ndim), (path, value.sharding, want)
+
+
+def test_zephyr_jax_load_is_the_loader_and_import_stays_cheap():
+    assert zephyr_jax.load is load
+    out = subprocess.run([sys.executable, "-c", "import sys, zephyr_jax; print('jax' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_hf_directory_holds_the_transformers_weights(tmp_path):
+    tm = torch_mistral(seed=3)
+    model = load(save_torch(tm, tmp_path), "float32")
+    assert model.config.dtype == model.config.param_dtype == jnp.float32
+    ours = flat(model)
+    for name, tensor in tm.state_dict().items():
+        flax_name, layer, transposed = hf.hf_to_flax_name(name)
+        value = np.asarray(ours[flax_name] if layer is None else ours[flax_name][layer])
+        np.testing.assert_array_equal(value.T if transposed else value, tensor.numpy(), err_msg=name)
+    # The default is bf16 weights (inference); the device is the default device.
+    bf16 = flat(load(str(tmp_path)))
+    assert {v.dtype for v in bf16.values()} == {jnp.dtype(jnp.bfloat16)}
+    assert {d for v in bf16.values() for d in v.sharding.device_set} == {jax.devices()[0]}
+    np.testing.assert_array_equal(bf16["embed_tokens"], ours["embed_tokens"].astype(jnp.bfloat16))
+
+
+def test_workdir_restores_in_bf16_onto_the_mesh(workdir):
+    path, weights = workdir
+    mesh = make_mesh((1, 4, 2), jax.devices()[:8])
+    model = load(path, "bfloat16", mesh)  # step -1: the latest, 6
+    assert model.config.dtype == model.config.param_dtype == jnp.bfloat16
+    assert_on_mesh(model, mesh)
+    kernel = model.layers.mlp.gate_proj.kernel.get_value()  # [layers, embed, mlp] split over fsdp x tensor
+    assert kernel.addressable_shards[0].data.shape == (2, 64 // 4, 128 // 2)
+    for name, value in flat(model).items():
+        assert value.dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(np.asarray(value), weights[6][name].astype(jnp.bfloat16), err_msg=name)
+
+
+def test_workdir_step_selection_and_missing_step(workdir):
+    path, weights = workdir
+    model = load(path, "float32", step=3, param_dtype="float32", remat="full")
+    assert model.config.remat == "full"
+    for name, value in flat(model).items():
+        assert value.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(value), weights[3][name], err_msg=name)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 5 in .* \(have steps \[3, 6\]\)"):
+        load(path, step=5)
+    assert checkpoint.resolve_step(path) == 6 and checkpoint.resolve_step(path, 3) == 3
+
+
+def test_legacy_unstacked_checkpoint_restores_in_bf16_onto_the_mesh(tmp_path):
+    model = Mistral(CFG, rngs=nnx.Rngs(4))
+    checkpoint.save_model_config(str(tmp_path), CFG)
+    mngr = checkpoint.manager(str(tmp_path), async_save=False)
+    mngr.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(legacy_layout(nnx.state(model))),
+                                         meta=ocp.args.JsonSave({"step": 2})))
+    mngr.wait_until_finished()
+    mesh = make_mesh((1, 8, 1), jax.devices()[:8])
+    again = load(str(tmp_path), "bfloat16", mesh)
+    assert_on_mesh(again, mesh)
+    want = flat(model)
+    for name, value in flat(again).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[name]).astype(jnp.bfloat16), err_msg=name)
+
+
+def test_clear_errors(workdir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"/no/such/model does not exist"):
+        load("/no/such/model")
+    with pytest.raises(FileNotFoundError, match=r"neither a Hugging Face model directory .* nor a zephyr_jax"):
+        load(str(tmp_path))
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    checkpoint.save_model_config(str(empty), CFG)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*empty_run"):
+        load(str(empty))
+    assert not (empty / "checkpoints").exists()  # reading never creates the directory
+    hf.save_pretrained(Mistral(CFG, rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"step=3: .* is not a zephyr_jax training workdir"):
+        load(str(tmp_path / "hf"), step=3)

@@ -1,0 +1,100 @@
+"""One loader for every model zephyr_jax reads: `zephyr_jax.load`.
+
+    model = zephyr_jax.load("HuggingFaceH4/zephyr-7b-beta")                  # hub name, bf16 weights, one device
+    model = zephyr_jax.load("path/to/hf_dir", dtype="float32")               # a Hugging Face directory
+    model = zephyr_jax.load("workdirs/dpo", step=300)                        # a zephyr_jax training workdir
+    model = zephyr_jax.load(name, mesh=make_mesh((1, -1, 1)))                # FSDP over every device
+
+Each parameter goes straight to its place (the mesh's NamedSharding, or the default device) in its storage
+dtype: safetensors are read tensor by tensor into a host buffer of that dtype (hf.read_weights), orbax
+checkpoints are read shard by shard and cast on the host (checkpoint.restore_params). No float32 copy of the
+model is ever made when bf16 is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zephyr_jax import checkpoint, hf
+from zephyr_jax.model import Mistral
+from zephyr_jax.model.config import _hashable_rules
+from zephyr_jax.sharding import DEFAULT_RULES, named, param_specs
+
+WORKDIR_CONFIG = "model_config.json"  # what marks a zephyr_jax training workdir (checkpoint.save_model_config)
+
+
+def is_workdir(path: str) -> bool:
+    """A zephyr_jax training workdir: it has model_config.json (written beside checkpoints/ by training)."""
+    return os.path.isfile(os.path.join(os.path.expanduser(path), WORKDIR_CONFIG))
+
+
+def _default_device() -> jax.Device:
+    device = jax.config.jax_default_device
+    if isinstance(device, jax.Device):
+        return device
+    return (jax.devices(device) if isinstance(device, str) else jax.devices())[0]
+
+
+def _local_path(path_or_name: str) -> str | None:
+    """The local directory `path_or_name` names; None for a hub name; FileNotFoundError for a path (absolute,
+    relative with ./ or ~, or of more than two parts) that does not exist."""
+    path = os.path.expanduser(path_or_name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path} is a file: pass a Hugging Face model directory (config.json + "
+                                 "safetensors) or a zephyr_jax training workdir")
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep * 2 in path:
+        raise FileNotFoundError(f"{path_or_name} does not exist (expected a Hugging Face model directory, a hub "
+                                "name or a zephyr_jax training workdir)")
+    return None
+
+
+def load(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None, *, step: int = -1,
+         param_dtype=None, rules: Sequence = DEFAULT_RULES, **config_overrides) -> Mistral:
+    """A Mistral from a Hugging Face directory / hub name or a zephyr_jax training workdir.
+
+    path_or_name: a directory with config.json + safetensors, a hub name (downloaded once, see hf.resolve), or a
+      training workdir (model_config.json + checkpoints/), whose checkpoint `step` is read (-1: the latest).
+    dtype: compute dtype (str or jnp dtype). param_dtype: storage dtype of the parameters (default: dtype, so
+      inference holds bf16 weights by default; training passes float32).
+    mesh: a jax Mesh: every parameter is placed straight onto NamedSharding(mesh, spec), the spec from its
+      logical axes under `rules` (FSDP / tensor parallel as the rules say); None: the default device.
+    config_overrides: MistralConfig fields, e.g. attention_impl="xla", remat="full", scan_layers=False,
+      sharding_rules=... (the activations' rules; default: `rules`).
+    """
+    dtype = jnp.dtype(dtype)
+    settings = dict(dtype=dtype, param_dtype=jnp.dtype(param_dtype if param_dtype is not None else dtype))
+    if "sharding_rules" not in config_overrides and _hashable_rules(rules) != _hashable_rules(DEFAULT_RULES):
+        config_overrides["sharding_rules"] = rules
+    local = _local_path(path_or_name)
+    workdir = local is not None and is_workdir(local)
+    if step != -1 and not workdir:
+        raise ValueError(f"step={step}: {path_or_name} is not a zephyr_jax training workdir; steps select one of "
+                         "a workdir's checkpoints")
+    if workdir:
+        cfg = checkpoint.load_model_config(local, **settings)
+    else:
+        if local is not None and not os.path.exists(os.path.join(local, hf.CONFIG_NAME)):
+            raise FileNotFoundError(f"{local} is neither a Hugging Face model directory (no {hf.CONFIG_NAME}) nor "
+                                    f"a zephyr_jax training workdir (no {WORKDIR_CONFIG})")
+        local = local if local is not None else hf.resolve(path_or_name)
+        cfg = hf.load_config(local, **settings)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(_default_device())
+        shardings = jax.tree.map(lambda _: device, abstract)
+    else:
+        shardings = named(mesh, param_specs(abstract, rules))
+    if not workdir:
+        return hf.read_weights(local, cfg, shardings)
+    params, _ = checkpoint.restore_params(local, abstract, shardings, step)
+    return nnx.merge(graphdef, params)
