@@ -67,7 +67,8 @@ class SamplingParams:
             ("seed", 0 <= self.seed < 2 ** 32, "must be in [0, 2**32)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", len(self.stop_token_ids) < MAX_STOP_TOKENS, f"at most {MAX_STOP_TOKENS - 1}"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS, f"must be in [0, {TOP_LOGPROBS}]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS,
+             f"must be in [0, {TOP_LOGPROBS}]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= TOP_LOGPROBS,
              f"must be in [0, {TOP_LOGPROBS}]"),
         ]

@@ -102,11 +102,12 @@ class Server:
     def n(self, body: dict) -> int:
         return _field(body, "n", int, 1, low=1, high=self.engine.max_slots)
 
-    def max_tokens(self, body: dict, prompt_length: int, default: int | None) -> int:
+    def max_tokens(self, body: dict, prompt_length: int, default: int | None, prompt_param: str) -> int:
+        """max_tokens (or max_completion_tokens), default: `default`, or all the room left (None)."""
         room = self.engine.max_length - prompt_length
         if room < 0 or (room == 0 and default != 0):
             raise ApiError(400, f"the prompt has {prompt_length} tokens, more than the context of "
-                                f"{self.engine.max_length} allows", "messages", "context_length_exceeded")
+                                f"{self.engine.max_length} allows", prompt_param, "context_length_exceeded")
         value = _field(body, "max_completion_tokens", int, None, low=0) or _field(body, "max_tokens", int, None,
                                                                                  low=0)
         value = min(room, default if default is not None else room) if value is None else value
@@ -312,7 +313,7 @@ def create_app(server: Server):
         top = _field(body, "top_logprobs", int, 0, low=0, high=TOP_LOGPROBS)
         want = _field(body, "logprobs", bool, False)
         n = server.n(body)
-        params = [sampling_params(body, max_tokens=server.max_tokens(body, len(prompt), None),
+        params = [sampling_params(body, max_tokens=server.max_tokens(body, len(prompt), None, "messages"),
                                   logprobs=top if want else None, seed_offset=i) for i in range(n)]
         stream = _field(body, "stream", bool, False)
         requests, updates = submit_all([(prompt, p) for p in params])
@@ -369,7 +370,7 @@ def create_app(server: Server):
             raise ApiError(400, "stream=true is served on /v1/chat/completions only", "stream")
         jobs = []
         for prompt in prompts:
-            max_tokens = server.max_tokens(body, len(prompt), 16)  # OpenAI's default for completions
+            max_tokens = server.max_tokens(body, len(prompt), 16, "prompt")  # OpenAI's default for completions
             for i in range(n):
                 jobs.append((prompt, sampling_params(
                     body, max_tokens=max_tokens, logprobs=logprobs, seed_offset=i,
