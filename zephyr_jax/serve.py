@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 
@@ -415,7 +416,12 @@ def main(argv=None) -> None:
     from zephyr_jax.tokenizer import tokenizer_for
     from zephyr_jax.train import use_compilation_cache
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Our own handler: libraries imported above may already have configured the root logger.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     use_compilation_cache(args.compilation_cache)
     mesh = None
     if args.mesh:
