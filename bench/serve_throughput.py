@@ -8,9 +8,12 @@ second run is measured: the first compiles every shape (zephyr_jax) and warms th
 
     python bench/serve_throughput.py [--clients=1,8,32] [--systems=zephyr,transformers,static] [--model=HF_DIR]
 
+`transformers serve` needs `pip install "transformers[serving]" accelerate`. Both servers run float32 on the CPU
+(`--device=cpu --dtype=float32` / `--dtype=float32`), zephyr_jax with --max-slots = the largest client count.
+
 Without --model a random Mistral-shaped model (hidden 256, 4 layers, 32000-token vocabulary) is written to a
-temporary directory with the Zephyr tokenizer. Replies are fixed in length (`ignore_eos`, and a random model
-practically never emits `</s>` for the server that has no such flag): tokens are counted from `usage`.
+temporary directory with the Zephyr tokenizer. Replies are fixed in length (`ignore_eos` where the server has
+it; a random model practically never emits `</s>` anyway): output tokens are counted from `usage`.
 """
 
 from __future__ import annotations
@@ -91,9 +94,9 @@ def start(command: list[str], port: int, log_path: str, timeout: float = 600):
     raise RuntimeError(f"{command[:3]} did not come up; see {log_path}")
 
 
-async def one_chat(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+async def one_chat(client, url: str, model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **extra}
     start = time.perf_counter()
     first, chunks, usage = None, 0, None
     async with client.stream("POST", url, json=body) as response:
@@ -114,7 +117,8 @@ async def one_chat(client, url: str, model: str, prompt: str, max_tokens: int) -
     return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
 
 
-async def drive(url: str, model: str, requests: list[tuple[str, int]], clients: int) -> tuple[list[dict], float]:
+async def drive(url: str, model: str, requests: list[tuple[str, int]], clients: int,
+                extra: dict) -> tuple[list[dict], float]:
     """`clients` workers, each sending its next request as soon as its last one ended."""
     import httpx
 
@@ -124,21 +128,23 @@ async def drive(url: str, model: str, requests: list[tuple[str, int]], clients: 
         async def worker():
             while queue:
                 prompt, n = queue.pop()
-                results.append(await one_chat(client, url, model, prompt, n))
+                results.append(await one_chat(client, url, model, prompt, n, extra))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
     return results, time.perf_counter() - start
 
 
-def bench_server(name: str, command: list[str], port: int, model_id: str, loads, workdir: str) -> list[dict]:
+def bench_server(name: str, command: list[str], port: int, model_id: str, loads, workdir: str,
+                 extra: dict) -> list[dict]:
+    """extra: request fields beyond OpenAI's (transformers serve refuses unknown ones)."""
     proc = start(command, port, os.path.join(workdir, f"{name}.log"))
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     rows = []
     try:
         for clients, requests in loads:
-            asyncio.run(drive(url, model_id, requests, clients))  # warm-up: every shape compiled / loaded once
-            results, seconds = asyncio.run(drive(url, model_id, requests, clients))
+            asyncio.run(drive(url, model_id, requests, clients, extra))  # warm-up: compile / load everything once
+            results, seconds = asyncio.run(drive(url, model_id, requests, clients, extra))
             rows.append(summary(name, clients, results, seconds))
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -200,12 +206,12 @@ def main():
         rows += bench_server("zephyr_jax.serve", [
             sys.executable, "-m", "zephyr_jax.serve", f"--model={model_dir}", "--dtype=float32", f"--port={port}",
             "--served-model-name=bench", f"--max-slots={max_clients}", "--max-length=2048",
-            f"--max-queue={4 * max_clients}"], port, "bench", loads, workdir)
+            f"--max-queue={4 * max_clients}"], port, "bench", loads, workdir, {"ignore_eos": True})
     if "transformers" in systems:
         port = free_port()
         rows += bench_server("transformers serve --continuous-batching", [
             "transformers", "serve", model_dir, "--continuous-batching", "--device=cpu", "--dtype=float32",
-            f"--port={port}", "--host=127.0.0.1"], port, model_dir, loads, workdir)
+            f"--port={port}", "--host=127.0.0.1"], port, model_dir, loads, workdir, {})
     if "static" in systems:
         rows += bench_static(model_dir, loads)
     print("\n| system | clients | requests | req/s | output tok/s | TTFT p50 (s) | latency p50 (s) | p99 (s) |")

@@ -203,6 +203,14 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         engine.cancel(first)
         assert first.done.wait(60) and first.finish_reason == "cancelled" and len(first.tokens) < 50
         assert waiting.done.wait(60) and waiting.finish_reason == "length" and len(waiting.tokens) == 3
+        # A call that raises ends the requests it held with an error, and the engine goes on.
+        decode, failed = engine._decode, []
+        engine._decode = lambda: failed.append(1) or (_ for _ in ()).throw(RuntimeError("device lost"))
+        doomed = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
+        assert doomed.done.wait(60) and doomed.finish_reason == "error" and "device lost" in doomed.error
+        engine._decode = decode
+        after = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
+        assert after.done.wait(60) and after.finish_reason == "length" and len(after.tokens) == 5
     finally:
         engine.stop()
 

@@ -15,7 +15,8 @@ bucket compiles once. The cache is donated to every call, so it is updated in pl
 over a mesh (zephyr_jax.load(..., mesh=...)); XLA gathers what each layer needs.
 
 Use it synchronously (`generate`) or from a server (`start` runs the loop on a thread; `submit` and `cancel` may
-be called from any thread; a request's `on_update` is called on the engine's thread after each new token).
+be called from any thread; a request's `on_update` is called on the engine's thread after each call that gave it
+new tokens, and when it ends).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class Request:
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # [0] is None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" (then see `error`)
+    error: str | None = None
     generated: int = 0  # tokens sampled, the stop token included (usage.completion_tokens)
     text: str = ""  # the reply's text (cut before a stop string); final once done
     submitted_at: float = 0.0
@@ -256,7 +258,11 @@ class Engine:
         finished = 0
         while pending or self.busy():
             while pending and len(self.waiting) < self.max_slots:  # feed the queue, never beyond its bound
-                self.submit(pending.popleft())
+                try:
+                    self.submit(pending[0])
+                except QueueFull:
+                    break
+                pending.popleft()
             self.step()
             now = sum(r.done.is_set() for r in requests)
             bar.update(now - finished)
@@ -287,7 +293,20 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 -- a failed call must not strand the requests waiting on it
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _fail_all(self, error: str) -> None:
+        """Ends every admitted and waiting request with finish_reason "error" (the server answers 500); the
+        engine goes on with the next requests."""
+        with self._wake:
+            victims = [r for r in self.slots if r is not None] + list(self.waiting)
+            self.waiting.clear()
+        for r in victims:
+            r.error = error
+            self._finish(r, "error")
 
     # --- one scheduling step ------------------------------------------------------------------------------
 
@@ -362,6 +381,7 @@ class Engine:
                 else:
                     self._accept(r, int(first[0][row]), float(first[1][row]),
                                  None if first[2] is None else (first[2][0][row], first[2][1][row]))
+                    self._settle(r, 1)
 
     def _record_prompt_scores(self, r: Request, row: int, n: int, scores) -> None:
         if r._prefilled == 0:
@@ -402,11 +422,13 @@ class Engine:
                                   stop_ids, sampling, steps=self.decode_steps, kv_length=kv_length, top_n=top_n)
         new, logprob, top, emitted = jax.device_get(out)
         self.stats["decode_calls"] += 1
-        for step in range(self.decode_steps):
-            for i, r in enumerate(decoding):
+        for i, r in enumerate(decoding):
+            before = len(r.tokens)
+            for step in range(self.decode_steps):
                 if r.finish_reason is None and emitted[step, i]:
                     self._accept(r, int(new[step, i]), float(logprob[step, i]),
                                  None if top is None else (top[0][step, i], top[1][step, i]))
+            self._settle(r, len(r.tokens) - before)
 
     def _sampling(self, requests, rows: int, counters):
         temperature, top_p = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)
@@ -426,7 +448,7 @@ class Engine:
     # --- outputs ------------------------------------------------------------------------------------------
 
     def _accept(self, r: Request, token: int, logprob: float, top) -> None:
-        """One sampled token: record it, then finish the request if it stops it."""
+        """One sampled token: record it, and finish the request at a stop token or its max_tokens."""
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
         r.generated += 1
@@ -440,23 +462,36 @@ class Engine:
             r.logprobs.append(logprob)
             k = r.params.logprobs
             r.top_logprobs.append([] if top is None or not k else list(zip(top[1][:k].tolist(), top[0][:k].tolist())))
-        if r.params.stop and self._stop_string(r):
-            self._finish(r, "stop")
-        elif r.generated >= r.params.max_tokens:
+        if r.generated >= r.params.max_tokens:
             self._finish(r, "length")
+
+    def _settle(self, r: Request, new: int) -> None:
+        """After a call gave a running request `new` tokens: stop strings, then one update (not one per token,
+        which would cost the server an event per token)."""
+        if r.finish_reason is not None or not new:
+            return
+        if r.params.stop and self._stop_string(r, new):
+            self._finish(r, "stop")
         elif r.on_update is not None:
             r.on_update(r)
 
-    def _stop_string(self, r: Request) -> bool:
-        """Whether the reply now contains a stop string; if so its text is cut before it."""
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+    def _stop_string(self, r: Request, new: int) -> bool:
+        """Whether the reply now holds a stop string. If so, its text is cut before it, and the tokens sampled
+        after the one that completed it (later in the same call) are dropped."""
+        decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = decode(r.tokens)
         start = max(0, r._stop_scan - max(len(s) for s in r.params.stop))
         found = [i for i in (text.find(s, start) for s in r.params.stop) if i >= 0]
         r._stop_scan = len(text)
-        if found:
-            r.text = text[:min(found)]
-            return True
-        return False
+        if not found:
+            return False
+        cut = min(found)
+        completes = lambda k: any(stop in decode(r.tokens[:k]) for stop in r.params.stop)
+        keep = next(k for k in range(len(r.tokens) - new + 1, len(r.tokens) + 1) if completes(k))
+        r.generated -= len(r.tokens) - keep
+        del r.tokens[keep:], r.logprobs[keep:], r.top_logprobs[keep:]
+        r.text = text[:cut]
+        return True
 
     def _finish(self, r: Request, reason: str) -> None:
         if r.finish_reason is not None:

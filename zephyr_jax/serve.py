@@ -211,6 +211,13 @@ def finish_reason(r: Request) -> str:
     return "length" if r.finish_reason == "length" else "stop"
 
 
+def raise_engine_error(requests: list[Request]) -> None:
+    """500 when the engine failed a request (an exception in a jitted call); the server goes on."""
+    for r in requests:
+        if r.finish_reason == "error":
+            raise ApiError(500, f"generation failed: {r.error}", None, None, "server_error")
+
+
 def log_line(r: Request) -> None:
     seconds = (r.finished_at or time.perf_counter()) - r.submitted_at
     log.info("%s prompt_tokens=%d completion_tokens=%d seconds=%.3f finish=%s", r.id, len(r.prompt), r.generated,
@@ -322,6 +329,7 @@ def create_app(server: Server):
         head = {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name}
         if not stream:
             await wait_all(http, requests, updates)
+            raise_engine_error(requests)
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
                         "logprobs": server.chat_logprobs(r) if want else None, "finish_reason": finish_reason(r)}
                        for i, r in enumerate(requests)]
@@ -342,6 +350,10 @@ def create_app(server: Server):
                     for i, r in enumerate(requests):
                         if finished[i]:
                             continue
+                        if r.finish_reason == "error":
+                            yield sse(ApiError(500, r.error, kind="server_error").body())
+                            finished = [True] * len(requests)
+                            break
                         text, done = r.new_text(server.tokenizer), r.done.is_set()
                         if text or done:
                             lp = server.chat_logprobs(r, sent[i]) if want else None
@@ -378,6 +390,7 @@ def create_app(server: Server):
                     prompt_logprobs=logprobs if echo and logprobs is not None else None)))
         requests, updates = submit_all(jobs)
         await wait_all(http, requests, updates)
+        raise_engine_error(requests)
         choices = []
         for i, r in enumerate(requests):
             text = (server.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + r.text
