@@ -2,9 +2,16 @@
   - zephyr_jax.serve (continuous batching over KV-cache slots),
   - `transformers serve --continuous-batching` (PyTorch, paged attention), on the same weights,
   - static batches of zephyr_jax's generate() on the same requests (in process: each call of `clients` prompts
-    returns when its longest reply ends, then the next batch starts; no HTTP).
-Reports requests/s, output tokens/s, time to first token and latency (p50 / p99). Each load runs twice and the
-second run is measured: the first compiles every shape (zephyr_jax) and warms the caches (all systems).
+    returns when its longest reply ends, then the next batch starts; no HTTP; the engine drops finished rows
+    from its decoding calls, so only the waiting is static);
+  - `static_before`: the same with the generate() before the engine (commit 005ba0e: a padded while_loop that
+    computes every row until the longest ends), run from a checkout of that commit:
+    git worktree add /tmp/before 005ba0e && PYTHONPATH=/tmp/before python bench/serve_throughput.py \
+      --systems=static_before --model=HF_DIR
+Reports requests/s, output tokens/s, time to first token and latency (p50 / p99). Each load runs --warmups times
+before the measured run, which compiles the shapes it meets (zephyr_jax) and warms the caches (all systems); for
+zephyr_jax the row also says how many programs were still compiled during the measured run, and the share of
+computed prefill / decode positions that were real tokens.
 
     python bench/serve_throughput.py [--clients=1,8,32] [--systems=zephyr,transformers,static] [--model=HF_DIR]
 
@@ -136,16 +143,29 @@ async def drive(url: str, model: str, requests: list[tuple[str, int]], clients: 
 
 
 def bench_server(name: str, command: list[str], port: int, model_id: str, loads, workdir: str,
-                 extra: dict) -> list[dict]:
+                 extra: dict, warmups: int) -> list[dict]:
     """extra: request fields beyond OpenAI's (transformers serve refuses unknown ones)."""
+    import httpx
+
     proc = start(command, port, os.path.join(workdir, f"{name}.log"))
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     rows = []
     try:
+        health = lambda: httpx.get(f"http://127.0.0.1:{port}/health").json().get("stats", {})
         for clients, requests in loads:
-            asyncio.run(drive(url, model_id, requests, clients, extra))  # warm-up: compile / load everything once
+            for _ in range(warmups):  # compile / load / allocate what this load needs
+                asyncio.run(drive(url, model_id, requests, clients, extra))
+            before = health()
             results, seconds = asyncio.run(drive(url, model_id, requests, clients, extra))
+            after = health()
             rows.append(summary(name, clients, results, seconds))
+            if "compiled_programs" in after:  # zephyr_jax: compiles and padding during the measured run
+                rows[-1]["compiled_during_run"] = after["compiled_programs"] - before["compiled_programs"]
+                for kind in ("prefill", "decode"):
+                    real = after.get(f"{kind}_tokens" if kind == "prefill" else "tokens", 0) - \
+                        before.get(f"{kind}_tokens" if kind == "prefill" else "tokens", 0)
+                    computed = after.get(f"{kind}_positions", 0) - before.get(f"{kind}_positions", 0)
+                    rows[-1][f"{kind}_real_fraction"] = round(real / max(computed, 1), 3)
             print(json.dumps(rows[-1]), flush=True)
     finally:
         proc.terminate()
@@ -156,7 +176,7 @@ def bench_server(name: str, command: list[str], port: int, model_id: str, loads,
 # --- static batches in process ----------------------------------------------------------------------------
 
 
-def bench_static(model_dir: str, loads) -> list[dict]:
+def bench_static(model_dir: str, loads, warmups: int) -> list[dict]:
     import zephyr_jax
     from zephyr_jax.engine import SamplingParams
     from zephyr_jax.generate import run
@@ -179,7 +199,44 @@ def bench_static(model_dir: str, loads) -> list[dict]:
 
     rows = []
     for clients, requests in loads:
-        serve(clients, requests)  # warm-up: every shape compiled once
+        for _ in range(warmups):
+            serve(clients, requests)  # warm-up: every shape compiled once
+        rows.append(serve(clients, requests))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_static_before(model_dir: str, loads, warmups: int) -> list[dict]:
+    """Static batches of the generate() of commit 005ba0e (before the engine: one jax.lax.while_loop over a
+    left-padded batch, every row computed until the longest reply ends). Run with PYTHONPATH set to a checkout of
+    that commit (`git worktree add /tmp/before 005ba0e`): the batch asks for its longest reply, and each request
+    counts only its own tokens, ending when the batch does."""
+    import jax.numpy as jnp
+
+    from zephyr_jax import hf
+    from zephyr_jax.generate import generate
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    assert not hasattr(hf, "read_weights"), "run this with PYTHONPATH pointing at a checkout of commit 005ba0e"
+    model = hf.load_pretrained(model_dir, dtype=jnp.float32)
+    tok = load_tokenizer(model_dir)
+
+    def serve(clients, requests):
+        results, start = [], time.perf_counter()
+        for i in range(0, len(requests), clients):
+            batch = requests[i:i + clients]
+            batch_start = time.perf_counter()
+            generate(model, tok, [[{"role": "user", "content": p}] for p, _ in batch],
+                     max_new_tokens=max(n for _, n in batch))
+            end = time.perf_counter()  # a static batch returns all its replies at once
+            results += [{"ttft": end - batch_start, "latency": end - batch_start, "tokens": n} for _, n in batch]
+        return summary("static generate() before the engine (005ba0e)", clients, results,
+                       time.perf_counter() - start)
+
+    rows = []
+    for clients, requests in loads:
+        for _ in range(warmups):
+            serve(clients, requests)
         rows.append(serve(clients, requests))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -191,6 +248,7 @@ def main():
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", default="8,32,64", help="requests per client count")
     parser.add_argument("--systems", default="zephyr,transformers,static")
+    parser.add_argument("--warmups", type=int, default=2, help="unmeasured runs of each load before the measured one")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
 
@@ -206,14 +264,16 @@ def main():
         rows += bench_server("zephyr_jax.serve", [
             sys.executable, "-m", "zephyr_jax.serve", f"--model={model_dir}", "--dtype=float32", f"--port={port}",
             "--served-model-name=bench", f"--max-slots={max_clients}", "--max-length=2048",
-            f"--max-queue={4 * max_clients}"], port, "bench", loads, workdir, {"ignore_eos": True})
+            f"--max-queue={4 * max_clients}"], port, "bench", loads, workdir, {"ignore_eos": True}, args.warmups)
     if "transformers" in systems:
         port = free_port()
         rows += bench_server("transformers serve --continuous-batching", [
             "transformers", "serve", model_dir, "--continuous-batching", "--device=cpu", "--dtype=float32",
-            f"--port={port}", "--host=127.0.0.1"], port, model_dir, loads, workdir, {})
+            f"--port={port}", "--host=127.0.0.1"], port, model_dir, loads, workdir, {}, args.warmups)
     if "static" in systems:
-        rows += bench_static(model_dir, loads)
+        rows += bench_static(model_dir, loads, args.warmups)
+    if "static_before" in systems:
+        rows += bench_static_before(model_dir, loads, args.warmups)
     print("\n| system | clients | requests | req/s | output tok/s | TTFT p50 (s) | latency p50 (s) | p99 (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -10,8 +10,9 @@ Every request gets a slot for its whole life. Each scheduling step
 A finished or cancelled request frees its slot at once, and the next waiting request takes it in the next step,
 while the other slots go on decoding: nobody waits for the longest reply of a batch.
 
-Shapes are bucketed (powers of two: rows, chunk length, and how much of the cache attention reads), so each
-bucket compiles once. The cache is donated to every call, so it is updated in place. Parameters may be sharded
+Shapes are bucketed (rows and chunk lengths to 2^k or 3 * 2^(k-1), how much of the cache attention reads to
+powers of two; prefill calls take power-of-two groups of requests, so no row is padding), so each bucket
+compiles once. The cache is donated to every call, so it is updated in place. Parameters may be sharded
 over a mesh (zephyr_jax.load(..., mesh=...)); XLA gathers what each layer needs.
 
 Use it synchronously (`generate`) or from a server (`start` runs the loop on a thread; `submit` and `cancel` may
@@ -125,7 +126,15 @@ class Request:
 
 
 def _bucket(n: int, minimum: int, maximum: int) -> int:
+    """The power of two >= n, within [minimum, maximum]."""
     return min(max(minimum, 1 << (max(n, 1) - 1).bit_length()), maximum)
+
+
+def _fine_bucket(n: int, minimum: int, maximum: int) -> int:
+    """The smallest of 2^k and 3 * 2^(k-1) that holds n, within [minimum, maximum]: at most a third is padding,
+    for twice the shapes of powers of two."""
+    power = _bucket(n, 1, 1 << 62)
+    return min(max(minimum, 3 * power // 4 if power >= 4 and 3 * power // 4 >= n else power), maximum)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv_length", "top_n", "prompt_top_n"),
@@ -270,6 +279,11 @@ class Engine:
         bar.close()
         return requests
 
+    @staticmethod
+    def compiled_programs() -> int:
+        """Prefill and decode programs compiled so far in this process (one per bucket met)."""
+        return _prefill._cache_size() + _decode._cache_size()
+
     def busy(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
 
@@ -339,9 +353,12 @@ class Engine:
         for request in self.slots:
             if request is not None and request._prefilled < len(request.prompt):
                 n = min(self.prefill_chunk, len(request.prompt) - request._prefilled)
-                chunks[_bucket(n, 16, self.prefill_chunk)].append(request)
+                chunks[_fine_bucket(n, 16, self.prefill_chunk)].append(request)
         for length, requests in sorted(chunks.items()):
-            self._prefill_call(length, requests)
+            while requests:  # power-of-two groups (5 = 4 + 1), so no call computes padding rows
+                count = 1 << (len(requests).bit_length() - 1)
+                self._prefill_call(length, requests[:count])
+                requests = requests[count:]
 
     def _prefill_call(self, length: int, requests: list[Request]) -> None:
         rows = _bucket(len(requests), 1, self.max_slots)
@@ -369,6 +386,7 @@ class Engine:
         first = jax.device_get(first)
         scores = jax.device_get(scores)
         self.stats["prefill_calls"] += 1
+        self.stats["prefill_positions"] += rows * length  # computed, padding included
         self.stats["prefill_tokens"] += sum(min(length, len(r.prompt) - r._prefilled) for r in requests)
         for row, r in enumerate(requests):
             n = min(length, len(r.prompt) - r._prefilled)
@@ -402,14 +420,18 @@ class Engine:
                     and r._prefilled == len(r.prompt)]
         if not decoding:
             return
-        # Only the decoding slots are computed, in a bucketed number of rows (not all max_slots).
-        n = _bucket(len(decoding), 1, self.max_slots)
+        # Few decoding slots: only they are computed (a bucketed number of rows, their caches gathered). Most
+        # slots decoding: all rows are, in slot order, which reads the cache in place instead of gathering it.
+        n = _fine_bucket(len(decoding), 1, self.max_slots)
+        everyone = 2 * n > self.max_slots
+        n = self.max_slots if everyone else n
+        places = [r._slot for r in decoding] if everyone else range(len(decoding))  # each request's row
         rows = np.full((n,), self.max_slots, np.int32)
         tokens, lengths = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         active, remaining = np.zeros((n,), bool), np.zeros((n,), np.int32)
         stop_ids = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
         counters = np.zeros((n,), np.uint32)
-        for i, r in enumerate(decoding):
+        for r, i in zip(decoding, places):
             rows[i], tokens[i] = r._slot, r._last_token
             lengths[i] = len(r.prompt) + r.generated - 1  # the last token is not in the cache yet
             active[i], remaining[i], counters[i] = True, r.params.max_tokens - r.generated, r.generated
@@ -417,12 +439,14 @@ class Engine:
             stop_ids[i, :len(ids)] = ids
         kv_length = _bucket(int(lengths.max()) + self.decode_steps, 128, self.max_length)
         top_n = TOP_LOGPROBS if any(r.params.logprobs for r in decoding) else 0
-        sampling = self._sampling(decoding, n, counters)
-        self.cache, out = _decode(self.graphdef, self.state, self.cache, rows, tokens, lengths, active, remaining,
-                                  stop_ids, sampling, steps=self.decode_steps, kv_length=kv_length, top_n=top_n)
+        sampling = self._sampling(self.slots if everyone else decoding, n, counters)
+        self.cache, out = _decode(self.graphdef, self.state, self.cache, None if everyone else rows, tokens, lengths,
+                                  active, remaining, stop_ids, sampling, steps=self.decode_steps,
+                                  kv_length=kv_length, top_n=top_n)
         new, logprob, top, emitted = jax.device_get(out)
         self.stats["decode_calls"] += 1
-        for i, r in enumerate(decoding):
+        self.stats["decode_positions"] += n * self.decode_steps  # computed, idle rows included
+        for r, i in zip(decoding, places):
             before = len(r.tokens)
             for step in range(self.decode_steps):
                 if r.finish_reason is None and emitted[step, i]:

@@ -263,7 +263,8 @@ def create_app(server: Server):
     async def health():
         engine = server.engine
         return {"status": "ok", "waiting": len(engine.waiting),
-                "running": sum(s is not None for s in engine.slots), "slots": engine.max_slots}
+                "running": sum(s is not None for s in engine.slots), "slots": engine.max_slots,
+                "stats": {**engine.stats, "compiled_programs": engine.compiled_programs()}}
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):
