@@ -220,6 +220,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None) -> dict:
     from zephyr_jax import train
     from zephyr_jax.chat import reply
     from zephyr_jax.config_common import load_config
+    from zephyr_jax.engine import Engine
     from zephyr_jax.export import export
     from zephyr_jax.loading import load
     from zephyr_jax.tokenizer import load_tokenizer
@@ -243,7 +244,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None) -> dict:
     messages = question.get("messages") or [{"role": "user", "content": question["prompt"]}]
     print(f"\n== sample chat reply (exported model in {hf_dir}) ==\nuser> {messages[-1]['content']}\nzephyr> ",
           end="")
-    reply(model, tok, messages, max_new_tokens=8, temperature=0.0)
+    reply(Engine(model, tok, max_slots=1, max_length=128), tok, messages, max_new_tokens=8, temperature=0.0)
     print(f"(correct answer: {question['answer']})\n")
     print("held-out effect of dDPO          dSFT     dSFT + dDPO")
     for k in ("task_accuracy", "preference_accuracy"):
