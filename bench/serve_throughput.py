@@ -248,6 +248,7 @@ def main():
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", default="8,32,64", help="requests per client count")
     parser.add_argument("--systems", default="zephyr,transformers,static")
+    parser.add_argument("--decode-steps", type=int, default=8, help="zephyr_jax.serve's tokens per decoding call")
     parser.add_argument("--warmups", type=int, default=2, help="unmeasured runs of each load before the measured one")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -264,7 +265,8 @@ def main():
         rows += bench_server("zephyr_jax.serve", [
             sys.executable, "-m", "zephyr_jax.serve", f"--model={model_dir}", "--dtype=float32", f"--port={port}",
             "--served-model-name=bench", f"--max-slots={max_clients}", "--max-length=2048",
-            f"--max-queue={4 * max_clients}"], port, "bench", loads, workdir, {"ignore_eos": True}, args.warmups)
+            f"--max-queue={4 * max_clients}", f"--decode-steps={args.decode_steps}"], port, "bench", loads, workdir,
+            {"ignore_eos": True}, args.warmups)
     if "transformers" in systems:
         port = free_port()
         rows += bench_server("transformers serve --continuous-batching", [

@@ -40,5 +40,7 @@ def write(buffer, layer, rows, positions, new):
 
 def read(buffer, layer, rows, length: int):
     """The first `length` positions of layer `layer` for rows [B] (None: every row): [B, length, K, D]."""
-    per_layer = jax.lax.dynamic_index_in_dim(buffer, layer, axis=0, keepdims=False)[:, :length]
-    return per_layer if rows is None else jnp.take(per_layer, rows, axis=0, mode="clip")
+    _, slots, _, heads, dim = buffer.shape
+    # One slice of exactly what is read (indexing the layer first would copy its whole [slots, S] block).
+    block = jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), (1, slots, length, heads, dim))[0]
+    return block if rows is None else jnp.take(block, rows, axis=0, mode="clip")
