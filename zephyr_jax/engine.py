@@ -125,6 +125,17 @@ class Request:
         return delta
 
 
+def _top_pairs(logprobs, ids, k: int) -> list[tuple[int, float]]:
+    """The first k of lax.top_k's (values, indices) as (token id, log-prob) pairs."""
+    return list(zip(ids[:k].tolist(), logprobs[:k].tolist()))
+
+
+def _first_stop(text: str, stops, start: int = 0) -> int | None:
+    """Where the first of the stop strings begins in text (searching from `start`), or None."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
 def _bucket(n: int, minimum: int, maximum: int) -> int:
     """The power of two >= n, within [minimum, maximum]."""
     return min(max(minimum, 1 << (max(n, 1) - 1).bit_length()), maximum)
@@ -264,7 +275,7 @@ class Engine:
 
         pending = collections.deque(requests)
         bar = tqdm(total=len(requests), desc="generate", disable=not progress, mininterval=2)
-        finished = 0
+        finished = self.stats["finished"]
         while pending or self.busy():
             while pending and len(self.waiting) < self.max_slots:  # feed the queue, never beyond its bound
                 try:
@@ -273,9 +284,8 @@ class Engine:
                     break
                 pending.popleft()
             self.step()
-            now = sum(r.done.is_set() for r in requests)
-            bar.update(now - finished)
-            finished = now
+            bar.update(self.stats["finished"] - finished)
+            finished = self.stats["finished"]
         bar.close()
         return requests
 
@@ -410,8 +420,7 @@ class Engine:
         for i in range(count):
             if "top" in scores and r.params.prompt_logprobs:
                 k = r.params.prompt_logprobs
-                r.prompt_top_logprobs.append(list(zip(scores["top"][1][row, i, :k].tolist(),
-                                                      scores["top"][0][row, i, :k].tolist())))
+                r.prompt_top_logprobs.append(_top_pairs(scores["top"][0][row, i], scores["top"][1][row, i], k))
             else:
                 r.prompt_top_logprobs.append([])
 
@@ -485,7 +494,7 @@ class Engine:
         if r.params.logprobs is not None:
             r.logprobs.append(logprob)
             k = r.params.logprobs
-            r.top_logprobs.append([] if top is None or not k else list(zip(top[1][:k].tolist(), top[0][:k].tolist())))
+            r.top_logprobs.append([] if top is None else _top_pairs(top[0], top[1], k))
         if r.generated >= r.params.max_tokens:
             self._finish(r, "length")
 
@@ -495,37 +504,37 @@ class Engine:
         if r.finish_reason is not None or not new:
             return
         if r.params.stop and self._stop_string(r, new):
-            self._finish(r, "stop")
-        elif r.on_update is not None:
+            return
+        if r.on_update is not None:
             r.on_update(r)
 
     def _stop_string(self, r: Request, new: int) -> bool:
-        """Whether the reply now holds a stop string. If so, its text is cut before it, and the tokens sampled
-        after the one that completed it (later in the same call) are dropped."""
+        """Whether the reply now holds a stop string. If so, the request ends with its text cut before it, and
+        the tokens sampled after the one that completed it (later in the same call) are dropped."""
         decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)
         text = decode(r.tokens)
-        start = max(0, r._stop_scan - max(len(s) for s in r.params.stop))
-        found = [i for i in (text.find(s, start) for s in r.params.stop) if i >= 0]
+        cut = _first_stop(text, r.params.stop, max(0, r._stop_scan - max(len(s) for s in r.params.stop)))
         r._stop_scan = len(text)
-        if not found:
+        if cut is None:
             return False
-        cut = min(found)
         completes = lambda k: any(stop in decode(r.tokens[:k]) for stop in r.params.stop)
         keep = next(k for k in range(len(r.tokens) - new + 1, len(r.tokens) + 1) if completes(k))
         r.generated -= len(r.tokens) - keep
         del r.tokens[keep:], r.logprobs[keep:], r.top_logprobs[keep:]
-        r.text = text[:cut]
+        self._finish(r, "stop", text[:cut])
         return True
 
-    def _finish(self, r: Request, reason: str) -> None:
+    def _finish(self, r: Request, reason: str, text: str | None = None) -> None:
+        """Ends a request; `text`: its final text when the caller already cut it at a stop string."""
         if r.finish_reason is not None:
             return
-        if not (reason == "stop" and r.params.stop and r.text) and self.tokenizer is not None:
+        if text is not None:
+            r.text = text
+        elif self.tokenizer is not None:
             r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-            if r.params.stop:  # a stop string completed by the last token of a max_tokens reply
-                found = [i for i in (r.text.find(s) for s in r.params.stop) if i >= 0]
-                if found:
-                    r.text, reason = r.text[:min(found)], "stop"
+            cut = _first_stop(r.text, r.params.stop)  # a stop string completed by a max_tokens reply's last token
+            if cut is not None:
+                r.text, reason = r.text[:cut], "stop"
         r.finish_reason, r.finished_at = reason, time.perf_counter()
         if r._slot is not None and self.slots[r._slot] is r:
             self.slots[r._slot] = None
