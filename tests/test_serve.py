@@ -185,6 +185,17 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
+def _health_when(base, running, waiting, timeout, poll):
+    """/health once `running` slots are busy and `waiting` requests queue (or the last answer at the timeout)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        health = httpx.get(base + "/health").json()
+        if health["running"] == running and health["waiting"] == waiting:
+            break
+        time.sleep(poll)
+    return health
+
+
 def test_a_full_queue_answers_429_and_never_drops_an_accepted_request(server):
     """4 slots busy and 4 requests waiting (--max-queue=4): the next ones are refused with 429 and Retry-After;
     all 8 accepted ones finish in full."""
@@ -193,12 +204,7 @@ def test_a_full_queue_answers_429_and_never_drops_an_accepted_request(server):
             "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         accepted = [pool.submit(_post, base, "/v1/completions", body) for _ in range(8)]
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            health = httpx.get(base + "/health").json()
-            if health["running"] == 4 and health["waiting"] == 4:
-                break
-            time.sleep(0.02)
+        health = _health_when(base, running=4, waiting=4, timeout=60, poll=0.02)
         refused = [_post(base, "/v1/completions", body) for _ in range(3)]
         accepted = [f.result() for f in accepted]
     assert health["running"] == 4 and health["waiting"] == 4, health
@@ -221,12 +227,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         next(lines)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        health = httpx.get(base + "/health").json()
-        if health["running"] == 0 and health["waiting"] == 0:
-            break
-        time.sleep(0.2)
+    health = _health_when(base, running=0, waiting=0, timeout=30, poll=0.2)
     assert health["running"] == 0 and health["waiting"] == 0
     assert "finish=cancelled" in log_path.read_text()
 

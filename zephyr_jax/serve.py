@@ -245,11 +245,18 @@ def create_app(server: Server):
         return JSONResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(),
                             status_code=405)
 
+    def authorize(request: HttpRequest) -> None:
+        if server.api_key is not None and request.headers.get("authorization", "") != f"Bearer {server.api_key}":
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key", "authentication_error")
+
+    def cancel_unfinished(requests: list[Request]) -> None:
+        for r in requests:
+            if not r.done.is_set():
+                server.engine.cancel(r)
+
     async def body_of(request: HttpRequest) -> dict:
-        if server.api_key is not None:
-            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
-                               "invalid_api_key", "authentication_error")
+        authorize(request)
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -268,8 +275,7 @@ def create_app(server: Server):
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):
-        if server.api_key is not None and request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-            raise ApiError(401, "missing or wrong API key", None, "invalid_api_key", "authentication_error")
+        authorize(request)
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "zephyr_jax", "max_model_len": server.engine.max_length}]}
 
@@ -289,8 +295,7 @@ def create_app(server: Server):
             for i, (prompt, params) in enumerate(jobs):
                 requests.append(server.submit(prompt, params, f"{base}-{i}", notify))
         except ApiError:
-            for r in requests:
-                server.engine.cancel(r)
+            cancel_unfinished(requests)
             raise
         return requests, updates
 
@@ -308,9 +313,7 @@ def create_app(server: Server):
                     if await http.is_disconnected():
                         return
         finally:
-            for r in requests:
-                if not r.done.is_set():
-                    server.engine.cancel(r)
+            cancel_unfinished(requests)
 
     def sse(payload: dict) -> str:
         return f"data: {json.dumps(payload)}\n\n"
@@ -367,9 +370,7 @@ def create_app(server: Server):
                     yield sse({**chunk, "choices": [], "usage": server.usage(requests)})
                 yield "data: [DONE]\n\n"
             finally:  # also when the client goes away mid-stream: free the slots
-                for r in requests:
-                    if not r.done.is_set():
-                        server.engine.cancel(r)
+                cancel_unfinished(requests)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
