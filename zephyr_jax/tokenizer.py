@@ -76,11 +76,12 @@ def tokenizer_for(path: str | None, tokenizer: str | None = None) -> transformer
     """The tokenizer that goes with a model (as zephyr_jax.load reads it): `tokenizer` if given, else the HF
     directory's own, else the one in a training workdir's config.json ("tokenizer"), else Mistral-7B-v0.1
     (offline)."""
+    from zephyr_jax.loading import is_workdir  # imported here: loading brings in jax
+
     if tokenizer is None and path and isinstance(path, str):
         if os.path.exists(os.path.join(path, "tokenizer_config.json")):
             tokenizer = path
-        elif os.path.exists(os.path.join(path, "config.json")) and \
-                os.path.exists(os.path.join(path, "model_config.json")):  # a workdir (loading.is_workdir)
+        elif os.path.exists(os.path.join(path, "config.json")) and is_workdir(path):
             with open(os.path.join(path, "config.json")) as f:
                 tokenizer = json.load(f).get("tokenizer")
     return load_tokenizer(tokenizer)
