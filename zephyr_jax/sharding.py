@@ -110,11 +110,3 @@ def named(mesh: Mesh, specs):
     """PartitionSpecs -> NamedShardings on `mesh` (same tree)."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
-
-def model_shardings(cfg, mesh: Mesh, rules: Sequence = DEFAULT_RULES):
-    """NamedShardings for every parameter of a Mistral(cfg) on `mesh` (what zephyr_jax.load(path, mesh=mesh)
-    places the parameters on; e.g. make_mesh((1, -1, 1)): FSDP over all devices)."""
-    from zephyr_jax.model import Mistral  # the model imports this module for `constrain`
-
-    abstract = nnx.state(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
-    return named(mesh, param_specs(abstract, rules))

@@ -1,8 +1,9 @@
 """Attention kernels and masks.
 
-`attend` is self-attention for training and prompt prefill (no KV cache), with the kernel picked by platform:
+`attend` is self-attention for training and scoring (no KV cache), with the kernel picked by platform:
 Pallas splash attention on TPUs, cuDNN flash attention on GPUs, einsum attention (`xla_attention` under
-`make_mask`) elsewhere. Decoding with a cache uses `make_mask` and `xla_attention` directly.
+`make_mask`) elsewhere. Decoding with the KV cache (Mistral.with_cache) builds its causal / window mask over
+cache positions and calls `xla_attention` directly.
 
 Shapes: q [B, T, N, D]; k, v [B, S, K, D] with N = K * G (grouped-query attention). A query may attend to a
 key when all of these hold:
