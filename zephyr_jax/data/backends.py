@@ -1,0 +1,222 @@
+"""Generators and judges behind one interface: an OpenAI-compatible endpoint, a zephyr_jax checkpoint run
+in-process by the engine, or a Python callable.
+
+Every backend answers one `Call` (chat messages, or a raw prompt for /v1/completions-style text such as Magpie's)
+with one `Reply`, asynchronously, so the data CLIs drive thousands of calls with plain asyncio and each backend
+bounds its own concurrency (the endpoint per base URL, the engine by its KV-cache slots). A failed call is a
+`Reply` with `text=None` and `error` set, counted in `stats`: never an exception that ends the run.
+
+Backend specs (the CLIs' --teacher/--generators/--judge flags):
+    endpoint:MODEL@URL[,URL...]   an OpenAI-compatible server (several URLs spread the load over a fleet);
+                                  the key comes from $OPENAI_API_KEY unless --api_key_env names another variable
+    engine:PATH                   zephyr_jax.load(PATH) on this process's devices, batched by the engine
+    callable:module:function      function(call: Call) -> str | Reply (may be async)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import importlib
+import inspect
+import random
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One request: `messages` (chat) or `prompt` (raw text, continued as it is)."""
+    messages: tuple[dict, ...] | list[dict] | None = None
+    prompt: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a Call takes exactly one of messages (chat) or prompt (raw text)")
+
+
+@dataclasses.dataclass
+class Reply:
+    text: str | None  # None when the call failed (see `error`)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    attempts: int = 1  # HTTP attempts (retries + 1) for an endpoint
+
+    @property
+    def ok(self) -> bool:
+        return self.text is not None
+
+
+class Backend:
+    """Base: `name` is the model name written into the outputs; `stats` counts calls, failures and tokens."""
+    name: str = "backend"
+
+    def __init__(self):
+        self.stats: collections.Counter = collections.Counter()
+
+    async def complete(self, call: Call) -> Reply:
+        reply = await self._complete(call)
+        self.stats["calls"] += 1
+        self.stats["failures"] += not reply.ok
+        self.stats["prompt_tokens"] += reply.prompt_tokens
+        self.stats["completion_tokens"] += reply.completion_tokens
+        return reply
+
+    async def _complete(self, call: Call) -> Reply:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def summary(self) -> str:
+        s = self.stats
+        return (f"{self.name}: {s['calls']} calls, {s['failures']} failed, {s['retries']} retries, "
+                f"{s['prompt_tokens']} prompt + {s['completion_tokens']} completion tokens")
+
+
+class CallableBackend(Backend):
+    """A Python function `fn(call) -> str | Reply` (sync functions run in worker threads, `concurrency` at once).
+    An exception from `fn` becomes a failed Reply, counted, with the exception's text."""
+
+    def __init__(self, fn: Callable, name: str | None = None, concurrency: int = 8):
+        super().__init__()
+        self.fn, self.name = fn, name or getattr(fn, "__name__", "callable")
+        self._limit = asyncio.Semaphore(concurrency)
+
+    async def _complete(self, call: Call) -> Reply:
+        async with self._limit:
+            try:
+                if inspect.iscoroutinefunction(self.fn):
+                    out = await self.fn(call)
+                else:
+                    out = await asyncio.to_thread(self.fn, call)
+            except Exception as e:  # noqa: BLE001 - a broken call is recorded, the run goes on
+                return Reply(None, error=f"{type(e).__name__}: {e}")
+        if isinstance(out, Reply):
+            return out
+        if not isinstance(out, str):
+            return Reply(None, error=f"{self.name} returned {type(out).__name__}, not str or Reply")
+        return Reply(out, finish_reason="stop")
+
+
+class EngineBackend(Backend):
+    """A zephyr_jax model on the engine's own thread: concurrent calls share its decode steps (no HTTP)."""
+
+    def __init__(self, model, tokenizer, name: str = "zephyr_jax", max_slots: int = 32,
+                 max_length: int | None = None, **engine_options):
+        from zephyr_jax.engine import Engine
+
+        super().__init__()
+        self.name, self.tokenizer = name, tokenizer
+        self.engine = Engine(model, tokenizer, max_slots=max_slots, max_length=max_length, **engine_options)
+        self.engine.start()
+
+    @classmethod
+    def from_path(cls, path: str, dtype: str = "bfloat16", **options) -> "EngineBackend":
+        from zephyr_jax.loading import load
+
+        model, tok = load(path, dtype=dtype)
+        return cls(model, tok, name=options.pop("name", None) or path.rstrip("/").split("/")[-1], **options)
+
+    def prompt_ids(self, call: Call) -> list[int]:
+        from zephyr_jax.tokenizer import render_chat
+
+        text = call.prompt if call.prompt is not None else \
+            render_chat(self.tokenizer, list(call.messages), add_generation_prompt=True)
+        return self.tokenizer(text).input_ids  # one BOS first, as in training and the server
+
+    async def _complete(self, call: Call) -> Reply:
+        from zephyr_jax.engine import Request, SamplingParams
+        from zephyr_jax.generate import request_seed
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_update(r):  # the engine's thread
+            if r.finish_reason is not None:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(r))
+
+        ids = self.prompt_ids(call)
+        room = self.engine.max_length - len(ids)
+        if room <= 0:
+            return Reply(None, prompt_tokens=len(ids), error=f"prompt of {len(ids)} tokens exceeds the context "
+                                                              f"of {self.engine.max_length}")
+        seed = request_seed(call.seed, 0) if call.seed is not None else random.getrandbits(32)
+        params = SamplingParams(max_tokens=min(call.max_tokens, room), temperature=call.temperature,
+                                top_p=call.top_p, seed=seed, stop=tuple(call.stop))
+        try:
+            self.engine.submit(Request(ids, params, on_update=on_update))
+        except ValueError as e:
+            return Reply(None, prompt_tokens=len(ids), error=str(e))
+        r = await done
+        if r.finish_reason == "error":
+            return Reply(None, prompt_tokens=len(ids), error=r.error or "engine error")
+        return Reply(r.text, prompt_tokens=len(ids), completion_tokens=r.generated, finish_reason=r.finish_reason)
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def load_callable(spec: str) -> Callable:
+    """"module:function" -> the function (ValueError naming what is missing)."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"{spec!r} is not 'module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load {spec!r}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"{spec!r} is not callable")
+    return fn
+
+
+def backend_from_spec(spec: str, *, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
+                      timeout: float = 120.0, max_retries: int = 6, dtype: str = "bfloat16",
+                      max_slots: int = 32) -> Backend:
+    """A backend from a spec string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "endpoint":
+        from zephyr_jax.data.endpoint import Endpoint
+
+        model, at, urls = rest.rpartition("@")
+        if not at or not model or not urls:
+            raise ValueError(f"{spec!r}: expected endpoint:MODEL@URL[,URL...]")
+        return Endpoint(model, urls.split(","), api_key_env=api_key_env, concurrency=concurrency,
+                        timeout=timeout, max_retries=max_retries)
+    if kind == "engine" and rest:
+        return EngineBackend.from_path(rest, dtype=dtype, max_slots=max_slots)
+    if kind == "callable" and rest:
+        return CallableBackend(load_callable(rest), name=rest, concurrency=concurrency)
+    raise ValueError(f"unknown backend spec {spec!r}: expected endpoint:MODEL@URL[,URL...], engine:PATH or "
+                     f"callable:module:function")
+
+
+async def map_bounded(fn, items, concurrency: int, desc: str, unit: str = " items") -> list:
+    """[await fn(item) for item in items] with at most `concurrency` in flight, results in input order, and a
+    progress bar. Work items are started lazily, so a million items do not make a million tasks at once."""
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    results: list = [None] * len(items)
+    queue = collections.deque(enumerate(items))
+    bar = tqdm(total=len(items), desc=desc, unit=unit, mininterval=1)
+
+    async def worker():
+        while queue:
+            i, item = queue.popleft()
+            results[i] = await fn(item)
+            bar.update(1)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(items))))))
+    finally:
+        bar.close()
+    return results

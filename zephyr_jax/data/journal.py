@@ -1,0 +1,107 @@
+"""Crash-safe, resumable outputs: an append-only JSONL of finished work items, keyed, with the run's settings
+beside it.
+
+Each finished call (a completion, a rating, a dialogue turn) is one line `{"key": [...], "value": {...}}`,
+written and flushed as soon as it is known, so a killed run (kill -9, preemption, a lost node) keeps everything
+it paid for. Flushed lines survive the process; only a power loss can take the last ones (pass fsync=True to
+cover that too). A rerun with the same settings reads the journal, skips the keys it holds, and does only the
+rest; the final output is assembled from the journal in input order, so it equals an uninterrupted run's.
+
+The last line of a killed run may be cut off mid-write: it is dropped (and the file cut back to the last whole
+line), and that item is done again. A run whose settings differ from those on disk is refused, naming the
+settings that differ, unless `overwrite` is given, which starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+
+class SettingsMismatch(ValueError):
+    pass
+
+
+def _normal(settings: dict) -> dict:
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+class Journal:
+    def __init__(self, path: str | os.PathLike, settings: dict, *, overwrite: bool = False, fsync: bool = False):
+        self.path = Path(path)
+        self.settings_path = self.path.with_name(self.path.name + ".settings.json")
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        settings = _normal(settings)
+        if overwrite:
+            self.path.unlink(missing_ok=True)
+            self.settings_path.unlink(missing_ok=True)
+        if self.settings_path.exists():
+            with open(self.settings_path, encoding="utf-8") as f:
+                old = json.load(f)
+            if old != settings:
+                diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
+                raise SettingsMismatch(
+                    f"{self.path} was made with other settings ({', '.join(f'{k}: {old.get(k)!r} on disk, '
+                    f'{settings.get(k)!r} now' for k in diff)}); rerun with the same settings to resume, or "
+                    f"pass --overwrite to start afresh")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.settings_path.with_name(self.settings_path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(settings, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.settings_path)
+        self.done: dict[tuple, dict] = {}
+        self.resumed = self._read()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _read(self) -> int:
+        """Loads the finished items; cuts off a partial last line. Returns how many items were read."""
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb") as f:
+            data = f.read()
+        whole = data.rfind(b"\n") + 1  # bytes up to the end of the last whole line
+        if whole < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(whole)
+        for n, line in enumerate(data[:whole].decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                key, value = tuple(item["key"]), item["value"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path}:{n}: not a journal line ({e}); the file was edited or damaged, "
+                                 f"rerun with --overwrite to start afresh") from e
+            self.done.setdefault(key, value)
+        return len(self.done)
+
+    def __contains__(self, key) -> bool:
+        return tuple(key) in self.done
+
+    def get(self, key, default=None):
+        return self.done.get(tuple(key), default)
+
+    def append(self, key, value: dict) -> None:
+        key = tuple(key)
+        line = json.dumps({"key": list(key), "value": value}, ensure_ascii=False) + "\n"
+        with self._lock:
+            if key in self.done:
+                return
+            self.done[key] = value
+            self._file.write(line)
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
