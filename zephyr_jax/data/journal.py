@@ -43,10 +43,9 @@ class Journal:
                 old = json.load(f)
             if old != settings:
                 diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
-                raise SettingsMismatch(
-                    f"{self.path} was made with other settings ({', '.join(f'{k}: {old.get(k)!r} on disk, '
-                    f'{settings.get(k)!r} now' for k in diff)}); rerun with the same settings to resume, or "
-                    f"pass --overwrite to start afresh")
+                changes = "; ".join(f"{k}: {old.get(k)!r} on disk, {settings.get(k)!r} now" for k in diff)
+                raise SettingsMismatch(f"{self.path} was made with other settings ({changes}); rerun with the "
+                                       f"same settings to resume, or pass --overwrite to start afresh")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.settings_path.with_name(self.settings_path.name + ".tmp")
