@@ -97,6 +97,20 @@ def test_hub_name_offline_fails_fast_and_names_it(monkeypatch):
     assert time.monotonic() - start < 5
 
 
+def test_missing_demo_data_says_it_is_not_here_and_how_to_make_it(monkeypatch, tmp_path):
+    """A fresh clone has no demo_data/: the error says the local path is missing and which command makes it."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConnectionError) as err:
+        load_rows("demo_data/sft", "train_sft")
+    message = str(err.value)
+    assert f"'demo_data/sft' is not a local path (nothing at {tmp_path / 'demo_data' / 'sft'})" in message
+    assert "python -m zephyr_jax.demo make-data --out=demo_data" in message
+
+
 def test_tfds_missing_package_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install zephyr_jax\[tfds\]"):

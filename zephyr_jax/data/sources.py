@@ -60,7 +60,18 @@ def load_rows(source, split: str | None, *, data_dir: str | os.PathLike | None =
         return _load_files(files, streaming)
     if path.is_absolute() or source.startswith(".") or os.path.exists(source):
         raise FileNotFoundError(f"{source!r} is neither a directory nor a {'/'.join(FORMATS)} file")
-    return load_hub(source, split, streaming=streaming)
+    try:
+        return load_hub(source, split, streaming=streaming)
+    except (ConnectionError, FileNotFoundError) as e:
+        # "owner/name" is also how a relative path looks: say that it is not here either, and how to make it.
+        raise type(e)(f"{source!r} is not a local path (nothing at {os.path.abspath(source)}), and as a "
+                                f"hub dataset it failed: {e}{_how_to_make(source)}") from e
+
+
+def _how_to_make(source: str) -> str:
+    if Path(source).parts[0] == "demo_data":
+        return "\nThe demo's data is made by: python -m zephyr_jax.demo make-data --out=demo_data"
+    return ""
 
 
 def load_hub(name: str, split: str | None, *, streaming: bool = False, cache_dir=None):
