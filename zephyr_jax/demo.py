@@ -104,6 +104,36 @@ def _score(kind: str, digits, reply: int) -> float:
     return round(SCORE_CORRECT - 9.0 * ranked.index(reply) / (len(digits) - 1), 2)
 
 
+def parse_question(prompt: str):
+    """(kind, digits) of a demo question, or None for any other text."""
+    for kind, template in TEMPLATES:
+        head, _, tail = template.partition("{digits}")
+        if prompt.startswith(head) and prompt.endswith(tail):
+            words = prompt[len(head):len(prompt) - len(tail)].split()
+            if words and all(w.isdigit() and len(w) == 1 for w in words):
+                return kind, [int(w) for w in words]
+    return None
+
+
+def teacher(call) -> str:
+    """The demo's dSFT teacher as a `data.backends` callable: answers the last user turn as the weak teacher
+    does, with randomness from the call's seed (so reruns and resumed runs agree)."""
+    question = parse_question(call.messages[-1]["content"])
+    if question is None:
+        raise ValueError(f"not a demo question: {call.messages[-1]['content']!r}")
+    return str(_teacher_reply(random.Random(call.seed), *question))
+
+
+def judge(row: dict, response: str) -> float:
+    """The programmatic judge for on-policy feedback: 5 for the right answer, down to 1 for the answer furthest
+    from it, 1 for a reply that is not one of the listed digits."""
+    kind, digits = parse_question(row["instruction"])
+    reply = normalize_reply(response or "")
+    if not (reply.isdigit() and int(reply) in digits):
+        return 1.0
+    return 1.0 + 4.0 * (_score(kind, digits, int(reply)) - 1.0) / (SCORE_CORRECT - 1.0)
+
+
 def prompt_id(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
