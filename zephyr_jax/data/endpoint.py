@@ -1,0 +1,243 @@
+"""An OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, TGI, zephyr_jax.serve) as a `Backend`.
+
+One model may sit behind several base URLs (a fleet of replicas): each call goes to the URL with the fewest calls in
+flight, and each URL admits at most `concurrency` requests at once. Rate limits (429), server errors (5xx, 408),
+timeouts and dropped connections are retried with exponential backoff and jitter, or after the server's
+Retry-After; other client errors (400, 401, 403, 404, 422, ...) fail at once. Retries are this class's own (the
+openai client's are switched off) so that every one is counted in `stats`: "retries", and by reason "retry_429",
+"retry_5xx", "retry_timeout", "retry_connection". A call that still fails is a `Reply` with `text=None` and an
+`error` that names the last error and the URL; the run goes on.
+
+    backend = Endpoint("gpt-4o", ["https://api.openai.com/v1"], price_per_million=(2.5, 10.0))
+    reply = await backend.complete(Call(messages=[{"role": "user", "content": "Hi"}]))
+    await backend.aclose()  # closes the connection pools of the running event loop
+    print(backend.summary())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+import os
+import random
+import time
+import urllib.parse
+
+from zephyr_jax.data.backends import Backend, Call, Reply
+
+try:
+    import openai
+except ImportError as e:  # only the endpoint backend needs it
+    raise ImportError("the endpoint backend needs the openai package: pip install 'openai>=1.30'") from e
+
+RETRY_REASONS = ("429", "5xx", "timeout", "connection")
+
+
+def retry_after_seconds(headers, now: float | None = None) -> float | None:
+    """The server's requested wait in seconds from `retry-after-ms` or `Retry-After` (seconds or an HTTP date),
+    or None when it sent neither (or something unreadable)."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+            if math.isfinite(value):
+                return max(0.0, value)
+        except ValueError:
+            pass
+    after = headers.get("retry-after")
+    if after is None:
+        return None
+    try:
+        value = float(after)
+        return max(0.0, value) if math.isfinite(value) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(after)
+    except (TypeError, ValueError):
+        return None
+    if when is None or when.tzinfo is None:  # an HTTP date is always GMT; anything else is not one
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _server_message(e: openai.APIStatusError) -> str:
+    """The message in an OpenAI-shaped error body ({"error": {"message": ...}} or {"message": ...})."""
+    body = e.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    return str(e.message)
+
+
+def _check_url(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"endpoint base URL {url!r} is not an http(s):// URL (e.g. http://host:8000/v1)")
+    return url.rstrip("/")
+
+
+class _LoopState:
+    """Clients, per-URL semaphores and in-flight counts of one event loop (asyncio objects are bound to a loop,
+    so a second asyncio.run gets its own)."""
+
+    def __init__(self, loop, clients, concurrency: int):
+        self.loop, self.clients = loop, clients
+        self.limits = [asyncio.Semaphore(concurrency) for _ in clients]
+        self.in_flight = [0] * len(clients)
+        self.turn = 0  # rotates the tie-break, so idle URLs share the first calls
+
+    def pick(self) -> int:
+        n = len(self.clients)
+        start, self.turn = self.turn, (self.turn + 1) % n
+        return min(((start + k) % n for k in range(n)), key=lambda i: self.in_flight[i])
+
+
+class Endpoint(Backend):
+    """An OpenAI-compatible model served at one or more base URLs (see the module docstring)."""
+
+    def __init__(self, model: str, base_urls: list[str], *, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 16, timeout: float = 120.0, max_retries: int = 6, backoff: float = 1.0,
+                 max_backoff: float = 60.0, price_per_million: tuple[float, float] = (0.0, 0.0)):
+        super().__init__()
+        if isinstance(base_urls, str):
+            base_urls = base_urls.split(",")
+        urls = [u.strip() for u in base_urls if u and u.strip()]
+        if not model:
+            raise ValueError("an endpoint needs a model name")
+        if not urls:
+            raise ValueError(f"endpoint {model!r} needs at least one base URL")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be at least 0, got {max_retries}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        if backoff < 0 or max_backoff < 0:
+            raise ValueError(f"backoff and max_backoff must be non-negative, got {backoff}, {max_backoff}")
+        self.name, self.base_urls = model, [_check_url(u) for u in urls]
+        self.api_key_env, self.concurrency, self.timeout = api_key_env, concurrency, float(timeout)
+        self.max_retries, self.backoff, self.max_backoff = max_retries, float(backoff), float(max_backoff)
+        self.price_per_million = tuple(float(p) for p in price_per_million)
+        self._states: dict = {}  # event loop -> _LoopState
+
+    # -- clients, one set per event loop --------------------------------------------------------------------------
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            for old in [lp for lp in self._states if lp.is_closed()]:
+                del self._states[old]  # its sockets went with its loop
+            key = os.environ.get(self.api_key_env) or "none"  # local servers accept any key
+            clients = [openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=0, timeout=self.timeout)
+                       for u in self.base_urls]
+            state = self._states[loop] = _LoopState(loop, clients, self.concurrency)
+        return state
+
+    async def aclose(self) -> None:
+        """Close the running loop's connection pools (call it before the loop ends, e.g. at the end of main())."""
+        state = self._states.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await asyncio.gather(*(c.close() for c in state.clients), return_exceptions=True)
+
+    async def __aenter__(self) -> "Endpoint":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def close(self) -> None:
+        """Close what can still be closed from outside a loop; prefer `await aclose()` inside it."""
+        for loop, state in list(self._states.items()):
+            if not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(asyncio.gather(*(c.close() for c in state.clients),
+                                                       return_exceptions=True))
+            del self._states[loop]
+
+    # -- one call ---------------------------------------------------------------------------------------------------
+    async def _request(self, client, call: Call) -> Reply:
+        kwargs = dict(model=self.name, temperature=call.temperature, top_p=call.top_p, max_tokens=call.max_tokens)
+        if call.seed is not None:
+            kwargs["seed"] = call.seed
+        if call.stop:
+            kwargs["stop"] = list(call.stop)
+        if call.messages is not None:
+            response = await client.chat.completions.create(messages=list(call.messages), **kwargs)
+            pick = lambda choice: choice.message.content  # noqa: E731
+        else:
+            response = await client.completions.create(prompt=call.prompt, **kwargs)
+            pick = lambda choice: choice.text  # noqa: E731
+        if not response.choices:
+            return Reply(None, error=f"{self.name}: the server's reply has no choices")
+        choice = response.choices[0]
+        usage = response.usage
+        return Reply(pick(choice) or "",  # an empty reply is the caller's to filter, not an error
+                     prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                     completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                     finish_reason=choice.finish_reason)
+
+    def _delay(self, attempt: int, hint: float | None) -> float:
+        if hint is not None:  # the server's word, plus a little jitter so a burst of callers does not return as one
+            return min(hint, self.max_backoff) * (1.0 + 0.1 * random.random())
+        cap = min(self.backoff * 2 ** attempt, self.max_backoff)
+        return cap * (0.5 + 0.5 * random.random())
+
+    async def _complete(self, call: Call) -> Reply:
+        state = self._state()
+        for attempt in range(self.max_retries + 1):
+            i = state.pick()
+            url = self.base_urls[i]
+            state.in_flight[i] += 1
+            hint = None
+            try:
+                async with state.limits[i]:
+                    reply = await asyncio.wait_for(self._request(state.clients[i], call), self.timeout)
+                reply.attempts = attempt + 1
+                return reply
+            except (openai.APITimeoutError, asyncio.TimeoutError):
+                reason, error = "timeout", f"timed out after {self.timeout:g} s"
+            except openai.APIConnectionError as e:
+                cause = e.__cause__ or e.__context__
+                reason, error = "connection", f"connection error: {cause or e}"
+            except openai.APIStatusError as e:
+                code = e.status_code
+                error = f"HTTP {code}: {_server_message(e)}"
+                if code == 429:
+                    reason = "429"
+                elif code >= 500:
+                    reason = "5xx"
+                elif code == 408:  # the server's own request timeout
+                    reason = "timeout"
+                else:  # the request itself is wrong: asking again gives the same answer
+                    return Reply(None, error=f"{self.name} at {url}: {error}", attempts=attempt + 1)
+                hint = retry_after_seconds(getattr(e.response, "headers", None))
+            except openai.OpenAIError as e:  # e.g. a body that is not a completion: not a transient fault
+                return Reply(None, error=f"{self.name} at {url}: {type(e).__name__}: {e}", attempts=attempt + 1)
+            finally:
+                state.in_flight[i] -= 1
+            if attempt == self.max_retries:
+                break
+            self.stats["retries"] += 1
+            self.stats[f"retry_{reason}"] += 1
+            await asyncio.sleep(self._delay(attempt, hint))  # outside the semaphore: a waiting call holds no slot
+        return Reply(None, error=f"{self.name} at {url}: {error} (gave up after {self.max_retries + 1} attempts)",
+                     attempts=self.max_retries + 1)
+
+    # -- accounting --------------------------------------------------------------------------------------------------
+    def cost(self) -> float:
+        """Estimated cost in the price's currency: tokens times price per million (input, output)."""
+        price_in, price_out = self.price_per_million
+        return (self.stats["prompt_tokens"] * price_in + self.stats["completion_tokens"] * price_out) / 1e6
+
+    def summary(self) -> str:
+        by_reason = ", ".join(f"{r} {self.stats[f'retry_{r}']}" for r in RETRY_REASONS)
+        text = f"{super().summary()} (retries by reason: {by_reason})"
+        if any(self.price_per_million):
+            text += f", estimated cost {self.cost():.4f} at {self.price_per_million} per million tokens (in, out)"
+        return text
