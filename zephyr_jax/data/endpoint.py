@@ -89,6 +89,7 @@ class _LoopState:
 
     def __init__(self, loop, clients, concurrency: int):
         self.loop, self.clients = loop, clients
+        self.closer = None
         self.limits = [asyncio.Semaphore(concurrency) for _ in clients]
         self.in_flight = [0] * len(clients)
         self.turn = 0  # rotates the tie-break, so idle URLs share the first calls
@@ -97,6 +98,15 @@ class _LoopState:
         n = len(self.clients)
         start, self.turn = self.turn, (self.turn + 1) % n
         return min(((start + k) % n for k in range(n)), key=lambda i: self.in_flight[i])
+
+
+async def _close_at_loop_end(endpoint: "Endpoint", loop, clients):
+    try:
+        yield
+    finally:
+        if endpoint._states.get(loop) is not None and endpoint._states[loop].clients is clients:
+            del endpoint._states[loop]
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
 class Endpoint(Backend):
@@ -128,23 +138,27 @@ class Endpoint(Backend):
         self._states: dict = {}  # event loop -> _LoopState
 
     # -- clients, one set per event loop --------------------------------------------------------------------------
-    def _state(self) -> _LoopState:
+    async def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
             for old in [lp for lp in self._states if lp.is_closed()]:
-                del self._states[old]  # its sockets went with its loop
+                del self._states[old]
             key = os.environ.get(self.api_key_env) or "none"  # local servers accept any key
             clients = [openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=0, timeout=self.timeout)
                        for u in self.base_urls]
             state = self._states[loop] = _LoopState(loop, clients, self.concurrency)
+            # asyncio.run closes every live async generator before it closes the loop: this one's `finally`
+            # closes the pools then, so a caller that never awaits aclose() leaves no sockets open
+            state.closer = _close_at_loop_end(self, loop, clients)
+            await state.closer.__anext__()
         return state
 
     async def aclose(self) -> None:
         """Close the running loop's connection pools (call it before the loop ends, e.g. at the end of main())."""
         state = self._states.pop(asyncio.get_running_loop(), None)
         if state is not None:
-            await asyncio.gather(*(c.close() for c in state.clients), return_exceptions=True)
+            await state.closer.aclose()
 
     async def __aenter__(self) -> "Endpoint":
         return self
@@ -156,8 +170,7 @@ class Endpoint(Backend):
         """Close what can still be closed from outside a loop; prefer `await aclose()` inside it."""
         for loop, state in list(self._states.items()):
             if not loop.is_closed() and not loop.is_running():
-                loop.run_until_complete(asyncio.gather(*(c.close() for c in state.clients),
-                                                       return_exceptions=True))
+                loop.run_until_complete(state.closer.aclose())
             del self._states[loop]
 
     # -- one call ---------------------------------------------------------------------------------------------------
@@ -189,7 +202,7 @@ class Endpoint(Backend):
         return cap * (0.5 + 0.5 * random.random())
 
     async def _complete(self, call: Call) -> Reply:
-        state = self._state()
+        state = await self._state()
         for attempt in range(self.max_retries + 1):
             i = state.pick()
             url = self.base_urls[i]
@@ -217,8 +230,10 @@ class Endpoint(Backend):
                 else:  # the request itself is wrong: asking again gives the same answer
                     return Reply(None, error=f"{self.name} at {url}: {error}", attempts=attempt + 1)
                 hint = retry_after_seconds(getattr(e.response, "headers", None))
-            except openai.OpenAIError as e:  # e.g. a body that is not a completion: not a transient fault
-                return Reply(None, error=f"{self.name} at {url}: {type(e).__name__}: {e}", attempts=attempt + 1)
+            except (openai.OpenAIError, ValueError) as e:  # a 200 whose body is not a completion (bad JSON, wrong
+                # shape): the server's answer, not a transient fault, so it is not asked again
+                return Reply(None, error=f"{self.name} at {url}: malformed reply: {type(e).__name__}: {e}",
+                             attempts=attempt + 1)
             finally:
                 state.in_flight[i] -= 1
             if attempt == self.max_retries:

@@ -1,0 +1,221 @@
+"""data.endpoint over real HTTP on 127.0.0.1 against tests/scripted_server.py: retries by reason match what the
+server did, failures are counted replies, the per-URL concurrency bound holds, a fleet shares the load."""
+
+import asyncio
+import email.utils
+import time
+
+import httpx
+import pytest
+
+from tests.scripted_server import ScriptedServer, drop, raw, sleep, status, text
+from zephyr_jax.data.backends import Call, backend_from_spec
+from zephyr_jax.data.endpoint import Endpoint, retry_after_seconds
+
+RETRY_AFTER = 0.3  # seconds: the one wait a test must really sit through
+
+
+def user(content):
+    return Call(messages=({"role": "user", "content": content},), temperature=0.0, max_tokens=16)
+
+
+def content_of(body):
+    return body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+
+
+def run_all(endpoint, calls):
+    async def main():
+        return await asyncio.gather(*(endpoint.complete(c) for c in calls))
+
+    return asyncio.run(main())
+
+
+def attempts_by_content(server):
+    seen = {}
+    for entry in server.log:
+        key = content_of(entry["body"])
+        seen[key] = max(seen.get(key, 0), entry["attempt"] + 1)
+    return seen
+
+
+def scripted(body, attempt):
+    """First attempt by the prompt's prefix; every later attempt a well-formed answer with known usage."""
+    c = content_of(body)
+    if attempt == 0:
+        if c.startswith("rate"):
+            return status(429, retry_after=RETRY_AFTER, message="slow down")
+        if c.startswith("ms"):
+            return status(429, retry_after_ms=RETRY_AFTER * 1000)
+        if c.startswith("error"):
+            return status(500)
+        if c.startswith("slow"):
+            return sleep(1.6, text("too late"))
+        if c.startswith("drop"):
+            return drop()
+    return text(f"answer to {c}", prompt_tokens=len(c), completion_tokens=attempt + 2)
+
+
+def test_retries_by_reason_match_the_server():
+    kinds = ["ok"] * 6 + ["rate"] * 2 + ["ms", "error", "error", "slow", "drop", "drop"]
+    prompts = [f"{k}-{i}" for i, k in enumerate(kinds)]
+    with ScriptedServer(scripted) as server:
+        ep = Endpoint("teacher", [server.base_url], timeout=1.0, backoff=0.01, max_retries=3)
+        started = time.monotonic()
+        replies = run_all(ep, [user(p) for p in prompts])
+        elapsed = time.monotonic() - started
+    assert [r.text for r in replies] == [f"answer to {p}" for p in prompts]
+    assert all(r.ok and r.finish_reason == "stop" for r in replies)
+    counts = server.counts()
+    assert counts == {"text": len(prompts), "429": 3, "500": 2, "sleep": 1, "drop": 2}
+    assert ep.stats["retry_429"] == counts["429"]
+    assert ep.stats["retry_5xx"] == counts["500"]
+    assert ep.stats["retry_timeout"] == counts["sleep"]
+    assert ep.stats["retry_connection"] == counts["drop"]
+    assert ep.stats["retries"] == len(server.log) - len(prompts)
+    assert ep.stats["calls"] == len(prompts) and ep.stats["failures"] == 0
+    seen = attempts_by_content(server)
+    assert [r.attempts for r in replies] == [seen[p] for p in prompts]
+    assert [r.attempts for r in replies] == [1 if k == "ok" else 2 for k in kinds]
+    # Retry-After (and retry-after-ms) was honoured, not the 0.01 s backoff
+    for p in [p for p in prompts if p.startswith(("rate", "ms"))]:
+        first, second = [e["time"] for e in server.log if content_of(e["body"]) == p]
+        assert second - first >= RETRY_AFTER
+    assert elapsed < 10
+
+
+def test_usage_and_cost_tally():
+    prompts = [f"ok-{i}" * (i + 1) for i in range(5)] + ["error-x", "rate-y"]
+    with ScriptedServer(scripted) as server:
+        ep = Endpoint("teacher", [server.base_url], backoff=0.01, price_per_million=(2.0, 8.0))
+        replies = run_all(ep, [user(p) for p in prompts])
+    # usage is counted for the answers only (a failed attempt reports none)
+    assert ep.stats["prompt_tokens"] == sum(len(p) for p in prompts) == sum(r.prompt_tokens for r in replies)
+    expected_completion = sum(2 if p.startswith("ok") else 3 for p in prompts)
+    assert ep.stats["completion_tokens"] == expected_completion
+    assert ep.cost() == pytest.approx((ep.stats["prompt_tokens"] * 2.0 + expected_completion * 8.0) / 1e6)
+    summary = ep.summary()
+    assert "2 retries" in summary and "429 1, 5xx 1, timeout 0, connection 0" in summary
+    assert f"{ep.cost():.4f}" in summary
+
+
+def test_always_failing_call_is_a_counted_failure_and_the_run_goes_on():
+    def respond(body, attempt):
+        c = content_of(body)
+        if c == "broken":
+            return status(500, message="disk on fire")
+        if c == "bad":
+            return status(400, message="max_tokens is too large")
+        if c == "denied":
+            return status(401, message="no key")
+        return text(f"fine {c}")
+
+    with ScriptedServer(respond) as server:
+        ep = Endpoint("teacher", [server.base_url], backoff=0.01, max_retries=4)
+        replies = run_all(ep, [user("a"), user("broken"), user("bad"), user("denied"), user("b")])
+    a, broken, bad, denied, b = replies
+    assert a.text == "fine a" and b.text == "fine b"
+    assert broken.text is None and broken.attempts == 5
+    assert "HTTP 500" in broken.error and "disk on fire" in broken.error and server.base_url in broken.error
+    assert sum(content_of(e["body"]) == "broken" for e in server.log) == ep.max_retries + 1
+    assert bad.text is None and bad.attempts == 1 and "HTTP 400" in bad.error and "max_tokens is too large" in bad.error
+    assert denied.attempts == 1 and "HTTP 401" in denied.error
+    assert server.counts() == {"text": 2, "500": 5, "400": 1, "401": 1}
+    assert ep.stats["failures"] == 3 and ep.stats["calls"] == 5
+    assert ep.stats["retries"] == ep.stats["retry_5xx"] == 4
+
+
+def test_unreachable_url_gives_up_with_the_url_in_the_error():
+    with ScriptedServer(lambda body, attempt: text("x")) as server:
+        url = server.base_url
+    ep = Endpoint("teacher", [url], backoff=0.01, max_retries=2, timeout=2.0)
+    (reply,) = run_all(ep, [user("anyone there?")])
+    assert reply.text is None and reply.attempts == 3
+    assert url in reply.error and "connection" in reply.error
+    assert ep.stats["retry_connection"] == 2 and ep.stats["failures"] == 1
+
+
+def test_malformed_body_is_a_failure_not_a_crash():
+    with ScriptedServer(lambda body, attempt: raw("{not json")) as server:
+        ep = Endpoint("teacher", [server.base_url], backoff=0.01)
+        (reply,) = run_all(ep, [user("q")])
+    assert reply.text is None and "malformed reply" in reply.error and reply.attempts == 1
+    assert ep.stats["failures"] == 1 and ep.stats["retries"] == 0
+
+
+def test_empty_content_is_an_empty_string_and_prompt_calls_use_completions():
+    def respond(body, attempt):
+        return text(None) if "messages" in body else text(" continued", completion_tokens=1)
+
+    with ScriptedServer(respond) as server:
+        ep = Endpoint("teacher", [server.base_url])
+        chat = Call(messages=[{"role": "user", "content": "hi"}], seed=7, stop=("</s>",))
+        empty, continued = run_all(ep, [chat, Call(prompt="<|user|>\n", max_tokens=8)])
+    assert empty.ok and empty.text == ""
+    assert continued.text == " continued" and continued.completion_tokens == 1
+    by_path = {e["path"]: e["body"] for e in server.log}
+    assert set(by_path) == {"/v1/chat/completions", "/v1/completions"}
+    assert by_path["/v1/chat/completions"]["seed"] == 7 and by_path["/v1/chat/completions"]["stop"] == ["</s>"]
+    assert by_path["/v1/completions"]["prompt"] == "<|user|>\n" and by_path["/v1/completions"]["max_tokens"] == 8
+    assert "seed" not in by_path["/v1/completions"] and "stop" not in by_path["/v1/completions"]
+    assert by_path["/v1/completions"]["model"] == "teacher"
+
+
+def test_concurrency_bound_per_url():
+    with ScriptedServer(lambda body, attempt: sleep(0.15, "done")) as server:
+        ep = Endpoint("teacher", [server.base_url], concurrency=3)
+        replies = run_all(ep, [user(f"q{i}") for i in range(12)])
+    assert all(r.text == "done" for r in replies)
+    assert server.max_in_flight == 3
+
+
+def test_a_fleet_shares_the_load():
+    with ScriptedServer(lambda body, attempt: sleep(0.1, "a")) as one, \
+            ScriptedServer(lambda body, attempt: sleep(0.1, "b")) as two:
+        ep = Endpoint("teacher", [one.base_url, two.base_url], concurrency=2)
+        replies = run_all(ep, [user(f"q{i}") for i in range(8)])
+    assert sorted(r.text for r in replies) == ["a"] * 4 + ["b"] * 4
+    assert len(one.log) == len(two.log) == 4
+    assert one.max_in_flight == two.max_in_flight == 2
+
+
+def test_works_across_event_loops():
+    with ScriptedServer(lambda body, attempt: text("again")) as server:
+        ep = Endpoint("teacher", [server.base_url])
+        for _ in range(3):  # each asyncio.run is a new loop; the clients of the last one closed with it
+            assert run_all(ep, [user("q")])[0].text == "again"
+
+        async def with_aclose():
+            async with ep:
+                return await ep.complete(user("q"))
+
+        assert asyncio.run(with_aclose()).text == "again"
+        ep.close()
+    assert ep.stats["calls"] == 4
+
+
+def test_retry_after_parsing():
+    assert retry_after_seconds(httpx.Headers({"retry-after": "2.5"})) == 2.5
+    assert retry_after_seconds(httpx.Headers({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    date = email.utils.formatdate(1_000_030, usegmt=True)
+    assert retry_after_seconds(httpx.Headers({"retry-after": date}), now=1_000_000) == pytest.approx(30)
+    assert retry_after_seconds(httpx.Headers({"retry-after": "soon"})) is None
+    assert retry_after_seconds(httpx.Headers({})) is None
+    assert retry_after_seconds(None) is None
+
+
+def test_backend_from_spec_and_bad_specs(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "secret")
+    ep = backend_from_spec("endpoint:org/model-7b@http://a:8000/v1,https://b/v1", api_key_env="MY_KEY",
+                           concurrency=5, max_retries=2, timeout=9)
+    assert isinstance(ep, Endpoint) and ep.name == "org/model-7b"
+    assert ep.base_urls == ["http://a:8000/v1", "https://b/v1"]
+    assert (ep.concurrency, ep.max_retries, ep.timeout, ep.api_key_env) == (5, 2, 9.0, "MY_KEY")
+    for spec in ["endpoint:model", "endpoint:@http://a/v1", "endpoint:model@"]:
+        with pytest.raises(ValueError, match="endpoint:MODEL@URL"):
+            backend_from_spec(spec)
+    with pytest.raises(ValueError, match="'ftp://a/v1' is not an http"):
+        backend_from_spec("endpoint:model@http://a/v1,ftp://a/v1")
+    with pytest.raises(ValueError, match="'localhost:8000' is not an http"):
+        Endpoint("m", ["localhost:8000"])
+    with pytest.raises(ValueError, match="concurrency"):
+        Endpoint("m", ["http://a/v1"], concurrency=0)
