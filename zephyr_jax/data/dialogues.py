@@ -1,0 +1,749 @@
+"""UltraChat-style self-instruct dialogues for dSFT, from any teacher: a simulated user and an assistant take
+turns, and the kept dialogues are written in the ultrachat_200k schema.
+
+CLI:
+    python -m zephyr_jax.data.dialogues --user=SPEC --assistant=SPEC --output=DIR
+        [--seeds=FILE [--seeds_split=train] [--seed_column=COL]] [--sector=world|writing|materials|all]
+        [--num_dialogues=N] [--min_turns=A --max_turns=B] [--seed=42] [--test_size=0.1]
+        [--concurrency=16] [--max_tokens=1024] [--temperature=1.0] [--max_turn_chars=8000]
+        [--api_key_env=OPENAI_API_KEY] [--overwrite]
+    python -m zephyr_jax.data.dialogues --mode=magpie --assistant=SPEC --num_dialogues=N --output=DIR
+        [--tokenizer=PATH] [--min_turns=1 --max_turns=1] ...
+SPEC is a backend spec (zephyr_jax.data.backends): endpoint:MODEL@URL[,URL...], engine:PATH or
+callable:module:function. --user defaults to --assistant (one model plays both parts).
+The Python API is `make_dialogues(seeds, user, assistant, output_dir, ...)`, which returns the stats.
+
+Seeds. Built in (`builtin_seeds`), UltraChat's three sectors in this project's own words, interleaved
+world, writing, materials, ... under --sector=all:
+    world      a topic from a list of meta-topics and subtopics; the user simulator writes the opening
+               question about it; 3-7 turns
+    writing    a writing type x an instruction template x a subject (a ready instruction); 2-4 turns
+    materials  an instruction template wrapped around a short passage (summarise, rewrite, question); 2-4 turns
+or from --seeds (`load_seeds`): a .txt file (one seed a line) or anything `sources.load_rows` reads, with a
+column "seed", "topic", "question", "prompt", "instruction" or "material" (first found, or --seed_column), and
+optionally "sector". A "topic" is handed to the user simulator to open with; "question"/"prompt"/"instruction"
+is the opening itself; a "material" passage is wrapped in a materials template (or follows the row's
+"instruction"/"question", if it has one); a "seed" (and a .txt line) is an opening when it looks like one
+(ends with "?", starts with a question word or an imperative verb, or spans lines), else a topic. Dialogue i
+uses seed i mod the number of seeds; --num_dialogues defaults to the number of seeds.
+
+A turn is one user message and the assistant's reply; each dialogue draws its number of turns from its
+sector's range (or --min_turns/--max_turns). The user simulator gets USER_SYSTEM as its system prompt and sees
+the conversation with the roles flipped (its own messages as "assistant"), so any chat model can play the user.
+
+Magpie mode (--mode=magpie): no seeds and no user model. The assistant model is given only its chat template's
+text up to the start of a user turn (rendered with --tokenizer's template around a sentinel, cut before it) as
+a raw prompt (/v1/completions on an endpoint), at temperature 1, stopped at the template's end-of-turn and
+role markers; what it writes is the user message, which the same model then answers greedily (temperature 0)
+through a chat call. Later turns give it the whole conversation so far followed by the user-turn prefix.
+
+Output (DIR):
+    train_sft.jsonl, test_sft.jsonl   rows {prompt, prompt_id, messages, sector, models}: the ultrachat_200k
+                                      schema (prompt_id = sha256 hex of the prompt), with the seed's sector and
+                                      {"user": name, "assistant": name} as provenance; dialogue order.
+                                      test_sft is a seeded sample (binarize.train_test_split) of --test_size
+                                      rows (a fraction below 1, else a count). load_rows(DIR, "train_sft")
+                                      reads them; the trainer takes DIR as data.train / data.eval.
+    stats.json                        counts, drops and truncations by reason, tokens, each backend's stats
+    journal/dialogues.jsonl           every finished call, keyed [dialogue, model name, message index]
+                                      (+ .settings.json): what a rerun resumes from
+
+Filters. Every message is checked as it arrives; the first check that fails ends the dialogue there:
+    failed call (Reply.ok False)         "failed user call" / "failed assistant call"
+    empty after stripping                "empty user turn" / "empty assistant turn"
+    "<s>", "</s>" or a role marker       "special-token text in ... turn" (the trainer refuses such rows)
+    stopped at max_tokens                "... turn cut off at max_tokens"
+    longer than --max_turn_chars         "... turn over N chars"
+    assistant refusal                    "refusal in assistant turn" (REFUSAL regexes)
+    "as an AI", "I don't have opinions"  "AI boilerplate in assistant turn" (BOILERPLATE regexes); in a user
+                                         turn "user simulator broke character"
+    same text as an earlier message      "repeated ... turn" (compared after normalizing case and punctuation)
+A failure in a later message truncates the dialogue to its last complete turn before it (counted in
+"truncated", by reason); a failure in the first turn drops the dialogue (counted in "dropped", by reason).
+Openings are made first for all dialogues; a dialogue whose normalized opening repeats an earlier dialogue's is
+dropped ("duplicate opening prompt") before anything more is asked for it. The user simulator's messages are
+tidied before the checks (a leading "User:" label and wrapping quotes removed, anything after a line starting
+"Assistant:" cut). Nothing is dropped silently: stats.json and the printed summary count every drop and
+truncation by reason.
+
+Determinism and resume. All randomness of dialogue i comes from random.Random(f"{seed}:{i}"), and each call
+carries the seed sha256(f"{seed}:{i}:{message index}"), so the output does not depend on completion order,
+concurrency or resuming. Each finished call is journaled (data.journal) as soon as it returns, keyed
+[dialogue, model name, message index]; a rerun replays journaled messages without calling again and goes on
+where it stopped, so after kill -9 at any moment the same command finishes with the same rows as an
+uninterrupted run. Failed calls are counted but not journaled: a rerun tries them again. The settings that
+decide the messages (mode, seeds, turn ranges, seed, sampling, filters, model names, prompts) are the
+journal's settings: a rerun with other settings is refused, naming them, unless --overwrite is given, which
+starts afresh. --num_dialogues, --test_size and --concurrency are not among them: a rerun with a larger
+--num_dialogues reuses every finished dialogue. The final files are assembled from the journal in dialogue
+order and replaced atomically (tmp + os.replace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+from zephyr_jax.data.backends import Backend, Call, backend_from_spec, map_bounded
+from zephyr_jax.data.binarize import train_test_split, write_jsonl
+from zephyr_jax.data.errors import SkipCounter
+from zephyr_jax.data.journal import Journal, SettingsMismatch
+
+MODES = ("ultrachat", "magpie")
+SECTOR_TURNS = {"world": (3, 7), "writing": (2, 4), "materials": (2, 4)}  # UltraChat's rounds per sector
+MAGPIE_TURNS = (1, 1)
+SEED_COLUMNS = ("seed", "topic", "question", "prompt", "instruction", "material")
+JOURNAL = "journal/dialogues.jsonl"
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+USER_SYSTEM = (
+    "You are playing the human side of a chat with an AI assistant. Write only the human's next message. "
+    "Be a curious, thoughtful person: ask follow-up questions about details of the last answer, ask for "
+    "examples, push back when something seems doubtful, or steer the talk to a related point you care about. "
+    "Keep each message short and natural, the way people really type. Do not answer your own questions, do "
+    "not write the assistant's reply, do not just thank the assistant, and never say that you are an AI or "
+    "that you are playing a part.")
+USER_TOPIC = " The conversation is about: {topic}."
+OPENING_REQUEST = ("Open a conversation with the assistant about this topic: {topic}. Write only your first "
+                   "message to the assistant: a question or a request a real person might have.")
+
+# ------------------------------------------------------------------------------------------------ built-in seeds
+
+WORLD_TOPICS = {  # meta-topic: subtopics
+    "science and nature": ("how vaccines teach the immune system", "plate tectonics and earthquakes",
+                           "the life cycle of a star", "why sunsets are red", "how honeybees share directions"),
+    "technology": ("how search engines rank pages", "public-key encryption", "batteries in electric cars",
+                   "what a compiler does", "how a phone finds its position by satellite"),
+    "history": ("the printing press and what it changed", "the end of the Western Roman Empire",
+                "trade along the Silk Road", "the industrial revolution in Britain", "the race to the Moon"),
+    "health": ("sleep and memory", "why antibiotics stop working", "what regular exercise does to the body",
+               "coping with stress at work", "how the heart pumps blood"),
+    "economics and money": ("what causes inflation", "compound interest", "how central banks set interest rates",
+                            "index funds versus picking stocks", "supply and demand in everyday prices"),
+    "arts and culture": ("the beginnings of jazz", "Impressionist painting", "how editing shapes a film",
+                         "the Japanese tea ceremony", "masks and choruses in ancient Greek theatre"),
+    "geography and travel": ("the climate of the Sahara", "why Venice floods", "planning a first trip abroad",
+                             "the great rivers of the world", "visiting national parks in Canada"),
+    "food and cooking": ("why bread dough is kneaded", "fermented foods like kimchi and yogurt",
+                         "cooking rice well", "where chocolate comes from", "a balanced vegetarian diet"),
+    "the environment": ("how recycling gets sorted", "coral bleaching", "wind and solar compared with coal",
+                        "why cities are hotter than the countryside", "protecting pollinators"),
+    "philosophy": ("free will and determinism", "the trolley problem", "what makes an argument valid",
+                   "Stoic ideas for daily life", "the ethics of testing on animals"),
+    "mathematics": ("why prime numbers matter", "the birthday paradox", "what calculus is good for",
+                    "different sizes of infinity", "averages that mislead"),
+    "language": ("how children learn to talk", "why English spelling is so irregular",
+                 "learning a second language as an adult", "how sign languages work", "the first writing systems"),
+    "sports and games": ("the rules of cricket", "training for a marathon", "the history of chess",
+                         "the modern Olympic Games", "what makes a football team work together"),
+    "learning and school": ("study habits that work", "teaching children at home", "whether everyone should "
+                            "learn to code", "preparing for a big exam", "online courses versus classrooms"),
+    "psychology": ("why habits are hard to break", "confirmation bias", "introverts and extroverts",
+                   "rewards and motivation", "false memories"),
+    "law and government": ("how a bill becomes a law", "the separation of powers", "what a jury decides",
+                           "copyright in plain terms", "different ways to count votes"),
+    "space": ("daily life on the International Space Station", "black holes", "looking for life on Mars",
+              "how rockets get to orbit", "why the Moon has phases"),
+    "home and everyday life": ("saving energy at home", "keeping houseplants alive", "a tidy small kitchen",
+                               "a monthly household budget", "looking after a bicycle"),
+    "work and careers": ("getting ready for a job interview", "asking for a raise", "working from home",
+                         "changing careers at forty", "writing a strong CV"),
+    "animals": ("how birds find their way when migrating", "how clever octopuses are", "the first weeks with a "
+                "new puppy", "why cats purr", "saving endangered species"),
+}
+
+WRITING_TYPES = ("short story", "poem", "haiku", "persuasive essay", "product description", "cover letter",
+                 "blog post", "wedding speech", "news report", "limerick", "scene of dialogue", "book review",
+                 "letter to an old friend", "advertising slogan", "social media post", "film synopsis",
+                 "opinion column", "fairy tale", "personal statement", "song chorus")
+WRITING_SUBJECTS = ("the first day at a new school", "a lighthouse keeper's last night on duty",
+                    "a city that has banned cars", "learning to swim as a grown-up", "the smell of rain",
+                    "a friendship that survived a long silence", "a robot that wants to grow tomatoes",
+                    "moving to a country where you do not speak the language", "a library nobody visits",
+                    "the last evening of the summer holidays", "a Saturday farmers' market",
+                    "a night train crossing the mountains")
+WRITING_TEMPLATES = ("Write {a_kind} about {subject}.",
+                     "Could you write {a_kind} on the theme of {subject}? Keep it under 300 words.",
+                     "Draft {a_kind} about {subject} for a general audience.",
+                     "I need {a_kind} about {subject}. Make it warm and a little funny.",
+                     "Write {a_kind} about {subject}, told from a child's point of view.",
+                     "Write {a_kind} about {subject} that ends with a surprise.",
+                     "Please write a short, plain-language {kind} about {subject}.",
+                     "Create {a_kind} about {subject} that teenagers would enjoy.")
+
+MATERIAL_TEMPLATES = ("Summarise this text in three sentences.\n\n{text}",
+                      "{text}\n\nCan you list the main points of this passage?",
+                      "Rewrite the following so a ten-year-old could follow it:\n\n{text}",
+                      "Here is a passage:\n\n{text}\n\nWhat questions would check that a reader understood it?",
+                      "{text}\n\nPlease rewrite the paragraph above in a more formal register.",
+                      "Read the text below and tell me what its author wants to convince me of.\n\n{text}",
+                      "{text}\n\nGoing by this passage, what is likely to happen next, and why?",
+                      "Give this text a catchy title and explain why you chose it.\n\n{text}",
+                      "{text}\n\nWhich statements here would you want to check before repeating them?",
+                      "Turn the following text into a short email to a colleague:\n\n{text}")
+
+PASSAGES = (
+    "The community garden on Elm Street opened in April on a lot that had been empty for eleven years. "
+    "Forty households share its thirty beds, and a rota decides who waters on which day. Surplus vegetables go "
+    "to the food bank two streets away, which received about 300 kilograms of produce in the first season.",
+    "Ada's bakery opens at six and is usually sold out of sourdough by ten. The owner says the secret is time: "
+    "her loaves rise slowly overnight in a cool room. Last month she started a Saturday class where neighbours "
+    "learn to keep their own starter alive.",
+    "In 1854 a doctor in London mapped the cholera cases around Broad Street and found that most victims had "
+    "drawn water from a single public pump. The pump's handle was removed, and new cases fell. The map became "
+    "a classic example of using data to trace the source of a disease.",
+    "Tardigrades are animals less than a millimetre long that live in moss, soil and the sea. When their "
+    "surroundings dry out, they curl up, lose almost all of their water and slow their metabolism nearly to "
+    "nothing. In that state they can survive extreme cold, radiation and even a trip to low Earth orbit.",
+    "Version 2.3 of the note-taking app adds offline mode, so notes written without a connection are synced "
+    "later. Search is now about twice as fast on large notebooks. Support for the oldest phone models ends "
+    "with this release; their users keep read-only access to their notes.",
+    "The town council voted six to three on Tuesday to turn the car park behind the market hall into a small "
+    "park. Shop owners worry about losing customers who drive in; supporters point out that the car park was "
+    "rarely more than half full. Work is planned to start next spring.",
+    "The under-14 team won the regional final 3-2 after trailing 2-0 at half-time. The coach credited a "
+    "change of formation and the goalkeeper, who saved a penalty in the last minute. It is the club's first "
+    "regional title in twenty years.",
+    "To make a simple lentil soup, soften a chopped onion, carrot and celery stick in olive oil, then add a "
+    "cup of rinsed red lentils, a litre of stock and a spoon of cumin. Simmer for about twenty minutes until "
+    "the lentils fall apart, season, and finish with lemon juice.",
+    "The museum's new exhibition shows everyday objects from a Roman household: oil lamps, hairpins, a child's "
+    "clay toy and a wax tablet with a shopping list. Curators chose ordinary things on purpose, to show how "
+    "familiar daily life two thousand years ago could be.",
+    "Remote work has grown quickly since 2020. Surveys find that many employees value the saved commuting "
+    "time, while managers report that onboarding new staff is harder at a distance. Many companies now settle "
+    "on a hybrid week, with two or three days in the office.",
+    "Sleep researchers recommend keeping the same bedtime on weekends as on weekdays. Shifting it by several "
+    "hours, they say, is like flying across time zones every Friday and back every Monday, and it can leave "
+    "people tired at the start of the week.",
+    "Glass can be recycled again and again without losing quality, but only if it is sorted by colour. Mixed "
+    "glass is usually crushed for use in road building instead. Some cities therefore ask residents to keep "
+    "clear, green and brown bottles apart.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Seed:
+    """What dialogue i starts from: an opening message (is_topic False) or a topic the user simulator opens
+    with (is_topic True). `sector` picks the default range of turns."""
+    text: str
+    sector: str = "world"
+    is_topic: bool = False
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0].lower() in "aeiou" else "a ") + word
+
+
+def _interleave(*lists) -> list:
+    """a0, b0, c0, a1, b1, c1, ... (a shorter list simply runs out)."""
+    out = []
+    for group in itertools.zip_longest(*lists):
+        out.extend(x for x in group if x is not None)
+    return out
+
+
+def builtin_seeds(sector: str = "all", seed: int = 42) -> list[Seed]:
+    """Every built-in seed of a sector (world 100, writing 1920, materials 120), shuffled by `seed`; "all"
+    interleaves the three so that any first N cover every sector."""
+    world = [Seed(f"{sub} ({meta})", "world", True) for meta, subs in WORLD_TOPICS.items() for sub in subs]
+    writing = [Seed(t.format(a_kind=_a(kind), kind=kind, subject=subject), "writing")
+               for kind in WRITING_TYPES for t in WRITING_TEMPLATES for subject in WRITING_SUBJECTS]
+    materials = [Seed(t.format(text=p), "materials") for p in PASSAGES for t in MATERIAL_TEMPLATES]
+    pools = {"world": world, "writing": writing, "materials": materials}
+    for name, pool in pools.items():
+        random.Random(f"{seed}:seeds:{name}").shuffle(pool)
+    if sector == "all":
+        return _interleave(*pools.values())
+    if sector not in pools:
+        raise ValueError(f"unknown sector {sector!r}: expected world, writing, materials or all")
+    return pools[sector]
+
+
+# ------------------------------------------------------------------------------------------------ seeds from files
+
+_OPENING_WORDS = {"what", "why", "how", "when", "where", "who", "which", "whom", "whose", "is", "are", "can",
+                  "could", "would", "should", "do", "does", "did", "will", "please", "write", "explain",
+                  "describe", "summarise", "summarize", "give", "list", "tell", "compare", "create", "draft",
+                  "compose", "translate", "rewrite", "help", "suggest", "recommend", "name", "i", "i'm", "my"}
+
+
+def looks_like_opening(text: str) -> bool:
+    """True for a question or an instruction (used as the opening as it is), False for a bare topic."""
+    text = text.strip()
+    first = re.sub(r"[^\w']", "", text.split(maxsplit=1)[0].lower()) if text else ""
+    return text.endswith("?") or "\n" in text or first in _OPENING_WORDS
+
+
+def _row_seed(row, index: int, where: str, column: str | None, sector: str | None, seed: int) -> Seed:
+    """One seed from a row of a seeds file (see the module docstring for the columns)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} row {index}: not a JSON object")
+    column = column or next((c for c in SEED_COLUMNS if c in row), None)
+    if column is None or column not in row:
+        raise ValueError(f"{where} row {index}: no seed column (expected one of {SEED_COLUMNS} or --seed_column; "
+                         f"the row has {sorted(row)})")
+    text = row[column]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where} row {index}: {column!r} is not a non-empty string")
+    text = text.strip()
+    row_sector = row.get("sector") or sector
+    if column == "material":
+        ask = next((row[c] for c in ("instruction", "question", "prompt") if isinstance(row.get(c), str)), None)
+        template = random.Random(f"{seed}:material:{index}").choice(MATERIAL_TEMPLATES)
+        text = f"{ask.strip()}\n\n{text}" if ask else template.format(text=text)
+        is_topic, row_sector = False, row_sector or "materials"
+    elif column == "topic":
+        is_topic = True
+    elif column == "seed":
+        is_topic = not looks_like_opening(text)
+    else:
+        is_topic = False
+    row_sector = row_sector or "world"
+    if row_sector not in SECTOR_TURNS:
+        raise ValueError(f"{where} row {index}: unknown sector {row_sector!r} (expected {sorted(SECTOR_TURNS)})")
+    return Seed(text, row_sector, is_topic)
+
+
+def load_seeds(source, *, split: str = "train", column: str | None = None, sector: str | None = None,
+               seed: int = 42) -> list[Seed]:
+    """Seeds from a .txt file (one a line, blank lines skipped) or any `sources.load_rows` source. `sector` is
+    the sector of rows without a "sector" column (default: materials for a material, else world)."""
+    source = os.fspath(source)
+    if source.endswith(".txt"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"seeds file {source!r} does not exist")
+        with open(source, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        rows = [{"seed": line, **({"sector": sector} if sector else {})} for line in lines]
+    else:
+        from zephyr_jax.data.sources import load_rows
+
+        rows = load_rows(source, split)
+    seeds = [_row_seed(row, i, source, column, sector, seed) for i, row in enumerate(rows)]
+    if not seeds:
+        raise ValueError(f"seeds file {source!r} holds no seeds")
+    return seeds
+
+
+def as_seed(s) -> Seed:
+    """A Seed from a Seed, a string (opening or topic by `looks_like_opening`) or a dict row."""
+    if isinstance(s, Seed):
+        return s
+    if isinstance(s, str):
+        return Seed(s.strip(), "world", not looks_like_opening(s))
+    if isinstance(s, dict):
+        return _row_seed(s, 0, "seed", None, None, 0)
+    raise TypeError(f"a seed is a Seed, str or dict, not {type(s).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------ filters
+
+REFUSAL = re.compile("|".join((
+    r"\bI(?:'m| am) (?:sorry|afraid),? (?:but )?I (?:can(?:no|')t|am (?:not able|unable) to|won't|will not)\b",
+    r"\bI (?:can(?:no|')t|am (?:not able|unable) to|won't|will not) (?:help|assist|comply|provide|fulfil+)"
+    r"(?: you)? with (?:that|this|your request)\b",
+    r"\bI(?:'m| am) not (?:able|allowed|permitted) to (?:help|assist|answer|provide)\b",
+    r"\bI must (?:decline|refuse)\b",
+)), re.IGNORECASE)
+BOILERPLATE = re.compile("|".join((
+    r"\bas an? (?:ai|artificial intelligence|language model|large language model|ai language model|"
+    r"ai assistant|virtual assistant|chatbot)\b",
+    r"\bI(?:'m| am) (?:just |only |merely )?an? (?:ai|artificial intelligence|(?:large )?language model|"
+    r"virtual assistant|chatbot|computer program)\b",
+    r"\bI (?:do not|don't|cannot|can't) (?:have|hold|form|experience|feel) (?:any )?(?:personal )?"
+    r"(?:emotions|feelings|opinions|beliefs|preferences|experiences|views)\b",
+    r"\bI(?:'m| am) not capable of (?:having |feeling )?(?:emotions|feelings|opinions)\b",
+)), re.IGNORECASE)
+MARKERS = ("<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>")
+_USER_LABEL = re.compile(r"^\s*(?:user|human|me|person)\s*:\s*", re.IGNORECASE)
+_ASSISTANT_LINE = re.compile(r"\n\s*(?:assistant|ai|chatbot|bot)\s*:", re.IGNORECASE)
+
+
+def normalize(text: str) -> str:
+    """Lower case, words only: the form compared for repeated turns and duplicate openings."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def tidy_user_turn(text: str) -> str:
+    """The user simulator's message without a "User:" label, wrapping quotes, or a reply it wrote itself."""
+    text = _ASSISTANT_LINE.split(text, maxsplit=1)[0]
+    text = _USER_LABEL.sub("", text).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def check_turn(role: str, text: str, finish_reason: str | None, earlier: list[dict], max_chars: int) -> str | None:
+    """Why this message ends the dialogue, or None when it is fine (the filters of the module docstring)."""
+    if not text.strip():
+        return f"empty {role} turn"
+    if any(m in text for m in MARKERS):
+        return f"special-token text in {role} turn"
+    if finish_reason == "length":
+        return f"{role} turn cut off at max_tokens"
+    if len(text) > max_chars:
+        return f"{role} turn over {max_chars} chars"
+    if role == "assistant" and REFUSAL.search(text):
+        return "refusal in assistant turn"
+    if BOILERPLATE.search(text):
+        return "AI boilerplate in assistant turn" if role == "assistant" else "user simulator broke character"
+    if normalize(text) in {normalize(m["content"]) for m in earlier}:
+        return f"repeated {role} turn"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def prompt_id(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def call_seed(seed: int, dialogue: int, message: int) -> int:
+    """The sampling seed of one call: fixed by (seed, dialogue, message index), whatever the order of calls."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{dialogue}:{message}".encode()).digest()[:4], "big")
+
+
+def flipped(messages: list[dict]) -> list[dict]:
+    """The conversation as the user simulator sees it: its own messages as "assistant", the replies as "user"."""
+    swap = {"user": "assistant", "assistant": "user"}
+    return [{"role": swap[m["role"]], "content": m["content"]} for m in messages]
+
+
+class MagpieTemplate:
+    """Raw prompts that end where a user message would start, from a tokenizer's chat template."""
+    SENTINEL = "\u2063MAGPIE\u2063"  # text no template contains
+
+    def __init__(self, tokenizer):
+        from zephyr_jax.tokenizer import render_chat
+
+        self.tokenizer, self._render = tokenizer, render_chat
+        probe = [{"role": "user", "content": self.SENTINEL}]
+        head, _, tail = render_chat(tokenizer, probe).partition(self.SENTINEL)
+        generation = render_chat(tokenizer, probe, add_generation_prompt=True)[len(head) + len(self.SENTINEL):]
+        before_user = render_chat(tokenizer, [])  # the text ahead of the user turn (e.g. an empty system turn)
+        markers = (tail, generation[len(tail):], head[len(before_user):], tokenizer.eos_token)
+        self.stop = tuple(dict.fromkeys(m.strip() for m in markers if m and m.strip()))
+
+    def prefix(self, messages: list[dict]) -> str:
+        """The template text of `messages` followed by the start of a new user turn (no BOS)."""
+        probe = [*messages, {"role": "user", "content": self.SENTINEL}]
+        return self._render(self.tokenizer, probe).partition(self.SENTINEL)[0]
+
+
+@dataclasses.dataclass
+class _Dialogue:
+    """What became of one dialogue: its messages so far, and why it ended early (None: it ran its course)."""
+    index: int
+    seed: Seed
+    messages: list[dict]
+    reason: str | None = None
+
+
+class _Run:
+    """One make_dialogues run: settings, backends, the journal, and the counters."""
+
+    def __init__(self, seeds, user, assistant, *, mode, turns, seed, max_tokens, temperature, max_turn_chars,
+                 magpie):
+        self.seeds, self.user, self.assistant, self.journal = seeds, user, assistant, None
+        self.mode, self.turns, self.seed = mode, turns, seed
+        self.max_tokens, self.temperature, self.max_turn_chars = max_tokens, temperature, max_turn_chars
+        self.magpie = magpie
+        self.errors: collections.Counter = collections.Counter()  # failed calls by error text
+
+    def seed_of(self, i: int) -> Seed:
+        return self.seeds[i % len(self.seeds)] if self.seeds else Seed("", "magpie")
+
+    def rounds(self, i: int, seed: Seed) -> int:
+        lo, hi = self.turns or (MAGPIE_TURNS if self.mode == "magpie" else SECTOR_TURNS[seed.sector])
+        return random.Random(f"{self.seed}:{i}").randint(lo, hi)
+
+    async def message(self, i: int, t: int, backend: Backend, call: Call) -> dict:
+        """The journaled reply of message t of dialogue i, or a new call's (journaled when it succeeded)."""
+        key = (i, backend.name, t)
+        value = self.journal.get(key)
+        if value is None:
+            reply = await backend.complete(call)
+            if not reply.ok:
+                self.errors[reply.error or "unknown error"] += 1
+                return {"text": None, "error": reply.error}
+            value = {"text": reply.text, "finish_reason": reply.finish_reason, "seed": call.seed,
+                     "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+            self.journal.append(key, value)
+        return value
+
+    def call(self, i: int, t: int, **fields) -> Call:
+        fields.setdefault("temperature", self.temperature)
+        return Call(max_tokens=self.max_tokens, seed=call_seed(self.seed, i, t), **fields)
+
+    async def next_message(self, d: _Dialogue) -> tuple[str | None, str | None]:
+        """(text, None) for message len(d.messages) of dialogue d, or (None, the reason it ends here)."""
+        t, messages = len(d.messages), d.messages
+        role = "user" if t % 2 == 0 else "assistant"
+        if t == 0 and not d.seed.is_topic and self.mode != "magpie":
+            value = {"text": d.seed.text, "finish_reason": "stop"}  # the seed is the opening
+        elif self.mode == "magpie":
+            call = (self.call(d.index, t, prompt=self.magpie.prefix(messages), temperature=1.0,
+                              stop=self.magpie.stop) if role == "user" else
+                    self.call(d.index, t, messages=tuple(messages), temperature=0.0))
+            value = await self.message(d.index, t, self.assistant, call)
+        elif role == "assistant":
+            value = await self.message(d.index, t, self.assistant, self.call(d.index, t, messages=tuple(messages)))
+        else:
+            system = USER_SYSTEM + (USER_TOPIC.format(topic=d.seed.text) if d.seed.is_topic else "")
+            view = flipped(messages) if t else [{"role": "user", "content": OPENING_REQUEST.format(topic=d.seed.text)}]
+            value = await self.message(d.index, t, self.user,
+                                       self.call(d.index, t, messages=({"role": "system", "content": system}, *view)))
+        if value["text"] is None:
+            return None, f"failed {role} call"
+        text = tidy_user_turn(value["text"]) if role == "user" else value["text"].strip()
+        reason = check_turn(role, text, value.get("finish_reason"), messages, self.max_turn_chars)
+        return (None, reason) if reason else (text, None)
+
+    async def opening(self, i: int) -> _Dialogue:
+        d = _Dialogue(i, self.seed_of(i), [])
+        text, d.reason = await self.next_message(d)
+        if text is not None:
+            d.messages.append({"role": "user", "content": text})
+        return d
+
+    async def finish(self, d: _Dialogue) -> _Dialogue:
+        """Runs dialogue d (which has its opening) to its number of turns or its first failed check; a failure
+        cuts it back to its last complete turn."""
+        for t in range(1, 2 * self.rounds(d.index, d.seed)):
+            text, reason = await self.next_message(d)
+            if reason:
+                d.messages, d.reason = d.messages[:t - t % 2], reason
+                break
+            d.messages.append({"role": "user" if t % 2 == 0 else "assistant", "content": text})
+        return d
+
+
+def _settings(run: _Run) -> dict:
+    """What decides the journaled messages: a rerun with other values is refused (see the module docstring)."""
+    seeds = [dataclasses.astuple(s) for s in run.seeds]
+    settings = {
+        "mode": run.mode, "seed": run.seed, "turns": list(run.turns) if run.turns else None,
+        "max_tokens": run.max_tokens, "temperature": run.temperature, "max_turn_chars": run.max_turn_chars,
+        "assistant": run.assistant.name, "user": run.user.name if run.user else None,
+        "seeds": hashlib.sha256(json.dumps(seeds).encode()).hexdigest(), "num_seeds": len(seeds),
+        "prompts": hashlib.sha256("\n".join((USER_SYSTEM, USER_TOPIC, OPENING_REQUEST)).encode()).hexdigest(),
+    }
+    if run.magpie:
+        settings.update(template_prefix=run.magpie.prefix([]), stop=list(run.magpie.stop),
+                        tokenizer=getattr(run.magpie.tokenizer, "name_or_path", None))
+    return settings
+
+
+def _test_count(test_size: float, n: int) -> int:
+    """Rows for test_sft: test_size itself when >= 1, else that fraction of n (leaving train at least one)."""
+    if test_size >= 1:
+        if test_size != int(test_size) or test_size >= n:
+            raise ValueError(f"test_size={test_size} must be a whole count below the {n} kept dialogues "
+                             f"(or a fraction below 1)")
+        return int(test_size)
+    if test_size < 0:
+        raise ValueError(f"test_size={test_size} is negative")
+    return min(round(test_size * n), max(n - 1, 0))
+
+
+def _row(d: _Dialogue, models: dict) -> dict:
+    prompt = d.messages[0]["content"]
+    return {"prompt": prompt, "prompt_id": prompt_id(prompt), "messages": d.messages, "sector": d.seed.sector,
+            "models": models}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, output_dir, *, mode: str = "ultrachat",
+                          num_dialogues: int | None = None, min_turns: int | None = None,
+                          max_turns: int | None = None, seed: int = 42, test_size: float = 0.1,
+                          concurrency: int = 16, max_tokens: int = 1024, temperature: float = 1.0,
+                          max_turn_chars: int = 8000, tokenizer=None, overwrite: bool = False,
+                          log=print) -> dict:
+    """make_dialogues as a coroutine (for callers that already run an event loop, e.g. a notebook)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if mode == "magpie":
+        if seeds or user not in (None, assistant):
+            raise ValueError("magpie mode takes no seeds and no user backend: the assistant model writes the user "
+                             "turns from its chat template alone")
+        if num_dialogues is None:
+            raise ValueError("magpie mode needs num_dialogues")
+        from zephyr_jax.tokenizer import load_tokenizer
+
+        seeds = []
+        magpie = MagpieTemplate(tokenizer if tokenizer is not None and not isinstance(tokenizer, str)
+                                else load_tokenizer(tokenizer))
+    else:
+        seeds = [as_seed(s) for s in seeds or ()]
+        if not seeds:
+            raise ValueError("no seeds: pass seeds (see builtin_seeds / load_seeds)")
+        user, magpie = user or assistant, None
+        num_dialogues = len(seeds) if num_dialogues is None else num_dialogues
+    turns = None
+    if min_turns is not None or max_turns is not None:  # one alone: min defaults to 1, max to min
+        turns = (min_turns or 1, max_turns if max_turns is not None else min_turns)
+        if not 1 <= turns[0] <= turns[1]:
+            raise ValueError(f"need 1 <= min_turns <= max_turns, got min_turns={min_turns}, max_turns={max_turns}")
+    output_dir = Path(output_dir)
+    run = _Run(seeds, user, assistant, mode=mode, turns=turns, seed=seed, max_tokens=max_tokens,
+               temperature=temperature, max_turn_chars=max_turn_chars, magpie=magpie)
+    run.journal = Journal(output_dir / JOURNAL, _settings(run), overwrite=overwrite)
+    try:
+        if run.journal.resumed:
+            log(f"resuming: {run.journal.resumed} finished messages in {output_dir / JOURNAL}")
+        dialogues = await map_bounded(run.opening, range(num_dialogues), concurrency, "openings", " dialogues")
+        seen = set()
+        for d in dialogues:  # the first occurrence wins, in dialogue order: the same whatever finished first
+            key = normalize(d.messages[0]["content"]) if d.reason is None else None
+            if key in seen:
+                d.reason = "duplicate opening prompt"
+            elif key is not None:
+                seen.add(key)
+        await map_bounded(run.finish, [d for d in dialogues if d.reason is None], concurrency, "dialogues",
+                          " dialogues")
+    finally:
+        run.journal.close()
+    return _write_outputs(run, dialogues, output_dir, test_size, log)
+
+
+def _write_outputs(run: _Run, dialogues: list[_Dialogue], output_dir: Path, test_size: float, log) -> dict:
+    """train_sft/test_sft/stats from the finished dialogues (atomic replaces); returns the stats."""
+    dropped, truncated = SkipCounter("dialogues"), collections.Counter()
+    models = {"user": (run.user or run.assistant).name, "assistant": run.assistant.name}
+    kept = []
+    for d in dialogues:
+        if len(d.messages) < 2:
+            dropped.skip(d.reason or "no complete turn")
+            continue
+        dropped.keep()
+        if d.reason:
+            truncated[d.reason] += 1
+        kept.append(_row(d, models))
+    train, test = train_test_split(kept, _test_count(test_size, len(kept)), run.seed) if kept else ([], [])
+    write_jsonl(train, output_dir / "train_sft.jsonl")
+    write_jsonl(test, output_dir / "test_sft.jsonl")
+    backends = {"assistant": dict(run.assistant.stats), "user": dict((run.user or run.assistant).stats)}
+    stats = {
+        "dialogues": len(dialogues), "kept": len(kept), "train_sft": len(train), "test_sft": len(test),
+        "dropped": dict(dropped.skipped.most_common()), "truncated": dict(truncated.most_common()),
+        "turns": sum(len(r["messages"]) // 2 for r in kept), "failed_calls": dict(run.errors.most_common(20)),
+        "messages_journaled": len(run.journal.done), "messages_resumed": run.journal.resumed,
+        "tokens": {k: sum(v.get(k, 0) for v in run.journal.done.values())  # every journaled call, all runs
+                   for k in ("prompt_tokens", "completion_tokens")},
+        "models": models, "backends": backends,
+    }
+    _write_json(output_dir / "stats.json", stats)
+    log(summary(stats, output_dir))
+    return stats
+
+
+def summary(stats: dict, output_dir) -> str:
+    lines = [f"kept {stats['kept']} of {stats['dialogues']} dialogues ({stats['turns']} turns): "
+             f"{stats['train_sft']} train_sft, {stats['test_sft']} test_sft -> {output_dir}"]
+    for title, counts in (("dropped", stats["dropped"]), ("truncated", stats["truncated"])):
+        if counts:
+            lines.append(f"{title} {sum(counts.values())}:")
+            lines.extend(f"  {n} x {reason}" for reason, n in counts.items())
+    if stats["failed_calls"]:
+        lines.append("failed calls (most frequent errors):")
+        lines.extend(f"  {n} x {error[:200]}" for error, n in stats["failed_calls"].items())
+    tokens = stats["tokens"]
+    lines.append(f"tokens of all journaled calls: {tokens['prompt_tokens']} prompt + "
+                 f"{tokens['completion_tokens']} completion; {stats['messages_resumed']} messages resumed")
+    for role, s in stats["backends"].items():
+        lines.append(f"{role} {stats['models'][role]}: {s.get('calls', 0)} calls this run, {s.get('failures', 0)} "
+                     f"failed, {s.get('retries', 0)} retries")
+    return "\n".join(lines)
+
+
+def make_dialogues(seeds, user: Backend | None, assistant: Backend, output_dir, **options) -> dict:
+    """Makes, filters and writes the dialogues (see the module docstring); returns the stats (also in
+    DIR/stats.json). Options: mode ("ultrachat" | "magpie"), num_dialogues, min_turns, max_turns, seed,
+    test_size, concurrency, max_tokens, temperature, max_turn_chars, tokenizer (magpie), overwrite, log.
+    `user` None: the assistant backend also plays the user."""
+    return asyncio.run(amake_dialogues(seeds, user, assistant, output_dir, **options))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m zephyr_jax.data.dialogues", description=__doc__.split("\n")[0])
+    p.add_argument("--output", required=True, help="directory for train_sft.jsonl, test_sft.jsonl, stats.json")
+    p.add_argument("--assistant", required=True, help="backend spec of the assistant model")
+    p.add_argument("--user", default=None, help="backend spec of the user simulator (default: --assistant)")
+    p.add_argument("--mode", choices=MODES, default="ultrachat")
+    p.add_argument("--seeds", default=None, help="seeds file (.txt, .jsonl, ... or anything load_rows reads); "
+                                                 "default: the built-in seeds of --sector")
+    p.add_argument("--seeds_split", default="train", help="split of --seeds when it is a directory or hub name")
+    p.add_argument("--seed_column", default=None, help=f"column of --seeds to use (default: first of {SEED_COLUMNS})")
+    p.add_argument("--sector", choices=(*SECTOR_TURNS, "all"), default="all",
+                   help="built-in seeds to use; with --seeds, the sector of rows that name none")
+    p.add_argument("--num_dialogues", type=int, default=None, help="default: one per seed")
+    p.add_argument("--min_turns", type=int, default=None, help="default: the sector's range")
+    p.add_argument("--max_turns", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--test_size", type=float, default=0.1, help="test_sft rows: a fraction below 1, else a count")
+    p.add_argument("--concurrency", type=int, default=16, help="dialogues in flight (and calls per endpoint URL)")
+    p.add_argument("--max_tokens", type=int, default=1024, help="per call")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max_turn_chars", type=int, default=8000, help="longer messages end the dialogue")
+    p.add_argument("--tokenizer", default=None, help="magpie: tokenizer whose chat template gives the prefix "
+                                                     "(default: Mistral-7B-v0.1 with the Zephyr template)")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--overwrite", action="store_true", help="discard the journal of a run with other settings")
+    return p
+
+
+def main(argv=None) -> dict:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.output.endswith((".jsonl", ".json")):
+        p.error("--output is a directory (it receives train_sft.jsonl, test_sft.jsonl and stats.json)")
+    if args.mode == "magpie" and (args.seeds or args.user):
+        p.error("--mode=magpie takes neither --seeds nor --user: the assistant model writes both sides")
+    if args.mode == "magpie" and args.num_dialogues is None:
+        p.error("--mode=magpie needs --num_dialogues")
+    seeds = None
+    if args.mode == "ultrachat":
+        sector = None if args.sector == "all" else args.sector
+        seeds = (load_seeds(args.seeds, split=args.seeds_split, column=args.seed_column, sector=sector,
+                            seed=args.seed) if args.seeds else builtin_seeds(args.sector, args.seed))
+    made: dict[str, Backend] = {}  # one backend per spec: --user equal to --assistant loads one model
+    spec = lambda s: made.setdefault(s, backend_from_spec(s, api_key_env=args.api_key_env,
+                                                          concurrency=args.concurrency))
+    assistant = spec(args.assistant)
+    user = spec(args.user) if args.user else None
+    try:
+        return make_dialogues(seeds, user, assistant, args.output, mode=args.mode, num_dialogues=args.num_dialogues,
+                              min_turns=args.min_turns, max_turns=args.max_turns, seed=args.seed,
+                              test_size=args.test_size, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                              temperature=args.temperature, max_turn_chars=args.max_turn_chars,
+                              tokenizer=args.tokenizer, overwrite=args.overwrite)
+    except SettingsMismatch as e:
+        sys.exit(f"error: {e}")
+    finally:
+        for backend in made.values():
+            backend.close()
+
+
+if __name__ == "__main__":
+    main()
