@@ -1,0 +1,947 @@
+"""UltraFeedback-style AI feedback: K completions per prompt from a pool of generators, rated by a judge, written in
+UltraFeedback's raw schema so that `python -m zephyr_jax.data.binarize` turns them into preference pairs.
+
+CLI:
+    python -m zephyr_jax.data.feedback --prompts=SOURCE [--split=train] --generators=SPEC [--generators=SPEC ...]
+        (--judge=SPEC | --judge_fn=module:function) --output=DIR [--completions_per_prompt=4] [--seed=42]
+        [--concurrency=16] [--max_tokens=1024] [--parse_retries=10] [--principles=ultrafeedback] [--limit=N]
+        [--timeout=120] [--max_retries=6] [--api_key_env=OPENAI_API_KEY] [--judge_price=IN,OUT]
+        [--generator_price=IN,OUT] [--overwrite]
+SPEC is a backend spec (zephyr_jax.data.backends): endpoint:MODEL@URL[,URL...], engine:PATH or
+callable:module:function. Repeat --generators for a pool (endpoint specs hold commas between their URLs). The
+Python API is `collect_feedback(...)` (below); it takes Backend objects.
+
+Prompts: any source `sources.load_rows` reads; the prompt is the row's "instruction", else its "prompt", else the
+first user turn of its "messages"; "source" (default "custom") picks the principle mix. prompt_id =
+sha256(prompt) hex. Rows without a prompt and repeated prompts are skipped and counted.
+
+Completions: for each prompt, K generators are drawn from the pool, without replacement when the pool has K or
+more, else with replacement (one generator sampled K times: on-policy data); sample index s = 0..K-1 tells the
+completions apart. Each gets a principle (helpfulness, honesty, truthfulness, verbalized_calibration) drawn as
+UltraFeedback did for its source (`PRINCIPLE_MIX`), and a system prompt from that principle's pool
+(`SYSTEM_PROMPTS`, this project's wording); `principles="none"` sends no system prompt (on-policy sampling
+from a model trained without one), a principle name uses that one for all. Sampling: temperature 1, top_p 1,
+up to max_tokens, seed from (seed, prompt_id, generator, s). All draws come from (seed, prompt_id), so a rerun,
+a resumed run and a run with other prompts around give the same choices for a prompt.
+
+Judges:
+- LLM judge (a Backend): one call per aspect (instruction_following, honesty, truthfulness, helpfulness) rates
+  all of a prompt's completions together, shown in a seeded random order, at temperature 0, on this project's
+  rubric (`RUBRICS`); plus one critique call per completion (feedback text and an overall score 1-10). Replies
+  are parsed per completion with regular expressions; a reply that does not follow the format is re-asked (the
+  bad reply and what was wrong are shown to the judge) up to parse_retries times, then recorded as a parse
+  failure: the ratings stay "N/A" (rationales null, critique and overall_score null), the completion names it in
+  its "judge_errors", and stats count it. Never a crash and never a silent drop.
+- Programmatic judge (`judge_fn`, "module:function"): fn(row, response) -> a number in [1, 5] used as every
+  aspect's Rating, or a dict aspect -> number (aspects left out stay "N/A"). row is the input row, so a checker
+  can read its answer column. overall_score = 1 + 9 * (mean rating - 1) / 4, the mean rating mapped linearly
+  onto 1-10, so ranking by overall_score and by the mean aspect rating agree (ties included). Rationales and the
+  critique read "programmatic: module:function". An exception or an invalid value is counted (judge_errors)
+  and the completion stays unrated.
+
+Output: DIR/train.jsonl, one row per kept prompt in input order (`load_rows(DIR, "train")` reads it; so does
+`python -m zephyr_jax.data.binarize --input=DIR --split=train`):
+    {source, prompt_id, instruction, models,
+     completions: [{model, principle, custom_system_prompt, response,
+                    annotations: {instruction_following: {Rating, Rationale}, honesty: {Rating, Rationale},
+                                  truthfulness: {Type, Rationale, Rating, Rationale For Rating},
+                                  helpfulness: {Type, Rationale, Rating, Rationale For Rating}},
+                    critique, overall_score, fine-grained_score,
+                    sample_index, seed, prompt_tokens, completion_tokens, finish_reason, error, judge_errors}],
+     correct_answers, incorrect_answers}
+Ratings are strings ("1".."5", "N/A") and Type a list of strings (["1", "3"] or ["None"]), as in UltraFeedback;
+fine-grained_score is the mean of the numeric aspect ratings. DIR/stats.json holds the counts (of the output and
+of this run: calls, re-asks, parse failures, failed calls, tokens, each backend's stats with its retries and
+estimated cost).
+
+Failed generations (the backend gave up: see its retries) are kept in the output with response null and the
+error, counted, and not judged; binarize skips them (a completion without a response is not usable).
+
+Ties are kept in the raw output; binarize decides, as for the published data: it ranks by the mean aspect
+rating, chooses the first maximum, never rejects a completion tied with the chosen one, and skips a row whose
+usable completions all tie.
+
+Resume: every finished call is a line of DIR/journal.jsonl (`journal.Journal`), keyed ("completion", prompt_id,
+generator, sample index), ("rating", prompt_id, aspect) and ("critique", prompt_id, sample index). After a crash
+or kill -9, the same command skips the journaled keys and makes only the missing calls; DIR/train.jsonl is then
+assembled from the journal in input order and written atomically, equal to an uninterrupted run's. Failed calls
+are not journaled, so a rerun tries them again (and a prompt's aspect ratings are journaled only when all of its
+K generations succeeded, so they always cover all K); parse failures are journaled (their calls were paid).
+The settings that shape the outputs (`SETTINGS`) sit beside the journal; a rerun with other settings is refused
+unless --overwrite, which starts afresh. The prompts are not a setting: more prompts (a larger --limit) reuse
+what is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from zephyr_jax.data.backends import Backend, Call, backend_from_spec, load_callable, map_bounded
+from zephyr_jax.data.binarize import ASPECTS, write_jsonl
+from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
+from zephyr_jax.data.journal import Journal
+
+PRINCIPLES = ("helpfulness", "honesty", "truthfulness", "verbalized_calibration")
+TYPED_ASPECTS = ("truthfulness", "helpfulness")  # rated with a Type first, then Rating and "Rationale For Rating"
+OUTPUT_FILE, STATS_FILE, JOURNAL_FILE = "train.jsonl", "stats.json", "journal.jsonl"
+FORMAT_VERSION = 1  # bump when the journal's values change meaning
+
+# UltraFeedback's draw of a completion's principle by prompt source (its comparison_data_generation/main.py):
+# equal-weight choices from these lists; then "honesty" becomes "verbalized_calibration" one time in ten.
+PRINCIPLE_MIX = {
+    "sharegpt": ("helpfulness",) * 3 + ("truthfulness", "honesty"),
+    "ultrachat": ("helpfulness",) * 3 + ("truthfulness", "honesty"),
+    "flan": ("helpfulness",) * 4 + ("verbalized_calibration",),
+    "evol_instruct": ("helpfulness",),
+    "truthful_qa": ("honesty", "truthfulness"),
+    "false_qa": ("honesty", "truthfulness"),
+}
+DEFAULT_MIX = ("helpfulness",)  # any other source (UltraFeedback's fallback)
+CALIBRATION_SHARE = 0.1
+
+# Per-principle system prompts (this project's own wording of UltraFeedback's idea).
+SYSTEM_PROMPTS = {
+    "helpfulness": (
+        "You are a helpful assistant. Give answers that are accurate, relevant and current, and make them "
+        "engaging and easy to learn from.",
+        "As an assistant, your job is to be genuinely useful: answer correctly, cover what matters, and explain "
+        "it in a way the user enjoys reading.",
+        "Be a reliable source of help. Check your facts before you state them, keep to what was asked, and add "
+        "the details that make the answer worth having.",
+        "Aim to teach something with every reply: be correct, be clear, and be positive and engaging.",
+        "Answer as a knowledgeable, friendly assistant would: informative, accurate and to the point.",
+    ),
+    "honesty": (
+        "Be honest about what you know. When you are sure, answer plainly; when you are not, say so, using "
+        "words such as 'probably' or 'I think', and say 'I don't know' when that is the truth.",
+        "As an assistant, trust matters more than looking clever. If you are unsure of an answer, make your "
+        "uncertainty clear instead of guessing with confidence.",
+        "It is fine not to know. If a question is outside what you know well, admit it rather than inventing "
+        "an answer.",
+        "Give correct information, and where you are uncertain, say where and how uncertain you are.",
+        "Never pretend to more certainty than you have: confident where you know, modest where you do not.",
+    ),
+    "truthfulness": (
+        "Answer truthfully. Stay faithful to established facts and to the context you are given, and never "
+        "make up facts that cannot be grounded in them.",
+        "Keep to what is true and verifiable. Do not invent names, numbers, events or sources.",
+        "As an assistant, accuracy comes first: base every statement on facts or on the user's input, and avoid "
+        "speculation presented as fact.",
+        "Do not mislead. If the question rests on a false premise, say so instead of answering as if it held.",
+        "Give precise, factual information, and leave out anything you cannot stand behind.",
+    ),
+    "verbalized_calibration": (
+        "After your answer, state how confident you are that it is correct, as a percentage on its own line, "
+        "for example:\nConfidence: 75%\nA confidence of 75% means you expect the answer to be right three times "
+        "in four.",
+    ),
+}
+
+JUDGE_SYSTEM = ("You evaluate the quality of AI-written texts against a rubric. You are given one instruction and "
+                "several texts written in response to it. Rate each text on its own, independently of the "
+                "others, and answer in exactly the format asked for.")
+
+RUBRICS = {
+    "instruction_following": """# Aspect: following the instruction
+
+Judge how well each text does what the instruction asks: does it reach the task's goal, and does it keep to the
+instruction's constraints (format, style, length, required method)?
+
+Rating from 1 to 5:
+1. Off target: neither the goal nor the constraints are met.
+2. Weak: one part of the task is addressed, and poorly.
+3. Half way: the goal or the constraints are met but not both, or both with noticeable slips.
+4. Close: goal and constraints met, with small slips.
+5. Complete: the goal and every constraint are met.""",
+    "honesty": """# Aspect: honesty and expressed uncertainty
+
+Judge whether each text's confidence fits its correctness. Uncertainty shows as hedging words ("I think",
+"probably"), declining to answer, or a stated confidence (0-20% low, 20-40% unsure, 40-60% moderate, 60-80%
+fairly confident, 80-100% high). A text that does not hedge counts as confident. Correct means consistent with
+the facts, with nothing made up.
+
+Rating from 1 to 5, or N/A:
+1. Confident and wrong.
+2. Confident with major errors, or hesitant and entirely wrong.
+3. Declines or says it does not know; or confident with minor errors; or hesitant with major errors.
+4. Correct but hesitant; or minor errors flagged only with vague doubt.
+5. Correct and confident; or minor errors whose uncertainty it names precisely.
+N/A. There is no right answer to be honest about (for example creative writing).""",
+    "truthfulness": """# Aspect: truthfulness (no hallucination)
+
+First name the kinds of hallucination each text contains, as numbers separated by commas, or None:
+1. Against the world: facts, entities, places or events that contradict established knowledge.
+2. Against the instruction: claims that conflict with the instruction or its input, or invent new details
+   that depart from it.
+3. Against itself: internal contradictions or broken logic.
+
+Then rate from 1 to 5 how far hallucination goes:
+1. Unreliable throughout.
+2. About half of it is hallucinated; it strays from the main points.
+3. Mostly true, but a hallucination causes a partial misunderstanding.
+4. Mostly true; a slight hallucination leaves the main points intact.
+5. No hallucination.""",
+    "helpfulness": """# Aspect: helpfulness and informativeness
+
+Judge overall quality: correctness (no wrong computation or reasoning, nothing made up) and informativeness.
+First name the informative qualities each text has, as numbers separated by commas, or None:
+1. Clear and relevant: it stays on the task and asks for clarification where needed.
+2. Useful and thorough: it gives the background, reasoning steps or details that matter.
+3. Concise: no padding and no repetition.
+
+Then rate from 1 to 5, on correctness and informativeness together:
+1. Badly wrong: major errors or invented content, however detailed.
+2. Partly wrong: errors that would mislead, despite useful content.
+3. Correct: accurate, and meets the task's needs.
+4. Very informative: accurate and thorough, with valuable detail.
+5. Outstanding: accurate and deep, with insight beyond the obvious.""",
+}
+
+CRITIQUE_SYSTEM = "You are an expert reviewer. You give specific, constructive and concise feedback."
+CRITIQUE_PROMPT = """Below is an instruction and my answer to it. Act as a teacher: point out the weaknesses of my
+answer and say concretely how I could improve it, considering how helpful, truthful and honest it is and how well
+it follows the instruction. Do not add requirements the instruction does not make, and do not write the correct
+answer for me. Keep it short. Then score the overall quality of my answer from 1 (worst) to 10 (best).
+
+### Instruction
+{instruction}
+{note}
+### My answer
+{response}
+
+### Reply format
+Feedback: <your feedback>
+Overall Score: <1-10>"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deterministic draws
+
+
+def prompt_id(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def _rng(*parts) -> random.Random:
+    """A generator fixed by `parts` (str seeds are hashed with SHA-512: the same in every process and version)."""
+    return random.Random(":".join(map(str, parts)))
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from `parts` (for the backends' `Call.seed`)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def pick_generators(n_pool: int, k: int, seed: int, pid: str) -> list[int]:
+    """Pool positions for sample indices 0..k-1: distinct when the pool has k or more, else drawn with
+    replacement."""
+    rng = _rng(seed, pid, "generators")
+    if n_pool >= k:
+        return rng.sample(range(n_pool), k)
+    return [rng.randrange(n_pool) for _ in range(k)]
+
+
+def pick_principle(source: str, principles: str, seed: int, pid: str, sample: int) -> tuple[str, str]:
+    """(principle, system prompt) for one completion (see the module docstring)."""
+    if principles == "none":
+        return "none", ""
+    rng = _rng(seed, pid, sample, "principle")
+    if principles in PRINCIPLES:
+        principle = principles
+    else:
+        principle = rng.choice(PRINCIPLE_MIX.get(source, DEFAULT_MIX))
+        if principle == "honesty" and rng.random() < CALIBRATION_SHARE:
+            principle = "verbalized_calibration"
+    return principle, rng.choice(SYSTEM_PROMPTS[principle])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclasses.dataclass
+class Prompt:
+    index: int  # position in the input
+    row: dict
+    instruction: str
+    source: str
+    pid: str
+
+
+def instruction_of(row, index: int, source: str | None = None) -> str:
+    """The row's prompt: "instruction", else "prompt", else the first user turn of "messages" (BadRow if none)."""
+    if not isinstance(row, dict):
+        raise BadRow(index, "row is not a dict", source)
+    for key in ("instruction", "prompt"):
+        if key in row:
+            text = row[key]
+            break
+    else:
+        messages = row.get("messages")
+        if not isinstance(messages, list):
+            raise BadRow(index, "no 'instruction', 'prompt' or 'messages' column", source)
+        users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise BadRow(index, "no user turn in messages", source)
+        text = users[0]
+    if not isinstance(text, str) or not text.strip():
+        raise BadRow(index, "empty prompt", source)
+    return text
+
+
+def read_prompts(rows, *, limit: int | None = None, counter: SkipCounter, on_bad_row: str = "skip",
+                 source: str | None = None) -> list[Prompt]:
+    """The usable, distinct prompts in input order (at most `limit`); the others are counted in `counter`."""
+    prompts, seen = [], set()
+    for i, row in enumerate(rows):
+        if limit is not None and len(prompts) >= limit:
+            break
+        try:
+            text = instruction_of(row, i, source)
+        except BadRow as err:
+            handle_bad_row(err, on_bad_row, counter)
+            continue
+        pid = prompt_id(text)
+        if pid in seen:
+            counter.skip("duplicate prompt")
+            continue
+        seen.add(pid)
+        counter.keep()
+        prompts.append(Prompt(i, row, text, str(row.get("source") or "custom"), pid))
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LLM judge's prompts and parsers
+
+
+class FormatError(ValueError):
+    """A judge reply that does not follow the asked format (the message says what is wrong)."""
+
+
+def _answer_format(aspect: str, n: int) -> str:
+    if aspect in TYPED_ASPECTS:
+        fields = ("Type: <numbers separated by commas, or None>\nRationale: <why, in a sentence or two>\n"
+                  "Rating: <1-5>\nRationale For Rating: <why, in a sentence or two>")
+    else:
+        rating = "<1-5, or N/A>" if aspect == "honesty" else "<1-5>"
+        fields = f"Rating: {rating}\nRationale: <why, in a sentence or two>"
+    return (f"## Answer format\n\nFor each of the {n} texts, in order, write exactly this and nothing else:\n\n"
+            f"#### Output for Text <number>\n{fields}")
+
+
+def world_knowledge(row: dict, source: str) -> str | None:
+    """Reference knowledge for the truthfulness and helpfulness ratings, when the row has some."""
+    if source == "false_qa":
+        return "The question rests on a false premise."
+    parts = []
+    for key, label in (("correct_answers", "Some correct answers"), ("incorrect_answers", "Some incorrect answers")):
+        value = row.get(key)
+        if isinstance(value, list) and value and any(str(v).strip().lower() not in ("", "none") for v in value):
+            parts.append(f"{label}: {json.dumps(value, ensure_ascii=False)}")
+    return "\n".join(parts) or None
+
+
+def rating_messages(aspect: str, instruction: str, texts: list[str], knowledge: str | None) -> list[dict]:
+    shown = "\n".join(f"<text {i}> {t}" for i, t in enumerate(texts, 1))
+    task = f"## Task\n\nInstruction: {instruction}\n\nTexts:\n{shown}\n"
+    if knowledge and aspect in TYPED_ASPECTS:
+        task += f"\nWorld knowledge (reference, not part of the instruction):\n{knowledge}\n"
+    user = f"{RUBRICS[aspect]}\n\n{_answer_format(aspect, len(texts))}\n\n{task}\n## Your annotation\n"
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def critique_messages(instruction: str, response: str, principle: str, system_prompt: str) -> list[dict]:
+    # The writer's guideline is shown so that feedback fits it (e.g. a stated confidence was asked for).
+    note = f"(The answer was written under this guideline: {system_prompt})\n" if system_prompt else ""
+    user = CRITIQUE_PROMPT.format(instruction=instruction, note=note, response=response)
+    return [{"role": "system", "content": CRITIQUE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def reask_message(error: str, what: str) -> dict:
+    return {"role": "user", "content": f"That reply does not follow the format ({error}). Write {what} again, in "
+                                       f"exactly the format asked for, and nothing else."}
+
+
+_SECTION = re.compile(r"^[ \t#>*]*Output\s+for\s+Text\s*(\d+)\b[ \t*:.]*$", re.I | re.M)
+_PLAIN = re.compile(r"^\s*Rating\s*:[ \t]*(?P<rating>[^\n]*)\n\s*Rationale\s*:\s*(?P<rationale>.*)\Z", re.I | re.S)
+_TYPED = re.compile(r"^\s*Type\s*:[ \t]*(?P<type>[^\n]*)\n\s*Rationale\s*:\s*(?P<rationale>.*?)\n"
+                    r"\s*Rating\s*:[ \t]*(?P<rating>[^\n]*)\n\s*Rationale(?:\s+for\s+rating)?\s*:\s*(?P<rfr>.*)\Z",
+                    re.I | re.S)
+
+
+def _rating(value: str, allow_na: bool) -> str:
+    value = value.strip().rstrip(".")
+    if allow_na and re.fullmatch(r"N\s*/?\s*A", value, re.I):
+        return "N/A"
+    m = re.fullmatch(r"([1-5])(?:\.0+)?(?:\s*(?:/|out of)\s*5)?", value, re.I)
+    if not m:
+        raise FormatError(f"rating {value!r} is not a whole number from 1 to 5{' or N/A' if allow_na else ''}")
+    return m.group(1)
+
+
+def _types(value: str) -> list[str]:
+    value = value.strip().rstrip(".")
+    if re.fullmatch(r"none", value, re.I):
+        return ["None"]
+    if not re.fullmatch(r"[1-3](?:\s*,\s*[1-3])*", value):
+        raise FormatError(f"type {value!r} is not numbers from 1 to 3 separated by commas, or None")
+    return sorted(set(re.findall(r"[1-3]", value)))
+
+
+def _text(value: str, what: str) -> str:
+    value = value.strip()
+    if not value:
+        raise FormatError(f"empty {what}")
+    return value
+
+
+def parse_rating_reply(reply: str, aspect: str, n: int) -> list[dict]:
+    """One annotation per text, in the order shown, from a judge's reply (FormatError when it does not fit)."""
+    parts = _SECTION.split(reply.replace("**", ""))
+    numbers = [int(x) for x in parts[1::2]]
+    if sorted(numbers) != list(range(1, n + 1)):
+        found = ", ".join(map(str, numbers)) or "none"
+        raise FormatError(f"expected one 'Output for Text i' section for each of texts 1 to {n}, found {found}")
+    annotations: list = [None] * n
+    for number, body in zip(numbers, parts[2::2]):
+        body = body.strip()
+        if aspect in TYPED_ASPECTS:
+            m = _TYPED.match(body)
+            if not m:
+                raise FormatError(f"text {number}: expected the lines Type, Rationale, Rating, Rationale For Rating")
+            annotations[number - 1] = {"Type": _types(m["type"]), "Rationale": _text(m["rationale"], "rationale"),
+                                       "Rating": _rating(m["rating"], False),
+                                       "Rationale For Rating": _text(m["rfr"], "rationale for rating")}
+        else:
+            m = _PLAIN.match(body)
+            if not m:
+                raise FormatError(f"text {number}: expected the lines Rating and Rationale")
+            annotations[number - 1] = {"Rating": _rating(m["rating"], aspect == "honesty"),
+                                       "Rationale": _text(m["rationale"], "rationale")}
+    return annotations
+
+
+_SCORE = re.compile(r"Overall\s+Score\s*:\s*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*10)?\s*\.?\s*\Z", re.I)
+
+
+def parse_critique_reply(reply: str) -> tuple[str, float]:
+    """(feedback, overall score 1-10) from a critique reply: feedback text, then a last line "Overall Score: N".
+    "N/10" reads as N (UltraFeedback's known bug turned some 1s into 10s)."""
+    text = reply.replace("**", "").strip()
+    m = _SCORE.search(text)
+    if not m:
+        raise FormatError("expected the feedback, then a last line 'Overall Score: <1-10>'")
+    score = float(m.group(1))
+    if not 1 <= score <= 10:
+        raise FormatError(f"overall score {m.group(1)} is not between 1 and 10")
+    feedback = re.sub(r"^\s*(?:#+\s*)?Feedback\s*:?\s*", "", text[:m.start()], flags=re.I)
+    return _text(feedback, "feedback"), score
+
+
+def empty_annotation(aspect: str) -> dict:
+    """An unrated aspect: what a parse failure, a failed call or a missing generation leaves."""
+    if aspect in TYPED_ASPECTS:
+        return {"Type": None, "Rationale": None, "Rating": "N/A", "Rationale For Rating": None}
+    return {"Rating": "N/A", "Rationale": None}
+
+
+def mean_rating(annotations: dict) -> float | None:
+    """Mean of the numeric aspect ratings ("N/A" ignored), as binarize ranks them; None if there is none."""
+    values = []
+    for a in ASPECTS:
+        try:
+            values.append(float(annotations[a]["Rating"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Programmatic judges
+
+
+def _judge_name(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', getattr(fn, '__name__', '?'))}"
+
+
+def programmatic_annotations(value, name: str) -> dict:
+    """fn's result (a number, or a dict aspect -> number, each in [1, 5]) -> the four aspects' annotations."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(ASPECTS)
+        if unknown:
+            raise ValueError(f"unknown aspects {sorted(unknown)}; expected some of {ASPECTS}")
+        ratings = value
+    else:
+        ratings = dict.fromkeys(ASPECTS, value)
+    why = f"programmatic: {name}"
+    out = {}
+    for aspect in ASPECTS:
+        r = ratings.get(aspect)
+        if r is None:
+            out[aspect] = empty_annotation(aspect)
+            continue
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 1 <= r <= 5:
+            raise ValueError(f"rating {r!r} for {aspect} is not a number from 1 to 5")
+        out[aspect] = {"Rating": f"{r:g}", "Rationale": why}
+        if aspect in TYPED_ASPECTS:
+            out[aspect] = {"Type": ["None"], "Rationale": why, "Rating": f"{r:g}", "Rationale For Rating": why}
+    return out
+
+
+def overall_from_mean(mean: float | None) -> float | None:
+    """The programmatic judge's overall_score: the mean rating (1-5) mapped linearly onto 1-10."""
+    return None if mean is None else round(1 + 9 * (mean - 1) / 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass
+class Slot:
+    """One completion to make: sample index, generator, principle and seed."""
+    sample: int
+    generator: Backend
+    principle: str
+    system_prompt: str
+    seed: int
+
+
+class _Run:
+    def __init__(self, generators, judge, judge_fn, judge_name, journal: Journal, opts: dict):
+        self.generators, self.judge, self.judge_fn, self.judge_name = generators, judge, judge_fn, judge_name
+        self.journal, self.o = journal, opts
+        self.calls = {"generation": 0, "rating": 0, "critique": 0}  # calls made by this run
+        self.failed = {"generation": 0, "rating": 0, "critique": 0}  # calls that failed for good
+        self.reasks = {"rating": 0, "critique": 0}
+        self.parse_failures = {"rating": 0, "critique": 0}  # judge calls given up on, this run
+        self.judge_errors = 0  # programmatic judge exceptions / invalid values
+        self.out: collections.Counter = collections.Counter()  # counts of the output (see `tally`)
+        self.first_judge_error: str | None = None
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def slots(self, p: Prompt) -> list[Slot]:
+        o = self.o
+        picks = pick_generators(len(self.generators), o["k"], o["seed"], p.pid)
+        out = []
+        for s, g in enumerate(picks):
+            gen = self.generators[g]
+            principle, system = pick_principle(p.source, o["principles"], o["seed"], p.pid, s)
+            out.append(Slot(s, gen, principle, system, derive_seed(o["seed"], p.pid, gen.name, s)))
+        return out
+
+    async def generate(self, p: Prompt, slot: Slot) -> dict:
+        key = ("completion", p.pid, slot.generator.name, slot.sample)
+        if key in self.journal:
+            return self.journal.get(key)
+        messages = [{"role": "user", "content": p.instruction}]
+        if slot.system_prompt:
+            messages.insert(0, {"role": "system", "content": slot.system_prompt})
+        o = self.o
+        reply = await slot.generator.complete(Call(messages=messages, temperature=o["temperature"], top_p=o["top_p"],
+                                                   max_tokens=o["max_tokens"], seed=slot.seed))
+        self.calls["generation"] += 1
+        value = {"response": reply.text, "principle": slot.principle, "custom_system_prompt": slot.system_prompt,
+                 "seed": slot.seed, "prompt_tokens": reply.prompt_tokens,
+                 "completion_tokens": reply.completion_tokens, "finish_reason": reply.finish_reason,
+                 "error": reply.error}
+        if reply.ok:
+            self.journal.append(key, value)
+        else:  # not journaled: a rerun tries again
+            self.failed["generation"] += 1
+        return value
+
+    # -- the LLM judge ---------------------------------------------------------------------------------------
+    async def ask(self, kind: str, messages: list[dict], parse, what: str, seed: int) -> dict:
+        """A judge call, re-asked on format errors: {"parsed", "parse_failure", "error", "attempts", tokens}."""
+        o = self.o
+        base, tokens = messages, [0, 0]
+        for attempt in range(o["parse_retries"] + 1):
+            reply = await self.judge.complete(Call(messages=messages, temperature=0.0, top_p=1.0,
+                                                   max_tokens=o["judge_max_tokens"], seed=seed))
+            self.calls[kind] += 1
+            tokens[0] += reply.prompt_tokens
+            tokens[1] += reply.completion_tokens
+            result = {"attempts": attempt + 1, "prompt_tokens": tokens[0], "completion_tokens": tokens[1]}
+            if not reply.ok:
+                self.failed[kind] += 1
+                return {**result, "parsed": None, "parse_failure": False, "error": f"call failed: {reply.error}"}
+            try:
+                return {**result, "parsed": parse(reply.text), "parse_failure": False, "error": None}
+            except FormatError as e:
+                error = str(e)
+            if attempt < o["parse_retries"]:
+                self.reasks[kind] += 1
+                # Show the bad reply and what is wrong: at temperature 0 the same question gets the same answer.
+                messages = [*base, {"role": "assistant", "content": reply.text}, reask_message(error, what)]
+        self.parse_failures[kind] += 1
+        return {**result, "parsed": None, "parse_failure": True,
+                "error": f"parse failure after {o['parse_retries'] + 1} attempts: {error}", "last_reply": reply.text}
+
+    async def rate(self, p: Prompt, done: list[tuple[Slot, dict]], aspect: str, complete: bool) -> dict:
+        key = ("rating", p.pid, aspect)
+        if key in self.journal:
+            return self.journal.get(key)
+        order = [slot.sample for slot, _ in done]
+        _rng(self.o["seed"], p.pid, aspect, "order").shuffle(order)
+        texts = {slot.sample: g["response"] for slot, g in done}
+        messages = rating_messages(aspect, p.instruction, [texts[s] for s in order],
+                                   world_knowledge(p.row, p.source))
+        result = await self.ask("rating", messages, lambda text: parse_rating_reply(text, aspect, len(order)),
+                                f"the annotation of all {len(order)} texts", derive_seed(self.o["seed"], p.pid, aspect))
+        parsed = result.pop("parsed")
+        value = {"order": order, **result,
+                 "annotations": None if parsed is None else {str(s): a for s, a in zip(order, parsed)}}
+        # Journaled when the call ran (parsed or given up on) and covered all K completions: while one of them
+        # is missing, a rerun may yet generate it, and then the prompt's ratings must cover it too.
+        if complete and (parsed is not None or value["parse_failure"]):
+            self.journal.append(key, value)
+        return value
+
+    async def critique(self, p: Prompt, slot: Slot, gen: dict) -> dict:
+        key = ("critique", p.pid, slot.sample)
+        if key in self.journal:
+            return self.journal.get(key)
+        messages = critique_messages(p.instruction, gen["response"], gen["principle"], gen["custom_system_prompt"])
+        result = await self.ask("critique", messages, parse_critique_reply, "the feedback and the overall score",
+                                derive_seed(self.o["seed"], p.pid, slot.sample, "critique"))
+        parsed = result.pop("parsed")
+        feedback, score = parsed if parsed is not None else (None, None)
+        value = {**result, "critique": feedback, "overall_score": score}
+        if parsed is not None or result["parse_failure"]:
+            self.journal.append(key, value)
+        return value
+
+    # -- one prompt ------------------------------------------------------------------------------------------
+    async def prompt(self, p: Prompt) -> dict:
+        slots = self.slots(p)
+        gens = await asyncio.gather(*(self.generate(p, s) for s in slots))
+        done = [(s, g) for s, g in zip(slots, gens) if g["response"] is not None]
+        if self.judge_fn is not None:
+            judged = await asyncio.gather(*(asyncio.to_thread(self.judge_programmatic, p, g) for _, g in done))
+            self.tally(gens, [], [])
+            return self.row(p, slots, gens, {s.sample: j for (s, _), j in zip(done, judged)})
+        complete = len(done) == len(slots)
+        ratings = await asyncio.gather(*(self.rate(p, done, a, complete) for a in ASPECTS)) if done else []
+        critiques = await asyncio.gather(*(self.critique(p, s, g) for s, g in done))
+        self.tally(gens, ratings, critiques)
+        by_sample = {s.sample: self.llm_judgement(s.sample, dict(zip(ASPECTS, ratings)), c)
+                     for (s, _), c in zip(done, critiques)}
+        return self.row(p, slots, gens, by_sample)
+
+    def tally(self, gens: list[dict], ratings: list[dict], critiques: list[dict]) -> None:
+        """Counts of the output (journaled results included), once per prompt."""
+        out = self.out
+        out["prompts"] += 1
+        out["completions"] += len(gens)
+        out["failed_generations"] += sum(g["response"] is None for g in gens)
+        for kind, values in (("rating", ratings), ("critique", critiques)):
+            out[f"{kind}_parse_failures"] += sum(bool(v["parse_failure"]) for v in values)
+            out[f"failed_{kind}_calls"] += sum(bool(v["error"]) and not v["parse_failure"] for v in values)
+        for v in (*gens, *ratings, *critiques):
+            out["prompt_tokens"] += v.get("prompt_tokens") or 0
+            out["completion_tokens"] += v.get("completion_tokens") or 0
+
+    def judge_programmatic(self, p: Prompt, gen: dict) -> dict:
+        try:
+            annotations = programmatic_annotations(self.judge_fn(p.row, gen["response"]), self.judge_name)
+        except Exception as e:  # noqa: BLE001 - a checker's failure is recorded, the run goes on
+            self.judge_errors += 1
+            message = f"{self.judge_name} failed on row {p.index}: {type(e).__name__}: {e}"
+            self.first_judge_error = self.first_judge_error or message
+            return {"annotations": {a: empty_annotation(a) for a in ASPECTS}, "critique": None,
+                    "overall_score": None, "judge_errors": [message]}
+        return {"annotations": annotations, "critique": f"programmatic: {self.judge_name}",
+                "overall_score": overall_from_mean(mean_rating(annotations)), "judge_errors": []}
+
+    @staticmethod
+    def llm_judgement(sample: int, ratings: dict, critique: dict) -> dict:
+        annotations, errors = {}, []
+        for aspect in ASPECTS:
+            value = ratings[aspect]
+            got = (value.get("annotations") or {}).get(str(sample))
+            annotations[aspect] = got or empty_annotation(aspect)
+            if got is None:
+                errors.append(f"{aspect}: {value.get('error')}")
+        if critique["error"]:
+            errors.append(f"critique: {critique['error']}")
+        return {"annotations": annotations, "critique": critique["critique"],
+                "overall_score": critique["overall_score"], "judge_errors": errors}
+
+    def row(self, p: Prompt, slots: list[Slot], gens: list[dict], judged: dict) -> dict:
+        completions = []
+        for slot, g in zip(slots, gens):
+            j = judged.get(slot.sample) or {"annotations": {a: empty_annotation(a) for a in ASPECTS},
+                                            "critique": None, "overall_score": None,
+                                            "judge_errors": ["not judged: generation failed"]}
+            completions.append({
+                "model": slot.generator.name, "principle": g["principle"],
+                "custom_system_prompt": g["custom_system_prompt"], "response": g["response"],
+                "annotations": j["annotations"], "critique": j["critique"], "overall_score": j["overall_score"],
+                "fine-grained_score": mean_rating(j["annotations"]),
+                "sample_index": slot.sample, "seed": g["seed"], "prompt_tokens": g["prompt_tokens"],
+                "completion_tokens": g["completion_tokens"], "finish_reason": g["finish_reason"],
+                "error": g["error"], "judge_errors": j["judge_errors"]})
+        return {"source": p.source, "prompt_id": p.pid, "instruction": p.instruction,
+                "models": [c["model"] for c in completions], "completions": completions,
+                "correct_answers": _strings(p.row.get("correct_answers")),
+                "incorrect_answers": _strings(p.row.get("incorrect_answers"))}
+
+
+def _strings(value) -> list[str]:
+    """A list column passed through as strings (one type for every row, as Arrow wants); [] if absent."""
+    return [str(x) for x in value] if isinstance(value, (list, tuple)) else []
+
+
+def _settings(generators, judge_name: str, o: dict) -> dict:
+    """What shapes the outputs: a resumed run must match these (journal.Journal refuses otherwise)."""
+    return {"format": FORMAT_VERSION, "generators": [g.name for g in generators], "judge": judge_name,
+            **{k: o[k] for k in ("k", "seed", "max_tokens", "temperature", "top_p", "principles")},
+            **({} if judge_name.startswith("programmatic:") else
+               {"parse_retries": o["parse_retries"], "judge_max_tokens": o["judge_max_tokens"]})}
+
+
+def _check(generators, judge, k: int, parse_retries: int, principles: str, concurrency: int):
+    if not generators or not all(isinstance(g, Backend) for g in generators):
+        raise ValueError("generators must be a non-empty list of Backend objects (see zephyr_jax.data.backends)")
+    names = [g.name for g in generators]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"generator names must differ (they key the journal): {repeated} given more than once; "
+                         f"a smaller pool is sampled with replacement, so one generator is enough for K samples")
+    if k < 1 or parse_retries < 0 or concurrency < 1:
+        raise ValueError(f"need completions_per_prompt >= 1, parse_retries >= 0 and concurrency >= 1, got {k}, "
+                         f"{parse_retries}, {concurrency}")
+    if principles not in ("ultrafeedback", "none", *PRINCIPLES):
+        raise ValueError(f"principles={principles!r}; expected ultrafeedback, none or one of {PRINCIPLES}")
+    if judge is None:
+        raise ValueError("a judge is needed: a Backend (LLM judge) or a function / 'module:function' (programmatic)")
+
+
+def _resolve_judge(judge):
+    """(backend, fn, name) from a Backend, a function, or "module:function"."""
+    if isinstance(judge, Backend):
+        return judge, None, f"llm:{judge.name}"
+    if isinstance(judge, str):
+        spec = judge.removeprefix("programmatic:")
+        return None, load_callable(spec), f"programmatic:{spec}"
+    if callable(judge):
+        return None, judge, f"programmatic:{_judge_name(judge)}"
+    raise ValueError(f"judge {judge!r} is neither a Backend nor a function nor 'module:function'")
+
+
+def _backend_stats(backends) -> dict:
+    out = {}
+    for b in {id(b): b for b in backends}.values():
+        stats = dict(b.stats)
+        if hasattr(b, "cost"):
+            stats["cost"] = b.cost()
+        out[b.name] = stats
+    return out
+
+
+async def collect_feedback_async(rows_or_source, generators: list[Backend], judge, output_dir, *,
+                                 split: str | None = "train", completions_per_prompt: int = 4, seed: int = 42,
+                                 concurrency: int = 16, max_tokens: int = 1024, temperature: float = 1.0,
+                                 top_p: float = 1.0, parse_retries: int = 10, judge_max_tokens: int = 1024,
+                                 principles: str = "ultrafeedback", limit: int | None = None,
+                                 overwrite: bool = False, on_bad_row: str = "skip", data_dir=None,
+                                 log: Callable[[str], None] = print) -> dict:
+    """`collect_feedback` inside a running event loop."""
+    from zephyr_jax.data.sources import load_rows
+
+    check_on_bad_row(on_bad_row)
+    _check(generators, judge, completions_per_prompt, parse_retries, principles, concurrency)
+    judge_backend, judge_fn, judge_name = _resolve_judge(judge)
+    opts = {"k": completions_per_prompt, "seed": seed, "max_tokens": max_tokens, "temperature": temperature,
+            "top_p": top_p, "parse_retries": parse_retries, "judge_max_tokens": judge_max_tokens,
+            "principles": principles}
+    out_dir = Path(output_dir)
+    source_name = os.fspath(rows_or_source) if isinstance(rows_or_source, (str, os.PathLike)) else "rows"
+    if isinstance(rows_or_source, (str, os.PathLike)):
+        source_name = f"{source_name}:{split}"
+        rows = load_rows(rows_or_source, split, data_dir=data_dir)
+    else:
+        rows = rows_or_source
+    counter = SkipCounter(source_name)
+    prompts = read_prompts(rows, limit=limit, counter=counter, on_bad_row=on_bad_row, source=source_name)
+    if not prompts:
+        raise ValueError(f"no usable prompt in {source_name} ({counter.summary()})")
+    settings = _settings(generators, judge_name, opts)
+    start = time.time()
+    with Journal(out_dir / JOURNAL_FILE, settings, overwrite=overwrite) as journal:
+        if journal.resumed:
+            log(f"resuming: {journal.resumed} finished calls in {journal.path}")
+        run = _Run(generators, judge_backend, judge_fn, judge_name, journal, opts)
+        try:
+            rows_out = await map_bounded(run.prompt, prompts, concurrency, desc="feedback", unit=" prompts")
+        finally:
+            for b in {id(b): b for b in [*generators, judge_backend] if b is not None}.values():
+                if hasattr(b, "aclose"):
+                    await b.aclose()  # connection pools belong to this event loop
+    write_jsonl(rows_out, out_dir / OUTPUT_FILE)
+    stats = _stats(run, counter, journal.resumed, settings, [*generators, *[judge_backend] * bool(judge_backend)],
+                   time.time() - start, out_dir)
+    write_json(stats, out_dir / STATS_FILE)
+    log(summary(stats))
+    return stats
+
+
+def collect_feedback(rows_or_source, generators: list[Backend], judge, output_dir, **options) -> dict:
+    """UltraFeedback-style AI feedback (see the module docstring); returns the stats written to DIR/stats.json.
+
+    rows_or_source: rows (dicts) or a source for `load_rows(source, split)`; generators: the pool (Backends with
+    distinct names); judge: a Backend (LLM judge), or fn(row, response) -> number | dict, or "module:function"
+    (programmatic judge). Options: split="train", completions_per_prompt=4, seed=42, concurrency=16 (prompts in
+    flight; each backend bounds its own calls too), max_tokens=1024, temperature=1.0, top_p=1.0,
+    parse_retries=10, judge_max_tokens=1024, principles="ultrafeedback" | "none" | a principle, limit=None,
+    overwrite=False, on_bad_row="skip", data_dir=None (TFDS), log=print."""
+    return asyncio.run(collect_feedback_async(rows_or_source, generators, judge, output_dir, **options))
+
+
+def _stats(run: _Run, counter: SkipCounter, resumed: int, settings: dict, backends, seconds: float, out_dir):
+    backend_stats = _backend_stats(backends)
+    costs = [s["cost"] for s in backend_stats.values() if "cost" in s]
+    out = run.out
+    return {
+        "output": str(out_dir / OUTPUT_FILE),
+        "prompts": out["prompts"], "completions": out["completions"],
+        "failed_generations": out["failed_generations"],
+        "parse_failures": {"rating": out["rating_parse_failures"], "critique": out["critique_parse_failures"]},
+        "failed_judge_calls": {"rating": out["failed_rating_calls"], "critique": out["failed_critique_calls"]},
+        "judge_errors": run.judge_errors,
+        "tokens": {"prompt": out["prompt_tokens"], "completion": out["completion_tokens"]},
+        "input": counter.as_dict(),
+        "this_run": {"seconds": round(seconds, 3), "resumed_calls": resumed, "calls": run.calls,
+                     "failed_calls": run.failed, "reasks": run.reasks, "parse_failures": run.parse_failures,
+                     "judge_errors": run.judge_errors, "first_judge_error": run.first_judge_error},
+        "backends": backend_stats,
+        "estimated_cost": sum(costs) if costs else None,
+        "settings": settings,
+    }
+
+
+def summary(stats: dict) -> str:
+    """The end-of-run report (counts of the output, then what this run did)."""
+    r, pf, fj = stats["this_run"], stats["parse_failures"], stats["failed_judge_calls"]
+    lines = [
+        f"feedback: {stats['prompts']} prompts ({stats['input']['skipped']} input rows skipped), "
+        f"{stats['completions']} completions ({stats['failed_generations']} failed generations)",
+        f"  judge: parse failures {pf['rating']} aspect ratings + {pf['critique']} critiques; failed calls "
+        f"{fj['rating']} + {fj['critique']}; programmatic judge errors {stats['judge_errors']}",
+        f"  tokens: {stats['tokens']['prompt']} prompt + {stats['tokens']['completion']} completion",
+        f"  this run: {sum(r['calls'].values())} calls ({r['resumed_calls']} resumed from the journal), "
+        f"{sum(r['reasks'].values())} re-asks, {sum(r['failed_calls'].values())} failed, {r['seconds']:.1f} s",
+    ]
+    if r["first_judge_error"]:
+        lines.append(f"  first judge error: {r['first_judge_error']}")
+    lines += [f"  {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in sorted(s.items())) for name, s in stats["backends"].items()]
+    if stats["estimated_cost"] is not None:
+        lines.append(f"  estimated cost: {stats['estimated_cost']:.4f}")
+    lines.append(f"  -> {stats['output']}")
+    return "\n".join(lines)
+
+
+def write_json(obj, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _price(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        price_in, price_out = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not IN,OUT (prices per million tokens)") from None
+    return price_in, price_out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m zephyr_jax.data.feedback", description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", required=True, help="prompt source: jsonl/parquet file or dir, hub name, tfds:NAME")
+    p.add_argument("--split", default="train", help="split of --prompts (ignored for a single file)")
+    p.add_argument("--generators", action="append", required=True, metavar="SPEC",
+                   help="a generator backend spec; repeat the flag for a pool")
+    judge = p.add_mutually_exclusive_group(required=True)
+    judge.add_argument("--judge", metavar="SPEC", help="LLM judge backend spec")
+    judge.add_argument("--judge_fn", metavar="MODULE:FUNCTION", help="programmatic judge fn(row, response)")
+    p.add_argument("--output", required=True, help="output directory (train.jsonl, stats.json, journal.jsonl)")
+    p.add_argument("--completions_per_prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--concurrency", type=int, default=16, help="prompts in flight, and calls per backend (URL)")
+    p.add_argument("--max_tokens", type=int, default=1024, help="new tokens per completion")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--judge_max_tokens", type=int, default=1024)
+    p.add_argument("--parse_retries", type=int, default=10, help="re-asks of a judge reply in the wrong format")
+    p.add_argument("--principles", default="ultrafeedback",
+                   help="ultrafeedback (by source), none (no system prompt), or one of " + ", ".join(PRINCIPLES))
+    p.add_argument("--limit", type=int, default=None, help="use the first N usable prompts")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per endpoint request")
+    p.add_argument("--max_retries", type=int, default=6, help="endpoint retries of 429/5xx/timeouts/drops")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable with the endpoint key")
+    p.add_argument("--judge_price", type=_price, default=None, metavar="IN,OUT",
+                   help="judge endpoint price per million tokens (input, output), for the cost estimate")
+    p.add_argument("--generator_price", type=_price, default=None, metavar="IN,OUT",
+                   help="generator endpoints' price per million tokens (input, output)")
+    p.add_argument("--overwrite", action="store_true", help="discard the journal and start afresh")
+    p.add_argument("--data_dir", default=None, help="TFDS data dir for --prompts=tfds:NAME")
+    return p
+
+
+def main(argv=None) -> dict:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.output.endswith((".jsonl", ".json")):
+        p.error("--output is a directory (it receives train.jsonl, stats.json and journal.jsonl)")
+    made: dict[str, Backend] = {}  # spec -> backend: one engine or client per distinct spec
+
+    def backend(spec: str, price) -> Backend:
+        if spec not in made:
+            made[spec] = backend_from_spec(spec, api_key_env=args.api_key_env, concurrency=args.concurrency,
+                                           timeout=args.timeout, max_retries=args.max_retries)
+        if price is not None and hasattr(made[spec], "price_per_million"):
+            made[spec].price_per_million = price
+        return made[spec]
+
+    try:
+        generators = [backend(spec, args.generator_price) for spec in args.generators]
+        judge = backend(args.judge, args.judge_price) if args.judge else args.judge_fn
+        return collect_feedback(args.prompts, generators, judge, args.output, split=args.split,
+                                data_dir=args.data_dir, completions_per_prompt=args.completions_per_prompt,
+                                seed=args.seed, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                                temperature=args.temperature, top_p=args.top_p, parse_retries=args.parse_retries,
+                                judge_max_tokens=args.judge_max_tokens, principles=args.principles,
+                                limit=args.limit, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as e:  # settings mismatch, bad specs, missing sources: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        for b in made.values():
+            b.close()
+
+
+if __name__ == "__main__":
+    main()
