@@ -3,10 +3,12 @@
 One model may sit behind several base URLs (a fleet of replicas): each call goes to the URL with the fewest calls in
 flight, and each URL admits at most `concurrency` requests at once. Rate limits (429), server errors (5xx, 408),
 timeouts and dropped connections are retried with exponential backoff and jitter, or after the server's
-Retry-After; other client errors (400, 401, 403, 404, 422, ...) fail at once. Retries are this class's own (the
-openai client's are switched off) so that every one is counted in `stats`: "retries", and by reason "retry_429",
+Retry-After / retry-after-ms (cut to `max_backoff`, so one odd header cannot stall a run); other client errors
+(400, 401, 403, 404, 422, ...) and malformed 200 bodies fail at once. Retries are this class's own (the openai
+client's are switched off) so that every one is counted in `stats`: "retries", and by reason "retry_429",
 "retry_5xx", "retry_timeout", "retry_connection". A call that still fails is a `Reply` with `text=None` and an
-`error` that names the last error and the URL; the run goes on.
+`error` that names the last error and the URL; the run goes on. Connection pools belong to the event loop that
+made them and close when it ends (asyncio.run), or at `await aclose()`.
 
     backend = Endpoint("gpt-4o", ["https://api.openai.com/v1"], price_per_million=(2.5, 10.0))
     reply = await backend.complete(Call(messages=[{"role": "user", "content": "Hi"}]))
@@ -187,7 +189,7 @@ class Endpoint(Backend):
             response = await client.completions.create(prompt=call.prompt, **kwargs)
             pick = lambda choice: choice.text  # noqa: E731
         if not response.choices:
-            return Reply(None, error=f"{self.name}: the server's reply has no choices")
+            return Reply(None, error=f"{self.name} at {client.base_url}: the server's reply has no choices")
         choice = response.choices[0]
         usage = response.usage
         return Reply(pick(choice) or "",  # an empty reply is the caller's to filter, not an error
