@@ -29,6 +29,7 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "fastapi>=0.110",  # python -m zephyr_jax.serve (OpenAI-compatible HTTP server)
         "uvicorn>=0.29",
+        "openai>=1.30",  # data.dialogues / data.feedback: the one HTTP client for teachers, generators and judges
     ],
     extras_require={
         # torch is pinned: the parity tests compare against transformers' PyTorch Mistral on the CPU, and an
@@ -36,8 +37,8 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9",
                  # CI executes the notebooks in a Jupyter kernel
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8",
-                 # the server's tests drive it with real clients: openai, raw HTTP, lm-eval's local-completions
-                 "openai>=1.30", "httpx>=0.27", "aiohttp>=3.9", "tenacity>=8.2"],
+                 # the server's tests drive it with real clients: raw HTTP and lm-eval's local-completions
+                 "httpx>=0.27", "aiohttp>=3.9", "tenacity>=8.2"],
         "notebooks": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5", "importlib_resources"],  # no TensorFlow needed
         "eval": ["lm_eval>=0.4.13"],  # python -m zephyr_jax.lm_eval_adapter

@@ -180,8 +180,9 @@ def load_callable(spec: str) -> Callable:
 
 def backend_from_spec(spec: str, *, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
                       timeout: float = 120.0, max_retries: int = 6, dtype: str = "bfloat16",
-                      max_slots: int = 32) -> Backend:
-    """A backend from a spec string (see the module docstring)."""
+                      max_slots: int = 32, **endpoint_options) -> Backend:
+    """A backend from a spec string (see the module docstring). `endpoint_options` go to `Endpoint` (backoff,
+    max_backoff, price_per_million)."""
     kind, _, rest = spec.partition(":")
     if kind == "endpoint":
         from zephyr_jax.data.endpoint import Endpoint
@@ -190,7 +191,7 @@ def backend_from_spec(spec: str, *, api_key_env: str = "OPENAI_API_KEY", concurr
         if not at or not model or not urls:
             raise ValueError(f"{spec!r}: expected endpoint:MODEL@URL[,URL...]")
         return Endpoint(model, urls.split(","), api_key_env=api_key_env, concurrency=concurrency,
-                        timeout=timeout, max_retries=max_retries)
+                        timeout=timeout, max_retries=max_retries, **endpoint_options)
     if kind == "engine" and rest:
         return EngineBackend.from_path(rest, dtype=dtype, max_slots=max_slots)
     if kind == "callable" and rest:

@@ -28,10 +28,7 @@ import urllib.parse
 
 from zephyr_jax.data.backends import Backend, Call, Reply
 
-try:
-    import openai
-except ImportError as e:  # only the endpoint backend needs it
-    raise ImportError("the endpoint backend needs the openai package: pip install 'openai>=1.30'") from e
+import openai
 
 RETRY_REASONS = ("429", "5xx", "timeout", "connection")
 
