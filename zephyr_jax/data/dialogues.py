@@ -20,15 +20,17 @@ world, writing, materials, ... under --sector=all:
     writing    a writing type x an instruction template x a subject (a ready instruction); 2-4 turns
     materials  an instruction template wrapped around a short passage (summarise, rewrite, question); 2-4 turns
 or from --seeds (`load_seeds`): a .txt file (one seed a line) or anything `sources.load_rows` reads, with a
-column "seed", "topic", "question", "prompt", "instruction" or "material" (first found, or --seed_column), and
-optionally "sector". A "topic" is handed to the user simulator to open with; "question"/"prompt"/"instruction"
-is the opening itself; a "material" passage is wrapped in a materials template (or follows the row's
-"instruction"/"question", if it has one); a "seed" (and a .txt line) is an opening when it looks like one
-(ends with "?", starts with a question word or an imperative verb, or spans lines), else a topic. Dialogue i
-uses seed i mod the number of seeds; --num_dialogues defaults to the number of seeds.
+column "material", "seed", "topic", "question", "prompt" or "instruction" (the first a row has, or
+--seed_column), and optionally "sector". A "topic" is handed to the user simulator to open with; a "question",
+"prompt" or "instruction" is the opening itself; a "material" passage is wrapped in a materials template (or
+follows the row's "instruction"/"question", if it has one); a "seed" (and a .txt line) is an opening when it
+looks like one (ends with "?", starts with a question word or an imperative verb, or spans lines), else a
+topic. Rows without a sector take --sector's (default: materials for a material, else world). Dialogue i uses
+seed i mod the number of seeds; --num_dialogues defaults to the number of seeds.
 
 A turn is one user message and the assistant's reply; each dialogue draws its number of turns from its
-sector's range (or --min_turns/--max_turns). The user simulator gets USER_SYSTEM as its system prompt and sees
+sector's range, or from --min_turns..--max_turns (one alone: --min_turns defaults to 1, --max_turns to
+--min_turns). The user simulator gets USER_SYSTEM as its system prompt and sees
 the conversation with the roles flipped (its own messages as "assistant"), so any chat model can play the user.
 
 Magpie mode (--mode=magpie): no seeds and no user model. The assistant model is given only its chat template's
@@ -102,7 +104,7 @@ from zephyr_jax.data.journal import Journal, SettingsMismatch
 MODES = ("ultrachat", "magpie")
 SECTOR_TURNS = {"world": (3, 7), "writing": (2, 4), "materials": (2, 4)}  # UltraChat's rounds per sector
 MAGPIE_TURNS = (1, 1)
-SEED_COLUMNS = ("seed", "topic", "question", "prompt", "instruction", "material")
+SEED_COLUMNS = ("material", "seed", "topic", "question", "prompt", "instruction")  # the first present is used
 JOURNAL = "journal/dialogues.jsonl"
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -290,10 +292,12 @@ def _row_seed(row, index: int, where: str, column: str | None, sector: str | Non
     """One seed from a row of a seeds file (see the module docstring for the columns)."""
     if not isinstance(row, dict):
         raise ValueError(f"{where} row {index}: not a JSON object")
-    column = column or next((c for c in SEED_COLUMNS if c in row), None)
-    if column is None or column not in row:
+    # Per row: a file read by `datasets` gives every row every column, None where the row had none.
+    column = column or next((c for c in SEED_COLUMNS if row.get(c) is not None), None)
+    if column is None or row.get(column) is None:
+        present = sorted(k for k, v in row.items() if v is not None)
         raise ValueError(f"{where} row {index}: no seed column (expected one of {SEED_COLUMNS} or --seed_column; "
-                         f"the row has {sorted(row)})")
+                         f"the row has {present})")
     text = row[column]
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where} row {index}: {column!r} is not a non-empty string")

@@ -1,0 +1,300 @@
+"""python -m zephyr_jax.data.dialogues: schema and splits, filters counted by reason, determinism, resume after
+kill -9 (row by row against an uninterrupted run, no finished call made twice), settings refusal, Magpie mode,
+and a tiny dSFT run on the output. The teachers are deterministic Python callables defined here, so the CLI
+subprocesses reach them as callable:tests.test_dialogues:NAME."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from zephyr_jax.data.backends import CallableBackend, Reply
+from zephyr_jax.data.dialogues import (Seed, SettingsMismatch, builtin_seeds, load_seeds, looks_like_opening,
+                                       make_dialogues)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CALL_LOG, SLEEP = "DIALOGUES_TEST_CALL_LOG", "DIALOGUES_TEST_SLEEP"  # read by the callables in CLI subprocesses
+
+
+# --------------------------------------------------------------------------------------- scripted teachers
+
+def _note_call(call):
+    """Appends the call's seed to $DIALOGUES_TEST_CALL_LOG (one line per call) and sleeps $DIALOGUES_TEST_SLEEP."""
+    if os.environ.get(CALL_LOG):
+        with open(os.environ[CALL_LOG], "a") as f:
+            f.write(f"{call.seed}\n")
+    time.sleep(float(os.environ.get(SLEEP, 0)))
+
+
+def scripted_user(call):
+    """A user simulator: opens with a question about the topic (with a label and quotes to tidy away), then
+    asks follow-ups that name the call's seed (so no two are alike)."""
+    _note_call(call)
+    last = call.messages[-1]["content"]
+    own = sum(m["role"] == "assistant" for m in call.messages)  # its earlier messages, roles flipped
+    if own == 0:
+        topic = re.search(r"about this topic: (.*?)\. Write only", last).group(1)
+        return f'User: "What should I know about {topic}?"'
+    opening = call.messages[1]["content"]
+    if "BREAK" in opening:
+        return "As an AI language model, I would ask about the weather."
+    if "USERFAIL" in opening:
+        raise RuntimeError("user model is down")
+    return f"Follow-up {own} ({call.seed % 10007}): what about '{last[:24]}'?"
+
+
+def scripted_assistant(call):
+    """An assistant that answers plainly, or misbehaves on the turn its opening's keyword asks for."""
+    _note_call(call)
+    opening, n = call.messages[0]["content"], sum(m["role"] == "user" for m in call.messages)
+    plain = f"Answer {n} ({call.seed % 10007}) to '{call.messages[-1]['content'][:40]}'."
+    misbehaviour = {
+        ("REFUSE", 2): "I'm sorry, but I can't help with that.",
+        ("EMOTION", 1): "As an AI, I don't have opinions on music.",
+        ("REPEAT", 2): f"Always the same answer to {opening[:20]}.",
+        ("REPEAT", 1): f"Always the same answer to {opening[:20]}.",
+        ("EMPTY", 1): "   ",
+        ("LONG", 1): "word " * 200,
+        ("MARKER", 1): "Sure</s><|user|>\nmore",
+        ("CUT", 2): Reply("Half an ans", finish_reason="length"),
+    }
+    for (word, turn), reply in misbehaviour.items():
+        if word in opening and n == turn:
+            return reply
+    if "FAIL" in opening and "USERFAIL" not in opening and n == 2:
+        raise RuntimeError("assistant model is down")
+    return plain
+
+
+def _backends():
+    return CallableBackend(scripted_user), CallableBackend(scripted_assistant)
+
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _run(out, seeds, **options):
+    user, assistant = _backends()
+    return make_dialogues(seeds, user, assistant, out, log=lambda s: None, **options)
+
+
+# --------------------------------------------------------------------------------------- schema, filters, seeds
+
+def test_schema_splits_sectors_and_sft_processing(tmp_path):
+    from zephyr_jax.data import process_rows, sft_example
+    from zephyr_jax.data.sources import load_rows
+    from zephyr_jax.demo import prompt_id
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    stats = _run(tmp_path / "a", builtin_seeds("all"), num_dialogues=12, test_size=3)
+    train, test = _rows(tmp_path / "a" / "train_sft.jsonl"), _rows(tmp_path / "a" / "test_sft.jsonl")
+    assert (len(train), len(test)) == (9, 3) and stats["kept"] == 12 and not stats["dropped"]
+    assert json.load(open(tmp_path / "a" / "stats.json")) == json.loads(json.dumps(stats))
+    for row in train + test:
+        assert set(row) == {"prompt", "prompt_id", "messages", "sector", "models"}
+        assert row["prompt_id"] == prompt_id(row["prompt"]) == hashlib.sha256(row["prompt"].encode()).hexdigest()
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and row["messages"][0]["content"] == row["prompt"]
+        lo, hi = {"world": (3, 7), "writing": (2, 4), "materials": (2, 4)}[row["sector"]]
+        assert lo <= len(roles) // 2 <= hi
+        assert row["models"] == {"user": "scripted_user", "assistant": "scripted_assistant"}
+    world = [r for r in train + test if r["sector"] == "world"]
+    assert {r["sector"] for r in train + test} == {"world", "writing", "materials"} and len(world) == 4
+    assert all(re.fullmatch(r"What should I know about .+\?", r["prompt"]) for r in world)  # label, quotes tidied
+    assert len(load_rows(tmp_path / "a", "train_sft")) == 9 and len(load_rows(tmp_path / "a", "test_sft")) == 3
+    tok = load_tokenizer()
+    examples, counter = process_rows(train + test, lambda r, i: sft_example(r, i, tok, max_length=4096),
+                                     progress=False, log=lambda s: None)
+    assert len(examples) == 12 and counter.total == 0
+
+    # The same seed gives byte-identical files, whatever the concurrency (completion order).
+    _run(tmp_path / "b", builtin_seeds("all"), num_dialogues=12, test_size=3, concurrency=1)
+    for name in ("train_sft.jsonl", "test_sft.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+FILTER_SEEDS = [  # (opening, what becomes of it with 3 turns)
+    ("Tell me about tides?", "kept"),
+    ("Please explain REFUSE rules.", "truncated: refusal in assistant turn"),
+    ("What do you think of EMOTION in music?", "dropped: AI boilerplate in assistant turn"),
+    ("Why REPEAT things?", "truncated: repeated assistant turn"),
+    ("Describe EMPTY space.", "dropped: empty assistant turn"),
+    ("Explain LONG division.", "dropped: assistant turn over 500 chars"),
+    ("Write a MARKER poem.", "dropped: special-token text in assistant turn"),
+    ("How do I CUT glass?", "truncated: assistant turn cut off at max_tokens"),
+    ("Why does FAIL happen?", "truncated: failed assistant call"),
+    ("Can you BREAK it down?", "truncated: user simulator broke character"),
+    ("What if USERFAIL occurs?", "truncated: failed user call"),
+    ("tell me   about TIDES", "dropped: duplicate opening prompt"),
+]
+
+
+def test_filters_drop_or_truncate_and_count_each_reason(tmp_path):
+    seeds = [Seed(text, "writing") for text, _ in FILTER_SEEDS]
+    stats = _run(tmp_path, seeds, min_turns=3, max_turns=3, max_turn_chars=500, test_size=0)
+    expect = {"dropped": {}, "truncated": {}}
+    for _, fate in FILTER_SEEDS:
+        if fate != "kept":
+            kind, reason = fate.split(": ")
+            expect[kind][reason] = expect[kind].get(reason, 0) + 1
+    assert stats["dropped"] == expect["dropped"] and stats["truncated"] == expect["truncated"]
+    rows = {r["prompt"]: r for r in _rows(tmp_path / "train_sft.jsonl")}
+    kept = [text for text, fate in FILTER_SEEDS if not fate.startswith("dropped")]
+    assert list(rows) == kept and stats["kept"] == len(kept) and stats["dialogues"] == len(FILTER_SEEDS)
+    turns = {text: len(rows[text]["messages"]) // 2 for text in kept}
+    assert turns == {"Tell me about tides?": 3, "Please explain REFUSE rules.": 1, "Why REPEAT things?": 1,
+                     "How do I CUT glass?": 1, "Why does FAIL happen?": 1, "Can you BREAK it down?": 1,
+                     "What if USERFAIL occurs?": 1}
+    assert stats["failed_calls"] == {"RuntimeError: assistant model is down": 1,
+                                     "RuntimeError: user model is down": 1}
+    assert stats["backends"]["assistant"]["failures"] == 1 and stats["backends"]["user"]["failures"] == 1
+
+
+def test_seeds_from_files(tmp_path):
+    txt = tmp_path / "seeds.txt"
+    txt.write_text("volcanoes\n\nWhy is the sea salty?\nWrite a poem about frost.\n")
+    assert load_seeds(txt) == [Seed("volcanoes", "world", True), Seed("Why is the sea salty?", "world"),
+                               Seed("Write a poem about frost.", "world")]
+    assert not looks_like_opening("the Roman roads") and looks_like_opening("Summarize the Roman roads")
+    jsonl = tmp_path / "seeds.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in (
+        {"topic": "glaciers", "sector": "world"}, {"question": "What is rust?"},
+        {"material": "Rust forms when iron meets water and air."},
+        {"material": "Bees dance.", "instruction": "Explain this to a child:"})) + "\n")
+    seeds = load_seeds(jsonl, sector="writing")
+    assert seeds[:2] == [Seed("glaciers", "world", True), Seed("What is rust?", "writing")]
+    assert seeds[2].sector == "writing" and "Rust forms when iron meets water and air." in seeds[2].text
+    assert seeds[3] == Seed("Explain this to a child:\n\nBees dance.", "writing")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok?"}\n{"text": "no seed column"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl row 1: no seed column"):
+        load_seeds(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_seeds(tmp_path / "missing.txt")
+
+
+# --------------------------------------------------------------------------------------- resume and settings
+
+def test_rerun_resumes_refuses_other_settings_and_overwrite_starts_afresh(tmp_path):
+    seeds = builtin_seeds("all")
+    first = _run(tmp_path, seeds, num_dialogues=6)
+    calls = first["backends"]["assistant"]["calls"] + first["backends"]["user"]["calls"]
+    again = _run(tmp_path, seeds, num_dialogues=6)
+    assert again["messages_resumed"] == calls and again["backends"]["assistant"].get("calls", 0) == 0
+    grown = _run(tmp_path, seeds, num_dialogues=9)  # more dialogues reuse every finished one
+    assert grown["messages_resumed"] == calls and grown["kept"] == 9
+    with pytest.raises(SettingsMismatch, match=r"temperature: 1\.0 on disk, 0\.5 now.*--overwrite"):
+        _run(tmp_path, seeds, num_dialogues=6, temperature=0.5)
+    fresh = _run(tmp_path, seeds, num_dialogues=6, temperature=0.5, overwrite=True)
+    assert fresh["messages_resumed"] == 0 and fresh["messages_journaled"] == calls
+
+
+CLI = ["--user=callable:tests.test_dialogues:scripted_user", "--assistant=callable:tests.test_dialogues:"
+       "scripted_assistant", "--sector=all", "--num_dialogues=12", "--min_turns=1", "--max_turns=3",
+       "--concurrency=3", "--test_size=2"]
+
+
+def _cli(out, log, *extra, sleep=0.0):
+    env = {**os.environ, CALL_LOG: str(log), SLEEP: str(sleep)}
+    return subprocess.Popen([sys.executable, "-m", "zephyr_jax.data.dialogues", f"--output={out}", *CLI, *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _lines(path):
+    """The whole lines of a file (a line cut off by a kill has no newline yet)."""
+    text = open(path).read() if os.path.exists(path) else ""
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
+def _kill_after(proc, journal, n):
+    """SIGKILLs `proc` once `journal` holds n lines (polled every few ms)."""
+    while len(_lines(journal)) < n:
+        assert proc.poll() is None, f"the run ended before {n} journal lines: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.003)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill9_at_several_points_then_rerun_equals_uninterrupted_run(tmp_path):
+    ref = tmp_path / "ref"
+    proc = _cli(ref, tmp_path / "ref.calls")
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    ref_journal = _lines(ref / "journal" / "dialogues.jsonl")
+    total = len(ref_journal)
+    assert total == len(_lines(tmp_path / "ref.calls")) > 20
+    for n in (1, total // 2, total - 3):
+        out, journal = tmp_path / f"kill{n}", tmp_path / f"kill{n}" / "journal" / "dialogues.jsonl"
+        _kill_after(_cli(out, tmp_path / f"kill{n}.calls", sleep=0.05), journal, n)
+        done = {json.loads(line)["value"]["seed"] for line in _lines(journal)}
+        assert len(done) >= n and not (out / "train_sft.jsonl").exists()
+        proc = _cli(out, tmp_path / f"rerun{n}.calls")
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-3000:]
+        recalled = {int(s) for s in _lines(tmp_path / f"rerun{n}.calls")}
+        assert not recalled & done, "the rerun called again for messages the journal held"
+        assert len(_lines(journal)) == total and len(recalled) + len(done) == total
+        for name in ("train_sft.jsonl", "test_sft.jsonl"):
+            assert _rows(out / name) == _rows(ref / name), (n, name)
+            assert (out / name).read_bytes() == (ref / name).read_bytes()
+    proc = _cli(ref, tmp_path / "other.calls", "--temperature=0.5")  # other settings: refused, named
+    _, err = proc.communicate()
+    assert proc.returncode != 0 and "temperature: 1.0 on disk, 0.5 now" in err and "--overwrite" in err
+
+
+# --------------------------------------------------------------------------------------- Magpie
+
+MAGPIE_CALLS = []
+
+
+def magpie_model(call):
+    """Writes a user query for a raw prompt, answers a chat call; records both."""
+    MAGPIE_CALLS.append(call)
+    if call.prompt is not None:
+        return f"How many legs does a spider have? ({call.seed % 101})"
+    return f"Eight. (reply to {len(call.messages)} messages)"
+
+
+def test_magpie_raw_prompt_is_the_template_prefix(tmp_path):
+    MAGPIE_CALLS.clear()
+    stats = make_dialogues(None, None, CallableBackend(magpie_model, concurrency=1), tmp_path, mode="magpie",
+                           num_dialogues=3, min_turns=2, max_turns=2, test_size=0, concurrency=1,
+                           log=lambda s: None)
+    assert stats["kept"] == 3 and stats["models"] == {"user": "magpie_model", "assistant": "magpie_model"}
+    raw = [c for c in MAGPIE_CALLS if c.prompt is not None]
+    chat = [c for c in MAGPIE_CALLS if c.messages is not None]
+    assert len(raw) == len(chat) == 6
+    assert {c.prompt for c in raw[:3]} == {"<|system|>\n</s>\n<|user|>\n"}  # the openings: the bare prefix
+    assert all(c.temperature == 1.0 and set(c.stop) >= {"</s>", "<|assistant|>", "<|user|>"} for c in raw)
+    assert all(c.temperature == 0.0 for c in chat)
+    row = _rows(tmp_path / "train_sft.jsonl")[0]
+    first, answer = row["messages"][:2]
+    assert raw[3].prompt == f"<|system|>\n</s>\n<|user|>\n{first['content']}</s>\n<|assistant|>\n" \
+                           f"{answer['content']}</s>\n<|user|>\n"
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 2 and row["sector"] == "magpie"
+    with pytest.raises(ValueError, match="magpie mode takes no seeds"):
+        make_dialogues(["a?"], None, CallableBackend(magpie_model), tmp_path, mode="magpie", num_dialogues=1)
+
+
+# --------------------------------------------------------------------------------------- the trainer reads it
+
+def test_output_trains_in_a_tiny_sft_run(tmp_path):
+    from zephyr_jax import train
+    from zephyr_jax.config_common import load_config
+
+    _run(tmp_path / "data", builtin_seeds("all"), num_dialogues=10, min_turns=1, max_turns=2, test_size=2)
+    cfg = load_config(os.path.join(ROOT, "configs", "sft.py:tiny"), **{
+        "data.train": str(tmp_path / "data"), "data.eval": str(tmp_path / "data"), "train.progress": False,
+        "logging.tensorboard": False, "train.max_steps": 2, "train.eval_every": 0, "train.save_every": 0})
+    metrics = train.run(cfg, str(tmp_path / "sft"))
+    records = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["split"] == "train"][-1] == 2
+    assert all(v == v for v in metrics.values() if isinstance(v, float))  # no NaN in the final eval
