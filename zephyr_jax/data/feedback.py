@@ -522,7 +522,8 @@ class Slot:
 
 class _Run:
     def __init__(self, generators, judge, judge_fn, judge_name, journal: Journal, opts: dict):
-        self.generators, self.judge, self.judge_fn, self.judge_name = generators, judge, judge_fn, judge_name
+        self.generators, self.judge, self.judge_fn = generators, judge, judge_fn
+        self.judge_name = judge_name.split(":", 1)[1]  # "module:function" or the LLM judge's name
         self.journal, self.o = journal, opts
         self.calls = {"generation": 0, "rating": 0, "critique": 0}  # calls made by this run
         self.failed = {"generation": 0, "rating": 0, "critique": 0}  # calls that failed for good
