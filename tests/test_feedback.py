@@ -109,6 +109,35 @@ def well_formed(messages) -> str:
     return "\n\n".join(blocks)
 
 
+def _log_call(kind: str) -> None:
+    """Appends the call's kind to $FEEDBACK_CALL_LOG (the CLI tests count the calls each run makes)."""
+    path = os.environ.get("FEEDBACK_CALL_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(kind + "\n")
+
+
+def slow_right(call):
+    """CLI generator (callable:tests.test_feedback:slow_right): the right sum, after a short wait."""
+    time.sleep(0.04)
+    _log_call("completion")
+    return make_generator("right")(call)
+
+
+def slow_off(call):
+    time.sleep(0.04)
+    _log_call("completion")
+    return make_generator("off")(call)
+
+
+def slow_judge(call):
+    """CLI LLM judge: well-formed replies after a short wait."""
+    time.sleep(0.04)
+    kind = judge_request(call.messages)[0]
+    _log_call("critique" if kind == "critique" else "rating")
+    return well_formed(call.messages)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Programmatic judge: schema, binarize, ties, failed generations
 
@@ -302,3 +331,155 @@ def test_other_settings_are_refused_and_overwrite_starts_afresh(tmp_path):
         collect_feedback(rows, pool("right", "right"), check_sum, tmp_path / "x", log=lambda s: None)
     with pytest.raises(ValueError, match="no usable prompt"):
         collect_feedback([{"text": "x"}], pool("right"), check_sum, tmp_path / "y", log=lambda s: None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Over real HTTP: the scripted server as generators and judge, with faults
+
+
+def test_scripted_server_faults_and_counts(tmp_path):
+    from tests.scripted_server import ScriptedServer, drop, sleep, status, text
+
+    from zephyr_jax.data.backends import backend_from_spec
+
+    rows = arithmetic_rows(5)[:5]
+    q = [r["prompt"] for r in rows]
+
+    def respond(body, attempt):
+        messages = body["messages"]
+        if body["model"] == "judge":
+            kind, instruction, payload = judge_request(messages)
+            if (kind, instruction) == ("honesty", q[0]) and len(messages) == 2:
+                return text("All four look honest to me.")  # malformed once; the re-ask (4 messages) is answered
+            if (kind, instruction) == ("helpfulness", q[1]):
+                return text("Helpful, all of them.")  # malformed every time: a parse failure
+            if kind == "critique" and instruction == q[2] and is_right(instruction, payload) and attempt == 0:
+                return status(429, retry_after=0.3)
+            return text(well_formed(messages))
+        question = messages[-1]["content"]
+        total = _sum(question)
+        answer = text(str(total) if body["model"] == "gen-a" else str(total + 1))
+        if body["model"] == "gen-b":
+            return status(500) if question == q[4] else answer  # q4: gen-b fails for good
+        if attempt > 0:
+            return answer
+        faults = {q[0]: status(429, retry_after=0.3), q[1]: status(500), q[2]: sleep(1.5, answer), q[3]: drop()}
+        return faults.get(question, answer)
+
+    with ScriptedServer(respond) as server:
+        spec = lambda model: f"endpoint:{model}@{server.base_url}"  # noqa: E731
+        options = dict(concurrency=4, timeout=0.6, max_retries=2, backoff=0.01, max_backoff=1.0)
+        generators = [backend_from_spec(spec(m), **options) for m in ("gen-a", "gen-b")]
+        judge = backend_from_spec(spec("judge"), **options)
+        stats = collect_feedback(rows, generators, judge, tmp_path, completions_per_prompt=2, parse_retries=2,
+                                 concurrency=5, log=lambda s: None)
+        log = list(server.log)
+
+    by_model = collections.Counter((e["body"]["model"], e["action"]) for e in log)
+    b = stats["backends"]
+    assert (b["gen-a"]["retry_429"], b["gen-a"]["retry_5xx"], b["gen-a"]["retry_timeout"],
+            b["gen-a"]["retry_connection"]) == (1, 1, 1, 1) == (by_model["gen-a", "429"], by_model["gen-a", "500"],
+                                                                by_model["gen-a", "sleep"], by_model["gen-a", "drop"])
+    assert b["gen-b"]["retries"] == by_model["gen-b", "500"] - 1 == 2 and b["gen-b"]["failures"] == 1
+    assert b["judge"]["retries"] == b["judge"]["retry_429"] == by_model["judge", "429"] == 1
+    for model in ("gen-a", "gen-b", "judge"):  # every HTTP request is a call or a retry
+        assert sum(n for (m, _), n in by_model.items() if m == model) == b[model]["calls"] + b[model]["retries"]
+    # Retry-After honoured: the retry came at least 0.3 s after the 429
+    first = next(e for e in log if e["action"] == "429" and e["body"]["model"] == "gen-a")
+    again = next(e for e in log if e["body"] == first["body"] and e["attempt"] == 1)
+    assert again["time"] - first["time"] >= 0.3
+    # parse failures and re-asks match the script: honesty q0 re-asked once, helpfulness q1 given up after 3
+    assert stats["this_run"]["reasks"] == {"rating": 1 + 2, "critique": 0}
+    assert stats["parse_failures"] == {"rating": 1, "critique": 0}
+    assert sum(1 for e in log if e["body"]["model"] == "judge" and judge_request(e["body"]["messages"])[:2] ==
+               ("helpfulness", q[1])) == 3
+    # the output is complete: every prompt, both completions, q4's failed one kept with its error
+    out = {r["instruction"]: r for r in load_rows(tmp_path, "train")}
+    assert list(out) == q and stats["failed_generations"] == 1
+    for question, row in out.items():
+        assert row["models"] == ["gen-a", "gen-b"] or row["models"] == ["gen-b", "gen-a"]
+        for c in row["completions"]:
+            if question == q[4] and c["model"] == "gen-b":
+                assert c["response"] is None and "500" in c["error"]
+                continue
+            assert c["response"] == str(_sum(question) + (c["model"] == "gen-b"))
+            rated = {a: c["annotations"][a]["Rating"] for a in ASPECTS}
+            expected = "5" if c["model"] == "gen-a" else "2"
+            assert rated == {a: "N/A" if (a, question) == ("helpfulness", q[1]) else expected for a in ASPECTS}
+            assert c["overall_score"] == (9.0 if c["model"] == "gen-a" else 3.0)
+            assert c["completion_tokens"] == 1 and c["prompt_tokens"] > 0
+    assert stats["tokens"]["prompt"] > 0 and stats["this_run"]["failed_calls"] == {"generation": 1, "rating": 0,
+                                                                                    "critique": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI: kill -9 at several points, then the same command again
+
+
+def _cli(tmp_path, out, log, *extra, kill_at=None):
+    """Runs the CLI on 8 prompts (K=2: 16 generations, 32 ratings, 16 critiques = 64 journal lines); with
+    `kill_at`, SIGKILLs it once its journal holds that many lines. Returns (returncode, stdout + stderr)."""
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(8)[:8]))
+    cmd = [sys.executable, "-m", "zephyr_jax.data.feedback", f"--prompts={prompts}", f"--output={out}",
+           "--generators=callable:tests.test_feedback:slow_right",
+           "--generators=callable:tests.test_feedback:slow_off", "--judge=callable:tests.test_feedback:slow_judge",
+           "--completions_per_prompt=2", "--concurrency=2", *extra]
+    with open(tmp_path / "output.txt", "w") as output:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "FEEDBACK_CALL_LOG": str(log)},
+                                stdout=output, stderr=subprocess.STDOUT)
+        if kill_at is not None:
+            journal, deadline = out / "journal.jsonl", time.time() + 120
+            while not (journal.exists() and journal.read_bytes().count(b"\n") >= kill_at):
+                assert proc.poll() is None, f"finished before {kill_at} journal lines"
+                assert time.time() < deadline
+                time.sleep(0.003)
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=120)
+    return proc.returncode, (tmp_path / "output.txt").read_text()
+
+
+def _journaled(out) -> collections.Counter:
+    """Whole journal lines by kind (a line cut by the kill is not whole, and is done again)."""
+    data = (out / "journal.jsonl").read_bytes()
+    return collections.Counter(json.loads(line)["key"][0] for line in data[:data.rfind(b"\n") + 1].splitlines())
+
+
+def _calls(log) -> collections.Counter:
+    return collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
+
+
+def test_cli_kill_9_and_resume_equals_uninterrupted_run(tmp_path):
+    whole = tmp_path / "whole"
+    code, err = _cli(tmp_path, whole, tmp_path / "whole.log")
+    assert code == 0, err[-3000:]
+    total = _calls(tmp_path / "whole.log")
+    assert total == {"completion": 16, "rating": 32, "critique": 16}
+    expected = (whole / "train.jsonl").read_text().splitlines()
+
+    out = tmp_path / "killed"
+    for i, kill_at in enumerate((1, 20, 55)):
+        code, err = _cli(tmp_path, out, tmp_path / f"run{i}.log", kill_at=kill_at)
+        assert code == -signal.SIGKILL and not (out / "train.jsonl").exists(), err[-3000:]
+        done = _journaled(out)
+        assert sum(done.values()) >= kill_at
+        code, err = _cli(tmp_path, out, tmp_path / f"resume{i}.log")  # the same command, to the end
+        assert code == 0, err[-3000:]
+        assert "resuming" in err
+        # journaled calls are not made again; every other one is made once
+        assert _calls(tmp_path / f"resume{i}.log") == {k: n - done[k] for k, n in total.items() if n > done[k]}
+        assert (out / "train.jsonl").read_text().splitlines() == expected  # row by row
+        (out / "train.jsonl").unlink()
+        os.rename(out / "journal.jsonl", tmp_path / f"journal{i}.jsonl")  # the next kill starts from nothing
+        (out / "journal.jsonl.settings.json").unlink()
+    stats = json.load(open(whole / "stats.json"))
+    assert stats["prompts"] == 8 and stats["this_run"]["resumed_calls"] == 0
+
+    # other settings are refused, naming the difference; --overwrite starts afresh
+    code, err = _cli(tmp_path, whole, tmp_path / "refused.log", "--seed=7")
+    assert code == 2 and "seed: 42 on disk, 7 now" in err and "--overwrite" in err
+    assert not _calls(tmp_path / "refused.log")
+    code, err = _cli(tmp_path, whole, tmp_path / "fresh.log", "--seed=7", "--overwrite")
+    assert code == 0, err[-3000:]
+    assert _calls(tmp_path / "fresh.log") == total

@@ -917,15 +917,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.output.endswith((".jsonl", ".json")):
         p.error("--output is a directory (it receives train.jsonl, stats.json and journal.jsonl)")
-    made: dict[str, Backend] = {}  # spec -> backend: one engine or client per distinct spec
+    made: dict[tuple, Backend] = {}  # (spec, price) -> backend: one engine or client per distinct spec
 
     def backend(spec: str, price) -> Backend:
-        if spec not in made:
-            made[spec] = backend_from_spec(spec, api_key_env=args.api_key_env, concurrency=args.concurrency,
-                                           timeout=args.timeout, max_retries=args.max_retries)
-        if price is not None and hasattr(made[spec], "price_per_million"):
-            made[spec].price_per_million = price
-        return made[spec]
+        if (spec, price) not in made:
+            extra = {"price_per_million": price} if price is not None and spec.startswith("endpoint:") else {}
+            made[spec, price] = backend_from_spec(spec, api_key_env=args.api_key_env, concurrency=args.concurrency,
+                                                  timeout=args.timeout, max_retries=args.max_retries, **extra)
+        return made[spec, price]
 
     try:
         generators = [backend(spec, args.generator_price) for spec in args.generators]
