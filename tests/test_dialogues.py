@@ -1,7 +1,8 @@
 """python -m zephyr_jax.data.dialogues: schema and splits, filters counted by reason, determinism, resume after
 kill -9 (row by row against an uninterrupted run, no finished call made twice), settings refusal, Magpie mode,
-and a tiny dSFT run on the output. The teachers are deterministic Python callables defined here, so the CLI
-subprocesses reach them as callable:tests.test_dialogues:NAME."""
+both modes over real HTTP against tests/scripted_server.py, and a tiny dSFT run on the output. The teachers are
+deterministic Python callables defined here, so the CLI subprocesses reach them as
+callable:tests.test_dialogues:NAME."""
 
 import hashlib
 import json
@@ -236,9 +237,10 @@ def test_kill9_at_several_points_then_rerun_equals_uninterrupted_run(tmp_path):
         _kill_after(_cli(out, tmp_path / f"kill{n}.calls", sleep=0.05), journal, n)
         done = {json.loads(line)["value"]["seed"] for line in _lines(journal)}
         assert len(done) >= n and not (out / "train_sft.jsonl").exists()
+        assert n > total // 2 or len(done) < total  # killed mid-run: the rerun has calls left to make
         proc = _cli(out, tmp_path / f"rerun{n}.calls")
-        _, err = proc.communicate()
-        assert proc.returncode == 0, err[-3000:]
+        printed, err = proc.communicate()
+        assert proc.returncode == 0 and f"resuming: {len(done)} finished messages" in printed, err[-3000:]
         recalled = {int(s) for s in _lines(tmp_path / f"rerun{n}.calls")}
         assert not recalled & done, "the rerun called again for messages the journal held"
         assert len(_lines(journal)) == total and len(recalled) + len(done) == total
@@ -282,6 +284,38 @@ def test_magpie_raw_prompt_is_the_template_prefix(tmp_path):
     assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 2 and row["sector"] == "magpie"
     with pytest.raises(ValueError, match="magpie mode takes no seeds"):
         make_dialogues(["a?"], None, CallableBackend(magpie_model), tmp_path, mode="magpie", num_dialogues=1)
+
+
+# --------------------------------------------------------------------------------------- over real HTTP
+
+def test_both_modes_over_http_against_the_scripted_server(tmp_path):
+    from tests.scripted_server import ScriptedServer, status, text
+    from zephyr_jax.data.backends import backend_from_spec
+
+    def respond(body, attempt):
+        if attempt == 0 and body.get("seed", 0) % 5 == 0:
+            return status(429, retry_after=0.01)  # retried by the client: no row lost or doubled
+        if "prompt" in body:  # Magpie's raw prefix on /v1/completions
+            return text(f" Which prime follows {body['seed']}?")
+        if body["messages"][0]["role"] == "system":  # the user simulator
+            return text(f"And why is that so? ({body['seed']})")
+        return text(f"Because of {body['seed']}.")
+
+    with ScriptedServer(respond) as server:
+        spec = f"endpoint:teacher@{server.base_url}"
+        chat = make_dialogues(builtin_seeds("writing"), None, backend_from_spec(spec), tmp_path / "chat",
+                              num_dialogues=4, min_turns=2, max_turns=2, test_size=1, log=lambda s: None)
+        magpie = make_dialogues(None, None, backend_from_spec(spec), tmp_path / "magpie", mode="magpie",
+                                num_dialogues=3, test_size=0, log=lambda s: None)
+        log, counts = server.log, server.counts()
+    assert chat["kept"] == 4 and magpie["kept"] == 3
+    assert chat["backends"]["assistant"]["retries"] + magpie["backends"]["assistant"]["retries"] == counts["429"] > 0
+    assert chat["backends"]["assistant"]["calls"] == 4 * 3 and magpie["backends"]["assistant"]["calls"] == 3 * 2
+    raw = [e["body"] for e in log if e["path"] == "/v1/completions"]
+    assert {b["prompt"] for b in raw} == {"<|system|>\n</s>\n<|user|>\n"} and len(raw) >= 3
+    assert all(set(b["stop"]) >= {"</s>", "<|assistant|>"} and b["temperature"] == 1.0 for b in raw)
+    rows = _rows(tmp_path / "magpie" / "train_sft.jsonl")
+    assert len({r["prompt"] for r in rows}) == 3 and all(r["prompt"].startswith("Which prime") for r in rows)
 
 
 # --------------------------------------------------------------------------------------- the trainer reads it

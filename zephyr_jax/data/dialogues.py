@@ -46,7 +46,9 @@ Output (DIR):
                                       test_sft is a seeded sample (binarize.train_test_split) of --test_size
                                       rows (a fraction below 1, else a count). load_rows(DIR, "train_sft")
                                       reads them; the trainer takes DIR as data.train / data.eval.
-    stats.json                        counts, drops and truncations by reason, tokens, each backend's stats
+    stats.json                        counts, drops and truncations by reason, tokens of all journaled
+                                      calls, each backend's counters (its calls in this process: none for
+                                      messages replayed from the journal)
     journal/dialogues.jsonl           every finished call, keyed [dialogue, model name, message index]
                                       (+ .settings.json): what a rerun resumes from
 
@@ -492,28 +494,32 @@ class _Run:
         fields.setdefault("temperature", self.temperature)
         return Call(max_tokens=self.max_tokens, seed=call_seed(self.seed, i, t), **fields)
 
+    def request(self, d: _Dialogue, t: int) -> tuple[Backend, Call]:
+        """Which model writes message t of dialogue d, and the call that asks for it."""
+        messages, user_turn = d.messages[:t], t % 2 == 0
+        if self.mode == "magpie":  # one model: raw template prefix for the user turn, greedy chat for the reply
+            if user_turn:
+                return self.assistant, self.call(d.index, t, prompt=self.magpie.prefix(messages), temperature=1.0,
+                                                 stop=self.magpie.stop)
+            return self.assistant, self.call(d.index, t, messages=tuple(messages), temperature=0.0)
+        if not user_turn:
+            return self.assistant, self.call(d.index, t, messages=tuple(messages))
+        system = USER_SYSTEM + (USER_TOPIC.format(topic=d.seed.text) if d.seed.is_topic else "")
+        view = flipped(messages) if t else [{"role": "user", "content": OPENING_REQUEST.format(topic=d.seed.text)}]
+        return self.user, self.call(d.index, t, messages=({"role": "system", "content": system}, *view))
+
     async def next_message(self, d: _Dialogue) -> tuple[str | None, str | None]:
         """(text, None) for message len(d.messages) of dialogue d, or (None, the reason it ends here)."""
-        t, messages = len(d.messages), d.messages
+        t = len(d.messages)
         role = "user" if t % 2 == 0 else "assistant"
-        if t == 0 and not d.seed.is_topic and self.mode != "magpie":
-            value = {"text": d.seed.text, "finish_reason": "stop"}  # the seed is the opening
-        elif self.mode == "magpie":
-            call = (self.call(d.index, t, prompt=self.magpie.prefix(messages), temperature=1.0,
-                              stop=self.magpie.stop) if role == "user" else
-                    self.call(d.index, t, messages=tuple(messages), temperature=0.0))
-            value = await self.message(d.index, t, self.assistant, call)
-        elif role == "assistant":
-            value = await self.message(d.index, t, self.assistant, self.call(d.index, t, messages=tuple(messages)))
+        if t == 0 and self.mode != "magpie" and not d.seed.is_topic:
+            value = {"text": d.seed.text}  # the seed is the opening
         else:
-            system = USER_SYSTEM + (USER_TOPIC.format(topic=d.seed.text) if d.seed.is_topic else "")
-            view = flipped(messages) if t else [{"role": "user", "content": OPENING_REQUEST.format(topic=d.seed.text)}]
-            value = await self.message(d.index, t, self.user,
-                                       self.call(d.index, t, messages=({"role": "system", "content": system}, *view)))
+            value = await self.message(d.index, t, *self.request(d, t))
         if value["text"] is None:
             return None, f"failed {role} call"
         text = tidy_user_turn(value["text"]) if role == "user" else value["text"].strip()
-        reason = check_turn(role, text, value.get("finish_reason"), messages, self.max_turn_chars)
+        reason = check_turn(role, text, value.get("finish_reason"), d.messages, self.max_turn_chars)
         return (None, reason) if reason else (text, None)
 
     async def opening(self, i: int) -> _Dialogue:
@@ -655,11 +661,13 @@ def _write_outputs(run: _Run, dialogues: list[_Dialogue], output_dir: Path, test
         "models": models, "backends": backends,
     }
     _write_json(output_dir / "stats.json", stats)
-    log(summary(stats, output_dir))
+    backends = dict.fromkeys(b for b in (run.user, run.assistant) if b is not None)  # one line per model
+    log("\n".join([summary(stats, output_dir), *(b.summary() for b in backends)]))
     return stats
 
 
 def summary(stats: dict, output_dir) -> str:
+    """The counts of stats.json as the lines printed at the end of a run."""
     lines = [f"kept {stats['kept']} of {stats['dialogues']} dialogues ({stats['turns']} turns): "
              f"{stats['train_sft']} train_sft, {stats['test_sft']} test_sft -> {output_dir}"]
     for title, counts in (("dropped", stats["dropped"]), ("truncated", stats["truncated"])):
@@ -672,9 +680,6 @@ def summary(stats: dict, output_dir) -> str:
     tokens = stats["tokens"]
     lines.append(f"tokens of all journaled calls: {tokens['prompt_tokens']} prompt + "
                  f"{tokens['completion_tokens']} completion; {stats['messages_resumed']} messages resumed")
-    for role, s in stats["backends"].items():
-        lines.append(f"{role} {stats['models'][role]}: {s.get('calls', 0)} calls this run, {s.get('failures', 0)} "
-                     f"failed, {s.get('retries', 0)} retries")
     return "\n".join(lines)
 
 
