@@ -178,8 +178,9 @@ def test_seeds_from_files(tmp_path):
     bad.write_text('{"question": "ok?"}\n{"text": "no seed column"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl row 1: no seed column"):
         load_seeds(bad)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_seeds(tmp_path / "missing.txt")
+    for missing in ("missing.txt", "missing.jsonl"):
+        with pytest.raises(FileNotFoundError, match=f"seeds file .*{missing}' does not exist"):
+            load_seeds(tmp_path / missing)
 
 
 # --------------------------------------------------------------------------------------- resume and settings

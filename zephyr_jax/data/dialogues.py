@@ -30,8 +30,8 @@ seed i mod the number of seeds; --num_dialogues defaults to the number of seeds.
 
 A turn is one user message and the assistant's reply; each dialogue draws its number of turns from its
 sector's range, or from --min_turns..--max_turns (one alone: --min_turns defaults to 1, --max_turns to
---min_turns). The user simulator gets USER_SYSTEM as its system prompt and sees
-the conversation with the roles flipped (its own messages as "assistant"), so any chat model can play the user.
+--min_turns). The user simulator gets USER_SYSTEM as its system prompt and sees the conversation with the roles
+flipped (its own messages as "assistant"), so any chat model can play the user.
 
 Magpie mode (--mode=magpie): no seeds and no user model. The assistant model is given only its chat template's
 text up to the start of a user turn (rendered with --tokenizer's template around a sentinel, cut before it) as
@@ -71,11 +71,12 @@ tidied before the checks (a leading "User:" label and wrapping quotes removed, a
 truncation by reason.
 
 Determinism and resume. All randomness of dialogue i comes from random.Random(f"{seed}:{i}"), and each call
-carries the seed sha256(f"{seed}:{i}:{message index}"), so the output does not depend on completion order,
-concurrency or resuming. Each finished call is journaled (data.journal) as soon as it returns, keyed
-[dialogue, model name, message index]; a rerun replays journaled messages without calling again and goes on
-where it stopped, so after kill -9 at any moment the same command finishes with the same rows as an
-uninterrupted run. Failed calls are counted but not journaled: a rerun tries them again. The settings that
+carries the seed sha256(f"{seed}:{i}:{message index}") (its first 4 bytes), so with a teacher that honours
+seeds the output does not depend on completion order, concurrency or resuming. Each finished call is journaled
+(data.journal) as soon as it returns, keyed [dialogue, model name, message index]; a rerun replays journaled
+messages without calling again and goes on where it stopped, so after kill -9 at any moment the same command
+finishes with no dialogue doubled or missing, and (with such a teacher) the same rows as an uninterrupted
+run. Failed calls are counted but not journaled: a rerun tries them again. The settings that
 decide the messages (mode, seeds, turn ranges, seed, sampling, filters, model names, prompts) are the
 journal's settings: a rerun with other settings is refused, naming them, unless --overwrite is given, which
 starts afresh. --num_dialogues, --test_size and --concurrency are not among them: a rerun with a larger
@@ -327,9 +328,9 @@ def load_seeds(source, *, split: str = "train", column: str | None = None, secto
     """Seeds from a .txt file (one a line, blank lines skipped) or any `sources.load_rows` source. `sector` is
     the sector of rows without a "sector" column (default: materials for a material, else world)."""
     source = os.fspath(source)
+    if Path(source).suffix and "://" not in source and "*" not in source and not os.path.exists(source):
+        raise FileNotFoundError(f"seeds file {source!r} does not exist")
     if source.endswith(".txt"):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"seeds file {source!r} does not exist")
         with open(source, encoding="utf-8") as f:
             lines = [line.strip() for line in f if line.strip()]
         rows = [{"seed": line, **({"sector": sector} if sector else {})} for line in lines]
@@ -731,23 +732,22 @@ def main(argv=None) -> dict:
         p.error("--mode=magpie takes neither --seeds nor --user: the assistant model writes both sides")
     if args.mode == "magpie" and args.num_dialogues is None:
         p.error("--mode=magpie needs --num_dialogues")
-    seeds = None
-    if args.mode == "ultrachat":
-        sector = None if args.sector == "all" else args.sector
-        seeds = (load_seeds(args.seeds, split=args.seeds_split, column=args.seed_column, sector=sector,
-                            seed=args.seed) if args.seeds else builtin_seeds(args.sector, args.seed))
     made: dict[str, Backend] = {}  # one backend per spec: --user equal to --assistant loads one model
-    spec = lambda s: made.setdefault(s, backend_from_spec(s, api_key_env=args.api_key_env,
-                                                          concurrency=args.concurrency))
-    assistant = spec(args.assistant)
-    user = spec(args.user) if args.user else None
-    try:
-        return make_dialogues(seeds, user, assistant, args.output, mode=args.mode, num_dialogues=args.num_dialogues,
-                              min_turns=args.min_turns, max_turns=args.max_turns, seed=args.seed,
-                              test_size=args.test_size, concurrency=args.concurrency, max_tokens=args.max_tokens,
-                              temperature=args.temperature, max_turn_chars=args.max_turn_chars,
-                              tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except SettingsMismatch as e:
+    try:  # bad input (a seeds file, a spec, other settings on disk) ends with its message, not a traceback
+        seeds = None
+        if args.mode == "ultrachat":
+            sector = None if args.sector == "all" else args.sector
+            seeds = (load_seeds(args.seeds, split=args.seeds_split, column=args.seed_column, sector=sector,
+                                seed=args.seed) if args.seeds else builtin_seeds(args.sector, args.seed))
+        for spec in (args.assistant, args.user):
+            if spec and spec not in made:
+                made[spec] = backend_from_spec(spec, api_key_env=args.api_key_env, concurrency=args.concurrency)
+        return make_dialogues(seeds, made.get(args.user), made[args.assistant], args.output, mode=args.mode,
+                              num_dialogues=args.num_dialogues, min_turns=args.min_turns, max_turns=args.max_turns,
+                              seed=args.seed, test_size=args.test_size, concurrency=args.concurrency,
+                              max_tokens=args.max_tokens, temperature=args.temperature,
+                              max_turn_chars=args.max_turn_chars, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    except (SettingsMismatch, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     finally:
         for backend in made.values():
