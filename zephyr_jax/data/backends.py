@@ -121,8 +121,9 @@ class EngineBackend(Backend):
     @classmethod
     def from_path(cls, path: str, dtype: str = "bfloat16", **options) -> "EngineBackend":
         from zephyr_jax.loading import load
+        from zephyr_jax.tokenizer import tokenizer_for
 
-        model, tok = load(path, dtype=dtype)
+        model, tok = load(path, dtype=dtype), tokenizer_for(path)  # load() returns the model only
         return cls(model, tok, name=options.pop("name", None) or path.rstrip("/").split("/")[-1], **options)
 
     def prompt_ids(self, call: Call) -> list[int]:
