@@ -187,11 +187,13 @@ def test_seeds_from_files(tmp_path):
 
 def test_rerun_resumes_refuses_other_settings_and_overwrite_starts_afresh(tmp_path):
     seeds = builtin_seeds("all")
-    first = _run(tmp_path, seeds, num_dialogues=6)
+    user, assistant = CallableBackend(scripted_user, concurrency=1), CallableBackend(scripted_assistant, concurrency=1)
+    first = make_dialogues(seeds, user, assistant, tmp_path, num_dialogues=6, log=lambda s: None)
     calls = first["backends"]["assistant"]["calls"] + first["backends"]["user"]["calls"]
-    again = _run(tmp_path, seeds, num_dialogues=6)
-    assert again["messages_resumed"] == calls and again["backends"]["assistant"].get("calls", 0) == 0
-    grown = _run(tmp_path, seeds, num_dialogues=9)  # more dialogues reuse every finished one
+    again = make_dialogues(seeds, user, assistant, tmp_path, num_dialogues=6, log=lambda s: None)  # same backends
+    assert again["messages_resumed"] == calls and again["backends"]["assistant"]["calls"] == first["backends"][
+        "assistant"]["calls"]  # their counters did not move: nothing was called again
+    grown = make_dialogues(seeds, user, assistant, tmp_path, num_dialogues=9, log=lambda s: None)  # reuses all
     assert grown["messages_resumed"] == calls and grown["kept"] == 9
     with pytest.raises(SettingsMismatch, match=r"temperature: 1\.0 on disk, 0\.5 now.*--overwrite"):
         _run(tmp_path, seeds, num_dialogues=6, temperature=0.5)

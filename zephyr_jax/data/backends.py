@@ -88,9 +88,12 @@ class CallableBackend(Backend):
     def __init__(self, fn: Callable, name: str | None = None, concurrency: int = 8):
         super().__init__()
         self.fn, self.name = fn, name or getattr(fn, "__name__", "callable")
-        self._limit = asyncio.Semaphore(concurrency)
+        self.concurrency, self._limit, self._loop = concurrency, None, None
 
     async def _complete(self, call: Call) -> Reply:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a semaphore belongs to one event loop: a new asyncio.run needs its own
+            self._loop, self._limit = loop, asyncio.Semaphore(self.concurrency)
         async with self._limit:
             try:
                 if inspect.iscoroutinefunction(self.fn):
