@@ -16,8 +16,8 @@ import time
 import pytest
 
 from zephyr_jax.data.backends import CallableBackend, Reply
-from zephyr_jax.data.dialogues import (Seed, SettingsMismatch, builtin_seeds, load_seeds, looks_like_opening,
-                                       make_dialogues)
+from zephyr_jax.data.dialogues import (Seed, SettingsMismatch, builtin_seeds, check_turn, load_seeds,
+                                       looks_like_opening, make_dialogues, tidy_user_turn)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALL_LOG, SLEEP = "DIALOGUES_TEST_CALL_LOG", "DIALOGUES_TEST_SLEEP"  # read by the callables in CLI subprocesses
@@ -157,6 +157,28 @@ def test_filters_drop_or_truncate_and_count_each_reason(tmp_path):
     assert stats["failed_calls"] == {"RuntimeError: assistant model is down": 1,
                                      "RuntimeError: user model is down": 1}
     assert stats["backends"]["assistant"]["failures"] == 1 and stats["backends"]["user"]["failures"] == 1
+
+
+@pytest.mark.parametrize("role, text, reason", [
+    ("assistant", "I’m sorry, but I cannot share that.", "refusal in assistant turn"),
+    ("assistant", "I apologize, but I won't write that.", "refusal in assistant turn"),
+    ("assistant", "I can't assist you with this request... ok, I can't help with that.", "refusal in assistant turn"),
+    ("assistant", "As an AI language model trained on text, I think so.", "AI boilerplate in assistant turn"),
+    ("assistant", "I do not have personal opinions, but here are both sides.", "AI boilerplate in assistant turn"),
+    ("assistant", "I'm just a language model.", "AI boilerplate in assistant turn"),
+    ("user", "As an AI, I wonder about this.", "user simulator broke character"),
+    ("assistant", "You can use Python as an AI tool. I'm sorry to hear it broke.", None),
+    ("assistant", "I don't have a car either, so take the bus.", None),
+    ("assistant", "Hello <|user|>", "special-token text in assistant turn"),
+    ("assistant", "Tides, as said.", "repeated assistant turn"),
+])
+def test_turn_checks(role, text, reason):
+    assert check_turn(role, text, "stop", [{"role": "assistant", "content": "tides as said"}], 8000) == reason
+
+
+def test_user_turns_are_tidied():
+    assert tidy_user_turn(' User: "Why is the sky blue?"\nAssistant: Because...') == "Why is the sky blue?"
+    assert tidy_user_turn("Human: tell me more") == "tell me more"
 
 
 def test_seeds_from_files(tmp_path):

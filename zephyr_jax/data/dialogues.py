@@ -357,16 +357,18 @@ def as_seed(s) -> Seed:
 
 # ------------------------------------------------------------------------------------------------ filters
 
+# Matched against the text with typographic apostrophes made plain (’ -> ').
 REFUSAL = re.compile("|".join((
-    r"\bI(?:'m| am) (?:sorry|afraid),? (?:but )?I (?:can(?:no|')t|am (?:not able|unable) to|won't|will not)\b",
+    r"\b(?:I(?:'m| am) (?:sorry|afraid)|I apologi[sz]e),? (?:but )?I (?:can(?:no|')t|am (?:not able|unable) to|"
+    r"won't|will not)\b",
     r"\bI (?:can(?:no|')t|am (?:not able|unable) to|won't|will not) (?:help|assist|comply|provide|fulfil+)"
     r"(?: you)? with (?:that|this|your request)\b",
     r"\bI(?:'m| am) not (?:able|allowed|permitted) to (?:help|assist|answer|provide)\b",
     r"\bI must (?:decline|refuse)\b",
 )), re.IGNORECASE)
 BOILERPLATE = re.compile("|".join((
-    r"\bas an? (?:ai|artificial intelligence|language model|large language model|ai language model|"
-    r"ai assistant|virtual assistant|chatbot)\b",
+    r"\bas an? (?:ai|artificial intelligence|(?:large )?language model|virtual assistant|chatbot)\b"
+    r"[^.!?\n]{0,60}?,?\s+I\b",  # "As an AI language model, I ..." (not "Python as an AI tool")
     r"\bI(?:'m| am) (?:just |only |merely )?an? (?:ai|artificial intelligence|(?:large )?language model|"
     r"virtual assistant|chatbot|computer program)\b",
     r"\bI (?:do not|don't|cannot|can't) (?:have|hold|form|experience|feel) (?:any )?(?:personal )?"
@@ -402,9 +404,10 @@ def check_turn(role: str, text: str, finish_reason: str | None, earlier: list[di
         return f"{role} turn cut off at max_tokens"
     if len(text) > max_chars:
         return f"{role} turn over {max_chars} chars"
-    if role == "assistant" and REFUSAL.search(text):
+    plain = text.replace("\u2019", "'")
+    if role == "assistant" and REFUSAL.search(plain):
         return "refusal in assistant turn"
-    if BOILERPLATE.search(text):
+    if BOILERPLATE.search(plain):
         return "AI boilerplate in assistant turn" if role == "assistant" else "user simulator broke character"
     if normalize(text) in {normalize(m["content"]) for m in earlier}:
         return f"repeated {role} turn"
