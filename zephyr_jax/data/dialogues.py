@@ -603,39 +603,50 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
         from zephyr_jax.tokenizer import load_tokenizer
 
         seeds = []
-        magpie = MagpieTemplate(tokenizer if tokenizer is not None and not isinstance(tokenizer, str)
-                                else load_tokenizer(tokenizer))
+        magpie = MagpieTemplate(load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str)
+                                else tokenizer)
     else:
         seeds = [as_seed(s) for s in seeds or ()]
         if not seeds:
             raise ValueError("no seeds: pass seeds (see builtin_seeds / load_seeds)")
         user, magpie = user or assistant, None
         num_dialogues = len(seeds) if num_dialogues is None else num_dialogues
-    turns = None
-    if min_turns is not None or max_turns is not None:  # one alone: min defaults to 1, max to min
-        turns = (min_turns or 1, max_turns if max_turns is not None else min_turns)
-        if not 1 <= turns[0] <= turns[1]:
-            raise ValueError(f"need 1 <= min_turns <= max_turns, got min_turns={min_turns}, max_turns={max_turns}")
     output_dir = Path(output_dir)
-    run = _Run(seeds, user, assistant, mode=mode, turns=turns, seed=seed, max_tokens=max_tokens,
-               temperature=temperature, max_turn_chars=max_turn_chars, magpie=magpie)
+    run = _Run(seeds, user, assistant, mode=mode, turns=_turn_range(min_turns, max_turns), seed=seed,
+               max_tokens=max_tokens, temperature=temperature, max_turn_chars=max_turn_chars, magpie=magpie)
     run.journal = Journal(output_dir / JOURNAL, _settings(run), overwrite=overwrite)
     try:
         if run.journal.resumed:
             log(f"resuming: {run.journal.resumed} finished messages in {output_dir / JOURNAL}")
         dialogues = await map_bounded(run.opening, range(num_dialogues), concurrency, "openings", " dialogues")
-        seen = set()
-        for d in dialogues:  # the first occurrence wins, in dialogue order: the same whatever finished first
-            key = normalize(d.messages[0]["content"]) if d.reason is None else None
-            if key in seen:
-                d.reason = "duplicate opening prompt"
-            elif key is not None:
-                seen.add(key)
+        _drop_duplicate_openings(dialogues)
         await map_bounded(run.finish, [d for d in dialogues if d.reason is None], concurrency, "dialogues",
                           " dialogues")
     finally:
         run.journal.close()
     return _write_outputs(run, dialogues, output_dir, test_size, log)
+
+
+def _turn_range(min_turns: int | None, max_turns: int | None) -> tuple[int, int] | None:
+    """(min, max) turns per dialogue, or None for each sector's range. One alone: min defaults to 1, max to min."""
+    if min_turns is None and max_turns is None:
+        return None
+    turns = (min_turns or 1, max_turns if max_turns is not None else min_turns)
+    if not 1 <= turns[0] <= turns[1]:
+        raise ValueError(f"need 1 <= min_turns <= max_turns, got min_turns={min_turns}, max_turns={max_turns}")
+    return turns
+
+
+def _drop_duplicate_openings(dialogues: list[_Dialogue]) -> None:
+    """Marks each dialogue whose normalized opening an earlier one had. The first wins, in dialogue order, so
+    the result does not depend on which opening was written first."""
+    seen = set()
+    for d in dialogues:
+        if d.reason is None:
+            key = normalize(d.messages[0]["content"])
+            if key in seen:
+                d.reason = "duplicate opening prompt"
+            seen.add(key)
 
 
 def _write_outputs(run: _Run, dialogues: list[_Dialogue], output_dir: Path, test_size: float, log) -> dict:
@@ -654,7 +665,7 @@ def _write_outputs(run: _Run, dialogues: list[_Dialogue], output_dir: Path, test
     train, test = train_test_split(kept, _test_count(test_size, len(kept)), run.seed) if kept else ([], [])
     write_jsonl(train, output_dir / "train_sft.jsonl")
     write_jsonl(test, output_dir / "test_sft.jsonl")
-    backends = {"assistant": dict(run.assistant.stats), "user": dict((run.user or run.assistant).stats)}
+    counters = {"assistant": dict(run.assistant.stats), "user": dict((run.user or run.assistant).stats)}
     stats = {
         "dialogues": len(dialogues), "kept": len(kept), "train_sft": len(train), "test_sft": len(test),
         "dropped": dict(dropped.skipped.most_common()), "truncated": dict(truncated.most_common()),
@@ -662,7 +673,7 @@ def _write_outputs(run: _Run, dialogues: list[_Dialogue], output_dir: Path, test
         "messages_journaled": len(run.journal.done), "messages_resumed": run.journal.resumed,
         "tokens": {k: sum(v.get(k, 0) for v in run.journal.done.values())  # every journaled call, all runs
                    for k in ("prompt_tokens", "completion_tokens")},
-        "models": models, "backends": backends,
+        "models": models, "backends": counters,
     }
     _write_json(output_dir / "stats.json", stats)
     backends = dict.fromkeys(b for b in (run.user, run.assistant) if b is not None)  # one line per model
