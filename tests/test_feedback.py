@@ -483,3 +483,58 @@ def test_cli_kill_9_and_resume_equals_uninterrupted_run(tmp_path):
     code, err = _cli(tmp_path, whole, tmp_path / "fresh.log", "--seed=7", "--overwrite")
     assert code == 0, err[-3000:]
     assert _calls(tmp_path / "fresh.log") == total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feedback -> binarize -> dDPO
+
+
+def test_feedback_output_binarizes_and_trains_dpo(tmp_path):
+    from zephyr_jax import train
+    from zephyr_jax.config_common import load_config
+    from zephyr_jax.data import binarize as binarize_cli
+
+    aif, prefs = tmp_path / "aif", tmp_path / "prefs"
+    collect_feedback(arithmetic_rows(24), pool("right", "verbose", "off", "wrong"), check_sum, aif,
+                     log=lambda s: None)
+    counts = binarize_cli.main([f"--input={aif}", "--split=train", f"--output={prefs}", "--test_size=4"])
+    assert counts["train_prefs"] == 20 and counts["test_prefs"] == 4 and counts["skipped"] == 1  # the all-tie row
+    cfg = load_config(os.path.join(ROOT, "configs", "dpo.py:tiny"), **{
+        "data.train": str(prefs), "data.eval": str(prefs), "train.progress": False, "logging.tensorboard": False,
+        "train.max_steps": 2, "train.eval_every": 0, "train.save_every": 0})
+    train.run(cfg, str(tmp_path / "dpo"))
+    records = [json.loads(line) for line in open(tmp_path / "dpo" / "metrics.jsonl")]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine in-process (the demo's on-policy path): a tiny random model as generator and as a garbage judge
+
+
+def test_engine_on_policy_samples_and_garbage_judge(tiny_model_dir, tmp_path):
+    from zephyr_jax.data.backends import EngineBackend
+
+    engine = EngineBackend.from_path(tiny_model_dir, dtype="float32", max_slots=4, max_length=1024)
+    try:
+        rows = arithmetic_rows(1)[:1]
+        stats = collect_feedback(rows, [engine], engine, tmp_path, completions_per_prompt=2, principles="none",
+                                 max_tokens=6, judge_max_tokens=8, parse_retries=1, log=lambda s: None)
+        scored = collect_feedback(rows, [engine], check_sum, tmp_path / "programmatic", completions_per_prompt=2,
+                                  principles="none", max_tokens=6, log=lambda s: None)
+    finally:
+        engine.close()
+    # garbage ratings: every judge call is re-asked once, then counted as a parse failure; nothing crashes
+    assert stats["parse_failures"] == {"rating": 4, "critique": 2}
+    assert stats["this_run"]["reasks"] == {"rating": 4, "critique": 2}
+    assert stats["backends"][engine.name]["calls"] == 2 + 2 * (4 + 2)
+    out = load_rows(tmp_path, "train")
+    for row in out:  # one model sampled K times, each sample with its own seed
+        assert row["models"] == [engine.name] * 2 and len({c["seed"] for c in row["completions"]}) == 2
+        assert all(isinstance(c["response"], str) and c["completion_tokens"] > 0 for c in row["completions"])
+        assert all(len(c["judge_errors"]) == 5 for c in row["completions"])  # 4 aspects + the critique
+    # the same seeds give the same on-policy samples, whatever the judge
+    again = load_rows(tmp_path / "programmatic", "train")
+    assert [c["response"] for r in again for c in r["completions"]] == \
+        [c["response"] for r in out for c in r["completions"]]
+    assert scored["judge_errors"] == 0
