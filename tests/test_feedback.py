@@ -311,6 +311,40 @@ def test_shown_order_is_shuffled_and_mapped_back(tmp_path):
     assert any(len(v) > 1 for v in first.values())  # not always the list order
 
 
+def test_failed_calls_are_made_again_on_a_rerun(tmp_path):
+    rows = arithmetic_rows(3)[:3]
+    broken = {"on": True}
+
+    def flaky(call):
+        if broken["on"] and _question(call) == rows[0]["prompt"]:
+            raise RuntimeError("generator down")
+        return make_generator("off")(call)
+
+    def judge(call):
+        kind, instruction, _ = judge_request(call.messages)
+        if broken["on"] and (kind, instruction) == ("honesty", rows[1]["prompt"]):
+            raise RuntimeError("judge down")
+        return well_formed(call.messages)
+
+    def run(out):  # fresh backends with the same names: the same settings
+        backends = [CallableBackend(make_generator("right"), name="right"), CallableBackend(flaky, name="flaky")]
+        return collect_feedback(rows, backends, CallableBackend(judge, name="judge"), out, completions_per_prompt=2,
+                                log=lambda s: None)
+
+    first = run(tmp_path / "a")
+    assert first["failed_generations"] == 1 and first["failed_judge_calls"] == {"rating": 1, "critique": 0}
+    row0 = load_rows(tmp_path / "a", "train")[0]
+    assert [c["response"] is None for c in row0["completions"]].count(True) == 1
+    broken["on"] = False
+    second = run(tmp_path / "a")
+    # made again: row 0's failed generation, its 4 aspect ratings (journaled only once they cover both
+    # completions) and the new completion's critique; row 1's failed honesty rating
+    assert second["this_run"]["calls"] == {"generation": 1, "rating": 4 + 1, "critique": 1}
+    assert second["failed_generations"] == 0 and second["failed_judge_calls"] == {"rating": 0, "critique": 0}
+    run(tmp_path / "b")  # no failures from the start
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
 

@@ -285,7 +285,7 @@ def instruction_of(row, index: int, source: str | None = None) -> str:
     if not isinstance(row, dict):
         raise BadRow(index, "row is not a dict", source)
     for key in ("instruction", "prompt"):
-        if key in row:
+        if row.get(key) is not None:  # a column that other rows have is None in this one (datasets fills it)
             text = row[key]
             break
     else:
@@ -382,23 +382,28 @@ _TYPED = re.compile(r"^\s*Type\s*:[ \t]*(?P<type>[^\n]*)\n\s*Rationale\s*:\s*(?P
                     re.I | re.S)
 
 
+# A value may carry a wordy tail without digits ("4 (almost there)", "N/A - creative writing", "None."), which is
+# dropped; anything else with other numbers in it ("3.5", "4-5", "45") is a format error.
+_TAIL = r"(?:\b[^\d\n]*)?"
+
+
 def _rating(value: str, allow_na: bool) -> str:
-    value = value.strip().rstrip(".")
-    if allow_na and re.fullmatch(r"N\s*/?\s*A", value, re.I):
+    value = value.strip()
+    if allow_na and re.fullmatch(r"N\s*/\s*A" + _TAIL, value, re.I):
         return "N/A"
-    m = re.fullmatch(r"([1-5])(?:\.0+)?(?:\s*(?:/|out of)\s*5)?", value, re.I)
+    m = re.fullmatch(r"([1-5])(?:\.0+)?(?:\s*(?:/|out of)\s*5)?" + _TAIL, value, re.I)
     if not m:
         raise FormatError(f"rating {value!r} is not a whole number from 1 to 5{' or N/A' if allow_na else ''}")
     return m.group(1)
 
 
 def _types(value: str) -> list[str]:
-    value = value.strip().rstrip(".")
-    if re.fullmatch(r"none", value, re.I):
+    value = value.strip()
+    if re.fullmatch(r"none" + _TAIL, value, re.I):
         return ["None"]
-    if not re.fullmatch(r"[1-3](?:\s*,\s*[1-3])*", value):
+    if not re.fullmatch(r"[1-3](?:\s*,\s*[1-3])*" + _TAIL, value):
         raise FormatError(f"type {value!r} is not numbers from 1 to 3 separated by commas, or None")
-    return sorted(set(re.findall(r"[1-3]", value)))
+    return sorted(set(re.findall(r"[1-3]", value)))  # the tail has no digits
 
 
 def _text(value: str, what: str) -> str:
@@ -434,7 +439,7 @@ def parse_rating_reply(reply: str, aspect: str, n: int) -> list[dict]:
     return annotations
 
 
-_SCORE = re.compile(r"Overall\s+Score\s*:\s*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*10)?\s*\.?\s*\Z", re.I)
+_SCORE = re.compile(r"Overall\s+Score\s*:\s*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*10)?[^\d\n]*\Z", re.I)
 
 
 def parse_critique_reply(reply: str) -> tuple[str, float]:
@@ -531,7 +536,7 @@ class _Run:
         self.parse_failures = {"rating": 0, "critique": 0}  # judge calls given up on, this run
         self.judge_errors = 0  # programmatic judge exceptions / invalid values
         self.out: collections.Counter = collections.Counter()  # counts of the output (see `tally`)
-        self.first_judge_error: str | None = None
+        self.first_errors: dict[str, str] = {}  # kind -> the first error of that kind (a wrong key, a bad URL)
 
     # -- generation ------------------------------------------------------------------------------------------
     def slots(self, p: Prompt) -> list[Slot]:
@@ -563,6 +568,7 @@ class _Run:
             self.journal.append(key, value)
         else:  # not journaled: a rerun tries again
             self.failed["generation"] += 1
+            self.first_errors.setdefault("generation", f"{slot.generator.name}: {reply.error}")
         return value
 
     # -- the LLM judge ---------------------------------------------------------------------------------------
@@ -579,6 +585,7 @@ class _Run:
             result = {"attempts": attempt + 1, "prompt_tokens": tokens[0], "completion_tokens": tokens[1]}
             if not reply.ok:
                 self.failed[kind] += 1
+                self.first_errors.setdefault(kind, f"{self.judge.name}: {reply.error}")
                 return {**result, "parsed": None, "parse_failure": False, "error": f"call failed: {reply.error}"}
             try:
                 return {**result, "parsed": parse(reply.text), "parse_failure": False, "error": None}
@@ -662,7 +669,7 @@ class _Run:
         except Exception as e:  # noqa: BLE001 - a checker's failure is recorded, the run goes on
             self.judge_errors += 1
             message = f"{self.judge_name} failed on row {p.index}: {type(e).__name__}: {e}"
-            self.first_judge_error = self.first_judge_error or message
+            self.first_errors.setdefault("judge", message)
             return {"annotations": {a: empty_annotation(a) for a in ASPECTS}, "critique": None,
                     "overall_score": None, "judge_errors": [message]}
         return {"annotations": annotations, "critique": f"programmatic: {self.judge_name}",
@@ -745,12 +752,17 @@ def _resolve_judge(judge):
 
 
 def _backend_stats(backends) -> dict:
+    """name -> stats (with "cost" where the backend estimates one); a backend in two roles is counted once."""
     out = {}
     for b in {id(b): b for b in backends}.values():
         stats = dict(b.stats)
         if hasattr(b, "cost"):
             stats["cost"] = b.cost()
-        out[b.name] = stats
+        name, n = b.name, 1
+        while name in out:  # e.g. a judge and a generator that serve the same model name at other URLs
+            n += 1
+            name = f"{b.name}#{n}"
+        out[name] = stats
     return out
 
 
@@ -828,7 +840,7 @@ def _stats(run: _Run, counter: SkipCounter, resumed: int, settings: dict, backen
         "input": counter.as_dict(),
         "this_run": {"seconds": round(seconds, 3), "resumed_calls": resumed, "calls": run.calls,
                      "failed_calls": run.failed, "reasks": run.reasks, "parse_failures": run.parse_failures,
-                     "judge_errors": run.judge_errors, "first_judge_error": run.first_judge_error},
+                     "judge_errors": run.judge_errors, "first_errors": run.first_errors},
         "backends": backend_stats,
         "estimated_cost": sum(costs) if costs else None,
         "settings": settings,
@@ -847,8 +859,9 @@ def summary(stats: dict) -> str:
         f"  this run: {sum(r['calls'].values())} calls ({r['resumed_calls']} resumed from the journal), "
         f"{sum(r['reasks'].values())} re-asks, {sum(r['failed_calls'].values())} failed, {r['seconds']:.1f} s",
     ]
-    if r["first_judge_error"]:
-        lines.append(f"  first judge error: {r['first_judge_error']}")
+    if stats["completions"] and stats["failed_generations"] == stats["completions"]:
+        lines.append("  WARNING: every generation failed (see the first error below)")
+    lines += [f"  first {kind} error: {error}" for kind, error in r["first_errors"].items()]
     lines += [f"  {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in sorted(s.items())) for name, s in stats["backends"].items()]
     if stats["estimated_cost"] is not None:
