@@ -572,3 +572,24 @@ def test_engine_on_policy_samples_and_garbage_judge(tiny_model_dir, tmp_path):
     assert [c["response"] for r in again for c in r["completions"]] == \
         [c["response"] for r in out for c in r["completions"]]
     assert scored["judge_errors"] == 0
+
+
+def test_programmatic_judge_errors_are_counted_not_fatal(tmp_path):
+    rows = arithmetic_rows(3)[:3]
+
+    def judge(row, response):
+        if row["prompt"] == rows[0]["prompt"]:
+            raise KeyError("answer")
+        if row["prompt"] == rows[1]["prompt"]:
+            return 7  # out of range
+        return {"helpfulness": 4, "honesty": 2}  # two aspects; the others stay "N/A"
+
+    stats = collect_feedback(rows, pool("right", "off"), judge, tmp_path, completions_per_prompt=2,
+                             log=lambda s: None)
+    assert stats["judge_errors"] == 4 and "KeyError" in stats["this_run"]["first_errors"]["judge"]
+    out = list(load_rows(tmp_path, "train"))
+    for row in out[:2]:
+        assert all(c["overall_score"] is None and len(c["judge_errors"]) == 1 for c in row["completions"])
+    ratings = {a: out[2]["completions"][0]["annotations"][a]["Rating"] for a in ASPECTS}
+    assert ratings == {"instruction_following": "N/A", "honesty": "2", "truthfulness": "N/A", "helpfulness": "4"}
+    assert out[2]["completions"][0]["overall_score"] == 1 + 9 * (3 - 1) / 4  # from the mean rating, 3

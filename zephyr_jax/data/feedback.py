@@ -9,7 +9,17 @@ CLI:
         [--generator_price=IN,OUT] [--overwrite]
 SPEC is a backend spec (zephyr_jax.data.backends): endpoint:MODEL@URL[,URL...], engine:PATH or
 callable:module:function. Repeat --generators for a pool (endpoint specs hold commas between their URLs). The
-Python API is `collect_feedback(...)` (below); it takes Backend objects.
+Python API is `collect_feedback(...)` (below); it takes Backend objects. For example:
+
+    # off-policy, as UltraFeedback: open models on a vLLM fleet write, a hosted model judges
+    python -m zephyr_jax.data.feedback --prompts=prompts.jsonl --output=aif \
+        --generators=endpoint:meta-llama/Llama-3.1-8B-Instruct@http://gpu1:8000/v1,http://gpu2:8000/v1 \
+        --generators=endpoint:mistralai/Mistral-7B-Instruct-v0.3@http://gpu3:8000/v1 \
+        --judge=endpoint:gpt-4o@https://api.openai.com/v1 --judge_price=2.5,10
+    # on-policy: the dSFT model samples 4 replies per prompt in-process, a checker rates them
+    python -m zephyr_jax.data.feedback --prompts=prompts.jsonl --output=aif --generators=engine:workdirs/sft \
+        --principles=none --judge_fn=mypackage.checks:score
+    python -m zephyr_jax.data.binarize --input=aif --split=train --output=prefs
 
 Prompts: any source `sources.load_rows` reads; the prompt is the row's "instruction", else its "prompt", else the
 first user turn of its "messages"; "source" (default "custom") picks the principle mix. prompt_id =
@@ -28,10 +38,11 @@ Judges:
 - LLM judge (a Backend): one call per aspect (instruction_following, honesty, truthfulness, helpfulness) rates
   all of a prompt's completions together, shown in a seeded random order, at temperature 0, on this project's
   rubric (`RUBRICS`); plus one critique call per completion (feedback text and an overall score 1-10). Replies
-  are parsed per completion with regular expressions; a reply that does not follow the format is re-asked (the
-  bad reply and what was wrong are shown to the judge) up to parse_retries times, then recorded as a parse
-  failure: the ratings stay "N/A" (rationales null, critique and overall_score null), the completion names it in
-  its "judge_errors", and stats count it. Never a crash and never a silent drop.
+  are parsed per completion with regular expressions (a wordy tail such as "4 (almost there)" is dropped; any
+  other number in a rating is an error); a reply that does not follow the format is re-asked (the bad reply
+  and what was wrong are shown to the judge) up to parse_retries times, then recorded as a parse failure: the
+  ratings stay "N/A" (rationales null; critique and overall_score null), the completion names it in its
+  "judge_errors", and stats count it. Never a crash and never a silent drop.
 - Programmatic judge (`judge_fn`, "module:function"): fn(row, response) -> a number in [1, 5] used as every
   aspect's Rating, or a dict aspect -> number (aspects left out stay "N/A"). row is the input row, so a checker
   can read its answer column. overall_score = 1 + 9 * (mean rating - 1) / 4, the mean rating mapped linearly
@@ -640,6 +651,10 @@ class _Run:
         done = [(s, g) for s, g in zip(slots, gens) if g["response"] is not None]
         if self.judge_fn is not None:
             judged = await asyncio.gather(*(asyncio.to_thread(self.judge_programmatic, p, g) for _, g in done))
+            for j in judged:  # counted here, in the event loop, not in the worker threads
+                if j["judge_errors"]:
+                    self.judge_errors += 1
+                    self.first_errors.setdefault("judge", j["judge_errors"][0])
             self.tally(gens, [], [])
             return self.row(p, slots, gens, {s.sample: j for (s, _), j in zip(done, judged)})
         complete = len(done) == len(slots)
@@ -667,9 +682,7 @@ class _Run:
         try:
             annotations = programmatic_annotations(self.judge_fn(p.row, gen["response"]), self.judge_name)
         except Exception as e:  # noqa: BLE001 - a checker's failure is recorded, the run goes on
-            self.judge_errors += 1
             message = f"{self.judge_name} failed on row {p.index}: {type(e).__name__}: {e}"
-            self.first_errors.setdefault("judge", message)
             return {"annotations": {a: empty_annotation(a) for a in ASPECTS}, "critique": None,
                     "overall_score": None, "judge_errors": [message]}
         return {"annotations": annotations, "critique": f"programmatic: {self.judge_name}",
