@@ -835,7 +835,12 @@ def collect_feedback(rows_or_source, generators: list[Backend], judge, output_di
     flight; each backend bounds its own calls too), max_tokens=1024, temperature=1.0, top_p=1.0,
     parse_retries=10, judge_max_tokens=1024, principles="ultrafeedback" | "none" | a principle, limit=None,
     overwrite=False, on_bad_row="skip", data_dir=None (TFDS), log=print."""
-    return asyncio.run(collect_feedback_async(rows_or_source, generators, judge, output_dir, **options))
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop running: the usual case
+        return asyncio.run(collect_feedback_async(rows_or_source, generators, judge, output_dir, **options))
+    raise RuntimeError("collect_feedback was called inside a running event loop (a notebook?): "
+                       "use `await collect_feedback_async(...)` there")
 
 
 def _stats(run: _Run, counter: SkipCounter, resumed: int, settings: dict, backends, seconds: float, out_dir):
