@@ -256,3 +256,33 @@ def test_lm_eval_local_completions_scores_like_the_in_process_adapter(server, ti
     assert len(scores[0]) == 3 and all(len(s) == 3 for s in scores[0])
     np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)
     assert results[0]["results"]["zj_mc"]["acc,none"] == results[1]["results"]["zj_mc"]["acc,none"]
+
+
+def test_the_server_as_teacher_generator_and_judge_of_the_data_clis(server, tmp_path, monkeypatch):
+    """data.dialogues and data.feedback over real HTTP to this server (a tiny random model): every call is
+    answered, and the judge's garbage ratings are re-asked, then counted as parse failures, never a crash."""
+    from zephyr_jax.data.backends import backend_from_spec
+    from zephyr_jax.data.dialogues import make_dialogues
+    from zephyr_jax.data.feedback import collect_feedback
+    from zephyr_jax.data.sources import load_rows
+
+    base, _ = server
+    monkeypatch.setenv("ZEPHYR_TEST_KEY", KEY)
+    spec = f"endpoint:{NAME}@{base}/v1"
+    teacher = backend_from_spec(spec, api_key_env="ZEPHYR_TEST_KEY", concurrency=4, timeout=120, max_retries=3)
+    stats = make_dialogues(["What is two plus two?", "Name three colours."], None, teacher, tmp_path / "dialogues",
+                           min_turns=1, max_turns=2, max_tokens=12, test_size=0, seed=0, log=lambda s: None)
+    assert teacher.stats["calls"] >= 2 and teacher.stats["failures"] == 0
+    assert stats["dialogues"] == 2 and stats["kept"] + sum(stats["dropped"].values()) == 2
+
+    judge = backend_from_spec(spec, api_key_env="ZEPHYR_TEST_KEY", concurrency=4, timeout=120, max_retries=3)
+    rows = [{"prompt": "What is two plus two?"}]
+    stats = collect_feedback(rows, [teacher], judge, tmp_path / "feedback", completions_per_prompt=2,
+                             principles="none", max_tokens=8, judge_max_tokens=8, parse_retries=1,
+                             log=lambda s: None)
+    assert stats["failed_generations"] == 0 and stats["completions"] == 2
+    assert stats["parse_failures"] == {"rating": 4, "critique": 2}  # 4 aspect calls + 2 critiques, all garbage
+    assert stats["this_run"]["reasks"] == {"rating": 4, "critique": 2}
+    assert judge.stats["calls"] == 2 * (4 + 2) and judge.stats["failures"] == 0
+    out = list(load_rows(tmp_path / "feedback", "train"))
+    assert len(out) == 1 and all(isinstance(c["response"], str) for c in out[0]["completions"])
