@@ -51,6 +51,8 @@ import random
 
 import numpy as np
 
+from zephyr_jax.data.binarize import prompt_id
+
 # (kind, template): kind picks max or min; {digits} is the list, space-separated (every digit its own token).
 TEMPLATES = (
     ("max", "Which is biggest: {digits}?"),
@@ -127,15 +129,11 @@ def teacher(call) -> str:
 def judge(row: dict, response: str) -> float:
     """The programmatic judge for on-policy feedback: 5 for the right answer, down to 1 for the answer furthest
     from it, 1 for a reply that is not one of the listed digits."""
-    kind, digits = parse_question(row["instruction"])
+    kind, digits = parse_question(row.get("instruction") or row["prompt"])
     reply = normalize_reply(response or "")
     if not (reply.isdigit() and int(reply) in digits):
         return 1.0
     return 1.0 + 4.0 * (_score(kind, digits, int(reply)) - 1.0) / (SCORE_CORRECT - 1.0)
-
-
-def prompt_id(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
 def _sft_row(rng, test):
@@ -245,8 +243,51 @@ def preference_accuracy(model, tok, prefs_dir, split="test_prefs", batch_size=32
     return float(np.mean(logps[:, 0] > logps[:, 1]))
 
 
-def run_demo(out: str, seed: int = 0, repo_root: str | None = None) -> dict:
-    """Everything the README's first command does; returns the before/after numbers."""
+def unique_questions(n: int, seed: int, test: bool = False) -> list[str]:
+    """n distinct demo questions from the train (or test) pool: the seeds of the data CLIs."""
+    rng, seen = random.Random(seed), {}
+    while len(seen) < n:
+        seen.setdefault(_question(rng, test)[0], None)
+    return list(seen)
+
+
+def distill_sft_data(out_dir, seed: int = 0, n: int = 10000) -> str:
+    """Part 1: the teacher writes the dSFT dialogues through data.dialogues (one turn each)."""
+    from zephyr_jax.data.backends import CallableBackend
+    from zephyr_jax.data.dialogues import make_dialogues
+
+    make_dialogues(unique_questions(n, seed), None, CallableBackend(teacher, name="demo-teacher"), out_dir,
+                   min_turns=1, max_turns=1, seed=seed, test_size=500, max_tokens=8, log=lambda s: None)
+    return out_dir
+
+
+def on_policy_prefs(model, tok, out_dir, seed: int = 0, n: int = 3000, samples: int = 4) -> str:
+    """Parts 2 and 3: the dSFT model samples `samples` replies per prompt on the engine, the programmatic judge
+    rates them (data.feedback), and binarize turns the ratings into pairs in out_dir/prefs."""
+    from zephyr_jax.data.backends import EngineBackend
+    from zephyr_jax.data.binarize import binarize, train_test_split, write_jsonl
+    from zephyr_jax.data.feedback import collect_feedback
+    from zephyr_jax.data.sources import load_rows
+
+    prompts = [{"prompt": q} for q in unique_questions(n, seed + 1)]
+    generator = EngineBackend(model, tok, name="dsft", max_slots=64, max_length=128)
+    try:
+        collect_feedback(prompts, [generator], judge, os.path.join(out_dir, "feedback"), completions_per_prompt=samples,
+                         principles="none", max_tokens=8, seed=seed, concurrency=64, log=lambda s: None)
+    finally:
+        generator.close()
+    pairs = binarize(load_rows(os.path.join(out_dir, "feedback"), "train"), seed=seed)
+    train, test = train_test_split(pairs, min(200, len(pairs) // 10), seed)
+    os.makedirs(os.path.join(out_dir, "prefs"), exist_ok=True)
+    write_jsonl(train, os.path.join(out_dir, "prefs", "train_prefs.jsonl"))
+    write_jsonl(test, os.path.join(out_dir, "prefs", "test_prefs.jsonl"))
+    print(f"on-policy feedback: {n} prompts x {samples} samples -> {len(pairs)} pairs ({len(train)} train)")
+    return os.path.join(out_dir, "prefs")
+
+
+def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str = "on-policy") -> dict:
+    """Everything the README's first command does; returns the before/after numbers. pairs="on-policy": the
+    dSFT model's own samples rated by the programmatic judge; "synthetic": the teacher's scripted pairs."""
     from zephyr_jax import train
     from zephyr_jax.chat import reply
     from zephyr_jax.config_common import load_config
@@ -258,11 +299,19 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None) -> dict:
     root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = make_demo_data(os.path.join(out, "data"), seed=seed)
     tok = load_tokenizer()
-    data = lambda kind: {"data.train": paths[kind], "data.eval": paths[kind], "logging.tensorboard": False}
+    data = lambda train_dir, eval_dir: {"data.train": train_dir, "data.eval": eval_dir, "logging.tensorboard": False}
+    print("== 1. dSFT data: the teacher's dialogues (data.dialogues) ==")
+    sft_data = distill_sft_data(os.path.join(out, "data", "dialogues"), seed=seed)
     print("== dSFT ==")
-    train.run(load_config(os.path.join(root, "configs/sft.py:demo"), **data("sft")), os.path.join(out, "sft"))
-    print("== dDPO ==")
-    dpo_eval = train.run(load_config(os.path.join(root, "configs/dpo.py:demo"), **data("prefs"),
+    train.run(load_config(os.path.join(root, "configs/sft.py:demo"), **data(sft_data, sft_data)),
+              os.path.join(out, "sft"))
+    prefs = paths["prefs"]
+    if pairs == "on-policy":
+        print("== 2-3. on-policy AI feedback (data.feedback) and binarize ==")
+        prefs = on_policy_prefs(load(os.path.join(out, "sft"), dtype="float32"), tok, os.path.join(out, "data"),
+                                seed=seed)
+    print("== 4. dDPO ==")
+    dpo_eval = train.run(load_config(os.path.join(root, "configs/dpo.py:demo"), **data(prefs, paths["prefs"]),
                                      **{"model.path": os.path.join(out, "sft")}), os.path.join(out, "dpo"))
     hf_dir = export(os.path.join(out, "dpo"), os.path.join(out, "hf"), dtype="float32")
     results = {}
@@ -276,7 +325,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None) -> dict:
           end="")
     reply(Engine(model, tok, max_slots=1, max_length=128), tok, messages, max_new_tokens=8, temperature=0.0)
     print(f"(correct answer: {question['answer']})\n")
-    print("held-out effect of dDPO          dSFT     dSFT + dDPO")
+    print(f"held-out effect of dDPO ({pairs} pairs)   dSFT     dSFT + dDPO")
     for k in ("task_accuracy", "preference_accuracy"):
         print(f"  {k:<30} {results['sft'][k]:>6.1%}   {results['dpo'][k]:>6.1%}")
     print(f"  dDPO eval rewards/accuracies                {dpo_eval['rewards/accuracies']:>6.1%}")
@@ -295,9 +344,11 @@ def main(argv=None):
     run = sub.add_parser("run", help="data -> dSFT -> dDPO -> export -> sample reply, with dDPO's held-out effect")
     run.add_argument("--out", default="workdirs/demo", help="where data, workdirs and the export go")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--pairs", choices=("on-policy", "synthetic"), default="on-policy",
+                     help="dDPO pairs: the dSFT model's own samples rated by a checker, or the scripted ones")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run_demo(args.out, seed=args.seed)
+        run_demo(args.out, seed=args.seed, pairs=args.pairs)
     elif args.command == "make-data":
         paths = make_demo_data(args.out, seed=args.seed, n_sft=args.n_sft, n_pref=args.n_pref, n_test=args.n_test)
         for name, path in paths.items():

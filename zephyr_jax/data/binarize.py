@@ -48,6 +48,11 @@ RANK_BY = ("mean", "overall")
 TRUTHFUL_QA = "truthful_qa"
 
 
+def prompt_id(prompt: str) -> str:
+    """The schema's prompt_id: the prompt's sha256 in hex (as the published datasets have it)."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
 def _number(x) -> float | None:
     """A finite float from a rating (int/float or numeric string); None for "N/A", None, or anything else."""
     if isinstance(x, bool):
@@ -124,7 +129,7 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
 
     return {
         "prompt": prompt,
-        "prompt_id": hashlib.sha256(prompt.encode("utf-8")).hexdigest(),
+        "prompt_id": prompt_id(prompt),
         "chosen": pair(chosen[1]),
         "rejected": pair(rejected[1]),
         "messages": pair(chosen[1]),

@@ -100,7 +100,7 @@ import sys
 from pathlib import Path
 
 from zephyr_jax.data.backends import Backend, Call, backend_from_spec, map_bounded
-from zephyr_jax.data.binarize import train_test_split, write_jsonl
+from zephyr_jax.data.binarize import prompt_id, train_test_split, write_jsonl
 from zephyr_jax.data.errors import SkipCounter
 from zephyr_jax.data.journal import Journal, SettingsMismatch
 
@@ -415,10 +415,6 @@ def check_turn(role: str, text: str, finish_reason: str | None, earlier: list[di
 
 
 # ------------------------------------------------------------------------------------------------ the run
-
-
-def prompt_id(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
 def call_seed(seed: int, dialogue: int, message: int) -> int:

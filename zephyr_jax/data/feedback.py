@@ -100,7 +100,7 @@ from pathlib import Path
 from typing import Callable
 
 from zephyr_jax.data.backends import Backend, Call, backend_from_spec, load_callable, map_bounded
-from zephyr_jax.data.binarize import ASPECTS, write_jsonl
+from zephyr_jax.data.binarize import ASPECTS, prompt_id, write_jsonl
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.journal import Journal
 
@@ -239,10 +239,6 @@ Overall Score: <1-10>"""
 
 # ---------------------------------------------------------------------------------------------------------------
 # Deterministic draws
-
-
-def prompt_id(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
 def _rng(*parts) -> random.Random:
