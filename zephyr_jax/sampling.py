@@ -39,11 +39,14 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, top_n: int = 0):
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw():
-        filtered = filter_logits(logits, temperature, top_k, top_p)
+        # The sort in filter_logits is the costly part: skip it when no sampling row has a top-k or top-p.
+        filters = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1.0)))
+        scaled = lambda: logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+        filtered = jax.lax.cond(filters, lambda: filter_logits(logits, temperature, top_k, top_p), scaled)
         keys = row_keys(seeds, counters)
         return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
-    # Sorting the vocabulary is the costly part: skip it when every row is greedy.
+    # Drawing is skipped when every row is greedy.
     drawn = jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
     token = jnp.where(temperature > 0, drawn, greedy)
     logprob = jnp.take_along_axis(logps, token[:, None], axis=-1)[:, 0]
