@@ -265,7 +265,7 @@ def on_policy_prefs(model, tok, out_dir, seed: int = 0, n: int = 3000, samples: 
     """Parts 2 and 3: the dSFT model samples `samples` replies per prompt on the engine, the programmatic judge
     rates them (data.feedback), and binarize turns the ratings into pairs in out_dir/prefs."""
     from zephyr_jax.data.backends import EngineBackend
-    from zephyr_jax.data.binarize import binarize, train_test_split, write_jsonl
+    from zephyr_jax.data.binarize import binarize, write_splits
     from zephyr_jax.data.feedback import collect_feedback
     from zephyr_jax.data.sources import load_rows
 
@@ -277,10 +277,7 @@ def on_policy_prefs(model, tok, out_dir, seed: int = 0, n: int = 3000, samples: 
     finally:
         generator.close()
     pairs = binarize(load_rows(os.path.join(out_dir, "feedback"), "train"), seed=seed)
-    train, test = train_test_split(pairs, min(200, len(pairs) // 10), seed)
-    os.makedirs(os.path.join(out_dir, "prefs"), exist_ok=True)
-    write_jsonl(train, os.path.join(out_dir, "prefs", "train_prefs.jsonl"))
-    write_jsonl(test, os.path.join(out_dir, "prefs", "test_prefs.jsonl"))
+    train, _ = write_splits(pairs, os.path.join(out_dir, "prefs"), min(200, len(pairs) // 10), seed)
     print(f"on-policy feedback: {n} prompts x {samples} samples -> {len(pairs)} pairs ({len(train)} train)")
     return os.path.join(out_dir, "prefs")
 

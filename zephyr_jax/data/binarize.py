@@ -185,6 +185,15 @@ def write_jsonl(rows, path) -> None:
     os.replace(tmp, path)
 
 
+def write_splits(pairs: list, output_dir, test_size: int, seed: int = 42) -> tuple[list, list]:
+    """Splits the pairs (train_test_split) into output_dir/train_prefs.jsonl and test_prefs.jsonl."""
+    train, test = train_test_split(pairs, test_size, seed)
+    os.makedirs(output_dir, exist_ok=True)
+    write_jsonl(train, os.path.join(output_dir, "train_prefs.jsonl"))
+    write_jsonl(test, os.path.join(output_dir, "test_prefs.jsonl"))
+    return train, test
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m zephyr_jax.data.binarize", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help="raw UltraFeedback: jsonl/parquet file or dir, or a hub name")
@@ -208,10 +217,7 @@ def main(argv=None) -> dict:
                     drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else ())
     if not 0 <= args.test_size < len(kept):
         p.error(f"--test_size={args.test_size} must be below the {len(kept)} kept rows")
-    train, test = train_test_split(kept, args.test_size, args.seed)
-    os.makedirs(args.output, exist_ok=True)
-    write_jsonl(train, os.path.join(args.output, "train_prefs.jsonl"))
-    write_jsonl(test, os.path.join(args.output, "test_prefs.jsonl"))
+    train, test = write_splits(kept, args.output, args.test_size, args.seed)
     print(counter.summary())
     print(f"kept {len(kept)} rows: {len(train)} train_prefs, {len(test)} test_prefs -> {args.output}")
     return {"train_prefs": len(train), "test_prefs": len(test), **counter.as_dict()}
