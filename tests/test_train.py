@@ -270,6 +270,22 @@ def test_sigterm_saves_the_current_step(data_dir, tmp_path):
     assert f"preempted (SIGTERM): process 0 saved step {saved[0]}; exiting" in stdout
 
 
+def test_the_sigterm_flag_is_set_inside_the_loop_and_the_old_handler_returns_after():
+    """The loop's SIGTERM handler only lives as long as the loop: a caller that goes on after train.run (the
+    demo's feedback stage) must still stop on SIGTERM."""
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with train._sigterm_flag() as flag:
+            assert not flag["now"]
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag["now"] and seen == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # --- DPO reference modes, NaN. ---
 
 def test_precomputed_reference_equals_frozen_copy(data_dir, tmp_path):

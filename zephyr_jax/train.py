@@ -363,7 +363,6 @@ def run(cfg, workdir: str) -> dict:
     train_step = jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
                                 frozen_reference=reference is not None)
     writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
-    sigterm = _sigterm_flag()
 
     def evaluate(step):
         with jax.set_mesh(mesh):
@@ -385,7 +384,7 @@ def run(cfg, workdir: str) -> dict:
         return place(local, sharding, train_rows, info.rows), info, loader.state()
 
     last_eval, preempted = {}, False
-    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+    with _sigterm_flag() as sigterm, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
         upcoming = prefetch.submit(next_batch)
         while step < total_steps:
             batch, info, position = upcoming.result()
@@ -533,21 +532,28 @@ def _opt_shardings(tx, abstract_opt, param_shardings, mesh):
                                  transform_non_params=lambda _: replicated)
 
 
+@contextlib.contextmanager
 def _sigterm_flag():
     """SIGTERM (a preempted TPU VM, `scancel`, a job scheduler) asks the loop to save and exit cleanly. Only for
     a process running alone: under jax.distributed, JAX's preemption notifier owns SIGTERM and propagates the
-    notice to every process (read through mngr.reached_preemption), which a Python handler would break."""
+    notice to every process (read through mngr.reached_preemption), which a Python handler would break. The
+    previous handler comes back when the loop ends, so a caller that goes on (the demo) can still be stopped."""
     flag = {"now": False}
 
     def handler(signum, frame):
         flag["now"] = True
 
+    previous = None
     if os.name == "posix" and not jax.distributed.is_initialized():
         try:
-            signal.signal(signal.SIGTERM, handler)
+            previous = signal.signal(signal.SIGTERM, handler)
         except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
             pass
-    return flag
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------------------
