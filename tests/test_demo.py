@@ -121,3 +121,74 @@ def test_task_accuracy_on_a_tiny_random_model(data, tok):
     acc = demo.task_accuracy(model, tok, rows, max_new_tokens=2, batch_size=8)
     assert isinstance(acc, float) and 0.0 <= acc <= 1.0
     assert demo.task_accuracy(model, tok, data["test_prompts"], max_new_tokens=2, batch_size=64) >= 0.0
+
+
+# --- The demo's data half: the teacher (part 1), the judge and on-policy pairs (parts 2-3). ---
+
+def call_for(prompt, seed):
+    from zephyr_jax.data.backends import Call
+    return Call(messages=[{"role": "user", "content": prompt}], seed=seed)
+
+
+def test_the_teacher_is_the_weak_biased_teacher_and_repeats_itself_for_a_seed():
+    prompts = demo.unique_questions(400, seed=3)
+    replies = [demo.teacher(call_for(p, seed)) for seed, p in enumerate(prompts)]
+    assert replies == [demo.teacher(call_for(p, seed)) for seed, p in enumerate(prompts)]
+    right = first = 0
+    for prompt, reply in zip(prompts, replies):
+        kind, digits = question(prompt)
+        answer = max(digits) if kind == "max" else min(digits)
+        assert int(reply) in digits
+        right += int(reply) == answer
+        first += int(reply) != answer and int(reply) == digits[0]
+    # Right about TEACHER_ACCURACY of the time; its mistakes are mostly the first number of the list.
+    assert abs(right / len(prompts) - demo.TEACHER_ACCURACY) < 0.08
+    assert first > 0.6 * (len(prompts) - right)
+    with pytest.raises(ValueError, match="not a demo question"):
+        demo.teacher(call_for("Write a poem", 0))
+
+
+@pytest.mark.parametrize("prompt, reply, score", [
+    ("Which is biggest: 3 8 5 1?", "8", 5.0), ("Which is biggest: 3 8 5 1?", " 8\n", 5.0),
+    ("Which is biggest: 3 8 5 1?", "5", 1.0), ("Smallest of 3 8 5?", "3", 5.0), ("Smallest of 3 8 5?", "8", 1.0),
+    ("Smallest of 3 8 5?", "7", 1.0), ("Smallest of 3 8 5?", "three", 1.0), ("Smallest of 3 8 5?", "", 1.0),
+])
+def test_the_judge_checks_the_answer(prompt, reply, score):
+    assert demo.judge({"instruction": prompt}, reply) == score
+    assert demo.judge({"prompt": prompt}, reply) == score
+
+
+def test_distilled_sft_data_is_the_teachers_replies_in_the_ultrachat_schema(tmp_path):
+    out = demo.distill_sft_data(tmp_path / "dialogues", seed=0, n=100)
+    train, test = list(load_rows(out, "train_sft")), list(load_rows(out, "test_sft"))
+    assert (len(train), len(test)) == (90, 10)
+    prompts = [r["prompt"] for r in train + test]
+    assert sorted(prompts) == sorted(demo.unique_questions(100, seed=0))
+    for row in train + test:
+        user, assistant = row["messages"]
+        assert user == {"role": "user", "content": row["prompt"]}
+        assert int(assistant["content"]) in question(row["prompt"])[1]
+
+
+def test_on_policy_pairs_prefer_a_right_reply_to_a_wrong_one(tmp_path):
+    """The feedback stage with the teacher as the generator (the demo's is the dSFT model on the engine): every
+    prompt with both right and wrong replies gives one pair, chosen right and rejected one of its wrong replies."""
+    from zephyr_jax.data.backends import CallableBackend
+
+    prefs = demo.on_policy_prefs(CallableBackend(demo.teacher), tmp_path / "on_policy", seed=0, n=80, samples=4)
+    raw = list(load_rows(tmp_path / "on_policy" / "feedback", "train"))
+    assert len(raw) == 80 and all(len(r["completions"]) == 4 for r in raw)
+    mixed = {}
+    for r in raw:
+        kind, digits = question(r["instruction"])
+        answer = str(max(digits) if kind == "max" else min(digits))
+        replies = [c["response"].strip() for c in r["completions"]]
+        if answer in replies and any(x != answer for x in replies):
+            mixed[r["instruction"]] = (answer, set(replies) - {answer})
+    pairs = list(load_rows(prefs, "train_prefs")) + list(load_rows(prefs, "test_prefs"))
+    assert len(load_rows(prefs, "test_prefs")) == len(mixed) // 10
+    assert sorted(p["prompt"] for p in pairs) == sorted(mixed)
+    for p in pairs:
+        answer, wrong = mixed[p["prompt"]]
+        assert p["chosen"][1]["content"].strip() == answer
+        assert p["rejected"][1]["content"].strip() in wrong

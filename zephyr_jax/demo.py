@@ -20,6 +20,16 @@ chosen = the correct reply, rejected = a wrong reply drawn from the teacher's mi
 UltraFeedback's 1-10 overall score (10 for the right answer, lower the further the rejected answer ranks from
 it). dDPO on these pairs should move the greedy replies to the right answer.
 
+The whole demo (`run_demo`, the README's first command) makes its own dSFT data through data.dialogues, with
+`teacher` as the assistant on 10,000 unique questions, and by default its dDPO pairs on-policy: the dSFT model
+samples 4 replies (temperature 1) for each of 3,000 prompts on the engine, `judge` checks every reply (5 right,
+1 wrong) through data.feedback, and binarize pairs a right reply with a wrong one; prompts whose replies all tie
+give no pair (about 2,040 pairs are left). The scripted pairs stay the held-out test for both kinds of pairs.
+Measured 2026-12-01 on 2 cores, greedy exact match dSFT -> dDPO: on-policy 54.8% -> 88.2% (seed 0) and
+67.2% -> 78.2% (seed 1); the scripted pairs from the same dSFT models: 84.4% and 64.0%. A judge that gave partial
+credit to a wrong answer near the right one (so 23% of the pairs preferred one wrong answer to another) reached
+80.8% (seed 0).
+
 Held out: digit lists are split between train and test by a hash of the list, so no test list (in any
 phrasing) occurs in the training data.
 
@@ -127,13 +137,10 @@ def teacher(call) -> str:
 
 
 def judge(row: dict, response: str) -> float:
-    """The programmatic judge for on-policy feedback: 5 for the right answer, down to 1 for the answer furthest
-    from it, 1 for a reply that is not one of the listed digits."""
+    """The programmatic judge for on-policy feedback: it checks the answer, 5 if right and 1 otherwise (partial
+    credit did worse; see the module docstring)."""
     kind, digits = parse_question(row.get("instruction") or row["prompt"])
-    reply = normalize_reply(response or "")
-    if not (reply.isdigit() and int(reply) in digits):
-        return 1.0
-    return 1.0 + 4.0 * (_score(kind, digits, int(reply)) - 1.0) / (SCORE_CORRECT - 1.0)
+    return 5.0 if is_correct(response or "", correct_answer(kind, digits)) else 1.0
 
 
 def _sft_row(rng, test):
@@ -257,25 +264,23 @@ def distill_sft_data(out_dir, seed: int = 0, n: int = 10000) -> str:
     from zephyr_jax.data.dialogues import make_dialogues
 
     make_dialogues(unique_questions(n, seed), None, CallableBackend(teacher, name="demo-teacher"), out_dir,
-                   min_turns=1, max_turns=1, seed=seed, test_size=500, max_tokens=8, log=lambda s: None)
+                   min_turns=1, max_turns=1, seed=seed, test_size=min(500, n // 10), max_tokens=8, log=lambda s: None)
     return out_dir
 
 
-def on_policy_prefs(model, tok, out_dir, seed: int = 0, n: int = 3000, samples: int = 4) -> str:
-    """Parts 2 and 3: the dSFT model samples `samples` replies per prompt on the engine, the programmatic judge
-    rates them (data.feedback), and binarize turns the ratings into pairs in out_dir/prefs."""
-    from zephyr_jax.data.backends import EngineBackend
+def on_policy_prefs(generator, out_dir, seed: int = 0, n: int = 3000, samples: int = 4) -> str:
+    """Parts 2 and 3: `generator` (a data.backends backend; the demo's is the dSFT model on the engine) samples
+    `samples` replies per prompt, the programmatic judge rates them (data.feedback, raw rows in out_dir/feedback),
+    and binarize turns the ratings into pairs in out_dir/prefs. Prompts where every reply is right (or every one
+    wrong) tie and give no pair. The held-out pairs stay the scripted DIR/prefs/test_prefs, so both kinds of
+    pairs are measured on the same test."""
     from zephyr_jax.data.binarize import binarize, write_splits
     from zephyr_jax.data.feedback import collect_feedback
     from zephyr_jax.data.sources import load_rows
 
     prompts = [{"prompt": q} for q in unique_questions(n, seed + 1)]
-    generator = EngineBackend(model, tok, name="dsft", max_slots=64, max_length=128)
-    try:
-        collect_feedback(prompts, [generator], judge, os.path.join(out_dir, "feedback"), completions_per_prompt=samples,
-                         principles="none", max_tokens=8, seed=seed, concurrency=64, log=lambda s: None)
-    finally:
-        generator.close()
+    collect_feedback(prompts, [generator], judge, os.path.join(out_dir, "feedback"), completions_per_prompt=samples,
+                     principles="none", max_tokens=8, seed=seed, concurrency=64, log=lambda s: None)
     pairs = binarize(load_rows(os.path.join(out_dir, "feedback"), "train"), seed=seed)
     train, _ = write_splits(pairs, os.path.join(out_dir, "prefs"), min(200, len(pairs) // 10), seed)
     print(f"on-policy feedback: {n} prompts x {samples} samples -> {len(pairs)} pairs ({len(train)} train)")
@@ -287,6 +292,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str =
     dSFT model's own samples rated by the programmatic judge; "synthetic": the teacher's scripted pairs."""
     from zephyr_jax import train
     from zephyr_jax.chat import reply
+    from zephyr_jax.data.backends import EngineBackend
     from zephyr_jax.config_common import load_config
     from zephyr_jax.engine import Engine
     from zephyr_jax.export import export
@@ -305,8 +311,12 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str =
     prefs = paths["prefs"]
     if pairs == "on-policy":
         print("== 2-3. on-policy AI feedback (data.feedback) and binarize ==")
-        prefs = on_policy_prefs(load(os.path.join(out, "sft"), dtype="float32"), tok, os.path.join(out, "data"),
-                                seed=seed)
+        generator = EngineBackend(load(os.path.join(out, "sft"), dtype="float32"), tok, name="dsft", max_slots=64,
+                                  max_length=128)
+        try:
+            prefs = on_policy_prefs(generator, os.path.join(out, "data", "on_policy"), seed=seed)
+        finally:
+            generator.close()
     print("== 4. dDPO ==")
     dpo_eval = train.run(load_config(os.path.join(root, "configs/dpo.py:demo"), **data(prefs, paths["prefs"]),
                                      **{"model.path": os.path.join(out, "sft")}), os.path.join(out, "dpo"))

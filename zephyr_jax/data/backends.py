@@ -204,6 +204,27 @@ def backend_from_spec(spec: str, *, api_key_env: str = "OPENAI_API_KEY", concurr
                      f"callable:module:function")
 
 
+class BackendSet:
+    """The CLIs' backends: one per distinct (spec, options), so a --user equal to --assistant, or a judge that is
+    also a generator, loads one model or opens one client; all closed together on leaving the `with` block."""
+
+    def __init__(self, **defaults):
+        self.defaults, self.made = defaults, {}
+
+    def get(self, spec: str, **options) -> Backend:
+        key = (spec, tuple(sorted(options.items())))
+        if key not in self.made:
+            self.made[key] = backend_from_spec(spec, **{**self.defaults, **options})
+        return self.made[key]
+
+    def __enter__(self) -> "BackendSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for backend in self.made.values():
+            backend.close()
+
+
 async def map_bounded(fn, items, concurrency: int, desc: str, unit: str = " items") -> list:
     """[await fn(item) for item in items] with at most `concurrency` in flight, results in input order, and a
     progress bar. Work items are started lazily, so a million items do not make a million tasks at once."""

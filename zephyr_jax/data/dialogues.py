@@ -99,7 +99,7 @@ import re
 import sys
 from pathlib import Path
 
-from zephyr_jax.data.backends import Backend, Call, backend_from_spec, map_bounded
+from zephyr_jax.data.backends import Backend, BackendSet, Call, map_bounded
 from zephyr_jax.data.binarize import prompt_id, train_test_split, write_jsonl
 from zephyr_jax.data.errors import SkipCounter
 from zephyr_jax.data.journal import Journal, SettingsMismatch
@@ -742,27 +742,23 @@ def main(argv=None) -> dict:
         p.error("--mode=magpie takes neither --seeds nor --user: the assistant model writes both sides")
     if args.mode == "magpie" and args.num_dialogues is None:
         p.error("--mode=magpie needs --num_dialogues")
-    made: dict[str, Backend] = {}  # one backend per spec: --user equal to --assistant loads one model
-    try:  # bad input (a seeds file, a spec, other settings on disk) ends with its message, not a traceback
-        seeds = None
-        if args.mode == "ultrachat":
-            sector = None if args.sector == "all" else args.sector
-            seeds = (load_seeds(args.seeds, split=args.seeds_split, column=args.seed_column, sector=sector,
-                                seed=args.seed) if args.seeds else builtin_seeds(args.sector, args.seed))
-        for spec in (args.assistant, args.user):
-            if spec and spec not in made:
-                made[spec] = backend_from_spec(spec, api_key_env=args.api_key_env, concurrency=args.concurrency)
-        return make_dialogues(seeds, made.get(args.user), made[args.assistant], args.output, mode=args.mode,
-                              num_dialogues=args.num_dialogues, min_turns=args.min_turns, max_turns=args.max_turns,
-                              seed=args.seed, test_size=args.test_size, concurrency=args.concurrency,
-                              max_tokens=args.max_tokens, temperature=args.temperature,
-                              max_turn_chars=args.max_turn_chars, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    # Bad input (a seeds file, a spec, other settings on disk) ends with its message, not a traceback.
+    try:
+        with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency) as backends:
+            seeds = None
+            if args.mode == "ultrachat":
+                sector = None if args.sector == "all" else args.sector
+                seeds = (load_seeds(args.seeds, split=args.seeds_split, column=args.seed_column, sector=sector,
+                                    seed=args.seed) if args.seeds else builtin_seeds(args.sector, args.seed))
+            user = backends.get(args.user) if args.user else None
+            return make_dialogues(seeds, user, backends.get(args.assistant), args.output, mode=args.mode,
+                                  num_dialogues=args.num_dialogues, min_turns=args.min_turns,
+                                  max_turns=args.max_turns, seed=args.seed, test_size=args.test_size,
+                                  concurrency=args.concurrency, max_tokens=args.max_tokens,
+                                  temperature=args.temperature, max_turn_chars=args.max_turn_chars,
+                                  tokenizer=args.tokenizer, overwrite=args.overwrite)
     except (SettingsMismatch, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    finally:
-        for backend in made.values():
-            backend.close()
-
 
 if __name__ == "__main__":
     main()

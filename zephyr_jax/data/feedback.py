@@ -99,7 +99,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from zephyr_jax.data.backends import Backend, Call, backend_from_spec, load_callable, map_bounded
+from zephyr_jax.data.backends import Backend, BackendSet, Call, load_callable, map_bounded
 from zephyr_jax.data.binarize import ASPECTS, prompt_id, write_jsonl
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.journal import Journal
@@ -944,31 +944,23 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.output.endswith((".jsonl", ".json")):
         p.error("--output is a directory (it receives train.jsonl, stats.json and journal.jsonl)")
-    made: dict[tuple, Backend] = {}  # (spec, price) -> backend: one engine or client per distinct spec
+    def price(spec, value):  # an estimated cost only means something for a paid endpoint
+        return {"price_per_million": value} if value is not None and spec.startswith("endpoint:") else {}
 
-    def backend(spec: str, price) -> Backend:
-        if (spec, price) not in made:
-            extra = {"price_per_million": price} if price is not None and spec.startswith("endpoint:") else {}
-            made[spec, price] = backend_from_spec(spec, api_key_env=args.api_key_env, concurrency=args.concurrency,
-                                                  timeout=args.timeout, max_retries=args.max_retries, **extra)
-        return made[spec, price]
-
-    try:
-        generators = [backend(spec, args.generator_price) for spec in args.generators]
-        judge = backend(args.judge, args.judge_price) if args.judge else args.judge_fn
-        return collect_feedback(args.prompts, generators, judge, args.output, split=args.split,
-                                data_dir=args.data_dir, completions_per_prompt=args.completions_per_prompt,
-                                seed=args.seed, concurrency=args.concurrency, max_tokens=args.max_tokens,
-                                temperature=args.temperature, top_p=args.top_p, parse_retries=args.parse_retries,
-                                judge_max_tokens=args.judge_max_tokens, principles=args.principles,
-                                limit=args.limit, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:  # settings mismatch, bad specs, missing sources: one clear line
+    try:  # settings mismatch, bad specs, missing sources: one clear line
+        with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
+                        max_retries=args.max_retries) as backends:
+            generators = [backends.get(spec, **price(spec, args.generator_price)) for spec in args.generators]
+            judge = backends.get(args.judge, **price(args.judge, args.judge_price)) if args.judge else args.judge_fn
+            return collect_feedback(args.prompts, generators, judge, args.output, split=args.split,
+                                    data_dir=args.data_dir, completions_per_prompt=args.completions_per_prompt,
+                                    seed=args.seed, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    parse_retries=args.parse_retries, judge_max_tokens=args.judge_max_tokens,
+                                    principles=args.principles, limit=args.limit, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    finally:
-        for b in made.values():
-            b.close()
-
 
 if __name__ == "__main__":
     main()
