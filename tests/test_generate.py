@@ -122,6 +122,26 @@ def _filtered_softmax(logits, temperature, top_k, top_p):
     return p
 
 
+def test_greedy_tokens_and_logprobs_equal_argmax_and_log_softmax():
+    """Greedy rows: the token is jnp.argmax (the first of tied maxima) and its log-prob log_softmax's, with and
+    without top-n alternatives."""
+    logits = jax.random.normal(jax.random.key(0), (6, 1000)) * 4
+    logits = logits.at[1, 7].set(50.0).at[1, 900].set(50.0).at[2].set(0.0)  # a tie at the top, a flat row
+    rows = logits.shape[0]
+    zeros = jnp.zeros((rows,), jnp.uint32)
+    for top_n in (0, 3):
+        token, logprob, top = sample(logits, jnp.zeros((rows,)), jnp.zeros((rows,), jnp.int32), jnp.ones((rows,)),
+                                     zeros, zeros, top_n=top_n)
+        np.testing.assert_array_equal(token, jnp.argmax(logits, axis=-1))
+        assert token[1] == 7 and token[2] == 0
+        logps = jax.nn.log_softmax(logits, axis=-1)
+        np.testing.assert_allclose(logprob, logps[jnp.arange(rows), token], rtol=1e-6, atol=1e-6)
+        if top_n:
+            values, ids = jax.lax.top_k(logps, top_n)
+            np.testing.assert_allclose(top[0], values, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(top[1], ids)
+
+
 def test_each_row_draws_from_its_own_filtered_softmax():
     """Five rows with five (temperature, top_k, top_p) settings in one call, 40,000 draws (different counters)."""
     settings = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (1.3, 5, 0.9)]

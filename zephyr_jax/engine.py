@@ -10,10 +10,11 @@ Every request gets a slot for its whole life. Each scheduling step
 A finished or cancelled request frees its slot at once, and the next waiting request takes it in the next step,
 while the other slots go on decoding: nobody waits for the longest reply of a batch.
 
-Shapes are bucketed (rows and chunk lengths to 2^k or 3 * 2^(k-1), how much of the cache attention reads to
-powers of two; prefill calls take power-of-two groups of requests, so no row is padding), so each bucket
-compiles once. The cache is donated to every call, so it is updated in place. Parameters may be sharded
-over a mesh (zephyr_jax.load(..., mesh=...)); XLA gathers what each layer needs.
+Shapes are bucketed (rows and chunk lengths to 2^k or 3 * 2^(k-1); how much of the cache attention
+reads likewise when decoding, and to powers of two when prefilling; prefill calls take power-of-two groups
+of requests, so no row is padding), so each bucket compiles once. The cache is donated to every call, so it
+is updated in place. Parameters may be sharded over a mesh (zephyr_jax.load(..., mesh=...)); XLA gathers what
+each layer needs.
 
 Use it synchronously (`generate`) or from a server (`start` runs the loop on a thread; `submit` and `cancel` may
 be called from any thread; a request's `on_update` is called on the engine's thread after each call that gave it
@@ -230,7 +231,7 @@ class Engine:
             return None
         tensor = mesh.shape.get("tensor", 1)
         heads = "tensor" if tensor > 1 and self.config.num_key_value_heads % tensor == 0 else None
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, None, heads, None))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, heads, None, None))
 
     # --- requests ---------------------------------------------------------------------------------------
 
@@ -446,7 +447,7 @@ class Engine:
             active[i], remaining[i], counters[i] = True, r.params.max_tokens - r.generated, r.generated
             ids = self._stop_ids(r)
             stop_ids[i, :len(ids)] = ids
-        kv_length = _bucket(int(lengths.max()) + self.decode_steps, 128, self.max_length)
+        kv_length = _fine_bucket(int(lengths.max()) + self.decode_steps, 128, self.max_length)
         top_n = TOP_LOGPROBS if any(r.params.logprobs for r in decoding) else 0
         sampling = self._sampling(self.slots if everyone else decoding, n, counters)
         self.cache, out = _decode(self.graphdef, self.state, self.cache, None if everyone else rows, tokens, lengths,

@@ -3,7 +3,7 @@
 `attend` is self-attention for training and scoring (no KV cache), with the kernel picked by platform:
 Pallas splash attention on TPUs, cuDNN flash attention on GPUs, einsum attention (`xla_attention` under
 `make_mask`) elsewhere. Decoding with the KV cache (Mistral.with_cache) builds its causal / window mask over
-cache positions and calls `xla_attention` directly.
+cache positions and calls `cache_attention`, the same einsum attention over the cache's layouts.
 
 Shapes: q [B, T, N, D]; k, v [B, S, K, D] with N = K * G (grouped-query attention). A query may attend to a
 key when all of these hold:
@@ -54,6 +54,23 @@ def xla_attention(q, k, v, mask) -> jax.Array:
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
+
+
+def cache_attention(q, k, v, mask) -> jax.Array:
+    """xla_attention over the KV cache's layouts (model/kv_cache.py): q [B, T, N, D], keys [B, K, D, S], values
+    [B, K, S, D], mask [B, 1, T, S]. Returns [B, T, N, D]. The queries of a KV head (its G heads at T positions)
+    are one [G * T, D] block, so both products are plain batched matmuls over (B, K) with nothing transposed."""
+    b, t, n, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[3]
+    g = n // kv_heads
+    q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
+    scores = jnp.einsum("bkmd,bkds->bkms", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
+        jnp.float32)
+    visible = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v)
+    return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 # ---------------------------------------------------------------------------------------------------------

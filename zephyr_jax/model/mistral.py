@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from zephyr_jax.model import kv_cache
-from zephyr_jax.model.attention import attend, xla_attention
+from zephyr_jax.model.attention import attend, cache_attention
 from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
 from zephyr_jax.sharding import constrain
@@ -88,7 +88,7 @@ class Attention(nnx.Module):
         else:
             cache = cache.write(k, v)
             keys, values = cache.read()
-            out = xla_attention(q, keys.astype(q.dtype), values.astype(q.dtype), cache.mask)
+            out = cache_attention(q, keys.astype(q.dtype), values.astype(q.dtype), cache.mask)
         out = checkpoint_name(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim), "attention")
         return self.o_proj(out), cache
 
@@ -151,13 +151,13 @@ class CacheStep(NamedTuple):
 
     def write(self, k, v) -> "CacheStep":
         rows = jnp.arange(k.shape[0]) if self.rows is None else self.rows
-        return self._replace(k=kv_cache.write(self.k, self.layer, rows, self.positions, k),
-                             v=kv_cache.write(self.v, self.layer, rows, self.positions, v))
+        return self._replace(k=kv_cache.write(self.k, "k", self.layer, rows, self.positions, k),
+                             v=kv_cache.write(self.v, "v", self.layer, rows, self.positions, v))
 
     def read(self):
         length = self.mask.shape[-1]
-        return (kv_cache.read(self.k, self.layer, self.rows, length),
-                kv_cache.read(self.v, self.layer, self.rows, length))
+        return (kv_cache.read(self.k, "k", self.layer, self.rows, length),
+                kv_cache.read(self.v, "v", self.layer, self.rows, length))
 
 
 def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: CacheStep | None = None, *, remat="none",
