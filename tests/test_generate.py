@@ -63,6 +63,28 @@ def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path,
         assert requests[2].first_token_at < requests[0].finished_at
 
 
+def test_cache_writes_land_at_their_row_and_position_in_both_layouts_and_padding_is_dropped():
+    from zephyr_jax.model import kv_cache
+
+    layers, slots, heads, dim, length = 2, 4, 3, 5, 10
+    new = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, heads, dim)), jnp.float32)
+    rows = np.array([2, 0, slots])  # the last row is a padded batch's: past the last slot
+    positions = np.array([[3, 4], [9, 10], [0, 1]])  # 10 is a bucket's padding: past the end
+    keys = kv_cache.write(jnp.zeros((layers, slots, heads, dim, length)), "k", jnp.int32(1), jnp.asarray(rows),
+                          jnp.asarray(positions), new)
+    values = kv_cache.write(jnp.zeros((layers, slots, heads, length, dim)), "v", jnp.int32(1), jnp.asarray(rows),
+                            jnp.asarray(positions), new)
+    expected_k, expected_v = np.zeros(keys.shape), np.zeros(values.shape)
+    for b, t in [(0, 0), (0, 1), (1, 0)]:  # the tokens inside the cache
+        expected_k[1, rows[b], :, :, positions[b, t]] = new[b, t]
+        expected_v[1, rows[b], :, positions[b, t], :] = new[b, t]
+    np.testing.assert_array_equal(keys, expected_k)
+    np.testing.assert_array_equal(values, expected_v)
+    np.testing.assert_array_equal(kv_cache.read(keys, "k", jnp.int32(1), jnp.asarray([2, 0]), 5),
+                                  expected_k[1, [2, 0], :, :, :5])
+    np.testing.assert_array_equal(kv_cache.read(values, "v", jnp.int32(1), None, 5), expected_v[1, :, :, :5])
+
+
 def test_prefill_and_decode_through_the_cache_equal_one_forward_pass(tmp_path):
     """with_cache in chunks and one token at a time, into arbitrary cache rows, gives the full pass's logits."""
     tm = torch_mistral(num_attention_heads=4, num_key_value_heads=2, sliding_window=5)

@@ -43,14 +43,10 @@ class KVCache(NamedTuple):
 
 def write(buffer, which: str, layer, rows, positions, new):
     """`buffer` (the "k" or "v" layout) with layer `layer`'s rows[b] at positions[b, t] set to new[b, t]
-    ([B, T, kv_heads, head_dim]). Positions past the end (a bucket's padding) and rows past the last slot (a
-    padded batch) are dropped."""
-    heads, dims = jnp.arange(new.shape[2]), jnp.arange(new.shape[3])
-    if which == "k":  # one index per element: [B, T, K, D]
-        index = (layer, rows[:, None, None, None], heads[None, None, :, None], dims[None, None, None, :],
-                 positions[:, :, None, None])
-    else:  # one index per [head_dim] vector: [B, T, K]
-        index = (layer, rows[:, None, None], heads[None, None, :], positions[:, :, None])
+    ([B, T, kv_heads, head_dim]): one [kv_heads, head_dim] window per token in either layout. Positions past the
+    end (a bucket's padding) and rows past the last slot (a padded batch) are dropped."""
+    rows, every = rows[:, None], slice(None)
+    index = (layer, rows, every, every, positions) if which == "k" else (layer, rows, every, positions)
     return buffer.at[index].set(new.astype(buffer.dtype), mode="drop")
 
 
