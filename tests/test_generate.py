@@ -63,26 +63,23 @@ def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path,
         assert requests[2].first_token_at < requests[0].finished_at
 
 
-def test_cache_writes_land_at_their_row_and_position_in_both_layouts_and_padding_is_dropped():
+def test_cache_writes_land_at_their_row_and_position_padding_is_dropped_and_reads_are_laid_out_for_attention():
     from zephyr_jax.model import kv_cache
 
-    layers, slots, heads, dim, length = 2, 4, 3, 5, 10
+    layers, slots, length, heads, dim = 2, 4, 10, 3, 5
     new = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, heads, dim)), jnp.float32)
     rows = np.array([2, 0, slots])  # the last row is a padded batch's: past the last slot
     positions = np.array([[3, 4], [9, 10], [0, 1]])  # 10 is a bucket's padding: past the end
-    keys = kv_cache.write(jnp.zeros((layers, slots, heads, dim, length)), "k", jnp.int32(1), jnp.asarray(rows),
-                          jnp.asarray(positions), new)
-    values = kv_cache.write(jnp.zeros((layers, slots, heads, length, dim)), "v", jnp.int32(1), jnp.asarray(rows),
+    buffer = kv_cache.write(jnp.zeros((layers, slots, length, heads, dim)), jnp.int32(1), jnp.asarray(rows),
                             jnp.asarray(positions), new)
-    expected_k, expected_v = np.zeros(keys.shape), np.zeros(values.shape)
+    expected = np.zeros(buffer.shape)
     for b, t in [(0, 0), (0, 1), (1, 0)]:  # the tokens inside the cache
-        expected_k[1, rows[b], :, :, positions[b, t]] = new[b, t]
-        expected_v[1, rows[b], :, positions[b, t], :] = new[b, t]
-    np.testing.assert_array_equal(keys, expected_k)
-    np.testing.assert_array_equal(values, expected_v)
-    np.testing.assert_array_equal(kv_cache.read(keys, "k", jnp.int32(1), jnp.asarray([2, 0]), 5),
-                                  expected_k[1, [2, 0], :, :, :5])
-    np.testing.assert_array_equal(kv_cache.read(values, "v", jnp.int32(1), None, 5), expected_v[1, :, :, :5])
+        expected[1, rows[b], positions[b, t]] = new[b, t]
+    np.testing.assert_array_equal(buffer, expected)
+    keys = kv_cache.read(buffer, "k", jnp.int32(1), jnp.asarray([2, 0]), 5)
+    values = kv_cache.read(buffer, "v", jnp.int32(1), None, 5)
+    np.testing.assert_array_equal(keys, expected[1, [2, 0], :5].transpose(0, 2, 3, 1))  # [B, K, D, S]
+    np.testing.assert_array_equal(values, expected[1, :, :5].transpose(0, 2, 1, 3))  # [B, K, S, D]
 
 
 def test_prefill_and_decode_through_the_cache_equal_one_forward_pass(tmp_path):

@@ -231,7 +231,7 @@ class Engine:
             return None
         tensor = mesh.shape.get("tensor", 1)
         heads = "tensor" if tensor > 1 and self.config.num_key_value_heads % tensor == 0 else None
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, heads, None, None))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, None, heads, None))
 
     # --- requests ---------------------------------------------------------------------------------------
 

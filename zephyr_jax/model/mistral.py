@@ -151,8 +151,8 @@ class CacheStep(NamedTuple):
 
     def write(self, k, v) -> "CacheStep":
         rows = jnp.arange(k.shape[0]) if self.rows is None else self.rows
-        return self._replace(k=kv_cache.write(self.k, "k", self.layer, rows, self.positions, k),
-                             v=kv_cache.write(self.v, "v", self.layer, rows, self.positions, v))
+        return self._replace(k=kv_cache.write(self.k, self.layer, rows, self.positions, k),
+                             v=kv_cache.write(self.v, self.layer, rows, self.positions, v))
 
     def read(self):
         length = self.mask.shape[-1]
