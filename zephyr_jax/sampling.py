@@ -41,7 +41,7 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, top_n: int = 0):
     def draw():
         # The sort in filter_logits is the costly part: skip it when no sampling row has a top-k or top-p.
         filters = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1.0)))
-        scaled = lambda: logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+        scaled = lambda: logits / jnp.maximum(temperature, 1e-6)[:, None]
         filtered = jax.lax.cond(filters, lambda: filter_logits(logits, temperature, top_k, top_p), scaled)
         keys = row_keys(seeds, counters)
         return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)

@@ -760,5 +760,6 @@ def main(argv=None) -> dict:
     except (SettingsMismatch, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
+
 if __name__ == "__main__":
     main()

@@ -944,6 +944,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.output.endswith((".jsonl", ".json")):
         p.error("--output is a directory (it receives train.jsonl, stats.json and journal.jsonl)")
+
     def price(spec, value):  # an estimated cost only means something for a paid endpoint
         return {"price_per_million": value} if value is not None and spec.startswith("endpoint:") else {}
 
@@ -961,6 +962,7 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
 
 if __name__ == "__main__":
     main()

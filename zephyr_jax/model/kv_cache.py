@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+
 class KVCache(NamedTuple):
     k: jax.Array  # [layers, slots, max_length, num_key_value_heads, head_dim]
     v: jax.Array
