@@ -112,17 +112,17 @@ def test_auto_is_einsum_attention_on_cpu():
 
 
 @pytest.mark.parametrize("t", [1, 5])
-def test_cache_attention_on_the_cache_layouts_equals_einsum_attention(t):
+def test_cache_attention_on_the_cache_read_layout_equals_einsum_attention(t):
     """Decoding (T = 1) and a prefill chunk (T = 5) over 24 cache positions, 8 query heads on 2 KV heads, with a
-    causal, windowed mask of different lengths per row: the KV cache's layouts (keys [B, K, D, S], values
-    [B, K, S, D]) give xla_attention's result."""
+    causal, windowed mask of different lengths per row: keys and values as the KV cache reads them ([B, K, S, D])
+    give xla_attention's result."""
     q, _, _ = _qkv(3, t, 8, 2, 16)
     _, k, v = _qkv(3, 24, 8, 2, 16, seed=1)
     positions = jnp.array([[20], [7], [15]]) + jnp.arange(t)[None]  # [B, T]
     keys = jnp.arange(24)
     mask = ((keys[None, None] <= positions[..., None]) & (positions[..., None] - keys[None, None] < 6))[:, None]
     expected = attention.xla_attention(q, k, v, mask)
-    got = attention.cache_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+    got = attention.cache_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -15,7 +15,7 @@ from tests.torch_reference import save_torch, torch_mistral
 import zephyr_jax
 from zephyr_jax.engine import Engine, QueueFull, Request, SamplingParams
 from zephyr_jax.generate import generate_ids
-from zephyr_jax.model import KVCache
+from zephyr_jax.model import KVCache, MistralConfig, kv_cache
 from zephyr_jax.sampling import sample
 
 NEW_TOKENS = 40
@@ -45,13 +45,16 @@ def _hf_greedy(tm, prompt, new_tokens=NEW_TOKENS):
     # Window 16, three layers: the short rows cross it only while decoding.
     (dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=16, num_hidden_layers=3), [20, 7, 2, 17]),
 ])
-def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path, fields, lengths):
+@pytest.mark.parametrize("heads_first", [True, False])  # the KV cache's storage orders (CPU's; TPU and GPU's)
+def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path, fields, lengths, heads_first):
     # A sharper output distribution keeps greedy choices away from near-ties, where float rounding could flip one.
     tm = torch_mistral(seed=len(lengths) + lengths[0], initializer_range=0.2, **fields)
     model = zephyr_jax.load(save_torch(tm, tmp_path), dtype="float32")
     prompts = _prompts(lengths[0], lengths)
     budgets = [NEW_TOKENS, 12, NEW_TOKENS, 25]  # the short second reply frees its slot while the first decodes
-    engine = Engine(model, max_slots=2, max_length=96, prefill_chunk=16, decode_steps=4, eos_id=EOS)
+    engine = Engine(model, max_slots=2, max_length=96, prefill_chunk=16, decode_steps=4, eos_id=EOS,
+                    heads_first_cache=heads_first)
+    assert engine.cache.heads_first == heads_first
     requests = engine.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
     refs = [_hf_greedy(tm, p, n) for p, n in zip(prompts, budgets)]
     assert len({t for ref in refs for t in ref}) > 5, "degenerate reference (a repeated token) would prove little"
@@ -63,32 +66,35 @@ def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path,
         assert requests[2].first_token_at < requests[0].finished_at
 
 
-def test_cache_writes_land_at_their_row_and_position_padding_is_dropped_and_reads_are_laid_out_for_attention():
-    from zephyr_jax.model import kv_cache
-
+@pytest.mark.parametrize("heads_first", [True, False])
+def test_cache_writes_land_at_their_row_and_position_padding_is_dropped_and_reads_are_laid_out_for_attention(
+        heads_first):
     layers, slots, length, heads, dim = 2, 4, 10, 3, 5
+    cfg = MistralConfig(num_hidden_layers=layers, num_key_value_heads=heads, head_dim=dim, num_attention_heads=heads)
+    cache = KVCache.init(cfg, slots, length, dtype=jnp.float32, heads_first=heads_first)
+    assert cache.max_length == length
     new = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, heads, dim)), jnp.float32)
     rows = np.array([2, 0, slots])  # the last row is a padded batch's: past the last slot
     positions = np.array([[3, 4], [9, 10], [0, 1]])  # 10 is a bucket's padding: past the end
-    buffer = kv_cache.write(jnp.zeros((layers, slots, length, heads, dim)), jnp.int32(1), jnp.asarray(rows),
-                            jnp.asarray(positions), new)
-    expected = np.zeros(buffer.shape)
+    buffer = kv_cache.write(cache.k, heads_first, jnp.int32(1), jnp.asarray(rows), jnp.asarray(positions), new)
+    expected = np.zeros((layers, slots, length, heads, dim))  # positions first
     for b, t in [(0, 0), (0, 1), (1, 0)]:  # the tokens inside the cache
         expected[1, rows[b], positions[b, t]] = new[b, t]
-    np.testing.assert_array_equal(buffer, expected)
-    keys = kv_cache.read(buffer, "k", jnp.int32(1), jnp.asarray([2, 0]), 5)
-    values = kv_cache.read(buffer, "v", jnp.int32(1), None, 5)
-    np.testing.assert_array_equal(keys, expected[1, [2, 0], :5].transpose(0, 2, 3, 1))  # [B, K, D, S]
-    np.testing.assert_array_equal(values, expected[1, :, :5].transpose(0, 2, 1, 3))  # [B, K, S, D]
+    np.testing.assert_array_equal(buffer, expected.transpose(0, 1, 3, 2, 4) if heads_first else expected)
+    some = kv_cache.read(buffer, heads_first, jnp.int32(1), jnp.asarray([2, 0]), 5)
+    every = kv_cache.read(buffer, heads_first, jnp.int32(1), None, 5)
+    np.testing.assert_array_equal(some, expected[1, [2, 0], :5].transpose(0, 2, 1, 3))  # [B, K, S, D]
+    np.testing.assert_array_equal(every, expected[1, :, :5].transpose(0, 2, 1, 3))
 
 
-def test_prefill_and_decode_through_the_cache_equal_one_forward_pass(tmp_path):
+@pytest.mark.parametrize("heads_first", [True, False])
+def test_prefill_and_decode_through_the_cache_equal_one_forward_pass(tmp_path, heads_first):
     """with_cache in chunks and one token at a time, into arbitrary cache rows, gives the full pass's logits."""
     tm = torch_mistral(num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
     model = zephyr_jax.load(save_torch(tm, tmp_path), dtype="float32")
     ids = jnp.asarray(_prompts(7, [14, 14]))
     full = np.asarray(model(ids))
-    cache = KVCache.init(model.config, 3, 32)
+    cache = KVCache.init(model.config, 3, 32, heads_first=heads_first)
     step = nnx.jit(lambda m, ids, positions, cache: (lambda h, c: (m.logits(h), c))(
         *m.with_cache(ids, positions, cache, jnp.array([2, 0]), 16)))
     logits, cache = step(model, ids[:, :6], jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
@@ -143,16 +149,20 @@ def _filtered_softmax(logits, temperature, top_k, top_p):
 
 def test_greedy_tokens_and_logprobs_equal_argmax_and_log_softmax():
     """Greedy rows: the token is jnp.argmax (the first of tied maxima) and its log-prob log_softmax's, with and
-    without top-n alternatives."""
-    logits = jax.random.normal(jax.random.key(0), (6, 1000)) * 4
-    logits = logits.at[1, 7].set(50.0).at[1, 900].set(50.0).at[2].set(0.0)  # a tie at the top, a flat row
+    without top-n alternatives, and none when none are asked (top_n=-1)."""
+    logits = jax.random.normal(jax.random.key(0), (8, 1000)) * 4  # 1,000: not a whole number of 128-token blocks
+    logits = (logits.at[1, 7].set(50.0).at[1, 900].set(50.0).at[2].set(0.0)  # a tie at the top, a flat row
+              .at[3, 999].set(60.0).at[4, 130].set(70.0).at[4, 129].set(70.0))  # the last token; a tie in block 1
     rows = logits.shape[0]
     zeros = jnp.zeros((rows,), jnp.uint32)
-    for top_n in (0, 3):
+    for top_n in (-1, 0, 3):
         token, logprob, top = sample(logits, jnp.zeros((rows,)), jnp.zeros((rows,), jnp.int32), jnp.ones((rows,)),
                                      zeros, zeros, top_n=top_n)
         np.testing.assert_array_equal(token, jnp.argmax(logits, axis=-1))
-        assert token[1] == 7 and token[2] == 0
+        assert token.tolist()[1:5] == [7, 0, 999, 129]
+        if top_n < 0:
+            assert logprob is None and top is None
+            continue
         logps = jax.nn.log_softmax(logits, axis=-1)
         np.testing.assert_allclose(logprob, logps[jnp.arange(rows), token], rtol=1e-6, atol=1e-6)
         if top_n:
@@ -266,6 +276,10 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
     embed = sharded.embed_tokens.get_value()
     assert len(embed.sharding.device_set) == 8 and embed.addressable_shards[0].data.shape[1] == 64 // 4
     prompts = _prompts(5, [10, 6, 3])
-    out = Engine(sharded, max_slots=2, max_length=64, eos_id=None, mesh=mesh).generate(
-        [Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])
-    assert [r.tokens for r in out] == generate_ids(single, prompts, max_new_tokens=NEW_TOKENS)
+    expected = generate_ids(single, prompts, max_new_tokens=NEW_TOKENS)
+    for heads_first in (True, False):  # the KV cache's storage orders, its KV heads split over "tensor"
+        engine = Engine(sharded, max_slots=2, max_length=64, eos_id=None, mesh=mesh, heads_first_cache=heads_first)
+        spec = engine.cache.k.sharding.spec
+        assert spec[kv_cache.axes(heads_first).index("kv_heads")] == "tensor" and list(spec).count("tensor") == 1
+        out = engine.generate([Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])
+        assert [r.tokens for r in out] == expected

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax.model import KVCache
+from zephyr_jax.model import KVCache, kv_cache
 from zephyr_jax.sampling import sample
 
 TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)
@@ -137,6 +137,14 @@ def _first_stop(text: str, stops, start: int = 0) -> int | None:
     return min(found) if found else None
 
 
+def _logprobs_wanted(requests) -> int:
+    """sample()'s top_n for a call: the most alternatives anyone asked for, 0 for the sampled tokens' log-probs
+    only, -1 when nobody asked for log-probs (none are computed)."""
+    if any(r.params.logprobs for r in requests):
+        return TOP_LOGPROBS
+    return 0 if any(r.params.logprobs is not None for r in requests) else -1
+
+
 def _bucket(n: int, minimum: int, maximum: int) -> int:
     """The power of two >= n, within [minimum, maximum]."""
     return min(max(minimum, 1 << (max(n, 1) - 1).bit_length()), maximum)
@@ -205,7 +213,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, max_slots: int = 16, max_length: int | None = None,
                  prefill_chunk: int = 512, decode_steps: int = 8, max_queue: int | None = None,
-                 eos_id: int | None = None, mesh=None):
+                 eos_id: int | None = None, mesh=None, heads_first_cache: bool | None = None):
         cfg = model.config
         self.config, self.tokenizer = cfg, tokenizer
         self.graphdef, self.state = nnx.split(model)
@@ -216,7 +224,11 @@ class Engine:
         self.max_queue = max_queue
         eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos_id = None if eos is None else int(eos)
-        self.cache = KVCache.init(cfg, self.max_slots, self.max_length, sharding=self._cache_sharding(mesh))
+        # heads_first_cache: the cache's storage order (model/kv_cache.py); None: the platform's.
+        platform = jax.devices()[0].platform if mesh is None else mesh.devices.flat[0].platform
+        heads_first = kv_cache.heads_first_on(platform) if heads_first_cache is None else heads_first_cache
+        self.cache = KVCache.init(cfg, self.max_slots, self.max_length, heads_first=heads_first,
+                                  sharding=self._cache_sharding(mesh, heads_first))
         self.slots: list[Request | None] = [None] * self.max_slots
         self.waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -225,13 +237,14 @@ class Engine:
         self._ids = itertools.count()
         self.stats = collections.Counter()  # calls and tokens, for benchmarks and logs
 
-    def _cache_sharding(self, mesh):
+    def _cache_sharding(self, mesh, heads_first: bool):
         """Under a mesh: the cache's KV heads split like the k/v projections' (tensor axis) when they divide."""
         if mesh is None:
             return None
         tensor = mesh.shape.get("tensor", 1)
         heads = "tensor" if tensor > 1 and self.config.num_key_value_heads % tensor == 0 else None
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, None, heads, None))
+        spec = [heads if axis == "kv_heads" else None for axis in kv_cache.axes(heads_first)]
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
     # --- requests ---------------------------------------------------------------------------------------
 
@@ -388,7 +401,7 @@ class Engine:
             slots[row], last[row] = r._slot, len(chunk) - 1
         scoring = [r for r in requests if r.params.prompt_logprobs is not None]
         prompt_top_n = -1 if not scoring else (TOP_LOGPROBS if any(r.params.prompt_logprobs for r in scoring) else 0)
-        top_n = TOP_LOGPROBS if any(r.params.logprobs for r in requests) else 0
+        top_n = _logprobs_wanted(requests)
         kv_length = _bucket(int(positions[:len(requests), -1].max()) + 1, 128, self.max_length)
         sampling = self._sampling(requests, rows, counters=np.zeros((rows,), np.uint32))
         self.cache, first, scores = _prefill(
@@ -408,7 +421,7 @@ class Engine:
                 if r.params.max_tokens == 0:
                     self._finish(r, "length")
                 else:
-                    self._accept(r, int(first[0][row]), float(first[1][row]),
+                    self._accept(r, int(first[0][row]), None if first[1] is None else float(first[1][row]),
                                  None if first[2] is None else (first[2][0][row], first[2][1][row]))
                     self._settle(r, 1)
 
@@ -448,7 +461,7 @@ class Engine:
             ids = self._stop_ids(r)
             stop_ids[i, :len(ids)] = ids
         kv_length = _fine_bucket(int(lengths.max()) + self.decode_steps, 128, self.max_length)
-        top_n = TOP_LOGPROBS if any(r.params.logprobs for r in decoding) else 0
+        top_n = _logprobs_wanted(decoding)
         sampling = self._sampling(self.slots if everyone else decoding, n, counters)
         self.cache, out = _decode(self.graphdef, self.state, self.cache, None if everyone else rows, tokens, lengths,
                                   active, remaining, stop_ids, sampling, steps=self.decode_steps,
@@ -460,7 +473,7 @@ class Engine:
             before = len(r.tokens)
             for step in range(self.decode_steps):
                 if r.finish_reason is None and emitted[step, i]:
-                    self._accept(r, int(new[step, i]), float(logprob[step, i]),
+                    self._accept(r, int(new[step, i]), None if logprob is None else float(logprob[step, i]),
                                  None if top is None else (top[0][step, i], top[1][step, i]))
             self._settle(r, len(r.tokens) - before)
 
@@ -481,7 +494,7 @@ class Engine:
 
     # --- outputs ------------------------------------------------------------------------------------------
 
-    def _accept(self, r: Request, token: int, logprob: float, top) -> None:
+    def _accept(self, r: Request, token: int, logprob: float | None, top) -> None:
         """One sampled token: record it, and finish the request at a stop token or its max_tokens."""
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()

@@ -34,9 +34,10 @@ def row_keys(seeds, counters):
 
 def sample(logits, temperature, top_k, top_p, seeds, counters, top_n: int = 0):
     """(token [B] int32, its log-prob [B], top-n (log-probs, ids) [B, n] or None) for float32 logits [B, V].
-    Log-probs are the model's own (before temperature and filters), as OpenAI and vLLM report them."""
+    Log-probs are the model's own (before temperature and filters), as OpenAI and vLLM report them.
+    top_n = -1: nobody asked for log-probs, so none are computed (the log-prob is None)."""
     logits = logits.astype(jnp.float32)
-    greedy, logsumexp = _argmax_logsumexp(logits)
+    greedy, block_max = _first_argmax(logits)
 
     def draw():
         # The sort in filter_logits is the costly part: skip it when no sampling row has a top-k or top-p.
@@ -49,17 +50,25 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, top_n: int = 0):
     # Drawing is skipped when every row is greedy.
     drawn = jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
     token = jnp.where(temperature > 0, drawn, greedy)
+    if top_n < 0:
+        return token, None, None
     # log p(token) = logit - logsumexp: the [B, V] log-softmax is only formed when top-n alternatives are asked.
+    top = jnp.max(block_max, axis=-1)
+    logsumexp = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
     logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - logsumexp
-    top = jax.lax.top_k(logits - logsumexp[:, None], top_n) if top_n else None
-    return token, logprob, top
+    top_alternatives = jax.lax.top_k(logits - logsumexp[:, None], top_n) if top_n else None
+    return token, logprob, top_alternatives
 
 
-def _argmax_logsumexp(logits):
-    """(argmax [B] int32, the first index of the maximum as jnp.argmax gives it, and logsumexp [B]) sharing one
-    max. Two plain reductions: XLA:CPU's argmax (a variadic reduce) cost 1.6 ms on [32, 32000], these 1.0 ms."""
-    vocab = logits.shape[-1]
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    first = jnp.min(jnp.where(logits == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-    logsumexp = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
-    return jnp.minimum(first, vocab - 1), logsumexp  # (a NaN row has no index equal to its max)
+def _first_argmax(logits, block: int = 128):
+    """(jnp.argmax(logits, -1) as int32, the first index of each row's maximum for rows without NaN; the maxima
+    of blocks of `block` tokens [B, V / block]) in two short reductions: the first block holding the maximum,
+    then the first index in it. On XLA:CPU 0.2 ms on [32, 32000], where jnp.argmax (a variadic reduce) takes
+    1.6 ms and a max followed by a search for its first index 0.9 ms."""
+    rows, vocab = logits.shape
+    padded = -(-vocab // block) * block
+    blocks = jnp.pad(logits, ((0, 0), (0, padded - vocab)), constant_values=-jnp.inf).reshape(rows, -1, block)
+    block_max = jnp.max(blocks, axis=-1)
+    first_block = jnp.argmax(block_max, axis=-1)
+    within = jnp.argmax(jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0], axis=-1)
+    return (first_block * block + within).astype(jnp.int32), block_max

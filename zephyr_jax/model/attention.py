@@ -57,14 +57,14 @@ def xla_attention(q, k, v, mask) -> jax.Array:
 
 
 def cache_attention(q, k, v, mask) -> jax.Array:
-    """xla_attention over the KV cache's layouts (model/kv_cache.py): q [B, T, N, D], keys [B, K, D, S], values
+    """xla_attention over the KV cache's read layout (model/kv_cache.py): q [B, T, N, D], keys and values
     [B, K, S, D], mask [B, 1, T, S]. Returns [B, T, N, D]. The queries of a KV head (its G heads at T positions)
     are one [G * T, D] block, so both products are plain batched matmuls over (B, K) with nothing transposed."""
     b, t, n, d = q.shape
-    kv_heads, s = k.shape[1], k.shape[3]
+    kv_heads, s = k.shape[1], k.shape[2]
     g = n // kv_heads
     q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-    scores = jnp.einsum("bkmd,bkds->bkms", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
         jnp.float32)
     visible = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)

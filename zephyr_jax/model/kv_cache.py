@@ -6,51 +6,76 @@ row's current length (a previous occupant's tokens, a prefill bucket's padding) 
 query only ever sees positions up to its own, and every one of those was written by this sequence first.
 The buffers hold the whole sequence (prompt + new tokens): memory grows with the length, not with the window.
 
-Layout: [layers, slots, length, kv_heads, head_dim] for keys and values alike; `read` hands attention keys as
-[B, kv_heads, head_dim, length] and values as [B, kv_heads, length, head_dim], so both of
-attention.cache_attention's products are plain batched matmuls (on XLA:CPU 2.7x faster than over [length,
-kv_heads, head_dim]; bench/RESULTS.md, issue 11). Storing the cache in those layouts was faster still on the
-CPU, but the decode call compiled for a TPU v5e then needed 1.1-2.1 GB of scratch instead of 0.35 GB (a 2-layer
-7B-wide model, 64 rows, 1,024 positions), so the transpose rides on the copy that reading makes anyway.
+`read` hands attention keys and values as [B, kv_heads, length, head_dim], so both of
+attention.cache_attention's products are plain batched matmuls (the keys' one contracting head_dim, the minor
+axis of both operands). How the buffers are stored depends on the platform (bench/RESULTS.md, issue 11):
+  - positions first, [layers, slots, length, kv_heads, head_dim] (TPU, GPU): a token's keys are one contiguous
+    window, and reading transposes along with the copy it makes anyway. The decode call compiled for a TPU v5e
+    (a 2-layer 7B-wide model, 64 rows, 1,024 positions) needs 0.22 GB of scratch; stored heads first, 2.1 GB.
+  - heads first, [layers, slots, kv_heads, length, head_dim] (CPU): reading is a copy of contiguous runs.
+    XLA:CPU's transposing copy streams the cache at about half the speed, which made decoding 30% slower at
+    1,024 positions.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 
-class KVCache(NamedTuple):
-    k: jax.Array  # [layers, slots, max_length, num_key_value_heads, head_dim]
+def heads_first_on(platform: str) -> bool:
+    """The storage order for a platform ("cpu", "tpu", "gpu"): see the module's docstring."""
+    return platform == "cpu"
+
+
+def axes(heads_first: bool) -> tuple[str, ...]:
+    """The buffers' axes in storage order."""
+    if heads_first:
+        return ("layers", "slots", "kv_heads", "length", "head_dim")
+    return ("layers", "slots", "length", "kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # laid out as axes(heads_first)
     v: jax.Array
+    heads_first: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[axes(self.heads_first).index("length")]
 
     @classmethod
-    def init(cls, cfg, slots: int, max_length: int, dtype=None, sharding=None) -> "KVCache":
-        shape = (cfg.num_hidden_layers, slots, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    def init(cls, cfg, slots: int, max_length: int, dtype=None, sharding=None, heads_first=None) -> "KVCache":
+        """Zeroed buffers (on `sharding`'s devices, else the default ones). heads_first None: the platform's
+        order (heads_first_on)."""
+        if heads_first is None:
+            devices = jax.devices() if sharding is None else list(sharding.device_set)
+            heads_first = heads_first_on(devices[0].platform)
+        sizes = dict(layers=cfg.num_hidden_layers, slots=slots, length=max_length,
+                     kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
+        shape = tuple(sizes[a] for a in axes(heads_first))
         dtype = cfg.dtype if dtype is None else dtype
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        return cls(k=zeros(), v=zeros())
+        return cls(k=zeros(), v=zeros(), heads_first=heads_first)
 
 
-def write(buffer, layer, rows, positions, new):
-    """buffer [L, slots, S, K, D] with layer `layer`'s rows[b] at positions[b, t] set to new[b, t] ([B, T, K, D]).
-    Positions past the end (a bucket's padding) and rows past the last slot (a padded batch) are dropped."""
-    index = (layer, rows[:, None], positions)
+def write(buffer, heads_first: bool, layer, rows, positions, new):
+    """buffer with layer `layer`'s rows[b] at positions[b, t] set to new[b, t] ([B, T, kv_heads, head_dim]):
+    one [kv_heads, head_dim] window per token in either order. Positions past the end (a bucket's padding) and
+    rows past the last slot (a padded batch) are dropped."""
+    rows = rows[:, None]
+    index = (layer, rows, slice(None), positions) if heads_first else (layer, rows, positions)
     return buffer.at[index].set(new.astype(buffer.dtype), mode="drop")
 
 
-def read(buffer, which: str, layer, rows, length: int):
+def read(buffer, heads_first: bool, layer, rows, length: int):
     """The first `length` positions of layer `layer` for rows [B] (None: every row), laid out for
-    attention.cache_attention: keys [B, K, D, length], values [B, K, length, D]."""
-    _, slots, _, heads, dim = buffer.shape
-    # One slice of exactly what is read (indexing the layer first would copy its whole [slots, S] block); the
-    # transpose rides along with that copy.
-    block = jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), (1, slots, length, heads, dim))[0]
+    attention.cache_attention: [B, kv_heads, length, head_dim]."""
+    sizes = list(buffer.shape)
+    sizes[0], sizes[axes(heads_first).index("length")] = 1, length
+    # One slice of exactly what is read (indexing the layer first would copy its whole [slots, ...] block).
+    block = jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), sizes)[0]
     block = block if rows is None else jnp.take(block, rows, axis=0, mode="clip")
-    return block.transpose(0, 2, 3, 1) if which == "k" else block.transpose(0, 2, 1, 3)
+    return block if heads_first else block.transpose(0, 2, 1, 3)

@@ -140,24 +140,26 @@ def remat_policy(name: str):
 class CacheStep(NamedTuple):
     """One layer's view of the engine's KV cache during a decoding call: the whole buffers (carried through the
     layer scan, so each write is in place), the layer, which cache rows the batch's rows are (None: row b is
-    slot b), the new tokens' positions [B, T], how many positions attention reads (a static bucket), and the
-    [B, 1, T, kv_length] mask over them."""
+    slot b), the new tokens' positions [B, T], the [B, 1, T, kv_length] mask over the positions attention reads
+    (kv_length: a static bucket), and the buffers' storage order."""
     k: jax.Array
     v: jax.Array
     layer: jax.Array
     rows: jax.Array | None
     positions: jax.Array
     mask: jax.Array
+    heads_first: bool  # the buffers' storage order (kv_cache.axes)
 
     def write(self, k, v) -> "CacheStep":
         rows = jnp.arange(k.shape[0]) if self.rows is None else self.rows
-        return self._replace(k=kv_cache.write(self.k, self.layer, rows, self.positions, k),
-                             v=kv_cache.write(self.v, self.layer, rows, self.positions, v))
+        order = self.heads_first
+        return self._replace(k=kv_cache.write(self.k, order, self.layer, rows, self.positions, k),
+                             v=kv_cache.write(self.v, order, self.layer, rows, self.positions, v))
 
     def read(self):
         length = self.mask.shape[-1]
-        return (kv_cache.read(self.k, "k", self.layer, self.rows, length),
-                kv_cache.read(self.v, "v", self.layer, self.rows, length))
+        return (kv_cache.read(self.k, self.heads_first, self.layer, self.rows, length),
+                kv_cache.read(self.v, self.heads_first, self.layer, self.rows, length))
 
 
 def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: CacheStep | None = None, *, remat="none",
@@ -184,7 +186,7 @@ def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: CacheStep 
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
     buffers = None if cache is None else (cache.k, cache.v)
     (x, buffers), _ = jax.lax.scan(body, (x, buffers), (stacked, jnp.arange(num_layers)), unroll=unroll)
-    return x, None if buffers is None else KVCache(*buffers)
+    return x, None if buffers is None else KVCache(*buffers, heads_first=cache.heads_first)
 
 
 def stacked_layers(cfg: MistralConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -263,7 +265,8 @@ class Mistral(nnx.Module):
         mask = keys[None, None, :] <= positions[:, :, None]
         if cfg.sliding_window is not None:
             mask = mask & (positions[:, :, None] - keys[None, None, :] < cfg.sliding_window)
-        step = CacheStep(cache.k, cache.v, jnp.zeros((), jnp.int32), rows, positions, mask[:, None])
+        step = CacheStep(cache.k, cache.v, jnp.zeros((), jnp.int32), rows, positions, mask[:, None],
+                         cache.heads_first)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         x, cache = run_layers(self.layers, self._embed(input_ids), cos, sin, None, step,
                               unroll=not cfg.scan_layers)
