@@ -1,10 +1,11 @@
 """The engine's decoding call, per generated token, and its parts, on serve_throughput.py's model shape.
 
-    python bench/decode_step.py [--rows=32] [--steps=8] [--kv=128,256,512,1024]
+    python bench/decode_step.py [--rows=32] [--steps=8] [--kv=128,256,512,1024] [--cache-order=heads_first]
 
 Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attention over `kv` cache positions)
 per token, then the same model's layers without a cache, its LM head and greedy sampling for the same rows, so
-what the cache costs is the difference. Random weights, float32, on whatever device JAX picks.
+what the cache costs is the difference. Random weights, float32, on whatever device JAX picks, the KV cache
+stored in that platform's order unless --cache-order names one (model/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--kv", default="128,256,512,1024")
     parser.add_argument("--max_length", type=int, default=2048)
+    parser.add_argument("--cache-order", choices=["platform", "heads_first", "positions_first"], default="platform")
     args = parser.parse_args()
     cfg = MistralConfig(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=args.max_length)
@@ -42,9 +44,11 @@ def main():
     rows = args.rows
     greedy = (jnp.zeros((rows,)), jnp.zeros((rows,), jnp.int32), jnp.ones((rows,)), jnp.zeros((rows,), jnp.uint32),
               jnp.zeros((rows,), jnp.uint32))
-    print(f"{jax.devices()[0].device_kind}, {rows} rows, {args.steps} tokens a call")
+    heads_first = None if args.cache_order == "platform" else args.cache_order == "heads_first"
+    order = "heads first" if KVCache.init(cfg, 1, 1, heads_first=heads_first).heads_first else "positions first"
+    print(f"{jax.devices()[0].device_kind}, {rows} rows, {args.steps} tokens a call, KV cache stored {order}")
     for kv in map(int, args.kv.split(",")):
-        box = [KVCache.init(cfg, rows, args.max_length)]
+        box = [KVCache.init(cfg, rows, args.max_length, heads_first=heads_first)]
         lengths = jnp.full((rows,), kv - args.steps - 1, jnp.int32)
 
         def call():

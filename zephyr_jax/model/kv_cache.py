@@ -13,8 +13,8 @@ axis of both operands). How the buffers are stored depends on the platform (benc
     window, and reading transposes along with the copy it makes anyway. The decode call compiled for a TPU v5e
     (a 2-layer 7B-wide model, 64 rows, 1,024 positions) needs 0.22 GB of scratch; stored heads first, 2.1 GB.
   - heads first, [layers, slots, kv_heads, length, head_dim] (CPU): reading is a copy of contiguous runs.
-    XLA:CPU's transposing copy streams the cache at about half the speed, which made decoding 30% slower at
-    1,024 positions.
+    Stored positions first, XLA:CPU's transposing copy made a decoding step 8-10% slower at 512 and 1,024
+    positions (bench/decode_step.py).
 """
 
 from __future__ import annotations
