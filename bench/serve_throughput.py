@@ -10,7 +10,8 @@
       --systems=static_before --model=HF_DIR
 Reports requests/s, output tokens/s, time to first token and latency (p50 / p99). Each load runs --warmups times
 before the measured run, which compiles the shapes it meets (zephyr_jax) and warms the caches (all systems);
-zephyr_jax warms up again (at most 3 more times) while a warm-up run still compiled a program. For zephyr_jax
+zephyr_jax.serve starts with --warmup (every decoding shape compiled before it serves) and warms up again (at
+most 6 more times) until two warm-up runs in a row compile no program. For zephyr_jax
 the row also says how many programs were still compiled during the measured run, and the share of computed
 prefill / decode positions that were real tokens.
 
@@ -155,12 +156,14 @@ def bench_server(name: str, command: list[str], port: int, model_id: str, loads,
         health = lambda: httpx.get(f"http://127.0.0.1:{port}/health").json().get("stats", {})
         for clients, requests in loads:
             # Compile / load / allocate what this load needs. Which shapes zephyr_jax meets depends on timing
-            # (how many rows decode together, how far they have got), so it warms up (at most 3 times more)
-            # until a run compiles nothing new.
-            for i in range(warmups + 3):
+            # (how many rows decode together at the end of a run, how far they have got), so it warms up (at
+            # most 6 times more) until two runs in a row compile nothing new.
+            quiet = 0
+            for i in range(warmups + 6):
                 before = health().get("compiled_programs", 0)
                 asyncio.run(drive(url, model_id, requests, clients, extra))
-                if i + 1 >= warmups and health().get("compiled_programs", 0) == before:
+                quiet = quiet + 1 if health().get("compiled_programs", 0) == before else 0
+                if i + 1 >= warmups and quiet >= min(2, warmups):
                     break
             before = health()
             results, seconds = asyncio.run(drive(url, model_id, requests, clients, extra))
@@ -272,7 +275,8 @@ def main():
         rows += bench_server("zephyr_jax.serve", [
             sys.executable, "-m", "zephyr_jax.serve", f"--model={model_dir}", "--dtype=float32", f"--port={port}",
             "--served-model-name=bench", f"--max-slots={max_clients}", "--max-length=2048",
-            f"--max-queue={4 * max_clients}", f"--decode-steps={args.decode_steps}"], port, "bench", loads, workdir,
+            f"--max-queue={4 * max_clients}", f"--decode-steps={args.decode_steps}", "--warmup"], port, "bench", loads,
+            workdir,
             {"ignore_eos": True}, args.warmups)
     if "transformers" in systems:
         port = free_port()

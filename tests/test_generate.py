@@ -283,3 +283,23 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
         assert spec[kv_cache.axes(heads_first).index("kv_heads")] == "tensor" and list(spec).count("tensor") == 1
         out = engine.generate([Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])
         assert [r.tokens for r in out] == expected
+
+
+def test_warmup_compiles_every_decoding_bucket_and_leaves_the_cache_as_it_was(small):
+    """After warmup(), requests of any count and length compile no decoding program, and reply as on an engine
+    that was not warmed up."""
+    from zephyr_jax import engine as engine_module
+
+    _, model = small
+    engine = Engine(model, max_slots=4, max_length=200, eos_id=None)
+    # Rows: 1, 2, or all 4 slots (3 decoding rows round up to 4, over half); attention: 128, 192 or 200 positions.
+    assert engine.warmup() == 9
+    compiled = engine_module._decode._cache_size()
+    prompts = _prompts(11, [3, 150, 40, 9, 90, 20, 60])
+    budgets = [30, 45, 5, 20, 12, 40, 33]
+    done = engine.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
+    assert engine_module._decode._cache_size() == compiled
+    fresh = Engine(model, max_slots=4, max_length=200, eos_id=None)
+    expected = fresh.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
+    assert [r.tokens for r in done] == [r.tokens for r in expected]
+    assert [len(r.tokens) for r in done] == budgets

@@ -303,6 +303,28 @@ class Engine:
         bar.close()
         return requests
 
+    def warmup(self, progress: bool = False) -> int:
+        """Compiles the decoding call for every bucket of rows and attention length it can meet (for requests
+        without log-probs), so serving never stalls on those compiles when the number of decoding requests or
+        their lengths reach a new bucket; returns how many programs were compiled. Prefill shapes, and decoding
+        with log-probs, still compile when first met. Call it before `start`; the cache is left as it was (every
+        row is idle, so every write is dropped)."""
+        from tqdm.auto import tqdm
+
+        shapes = sorted({self._decode_rows(k) for k in range(1, self.max_slots + 1)})
+        kv_lengths = sorted({_fine_bucket(k, 128, self.max_length) for k in range(1, self.max_length + 1)})
+        before = self.compiled_programs()
+        for (n, everyone), kv_length in tqdm(list(itertools.product(shapes, kv_lengths)), desc="warm-up",
+                                             disable=not progress):
+            idle = np.zeros((n,), np.int32)
+            rows = None if everyone else np.full((n,), self.max_slots, np.int32)
+            self.cache, _ = _decode(self.graphdef, self.state, self.cache, rows, idle, idle, np.zeros((n,), bool),
+                                    idle, np.full((n, MAX_STOP_TOKENS), -1, np.int32),
+                                    self._sampling([], n, np.zeros((n,), np.uint32)), steps=self.decode_steps,
+                                    kv_length=kv_length, top_n=-1)
+        jax.block_until_ready(self.cache)
+        return self.compiled_programs() - before
+
     @staticmethod
     def compiled_programs() -> int:
         """Prefill and decode programs compiled so far in this process (one per bucket met)."""
@@ -443,11 +465,7 @@ class Engine:
                     and r._prefilled == len(r.prompt)]
         if not decoding:
             return
-        # Few decoding slots: only they are computed (a bucketed number of rows, their caches gathered). Most
-        # slots decoding: all rows are, in slot order, which reads the cache in place instead of gathering it.
-        n = _fine_bucket(len(decoding), 1, self.max_slots)
-        everyone = 2 * n > self.max_slots
-        n = self.max_slots if everyone else n
+        n, everyone = self._decode_rows(len(decoding))
         places = [r._slot for r in decoding] if everyone else range(len(decoding))  # each request's row
         rows = np.full((n,), self.max_slots, np.int32)
         tokens, lengths = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
@@ -476,6 +494,13 @@ class Engine:
                     self._accept(r, int(new[step, i]), None if logprob is None else float(logprob[step, i]),
                                  None if top is None else (top[0][step, i], top[1][step, i]))
             self._settle(r, len(r.tokens) - before)
+
+    def _decode_rows(self, decoding: int) -> tuple[int, bool]:
+        """(rows computed, whether they are all the slots) for `decoding` decoding requests. Few: only they are
+        computed (a bucketed number of rows, their caches gathered). Most slots: all rows are, in slot order,
+        which reads the cache in place instead of gathering it."""
+        n = _fine_bucket(decoding, 1, self.max_slots)
+        return (self.max_slots, True) if 2 * n > self.max_slots else (n, False)
 
     def _sampling(self, requests, rows: int, counters):
         temperature, top_p = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)

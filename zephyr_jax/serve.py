@@ -2,7 +2,7 @@
 `local-completions`, AlpacaEval / MT-Bench judges, distilabel and the `openai` client.
 
     python -m zephyr_jax.serve --model=HF_DIR_OR_WORKDIR [--host=127.0.0.1] [--port=8000] [--dtype=bfloat16]
-        [--api-key=KEY] [--max-slots=16] [--max-length=4096] [--max-queue=256] [--served-model-name=NAME]
+        [--api-key=KEY] [--max-slots=16] [--max-length=4096] [--max-queue=256] [--served-model-name=NAME] [--warmup]
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template; `stream` gives
 server-sent events ending in `data: [DONE]`), POST /v1/completions (a prompt as text or token ids, one or a
@@ -420,6 +420,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=8, help="tokens per decoding call")
+    parser.add_argument("--warmup", action="store_true",
+                        help="compile the decoding call for every bucket of rows and attention length before serving "
+                             "(Engine.warmup), so no request waits for those compiles")
     parser.add_argument("--compilation-cache", default="~/.cache/zephyr_jax/xla",
                         help="JAX's persistent compilation cache, so a restart skips compiling ('' = off)")
     parser.add_argument("--mesh", default=None, help="shard parameters over local devices, e.g. '1,-1,1' (FSDP)")
@@ -448,6 +451,8 @@ def main(argv=None) -> None:
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_length=args.max_length,
                     prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps, max_queue=args.max_queue,
                     mesh=mesh)
+    if args.warmup:
+        log.info("warm-up: compiled %d decoding programs", engine.warmup(progress=True))
     engine.start()
     server = Server(engine, tokenizer, args.served_model_name or args.model, args.api_key)
     log.info("serving %s on http://%s:%d/v1 (%d slots of %d tokens)", server.model_name, args.host, args.port,

@@ -48,11 +48,13 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg, slots: int, max_length: int, dtype=None, sharding=None, heads_first=None) -> "KVCache":
-        """Zeroed buffers (on `sharding`'s devices, else the default ones). heads_first None: the platform's
+        """Zeroed buffers (on `sharding`'s devices, else the first device). heads_first None: the platform's
         order (heads_first_on)."""
+        # Committed to a device even without a sharding: calls that take it then compile as they will later,
+        # when the cache they take is a previous call's output.
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         if heads_first is None:
-            devices = jax.devices() if sharding is None else list(sharding.device_set)
-            heads_first = heads_first_on(devices[0].platform)
+            heads_first = heads_first_on(next(iter(sharding.device_set)).platform)
         sizes = dict(layers=cfg.num_hidden_layers, slots=slots, length=max_length,
                      kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
         shape = tuple(sizes[a] for a in axes(heads_first))
