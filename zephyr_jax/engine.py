@@ -137,12 +137,12 @@ def _first_stop(text: str, stops, start: int = 0) -> int | None:
     return min(found) if found else None
 
 
-def _logprobs_wanted(requests) -> int:
-    """sample()'s top_n for a call: the most alternatives anyone asked for, 0 for the sampled tokens' log-probs
-    only, -1 when nobody asked for log-probs (none are computed)."""
-    if any(r.params.logprobs for r in requests):
+def _top_n(asked) -> int:
+    """A call's top_n from its requests' logprobs (or prompt_logprobs) settings: the most alternatives anyone
+    may ask for, 0 for the log-probs alone, -1 when nobody asked for log-probs (none are computed)."""
+    if any(asked):
         return TOP_LOGPROBS
-    return 0 if any(r.params.logprobs is not None for r in requests) else -1
+    return 0 if any(a is not None for a in asked) else -1
 
 
 def _bucket(n: int, minimum: int, maximum: int) -> int:
@@ -316,12 +316,8 @@ class Engine:
         before = self.compiled_programs()
         for (n, everyone), kv_length in tqdm(list(itertools.product(shapes, kv_lengths)), desc="warm-up",
                                              disable=not progress):
-            idle = np.zeros((n,), np.int32)
-            rows = None if everyone else np.full((n,), self.max_slots, np.int32)
-            self.cache, _ = _decode(self.graphdef, self.state, self.cache, rows, idle, idle, np.zeros((n,), bool),
-                                    idle, np.full((n, MAX_STOP_TOKENS), -1, np.int32),
-                                    self._sampling([], n, np.zeros((n,), np.uint32)), steps=self.decode_steps,
-                                    kv_length=kv_length, top_n=-1)
+            self.cache, _ = _decode(self.graphdef, self.state, self.cache, *self._decode_inputs([], [], n, everyone),
+                                    steps=self.decode_steps, kv_length=kv_length, top_n=-1)
         jax.block_until_ready(self.cache)
         return self.compiled_programs() - before
 
@@ -421,9 +417,8 @@ class Engine:
             targets[row, :len(following)] = following
             positions[row] = start + np.arange(length)
             slots[row], last[row] = r._slot, len(chunk) - 1
-        scoring = [r for r in requests if r.params.prompt_logprobs is not None]
-        prompt_top_n = -1 if not scoring else (TOP_LOGPROBS if any(r.params.prompt_logprobs for r in scoring) else 0)
-        top_n = _logprobs_wanted(requests)
+        prompt_top_n = _top_n([r.params.prompt_logprobs for r in requests])
+        top_n = _top_n([r.params.logprobs for r in requests])
         kv_length = _bucket(int(positions[:len(requests), -1].max()) + 1, 128, self.max_length)
         sampling = self._sampling(requests, rows, counters=np.zeros((rows,), np.uint32))
         self.cache, first, scores = _prefill(
@@ -467,22 +462,11 @@ class Engine:
             return
         n, everyone = self._decode_rows(len(decoding))
         places = [r._slot for r in decoding] if everyone else range(len(decoding))  # each request's row
-        rows = np.full((n,), self.max_slots, np.int32)
-        tokens, lengths = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
-        active, remaining = np.zeros((n,), bool), np.zeros((n,), np.int32)
-        stop_ids = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
-        counters = np.zeros((n,), np.uint32)
-        for r, i in zip(decoding, places):
-            rows[i], tokens[i] = r._slot, r._last_token
-            lengths[i] = len(r.prompt) + r.generated - 1  # the last token is not in the cache yet
-            active[i], remaining[i], counters[i] = True, r.params.max_tokens - r.generated, r.generated
-            ids = self._stop_ids(r)
-            stop_ids[i, :len(ids)] = ids
+        inputs = self._decode_inputs(decoding, places, n, everyone)
+        lengths = inputs[2]  # each row's next position
         kv_length = _fine_bucket(int(lengths.max()) + self.decode_steps, 128, self.max_length)
-        top_n = _logprobs_wanted(decoding)
-        sampling = self._sampling(self.slots if everyone else decoding, n, counters)
-        self.cache, out = _decode(self.graphdef, self.state, self.cache, None if everyone else rows, tokens, lengths,
-                                  active, remaining, stop_ids, sampling, steps=self.decode_steps,
+        top_n = _top_n([r.params.logprobs for r in decoding])
+        self.cache, out = _decode(self.graphdef, self.state, self.cache, *inputs, steps=self.decode_steps,
                                   kv_length=kv_length, top_n=top_n)
         new, logprob, top, emitted = jax.device_get(out)
         self.stats["decode_calls"] += 1
@@ -494,6 +478,23 @@ class Engine:
                     self._accept(r, int(new[step, i]), None if logprob is None else float(logprob[step, i]),
                                  None if top is None else (top[0][step, i], top[1][step, i]))
             self._settle(r, len(r.tokens) - before)
+
+    def _decode_inputs(self, decoding, places, n: int, everyone: bool) -> tuple:
+        """_decode's per-row arguments (rows ... sampling) for n rows, request decoding[j] at row places[j] and
+        every other row idle (its writes dropped). Every row a slot (everyone): rows is None, in slot order."""
+        rows = np.full((n,), self.max_slots, np.int32)
+        tokens, lengths = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+        active, remaining = np.zeros((n,), bool), np.zeros((n,), np.int32)
+        stop_ids = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
+        counters = np.zeros((n,), np.uint32)
+        for r, i in zip(decoding, places):
+            rows[i], tokens[i] = r._slot, r._last_token
+            lengths[i] = len(r.prompt) + r.generated - 1  # the last token is not in the cache yet
+            active[i], remaining[i], counters[i] = True, r.params.max_tokens - r.generated, r.generated
+            ids = self._stop_ids(r)
+            stop_ids[i, :len(ids)] = ids
+        sampling = self._sampling(self.slots if everyone else decoding, n, counters)
+        return None if everyone else rows, tokens, lengths, active, remaining, stop_ids, sampling
 
     def _decode_rows(self, decoding: int) -> tuple[int, bool]:
         """(rows computed, whether they are all the slots) for `decoding` decoding requests. Few: only they are
