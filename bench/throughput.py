@@ -17,7 +17,8 @@ Real tokens/s counts only the real positions of the batches (no padding); "posit
 step computes. FLOPs: zephyr_jax.metrics.step_flops of the real sequences (the MFU numerator, with the frozen
 reference's forward). MFU needs the device's peak (metrics.peak_flops): n/a on CPUs. "CPU s/step" is this
 process's CPU time per step, "other load" the cores other processes kept busy meanwhile (on a shared machine,
-rerun when it is above ~0.05).
+rerun when it is above ~0.05). "peak memory" is the device allocator's peak so far in this process (GPUs, TPUs;
+n/a on CPUs), so a stage's figure includes those measured before it in the same run.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
     positions = sum(b.batch["inputs"].size for b in batches)
     flops = sum(step_flops(arch_cfg, b.sequences, reference is not None) for b in batches)
     peak = peak_flops()
+    memory = devices[0].memory_stats() or {}  # None on CPUs; GPUs and TPUs count the allocator's bytes
     shapes = sorted({b.batch["inputs"].shape for b in batches})
     return {"stage": stage, "batch": cfg.train.global_batch_size, "mix": spec, "shapes": shapes,
             "real_fraction": real / positions, "compile_s": compile_s, "compiles": len(compiled),
@@ -161,6 +163,8 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / (peak * len(devices)) if peak else None,
             "params_m": arch_cfg.num_params / 1e6, "devices": len(devices), "device": devices[0].device_kind,
             "reference": "frozen" if reference is not None else ("precomputed" if dpo else "-"), "loss": loss,
+            "peak_gib": memory["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in memory else None,
+            "device_gib": memory["bytes_limit"] / 2 ** 30 if "bytes_limit" in memory else None,
             "cpu_s": load.own / len(times) if load.wall else None, "other_load": load.other_cores}
 
 
@@ -168,15 +172,22 @@ def report(results) -> None:
     print(f"device: {results[0]['devices']} x {results[0]['device']} ({jax.default_backend()}), "
           f"jax {jax.__version__}, model {results[0]['params_m']:.1f}M params")
     print("| stage | batch | length mix | rows x length | real tokens | reference | compiles (s) | mean step s "
-          "| real tokens/s | positions/s | TFLOP/s | MFU | CPU s/step | other load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| real tokens/s | positions/s | TFLOP/s | MFU | peak memory GiB | CPU s/step | other load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         shapes = ", ".join(f"{a}x{b}" for a, b in r["shapes"])
         print(f"| {r['stage']} | {r['batch']} | {r['mix']} | {shapes} | {100 * r['real_fraction']:.1f}% "
               f"| {r['reference']} | {r['compiles']} ({r['compile_s']:.1f}) | {r['step_s']:.3f} "
               f"| {r['real_tokens_per_s']:,.0f} | {r['positions_per_s']:,.0f} | {r['tflops']:.3f} | {mfu} "
-              f"| {fmt(r['cpu_s'])} | {fmt_load(r['other_load'])} |")
+              f"| {peak_memory(r)} | {fmt(r['cpu_s'])} | {fmt_load(r['other_load'])} |")
+
+
+def peak_memory(r) -> str:
+    """The process's peak device memory so far (not reset between stages) of the device's limit."""
+    if r["peak_gib"] is None:
+        return "n/a"
+    return f"{r['peak_gib']:.1f}" + (f" of {r['device_gib']:.1f}" if r["device_gib"] else "")
 
 
 def fmt(x, digits=3) -> str:

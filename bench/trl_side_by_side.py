@@ -1,22 +1,31 @@
-"""DPO training throughput on this CPU: zephyr_jax's jitted train step vs TRL's DPOTrainer (PyTorch).
+"""Training throughput: zephyr_jax's jitted train step vs TRL's DPOTrainer or SFTTrainer (PyTorch), one process.
 
-    python bench/trl_side_by_side.py [--batch=4] [--prompt=64] [--completion=64] [--steps=10] [--warmup=3]
+    python bench/trl_side_by_side.py [--stage=dpo|sft] [--device=cpu|cuda] [--precision=float32|bf16]
+        [--batch=4] [--prompt=64] [--completion=64] [--length=2048] [--steps=10] [--warmup=3]
         [--hidden=256] [--intermediate=768] [--layers=4] [--heads=4] [--kv-heads=2] [--vocab=32000]
         [--torch-threads=2]
 
-Same Mistral architecture (random weights), float32 everywhere, same batch of B pairs, every sequence
-prompt + completion = T tokens long, so both run the model on [2B, T] (chosen and rejected in one pass), sigmoid
-DPO loss (beta 0.1), frozen reference model forward every step, AdamW with grad-norm clipping 1.0, no gradient
-checkpointing, no gradient accumulation, no evaluation, logging or checkpoints.
+Same Mistral architecture (random weights), same batch, every sequence the same length, so both run the model
+on the same tokens. DPO (default): B pairs, each sequence prompt + completion = T tokens, [2B, T] in one pass
+(chosen and rejected), sigmoid DPO loss (beta 0.1), frozen reference model forward every step. SFT: B rows of
+--length tokens, one example a row (a packed row of one full-length example: no padding on either side), the
+next-token loss on every position. Both: AdamW with grad-norm clipping 1.0, no gradient accumulation, no
+evaluation, logging or checkpoints.
 
-zephyr_jax: bench/throughput.py's measure() on configs/dpo.py:tiny with this architecture (the trainer's own
-jitted step). TRL: DPOTrainer.train() on an in-memory dataset of fixed-length texts over a word-level tokenizer
-with one token per word, so every tokenized sequence is exactly T tokens; a TrainerCallback times each step from
-on_step_begin to on_step_end (forward, backward, clipping, optimizer; data loading excluded). Both report the
-median of the timed steps after warm-up; tokens per step = 2*B*T for both. A third row, for context only, times
-a hand-written eager PyTorch DPO step on the same model with full logits (what TRL's CPU path is compared with in
-bench/RESULTS.md). "CPU s/step" is the process's CPU time per step; "other load" the cores other processes used
-meanwhile (numbers taken with other load above ~0.05 cores are disturbed; rerun them).
+--precision=float32 (default): float32 everywhere, no gradient checkpointing (zephyr_jax: configs/*.py:tiny).
+--precision=bf16: float32 master weights and bf16 compute with the configs' remat ("full"; zephyr_jax: the
+stage config's defaults, attention "auto": cuDNN on NVIDIA GPUs; TRL: bf16=True autocast over the float32 model,
+gradient_checkpointing=True, attn_implementation="sdpa").
+
+zephyr_jax: bench/throughput.py's measure() on the stage's config with this architecture (the trainer's own
+jitted step). TRL: DPOTrainer/SFTTrainer.train() on an in-memory dataset of fixed-length texts over a word-level
+tokenizer with one token per word, so every tokenized sequence is exactly T tokens (asserted after TRL's
+tokenization); a TrainerCallback times each step from on_step_begin to on_step_end (forward, backward, clipping,
+optimizer; data loading excluded; on CUDA synchronized at both ends). Both report the median of the timed steps
+after warm-up; tokens per step = 2*B*T (DPO) or B*T (SFT) for both. A third row, for context only (DPO on the
+CPU), times a hand-written eager PyTorch DPO step on the same model with full logits (what TRL's CPU path is
+compared with in bench/RESULTS.md). "CPU s/step" is the process's CPU time per step; "other load" the cores
+other processes used meanwhile (numbers taken with other load above ~0.05 cores are disturbed; rerun them).
 
 PyTorch runs with torch.set_num_threads(2) (--torch-threads); XLA:CPU uses both cores too (its default intra-op pool).
 """
@@ -25,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import statistics
 import sys
@@ -48,19 +56,26 @@ def arch(args) -> dict:
 
 
 def run_zephyr_jax(args) -> dict:
-    spec = importlib.util.spec_from_file_location("dpo_config", os.path.join(REPO, "configs", "dpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")  # random init, float32 compute and reference, no remat, 1 device
-    cfg.model.arch.update(arch(args))
-    cfg.dpo.beta, cfg.dpo.loss_type = 0.1, "sigmoid"
-    # Every pair the same: prompt and completion token counts as TRL's rows have them (one line per pair).
-    mix = os.path.join(tempfile.mkdtemp(), "pairs.txt")
-    with open(mix, "w") as f:
-        f.write(f"{args.prompt} {args.completion} {args.completion}\n" * (args.batch * args.steps))
+    from zephyr_jax.config_common import load_config
+
+    # float32: the tests' variant (random init, float32 compute and reference, no remat); bf16: the recipe's.
+    variant = ":tiny" if args.precision == "float32" else ""
+    cfg = load_config(os.path.join(REPO, "configs", f"{args.stage}.py") + variant)
     with cfg.unlocked():
-        cfg.data.max_length, cfg.data.max_prompt_length = args.prompt + args.completion, args.prompt
-    return throughput.measure(cfg, "dpo", args.batch, mix, args.steps, args.warmup)  # step_s, cpu_s, ...
+        cfg.model.init = "random"
+        cfg.model.arch.update(arch(args))
+        cfg.mesh.shape = (1, -1, 1)
+        if args.stage == "dpo":
+            cfg.dpo.beta, cfg.dpo.loss_type = 0.1, "sigmoid"
+            cfg.data.max_length, cfg.data.max_prompt_length = args.prompt + args.completion, args.prompt
+        else:
+            cfg.data.max_length = args.length
+    # Every example the same: DPO token counts as TRL's rows have them; SFT one full row each.
+    mix = os.path.join(tempfile.mkdtemp(), "lengths.txt")
+    line = f"{args.prompt} {args.completion} {args.completion}\n" if args.stage == "dpo" else f"{args.length}\n"
+    with open(mix, "w") as f:
+        f.write(line * (args.batch * args.steps))
+    return throughput.measure(cfg, args.stage, args.batch, mix, args.steps, args.warmup)  # step_s, cpu_s, ...
 
 
 def run_trl(args) -> dict:
@@ -82,43 +97,65 @@ def run_trl(args) -> dict:
     rng = np.random.default_rng(0)
     words = lambda n: " ".join(f"w{i}" for i in rng.integers(3, args.vocab, n))  # noqa: E731
     n_rows = args.batch * (args.warmup + args.steps)
-    data = Dataset.from_list([{"prompt": words(args.prompt),
-                               "chosen": " " + words(args.completion - 1) + " </s>",
-                               "rejected": " " + words(args.completion - 1) + " </s>"} for _ in range(n_rows)])
+    if args.stage == "dpo":
+        data = Dataset.from_list([{"prompt": words(args.prompt),
+                                   "chosen": " " + words(args.completion - 1) + " </s>",
+                                   "rejected": " " + words(args.completion - 1) + " </s>"} for _ in range(n_rows)])
+    else:  # the text ends in EOS already, so TRL adds none
+        data = Dataset.from_list([{"text": words(args.length - 1) + " </s>"} for _ in range(n_rows)])
 
+    bf16, cuda = args.precision == "bf16", args.device == "cuda"
     config = transformers.MistralConfig(**arch(args), tie_word_embeddings=False)
-    model = transformers.MistralForCausalLM(config).to(torch.float32)
-    reference = copy.deepcopy(model).eval()
+    if bf16:
+        config._attn_implementation = "sdpa"
+    model = transformers.MistralForCausalLM(config).to(torch.float32)  # float32 master weights (autocast: bf16)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class StepTimer(transformers.TrainerCallback):
         times, load = [], throughput.CpuUse()
 
         def on_step_begin(self, *a, **k):
+            sync()
             if len(self.times) >= args.warmup:
                 self.load.start()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync()
             self.times.append(time.perf_counter() - self.t0)
             if len(self.times) > args.warmup:
                 self.load.stop()
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        dpo_args = trl.DPOConfig(
+        common = dict(
             output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-            max_steps=args.warmup + args.steps, max_length=args.prompt + args.completion, padding_free=False,
-            precompute_ref_log_probs=False, beta=0.1, loss_type=["sigmoid"], learning_rate=5e-7,
-            lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0, bf16=False, fp16=False,
-            gradient_checkpointing=False, use_cpu=True, report_to="none", logging_strategy="no",
-            save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=42)
-        trainer = trl.DPOTrainer(model=model, ref_model=reference, args=dpo_args, train_dataset=data,
-                                 processing_class=tok, callbacks=[timer])
-        lengths = {len(r["prompt_ids"]) + len(r[k]) for r in trainer.train_dataset for k in ("chosen_ids",
-                                                                                           "rejected_ids")}
-        assert lengths == {args.prompt + args.completion}, f"TRL sequence lengths {lengths}"
+            max_steps=args.warmup + args.steps, learning_rate=5e-7, lr_scheduler_type="linear", max_grad_norm=1.0,
+            weight_decay=0.0, bf16=bf16, fp16=False, gradient_checkpointing=bf16, use_cpu=not cuda,
+            report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+            dataloader_num_workers=0, seed=42)
+        if bf16:
+            common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        if args.stage == "dpo":
+            dpo_args = trl.DPOConfig(max_length=args.prompt + args.completion, padding_free=False,
+                                     precompute_ref_log_probs=False, beta=0.1, loss_type=["sigmoid"], **common)
+            trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=dpo_args,
+                                     train_dataset=data, processing_class=tok, callbacks=[timer])
+            lengths = {len(r["prompt_ids"]) + len(r[k]) for r in trainer.train_dataset
+                       for k in ("chosen_ids", "rejected_ids")}
+            expected = args.prompt + args.completion
+        else:
+            sft_args = trl.SFTConfig(max_length=args.length, packing=False, padding_free=False,
+                                     dataset_text_field="text", **common)
+            trainer = trl.SFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=tok,
+                                     callbacks=[timer])
+            lengths = {len(r["input_ids"]) for r in trainer.train_dataset}
+            expected = args.length
+        assert lengths == {expected}, f"TRL sequence lengths {lengths}, expected {expected}"
         trainer.train()
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    if cuda:
+        versions += f" ({torch.cuda.get_device_name()}, peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB)"
     return summary(args, timer.times[args.warmup:], timer.load,
                    optimizer=getattr(trainer.args.optim, "value", trainer.args.optim), versions=versions)
 
@@ -164,37 +201,59 @@ def run_plain_torch(args) -> dict:
 
 def summary(args, times, load, **extra) -> dict:
     step_s = statistics.median(times)
-    return {"step_s": step_s, "min_s": min(times), "max_s": max(times),
-            "tokens_per_s": 2 * args.batch * (args.prompt + args.completion) / step_s,
+    return {"step_s": step_s, "min_s": min(times), "max_s": max(times), "tokens_per_s": tokens(args) / step_s,
             "cpu_s": load.own / len(times) if load.wall else None, "other_load": load.other_cores, **extra}
+
+
+def tokens(args) -> int:
+    """Tokens one step computes: chosen and rejected of B pairs (DPO), B rows (SFT)."""
+    return 2 * args.batch * (args.prompt + args.completion) if args.stage == "dpo" else args.batch * args.length
+
+
+def isolated(fn, args) -> dict:
+    """fn(args) in a fresh process: the frameworks never share a device's memory (JAX reserves most of a GPU's
+    at start) or run at the same time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, args).result()
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for name, default in (("batch", 4), ("prompt", 64), ("completion", 64), ("steps", 10), ("warmup", 3),
-                          ("hidden", 256), ("intermediate", 768), ("layers", 4), ("heads", 4), ("kv-heads", 2),
-                          ("vocab", 32000), ("torch-threads", 2)):
+    p.add_argument("--stage", choices=["dpo", "sft"], default="dpo")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where PyTorch runs (JAX: its default)")
+    p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
+    for name, default in (("batch", 4), ("prompt", 64), ("completion", 64), ("length", 2048), ("steps", 10),
+                          ("warmup", 3), ("hidden", 256), ("intermediate", 768), ("layers", 4), ("heads", 4),
+                          ("kv-heads", 2), ("vocab", 32000), ("torch-threads", 2)):
         p.add_argument(f"--{name}", type=int, default=default)
     args = p.parse_args()
 
     import jax
 
-    ours = run_zephyr_jax(args)  # first, then PyTorch: the two never run at the same time
-    theirs = run_trl(args)
-    plain = run_plain_torch(args)
-    seq = args.prompt + args.completion
-    tokens = 2 * args.batch * seq
-    print(f"\nMistral {arch(args)}, {ours['params_m']:.1f}M params, float32; batch {args.batch} pairs, "
-          f"T = {args.prompt} + {args.completion} = {seq}, tokens/step = 2*B*T = {tokens}; "
+    ours = isolated(run_zephyr_jax, args)  # first, then PyTorch: the two never run at the same time
+    theirs = isolated(run_trl, args)
+    rows = [(f"zephyr_jax {args.stage.upper()} train step", ours), (f"TRL {args.stage.upper()}Trainer", theirs)]
+    if args.stage == "dpo" and args.device == "cpu":
+        rows.append(("(context) plain PyTorch DPO step, full logits", isolated(run_plain_torch, args)))
+    shape = (f"batch {args.batch} pairs, T = {args.prompt} + {args.completion} = {args.prompt + args.completion}, "
+             f"tokens/step = 2*B*T = {tokens(args)}" if args.stage == "dpo" else
+             f"batch {args.batch} rows, T = {args.length}, tokens/step = B*T = {tokens(args)}")
+    print(f"\nMistral {arch(args)}, {ours['params_m']:.1f}M params, {args.precision}; {shape}; "
           f"median of {args.steps} steps after {args.warmup} warm-up; {len(os.sched_getaffinity(0))} usable cores")
-    print(f"jax {jax.__version__} (XLA:CPU, {ours['devices']} device); {theirs['versions']} "
-          f"(optim {theirs['optimizer']}, {__import__('torch').get_num_threads()} threads)")
+    print(f"jax {jax.__version__} ({ours['devices']} x {ours['device']}, MFU {throughput.fmt(ours['mfu'])}, "
+          f"peak {throughput.peak_memory(ours)} GiB); {theirs['versions']} "
+          f"(optim {theirs['optimizer']}, {args.torch_threads} threads)")
     print("| implementation | median step s (min-max) | tokens/s | vs TRL | CPU s/step | vs TRL | other load |")
     print("|---|---|---|---|---|---|---|")
-    for name, r in (("zephyr_jax DPO train step", ours), ("TRL DPOTrainer", theirs),
-                    ("(context) plain PyTorch DPO step, full logits", plain)):
+    for name, r in rows:
+        cpu_ratio = theirs["cpu_s"] / r["cpu_s"] if r["cpu_s"] and theirs["cpu_s"] else None
         print(f"| {name} | {r['step_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tokens_per_s']:,.0f} "
               f"| {r['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | {throughput.fmt(r['cpu_s'])} "
-              f"| {theirs['cpu_s'] / r['cpu_s']:.2f}x | {throughput.fmt_load(r['other_load'])} |")
+              f"| {throughput.fmt(cpu_ratio, 2)}x | {throughput.fmt_load(r['other_load'])} |")
+
 
 if __name__ == "__main__":
     main()
