@@ -1,11 +1,21 @@
-"""The engine's decoding call, per generated token, and its parts, on serve_throughput.py's model shape.
+"""The engine's decoding call, per generated token, against the memory-bandwidth bound; then the engine's output
+tokens/s with many concurrent requests.
 
-    python bench/decode_step.py [--rows=32] [--steps=8] [--kv=128,256,512,1024] [--cache-order=heads_first]
+    python bench/decode_step.py [--arch=small|7b] [--dtype=float32|bfloat16] [--rows=32] [--steps=8]
+        [--kv=128,256,512,1024] [--cache-order=platform|heads_first|positions_first]
+        [--requests=0] [--prompt=128] [--max-tokens=256] [--no-parts]
 
 Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attention over `kv` cache positions)
-per token, then the same model's layers without a cache, its LM head and greedy sampling for the same rows, so
-what the cache costs is the difference. Random weights, float32, on whatever device JAX picks, the KV cache
-stored in that platform's order unless --cache-order names one (model/kv_cache.py).
+per token. Each token reads every parameter once (and the cache's first kv positions), so the HBM-bandwidth
+bound of a token is those bytes over the device's bandwidth: measured here as a device-to-device copy (bytes
+read + written over time), and the data sheet's where it is known. "of bound" is bound / measured time.
+Then (unless --no-parts) the same model's layers without a cache, its LM head and greedy sampling for the same
+rows, so what the cache costs is the difference. --requests=N: N requests of --prompt random tokens each
+generating --max-tokens (no EOS) through Engine.generate with N slots, run twice; the second run's output
+tokens/s (no compile in it) is reported. Random weights (param dtype = --dtype) on whatever device JAX picks,
+the KV cache stored in that platform's order unless --cache-order names one (model/kv_cache.py).
+
+--arch=small: serve_throughput.py's model (hidden 256, 4 layers); 7b: Mistral-7B-v0.1's shape.
 """
 
 from __future__ import annotations
@@ -15,11 +25,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zephyr_jax import engine
+from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.model import KVCache, Mistral, MistralConfig
 from zephyr_jax.sampling import sample
+
+ARCHS = {"small": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2),
+         "7b": {}}  # MistralConfig's defaults are Mistral-7B-v0.1's
+DATASHEET_BYTES_PER_S = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 
 
 def milliseconds(fn, repeats: int = 20) -> float:
@@ -30,25 +47,34 @@ def milliseconds(fn, repeats: int = 20) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--kv", default="128,256,512,1024")
-    parser.add_argument("--max_length", type=int, default=2048)
-    parser.add_argument("--cache-order", choices=["platform", "heads_first", "positions_first"], default="platform")
-    args = parser.parse_args()
-    cfg = MistralConfig(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=args.max_length)
-    graphdef, state = nnx.split(Mistral(cfg, rngs=nnx.Rngs(0)))
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a jitted elementwise pass over a buffer far larger than any cache."""
+    n = (1 << 30) if jax.default_backend() != "cpu" else (1 << 25)  # 4 GiB on accelerators
+    x = jnp.ones((n,), jnp.float32)
+    add = jax.jit(lambda a: a + 1)
+    seconds = milliseconds(lambda: jax.block_until_ready(add(x)), repeats=10) / 1e3
+    return 2 * x.nbytes / seconds
+
+
+def datasheet_bandwidth() -> float | None:
+    kind = jax.devices()[0].device_kind.lower()
+    return next((b for name, b in DATASHEET_BYTES_PER_S.items() if name in kind), None)
+
+
+def decode_per_token(graphdef, state, cfg, args, heads_first) -> None:
     rows = args.rows
     greedy = (jnp.zeros((rows,)), jnp.zeros((rows,), jnp.int32), jnp.ones((rows,)), jnp.zeros((rows,), jnp.uint32),
               jnp.zeros((rows,), jnp.uint32))
-    heads_first = None if args.cache_order == "platform" else args.cache_order == "heads_first"
-    order = "heads first" if KVCache.init(cfg, 1, 1, heads_first=heads_first).heads_first else "positions first"
-    print(f"{jax.devices()[0].device_kind}, {rows} rows, {args.steps} tokens a call, KV cache stored {order}")
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    measured, sheet = copy_bandwidth(), datasheet_bandwidth()
+    print(f"parameters {param_bytes / 1e9:.2f} GB; copy bandwidth {measured / 1e9:,.0f} GB/s measured"
+          + (f", {sheet / 1e9:,.0f} GB/s data sheet" if sheet else ""))
+    print("| KV positions | ms/token | tokens/s (all rows) | bound ms/token (measured BW) | of bound "
+          "| bound ms/token (data sheet) | of bound |")
+    print("|---|---|---|---|---|---|---|")
+    item = jnp.dtype(cfg.dtype).itemsize
     for kv in map(int, args.kv.split(",")):
-        box = [KVCache.init(cfg, rows, args.max_length, heads_first=heads_first)]
+        box = [KVCache.init(cfg, rows, args.max_length, dtype=cfg.dtype, heads_first=heads_first)]
         lengths = jnp.full((rows,), kv - args.steps - 1, jnp.int32)
 
         def call():
@@ -58,14 +84,68 @@ def main():
                                          kv_length=kv, top_n=0)
             jax.block_until_ready(out)
 
-        print(f"decode, attention over {kv:>5} positions: {milliseconds(call) / args.steps:6.2f} ms per token")
+        ms = milliseconds(call) / args.steps
+        cache_bytes = 2 * cfg.num_hidden_layers * rows * kv * cfg.num_key_value_heads * cfg.head_dim * item
+        bounds = [(param_bytes + cache_bytes) / bw * 1e3 if bw else None for bw in (measured, sheet)]
+        cells = " | ".join("n/a | n/a" if b is None else f"{b:.2f} | {100 * b / ms:.0f}%" for b in bounds)
+        print(f"| {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")
+
+
+def parts(graphdef, state, cfg, rows) -> None:
+    greedy = (jnp.zeros((rows,)), jnp.zeros((rows,), jnp.int32), jnp.ones((rows,)), jnp.zeros((rows,), jnp.uint32),
+              jnp.zeros((rows,), jnp.uint32))
     layers = jax.jit(lambda s, ids: nnx.merge(graphdef, s).hidden_states(ids))
     head = jax.jit(lambda s, h: nnx.merge(graphdef, s).logits(h))
     pick = jax.jit(lambda logits: sample(logits, *greedy)[:2])
-    ids, hidden, logits = jnp.ones((rows, 1), jnp.int32), jnp.ones((rows, 1, cfg.hidden_size)), jnp.ones((rows, 32000))
+    ids = jnp.ones((rows, 1), jnp.int32)
+    hidden, logits = jnp.ones((rows, 1, cfg.hidden_size), cfg.dtype), jnp.ones((rows, cfg.vocab_size))
     print(f"layers without a cache: {milliseconds(lambda: jax.block_until_ready(layers(state, ids))):6.2f} ms")
     print(f"LM head:                {milliseconds(lambda: jax.block_until_ready(head(state, hidden))):6.2f} ms")
     print(f"greedy sampling:        {milliseconds(lambda: jax.block_until_ready(pick(logits))):6.2f} ms")
+
+
+def concurrent_requests(model, args, heads_first) -> None:
+    n = args.requests
+    eng = Engine(model, max_slots=n, max_length=args.prompt + args.max_tokens, heads_first_cache=heads_first)
+    prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (n, args.prompt)).tolist()
+    for run in ("compile", "measure"):
+        requests = [Request(p, SamplingParams(max_tokens=args.max_tokens)) for p in prompts]
+        start = time.perf_counter()
+        done = eng.generate(requests)
+        seconds = time.perf_counter() - start
+    tokens = sum(len(r.tokens) for r in done)
+    assert tokens == n * args.max_tokens, f"{tokens} tokens generated, expected {n * args.max_tokens}"
+    print(f"engine: {n} concurrent requests, prompt {args.prompt}, {args.max_tokens} new tokens each (greedy): "
+          f"{tokens:,} tokens in {seconds:.2f} s = {tokens / seconds:,.0f} output tokens/s (second run)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="small")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--kv", default="128,256,512,1024")
+    parser.add_argument("--max_length", type=int, default=2048)
+    parser.add_argument("--cache-order", choices=["platform", "heads_first", "positions_first"], default="platform")
+    parser.add_argument("--requests", type=int, default=0)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--no-parts", action="store_true")
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    cfg = MistralConfig(**ARCHS[args.arch], max_position_embeddings=args.max_length, dtype=dtype, param_dtype=dtype)
+    model = Mistral(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    heads_first = None if args.cache_order == "platform" else args.cache_order == "heads_first"
+    order = "heads first" if KVCache.init(cfg, 1, 1, heads_first=heads_first).heads_first else "positions first"
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.arch} ({cfg.num_params / 1e9:.2f}B params, "
+          f"{args.dtype}), {args.rows} rows, {args.steps} tokens a call, KV cache stored {order}")
+    decode_per_token(graphdef, state, cfg, args, heads_first)
+    if not args.no_parts:
+        parts(graphdef, state, cfg, args.rows)
+    if args.requests:
+        concurrent_requests(model, args, heads_first)
 
 
 if __name__ == "__main__":
