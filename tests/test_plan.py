@@ -59,6 +59,19 @@ def test_tiny_dpo_fits_a_v5e_slice_with_exact_input_bytes_and_flops(pairs_file):
     assert 1 <= t["overhead_vs_ideal"] < 4 * c["length"] / real * 1.5
 
 
+def test_precomputed_reference_log_probs_replace_the_frozen_copy(pairs_file):
+    """With dpo.precompute_reference the step holds no reference parameters and runs no reference forward; each
+    batch carries one float32 reference log-prob per sequence slot instead."""
+    r = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", f"--length_mix={pairs_file}",
+              "--config.dpo.precompute_reference=True")
+    frozen = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", f"--length_mix={pairs_file}")
+    c, m = r["config"], r["memory"]
+    assert r["verdict"].startswith("fits with") and c["reference"] == "precomputed log-probs"
+    assert m["reference"] == 0 and m["parameters"] == frozen["memory"]["reference"]
+    assert m["batch"] == 4 * (5 * c["length"] + c["loss_positions"] + 2 * c["segment_slots"]) * 4 // 4
+    assert r["tokens"]["flops_per_step"] < frozen["tokens"]["flops_per_step"]
+
+
 def test_counted_flops_agree_with_xlas_own_count(pairs_file):
     # XLA's FLOP count (independent of ours) of a step without remat, with the layers unrolled (XLA counts a loop
     # body once: these rows have under 256 loss positions, one chunk of the fused head) and einsum attention (it

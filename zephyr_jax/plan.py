@@ -216,7 +216,10 @@ def batches_of_mix(cfg, mesh, spec: str, num_steps: int = 8) -> list[MixBatch]:
 
 def _batches(cfg, mesh, examples, num_steps: int) -> list[MixBatch]:
     size = cfg.train.global_batch_size
-    examples, batcher, _ = train.training_batches(cfg, mesh, fit_to_config(examples, cfg), log=lambda _: None)
+    examples = fit_to_config(examples, cfg)
+    if cfg.stage == "dpo" and cfg.dpo.precompute_reference:  # the batches then carry "reference_logps"
+        examples = [e._replace(reference=np.full(2, -100.0, np.float32)) for e in examples]
+    examples, batcher, _ = train.training_batches(cfg, mesh, examples, log=lambda _: None)
     out = []
     for start in range(0, min(len(examples) - size + 1, num_steps * size), size):
         group = examples[start:start + size]

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Issue 13's GPU measurements as one prepared run: parity, training throughput against TRL, full-parameter 7B
+# DPO on one GPU, decoding against the bandwidth bound. Each stage has its own time limit and log, so one that
+# fails or runs long leaves the others' figures; the tables come last.
+#
+#   bash bench/gpu_issue13.sh [STAGE ...]     stages: env parity train trl dpo7b decode (default: all, in order)
+#   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes and short limits: checks the script on a CPU
+#
+# Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage plus summary.md, at most 8
+# files. Wheels in .whl/ (trl, datasets, ml_collections, flax ...: bench/RESULTS.md "GPU" lists them) are installed
+# into /tmp/site first when present. On the device tool (15 minutes of device time, 10 per command), run it as two
+# calls back to back: `env parity train trl`, then `dpo7b decode`.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_issue13}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# JAX takes 75% of a GPU's memory at start by default; the 7B run needs nearly all of it.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# Model shapes. ONE_B: a ~1.0B Mistral (16 layers, hidden 2048, GQA 16/4, head 128, 32,000 vocabulary).
+# SEVEN_B: Mistral-7B-v0.1 (7.24B parameters).
+arch() {  # hidden intermediate layers heads kv_heads -> --config.model.arch.* flags
+  echo "--config.model.init=random --config.model.arch.vocab_size=32000 --config.model.arch.hidden_size=$1" \
+       "--config.model.arch.intermediate_size=$2 --config.model.arch.num_hidden_layers=$3" \
+       "--config.model.arch.num_attention_heads=$4 --config.model.arch.num_key_value_heads=$5" \
+       "--config.model.arch.max_position_embeddings=4096 --config.model.arch.sliding_window=4096"
+}
+trl_arch() { echo "--hidden=$1 --intermediate=$2 --layers=$3 --heads=$4 --kv-heads=$5"; }
+if [ "${SMOKE:-0}" = 1 ]; then
+  ONE_B="256 768 2 4 2"; SEVEN_B="256 768 2 4 2"
+  SFT_BATCH=2; SFT_LEN=256; DPO_BATCH=4; TRL_BATCH=2; DPO_LEN=128; STEPS=2; WARM=1
+  DECODE_KV=128,256; REQUESTS=4; NEW_TOKENS=16; SCALE=4; TORCH_DEVICE=cpu; DECODE_ARCH=small
+else
+  ONE_B="2048 7168 16 16 4"; SEVEN_B="4096 14336 32 32 8"
+  SFT_BATCH=16; SFT_LEN=2048; DPO_BATCH=32; TRL_BATCH=8; DPO_LEN=512; STEPS=5; WARM=2
+  DECODE_KV=128,1024; REQUESTS=64; NEW_TOKENS=256; SCALE=1; TORCH_DEVICE=cuda; DECODE_ARCH=7b
+fi
+limit() { echo $(( $1 / SCALE > 30 ? $1 / SCALE : 30 )); }
+
+SUMMARY="$OUT/summary.md"
+stage() {  # name seconds command...: runs it under `timeout`, appends its output to $OUT/name.log
+  local name=$1 seconds=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name: $* (limit ${seconds}s)" | tee -a "$OUT/$name.log"
+  timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "| $name | \`${*:0:3}...\` | $rc | $(( $(date +%s) - start )) |" >>"$SUMMARY"
+}
+
+run_env() {
+  stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv 2>/dev/null; $PY -c 'import sys, jax, flax, optax, torch, transformers; \
+    print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \
+    \"torch\", torch.__version__, \"transformers\", transformers.__version__, jax.devices())'"
+}
+run_parity() { stage parity "$(limit 240)" "$PY" bench/gpu_parity.py --tokens=32; }
+run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, MFU)
+  stage train "$(limit 200)" "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
+    --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
+  stage train "$(limit 200)" "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
+    --stage=dpo --batch=$DPO_BATCH --batches=4 --warmup=1
+}
+run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process
+  stage trl "$(limit 300)" "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
+    --length=$SFT_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
+  stage trl "$(limit 300)" "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=dpo \
+    --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
+    $(trl_arch $ONE_B)
+}
+run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed reference log-probs
+  local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True"
+  stage dpo7b "$(limit 200)" "$PY" -m zephyr_jax.plan $flags --topology=local
+  stage dpo7b "$(limit 300)" "$PY" bench/throughput.py $flags --stage=dpo --batch=$DPO_BATCH --batches=3 \
+    --warmup=1 || true
+  if ! grep -q "^| dpo |" "$OUT/dpo7b.log"; then  # did not fit (or failed): the recipe's batch in 4 micro-batches
+    stage dpo7b "$(limit 300)" "$PY" bench/throughput.py $flags --config.train.grad_accum=4 --stage=dpo \
+      --batch=$DPO_BATCH --batches=3 --warmup=1
+  fi
+}
+run_decode() {
+  stage decode "$(limit 150)" "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=1 \
+    --kv=$DECODE_KV --no-parts
+  stage decode "$(limit 200)" "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=$REQUESTS \
+    --kv=1024 --no-parts --requests=$REQUESTS --prompt=128 --max-tokens=$NEW_TOKENS
+}
+
+[ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
+for s in "${@:-env parity train trl dpo7b decode}"; do
+  for name in $s; do
+    case $name in
+      env|parity|train|trl|dpo7b|decode) "run_$name" ;;
+      *) echo "unknown stage $name: expected env parity train trl dpo7b decode"; exit 2 ;;
+    esac
+  done
+done
+echo; echo "### tables"; grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' \
+  "$OUT"/parity.log "$OUT"/train.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null | grep -v '^|---'
+echo; cat "$SUMMARY"
