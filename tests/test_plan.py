@@ -72,6 +72,14 @@ def test_precomputed_reference_log_probs_replace_the_frozen_copy(pairs_file):
     assert r["tokens"]["flops_per_step"] < frozen["tokens"]["flops_per_step"]
 
 
+def test_bf16_first_moment_takes_a_quarter_off_the_optimizer_state(pairs_file):
+    """optim.mu_dtype=bfloat16 (optax.adamw's mu_dtype): Adam's first moment in 2 bytes a parameter, the second
+    moment still float32."""
+    r = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", f"--length_mix={pairs_file}",
+              "--config.optim.mu_dtype=bfloat16")
+    assert r["memory"]["optimizer_state"] == 6 * r["model"]["params"] + 2 * 4
+
+
 def test_counted_flops_agree_with_xlas_own_count(pairs_file):
     # XLA's FLOP count (independent of ours) of a step without remat, with the layers unrolled (XLA counts a loop
     # body once: these rows have under 256 loss positions, one chunk of the fused head) and einsum attention (it

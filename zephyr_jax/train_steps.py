@@ -42,7 +42,7 @@ def make_optimizer(optim_cfg, total_steps: int):
     tx = optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity(),
         optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay))
+                    weight_decay=optim_cfg.weight_decay, mu_dtype=jnp.dtype(optim_cfg.mu_dtype)))
     return tx, schedule
 
 
