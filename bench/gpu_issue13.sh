@@ -3,15 +3,29 @@
 # DPO on one GPU, decoding against the bandwidth bound. Each stage has its own time limit and log, so one that
 # fails or runs long leaves the others' figures; the tables come last.
 #
+#   bash bench/gpu_issue13.sh wheels          here, before the device calls: fetch the wheels the GPU machine lacks
 #   bash bench/gpu_issue13.sh [STAGE ...]     stages: env parity train trl dpo7b decode (default: all, in order)
-#   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes and short limits: checks the script on a CPU
+#   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU (about 6 minutes)
 #
 # Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage plus summary.md, at most 8
-# files. Wheels in .whl/ (trl, datasets, ml_collections, flax ...: bench/RESULTS.md "GPU" lists them) are installed
-# into /tmp/site first when present. On the device tool (15 minutes of device time, 10 per command), run it as two
+# files. Wheels in .whl/ (WHEELS below) are installed into /tmp/site first when present. On the device tool (15 minutes of device time, 10 per command), run it as two
 # calls back to back: `env parity train trl`, then `dpo7b decode`.
 set -u
 cd "$(dirname "$0")/.."
+
+# What the GPU machine's image (Python 3.12, jax 0.11.2, torch 2.11, transformers 5.17) lacks: trl and datasets
+# (with dill, multiprocess) for the TRL side, ml_collections for the configs; flax 0.12.10 because flax 0.12.8 and
+# 0.12.9 fail to import under jax 0.11.2 (jax.experimental.hijax has no HiPrimitive there).
+WHEELS="trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 ml_collections==1.1.0 flax==0.12.10"
+if [ "${1:-}" = wheels ]; then
+  mkdir -p .whl
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>.git/info/exclude
+  for w in $WHEELS; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w"
+  done
+  ls -la .whl; exit
+fi
 OUT=${OUT:-/tmp/gpu_issue13}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -38,13 +52,12 @@ trl_arch() { echo "--hidden=$1 --intermediate=$2 --layers=$3 --heads=$4 --kv-hea
 if [ "${SMOKE:-0}" = 1 ]; then
   ONE_B="256 768 2 4 2"; SEVEN_B="256 768 2 4 2"
   SFT_BATCH=2; SFT_LEN=256; DPO_BATCH=4; TRL_BATCH=2; DPO_LEN=128; STEPS=2; WARM=1
-  DECODE_KV=128,256; REQUESTS=4; NEW_TOKENS=16; SCALE=4; TORCH_DEVICE=cpu; DECODE_ARCH=small
+  DECODE_KV=128,256; REQUESTS=4; NEW_TOKENS=16; TORCH_DEVICE=cpu; DECODE_ARCH=small
 else
   ONE_B="2048 7168 16 16 4"; SEVEN_B="4096 14336 32 32 8"
   SFT_BATCH=16; SFT_LEN=2048; DPO_BATCH=32; TRL_BATCH=8; DPO_LEN=512; STEPS=5; WARM=2
-  DECODE_KV=128,1024; REQUESTS=64; NEW_TOKENS=256; SCALE=1; TORCH_DEVICE=cuda; DECODE_ARCH=7b
+  DECODE_KV=128,1024; REQUESTS=64; NEW_TOKENS=256; TORCH_DEVICE=cuda; DECODE_ARCH=7b
 fi
-limit() { echo $(( $1 / SCALE > 30 ? $1 / SCALE : 30 )); }
 
 SUMMARY="$OUT/summary.md"
 stage() {  # name seconds command...: runs it under `timeout`, appends its output to $OUT/name.log
@@ -54,7 +67,7 @@ stage() {  # name seconds command...: runs it under `timeout`, appends its outpu
   echo "=== $name: $* (limit ${seconds}s)" | tee -a "$OUT/$name.log"
   timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee -a "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
-  echo "| $name | \`${*:0:3}...\` | $rc | $(( $(date +%s) - start )) |" >>"$SUMMARY"
+  echo "| $name | \`${*:1:3} ...\` | $rc | $(( $(date +%s) - start )) |" >>"$SUMMARY"
 }
 
 run_env() {
@@ -63,34 +76,40 @@ run_env() {
     print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \
     \"torch\", torch.__version__, \"transformers\", transformers.__version__, jax.devices())'"
 }
-run_parity() { stage parity "$(limit 240)" "$PY" bench/gpu_parity.py --tokens=32; }
+run_parity() { stage parity 240 "$PY" bench/gpu_parity.py --tokens=32; }
 run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, MFU)
-  stage train "$(limit 200)" "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
+  stage train 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
     --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
-  stage train "$(limit 200)" "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
-    --stage=dpo --batch=$DPO_BATCH --batches=4 --warmup=1
+  stage train 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
+    --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1
 }
 run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process
-  stage trl "$(limit 300)" "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
+  stage trl 300 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
     --length=$SFT_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
-  stage trl "$(limit 300)" "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=dpo \
+  stage trl 300 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=dpo \
     --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
     $(trl_arch $ONE_B)
 }
 run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed reference log-probs
-  local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True"
-  stage dpo7b "$(limit 200)" "$PY" -m zephyr_jax.plan $flags --topology=local
-  stage dpo7b "$(limit 300)" "$PY" bench/throughput.py $flags --stage=dpo --batch=$DPO_BATCH --batches=3 \
-    --warmup=1 || true
-  if ! grep -q "^| dpo |" "$OUT/dpo7b.log"; then  # did not fit (or failed): the recipe's batch in 4 micro-batches
-    stage dpo7b "$(limit 300)" "$PY" bench/throughput.py $flags --config.train.grad_accum=4 --stage=dpo \
-      --batch=$DPO_BATCH --batches=3 --warmup=1
-  fi
+  # The recipe's 32 pairs first; where the planner (compiled for this GPU) says it does not fit, or the run
+  # fails, the next smallest change: Adam's first moment in bf16, then also 16 pairs a step.
+  local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True" extra batch
+  for variant in "none $DPO_BATCH" "--config.optim.mu_dtype=bfloat16 $DPO_BATCH" \
+                 "--config.optim.mu_dtype=bfloat16 $(( DPO_BATCH / 2 ))"; do
+    read -r extra batch <<<"$variant"
+    [ "$extra" = none ] && extra=""
+    stage dpo7b 200 "$PY" -m zephyr_jax.plan $flags $extra --config.train.global_batch_size=$batch \
+      --topology=local
+    if grep "verdict:" "$OUT/dpo7b.log" | tail -1 | grep -q "does not fit"; then continue; fi
+    stage dpo7b 300 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch --batches=2 \
+      --warmup=1
+    if tail -3 "$OUT/dpo7b.log" | grep -q "^| dpo |"; then break; fi
+  done
 }
 run_decode() {
-  stage decode "$(limit 150)" "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=1 \
+  stage decode 150 "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=1 \
     --kv=$DECODE_KV --no-parts
-  stage decode "$(limit 200)" "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=$REQUESTS \
+  stage decode 200 "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=$REQUESTS \
     --kv=1024 --no-parts --requests=$REQUESTS --prompt=128 --max-tokens=$NEW_TOKENS
 }
 
