@@ -4,7 +4,8 @@
 # fails or runs long leaves the others' figures; the tables come last.
 #
 #   bash bench/gpu_issue13.sh wheels          here, before the device calls: fetch the wheels the GPU machine lacks
-#   bash bench/gpu_issue13.sh [STAGE ...]     stages: env parity train trl dpo7b decode (default: all, in order)
+#   bash bench/gpu_issue13.sh [STAGE ...]     stages: env parity train trl dpo7b decode (default: all, in order);
+#                                             remat (the 1B SFT step with remat save_dots and none) on request
 #   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU (about 6 minutes)
 #
 # Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage plus summary.md, at most 8
@@ -32,12 +33,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # JAX takes 75% of a GPU's memory at start by default; the 7B run needs nearly all of it.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl; then
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+  else  # e.g. this Python is not 3.12: its own packages must do
+    echo "warning: the wheels in .whl/ did not install for $("$PY" --version); continuing without them"
+  fi
 fi
 
 # Model shapes. ONE_B: a ~1.0B Mistral (16 layers, hidden 2048, GQA 16/4, head 128, 32,000 vocabulary).
@@ -83,6 +86,12 @@ run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, M
   stage train 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
     --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1
 }
+run_remat() {  # optional (not in the default list): what the configs' full remat costs the 1B SFT step
+  for policy in save_dots none; do
+    stage remat 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) --config.model.remat=$policy \
+      --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
+  done
+}
 run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process
   stage trl 300 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
     --length=$SFT_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
@@ -117,11 +126,11 @@ run_decode() {
 for s in "${@:-env parity train trl dpo7b decode}"; do
   for name in $s; do
     case $name in
-      env|parity|train|trl|dpo7b|decode) "run_$name" ;;
-      *) echo "unknown stage $name: expected env parity train trl dpo7b decode"; exit 2 ;;
+      env|parity|train|remat|trl|dpo7b|decode) "run_$name" ;;
+      *) echo "unknown stage $name: expected env parity train remat trl dpo7b decode"; exit 2 ;;
     esac
   done
 done
 echo; echo "### tables"; grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' \
-  "$OUT"/parity.log "$OUT"/train.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null | grep -v '^|---'
+  "$OUT"/parity.log "$OUT"/train.log "$OUT"/remat.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null | grep -v '^|---'
 echo; cat "$SUMMARY"
