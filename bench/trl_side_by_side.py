@@ -1,4 +1,4 @@
-"""Training throughput: zephyr_jax's jitted train step vs TRL's DPOTrainer or SFTTrainer (PyTorch), one process.
+"""Training throughput: zephyr_jax's jitted train step vs TRL's DPOTrainer or SFTTrainer (PyTorch), same device.
 
     python bench/trl_side_by_side.py [--stage=dpo|sft] [--device=cpu|cuda] [--precision=float32|bf16]
         [--batch=4] [--prompt=64] [--completion=64] [--length=2048] [--steps=10] [--warmup=3]
@@ -14,8 +14,9 @@ evaluation, logging or checkpoints.
 
 --precision=float32 (default): float32 everywhere, no gradient checkpointing (zephyr_jax: configs/*.py:tiny).
 --precision=bf16: float32 master weights and bf16 compute with the configs' remat ("full"; zephyr_jax: the
-stage config's defaults, attention "auto": cuDNN on NVIDIA GPUs; TRL: bf16=True autocast over the float32 model,
-gradient_checkpointing=True, attn_implementation="sdpa").
+stage config's defaults, attention "auto": cuDNN on NVIDIA GPUs, the frozen DPO reference stored in bf16; TRL:
+bf16=True autocast over the float32 model and reference, gradient_checkpointing=True, attn_implementation="sdpa").
+Each side runs in its own fresh process, one after the other.
 
 zephyr_jax: bench/throughput.py's measure() on the stage's config with this architecture (the trainer's own
 jitted step). TRL: DPOTrainer/SFTTrainer.train() on an in-memory dataset of fixed-length texts over a word-level
