@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_issue13.sh wheels          here, before the device calls: fetch the wheels the GPU machine lacks
 #   bash bench/gpu_issue13.sh [STAGE ...]     stages: env parity train trl dpo7b decode (default: all, in order);
-#                                             remat (the 1B SFT step with remat save_dots and none) on request
+#                                             on request: remat (the 1B SFT step with remat save_dots and none),
+#                                             flags (the 1B steps under launch/slurm_gpu.sbatch's XLA flags)
 #   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU (about 6 minutes)
 #
 # Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage plus summary.md, at most 8
@@ -94,6 +95,15 @@ run_remat() {  # optional (not in the default list): what the configs' full rema
       --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
   done
 }
+run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flags (MaxText's), against `train`
+  XLA_FLAGS=$(sed -n '/^GPU_FLAGS="/,/"$/p' launch/slurm_gpu.sbatch | tr -d '"\n' | sed 's/^GPU_FLAGS=//')
+  export XLA_FLAGS
+  echo "XLA_FLAGS=$XLA_FLAGS" >>"$OUT/flags.log"
+  stage flags 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
+    --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
+  stage flags 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
+    --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1
+)
 run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process
   stage trl 300 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
     --length=$SFT_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
@@ -128,11 +138,11 @@ run_decode() {
 for s in "${@:-env parity train trl dpo7b decode}"; do
   for name in $s; do
     case $name in
-      env|parity|train|remat|trl|dpo7b|decode) "run_$name" ;;
-      *) echo "unknown stage $name: expected env parity train remat trl dpo7b decode"; exit 2 ;;
+      env|parity|train|remat|flags|trl|dpo7b|decode) "run_$name" ;;
+      *) echo "unknown stage $name: expected env parity train remat flags trl dpo7b decode"; exit 2 ;;
     esac
   done
 done
 echo; echo "### tables"; grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' \
-  "$OUT"/parity.log "$OUT"/train.log "$OUT"/remat.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null | grep -v '^|---'
+  "$OUT"/parity.log "$OUT"/train.log "$OUT"/remat.log "$OUT"/flags.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null | grep -v '^|---'
 echo; cat "$SUMMARY"

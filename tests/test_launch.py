@@ -1,5 +1,6 @@
-"""launch/tpu_pod.sh drives gcloud: checked with a stand-in gcloud that records its arguments. (The local and
-SLURM launchers run real training in tests/test_train.py::test_two_processes_match_one_process.)"""
+"""launch/tpu_pod.sh drives gcloud: checked with a stand-in gcloud that records its arguments; the XLA flags
+launch/slurm_gpu.sbatch sets, with a stand-in srun. (The local and SLURM launchers run real training in
+tests/test_train.py::test_two_processes_match_one_process.)"""
 
 import os
 import subprocess
@@ -39,3 +40,26 @@ def test_tpu_pod_create_and_usage_errors(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE")}
     out = subprocess.run(["bash", "launch/tpu_pod.sh", "create"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "TPU_NAME" in out.stderr
+
+
+def test_slurm_gpu_xla_flags_are_known_to_this_jaxlib(tmp_path):
+    """launch/slurm_gpu.sbatch exports MaxText's GPU XLA flags unless XLA_FLAGS is set. XLA parses every backend's
+    flags at start-up and aborts on one it does not know (a renamed flag would crash each GPU launch), so a
+    stand-in srun starts JAX on the CPU under the script's environment."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s" "$XLA_FLAGS" > "$FLAGS_LOG"\n'
+                                  'exec python -c "import jax; jax.numpy.ones(3).sum().block_until_ready()"\n')
+    (bin_dir / "srun").chmod(0o755)
+    log = tmp_path / "flags"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FLAGS_LOG=str(log), JAX_PLATFORMS="cpu")
+    out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--config=configs/sft.py"], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    flags = log.read_text().split()
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags and len(flags) == 12, flags
+
+    out = subprocess.run(["bash", "launch/slurm_gpu.sbatch"], cwd=ROOT, capture_output=True, text=True,
+                         env={**env, "XLA_FLAGS": "--xla_dump_hlo_as_text"}, timeout=120)
+    assert out.returncode == 0 and log.read_text() == "--xla_dump_hlo_as_text"  # the user's XLA_FLAGS win
