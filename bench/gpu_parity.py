@@ -185,13 +185,15 @@ def check_logits_and_generation(device: str, new_tokens: int) -> None:
     del tm16
 
     prompts = [rng.integers(3, 32000, n).tolist() for n in (5, 37, 64, 200)]
+    tm.generation_config.eos_token_id = None  # never stop (as generate_ids without eos_id); no EOS suppression
     theirs = []
     for p in prompts:
         with torch.no_grad():
             out = tm.generate(torch.as_tensor([p], device=device), attention_mask=torch.ones((1, len(p)),
                               dtype=torch.long, device=device), do_sample=False, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, pad_token_id=0)
+                              pad_token_id=0)
         theirs.append(out[0, len(p):].tolist())
+        assert len(theirs[-1]) == new_tokens, f"transformers generated {len(theirs[-1])} tokens"
     with jax.default_matmul_precision("highest"):
         ours = generate_ids(ours32, prompts, max_new_tokens=new_tokens)
     same = sum(a == b for a, b in zip(ours, theirs))
