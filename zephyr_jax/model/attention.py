@@ -42,16 +42,20 @@ def make_mask(q_slots, k_slots, q_positions, k_positions, *, key_valid=None, q_s
     return mask[:, None]
 
 
+def _probabilities(scores, visible, head_dim: int, dtype) -> jax.Array:
+    """softmax(scores / sqrt(head_dim)) in float32 over the visible keys (last axis), cast to `dtype`. Hidden keys
+    get a finite minimum rather than -inf, so rows with no visible key (padding queries) stay NaN-free."""
+    scores = scores / jnp.sqrt(head_dim).astype(jnp.float32)
+    return jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(dtype)
+
+
 def xla_attention(q, k, v, mask) -> jax.Array:
     """Plain einsum attention with float32 softmax; runs on every backend. Returns [B, T, N, D]."""
     b, t, n, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, d)  # group the query heads that share a key/value head
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
-        jnp.float32)
-    # A finite minimum rather than -inf, so rows with no visible key (padding queries) stay NaN-free.
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    probs = _probabilities(scores, mask[:, :, None], d, v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
 
@@ -64,11 +68,9 @@ def cache_attention(q, k, v, mask) -> jax.Array:
     kv_heads, s = k.shape[1], k.shape[2]
     g = n // kv_heads
     q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
-        jnp.float32)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32)
     visible = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _probabilities(scores, visible, d, v.dtype)
     out = jnp.einsum("bkms,bksd->bkmd", probs, v)
     return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
