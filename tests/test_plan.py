@@ -14,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
 
 
-def _plan(*args) -> dict:
+def _plan(*args, env=None) -> dict:
     out = subprocess.run([sys.executable, "-m", "zephyr_jax.plan", *args, "--json"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout[out.stdout.index("{"):])
 
@@ -110,6 +110,48 @@ def test_unknown_topology_lists_the_known_ones():
         plan.tpu_target("v5e-3")
     with pytest.raises(ValueError, match="unknown TPU topology 'v4-9'"):
         plan.tpu_target("v4-9")
+
+
+def test_unknown_gpu_topology_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown GPU topology 'h100-3'.*a100-1.*h100-8.*h200-256"):
+        plan.target_for("h100-3")
+    with pytest.raises(ValueError, match="unknown TPU topology 'v5x-8'.*GPUs: a100-1"):
+        plan.target_for("v5x-8")
+
+
+# JAX's CUDA plugin (.ci/run installs it there; about 1.7 GB) compiles for GPUs on this CPU-only machine.
+CUDA_PLUGIN = os.environ.get("ZEPHYR_JAX_CUDA_PLUGIN", os.path.join(ROOT, ".ci", "cuda"))
+needs_cuda_plugin = pytest.mark.skipif(not os.path.isdir(os.path.join(CUDA_PLUGIN, "jax_plugins")),
+                                       reason=f"JAX's CUDA plugin is not installed in {CUDA_PLUGIN}")
+
+
+def _gpu_env(fraction: str) -> dict:
+    path = os.pathsep.join(p for p in (CUDA_PLUGIN, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "XLA_PYTHON_CLIENT_MEM_FRACTION": fraction}
+
+
+@needs_cuda_plugin
+def test_compiles_for_an_h200_without_one(pairs_file):
+    """XLA:GPU compiles the tiny DPO step in bf16 for an H200 from a device description: packed rows take cuDNN
+    flash attention (Hopper), and the inputs' bytes are what their shapes say, as on a TPU slice."""
+    r = _plan("--config=configs/dpo.py:tiny", "--topology=h200-1", f"--length_mix={pairs_file}",
+              "--config.model.dtype=bfloat16", env=_gpu_env("0.9"))
+    assert r["target"] == {"name": "h200-1", "chips": 1, "hbm_bytes": int(0.9 * 143771 * 2 ** 20),
+                           "peak_flops": 989e12}
+    assert r["attention"] == "cuDNN flash attention" and r["verdict"].startswith("fits with")
+    params, m = r["model"]["params"], r["memory"]
+    assert m["parameters"] == m["reference"] == 4 * params and m["optimizer_state"] == 8 * params + 2 * 4
+    assert m["temporaries"] > 0 and m["total"] >= sum(m[k] for k in ("parameters", "optimizer_state", "reference"))
+
+
+@needs_cuda_plugin
+def test_compiles_for_two_hosts_of_a100s_without_one():
+    """a100-16: two hosts of 8, the mesh over all 16; before Hopper cuDNN has no packed layout, so packed DPO
+    rows take einsum attention."""
+    r = _plan("--config=configs/dpo.py:tiny", "--topology=a100-16", "--config.model.dtype=bfloat16", "--config.mesh.shape=(1,16,1)", "--config.train.global_batch_size=16",
+              env=_gpu_env("0.75"))
+    assert r["target"]["chips"] == 16 and r["config"]["mesh"] == {"data": 1, "fsdp": 16, "tensor": 1}
+    assert r["attention"].startswith("XLA einsum attention") and r["verdict"].startswith("fits with")
 
 
 def test_bad_length_mix_is_named():

@@ -4,8 +4,10 @@
 
 The train step that train.py jits (same function, shardings, donation, gradient accumulation, and DPO reference
 parameters or precomputed log-probs) is lowered from abstract shapes and compiled by XLA for a TPU slice
-(libtpu compiles for TPUs on a CPU-only machine: `pip install -e .[tpu]`) or for this job's own devices
-(--topology=local). MaxText's train_compile.py does the same for pre-training; this one covers SFT and DPO.
+(libtpu compiles for TPUs on a CPU-only machine: `pip install -e .[tpu]`), for NVIDIA GPUs (h100-8, h200-1, ...:
+JAX's CUDA plugin compiles from a device description, no GPU or driver needed: `pip install -e .[gpu]`), or for
+this job's own devices (--topology=local). MaxText's train_compile.py does the same for pre-training; this one
+covers SFT and DPO.
 
 Per chip it reports the bytes of parameters, optimizer state, DPO reference, batch and XLA's temporaries against
 the chip's HBM, with a verdict; the tokens a step holds and the real (non-padding) tokens it holds for a length
@@ -16,6 +18,7 @@ measure for a whole train step (on a 7B DPO step it has counted about half the F
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -85,7 +88,8 @@ def tpu_target(name: str) -> Target:
     chips = int(count) // chip.cores_in_name if chip and count.isdigit() else None
     if chip is None or chips not in chip.shapes or int(count) % chip.cores_in_name:
         raise ValueError(f"unknown TPU topology {name!r}; known: {', '.join(known_topologies())} "
-                         "(or 'local' for this job's own devices)")
+                         f"(GPUs: {', '.join(known_gpu_topologies()[:4])}, ...; or 'local' for this job's own "
+                         "devices)")
     quiet_libtpu(name)
     try:
         from jax.experimental import topologies
@@ -107,6 +111,105 @@ def quiet_libtpu(name: str) -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{'v5litepod' if gen == 'v5e' else gen}-{count}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NVIDIA GPUs, compiled for without one: XLA:GPU takes the device's description (a GpuTargetConfig) in place of a
+# local GPU. "h100-8" is one host of 8 GPUs; more than 8 are hosts of 8. Memory is nvidia-smi's total; a program
+# may use XLA_PYTHON_CLIENT_MEM_FRACTION of it (JAX's default 0.75: set the fraction the run will use). Peaks:
+# the SXM data sheets' dense bf16.
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    description: str
+    capability: tuple[int, int]
+    multiprocessors: int
+    shared_memory_per_core: int
+    shared_memory_per_block_optin: int
+    l2_bytes: int
+    bandwidth: float  # bytes/s
+    clock_ghz: float
+    memory_bytes: int
+    peak_flops: float
+
+
+GPUS = {
+    "a100": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 108, 167936, 166912, 40 * 2 ** 20, 2.039e12, 1.41, 81920 * 2 ** 20,
+                312e12),
+    "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132, 233472, 232448, 50 * 2 ** 20, 3.35e12, 1.98, 81559 * 2 ** 20,
+                989e12),
+    "h200": Gpu("NVIDIA H200", (9, 0), 132, 233472, 232448, 60 * 2 ** 20, 4.8e12, 1.98, 143771 * 2 ** 20, 989e12),
+}
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def gpu_target_config(gpu: Gpu) -> str:
+    """The device description XLA:GPU compiles for (xla.gpu.GpuTargetConfigProto, text format)."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {gpu.shared_memory_per_core} threads_per_core_limit: 2048
+  core_count: {gpu.multiprocessors} fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(gpu.bandwidth)} l2_cache_size: {gpu.l2_bytes} clock_rate_ghz: {gpu.clock_ghz}
+  device_memory_size: {gpu.memory_bytes} shared_memory_per_block_optin: {gpu.shared_memory_per_block_optin}
+  cuda_compute_capability {{ major: {gpu.capability[0]} minor: {gpu.capability[1]} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{gpu.description}"
+"""
+
+
+def gpu_target(name: str) -> Target:
+    """"h100-16" -> 16 abstract H100s (2 hosts of 8) that XLA:GPU can compile for without a GPU."""
+    kind, _, count = name.partition("-")
+    gpu, n = GPUS.get(kind), int(count) if count.isdigit() else 0
+    if gpu is None or n not in GPU_COUNTS:
+        raise ValueError(f"unknown GPU topology {name!r}; known: {', '.join(known_gpu_topologies())}")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check the CUDA libraries against
+    try:
+        from jax.experimental import topologies
+
+        desc = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(gpu),
+                                            topology=f"1x{max(n // 8, 1)}x{min(n, 8)}")
+    except Exception as e:  # no CUDA plugin: say how to get it
+        raise RuntimeError(f"compiling for {name} needs JAX's CUDA plugin (pip install -e .[gpu]): {e}") from e
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    return Target(name, list(desc.devices), int(fraction * gpu.memory_bytes), gpu.peak_flops)
+
+
+def known_gpu_topologies() -> list[str]:
+    return [f"{kind}-{n}" for kind in GPUS for n in GPU_COUNTS]
+
+
+@contextlib.contextmanager
+def cudnn_checks_for(target: Target):
+    """JAX's cuDNN attention asks the first *local* GPU for its compute capability while tracing; compiling for a
+    GPU topology from a host without one, it gets the target's instead (nothing else is patched)."""
+    device = target.devices[0]
+    if device.platform != "gpu" or target.name.startswith("local"):
+        yield
+        return
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    have = tuple(int(x) for x in str(device.compute_capability).split("."))
+    saved = cudnn.check_compute_capability, cudnn.is_cuda_compute_capability_equal
+    cudnn.check_compute_capability = lambda c: have >= tuple(int(x) for x in c.split("."))
+    cudnn.is_cuda_compute_capability_equal = lambda c: have == tuple(int(x) for x in c.split("."))
+    try:
+        yield
+    finally:
+        cudnn.check_compute_capability, cudnn.is_cuda_compute_capability_equal = saved
+
+
+def target_for(topology: str) -> Target:
+    """"local", a TPU slice ("v5e-64") or GPUs ("h100-8")."""
+    if topology == "local":
+        return local_target()
+    return gpu_target(topology) if topology.partition("-")[0] in GPUS else tpu_target(topology)
 
 
 def local_target() -> Target:
@@ -359,9 +462,10 @@ def out_of_memory(error: Exception) -> dict | None:
 
 
 def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> dict:
-    """Compiles cfg's train step for `topology` (a TPU slice name or "local") and returns the report."""
+    """Compiles cfg's train step for `topology` ("local", a TPU slice or GPUs: see target_for) and returns the
+    report."""
     train.check_config(cfg, check_model_source=False)
-    target = local_target() if topology == "local" else tpu_target(topology)
+    target = target_for(topology)
     mesh = train.mesh_for(cfg, target.devices)
     mcfg, model_source = planned_model_config(cfg)
     dpo = cfg.stage == "dpo"
@@ -387,7 +491,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     parts = input_bytes(buffers)
     start = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), cudnn_checks_for(target):
             compiled = step.lower(inputs.state, inputs.batch, inputs.reference).compile()
     except Exception as e:
         oom = out_of_memory(e)
@@ -550,8 +654,9 @@ def cli():
 
     config = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/dpo.py, with :VARIANT",
                                              lock_config=True)
-    topology = flags.DEFINE_string("topology", "local", f"a TPU slice ({', '.join(known_topologies()[:6])}, ...) "
-                                   "or 'local' for this job's devices")
+    topology = flags.DEFINE_string("topology", "local", f"a TPU slice ({', '.join(known_topologies()[:6])}, ...), "
+                                   f"NVIDIA GPUs ({', '.join(known_gpu_topologies()[:4])}, ..., h200-256: up to 8 a "
+                                   "host) or 'local' for this job's devices")
     mix = flags.DEFINE_string("length_mix", None, "lognormal:MEDIAN,SIGMA (SFT), lognormal:PROMPT,COMPLETION,SIGMA "
                               "(DPO), or a file of example lengths (see plan.length_mix): real tokens per step")
     as_json = flags.DEFINE_bool("json", False, "print the report as JSON")

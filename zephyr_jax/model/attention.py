@@ -150,10 +150,15 @@ def _auto_impl(platform, q, k, segment_ids, max_segments, rules) -> str:
 
 def _hopper_or_newer() -> bool:
     """cuDNN's packed (segment offsets) layout needs compute capability 9.0 or newer (H100, H200); on an A100,
-    packed rows take einsum attention."""
+    packed rows take einsum attention. The GPU asked is the mesh's under `jax.set_mesh` (which may be a GPU
+    topology compiled for from a host without one, as the planner does), else the first local GPU."""
+    from jax._src import mesh as mesh_lib
+
     try:
-        return float(jax.devices("gpu")[0].compute_capability) >= 9.0
-    except Exception:  # no local GPU or no capability reported: do not assume the packed layout works
+        mesh = mesh_lib.get_concrete_mesh()
+        device = mesh.devices.flat[0] if mesh is not None and not mesh.empty else jax.devices("gpu")[0]
+        return float(device.compute_capability) >= 9.0
+    except Exception:  # no GPU or no capability reported: do not assume the packed layout works
         return False
 
 
