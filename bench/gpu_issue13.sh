@@ -9,9 +9,10 @@
 #                                             flags (the 1B steps under launch/slurm_gpu.sbatch's XLA flags)
 #   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU (about 6 minutes)
 #
-# Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage plus summary.md, at most 8
-# files. Wheels in .whl/ (WHEELS below) are installed into /tmp/site first when present. On the device tool (15 minutes of device time, 10 per command), run it as two
-# calls back to back: `env parity train trl`, then `dpo7b decode`.
+# Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage (remat and flags write into
+# train.log) plus summary.md, 7 files at most. Wheels in .whl/ (WHEELS below) are installed into /tmp/site first
+# when present. On the device tool (15 minutes of device time, 10 per command), run it as two calls back to back:
+# `env parity train trl`, then `dpo7b decode`.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -64,12 +65,12 @@ else
 fi
 
 SUMMARY="$OUT/summary.md"
-stage() {  # name seconds command...: runs it under `timeout`, appends its output to $OUT/name.log
-  local name=$1 seconds=$2 start rc
+stage() {  # name[:variant] seconds command...: runs it under `timeout`, appends its output to $OUT/name.log
+  local name=$1 log=${1%%:*} seconds=$2 start rc
   shift 2
   start=$(date +%s)
-  echo "=== $name: $* (limit ${seconds}s)" | tee -a "$OUT/$name.log"
-  timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  echo "=== $name: $* (limit ${seconds}s)" | tee -a "$OUT/$log.log"
+  timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee -a "$OUT/$log.log"
   rc=${PIPESTATUS[0]}
   echo "| $name | \`${*:1:3} ...\` | $rc | $(( $(date +%s) - start )) |" >>"$SUMMARY"
 }
@@ -91,17 +92,17 @@ run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, M
 }
 run_remat() {  # optional (not in the default list): what the configs' full remat costs the 1B SFT step
   for policy in save_dots none; do
-    stage remat 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) --config.model.remat=$policy \
-      --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
+    stage train:remat_$policy 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
+      --config.model.remat=$policy --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
   done
 }
 run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flags (MaxText's), against `train`
   XLA_FLAGS=$(sed -n '/^GPU_FLAGS="/,/"$/p' launch/slurm_gpu.sbatch | tr -d '"\n' | sed 's/^GPU_FLAGS=//')
   export XLA_FLAGS
-  echo "XLA_FLAGS=$XLA_FLAGS" >>"$OUT/flags.log"
-  stage flags 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
+  echo "XLA_FLAGS=$XLA_FLAGS" >>"$OUT/train.log"
+  stage train:xla_flags 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
     --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
-  stage flags 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
+  stage train:xla_flags 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
     --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1
 )
 run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process
@@ -144,5 +145,5 @@ for s in "${@:-env parity train trl dpo7b decode}"; do
   done
 done
 echo; echo "### tables"; grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' \
-  "$OUT"/parity.log "$OUT"/train.log "$OUT"/remat.log "$OUT"/flags.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null | grep -v '^|---'
+  "$OUT"/parity.log "$OUT"/train.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null | grep -v '^|---'
 echo; cat "$SUMMARY"

@@ -148,8 +148,8 @@ def test_compiles_for_an_h200_without_one(pairs_file):
 def test_compiles_for_two_hosts_of_a100s_without_one():
     """a100-16: two hosts of 8, the mesh over all 16; before Hopper cuDNN has no packed layout, so packed DPO
     rows take einsum attention."""
-    r = _plan("--config=configs/dpo.py:tiny", "--topology=a100-16", "--config.model.dtype=bfloat16", "--config.mesh.shape=(1,16,1)", "--config.train.global_batch_size=16",
-              env=_gpu_env("0.75"))
+    r = _plan("--config=configs/dpo.py:tiny", "--topology=a100-16", "--config.model.dtype=bfloat16",
+              "--config.mesh.shape=(1,16,1)", "--config.train.global_batch_size=16", env=_gpu_env("0.75"))
     assert r["target"]["chips"] == 16 and r["config"]["mesh"] == {"data": 1, "fsdp": 16, "tensor": 1}
     assert r["attention"].startswith("XLA einsum attention") and r["verdict"].startswith("fits with")
 
