@@ -93,7 +93,8 @@ run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, M
 run_remat() {  # optional (not in the default list): what the configs' full remat costs the 1B SFT step
   for policy in save_dots none; do
     stage train:remat_$policy 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
-      --config.model.remat=$policy --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
+      --config.model.remat=$policy --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 \
+      --warmup=1
   done
 }
 run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flags (MaxText's), against `train`
