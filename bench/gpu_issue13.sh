@@ -35,6 +35,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # JAX takes 75% of a GPU's memory at start by default; the 7B run needs nearly all of it.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+# One compilation cache for every stage: a program two stages share, or a rerun on a warm machine, compiles once.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/zephyr_jax_xla_cache}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if compgen -G ".whl/*.whl" >/dev/null; then
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -106,9 +108,10 @@ run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flag
   stage train:xla_flags 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
     --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1
 )
-run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process
+run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (SFT:
+  # train's rows, so zephyr_jax's step comes from the compilation cache)
   stage trl 300 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
-    --length=$SFT_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
+    --length=$SFT_LEN --batch=$SFT_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
   stage trl 300 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=dpo \
     --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
     $(trl_arch $ONE_B)
