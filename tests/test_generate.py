@@ -45,7 +45,7 @@ def _hf_greedy(tm, prompt, new_tokens=NEW_TOKENS):
     # Window 16, three layers: the short rows cross it only while decoding.
     (dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=16, num_hidden_layers=3), [20, 7, 2, 17]),
 ])
-@pytest.mark.parametrize("heads_first", [True, False])  # the KV cache's storage orders (CPU's; TPU and GPU's)
+@pytest.mark.parametrize("heads_first", [True, False])  # the KV cache's storage orders (CPU and GPU's; TPU's)
 def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path, fields, lengths, heads_first):
     # A sharper output distribution keeps greedy choices away from near-ties, where float rounding could flip one.
     tm = torch_mistral(seed=len(lengths) + lengths[0], initializer_range=0.2, **fields)

@@ -8,13 +8,15 @@ The buffers hold the whole sequence (prompt + new tokens): memory grows with the
 
 `read` hands attention keys and values as [B, kv_heads, length, head_dim], so both of
 attention.cache_attention's products are plain batched matmuls (the keys' one contracting head_dim, the minor
-axis of both operands). How the buffers are stored depends on the platform (bench/RESULTS.md, issue 11):
-  - positions first, [layers, slots, length, kv_heads, head_dim] (TPU, GPU): a token's keys are one contiguous
+axis of both operands). How the buffers are stored depends on the platform (bench/RESULTS.md, issues 11, 13):
+  - positions first, [layers, slots, length, kv_heads, head_dim] (TPU): a token's keys are one contiguous
     window, and reading transposes along with the copy it makes anyway. The decode call compiled for a TPU v5e
     (a 2-layer 7B-wide model, 64 rows, 1,024 positions) needs 0.22 GB of scratch; stored heads first, 2.1 GB.
-  - heads first, [layers, slots, kv_heads, length, head_dim] (CPU): reading is a copy of contiguous runs.
+  - heads first, [layers, slots, kv_heads, length, head_dim] (CPU, GPU): reading is a copy of contiguous runs.
     Stored positions first, XLA:CPU's transposing copy made a decoding step 8-10% slower at 512 and 1,024
-    positions (bench/decode_step.py).
+    positions (bench/decode_step.py); XLA:GPU (the same call compiled for an H200, 64 rows) transposes the
+    whole cache to heads first before the decoding loop and back after it, every call (1.5 GB of scratch
+    against 0.6 GB stored heads first).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 
 def heads_first_on(platform: str) -> bool:
     """The storage order for a platform ("cpu", "tpu", "gpu"): see the module's docstring."""
-    return platform == "cpu"
+    return platform != "tpu"
 
 
 def axes(heads_first: bool) -> tuple[str, ...]:

@@ -1,0 +1,83 @@
+"""The engine's decoding call compiled for an accelerator this machine does not have, in both KV-cache orders.
+
+    python bench/decode_compile.py [--topology=h200-1] [--layers=2] [--rows=64] [--max_length=4096] [--kv=1024]
+
+Compiles engine._decode (8 tokens a call, greedy, attention over --kv of --max_length cached positions) for one
+device of --topology (plan.target_for: "h100-1", "h200-1", "a100-1" with JAX's CUDA plugin, "v5e-4" ... with
+libtpu) on a Mistral-7B-wide model of --layers layers in bf16, once with the cache stored heads first and once
+positions first (model/kv_cache.py), from abstract shapes: nothing is allocated. Prints each program's scratch
+memory and the transposes it makes of a whole cache buffer outside the decoding loop (a copy of the cache on
+every call). Nothing is timed: bench/decode_step.py times the call on a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zephyr_jax import engine, plan
+from zephyr_jax.model import KVCache, Mistral, MistralConfig, kv_cache
+
+
+def compile_decode(device, cfg, rows: int, max_length: int, kv_length: int, heads_first: bool):
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    placed = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(placed, state)
+    cache = jax.tree.map(placed, jax.eval_shape(lambda: KVCache.init(cfg, rows, max_length, heads_first=heads_first)))
+    of = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    sampling = (of(jnp.float32, rows), of(jnp.int32, rows), of(jnp.float32, rows), of(jnp.uint32, rows),
+                of(jnp.uint32, rows))
+    traced = engine._decode.trace(graphdef, state, cache, None, of(jnp.int32, rows), of(jnp.int32, rows),
+                                  of(jnp.bool_, rows), of(jnp.int32, rows), of(jnp.int32, rows, 4), sampling,
+                                  steps=8, kv_length=kv_length, top_n=0)
+    return traced.lower(lowering_platforms=(device.platform if device.platform != "gpu" else "cuda",)).compile()
+
+
+def whole_cache_transposes(hlo: str, cache_shape: tuple) -> int:
+    """Transposes in the program whose result has as many elements as a whole cache buffer."""
+    size = 1
+    for d in cache_shape:
+        size *= d
+    count = 0
+    for dims in re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} transpose\(", hlo):
+        n = 1
+        for d in dims.split(","):
+            n *= int(d)
+        count += n == size
+    return count
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--topology", default="h200-1")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--max_length", type=int, default=4096)
+    parser.add_argument("--kv", type=int, default=1024)
+    args = parser.parse_args()
+    target = plan.target_for(args.topology)
+    device = target.devices[0]
+    cfg = MistralConfig(num_hidden_layers=args.layers, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                        max_position_embeddings=args.max_length)
+    print(f"engine._decode for {device.device_kind} ({args.topology}): Mistral-7B-wide, {args.layers} layers, bf16, "
+          f"{args.rows} rows, attention over {args.kv} of {args.max_length} cached positions, 8 tokens a call")
+    print("| cache stored | scratch MiB | whole-cache transposes |")
+    print("|---|---|---|")
+    for heads_first in (True, False):
+        with plan.cudnn_checks_for(target):
+            compiled = compile_decode(device, cfg, args.rows, args.max_length, args.kv, heads_first)
+        sizes = {"layers": args.layers, "slots": args.rows, "length": args.max_length,
+                 "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim}
+        shape = tuple(sizes[axis] for axis in kv_cache.axes(heads_first))
+        print(f"| {'heads first' if heads_first else 'positions first'} "
+              f"| {compiled.memory_analysis().temp_size_in_bytes / 2 ** 20:,.0f} "
+              f"| {whole_cache_transposes(compiled.as_text(), shape)} |")
+
+
+if __name__ == "__main__":
+    main()
