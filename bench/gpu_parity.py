@@ -42,6 +42,9 @@ from zephyr_jax import load  # noqa: E402
 from zephyr_jax.generate import generate_ids  # noqa: E402
 from zephyr_jax.model import attention  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from torch_reference import torch_logits, torch_mistral  # noqa: E402  (tests/: transformers' PyTorch Mistral)
+
 BF16_TOL, FP32_MAX_DIFF = 1e-2, 1e-4
 rows = []  # (check, figure, bound, ok)
 
@@ -114,25 +117,11 @@ def check_attention(impl: str, b=2, t=1024, n=32, k=8, d=128) -> None:
 def torch_reference(device: str):
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from torch_reference import torch_mistral
-
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     tm = torch_mistral(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                        sliding_window=256, initializer_range=0.02)
     return tm.to(device)
-
-
-def torch_logits(tm, ids, mask=None):
-    import torch
-
-    device = next(tm.parameters()).device
-    kw = {}
-    if mask is not None:
-        kw["attention_mask"] = torch.as_tensor(mask, device=device)
-    with torch.no_grad():
-        return tm(torch.as_tensor(ids, device=device), **kw).logits.float().cpu().numpy()
 
 
 def check_logits_and_generation(device: str, new_tokens: int) -> None:
@@ -147,7 +136,7 @@ def check_logits_and_generation(device: str, new_tokens: int) -> None:
     mask = np.ones((2, t), np.int64)
     mask[1, 300:] = 0
     ref = torch_logits(tm, ids)
-    ref_padded = torch_logits(tm, ids, mask)
+    ref_padded = torch_logits(tm, ids, attention_mask=mask)
     assert ref.std() > 0.3, "reference logits nearly constant: the comparison would say little"
 
     with jax.default_matmul_precision("highest"):

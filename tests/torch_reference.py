@@ -32,14 +32,17 @@ def save_torch(model, path) -> str:
 
 
 def torch_logits(model, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
+    """float32 logits as numpy, the inputs sent to the model's device (CPU in the tests, CUDA in bench/gpu_parity)."""
+    device = next(model.parameters()).device
+    tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long, device=device)  # noqa: E731
     with torch.no_grad():
         kw = {}
         if attention_mask is not None:
-            kw["attention_mask"] = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+            kw["attention_mask"] = tensor(attention_mask)
         if position_ids is not None:
-            kw["position_ids"] = torch.as_tensor(np.asarray(position_ids), dtype=torch.long)
-        out = model(torch.as_tensor(np.asarray(input_ids), dtype=torch.long), **kw)
-    return out.logits.float().numpy()
+            kw["position_ids"] = tensor(position_ids)
+        out = model(tensor(input_ids), **kw)
+    return out.logits.float().cpu().numpy()
 
 
 def positions_from_mask(mask) -> np.ndarray:
