@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax import engine
+from zephyr_jax import engine, plan
 from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.model import KVCache, Mistral, MistralConfig
 from zephyr_jax.sampling import sample
@@ -36,7 +36,6 @@ from zephyr_jax.sampling import sample
 ARCHS = {"small": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2),
          "7b": {}}  # MistralConfig's defaults are Mistral-7B-v0.1's
-DATASHEET_BYTES_PER_S = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 
 
 def milliseconds(fn, repeats: int = 20) -> float:
@@ -57,14 +56,19 @@ def copy_bandwidth() -> float:
 
 
 def datasheet_bandwidth() -> float | None:
+    """The planner's GPU table (plan.GPUS, data sheets): None for other devices."""
     kind = jax.devices()[0].device_kind.lower()
-    return next((b for name, b in DATASHEET_BYTES_PER_S.items() if name in kind), None)
+    return next((gpu.bandwidth for name, gpu in plan.GPUS.items() if name in kind), None)
+
+
+def greedy(rows: int) -> tuple:
+    """sample()'s per-row settings for greedy rows: temperature 0, top_k 0, top_p 1, seeds and counters 0."""
+    return (jnp.zeros((rows,)), jnp.zeros((rows,), jnp.int32), jnp.ones((rows,)), jnp.zeros((rows,), jnp.uint32),
+            jnp.zeros((rows,), jnp.uint32))
 
 
 def decode_per_token(graphdef, state, cfg, args, heads_first) -> None:
     rows = args.rows
-    greedy = (jnp.zeros((rows,)), jnp.zeros((rows,), jnp.int32), jnp.ones((rows,)), jnp.zeros((rows,), jnp.uint32),
-              jnp.zeros((rows,), jnp.uint32))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     measured, sheet = copy_bandwidth(), datasheet_bandwidth()
     print(f"parameters {param_bytes / 1e9:.2f} GB; copy bandwidth {measured / 1e9:,.0f} GB/s measured"
@@ -80,7 +84,7 @@ def decode_per_token(graphdef, state, cfg, args, heads_first) -> None:
         def call():
             box[0], out = engine._decode(graphdef, state, box[0], None, jnp.ones((rows,), jnp.int32), lengths,
                                          jnp.ones((rows,), bool), jnp.full((rows,), 10 ** 6, jnp.int32),
-                                         jnp.full((rows, 4), -1, jnp.int32), greedy, steps=args.steps,
+                                         jnp.full((rows, 4), -1, jnp.int32), greedy(rows), steps=args.steps,
                                          kv_length=kv, top_n=0)
             jax.block_until_ready(out)
 
@@ -92,11 +96,9 @@ def decode_per_token(graphdef, state, cfg, args, heads_first) -> None:
 
 
 def parts(graphdef, state, cfg, rows) -> None:
-    greedy = (jnp.zeros((rows,)), jnp.zeros((rows,), jnp.int32), jnp.ones((rows,)), jnp.zeros((rows,), jnp.uint32),
-              jnp.zeros((rows,), jnp.uint32))
     layers = jax.jit(lambda s, ids: nnx.merge(graphdef, s).hidden_states(ids))
     head = jax.jit(lambda s, h: nnx.merge(graphdef, s).logits(h))
-    pick = jax.jit(lambda logits: sample(logits, *greedy)[:2])
+    pick = jax.jit(lambda logits: sample(logits, *greedy(rows))[:2])
     ids = jnp.ones((rows, 1), jnp.int32)
     hidden, logits = jnp.ones((rows, 1, cfg.hidden_size), cfg.dtype), jnp.ones((rows, cfg.vocab_size))
     print(f"layers without a cache: {milliseconds(lambda: jax.block_until_ready(layers(state, ids))):6.2f} ms")

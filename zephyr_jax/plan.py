@@ -37,7 +37,7 @@ from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import sequence_lengths
 from zephyr_jax.data.preference import PreferenceExample, truncate_pair
 from zephyr_jax.data.sft import SFTExample
-from zephyr_jax.metrics import peak_flops, step_flops
+from zephyr_jax.metrics import PEAK_FLOPS, peak_flops, step_flops
 from zephyr_jax.model import MistralConfig
 
 GiB = 1024 ** 3
@@ -116,8 +116,8 @@ def quiet_libtpu(name: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # NVIDIA GPUs, compiled for without one: XLA:GPU takes the device's description (a GpuTargetConfig) in place of a
 # local GPU. "h100-8" is one host of 8 GPUs; more than 8 are hosts of 8. Memory is nvidia-smi's total; a program
-# may use XLA_PYTHON_CLIENT_MEM_FRACTION of it (JAX's default 0.75: set the fraction the run will use). Peaks:
-# the SXM data sheets' dense bf16.
+# may use XLA_PYTHON_CLIENT_MEM_FRACTION of it (JAX's default 0.75: set the fraction the run will use). Bandwidth:
+# the SXM data sheets'.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,15 +131,12 @@ class Gpu:
     bandwidth: float  # bytes/s
     clock_ghz: float
     memory_bytes: int
-    peak_flops: float
 
 
-GPUS = {
-    "a100": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 108, 167936, 166912, 40 * 2 ** 20, 2.039e12, 1.41, 81920 * 2 ** 20,
-                312e12),
-    "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132, 233472, 232448, 50 * 2 ** 20, 3.35e12, 1.98, 81559 * 2 ** 20,
-                989e12),
-    "h200": Gpu("NVIDIA H200", (9, 0), 132, 233472, 232448, 60 * 2 ** 20, 4.8e12, 1.98, 143771 * 2 ** 20, 989e12),
+GPUS = {  # the peak FLOP/s are metrics.PEAK_FLOPS', under the same names
+    "a100": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 108, 167936, 166912, 40 * 2 ** 20, 2.039e12, 1.41, 81920 * 2 ** 20),
+    "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132, 233472, 232448, 50 * 2 ** 20, 3.35e12, 1.98, 81559 * 2 ** 20),
+    "h200": Gpu("NVIDIA H200", (9, 0), 132, 233472, 232448, 60 * 2 ** 20, 4.8e12, 1.98, 143771 * 2 ** 20),
 }
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -178,7 +175,7 @@ def gpu_target(name: str) -> Target:
     except Exception as e:  # no CUDA plugin: say how to get it
         raise RuntimeError(f"compiling for {name} needs JAX's CUDA plugin (pip install -e .[gpu]): {e}") from e
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
-    return Target(name, list(desc.devices), int(fraction * gpu.memory_bytes), gpu.peak_flops)
+    return Target(name, list(desc.devices), int(fraction * gpu.memory_bytes), PEAK_FLOPS[kind])
 
 
 def known_gpu_topologies() -> list[str]:
