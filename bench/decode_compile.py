@@ -13,6 +13,7 @@ every call). Nothing is timed: bench/decode_step.py times the call on a device.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zephyr_jax import engine, plan
-from zephyr_jax.model import KVCache, Mistral, MistralConfig, kv_cache
+from zephyr_jax.model import KVCache, Mistral, MistralConfig
 
 
 def compile_decode(device, cfg, rows: int, max_length: int, kv_length: int, heads_first: bool):
@@ -35,21 +36,14 @@ def compile_decode(device, cfg, rows: int, max_length: int, kv_length: int, head
     traced = engine._decode.trace(graphdef, state, cache, None, of(jnp.int32, rows), of(jnp.int32, rows),
                                   of(jnp.bool_, rows), of(jnp.int32, rows), of(jnp.int32, rows, 4), sampling,
                                   steps=8, kv_length=kv_length, top_n=0)
-    return traced.lower(lowering_platforms=(device.platform if device.platform != "gpu" else "cuda",)).compile()
+    compiled = traced.lower(lowering_platforms=(device.platform if device.platform != "gpu" else "cuda",)).compile()
+    return compiled, cache.k.shape
 
 
 def whole_cache_transposes(hlo: str, cache_shape: tuple) -> int:
     """Transposes in the program whose result has as many elements as a whole cache buffer."""
-    size = 1
-    for d in cache_shape:
-        size *= d
-    count = 0
-    for dims in re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} transpose\(", hlo):
-        n = 1
-        for d in dims.split(","):
-            n *= int(d)
-        count += n == size
-    return count
+    dims = re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} transpose\(", hlo)
+    return sum(math.prod(map(int, d.split(","))) == math.prod(cache_shape) for d in dims)
 
 
 def main():
@@ -70,10 +64,7 @@ def main():
     print("|---|---|---|")
     for heads_first in (True, False):
         with plan.cudnn_checks_for(target):
-            compiled = compile_decode(device, cfg, args.rows, args.max_length, args.kv, heads_first)
-        sizes = {"layers": args.layers, "slots": args.rows, "length": args.max_length,
-                 "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim}
-        shape = tuple(sizes[axis] for axis in kv_cache.axes(heads_first))
+            compiled, shape = compile_decode(device, cfg, args.rows, args.max_length, args.kv, heads_first)
         print(f"| {'heads first' if heads_first else 'positions first'} "
               f"| {compiled.memory_analysis().temp_size_in_bytes / 2 ** 20:,.0f} "
               f"| {whole_cache_transposes(compiled.as_text(), shape)} |")
