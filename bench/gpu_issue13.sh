@@ -86,27 +86,32 @@ run_env() {
 run_parity() {  # JAX and PyTorch share the GPU in this one: JAX allocates as it goes instead of up front
   stage parity 240 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" bench/gpu_parity.py --tokens=32
 }
+train_1b() {  # sft|dpo LABEL [FLAG ...]: bench/throughput.py on the 1B model and the recipe's length mix
+  local which=$1 label=$2
+  shift 2
+  if [ "$which" = sft ]; then
+    stage "$label" 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
+      --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1 "$@"
+  else
+    stage "$label" 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
+      --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1 "$@"
+  fi
+}
 run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, MFU)
-  stage train 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
-    --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
-  stage train 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
-    --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1
+  train_1b sft train
+  train_1b dpo train
 }
 run_remat() {  # optional (not in the default list): what the configs' full remat costs the 1B SFT step
   for policy in save_dots none; do
-    stage train:remat_$policy 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
-      --config.model.remat=$policy --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 \
-      --warmup=1
+    train_1b sft train:remat_$policy --config.model.remat=$policy
   done
 }
 run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flags (MaxText's), against `train`
   XLA_FLAGS=$(sed -n '/^GPU_FLAGS="/,/"$/p' launch/slurm_gpu.sbatch | tr -d '"\n' | sed 's/^GPU_FLAGS=//')
   export XLA_FLAGS
   echo "XLA_FLAGS=$XLA_FLAGS" >>"$OUT/train.log"
-  stage train:xla_flags 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
-    --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1
-  stage train:xla_flags 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
-    --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1
+  train_1b sft train:xla_flags
+  train_1b dpo train:xla_flags
 )
 run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (SFT:
   # train's rows, so zephyr_jax's step comes from the compilation cache)
