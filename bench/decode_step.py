@@ -1,18 +1,18 @@
 """The engine's decoding call, per generated token, against the memory-bandwidth bound; then the engine's output
 tokens/s with many concurrent requests.
 
-    python bench/decode_step.py [--arch=small|7b] [--dtype=float32|bfloat16] [--rows=32] [--steps=8]
-        [--kv=128,256,512,1024] [--cache-order=platform|heads_first|positions_first]
+    python bench/decode_step.py [--arch=small|7b] [--dtype=float32|bfloat16] [--rows=32[,R2...]] [--steps=8]
+        [--kv=128,256,512,1024] [--cache-order=platform|heads_first|positions_first[,...]]
         [--requests=0] [--prompt=128] [--max-tokens=256] [--no-parts]
 
 Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attention over `kv` cache positions)
-per token. Each token reads every parameter once (and the cache's first kv positions), so the HBM-bandwidth
+per token, for each number of rows and each cache order listed (one process, one copy of the weights). Each token reads every parameter once (and the cache's first kv positions), so the HBM-bandwidth
 bound of a token is those bytes over the device's bandwidth: measured here as a device-to-device copy (bytes
 read + written over time), and the data sheet's where it is known. "of bound" is bound / measured time.
-Then (unless --no-parts) the same model's layers without a cache, its LM head and greedy sampling for the same
-rows, so what the cache costs is the difference. --requests=N: N requests of --prompt random tokens each
-generating --max-tokens (no EOS) through Engine.generate with N slots, run twice; the second run's output
-tokens/s (no compile in it) is reported. Random weights (param dtype = --dtype) on whatever device JAX picks,
+Then (unless --no-parts) the same model's layers without a cache, its LM head and greedy sampling for the
+first number of rows, so what the cache costs is the difference. --requests=N: N requests of --prompt random
+tokens each generating --max-tokens (no EOS) through Engine.generate with N slots (the first cache order listed),
+run twice; the second run's output tokens/s (no compile in it) is reported. Random weights (param dtype = --dtype) on whatever device JAX picks,
 the KV cache stored in that platform's order unless --cache-order names one (model/kv_cache.py).
 
 --arch=small: serve_throughput.py's model (hidden 256, 4 layers); 7b: Mistral-7B-v0.1's shape.
@@ -67,15 +67,14 @@ def greedy(rows: int) -> tuple:
             jnp.zeros((rows,), jnp.uint32))
 
 
-def decode_per_token(graphdef, state, cfg, args, heads_first) -> None:
-    rows = args.rows
+def order_name(cfg, heads_first) -> str:
+    """The storage order a cache gets for heads_first (None: the platform's, model/kv_cache.py)."""
+    return "heads first" if KVCache.init(cfg, 1, 1, heads_first=heads_first).heads_first else "positions first"
+
+
+def decode_per_token(graphdef, state, cfg, args, rows, heads_first, bandwidths) -> None:
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    measured, sheet = copy_bandwidth(), datasheet_bandwidth()
-    print(f"parameters {param_bytes / 1e9:.2f} GB; copy bandwidth {measured / 1e9:,.0f} GB/s measured"
-          + (f", {sheet / 1e9:,.0f} GB/s data sheet" if sheet else ""))
-    print("| KV positions | ms/token | tokens/s (all rows) | bound ms/token (measured BW) | of bound "
-          "| bound ms/token (data sheet) | of bound |")
-    print("|---|---|---|---|---|---|---|")
+    measured, sheet = bandwidths
     item = jnp.dtype(cfg.dtype).itemsize
     for kv in map(int, args.kv.split(",")):
         box = [KVCache.init(cfg, rows, args.max_length, dtype=cfg.dtype, heads_first=heads_first)]
@@ -92,7 +91,7 @@ def decode_per_token(graphdef, state, cfg, args, heads_first) -> None:
         cache_bytes = 2 * cfg.num_hidden_layers * rows * kv * cfg.num_key_value_heads * cfg.head_dim * item
         bounds = [(param_bytes + cache_bytes) / bw * 1e3 if bw else None for bw in (measured, sheet)]
         cells = " | ".join("n/a | n/a" if b is None else f"{b:.2f} | {100 * b / ms:.0f}%" for b in bounds)
-        print(f"| {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")
+        print(f"| {rows} | {order_name(cfg, heads_first)} | {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")
 
 
 def parts(graphdef, state, cfg, rows) -> None:
@@ -125,29 +124,44 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=sorted(ARCHS), default="small")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--rows", default="32", help="comma-separated: each is timed")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--kv", default="128,256,512,1024")
     parser.add_argument("--max_length", type=int, default=2048)
-    parser.add_argument("--cache-order", choices=["platform", "heads_first", "positions_first"], default="platform")
+    parser.add_argument("--cache-order", default="platform",
+                        help="comma-separated, each timed: platform, heads_first or positions_first")
     parser.add_argument("--requests", type=int, default=0)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--no-parts", action="store_true")
     args = parser.parse_args()
+    orders = args.cache_order.split(",")
+    unknown = sorted(set(orders) - {"platform", "heads_first", "positions_first"})
+    if unknown:
+        parser.error(f"--cache-order: unknown {unknown}; expected platform, heads_first or positions_first")
     dtype = jnp.dtype(args.dtype)
     cfg = MistralConfig(**ARCHS[args.arch], max_position_embeddings=args.max_length, dtype=dtype, param_dtype=dtype)
     model = Mistral(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    heads_first = None if args.cache_order == "platform" else args.cache_order == "heads_first"
-    order = "heads first" if KVCache.init(cfg, 1, 1, heads_first=heads_first).heads_first else "positions first"
+    heads_firsts = [None if o == "platform" else o == "heads_first" for o in orders]
+    rows = [int(r) for r in args.rows.split(",")]
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.arch} ({cfg.num_params / 1e9:.2f}B params, "
-          f"{args.dtype}), {args.rows} rows, {args.steps} tokens a call, KV cache stored {order}")
-    decode_per_token(graphdef, state, cfg, args, heads_first)
+          f"{args.dtype})")
+    bandwidths = copy_bandwidth(), datasheet_bandwidth()
+    print(f"parameters {sum(x.nbytes for x in jax.tree.leaves(state)) / 1e9:.2f} GB; copy bandwidth "
+          f"{bandwidths[0] / 1e9:,.0f} GB/s measured" + (f", {bandwidths[1] / 1e9:,.0f} GB/s data sheet"
+                                                         if bandwidths[1] else ""))
+    print(f"{args.steps} tokens a call, every row decoding")
+    print("| rows | cache stored | KV positions | ms/token | tokens/s (all rows) | bound ms/token (measured BW) "
+          "| of bound | bound ms/token (data sheet) | of bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in rows:
+        for heads_first in heads_firsts:
+            decode_per_token(graphdef, state, cfg, args, n, heads_first, bandwidths)
     if not args.no_parts:
-        parts(graphdef, state, cfg, args.rows)
+        parts(graphdef, state, cfg, rows[0])
     if args.requests:
-        concurrent_requests(model, args, heads_first)
+        concurrent_requests(model, args, heads_firsts[0])
 
 
 if __name__ == "__main__":

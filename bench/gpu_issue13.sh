@@ -4,17 +4,27 @@
 # fails or runs long leaves the others' figures; the tables come last.
 #
 #   bash bench/gpu_issue13.sh wheels          here, before the device calls: fetch the wheels the GPU machine lacks
-#   bash bench/gpu_issue13.sh [STAGE ...]     stages: env parity train trl dpo7b decode (default: all, in order);
-#                                             on request: remat (the 1B SFT step with remat save_dots and none),
-#                                             flags (the 1B steps under launch/slurm_gpu.sbatch's XLA flags)
-#   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU (about 6 minutes)
+#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity train dpo7b decode trl
+#                                             (default: all, in that order); on request: remat (the 1B SFT step
+#                                             with remat save_dots and none), flags (the 1B steps under
+#                                             launch/slurm_gpu.sbatch's XLA flags)
+#   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet
+#   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU
+#
+# BUDGET_S=N: the seconds this call may take. A stage starts only when what is left covers its usual length (NEED
+# below), and runs until its own limit or the budget's end; summary.md lists the stages skipped for time, and
+# `resume` runs them. The device tool gives a session 15 minutes of device time, the machine's start included, and
+# 10 minutes a command; the machine stays warm 30 s after a call. So, carrying [".whl"], two calls back to back:
+#   BUDGET_S=520 bash bench/gpu_issue13.sh              timeout_s 560
+#   BUDGET_S=<left> bash bench/gpu_issue13.sh resume    left: the first reply's lease.budget_left_s minus 60;
+#                                                       timeout_s 30 more
 #
 # Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage (remat and flags write into
 # train.log) plus summary.md, 7 files at most. Wheels in .whl/ (WHEELS below) are installed into /tmp/site first
-# when present. On the device tool (15 minutes of device time, 10 per command), run it as two calls back to back:
-# `env parity train trl`, then `dpo7b decode`.
+# when present.
 set -u
 cd "$(dirname "$0")/.."
+T0=$(date +%s)  # BUDGET_S counts from here, the wheels' install included
 
 # What the GPU machine's image (Python 3.12, jax 0.11.2, torch 2.11, transformers 5.17) lacks: trl and datasets
 # (with dill, multiprocess) for the TRL side, ml_collections for the configs; flax 0.12.10 because flax 0.12.8 and
@@ -67,14 +77,24 @@ else
 fi
 
 SUMMARY="$OUT/summary.md"
-stage() {  # name[:variant] seconds command...: runs it under `timeout`, appends its output to $OUT/name.log
-  local name=$1 log=${1%%:*} seconds=$2 start rc
+STARTED=/tmp/gpu_issue13.started  # the stages this machine has started (resume skips them)
+left() { echo $(( ${BUDGET_S:-86400} - ($(date +%s) - T0) )); }
+stage() {  # name[:variant] seconds command...: runs it under `timeout` (its seconds or what is left of the
+  # budget), appends its output to $OUT/name.log
+  local name=$1 log=${1%%:*} seconds=$2 start rc cmd
   shift 2
+  cmd="${*:1:3}" && cmd="\`${cmd:0:60} ...\`"
+  (( seconds > $(left) - 5 )) && seconds=$(( $(left) - 5 ))
+  if (( seconds < 10 )); then
+    echo "| $name | $cmd | skipped: out of time | 0 |" >>"$SUMMARY"
+    return 1
+  fi
   start=$(date +%s)
   echo "=== $name: $* (limit ${seconds}s)" | tee -a "$OUT/$log.log"
   timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee -a "$OUT/$log.log"
   rc=${PIPESTATUS[0]}
-  echo "| $name | \`${*:1:3} ...\` | $rc | $(( $(date +%s) - start )) |" >>"$SUMMARY"
+  echo "| $name | $cmd | $rc | $(( $(date +%s) - start )) |" >>"$SUMMARY"
+  return "$rc"
 }
 
 run_env() {
@@ -84,17 +104,17 @@ run_env() {
     \"torch\", torch.__version__, \"transformers\", transformers.__version__, jax.devices())'"
 }
 run_parity() {  # JAX and PyTorch share the GPU in this one: JAX allocates as it goes instead of up front
-  stage parity 240 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" bench/gpu_parity.py --tokens=32
+  stage parity 180 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" bench/gpu_parity.py --tokens=32
 }
 train_1b() {  # sft|dpo LABEL [FLAG ...]: bench/throughput.py on the 1B model and the recipe's length mix
   local which=$1 label=$2
   shift 2
-  if [ "$which" = sft ]; then
-    stage "$label" 200 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
+  if [ "$which" = sft ]; then  # packed rows: every batch has one shape
+    stage "$label" 150 "$PY" bench/throughput.py --config=configs/sft.py $(arch $ONE_B) \
       --config.data.max_length=$SFT_LEN --stage=sft --batch=$SFT_BATCH --batches=4 --warmup=1 "$@"
-  else
-    stage "$label" 200 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
-      --stage=dpo --batch=$DPO_BATCH --batches=2 --warmup=1 "$@"
+  else  # one batch of the mix timed over and over: another batch could have another shape, another compile
+    stage "$label" 150 "$PY" bench/throughput.py --config=configs/dpo.py $(arch $ONE_B) \
+      --stage=dpo --batch=$DPO_BATCH --batches=1 --warmup=1 --repeats=$STEPS "$@"
   fi
 }
 run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, MFU)
@@ -113,47 +133,60 @@ run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flag
   train_1b sft train:xla_flags
   train_1b dpo train:xla_flags
 )
-run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (SFT:
-  # train's rows, so zephyr_jax's step comes from the compilation cache)
-  stage trl 300 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
-    --length=$SFT_LEN --batch=$SFT_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
-  stage trl 300 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=dpo \
-    --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
-    $(trl_arch $ONE_B)
-}
 run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed reference log-probs
-  # The recipe's 32 pairs first; where the planner (compiled for this GPU) says it does not fit, or the run
-  # fails, the next smallest change: Adam's first moment in bf16, then also 16 pairs a step.
+  # The recipe's 32 pairs first; where that fails (out of memory), the next smallest change: Adam's first moment
+  # in bf16, then also 16 pairs a step. The table's "XLA GiB" is the planner's figure for the same step
+  # (`python -m zephyr_jax.plan --topology=local`), beside the allocator's measured peak.
   local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True" extra batch
   for variant in "none $DPO_BATCH" "--config.optim.mu_dtype=bfloat16 $DPO_BATCH" \
                  "--config.optim.mu_dtype=bfloat16 $(( DPO_BATCH / 2 ))"; do
     read -r extra batch <<<"$variant"
     [ "$extra" = none ] && extra=""
-    stage dpo7b 200 "$PY" -m zephyr_jax.plan $flags $extra --config.train.global_batch_size=$batch \
-      --topology=local
-    if grep "verdict:" "$OUT/dpo7b.log" | tail -1 | grep -q "does not fit"; then continue; fi
-    stage dpo7b 300 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch --batches=2 \
-      --warmup=1
-    if tail -3 "$OUT/dpo7b.log" | grep -q "^| dpo |"; then break; fi
+    stage dpo7b 240 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch --batches=1 \
+      --warmup=1 --repeats=3 && break
   done
 }
-run_decode() {
-  stage decode 150 "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=1 \
-    --kv=$DECODE_KV --no-parts
-  stage decode 200 "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=$REQUESTS \
-    --kv=1024 --no-parts --requests=$REQUESTS --prompt=128 --max-tokens=$NEW_TOKENS
-  # The cache order TPUs use, for the same rows: XLA:GPU compiles a whole-cache transpose around its loop.
-  stage decode 120 "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=$REQUESTS \
-    --kv=1024 --no-parts --cache-order=positions_first
+run_decode() {  # one process, one copy of the 7B weights: batch 1 against the bound; 64 rows in both cache
+  # orders (positions first is TPUs': XLA:GPU compiles a whole-cache transpose around its loop); then 64
+  # concurrent requests through the engine
+  stage decode 240 "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=1,$REQUESTS \
+    --kv=$DECODE_KV --cache-order=platform,positions_first --no-parts --requests=$REQUESTS --prompt=128 \
+    --max-tokens=$NEW_TOKENS
+}
+run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (SFT:
+  # train's rows, so zephyr_jax's step comes from the compilation cache)
+  stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
+    --length=$SFT_LEN --batch=$SFT_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
+  stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=dpo \
+    --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
+    $(trl_arch $ONE_B)
 }
 
+# Each stage's usual seconds on an H200 with a cold compilation cache (estimates until the first GPU session
+# replaces them with what its summary.md shows): a stage starts only when this much of the budget is left.
+declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=150 [trl]=200 [remat]=200 [flags]=200)
+[ "${SMOKE:-0}" = 1 ] && NEED=([env]=5 [parity]=5 [train]=5 [dpo7b]=5 [decode]=5 [trl]=5 [remat]=5 [flags]=5)
+DEFAULT="env parity train dpo7b decode trl"
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
-for s in "${@:-env parity train trl dpo7b decode}"; do
+if [ "${1:-}" = resume ]; then
+  set -- $(for name in $DEFAULT; do grep -qx "$name" "$STARTED" 2>/dev/null || echo "$name"; done)
+  if [ $# = 0 ]; then echo "resume: every stage of \"$DEFAULT\" has started on this machine"; exit 0; fi
+  echo "resume: $* ($(left) s of budget)"
+else
+  : >"$STARTED"
+fi
+for s in "${@:-$DEFAULT}"; do
   for name in $s; do
     case $name in
-      env|parity|train|remat|flags|trl|dpo7b|decode) "run_$name" ;;
-      *) echo "unknown stage $name: expected env parity train remat flags trl dpo7b decode"; exit 2 ;;
+      env|parity|train|remat|flags|trl|dpo7b|decode) ;;
+      *) echo "unknown stage $name: expected env parity train remat flags trl dpo7b decode, or resume"; exit 2 ;;
     esac
+    if (( $(left) < NEED[$name] )); then
+      echo "| $name | (not started) | skipped: $(left) s left, it needs about ${NEED[$name]} s | 0 |" >>"$SUMMARY"
+      continue
+    fi
+    echo "$name" >>"$STARTED"
+    "run_$name"
   done
 done
 echo; echo "### tables"; grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' \

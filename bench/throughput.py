@@ -2,14 +2,14 @@
 from a length mix.
 
     python bench/throughput.py --config=configs/dpo.py:tiny [--config.key=value ...] [--stage=sft|dpo|both]
-        [--batch=B] [--length_mix=SPEC] [--batches=N] [--warmup=W]
+        [--batch=B] [--length_mix=SPEC] [--batches=N] [--warmup=W] [--repeats=R]
 
 Builds the mesh, parameters, optimizer state, DPO reference and the jitted step exactly as zephyr_jax/train.py
 does (same functions, same shardings, same donation). The batches are N global batches that train.py's batching
 (SFT packing or padding, DPO pairs packed into rows or a row per sequence, the LM head's loss positions) makes
 from a length mix (zephyr_jax.plan.length_mix; default: plan.DEFAULT_MIX, the recipe's data as the dataset cards
-describe it), with random token ids. Each batch shape compiles once (not timed); after W untimed passes every
-batch is timed with block_until_ready. Defaults: B = train.global_batch_size, the stage of the config. Models
+describe it), with random token ids. Each batch shape compiles once (not timed); after W untimed passes over the
+batches, R passes are timed, every step with block_until_ready. Defaults: B = train.global_batch_size, the stage of the config. Models
 that the config would load from a checkpoint (init "hf" or "orbax") get random weights of the architecture read
 from that checkpoint's config; without the checkpoint, pass --config.model.init=random and --config.model.arch.*.
 
@@ -18,7 +18,9 @@ step computes. FLOPs: zephyr_jax.metrics.step_flops of the real sequences (the M
 reference's forward). MFU needs the device's peak (metrics.peak_flops): n/a on CPUs. "CPU s/step" is this
 process's CPU time per step, "other load" the cores other processes kept busy meanwhile (on a shared machine,
 rerun when it is above ~0.05). "peak memory" is the device allocator's peak so far in this process (GPUs, TPUs;
-n/a on CPUs), so a stage's figure includes those measured before it in the same run.
+n/a on CPUs), so a stage's figure includes those measured before it in the same run. "XLA GiB" is what the planner
+(`python -m zephyr_jax.plan --topology=local`) reports for the same step: XLA's memory analysis of the compiled
+program (the largest of the batch shapes), per device.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def mix_batches(cfg, mesh, spec: str, num_batches: int, seed: int = 0) -> list:
 
 
 def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, num_batches: int = 4,
-            warmup: int = 1) -> dict:
+            warmup: int = 1, repeats: int = 1) -> dict:
     """Times one step on each of `num_batches` mix batches of `stage` for `cfg`; returns what `report` prints."""
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
@@ -136,14 +138,14 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
                 compile_s += time.perf_counter() - t0
         run = lambda x: compiled[tuple(sorted((k, v.shape) for k, v in x.items()))]
         times, load = [], CpuUse()
-        for i in range(warmup + 1):
+        for i in range(warmup + repeats):
             if i == warmup:
                 load.start()
             for x in placed:
                 t0 = time.perf_counter()
                 state, metrics = run(x)(state, x, reference)
                 jax.block_until_ready((state, metrics))
-                if i == warmup:
+                if i >= warmup:
                     times.append(time.perf_counter() - t0)
         load.stop()
     loss = float(metrics["loss"])
@@ -151,9 +153,9 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
         raise FloatingPointError(f"{stage}: loss is {loss}")
 
     seconds = sum(times)
-    real = sum(sum(b.sequences) for b in batches)
-    positions = sum(b.batch["inputs"].size for b in batches)
-    flops = sum(step_flops(arch_cfg, b.sequences, reference is not None) for b in batches)
+    real = repeats * sum(sum(b.sequences) for b in batches)
+    positions = repeats * sum(b.batch["inputs"].size for b in batches)
+    flops = repeats * sum(step_flops(arch_cfg, b.sequences, reference is not None) for b in batches)
     peak = peak_flops()
     memory = devices[0].memory_stats() or {}  # None on CPUs; GPUs and TPUs count the allocator's bytes
     shapes = sorted({b.batch["inputs"].shape for b in batches})
@@ -166,6 +168,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
             "reference": "frozen" if reference is not None else ("precomputed" if dpo else "-"), "loss": loss,
             "peak_gib": memory["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in memory else None,
             "device_gib": memory["bytes_limit"] / 2 ** 30 if "bytes_limit" in memory else None,
+            "xla_gib": max(plan.compiled_bytes(c)["total"] for c in compiled.values()) / 2 ** 30,
             "cpu_s": load.own / len(times) if load.wall else None, "other_load": load.other_cores}
 
 
@@ -173,15 +176,15 @@ def report(results) -> None:
     print(f"device: {results[0]['devices']} x {results[0]['device']} ({jax.default_backend()}), "
           f"jax {jax.__version__}, model {results[0]['params_m']:.1f}M params")
     print("| stage | batch | length mix | rows x length | real tokens | reference | compiles (s) | mean step s "
-          "| real tokens/s | positions/s | TFLOP/s | MFU | peak memory GiB | CPU s/step | other load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| real tokens/s | positions/s | TFLOP/s | MFU | peak memory GiB | XLA GiB | CPU s/step | other load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         shapes = ", ".join(f"{a}x{b}" for a, b in r["shapes"])
         print(f"| {r['stage']} | {r['batch']} | {r['mix']} | {shapes} | {100 * r['real_fraction']:.1f}% "
               f"| {r['reference']} | {r['compiles']} ({r['compile_s']:.1f}) | {r['step_s']:.3f} "
               f"| {r['real_tokens_per_s']:,.0f} | {r['positions_per_s']:,.0f} | {r['tflops']:.3f} | {mfu} "
-              f"| {peak_memory(r)} | {fmt(r['cpu_s'])} | {fmt_load(r['other_load'])} |")
+              f"| {peak_memory(r)} | {r['xla_gib']:.1f} | {fmt(r['cpu_s'])} | {fmt_load(r['other_load'])} |")
 
 
 def peak_memory(r) -> str:
@@ -211,6 +214,7 @@ def cli():
     mix = flags.DEFINE_string("length_mix", None, "plan.length_mix spec or file; default plan.DEFAULT_MIX[stage]")
     num_batches = flags.DEFINE_integer("batches", 4, "global batches of the mix, each timed once")
     warmup = flags.DEFINE_integer("warmup", 1, "untimed passes over the batches after compilation")
+    repeats = flags.DEFINE_integer("repeats", 1, "timed passes over the batches")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
@@ -218,7 +222,8 @@ def cli():
         logging.set_verbosity(logging.WARNING)
         cfg = config.value
         stages = ["sft", "dpo"] if stage.value == "both" else [stage.value or cfg.stage]
-        report([measure(cfg, s, batch.value, mix.value, num_batches.value, warmup.value) for s in stages])
+        report([measure(cfg, s, batch.value, mix.value, num_batches.value, warmup.value, repeats.value)
+                for s in stages])
 
     app.run(main)
 

@@ -458,6 +458,16 @@ def out_of_memory(error: Exception) -> dict | None:
 # The plan.
 
 
+def compiled_bytes(compiled) -> dict:
+    """A compiled program's bytes per device from XLA's memory analysis: its arguments, the outputs that do not
+    reuse a donated argument, temporaries and code, and their total (what must fit in the device's memory)."""
+    mem = compiled.memory_analysis()
+    not_donated = mem.output_size_in_bytes - mem.alias_size_in_bytes
+    parts = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+             "outputs_not_donated": not_donated, "code": mem.generated_code_size_in_bytes}
+    return {**parts, "total": sum(parts.values())}
+
+
 def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> dict:
     """Compiles cfg's train step for `topology` ("local", a TPU slice or GPUs: see target_for) and returns the
     report."""
@@ -500,11 +510,8 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
                             "xla_error": str(e).strip().splitlines()[0]}
     else:
         report["compile_seconds"] = time.perf_counter() - start
-        mem = compiled.memory_analysis()
-        not_donated = mem.output_size_in_bytes - mem.alias_size_in_bytes
-        total = mem.argument_size_in_bytes + not_donated + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
-        report["memory"] = {**parts, "temporaries": mem.temp_size_in_bytes, "outputs_not_donated": not_donated,
-                            "code": mem.generated_code_size_in_bytes, "total": total, "hbm": target.hbm_bytes}
+        xla = compiled_bytes(compiled)
+        report["memory"] = {**parts, **{k: v for k, v in xla.items() if k != "arguments"}, "hbm": target.hbm_bytes}
         text = compiled.as_text()
         report["attention"] = attention_kernel(text, mcfg)
     report["memory"]["largest_inputs"] = buffers[:5]
