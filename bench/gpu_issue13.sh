@@ -14,10 +14,11 @@
 # BUDGET_S=N: the seconds this call may take. A stage starts only when what is left covers its usual length (NEED
 # below), and runs until its own limit or the budget's end; summary.md lists the stages skipped for time, and
 # `resume` runs them. The device tool gives a session 15 minutes of device time, the machine's start included, and
-# 10 minutes a command; the machine stays warm 30 s after a call. So, carrying [".whl"], two calls back to back:
-#   BUDGET_S=520 bash bench/gpu_issue13.sh              timeout_s 560
-#   BUDGET_S=<left> bash bench/gpu_issue13.sh resume    left: the first reply's lease.budget_left_s minus 60;
-#                                                       timeout_s 30 more
+# 10 minutes a command; the machine stays warm 30 s after a call (then a fresh start costs minutes). So, carrying
+# [".whl"], one long call, then at once (inside those 30 s) a second if the first reply's lease.budget_left_s
+# allows one (LEFT: that figure minus 45):
+#   BUDGET_S=540 bash bench/gpu_issue13.sh              timeout_s 570
+#   BUDGET_S=$LEFT bash bench/gpu_issue13.sh resume     timeout_s LEFT + 20
 #
 # Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage (remat and flags write into
 # train.log) plus summary.md, 7 files at most. Wheels in .whl/ (WHEELS below) are installed into /tmp/site first
@@ -164,7 +165,7 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
 
 # Each stage's usual seconds on an H200 with a cold compilation cache (estimates until the first GPU session
 # replaces them with what its summary.md shows): a stage starts only when this much of the budget is left.
-declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=150 [trl]=200 [remat]=200 [flags]=200)
+declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=120 [trl]=120 [remat]=200 [flags]=200)
 [ "${SMOKE:-0}" = 1 ] && NEED=([env]=5 [parity]=5 [train]=5 [dpo7b]=5 [decode]=5 [trl]=5 [remat]=5 [flags]=5)
 DEFAULT="env parity train dpo7b decode trl"
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
