@@ -94,8 +94,9 @@ def test_counted_flops_agree_with_xlas_own_count(pairs_file):
     assert 0.9 < r["xla_estimate"]["share_of_counted"] < 1.15, r["xla_estimate"]
 
 
-def test_a_config_that_does_not_fit_says_by_how_much_and_what_is_largest():
-    r = _plan("--config=configs/sft.py:tiny", "--topology=v5e-4", "--config.train.global_batch_size=4096")
+def test_a_config_that_does_not_fit_says_by_how_much_what_is_largest_and_which_change_fits():
+    r = _plan("--config=configs/sft.py:tiny", "--topology=v5e-4", "--config.train.global_batch_size=4096",
+              "--suggest")
     m = r["memory"]
     assert r["verdict"].startswith("does not fit by"), r["verdict"]
     assert m["total"] > m["hbm"] == int(15.75 * GiB)
@@ -103,6 +104,14 @@ def test_a_config_that_does_not_fit_says_by_how_much_and_what_is_largest():
     assert "the largest buffers are temporaries" in r["verdict"]
     text = plan.format_report(r)
     assert "does not fit by" in text and "XLA:TPU refused the program" in text
+    # --suggest: each single change the tiny SFT config can take (its remat is "none"), planned on its own.
+    changes = {x["change"]: x for x in r["suggestions"]}
+    assert list(changes) == ["--config.model.remat=full", "--config.optim.mu_dtype=bfloat16",
+                             "--config.train.grad_accum=2"]
+    assert all(x["total"] < m["total"] for x in changes.values())  # every one lowers the bytes
+    halved = changes["--config.train.grad_accum=2"]
+    assert halved["fits"] and halved["verdict"].startswith("fits with") and halved["total"] < m["hbm"]
+    assert "one change at a time (--suggest):" in text and "--config.train.grad_accum=2" in text
 
 
 def test_unknown_topology_lists_the_known_ones():

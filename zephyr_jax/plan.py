@@ -565,6 +565,38 @@ def _reference_kind(cfg) -> str | None:
     return f"frozen copy in {cfg.dpo.reference_dtype}"
 
 
+def memory_changes(cfg) -> list[tuple[str, Any, str]]:
+    """Single config changes that lower a step's bytes per chip, each with what it costs the run: (key, value,
+    cost). --suggest plans each, so a config that does not fit shows which one change makes it fit."""
+    changes = []
+    if cfg.stage == "dpo" and not cfg.dpo.precompute_reference and not cfg.dpo.reference_free:
+        changes.append(("dpo.precompute_reference", True, "one scoring pass before training, the same log-probs"))
+    if cfg.model.remat != "full":
+        changes.append(("model.remat", "full", "each layer's forward computed again in the backward pass"))
+    if cfg.optim.mu_dtype != "bfloat16":
+        changes.append(("optim.mu_dtype", "bfloat16", "Adam's first moment rounded to bf16"))
+    changes.append(("train.grad_accum", 2 * cfg.train.grad_accum,
+                    "micro-batches half the size, and a second float32 gradient tree"))
+    return changes
+
+
+def suggest(cfg, topology: str, length_mix_spec: str | None = None) -> list[dict]:
+    """plan() with each of memory_changes(cfg) applied alone: the change, its cost, the bytes per chip, verdict."""
+    out = []
+    for key, value, cost in memory_changes(cfg):
+        changed = cfg.copy_and_resolve_references()
+        changed.update_from_flattened_dict({key: value})
+        row = {"change": f"--config.{key}={value}", "cost": cost}
+        try:
+            report = plan(changed, topology, length_mix_spec)
+        except ValueError as e:  # e.g. a batch that two micro-batches cannot split over the mesh
+            out.append({**row, "error": str(e)})
+            continue
+        total, hbm = report["memory"]["total"], report["memory"]["hbm"]
+        out.append({**row, "total": total, "fits": total <= hbm if hbm else None, "verdict": report["verdict"]})
+    return out
+
+
 def verdict(memory: dict) -> str:
     hbm, total = memory.get("hbm"), memory["total"]
     if not hbm:
@@ -645,6 +677,11 @@ def format_report(r: dict) -> str:
         lines.append(f"  XLA:TPU refused the program after {r['compile_seconds']:.1f} s: {m['xla_error']}")
     else:
         lines.append(f"  compiled in {r['compile_seconds']:.1f} s")
+    if "suggestions" in r:
+        lines.append("  one change at a time (--suggest):")
+        for x in r["suggestions"]:
+            result = f"error: {x['error']}" if "error" in x else f"{gib(x['total'])}  {x['verdict'].split(' (')[0]}"
+            lines.append(f"    {x['change']:40s}{result}  [{x['cost']}]")
     return "\n".join(lines)
 
 
@@ -664,6 +701,8 @@ def cli():
     mix = flags.DEFINE_string("length_mix", None, "lognormal:MEDIAN,SIGMA (SFT), lognormal:PROMPT,COMPLETION,SIGMA "
                               "(DPO), or a file of example lengths (see plan.length_mix): real tokens per step")
     as_json = flags.DEFINE_bool("json", False, "print the report as JSON")
+    suggestions = flags.DEFINE_bool("suggest", False, "also plan each single config change that lowers the "
+                                    "memory (plan.memory_changes): which one makes the step fit")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
@@ -672,6 +711,8 @@ def cli():
             jax.config.update("jax_platforms", "cpu")  # a CPU default backend; libtpu only compiles
         try:
             report = plan(config.value, topology.value, mix.value)
+            if suggestions.value:
+                report["suggestions"] = suggest(config.value, topology.value, mix.value)
         except ValueError as e:
             sys.exit(f"error: {e}")
         print(json.dumps(report, indent=2, default=str) if as_json.value else format_report(report))
