@@ -104,10 +104,11 @@ def test_a_config_that_does_not_fit_says_by_how_much_what_is_largest_and_which_c
     assert "the largest buffers are temporaries" in r["verdict"]
     text = plan.format_report(r)
     assert "does not fit by" in text and "XLA:TPU refused the program" in text
-    # --suggest: each single change the tiny SFT config can take (its remat is "none"), planned on its own.
+    # --suggest: each single change the tiny SFT config can take (its mesh is all data-parallel, its remat
+    # "none"), planned on its own.
     changes = {x["change"]: x for x in r["suggestions"]}
-    assert list(changes) == ["--config.model.remat=full", "--config.optim.mu_dtype=bfloat16",
-                             "--config.train.grad_accum=2"]
+    assert list(changes) == ["--config.mesh.shape='(1,4,1)'", "--config.model.remat=full",
+                             "--config.optim.mu_dtype=bfloat16", "--config.train.grad_accum=2"]
     assert all(x["total"] < m["total"] for x in changes.values())  # every one lowers the bytes
     halved = changes["--config.train.grad_accum=2"]
     assert halved["fits"] and halved["verdict"].startswith("fits with") and halved["total"] < m["hbm"]

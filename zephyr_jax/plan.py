@@ -565,10 +565,14 @@ def _reference_kind(cfg) -> str | None:
     return f"frozen copy in {cfg.dpo.reference_dtype}"
 
 
-def memory_changes(cfg) -> list[tuple[str, Any, str]]:
+def memory_changes(cfg, mesh: dict) -> list[tuple[str, Any, str]]:
     """Single config changes that lower a step's bytes per chip, each with what it costs the run: (key, value,
-    cost). --suggest plans each, so a config that does not fit shows which one change makes it fit."""
+    cost). mesh: the planned mesh's axis sizes. --suggest plans each, so a config that does not fit shows which
+    one change makes it fit."""
     changes = []
+    if mesh["data"] > 1:  # replicated weights and optimizer state: FSDP shards them over the same devices
+        changes.append(("mesh.shape", (1, mesh["data"] * mesh["fsdp"], mesh["tensor"]),
+                        "the data axis folded into fsdp: weights gathered layer by layer"))
     if cfg.stage == "dpo" and not cfg.dpo.precompute_reference and not cfg.dpo.reference_free:
         changes.append(("dpo.precompute_reference", True, "one scoring pass before training, the same log-probs"))
     if cfg.model.remat != "full":
@@ -580,13 +584,15 @@ def memory_changes(cfg) -> list[tuple[str, Any, str]]:
     return changes
 
 
-def suggest(cfg, topology: str, length_mix_spec: str | None = None) -> list[dict]:
-    """plan() with each of memory_changes(cfg) applied alone: the change, its cost, the bytes per chip, verdict."""
+def suggest(cfg, report: dict, topology: str, length_mix_spec: str | None = None) -> list[dict]:
+    """plan() with each of memory_changes applied alone to cfg (planned as `report`): the change, its cost, the
+    bytes per chip and the verdict."""
     out = []
-    for key, value, cost in memory_changes(cfg):
+    for key, value, cost in memory_changes(cfg, report["config"]["mesh"]):
         changed = cfg.copy_and_resolve_references()
         changed.update_from_flattened_dict({key: value})
-        row = {"change": f"--config.{key}={value}", "cost": cost}
+        shown = f"'{value}'".replace(" ", "") if isinstance(value, tuple) else value  # as a shell takes it
+        row = {"change": f"--config.{key}={shown}", "cost": cost}
         try:
             report = plan(changed, topology, length_mix_spec)
         except ValueError as e:  # e.g. a batch that two micro-batches cannot split over the mesh
@@ -712,7 +718,7 @@ def cli():
         try:
             report = plan(config.value, topology.value, mix.value)
             if suggestions.value:
-                report["suggestions"] = suggest(config.value, topology.value, mix.value)
+                report["suggestions"] = suggest(config.value, report, topology.value, mix.value)
         except ValueError as e:
             sys.exit(f"error: {e}")
         print(json.dumps(report, indent=2, default=str) if as_json.value else format_report(report))
