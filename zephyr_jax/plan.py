@@ -594,12 +594,12 @@ def suggest(cfg, report: dict, topology: str, length_mix_spec: str | None = None
         shown = f"'{value}'".replace(" ", "") if isinstance(value, tuple) else value  # as a shell takes it
         row = {"change": f"--config.{key}={shown}", "cost": cost}
         try:
-            report = plan(changed, topology, length_mix_spec)
+            planned = plan(changed, topology, length_mix_spec)
         except ValueError as e:  # e.g. a batch that two micro-batches cannot split over the mesh
             out.append({**row, "error": str(e)})
             continue
-        total, hbm = report["memory"]["total"], report["memory"]["hbm"]
-        out.append({**row, "total": total, "fits": total <= hbm if hbm else None, "verdict": report["verdict"]})
+        total, hbm = planned["memory"]["total"], planned["memory"]["hbm"]
+        out.append({**row, "total": total, "fits": total <= hbm if hbm else None, "verdict": planned["verdict"]})
     return out
 
 
