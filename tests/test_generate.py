@@ -286,17 +286,24 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
 
 
 def test_warmup_compiles_every_decoding_bucket_and_leaves_the_cache_as_it_was(small):
-    """After warmup(), requests of any count and length compile no decoding program, and reply as on an engine
-    that was not warmed up."""
+    """After warmup(), requests of any count and length compile no decoding program, one request at a time
+    compiles no program at all, and they reply as on an engine that was not warmed up."""
     from zephyr_jax import engine as engine_module
 
     _, model = small
     engine = Engine(model, max_slots=4, max_length=200, eos_id=None)
-    # Rows: 1, 2, or all 4 slots (3 decoding rows round up to 4, over half); attention: 128, 192 or 200 positions.
-    assert engine.warmup() == 9
-    compiled = engine_module._decode._cache_size()
+    # Decoding: rows 1, 2, or all 4 slots (3 decoding rows round up to 4, over half) x attention over 128, 192 or
+    # 200 positions. Prefill, one row: chunks of 16, 24, 32, 48, 64, 96, 128, 192 or 256 tokens (prompts up to
+    # 199), attending over 128 positions up to the chunk of 128 and over all 200 after.
+    assert engine.warmup() == 9 + 9
     prompts = _prompts(11, [3, 150, 40, 9, 90, 20, 60])
     budgets = [30, 45, 5, 20, 12, 40, 33]
+    compiled = engine.compiled_programs()
+    alone = [engine.generate([Request(p, SamplingParams(max_tokens=n))])[0] for p, n in zip(prompts, budgets)]
+    assert engine.compiled_programs() == compiled
+    assert [len(r.tokens) for r in alone] == budgets
+    # Together they prefill in groups of rows (shapes the warm-up leaves out), and decode without a compile.
+    compiled = engine_module._decode._cache_size()
     done = engine.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
     assert engine_module._decode._cache_size() == compiled
     fresh = Engine(model, max_slots=4, max_length=200, eos_id=None)

@@ -304,20 +304,34 @@ class Engine:
         return requests
 
     def warmup(self, progress: bool = False) -> int:
-        """Compiles the decoding call for every bucket of rows and attention length it can meet (for requests
-        without log-probs), so serving never stalls on those compiles when the number of decoding requests or
-        their lengths reach a new bucket; returns how many programs were compiled. Prefill shapes, and decoding
-        with log-probs, still compile when first met. Call it before `start`; the cache is left as it was (every
-        row is idle, so every write is dropped)."""
+        """Compiles, for requests without log-probs, the decoding call for every bucket of rows and attention
+        length it can meet, and the prefill of one prompt at a time for every chunk of every prompt length, so
+        serving never stalls on those compiles when the number of decoding requests or their lengths reach a new
+        bucket; returns how many programs were compiled. Prompts that arrive together are prefilled in groups
+        (2, 4, ... rows), and those shapes, like log-probs, still compile when first met. Call it before `start`;
+        the cache is left as it was (every row is idle or a padding row, so every write is dropped)."""
         from tqdm.auto import tqdm
 
         shapes = sorted({self._decode_rows(k) for k in range(1, self.max_slots + 1)})
         kv_lengths = sorted({_fine_bucket(k, 128, self.max_length) for k in range(1, self.max_length + 1)})
+        chunks = {(start, self._chunk_length(n - start)) for n in range(1, self.max_length)
+                  for start in range(0, n, self.prefill_chunk)}  # every chunk of every prompt length
+        prefills = sorted({(length, self._prefill_kv_length(start + length)) for start, length in chunks})
+        calls = [("decode", shape, kv) for shape, kv in itertools.product(shapes, kv_lengths)]
+        calls += [("prefill", length, kv) for length, kv in prefills]
         before = self.compiled_programs()
-        for (n, everyone), kv_length in tqdm(list(itertools.product(shapes, kv_lengths)), desc="warm-up",
-                                             disable=not progress):
-            self.cache, _ = _decode(self.graphdef, self.state, self.cache, *self._decode_inputs([], [], n, everyone),
-                                    steps=self.decode_steps, kv_length=kv_length, top_n=-1)
+        for kind, shape, kv_length in tqdm(calls, desc="warm-up", disable=not progress):
+            if kind == "decode":
+                n, everyone = shape
+                self.cache, _ = _decode(self.graphdef, self.state, self.cache,
+                                        *self._decode_inputs([], [], n, everyone), steps=self.decode_steps,
+                                        kv_length=kv_length, top_n=-1)
+            else:  # one padding row (slot max_slots: its writes are dropped)
+                ids = np.zeros((1, shape), np.int32)
+                self.cache, _, _ = _prefill(
+                    self.graphdef, self.state, self.cache, ids, ids, np.full((1,), self.max_slots, np.int32),
+                    np.zeros((1,), np.int32), ids, self._sampling([], 1, np.zeros((1,), np.uint32)),
+                    kv_length=kv_length, top_n=-1, prompt_top_n=-1)
         jax.block_until_ready(self.cache)
         return self.compiled_programs() - before
 
@@ -389,13 +403,20 @@ class Engine:
                     request._slot, request._prefilled = slot, 0
                     self.slots[slot] = request
 
+    def _chunk_length(self, left: int) -> int:
+        """The bucketed length of a prompt's next chunk when `left` of its tokens are not in the cache yet."""
+        return _fine_bucket(min(self.prefill_chunk, left), 16, self.prefill_chunk)
+
+    def _prefill_kv_length(self, end: int) -> int:
+        """The bucketed number of cache positions a prefill call attends over when its chunks end at `end`."""
+        return _bucket(end, 128, self.max_length)
+
     def _prefill(self) -> None:
         """Every admitted request's next prompt chunk, one call per chunk-length bucket."""
         chunks = collections.defaultdict(list)
         for request in self.slots:
             if request is not None and request._prefilled < len(request.prompt):
-                n = min(self.prefill_chunk, len(request.prompt) - request._prefilled)
-                chunks[_fine_bucket(n, 16, self.prefill_chunk)].append(request)
+                chunks[self._chunk_length(len(request.prompt) - request._prefilled)].append(request)
         for length, requests in sorted(chunks.items()):
             while requests:  # power-of-two groups (5 = 4 + 1), so no call computes padding rows
                 count = 1 << (len(requests).bit_length() - 1)
@@ -419,7 +440,7 @@ class Engine:
             slots[row], last[row] = r._slot, len(chunk) - 1
         prompt_top_n = _top_n([r.params.prompt_logprobs for r in requests])
         top_n = _top_n([r.params.logprobs for r in requests])
-        kv_length = _bucket(int(positions[:len(requests), -1].max()) + 1, 128, self.max_length)
+        kv_length = self._prefill_kv_length(max(r._prefilled for r in requests) + length)
         sampling = self._sampling(requests, rows, counters=np.zeros((rows,), np.uint32))
         self.cache, first, scores = _prefill(
             self.graphdef, self.state, self.cache, tokens, positions, slots, last, targets, sampling,

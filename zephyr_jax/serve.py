@@ -421,8 +421,9 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=8, help="tokens per decoding call")
     parser.add_argument("--warmup", action="store_true",
-                        help="compile the decoding call for every bucket of rows and attention length before serving "
-                             "(Engine.warmup), so no request waits for those compiles")
+                        help="compile the decoding call for every bucket of rows and attention length, and the "
+                             "prefill of a lone prompt of any length, before serving (Engine.warmup), so no request "
+                             "waits for those compiles")
     parser.add_argument("--compilation-cache", default="~/.cache/zephyr_jax/xla",
                         help="JAX's persistent compilation cache, so a restart skips compiling ('' = off)")
     parser.add_argument("--mesh", default=None, help="shard parameters over local devices, e.g. '1,-1,1' (FSDP)")
@@ -452,7 +453,7 @@ def main(argv=None) -> None:
                     prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps, max_queue=args.max_queue,
                     mesh=mesh)
     if args.warmup:
-        log.info("warm-up: compiled %d decoding programs", engine.warmup(progress=True))
+        log.info("warm-up: compiled %d decoding and prefill programs", engine.warmup(progress=True))
     engine.start()
     server = Server(engine, tokenizer, args.served_model_name or args.model, args.api_key)
     log.info("serving %s on http://%s:%d/v1 (%d slots of %d tokens)", server.model_name, args.host, args.port,
