@@ -5,15 +5,16 @@ tokens/s with many concurrent requests.
         [--kv=128,256,512,1024] [--cache-order=platform|heads_first|positions_first[,...]]
         [--requests=0] [--prompt=128] [--max-tokens=256] [--no-parts]
 
-Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attention over `kv` cache positions)
-per token, for each number of rows and each cache order listed (one process, one copy of the weights). Each token reads every parameter once (and the cache's first kv positions), so the HBM-bandwidth
-bound of a token is those bytes over the device's bandwidth: measured here as a device-to-device copy (bytes
-read + written over time), and the data sheet's where it is known. "of bound" is bound / measured time.
-Then (unless --no-parts) the same model's layers without a cache, its LM head and greedy sampling for the
-first number of rows, so what the cache costs is the difference. --requests=N: N requests of --prompt random
-tokens each generating --max-tokens (no EOS) through Engine.generate with N slots (the first cache order listed),
-run twice; the second run's output tokens/s (no compile in it) is reported. Random weights (param dtype = --dtype) on whatever device JAX picks,
-the KV cache stored in that platform's order unless --cache-order names one (model/kv_cache.py).
+Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attention over `kv` cache positions) per
+token, for each number of rows and each cache order listed (one process, one copy of the weights). Each token reads
+every parameter once (and the cache's first kv positions), so the HBM-bandwidth bound of a token is those bytes
+over the device's bandwidth: measured here as a device-to-device copy (bytes read + written over time), and the
+data sheet's where it is known. "of bound" is bound / measured time. Then (unless --no-parts) the same model's
+layers without a cache, its LM head and greedy sampling for the first number of rows, so what the cache costs is
+the difference. --requests=N: N requests of --prompt random tokens each generating --max-tokens (no EOS) through
+Engine.generate with N slots (the first cache order listed), run twice; the second run's output tokens/s (no
+compile in it) is reported. Random weights (param dtype = --dtype) on whatever device JAX picks, the KV cache
+stored in that platform's order unless --cache-order names one (model/kv_cache.py).
 
 --arch=small: serve_throughput.py's model (hidden 256, 4 layers); 7b: Mistral-7B-v0.1's shape.
 """
@@ -67,13 +68,7 @@ def greedy(rows: int) -> tuple:
             jnp.zeros((rows,), jnp.uint32))
 
 
-def order_name(cfg, heads_first) -> str:
-    """The storage order a cache gets for heads_first (None: the platform's, model/kv_cache.py)."""
-    return "heads first" if KVCache.init(cfg, 1, 1, heads_first=heads_first).heads_first else "positions first"
-
-
-def decode_per_token(graphdef, state, cfg, args, rows, heads_first, bandwidths) -> None:
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+def decode_per_token(graphdef, state, cfg, args, rows, heads_first, param_bytes, bandwidths) -> None:
     measured, sheet = bandwidths
     item = jnp.dtype(cfg.dtype).itemsize
     for kv in map(int, args.kv.split(",")):
@@ -91,7 +86,8 @@ def decode_per_token(graphdef, state, cfg, args, rows, heads_first, bandwidths) 
         cache_bytes = 2 * cfg.num_hidden_layers * rows * kv * cfg.num_key_value_heads * cfg.head_dim * item
         bounds = [(param_bytes + cache_bytes) / bw * 1e3 if bw else None for bw in (measured, sheet)]
         cells = " | ".join("n/a | n/a" if b is None else f"{b:.2f} | {100 * b / ms:.0f}%" for b in bounds)
-        print(f"| {rows} | {order_name(cfg, heads_first)} | {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")
+        order = "heads first" if box[0].heads_first else "positions first"
+        print(f"| {rows} | {order} | {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")
 
 
 def parts(graphdef, state, cfg, rows) -> None:
@@ -147,17 +143,16 @@ def main():
     rows = [int(r) for r in args.rows.split(",")]
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.arch} ({cfg.num_params / 1e9:.2f}B params, "
           f"{args.dtype})")
-    bandwidths = copy_bandwidth(), datasheet_bandwidth()
-    print(f"parameters {sum(x.nbytes for x in jax.tree.leaves(state)) / 1e9:.2f} GB; copy bandwidth "
-          f"{bandwidths[0] / 1e9:,.0f} GB/s measured" + (f", {bandwidths[1] / 1e9:,.0f} GB/s data sheet"
-                                                         if bandwidths[1] else ""))
+    param_bytes, bandwidths = sum(x.nbytes for x in jax.tree.leaves(state)), (copy_bandwidth(), datasheet_bandwidth())
+    print(f"parameters {param_bytes / 1e9:.2f} GB; copy bandwidth {bandwidths[0] / 1e9:,.0f} GB/s measured"
+          + (f", {bandwidths[1] / 1e9:,.0f} GB/s data sheet" if bandwidths[1] else ""))
     print(f"{args.steps} tokens a call, every row decoding")
     print("| rows | cache stored | KV positions | ms/token | tokens/s (all rows) | bound ms/token (measured BW) "
           "| of bound | bound ms/token (data sheet) | of bound |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in rows:
         for heads_first in heads_firsts:
-            decode_per_token(graphdef, state, cfg, args, n, heads_first, bandwidths)
+            decode_per_token(graphdef, state, cfg, args, n, heads_first, param_bytes, bandwidths)
     if not args.no_parts:
         parts(graphdef, state, cfg, rows[0])
     if args.requests:

@@ -166,7 +166,7 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
 # Each stage's usual seconds on an H200 with a cold compilation cache (estimates until the first GPU session
 # replaces them with what its summary.md shows): a stage starts only when this much of the budget is left.
 declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=120 [trl]=120 [remat]=200 [flags]=200)
-[ "${SMOKE:-0}" = 1 ] && NEED=([env]=5 [parity]=5 [train]=5 [dpo7b]=5 [decode]=5 [trl]=5 [remat]=5 [flags]=5)
+if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=5; done; fi
 DEFAULT="env parity train dpo7b decode trl"
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
 if [ "${1:-}" = resume ]; then
@@ -178,10 +178,9 @@ else
 fi
 for s in "${@:-$DEFAULT}"; do
   for name in $s; do
-    case $name in
-      env|parity|train|remat|flags|trl|dpo7b|decode) ;;
-      *) echo "unknown stage $name: expected env parity train remat flags trl dpo7b decode, or resume"; exit 2 ;;
-    esac
+    if [ -z "${NEED[$name]+set}" ]; then  # NEED has one entry per stage (run_NAME)
+      echo "unknown stage $name: expected one of ${!NEED[*]}, or resume"; exit 2
+    fi
     if (( $(left) < NEED[$name] )); then
       echo "| $name | (not started) | skipped: $(left) s left, it needs about ${NEED[$name]} s | 0 |" >>"$SUMMARY"
       continue

@@ -4,14 +4,15 @@ from a length mix.
     python bench/throughput.py --config=configs/dpo.py:tiny [--config.key=value ...] [--stage=sft|dpo|both]
         [--batch=B] [--length_mix=SPEC] [--batches=N] [--warmup=W] [--repeats=R]
 
-Builds the mesh, parameters, optimizer state, DPO reference and the jitted step exactly as zephyr_jax/train.py
-does (same functions, same shardings, same donation). The batches are N global batches that train.py's batching
-(SFT packing or padding, DPO pairs packed into rows or a row per sequence, the LM head's loss positions) makes
-from a length mix (zephyr_jax.plan.length_mix; default: plan.DEFAULT_MIX, the recipe's data as the dataset cards
-describe it), with random token ids. Each batch shape compiles once (not timed); after W untimed passes over the
-batches, R passes are timed, every step with block_until_ready. Defaults: B = train.global_batch_size, the stage of the config. Models
-that the config would load from a checkpoint (init "hf" or "orbax") get random weights of the architecture read
-from that checkpoint's config; without the checkpoint, pass --config.model.init=random and --config.model.arch.*.
+Builds the mesh, parameters, optimizer state, DPO reference and the jitted step exactly as zephyr_jax/train.py does
+(same functions, same shardings, same donation). The batches are N global batches that train.py's batching (SFT
+packing or padding, DPO pairs packed into rows or a row per sequence, the LM head's loss positions) makes from a
+length mix (zephyr_jax.plan.length_mix; default: plan.DEFAULT_MIX, the recipe's data as the dataset cards describe
+it), with random token ids. Each batch shape compiles once (not timed); after W untimed passes over the batches, R
+passes are timed, every step with block_until_ready. Defaults: B = train.global_batch_size, the stage of the
+config. Models that the config would load from a checkpoint (init "hf" or "orbax") get random weights of the
+architecture read from that checkpoint's config; without the checkpoint, pass --config.model.init=random and
+--config.model.arch.*.
 
 Real tokens/s counts only the real positions of the batches (no padding); "positions/s" counts every position the
 step computes. FLOPs: zephyr_jax.metrics.step_flops of the real sequences (the MFU numerator, with the frozen
@@ -212,7 +213,7 @@ def cli():
     stage = flags.DEFINE_enum("stage", None, ["sft", "dpo", "both"], "default: the config's stage")
     batch = flags.DEFINE_integer("batch", None, "global batch (pairs for DPO); default train.global_batch_size")
     mix = flags.DEFINE_string("length_mix", None, "plan.length_mix spec or file; default plan.DEFAULT_MIX[stage]")
-    num_batches = flags.DEFINE_integer("batches", 4, "global batches of the mix, each timed once")
+    num_batches = flags.DEFINE_integer("batches", 4, "global batches of the mix, each timed once a pass")
     warmup = flags.DEFINE_integer("warmup", 1, "untimed passes over the batches after compilation")
     repeats = flags.DEFINE_integer("repeats", 1, "timed passes over the batches")
     flags.mark_flags_as_required(["config"])
