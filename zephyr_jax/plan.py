@@ -693,8 +693,8 @@ def format_report(r: dict) -> str:
     total = "total (XLA:TPU's peak)" if "sum_of_parts" in m else "total"
     lines.append(f"    {total:36s}{gib(m['total'])}{usable}")
     if "sum_of_parts" in m:
-        lines.append(f"      (the parts above sum to {m['sum_of_parts'] / GiB:.2f} GiB; XLA:TPU checks its peak against "
-                     "HBM)")
+        lines.append(f"      (the parts above sum to {m['sum_of_parts'] / GiB:.2f} GiB; XLA:TPU checks its peak "
+                     "against HBM)")
     lines.append(f"  verdict: {r['verdict']}")
     lines.append(f"  length mix {tok['length_mix']}, {tok['batches']} batches: {tok['real_tokens_per_step']:,.0f} real "
                  f"tokens in {tok['padded_positions_per_step']:,.0f} positions per step "
