@@ -24,7 +24,7 @@ MIX = {"sft": "lognormal:1400,0.5", "dpo": "lognormal:117,276,0.7"}
 
 # (config, topology, mesh, first grad_accum to try)
 ROWS = [
-    ("configs/sft.py:zephyr", "v4-64", "(1,32,1)", 2), ("configs/sft.py:zephyr", "v5e-64", "(1,64,1)", 4),
+    ("configs/sft.py:zephyr", "v4-64", "(1,32,1)", 1), ("configs/sft.py:zephyr", "v5e-64", "(1,64,1)", 1),
     ("configs/sft.py:zephyr", "v5p-32", "(1,16,1)", 1),
     ("configs/sft.py:handbook", "v4-64", "(1,32,1)", 1), ("configs/sft.py:handbook", "v5e-64", "(1,64,1)", 1),
     ("configs/sft.py:handbook", "v5p-32", "(1,16,1)", 1),
