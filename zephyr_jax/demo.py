@@ -12,8 +12,8 @@ reply is one digit and `</s>`.
 dSFT data (UltraChat schema) imitates a weak teacher with a systematic bias, as distilled dialogue data
 inherits its teacher's mistakes: it answers correctly only `TEACHER_ACCURACY` of the time and otherwise gives
 the *first* number of the list (or, when that one is the answer, another one at random). A model that imitates
-it well learns the format, the skill (45% of its data is right) and the teacher's favourite answer (55%), so
-its greedy replies are mostly the first number: right only when the teacher would be, by luck, ~35-40%.
+it would learn the format, the skill (45% of its data is right) and the teacher's favourite answer (55%); the
+dSFT models measured below are right 54.8% and 67.2% of the time (seeds 0 and 1).
 
 Preference data (ultrafeedback_binarized schema) is AI feedback on the teacher's replies: for each prompt,
 chosen = the correct reply, rejected = a wrong reply drawn from the teacher's mistakes; scores mimic
@@ -40,7 +40,7 @@ Files (`make_demo_data`), laid out for `zephyr_jax.data.sources.load_rows(DIR, s
 
     python -m zephyr_jax.demo make-data --out=demo_data
 
-Measured (throwaway loop on train_steps.make_train_step, 2 shared CPU cores, defaults n_sft=10000,
+Measured before packing (throwaway loop on train_steps.make_train_step, 2 shared CPU cores, defaults n_sft=10000,
 n_pref=3000, n_test=500): a from-scratch Mistral with hidden 96, intermediate 256, 2 layers, 4 query / 2 kv
 heads (0.2M non-embedding parameters, 6.35M with the 32000-token embeddings and LM head);
 dSFT 1 epoch, batch 32 unpacked rows padded to 48, loss on the assistant reply, AdamW lr 2e-3 cosine 10% warmup

@@ -1,8 +1,9 @@
 """The pure, jit-compiled pieces of training: loss functions, the train step, and evaluation passes.
 
 Parameters travel as an nnx.State (a pytree of arrays); `nnx.merge(graphdef, params)` rebuilds the model inside
-jit at no cost. Batches are dicts of [B, ...] arrays from zephyr_jax/data/batches.py; DPO batches are
-[B, 2, T] (chosen, rejected), folded to [2B, T] for one forward pass.
+jit at no cost. Batches are dicts of [rows, ...] arrays from zephyr_jax/data/batches.py. A DPO batch packs each
+pair's chosen and rejected sequences as segments of its rows; "sequence_pair" maps a row's segment slots to
+(pair, side), so per-sequence log-probs are summed by segment and regrouped into [pairs, 2] (`per_pair`).
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ def make_optimizer(optim_cfg, total_steps: int):
     return tx, schedule
 
 
-def loss_position_logps(graphdef, params, batch, max_segments: int | None = None):
+def loss_position_logps(graphdef, params, batch, max_segments: int | None = None, layer_grad_sum=None):
     """Log-probs of the targets at each row's loss positions, the LM head applied there only (fused with the
     log-softmax, chunked: losses.head_logps). Returns (logps, correct, valid, segment), each [rows, K]: valid
-    marks real entries of batch["loss_positions"] (-1 fills the rest), segment is their segment id."""
+    marks real entries of batch["loss_positions"] (-1 fills the rest), segment is their segment id.
+    layer_grad_sum: gradient accumulation's running sum for params["layers"] (model/accumulate.py)."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                 max_segments=segments_per_row(batch, max_segments))
+                                 max_segments=segments_per_row(batch, max_segments), grad_sum=layer_grad_sum)
     where = batch["loss_positions"]
     valid = where >= 0
     where = jnp.maximum(where, 0)
@@ -86,24 +88,25 @@ def per_pair(slot_values, sequence_pair, num_pairs: int, micro_batches: int = 1)
     return table.reshape(num_pairs, 2)
 
 
-def pair_logps(graphdef, params, batch, num_pairs: int, micro_batches: int = 1):
+def pair_logps(graphdef, params, batch, num_pairs: int, micro_batches: int = 1, layer_grad_sum=None):
     """(summed completion log-probs, completion lengths), each [num_pairs, 2] (chosen, rejected)."""
-    logps, _, valid, segment = loss_position_logps(graphdef, params, batch)
+    logps, _, valid, segment = loss_position_logps(graphdef, params, batch, layer_grad_sum=layer_grad_sum)
     slots = batch["sequence_pair"].shape[1]
     table = lambda x: per_pair(segment_sums(x, segment, slots), batch["sequence_pair"], num_pairs, micro_batches)
     return table(logps), table(valid)
 
 
-def sft_loss_fn(params, graphdef, batch, normalizer, max_segments=None):
+def sft_loss_fn(params, graphdef, batch, normalizer, max_segments=None, layer_grad_sum=None):
     """losses.sft_loss's token cross-entropy, on the loss positions only."""
-    logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments)
+    logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments, layer_grad_sum)
     loss = losses.sft_loss_from_logps(logps, valid, normalizer)
     return loss, {"loss": jax.lax.stop_gradient(loss), "correct": correct.sum(dtype=jnp.float32),
                   "num_tokens": valid.sum(dtype=jnp.float32)}
 
 
-def dpo_loss_fn(params, graphdef, batch, reference_logps, dpo_cfg, num_pairs: int, micro_batches: int):
-    policy, lengths = pair_logps(graphdef, params, batch, num_pairs, micro_batches)
+def dpo_loss_fn(params, graphdef, batch, reference_logps, dpo_cfg, num_pairs: int, micro_batches: int,
+                layer_grad_sum=None):
+    policy, lengths = pair_logps(graphdef, params, batch, num_pairs, micro_batches, layer_grad_sum)
     return losses.dpo_loss(policy[:, 0], policy[:, 1], reference_logps[:, 0], reference_logps[:, 1],
                            beta=dpo_cfg.beta, loss_type=dpo_cfg.loss_type, label_smoothing=dpo_cfg.label_smoothing,
                            chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
@@ -127,10 +130,10 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
     num_pairs: DPO pairs per global batch. max_segments: SFT, 1 when rows hold one example (unpacked), else None.
     rules: the logical-axis rules that shard each micro-batch's rows (under `jax.set_mesh`)."""
 
-    def micro_loss(params, micro, reference, normalizer):
+    def micro_loss(params, micro, reference, normalizer, layer_grad_sum):
         micro = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), rules), micro)
         if stage == "sft":
-            return sft_loss_fn(params, graphdef, micro, normalizer, max_segments)
+            return sft_loss_fn(params, graphdef, micro, normalizer, max_segments, layer_grad_sum)
         pairs = num_pairs // grad_accum
         if "reference_logps" in micro:
             ref = per_pair(micro["reference_logps"], micro["sequence_pair"], pairs, grad_accum)
@@ -138,7 +141,7 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
             ref = jnp.zeros((pairs, 2), jnp.float32)
         else:
             ref = jax.lax.stop_gradient(pair_logps(graphdef, reference, micro, pairs, grad_accum)[0])
-        loss, metrics = dpo_loss_fn(params, graphdef, micro, ref, dpo_cfg, pairs, grad_accum)
+        loss, metrics = dpo_loss_fn(params, graphdef, micro, ref, dpo_cfg, pairs, grad_accum, layer_grad_sum)
         return loss / grad_accum, {k: v / grad_accum for k, v in metrics.items()}  # means of equal-sized parts
 
     def train_step(state: TrainState, batch, reference):
@@ -146,8 +149,14 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def accumulate(grads, micro):
-            (_, metrics), g = grad_fn(state.params, micro, reference, normalizer)
-            return jax.tree.map(jnp.add, grads, g), metrics
+            if grad_accum == 1:
+                (_, metrics), g = grad_fn(state.params, micro, reference, normalizer, None)
+                return jax.tree.map(jnp.add, grads, g), metrics
+            # The layers' backward adds into grads["layers"] in place and returns the sum (model/accumulate.py):
+            # one float32 tree of layer gradients, not a micro-batch's beside the running sum.
+            (_, metrics), g = grad_fn(state.params, micro, reference, normalizer, grads["layers"])
+            add = lambda path, total, new: new if path[0].key == "layers" else total + new
+            return jax.tree_util.tree_map_with_path(add, grads, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, metrics = jax.lax.scan(accumulate, zeros, split_micro(batch, grad_accum))

@@ -6,7 +6,7 @@ with one `Reply`, asynchronously, so the data CLIs drive thousands of calls with
 bounds its own concurrency (the endpoint per base URL, the engine by its KV-cache slots). A failed call is a
 `Reply` with `text=None` and `error` set, counted in `stats`: never an exception that ends the run.
 
-Backend specs (the CLIs' --teacher/--generators/--judge flags):
+Backend specs (the CLIs' --user/--assistant/--generators/--judge flags):
     endpoint:MODEL@URL[,URL...]   an OpenAI-compatible server (several URLs spread the load over a fleet);
                                   the key comes from $OPENAI_API_KEY unless --api_key_env names another variable
     engine:PATH                   zephyr_jax.load(PATH) on this process's devices, batched by the engine

@@ -78,7 +78,7 @@ or kill -9, the same command skips the journaled keys and makes only the missing
 assembled from the journal in input order and written atomically, equal to an uninterrupted run's. Failed calls
 are not journaled, so a rerun tries them again (and a prompt's aspect ratings are journaled only when all of its
 K generations succeeded, so they always cover all K); parse failures are journaled (their calls were paid).
-The settings that shape the outputs (`SETTINGS`) sit beside the journal; a rerun with other settings is refused
+The settings that shape the outputs (`_settings`) sit beside the journal; a rerun with other settings is refused
 unless --overwrite, which starts afresh. The prompts are not a setting: more prompts (a larger --limit) reuse
 what is done.
 """

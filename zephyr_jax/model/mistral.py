@@ -14,6 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from zephyr_jax.model import kv_cache
+from zephyr_jax.model.accumulate import scan_layers_into
 from zephyr_jax.model.attention import attend, cache_attention
 from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
@@ -163,16 +164,20 @@ class CacheStep(NamedTuple):
 
 
 def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: CacheStep | None = None, *, remat="none",
-               max_segments=None, unroll=False):
+               max_segments=None, unroll=False, grad_sum=None):
     """The decoder stack as one jax.lax.scan over the layers' stacked parameters, so XLA compiles one layer,
     not num_hidden_layers copies. `layers` is a DecoderLayer whose parameters carry a leading layer axis.
     cache: a CacheStep (decoding; its buffers ride in the scan's carry, so only the new tokens are written),
     or None (training, scoring). Returns (x, the updated KVCache or None). max_segments: see attention.attend.
+    grad_sum: gradient accumulation's running sum of the layers' gradients; the backward pass adds into it in
+    place (model/accumulate.py), recomputing each layer as remat="full" does.
 
     A pure scan over (parameters, inputs) rather than nnx.scan: nothing is written back into the module, so it
     also runs on a model merged from arrays of an outer trace (the frozen DPO reference inside value_and_grad).
     """
     graphdef, stacked = nnx.split(layers)
+    if grad_sum is not None:
+        return scan_layers_into(graphdef, stacked, grad_sum, x, cos, sin, segment_ids, max_segments, unroll), None
 
     def body(carry, per_layer):
         x, buffers = carry
@@ -236,10 +241,11 @@ class Mistral(nnx.Module):
         """
         return self.logits(self.hidden_states(input_ids, positions, segment_ids, attention_mask))
 
-    def hidden_states(self, input_ids, positions=None, segment_ids=None, attention_mask=None, max_segments=None):
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, attention_mask=None, max_segments=None,
+                      grad_sum=None):
         """The final norm's output [B, T, hidden] in the compute dtype: what the LM head reads. Training applies
         the head only at the loss positions (losses.head_logps). max_segments: the most sequences a row holds
-        (static; GPU attention needs it for segment ids, see attention.attend)."""
+        (static; GPU attention needs it for segment ids, see attention.attend). grad_sum: see run_layers."""
         cfg = self.config
         b, t = input_ids.shape
         if attention_mask is not None:  # padding is segment 0, which attends only to itself and carries no loss
@@ -250,7 +256,7 @@ class Mistral(nnx.Module):
             positions = default_positions(real, segment_ids)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         x, _ = run_layers(self.layers, self._embed(input_ids), cos, sin, segment_ids, remat=cfg.remat,
-                          max_segments=max_segments, unroll=not cfg.scan_layers)
+                          max_segments=max_segments, unroll=not cfg.scan_layers, grad_sum=grad_sum)
         return self.norm(x)
 
     def with_cache(self, input_ids, positions, cache: KVCache, rows=None, kv_length: int | None = None):
