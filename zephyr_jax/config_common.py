@@ -51,7 +51,8 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.optim.mu_dtype = "float32"  # Adam's first moment; "bfloat16" stores it in 2 bytes a parameter, not 4
 
     c.train = ml_collections.ConfigDict()
-    c.train.grad_accum = 1  # micro-batches per optimizer step (global_batch_size must divide)
+    c.train.grad_accum = 1  # micro-batches per optimizer step (global_batch_size must divide); > 1 recomputes each
+    # layer in the backward (as remat="full") to add its gradient into the running sum in place (model/accumulate.py)
     c.train.max_steps = -1  # -1: num_epochs worth of steps
     c.train.log_every = 10
     c.train.eval_every = 200  # 0: only at the end

@@ -592,7 +592,7 @@ def memory_changes(cfg, mesh: dict) -> list[tuple[str, Any, str]]:
     if cfg.optim.mu_dtype != "bfloat16":
         changes.append(("optim.mu_dtype", "bfloat16", "Adam's first moment rounded to bf16"))
     changes.append(("train.grad_accum", 2 * cfg.train.grad_accum,
-                    "micro-batches half the size, and a second float32 gradient tree"))
+                    "micro-batches half the size, each layer recomputed in the backward pass"))
     return changes
 
 
