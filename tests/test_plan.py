@@ -267,21 +267,7 @@ def test_suggest_combines_the_changes_that_lower_the_bytes_when_none_fits_alone(
 
     cfg = load_config("configs/dpo.py:tiny", **{"mesh.shape": (2, 1, 1)})
     saved = {"dpo.precompute_reference": 3, "optim.mu_dtype": 2, "model.remat": 1, "train.grad_accum": -4}
-    planned = []
-
-    def fake_plan(changed, topology, mix):
-        flat = {"mesh.shape": changed.mesh.shape, "dpo.precompute_reference": changed.dpo.precompute_reference,
-                "optim.mu_dtype": changed.optim.mu_dtype, "model.remat": changed.model.remat,
-                "train.grad_accum": changed.train.grad_accum}
-        diff = {k for k, v in flat.items() if v != cfg[k.split(".")[0]][k.split(".")[1]]}
-        planned.append(sorted(diff))
-        if "mesh.shape" in diff:
-            raise ValueError("micro-batch does not divide over the mesh")
-        total = (20 - sum(saved[k] for k in diff)) * GiB
-        memory = {"total": total, "hbm": 14.5 * GiB, "largest_inputs": []}
-        return {"memory": memory, "verdict": plan.verdict(memory)}
-
-    monkeypatch.setattr(plan, "plan", fake_plan)
+    planned = _fake_plans(monkeypatch, cfg, lambda key, value: saved[key], hbm=14.5)
     report = {"config": {"mesh": {"data": 2, "fsdp": 1, "tensor": 1}}, "memory": {"total": 20 * GiB}}
     rows = plan.suggest(cfg, report, "v5e-4")
     alone = {x["change"]: x for x in rows if not x.get("together")}
@@ -293,7 +279,8 @@ def test_suggest_combines_the_changes_that_lower_the_bytes_when_none_fits_alone(
         "--config.dpo.precompute_reference=True --config.optim.mu_dtype=bfloat16",
         "--config.dpo.precompute_reference=True --config.optim.mu_dtype=bfloat16 --config.model.remat=full"]
     assert [x["fits"] for x in together] == [False, True] and together[1]["total"] == 14 * GiB
-    assert len(planned) == 5 + 2  # each change once, then two combinations; the doubled grad_accum never again
+    # each change once, grad_accum 4 once more (it did not lower the bytes), then two combinations
+    assert len(planned) == 5 + 1 + 2
     text = plan.format_report({"config": {"stage": "dpo", "mesh": {}, "global_batch_size": 8, "rows": 1, "length": 1,
                                           "loss_positions": 1, "grad_accum": 1, "packing": True, "reference": None,
                                           "param_dtype": "f", "dtype": "b", "remat": "none"},
@@ -308,3 +295,40 @@ def test_suggest_combines_the_changes_that_lower_the_bytes_when_none_fits_alone(
                                "compile_seconds": 1.0, "suggestions": rows})
     assert "error: micro-batch does not divide" in text and "no single change fits" in text
     assert text.rstrip().endswith("14.00 GiB  fits with 0.50 GiB free")
+
+
+def _fake_plans(monkeypatch, cfg, saving, hbm: float) -> list:
+    """plan() replaced by 20 GiB less saving(key, value) GiB for each key changed from cfg (GiB of usable `hbm`);
+    a changed mesh, or more than 8 micro-batches, cannot split the batch. Returns the list of what was planned."""
+    planned = []
+
+    def fake_plan(changed, topology, mix):
+        keys = ("mesh.shape", "dpo.precompute_reference", "optim.mu_dtype", "model.remat", "train.grad_accum")
+        diff = {k: changed[k.split(".")[0]][k.split(".")[1]] for k in keys}
+        diff = {k: v for k, v in diff.items() if v != cfg[k.split(".")[0]][k.split(".")[1]]}
+        planned.append(diff)
+        if "mesh.shape" in diff or diff.get("train.grad_accum", 0) > 8:
+            raise ValueError("micro-batch does not divide over the mesh")
+        memory = {"total": (20 - sum(saving(k, v) for k, v in diff.items())) * GiB, "hbm": hbm * GiB,
+                  "largest_inputs": []}
+        return {"memory": memory, "verdict": plan.verdict(memory)}
+
+    monkeypatch.setattr(plan, "plan", fake_plan)
+    return planned
+
+
+@pytest.mark.parametrize("hbm, fewest, tried", [(14.5, 8, [2, 4, 8]), (16.5, 4, [2, 4]), (13, 8, [2, 4, 8, 16])])
+def test_suggest_doubles_the_micro_batches_until_the_run_fits_or_they_no_longer_split(monkeypatch, hbm, fewest,
+                                                                                      tried):
+    """Each doubling of train.grad_accum saves 2 GiB here: suggest() stops at the first that fits, or at the last
+    the batch splits into (8 micro-batches)."""
+    from zephyr_jax.config_common import load_config
+
+    cfg = load_config("configs/dpo.py:tiny", **{"dpo.precompute_reference": True, "model.remat": "full",
+                                                 "optim.mu_dtype": "bfloat16"})  # leaves grad_accum alone
+    planned = _fake_plans(monkeypatch, cfg, lambda key, value: 2 * value.bit_length() - 2, hbm)
+    report = {"config": {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}}, "memory": {"total": 20 * GiB}}
+    (row,) = plan.suggest(cfg, report, "v5e-4")
+    assert row["change"] == f"--config.train.grad_accum={fewest}"
+    assert row["total"] == (20 - 2 * fewest.bit_length() + 2) * GiB and row["fits"] == (hbm != 13)
+    assert [p["train.grad_accum"] for p in planned] == tried

@@ -591,18 +591,24 @@ def memory_changes(cfg, mesh: dict) -> list[tuple[str, Any, str]]:
         changes.append(("model.remat", "full", "each layer's forward computed again in the backward pass"))
     if cfg.optim.mu_dtype != "bfloat16":
         changes.append(("optim.mu_dtype", "bfloat16", "Adam's first moment rounded to bf16"))
-    changes.append(("train.grad_accum", 2 * cfg.train.grad_accum,
-                    "micro-batches half the size, each layer recomputed in the backward pass"))
+    changes.append(("train.grad_accum", 2 * cfg.train.grad_accum,  # suggest() doubles it again while that helps
+                    "smaller micro-batches, each layer recomputed in the backward pass"))
     return changes
 
 
 def suggest(cfg, report: dict, topology: str, length_mix_spec: str | None = None) -> list[dict]:
     """plan() with each of memory_changes applied alone to cfg (planned as `report`): the change, its cost, the
-    bytes per chip and the verdict. When none fits alone, the ones that lowered the bytes are combined, the most
-    effective first, one more at a time until the run fits (rows with "together": True)."""
+    bytes per chip and the verdict. More micro-batches are doubled again while the run does not fit and the bytes
+    keep falling. When no change fits alone, those that lowered the bytes are combined, the most effective first,
+    one more at a time until the run fits (rows with "together": True)."""
     out, lowering = [], []
     for key, value, cost in memory_changes(cfg, report["config"]["mesh"]):
         row = _planned_change(cfg, {key: value}, topology, length_mix_spec)
+        while key == "train.grad_accum" and row.get("fits") is False:
+            more = _planned_change(cfg, {key: 2 * value}, topology, length_mix_spec)
+            if "error" in more or more["total"] >= row["total"]:
+                break
+            value, row = 2 * value, more
         out.append({**row, "cost": cost})
         if row.get("total", float("inf")) < report["memory"]["total"]:
             lowering.append((row["total"], key, value))
