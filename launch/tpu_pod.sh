@@ -11,7 +11,13 @@
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v4-64}
-VERSION=${VERSION:-tpu-ubuntu2204-base}
+case "$ACCELERATOR" in  # Cloud TPU's software version for JAX on each generation (its "TPU software versions" page)
+  v6e-*) default_version=v2-alpha-tpuv6e ;;
+  v5p-*) default_version=v2-alpha-tpuv5 ;;
+  v5litepod-*|v5e-*) default_version=v2-alpha-tpuv5-lite ;;
+  *) default_version=tpu-ubuntu2204-base ;;  # v4 and older
+esac
+VERSION=${VERSION:-$default_version}
 REPO=${REPO:-https://github.com/zephyr-jax/zephyr_jax.git}  # or your fork
 ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }
 

@@ -35,6 +35,14 @@ def test_tpu_pod_create_and_usage_errors(tmp_path):
     out, argv = _tpu_pod(tmp_path, "create", TPU_NAME="zephyr", ZONE="us-central2-b", ACCELERATOR="v5litepod-64")
     assert out.returncode == 0 and argv[:5] == ["compute", "tpus", "tpu-vm", "create", "zephyr"]
     assert argv[argv.index("--accelerator-type") + 1] == "v5litepod-64"
+    # the software version follows the generation unless VERSION is set
+    assert argv[argv.index("--version") + 1] == "v2-alpha-tpuv5-lite"
+    for accelerator, version in (("v4-8", "tpu-ubuntu2204-base"), ("v5p-32", "v2-alpha-tpuv5"),
+                                 ("v6e-16", "v2-alpha-tpuv6e")):
+        _, argv = _tpu_pod(tmp_path, "create", TPU_NAME="z", ZONE="z", ACCELERATOR=accelerator)
+        assert argv[argv.index("--version") + 1] == version, accelerator
+    _, argv = _tpu_pod(tmp_path, "create", TPU_NAME="z", ZONE="z", ACCELERATOR="v4-8", VERSION="my-image")
+    assert argv[argv.index("--version") + 1] == "my-image"
     out, _ = _tpu_pod(tmp_path, "resize", TPU_NAME="zephyr", ZONE="us-central2-b")
     assert out.returncode == 2 and "usage" in out.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE")}
