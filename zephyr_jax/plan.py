@@ -465,7 +465,7 @@ def compiled_bytes(compiled) -> dict:
     On GPUs and CPUs the temporaries are one buffer allocated beside the arguments, so the total is the sum.
     XLA:TPU reports its own peak from its buffer assignment, which can be below the sum; it is the figure XLA:TPU
     checks against HBM (it compiles a 7B dDPO step for v5e-8 at a 15.58 GiB peak, 17.83 GiB summed, and refuses
-    one at a 16.14 GiB peak), so it is the total there."""
+    one with more pairs that needs 16.14 GiB), so it is the total there."""
     mem = compiled.memory_analysis()
     not_donated = mem.output_size_in_bytes - mem.alias_size_in_bytes
     parts = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
