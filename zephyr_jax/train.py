@@ -317,6 +317,9 @@ def run(cfg, workdir: str) -> dict:
             f.write(cfg.to_json_best_effort(indent=2))
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
           f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}")
+    if cfg.train.grad_accum > 1 and cfg.model.remat != "full" and jax.process_index() == 0:
+        print(f"train.grad_accum={cfg.train.grad_accum}: the layers are recomputed in the backward pass, as "
+              f"model.remat='full' does (model/accumulate.py), so model.remat={cfg.model.remat!r} has no effect")
     rules, dpo = cfg.mesh.rules, cfg.stage == "dpo"
     sharding = batch_sharding(mesh, rules)
 
