@@ -268,7 +268,7 @@ def test_suggest_combines_the_changes_that_lower_the_bytes_when_none_fits_alone(
     cfg = load_config("configs/dpo.py:tiny", **{"mesh.shape": (2, 1, 1)})
     saved = {"dpo.precompute_reference": 3, "optim.mu_dtype": 2, "model.remat": 1, "train.grad_accum": -4}
     planned = _fake_plans(monkeypatch, cfg, lambda key, value: saved[key], hbm=14.5)
-    report = {"config": {"mesh": {"data": 2, "fsdp": 1, "tensor": 1}}, "memory": {"total": 20 * GiB}}
+    report = {"config": {"mesh": {"data": 2, "fsdp": 1, "tensor": 1}}, "memory": {"total": 20 * GiB, "hbm": 14.5 * GiB}}
     rows = plan.suggest(cfg, report, "v5e-4")
     alone = {x["change"]: x for x in rows if not x.get("together")}
     assert "micro-batch does not divide" in alone["--config.mesh.shape='(1,2,1)'"]["error"]
@@ -309,7 +309,7 @@ def _fake_plans(monkeypatch, cfg, saving, hbm: float) -> list:
         planned.append(diff)
         if "mesh.shape" in diff or diff.get("train.grad_accum", 0) > 8:
             raise ValueError("micro-batch does not divide over the mesh")
-        memory = {"total": (20 - sum(saving(k, v) for k, v in diff.items())) * GiB, "hbm": hbm * GiB,
+        memory = {"total": (20 - sum(saving(k, v) for k, v in diff.items())) * GiB, "hbm": hbm and hbm * GiB,
                   "largest_inputs": []}
         return {"memory": memory, "verdict": plan.verdict(memory)}
 
@@ -327,8 +327,33 @@ def test_suggest_doubles_the_micro_batches_until_the_run_fits_or_they_no_longer_
     cfg = load_config("configs/dpo.py:tiny", **{"dpo.precompute_reference": True, "model.remat": "full",
                                                  "optim.mu_dtype": "bfloat16"})  # leaves grad_accum alone
     planned = _fake_plans(monkeypatch, cfg, lambda key, value: 2 * value.bit_length() - 2, hbm)
-    report = {"config": {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}}, "memory": {"total": 20 * GiB}}
+    report = {"config": {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}}, "memory": {"total": 20 * GiB, "hbm": hbm * GiB}}
     (row,) = plan.suggest(cfg, report, "v5e-4")
     assert row["change"] == f"--config.train.grad_accum={fewest}"
     assert row["total"] == (20 - 2 * fewest.bit_length() + 2) * GiB and row["fits"] == (hbm != 13)
     assert [p["train.grad_accum"] for p in planned] == tried
+
+
+def test_suggest_combines_more_micro_batches_without_remat_and_nothing_when_the_capacity_is_unknown(monkeypatch):
+    """More micro-batches recompute every layer (model/accumulate.py), so a combination with them leaves
+    model.remat out, and a config that already has them is not offered remat at all. Without the device's
+    capacity (--topology=local on CPUs) nothing is combined: nothing can be said to fit."""
+    from zephyr_jax.config_common import load_config
+
+    cfg = load_config("configs/dpo.py:tiny")  # remat "none", frozen reference, float32 Adam
+    saved = {"dpo.precompute_reference": 3, "optim.mu_dtype": 2, "model.remat": 1}
+    saving = lambda key, value: 2 * value.bit_length() - 2 if key == "train.grad_accum" else saved[key]
+    for hbm in (12, None):
+        _fake_plans(monkeypatch, cfg, saving, hbm)
+        report = {"config": {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}},
+                  "memory": {"total": 20 * GiB, "hbm": hbm and hbm * GiB}}
+        rows = plan.suggest(cfg, report, "v5e-4")
+        assert "--config.model.remat=full" in [x["change"] for x in rows]
+        together = [x for x in rows if x.get("together")]
+        if hbm is None:
+            assert not together and all(x["fits"] is None for x in rows)
+        else:
+            assert [(x["change"], x["fits"]) for x in together] == [
+                ("--config.train.grad_accum=8 --config.dpo.precompute_reference=True", True)]
+    accumulating = load_config("configs/dpo.py:tiny", **{"train.grad_accum": 2})
+    assert "model.remat" not in [key for key, _, _ in plan.memory_changes(accumulating, report["config"]["mesh"])]

@@ -587,7 +587,7 @@ def memory_changes(cfg, mesh: dict) -> list[tuple[str, Any, str]]:
                         "the data axis folded into fsdp: weights gathered layer by layer"))
     if cfg.stage == "dpo" and not cfg.dpo.precompute_reference and not cfg.dpo.reference_free:
         changes.append(("dpo.precompute_reference", True, "one scoring pass before training, the same log-probs"))
-    if cfg.model.remat != "full":
+    if cfg.model.remat != "full" and cfg.train.grad_accum == 1:  # more micro-batches recompute every layer anyway
         changes.append(("model.remat", "full", "each layer's forward computed again in the backward pass"))
     if cfg.optim.mu_dtype != "bfloat16":
         changes.append(("optim.mu_dtype", "bfloat16", "Adam's first moment rounded to bf16"))
@@ -612,8 +612,10 @@ def suggest(cfg, report: dict, topology: str, length_mix_spec: str | None = None
         out.append({**row, "cost": cost})
         if row.get("total", float("inf")) < report["memory"]["total"]:
             lowering.append((row["total"], key, value))
-    if any(x.get("fits") for x in out) or len(lowering) < 2:
-        return out
+    if not report["memory"].get("hbm") or any(x.get("fits") for x in out) or len(lowering) < 2:
+        return out  # (without the device's capacity nothing can be said to fit)
+    if any(key == "train.grad_accum" for _, key, _ in lowering):  # it recomputes every layer: remat is moot
+        lowering = [t for t in lowering if t[1] != "model.remat"]
     combined = {}
     for _, key, value in sorted(lowering, key=lambda t: t[0]):
         combined[key] = value
