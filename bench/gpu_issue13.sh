@@ -140,8 +140,9 @@ run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed r
   # 16 pairs a step. The table's "XLA GiB" is the planner's figure for the same step
   # (`python -m zephyr_jax.plan --topology=local`), beside the allocator's measured peak.
   local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True" extra batch
-  for variant in "none $DPO_BATCH" "--config.train.grad_accum=2 $DPO_BATCH" "--config.optim.mu_dtype=bfloat16 \
-                 $DPO_BATCH" "--config.optim.mu_dtype=bfloat16 $(( DPO_BATCH / 2 ))"; do
+  for variant in "none $DPO_BATCH" "--config.train.grad_accum=2 $DPO_BATCH" \
+                 "--config.optim.mu_dtype=bfloat16 $DPO_BATCH" \
+                 "--config.optim.mu_dtype=bfloat16 $(( DPO_BATCH / 2 ))"; do
     read -r extra batch <<<"$variant"
     [ "$extra" = none ] && extra=""
     stage dpo7b 240 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch --batches=1 \
