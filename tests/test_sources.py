@@ -180,3 +180,28 @@ def test_tfds_array_record(tmp_path):
 def test_tfds_to_python_without_features():
     value = {"a": b"x", "b": np.array([b"y", b"z"], dtype=object), "c": np.float32(1.5), "d": np.int64(3)}
     assert tfds_to_python(value) == {"a": "x", "b": ["y", "z"], "c": 1.5, "d": 3}
+
+
+def test_bad_json_lines_are_named_by_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": 2,}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_rows(str(tmp_path / "bad.jsonl"), None)
+    (tmp_path / "list.jsonl").write_text('{"a": 1}\n\n["a", 2]\n')
+    with pytest.raises(ValueError, match=r"list\.jsonl:3: a JSON list, expected an object"):
+        load_rows(str(tmp_path / "list.jsonl"), None)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="hold no rows"):
+        load_rows(str(tmp_path / "empty.jsonl"), None)
+
+
+def test_a_column_that_stays_null_for_the_first_10_mb_still_reads(tmp_path):
+    """datasets' JSON reader types columns from the first 10 MB; feedback's `error` is null until a call fails."""
+    path = tmp_path / "train.jsonl"
+    filler = "x" * 1000
+    with open(path, "w") as f:
+        for i in range(11 * 1024):  # ~11 MB of rows whose "error" is null
+            f.write(json.dumps({"i": i, "error": None, "text": filler}) + "\n")
+        f.write(json.dumps({"i": -1, "error": "HTTP 500", "text": "late"}) + "\n")
+    rows = load_rows(str(path), None)
+    assert len(rows) == 11 * 1024 + 1
+    assert rows[-1] == {"i": -1, "error": "HTTP 500", "text": "late"} and rows[0]["error"] is None

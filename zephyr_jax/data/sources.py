@@ -26,6 +26,7 @@ Hub and file sources return a `datasets.Dataset` (`rows[i]` is a dict), or with 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,10 +135,65 @@ def _load_files(files: list[str], streaming: bool):
     formats = {FORMATS.get(Path(f).suffix) for f in files}
     if None in formats or len(formats) != 1:
         raise ValueError(f"data files must all be one of {'/'.join(FORMATS)} formats, got {files[:5]}")
+    builder = formats.pop()
     try:
-        return datasets.load_dataset(formats.pop(), data_files=files, split="train", streaming=streaming)
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
     except Exception as e:
-        raise ValueError(f"could not read {files if len(files) < 4 else files[:3] + ['...']}: {e}") from e
+        if builder == "json" and not streaming and not any("://" in f for f in files):
+            return _load_json_rows(files, e)
+        raise ValueError(f"could not read {_names(files)}: {_root_cause(e)}") from e
+
+
+def _names(files) -> list[str]:
+    return files if len(files) < 4 else files[:3] + ["..."]
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause's message: `datasets` wraps the reason (a JSON parse error, an Arrow cast) in a generic
+    "An error occurred while generating the dataset"."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _load_json_rows(files: list[str], error: Exception):
+    """Local JSON files that `datasets`' reader refused, read with the json module: a line that is not a JSON
+    object is named by file and line, and rows that parse become a Dataset whose column types are inferred from
+    every row. (`datasets` takes them from the first 10 MB, so a field that stays null there, such as feedback's
+    `error`, cannot hold a string later on.)"""
+    import datasets
+
+    rows = []
+    for f in files:
+        with open(f, encoding="utf-8") as handle:
+            if Path(f).suffix == ".json":
+                try:
+                    value = json.load(handle)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{e.lineno}: not valid JSON: {e.msg}") from e
+                if not (isinstance(value, list) and all(isinstance(r, dict) for r in value)):
+                    raise ValueError(f"could not read {f}: {_root_cause(error)}") from error
+                rows.extend(value)
+                continue
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{number}: not valid JSON ({e.msg}, column {e.colno}): "
+                                     f"{line.strip()[:80]!r}") from e
+                if not isinstance(row, dict):
+                    raise ValueError(f"{f}:{number}: a JSON {type(row).__name__}, expected an object (one row "
+                                     "per line)")
+                rows.append(row)
+    if not rows:
+        raise ValueError(f"{_names(files)} hold no rows")
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception as e:  # a column whose values disagree in type across rows
+        raise ValueError(f"could not read {_names(files)}: the rows' columns disagree in type: "
+                         f"{_root_cause(e)}") from e
 
 
 # ---------------------------------------------------------------------------------------------------- TFDS
