@@ -122,6 +122,24 @@ def test_schema_splits_sectors_and_sft_processing(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_a_reply_with_a_lone_surrogate_is_written_with_a_replacement_character(tmp_path):
+    """Half an emoji ("\\ud83d" in a server's JSON) cannot be written as UTF-8: it used to end the run in the
+    journal's write, and every rerun paid for the same reply and ended again."""
+    from zephyr_jax.data.journal import Journal
+
+    half = json.loads('"Sure \\ud83d here."')
+    assistant = CallableBackend(lambda call: half, name="cut")
+    stats = make_dialogues([Seed("What is a volcano?", "world")], CallableBackend(scripted_user), assistant,
+                           tmp_path, min_turns=1, max_turns=1, test_size=0, log=lambda s: None)
+    (row,) = _rows(tmp_path / "train_sft.jsonl")
+    assert row["messages"][1]["content"] == "Sure \ufffd here." and stats["kept"] == 1
+    assert assistant.stats["lone_surrogates_replaced"] == 1
+    with Journal(tmp_path / "j.jsonl", {}) as journal:
+        with pytest.raises(UnicodeEncodeError):
+            journal.append(("k",), {"text": half})
+        assert ("k",) not in journal  # not counted as done when it could not be written
+
+
 FILTER_SEEDS = [  # (opening, what becomes of it with 3 turns)
     ("Tell me about tides?", "kept"),
     ("Please explain REFUSE rules.", "truncated: refusal in assistant turn"),
@@ -199,6 +217,9 @@ def test_seeds_from_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok?"}\n{"text": "no seed column"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl row 1: no seed column"):
+        load_seeds(bad)
+    bad.write_text('{"question": "half \\ud83d an emoji?"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: text with a lone surrogate"):
         load_seeds(bad)
     for missing in ("missing.txt", "missing.jsonl"):
         with pytest.raises(FileNotFoundError, match=f"seeds file .*{missing}' does not exist"):

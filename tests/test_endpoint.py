@@ -3,6 +3,7 @@ server did, failures are counted replies, the per-URL concurrency bound holds, a
 
 import asyncio
 import email.utils
+import json
 import time
 
 import httpx
@@ -140,6 +141,28 @@ def test_malformed_body_is_a_failure_not_a_crash():
         (reply,) = run_all(ep, [user("q")])
     assert reply.text is None and "malformed reply" in reply.error and reply.attempts == 1
     assert ep.stats["failures"] == 1 and ep.stats["retries"] == 0
+
+
+def test_a_wrongly_shaped_200_is_a_failure_and_a_lone_surrogate_is_replaced():
+    """The openai client does not validate a 200's shape; each of these would otherwise raise deep in a run."""
+    completion = {"choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}
+    bodies = {"completion to chat": completion, "choices a string": {"choices": "hi"}, "no choices": {},
+              "number content": {"choices": [{"index": 0, "message": {"role": "assistant", "content": 5}}]},
+              "surrogate": {"choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": "half \ud83d emoji"}}]}}
+    respond = lambda body, attempt: raw(json.dumps(bodies[content_of(body)]))  # noqa: E731
+    with ScriptedServer(respond) as server:
+        ep = Endpoint("teacher", [server.base_url], backoff=0.01)
+        replies = dict(zip(bodies, run_all(ep, [user(k) for k in bodies])))
+    expected = {"completion to chat": "has no 'message'", "choices a string": "'choices' is str",
+                "no choices": "'choices' is NoneType", "number content": "text is int 5, not a string"}
+    for name, error in expected.items():
+        reply = replies[name]
+        assert reply.text is None and "malformed reply" in reply.error and error in reply.error, (name, reply)
+        assert reply.attempts == 1, name
+    assert replies["surrogate"].text == "half \ufffd emoji"
+    assert ep.stats["lone_surrogates_replaced"] == 1 and ep.stats["failures"] == 4
+    assert "1 replies with lone surrogates" in ep.summary()
 
 
 def test_empty_content_is_an_empty_string_and_prompt_calls_use_completions():

@@ -183,6 +183,16 @@ def test_programmatic_judge_schema_binarize_and_ties(tmp_path):
         assert pair["score_chosen"] == 5.0 and pair["score_rejected"] < 5.0
 
 
+def test_unusable_prompts_are_counted_skips():
+    rows = [{"prompt": "ok?"}, {"prompt": "  "}, {"prompt": json.loads('"half \\ud83d"')}, {"prompt": "ok?"},
+            {"text": "no prompt"}]
+    counter = SkipCounter()
+    prompts = feedback.read_prompts(rows, counter=counter)
+    assert [p.instruction for p in prompts] == ["ok?"]
+    assert counter.skipped == {"empty prompt": 1, "prompt is not valid Unicode (a lone surrogate)": 1,
+                               "duplicate prompt": 1, "no 'instruction', 'prompt' or 'messages' column": 1}
+
+
 def test_pool_smaller_than_k_samples_with_replacement(tmp_path):
     rows = arithmetic_rows(3)[:3]
     collect_feedback(rows, pool("right"), check_sum, tmp_path, completions_per_prompt=4, principles="none",

@@ -21,7 +21,10 @@ import dataclasses
 import importlib
 import inspect
 import random
+import re
 from typing import Callable
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # Python joins a valid pair into one code point
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,11 @@ class Backend:
 
     async def complete(self, call: Call) -> Reply:
         reply = await self._complete(call)
+        if reply.text is not None and _LONE_SURROGATE.search(reply.text):
+            # Half of a UTF-16 pair (a server's escaped reply cut mid-emoji) cannot be written as UTF-8: the
+            # journal and the outputs could not store the reply, and every rerun would pay for it again.
+            reply.text = _LONE_SURROGATE.sub("\ufffd", reply.text)
+            self.stats["lone_surrogates_replaced"] += 1
         self.stats["calls"] += 1
         self.stats["failures"] += not reply.ok
         self.stats["prompt_tokens"] += reply.prompt_tokens
@@ -77,8 +85,11 @@ class Backend:
 
     def summary(self) -> str:
         s = self.stats
-        return (f"{self.name}: {s['calls']} calls, {s['failures']} failed, {s['retries']} retries, "
+        text = (f"{self.name}: {s['calls']} calls, {s['failures']} failed, {s['retries']} retries, "
                 f"{s['prompt_tokens']} prompt + {s['completion_tokens']} completion tokens")
+        if s["lone_surrogates_replaced"]:
+            text += f", {s['lone_surrogates_replaced']} replies with lone surrogates (written as U+FFFD)"
+        return text
 
 
 class CallableBackend(Backend):

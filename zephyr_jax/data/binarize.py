@@ -67,7 +67,7 @@ def _number(x) -> float | None:
     return None
 
 
-def _is_text(x) -> bool:
+def is_text(x) -> bool:
     """A non-blank str that UTF-8 can encode (JSON may carry lone surrogates, which cannot be written back)."""
     if not isinstance(x, str) or not x.strip():
         return False
@@ -104,7 +104,7 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
     prompt = row["instruction"]
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRow(index, "empty instruction", source)
-    if not _is_text(prompt):
+    if not is_text(prompt):
         raise BadRow(index, "instruction is not valid UTF-8 text", source)
     completions = row["completions"]
     if not isinstance(completions, (list, tuple)):
@@ -113,7 +113,7 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
     for c in completions:
         score = completion_score(c, rank_by)
         response = c.get("response") if isinstance(c, dict) else None
-        if score is not None and _is_text(response):
+        if score is not None and is_text(response):
             usable.append((score, response))
     if len(usable) < 2:
         raise BadRow(index, "fewer than 2 usable completions", source)

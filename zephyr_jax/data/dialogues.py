@@ -100,7 +100,7 @@ import sys
 from pathlib import Path
 
 from zephyr_jax.data.backends import Backend, BackendSet, Call, map_bounded
-from zephyr_jax.data.binarize import prompt_id, train_test_split, write_jsonl
+from zephyr_jax.data.binarize import is_text, prompt_id, train_test_split, write_jsonl
 from zephyr_jax.data.errors import SkipCounter
 from zephyr_jax.data.journal import Journal, SettingsMismatch
 
@@ -304,6 +304,8 @@ def _row_seed(row, index: int, where: str, column: str | None, sector: str | Non
     text = row[column]
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where} row {index}: {column!r} is not a non-empty string")
+    if not is_text(text):
+        raise ValueError(f"{where} row {index}: {column!r} is not valid Unicode (a lone surrogate)")
     text = text.strip()
     row_sector = row.get("sector") or sector
     if column == "material":

@@ -33,6 +33,30 @@ import openai
 RETRY_REASONS = ("429", "5xx", "timeout", "connection")
 
 
+def _choice_text(choices, chat: bool) -> str | None:
+    """The first choice's text. The openai client builds replies without validating them, so a 200 of the wrong
+    shape (a /v1/completions choice to a chat call, "choices" not a list, a number as content) would otherwise
+    surface later as an AttributeError; here it is a ValueError, which `_complete` reports as a malformed reply."""
+    if not isinstance(choices, list):
+        raise ValueError(f"'choices' is {type(choices).__name__}, expected a list")
+    choice = choices[0]
+    if chat:
+        message = getattr(choice, "message", None)
+        if message is None:
+            raise ValueError("choices[0] has no 'message' (a /v1/completions reply to a chat request?)")
+        text = getattr(message, "content", None)
+    else:
+        text = getattr(choice, "text", _MISSING)
+        if text is _MISSING:
+            raise ValueError("choices[0] has no 'text' (a chat reply to a /v1/completions request?)")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"choices[0]'s text is {type(text).__name__} {text!r:.40}, not a string")
+    return text
+
+
+_MISSING = object()
+
+
 def retry_after_seconds(headers, now: float | None = None) -> float | None:
     """The server's requested wait in seconds from `retry-after-ms` or `Retry-After` (seconds or an HTTP date),
     or None when it sent neither (or something unreadable)."""
@@ -181,18 +205,16 @@ class Endpoint(Backend):
             kwargs["stop"] = list(call.stop)
         if call.messages is not None:
             response = await client.chat.completions.create(messages=list(call.messages), **kwargs)
-            pick = lambda choice: choice.message.content  # noqa: E731
         else:
             response = await client.completions.create(prompt=call.prompt, **kwargs)
-            pick = lambda choice: choice.text  # noqa: E731
-        if not response.choices:
+        choices = getattr(response, "choices", None)
+        if choices == []:
             return Reply(None, error=f"{self.name} at {client.base_url}: the server's reply has no choices")
-        choice = response.choices[0]
-        usage = response.usage
-        return Reply(pick(choice) or "",  # an empty reply is the caller's to filter, not an error
-                     prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        usage = getattr(response, "usage", None)
+        return Reply(_choice_text(choices, chat=call.messages is not None) or "",  # an empty reply is the
+                     prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,   # caller's to filter, not an error
                      completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                     finish_reason=choice.finish_reason)
+                     finish_reason=getattr(choices[0], "finish_reason", None))
 
     def _delay(self, attempt: int, hint: float | None) -> float:
         if hint is not None:  # the server's word, plus a little jitter so a burst of callers does not return as one

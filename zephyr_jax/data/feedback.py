@@ -100,7 +100,7 @@ from pathlib import Path
 from typing import Callable
 
 from zephyr_jax.data.backends import Backend, BackendSet, Call, load_callable, map_bounded
-from zephyr_jax.data.binarize import ASPECTS, prompt_id, write_jsonl
+from zephyr_jax.data.binarize import ASPECTS, is_text, prompt_id, write_jsonl
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.journal import Journal
 
@@ -305,6 +305,8 @@ def instruction_of(row, index: int, source: str | None = None) -> str:
         text = users[0]
     if not isinstance(text, str) or not text.strip():
         raise BadRow(index, "empty prompt", source)
+    if not is_text(text):
+        raise BadRow(index, "prompt is not valid Unicode (a lone surrogate)", source)
     return text
 
 

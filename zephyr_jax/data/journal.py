@@ -87,6 +87,7 @@ class Journal:
     def append(self, key, value: dict) -> None:
         key = tuple(key)
         line = json.dumps({"key": list(key), "value": value}, ensure_ascii=False) + "\n"
+        line.encode("utf-8")  # text UTF-8 cannot write (a lone surrogate) fails here, before the key counts as done
         with self._lock:
             if key in self.done:
                 return

@@ -163,7 +163,7 @@ def _load_json_rows(files: list[str], error: Exception):
     `error`, cannot hold a string later on.)"""
     import datasets
 
-    rows = []
+    rows, where = [], []
     for f in files:
         with open(f, encoding="utf-8") as handle:
             if Path(f).suffix == ".json":
@@ -174,6 +174,7 @@ def _load_json_rows(files: list[str], error: Exception):
                 if not (isinstance(value, list) and all(isinstance(r, dict) for r in value)):
                     raise ValueError(f"could not read {f}: {_root_cause(error)}") from error
                 rows.extend(value)
+                where.extend(f"{f} row {i}" for i in range(len(value)))
                 continue
             for number, line in enumerate(handle, 1):
                 if not line.strip():
@@ -187,11 +188,18 @@ def _load_json_rows(files: list[str], error: Exception):
                     raise ValueError(f"{f}:{number}: a JSON {type(row).__name__}, expected an object (one row "
                                      "per line)")
                 rows.append(row)
+                where.append(f"{f}:{number}")
     if not rows:
         raise ValueError(f"{_names(files)} hold no rows")
     try:
         return datasets.Dataset.from_list(rows)
-    except Exception as e:  # a column whose values disagree in type across rows
+    except Exception as e:  # a column whose values disagree in type across rows, or text Arrow cannot hold
+        for row, at in zip(rows, where):
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{at}: text with a lone surrogate (half of a UTF-16 pair, e.g. a cut emoji), "
+                                 "which is not valid Unicode: mend or drop that row") from e
         raise ValueError(f"could not read {_names(files)}: the rows' columns disagree in type: "
                          f"{_root_cause(e)}") from e
 
