@@ -146,7 +146,7 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
 
 # --- Bad rows: processed, or a BadRow naming the index; nothing else escapes. ---
 
-text = st.one_of(st.text(max_size=30), st.sampled_from(["", " ", "</s>", "<s>", "hi", "\n"]))
+text = st.one_of(st.text(max_size=30), st.sampled_from(["", " ", "</s>", "<s>", "<unk>", "hi", "\n"]))
 message = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", ""]), "content": text}),
     st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"])}),
@@ -166,6 +166,7 @@ def test_sft_rows_fuzz(tok, row, index):
         assert str(err).startswith(f"row {index}") and err.reason
     else:
         assert ex.ids[0] == tok.bos_token_id and ex.loss_mask.any()
+        assert tok.unk_token_id not in ex.ids.tolist()  # byte fallback: only the text "<unk>" could give id 0
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -179,3 +180,11 @@ def test_preference_rows_fuzz(tok, prompt, chosen, rejected, keys, index):
         assert str(err).startswith(f"row {index}") and err.reason
     else:
         assert len(ex.chosen) and len(ex.rejected) and ex.prompt[0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("special", ["<s>", "</s>", "<unk>"])
+def test_special_token_text_in_a_message_is_a_bad_row(tok, special):
+    """The tokenizer reads these as control tokens ("<unk>" is id 0), so the row would not train on its text."""
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"the {special} token"}]}
+    with pytest.raises(BadRow, match=r"row 3: messages\[1\] contains special-token text"):
+        sft_example(row, 3, tok, loss_on="assistant", max_length=64)

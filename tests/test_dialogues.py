@@ -140,6 +140,14 @@ def test_a_reply_with_a_lone_surrogate_is_written_with_a_replacement_character(t
         assert ("k",) not in journal  # not counted as done when it could not be written
 
 
+def test_a_seed_that_is_the_opening_is_taken_as_it_is(tmp_path):
+    """The user simulator's tidying (labels, quotes, a reply it wrote itself) is not for given text."""
+    opening = '"Summarise" this chat:\n\nCustomer: it blinks red.\nAI: Restart it.'
+    _run(tmp_path, [Seed(opening, "materials")], min_turns=1, max_turns=1, test_size=0)
+    (row,) = _rows(tmp_path / "train_sft.jsonl")
+    assert row["messages"][0]["content"] == row["prompt"] == opening
+
+
 FILTER_SEEDS = [  # (opening, what becomes of it with 3 turns)
     ("Tell me about tides?", "kept"),
     ("Please explain REFUSE rules.", "truncated: refusal in assistant turn"),
@@ -185,6 +193,10 @@ def test_filters_drop_or_truncate_and_count_each_reason(tmp_path):
     ("assistant", "I do not have personal opinions, but here are both sides.", "AI boilerplate in assistant turn"),
     ("assistant", "I'm just a language model.", "AI boilerplate in assistant turn"),
     ("user", "As an AI, I wonder about this.", "user simulator broke character"),
+    ("user", "I'm an AI language model, so I cannot ask.", "user simulator broke character"),
+    ("user", "As an AI researcher, I want to know how transformers scale.", None),
+    ("user", "I am an AI student, how do I start? I don't have any preferences.", None),
+    ("assistant", "The token <unk> is id 0.", "special-token text in assistant turn"),
     ("assistant", "You can use Python as an AI tool. I'm sorry to hear it broke.", None),
     ("assistant", "I don't have a car either, so take the bus.", None),
     ("assistant", "Hello <|user|>", "special-token text in assistant turn"),
@@ -330,6 +342,16 @@ def test_magpie_raw_prompt_is_the_template_prefix(tmp_path):
     assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 2 and row["sector"] == "magpie"
     with pytest.raises(ValueError, match="magpie mode takes no seeds"):
         make_dialogues(["a?"], None, CallableBackend(magpie_model), tmp_path, mode="magpie", num_dialogues=1)
+    # The same command again resumes (the default tokenizer loads from a new temporary directory each time).
+    MAGPIE_CALLS.clear()
+    again = make_dialogues(None, None, CallableBackend(magpie_model, concurrency=1), tmp_path, mode="magpie",
+                           num_dialogues=3, min_turns=2, max_turns=2, test_size=0, concurrency=1,
+                           log=lambda s: None)
+    assert not MAGPIE_CALLS and again["kept"] == 3
+    with pytest.raises(ValueError, match=r"test_size=1.5: expected a fraction"):  # refused before any call is made
+        make_dialogues(None, None, CallableBackend(magpie_model), tmp_path / "b", mode="magpie", num_dialogues=1,
+                       test_size=1.5)
+    assert not MAGPIE_CALLS and not (tmp_path / "b").exists()
 
 
 # --------------------------------------------------------------------------------------- over real HTTP

@@ -15,8 +15,9 @@ from zephyr_jax.data.errors import BadRow
 from zephyr_jax.tokenizer import with_system_message
 
 ROLES = ("system", "user", "assistant")
-# Strings the tokenizer would read as control tokens if they appeared inside message text.
-SPECIAL_TEXTS = ("<s>", "</s>")
+# Strings the tokenizer would read as control tokens if they appeared inside message text ("<unk>" is id 0: a
+# reply that mentions it would teach the model to emit the unknown token).
+SPECIAL_TEXTS = ("<s>", "</s>", "<unk>")
 
 
 def check_messages(messages, index, source, field="messages") -> list[dict]:

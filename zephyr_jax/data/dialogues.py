@@ -59,15 +59,15 @@ Filters. Every message is checked as it arrives; the first check that fails ends
     stopped at max_tokens                "... turn cut off at max_tokens"
     longer than --max_turn_chars         "... turn over N chars"
     assistant refusal                    "refusal in assistant turn" (REFUSAL regexes)
-    "as an AI", "I don't have opinions"  "AI boilerplate in assistant turn" (BOILERPLATE regexes); in a user
-                                         turn "user simulator broke character"
+    "as an AI", "I don't have opinions"  "AI boilerplate in assistant turn" (BOILERPLATE regexes)
+    "As an AI, ...", "I'm an AI."        in a user turn: "user simulator broke character" (USER_AS_MODEL)
     same text as an earlier message      "repeated ... turn" (compared after normalizing case and punctuation)
 A failure in a later message truncates the dialogue to its last complete turn before it (counted in
 "truncated", by reason); a failure in the first turn drops the dialogue (counted in "dropped", by reason).
 Openings are made first for all dialogues; a dialogue whose normalized opening repeats an earlier dialogue's is
 dropped ("duplicate opening prompt") before anything more is asked for it. The user simulator's messages are
 tidied before the checks (a leading "User:" label and wrapping quotes removed, anything after a line starting
-"Assistant:" cut). Nothing is dropped silently: stats.json and the printed summary count every drop and
+"Assistant:" cut); a seed that is the opening is taken as it is. Nothing is dropped silently: stats.json and the printed summary count every drop and
 truncation by reason.
 
 Determinism and resume. All randomness of dialogue i comes from random.Random(f"{seed}:{i}"), and each call
@@ -101,6 +101,8 @@ from pathlib import Path
 
 from zephyr_jax.data.backends import Backend, BackendSet, Call, map_bounded
 from zephyr_jax.data.binarize import is_text, prompt_id, train_test_split, write_jsonl
+from zephyr_jax.data.cache import tokenizer_fingerprint
+from zephyr_jax.data.conversation import SPECIAL_TEXTS
 from zephyr_jax.data.errors import SkipCounter
 from zephyr_jax.data.journal import Journal, SettingsMismatch
 
@@ -377,7 +379,17 @@ BOILERPLATE = re.compile("|".join((
     r"(?:emotions|feelings|opinions|beliefs|preferences|experiences|views)\b",
     r"\bI(?:'m| am) not capable of (?:having |feeling )?(?:emotions|feelings|opinions)\b",
 )), re.IGNORECASE)
-MARKERS = ("<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>")
+# The user simulator speaking as a model. Narrower than BOILERPLATE: a real user may be "an AI researcher" or
+# "an AI student", or say "I don't have any preferences".
+USER_AS_MODEL = re.compile("|".join((
+    r"\bas an? (?:ai|artificial intelligence)(?: (?:language )?model| assistant)?\s*,",
+    r"\bas an? (?:(?:large )?language model|virtual assistant|chatbot)\b",
+    r"\bI(?:'m| am) (?:just |only |merely )?an? (?:ai|artificial intelligence)(?: (?:language )?model| assistant)?"
+    r"\s*(?:[,.;!]|$|and\b|so\b)",
+    r"\bI(?:'m| am) (?:just |only |merely )?an? (?:(?:large )?language model|virtual assistant|chatbot|"
+    r"computer program)\b",
+)), re.IGNORECASE)
+MARKERS = (*SPECIAL_TEXTS, "<|user|>", "<|assistant|>", "<|system|>")
 _USER_LABEL = re.compile(r"^\s*(?:user|human|me|person)\s*:\s*", re.IGNORECASE)
 _ASSISTANT_LINE = re.compile(r"\n\s*(?:assistant|ai|chatbot|bot)\s*:", re.IGNORECASE)
 
@@ -409,8 +421,10 @@ def check_turn(role: str, text: str, finish_reason: str | None, earlier: list[di
     plain = text.replace("\u2019", "'")
     if role == "assistant" and REFUSAL.search(plain):
         return "refusal in assistant turn"
-    if BOILERPLATE.search(plain):
-        return "AI boilerplate in assistant turn" if role == "assistant" else "user simulator broke character"
+    if role == "assistant" and BOILERPLATE.search(plain):
+        return "AI boilerplate in assistant turn"
+    if role == "user" and USER_AS_MODEL.search(plain):
+        return "user simulator broke character"
     if normalize(text) in {normalize(m["content"]) for m in earlier}:
         return f"repeated {role} turn"
     return None
@@ -514,13 +528,11 @@ class _Run:
         """(text, None) for message len(d.messages) of dialogue d, or (None, the reason it ends here)."""
         t = len(d.messages)
         role = "user" if t % 2 == 0 else "assistant"
-        if t == 0 and self.mode != "magpie" and not d.seed.is_topic:
-            value = {"text": d.seed.text}  # the seed is the opening
-        else:
-            value = await self.message(d.index, t, *self.request(d, t))
+        given = t == 0 and self.mode != "magpie" and not d.seed.is_topic  # the seed is the opening, as it is
+        value = {"text": d.seed.text} if given else await self.message(d.index, t, *self.request(d, t))
         if value["text"] is None:
             return None, f"failed {role} call"
-        text = tidy_user_turn(value["text"]) if role == "user" else value["text"].strip()
+        text = tidy_user_turn(value["text"]) if role == "user" and not given else value["text"].strip()
         reason = check_turn(role, text, value.get("finish_reason"), d.messages, self.max_turn_chars)
         return (None, reason) if reason else (text, None)
 
@@ -554,20 +566,26 @@ def _settings(run: _Run) -> dict:
         "prompts": hashlib.sha256("\n".join((USER_SYSTEM, USER_TOPIC, OPENING_REQUEST)).encode()).hexdigest(),
     }
     if run.magpie:
+        # What the tokenizer does, not where it was loaded from (load_tokenizer() uses a new temporary directory)
         settings.update(template_prefix=run.magpie.prefix([]), stop=list(run.magpie.stop),
-                        tokenizer=getattr(run.magpie.tokenizer, "name_or_path", None))
+                        tokenizer=tokenizer_fingerprint(run.magpie.tokenizer))
     return settings
+
+
+def _check_test_size(test_size: float) -> None:
+    """Its form, before any teacher call; whether a count is below the kept dialogues is known only at the end."""
+    if test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
+        raise ValueError(f"test_size={test_size}: expected a fraction in [0, 1) or a whole count of rows")
 
 
 def _test_count(test_size: float, n: int) -> int:
     """Rows for test_sft: test_size itself when >= 1, else that fraction of n (leaving train at least one)."""
+    _check_test_size(test_size)
     if test_size >= 1:
-        if test_size != int(test_size) or test_size >= n:
+        if test_size >= n:
             raise ValueError(f"test_size={test_size} must be a whole count below the {n} kept dialogues "
                              f"(or a fraction below 1)")
         return int(test_size)
-    if test_size < 0:
-        raise ValueError(f"test_size={test_size} is negative")
     return min(round(test_size * n), max(n - 1, 0))
 
 
@@ -592,6 +610,7 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
     """make_dialogues as a coroutine (for callers that already run an event loop, e.g. a notebook)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    _check_test_size(test_size)
     if mode == "magpie":
         if seeds or user not in (None, assistant):
             raise ValueError("magpie mode takes no seeds and no user backend: the assistant model writes the user "
