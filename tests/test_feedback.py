@@ -217,6 +217,11 @@ def test_draws_are_fixed_by_seed_and_prompt():
     assert "helpfulness" not in tqa and 0.44 < tqa["truthfulness"] / 2000 < 0.56
     assert set(feedback.pick_principle("custom", "ultrafeedback", 0, f"p{i}", 0)[0] for i in range(50)) == \
         {"helpfulness"}
+    for source in ("flan_v2_niv2", "flan_v2_cot", "flan_v2_p3", "flan_v2_flan2021"):  # openbmb's FLAN names
+        flan = collections.Counter(feedback.pick_principle(source, "ultrafeedback", 0, f"p{i}", 0)[0]
+                                   for i in range(1000))
+        assert set(flan) == {"helpfulness", "verbalized_calibration"}, source
+        assert 0.15 < flan["verbalized_calibration"] / 1000 < 0.25, source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,10 +350,14 @@ def test_failed_calls_are_made_again_on_a_rerun(tmp_path):
     assert first["failed_generations"] == 1 and first["failed_judge_calls"] == {"rating": 1, "critique": 0}
     row0 = load_rows(tmp_path / "a", "train")[0]
     assert [c["response"] is None for c in row0["completions"]].count(True) == 1
+    written = (tmp_path / "a" / "train.jsonl").read_text()
+    again = run(tmp_path / "a")  # the same failures: only the failed calls are made again (row 0's ratings of
+    assert again["this_run"]["calls"] == {"generation": 1, "rating": 1, "critique": 0}  # one completion are kept)
+    assert (tmp_path / "a" / "train.jsonl").read_text() == written
     broken["on"] = False
     second = run(tmp_path / "a")
-    # made again: row 0's failed generation, its 4 aspect ratings (journaled only once they cover both
-    # completions) and the new completion's critique; row 1's failed honesty rating
+    # made again: row 0's failed generation, its 4 aspect ratings (now over both completions) and the new
+    # completion's critique; row 1's failed honesty rating
     assert second["this_run"]["calls"] == {"generation": 1, "rating": 4 + 1, "critique": 1}
     assert second["failed_generations"] == 0 and second["failed_judge_calls"] == {"rating": 0, "critique": 0}
     run(tmp_path / "b")  # no failures from the start
@@ -603,3 +612,13 @@ def test_programmatic_judge_errors_are_counted_not_fatal(tmp_path):
     ratings = {a: out[2]["completions"][0]["annotations"][a]["Rating"] for a in ASPECTS}
     assert ratings == {"instruction_following": "N/A", "honesty": "2", "truthfulness": "N/A", "helpfulness": "4"}
     assert out[2]["completions"][0]["overall_score"] == 1 + 9 * (3 - 1) / 4  # from the mean rating, 3
+
+
+def test_programmatic_ratings_may_be_numpy_numbers():
+    import numpy as np
+
+    for value, shown in ((np.int64(5), "5"), (np.float32(4.5), "4.5"), (3, "3"), ({"honesty": np.float64(2)}, "2")):
+        annotations = feedback.programmatic_annotations(value, "checker")
+        assert annotations["honesty"]["Rating"] == shown
+    with pytest.raises(ValueError, match="is not a number from 1 to 5"):
+        feedback.programmatic_annotations(np.int64(6), "checker")

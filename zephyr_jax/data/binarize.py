@@ -17,7 +17,8 @@ Rules (the paper's, §4 and the dataset card):
 - randomness: one `rng.choice` per kept row, in row order; skipped rows draw nothing. So a seed fixes the
   output for a given input order.
 - skipped (BadRow, counted by reason): missing/empty instruction, fewer than 2 usable completions, no other
-  response scored strictly below the best (e.g. all scores equal).
+  response scored strictly below the best (e.g. all scores equal), a rating off its scale (aspects 1-5,
+  overall_score 1-10: a corrupt or mis-scaled row).
 - drop_sources: rows whose `source` is listed are dropped before binarizing (counted). The later H4 revision
   dropped "truthful_qa" (TruthfulQA contamination of the Open LLM Leaderboard); here it is off unless asked
   (`--drop_truthful_qa`).
@@ -78,17 +79,29 @@ def is_text(x) -> bool:
     return True
 
 
+SCALES = {"mean": (1.0, 5.0), "overall": (1.0, 10.0)}  # UltraFeedback: aspect ratings 1-5, overall_score 1-10
+
+
+class OffScale(ValueError):
+    """A rating outside its scale: a corrupt or mis-scaled row, which must not decide a pair."""
+
+
 def completion_score(completion, rank_by: str = "mean") -> float | None:
-    """The completion's score, or None if it has none (no numeric rating / overall_score)."""
+    """The completion's score, or None if it has none (no numeric rating / overall_score). OffScale for a
+    rating outside its scale (SCALES)."""
     if not isinstance(completion, dict):
         return None
     if rank_by == "overall":
-        return _number(completion.get("overall_score"))
-    annotations = completion.get("annotations")
-    if not isinstance(annotations, dict):
-        return None
-    ratings = [_number(a.get("Rating")) for k in ASPECTS if isinstance(a := annotations.get(k), dict)]
+        ratings = [_number(completion.get("overall_score"))]
+    else:
+        annotations = completion.get("annotations")
+        if not isinstance(annotations, dict):
+            return None
+        ratings = [_number(a.get("Rating")) for k in ASPECTS if isinstance(a := annotations.get(k), dict)]
     ratings = [r for r in ratings if r is not None]
+    low, high = SCALES[rank_by]
+    if any(not low <= r <= high for r in ratings):
+        raise OffScale(f"a rating outside {low:g}-{high:g}")
     return sum(ratings) / len(ratings) if ratings else None
 
 
@@ -111,7 +124,10 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
         raise BadRow(index, "completions is not a list", source)
     usable = []  # (score, response) in list order
     for c in completions:
-        score = completion_score(c, rank_by)
+        try:
+            score = completion_score(c, rank_by)
+        except OffScale as e:
+            raise BadRow(index, f"{e} ({'overall_score' if rank_by == 'overall' else 'aspect ratings'})", source)
         response = c.get("response") if isinstance(c, dict) else None
         if score is not None and is_text(response):
             usable.append((score, response))

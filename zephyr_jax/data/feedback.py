@@ -76,8 +76,9 @@ Resume: every finished call is a line of DIR/journal.jsonl (`journal.Journal`), 
 generator, sample index), ("rating", prompt_id, aspect) and ("critique", prompt_id, sample index). After a crash
 or kill -9, the same command skips the journaled keys and makes only the missing calls; DIR/train.jsonl is then
 assembled from the journal in input order and written atomically, equal to an uninterrupted run's. Failed calls
-are not journaled, so a rerun tries them again (and a prompt's aspect ratings are journaled only when all of its
-K generations succeeded, so they always cover all K); parse failures are journaled (their calls were paid).
+are not journaled, so a rerun tries them again; parse failures are journaled (their calls were paid). A prompt
+whose generations did not all succeed has its ratings keyed by the samples they cover as well ("samples 0,1,3"):
+a rerun where the same generation fails again reuses them, and one where it succeeds rates all K anew.
 The settings that shape the outputs (`_settings`) sit beside the journal; a rerun with other settings is refused
 unless --overwrite, which starts afresh. The prompts are not a setting: more prompts (a larger --limit) reuse
 what is done.
@@ -91,6 +92,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import random
 import re
@@ -120,6 +122,12 @@ PRINCIPLE_MIX = {
     "false_qa": ("honesty", "truthfulness"),
 }
 DEFAULT_MIX = ("helpfulness",)  # any other source (UltraFeedback's fallback)
+
+
+def principle_mix(source: str) -> tuple[str, ...]:
+    """The mix of a prompt's source. openbmb/UltraFeedback names its FLAN subsets flan_v2_niv2, flan_v2_cot,
+    flan_v2_p3 and flan_v2_flan2021: all take FLAN's mix."""
+    return PRINCIPLE_MIX.get("flan" if source.startswith("flan") else source, DEFAULT_MIX)
 CALIBRATION_SHARE = 0.1
 
 # Per-principle system prompts (this project's own wording of UltraFeedback's idea).
@@ -268,7 +276,7 @@ def pick_principle(source: str, principles: str, seed: int, pid: str, sample: in
     if principles in PRINCIPLES:
         principle = principles
     else:
-        principle = rng.choice(PRINCIPLE_MIX.get(source, DEFAULT_MIX))
+        principle = rng.choice(principle_mix(source))
         if principle == "honesty" and rng.random() < CALIBRATION_SHARE:
             principle = "verbalized_calibration"
     return principle, rng.choice(SYSTEM_PROMPTS[principle])
@@ -507,8 +515,9 @@ def programmatic_annotations(value, name: str) -> dict:
         if r is None:
             out[aspect] = empty_annotation(aspect)
             continue
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 1 <= r <= 5:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 1 <= r <= 5:  # numpy numbers are Real
             raise ValueError(f"rating {r!r} for {aspect} is not a number from 1 to 5")
+        r = float(r)
         out[aspect] = {"Rating": f"{r:g}", "Rationale": why}
         if aspect in TYPED_ASPECTS:
             out[aspect] = {"Type": ["None"], "Rationale": why, "Rating": f"{r:g}", "Rationale For Rating": why}
@@ -609,7 +618,10 @@ class _Run:
                 "error": f"parse failure after {o['parse_retries'] + 1} attempts: {error}", "last_reply": reply.text}
 
     async def rate(self, p: Prompt, done: list[tuple[Slot, dict]], aspect: str, complete: bool) -> dict:
-        key = ("rating", p.pid, aspect)
+        # Keyed by the completions it covers when some are missing: a rerun whose generations fail again reuses
+        # it, and one that makes the missing generation asks anew over all K (the key without samples).
+        samples = () if complete else ("samples " + ",".join(str(slot.sample) for slot, _ in done),)
+        key = ("rating", p.pid, aspect, *samples)
         if key in self.journal:
             return self.journal.get(key)
         order = [slot.sample for slot, _ in done]
@@ -622,9 +634,7 @@ class _Run:
         parsed = result.pop("parsed")
         value = {"order": order, **result,
                  "annotations": None if parsed is None else {str(s): a for s, a in zip(order, parsed)}}
-        # Journaled when the call ran (parsed or given up on) and covered all K completions: while one of them
-        # is missing, a rerun may yet generate it, and then the prompt's ratings must cover it too.
-        if complete and (parsed is not None or value["parse_failure"]):
+        if parsed is not None or value["parse_failure"]:  # the call ran (parsed or given up on)
             self.journal.append(key, value)
         return value
 
@@ -727,7 +737,10 @@ def _strings(value) -> list[str]:
 
 def _settings(generators, judge_name: str, o: dict) -> dict:
     """What shapes the outputs: a resumed run must match these (journal.Journal refuses otherwise)."""
+    texts = json.dumps([SYSTEM_PROMPTS, PRINCIPLE_MIX, CALIBRATION_SHARE, JUDGE_SYSTEM, RUBRICS, CRITIQUE_SYSTEM,
+                        CRITIQUE_PROMPT], sort_keys=True)  # an edited rubric must not resume into a mixed output
     return {"format": FORMAT_VERSION, "generators": [g.name for g in generators], "judge": judge_name,
+            "prompts": hashlib.sha256(texts.encode()).hexdigest(),
             **{k: o[k] for k in ("k", "seed", "max_tokens", "temperature", "top_p", "principles")},
             **({} if judge_name.startswith("programmatic:") else
                {"parse_retries": o["parse_retries"], "judge_max_tokens": o["judge_max_tokens"]})}
