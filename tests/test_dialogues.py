@@ -42,7 +42,9 @@ def scripted_user(call):
     if own == 0:
         topic = re.search(r"about this topic: (.*?)\. Write only", last).group(1)
         return f'User: "What should I know about {topic}?"'
-    opening = call.messages[1]["content"]
+    roles = [m["role"] for m in call.messages]
+    assert roles == ["system", *["user", "assistant"] * (len(roles) // 2 - 1), "user"], roles  # alternating
+    opening = call.messages[2]["content"]
     if "BREAK" in opening:
         return "As an AI language model, I would ask about the weather."
     if "USERFAIL" in opening:

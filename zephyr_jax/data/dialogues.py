@@ -31,7 +31,8 @@ seed i mod the number of seeds; --num_dialogues defaults to the number of seeds.
 A turn is one user message and the assistant's reply; each dialogue draws its number of turns from its
 sector's range, or from --min_turns..--max_turns (one alone: --min_turns defaults to 1, --max_turns to
 --min_turns). The user simulator gets USER_SYSTEM as its system prompt and sees the conversation with the roles
-flipped (its own messages as "assistant"), so any chat model can play the user.
+flipped (its own messages as "assistant"), after a user message asking it to open the conversation, so the roles
+alternate from a user turn: any chat model whose template takes a system message can play the user.
 
 Magpie mode (--mode=magpie): no seeds and no user model. The assistant model is given only its chat template's
 text up to the start of a user turn (rendered with --tokenizer's template around a sentinel, cut before it) as
@@ -124,6 +125,7 @@ USER_SYSTEM = (
 USER_TOPIC = " The conversation is about: {topic}."
 OPENING_REQUEST = ("Open a conversation with the assistant about this topic: {topic}. Write only your first "
                    "message to the assistant: a question or a request a real person might have.")
+OPENING_GIVEN = "Open a conversation with the assistant: write your first message to it."  # the seed was it
 
 # ------------------------------------------------------------------------------------------------ built-in seeds
 
@@ -521,7 +523,10 @@ class _Run:
         if not user_turn:
             return self.assistant, self.call(d.index, t, messages=tuple(messages))
         system = USER_SYSTEM + (USER_TOPIC.format(topic=d.seed.text) if d.seed.is_topic else "")
-        view = flipped(messages) if t else [{"role": "user", "content": OPENING_REQUEST.format(topic=d.seed.text)}]
+        # The request for the opening comes first, so the roles alternate from a user turn, as strict chat
+        # templates (Mistral-Instruct's, Llama-2's) require.
+        request = OPENING_REQUEST.format(topic=d.seed.text) if d.seed.is_topic else OPENING_GIVEN
+        view = [{"role": "user", "content": request}, *flipped(messages)]
         return self.user, self.call(d.index, t, messages=({"role": "system", "content": system}, *view))
 
     async def next_message(self, d: _Dialogue) -> tuple[str | None, str | None]:
@@ -563,7 +568,8 @@ def _settings(run: _Run) -> dict:
         "max_tokens": run.max_tokens, "temperature": run.temperature, "max_turn_chars": run.max_turn_chars,
         "assistant": run.assistant.name, "user": run.user.name if run.user else None,
         "seeds": hashlib.sha256(json.dumps(seeds).encode()).hexdigest(), "num_seeds": len(seeds),
-        "prompts": hashlib.sha256("\n".join((USER_SYSTEM, USER_TOPIC, OPENING_REQUEST)).encode()).hexdigest(),
+        "prompts": hashlib.sha256("\n".join((USER_SYSTEM, USER_TOPIC, OPENING_REQUEST, OPENING_GIVEN, "alternating"))
+                                  .encode()).hexdigest(),
     }
     if run.magpie:
         # What the tokenizer does, not where it was loaded from (load_tokenizer() uses a new temporary directory)
