@@ -142,6 +142,20 @@ def test_a_reply_with_a_lone_surrogate_is_written_with_a_replacement_character(t
         assert ("k",) not in journal  # not counted as done when it could not be written
 
 
+def test_one_run_per_journal(tmp_path):
+    from zephyr_jax.data.journal import Journal, JournalInUse
+
+    with Journal(tmp_path / "j.jsonl", {"a": 1}):
+        with pytest.raises(JournalInUse, match="in use by another run"):
+            Journal(tmp_path / "j.jsonl", {"a": 1})
+        with pytest.raises(JournalInUse):  # refused before it could delete the running one's work
+            Journal(tmp_path / "j.jsonl", {"a": 2}, overwrite=True)
+    with pytest.raises(SettingsMismatch):
+        Journal(tmp_path / "j.jsonl", {"a": 2})
+    with Journal(tmp_path / "j.jsonl", {"a": 1}) as journal:  # free again, also after a refused open
+        journal.append(("k",), {"v": 1})
+
+
 def test_a_seed_that_is_the_opening_is_taken_as_it_is(tmp_path):
     """The user simulator's tidying (labels, quotes, a reply it wrote itself) is not for given text."""
     opening = '"Summarise" this chat:\n\nCustomer: it blinks red.\nAI: Restart it.'

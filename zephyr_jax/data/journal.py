@@ -9,11 +9,13 @@ rest; the final output is assembled from the journal in input order, so it equal
 
 The last line of a killed run may be cut off mid-write: it is dropped (and the file cut back to the last whole
 line), and that item is done again. A run whose settings differ from those on disk is refused, naming the
-settings that differ, unless `overwrite` is given, which starts afresh.
+settings that differ, unless `overwrite` is given, which starts afresh. One run at a time: a second process
+opening the same journal is refused (an flock on PATH.lock, released when the holder ends, kill -9 included).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -21,6 +23,10 @@ from pathlib import Path
 
 
 class SettingsMismatch(ValueError):
+    pass
+
+
+class JournalInUse(RuntimeError):
     pass
 
 
@@ -34,7 +40,26 @@ class Journal:
         self.settings_path = self.path.with_name(self.path.name + ".settings.json")
         self.fsync = fsync
         self._lock = threading.Lock()
-        settings = _normal(settings)
+        self._hold(self.path.with_name(self.path.name + ".lock"))
+        try:
+            self._open(_normal(settings), overwrite)
+        except BaseException:
+            self._holder.close()
+            raise
+
+    def _hold(self, lock_path: Path) -> None:
+        """One run per journal: two appending to it would each miss the other's work. The lock goes with the
+        process (kill -9 included)."""
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self._holder = open(lock_path, "w")
+        try:
+            fcntl.flock(self._holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._holder.close()
+            raise JournalInUse(f"{self.path} is in use by another run ({lock_path} is locked): one run per output "
+                               "directory at a time") from None
+
+    def _open(self, settings: dict, overwrite: bool) -> None:
         if overwrite:
             self.path.unlink(missing_ok=True)
             self.settings_path.unlink(missing_ok=True)
@@ -99,6 +124,7 @@ class Journal:
 
     def close(self) -> None:
         self._file.close()
+        self._holder.close()
 
     def __enter__(self):
         return self
