@@ -228,6 +228,12 @@ def test_stop_token_ids_and_stop_strings_end_a_reply(small):
     cut = engine.generate([Request(prompt, SamplingParams(max_tokens=NEW_TOKENS, stop=(stop, "\x00never")))])[0]
     assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
     assert len(cut.tokens) < NEW_TOKENS and free.tokens[:len(cut.tokens)] == cut.tokens
+    # The same stop string completed in the decoding call that also reaches max_tokens: the same reply, its
+    # tokens after the stop dropped and not counted, as when the stop comes calls before the reply's end.
+    one_call = Engine(model, tok, max_slots=2, max_length=64, eos_id=None, decode_steps=NEW_TOKENS)
+    both = one_call.generate([Request(prompt, SamplingParams(max_tokens=len(cut.tokens) + 2, stop=(stop,)))])[0]
+    assert (both.finish_reason, both.text, both.tokens, both.generated) == \
+        ("stop", cut.text, cut.tokens, cut.generated)
 
 
 def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
@@ -241,6 +247,17 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
             engine.submit(Request([5], SamplingParams(**bad)))
     with pytest.raises(ValueError, match=r"\[0, 128\)"):
         engine.submit(Request([5, 500], SamplingParams()))
+    # Values the engine's int32 arrays cannot hold are refused here, not on its thread (where they would fail
+    # every request in flight).
+    with pytest.raises(ValueError, match=r"top_k=1000000000000: must be in \[0, 128\]"):
+        engine.submit(Request([5], SamplingParams(top_k=10 ** 12)))
+    with pytest.raises(ValueError, match=r"stop_token_ids=\[1099511627776\]"):
+        engine.submit(Request([5], SamplingParams(stop_token_ids=(2 ** 40,))))
+    with pytest.raises(ValueError, match="exceed the context"):  # all or none: the good one is not left queued
+        engine.generate([Request([5], SamplingParams(max_tokens=3)), Request([5] * 60, SamplingParams(max_tokens=8))])
+    assert not engine.waiting
+    with pytest.raises(ValueError, match="decode_steps=0: must be at least 1"):
+        Engine(model, max_slots=1, max_length=64, decode_steps=0)
     engine.start()
     try:
         seen = threading.Event()

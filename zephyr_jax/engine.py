@@ -106,7 +106,8 @@ class Request:
     _slot: int | None = None
     _prefilled: int = 0
     _last_token: int = 0
-    _stop_scan: int = 0
+    _stop_scan: int = 0  # characters of the reply searched for stop strings
+    _stop_tokens: int = 0  # tokens of the reply those characters came from
     _sent: int = 0
 
     def new_text(self, tokenizer) -> str:
@@ -215,6 +216,10 @@ class Engine:
                  prefill_chunk: int = 512, decode_steps: int = 8, max_queue: int | None = None,
                  eos_id: int | None = None, mesh=None, heads_first_cache: bool | None = None):
         cfg = model.config
+        for name, value, least in (("max_slots", max_slots, 1), ("decode_steps", decode_steps, 1),
+                                   ("prefill_chunk", prefill_chunk, 1), ("max_length", max_length or 2, 2)):
+            if value < least:  # decode_steps=0 would decode nothing, for ever
+                raise ValueError(f"Engine {name}={value}: must be at least {least}")
         self.config, self.tokenizer = cfg, tokenizer
         self.graphdef, self.state = nnx.split(model)
         self.max_slots, self.decode_steps = int(max_slots), int(decode_steps)
@@ -248,9 +253,9 @@ class Engine:
 
     # --- requests ---------------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> Request:
-        """Queues a request (any thread). ValueError for a request that cannot run (too long, bad sampling
-        values), QueueFull when `max_queue` requests already wait."""
+    def check(self, request: Request) -> None:
+        """ValueError for a request that cannot run here (too long, bad sampling values, ids outside the
+        vocabulary): raised to its submitter, never on the engine's thread, where it would fail every request."""
         params = request.params
         params.check()
         if not request.prompt:
@@ -258,12 +263,21 @@ class Engine:
         vocab = self.config.vocab_size
         if min(request.prompt) < 0 or max(request.prompt) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.top_k > vocab:
+            raise ValueError(f"top_k={params.top_k}: must be in [0, {vocab}] (the vocabulary)")
+        if any(not 0 <= i < vocab for i in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids={list(params.stop_token_ids)}: must be in [0, {vocab})")
         total = len(request.prompt) + params.max_tokens
         if total > self.max_length:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens and max_tokens is {params.max_tokens}: "
                              f"{total} tokens exceed the context of {self.max_length}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+
+    def submit(self, request: Request) -> Request:
+        """Queues a request (any thread). ValueError for a request that cannot run (`check`), QueueFull when
+        `max_queue` requests already wait."""
+        self.check(request)
         request.id = request.id or f"req-{next(self._ids)}"
         request.submitted_at = time.perf_counter()
         with self._wake:
@@ -287,6 +301,8 @@ class Engine:
             raise RuntimeError("this engine runs on its own thread: submit() and wait on request.done instead")
         from tqdm.auto import tqdm
 
+        for r in requests:  # all or none: a bad request found midway would leave the others queued
+            self.check(r)
         pending = collections.deque(requests)
         bar = tqdm(total=len(requests), desc="generate", disable=not progress, mininterval=2)
         finished = self.stats["finished"]
@@ -572,18 +588,25 @@ class Engine:
     def _stop_string(self, r: Request, new: int) -> bool:
         """Whether the reply now holds a stop string. If so, the request ends with its text cut before it, and
         the tokens sampled after the one that completed it (later in the same call) are dropped."""
-        decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)
-        text = decode(r.tokens)
+        text = self._decode_text(r.tokens)
         cut = _first_stop(text, r.params.stop, max(0, r._stop_scan - max(len(s) for s in r.params.stop)))
-        r._stop_scan = len(text)
+        r._stop_scan, r._stop_tokens = len(text), len(r.tokens)
         if cut is None:
             return False
-        completes = lambda k: any(stop in decode(r.tokens[:k]) for stop in r.params.stop)
-        keep = next(k for k in range(len(r.tokens) - new + 1, len(r.tokens) + 1) if completes(k))
-        r.generated -= len(r.tokens) - keep
-        del r.tokens[keep:], r.logprobs[keep:], r.top_logprobs[keep:]
+        self._drop_after_stop(r, new)
         self._finish(r, "stop", text[:cut])
         return True
+
+    def _decode_text(self, tokens) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _drop_after_stop(self, r: Request, new: int) -> None:
+        """Drops the tokens after the one (among the last `new`) that completed a stop string, as if the reply
+        had stopped there: its log-probs and usage count then do not depend on where a decoding call ended."""
+        completes = lambda k: any(stop in self._decode_text(r.tokens[:k]) for stop in r.params.stop)  # noqa: E731
+        keep = next((k for k in range(len(r.tokens) - new + 1, len(r.tokens) + 1) if completes(k)), len(r.tokens))
+        r.generated -= len(r.tokens) - keep
+        del r.tokens[keep:], r.logprobs[keep:], r.top_logprobs[keep:]
 
     def _finish(self, r: Request, reason: str, text: str | None = None) -> None:
         """Ends a request; `text`: its final text when the caller already cut it at a stop string."""
@@ -592,9 +615,10 @@ class Engine:
         if text is not None:
             r.text = text
         elif self.tokenizer is not None:
-            r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-            cut = _first_stop(r.text, r.params.stop)  # a stop string completed by a max_tokens reply's last token
+            r.text = self._decode_text(r.tokens)
+            cut = _first_stop(r.text, r.params.stop)  # completed in the call that also reached max_tokens or EOS
             if cut is not None:
+                self._drop_after_stop(r, len(r.tokens) - r._stop_tokens)
                 r.text, reason = r.text[:cut], "stop"
         r.finish_reason, r.finished_at = reason, time.perf_counter()
         if r._slot is not None and self.slots[r._slot] is r:
