@@ -149,7 +149,9 @@ def test_a_wrongly_shaped_200_is_a_failure_and_a_lone_surrogate_is_replaced():
     bodies = {"completion to chat": completion, "choices a string": {"choices": "hi"}, "no choices": {},
               "number content": {"choices": [{"index": 0, "message": {"role": "assistant", "content": 5}}]},
               "surrogate": {"choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": "half \ud83d emoji"}}]}}
+                                         "message": {"role": "assistant", "content": "half \ud83d emoji"}}]},
+              "odd usage": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                            "usage": {"prompt_tokens": "many", "completion_tokens": [1]}}}
     respond = lambda body, attempt: raw(json.dumps(bodies[content_of(body)]))  # noqa: E731
     with ScriptedServer(respond) as server:
         ep = Endpoint("teacher", [server.base_url], backoff=0.01)
@@ -161,6 +163,7 @@ def test_a_wrongly_shaped_200_is_a_failure_and_a_lone_surrogate_is_replaced():
         assert reply.text is None and "malformed reply" in reply.error and error in reply.error, (name, reply)
         assert reply.attempts == 1, name
     assert replies["surrogate"].text == "half \ufffd emoji"
+    assert replies["odd usage"].text == "ok" and replies["odd usage"].prompt_tokens == 0
     assert ep.stats["lone_surrogates_replaced"] == 1 and ep.stats["failures"] == 4
     assert "1 replies with lone surrogates" in ep.summary()
 

@@ -168,6 +168,20 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(body={**chat, "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages"),
         (dict(body=chat, key=None), 401, None),
         (dict(body=chat, key="sk-wrong"), 401, None),
+        # Values the engine's int32 arrays cannot hold: refused here, and the requests in flight go on (below).
+        (dict(body={**chat, "top_k": 10 ** 12}), 400, "top_k"),
+        (dict(body={**chat, "stop_token_ids": [2 ** 40]}), 400, "stop_token_ids"),
+        (dict(body={**chat, "max_completion_tokens": 0}), 400, "max_completion_tokens"),
+        (dict(body={**chat, "stream": True, "stream_options": ["x"]}), 400, "stream_options"),
+        (dict(body={**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}), 400,
+         "messages"),
+        (dict(raw='{"model": "%s", "messages": [{"role": "user", "content": "half \\ud800"}]}' % NAME), 400,
+         "messages"),
+        (dict(raw="[" * 100_000), 400, None),
+        (dict(raw=json.dumps({**chat, "temperature": float("nan")})), 400, "temperature"),
+        (dict(body={**chat, "frequency_penalty": 2}), 400, "frequency_penalty"),
+        (dict(body={**chat, "response_format": {"type": "json_object"}}), 400, "response_format"),
+        (dict(body={**chat, "top_logprobs": 2}), 400, "top_logprobs"),
     ]
     for kwargs, status, param in cases:
         r = _post(base, "/v1/chat/completions", kwargs.get("body"), kwargs.get("key", KEY), kwargs.get("raw"))
@@ -175,6 +189,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         error = r.json()["error"]
         assert error["message"] and error["type"] and error["param"] == param, r.text
     assert _post(base, "/v1/completions", {"model": NAME, "prompt": [[5, 99999]]}).status_code == 400
+    # More sequences than slots + queue (4 + 4) can never be held: 400, not a 429 asking to retry.
+    many = _post(base, "/v1/completions", {"model": NAME, "prompt": ["a", "b", "c"], "n": 3})
+    assert many.status_code == 400 and many.json()["error"]["param"] == "prompt", many.text
+    assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0}).status_code == 400
+    assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0, "echo": True,
+                                           "logprobs": 0}).status_code == 200  # scoring only
     assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 9}).json()["error"]["param"] \
         == "logprobs"
     assert httpx.get(base + "/v1/nowhere").status_code == 404
@@ -183,6 +203,38 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert [m["id"] for m in models["data"]] == [NAME]
     ok = _post(base, "/v1/chat/completions", chat)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_logprob_strings_join_to_the_text_usage_counts_each_prompt_once_and_streams_match(client, local):
+    _, _, tok = local
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Say something."}],
+                                          temperature=0, max_tokens=40, logprobs=True, top_logprobs=2)
+    content, entries = chat.choices[0].message.content, chat.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == content  # leading spaces kept, bytes of a character split
+    assert bytes(b for e in entries for b in e.bytes).decode() == content
+    out = client.completions.create(model=NAME, prompt="The sky is blue and", max_tokens=8, temperature=0,
+                                    echo=True, logprobs=1)
+    text, lp = out.choices[0].text, out.choices[0].logprobs
+    shown = [t if t not in tok.all_special_tokens else "" for t in lp.tokens]
+    assert "".join(shown) == text and text.startswith("The sky is blue and")
+    assert all(text[at:at + len(t)] == t for at, t in zip(lp.text_offset, shown))
+    ids = tok("The sky is blue and").input_ids
+    three = client.completions.create(model=NAME, prompt="The sky is blue and", max_tokens=4, n=3, temperature=1)
+    assert three.usage.prompt_tokens == len(ids)  # once, not n times
+    assert three.usage.completion_tokens == sum(1 for _ in three.choices) * 4
+
+    # Streamed choices (n=4, a stop string, log-probs) equal the same request unstreamed: the deltas are taken on
+    # the engine's thread, so no stop string leaks and no text or log-prob entry is lost.
+    body = dict(model=NAME, messages=[{"role": "user", "content": "Tell me more."}], n=4, max_tokens=30,
+                temperature=1.0, seed=11, stop=["e"], logprobs=True)
+    whole = client.chat.completions.create(**body)
+    streamed, counts = ["" for _ in range(4)], [0] * 4
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            counts[c.index] += len(c.logprobs.content) if c.logprobs else 0
+    assert streamed == [c.message.content for c in whole.choices]
+    assert counts == [len(c.logprobs.content) for c in whole.choices]
 
 
 def _health_when(base, running, waiting, timeout, poll):

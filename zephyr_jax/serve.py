@@ -7,9 +7,11 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template; `stream` gives
 server-sent events ending in `data: [DONE]`), POST /v1/completions (a prompt as text or token ids, one or a
 list; `echo` and `logprobs` score the prompt, as lm-eval's local-completions uses them). Every response has
-`usage`. Errors are OpenAI-shaped ({"error": {"message", "type", "param", "code"}}): 400 for a bad request,
+`usage` (each prompt counted once). Log-prob token strings join to the text (each token read in context).
+Errors are OpenAI-shaped ({"error": {"message", "type", "param", "code"}}): 400 for a bad request (a field this
+server does not implement, such as frequency_penalty or response_format, included: it is not silently ignored),
 401 without the --api-key, 429 (with Retry-After) when the queue is full: a request is accepted only when
-the engine can hold it. A client that disconnects cancels its request and frees its slot. One log line per
+the engine can hold it. Streamed deltas are taken on the engine's thread, where a reply is not changing. A client that disconnects cancels its request and frees its slot. One log line per
 request: id, prompt and completion tokens, seconds, finish reason.
 """
 
@@ -17,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import logging
+import math
 import os
+import re
 import sys
 import time
 import uuid
 
+import jinja2
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -55,9 +61,18 @@ def _field(body: dict, name: str, kind, default=None, *, low=None, high=None):
     types = (int, float) if kind is float else kind
     if not isinstance(value, types) or (kind is not bool and isinstance(value, bool)):
         raise ApiError(400, f"'{name}' must be of type {getattr(kind, '__name__', kind)}, got {value!r}", name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number, got {value!r}", name)
     if (low is not None and value < low) or (high is not None and value > high):
         raise ApiError(400, f"'{name}'={value!r} is out of range [{low}, {high}]", name)
     return value
+
+
+def _check_unicode(text: str, what: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" is valid JSON): no tokenizer can read it
+        raise ApiError(400, f"{what} is not valid Unicode (a lone surrogate at {e.start})", param) from e
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -70,6 +85,19 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+# OpenAI fields this server does not implement, with the values that ask for nothing: any other value is a 400
+# rather than a reply that silently ignores it.
+UNSUPPORTED = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
+               "logit_bias": ({},), "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
+               "tool_choice": ("none",), "best_of": (1,), "suffix": ("",)}
+
+
+def check_supported(body: dict) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in neutral:
+            raise ApiError(400, f"'{name}' is not supported by this server", name)
+
+
 def sampling_params(body: dict, *, max_tokens: int, logprobs: int | None = None,
                     prompt_logprobs: int | None = None, seed_offset: int = 0) -> SamplingParams:
     temperature = _field(body, "temperature", float, 1.0, low=0.0, high=2.0)
@@ -77,7 +105,7 @@ def sampling_params(body: dict, *, max_tokens: int, logprobs: int | None = None,
     if seed is None:  # OpenAI samples differently on every call unless a seed is given
         seed = int.from_bytes(os.urandom(4), "little")
     stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(i, int) for i in stop_ids):
+    if not isinstance(stop_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
         raise ApiError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids")
     return SamplingParams(
         max_tokens=max_tokens, temperature=float(temperature), top_p=float(_field(body, "top_p", float, 1.0,
@@ -87,11 +115,67 @@ def sampling_params(body: dict, *, max_tokens: int, logprobs: int | None = None,
         prompt_logprobs=prompt_logprobs)
 
 
+class TokenStrings:
+    """Logprobs' token strings: the text each token adds after the tokens before it. A piece decoded alone loses
+    its leading space, and a byte of a multi-byte character alone decodes to U+FFFD, so each is read in context:
+    a piece after a few tokens (from a character boundary), a byte token through an incremental UTF-8 decoder
+    fed the byte tokens before it. A byte that does not complete a character adds ""; its `bytes` are its own
+    byte. So the strings join to the decoded text and the bytes to its UTF-8. Special tokens show as themselves
+    and add no text (decoding skips them)."""
+    CONTEXT = 6  # tokens before a piece: enough for its leading space (the window's first piece loses its own)
+    BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.special = tokenizer, set(tokenizer.all_special_ids)
+
+    def _byte(self, token: int) -> int | None:
+        match = self.BYTE.fullmatch(self.tokenizer.convert_ids_to_tokens(token))
+        return None if match is None else int(match.group(1), 16)
+
+    def share(self, context: list[int], token: int) -> str:
+        """The text `token` adds after `context`."""
+        if token in self.special:
+            return ""
+        byte = self._byte(token)
+        if byte is not None:
+            before = bytearray()
+            for t in reversed(context[-3:]):  # a UTF-8 character has at most 3 bytes before its last
+                b = self._byte(t)
+                if b is None:
+                    break
+                before.insert(0, b)
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            decoder.decode(bytes(before))
+            return decoder.decode(bytes([byte]))
+        start = max(0, len(context) - self.CONTEXT)
+        while start > 0 and 0x80 <= (self._byte(context[start]) or 0) < 0xC0:
+            start -= 1  # not inside a character: its bytes decode only together
+        window = context[start:]
+        before, after = self.tokenizer.decode(window, skip_special_tokens=True), \
+            self.tokenizer.decode([*window, token], skip_special_tokens=True)
+        if after.startswith(before):
+            return after[len(before):]
+        return self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token)])
+
+    def token(self, context: list[int], token: int) -> tuple[str, str]:
+        """(the string shown for the token, the text it adds)."""
+        share = self.share(context, token)
+        return (self.tokenizer.convert_ids_to_tokens(token) if token in self.special else share), share
+
+    def bytes(self, context: list[int], token: int) -> list[int]:
+        byte = self._byte(token)
+        if byte is not None:
+            return [byte]
+        return list((self.tokenizer.convert_ids_to_tokens(token) if token in self.special
+                     else self.share(context, token)).encode())
+
+
 class Server:
     """The endpoints' logic, apart from HTTP, over one engine (which runs on its own thread)."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None):
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.strings = TokenStrings(tokenizer)
         self.created = int(time.time())
 
     def check_model(self, body: dict) -> None:
@@ -103,15 +187,18 @@ class Server:
     def n(self, body: dict) -> int:
         return _field(body, "n", int, 1, low=1, high=self.engine.max_slots)
 
-    def max_tokens(self, body: dict, prompt_length: int, default: int | None, prompt_param: str) -> int:
-        """max_tokens (or max_completion_tokens), default: `default`, or all the room left (None)."""
+    def max_tokens(self, body: dict, prompt_length: int, default: int | None, prompt_param: str,
+                   low: int = 1) -> int:
+        """max_completion_tokens, else max_tokens, else `default`, or all the room left (None). `low`: 0 where a
+        request may only score its prompt (completions with echo)."""
+        asked = _field(body, "max_completion_tokens", int, None, low=low)
+        if asked is None:
+            asked = _field(body, "max_tokens", int, None, low=low)
         room = self.engine.max_length - prompt_length
-        if room < 0 or (room == 0 and default != 0):
+        if room < 0 or (room == 0 and asked != 0):
             raise ApiError(400, f"the prompt has {prompt_length} tokens, more than the context of "
                                 f"{self.engine.max_length} allows", prompt_param, "context_length_exceeded")
-        value = _field(body, "max_completion_tokens", int, None, low=0) or _field(body, "max_tokens", int, None,
-                                                                                 low=0)
-        value = min(room, default if default is not None else room) if value is None else value
+        value = min(room, default if default is not None else room) if asked is None else asked
         if prompt_length + value > self.engine.max_length:
             raise ApiError(400, f"the prompt has {prompt_length} tokens and max_tokens is {value}: more than the "
                                 f"context of {self.engine.max_length}", "max_tokens", "context_length_exceeded")
@@ -127,15 +214,21 @@ class Server:
         for i, m in enumerate(messages):
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, list):  # OpenAI's content parts: only text ones are understood here
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
-                content = "".join(p.get("text", "") for p in content)
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise ApiError(400, f"messages[{i}].content: only text parts ({{'type': 'text', 'text': str}}) "
+                                        "are supported", "messages")
+                content = "".join(p["text"] for p in content)
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
                     not isinstance(content, str):
                 raise ApiError(400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}",
                                "messages")
+            _check_unicode(content, f"messages[{i}].content", "messages")
             clean.append({"role": m["role"], "content": content})
-        text = render_chat(self.tokenizer, clean, add_generation_prompt=True)
+        try:
+            text = render_chat(self.tokenizer, clean, add_generation_prompt=True)
+        except jinja2.TemplateError as e:  # e.g. a template that refuses this order of roles
+            raise ApiError(400, f"the model's chat template refused the messages: {e}", "messages") from e
         return self.tokenizer(text).input_ids  # one BOS first, as in training and generate()
 
     def completion_prompts(self, body: dict) -> list[list[int]]:
@@ -153,6 +246,7 @@ class Server:
             if isinstance(p, str):
                 if not p:
                     raise ApiError(400, "'prompt' is empty", "prompt")
+                _check_unicode(p, "'prompt'", "prompt")
                 out.append(self.tokenizer(p).input_ids)  # with BOS, as the model was trained
             elif isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < vocab for t in p):
                 out.append(list(p))
@@ -166,43 +260,60 @@ class Server:
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry shortly", None, "queue_full",
                            "rate_limit_error") from e
-        except ValueError as e:
-            raise ApiError(400, str(e)) from e
+        except ValueError as e:  # the engine's own checks, which start with the field's name ("top_k=...")
+            name = re.match(r"(\w+)=", str(e))
+            raise ApiError(400, str(e), name and name.group(1)) from e
 
     # --- response bodies ----------------------------------------------------------------------------------
 
-    def token_text(self, token: int) -> str:
-        return self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token)]) \
-            if token not in self.tokenizer.all_special_ids else self.tokenizer.convert_ids_to_tokens(token)
+    def completion_text(self, r: Request, echo: bool) -> str:
+        """The reply (as the engine and lm-eval's HF model decode it: alone), after the prompt's text with echo,
+        where the space its first token carries after the prompt is kept."""
+        if not echo:
+            return r.text
+        lead = ""
+        if r.text:
+            alone, after = self.strings.share([], r.tokens[0]), self.strings.share(r.prompt, r.tokens[0])
+            lead = after[:len(after) - len(alone)] if after.endswith(alone) else ""
+        return self.tokenizer.decode(r.prompt, skip_special_tokens=True) + lead + r.text
 
     def completion_logprobs(self, r: Request, echo: bool) -> dict:
-        """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-        tokens, logprobs, tops = [], [], []
+        """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, and text_offset (where
+        each token's text starts in the choice's text)."""
+        ids, logprobs, tops = [], [], []
         if echo:
-            tokens += r.prompt
-            logprobs += r.prompt_logprobs
-            tops += [None if t is None else {self.token_text(i): lp for i, lp in t} for t in r.prompt_top_logprobs]
-        tokens += r.tokens
+            ids, logprobs, tops = list(r.prompt), list(r.prompt_logprobs), list(r.prompt_top_logprobs)
+        ids += r.tokens
         logprobs += r.logprobs
-        tops += [{self.token_text(i): lp for i, lp in t} for t in r.top_logprobs]
-        strings = [self.token_text(t) for t in tokens]
-        offsets, at = [], 0
-        for s in strings:
+        tops += r.top_logprobs
+        strings, top_dicts, offsets, at = [], [], [], 0
+        for k, (token, top) in enumerate(zip(ids, tops)):
+            context = ids[:k]  # what the text shows before it: with echo the prompt, else the reply alone
+            shown, share = self.strings.token(context, token)
+            strings.append(shown)
+            top_dicts.append(None if top is None else {self.strings.token(context, i)[0]: lp for i, lp in top})
             offsets.append(at)
-            at += len(s)
-        return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+            at += len(share)
+        return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": top_dicts, "text_offset": offsets}
 
     def chat_logprobs(self, r: Request, start: int = 0) -> dict:
-        def entry(token, logprob):
-            text = self.token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        """OpenAI's chat logprobs for the reply's tokens from `start` on: the tokens' strings join to the
+        content, and their bytes to its UTF-8 (a byte token of a multi-byte character has its one byte)."""
+        def entry(context, token, logprob):
+            shown, _ = self.strings.token(context, token)
+            return {"token": shown, "logprob": logprob, "bytes": self.strings.bytes(context, token)}
 
-        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
-                            for t, lp, top in zip(r.tokens[start:], r.logprobs[start:], r.top_logprobs[start:])]}
+        content = []
+        for k in range(start, min(len(r.tokens), len(r.logprobs))):
+            context = r.tokens[:k]
+            content.append({**entry(context, r.tokens[k], r.logprobs[k]),
+                            "top_logprobs": [entry(context, i, v) for i, v in r.top_logprobs[k]]})
+        return {"content": content}
 
     @staticmethod
     def usage(requests: list[Request]) -> dict:
-        prompt = sum(len(r.prompt) for r in requests)
+        """Each prompt counted once, as OpenAI does: the n choices of a prompt share its list of ids."""
+        prompt = sum(len(p) for p in {id(r.prompt): r.prompt for r in requests}.values())
         completion = sum(r.generated for r in requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -240,6 +351,12 @@ def create_app(server: Server):
     async def not_found(request, _):
         return JSONResponse(ApiError(404, f"no route {request.method} {request.url.path}").body(), status_code=404)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request, e: Exception):  # still an OpenAI-shaped body, and the server goes on
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
+                            status_code=500)
+
     @app.exception_handler(405)
     async def wrong_method(request, _):
         return JSONResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(),
@@ -259,11 +376,12 @@ def create_app(server: Server):
         authorize(request)
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}"[:500]) from e
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         server.check_model(body)
+        check_supported(body)
         return body
 
     @app.get("/health")
@@ -279,16 +397,22 @@ def create_app(server: Server):
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "zephyr_jax", "max_model_len": server.engine.max_length}]}
 
-    def submit_all(jobs: list[tuple[list[int], SamplingParams]]):
+    def submit_all(jobs: list[tuple[list[int], SamplingParams]], param: str, snapshot=None):
         """Submits every job or none (a refusal cancels those already queued); each request's updates (new
-        tokens, the end) arrive on one asyncio queue, from the engine's thread."""
+        tokens, the end) arrive on one asyncio queue, from the engine's thread: the request, or what
+        `snapshot(request)` makes of it there, where the request is not changing under it."""
+        capacity = server.engine.max_slots + (server.engine.max_queue if server.engine.max_queue is not None
+                                              else len(jobs))
+        if len(jobs) > capacity:  # 429 would ask the client to retry what can never fit
+            raise ApiError(400, f"{len(jobs)} sequences (prompts x n) exceed the {capacity} this server holds at "
+                                "once (slots + queue)", param)
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
 
         def notify(r: Request) -> None:  # on the engine's thread
             if r.done.is_set():
                 log_line(r)
-            loop.call_soon_threadsafe(updates.put_nowait, r)
+            loop.call_soon_threadsafe(updates.put_nowait, r if snapshot is None else snapshot(r))
 
         base, requests = uuid.uuid4().hex[:12], []
         try:
@@ -322,13 +446,36 @@ def create_app(server: Server):
     async def chat(http: HttpRequest):
         body = await body_of(http)
         prompt = server.chat_prompt(body)
-        top = _field(body, "top_logprobs", int, 0, low=0, high=TOP_LOGPROBS)
+        top = _field(body, "top_logprobs", int, None, low=0, high=TOP_LOGPROBS)
         want = _field(body, "logprobs", bool, False)
+        if top is not None and not want:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         n = server.n(body)
         params = [sampling_params(body, max_tokens=server.max_tokens(body, len(prompt), None, "messages"),
-                                  logprobs=top if want else None, seed_offset=i) for i in range(n)]
+                                  logprobs=(top or 0) if want else None, seed_offset=i) for i in range(n)]
         stream = _field(body, "stream", bool, False)
-        requests, updates = submit_all([(prompt, p) for p in params])
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "'stream_options' must be an object, e.g. {\"include_usage\": true}", "stream_options")
+        include_usage = _field(options, "include_usage", bool, False)
+        if not stream:
+            requests, updates = submit_all([(prompt, p) for p in params], "n")
+        else:
+            sent = [0] * n  # log-prob entries streamed so far, per choice (engine thread only)
+
+            def delta(r: Request):
+                """On the engine's thread, between its changes to r: (choice, new text, its log-probs, finish
+                reason or None, error or None)."""
+                i = int(r.id.rsplit("-", 1)[1])
+                if r.finish_reason == "error":
+                    return i, "", None, "error", r.error
+                text, done = r.new_text(server.tokenizer), r.done.is_set()
+                lp = None
+                if want and (text or done):
+                    lp, sent[i] = server.chat_logprobs(r, sent[i]), len(r.tokens)
+                return i, text, lp, finish_reason(r) if done else None, None
+
+            requests, updates = submit_all([(prompt, p) for p in params], "n", delta)
         rid, created = f"chatcmpl-{requests[0].id}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name}
         if not stream:
@@ -339,33 +486,22 @@ def create_app(server: Server):
                        for i, r in enumerate(requests)]
             return {**head, "choices": choices, "usage": server.usage(requests)}
 
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
         async def events():
             chunk = {**head, "object": "chat.completion.chunk"}
-            sent = [0] * len(requests)
             try:
                 for i in range(len(requests)):
                     yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
                 finished = [False] * len(requests)
                 while not all(finished):
-                    await updates.get()
-                    for i, r in enumerate(requests):
-                        if finished[i]:
-                            continue
-                        if r.finish_reason == "error":
-                            yield sse(ApiError(500, r.error, kind="server_error").body())
-                            finished = [True] * len(requests)
-                            break
-                        text, done = r.new_text(server.tokenizer), r.done.is_set()
-                        if text or done:
-                            lp = server.chat_logprobs(r, sent[i]) if want else None
-                            sent[i] = len(r.tokens)
-                            yield sse({**chunk, "choices": [{"index": i, "delta": {"content": text} if text else {},
-                                                             "logprobs": lp,
-                                                             "finish_reason": finish_reason(r) if done else None}]})
-                        finished[i] = done
+                    i, text, lp, reason, error = await updates.get()
+                    if error is not None:
+                        yield sse(ApiError(500, error, kind="server_error").body())
+                        break
+                    if not finished[i] and (text or reason):
+                        yield sse({**chunk, "choices": [{"index": i, "delta": {"content": text} if text else {},
+                                                         "logprobs": lp, "finish_reason": reason}]})
+                    finished[i] = finished[i] or reason is not None
                 if include_usage:
                     yield sse({**chunk, "choices": [], "usage": server.usage(requests)})
                 yield "data: [DONE]\n\n"
@@ -384,19 +520,18 @@ def create_app(server: Server):
         if _field(body, "stream", bool, False):
             raise ApiError(400, "stream=true is served on /v1/chat/completions only", "stream")
         jobs = []
-        for prompt in prompts:
-            max_tokens = server.max_tokens(body, len(prompt), 16, "prompt")  # OpenAI's default for completions
+        for prompt in prompts:  # OpenAI's default is 16 tokens; 0 only scores the prompt (echo)
+            max_tokens = server.max_tokens(body, len(prompt), 16, "prompt", low=0 if echo else 1)
             for i in range(n):
                 jobs.append((prompt, sampling_params(
                     body, max_tokens=max_tokens, logprobs=logprobs, seed_offset=i,
                     prompt_logprobs=logprobs if echo and logprobs is not None else None)))
-        requests, updates = submit_all(jobs)
+        requests, updates = submit_all(jobs, "prompt")
         await wait_all(http, requests, updates)
         raise_engine_error(requests)
         choices = []
         for i, r in enumerate(requests):
-            text = (server.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + r.text
-            choices.append({"index": i, "text": text, "finish_reason": finish_reason(r),
+            choices.append({"index": i, "text": server.completion_text(r, echo), "finish_reason": finish_reason(r),
                             "logprobs": server.completion_logprobs(r, echo) if logprobs is not None else None})
         return {"id": f"cmpl-{requests[0].id}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name, "choices": choices, "usage": server.usage(requests)}

@@ -68,8 +68,8 @@ A failure in a later message truncates the dialogue to its last complete turn be
 Openings are made first for all dialogues; a dialogue whose normalized opening repeats an earlier dialogue's is
 dropped ("duplicate opening prompt") before anything more is asked for it. The user simulator's messages are
 tidied before the checks (a leading "User:" label and wrapping quotes removed, anything after a line starting
-"Assistant:" cut); a seed that is the opening is taken as it is. Nothing is dropped silently: stats.json and the printed summary count every drop and
-truncation by reason.
+"Assistant:" cut); a seed that is the opening is taken as it is. Nothing is dropped silently: stats.json and the
+printed summary count every drop and truncation by reason.
 
 Determinism and resume. All randomness of dialogue i comes from random.Random(f"{seed}:{i}"), and each call
 carries the seed sha256(f"{seed}:{i}:{message index}") (its first 4 bytes), so with a teacher that honours

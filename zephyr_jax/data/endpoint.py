@@ -57,6 +57,11 @@ def _choice_text(choices, chat: bool) -> str | None:
 _MISSING = object()
 
 
+def _count(value) -> int:
+    """A usage count; 0 for anything but a non-negative int (a server's odd usage must not stop the run)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def retry_after_seconds(headers, now: float | None = None) -> float | None:
     """The server's requested wait in seconds from `retry-after-ms` or `Retry-After` (seconds or an HTTP date),
     or None when it sent neither (or something unreadable)."""
@@ -212,8 +217,8 @@ class Endpoint(Backend):
             return Reply(None, error=f"{self.name} at {client.base_url}: the server's reply has no choices")
         usage = getattr(response, "usage", None)
         return Reply(_choice_text(choices, chat=call.messages is not None) or "",  # an empty reply is the
-                     prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,   # caller's to filter, not an error
-                     completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                     prompt_tokens=_count(getattr(usage, "prompt_tokens", 0)),  # caller's to filter, not an error
+                     completion_tokens=_count(getattr(usage, "completion_tokens", 0)),
                      finish_reason=getattr(choices[0], "finish_reason", None))
 
     def _delay(self, attempt: int, hint: float | None) -> float:
