@@ -271,7 +271,12 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         assert waiting.done.wait(60) and waiting.finish_reason == "length" and len(waiting.tokens) == 3
         # A call that raises ends the requests it held with an error, and the engine goes on.
         decode, failed = engine._decode, []
-        engine._decode = lambda: failed.append(1) or (_ for _ in ()).throw(RuntimeError("device lost"))
+        def lost():  # as when a call fails after its donated cache was consumed
+            failed.append(1)
+            engine.cache.k.delete()
+            raise RuntimeError("device lost")
+
+        engine._decode = lost
         doomed = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
         assert doomed.done.wait(60) and doomed.finish_reason == "error" and "device lost" in doomed.error
         engine._decode = decode

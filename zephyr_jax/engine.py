@@ -232,8 +232,9 @@ class Engine:
         # heads_first_cache: the cache's storage order (model/kv_cache.py); None: the platform's.
         platform = jax.devices()[0].platform if mesh is None else mesh.devices.flat[0].platform
         heads_first = kv_cache.heads_first_on(platform) if heads_first_cache is None else heads_first_cache
-        self.cache = KVCache.init(cfg, self.max_slots, self.max_length, heads_first=heads_first,
-                                  sharding=self._cache_sharding(mesh, heads_first))
+        self._new_cache = functools.partial(KVCache.init, cfg, self.max_slots, self.max_length,
+                                            heads_first=heads_first, sharding=self._cache_sharding(mesh, heads_first))
+        self.cache = self._new_cache()
         self.slots: list[Request | None] = [None] * self.max_slots
         self.waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -393,6 +394,8 @@ class Engine:
         for r in victims:
             r.error = error
             self._finish(r, "error")
+        if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):  # donated to the call that failed
+            self.cache = self._new_cache()
 
     # --- one scheduling step ------------------------------------------------------------------------------
 
