@@ -11,8 +11,9 @@ list; `echo` and `logprobs` score the prompt, as lm-eval's local-completions use
 Errors are OpenAI-shaped ({"error": {"message", "type", "param", "code"}}): 400 for a bad request (a field this
 server does not implement, such as frequency_penalty or response_format, included: it is not silently ignored),
 401 without the --api-key, 429 (with Retry-After) when the queue is full: a request is accepted only when
-the engine can hold it. Streamed deltas are taken on the engine's thread, where a reply is not changing. A client that disconnects cancels its request and frees its slot. One log line per
-request: id, prompt and completion tokens, seconds, finish reason.
+the engine can hold it. Streamed deltas are taken on the engine's thread, where a reply is not changing. A
+client that disconnects cancels its request and frees its slot. One log line per request: id, prompt and
+completion tokens, seconds, finish reason.
 """
 
 from __future__ import annotations
