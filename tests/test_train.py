@@ -3,6 +3,7 @@ modes, NaN and config errors. Tiny configs (configs/*.py:tiny) on small local da
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,12 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path):
     out = _cli("zephyr_jax.export", f"--workdir={dpo_dir}", f"--out={hf_dir}", "--dtype=float32")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rewards/accuracies" in open(hf_dir / "README.md").read()
+    from zephyr_jax.export import export
+
+    card = open(os.path.join(export(str(dpo_dir), str(tmp_path / "hf3"), step=3, dtype="float32"), "README.md")).read()
+    assert "step 3" in card and "| step | 3 |" in card and "| step | 6 |" not in card  # that step's metrics
+    with pytest.raises(ValueError, match="is the workdir itself"):
+        export(str(dpo_dir), str(dpo_dir))
 
     ours = load(str(dpo_dir), "float32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
@@ -89,6 +96,57 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
                   str(tmp_path / "c"))
     with pytest.raises(ValueError, match="loss_type"):
         train.run(tiny_config("dpo", data_dir, **{"dpo.loss_type": "kto"}), str(tmp_path / "d"))
+    for key in ("keep_checkpoints", "log_every", "eval_batch_size"):  # 0 kept no checkpoint / divided by zero
+        with pytest.raises(ValueError, match=f"train.{key}=0: must be at least 1"):
+            train.run(tiny_config("sft", data_dir, **{f"train.{key}": 0}), str(tmp_path / "e"))
+    with pytest.raises(ValueError, match=r"data.packed_rows / grad_accum=3 does not divide over .* 8 batch shards"):
+        train.run(tiny_config("dpo", data_dir, **{"data.packed_rows": 3}), str(tmp_path / "f"))
+    with pytest.raises(ValueError, match=r"parameter embed.* 32000 does not divide over mesh axes \('tensor',\)"):
+        train.run(tiny_config("sft", data_dir, **{"mesh.shape": (1, 1, 3), "mesh.num_devices": 3}),
+                  str(tmp_path / "g"))
+    (tmp_path / "workdir").mkdir()
+    (tmp_path / "workdir" / "model_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):
+        train.run(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "workdir")}),
+                  str(tmp_path / "h"))
+    assert not any((tmp_path / d).exists() for d in "abcdefgh")  # refused before the workdir was made
+
+
+def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path):
+    """Another stage or batch size over a workdir's checkpoints is refused (it resumed silently and wrong, and
+    rotated the other run's checkpoints away); a dDPO run keeps the SFT step it started from, also when its SFT
+    workdir has gained a later checkpoint since."""
+    sft, dpo = str(tmp_path / "sft"), str(tmp_path / "dpo")
+    sft_cfg = tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0})
+    train.run(sft_cfg, sft)
+    for change, named in (({"train.global_batch_size": 16}, "train.global_batch_size: 8 -> 16"),
+                          ({"seed": 1}, "seed: 42 -> 1")):
+        with pytest.raises(ValueError, match=f"holds checkpoints of a run with other settings.*{named}"):
+            train.run(tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, **change}), sft)
+    with pytest.raises(ValueError, match="stage: 'sft' -> 'dpo'"):
+        train.run(tiny_config("dpo", data_dir), sft)
+    assert sorted(checkpoint.manager(sft).all_steps()) == [3]
+
+    dpo_cfg = lambda steps: tiny_config("dpo", data_dir, **{  # noqa: E731
+        "model.init": "orbax", "model.path": sft, "train.max_steps": steps, "train.save_every": 1,
+        "train.eval_every": 0, "dpo.precompute_reference": True})
+    train.run(dpo_cfg(1), dpo)
+    assert json.load(open(os.path.join(dpo, "config.json")))["model"]["step"] == 3  # the number, not "latest"
+    first = json.loads(open(os.path.join(dpo, "metrics.jsonl")).readline())  # policy == reference at step 1
+    assert abs(first["rewards/margins"]) < 1e-6 and abs(first["loss"] - np.log(2)) < 1e-5
+    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.eval_every": 0}), sft)  # SFT goes on
+    train.run(dpo_cfg(2), dpo)  # resumes from the SFT step it started from, with its cached reference
+    assert json.load(open(os.path.join(dpo, "config.json")))["model"]["step"] == 3
+    assert len(os.listdir(os.path.join(dpo, "reference_logps"))) == 2  # train + eval: no reference of step 6
+    # Started afresh in the same workdir, it takes the SFT workdir's latest step (6), and a reference of step 6
+    # (the cache was keyed by "latest" and served step 3's log-probs: margins 0.0017 at step 1).
+    shutil.rmtree(os.path.join(dpo, "checkpoints"))
+    os.remove(os.path.join(dpo, "metrics.jsonl"))
+    train.run(dpo_cfg(1), dpo)
+    first = json.loads(open(os.path.join(dpo, "metrics.jsonl")).readline())
+    assert json.load(open(os.path.join(dpo, "config.json")))["model"]["step"] == 6
+    assert abs(first["rewards/margins"]) < 1e-6 and abs(first["loss"] - np.log(2)) < 1e-5
+    assert len(os.listdir(os.path.join(dpo, "reference_logps"))) == 4
 
 
 # --- Sharding: the same losses on every mesh; FSDP splits parameter and optimizer bytes. ---
@@ -344,12 +402,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     real = train_steps.losses.sft_loss_from_logps
     monkeypatch.setattr(train_steps.losses, "sft_loss_from_logps", lambda *a, **kw: real(*a, **kw) * jnp.nan)
     cfg.train.max_steps = 9
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 7.*last good checkpoint is step 6"):
+    with pytest.raises(FloatingPointError, match=r"loss is nan .* at step 7.*last good checkpoint is step 6"):
         train.run(cfg, workdir)
     step, params = _params(workdir)
     assert step == good_step == 6
     for a, b in zip(params, good_params):
         np.testing.assert_array_equal(a, b)
+
+    # A finite loss whose gradient is not (0 * d sqrt(x)/dx at 0): the update would be NaN, and is not saved.
+    monkeypatch.setattr(train_steps.losses, "sft_loss_from_logps",
+                        lambda logps, *a, **kw: real(logps, *a, **kw) + 0.0 * jnp.sqrt(0.0 * logps.sum()))
+    with pytest.raises(FloatingPointError, match=r"grad_norm nan at step 7.*last good checkpoint is step 6"):
+        train.run(cfg, workdir)
+    assert _params(workdir)[0] == 6
 
 
 # --- Honest throughput: real tokens only, the padding share, MFU from the sequences actually processed. ---

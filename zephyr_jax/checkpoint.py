@@ -107,6 +107,7 @@ def _restore_item(mngr, step: int, item: str, target):
 
 def _reader(workdir: str) -> ocp.CheckpointManager:
     """A manager for reading a workdir's checkpoints; unlike manager() it never creates the directory."""
+    workdir = os.path.expanduser(workdir)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"no checkpoint in {workdir}: it has no checkpoints/ directory")
     return manager(workdir, async_save=False)

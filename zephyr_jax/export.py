@@ -19,15 +19,17 @@ from zephyr_jax.loading import load
 from zephyr_jax.tokenizer import load_tokenizer
 
 
-def final_metrics(workdir: str) -> dict:
-    """The last train and eval records of workdir/metrics.jsonl."""
+def final_metrics(workdir: str, step: int | None = None) -> dict:
+    """The last train and eval records of workdir/metrics.jsonl up to `step` (the exported checkpoint's: the file
+    also holds later steps, and steps a resumed run went through again)."""
     last = {}
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 record = json.loads(line)
-                last[record["split"]] = record
+                if step is None or record.get("step", 0) <= step:
+                    last[record["split"]] = record
     return last
 
 
@@ -62,6 +64,9 @@ def model_card(workdir: str, step: int, train_config: dict, metrics: dict) -> st
 
 def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", max_shard_size="5GB",
            tokenizer: str | None = None) -> str:
+    workdir, out_dir = os.path.expanduser(workdir), os.path.expanduser(out_dir)
+    if os.path.abspath(out_dir) == os.path.abspath(workdir):  # its config.json would overwrite the training one
+        raise ValueError(f"--out={out_dir} is the workdir itself: export to another directory")
     step = checkpoint.resolve_step(workdir, step)
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
     model = load(workdir, dtype, step=step)
@@ -70,7 +75,7 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))
     hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype))
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(model_card(workdir, step, train_config, final_metrics(workdir)))
+        f.write(model_card(workdir, step, train_config, final_metrics(workdir, step)))
     print(f"exported {workdir} step {step} -> {out_dir}")
     return out_dir
 

@@ -33,7 +33,7 @@ from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
 from zephyr_jax.data.batches import multiples, sequence_lengths, stack_rows
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
-from zephyr_jax.loading import load
+from zephyr_jax.loading import is_workdir, load
 from zephyr_jax.losses import LOSS_TYPES
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
@@ -53,6 +53,12 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     if check_model_source:
         check_model_source_exists(cfg.model)
     t = cfg.train
+    for key in ("global_batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
+        if t[key] < 1:  # keep_checkpoints=0 would keep none, the final one included
+            raise ValueError(f"train.{key}={t[key]}: must be at least 1")
+    for key in ("eval_every", "save_every"):
+        if t[key] < 0:
+            raise ValueError(f"train.{key}={t[key]}: must be 0 (off) or positive")
     if t.global_batch_size % t.grad_accum:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                          f"train.grad_accum={t.grad_accum}")
@@ -61,6 +67,50 @@ def check_config(cfg, check_model_source: bool = True) -> None:
             raise ValueError(f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {LOSS_TYPES}")
         if cfg.data.max_prompt_length >= cfg.data.max_length:
             raise ValueError("data.max_prompt_length must be below data.max_length")
+
+
+# Settings that give a workdir's checkpoints their meaning (the step, the loader's position, the optimizer state,
+# the DPO reference): a run that resumes from them must share them. The mesh, grad_accum, eval, logging and the
+# kernels may change (a resume on another mesh continues exactly).
+RESUME_KEYS = ("stage", "seed", "tokenizer", "model.init", "model.path", "model.step", "model.arch",
+               "data.train", "data.train_split", "data.max_train_examples", "data.max_length",
+               "data.max_prompt_length", "data.packing", "data.pack_window", "data.packed_rows", "data.loss_on",
+               "data.too_long", "train.global_batch_size")
+RESIZING_KEYS = ("train.max_steps", "train.num_epochs", "optim")  # allowed (more steps, a lower lr), and said
+
+
+def _setting(tree: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "<absent>"
+        tree = tree[part]
+    return tree
+
+
+def resume_settings(cfg, workdir: str) -> None:
+    """When `workdir` holds checkpoints: refuses a config that changes RESUME_KEYS from the run that wrote them
+    (its config.json), naming each change; takes that run's init step where this config says "latest" (-1), so
+    a DPO run resumed after its SFT workdir gained a checkpoint keeps its reference model."""
+    saved_path = os.path.join(workdir, "config.json")
+    ckpts = os.path.join(workdir, "checkpoints")
+    if not (os.path.exists(saved_path) and os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
+        return
+    with open(saved_path) as f:
+        saved = json.load(f)
+    new = json.loads(cfg.to_json_best_effort())
+    if cfg.model.step == -1 and isinstance(_setting(saved, "model.step"), int):
+        cfg.model.step = new["model"]["step"] = saved["model"]["step"]
+    changed = [f"{k}: {_setting(saved, k)!r} -> {_setting(new, k)!r}" for k in RESUME_KEYS
+               if _setting(saved, k) not in ("<absent>", _setting(new, k))
+               and not (k == "model.arch" and cfg.model.init != "random")]
+    if changed:
+        raise ValueError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
+                         "not continue it. Changed: " + "; ".join(changed) + ". Use another --workdir, or the "
+                         "settings of that run.")
+    for k in RESIZING_KEYS:
+        if _setting(saved, k) not in ("<absent>", _setting(new, k)) and jax.process_index() == 0:
+            print(f"resuming {workdir} with {k} changed ({_setting(saved, k)} -> {_setting(new, k)}): the "
+                  "learning-rate schedule follows the new values from here on")
 
 
 def use_compilation_cache(path: str | None) -> None:
@@ -73,6 +123,9 @@ def use_compilation_cache(path: str | None) -> None:
 
 
 def check_model_source_exists(model_cfg) -> None:
+    if model_cfg.init == "hf" and is_workdir(model_cfg.path):
+        raise ValueError(f"config.model.path={model_cfg.path!r} is a zephyr_jax training workdir: set "
+                         "config.model.init='orbax' to start from its checkpoint")
     if model_cfg.init == "orbax" and not os.path.isdir(os.path.join(model_cfg.path, "checkpoints")):
         raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no zephyr_jax workdir with checkpoints "
                                 "there (train the SFT stage first, or set config.model.init='hf')")
@@ -84,10 +137,28 @@ def check_model_source_exists(model_cfg) -> None:
 def check_batch_fits_mesh(cfg, mesh) -> None:
     shards = batch_shards(mesh)
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
-    for name, size in (("micro-batch (global_batch_size / grad_accum)", micro),
-                       ("train.eval_batch_size", cfg.train.eval_batch_size)):
+    sizes = [("micro-batch (global_batch_size / grad_accum)", micro),
+             ("train.eval_batch_size", cfg.train.eval_batch_size)]
+    if cfg.stage == "dpo" and cfg.data.packing and cfg.data.packed_rows:
+        sizes.append(("data.packed_rows / grad_accum", cfg.data.packed_rows / cfg.train.grad_accum))
+    for name, size in sizes:
         if size % shards:
-            raise ValueError(f"{name}={size} does not divide over the mesh's data x fsdp = {shards} batch shards")
+            raise ValueError(f"{name}={size:g} does not divide over the mesh's data x fsdp = {shards} batch shards")
+
+
+def check_params_fit_mesh(abstract, specs, mesh) -> None:
+    """Every parameter dimension a mesh axis splits must divide by that axis (XLA refuses the placement with an
+    error that names neither the parameter nor the config)."""
+    for path, leaf, spec in zip(*zip(*jax.tree_util.tree_flatten_with_path(abstract)[0]), jax.tree.leaves(
+            specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+        for dim, axes in zip(leaf.shape, spec):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = math.prod(mesh.shape[a] for a in axes)
+            if dim % ways:
+                name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+                raise ValueError(f"parameter {name} {tuple(leaf.shape)}: its dimension of {dim} does not divide "
+                                 f"over mesh axes {axes} ({ways} ways); change config.mesh.shape "
+                                 f"{tuple(mesh.shape.values())} or config.mesh.rules")
 
 
 def mesh_for(cfg, devices=None):
@@ -153,7 +224,9 @@ def model_config(cfg) -> MistralConfig:
 def abstract_params(cfg, mcfg: MistralConfig, mesh):
     """(graphdef, parameter shapes and dtypes, their shardings on `mesh`): nothing is allocated."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(mcfg, rngs=nnx.Rngs(cfg.seed))))
-    return graphdef, abstract, named(mesh, param_specs(abstract, cfg.mesh.rules))
+    specs = param_specs(abstract, cfg.mesh.rules)
+    check_params_fit_mesh(abstract, specs, mesh)
+    return graphdef, abstract, named(mesh, specs)
 
 
 def init_params(cfg, mcfg: MistralConfig, mesh):
@@ -287,7 +360,9 @@ def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, name: str
     logps = run_eval(cfg, eval_fn, params, examples, sharding, desc=f"reference log-probs ({name})")["logps"]
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.save(path, logps)
+        with open(path + ".tmp", "wb") as f:  # a kill mid-write must not leave a cache that loads
+            np.save(f, logps)
+        os.replace(path + ".tmp", path)
     return logps
 
 
@@ -307,9 +382,16 @@ def eval_metrics(cfg, eval_fn, params, examples, reference, sharding) -> dict:
 
 def run(cfg, workdir: str) -> dict:
     """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics."""
+    cfg = cfg.copy_and_resolve_references()  # this run's copy: model.step is set to the step it starts from
+    workdir, cfg.model.path = os.path.expanduser(workdir), os.path.expanduser(cfg.model.path)
     check_config(cfg)
     use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = mesh_for(cfg)
+    resume_settings(cfg, workdir)
+    if cfg.model.init == "orbax":  # the number, not "latest": config.json records it, the reference cache keys on it
+        cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
+    mcfg = model_config(cfg)
+    abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         print(cfg)
@@ -332,9 +414,13 @@ def run(cfg, workdir: str) -> dict:
     loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
     sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
+    left_out = len(train_examples) % cfg.train.global_batch_size
+    if cfg.train.max_steps <= 0 and left_out and jax.process_index() == 0:
+        print(f"each epoch trains {loader.steps_per_epoch} full batches: {left_out} of its {len(train_examples)} "
+              f"{'rows' if cfg.stage == 'sft' and cfg.data.packing else 'examples'} are left out (others each "
+              "epoch, as the order is shuffled)")
 
     # Model and optimizer, created directly with their shardings.
-    mcfg = model_config(cfg)
     graphdef, params, param_shardings = init_params(cfg, mcfg, mesh)
     if jax.process_index() == 0:
         checkpoint.save_model_config(workdir, mcfg)
@@ -362,6 +448,8 @@ def run(cfg, workdir: str) -> dict:
         state, meta = checkpoint.restore(mngr, mngr.latest_step(), jax.eval_shape(lambda: state), state_shardings)
         loader.restore(meta["loader"])
         print(f"resumed from step {int(state.step)} of {workdir}")
+        if int(state.step) > total_steps:
+            print(f"step {int(state.step)} is past this run's {total_steps} steps: nothing to train")
 
     train_step = jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
                                 frozen_reference=reference is not None)
@@ -414,6 +502,7 @@ def run(cfg, workdir: str) -> dict:
                 print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
                 break
     bar.close()
+    mngr.wait_until_finished()  # the last save is committed before the final eval, which SIGTERM no longer stops
     if not preempted and step == total_steps:
         last_eval = evaluate(step)
         print("eval:", json.dumps({k: round(v, 5) for k, v in last_eval.items()}))
@@ -449,11 +538,12 @@ class StepLog:
             return
         fetched = steps.to_host([m for _, m, _, _ in self.on_device])
         for (step, _, info, extra), metrics in zip(self.on_device, fetched):
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # a bad gradient: the update is bad
                 self.mngr.wait_until_finished()
                 raise FloatingPointError(
-                    f"loss is {loss} at step {step}: stopping. The last good checkpoint is step "
+                    f"loss is {loss} and grad_norm {grad_norm} at step {step}: stopping. The last good checkpoint is "
+                    "step "
                     f"{self.mngr.latest_step()} in {os.path.join(self.workdir, 'checkpoints')} (no later step was "
                     "saved); lower optim.lr, check the data, or use float32 compute to find the cause.")
             self.on_host.append((step, {k: float(v) for k, v in metrics.items()}, info, extra))
