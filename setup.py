@@ -8,11 +8,12 @@ setup(
     description="Zephyr-7B (distilled SFT + distilled DPO on Mistral-7B-v0.1) in JAX/Flax NNX",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # as jax >= 0.7
     packages=find_packages(include=["zephyr_jax", "zephyr_jax.*"]),
     install_requires=[
-        # The code uses only long-stable jax/flax APIs; the lower bounds are the oldest releases it was read against.
-        "jax>=0.4.35",
+        # Lower bounds: the oldest releases with the APIs the code calls (jax.set_mesh and jax.shard_map(check_vma=)
+        # came in jax 0.7.1); tested with jax 0.10.2 and flax 0.12.8.
+        "jax>=0.7.1",
         "flax>=0.10.4",  # NNX with Variable[...] access
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
@@ -42,7 +43,7 @@ setup(
         "notebooks": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5", "importlib_resources"],  # no TensorFlow needed
         "eval": ["lm_eval>=0.4.13"],  # python -m zephyr_jax.lm_eval_adapter
-        "gpu": ["jax[cuda12]>=0.4.35"],
-        "tpu": ["jax[tpu]>=0.4.35"],
+        "gpu": ["jax[cuda12]>=0.7.1"],
+        "tpu": ["jax[tpu]>=0.7.1"],
     },
 )

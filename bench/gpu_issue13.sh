@@ -128,7 +128,7 @@ run_remat() {  # optional (not in the default list): what the configs' full rema
   done
 }
 run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flags (MaxText's), against `train`
-  XLA_FLAGS=$(sed -n '/^GPU_FLAGS="/,/"$/p' launch/slurm_gpu.sbatch | tr -d '"\n' | sed 's/^GPU_FLAGS=//')
+  XLA_FLAGS=$("$PY" -m zephyr_jax.xla_flags)
   export XLA_FLAGS
   echo "XLA_FLAGS=$XLA_FLAGS" >>"$OUT/train.log"
   train_1b sft train:xla_flags

@@ -4,9 +4,11 @@
 #
 #   launch/local.sh NUM_PROCESSES [--cpu_devices=K] -- --config=configs/sft.py:tiny --workdir=DIR [...]
 #
-# --cpu_devices=K gives each process K simulated CPU devices (no accelerator needed). Process 0 prints to the
-# terminal; process i logs to $LOG_DIR/process_i.log (default: a temporary directory). The script fails if any
-# process fails.
+# --cpu_devices=K gives each process K simulated CPU devices (no accelerator needed). Otherwise, on a machine with
+# NVIDIA GPUs, each process gets its own share of them (CUDA_VISIBLE_DEVICES; NUM_PROCESSES must divide the GPUs).
+# Process 0 prints to the terminal; process i logs to $LOG_DIR/process_i.log (default: a temporary directory).
+# SIGTERM/SIGINT is passed on to every process (each saves and exits), and the script waits for all of them. It
+# fails if any process fails.
 set -euo pipefail
 num_processes=${1:?usage: launch/local.sh NUM_PROCESSES [--cpu_devices=K] -- TRAIN_ARGS}
 shift
@@ -21,14 +23,24 @@ done
 [[ "${1:-}" == "--" ]] && shift
 port=${COORDINATOR_PORT:-$((20000 + RANDOM % 20000))}
 log_dir=${LOG_DIR:-$(mktemp -d)}
+gpus=0
 if [[ -n "$cpu_devices" ]]; then
   export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$cpu_devices"
+elif [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]] && command -v nvidia-smi >/dev/null; then
+  gpus=$(nvidia-smi -L | grep -c '^GPU' || true)
+  if (( gpus % num_processes )); then
+    echo "$num_processes processes do not split this machine's $gpus GPUs evenly" >&2; exit 2
+  fi
 fi
 
 pids=()
 for ((i = 0; i < num_processes; i++)); do
   cmd=(python -m zephyr_jax.train --coordinator_address="localhost:$port" --num_processes="$num_processes"
        --process_id="$i" "$@")
+  if (( gpus )); then  # process i: GPUs i*k .. i*k+k-1 (without this every process would take every GPU)
+    per=$((gpus / num_processes))
+    cmd=(env CUDA_VISIBLE_DEVICES="$(seq -s, $((i * per)) $((i * per + per - 1)))" "${cmd[@]}")
+  fi
   if [[ $i -eq 0 ]]; then
     "${cmd[@]}" &
   else
@@ -36,11 +48,19 @@ for ((i = 0; i < num_processes; i++)); do
   fi
   pids+=($!)
 done
-trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 status=0
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed (log: $log_dir/process_$i.log)" >&2
+  while :; do
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    # A signal trapped above interrupts `wait` (status > 128) while the process still runs (saving): wait again.
+    if (( rc > 128 )) && kill -0 "${pids[$i]}" 2>/dev/null; then continue; fi
+    break
+  done
+  if (( rc )); then
+    where=$([[ $i -eq 0 ]] && echo "its output is above" || echo "log: $log_dir/process_$i.log")
+    echo "process $i failed with status $rc ($where)" >&2
     status=1
   fi
 done

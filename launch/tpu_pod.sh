@@ -8,6 +8,8 @@
 #
 # Every worker runs `python -m zephyr_jax.train --distributed ...`; jax.distributed.initialize() finds the other
 # workers through the TPU metadata. The workdir must be visible to every worker (Filestore/NFS, or GCSFuse).
+# The TPU VM images run Python 3.10 and current JAX needs 3.11: `install` makes a Python 3.11 environment with uv
+# (~/zephyr_venv, VENV overrides) and `run` uses it.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v4-64}
@@ -19,18 +21,23 @@ case "$ACCELERATOR" in  # Cloud TPU's software version for JAX on each generatio
 esac
 VERSION=${VERSION:-$default_version}
 REPO=${REPO:-https://github.com/zephyr-jax/zephyr_jax.git}  # or your fork
+VENV=${VENV:-\$HOME/zephyr_venv}  # expanded on the workers
 ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }
 
 case "${1:-}" in
   create)
     gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$ACCELERATOR" --version "$VERSION" ;;
   install)
-    ssh_all "set -e; [ -d zephyr_jax ] || git clone $REPO zephyr_jax; cd zephyr_jax && git pull && pip install -U pip && pip install -e '.[tpu]'" ;;
+    ssh_all "set -e; export PATH=\$HOME/.local/bin:\$PATH
+      command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
+      [ -d zephyr_jax ] || git clone $REPO zephyr_jax; cd zephyr_jax && git pull
+      [ -x $VENV/bin/python ] || uv venv -p 3.11 $VENV
+      uv pip install -p $VENV/bin/python -e '.[tpu]'" ;;
   run)
     shift; [[ "${1:-}" == "--" ]] && shift
     args=$(printf '%q ' "$@")
     # HF_TOKEN, WANDB_API_KEY etc. can be exported in the command below if needed.
-    ssh_all "cd zephyr_jax && python -m zephyr_jax.train --distributed $args" ;;
+    ssh_all "cd zephyr_jax && $VENV/bin/python -m zephyr_jax.train --distributed $args" ;;
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)

@@ -57,3 +57,9 @@ def test_interactive_multi_turn_over_stdin(model_dir):
     out = _chat(model_dir, stdin="Hi\nAnd again\n/reset\nOnce more\n/exit\n")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("zephyr> ") == 3 and "(history cleared)" in out.stdout
+    # A turn that outgrows the context is refused with a message, and /reset starts over (it used to exit).
+    out = _chat(model_dir, "--max_length=64", stdin="Tell me about the sea, the sky and the stars. " * 4 + "\n"
+                "/reset\nHi\n/exit\n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "error: the conversation has" in out.stderr and "/reset it" in out.stderr
+    assert out.stdout.count("zephyr> ") == 2 and "(history cleared)" in out.stdout

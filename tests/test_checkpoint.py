@@ -86,3 +86,21 @@ def test_a_seed_draws_the_weights_the_unstacked_model_drew():
         layer = nnx.to_pure_dict(nnx.state(DecoderLayer(CFG, rngs)))
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b)),
                      stacked["layers"], layer)
+
+
+def test_a_checkpoint_of_another_shape_names_the_parameter_and_both_shapes(tmp_path):
+    """Orbax's own error gives two shapes (and suggests padding); this one names the parameter and the step."""
+    import dataclasses
+
+    import pytest
+
+    params = nnx.state(Mistral(CFG, rngs=nnx.Rngs(3)))
+    mngr = checkpoint.manager(str(tmp_path), async_save=False)
+    mngr.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    mngr.wait_until_finished()
+    wider = dataclasses.replace(CFG, hidden_size=64)
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(wider, rngs=nnx.Rngs(0))))
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"checkpoint step 2 in .*: params embed_tokens.* has shape \(128, 32\), "
+                                         r"but this model's is \(128, 64\)"):
+        checkpoint.restore_params(str(tmp_path), abstract, named(mesh, param_specs(abstract)))

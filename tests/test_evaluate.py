@@ -67,9 +67,12 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path):
         assert abs(again[k] - expected[k]) <= 1e-6, (k, again[k], expected[k])
 
 
-def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
-    """--model/--reference: the same model twice gives zero rewards, loss log 2, and the policy's log-probs."""
+def test_prefs_policy_against_itself(dpo_workdir, data_dir, monkeypatch):  # noqa: F811
+    """--model/--reference: the same model twice gives zero rewards, loss log 2, and the policy's log-probs;
+    the policy reuses the reference's compiled eval function (same architecture)."""
     expected = _last_eval(dpo_workdir)
+    made, make = [], evaluate.steps.make_eval_fn
+    monkeypatch.setattr(evaluate.steps, "make_eval_fn", lambda *a, **kw: made.append(a) or make(*a, **kw))
     got = evaluate.main(["prefs", f"--model={dpo_workdir}", f"--reference={dpo_workdir}",
                          f"--data={data_dir / 'prefs'}", "--max_examples=8", "--max_length=128",
                          "--max_prompt_length=64", "--batch_size=8"])
@@ -78,6 +81,7 @@ def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
     assert got["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for k in ("logps/chosen", "logps/rejected"):
         assert got[k] == pytest.approx(expected[k], abs=1e-4)
+    assert len(made) == 1
 
 
 def test_prefs_argument_errors(dpo_workdir):
@@ -143,6 +147,15 @@ def test_mt_bench_bad_question_file(tmp_path):
     path.write_text(json.dumps({"question_id": 1, "turns": "not a list"}) + "\n")
     with pytest.raises(ValueError, match="question_id 1.*turns"):
         evaluate.read_questions(str(path))
+    for bad, match in (({"question_id": [1], "turns": ["q"]}, "no question_id"),
+                       ({"question_id": 2, "category": ["math"], "turns": ["q"]}, "'category' must be a string")):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=match):
+            evaluate.read_questions(str(path))
+    broken = tmp_path / "alpaca.json"
+    broken.write_text('[{"instruction": "a",}]')
+    with pytest.raises(ValueError, match=r"alpaca.json: not valid JSON"):
+        evaluate.read_instructions(str(broken))
 
 
 def test_alpaca_eval_outputs(model_dir, tmp_path):
@@ -234,6 +247,15 @@ def test_lm_eval_adapter_numbers(model_dir):
     alone = lm.generate_until([gen("Hi there")])
     together = lm.generate_until([gen("Hi there"), gen("A much longer prompt than the other one, " * 3)])
     assert alone[0] == together[0] and all(isinstance(t, str) for t in together)
+    # Generation settings as lm-eval normalises them: max_new_tokens is max_gen_toks; a temperature without
+    # do_sample samples; a continuation longer than max_length is refused, not scored in part.
+    assert lm._sampling({"until": "\n", "max_new_tokens": 4})[:3] == (("\n", "</s>"), 4, 0.0)
+    assert lm._sampling({"temperature": 0.7, "max_gen_toks": 4})[2] == 0.7
+    assert lm._sampling({"temperature": 0.7, "do_sample": False, "max_gen_toks": 4})[2] == 0.0
+    with pytest.raises(ValueError, match="max_gen_toks=64 must be below the model's max_length=64"):
+        lm._sampling({"max_gen_toks": 64})
+    with pytest.raises(ValueError, match="continuation of 70 tokens does not fit max_length=64"):
+        lm._score_rows([([1] + [5] * 70, 70)])
 
 
 def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):

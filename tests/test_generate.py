@@ -209,6 +209,20 @@ def test_a_requests_samples_depend_on_its_seed_only(small):
         assert r.tokens == mixed[3].tokens
 
 
+def test_generate_calls_of_other_lengths_reuse_the_compiled_programs(small):
+    """generate() sizes its engine's cache in steps of LENGTH_STEP and its slots in powers of two, so calls of
+    other reply lengths and batch sizes (MT-Bench's groups and turns) compile nothing new."""
+    from zephyr_jax.generate import generate_ids
+
+    _, model = small
+    prompts = _prompts(7, [5, 9, 4])
+    generate_ids(model, prompts[:2], max_new_tokens=8)
+    before = Engine.compiled_programs()
+    generate_ids(model, prompts[:2], max_new_tokens=9)
+    generate_ids(model, prompts[1:], max_new_tokens=7)
+    assert Engine.compiled_programs() == before
+
+
 def test_stop_token_ids_and_stop_strings_end_a_reply(small):
     from zephyr_jax.tokenizer import load_tokenizer
 

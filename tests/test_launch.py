@@ -3,7 +3,9 @@ launch/slurm_gpu.sbatch sets, with a stand-in srun. (The local and SLURM launche
 tests/test_train.py::test_two_processes_match_one_process.)"""
 
 import os
+import signal
 import subprocess
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +29,13 @@ def test_tpu_pod_runs_the_training_command_on_every_worker(tmp_path):
     assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "zephyr"]
     assert "--worker=all" in argv and argv[argv.index("--zone") + 1] == "us-central2-b"
     command = argv[argv.index("--command") + 1]
-    assert command == ("cd zephyr_jax && python -m zephyr_jax.train --distributed --config=configs/dpo.py "
-                       "--workdir=/mnt/shared/dpo --config.model.path=/mnt/shared/sft\\ dir ")  # quoted for ssh
+    assert command == ("cd zephyr_jax && $HOME/zephyr_venv/bin/python -m zephyr_jax.train --distributed "
+                       "--config=configs/dpo.py --workdir=/mnt/shared/dpo --config.model.path=/mnt/shared/sft\\ dir ")
+    # install: a Python 3.11 environment (the TPU VM images run 3.10, which current JAX does not support)
+    out, argv = _tpu_pod(tmp_path, "install", TPU_NAME="zephyr", ZONE="us-central2-b")
+    command = argv[argv.index("--command") + 1]
+    assert out.returncode == 0 and "uv venv -p 3.11 $HOME/zephyr_venv" in command
+    assert "uv pip install -p $HOME/zephyr_venv/bin/python -e '.[tpu]'" in command
 
 
 def test_tpu_pod_create_and_usage_errors(tmp_path):
@@ -71,3 +78,34 @@ def test_slurm_gpu_xla_flags_are_known_to_this_jaxlib(tmp_path):
     out = subprocess.run(["bash", "launch/slurm_gpu.sbatch"], cwd=ROOT, capture_output=True, text=True,
                          env={**env, "XLA_FLAGS": "--xla_dump_hlo_as_text"}, timeout=120)
     assert out.returncode == 0 and log.read_text() == "--xla_dump_hlo_as_text"  # the user's XLA_FLAGS win
+
+
+def _shims(tmp_path, **scripts):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LOG_DIR": str(tmp_path)}
+
+
+def test_local_launcher_gives_each_process_its_gpus_and_waits_for_a_save_after_sigterm(tmp_path):
+    """A stand-in `python` (train.py) reports its CUDA_VISIBLE_DEVICES, and on SIGTERM takes a second to "save" and
+    exits 0: the launcher passes the signal on, waits for every process, and succeeds."""
+    env = _shims(tmp_path, **{
+        "nvidia-smi": 'for i in 0 1 2 3; do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; done\n',
+        "python": 'echo "gpus=$CUDA_VISIBLE_DEVICES"; trap \'kill $nap; sleep 1; echo saved; exit 0\' TERM\n'
+                  'sleep 30 & nap=$!; wait $nap\n'})
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    launcher = subprocess.Popen(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 0, err
+    assert "gpus=0,1" in out and out.rstrip().endswith("saved")  # process 0 saved before the launcher returned
+    log = (tmp_path / "process_1.log").read_text()
+    assert "gpus=2,3" in log and "saved" in log
+    out = subprocess.run(["bash", "launch/local.sh", "3", "--", "--config=x"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "do not split this machine's 4 GPUs" in out.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from zephyr_jax import plan
+from zephyr_jax import plan, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
@@ -120,6 +120,21 @@ def test_unknown_topology_lists_the_known_ones():
         plan.tpu_target("v5e-3")
     with pytest.raises(ValueError, match="unknown TPU topology 'v4-9'"):
         plan.tpu_target("v4-9")
+    assert len(plan.tpu_target("v5litepod-8").devices) == 8  # Cloud TPU's name for v5e, as tpu_pod.sh takes it
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA RTX A1000", None), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("cpu", None)])
+def test_peak_flops_by_device_kind(kind, peak):
+    """Whole words, variants before their family: an L40S is not an L4, a v5p ("TPU v5") has a peak."""
+    from types import SimpleNamespace
+
+    from zephyr_jax.metrics import peak_flops
+
+    assert peak_flops(SimpleNamespace(device_kind=kind)) == peak
 
 
 def test_unknown_gpu_topology_lists_the_known_ones():
@@ -145,9 +160,10 @@ def test_compiles_for_an_h200_without_one(pairs_file):
     """XLA:GPU compiles the tiny DPO step in bf16 for an H200 from a device description: packed rows take cuDNN
     flash attention (Hopper), and the inputs' bytes are what their shapes say, as on a TPU slice."""
     r = _plan("--config=configs/dpo.py:tiny", "--topology=h200-1", f"--length_mix={pairs_file}",
-              "--config.model.dtype=bfloat16", env=_gpu_env("0.9"))
+              "--config.model.dtype=bfloat16", env={k: v for k, v in _gpu_env("0.9").items() if k != "XLA_FLAGS"})
+    # Without XLA_FLAGS of its own, the planner compiles under the flags launch/slurm_gpu.sbatch runs with.
     assert r["target"] == {"name": "h200-1", "chips": 1, "hbm_bytes": int(0.9 * 143771 * 2 ** 20),
-                           "peak_flops": 989e12}
+                           "peak_flops": 989e12, "xla_flags": " ".join(xla_flags.GPU)}
     assert r["attention"] == "cuDNN flash attention" and r["verdict"].startswith("fits with")
     params, m = r["model"]["params"], r["memory"]
     assert m["parameters"] == m["reference"] == 4 * params and m["optimizer_state"] == 8 * params + 2 * 4
@@ -164,9 +180,27 @@ def test_compiles_for_two_hosts_of_a100s_without_one():
     assert r["attention"].startswith("XLA einsum attention") and r["verdict"].startswith("fits with")
 
 
-def test_bad_length_mix_is_named():
+def test_bad_length_mix_is_named(tmp_path):
     with pytest.raises(ValueError, match="PROMPT,COMPLETION,SIGMA for DPO"):
         plan.length_mix("lognormal:100,0.5", "dpo")
+    with pytest.raises(ValueError, match="medians must be positive"):
+        plan.length_mix("lognormal:0,0.5", "sft")
+    with pytest.raises(ValueError, match="neither lognormal:... nor a file"):
+        plan.length_mix(str(tmp_path / "nope.txt"), "sft")
+    (tmp_path / "bad.txt").write_text("12\nabc\n")
+    with pytest.raises(ValueError, match=r"length mix .*bad.txt: could not convert"):
+        plan.length_mix(str(tmp_path / "bad.txt"), "sft")
+
+
+def test_more_micro_batches_count_the_recompute_of_every_layer():
+    """grad_accum > 1 recomputes each layer (model/accumulate.py) whatever model.remat says: so do the FLOPs."""
+    from zephyr_jax.config_common import load_config
+
+    cfg = lambda accum, remat="none": load_config(os.path.join(ROOT, "configs/sft.py:tiny"), **{  # noqa: E731
+        "model.remat": remat, "train.grad_accum": accum, "train.global_batch_size": 16})
+    one, two, full = plan.plan(cfg(1)), plan.plan(cfg(2)), plan.plan(cfg(2, "full"))
+    assert one["config"]["remat"] == "none" and two["config"]["remat"].startswith("full (grad_accum")
+    assert two["tokens"]["flops_per_step"] == full["tokens"]["flops_per_step"] > one["tokens"]["flops_per_step"]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resident-set high-water mark")

@@ -7,8 +7,8 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from zephyr_jax.tokenizer import (ZEPHYR_CHAT_TEMPLATE, load_tokenizer, mistral_v0_1_model_file, render_chat,
-                                  with_system_message)
+from zephyr_jax.tokenizer import (ZEPHYR_CHAT_TEMPLATE, encode_text, load_tokenizer, mistral_v0_1_model_file,
+                                  render_chat, with_system_message)
 
 # The rendering given in shared/RECIPE.md for this conversation.
 CONVERSATION = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"},
@@ -35,6 +35,27 @@ def test_template_renders_recipe_string(tok):
     # No system message given: an empty one is inserted, as the recipe does.
     assert render_chat(tok, CONVERSATION[1:]) == RENDERED
     assert with_system_message(CONVERSATION) == CONVERSATION
+
+
+# Mistral-Instruct-v0.1's rule (roles alternate from a user turn, no system role), with its own BOS.
+INSTRUCT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_another_template_gets_no_system_turn_and_one_bos(tmp_path):
+    """The empty system turn is the Zephyr recipe's; a template without a system role refuses it. A template
+    that writes its own <s> must not get the tokenizer's too."""
+    other = load_tokenizer()
+    other.chat_template = INSTRUCT_TEMPLATE
+    text = render_chat(other, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert text == "<s>[INST] Hi [/INST]"
+    assert encode_text(other, text) == [1] + other("[INST] Hi [/INST]", add_special_tokens=False).input_ids
+    zephyr = load_tokenizer()
+    prompt = render_chat(zephyr, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert encode_text(zephyr, prompt) == zephyr(prompt).input_ids and encode_text(zephyr, prompt)[:2] != [1, 1]
 
 
 def test_encoding_matches_independent_tokenizers(tok, tmp_path):

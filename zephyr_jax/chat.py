@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jinja2
+
 from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.loading import load
-from zephyr_jax.tokenizer import render_chat, tokenizer_for
+from zephyr_jax.tokenizer import encode_text, render_chat, tokenizer_for
 
 
 def reply(engine: Engine, tok, messages, out=sys.stdout, *, max_new_tokens: int, temperature: float = 0.7,
           top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
     """Streams the assistant's reply to `out` as the engine produces it, and returns it."""
-    prompt = tok(render_chat(tok, messages, add_generation_prompt=True)).input_ids
+    prompt = encode_text(tok, render_chat(tok, messages, add_generation_prompt=True))
     room = engine.max_length - len(prompt)
     if room < 1:
         raise ValueError(f"the conversation has {len(prompt)} tokens, the context {engine.max_length}: /reset it")
@@ -55,9 +57,12 @@ def main(argv=None):
     engine = Engine(load(args.model, args.dtype), tok, max_slots=1, max_length=args.max_length)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p)
-    history = [{"role": "system", "content": args.system}]
+    history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
-        reply(engine, tok, history + [{"role": "user", "content": args.prompt}], seed=args.seed, **sampling)
+        try:
+            reply(engine, tok, history + [{"role": "user", "content": args.prompt}], seed=args.seed, **sampling)
+        except (ValueError, jinja2.TemplateError) as e:
+            sys.exit(f"error: {e}")
         return
     interactive = sys.stdin.isatty()
     turn = 0
@@ -68,15 +73,19 @@ def main(argv=None):
         if not line or line.strip() == "/exit":
             break
         if line.strip() == "/reset":
-            history, turn = history[:1], 0
+            history, turn = history[:1] if args.system else [], 0
             print("(history cleared)")
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line.rstrip("\n")})
+        asked = history + [{"role": "user", "content": line.rstrip("\n")}]
         print("zephyr> ", end="", flush=True)
-        history.append({"role": "assistant", "content": reply(engine, tok, history, seed=args.seed + turn,
-                                                              **sampling)})
+        try:
+            answer = reply(engine, tok, asked, seed=args.seed + turn, **sampling)
+        except (ValueError, jinja2.TemplateError) as e:  # the context is full: the session goes on (/reset)
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        history = asked + [{"role": "assistant", "content": answer}]
         turn += 1
 
 

@@ -66,8 +66,14 @@ def _restore_item(mngr, step: int, item: str, target):
     (per-layer subtrees) is read in its saved layout, each layer onto its slice's sharding, then stacked."""
     saved = ocp.StandardCheckpointer().metadata(os.path.join(mngr.directory, str(step), item)).item_metadata
     saved = saved.tree if hasattr(saved, "tree") else saved
-    saved_paths = [tuple(map(_key, p)) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
-    if not any(_stacked_path(p)[1] is not None for p in saved_paths):
+    saved_leaves = {tuple(map(_key, p)): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    if not any(_stacked_path(p)[1] is not None for p in saved_leaves):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:  # orbax's own error names neither
+            stored = getattr(saved_leaves.get(tuple(map(_key, path))), "shape", None)
+            if stored is not None and tuple(stored) != tuple(leaf.shape):
+                raise ValueError(f"checkpoint step {step} in {mngr.directory}: {item} {'/'.join(map(_key, path))} "
+                                 f"has shape {tuple(stored)}, but this model's is {tuple(leaf.shape)} (the "
+                                 "architecture differs from the run that saved it)")
         return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)

@@ -104,11 +104,12 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
 
 
-def pair_logps(model, examples, batch_size: int, buckets) -> np.ndarray:
+def pair_logps(model, examples, batch_size: int, buckets, eval_fn=None) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples, on one device,
-    through the training code's eval batches (a row per sequence, padded to `buckets`) and eval function."""
+    through the training code's eval batches (a row per sequence, padded to `buckets`) and eval function (pass
+    one `eval_fn` for models of one architecture: each of its batch shapes then compiles once)."""
     graphdef, state = nnx.split(model)
-    eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
+    eval_fn = eval_fn or steps.make_eval_fn("dpo", graphdef, batch_size)
     batches = train.eval_batches(examples, batch_size, pair_batcher(2 * batch_size, buckets))
     return steps.run_eval_batches(eval_fn, state, batches, jax.device_put)["logps"]
 
@@ -137,15 +138,20 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
         tokenizer = tokenizer_for(model if isinstance(model, str) else None, tokenizer)
     examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
     buckets = train.buckets_for(data_cfg)
-    as_model = lambda m: load(m, dtype) if isinstance(m, str) else m
+    eval_fns = {}  # by architecture: the policy reuses the reference's compiled batches
+
+    def logps_of(m):
+        m = load(m, dtype) if isinstance(m, str) else m
+        graphdef = nnx.graphdef(m)
+        if graphdef not in eval_fns:
+            eval_fns[graphdef] = steps.make_eval_fn("dpo", graphdef, batch_size)
+        return pair_logps(m, examples, batch_size, buckets, eval_fns[graphdef])
 
     if reference_free:
         ref_logps = np.zeros((len(examples), 2), np.float32)
-    else:  # the reference first, released before the policy is loaded: one model in memory at a time
-        ref_model = as_model(reference)
-        ref_logps = pair_logps(ref_model, examples, batch_size, buckets)
-        del ref_model
-    policy_logps = pair_logps(as_model(model), examples, batch_size, buckets)
+    else:  # the reference first, released (when loaded here) before the policy: one model in memory at a time
+        ref_logps = logps_of(reference)
+    policy_logps = logps_of(model)
     lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
     metrics = steps.dpo_eval_metrics(policy_logps, ref_logps, lengths, dpo_cfg)
     return {**metrics, "num_pairs": len(examples), "data": f"{data}:{split}"}
@@ -193,8 +199,10 @@ def read_questions(path: str) -> list[dict]:
     seen = set()
     for number, q in enumerate(questions, 1):
         where = f"{path}: question {number}"
-        if not isinstance(q, dict) or "question_id" not in q:
-            raise ValueError(f"{where}: no question_id")
+        if not isinstance(q, dict) or not isinstance(q.get("question_id"), (int, str)):
+            raise ValueError(f"{where}: no question_id (an int or a string)")
+        if not isinstance(q.get("category", ""), str):
+            raise ValueError(f"{where} (question_id {q['question_id']}): 'category' must be a string")
         turns = q.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
             raise ValueError(f"{where} (question_id {q['question_id']}): 'turns' must be a non-empty list of "
@@ -248,7 +256,10 @@ def read_instructions(source: str, split: str = "eval") -> list[dict]:
         rows = _read_jsonl(source)
     elif source.endswith(".json"):
         with open(source, encoding="utf-8") as f:
-            rows = json.load(f)
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}: not valid JSON ({e})") from e
     else:
         from zephyr_jax.data.sources import load_rows
 

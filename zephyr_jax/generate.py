@@ -12,6 +12,9 @@ import numpy as np
 from zephyr_jax.engine import Engine, Request, SamplingParams
 
 
+LENGTH_STEP = 512  # KV-cache lengths of generate() calls are multiples of this (several calls share programs)
+
+
 def request_seed(seed: int, index: int) -> int:
     """A separate random stream per prompt of a batch, from the call's seed."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -21,12 +24,14 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], tokenizer
         max_length: int | None = None, eos_id: int | None = None, progress: bool = False,
         **engine_options) -> list[Request]:
     """The finished requests for token-id prompts, on an engine sized for them (at most max_slots cache rows,
-    each of max_length tokens: by default the longest prompt + reply)."""
+    each of max_length tokens: by default the longest prompt + reply, rounded up to LENGTH_STEP)."""
     if not prompts:
         return []
     longest = max(len(p) + s.max_tokens for p, s in zip(prompts, params))
-    engine = Engine(model, tokenizer, max_slots=min(max_slots, len(prompts)), max_length=max_length or longest,
-                    eos_id=eos_id, **engine_options)
+    if max_length is None:  # rounded up, as the slots are: the cache's shape, and so the compiled calls, repeat
+        max_length = max(longest, min(-(-longest // LENGTH_STEP) * LENGTH_STEP, model.config.max_position_embeddings))
+    slots = min(max_slots, 1 << (len(prompts) - 1).bit_length())
+    engine = Engine(model, tokenizer, max_slots=slots, max_length=max_length, eos_id=eos_id, **engine_options)
     return engine.generate([Request(list(map(int, p)), s) for p, s in zip(prompts, params)], progress=progress)
 
 
@@ -44,10 +49,10 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
     """Completions for `prompts`: strings (encoded as they are, with one BOS) or chat message lists (rendered
     with the chat template and the assistant generation prompt). Each stops at EOS, a `stop` string (cut
     before it) or max_new_tokens."""
-    from zephyr_jax.tokenizer import render_chat
+    from zephyr_jax.tokenizer import encode_text, render_chat
 
     texts = [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
-    encoded = [tokenizer(t).input_ids for t in texts]
+    encoded = [encode_text(tokenizer, t) for t in texts]
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=request_seed(seed, i), stop=tuple(stop)) for i in range(len(prompts))]
     done = run(model, encoded, params, tokenizer, eos_id=tokenizer.eos_token_id, progress=progress,

@@ -33,6 +33,7 @@ if __name__ == "__main__":  # `python -m zephyr_jax.lm_eval_adapter`: register u
     raise SystemExit(0)
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,7 @@ from zephyr_jax import losses
 from zephyr_jax.data.batches import bucket, default_buckets
 from zephyr_jax.engine import SamplingParams
 from zephyr_jax.generate import request_seed, run
-from zephyr_jax.tokenizer import with_system_message
+from zephyr_jax.tokenizer import render_chat
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -58,6 +59,9 @@ def _score(graphdef, state, inputs, targets, mask, scored):
     logps = losses.token_logps(logits, targets)
     greedy = jnp.argmax(logits, axis=-1) == targets
     return jnp.sum(jnp.where(scored, logps, 0.0), axis=-1), jnp.all(greedy | ~scored, axis=-1)
+
+
+log = logging.getLogger("zephyr_jax.lm_eval_adapter")
 
 
 def _flag(x) -> bool:
@@ -90,6 +94,7 @@ class ZephyrJaxLM(LM):
         self.graphdef, self.state = nnx.split(self.model)
         self.buckets = default_buckets(self.max_length, min(16, self.max_length))
         self.bos, self.eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        self._warned: set[str] = set()  # generation settings this engine does not implement, said once each
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
@@ -141,7 +146,10 @@ class ZephyrJaxLM(LM):
             for i in chunk:
                 tokens, n = rows[i]
                 inputs, targets = tokens[:-1][-self.max_length:], tokens[1:][-self.max_length:]
-                prepared.append((inputs, targets, min(n, len(targets))))
+                if n > len(targets):  # lm-eval refuses this too: only part of the continuation would be scored
+                    raise ValueError(f"a continuation of {n} tokens does not fit max_length={self.max_length} "
+                                     f"(request {i}: {self.tokenizer.decode(tokens[-n:][:12])!r}...)")
+                prepared.append((inputs, targets, n))
             length = bucket(max(len(p[0]) for p in prepared), self.buckets)
             arrays = [np.zeros((bs, length), np.int32) for _ in range(4)]
             for row, (inputs, targets, n) in enumerate(prepared):
@@ -185,18 +193,24 @@ class ZephyrJaxLM(LM):
     # --- generation -------------------------------------------------------------------------------------
 
     def _sampling(self, gen_kwargs: dict) -> tuple:
-        kwargs = dict(gen_kwargs or {})
-        until = kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
+        """(until, max_gen_toks, temperature, top_k, top_p) as lm-eval's own normalisation reads the task's
+        kwargs: max_new_tokens / max_tokens are max_gen_toks, a temperature above 0 without do_sample samples."""
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        kwargs = normalize_gen_kwargs(dict(gen_kwargs or {}), self.max_gen_toks)
+        until = [u for u in kwargs.pop("until") if u]
         eos_text = self.tokenizer.decode([self.eos])
         if eos_text not in until:
             until.append(eos_text)
-        max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-        do_sample = _flag(kwargs.pop("do_sample", False))
-        temperature = float(kwargs.pop("temperature", 1.0 if do_sample else 0.0))
-        if not do_sample:
-            temperature = 0.0
+        max_gen = kwargs.pop("max_gen_toks")
+        if max_gen >= self.max_length:
+            raise ValueError(f"max_gen_toks={max_gen} must be below the model's max_length={self.max_length}")
+        temperature = float(kwargs.pop("temperature")) if _flag(kwargs.pop("do_sample")) else 0.0
         top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
+        ignored = sorted(set(kwargs) - self._warned)
+        if ignored:  # num_beams, repetition_penalty, min_p, ...: said once, not silently dropped
+            self._warned.update(ignored)
+            log.warning("zephyr_jax ignores these generation settings: %s", ignored)
         return tuple(until), max_gen, temperature, top_k, top_p
 
     def generate_until(self, requests) -> list[str]:
@@ -220,8 +234,7 @@ class ZephyrJaxLM(LM):
     # --- chat templates (lm_eval --apply_chat_template) ---------------------------------------------------
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(with_system_message(chat_history), tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
 
     @property
     def tokenizer_name(self) -> str:

@@ -5,23 +5,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
-    "h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
-    "tpu v6": 918e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v4": 275e12,
+    "h200": 989e12, "h100": 989e12, "h100 pcie": 756e12, "h100 nvl": 835e12, "a100": 312e12, "l40s": 362e12,
+    "l40": 181e12, "l4": 121e12, "a10": 125e12,
+    "tpu v6e": 918e12, "tpu v5p": 459e12, "tpu v5e": 197e12, "tpu v4": 275e12,
 }
+# A device's device_kind (lower case) -> its PEAK_FLOPS name, the first pattern that matches: variants before their
+# family, and whole words, so an "L40S" is not an "L4" and an "RTX A1000" not an "A100". libtpu calls v5e and v6e
+# chips "TPU v5 lite" and "TPU v6 lite", and a v5p "TPU v5".
+DEVICE_KINDS = (
+    (r"\bh100\b.*\bpcie\b", "h100 pcie"), (r"\bh100\b.*\bnvl\b", "h100 nvl"), (r"\bh100\b", "h100"),
+    (r"\bh200\b", "h200"), (r"\ba100\b", "a100"), (r"\bl40s\b", "l40s"), (r"\bl40\b", "l40"), (r"\bl4\b", "l4"),
+    (r"\ba10\b", "a10"), (r"\btpu v6( lite|e)\b", "tpu v6e"), (r"\btpu v5( lite|e)\b", "tpu v5e"),
+    (r"\btpu v5p?\b", "tpu v5p"), (r"\btpu v4\b", "tpu v4"),
+)
 
 
 def peak_flops(device=None) -> float | None:
+    """The device's data-sheet peak; None for CPUs and chips not listed (MFU is then not reported unless
+    train.peak_tflops is set)."""
     kind = (device or jax.devices()[0]).device_kind.lower()
-    for name, flops in PEAK_FLOPS.items():
-        if name in kind:
-            return flops
-    return None  # CPUs and unknown chips: MFU is not reported
+    name = next((name for pattern, name in DEVICE_KINDS if re.search(pattern, kind)), None)
+    return None if name is None else PEAK_FLOPS[name]
 
 
 def flops_per_token(cfg, seq_len: int, training: bool = True) -> float:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zephyr_jax import train
+from zephyr_jax import train, xla_flags
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import sequence_lengths
 from zephyr_jax.data.preference import PreferenceExample, truncate_pair
@@ -84,7 +84,7 @@ class Target:
 def tpu_target(name: str) -> Target:
     """"v5e-64" -> 64 abstract v5e chips (an 8x8 slice) that XLA:TPU can compile for without a TPU."""
     gen, _, count = name.partition("-")
-    chip = CHIPS.get(gen)
+    chip = CHIPS.get("v5e" if gen == "v5litepod" else gen)  # v5litepod-N: Cloud TPU's accelerator type for v5e
     chips = int(count) // chip.cores_in_name if chip and count.isdigit() else None
     if chip is None or chips not in chip.shapes or int(count) % chip.cores_in_name:
         raise ValueError(f"unknown TPU topology {name!r}; known: {', '.join(known_topologies())} "
@@ -266,11 +266,18 @@ def length_mix(spec: str, stage: str, seed: int = 0, n: int = 4096) -> list:
         if len(medians) != (2 if stage == "dpo" else 1):
             raise ValueError(f"length mix {spec!r}: expected lognormal:" +
                              ("PROMPT,COMPLETION,SIGMA for DPO" if stage == "dpo" else "MEDIAN,SIGMA for SFT"))
+        if min(medians) <= 0 or sigma < 0:
+            raise ValueError(f"length mix {spec!r}: the medians must be positive and SIGMA at least 0")
         medians = [medians[0], medians[1], medians[1]] if stage == "dpo" else medians
         counts = np.stack([rng.lognormal(math.log(m), sigma, n) for m in medians], 1)
         counts = np.maximum(2, counts).astype(int)
     else:
-        counts = np.loadtxt(spec, dtype=int, ndmin=2)
+        if not os.path.isfile(spec):
+            raise ValueError(f"--length_mix={spec!r}: neither lognormal:... nor a file of example lengths")
+        try:
+            counts = np.loadtxt(spec, dtype=int, ndmin=2)
+        except ValueError as e:
+            raise ValueError(f"length mix {spec}: {e}") from e
         if counts.shape[1] != width:
             raise ValueError(f"length mix {spec}: expected {width} integer(s) per line for {stage}")
     ones = lambda k: np.ones(int(k), np.int32)
@@ -329,12 +336,12 @@ def _batches(cfg, mesh, examples, num_steps: int) -> list[MixBatch]:
 
 
 def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: float, head_positions: float,
-                     frozen_reference: bool) -> float:
+                     frozen_reference: bool, remat: str | None = None) -> float:
     """FLOPs of one train step: the decoder layers at `positions` (padding included), attention over
     `attention_pairs` query-key pairs (what the kernel computes: a whole row for einsum attention, each segment's
     own for a kernel that skips masked blocks), the LM head at `head_positions`. Forward and backward (3 forward
     passes' worth), the frozen DPO reference's forward, and what is recomputed: the remat policy's part of the
-    layers, and the head's logits (the fused head keeps none)."""
+    layers (`remat`, default mcfg.remat), and the head's logits (the fused head keeps none)."""
     e, v, layers = mcfg.hidden_size, mcfg.vocab_size, mcfg.num_hidden_layers
     layer_params = mcfg.num_params - v * e * (1 if mcfg.tie_word_embeddings else 2) - e
     mlp = 2 * 3 * e * mcfg.intermediate_size * layers * positions
@@ -343,7 +350,7 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     head_fwd = 2 * e * v * head_positions
     forward = layer_fwd + attention_fwd + head_fwd
     recompute = {"none": 0.0, "full": layer_fwd + attention_fwd, "save_all_but_mlp": mlp,
-                 "save_dots": attention_fwd, "offload": attention_fwd}[mcfg.remat]
+                 "save_dots": attention_fwd, "offload": attention_fwd}[remat or mcfg.remat]
     recompute += head_fwd  # losses.head_logps recomputes each chunk's logits in the backward pass
     return 3 * forward + recompute + (forward if frozen_reference else 0.0)
 
@@ -489,15 +496,19 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     batches = batches_of_mix(cfg, mesh, spec)
     batch = abstract_batch(batches)  # the largest shapes among them set the memory
     rows, length = batch["inputs"].shape
+    # More than one micro-batch recomputes every layer in the backward pass (model/accumulate.py), whatever remat says.
+    remat = "full" if cfg.train.grad_accum > 1 else mcfg.remat
     report = {
         "config": {"stage": cfg.stage, "mesh": dict(mesh.shape), "global_batch_size": cfg.train.global_batch_size,
                    "grad_accum": cfg.train.grad_accum, "rows": rows, "length": length,
                    "loss_positions": batch["loss_positions"].shape[1], "packing": bool(cfg.data.packing),
                    "segment_slots": batch["sequence_pair"].shape[1] if dpo else None,
-                   "remat": mcfg.remat, "dtype": str(mcfg.dtype), "param_dtype": str(mcfg.param_dtype),
+                   "remat": remat + (" (grad_accum recomputes each layer)" if remat != mcfg.remat else ""),
+                   "dtype": str(mcfg.dtype), "param_dtype": str(mcfg.param_dtype),
                    "reference": _reference_kind(cfg)},
         "target": {"name": target.name, "chips": len(target.devices), "hbm_bytes": target.hbm_bytes,
-                   "peak_flops": target.peak_flops},
+                   "peak_flops": target.peak_flops,
+                   **({"xla_flags": os.environ.get("XLA_FLAGS", "")} if topology in known_gpu_topologies() else {})},
         "model": {"source": model_source, "params": mcfg.num_params}}
 
     # Compile, then the bytes per chip: the inputs from their shapes and shardings, the rest from XLA.
@@ -531,7 +542,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     # Tokens and FLOPs of the mix's batches, counted from what the step computes and from what it had to.
     skips = any(k in report.get("attention", _expected_kernel(cfg, mcfg, target, length)) for k in ("splash", "cuDNN"))
     spent = lambda p, pairs, head: step_flops_spent(mcfg, positions=p, attention_pairs=pairs, head_positions=head,
-                                                    frozen_reference=frozen)
+                                                    frozen_reference=frozen, remat=remat)
     per_batch = []
     for b in batches:
         real = sum(b.sequences)
@@ -685,7 +696,8 @@ def format_report(r: dict) -> str:
     size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
     unit = "pairs" if c["stage"] == "dpo" else "rows"
     reference = f"; DPO reference: {c['reference']}" if c["reference"] else ""
-    lines = [f"plan: {c['stage']} on {t['name']} ({t['chips']} chips), mesh {c['mesh']}",
+    lines = [f"plan: {c['stage']} on {t['name']} ({t['chips']} chips), mesh {c['mesh']}"
+             + (f", XLA_FLAGS {t['xla_flags']}" if t.get("xla_flags") else ""),
              f"  model: {size} parameters ({r['model']['source']}); {c['param_dtype']} weights, {c['dtype']} compute, "
              f"remat={c['remat']}",
              f"  batch: {c['global_batch_size']} {unit} in {c['rows']} rows x {c['length']} positions (the largest "
@@ -761,11 +773,14 @@ def cli():
         del argv
         if topology.value != "local" and not os.environ.get("JAX_PLATFORMS"):
             jax.config.update("jax_platforms", "cpu")  # a CPU default backend; libtpu only compiles
+        if topology.value in known_gpu_topologies() and not os.environ.get("XLA_FLAGS"):
+            # Before XLA starts: the flags launch/slurm_gpu.sbatch runs under, so the plan is of that program.
+            os.environ["XLA_FLAGS"] = " ".join(xla_flags.GPU)
         try:
             report = plan(config.value, topology.value, mix.value)
             if suggestions.value:
                 report["suggestions"] = suggest(config.value, report, topology.value, mix.value)
-        except ValueError as e:
+        except (ValueError, RuntimeError, FileNotFoundError) as e:  # config, topology, a missing compiler plugin
             sys.exit(f"error: {e}")
         print(json.dumps(report, indent=2, default=str) if as_json.value else format_report(report))
 

@@ -206,7 +206,7 @@ class Server:
         return value
 
     def chat_prompt(self, body: dict) -> list[int]:
-        from zephyr_jax.tokenizer import render_chat
+        from zephyr_jax.tokenizer import encode_text, render_chat
 
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -230,7 +230,7 @@ class Server:
             text = render_chat(self.tokenizer, clean, add_generation_prompt=True)
         except jinja2.TemplateError as e:  # e.g. a template that refuses this order of roles
             raise ApiError(400, f"the model's chat template refused the messages: {e}", "messages") from e
-        return self.tokenizer(text).input_ids  # one BOS first, as in training and generate()
+        return encode_text(self.tokenizer, text)  # one BOS first, as in training and generate()
 
     def completion_prompts(self, body: dict) -> list[list[int]]:
         """OpenAI's `prompt`: a string, a list of strings, a list of token ids, or a list of lists of them."""

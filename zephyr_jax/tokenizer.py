@@ -76,13 +76,18 @@ def tokenizer_for(path: str | None, tokenizer: str | None = None) -> transformer
     """The tokenizer that goes with a model (as zephyr_jax.load reads it): `tokenizer` if given, else the HF
     directory's own, else the one in a training workdir's config.json ("tokenizer"), else Mistral-7B-v0.1
     (offline)."""
-    from zephyr_jax.loading import is_workdir  # imported here: loading brings in jax
+    from zephyr_jax.loading import _local_path, is_workdir  # imported here: loading brings in jax
 
     if tokenizer is None and path and isinstance(path, str):
-        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
-            tokenizer = path
-        elif os.path.exists(os.path.join(path, "config.json")) and is_workdir(path):
-            with open(os.path.join(path, "config.json")) as f:
+        local = _local_path(path)
+        if local is None:  # a hub name: the snapshot zephyr_jax.load fetched (config, weights, tokenizer files)
+            from zephyr_jax import hf
+
+            local = hf.resolve(path)
+        if os.path.exists(os.path.join(local, "tokenizer_config.json")):
+            tokenizer = local
+        elif os.path.exists(os.path.join(local, "config.json")) and is_workdir(local):
+            with open(os.path.join(local, "config.json")) as f:
                 tokenizer = json.load(f).get("tokenizer")
     return load_tokenizer(tokenizer)
 
@@ -95,6 +100,13 @@ def with_system_message(messages: list[dict]) -> list[dict]:
 
 
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as template text (no BOS: the tokenizer adds it when encoding)."""
-    return tok.apply_chat_template(with_system_message(messages), tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
+    """The conversation as template text. An empty system turn is added (as the Zephyr recipe trains) where the
+    template knows a system role; others, such as Mistral-Instruct's, refuse one."""
+    if "system" in (tok.chat_template or ""):
+        messages = with_system_message(messages)
+    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_text(tok, text: str) -> list[int]:
+    """Token ids with one BOS: the tokenizer's, unless the text (a template that writes its own) starts with it."""
+    return tok(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token))).input_ids
