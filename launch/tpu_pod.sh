@@ -28,11 +28,11 @@ case "${1:-}" in
   create)
     gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$ACCELERATOR" --version "$VERSION" ;;
   install)
-    ssh_all "set -e; export PATH=\$HOME/.local/bin:\$PATH
-      command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
-      [ -d zephyr_jax ] || git clone $REPO zephyr_jax; cd zephyr_jax && git pull
-      [ -x $VENV/bin/python ] || uv venv -p 3.11 $VENV
-      uv pip install -p $VENV/bin/python -e '.[tpu]'" ;;
+    steps=("set -e" "export PATH=\$HOME/.local/bin:\$PATH"
+           "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh"
+           "[ -d zephyr_jax ] || git clone $REPO zephyr_jax" "cd zephyr_jax" "git pull"
+           "[ -x $VENV/bin/python ] || uv venv -p 3.11 $VENV" "uv pip install -p $VENV/bin/python -e '.[tpu]'")
+    ssh_all "$(IFS=';'; echo "${steps[*]}")" ;;
   run)
     shift; [[ "${1:-}" == "--" ]] && shift
     args=$(printf '%q ' "$@")
