@@ -21,6 +21,8 @@
 
 Hub and file sources return a `datasets.Dataset` (`rows[i]` is a dict), or with `streaming=True` a
 `datasets.IterableDataset`; TFDS sources return a sequence of dicts (`streaming` has no effect: it is lazy).
+Local JSON that `datasets`' reader refuses is read with the json module: a bad line is named by file and line,
+and columns are typed from every row (the reader types them from the first 10 MB).
 """
 
 from __future__ import annotations
