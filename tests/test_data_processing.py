@@ -188,3 +188,12 @@ def test_special_token_text_in_a_message_is_a_bad_row(tok, special):
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"the {special} token"}]}
     with pytest.raises(BadRow, match=r"row 3: messages\[1\] contains special-token text"):
         sft_example(row, 3, tok, loss_on="assistant", max_length=64)
+
+
+def test_a_prompt_limit_at_or_above_the_length_is_refused():
+    """Else the room left for the completions is negative and they are sliced from their end."""
+    from zephyr_jax.data.preference import truncate_pair
+
+    ids = np.arange(1, 40)
+    with pytest.raises(ValueError, match="max_prompt_length=32 must be positive and below max_length=32"):
+        truncate_pair(ids, ids, ids, 32, 32)

@@ -395,10 +395,17 @@ def run(cfg, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         print(cfg)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:  # replaced whole: other hosts read it (resume_settings)
             f.write(cfg.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
           f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}")
+    tensor = mesh.shape["tensor"]
+    if tensor > 1 and mcfg.num_key_value_heads % tensor and jax.process_index() == 0:
+        print(f"the {mcfg.num_key_value_heads} KV heads do not split over tensor={tensor}: the K/V projections are "
+              "split inside a head, XLA gathers the keys and values, and attention runs without its fused kernel "
+              "(einsum attention); a tensor axis that divides the KV heads avoids it")
     if cfg.train.grad_accum > 1 and cfg.model.remat != "full" and jax.process_index() == 0:
         print(f"train.grad_accum={cfg.train.grad_accum}: the layers are recomputed in the backward pass, as "
               f"model.remat='full' does (model/accumulate.py), so model.remat={cfg.model.remat!r} has no effect")
