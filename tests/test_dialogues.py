@@ -145,6 +145,8 @@ def test_a_reply_with_a_lone_surrogate_is_written_with_a_replacement_character(t
 def test_one_run_per_journal(tmp_path):
     from zephyr_jax.data.journal import Journal, JournalInUse
 
+    assert issubclass(JournalInUse, ValueError)  # the CLIs print it as one line, as they do SettingsMismatch
+
     with Journal(tmp_path / "j.jsonl", {"a": 1}):
         with pytest.raises(JournalInUse, match="in use by another run"):
             Journal(tmp_path / "j.jsonl", {"a": 1})
@@ -210,6 +212,7 @@ def test_filters_drop_or_truncate_and_count_each_reason(tmp_path):
     ("assistant", "I'm just a language model.", "AI boilerplate in assistant turn"),
     ("user", "As an AI, I wonder about this.", "user simulator broke character"),
     ("user", "I'm an AI language model, so I cannot ask.", "user simulator broke character"),
+    ("user", "As an AI language model I cannot ask that.", "user simulator broke character"),
     ("user", "As an AI researcher, I want to know how transformers scale.", None),
     ("user", "I am an AI student, how do I start? I don't have any preferences.", None),
     ("assistant", "The token <unk> is id 0.", "special-token text in assistant turn"),

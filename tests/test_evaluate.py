@@ -252,6 +252,7 @@ def test_lm_eval_adapter_numbers(model_dir):
     assert lm._sampling({"until": "\n", "max_new_tokens": 4})[:3] == (("\n", "</s>"), 4, 0.0)
     assert lm._sampling({"temperature": 0.7, "max_gen_toks": 4})[2] == 0.7
     assert lm._sampling({"temperature": 0.7, "do_sample": False, "max_gen_toks": 4})[2] == 0.0
+    assert lm._sampling({"do_sample": True, "max_gen_toks": 4})[2] == 1.0  # lm-eval then gives no temperature
     with pytest.raises(ValueError, match="max_gen_toks=64 must be below the model's max_length=64"):
         lm._sampling({"max_gen_toks": 64})
     with pytest.raises(ValueError, match="continuation of 70 tokens does not fit max_length=64"):

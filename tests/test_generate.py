@@ -248,6 +248,12 @@ def test_stop_token_ids_and_stop_strings_end_a_reply(small):
     both = one_call.generate([Request(prompt, SamplingParams(max_tokens=len(cut.tokens) + 2, stop=(stop,)))])[0]
     assert (both.finish_reason, both.text, both.tokens, both.generated) == \
         ("stop", cut.text, cut.tokens, cut.generated)
+    # ... and where an EOS follows it in that call: the EOS is not counted either.
+    later = [t for k, t in enumerate(free.tokens) if k > len(cut.tokens) and t not in free.tokens[:k]]
+    eos_after = Engine(model, tok, max_slots=2, max_length=64, eos_id=later[0], decode_steps=NEW_TOKENS)
+    ended = eos_after.generate([Request(prompt, SamplingParams(max_tokens=NEW_TOKENS, stop=(stop,)))])[0]
+    assert (ended.finish_reason, ended.text, ended.tokens, ended.generated) == \
+        ("stop", cut.text, cut.tokens, cut.generated)
 
 
 def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):

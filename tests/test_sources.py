@@ -187,7 +187,7 @@ def test_bad_json_lines_are_named_by_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
         load_rows(str(tmp_path / "bad.jsonl"), None)
     (tmp_path / "list.jsonl").write_text('{"a": 1}\n\n["a", 2]\n')
-    with pytest.raises(ValueError, match=r"list\.jsonl:3: a JSON list, expected an object"):
+    with pytest.raises(ValueError, match=r"list\.jsonl row 2: a JSON list, expected an object"):
         load_rows(str(tmp_path / "list.jsonl"), None)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="hold no rows"):
@@ -201,7 +201,11 @@ def test_a_column_that_stays_null_for_the_first_10_mb_still_reads(tmp_path):
     with open(path, "w") as f:
         for i in range(11 * 1024):  # ~11 MB of rows whose "error" is null
             f.write(json.dumps({"i": i, "error": None, "text": filler}) + "\n")
-        f.write(json.dumps({"i": -1, "error": "HTTP 500", "text": "late"}) + "\n")
+        f.write(json.dumps({"i": -1, "error": "HTTP 500", "text": "late", "source": "flan_v2_cot"}) + "\n")
     rows = load_rows(str(path), None)
-    assert len(rows) == 11 * 1024 + 1
-    assert rows[-1] == {"i": -1, "error": "HTTP 500", "text": "late"} and rows[0]["error"] is None
+    assert len(rows) == 11 * 1024 + 1  # and a column first seen in the last row is kept
+    assert rows[-1] == {"i": -1, "error": "HTTP 500", "text": "late", "source": "flan_v2_cot"}
+    assert rows[0]["error"] is None and rows[0]["source"] is None
+    lines = tmp_path / "lines.json"  # JSON Lines in a .json file, as datasets reads it too
+    lines.write_text('{"a": 1}\n{"a": 2, "b": [1]}\n')
+    assert [dict(r) for r in load_rows(str(lines), None)] == [{"a": 1, "b": None}, {"a": 2, "b": [1]}]

@@ -53,6 +53,11 @@ def test_another_template_gets_no_system_turn_and_one_bos(tmp_path):
     text = render_chat(other, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert text == "<s>[INST] Hi [/INST]"
     assert encode_text(other, text) == [1] + other("[INST] Hi [/INST]", add_special_tokens=False).input_ids
+    # A template that names the system role only to refuse it (Gemma's way) also gets the conversation as given.
+    other.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                           "supported') }}{% endif %}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+                           "{% endfor %}")
+    assert render_chat(other, [{"role": "user", "content": "Hi"}]) == "user: Hi"
     zephyr = load_tokenizer()
     prompt = render_chat(zephyr, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert encode_text(zephyr, prompt) == zephyr(prompt).input_ids and encode_text(zephyr, prompt)[:2] != [1, 1]

@@ -99,7 +99,8 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     for key in ("keep_checkpoints", "log_every", "eval_batch_size"):  # 0 kept no checkpoint / divided by zero
         with pytest.raises(ValueError, match=f"train.{key}=0: must be at least 1"):
             train.run(tiny_config("sft", data_dir, **{f"train.{key}": 0}), str(tmp_path / "e"))
-    with pytest.raises(ValueError, match=r"data.packed_rows / grad_accum=3 does not divide over .* 8 batch shards"):
+    with pytest.raises(ValueError, match=r"data.packed_rows=3 must be a multiple of train.grad_accum x the mesh's "
+                                         r"batch shards \(1 x 8\)"):
         train.run(tiny_config("dpo", data_dir, **{"data.packed_rows": 3}), str(tmp_path / "f"))
     with pytest.raises(ValueError, match=r"parameter embed.* 32000 does not divide over mesh axes \('tensor',\)"):
         train.run(tiny_config("sft", data_dir, **{"mesh.shape": (1, 1, 3), "mesh.num_devices": 3}),

@@ -36,7 +36,7 @@ from zephyr_jax import checkpoint, train
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
-from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED
+from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines
 from zephyr_jax.losses import LOSS_TYPES
 from zephyr_jax.loading import load
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
@@ -181,21 +181,9 @@ MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "ma
 MT_BENCH_DEFAULT_TEMPERATURE = 0.7
 
 
-def _read_jsonl(path: str) -> list:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
-    return rows
-
-
 def read_questions(path: str) -> list[dict]:
     """FastChat's question.jsonl: one {"question_id", "category", "turns": [str, ...]} per line."""
-    questions = _read_jsonl(path)
+    questions = read_json_lines(path)
     seen = set()
     for number, q in enumerate(questions, 1):
         where = f"{path}: question {number}"
@@ -253,7 +241,7 @@ def read_instructions(source: str, split: str = "eval") -> list[dict]:
     """AlpacaEval's instruction set: a JSON list of {"instruction", "dataset", ...}, a jsonl file, or anything
     zephyr_jax.data.sources.load_rows reads (a hub dataset name with `split`, a saved dataset directory)."""
     if source.endswith(".jsonl"):
-        rows = _read_jsonl(source)
+        rows = read_json_lines(source)
     elif source.endswith(".json"):
         with open(source, encoding="utf-8") as f:
             try:

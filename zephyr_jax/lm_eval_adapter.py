@@ -205,7 +205,7 @@ class ZephyrJaxLM(LM):
         max_gen = kwargs.pop("max_gen_toks")
         if max_gen >= self.max_length:
             raise ValueError(f"max_gen_toks={max_gen} must be below the model's max_length={self.max_length}")
-        temperature = float(kwargs.pop("temperature")) if _flag(kwargs.pop("do_sample")) else 0.0
+        temperature = float(kwargs.pop("temperature", 1.0)) if _flag(kwargs.pop("do_sample")) else 0.0
         top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
         ignored = sorted(set(kwargs) - self._warned)
         if ignored:  # num_beams, repetition_penalty, min_p, ...: said once, not silently dropped

@@ -21,7 +21,7 @@ PEAK_FLOPS = {
 # chips "TPU v5 lite" and "TPU v6 lite", and a v5p "TPU v5".
 DEVICE_KINDS = (
     (r"\bh100\b.*\bpcie\b", "h100 pcie"), (r"\bh100\b.*\bnvl\b", "h100 nvl"), (r"\bh100\b", "h100"),
-    (r"\bh200\b", "h200"), (r"\ba100\b", "a100"), (r"\bl40s\b", "l40s"), (r"\bl40\b", "l40"), (r"\bl4\b", "l4"),
+    (r"\bg?h200\b", "h200"), (r"\ba100\b", "a100"), (r"\bl40s\b", "l40s"), (r"\bl40\b", "l40"), (r"\bl4\b", "l4"),
     (r"\ba10\b", "a10"), (r"\btpu v6( lite|e)\b", "tpu v6e"), (r"\btpu v5( lite|e)\b", "tpu v5e"),
     (r"\btpu v5p?\b", "tpu v5p"), (r"\btpu v4\b", "tpu v4"),
 )

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import time
+import types
 import uuid
 
 import jinja2
@@ -36,6 +37,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from zephyr_jax.engine import TOP_LOGPROBS, Engine, QueueFull, Request, SamplingParams
+from zephyr_jax.tokenizer import encode_text
 
 log = logging.getLogger("zephyr_jax.serve")
 
@@ -122,20 +124,24 @@ class TokenStrings:
     a piece after a few tokens (from a character boundary), a byte token through an incremental UTF-8 decoder
     fed the byte tokens before it. A byte that does not complete a character adds ""; its `bytes` are its own
     byte. So the strings join to the decoded text and the bytes to its UTF-8. Special tokens show as themselves
-    and add no text (decoding skips them)."""
+    and add no text (decoding skips them); an id the tokenizer does not have shows as "<id N>"."""
     CONTEXT = 6  # tokens before a piece: enough for its leading space (the window's first piece loses its own)
+    TAIL = 16  # the most of a context that is read (CONTEXT, and a character's bytes before it): callers pass that
     BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
     def __init__(self, tokenizer):
         self.tokenizer, self.special = tokenizer, set(tokenizer.all_special_ids)
 
+    def _piece(self, token: int) -> str | None:
+        return self.tokenizer.convert_ids_to_tokens(token) if 0 <= token < len(self.tokenizer) else None
+
     def _byte(self, token: int) -> int | None:
-        match = self.BYTE.fullmatch(self.tokenizer.convert_ids_to_tokens(token))
+        match = self.BYTE.fullmatch(self._piece(token) or "")
         return None if match is None else int(match.group(1), 16)
 
     def share(self, context: list[int], token: int) -> str:
         """The text `token` adds after `context`."""
-        if token in self.special:
+        if token in self.special or self._piece(token) is None:
             return ""
         byte = self._byte(token)
         if byte is not None:
@@ -156,19 +162,16 @@ class TokenStrings:
             self.tokenizer.decode([*window, token], skip_special_tokens=True)
         if after.startswith(before):
             return after[len(before):]
-        return self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token)])
+        return self.tokenizer.convert_tokens_to_string([self._piece(token)])
 
-    def token(self, context: list[int], token: int) -> tuple[str, str]:
-        """(the string shown for the token, the text it adds)."""
-        share = self.share(context, token)
-        return (self.tokenizer.convert_ids_to_tokens(token) if token in self.special else share), share
-
-    def bytes(self, context: list[int], token: int) -> list[int]:
+    def describe(self, context: list[int], token: int) -> tuple[str, str, list[int]]:
+        """(the string shown for the token, the text it adds, its bytes)."""
+        piece, share = self._piece(token), self.share(context, token)
         byte = self._byte(token)
-        if byte is not None:
-            return [byte]
-        return list((self.tokenizer.convert_ids_to_tokens(token) if token in self.special
-                     else self.share(context, token)).encode())
+        if piece is None:
+            return f"<id {token}>", "", []
+        shown = piece if token in self.special else share
+        return shown, share, [byte] if byte is not None else list(shown.encode())
 
 
 class Server:
@@ -206,7 +209,7 @@ class Server:
         return value
 
     def chat_prompt(self, body: dict) -> list[int]:
-        from zephyr_jax.tokenizer import encode_text, render_chat
+        from zephyr_jax.tokenizer import render_chat
 
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -248,7 +251,7 @@ class Server:
                 if not p:
                     raise ApiError(400, "'prompt' is empty", "prompt")
                 _check_unicode(p, "'prompt'", "prompt")
-                out.append(self.tokenizer(p).input_ids)  # with BOS, as the model was trained
+                out.append(encode_text(self.tokenizer, p))  # one BOS, as the model was trained
             elif isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < vocab for t in p):
                 out.append(list(p))
             else:
@@ -274,7 +277,8 @@ class Server:
             return r.text
         lead = ""
         if r.text:
-            alone, after = self.strings.share([], r.tokens[0]), self.strings.share(r.prompt, r.tokens[0])
+            alone = self.strings.share([], r.tokens[0])
+            after = self.strings.share(r.prompt[-TokenStrings.TAIL:], r.tokens[0])
             lead = after[:len(after) - len(alone)] if after.endswith(alone) else ""
         return self.tokenizer.decode(r.prompt, skip_special_tokens=True) + lead + r.text
 
@@ -289,10 +293,10 @@ class Server:
         tops += r.top_logprobs
         strings, top_dicts, offsets, at = [], [], [], 0
         for k, (token, top) in enumerate(zip(ids, tops)):
-            context = ids[:k]  # what the text shows before it: with echo the prompt, else the reply alone
-            shown, share = self.strings.token(context, token)
+            context = ids[max(0, k - TokenStrings.TAIL):k]  # with echo the prompt before it, else the reply
+            shown, share, _ = self.strings.describe(context, token)
             strings.append(shown)
-            top_dicts.append(None if top is None else {self.strings.token(context, i)[0]: lp for i, lp in top})
+            top_dicts.append(None if top is None else {self.strings.describe(context, i)[0]: lp for i, lp in top})
             offsets.append(at)
             at += len(share)
         return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": top_dicts, "text_offset": offsets}
@@ -301,12 +305,12 @@ class Server:
         """OpenAI's chat logprobs for the reply's tokens from `start` on: the tokens' strings join to the
         content, and their bytes to its UTF-8 (a byte token of a multi-byte character has its one byte)."""
         def entry(context, token, logprob):
-            shown, _ = self.strings.token(context, token)
-            return {"token": shown, "logprob": logprob, "bytes": self.strings.bytes(context, token)}
+            shown, _, raw = self.strings.describe(context, token)
+            return {"token": shown, "logprob": logprob, "bytes": raw}
 
         content = []
         for k in range(start, min(len(r.tokens), len(r.logprobs))):
-            context = r.tokens[:k]
+            context = r.tokens[max(0, k - TokenStrings.TAIL):k]
             content.append({**entry(context, r.tokens[k], r.logprobs[k]),
                             "top_logprobs": [entry(context, i, v) for i, v in r.top_logprobs[k]]})
         return {"content": content}
@@ -353,8 +357,7 @@ def create_app(server: Server):
         return JSONResponse(ApiError(404, f"no route {request.method} {request.url.path}").body(), status_code=404)
 
     @app.exception_handler(Exception)
-    async def unexpected(request, e: Exception):  # still an OpenAI-shaped body, and the server goes on
-        log.exception("%s %s failed", request.method, request.url.path)
+    async def unexpected(request, e: Exception):  # still an OpenAI-shaped body (uvicorn logs the traceback)
         return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
                             status_code=500)
 
@@ -465,16 +468,22 @@ def create_app(server: Server):
             sent = [0] * n  # log-prob entries streamed so far, per choice (engine thread only)
 
             def delta(r: Request):
-                """On the engine's thread, between its changes to r: (choice, new text, its log-probs, finish
-                reason or None, error or None)."""
+                """On the engine's thread, between its changes to r, plain data only (formatting them is the
+                event loop's work): (choice, new text, the reply so far and where its unsent log-probs start,
+                finish reason or None, error or None)."""
                 i = int(r.id.rsplit("-", 1)[1])
                 if r.finish_reason == "error":
                     return i, "", None, "error", r.error
-                text, done = r.new_text(server.tokenizer), r.done.is_set()
-                lp = None
+                try:
+                    text, done = r.new_text(server.tokenizer), r.done.is_set()
+                except Exception as e:  # noqa: BLE001 -- this request's stream ends, not every request's
+                    return i, "", None, "error", f"{type(e).__name__}: {e}"
+                scores = None
                 if want and (text or done):
-                    lp, sent[i] = server.chat_logprobs(r, sent[i]), len(r.tokens)
-                return i, text, lp, finish_reason(r) if done else None, None
+                    scores = (types.SimpleNamespace(tokens=list(r.tokens), logprobs=list(r.logprobs),
+                                                    top_logprobs=list(r.top_logprobs)), sent[i])
+                    sent[i] = len(r.tokens)
+                return i, text, scores, finish_reason(r) if done else None, None
 
             requests, updates = submit_all([(prompt, p) for p in params], "n", delta)
         rid, created = f"chatcmpl-{requests[0].id}", int(time.time())
@@ -495,7 +504,8 @@ def create_app(server: Server):
                                                      "logprobs": None, "finish_reason": None}]})
                 finished = [False] * len(requests)
                 while not all(finished):
-                    i, text, lp, reason, error = await updates.get()
+                    i, text, scores, reason, error = await updates.get()
+                    lp = None if scores is None else server.chat_logprobs(*scores)
                     if error is not None:
                         yield sse(ApiError(500, error, kind="server_error").body())
                         break

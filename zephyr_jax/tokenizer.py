@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 
+import jinja2
 import transformers
 
 # Zephyr's chat template, exactly as in HuggingFaceH4/zephyr-7b-beta (see shared/RECIPE.md).
@@ -73,17 +74,14 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
 
 
 def tokenizer_for(path: str | None, tokenizer: str | None = None) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer that goes with a model (as zephyr_jax.load reads it): `tokenizer` if given, else the HF
-    directory's own, else the one in a training workdir's config.json ("tokenizer"), else Mistral-7B-v0.1
-    (offline)."""
-    from zephyr_jax.loading import _local_path, is_workdir  # imported here: loading brings in jax
+    """The tokenizer that goes with a model (as zephyr_jax.load reads it): `tokenizer` if given, else the model
+    directory's own (a hub name's from the snapshot hf.resolve fetches, as load does), else the one in a training
+    workdir's config.json ("tokenizer"), else Mistral-7B-v0.1 (offline)."""
+    from zephyr_jax import hf  # imported here: it brings in jax
+    from zephyr_jax.loading import is_workdir
 
     if tokenizer is None and path and isinstance(path, str):
-        local = _local_path(path)
-        if local is None:  # a hub name: the snapshot zephyr_jax.load fetched (config, weights, tokenizer files)
-            from zephyr_jax import hf
-
-            local = hf.resolve(path)
+        local = hf.resolve(path)
         if os.path.exists(os.path.join(local, "tokenizer_config.json")):
             tokenizer = local
         elif os.path.exists(os.path.join(local, "config.json")) and is_workdir(local):
@@ -100,11 +98,15 @@ def with_system_message(messages: list[dict]) -> list[dict]:
 
 
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as template text. An empty system turn is added (as the Zephyr recipe trains) where the
-    template knows a system role; others, such as Mistral-Instruct's, refuse one."""
-    if "system" in (tok.chat_template or ""):
-        messages = with_system_message(messages)
-    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The conversation as template text, with an empty system turn first when it has none (as the Zephyr recipe
+    trains), unless the template refuses a system turn (Mistral-Instruct's, Gemma's): then as given."""
+    render = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if messages and messages[0].get("role") == "system":
+        return render(list(messages))
+    try:
+        return render(with_system_message(messages))
+    except jinja2.TemplateError:
+        return render(list(messages))
 
 
 def encode_text(tok, text: str) -> list[int]:

@@ -139,11 +139,13 @@ def check_batch_fits_mesh(cfg, mesh) -> None:
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
     sizes = [("micro-batch (global_batch_size / grad_accum)", micro),
              ("train.eval_batch_size", cfg.train.eval_batch_size)]
-    if cfg.stage == "dpo" and cfg.data.packing and cfg.data.packed_rows:
-        sizes.append(("data.packed_rows / grad_accum", cfg.data.packed_rows / cfg.train.grad_accum))
     for name, size in sizes:
         if size % shards:
-            raise ValueError(f"{name}={size:g} does not divide over the mesh's data x fsdp = {shards} batch shards")
+            raise ValueError(f"{name}={size} does not divide over the mesh's data x fsdp = {shards} batch shards")
+    rows = cfg.data.packed_rows if cfg.stage == "dpo" and cfg.data.packing else 0
+    if rows % (shards * cfg.train.grad_accum):
+        raise ValueError(f"data.packed_rows={rows} must be a multiple of train.grad_accum x the mesh's batch shards "
+                         f"({cfg.train.grad_accum} x {shards})")
 
 
 def check_params_fit_mesh(abstract, specs, mesh) -> None:

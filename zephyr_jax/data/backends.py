@@ -141,11 +141,11 @@ class EngineBackend(Backend):
         return cls(model, tok, name=options.pop("name", None) or path.rstrip("/").split("/")[-1], **options)
 
     def prompt_ids(self, call: Call) -> list[int]:
-        from zephyr_jax.tokenizer import render_chat
+        from zephyr_jax.tokenizer import encode_text, render_chat
 
         text = call.prompt if call.prompt is not None else \
             render_chat(self.tokenizer, list(call.messages), add_generation_prompt=True)
-        return self.tokenizer(text).input_ids  # one BOS first, as in training and the server
+        return encode_text(self.tokenizer, text)  # one BOS first, as in training and the server
 
     async def _complete(self, call: Call) -> Reply:
         from zephyr_jax.engine import Request, SamplingParams

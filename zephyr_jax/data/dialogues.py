@@ -112,6 +112,7 @@ SECTOR_TURNS = {"world": (3, 7), "writing": (2, 4), "materials": (2, 4)}  # Ultr
 MAGPIE_TURNS = (1, 1)
 SEED_COLUMNS = ("material", "seed", "topic", "question", "prompt", "instruction")  # the first present is used
 JOURNAL = "journal/dialogues.jsonl"
+FORMAT_VERSION = 2  # bump when the calls change in a way the prompts' texts do not show (2: alternating roles)
 
 # ------------------------------------------------------------------------------------------------ prompts
 
@@ -384,7 +385,7 @@ BOILERPLATE = re.compile("|".join((
 # The user simulator speaking as a model. Narrower than BOILERPLATE: a real user may be "an AI researcher" or
 # "an AI student", or say "I don't have any preferences".
 USER_AS_MODEL = re.compile("|".join((
-    r"\bas an? (?:ai|artificial intelligence)(?: (?:language )?model| assistant)?\s*,",
+    r"\bas an? (?:ai|artificial intelligence)(?: (?:language )?model| assistant)?(?:\s*,|\s+I\b)",
     r"\bas an? (?:(?:large )?language model|virtual assistant|chatbot)\b",
     r"\bI(?:'m| am) (?:just |only |merely )?an? (?:ai|artificial intelligence)(?: (?:language )?model| assistant)?"
     r"\s*(?:[,.;!]|$|and\b|so\b)",
@@ -568,8 +569,8 @@ def _settings(run: _Run) -> dict:
         "max_tokens": run.max_tokens, "temperature": run.temperature, "max_turn_chars": run.max_turn_chars,
         "assistant": run.assistant.name, "user": run.user.name if run.user else None,
         "seeds": hashlib.sha256(json.dumps(seeds).encode()).hexdigest(), "num_seeds": len(seeds),
-        "prompts": hashlib.sha256("\n".join((USER_SYSTEM, USER_TOPIC, OPENING_REQUEST, OPENING_GIVEN, "alternating"))
-                                  .encode()).hexdigest(),
+        "prompts": hashlib.sha256("\n".join((USER_SYSTEM, USER_TOPIC, OPENING_REQUEST, OPENING_GIVEN))
+                                  .encode()).hexdigest(), "format": FORMAT_VERSION,
     }
     if run.magpie:
         # What the tokenizer does, not where it was loaded from (load_tokenizer() uses a new temporary directory)
@@ -645,9 +646,9 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
         _drop_duplicate_openings(dialogues)
         await map_bounded(run.finish, [d for d in dialogues if d.reason is None], concurrency, "dialogues",
                           " dialogues")
-    finally:
+        return _write_outputs(run, dialogues, output_dir, test_size, log)
+    finally:  # after the outputs: the journal's lock keeps a second run out until they are written
         run.journal.close()
-    return _write_outputs(run, dialogues, output_dir, test_size, log)
 
 
 def _turn_range(min_turns: int | None, max_turns: int | None) -> tuple[int, int] | None:

@@ -829,10 +829,10 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
             for b in {id(b): b for b in [*generators, judge_backend] if b is not None}.values():
                 if hasattr(b, "aclose"):
                     await b.aclose()  # connection pools belong to this event loop
-    write_jsonl(rows_out, out_dir / OUTPUT_FILE)
-    stats = _stats(run, counter, journal.resumed, settings, [*generators, *[judge_backend] * bool(judge_backend)],
-                   time.time() - start, out_dir)
-    write_json(stats, out_dir / STATS_FILE)
+        write_jsonl(rows_out, out_dir / OUTPUT_FILE)  # the journal's lock held until the outputs are written
+        backends = [*generators, *[judge_backend] * bool(judge_backend)]
+        stats = _stats(run, counter, journal.resumed, settings, backends, time.time() - start, out_dir)
+        write_json(stats, out_dir / STATS_FILE)
     log(summary(stats))
     return stats
 

@@ -26,7 +26,7 @@ class SettingsMismatch(ValueError):
     pass
 
 
-class JournalInUse(RuntimeError):
+class JournalInUse(ValueError):  # the CLIs print ValueErrors as one line
     pass
 
 
@@ -66,8 +66,9 @@ class Journal:
         if self.settings_path.exists():
             with open(self.settings_path, encoding="utf-8") as f:
                 old = json.load(f)
-            if old != settings:
-                diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
+            # A setting the journal predates (added to a CLI later) is not held against it.
+            diff = sorted(k for k in old if old[k] != settings.get(k))
+            if diff:
                 changes = "; ".join(f"{k}: {old.get(k)!r} on disk, {settings.get(k)!r} now" for k in diff)
                 raise SettingsMismatch(f"{self.path} was made with other settings ({changes}); rerun with the "
                                        f"same settings to resume, or pass --overwrite to start afresh")

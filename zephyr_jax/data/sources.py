@@ -158,6 +158,21 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+def read_json_lines(path) -> list:
+    """The values of a JSON Lines file (blank lines skipped); ValueError naming the file and line of one that is
+    not JSON."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}): "
+                                     f"{line.strip()[:80]!r}") from e
+    return rows
+
+
 def _load_json_rows(files: list[str], error: Exception):
     """Local JSON files that `datasets`' reader refused, read with the json module: a line that is not a JSON
     object is named by file and line, and rows that parse become a Dataset whose column types are inferred from
@@ -167,34 +182,25 @@ def _load_json_rows(files: list[str], error: Exception):
 
     rows, where = [], []
     for f in files:
-        with open(f, encoding="utf-8") as handle:
-            if Path(f).suffix == ".json":
+        value = None
+        if Path(f).suffix == ".json":  # a JSON array of rows, or (as datasets also reads it) JSON Lines
+            with open(f, encoding="utf-8") as handle:
                 try:
                     value = json.load(handle)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{e.lineno}: not valid JSON: {e.msg}") from e
-                if not (isinstance(value, list) and all(isinstance(r, dict) for r in value)):
-                    raise ValueError(f"could not read {f}: {_root_cause(error)}") from error
-                rows.extend(value)
-                where.extend(f"{f} row {i}" for i in range(len(value)))
-                continue
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{number}: not valid JSON ({e.msg}, column {e.colno}): "
-                                     f"{line.strip()[:80]!r}") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{f}:{number}: a JSON {type(row).__name__}, expected an object (one row "
-                                     "per line)")
-                rows.append(row)
-                where.append(f"{f}:{number}")
+                except json.JSONDecodeError:
+                    pass
+        if value is not None and not isinstance(value, list):
+            raise ValueError(f"could not read {f}: {_root_cause(error)}") from error
+        for i, row in enumerate(read_json_lines(f) if value is None else value, 1):
+            if not isinstance(row, dict):
+                raise ValueError(f"{f} row {i}: a JSON {type(row).__name__}, expected an object")
+            rows.append(row)
+            where.append(f"{f} row {i}")
     if not rows:
         raise ValueError(f"{_names(files)} hold no rows")
-    try:
-        return datasets.Dataset.from_list(rows)
+    try:  # columns from every row's keys (from_list would take the first row's only)
+        keys = dict.fromkeys(k for row in rows for k in row)
+        return datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
     except Exception as e:  # a column whose values disagree in type across rows, or text Arrow cannot hold
         for row, at in zip(rows, where):
             try:
