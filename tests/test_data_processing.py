@@ -195,5 +195,6 @@ def test_a_prompt_limit_at_or_above_the_length_is_refused():
     from zephyr_jax.data.preference import truncate_pair
 
     ids = np.arange(1, 40)
-    with pytest.raises(ValueError, match="max_prompt_length=32 must be positive and below max_length=32"):
+    with pytest.raises(ValueError, match="max_prompt_length=32 leaves no room below max_length=32"):
         truncate_pair(ids, ids, ids, 32, 32)
+    assert len(truncate_pair(ids[:8], ids[:8], ids[:8], 32, 32).chosen) == 8  # nothing to cut: fine

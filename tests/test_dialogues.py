@@ -250,7 +250,7 @@ def test_seeds_from_files(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl row 1: no seed column"):
         load_seeds(bad)
     bad.write_text('{"question": "half \\ud83d an emoji?"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: text with a lone surrogate"):
+    with pytest.raises(ValueError, match=r"bad.jsonl row 1: text with a lone surrogate"):
         load_seeds(bad)
     for missing in ("missing.txt", "missing.jsonl"):
         with pytest.raises(FileNotFoundError, match=f"seeds file .*{missing}' does not exist"):

@@ -64,12 +64,13 @@ def preference_example(row, index, tok, *, max_length=1024, max_prompt_length=51
 def truncate_pair(prompt, chosen, rejected, max_length: int, max_prompt_length: int) -> PreferenceExample:
     """A pair cut to fit max_length only when it is too long: the prompt from the left (BOS kept) to
     max_prompt_length, then both completions to the room left."""
-    if not 0 < max_prompt_length < max_length:  # else the room left could be negative: a slice from the end
-        raise ValueError(f"max_prompt_length={max_prompt_length} must be positive and below max_length={max_length}")
     truncated = len(prompt) + max(len(chosen), len(rejected)) > max_length
     if truncated:
         if len(prompt) > max_prompt_length:  # keep BOS, drop the oldest context
             prompt = np.concatenate([prompt[:1], prompt[len(prompt) - max_prompt_length + 1:]])
         room = max_length - len(prompt)
+        if room < 1:  # a negative room would slice the completions from their end
+            raise ValueError(f"max_prompt_length={max_prompt_length} leaves no room below max_length={max_length} "
+                             "for the completions of a pair that must be cut")
         chosen, rejected = chosen[:room], rejected[:room]
     return PreferenceExample(prompt, chosen, rejected, truncated)
