@@ -59,6 +59,17 @@ def step_flops(cfg, lengths, frozen_reference: bool = False) -> float:
     return sequence_flops(cfg, lengths) + (sequence_flops(cfg, lengths, training=False) if frozen_reference else 0.)
 
 
+def wandb_run_id(workdir: str) -> str:
+    """The workdir's W&B run id (made once, kept in WORKDIR/wandb_run_id): a restarted run goes on logging into the
+    same W&B run instead of starting a new one at every restart."""
+    path = os.path.join(workdir, "wandb_run_id")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(os.urandom(8).hex())
+    with open(path) as f:
+        return f.read().strip()
+
+
 class MetricWriter:
     """Writes on process 0 only: one JSON line per record, TensorBoard scalars, W&B if configured."""
 
@@ -79,7 +90,8 @@ class MetricWriter:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config, resume="allow")
+                self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config, resume="allow",
+                                        id=wandb_run_id(workdir))
             except ImportError:
                 print("wandb is not installed: not logging to W&B (pip install wandb)")
 
