@@ -496,8 +496,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     batches = batches_of_mix(cfg, mesh, spec)
     batch = abstract_batch(batches)  # the largest shapes among them set the memory
     rows, length = batch["inputs"].shape
-    # More than one micro-batch recomputes every layer in the backward pass (model/accumulate.py), whatever remat says.
-    remat = "full" if cfg.train.grad_accum > 1 else mcfg.remat
+    remat = train.effective_remat(cfg)
     report = {
         "config": {"stage": cfg.stage, "mesh": dict(mesh.shape), "global_batch_size": cfg.train.global_batch_size,
                    "grad_accum": cfg.train.grad_accum, "rows": rows, "length": length,
@@ -598,7 +597,7 @@ def memory_changes(cfg, mesh: dict) -> list[tuple[str, Any, str]]:
                         "the data axis folded into fsdp: weights gathered layer by layer"))
     if cfg.stage == "dpo" and not cfg.dpo.precompute_reference and not cfg.dpo.reference_free:
         changes.append(("dpo.precompute_reference", True, "one scoring pass before training, the same log-probs"))
-    if cfg.model.remat != "full" and cfg.train.grad_accum == 1:  # more micro-batches recompute every layer anyway
+    if train.effective_remat(cfg) != "full":  # more micro-batches already recompute every layer
         changes.append(("model.remat", "full", "each layer's forward computed again in the backward pass"))
     if cfg.optim.mu_dtype != "bfloat16":
         changes.append(("optim.mu_dtype", "bfloat16", "Adam's first moment rounded to bf16"))

@@ -113,6 +113,12 @@ def resume_settings(cfg, workdir: str) -> None:
                   "learning-rate schedule follows the new values from here on")
 
 
+def effective_remat(cfg) -> str:
+    """The remat the train step really runs: more than one micro-batch recomputes every layer in the backward pass
+    (model/accumulate.py), whatever model.remat says."""
+    return "full" if cfg.train.grad_accum > 1 else cfg.model.remat
+
+
 def use_compilation_cache(path: str | None) -> None:
     """JAX's persistent compilation cache: a restart, or a later run with the same shapes, loads each compiled
     step instead of compiling it again (minutes for a 7B step). Any path JAX can write, including gs:// buckets;
@@ -408,7 +414,7 @@ def run(cfg, workdir: str) -> dict:
         print(f"the {mcfg.num_key_value_heads} KV heads do not split over tensor={tensor}: the K/V projections are "
               "split inside a head, XLA gathers the keys and values, and attention runs without its fused kernel "
               "(einsum attention); a tensor axis that divides the KV heads avoids it")
-    if cfg.train.grad_accum > 1 and cfg.model.remat != "full" and jax.process_index() == 0:
+    if effective_remat(cfg) != cfg.model.remat and jax.process_index() == 0:
         print(f"train.grad_accum={cfg.train.grad_accum}: the layers are recomputed in the backward pass, as "
               f"model.remat='full' does (model/accumulate.py), so model.remat={cfg.model.remat!r} has no effect")
     rules, dpo = cfg.mesh.rules, cfg.stage == "dpo"
