@@ -80,7 +80,7 @@ class Journal:
             os.replace(tmp, self.settings_path)
         self.done: dict[tuple, dict] = {}
         self.resumed = self._read()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab")
 
     def _read(self) -> int:
         """Loads the finished items; cuts off a partial last line. Returns how many items were read."""
@@ -112,8 +112,8 @@ class Journal:
 
     def append(self, key, value: dict) -> None:
         key = tuple(key)
-        line = json.dumps({"key": list(key), "value": value}, ensure_ascii=False) + "\n"
-        line.encode("utf-8")  # text UTF-8 cannot write (a lone surrogate) fails here, before the key counts as done
+        # Encoded before the key counts as done: text UTF-8 cannot write (a lone surrogate) fails here.
+        line = (json.dumps({"key": list(key), "value": value}, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             if key in self.done:
                 return
