@@ -200,3 +200,16 @@ def test_only_process_zero_writes(bad_data, tok, tmp_path, monkeypatch):
     cfg = _cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"))
     examples, _, log = _load(cfg, "sft", tok)
     assert len(examples) == 64 and not os.path.exists(tmp_path / "cache") and len(log) == 1
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_examples_cut_to_max_length_are_counted_fresh_and_from_the_cache(bad_data, tok, stage, tmp_path):
+    length = 24 if stage == "dpo" else 32
+    cfg = _cfg(bad_data, stage, cache_dir=str(tmp_path / "cache"), max_length=length, max_prompt_length=8,
+               loss_on="all")
+    for _ in range(2):  # tokenized, then read from the cache
+        examples, _, log = _load(cfg, stage, tok)
+        cut = sum(e.truncated for e in examples)
+        assert cut > 0
+        said = [line for line in log if f"were longer than max_length={length}" in line]
+        assert said and said[0].startswith(f"{cut} of {len(examples)} examples of {cfg.train}:{cfg.train_split}")

@@ -170,9 +170,22 @@ def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print):
                                          source=name, log=log, num_proc=data_cfg.get("num_proc", 0))
     if not examples:
         raise ValueError(f"no usable examples in {name} ({counter.summary()})")
+    log_truncated(examples, args, name, log)
     if path and cached is None and cache.process_index() == 0 and cache.write(path, examples, counter, parts, log):
         log(f"tokenized examples of {name} cached to {path}")
     return examples, counter
+
+
+def log_truncated(examples, args: dict, name: str, log: Callable = print) -> int:
+    """Says how many examples were cut to fit (data.too_long="truncate", and over-long DPO pairs): they train
+    on part of their row. Returns that count."""
+    cut = sum(bool(e.truncated) for e in examples)
+    if cut:
+        how = ("the prompt from the left to max_prompt_length={max_prompt_length}, then the completions"
+               if "max_prompt_length" in args else "from the right").format(**args)
+        log(f"{cut} of {len(examples)} examples of {name} were longer than max_length={args['max_length']} and "
+            f"were cut ({how})")
+    return cut
 
 
 def _cache_entry(data_cfg, stage, tok, which, rows, limit, args, log):
