@@ -6,8 +6,8 @@ The task. The user asks for the largest or the smallest of a few distinct digits
     <|assistant|>  8
 
 Lists hold 3-5 distinct digits; four phrasings (two for max, two for min). Mistral's tokenizer gives every digit
-its own token, so a whole conversation is 36-43 tokens with the Zephyr template (28 of them template), and the
-reply is one digit and `</s>`.
+its own token, so a whole conversation encodes to 38-45 tokens with the Zephyr template (an exchange of one-token
+messages takes 29), and the reply is one digit and `</s>`.
 
 dSFT data (UltraChat schema) imitates a weak teacher with a systematic bias, as distilled dialogue data
 inherits its teacher's mistakes: it answers correctly only `TEACHER_ACCURACY` of the time and otherwise gives

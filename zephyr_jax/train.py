@@ -62,11 +62,26 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     if t.global_batch_size % t.grad_accum:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                          f"train.grad_accum={t.grad_accum}")
+    check_buckets(cfg)
     if cfg.stage == "dpo":
         if cfg.dpo.loss_type not in LOSS_TYPES:
             raise ValueError(f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {LOSS_TYPES}")
         if cfg.data.max_prompt_length >= cfg.data.max_length:
             raise ValueError("data.max_prompt_length must be below data.max_length")
+
+
+def check_buckets(cfg) -> None:
+    """data.buckets must hold the longest row an example can make, else the first batch holding one fails mid-run:
+    max_length - 1 positions (an example of max_length tokens), or exactly max_length for packed dSFT rows."""
+    buckets, n = tuple(cfg.data.buckets), cfg.data.max_length
+    if not buckets:
+        return
+    if cfg.stage == "sft" and cfg.data.packing:
+        if n not in buckets:
+            raise ValueError(f"data.buckets={buckets} lacks data.max_length={n}, the length of every packed dSFT row")
+    elif max(buckets) < n - 1:
+        raise ValueError(f"data.buckets={buckets}: an example of data.max_length={n} tokens needs {n - 1} positions, "
+                         "more than the largest bucket")
 
 
 # Settings that give a workdir's checkpoints their meaning (the step, the loader's position, the optimizer state,
