@@ -211,6 +211,26 @@ def test_tokenizer_and_chat_template_are_exported(loaded, tmp_path):
         assert reloaded(text).input_ids == tok(text).input_ids
 
 
+_SMALL = dict(architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=128, hidden_size=64,
+              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # rms_norm_eps and max_position_embeddings left out: transformers' class defaults, not Mistral-7B's
+    {"rope_theta": 1e6},  # transformers 4.x
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},  # transformers 5
+    {"rope_scaling": {"rope_type": "default", "rope_theta": 1e6}},
+    {"rope_theta": 1e6, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},  # the nested one wins
+    {"_attn_implementation_autoset": True, "rms_norm_eps": 1e-5},  # configs saved by transformers 4.48-4.50
+], ids=["defaults", "rope_theta", "rope_parameters", "rope_scaling", "both_thetas", "private_key"])
+def test_config_json_reads_as_transformers_reads_it(extra):
+    ours = MistralConfig.from_hf_dict({**_SMALL, **extra})
+    theirs = transformers.MistralConfig.from_dict({**_SMALL, **extra})
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    for key in ("rms_norm_eps", "max_position_embeddings", "sliding_window", "head_dim", "tie_word_embeddings"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+
+
 # --- clear errors -----------------------------------------------------------------------------------------
 
 def test_other_architecture_is_refused(hf_dir, tmp_path):

@@ -21,6 +21,9 @@ _HF_IGNORED = {
     "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "rope_scaling", "rope_parameters",
     "tokenizer_class", "quantization_config",
 }
+# What transformers' MistralConfig assumes for a key config.json leaves out, where it differs from the defaults
+# below (Mistral-7B-v0.1's values, which its config.json states).
+_HF_CLASS_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32}
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # see model/attention.py attend
 REMAT_POLICIES = ("none", "full", "save_dots", "save_all_but_mlp", "offload")  # see model/mistral.py remat_policy
 
@@ -101,12 +104,15 @@ class MistralConfig:
         if (rope and rope.get("rope_type", rope.get("type")) not in (None, "default")) or \
                 params.get("rope_type", "default") != "default":
             raise ValueError(f"rope scaling {rope or params} is not supported (Mistral-7B-v0.1 uses plain RoPE)")
-        unknown = sorted(k for k in d if k not in _HF_FIELDS and k not in _HF_IGNORED)
+        # Keys starting with "_" are transformers' bookkeeping (e.g. _attn_implementation_autoset, 4.48-4.50).
+        unknown = sorted(k for k in d if k not in _HF_FIELDS and k not in _HF_IGNORED and not k.startswith("_"))
         if unknown:
             raise ValueError(f"config.json has fields zephyr_jax does not know: {unknown}")
-        fields = {k: d[k] for k in _HF_FIELDS if k in d}
-        if "rope_theta" not in fields and "rope_theta" in params:  # transformers>=5 nests it
-            fields["rope_theta"] = params["rope_theta"]
+        fields = {**_HF_CLASS_DEFAULTS, **{k: d[k] for k in _HF_FIELDS if k in d}}
+        for nested in (params, rope):  # transformers>=5 reads the nested theta first
+            if "rope_theta" in nested:
+                fields["rope_theta"] = nested["rope_theta"]
+                break
         for k in ("bos_token_id", "eos_token_id"):
             if isinstance(fields.get(k), list):
                 fields[k] = fields[k][0]
