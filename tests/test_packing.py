@@ -103,6 +103,18 @@ def test_dpo_pairs_of_a_micro_batch_stay_in_its_rows():
     assert sorted(batch["sequence_pair"][batch["sequence_pair"] >= 0].tolist()) == list(range(16))
 
 
+def test_segment_sums_are_exact_additions_not_a_matmul():
+    """A one-hot matmul here rounded each log-prob to bfloat16 on TPUs (TF32 on GPUs) at default precision; CPUs
+    compute it exactly, so the test also reads the program: it must hold no dot."""
+    rng = np.random.default_rng(0)
+    values = -rng.random((3, 40)).astype(np.float32) * 7
+    segment = np.sort(rng.integers(0, 4, size=(3, 40)), axis=1).astype(np.int32)
+    sums = jax.jit(train_steps.segment_sums, static_argnums=2)
+    want = np.stack([[values[r][segment[r] == s].sum() for s in (1, 2, 3)] for r in range(3)])
+    np.testing.assert_allclose(sums(values, segment, 3), want, rtol=1e-6)
+    assert "dot_general" not in sums.lower(values, segment, 3).as_text()
+
+
 def test_packed_sft_rows_give_the_padded_rows_and_the_full_head_reference(model):
     graphdef, params = model
     examples = random_sft(12)

@@ -74,9 +74,11 @@ def segments_per_row(batch, known: int | None = None) -> int:
 
 
 def segment_sums(values, segment, slots: int):
-    """[rows, K] values summed per segment slot (segment id s + 1 -> slot s): [rows, slots]."""
+    """[rows, K] values summed per segment slot (segment id s + 1 -> slot s): [rows, slots]. A masked sum, not a
+    one-hot matmul: at default precision a TPU matmul rounds its float32 inputs to bfloat16 (a GPU's to TF32),
+    which put ~0.1 nats of noise into each 400-token sequence's log-prob."""
     one_hot = segment[..., None] == jnp.arange(1, slots + 1)
-    return jnp.einsum("rk,rks->rs", values.astype(jnp.float32), one_hot.astype(jnp.float32))
+    return jnp.where(one_hot, values.astype(jnp.float32)[..., None], 0.0).sum(axis=1)
 
 
 def per_pair(slot_values, sequence_pair, num_pairs: int, micro_batches: int = 1):
