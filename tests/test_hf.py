@@ -315,6 +315,16 @@ def test_unreachable_hub_name_is_named(monkeypatch):
 
 # --- sharded loading --------------------------------------------------------------------------------------
 
+def test_a_parameter_that_does_not_divide_over_the_mesh_is_named_before_reading(hf_dir, monkeypatch):
+    if jax.device_count() < 3:
+        pytest.skip("needs 3 devices (tests/conftest.py simulates them on CPU)")
+    monkeypatch.setattr(hf, "read_weights", lambda *a: pytest.fail("weights read before the mesh was checked"))
+    mesh = Mesh(np.array(jax.devices()[:3]).reshape(1, 1, 3), ("data", "fsdp", "tensor"))
+    with pytest.raises(ValueError, match=r"parameter embed_tokens \(128, 64\): its dimension of 128 does not divide "
+                                         r"over mesh axes \('tensor',\) \(3 ways\); change the mesh shape \(1, 1, 3\)"):
+        load(hf_dir[0], jnp.float32, mesh)
+
+
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
 def test_load_onto_mesh_shardings_and_save_back(hf_dir, loaded, mesh_shape, tmp_path):
     if jax.device_count() < 8:

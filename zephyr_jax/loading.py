@@ -23,7 +23,7 @@ from flax import nnx
 from zephyr_jax import checkpoint, hf
 from zephyr_jax.model import Mistral
 from zephyr_jax.model.config import _hashable_rules
-from zephyr_jax.sharding import DEFAULT_RULES, named, param_specs
+from zephyr_jax.sharding import DEFAULT_RULES, check_params_fit_mesh, named, param_specs
 
 WORKDIR_CONFIG = "model_config.json"  # what marks a zephyr_jax training workdir (checkpoint.save_model_config)
 
@@ -93,7 +93,9 @@ def load(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = N
         device = jax.sharding.SingleDeviceSharding(_default_device())
         shardings = jax.tree.map(lambda _: device, abstract)
     else:
-        shardings = named(mesh, param_specs(abstract, rules))
+        specs = param_specs(abstract, rules)
+        check_params_fit_mesh(abstract, specs, mesh)  # before any weight is read
+        shardings = named(mesh, specs)
     if not workdir:
         return hf.read_weights(local, cfg, shardings)
     params, _ = checkpoint.restore_params(local, abstract, shardings, step)

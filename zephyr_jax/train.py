@@ -27,7 +27,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from zephyr_jax import checkpoint, hf
+from zephyr_jax import checkpoint, hf, sharding
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
 from zephyr_jax.data.batches import multiples, sequence_lengths, stack_rows
@@ -169,21 +169,6 @@ def check_batch_fits_mesh(cfg, mesh) -> None:
                          f"({cfg.train.grad_accum} x {shards})")
 
 
-def check_params_fit_mesh(abstract, specs, mesh) -> None:
-    """Every parameter dimension a mesh axis splits must divide by that axis (XLA refuses the placement with an
-    error that names neither the parameter nor the config)."""
-    for path, leaf, spec in zip(*zip(*jax.tree_util.tree_flatten_with_path(abstract)[0]), jax.tree.leaves(
-            specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
-        for dim, axes in zip(leaf.shape, spec):
-            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-            ways = math.prod(mesh.shape[a] for a in axes)
-            if dim % ways:
-                name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-                raise ValueError(f"parameter {name} {tuple(leaf.shape)}: its dimension of {dim} does not divide "
-                                 f"over mesh axes {axes} ({ways} ways); change config.mesh.shape "
-                                 f"{tuple(mesh.shape.values())} or config.mesh.rules")
-
-
 def mesh_for(cfg, devices=None):
     """The config's mesh over its devices (default: this job's), checked against the batch sizes."""
     devices = jax.devices() if devices is None else devices
@@ -248,7 +233,7 @@ def abstract_params(cfg, mcfg: MistralConfig, mesh):
     """(graphdef, parameter shapes and dtypes, their shardings on `mesh`): nothing is allocated."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(mcfg, rngs=nnx.Rngs(cfg.seed))))
     specs = param_specs(abstract, cfg.mesh.rules)
-    check_params_fit_mesh(abstract, specs, mesh)
+    sharding.check_params_fit_mesh(abstract, specs, mesh)
     return graphdef, abstract, named(mesh, specs)
 
 
