@@ -141,6 +141,11 @@ def test_save_load_is_bitwise(tmp_path, tied):
     assert again.config == model.config
     if tied:  # transformers ties lm_head to the embedding from the config alone
         assert max_diff(torch_logits(load_hf(str(tmp_path))), jax_logits(model)) <= 1e-4
+        # ... and so does a checkpoint whose saver also wrote the head (transformers loads it the same way)
+        with_head = copy_ckpt(tmp_path, tmp_path / "with_head",
+                              lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+        assert all(np.array_equal(a, b) for a, b in zip(flat_params(load(with_head, jnp.float32)).values(),
+                                                          before.values()))
 
 
 def test_row_block_streaming_is_exact(hf_dir, monkeypatch, tmp_path):

@@ -240,12 +240,15 @@ def _weight_files(path: str) -> dict[str, str]:
     raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
-def _check_names(files: dict[str, str], params: dict) -> None:
-    """Every parameter has exactly one tensor and every tensor a parameter; otherwise say which."""
+def _check_names(files: dict[str, str], params: dict) -> set[str]:
+    """Every parameter has exactly one tensor and every tensor a parameter; otherwise say which. Returns the
+    names of the tensors to read."""
     layers = params["layers.input_layernorm.scale"].get_value().shape[0]
     expected = {flax_to_hf_name(p, i)[0]
                 for p in params for i in (range(layers) if p.startswith("layers.") else [None])}
     present = {n for n in files if not IGNORED_TENSORS.fullmatch(n)}
+    if "lm_head.weight" not in expected:  # tied: some savers also write the head, which the embedding replaces
+        present.discard("lm_head.weight")
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     where = sorted({os.path.basename(f) for f in files.values()})
     if missing:
@@ -254,6 +257,7 @@ def _check_names(files: dict[str, str], params: dict) -> None:
     if unexpected:
         raise ValueError(f"checkpoint ({', '.join(where)}) has {len(unexpected)} tensor(s) this Mistral config "
                          f"does not use: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+    return present
 
 
 def _flat_shardings(shardings, names) -> dict:
@@ -306,13 +310,12 @@ def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
     params = {_dotted(p): var for p, var in nnx.to_flat_state(state)}  # values: ShapeDtypeStructs
     placement = _flat_shardings(shardings, params)
     files = _weight_files(path)
-    _check_names(files, params)
+    used = _check_names(files, params)
     headers = {file: read_safetensors_header(file) for file in sorted(set(files.values()))}
     sources = {}  # parameter -> [(layer, HF name)], in file order so each file is read front to back
-    for name in sorted(files, key=lambda n: (files[n], headers[files[n]][0].get(n, {}).get("data_offsets", [0]))):
-        if not IGNORED_TENSORS.fullmatch(name):
-            flax_name, layer, _ = hf_to_flax_name(name)
-            sources.setdefault(flax_name, []).append((layer, name))
+    for name in sorted(used, key=lambda n: (files[n], headers[files[n]][0].get(n, {}).get("data_offsets", [0]))):
+        flax_name, layer, _ = hf_to_flax_name(name)
+        sources.setdefault(flax_name, []).append((layer, name))
 
     for flax_name, parts in sources.items():
         var = params[flax_name]
