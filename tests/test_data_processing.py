@@ -127,10 +127,17 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
     for (x, info), (y, _) in zip(first, [next(b) for _ in range(7)]):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
         assert info.length == x["inputs"].shape[1] and len(info.indices) == 4
-    resumed = make()
-    resumed.restore({"epoch": 0, "step": 3})
-    for x, _ in first[3:]:
-        np.testing.assert_array_equal(next(resumed)[0]["inputs"], x["inputs"])
+    saved = dict(a.state(), epoch=0, step=3)
+    for resumed, state in ((make(), saved), (make(), {"epoch": 0, "step": 3})):  # the latter: saved before digests
+        resumed.restore(state)
+        for x, _ in first[3:]:
+            np.testing.assert_array_equal(next(resumed)[0]["inputs"], x["inputs"])
+    # A position saved over other data is refused: one example edited, or one more example.
+    edited = examples[:5] + [examples[5]._replace(ids=examples[5].ids[::-1].copy())] + examples[6:]
+    for other in (edited, examples + examples[:1]):
+        with pytest.raises(ValueError, match=f"indexes another example list \\(20 examples.*this run's "
+                                             f"\\({len(other)} examples"):
+            Loader(other, 4, padded_batcher(pad_sft, (64,)), seed=3).restore(saved)
     assert {x["inputs"].shape[1] for x, _ in first} <= {16, 32, 64}
     # Processes holding interleaved rows of the global batch (as on a pod) build exactly those rows.
     parts = [Loader(examples, 4, padded_batcher(pad_sft, (64,)), seed=3, rows=rows) for rows in ([0, 2], [1, 3])]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
@@ -427,6 +428,11 @@ def run(cfg, workdir: str) -> dict:
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
     train_rows = local_rows(sharding, num_rows)
     loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
+    if jax.process_count() > 1:  # each process builds its rows of the same global batches: same list, or wrong data
+        multihost_utils.assert_equal(np.frombuffer(bytes.fromhex(loader.digest), np.uint8),
+                                     f"processes hold different training examples (process {jax.process_index()}: "
+                                     f"{len(train_examples)} examples, digest {loader.digest[:12]}): each must read "
+                                     "the same data files with the same code")
     sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
     left_out = len(train_examples) % cfg.train.global_batch_size

@@ -4,11 +4,14 @@ Every process holds the same example list and computes the same shuffled order f
 builds only the rows of every global batch that its devices hold (`rows`: positions in the global batch, from
 train.local_rows; on a pod they need not be one contiguous block). The padded length of a batch is chosen from
 the whole global batch, so all processes agree on shapes. The position (epoch, step) is two integers: saving it with a
-checkpoint and restoring it continues with exactly the batches an uninterrupted run would have seen.
+checkpoint and restoring it continues with exactly the batches an uninterrupted run would have seen. The state also
+holds a digest of the example list, so a position is never applied to other data (an edited file, another hub
+revision, rows skipped differently), which would train some examples twice and others never.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -54,6 +57,18 @@ def pair_batcher(num_rows: int, buckets, micro_batches: int = 1) -> Callable:
     return batcher
 
 
+def examples_digest(examples: Sequence) -> str:
+    """A fingerprint of the examples' token content, in order: their integer and boolean arrays. Float arrays
+    (precomputed reference log-probs) are left out: recomputing them may change their last bits."""
+    h = hashlib.blake2b(digest_size=16)
+    for e in examples:
+        for v in (e[k] for k in sorted(e)) if isinstance(e, dict) else e:
+            if isinstance(v, np.ndarray) and (np.issubdtype(v.dtype, np.integer) or v.dtype == bool):
+                h.update(np.int64(v.size).tobytes())
+                h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
+
+
 class Loader:
     def __init__(self, examples: Sequence, global_batch_size: int, batcher: Callable, *, seed: int = 0,
                  shuffle: bool = True, rows=None):
@@ -65,6 +80,7 @@ class Loader:
             raise ValueError(f"{len(examples)} examples cannot fill one global batch of {global_batch_size}")
         self.seed, self.shuffle, self.rows = seed, shuffle, rows
         self.epoch, self.step = 0, 0
+        self.digest = examples_digest(examples)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -76,9 +92,18 @@ class Loader:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
+        return {"epoch": self.epoch, "step": self.step, "examples": len(self.examples), "digest": self.digest}
 
     def restore(self, state: dict) -> None:
+        """Continues from a saved position; refuses one saved over other examples (states without a digest, from
+        before it was kept, are taken as they are)."""
+        if "digest" in state and (state["digest"], int(state["examples"])) != (self.digest, len(self.examples)):
+            raise ValueError(
+                f"the checkpoint's data position indexes another example list ({state['examples']} examples, digest "
+                f"{state['digest'][:12]}) than this run's ({len(self.examples)} examples, digest {self.digest[:12]}): "
+                "the training data or its tokenization changed since it was saved. Resuming would train some "
+                "examples twice and others never. Start a new --workdir (config.model.init='orbax' with "
+                "config.model.path=<this workdir> continues from its weights), or restore the original data.")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
