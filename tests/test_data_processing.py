@@ -53,6 +53,32 @@ def test_sft_assistant_targets_decode_to_the_replies(tok):
     assert list(ex.ids) == _whole_conversation_ids(tok, DIALOGUE)
 
 
+# Mistral-Instruct's template: no system turn, strictly alternating turns, [INST] markers.
+INSTRUCT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_other_templates_train_on_what_inference_renders(tok):
+    """A template without a system turn, or one that writes its own BOS, encodes as the inference path encodes it
+    (one BOS); a conversation the template refuses is a bad row naming the template's reason."""
+    from zephyr_jax.tokenizer import encode_text, render_chat
+
+    other = load_tokenizer()
+    other.chat_template = INSTRUCT_TEMPLATE
+    ex = sft_example({"messages": DIALOGUE}, 0, other, loss_on="assistant")
+    assert list(ex.ids) == encode_text(other, render_chat(other, DIALOGUE))
+    targets, mask = pad_sft([ex], 128)["targets"][0], pad_sft([ex], 128)["loss_mask"][0].astype(bool)
+    assert [other.decode(targets[a:b]) for a, b in _runs(mask)] == [
+        m["content"] + "</s>" for m in DIALOGUE if m["role"] == "assistant"]
+    with pytest.raises(BadRow, match="row 3: the chat template refused the conversation: Conversation roles must"):
+        sft_example({"messages": [DIALOGUE[0]] + DIALOGUE}, 3, other)
+    other.chat_template = "{{ bos_token }}" + tok.chat_template  # the Zephyr template, writing its own <s>
+    assert list(sft_example({"messages": DIALOGUE}, 0, other).ids) == _whole_conversation_ids(tok, DIALOGUE)
+
+
 def test_sft_all_learns_every_token_after_bos(tok):
     ex = sft_example({"messages": DIALOGUE}, 0, tok, loss_on="all")
     assert ex.ids[0] == tok.bos_token_id and (ex.ids == tok.bos_token_id).sum() == 1

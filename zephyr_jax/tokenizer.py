@@ -97,16 +97,24 @@ def with_system_message(messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": ""}, *messages]
 
 
-def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as template text, with an empty system turn first when it has none (as the Zephyr recipe
-    trains), unless the template refuses a system turn (Mistral-Instruct's, Gemma's): then as given."""
-    render = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=add_generation_prompt)
+def template_messages(tok, messages: list[dict], add_generation_prompt: bool = False) -> list[dict]:
+    """The messages as the template renders them: with an empty system turn first when they have none (as the
+    Zephyr recipe trains), unless the template refuses a system turn (Mistral-Instruct's, Gemma's): as given."""
     if messages and messages[0].get("role") == "system":
-        return render(list(messages))
+        return list(messages)
     try:
-        return render(with_system_message(messages))
+        tok.apply_chat_template(with_system_message(messages), tokenize=False,
+                                add_generation_prompt=add_generation_prompt)
+        return with_system_message(messages)
     except jinja2.TemplateError:
-        return render(list(messages))
+        return list(messages)
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as template text (template_messages: with an empty system turn where the template has
+    one)."""
+    return tok.apply_chat_template(template_messages(tok, messages, add_generation_prompt), tokenize=False,
+                                   add_generation_prompt=add_generation_prompt)
 
 
 def encode_text(tok, text: str) -> list[int]:

@@ -9,10 +9,11 @@ The template's newline after the final `</s>` is not encoded: every sequence end
 
 from __future__ import annotations
 
+import jinja2
 import numpy as np
 
 from zephyr_jax.data.errors import BadRow
-from zephyr_jax.tokenizer import with_system_message
+from zephyr_jax.tokenizer import template_messages
 
 ROLES = ("system", "user", "assistant")
 # Strings the tokenizer would read as control tokens if they appeared inside message text ("<unk>" is id 0: a
@@ -41,13 +42,17 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
 
 
 def encode_conversation(tok, messages, index=None, source=None, add_generation_prompt=False):
-    """(ids int32 [L], assistant_mask bool [L]) for a checked conversation (system message inserted if absent).
+    """(ids int32 [L], assistant_mask bool [L]) for a checked conversation, rendered as inference renders it
+    (tokenizer.template_messages: an empty system turn inserted where the template has one; one BOS).
 
     assistant_mask marks each assistant reply's tokens and its closing `</s>`.
     """
-    messages = with_system_message(messages)
     render = lambda msgs, gen=False: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    text = render(messages, add_generation_prompt)
+    try:
+        messages = template_messages(tok, messages, add_generation_prompt)
+        text = render(messages, add_generation_prompt)
+    except jinja2.TemplateError as e:  # e.g. a template that wants strictly alternating turns
+        raise BadRow(index, f"the chat template refused the conversation: {e}", source) from None
     eos = tok.eos_token
     if not add_generation_prompt and text.endswith(eos + "\n"):
         text = text[:-1]
@@ -60,7 +65,8 @@ def encode_conversation(tok, messages, index=None, source=None, add_generation_p
                 raise BadRow(index, f"the chat template did not render messages[{k}] verbatim", source)
             spans.append((at, at + len(m["content"]) + len(eos)))
         start = end
-    enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+    own_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)  # a template that writes its own
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=not own_bos)
     ids = np.asarray(enc["input_ids"], np.int32)
     offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
     mask = np.zeros(len(ids), bool)
