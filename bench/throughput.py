@@ -208,6 +208,8 @@ def cli():
     from absl import app, flags, logging
     from ml_collections import config_flags
 
+    from zephyr_jax.config_common import parse_flags
+
     config = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/dpo.py, with :VARIANT",
                                              lock_config=True)
     stage = flags.DEFINE_enum("stage", None, ["sft", "dpo", "both"], "default: the config's stage")
@@ -226,7 +228,7 @@ def cli():
         report([measure(cfg, s, batch.value, mix.value, num_batches.value, warmup.value, repeats.value)
                 for s in stages])
 
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,23 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
             raise KeyError(f"config {spec} has no key {key!r}")
         node[leaf] = value
     return cfg
+
+
+def parse_flags(argv):
+    """absl's flag parsing (app.run's flags_parser), with an override of a key the config lacks said in one line:
+    ml_collections raises it from inside absl as a bare AttributeError/KeyError and its traceback."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as e:
+        reason = e
+        while isinstance(reason, BaseException) and reason.args:  # AttributeError(KeyError("'key'\nDid you ..."))
+            reason = reason.args[0]
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        sys.exit(f"FATAL Flags parsing error: a --config override names a key the config does not have: "
+                 f"{str(reason).replace(chr(10), '; ')} (overrides given: {', '.join(overrides)})")

@@ -756,6 +756,8 @@ def cli():
     from absl import app, flags
     from ml_collections import config_flags
 
+    from zephyr_jax.config_common import parse_flags
+
     config = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/dpo.py, with :VARIANT",
                                              lock_config=True)
     topology = flags.DEFINE_string("topology", "local", f"a TPU slice ({', '.join(known_topologies()[:6])}, ...), "
@@ -783,7 +785,7 @@ def cli():
             sys.exit(f"error: {e}")
         print(json.dumps(report, indent=2, default=str) if as_json.value else format_report(report))
 
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from zephyr_jax import checkpoint, hf, sharding
 from zephyr_jax import train_steps as steps
+from zephyr_jax.config_common import parse_flags
 from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
 from zephyr_jax.data.batches import multiples, sequence_lengths, stack_rows
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
@@ -694,7 +695,7 @@ def cli():
             jax.distributed.initialize()
         run(config.value, workdir.value)
 
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
