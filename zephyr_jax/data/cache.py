@@ -40,8 +40,8 @@ DEFAULT_DIR = "~/.cache/zephyr_jax/tokenized"
 # Stage -> (example type, its token fields). Every other field but `truncated` must be None to be cached.
 LAYOUT = {"sft": (SFTExample, ("ids", "loss_mask")), "dpo": (PreferenceExample, ("prompt", "chosen", "rejected"))}
 # The modules whose code decides what a row becomes: editing one invalidates every entry.
-CODE = ("zephyr_jax.data.sft", "zephyr_jax.data.preference", "zephyr_jax.data.conversation",
-        "zephyr_jax.data.errors", "zephyr_jax.tokenizer")
+CODE = ("zephyr_jax.data.sources", "zephyr_jax.data.pipeline", "zephyr_jax.data.sft", "zephyr_jax.data.preference",
+        "zephyr_jax.data.conversation", "zephyr_jax.data.errors", "zephyr_jax.tokenizer")
 # Tokenizer settings that change encoding but may live outside the backend definition.
 TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token", "legacy", "add_prefix_space", "clean_up_tokenization_spaces")
 
