@@ -125,7 +125,8 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
     if not (dpo and cfg.dpo.precompute_reference):
         batches = [b._replace(batch={k: v for k, v in b.batch.items() if k != "reference_logps"}) for b in batches]
     step_fn = train.jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
-                                   frozen_reference=reference is not None)
+                                   frozen_reference=reference is not None,
+                                   max_segments=train.max_segments(cfg, [b.batch for b in batches]))
 
     with jax.set_mesh(mesh):
         placed = [train.place(b.batch, sharding, np.arange(len(b.batch["inputs"])), len(b.batch["inputs"]))

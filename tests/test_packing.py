@@ -115,6 +115,22 @@ def test_segment_sums_are_exact_additions_not_a_matmul():
     assert "dot_general" not in sums.lower(values, segment, 3).as_text()
 
 
+def test_max_segments_is_the_most_a_packed_row_holds_rounded_up_and_describes_every_row():
+    """The static bound the GPU kernel gets: from the rows themselves, not half the row length (which made cuDNN's
+    call and statistics hundreds of times larger than packed rows need)."""
+    from zephyr_jax import train
+    from zephyr_jax.model.attention import segment_offsets
+
+    rows = pack(random_sft(12), 96)
+    most = int(rows["segment_ids"].max())
+    cfg = lambda stage, packing: ml_collections.ConfigDict({"stage": stage, "data": {"packing": packing}})
+    bound = train.max_segments(cfg("sft", True), [{"segment_ids": ids} for ids in rows["segment_ids"]])
+    assert 2 <= most <= bound < 2 * most and bound & (bound - 1) == 0 and bound < 96 // 2
+    assert np.asarray(segment_offsets(jnp.asarray(rows["segment_ids"]), bound)[2]).all()  # every row described
+    assert not np.asarray(segment_offsets(jnp.asarray(rows["segment_ids"]), most - 1)[2]).all()
+    assert train.max_segments(cfg("sft", False), []) == 1 and train.max_segments(cfg("dpo", True), []) is None
+
+
 def test_packed_sft_rows_give_the_padded_rows_and_the_full_head_reference(model):
     graphdef, params = model
     examples = random_sft(12)

@@ -379,8 +379,9 @@ class StepInputs(NamedTuple):
     shardings: tuple  # (state, batch, reference) shardings, the trees of the three above
 
 
-def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batch: dict):
-    """(train.py's jitted train step for cfg, its abstract inputs for the abstract `batch`)."""
+def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batch: dict, max_segments: int | None):
+    """(train.py's jitted train step for cfg, its abstract inputs for the abstract `batch`); max_segments: of the
+    batches `batch` stands for (train.max_segments)."""
     dpo = cfg.stage == "dpo"
     frozen = dpo and not cfg.dpo.reference_free and not cfg.dpo.precompute_reference
     graphdef, params, param_shardings = train.abstract_params(cfg, mcfg, mesh)
@@ -393,7 +394,7 @@ def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batch: dict):
         ref_dtype = jnp.dtype(cfg.dpo.reference_dtype)
         reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), params)
     step = train.jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding,
-                                frozen_reference=frozen)
+                                frozen_reference=frozen, max_segments=max_segments)
     shardings = (state_shardings, jax.tree.map(lambda _: batch_sharding, batch), param_shardings if frozen else None)
     return step, StepInputs(state, batch, reference, shardings)
 
@@ -511,7 +512,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
         "model": {"source": model_source, "params": mcfg.num_params}}
 
     # Compile, then the bytes per chip: the inputs from their shapes and shardings, the rest from XLA.
-    step, inputs = train_step_and_inputs(cfg, mcfg, mesh, batch)
+    step, inputs = train_step_and_inputs(cfg, mcfg, mesh, batch, train.max_segments(cfg, [b.batch for b in batches]))
     buffers = input_buffers(inputs)
     parts = input_bytes(buffers)
     start = time.perf_counter()

@@ -474,7 +474,8 @@ def run(cfg, workdir: str) -> dict:
             print(f"step {int(state.step)} is past this run's {total_steps} steps: nothing to train")
 
     train_step = jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
-                                frozen_reference=reference is not None)
+                                frozen_reference=reference is not None,
+                                max_segments=max_segments(cfg, train_examples))
     writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
 
     def evaluate(step):
@@ -625,14 +626,29 @@ def initial_state(tx, params, state_shardings: steps.TrainState) -> steps.TrainS
                             jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step))
 
 
-def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding_, *, frozen_reference: bool):
+def max_segments(cfg, rows) -> int | None:
+    """The static bound GPU attention (cuDNN) takes on the sequences a row holds: 1 for unpacked dSFT rows; for
+    packed ones the most any of `rows` holds (their segment ids count 1, 2, ...), rounded up to a power of two;
+    None for dDPO, whose batches carry their segment slots. (Half the row length, the bound that needs no data,
+    made cuDNN's call and its float32 statistics ~500x larger than packed UltraChat rows need.)"""
+    if cfg.stage == "dpo":
+        return None
+    if not cfg.data.packing:
+        return 1
+    most = max(int(np.max(row["segment_ids"], initial=1)) for row in rows)
+    return 1 << (most - 1).bit_length()
+
+
+def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding_, *, frozen_reference: bool,
+                   max_segments: int | None):
     """The jitted train step of this config: the state donated, batches sharded over the batch axes, and a
-    frozen DPO reference (when it runs in the step) laid out like the parameters. The planner
-    (zephyr_jax/plan.py) compiles this same function ahead of time."""
+    frozen DPO reference (when it runs in the step) laid out like the parameters. max_segments: see
+    train.max_segments (what the step's batches hold). The planner (zephyr_jax/plan.py) compiles this same
+    function ahead of time."""
     ref_shardings = state_shardings.params if frozen_reference else None  # frozen_copy keeps the params' layout
     step = steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum, cfg.get("dpo"),
                                  rules=cfg.mesh.rules, num_pairs=cfg.train.global_batch_size,
-                                 max_segments=None if cfg.data.packing else 1)
+                                 max_segments=max_segments)
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding_, ref_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
