@@ -218,6 +218,9 @@ def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
                                   max_segments=max_segments).astype(jnp.float32).sum()
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
     assert "dot_product_attention_fwd" in jaxpr and "dot_product_attention_bwd" in jaxpr  # auto chose cuDNN
+    assert "sliding_window_length=32" in jaxpr
+    wide = lambda q, k, v: attend(q, k, v, segments, sliding_window=4096, impl="auto", max_segments=max_segments)
+    assert "sliding_window_length=None" in str(jax.make_jaxpr(wide)(q, k, v))  # a window that cannot bind: causal
     # Before Hopper (an A100) cuDNN has no packed layout: packed rows take einsum attention, single rows cuDNN.
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: False)
     jaxpr = str(jax.make_jaxpr(loss)(q, k, v))

@@ -321,6 +321,8 @@ def _cudnn(q, k, v, segment_ids, *, sliding_window, max_segments):
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
+    if sliding_window is not None and sliding_window >= q.shape[1]:  # never binds: plain causal, cuDNN's main path
+        sliding_window = None
     call = functools.partial(cudnn_attention, scale=1 / math.sqrt(q.shape[3]), sliding_window_length=sliding_window)
     if segment_ids is None:
         return call(q, k, v, mask_type=MaskType.CAUSAL)
