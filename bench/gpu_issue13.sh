@@ -4,7 +4,7 @@
 # fails or runs long leaves the others' figures; the tables come last.
 #
 #   bash bench/gpu_issue13.sh wheels          here, before the device calls: fetch the wheels the GPU machine lacks
-#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity train dpo7b decode trl
+#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity train trl dpo7b decode
 #                                             (default: all, in that order); on request: remat (the 1B SFT step
 #                                             with remat save_dots and none), flags (the 1B steps under
 #                                             launch/slurm_gpu.sbatch's XLA flags)
@@ -18,7 +18,7 @@
 # [".whl"], one long call, then at once (inside those 30 s) a second if the first reply's lease.budget_left_s
 # allows one (LEFT: that figure minus 45):
 #   BUDGET_S=540 bash bench/gpu_issue13.sh              timeout_s 570
-#   BUDGET_S=$LEFT bash bench/gpu_issue13.sh resume     timeout_s LEFT + 20
+#   BUDGET_S=$LEFT bash bench/gpu_issue13.sh resume     timeout_s LEFT + 20 (at most 600: LEFT at most 570)
 #
 # Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage (remat and flags write into
 # train.log) plus summary.md, 7 files at most. Wheels in .whl/ (WHEELS below) are installed into /tmp/site first
@@ -32,7 +32,7 @@ T0=$(date +%s)  # BUDGET_S counts from here, the wheels' install included
 # 0.12.9 fail to import under jax 0.11.2 (jax.experimental.hijax has no HiPrimitive there).
 WHEELS="trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 ml_collections==1.1.0 flax==0.12.10"
 if [ "${1:-}" = wheels ]; then
-  mkdir -p .whl
+  mkdir -p .whl && rm -f .whl/*.whl  # an older wheel of one package beside the new one fails the whole install
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>.git/info/exclude
   for w in $WHEELS; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -53,7 +53,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl; then
     export PYTHONPATH=/tmp/site:$PYTHONPATH
-  else  # e.g. this Python is not 3.12: its own packages must do
+  elif "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    echo "error: the wheels in .whl/ did not install on the GPU machine's Python 3.12; every stage needs them"
+    exit 3
+  else  # another Python (a CPU check): its own packages must do
     echo "warning: the wheels in .whl/ did not install for $("$PY" --version); continuing without them"
   fi
 fi
@@ -74,7 +77,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   ONE_B="2048 7168 16 16 4"; SEVEN_B="4096 14336 32 32 8"
   SFT_BATCH=16; SFT_LEN=2048; DPO_BATCH=32; TRL_BATCH=8; DPO_LEN=512; STEPS=5; WARM=2
-  DECODE_KV=128,1024; REQUESTS=64; NEW_TOKENS=256; TORCH_DEVICE=cuda; DECODE_ARCH=7b
+  DECODE_KV=1024; REQUESTS=64; NEW_TOKENS=256; TORCH_DEVICE=cuda; DECODE_ARCH=7b
 fi
 
 SUMMARY="$OUT/summary.md"
@@ -100,9 +103,10 @@ stage() {  # name[:variant] seconds command...: runs it under `timeout` (its sec
 
 run_env() {
   stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
-    --format=csv 2>/dev/null; $PY -c 'import sys, jax, flax, optax, torch, transformers; \
+    --format=csv 2>/dev/null; $PY -c 'import sys, jax, flax, optax, torch, transformers, ml_collections, datasets, trl; \
     print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \
-    \"torch\", torch.__version__, \"transformers\", transformers.__version__, jax.devices())'"
+    \"torch\", torch.__version__, \"transformers\", transformers.__version__, \"trl\", trl.__version__, \
+    \"datasets\", datasets.__version__, jax.devices())'"
 }
 run_parity() {  # JAX and PyTorch share the GPU in this one: JAX allocates as it goes instead of up front
   stage parity 180 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" bench/gpu_parity.py --tokens=32
@@ -135,9 +139,9 @@ run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flag
   train_1b dpo train:xla_flags
 )
 run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed reference log-probs
-  # The recipe's 32 pairs first; where that fails (out of memory), the next smallest change: 2 micro-batches
-  # (float32 Adam kept; planned at 116.1 GiB against 123.4 for one), then Adam's first moment in bf16, then also
-  # 16 pairs a step. The table's "XLA GiB" is the planner's figure for the same step
+  # The recipe's 32 pairs first; where that runs out of memory (and only then), the next smallest change: 2
+  # micro-batches (float32 Adam kept; planned at 118.2 GiB against 125.3 for one), then Adam's first moment in
+  # bf16, then also 16 pairs a step. The table's "XLA GiB" is the planner's figure for the same step
   # (`python -m zephyr_jax.plan --topology=local`), beside the allocator's measured peak.
   local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True" extra batch
   for variant in "none $DPO_BATCH" "--config.train.grad_accum=2 $DPO_BATCH" \
@@ -145,15 +149,19 @@ run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed r
                  "--config.optim.mu_dtype=bfloat16 $(( DPO_BATCH / 2 ))"; do
     read -r extra batch <<<"$variant"
     [ "$extra" = none ] && extra=""
+    local before
+    before=$(wc -l <"$OUT/dpo7b.log" 2>/dev/null || echo 0)
     stage dpo7b 240 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch --batches=1 \
       --warmup=1 --repeats=3 && break
+    # Another failure (a kernel error, a NaN, the time limit) would fail every variant the same way.
+    tail -n +$(( before + 1 )) "$OUT/dpo7b.log" | grep -qiE 'RESOURCE_EXHAUSTED|out of memory' || break
   done
 }
-run_decode() {  # one process, one copy of the 7B weights: batch 1 against the bound; 64 rows in both cache
-  # orders (positions first is TPUs': XLA:GPU compiles a whole-cache transpose around its loop); then 64
-  # concurrent requests through the engine
+run_decode() {  # one process, one copy of the 7B weights: batch 1 against the bound, 64 rows, in the platform's
+  # cache order at one KV length (each further order or length is a 7B compile); then 64 concurrent requests
+  # through the engine
   stage decode 240 "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=1,$REQUESTS \
-    --kv=$DECODE_KV --cache-order=platform,positions_first --no-parts --requests=$REQUESTS --prompt=128 \
+    --kv=$DECODE_KV --cache-order=platform --no-parts --requests=$REQUESTS --prompt=128 \
     --max-tokens=$NEW_TOKENS
 }
 run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (SFT:
@@ -167,9 +175,9 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
 
 # Each stage's usual seconds on an H200 with a cold compilation cache (estimates until the first GPU session
 # replaces them with what its summary.md shows): a stage starts only when this much of the budget is left.
-declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=120 [trl]=120 [remat]=200 [flags]=200)
+declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=120 [trl]=200 [remat]=200 [flags]=200)
 if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=5; done; fi
-DEFAULT="env parity train dpo7b decode trl"
+DEFAULT="env parity train trl dpo7b decode"  # the issue's items in order: parity, training (and TRL), 7B, decode
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
 if [ "${1:-}" = resume ]; then
   set -- $(for name in $DEFAULT; do grep -qx "$name" "$STARTED" 2>/dev/null || echo "$name"; done)
