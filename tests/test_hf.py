@@ -308,7 +308,13 @@ def test_pytorch_bin_checkpoint_says_safetensors_only(hf_dir, tmp_path):
 def test_unreachable_hub_name_is_named(monkeypatch):
     import huggingface_hub
 
-    def offline(*args, **kwargs):
+    def offline(*args, allow_patterns=(), **kwargs):
+        import fnmatch
+
+        repo = ["config.json", "model-00001-of-00003.safetensors", "model.safetensors.index.json",
+                "tokenizer.model", "tokenizer_config.json", "consolidated.safetensors", "pytorch_model.bin"]
+        fetched = [f for f in repo if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
+        assert fetched == repo[:5]  # not mistral-inference's copy of the weights, nor pickles
         raise ConnectionError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)

@@ -30,7 +30,9 @@ from zephyr_jax.model import Mistral, MistralConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# What a hub download fetches: transformers' files only (Mistral's own repos also hold consolidated.safetensors,
+# the same weights again under mistral-inference's names).
+HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model"]
 
 # ---------------------------------------------------------------------------------------------------------
 # The name mapping, shared by import and export. HF tensor name <-> dotted path of the parameter in Mistral;
