@@ -1,6 +1,7 @@
 """zephyr_jax.hf: HF checkpoints load into the JAX Mistral and export back, bit for bit, in layouts transformers
 reads; bad checkpoints fail with errors that name the culprit. Tiny configs, CPU only, no network."""
 
+import copy
 import glob
 import json
 import os
@@ -227,10 +228,16 @@ _SMALL = dict(architectures=["MistralForCausalLM"], model_type="mistral", vocab_
     {"rope_scaling": {"rope_type": "default", "rope_theta": 1e6}},
     {"rope_theta": 1e6, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},  # the nested one wins
     {"_attn_implementation_autoset": True, "rms_norm_eps": 1e-5},  # configs saved by transformers 4.48-4.50
-], ids=["defaults", "rope_theta", "rope_parameters", "rope_scaling", "both_thetas", "private_key"])
+    # a rope_scaling replaces rope_parameters, with or without a theta of its own
+    {"rope_scaling": {"rope_type": "default", "rope_theta": 5e5}, "rope_parameters": {"rope_theta": 1e6}},
+    {"rope_scaling": {"rope_type": "default"}, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+], ids=["defaults", "rope_theta", "rope_parameters", "rope_scaling", "both_thetas", "private_key", "scaling_wins",
+        "scaling_without_theta"])
 def test_config_json_reads_as_transformers_reads_it(extra):
-    ours = MistralConfig.from_hf_dict({**_SMALL, **extra})
-    theirs = transformers.MistralConfig.from_dict({**_SMALL, **extra})
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("reads config.json as transformers 5 does (rope_parameters)")
+    ours = MistralConfig.from_hf_dict(copy.deepcopy({**_SMALL, **extra}))
+    theirs = transformers.MistralConfig.from_dict(copy.deepcopy({**_SMALL, **extra}))  # it edits what it is given
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
     for key in ("rms_norm_eps", "max_position_embeddings", "sliding_window", "head_dim", "tie_word_embeddings"):
         assert getattr(ours, key) == getattr(theirs, key), key

@@ -115,6 +115,9 @@ def parse_flags(argv):
         reason = e
         while isinstance(reason, BaseException) and reason.args:  # AttributeError(KeyError("'key'\nDid you ..."))
             reason = reason.args[0]
+        key = str(reason).split("\n")[0].strip("'\"")
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        if not any(key in o.split(".")[1:] for o in overrides):
+            raise  # not an override's key: an error inside the config file itself
         sys.exit(f"FATAL Flags parsing error: a --config override names a key the config does not have: "
                  f"{str(reason).replace(chr(10), '; ')} (overrides given: {', '.join(overrides)})")

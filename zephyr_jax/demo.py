@@ -6,7 +6,7 @@ The task. The user asks for the largest or the smallest of a few distinct digits
     <|assistant|>  8
 
 Lists hold 3-5 distinct digits; four phrasings (two for max, two for min). Mistral's tokenizer gives every digit
-its own token, so a whole conversation encodes to 38-45 tokens with the Zephyr template (an exchange of one-token
+its own token, so a whole conversation encodes to 38-43 tokens with the Zephyr template (an exchange of one-token
 messages takes 29), and the reply is one digit and `</s>`.
 
 dSFT data (UltraChat schema) imitates a weak teacher with a systematic bias, as distilled dialogue data

@@ -79,6 +79,10 @@ def check_params_fit_mesh(abstract: nnx.State, specs, mesh: Mesh) -> None:
             specs, is_leaf=lambda x: isinstance(x, PartitionSpec))):
         for dim, axes in zip(leaf.shape, spec):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            missing = [a for a in axes if a not in mesh.shape]
+            if missing:
+                raise ValueError(f"the sharding rules split a parameter over mesh axes {missing}, which the mesh "
+                                 f"{dict(mesh.shape)} lacks (a zephyr_jax mesh has the axes {MESH_AXES})")
             ways = math.prod(mesh.shape[a] for a in axes)
             if dim % ways:
                 keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]

@@ -430,10 +430,12 @@ def run(cfg, workdir: str) -> dict:
     train_rows = local_rows(sharding, num_rows)
     loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
     if jax.process_count() > 1:  # each process builds its rows of the same global batches: same list, or wrong data
-        multihost_utils.assert_equal(np.frombuffer(bytes.fromhex(loader.digest), np.uint8),
-                                     f"processes hold different training examples (process {jax.process_index()}: "
-                                     f"{len(train_examples)} examples, digest {loader.digest[:12]}): each must read "
-                                     "the same data files with the same code")
+        digests = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(loader.digest), np.uint8))
+        differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
+        if differ:  # raised on every process alike (none is left waiting in a collective)
+            raise ValueError(f"processes {differ} hold other training examples than process 0 (this one, process "
+                             f"{jax.process_index()}: {len(train_examples)} examples, digest {loader.digest[:12]}): "
+                             "every process must read the same data files with the same code")
     sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
     left_out = len(train_examples) % cfg.train.global_batch_size

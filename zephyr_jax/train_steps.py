@@ -129,7 +129,8 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
                     num_pairs: int | None = None, max_segments: int | None = None):
     """train_step(state, batch, reference) -> (state, metrics). reference: DPO only, either frozen reference
     parameters (an nnx.State) or None when the batch carries precomputed per-sequence "reference_logps".
-    num_pairs: DPO pairs per global batch. max_segments: SFT, 1 when rows hold one example (unpacked), else None.
+    num_pairs: DPO pairs per global batch. max_segments: SFT, the most sequences a row holds (train.max_segments:
+    1 for unpacked rows).
     rules: the logical-axis rules that shard each micro-batch's rows (under `jax.set_mesh`)."""
 
     def micro_loss(params, micro, reference, normalizer, layer_grad_sum):

@@ -1,7 +1,7 @@
 """Chat conversations -> token ids, with a per-token mask of which tokens belong to assistant replies.
 
-The conversation is rendered once with the chat template and encoded once (one BOS, from the tokenizer), so the
-ids are exactly what the model sees at inference. Which tokens belong to an assistant reply (its text plus its
+The conversation is rendered once with the chat template and encoded once (one BOS: the tokenizer's, or the
+template's own where it writes one), so the ids are exactly what the model sees at inference. Which tokens belong to an assistant reply (its text plus its
 closing `</s>`) is read from the tokenizer's character offsets, never by encoding pieces separately: Mistral's
 tokenizer starts each text piece with "▁", so piecewise encoding would not reproduce the whole.
 The template's newline after the final `</s>` is not encoded: every sequence ends in `</s>`.
@@ -51,14 +51,14 @@ def encode_conversation(tok, messages, index=None, source=None, add_generation_p
     try:
         messages = template_messages(tok, messages, add_generation_prompt)
         text = render(messages, add_generation_prompt)
+        ends = [len(render(messages[:k + 1])) for k in range(len(messages))]  # where each message's text ends
     except jinja2.TemplateError as e:  # e.g. a template that wants strictly alternating turns
         raise BadRow(index, f"the chat template refused the conversation: {e}", source) from None
     eos = tok.eos_token
     if not add_generation_prompt and text.endswith(eos + "\n"):
         text = text[:-1]
     spans, start = [], 0  # character spans of assistant text + </s>
-    for k, m in enumerate(messages):
-        end = len(render(messages[:k + 1]))
+    for k, (m, end) in enumerate(zip(messages, ends)):
         if m["role"] == "assistant":
             at = text.find(m["content"] + eos, start, end)
             if at < 0:

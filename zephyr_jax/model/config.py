@@ -109,10 +109,9 @@ class MistralConfig:
         if unknown:
             raise ValueError(f"config.json has fields zephyr_jax does not know: {unknown}")
         fields = {**_HF_CLASS_DEFAULTS, **{k: d[k] for k in _HF_FIELDS if k in d}}
-        for nested in (params, rope):  # transformers>=5 reads the nested theta first
-            if "rope_theta" in nested:
-                fields["rope_theta"] = nested["rope_theta"]
-                break
+        nested = rope or params  # transformers>=5: a rope_scaling replaces rope_parameters; its theta comes first
+        if "rope_theta" in nested:
+            fields["rope_theta"] = nested["rope_theta"]
         for k in ("bos_token_id", "eos_token_id"):
             if isinstance(fields.get(k), list):
                 fields[k] = fields[k][0]
