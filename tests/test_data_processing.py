@@ -75,6 +75,10 @@ def test_other_templates_train_on_what_inference_renders(tok):
         m["content"] + "</s>" for m in DIALOGUE if m["role"] == "assistant"]
     with pytest.raises(BadRow, match="row 3: the chat template refused the conversation: Conversation roles must"):
         sft_example({"messages": [DIALOGUE[0]] + DIALOGUE}, 3, other)
+    other.chat_template = tok.chat_template + (  # accepts whole conversations only, not the prefixes read for the mask
+        "{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('must end with a reply') }}{% endif %}")
+    with pytest.raises(BadRow, match="row 4: the chat template refused the conversation: must end with a reply"):
+        sft_example({"messages": DIALOGUE}, 4, other)
     other.chat_template = "{{ bos_token }}" + tok.chat_template  # the Zephyr template, writing its own <s>
     assert list(sft_example({"messages": DIALOGUE}, 0, other).ids) == _whole_conversation_ids(tok, DIALOGUE)
 

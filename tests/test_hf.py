@@ -341,6 +341,8 @@ def test_a_parameter_that_does_not_divide_over_the_mesh_is_named_before_reading(
     with pytest.raises(ValueError, match=r"parameter embed_tokens \(128, 64\): its dimension of 128 does not divide "
                                          r"over mesh axes \('tensor',\) \(3 ways\); change the mesh shape \(1, 1, 3\)"):
         load(hf_dir[0], jnp.float32, mesh)
+    with pytest.raises(ValueError, match=r"mesh axes \['tensor'\], which the mesh \{'data': 1, 'fsdp': 3\} lacks"):
+        load(hf_dir[0], jnp.float32, Mesh(np.array(jax.devices()[:3]).reshape(1, 3), ("data", "fsdp")))
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
