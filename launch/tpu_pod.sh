@@ -4,8 +4,14 @@
 #   TPU_NAME=zephyr ZONE=us-central2-b ACCELERATOR=v4-64 launch/tpu_pod.sh create
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh install
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh run -- --config=configs/sft.py --workdir=/mnt/shared/sft
+#   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh logs | wait | stop
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh delete
 #
+# `run` shows every worker's output and returns with the job's exit status, but the job does not depend on the ssh
+# sessions: each worker's trainer runs in its own session (setsid, nohup; output in ~/zephyr_train.log), so a
+# dropped connection or a closed laptop leaves it training. Then `logs` follows worker 0's log again, `wait`
+# returns when every worker's trainer has exited (before starting dDPO on dSFT's workdir), and `stop` sends them
+# SIGTERM: the run saves a checkpoint at the same step everywhere and exits.
 # Every worker runs `python -m zephyr_jax.train --distributed ...`; jax.distributed.initialize() finds the other
 # workers through the TPU metadata. The workdir must be visible to every worker (Filestore/NFS, or GCSFuse).
 # The TPU VM images run Python 3.10 and current JAX needs 3.11: `install` makes a Python 3.11 environment with uv
@@ -22,6 +28,7 @@ esac
 VERSION=${VERSION:-$default_version}
 REPO=${REPO:-https://github.com/zephyr-jax/zephyr_jax.git}  # or your fork
 VENV=${VENV:-\$HOME/zephyr_venv}  # expanded on the workers
+LOG='$HOME/zephyr_train.log'  # each worker's trainer output (expanded on the workers)
 ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }
 
 case "${1:-}" in
@@ -35,11 +42,19 @@ case "${1:-}" in
     ssh_all "$(IFS=';'; echo "${steps[*]}")" ;;
   run)
     shift; [[ "${1:-}" == "--" ]] && shift
-    args=$(printf '%q ' "$@")
+    args=$(printf ' %q' "$@")
     # HF_TOKEN, WANDB_API_KEY etc. can be exported in the command below if needed.
-    ssh_all "cd zephyr_jax && $VENV/bin/python -m zephyr_jax.train --distributed $args" ;;
+    train="$VENV/bin/python -m zephyr_jax.train --distributed$args"
+    follow="pid=\$! && tail -n +1 -f --pid=\$pid $LOG && wait \$pid"  # its output, then its exit status
+    ssh_all "cd zephyr_jax && { setsid -w nohup $train >$LOG 2>&1 </dev/null & } && $follow" ;;
+  logs)
+    gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=0 --command "tail -n 100 -f $LOG" ;;
+  wait)  # [z]: the pattern must not match the remote shell's own command line, which holds it
+    ssh_all "while pgrep -f '[z]ephyr_jax.train --distributed' >/dev/null; do sleep 30; done" ;;
+  stop)
+    ssh_all "pkill -TERM -f '[z]ephyr_jax.train --distributed' || true" ;;
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)
-    echo "usage: launch/tpu_pod.sh create|install|run -- TRAIN_ARGS|delete" >&2; exit 2 ;;
+    echo "usage: launch/tpu_pod.sh create|install|run -- TRAIN_ARGS|logs|wait|stop|delete" >&2; exit 2 ;;
 esac

@@ -29,8 +29,15 @@ def test_tpu_pod_runs_the_training_command_on_every_worker(tmp_path):
     assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "zephyr"]
     assert "--worker=all" in argv and argv[argv.index("--zone") + 1] == "us-central2-b"
     command = argv[argv.index("--command") + 1]
-    assert command == ("cd zephyr_jax && $HOME/zephyr_venv/bin/python -m zephyr_jax.train --distributed "
-                       "--config=configs/dpo.py --workdir=/mnt/shared/dpo --config.model.path=/mnt/shared/sft\\ dir ")
+    # in a session of its own (a dropped ssh connection leaves it training), its output followed until it exits
+    assert command == ("cd zephyr_jax && { setsid -w nohup $HOME/zephyr_venv/bin/python -m zephyr_jax.train "
+                       "--distributed --config=configs/dpo.py --workdir=/mnt/shared/dpo "
+                       "--config.model.path=/mnt/shared/sft\\ dir >$HOME/zephyr_train.log 2>&1 </dev/null & } "
+                       "&& pid=$! && tail -n +1 -f --pid=$pid $HOME/zephyr_train.log && wait $pid")
+    for sub, remote in (("wait", "while pgrep -f '[z]ephyr_jax.train --distributed'"),
+                        ("stop", "pkill -TERM -f '[z]ephyr_jax.train --distributed'")):
+        out, argv = _tpu_pod(tmp_path, sub, TPU_NAME="zephyr", ZONE="us-central2-b")
+        assert out.returncode == 0 and "--worker=all" in argv and argv[argv.index("--command") + 1].startswith(remote)
     # install: a Python 3.11 environment (the TPU VM images run 3.10, which current JAX does not support)
     out, argv = _tpu_pod(tmp_path, "install", TPU_NAME="zephyr", ZONE="us-central2-b")
     command = argv[argv.index("--command") + 1]
