@@ -1,9 +1,10 @@
 """Chat conversations -> token ids, with a per-token mask of which tokens belong to assistant replies.
 
 The conversation is rendered once with the chat template and encoded once (one BOS: the tokenizer's, or the
-template's own where it writes one), so the ids are exactly what the model sees at inference. Which tokens belong to an assistant reply (its text plus its
-closing `</s>`) is read from the tokenizer's character offsets, never by encoding pieces separately: Mistral's
-tokenizer starts each text piece with "▁", so piecewise encoding would not reproduce the whole.
+template's own where it writes one), so the ids are exactly what the model sees at inference. Which tokens belong
+to an assistant reply (its text plus its closing `</s>`) is read from the tokenizer's character offsets, never by
+encoding pieces separately: Mistral's tokenizer starts each text piece with "▁", so piecewise encoding would not
+reproduce the whole.
 The template's newline after the final `</s>` is not encoded: every sequence ends in `</s>`.
 """
 
