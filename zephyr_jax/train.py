@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from zephyr_jax import checkpoint, hf, sharding
+from zephyr_jax import checkpoint, hf
 from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import parse_flags
 from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
@@ -39,7 +39,7 @@ from zephyr_jax.loading import is_workdir, load
 from zephyr_jax.losses import LOSS_TYPES
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.sharding import logical_to_spec, make_mesh, named, param_specs
+from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs
 from zephyr_jax.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def abstract_params(cfg, mcfg: MistralConfig, mesh):
     """(graphdef, parameter shapes and dtypes, their shardings on `mesh`): nothing is allocated."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(mcfg, rngs=nnx.Rngs(cfg.seed))))
     specs = param_specs(abstract, cfg.mesh.rules)
-    sharding.check_params_fit_mesh(abstract, specs, mesh)
+    check_params_fit_mesh(abstract, specs, mesh)
     return graphdef, abstract, named(mesh, specs)
 
 
