@@ -97,26 +97,32 @@ def with_system_message(messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": ""}, *messages]
 
 
-def template_messages(tok, messages: list[dict], add_generation_prompt: bool = False) -> list[dict]:
-    """The messages as the template renders them: with an empty system turn first when they have none (as the
-    Zephyr recipe trains), unless the template refuses a system turn (Mistral-Instruct's, Gemma's): as given."""
-    if messages and messages[0].get("role") == "system":
-        return list(messages)
-    try:
-        tok.apply_chat_template(with_system_message(messages), tokenize=False,
-                                add_generation_prompt=add_generation_prompt)
-        return with_system_message(messages)
-    except jinja2.TemplateError:
-        return list(messages)
+def render_template(tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[dict], str]:
+    """(the messages as the template renders them, its text): with an empty system turn first when they have
+    none (as the Zephyr recipe trains), unless the template refuses a system turn (Mistral-Instruct's, Gemma's):
+    as given."""
+    render = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not (messages and messages[0].get("role") == "system"):
+        try:
+            with_system = with_system_message(messages)
+            return with_system, render(with_system)
+        except jinja2.TemplateError:
+            pass
+    return list(messages), render(list(messages))
 
 
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as template text (template_messages: with an empty system turn where the template has
+    """The conversation as template text (render_template: with an empty system turn where the template has
     one)."""
-    return tok.apply_chat_template(template_messages(tok, messages, add_generation_prompt), tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
+    return render_template(tok, messages, add_generation_prompt)[1]
+
+
+def adds_bos(tok, text: str) -> bool:
+    """Whether encoding `text` takes the tokenizer's BOS: not when the text (a template that writes its own)
+    starts with one, so every sequence has exactly one."""
+    return not (tok.bos_token and text.startswith(tok.bos_token))
 
 
 def encode_text(tok, text: str) -> list[int]:
-    """Token ids with one BOS: the tokenizer's, unless the text (a template that writes its own) starts with it."""
-    return tok(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token))).input_ids
+    """Token ids with one BOS (adds_bos)."""
+    return tok(text, add_special_tokens=adds_bos(tok, text)).input_ids

@@ -14,7 +14,7 @@ import jinja2
 import numpy as np
 
 from zephyr_jax.data.errors import BadRow
-from zephyr_jax.tokenizer import template_messages
+from zephyr_jax.tokenizer import adds_bos, render_template
 
 ROLES = ("system", "user", "assistant")
 # Strings the tokenizer would read as control tokens if they appeared inside message text ("<unk>" is id 0: a
@@ -44,15 +44,14 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
 
 def encode_conversation(tok, messages, index=None, source=None, add_generation_prompt=False):
     """(ids int32 [L], assistant_mask bool [L]) for a checked conversation, rendered as inference renders it
-    (tokenizer.template_messages: an empty system turn inserted where the template has one; one BOS).
+    (tokenizer.render_template: an empty system turn inserted where the template has one; one BOS).
 
     assistant_mask marks each assistant reply's tokens and its closing `</s>`.
     """
-    render = lambda msgs, gen=False: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     try:
-        messages = template_messages(tok, messages, add_generation_prompt)
-        text = render(messages, add_generation_prompt)
-        ends = [len(render(messages[:k + 1])) for k in range(len(messages))]  # where each message's text ends
+        messages, text = render_template(tok, messages, add_generation_prompt)
+        # where each message's text ends
+        ends = [len(tok.apply_chat_template(messages[:k + 1], tokenize=False)) for k in range(len(messages))]
     except jinja2.TemplateError as e:  # e.g. a template that wants strictly alternating turns
         raise BadRow(index, f"the chat template refused the conversation: {e}", source) from None
     eos = tok.eos_token
@@ -66,8 +65,7 @@ def encode_conversation(tok, messages, index=None, source=None, add_generation_p
                 raise BadRow(index, f"the chat template did not render messages[{k}] verbatim", source)
             spans.append((at, at + len(m["content"]) + len(eos)))
         start = end
-    own_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)  # a template that writes its own
-    enc = tok(text, return_offsets_mapping=True, add_special_tokens=not own_bos)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=adds_bos(tok, text))
     ids = np.asarray(enc["input_ids"], np.int32)
     offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
     mask = np.zeros(len(ids), bool)
