@@ -176,16 +176,15 @@ def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print):
     return examples, counter
 
 
-def log_truncated(examples, args: dict, name: str, log: Callable = print) -> int:
+def log_truncated(examples, args: dict, name: str, log: Callable = print) -> None:
     """Says how many examples were cut to fit (data.too_long="truncate", and over-long DPO pairs): they train
-    on part of their row. Returns that count."""
+    on part of their row."""
     cut = sum(bool(e.truncated) for e in examples)
     if cut:
         how = ("the prompt from the left to max_prompt_length={max_prompt_length}, then the completions"
                if "max_prompt_length" in args else "from the right").format(**args)
         log(f"{cut} of {len(examples)} examples of {name} were longer than max_length={args['max_length']} and "
             f"were cut ({how})")
-    return cut
 
 
 def _cache_entry(data_cfg, stage, tok, which, rows, limit, args, log):
