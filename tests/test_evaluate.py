@@ -253,10 +253,37 @@ def test_lm_eval_adapter_numbers(model_dir):
     assert lm._sampling({"temperature": 0.7, "max_gen_toks": 4})[2] == 0.7
     assert lm._sampling({"temperature": 0.7, "do_sample": False, "max_gen_toks": 4})[2] == 0.0
     assert lm._sampling({"do_sample": True, "max_gen_toks": 4})[2] == 1.0  # lm-eval then gives no temperature
+    assert lm._sampling({"temperature": 0.0, "do_sample": False, "max_gen_toks": 4})[2] == 0.0
+    assert "temperature" not in lm._warned  # greedy tasks carry temperature 0.0: honoured, not "ignored"
     with pytest.raises(ValueError, match="max_gen_toks=64 must be below the model's max_length=64"):
         lm._sampling({"max_gen_toks": 64})
     with pytest.raises(ValueError, match="continuation of 70 tokens does not fit max_length=64"):
         lm._score_rows([([1] + [5] * 70, 70)])
+
+
+def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
+    """The same numbers as lm-eval's HFLM on the same weights, also where the tokenizer merges the context's end
+    with the continuation's start ("Hello" + "world", "It is" + "n't"): the scored tokens are the joint text's."""
+    pytest.importorskip("accelerate")  # HFLM's import; .ci/run installs it
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from zephyr_jax.lm_eval_adapter import ZephyrJaxLM
+
+    pairs = [("Hello", "world"), ("It is", "n't"), ("The sky is ", "blue"),
+             ("x =", "  42"), ("", "Hello world"), ("Long " * 80, " tail end")]
+    requests = [Instance("loglikelihood", {}, p, 0) for p in pairs]
+    reference = HFLM(pretrained=model_dir, backend="causal", dtype="float32", batch_size=4, max_length=64,
+                     device="cpu").loglikelihood(requests)
+    ours = ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64).loglikelihood(requests)
+    for pair, (want, want_greedy), (got, greedy) in zip(pairs, reference, ours):
+        assert got == pytest.approx(want, abs=1e-4), pair
+        assert greedy == want_greedy, pair
+    # Where the joint text has no more tokens than the context ("Fr" + "ance" is one token: HFLM asserts),
+    # the joint text is still what is scored, split before the first token that differs.
+    lm = ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64)
+    ctx, cont = lm._encode_pair("Paris is in Fr", "ance")
+    assert ctx + cont == lm.tok_encode("Paris is in France") and len(cont) >= 1
 
 
 def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):

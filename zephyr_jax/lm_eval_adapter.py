@@ -117,9 +117,10 @@ class ZephyrJaxLM(LM):
         return ([self.bos] if bos and ids[:1] != [self.bos] else []) + ids
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids): the two texts encoded together and split at the context's length,
-        so the continuation's tokens are those the model sees in the joint text. Spaces at the end of the
-        context move to the continuation (lm-eval's convention). An empty context becomes `<s>`."""
+        """(context ids, continuation ids) as lm-eval's HFLM splits them: the joint text's tokens after the
+        context's own token count, so the continuation's tokens are those the model sees in the joint text, also
+        where the tokenizer merges across the boundary ("It is" + "n't"). Spaces at the end of the context move
+        to the continuation (lm-eval's convention). An empty context becomes `<s>`."""
         stripped = context.rstrip()
         if len(stripped) < len(context):
             continuation, context = context[len(stripped):] + continuation, stripped
@@ -127,10 +128,13 @@ class ZephyrJaxLM(LM):
             return [self.bos], self.tok_encode(continuation, bos=False)
         whole = self.tok_encode(context + continuation)
         ctx = self.tok_encode(context)
-        cont = whole[len(ctx):]
-        if not cont or whole[:len(ctx)] != ctx:  # the joint encoding merged across the boundary
-            cont = self.tok_encode(continuation, bos=False)
-        return ctx, cont
+        if len(whole) > len(ctx):
+            return ctx, whole[len(ctx):]
+        # The merge swallowed the whole continuation into the context's last tokens (HFLM would score nothing):
+        # split the joint text where it stops agreeing with the context's own tokens, keeping one token to score.
+        k = next((i for i, (a, b) in enumerate(zip(whole, ctx)) if a != b), len(whole))
+        k = max(min(k, len(whole) - 1), 1)
+        return whole[:k], whole[k:]
 
     # --- scoring ----------------------------------------------------------------------------------------
 
@@ -205,7 +209,8 @@ class ZephyrJaxLM(LM):
         max_gen = kwargs.pop("max_gen_toks")
         if max_gen >= self.max_length:
             raise ValueError(f"max_gen_toks={max_gen} must be below the model's max_length={self.max_length}")
-        temperature = float(kwargs.pop("temperature", 1.0)) if _flag(kwargs.pop("do_sample")) else 0.0
+        temperature = float(kwargs.pop("temperature", 1.0))  # popped either way: greedy tasks carry 0.0
+        temperature = temperature if _flag(kwargs.pop("do_sample")) else 0.0
         top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
         ignored = sorted(set(kwargs) - self._warned)
         if ignored:  # num_beams, repetition_penalty, min_p, ...: said once, not silently dropped
