@@ -142,6 +142,19 @@ def test_a_reply_with_a_lone_surrogate_is_written_with_a_replacement_character(t
         assert ("k",) not in journal  # not counted as done when it could not be written
 
 
+def test_replies_with_unicode_line_separators_resume(tmp_path):
+    """U+2028, U+2029 and U+0085 stay unescaped in the journal's JSON: reading it back must not split lines
+    there (str.splitlines did, and every rerun was refused as a damaged journal)."""
+    from zephyr_jax.data.journal import Journal
+
+    text = "First line\u2028second\u2029third, and a NEL\x85here."
+    with Journal(tmp_path / "j.jsonl", {}) as journal:
+        journal.append(("k",), {"text": text})
+        journal.append(("k2",), {"text": "plain"})
+    with Journal(tmp_path / "j.jsonl", {}) as journal:
+        assert journal.resumed == 2 and journal.get(("k",)) == {"text": text}
+
+
 def test_one_run_per_journal(tmp_path):
     from zephyr_jax.data.journal import Journal, JournalInUse
 

@@ -92,7 +92,10 @@ class Journal:
         if whole < len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(whole)
-        for n, line in enumerate(data[:whole].decode("utf-8").splitlines(), 1):
+        # Split on b"\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which json.dumps with
+        # ensure_ascii=False leaves unescaped inside a reply's text.
+        for n, raw in enumerate(data[:whole].split(b"\n"), 1):
+            line = raw.decode("utf-8")
             if not line.strip():
                 continue
             try:
