@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from zephyr_jax.data.backends import CallableBackend, Reply
+from zephyr_jax.data.backends import Call, CallableBackend, Reply
 from zephyr_jax.data.dialogues import (Seed, SettingsMismatch, builtin_seeds, check_turn, load_seeds,
                                        looks_like_opening, make_dialogues, tidy_user_turn)
 
@@ -268,6 +268,39 @@ def test_seeds_from_files(tmp_path):
     for missing in ("missing.txt", "missing.jsonl"):
         with pytest.raises(FileNotFoundError, match=f"seeds file .*{missing}' does not exist"):
             load_seeds(tmp_path / missing)
+    # Rows given to make_dialogues as dicts are the rows of a seeds file: each material row draws its own
+    # question template (they all drew the first row's).
+    rows = [{"material": f"Passage {i} about gardens and bread."} for i in range(8)]
+    (tmp_path / "mat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from_file = load_seeds(tmp_path / "mat.jsonl", seed=7)
+    assert len({seed.text.replace(r["material"], "") for seed, r in zip(from_file, rows)}) > 1
+    openings = []
+    teacher = CallableBackend(lambda call: openings.append(call.messages[-1]["content"]) or "An answer.")
+    make_dialogues(rows, None, teacher, tmp_path / "out", min_turns=1, max_turns=1, seed=7, test_size=0,
+                   concurrency=1, log=lambda s: None)
+    assert openings == [seed.text for seed in from_file]
+    with pytest.raises(ValueError, match="concurrency=0"):
+        make_dialogues(rows, None, teacher, tmp_path / "out0", concurrency=0, log=lambda s: None)
+    with pytest.raises(ValueError, match="concurrency=0"):
+        CallableBackend(scripted_user, concurrency=0)
+
+
+def test_a_callable_backend_runs_concurrency_calls_at_once():
+    """Each sync call waits until all 12 are in flight: asyncio's shared default pool (min(32, CPUs + 4) threads,
+    6 on 2 cores) could never hold them all, so every call broke the barrier."""
+    import asyncio
+    import threading
+
+    barrier = threading.Barrier(12, timeout=20)
+    backend = CallableBackend(lambda call: str(barrier.wait()), concurrency=12)
+    calls = [backend.complete(Call(messages=[{"role": "user", "content": str(i)}])) for i in range(12)]
+
+    async def run_all():
+        return await asyncio.gather(*calls)
+
+    replies = asyncio.run(run_all())
+    backend.close()
+    assert [r.error for r in replies] == [None] * 12 and sorted(int(r.text) for r in replies) == list(range(12))
 
 
 # --------------------------------------------------------------------------------------- resume and settings

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import importlib
 import inspect
@@ -93,13 +94,16 @@ class Backend:
 
 
 class CallableBackend(Backend):
-    """A Python function `fn(call) -> str | Reply` (sync functions run in worker threads, `concurrency` at once).
-    An exception from `fn` becomes a failed Reply, counted, with the exception's text."""
+    """A Python function `fn(call) -> str | Reply` (sync functions run in this backend's own `concurrency` worker
+    threads: asyncio's shared default pool has min(32, CPUs + 4)). An exception from `fn` becomes a failed Reply,
+    counted, with the exception's text."""
 
     def __init__(self, fn: Callable, name: str | None = None, concurrency: int = 8):
         super().__init__()
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency={concurrency!r}: a callable backend needs at least 1 call at a time")
         self.fn, self.name = fn, name or getattr(fn, "__name__", "callable")
-        self.concurrency, self._limit, self._loop = concurrency, None, None
+        self.concurrency, self._limit, self._loop, self._threads = concurrency, None, None, None
 
     async def _complete(self, call: Call) -> Reply:
         loop = asyncio.get_running_loop()
@@ -110,7 +114,9 @@ class CallableBackend(Backend):
                 if inspect.iscoroutinefunction(self.fn):
                     out = await self.fn(call)
                 else:
-                    out = await asyncio.to_thread(self.fn, call)
+                    if self._threads is None:
+                        self._threads = concurrent.futures.ThreadPoolExecutor(self.concurrency, self.name)
+                    out = await loop.run_in_executor(self._threads, self.fn, call)
             except Exception as e:  # noqa: BLE001 - a broken call is recorded, the run goes on
                 return Reply(None, error=f"{type(e).__name__}: {e}")
         if isinstance(out, Reply):
@@ -118,6 +124,11 @@ class CallableBackend(Backend):
         if not isinstance(out, str):
             return Reply(None, error=f"{self.name} returned {type(out).__name__}, not str or Reply")
         return Reply(out, finish_reason="stop")
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+            self._threads = None
 
 
 class EngineBackend(Backend):

@@ -351,14 +351,15 @@ def load_seeds(source, *, split: str = "train", column: str | None = None, secto
     return seeds
 
 
-def as_seed(s) -> Seed:
-    """A Seed from a Seed, a string (opening or topic by `looks_like_opening`) or a dict row."""
+def as_seed(s, index: int = 0, seed: int = 0) -> Seed:
+    """A Seed from a Seed, a string (opening or topic by `looks_like_opening`) or a dict row (as row `index` of a
+    seeds file read with `seed`: a "material" row draws its question template from both, as load_seeds does)."""
     if isinstance(s, Seed):
         return s
     if isinstance(s, str):
         return Seed(s.strip(), "world", not looks_like_opening(s))
     if isinstance(s, dict):
-        return _row_seed(s, 0, "seed", None, None, 0)
+        return _row_seed(s, index, "seeds", None, None, seed)
     raise TypeError(f"a seed is a Seed, str or dict, not {type(s).__name__}")
 
 
@@ -618,6 +619,10 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     _check_test_size(test_size)
+    if concurrency < 1:  # a semaphore of 0 would wait forever, holding the journal's lock
+        raise ValueError(f"concurrency={concurrency}: at least 1 dialogue must be in flight")
+    if num_dialogues is not None and num_dialogues < 0:
+        raise ValueError(f"num_dialogues={num_dialogues} is negative")
     if mode == "magpie":
         if seeds or user not in (None, assistant):
             raise ValueError("magpie mode takes no seeds and no user backend: the assistant model writes the user "
@@ -630,7 +635,7 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
         magpie = MagpieTemplate(load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str)
                                 else tokenizer)
     else:
-        seeds = [as_seed(s) for s in seeds or ()]
+        seeds = [as_seed(s, i, seed) for i, s in enumerate(seeds or ())]
         if not seeds:
             raise ValueError("no seeds: pass seeds (see builtin_seeds / load_seeds)")
         user, magpie = user or assistant, None
