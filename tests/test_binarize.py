@@ -177,6 +177,20 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert list(train) == [r for i, r in enumerate(expected) if i not in test_positions]
     assert list(test) == [r for i, r in enumerate(expected) if i in test_positions]
 
+    # Bad input ends with one line naming it, not a traceback; a test split too large says why so few were kept.
+    for argv, message in (([f"--input={tmp_path / 'missing.jsonl'}"], "missing.jsonl"),
+                          ([f"--input={raw}", "--test_size=-1"], None), ([f"--input={raw}", "--test_size=9"], None)):
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, f"--output={tmp_path / 'bad'}"])
+        assert stop.value.code != 0 and (message is None or message in str(stop.value.code))
+    printed = capsys.readouterr()
+    assert "--test_size=-1 is negative" in printed.err and "must be below the 6 kept rows" in printed.err
+    assert "skipped 3 of 9 rows" in printed.out  # the summary before the refusal
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(fixture_rows()[0]) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2"):
+        main([f"--input={bad}", f"--output={tmp_path / 'bad'}"])
+
 
 # --------------------------------------------------------------------------------------------- property
 

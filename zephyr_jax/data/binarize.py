@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import sys
 from pathlib import Path
 
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
@@ -223,15 +224,21 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.output.endswith((".jsonl", ".json")):
         p.error("--output is a directory (it receives train_prefs.jsonl and test_prefs.jsonl)")
+    if args.test_size < 0:
+        p.error(f"--test_size={args.test_size} is negative")
 
     from zephyr_jax.data.sources import load_rows
 
-    rows = load_rows(args.input, args.split, data_dir=args.data_dir)
     name = f"{args.input}:{args.split}"
     counter = SkipCounter(name)
-    kept = binarize(rows, rank_by=args.rank_by, seed=args.seed, counter=counter, source=name, progress=True,
-                    drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else ())
-    if not 0 <= args.test_size < len(kept):
+    try:  # a missing file or a malformed one ends with its message (file and line), not a traceback
+        rows = load_rows(args.input, args.split, data_dir=args.data_dir)
+        kept = binarize(rows, rank_by=args.rank_by, seed=args.seed, counter=counter, source=name, progress=True,
+                        drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else ())
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if args.test_size >= len(kept):
+        print(counter.summary())  # why so few were kept
         p.error(f"--test_size={args.test_size} must be below the {len(kept)} kept rows")
     train, test = write_splits(kept, args.output, args.test_size, args.seed)
     print(counter.summary())
