@@ -182,6 +182,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(body={**chat, "frequency_penalty": 2}), 400, "frequency_penalty"),
         (dict(body={**chat, "response_format": {"type": "json_object"}}), 400, "response_format"),
         (dict(body={**chat, "top_logprobs": 2}), 400, "top_logprobs"),
+        # Fields this server does not read (vLLM's sampling options, a typo) are refused, never ignored.
+        (dict(body={**chat, "min_tokens": 12}), 400, "min_tokens"),
+        (dict(body={**chat, "include_stop_str_in_output": True}), 400, "include_stop_str_in_output"),
+        (dict(body={**chat, "temprature": 0.2}), 400, "temprature"),
+        (dict(body={**chat, "echo": True}), 400, "echo"),  # a completions field
     ]
     for kwargs, status, param in cases:
         r = _post(base, "/v1/chat/completions", kwargs.get("body"), kwargs.get("key", KEY), kwargs.get("raw"))
@@ -189,6 +194,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         error = r.json()["error"]
         assert error["message"] and error["type"] and error["param"] == param, r.text
     assert _post(base, "/v1/completions", {"model": NAME, "prompt": [[5, 99999]]}).status_code == 400
+    for prompt in ([True, False], ["a", [1, 2]], [[1, 2], "a"]):  # JSON booleans are not token ids; no mixing
+        assert _post(base, "/v1/completions", {"model": NAME, "prompt": prompt}).json()["error"]["param"] == "prompt"
+    assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "min_p": 0.1}).status_code == 400
+    assert _post(base, "/v1/chat/completions", {**chat, "user": "u1", "metadata": {"k": "v"}}).status_code == 200
     # More sequences than slots + queue (4 + 4) can never be held: 400, not a 429 asking to retry.
     many = _post(base, "/v1/completions", {"model": NAME, "prompt": ["a", "b", "c"], "n": 3})
     assert many.status_code == 400 and many.json()["error"]["param"] == "prompt", many.text

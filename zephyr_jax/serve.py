@@ -7,9 +7,10 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template; `stream` gives
 server-sent events ending in `data: [DONE]`), POST /v1/completions (a prompt as text or token ids, one or a
 list; `echo` and `logprobs` score the prompt, as lm-eval's local-completions uses them). Every response has
-`usage` (each prompt counted once). Log-prob token strings join to the text (each token read in context).
-Errors are OpenAI-shaped ({"error": {"message", "type", "param", "code"}}): 400 for a bad request (a field this
-server does not implement, such as frequency_penalty or response_format, included: it is not silently ignored),
+`usage` (each prompt counted once). Log-prob token strings join to the text (each token read in context; a stop
+string's tokens are listed too, as vLLM does). Errors are OpenAI-shaped ({"error": {"message", "type", "param",
+"code"}}): 400 for a bad request (a field this server does not read, such as frequency_penalty, response_format or
+vLLM's min_p, included: it is not silently ignored; FIELDS and IGNORED list what is read and what is metadata),
 401 without the --api-key, 429 (with Retry-After) when the queue is full: a request is accepted only when
 the engine can hold it. Streamed deltas are taken on the engine's thread, where a reply is not changing. A
 client that disconnects cancels its request and frees its slot. One log line per request: id, prompt and
@@ -95,10 +96,23 @@ UNSUPPORTED = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "rep
                "tool_choice": ("none",), "best_of": (1,), "suffix": ("",)}
 
 
-def check_supported(body: dict) -> None:
+# The fields each endpoint reads; any other (vLLM's min_p, min_tokens, guided_json, ...) is a 400, since a reply
+# that silently ignored it would not be what the client asked for. IGNORED: metadata that changes no reply.
+SAMPLING_FIELDS = {"model", "n", "seed", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "ignore_eos",
+                   "max_tokens", "max_completion_tokens", "logprobs", "stream"}
+FIELDS = {"chat": SAMPLING_FIELDS | {"messages", "top_logprobs", "stream_options"},
+          "completions": SAMPLING_FIELDS | {"prompt", "echo"}}
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+
+
+def check_supported(body: dict, endpoint: str) -> None:
     for name, neutral in UNSUPPORTED.items():
         if body.get(name) is not None and body[name] not in neutral:
             raise ApiError(400, f"'{name}' is not supported by this server", name)
+    unknown = sorted(set(body) - FIELDS[endpoint] - IGNORED - set(UNSUPPORTED))
+    if unknown:
+        raise ApiError(400, f"'{unknown[0]}' is not supported by this server's /v1/{endpoint} (it reads "
+                            f"{', '.join(sorted(FIELDS[endpoint]))})", unknown[0])
 
 
 def sampling_params(body: dict, *, max_tokens: int, logprobs: int | None = None,
@@ -239,12 +253,14 @@ class Server:
         """OpenAI's `prompt`: a string, a list of strings, a list of token ids, or a list of lists of them."""
         prompt = body.get("prompt")
         vocab = self.engine.config.vocab_size
+        is_id = lambda t: isinstance(t, int) and not isinstance(t, bool)  # JSON true is not token 1
         if isinstance(prompt, str):
             prompt = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(is_id(t) for t in prompt):
             prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt:
-            raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", "prompt")
+        if not isinstance(prompt, list) or not prompt or len({type(p) for p in prompt}) > 1:
+            raise ApiError(400, "'prompt' must be a string, a list of strings, token ids, or a list of token id "
+                                "lists", "prompt")
         out = []
         for p in prompt:
             if isinstance(p, str):
@@ -252,7 +268,7 @@ class Server:
                     raise ApiError(400, "'prompt' is empty", "prompt")
                 _check_unicode(p, "'prompt'", "prompt")
                 out.append(encode_text(self.tokenizer, p))  # one BOS, as the model was trained
-            elif isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < vocab for t in p):
+            elif isinstance(p, list) and p and all(is_id(t) and 0 <= t < vocab for t in p):
                 out.append(list(p))
             else:
                 raise ApiError(400, f"'prompt' token ids must be non-empty lists of ints in [0, {vocab})", "prompt")
@@ -376,7 +392,7 @@ def create_app(server: Server):
             if not r.done.is_set():
                 server.engine.cancel(r)
 
-    async def body_of(request: HttpRequest) -> dict:
+    async def body_of(request: HttpRequest, endpoint: str) -> dict:
         authorize(request)
         try:
             body = json.loads(await request.body())
@@ -385,7 +401,7 @@ def create_app(server: Server):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         server.check_model(body)
-        check_supported(body)
+        check_supported(body, endpoint)
         return body
 
     @app.get("/health")
@@ -448,7 +464,7 @@ def create_app(server: Server):
 
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
-        body = await body_of(http)
+        body = await body_of(http, "chat")
         prompt = server.chat_prompt(body)
         top = _field(body, "top_logprobs", int, None, low=0, high=TOP_LOGPROBS)
         want = _field(body, "logprobs", bool, False)
@@ -523,7 +539,7 @@ def create_app(server: Server):
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        body = await body_of(http)
+        body = await body_of(http, "completions")
         prompts = server.completion_prompts(body)
         echo = _field(body, "echo", bool, False)
         logprobs = _field(body, "logprobs", int, None, low=0, high=5)
