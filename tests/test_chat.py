@@ -16,14 +16,14 @@ def model_dir(tiny_model_dir):
     return tiny_model_dir
 
 
-def test_streamed_reply_equals_batched_greedy(model_dir):
+def test_streamed_reply_equals_batched_greedy(model_dir, capsys):
     """What the chat prints, piece by piece, is generate()'s greedy reply to the same conversation."""
     import io
 
     from zephyr_jax.chat import reply
     from zephyr_jax.engine import Engine
     from zephyr_jax.generate import generate
-    from zephyr_jax.tokenizer import tokenizer_for
+    from zephyr_jax.tokenizer import encode_text, render_chat, tokenizer_for
 
     model, tok = load(model_dir, "float32"), tokenizer_for(model_dir)
     messages = [{"role": "user", "content": "Hello, who are you?"}]
@@ -39,6 +39,12 @@ def test_streamed_reply_equals_batched_greedy(model_dir):
                  temperature=0.0)
     assert text == generate(model, tok, [messages], max_new_tokens=12)[0]
     assert screen.getvalue() == text + "\n" and len([p for p in pieces if p]) > 2  # it streamed
+    # Near the context's end the reply is shorter than asked, and the chat says so.
+    prompt = encode_text(tok, render_chat(tok, messages, add_generation_prompt=True))
+    cut = reply(Engine(model, tok, max_slots=1, max_length=len(prompt) + 5), tok, messages, io.StringIO(),
+                max_new_tokens=12, temperature=0.0)
+    assert cut == generate(model, tok, [messages], max_new_tokens=5)[0]
+    assert f"room for 5 tokens of the context's {len(prompt) + 5}" in capsys.readouterr().err
 
 
 def _chat(model_dir, *args, stdin=None):

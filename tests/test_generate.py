@@ -259,6 +259,9 @@ def test_stop_token_ids_and_stop_strings_end_a_reply(small):
 def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
     _, model = small
     engine = Engine(model, max_slots=1, max_length=64, max_queue=1, eos_id=None)
+    trained = model.config.max_position_embeddings  # a longer cache is allowed, as in transformers, but said
+    with pytest.warns(UserWarning, match=f"max_length={trained + 16} is above the model's max_position_embeddings"):
+        Engine(model, max_slots=1, max_length=trained + 16)
     with pytest.raises(ValueError, match="exceed the context of 64"):
         engine.submit(Request([5] * 60, SamplingParams(max_tokens=8)))
     for bad, name in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),

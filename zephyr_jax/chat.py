@@ -20,11 +20,15 @@ from zephyr_jax.tokenizer import encode_text, render_chat, tokenizer_for
 
 def reply(engine: Engine, tok, messages, out=sys.stdout, *, max_new_tokens: int, temperature: float = 0.7,
           top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
-    """Streams the assistant's reply to `out` as the engine produces it, and returns it."""
+    """Streams the assistant's reply to `out` as the engine produces it, and returns it. Near the end of the
+    context the reply gets the room left (said on stderr when that is below max_new_tokens)."""
     prompt = encode_text(tok, render_chat(tok, messages, add_generation_prompt=True))
     room = engine.max_length - len(prompt)
     if room < 1:
         raise ValueError(f"the conversation has {len(prompt)} tokens, the context {engine.max_length}: /reset it")
+    if room < max_new_tokens:
+        print(f"(the reply has room for {room} tokens of the context's {engine.max_length}: /reset for more)",
+              file=sys.stderr)
     params = SamplingParams(max_tokens=min(max_new_tokens, room), temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed)
 

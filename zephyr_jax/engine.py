@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import itertools
 import threading
+import warnings
 import time
 from typing import Callable
 
@@ -226,6 +227,9 @@ class Engine:
         self.prefill_chunk = _bucket(prefill_chunk, 16, prefill_chunk)
         # A chunk's bucket may run past the cache's end: those padding positions' writes are dropped.
         self.max_length = int(max_length or min(cfg.max_position_embeddings, 4096))
+        if self.max_length > cfg.max_position_embeddings:  # allowed (as in transformers), but said
+            warnings.warn(f"Engine max_length={self.max_length} is above the model's max_position_embeddings="
+                          f"{cfg.max_position_embeddings}: positions past it were never trained", stacklevel=2)
         self.max_queue = max_queue
         eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos_id = None if eos is None else int(eos)

@@ -29,6 +29,7 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], tokenizer
         return []
     longest = max(len(p) + s.max_tokens for p, s in zip(prompts, params))
     if max_length is None:  # rounded up, as the slots are: the cache's shape, and so the compiled calls, repeat
+        # (never past max_position_embeddings unless a prompt and its reply need it: then the Engine warns)
         max_length = max(longest, min(-(-longest // LENGTH_STEP) * LENGTH_STEP, model.config.max_position_embeddings))
     slots = min(max_slots, 1 << (len(prompts) - 1).bit_length())
     engine = Engine(model, tokenizer, max_slots=slots, max_length=max_length, eos_id=eos_id, **engine_options)
