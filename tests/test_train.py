@@ -120,7 +120,7 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     assert not any((tmp_path / d).exists() for d in "abcdefghij")  # refused before the workdir was made
 
 
-def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path):
+def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path, capsys):
     """Another stage or batch size over a workdir's checkpoints is refused (it resumed silently and wrong, and
     rotated the other run's checkpoints away); a dDPO run keeps the SFT step it started from, also when its SFT
     workdir has gained a later checkpoint since."""
@@ -143,8 +143,16 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
     first = json.loads(open(os.path.join(dpo, "metrics.jsonl")).readline())  # policy == reference at step 1
     assert abs(first["rewards/margins"]) < 1e-6 and abs(first["loss"] - np.log(2)) < 1e-5
     train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.eval_every": 0}), sft)  # SFT goes on
-    train.run(dpo_cfg(2), dpo)  # resumes from the SFT step it started from, with its cached reference
+    other_beta = dpo_cfg(2)
+    other_beta.dpo.beta = 0.2
+    capsys.readouterr()
+    train.run(other_beta, dpo)  # resumes from the SFT step it started from, with its cached reference
+    assert "dpo changed" in capsys.readouterr().out  # a new beta is allowed, and said
     assert json.load(open(os.path.join(dpo, "config.json")))["model"]["step"] == 3
+    reference_free = dpo_cfg(3)
+    reference_free.dpo.reference_free = True  # another objective: not a continuation of the run
+    with pytest.raises(ValueError, match="dpo.reference_free: False -> True"):
+        train.run(reference_free, dpo)
     assert len(os.listdir(os.path.join(dpo, "reference_logps"))) == 2  # train + eval: no reference of step 6
     # Started afresh in the same workdir, it takes the SFT workdir's latest step (6), and a reference of step 6
     # (the cache was keyed by "latest" and served step 3's log-probs: margins 0.0017 at step 1).
@@ -377,6 +385,51 @@ def test_the_sigterm_flag_is_set_inside_the_loop_and_the_old_handler_returns_aft
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_error_in_the_loop_still_commits_the_checkpoint_being_saved(data_dir, tmp_path, monkeypatch):
+    """The batch after an asynchronous save fails: the save is finished, not left as a -tmp directory."""
+    import zephyr_jax.data.loader as loader_module
+
+    real_next, calls = loader_module.Loader.__next__, []
+
+    def failing_next(self):
+        calls.append(1)
+        if len(calls) == 5:  # the batch of step 5, built while step 4 runs, right after step 4's save began
+            raise RuntimeError("a bad batch")
+        return real_next(self)
+
+    monkeypatch.setattr(loader_module.Loader, "__next__", failing_next)
+    workdir = tmp_path / "w"
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 4,
+                                                  "train.eval_every": 0}), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
+
+
+def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caught(data_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A preemption noticed at an eval step saves at once (a grace period spent on an eval may end in SIGKILL
+    before the save), and the save is committed while the loop's SIGTERM handler is still in place (a second
+    SIGTERM used to kill the commit)."""
+    real_manager, handlers = checkpoint.manager, []
+
+    def manager(*args, **kwargs):
+        mngr = real_manager(*args, **kwargs)
+        mngr.reached_preemption = lambda step: step == 3
+        real_wait = mngr.wait_until_finished
+        mngr.wait_until_finished = lambda: handlers.append(signal.getsignal(signal.SIGTERM)) or real_wait()
+        return mngr
+
+    evals = []
+    monkeypatch.setattr(train.checkpoint, "manager", manager)
+    monkeypatch.setattr(train, "eval_metrics", lambda *a, **kw: evals.append(a) or {})
+    workdir = tmp_path / "w"
+    outside = signal.getsignal(signal.SIGTERM)
+    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0, "train.eval_every": 3}),
+              str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"] and evals == []
+    assert handlers[0] is not outside and signal.getsignal(signal.SIGTERM) is outside
 
 
 # --- DPO reference modes, NaN. ---

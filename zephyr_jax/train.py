@@ -92,8 +92,12 @@ def check_buckets(cfg) -> None:
 RESUME_KEYS = ("stage", "seed", "tokenizer", "model.init", "model.path", "model.step", "model.arch",
                "data.train", "data.train_split", "data.max_train_examples", "data.max_length",
                "data.max_prompt_length", "data.packing", "data.pack_window", "data.packed_rows", "data.loss_on",
-               "data.too_long", "train.global_batch_size")
-RESIZING_KEYS = ("train.max_steps", "train.num_epochs", "optim")  # allowed (more steps, a lower lr), and said
+               "data.too_long", "train.global_batch_size", "dpo.reference_free")
+# Allowed (more steps, a lower lr, another beta), and said with what follows from the change.
+RESIZING_KEYS = {"train.max_steps": "the learning-rate schedule follows the new values from here on",
+                 "train.num_epochs": "the learning-rate schedule follows the new values from here on",
+                 "optim": "the learning-rate schedule follows the new values from here on",
+                 "dpo": "the DPO loss follows the new values from here on"}
 
 
 def _setting(tree: dict, key: str):
@@ -124,10 +128,9 @@ def resume_settings(cfg, workdir: str) -> None:
         raise ValueError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
                          "not continue it. Changed: " + "; ".join(changed) + ". Use another --workdir, or the "
                          "settings of that run.")
-    for k in RESIZING_KEYS:
+    for k, consequence in RESIZING_KEYS.items():
         if _setting(saved, k) not in ("<absent>", _setting(new, k)) and jax.process_index() == 0:
-            print(f"resuming {workdir} with {k} changed ({_setting(saved, k)} -> {_setting(new, k)}): the "
-                  "learning-rate schedule follows the new values from here on")
+            print(f"resuming {workdir} with {k} changed ({_setting(saved, k)} -> {_setting(new, k)}): {consequence}")
 
 
 def effective_remat(cfg) -> str:
@@ -500,40 +503,47 @@ def run(cfg, workdir: str) -> dict:
         return place(local, sharding, train_rows, info.rows), info, loader.state()
 
     last_eval, preempted = {}, False
-    with _sigterm_flag() as sigterm, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
-        upcoming = prefetch.submit(next_batch)
-        while step < total_steps:
-            batch, info, position = upcoming.result()
-            with jax.set_mesh(mesh):
-                state, metrics = train_step(state, batch, reference)
-            step += 1
-            if step < total_steps:
-                upcoming = prefetch.submit(next_batch)
-            log.add(step, metrics, info, epoch=position["epoch"])
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                log.write()
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                with log.paused():
-                    last_eval = evaluate(step)
-            # Preemption: every process sees the same answer at the same step (orbax over JAX's preemption sync
-            # manager when jax.distributed runs; this process's own SIGTERM flag when it runs alone).
-            preempted = mngr.reached_preemption(step) or sigterm["now"]
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
-                with log.paused():
-                    log.check_finite()  # never save a step whose loss went bad
-                    checkpoint.save(mngr, state, {"loader": position})
-            if preempted:
-                log.write()
-                print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
-                break
-    bar.close()
-    mngr.wait_until_finished()  # the last save is committed before the final eval, which SIGTERM no longer stops
-    if not preempted and step == total_steps:
-        last_eval = evaluate(step)
-        print("eval:", json.dumps({k: round(v, 5) for k, v in last_eval.items()}))
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    try:
+        with _sigterm_flag() as sigterm, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+            upcoming = prefetch.submit(next_batch)
+            while step < total_steps:
+                batch, info, position = upcoming.result()
+                with jax.set_mesh(mesh):
+                    state, metrics = train_step(state, batch, reference)
+                step += 1
+                if step < total_steps:
+                    upcoming = prefetch.submit(next_batch)
+                log.add(step, metrics, info, epoch=position["epoch"])
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    log.write()
+                # Preemption: every process sees the same answer at the same step (orbax over JAX's preemption
+                # sync manager when jax.distributed runs; this process's own SIGTERM flag when it runs alone).
+                # Asked before the eval, so a preempted run spends its grace period saving, not evaluating.
+                preempted = mngr.reached_preemption(step) or sigterm["now"]
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps and not preempted:
+                    with log.paused():
+                        last_eval = evaluate(step)
+                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
+                    with log.paused():
+                        log.check_finite()  # never save a step whose loss went bad
+                        checkpoint.save(mngr, state, {"loader": position})
+                if preempted:
+                    log.write()
+                    print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
+                    break
+            bar.close()
+            # The last save is committed while SIGTERM is still caught (a second one would cut the commit short)
+            # and before the final eval, which SIGTERM no longer stops.
+            mngr.wait_until_finished()
+        if not preempted and step == total_steps:
+            last_eval = evaluate(step)
+            print("eval:", json.dumps({k: round(v, 5) for k, v in last_eval.items()}))
+    finally:
+        # Also when the loop raised (a bad batch, an out-of-memory on a new shape, Ctrl-C): a checkpoint still
+        # being written is finished, not left as a .orbax-checkpoint-tmp directory.
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
     return last_eval
 
 
