@@ -16,6 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from zephyr_jax.model import MistralConfig
 
@@ -64,7 +65,9 @@ def _stacked_path(path: tuple) -> tuple[tuple, int | None]:
 def _restore_item(mngr, step: int, item: str, target):
     """One item (params or opt_state) restored onto `target` (abstract arrays with shardings). A legacy item
     (per-layer subtrees) is read in its saved layout, each layer onto its slice's sharding, then stacked."""
-    saved = ocp.StandardCheckpointer().metadata(os.path.join(mngr.directory, str(step), item)).item_metadata
+    # The item's handler, not a StandardCheckpointer: that looks for the step's _CHECKPOINT_METADATA inside the
+    # item's directory and warns "Metadata file does not exist" on every load.
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(mngr.directory) / str(step) / item)
     saved = saved.tree if hasattr(saved, "tree") else saved
     saved_leaves = {tuple(map(_key, p)): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
     if not any(_stacked_path(p)[1] is not None for p in saved_leaves):
