@@ -133,6 +133,9 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
             train.run(tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, **change}), sft)
     with pytest.raises(ValueError, match="stage: 'sft' -> 'dpo'"):
         train.run(tiny_config("dpo", data_dir), sft)
+    # The same data folder written another way is the same run.
+    train.resume_settings(tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0,
+                                                          "data.train": str(data_dir / "sft") + "/"}), sft)
     assert sorted(checkpoint.manager(sft).all_steps()) == [3]
 
     dpo_cfg = lambda steps: tiny_config("dpo", data_dir, **{  # noqa: E731

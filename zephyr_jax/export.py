@@ -85,7 +85,8 @@ def cli(argv=None):
     parser.add_argument("--workdir", required=True, help="training workdir (checkpoints/, model_config.json)")
     parser.add_argument("--out", required=True, help="output Hugging Face directory")
     parser.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
-    parser.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                        help="dtype of the saved weights")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir/hub name (default: the training config's)")
     args = parser.parse_args(argv)

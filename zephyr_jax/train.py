@@ -121,8 +121,12 @@ def resume_settings(cfg, workdir: str) -> None:
     new = json.loads(cfg.to_json_best_effort())
     if cfg.model.step == -1 and isinstance(_setting(saved, "model.step"), int):
         cfg.model.step = new["model"]["step"] = saved["model"]["step"]
+    def same(k, old, now):  # "/x/sft/" names the data "/x/sft" does
+        paths = k in ("data.train", "model.path") and isinstance(old, str) and isinstance(now, str)
+        return old == now or (paths and "://" not in old and os.path.normpath(old) == os.path.normpath(now))
+
     changed = [f"{k}: {_setting(saved, k)!r} -> {_setting(new, k)!r}" for k in RESUME_KEYS
-               if _setting(saved, k) not in ("<absent>", _setting(new, k))
+               if _setting(saved, k) != "<absent>" and not same(k, _setting(saved, k), _setting(new, k))
                and not (k == "model.arch" and cfg.model.init != "random")]
     if changed:
         raise ValueError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
