@@ -1,11 +1,12 @@
-"""Wall time and peak host memory of zephyr_jax.load and hf.save_pretrained on a ~1 GB checkpoint.
+"""Wall time and peak host memory of loading.load_model (zephyr_jax.load without the tokenizer) and
+hf.save_pretrained on a ~1 GB checkpoint.
 
     python bench/convert_checkpoint.py [--size-gb 1.0] [--dtype bfloat16] [--out DIR] [--shard-size 300MB]
                                        [--fsdp N]   # load onto N simulated CPU devices, FSDP-sharded
 
 Writes a synthetic Mistral-shaped checkpoint in HF layout (hidden 2048, intermediate 5632, 16 heads, 4 KV
 heads, vocab 32000, as many layers as fit --size-gb), sharded, with plain numpy + safetensors (no torch), then
-runs a fresh Python process that loads it with zephyr_jax.load in the checkpoint's dtype and saves it again
+runs a fresh Python process that loads it with load_model in the checkpoint's dtype and saves it again
 with hf.save_pretrained, measuring each step. The re-saved tensors are compared byte for byte with the source.
 
 Memory, per step, in the measuring process:
@@ -202,13 +203,13 @@ def child(ckpt: str, resaved: str, dtype: str, shard_size: str, devices: str):
     import jax.numpy as jnp
 
     from zephyr_jax import hf
-    from zephyr_jax.loading import load
+    from zephyr_jax.loading import load_model
     from zephyr_jax.sharding import make_mesh
 
     jnp.zeros(1).block_until_ready()  # bring the CPU backend up: part of the baseline
     # FSDP over a (1, devices, 1) mesh, each parameter on its NamedSharding from the model's logical axes.
     mesh = make_mesh((1, int(devices), 1), jax.devices()[:int(devices)]) if int(devices) > 1 else None
-    model, load_s, load_mem = measure(lambda: load(ckpt, dtype, mesh))
+    model, load_s, load_mem = measure(lambda: load_model(ckpt, dtype, mesh))
     _, save_s, save_mem = measure(lambda: hf.save_pretrained(model, resaved, max_shard_size=shard_size))
     print(json.dumps({"load_s": load_s, "load": load_mem, "save_s": save_s, "save": save_mem,
                       "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from zephyr_jax import load  # noqa: E402
+from zephyr_jax.loading import load_model  # noqa: E402
 from zephyr_jax.generate import generate_ids  # noqa: E402
 from zephyr_jax.model import attention  # noqa: E402
 
@@ -140,11 +140,11 @@ def check_logits_and_generation(device: str, new_tokens: int) -> None:
     assert ref.std() > 0.3, "reference logits nearly constant: the comparison would say little"
 
     with jax.default_matmul_precision("highest"):
-        ours32 = load(path, "float32", attention_impl="xla")
+        ours32 = load_model(path, "float32", attention_impl="xla")
         logits32 = np.asarray(jax.jit(lambda i: ours32(i))(jnp.asarray(ids, jnp.int32)))
     record("logits float32 vs transformers float32: max |diff|", np.abs(logits32 - ref).max(), FP32_MAX_DIFF)
 
-    ours16 = load(path, "bfloat16", param_dtype="float32")  # training's layout: float32 weights, bf16 compute
+    ours16 = load_model(path, "bfloat16", param_dtype="float32")  # training's layout: float32 weights, bf16 compute
     graphdef, state = nnx.split(ours16)
 
     @jax.jit
@@ -188,7 +188,7 @@ def check_logits_and_generation(device: str, new_tokens: int) -> None:
     same = sum(a == b for a, b in zip(ours, theirs))
     record(f"greedy {new_tokens} tokens float32, prompts equal to transformers'", same, None, same == len(prompts),
            f"{same}/{len(prompts)} prompts")
-    ours_bf16 = generate_ids(load(path, "bfloat16"), prompts, max_new_tokens=new_tokens)
+    ours_bf16 = generate_ids(load_model(path, "bfloat16"), prompts, max_new_tokens=new_tokens)
     agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), new_tokens) for x, y in zip(ours_bf16, theirs)]
     record("(info) greedy bf16: tokens equal before the first difference", min(agree), None, True,
            f"per prompt {agree} of {new_tokens}")

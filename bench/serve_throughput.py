@@ -190,10 +190,9 @@ def bench_static(model_dir: str, loads, warmups: int) -> list[dict]:
     import zephyr_jax
     from zephyr_jax.engine import SamplingParams
     from zephyr_jax.generate import run
-    from zephyr_jax.tokenizer import load_tokenizer, render_chat
+    from zephyr_jax.tokenizer import render_chat
 
-    model = zephyr_jax.load(model_dir, dtype="float32")
-    tok = load_tokenizer(model_dir)
+    model, tok = zephyr_jax.load(model_dir, dtype="float32")
     encode = lambda p: tok(render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)).input_ids
     def serve(clients, requests):
         prompts = [encode(p) for p, _ in requests]

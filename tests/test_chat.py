@@ -23,9 +23,9 @@ def test_streamed_reply_equals_batched_greedy(model_dir, capsys):
     from zephyr_jax.chat import reply
     from zephyr_jax.engine import Engine
     from zephyr_jax.generate import generate
-    from zephyr_jax.tokenizer import encode_text, render_chat, tokenizer_for
+    from zephyr_jax.tokenizer import encode_text, render_chat
 
-    model, tok = load(model_dir, "float32"), tokenizer_for(model_dir)
+    model, tok = load(model_dir, "float32")
     messages = [{"role": "user", "content": "Hello, who are you?"}]
     pieces = []
 

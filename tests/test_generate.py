@@ -12,9 +12,9 @@ import torch
 from flax import nnx
 
 from tests.torch_reference import save_torch, torch_mistral
-import zephyr_jax
 from zephyr_jax.engine import Engine, QueueFull, Request, SamplingParams
 from zephyr_jax.generate import generate_ids
+from zephyr_jax.loading import load_model
 from zephyr_jax.model import KVCache, MistralConfig, kv_cache
 from zephyr_jax.sampling import sample
 
@@ -49,7 +49,7 @@ def _hf_greedy(tm, prompt, new_tokens=NEW_TOKENS):
 def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path, fields, lengths, heads_first):
     # A sharper output distribution keeps greedy choices away from near-ties, where float rounding could flip one.
     tm = torch_mistral(seed=len(lengths) + lengths[0], initializer_range=0.2, **fields)
-    model = zephyr_jax.load(save_torch(tm, tmp_path), dtype="float32")
+    model = load_model(save_torch(tm, tmp_path), dtype="float32")
     prompts = _prompts(lengths[0], lengths)
     budgets = [NEW_TOKENS, 12, NEW_TOKENS, 25]  # the short second reply frees its slot while the first decodes
     engine = Engine(model, max_slots=2, max_length=96, prefill_chunk=16, decode_steps=4, eos_id=EOS,
@@ -91,7 +91,7 @@ def test_cache_writes_land_at_their_row_and_position_padding_is_dropped_and_read
 def test_prefill_and_decode_through_the_cache_equal_one_forward_pass(tmp_path, heads_first):
     """with_cache in chunks and one token at a time, into arbitrary cache rows, gives the full pass's logits."""
     tm = torch_mistral(num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
-    model = zephyr_jax.load(save_torch(tm, tmp_path), dtype="float32")
+    model = load_model(save_torch(tm, tmp_path), dtype="float32")
     ids = jnp.asarray(_prompts(7, [14, 14]))
     full = np.asarray(model(ids))
     cache = KVCache.init(model.config, 3, 32, heads_first=heads_first)
@@ -107,7 +107,7 @@ def test_prefill_and_decode_through_the_cache_equal_one_forward_pass(tmp_path, h
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     tm = torch_mistral(seed=11, initializer_range=0.2)
-    return tm, zephyr_jax.load(save_torch(tm, tmp_path_factory.mktemp("small")), dtype="float32")
+    return tm, load_model(save_torch(tm, tmp_path_factory.mktemp("small")), dtype="float32")
 
 
 def test_logprobs_of_prompt_and_reply_equal_a_full_forward_pass(small):
@@ -315,9 +315,9 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
     assert jax.device_count() == 8
     tm = torch_mistral(seed=12, initializer_range=0.2)
     path = save_torch(tm, tmp_path)
-    single = zephyr_jax.load(path, dtype="float32")
+    single = load_model(path, dtype="float32")
     mesh = make_mesh((1, 4, 2))
-    sharded = zephyr_jax.load(path, dtype="float32", mesh=mesh)
+    sharded = load_model(path, dtype="float32", mesh=mesh)
     embed = sharded.embed_tokens.get_value()
     assert len(embed.sharding.device_set) == 8 and embed.addressable_shards[0].data.shape[1] == 64 // 4
     prompts = _prompts(5, [10, 6, 3])

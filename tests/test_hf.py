@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from zephyr_jax import hf
-from zephyr_jax.loading import load
+from zephyr_jax.loading import load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import logical_to_spec
 
@@ -66,7 +66,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(hf_dir):
-    return load(hf_dir[0], jnp.float32)
+    return load_model(hf_dir[0], jnp.float32)
 
 
 def copy_ckpt(src, dst, edit=None):
@@ -109,10 +109,10 @@ def test_load_matches_transformers(hf_dir, loaded):
 
 
 def test_load_casts_and_overrides(hf_dir):
-    model = load(hf_dir[0], jnp.bfloat16, param_dtype=jnp.float32, remat=True)
+    model = load_model(hf_dir[0], jnp.bfloat16, param_dtype=jnp.float32, remat=True)
     assert model.config.dtype == jnp.bfloat16 and model.config.remat
     assert all(v.dtype == jnp.float32 for v in flat_params(model).values())
-    model = load(hf_dir[0], jnp.bfloat16)
+    model = load_model(hf_dir[0], jnp.bfloat16)
     assert all(v.dtype == jnp.bfloat16 for v in flat_params(model).values())
 
 
@@ -134,7 +134,7 @@ def test_export_loads_in_transformers(loaded, tmp_path):
 def test_save_load_is_bitwise(tmp_path, tied):
     model = Mistral(MistralConfig(**TINY, tie_word_embeddings=tied), rngs=nnx.Rngs(7))
     hf.save_pretrained(model, str(tmp_path))
-    again = load(str(tmp_path), jnp.float32)
+    again = load_model(str(tmp_path), jnp.float32)
     before, after = flat_params(model), flat_params(again)
     assert before.keys() == after.keys() and ("lm_head.kernel" in before) != tied
     for name in before:
@@ -145,14 +145,14 @@ def test_save_load_is_bitwise(tmp_path, tied):
         # ... and so does a checkpoint whose saver also wrote the head (transformers loads it the same way)
         with_head = copy_ckpt(tmp_path, tmp_path / "with_head",
                               lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
-        assert all(np.array_equal(a, b) for a, b in zip(flat_params(load(with_head, jnp.float32)).values(),
+        assert all(np.array_equal(a, b) for a, b in zip(flat_params(load_model(with_head, jnp.float32)).values(),
                                                           before.values()))
 
 
 def test_row_block_streaming_is_exact(hf_dir, monkeypatch, tmp_path):
     """Tensors move in row blocks; blocks of a few rows (and a partial last one) change nothing."""
     monkeypatch.setattr(hf, "_BLOCK_BYTES", 1000)
-    model = load(hf_dir[0], jnp.float32)
+    model = load_model(hf_dir[0], jnp.float32)
     assert max_diff(jax_logits(model), hf_dir[1]) <= 1e-4
     hf.save_pretrained(model, str(tmp_path), dtype=jnp.bfloat16)
     original = tensors_of(os.path.join(hf_dir[0], hf.WEIGHTS_NAME))
@@ -182,7 +182,7 @@ def test_sharded_save_writes_a_correct_index(loaded, tmp_path):
     assert index["metadata"]["total_size"] == total
     expected = jax_logits(loaded)
     assert max_diff(torch_logits(load_hf(out)), expected) <= 1e-4
-    assert max_diff(jax_logits(load(out, jnp.float32)), expected) <= 1e-4
+    assert max_diff(jax_logits(load_model(out, jnp.float32)), expected) <= 1e-4
 
 
 def test_bf16_save_reloads(loaded, tmp_path):
@@ -192,7 +192,7 @@ def test_bf16_save_reloads(loaded, tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     want = {k: v.astype(jnp.bfloat16) for k, v in flat_params(loaded).items()}
-    again = flat_params(load(out, jnp.bfloat16))
+    again = flat_params(load_model(out, jnp.bfloat16))
     for name, value in want.items():
         assert again[name].dtype == jnp.bfloat16 and np.array_equal(again[name], value), name
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
@@ -251,7 +251,7 @@ def test_other_architecture_is_refused(hf_dir, tmp_path):
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config\.json.*llama.*only Mistral"):
-        load(str(path), jnp.float32)
+        load_model(str(path), jnp.float32)
 
 
 def test_wrong_shape_names_the_tensor(hf_dir, tmp_path):
@@ -261,13 +261,13 @@ def test_wrong_shape_names_the_tensor(hf_dir, tmp_path):
     path = copy_ckpt(hf_dir[0], tmp_path / "ckpt", edit)
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.1\.self_attn\.k_proj\.weight "
                                          r"has shape \(16, 64\), but the config needs \(32, 64\)"):
-        load(path, jnp.float32)
+        load_model(path, jnp.float32)
 
 
 def test_missing_tensor_is_named(hf_dir, tmp_path):
     path = copy_ckpt(hf_dir[0], tmp_path / "ckpt", lambda t: t.pop("model.layers.0.mlp.down_proj.weight"))
     with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): model\.layers\.0\.mlp\.down_proj\.weight"):
-        load(path, jnp.float32)
+        load_model(path, jnp.float32)
 
 
 def test_unexpected_tensor_is_named(hf_dir, tmp_path):
@@ -276,14 +276,14 @@ def test_unexpected_tensor_is_named(hf_dir, tmp_path):
 
     path = copy_ckpt(hf_dir[0], tmp_path / "ckpt", edit)
     with pytest.raises(ValueError, match=r"does not use: model\.layers\.0\.self_attn\.q_proj\.bias"):
-        load(path, jnp.float32)
+        load_model(path, jnp.float32)
 
 
 def test_rotary_inv_freq_buffers_are_ignored(hf_dir, tmp_path):
     def edit(t):
         t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones((8,), np.float32)
 
-    model = load(copy_ckpt(hf_dir[0], tmp_path / "ckpt", edit), jnp.float32)
+    model = load_model(copy_ckpt(hf_dir[0], tmp_path / "ckpt", edit), jnp.float32)
     assert max_diff(jax_logits(model), hf_dir[1]) <= 1e-4
 
 
@@ -292,7 +292,7 @@ def test_truncated_file_is_named(hf_dir, tmp_path):
     file = path / hf.WEIGHTS_NAME
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"model\.safetensors is truncated inside tensor"):
-        load(str(path), jnp.float32)
+        load_model(str(path), jnp.float32)
 
 
 def test_missing_shard_file_is_named(loaded, tmp_path):
@@ -300,7 +300,7 @@ def test_missing_shard_file_is_named(loaded, tmp_path):
     shards = sorted(glob.glob(str(tmp_path / "model-*.safetensors")))
     os.remove(shards[1])
     with pytest.raises(FileNotFoundError, match=rf"lists shard {os.path.basename(shards[1])}, which is missing"):
-        load(str(tmp_path), jnp.float32)
+        load_model(str(tmp_path), jnp.float32)
 
 
 def test_pytorch_bin_checkpoint_says_safetensors_only(hf_dir, tmp_path):
@@ -309,7 +309,7 @@ def test_pytorch_bin_checkpoint_says_safetensors_only(hf_dir, tmp_path):
     shutil.copy(os.path.join(hf_dir[0], "config.json"), path)
     torch.save({"model.norm.weight": torch.ones(64)}, path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin.*safetensors only.*safe_serialization=True"):
-        load(str(path), jnp.float32)
+        load_model(str(path), jnp.float32)
 
 
 def test_unreachable_hub_name_is_named(monkeypatch):
@@ -326,9 +326,9 @@ def test_unreachable_hub_name_is_named(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(OSError, match=r"'someone/no-such-model' is not a local directory.*no network"):
-        load("someone/no-such-model", jnp.float32)
+        load_model("someone/no-such-model", jnp.float32)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load("/nonexistent/dir", jnp.float32)
+        load_model("/nonexistent/dir", jnp.float32)
 
 
 # --- sharded loading --------------------------------------------------------------------------------------
@@ -340,9 +340,9 @@ def test_a_parameter_that_does_not_divide_over_the_mesh_is_named_before_reading(
     mesh = Mesh(np.array(jax.devices()[:3]).reshape(1, 1, 3), ("data", "fsdp", "tensor"))
     with pytest.raises(ValueError, match=r"parameter embed_tokens \(128, 64\): its dimension of 128 does not divide "
                                          r"over mesh axes \('tensor',\) \(3 ways\); change the mesh shape \(1, 1, 3\)"):
-        load(hf_dir[0], jnp.float32, mesh)
+        load_model(hf_dir[0], jnp.float32, mesh)
     with pytest.raises(ValueError, match=r"mesh axes \['tensor'\], which the mesh \{'data': 1, 'fsdp': 3\} lacks"):
-        load(hf_dir[0], jnp.float32, Mesh(np.array(jax.devices()[:3]).reshape(1, 3), ("data", "fsdp")))
+        load_model(hf_dir[0], jnp.float32, Mesh(np.array(jax.devices()[:3]).reshape(1, 3), ("data", "fsdp")))
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
@@ -350,7 +350,7 @@ def test_load_onto_mesh_shardings_and_save_back(hf_dir, loaded, mesh_shape, tmp_
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py simulates them on CPU)")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("data", "fsdp", "tensor"))
-    model = load(hf_dir[0], jnp.float32, mesh)
+    model = load_model(hf_dir[0], jnp.float32, mesh)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()
         want = NamedSharding(mesh, logical_to_spec(var.get_metadata()["logical_axes"]))
@@ -364,5 +364,5 @@ def test_load_onto_mesh_shardings_and_save_back(hf_dir, loaded, mesh_shape, tmp_
     hf.save_pretrained(model, str(tmp_path), max_shard_size="100KB")  # gathers each sharded param in turn
     params = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     assert all(getattr(p, "_npy_value", None) is None for p in params), "a host copy stayed cached on a param"
-    want, again = flat_params(loaded), flat_params(load(str(tmp_path), jnp.float32))
+    want, again = flat_params(loaded), flat_params(load_model(str(tmp_path), jnp.float32))
     assert all(np.array_equal(again[name], want[name]) for name in want)

@@ -18,7 +18,7 @@ import zephyr_jax
 from tests.test_checkpoint import legacy_layout
 from tests.torch_reference import save_torch, torch_mistral
 from zephyr_jax import checkpoint, hf
-from zephyr_jax.loading import load
+from zephyr_jax.loading import load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import logical_to_spec, make_mesh
 from zephyr_jax.train_steps import TrainState
@@ -62,8 +62,19 @@ def assert_on_mesh(model, mesh):
         assert value.sharding.is_equivalent_to(want, value.ndim), (path, value.sharding, want)
 
 
-def test_zephyr_jax_load_is_the_loader_and_import_stays_cheap():
+def test_zephyr_jax_load_is_the_loader_and_import_stays_cheap(tmp_path):
+    """DESIGN.md's names: `model, tok = zephyr_jax.load(...)` and `hf.load_pretrained(path, dtype=...)`, both
+    the one reader (load_model)."""
+    from zephyr_jax.loading import load
+
     assert zephyr_jax.load is load
+    path = save_torch(torch_mistral(seed=3), tmp_path)
+    model, tok = zephyr_jax.load(path, dtype="float32")
+    assert isinstance(model, Mistral) and tok.bos_token_id == 1 and tok.chat_template
+    pretrained = hf.load_pretrained(path, dtype=jnp.float32)
+    assert pretrained.config == model.config
+    for name, value in flat(pretrained).items():
+        np.testing.assert_array_equal(value, flat(model)[name], err_msg=name)
     out = subprocess.run([sys.executable, "-c", "import sys, zephyr_jax; print('jax' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -71,7 +82,7 @@ def test_zephyr_jax_load_is_the_loader_and_import_stays_cheap():
 
 def test_hf_directory_holds_the_transformers_weights(tmp_path):
     tm = torch_mistral(seed=3)
-    model = load(save_torch(tm, tmp_path), "float32")
+    model = load_model(save_torch(tm, tmp_path), "float32")
     assert model.config.dtype == model.config.param_dtype == jnp.float32
     ours = flat(model)
     for name, tensor in tm.state_dict().items():
@@ -79,7 +90,7 @@ def test_hf_directory_holds_the_transformers_weights(tmp_path):
         value = np.asarray(ours[flax_name] if layer is None else ours[flax_name][layer])
         np.testing.assert_array_equal(value.T if transposed else value, tensor.numpy(), err_msg=name)
     # The default is bf16 weights (inference); the device is the default device.
-    bf16 = flat(load(str(tmp_path)))
+    bf16 = flat(load_model(str(tmp_path)))
     assert {v.dtype for v in bf16.values()} == {jnp.dtype(jnp.bfloat16)}
     assert {d for v in bf16.values() for d in v.sharding.device_set} == {jax.devices()[0]}
     np.testing.assert_array_equal(bf16["embed_tokens"], ours["embed_tokens"].astype(jnp.bfloat16))
@@ -88,7 +99,7 @@ def test_hf_directory_holds_the_transformers_weights(tmp_path):
 def test_workdir_restores_in_bf16_onto_the_mesh(workdir):
     path, weights = workdir
     mesh = make_mesh((1, 4, 2), jax.devices()[:8])
-    model = load(path, "bfloat16", mesh)  # step -1: the latest, 6
+    model = load_model(path, "bfloat16", mesh)  # step -1: the latest, 6
     assert model.config.dtype == model.config.param_dtype == jnp.bfloat16
     assert_on_mesh(model, mesh)
     kernel = model.layers.mlp.gate_proj.kernel.get_value()  # [layers, embed, mlp] split over fsdp x tensor
@@ -101,14 +112,14 @@ def test_workdir_restores_in_bf16_onto_the_mesh(workdir):
 def test_workdir_step_selection_and_missing_step(workdir, caplog):
     path, weights = workdir
     with caplog.at_level(logging.WARNING):
-        model = load(path, "float32", step=3, param_dtype="float32", remat="full")
+        model = load_model(path, "float32", step=3, param_dtype="float32", remat="full")
     assert "Metadata file does not exist" not in caplog.text  # read as orbax's own handler reads it
     assert model.config.remat == "full"
     for name, value in flat(model).items():
         assert value.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(value), weights[3][name], err_msg=name)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 5 in .* \(have steps \[3, 6\]\)"):
-        load(path, step=5)
+        load_model(path, step=5)
     assert checkpoint.resolve_step(path) == 6 and checkpoint.resolve_step(path, 3) == 3
 
 
@@ -120,7 +131,7 @@ def test_legacy_unstacked_checkpoint_restores_in_bf16_onto_the_mesh(tmp_path):
                                          meta=ocp.args.JsonSave({"step": 2})))
     mngr.wait_until_finished()
     mesh = make_mesh((1, 8, 1), jax.devices()[:8])
-    again = load(str(tmp_path), "bfloat16", mesh)
+    again = load_model(str(tmp_path), "bfloat16", mesh)
     assert_on_mesh(again, mesh)
     want = flat(model)
     for name, value in flat(again).items():
@@ -129,15 +140,15 @@ def test_legacy_unstacked_checkpoint_restores_in_bf16_onto_the_mesh(tmp_path):
 
 def test_clear_errors(workdir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"/no/such/model does not exist"):
-        load("/no/such/model")
+        load_model("/no/such/model")
     with pytest.raises(FileNotFoundError, match=r"neither a Hugging Face model directory .* nor a zephyr_jax"):
-        load(str(tmp_path))
+        load_model(str(tmp_path))
     empty = tmp_path / "empty_run"
     empty.mkdir()
     checkpoint.save_model_config(str(empty), CFG)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*empty_run"):
-        load(str(empty))
+        load_model(str(empty))
     assert not (empty / "checkpoints").exists()  # reading never creates the directory
     hf.save_pretrained(Mistral(CFG, rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
     with pytest.raises(ValueError, match=r"step=3: .* is not a zephyr_jax training workdir"):
-        load(str(tmp_path / "hf"), step=3)
+        load_model(str(tmp_path / "hf"), step=3)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.torch_reference import positions_from_mask, save_torch, torch_logits, torch_mistral
-from zephyr_jax.loading import load
+from zephyr_jax.loading import load_model
 
 CONFIGS = {
     # GQA ratio 1 (plain multi-head attention), no sliding window.
@@ -30,7 +30,7 @@ def pair(request, tmp_path_factory):
     """(torch model, zephyr_jax model loaded from the torch model's safetensors, that directory)."""
     tm = torch_mistral(**CONFIGS[request.param])
     path = save_torch(tm, tmp_path_factory.mktemp(request.param))
-    return tm, load(path, jnp.float32), path
+    return tm, load_model(path, jnp.float32), path
 
 
 def _random_ids(rng, batch, length, vocab=128):
@@ -95,7 +95,7 @@ def test_bf16_compute_within_documented_tolerance(pair):
     bf16 has an 8-bit mantissa (relative step 2^-8 = 0.4%); a few layers of rounding compound to about 1%.
     """
     _, model, path = pair
-    model_bf16 = load(path, jnp.bfloat16, param_dtype=jnp.float32)
+    model_bf16 = load_model(path, jnp.bfloat16, param_dtype=jnp.float32)
     assert model_bf16.embed_tokens[...].dtype == jnp.float32
     ids = jnp.asarray(_random_ids(np.random.default_rng(3), 2, 16))
     ref = np.asarray(model(ids))
@@ -108,7 +108,7 @@ def test_splash_option_honours_window_segments_and_padding(pair):
     """attention_impl="splash" (Pallas splash attention, in interpret mode on CPU) gives the einsum path's logits
     with the sliding window, packed segments and left padding. The kernels themselves: tests/test_attention.py."""
     _, model, path = pair
-    splash_model = load(path, jnp.float32, attention_impl="splash")
+    splash_model = load_model(path, jnp.float32, attention_impl="splash")
     rng = np.random.default_rng(4)
     ids = jnp.asarray(_random_ids(rng, 2, 128))  # splash takes multiples of 128 positions
     segments = jnp.asarray([[1] * 50 + [2] * 78, [1] * 128], jnp.int32)
@@ -123,7 +123,7 @@ def test_remat_gives_same_loss_and_gradients(pair, policy):
     from flax import nnx
 
     _, model, path = pair
-    remat_model = load(path, jnp.float32, remat=policy)
+    remat_model = load_model(path, jnp.float32, remat=policy)
     ids = jnp.asarray(_random_ids(np.random.default_rng(6), 2, 12))
 
     def loss(m):
@@ -163,7 +163,7 @@ def test_scanned_layers_give_the_unrolled_models_and_transformers_gradients(pair
     from flax import nnx
 
     tm, model, path = pair
-    unrolled = load(path, jnp.float32, scan_layers=False)
+    unrolled = load_model(path, jnp.float32, scan_layers=False)
     ids = _random_ids(np.random.default_rng(9), 2, 13)
 
     def loss(m):

@@ -67,11 +67,10 @@ def client(server):
 def local(tiny_model_dir):
     """The same weights in process: zephyr_jax (float32), transformers, and the tokenizer."""
     import zephyr_jax
-    from zephyr_jax.tokenizer import load_tokenizer
 
-    model = zephyr_jax.load(tiny_model_dir, dtype="float32")
+    model, tok = zephyr_jax.load(tiny_model_dir, dtype="float32")
     reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
-    return model, reference.eval(), load_tokenizer(tiny_model_dir)
+    return model, reference.eval(), tok
 
 
 def _chat_ids(tok, text):

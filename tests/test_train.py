@@ -21,7 +21,7 @@ from zephyr_jax import checkpoint, train, train_steps
 from zephyr_jax.config_common import load_config
 from zephyr_jax.data import pack_pairs, pad_sft, preference_example, sft_example
 from zephyr_jax.data.batches import loss_positions, multiples
-from zephyr_jax.loading import load
+from zephyr_jax.loading import load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
 
@@ -71,7 +71,7 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path):
     with pytest.raises(ValueError, match="is the workdir itself"):
         export(str(dpo_dir), str(dpo_dir))
 
-    ours = load(str(dpo_dir), "float32")
+    ours = load_model(str(dpo_dir), "float32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     ids = tok("<|user|>\nWhich is the largest: 1 7 3 2?</s>\n<|assistant|>\n").input_ids
@@ -315,7 +315,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
 
 def _params(workdir):
     step = checkpoint.resolve_step(str(workdir))
-    model = load(str(workdir), "float32", step=step)
+    model = load_model(str(workdir), "float32", step=step)
     return step, jax.tree.leaves(nnx.state(model))
 
 

@@ -1,6 +1,6 @@
 """zephyr_jax: Zephyr-7B (distilled SFT + AI feedback + distilled DPO on Mistral-7B) in JAX/Flax.
 
-    model = zephyr_jax.load("HuggingFaceH4/zephyr-7b-beta")   # or a HF directory, or a training workdir
+    model, tok = zephyr_jax.load("HuggingFaceH4/zephyr-7b-beta")   # or a HF directory, or a training workdir
 
 `load` (zephyr_jax/loading.py) is imported on first use, so `import zephyr_jax` stays cheap.
 """

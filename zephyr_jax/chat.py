@@ -15,7 +15,7 @@ import jinja2
 
 from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.loading import load
-from zephyr_jax.tokenizer import encode_text, render_chat, tokenizer_for
+from zephyr_jax.tokenizer import encode_text, render_chat
 
 
 def reply(engine: Engine, tok, messages, out=sys.stdout, *, max_new_tokens: int, temperature: float = 0.7,
@@ -57,8 +57,8 @@ def main(argv=None):
     parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
     args = parser.parse_args(argv)
 
-    tok = tokenizer_for(args.model, args.tokenizer)
-    engine = Engine(load(args.model, args.dtype), tok, max_slots=1, max_length=args.max_length)
+    model, tok = load(args.model, args.dtype, tokenizer=args.tokenizer)
+    engine = Engine(model, tok, max_slots=1, max_length=args.max_length)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p)
     history = [{"role": "system", "content": args.system}] if args.system else []

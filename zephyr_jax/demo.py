@@ -296,7 +296,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str =
     from zephyr_jax.config_common import load_config
     from zephyr_jax.engine import Engine
     from zephyr_jax.export import export
-    from zephyr_jax.loading import load
+    from zephyr_jax.loading import load_model
     from zephyr_jax.tokenizer import load_tokenizer
 
     root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,7 +311,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str =
     prefs = paths["prefs"]
     if pairs == "on-policy":
         print("== 2-3. on-policy AI feedback (data.feedback) and binarize ==")
-        generator = EngineBackend(load(os.path.join(out, "sft"), dtype="float32"), tok, name="dsft", max_slots=64,
+        generator = EngineBackend(load_model(os.path.join(out, "sft"), dtype="float32"), tok, name="dsft", max_slots=64,
                                   max_length=128)
         try:
             prefs = on_policy_prefs(generator, os.path.join(out, "data", "on_policy"), seed=seed)
@@ -323,7 +323,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str =
     hf_dir = export(os.path.join(out, "dpo"), os.path.join(out, "hf"), dtype="float32")
     results = {}
     for stage in ("sft", "dpo"):
-        model = load(os.path.join(out, stage), dtype="float32")
+        model = load_model(os.path.join(out, stage), dtype="float32")
         results[stage] = {"task_accuracy": task_accuracy(model, tok, paths["test_prompts"]),
                           "preference_accuracy": preference_accuracy(model, tok, paths["prefs"])}
     question = load_task_rows(paths["test_prompts"])[0]

@@ -38,7 +38,7 @@ from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines
 from zephyr_jax.losses import LOSS_TYPES
-from zephyr_jax.loading import load
+from zephyr_jax.loading import load, load_model
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     eval_fns = {}  # by architecture: the policy reuses the reference's compiled batches
 
     def logps_of(m):
-        m = load(m, dtype) if isinstance(m, str) else m
+        m = load_model(m, dtype) if isinstance(m, str) else m
         graphdef = nnx.graphdef(m)
         if graphdef not in eval_fns:
             eval_fns[graphdef] = steps.make_eval_fn("dpo", graphdef, batch_size)
@@ -373,7 +373,7 @@ def main(argv=None):
         print(json.dumps(metrics, indent=2))
         return metrics
 
-    model, tok = load(args.model, args.dtype), tokenizer_for(args.model, args.tokenizer)
+    model, tok = load(args.model, args.dtype, tokenizer=args.tokenizer)
     sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     batch_size=args.batch_size, system=args.system)
     if args.command == "mt_bench":

@@ -15,7 +15,7 @@ import os
 import jax.numpy as jnp
 
 from zephyr_jax import checkpoint, hf
-from zephyr_jax.loading import load
+from zephyr_jax.loading import load_model
 from zephyr_jax.tokenizer import load_tokenizer
 
 
@@ -69,7 +69,7 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
         raise ValueError(f"--out={out_dir} is the workdir itself: export to another directory")
     step = checkpoint.resolve_step(workdir, step)
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
-    model = load(workdir, dtype, step=step)
+    model = load_model(workdir, dtype, step=step)
     config_path = os.path.join(workdir, "config.json")
     train_config = json.load(open(config_path)) if os.path.exists(config_path) else {}
     tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))

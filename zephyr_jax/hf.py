@@ -1,7 +1,8 @@
 """Hugging Face <-> JAX: Mistral weights (safetensors only) and config.json.
 
-    model = zephyr_jax.load("path/or/hub-name", dtype="bfloat16")   # reads through hf.read_weights
-    hf.save_pretrained(model, out_dir, tokenizer=tok)                # transformers loads out_dir
+    model, tok = zephyr_jax.load("path/or/hub-name", dtype="bfloat16")   # reads through hf.read_weights
+    model = hf.load_pretrained("path/or/hub-name", dtype=jnp.float32)      # the same reader, model only
+    hf.save_pretrained(model, out_dir, tokenizer=tok)                     # transformers loads out_dir
 
 Both directions go one tensor at a time, so the host never holds a second copy of the model: loading reads
 each tensor in row blocks straight into one buffer in the parameter's layout and dtype, places it on its
@@ -407,6 +408,15 @@ def _remove_stale_weights(out_dir: str, keep: set[str]) -> None:
     for name in os.listdir(out_dir):
         if stale.fullmatch(name) and name not in keep:
             os.remove(os.path.join(out_dir, name))
+
+
+def load_pretrained(path_or_name: str, dtype=jnp.float32, **options) -> Mistral:
+    """transformers' name for the one loader: zephyr_jax.loading.load_model(path_or_name, dtype, **options), a
+    Hugging Face directory or hub name (or a training workdir) read through read_weights; model.config is its
+    MistralConfig."""
+    from zephyr_jax.loading import load_model  # loading imports this module
+
+    return load_model(path_or_name, dtype, **options)
 
 
 def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size: int | str = "5GB",

@@ -77,7 +77,7 @@ class ZephyrJaxLM(LM):
         from zephyr_jax.tokenizer import tokenizer_for
 
         if isinstance(pretrained, str):
-            self.model, self.tokenizer = load(pretrained, dtype), tokenizer_for(pretrained, tokenizer)
+            self.model, self.tokenizer = load(pretrained, dtype, tokenizer=tokenizer)
         else:  # a Mistral module built in Python
             self.model = pretrained
             self.tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) \

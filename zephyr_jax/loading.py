@@ -1,20 +1,23 @@
-"""One loader for every model zephyr_jax reads: `zephyr_jax.load`.
+"""One loader for every model zephyr_jax reads: `zephyr_jax.load` (the model and its tokenizer) and
+`load_model` (the model alone), the same reader.
 
-    model = zephyr_jax.load("HuggingFaceH4/zephyr-7b-beta")                  # hub name, bf16 weights, one device
-    model = zephyr_jax.load("path/to/hf_dir", dtype="float32")               # a Hugging Face directory
-    model = zephyr_jax.load("workdirs/dpo", step=300)                        # a zephyr_jax training workdir
-    model = zephyr_jax.load(name, mesh=make_mesh((1, -1, 1)))                # FSDP over every device
+    model, tok = zephyr_jax.load("HuggingFaceH4/zephyr-7b-beta")             # hub name, bf16 weights, one device
+    model, tok = zephyr_jax.load("path/to/hf_dir", dtype="float32")          # a Hugging Face directory
+    model, tok = zephyr_jax.load("workdirs/dpo", step=300)                   # a zephyr_jax training workdir
+    model, tok = zephyr_jax.load(name, mesh=make_mesh((1, -1, 1)))           # FSDP over every device
+    model = load_model("workdirs/sft", "float32")                            # no tokenizer read
 
 Each parameter goes straight to its place (the mesh's NamedSharding, or the default device) in its storage
 dtype: safetensors are read tensor by tensor into a host buffer of that dtype (hf.read_weights), orbax
 checkpoints are read shard by shard and cast on the host (checkpoint.restore_params). No float32 copy of the
-model is ever made when bf16 is asked for.
+model is ever made when bf16 is asked for. The tokenizer is tokenizer.tokenizer_for's: the directory's own, a
+workdir's training tokenizer, else Mistral-7B-v0.1's.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,9 @@ from zephyr_jax import checkpoint, hf
 from zephyr_jax.model import Mistral
 from zephyr_jax.model.config import _hashable_rules
 from zephyr_jax.sharding import DEFAULT_RULES, check_params_fit_mesh, named, param_specs
+
+if TYPE_CHECKING:
+    import transformers
 
 WORKDIR_CONFIG = "model_config.json"  # what marks a zephyr_jax training workdir (checkpoint.save_model_config)
 
@@ -55,8 +61,17 @@ def _local_path(path_or_name: str) -> str | None:
     return None
 
 
-def load(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None, *, step: int = -1,
-         param_dtype=None, rules: Sequence = DEFAULT_RULES, **config_overrides) -> Mistral:
+def load(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None, *, tokenizer: str | None = None,
+         **options) -> tuple[Mistral, transformers.PreTrainedTokenizerBase]:
+    """(model, tokenizer): load_model(path_or_name, dtype, mesh, **options) and the tokenizer that goes with it
+    (`tokenizer`, a directory or hub name, if given; else tokenizer.tokenizer_for's)."""
+    from zephyr_jax.tokenizer import tokenizer_for
+
+    return load_model(path_or_name, dtype, mesh, **options), tokenizer_for(path_or_name, tokenizer)
+
+
+def load_model(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None, *, step: int = -1,
+               param_dtype=None, rules: Sequence = DEFAULT_RULES, **config_overrides) -> Mistral:
     """A Mistral from a Hugging Face directory / hub name or a zephyr_jax training workdir.
 
     path_or_name: a directory with config.json + safetensors, a hub name (downloaded once, see hf.resolve), or a

@@ -594,7 +594,6 @@ def main(argv=None) -> None:
     import uvicorn
 
     import zephyr_jax
-    from zephyr_jax.tokenizer import tokenizer_for
     from zephyr_jax.train import use_compilation_cache
 
     # Our own handler: libraries imported above may already have configured the root logger.
@@ -609,8 +608,8 @@ def main(argv=None) -> None:
         from zephyr_jax.sharding import make_mesh
 
         mesh = make_mesh(tuple(int(x) for x in args.mesh.split(",")))
-    model = zephyr_jax.load(args.model, dtype=args.dtype, mesh=mesh, step=args.step)
-    tokenizer = tokenizer_for(args.model, args.tokenizer)
+    model, tokenizer = zephyr_jax.load(args.model, dtype=args.dtype, mesh=mesh, step=args.step,
+                                       tokenizer=args.tokenizer)
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_length=args.max_length,
                     prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps, max_queue=args.max_queue,
                     mesh=mesh)

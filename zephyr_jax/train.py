@@ -35,7 +35,7 @@ from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
 from zephyr_jax.data.batches import multiples, sequence_lengths, stack_rows
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
-from zephyr_jax.loading import is_workdir, load
+from zephyr_jax.loading import is_workdir, load_model
 from zephyr_jax.losses import LOSS_TYPES
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
@@ -248,7 +248,7 @@ def abstract_params(cfg, mcfg: MistralConfig, mesh):
 
 def init_params(cfg, mcfg: MistralConfig, mesh):
     """(graphdef, params on the mesh, their shardings): random (a jitted init, each device making its shards), or
-    read by zephyr_jax.load from the orbax workdir / HF checkpoint in config.model.path straight onto the mesh."""
+    read by loading.load_model from the orbax workdir / HF checkpoint in config.model.path straight onto the mesh."""
     graphdef, _, shardings = abstract_params(cfg, mcfg, mesh)
     if cfg.model.init == "random":
         init = jax.jit(lambda: nnx.split(Mistral(mcfg, rngs=nnx.Rngs(cfg.seed)))[1], out_shardings=shardings)
@@ -257,7 +257,7 @@ def init_params(cfg, mcfg: MistralConfig, mesh):
     if cfg.model.init == "orbax":
         step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
     settings = {k: v for k, v in model_settings(cfg).items() if k not in ("dtype", "param_dtype")}
-    model = load(cfg.model.path, mcfg.dtype, mesh, step=step, param_dtype=mcfg.param_dtype, rules=cfg.mesh.rules,
+    model = load_model(cfg.model.path, mcfg.dtype, mesh, step=step, param_dtype=mcfg.param_dtype, rules=cfg.mesh.rules,
                  **settings)
     if cfg.model.init == "orbax":
         print(f"initialised from {cfg.model.path} step {step}")

@@ -9,7 +9,8 @@ bounds its own concurrency (the endpoint per base URL, the engine by its KV-cach
 Backend specs (the CLIs' --user/--assistant/--generators/--judge flags):
     endpoint:MODEL@URL[,URL...]   an OpenAI-compatible server (several URLs spread the load over a fleet);
                                   the key comes from $OPENAI_API_KEY unless --api_key_env names another variable
-    engine:PATH                   zephyr_jax.load(PATH) on this process's devices, batched by the engine
+    engine:PATH                   zephyr_jax.load(PATH) (model and tokenizer) on this process's devices, batched
+                                  by the engine
     callable:module:function      function(call: Call) -> str | Reply (may be async)
 """
 
@@ -146,9 +147,8 @@ class EngineBackend(Backend):
     @classmethod
     def from_path(cls, path: str, dtype: str = "bfloat16", **options) -> "EngineBackend":
         from zephyr_jax.loading import load
-        from zephyr_jax.tokenizer import tokenizer_for
 
-        model, tok = load(path, dtype=dtype), tokenizer_for(path)  # load() returns the model only
+        model, tok = load(path, dtype=dtype)
         return cls(model, tok, name=options.pop("name", None) or path.rstrip("/").split("/")[-1], **options)
 
     def prompt_ids(self, call: Call) -> list[int]:
