@@ -10,8 +10,12 @@
 # SIGTERM/SIGINT is passed on to every process (each saves and exits), and the script waits for all of them. It
 # fails if any process fails.
 set -euo pipefail
-num_processes=${1:?usage: launch/local.sh NUM_PROCESSES [--cpu_devices=K] -- TRAIN_ARGS}
+usage="usage: launch/local.sh NUM_PROCESSES [--cpu_devices=K] -- TRAIN_ARGS"
+num_processes=${1:?$usage}
 shift
+if ! [[ $num_processes =~ ^[1-9][0-9]*$ ]]; then
+  echo "NUM_PROCESSES=$num_processes is not a positive number; $usage" >&2; exit 2
+fi
 cpu_devices=""
 while [[ $# -gt 0 && "$1" != "--" ]]; do
   case "$1" in
@@ -23,23 +27,28 @@ done
 [[ "${1:-}" == "--" ]] && shift
 port=${COORDINATOR_PORT:-$((20000 + RANDOM % 20000))}
 log_dir=${LOG_DIR:-$(mktemp -d)}
-gpus=0
+gpu_ids=()  # the GPUs to split: CUDA_VISIBLE_DEVICES's when set, else every GPU nvidia-smi lists
 if [[ -n "$cpu_devices" ]]; then
   export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$cpu_devices"
-elif [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]] && command -v nvidia-smi >/dev/null; then
-  gpus=$(nvidia-smi -L | grep -c '^GPU' || true)
-  if (( gpus % num_processes )); then
-    echo "$num_processes processes do not split this machine's $gpus GPUs evenly" >&2; exit 2
-  fi
+elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  IFS=, read -ra gpu_ids <<< "$CUDA_VISIBLE_DEVICES"
+elif command -v nvidia-smi >/dev/null; then
+  n=$(nvidia-smi -L | grep -c '^GPU' || true)
+  (( n )) && IFS=, read -ra gpu_ids <<< "$(seq -s, 0 $((n - 1)))"
+fi
+gpus=${#gpu_ids[@]}
+if (( gpus % num_processes )); then
+  echo "$num_processes processes do not split the $gpus GPUs (${gpu_ids[*]}) evenly" >&2; exit 2
 fi
 
 pids=()
 for ((i = 0; i < num_processes; i++)); do
   cmd=(python -m zephyr_jax.train --coordinator_address="localhost:$port" --num_processes="$num_processes"
        --process_id="$i" "$@")
-  if (( gpus )); then  # process i: GPUs i*k .. i*k+k-1 (without this every process would take every GPU)
+  if (( gpus )); then  # process i: the i-th k of the GPUs (without this every process would take every GPU)
     per=$((gpus / num_processes))
-    cmd=(env CUDA_VISIBLE_DEVICES="$(seq -s, $((i * per)) $((i * per + per - 1)))" "${cmd[@]}")
+    mine=("${gpu_ids[@]:$((i * per)):$per}")
+    cmd=(env CUDA_VISIBLE_DEVICES="$(IFS=,; echo "${mine[*]}")" "${cmd[@]}")
   fi
   if [[ $i -eq 0 ]]; then
     "${cmd[@]}" &

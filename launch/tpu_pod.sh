@@ -46,7 +46,9 @@ case "${1:-}" in
     # HF_TOKEN, WANDB_API_KEY etc. can be exported in the command below if needed.
     train="$VENV/bin/python -m zephyr_jax.train --distributed$args"
     follow="pid=\$! && tail -n +1 -f --pid=\$pid $LOG && wait \$pid"  # its output, then its exit status
-    ssh_all "cd zephyr_jax && { setsid -w nohup $train >$LOG 2>&1 </dev/null & } && $follow" ;;
+    # The log is emptied before the trainer starts: tail must neither find it missing (and end, losing the exit
+    # status) nor show the previous run's lines.
+    ssh_all "cd zephyr_jax && : >$LOG && { setsid -w nohup $train >>$LOG 2>&1 </dev/null & } && $follow" ;;
   logs)
     gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=0 --command "tail -n 100 -f $LOG" ;;
   wait)  # [z]: the pattern must not match the remote shell's own command line, which holds it

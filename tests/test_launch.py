@@ -30,9 +30,11 @@ def test_tpu_pod_runs_the_training_command_on_every_worker(tmp_path):
     assert "--worker=all" in argv and argv[argv.index("--zone") + 1] == "us-central2-b"
     command = argv[argv.index("--command") + 1]
     # in a session of its own (a dropped ssh connection leaves it training), its output followed until it exits
-    assert command == ("cd zephyr_jax && { setsid -w nohup $HOME/zephyr_venv/bin/python -m zephyr_jax.train "
+    # (the log emptied first: tail neither finds it missing, which lost the exit status, nor shows the last run's)
+    assert command == ("cd zephyr_jax && : >$HOME/zephyr_train.log && { setsid -w nohup "
+                       "$HOME/zephyr_venv/bin/python -m zephyr_jax.train "
                        "--distributed --config=configs/dpo.py --workdir=/mnt/shared/dpo "
-                       "--config.model.path=/mnt/shared/sft\\ dir >$HOME/zephyr_train.log 2>&1 </dev/null & } "
+                       "--config.model.path=/mnt/shared/sft\\ dir >>$HOME/zephyr_train.log 2>&1 </dev/null & } "
                        "&& pid=$! && tail -n +1 -f --pid=$pid $HOME/zephyr_train.log && wait $pid")
     for sub, remote in (("wait", "while pgrep -f '[z]ephyr_jax.train --distributed'"),
                         ("stop", "pkill -TERM -f '[z]ephyr_jax.train --distributed'")):
@@ -86,6 +88,14 @@ def test_slurm_gpu_xla_flags_are_known_to_this_jaxlib(tmp_path):
                          env={**env, "XLA_FLAGS": "--xla_dump_hlo_as_text"}, timeout=120)
     assert out.returncode == 0 and log.read_text() == "--xla_dump_hlo_as_text"  # the user's XLA_FLAGS win
 
+    # A flags command that fails stops the job (`export X=$(cmd)` hid it: the job ran with no flags).
+    (bin_dir / "python").write_text("#!/usr/bin/env bash\nexit 3\n")
+    (bin_dir / "python").chmod(0o755)
+    log.unlink()
+    out = subprocess.run(["bash", "launch/slurm_gpu.sbatch"], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 3 and not log.exists()
+
 
 def _shims(tmp_path, **scripts):
     bin_dir = tmp_path / "bin"
@@ -115,4 +125,17 @@ def test_local_launcher_gives_each_process_its_gpus_and_waits_for_a_save_after_s
     assert "gpus=2,3" in log and "saved" in log
     out = subprocess.run(["bash", "launch/local.sh", "3", "--", "--config=x"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2 and "do not split this machine's 4 GPUs" in out.stderr
+    assert out.returncode == 2 and "do not split the 4 GPUs (0 1 2 3) evenly" in out.stderr
+    for bad in ("0", "-1", "2x"):
+        out = subprocess.run(["bash", "launch/local.sh", bad, "--", "--config=x"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and f"NUM_PROCESSES={bad} is not a positive number" in out.stderr
+
+
+def test_local_launcher_splits_the_gpus_cuda_visible_devices_names(tmp_path):
+    """GPUs already narrowed by CUDA_VISIBLE_DEVICES are split among the processes (each took all of them)."""
+    env = _shims(tmp_path, python='echo "gpus=$CUDA_VISIBLE_DEVICES"\n')
+    out = subprocess.run(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30, env={**env, "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert out.returncode == 0, out.stderr
+    assert "gpus=4,5" in out.stdout and "gpus=6,7" in (tmp_path / "process_1.log").read_text()
