@@ -518,6 +518,8 @@ def run(cfg, workdir: str) -> dict:
                 if step < total_steps:
                     upcoming = prefetch.submit(next_batch)
                 log.add(step, metrics, info, epoch=position["epoch"])
+                if not log.timed_from:  # this run's first call compiled the step: it is not step time
+                    log.time_from(step, metrics)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     log.write()
                 # Preemption: every process sees the same answer at the same step (orbax over JAX's preemption
@@ -563,7 +565,12 @@ class StepLog:
         """throughput_of(the steps' BatchInfos, their wall seconds) -> train.throughput's figures."""
         self.writer, self.bar, self.mngr, self.workdir, self.throughput_of = writer, bar, mngr, workdir, throughput_of
         self.on_device, self.on_host, self.excluded = [], [], 0.0
-        self.started = time.perf_counter()
+        self.started, self.timed_from = time.perf_counter(), None
+
+    def time_from(self, step: int, metrics) -> None:
+        """Throughput counts the steps after `step` (whose call compiled the train step) from when it is done."""
+        jax.block_until_ready(metrics)
+        self.started, self.excluded, self.timed_from = time.perf_counter(), 0.0, step
 
     def add(self, step: int, metrics, info, **extra) -> None:
         self.on_device.append((step, metrics, info, extra))
@@ -593,10 +600,12 @@ class StepLog:
         if not self.on_host:
             return
         seconds = time.perf_counter() - self.started - self.excluded
-        n = len(self.on_host)
         line = {k: float(np.mean([m[k] for _, m, _, _ in self.on_host])) for k in self.on_host[-1][1]}
-        line.update(self.throughput_of([info for _, _, info, _ in self.on_host], seconds), **self.on_host[-1][3])
-        line["step_time"] = seconds / n
+        timed = [info for step, _, info, _ in self.on_host if step > (self.timed_from or 0)]
+        if timed:  # (a line of the compiling step alone has no throughput)
+            line.update(self.throughput_of(timed, seconds))
+            line["step_time"] = seconds / len(timed)
+        line.update(self.on_host[-1][3])
         self.writer.write(self.on_host[-1][0], line)
         self.bar.set_postfix({k: f"{line[k]:.4g}" for k in self.SHOWN if k in line})
         self.on_host, self.excluded, self.started = [], 0.0, time.perf_counter()
