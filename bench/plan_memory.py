@@ -55,7 +55,8 @@ def main(argv):
                                                                         jnp.dtype(cfg.dpo.reference_dtype))
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch, reference).compile()
-        resident = sum(x.nbytes for x in jax.tree.leaves((state, batch, reference)))
+        # What the devices hold: every device's shards (a replicated array is held once per device).
+        resident = sum(s.data.nbytes for x in jax.tree.leaves((state, batch, reference)) for s in x.addressable_shards)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
         before = _status("VmRSS")
