@@ -12,8 +12,8 @@ import numpy as np
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
-    "h200": 989e12, "h100": 989e12, "h100 pcie": 756e12, "h100 nvl": 835e12, "a100": 312e12, "l40s": 362e12,
-    "l40": 181e12, "l4": 121e12, "a10": 125e12,
+    "h200": 989e12, "h200 nvl": 835e12, "h100": 989e12, "h100 pcie": 756e12, "h100 nvl": 835e12, "a100": 312e12,
+    "l40s": 362e12, "l40": 181e12, "l4": 121e12, "a10": 125e12,
     "tpu v6e": 918e12, "tpu v5p": 459e12, "tpu v5e": 197e12, "tpu v4": 275e12,
 }
 # A device's device_kind (lower case) -> its PEAK_FLOPS name, the first pattern that matches: variants before their
@@ -21,9 +21,9 @@ PEAK_FLOPS = {
 # chips "TPU v5 lite" and "TPU v6 lite", and a v5p "TPU v5".
 DEVICE_KINDS = (
     (r"\bh100\b.*\bpcie\b", "h100 pcie"), (r"\bh100\b.*\bnvl\b", "h100 nvl"), (r"\bh100\b", "h100"),
-    (r"\bg?h200\b", "h200"), (r"\ba100\b", "a100"), (r"\bl40s\b", "l40s"), (r"\bl40\b", "l40"), (r"\bl4\b", "l4"),
-    (r"\ba10\b", "a10"), (r"\btpu v6( lite|e)\b", "tpu v6e"), (r"\btpu v5( lite|e)\b", "tpu v5e"),
-    (r"\btpu v5p?\b", "tpu v5p"), (r"\btpu v4\b", "tpu v4"),
+    (r"\bh200\b.*\bnvl\b", "h200 nvl"), (r"\bg?h200\b", "h200"), (r"\ba100\b", "a100"), (r"\bl40s\b", "l40s"),
+    (r"\bl40\b", "l40"), (r"\bl4\b", "l4"), (r"\ba10\b", "a10"), (r"\btpu v6( lite|e)\b", "tpu v6e"),
+    (r"\btpu v5( lite|e)\b", "tpu v5e"), (r"\btpu v5p?\b", "tpu v5p"), (r"\btpu v4\b", "tpu v4"),
 )
 
 

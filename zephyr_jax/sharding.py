@@ -39,7 +39,9 @@ DEFAULT_RULES = (
 )
 
 def logical_to_spec(axes: Sequence[str | None], rules: Sequence = DEFAULT_RULES) -> PartitionSpec:
-    """("batch", "length", "embed") -> PartitionSpec(("data", "fsdp"), None, "fsdp") under the rules."""
+    """("batch", "length", "embed") -> PartitionSpec(("data", "fsdp"), None, None) under the default rules: each
+    logical axis takes its rule's mesh axes, less those an earlier dimension already split (a mesh axis may split
+    only one dimension)."""
     table = dict((name, mesh_axes) for name, mesh_axes in rules)
     used, spec = set(), []
     for name in axes:
