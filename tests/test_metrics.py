@@ -10,7 +10,8 @@ from zephyr_jax.metrics import MetricWriter, peak_flops
 
 @pytest.mark.parametrize("kind,peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA H200 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
     ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
     ("NVIDIA L4", 121e12), ("NVIDIA RTX A1000", None), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
     ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("cpu", None)])
