@@ -186,6 +186,30 @@ def test_meshes_give_the_same_losses(data_dir, tmp_path, stage):
         np.testing.assert_allclose(values, losses["one_device"], rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_learning_rate_schedules_equal_transformers(schedule):
+    """Every optimizer step's learning rate as transformers' Trainer gives it (warmup steps: ceil(ratio x steps),
+    TrainingArguments.get_warmup_steps), for step counts whose 10% is and is not a whole number."""
+    from ml_collections import ConfigDict
+    from transformers.optimization import get_scheduler
+
+    for total in (10, 194, 195, 1003):
+        optim = ConfigDict(dict(lr=2e-5, schedule=schedule, warmup_ratio=0.1, clip_norm=1.0, b1=0.9, b2=0.999,
+                                eps=1e-8, weight_decay=0.0, mu_dtype="float32"))
+        _, ours = train_steps.make_optimizer(optim, total)
+        warmup = transformers.TrainingArguments("unused", warmup_steps=0.1).get_warmup_steps(total)
+        torch_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+        name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
+        reference = get_scheduler(name, torch_opt, num_warmup_steps=warmup, num_training_steps=total)
+        want = []
+        for _ in range(total):  # the Trainer steps the scheduler after each optimizer step
+            want.append(reference.get_last_lr()[0])
+            torch_opt.step()
+            reference.step()
+        np.testing.assert_allclose([float(ours(k)) for k in range(total)], want, rtol=1e-5, atol=1e-12,
+                                   err_msg=f"{schedule}, {total} steps")
+
+
 def test_fsdp_holds_an_eighth_of_parameter_and_optimizer_bytes(data_dir):
     cfg = tiny_config("sft", data_dir, **{"mesh.shape": (1, 8, 1)})
     mesh = train.make_mesh(cfg.mesh.shape)

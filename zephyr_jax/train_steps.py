@@ -8,6 +8,7 @@ pair's chosen and rejected sequences as segments of its rows; "sequence_pair" ma
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,7 +29,7 @@ class TrainState(NamedTuple):
 
 def make_optimizer(optim_cfg, total_steps: int):
     """AdamW with linear warmup then cosine or linear decay to 0, sized on the real number of optimizer steps."""
-    warmup = int(round(optim_cfg.warmup_ratio * total_steps))
+    warmup = math.ceil(optim_cfg.warmup_ratio * total_steps)  # as transformers' TrainingArguments rounds it
     if optim_cfg.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(0.0, optim_cfg.lr, warmup, max(total_steps, warmup + 1))
     elif optim_cfg.schedule == "linear":
