@@ -104,3 +104,9 @@ def test_a_checkpoint_of_another_shape_names_the_parameter_and_both_shapes(tmp_p
     with pytest.raises(ValueError, match=r"checkpoint step 2 in .*: params embed_tokens.* has shape \(128, 32\), "
                                          r"but this model's is \(128, 64\)"):
         checkpoint.restore_params(str(tmp_path), abstract, named(mesh, param_specs(abstract)))
+    # A parameter more or less (a tied model's config over an untied run's checkpoint): named, with the step.
+    tied = dataclasses.replace(CFG, tie_word_embeddings=not CFG.tie_word_embeddings)
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(tied, rngs=nnx.Rngs(0))))
+    with pytest.raises(ValueError, match=r"checkpoint step 2 in .*: its params do not match this model's \(only in "
+                                         r"the (checkpoint|model): lm_head"):
+        checkpoint.restore_params(str(tmp_path), abstract, named(mesh, param_specs(abstract)))

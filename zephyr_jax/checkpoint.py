@@ -71,6 +71,15 @@ def _restore_item(mngr, step: int, item: str, target):
     saved = saved.tree if hasattr(saved, "tree") else saved
     saved_leaves = {tuple(map(_key, p)): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
     if not any(_stacked_path(p)[1] is not None for p in saved_leaves):
+        wanted = {tuple(map(_key, p)) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+        if wanted != set(saved_leaves):  # e.g. a tied model's config over an untied run's checkpoint
+            name = lambda paths: ", ".join(sorted("/".join(p) for p in paths)[:4]) or "none"
+            raise ValueError(f"checkpoint step {step} in {mngr.directory}: its {item} do not match this model's "
+                             f"(only in the checkpoint: {name(set(saved_leaves) - wanted)}; only in the model: "
+                             f"{name(wanted - set(saved_leaves))}): "
+                             + ("the architecture (tie_word_embeddings, ...) differs from the run that saved it"
+                                if item == "params" else "the optimizer's settings differ from the run that saved it"
+                                " (optim.clip_norm turned on or off changes its state)"))
         for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:  # orbax's own error names neither
             stored = getattr(saved_leaves.get(tuple(map(_key, path))), "shape", None)
             if stored is not None and tuple(stored) != tuple(leaf.shape):

@@ -49,7 +49,11 @@ def model_card(workdir: str, step: int, train_config: dict, metrics: dict) -> st
         f"- init: {train_config.get('model', {}).get('init')} `{train_config.get('model', {}).get('path')}`", "",
         "## Chat format", "",
         "The Zephyr template (`tokenizer.apply_chat_template`): `<|system|>`, `<|user|>`, `<|assistant|>` turns, "
-        "each ending in `</s>`; generation starts after `<|assistant|>\\n`.", "",
+        "each ending in `</s>`; generation starts after `<|assistant|>\\n`. Prompt it as it was trained: an empty "
+        "system turn first when there is none, the conversation rendered as text "
+        "(`apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`), and that text encoded "
+        "with the tokenizer, which adds the one `<s>` (the template writes none, so `tokenize=True` gives ids "
+        "without it).", "",
         "## Final metrics", "",
     ]
     for split in ("eval", "train"):
