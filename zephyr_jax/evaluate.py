@@ -293,7 +293,8 @@ def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
     p.add_argument("--model", required=True, help="HF directory / hub name, or a zephyr_jax workdir")
     p.add_argument("--tokenizer", default=None, help="default: the model's own, else Mistral-7B-v0.1")
     p.add_argument("--dtype", default="bfloat16", help="compute and weight dtype (float32 for exact numbers)")
-    p.add_argument("--batch_size", type=int, default=8, help="KV-cache slots of the engine: replies decoded at once (every prompt is queued at once)")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="the engine's KV-cache slots: replies decoded at once (every prompt is queued at once)")
     p.add_argument("--max_new_tokens", type=int, default=sampling_defaults["max_new_tokens"])
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=sampling_defaults["top_p"])
