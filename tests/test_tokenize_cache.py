@@ -143,6 +143,10 @@ def test_cache_misses_when_anything_that_changes_the_examples_changes(bad_data, 
         f.write(json.dumps({"prompt": "y", "messages": [USER, REPLY]}) + "\n")
     edited, counter, log = _load(cfg, "sft", tok)
     assert "cached to" in log[-1] and len(edited) == len(shorter) + 1 and counter.kept == 65
+    # The entry of the old file for the same settings can never be read again: replaced, not kept beside it
+    # (the other max_length's entry stays).
+    assert any("removed the superseded tokenized-example cache" in line for line in log)
+    assert len(_entries(cfg.cache_dir)) == 2
 
     other = pickle.loads(pickle.dumps(tok))
     other.chat_template = other.chat_template.replace("<|user|>", "<|human|>")
@@ -183,6 +187,15 @@ def test_failed_write_leaves_nothing_behind(bad_data, tok, tmp_path, monkeypatch
     cfg = _cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"))
     examples, _, log = _load(cfg, "sft", tok)
     assert len(examples) == 64 and "could not write" in log[-1] and os.listdir(tmp_path / "cache") == []
+
+    def interrupted(f, **arrays):  # Ctrl-C in the middle of a write
+        f.write(b"PK partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache.np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _load(cfg, "sft", tok)
+    assert os.listdir(tmp_path / "cache") == []
 
 
 def test_cache_dir_setting_env_and_off(bad_data, tok, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -160,12 +161,35 @@ def write(path: str, examples: list, counter: SkipCounter, parts: dict, log: Cal
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return True
     except OSError as e:
         log(f"warning: could not write the tokenized-example cache {path}: {e}")
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
         return False
+    finally:  # also after Ctrl-C or a MemoryError mid-write: no half-written file is left (after os.replace
+        if tmp and os.path.exists(tmp):  # the temporary name no longer exists)
+            os.remove(tmp)
+    _remove_superseded(path, parts, log)
+    return True
+
+
+# An entry written for the same source, split and settings, but older data files, code or library versions, can
+# never be read again (its key holds those): the newer entry replaces it (~1.3 GiB for UltraChat's train split).
+VOLATILE_PARTS = ("data", "code", "versions")
+
+
+def _remove_superseded(path: str, parts: dict, log: Callable) -> None:
+    prefix = os.path.basename(path)[:-len(digest(parts)[:24]) - len(".npz")]
+    same = {k: v for k, v in json.loads(json.dumps(parts, default=str)).items() if k not in VOLATILE_PARTS}
+    for other in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(prefix) + "*.npz")):
+        if os.path.samefile(other, path):
+            continue
+        try:
+            with np.load(other, allow_pickle=False) as npz:
+                old = json.loads(str(npz["meta"]))["parts"]
+            if {k: v for k, v in old.items() if k not in VOLATILE_PARTS} == same:
+                os.remove(other)
+                log(f"removed the superseded tokenized-example cache {other} (older data files, code or versions)")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # another run's entry being written, or junk
+            continue
 
 
 def read(path: str, parts: dict, log: Callable = print):
