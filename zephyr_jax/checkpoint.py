@@ -1,6 +1,8 @@
 """Orbax checkpoints of a workdir: params, optimizer state and step as arrays, plus a JSON item with the data
 loader's position. Saves are asynchronous (the device->host copy happens before `save` returns, so the next
-step may donate the buffers); restoring takes target shardings, so a run may resume on another mesh.
+step may donate the buffers; on CPU devices orbax holds views of the arrays until the write ends, and XLA then
+copies instead of donating for that one step); restoring takes target shardings, so a run may resume on another
+mesh.
 
 Layout: WORKDIR/checkpoints/<step>/{params, opt_state, meta (step, loader position)}, WORKDIR/model_config.json.
 
