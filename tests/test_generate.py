@@ -256,6 +256,23 @@ def test_stop_token_ids_and_stop_strings_end_a_reply(small):
         ("stop", cut.text, cut.tokens, cut.generated)
 
 
+def test_stop_strings_decode_only_the_replys_tail_until_one_appears(small, monkeypatch):
+    """Searching for a stop string after each decoding call decodes the new tokens and the few before them that a
+    stop string could start in, not the whole reply again (which made a long reply's host work quadratic)."""
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    _, model = small
+    engine = Engine(model, load_tokenizer(), max_slots=1, max_length=256, decode_steps=1)
+    decoded = []
+    real = engine._decode_text
+    monkeypatch.setattr(engine, "_decode_text", lambda tokens: decoded.append(len(tokens)) or real(tokens))
+    stop = "\x00never"
+    (r,) = engine.generate([Request(_prompts(4, [6])[0], SamplingParams(max_tokens=240, stop=(stop,),
+                                                                        ignore_eos=True))])
+    assert r.finish_reason == "length" and len(r.tokens) == 240
+    assert decoded[-1] == 240 and max(decoded[:-1]) <= 1 + 4 * len(stop) + 2  # the final text: one whole decode
+
+
 def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
     _, model = small
     engine = Engine(model, max_slots=1, max_length=64, max_queue=1, eos_id=None)

@@ -594,9 +594,21 @@ class Engine:
 
     def _stop_string(self, r: Request, new: int) -> bool:
         """Whether the reply now holds a stop string. If so, the request ends with its text cut before it, and
-        the tokens sampled after the one that completed it (later in the same call) are dropped."""
+        the tokens sampled after the one that completed it (later in the same call) are dropped.
+
+        A stop string that was not there before ends in the `new` tokens, so only the reply's tail is decoded
+        and searched first (decoding the whole reply after every call made a long reply's host work quadratic);
+        the whole reply is decoded only when the tail holds one, and decides."""
+        longest = max(len(s) for s in r.params.stop)
+        # The tail: the new tokens and enough before them for a stop string (a character may take 4 byte tokens),
+        # and 2 more (the first token of a decoded piece loses its leading space).
+        tail = max(0, len(r.tokens) - new - 4 * longest - 2)
+        if tail > 0:
+            r._stop_tokens = len(r.tokens)
+            if _first_stop(self._decode_text(r.tokens[tail:]), r.params.stop) is None:
+                return False
         text = self._decode_text(r.tokens)
-        cut = _first_stop(text, r.params.stop, max(0, r._stop_scan - max(len(s) for s in r.params.stop)))
+        cut = _first_stop(text, r.params.stop, max(0, r._stop_scan - longest))
         r._stop_scan, r._stop_tokens = len(text), len(r.tokens)
         if cut is None:
             return False
