@@ -1,0 +1,55 @@
+"""The batch shapes a config's training data makes, and so how many times the train step compiles: the real
+loader and batcher over a synthetic length mix (plan.length_mix), no model.
+
+    python bench/batch_shapes.py --config=configs/dpo.py [--steps=1910] [--epochs=3] [--shards=8] [--mix=SPEC]
+
+Prints the distinct (row length, loss-position width, segment slots) shapes, the step at which each first
+appears, and the LM head's positions (rows x width) against the rows' positions. --shards: the batch shards of
+the mesh the rows must divide over (8: one 8-GPU node).
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from zephyr_jax import plan, train  # noqa: E402
+from zephyr_jax.config_common import load_config  # noqa: E402
+from zephyr_jax.data.loader import Loader  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=1910, help="steps of an epoch (1910: 61,135 pairs / 32)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--mix", default=None, help="plan.length_mix spec (default: plan.DEFAULT_MIX of the stage)")
+    args = p.parse_args()
+    cfg = load_config(args.config)
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": args.shards, "tensor": 1})  # only its shape is read
+    n = args.steps * cfg.train.global_batch_size
+    mix = plan.length_mix(args.mix or plan.DEFAULT_MIX[cfg.stage], cfg.stage, cfg.seed, n)
+    examples, batcher, _ = train.training_batches(cfg, mesh, plan.fit_to_config(mix, cfg), log=lambda *a: None)
+    loader = Loader(examples, cfg.train.global_batch_size, batcher, seed=cfg.seed)
+    shapes, first, head, positions = collections.Counter(), {}, 0, 0
+    for step in range(min(args.steps, loader.steps_per_epoch) * args.epochs):
+        batch, info = next(loader)
+        slots = batch["sequence_pair"].shape[1] if "sequence_pair" in batch else 1
+        key = (info.length, batch["loss_positions"].shape[1], slots)
+        shapes[key] += 1
+        first.setdefault(key, step)
+        head += batch["loss_positions"].size
+        positions += batch["inputs"].size
+    print(json.dumps({"config": args.config, "steps": sum(shapes.values()), "shapes": len(shapes),
+                      "lengths": len({k[0] for k in shapes}), "widths": len({k[1] for k in shapes}),
+                      "slots": sorted({k[2] for k in shapes}), "first_seen": sorted(first.values()),
+                      "head_positions_per_row_position": round(head / positions, 4)}))
+
+
+if __name__ == "__main__":
+    main()
