@@ -84,6 +84,22 @@ def test_prefs_policy_against_itself(dpo_workdir, data_dir, monkeypatch):  # noq
     assert len(made) == 1
 
 
+def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):
+    """evaluate.prefs scores packed rows (as training's eval does): the same log-probs as a row per sequence,
+    in about half the positions."""
+    from zephyr_jax.data.pipeline import load_examples
+    from zephyr_jax.loading import load_model
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    cfg = tiny_config("dpo", data_dir)
+    examples, _ = load_examples(cfg.data, "dpo", load_tokenizer(), "train", log=lambda *_: None)
+    model = load_model(dpo_workdir, "float32")
+    packed = evaluate.pair_logps(model, examples, 8)
+    one_per_row = evaluate.pair_logps(model, examples, 8, buckets=(64, 128, 256))
+    assert packed.shape == (len(examples), 2)
+    np.testing.assert_allclose(packed, one_per_row, rtol=1e-5, atol=1e-4)
+
+
 def test_prefs_argument_errors(dpo_workdir):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--model={dpo_workdir}"])  # no reference

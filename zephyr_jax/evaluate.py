@@ -34,6 +34,7 @@ from flax import nnx
 
 from zephyr_jax import checkpoint, train
 from zephyr_jax import train_steps as steps
+from zephyr_jax.data.batches import multiples, positions_needed
 from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines
@@ -104,13 +105,21 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
 
 
-def pair_logps(model, examples, batch_size: int, buckets, eval_fn=None) -> np.ndarray:
+def pair_logps(model, examples, batch_size: int, buckets=None, eval_fn=None) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples, on one device,
-    through the training code's eval batches (a row per sequence, padded to `buckets`) and eval function (pass
-    one `eval_fn` for models of one architecture: each of its batch shapes then compiles once)."""
+    through the training code's eval batches and eval function (pass one `eval_fn` for models of one
+    architecture: each of its batch shapes then compiles once). buckets=None: packed, as training packs dDPO
+    batches (about four sequences a row, rows in multiples of 128); else a row per sequence, padded to
+    `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like lengths)."""
     graphdef, state = nnx.split(model)
     eval_fn = eval_fn or steps.make_eval_fn("dpo", graphdef, batch_size)
-    batches = train.eval_batches(examples, batch_size, pair_batcher(2 * batch_size, buckets))
+    if buckets is None:
+        rows = max(1, batch_size // 2)
+        longest = max(positions_needed(e) for e in examples) + 1
+        batcher = pair_batcher(rows, multiples(128, (-(-2 * batch_size // rows) + 1) * longest))
+    else:
+        batcher = pair_batcher(2 * batch_size, buckets)
+    batches = train.eval_batches(examples, batch_size, batcher)
     return steps.run_eval_batches(eval_fn, state, batches, jax.device_put)["logps"]
 
 
@@ -137,7 +146,6 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     if tokenizer is None or isinstance(tokenizer, str):
         tokenizer = tokenizer_for(model if isinstance(model, str) else None, tokenizer)
     examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
-    buckets = train.buckets_for(data_cfg)
     eval_fns = {}  # by architecture: the policy reuses the reference's compiled batches
 
     def logps_of(m):
@@ -145,7 +153,7 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
         graphdef = nnx.graphdef(m)
         if graphdef not in eval_fns:
             eval_fns[graphdef] = steps.make_eval_fn("dpo", graphdef, batch_size)
-        return pair_logps(m, examples, batch_size, buckets, eval_fns[graphdef])
+        return pair_logps(m, examples, batch_size, eval_fn=eval_fns[graphdef])  # packed rows
 
     if reference_free:
         ref_logps = np.zeros((len(examples), 2), np.float32)
