@@ -53,12 +53,17 @@ from zephyr_jax.tokenizer import render_chat
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _score(graphdef, state, inputs, targets, mask, scored):
-    """Per row: sum of log p(targets) over `scored` positions, and whether each of them is the argmax."""
-    logits = nnx.merge(graphdef, state)(inputs, attention_mask=mask)
-    logps = losses.token_logps(logits, targets)
-    greedy = jnp.argmax(logits, axis=-1) == targets
-    return jnp.sum(jnp.where(scored, logps, 0.0), axis=-1), jnp.all(greedy | ~scored, axis=-1)
+def _score(graphdef, state, inputs, targets, mask, where):
+    """Per row: the sum of log p(targets) at positions `where` [rows, W] (-1: none), and whether each of those
+    targets is the argmax. The LM head runs at those positions only (losses.head_logps, as training's loss):
+    float32 logits at every position were 3.9 GiB for 8 rows of 4,096 tokens at 7B."""
+    model = nnx.merge(graphdef, state)
+    hidden = model.hidden_states(inputs, attention_mask=mask)
+    valid = where >= 0
+    at = jnp.maximum(where, 0)
+    hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)
+    logps, correct = losses.head_logps(hidden, model.head_kernel(), jnp.take_along_axis(targets, at, axis=1))
+    return jnp.sum(jnp.where(valid, logps, 0.0), axis=-1), jnp.all(correct | ~valid, axis=-1)
 
 
 log = logging.getLogger("zephyr_jax.lm_eval_adapter")
@@ -155,14 +160,15 @@ class ZephyrJaxLM(LM):
                                      f"(request {i}: {self.tokenizer.decode(tokens[-n:][:12])!r}...)")
                 prepared.append((inputs, targets, n))
             length = bucket(max(len(p[0]) for p in prepared), self.buckets)
-            arrays = [np.zeros((bs, length), np.int32) for _ in range(4)]
+            width = min(1 << max(max(p[2] for p in prepared) - 1, 7).bit_length(), length)  # >= 8, few shapes
+            arrays = [np.zeros((bs, length), np.int32) for _ in range(3)]
+            where = np.full((bs, width), -1, np.int32)
             for row, (inputs, targets, n) in enumerate(prepared):
                 arrays[0][row, :len(inputs)] = inputs
                 arrays[1][row, :len(targets)] = targets
                 arrays[2][row, :len(inputs)] = 1
-                arrays[3][row, len(targets) - n:len(targets)] = 1
-            logp, greedy = _score(self.graphdef, self.state, *(jnp.asarray(a) for a in arrays[:3]),
-                                  jnp.asarray(arrays[3], bool))
+                where[row, :n] = np.arange(len(targets) - n, len(targets))
+            logp, greedy = _score(self.graphdef, self.state, *(jnp.asarray(a) for a in arrays), jnp.asarray(where))
             logp, greedy = np.asarray(logp), np.asarray(greedy)
             for row, i in enumerate(chunk):
                 results[i] = (float(logp[row]), bool(greedy[row]))
