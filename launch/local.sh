@@ -30,8 +30,8 @@ log_dir=${LOG_DIR:-$(mktemp -d)}
 gpu_ids=()  # the GPUs to split: CUDA_VISIBLE_DEVICES's when set, else every GPU nvidia-smi lists
 if [[ -n "$cpu_devices" ]]; then
   export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$cpu_devices"
-elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
-  IFS=, read -ra gpu_ids <<< "$CUDA_VISIBLE_DEVICES"
+elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set: these GPUs only ("", -1 or SLURM's NoDevFiles: none)
+  [[ "$CUDA_VISIBLE_DEVICES" =~ ^(-1|NoDevFiles)?$ ]] || IFS=, read -ra gpu_ids <<< "$CUDA_VISIBLE_DEVICES"
 elif command -v nvidia-smi >/dev/null; then
   n=$(nvidia-smi -L | grep -c '^GPU' || true)
   (( n )) && IFS=, read -ra gpu_ids <<< "$(seq -s, 0 $((n - 1)))"

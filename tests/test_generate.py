@@ -265,12 +265,27 @@ def test_stop_strings_decode_only_the_replys_tail_until_one_appears(small, monke
     engine = Engine(model, load_tokenizer(), max_slots=1, max_length=256, decode_steps=1)
     decoded = []
     real = engine._decode_text
-    monkeypatch.setattr(engine, "_decode_text", lambda tokens: decoded.append(len(tokens)) or real(tokens))
+    special = set(engine.tokenizer.all_special_ids)  # decode to nothing: the tail does not count them
+    monkeypatch.setattr(engine, "_decode_text", lambda tokens: decoded.append(
+        (len(tokens), sum(t not in special for t in tokens))) or real(tokens))
     stop = "\x00never"
     (r,) = engine.generate([Request(_prompts(4, [6])[0], SamplingParams(max_tokens=240, stop=(stop,),
                                                                         ignore_eos=True))])
     assert r.finish_reason == "length" and len(r.tokens) == 240
-    assert decoded[-1] == 240 and max(decoded[:-1]) <= 1 + 4 * len(stop) + 2  # the final text: one whole decode
+    assert decoded[-1][0] == 240  # the final text: one whole decode
+    assert max(text for _, text in decoded[:-1]) <= 1 + 4 * len(stop) + 2
+    # Special tokens decode to nothing, so the tail counts text tokens: ten </s> kept under ignore_eos between
+    # the two newlines of a stop string (a token-counted tail missed it).
+    tok = engine.tokenizer
+    newline = tok.convert_tokens_to_ids("<0x0A>")
+    reply = tok.encode("The answer is 4.", add_special_tokens=False) + [newline] + [tok.eos_token_id] * 10 + \
+        [newline] + tok.encode(" More", add_special_tokens=False)
+    r = Request([5], SamplingParams(max_tokens=100, stop=("\n\n",), ignore_eos=True))
+    for token in reply:  # one token a decoding call
+        r.tokens.append(token), r.logprobs.append(0.0), r.top_logprobs.append([])
+        if engine._stop_string(r, 1):
+            break
+    assert r.finish_reason == "stop" and r.text == "The answer is 4."
 
 
 def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):

@@ -139,3 +139,7 @@ def test_local_launcher_splits_the_gpus_cuda_visible_devices_names(tmp_path):
                          text=True, timeout=30, env={**env, "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
     assert out.returncode == 0, out.stderr
     assert "gpus=4,5" in out.stdout and "gpus=6,7" in (tmp_path / "process_1.log").read_text()
+    for none in ("-1", "NoDevFiles", ""):  # no GPU: nothing to split, every process keeps the setting
+        out = subprocess.run(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30, env={**env, "CUDA_VISIBLE_DEVICES": none})
+        assert out.returncode == 0 and f"gpus={none}\n" in out.stdout, (none, out.stderr)

@@ -80,8 +80,8 @@ def _restore_item(mngr, step: int, item: str, target):
                              f"(only in the checkpoint: {name(set(saved_leaves) - wanted)}; only in the model: "
                              f"{name(wanted - set(saved_leaves))}): "
                              + ("the architecture (tie_word_embeddings, ...) differs from the run that saved it"
-                                if item == "params" else "the optimizer's settings differ from the run that saved it"
-                                " (optim.clip_norm turned on or off changes its state)"))
+                                if item == "params" else "the optimizer state's structure differs from the one "
+                                "saved (another optimizer, or another optax version)"))
         for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:  # orbax's own error names neither
             stored = getattr(saved_leaves.get(tuple(map(_key, path))), "shape", None)
             if stored is not None and tuple(stored) != tuple(leaf.shape):

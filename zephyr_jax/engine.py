@@ -600,9 +600,13 @@ class Engine:
         and searched first (decoding the whole reply after every call made a long reply's host work quadratic);
         the whole reply is decoded only when the tail holds one, and decides."""
         longest = max(len(s) for s in r.params.stop)
-        # The tail: the new tokens and enough before them for a stop string (a character may take 4 byte tokens),
-        # and 2 more (the first token of a decoded piece loses its leading space).
-        tail = max(0, len(r.tokens) - new - 4 * longest - 2)
+        # The tail: the new tokens and enough text tokens before them for a stop string (a character may take 4
+        # byte tokens), and 2 more (the first token of a decoded piece loses its leading space); special tokens
+        # (an `</s>` kept under ignore_eos) decode to nothing, so they do not count.
+        tail, need = len(r.tokens) - new, 4 * longest + 2
+        while tail > 0 and need > 0:
+            tail -= 1
+            need -= r.tokens[tail] not in self._special_ids
         if tail > 0:
             r._stop_tokens = len(r.tokens)
             if _first_stop(self._decode_text(r.tokens[tail:]), r.params.stop) is None:
@@ -618,6 +622,10 @@ class Engine:
 
     def _decode_text(self, tokens) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset:
+        return frozenset(getattr(self.tokenizer, "all_special_ids", ()))
 
     def _drop_after_stop(self, r: Request, new: int) -> None:
         """Drops the tokens after the one (among the last `new`) that completed a stop string, as if the reply

@@ -171,24 +171,35 @@ def write(path: str, examples: list, counter: SkipCounter, parts: dict, log: Cal
     return True
 
 
-# An entry written for the same source, split and settings, but older data files, code or library versions, can
-# never be read again (its key holds those): the newer entry replaces it (~1.3 GiB for UltraChat's train split).
-VOLATILE_PARTS = ("data", "code", "versions")
+# An entry for the same local data files (paths), split and settings whose files have since changed (sizes or
+# mtimes) can never be read again: the newer entry replaces it (~1.3 GiB for UltraChat's train split). Entries of
+# other code or library versions are kept (another checkout or environment may still read them).
+
+
+def _file_paths(data):
+    """The paths of a key's local data files ([path, size, mtime] each), or None (a hub dataset's fingerprint)."""
+    if isinstance(data, list) and data and all(isinstance(f, list) and len(f) == 3 for f in data):
+        return [f[0] for f in data]
+    return None
 
 
 def _remove_superseded(path: str, parts: dict, log: Callable) -> None:
     prefix = os.path.basename(path)[:-len(digest(parts)[:24]) - len(".npz")]
-    same = {k: v for k, v in json.loads(json.dumps(parts, default=str)).items() if k not in VOLATILE_PARTS}
+    new = json.loads(json.dumps(parts, default=str))
+    if _file_paths(new["data"]) is None:
+        return
+    rest = {k: v for k, v in new.items() if k != "data"}
     for other in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(prefix) + "*.npz")):
-        if os.path.samefile(other, path):
-            continue
         try:
+            if os.path.samefile(other, path):
+                continue
             with np.load(other, allow_pickle=False) as npz:
                 old = json.loads(str(npz["meta"]))["parts"]
-            if {k: v for k, v in old.items() if k not in VOLATILE_PARTS} == same:
+            if _file_paths(old.get("data")) == _file_paths(new["data"]) and \
+                    {k: v for k, v in old.items() if k != "data"} == rest:
                 os.remove(other)
-                log(f"removed the superseded tokenized-example cache {other} (older data files, code or versions)")
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # another run's entry being written, or junk
+                log(f"removed the superseded tokenized-example cache {other} (its data files have changed)")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # removed by another run meanwhile, or junk
             continue
 
 
