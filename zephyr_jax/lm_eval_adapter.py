@@ -45,7 +45,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from zephyr_jax import losses
+from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import bucket, default_buckets
 from zephyr_jax.engine import SamplingParams
 from zephyr_jax.generate import request_seed, run
@@ -53,17 +53,12 @@ from zephyr_jax.tokenizer import render_chat
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _score(graphdef, state, inputs, targets, mask, where):
-    """Per row: the sum of log p(targets) at positions `where` [rows, W] (-1: none), and whether each of those
-    targets is the argmax. The LM head runs at those positions only (losses.head_logps, as training's loss):
-    float32 logits at every position were 3.9 GiB for 8 rows of 4,096 tokens at 7B."""
-    model = nnx.merge(graphdef, state)
-    hidden = model.hidden_states(inputs, attention_mask=mask)
-    valid = where >= 0
-    at = jnp.maximum(where, 0)
-    hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)
-    logps, correct = losses.head_logps(hidden, model.head_kernel(), jnp.take_along_axis(targets, at, axis=1))
-    return jnp.sum(jnp.where(valid, logps, 0.0), axis=-1), jnp.all(correct | ~valid, axis=-1)
+def _score(graphdef, state, batch):
+    """Per row: the sum of log p(targets) at its loss positions, and whether each of those targets is the argmax:
+    the training step's loss_position_logps (the LM head at those positions only; float32 logits at every
+    position were 3.9 GiB for 8 rows of 4,096 tokens at 7B). A row is one sequence."""
+    logps, correct, valid, _ = steps.loss_position_logps(graphdef, state, batch, max_segments=1)
+    return jnp.sum(logps, axis=-1), jnp.all(correct | ~valid, axis=-1)
 
 
 log = logging.getLogger("zephyr_jax.lm_eval_adapter")
@@ -161,14 +156,15 @@ class ZephyrJaxLM(LM):
                 prepared.append((inputs, targets, n))
             length = bucket(max(len(p[0]) for p in prepared), self.buckets)
             width = min(1 << max(max(p[2] for p in prepared) - 1, 7).bit_length(), length)  # >= 8, few shapes
-            arrays = [np.zeros((bs, length), np.int32) for _ in range(3)]
-            where = np.full((bs, width), -1, np.int32)
+            batch = {k: np.zeros((bs, length), np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
+            batch["loss_positions"] = np.full((bs, width), -1, np.int32)
             for row, (inputs, targets, n) in enumerate(prepared):
-                arrays[0][row, :len(inputs)] = inputs
-                arrays[1][row, :len(targets)] = targets
-                arrays[2][row, :len(inputs)] = 1
-                where[row, :n] = np.arange(len(targets) - n, len(targets))
-            logp, greedy = _score(self.graphdef, self.state, *(jnp.asarray(a) for a in arrays), jnp.asarray(where))
+                batch["inputs"][row, :len(inputs)] = inputs
+                batch["targets"][row, :len(targets)] = targets
+                batch["positions"][row, :len(inputs)] = np.arange(len(inputs))
+                batch["segment_ids"][row, :len(inputs)] = 1  # padding is segment 0
+                batch["loss_positions"][row, :n] = np.arange(len(targets) - n, len(targets))
+            logp, greedy = _score(self.graphdef, self.state, jax.tree.map(jnp.asarray, batch))
             logp, greedy = np.asarray(logp), np.asarray(greedy)
             for row, i in enumerate(chunk):
                 results[i] = (float(logp[row]), bool(greedy[row]))
