@@ -34,7 +34,7 @@ from flax import nnx
 
 from zephyr_jax import checkpoint, train
 from zephyr_jax import train_steps as steps
-from zephyr_jax.data.batches import multiples, positions_needed
+from zephyr_jax.data.batches import packed_pair_buckets, positions_needed
 from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines
@@ -116,7 +116,7 @@ def pair_logps(model, examples, batch_size: int, buckets=None, eval_fn=None) -> 
     if buckets is None:
         rows = max(1, batch_size // 2)
         longest = max(positions_needed(e) for e in examples) + 1
-        batcher = pair_batcher(rows, multiples(128, (-(-2 * batch_size // rows) + 1) * longest))
+        batcher = pair_batcher(rows, packed_pair_buckets(batch_size, rows, longest))
     else:
         batcher = pair_batcher(2 * batch_size, buckets)
     batches = train.eval_batches(examples, batch_size, batcher)

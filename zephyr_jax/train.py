@@ -32,7 +32,7 @@ from zephyr_jax import checkpoint, hf
 from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import parse_flags
 from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
-from zephyr_jax.data.batches import multiples, sequence_lengths, stack_rows
+from zephyr_jax.data.batches import packed_pair_buckets, sequence_lengths, stack_rows
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.loading import is_workdir, load_model
@@ -94,9 +94,8 @@ RESUME_KEYS = ("stage", "seed", "tokenizer", "model.init", "model.path", "model.
                "data.max_prompt_length", "data.packing", "data.pack_window", "data.packed_rows", "data.loss_on",
                "data.too_long", "train.global_batch_size", "dpo.reference_free")
 # Allowed (more steps, a lower lr, another beta), and said with what follows from the change.
-RESIZING_KEYS = {"train.max_steps": "the learning-rate schedule follows the new values from here on",
-                 "train.num_epochs": "the learning-rate schedule follows the new values from here on",
-                 "optim": "the learning-rate schedule follows the new values from here on",
+_SCHEDULE = "the learning-rate schedule follows the new values from here on"
+RESIZING_KEYS = {"train.max_steps": _SCHEDULE, "train.num_epochs": _SCHEDULE, "optim": _SCHEDULE,
                  "dpo": "the DPO loss follows the new values from here on"}
 
 
@@ -207,14 +206,12 @@ def preference_rows_for(cfg, mesh, pairs: int, micro_batches: int) -> int:
 
 
 def preference_batcher(cfg, mesh, pairs: int, micro_batches: int = 1):
-    """The loader's batcher for DPO batches of `pairs` pairs. Packed rows get lengths in multiples of 128 (what
-    the TPU splash kernel's blocks need) up to what the fullest row could need, unless data.buckets says
-    otherwise."""
+    """The loader's batcher for DPO batches of `pairs` pairs. Packed rows get packed_pair_buckets's lengths,
+    unless data.buckets says otherwise."""
     rows = preference_rows_for(cfg, mesh, pairs, micro_batches)
     buckets = buckets_for(cfg.data)
     if cfg.data.packing and not cfg.data.buckets:
-        step = min(128, cfg.data.max_length)
-        buckets = multiples(step, (-(-2 * pairs // rows) + 1) * cfg.data.max_length)
+        buckets = packed_pair_buckets(pairs, rows, cfg.data.max_length)
     return pair_batcher(rows, buckets, micro_batches)
 
 
@@ -257,8 +254,8 @@ def init_params(cfg, mcfg: MistralConfig, mesh):
     if cfg.model.init == "orbax":
         step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
     settings = {k: v for k, v in model_settings(cfg).items() if k not in ("dtype", "param_dtype")}
-    model = load_model(cfg.model.path, mcfg.dtype, mesh, step=step, param_dtype=mcfg.param_dtype, rules=cfg.mesh.rules,
-                 **settings)
+    model = load_model(cfg.model.path, mcfg.dtype, mesh, step=step, param_dtype=mcfg.param_dtype,
+                       rules=cfg.mesh.rules, **settings)
     if cfg.model.init == "orbax":
         print(f"initialised from {cfg.model.path} step {step}")
     return graphdef, nnx.state(model), shardings

@@ -240,6 +240,13 @@ def loss_width(most: int, length: int, buckets) -> int:
     return bucket(max(most, 1), sorted(quarters | {length}))
 
 
+def packed_pair_buckets(pairs: int, rows: int, max_length: int) -> tuple:
+    """Row lengths for `pairs` preference pairs packed into `rows` rows: multiples of 128 (what the TPU splash
+    kernel's blocks need) up to what the fullest row could need (its share of sequences, and one more, each of up
+    to max_length positions)."""
+    return multiples(min(128, max_length), (-(-2 * pairs // rows) + 1) * max_length)
+
+
 def multiples(step: int, max_length: int) -> tuple:
     """Bucket lengths step, 2 * step, ... up to max_length: for packed rows, whose lengths vary little."""
     return tuple(range(step, max_length + step, step))
