@@ -311,8 +311,8 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str =
     prefs = paths["prefs"]
     if pairs == "on-policy":
         print("== 2-3. on-policy AI feedback (data.feedback) and binarize ==")
-        generator = EngineBackend(load_model(os.path.join(out, "sft"), dtype="float32"), tok, name="dsft", max_slots=64,
-                                  max_length=128)
+        generator = EngineBackend(load_model(os.path.join(out, "sft"), dtype="float32"), tok, name="dsft",
+                                  max_slots=64, max_length=128)
         try:
             prefs = on_policy_prefs(generator, os.path.join(out, "data", "on_policy"), seed=seed)
         finally:

@@ -28,8 +28,8 @@ import dataclasses
 import functools
 import itertools
 import threading
-import warnings
 import time
+import warnings
 from typing import Callable
 
 import jax

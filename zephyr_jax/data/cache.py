@@ -136,10 +136,14 @@ def _module_file(name: str) -> str:
     return importlib.import_module(name).__file__
 
 
+def _label(parts: dict) -> str:
+    """{source}-{split}-{stage}: the readable start of an entry's file name (for people; the key alone decides)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(parts['source']).name}-{parts['split']}-{parts['stage']}")[:80]
+
+
 def entry_path(directory: str, parts: dict) -> str:
-    """DIR/{source}-{split}-{stage}-{key}.npz; the readable prefix is for people, the key alone decides."""
-    label = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(parts['source']).name}-{parts['split']}-{parts['stage']}")
-    return os.path.join(directory, f"{label[:80]}-{digest(parts)[:24]}.npz")
+    """DIR/{label}-{key}.npz."""
+    return os.path.join(directory, f"{_label(parts)}-{digest(parts)[:24]}.npz")
 
 
 # ------------------------------------------------------------------------------------------ writing, reading
@@ -184,12 +188,11 @@ def _file_paths(data):
 
 
 def _remove_superseded(path: str, parts: dict, log: Callable) -> None:
-    prefix = os.path.basename(path)[:-len(digest(parts)[:24]) - len(".npz")]
     new = json.loads(json.dumps(parts, default=str))
     if _file_paths(new["data"]) is None:
         return
     rest = {k: v for k, v in new.items() if k != "data"}
-    for other in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(prefix) + "*.npz")):
+    for other in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(_label(parts)) + "-*.npz")):
         try:
             if os.path.samefile(other, path):
                 continue
