@@ -4,14 +4,16 @@ loader and batcher over a synthetic length mix (plan.length_mix), no model.
     python bench/batch_shapes.py --config=configs/dpo.py [--steps=1910] [--epochs=3] [--shards=8] [--mix=SPEC]
 
 Prints the distinct (row length, loss-position width, segment slots) shapes, the step at which each first
-appears, and the LM head's positions (rows x width) against the rows' positions. --shards: the batch shards of
-the mesh the rows must divide over (8: one 8-GPU node).
+appears, the LM head's positions (rows x width) against the rows' positions, and the process's peak host memory
+(the examples, and for dSFT the packed rows the loader holds). --shards: the batch shards of the mesh the rows must
+divide over (8: one 8-GPU node).
 """
 
 import argparse
 import collections
 import json
 import os
+import resource
 import sys
 import types
 
@@ -45,10 +47,11 @@ def main():
         first.setdefault(key, step)
         head += batch["loss_positions"].size
         positions += batch["inputs"].size
-    print(json.dumps({"config": args.config, "steps": sum(shapes.values()), "shapes": len(shapes),
-                      "lengths": len({k[0] for k in shapes}), "widths": len({k[1] for k in shapes}),
+    print(json.dumps({"config": args.config, "loader_examples": len(examples), "steps": sum(shapes.values()),
+                      "shapes": len(shapes), "lengths": len({k[0] for k in shapes}), "widths": len({k[1] for k in shapes}),
                       "slots": sorted({k[2] for k in shapes}), "first_seen": sorted(first.values()),
-                      "head_positions_per_row_position": round(head / positions, 4)}))
+                      "head_positions_per_row_position": round(head / positions, 4),
+                      "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 
 
 if __name__ == "__main__":

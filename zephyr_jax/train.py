@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from zephyr_jax import checkpoint, hf
 from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import parse_flags
-from zephyr_jax.data import Loader, default_buckets, pack, pad_sft
-from zephyr_jax.data.batches import packed_pair_buckets, sequence_lengths, stack_rows
+from zephyr_jax.data import Loader, default_buckets, pad_sft
+from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, sequence_lengths, stack_rows
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.loading import is_workdir, load_model
@@ -308,8 +308,7 @@ def training_batches(cfg, mesh, examples, log=print):
                 preference_rows_for(cfg, mesh, batch_size, cfg.train.grad_accum))
     if cfg.data.packing:
         order = np.random.default_rng(cfg.seed).permutation(len(examples))
-        rows = pack([examples[i] for i in order], cfg.data.max_length, cfg.data.pack_window)
-        examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+        examples = pack_rows([examples[i] for i in order], cfg.data.max_length, cfg.data.pack_window)
         log(f"packed into {len(examples)} rows of {cfg.data.max_length} tokens")
     return examples, padded_batcher(stack_rows if cfg.data.packing else pad_sft, buckets_for(cfg.data)), batch_size
 
@@ -657,7 +656,7 @@ def max_segments(cfg, rows) -> int | None:
         return None
     if not cfg.data.packing:
         return 1
-    most = max(int(np.max(row["segment_ids"], initial=1)) for row in rows)
+    most = max(len(r.examples) if isinstance(r, PackedRow) else int(np.max(r["segment_ids"], initial=1)) for r in rows)
     return 1 << (most - 1).bit_length()
 
 

@@ -16,8 +16,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from zephyr_jax.data.batches import (bucket, loss_count, loss_positions, loss_width, plan_length, plan_pairs,
-                                     positions_needed, preference_rows, slots_for)
+from zephyr_jax.data.batches import (PackedRow, bucket, loss_count, loss_positions, loss_width, plan_length,
+                                     plan_pairs, positions_needed, preference_rows, slots_for, stack_rows)
 
 
 class BatchInfo(NamedTuple):
@@ -62,6 +62,8 @@ def examples_digest(examples: Sequence) -> str:
     (precomputed reference log-probs) are left out: recomputing them may change their last bits."""
     h = hashlib.blake2b(digest_size=16)
     for e in examples:
+        if isinstance(e, PackedRow):  # its arrays, as when packed rows were held as arrays (saved digests hold)
+            e = {k: v[0] for k, v in stack_rows([e], e.length).items()}
         for v in (e[k] for k in sorted(e)) if isinstance(e, dict) else e:
             if isinstance(v, np.ndarray) and (np.issubdtype(v.dtype, np.integer) or v.dtype == bool):
                 h.update(np.int64(v.size).tobytes())
