@@ -5,8 +5,8 @@ segment id 0 and loss_mask 0; real tokens have segment ids >= 1, so they never a
 packed row, to another example (the PyTorch recipe's packing defect). Positions restart at 0 per example.
 
 Packing means the same for both stages: several sequences share a row, each its own segment.
-* dSFT: `pack` fills rows of seq_len with whole examples, best-fit decreasing within windows of a shuffled
-  order (the rows are shuffled again by the loader).
+* dSFT: `pack_rows` fills rows of seq_len with whole examples, best-fit decreasing within windows of a shuffled
+  order (the rows are shuffled again by the loader, and written into arrays per batch by `stack_rows`).
 * dDPO: a global batch of B pairs is 2B sequences (prompt + chosen, prompt + rejected), packed best-fit
   decreasing into a fixed number of rows at the shortest bucket length that holds them all (`plan_pairs`).
   Per segment slot s (segment id s + 1) of each row, "sequence_pair" [rows, slots] says whose
