@@ -4,9 +4,9 @@ loader and batcher over a synthetic length mix (plan.length_mix), no model.
     python bench/batch_shapes.py --config=configs/dpo.py [--steps=1910] [--epochs=3] [--shards=8] [--mix=SPEC]
 
 Prints the distinct (row length, loss-position width, segment slots) shapes, the step at which each first
-appears, the LM head's positions (rows x width) against the rows' positions, and the process's peak host memory
-(the examples, and for dSFT the packed rows the loader holds). --shards: the batch shards of the mesh the rows must
-divide over (8: one 8-GPU node).
+appears, the LM head's positions (rows x width) against the rows' positions, the periodic eval's batch shapes and
+real-token fraction, and the process's peak host memory (the examples, and for dSFT the packed rows the loader
+holds). --shards: the batch shards of the mesh the rows must divide over (8: one 8-GPU node).
 """
 
 import argparse
@@ -30,6 +30,9 @@ def main():
     p.add_argument("--steps", type=int, default=1910, help="steps of an epoch (1910: 61,135 pairs / 32)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--eval_examples", type=int, default=0,
+                   help="held-out examples to batch as the periodic eval does (0: 23,110 for dSFT, UltraChat-200k's "
+                        "test_sft; 2,000 for dDPO, UltraFeedback's test_prefs)")
     p.add_argument("--mix", default=None, help="plan.length_mix spec (default: plan.DEFAULT_MIX of the stage)")
     args = p.parse_args()
     cfg = load_config(args.config)
@@ -47,10 +50,19 @@ def main():
         first.setdefault(key, step)
         head += batch["loss_positions"].size
         positions += batch["inputs"].size
+    held_out = args.eval_examples or (2000 if cfg.stage == "dpo" else 23110)
+    mix = plan.length_mix(args.mix or plan.DEFAULT_MIX[cfg.stage], cfg.stage, cfg.seed + 1, held_out)
+    split = plan.fit_to_config(mix, cfg)
+    eval_shapes, eval_real, eval_positions = set(), 0, 0
+    for batch, _ in train.eval_batches(split, cfg.train.eval_batch_size, train.eval_batcher(cfg, mesh)[0]):
+        eval_shapes.add(batch["inputs"].shape)
+        eval_real += int((batch["segment_ids"] > 0).sum())  # the last batch's repeats counted as real: a bound
+        eval_positions += batch["inputs"].size
     print(json.dumps({"config": args.config, "loader_examples": len(examples), "steps": sum(shapes.values()),
                       "shapes": len(shapes), "lengths": len({k[0] for k in shapes}), "widths": len({k[1] for k in shapes}),
                       "slots": sorted({k[2] for k in shapes}), "first_seen": sorted(first.values()),
                       "head_positions_per_row_position": round(head / positions, 4),
+                      "eval_shapes": len(eval_shapes), "eval_real_fraction": round(eval_real / eval_positions, 4),
                       "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 
 

@@ -160,6 +160,35 @@ def test_packed_sft_rows_refer_to_their_examples_and_build_the_batches_arrays_di
         assert sequence_lengths(r) == np.bincount(ids[ids > 0]).tolist()[1:]
 
 
+def test_packed_sft_eval_gives_the_unpacked_evals_metrics_on_fewer_positions(model):
+    """The dSFT eval packs the held-out split as training packs its rows (it padded an example a row to a power of
+    two): the same loss, token accuracy and token count as the unpacked eval."""
+    from zephyr_jax import train
+    from zephyr_jax.sharding import DEFAULT_RULES
+
+    graphdef, params = model
+    examples = random_sft(30)
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), (jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:1])
+    sharding = train.batch_sharding(mesh, DEFAULT_RULES)
+    metrics, positions = {}, {}
+    for packing in (False, True):
+        cfg = ml_collections.ConfigDict({"stage": "sft", "train": {"eval_batch_size": 4, "progress": False},
+                                         "data": {"packing": packing, "max_length": 96, "pack_window": 1000,
+                                                  "buckets": ()}})
+        split = train.eval_split(cfg, examples, log=lambda _: None)
+        batcher, _ = train.eval_batcher(cfg, mesh)
+        positions[packing] = sum(b["inputs"].size for b, _ in train.eval_batches(split, 4, batcher))
+        eval_fn = train_steps.make_eval_fn("sft", graphdef, 4, train.max_segments(cfg, split))
+        metrics[packing] = train.eval_metrics(cfg, eval_fn, params, split, None, sharding)
+    assert all(isinstance(r, PackedRow) for r in split) and len(split) < len(examples) // 3
+    assert metrics[True]["num_tokens"] == metrics[False]["num_tokens"] == sum(int(e.loss_mask[1:].sum())
+                                                                             for e in examples)
+    np.testing.assert_allclose(metrics[True]["loss"], metrics[False]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics[True]["token_accuracy"], metrics[False]["token_accuracy"], rtol=1e-6)
+    assert positions[True] < positions[False] / 2
+
+
 def test_packed_sft_rows_give_the_padded_rows_and_the_full_head_reference(model):
     graphdef, params = model
     examples = random_sft(12)

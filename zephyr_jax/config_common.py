@@ -56,7 +56,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.train.max_steps = -1  # -1: num_epochs worth of steps
     c.train.log_every = 10
     c.train.eval_every = 200  # 0: only at the end
-    c.train.eval_batch_size = 64
+    c.train.eval_batch_size = 64  # rows of an eval batch: examples, pairs, or packed dSFT rows (train.eval_split)
     c.train.save_every = 200
     c.train.keep_checkpoints = 2
     c.train.progress = True  # tqdm bar

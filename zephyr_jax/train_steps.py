@@ -178,12 +178,12 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
 
 # --- Evaluation and reference passes: per-example numbers, aggregated on the host. ---
 
-def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None):
-    """SFT: per-row (sum of target NLL, tokens, correct tokens). DPO: pair log-probs [num_pairs, 2] (the pairs
-    of an eval batch, in order)."""
+def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None, max_segments: int | None = 1):
+    """SFT: per-row (sum of target NLL, tokens, correct tokens) of rows holding up to max_segments examples
+    (train.max_segments). DPO: pair log-probs [num_pairs, 2] (the pairs of an eval batch, in order)."""
 
-    def sft_eval(params, batch):  # eval rows hold one example each (train.eval_batcher)
-        logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments=1)
+    def sft_eval(params, batch):
+        logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments=max_segments)
         return {"nll": -logps.sum(-1), "tokens": valid.sum(-1), "correct": correct.sum(-1)}
 
     def dpo_eval(params, batch):
