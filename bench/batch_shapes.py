@@ -59,7 +59,8 @@ def main():
         eval_real += int((batch["segment_ids"] > 0).sum())  # the last batch's repeats counted as real: a bound
         eval_positions += batch["inputs"].size
     print(json.dumps({"config": args.config, "loader_examples": len(examples), "steps": sum(shapes.values()),
-                      "shapes": len(shapes), "lengths": len({k[0] for k in shapes}), "widths": len({k[1] for k in shapes}),
+                      "shapes": len(shapes), "lengths": len({k[0] for k in shapes}),
+                      "widths": len({k[1] for k in shapes}),
                       "slots": sorted({k[2] for k in shapes}), "first_seen": sorted(first.values()),
                       "head_positions_per_row_position": round(head / positions, 4),
                       "eval_shapes": len(eval_shapes), "eval_real_fraction": round(eval_real / eval_positions, 4),

@@ -661,8 +661,8 @@ def initial_state(tx, params, state_shardings: steps.TrainState) -> steps.TrainS
 
 def max_segments(cfg, rows) -> int | None:
     """The static bound GPU attention (cuDNN) takes on the sequences a row holds: 1 for unpacked dSFT rows; for
-    packed ones (PackedRows, or batches of them) the most any of `rows` holds (their segment ids count 1, 2, ...), rounded up to a power of two;
-    None for dDPO, whose batches carry their segment slots. (Half the row length, the bound that needs no data,
+    packed ones (PackedRows, or batches of them) the most any of `rows` holds, rounded up to a power of two; None
+    for dDPO, whose batches carry their segment slots. (Half the row length, the bound that needs no data,
     made cuDNN's call and its float32 statistics ~500x larger than packed UltraChat rows need.)"""
     if cfg.stage == "dpo":
         return None
