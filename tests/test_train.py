@@ -112,12 +112,17 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"data.buckets=\(32,\) lacks data.max_length=64, the length of every packed"):
         train.run(tiny_config("sft", data_dir, **{"data.max_length": 64, "data.buckets": (32,),
                                                  "data.packing": True}), str(tmp_path / "j"))
+    with pytest.raises(ValueError, match=r"attention_dropout=0.1 \(config.model.arch\): attention dropout is not"):
+        dropout = tiny_config("sft", data_dir)
+        with dropout.unlocked():  # a checkpoint's config.json may carry it (transformers reads it)
+            dropout.model.arch.attention_dropout = 0.1
+        train.run(dropout, str(tmp_path / "k"))
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "model_config.json").write_text("{}")
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):
         train.run(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "workdir")}),
                   str(tmp_path / "h"))
-    assert not any((tmp_path / d).exists() for d in "abcdefghij")  # refused before the workdir was made
+    assert not any((tmp_path / d).exists() for d in "abcdefghijk")  # refused before the workdir was made
 
 
 def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path, capsys):

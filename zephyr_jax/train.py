@@ -229,10 +229,16 @@ def model_config(cfg) -> MistralConfig:
     """The architecture: from the HF checkpoint, the SFT workdir, or config.model.arch for random init."""
     jax_settings = model_settings(cfg)
     if cfg.model.init == "random":
-        return MistralConfig(**cfg.model.arch.to_dict(), **jax_settings)
-    if cfg.model.init == "orbax":
-        return checkpoint.load_model_config(cfg.model.path, **jax_settings)
-    return hf.load_config(hf.resolve(cfg.model.path), **jax_settings)
+        mcfg = MistralConfig(**cfg.model.arch.to_dict(), **jax_settings)
+    elif cfg.model.init == "orbax":
+        mcfg = checkpoint.load_model_config(cfg.model.path, **jax_settings)
+    else:
+        mcfg = hf.load_config(hf.resolve(cfg.model.path), **jax_settings)
+    if mcfg.attention_dropout:  # inference never drops; training here would silently differ from transformers'
+        source = "config.model.arch" if cfg.model.init == "random" else cfg.model.path
+        raise ValueError(f"the model's attention_dropout={mcfg.attention_dropout} ({source}): attention dropout is "
+                         "not implemented in training; set it to 0.0 (Mistral-7B's value)")
+    return mcfg
 
 
 def abstract_params(cfg, mcfg: MistralConfig, mesh):

@@ -8,8 +8,9 @@ cache positions and calls `cache_attention`, the same einsum attention over the 
 Shapes: q [B, T, N, D]; k, v [B, S, K, D] with N = K * G (grouped-query attention). A query may attend to a
 key when all of these hold:
   causal     the key's slot is not after the query's slot;
-  window     query position - key position < sliding_window (HF's rule: a query sees `sliding_window` keys,
-             itself included); positions, not slots, so a left-padded row sees the same tokens as it would alone;
+  window     query slot - key slot < sliding_window (HF's rule: a query sees `sliding_window` keys, itself
+             included); a sequence's tokens are contiguous slots, so a padded or packed one sees the tokens it
+             would alone (the KV cache counts cache positions, which are its slots);
   segments   both carry the same segment id (packed examples never see each other);
   valid      the key is a real token (attention_mask / filled cache slot).
 """
