@@ -288,6 +288,36 @@ def test_stop_strings_decode_only_the_replys_tail_until_one_appears(small, monke
     assert r.finish_reason == "stop" and r.text == "The answer is 4."
 
 
+def test_streamed_text_joins_to_the_reply_never_takes_back_and_decodes_each_token_a_few_times():
+    """Request.new_text, as chat and the server stream: the pieces join to the whole reply's decode, no piece is
+    taken back later (bytes of a run that turns out not to be UTF-8 become U+FFFD, valid ones before it included),
+    and only the tokens since the last call and the few before them are decoded (the whole reply each call, before:
+    quadratic). Replies of words, emoji and CJK in byte tokens, random tokens, and random byte runs and </s>."""
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    words = tok.encode("Héllo wörld 😀 — 中文 test.\n\n  indented  “quotes” 🤖🧪 ok", add_special_tokens=False)
+    decoded, real = [0], tok.decode
+    counting = lambda ids, **kw: decoded.__setitem__(0, decoded[0] + len(ids)) or real(ids, **kw)  # noqa: E731
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        ids = [list(words) * 3, rng.integers(3, 32000, 200).tolist(),
+               rng.choice(np.concatenate([words, rng.integers(3, 300, 20), [2, 2]]), 200).tolist()][seed % 3]
+        r, pieces, decoded[0] = Request([1], SamplingParams(stop=("\n\n",) if seed % 2 else ())), [], 0
+        tok.decode = counting
+        try:
+            while len(r.tokens) < len(ids):
+                r.tokens.extend(ids[len(r.tokens):len(r.tokens) + int(rng.integers(1, 6))])
+                pieces.append(r.new_text(tok))
+        finally:
+            del tok.decode
+        whole = tok.decode(ids, skip_special_tokens=True)
+        assert whole.startswith("".join(pieces)), seed
+        assert decoded[0] <= 4 * len(ids), (seed, decoded[0])  # the whole reply each call: ~20x its length here
+        r.finish_reason, r.text = "length", whole
+        assert "".join(pieces) + r.new_text(tok) == whole, seed
+
+
 def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
     _, model = small
     engine = Engine(model, max_slots=1, max_length=64, max_queue=1, eos_id=None)

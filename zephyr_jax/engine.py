@@ -109,15 +109,36 @@ class Request:
     _last_token: int = 0
     _stop_scan: int = 0  # characters of the reply searched for stop strings
     _stop_tokens: int = 0  # tokens of the reply those characters came from
-    _sent: int = 0
+    _sent: int = 0  # characters new_text has returned
+    _streamed: str = ""  # the text of tokens[:_read], settled (for streaming)
+    _read: int = 0
+    _joined: int = 0  # tokens before _read decoded again with the next ones, so their text joins as in one decode
 
     def new_text(self, tokenizer) -> str:
-        """The reply's text since the last call (for streaming). Text that may still turn out to begin a stop
-        string, or an incomplete UTF-8 character, is held back until it is settled."""
+        """The reply's text since the last call (for streaming). Text that may still change with the next
+        tokens is held back until it is settled: an incomplete character, the bytes after the last token that is
+        not a byte (see _may_change), and what may turn out to begin a stop string.
+
+        Only the tokens since the previous call, and the few before them, are decoded (the whole reply each time
+        made one long streamed reply's host work quadratic): the text of tokens[_joined:] less that of
+        tokens[_joined:_read] is what tokens[_read:] add, the leading space a decode drops from its first piece
+        included."""
         if self.finish_reason is not None:
             safe = self.text
         else:
-            safe = tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd")
+            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+            end = len(self.tokens)
+            while end > self._read and _may_change(tokenizer, self.tokens[end - 1]):
+                end -= 1
+            if end > self._read:
+                head, new = decode(self.tokens[self._joined:self._read]), decode(self.tokens[self._joined:end])
+                if not new.startswith(head):  # pieces that do not join so: the whole reply, decoded again
+                    self._streamed, self._joined, self._read, head, new = "", 0, 0, "", decode(self.tokens[:end])
+                added = new[len(head):]
+                if not added.endswith("\ufffd"):  # else an incomplete character (byte-level BPE): wait for more
+                    self._streamed += added
+                    self._joined, self._read = self._read, end
+            safe = self._streamed
             for stop in self.params.stop:
                 for n in range(min(len(stop) - 1, len(safe)), 0, -1):
                     if safe.endswith(stop[:n]):
@@ -126,6 +147,15 @@ class Request:
         delta = safe[self._sent:] if len(safe) > self._sent else ""
         self._sent = max(self._sent, len(safe))
         return delta
+
+
+def _may_change(tokenizer, token: int) -> bool:
+    """Whether the text of a reply that ends in `token` may still change with the tokens after it: a byte token
+    (its character may be incomplete, and the ByteFallback decoder turns every byte of a run that is not valid
+    UTF-8 into U+FFFD, valid ones before it included) or a special token (dropped before decoding, so the bytes
+    around it join into one run)."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    return token in tokenizer.all_special_ids or (len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
 
 
 def _top_pairs(logprobs, ids, k: int) -> list[tuple[int, float]]:
