@@ -379,6 +379,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
                          if r["split"] == "train"}
     full_losses, killed_losses = by_step(tmp_path / "full"), by_step(killed_dir)
     assert all(killed_losses[s] == full_losses[s] for s in killed_losses)
+    steps = [r["step"] for r in map(json.loads, open(killed_dir / "metrics.jsonl")) if r["split"] == "train"]
+    assert steps == list(range(1, 25))  # one timeline: the killed run's records of replayed steps are set aside
 
 
 def test_sigterm_saves_the_current_step(data_dir, tmp_path):

@@ -21,7 +21,7 @@ from zephyr_jax.tokenizer import load_tokenizer
 
 def final_metrics(workdir: str, step: int | None = None) -> dict:
     """The last train and eval records of workdir/metrics.jsonl up to `step` (the exported checkpoint's: the file
-    also holds later steps, and steps a resumed run went through again)."""
+    may hold later steps)."""
     last = {}
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):

@@ -72,20 +72,51 @@ def wandb_run_id(workdir: str) -> str:
         return f.read().strip()
 
 
-class MetricWriter:
-    """Writes on process 0 only: one JSON line per record, TensorBoard scalars, W&B if configured."""
+def set_aside_replayed(workdir: str, step: int, final: bool = False) -> int:
+    """A run resumed from `step` trains the steps after it again, and evaluates `step` again when it is the last
+    (`final`): the interrupted run's records of them move from metrics.jsonl to metrics.superseded.jsonl, so
+    metrics.jsonl holds one record per step and split. Returns how many moved."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    replayed = lambda r: r["step"] > step or (final and r["step"] == step and r["split"] == "eval")  # noqa: E731
+    moved = [line for line in lines if replayed(json.loads(line))]
+    if moved:
+        with open(os.path.join(workdir, "metrics.superseded.jsonl"), "a") as f:
+            f.writelines(moved)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(line for line in lines if not replayed(json.loads(line)))
+        os.replace(path + ".tmp", path)
+    return len(moved)
 
-    def __init__(self, workdir: str, tensorboard: bool = True, wandb_project: str | None = None, config=None):
+
+class MetricWriter:
+    """Writes on process 0 only: one JSON line per record, TensorBoard scalars, W&B if configured.
+
+    resumed_from: the step a resumed run starts from. The records of what it does again (set_aside_replayed)
+    move to metrics.superseded.jsonl, and TensorBoard hides the interrupted run's events after it (purge_step).
+    W&B drops a resumed run's steps up to the last one it has (its own rule)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True, wandb_project: str | None = None, config=None,
+                 resumed_from: int | None = None, final: bool = False):
         self.active = jax.process_index() == 0
         self.tb = self.wandb = None
         if not self.active:
             return
+        if resumed_from is not None:
+            moved = set_aside_replayed(workdir, resumed_from, final)
+            if moved:
+                print(f"metrics.jsonl: {moved} records of steps the resumed run does again moved to "
+                      "metrics.superseded.jsonl")
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                purge = None if resumed_from is None else resumed_from + 1
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
             except ImportError:
                 print("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
         if wandb_project:

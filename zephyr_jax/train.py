@@ -499,7 +499,9 @@ def run(cfg, workdir: str) -> dict:
     train_step = jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
                                 frozen_reference=reference is not None,
                                 max_segments=max_segments(cfg, train_examples))
-    writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+    start = int(jax.device_get(state.step))  # 0, or the step resumed from: the records after it are written again
+    writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
+                          resumed_from=start, final=start == total_steps)
 
     def evaluate(step):
         with jax.set_mesh(mesh):
@@ -509,7 +511,7 @@ def run(cfg, workdir: str) -> dict:
 
     # The loop. The host never waits for a step's result: metrics stay on the device until a log line, an eval or
     # a checkpoint needs them, and the next batch is built and placed while the device runs this one.
-    step = int(jax.device_get(state.step))
+    step = start
     bar = tqdm(total=total_steps, initial=step, desc=cfg.stage, disable=not cfg.train.progress or
                jax.process_index() != 0, dynamic_ncols=True)
     log = StepLog(writer, bar, mngr, workdir, lambda infos, seconds: throughput(
