@@ -384,8 +384,10 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
     assert len(embed.sharding.device_set) == 8 and embed.addressable_shards[0].data.shape[1] == 64 // 4
     prompts = _prompts(5, [10, 6, 3])
     expected = generate_ids(single, prompts, max_new_tokens=NEW_TOKENS)
-    for heads_first in (True, False):  # the KV cache's storage orders, its KV heads split over "tensor"
-        engine = Engine(sharded, max_slots=2, max_length=64, eos_id=None, mesh=mesh, heads_first_cache=heads_first)
+    # The KV cache's storage orders, its KV heads split over "tensor"; the mesh given, or the parameters' own
+    # (README's zephyr_jax.load(..., mesh=...) then generate(...): the cache went to device 0 and every call failed).
+    for heads_first, given in ((True, mesh), (False, None)):
+        engine = Engine(sharded, max_slots=2, max_length=64, eos_id=None, mesh=given, heads_first_cache=heads_first)
         spec = engine.cache.k.sharding.spec
         assert spec[kv_cache.axes(heads_first).index("kv_heads")] == "tensor" and list(spec).count("tensor") == 1
         out = engine.generate([Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])

@@ -13,8 +13,8 @@ while the other slots go on decoding: nobody waits for the longest reply of a ba
 Shapes are bucketed (rows and chunk lengths to 2^k or 3 * 2^(k-1); how much of the cache attention
 reads likewise when decoding, and to powers of two when prefilling; prefill calls take power-of-two groups
 of requests, so no row is padding), so each bucket compiles once. The cache is donated to every call, so it
-is updated in place. Parameters may be sharded over a mesh (zephyr_jax.load(..., mesh=...)); XLA gathers what
-each layer needs.
+is updated in place. Parameters may be sharded over a mesh (zephyr_jax.load(..., mesh=...)); the cache is laid
+out over the same mesh, and XLA gathers what each layer needs.
 
 Use it synchronously (`generate`) or from a server (`start` runs the loop on a thread; `submit` and `cancel` may
 be called from any thread; a request's `on_update` is called on the engine's thread after each call that gave it
@@ -158,6 +158,16 @@ def _may_change(tokenizer, token: int) -> bool:
     return token in tokenizer.all_special_ids or (len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
 
 
+def _parameters_mesh(state):
+    """The mesh a model's parameters are laid out over (zephyr_jax.load(..., mesh=...)), or None: the cache is
+    then placed over the same devices (on one device beside weights on several, every call failed)."""
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
 def _top_pairs(logprobs, ids, k: int) -> list[tuple[int, float]]:
     """The first k of lax.top_k's (values, indices) as (token id, log-prob) pairs."""
     return list(zip(ids[:k].tolist(), logprobs[:k].tolist()))
@@ -253,6 +263,7 @@ class Engine:
                 raise ValueError(f"Engine {name}={value}: must be at least {least}")
         self.config, self.tokenizer = cfg, tokenizer
         self.graphdef, self.state = nnx.split(model)
+        mesh = mesh if mesh is not None else _parameters_mesh(self.state)
         self.max_slots, self.decode_steps = int(max_slots), int(decode_steps)
         self.prefill_chunk = _bucket(prefill_chunk, 16, prefill_chunk)
         # A chunk's bucket may run past the cache's end: those padding positions' writes are dropped.

@@ -9,8 +9,9 @@ bounds its own concurrency (the endpoint per base URL, the engine by its KV-cach
 Backend specs (the CLIs' --user/--assistant/--generators/--judge flags):
     endpoint:MODEL@URL[,URL...]   an OpenAI-compatible server (several URLs spread the load over a fleet);
                                   the key comes from $OPENAI_API_KEY unless --api_key_env names another variable
-    engine:PATH                   zephyr_jax.load(PATH) (model and tokenizer) on this process's devices, batched
-                                  by the engine
+    engine:PATH                   zephyr_jax.load(PATH) (model and tokenizer) on the default device, batched
+                                  by the engine (a model sharded over several: `zephyr_jax.serve --mesh` and
+                                  endpoint:)
     callable:module:function      function(call: Call) -> str | Reply (may be async)
 """
 
