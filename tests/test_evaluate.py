@@ -100,9 +100,13 @@ def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):
     np.testing.assert_allclose(packed, one_per_row, rtol=1e-5, atol=1e-4)
 
 
-def test_prefs_argument_errors(dpo_workdir):
+def test_prefs_argument_errors(dpo_workdir, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--model={dpo_workdir}"])  # no reference
+    # --workdir takes these from its config: they were accepted and silently ignored (the same numbers)
+    with pytest.raises(SystemExit):
+        evaluate.main(["prefs", f"--workdir={dpo_workdir}", "--beta=5", "--dtype=bfloat16", "--reference_free"])
+    assert "--beta, --dtype, --reference_free would be ignored" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_prompt_length"):
         evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
 

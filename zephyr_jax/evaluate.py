@@ -310,6 +310,10 @@ def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
     p.add_argument("--system", default="", help="system message (Zephyr: empty)")
 
 
+PREFS_MODEL_DEFAULTS = dict(data_dir=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, max_length=1024,
+                            max_prompt_length=512, batch_size=16, dtype="float32", tokenizer=None)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m zephyr_jax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,15 +329,17 @@ def main(argv=None):
     p.add_argument("--data", default=None, help=f"preference data (default {ULTRAFEEDBACK_BINARIZED}; --workdir: "
                    "its eval data); hub name, dataset dir or jsonl/json/parquet files")
     p.add_argument("--split", default=None, help="split (default test_prefs; --workdir: its eval split)")
-    p.add_argument("--data_dir", default=None, help="TFDS data dir (tfds: sources)")
     p.add_argument("--max_examples", type=int, default=None, help="evaluate the first N pairs (default: all)")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--loss_type", default="sigmoid", choices=LOSS_TYPES)
-    p.add_argument("--label_smoothing", type=float, default=0.0)
-    p.add_argument("--max_length", type=int, default=1024)
-    p.add_argument("--max_prompt_length", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=16, help="preference pairs per scoring batch")
-    p.add_argument("--dtype", default="float32", help="compute and weight dtype (float32: the training eval's numbers)")
+    # --model only (a workdir's config has them): None when not given, so --workdir can refuse them.
+    p.add_argument("--data_dir", default=None, help="TFDS data dir (tfds: sources)")
+    p.add_argument("--beta", type=float, default=None, help="default 0.1")
+    p.add_argument("--loss_type", default=None, choices=LOSS_TYPES, help="default sigmoid")
+    p.add_argument("--label_smoothing", type=float, default=None, help="default 0")
+    p.add_argument("--max_length", type=int, default=None, help="default 1024")
+    p.add_argument("--max_prompt_length", type=int, default=None, help="default 512")
+    p.add_argument("--batch_size", type=int, default=None, help="preference pairs per scoring batch (default 16)")
+    p.add_argument("--dtype", default=None, help="compute and weight dtype (default float32: the training eval's "
+                   "numbers)")
     p.add_argument("--tokenizer", default=None, help="default: the policy's own, else Mistral-7B-v0.1")
     p.add_argument("--out", default=None, help="write the metrics here as JSON")
 
@@ -362,12 +368,19 @@ def main(argv=None):
         if args.workdir:
             if args.model or args.reference:
                 parser.error("prefs: pass either --workdir or --model/--reference, not both")
+            given = [f"--{k}" for k in PREFS_MODEL_DEFAULTS if getattr(args, k) is not None]
+            if given or args.reference_free:
+                parser.error(f"prefs --workdir takes the model, reference, loss, lengths and dtype from the "
+                             f"workdir's config: {', '.join(given + ['--reference_free'] * args.reference_free)} "
+                             "would be ignored (use --model/--reference to set them)")
             metrics = prefs_from_workdir(args.workdir, args.step, args.data, args.split, args.max_examples)
         else:
             if not args.model:
                 parser.error("prefs: pass --workdir=DPO_WORKDIR, or --model and --reference")
             if not args.reference and not args.reference_free:
                 parser.error("prefs: --model needs --reference (or --reference_free)")
+            for k, default in PREFS_MODEL_DEFAULTS.items():
+                setattr(args, k, default if getattr(args, k) is None else getattr(args, k))
             metrics = prefs(args.model, args.reference, data=args.data or ULTRAFEEDBACK_BINARIZED,
                             split=args.split or "test_prefs",
                             max_examples=-1 if args.max_examples is None else args.max_examples,
