@@ -319,6 +319,9 @@ def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
                                   log_samples=False)
     results = out["results"]
     assert 0.0 <= results["zj_mc"]["acc,none"] <= 1.0 and "acc_norm,none" in results["zj_mc"]
+    with pytest.raises(TypeError, match="zephyr_jax model_args: unknown dtpye, max_lenght"):  # ran with defaults
+        lm_eval.simple_evaluate(model="zephyr_jax", model_args=f"pretrained={model_dir},dtpye=bfloat16,max_lenght=64",
+                                tasks=["zj_mc"], task_manager=TaskManager(include_path=tasks))
     assert 0.0 <= results["zj_gen"]["exact_match,none"] <= 1.0
     assert results["zj_rolling"]["word_perplexity,none"] > 1.0 and "bits_per_byte,none" in results["zj_rolling"]
 

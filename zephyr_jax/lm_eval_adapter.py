@@ -33,6 +33,7 @@ if __name__ == "__main__":  # `python -m zephyr_jax.lm_eval_adapter`: register u
     raise SystemExit(0)
 
 import functools
+import inspect
 import logging
 
 import jax
@@ -71,7 +72,10 @@ def _flag(x) -> bool:
 @register_model("zephyr_jax")
 class ZephyrJaxLM(LM):
     def __init__(self, pretrained, tokenizer=None, dtype="float32", batch_size=8, max_length=None,
-                 max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None, **unused):
+                 max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None, **unknown):
+        if unknown:  # a misspelt model_arg (dtpye=bfloat16) ran with the default, unsaid
+            known = sorted(set(inspect.signature(ZephyrJaxLM.__init__).parameters) - {"self", "unknown"})
+            raise TypeError(f"zephyr_jax model_args: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
         super().__init__()
         from zephyr_jax.loading import load
         from zephyr_jax.tokenizer import tokenizer_for
