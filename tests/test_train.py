@@ -117,6 +117,9 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
         with dropout.unlocked():  # a checkpoint's config.json may carry it (transformers reads it)
             dropout.model.arch.attention_dropout = 0.1
         train.run(dropout, str(tmp_path / "k"))
+    with pytest.raises(ValueError, match=r"data.train \(.*\) holds token id \d+, but the model's vocabulary has "
+                                         r"1000 entries: config.tokenizer=None has tokens the model lacks"):
+        train.run(tiny_config("sft", data_dir, **{"model.arch.vocab_size": 1000}), str(tmp_path / "vocab"))
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "model_config.json").write_text("{}")
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):

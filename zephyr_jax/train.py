@@ -329,6 +329,17 @@ def eval_batches(examples, batch_size: int, batcher, rows=None):
         yield batcher(chunk, rows)[0], real
 
 
+def check_token_ids(examples, vocab_size: int, where: str, tokenizer: str | None) -> None:
+    """Refuses token ids the model has no embedding for (a tokenizer with added tokens over a model without them):
+    they embedded as NaN and the run stopped at its first log line on a NaN loss, naming neither."""
+    arrays = (a for e in examples for a in ((e.prompt, e.chosen, e.rejected) if hasattr(e, "prompt") else (e.ids,)))
+    most = max((int(a.max()) for a in arrays if a.size), default=-1)
+    if most >= vocab_size:
+        raise ValueError(f"{where} holds token id {most}, but the model's vocabulary has {vocab_size} entries: "
+                         f"config.tokenizer={tokenizer!r} has tokens the model lacks. Use the model's own tokenizer, "
+                         "or a model with embeddings for every id")
+
+
 def eval_split(cfg, examples, log=print) -> list:
     """The held-out split as eval batches take it: dSFT with packing packs it into rows of max_length (in file
     order: its metrics are sums over tokens), so eval spends no compute on padding (an example a row padded to a
@@ -446,7 +457,10 @@ def run(cfg, workdir: str) -> dict:
     # Data.
     tok = load_tokenizer(cfg.tokenizer)
     train_examples, _ = load_examples(cfg.data, cfg.stage, tok, "train")
-    eval_examples = eval_split(cfg, load_examples(cfg.data, cfg.stage, tok, "eval")[0])
+    eval_examples, _ = load_examples(cfg.data, cfg.stage, tok, "eval")
+    for split, examples in (("train", train_examples), ("eval", eval_examples)):
+        check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})", cfg.tokenizer)
+    eval_examples = eval_split(cfg, eval_examples)
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
     train_rows = local_rows(sharding, num_rows)
     loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
