@@ -46,17 +46,22 @@ def test_a_resumed_run_moves_the_records_of_steps_it_does_again_aside(tmp_path, 
         writer.close()
 
     read = lambda name: [json.loads(line) for line in open(tmp_path / name)]  # noqa: E731
-    run(1, 8, 0)  # killed after step 8; its last checkpoint: step 6
+    run(1, 8, 0)  # killed after step 8 (while writing step 9's record); its last checkpoint: step 6
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "split": "tr')
     run(7, 10, 6, loss=100.0)  # resumed from 6: steps 7-10 again, and the final eval
     records = read("metrics.jsonl")
     assert [(r["step"], r["split"]) for r in records] == \
         [(s, "train") for s in range(1, 6)] + [(5, "eval")] + [(s, "train") for s in range(6, 11)] + [(10, "eval")]
     assert [r["loss"] for r in records if r["step"] > 6] == [107.0, 108.0, 109.0, 110.0, 90.0]
-    assert [(r["step"], r["loss"]) for r in read("metrics.superseded.jsonl")] == [(7, 7.0), (8, 8.0)]
-    assert "2 records of steps the resumed run does again moved" in capsys.readouterr().out
+    superseded = open(tmp_path / "metrics.superseded.jsonl").read().splitlines()
+    assert [(r["step"], r["loss"]) for r in map(json.loads, superseded[:2])] == [(7, 7.0), (8, 8.0)]
+    assert superseded[2:] == ['{"step": 9, "split": "tr']  # the cut line, kept whole, on a line of its own
+    assert "3 records of steps the resumed run does again moved" in capsys.readouterr().out
     writer = MetricWriter(str(tmp_path), tensorboard=False, resumed_from=10, final=True)  # the finished run again:
     writer.write(10, {"loss": 190.0}, "eval")  # its final eval again, nothing else
     writer.close()
     records = read("metrics.jsonl")
     assert [(r["step"], r["split"], r["loss"]) for r in records[-2:]] == [(10, "train", 110.0), (10, "eval", 190.0)]
-    assert len(records) == 12 and read("metrics.superseded.jsonl")[-1] == {"step": 10, "split": "eval", "loss": 90.0}
+    assert len(records) == 12 and json.loads(open(tmp_path / "metrics.superseded.jsonl").readlines()[-1]) == \
+        {"step": 10, "split": "eval", "loss": 90.0}

@@ -79,15 +79,22 @@ def set_aside_replayed(workdir: str, step: int, final: bool = False) -> int:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return 0
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    replayed = lambda r: r["step"] > step or (final and r["step"] == step and r["split"] == "eval")  # noqa: E731
-    moved = [line for line in lines if replayed(json.loads(line))]
+    with open(path) as f:  # a kill mid-write may have left the last line cut short: it moves too, whole
+        lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+
+    def replayed(line: str) -> bool:
+        try:
+            r = json.loads(line)
+            return r["step"] > step or (final and r["step"] == step and r["split"] == "eval")
+        except (ValueError, TypeError, KeyError):  # not a record of this writer's
+            return True
+
+    moved = [line for line in lines if replayed(line)]
     if moved:
         with open(os.path.join(workdir, "metrics.superseded.jsonl"), "a") as f:
             f.writelines(moved)
         with open(path + ".tmp", "w") as f:
-            f.writelines(line for line in lines if not replayed(json.loads(line)))
+            f.writelines(line for line in lines if not replayed(line))
         os.replace(path + ".tmp", path)
     return len(moved)
 
