@@ -107,6 +107,9 @@ def test_prefs_argument_errors(dpo_workdir, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--workdir={dpo_workdir}", "--beta=5", "--dtype=bfloat16", "--reference_free"])
     assert "--beta, --dtype, --reference_free would be ignored" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["prefs", f"--model={dpo_workdir}", "--reference_free", "--step=3"])
+    assert "--step goes with --workdir" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_prompt_length"):
         evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
 
@@ -319,6 +322,7 @@ def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
                                   log_samples=False)
     results = out["results"]
     assert 0.0 <= results["zj_mc"]["acc,none"] <= 1.0 and "acc_norm,none" in results["zj_mc"]
+    zephyr_jax.lm_eval_adapter.ZephyrJaxLM(pretrained=model_dir, trust_remote_code=True)  # lm_eval's flag adds it
     with pytest.raises(TypeError, match="zephyr_jax model_args: unknown dtpye, max_lenght"):  # ran with defaults
         lm_eval.simple_evaluate(model="zephyr_jax", model_args=f"pretrained={model_dir},dtpye=bfloat16,max_lenght=64",
                                 tasks=["zj_mc"], task_manager=TaskManager(include_path=tasks))

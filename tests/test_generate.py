@@ -292,17 +292,20 @@ def test_streamed_text_joins_to_the_reply_never_takes_back_and_decodes_each_toke
     """Request.new_text, as chat and the server stream: the pieces join to the whole reply's decode, no piece is
     taken back later (bytes of a run that turns out not to be UTF-8 become U+FFFD, valid ones before it included),
     and only the tokens since the last call and the few before them are decoded (the whole reply each call, before:
-    quadratic). Replies of words, emoji and CJK in byte tokens, random tokens, and random byte runs and </s>."""
+    quadratic). Replies of words, emoji and CJK in byte tokens, random tokens, random byte runs with </s> and ids
+    past the tokenizer's vocabulary (a model with padded embeddings), and one of bytes only."""
     from zephyr_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     words = tok.encode("Héllo wörld 😀 — 中文 test.\n\n  indented  “quotes” 🤖🧪 ok", add_special_tokens=False)
     decoded, real = [0], tok.decode
     counting = lambda ids, **kw: decoded.__setitem__(0, decoded[0] + len(ids)) or real(ids, **kw)  # noqa: E731
-    for seed in range(60):
+    for seed in range(63):
         rng = np.random.default_rng(seed)
+        # Ids past the tokenizer's 32,000 (a model with padded embeddings) decode to nothing.
         ids = [list(words) * 3, rng.integers(3, 32000, 200).tolist(),
-               rng.choice(np.concatenate([words, rng.integers(3, 300, 20), [2, 2]]), 200).tolist()][seed % 3]
+               rng.choice(np.concatenate([words, rng.integers(3, 300, 20), [2, 2, 32000, 32007]]), 200).tolist(),
+               rng.integers(3, 259, 600).tolist()][seed % 3 if seed < 60 else 3]  # the last: 600 byte tokens
         r, pieces, decoded[0] = Request([1], SamplingParams(stop=("\n\n",) if seed % 2 else ())), [], 0
         tok.decode = counting
         try:
@@ -391,6 +394,11 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
         spec = engine.cache.k.sharding.spec
         assert spec[kv_cache.axes(heads_first).index("kv_heads")] == "tensor" and list(spec).count("tensor") == 1
         out = engine.generate([Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])
+        assert [r.tokens for r in out] == expected
+    for placed in (load_model(path, dtype="float32", mesh=make_mesh((1, 1, 1), devices=[jax.devices()[3]])),
+                   nnx.merge(*jax.device_put(nnx.split(single), jax.devices()[5]))):  # one model per accelerator
+        out = Engine(placed, max_slots=2, max_length=64, eos_id=None).generate(
+            [Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])
         assert [r.tokens for r in out] == expected
 
 

@@ -113,11 +113,13 @@ class Request:
     _streamed: str = ""  # the text of tokens[:_read], settled (for streaming)
     _read: int = 0
     _joined: int = 0  # tokens before _read decoded again with the next ones, so their text joins as in one decode
+    _checked: int = 0  # tokens new_text has looked at (each once)
+    _settled: int = 0  # the reply's tokens up to its last one that cannot change (among those checked)
 
     def new_text(self, tokenizer) -> str:
         """The reply's text since the last call (for streaming). Text that may still change with the next
         tokens is held back until it is settled: an incomplete character, the bytes after the last token that is
-        not a byte (see _may_change), and what may turn out to begin a stop string.
+        not a byte (see _unsettled_ids), and what may turn out to begin a stop string.
 
         Only the tokens since the previous call, and the few before them, are decoded (the whole reply each time
         made one long streamed reply's host work quadratic): the text of tokens[_joined:] less that of
@@ -127,9 +129,11 @@ class Request:
             safe = self.text
         else:
             decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-            end = len(self.tokens)
-            while end > self._read and _may_change(tokenizer, self.tokens[end - 1]):
-                end -= 1
+            unsettled, size = _unsettled_ids(tokenizer)
+            for i in range(self._checked, len(self.tokens)):  # each token asked once
+                if self.tokens[i] not in unsettled and self.tokens[i] < size:
+                    self._settled = i + 1
+            self._checked, end = len(self.tokens), self._settled
             if end > self._read:
                 head, new = decode(self.tokens[self._joined:self._read]), decode(self.tokens[self._joined:end])
                 if not new.startswith(head):  # pieces that do not join so: the whole reply, decoded again
@@ -149,22 +153,29 @@ class Request:
         return delta
 
 
-def _may_change(tokenizer, token: int) -> bool:
-    """Whether the text of a reply that ends in `token` may still change with the tokens after it: a byte token
-    (its character may be incomplete, and the ByteFallback decoder turns every byte of a run that is not valid
-    UTF-8 into U+FFFD, valid ones before it included) or a special token (dropped before decoding, so the bytes
-    around it join into one run)."""
-    piece = tokenizer.convert_ids_to_tokens(token)
-    return token in tokenizer.all_special_ids or (len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
+@functools.lru_cache(maxsize=8)
+def _unsettled_ids(tokenizer) -> tuple[frozenset, int]:
+    """(the ids after which a reply's text may still change with the next tokens, the tokenizer's size). They are
+    the byte tokens (a character may be incomplete, and the ByteFallback decoder turns every byte of a run that is
+    not valid UTF-8 into U+FFFD, valid ones before it included) and the special tokens; ids from the size up (a
+    model with padded embeddings) are too. Both kinds are dropped before decoding, so the bytes around them join."""
+    byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(256)])  # unk where a vocab has none
+    ids = {i for i in byte_ids if i is not None and i != tokenizer.unk_token_id}
+    return frozenset(ids | set(getattr(tokenizer, "all_special_ids", ()))), len(tokenizer)
 
 
 def _parameters_mesh(state):
-    """The mesh a model's parameters are laid out over (zephyr_jax.load(..., mesh=...)), or None: the cache is
-    then placed over the same devices (on one device beside weights on several, every call failed)."""
+    """The mesh a model's parameters are laid out over (zephyr_jax.load(..., mesh=...), or one device other than
+    the default), or None (the default device): the cache is placed beside them (on device 0 beside weights
+    elsewhere, every call failed)."""
     for leaf in jax.tree.leaves(state):
         sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+        if isinstance(sharding, jax.sharding.NamedSharding):
             return sharding.mesh
+        if isinstance(sharding, jax.sharding.SingleDeviceSharding) and getattr(leaf, "committed", False):
+            (device,) = sharding.device_set
+            if device != jax.devices()[0]:
+                return jax.sharding.Mesh(np.array([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     return None
 
 

@@ -322,7 +322,7 @@ def main(argv=None):
     p = sub.add_parser("prefs", help="DPO metrics / preference accuracy of a policy against a reference")
     p.add_argument("--workdir", default=None, help="a dDPO workdir: policy = its latest checkpoint; reference, "
                    "beta, loss, lengths and eval split from its config")
-    p.add_argument("--step", type=int, default=-1, help="--workdir: the checkpoint step (-1: latest)")
+    p.add_argument("--step", type=int, default=None, help="--workdir: the checkpoint step (default: the latest)")
     p.add_argument("--model", default=None, help="the policy: HF directory / hub name or zephyr_jax workdir")
     p.add_argument("--reference", default=None, help="the reference model (as --model)")
     p.add_argument("--reference_free", action="store_true", help="no reference model (log-ratios against 0)")
@@ -373,12 +373,15 @@ def main(argv=None):
                 parser.error(f"prefs --workdir takes the model, reference, loss, lengths and dtype from the "
                              f"workdir's config: {', '.join(given + ['--reference_free'] * args.reference_free)} "
                              "would be ignored (use --model/--reference to set them)")
-            metrics = prefs_from_workdir(args.workdir, args.step, args.data, args.split, args.max_examples)
+            step = -1 if args.step is None else args.step
+            metrics = prefs_from_workdir(args.workdir, step, args.data, args.split, args.max_examples)
         else:
             if not args.model:
                 parser.error("prefs: pass --workdir=DPO_WORKDIR, or --model and --reference")
             if not args.reference and not args.reference_free:
                 parser.error("prefs: --model needs --reference (or --reference_free)")
+            if args.step is not None:  # it was ignored: --model takes a workdir's latest checkpoint
+                parser.error("prefs: --step goes with --workdir (--model takes a workdir's latest checkpoint)")
             for k, default in PREFS_MODEL_DEFAULTS.items():
                 setattr(args, k, default if getattr(args, k) is None else getattr(args, k))
             metrics = prefs(args.model, args.reference, data=args.data or ULTRAFEEDBACK_BINARIZED,

@@ -72,7 +72,8 @@ def _flag(x) -> bool:
 @register_model("zephyr_jax")
 class ZephyrJaxLM(LM):
     def __init__(self, pretrained, tokenizer=None, dtype="float32", batch_size=8, max_length=None,
-                 max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None, **unknown):
+                 max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None,
+                 trust_remote_code=None, **unknown):  # trust_remote_code: lm_eval's own flag adds it; no remote code
         if unknown:  # a misspelt model_arg (dtpye=bfloat16) ran with the default, unsaid
             known = sorted(set(inspect.signature(ZephyrJaxLM.__init__).parameters) - {"self", "unknown"})
             raise TypeError(f"zephyr_jax model_args: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
