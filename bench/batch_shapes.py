@@ -54,7 +54,8 @@ def main():
     mix = plan.length_mix(args.mix or plan.DEFAULT_MIX[cfg.stage], cfg.stage, cfg.seed + 1, held_out)
     split = plan.fit_to_config(mix, cfg)
     eval_shapes, eval_real, eval_positions = set(), 0, 0
-    for batch, _ in train.eval_batches(split, cfg.train.eval_batch_size, train.eval_batcher(cfg, mesh)[0]):
+    size = train.eval_size(cfg, mesh, len(split))
+    for batch, _ in train.eval_batches(split, size, train.eval_batcher(cfg, mesh, size)[0]):
         eval_shapes.add(batch["inputs"].shape)
         eval_real += int((batch["segment_ids"] > 0).sum())  # the last batch's repeats counted as real: a bound
         eval_positions += batch["inputs"].size

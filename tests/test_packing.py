@@ -187,6 +187,13 @@ def test_packed_sft_eval_gives_the_unpacked_evals_metrics_on_fewer_positions(mod
     np.testing.assert_allclose(metrics[True]["loss"], metrics[False]["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics[True]["token_accuracy"], metrics[False]["token_accuracy"], rtol=1e-6)
     assert positions[True] < positions[False] / 2
+    # A split smaller than an eval batch: the fewest rows that hold it (it was filled to eval_batch_size with
+    # repeats of its last row), the same metrics.
+    big = ml_collections.ConfigDict(cfg.to_dict())
+    big.train.eval_batch_size = 64
+    assert train.eval_size(big, mesh, len(split)) == len(split) < 64 and train.eval_size(cfg, mesh, len(split)) == 4
+    np.testing.assert_allclose(train.eval_metrics(big, eval_fn, params, split, None, sharding)["loss"],
+                               metrics[True]["loss"], rtol=1e-6)
 
 
 def test_packed_sft_rows_give_the_padded_rows_and_the_full_head_reference(model):

@@ -351,10 +351,21 @@ def eval_split(cfg, examples, log=print) -> list:
     return rows
 
 
-def eval_batcher(cfg, mesh):
-    """(batcher, global rows) of the eval batches: eval_split's rows (packed dSFT), an example per row (SFT), or
-    pairs (DPO)."""
+def eval_size(cfg, mesh, count: int) -> int:
+    """Examples (rows) per eval batch for a split of `count`: train.eval_batch_size, or for a dSFT split smaller
+    than that the fewest rows over the batch shards that hold it (a split of 6 packed rows filled 64 with repeats).
+    DPO eval programs are compiled for eval_batch_size pairs."""
     size = cfg.train.eval_batch_size
+    if cfg.stage == "dpo":
+        return size
+    shards = batch_shards(mesh)
+    return min(size, max(1, -(-count // shards)) * shards)
+
+
+def eval_batcher(cfg, mesh, size: int | None = None):
+    """(batcher, global rows) of eval batches of `size` examples (default train.eval_batch_size): eval_split's rows
+    (packed dSFT), an example per row (SFT), or pairs (DPO)."""
+    size = size or cfg.train.eval_batch_size
     if cfg.stage == "dpo":
         return preference_batcher(cfg, mesh, size), preference_rows_for(cfg, mesh, size, 1)
     return padded_batcher(stack_rows if cfg.data.packing else pad_sft, buckets_for(cfg.data)), size
@@ -366,8 +377,8 @@ def eval_batcher(cfg, mesh):
 
 def run_eval(cfg, eval_fn, params, examples, sharding, desc=None) -> dict:
     """eval_fn's per-example outputs over `examples`, in example order. Call inside `jax.set_mesh(mesh)`."""
-    size = cfg.train.eval_batch_size
-    batcher, num_rows = eval_batcher(cfg, sharding.mesh)
+    size = eval_size(cfg, sharding.mesh, len(examples))
+    batcher, num_rows = eval_batcher(cfg, sharding.mesh, size)
     rows = local_rows(sharding, num_rows)
     batches = eval_batches(examples, size, batcher, rows)
     if desc:
