@@ -302,6 +302,11 @@ def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
     for pair, (want, want_greedy), (got, greedy) in zip(pairs, reference, ours):
         assert got == pytest.approx(want, abs=1e-4), pair
         assert greedy == want_greedy, pair
+    # model_args mesh=DxFxT shards the model over this host's devices (a 7B float32 fits no TPU v4/v5e chip).
+    sharded = ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64, mesh="1x4x2")
+    assert len(sharded.model.embed_tokens.get_value().sharding.device_set) == 8
+    for (got, greedy), (want, want_greedy) in zip(sharded.loglikelihood(requests), ours):
+        assert got == pytest.approx(want, abs=1e-4) and greedy == want_greedy
     # Where the joint text has no more tokens than the context ("Fr" + "ance" is one token: HFLM asserts),
     # the joint text is still what is scored, split before the first token that differs.
     lm = ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64)

@@ -4,6 +4,7 @@ jit keys its cache on, and the rules are an argument, so no trace made under one
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -42,3 +43,15 @@ def test_rules_travel_with_the_model_config():
     assert shardings[0].shard_shape((8, 4, 128)) == (1, 4, 128)
     assert shardings[1].is_fully_replicated  # the same model with "batch" unmapped
     assert hash(MistralConfig(sharding_rules=[["batch", ["data", "fsdp"]]])) is not None  # JSON lists are accepted
+
+
+def test_the_command_lines_mesh_flag():
+    """serve, chat, evaluate's --mesh and the lm-eval adapter's mesh= model_arg: one parser, clear errors."""
+    from zephyr_jax.sharding import local_mesh, mesh_shape
+
+    assert mesh_shape("1,-1,1") == (1, -1, 1) and mesh_shape("1x1x8") == (1, 1, 8)
+    assert mesh_shape(" 2, 2,2") == (2, 2, 2)
+    for bad in ("1,a,2", "8", "1,2,3,4", ""):
+        with pytest.raises(ValueError, match="expected three sizes data,fsdp,tensor"):
+            mesh_shape(bad)
+    assert local_mesh(None) is None and dict(local_mesh((1, 4, 2)).shape) == {"data": 1, "fsdp": 4, "tensor": 2}

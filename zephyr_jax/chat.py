@@ -15,6 +15,7 @@ import jinja2
 
 from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.loading import load
+from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import encode_text, render_chat
 
 
@@ -55,9 +56,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", help="compute and weight dtype (float32 for exact numbers)")
     parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
+    parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
     args = parser.parse_args(argv)
 
-    model, tok = load(args.model, args.dtype, tokenizer=args.tokenizer)
+    model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
     engine = Engine(model, tok, max_slots=1, max_length=args.max_length)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p)

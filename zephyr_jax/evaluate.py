@@ -40,6 +40,7 @@ from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines
 from zephyr_jax.losses import LOSS_TYPES
 from zephyr_jax.loading import load, load_model
+from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,6 +309,7 @@ def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
     p.add_argument("--top_p", type=float, default=sampling_defaults["top_p"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default="", help="system message (Zephyr: empty)")
+    p.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
 
 
 PREFS_MODEL_DEFAULTS = dict(data_dir=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, max_length=1024,
@@ -398,7 +400,7 @@ def main(argv=None):
         print(json.dumps(metrics, indent=2))
         return metrics
 
-    model, tok = load(args.model, args.dtype, tokenizer=args.tokenizer)
+    model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
     sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     batch_size=args.batch_size, system=args.system)
     if args.command == "mt_bench":

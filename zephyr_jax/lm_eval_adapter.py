@@ -21,7 +21,8 @@ model's max_position_embeddings and 4096, Mistral v0.1's sliding window), max_ge
 Scoring runs one jitted forward per batch of `batch_size` rows padded to a power-of-two length, so a task
 compiles a handful of shapes; generation runs on the engine (zephyr_jax/engine.py: continuous batching
 over batch_size KV-cache slots).
-Single process: run one evaluation per host (the model may still use every local device through jit).
+Single process: run one evaluation per host. The model is on one device unless model_args name a mesh over this
+host's devices (mesh=1x1x8: tensor parallel; a 7B in float32, the default dtype, fits no single TPU v4/v5e chip).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import bucket, default_buckets
 from zephyr_jax.engine import SamplingParams
 from zephyr_jax.generate import request_seed, run
+from zephyr_jax.sharding import local_mesh, mesh_shape
 from zephyr_jax.tokenizer import render_chat
 
 
@@ -72,7 +74,7 @@ def _flag(x) -> bool:
 @register_model("zephyr_jax")
 class ZephyrJaxLM(LM):
     def __init__(self, pretrained, tokenizer=None, dtype="float32", batch_size=8, max_length=None,
-                 max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None,
+                 max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None, mesh=None,
                  trust_remote_code=None, **unknown):  # trust_remote_code: lm_eval's own flag adds it; no remote code
         if unknown:  # a misspelt model_arg (dtpye=bfloat16) ran with the default, unsaid
             known = sorted(set(inspect.signature(ZephyrJaxLM.__init__).parameters) - {"self", "unknown"})
@@ -81,8 +83,9 @@ class ZephyrJaxLM(LM):
         from zephyr_jax.loading import load
         from zephyr_jax.tokenizer import tokenizer_for
 
-        if isinstance(pretrained, str):
-            self.model, self.tokenizer = load(pretrained, dtype, tokenizer=tokenizer)
+        if isinstance(pretrained, str):  # mesh: "1x1x8" (model_args are split at commas)
+            mesh = local_mesh(mesh_shape(mesh) if mesh else None)
+            self.model, self.tokenizer = load(pretrained, dtype, mesh, tokenizer=tokenizer)
         else:  # a Mistral module built in Python
             self.model = pretrained
             self.tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) \

@@ -38,6 +38,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from zephyr_jax.engine import TOP_LOGPROBS, Engine, QueueFull, Request, SamplingParams
+from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import encode_text
 
 log = logging.getLogger("zephyr_jax.serve")
@@ -588,7 +589,7 @@ def main(argv=None) -> None:
                              "waits for those compiles")
     parser.add_argument("--compilation-cache", default="~/.cache/zephyr_jax/xla",
                         help="JAX's persistent compilation cache, so a restart skips compiling ('' = off)")
-    parser.add_argument("--mesh", default=None, help="shard parameters over local devices, e.g. '1,-1,1' (FSDP)")
+    parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
     args = parser.parse_args(argv)
 
     import uvicorn
@@ -603,11 +604,7 @@ def main(argv=None) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     use_compilation_cache(args.compilation_cache)
-    mesh = None
-    if args.mesh:
-        from zephyr_jax.sharding import make_mesh
-
-        mesh = make_mesh(tuple(int(x) for x in args.mesh.split(",")))
+    mesh = local_mesh(args.mesh)
     model, tokenizer = zephyr_jax.load(args.model, dtype=args.dtype, mesh=mesh, step=args.step,
                                        tokenizer=args.tokenizer)
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_length=args.max_length,

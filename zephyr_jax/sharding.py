@@ -131,6 +131,23 @@ def make_mesh(shape: Sequence[int], devices=None, order: str = "auto") -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
+MESH_FLAG_HELP = ("shard the model over this process's devices: data,fsdp,tensor sizes, one may be -1, e.g. 1,1,8 "
+                  "(tensor parallel: the least memory and work a chip for decoding) or 1,-1,1 (FSDP)")
+
+
+def mesh_shape(text: str) -> tuple:
+    """A command line's --mesh "D,F,T" (or "DxFxT") -> (D, F, T); as an argparse type, a bad one is a usage error."""
+    parts = str(text).replace(" ", "").replace("x", ",").split(",")
+    if len(parts) != 3 or not all(p.removeprefix("-").isdigit() for p in parts):
+        raise ValueError(f"{text!r}: expected three sizes data,fsdp,tensor, e.g. 1,1,8")
+    return tuple(int(p) for p in parts)
+
+
+def local_mesh(shape) -> Mesh | None:
+    """make_mesh over this process's devices for a --mesh shape; None (no --mesh): None, the default device."""
+    return None if shape is None else make_mesh(shape, jax.local_devices())
+
+
 def named(mesh: Mesh, specs):
     """PartitionSpecs -> NamedShardings on `mesh` (same tree)."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
