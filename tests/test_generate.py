@@ -389,10 +389,13 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
     expected = generate_ids(single, prompts, max_new_tokens=NEW_TOKENS)
     # The KV cache's storage orders, its KV heads split over "tensor"; the mesh given, or the parameters' own
     # (README's zephyr_jax.load(..., mesh=...) then generate(...): the cache went to device 0 and every call failed).
-    for heads_first, given in ((True, mesh), (False, None)):
-        engine = Engine(sharded, max_slots=2, max_length=64, eos_id=None, mesh=given, heads_first_cache=heads_first)
-        spec = engine.cache.k.sharding.spec
-        assert spec[kv_cache.axes(heads_first).index("kv_heads")] == "tensor" and list(spec).count("tensor") == 1
+    # With 4 slots, also the slots split over the batch axes (fsdp=4: each device holds its requests' part).
+    for heads_first, given, slots in ((True, mesh, 2), (False, None, 2), (True, None, 4)):
+        engine = Engine(sharded, max_slots=slots, max_length=64, eos_id=None, mesh=given,
+                        heads_first_cache=heads_first)
+        spec, axes = engine.cache.k.sharding.spec, kv_cache.axes(heads_first)
+        assert spec[axes.index("kv_heads")] == "tensor" and list(spec).count("tensor") == 1
+        assert spec[axes.index("slots")] == ("fsdp" if slots == 4 else None)
         out = engine.generate([Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])
         assert [r.tokens for r in out] == expected
     for placed in (load_model(path, dtype="float32", mesh=make_mesh((1, 1, 1), devices=[jax.devices()[3]])),

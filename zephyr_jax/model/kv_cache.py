@@ -68,7 +68,15 @@ class KVCache:
 def write(buffer, heads_first: bool, layer, rows, positions, new):
     """buffer with layer `layer`'s rows[b] at positions[b, t] set to new[b, t] ([B, T, kv_heads, head_dim]):
     one [kv_heads, head_dim] window per token in either order. Positions past the end (a bucket's padding) and
-    rows past the last slot (a padded batch) are dropped."""
+    rows past the last slot (a padded batch) are dropped.
+
+    A prefill of several rows writes them one at a time: as one scatter, XLA:TPU laid the whole cache out anew
+    and back around it where a chip holds 2 KV heads (a 7B on v4-8 with tensor=4, 64 slots x 4,096: 8 GiB of
+    temporaries for 2 rows, and 16 rows of 512 tokens did not fit a v5e chip); row by row it copies nothing."""
+    if positions.shape[1] > 1 and rows.shape[0] > 1:
+        for b in range(rows.shape[0]):
+            buffer = write(buffer, heads_first, layer, rows[b:b + 1], positions[b:b + 1], new[b:b + 1])
+        return buffer
     rows = rows[:, None]
     index = (layer, rows, slice(None), positions) if heads_first else (layer, rows, positions)
     return buffer.at[index].set(new.astype(buffer.dtype), mode="drop")
