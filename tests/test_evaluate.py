@@ -65,6 +65,10 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path):
     again = evaluate.prefs_from_workdir(str(copy))
     for k in DPO_METRICS:
         assert abs(again[k] - expected[k]) <= 1e-6, (k, again[k], expected[k])
+    # On another mesh than the run's (--mesh: a run's mesh may need devices this host lacks).
+    other = evaluate.prefs_from_workdir(dpo_workdir, mesh=(1, 2, 2))
+    for k in DPO_METRICS:
+        assert abs(other[k] - expected[k]) <= 1e-6, (k, other[k], expected[k])
 
 
 def test_prefs_policy_against_itself(dpo_workdir, data_dir, monkeypatch):  # noqa: F811
@@ -82,6 +86,11 @@ def test_prefs_policy_against_itself(dpo_workdir, data_dir, monkeypatch):  # noq
     for k in ("logps/chosen", "logps/rejected"):
         assert got[k] == pytest.approx(expected[k], abs=1e-4)
     assert len(made) == 1
+    sharded = evaluate.main(["prefs", f"--model={dpo_workdir}", "--reference_free", f"--data={data_dir / 'prefs'}",
+                             "--max_examples=8", "--max_length=128", "--max_prompt_length=64", "--batch_size=8",
+                             "--mesh=1,4,2"])  # the model over 8 devices
+    for k in ("logps/chosen", "logps/rejected"):
+        assert sharded[k] == pytest.approx(got[k], abs=1e-4)
 
 
 def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):

@@ -65,11 +65,12 @@ def train_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, split: str | None = None,
-                       max_examples: int | None = None, log=print) -> dict:
+                       max_examples: int | None = None, mesh: tuple | None = None, log=print) -> dict:
     """DPO metrics of a dDPO workdir's checkpoint (latest when step == -1) on its config's eval split (or `data` /
     `split` / `max_examples` instead), computed by the training loop's own eval path: the same examples, batches,
     mesh, jitted eval function, reference log-probs (the workdir's cache, else the config's initial model) and
-    metric function. On the run's eval split and final step the result equals its last eval record."""
+    metric function. On the run's eval split and final step the result equals its last eval record. `mesh`: a
+    (data, fsdp, tensor) shape over this job's devices instead of the run's (which may need other devices)."""
     cfg = train_config(workdir)
     if cfg.stage != "dpo":
         raise ValueError(f"{workdir} is a {cfg.stage!r} run: preference metrics need a dDPO workdir")
@@ -80,6 +81,9 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             cfg.data.eval_split = split
         if max_examples is not None:
             cfg.data.max_eval_examples = max_examples
+        if mesh is not None:  # over this job's devices, or as many as a shape without -1 names
+            cfg.mesh.shape = tuple(mesh)
+            cfg.mesh.num_devices = -1 if -1 in mesh else int(np.prod(mesh))
     mesh, rules = train.mesh_for(cfg), cfg.mesh.rules
     sharding = train.batch_sharding(mesh, rules)
     tok = load_tokenizer(cfg.tokenizer)
@@ -107,7 +111,7 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
 
 
 def pair_logps(model, examples, batch_size: int, buckets=None, eval_fn=None) -> np.ndarray:
-    """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples, on one device,
+    """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples (on its devices),
     through the training code's eval batches and eval function (pass one `eval_fn` for models of one
     architecture: each of its batch shapes then compiles once). buckets=None: packed, as training packs dDPO
     batches (about four sequences a row, rows in multiples of 128); else a row per sequence, padded to
@@ -128,9 +132,10 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
           max_examples: int = -1, data_dir: str | None = None, on_bad_row: str = "skip", beta: float = 0.1,
           loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False,
           max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 16, dtype="float32",
-          tokenizer=None, log=print) -> dict:
+          tokenizer=None, mesh: tuple | None = None, log=print) -> dict:
     """DPO metrics of policy `model` against `reference` on a preference split. Models: paths (HF dir / hub
-    name / zephyr_jax workdir) or Mistral modules; `tokenizer`: a tokenizer, a path, or None (the policy's).
+    name / zephyr_jax workdir; loaded over `mesh`, a (data, fsdp, tensor) shape over this process's devices, or
+    on one device) or Mistral modules; `tokenizer`: a tokenizer, a path, or None (the policy's).
     Defaults: the paper's test_prefs split, beta 0.1, sigmoid loss, max_length 1024, max_prompt_length 512."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
@@ -150,7 +155,7 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     eval_fns = {}  # by architecture: the policy reuses the reference's compiled batches
 
     def logps_of(m):
-        m = load_model(m, dtype) if isinstance(m, str) else m
+        m = load_model(m, dtype, local_mesh(mesh)) if isinstance(m, str) else m
         graphdef = nnx.graphdef(m)
         if graphdef not in eval_fns:
             eval_fns[graphdef] = steps.make_eval_fn("dpo", graphdef, batch_size)
@@ -343,6 +348,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="compute and weight dtype (default float32: the training eval's "
                    "numbers)")
     p.add_argument("--tokenizer", default=None, help="default: the policy's own, else Mistral-7B-v0.1")
+    p.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP + " (--workdir: instead of the "
+                   "run's mesh, which may need other devices)")
     p.add_argument("--out", default=None, help="write the metrics here as JSON")
 
     p = sub.add_parser("mt_bench", help="FastChat MT-Bench answers (model_answer jsonl)")
@@ -376,7 +383,7 @@ def main(argv=None):
                              f"workdir's config: {', '.join(given + ['--reference_free'] * args.reference_free)} "
                              "would be ignored (use --model/--reference to set them)")
             step = -1 if args.step is None else args.step
-            metrics = prefs_from_workdir(args.workdir, step, args.data, args.split, args.max_examples)
+            metrics = prefs_from_workdir(args.workdir, step, args.data, args.split, args.max_examples, args.mesh)
         else:
             if not args.model:
                 parser.error("prefs: pass --workdir=DPO_WORKDIR, or --model and --reference")
@@ -392,7 +399,7 @@ def main(argv=None):
                             data_dir=args.data_dir, beta=args.beta, loss_type=args.loss_type,
                             label_smoothing=args.label_smoothing, reference_free=args.reference_free,
                             max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                            batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer)
+                            batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer, mesh=args.mesh)
         metrics = {**metrics, "policy": args.workdir or args.model,
                    "reference": "config" if args.workdir else (args.reference or "none")}
         if args.out:
