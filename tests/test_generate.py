@@ -398,6 +398,9 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
         assert spec[axes.index("slots")] == ("fsdp" if slots == 4 else None)
         out = engine.generate([Request(p, SamplingParams(max_tokens=NEW_TOKENS)) for p in prompts])
         assert [r.tokens for r in out] == expected
+    with pytest.raises(ValueError, match=r"Engine mesh= is over devices \[0, 1, 2, 3, 4, 5, 6, 7\], the model's "
+                                         r"parameters on \[0\]"):  # built, then every call failed
+        Engine(single, max_slots=2, max_length=64, mesh=mesh)
     for placed in (load_model(path, dtype="float32", mesh=make_mesh((1, 1, 1), devices=[jax.devices()[3]])),
                    nnx.merge(*jax.device_put(nnx.split(single), jax.devices()[5]))):  # one model per accelerator
         out = Engine(placed, max_slots=2, max_length=64, eos_id=None).generate(

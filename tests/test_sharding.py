@@ -55,3 +55,18 @@ def test_the_command_lines_mesh_flag():
         with pytest.raises(ValueError, match="expected three sizes data,fsdp,tensor"):
             mesh_shape(bad)
     assert local_mesh(None) is None and dict(local_mesh((1, 4, 2)).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_num_devices_takes_as_many_devices_from_every_process():
+    """config.mesh.num_devices under several processes: the first N of the job were all process 0's (process 1
+    then crashed and process 0 waited for ever at the first collective)."""
+    from types import SimpleNamespace
+
+    from zephyr_jax.train import first_devices
+
+    devices = [SimpleNamespace(id=i, process_index=i // 4) for i in range(8)]
+    assert [d.id for d in first_devices(devices, 4)] == [0, 1, 4, 5]
+    assert [d.id for d in first_devices(devices[:4], 3)] == [0, 1, 2]  # one process: its first 3
+    for n in (3, 10):
+        with pytest.raises(ValueError, match=f"num_devices={n}: must be a multiple of the 2 processes"):
+            first_devices(devices, n)

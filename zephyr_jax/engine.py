@@ -276,6 +276,11 @@ class Engine:
         self.config, self.tokenizer = cfg, tokenizer
         self.graphdef, self.state = nnx.split(model)
         mesh = mesh if mesh is not None else _parameters_mesh(self.state)
+        held = {d for x in jax.tree.leaves(self.state) for d in getattr(getattr(x, "sharding", None), "device_set", ())}
+        if mesh is not None and held and held != set(mesh.devices.flat):  # every call would fail
+            raise ValueError(f"Engine mesh= is over devices {sorted(d.id for d in mesh.devices.flat)}, the model's "
+                             f"parameters on {sorted(d.id for d in held)}: load the model with that mesh "
+                             "(zephyr_jax.load(..., mesh=mesh)), or leave mesh= out to follow the parameters")
         self.max_slots, self.decode_steps = int(max_slots), int(decode_steps)
         self.prefill_chunk = _bucket(prefill_chunk, 16, prefill_chunk)
         # A chunk's bucket may run past the cache's end: those padding positions' writes are dropped.

@@ -180,10 +180,22 @@ def check_batch_fits_mesh(cfg, mesh) -> None:
 def mesh_for(cfg, devices=None):
     """The config's mesh over its devices (default: this job's), checked against the batch sizes."""
     devices = jax.devices() if devices is None else devices
-    devices = devices if cfg.mesh.num_devices == -1 else devices[:cfg.mesh.num_devices]
+    devices = devices if cfg.mesh.num_devices == -1 else first_devices(devices, cfg.mesh.num_devices)
     mesh = make_mesh(cfg.mesh.shape, devices, order=cfg.mesh.device_order)
     check_batch_fits_mesh(cfg, mesh)
     return mesh
+
+
+def first_devices(devices, n: int) -> list:
+    """config.mesh.num_devices=n: the first n devices, as many from each process. (The first n of the job were
+    all process 0's: the others held no part of the mesh, and one crashed while another waited for ever.)"""
+    processes = sorted({d.process_index for d in devices})
+    per, left = divmod(n, len(processes))
+    held = {p: [d for d in devices if d.process_index == p] for p in processes}
+    if left or per < 1 or any(len(held[p]) < per for p in processes):
+        raise ValueError(f"config.mesh.num_devices={n}: must be a multiple of the {len(processes)} processes, each "
+                         f"giving an equal part of at most {min(len(h) for h in held.values())} devices")
+    return [d for p in processes for d in held[p][:per]]
 
 
 def buckets_for(data_cfg) -> tuple:
