@@ -419,7 +419,10 @@ def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, name: str
     """[N, 2] reference log-probs of `examples` under `params` (the initial model), cached by model and data.
     `params` may be a function returning them, called only when the cache misses."""
     path = reference_cache_path(cfg, workdir, examples, name)
-    if os.path.exists(path):
+    cached = os.path.exists(path)
+    if jax.process_count() > 1:  # decided alike: a process that skipped the scoring pass would hang the others
+        cached = bool(np.all(multihost_utils.process_allgather(np.int32(cached))))
+    if cached:
         return np.load(path)
     params = params() if callable(params) else params
     logps = run_eval(cfg, eval_fn, params, examples, sharding, desc=f"reference log-probs ({name})")["logps"]
