@@ -566,7 +566,7 @@ def test_feedback_output_binarizes_and_trains_dpo(tmp_path):
 
 
 def test_engine_on_policy_samples_and_garbage_judge(tiny_model_dir, tmp_path):
-    from zephyr_jax.data.backends import EngineBackend
+    from zephyr_jax.data.backends import EngineBackend, backend_from_spec
 
     engine = EngineBackend.from_path(tiny_model_dir, dtype="float32", max_slots=4, max_length=1024)
     try:
@@ -591,6 +591,15 @@ def test_engine_on_policy_samples_and_garbage_judge(tiny_model_dir, tmp_path):
     assert [c["response"] for r in again for c in r["completions"]] == \
         [c["response"] for r in out for c in r["completions"]]
     assert scored["judge_errors"] == 0
+    # The CLIs' --mesh: the engine's model (and its cache) over this host's devices (8 here).
+    sharded = backend_from_spec(f"engine:{tiny_model_dir}", dtype="float32", max_slots=4, mesh="1,4,2")
+    try:
+        assert len(sharded.engine.cache.k.sharding.device_set) == 8
+        on_mesh = collect_feedback(rows, [sharded], check_sum, tmp_path / "mesh", completions_per_prompt=2,
+                                   principles="none", max_tokens=6, log=lambda s: None)
+    finally:
+        sharded.close()
+    assert on_mesh["judge_errors"] == 0 and len(load_rows(tmp_path / "mesh", "train")) == 1
 
 
 def test_programmatic_judge_errors_are_counted_not_fatal(tmp_path):

@@ -9,9 +9,8 @@ bounds its own concurrency (the endpoint per base URL, the engine by its KV-cach
 Backend specs (the CLIs' --user/--assistant/--generators/--judge flags):
     endpoint:MODEL@URL[,URL...]   an OpenAI-compatible server (several URLs spread the load over a fleet);
                                   the key comes from $OPENAI_API_KEY unless --api_key_env names another variable
-    engine:PATH                   zephyr_jax.load(PATH) (model and tokenizer) on the default device, batched
-                                  by the engine (a model sharded over several: `zephyr_jax.serve --mesh` and
-                                  endpoint:)
+    engine:PATH                   zephyr_jax.load(PATH) (model and tokenizer) on the default device, or over
+                                  the CLIs' --mesh (this host's devices), batched by the engine
     callable:module:function      function(call: Call) -> str | Reply (may be async)
 """
 
@@ -146,10 +145,14 @@ class EngineBackend(Backend):
         self.engine.start()
 
     @classmethod
-    def from_path(cls, path: str, dtype: str = "bfloat16", **options) -> "EngineBackend":
+    def from_path(cls, path: str, dtype: str = "bfloat16", mesh: tuple | str | None = None,
+                  **options) -> "EngineBackend":
+        """mesh: a (data, fsdp, tensor) shape, or the CLIs' "1,1,8", over this process's devices (a 7B and its KV
+        cache fit no TPU v5e chip); None: the default device."""
         from zephyr_jax.loading import load
+        from zephyr_jax.sharding import local_mesh, mesh_shape
 
-        model, tok = load(path, dtype=dtype)
+        model, tok = load(path, dtype=dtype, mesh=local_mesh(mesh_shape(mesh) if isinstance(mesh, str) else mesh))
         return cls(model, tok, name=options.pop("name", None) or path.rstrip("/").split("/")[-1], **options)
 
     def prompt_ids(self, call: Call) -> list[int]:
@@ -207,9 +210,9 @@ def load_callable(spec: str) -> Callable:
 
 def backend_from_spec(spec: str, *, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
                       timeout: float = 120.0, max_retries: int = 6, dtype: str = "bfloat16",
-                      max_slots: int = 32, **endpoint_options) -> Backend:
+                      max_slots: int = 32, mesh: tuple | str | None = None, **endpoint_options) -> Backend:
     """A backend from a spec string (see the module docstring). `endpoint_options` go to `Endpoint` (backoff,
-    max_backoff, price_per_million)."""
+    max_backoff, price_per_million); `mesh` to an engine's model (EngineBackend.from_path)."""
     kind, _, rest = spec.partition(":")
     if kind == "endpoint":
         from zephyr_jax.data.endpoint import Endpoint
@@ -220,7 +223,7 @@ def backend_from_spec(spec: str, *, api_key_env: str = "OPENAI_API_KEY", concurr
         return Endpoint(model, urls.split(","), api_key_env=api_key_env, concurrency=concurrency,
                         timeout=timeout, max_retries=max_retries, **endpoint_options)
     if kind == "engine" and rest:
-        return EngineBackend.from_path(rest, dtype=dtype, max_slots=max_slots)
+        return EngineBackend.from_path(rest, dtype=dtype, max_slots=max_slots, mesh=mesh)
     if kind == "callable" and rest:
         return CallableBackend(load_callable(rest), name=rest, concurrency=concurrency)
     raise ValueError(f"unknown backend spec {spec!r}: expected endpoint:MODEL@URL[,URL...], engine:PATH or "

@@ -6,7 +6,7 @@ CLI:
         [--seeds=FILE [--seeds_split=train] [--seed_column=COL]] [--sector=world|writing|materials|all]
         [--num_dialogues=N] [--min_turns=A --max_turns=B] [--seed=42] [--test_size=0.1]
         [--concurrency=16] [--max_tokens=1024] [--temperature=1.0] [--max_turn_chars=8000]
-        [--api_key_env=OPENAI_API_KEY] [--overwrite]
+        [--api_key_env=OPENAI_API_KEY] [--mesh=D,F,T] [--overwrite]
     python -m zephyr_jax.data.dialogues --mode=magpie --assistant=SPEC --num_dialogues=N --output=DIR
         [--tokenizer=PATH] [--min_turns=1 --max_turns=1] ...
 SPEC is a backend spec (zephyr_jax.data.backends): endpoint:MODEL@URL[,URL...], engine:PATH or
@@ -761,6 +761,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_turn_chars", type=int, default=8000, help="longer messages end the dialogue")
     p.add_argument("--tokenizer", default=None, help="magpie: tokenizer whose chat template gives the prefix "
                                                      "(default: Mistral-7B-v0.1 with the Zephyr template)")
+    p.add_argument("--mesh", default=None, help="engine: backends: split the model over this host's devices: "
+                   "data,fsdp,tensor sizes, e.g. 1,1,8 (tensor parallel) (default: one device)")
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--overwrite", action="store_true", help="discard the journal of a run with other settings")
     return p
@@ -777,7 +779,7 @@ def main(argv=None) -> dict:
         p.error("--mode=magpie needs --num_dialogues")
     # Bad input (a seeds file, a spec, other settings on disk) ends with its message, not a traceback.
     try:
-        with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency) as backends:
+        with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, mesh=args.mesh) as backends:
             seeds = None
             if args.mode == "ultrachat":
                 sector = None if args.sector == "all" else args.sector

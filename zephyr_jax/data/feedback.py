@@ -6,7 +6,7 @@ CLI:
         (--judge=SPEC | --judge_fn=module:function) --output=DIR [--completions_per_prompt=4] [--seed=42]
         [--concurrency=16] [--max_tokens=1024] [--parse_retries=10] [--principles=ultrafeedback] [--limit=N]
         [--timeout=120] [--max_retries=6] [--api_key_env=OPENAI_API_KEY] [--judge_price=IN,OUT]
-        [--generator_price=IN,OUT] [--overwrite]
+        [--generator_price=IN,OUT] [--mesh=D,F,T] [--overwrite]
 SPEC is a backend spec (zephyr_jax.data.backends): endpoint:MODEL@URL[,URL...], engine:PATH or
 callable:module:function. Repeat --generators for a pool (endpoint specs hold commas between their URLs). The
 Python API is `collect_feedback(...)` (below); it takes Backend objects. For example:
@@ -944,6 +944,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use the first N usable prompts")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per endpoint request")
     p.add_argument("--max_retries", type=int, default=6, help="endpoint retries of 429/5xx/timeouts/drops")
+    p.add_argument("--mesh", default=None, help="engine: backends: split the model over this host's devices: "
+                   "data,fsdp,tensor sizes, e.g. 1,1,8 (tensor parallel) (default: one device)")
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable with the endpoint key")
     p.add_argument("--judge_price", type=_price, default=None, metavar="IN,OUT",
                    help="judge endpoint price per million tokens (input, output), for the cost estimate")
@@ -965,7 +967,7 @@ def main(argv=None) -> dict:
 
     try:  # settings mismatch, bad specs, missing sources: one clear line
         with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
-                        max_retries=args.max_retries) as backends:
+                        max_retries=args.max_retries, mesh=args.mesh) as backends:
             generators = [backends.get(spec, **price(spec, args.generator_price)) for spec in args.generators]
             judge = backends.get(args.judge, **price(args.judge, args.judge_price)) if args.judge else args.judge_fn
             return collect_feedback(args.prompts, generators, judge, args.output, split=args.split,
