@@ -89,12 +89,14 @@ def set_aside_replayed(workdir: str, step: int, final: bool = False) -> int:
         except (ValueError, TypeError, KeyError):  # not a record of this writer's
             return True
 
-    moved = [line for line in lines if replayed(line)]
+    moved, kept = [], []
+    for line in lines:
+        (moved if replayed(line) else kept).append(line)
     if moved:
         with open(os.path.join(workdir, "metrics.superseded.jsonl"), "a") as f:
             f.writelines(moved)
         with open(path + ".tmp", "w") as f:
-            f.writelines(line for line in lines if not replayed(line))
+            f.writelines(kept)
         os.replace(path + ".tmp", path)
     return len(moved)
 
