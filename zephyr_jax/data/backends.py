@@ -132,6 +132,11 @@ class CallableBackend(Backend):
             self._threads = None
 
 
+# The data CLIs' --mesh (parsed by EngineBackend.from_path, so the CLIs import no jax for endpoint-only runs).
+ENGINE_MESH_HELP = ("engine: backends: split the model over this host's devices: data,fsdp,tensor sizes, e.g. 1,1,8 "
+                    "(tensor parallel) (default: one device)")
+
+
 class EngineBackend(Backend):
     """A zephyr_jax model on the engine's own thread: concurrent calls share its decode steps (no HTTP)."""
 

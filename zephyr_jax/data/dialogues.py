@@ -100,7 +100,7 @@ import re
 import sys
 from pathlib import Path
 
-from zephyr_jax.data.backends import Backend, BackendSet, Call, map_bounded
+from zephyr_jax.data.backends import ENGINE_MESH_HELP, Backend, BackendSet, Call, map_bounded
 from zephyr_jax.data.binarize import is_text, prompt_id, train_test_split, write_jsonl
 from zephyr_jax.data.cache import tokenizer_fingerprint
 from zephyr_jax.data.conversation import SPECIAL_TEXTS
@@ -761,8 +761,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_turn_chars", type=int, default=8000, help="longer messages end the dialogue")
     p.add_argument("--tokenizer", default=None, help="magpie: tokenizer whose chat template gives the prefix "
                                                      "(default: Mistral-7B-v0.1 with the Zephyr template)")
-    p.add_argument("--mesh", default=None, help="engine: backends: split the model over this host's devices: "
-                   "data,fsdp,tensor sizes, e.g. 1,1,8 (tensor parallel) (default: one device)")
+    p.add_argument("--mesh", default=None, help=ENGINE_MESH_HELP)
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--overwrite", action="store_true", help="discard the journal of a run with other settings")
     return p

@@ -101,7 +101,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from zephyr_jax.data.backends import Backend, BackendSet, Call, load_callable, map_bounded
+from zephyr_jax.data.backends import (ENGINE_MESH_HELP, Backend, BackendSet, Call, load_callable,
+                                      map_bounded)
 from zephyr_jax.data.binarize import ASPECTS, is_text, prompt_id, write_jsonl
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.journal import Journal
@@ -944,8 +945,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use the first N usable prompts")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per endpoint request")
     p.add_argument("--max_retries", type=int, default=6, help="endpoint retries of 429/5xx/timeouts/drops")
-    p.add_argument("--mesh", default=None, help="engine: backends: split the model over this host's devices: "
-                   "data,fsdp,tensor sizes, e.g. 1,1,8 (tensor parallel) (default: one device)")
+    p.add_argument("--mesh", default=None, help=ENGINE_MESH_HELP)
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable with the endpoint key")
     p.add_argument("--judge_price", type=_price, default=None, metavar="IN,OUT",
                    help="judge endpoint price per million tokens (input, output), for the cost estimate")
