@@ -4,8 +4,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails instead of downloading
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # always: a test that reaches for the hub fails instead of downloading
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ZEPHYR_JAX_CACHE", "")  # no tokenized-example cache unless a test passes data.cache_dir
 
@@ -17,7 +17,24 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """Kills what a test started and left running (a check that failed before its run was stopped), so that
+    one failure cannot leave trainers or servers holding the CPU for the tests after it. Processes of longer-lived
+    fixtures (a module's server) were started before this fixture looks, and are kept."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=10)
 
 
 @pytest.fixture(scope="session")

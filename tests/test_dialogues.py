@@ -339,18 +339,30 @@ def _lines(path):
 
 
 def _kill_after(proc, journal, n):
-    """SIGKILLs `proc` once `journal` holds n lines (polled every few ms)."""
+    """SIGKILLs `proc` once `journal` holds n lines (polled every few ms, for at most two minutes)."""
+    deadline = time.time() + 120
     while len(_lines(journal)) < n:
-        assert proc.poll() is None, f"the run ended before {n} journal lines: {proc.communicate()[1][-2000:]}"
+        assert proc.poll() is None, f"the run ended before {n} journal lines: {_communicate(proc)[1][-2000:]}"
+        assert time.time() < deadline, f"no {n} journal lines in 120 s"
         time.sleep(0.003)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
+
+
+def _communicate(proc, timeout=300):
+    """(stdout, stderr) of a finished run; a run still going after `timeout` seconds is killed and fails."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
 
 
 def test_kill9_at_several_points_then_rerun_equals_uninterrupted_run(tmp_path):
     ref = tmp_path / "ref"
     proc = _cli(ref, tmp_path / "ref.calls")
-    _, err = proc.communicate()
+    _, err = _communicate(proc)
     assert proc.returncode == 0, err[-3000:]
     ref_journal = _lines(ref / "journal" / "dialogues.jsonl")
     total = len(ref_journal)
@@ -362,7 +374,7 @@ def test_kill9_at_several_points_then_rerun_equals_uninterrupted_run(tmp_path):
         assert len(done) >= n and not (out / "train_sft.jsonl").exists()
         assert n > total // 2 or len(done) < total  # killed mid-run: the rerun has calls left to make
         proc = _cli(out, tmp_path / f"rerun{n}.calls")
-        printed, err = proc.communicate()
+        printed, err = _communicate(proc)
         assert proc.returncode == 0 and f"resuming: {len(done)} finished messages" in printed, err[-3000:]
         recalled = {int(s) for s in _lines(tmp_path / f"rerun{n}.calls")}
         assert not recalled & done, "the rerun called again for messages the journal held"
@@ -371,7 +383,7 @@ def test_kill9_at_several_points_then_rerun_equals_uninterrupted_run(tmp_path):
             assert _rows(out / name) == _rows(ref / name), (n, name)
             assert (out / name).read_bytes() == (ref / name).read_bytes()
     proc = _cli(ref, tmp_path / "other.calls", "--temperature=0.5")  # other settings: refused, named
-    _, err = proc.communicate()
+    _, err = _communicate(proc)
     assert proc.returncode != 0 and "temperature: 1.0 on disk, 0.5 now" in err and "--overwrite" in err
 
 

@@ -482,14 +482,19 @@ def _cli(tmp_path, out, log, *extra, kill_at=None):
     with open(tmp_path / "output.txt", "w") as output:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "FEEDBACK_CALL_LOG": str(log)},
                                 stdout=output, stderr=subprocess.STDOUT)
-        if kill_at is not None:
-            journal, deadline = out / "journal.jsonl", time.time() + 120
-            while not (journal.exists() and journal.read_bytes().count(b"\n") >= kill_at):
-                assert proc.poll() is None, f"finished before {kill_at} journal lines"
-                assert time.time() < deadline
-                time.sleep(0.003)
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=120)
+        try:
+            if kill_at is not None:
+                journal, deadline = out / "journal.jsonl", time.time() + 120
+                while not (journal.exists() and journal.read_bytes().count(b"\n") >= kill_at):
+                    assert proc.poll() is None, f"finished before {kill_at} journal lines"
+                    assert time.time() < deadline
+                    time.sleep(0.003)
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=120)
+        finally:  # a failed check or a timeout leaves no run behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return proc.returncode, (tmp_path / "output.txt").read_text()
 
 

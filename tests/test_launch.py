@@ -62,7 +62,9 @@ def test_tpu_pod_create_and_usage_errors(tmp_path):
     out, _ = _tpu_pod(tmp_path, "resize", TPU_NAME="zephyr", ZONE="us-central2-b")
     assert out.returncode == 2 and "usage" in out.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE")}
-    out = subprocess.run(["bash", "launch/tpu_pod.sh", "create"], cwd=ROOT, capture_output=True, text=True, env=env)
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"  # the stand-in gcloud, should the check let one by
+    out = subprocess.run(["bash", "launch/tpu_pod.sh", "create"], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=60)
     assert out.returncode != 0 and "TPU_NAME" in out.stderr
 
 

@@ -76,7 +76,7 @@ def test_zephyr_jax_load_is_the_loader_and_import_stays_cheap(tmp_path):
     for name, value in flat(pretrained).items():
         np.testing.assert_array_equal(value, flat(model)[name], err_msg=name)
     out = subprocess.run([sys.executable, "-c", "import sys, zephyr_jax; print('jax' in sys.modules)"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"
 
 

@@ -25,13 +25,19 @@ def _records(workdir, split):
 
 def _local_sh(num_processes, cpu_devices, log_dir, *train_args, **popen):
     env = {**os.environ, **CPU, "LOG_DIR": str(log_dir)}
+    # A session of its own, so that a run that times out is killed with its trainers (_finish).
     return subprocess.Popen(["bash", "launch/local.sh", str(num_processes), f"--cpu_devices={cpu_devices}", "--",
                              *train_args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **popen)
+                            text=True, start_new_session=True, **popen)
 
 
 def _finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     return proc.returncode, out
 
 

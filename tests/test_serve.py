@@ -53,7 +53,11 @@ def server(tiny_model_dir, tmp_path_factory):
         pytest.fail("the server did not come up in 180 s:\n" + log_path.read_text()[-3000:])
     yield base, log_path
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
     log.close()
 
 

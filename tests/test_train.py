@@ -41,9 +41,9 @@ def train_losses(workdir):
     return [r["loss"] for r in records if r["split"] == "train"]
 
 
-def _cli(*args, env=None, **kw):
+def _cli(*args, env=None, timeout=600, **kw):
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **kw)
+                          env={**os.environ, **(env or {})}, timeout=timeout, **kw)
 
 
 # --- The command line, end to end: dSFT -> dDPO from the SFT workdir -> export -> transformers. ---
@@ -366,7 +366,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
     while not (killed_dir / "checkpoints" / "2").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     steps_before = sorted(int(s) for s in os.listdir(killed_dir / "checkpoints") if s.isdigit())
     assert steps_before and max(steps_before) < 24, "the run finished before it could be killed"
     resumed = _cli("zephyr_jax.train", f"--workdir={killed_dir}", *args, env=env)
