@@ -94,6 +94,24 @@ def test_packed_dpo_batch_gives_the_padded_batch_and_the_full_head_reference(mod
         np.testing.assert_allclose(metrics_b[k], ref_metrics[k], rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_b, grads_a)
 
+    # IPO divides each completion's log-prob by its length: the train step's and the eval's per-pair lengths are
+    # the completions' own, each on its own side of the pair.
+    ipo = ml_collections.ConfigDict({**DPO.to_dict(), "loss_type": "ipo"})
+    lengths = np.array([[len(ex.chosen), len(ex.rejected)] for ex in pairs], np.float32)
+    assert (lengths[:, 0] != lengths[:, 1]).any()
+    ref_loss, ref_metrics = losses.dpo_loss(want[:, 0], want[:, 1], reference[:, 0], reference[:, 1], beta=0.1,
+                                            loss_type="ipo", chosen_lengths=lengths[:, 0],
+                                            rejected_lengths=lengths[:, 1])
+    for batch in (padded, packed):
+        policy, pair_lengths = train_steps.pair_logps(graphdef, params, batch, 8)
+        np.testing.assert_array_equal(pair_lengths, lengths)
+        loss, _ = train_steps.dpo_loss_fn(params, graphdef, batch, reference, ipo, 8, 1)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        metrics = train_steps.dpo_eval_metrics(np.asarray(policy), np.asarray(reference), np.asarray(pair_lengths),
+                                               ipo)
+        for k in ref_metrics:
+            np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
 
 def test_dpo_pairs_of_a_micro_batch_stay_in_its_rows():
     pairs = random_pairs(8, seed=2)
