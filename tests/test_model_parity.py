@@ -22,7 +22,7 @@ CONFIGS = {
     "gqa4_window7": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=7,
                          num_hidden_layers=3),
 }
-TOL = 1e-4  # float32, max |diff| (the issue's bound)
+TOL = 2e-5  # float32, max |diff|: ten times the largest measured (2.0e-6; the issue asked for 1e-4)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -153,7 +153,7 @@ def test_sequence_logps_match_transformers_logits(pair, side):
                                               position_ids=positions_from_mask(mask[:, :-1])))
     token = torch.log_softmax(ref_logits.double(), -1).gather(-1, torch.as_tensor(targets).long()[..., None])[..., 0]
     ref = (token * torch.as_tensor(loss_mask)).sum(-1).numpy()
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5)
 
 
 def test_scanned_layers_give_the_unrolled_models_and_transformers_gradients(pair):
