@@ -128,6 +128,28 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     assert not any((tmp_path / d).exists() for d in "abcdefghijk")  # refused before the workdir was made
 
 
+def test_the_reference_cache_key_follows_the_model_and_every_token(data_dir):
+    """The cached reference log-probs are found again only for the same model and the same tokens, split the same
+    way into prompt / chosen / rejected (a key blind to the data would serve another split's log-probs)."""
+    from zephyr_jax.data.preference import PreferenceExample
+
+    cfg = tiny_config("dpo", data_dir)
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(3, 1000, n).astype(np.int32)  # noqa: E731
+    examples = [PreferenceExample(ids(5), ids(4), ids(6), False) for _ in range(3)]
+    key = train.reference_key(cfg, examples)
+    assert key == train.reference_key(cfg, [PreferenceExample(*(np.copy(a) for a in ex[:3]), False)
+                                            for ex in examples])
+    one_token = [ex._replace(rejected=np.where(np.arange(6) == 2, ex.rejected + 1, ex.rejected)) for ex in examples]
+    moved = [ex._replace(prompt=ex.prompt[:-1], chosen=np.concatenate([ex.prompt[-1:], ex.chosen]))
+             for ex in examples]
+    swapped = [ex._replace(chosen=ex.rejected, rejected=ex.chosen) for ex in examples]
+    other_data = [examples[:2], examples[::-1], one_token, moved, swapped]
+    assert len({key, *(train.reference_key(cfg, other) for other in other_data)}) == 1 + len(other_data)
+    for change in ({"model.init": "hf", "model.path": "/some/sft"}, {"model.dtype": "bfloat16"}, {"seed": 1}):
+        assert train.reference_key(tiny_config("dpo", data_dir, **change), examples) != key, change
+
+
 def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path, capsys):
     """Another stage or batch size over a workdir's checkpoints is refused (it resumed silently and wrong, and
     rotated the other run's checkpoints away); a dDPO run keeps the SFT step it started from, also when its SFT
