@@ -16,16 +16,22 @@ from zephyr_jax.sharding import logical_to_spec, make_mesh
 
 def _inputs(seed, batch=3, length=45, embed=16, vocab=97, dtype=jnp.float32):
     """hidden, kernel, targets, weights. About a third of the positions are masked (weight 0) and hold junk
-    targets (-100 or >= vocab); a quarter of the rest target the argmax, so `correct` is mixed."""
+    targets (-100 or >= vocab); a quarter of the rest target the argmax, so `correct` is mixed. Two junk targets
+    sit where the argmax is the id they would clip to (0 for -100, vocab - 1 for vocab + 3): never `correct`."""
     rng = np.random.default_rng(seed)
-    hidden = jnp.asarray(rng.standard_normal((batch, length, embed)), dtype)
-    kernel = jnp.asarray(rng.standard_normal((embed, vocab)) / np.sqrt(embed) * 3.0, dtype)
+    hidden = rng.standard_normal((batch, length, embed))
+    kernel = rng.standard_normal((embed, vocab)) / np.sqrt(embed) * 3.0
+    hidden[0, 1], hidden[-1, -2] = kernel[:, 0] * 4.0, kernel[:, -1] * 4.0  # these argmaxes: 0 and vocab - 1
+    hidden, kernel = jnp.asarray(hidden, dtype), jnp.asarray(kernel, dtype)
     argmax = np.asarray(jnp.argmax(_full_logits(hidden, kernel), axis=-1))
+    assert argmax[0, 1] == 0 and argmax[-1, -2] == vocab - 1
     targets = np.where(rng.random((batch, length)) < 0.25, argmax, rng.integers(0, vocab, (batch, length)))
     weights = rng.standard_normal((batch, length)).astype(np.float32)
     masked = rng.random((batch, length)) < 0.3
+    masked[0, 1] = masked[-1, -2] = True
     weights[masked] = 0.0
     targets = np.where(masked, np.where(rng.random((batch, length)) < 0.5, -100, vocab + 3), targets)
+    targets[0, 1], targets[-1, -2] = -100, vocab + 3
     return hidden, kernel, jnp.asarray(targets, jnp.int32), jnp.asarray(weights)
 
 
