@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.torch_reference import positions_from_mask, save_torch, torch_logits, torch_mistral
 from zephyr_jax.loading import load_model
@@ -102,6 +103,32 @@ def test_bf16_compute_within_documented_tolerance(pair):
     ours = np.asarray(model_bf16(ids))
     assert ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_bf16_compute_keeps_norms_and_softmax_in_float32(pair):
+    """As transformers does, RMSNorm and the attention softmax compute in float32 under bf16 activations: every
+    reduction, exp and rsqrt of the bf16 forward pass takes float32 operands. (Logit tolerances cannot see this on
+    tiny models, where plain bf16 rounding is already ~2%.)"""
+    model = load_model(pair[2], jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(_random_ids(np.random.default_rng(5), 2, 8))
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids))(state)
+    checked = {"reduce_sum", "reduce_max", "exp", "rsqrt"}
+    seen = []
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name in checked:
+                seen.append((eqn.primitive.name, {str(v.aval.dtype) for v in eqn.invars}))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert {name for name, _ in seen} == checked, seen  # norms (sum, rsqrt) and softmax (max, exp, sum) were found
+    assert all(dtypes == {"float32"} for _, dtypes in seen), seen
 
 
 def test_splash_option_honours_window_segments_and_padding(pair):
