@@ -153,19 +153,23 @@ def test_the_reference_cache_key_follows_the_model_and_every_token(data_dir):
 def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path, capsys):
     """Another stage or batch size over a workdir's checkpoints is refused (it resumed silently and wrong, and
     rotated the other run's checkpoints away); a dDPO run keeps the SFT step it started from, also when its SFT
-    workdir has gained a later checkpoint since."""
+    workdir has gained a later checkpoint since, and the SFT run's tokenizer and chat template."""
     sft, dpo = str(tmp_path / "sft"), str(tmp_path / "dpo")
-    sft_cfg = tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0})
-    train.run(sft_cfg, sft)
+    chatml = load_tokenizer()  # the same vocabulary, another chat template
+    chatml.chat_template = ("{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + eos_token }}"
+                            "{% endfor %}{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}")
+    chatml.save_pretrained(tmp_path / "chatml")
+    tiny_sft = lambda **kw: tiny_config("sft", data_dir, **{  # noqa: E731
+        "tokenizer": str(tmp_path / "chatml"), "train.max_steps": 3, "train.eval_every": 0, **kw})
+    train.run(tiny_sft(), sft)
     for change, named in (({"train.global_batch_size": 16}, "train.global_batch_size: 8 -> 16"),
-                          ({"seed": 1}, "seed: 42 -> 1")):
+                          ({"seed": 1}, "seed: 42 -> 1"), ({"tokenizer": None}, "tokenizer: '.*chatml' -> None")):
         with pytest.raises(ValueError, match=f"holds checkpoints of a run with other settings.*{named}"):
-            train.run(tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, **change}), sft)
+            train.run(tiny_sft(**change), sft)
     with pytest.raises(ValueError, match="stage: 'sft' -> 'dpo'"):
         train.run(tiny_config("dpo", data_dir), sft)
     # The same data folder written another way is the same run.
-    train.resume_settings(tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0,
-                                                          "data.train": str(data_dir / "sft") + "/"}), sft)
+    train.resume_settings(tiny_sft(**{"data.train": str(data_dir / "sft") + "/"}), sft)
     assert sorted(checkpoint.manager(sft).all_steps()) == [3]
 
     dpo_cfg = lambda steps: tiny_config("dpo", data_dir, **{  # noqa: E731
@@ -173,9 +177,10 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
         "train.eval_every": 0, "dpo.precompute_reference": True})
     train.run(dpo_cfg(1), dpo)
     assert json.load(open(os.path.join(dpo, "config.json")))["model"]["step"] == 3  # the number, not "latest"
+    assert json.load(open(os.path.join(dpo, "config.json")))["tokenizer"] == str(tmp_path / "chatml")
     first = json.loads(open(os.path.join(dpo, "metrics.jsonl")).readline())  # policy == reference at step 1
     assert abs(first["rewards/margins"]) < 1e-6 and abs(first["loss"] - np.log(2)) < 1e-5
-    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.eval_every": 0}), sft)  # SFT goes on
+    train.run(tiny_sft(**{"train.max_steps": 6}), sft)  # SFT goes on
     other_beta = dpo_cfg(2)
     other_beta.dpo.beta = 0.2
     capsys.readouterr()

@@ -28,7 +28,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"  # the platform's kernel: splash (TPU), cuDNN (GPU), else "xla" einsum
     c.model.remat = "full"  # none, full, save_dots, save_all_but_mlp, offload (TPU/GPU): see model/mistral.py
     c.model.scan_layers = True  # one compiled layer under lax.scan; False unrolls it (per-layer profiles)
-    c.tokenizer = ml_collections.config_dict.placeholder(str)  # None: Mistral-7B-v0.1 from mistral-common
+    # None: dSFT takes Mistral-7B-v0.1 (from mistral-common) with the Zephyr chat template; dDPO takes its SFT
+    # model's own tokenizer and template (tokenizer.tokenizer_source). Templateless tokenizers get Zephyr's.
+    c.tokenizer = ml_collections.config_dict.placeholder(str)
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir

@@ -74,20 +74,27 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
 
 
 def tokenizer_for(path: str | None, tokenizer: str | None = None) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer that goes with a model (as zephyr_jax.load reads it): `tokenizer` if given, else the model
-    directory's own (a hub name's from the snapshot hf.resolve fetches, as load does), else the one in a training
-    workdir's config.json ("tokenizer"), else Mistral-7B-v0.1 (offline)."""
+    """The tokenizer that goes with a model (as zephyr_jax.load reads it): `tokenizer` if given, else
+    tokenizer_source(path)'s."""
+    return load_tokenizer(tokenizer if tokenizer is not None else tokenizer_source(path))
+
+
+def tokenizer_source(path: str | None) -> str | None:
+    """Where a model's tokenizer is, as load_tokenizer takes it: the model directory (or hub name: hf.resolve
+    fetches its snapshot, as loading the model does) when it holds a tokenizer, else the "tokenizer" of a training
+    workdir's config.json, else None (Mistral-7B-v0.1, offline)."""
     from zephyr_jax import hf  # imported here: it brings in jax
     from zephyr_jax.loading import is_workdir
 
-    if tokenizer is None and path and isinstance(path, str):
-        local = hf.resolve(path)
-        if os.path.exists(os.path.join(local, "tokenizer_config.json")):
-            tokenizer = local
-        elif os.path.exists(os.path.join(local, "config.json")) and is_workdir(local):
-            with open(os.path.join(local, "config.json")) as f:
-                tokenizer = json.load(f).get("tokenizer")
-    return load_tokenizer(tokenizer)
+    if not (path and isinstance(path, str)):
+        return None
+    local = hf.resolve(path)
+    if os.path.exists(os.path.join(local, "tokenizer_config.json")):
+        return path  # the name as given (a hub name, not this machine's cache path)
+    if os.path.exists(os.path.join(local, "config.json")) and is_workdir(local):
+        with open(os.path.join(local, "config.json")) as f:
+            return json.load(f).get("tokenizer")
+    return None
 
 
 def with_system_message(messages: list[dict]) -> list[dict]:

@@ -40,7 +40,7 @@ from zephyr_jax.losses import LOSS_TYPES
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs
-from zephyr_jax.tokenizer import load_tokenizer
+from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 
 # ---------------------------------------------------------------------------------------------------------
 # Config checks: every mistake a config can hold is reported here, before anything is loaded or compiled.
@@ -455,6 +455,9 @@ def run(cfg, workdir: str) -> dict:
     check_config(cfg)
     use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = mesh_for(cfg)
+    if cfg.stage == "dpo" and cfg.tokenizer is None and cfg.model.init != "random":
+        # the SFT model's own tokenizer and chat template: what it was trained on (config.json records it)
+        cfg.tokenizer = tokenizer_source(cfg.model.path)
     resume_settings(cfg, workdir)
     if cfg.model.init == "orbax":  # the number, not "latest": config.json records it, the reference cache keys on it
         cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
