@@ -21,6 +21,7 @@ def get_config(arg=None):
     c.data.eval_split = "test_prefs"  # 2,000 pairs
     c.data.max_length = 1024  # paper and handbook: max_length 1024
     c.data.max_prompt_length = 512  # paper and handbook: max_prompt_length 512, prompt cut from the left
+    c.data.packed_rows = 0  # packing: rows per global batch (0: about four sequences a row, mesh-aligned)
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1  # paper: beta 0.1

@@ -18,6 +18,7 @@ def get_config(arg=None):
     c.data.eval_split = "test_sft"  # 23,110 dialogues
     c.data.max_length = 2048  # paper: packed sequences of 2048 tokens
     c.data.packing = True  # paper: packing; here each example keeps its own segment (no cross-attention)
+    c.data.pack_window = 1000  # best-fit decreasing over this many shuffled examples at a time (0: all at once)
     c.data.loss_on = "all"  # the recipe learns every token; "assistant" learns replies only
     c.data.too_long = "truncate"  # or "drop"
 

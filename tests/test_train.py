@@ -88,6 +88,33 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
             "--config.train.no_such_key)") in out.stderr
 
 
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("sft", {"optim.lr": -1e-3}, r"optim.lr=-0.001: must be positive"),  # trained as gradient ascent
+    ("sft", {"optim.warmup_ratio": 2.0}, r"optim.warmup_ratio=2.0: must lie in \[0, 1\]"),
+    ("sft", {"optim.b2": 2.0}, r"optim.b2=2.0: must lie in \[0, 1\)"),
+    ("sft", {"optim.weight_decay": -0.1}, r"optim.weight_decay=-0.1: must be at least 0"),
+    ("sft", {"optim.clip_norm": -1.0}, r"optim.clip_norm=-1.0: must be 0 \(off\) or positive"),
+    ("sft", {"optim.schedule": "cosin"}, r"optim.schedule='cosin': expected one of"),  # raised after tokenizing
+    ("sft", {"optim.mu_dtype": "bf16"}, r"optim.mu_dtype='bf16': expected a floating-point dtype"),
+    ("dpo", {"dpo.reference_dtype": "int8"}, r"dpo.reference_dtype='int8': expected a floating-point dtype"),
+    ("dpo", {"dpo.beta": 0.0}, r"config.dpo \(beta=0.0.*beta must be positive"),  # raised after the reference pass
+    ("dpo", {"dpo.label_smoothing": 0.7}, r"label_smoothing must be in \[0, 0.5\]"),
+    ("dpo", {"data.max_prompt_length": 0}, r"data.max_prompt_length=0 must be at least 1"),  # cut prompts to BOS
+    ("sft", {"train.num_epochs": 0, "train.max_steps": -1}, r"train.num_epochs=0 .*nothing to train"),
+    ("dpo", {"data.packed_rows": -8}, r"data.packed_rows=-8: must be 0 \(automatic\) or positive"),
+    ("sft", {"data.pack_window": -5}, r"data.pack_window=-5: must be 0 \(automatic\) or positive"),  # no data
+    ("dpo", {"data.buckets": ("",)}, r"data.buckets=\(''.*expected whole numbers"),  # "--config.data.buckets="
+    ("sft", {"mesh.shape": (1.0, -1, 1)}, r"mesh.shape=\(1.0, -1, 1\): expected whole numbers"),
+    ("sft", {"stage": "dpo"}, r"config.stage='dpo' in a config without a dpo section"),
+    ("dpo", {"stage": "sft"}, r"config.stage='sft' in a config with a dpo section"),
+])
+def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, stage, overrides, message):
+    cfg = tiny_config(stage, data_dir, **{k: v for k, v in overrides.items() if k != "stage"})
+    cfg.stage = overrides.get("stage", stage)
+    with pytest.raises(ValueError, match=message):
+        train.check_config(cfg)
+
+
 def test_config_errors_before_compiling(data_dir, tmp_path):
     with pytest.raises(ValueError, match="does not divide over the mesh"):
         train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 6}), str(tmp_path / "a"))

@@ -43,8 +43,6 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.data.cache_dir = ml_collections.config_dict.placeholder(str)
     c.data.buckets = ()  # padded lengths; (): powers of two up to max_length, multiples of 128 for packed DPO rows
     c.data.packing = True  # several sequences per row, each its own segment (data/batches.py); False: one a row
-    c.data.pack_window = 1000  # dSFT packing: best-fit decreasing over this many shuffled examples at a time
-    c.data.packed_rows = 0  # dDPO packing: rows per global batch (0: about four sequences a row, mesh-aligned)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8  # AdamW defaults of HF Trainer, used by the recipe

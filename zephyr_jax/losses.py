@@ -383,6 +383,23 @@ def _is_static_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def check_dpo_settings(loss_type: str, beta=0.1, label_smoothing=0.0) -> None:
+    """Raises ValueError for a loss type, beta or label smoothing dpo_loss does not define (traced values pass:
+    their range is the caller's to check)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    if _is_static_number(beta) and not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if _is_static_number(label_smoothing):
+        eps = float(label_smoothing)
+        if loss_type == "robust" and not 0.0 <= eps < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {eps}")
+        if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {eps}")
+        if loss_type in ("hinge", "ipo") and eps != 0.0:
+            raise ValueError(f"loss_type={loss_type!r} does not use label_smoothing; got {eps}, expected 0")
+
+
 def dpo_loss(
     policy_chosen_logps: jax.Array,
     policy_rejected_logps: jax.Array,
@@ -422,18 +439,7 @@ def dpo_loss(
     "logps/chosen" = mean pc; "logps/rejected" = mean pr. For "ipo" the rewards stay b times the *summed*
     log-ratios, as for the other losses.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
-    if _is_static_number(beta) and not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if _is_static_number(label_smoothing):
-        eps = float(label_smoothing)
-        if loss_type == "robust" and not 0.0 <= eps < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {eps}")
-        if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {eps}")
-        if loss_type in ("hinge", "ipo") and eps != 0.0:
-            raise ValueError(f"loss_type={loss_type!r} does not use label_smoothing; got {eps}, expected 0")
+    check_dpo_settings(loss_type, beta, label_smoothing)
     if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(
             "loss_type='ipo' averages log-ratios per completion token: pass chosen_lengths and "

@@ -36,7 +36,7 @@ from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, s
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.loading import is_workdir, load_model
-from zephyr_jax.losses import LOSS_TYPES
+from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs
@@ -50,6 +50,14 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     """check_model_source=False (the planner) skips checking that the init checkpoint exists on this machine."""
     if cfg.stage not in ("sft", "dpo"):
         raise ValueError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
+    if ("dpo" in cfg) != (cfg.stage == "dpo"):
+        raise ValueError(f"config.stage={cfg.stage!r} in a config {'with' if 'dpo' in cfg else 'without'} a dpo "
+                         "section: the stage is the config file's (configs/sft.py or configs/dpo.py)")
+    for key in ("model.dtype", "model.param_dtype", "optim.mu_dtype", "dpo.reference_dtype"):
+        group, name = key.split(".")
+        if group in cfg:
+            check_float_dtype(cfg[group][name], key)
+    check_optim(cfg.optim)
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
     if check_model_source:
@@ -64,12 +72,49 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     if t.global_batch_size % t.grad_accum:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                          f"train.grad_accum={t.grad_accum}")
+    if t.max_steps <= 0 and t.num_epochs < 1:
+        raise ValueError(f"train.num_epochs={t.num_epochs} with train.max_steps={t.max_steps}: nothing to train "
+                         "(set num_epochs >= 1, or max_steps)")
+    for key in ("pack_window", "packed_rows"):  # 0: automatic (all examples at once / about four sequences a row)
+        if key in cfg.data and cfg.data[key] < 0:
+            raise ValueError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
+    for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{key}={tuple(values)!r}: expected whole numbers")
     check_buckets(cfg)
     if cfg.stage == "dpo":
         if cfg.dpo.loss_type not in LOSS_TYPES:
             raise ValueError(f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {LOSS_TYPES}")
-        if cfg.data.max_prompt_length >= cfg.data.max_length:
-            raise ValueError("data.max_prompt_length must be below data.max_length")
+        try:
+            check_dpo_settings(cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.label_smoothing)
+        except ValueError as e:
+            raise ValueError(f"config.dpo (beta={cfg.dpo.beta}, label_smoothing={cfg.dpo.label_smoothing}): {e}") \
+                from None
+        if not 1 <= cfg.data.max_prompt_length < cfg.data.max_length:
+            raise ValueError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be at least 1 and below "
+                             f"data.max_length={cfg.data.max_length}")
+
+
+def check_float_dtype(value, key: str) -> None:
+    try:
+        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{key}={value!r}: expected a floating-point dtype name (float32, bfloat16, float16)")
+
+
+def check_optim(o) -> None:
+    """AdamW's and the schedule's settings in the ranges where they mean what the recipe means."""
+    if o.schedule not in steps.SCHEDULES:
+        raise ValueError(f"optim.schedule={o.schedule!r}: expected one of {steps.SCHEDULES}")
+    rules = {"lr": (o.lr > 0, "must be positive"), "warmup_ratio": (0 <= o.warmup_ratio <= 1, "must lie in [0, 1]"),
+             "b1": (0 <= o.b1 < 1, "must lie in [0, 1)"), "b2": (0 <= o.b2 < 1, "must lie in [0, 1)"),
+             "eps": (o.eps >= 0, "must be at least 0"), "weight_decay": (o.weight_decay >= 0, "must be at least 0"),
+             "clip_norm": (o.clip_norm >= 0, "must be 0 (off) or positive")}
+    for key, (ok, rule) in rules.items():
+        if not ok:
+            raise ValueError(f"optim.{key}={o[key]}: {rule}")
 
 
 def check_buckets(cfg) -> None:
@@ -124,9 +169,11 @@ def resume_settings(cfg, workdir: str) -> None:
         paths = k in ("data.train", "model.path") and isinstance(old, str) and isinstance(now, str)
         return old == now or (paths and "://" not in old and os.path.normpath(old) == os.path.normpath(now))
 
-    changed = [f"{k}: {_setting(saved, k)!r} -> {_setting(new, k)!r}" for k in RESUME_KEYS
-               if _setting(saved, k) != "<absent>" and not same(k, _setting(saved, k), _setting(new, k))
-               and not (k == "model.arch" and cfg.model.init != "random")]
+    # A key either config lacks does not apply (a stage's own key, or one that an older release kept elsewhere).
+    pairs = [(k, _setting(saved, k), _setting(new, k)) for k in RESUME_KEYS
+             if not (k == "model.arch" and cfg.model.init != "random")]
+    changed = [f"{k}: {old!r} -> {now!r}" for k, old, now in pairs
+               if "<absent>" not in (old, now) and not same(k, old, now)]
     if changed:
         raise ValueError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
                          "not continue it. Changed: " + "; ".join(changed) + ". Use another --workdir, or the "

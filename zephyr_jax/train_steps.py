@@ -27,6 +27,9 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+
+
 def make_optimizer(optim_cfg, total_steps: int):
     """AdamW with linear warmup then cosine or linear decay to 0, sized on the real number of optimizer steps."""
     warmup = math.ceil(optim_cfg.warmup_ratio * total_steps)  # as transformers' TrainingArguments rounds it
@@ -40,7 +43,7 @@ def make_optimizer(optim_cfg, total_steps: int):
         schedule = optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, warmup),
                                          optax.constant_schedule(optim_cfg.lr)], [warmup])
     else:
-        raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: expected cosine, linear or constant")
+        raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: expected one of {SCHEDULES}")
     tx = optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity(),
         optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
