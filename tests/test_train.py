@@ -115,6 +115,12 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
         train.check_config(cfg)
 
 
+def test_load_config_names_a_key_the_config_lacks():
+    for key in ("dpo.beta", "train.max_stepz", "data.packed_rows"):  # a dDPO section / key on the dSFT config
+        with pytest.raises(KeyError, match=f"configs/sft.py:tiny has no key '{key}'"):
+            load_config(os.path.join(ROOT, "configs", "sft.py:tiny"), **{key: 1})
+
+
 def test_config_errors_before_compiling(data_dir, tmp_path):
     with pytest.raises(ValueError, match="does not divide over the mesh"):
         train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 6}), str(tmp_path / "a"))

@@ -93,6 +93,8 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
         node = cfg
         *parents, leaf = key.split(".")
         for p in parents:
+            if p not in node:
+                raise KeyError(f"config {spec} has no key {key!r}")
             node = node[p]
         if leaf not in node:
             raise KeyError(f"config {spec} has no key {key!r}")
