@@ -3,8 +3,10 @@ measured peak, and its token and FLOP counts against hand counts and XLA's own c
 
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -413,3 +415,49 @@ def test_a_prefill_of_several_rows_copies_no_kv_cache_on_a_tpu():
                                      prompt_top_n=-1).compile()
     cache_bytes = 2 * int(np.prod(buffer.sharding.shard_shape(shape))) * 2  # k and v, bf16, one chip's
     assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes / 16  # 516.9 MiB of 512 before; 2.2 now
+
+
+@pytest.mark.parametrize("topology, mesh_shape, rows", [("v4-8", (1, 1, 1), 8), ("v5e-8", (1, 8, 1), 1),
+                                                        ("v5e-8", (1, 1, 8), 1)])
+def test_decoding_on_a_tpu_copies_neither_weights_nor_the_kv_cache(topology, mesh_shape, rows):
+    """The engine's decoding call compiled for a TPU slice reads the weights and the cache where they lie. Before:
+    several rows made XLA:TPU copy the stacked q/k/v kernels into another layout every call (a 7B on one v4 chip:
+    1.5 GiB); one row (a lone request) all-gathered the whole cache in every layer over fsdp (a 7B's 64 x 4,096
+    cache then needed 25.7 GiB of a v5e chip), or laid it out anew and back with one KV head a chip."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from zephyr_jax import engine
+    from zephyr_jax.model import Mistral, MistralConfig, kv_cache
+    from zephyr_jax.sharding import DEFAULT_RULES, make_mesh, named, param_specs
+
+    mesh = make_mesh(mesh_shape, plan.tpu_target(topology).devices[:int(np.prod(mesh_shape))])
+    cfg = MistralConfig(vocab_size=1024, hidden_size=4096, intermediate_size=1024, num_hidden_layers=2,  # 7B-wide
+                        num_attention_heads=32, num_key_value_heads=8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                         named(mesh, param_specs(abstract, DEFAULT_RULES)))
+    slots, heads_first = 64, kv_cache.heads_first_on("tpu")
+    sharding = engine.Engine._cache_sharding(types.SimpleNamespace(config=cfg, max_slots=slots), mesh, heads_first)
+    sizes = dict(layers=2, slots=slots, length=1024, kv_heads=8, head_dim=128)
+    buffer = jax.ShapeDtypeStruct(tuple(sizes[a] for a in kv_cache.axes(heads_first)), jnp.bfloat16,
+                                  sharding=sharding)
+    cache = kv_cache.KVCache(k=buffer, v=buffer, heads_first=heads_first)
+    of = lambda dtype, *s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    sampling = (of(jnp.float32, rows), of(jnp.int32, rows), of(jnp.float32, rows), of(jnp.uint32, rows),
+                of(jnp.uint32, rows))
+    with jax.set_mesh(mesh):
+        compiled = engine._decode.lower(
+            graphdef, state, cache, of(jnp.int32, rows), of(jnp.int32, rows), of(jnp.int32, rows),
+            of(jnp.bool_, rows), of(jnp.int32, rows), of(jnp.int32, rows, engine.MAX_STOP_TOKENS), sampling,
+            steps=8, kv_length=1024, top_n=-1).compile()
+    shard = lambda x: tuple(x.sharding.shard_shape(x.shape))  # noqa: E731
+    kernels = {shard(x) for x in jax.tree.leaves(state) if x.ndim == 3}  # the stacked layers' kernels, a chip's
+    big = []  # copies of a stacked kernel; copies or gathers of a cache buffer (a chip's part or more)
+    for dims, op in re.findall(r"= bf16\[([\d,]+)\]\{[^}]*\} (copy|transpose|all-gather)\(", compiled.as_text()):
+        dims = tuple(int(d) for d in dims.split(","))
+        if dims in kernels or np.prod(dims) >= np.prod(shard(buffer)):
+            big.append((op, dims))
+    assert not big, big

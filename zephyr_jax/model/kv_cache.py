@@ -72,11 +72,19 @@ def write(buffer, heads_first: bool, layer, rows, positions, new):
 
     A prefill of several rows writes them one at a time: as one scatter, XLA:TPU laid the whole cache out anew
     and back around it where a chip holds 2 KV heads (a 7B on v4-8 with tensor=4, 64 slots x 4,096: 8 GiB of
-    temporaries for 2 rows, and 16 rows of 512 tokens did not fit a v5e chip); row by row it copies nothing."""
+    temporaries for 2 rows, and 16 rows of 512 tokens did not fit a v5e chip); row by row it copies nothing.
+
+    One token of one row (a lone request's decoding) is written with a second, dropped update beside it: alone,
+    XLA makes it a dynamic-update-slice, which XLA:TPU ran inside the layer loop on the whole cache all-gathered
+    (slots over fsdp: a 7B's 64 x 4,096 cache on v5e-8 needed 25.7 GiB a chip) or laid out anew and back (one KV
+    head a chip); as a scatter it writes the token where it lies."""
     if positions.shape[1] > 1 and rows.shape[0] > 1:
         for b in range(rows.shape[0]):
             buffer = write(buffer, heads_first, layer, rows[b:b + 1], positions[b:b + 1], new[b:b + 1])
         return buffer
+    if rows.shape[0] == 1 and positions.shape[1] == 1:
+        rows = jnp.concatenate([rows, jnp.full_like(rows, buffer.shape[1])])  # past the last slot: dropped
+        positions, new = jnp.concatenate([positions, positions]), jnp.concatenate([new, new])
     rows = rows[:, None]
     index = (layer, rows, slice(None), positions) if heads_first else (layer, rows, positions)
     return buffer.at[index].set(new.astype(buffer.dtype), mode="drop")
