@@ -187,6 +187,29 @@ def test_each_row_draws_from_its_own_filtered_softmax():
         np.testing.assert_allclose(freq, expected, atol=5 * np.sqrt(0.25 / n))  # 5 sigma of a frequency
 
 
+def test_temperature_without_filters_and_the_top_p_boundary():
+    """Rows with no top-k / top-p (the sampler's unfiltered path) still draw from softmax(logits / T); a token
+    whose preceding mass is exactly top_p is cut, as transformers' TopPLogitsWarper cuts it."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from zephyr_jax.sampling import filter_logits
+
+    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]] * 2)
+    temperature, n = jnp.asarray([0.5, 1.5]), 20000
+    draw = jax.jit(jax.vmap(lambda c: sample(logits, temperature, jnp.zeros((2,), jnp.int32), jnp.ones((2,)),
+                                             jnp.full((2,), 9, jnp.uint32), jnp.full((2,), c, jnp.uint32))[0]))
+    draws = np.asarray(draw(jnp.arange(n, dtype=jnp.uint32)))
+    for row, t in enumerate((0.5, 1.5)):
+        freq = np.bincount(draws[:, row], minlength=8) / n
+        np.testing.assert_allclose(freq, _filtered_softmax(logits[row], t, 0, 1.0), atol=5 * np.sqrt(0.25 / n))
+    exact = np.log(np.asarray([[0.5, 0.25, 0.125, 0.125]], np.float32))  # masses exact in binary
+    for p in (0.5, 0.75):  # the mass before the second / third token is exactly p
+        ours = np.isfinite(np.asarray(filter_logits(jnp.asarray(exact), jnp.ones((1,)), jnp.zeros((1,), jnp.int32),
+                                                    jnp.asarray([p]))))
+        theirs = np.isfinite(TopPLogitsWarper(p)(None, torch.tensor(exact)).numpy())
+        assert ours.tolist() == theirs.tolist(), p
+
+
 def test_a_requests_samples_depend_on_its_seed_only(small):
     """Same seed: same reply, whichever slot it lands in and whatever shares the batch; greedy rows beside
     sampled ones stay greedy; top_k=1 and a tiny top_p are greedy."""
@@ -207,6 +230,14 @@ def test_a_requests_samples_depend_on_its_seed_only(small):
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
         (r,) = engine.generate([Request(prompts[0], SamplingParams(max_tokens=24, temperature=1.5, seed=3, **kw))])
         assert r.tokens == mixed[3].tokens
+    # Slot 0's reply ends first and the three others decode as every slot, around the empty one: each row keeps
+    # its own settings. And a token's draw is keyed by (seed, its index in the reply): one token a call or eight
+    # give the same reply.
+    gap = engine.generate([Request(prompts[1], SamplingParams(max_tokens=2)), Request(prompts[0], sampled),
+                           Request(prompts[2], greedy), Request(prompts[0], greedy)])
+    assert gap[1].tokens == mixed[2].tokens and gap[3].tokens == mixed[3].tokens
+    one_a_call = Engine(model, max_slots=4, max_length=64, eos_id=None, decode_steps=1)
+    assert engine.decode_steps > 1 and one_a_call.generate([Request(prompts[0], sampled)])[0].tokens == mixed[2].tokens
 
 
 def test_generate_calls_of_other_lengths_reuse_the_compiled_programs(small):
@@ -286,6 +317,22 @@ def test_stop_strings_decode_only_the_replys_tail_until_one_appears(small, monke
         if engine._stop_string(r, 1):
             break
     assert r.finish_reason == "stop" and r.text == "The answer is 4."
+
+
+def test_streamed_text_holds_back_what_may_start_a_stop_string():
+    """A call whose text ends in "END", the first three characters of the stop string "END!": they are held back,
+    the next token completes the stop, and the streamed pieces join to the final text without them."""
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    ids = tok.encode("Hello world END!", add_special_tokens=False)  # ▁Hello ▁world ▁END !
+    r = Request([1], SamplingParams(stop=("END!",)))
+    r.tokens.extend(ids[:-1])
+    pieces = [r.new_text(tok)]
+    r.tokens.append(ids[-1])
+    r.finish_reason, r.text = "stop", "Hello world "  # as the engine ends it at the stop string
+    pieces.append(r.new_text(tok))
+    assert "END" not in pieces[0] and "".join(pieces) == r.text, pieces
 
 
 def test_streamed_text_joins_to_the_reply_never_takes_back_and_decodes_each_token_a_few_times():
