@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from zephyr_jax.data import (BadRow, Loader, default_buckets, pack, pack_pairs, pad_sft, preference_example,
                              process_rows, sft_example)
 from zephyr_jax.data.loader import padded_batcher
+from zephyr_jax.data.preference import split_prompt, truncate_pair
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
 
@@ -128,6 +129,20 @@ def test_preference_truncation_prompt_left_then_completions(tok):
     assert ex.prompt[0] == tok.bos_token_id and list(ex.prompt[1:]) == list(full.prompt[-127:])
     assert len(ex.prompt) + len(ex.chosen) == 256 and list(ex.chosen) == list(full.chosen[:128])
     assert list(ex.rejected) == list(full.rejected)
+    # A pair that fits exactly is not cut (TRL cuts only when prompt + longer completion exceed max_length).
+    fits = truncate_pair(np.arange(10), np.arange(6), np.arange(3), max_length=16, max_prompt_length=4)
+    assert not fits.truncated and (len(fits.prompt), len(fits.chosen), len(fits.rejected)) == (10, 6, 3)
+
+
+def test_pairs_whose_prompts_differ_and_replies_cut_to_nothing_are_bad_rows(tok):
+    """chosen and rejected must share the conversation before their last reply (else DPO would score the rejected
+    reply after the chosen one's prompt); a dSFT example truncated before its first target has nothing to learn."""
+    user, bot = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    with pytest.raises(BadRow, match="different prompts"):
+        split_prompt({"chosen": [user("What is 2+2?"), bot("4")], "rejected": [user("What is 3+3?"), bot("5")]}, 0)
+    long_question = {"messages": [user("word " * 100), bot("ok")]}
+    with pytest.raises(BadRow, match="no target left"):
+        sft_example(long_question, 0, tok, loss_on="assistant", max_length=32)
 
 
 def test_packed_row_logits_equal_separate_examples(tok):
@@ -162,9 +177,11 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
         resumed.restore(state)
         for x, _ in first[3:]:
             np.testing.assert_array_equal(next(resumed)[0]["inputs"], x["inputs"])
-    # A position saved over other data is refused: one example edited, or one more example.
+    # A position saved over other data is refused: one example edited, other loss masks (loss_on or the template's
+    # assistant spans changed), or one more example.
     edited = examples[:5] + [examples[5]._replace(ids=examples[5].ids[::-1].copy())] + examples[6:]
-    for other in (edited, examples + examples[:1]):
+    remasked = [ex._replace(loss_mask=~ex.loss_mask) for ex in examples]
+    for other in (edited, remasked, examples + examples[:1]):
         with pytest.raises(ValueError, match=f"indexes another example list \\(20 examples.*this run's "
                                              f"\\({len(other)} examples"):
             Loader(other, 4, padded_batcher(pad_sft, (64,)), seed=3).restore(saved)

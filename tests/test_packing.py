@@ -254,6 +254,13 @@ def test_bin_packing_places_every_item_once_within_bounds():
     assert length >= sum(seqs) / 16  # the lower bound
     with pytest.raises(ValueError, match="does not fit a row of 128"):
         best_fit_decreasing([129], 128)
+    # dSFT rows mix examples of one window of consecutive examples only (12 examples of 4 positions, rows of 16:
+    # windows of 3 give 4 rows of 3 where one window would give 3 rows of 4).
+    examples = [SFTExample(np.arange(1, 6, dtype=np.int32), np.ones(5, bool), False) for _ in range(12)]
+    index = {id(ex): i for i, ex in enumerate(examples)}
+    windowed = pack_rows(examples, 16, window=3)
+    assert len(windowed) == 4 and all(len({index[id(ex)] // 3 for ex in row.examples}) == 1 for row in windowed)
+    assert len(pack_rows(examples, 16)) == len(pack_rows(examples, 16, window=0)) == 3  # 0 / None: all at once
 
 
 def test_dpo_batches_come_in_few_shapes():
