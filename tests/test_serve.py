@@ -248,6 +248,18 @@ def test_logprob_strings_join_to_the_text_usage_counts_each_prompt_once_and_stre
     assert streamed == [c.message.content for c in whole.choices]
     assert counts == [len(c.logprobs.content) for c in whole.choices]
 
+    # logprobs=true alone gives an entry per token; n seeded choices are n draws; a request without a temperature
+    # samples (OpenAI's default is 1); /v1/completions without max_tokens writes OpenAI's default 16 tokens.
+    say = dict(model=NAME, messages=[{"role": "user", "content": "Say something."}], max_tokens=12,
+               extra_body={"ignore_eos": True})
+    two = client.chat.completions.create(**say, n=2, seed=7, temperature=1.0, logprobs=True)
+    assert [len(c.logprobs.content) for c in two.choices] == [12, 12]
+    assert two.choices[0].message.content != two.choices[1].message.content
+    unset = [client.chat.completions.create(**say, seed=seed).choices[0].message.content for seed in (1, 2)]
+    assert unset[0] != unset[1]
+    default = client.completions.create(model=NAME, prompt="The sky", extra_body={"ignore_eos": True})
+    assert default.usage.completion_tokens == 16
+
 
 def _health_when(base, running, waiting, timeout, poll):
     """/health once `running` slots are busy and `waiting` requests queue (or the last answer at the timeout)."""
