@@ -237,7 +237,8 @@ def test_parsers():
     plain = "#### Output for Text 1\nRating: N/A\nRationale: creative\n#### Output for Text 2\nRating: 5\nRationale: x"
     assert [a["Rating"] for a in feedback.parse_rating_reply(plain, "honesty", 2)] == ["N/A", "5"]
     for bad, aspect, n in ((plain, "instruction_following", 2), (plain, "honesty", 3), ("Rating: 5", "honesty", 1),
-                           (plain.replace("5", "7"), "honesty", 2), (plain.replace("x", " "), "honesty", 2)):
+                           (plain.replace("5", "7"), "honesty", 2), (plain.replace("5", "0"), "honesty", 2),
+                           (plain.replace("x", " "), "honesty", 2)):  # ratings run 1-5: 0 and 7 are asked again
         with pytest.raises(feedback.FormatError):
             feedback.parse_rating_reply(bad, aspect, n)
     assert feedback.parse_critique_reply("### Feedback\nGood.\nOverall Score: 1/10") == ("Good.", 1.0)
