@@ -1,5 +1,6 @@
 """Where metrics go and how MFU is computed: the data-sheet peak of each device kind, W&B across restarts."""
 
+import os
 import sys
 from types import SimpleNamespace
 
@@ -65,3 +66,36 @@ def test_a_resumed_run_moves_the_records_of_steps_it_does_again_aside(tmp_path, 
     assert [(r["step"], r["split"], r["loss"]) for r in records[-2:]] == [(10, "train", 110.0), (10, "eval", 190.0)]
     assert len(records) == 12 and json.loads(open(tmp_path / "metrics.superseded.jsonl").readlines()[-1]) == \
         {"step": 10, "split": "eval", "loss": 90.0}
+
+
+def _tensorboard_events(folder) -> list:
+    """Every event of the TFRecord files in `folder` (length, its CRC, the Event proto, its CRC; CRCs unread)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for name in sorted(os.listdir(folder)):
+        data, at = open(os.path.join(folder, name), "rb").read(), 0
+        while at < len(data):
+            (size,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[at + 12:at + 12 + size])
+            events.append(event)
+            at += 12 + size + 4
+    return events
+
+
+def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_step(tmp_path):
+    """A run resumed from step 6 writes steps 7 on again: its event file starts with a purge at step 7, so
+    TensorBoard drops the interrupted run's events of steps 7 on and keeps step 6's."""
+    from tensorboardX.proto import event_pb2
+
+    for first, last, resumed_from in ((1, 8, None), (7, 9, 6)):
+        writer = MetricWriter(str(tmp_path), resumed_from=resumed_from)
+        for step in range(first, last + 1):
+            writer.write(step, {"loss": float(step)})
+        writer.close()
+    purges = [e.step for e in _tensorboard_events(tmp_path / "tensorboard")
+              if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
+    assert purges == [7]
