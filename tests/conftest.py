@@ -28,13 +28,22 @@ def _no_process_left_behind():
     fixtures (a module's server) were started before this fixture looks, and are kept."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
-    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and not _shared_helper(p)]
     for p in left:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(left, timeout=10)
+
+
+def _shared_helper(process) -> bool:
+    """multiprocessing's resource tracker (or fork server): started by the first spawned worker, reused after."""
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return "multiprocessing.resource_tracker" in command or "multiprocessing.forkserver" in command
 
 
 @pytest.fixture(scope="session")
