@@ -104,6 +104,10 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
             cfg.dpo = ml_collections.ConfigDict(dict(DPO_DEFAULTS, reference_dtype=cfg.model.dtype))
         if stage == "dpo" and "max_prompt_length" not in cfg.data:  # configs/dpo.py's ratio (512 of 1024)
             cfg.data.max_prompt_length = cfg.data.max_length // 2
+        if stage == "dpo" and "packed_rows" not in cfg.data:  # each stage config holds its own packing key
+            cfg.data.packed_rows = 0
+        if stage == "sft" and "pack_window" not in cfg.data:
+            cfg.data.pack_window = 1000
         arch_cfg = train.model_config(cfg)  # reads the architecture of an hf/orbax model without its weights
         cfg.model.init = "random"
         cfg.model.arch = ml_collections.ConfigDict({k: getattr(arch_cfg, k) for k in cfg.model.arch})

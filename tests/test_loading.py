@@ -2,6 +2,7 @@
 straight onto the mesh. Tiny models, CPU only, no network."""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -152,3 +153,13 @@ def test_clear_errors(workdir, tmp_path):
     hf.save_pretrained(Mistral(CFG, rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
     with pytest.raises(ValueError, match=r"step=3: .* is not a zephyr_jax training workdir"):
         load_model(str(tmp_path / "hf"), step=3)
+
+
+def test_a_model_path_under_home_loads_its_own_tokenizer(tiny_model_dir, monkeypatch):
+    """"~/model" names the directory for the tokenizer as for the weights (a dDPO run records it expanded)."""
+    from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for, tokenizer_source
+
+    monkeypatch.setenv("HOME", os.path.dirname(tiny_model_dir))
+    path = "~/" + os.path.basename(tiny_model_dir)
+    assert tokenizer_source(path) == tiny_model_dir
+    assert tokenizer_for(path).get_vocab() == load_tokenizer(tiny_model_dir).get_vocab()

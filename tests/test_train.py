@@ -210,7 +210,16 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
         "train.eval_every": 0, "dpo.precompute_reference": True})
     train.run(dpo_cfg(1), dpo)
     assert json.load(open(os.path.join(dpo, "config.json")))["model"]["step"] == 3  # the number, not "latest"
-    assert json.load(open(os.path.join(dpo, "config.json")))["tokenizer"] == str(tmp_path / "chatml")
+    config_json = os.path.join(dpo, "config.json")
+    assert json.load(open(config_json))["tokenizer"] == str(tmp_path / "chatml")
+    # A resumed dDPO run keeps the tokenizer it recorded, also a run from before dDPO took its SFT model's (None).
+    for recorded in (None, str(tmp_path / "chatml")):  # (the run's own last: it resumes below)
+        with open(config_json) as f:
+            saved = json.load(f)
+        with open(config_json, "w") as f:
+            json.dump({**saved, "tokenizer": recorded}, f)
+        resumed = dpo_cfg(1)
+        assert train.resume_settings(resumed, dpo) and resumed.tokenizer == recorded
     first = json.loads(open(os.path.join(dpo, "metrics.jsonl")).readline())  # policy == reference at step 1
     assert abs(first["rewards/margins"]) < 1e-6 and abs(first["loss"] - np.log(2)) < 1e-5
     train.run(tiny_sft(**{"train.max_steps": 6}), sft)  # SFT goes on

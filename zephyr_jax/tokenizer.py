@@ -90,7 +90,7 @@ def tokenizer_source(path: str | None) -> str | None:
         return None
     local = hf.resolve(path)
     if os.path.exists(os.path.join(local, "tokenizer_config.json")):
-        return path  # the name as given (a hub name, not this machine's cache path)
+        return local if os.path.isdir(os.path.expanduser(path)) else path  # a hub name: not this machine's cache
     if os.path.exists(os.path.join(local, "config.json")) and is_workdir(local):
         with open(os.path.join(local, "config.json")) as f:
             return json.load(f).get("tokenizer")

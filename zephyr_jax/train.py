@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import signal
 import time
@@ -79,7 +80,7 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         if key in cfg.data and cfg.data[key] < 0:
             raise ValueError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
     for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
             raise ValueError(f"{key}={tuple(values)!r}: expected whole numbers")
     check_buckets(cfg)
     if cfg.stage == "dpo":
@@ -152,19 +153,22 @@ def _setting(tree: dict, key: str):
     return tree
 
 
-def resume_settings(cfg, workdir: str) -> None:
-    """When `workdir` holds checkpoints: refuses a config that changes RESUME_KEYS from the run that wrote them
-    (its config.json), naming each change; takes that run's init step where this config says "latest" (-1), so
-    a DPO run resumed after its SFT workdir gained a checkpoint keeps its reference model."""
+def resume_settings(cfg, workdir: str) -> bool:
+    """When `workdir` holds checkpoints (returns True): refuses a config that changes RESUME_KEYS from the run that
+    wrote them (its config.json), naming each change; takes that run's init step where this config says "latest"
+    (-1), so a DPO run resumed after its SFT workdir gained a checkpoint keeps its reference model, and a dDPO
+    run's tokenizer where this config leaves it unset (the one it tokenized with)."""
     saved_path = os.path.join(workdir, "config.json")
     ckpts = os.path.join(workdir, "checkpoints")
     if not (os.path.exists(saved_path) and os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
-        return
+        return False
     with open(saved_path) as f:
         saved = json.load(f)
     new = json.loads(cfg.to_json_best_effort())
     if cfg.model.step == -1 and isinstance(_setting(saved, "model.step"), int):
         cfg.model.step = new["model"]["step"] = saved["model"]["step"]
+    if cfg.stage == "dpo" and cfg.tokenizer is None and _setting(saved, "tokenizer") != "<absent>":
+        cfg.tokenizer = new["tokenizer"] = saved["tokenizer"]
     def same(k, old, now):  # "/x/sft/" names the data "/x/sft" does
         paths = k in ("data.train", "model.path") and isinstance(old, str) and isinstance(now, str)
         return old == now or (paths and "://" not in old and os.path.normpath(old) == os.path.normpath(now))
@@ -181,6 +185,7 @@ def resume_settings(cfg, workdir: str) -> None:
     for k, consequence in RESIZING_KEYS.items():
         if _setting(saved, k) not in ("<absent>", _setting(new, k)) and jax.process_index() == 0:
             print(f"resuming {workdir} with {k} changed ({_setting(saved, k)} -> {_setting(new, k)}): {consequence}")
+    return True
 
 
 def effective_remat(cfg) -> str:
@@ -502,10 +507,10 @@ def run(cfg, workdir: str) -> dict:
     check_config(cfg)
     use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = mesh_for(cfg)
-    if cfg.stage == "dpo" and cfg.tokenizer is None and cfg.model.init != "random":
+    resumed = resume_settings(cfg, workdir)
+    if cfg.stage == "dpo" and cfg.tokenizer is None and cfg.model.init != "random" and not resumed:
         # the SFT model's own tokenizer and chat template: what it was trained on (config.json records it)
         cfg.tokenizer = tokenizer_source(cfg.model.path)
-    resume_settings(cfg, workdir)
     if cfg.model.init == "orbax":  # the number, not "latest": config.json records it, the reference cache keys on it
         cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
     mcfg = model_config(cfg)
