@@ -37,7 +37,7 @@ from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, s
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.loading import is_workdir, load_model
-from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
+from zephyr_jax.losses import check_dpo_settings
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs
@@ -84,9 +84,7 @@ def check_config(cfg, check_model_source: bool = True) -> None:
             raise ValueError(f"{key}={tuple(values)!r}: expected whole numbers")
     check_buckets(cfg)
     if cfg.stage == "dpo":
-        if cfg.dpo.loss_type not in LOSS_TYPES:
-            raise ValueError(f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {LOSS_TYPES}")
-        try:
+        try:  # the loss type, beta and label smoothing, by the rules dpo_loss itself applies
             check_dpo_settings(cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.label_smoothing)
         except ValueError as e:
             raise ValueError(f"config.dpo (beta={cfg.dpo.beta}, label_smoothing={cfg.dpo.label_smoothing}): {e}") \
