@@ -381,6 +381,32 @@ def test_suggest_combines_more_micro_batches_without_remat_and_nothing_when_the_
     assert "model.remat" not in [key for key, _, _ in plan.memory_changes(accumulating, report["config"]["mesh"])]
 
 
+def _abstract_engine_inputs(mesh, cfg, slots: int, length: int, rows: int):
+    """A bf16 model's abstract parameters laid out over `mesh` by the sharding rules, its KV cache as Engine lays
+    it out on a TPU (one chip's buffer: the third value), and `rows` rows of sampling settings. Nothing is
+    allocated."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from zephyr_jax import engine
+    from zephyr_jax.model import Mistral, kv_cache
+    from zephyr_jax.sharding import DEFAULT_RULES, named, param_specs
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                         named(mesh, param_specs(abstract, DEFAULT_RULES)))
+    heads_first = kv_cache.heads_first_on("tpu")
+    sharding = engine.Engine._cache_sharding(types.SimpleNamespace(config=cfg, max_slots=slots), mesh, heads_first)
+    sizes = dict(layers=cfg.num_hidden_layers, slots=slots, length=length, kv_heads=cfg.num_key_value_heads,
+                 head_dim=cfg.head_dim)
+    buffer = jax.ShapeDtypeStruct(tuple(sizes[a] for a in kv_cache.axes(heads_first)), jnp.bfloat16,
+                                  sharding=sharding)
+    of = lambda dtype: jax.ShapeDtypeStruct((rows,), dtype)  # noqa: E731
+    sampling = (of(jnp.float32), of(jnp.int32), of(jnp.float32), of(jnp.uint32), of(jnp.uint32))
+    return graphdef, state, kv_cache.KVCache(k=buffer, v=buffer, heads_first=heads_first), buffer, sampling
+
+
 def test_a_prefill_of_several_rows_copies_no_kv_cache_on_a_tpu():
     """The engine's prefill compiled for TPU v4-8 (tensor=4, so a chip holds 2 of 8 KV heads): written as one
     scatter, two prompts of 512 tokens made XLA:TPU lay the whole cache out anew and back (temporaries the size of
@@ -388,32 +414,21 @@ def test_a_prefill_of_several_rows_copies_no_kv_cache_on_a_tpu():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from zephyr_jax import engine
-    from zephyr_jax.model import Mistral, MistralConfig, kv_cache
-    from zephyr_jax.sharding import DEFAULT_RULES, make_mesh, named, param_specs
+    from zephyr_jax.model import MistralConfig
+    from zephyr_jax.sharding import make_mesh
 
     mesh = make_mesh((1, 1, 4), plan.tpu_target("v4-8").devices)
     cfg = MistralConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
                         num_attention_heads=8, num_key_value_heads=8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                         named(mesh, param_specs(abstract, DEFAULT_RULES)))
-    heads_first = kv_cache.heads_first_on("tpu")
-    sizes = dict(layers=2, slots=64, length=4096, kv_heads=8, head_dim=128)
-    shape = tuple(sizes[a] for a in kv_cache.axes(heads_first))
-    spec = jax.sharding.PartitionSpec(*["tensor" if a == "kv_heads" else None for a in kv_cache.axes(heads_first)])
-    buffer = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=jax.sharding.NamedSharding(mesh, spec))
-    cache = kv_cache.KVCache(k=buffer, v=buffer, heads_first=heads_first)
     rows, length = 2, 512
+    graphdef, state, cache, buffer, sampling = _abstract_engine_inputs(mesh, cfg, 64, 4096, rows)
     ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-    sampling = (jax.ShapeDtypeStruct((rows,), jnp.float32), ints(rows), jax.ShapeDtypeStruct((rows,), jnp.float32),
-                jax.ShapeDtypeStruct((rows,), jnp.uint32), jax.ShapeDtypeStruct((rows,), jnp.uint32))
     compiled = engine._prefill.lower(graphdef, state, cache, ints(rows, length), ints(rows, length), ints(rows),
                                      ints(rows), ints(rows, length), sampling, kv_length=512, top_n=-1,
                                      prompt_top_n=-1).compile()
-    cache_bytes = 2 * int(np.prod(buffer.sharding.shard_shape(shape))) * 2  # k and v, bf16, one chip's
+    cache_bytes = 2 * int(np.prod(buffer.sharding.shard_shape(buffer.shape))) * 2  # k and v, bf16, one chip's
     assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes / 16  # 516.9 MiB of 512 before; 2.2 now
 
 
@@ -427,27 +442,16 @@ def test_decoding_on_a_tpu_copies_neither_weights_nor_the_kv_cache(topology, mes
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from zephyr_jax import engine
-    from zephyr_jax.model import Mistral, MistralConfig, kv_cache
-    from zephyr_jax.sharding import DEFAULT_RULES, make_mesh, named, param_specs
+    from zephyr_jax.model import MistralConfig
+    from zephyr_jax.sharding import make_mesh
 
     mesh = make_mesh(mesh_shape, plan.tpu_target(topology).devices[:int(np.prod(mesh_shape))])
     cfg = MistralConfig(vocab_size=1024, hidden_size=4096, intermediate_size=1024, num_hidden_layers=2,  # 7B-wide
                         num_attention_heads=32, num_key_value_heads=8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                         named(mesh, param_specs(abstract, DEFAULT_RULES)))
-    slots, heads_first = 64, kv_cache.heads_first_on("tpu")
-    sharding = engine.Engine._cache_sharding(types.SimpleNamespace(config=cfg, max_slots=slots), mesh, heads_first)
-    sizes = dict(layers=2, slots=slots, length=1024, kv_heads=8, head_dim=128)
-    buffer = jax.ShapeDtypeStruct(tuple(sizes[a] for a in kv_cache.axes(heads_first)), jnp.bfloat16,
-                                  sharding=sharding)
-    cache = kv_cache.KVCache(k=buffer, v=buffer, heads_first=heads_first)
+    graphdef, state, cache, buffer, sampling = _abstract_engine_inputs(mesh, cfg, 64, 1024, rows)
     of = lambda dtype, *s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
-    sampling = (of(jnp.float32, rows), of(jnp.int32, rows), of(jnp.float32, rows), of(jnp.uint32, rows),
-                of(jnp.uint32, rows))
     with jax.set_mesh(mesh):
         compiled = engine._decode.lower(
             graphdef, state, cache, of(jnp.int32, rows), of(jnp.int32, rows), of(jnp.int32, rows),
