@@ -147,15 +147,17 @@ def test_mt_bench_turn_two_sees_turn_one_and_category_temperatures(monkeypatch):
     records = evaluate.mt_bench_answers(None, None, QUESTIONS, "m")
     assert [t for t, _ in calls] == [0.7, 0.7, 0.0, 0.0]  # FastChat: writing 0.7, math 0.0; one batch per turn
     _, (conv,) = calls[1]
-    assert conv == [{"role": "system", "content": ""},
-                    {"role": "user", "content": "Write a haiku about rain."},
+    # No system turn unless one is given: the Zephyr template adds its empty one when rendering, and templates
+    # that refuse a system turn (Mistral-Instruct-v0.1's) take the conversation as given.
+    assert conv == [{"role": "user", "content": "Write a haiku about rain."},
                     {"role": "assistant", "content": "answer 1.0"},
                     {"role": "user", "content": "Now make it rhyme."}]
     assert records[0]["choices"] == [{"index": 0, "turns": ["answer 1.0", "answer 2.0"]}]
     assert records[1]["choices"] == [{"index": 0, "turns": ["answer 3.0", "answer 4.0"]}]
     calls.clear()
-    evaluate.mt_bench_answers(None, None, QUESTIONS, "m", temperature=0.3)
+    evaluate.mt_bench_answers(None, None, QUESTIONS, "m", temperature=0.3, system="Be brief.")
     assert [t for t, _ in calls] == [0.3, 0.3] and len(calls[0][1]) == 2
+    assert calls[1][1][0][:2] == [{"role": "system", "content": "Be brief."}, conv[0]]
 
 
 def test_mt_bench_answer_file(model_dir, tmp_path):

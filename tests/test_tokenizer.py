@@ -45,9 +45,20 @@ INSTRUCT_TEMPLATE = (
     "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
 
 
+CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Mistral-Instruct-v0.3's rule for a system message: its text leads the last user turn.
+INSTRUCT_V3_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if loop.last and system is defined %}{{ '[INST] ' + system + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}{% else %}"
+    "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
 def test_another_template_gets_no_system_turn_and_one_bos(tmp_path):
-    """The empty system turn is the Zephyr recipe's; a template without a system role refuses it. A template
-    that writes its own <s> must not get the tokenizer's too."""
+    """The empty system turn is the Zephyr recipe's: any other template renders the conversation as given. A
+    template that writes its own <s> must not get the tokenizer's too."""
     other = load_tokenizer()
     other.chat_template = INSTRUCT_TEMPLATE
     text = render_chat(other, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
@@ -58,6 +69,15 @@ def test_another_template_gets_no_system_turn_and_one_bos(tmp_path):
                            "supported') }}{% endif %}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
                            "{% endfor %}")
     assert render_chat(other, [{"role": "user", "content": "Hi"}]) == "user: Hi"
+    # Templates that take a system turn get none they were not given either, as transformers and vLLM render
+    # them: ChatML's would gain a turn its models never saw, Mistral-Instruct-v0.3's the empty system text in the
+    # user turn ("[INST] \n\nHi[/INST]").
+    for template in (CHATML_TEMPLATE, INSTRUCT_V3_TEMPLATE):
+        other.chat_template = template
+        for messages in ([{"role": "user", "content": "Hi"}], CONVERSATION):
+            assert render_chat(other, messages, add_generation_prompt=True) == other.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True)
+    assert render_chat(other, [{"role": "user", "content": "Hi"}]) == "<s>[INST] Hi[/INST]"
     zephyr = load_tokenizer()
     prompt = render_chat(zephyr, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert encode_text(zephyr, prompt) == zephyr(prompt).input_ids and encode_text(zephyr, prompt)[:2] != [1, 1]

@@ -221,6 +221,12 @@ def question_temperature(question: dict, override: float | None = None) -> float
     return MT_BENCH_TEMPERATURES.get(question.get("category"), MT_BENCH_DEFAULT_TEMPERATURE)
 
 
+def _system_turn(system: str) -> list[dict]:
+    """The conversation's start: a system turn when one is given. None otherwise: the Zephyr template gets its
+    empty one (tokenizer.render_template), and another template is rendered as given (some refuse system turns)."""
+    return [{"role": "system", "content": system}] if system else []
+
+
 def mt_bench_answers(model, tok, questions: list[dict], model_id: str, *, max_new_tokens: int = 1024,
                      temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, batch_size: int = 8,
                      num_choices: int = 1, seed: int = 0, system: str = "") -> list[dict]:
@@ -233,7 +239,7 @@ def mt_bench_answers(model, tok, questions: list[dict], model_id: str, *, max_ne
     choices = [[None] * num_choices for _ in questions]
     for temp, members in groups.items():
         for c in range(num_choices):
-            history = {i: [{"role": "system", "content": system}] for i in members}
+            history = {i: _system_turn(system) for i in members}
             answers = {i: [] for i in members}
             for turn in range(max(len(questions[i]["turns"]) for i in members)):
                 active = [i for i in members if turn < len(questions[i]["turns"])]
@@ -278,8 +284,7 @@ def alpaca_eval_outputs(model, tok, instructions: list[dict], generator: str, *,
                         temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, batch_size: int = 8,
                         seed: int = 0, system: str = "") -> list[dict]:
     """AlpacaEval model outputs: [{"instruction", "output", "generator", "dataset" (when the input has it)}]."""
-    chats = [[{"role": "system", "content": system}, {"role": "user", "content": r["instruction"]}]
-             for r in instructions]
+    chats = [[*_system_turn(system), {"role": "user", "content": r["instruction"]}] for r in instructions]
     outputs = generate_chats(model, tok, chats, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     records = []
@@ -313,7 +318,7 @@ def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=sampling_defaults["top_p"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system", default="", help="system message (Zephyr: empty)")
+    p.add_argument("--system", default="", help="system message (none: the Zephyr template's empty one)")
     p.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
 
 

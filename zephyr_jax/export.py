@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from zephyr_jax import checkpoint, hf
 from zephyr_jax.loading import load_model
-from zephyr_jax.tokenizer import load_tokenizer
+from zephyr_jax.tokenizer import is_zephyr_template, load_tokenizer
 
 
 def final_metrics(workdir: str, step: int | None = None) -> dict:
@@ -33,7 +33,7 @@ def final_metrics(workdir: str, step: int | None = None) -> dict:
     return last
 
 
-def model_card(workdir: str, step: int, train_config: dict, metrics: dict) -> str:
+def model_card(workdir: str, step: int, train_config: dict, metrics: dict, zephyr_template: bool = True) -> str:
     stage = train_config.get("stage", "?")
     what = {"sft": "distilled supervised fine-tuning (dSFT)", "dpo": "distilled direct preference optimization "
             "(dDPO)"}.get(stage, stage)
@@ -48,12 +48,14 @@ def model_card(workdir: str, step: int, train_config: dict, metrics: dict) -> st
         f"({data.get('eval_split')})",
         f"- init: {train_config.get('model', {}).get('init')} `{train_config.get('model', {}).get('path')}`", "",
         "## Chat format", "",
-        "The Zephyr template (`tokenizer.apply_chat_template`): `<|system|>`, `<|user|>`, `<|assistant|>` turns, "
-        "each ending in `</s>`; generation starts after `<|assistant|>\\n`. Prompt it as it was trained: an empty "
-        "system turn first when there is none, the conversation rendered as text "
-        "(`apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`), and that text encoded "
-        "with the tokenizer, which adds the one `<s>` (the template writes none, so `tokenize=True` gives ids "
-        "without it).", "",
+        ("The Zephyr template (`tokenizer.apply_chat_template`): `<|system|>`, `<|user|>`, `<|assistant|>` turns, "
+         "each ending in `</s>`; generation starts after `<|assistant|>\\n`. Prompt it as it was trained: an empty "
+         "system turn first when there is none, the conversation rendered as text "
+         "(`apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`), and that text encoded "
+         "with the tokenizer, which adds the one `<s>` (the template writes none, so `tokenize=True` gives ids "
+         "without it)." if zephyr_template else
+         "The tokenizer's own chat template (`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`), "
+         "the messages as given, as it was trained."), "",
         "## Final metrics", "",
     ]
     for split in ("eval", "train"):
@@ -79,7 +81,8 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))
     hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype))
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(model_card(workdir, step, train_config, final_metrics(workdir, step)))
+        f.write(model_card(workdir, step, train_config, final_metrics(workdir, step),
+                           zephyr_template=is_zephyr_template(tok)))
     print(f"exported {workdir} step {step} -> {out_dir}")
     return out_dir
 

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 
-import jinja2
 import transformers
 
 # Zephyr's chat template, exactly as in HuggingFaceH4/zephyr-7b-beta (see shared/RECIPE.md).
@@ -104,23 +103,25 @@ def with_system_message(messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": ""}, *messages]
 
 
+def is_zephyr_template(tok) -> bool:
+    """Whether the tokenizer's chat template writes Zephyr's turns (`<|system|>`, `<|user|>`, `<|assistant|>`):
+    the recipe's, also as variants of it write it (with a `{{ bos_token }}` of their own, other whitespace)."""
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    return all(marker in template for marker in ("<|system|>", "<|user|>", "<|assistant|>"))
+
+
 def render_template(tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[dict], str]:
-    """(the messages as the template renders them, its text): with an empty system turn first when they have
-    none (as the Zephyr recipe trains), unless the template refuses a system turn (Mistral-Instruct's, Gemma's):
-    as given."""
-    render = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=add_generation_prompt)
-    if not (messages and messages[0].get("role") == "system"):
-        try:
-            with_system = with_system_message(messages)
-            return with_system, render(with_system)
-        except jinja2.TemplateError:
-            pass
-    return list(messages), render(list(messages))
+    """(the messages as the template renders them, its text). The Zephyr template (is_zephyr_template) gets an
+    empty system turn first when the conversation has none, as the recipe trains; any other template renders the
+    messages as given, as transformers and vLLM render them (Mistral-Instruct-v0.3's would put the empty system
+    text into the first user turn, ChatML's add a turn its models never saw, Qwen's lose its default system
+    prompt)."""
+    messages = with_system_message(messages) if is_zephyr_template(tok) else list(messages)
+    return messages, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as template text (render_template: with an empty system turn where the template has
-    one)."""
+    """The conversation as template text (render_template: the Zephyr template with an empty system turn)."""
     return render_template(tok, messages, add_generation_prompt)[1]
 
 

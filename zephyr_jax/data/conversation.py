@@ -44,7 +44,7 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
 
 def encode_conversation(tok, messages, index=None, source=None, add_generation_prompt=False):
     """(ids int32 [L], assistant_mask bool [L]) for a checked conversation, rendered as inference renders it
-    (tokenizer.render_template: an empty system turn inserted where the template has one; one BOS).
+    (tokenizer.render_template: the Zephyr template with an empty system turn first; one BOS).
 
     assistant_mask marks each assistant reply's tokens and its closing `</s>`.
     """

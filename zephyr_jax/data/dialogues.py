@@ -100,6 +100,8 @@ import re
 import sys
 from pathlib import Path
 
+import jinja2
+
 from zephyr_jax.data.backends import ENGINE_MESH_HELP, Backend, BackendSet, Call, map_bounded
 from zephyr_jax.data.binarize import is_text, prompt_id, train_test_split, write_jsonl
 from zephyr_jax.data.cache import tokenizer_fingerprint
@@ -459,7 +461,10 @@ class MagpieTemplate:
         probe = [{"role": "user", "content": self.SENTINEL}]
         head, _, tail = render_chat(tokenizer, probe).partition(self.SENTINEL)
         generation = render_chat(tokenizer, probe, add_generation_prompt=True)[len(head) + len(self.SENTINEL):]
-        before_user = render_chat(tokenizer, [])  # the text ahead of the user turn (e.g. an empty system turn)
+        try:  # the text ahead of the user turn (e.g. the Zephyr template's empty system turn)
+            before_user = render_chat(tokenizer, [])
+        except jinja2.TemplateError:  # a template that reads messages[0]
+            before_user = ""
         markers = (tail, generation[len(tail):], head[len(before_user):], tokenizer.eos_token)
         self.stop = tuple(dict.fromkeys(m.strip() for m in markers if m and m.strip()))
 
