@@ -17,7 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
-from zephyr_jax import checkpoint, train, train_steps
+from zephyr_jax import checkpoint, hf, train, train_steps
 from zephyr_jax.config_common import load_config
 from zephyr_jax.data import pack_pairs, pad_sft, preference_example, sft_example
 from zephyr_jax.data.batches import loss_positions, multiples
@@ -153,12 +153,19 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"data.train \(.*\) holds token id \d+, but the model's vocabulary has "
                                          r"1000 entries: config.tokenizer=None has tokens the model lacks"):
         train.run(tiny_config("sft", data_dir, **{"model.arch.vocab_size": 1000}), str(tmp_path / "vocab"))
+    v3 = MistralConfig(vocab_size=32768, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)  # Mistral-7B-v0.3's vocabulary, no tokenizer
+    hf.save_pretrained(Mistral(v3, rngs=nnx.Rngs(0)), str(tmp_path / "v3"))
+    with pytest.raises(ValueError, match=r"has a vocabulary of 32768 tokens, but config.tokenizer is unset and "
+                                         r"Mistral-7B-v0.1's tokenizer has 32000"):
+        train.run(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "v3")}),
+                  str(tmp_path / "l"))
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "model_config.json").write_text("{}")
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):
         train.run(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "workdir")}),
                   str(tmp_path / "h"))
-    assert not any((tmp_path / d).exists() for d in "abcdefghijk")  # refused before the workdir was made
+    assert not any((tmp_path / d).exists() for d in "abcdefghijkl")  # refused before the workdir was made
 
 
 def test_the_reference_cache_key_follows_the_model_and_every_token(data_dir):

@@ -513,6 +513,14 @@ def run(cfg, workdir: str) -> dict:
         cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
     mcfg = model_config(cfg)
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
+    tok = load_tokenizer(cfg.tokenizer)
+    if cfg.tokenizer is None and cfg.model.init != "random" and mcfg.vocab_size != len(tok):
+        # e.g. Mistral-7B-v0.3 (32,768 tokens, its control tokens first): every v0.1 id is in range, so
+        # check_token_ids passes, and each would mean another token to the model
+        raise ValueError(f"model.path={cfg.model.path!r} has a vocabulary of {mcfg.vocab_size} tokens, but "
+                         f"config.tokenizer is unset and Mistral-7B-v0.1's tokenizer has {len(tok)}: its ids "
+                         "would mean other tokens to this model. Set config.tokenizer to the model's own "
+                         "tokenizer (its directory or hub name)")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         print(cfg)
@@ -534,7 +542,6 @@ def run(cfg, workdir: str) -> dict:
     sharding = batch_sharding(mesh, rules)
 
     # Data.
-    tok = load_tokenizer(cfg.tokenizer)
     train_examples, _ = load_examples(cfg.data, cfg.stage, tok, "train")
     eval_examples, _ = load_examples(cfg.data, cfg.stage, tok, "eval")
     for split, examples in (("train", train_examples), ("eval", eval_examples)):
