@@ -145,7 +145,7 @@ def test_export_keeps_rope_theta_window_and_head_dim(fields, tmp_path):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_save_load_is_bitwise(tmp_path, tied):
+def test_save_load_is_bitwise(tmp_path, tied, monkeypatch):
     model = Mistral(MistralConfig(**TINY, tie_word_embeddings=tied), rngs=nnx.Rngs(7))
     hf.save_pretrained(model, str(tmp_path))
     again = load_model(str(tmp_path), jnp.float32)
@@ -156,11 +156,22 @@ def test_save_load_is_bitwise(tmp_path, tied):
     assert again.config == model.config
     if tied:  # transformers ties lm_head to the embedding from the config alone
         assert max_diff(torch_logits(load_hf(str(tmp_path))), jax_logits(model)) <= 2e-5
-        # ... and so does a checkpoint whose saver also wrote the head (transformers loads it the same way)
+        # ... and so does a checkpoint whose saver also wrote the head (transformers loads it the same way), compared
+        # in blocks of 1,000 bytes (32,768 in all: a partial last block)
+        monkeypatch.setattr(hf, "_BLOCK_BYTES", 1000)
         with_head = copy_ckpt(tmp_path, tmp_path / "with_head",
                               lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
         assert all(np.array_equal(a, b) for a, b in zip(flat_params(load_model(with_head, jnp.float32)).values(),
                                                           before.values()))
+        # A head of its own under a tied config: transformers unties them and keeps it; dropping it loaded another
+        # model, so it is refused, naming the fix (here the difference is in the last, partial block)
+        def own(tensors):
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+            tensors["lm_head.weight"][-1, -1] += 1e-3
+        own_head = copy_ckpt(tmp_path, tmp_path / "own_head", own)
+        with pytest.raises(ValueError, match=r"tie_word_embeddings=true, but the checkpoint's lm_head.weight "
+                                             r"\(F32 \[128, 64\]\) differs from model.embed_tokens.weight: set"):
+            load_model(own_head, jnp.float32)
 
 
 def test_row_block_streaming_is_exact(hf_dir, monkeypatch, tmp_path):

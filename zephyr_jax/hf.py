@@ -263,6 +263,31 @@ def _check_names(files: dict[str, str], params: dict) -> set[str]:
     return present
 
 
+def _check_tied_head(files: dict[str, str], headers: dict) -> None:
+    """A tied config whose checkpoint also holds an `lm_head.weight` (some savers write both): the embedding
+    replaces it when it is the embedding's copy; a head of its own is refused, not dropped (transformers then
+    unties them and keeps the head)."""
+    names = ("lm_head.weight", "model.embed_tokens.weight")
+    if not all(n in files and n in headers[files[n]][0] for n in names):
+        return
+    (head, head_start), (embed, embed_start) = (
+        (headers[files[n]][0][n], headers[files[n]][1] + headers[files[n]][0][n]["data_offsets"][0]) for n in names)
+    same = head["dtype"] == embed["dtype"] and head["shape"] == embed["shape"]
+    size = head["data_offsets"][1] - head["data_offsets"][0]
+    with open(files[names[0]], "rb") as h, open(files[names[1]], "rb") as e:
+        h.seek(head_start), e.seek(embed_start)
+        for start in range(0, size if same else 0, _BLOCK_BYTES):
+            n = min(_BLOCK_BYTES, size - start)  # not past the tensor's end: other tensors follow
+            if h.read(n) != e.read(n):
+                same = False
+                break
+    if not same:
+        raise ValueError(f"config.json sets tie_word_embeddings=true, but the checkpoint's lm_head.weight "
+                         f"({head['dtype']} {head['shape']}) differs from model.embed_tokens.weight: set "
+                         "tie_word_embeddings to false in config.json to load its own head (transformers unties "
+                         "them)")
+
+
 def _flat_shardings(shardings, names) -> dict:
     """{dotted param name: Sharding} from a pytree matching nnx.state(model) (or one Sharding for all)."""
     if shardings is None:
@@ -315,6 +340,8 @@ def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
     files = _weight_files(path)
     used = _check_names(files, params)
     headers = {file: read_safetensors_header(file) for file in sorted(set(files.values()))}
+    if cfg.tie_word_embeddings:
+        _check_tied_head(files, headers)
     sources = {}  # parameter -> [(layer, HF name)], in file order so each file is read front to back
     for name in sorted(used, key=lambda n: (files[n], headers[files[n]][0].get(n, {}).get("data_offsets", [0]))):
         flax_name, layer, _ = hf_to_flax_name(name)
