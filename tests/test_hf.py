@@ -130,6 +130,20 @@ def test_export_loads_in_transformers(loaded, tmp_path):
     assert max_diff(torch_logits(load_hf(str(tmp_path))), jax_logits(loaded)) <= 2e-5
 
 
+def test_a_list_of_eos_ids_and_null_kv_heads_read_as_transformers_reads_them(tmp_path):
+    """config.json's eos_token_id may list several ids (generate stops at each): kept through load and export,
+    not cut to the first. A null num_key_value_heads means one KV head per attention head."""
+    model = Mistral(MistralConfig(**TINY, eos_token_id=(2, 5)), rngs=nnx.Rngs(0))
+    hf.save_pretrained(model, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == [2, 5]
+    generation = transformers.GenerationConfig.from_pretrained(str(tmp_path))
+    assert (generation.eos_token_id, generation.pad_token_id) == ([2, 5], 2)
+    again = load_model(str(tmp_path), jnp.float32)
+    assert again.config.eos_token_id == (2, 5) and again.config == model.config
+    null_kv = {**json.loads((tmp_path / "config.json").read_text()), "num_key_value_heads": None}
+    assert MistralConfig.from_hf_dict(null_kv).num_key_value_heads == TINY["num_attention_heads"]
+
+
 @pytest.mark.parametrize("fields", [dict(rope_theta=1e6), dict(sliding_window=None), dict(sliding_window=5),
                                     dict(head_dim=24)], ids=["rope_theta", "no_window", "window_5", "head_dim_24"])
 def test_export_keeps_rope_theta_window_and_head_dim(fields, tmp_path):

@@ -504,8 +504,9 @@ def generation_config(cfg: MistralConfig) -> dict:
     """generation_config.json: BOS/EOS, and pad = EOS when the model has no pad token. transformers'
     generate() falls back to exactly that (with a warning each call); saying it here silences the warning. It
     affects only how finished rows are filled during batched generation, never training."""
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
-    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad,
+    eos = cfg.to_hf_dict()["eos_token_id"]  # an int, or the list config.json gave (generate stops at each)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0] if isinstance(eos, list) else eos
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": pad,
             "do_sample": False}
 
 

@@ -35,7 +35,7 @@ class MistralConfig:
     intermediate_size: int = 14336
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
-    num_key_value_heads: int = 8
+    num_key_value_heads: int | None = 8  # None: num_attention_heads (transformers' reading of a null)
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768
@@ -45,7 +45,7 @@ class MistralConfig:
     sliding_window: int | None = 4096  # a query sees at most this many keys, itself included (HF semantics)
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 2  # a tuple where config.json lists several (exports write them back)
     pad_token_id: int | None = None
     attention_dropout: float = 0.0
     # JAX-side settings (not part of the HF config).
@@ -59,6 +59,10 @@ class MistralConfig:
     def __post_init__(self):
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):  # from JSON; a tuple keeps the config hashable
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -112,13 +116,13 @@ class MistralConfig:
         nested = rope or params  # transformers>=5: a rope_scaling replaces rope_parameters; its theta comes first
         if "rope_theta" in nested:
             fields["rope_theta"] = nested["rope_theta"]
-        for k in ("bos_token_id", "eos_token_id"):
-            if isinstance(fields.get(k), list):
-                fields[k] = fields[k][0]
+        if isinstance(fields.get("bos_token_id"), list):
+            fields["bos_token_id"] = fields["bos_token_id"][0]
         return cls(**fields, **jax_settings)
 
     def to_hf_dict(self) -> dict:
         d = {k: getattr(self, k) for k in _HF_FIELDS}
+        d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}  # transformers>=5 reads this
         d.update(architectures=["MistralForCausalLM"], model_type="mistral",
                  torch_dtype=str(jnp.dtype(self.param_dtype)), use_cache=True)
