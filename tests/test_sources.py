@@ -209,3 +209,28 @@ def test_a_column_that_stays_null_for_the_first_10_mb_still_reads(tmp_path):
     lines = tmp_path / "lines.json"  # JSON Lines in a .json file, as datasets reads it too
     lines.write_text('{"a": 1}\n{"a": 2, "b": [1]}\n')
     assert [dict(r) for r in load_rows(str(lines), None)] == [{"a": 1, "b": None}, {"a": 2, "b": [1]}]
+
+
+def test_one_row_of_another_type_changes_no_other_row(tmp_path):
+    """datasets reads a field whose rows disagree in type (one reply a number, the rest strings) as Json and
+    decodes every string in it as JSON ("8" -> 8, '"hi"' -> hi, "null" -> None), so the good rows changed or were
+    skipped and the bad one went unnamed. The rows come as written, and the malformed one is the skipped one."""
+    from zephyr_jax.data.errors import BadRow
+    from zephyr_jax.data.sft import sft_example
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    replies = ['"quoted"', "null", '{"a": 1}', 5, "8", "plain text"]
+    rows = [{"messages": [{"role": "user", "content": "Reply in JSON"}, {"role": "assistant", "content": reply}]}
+            for reply in replies]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    read = load_rows(str(path), None)
+    assert [dict(r) for r in read] == rows
+    tok = load_tokenizer()
+    bad = []
+    for i, row in enumerate(read):
+        try:
+            sft_example(row, i, tok)
+        except BadRow as e:
+            bad.append(str(e))
+    assert bad == ["row 3: messages[1].content is not a string"]

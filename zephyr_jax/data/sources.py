@@ -21,8 +21,10 @@
 
 Hub and file sources return a `datasets.Dataset` (`rows[i]` is a dict), or with `streaming=True` a
 `datasets.IterableDataset`; TFDS sources return a sequence of dicts (`streaming` has no effect: it is lazy).
-Local JSON that `datasets`' reader refuses is read with the json module: a bad line is named by file and line,
-and columns are typed from every row (the reader types them from the first 10 MB).
+Local JSON that `datasets`' reader refuses, or reads only by typing a field as Json (its rows disagree in type,
+and the reader would decode every string in it), is read with the json module: a bad line is named by file and
+line, and columns are typed from every row (the reader types them from the first 10 MB), or, where rows disagree
+in a field's type, the rows come as a list of dicts as they are, so the malformed one is named or skipped.
 """
 
 from __future__ import annotations
@@ -138,12 +140,31 @@ def _load_files(files: list[str], streaming: bool):
     if None in formats or len(formats) != 1:
         raise ValueError(f"data files must all be one of {'/'.join(FORMATS)} formats, got {files[:5]}")
     builder = formats.pop()
+    local_json = builder == "json" and not streaming and not any("://" in f for f in files)
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
+        rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
     except Exception as e:
-        if builder == "json" and not streaming and not any("://" in f for f in files):
+        if local_json:
             return _load_json_rows(files, e)
         raise ValueError(f"could not read {_names(files)}: {_root_cause(e)}") from e
+    if local_json and _has_json_feature(rows.features):
+        # A field whose rows disagree in type (a number in one row's content, strings in the others) is typed
+        # Json, and every string in it is then decoded as JSON: "8" became 8, "null" None, '"hi"' hi.
+        return _load_json_rows(files)
+    return rows
+
+
+def _has_json_feature(feature) -> bool:
+    """Whether a datasets feature (or a struct / list of them) is `Json`: values of several types."""
+    import datasets
+
+    if isinstance(feature, datasets.features.Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_has_json_feature(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_has_json_feature(f) for f in feature)
+    return _has_json_feature(feature.feature) if hasattr(feature, "feature") else False
 
 
 def _names(files) -> list[str]:
@@ -173,11 +194,12 @@ def read_json_lines(path) -> list:
     return rows
 
 
-def _load_json_rows(files: list[str], error: Exception):
-    """Local JSON files that `datasets`' reader refused, read with the json module: a line that is not a JSON
-    object is named by file and line, and rows that parse become a Dataset whose column types are inferred from
-    every row. (`datasets` takes them from the first 10 MB, so a field that stays null there, such as feedback's
-    `error`, cannot hold a string later on.)"""
+def _load_json_rows(files: list[str], error: Exception | None = None):
+    """Local JSON files that `datasets`' reader refused or typed as Json, read with the json module: a line that
+    is not a JSON object is named by file and line, and rows that parse become a Dataset whose column types are
+    inferred from every row (`datasets` takes them from the first 10 MB, so a field that stays null there, such
+    as feedback's `error`, cannot hold a string later on), or, where rows disagree in a field's type, the list
+    of rows as they are, so that whoever reads them names or counts the malformed row."""
     import datasets
 
     rows, where = [], []
@@ -190,7 +212,8 @@ def _load_json_rows(files: list[str], error: Exception):
                 except json.JSONDecodeError:
                     pass
         if value is not None and not isinstance(value, list):
-            raise ValueError(f"could not read {f}: {_root_cause(error)}") from error
+            reason = _root_cause(error) if error else f"a JSON {type(value).__name__}, expected a list of rows"
+            raise ValueError(f"could not read {f}: {reason}") from error
         for i, row in enumerate(read_json_lines(f) if value is None else value, 1):
             if not isinstance(row, dict):
                 raise ValueError(f"{f} row {i}: a JSON {type(row).__name__}, expected an object")
@@ -208,8 +231,7 @@ def _load_json_rows(files: list[str], error: Exception):
             except UnicodeEncodeError:
                 raise ValueError(f"{at}: text with a lone surrogate (half of a UTF-16 pair, e.g. a cut emoji), "
                                  "which is not valid Unicode: mend or drop that row") from e
-        raise ValueError(f"could not read {_names(files)}: the rows' columns disagree in type: "
-                         f"{_root_cause(e)}") from e
+        return rows
 
 
 # ---------------------------------------------------------------------------------------------------- TFDS
