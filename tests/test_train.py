@@ -66,10 +66,14 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path):
     assert "rewards/accuracies" in open(hf_dir / "README.md").read()
     from zephyr_jax.export import export
 
+    with open(dpo_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "split": "ev')  # a line cut short by a kill: skipped, as resuming skips it
     card = open(os.path.join(export(str(dpo_dir), str(tmp_path / "hf3"), step=3, dtype="float32"), "README.md")).read()
     assert "step 3" in card and "| step | 3 |" in card and "| step | 6 |" not in card  # that step's metrics
     with pytest.raises(ValueError, match="is the workdir itself"):
         export(str(dpo_dir), str(dpo_dir))
+    with pytest.raises(ValueError, match="is a zephyr_jax training workdir .its config.json would be replaced"):
+        export(str(dpo_dir), str(sft_dir))  # another run's: its training config.json was overwritten
 
     ours = load_model(str(dpo_dir), "float32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()

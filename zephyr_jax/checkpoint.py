@@ -176,4 +176,11 @@ def load_model_config(workdir: str, **jax_settings) -> MistralConfig:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: {workdir} is not a zephyr_jax training workdir")
     with open(path) as f:
-        return MistralConfig.from_hf_dict(json.load(f), **jax_settings)
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    try:
+        return MistralConfig.from_hf_dict(d, **jax_settings)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e

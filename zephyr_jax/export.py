@@ -15,7 +15,7 @@ import os
 import jax.numpy as jnp
 
 from zephyr_jax import checkpoint, hf
-from zephyr_jax.loading import load_model
+from zephyr_jax.loading import is_workdir, load_model
 from zephyr_jax.tokenizer import is_zephyr_template, load_tokenizer
 
 
@@ -27,9 +27,12 @@ def final_metrics(workdir: str, step: int | None = None) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                record = json.loads(line)
-                if step is None or record.get("step", 0) <= step:
-                    last[record["split"]] = record
+                try:  # a line cut short by a kill (metrics.set_aside_replayed skips them too)
+                    record = json.loads(line)
+                    if step is None or record.get("step", 0) <= step:
+                        last[record["split"]] = record
+                except (ValueError, AttributeError, KeyError, TypeError):
+                    continue
     return last
 
 
@@ -73,16 +76,26 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     workdir, out_dir = os.path.expanduser(workdir), os.path.expanduser(out_dir)
     if os.path.abspath(out_dir) == os.path.abspath(workdir):  # its config.json would overwrite the training one
         raise ValueError(f"--out={out_dir} is the workdir itself: export to another directory")
+    if is_workdir(out_dir) or os.path.isdir(os.path.join(out_dir, "checkpoints")):  # ... or another run's
+        raise ValueError(f"--out={out_dir} is a zephyr_jax training workdir (its config.json would be replaced): "
+                         "export to another directory")
     step = checkpoint.resolve_step(workdir, step)
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
     model = load_model(workdir, dtype, step=step)
     config_path = os.path.join(workdir, "config.json")
-    train_config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+    train_config = {}
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            try:
+                train_config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from e
     tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))
     hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype))
+    card = model_card(workdir, step, train_config, final_metrics(workdir, step),
+                      zephyr_template=is_zephyr_template(tok))
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(model_card(workdir, step, train_config, final_metrics(workdir, step),
-                           zephyr_template=is_zephyr_template(tok)))
+        f.write(card)
     print(f"exported {workdir} step {step} -> {out_dir}")
     return out_dir
 

@@ -210,7 +210,10 @@ def load_config(path: str, **jax_settings) -> MistralConfig:
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a Hugging Face model directory")
     with open(file) as f:
-        d = json.load(f)
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
     try:
         return MistralConfig.from_hf_dict(d, **jax_settings)
     except (TypeError, ValueError) as e:
