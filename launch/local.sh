@@ -25,8 +25,12 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do
   shift
 done
 [[ "${1:-}" == "--" ]] && shift
+if [[ -n "$cpu_devices" ]] && ! [[ $cpu_devices =~ ^[1-9][0-9]*$ ]]; then  # XLA crashes on 0 or text
+  echo "--cpu_devices=$cpu_devices is not a positive number; $usage" >&2; exit 2
+fi
 port=${COORDINATOR_PORT:-$((20000 + RANDOM % 20000))}
 log_dir=${LOG_DIR:-$(mktemp -d)}
+mkdir -p "$log_dir"  # else process 1 could not start, and process 0 waited for it until the coordinator timed out
 gpu_ids=()  # the GPUs to split: CUDA_VISIBLE_DEVICES's when set, else every GPU nvidia-smi lists
 if [[ -n "$cpu_devices" ]]; then
   export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$cpu_devices"

@@ -132,15 +132,19 @@ def test_local_launcher_gives_each_process_its_gpus_and_waits_for_a_save_after_s
         out = subprocess.run(["bash", "launch/local.sh", bad, "--", "--config=x"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and f"NUM_PROCESSES={bad} is not a positive number" in out.stderr
+        out = subprocess.run(["bash", "launch/local.sh", "2", f"--cpu_devices={bad}", "--", "--config=x"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)  # XLA crashed on them
+        assert out.returncode == 2 and f"--cpu_devices={bad} is not a positive number" in out.stderr
 
 
 def test_local_launcher_splits_the_gpus_cuda_visible_devices_names(tmp_path):
     """GPUs already narrowed by CUDA_VISIBLE_DEVICES are split among the processes (each took all of them)."""
     env = _shims(tmp_path, python='echo "gpus=$CUDA_VISIBLE_DEVICES"\n')
+    env["LOG_DIR"] = str(tmp_path / "logs" / "new")  # made by the launcher (process 1 could not start without it)
     out = subprocess.run(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, capture_output=True,
                          text=True, timeout=30, env={**env, "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
     assert out.returncode == 0, out.stderr
-    assert "gpus=4,5" in out.stdout and "gpus=6,7" in (tmp_path / "process_1.log").read_text()
+    assert "gpus=4,5" in out.stdout and "gpus=6,7" in (tmp_path / "logs" / "new" / "process_1.log").read_text()
     for none in ("-1", "NoDevFiles", ""):  # no GPU: nothing to split, every process keeps the setting
         out = subprocess.run(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, capture_output=True,
                              text=True, timeout=30, env={**env, "CUDA_VISIBLE_DEVICES": none})
