@@ -90,6 +90,11 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr  # one line, not ml_collections' traceback
     assert ("a --config override names a key the config does not have: 'no_such_key' (overrides given: "
             "--config.train.no_such_key)") in out.stderr
+    # --num_processes / --process_id without a coordinator trained the whole job as process 0 of 1
+    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--num_processes=2",
+               "--process_id=1")
+    assert out.returncode != 0 and ("--num_processes, --process_id given: --coordinator_address, --num_processes "
+                                    "and --process_id go together") in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("stage, overrides, message", [

@@ -847,6 +847,13 @@ def cli():
     def main(argv):
         del argv
         logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
+        given = {"--coordinator_address": coordinator.value, "--num_processes": num_processes.value,
+                 "--process_id": process_id.value}
+        if any(v is not None for v in given.values()) and (None in given.values() or distributed.value):
+            # one of them alone trained the whole job as process 0 of 1 (two such processes into one workdir)
+            raise app.UsageError(f"{', '.join(k for k, v in given.items() if v is not None)} given: "
+                                 "--coordinator_address, --num_processes and --process_id go together, "
+                                 "without --distributed (which detects them on TPU pods and SLURM)")
         if coordinator.value:
             jax.distributed.initialize(coordinator.value, num_processes.value, process_id.value)
         elif distributed.value:
