@@ -339,6 +339,8 @@ def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
     results = out["results"]
     assert 0.0 <= results["zj_mc"]["acc,none"] <= 1.0 and "acc_norm,none" in results["zj_mc"]
     zephyr_jax.lm_eval_adapter.ZephyrJaxLM(pretrained=model_dir, trust_remote_code=True)  # lm_eval's flag adds it
+    with pytest.raises(ValueError, match="add_bos_token='ture': expected true or false"):  # ran as False, no <s>
+        zephyr_jax.lm_eval_adapter.ZephyrJaxLM(pretrained=model_dir, add_bos_token="ture")
     with pytest.raises(TypeError, match="zephyr_jax model_args: unknown dtpye, max_lenght"):  # ran with defaults
         lm_eval.simple_evaluate(model="zephyr_jax", model_args=f"pretrained={model_dir},dtpye=bfloat16,max_lenght=64",
                                 tasks=["zj_mc"], task_manager=TaskManager(include_path=tasks))

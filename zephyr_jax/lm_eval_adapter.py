@@ -67,8 +67,13 @@ def _score(graphdef, state, batch):
 log = logging.getLogger("zephyr_jax.lm_eval_adapter")
 
 
-def _flag(x) -> bool:
-    return x if isinstance(x, bool) else str(x).lower() in ("1", "true", "yes")
+def _flag(x, name: str) -> bool:
+    """A model_args / gen_kwargs boolean, as lm-eval passes it (a bool or text); a typo is an error, not False."""
+    if isinstance(x, bool):
+        return x
+    if str(x).lower() in ("1", "true", "yes", "0", "false", "no"):
+        return str(x).lower() in ("1", "true", "yes")
+    raise ValueError(f"{name}={x!r}: expected true or false")
 
 
 @register_model("zephyr_jax")
@@ -79,6 +84,7 @@ class ZephyrJaxLM(LM):
         if unknown:  # a misspelt model_arg (dtpye=bfloat16) ran with the default, unsaid
             known = sorted(set(inspect.signature(ZephyrJaxLM.__init__).parameters) - {"self", "unknown"})
             raise TypeError(f"zephyr_jax model_args: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+        add_bos_token = _flag(add_bos_token, "add_bos_token")  # before the model loads
         super().__init__()
         from zephyr_jax.loading import load
         from zephyr_jax.tokenizer import tokenizer_for
@@ -97,7 +103,7 @@ class ZephyrJaxLM(LM):
         cfg = self.model.config
         self.max_length = int(max_length) if max_length else min(int(cfg.max_position_embeddings), 4096)
         self.max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = _flag(add_bos_token)
+        self.add_bos_token = add_bos_token
         self.seed = int(seed)
         self.graphdef, self.state = nnx.split(self.model)
         self.buckets = default_buckets(self.max_length, min(16, self.max_length))
@@ -220,7 +226,7 @@ class ZephyrJaxLM(LM):
         if max_gen >= self.max_length:
             raise ValueError(f"max_gen_toks={max_gen} must be below the model's max_length={self.max_length}")
         temperature = float(kwargs.pop("temperature", 1.0))  # popped either way: greedy tasks carry 0.0
-        temperature = temperature if _flag(kwargs.pop("do_sample")) else 0.0
+        temperature = temperature if _flag(kwargs.pop("do_sample"), "do_sample") else 0.0
         top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
         ignored = sorted(set(kwargs) - self._warned)
         if ignored:  # num_beams, repetition_penalty, min_p, ...: said once, not silently dropped
