@@ -122,3 +122,15 @@ def _save_without_template(tok, path):
         if os.path.exists(os.path.join(path, name)):
             os.remove(os.path.join(path, name))
     return str(path)
+
+
+def test_a_tokenizer_path_that_is_not_one_is_named(tmp_path):
+    """transformers said of a missing path that a repo id must look like 'repo_name', and of a directory without a
+    tokenizer that sentencepiece is not installed."""
+    with pytest.raises(FileNotFoundError, match=r"tokenizer .*/missing does not exist"):
+        load_tokenizer(str(tmp_path / "missing"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"tokenizer directory .*/model holds none of tokenizer.json, "
+                                                r"tokenizer.model, tokenizer_config.json \(it holds \['config.json'\]"):
+        load_tokenizer(str(tmp_path / "model"))

@@ -37,6 +37,9 @@ MISTRAL_TOKENIZER_CONFIG = {
 }
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # one of them makes a tokenizer
+
+
 def mistral_v0_1_model_file() -> str:
     """Path of the Mistral-7B-v0.1 sentencepiece model shipped inside the `mistral-common` package."""
     import mistral_common
@@ -64,12 +67,26 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
         # copy reloads with another pre-tokenizer and encodes text after `</s>` differently.
         tok.init_kwargs["legacy"] = True
     else:
-        tok = transformers.AutoTokenizer.from_pretrained(path_or_name)
+        _check_tokenizer_path(path_or_name)
+        tok = transformers.AutoTokenizer.from_pretrained(os.path.expanduser(path_or_name))
     if not getattr(tok, "chat_template", None):
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise ValueError(f"tokenizer {path_or_name or 'mistral-7b-v0.1'} lacks a BOS or EOS token")
     return tok
+
+
+def _check_tokenizer_path(path_or_name: str) -> None:
+    """A local tokenizer path that does not exist, or a directory without a tokenizer, named (transformers takes
+    the first for a malformed hub name and says of the second that sentencepiece is not installed)."""
+    path = os.path.expanduser(path_or_name)
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"tokenizer directory {path} holds none of {', '.join(TOKENIZER_FILES)} (it "
+                                    f"holds {sorted(os.listdir(path))[:10]})")
+    elif os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"tokenizer {path_or_name} does not exist (expected a tokenizer directory or a hub "
+                                "name)")
 
 
 def tokenizer_for(path: str | None, tokenizer: str | None = None) -> transformers.PreTrainedTokenizerBase:
