@@ -1,5 +1,10 @@
 """Orbax checkpoints written before the decoder layers were stacked (layers/0/..., layers/1/...) still restore."""
 
+import os
+import re
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +18,7 @@ from zephyr_jax.sharding import make_mesh, named, param_specs
 from zephyr_jax.train import train_state_shardings
 from zephyr_jax.train_steps import TrainState
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2)
 
@@ -110,3 +116,17 @@ def test_a_checkpoint_of_another_shape_names_the_parameter_and_both_shapes(tmp_p
     with pytest.raises(ValueError, match=r"checkpoint step 2 in .*: its params do not match this model's \(only in "
                                          r"the (checkpoint|model): lm_head"):
         checkpoint.restore_params(str(tmp_path), abstract, named(mesh, param_specs(abstract)))
+    # A data file cut short (a partly written or damaged step): named with its cause and the steps to fall back on,
+    # not orbax's and TensorStore's hundreds of lines. In a process of its own: orbax leaves the other reads'
+    # coroutines unawaited, and they print their tracebacks when the process ends.
+    mngr.save(4, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    mngr.wait_until_finished()
+    for f in (tmp_path / "checkpoints" / "4" / "params").glob("ocdbt.process_0/d/*"):
+        os.truncate(f, 100)
+    restore = (f"from tests.test_checkpoint import *; _, a = nnx.split(nnx.eval_shape(lambda: Mistral(CFG, "
+               f"rngs=nnx.Rngs(0))))\ntry:\n checkpoint.restore_params({str(tmp_path)!r}, a, named(make_mesh((1, 1, "
+               "1), jax.devices()[:1]), param_specs(a)))\nexcept ValueError as e:\n print('error:', e)")
+    out = subprocess.run([sys.executable, "-c", restore], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert re.search(r"error: checkpoint step 4 in .*: its params could not be read \(.*\): the step is corrupt or "
+                     r"partly written; restore another \(steps \[2\]", out.stdout), out.stderr[-3000:]

@@ -64,6 +64,19 @@ def _stacked_path(path: tuple) -> tuple[tuple, int | None]:
     return path, None
 
 
+def _unreadable(mngr, step: int, item: str, error: Exception) -> ValueError:
+    """The error for a checkpoint step whose files cannot be read: its innermost cause's first line, and the
+    other steps to fall back on."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    cause = (str(error).strip().splitlines() or [""])[0][:300]
+    others = [s for s in mngr.all_steps() if s != step]
+    fallback = (f"restore another (steps {others}: model.step=N for an init checkpoint; for a resume, move this "
+                "step's directory away)") if others else "no other step is saved"
+    return ValueError(f"checkpoint step {step} in {mngr.directory}: its {item} could not be read "
+                      f"({type(error).__name__}: {cause}): the step is corrupt or partly written; {fallback}")
+
+
 def _restore_item(mngr, step: int, item: str, target):
     """One item (params or opt_state) restored onto `target` (abstract arrays with shardings). A legacy item
     (per-layer subtrees) is read in its saved layout, each layer onto its slice's sharding, then stacked."""
@@ -88,7 +101,10 @@ def _restore_item(mngr, step: int, item: str, target):
                 raise ValueError(f"checkpoint step {step} in {mngr.directory}: {item} {'/'.join(map(_key, path))} "
                                  f"has shape {tuple(stored)}, but this model's is {tuple(leaf.shape)} (the "
                                  "architecture differs from the run that saved it)")
-        return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+        try:
+            return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+        except Exception as e:  # orbax/TensorStore's error runs to hundreds of lines and names the step nowhere
+            raise _unreadable(mngr, step, item, e) from e
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     new = {tuple(map(_key, p)): leaf for p, leaf in leaves}
