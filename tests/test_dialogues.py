@@ -477,3 +477,17 @@ def test_output_trains_in_a_tiny_sft_run(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert [r["step"] for r in records if r["split"] == "train"][-1] == 2
     assert all(v == v for v in metrics.values() if isinstance(v, float))  # no NaN in the final eval
+
+
+def unreachable(call):
+    """CLI teacher (callable:tests.test_dialogues:unreachable): a server that refuses every connection."""
+    raise ConnectionRefusedError("connection refused")
+
+
+def test_cli_fails_when_no_dialogue_was_kept(tmp_path):
+    """It exited 0 with empty splits, so `dialogues && train` went on to train on nothing."""
+    from zephyr_jax.data import dialogues
+
+    with pytest.raises(SystemExit, match=r"error: no dialogue of 2 was kept .*connection refused"):
+        dialogues.main([f"--output={tmp_path}", "--assistant=callable:tests.test_dialogues:unreachable",
+                        "--num_dialogues=2", "--test_size=0"])

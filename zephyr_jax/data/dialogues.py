@@ -6,7 +6,7 @@ CLI:
         [--seeds=FILE [--seeds_split=train] [--seed_column=COL]] [--sector=world|writing|materials|all]
         [--num_dialogues=N] [--min_turns=A --max_turns=B] [--seed=42] [--test_size=0.1]
         [--concurrency=16] [--max_tokens=1024] [--temperature=1.0] [--max_turn_chars=8000]
-        [--api_key_env=OPENAI_API_KEY] [--mesh=D,F,T] [--overwrite]
+        [--timeout=120] [--max_retries=6] [--api_key_env=OPENAI_API_KEY] [--mesh=D,F,T] [--overwrite]
     python -m zephyr_jax.data.dialogues --mode=magpie --assistant=SPEC --num_dialogues=N --output=DIR
         [--tokenizer=PATH] [--min_turns=1 --max_turns=1] ...
 SPEC is a backend spec (zephyr_jax.data.backends): endpoint:MODEL@URL[,URL...], engine:PATH or
@@ -766,6 +766,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_turn_chars", type=int, default=8000, help="longer messages end the dialogue")
     p.add_argument("--tokenizer", default=None, help="magpie: tokenizer whose chat template gives the prefix "
                                                      "(default: Mistral-7B-v0.1 with the Zephyr template)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per endpoint request")
+    p.add_argument("--max_retries", type=int, default=6, help="endpoint retries of 429/5xx/timeouts/drops")
     p.add_argument("--mesh", default=None, help=ENGINE_MESH_HELP)
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--overwrite", action="store_true", help="discard the journal of a run with other settings")
@@ -783,14 +785,15 @@ def main(argv=None) -> dict:
         p.error("--mode=magpie needs --num_dialogues")
     # Bad input (a seeds file, a spec, other settings on disk) ends with its message, not a traceback.
     try:
-        with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, mesh=args.mesh) as backends:
+        with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
+                        max_retries=args.max_retries, mesh=args.mesh) as backends:
             seeds = None
             if args.mode == "ultrachat":
                 sector = None if args.sector == "all" else args.sector
                 seeds = (load_seeds(args.seeds, split=args.seeds_split, column=args.seed_column, sector=sector,
                                     seed=args.seed) if args.seeds else builtin_seeds(args.sector, args.seed))
             user = backends.get(args.user) if args.user else None
-            return make_dialogues(seeds, user, backends.get(args.assistant), args.output, mode=args.mode,
+            stats = make_dialogues(seeds, user, backends.get(args.assistant), args.output, mode=args.mode,
                                   num_dialogues=args.num_dialogues, min_turns=args.min_turns,
                                   max_turns=args.max_turns, seed=args.seed, test_size=args.test_size,
                                   concurrency=args.concurrency, max_tokens=args.max_tokens,
@@ -798,6 +801,10 @@ def main(argv=None) -> dict:
                                   tokenizer=args.tokenizer, overwrite=args.overwrite)
     except (SettingsMismatch, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if not stats["kept"]:  # a script's next step (training) must not start on empty splits
+        sys.exit(f"error: no dialogue of {stats['dialogues']} was kept ({stats['dropped']}; failed calls: "
+                 f"{stats['failed_calls']}); the journal keeps what finished")
+    return stats
 
 
 if __name__ == "__main__":

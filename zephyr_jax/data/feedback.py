@@ -970,7 +970,7 @@ def main(argv=None) -> dict:
                         max_retries=args.max_retries, mesh=args.mesh) as backends:
             generators = [backends.get(spec, **price(spec, args.generator_price)) for spec in args.generators]
             judge = backends.get(args.judge, **price(args.judge, args.judge_price)) if args.judge else args.judge_fn
-            return collect_feedback(args.prompts, generators, judge, args.output, split=args.split,
+            stats = collect_feedback(args.prompts, generators, judge, args.output, split=args.split,
                                     data_dir=args.data_dir, completions_per_prompt=args.completions_per_prompt,
                                     seed=args.seed, concurrency=args.concurrency, max_tokens=args.max_tokens,
                                     temperature=args.temperature, top_p=args.top_p,
@@ -979,6 +979,12 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if stats["completions"] and stats["failed_generations"] == stats["completions"]:
+        # a script's next step (binarize, training) must not start on completions that are all errors
+        print(f"error: every one of the {stats['completions']} generations failed (first errors: "
+              f"{stats['this_run']['first_errors']}); the journal keeps what finished", file=sys.stderr)
+        raise SystemExit(1)
+    return stats
 
 
 if __name__ == "__main__":
