@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.sharding import DEFAULT_RULES, constrain, make_mesh
+from zephyr_jax.sharding import DEFAULT_RULES, constrain, logical_to_spec, make_mesh
 
 
 def test_constrain_follows_the_mesh_context_not_a_stale_trace():
@@ -43,6 +43,11 @@ def test_rules_travel_with_the_model_config():
     assert shardings[0].shard_shape((8, 4, 128)) == (1, 4, 128)
     assert shardings[1].is_fully_replicated  # the same model with "batch" unmapped
     assert hash(MistralConfig(sharding_rules=[["batch", ["data", "fsdp"]]])) is not None  # JSON lists are accepted
+    # A table without a rule for an axis: a ValueError, which the planner and the trainer print as one line (a
+    # KeyError went past the planner's handler as a traceback)
+    without_mlp = [(name, axes) for name, axes in DEFAULT_RULES if name != "mlp"]
+    with pytest.raises(ValueError, match=r"logical axis 'mlp' has no sharding rule \(config.mesh.rules\)"):
+        logical_to_spec(("embed", "mlp"), without_mlp)
 
 
 def test_the_command_lines_mesh_flag():

@@ -46,7 +46,8 @@ def logical_to_spec(axes: Sequence[str | None], rules: Sequence = DEFAULT_RULES)
     used, spec = set(), []
     for name in axes:
         if name is not None and name not in table:
-            raise KeyError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}")
+            raise ValueError(f"logical axis {name!r} has no sharding rule (config.mesh.rules); rules cover "
+                             f"{sorted(table)}")
         mesh_axes = table.get(name) if name is not None else None
         flat = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
         flat = tuple(a for a in flat if a not in used)  # a mesh axis may split only one dimension

@@ -30,6 +30,10 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_all_but_mlp", "offload")  #
 
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
+    """The architecture under Hugging Face's config.json names (defaults: Mistral-7B-v0.1's; `from_hf_dict` /
+    `to_hf_dict` read and write config.json), then the JAX-side settings: compute and storage dtypes, the
+    attention kernel, remat, the layer scan and the sharding rules. Frozen and hashable: jit keys on it."""
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 14336

@@ -228,6 +228,11 @@ def default_positions(attention_mask, segment_ids):
 
 
 class Mistral(nnx.Module):
+    """Mistral-7B's architecture as an NNX module: `Mistral(MistralConfig(...), rngs=nnx.Rngs(seed))` draws random
+    weights (zephyr_jax.load reads a checkpoint's). Parameter names mirror Hugging Face's, the decoder layers
+    stacked on a leading axis (`layers.*`). `model(ids)`: all logits; `hidden_states`: the final norm's output,
+    for the loss at chosen positions (losses.head_logps); `with_cache`: prefill and decoding over a KVCache."""
+
     def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         init = jax.nn.initializers.normal(cfg.initializer_range)
