@@ -491,3 +491,10 @@ def test_cli_fails_when_no_dialogue_was_kept(tmp_path):
     with pytest.raises(SystemExit, match=r"error: no dialogue of 2 was kept .*connection refused"):
         dialogues.main([f"--output={tmp_path}", "--assistant=callable:tests.test_dialogues:unreachable",
                         "--num_dialogues=2", "--test_size=0"])
+
+
+def test_one_seed_or_one_stop_string_is_not_taken_for_many(tmp_path):
+    """A string where a list belongs was iterated: a dialogue seeded by each character, a stop at each one."""
+    with pytest.raises(TypeError, match="seeds is one seed .str.: pass a list of them"):
+        make_dialogues("Direct preference optimization", None, CallableBackend(scripted_assistant), tmp_path)
+    assert Call(messages=[{"role": "user", "content": "Hi"}], stop="END").stop == ("END",)

@@ -252,8 +252,18 @@ def test_generate_calls_of_other_lengths_reuse_the_compiled_programs(small):
 def test_stop_token_ids_and_stop_strings_end_a_reply(small):
     from zephyr_jax.tokenizer import load_tokenizer
 
+    from zephyr_jax.generate import generate
+
     _, model = small
     tok = load_tokenizer()
+    # generate()'s prompts, misused: one string ran a request per character; a role the template does not know
+    # rendered nothing (the question was lost); an empty conversation generated from the template's prefix alone
+    with pytest.raises(TypeError, match="prompts is one prompt .* pass a list of them"):
+        generate(model, tok, "Hello")
+    with pytest.raises(ValueError, match=r"prompts\[0\]\[0\] must be \{'role': system\|user\|assistant"):
+        generate(model, tok, [[{"role": "User", "content": "Hi"}]])
+    with pytest.raises(ValueError, match=r"prompts\[1\] is an empty conversation"):
+        generate(model, tok, ["Hi", []])
     prompt = _prompts(4, [6])[0]
     engine = Engine(model, tok, max_slots=2, max_length=64, eos_id=None)
     free = engine.generate([Request(prompt, SamplingParams(max_tokens=NEW_TOKENS))])[0]
@@ -388,6 +398,25 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
     assert not engine.waiting
     with pytest.raises(ValueError, match="decode_steps=0: must be at least 1"):
         Engine(model, max_slots=1, max_length=64, decode_steps=0)
+    with pytest.raises(ValueError, match="max_length=0: must be at least 2"):  # was taken as "not given": 4096
+        Engine(model, max_slots=1, max_length=0)
+    # Values of another type were cut to whole numbers (2.5 tokens ran as 3, seed 1.9 as 1, token 2.7 as 2).
+    for bad, name in [(dict(max_tokens=2.5), "max_tokens"), (dict(seed=1.9), "seed"), (dict(top_k=2.5), "top_k")]:
+        with pytest.raises(ValueError, match=f"{name}={list(bad.values())[0]}: must be a whole number"):
+            engine.submit(Request([5], SamplingParams(**bad)))
+    with pytest.raises(ValueError, match="Request.prompt must be a list of token ids .whole numbers., got float64"):
+        engine.submit(Request([1, 2.7], SamplingParams()))
+    with pytest.raises(TypeError, match="Request.prompt is token ids: encode the text first"):
+        engine.submit(Request("hello", SamplingParams()))
+    assert SamplingParams(stop="END").stop == ("END",)  # one stop string, not a stop at each of E, N and D
+    # A Request run again, or twice in one call: its slot was never freed, and generate() waited for ever.
+    done = engine.generate([Request(np.array([5, 6]), SamplingParams(max_tokens=2))])[0]
+    assert done.prompt == [5, 6] and len(done.tokens) == 2
+    with pytest.raises(ValueError, match="was already submitted: make a new Request"):
+        engine.generate([done])
+    twice = Request([5], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="the same Request appears twice"):
+        engine.generate([twice, twice])
     engine.start()
     try:
         seen = threading.Event()

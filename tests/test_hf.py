@@ -161,6 +161,8 @@ def test_export_keeps_rope_theta_window_and_head_dim(fields, tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_load_is_bitwise(tmp_path, tied, monkeypatch):
     model = Mistral(MistralConfig(**TINY, tie_word_embeddings=tied), rngs=nnx.Rngs(7))
+    with pytest.raises(ValueError, match="save_pretrained dtype=int8: a floating-point dtype"):  # wrote zeros
+        hf.save_pretrained(model, str(tmp_path), dtype=jnp.int8)
     hf.save_pretrained(model, str(tmp_path))
     again = load_model(str(tmp_path), jnp.float32)
     before, after = flat_params(model), flat_params(again)

@@ -142,6 +142,8 @@ def test_legacy_unstacked_checkpoint_restores_in_bf16_onto_the_mesh(tmp_path):
 def test_clear_errors(workdir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"/no/such/model does not exist"):
         load_model("/no/such/model")
+    with pytest.raises(TypeError, match=r"mesh=\(1, 1, 8\): pass a jax Mesh, e.g. sharding.make_mesh\(\(1, 1, 8\)\)"):
+        load_model(str(workdir[0]), mesh=(1, 1, 8))  # the CLIs' --mesh shape: failed deep in sharding.py
     with pytest.raises(FileNotFoundError, match=r"neither a Hugging Face model directory .* nor a zephyr_jax"):
         load_model(str(tmp_path))
     empty = tmp_path / "empty_run"

@@ -90,6 +90,30 @@ def test_packed_row_equals_examples_run_alone(pair):
     _assert_close(ours[:, 7:], torch_logits(tm, b))
 
 
+def test_inputs_the_model_cannot_read_are_named():
+    """-1 read the last embedding row and vocab_size filled NaN, which attention spread over the whole row; inputs
+    of another shape failed in jax's broadcasting, naming neither; config values of another type ran on."""
+    from zephyr_jax.model import Mistral, MistralConfig
+
+    cfg = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    model, ids = Mistral(cfg, rngs=nnx.Rngs(0)), jnp.ones((1, 6), jnp.int32)
+    for bad in (-1, 128):
+        with pytest.raises(ValueError, match=rf"input_ids holds {bad}, outside the vocabulary \[0, 128\)"):
+            model(ids.at[0, 3].set(bad))
+    with pytest.raises(ValueError, match=r"positions has shape \(1, 3\), input_ids \(1, 6\): they must match"):
+        model(ids, positions=jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"input_ids must be integer token ids of shape \[batch, length\], got float"):
+        model(jnp.ones((1, 6)))
+    np.testing.assert_array_equal(nnx.jit(lambda m, i: m(i))(model, ids), model(ids))  # traced ids: unchecked
+    for field, value, message in [("sliding_window", "4096", "a whole number or None"),
+                                  ("scan_layers", "False", "must be True or False"),
+                                  ("param_dtype", "int8", "a floating-point dtype"),
+                                  ("hidden_size", 32.0, "must be a whole number >= 1")]:
+        with pytest.raises(ValueError, match=f"{field}={value!r}: {message}" if field != "param_dtype" else message):
+            cfg.replace(**{field: value})
+
+
 def test_bf16_compute_within_documented_tolerance(pair):
     """bf16 activations over float32 parameters: max |diff| to float32 logits <= 5% of the logits' range.
 

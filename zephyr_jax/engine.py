@@ -62,8 +62,20 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; n >= 0: each sampled token's log-prob and the top n alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (scoring, OpenAI's `echo`)
 
+    def __post_init__(self):  # one stop string is a stop string, not one stop per character
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+
     def check(self) -> None:
-        """ValueError naming the first out-of-range field."""
+        """ValueError naming the first field of another type (2.5 tokens ran as 3, seed 1.9 as 1) or out of
+        range."""
+        whole = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)  # noqa: E731
+        real = lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)  # noqa
+        for name, kind in (("max_tokens", whole), ("top_k", whole), ("seed", whole), ("temperature", real),
+                           ("top_p", real)):
+            if not kind(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a {'whole' if kind is whole else 'real'} "
+                                 "number")
         checks = [
             ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
@@ -270,7 +282,8 @@ class Engine:
                  eos_id: int | None = None, mesh=None, heads_first_cache: bool | None = None):
         cfg = model.config
         for name, value, least in (("max_slots", max_slots, 1), ("decode_steps", decode_steps, 1),
-                                   ("prefill_chunk", prefill_chunk, 1), ("max_length", max_length or 2, 2)):
+                                   ("prefill_chunk", prefill_chunk, 1),
+                                   ("max_length", 2 if max_length is None else max_length, 2)):
             if value < least:  # decode_steps=0 would decode nothing, for ever
                 raise ValueError(f"Engine {name}={value}: must be at least {least}")
         self.config, self.tokenizer = cfg, tokenizer
@@ -327,6 +340,16 @@ class Engine:
         vocabulary): raised to its submitter, never on the engine's thread, where it would fail every request."""
         params = request.params
         params.check()
+        if isinstance(request.prompt, str):
+            raise TypeError("Request.prompt is token ids: encode the text first (generate() takes text)")
+        if request.finish_reason is not None or request.submitted_at:  # its slot would never be freed: a hang
+            raise ValueError(f"request {request.id} was already submitted: make a new Request to generate again")
+        prompt = np.asarray(request.prompt)
+        if prompt.size and (prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer)):
+            raise ValueError(f"Request.prompt must be a list of token ids (whole numbers), got {prompt.dtype} "
+                             f"of shape {prompt.shape}")
+        if not isinstance(request.prompt, list):  # a list is kept as it is: the server's n choices share one
+            request.prompt = prompt.tolist()
         if not request.prompt:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.config.vocab_size
@@ -370,6 +393,8 @@ class Engine:
             raise RuntimeError("this engine runs on its own thread: submit() and wait on request.done instead")
         from tqdm.auto import tqdm
 
+        if len({id(r) for r in requests}) != len(requests):  # one object in two slots: the second never freed
+            raise ValueError("the same Request appears twice in requests: make one Request per generation")
         for r in requests:  # all or none: a bad request found midway would leave the others queued
             self.check(r)
         pending = collections.deque(requests)

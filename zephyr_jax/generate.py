@@ -17,7 +17,15 @@ LENGTH_STEP = 512  # KV-cache lengths of generate() calls are multiples of this 
 
 def request_seed(seed: int, index: int) -> int:
     """A separate random stream per prompt of a batch, from the call's seed."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be a whole number >= 0")
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _prompt_list(prompts, what: str) -> None:
+    """TypeError for one prompt where a list of them belongs: a string ran one request per character."""
+    if isinstance(prompts, (str, dict)):
+        raise TypeError(f"prompts is one {what} ({type(prompts).__name__}): pass a list of them, e.g. [prompt]")
 
 
 def run(model, prompts: list[list[int]], params: list[SamplingParams], tokenizer=None, *, max_slots: int = 64,
@@ -25,7 +33,8 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], tokenizer
         **engine_options) -> list[Request]:
     """The finished requests for token-id prompts, on an engine sized for them (at most max_slots cache rows,
     each of max_length tokens: by default the longest prompt + reply, rounded up to LENGTH_STEP)."""
-    if not prompts:
+    _prompt_list(prompts, "prompt")
+    if len(prompts) == 0:  # (an array of prompts has no truth value)
         return []
     longest = max(len(p) + s.max_tokens for p, s in zip(prompts, params))
     if max_length is None:  # rounded up, as the slots are: the cache's shape, and so the compiled calls, repeat
@@ -33,7 +42,7 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], tokenizer
         max_length = max(longest, min(-(-longest // LENGTH_STEP) * LENGTH_STEP, model.config.max_position_embeddings))
     slots = min(max_slots, 1 << (len(prompts) - 1).bit_length())
     engine = Engine(model, tokenizer, max_slots=slots, max_length=max_length, eos_id=eos_id, **engine_options)
-    return engine.generate([Request(list(map(int, p)), s) for p, s in zip(prompts, params)], progress=progress)
+    return engine.generate([Request(p, s) for p, s in zip(prompts, params)], progress=progress)
 
 
 def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -45,17 +54,24 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, temper
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (), progress: bool = False,
+             top_p: float = 1.0, seed: int = 0, stop: str | tuple[str, ...] = (), progress: bool = False,
              **engine_options) -> list[str]:
     """Completions for `prompts`: strings (encoded as they are, with one BOS) or chat message lists (rendered
     with the chat template and the assistant generation prompt). Each stops at EOS, a `stop` string (cut
     before it) or max_new_tokens."""
-    from zephyr_jax.tokenizer import encode_text, render_chat
+    from zephyr_jax.tokenizer import check_chat, encode_text, render_chat
 
-    texts = [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
+    _prompt_list(prompts, "prompt (a string or a message list)")
+    texts = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            check_chat(p, f"prompts[{i}]")
+            if not p:
+                raise ValueError(f"prompts[{i}] is an empty conversation")
+        texts.append(p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True))
     encoded = [encode_text(tokenizer, t) for t in texts]
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=request_seed(seed, i), stop=tuple(stop)) for i in range(len(prompts))]
+                             seed=request_seed(seed, i), stop=stop) for i in range(len(prompts))]
     done = run(model, encoded, params, tokenizer, eos_id=tokenizer.eos_token_id, progress=progress,
                **engine_options)
     return [r.text for r in done]

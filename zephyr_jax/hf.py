@@ -469,6 +469,9 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
         return (param if layer is None else _LayerSlice(param, layer)), transposed
 
     tensors = {name: hf_tensor(name) for name in names}
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):  # int8 wrote zeros
+        raise ValueError(f"save_pretrained dtype={jnp.dtype(dtype)}: a floating-point dtype (float32, bfloat16, "
+                         "float16)")
     save_dtype = {name: jnp.dtype(dtype or params[to_flax[name][0]].dtype) for name in names}
     shapes = {name: t.shape[::-1] if tr else t.shape for name, (t, tr) in tensors.items()}
     sizes = {name: math.prod(shapes[name]) * save_dtype[name].itemsize for name in names}

@@ -108,6 +108,9 @@ def load_model(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         device = jax.sharding.SingleDeviceSharding(_default_device())
         shardings = jax.tree.map(lambda _: device, abstract)
     else:
+        if not isinstance(mesh, jax.sharding.Mesh):  # e.g. the CLIs' (1, 1, 8): failed deep in sharding.py
+            shape = tuple(mesh) if isinstance(mesh, (tuple, list)) else (1, -1, 1)
+            raise TypeError(f"mesh={mesh!r}: pass a jax Mesh, e.g. sharding.make_mesh({shape})")
         specs = param_specs(abstract, rules)
         check_params_fit_mesh(abstract, specs, mesh)  # before any weight is read
         shardings = named(mesh, specs)

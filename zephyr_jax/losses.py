@@ -472,8 +472,11 @@ def dpo_loss(
     elif loss_type == "hinge":
         losses = jax.nn.relu(1.0 - beta * z)
     else:  # ipo
-        len_w = jnp.maximum(f32(chosen_lengths), 1.0)
-        len_l = jnp.maximum(f32(rejected_lengths), 1.0)
+        len_w, len_l = f32(chosen_lengths), f32(rejected_lengths)
+        if len_w.shape != pc.shape or len_l.shape != pc.shape:  # [B, T] masks broadcast into a wrong loss
+            raise ValueError(f"chosen_lengths / rejected_lengths must be [batch] {pc.shape} (each sequence's "
+                             f"completion token count), got {len_w.shape}, {len_l.shape}")
+        len_w, len_l = jnp.maximum(len_w, 1.0), jnp.maximum(len_l, 1.0)
         losses = (chosen_ratio / len_w - rejected_ratio / len_l - 1.0 / (2.0 * beta)) ** 2
     loss = jnp.mean(losses)
 

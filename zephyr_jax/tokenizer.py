@@ -113,6 +113,20 @@ def tokenizer_source(path: str | None) -> str | None:
     return None
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_chat(messages, where: str = "messages") -> None:
+    """ValueError naming the first message that is not {'role': system|user|assistant, 'content': str} (a
+    template renders nothing for a role it does not know: "User" or "human" lost the question)."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"{where} is a {type(messages).__name__}, not a list of {{'role', 'content'}} messages")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}[{i}] must be {{'role': system|user|assistant, 'content': str}}, got "
+                             f"{str(m)[:100]}")
+
+
 def with_system_message(messages: list[dict]) -> list[dict]:
     """Prepends an empty system message when the conversation has none (as the Zephyr recipe does)."""
     if messages and messages[0].get("role") == "system":
@@ -133,6 +147,7 @@ def render_template(tok, messages: list[dict], add_generation_prompt: bool = Fal
     messages as given, as transformers and vLLM render them (Mistral-Instruct-v0.3's would put the empty system
     text into the first user turn, ChatML's add a turn its models never saw, Qwen's lose its default system
     prompt)."""
+    check_chat(messages)
     messages = with_system_message(messages) if is_zephyr_template(tok) else list(messages)
     return messages, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

@@ -43,6 +43,8 @@ class Call:
     def __post_init__(self):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("a Call takes exactly one of messages (chat) or prompt (raw text)")
+        if isinstance(self.stop, str):  # one stop string, not one per character
+            object.__setattr__(self, "stop", (self.stop,))
 
 
 @dataclasses.dataclass

@@ -14,9 +14,8 @@ import jinja2
 import numpy as np
 
 from zephyr_jax.data.errors import BadRow
-from zephyr_jax.tokenizer import adds_bos, render_template
+from zephyr_jax.tokenizer import CHAT_ROLES, adds_bos, render_template
 
-ROLES = ("system", "user", "assistant")
 # Strings the tokenizer would read as control tokens if they appeared inside message text ("<unk>" is id 0: a
 # reply that mentions it would teach the model to emit the unknown token).
 SPECIAL_TEXTS = ("<s>", "</s>", "<unk>")
@@ -29,7 +28,7 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRow(index, f"{field}[{i}] lacks 'role' or 'content'", source)
-        if m["role"] not in ROLES:
+        if m["role"] not in CHAT_ROLES:
             raise BadRow(index, f"unknown role {m['role']!r} in {field}[{i}]", source)
         if not isinstance(m["content"], str):
             raise BadRow(index, f"{field}[{i}].content is not a string", source)

@@ -623,6 +623,8 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
     """make_dialogues as a coroutine (for callers that already run an event loop, e.g. a notebook)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if isinstance(seeds, (str, Seed, dict)):  # a string seeded one dialogue per character
+        raise TypeError(f"seeds is one seed ({type(seeds).__name__}): pass a list of them, e.g. [seed]")
     _check_test_size(test_size)
     if concurrency < 1:  # a semaphore of 0 would wait forever, holding the journal's lock
         raise ValueError(f"concurrency={concurrency}: at least 1 dialogue must be in flight")

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 # Fields that describe the architecture and appear in a Hugging Face config.json.
 _HF_FIELDS = (
@@ -61,6 +62,19 @@ class MistralConfig:
     sharding_rules: Any = None  # logical axis -> mesh axes for activations (None: sharding.DEFAULT_RULES)
 
     def __post_init__(self):
+        # Types first: a "4096" string or a "False" (truthy) from a hand-written dict crashed later, or ran wrong.
+        whole = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)  # noqa: E731
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) is None and name in ("num_key_value_heads", "head_dim"):  # defaults below
+                continue
+            if not whole(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a whole number >= 1")
+        if not (self.sliding_window is None or whole(self.sliding_window)):
+            raise ValueError(f"sliding_window={self.sliding_window!r}: a whole number or None")
+        for name in ("tie_word_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_key_value_heads is None:
@@ -83,6 +97,8 @@ class MistralConfig:
         object.__setattr__(self, "sharding_rules", _hashable_rules(self.sharding_rules))
         for name in ("dtype", "param_dtype"):  # accept "bfloat16" strings from configs and the command line
             object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
+            if not jnp.issubdtype(getattr(self, name), jnp.floating):  # int8 failed deep in jax.random
+                raise ValueError(f"{name}={getattr(self, name)}: a floating-point dtype (float32, bfloat16, ...)")
 
     @classmethod
     def mistral_7b_v0_1(cls, **overrides) -> MistralConfig:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -227,6 +228,24 @@ def default_positions(attention_mask, segment_ids):
     return jnp.maximum(jnp.cumsum(counted, axis=1) - 1, 0)
 
 
+def check_inputs(cfg: MistralConfig, input_ids, **others) -> None:
+    """ValueError naming the input: ids that are not [batch, length] integers, another input of another shape
+    (jax's broadcasting error named neither), and, when the ids are concrete (an eager call; jitted calls get
+    checked ids), ids outside the vocabulary: jnp.take read -1 as the last row and filled vocab_size with NaN,
+    which attention then spread over the whole row."""
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integer token ids of shape [batch, length], got {input_ids.dtype} "
+                         f"{input_ids.shape}")
+    for name, x in others.items():
+        if x is not None and jnp.shape(x) != input_ids.shape:
+            raise ValueError(f"{name} has shape {jnp.shape(x)}, input_ids {input_ids.shape}: they must match")
+    if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+        ids = np.asarray(input_ids)  # numpy: under a trace, jnp's reductions of a constant are traced too
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"input_ids holds {lo if lo < 0 else hi}, outside the vocabulary [0, {cfg.vocab_size})")
+
+
 class Mistral(nnx.Module):
     """Mistral-7B's architecture as an NNX module: `Mistral(MistralConfig(...), rngs=nnx.Rngs(seed))` draws random
     weights (zephyr_jax.load reads a checkpoint's). Parameter names mirror Hugging Face's, the decoder layers
@@ -258,6 +277,8 @@ class Mistral(nnx.Module):
         the head only at the loss positions (losses.head_logps). max_segments: the most sequences a row holds
         (static; GPU attention needs it for segment ids, see attention.attend). grad_sum: see run_layers."""
         cfg = self.config
+        input_ids = jnp.asarray(input_ids)
+        check_inputs(cfg, input_ids, positions=positions, segment_ids=segment_ids, attention_mask=attention_mask)
         b, t = input_ids.shape
         if attention_mask is not None:  # padding is segment 0, which attends only to itself and carries no loss
             real = attention_mask.astype(jnp.int32)
