@@ -498,3 +498,5 @@ def test_one_seed_or_one_stop_string_is_not_taken_for_many(tmp_path):
     with pytest.raises(TypeError, match="seeds is one seed .str.: pass a list of them"):
         make_dialogues("Direct preference optimization", None, CallableBackend(scripted_assistant), tmp_path)
     assert Call(messages=[{"role": "user", "content": "Hi"}], stop="END").stop == ("END",)
+    with pytest.raises(TypeError, match="assistant='callable:tests.test_dialogues:scripted_assistant': pass a Backend"):
+        make_dialogues(["a topic"], None, "callable:tests.test_dialogues:scripted_assistant", tmp_path)

@@ -655,3 +655,9 @@ def test_cli_fails_when_every_generation_failed(tmp_path, capsys):
     assert exit_.value.code == 1
     assert re.search(r"error: every one of the 4 generations failed \(first errors: .*connection refused",
                      capsys.readouterr().err)
+
+
+def test_one_generator_where_a_pool_belongs_is_named(tmp_path):
+    """A Backend passed as `generators` failed with "'CallableBackend' object is not iterable"."""
+    with pytest.raises(ValueError, match="generators must be a non-empty list of Backend objects"):
+        collect_feedback(arithmetic_rows(2), CallableBackend(slow_right), slow_judge, tmp_path)

@@ -94,7 +94,7 @@ def test_name_mapping_round_trips():
     assert hf.hf_to_flax_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     assert "lm_head.weight" not in hf.hf_names(cfg.replace(tie_word_embeddings=True))
     assert hf.parse_size("5GB") == 5 * 10**9 and hf.parse_size("200MB") == 200 * 10**6
-    assert hf.parse_size("1GiB") == 2**30 and hf.parse_size(1234) == 1234
+    assert hf.parse_size("1GiB") == 2**30 and hf.parse_size(1234) == 1234 and hf.parse_size(1e9) == 10**9
 
 
 # --- import -----------------------------------------------------------------------------------------------
@@ -163,6 +163,9 @@ def test_save_load_is_bitwise(tmp_path, tied, monkeypatch):
     model = Mistral(MistralConfig(**TINY, tie_word_embeddings=tied), rngs=nnx.Rngs(7))
     with pytest.raises(ValueError, match="save_pretrained dtype=int8: a floating-point dtype"):  # wrote zeros
         hf.save_pretrained(model, str(tmp_path), dtype=jnp.int8)
+    with pytest.raises(TypeError, match="tokenizer='some/path': pass a tokenizer object"):  # failed after the weights
+        hf.save_pretrained(model, str(tmp_path), tokenizer="some/path")
+    assert not os.listdir(tmp_path)
     hf.save_pretrained(model, str(tmp_path))
     again = load_model(str(tmp_path), jnp.float32)
     before, after = flat_params(model), flat_params(again)

@@ -352,6 +352,9 @@ def test_dpo_bad_arguments():
         losses.dpo_loss(x, x, x, x, loss_type="hinge", label_smoothing=0.1)
     with pytest.raises(ValueError, match=r"\[batch\]"):
         losses.dpo_loss(x, jnp.zeros(4), x, x)
+    for zero in (np.float32(0.0), jnp.float32(0.0)):  # numpy and concrete jax scalars are checked too
+        with pytest.raises(ValueError, match="beta must be positive"):
+            losses.dpo_loss(x, x, x, x, beta=zero)
     masks = jnp.ones((3, 5))  # the [B, T] masks, not their sums: broadcast into a loss of the wrong shape
     with pytest.raises(ValueError, match=r"chosen_lengths / rejected_lengths must be \[batch\] \(3,\)"):
         losses.dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=masks, rejected_lengths=masks)

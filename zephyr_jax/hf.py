@@ -373,8 +373,12 @@ def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
 
 def parse_size(size: int | str) -> int:
     """Bytes from an int or "5GB" / "200MB" / "10KB" (powers of 10) / "1GiB" / "512MiB" (powers of 2)."""
+    if isinstance(size, float) and size.is_integer():  # 1e9
+        size = int(size)
     if isinstance(size, int):
         return size
+    if not isinstance(size, str):
+        raise ValueError(f"max_shard_size={size!r}: use an int (bytes) or a string such as '5GB' or '200MB'")
     m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
     if not m:
         raise ValueError(f"max_shard_size={size!r}: use an int (bytes) or a string such as '5GB' or '200MB'")
@@ -456,6 +460,9 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
 
     dtype: the saved dtype (e.g. jnp.bfloat16); default: the parameters' own dtype.
     """
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):  # before any file is written
+        raise TypeError(f"tokenizer={tokenizer!r}: pass a tokenizer object (zephyr_jax.tokenizer.load_tokenizer("
+                        "path) reads one), or None")
     cfg: MistralConfig = model.config
     params = {_dotted(p): var.get_value() for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     names = hf_names(cfg)

@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_CHUNK_SIZE = 256
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -380,7 +381,10 @@ def sft_loss(
 
 
 def _is_static_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A number known now: Python's, numpy's, or a concrete jax scalar (np.float32(0) skipped the check)."""
+    if isinstance(x, bool) or isinstance(x, jax.core.Tracer):
+        return False
+    return isinstance(x, (int, float, np.number)) or (isinstance(x, (np.ndarray, jax.Array)) and x.ndim == 0)
 
 
 def check_dpo_settings(loss_type: str, beta=0.1, label_smoothing=0.0) -> None:

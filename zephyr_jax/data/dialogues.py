@@ -625,6 +625,10 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     if isinstance(seeds, (str, Seed, dict)):  # a string seeded one dialogue per character
         raise TypeError(f"seeds is one seed ({type(seeds).__name__}): pass a list of them, e.g. [seed]")
+    for name, backend in (("assistant", assistant), ("user", user)):
+        if not (isinstance(backend, Backend) or (name == "user" and backend is None)):
+            raise TypeError(f"{name}={backend!r}: pass a Backend (data.backends.backend_from_spec makes one from "
+                            "a spec string)")
     _check_test_size(test_size)
     if concurrency < 1:  # a semaphore of 0 would wait forever, holding the journal's lock
         raise ValueError(f"concurrency={concurrency}: at least 1 dialogue must be in flight")

@@ -748,8 +748,9 @@ def _settings(generators, judge_name: str, o: dict) -> dict:
 
 
 def _check(generators, judge, k: int, parse_retries: int, principles: str, concurrency: int):
-    if not generators or not all(isinstance(g, Backend) for g in generators):
-        raise ValueError("generators must be a non-empty list of Backend objects (see zephyr_jax.data.backends)")
+    if isinstance(generators, Backend) or not generators or not all(isinstance(g, Backend) for g in generators):
+        raise ValueError("generators must be a non-empty list of Backend objects (see zephyr_jax.data.backends; "
+                         "backend_from_spec makes one from a spec string)")
     names = [g.name for g in generators]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
