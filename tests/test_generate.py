@@ -409,6 +409,7 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
     with pytest.raises(TypeError, match="Request.prompt is token ids: encode the text first"):
         engine.submit(Request("hello", SamplingParams()))
     assert SamplingParams(stop="END").stop == ("END",)  # one stop string, not a stop at each of E, N and D
+    assert SamplingParams(stop_token_ids=np.array([11, 3])).stop_token_ids == (11, 3)
     # A Request run again, or twice in one call: its slot was never freed, and generate() waited for ever.
     done = engine.generate([Request(np.array([5, 6]), SamplingParams(max_tokens=2))])[0]
     assert done.prompt == [5, 6] and len(done.tokens) == 2
@@ -417,6 +418,10 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
     twice = Request([5], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="the same Request appears twice"):
         engine.generate([twice, twice])
+    # More requests than slots + queue: generate() submits the ones a full queue refused again, once there is room
+    queued = [Request([5, 6], SamplingParams(max_tokens=3)) for _ in range(4)]
+    assert all(len(r.tokens) == 3 for r in Engine(model, max_slots=1, max_length=64, max_queue=0,
+                                                  eos_id=None).generate(queued))
     engine.start()
     try:
         seen = threading.Event()

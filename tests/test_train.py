@@ -28,6 +28,20 @@ from zephyr_jax.tokenizer import load_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _v3_tokenizer(tmp_path):
+    """Mistral-7B-v0.3's tokenizer (768 control tokens first), from the sentencepiece model mistral-common ships."""
+    import mistral_common
+
+    from zephyr_jax.tokenizer import MISTRAL_TOKENIZER_CONFIG
+
+    folder = tmp_path / "v3_tokenizer"
+    folder.mkdir()
+    shutil.copyfile(os.path.join(os.path.dirname(mistral_common.__file__), "data",
+                                 "mistral_instruct_tokenizer_240323.model.v3"), folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(MISTRAL_TOKENIZER_CONFIG))
+    return load_tokenizer(str(folder))
+
+
 def tiny_config(stage, data_dir, **overrides):
     folder = "sft" if stage == "sft" else "prefs"
     return load_config(os.path.join(ROOT, "configs", f"{stage}.py:tiny"), **{
@@ -163,12 +177,19 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
                                          r"1000 entries: config.tokenizer=None has tokens the model lacks"):
         train.run(tiny_config("sft", data_dir, **{"model.arch.vocab_size": 1000}), str(tmp_path / "vocab"))
     v3 = MistralConfig(vocab_size=32768, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1)  # Mistral-7B-v0.3's vocabulary, no tokenizer
-    hf.save_pretrained(Mistral(v3, rngs=nnx.Rngs(0)), str(tmp_path / "v3"))
-    with pytest.raises(ValueError, match=r"has a vocabulary of 32768 tokens, but config.tokenizer is unset and "
-                                         r"Mistral-7B-v0.1's tokenizer has 32000"):
+                       num_attention_heads=2, num_key_value_heads=1)  # Mistral-7B-v0.3's vocabulary and tokenizer
+    hf.save_pretrained(Mistral(v3, rngs=nnx.Rngs(0)), str(tmp_path / "v3"), tokenizer=_v3_tokenizer(tmp_path))
+    with pytest.raises(ValueError, match=r"has a vocabulary of 32768 tokens, and its own tokenizer .* numbers them "
+                                         r"unlike Mistral-7B-v0.1's, which training takes while config.tokenizer is"):
         train.run(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "v3")}),
                   str(tmp_path / "l"))
+    # ... while a v0.1 model with tokens added after its 32,000 (OpenHermes-2.5's ChatML) trains as before
+    added = load_tokenizer()
+    added.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.save_pretrained(Mistral(v3.replace(vocab_size=32002), rngs=nnx.Rngs(0)), str(tmp_path / "v1_added"),
+                       tokenizer=added)
+    train.check_default_tokenizer(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(
+        tmp_path / "v1_added")}), 32002, load_tokenizer())
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "model_config.json").write_text("{}")
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):

@@ -63,8 +63,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (scoring, OpenAI's `echo`)
 
     def __post_init__(self):  # one stop string is a stop string, not one stop per character
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        stop, ids = self.stop, self.stop_token_ids  # (an array has no truth value)
+        object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(() if stop is None else stop))
+        object.__setattr__(self, "stop_token_ids", tuple(() if ids is None else ids))
 
     def check(self) -> None:
         """ValueError naming the first field of another type (2.5 tokens ran as 3, seed 1.9 as 1) or out of
@@ -370,13 +371,14 @@ class Engine:
         """Queues a request (any thread). ValueError for a request that cannot run (`check`), QueueFull when
         `max_queue` requests already wait."""
         self.check(request)
-        request.id = request.id or f"req-{next(self._ids)}"
-        request.submitted_at = time.perf_counter()
         with self._wake:
             free = sum(s is None for s in self.slots)  # about to be taken: waiting there does not count
             if self.max_queue is not None and len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting) - free} requests are already waiting for a slot "
                                 f"(max_queue={self.max_queue})")
+            # submitted only now: one refused for a full queue may be submitted again (generate() does)
+            request.id = request.id or f"req-{next(self._ids)}"
+            request.submitted_at = time.perf_counter()
             self.waiting.append(request)
             self._wake.notify()
         return request

@@ -84,7 +84,9 @@ def _check_tokenizer_path(path_or_name: str) -> None:
         if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
             raise FileNotFoundError(f"tokenizer directory {path} holds none of {', '.join(TOKENIZER_FILES)} (it "
                                     f"holds {sorted(os.listdir(path))[:10]})")
-    elif os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1:
+    elif os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path_or_name} is a file: pass the directory that holds it")
+    elif path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"tokenizer {path_or_name} does not exist (expected a tokenizer directory or a hub "
                                 "name)")
 

@@ -402,6 +402,27 @@ def check_token_ids(examples, vocab_size: int, where: str, tokenizer: str | None
                          "or a model with embeddings for every id")
 
 
+def check_default_tokenizer(cfg, vocab_size: int, tok) -> None:
+    """With config.tokenizer unset, a model read from a checkpoint trains with Mistral-7B-v0.1's tokenizer. Where
+    the model's vocabulary is of another size and its own tokenizer (tokenizer_source) numbers the tokens otherwise,
+    that is refused: Mistral-7B-v0.3 put 768 control tokens first, so every v0.1 id, all in range, meant another
+    token. A v0.1 model with tokens added after its 32,000 trains as before; one without a tokenizer is said."""
+    if cfg.tokenizer is not None or cfg.model.init == "random" or vocab_size == len(tok):
+        return
+    source = tokenizer_source(cfg.model.path)
+    if source is None:
+        if jax.process_index() == 0:
+            print(f"model.path={cfg.model.path!r} has a vocabulary of {vocab_size} tokens and no tokenizer: training "
+                  f"with Mistral-7B-v0.1's ({len(tok)} tokens; config.tokenizer names another)")
+        return
+    own = load_tokenizer(source)
+    n = min(len(tok), len(own))
+    if own.convert_ids_to_tokens(list(range(n))) != tok.convert_ids_to_tokens(list(range(n))):
+        raise ValueError(f"model.path={cfg.model.path!r} has a vocabulary of {vocab_size} tokens, and its own "
+                         f"tokenizer ({source}) numbers them unlike Mistral-7B-v0.1's, which training takes while "
+                         f"config.tokenizer is unset: set config.tokenizer={source!r}")
+
+
 def eval_split(cfg, examples, log=print) -> list:
     """The held-out split as eval batches take it: dSFT with packing packs it into rows of max_length (in file
     order: its metrics are sums over tokens), so eval spends no compute on padding (an example a row padded to a
@@ -514,13 +535,7 @@ def run(cfg, workdir: str) -> dict:
     mcfg = model_config(cfg)
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
     tok = load_tokenizer(cfg.tokenizer)
-    if cfg.tokenizer is None and cfg.model.init != "random" and mcfg.vocab_size != len(tok):
-        # e.g. Mistral-7B-v0.3 (32,768 tokens, its control tokens first): every v0.1 id is in range, so
-        # check_token_ids passes, and each would mean another token to the model
-        raise ValueError(f"model.path={cfg.model.path!r} has a vocabulary of {mcfg.vocab_size} tokens, but "
-                         f"config.tokenizer is unset and Mistral-7B-v0.1's tokenizer has {len(tok)}: its ids "
-                         "would mean other tokens to this model. Set config.tokenizer to the model's own "
-                         "tokenizer (its directory or hub name)")
+    check_default_tokenizer(cfg, mcfg.vocab_size, tok)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         print(cfg)
