@@ -128,5 +128,5 @@ def test_a_checkpoint_of_another_shape_names_the_parameter_and_both_shapes(tmp_p
                "1), jax.devices()[:1]), param_specs(a)))\nexcept ValueError as e:\n print('error:', e)")
     out = subprocess.run([sys.executable, "-c", restore], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert re.search(r"error: checkpoint step 4 in .*: its params could not be read \(.*\): the step is corrupt or "
-                     r"partly written; restore another \(steps \[2\]", out.stdout), out.stderr[-3000:]
+    assert re.search(r"error: checkpoint step 4 in .*: its params could not be read \(.*\); if the step is damaged "
+                     r"or partly written, restore another \(steps \[2\]", out.stdout), out.stderr[-3000:]

@@ -72,9 +72,9 @@ def _unreadable(mngr, step: int, item: str, error: Exception) -> ValueError:
     cause = (str(error).strip().splitlines() or [""])[0][:300]
     others = [s for s in mngr.all_steps() if s != step]
     fallback = (f"restore another (steps {others}: model.step=N for an init checkpoint; for a resume, move this "
-                "step's directory away)") if others else "no other step is saved"
+                "step's directory away)") if others else "no other step is saved to fall back on"
     return ValueError(f"checkpoint step {step} in {mngr.directory}: its {item} could not be read "
-                      f"({type(error).__name__}: {cause}): the step is corrupt or partly written; {fallback}")
+                      f"({type(error).__name__}: {cause}); if the step is damaged or partly written, {fallback}")
 
 
 def _restore_item(mngr, step: int, item: str, target):
