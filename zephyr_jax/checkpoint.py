@@ -191,12 +191,4 @@ def load_model_config(workdir: str, **jax_settings) -> MistralConfig:
     path = os.path.join(workdir, "model_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: {workdir} is not a zephyr_jax training workdir")
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    try:
-        return MistralConfig.from_hf_dict(d, **jax_settings)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from e
+    return MistralConfig.from_json_file(path, **jax_settings)

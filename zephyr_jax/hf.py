@@ -209,15 +209,7 @@ def load_config(path: str, **jax_settings) -> MistralConfig:
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a Hugging Face model directory")
-    with open(file) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from e
-    try:
-        return MistralConfig.from_hf_dict(d, **jax_settings)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{file}: {e}") from e
+    return MistralConfig.from_json_file(file, **jax_settings)
 
 
 def _weight_files(path: str) -> dict[str, str]:

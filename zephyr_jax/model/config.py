@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax.numpy as jnp
@@ -139,6 +140,19 @@ class MistralConfig:
         if isinstance(fields.get("bos_token_id"), list):
             fields["bos_token_id"] = fields["bos_token_id"][0]
         return cls(**fields, **jax_settings)
+
+    @classmethod
+    def from_json_file(cls, file: str, **jax_settings) -> MistralConfig:
+        """from_hf_dict of a config.json (or a workdir's model_config.json), the file named in any error."""
+        with open(file) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}: not valid JSON ({e})") from e
+        try:
+            return cls.from_hf_dict(d, **jax_settings)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{file}: {e}") from e
 
     def to_hf_dict(self) -> dict:
         d = {k: getattr(self, k) for k in _HF_FIELDS}
