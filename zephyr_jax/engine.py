@@ -354,7 +354,7 @@ class Engine:
         if not request.prompt:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.config.vocab_size
-        if min(request.prompt) < 0 or max(request.prompt) >= vocab:
+        if prompt.min() < 0 or prompt.max() >= vocab:  # on the array already made, not a second pass in Python
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.top_k > vocab:
             raise ValueError(f"top_k={params.top_k}: must be in [0, {vocab}] (the vocabulary)")
