@@ -265,8 +265,12 @@ def _check_tied_head(files: dict[str, str], headers: dict) -> None:
     names = ("lm_head.weight", "model.embed_tokens.weight")
     if not all(n in files and n in headers[files[n]][0] for n in names):
         return
-    (head, head_start), (embed, embed_start) = (
-        (headers[files[n]][0][n], headers[files[n]][1] + headers[files[n]][0][n]["data_offsets"][0]) for n in names)
+
+    def layout(name):  # (its header entry, the file offset of its first byte)
+        header, data_start = headers[files[name]]
+        return header[name], data_start + header[name]["data_offsets"][0]
+
+    (head, head_start), (embed, embed_start) = layout(names[0]), layout(names[1])
     same = head["dtype"] == embed["dtype"] and head["shape"] == embed["shape"]
     size = head["data_offsets"][1] - head["data_offsets"][0]
     with open(files[names[0]], "rb") as h, open(files[names[1]], "rb") as e:
