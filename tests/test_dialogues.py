@@ -480,7 +480,8 @@ def test_output_trains_in_a_tiny_sft_run(tmp_path):
 
 
 def unreachable(call):
-    """CLI teacher (callable:tests.test_dialogues:unreachable): a server that refuses every connection."""
+    """A backend (callable:tests.test_dialogues:unreachable) whose server refuses every connection: the dialogues
+    CLI's teacher here, the feedback CLI's generator in tests/test_feedback.py."""
     raise ConnectionRefusedError("connection refused")
 
 

@@ -639,18 +639,13 @@ def test_programmatic_ratings_may_be_numpy_numbers():
         feedback.programmatic_annotations(np.int64(6), "checker")
 
 
-def unreachable(call):
-    """CLI generator (callable:tests.test_feedback:unreachable): a server that refuses every connection."""
-    raise ConnectionRefusedError("connection refused")
-
-
 def test_cli_fails_when_every_generation_failed(tmp_path, capsys):
     """It exited 0 with a warning, so `feedback && binarize && train` went on with completions that were errors."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(2)[:2]))
     with pytest.raises(SystemExit) as exit_:
         feedback.main([f"--prompts={prompts}", f"--output={tmp_path / 'out'}", "--completions_per_prompt=2",
-                       "--generators=callable:tests.test_feedback:unreachable",
+                       "--generators=callable:tests.test_dialogues:unreachable",
                        "--judge=callable:tests.test_feedback:slow_judge"])
     assert exit_.value.code == 1
     assert re.search(r"error: every one of the 4 generations failed \(first errors: .*connection refused",

@@ -250,9 +250,8 @@ def test_generate_calls_of_other_lengths_reuse_the_compiled_programs(small):
 
 
 def test_stop_token_ids_and_stop_strings_end_a_reply(small):
-    from zephyr_jax.tokenizer import load_tokenizer
-
     from zephyr_jax.generate import generate
+    from zephyr_jax.tokenizer import load_tokenizer
 
     _, model = small
     tok = load_tokenizer()
