@@ -311,6 +311,17 @@ def test_dpo_hand_computed_case():
     assert float(metrics["rewards/chosen"]) == 1.0  # rewards stay beta * summed log-ratios for ipo
 
 
+@pytest.mark.parametrize("eps", [0.4999, 0.4999999, 0.49999999])
+def test_robust_dpo_near_half_label_smoothing_matches_float64(eps):
+    # eps = 0.49999999 is 0.5 in float32: 1 - 2 eps taken there divided by zero (loss NaN); 0.4999999 was 12% off
+    logps = np.array([[-10.0, -20.0], [-12.0, -17.0], [-11.0, -19.0], [-12.5, -18.5]], np.float32)
+    loss, _ = losses.dpo_loss(*logps, beta=0.1, loss_type="robust", label_smoothing=eps)
+    grads = jax.grad(lambda pc: losses.dpo_loss(pc, *logps[1:], beta=0.1, loss_type="robust",
+                                                label_smoothing=eps)[0])(jnp.asarray(logps[0]))
+    np.testing.assert_allclose(loss, _numpy_dpo(*logps, 0.1, "robust", eps)[0], rtol=1e-5)
+    assert np.all(np.isfinite(grads))
+
+
 def test_dpo_accuracy_is_strict_per_example():
     pc = jnp.array([-1.0, -2.0, -3.0, -4.0])
     pr = jnp.array([-2.0, -2.0, -1.0, -4.0])  # win, tie, loss, tie

@@ -470,9 +470,11 @@ def dpo_loss(
     if loss_type == "sigmoid":
         losses = -(1.0 - eps) * jax.nn.log_sigmoid(beta * z) - eps * jax.nn.log_sigmoid(-beta * z)
     elif loss_type == "robust":
-        losses = (-(1.0 - eps) * jax.nn.log_sigmoid(beta * z) + eps * jax.nn.log_sigmoid(-beta * z)) / (
-            1.0 - 2.0 * eps
-        )
+        # Both weights from a Python number in float64: in float32, 1 - 2 eps loses its digits as eps nears 0.5
+        # (eps = 0.49999999 rounds to 0.5, a division by zero), where TRL's Python float does not.
+        e = float(label_smoothing) if _is_static_number(label_smoothing) else eps
+        keep, flip = f32((1.0 - e) / (1.0 - 2.0 * e)), f32(e / (1.0 - 2.0 * e))
+        losses = -keep * jax.nn.log_sigmoid(beta * z) + flip * jax.nn.log_sigmoid(-beta * z)
     elif loss_type == "hinge":
         losses = jax.nn.relu(1.0 - beta * z)
     else:  # ipo
