@@ -205,6 +205,25 @@ def test_the_top_p_boundary_is_transformers():
         assert ours.tolist() == theirs.tolist(), p
 
 
+def test_top_k_keeps_ties_and_top_p_weighs_them_as_transformers():
+    """With ties at the k-th value, transformers keeps them all through top-k and counts them in top-p's mass.
+    Where top-p's cut falls inside tied tokens, transformers keeps those its sort happens to put first and we
+    keep all of them: our set is transformers' and every token tied with one it keeps."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from zephyr_jax.sampling import filter_logits
+
+    rows = np.asarray([[2, 1, 1, 1, 0, 0], [3, 2, 1, 1, 0, -1], [1, 1, 1, 0, 0, 0], [4, 1, 1, 1, 1, 0]], np.float32)
+    n = len(rows)
+    for k in (1, 2, 3, 4):
+        for p in (0.3, 0.5, 0.8, 0.95, 1.0):
+            ours = np.isfinite(np.asarray(filter_logits(jnp.asarray(rows), jnp.ones((n,)), jnp.full((n,), k),
+                                                        jnp.full((n,), p))))
+            theirs = np.isfinite(TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, torch.tensor(rows))).numpy())
+            expected = rows >= np.where(theirs, rows, np.inf).min(-1, keepdims=True)  # theirs, with its ties
+            np.testing.assert_array_equal(ours, expected, err_msg=f"top_k={k} top_p={p}")
+
+
 def test_a_requests_samples_depend_on_its_seed_only(small):
     """Same seed: same reply, whichever slot it lands in and whatever shares the batch; greedy rows beside
     sampled ones stay greedy; top_k=1 and a tiny top_p are greedy."""

@@ -13,11 +13,14 @@ import jax.numpy as jnp
 
 def filter_logits(logits, temperature, top_k, top_p):
     """logits [B, V] / temperature, with every token outside the row's top-k and top-p nucleus set to -inf.
-    temperature, top_p: [B] float; top_k: [B] int (0 = no limit); top_p 1.0 = no limit."""
+    temperature, top_p: [B] float; top_k: [B] int (0 = no limit); top_p 1.0 = no limit. A token tied in value
+    with the last one a filter keeps is kept too (transformers' top-p keeps whichever its sort puts first)."""
     vocab = logits.shape[-1]
     scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
     ranked = -jnp.sort(-scaled, axis=-1)  # descending
-    in_top_k = (jnp.arange(vocab)[None] < top_k[:, None]) | (top_k[:, None] <= 0)
+    # Top-k by value, as transformers' TopKLogitsWarper: tokens tied with the k-th stay in, and in top-p's mass.
+    kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+    in_top_k = (ranked >= kth) | (top_k[:, None] <= 0)
     ranked = jnp.where(in_top_k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
