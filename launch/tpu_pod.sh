@@ -11,7 +11,7 @@
 # sessions: each worker's trainer runs in its own session (setsid, nohup; output in ~/zephyr_train.log), so a
 # dropped connection or a closed laptop leaves it training. Then `logs` follows worker 0's log again, `wait`
 # returns when every worker's trainer has exited (before starting dDPO on dSFT's workdir), and `stop` sends them
-# SIGTERM: the run saves a checkpoint at the same step everywhere and exits.
+# SIGTERM: the run saves a checkpoint at the same step everywhere and exits with status 75 (not finished).
 # Every worker runs `python -m zephyr_jax.train --distributed ...`; jax.distributed.initialize() finds the other
 # workers through the TPU metadata. The workdir must be visible to every worker (Filestore/NFS, or GCSFuse).
 # The TPU VM images run Python 3.10 and current JAX needs 3.11: `install` makes a Python 3.11 environment with uv
@@ -30,6 +30,9 @@ REPO=${REPO:-https://github.com/zephyr-jax/zephyr_jax.git}  # or your fork
 VENV=${VENV:-\$HOME/zephyr_venv}  # expanded on the workers
 LOG='$HOME/zephyr_train.log'  # each worker's trainer output (expanded on the workers)
 ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }
+# The trainers, by their command line's start: not `run`'s remote shell, whose command line holds theirs (`stop`
+# killed it, so an attached `run` lost the job's exit status), nor `wait`'s or `stop`'s own.
+TRAINER='^[^ ]*python[0-9.]* -m zephyr_jax[.]train --distributed'
 
 case "${1:-}" in
   create)
@@ -51,10 +54,10 @@ case "${1:-}" in
     ssh_all "cd zephyr_jax && : >$LOG && { setsid -w nohup $train >>$LOG 2>&1 </dev/null & } && $follow" ;;
   logs)
     gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=0 --command "tail -n 100 -f $LOG" ;;
-  wait)  # [z]: the pattern must not match the remote shell's own command line, which holds it
-    ssh_all "while pgrep -f '[z]ephyr_jax.train --distributed' >/dev/null; do sleep 30; done" ;;
+  wait)
+    ssh_all "while pgrep -f '$TRAINER' >/dev/null; do sleep 30; done" ;;
   stop)
-    ssh_all "pkill -TERM -f '[z]ephyr_jax.train --distributed' || true" ;;
+    ssh_all "pkill -TERM -f '$TRAINER' || true" ;;
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)

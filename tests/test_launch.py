@@ -5,6 +5,7 @@ tests/test_train.py::test_two_processes_match_one_process.)"""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +37,8 @@ def test_tpu_pod_runs_the_training_command_on_every_worker(tmp_path):
                        "--distributed --config=configs/dpo.py --workdir=/mnt/shared/dpo "
                        "--config.model.path=/mnt/shared/sft\\ dir >>$HOME/zephyr_train.log 2>&1 </dev/null & } "
                        "&& pid=$! && tail -n +1 -f --pid=$pid $HOME/zephyr_train.log && wait $pid")
-    for sub, remote in (("wait", "while pgrep -f '[z]ephyr_jax.train --distributed'"),
-                        ("stop", "pkill -TERM -f '[z]ephyr_jax.train --distributed'")):
+    trainer = "'^[^ ]*python[0-9.]* -m zephyr_jax[.]train --distributed'"
+    for sub, remote in (("wait", f"while pgrep -f {trainer}"), ("stop", f"pkill -TERM -f {trainer}")):
         out, argv = _tpu_pod(tmp_path, sub, TPU_NAME="zephyr", ZONE="us-central2-b")
         assert out.returncode == 0 and "--worker=all" in argv and argv[argv.index("--command") + 1].startswith(remote)
     # install: a Python 3.11 environment (the TPU VM images run 3.10, which current JAX does not support)
@@ -45,6 +46,45 @@ def test_tpu_pod_runs_the_training_command_on_every_worker(tmp_path):
     command = argv[argv.index("--command") + 1]
     assert out.returncode == 0 and "uv venv -p 3.11 $HOME/zephyr_venv" in command
     assert "uv pip install -p $HOME/zephyr_venv/bin/python -e '.[tpu]'" in command
+
+
+def test_tpu_pod_stop_ends_the_trainers_and_run_returns_their_exit_status(tmp_path):
+    """`run` attached, then `stop`: each worker's trainer saves and exits 75, and `run` returns 75 (stop's pattern
+    also matched run's remote shell, so run died with 143). A stand-in gcloud runs each command under `bash -c` in
+    a stand-in home (as sshd on each worker); the stand-in trainer is `python -m zephyr_jax.train` from it."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    (home / "zephyr_jax" / "zephyr_jax").mkdir(parents=True)
+    (home / "zephyr_jax" / "zephyr_jax" / "__init__.py").write_text("")
+    (home / "zephyr_jax" / "zephyr_jax" / "train.py").write_text(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (print('saved', flush=True), sys.exit(75)))\n"
+        "print('training', flush=True)\n"
+        "time.sleep(60)\n")
+    (home / "venv" / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, home / "venv" / "bin" / "python")
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text('#!/usr/bin/env bash\nwhile [[ $# -gt 0 && "$1" != --command ]]; do shift; done\n'
+                                    'cd "$HOME" && exec bash -c "$2"\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
+           "VENV": str(home / "venv"), "TPU_NAME": "z", "ZONE": "z"}
+    run = subprocess.Popen(["bash", "launch/tpu_pod.sh", "run", "--", "--config=x"], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, deadline = home / "zephyr_train.log", time.time() + 30
+        while time.time() < deadline and not (log.exists() and "training" in log.read_text()):
+            time.sleep(0.1)
+        stop = subprocess.run(["bash", "launch/tpu_pod.sh", "stop"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert stop.returncode == 0, stop.stderr
+        out, _ = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 75 and out.split() == ["training", "saved"], (run.returncode, out)
+    waited = subprocess.run(["bash", "launch/tpu_pod.sh", "wait"], cwd=ROOT, env=env, capture_output=True,
+                            timeout=30)  # no trainer left: returns at once (its own shell does not match)
+    assert waited.returncode == 0
 
 
 def test_tpu_pod_create_and_usage_errors(tmp_path):
