@@ -7,8 +7,8 @@
 # --cpu_devices=K gives each process K simulated CPU devices (no accelerator needed). Otherwise, on a machine with
 # NVIDIA GPUs, each process gets its own share of them (CUDA_VISIBLE_DEVICES; NUM_PROCESSES must divide the GPUs).
 # Process 0 prints to the terminal; process i logs to $LOG_DIR/process_i.log (default: a temporary directory).
-# SIGTERM/SIGINT is passed on to every process (each saves and exits), and the script waits for all of them. It
-# fails if any process fails.
+# SIGTERM/SIGINT is passed on to every process (each saves and exits with status 75, as train does when stopped
+# early), and the script waits for all of them. It fails (1) if any process fails, else exits 75 if any stopped early.
 set -euo pipefail
 usage="usage: launch/local.sh NUM_PROCESSES [--cpu_devices=K] -- TRAIN_ARGS"
 num_processes=${1:?$usage}
@@ -71,7 +71,10 @@ for i in "${!pids[@]}"; do
     if (( rc > 128 )) && kill -0 "${pids[$i]}" 2>/dev/null; then continue; fi
     break
   done
-  if (( rc )); then
+  if (( rc == 75 )); then  # train's PREEMPTED_EXIT_CODE: saved and stopped early
+    echo "process $i stopped early after saving (status 75): the same command resumes" >&2
+    (( status == 1 )) || status=75
+  elif (( rc )); then
     where=$([[ $i -eq 0 ]] && echo "its output is above" || echo "log: $log_dir/process_$i.log")
     echo "process $i failed with status $rc ($where)" >&2
     status=1

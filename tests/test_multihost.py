@@ -4,6 +4,7 @@ coordinated preemption through launch/local.sh. Tiny configs on CPU devices (the
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,6 +75,31 @@ def test_interleaved_processes_match_one_process(data_dir, tmp_path):
     assert sorted(os.listdir(two / "reference_logps")) == sorted(os.listdir(one / "reference_logps"))
 
 
+def test_a_workdir_the_processes_do_not_share_is_refused_at_once(data_dir, tmp_path):
+    """The same relative --workdir from two directories (as two hosts with their own disks): both processes stop
+    with the error before training (orbax's first save waited 10 minutes for process 0's directory, then hung)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        (tmp_path / f"host{i}").mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "zephyr_jax.train", "--workdir=w", f"--config={ROOT}/configs/sft.py:tiny",
+             *PREEMPT_ARGS[1:], *_data_args(data_dir),
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=tmp_path / f"host{i}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **CPU, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}))
+    try:
+        errors = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, err in zip(procs, errors):
+        assert p.returncode != 0 and "--workdir=w is not shared: processes [1] do not see" in err, err[-3000:]
+    assert not os.path.exists(tmp_path / "host0" / "w" / "checkpoints")
+
+
 # --- SIGTERM to one process: every process saves the same step and exits 0; the resumed run is exact. ---
 
 def _python_children(proc):
@@ -123,7 +149,7 @@ def test_sigterm_saves_the_same_step_everywhere_and_resumes_exactly(data_dir, tm
         except psutil.NoSuchProcess:  # it already saved and left
             pass
     code, out = _finish(proc, timeout=120)
-    assert code == 0, out[-3000:]
+    assert code == 75 and out.count("stopped early after saving (status 75)") == 2, out[-3000:]  # not finished
     assert time.time() - sent < 60  # both processes stopped promptly, no hang in a collective
     logs = out + (tmp_path / "logs" / "process_1.log").read_text()
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())

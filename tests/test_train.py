@@ -195,6 +195,9 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):
         train.run(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "workdir")}),
                   str(tmp_path / "h"))
+    with pytest.raises(ValueError, match="a URL; the workdir must be a path every process can write"):
+        train.run(tiny_config("sft", data_dir), "gs://bucket/run")  # made ./gs:/bucket/run, failed at the first save
+    assert not os.path.exists("gs:")
     assert not any((tmp_path / d).exists() for d in "abcdefghijkl")  # refused before the workdir was made
 
 
@@ -500,19 +503,20 @@ def test_sigterm_saves_the_current_step(data_dir, tmp_path):
             "--config.train.save_every=0", "--config.train.eval_every=0", "--config.train.progress=False"]
     proc = subprocess.Popen([sys.executable, "-m", "zephyr_jax.train", f"--workdir={workdir}", *args], cwd=ROOT,
                             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (workdir / "metrics.jsonl").exists() and len(train_losses(workdir)) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == train.PREEMPTED_EXIT_CODE  # not 0: `sbatch --dependency=afterok` started dDPO on it
     last_logged = train_losses(workdir)
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert saved == [len(last_logged)] and 3 <= saved[0] < 100000
     assert f"preempted (SIGTERM): process 0 saved step {saved[0]}; exiting" in stdout
+    assert f"stopped by SIGTERM / a preemption notice at step {saved[0]} of 100000" in stderr
 
 
 def test_the_sigterm_flag_is_set_inside_the_loop_and_the_old_handler_returns_after():
@@ -570,8 +574,9 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     monkeypatch.setattr(train, "eval_metrics", lambda *a, **kw: evals.append(a) or {})
     workdir = tmp_path / "w"
     outside = signal.getsignal(signal.SIGTERM)
-    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0, "train.eval_every": 3}),
-              str(workdir))
+    with pytest.raises(train.Preempted, match="at step 3 of 6"):  # not a return: a demo or notebook goes no further
+        train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
+                                                  "train.eval_every": 3}), str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"] and evals == []
     assert handlers[0] is not outside and signal.getsignal(signal.SIGTERM) is outside
 

@@ -58,6 +58,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 
 import numpy as np
 
@@ -355,7 +356,13 @@ def main(argv=None):
                      help="dDPO pairs: the dSFT model's own samples rated by a checker, or the scripted ones")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run_demo(args.out, seed=args.seed, pairs=args.pairs)
+        from zephyr_jax.train import PREEMPTED_EXIT_CODE, Preempted
+
+        try:
+            run_demo(args.out, seed=args.seed, pairs=args.pairs)
+        except Preempted as e:  # a training stage stopped early: no later stage starts from it
+            print(f"demo stopped: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
     elif args.command == "make-data":
         paths = make_demo_data(args.out, seed=args.seed, n_sft=args.n_sft, n_pref=args.n_pref, n_test=args.n_test)
         for name, path in paths.items():

@@ -17,6 +17,7 @@ import math
 import numbers
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -519,9 +520,49 @@ def eval_metrics(cfg, eval_fn, params, examples, reference, sharding) -> dict:
 # The run.
 
 
+# The exit status of a run stopped early by SIGTERM / a preemption notice (BSD's EX_TEMPFAIL): not 0, so that a
+# job scheduler's "after this job succeeded" (sbatch --dependency=afterok) does not start dDPO on an unfinished dSFT.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(RuntimeError):
+    """`run` stopped on SIGTERM or a preemption notice after saving its step: the run is not finished, so what
+    needs its result (dDPO after dSFT, an export) must not go on; the same call resumes it."""
+
+
+def check_workdir(workdir: str) -> None:
+    """A URL (gs://...) is refused: the workdir is written with Python's file functions, which would make a local
+    directory named 'gs:' (and orbax fails at the first save, hours in). A bucket mounted with GCSFuse is a path."""
+    if "://" in workdir:
+        raise ValueError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
+                         "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
+
+
+SHARED_MARK = "process_0_mark"  # a random token process 0 writes into the workdir at every start
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Every process must see what process 0 writes in the workdir: on a disk of its own, orbax's first save waits
+    10 minutes for a directory process 0 made, and then every process hangs. Called after a collective that
+    follows process 0's write; raises on every process alike (none is left waiting in a collective)."""
+    try:
+        with open(os.path.join(workdir, SHARED_MARK)) as f:
+            seen = bytes.fromhex(f.read().strip())
+    except (OSError, ValueError):
+        seen = b""
+    marks = multihost_utils.process_allgather(np.frombuffer(seen.ljust(16, b"\0")[:16], np.uint8))
+    blind = [p for p in range(len(marks)) if not np.array_equal(marks[p], marks[0])]
+    if blind:
+        raise ValueError(f"--workdir={workdir} is not shared: processes {blind} do not see what process 0 wrote there "
+                         f"({SHARED_MARK}); every process must write the same directory (NFS/Filestore or a GCSFuse "
+                         "mount on several hosts; a relative path is taken from each process's own directory)")
+
+
 def run(cfg, workdir: str) -> dict:
-    """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics."""
+    """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics. Raises
+    Preempted when SIGTERM / a preemption notice stopped it (after saving: the same call resumes)."""
     cfg = cfg.copy_and_resolve_references()  # this run's copy: model.step is set to the step it starts from
+    check_workdir(workdir)
     workdir, cfg.model.path = os.path.expanduser(workdir), os.path.expanduser(cfg.model.path)
     check_config(cfg)
     use_compilation_cache(cfg.train.compilation_cache_dir)
@@ -543,6 +584,10 @@ def run(cfg, workdir: str) -> dict:
         with open(path + ".tmp", "w") as f:  # replaced whole: other hosts read it (resume_settings)
             f.write(cfg.to_json_best_effort(indent=2))
         os.replace(path + ".tmp", path)
+        if jax.process_count() > 1:  # this run's own mark: the other processes look for it (check_shared_workdir)
+            with open(os.path.join(workdir, SHARED_MARK + ".tmp"), "w") as f:
+                f.write(os.urandom(16).hex())
+            os.replace(os.path.join(workdir, SHARED_MARK + ".tmp"), os.path.join(workdir, SHARED_MARK))
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
           f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}")
     tensor = mesh.shape["tensor"]
@@ -572,6 +617,7 @@ def run(cfg, workdir: str) -> dict:
             raise ValueError(f"processes {differ} hold other training examples than process 0 (this one, process "
                              f"{jax.process_index()}: {len(train_examples)} examples, digest {loader.digest[:12]}): "
                              "every process must read the same data files with the same code")
+        check_shared_workdir(workdir)
     sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
     left_out = len(train_examples) % cfg.train.global_batch_size
@@ -681,6 +727,9 @@ def run(cfg, workdir: str) -> dict:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
+    if preempted:
+        raise Preempted(f"stopped by SIGTERM / a preemption notice at step {step} of {total_steps}, saved in "
+                        f"{os.path.join(workdir, 'checkpoints')}: the same command resumes it")
     return last_eval
 
 
@@ -873,7 +922,11 @@ def cli():
             jax.distributed.initialize(coordinator.value, num_processes.value, process_id.value)
         elif distributed.value:
             jax.distributed.initialize()
-        run(config.value, workdir.value)
+        try:
+            run(config.value, workdir.value)
+        except Preempted as e:
+            print(f"process {jax.process_index()}: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
 
     app.run(main, flags_parser=parse_flags)
 
