@@ -115,14 +115,17 @@ def test_slurm_gpu_xla_flags_are_known_to_this_jaxlib(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s" "$XLA_FLAGS" > "$FLAGS_LOG"\n'
+                                  'printf "%s\\n" "$@" > "$FLAGS_LOG.argv"\n'
                                   'exec python -c "import jax; jax.numpy.ones(3).sum().block_until_ready()"\n')
     (bin_dir / "srun").chmod(0o755)
     log = tmp_path / "flags"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FLAGS_LOG=str(log), JAX_PLATFORMS="cpu")
     out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--config=configs/sft.py"], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env={**env, "SLURM_CPUS_PER_TASK": "12"}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    # the job's CPUs per task passed on (SLURM 22.05-23.02's srun gave each task one CPU)
+    assert (tmp_path / "flags.argv").read_text().split("\n")[:2] == ["--kill-on-bad-exit=1", "--cpus-per-task=12"]
     flags = log.read_text().split()
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags and len(flags) == 12, flags
 
