@@ -121,6 +121,11 @@ def test_prefs_argument_errors(dpo_workdir, capsys):
     assert "--step goes with --workdir" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_prompt_length"):
         evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
+    # refused before any data or model is read (it was refused after scoring both models on every pair)
+    for bad, message in [(dict(loss_type="hinge", label_smoothing=0.1), "does not use label_smoothing"),
+                         (dict(beta=0.0), "beta must be positive"), (dict(loss_type="kto"), "unknown loss_type")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate.prefs("no/such-model", "no/such-reference", data="no/such-data", **bad)
 
 
 # --- MT-Bench and AlpacaEval ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ workdir's cached reference log-probs), so they equal the run's eval records.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -38,7 +39,7 @@ from zephyr_jax.data.batches import packed_pair_buckets, positions_needed
 from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines
-from zephyr_jax.losses import LOSS_TYPES
+from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.loading import load, load_model
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
@@ -137,8 +138,7 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     name / zephyr_jax workdir; loaded over `mesh`, a (data, fsdp, tensor) shape over this process's devices, or
     on one device) or Mistral modules; `tokenizer`: a tokenizer, a path, or None (the policy's).
     Defaults: the paper's test_prefs split, beta 0.1, sigmoid loss, max_length 1024, max_prompt_length 512."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    check_dpo_settings(loss_type, beta, label_smoothing)  # now, not after scoring both models on every pair
     if max_prompt_length >= max_length:
         raise ValueError("max_prompt_length must be below max_length")
     if reference is None and not reference_free:
@@ -322,8 +322,10 @@ def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
     p.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
 
 
-PREFS_MODEL_DEFAULTS = dict(data_dir=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, max_length=1024,
-                            max_prompt_length=512, batch_size=16, dtype="float32", tokenizer=None)
+# prefs()'s own defaults for the flags that go with --model only (a workdir's config has them).
+PREFS_MODEL_DEFAULTS = {k: inspect.signature(prefs).parameters[k].default for k in (
+    "data_dir", "beta", "loss_type", "label_smoothing", "max_length", "max_prompt_length", "batch_size", "dtype",
+    "tokenizer")}
 
 
 def main(argv=None):
@@ -344,14 +346,16 @@ def main(argv=None):
     p.add_argument("--max_examples", type=int, default=None, help="evaluate the first N pairs (default: all)")
     # --model only (a workdir's config has them): None when not given, so --workdir can refuse them.
     p.add_argument("--data_dir", default=None, help="TFDS data dir (tfds: sources)")
-    p.add_argument("--beta", type=float, default=None, help="default 0.1")
-    p.add_argument("--loss_type", default=None, choices=LOSS_TYPES, help="default sigmoid")
-    p.add_argument("--label_smoothing", type=float, default=None, help="default 0")
-    p.add_argument("--max_length", type=int, default=None, help="default 1024")
-    p.add_argument("--max_prompt_length", type=int, default=None, help="default 512")
-    p.add_argument("--batch_size", type=int, default=None, help="preference pairs per scoring batch (default 16)")
-    p.add_argument("--dtype", default=None, help="compute and weight dtype (default float32: the training eval's "
-                   "numbers)")
+    d = PREFS_MODEL_DEFAULTS
+    p.add_argument("--beta", type=float, default=None, help=f"default {d['beta']}")
+    p.add_argument("--loss_type", default=None, choices=LOSS_TYPES, help=f"default {d['loss_type']}")
+    p.add_argument("--label_smoothing", type=float, default=None, help=f"default {d['label_smoothing']}")
+    p.add_argument("--max_length", type=int, default=None, help=f"default {d['max_length']}")
+    p.add_argument("--max_prompt_length", type=int, default=None, help=f"default {d['max_prompt_length']}")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help=f"preference pairs per scoring batch (default {d['batch_size']})")
+    p.add_argument("--dtype", default=None,
+                   help=f"compute and weight dtype (default {d['dtype']}: the training eval's numbers)")
     p.add_argument("--tokenizer", default=None, help="default: the policy's own, else Mistral-7B-v0.1")
     p.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP + " (--workdir: instead of the "
                    "run's mesh, which may need other devices)")
