@@ -201,6 +201,21 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     assert not any((tmp_path / d).exists() for d in "abcdefghijkl")  # refused before the workdir was made
 
 
+def test_a_workdir_config_json_that_is_not_json_is_named_by_every_reader(data_dir, tmp_path):
+    """Resume, evaluate --workdir, a dDPO run's tokenizer and export read a workdir's config.json through one
+    function: a file cut short is named (three of them raised a bare JSONDecodeError)."""
+    from zephyr_jax import evaluate, tokenizer
+
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    (tmp_path / "model_config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"stage": "sft", "tok')
+    named = rf"{tmp_path / 'config.json'}: not valid JSON"
+    for read in (lambda: train.resume_settings(tiny_config("sft", data_dir), str(tmp_path)),
+                 lambda: evaluate.train_config(str(tmp_path)), lambda: tokenizer.tokenizer_source(str(tmp_path))):
+        with pytest.raises(ValueError, match=named):
+            read()
+
+
 def test_the_reference_cache_key_follows_the_model_and_every_token(data_dir):
     """The cached reference log-probs are found again only for the same model and the same tokens, split the same
     way into prompt / chosen / rejected (a key blind to the data would serve another split's log-probs)."""

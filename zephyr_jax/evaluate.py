@@ -40,7 +40,7 @@ from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines
 from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
-from zephyr_jax.loading import load, load_model
+from zephyr_jax.loading import load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 
@@ -50,9 +50,10 @@ from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 
 def train_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved training config a run saved in workdir/config.json (JSON lists back to tuples)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: {workdir} is not a zephyr_jax training workdir")
+    saved = run_config(workdir)
+    if saved is None:
+        raise FileNotFoundError(f"{os.path.join(workdir, 'config.json')} is missing: {workdir} is not a zephyr_jax "
+                                "training workdir")
 
     def tuples(x):
         if isinstance(x, dict):
@@ -61,8 +62,7 @@ def train_config(workdir: str) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in x)
         return x
 
-    with open(path) as f:
-        return ml_collections.ConfigDict(tuples(json.load(f)))
+    return ml_collections.ConfigDict(tuples(saved))
 
 
 def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, split: str | None = None,

@@ -15,7 +15,7 @@ import os
 import jax.numpy as jnp
 
 from zephyr_jax import checkpoint, hf
-from zephyr_jax.loading import is_workdir, load_model
+from zephyr_jax.loading import is_workdir, load_model, run_config
 from zephyr_jax.tokenizer import is_zephyr_template, load_tokenizer
 
 
@@ -82,14 +82,7 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     step = checkpoint.resolve_step(workdir, step)
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
     model = load_model(workdir, dtype, step=step)
-    config_path = os.path.join(workdir, "config.json")
-    train_config = {}
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            try:
-                train_config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    train_config = run_config(workdir) or {}
     tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))
     hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype))
     card = model_card(workdir, step, train_config, final_metrics(workdir, step),

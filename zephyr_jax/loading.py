@@ -16,6 +16,7 @@ workdir's training tokenizer, else Mistral-7B-v0.1's.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Sequence
 
@@ -37,6 +38,19 @@ WORKDIR_CONFIG = "model_config.json"  # what marks a zephyr_jax training workdir
 def is_workdir(path: str) -> bool:
     """A zephyr_jax training workdir: it has model_config.json (written beside checkpoints/ by training)."""
     return os.path.isfile(os.path.join(os.path.expanduser(path), WORKDIR_CONFIG))
+
+
+def run_config(workdir: str) -> dict | None:
+    """The resolved config a training run saved in workdir/config.json (None without one); the file is named when
+    it is not JSON (a copy cut short, an edit gone wrong)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def _default_device() -> jax.Device:

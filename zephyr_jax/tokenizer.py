@@ -102,16 +102,15 @@ def tokenizer_source(path: str | None) -> str | None:
     fetches its snapshot, as loading the model does) when it holds a tokenizer, else the "tokenizer" of a training
     workdir's config.json, else None (Mistral-7B-v0.1, offline)."""
     from zephyr_jax import hf  # imported here: it brings in jax
-    from zephyr_jax.loading import is_workdir
+    from zephyr_jax.loading import is_workdir, run_config
 
     if not (path and isinstance(path, str)):
         return None
     local = hf.resolve(path)
     if os.path.exists(os.path.join(local, "tokenizer_config.json")):
         return local if os.path.isdir(os.path.expanduser(path)) else path  # a hub name: not this machine's cache
-    if os.path.exists(os.path.join(local, "config.json")) and is_workdir(local):
-        with open(os.path.join(local, "config.json")) as f:
-            return json.load(f).get("tokenizer")
+    if is_workdir(local):
+        return (run_config(local) or {}).get("tokenizer")
     return None
 
 

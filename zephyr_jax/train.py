@@ -37,7 +37,7 @@ from zephyr_jax.data import Loader, default_buckets, pad_sft
 from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, sequence_lengths, stack_rows
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
-from zephyr_jax.loading import is_workdir, load_model
+from zephyr_jax.loading import is_workdir, load_model, run_config
 from zephyr_jax.losses import check_dpo_settings
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
@@ -161,8 +161,7 @@ def resume_settings(cfg, workdir: str) -> bool:
     ckpts = os.path.join(workdir, "checkpoints")
     if not (os.path.exists(saved_path) and os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
         return False
-    with open(saved_path) as f:
-        saved = json.load(f)
+    saved = run_config(workdir)
     new = json.loads(cfg.to_json_best_effort())
     if cfg.model.step == -1 and isinstance(_setting(saved, "model.step"), int):
         cfg.model.step = new["model"]["step"] = saved["model"]["step"]
