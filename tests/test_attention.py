@@ -149,11 +149,7 @@ def _described_mask(lengths, offsets, t, window):
 
 
 def _expected_mask(segment_ids, window):
-    t = segment_ids.shape[1]
-    slots = jnp.arange(t)
-    pos = jnp.broadcast_to(slots, segment_ids.shape)
-    return np.asarray(make_mask(slots, slots, pos, pos, q_segments=segment_ids, k_segments=segment_ids,
-                                sliding_window=window))[:, 0]
+    return np.asarray(make_mask(segment_ids.shape[1], segment_ids, window))[:, 0]
 
 
 OFFSET_CASES = {  # max_segments -> rows (id, length runs) and whether the lengths/offsets can describe each

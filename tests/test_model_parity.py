@@ -169,6 +169,13 @@ def test_splash_option_honours_window_segments_and_padding(pair):
                                    atol=TOL)
 
 
+def test_every_remat_name_the_config_accepts_has_a_policy():
+    from zephyr_jax.model.config import REMAT_POLICIES
+    from zephyr_jax.model.mistral import remat_policy
+
+    assert all(callable(remat_policy(name)) for name in REMAT_POLICIES if name != "none")
+
+
 @pytest.mark.parametrize("policy", ["full", "save_dots", "save_all_but_mlp"])
 def test_remat_gives_same_loss_and_gradients(pair, policy):
     from flax import nnx

@@ -11,8 +11,7 @@ key when all of these hold:
   window     query slot - key slot < sliding_window (HF's rule: a query sees `sliding_window` keys, itself
              included); a sequence's tokens are contiguous slots, so a padded or packed one sees the tokens it
              would alone (the KV cache counts cache positions, which are its slots);
-  segments   both carry the same segment id (packed examples never see each other);
-  valid      the key is a real token (attention_mask / filled cache slot).
+  segments   both carry the same segment id (packed examples never see each other; padding is segment 0).
 """
 
 from __future__ import annotations
@@ -25,21 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from zephyr_jax import sharding
+from zephyr_jax.model.config import ATTENTION_IMPLS
 
-IMPLS = ("auto", "xla", "splash", "cudnn")
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def make_mask(q_slots, k_slots, q_positions, k_positions, *, key_valid=None, q_segments=None,
-                   k_segments=None, sliding_window=None) -> jax.Array:
-    """Boolean [B, 1, T, S] mask (True = may attend). Slots: [T] / [S]; positions, segments: [B, T] / [B, S]."""
-    mask = (k_slots[None, :] <= q_slots[:, None])[None]  # [1, T, S]
+def make_mask(length: int, segment_ids=None, sliding_window=None) -> jax.Array:
+    """Boolean [B, 1, T, T] self-attention mask (True = may attend) over T = `length` slots; segment_ids: [B, T]
+    (None: one sequence a row, B = 1 broadcasting)."""
+    slots = jnp.arange(length)
+    mask = (slots[None, :] <= slots[:, None])[None]  # causal; slot distances are position distances in a segment
     if sliding_window is not None:
-        mask = mask & (q_positions[:, :, None] - k_positions[:, None, :] < sliding_window)
-    if q_segments is not None:
-        mask = mask & (q_segments[:, :, None] == k_segments[:, None, :])
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, :].astype(bool)
+        mask = mask & (slots[:, None] - slots[None, :] < sliding_window)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return mask[:, None]
 
 
@@ -104,8 +102,8 @@ def attend(q, k, v, segment_ids, *, sliding_window, impl="auto", rules=None, int
     when segment_ids are concrete and come out NaN under jit, so the loss shows it: never a mask ignored.
     """
     _check_shapes(q, k, v, segment_ids)
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl {impl!r}: expected one of {IMPLS}")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
     platform = _platform()
     if impl == "auto":
         impl = _auto_impl(platform, q, k, segment_ids, max_segments, rules)
@@ -164,12 +162,7 @@ def _hopper_or_newer() -> bool:
 
 
 def _xla_self_attention(q, k, v, segment_ids, sliding_window):
-    b, t = q.shape[:2]
-    slots = jnp.arange(t)
-    positions = jnp.broadcast_to(slots, (b, t))  # slot distances are position distances within a segment
-    mask = make_mask(slots, slots, positions, positions, q_segments=segment_ids, k_segments=segment_ids,
-                     sliding_window=sliding_window)
-    return xla_attention(q, k, v, mask)
+    return xla_attention(q, k, v, make_mask(q.shape[1], segment_ids, sliding_window))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ _HF_IGNORED = {
 # What transformers' MistralConfig assumes for a key config.json leaves out, where it differs from the defaults
 # below (Mistral-7B-v0.1's values, which its config.json states).
 _HF_CLASS_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32}
-ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # see model/attention.py attend
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # model/attention.py attend's kernels
 REMAT_POLICIES = ("none", "full", "save_dots", "save_all_but_mlp", "offload")  # see model/mistral.py remat_policy
 
 
