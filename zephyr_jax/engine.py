@@ -40,6 +40,7 @@ from flax import nnx
 
 from zephyr_jax.model import KVCache, kv_cache
 from zephyr_jax.sampling import sample
+from zephyr_jax.sharding import make_mesh
 
 TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)
 MAX_STOP_TOKENS = 8  # stop token ids per request, the EOS included
@@ -189,7 +190,7 @@ def _parameters_mesh(state):
         if isinstance(sharding, jax.sharding.SingleDeviceSharding) and getattr(leaf, "committed", False):
             (device,) = sharding.device_set
             if device != jax.devices()[0]:
-                return jax.sharding.Mesh(np.array([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+                return make_mesh((1, 1, 1), [device])
     return None
 
 
@@ -296,7 +297,7 @@ class Engine:
                              f"parameters on {sorted(d.id for d in held)}: load the model with that mesh "
                              "(zephyr_jax.load(..., mesh=mesh)), or leave mesh= out to follow the parameters")
         self.max_slots, self.decode_steps = int(max_slots), int(decode_steps)
-        self.prefill_chunk = _bucket(prefill_chunk, 16, prefill_chunk)
+        self.prefill_chunk = int(prefill_chunk)
         # A chunk's bucket may run past the cache's end: those padding positions' writes are dropped.
         self.max_length = int(max_length or min(cfg.max_position_embeddings, 4096))
         if self.max_length > cfg.max_position_embeddings:  # allowed (as in transformers), but said

@@ -39,7 +39,6 @@ import numpy as np
 
 ULTRACHAT = "HuggingFaceH4/ultrachat_200k"  # splits train_sft (207,865) / test_sft (23,110)
 ULTRAFEEDBACK_BINARIZED = "HuggingFaceH4/ultrafeedback_binarized"  # splits train_prefs (61,135) / test_prefs (2,000)
-ULTRAFEEDBACK_RAW = "openbmb/UltraFeedback"  # split train; binarize with zephyr_jax.data.binarize
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # extension -> datasets builder
 SPLIT_PATTERNS = ("{split}.jsonl", "{split}.json", "{split}.parquet", "{split}-*.jsonl", "{split}-*.parquet",
@@ -79,7 +78,7 @@ def _how_to_make(source: str) -> str:
     return ""
 
 
-def load_hub(name: str, split: str | None, *, streaming: bool = False, cache_dir=None):
+def load_hub(name: str, split: str | None, *, streaming: bool = False):
     """`datasets.load_dataset(name, split=split)`, with the dataset's name in any error."""
     import datasets
 
@@ -87,7 +86,7 @@ def load_hub(name: str, split: str | None, *, streaming: bool = False, cache_dir
     if split is None:
         raise ValueError(f"{what}: pass a split")
     try:
-        return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir)
+        return datasets.load_dataset(name, split=split, streaming=streaming)
     except ConnectionError as e:
         offline = " (offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if _offline() else ""
         raise ConnectionError(
