@@ -571,7 +571,17 @@ def run(cfg, workdir: str) -> dict:
         # the SFT model's own tokenizer and chat template: what it was trained on (config.json records it)
         cfg.tokenizer = tokenizer_source(cfg.model.path)
     if cfg.model.init == "orbax":  # the number, not "latest": config.json records it, the reference cache keys on it
-        cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
+        try:
+            cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
+        except FileNotFoundError as e:
+            if not resumed:
+                raise
+            # The run started from that step (its reference model too), and the init workdir's own later saves
+            # rotated it away (train.keep_checkpoints).
+            raise FileNotFoundError(
+                f"{workdir} started from step {cfg.model.step} of config.model.path={cfg.model.path}, which is gone "
+                f"there ({e}); a run that went on in that workdir deleted it (its train.keep_checkpoints). Put the "
+                "step back, or start this run again in a new workdir") from e
     mcfg = model_config(cfg)
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
     tok = load_tokenizer(cfg.tokenizer)
@@ -791,7 +801,10 @@ class StepLog:
 
     @contextlib.contextmanager
     def paused(self):
-        """Time spent inside (eval, checkpoints) is not step time."""
+        """Time spent inside (eval, checkpoints) is not step time. The steps still queued on the device are: they
+        finish first (an eval or save waits behind them, which counted their time as paused)."""
+        if self.on_device:
+            jax.block_until_ready(self.on_device[-1][1])
         start = time.perf_counter()
         try:
             yield
