@@ -32,6 +32,19 @@ def test_a_restarted_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     assert inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow" and len(inits[0]["id"]) == 16
 
 
+def test_wandb_that_does_not_start_is_said_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """wandb installed but not logged in raised from MetricWriter, after the data and the DPO reference pass."""
+    def init(**kw):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    writer = MetricWriter(str(tmp_path), tensorboard=False, wandb_project="zephyr")
+    writer.write(1, {"loss": 2.0})
+    writer.close()
+    assert "W&B did not start (RuntimeError: No API key configured" in capsys.readouterr().out
+    assert '"loss": 2.0' in (tmp_path / "metrics.jsonl").read_text()
+
+
 def test_a_resumed_run_moves_the_records_of_steps_it_does_again_aside(tmp_path, capsys):
     """Resuming from a checkpoint trains the steps after it again (and a finished run evaluates its last step
     again): metrics.jsonl held both runs' records of them; now it holds one timeline, the interrupted run's
@@ -86,16 +99,29 @@ def _tensorboard_events(folder) -> list:
     return events
 
 
-def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_step(tmp_path):
+def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_step(tmp_path, monkeypatch):
     """A run resumed from step 6 writes steps 7 on again: its event file starts with a purge at step 7, so
     TensorBoard drops the interrupted run's events of steps 7 on and keeps step 6's."""
+    from tensorboardX import event_file_writer
     from tensorboardX.proto import event_pb2
+
+    # An event file is named by the second and the host: each writer here gets a file of its own, as restarts do.
+    hosts = (f"host{i}" for i in range(10))
+    monkeypatch.setattr(event_file_writer.socket, "gethostname", lambda: next(hosts))
 
     for first, last, resumed_from in ((1, 8, None), (7, 9, 6)):
         writer = MetricWriter(str(tmp_path), resumed_from=resumed_from)
         for step in range(first, last + 1):
             writer.write(step, {"loss": float(step)})
+        writer.write(last, {"loss": 1.5}, "eval")  # the run's final eval
         writer.close()
     purges = [e.step for e in _tensorboard_events(tmp_path / "tensorboard")
               if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
     assert purges == [7]
+    for _ in range(2):  # the finished run started twice more: its final eval again, not again in TensorBoard
+        writer = MetricWriter(str(tmp_path), resumed_from=9, final=True)
+        writer.write(9, {"loss": 1.5}, "eval")
+        writer.close()
+    evals = [(e.step, v.simple_value) for e in _tensorboard_events(tmp_path / "tensorboard")
+             for v in e.summary.value if v.tag == "eval/loss"]
+    assert evals == [(8, 1.5), (9, 1.5)]  # (step 8's: the interrupted run's, before the purge at 7)

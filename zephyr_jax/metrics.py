@@ -112,6 +112,9 @@ class MetricWriter:
                  resumed_from: int | None = None, final: bool = False):
         self.active = jax.process_index() == 0
         self.tb = self.wandb = None
+        # A finished run started again evaluates its last step again: TensorBoard keeps that step's first eval
+        # (the purge starts after it), so the repeat is not written there (each restart added another copy).
+        self.tb_done_step = resumed_from if final else None
         if not self.active:
             return
         if resumed_from is not None:
@@ -136,6 +139,9 @@ class MetricWriter:
                                         id=wandb_run_id(workdir))
             except ImportError:
                 print("wandb is not installed: not logging to W&B (pip install wandb)")
+            except Exception as e:  # not logged in, offline, a wrong entity: after hours of data and reference work
+                print(f"W&B did not start ({type(e).__name__}: {e}): not logging to W&B, only to metrics.jsonl "
+                      "and TensorBoard (`wandb login`, or WANDB_MODE=offline to sync later)")
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.active:
@@ -145,9 +151,9 @@ class MetricWriter:
         clean = {k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v) and k == "mfu")}
         self.jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
         self.jsonl.flush()
-        for k, v in clean.items():
-            if isinstance(v, float):
-                if self.tb is not None:
+        if self.tb is not None and step != self.tb_done_step:
+            for k, v in clean.items():
+                if isinstance(v, float):
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
