@@ -183,8 +183,10 @@ def restore_params(workdir: str, abstract_params, shardings, step: int = -1):
 
 def save_model_config(workdir: str, cfg: MistralConfig) -> None:
     """The architecture beside the checkpoints, so export and dDPO init can rebuild the model."""
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+    path = os.path.join(workdir, "model_config.json")
+    with open(path + ".tmp", "w") as f:  # replaced whole: a dDPO run or an export may read it meanwhile
         json.dump(cfg.to_hf_dict(), f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def load_model_config(workdir: str, **jax_settings) -> MistralConfig:
