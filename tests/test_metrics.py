@@ -122,6 +122,15 @@ def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_
         writer = MetricWriter(str(tmp_path), resumed_from=9, final=True)
         writer.write(9, {"loss": 1.5}, "eval")
         writer.close()
-    evals = [(e.step, v.simple_value) for e in _tensorboard_events(tmp_path / "tensorboard")
-             for v in e.summary.value if v.tag == "eval/loss"]
-    assert evals == [(8, 1.5), (9, 1.5)]  # (step 8's: the interrupted run's, before the purge at 7)
+    evals = lambda: [(e.step, v.simple_value) for e in _tensorboard_events(tmp_path / "tensorboard")  # noqa: E731
+                     for v in e.summary.value if v.tag == "eval/loss"]
+    assert evals() == [(8, 1.5), (9, 1.5)]  # (step 8's: the interrupted run's, before the purge at 7)
+    # A run stopped after saving its last step but before its final eval (preempted, killed): started again, its
+    # final eval is written to TensorBoard too.
+    writer = MetricWriter(str(tmp_path), resumed_from=9)
+    writer.write(12, {"loss": 12.0})
+    writer.close()
+    writer = MetricWriter(str(tmp_path), resumed_from=12, final=True)
+    writer.write(12, {"loss": 2.5}, "eval")
+    writer.close()
+    assert evals()[-1] == (12, 2.5)

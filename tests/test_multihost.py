@@ -100,7 +100,7 @@ def test_a_workdir_the_processes_do_not_share_is_refused_at_once(data_dir, tmp_p
     assert not os.path.exists(tmp_path / "host0" / "w" / "checkpoints")
 
 
-# --- SIGTERM to one process: every process saves the same step and exits 0; the resumed run is exact. ---
+# --- SIGTERM to one process: every process saves the same step and exits 75; the resumed run is exact. ---
 
 def _python_children(proc):
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "zephyr_jax.train" in " ".join(

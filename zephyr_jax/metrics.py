@@ -72,13 +72,13 @@ def wandb_run_id(workdir: str) -> str:
         return f.read().strip()
 
 
-def set_aside_replayed(workdir: str, step: int, final: bool = False) -> int:
+def set_aside_replayed(workdir: str, step: int, final: bool = False) -> list[str]:
     """A run resumed from `step` trains the steps after it again, and evaluates `step` again when it is the last
     (`final`): the interrupted run's records of them move from metrics.jsonl to metrics.superseded.jsonl, so
-    metrics.jsonl holds one record per step and split. Returns how many moved."""
+    metrics.jsonl holds one record per step and split. Returns the lines that moved."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
-        return 0
+        return []
     with open(path) as f:  # a kill mid-write may have left the last line cut short: it moves too, whole
         lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
 
@@ -98,7 +98,15 @@ def set_aside_replayed(workdir: str, step: int, final: bool = False) -> int:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
-    return len(moved)
+    return moved
+
+
+def _is_eval_of(line: str, step: int) -> bool:
+    try:
+        r = json.loads(line)
+        return r["step"] == step and r["split"] == "eval"
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 class MetricWriter:
@@ -111,17 +119,19 @@ class MetricWriter:
     def __init__(self, workdir: str, tensorboard: bool = True, wandb_project: str | None = None, config=None,
                  resumed_from: int | None = None, final: bool = False):
         self.active = jax.process_index() == 0
-        self.tb = self.wandb = None
-        # A finished run started again evaluates its last step again: TensorBoard keeps that step's first eval
-        # (the purge starts after it), so the repeat is not written there (each restart added another copy).
-        self.tb_done_step = resumed_from if final else None
+        self.tb = self.wandb = self.tb_done_step = None
         if not self.active:
             return
         if resumed_from is not None:
             moved = set_aside_replayed(workdir, resumed_from, final)
             if moved:
-                print(f"metrics.jsonl: {moved} records of steps the resumed run does again moved to "
+                print(f"metrics.jsonl: {len(moved)} records of steps the resumed run does again moved to "
                       "metrics.superseded.jsonl")
+            # A finished run started again evaluates its last step again: where the earlier run wrote that eval,
+            # TensorBoard keeps it (the purge starts after that step) and the repeat is not written there (each
+            # restart added a copy); a run stopped before its final eval gets it written.
+            if final and any(_is_eval_of(line, resumed_from) for line in moved):
+                self.tb_done_step = resumed_from
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         if tensorboard:
             try:
@@ -140,8 +150,8 @@ class MetricWriter:
             except ImportError:
                 print("wandb is not installed: not logging to W&B (pip install wandb)")
             except Exception as e:  # not logged in, offline, a wrong entity: after hours of data and reference work
-                print(f"W&B did not start ({type(e).__name__}: {e}): not logging to W&B, only to metrics.jsonl "
-                      "and TensorBoard (`wandb login`, or WANDB_MODE=offline to sync later)")
+                print(f"W&B did not start ({type(e).__name__}: {e}): not logging to W&B (`wandb login`, or "
+                      "WANDB_MODE=offline to sync later); metrics.jsonl has every record")
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.active:
