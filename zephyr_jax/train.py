@@ -11,6 +11,7 @@ Multi-process runs (TPU pods, SLURM, N local processes) pass --distributed or th
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -537,24 +538,28 @@ def check_workdir(workdir: str) -> None:
                          "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
 
 
-SHARED_MARK = "process_0_mark"  # a random token process 0 writes into the workdir at every start
+SHARED_MARK = "process_0_mark"  # at every start, process 0 makes WORKDIR/process_0_mark.<random>; the others look
 
 
 def check_shared_workdir(workdir: str) -> None:
     """Every process must see what process 0 writes in the workdir: on a disk of its own, orbax's first save waits
-    10 minutes for a directory process 0 made, and then every process hangs. Called after a collective that
-    follows process 0's write; raises on every process alike (none is left waiting in a collective)."""
-    try:
-        with open(os.path.join(workdir, SHARED_MARK)) as f:
-            seen = bytes.fromhex(f.read().strip())
-    except (OSError, ValueError):
-        seen = b""
-    marks = multihost_utils.process_allgather(np.frombuffer(seen.ljust(16, b"\0")[:16], np.uint8))
-    blind = [p for p in range(len(marks)) if not np.array_equal(marks[p], marks[0])]
+    10 minutes for a directory process 0 made, and then every process hangs. The mark has a new name at every
+    start, so no host's metadata cache (NFS, GCSFuse) holds an answer for it. Every process calls this (it runs
+    collectives) and all raise alike."""
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(16), np.uint8))  # process 0's
+    path = os.path.join(workdir, f"{SHARED_MARK}.{np.asarray(token, np.uint8).tobytes().hex()}")
+    if jax.process_index() == 0:
+        for old in glob.glob(os.path.join(workdir, SHARED_MARK + ".*")):
+            os.remove(old)
+        open(path, "w").close()
+    multihost_utils.sync_global_devices("zephyr_jax: process 0's workdir mark is written")
+    seen = multihost_utils.process_allgather(np.int32(os.path.exists(path)))
+    blind = [p for p in range(len(seen)) if not seen[p]]
     if blind:
         raise ValueError(f"--workdir={workdir} is not shared: processes {blind} do not see what process 0 wrote there "
-                         f"({SHARED_MARK}); every process must write the same directory (NFS/Filestore or a GCSFuse "
-                         "mount on several hosts; a relative path is taken from each process's own directory)")
+                         f"({os.path.basename(path)}); every process must write the same directory (NFS/Filestore "
+                         "or a GCSFuse mount on several hosts; a relative path is taken from each process's own "
+                         "directory)")
 
 
 def run(cfg, workdir: str) -> dict:
@@ -593,10 +598,6 @@ def run(cfg, workdir: str) -> dict:
         with open(path + ".tmp", "w") as f:  # replaced whole: other hosts read it (resume_settings)
             f.write(cfg.to_json_best_effort(indent=2))
         os.replace(path + ".tmp", path)
-        if jax.process_count() > 1:  # this run's own mark: the other processes look for it (check_shared_workdir)
-            with open(os.path.join(workdir, SHARED_MARK + ".tmp"), "w") as f:
-                f.write(os.urandom(16).hex())
-            os.replace(os.path.join(workdir, SHARED_MARK + ".tmp"), os.path.join(workdir, SHARED_MARK))
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
           f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}")
     tensor = mesh.shape["tensor"]
