@@ -4,7 +4,6 @@ coordinated preemption through launch/local.sh. Tiny configs on CPU devices (the
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
+from tests.test_serve import _free_port
 from tests.test_train import _params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,9 +78,7 @@ def test_interleaved_processes_match_one_process(data_dir, tmp_path):
 def test_a_workdir_the_processes_do_not_share_is_refused_at_once(data_dir, tmp_path):
     """The same relative --workdir from two directories (as two hosts with their own disks): both processes stop
     with the error before training (orbax's first save waited 10 minutes for process 0's directory, then hung)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs = []
     for i in range(2):
         (tmp_path / f"host{i}").mkdir()
