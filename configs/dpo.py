@@ -21,6 +21,7 @@ def get_config(arg=None):
     c.data.eval_split = "test_prefs"  # 2,000 pairs
     c.data.max_length = 1024  # paper and handbook: max_length 1024
     c.data.max_prompt_length = 512  # paper and handbook: max_prompt_length 512, prompt cut from the left
+    # and a too-long pair's completions to max_length - max_prompt_length (TRL 0.7's DPOTrainer, the recipe's)
     c.data.packed_rows = 0  # packing: rows per global batch (0: about four sequences a row, mesh-aligned)
 
     c.dpo = ml_collections.ConfigDict()
@@ -48,7 +49,7 @@ def get_config(arg=None):
         c.train.global_batch_size = 128  # handbook: batch 128
     elif variant == "demo":  # values measured on 2 CPU cores (see zephyr_jax/demo.py)
         _small(c, "workdirs/demo_sft")
-        c.data.max_length, c.data.max_prompt_length = 64, 63  # packed rows: lengths in multiples of 64
+        c.data.max_length, c.data.max_prompt_length = 64, 32  # packed rows: lengths in multiples of 64
         c.data.max_eval_examples = 256
         c.train.global_batch_size = 32
         c.train.num_epochs = 1  # ~57 steps on the demo run's ~1,830 on-policy pairs (93 on make-data's 3,000)

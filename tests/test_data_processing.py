@@ -252,3 +252,14 @@ def test_a_prompt_limit_at_or_above_the_length_is_refused():
     with pytest.raises(ValueError, match="max_prompt_length=32 leaves no room below max_length=32"):
         truncate_pair(ids, ids, ids, 32, 32)
     assert len(truncate_pair(ids[:8], ids[:8], ids[:8], 32, 32).chosen) == 8  # nothing to cut: fine
+
+
+def test_a_short_prompt_leaves_its_completions_the_recipes_room(tok):
+    """TRL 0.7's DPOTrainer (the recipe's) cuts both completions of a too-long pair to max_length -
+    max_prompt_length, however short the prompt: not to the room the prompt leaves."""
+    row = {"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "yes " * 300}],
+           "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "no"}]}
+    ex = preference_example(row, 0, tok, max_length=256, max_prompt_length=128)
+    full = preference_example(row, 0, tok, max_length=4096, max_prompt_length=4096)
+    assert ex.truncated and list(ex.prompt) == list(full.prompt) and len(ex.prompt) < 128
+    assert list(ex.chosen) == list(full.chosen[:128]) and list(ex.rejected) == list(full.rejected)

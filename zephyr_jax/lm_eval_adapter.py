@@ -6,7 +6,11 @@ no plugin hook for models, so `lm_eval --model zephyr_jax` alone does not find i
 
     python -m zephyr_jax.lm_eval_adapter --model zephyr_jax \\
         --model_args pretrained=HF_DIR_OR_WORKDIR,dtype=bfloat16,batch_size=16 \\
-        --tasks arc_challenge,hellaswag [--include_path MY_TASKS_DIR] [--num_fewshot 25] [--output_path out/]
+        --tasks arc_challenge --num_fewshot 25 [--include_path MY_TASKS_DIR] [--output_path out/]
+
+--num_fewshot holds for every task of a run. The Open LLM Leaderboard (v1) figures RECIPE.md quotes for
+Zephyr-7B-beta took ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU 5-shot and TruthfulQA (mc2) 0-shot: one run
+per few-shot count.
 
 Python:
 

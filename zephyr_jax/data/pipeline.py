@@ -181,8 +181,8 @@ def log_truncated(examples, args: dict, name: str, log: Callable = print) -> Non
     on part of their row."""
     cut = sum(bool(e.truncated) for e in examples)
     if cut:
-        how = ("the prompt from the left to max_prompt_length={max_prompt_length}, then the completions"
-               if "max_prompt_length" in args else "from the right").format(**args)
+        how = ("the prompt from the left to max_prompt_length={max_prompt_length}, then the completions to "
+               "max_length - max_prompt_length" if "max_prompt_length" in args else "from the right").format(**args)
         log(f"{cut} of {len(examples)} examples of {name} were longer than max_length={args['max_length']} and "
             f"were cut ({how})")
 

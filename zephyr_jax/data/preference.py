@@ -4,7 +4,8 @@ The prompt is every message before the final assistant reply, rendered with the 
 (`<|assistant|>\\n`). Each completion's ids are the tail of the WHOLE conversation's encoding after the prompt's
 ids, so prompt + completion is exactly the encoding of the conversation (no re-tokenization seam).
 Too long (prompt + longer completion > max_length): the prompt is cut from the left to max_prompt_length
-(BOS kept), then the completions from the right.
+(BOS kept), then the completions from the right to max_length - max_prompt_length, as TRL's DPOTrainer of the
+recipe (0.7.x) cuts them, however short the prompt.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ def preference_example(row, index, tok, *, max_length=1024, max_prompt_length=51
 
 def truncate_pair(prompt, chosen, rejected, max_length: int, max_prompt_length: int) -> PreferenceExample:
     """A pair cut to fit max_length only when it is too long: the prompt from the left (BOS kept) to
-    max_prompt_length, then both completions to the room left."""
+    max_prompt_length, then both completions to max_length - max_prompt_length (TRL 0.7's rule: the recipe's)."""
     truncated = len(prompt) + max(len(chosen), len(rejected)) > max_length
     if truncated:
         if len(prompt) > max_prompt_length:  # keep BOS, drop the oldest context
             prompt = np.concatenate([prompt[:1], prompt[len(prompt) - max_prompt_length + 1:]])
-        room = max_length - len(prompt)
+        room = max_length - max(len(prompt), max_prompt_length)
         if room < 1:  # a negative room would slice the completions from their end
             raise ValueError(f"max_prompt_length={max_prompt_length} leaves no room below max_length={max_length} "
                              "for the completions of a pair that must be cut")
