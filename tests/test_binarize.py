@@ -105,10 +105,12 @@ def test_scores():
     assert completion_score(rows[1]["completions"][2], "overall") == 5.0
     assert completion_score(rows[6]["completions"][1], "overall") == 9.0
     off = {"response": "a", "overall_score": 11, "annotations": {a: {"Rating": "50"} for a in ASPECTS}}
+    huge = {"response": "a", "overall_score": 10 ** 400, "annotations": {a: {"Rating": -10 ** 400} for a in ASPECTS}}
     for rank_by, scale in (("mean", "1-5"), ("overall", "1-10")):  # a corrupt rating must not decide the pair
-        with pytest.raises(BadRow, match=f"row 4: a rating outside {scale} "):
-            binarize_row({"instruction": "q", "completions": [off, rows[1]["completions"][0]]}, 4, rank_by=rank_by,
-                         rng=random.Random(0))
+        for bad in (off, huge):  # huge: an int no float holds raised OverflowError out of the CLI
+            with pytest.raises(BadRow, match=f"row 4: a rating outside {scale} "):
+                binarize_row({"instruction": "q", "completions": [bad, rows[1]["completions"][0]]}, 4,
+                             rank_by=rank_by, rng=random.Random(0))
 
 
 def test_seeds():

@@ -244,6 +244,13 @@ def test_special_token_text_in_a_message_is_a_bad_row(tok, special):
         sft_example(row, 3, tok, loss_on="assistant", max_length=64)
 
 
+def test_a_lone_surrogate_in_a_message_is_a_bad_row(tok):
+    """Valid JSON ("\\ud83d", an emoji cut in half) that the tokenizer refuses with a TypeError naming no row."""
+    row = {"messages": [{"role": "user", "content": "cut \ud83d"}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(BadRow, match=r"row 3: messages\[0\].content is not valid Unicode"):
+        sft_example(row, 3, tok, loss_on="assistant", max_length=64)
+
+
 def test_a_prompt_limit_at_or_above_the_length_is_refused():
     """Else the room left for the completions is negative and they are sliced from their end."""
     from zephyr_jax.data.preference import truncate_pair

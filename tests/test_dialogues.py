@@ -155,6 +155,17 @@ def test_replies_with_unicode_line_separators_resume(tmp_path):
         assert journal.resumed == 2 and journal.get(("k",)) == {"text": text}
 
 
+@pytest.mark.parametrize("junk", [b"\xff\xfe garbage", b'{"key": [[1]], "value": {}}'])
+def test_a_damaged_journal_line_is_named(tmp_path, junk):
+    """Bytes that are not UTF-8 and keys holding lists raised bare UnicodeDecodeError / TypeError."""
+    from zephyr_jax.data.journal import Journal
+
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b'{"key": [1], "value": {}}\n' + junk + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:2: not a journal line"):
+        Journal(path, {})
+
+
 def test_one_run_per_journal(tmp_path):
     from zephyr_jax.data.journal import Journal, JournalInUse
 

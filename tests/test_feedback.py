@@ -246,6 +246,8 @@ def test_parsers():
     for bad in ("Nice.", "Overall Score: 8", "Meh.\nOverall Score: 11"):
         with pytest.raises(feedback.FormatError):
             feedback.parse_critique_reply(bad)
+    with pytest.raises(feedback.FormatError):  # int() of 4,301+ digits raised ValueError, which ended the run
+        feedback.parse_rating_reply("#### Output for Text " + "1" * 4400 + "\nRating: 4\nRationale: ok", "honesty", 1)
 
 
 class ScriptedJudge:

@@ -176,6 +176,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(body={**chat, "stop_token_ids": [2 ** 40]}), 400, "stop_token_ids"),
         (dict(body={**chat, "max_completion_tokens": 0}), 400, "max_completion_tokens"),
         (dict(body={**chat, "stream": True, "stream_options": ["x"]}), 400, "stream_options"),
+        # Falsy values of the wrong kind are refused too, not read as "none" (0 is a token id).
+        (dict(body={**chat, "stop_token_ids": 0}), 400, "stop_token_ids"),
+        (dict(body={**chat, "stream": True, "stream_options": []}), 400, "stream_options"),
+        (dict(body={**chat, "stream": True, "stream_options": {"continuous_usage_stats": True}}), 400,
+         "stream_options"),
         (dict(body={**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}), 400,
          "messages"),
         (dict(raw='{"model": "%s", "messages": [{"role": "user", "content": "half \\ud800"}]}' % NAME), 400,

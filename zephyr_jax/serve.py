@@ -122,7 +122,8 @@ def sampling_params(body: dict, *, max_tokens: int, logprobs: int | None = None,
     seed = _field(body, "seed", int, None, low=0, high=2 ** 32 - 1)
     if seed is None:  # OpenAI samples differently on every call unless a seed is given
         seed = int.from_bytes(os.urandom(4), "little")
-    stop_ids = body.get("stop_token_ids") or []
+    stop_ids = body.get("stop_token_ids")
+    stop_ids = [] if stop_ids is None else stop_ids
     if not isinstance(stop_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
         raise ApiError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids")
     return SamplingParams(
@@ -466,7 +467,9 @@ def create_app(server: Server):
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
         body = await body_of(http, "chat")
-        prompt = server.chat_prompt(body)
+        # Tokenizing on a worker thread: a long prompt (megabytes) would otherwise hold the event loop, and every
+        # other client's stream, for seconds before it is refused.
+        prompt = await asyncio.to_thread(server.chat_prompt, body)
         top = _field(body, "top_logprobs", int, None, low=0, high=TOP_LOGPROBS)
         want = _field(body, "logprobs", bool, False)
         if top is not None and not want:
@@ -475,9 +478,13 @@ def create_app(server: Server):
         params = [sampling_params(body, max_tokens=server.max_tokens(body, len(prompt), None, "messages"),
                                   logprobs=(top or 0) if want else None, seed_offset=i) for i in range(n)]
         stream = _field(body, "stream", bool, False)
-        options = body.get("stream_options") or {}
+        options = body.get("stream_options")
+        options = {} if options is None else options
         if not isinstance(options, dict):
             raise ApiError(400, "'stream_options' must be an object, e.g. {\"include_usage\": true}", "stream_options")
+        unread = sorted(set(options) - {"include_usage"})  # vLLM's continuous_usage_stats, ...: refused, not ignored
+        if unread:
+            raise ApiError(400, f"'stream_options' reads include_usage only, not {unread}", "stream_options")
         include_usage = _field(options, "include_usage", bool, False)
         if not stream:
             requests, updates = submit_all([(prompt, p) for p in params], "n")
@@ -541,7 +548,7 @@ def create_app(server: Server):
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await body_of(http, "completions")
-        prompts = server.completion_prompts(body)
+        prompts = await asyncio.to_thread(server.completion_prompts, body)
         echo = _field(body, "echo", bool, False)
         logprobs = _field(body, "logprobs", int, None, low=0, high=5)
         n = server.n(body)

@@ -64,8 +64,10 @@ def _number(x) -> float | None:
             x = float(x.strip())
         except ValueError:
             return None
-    if isinstance(x, (int, float)) and math.isfinite(x):
-        return float(x)
+    if isinstance(x, int):  # clipped first: float(10**400) raises OverflowError (and is off any scale)
+        x = float(max(-2 ** 1000, min(x, 2 ** 1000)))
+    if isinstance(x, float) and math.isfinite(x):
+        return x
     return None
 
 

@@ -32,6 +32,10 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
             raise BadRow(index, f"unknown role {m['role']!r} in {field}[{i}]", source)
         if not isinstance(m["content"], str):
             raise BadRow(index, f"{field}[{i}].content is not a string", source)
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:  # valid JSON ("\\ud83d", a cut emoji) that no tokenizer takes
+            raise BadRow(index, f"{field}[{i}].content is not valid Unicode (a lone surrogate)", source) from None
         if m["role"] != "system" and not m["content"].strip():
             raise BadRow(index, f"empty content in {field}[{i}]", source)
         if any(s in m["content"] for s in SPECIAL_TEXTS):

@@ -393,7 +393,7 @@ def reask_message(error: str, what: str) -> dict:
                                        f"exactly the format asked for, and nothing else."}
 
 
-_SECTION = re.compile(r"^[ \t#>*]*Output\s+for\s+Text\s*(\d+)\b[ \t*:.]*$", re.I | re.M)
+_SECTION = re.compile(r"^[ \t#>*]*Output\s+for\s+Text\s*(\d{1,6})\b[ \t*:.]*$", re.I | re.M)
 _PLAIN = re.compile(r"^\s*Rating\s*:[ \t]*(?P<rating>[^\n]*)\n\s*Rationale\s*:\s*(?P<rationale>.*)\Z", re.I | re.S)
 _TYPED = re.compile(r"^\s*Type\s*:[ \t]*(?P<type>[^\n]*)\n\s*Rationale\s*:\s*(?P<rationale>.*?)\n"
                     r"\s*Rating\s*:[ \t]*(?P<rating>[^\n]*)\n\s*Rationale(?:\s+for\s+rating)?\s*:\s*(?P<rfr>.*)\Z",

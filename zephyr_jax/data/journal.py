@@ -95,12 +95,12 @@ class Journal:
         # Split on b"\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which json.dumps with
         # ensure_ascii=False leaves unescaped inside a reply's text.
         for n, raw in enumerate(data[:whole].split(b"\n"), 1):
-            line = raw.decode("utf-8")
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                item = json.loads(line)
+                item = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError
                 key, value = tuple(item["key"]), item["value"]
+                hash(key)  # a key holding a list or an object
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{self.path}:{n}: not a journal line ({e}); the file was edited or damaged, "
                                  f"rerun with --overwrite to start afresh") from e
