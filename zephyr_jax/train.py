@@ -36,8 +36,10 @@ from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import parse_flags
 from zephyr_jax.data import Loader, default_buckets, pad_sft
 from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, sequence_lengths, stack_rows
+from zephyr_jax.data.errors import ON_BAD_ROW
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
+from zephyr_jax.data.sft import LOSS_ON, TOO_LONG
 from zephyr_jax.loading import is_workdir, load_model, run_config
 from zephyr_jax.losses import check_dpo_settings
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
@@ -85,6 +87,9 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
             raise ValueError(f"{key}={tuple(values)!r}: expected whole numbers")
     check_buckets(cfg)
+    for key, allowed in (("on_bad_row", ON_BAD_ROW), ("loss_on", LOSS_ON), ("too_long", TOO_LONG)):
+        if key in cfg.data and cfg.data[key] not in allowed:  # else raised only once the source is read
+            raise ValueError(f"data.{key}={cfg.data[key]!r}: expected one of {allowed}")
     if cfg.stage == "dpo":
         try:  # the loss type, beta and label smoothing, by the rules dpo_loss itself applies
             check_dpo_settings(cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.label_smoothing)
