@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import random
 
 import pytest
@@ -273,3 +274,27 @@ def check_binarized_or_skipped(row, rank_by, seed):
     assert (reply(out["chosen"]), out["score_chosen"]) in scores
     assert (reply(out["rejected"]), out["score_rejected"]) in scores
     assert out["score_chosen"] == max(s for _, s in scores if s is not None)
+
+
+def test_a_kill_between_the_two_split_files_leaves_no_train_file(tmp_path, monkeypatch):
+    """The new train file beside an earlier run's test file (whose rows it may hold) read as a whole data set
+    after a kill between the two replaces; now the earlier train file goes first and the new one comes last.
+    (data.dialogues writes train_sft / test_sft through the same function.)"""
+    from zephyr_jax.data import binarize as module
+
+    module.write_splits([{"n": i} for i in range(10)], tmp_path, test_size=2)
+    real, written = module.write_jsonl, []
+
+    def killed_after_one_file(rows, path):
+        if written:
+            raise KeyboardInterrupt  # stands in for the kill
+        written.append(os.path.basename(path))
+        real(rows, path)
+
+    monkeypatch.setattr(module, "write_jsonl", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        module.write_splits([{"n": i} for i in range(20)], tmp_path, test_size=4)
+    assert written == ["test_prefs.jsonl"] and sorted(os.listdir(tmp_path)) == ["test_prefs.jsonl"]
+    monkeypatch.setattr(module, "write_jsonl", real)
+    train, test = module.write_splits([{"n": i} for i in range(20)], tmp_path, test_size=4)
+    assert [json.loads(line) for line in open(tmp_path / "train_prefs.jsonl")] == train and len(test) == 4

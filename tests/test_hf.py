@@ -229,6 +229,27 @@ def test_sharded_save_writes_a_correct_index(loaded, tmp_path):
     assert max_diff(jax_logits(load_model(out, jnp.float32)), expected) <= 2e-5
 
 
+def test_a_save_killed_over_an_earlier_one_leaves_no_model_that_loads(loaded, tmp_path, monkeypatch):
+    """Old shards beside new ones under the old config.json loaded without a word in both loaders (a kill -9
+    after the first shard of a re-export): config.json is removed first and written last."""
+    hf.save_pretrained(loaded, str(tmp_path), max_shard_size="100KB")
+    write, calls = hf._write_safetensors, []
+
+    def killed_after_one_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # stands in for the kill
+        calls.append(write(*args, **kwargs))
+
+    monkeypatch.setattr(hf, "_write_safetensors", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        hf.save_pretrained(loaded, str(tmp_path), max_shard_size="100KB")
+    assert calls and not os.path.exists(tmp_path / hf.CONFIG_NAME)
+    with pytest.raises(Exception, match="config.json"):
+        load_model(str(tmp_path), jnp.float32)
+    with pytest.raises((OSError, ValueError), match="config.json"):  # transformers: no model_type
+        load_hf(str(tmp_path))
+
+
 def test_bf16_save_reloads(loaded, tmp_path):
     out = str(tmp_path)
     hf.save_pretrained(loaded, out, dtype=jnp.bfloat16)

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -97,6 +98,21 @@ def _tensorboard_events(folder) -> list:
             events.append(event)
             at += 12 + size + 4
     return events
+
+
+def test_tensorboard_records_reach_the_disk_within_seconds_without_a_close(tmp_path):
+    """tensorboardX held records up to 120 s: a run killed after a checkpoint lost those up to it for good."""
+    writer = MetricWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": float(step)})
+    deadline, steps = time.monotonic() + 10, []
+    while time.monotonic() < deadline and steps != [1, 2, 3]:
+        time.sleep(0.2)
+        writer.flush()
+        steps = [e.step for e in _tensorboard_events(tmp_path / "tensorboard") for v in e.summary.value
+                 if v.tag == "train/loss"]
+    writer.close()
+    assert steps == [1, 2, 3]
 
 
 def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_step(tmp_path, monkeypatch):

@@ -4,6 +4,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -229,3 +233,54 @@ def test_examples_cut_to_max_length_are_counted_fresh_and_from_the_cache(bad_dat
         assert cut > 0
         said = [line for line in log if f"were longer than max_length={length}" in line]
         assert said and said[0].startswith(f"{cut} of {len(examples)} examples of {cfg.train}:{cfg.train_split}")
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(bad_data, tok, tmp_path):
+    """kill -9 during a write skips its clean-up: a whole entry's size (~1.3 GiB for UltraChat) left for good."""
+    folder = tmp_path / "cache"
+    cfg = _cfg(bad_data, "sft", cache_dir=str(folder))
+    _load(cfg, "sft", tok)
+    [entry] = os.listdir(folder)
+    (folder / f"{entry}.k1ll3d.tmp").write_bytes(b"half an entry")
+    os.remove(folder / entry)
+    _load(cfg, "sft", tok)
+    assert os.listdir(folder) == [entry]
+
+
+def _stat(pid) -> list:
+    """/proc/PID/stat's fields after the command's parenthesis: [state, ppid, ...]; [] once it is gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _children(pid: int) -> set:
+    return {int(p) for p in filter(str.isdigit, os.listdir("/proc")) if _stat(p)[1:2] == [str(pid)]}
+
+
+def _alive(pid: int) -> bool:
+    return _stat(pid)[:1] not in ([], ["Z"])  # a zombie has ended (an init that does not reap keeps it)
+
+
+def test_tokenizer_workers_end_with_a_killed_parent():
+    """A worker waits on a queue whose write end it holds itself: after its parent's kill -9 (the OOM killer) it
+    slept for good, holding its memory (~420 MB each, eight of them with num_proc=0)."""
+    code = ("import operator, time; from zephyr_jax.data import pipeline; pipeline.MIN_ROWS_PER_PROCESS = 1; "
+            "pipeline.process_rows([time.sleep] * 100, operator.call, num_proc=2, progress=False)")  # sleep(index)
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    workers, deadline = set(), time.monotonic() + 120
+    while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.5)
+        workers = _children(parent.pid)  # the two workers, and multiprocessing's resource tracker
+    assert len(workers) >= 2, "the workers did not start"
+    time.sleep(3)  # the workers started and took their rows
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(map(_alive, workers)):
+        time.sleep(0.5)
+    left = [p for p in workers if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"worker processes {left} outlived their parent"

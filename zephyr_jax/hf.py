@@ -485,6 +485,10 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     else:
         files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     os.makedirs(out_dir, exist_ok=True)
+    # config.json goes first and comes back last: a save killed midway over an earlier one leaves no directory
+    # that loads (transformers and zephyr_jax.load both need config.json) instead of old and new shards mixed.
+    if os.path.exists(os.path.join(out_dir, CONFIG_NAME)):
+        os.remove(os.path.join(out_dir, CONFIG_NAME))
     _remove_stale_weights(out_dir, keep=set(files) | ({INDEX_NAME} if len(shards) > 1 else set()))
 
     def blocks(name):
@@ -503,10 +507,10 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     dtype_name = str(save_dtype[names[0]])
     config = cfg.to_hf_dict()
     config.update(dtype=dtype_name, torch_dtype=dtype_name)  # transformers>=4.56 reads dtype, older torch_dtype
-    _write_json(os.path.join(out_dir, CONFIG_NAME), config)
     _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(cfg))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    _write_json(os.path.join(out_dir, CONFIG_NAME), config)  # last: the directory is complete
 
 
 def generation_config(cfg: MistralConfig) -> dict:
@@ -520,5 +524,6 @@ def generation_config(cfg: MistralConfig) -> dict:
 
 
 def _write_json(file: str, obj) -> None:
-    with open(file, "w", encoding="utf-8") as f:
+    with open(file + ".tmp", "w", encoding="utf-8") as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(file + ".tmp", file)

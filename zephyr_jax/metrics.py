@@ -138,7 +138,9 @@ class MetricWriter:
                 from tensorboardX import SummaryWriter
 
                 purge = None if resumed_from is None else resumed_from + 1
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+                # flush_secs: tensorboardX's 120 s lost up to two minutes of records at a kill -9, those before
+                # the checkpoint the resumed run starts after included (which it does not write again).
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge, flush_secs=1)
             except ImportError:
                 print("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
         if wandb_project:
@@ -167,6 +169,14 @@ class MetricWriter:
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
+
+    def flush(self) -> None:
+        """metrics.jsonl and what TensorBoard's writer thread has taken so far on disk (after each checkpoint save:
+        the resumed run does not write the records up to it again)."""
+        if self.active:
+            self.jsonl.flush()
+            if self.tb is not None:
+                self.tb.flush()
 
     def close(self) -> None:
         if self.active:

@@ -725,6 +725,7 @@ def run(cfg, workdir: str) -> dict:
                     with log.paused():
                         log.check_finite()  # never save a step whose loss went bad
                         checkpoint.save(mngr, state, {"loader": position})
+                        writer.flush()  # the records up to this step on disk before the checkpoint commits
                 if preempted:
                     log.write()
                     print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")

@@ -204,12 +204,21 @@ def write_jsonl(rows, path) -> None:
     os.replace(tmp, path)
 
 
+def write_train_and_test(train: list, test: list, train_path, test_path) -> None:
+    """The earlier train file goes first and the new one comes last: a kill between the two replaces leaves no
+    train file (a clear error for a reader), never a new train file beside an earlier run's test file, whose rows
+    it may hold."""
+    Path(train_path).unlink(missing_ok=True)
+    write_jsonl(test, test_path)
+    write_jsonl(train, train_path)
+
+
 def write_splits(pairs: list, output_dir, test_size: int, seed: int = 42) -> tuple[list, list]:
     """Splits the pairs (train_test_split) into output_dir/train_prefs.jsonl and test_prefs.jsonl."""
     train, test = train_test_split(pairs, test_size, seed)
     os.makedirs(output_dir, exist_ok=True)
-    write_jsonl(train, os.path.join(output_dir, "train_prefs.jsonl"))
-    write_jsonl(test, os.path.join(output_dir, "test_prefs.jsonl"))
+    write_train_and_test(train, test, os.path.join(output_dir, "train_prefs.jsonl"),
+                         os.path.join(output_dir, "test_prefs.jsonl"))
     return train, test
 
 

@@ -171,6 +171,13 @@ def write(path: str, examples: list, counter: SkipCounter, parts: dict, log: Cal
     finally:  # also after Ctrl-C or a MemoryError mid-write: no half-written file is left (after os.replace
         if tmp and os.path.exists(tmp):  # the temporary name no longer exists)
             os.remove(tmp)
+    # Temporary files of this entry left by a writer killed mid-write (kill -9 skips the `finally`): each is a
+    # whole entry's size. One still being written by another run makes that run's replace fail, which it reports.
+    for stale in glob.glob(glob.escape(path) + ".*.tmp"):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
     _remove_superseded(path, parts, log)
     return True
 

@@ -103,7 +103,7 @@ from pathlib import Path
 import jinja2
 
 from zephyr_jax.data.backends import ENGINE_MESH_HELP, Backend, BackendSet, Call, map_bounded
-from zephyr_jax.data.binarize import is_text, prompt_id, train_test_split, write_jsonl
+from zephyr_jax.data.binarize import is_text, prompt_id, train_test_split, write_train_and_test
 from zephyr_jax.data.cache import tokenizer_fingerprint
 from zephyr_jax.data.conversation import SPECIAL_TEXTS
 from zephyr_jax.data.errors import SkipCounter
@@ -703,8 +703,7 @@ def _write_outputs(run: _Run, dialogues: list[_Dialogue], output_dir: Path, test
             truncated[d.reason] += 1
         kept.append(_row(d, models))
     train, test = train_test_split(kept, _test_count(test_size, len(kept)), run.seed) if kept else ([], [])
-    write_jsonl(train, output_dir / "train_sft.jsonl")
-    write_jsonl(test, output_dir / "test_sft.jsonl")
+    write_train_and_test(train, test, output_dir / "train_sft.jsonl", output_dir / "test_sft.jsonl")
     counters = {"assistant": dict(run.assistant.stats), "user": dict((run.user or run.assistant).stats)}
     stats = {
         "dialogues": len(dialogues), "kept": len(kept), "train_sft": len(train), "test_sft": len(test),
@@ -776,7 +775,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_retries", type=int, default=6, help="endpoint retries of 429/5xx/timeouts/drops")
     p.add_argument("--mesh", default=None, help=ENGINE_MESH_HELP)
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--overwrite", action="store_true", help="discard the journal of a run with other settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the journal and start afresh (a command that carries it never resumes)")
     return p
 
 

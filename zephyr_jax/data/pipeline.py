@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
@@ -123,6 +125,15 @@ _WORKER: dict = {}
 
 def _init_worker(rows, make_example):
     _WORKER.update(rows=rows, make_example=make_example)
+    # A worker waits on the executor's queue, whose write end it holds itself: when the parent is killed (kill -9,
+    # the OOM killer) it would wait forever, holding its memory. It ends with its parent instead.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        def exit_with_parent():
+            multiprocessing.connection.wait([parent.sentinel])
+            os._exit(1)
+
+        threading.Thread(target=exit_with_parent, daemon=True, name="exit-with-parent").start()
 
 
 def _run_chunk(task) -> list:
