@@ -248,6 +248,12 @@ def test_a_save_killed_over_an_earlier_one_leaves_no_model_that_loads(loaded, tm
         load_model(str(tmp_path), jnp.float32)
     with pytest.raises((OSError, ValueError), match="config.json"):  # transformers: no model_type
         load_hf(str(tmp_path))
+    # Saved again, as one file: the earlier shards go, and so does a shard a kill left half-written.
+    (tmp_path / "model-00002-of-00009.safetensors.tmp").write_bytes(b"half a shard")
+    monkeypatch.setattr(hf, "_write_safetensors", write)
+    hf.save_pretrained(loaded, str(tmp_path))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("model-")]
+    assert max_diff(jax_logits(load_model(str(tmp_path), jnp.float32)), jax_logits(loaded)) == 0
 
 
 def test_bf16_save_reloads(loaded, tmp_path):

@@ -108,7 +108,6 @@ def test_tensorboard_records_reach_the_disk_within_seconds_without_a_close(tmp_p
     deadline, steps = time.monotonic() + 10, []
     while time.monotonic() < deadline and steps != [1, 2, 3]:
         time.sleep(0.2)
-        writer.flush()
         steps = [e.step for e in _tensorboard_events(tmp_path / "tensorboard") for v in e.summary.value
                  if v.tag == "train/loss"]
     writer.close()

@@ -593,8 +593,11 @@ def test_an_error_in_the_loop_still_commits_the_checkpoint_being_saved(data_dir,
     workdir = tmp_path / "w"
     with pytest.raises(RuntimeError, match="a bad batch"):
         train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 4,
-                                                  "train.eval_every": 0}), str(workdir))
+                                                  "train.eval_every": 0, "train.log_every": 3}), str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
+    # Step 4 is on record though it is no log step: a resumed run starts after it and never logs it.
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["split"] == "train"] == [3, 4]
 
 
 def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caught(data_dir, tmp_path,

@@ -434,7 +434,8 @@ def _hf_blocks(param, transposed: bool, dtype):
 def _remove_stale_weights(out_dir: str, keep: set[str]) -> None:
     """Drops weight files of an earlier save that this one does not overwrite (a stale model.safetensors
     would shadow a new sharded index, and old shards would linger)."""
-    stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+    # (.tmp: a save killed while writing that file)
+    stale = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)(\.tmp)?")
     for name in os.listdir(out_dir):
         if stale.fullmatch(name) and name not in keep:
             os.remove(os.path.join(out_dir, name))

@@ -722,6 +722,7 @@ def run(cfg, workdir: str) -> dict:
                     with log.paused():
                         last_eval = evaluate(step)
                 if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
+                    log.write()  # the steps up to the checkpoint on record (save_every need not be a log step)
                     with log.paused():
                         log.check_finite()  # never save a step whose loss went bad
                         checkpoint.save(mngr, state, {"loader": position})
