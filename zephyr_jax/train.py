@@ -722,13 +722,13 @@ def run(cfg, workdir: str) -> dict:
                     with log.paused():
                         last_eval = evaluate(step)
                 if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
-                    log.write()  # the steps up to the checkpoint on record (save_every need not be a log step)
+                    # The steps up to the checkpoint on record (save_every need not be a log step), and never a
+                    # save of a step whose loss went bad (write checks every queued step first).
+                    log.write()
                     with log.paused():
-                        log.check_finite()  # never save a step whose loss went bad
                         checkpoint.save(mngr, state, {"loader": position})
                         writer.flush()  # the records up to this step on disk before the checkpoint commits
                 if preempted:
-                    log.write()
                     print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
                     break
             bar.close()
