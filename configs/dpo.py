@@ -30,7 +30,7 @@ def get_config(arg=None):
     c.dpo.label_smoothing = 0.0  # > 0: conservative DPO (cDPO)
     c.dpo.reference_free = False
     c.dpo.precompute_reference = False  # True: one pass of reference log-probs before training, cached in workdir
-    c.dpo.reference_dtype = "bfloat16"  # storage of the frozen reference copy
+    c.dpo.reference_dtype = "bfloat16"  # storage of the frozen reference copy (exact: the policy computes in bf16)
 
     c.optim.lr = 5e-7  # paper: peak lr 5e-7
     c.optim.schedule = "linear"  # paper: linear decay

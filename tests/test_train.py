@@ -141,6 +141,26 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
         train.check_config(cfg)
 
 
+@pytest.mark.parametrize("variant, overrides", [
+    ("zephyr", {}), ("handbook", {}), ("demo", {}), ("tiny", {}),
+    ("zephyr", {"model.dtype": "float32"}),  # float32 compute, the bf16 copy
+    ("zephyr", {"model.dtype": "float32", "dpo.precompute_reference": True}),  # scored by the policy itself
+    ("demo", {"dpo.reference_dtype": "bfloat16"}),
+])
+def test_a_note_says_when_the_frozen_reference_is_not_the_initial_policy(variant, overrides):
+    """The note appears exactly where the stored copy, computed at model.dtype, differs from the policy's weights
+    at model.dtype (weights stored at model.param_dtype)."""
+    cfg = load_config(os.path.join(ROOT, "configs", f"dpo.py:{variant}"), **overrides)
+    weights = jnp.asarray(np.random.default_rng(0).standard_normal(1000), cfg.model.param_dtype)
+    policy = weights.astype(cfg.model.dtype)
+    copy = weights.astype(cfg.dpo.reference_dtype).astype(cfg.model.dtype)
+    exact = cfg.dpo.precompute_reference or bool(jnp.all(copy == policy))
+    note = train.rounded_reference_note(cfg)
+    assert (note is None) == exact, (variant, overrides, note)
+    if note:
+        assert "dpo.reference_dtype=bfloat16 is narrower than model.dtype=float32" in note
+
+
 def test_load_config_names_a_key_the_config_lacks():
     for key in ("dpo.beta", "train.max_stepz", "data.packed_rows"):  # a dDPO section / key on the dSFT config
         with pytest.raises(KeyError, match=f"configs/sft.py:tiny has no key '{key}'"):

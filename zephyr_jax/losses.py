@@ -57,28 +57,33 @@ def _chunk_start(i, length: int, chunk: int):
 
 
 def _chunk_stats(x, t):
-    """float32 logsumexp and target logit of one chunk. x: [B, C, V] any float dtype, t: [B, C] int."""
+    """float32 logsumexp and target log-prob of one chunk. x: [B, C, V] any float dtype, t: [B, C] int."""
     # A gather of the target logits rather than a one-hot select-and-sum: the select would be a second
     # [B, C, V] float32 temporary on XLA:CPU. (`token_logps` has clipped t into the vocabulary.)
+    # (target - max) - log sum exp(x - max) rather than target - logsumexp(x), as torch's log_softmax: the
+    # logsumexp is rounded at the size of the largest logit (ulp(60) = 3.8e-6), which took a near-certain token's
+    # log-prob (about -1e-6) to 0 or to twice its value, a bias summed over every completion token.
+    x32 = x.astype(jnp.float32)
+    top = jnp.max(x32, axis=-1)
+    rest = jnp.log(jnp.sum(jnp.exp(x32 - top[..., None]), axis=-1))
     tgt = jnp.take_along_axis(x, t[..., None], axis=-1)[..., 0].astype(jnp.float32)
-    lse = jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)
-    return lse, tgt
+    return top + rest, (tgt - top) - rest
 
 
 def _token_logps_fwd_impl(logits, targets, chunk_size):
     batch, length, _ = logits.shape
     n, chunk = _num_chunks(length, chunk_size)
     if n == 1:
-        lse, tgt = _chunk_stats(logits, targets)
-        return tgt - lse, lse
+        lse, logp = _chunk_stats(logits, targets)
+        return logp, lse
 
     def body(i, carry):
         logps, lses = carry
         start = _chunk_start(i, length, chunk)
         x = jax.lax.dynamic_slice_in_dim(logits, start, chunk, axis=1)
         t = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
-        lse, tgt = _chunk_stats(x, t)
-        logps = jax.lax.dynamic_update_slice_in_dim(logps, tgt - lse, start, axis=1)
+        lse, logp = _chunk_stats(x, t)
+        logps = jax.lax.dynamic_update_slice_in_dim(logps, logp, start, axis=1)
         lses = jax.lax.dynamic_update_slice_in_dim(lses, lse, start, axis=1)
         return logps, lses
 
@@ -139,10 +144,10 @@ def _check_shapes(logits, targets, loss_mask=None):
 def token_logps(logits: jax.Array, targets: jax.Array, chunk_size: int | None = None) -> jax.Array:
     """Per-token log-probabilities log softmax(logits)[b, t, targets[b, t]] as float32 [B, T].
 
-    Computed as logits[target] - logsumexp(logits) in float32, `chunk_size` positions of the sequence at a
-    time (default min(T, 256)), so only one chunk's float32 [B, chunk, V] copy exists at once. The gradient
-    is a custom VJP that also walks the chunks: d/dlogits = g * (onehot(target) - softmax(logits)), written
-    chunk by chunk into a gradient of the logits' dtype. A chunk size that does not divide T is fine (the last
+    Computed as (logits[target] - max) - log sum exp(logits - max) in float32, `chunk_size` positions of the
+    sequence at a time (default min(T, 256)), so only one chunk's float32 [B, chunk, V] copy exists at once.
+    The gradient is a custom VJP that also walks the chunks: d/dlogits = g * (onehot(target) - softmax(logits)),
+    written chunk by chunk into a gradient of the logits' dtype. A chunk size that does not divide T is fine (the last
     chunk overlaps the previous one). Out-of-range targets are clipped into [0, V) (no error): mask them out.
     """
     logits, targets = jnp.asarray(logits), jnp.asarray(targets)
@@ -184,8 +189,8 @@ def _head_weight(kernel, dtype):
 
 def _head_chunk_fwd(h, w, t):
     logits = _head_logits(h, w)
-    lse, tgt = _chunk_stats(logits, t)
-    return tgt - lse, lse, jnp.argmax(logits, axis=-1) == t
+    lse, logp = _chunk_stats(logits, t)
+    return logp, lse, jnp.argmax(logits, axis=-1) == t
 
 
 def _head_logps_fwd_impl(hidden, kernel, targets, chunk_size):
