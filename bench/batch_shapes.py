@@ -25,7 +25,7 @@ from zephyr_jax.data.loader import Loader  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=1910, help="steps of an epoch (1910: 61,135 pairs / 32)")
     p.add_argument("--epochs", type=int, default=1)

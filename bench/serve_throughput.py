@@ -252,7 +252,7 @@ def bench_static_before(model_dir: str, loads, warmups: int) -> list[dict]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", default="8,32,64", help="requests per client count")

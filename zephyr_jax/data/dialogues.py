@@ -749,7 +749,7 @@ def make_dialogues(seeds, user: Backend | None, assistant: Backend, output_dir, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zephyr_jax.data.dialogues", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zephyr_jax.data.dialogues", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="directory for train_sft.jsonl, test_sft.jsonl, stats.json")
     p.add_argument("--assistant", required=True, help="backend spec of the assistant model")
     p.add_argument("--user", default=None, help="backend spec of the user simulator (default: --assistant)")

@@ -924,7 +924,7 @@ def _price(text: str | None) -> tuple[float, float] | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zephyr_jax.data.feedback", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zephyr_jax.data.feedback", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", required=True, help="prompt source: jsonl/parquet file or dir, hub name, tfds:NAME")
     p.add_argument("--split", default="train", help="split of --prompts (ignored for a single file)")
     p.add_argument("--generators", action="append", required=True, metavar="SPEC",
