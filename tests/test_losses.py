@@ -372,7 +372,7 @@ def test_dpo_reference_free():
     np.testing.assert_allclose(none_ref, free, rtol=1e-7)
 
 
-def test_dpo_bad_arguments():
+def test_dpo_bad_arguments(monkeypatch):
     x = jnp.zeros(3)
     with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
         losses.dpo_loss(x, x, x, x, loss_type="ipo")
@@ -390,6 +390,13 @@ def test_dpo_bad_arguments():
     for zero in (np.float32(0.0), jnp.float32(0.0)):  # numpy and concrete jax scalars are checked too
         with pytest.raises(ValueError, match="beta must be positive"):
             losses.dpo_loss(x, x, x, x, beta=zero)
+    # A name added to LOSS_TYPES without its formula: refused, not computed by another loss's branch, and not
+    # given a label smoothing it would ignore.
+    monkeypatch.setattr(losses, "LOSS_TYPES", (*losses.LOSS_TYPES, "new"))
+    with pytest.raises(NotImplementedError, match="'new' is in LOSS_TYPES but dpo_loss has no branch"):
+        losses.dpo_loss(x, x, x, x, loss_type="new", chosen_lengths=x + 1, rejected_lengths=x + 1)
+    with pytest.raises(ValueError, match="loss_type='new' does not use label_smoothing"):
+        losses.dpo_loss(x, x, x, x, loss_type="new", label_smoothing=0.1)
     masks = jnp.ones((3, 5))  # the [B, T] masks, not their sums: broadcast into a loss of the wrong shape
     with pytest.raises(ValueError, match=r"chosen_lengths / rejected_lengths must be \[batch\] \(3,\)"):
         losses.dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=masks, rejected_lengths=masks)

@@ -133,6 +133,9 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     ("sft", {"data.loss_on": "assistants"}, r"data.loss_on='assistants': expected one of"),
     ("sft", {"stage": "dpo"}, r"config.stage='dpo' in a config without a dpo section"),
     ("dpo", {"stage": "sft"}, r"config.stage='sft' in a config with a dpo section"),
+    # The checkpoint's architecture is trained; the override would be written to config.json as if it were.
+    ("dpo", {"model.init": "orbax", "model.arch.num_hidden_layers": 5},
+     r"config.model.arch \(num_hidden_layers\) applies only to model.init='random'"),
 ])
 def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, stage, overrides, message):
     cfg = tiny_config(stage, data_dir, **{k: v for k, v in overrides.items() if k != "stage"})

@@ -405,7 +405,7 @@ def check_dpo_settings(loss_type: str, beta=0.1, label_smoothing=0.0) -> None:
             raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {eps}")
         if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {eps}")
-        if loss_type in ("hinge", "ipo") and eps != 0.0:
+        if loss_type not in ("sigmoid", "robust") and eps != 0.0:  # the only two that smooth labels
             raise ValueError(f"loss_type={loss_type!r} does not use label_smoothing; got {eps}, expected 0")
 
 
@@ -482,13 +482,15 @@ def dpo_loss(
         losses = -keep * jax.nn.log_sigmoid(beta * z) + flip * jax.nn.log_sigmoid(-beta * z)
     elif loss_type == "hinge":
         losses = jax.nn.relu(1.0 - beta * z)
-    else:  # ipo
+    elif loss_type == "ipo":
         len_w, len_l = f32(chosen_lengths), f32(rejected_lengths)
         if len_w.shape != pc.shape or len_l.shape != pc.shape:  # [B, T] masks broadcast into a wrong loss
             raise ValueError(f"chosen_lengths / rejected_lengths must be [batch] {pc.shape} (each sequence's "
                              f"completion token count), got {len_w.shape}, {len_l.shape}")
         len_w, len_l = jnp.maximum(len_w, 1.0), jnp.maximum(len_l, 1.0)
         losses = (chosen_ratio / len_w - rejected_ratio / len_l - 1.0 / (2.0 * beta)) ** 2
+    else:  # a name added to LOSS_TYPES without its formula here
+        raise NotImplementedError(f"loss_type {loss_type!r} is in LOSS_TYPES but dpo_loss has no branch for it")
     loss = jnp.mean(losses)
 
     sg = jax.lax.stop_gradient

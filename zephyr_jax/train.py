@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from zephyr_jax import checkpoint, hf
 from zephyr_jax import train_steps as steps
-from zephyr_jax.config_common import parse_flags
+from zephyr_jax.config_common import TINY_ARCH, parse_flags
 from zephyr_jax.data import Loader, default_buckets, pad_sft
 from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, sequence_lengths, stack_rows
 from zephyr_jax.data.errors import ON_BAD_ROW
@@ -65,6 +65,10 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     check_optim(cfg.optim)
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
+    if cfg.model.init != "random" and cfg.model.arch.to_dict() != TINY_ARCH:  # else unused, yet in config.json
+        changed = sorted(k for k, v in cfg.model.arch.items() if TINY_ARCH.get(k) != v)
+        raise ValueError(f"config.model.arch ({', '.join(changed)}) applies only to model.init='random'; with "
+                         f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
     if check_model_source:
         check_model_source_exists(cfg.model)
     t = cfg.train
