@@ -8,16 +8,16 @@ setup(
     description="Zephyr-7B (distilled SFT + distilled DPO on Mistral-7B-v0.1) in JAX/Flax NNX",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11",  # as jax >= 0.7
+    python_requires=">=3.11",  # as jax 0.10 (jax 0.11 needs Python 3.12)
     packages=find_packages(include=["zephyr_jax", "zephyr_jax.*"]),
     install_requires=[
-        # Lower bounds: the oldest releases with the APIs the code calls (jax.set_mesh and jax.shard_map(check_vma=)
-        # came in jax 0.7.1); tested with jax 0.10.2 and flax 0.12.8.
-        "jax>=0.7.1",
-        "flax>=0.10.4",  # NNX with Variable[...] access
+        # Lower bounds found by running the tests at older releases (2026-12-02): CI runs jax 0.10.2 / flax 0.12.8;
+        # the library and the pipeline also ran at jax 0.11.2 (Python 3.12).
+        "jax>=0.10.1",  # AbstractDevice.platform (attention picks its kernel by the mesh's platform)
+        "flax>=0.12.2",  # Variable.get_value/set_value (0.12.1); nnx.jit that jax 0.10 accepts (0.12.2)
         "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "transformers>=4.46",  # 4.x and 5.x config layouts are both read (rope_theta / rope_parameters)
+        "orbax-checkpoint>=0.11.17",  # earlier 0.11 releases do not import with a newer jax
+        "transformers>=4.48",  # 4.46-4.47 save a tokenizer they cannot load back; 4.x and 5.x configs both read
         "huggingface_hub>=0.26",
         "datasets>=3.0",
         "ml_collections>=1.0",
@@ -39,11 +39,12 @@ setup(
                  # CI executes the notebooks in a Jupyter kernel
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8",
                  # the server's tests drive it with real clients: raw HTTP and lm-eval's local-completions
-                 "httpx>=0.27", "aiohttp>=3.9", "tenacity>=8.2"],
+                 "httpx>=0.27", "aiohttp>=3.9", "tenacity>=8.2",
+                 "accelerate>=1.1"],  # transformers' TrainingArguments (the schedule test's reference) needs it
         "notebooks": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5", "importlib_resources"],  # no TensorFlow needed
         "eval": ["lm_eval>=0.4.13"],  # python -m zephyr_jax.lm_eval_adapter
-        "gpu": ["jax[cuda12]>=0.7.1"],
-        "tpu": ["jax[tpu]>=0.7.1"],
+        "gpu": ["jax[cuda12]>=0.10.1"],
+        "tpu": ["jax[tpu]>=0.10.1"],
     },
 )

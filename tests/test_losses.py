@@ -104,11 +104,11 @@ def test_token_logps_per_position():
 
 @pytest.mark.parametrize("top", [30.0, 60.0])
 def test_near_certain_tokens_keep_their_log_probs(top):
-    """A confident model's target logit far above the other 63 (log-prob about -2.7e-6): the log-prob keeps the
-    digits torch's float32 log_softmax keeps. Target - logsumexp lost them to a logsumexp rounded at the size of
-    the top logit (ulp(60) = 3.8e-6; errors of 1.0e-6 and 1.3e-6 here), a bias summed over every completion token.
-    One chunk: in the chunk loop, XLA:CPU sums each row in an order that still rounds away part of the small terms
-    (errors up to 1.2e-6 here), which no arrangement of the same ops avoids at the same cost."""
+    """A confident model's target logit far above the other 63 (log-prob about -2.7e-6) keeps its digits, in one
+    chunk, in the chunk loop, through the fused head, and with tied top logits. Target - logsumexp lost them to a
+    logsumexp rounded at the size of the top logit (ulp(60) = 3.8e-6; errors of 1.0e-6 and 1.3e-6 here) and to a
+    sum that adds the small terms to the top one's 1 (errors up to 1.2e-6 in the chunk loop, and on one chunk with
+    some XLA versions), a bias summed over every completion token."""
     rng = np.random.default_rng(0)
     batch, length, vocab = 2, 40, 64
     targets = rng.integers(0, vocab, (batch, length)).astype(np.int32)
@@ -117,13 +117,22 @@ def test_near_certain_tokens_keep_their_log_probs(top):
     x = torch.tensor(logits, dtype=torch.float64)
     ref = torch.log_softmax(x, -1).gather(-1, torch.tensor(targets, dtype=torch.long)[..., None])[..., 0].numpy()
     assert -4e-6 < ref.min() and ref.max() < -1e-6
-    # float32 rounding of sum exp(x - max), a number near 1, over 64 terms: torch's own error here is 2.3 eps.
+    # Torch's float32 log_softmax, which sums the top term with the others, is off by up to 2.3 eps here.
     tol = 3 * np.finfo(np.float32).eps
     np.testing.assert_allclose(losses.token_logps(logits, targets), ref, rtol=0, atol=tol)
     np.testing.assert_allclose(jax.jit(losses.token_logps)(logits, targets), ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(losses.token_logps(logits, targets, chunk_size=8), ref, rtol=0, atol=tol)
     # The fused head: hidden states through an identity kernel give the same logits.
     got, _ = losses.head_logps(logits, np.eye(vocab, dtype=np.float32), targets)
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+    got, _ = losses.head_logps(logits, np.eye(vocab, dtype=np.float32), targets, 8)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+    # Tied top logits (common in bfloat16): each counts once.
+    tied = logits.copy()
+    tied[..., 0] = np.where(targets == 0, np.float32(top - 1), np.float32(top))
+    ref = torch.log_softmax(torch.tensor(tied, dtype=torch.float64), -1).gather(
+        -1, torch.tensor(targets, dtype=torch.long)[..., None])[..., 0].numpy()
+    np.testing.assert_allclose(losses.token_logps(tied, targets, chunk_size=8), ref, rtol=0, atol=tol)
 
 
 def test_bfloat16_logits():

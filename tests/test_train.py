@@ -362,7 +362,11 @@ def test_learning_rate_schedules_equal_transformers(schedule):
         optim = ConfigDict(dict(lr=2e-5, schedule=schedule, warmup_ratio=0.1, clip_norm=1.0, b1=0.9, b2=0.999,
                                 eps=1e-8, weight_decay=0.0, mu_dtype="float32"))
         _, ours = train_steps.make_optimizer(optim, total)
-        warmup = transformers.TrainingArguments("unused", warmup_steps=0.1).get_warmup_steps(total)
+        try:
+            args = transformers.TrainingArguments("unused", warmup_steps=0.1)
+        except ValueError:  # transformers 4.x: the ratio has its own field (warmup_steps takes ints only)
+            args = transformers.TrainingArguments("unused", warmup_ratio=0.1)
+        warmup = args.get_warmup_steps(total)
         torch_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
         name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
         reference = get_scheduler(name, torch_opt, num_warmup_steps=warmup, num_training_steps=total)

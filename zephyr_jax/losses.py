@@ -60,12 +60,20 @@ def _chunk_stats(x, t):
     """float32 logsumexp and target log-prob of one chunk. x: [B, C, V] any float dtype, t: [B, C] int."""
     # A gather of the target logits rather than a one-hot select-and-sum: the select would be a second
     # [B, C, V] float32 temporary on XLA:CPU. (`token_logps` has clipped t into the vocabulary.)
-    # (target - max) - log sum exp(x - max) rather than target - logsumexp(x), as torch's log_softmax: the
-    # logsumexp is rounded at the size of the largest logit (ulp(60) = 3.8e-6), which took a near-certain token's
-    # log-prob (about -1e-6) to 0 or to twice its value, a bias summed over every completion token.
+    # (target - max) - log1p(the other terms' sum) rather than target - logsumexp(x): the logsumexp is rounded at
+    # the size of the largest logit (ulp(60) = 3.8e-6), and a sum that holds the top logit's own term (exactly 1)
+    # rounds the others (~1e-8 each for a near-certain token) at ulp(1) = 1.2e-7, more or fewer of them by the
+    # reduction order XLA picks (it differs between XLA versions, and between the chunk loop and one chunk). Either
+    # took a near-certain token's log-prob (about -1e-6) to 0 or to twice its value, a bias summed over every
+    # completion token.
     x32 = x.astype(jnp.float32)
     top = jnp.max(x32, axis=-1)
-    rest = jnp.log(jnp.sum(jnp.exp(x32 - top[..., None]), axis=-1))
+    is_top = x32 == top[..., None]
+    # One pass (a variadic reduce, no [B, C, V] temporary): the other terms' sum and the number of tied top logits.
+    terms = (jnp.where(is_top, 0.0, jnp.exp(x32 - top[..., None])), is_top.astype(jnp.float32))
+    others, ties = jax.lax.reduce(terms, (jnp.float32(0), jnp.float32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]),
+                                  (x32.ndim - 1,))
+    rest = jnp.log1p(others + (ties - 1))
     tgt = jnp.take_along_axis(x, t[..., None], axis=-1)[..., 0].astype(jnp.float32)
     return top + rest, (tgt - top) - rest
 
@@ -144,11 +152,12 @@ def _check_shapes(logits, targets, loss_mask=None):
 def token_logps(logits: jax.Array, targets: jax.Array, chunk_size: int | None = None) -> jax.Array:
     """Per-token log-probabilities log softmax(logits)[b, t, targets[b, t]] as float32 [B, T].
 
-    Computed as (logits[target] - max) - log sum exp(logits - max) in float32, `chunk_size` positions of the
-    sequence at a time (default min(T, 256)), so only one chunk's float32 [B, chunk, V] copy exists at once.
-    The gradient is a custom VJP that also walks the chunks: d/dlogits = g * (onehot(target) - softmax(logits)),
-    written chunk by chunk into a gradient of the logits' dtype. A chunk size that does not divide T is fine (the last
-    chunk overlaps the previous one). Out-of-range targets are clipped into [0, V) (no error): mask them out.
+    Computed as (logits[target] - max) - log sum exp(logits - max) in float32 (see `_chunk_stats`), `chunk_size`
+    positions of the sequence at a time (default min(T, 256)), so only one chunk's float32 [B, chunk, V] copy
+    exists at once. The gradient is a custom VJP that also walks the chunks: d/dlogits = g * (onehot(target) -
+    softmax(logits)), written chunk by chunk into a gradient of the logits' dtype. A chunk size that does not
+    divide T is fine (the last chunk overlaps the previous one). Out-of-range targets are clipped into [0, V) (no
+    error): mask them out.
     """
     logits, targets = jnp.asarray(logits), jnp.asarray(targets)
     _check_shapes(logits, targets)
