@@ -149,6 +149,7 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
     ("zephyr", {"model.dtype": "float32"}),  # float32 compute, the bf16 copy
     ("zephyr", {"model.dtype": "float32", "dpo.precompute_reference": True}),  # scored by the policy itself
     ("demo", {"dpo.reference_dtype": "bfloat16"}),
+    ("zephyr", {"dpo.reference_dtype": "float16"}),  # as wide as bf16 compute, other roundings
 ])
 def test_a_note_says_when_the_frozen_reference_is_not_the_initial_policy(variant, overrides):
     """The note appears exactly where the stored copy, computed at model.dtype, differs from the policy's weights
@@ -161,7 +162,7 @@ def test_a_note_says_when_the_frozen_reference_is_not_the_initial_policy(variant
     note = train.rounded_reference_note(cfg)
     assert (note is None) == exact, (variant, overrides, note)
     if note:
-        assert "dpo.reference_dtype=bfloat16 is narrower than model.dtype=float32" in note
+        assert f"dpo.reference_dtype={cfg.dpo.reference_dtype} is not model.dtype={cfg.model.dtype}" in note
 
 
 def test_load_config_names_a_key_the_config_lacks():

@@ -203,15 +203,15 @@ def effective_remat(cfg) -> str:
 
 
 def rounded_reference_note(cfg) -> str | None:
-    """What to say when dDPO's frozen reference copy is stored narrower than the policy computes: it is then the
+    """What to say when dDPO's frozen reference copy is stored in a dtype that rounds the policy's compute: it is the
     initial policy rounded, not the initial policy, so the implicit rewards do not start at 0 (a bf16 copy of a
     float32 policy: 0.06-0.2 nats per sequence on a small random model). None when the reference is exact."""
     if cfg.stage != "dpo" or cfg.dpo.reference_free or cfg.dpo.precompute_reference:
         return None
     ref, compute = jnp.dtype(cfg.dpo.reference_dtype), jnp.dtype(cfg.model.dtype)
-    if ref.itemsize >= compute.itemsize:
+    if ref == compute or ref.itemsize > compute.itemsize:  # float16 and bfloat16 round differently
         return None
-    return (f"dpo.reference_dtype={ref.name} is narrower than model.dtype={compute.name}: the frozen reference is the "
+    return (f"dpo.reference_dtype={ref.name} is not model.dtype={compute.name}: the frozen reference is the "
             f"initial policy rounded to {ref.name}, so the rewards and margins do not start at 0 "
             f"(dpo.reference_dtype={compute.name} or dpo.precompute_reference=True gives the exact reference)")
 
