@@ -35,7 +35,8 @@ setup(
     extras_require={
         # torch is pinned: the parity tests compare against transformers' PyTorch Mistral on the CPU, and an
         # unpinned torch pulls several GB of CUDA wheels.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9",
+        "test": ["pytest>=8", "pytest-xdist>=3.0",  # CI runs the suite on 2 workers (--dist loadgroup)
+                 "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9",
                  # CI executes the notebooks in a Jupyter kernel
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8",
                  # the server's tests drive it with real clients: raw HTTP and lm-eval's local-completions

@@ -124,6 +124,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     return _params(root / "w")
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker trains the shared 2-process baseline once, for both
 @pytest.mark.parametrize("targets", [[1], [1, 0]], ids=["one_process", "both_at_different_moments"])
 def test_sigterm_saves_the_same_step_everywhere_and_resumes_exactly(data_dir, tmp_path, uninterrupted, targets):
     args = [*PREEMPT_ARGS, *_data_args(data_dir)]

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.xdist_group("server")  # one worker starts the module's server, for all its tests
 KEY = "sk-test-key"
 NAME = "tiny-zephyr"
 
