@@ -7,7 +7,8 @@
 #   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity train trl dpo7b decode
 #                                             (default: all, in that order); on request: remat (the 1B SFT step
 #                                             with remat save_dots and none), flags (the 1B steps under
-#                                             launch/slurm_gpu.sbatch's XLA flags)
+#                                             launch/slurm_gpu.sbatch's XLA flags), logsoftmax (bench/log_softmax.py
+#                                             at the 1B model's head shapes)
 #   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet
 #   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU
 #
@@ -138,6 +139,10 @@ run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flag
   train_1b sft train:xla_flags
   train_1b dpo train:xla_flags
 )
+run_logsoftmax() {  # optional: what keeping near-certain tokens' log-probs costs (RESULTS.md: 1.5-1.8x on a CPU)
+  local shape="--batch=4 --length=$SFT_LEN --embed=${ONE_B%% *} --chunk-size=256"
+  stage train:log_softmax 90 "$PY" bench/log_softmax.py $shape
+}
 run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed reference log-probs
   # The recipe's 32 pairs first; where that runs out of memory (and only then), the next smallest change: 2
   # micro-batches (float32 Adam kept; planned at 118.2 GiB against 125.3 for one), then Adam's first moment in
@@ -175,7 +180,8 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
 
 # Each stage's usual seconds on an H200 with a cold compilation cache (estimates until the first GPU session
 # replaces them with what its summary.md shows): a stage starts only when this much of the budget is left.
-declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=120 [trl]=200 [remat]=200 [flags]=200)
+declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=120 [trl]=200 [remat]=200 [flags]=200
+                 [logsoftmax]=60)
 if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=5; done; fi
 DEFAULT="env parity train trl dpo7b decode"  # the issue's items in order: parity, training (and TRL), 7B, decode
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"

@@ -70,6 +70,7 @@ def _chunk_stats(x, t):
     top = jnp.max(x32, axis=-1)
     is_top = x32 == top[..., None]
     # One pass (a variadic reduce, no [B, C, V] temporary): the other terms' sum and the number of tied top logits.
+    # (Two plain sums were 25% faster on XLA:CPU but kept one more float32 [B, C, V] block alive in head_logps.)
     terms = (jnp.where(is_top, 0.0, jnp.exp(x32 - top[..., None])), is_top.astype(jnp.float32))
     others, ties = jax.lax.reduce(terms, (jnp.float32(0), jnp.float32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]),
                                   (x32.ndim - 1,))
