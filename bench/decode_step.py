@@ -7,9 +7,10 @@ tokens/s with many concurrent requests.
 
 Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attention over `kv` cache positions) per
 token, for each number of rows and each cache order listed (one process, one copy of the weights). Each token reads
-every parameter once (and the cache's first kv positions), so the HBM-bandwidth bound of a token is those bytes
-over the device's bandwidth: measured here as a device-to-device copy (bytes read + written over time), and the
-data sheet's where it is known. "of bound" is bound / measured time. Then (unless --no-parts) the same model's
+every parameter once but the input embedding, of which one row a decoding row (and the cache's first kv positions),
+so the HBM-bandwidth bound of a token is those bytes over the device's bandwidth: measured here as a
+device-to-device copy (bytes read + written over time), and the data sheet's where it is known. "of bound" is
+bound / measured time. Then (unless --no-parts) the same model's
 layers without a cache, its LM head and greedy sampling for the first number of rows, so what the cache costs is
 the difference. --requests=N: N requests of --prompt random tokens each generating --max-tokens (no EOS) through
 Engine.generate with N slots (the first cache order listed), run twice; the second run's output tokens/s (no
@@ -31,6 +32,7 @@ from flax import nnx
 
 from zephyr_jax import engine, plan
 from zephyr_jax.engine import Engine, Request, SamplingParams
+from zephyr_jax.metrics import device_name
 from zephyr_jax.model import KVCache, Mistral, MistralConfig
 from zephyr_jax.sampling import sample
 
@@ -57,9 +59,10 @@ def copy_bandwidth() -> float:
 
 
 def datasheet_bandwidth() -> float | None:
-    """The planner's GPU table (plan.GPUS, data sheets): None for other devices."""
-    kind = jax.devices()[0].device_kind.lower()
-    return next((gpu.bandwidth for name, gpu in plan.GPUS.items() if name in kind), None)
+    """The planner's GPU table (plan.GPUS, SXM data sheets) for the device metrics names exactly: None for other
+    devices (an H100 PCIe's 2.0 TB/s or NVL's 3.9 are not the SXM's 3.35)."""
+    name = device_name()
+    return plan.GPUS[name].bandwidth if name in plan.GPUS else None
 
 
 def greedy(rows: int) -> tuple:
@@ -84,7 +87,10 @@ def decode_per_token(graphdef, state, cfg, args, rows, heads_first, param_bytes,
 
         ms = milliseconds(call) / args.steps
         cache_bytes = 2 * cfg.num_hidden_layers * rows * kv * cfg.num_key_value_heads * cfg.head_dim * item
-        bounds = [(param_bytes + cache_bytes) / bw * 1e3 if bw else None for bw in (measured, sheet)]
+        # An untied embedding table is read one row per decoding row, not whole (the LM head is read whole).
+        table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.param_dtype).itemsize
+        read = param_bytes - table + rows * table // cfg.vocab_size + cache_bytes
+        bounds = [read / bw * 1e3 if bw else None for bw in (measured, sheet)]
         cells = " | ".join("n/a | n/a" if b is None else f"{b:.2f} | {100 * b / ms:.0f}%" for b in bounds)
         order = "heads first" if box[0].heads_first else "positions first"
         print(f"| {rows} | {order} | {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")

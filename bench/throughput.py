@@ -16,9 +16,11 @@ architecture read from that checkpoint's config; without the checkpoint, pass --
 
 Real tokens/s counts only the real positions of the batches (no padding); "positions/s" counts every position the
 step computes. FLOPs: zephyr_jax.metrics.step_flops of the real sequences (the MFU numerator, with the frozen
-reference's forward). MFU needs the device's peak (metrics.peak_flops): n/a on CPUs. "CPU s/step" is this
-process's CPU time per step, "other load" the cores other processes kept busy meanwhile (on a shared machine,
-rerun when it is above ~0.05). "peak memory" is the device allocator's peak so far in this process (GPUs, TPUs;
+reference's forward; attention over the whole T x T, as PaLM counts it). "MFU (causal attention)" counts only the
+query-key pairs the causal and sliding-window mask keeps (what a flash kernel that skips masked blocks computes,
+MaxText's convention): lower by the attention's share. MFU needs the device's peak (metrics.peak_flops): n/a on
+CPUs. "CPU s/step" is this process's CPU time per step, "other load" the cores other processes kept busy
+meanwhile (on a shared machine, rerun when it is above ~0.05). "peak memory" is the device allocator's peak so far in this process (GPUs, TPUs;
 n/a on CPUs), so a stage's figure includes those measured before it in the same run. "XLA GiB" is what the planner
 (`python -m zephyr_jax.plan --topology=local`) reports for the same step: XLA's memory analysis of the compiled
 program (the largest of the batch shapes), per device.
@@ -164,6 +166,8 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
     real = repeats * sum(sum(b.sequences) for b in batches)
     positions = repeats * sum(b.batch["inputs"].size for b in batches)
     flops = repeats * sum(step_flops(arch_cfg, b.sequences, reference is not None) for b in batches)
+    causal_flops = repeats * sum(step_flops(arch_cfg, b.sequences, reference is not None, causal=True)
+                                 for b in batches)
     peak = peak_flops()
     memory = devices[0].memory_stats() or {}  # None on CPUs; GPUs and TPUs count the allocator's bytes
     shapes = sorted({b.batch["inputs"].shape for b in batches})
@@ -173,6 +177,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
             "max_s": max(times),
             "real_tokens_per_s": real / seconds, "tokens_per_s": real / seconds, "positions_per_s": positions / seconds,
             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / (peak * len(devices)) if peak else None,
+            "mfu_causal": causal_flops / seconds / (peak * len(devices)) if peak else None,
             "params_m": arch_cfg.num_params / 1e6, "devices": len(devices), "device": devices[0].device_kind,
             "reference": "frozen" if reference is not None else ("precomputed" if dpo else "-"), "loss": loss,
             "peak_gib": memory["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in memory else None,
@@ -185,14 +190,17 @@ def report(results) -> None:
     print(f"device: {results[0]['devices']} x {results[0]['device']} ({jax.default_backend()}), "
           f"jax {jax.__version__}, model {results[0]['params_m']:.1f}M params")
     print("| stage | batch | length mix | rows x length | real tokens | reference | compiles (s) | mean step s "
-          "| real tokens/s | positions/s | TFLOP/s | MFU | peak memory GiB | XLA GiB | CPU s/step | other load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| real tokens/s | positions/s | TFLOP/s | MFU | MFU (causal attention) | peak memory GiB | XLA GiB "
+          "| CPU s/step | other load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        mfu_causal = "n/a" if r["mfu_causal"] is None else f"{100 * r['mfu_causal']:.1f}%"
         shapes = ", ".join(f"{a}x{b}" for a, b in r["shapes"])
         print(f"| {r['stage']} | {r['batch']} | {r['mix']} | {shapes} | {100 * r['real_fraction']:.1f}% "
               f"| {r['reference']} | {r['compiles']} ({r['compile_s']:.1f}) | {r['step_s']:.3f} "
               f"| {r['real_tokens_per_s']:,.0f} | {r['positions_per_s']:,.0f} | {r['tflops']:.3f} | {mfu} "
+              f"| {mfu_causal} "
               f"| {peak_memory(r)} | {r['xla_gib']:.1f} | {fmt(r['cpu_s'])} | {fmt_load(r['other_load'])} |")
 
 

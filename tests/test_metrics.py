@@ -149,3 +149,26 @@ def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_
     writer.write(12, {"loss": 2.5}, "eval")
     writer.close()
     assert evals()[-1] == (12, 2.5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_causal_flops_count_the_pairs_the_mask_keeps(window):
+    """step_flops(causal=True) against the query-key pairs of a brute-force Mistral mask (key j visible to query i
+    when j <= i and i - j < window), segment by segment; the default counts each segment's whole l x l."""
+    import numpy as np
+
+    from zephyr_jax.metrics import flops_per_token, step_flops
+    from zephyr_jax.model import MistralConfig
+
+    cfg = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window)
+    lengths = [1, 3, 5, 6, 11]
+    i, j = np.arange(11)[:, None], np.arange(11)[None, :]
+    mask = (j <= i) & ((i - j < window) if window else True)
+    pairs = sum(int(mask[:n, :n].sum()) for n in lengths)
+    dense, per_pair = flops_per_token(cfg, 0), flops_per_token(cfg, 1) - flops_per_token(cfg, 0)
+    assert step_flops(cfg, lengths, causal=True) == pytest.approx(dense * sum(lengths) + per_pair * pairs, rel=1e-12)
+    assert step_flops(cfg, lengths) == pytest.approx(dense * sum(lengths) + per_pair * sum(n * n for n in lengths),
+                                                     rel=1e-12)
+    # a frozen reference adds one forward pass, a third of the step's FLOPs, under either count
+    assert step_flops(cfg, lengths, True, causal=True) == pytest.approx(step_flops(cfg, lengths, causal=True) * 4 / 3)

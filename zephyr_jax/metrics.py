@@ -27,11 +27,16 @@ DEVICE_KINDS = (
 )
 
 
+def device_name(device=None) -> str | None:
+    """The DEVICE_KINDS name of a device ("h100 pcie", "tpu v5e"); None for CPUs and chips not listed."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    return next((name for pattern, name in DEVICE_KINDS if re.search(pattern, kind)), None)
+
+
 def peak_flops(device=None) -> float | None:
     """The device's data-sheet peak; None for CPUs and chips not listed (MFU is then not reported unless
     train.peak_tflops is set)."""
-    kind = (device or jax.devices()[0]).device_kind.lower()
-    name = next((name for pattern, name in DEVICE_KINDS if re.search(pattern, kind)), None)
+    name = device_name(device)
     return None if name is None else PEAK_FLOPS[name]
 
 
@@ -46,19 +51,26 @@ def flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
     return per_token if training else per_token / 3
 
 
-def sequence_flops(cfg, lengths, training: bool = True) -> float:
+def sequence_flops(cfg, lengths, training: bool = True, causal: bool = False) -> float:
     """Model FLOPs of sequences of the given real lengths: sum of flops_per_token(cfg, l) * l, so a packed row
-    counts each segment's own attention and padding counts nothing."""
+    counts each segment's own attention and padding counts nothing. causal=True counts only the query-key pairs
+    the causal (and sliding-window) mask keeps, sum over positions i of min(i, window), about l^2 / 2: what a
+    flash kernel that skips masked blocks computes (MaxText's convention)."""
     lengths = np.asarray(lengths, np.float64)
     per_token = flops_per_token(cfg, 0, training)  # the 6N (or 2N) part
     attention = flops_per_token(cfg, 1, training) - per_token  # the attention part per token per unit length
-    return float(per_token * lengths.sum() + attention * (lengths ** 2).sum())
+    if not causal:
+        return float(per_token * lengths.sum() + attention * (lengths ** 2).sum())
+    inside = np.minimum(lengths, cfg.sliding_window or np.inf)  # the first positions see all before them
+    pairs = inside * (inside + 1) / 2 + (lengths - inside) * inside  # the later ones a full window each
+    return float(per_token * lengths.sum() + attention * pairs.sum())
 
 
-def step_flops(cfg, lengths, frozen_reference: bool = False) -> float:
+def step_flops(cfg, lengths, frozen_reference: bool = False, causal: bool = False) -> float:
     """Model FLOPs of one training step over sequences of `lengths`: forward and backward of the policy, plus a
     forward pass of a frozen DPO reference when it runs inside the step."""
-    return sequence_flops(cfg, lengths) + (sequence_flops(cfg, lengths, training=False) if frozen_reference else 0.)
+    return (sequence_flops(cfg, lengths, causal=causal)
+            + (sequence_flops(cfg, lengths, training=False, causal=causal) if frozen_reference else 0.))
 
 
 def wandb_run_id(workdir: str) -> str:
