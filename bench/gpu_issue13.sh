@@ -169,8 +169,8 @@ run_decode() {  # one process, one copy of the 7B weights: batch 1 against the b
     --kv=$DECODE_KV --cache-order=platform --no-parts --requests=$REQUESTS --prompt=128 \
     --max-tokens=$NEW_TOKENS
 }
-run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (SFT:
-  # train's rows, so zephyr_jax's step comes from the compilation cache)
+run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (one
+  # example a row and 2,048 positions: not train's packed program, so zephyr_jax compiles again, untimed)
   stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
     --length=$SFT_LEN --batch=$SFT_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
   stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=dpo \
