@@ -18,13 +18,14 @@ Real tokens/s counts only the real positions of the batches (no padding); "posit
 step computes. FLOPs: zephyr_jax.metrics.step_flops of the real sequences (the MFU numerator, with the frozen
 reference's forward; attention over the whole T x T, as PaLM counts it). "MFU (causal attention)" counts only the
 query-key pairs the causal and sliding-window mask keeps (what a flash kernel that skips masked blocks computes,
-MaxText's convention): lower by the attention's share. Both credit DPO's LM head at prompt positions, which the
-step skips (2.1% of the counted FLOPs for the 1B model on the recipe's mix, 0.6% at 7B; a review's count). MFU needs the device's peak (metrics.peak_flops): n/a on
-CPUs. "CPU s/step" is this process's CPU time per step, "other load" the cores other processes kept busy
-meanwhile (on a shared machine, rerun when it is above ~0.05). "peak memory" is the device allocator's peak so far in this process (GPUs, TPUs;
-n/a on CPUs), so a stage's figure includes those measured before it in the same run. "XLA GiB" is what the planner
-(`python -m zephyr_jax.plan --topology=local`) reports for the same step: XLA's memory analysis of the compiled
-program (the largest of the batch shapes), per device.
+MaxText's convention): lower by the attention's share. Both credit DPO's LM head at prompt positions, which the step
+skips (2.1% of the counted FLOPs for the 1B model on the recipe's mix, 0.6% at 7B; a review's count). MFU needs the
+device's peak (metrics.peak_flops): n/a on CPUs. "CPU s/step" is this process's CPU time per step, "other load" the
+cores other processes kept busy meanwhile (on a shared machine, rerun when it is above ~0.05). "peak memory" is the
+device allocator's peak so far in this process (GPUs, TPUs; n/a on CPUs), so a stage's figure includes those
+measured before it in the same run. "XLA GiB" is what the planner (`python -m zephyr_jax.plan --topology=local`)
+reports for the same step: XLA's memory analysis of the compiled program (the largest of the batch shapes), per
+device.
 """
 
 from __future__ import annotations
