@@ -9,13 +9,13 @@ Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attent
 token, for each number of rows and each cache order listed (one process, one copy of the weights). Each token reads
 every parameter once but the input embedding, of which one row a decoding row (and the cache's first kv positions),
 so the HBM-bandwidth bound of a token is those bytes over the device's bandwidth: measured here as a
-device-to-device copy (bytes read + written over time), and the data sheet's where it is known. "of bound" is
-bound / measured time. Then (unless --no-parts) the same model's
-layers without a cache, its LM head and greedy sampling for the first number of rows, so what the cache costs is
-the difference. --requests=N: N requests of --prompt random tokens each generating --max-tokens (no EOS) through
-Engine.generate with N slots (the first cache order listed), run twice; the second run's output tokens/s (no
-compile in it) is reported. Random weights (param dtype = --dtype) on whatever device JAX picks, the KV cache
-stored in that platform's order unless --cache-order names one (model/kv_cache.py).
+device-to-device copy (bytes read + written over time), and the data sheet's where it is known. "of bound" is bound
+/ measured time. Then (unless --no-parts) the same model's layers without a cache, its LM head and greedy sampling
+for the first number of rows, so what the cache costs is the difference. --requests=N: N requests of --prompt random
+tokens each generating --max-tokens (no EOS) through Engine.generate with N slots (the first cache order listed),
+run twice; the second run's output tokens/s (no compile in it) is reported. Random weights (param dtype = --dtype)
+on whatever device JAX picks, the KV cache stored in that platform's order unless --cache-order names one
+(model/kv_cache.py).
 
 --arch=small: serve_throughput.py's model (hidden 256, 4 layers); 7b: Mistral-7B-v0.1's shape.
 """
