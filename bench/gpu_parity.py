@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -95,18 +96,27 @@ def check_attention(impl: str, b=2, t=1024, n=32, k=8, d=128) -> None:
                     out = attention.attend(q_, k_, v_, seg_j, sliding_window=window, impl=kind,
                                            max_segments=max_segments if kind == "cudnn" else None)
                 return jnp.sum(out.astype(jnp.float32) * cot_real.astype(jnp.float32)), out
-            grads, out = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(
-                q.astype(dtype), key.astype(dtype), v.astype(dtype))
-            return out, grads
+            args = (q.astype(dtype), key.astype(dtype), v.astype(dtype))
+            compiled = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True)).lower(*args).compile()
+            grads, out = compiled(*args)
+            return out, grads, compiled.as_text()
 
-        ref_out, ref_grads = loss_and_grads("xla", jnp.float32, "highest")
+        ref_out, ref_grads, _ = loss_and_grads("xla", jnp.float32, "highest")
         for kind in dict.fromkeys([impl, "xla"]):
             label = f"attention {kind} bf16, {name}"
             try:
-                out, grads = loss_and_grads(kind, jnp.bfloat16)
+                out, grads, hlo = loss_and_grads(kind, jnp.bfloat16)
             except Exception as e:  # an unsupported case on this jax/cuDNN is a finding, not a crash of the run
                 record(label, float("nan"), BF16_TOL, False, f"{type(e).__name__}: {str(e)[:200]}")
                 continue
+            if kind == "cudnn":  # the kernel that ran, from the compiled program: forward and backward custom calls
+                calls = re.findall(r"__cudnn\$fmha\w*", hlo)
+                n_bwd = sum(c.endswith("Backward") for c in calls)
+                record(label + ": cuDNN fmha custom calls in compiled HLO", len(calls), None,
+                       n_bwd >= 1 and len(calls) > n_bwd, f"{sorted(set(calls))}")
+            pad = ~real
+            record(label + ": max |dq, dk, dv| at padding slots (exactly 0 in the reference)",
+                   max(float(np.abs(np.asarray(g, np.float32)[pad]).max(initial=0)) for g in grads), 0.0)
             record(label + ": output", rel(out, ref_out, real), BF16_TOL)
             for g_name, g, g_ref in zip(("dq", "dk", "dv"), grads, ref_grads):
                 record(f"{label}: {g_name}", rel(g, g_ref), BF16_TOL)

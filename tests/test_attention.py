@@ -223,6 +223,51 @@ def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
     assert ("dot_product_attention_fwd" in jaxpr) == (max_segments in (None, 1))
 
 
+@pytest.mark.parametrize("max_segments", [1, 3])
+def test_cudnn_gradients_at_padding_are_zero_whatever_the_kernel_leaves_there(monkeypatch, max_segments):
+    """cuDNN writes no output or dq/dk/dv rows at slots outside every sequence. A stand-in for jax's cuDNN call
+    (the XLA path, with NaN in those rows forward and backward) must not reach attend's gradients: finite, 0 at
+    padding, and the XLA path's at the real slots."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    packed = ((1, 30),), ((1, 20), (2, 14), (3, 10))  # then padding: 34 and 20 slots
+    segments = _rows(64, *packed) if max_segments == 3 else _rows(64, ((1, 64),), ((1, 40),))
+    real = (segments > 0)[:, :, None, None]
+
+    def unwritten_padding(q, k, v, *args, sliding_window_length=None, **kwargs):
+        @jax.custom_vjp
+        def kernel(q, k, v):
+            return jnp.where(real, attention._xla_self_attention(q, k, v, segments, sliding_window_length), jnp.nan)
+
+        def fwd(q, k, v):
+            return kernel(q, k, v), (q, k, v)
+
+        def bwd(residuals, g):
+            _, vjp = jax.vjp(lambda *a: attention._xla_self_attention(*a, segments, sliding_window_length), *residuals)
+            return tuple(jnp.where(real, d, jnp.nan) for d in vjp(g))
+
+        kernel.defvjp(fwd, bwd)
+        return kernel(q, k, v)
+
+    monkeypatch.setattr(cudnn, "dot_product_attention", unwritten_padding)
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
+    q, k, v = _qkv(2, 64, 4, 2, 16, dtype=jnp.bfloat16)
+    cot = jax.random.normal(jax.random.key(1), q.shape, jnp.float32) * real  # padding outputs carry no loss
+
+    def grads(impl):
+        loss = lambda q, k, v: jnp.sum(cot * attend(q, k, v, segments, sliding_window=8, impl=impl,
+                                                    max_segments=max_segments if impl == "cudnn" else None))
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for got, want in zip(grads("cudnn"), grads("xla")):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.isfinite(got).all()
+        pad = ~np.asarray(real[..., 0, 0])
+        assert (got[pad] == 0).all()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())  # both bf16; rounding only
+
+
 def test_splash_compiles_to_a_mosaic_kernel_for_a_tpu_slice():
     """attend(impl="auto") under a mesh of v5e chips (compiled on this CPU with libtpu) is splash attention, per
     shard, forward and backward. In a child process: libtpu and its environment stay out of this one."""

@@ -321,15 +321,21 @@ def _cudnn(q, k, v, segment_ids, *, sliding_window, max_segments):
     if segment_ids is None:
         return call(q, k, v, mask_type=MaskType.CAUSAL)
     lengths, offsets, ok = segment_offsets(segment_ids, max_segments)
+    # cuDNN writes no dq/dk/dv rows (nor outputs) at slots outside every sequence: zero the inputs there, so the
+    # select's transpose discards whatever the backward kernel left in those rows (the kernel never reads them).
+    real = (segment_ids > 0)[:, :, None, None]
+    q, k, v = (jnp.where(real, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
     if offsets is None:
         # An all-padding row as a one-token sequence: its output is zeroed below, and no sequence is empty.
         lengths = jnp.maximum(lengths, 1)
         out = call(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, mask_type=MaskType.PADDING_CAUSAL)
     else:
-        # jax 0.10.2 strides packed K/V offsets by the query heads, so K/V go in with as many heads as q.
+        # jax 0.10.2 strides packed K/V offsets by the query heads, so K/V go in with as many heads as q (right on
+        # releases that stride by the K/V heads too, at G times the K/V bytes: drop it only where every supported
+        # jax strides by K/V heads).
         groups = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         out = call(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
                    mask_type=MaskType.PADDING_CAUSAL)
-    out = jnp.where((segment_ids > 0)[:, :, None, None], out, 0)  # cuDNN leaves padding queries unwritten
+    out = jnp.where(real, out, 0)  # cuDNN leaves padding queries unwritten
     return jnp.where(ok[:, None, None, None], out, jnp.nan)  # rows the lengths/offsets misdescribe: loud, not wrong
