@@ -5,9 +5,11 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from zephyr_jax.metrics import MetricWriter, peak_flops
+from zephyr_jax.metrics import MetricWriter, flops_per_token, peak_flops, step_flops
+from zephyr_jax.model import MistralConfig
 
 
 @pytest.mark.parametrize("kind,peak", [
@@ -155,11 +157,6 @@ def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_
 def test_causal_flops_count_the_pairs_the_mask_keeps(window):
     """step_flops(causal=True) against the query-key pairs of a brute-force Mistral mask (key j visible to query i
     when j <= i and i - j < window), segment by segment; the default counts each segment's whole l x l."""
-    import numpy as np
-
-    from zephyr_jax.metrics import flops_per_token, step_flops
-    from zephyr_jax.model import MistralConfig
-
     cfg = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=window)
     lengths = [1, 3, 5, 6, 11]

@@ -59,10 +59,11 @@ def sequence_flops(cfg, lengths, training: bool = True, causal: bool = False) ->
     lengths = np.asarray(lengths, np.float64)
     per_token = flops_per_token(cfg, 0, training)  # the 6N (or 2N) part
     attention = flops_per_token(cfg, 1, training) - per_token  # the attention part per token per unit length
-    if not causal:
-        return float(per_token * lengths.sum() + attention * (lengths ** 2).sum())
-    inside = np.minimum(lengths, cfg.sliding_window or np.inf)  # the first positions see all before them
-    pairs = inside * (inside + 1) / 2 + (lengths - inside) * inside  # the later ones a full window each
+    if causal:
+        inside = np.minimum(lengths, cfg.sliding_window or np.inf)  # the first positions see all before them
+        pairs = inside * (inside + 1) / 2 + (lengths - inside) * inside  # the later ones a full window each
+    else:
+        pairs = lengths ** 2
     return float(per_token * lengths.sum() + attention * pairs.sum())
 
 
