@@ -8,7 +8,8 @@
 #                                             (default: all, in that order); on request: remat (the 1B SFT step
 #                                             with remat save_dots and none), flags (the 1B steps under
 #                                             launch/slurm_gpu.sbatch's XLA flags), logsoftmax (bench/log_softmax.py
-#                                             at the 1B model's head shapes)
+#                                             at the 1B model's head shapes), profile (the 1B steps' kernel
+#                                             time by XLA operation: bench/throughput.py --profile)
 #   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet
 #   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU
 #
@@ -21,9 +22,9 @@
 #   BUDGET_S=540 bash bench/gpu_issue13.sh              timeout_s 570
 #   BUDGET_S=$LEFT bash bench/gpu_issue13.sh resume     timeout_s LEFT + 20 (at most 600: LEFT at most 570)
 #
-# Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage (remat and flags write into
-# train.log) plus summary.md, 7 files at most. Wheels in .whl/ (WHEELS below) are installed into /tmp/site first
-# when present.
+# Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage (remat, flags and
+# logsoftmax write into train.log) plus summary.md, 8 files at most (all that comes back). Wheels in .whl/ (WHEELS
+# below) are installed into /tmp/site first when present.
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)  # BUDGET_S counts from here, the wheels' install included
@@ -139,6 +140,12 @@ run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flag
   train_1b sft train:xla_flags
   train_1b dpo train:xla_flags
 )
+run_profile() {  # optional: where the 1B steps' GPU time goes (kernel time by XLA operation and kind), for an
+  # MFU below the goal; the traces stay on the machine (they can exceed what comes back), the tables go to
+  # profile.log, which the closing tables leave out
+  train_1b sft profile --profile=/tmp/gpu_issue13_profile
+  train_1b dpo profile --profile=/tmp/gpu_issue13_profile
+}
 run_logsoftmax() {  # optional: what keeping near-certain tokens' log-probs costs (RESULTS.md: 1.5-1.8x on a CPU)
   local shape="--batch=4 --length=$SFT_LEN --embed=${ONE_B%% *} --chunk-size=256"
   stage train:log_softmax 90 "$PY" bench/log_softmax.py $shape
@@ -181,7 +188,7 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
 # Each stage's usual seconds on an H200 with a cold compilation cache (estimates until the first GPU session
 # replaces them with what its summary.md shows): a stage starts only when this much of the budget is left.
 declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=120 [trl]=200 [remat]=200 [flags]=200
-                 [logsoftmax]=60)
+                 [logsoftmax]=60 [profile]=200)
 if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=5; done; fi
 DEFAULT="env parity train trl dpo7b decode"  # the issue's items in order: parity, training (and TRL), 7B, decode
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"

@@ -2,15 +2,16 @@
 from a length mix.
 
     python bench/throughput.py --config=configs/dpo.py:tiny [--config.key=value ...] [--stage=sft|dpo|both]
-        [--batch=B] [--length_mix=SPEC] [--batches=N] [--warmup=W] [--repeats=R]
+        [--batch=B] [--length_mix=SPEC] [--batches=N] [--warmup=W] [--repeats=R] [--profile=DIR]
 
 Builds the mesh, parameters, optimizer state, DPO reference and the jitted step exactly as zephyr_jax/train.py does
 (same functions, same shardings, same donation). The batches are N global batches that train.py's batching (SFT
 packing or padding, DPO pairs packed into rows or a row per sequence, the LM head's loss positions) makes from a
 length mix (zephyr_jax.plan.length_mix; default: plan.DEFAULT_MIX, the recipe's data as the dataset cards describe
 it), with random token ids. Each batch shape compiles once (not timed); after W untimed passes over the batches, R
-passes are timed, every step with block_until_ready. Defaults: B = train.global_batch_size, the stage of the
-config. Models that the config would load from a checkpoint (init "hf" or "orbax") get random weights of the
+passes are timed, every step with block_until_ready; --profile=DIR then traces one more pass into DIR/STAGE and
+lists its XLA operations by kernel time (zephyr_jax.profiling). Defaults: B = train.global_batch_size, the stage of
+the config. Models that the config would load from a checkpoint (init "hf" or "orbax") get random weights of the
 architecture read from that checkpoint's config; without the checkpoint, pass --config.model.init=random and
 --config.model.arch.*.
 
@@ -41,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zephyr_jax import plan, train  # noqa: E402
+from zephyr_jax import plan, profiling, train  # noqa: E402
 from zephyr_jax import train_steps as steps  # noqa: E402
 from zephyr_jax.metrics import peak_flops, step_flops  # noqa: E402
 
@@ -98,8 +99,9 @@ def mix_batches(cfg, mesh, spec: str, num_batches: int, seed: int = 0) -> list:
 
 
 def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, num_batches: int = 4,
-            warmup: int = 1, repeats: int = 1) -> dict:
-    """Times one step on each of `num_batches` mix batches of `stage` for `cfg`; returns what `report` prints."""
+            warmup: int = 1, repeats: int = 1, profile_dir: str | None = None) -> dict:
+    """Times one step on each of `num_batches` mix batches of `stage` for `cfg`; returns what `report` prints.
+    profile_dir: then one more pass over the batches, traced there (zephyr_jax.profiling), untimed."""
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.stage = stage
@@ -160,6 +162,13 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
         load.stop()
+        if profile_dir:  # after the timed passes: the profiler's own cost is in none of them
+            trace = profiling.TraceWindow(1, len(placed), profile_dir)
+            for i, x in enumerate(placed, 1):
+                trace.before(i)
+                with jax.profiler.StepTraceAnnotation(stage, step_num=i):
+                    state, metrics = run(x)(state, x, reference)
+                trace.after(i, (state, metrics))
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"{stage}: loss is {loss}")
@@ -185,7 +194,8 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
             "peak_gib": memory["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in memory else None,
             "device_gib": memory["bytes_limit"] / 2 ** 30 if "bytes_limit" in memory else None,
             "xla_gib": max(plan.compiled_bytes(c)["total"] for c in compiled.values()) / 2 ** 30,
-            "cpu_s": load.own / len(times) if load.wall else None, "other_load": load.other_cores}
+            "cpu_s": load.own / len(times) if load.wall else None, "other_load": load.other_cores,
+            "profile": profiling.newest_trace(profile_dir) if profile_dir else None}
 
 
 def report(results) -> None:
@@ -236,6 +246,8 @@ def cli():
     num_batches = flags.DEFINE_integer("batches", 4, "global batches of the mix, each timed once a pass")
     warmup = flags.DEFINE_integer("warmup", 1, "untimed passes over the batches after compilation")
     repeats = flags.DEFINE_integer("repeats", 1, "timed passes over the batches")
+    profile = flags.DEFINE_string("profile", None, "then trace one more pass in DIR/STAGE (jax.profiler) and list "
+                                  "its XLA operations by time (zephyr_jax.profiling)")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
@@ -243,8 +255,12 @@ def cli():
         logging.set_verbosity(logging.WARNING)
         cfg = config.value
         stages = ["sft", "dpo"] if stage.value == "both" else [stage.value or cfg.stage]
-        report([measure(cfg, s, batch.value, mix.value, num_batches.value, warmup.value, repeats.value)
-                for s in stages])
+        results = [measure(cfg, s, batch.value, mix.value, num_batches.value, warmup.value, repeats.value,
+                           profile.value and os.path.join(profile.value, s)) for s in stages]
+        report(results)
+        for r in results:
+            if r["profile"]:
+                print(f"\n{r['stage']}: {profiling.report(r['profile'])}")
 
     app.run(main, flags_parser=parse_flags)
 

@@ -129,6 +129,8 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     ("sft", {"data.pack_window": -5}, r"data.pack_window=-5: must be 0 \(automatic\) or positive"),  # no data
     ("dpo", {"data.buckets": ("",)}, r"data.buckets=\(''.*expected whole numbers"),  # "--config.data.buckets="
     ("sft", {"mesh.shape": (1.0, -1, 1)}, r"mesh.shape=\(1.0, -1, 1\): expected whole numbers"),
+    ("sft", {"train.profile_start": 5, "train.profile_steps": 0}, r"train.profile_steps=0 .*at least 1"),
+    ("sft", {"train.profile_start": -1}, r"train.profile_start=-1: must be 0 \(off\) or positive"),
     ("sft", {"data.on_bad_row": "skipp"}, r"data.on_bad_row='skipp': expected one of"),  # raised after reading
     ("sft", {"data.loss_on": "assistants"}, r"data.loss_on='assistants': expected one of"),
     ("sft", {"stage": "dpo"}, r"config.stage='dpo' in a config without a dpo section"),

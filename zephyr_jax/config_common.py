@@ -62,6 +62,10 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.train.progress = True  # tqdm bar
     c.train.compilation_cache_dir = "~/.cache/zephyr_jax/xla"  # JAX's persistent compilation cache; "": off
     c.train.peak_tflops = 0.0  # per device, for MFU; 0: the data-sheet figure (metrics.PEAK_FLOPS); none on CPUs
+    # A jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 in WORKDIR/tensorboard
+    # (TensorBoard's Profile tab; `python -m zephyr_jax.profiling WORKDIR` lists its operations); 0: none.
+    c.train.profile_start = 0
+    c.train.profile_steps = 3
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices

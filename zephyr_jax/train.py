@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from zephyr_jax import checkpoint, hf
+from zephyr_jax import checkpoint, hf, profiling
 from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import TINY_ARCH, parse_flags
 from zephyr_jax.data import Loader, default_buckets, pad_sft
@@ -75,9 +75,12 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     for key in ("global_batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
         if t[key] < 1:  # keep_checkpoints=0 would keep none, the final one included
             raise ValueError(f"train.{key}={t[key]}: must be at least 1")
-    for key in ("eval_every", "save_every"):
+    for key in ("eval_every", "save_every", "profile_start"):
         if t[key] < 0:
             raise ValueError(f"train.{key}={t[key]}: must be 0 (off) or positive")
+    if t.profile_start and t.profile_steps < 1:
+        raise ValueError(f"train.profile_steps={t.profile_steps} with train.profile_start={t.profile_start}: must "
+                         "be at least 1 (profile_start=0 turns the trace off)")
     if t.global_batch_size % t.grad_accum:
         raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                          f"train.grad_accum={t.grad_accum}")
@@ -714,6 +717,11 @@ def run(cfg, workdir: str) -> dict:
         mcfg, [sequences[i] for info in infos for i in info.indices], sum(info.rows * info.length for info in infos),
         seconds, mesh.size, frozen_reference=reference is not None, peak=cfg.train.peak_tflops * 1e12 or peak_flops()))
 
+    trace = profiling.TraceWindow(cfg.train.profile_start, cfg.train.profile_steps, os.path.join(workdir,
+                                                                                                  "tensorboard"))
+    if 0 < cfg.train.profile_start <= start and jax.process_index() == 0:
+        print(f"train.profile_start={cfg.train.profile_start}: this run starts after step {start}, so no profile")
+
     def next_batch():  # runs on the prefetch thread
         local, info = next(loader)
         return place(local, sharding, train_rows, info.rows), info, loader.state()
@@ -724,9 +732,11 @@ def run(cfg, workdir: str) -> dict:
             upcoming = prefetch.submit(next_batch)
             while step < total_steps:
                 batch, info, position = upcoming.result()
-                with jax.set_mesh(mesh):
+                trace.before(step + 1)
+                with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation(cfg.stage, step_num=step + 1):
                     state, metrics = train_step(state, batch, reference)
                 step += 1
+                trace.after(step, metrics)
                 if step < total_steps:
                     upcoming = prefetch.submit(next_batch)
                 log.add(step, metrics, info, epoch=position["epoch"])
@@ -752,6 +762,7 @@ def run(cfg, workdir: str) -> dict:
                     print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
                     break
             bar.close()
+            trace.close()  # a window that runs past the last step ends with it, before the final eval
             # The last save is committed while SIGTERM is still caught (a second one would cut the commit short)
             # and before the final eval, which SIGTERM no longer stops.
             mngr.wait_until_finished()
@@ -761,6 +772,7 @@ def run(cfg, workdir: str) -> dict:
     finally:
         # Also when the loop raised (a bad batch, an out-of-memory on a new shape, Ctrl-C): a checkpoint still
         # being written is finished, not left as a .orbax-checkpoint-tmp directory.
+        trace.close()
         mngr.wait_until_finished()
         mngr.close()
         writer.close()

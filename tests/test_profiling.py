@@ -1,0 +1,100 @@
+"""Profiles: train.profile_start traces exactly its steps, and zephyr_jax.profiling reads the trace back."""
+
+import glob
+import os
+
+import jax
+
+from zephyr_jax import profiling, train
+from tests.test_train import tiny_config
+
+
+def test_a_profile_window_traces_exactly_its_steps_and_lists_their_operations(data_dir, tmp_path, capsys):
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 4, "train.eval_every": 0, "train.save_every": 0,
+                                          "train.profile_start": 2, "train.profile_steps": 2})
+    train.run(cfg, str(tmp_path))
+    traces = glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1, traces
+    assert f"profile of steps 2-3: {traces[0]}" in capsys.readouterr().out
+
+    rows, facts = profiling.op_times(traces[0])
+    assert facts["steps"] == [2, 3]  # the step markers of the window, not of steps 1 or 4
+    # The train step's program ran twice inside the window (step 1 finished before it, step 4 was not started), on
+    # each of the mesh's devices: its operations twice a device, the layer scan's once more a layer.
+    devices = jax.device_count()
+    assert facts["devices"] == devices
+    step_module = [r for r in rows if r["module"] == "jit_train_step"]
+    assert step_module and all(r["seconds"] > 0 for r in step_module), sorted({r["module"] for r in rows})
+    assert {r["calls"] for r in step_module} == {2 * devices, 2 * devices * cfg.model.arch.num_hidden_layers}
+
+    text = profiling.report(profiling.newest_trace(str(tmp_path)), top=5)
+    table = [line for line in text.splitlines() if line.startswith("| ") and "operation" not in line]
+    assert len(table) == 5
+    shares = [float(part.strip(" %")) for part in text.splitlines()[1].removeprefix("kinds: ").split(",")
+              for part in [part.rsplit(" ", 1)[1]]]
+    assert abs(sum(shares) - 100) < 0.5  # every operation in exactly one kind
+    assert "over steps 2-3" in text.splitlines()[0]
+
+
+def test_a_run_resumed_past_the_window_says_it_traces_nothing(data_dir, tmp_path, capsys):
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 2, "train.eval_every": 0, "train.save_every": 1})
+    train.run(cfg, str(tmp_path))
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 1,
+                                          "train.profile_start": 1})
+    train.run(cfg, str(tmp_path))
+    assert "train.profile_start=1: this run starts after step 2, so no profile" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "tensorboard" / "plugins")
+
+
+def test_kinds_come_from_the_operation_and_kernel_names():
+    assert profiling.kind_of("custom-call.3", "cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert profiling.kind_of("fusion.12", "sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert profiling.kind_of("all-reduce.1", "ncclDevKernel_AllReduce_Sum_f32") == "collective"
+    assert profiling.kind_of("copy.4", "copy_4") == "copy"
+    assert profiling.kind_of("loop_add_fusion", "loop_add_fusion") == "other"
+
+
+def _plane(plane_id, name, lines):
+    """An XSpace plane as text proto: lines of (name, [(kernel, picoseconds, {stat: value})])."""
+    names = sorted({k for _, events in lines for k, _, _ in events})
+    stat_names = sorted({s for _, events in lines for _, _, stats in events for s in stats})
+    text = f'planes {{ id: {plane_id} name: "{name}"'
+    for line_id, (line, events) in enumerate(lines, 1):
+        text += f' lines {{ id: {line_id} name: "{line}"'
+        for kernel, ps, stats in events:
+            text += f" events {{ metadata_id: {names.index(kernel) + 1} duration_ps: {ps}"
+            text += "".join(f' stats {{ metadata_id: {stat_names.index(s) + 1} str_value: "{v}" }}'
+                            for s, v in stats.items())
+            text += " }"
+        text += " }"
+    text += "".join(f' event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}' for i, n in enumerate(names, 1))
+    text += "".join(f' stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+                    for i, n in enumerate(stat_names, 1))
+    return text + " }"
+
+
+def test_device_kernels_are_counted_once_and_empty_device_planes_and_host_thunks_left_out(tmp_path):
+    """A GPU plane as the profiler writes it (kernels on stream lines, naming their operation; a derived "XLA Ops"
+    line repeating their time), a TPU plane (only its "XLA Ops" line), libtpu's empty Megascale plane, and host
+    thunks, which a trace with device kernels does not count."""
+    module = {"hlo_module": "jit_train_step"}
+    gpu = _plane(1, "/device:GPU:0", [
+        ("Stream #13(Compute)", [("sm90_xmma_gemm_bf16", 3_000_000, {"hlo_op": "dot.1", **module}),
+                                 ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 2_000_000,
+                                  {"hlo_op": "custom-call.4", **module}),
+                                 ("sm90_xmma_gemm_bf16", 1_000_000, {"hlo_op": "dot.1", **module})]),
+        ("XLA Ops", [("dot.1", 4_000_000, {}), ("custom-call.4", 2_000_000, {})])])
+    tpu = _plane(2, "/device:TPU:0", [("XLA Modules", [("jit_train_step(1)", 9_000_000, {})]),
+                                      ("XLA Ops", [("fusion.7", 4_000_000, {}), ("all-gather.2", 1_000_000, {})])])
+    mega = _plane(3, "/device:CUSTOM:Megascale Trace", [])
+    host = _plane(4, "/host:CPU", [("python", [("train", 9_000_000, {"step_num": "5"})]),
+                                   ("thunks", [("dot.9", 7_000_000, {"hlo_op": "dot.9", **module})])])
+    path = tmp_path / "trace.xplane.pb"
+    path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(" ".join([gpu, tpu, mega, host])))
+
+    rows, facts = profiling.op_times(str(path))
+    got = {r["op"]: (r["calls"], round(r["seconds"] * 1e6, 6), r["kind"]) for r in rows}
+    assert got == {"dot.1": (2, 4.0, "matmul"), "custom-call.4": (1, 2.0, "attention"),
+                   "fusion.7": (1, 4.0, "other"), "all-gather.2": (1, 1.0, "collective")}
+    assert facts == {"planes": ["/device:GPU:0", "/device:TPU:0"], "devices": 2, "steps": [5]}
+    assert [r["op"] for r in rows] == ["dot.1", "fusion.7", "custom-call.4", "all-gather.2"]

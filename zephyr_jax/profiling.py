@@ -1,0 +1,163 @@
+"""Where a train step's time goes: a jax.profiler trace of a few steps, and a table of its XLA operations.
+
+    python -m zephyr_jax.train --config=configs/sft.py --config.train.profile_start=10 [...profile_steps=3]
+    python -m zephyr_jax.profiling WORKDIR [--top=25]
+
+The trace lands in WORKDIR/tensorboard/plugins/profile/<time>/<host>.xplane.pb, where TensorBoard's Profile tab
+and XProf find it; every train step in it carries its number (a jax.profiler.StepTraceAnnotation). Only process 0
+traces: processes that share a host would write the same file.
+
+The table sums, per XLA operation (its `hlo_op`), the time its kernels ran: on a GPU or TPU the device planes'
+events, on a CPU the XLA:CPU thunks. Kernels on concurrent streams overlap, so the shares are of the summed
+kernel time, not of the wall time. The kind (matmul, attention, collective, copy, other) is read from the
+operation's and its kernel's names: a first look at what to speed up, not a roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+
+import jax
+
+# Name patterns (an operation's hlo_op or its kernel's name) -> kind; the first that matches wins.
+KINDS = (
+    ("attention", r"fmha|flash|splash|attention"),
+    ("matmul", r"gemm|cublas|nvjet|xmma|matmul|dot|convolution|wgmma"),
+    ("collective", r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|nccl|allreduce"),
+    ("copy", r"copy|memcpy|memset|transpose|dynamic-update-slice"),
+)
+
+
+class TraceWindow:
+    """Traces steps `start` .. `start + count - 1` of a loop into `logdir` (start 0: never). Call `before(step)`
+    just before dispatching a step (numbered from 1), `after(step, outputs)` after it, and `close()` when the
+    loop ends, also on an error: a trace still open then (the loop stopped inside the window) keeps the steps
+    it holds."""
+
+    def __init__(self, start: int, count: int, logdir: str):
+        self.start, self.last, self.logdir = start, start + count - 1, logdir
+        self.active, self.traced = False, None
+
+    def before(self, step: int) -> None:
+        if self.start and step == self.start and jax.process_index() == 0:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active:
+            self.traced = step
+            if step >= self.last:
+                jax.block_until_ready(outputs)  # the window's kernels finish inside the trace
+                self.close()
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+            print(f"profile of steps {self.start}-{self.traced}: {newest_trace(self.logdir)} (TensorBoard's "
+                  f"Profile tab; `python -m zephyr_jax.profiling {self.logdir}` lists its operations)")
+
+
+def newest_trace(path: str) -> str:
+    """The newest .xplane.pb at or under `path` (a workdir, its tensorboard folder, or the file itself)."""
+    if os.path.isfile(path):
+        return path
+    files = glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no .xplane.pb trace under {path} (train with --config.train.profile_start=N)")
+    return max(files, key=os.path.getmtime)
+
+
+def kind_of(*names: str) -> str:
+    text = " ".join(names).lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, text)), "other")
+
+
+# A profile's derived lines: they repeat, per operation, module or step, the time the kernels' own lines hold.
+DERIVED_LINES = ("Steps", "XLA Modules", "XLA Ops", "Async XLA Ops", "XLA TraceMe", "TensorFlow Ops",
+                 "Framework Ops", "Framework Name Scope", "TensorFlow Name Scope", "Source code")
+
+
+def _op_events(plane):
+    """(op, module, kernel name, seconds, device) of each kernel on a plane: the events that name their XLA
+    operation (hlo_op: GPU kernels, XLA:CPU thunks, which say their device); where none does (a TPU), the plane's
+    "XLA Ops" line. A device plane is one device."""
+    events = [(line, event) for line in plane.lines for event in line.events]
+    named = [(e, dict(e.stats)) for line, e in events if line.name not in DERIVED_LINES]
+    named = [(e, stats) for e, stats in named if stats.get("hlo_op")]
+    if named:
+        return [(s["hlo_op"], str(s.get("hlo_module", "?")), e.name, e.duration_ns * 1e-9,
+                 (plane.name, s.get("device_ordinal"))) for e, s in named]
+    return [(e.name, str(dict(e.stats).get("hlo_module", "?")), e.name, e.duration_ns * 1e-9, (plane.name, None))
+            for line, e in events if line.name == "XLA Ops"]
+
+
+def op_times(path: str) -> tuple[list[dict], dict]:
+    """(one row per XLA operation, most time first: module, op, kernel, kind, calls, seconds; facts about the
+    trace: the planes read, how many devices ran operations, the step numbers it marks)."""
+    data = jax.profiler.ProfileData.from_file(path)
+    # A GPU's or TPU's kernels are on its device plane; XLA:CPU's on the host's (with a plane of its own for
+    # libtpu's Megascale trace where jax[tpu] is installed: a "/device:" plane that holds no operation).
+    found = {p.name: _op_events(p) for p in data.planes if p.name.startswith("/device:") or p.name == "/host:CPU"}
+    chosen = {name: ops for name, ops in found.items() if name.startswith("/device:") and ops} or \
+        {name: ops for name, ops in found.items() if name == "/host:CPU"}
+    rows, steps, devices = {}, set(), set()
+    for plane in data.planes:  # the step markers sit on the host's Python thread
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                if "step_num" in stats and plane.name.startswith("/host"):
+                    steps.add(int(stats["step_num"]))
+    for ops in chosen.values():
+        for op, module, kernel, seconds, device in ops:
+            devices.add(device)
+            row = rows.setdefault((module, op), {"module": module, "op": op, "kernel": kernel, "calls": 0,
+                                                 "seconds": 0.0})
+            row["calls"] += 1
+            row["seconds"] += seconds
+    ordered = sorted(rows.values(), key=lambda r: -r["seconds"])
+    for row in ordered:
+        row["kind"] = kind_of(row["op"], row["kernel"])
+    return ordered, {"planes": sorted(chosen), "devices": len(devices), "steps": sorted(steps)}
+
+
+def report(path: str, top: int = 25) -> str:
+    """The trace's operations as markdown: the kinds' shares, then the `top` operations by time."""
+    rows, facts = op_times(path)
+    total = sum(r["seconds"] for r in rows)
+    if not total:
+        raise ValueError(f"{path}: no XLA operation in planes {facts['planes']} (was a step run while tracing?)")
+    steps, devices = facts["steps"], facts["devices"]
+    per_step = (f", {1e3 * total / len(steps) / devices:.2f} ms a step a device over steps {steps[0]}-{steps[-1]}"
+                if steps else "")
+    by_kind = collections.Counter()
+    for r in rows:
+        by_kind[r["kind"]] += r["seconds"]
+    out = [f"{path}: {len(rows)} operations, {1e3 * total:.2f} ms of kernel time on {devices} device(s) "
+           f"({', '.join(facts['planes'])}){per_step}",
+           "kinds: " + ", ".join(f"{k} {100 * s / total:.1f}%" for k, s in by_kind.most_common()),
+           "", "| operation | module | kind | calls | ms | share | kernel |", "|---|---|---|---|---|---|---|"]
+    for r in rows[:top]:
+        kernel = r["kernel"] if r["kernel"] != r["op"] else ""
+        out.append(f"| {r['op']} | {r['module']} | {r['kind']} | {r['calls']} | {1e3 * r['seconds']:.3f} "
+                   f"| {100 * r['seconds'] / total:.1f}% | {kernel[:60]} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="The XLA operations of a jax.profiler trace, most time first.")
+    parser.add_argument("path", help="a training workdir, a folder holding traces, or an .xplane.pb file")
+    parser.add_argument("--top", type=int, default=25, help="operations to list")
+    args = parser.parse_args(argv)
+    try:
+        print(report(newest_trace(args.path), args.top))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
