@@ -55,14 +55,14 @@ def test_kinds_come_from_the_operation_and_kernel_names():
 
 
 def _plane(plane_id, name, lines):
-    """An XSpace plane as text proto: lines of (name, [(kernel, picoseconds, {stat: value})])."""
-    names = sorted({k for _, events in lines for k, _, _ in events})
-    stat_names = sorted({s for _, events in lines for _, _, stats in events for s in stats})
+    """An XSpace plane as text proto: lines of (name, [(kernel, start ps, duration ps, {stat: value})])."""
+    names = sorted({k for _, events in lines for k, _, _, _ in events})
+    stat_names = sorted({s for _, events in lines for _, _, _, stats in events for s in stats})
     text = f'planes {{ id: {plane_id} name: "{name}"'
     for line_id, (line, events) in enumerate(lines, 1):
         text += f' lines {{ id: {line_id} name: "{line}"'
-        for kernel, ps, stats in events:
-            text += f" events {{ metadata_id: {names.index(kernel) + 1} duration_ps: {ps}"
+        for kernel, start, ps, stats in events:
+            text += f" events {{ metadata_id: {names.index(kernel) + 1} offset_ps: {start} duration_ps: {ps}"
             text += "".join(f' stats {{ metadata_id: {stat_names.index(s) + 1} str_value: "{v}" }}'
                             for s, v in stats.items())
             text += " }"
@@ -74,27 +74,34 @@ def _plane(plane_id, name, lines):
 
 
 def test_device_kernels_are_counted_once_and_empty_device_planes_and_host_thunks_left_out(tmp_path):
-    """A GPU plane as the profiler writes it (kernels on stream lines, naming their operation; a derived "XLA Ops"
-    line repeating their time), a TPU plane (only its "XLA Ops" line), libtpu's empty Megascale plane, and host
-    thunks, which a trace with device kernels does not count."""
+    """A GPU plane as the profiler writes it (kernels on stream lines, naming their operation; xprof derives an "XLA
+    Ops" line later, which would repeat their time), a TPU plane (its "XLA Ops" line, where a loop spans its body,
+    and its modules), libtpu's empty Megascale plane, and host thunks, which a trace with device kernels does not
+    count."""
     module = {"hlo_module": "jit_train_step"}
+    us = 1_000_000  # picoseconds
     gpu = _plane(1, "/device:GPU:0", [
-        ("Stream #13(Compute)", [("sm90_xmma_gemm_bf16", 3_000_000, {"hlo_op": "dot.1", **module}),
-                                 ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 2_000_000,
-                                  {"hlo_op": "custom-call.4", **module}),
-                                 ("sm90_xmma_gemm_bf16", 1_000_000, {"hlo_op": "dot.1", **module})]),
-        ("XLA Ops", [("dot.1", 4_000_000, {}), ("custom-call.4", 2_000_000, {})])])
-    tpu = _plane(2, "/device:TPU:0", [("XLA Modules", [("jit_train_step(1)", 9_000_000, {})]),
-                                      ("XLA Ops", [("fusion.7", 4_000_000, {}), ("all-gather.2", 1_000_000, {})])])
+        ("Stream #13(Kernel,Memset)", [("sm90_xmma_gemm_bf16", 0, 3 * us, {"hlo_op": "dot.1", **module}),
+                                       ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 3 * us, 2 * us,
+                                        {"hlo_op": "custom-call.4", **module}),
+                                       ("sm90_xmma_gemm_bf16", 5 * us, 1 * us, {"hlo_op": "dot.1", **module})]),
+        ("XLA Ops", [("dot.1", 0, 4 * us, {}), ("custom-call.4", 3 * us, 2 * us, {})])])
+    # On a TPU's XLA Ops line a while loop spans the operations it runs: 10 us, of which 4 + 1 are its body's.
+    tpu = _plane(2, "/device:TPU:0", [("XLA Modules", [("jit_train_step(1)", 0, 12 * us, {})]),
+                                      ("XLA Ops", [("while.3", 0, 10 * us, {}), ("fusion.7", 1 * us, 4 * us, {}),
+                                                   ("all-gather.2", 6 * us, 1 * us, {}),
+                                                   ("copy.5", 10 * us, 2 * us, {})])])
     mega = _plane(3, "/device:CUSTOM:Megascale Trace", [])
-    host = _plane(4, "/host:CPU", [("python", [("train", 9_000_000, {"step_num": "5"})]),
-                                   ("thunks", [("dot.9", 7_000_000, {"hlo_op": "dot.9", **module})])])
+    host = _plane(4, "/host:CPU", [("python", [("train", 0, 9 * us, {"step_num": "5"})]),
+                                   ("thunks", [("dot.9", 0, 7 * us, {"hlo_op": "dot.9", **module})])])
     path = tmp_path / "trace.xplane.pb"
     path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(" ".join([gpu, tpu, mega, host])))
 
     rows, facts = profiling.op_times(str(path))
-    got = {r["op"]: (r["calls"], round(r["seconds"] * 1e6, 6), r["kind"]) for r in rows}
-    assert got == {"dot.1": (2, 4.0, "matmul"), "custom-call.4": (1, 2.0, "attention"),
-                   "fusion.7": (1, 4.0, "other"), "all-gather.2": (1, 1.0, "collective")}
+    got = {r["op"]: (r["module"], r["calls"], round(r["seconds"] * 1e6, 6), r["kind"]) for r in rows}
+    assert got == {"dot.1": ("jit_train_step", 2, 4.0, "matmul"),
+                   "custom-call.4": ("jit_train_step", 1, 2.0, "attention"),
+                   "while.3": ("jit_train_step", 1, 5.0, "other"), "fusion.7": ("jit_train_step", 1, 4.0, "other"),
+                   "copy.5": ("jit_train_step", 1, 2.0, "copy"),
+                   "all-gather.2": ("jit_train_step", 1, 1.0, "collective")}
     assert facts == {"planes": ["/device:GPU:0", "/device:TPU:0"], "devices": 2, "steps": [5]}
-    assert [r["op"] for r in rows] == ["dot.1", "fusion.7", "custom-call.4", "all-gather.2"]

@@ -7,10 +7,11 @@ The trace lands in WORKDIR/tensorboard/plugins/profile/<time>/<host>.xplane.pb, 
 and XProf find it; every train step in it carries its number (a jax.profiler.StepTraceAnnotation). Only process 0
 traces: processes that share a host would write the same file.
 
-The table sums, per XLA operation (its `hlo_op`), the time its kernels ran: on a GPU or TPU the device planes'
-events, on a CPU the XLA:CPU thunks. Kernels on concurrent streams overlap, so the shares are of the summed
-kernel time, not of the wall time. The kind (matmul, attention, collective, copy, other) is read from the
-operation's and its kernel's names: a first look at what to speed up, not a roofline.
+The table sums, per XLA operation (its `hlo_op`), the time its kernels ran: on a GPU the device planes' kernels
+and copies, on a TPU its "XLA Ops" line (each operation's self time), on a CPU the XLA:CPU thunks. Kernels on
+concurrent streams overlap, so the shares are of the summed kernel time, not of the wall time. The kind (matmul,
+attention, collective, copy, other) is read from the operation's and its kernel's names: a first look at what to
+speed up, not a roofline (XProf's op profile is that).
 """
 
 from __future__ import annotations
@@ -84,21 +85,39 @@ DERIVED_LINES = ("Steps", "XLA Modules", "XLA Ops", "Async XLA Ops", "XLA TraceM
 
 def _op_events(plane):
     """(op, module, kernel name, seconds, device) of each kernel on a plane: the events that name their XLA
-    operation (hlo_op: GPU kernels, XLA:CPU thunks, which say their device); where none does (a TPU), the plane's
-    "XLA Ops" line. A device plane is one device."""
+    operation (hlo_op: GPU kernels and copies, XLA:CPU thunks, which say their device); where none does (a TPU),
+    the plane's "XLA Ops" line. A device plane is one device."""
     events = [(line, event) for line in plane.lines for event in line.events]
     named = [(e, dict(e.stats)) for line, e in events if line.name not in DERIVED_LINES]
     named = [(e, stats) for e, stats in named if stats.get("hlo_op")]
-    if named:
-        return [(s["hlo_op"], str(s.get("hlo_module", "?")), e.name, e.duration_ns * 1e-9,
+    if named:  # (a name that reads as a number is stored as one)
+        return [(str(s["hlo_op"]), str(s.get("hlo_module", "?")), e.name, e.duration_ns * 1e-9,
                  (plane.name, s.get("device_ordinal"))) for e, s in named]
-    return [(e.name, str(dict(e.stats).get("hlo_module", "?")), e.name, e.duration_ns * 1e-9, (plane.name, None))
-            for line, e in events if line.name == "XLA Ops"]
+    return _xla_ops_line(plane)
+
+
+def _xla_ops_line(plane):
+    """A TPU plane's operations, from its "XLA Ops" line: there an operation (a while loop, a call) spans the ones
+    it runs, so each is counted for its self time, the time none of its children covers; its module is the "XLA
+    Modules" event it falls in ("jit_train_step(12)": the name before the program id)."""
+    lines = {line.name: sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns)) for line in plane.lines}
+    modules = [(e.start_ns, e.end_ns, re.sub(r"\(\d+\)$", "", e.name)) for e in lines.get("XLA Modules", [])]
+    ops, open_ops = [], []  # open_ops: indices into ops of the events that span the current one
+    for e in lines.get("XLA Ops", []):
+        while open_ops and ops[open_ops[-1]][5] <= e.start_ns:
+            open_ops.pop()
+        if open_ops:
+            ops[open_ops[-1]][3] -= e.duration_ns * 1e-9
+        module = next((name for start, end, name in modules if start <= e.start_ns < end), "?")
+        ops.append([e.name, module, e.name, e.duration_ns * 1e-9, (plane.name, None), e.end_ns])
+        open_ops.append(len(ops) - 1)
+    return [tuple(op[:5]) for op in ops]
 
 
 def op_times(path: str) -> tuple[list[dict], dict]:
-    """(one row per XLA operation, most time first: module, op, kernel, kind, calls, seconds; facts about the
-    trace: the planes read, how many devices ran operations, the step numbers it marks)."""
+    """(one row per XLA operation, most time first: module, op, kernel (the first seen), kind, calls (kernel runs:
+    one operation may launch several kernels), seconds; facts about the trace: the planes read, how many devices
+    ran operations, the step numbers it marks)."""
     data = jax.profiler.ProfileData.from_file(path)
     # A GPU's or TPU's kernels are on its device plane; XLA:CPU's on the host's (with a plane of its own for
     # libtpu's Megascale trace where jax[tpu] is installed: a "/device:" plane that holds no operation).
@@ -140,7 +159,7 @@ def report(path: str, top: int = 25) -> str:
     out = [f"{path}: {len(rows)} operations, {1e3 * total:.2f} ms of kernel time on {devices} device(s) "
            f"({', '.join(facts['planes'])}){per_step}",
            "kinds: " + ", ".join(f"{k} {100 * s / total:.1f}%" for k, s in by_kind.most_common()),
-           "", "| operation | module | kind | calls | ms | share | kernel |", "|---|---|---|---|---|---|---|"]
+           "", "| operation | module | kind | runs | ms | share | kernel |", "|---|---|---|---|---|---|---|"]
     for r in rows[:top]:
         kernel = r["kernel"] if r["kernel"] != r["op"] else ""
         out.append(f"| {r['op']} | {r['module']} | {r['kind']} | {r['calls']} | {1e3 * r['seconds']:.3f} "
