@@ -10,38 +10,54 @@ from tests.test_train import tiny_config
 
 
 def test_a_profile_window_traces_exactly_its_steps_and_lists_their_operations(data_dir, tmp_path, capsys):
-    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 4, "train.eval_every": 0, "train.save_every": 0,
-                                          "train.profile_start": 2, "train.profile_steps": 2})
+    # Steps 3-4 of 5, with an eval after step 3: step 2 may still be queued on the device when step 3 is dispatched
+    # (the host runs ahead), and the eval runs inside the window.
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 5, "train.eval_every": 3, "train.save_every": 0,
+                                          "train.profile_start": 3, "train.profile_steps": 2})
     train.run(cfg, str(tmp_path))
     traces = glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
     assert len(traces) == 1, traces
-    assert f"profile of steps 2-3: {traces[0]}" in capsys.readouterr().out
+    assert f"profile of steps 3-4: {traces[0]}" in capsys.readouterr().out
 
     rows, facts = profiling.op_times(traces[0])
-    assert facts["steps"] == [2, 3]  # the step markers of the window, not of steps 1 or 4
-    # The train step's program ran twice inside the window (step 1 finished before it, step 4 was not started), on
+    assert facts["steps"] == [3, 4]  # the step markers of the window, not of steps 2 or 5
+    # The train step's program ran twice inside the window (step 2 finished before it, step 5 was not started), on
     # each of the mesh's devices: its operations twice a device, the layer scan's once more a layer.
     devices = jax.device_count()
     assert facts["devices"] == devices
     step_module = [r for r in rows if r["module"] == "jit_train_step"]
     assert step_module and all(r["seconds"] > 0 for r in step_module), sorted({r["module"] for r in rows})
     assert {r["calls"] for r in step_module} == {2 * devices, 2 * devices * cfg.model.arch.num_hidden_layers}
+    assert {r["module"] for r in rows} - {"jit_train_step"}  # the eval's programs
 
     text = profiling.report(profiling.newest_trace(str(tmp_path)), top=5)
-    table = [line for line in text.splitlines() if line.startswith("| ") and "operation" not in line]
-    assert len(table) == 5
-    shares = [float(part.strip(" %")) for part in text.splitlines()[1].removeprefix("kinds: ").split(",")
-              for part in [part.rsplit(" ", 1)[1]]]
+    lines = text.splitlines()
+    step_ms = 1e3 * sum(r["seconds"] for r in step_module) / 2 / devices  # the eval's time is not a step's
+    assert f"{step_ms:.2f} ms a step a device over steps 3-4" in lines[0]
+    shares = [float(part.rsplit(" ", 1)[1].strip("%")) for part in lines[1].removeprefix("kinds: ").split(", ")]
     assert abs(sum(shares) - 100) < 0.5  # every operation in exactly one kind
-    assert "over steps 2-3" in text.splitlines()[0]
+    assert lines[2].startswith("modules: jit_train_step ")
+    table = [line for line in lines if line.startswith("| ") and "operation" not in line]
+    assert len(table) == 5
 
 
-def test_a_run_resumed_past_the_window_says_it_traces_nothing(data_dir, tmp_path, capsys):
-    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 2, "train.eval_every": 0, "train.save_every": 1})
+def test_a_window_past_the_last_step_ends_with_the_loop(data_dir, tmp_path, capsys):
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 0,
+                                          "train.profile_start": 3, "train.profile_steps": 5})
     train.run(cfg, str(tmp_path))
+    assert "profile of steps 3-3: " in capsys.readouterr().out
+    rows, facts = profiling.op_times(profiling.newest_trace(str(tmp_path)))
+    assert facts["steps"] == [3] and {r["module"] for r in rows} == {"jit_train_step"}  # closed before the final eval
+
+
+def test_a_run_that_never_reaches_the_window_says_it_traces_nothing(data_dir, tmp_path, capsys):
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 2, "train.eval_every": 0, "train.save_every": 1,
+                                          "train.profile_start": 9})
+    train.run(cfg, str(tmp_path))
+    assert "train.profile_start=9 is past this run's 2 steps, so no profile" in capsys.readouterr().out
     cfg = tiny_config("sft", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 1,
                                           "train.profile_start": 1})
-    train.run(cfg, str(tmp_path))
+    train.run(cfg, str(tmp_path))  # resumed from step 2
     assert "train.profile_start=1: this run starts after step 2, so no profile" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "tensorboard" / "plugins")
 

@@ -11,7 +11,8 @@ The table sums, per XLA operation (its `hlo_op`), the time its kernels ran: on a
 and copies, on a TPU its "XLA Ops" line (each operation's self time), on a CPU the XLA:CPU thunks. Kernels on
 concurrent streams overlap, so the shares are of the summed kernel time, not of the wall time. The kind (matmul,
 attention, collective, copy, other) is read from the operation's and its kernel's names: a first look at what to
-speed up, not a roofline (XProf's op profile is that).
+speed up, not a roofline (XProf's op profile is that). An eval or a save inside the window runs programs of its
+own: the table lists them with their module, and "a step" counts only the train step's (jit_train_step).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ KINDS = (
 
 
 class TraceWindow:
-    """Traces steps `start` .. `start + count - 1` of a loop into `logdir` (start 0: never). Call `before(step)`
-    just before dispatching a step (numbered from 1), `after(step, outputs)` after it, and `close()` when the
+    """Traces steps `start` .. `start + count - 1` of a loop into `logdir` (start 0: never). Call
+    `before(step, pending)` just before dispatching a step (numbered from 1; `pending`: the outputs of the steps
+    still running, which finish before the trace starts), `after(step, outputs)` after it, and `close()` when the
     loop ends, also on an error: a trace still open then (the loop stopped inside the window) keeps the steps
     it holds."""
 
@@ -43,8 +45,9 @@ class TraceWindow:
         self.start, self.last, self.logdir = start, start + count - 1, logdir
         self.active, self.traced = False, None
 
-    def before(self, step: int) -> None:
+    def before(self, step: int, pending=None) -> None:
         if self.start and step == self.start and jax.process_index() == 0:
+            jax.block_until_ready(pending)  # steps still queued on the device finish outside the trace
             jax.profiler.start_trace(self.logdir)
             self.active = True
 
@@ -59,7 +62,8 @@ class TraceWindow:
         if self.active:
             self.active = False
             jax.profiler.stop_trace()
-            print(f"profile of steps {self.start}-{self.traced}: {newest_trace(self.logdir)} (TensorBoard's "
+            steps = f"steps {self.start}-{self.traced}" if self.traced else f"step {self.start} (stopped inside it)"
+            print(f"profile of {steps}: {newest_trace(self.logdir)} (TensorBoard's "
                   f"Profile tab; `python -m zephyr_jax.profiling {self.logdir}` lists its operations)")
 
 
@@ -151,7 +155,12 @@ def report(path: str, top: int = 25) -> str:
     if not total:
         raise ValueError(f"{path}: no XLA operation in planes {facts['planes']} (was a step run while tracing?)")
     steps, devices = facts["steps"], facts["devices"]
-    per_step = (f", {1e3 * total / len(steps) / devices:.2f} ms a step a device over steps {steps[0]}-{steps[-1]}"
+    modules = collections.Counter()
+    for r in rows:
+        modules[r["module"]] += r["seconds"]
+    # An eval or a checkpoint inside the window runs other programs: a step's time is the train step's own.
+    step_time = modules.get("jit_train_step", total)
+    per_step = (f", {1e3 * step_time / len(steps) / devices:.2f} ms a step a device over steps {steps[0]}-{steps[-1]}"
                 if steps else "")
     by_kind = collections.Counter()
     for r in rows:
@@ -159,6 +168,7 @@ def report(path: str, top: int = 25) -> str:
     out = [f"{path}: {len(rows)} operations, {1e3 * total:.2f} ms of kernel time on {devices} device(s) "
            f"({', '.join(facts['planes'])}){per_step}",
            "kinds: " + ", ".join(f"{k} {100 * s / total:.1f}%" for k, s in by_kind.most_common()),
+           "modules: " + ", ".join(f"{m} {1e3 * s:.2f} ms" for m, s in modules.most_common()),
            "", "| operation | module | kind | runs | ms | share | kernel |", "|---|---|---|---|---|---|---|"]
     for r in rows[:top]:
         kernel = r["kernel"] if r["kernel"] != r["op"] else ""
@@ -174,7 +184,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         print(report(newest_trace(args.path), args.top))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: not an XSpace (or cut short)
         raise SystemExit(f"error: {e}") from None
 
 

@@ -717,10 +717,13 @@ def run(cfg, workdir: str) -> dict:
         mcfg, [sequences[i] for info in infos for i in info.indices], sum(info.rows * info.length for info in infos),
         seconds, mesh.size, frozen_reference=reference is not None, peak=cfg.train.peak_tflops * 1e12 or peak_flops()))
 
-    trace = profiling.TraceWindow(cfg.train.profile_start, cfg.train.profile_steps, os.path.join(workdir,
-                                                                                                  "tensorboard"))
-    if 0 < cfg.train.profile_start <= start and jax.process_index() == 0:
-        print(f"train.profile_start={cfg.train.profile_start}: this run starts after step {start}, so no profile")
+    first = cfg.train.profile_start  # a window that runs past the last step ends with it, before its log and save
+    trace = profiling.TraceWindow(first, min(cfg.train.profile_steps, total_steps + 1 - first),
+                                  os.path.join(workdir, "tensorboard"))
+    if 0 < first <= start and jax.process_index() == 0:
+        print(f"train.profile_start={first}: this run starts after step {start}, so no profile")
+    elif first > total_steps and jax.process_index() == 0:
+        print(f"train.profile_start={first} is past this run's {total_steps} steps, so no profile")
 
     def next_batch():  # runs on the prefetch thread
         local, info = next(loader)
@@ -732,7 +735,7 @@ def run(cfg, workdir: str) -> dict:
             upcoming = prefetch.submit(next_batch)
             while step < total_steps:
                 batch, info, position = upcoming.result()
-                trace.before(step + 1)
+                trace.before(step + 1, state)
                 with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation(cfg.stage, step_num=step + 1):
                     state, metrics = train_step(state, batch, reference)
                 step += 1
@@ -762,7 +765,7 @@ def run(cfg, workdir: str) -> dict:
                     print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
                     break
             bar.close()
-            trace.close()  # a window that runs past the last step ends with it, before the final eval
+            trace.close()  # a loop stopped inside the window (preempted): before the final save and eval
             # The last save is committed while SIGTERM is still caught (a second one would cut the commit short)
             # and before the final eval, which SIGTERM no longer stops.
             mngr.wait_until_finished()
