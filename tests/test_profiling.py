@@ -121,3 +121,21 @@ def test_device_kernels_are_counted_once_and_empty_device_planes_and_host_thunks
                    "copy.5": ("jit_train_step", 1, 2.0, "copy"),
                    "all-gather.2": ("jit_train_step", 1, 1.0, "collective")}
     assert facts == {"planes": ["/device:GPU:0", "/device:TPU:0"], "devices": 2, "steps": [5]}
+
+
+def test_a_cpu_loop_thunk_counts_its_own_time_not_its_body(tmp_path):
+    """XLA:CPU runs a while loop's body thunks inside the loop's own thunk, on the same thread: the loop counts
+    the time its body's thunks do not cover (10 us less 3 + 4); a thunk on another thread is its own."""
+    us, module = 1_000_000, {"hlo_module": "jit_train_step", "device_ordinal": "0"}
+    host = _plane(1, "/host:CPU", [
+        ("tf_XLAEigen/1", [("while.3", 0, 10 * us, {"hlo_op": "while.3", **module}),
+                           ("ynn_fusion.1", 1 * us, 3 * us, {"hlo_op": "ynn_fusion.1", **module}),
+                           ("add_fusion.2", 5 * us, 4 * us, {"hlo_op": "add_fusion.2", **module}),
+                           ("copy.4", 10 * us, 1 * us, {"hlo_op": "copy.4", **module})]),
+        ("tf_XLAEigen/2", [("ynn_fusion.1", 2 * us, 5 * us, {"hlo_op": "ynn_fusion.1", **module})])])
+    path = tmp_path / "cpu.xplane.pb"
+    path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(host))
+    rows, facts = profiling.op_times(str(path))
+    assert {r["op"]: (r["calls"], round(r["seconds"] * 1e6, 6)) for r in rows} == {
+        "while.3": (1, 3.0), "ynn_fusion.1": (2, 8.0), "add_fusion.2": (1, 4.0), "copy.4": (1, 1.0)}
+    assert facts["planes"] == ["/host:CPU"] and facts["devices"] == 1

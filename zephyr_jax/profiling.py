@@ -8,11 +8,12 @@ and XProf find it; every train step in it carries its number (a jax.profiler.Ste
 traces: processes that share a host would write the same file.
 
 The table sums, per XLA operation (its `hlo_op`), the time its kernels ran: on a GPU the device planes' kernels
-and copies, on a TPU its "XLA Ops" line (each operation's self time), on a CPU the XLA:CPU thunks. Kernels on
-concurrent streams overlap, so the shares are of the summed kernel time, not of the wall time. The kind (matmul,
-attention, collective, copy, other) is read from the operation's and its kernel's names: a first look at what to
-speed up, not a roofline (XProf's op profile is that). An eval or a save inside the window runs programs of its
-own: the table lists them with their module, and "a step" counts only the train step's (jit_train_step).
+and copies, on a TPU its "XLA Ops" line, on a CPU the XLA:CPU thunks; a loop counts its own time, not its
+body's. Kernels on concurrent streams overlap, so the shares are of the summed kernel time, not of the wall time.
+The kind (matmul, attention, collective, copy, other) is read from the operation's and its kernel's names: a first
+look at what to speed up, not a roofline (XProf's op profile is that). An eval or a save inside the window runs
+programs of its own: the table lists them with their module, and "a step" counts only the train step's
+(jit_train_step).
 """
 
 from __future__ import annotations
@@ -87,35 +88,46 @@ DERIVED_LINES = ("Steps", "XLA Modules", "XLA Ops", "Async XLA Ops", "XLA TraceM
                  "Framework Ops", "Framework Name Scope", "TensorFlow Name Scope", "Source code")
 
 
+def _self_times(events) -> list[float]:
+    """Each event's seconds less the part of it that later events on its line cover: a loop or a call spans the
+    operations it runs (XLA:CPU's while thunks, a TPU's XLA Ops line), and counts only its own time."""
+    order = sorted(range(len(events)), key=lambda i: (events[i].start_ns, -events[i].duration_ns))
+    seconds, spanning = [e.duration_ns * 1e-9 for e in events], []
+    for i in order:
+        e = events[i]
+        while spanning and events[spanning[-1]].end_ns <= e.start_ns:
+            spanning.pop()
+        if spanning:
+            parent = events[spanning[-1]]
+            seconds[spanning[-1]] -= (min(e.end_ns, parent.end_ns) - e.start_ns) * 1e-9
+        spanning.append(i)
+    return seconds
+
+
 def _op_events(plane):
     """(op, module, kernel name, seconds, device) of each kernel on a plane: the events that name their XLA
     operation (hlo_op: GPU kernels and copies, XLA:CPU thunks, which say their device); where none does (a TPU),
     the plane's "XLA Ops" line. A device plane is one device."""
-    events = [(line, event) for line in plane.lines for event in line.events]
-    named = [(e, dict(e.stats)) for line, e in events if line.name not in DERIVED_LINES]
-    named = [(e, stats) for e, stats in named if stats.get("hlo_op")]
-    if named:  # (a name that reads as a number is stored as one)
-        return [(str(s["hlo_op"]), str(s.get("hlo_module", "?")), e.name, e.duration_ns * 1e-9,
-                 (plane.name, s.get("device_ordinal"))) for e, s in named]
-    return _xla_ops_line(plane)
+    named = []
+    for line in plane.lines:
+        if line.name in DERIVED_LINES:
+            continue
+        events = [(e, dict(e.stats)) for e in line.events]
+        events = [(e, stats) for e, stats in events if stats.get("hlo_op")]
+        for (e, stats), seconds in zip(events, _self_times([e for e, _ in events])):
+            named.append((str(stats["hlo_op"]), str(stats.get("hlo_module", "?")), e.name, seconds,
+                          (plane.name, stats.get("device_ordinal"))))  # (a name that reads as a number is one)
+    return named or _xla_ops_line(plane)
 
 
 def _xla_ops_line(plane):
-    """A TPU plane's operations, from its "XLA Ops" line: there an operation (a while loop, a call) spans the ones
-    it runs, so each is counted for its self time, the time none of its children covers; its module is the "XLA
-    Modules" event it falls in ("jit_train_step(12)": the name before the program id)."""
-    lines = {line.name: sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns)) for line in plane.lines}
+    """A TPU plane's operations, from its "XLA Ops" line (each for its self time); an operation's module is the
+    "XLA Modules" event it falls in ("jit_train_step(12)": the name before the program id)."""
+    lines = {line.name: list(line.events) for line in plane.lines}
     modules = [(e.start_ns, e.end_ns, re.sub(r"\(\d+\)$", "", e.name)) for e in lines.get("XLA Modules", [])]
-    ops, open_ops = [], []  # open_ops: indices into ops of the events that span the current one
-    for e in lines.get("XLA Ops", []):
-        while open_ops and ops[open_ops[-1]][5] <= e.start_ns:
-            open_ops.pop()
-        if open_ops:
-            ops[open_ops[-1]][3] -= e.duration_ns * 1e-9
-        module = next((name for start, end, name in modules if start <= e.start_ns < end), "?")
-        ops.append([e.name, module, e.name, e.duration_ns * 1e-9, (plane.name, None), e.end_ns])
-        open_ops.append(len(ops) - 1)
-    return [tuple(op[:5]) for op in ops]
+    ops = lines.get("XLA Ops", [])
+    return [(e.name, next((name for start, end, name in modules if start <= e.start_ns < end), "?"), e.name,
+             seconds, (plane.name, None)) for e, seconds in zip(ops, _self_times(ops))]
 
 
 def op_times(path: str) -> tuple[list[dict], dict]:
