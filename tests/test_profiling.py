@@ -26,7 +26,9 @@ def test_a_profile_window_traces_exactly_its_steps_and_lists_their_operations(da
     devices = jax.device_count()
     assert facts["devices"] == devices
     step_module = [r for r in rows if r["module"] == "jit_train_step"]
-    assert step_module and all(r["seconds"] > 0 for r in step_module), sorted({r["module"] for r in rows})
+    assert step_module, sorted({r["module"] for r in rows})
+    # Self times: never below 0 (a loop's own time, less its body's, may round to 0).
+    assert all(r["seconds"] >= 0 for r in rows) and sum(r["seconds"] for r in step_module) > 0
     assert {r["calls"] for r in step_module} == {2 * devices, 2 * devices * cfg.model.arch.num_hidden_layers}
     assert {r["module"] for r in rows} - {"jit_train_step"}  # the eval's programs
 
