@@ -52,7 +52,9 @@ for ((i = 0; i < num_processes; i++)); do
   if (( gpus )); then  # process i: the i-th k of the GPUs (without this every process would take every GPU)
     per=$((gpus / num_processes))
     mine=("${gpu_ids[@]:$((i * per)):$per}")
-    cmd=(env CUDA_VISIBLE_DEVICES="$(IFS=,; echo "${mine[*]}")" "${cmd[@]}")
+    # (without SLURM_LOCALID: inside a SLURM allocation, JAX would take it for one GPU a process and keep only
+    # the first of these)
+    cmd=(env -u SLURM_LOCALID CUDA_VISIBLE_DEVICES="$(IFS=,; echo "${mine[*]}")" "${cmd[@]}")
   fi
   if [[ $i -eq 0 ]]; then
     "${cmd[@]}" &

@@ -3,6 +3,7 @@
 #
 #   TPU_NAME=zephyr ZONE=us-central2-b ACCELERATOR=v4-64 launch/tpu_pod.sh create
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh install
+#   HF_TOKEN=hf_... TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh login   (Mistral-7B-v0.1 is gated)
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh run -- --config=configs/sft.py --workdir=/mnt/shared/sft
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh logs | wait | stop
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh delete
@@ -43,10 +44,14 @@ case "${1:-}" in
            "[ -d zephyr_jax ] || git clone $REPO zephyr_jax" "cd zephyr_jax" "git pull"
            "[ -x $VENV/bin/python ] || uv venv -p 3.11 $VENV" "uv pip install -p $VENV/bin/python -e '.[tpu]'")
     ssh_all "$(IFS=';'; echo "${steps[*]}")" ;;
+  login)  # the Hugging Face token into each worker's token file (huggingface_hub reads it; mode 600): not into
+    # `run`'s command line, where every worker's process list would show it for the whole run
+    : "${HF_TOKEN:?set HF_TOKEN (a Hugging Face token with access to the gated mistralai/Mistral-7B-v0.1)}"
+    token=$(printf %q "$HF_TOKEN")
+    ssh_all "umask 077 && mkdir -p \$HOME/.cache/huggingface && printf %s $token >\$HOME/.cache/huggingface/token" ;;
   run)
     shift; [[ "${1:-}" == "--" ]] && shift
     args=$(printf ' %q' "$@")
-    # HF_TOKEN, WANDB_API_KEY etc. can be exported in the command below if needed.
     train="$VENV/bin/python -m zephyr_jax.train --distributed$args"
     follow="pid=\$! && tail -n +1 -f --pid=\$pid $LOG && wait \$pid"  # its output, then its exit status
     # The log is emptied before the trainer starts: tail must neither find it missing (and end, losing the exit
@@ -61,5 +66,5 @@ case "${1:-}" in
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)
-    echo "usage: launch/tpu_pod.sh create|install|run -- TRAIN_ARGS|logs|wait|stop|delete" >&2; exit 2 ;;
+    echo "usage: launch/tpu_pod.sh create|install|login|run -- TRAIN_ARGS|logs|wait|stop|delete" >&2; exit 2 ;;
 esac
