@@ -120,8 +120,9 @@ def test_slurm_gpu_xla_flags_are_known_to_this_jaxlib(tmp_path):
     out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--config=configs/sft.py"], cwd=ROOT,
                          capture_output=True, text=True, env={**env, "SLURM_CPUS_PER_TASK": "12"}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    # the job's CPUs per task passed on (SLURM 22.05-23.02's srun gave each task one CPU)
-    assert (tmp_path / "flags.argv").read_text().split("\n")[:2] == ["--kill-on-bad-exit=1", "--cpus-per-task=12"]
+    # the job's CPUs per task passed on (SLURM 22.05-23.02's srun gave each task one CPU); lines tagged by task
+    assert (tmp_path / "flags.argv").read_text().split("\n")[:3] == ["--kill-on-bad-exit=1", "--cpus-per-task=12",
+                                                                     "--label"]
     flags = log.read_text().split()
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags and len(flags) == 12, flags
 
