@@ -3,7 +3,7 @@ tokens/s with many concurrent requests.
 
     python bench/decode_step.py [--arch=small|7b] [--dtype=float32|bfloat16] [--rows=32[,R2...]] [--steps=8]
         [--kv=128,256,512,1024] [--cache-order=platform|heads_first|positions_first[,...]]
-        [--requests=0] [--prompt=128] [--max-tokens=256] [--no-parts]
+        [--requests=0] [--prompt=128] [--max-tokens=256] [--no-parts] [--profile=DIR]
 
 Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attention over `kv` cache positions) per
 token, for each number of rows and each cache order listed (one process, one copy of the weights). Each token reads
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax import engine, plan
+from zephyr_jax import engine, plan, profiling
 from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.metrics import device_name
 from zephyr_jax.model import KVCache, Mistral, MistralConfig
@@ -71,20 +71,27 @@ def greedy(rows: int) -> tuple:
             jnp.zeros((rows,), jnp.uint32))
 
 
+def decode_call(graphdef, state, cfg, args, rows, heads_first, kv):
+    """One engine._decode call of `rows` decoding rows over `kv` cache positions (the cache donated and kept), and
+    whether the cache is stored heads first."""
+    box = [KVCache.init(cfg, rows, args.max_length, dtype=cfg.dtype, heads_first=heads_first)]
+    lengths = jnp.full((rows,), kv - args.steps - 1, jnp.int32)
+
+    def call():
+        box[0], out = engine._decode(graphdef, state, box[0], None, jnp.ones((rows,), jnp.int32), lengths,
+                                     jnp.ones((rows,), bool), jnp.full((rows,), 10 ** 6, jnp.int32),
+                                     jnp.full((rows, 4), -1, jnp.int32), greedy(rows), steps=args.steps,
+                                     kv_length=kv, top_n=0)
+        jax.block_until_ready(out)
+
+    return call, box[0].heads_first
+
+
 def decode_per_token(graphdef, state, cfg, args, rows, heads_first, param_bytes, bandwidths) -> None:
     measured, sheet = bandwidths
     item = jnp.dtype(cfg.dtype).itemsize
     for kv in map(int, args.kv.split(",")):
-        box = [KVCache.init(cfg, rows, args.max_length, dtype=cfg.dtype, heads_first=heads_first)]
-        lengths = jnp.full((rows,), kv - args.steps - 1, jnp.int32)
-
-        def call():
-            box[0], out = engine._decode(graphdef, state, box[0], None, jnp.ones((rows,), jnp.int32), lengths,
-                                         jnp.ones((rows,), bool), jnp.full((rows,), 10 ** 6, jnp.int32),
-                                         jnp.full((rows, 4), -1, jnp.int32), greedy(rows), steps=args.steps,
-                                         kv_length=kv, top_n=0)
-            jax.block_until_ready(out)
-
+        call, stored_heads_first = decode_call(graphdef, state, cfg, args, rows, heads_first, kv)
         ms = milliseconds(call) / args.steps
         cache_bytes = 2 * cfg.num_hidden_layers * rows * kv * cfg.num_key_value_heads * cfg.head_dim * item
         # An untied embedding table is read one row per decoding row, not whole (the LM head is read whole).
@@ -92,8 +99,33 @@ def decode_per_token(graphdef, state, cfg, args, rows, heads_first, param_bytes,
         read = param_bytes - table + rows * table // cfg.vocab_size + cache_bytes
         bounds = [read / bw * 1e3 if bw else None for bw in (measured, sheet)]
         cells = " | ".join("n/a | n/a" if b is None else f"{b:.2f} | {100 * b / ms:.0f}%" for b in bounds)
-        order = "heads first" if box[0].heads_first else "positions first"
+        order = "heads first" if stored_heads_first else "positions first"
         print(f"| {rows} | {order} | {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")
+
+
+def profile_decode(graphdef, state, cfg, args, rows, heads_first, kv) -> None:
+    """Traces 3 decoding calls (zephyr_jax.profiling): the device's kernel time a token beside the calls' wall
+    time a token, whose difference is the device waiting (on the host, on launches; on a CPU, thunks on several
+    threads overlap and can sum past it), then where the kernel time went."""
+    call, _ = decode_call(graphdef, state, cfg, args, rows, heads_first, kv)
+    call(), call()  # compiled and warm
+    trace = profiling.TraceWindow(1, 3, args.profile)
+    seconds = 0.0
+    for i in range(1, 4):
+        trace.before(i)
+        start = time.perf_counter()
+        with jax.profiler.StepTraceAnnotation("decode", step_num=i):
+            call()  # (blocks until its tokens are ready)
+        seconds += time.perf_counter() - start
+        trace.after(i, None)
+    path = profiling.newest_trace(args.profile)
+    ops, facts = profiling.op_times(path)
+    tokens = 3 * args.steps
+    kernel_ms = 1e3 * sum(r["seconds"] for r in ops if r["module"] == "jit__decode") / facts["devices"] / tokens
+    wall_ms = 1e3 * seconds / tokens
+    print(f"profile, {rows} rows, {kv} KV positions: {kernel_ms:.2f} ms of decoding kernels a token in {wall_ms:.2f} "
+          f"ms of wall time (traced) a token: the device busy {100 * kernel_ms / wall_ms:.0f}% of it")
+    print(profiling.report(path, top=15))
 
 
 def parts(graphdef, state, cfg, rows) -> None:
@@ -136,6 +168,8 @@ def main():
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--no-parts", action="store_true")
+    parser.add_argument("--profile", metavar="DIR", help="then trace 3 decoding calls of the first rows, cache "
+                        "order and KV length into DIR and list their kernel time (zephyr_jax.profiling)")
     args = parser.parse_args()
     orders = args.cache_order.split(",")
     unknown = sorted(set(orders) - {"platform", "heads_first", "positions_first"})
@@ -159,6 +193,8 @@ def main():
     for n in rows:
         for heads_first in heads_firsts:
             decode_per_token(graphdef, state, cfg, args, n, heads_first, param_bytes, bandwidths)
+    if args.profile:
+        profile_decode(graphdef, state, cfg, args, rows[0], heads_firsts[0], int(args.kv.split(",")[0]))
     if not args.no_parts:
         parts(graphdef, state, cfg, rows[0])
     if args.requests:

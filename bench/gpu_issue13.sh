@@ -170,11 +170,11 @@ run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed r
   done
 }
 run_decode() {  # one process, one copy of the 7B weights: batch 1 against the bound, 64 rows, in the platform's
-  # cache order at one KV length (each further order or length is a 7B compile); then 64 concurrent requests
-  # through the engine
+  # cache order at one KV length (each further order or length is a 7B compile); batch 1 traced (3 calls, seconds:
+  # how busy the GPU is, where its time goes); then 64 concurrent requests through the engine
   stage decode 240 "$PY" bench/decode_step.py --arch=$DECODE_ARCH --dtype=bfloat16 --rows=1,$REQUESTS \
     --kv=$DECODE_KV --cache-order=platform --no-parts --requests=$REQUESTS --prompt=128 \
-    --max-tokens=$NEW_TOKENS
+    --max-tokens=$NEW_TOKENS --profile=/tmp/gpu_issue13_profile/decode
 }
 run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (one
   # example a row and 2,048 positions: not train's packed program, so zephyr_jax compiles again, untimed)
@@ -212,6 +212,8 @@ for s in "${@:-$DEFAULT}"; do
     "run_$name"
   done
 done
-echo; echo "### tables"; grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' \
-  "$OUT"/parity.log "$OUT"/train.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null | grep -v '^|---'
+echo; echo "### tables"
+grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' -e 'busy' -e '^kinds:' \
+  "$OUT"/parity.log "$OUT"/train.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null \
+  | grep -v -e '^|---' -e '| jit_' -e '^| operation |'  # (a profile's operation rows stay in its log)
 echo; cat "$SUMMARY"
