@@ -13,7 +13,9 @@ device-to-device copy (bytes read + written over time), and the data sheet's whe
 / measured time. Then (unless --no-parts) the same model's layers without a cache, its LM head and greedy sampling
 for the first number of rows, so what the cache costs is the difference. --requests=N: N requests of --prompt random
 tokens each generating --max-tokens (no EOS) through Engine.generate with N slots (the first cache order listed),
-run twice; the second run's output tokens/s (no compile in it) is reported. Random weights (param dtype = --dtype)
+run twice; the second run's output tokens/s (no compile in it) is reported. --profile=DIR, last: 3 decoding calls
+of the first rows, order and KV length traced (zephyr_jax.profiling): the decoding kernels' time a token against
+the calls' wall time (how busy the device is), and the operations' table. Random weights (param dtype = --dtype)
 on whatever device JAX picks, the KV cache stored in that platform's order unless --cache-order names one
 (model/kv_cache.py).
 
