@@ -162,6 +162,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
         load.stop()
+        profile = None
         if profile_dir:  # after the timed passes: the profiler's own cost is in none of them
             try:
                 trace = profiling.TraceWindow(1, len(placed), profile_dir)
@@ -173,7 +174,6 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
                 profile = profiling.newest_trace(profile_dir)
             except Exception as e:  # noqa: BLE001  (a profiler that fails costs none of the timings)
                 print(f"{stage}: profile failed: {type(e).__name__}: {e}")
-                profile = None
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"{stage}: loss is {loss}")
@@ -200,7 +200,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
             "device_gib": memory["bytes_limit"] / 2 ** 30 if "bytes_limit" in memory else None,
             "xla_gib": max(plan.compiled_bytes(c)["total"] for c in compiled.values()) / 2 ** 30,
             "cpu_s": load.own / len(times) if load.wall else None, "other_load": load.other_cores,
-            "profile": profile if profile_dir else None}
+            "profile": profile}
 
 
 def report(results) -> None:

@@ -135,18 +135,16 @@ def op_times(path: str) -> tuple[list[dict], dict]:
     one operation may launch several kernels), seconds; facts about the trace: the planes read, how many devices
     ran operations, the step numbers it marks)."""
     data = jax.profiler.ProfileData.from_file(path)
-    # A GPU's or TPU's kernels are on its device plane; XLA:CPU's on the host's (with a plane of its own for
-    # libtpu's Megascale trace where jax[tpu] is installed: a "/device:" plane that holds no operation).
-    found = {p.name: _op_events(p) for p in data.planes if p.name.startswith("/device:") or p.name == "/host:CPU"}
-    chosen = {name: ops for name, ops in found.items() if name.startswith("/device:") and ops} or \
-        {name: ops for name, ops in found.items() if name == "/host:CPU"}
-    rows, steps, devices = {}, set(), set()
-    for plane in data.planes:  # the step markers sit on the host's Python thread
-        for line in plane.lines:
-            for event in line.events:
-                stats = dict(event.stats)
-                if "step_num" in stats and plane.name.startswith("/host"):
-                    steps.add(int(stats["step_num"]))
+    # A GPU's or TPU's kernels are on its device plane; XLA:CPU's on the host's, read only where no device plane
+    # holds any (libtpu's Megascale trace, where jax[tpu] is installed, is a "/device:" plane without operations).
+    found = {p.name: _op_events(p) for p in data.planes if p.name.startswith("/device:")}
+    chosen = {name: ops for name, ops in found.items() if ops} or \
+        {p.name: _op_events(p) for p in data.planes if p.name == "/host:CPU"}
+    steps = set()  # the step markers, on the host's Python thread
+    for line in (line for plane in data.planes if plane.name.startswith("/host") for line in plane.lines):
+        steps.update(int(stats["step_num"]) for stats in map(dict, (e.stats for e in line.events))
+                     if "step_num" in stats)
+    rows, devices = {}, set()
     for ops in chosen.values():
         for op, module, kernel, seconds, device in ops:
             devices.add(device)
@@ -167,16 +165,14 @@ def report(path: str, top: int = 25) -> str:
     if not total:
         raise ValueError(f"{path}: no XLA operation in planes {facts['planes']} (was a step run while tracing?)")
     steps, devices = facts["steps"], facts["devices"]
-    modules = collections.Counter()
+    modules, by_kind = collections.Counter(), collections.Counter()
     for r in rows:
         modules[r["module"]] += r["seconds"]
+        by_kind[r["kind"]] += r["seconds"]
     # An eval or a checkpoint inside the window runs other programs: a step's time is the train step's own.
     step_time = modules.get("jit_train_step", total)
     per_step = (f", {1e3 * step_time / len(steps) / devices:.2f} ms a step a device over steps {steps[0]}-{steps[-1]}"
                 if steps else "")
-    by_kind = collections.Counter()
-    for r in rows:
-        by_kind[r["kind"]] += r["seconds"]
     out = [f"{path}: {len(rows)} operations, {1e3 * total:.2f} ms of kernel time on {devices} device(s) "
            f"({', '.join(facts['planes'])}){per_step}",
            "kinds: " + ", ".join(f"{k} {100 * s / total:.1f}%" for k, s in by_kind.most_common()),
