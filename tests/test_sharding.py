@@ -50,6 +50,33 @@ def test_rules_travel_with_the_model_config():
         logical_to_spec(("embed", "mlp"), without_mlp)
 
 
+def test_the_engines_kv_cache_follows_the_rules():
+    """The KV cache splits its heads and slots as the config's rules split the k/v projections' heads and a batch
+    (it had "tensor" and data x fsdp written in: a researcher's rules moved the weights, not the cache)."""
+    from types import SimpleNamespace
+
+    from zephyr_jax.engine import Engine
+    from zephyr_jax.model import kv_cache
+
+    mesh = make_mesh((2, 2, 2))
+
+    def spec(rules, slots=4, kv_heads=2, heads_first=True):
+        cfg = MistralConfig(num_key_value_heads=kv_heads, sharding_rules=rules)
+        sharding = Engine._cache_sharding(SimpleNamespace(config=cfg, max_slots=slots), mesh, heads_first)
+        return dict(zip(kv_cache.axes(heads_first), sharding.spec))
+
+    replace = lambda **new: tuple((name, new.get(name, axes)) for name, axes in DEFAULT_RULES)  # noqa: E731
+    assert spec(None) == dict(layers=None, slots=("data", "fsdp"), kv_heads="tensor", length=None, head_dim=None)
+    assert spec(None, heads_first=False)["kv_heads"] == "tensor"
+    assert spec(replace(kv_heads=None))["kv_heads"] is None
+    assert spec(replace(batch="data"))["slots"] == "data"
+    assert spec(replace(batch="data", kv_heads=("fsdp", "tensor")), kv_heads=4) == dict(
+        layers=None, slots="data", kv_heads=("fsdp", "tensor"), length=None, head_dim=None)
+    assert spec(replace(kv_heads="data"))["kv_heads"] is None  # "data" already splits the slots
+    # where a size does not divide, that axis stays whole
+    assert spec(None, slots=2)["slots"] is None and spec(None, kv_heads=1)["kv_heads"] is None
+
+
 def test_the_command_lines_mesh_flag():
     """serve, chat, evaluate's --mesh and the lm-eval adapter's mesh= model_arg: one parser, clear errors."""
     from zephyr_jax.sharding import local_mesh, mesh_shape

@@ -40,7 +40,7 @@ from flax import nnx
 
 from zephyr_jax.model import KVCache, kv_cache
 from zephyr_jax.sampling import sample
-from zephyr_jax.sharding import make_mesh
+from zephyr_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh
 
 TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)
 MAX_STOP_TOKENS = 8  # stop token ids per request, the EOS included
@@ -321,18 +321,22 @@ class Engine:
         self.stats = collections.Counter()  # calls and tokens, for benchmarks and logs
 
     def _cache_sharding(self, mesh, heads_first: bool):
-        """Under a mesh: the cache's KV heads split like the k/v projections' (tensor axis) when they divide, and
-        its slots over the batch axes (data x fsdp) when they divide, so each chip holds and attends over its own
-        requests' part. (Replicated over an FSDP mesh, every chip held the whole cache: 32 GiB for 64 slots x 4,096
-        tokens of a 7B on v5e-8, twice a chip's memory, and computed every row's attention.)"""
+        """Under a mesh: the cache's KV heads split as the rules split the k/v projections' heads ("kv_heads":
+        the tensor axis by default), its slots as they split a batch ("batch": data x fsdp), each where it divides,
+        so each chip holds and attends over its own requests' part. (Replicated over an FSDP mesh, every chip held
+        the whole cache: 32 GiB for 64 slots x 4,096 tokens of a 7B on v5e-8, twice a chip's memory, and computed
+        every row's attention.)"""
         if mesh is None:
             return None
-        tensor = mesh.shape.get("tensor", 1)
-        heads = "tensor" if tensor > 1 and self.config.num_key_value_heads % tensor == 0 else None
-        batch = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
-        slots = batch if batch and self.max_slots % math.prod(mesh.shape[a] for a in batch) == 0 else None
-        spec = [heads if axis == "kv_heads" else slots if axis == "slots" else None
-                for axis in kv_cache.axes(heads_first)]
+        axes = kv_cache.axes(heads_first)
+        logical = [{"slots": "batch", "kv_heads": "kv_heads"}.get(axis) for axis in axes]
+        sizes = {"slots": self.max_slots, "kv_heads": self.config.num_key_value_heads}
+        spec = []
+        for axis, named in zip(axes, logical_to_spec(logical, self.config.sharding_rules or DEFAULT_RULES)):
+            split = tuple(a for a in ((named,) if isinstance(named, str) else named or ()) if mesh.shape.get(a, 1) > 1)
+            if not split or sizes[axis] % math.prod(mesh.shape[a] for a in split):
+                split = ()  # unsplit: nothing to split it over, or it does not divide
+            spec.append(split[0] if len(split) == 1 else split or None)
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
     # --- requests ---------------------------------------------------------------------------------------
