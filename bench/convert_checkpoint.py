@@ -12,9 +12,9 @@ with hf.save_pretrained, measuring each step. The re-saved tensors are compared 
 Memory, per step, in the measuring process:
   baseline   RSS of Python + jax (CPU backend up) + zephyr_jax before the step's work;
   peak RSS   the kernel's high-water mark (VmHWM, reset per step through /proc/self/clear_refs);
-  peak anon  the highest anonymous (non-file) RSS seen by a 1 ms sampling thread. Loading maps each tensor of
-             the file read-only; those pages are clean page cache, counted in RSS while mapped (one tensor at a
-             time) but not process memory. Anonymous memory is what the process really holds.
+  peak anon  the highest anonymous (non-file) RSS seen by a 1 ms sampling thread. Loading reads each tensor
+             into its buffer (readinto, in row blocks), so file pages stay in the page cache, out of the
+             process's RSS; peak file counts any that are mapped. Anonymous memory is what the process holds.
 The loaded parameters themselves are anonymous memory of exactly the checkpoint's size (same dtype, CPU
 device), so the floor for "peak - baseline" is 1.0x the checkpoint.
 """

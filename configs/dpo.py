@@ -26,7 +26,7 @@ def get_config(arg=None):
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1  # paper: beta 0.1
-    c.dpo.loss_type = "sigmoid"  # paper: the DPO loss; also robust, hinge, ipo
+    c.dpo.loss_type = "sigmoid"  # paper: the DPO loss; the others: losses.LOSS_TYPES
     c.dpo.label_smoothing = 0.0  # > 0: conservative DPO (cDPO)
     c.dpo.reference_free = False
     c.dpo.precompute_reference = False  # True: one pass of reference log-probs before training, cached in workdir

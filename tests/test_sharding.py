@@ -50,6 +50,39 @@ def test_rules_travel_with_the_model_config():
         logical_to_spec(("embed", "mlp"), without_mlp)
 
 
+def test_one_rule_changes_from_the_command_line(monkeypatch):
+    """--config.mesh.rules.NAME=... changes that rule alone (the rules were one tuple of pairs, which an override
+    replaced whole), reaches the parameters' shardings, and a value that is not mesh axes is named."""
+    import os
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    from zephyr_jax import train
+    from zephyr_jax.sharding import rules_table
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["train", f"--config={root}/configs/sft.py:tiny", "--config.mesh.rules.vocab=()",
+            "--config.mesh.rules.mlp=fsdp", "--config.mesh.rules.embed=('data', 'tensor')"]
+    monkeypatch.setattr("sys.argv", argv)  # ml_collections defines the overrides' flags from sys.argv
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values)
+    flag_values(argv)
+    cfg = flag_values.config
+    table = dict(rules_table(cfg.mesh.rules))
+    assert table == {**dict(rules_table(DEFAULT_RULES)), "vocab": (), "mlp": ("fsdp",), "embed": ("data", "tensor")}
+    mcfg = train.model_config(cfg)
+    assert mcfg.sharding_rules == rules_table(cfg.mesh.rules) and hash(mcfg) is not None
+    abstract = nnx.state(nnx.eval_shape(lambda: Mistral(mcfg, rngs=nnx.Rngs(0))))
+    specs = train.param_specs(abstract, cfg.mesh.rules)
+    assert specs["embed_tokens"].get_value() == PartitionSpec(None, ("data", "tensor"))  # [vocab, embed]
+    assert specs["layers"]["mlp"]["up_proj"]["kernel"].get_value() == PartitionSpec(None, ("data", "tensor"), "fsdp")
+    # the spelling a shell makes of "fsdp,tensor" without the parentheses: one axis name that is not a mesh axis
+    cfg.mesh.rules.mlp = ("fsdp,tensor",)
+    with pytest.raises(ValueError, match=r"sharding rule 'mlp': \['fsdp,tensor'\] is not a mesh axis"):
+        train.check_config(cfg)
+
+
 def test_the_engines_kv_cache_follows_the_rules():
     """The KV cache splits its heads and slots as the config's rules split the k/v projections' heads and a batch
     (it had "tensor" and data x fsdp written in: a researcher's rules moved the weights, not the cache)."""

@@ -6,7 +6,7 @@ The stage configs set the recipe's values on top of these; every field can be ov
 
 import ml_collections
 
-from zephyr_jax.sharding import DEFAULT_RULES
+from zephyr_jax.sharding import DEFAULT_RULES, rules_table
 
 # A small Mistral-shaped model for the demo and the tests: the real 32000-token vocabulary, tiny everything else.
 TINY_ARCH = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -71,7 +71,8 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     c.mesh.num_devices = -1  # -1: every device; N: the first N (e.g. to compare with a smaller run)
     c.mesh.device_order = "auto"  # "auto": physical topology; "interleave_processes": pod-like order for CPU tests
-    c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (see zephyr_jax/sharding.py)
+    # logical axis -> the mesh axes that split it (zephyr_jax/sharding.py); one rule: --config.mesh.rules.vocab=()
+    c.mesh.rules = ml_collections.ConfigDict(dict(rules_table(DEFAULT_RULES)))
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True

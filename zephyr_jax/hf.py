@@ -8,8 +8,9 @@ Both directions go one tensor at a time, so the host never holds a second copy o
 each tensor in row blocks straight into one buffer in the parameter's layout and dtype, places it on its
 device(s) and drops the host copy; saving fetches one parameter and writes it in row blocks. The safetensors
 format (an 8-byte header length, a JSON header, raw little-endian bytes) is read and written here directly
-rather than through `safetensors`: its numpy API has no bfloat16, its writer wants a whole shard in memory,
-and a memory-mapped file would add each tensor's pages to the process's RSS.
+rather than through `safetensors`: its writer wants every tensor of a shard in memory at once, a memory-mapped
+read adds each tensor's pages to the process's RSS, and the numpy API of the older releases setup.py allows
+has no bfloat16.
 """
 
 from __future__ import annotations

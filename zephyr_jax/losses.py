@@ -1,6 +1,6 @@
 """Losses for dSFT and dDPO: pure, stateless, jit-able functions of arrays.
 
-Three public functions (the design doc's public surface):
+Three public functions (the design doc's public surface), for anyone holding logits:
 
 * `sequence_logps(logits, targets, loss_mask)`: log pi(y|x) summed over the completion tokens, the quantity
   every preference loss is built from. It works through the sequence in chunks so that neither the forward
@@ -19,6 +19,10 @@ hidden states [B, K, E] and the head kernel [E, V] instead of logits, and comput
 the logits' gradient: its backward turns each chunk's d_logits straight into d_hidden and a float32 d_kernel
 sum). Its forward keeps only the [B, K] logsumexp; the backward recomputes the chunk's logits, one more head
 matmul per chunk. The functions above stay the full-head path, which it is tested against.
+
+What training runs (train_steps.py): `head_logps` at the loss positions, then `sft_loss_from_logps` (dSFT), or
+per-sequence sums of those log-probs into `dpo_loss` (dDPO). A change to the objective goes into those two
+functions (`sft_loss` is `sft_loss_from_logps` on full logits; `sequence_logps` the same sum on full logits).
 
 Conventions: `targets` are already aligned with `logits` (targets[:, t] is the token that logits[:, t]
 predicts); `loss_mask` is 0/1 or bool, and targets at masked positions are never read for the result, so they

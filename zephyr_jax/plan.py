@@ -381,7 +381,7 @@ class StepInputs(NamedTuple):
 
 def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batch: dict, max_segments: int | None):
     """(train.py's jitted train step for cfg, its abstract inputs for the abstract `batch`); max_segments: of the
-    batches `batch` stands for (train.max_segments)."""
+    batches `batch` stands for (train.max_segments(cfg, rows))."""
     dpo = cfg.stage == "dpo"
     frozen = dpo and not cfg.dpo.reference_free and not cfg.dpo.precompute_reference
     graphdef, params, param_shardings = train.abstract_params(cfg, mcfg, mesh)

@@ -2,8 +2,9 @@
 
 A parameter declares its axes where it is created (`nnx.Param(..., logical_axes=("embed", "mlp"))`), an
 activation where it is computed (`constrain(x, ("batch", "length", "embed"), rules)`). The rules (one line per
-logical name, in the config: `config.mesh.rules`, carried by `MistralConfig.sharding_rules`) say which mesh axis,
-if any, splits that dimension.
+logical name: DEFAULT_RULES below; in the config `config.mesh.rules`, carried by `MistralConfig.sharding_rules`)
+say which mesh axes, if any, split that dimension. One rule from the command line: `--config.mesh.rules.vocab=()`
+(not split), `--config.mesh.rules.mlp=fsdp`, `--config.mesh.rules.embed="('fsdp','tensor')"`.
 
 The mesh is JAX's own context (`with jax.set_mesh(mesh):`), which jit keys its cache on, and the rules are an
 argument: nothing here is module-global, so a function traced outside a mesh is retraced inside one. Without a
@@ -38,19 +39,36 @@ DEFAULT_RULES = (
     ("layers", None),  # the stacked decoder layers' leading axis (scanned, so never split)
 )
 
+
+def rules_table(rules=None) -> tuple:
+    """The rules in any of their forms -> ((logical name, (mesh axes...)), ...), hashable (jit keys on it): pairs
+    as in DEFAULT_RULES, a mapping (the config's `mesh.rules`: name -> a tuple of mesh axes), JSON lists (a saved
+    config.json), or None (DEFAULT_RULES). A rule naming something other than a mesh axis is a ValueError."""
+    if rules is None:
+        rules = DEFAULT_RULES
+    pairs = rules.items() if hasattr(rules, "items") else rules
+    table = []
+    for name, mesh_axes in pairs:
+        flat = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        bad = [a for a in flat if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"sharding rule {name!r}: {bad} is not a mesh axis {MESH_AXES} (config.mesh.rules."
+                             f"{name}: a tuple of mesh axes, e.g. \"('fsdp','tensor')\", or () to leave it unsplit)")
+        table.append((str(name), flat))
+    return tuple(table)
+
+
 def logical_to_spec(axes: Sequence[str | None], rules: Sequence = DEFAULT_RULES) -> PartitionSpec:
     """("batch", "length", "embed") -> PartitionSpec(("data", "fsdp"), None, None) under the default rules: each
     logical axis takes its rule's mesh axes, less those an earlier dimension already split (a mesh axis may split
     only one dimension)."""
-    table = dict((name, mesh_axes) for name, mesh_axes in rules)
+    table = dict(rules_table(rules))
     used, spec = set(), []
     for name in axes:
         if name is not None and name not in table:
             raise ValueError(f"logical axis {name!r} has no sharding rule (config.mesh.rules); rules cover "
                              f"{sorted(table)}")
-        mesh_axes = table.get(name) if name is not None else None
-        flat = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        flat = tuple(a for a in flat if a not in used)  # a mesh axis may split only one dimension
+        flat = tuple(a for a in table.get(name, ()) if a not in used)  # a mesh axis may split only one dimension
         used.update(flat)
         spec.append(flat[0] if len(flat) == 1 else (flat or None))
     return PartitionSpec(*spec)
@@ -93,8 +111,8 @@ def check_params_fit_mesh(abstract: nnx.State, specs, mesh: Mesh) -> None:
                 raise ValueError(f"parameter {name} {tuple(leaf.shape)}: its dimension of {dim} does not divide "
                                  f"over mesh axes {axes} ({ways} ways); change the mesh shape "
                                  f"{tuple(mesh.shape.values())} (config.mesh.shape) or the sharding rules "
-                                 "(config.mesh.rules; load's `rules`), e.g. (\"vocab\", None) to replicate the "
-                                 "vocabulary")
+                                 "(config.mesh.rules; load's `rules`), e.g. --config.mesh.rules.vocab=() to "
+                                 "replicate the vocabulary")
 
 
 DEVICE_ORDERS = ("auto", "interleave_processes")

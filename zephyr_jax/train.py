@@ -44,7 +44,7 @@ from zephyr_jax.loading import is_workdir, load_model, run_config
 from zephyr_jax.losses import check_dpo_settings
 from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
 from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs
+from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs, rules_table
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,6 +63,7 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         if group in cfg:
             check_float_dtype(cfg[group][name], key)
     check_optim(cfg.optim)
+    rules_table(cfg.mesh.rules)  # a rule naming something other than a mesh axis
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
     if cfg.model.init != "random" and cfg.model.arch.to_dict() != TINY_ARCH:  # else unused, yet in config.json
@@ -904,7 +905,7 @@ def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding_
                    max_segments: int | None):
     """The jitted train step of this config: the state donated, batches sharded over the batch axes, and a
     frozen DPO reference (when it runs in the step) laid out like the parameters. max_segments: see
-    train.max_segments (what the step's batches hold). The planner (zephyr_jax/plan.py) compiles this same
+    max_segments(cfg, rows) (what the step's batches hold). The planner (zephyr_jax/plan.py) compiles this same
     function ahead of time."""
     ref_shardings = state_shardings.params if frozen_reference else None  # frozen_copy keeps the params' layout
     step = steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum, cfg.get("dpo"),

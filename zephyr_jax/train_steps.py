@@ -31,7 +31,9 @@ SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
 
 
 def make_optimizer(optim_cfg, total_steps: int):
-    """AdamW with linear warmup then cosine or linear decay to 0, sized on the real number of optimizer steps."""
+    """AdamW with linear warmup, then cosine or linear decay to 0 or a constant rate (optim.schedule), sized on the
+    real number of optimizer steps. Warmup is joined by hand: optax.warmup_constant_schedule(0, lr, 0) gives 0 at
+    every step, and a warmup_ratio of 0 must give lr from the first step."""
     warmup = math.ceil(optim_cfg.warmup_ratio * total_steps)  # as transformers' TrainingArguments rounds it
     if optim_cfg.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(0.0, optim_cfg.lr, warmup, max(total_steps, warmup + 1))
@@ -133,8 +135,8 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
                     num_pairs: int | None = None, max_segments: int | None = None):
     """train_step(state, batch, reference) -> (state, metrics). reference: DPO only, either frozen reference
     parameters (an nnx.State) or None when the batch carries precomputed per-sequence "reference_logps".
-    num_pairs: DPO pairs per global batch. max_segments: SFT, the most sequences a row holds (train.max_segments:
-    1 for unpacked rows).
+    num_pairs: DPO pairs per global batch. max_segments: SFT, the most sequences a row holds
+    (train.max_segments(cfg, rows): 1 for unpacked rows).
     rules: the logical-axis rules that shard each micro-batch's rows (under `jax.set_mesh`)."""
 
     def micro_loss(params, micro, reference, normalizer, layer_grad_sum):
@@ -183,7 +185,7 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
 
 def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None, max_segments: int | None = 1):
     """SFT: per-row (sum of target NLL, tokens, correct tokens) of rows holding up to max_segments examples
-    (train.max_segments). DPO: pair log-probs [num_pairs, 2] (the pairs of an eval batch, in order)."""
+    (train.max_segments(cfg, rows)). DPO: pair log-probs [num_pairs, 2] (the pairs of an eval batch, in order)."""
 
     def sft_eval(params, batch):
         logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments=max_segments)

@@ -80,7 +80,8 @@ def cache_attention(q, k, v, mask) -> jax.Array:
 
 def attend(q, k, v, segment_ids, *, sliding_window, impl="auto", rules=None, interpret=None,
            max_segments=None) -> jax.Array:
-    """Causal self-attention for training and prompt prefill (no KV cache). Returns [B, T, N, D] in q's dtype.
+    """Causal self-attention for training and scoring (no KV cache; prefill and decoding: cache_attention).
+    Returns [B, T, N, D] in q's dtype.
 
     q [B, T, N, D]; k, v [B, T, K, D] with N = K * G. segment_ids [B, T] int32, or None (every token real, one
     sequence per row): 0 marks padding, ids >= 1 packed sequences, each contiguous with positions restarting at 0,

@@ -165,9 +165,6 @@ class MistralConfig:
 
 def _hashable_rules(rules) -> tuple:
     """Rules as nested tuples (from a config, JSON lists or None), so the config stays hashable for jit."""
-    if rules is None:
-        from zephyr_jax.sharding import DEFAULT_RULES
+    from zephyr_jax.sharding import rules_table
 
-        rules = DEFAULT_RULES
-    as_tuple = lambda axes: tuple(axes) if isinstance(axes, (list, tuple)) else axes
-    return tuple((name, as_tuple(axes)) for name, axes in rules)
+    return rules_table(rules)

@@ -73,9 +73,9 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, segment_ids, cache=None, max_segments=None):
-        """Training / scoring: attend(...) with the config's kernel over this row's segments. Decoding: cache =
-        a CacheStep; the new keys and values are written into it, then the queries attend over its first
-        kv_length positions."""
+        """Training / scoring: attend(...) with the config's kernel over this row's segments. Prefill chunks and
+        decoding: cache = a CacheStep; the new keys and values are written into it, then the queries attend over
+        its first kv_length positions."""
         cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
