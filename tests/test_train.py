@@ -354,6 +354,44 @@ def test_meshes_give_the_same_losses(data_dir, tmp_path, stage):
         np.testing.assert_allclose(values, losses["one_device"], rtol=1e-5, err_msg=name)
 
 
+def test_weight_decay_leaves_the_norms_alone_as_transformers_trainer_does(tmp_path):
+    """optim.weight_decay > 0: AdamW steps give the weights that torch.optim.AdamW gives over transformers' Trainer's
+    two parameter groups (get_decay_parameter_names: every weight but norms and biases; optax.adamw had decayed
+    the RMSNorm scales too). The optimizer state keeps optax.adamw's structure, so a checkpoint saved before, or
+    resumed with another weight_decay, restores."""
+    import optax
+    from ml_collections import ConfigDict
+
+    from tests.torch_reference import save_torch, torch_mistral
+
+    tm = torch_mistral(seed=3).train()
+    named = dict(tm.named_parameters())
+    decayed = set(transformers.Trainer.get_decay_parameter_names(None, tm))
+    assert {n for n in named if "norm" in n} == set(named) - decayed  # what the reference leaves out: the norms
+    model = load_model(save_torch(tm, tmp_path / "start"), dtype="float32")
+    graphdef, params = nnx.split(model, nnx.Param)
+    optim = ConfigDict(dict(lr=1e-2, schedule="constant", warmup_ratio=0.0, clip_norm=0.0, b1=0.9, b2=0.99,
+                            eps=1e-8, weight_decay=0.1, mu_dtype="float32"))
+    tx, _ = train_steps.make_optimizer(optim, 10)
+    torch_opt = torch.optim.AdamW([{"params": [named[n] for n in named if n in decayed], "weight_decay": 0.1},
+                                   {"params": [named[n] for n in named if n not in decayed], "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    ids = np.random.default_rng(0).integers(3, 128, (2, 12))
+    weights = np.random.default_rng(1).standard_normal((2, 12, 128)).astype(np.float32)  # the loss's gradient
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(jnp.asarray(ids)) * weights)  # noqa: E731
+    opt_state = tx.init(params)
+    for _ in range(3):
+        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+        params = optax.apply_updates(params, updates)
+        torch_opt.zero_grad()
+        (tm(torch.tensor(ids)).logits * torch.tensor(weights)).sum().backward()
+        torch_opt.step()
+    want = nnx.state(load_model(save_torch(tm, tmp_path / "after"), dtype="float32"), nnx.Param)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, want)
+    legacy = optax.chain(optax.identity(), optax.adamw(optax.constant_schedule(1e-2), weight_decay=0.1))
+    assert jax.tree.structure(opt_state) == jax.tree.structure(legacy.init(params))
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_learning_rate_schedules_equal_transformers(schedule):
     """Every optimizer step's learning rate as transformers' Trainer gives it (warmup steps: ceil(ratio x steps),

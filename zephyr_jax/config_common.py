@@ -46,7 +46,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8  # AdamW defaults of HF Trainer, used by the recipe
-    c.optim.weight_decay = 0.0  # paper: AdamW without weight decay
+    c.optim.weight_decay = 0.0  # paper: AdamW without weight decay (> 0: every weight but the norms, as in TRL)
     c.optim.clip_norm = 1.0  # HF Trainer's max_grad_norm default
     c.optim.mu_dtype = "float32"  # Adam's first moment; "bfloat16" stores it in 2 bytes a parameter, not 4
 

@@ -46,11 +46,33 @@ def make_optimizer(optim_cfg, total_steps: int):
                                          optax.constant_schedule(optim_cfg.lr)], [warmup])
     else:
         raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: expected one of {SCHEDULES}")
-    tx = optax.chain(
-        optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity(),
-        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay, mu_dtype=jnp.dtype(optim_cfg.mu_dtype)))
-    return tx, schedule
+    adamw = optax.chain(  # optax.adamw's three steps, its decay on decayed_weights only
+        optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                            mu_dtype=jnp.dtype(optim_cfg.mu_dtype)),
+        decay_weights(optim_cfg.weight_decay),
+        optax.scale_by_learning_rate(schedule))
+    clip = optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, adamw), schedule
+
+
+def decayed_weights(params):
+    """Weight decay's mask: every parameter but the RMSNorm scales, as transformers' Trainer (and so TRL) decays
+    every weight but biases and norms (Trainer.get_decay_parameter_names)."""
+    is_norm = lambda path: any(str(getattr(k, "key", "")).endswith("norm") for k in path)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(lambda path, _: not is_norm(path), params)
+
+
+def decay_weights(rate: float) -> optax.GradientTransformation:
+    """AdamW's decoupled decay, updates + rate * params, on decayed_weights(params). Stateless, as optax's unmasked
+    add_decayed_weights: its masked form keeps a MaskedState, so a checkpoint saved before would not restore, nor
+    one resumed with another weight_decay (a change resuming allows)."""
+
+    def decay(updates, params):
+        if rate == 0:
+            return updates
+        return jax.tree.map(lambda u, p, d: u + rate * p if d else u, updates, params, decayed_weights(params))
+
+    return optax.stateless(decay)
 
 
 def loss_position_logps(graphdef, params, batch, max_segments: int | None = None, layer_grad_sum=None):
