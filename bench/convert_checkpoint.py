@@ -68,6 +68,7 @@ def layers_for(size_gb: float, itemsize: int) -> int:
 
 def write_checkpoint(out: str, size_gb: float, dtype: str, shard_size: int) -> int:
     """Writes config.json + model-0000k-of-0000N.safetensors + index; returns the tensor bytes."""
+    import huggingface_hub
     import ml_dtypes
     import safetensors.numpy
 
@@ -75,19 +76,12 @@ def write_checkpoint(out: str, size_gb: float, dtype: str, shard_size: int) -> i
     layers = layers_for(size_gb, np_dtype.itemsize)
     shapes = hf_tensor_shapes(layers)
     rng = np.random.default_rng(0)
-    shards, current, size = [], [], 0  # greedy, in order, as huggingface_hub splits
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * np_dtype.itemsize
-        if current and size + nbytes > shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    shards.append(current)
+    split = huggingface_hub.split_state_dict_into_shards_factory(
+        {name: math.prod(shape) * np_dtype.itemsize for name, shape in shapes.items()},
+        get_storage_size=lambda size: size, filename_pattern="model{suffix}.safetensors", max_shard_size=shard_size)
     os.makedirs(out, exist_ok=True)
     weight_map, total = {}, 0
-    for k, names in enumerate(shards):
-        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    for file, names in split.filename_to_tensors.items():
         tensors = {}
         for name in names:
             if name.endswith("norm.weight"):

@@ -22,6 +22,7 @@ import os
 import re
 import struct
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -384,24 +385,6 @@ def parse_size(size: int | str) -> int:
     return int(m.group(1)) * scale
 
 
-def plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
-    """Tensor names grouped into shards, as huggingface_hub does: in order, opening a new shard when the next
-    tensor would overflow the current one; a tensor bigger than the limit gets a shard of its own."""
-    shards, current, current_size = [], [], 0
-    for name, size in sizes.items():
-        if size > max_shard_size:
-            shards.append([name])
-            continue
-        if current and current_size + size > max_shard_size:
-            shards.append(current)
-            current, current_size = [], 0
-        current.append(name)
-        current_size += size
-    if current:
-        shards.append(current)
-    return shards
-
-
 def _fetch(x: jax.Array) -> np.ndarray:
     """x on the host, leaving no copy behind: np.asarray(x) caches the host copy on x for x's lifetime (a
     sharded or accelerator array would keep a second model on the host after a save). Reading through a fresh
@@ -481,17 +464,17 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     shapes = {name: t.shape[::-1] if tr else t.shape for name, (t, tr) in tensors.items()}
     sizes = {name: math.prod(shapes[name]) * save_dtype[name].itemsize for name in names}
 
-    shards = plan_shards(sizes, parse_size(max_shard_size))
-    if len(shards) == 1:
-        files = [WEIGHTS_NAME]
-    else:
-        files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    # transformers' own split (in order; a tensor over the limit alone) and names: model-0000k-of-0000N.safetensors
+    split = huggingface_hub.split_state_dict_into_shards_factory(
+        sizes, get_storage_size=lambda size: size, filename_pattern=WEIGHTS_NAME.replace(".", "{suffix}.", 1),
+        max_shard_size=parse_size(max_shard_size))
+    files, shards = list(split.filename_to_tensors), list(split.filename_to_tensors.values())
     os.makedirs(out_dir, exist_ok=True)
     # config.json goes first and comes back last: a save killed midway over an earlier one leaves no directory
     # that loads (transformers and zephyr_jax.load both need config.json) instead of old and new shards mixed.
     if os.path.exists(os.path.join(out_dir, CONFIG_NAME)):
         os.remove(os.path.join(out_dir, CONFIG_NAME))
-    _remove_stale_weights(out_dir, keep=set(files) | ({INDEX_NAME} if len(shards) > 1 else set()))
+    _remove_stale_weights(out_dir, keep=set(files) | ({INDEX_NAME} if split.is_sharded else set()))
 
     def blocks(name):
         tensor, transposed = tensors[name]
@@ -500,10 +483,9 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     for file, shard in zip(files, shards):
         entries = [(name, shapes[name], save_dtype[name], blocks(name)) for name in shard]
         _write_safetensors(os.path.join(out_dir, file), entries, metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_parameters": sum(math.prod(s) for s in shapes.values()),
-                              "total_size": sum(sizes.values())},
-                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": sum(math.prod(s) for s in shapes.values()), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
         _write_json(os.path.join(out_dir, INDEX_NAME), index)
 
     dtype_name = str(save_dtype[names[0]])
