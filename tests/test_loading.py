@@ -142,6 +142,17 @@ def test_legacy_unstacked_checkpoint_restores_in_bf16_onto_the_mesh(tmp_path):
 def test_clear_errors(workdir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"/no/such/model does not exist"):
         load_model("/no/such/model")
+    # One rule for models and tokenizers (zephyr_jax/hub.py): huggingface_hub's own repo-id check.
+    from zephyr_jax.hub import local_dir
+
+    (tmp_path / "file").write_text("x")
+    assert local_dir(str(tmp_path), "model") == str(tmp_path) and local_dir("org/name", "model") is None
+    assert local_dir("gpt2", "model") is None
+    for bad in ("./missing", "~/missing-model", "a//b", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=f"model {bad} does not exist .neither a local directory nor"):
+            local_dir(bad, "model")
+    with pytest.raises(FileNotFoundError, match="tokenizer .*/file is a file: pass the directory that holds it"):
+        local_dir(str(tmp_path / "file"), "tokenizer")
     with pytest.raises(TypeError, match=r"mesh=\(1, 1, 8\): pass a jax Mesh, e.g. sharding.make_mesh\(\(1, 1, 8\)\)"):
         load_model(str(workdir[0]), mesh=(1, 1, 8))  # the CLIs' --mesh shape: failed deep in sharding.py
     with pytest.raises(FileNotFoundError, match=r"neither a Hugging Face model directory .* nor a zephyr_jax"):

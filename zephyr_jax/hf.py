@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zephyr_jax.hub import local_dir
 from zephyr_jax.model import Mistral, MistralConfig
 
 CONFIG_NAME = "config.json"
@@ -189,13 +190,9 @@ def _write_safetensors(file: str, tensors: list[tuple[str, tuple, np.dtype, call
 
 def resolve(path_or_hub_name: str) -> str:
     """A local checkpoint directory, downloading a hub name (config, safetensors, tokenizer) when needed."""
-    path = os.path.expanduser(path_or_hub_name)
-    if os.path.isdir(path):
+    path = local_dir(path_or_hub_name, "checkpoint directory")
+    if path is not None:
         return path
-    if os.path.exists(path):
-        raise NotADirectoryError(f"{path} is a file: pass the checkpoint directory that holds config.json")
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     from huggingface_hub import snapshot_download
 
     try:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zephyr_jax import checkpoint, hf
+from zephyr_jax.hub import local_dir
 from zephyr_jax.model import Mistral
 from zephyr_jax.model.config import _hashable_rules
 from zephyr_jax.sharding import DEFAULT_RULES, check_params_fit_mesh, named, param_specs
@@ -60,21 +61,6 @@ def _default_device() -> jax.Device:
     return (jax.devices(device) if isinstance(device, str) else jax.devices())[0]
 
 
-def _local_path(path_or_name: str) -> str | None:
-    """The local directory `path_or_name` names; None for a hub name; FileNotFoundError for a path (absolute,
-    relative with ./ or ~, or of more than two parts) that does not exist."""
-    path = os.path.expanduser(path_or_name)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise NotADirectoryError(f"{path} is a file: pass a Hugging Face model directory (config.json + "
-                                 "safetensors) or a zephyr_jax training workdir")
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep * 2 in path:
-        raise FileNotFoundError(f"{path_or_name} does not exist (expected a Hugging Face model directory, a hub "
-                                "name or a zephyr_jax training workdir)")
-    return None
-
-
 def load(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None, *, tokenizer: str | None = None,
          **options) -> tuple[Mistral, transformers.PreTrainedTokenizerBase]:
     """(model, tokenizer): load_model(path_or_name, dtype, mesh, **options) and the tokenizer that goes with it
@@ -101,7 +87,7 @@ def load_model(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     settings = dict(dtype=dtype, param_dtype=jnp.dtype(param_dtype if param_dtype is not None else dtype))
     if "sharding_rules" not in config_overrides and _hashable_rules(rules) != _hashable_rules(DEFAULT_RULES):
         config_overrides["sharding_rules"] = rules
-    local = _local_path(path_or_name)
+    local = local_dir(path_or_name, "model")
     workdir = local is not None and is_workdir(local)
     if step != -1 and not workdir:
         raise ValueError(f"step={step}: {path_or_name} is not a zephyr_jax training workdir; steps select one of "

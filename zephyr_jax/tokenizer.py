@@ -18,6 +18,8 @@ import tempfile
 
 import transformers
 
+from zephyr_jax.hub import local_dir
+
 # Zephyr's chat template, exactly as in HuggingFaceH4/zephyr-7b-beta (see shared/RECIPE.md).
 ZEPHYR_CHAT_TEMPLATE = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 
@@ -79,16 +81,10 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
 def _check_tokenizer_path(path_or_name: str) -> None:
     """A local tokenizer path that does not exist, or a directory without a tokenizer, named (transformers takes
     the first for a malformed hub name and says of the second that sentencepiece is not installed)."""
-    path = os.path.expanduser(path_or_name)
-    if os.path.isdir(path):
-        if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            raise FileNotFoundError(f"tokenizer directory {path} holds none of {', '.join(TOKENIZER_FILES)} (it "
-                                    f"holds {sorted(os.listdir(path))[:10]})")
-    elif os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer {path_or_name} is a file: pass the directory that holds it")
-    elif path.startswith(("/", ".", "~")) or path.count("/") > 1:
-        raise FileNotFoundError(f"tokenizer {path_or_name} does not exist (expected a tokenizer directory or a hub "
-                                "name)")
+    path = local_dir(path_or_name, "tokenizer")
+    if path is not None and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"tokenizer directory {path} holds none of {', '.join(TOKENIZER_FILES)} (it "
+                                f"holds {sorted(os.listdir(path))[:10]})")
 
 
 def tokenizer_for(path: str | None, tokenizer: str | None = None) -> transformers.PreTrainedTokenizerBase:

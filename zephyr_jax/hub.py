@@ -1,0 +1,25 @@
+"""A local directory or a Hugging Face hub name: one rule for every `path_or_name` (models, tokenizers)."""
+
+from __future__ import annotations
+
+import os
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+
+def local_dir(path_or_name: str, what: str) -> str | None:
+    """The local directory `path_or_name` names (~ expanded), or None for a hub name ("org/name", "gpt2").
+    A file, or a path that is neither a directory nor a valid hub name (absolute, ./ or ~, three parts, a//b),
+    raises FileNotFoundError naming `what` (transformers and the hub client would ask for a valid repo id)."""
+    path = os.path.expanduser(path_or_name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} is a file: pass the directory that holds it")
+    try:
+        validate_repo_id(path_or_name)
+    except HFValidationError:
+        raise FileNotFoundError(f"{what} {path_or_name} does not exist (neither a local directory nor a Hugging "
+                                "Face hub name)") from None
+    return None
