@@ -50,10 +50,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, state_shardi
 
 
 def _key(entry) -> str:
-    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
+    """A key path entry (DictKey, SequenceKey, GetAttrKey) as its plain name or index."""
+    return jax.tree_util.keystr((entry,), simple=True, separator="")
 
 
 def _stacked_path(path: tuple) -> tuple[tuple, int | None]:

@@ -95,14 +95,7 @@ def hf_names(cfg: MistralConfig) -> list[str]:
 
 def _dotted(path) -> str:
     """A state path (tuple of names/indices, or jax key path entries) as "layers.0.mlp.up_proj.kernel"."""
-    parts = []
-    for p in path:
-        for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
-            if hasattr(p, attr):
-                p = getattr(p, attr)
-                break
-        parts.append(str(p))
-    return ".".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
 
 
 # ---------------------------------------------------------------------------------------------------------
