@@ -21,6 +21,8 @@ axis of both operands). How the buffers are stored depends on the platform (benc
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -99,3 +101,28 @@ def read(buffer, heads_first: bool, layer, rows, length: int):
     block = jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), sizes)[0]
     block = block if rows is None else jnp.take(block, rows, axis=0, mode="clip")
     return block if heads_first else block.transpose(0, 2, 1, 3)
+
+
+class CacheStep(NamedTuple):
+    """One layer's view of the engine's KV cache during a decoding call: the whole buffers (carried through the
+    layer scan, so each write is in place), the layer, which cache rows the batch's rows are (None: row b is
+    slot b), the new tokens' positions [B, T], the [B, 1, T, kv_length] mask over the positions attention reads
+    (kv_length: a static bucket), and the buffers' storage order."""
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+    rows: jax.Array | None
+    positions: jax.Array
+    mask: jax.Array
+    heads_first: bool  # the buffers' storage order (axes)
+
+    def write(self, k, v) -> "CacheStep":
+        rows = jnp.arange(k.shape[0]) if self.rows is None else self.rows
+        order = self.heads_first
+        return self._replace(k=write(self.k, order, self.layer, rows, self.positions, k),
+                             v=write(self.v, order, self.layer, rows, self.positions, v))
+
+    def read(self):
+        length = self.mask.shape[-1]
+        return (read(self.k, self.heads_first, self.layer, self.rows, length),
+                read(self.v, self.heads_first, self.layer, self.rows, length))

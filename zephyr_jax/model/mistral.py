@@ -6,8 +6,6 @@ Every parameter carries `logical_axes` metadata; sharding.py maps those names on
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,8 +72,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, segment_ids, cache=None, max_segments=None):
         """Training / scoring: attend(...) with the config's kernel over this row's segments. Prefill chunks and
-        decoding: cache = a CacheStep; the new keys and values are written into it, then the queries attend over
-        its first kv_length positions."""
+        decoding: cache = a kv_cache.CacheStep; the new keys and values are written into it, then the queries
+        attend over its first kv_length positions."""
         cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -145,32 +143,7 @@ def remat_policy(name: str):
     return table[name]
 
 
-class CacheStep(NamedTuple):
-    """One layer's view of the engine's KV cache during a decoding call: the whole buffers (carried through the
-    layer scan, so each write is in place), the layer, which cache rows the batch's rows are (None: row b is
-    slot b), the new tokens' positions [B, T], the [B, 1, T, kv_length] mask over the positions attention reads
-    (kv_length: a static bucket), and the buffers' storage order."""
-    k: jax.Array
-    v: jax.Array
-    layer: jax.Array
-    rows: jax.Array | None
-    positions: jax.Array
-    mask: jax.Array
-    heads_first: bool  # the buffers' storage order (kv_cache.axes)
-
-    def write(self, k, v) -> "CacheStep":
-        rows = jnp.arange(k.shape[0]) if self.rows is None else self.rows
-        order = self.heads_first
-        return self._replace(k=kv_cache.write(self.k, order, self.layer, rows, self.positions, k),
-                             v=kv_cache.write(self.v, order, self.layer, rows, self.positions, v))
-
-    def read(self):
-        length = self.mask.shape[-1]
-        return (kv_cache.read(self.k, self.heads_first, self.layer, self.rows, length),
-                kv_cache.read(self.v, self.heads_first, self.layer, self.rows, length))
-
-
-def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: CacheStep | None = None, *, remat="none",
+def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: kv_cache.CacheStep | None = None, *, remat="none",
                max_segments=None, unroll=False, grad_sum=None):
     """The decoder stack as one jax.lax.scan over the layers' stacked parameters, so XLA compiles one layer,
     not num_hidden_layers copies. `layers` is a DecoderLayer whose parameters carry a leading layer axis.
@@ -303,7 +276,7 @@ class Mistral(nnx.Module):
         mask = keys[None, None, :] <= positions[:, :, None]
         if cfg.sliding_window is not None:
             mask = mask & (positions[:, :, None] - keys[None, None, :] < cfg.sliding_window)
-        step = CacheStep(cache.k, cache.v, jnp.zeros((), jnp.int32), rows, positions, mask[:, None],
+        step = kv_cache.CacheStep(cache.k, cache.v, jnp.zeros((), jnp.int32), rows, positions, mask[:, None],
                          cache.heads_first)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         x, cache = run_layers(self.layers, self._embed(input_ids), cos, sin, None, step,
