@@ -62,8 +62,7 @@ def test_tpu_pod_stop_ends_the_trainers_and_run_returns_their_exit_status(tmp_pa
         "time.sleep(60)\n")
     (home / "venv" / "bin").mkdir(parents=True)
     os.symlink(sys.executable, home / "venv" / "bin" / "python")
-    env = {**os.environ, "PATH": f"{_bash_c_gcloud(tmp_path)}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
-           "VENV": str(home / "venv"), "TPU_NAME": "z", "ZONE": "z"}
+    env = _bash_c_gcloud(tmp_path, home, VENV=str(home / "venv"))
     run = subprocess.Popen(["bash", "launch/tpu_pod.sh", "run", "--", "--config=x"], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -191,22 +190,19 @@ def test_local_launcher_splits_the_gpus_cuda_visible_devices_names(tmp_path):
         assert out.returncode == 0 and f"gpus={none}\n" in out.stdout, (none, out.stderr)
 
 
-def _bash_c_gcloud(tmp_path):
-    """A stand-in gcloud that runs `--command`'s text under `bash -c` in HOME, as sshd does on each worker."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "gcloud").write_text('#!/usr/bin/env bash\nwhile [[ $# -gt 0 && "$1" != --command ]]; do shift; done\n'
-                                    'cd "$HOME" && exec bash -c "$2"\n')
-    (bin_dir / "gcloud").chmod(0o755)
-    return bin_dir
+def _bash_c_gcloud(tmp_path, home, **env):
+    """The environment of a stand-in gcloud that runs `--command`'s text under `bash -c` in `home`, as sshd does on
+    each worker."""
+    shimmed = _shims(tmp_path, gcloud='while [[ $# -gt 0 && "$1" != --command ]]; do shift; done\n'
+                                      'cd "$HOME" && exec bash -c "$2"\n')
+    return {**shimmed, "HOME": str(home), "TPU_NAME": "z", "ZONE": "z", **env}
 
 
 def test_tpu_pod_login_writes_the_token_where_huggingface_hub_reads_it_and_only_the_owner_can(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     token = "hf_a'b c$HOME\"`x`"  # quotes, a space and shell syntax arrive as they are
-    env = {**os.environ, "PATH": f"{_bash_c_gcloud(tmp_path)}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
-           "TPU_NAME": "z", "ZONE": "z", "HF_TOKEN": token}
+    env = _bash_c_gcloud(tmp_path, home, HF_TOKEN=token)
     out = subprocess.run(["bash", "launch/tpu_pod.sh", "login"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0, out.stderr
@@ -222,16 +218,11 @@ def test_local_launcher_inside_a_slurm_allocation_gives_each_process_its_share_o
     """Inside `srun --pty bash` or an sbatch job, SLURM's variables are set; with SLURM_LOCALID among them JAX's
     cluster detection takes one GPU a process (jax.distributed.initialize's local_device_ids), so each process
     would keep only the first of its GPUs. A stand-in python prints what a process sees."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text('#!/usr/bin/env bash\n'
-                                    'echo "gpus=$CUDA_VISIBLE_DEVICES localid=${SLURM_LOCALID-unset}"\n')
-    (bin_dir / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LOG_DIR": str(tmp_path / "logs"),
+    env = {**_shims(tmp_path, python='echo "gpus=$CUDA_VISIBLE_DEVICES localid=${SLURM_LOCALID-unset}"\n'),
            "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1",
            "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
     out = subprocess.run(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["gpus=0,1", "localid=unset"]
-    assert (tmp_path / "logs" / "process_1.log").read_text().split() == ["gpus=2,3", "localid=unset"]
+    assert (tmp_path / "process_1.log").read_text().split() == ["gpus=2,3", "localid=unset"]
