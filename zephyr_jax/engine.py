@@ -40,7 +40,7 @@ from flax import nnx
 
 from zephyr_jax.model import KVCache, kv_cache
 from zephyr_jax.sampling import sample
-from zephyr_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh
+from zephyr_jax.sharding import logical_to_spec, make_mesh
 
 TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)
 MAX_STOP_TOKENS = 8  # stop token ids per request, the EOS included
@@ -332,7 +332,7 @@ class Engine:
         logical = [{"slots": "batch", "kv_heads": "kv_heads"}.get(axis) for axis in axes]
         sizes = {"slots": self.max_slots, "kv_heads": self.config.num_key_value_heads}
         spec = []
-        for axis, named in zip(axes, logical_to_spec(logical, self.config.sharding_rules or DEFAULT_RULES)):
+        for axis, named in zip(axes, logical_to_spec(logical, self.config.sharding_rules)):
             split = tuple(a for a in ((named,) if isinstance(named, str) else named or ()) if mesh.shape.get(a, 1) > 1)
             if not split or sizes[axis] % math.prod(mesh.shape[a] for a in split):
                 split = ()  # unsplit: nothing to split it over, or it does not divide

@@ -186,10 +186,8 @@ def resolve(path_or_hub_name: str) -> str:
     path = local_dir(path_or_hub_name, "checkpoint directory")
     if path is not None:
         return path
-    from huggingface_hub import snapshot_download
-
     try:
-        return snapshot_download(path_or_hub_name, allow_patterns=HUB_PATTERNS)
+        return huggingface_hub.snapshot_download(path_or_hub_name, allow_patterns=HUB_PATTERNS)
     except Exception as e:
         raise OSError(f"{path_or_hub_name!r} is not a local directory and could not be fetched from the Hugging "
                       f"Face Hub ({type(e).__name__}: {e}). Check the name, your network / HF_HUB_OFFLINE, and "

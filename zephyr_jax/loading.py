@@ -27,8 +27,7 @@ from flax import nnx
 from zephyr_jax import checkpoint, hf
 from zephyr_jax.hub import local_dir
 from zephyr_jax.model import Mistral
-from zephyr_jax.model.config import _hashable_rules
-from zephyr_jax.sharding import DEFAULT_RULES, check_params_fit_mesh, named, param_specs
+from zephyr_jax.sharding import DEFAULT_RULES, check_params_fit_mesh, named, param_specs, rules_table
 
 if TYPE_CHECKING:
     import transformers
@@ -85,7 +84,7 @@ def load_model(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     """
     dtype = jnp.dtype(dtype)
     settings = dict(dtype=dtype, param_dtype=jnp.dtype(param_dtype if param_dtype is not None else dtype))
-    if "sharding_rules" not in config_overrides and _hashable_rules(rules) != _hashable_rules(DEFAULT_RULES):
+    if "sharding_rules" not in config_overrides and rules_table(rules) != rules_table(DEFAULT_RULES):
         config_overrides["sharding_rules"] = rules
     local = local_dir(path_or_name, "model")
     workdir = local is not None and is_workdir(local)

@@ -9,6 +9,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from zephyr_jax.sharding import rules_table
+
 # Fields that describe the architecture and appear in a Hugging Face config.json.
 _HF_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -95,7 +97,7 @@ class MistralConfig:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
-        object.__setattr__(self, "sharding_rules", _hashable_rules(self.sharding_rules))
+        object.__setattr__(self, "sharding_rules", rules_table(self.sharding_rules))  # hashable: jit keys on it
         for name in ("dtype", "param_dtype"):  # accept "bfloat16" strings from configs and the command line
             object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
             if not jnp.issubdtype(getattr(self, name), jnp.floating):  # int8 failed deep in jax.random
@@ -162,9 +164,3 @@ class MistralConfig:
                  torch_dtype=str(jnp.dtype(self.param_dtype)), use_cache=True)
         return d
 
-
-def _hashable_rules(rules) -> tuple:
-    """Rules as nested tuples (from a config, JSON lists or None), so the config stays hashable for jit."""
-    from zephyr_jax.sharding import rules_table
-
-    return rules_table(rules)
