@@ -192,3 +192,14 @@ def test_on_policy_pairs_prefer_a_right_reply_to_a_wrong_one(tmp_path):
         answer, wrong = mixed[p["prompt"]]
         assert p["chosen"][1]["content"].strip() == answer
         assert p["rejected"][1]["content"].strip() in wrong
+
+
+def test_a_missing_configs_directory_stops_the_demo_before_it_makes_data(tmp_path, monkeypatch):
+    """`pip install .` (not -e) copies the package without configs/: the demo says so at once and writes nothing."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert demo.configs_root() == repo  # this clone, wherever the tests run from
+    monkeypatch.chdir(tmp_path)
+    assert demo.configs_root(repo) == repo
+    with pytest.raises(FileNotFoundError, match="configs/sft.py and configs/dpo.py.*pip install -e"):
+        demo.run_demo(str(tmp_path / "out"), repo_root=str(tmp_path))
+    assert not (tmp_path / "out").exists()

@@ -288,6 +288,19 @@ def on_policy_prefs(generator, out_dir, seed: int = 0, n: int = 3000, samples: i
     return os.path.join(out_dir, "prefs")
 
 
+def configs_root(repo_root: str | None = None) -> str:
+    """The directory whose configs/ the demo trains with: repo_root, else the clone an editable install points at,
+    else the working directory. Checked before any data is made: `pip install .` copies the package but not
+    configs/, and the demo would otherwise fail after minutes of work."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [repo_root] if repo_root else [package_parent, os.getcwd()]
+    for root in candidates:
+        if all(os.path.isfile(os.path.join(root, "configs", f)) for f in ("sft.py", "dpo.py")):
+            return root
+    raise FileNotFoundError(f"the demo needs configs/sft.py and configs/dpo.py; none in {candidates}: run it from "
+                            "the repository's root, or install the clone with `pip install -e .`")
+
+
 def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str = "on-policy") -> dict:
     """Everything the README's first command does; returns the before/after numbers. pairs="on-policy": the
     dSFT model's own samples rated by the programmatic judge; "synthetic": the teacher's scripted pairs."""
@@ -300,7 +313,7 @@ def run_demo(out: str, seed: int = 0, repo_root: str | None = None, pairs: str =
     from zephyr_jax.loading import load_model
     from zephyr_jax.tokenizer import load_tokenizer
 
-    root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = configs_root(repo_root)
     paths = make_demo_data(os.path.join(out, "data"), seed=seed)
     tok = load_tokenizer()
     data = lambda train_dir, eval_dir: {"data.train": train_dir, "data.eval": eval_dir, "logging.tensorboard": False}
@@ -359,7 +372,11 @@ def main(argv=None):
         from zephyr_jax.train import PREEMPTED_EXIT_CODE, Preempted
 
         try:
-            run_demo(args.out, seed=args.seed, pairs=args.pairs)
+            root = configs_root()
+        except FileNotFoundError as e:
+            parser.error(str(e))
+        try:
+            run_demo(args.out, seed=args.seed, repo_root=root, pairs=args.pairs)
         except Preempted as e:  # a training stage stopped early: no later stage starts from it
             print(f"demo stopped: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
