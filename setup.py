@@ -41,7 +41,8 @@ setup(
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8",
                  # the server's tests drive it with real clients: raw HTTP and lm-eval's local-completions
                  "httpx>=0.27", "aiohttp>=3.9", "tenacity>=8.2",
-                 "accelerate>=1.1"],  # transformers' TrainingArguments (the schedule test's reference) needs it
+                 "accelerate>=1.1",  # transformers' TrainingArguments (the schedule test's reference) needs it
+                 "trl==1.16.0"],  # the dDPO reference trainer (tests/test_trl_reference.py reaches into its dataset step)
         "notebooks": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5", "importlib_resources"],  # no TensorFlow needed
         "eval": ["lm_eval>=0.4.13"],  # python -m zephyr_jax.lm_eval_adapter

@@ -1,0 +1,139 @@
+"""dDPO training against TRL's DPOTrainer, the recipe's trainer: the same PyTorch model, pairs and hyper-parameters
+give the same tokens, and two optimizer steps give the same loss, DPO metrics, gradient norm and weights."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from tests.torch_reference import save_torch, torch_mistral
+from zephyr_jax import train
+from zephyr_jax.config_common import load_config
+from zephyr_jax.data import preference_example
+from zephyr_jax.loading import load_model
+from zephyr_jax.tokenizer import load_tokenizer
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR, BETA, STEPS = 1e-2, 0.1, 2
+METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected")
+
+
+def _pairs():
+    """ultrafeedback_binarized rows: one- and two-turn prompts, one with a system turn, replies of unequal
+    lengths (TRL pads them to a batch; zephyr_jax packs them into rows)."""
+    def row(i, prompt_msgs, chosen, rejected):
+        msgs = lambda reply: prompt_msgs + [{"role": "assistant", "content": reply}]  # noqa: E731
+        return {"prompt": prompt_msgs[-1]["content"], "prompt_id": str(i), "chosen": msgs(chosen),
+                "rejected": msgs(rejected), "messages": msgs(chosen), "score_chosen": 8.0, "score_rejected": 3.0}
+
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    return [
+        row(0, [user("Which is the largest: 3 9 4?")], "9", "The largest number in the list is 4."),
+        row(1, [{"role": "system", "content": "You answer in one word."}, user("Name a colour of the sky.")],
+            "Blue.", "Grey, on a cloudy day, or black at night."),
+        row(2, [user("Hi!"), {"role": "assistant", "content": "Hello. How can I help?"}, user("Add 2 and 3.")],
+            "2 + 3 = 5.", "6"),
+        row(3, [user("Spell 'cat' backwards.")], "tac", "It is 'tca', I think, though I am not sure."),
+    ]
+
+
+def _trl_rows(row):
+    """TRL's conversational preference form: the prompt's messages, then the last reply of each side."""
+    return {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
+
+
+class _Record(transformers.TrainerCallback):
+    """TRL's logged metrics, by optimizer step."""
+
+    def __init__(self):
+        self.logs = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.logs[state.global_step] = dict(logs)
+
+
+class _OnTheRecipesTokens(trl.DPOTrainer):
+    """TRL's collator, loss and optimizer on zephyr_jax's tokens (TRL's own, kept in `trl_tokens`, differ: TRL 1.16
+    tokenizes the chat template without BOS or the alignment-handbook's empty system turn, which the recipe has)."""
+
+    recipe_tokens: list
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        self.trl_tokens = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return datasets.Dataset.from_list(self.recipe_tokens)
+
+
+def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path):
+    tok = load_tokenizer()
+    model_dir = save_torch(torch_mistral(seed=0, vocab_size=32000, hidden_size=32, intermediate_size=64,
+                                         initializer_range=0.2), tmp_path / "model")
+    tok.save_pretrained(model_dir)  # TRL tokenizes with the same tokenizer and Zephyr chat template
+    rows = _pairs()
+    data = tmp_path / "prefs"
+    data.mkdir()
+    (data / "train_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # TRL: DPOTrainer.train() for two steps of the whole batch, in float32 (DPOConfig's bf16 defaults to True, which
+    # autocasts even on the CPU and wraps the reference model's forward).
+    torch.manual_seed(0)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_steps=STEPS, learning_rate=LR,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", bf16=False, beta=BETA, loss_type=["sigmoid"],
+        max_length=None, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        dataloader_drop_last=False, model_init_kwargs={"dtype": torch.float32, "attn_implementation": "eager"})
+    examples = [preference_example(r, i, tok) for i, r in enumerate(rows)]
+    assert not any(e.truncated for e in examples)
+    _OnTheRecipesTokens.recipe_tokens = [{"prompt_ids": e.prompt.tolist(), "chosen_ids": e.chosen.tolist(),
+                                          "rejected_ids": e.rejected.tolist()} for e in examples]
+    record = _Record()
+    trainer = _OnTheRecipesTokens(
+        model=model_dir, args=args, processing_class=transformers.AutoTokenizer.from_pretrained(model_dir),
+        train_dataset=datasets.Dataset.from_list([_trl_rows(r) for r in rows]), callbacks=[record])
+    # Where TRL's own tokens differ: the prompt's start (BOS, the handbook's empty system turn, and so the user
+    # turn's first token, "<" rather than " <"), and the template's "\n" after a reply's </s>, which zephyr_jax
+    # leaves out (a sequence ends at EOS, where generation stops). The rest is the same tokens.
+    for i, (e, theirs) in enumerate(zip(examples, trainer.trl_tokens)):
+        assert tok.decode(e.prompt).endswith(tok.decode(theirs["prompt_ids"])), i
+        assert tok.decode(e.prompt).startswith(tok.bos_token + " <|system|>\n"), i
+        for name in ("chosen", "rejected"):
+            ours, trls = getattr(e, name).tolist(), list(theirs[f"{name}_ids"])
+            assert trls[:len(ours)] == ours and tok.decode(trls[len(ours):]).strip() == "", (i, name)
+    trainer.train()
+
+    # zephyr_jax: the training loop on the same pairs, packed, with the same optimizer.
+    cfg = load_config(f"{ROOT}/configs/dpo.py:tiny", **{
+        "model.init": "hf", "model.path": model_dir, "tokenizer": model_dir, "data.train": str(data),
+        "data.eval": str(data), "data.eval_split": "train_prefs", "data.max_train_examples": -1,
+        "data.max_eval_examples": -1, "data.max_length": 1024, "data.max_prompt_length": 512,
+        "train.global_batch_size": len(rows), "train.max_steps": STEPS, "train.eval_every": 0,
+        "train.save_every": STEPS, "train.log_every": 1, "train.progress": False, "logging.tensorboard": False,
+        "optim.lr": LR, "optim.schedule": "constant", "optim.warmup_ratio": 0.0, "optim.clip_norm": 1.0,
+        "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-8, "optim.weight_decay": 0.0, "dpo.beta": BETA,
+        "dpo.loss_type": "sigmoid", "mesh.num_devices": 1})
+    workdir = str(tmp_path / "ours")
+    train.run(cfg, workdir)
+    with open(f"{workdir}/metrics.jsonl") as f:
+        ours = {r["step"]: r for r in map(json.loads, f) if r["split"] == "train"}
+
+    for step in range(1, STEPS + 1):
+        for name in METRICS:  # step 1: log-probs and the gradient; step 2: the loss after one update
+            if step == 1 and name == "rewards/accuracies":
+                continue  # the policy is the reference: every reward is 0 up to rounding, a strict > is a coin toss
+            np.testing.assert_allclose(ours[step][name], record.logs[step][name], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"step {step}: {name}")
+    assert abs(ours[2]["loss"] - np.log(2)) > 1e-3  # the first update moved the loss (the test has teeth)
+    # Two Adam steps move a weight by up to 2 LR (here up to 0.02); the two trainers' weights agree to LR / 100.
+    want = nnx.state(load_model(save_torch(trainer.model, tmp_path / "trl_after"), dtype="float32"), nnx.Param)
+    got = nnx.state(load_model(workdir, dtype="float32"), nnx.Param)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=LR / 100), got, want)
