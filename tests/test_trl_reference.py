@@ -1,5 +1,6 @@
-"""dDPO training against TRL's DPOTrainer, the recipe's trainer: the same PyTorch model, pairs and hyper-parameters
-give the same tokens, and two optimizer steps give the same loss, DPO metrics, gradient norm and weights."""
+"""Training against TRL, the recipe's trainers: the same PyTorch model, data and hyper-parameters in TRL's
+DPOTrainer and SFTTrainer and in zephyr_jax's loop give, over two optimizer steps, the same loss, metrics, gradient
+norm and weights."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from flax import nnx
 from tests.torch_reference import save_torch, torch_mistral
 from zephyr_jax import train
 from zephyr_jax.config_common import load_config
-from zephyr_jax.data import preference_example
+from zephyr_jax.data import preference_example, sft_example
 from zephyr_jax.loading import load_model
 from zephyr_jax.tokenizer import load_tokenizer
 
@@ -73,25 +74,57 @@ class _OnTheRecipesTokens(trl.DPOTrainer):
         return datasets.Dataset.from_list(self.recipe_tokens)
 
 
-def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path):
-    tok = load_tokenizer()
+def _model_dir(tmp_path, tok) -> str:
+    """A random PyTorch Mistral with the real vocabulary, and the Zephyr tokenizer beside it."""
     model_dir = save_torch(torch_mistral(seed=0, vocab_size=32000, hidden_size=32, intermediate_size=64,
                                          initializer_range=0.2), tmp_path / "model")
-    tok.save_pretrained(model_dir)  # TRL tokenizes with the same tokenizer and Zephyr chat template
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def _trl_args(config_class, tmp_path, batch_size: int, **fields):
+    """Two steps of the whole data set, AdamW with a constant LR, in float32: TRL's configs default bf16 to True,
+    which autocasts even on the CPU (and wraps DPO's reference model's forward)."""
+    return config_class(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=batch_size, max_steps=STEPS, learning_rate=LR,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", bf16=False, max_length=None, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, seed=0, dataloader_drop_last=False,
+        model_init_kwargs={"dtype": torch.float32, "attn_implementation": "eager"}, **fields)
+
+
+def _our_run(tmp_path, stage: str, model_dir: str, data, **overrides) -> tuple[dict, str]:
+    """zephyr_jax's training loop for two steps with the same optimizer: (metrics by step, workdir)."""
+    split = "train_sft" if stage == "sft" else "train_prefs"
+    cfg = load_config(f"{ROOT}/configs/{stage}.py:tiny", **{
+        "model.init": "hf", "model.path": model_dir, "tokenizer": model_dir, "data.train": str(data),
+        "data.eval": str(data), "data.eval_split": split, "data.max_train_examples": -1,
+        "data.max_eval_examples": -1, "train.max_steps": STEPS, "train.eval_every": 0, "train.save_every": STEPS,
+        "train.log_every": 1, "train.progress": False, "logging.tensorboard": False, "optim.lr": LR,
+        "optim.schedule": "constant", "optim.warmup_ratio": 0.0, "optim.clip_norm": 1.0, "optim.b1": 0.9,
+        "optim.b2": 0.999, "optim.eps": 1e-8, "optim.weight_decay": 0.0, "mesh.num_devices": 1, **overrides})
+    workdir = str(tmp_path / "ours")
+    train.run(cfg, workdir)
+    with open(f"{workdir}/metrics.jsonl") as f:
+        return {r["step"]: r for r in map(json.loads, f) if r["split"] == "train"}, workdir
+
+
+def _same_weights(workdir, trl_model, tmp_path):
+    """Two Adam steps move a weight by up to 2 LR (0.02 here); the two trainers' weights agree to LR / 100."""
+    want = nnx.state(load_model(save_torch(trl_model, tmp_path / "trl_after"), dtype="float32"), nnx.Param)
+    got = nnx.state(load_model(workdir, dtype="float32"), nnx.Param)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=LR / 100), got, want)
+
+
+def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path):
+    tok = load_tokenizer()
+    model_dir = _model_dir(tmp_path, tok)
     rows = _pairs()
     data = tmp_path / "prefs"
     data.mkdir()
     (data / "train_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    # TRL: DPOTrainer.train() for two steps of the whole batch, in float32 (DPOConfig's bf16 defaults to True, which
-    # autocasts even on the CPU and wraps the reference model's forward).
-    torch.manual_seed(0)
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_steps=STEPS, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9,
-        adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", bf16=False, beta=BETA, loss_type=["sigmoid"],
-        max_length=None, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-        dataloader_drop_last=False, model_init_kwargs={"dtype": torch.float32, "attn_implementation": "eager"})
+    args = _trl_args(trl.DPOConfig, tmp_path, len(rows), beta=BETA, loss_type=["sigmoid"])
     examples = [preference_example(r, i, tok) for i, r in enumerate(rows)]
     assert not any(e.truncated for e in examples)
     _OnTheRecipesTokens.recipe_tokens = [{"prompt_ids": e.prompt.tolist(), "chosen_ids": e.chosen.tolist(),
@@ -111,20 +144,9 @@ def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path):
             assert trls[:len(ours)] == ours and tok.decode(trls[len(ours):]).strip() == "", (i, name)
     trainer.train()
 
-    # zephyr_jax: the training loop on the same pairs, packed, with the same optimizer.
-    cfg = load_config(f"{ROOT}/configs/dpo.py:tiny", **{
-        "model.init": "hf", "model.path": model_dir, "tokenizer": model_dir, "data.train": str(data),
-        "data.eval": str(data), "data.eval_split": "train_prefs", "data.max_train_examples": -1,
-        "data.max_eval_examples": -1, "data.max_length": 1024, "data.max_prompt_length": 512,
-        "train.global_batch_size": len(rows), "train.max_steps": STEPS, "train.eval_every": 0,
-        "train.save_every": STEPS, "train.log_every": 1, "train.progress": False, "logging.tensorboard": False,
-        "optim.lr": LR, "optim.schedule": "constant", "optim.warmup_ratio": 0.0, "optim.clip_norm": 1.0,
-        "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-8, "optim.weight_decay": 0.0, "dpo.beta": BETA,
-        "dpo.loss_type": "sigmoid", "mesh.num_devices": 1})
-    workdir = str(tmp_path / "ours")
-    train.run(cfg, workdir)
-    with open(f"{workdir}/metrics.jsonl") as f:
-        ours = {r["step"]: r for r in map(json.loads, f) if r["split"] == "train"}
+    ours, workdir = _our_run(tmp_path, "dpo", model_dir, data, **{
+        "train.global_batch_size": len(rows), "data.max_length": 1024, "data.max_prompt_length": 512,
+        "dpo.beta": BETA, "dpo.loss_type": "sigmoid"})  # pairs packed into rows
 
     for step in range(1, STEPS + 1):
         for name in METRICS:  # step 1: log-probs and the gradient; step 2: the loss after one update
@@ -133,7 +155,55 @@ def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path):
             np.testing.assert_allclose(ours[step][name], record.logs[step][name], rtol=1e-5, atol=1e-6,
                                        err_msg=f"step {step}: {name}")
     assert abs(ours[2]["loss"] - np.log(2)) > 1e-3  # the first update moved the loss (the test has teeth)
-    # Two Adam steps move a weight by up to 2 LR (here up to 0.02); the two trainers' weights agree to LR / 100.
-    want = nnx.state(load_model(save_torch(trainer.model, tmp_path / "trl_after"), dtype="float32"), nnx.Param)
-    got = nnx.state(load_model(workdir, dtype="float32"), nnx.Param)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=LR / 100), got, want)
+    _same_weights(workdir, trainer.model, tmp_path)
+
+
+def _dialogues():
+    """ultrachat_200k rows of unequal lengths, one with a system turn and one with two exchanges."""
+    def row(i, *turns):
+        roles = ["system"] * (len(turns) % 2) + ["user", "assistant"] * (len(turns) // 2)
+        messages = [{"role": r, "content": t} for r, t in zip(roles, turns)]
+        return {"prompt": messages[-2]["content"], "prompt_id": str(i), "messages": messages}
+
+    return [row(0, "Which is the largest: 3 9 4?", "9"),
+            row(1, "You answer briefly.", "Name a colour of the sky.", "Blue, or grey on a cloudy day."),
+            row(2, "Hi!", "Hello. How can I help?", "Add 2 and 3.", "2 + 3 = 5."),
+            row(3, "Spell 'cat' backwards.", "tac"),
+            row(4, "Write a haiku about rain.", "Soft rain on the roof,\nthe gutters hum a low song,\nnight keeps its "
+                "secrets."),
+            row(5, "Is 7 prime?", "Yes: its only divisors are 1 and 7.")]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_two_sft_steps_equal_trls_sft_trainer(tmp_path, packing):
+    """The loss is every token's (the recipe's), averaged over the batch's tokens. TRL pads one dialogue a row;
+    zephyr_jax either does the same or packs all six into one row, each its own segment."""
+    tok = load_tokenizer()
+    model_dir = _model_dir(tmp_path, tok)
+    rows = _dialogues()
+    data = tmp_path / "sft"
+    data.mkdir()
+    (data / "train_sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    examples = [sft_example(r, i, tok, loss_on="all") for i, r in enumerate(rows)]
+    assert not any(e.truncated for e in examples)
+    record = _Record()
+    trainer = trl.SFTTrainer(  # TRL takes the recipe's tokens as they are (a dataset with input_ids is not retokenized)
+        model=model_dir, args=_trl_args(trl.SFTConfig, tmp_path, len(rows), packing=False),
+        processing_class=transformers.AutoTokenizer.from_pretrained(model_dir), callbacks=[record],
+        train_dataset=datasets.Dataset.from_list([{"input_ids": e.ids.tolist()} for e in examples]))
+    trainer.train()
+    ours, workdir = _our_run(tmp_path, "sft", model_dir, data, **{
+        "data.packing": packing, "data.loss_on": "all", "data.max_length": 512,
+        "train.global_batch_size": 1 if packing else len(rows)})
+    if packing:
+        assert ours[1]["num_tokens"] == sum(len(e.ids) - 1 for e in examples)  # one row held every dialogue
+
+    # rtol 3e-5: TRL's float32 CPU head is the rougher side here (step 1's gradient norm: float64 autograd of
+    # transformers' model 3.3893779, zephyr_jax 3.3893780, TRL 3.3893401).
+    for step in range(1, STEPS + 1):
+        for name, theirs in (("loss", "loss"), ("grad_norm", "grad_norm"), ("token_accuracy", "mean_token_accuracy")):
+            np.testing.assert_allclose(ours[step][name], record.logs[step][theirs], rtol=3e-5, atol=1e-6,
+                                       err_msg=f"step {step}: {name}")
+    assert ours[2]["loss"] < ours[1]["loss"] - 0.1  # the first update moved the loss (the test has teeth)
+    _same_weights(workdir, trainer.model, tmp_path)
