@@ -1,15 +1,17 @@
-"""Training against TRL, the recipe's trainers: the same PyTorch model, data and hyper-parameters in TRL's
+"""Training against TRL, the library the recipe trained with: the same PyTorch model, data and hyper-parameters in TRL's
 DPOTrainer and SFTTrainer and in zephyr_jax's loop give, over two optimizer steps, the same loss, metrics, gradient
 norm and weights."""
 
 import json
 import os
 
+import datasets
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+import trl  # the test extra pins it: a missing reference fails here rather than skipping
 from flax import nnx
 
 from tests.torch_reference import save_torch, torch_mistral
@@ -18,9 +20,6 @@ from zephyr_jax.config_common import load_config
 from zephyr_jax.data import preference_example, sft_example
 from zephyr_jax.loading import load_model
 from zephyr_jax.tokenizer import load_tokenizer
-
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, BETA, STEPS = 1e-2, 0.1, 2
