@@ -177,10 +177,12 @@ def _dialogues():
             row(5, "Is 7 prime?", "Yes: its only divisors are 1 and 7.")]
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_two_sft_steps_equal_trls_sft_trainer(tmp_path, packing):
+@pytest.mark.parametrize("layout", ["padded", "packed", "two_micro_batches"])
+def test_two_sft_steps_equal_trls_sft_trainer(tmp_path, layout):
     """The loss is every token's (the recipe's), averaged over the batch's tokens. TRL pads one dialogue a row;
-    zephyr_jax either does the same or packs all six into one row, each its own segment."""
+    zephyr_jax does the same, or packs all six into one row (each its own segment), or splits the batch into two
+    micro-batches of unequal token counts (TRL's gradient_accumulation_steps=2: transformers divides by the whole
+    batch's tokens, and so does zephyr_jax; a mean of the micro-batches' means would differ)."""
     tok = load_tokenizer()
     model_dir = _model_dir(tmp_path, tok)
     rows = _dialogues()
@@ -190,15 +192,17 @@ def test_two_sft_steps_equal_trls_sft_trainer(tmp_path, packing):
 
     examples = [sft_example(r, i, tok, loss_on="all") for i, r in enumerate(rows)]
     assert not any(e.truncated for e in examples)
+    packing, micro_batches = layout == "packed", 2 if layout == "two_micro_batches" else 1
     record = _Record()
     trainer = trl.SFTTrainer(  # TRL takes the recipe's tokens as they are (a dataset with input_ids is not retokenized)
-        model=model_dir, args=_trl_args(trl.SFTConfig, tmp_path, len(rows), packing=False),
+        model=model_dir, args=_trl_args(trl.SFTConfig, tmp_path, len(rows) // micro_batches, packing=False,
+                                        gradient_accumulation_steps=micro_batches),
         processing_class=transformers.AutoTokenizer.from_pretrained(model_dir), callbacks=[record],
         train_dataset=datasets.Dataset.from_list([{"input_ids": e.ids.tolist()} for e in examples]))
     trainer.train()
     ours, workdir = _our_run(tmp_path, "sft", model_dir, data, **{
         "data.packing": packing, "data.loss_on": "all", "data.max_length": 512,
-        "train.global_batch_size": 1 if packing else len(rows)})
+        "train.global_batch_size": 1 if packing else len(rows), "train.grad_accum": micro_batches})
     if packing:
         assert ours[1]["num_tokens"] == sum(len(e.ids) - 1 for e in examples)  # one row held every dialogue
 
