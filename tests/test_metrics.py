@@ -169,3 +169,28 @@ def test_causal_flops_count_the_pairs_the_mask_keeps(window):
                                                      rel=1e-12)
     # a frozen reference adds one forward pass, a third of the step's FLOPs, under either count
     assert step_flops(cfg, lengths, True, causal=True) == pytest.approx(step_flops(cfg, lengths, causal=True) * 4 / 3)
+
+
+@pytest.mark.parametrize("seq_len", [16, 37])
+def test_flops_per_token_is_what_torch_counts_for_transformers_mistral(seq_len):
+    """The MFU numerator against torch.utils.flop_counter over transformers' eager Mistral (every matmul, the
+    T x T attention products included): forward + backward, and a forward pass alone."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.torch_reference import torch_mistral
+
+    model = torch_mistral(seed=0)
+    cfg = MistralConfig(**{k: getattr(model.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "tie_word_embeddings")})
+    ids = torch.randint(3, cfg.vocab_size, (2, seq_len))
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            model(ids)
+    with FlopCounterMode(display=False) as step:
+        model(ids).logits.sum().backward()
+    tokens = ids.numel()
+    assert forward.get_total_flops() == pytest.approx(flops_per_token(cfg, seq_len, training=False) * tokens,
+                                                      rel=1e-12)
+    assert step.get_total_flops() == pytest.approx(flops_per_token(cfg, seq_len) * tokens, rel=1e-12)

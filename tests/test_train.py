@@ -757,7 +757,8 @@ def test_logged_throughput_counts_real_tokens_and_their_flops(data_dir, tmp_path
     loader = Loader(examples, cfg.train.global_batch_size,
                     train.preference_batcher(cfg, mesh, cfg.train.global_batch_size), seed=cfg.seed)
     mcfg = train.model_config(cfg)
-    n = mcfg.num_params - mcfg.vocab_size * mcfg.hidden_size  # PaLM's N: no embedding lookup
+    n = mcfg.num_params - mcfg.vocab_size * mcfg.hidden_size - (2 * mcfg.num_hidden_layers + 1) * mcfg.hidden_size
+    # PaLM's N: the matmul weights (no embedding lookup, no norm scales)
     per_layer = mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim
     for record in logged:
         batch, _ = next(loader)
