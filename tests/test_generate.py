@@ -131,20 +131,15 @@ def test_logprobs_of_prompt_and_reply_equal_a_full_forward_pass(small):
 
 
 def _filtered_softmax(logits, temperature, top_k, top_p):
-    """Reference (numpy, float64) of what sampling draws from: HF's temperature, top-k and top-p warpers."""
-    z = np.asarray(logits, np.float64) / temperature
-    keep = np.ones_like(z, bool)
-    if top_k:
-        keep &= z >= np.sort(z)[-top_k]
-    p = np.where(keep, np.exp(z - z.max()), 0.0)
-    p /= p.sum()
-    if top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
-        order = np.argsort(-p)
-        mass_before = np.cumsum(p[order]) - p[order]
-        keep = np.zeros_like(keep)
-        keep[order[mass_before < top_p]] = True
-        p = np.where(keep, p, 0.0) / p[keep].sum()
-    return p
+    """What sampling draws from, as transformers' temperature, top-k and top-p warpers give it (float64)."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(float(temperature))] +
+                                  ([TopKLogitsWarper(int(top_k))] if top_k else []) +
+                                  ([TopPLogitsWarper(float(top_p))] if top_p < 1.0 else []))
+    z = warpers(None, torch.tensor(np.asarray(logits, np.float64))[None])
+    return torch.softmax(z, -1)[0].numpy()
 
 
 def test_greedy_tokens_and_logprobs_equal_argmax_and_log_softmax():
