@@ -120,9 +120,13 @@ def _same_weights(workdir, trl_model, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=LR / 100), got, want)
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.2), ("hinge", 0.0)])
-def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothing):
-    """The paper's loss, and the other losses TRL 1.16 has in the same form (IPO over per-token log-ratios)."""
+@pytest.mark.parametrize("loss_type,label_smoothing,trls_loss", [
+    ("sigmoid", 0.0, "sigmoid"), ("sigmoid", 0.1, "aot"), ("ipo", 0.0, "ipo"), ("robust", 0.2, "robust"),
+    ("hinge", 0.0, "hinge")])
+def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothing, trls_loss):
+    """The paper's loss, and the others TRL 1.16 has in the same form (IPO over per-token log-ratios). TRL 1.16's
+    sigmoid loss has no label smoothing; its "aot" loss sorts the batch's log-ratios, so one pair a micro-batch
+    makes it conservative DPO (cDPO): -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)."""
     tok = load_tokenizer()
     model_dir = _model_dir(tmp_path, tok)
     rows = _pairs()
@@ -130,8 +134,9 @@ def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothi
     data.mkdir()
     (data / "train_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    args = _trl_args(trl.DPOConfig, tmp_path, len(rows), beta=BETA, loss_type=[loss_type],
-                     label_smoothing=label_smoothing)
+    micro_batches = len(rows) if trls_loss == "aot" else 1
+    args = _trl_args(trl.DPOConfig, tmp_path, len(rows) // micro_batches, gradient_accumulation_steps=micro_batches,
+                     beta=BETA, loss_type=[trls_loss], label_smoothing=label_smoothing)
     examples = [preference_example(r, i, tok) for i, r in enumerate(rows)]
     assert not any(e.truncated for e in examples)
     _OnTheRecipesTokens.recipe_tokens = [{"prompt_ids": e.prompt.tolist(), "chosen_ids": e.chosen.tolist(),
