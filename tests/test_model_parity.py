@@ -65,6 +65,16 @@ def test_logits_match_transformers_unpadded_odd_length(pair):
     _assert_close(model(jnp.asarray(ids)), torch_logits(tm, ids))
 
 
+def test_logits_match_transformers_far_into_the_context(pair):
+    """RoPE at positions near Mistral's 32,768, given to both models: float32 angles of ~3e4 radians. (Attention
+    sees only position differences, so this checks the angles' precision far out, not the offset itself.)"""
+    tm, model, _ = pair
+    ids = _random_ids(np.random.default_rng(5), 2, 13)
+    positions = np.tile(32_700 + np.arange(13), (2, 1))
+    _assert_close(model(jnp.asarray(ids), positions=jnp.asarray(positions, jnp.int32)),
+                  torch_logits(tm, ids, position_ids=positions))
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_match_transformers_padded(pair, side):
     tm, model, _ = pair
