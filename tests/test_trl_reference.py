@@ -81,6 +81,13 @@ def _model_dir(tmp_path, tok) -> str:
     return model_dir
 
 
+def _split_dir(folder, split: str, rows: list):
+    """A data directory holding one jsonl split, as the loader reads it."""
+    folder.mkdir()
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def _trl_args(config_class, tmp_path, batch_size: int, **fields):
     """Two steps of the whole data set, AdamW with a constant LR, in float32: TRL's configs default bf16 to True,
     which autocasts even on the CPU (and wraps DPO's reference model's forward)."""
@@ -130,9 +137,7 @@ def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothi
     tok = load_tokenizer()
     model_dir = _model_dir(tmp_path, tok)
     rows = _pairs()
-    data = tmp_path / "prefs"
-    data.mkdir()
-    (data / "train_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _split_dir(tmp_path / "prefs", "train_prefs", rows)
 
     micro_batches = len(rows) if trls_loss == "aot" else 1
     args = _trl_args(trl.DPOConfig, tmp_path, len(rows) // micro_batches, gradient_accumulation_steps=micro_batches,
@@ -202,9 +207,7 @@ def test_two_sft_steps_equal_trls_sft_trainer(tmp_path, layout):
     tok = load_tokenizer()
     model_dir = _model_dir(tmp_path, tok)
     rows = _dialogues()
-    data = tmp_path / "sft"
-    data.mkdir()
-    (data / "train_sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _split_dir(tmp_path / "sft", "train_sft", rows)
 
     examples = [sft_example(r, i, tok, loss_on="all") for i, r in enumerate(rows)]
     assert not any(e.truncated for e in examples)
