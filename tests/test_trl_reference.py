@@ -127,13 +127,14 @@ def _same_weights(workdir, trl_model, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=LR / 100), got, want)
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing,trls_loss", [
-    ("sigmoid", 0.0, "sigmoid"), ("sigmoid", 0.1, "aot"), ("ipo", 0.0, "ipo"), ("robust", 0.2, "robust"),
-    ("hinge", 0.0, "hinge")])
-def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothing, trls_loss):
+@pytest.mark.parametrize("loss_type,label_smoothing,trls_loss,precompute", [
+    ("sigmoid", 0.0, "sigmoid", False), ("sigmoid", 0.0, "sigmoid", True), ("sigmoid", 0.1, "aot", False),
+    ("ipo", 0.0, "ipo", False), ("robust", 0.2, "robust", False), ("hinge", 0.0, "hinge", False)])
+def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothing, trls_loss, precompute):
     """The paper's loss, and the others TRL 1.16 has in the same form (IPO over per-token log-ratios). TRL 1.16's
     sigmoid loss has no label smoothing; its "aot" loss sorts the batch's log-ratios, so one pair a micro-batch
-    makes it conservative DPO (cDPO): -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)."""
+    makes it conservative DPO (cDPO): -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z). precompute: the
+    reference's log-probs computed once before training on both sides, in place of a frozen copy."""
     tok = load_tokenizer()
     model_dir = _model_dir(tmp_path, tok)
     rows = _pairs()
@@ -141,7 +142,8 @@ def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothi
 
     micro_batches = len(rows) if trls_loss == "aot" else 1
     args = _trl_args(trl.DPOConfig, tmp_path, len(rows) // micro_batches, gradient_accumulation_steps=micro_batches,
-                     beta=BETA, loss_type=[trls_loss], label_smoothing=label_smoothing)
+                     beta=BETA, loss_type=[trls_loss], label_smoothing=label_smoothing,
+                     precompute_ref_log_probs=precompute)
     examples = [preference_example(r, i, tok) for i, r in enumerate(rows)]
     assert not any(e.truncated for e in examples)
     _OnTheRecipesTokens.recipe_tokens = [{"prompt_ids": e.prompt.tolist(), "chosen_ids": e.chosen.tolist(),
@@ -165,8 +167,11 @@ def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothi
 
     ours, workdir = _our_run(tmp_path, "dpo", model_dir, data, **{
         "train.global_batch_size": len(rows), "data.max_length": 1024, "data.max_prompt_length": 512,
-        "dpo.beta": BETA, "dpo.loss_type": loss_type,
-        "dpo.label_smoothing": label_smoothing})  # pairs packed into rows
+        "dpo.beta": BETA, "dpo.loss_type": loss_type, "dpo.label_smoothing": label_smoothing,
+        "dpo.precompute_reference": precompute})  # pairs packed into rows
+    # precompute: neither side keeps a reference model (TRL drops it; ours scored the training pairs first)
+    scored = any(name.startswith("train-") for name in os.listdir(f"{workdir}/reference_logps"))
+    assert (trainer.ref_model is None) == precompute == scored
 
     for step in (1, STEPS, "eval"):  # 1: log-probs and the gradient; 2: the loss after one update; eval: the end's
         for name in METRICS:
