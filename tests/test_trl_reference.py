@@ -116,7 +116,7 @@ def _our_run(tmp_path, stage: str, model_dir: str, data, **overrides) -> tuple[d
     with open(f"{workdir}/metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     by_step = {r["step"]: r for r in records if r["split"] == "train"}
-    by_step["eval"] = [r for r in records if r["split"] == "eval"][-1]  # the held-out pass after the last step
+    by_step["eval"] = [r for r in records if r["split"] == "eval"][-1]  # the evaluation after the last step
     return by_step, workdir
 
 
