@@ -42,7 +42,7 @@ setup(
                  # the server's tests drive it with real clients: raw HTTP and lm-eval's local-completions
                  "httpx>=0.27", "aiohttp>=3.9", "tenacity>=8.2",
                  "accelerate>=1.1",  # transformers' TrainingArguments (the schedule test's reference) needs it
-                 "trl==1.16.0"],  # the dDPO reference trainer (tests/test_trl_reference.py reaches into its dataset step)
+                 "trl==1.16.0"],  # the reference trainers (tests/test_trl_reference.py reaches into DPOTrainer)
         "notebooks": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5", "importlib_resources"],  # no TensorFlow needed
         "eval": ["lm_eval>=0.4.13"],  # python -m zephyr_jax.lm_eval_adapter

@@ -66,8 +66,9 @@ def test_logits_match_transformers_unpadded_odd_length(pair):
 
 
 def test_logits_match_transformers_far_into_the_context(pair):
-    """RoPE at positions near Mistral's 32,768, given to both models: float32 angles of ~3e4 radians. (Attention
-    sees only position differences, so this checks the angles' precision far out, not the offset itself.)"""
+    """RoPE at positions near Mistral-7B's 32,768 (past the test model's max_position_embeddings, which the
+    forward pass does not read), given to both models: float32 angles of ~3e4 radians computed as transformers computes
+    them. Attention sees only position differences, so this pins the angles' rounding far out, not the offset."""
     tm, model, _ = pair
     ids = _random_ids(np.random.default_rng(5), 2, 13)
     positions = np.tile(32_700 + np.arange(13), (2, 1))

@@ -13,6 +13,7 @@ import torch
 import transformers
 import trl  # the test extra pins it: a missing reference fails here rather than skipping
 from flax import nnx
+from packaging.version import Version
 
 from tests.torch_reference import save_torch, torch_mistral
 from zephyr_jax import train
@@ -21,9 +22,12 @@ from zephyr_jax.data import preference_example, sft_example
 from zephyr_jax.loading import load_model
 from zephyr_jax.tokenizer import load_tokenizer
 
+# transformers 4.x's Trainer logs the training loss rounded to 4 decimals (5.0 logs it whole); trl 1.16 takes 4.56+
+pytestmark = pytest.mark.skipif(Version(transformers.__version__).major < 5,
+                                reason="compares logged losses to 1e-5: needs transformers 5")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, BETA, STEPS = 1e-2, 0.1, 2
-METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+DPO_METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
 
 
@@ -63,13 +67,18 @@ class _Record(transformers.TrainerCallback):
 
 
 class _OnTheRecipesTokens(trl.DPOTrainer):
-    """TRL's collator, loss and optimizer on zephyr_jax's tokens (TRL's own, kept in `trl_tokens`, differ: TRL 1.16
-    tokenizes the chat template without BOS or the alignment-handbook's empty system turn, which the recipe has)."""
+    """TRL's collator, loss and optimizer on zephyr_jax's tokens, for training and evaluation alike (the tests'
+    two splits are the same pairs). TRL's own tokens of the training split are kept in `trl_tokens`: they differ,
+    as TRL 1.16 renders the chat template without BOS or the alignment-handbook's empty system turn."""
 
-    recipe_tokens: list
+    def __init__(self, recipe_tokens: list, **kwargs):
+        self.recipe_tokens = recipe_tokens  # before super().__init__, which prepares the datasets
+        super().__init__(**kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        self.trl_tokens = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        theirs = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if dataset_name == "train":
+            self.trl_tokens = theirs
         return datasets.Dataset.from_list(self.recipe_tokens)
 
 
@@ -146,16 +155,17 @@ def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothi
                      precompute_ref_log_probs=precompute)
     examples = [preference_example(r, i, tok) for i, r in enumerate(rows)]
     assert not any(e.truncated for e in examples)
-    _OnTheRecipesTokens.recipe_tokens = [{"prompt_ids": e.prompt.tolist(), "chosen_ids": e.chosen.tolist(),
-                                          "rejected_ids": e.rejected.tolist()} for e in examples]
+    recipe_tokens = [{"prompt_ids": e.prompt.tolist(), "chosen_ids": e.chosen.tolist(),
+                      "rejected_ids": e.rejected.tolist()} for e in examples]
     record = _Record()
+    pairs = datasets.Dataset.from_list([_trl_rows(r) for r in rows])
     trainer = _OnTheRecipesTokens(
-        model=model_dir, args=args, processing_class=transformers.AutoTokenizer.from_pretrained(model_dir),
-        train_dataset=datasets.Dataset.from_list([_trl_rows(r) for r in rows]), callbacks=[record],
-        eval_dataset=datasets.Dataset.from_list([_trl_rows(r) for r in rows]))
-    # Where TRL's own tokens differ: the prompt's start (BOS, the handbook's empty system turn, and so the user
-    # turn's first token, "<" rather than " <"), and the template's "\n" after a reply's </s>, which zephyr_jax
-    # leaves out (a sequence ends at EOS, where generation stops). The rest is the same tokens.
+        recipe_tokens, model=model_dir, args=args, callbacks=[record], train_dataset=pairs, eval_dataset=pairs,
+        processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
+    # Where TRL's own tokens differ: the prompt's start (BOS and the handbook's empty system turn; after it the
+    # user turn's first token differs too, "<" rather than " <", so the prompts are compared as text), and the
+    # template's "\n" after a reply's </s>, which zephyr_jax leaves out (a sequence ends at EOS, where generation
+    # stops). The completions, where the loss is, are otherwise the same tokens.
     for i, (e, theirs) in enumerate(zip(examples, trainer.trl_tokens)):
         assert tok.decode(e.prompt).endswith(tok.decode(theirs["prompt_ids"])), i
         assert tok.decode(e.prompt).startswith(tok.bos_token + " <|system|>\n"), i
@@ -174,14 +184,15 @@ def test_two_dpo_steps_equal_trls_dpo_trainer(tmp_path, loss_type, label_smoothi
     assert (trainer.ref_model is None) == precompute == scored
 
     for step in (1, STEPS, "eval"):  # 1: log-probs and the gradient; 2: the loss after one update; eval: the end's
-        for name in METRICS:
+        for name in DPO_METRICS:
             if name == "grad_norm" and step == "eval":
                 continue
             if step == 1 and name == "rewards/accuracies":
                 continue  # the policy is the reference: every reward is 0 up to rounding, a strict > is a coin toss
-            # atol: float32 sums of log-probs near -140 round at ~1.5e-5 (measured between the two), and IPO squares
-            # a difference of them
-            np.testing.assert_allclose(ours[step][name], record.logs[step][name], rtol=1e-5, atol=5e-5,
+            # The loss is a function of differences of float32 log-prob sums near -140, which round at ~1.5e-5
+            # between the two (eval losses: IPO 1.777889 vs 1.777869, hinge 0.036088 vs 0.036090)
+            atol = 5e-5 if name == "loss" else 1e-6
+            np.testing.assert_allclose(ours[step][name], record.logs[step][name], rtol=1e-5, atol=atol,
                                        err_msg=f"step {step}: {name}")
     assert abs(ours[2]["loss"] - ours[1]["loss"]) > 1e-3  # the first update moved the loss (the test has teeth)
     _same_weights(workdir, trainer.model, tmp_path)
@@ -234,11 +245,11 @@ def test_two_sft_steps_equal_trls_sft_trainer(tmp_path, layout):
 
     # rtol 3e-5: TRL's float32 CPU head is the rougher side here (step 1's gradient norm: float64 autograd of
     # transformers' model 3.3893779, zephyr_jax 3.3893780, TRL 3.3893401).
+    # (Token accuracy is not compared: it is 0 on both sides for this random model, and TRL averages it over
+    # micro-batches where zephyr_jax pools their tokens.)
     for step in (1, STEPS, "eval"):
-        for name, theirs in (("loss", "loss"), ("grad_norm", "grad_norm"), ("token_accuracy", "mean_token_accuracy")):
-            if name == "grad_norm" and step == "eval":
-                continue
-            np.testing.assert_allclose(ours[step][name], record.logs[step][theirs], rtol=3e-5, atol=1e-6,
+        for name in ("loss", "grad_norm") if step != "eval" else ("loss",):
+            np.testing.assert_allclose(ours[step][name], record.logs[step][name], rtol=3e-5, atol=1e-6,
                                        err_msg=f"step {step}: {name}")
     assert ours[2]["loss"] < ours[1]["loss"] - 0.1  # the first update moved the loss (the test has teeth)
     _same_weights(workdir, trainer.model, tmp_path)
