@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(Version(transformers.__version__).major < 5,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, BETA, STEPS = 1e-2, 0.1, 2
 DPO_METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected")
+               "logps/chosen", "logps/rejected")
 
 
 def _pairs():
