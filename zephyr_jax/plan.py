@@ -343,8 +343,7 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     passes' worth), the frozen DPO reference's forward, and what is recomputed: the remat policy's part of the
     layers (`remat`, default mcfg.remat), and the head's logits (the fused head keeps none)."""
     e, v, layers = mcfg.hidden_size, mcfg.vocab_size, mcfg.num_hidden_layers
-    # the layers' matmul weights (the norm scales are no matmul: metrics.flops_per_token's N less the LM head)
-    layer_params = mcfg.num_params - v * e * (1 if mcfg.tie_word_embeddings else 2) - (2 * layers + 1) * e
+    layer_params = mcfg.matmul_params - v * e  # the LM head is head_fwd's
     mlp = 2 * 3 * e * mcfg.intermediate_size * layers * positions
     layer_fwd = 2 * layer_params * positions
     attention_fwd = 4 * layers * mcfg.num_attention_heads * mcfg.head_dim * attention_pairs

@@ -112,12 +112,19 @@ class MistralConfig:
         return dataclasses.replace(self, **changes)
 
     @property
-    def num_params(self) -> int:
+    def matmul_params(self) -> int:
+        """The weights each token is multiplied by (N of the FLOP count): the layers' projections and the LM head;
+        not the embedding lookup or the RMSNorm scales."""
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
         mlp = 3 * h * self.intermediate_size
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * (attn + mlp + 2 * h) + embed + h
+        return self.num_hidden_layers * (attn + mlp) + self.vocab_size * h
+
+    @property
+    def num_params(self) -> int:
+        norm_scales = (2 * self.num_hidden_layers + 1) * self.hidden_size
+        embedding = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size  # tied: the LM head's
+        return self.matmul_params + norm_scales + embedding
 
     @classmethod
     def from_hf_dict(cls, d: dict, **jax_settings) -> MistralConfig:

@@ -277,7 +277,7 @@ class Mistral(nnx.Module):
         if cfg.sliding_window is not None:
             mask = mask & (positions[:, :, None] - keys[None, None, :] < cfg.sliding_window)
         step = kv_cache.CacheStep(cache.k, cache.v, jnp.zeros((), jnp.int32), rows, positions, mask[:, None],
-                         cache.heads_first)
+                                  cache.heads_first)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         x, cache = run_layers(self.layers, self._embed(input_ids), cos, sin, None, step,
                               unroll=not cfg.scan_layers)
