@@ -2,6 +2,7 @@
 modes, NaN and config errors. Tiny configs (configs/*.py:tiny) on small local data in the real schemas."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -693,6 +694,12 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"] and evals == []
     assert handlers[0] is not outside and signal.getsignal(signal.SIGTERM) is outside
 
+    # The eval the preemption skipped is the resumed run's first work: no eval step goes unrecorded.
+    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
+                                              "train.eval_every": 3}), str(workdir))
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6] and len(evals) == 2
+
 
 # --- DPO reference modes, NaN. ---
 
@@ -738,6 +745,45 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     with pytest.raises(FloatingPointError, match=r"grad_norm nan at step 7.*last good checkpoint is step 6"):
         train.run(cfg, workdir)
     assert _params(workdir)[0] == 6
+
+
+def test_a_divergence_keeps_the_steps_before_it_on_record(data_dir, tmp_path):
+    """A NaN at step 2 with log_every 4 stopped the run before step 1's record was written: the steps that led up
+    to the divergence were lost. LR 1e30: step 1's loss is finite, its update is not."""
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 4, "train.log_every": 4, "train.save_every": 0,
+                                          "train.eval_every": 0, "optim.lr": 1e30, "optim.warmup_ratio": 0.0})
+    with pytest.raises(FloatingPointError, match=r"loss is nan .* at step 2: stopping\. No checkpoint was saved"):
+        train.run(cfg, str(tmp_path))
+    (record,) = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert record["step"] == 1 and math.isfinite(record["loss"]) and record["lr"] == pytest.approx(1e30, rel=1e-6)
+    assert "tokens_per_sec" not in record  # its wall time would hold step 2's too
+
+
+def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(data_dir, tmp_path, capsys):
+    """A log line is the mean of its steps' metrics, but the learning rate logged was the mean over a warmup's
+    steps: a rate no step used. Without the bar (train.progress=False, a batch job's log), each log line and each
+    eval during training is printed."""
+    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.log_every": 3, "train.save_every": 0,
+                                          "train.eval_every": 3, "optim.warmup_ratio": 0.5})
+    train.run(cfg, str(tmp_path))
+    _, schedule = train_steps.make_optimizer(cfg.optim, 6)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    logged = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+    assert logged == {3: pytest.approx(float(schedule(2))), 6: pytest.approx(float(schedule(5)))}
+    assert float(schedule(2)) != pytest.approx(np.mean([float(schedule(i)) for i in range(3)]))
+    out = capsys.readouterr().out
+    assert "step 3: loss=" in out and "step 6: loss=" in out
+    assert "eval at step 3: {" in out and "eval at step 6: {" in out
+
+
+def test_wandb_asked_for_but_not_installed_is_refused_before_any_work(data_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="wandb_project='zephyr', but wandb is not installed"):
+        train.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}))
+    train.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}), check_model_source=False)
 
 
 # --- Honest throughput: real tokens only, the padding share, MFU from the sequences actually processed. ---

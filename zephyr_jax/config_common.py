@@ -76,7 +76,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True
-    c.logging.wandb_project = ml_collections.config_dict.placeholder(str)  # set to log to W&B (if installed)
+    c.logging.wandb_project = ml_collections.config_dict.placeholder(str)  # set to log to W&B (pip install wandb)
     return c
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import importlib.util
 import json
 import math
 import numbers
@@ -52,7 +53,8 @@ from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 
 
 def check_config(cfg, check_model_source: bool = True) -> None:
-    """check_model_source=False (the planner) skips checking that the init checkpoint exists on this machine."""
+    """check_model_source=False (the planner) skips what only the training machine needs: the init checkpoint on
+    disk, and wandb installed when logging.wandb_project is set."""
     if cfg.stage not in ("sft", "dpo"):
         raise ValueError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
     if ("dpo" in cfg) != (cfg.stage == "dpo"):
@@ -72,6 +74,10 @@ def check_config(cfg, check_model_source: bool = True) -> None:
                          f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
     if check_model_source:
         check_model_source_exists(cfg.model)
+        if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:  # now, not after the data work
+            raise ValueError(f"config.logging.wandb_project={cfg.logging.wandb_project!r}, but wandb is not "
+                             "installed: pip install wandb, or leave logging.wandb_project unset (metrics.jsonl "
+                             "and TensorBoard still get every record)")
     t = cfg.train
     for key in ("global_batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
         if t[key] < 1:  # keep_checkpoints=0 would keep none, the final one included
@@ -689,9 +695,11 @@ def run(cfg, workdir: str) -> dict:
 
     # Resume.
     mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints)
+    eval_due = False  # a preemption at an eval step saved before evaluating: the resumed run evaluates first
     if mngr.latest_step() is not None:
         state, meta = checkpoint.restore(mngr, mngr.latest_step(), jax.eval_shape(lambda: state), state_shardings)
         loader.restore(meta["loader"])
+        eval_due = bool(meta.get("eval_due"))
         print(f"resumed from step {int(state.step)} of {workdir}")
         if int(state.step) > total_steps:
             print(f"step {int(state.step)} is past this run's {total_steps} steps: nothing to train")
@@ -707,6 +715,8 @@ def run(cfg, workdir: str) -> dict:
         with jax.set_mesh(mesh):
             metrics = eval_metrics(cfg, eval_fn, state.params, eval_examples, eval_reference, sharding)
         writer.write(step, metrics, "eval")
+        if jax.process_index() == 0:  # (tqdm.write: above the bar, which stays at the bottom)
+            tqdm.write(f"eval at step {step}: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}))
         return metrics
 
     # The loop. The host never waits for a step's result: metrics stay on the device until a log line, an eval or
@@ -732,6 +742,8 @@ def run(cfg, workdir: str) -> dict:
 
     last_eval, preempted = {}, False
     try:
+        if eval_due and step < total_steps:
+            last_eval = evaluate(step)
         with _sigterm_flag() as sigterm, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
             upcoming = prefetch.submit(next_batch)
             while step < total_steps:
@@ -752,7 +764,8 @@ def run(cfg, workdir: str) -> dict:
                 # sync manager when jax.distributed runs; this process's own SIGTERM flag when it runs alone).
                 # Asked before the eval, so a preempted run spends its grace period saving, not evaluating.
                 preempted = mngr.reached_preemption(step) or sigterm["now"]
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps and not preempted:
+                eval_due = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and step < total_steps
+                if eval_due and not preempted:
                     with log.paused():
                         last_eval = evaluate(step)
                 if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
@@ -760,7 +773,7 @@ def run(cfg, workdir: str) -> dict:
                     # save of a step whose loss went bad (write checks every queued step first).
                     log.write()
                     with log.paused():
-                        checkpoint.save(mngr, state, {"loader": position})
+                        checkpoint.save(mngr, state, {"loader": position, "eval_due": eval_due and preempted})
                         writer.flush()  # the records up to this step on disk before the checkpoint commits
                 if preempted:
                     print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
@@ -772,7 +785,6 @@ def run(cfg, workdir: str) -> dict:
             mngr.wait_until_finished()
         if not preempted and step == total_steps:
             last_eval = evaluate(step)
-            print("eval:", json.dumps({k: round(v, 5) for k, v in last_eval.items()}))
     finally:
         # Also when the loop raised (a bad batch, an out-of-memory on a new shape, Ctrl-C): a checkpoint still
         # being written is finished, not left as a .orbax-checkpoint-tmp directory.
@@ -789,10 +801,12 @@ def run(cfg, workdir: str) -> dict:
 class StepLog:
     """Train metrics on their way from the device to the log. `add` keeps a step's metrics on the device (at most
     two steps ahead of the host: the host then waits, so queued batches stay bounded); `write` fetches every
-    pending step at once and writes one line: the mean of each metric over the steps since the last line, and
-    throughput over the wall time they took (eval and checkpoint time excluded)."""
+    pending step at once and writes one line: the mean of each metric over the steps since the last line (the
+    learning rate: the last step's), and throughput over the wall time they took (eval and checkpoint time
+    excluded). A non-finite loss stops the run after a line of the steps before it."""
 
     SHOWN = ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
+    PRINTED = SHOWN[:2] + ("grad_norm", "lr") + SHOWN[2:] + ("step_time",)  # the line without a bar
 
     def __init__(self, writer, bar, mngr, workdir: str, throughput_of):
         """throughput_of(the steps' BatchInfos, their wall seconds) -> train.throughput's figures."""
@@ -820,27 +834,38 @@ class StepLog:
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # a bad gradient: the update is bad
                 self.mngr.wait_until_finished()
+                self._write_line(with_throughput=False)  # the finite steps before it: what led up to it
+                checkpoints, saved = os.path.join(self.workdir, "checkpoints"), self.mngr.latest_step()
                 raise FloatingPointError(
-                    f"loss is {loss} and grad_norm {grad_norm} at step {step}: stopping. The last good checkpoint is "
-                    "step "
-                    f"{self.mngr.latest_step()} in {os.path.join(self.workdir, 'checkpoints')} (no later step was "
-                    "saved); lower optim.lr, check the data, or use float32 compute to find the cause.")
+                    f"loss is {loss} and grad_norm {grad_norm} at step {step}: stopping. "
+                    + (f"The last good checkpoint is step {saved} in {checkpoints} (no later step was saved)"
+                       if saved is not None else f"No checkpoint was saved in {checkpoints}")
+                    + "; lower optim.lr, check the data, or use float32 compute to find the cause.")
             self.on_host.append((step, {k: float(v) for k, v in metrics.items()}, info, extra))
         self.on_device = []
 
     def write(self) -> None:
         self.check_finite()
+        self._write_line(with_throughput=True)
+
+    def _write_line(self, with_throughput: bool) -> None:
+        """One record of the steps on the host. with_throughput=False leaves out throughput (a run stopping on a bad
+        step: the wall time since the last line also holds steps after these)."""
         if not self.on_host:
             return
         seconds = time.perf_counter() - self.started - self.excluded
         line = {k: float(np.mean([m[k] for _, m, _, _ in self.on_host])) for k in self.on_host[-1][1]}
-        timed = [info for step, _, info, _ in self.on_host if step > (self.timed_from or 0)]
+        line["lr"] = self.on_host[-1][1]["lr"]  # the rate at the line's step, not a mean over a warmup's
+        timed = [info for step, _, info, _ in self.on_host if step > (self.timed_from or 0) and with_throughput]
         if timed:  # (a line of the compiling step alone has no throughput)
             line.update(self.throughput_of(timed, seconds))
             line["step_time"] = seconds / len(timed)
         line.update(self.on_host[-1][3])
-        self.writer.write(self.on_host[-1][0], line)
+        step = self.on_host[-1][0]
+        self.writer.write(step, line)
         self.bar.set_postfix({k: f"{line[k]:.4g}" for k in self.SHOWN if k in line})
+        if self.bar.disable and jax.process_index() == 0:  # no bar (train.progress=False, batch jobs' logs)
+            print(f"step {step}: " + " ".join(f"{k}={line[k]:.4g}" for k in self.PRINTED if k in line), flush=True)
         self.on_host, self.excluded, self.started = [], 0.0, time.perf_counter()
 
     @contextlib.contextmanager
