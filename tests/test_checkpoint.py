@@ -111,6 +111,13 @@ def test_a_checkpoint_of_another_shape_names_the_parameter_and_both_shapes(tmp_p
     with pytest.raises(ValueError, match=r"checkpoint step 2 in .*: params embed_tokens.* has shape \(128, 32\), "
                                          r"but this model's is \(128, 64\)"):
         checkpoint.restore_params(str(tmp_path), abstract, named(mesh, param_specs(abstract)))
+    # Fewer layers: the stacked layers' leading axis differs (not the last), and the message says so rather than
+    # taking the step for damaged.
+    fewer = dataclasses.replace(CFG, num_hidden_layers=CFG.num_hidden_layers - 1)
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(fewer, rngs=nnx.Rngs(0))))
+    with pytest.raises(ValueError, match=rf"params layers.* has shape \({CFG.num_hidden_layers}, 32\), but this "
+                                         rf"model's is \({CFG.num_hidden_layers - 1}, 32\)"):
+        checkpoint.restore_params(str(tmp_path), abstract, named(mesh, param_specs(abstract)))
     # A parameter more or less (a tied model's config over an untied run's checkpoint): named, with the step.
     tied = dataclasses.replace(CFG, tie_word_embeddings=not CFG.tie_word_embeddings)
     _, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(tied, rngs=nnx.Rngs(0))))

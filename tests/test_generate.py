@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.torch_reference import save_torch, torch_mistral
+from tests.torch_reference import save_torch, torch_logits, torch_mistral
 from zephyr_jax.engine import Engine, QueueFull, Request, SamplingParams
 from zephyr_jax.generate import generate_ids
 from zephyr_jax.loading import load_model
@@ -64,6 +64,25 @@ def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path,
     # The third request was admitted and started while the first was still decoding.
     if len(refs[1]) < len(refs[0]):
         assert requests[2].first_token_at < requests[0].finished_at
+
+
+def test_replies_across_the_attention_length_buckets_match_transformers(tmp_path):
+    """The engine attends over a bucket of the cache (128 positions at a time), not all of it. A 200-token prompt in
+    one prefill chunk, and a 124-token prompt whose reply's decode calls of 8 cross position 128: tokens equal
+    transformers' greedy ones and log-probs its full forward pass's (the tests above stay inside one bucket)."""
+    tm = torch_mistral(seed=5, initializer_range=0.2, max_position_embeddings=512)
+    model = load_model(save_torch(tm, tmp_path), dtype="float32")
+    engine = Engine(model, max_slots=2, max_length=400, prefill_chunk=512, decode_steps=8, eos_id=None)
+    for prompt, n in zip(_prompts(0, [200, 124]), [6, 20]):
+        (r,) = engine.generate([Request(prompt, SamplingParams(max_tokens=n, logprobs=0))])
+        with torch.no_grad():
+            out = tm.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=0,
+                              eos_token_id=None, pad_token_id=0)
+        assert r.tokens == out[0, len(prompt):].tolist()
+        whole = prompt + r.tokens
+        logps = torch.log_softmax(torch.tensor(torch_logits(tm, [whole])[0], dtype=torch.float64), -1).numpy()
+        np.testing.assert_allclose(r.logprobs, logps[np.arange(len(prompt) - 1, len(whole) - 1), r.tokens],
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("heads_first", [True, False])
@@ -247,6 +266,15 @@ def test_a_requests_samples_depend_on_its_seed_only(small):
     assert gap[1].tokens == mixed[2].tokens and gap[3].tokens == mixed[3].tokens
     one_a_call = Engine(model, max_slots=4, max_length=64, eos_id=None, decode_steps=1)
     assert engine.decode_steps > 1 and one_a_call.generate([Request(prompts[0], sampled)])[0].tokens == mixed[2].tokens
+    # Token i of a reply is drawn from transformers' logits at its position with key (seed, i): each token its own
+    # key (an off-by-one counter drew the first two with one key).
+    tm, _ = small
+    whole = prompts[0] + mixed[2].tokens
+    logits = torch_logits(tm, [whole])[0, len(prompts[0]) - 1:len(whole) - 1]
+    one = lambda x, dtype=None: jnp.full((len(logits),), x, dtype)  # noqa: E731
+    drawn, _, _ = sample(jnp.asarray(logits), one(1.0), one(0), one(1.0), one(5, jnp.uint32),
+                         jnp.arange(len(logits), dtype=jnp.uint32), top_n=-1)
+    assert np.asarray(drawn).tolist() == mixed[2].tokens
 
 
 def test_generate_calls_of_other_lengths_reuse_the_compiled_programs(small):
@@ -335,6 +363,19 @@ def test_stop_strings_decode_only_the_replys_tail_until_one_appears(small, monke
         if engine._stop_string(r, 1):
             break
     assert r.finish_reason == "stop" and r.text == "The answer is 4."
+    # A stop string of one character and five tokens (byte fallback: "▁" and four bytes), one token a call: the
+    # tail is long enough to hold all of them (one token a character was not).
+    parrot = tok.encode("🦜", add_special_tokens=False)
+    assert len(parrot) == 5
+    reply = tok.encode("The answer is four, as you can see here", add_special_tokens=False) + parrot + \
+        tok.encode(" and more", add_special_tokens=False)
+    r = Request([5], SamplingParams(max_tokens=100, stop=("🦜",)))
+    for token in reply:
+        r.tokens.append(token), r.logprobs.append(0.0), r.top_logprobs.append([])
+        if engine._stop_string(r, 1):
+            break
+    whole = tok.decode(reply)
+    assert r.finish_reason == "stop" and r.text == whole[:whole.index("🦜")]
 
 
 def test_streamed_text_holds_back_what_may_start_a_stop_string():

@@ -16,7 +16,7 @@ from flax import nnx
 from zephyr_jax import losses, train_steps
 from zephyr_jax.data import pack, pack_pairs, pad_sft
 from zephyr_jax.data.batches import (PackedRow, best_fit_decreasing, loss_positions, multiples, pack_rows, plan_pairs,
-                                     plan_length)
+                                     pair_sequence_lengths, plan_length)
 from zephyr_jax.data.preference import PreferenceExample
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.model import Mistral, MistralConfig
@@ -274,3 +274,14 @@ def test_dpo_batches_come_in_few_shapes():
     assert loss_width(200, 1152, buckets) == 384 and loss_width(1000, 1152, buckets) == 1152
     assert {slots_for([[0] * n, [1]]) for n in range(2, 17)} == {16} and slots_for([[0] * 17]) == 32
     assert slots_for([[0], [1]]) == 1
+
+
+def test_a_sequence_that_fills_a_bucket_exactly_takes_that_bucket():
+    """A pair whose chosen sequence is exactly 128 positions (64 prompt + 65 reply tokens, less the shifted last)
+    packs into rows of 128, not 256 (twice the compute), and fits when 128 is the only bucket."""
+    ids = lambda n: np.full(n, 5, np.int32)  # noqa: E731
+    pairs = [PreferenceExample(ids(64), ids(65), ids(10), False)] + \
+        [PreferenceExample(ids(10), ids(20), ids(20), False) for _ in range(3)]
+    assert max(pair_sequence_lengths(pairs[0])) == 128
+    for buckets in ((128, 256, 384), (128,)):
+        assert pack_pairs(pairs, 4, buckets)["inputs"].shape == (4, 128)
