@@ -16,7 +16,7 @@ from flax import nnx
 from zephyr_jax import losses, train_steps
 from zephyr_jax.data import pack, pack_pairs, pad_sft
 from zephyr_jax.data.batches import (PackedRow, best_fit_decreasing, loss_positions, multiples, pack_rows, plan_pairs,
-                                     pair_sequence_lengths, plan_length)
+                                     pair_sequence_lengths, plan_length, stack_rows)
 from zephyr_jax.data.preference import PreferenceExample
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.model import Mistral, MistralConfig
@@ -285,3 +285,19 @@ def test_a_sequence_that_fills_a_bucket_exactly_takes_that_bucket():
     assert max(pair_sequence_lengths(pairs[0])) == 128
     for buckets in ((128, 256, 384), (128,)):
         assert pack_pairs(pairs, 4, buckets)["inputs"].shape == (4, 128)
+
+
+def test_a_rows_loss_count_is_its_batch_rows_loss_positions():
+    """loss_count sizes the loss-position arrays before the rows are built: it must count what the built row's
+    loss mask holds, for an example padded alone and for a packed row (one fewer would refuse a batch whose
+    fullest row sits at a width's edge)."""
+    from zephyr_jax.data.batches import loss_count
+
+    examples = random_sft(24, seed=5)
+    for i, ex in enumerate(examples[:8]):
+        examples[i] = ex._replace(loss_mask=np.ones_like(ex.loss_mask))  # every token learned: BOS's flag too
+    padded = pad_sft(examples, 64)
+    assert [loss_count(ex) for ex in examples] == padded["loss_mask"].sum(1).tolist()
+    rows = pack_rows(examples, 128)
+    assert len(rows) < len(examples)  # (several examples a row)
+    assert [loss_count(row) for row in rows] == stack_rows(rows, 128)["loss_mask"].sum(1).tolist()
