@@ -15,8 +15,8 @@ from flax import nnx
 
 from zephyr_jax import losses, train_steps
 from zephyr_jax.data import pack, pack_pairs, pad_sft
-from zephyr_jax.data.batches import (PackedRow, best_fit_decreasing, loss_positions, multiples, pack_rows, plan_pairs,
-                                     pair_sequence_lengths, plan_length, stack_rows)
+from zephyr_jax.data.batches import (PackedRow, best_fit_decreasing, loss_count, loss_positions, multiples, pack_rows,
+                                     pair_sequence_lengths, plan_length, plan_pairs, stack_rows)
 from zephyr_jax.data.preference import PreferenceExample
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.model import Mistral, MistralConfig
@@ -291,8 +291,6 @@ def test_a_rows_loss_count_is_its_batch_rows_loss_positions():
     """loss_count sizes the loss-position arrays before the rows are built: it must count what the built row's
     loss mask holds, for an example padded alone and for a packed row (one fewer would refuse a batch whose
     fullest row sits at a width's edge)."""
-    from zephyr_jax.data.batches import loss_count
-
     examples = random_sft(24, seed=5)
     for i, ex in enumerate(examples[:8]):
         examples[i] = ex._replace(loss_mask=np.ones_like(ex.loss_mask))  # every token learned: BOS's flag too

@@ -674,11 +674,11 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     """A preemption noticed at an eval step saves at once (a grace period spent on an eval may end in SIGKILL
     before the save), and the save is committed while the loop's SIGTERM handler is still in place (a second
     SIGTERM used to kill the commit)."""
-    real_manager, handlers = checkpoint.manager, []
+    real_manager, handlers, preempt_at = checkpoint.manager, [], [3]
 
     def manager(*args, **kwargs):
         mngr = real_manager(*args, **kwargs)
-        mngr.reached_preemption = lambda step: step == 3
+        mngr.reached_preemption = lambda step: step == preempt_at[0]
         real_wait = mngr.wait_until_finished
         mngr.wait_until_finished = lambda: handlers.append(signal.getsignal(signal.SIGTERM)) or real_wait()
         return mngr
@@ -697,8 +697,19 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     # The eval the preemption skipped is the resumed run's first work: no eval step goes unrecorded.
     train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
                                               "train.eval_every": 3}), str(workdir))
-    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6] and len(evals) == 2
+    records = [(r["step"], r["split"]) for r in map(json.loads, open(workdir / "metrics.jsonl"))]
+    assert [step for step, split in records if split == "eval"] == [3, 6] and len(evals) == 2
+    assert records.index((3, "eval")) < records.index((4, "train"))  # before training on: step 3's parameters
+    # Preempted at its last step (whose final eval it skipped), resumed for more steps: that step is evaluated.
+    preempt_at[0], more = 6, tmp_path / "more"
+    with pytest.raises(train.Preempted, match="at step 6 of 6"):
+        train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
+                                                  "train.eval_every": 4}), str(more))
+    preempt_at[0] = None
+    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 8, "train.save_every": 0,
+                                              "train.eval_every": 4}), str(more))
+    records = [(r["step"], r["split"]) for r in map(json.loads, open(more / "metrics.jsonl"))]
+    assert [step for step, split in records if split == "eval"] == [4, 6, 8]
 
 
 # --- DPO reference modes, NaN. ---
@@ -748,11 +759,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
 
 
 def test_a_divergence_keeps_the_steps_before_it_on_record(data_dir, tmp_path):
-    """A NaN at step 2 with log_every 4 stopped the run before step 1's record was written: the steps that led up
-    to the divergence were lost. LR 1e30: step 1's loss is finite, its update is not."""
+    """A NaN (or Inf) at step 2 with log_every 4 stopped the run before step 1's record was written: the steps
+    that led up to the divergence were lost. LR 1e30: step 1's loss is finite, its update is not."""
     cfg = tiny_config("sft", data_dir, **{"train.max_steps": 4, "train.log_every": 4, "train.save_every": 0,
                                           "train.eval_every": 0, "optim.lr": 1e30, "optim.warmup_ratio": 0.0})
-    with pytest.raises(FloatingPointError, match=r"loss is nan .* at step 2: stopping\. No checkpoint was saved"):
+    with pytest.raises(FloatingPointError, match=r"at step 2: stopping\. No checkpoint was saved"):
         train.run(cfg, str(tmp_path))
     (record,) = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert record["step"] == 1 and math.isfinite(record["loss"]) and record["lr"] == pytest.approx(1e30, rel=1e-6)

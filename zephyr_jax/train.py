@@ -695,11 +695,11 @@ def run(cfg, workdir: str) -> dict:
 
     # Resume.
     mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints)
-    eval_due = False  # a preemption at an eval step saved before evaluating: the resumed run evaluates first
+    eval_skipped = False  # a preemption at an eval step saved before evaluating: the resumed run evaluates first
     if mngr.latest_step() is not None:
         state, meta = checkpoint.restore(mngr, mngr.latest_step(), jax.eval_shape(lambda: state), state_shardings)
         loader.restore(meta["loader"])
-        eval_due = bool(meta.get("eval_due"))
+        eval_skipped = bool(meta.get("eval_skipped"))
         print(f"resumed from step {int(state.step)} of {workdir}")
         if int(state.step) > total_steps:
             print(f"step {int(state.step)} is past this run's {total_steps} steps: nothing to train")
@@ -742,7 +742,7 @@ def run(cfg, workdir: str) -> dict:
 
     last_eval, preempted = {}, False
     try:
-        if eval_due and step < total_steps:
+        if eval_skipped and cfg.train.eval_every and step < total_steps:  # (at the last step: the final eval)
             last_eval = evaluate(step)
         with _sigterm_flag() as sigterm, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
             upcoming = prefetch.submit(next_batch)
@@ -764,16 +764,17 @@ def run(cfg, workdir: str) -> dict:
                 # sync manager when jax.distributed runs; this process's own SIGTERM flag when it runs alone).
                 # Asked before the eval, so a preempted run spends its grace period saving, not evaluating.
                 preempted = mngr.reached_preemption(step) or sigterm["now"]
-                eval_due = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and step < total_steps
-                if eval_due and not preempted:
+                eval_step = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
+                if eval_step and step < total_steps and not preempted:
                     with log.paused():
                         last_eval = evaluate(step)
                 if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
                     # The steps up to the checkpoint on record (save_every need not be a log step), and never a
                     # save of a step whose loss went bad (write checks every queued step first).
                     log.write()
+                    skipped = preempted and (eval_step or step == total_steps)  # (the resumed run's first work)
                     with log.paused():
-                        checkpoint.save(mngr, state, {"loader": position, "eval_due": eval_due and preempted})
+                        checkpoint.save(mngr, state, {"loader": position, "eval_skipped": skipped})
                         writer.flush()  # the records up to this step on disk before the checkpoint commits
                 if preempted:
                     print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
