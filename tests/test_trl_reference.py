@@ -229,12 +229,12 @@ def test_two_sft_steps_equal_trls_sft_trainer(tmp_path, layout):
     assert not any(e.truncated for e in examples)
     packing, micro_batches = layout == "packed", 2 if layout == "two_micro_batches" else 1
     record = _Record()
+    recipe_tokens = datasets.Dataset.from_list([{"input_ids": e.ids.tolist()} for e in examples])
     trainer = trl.SFTTrainer(  # TRL takes the recipe's tokens as they are (a dataset with input_ids is not retokenized)
         model=model_dir, args=_trl_args(trl.SFTConfig, tmp_path, len(rows) // micro_batches, packing=False,
                                         gradient_accumulation_steps=micro_batches),
-        eval_dataset=datasets.Dataset.from_list([{"input_ids": e.ids.tolist()} for e in examples]),
         processing_class=transformers.AutoTokenizer.from_pretrained(model_dir), callbacks=[record],
-        train_dataset=datasets.Dataset.from_list([{"input_ids": e.ids.tolist()} for e in examples]))
+        train_dataset=recipe_tokens, eval_dataset=recipe_tokens)
     trainer.train()
     record.logs["eval"] = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
     ours, workdir = _our_run(tmp_path, "sft", model_dir, data, **{

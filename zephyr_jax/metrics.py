@@ -156,13 +156,11 @@ class MetricWriter:
             except ImportError:
                 print("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
         if wandb_project:
-            try:
-                import wandb
+            import wandb  # installed: train.check_config refuses wandb_project without it, before any work
 
+            try:
                 self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config, resume="allow",
                                         id=wandb_run_id(workdir))
-            except ImportError:
-                print("wandb is not installed: not logging to W&B (pip install wandb)")
             except Exception as e:  # not logged in, offline, a wrong entity: after hours of data and reference work
                 print(f"W&B did not start ({type(e).__name__}: {e}): not logging to W&B (`wandb login`, or "
                       "WANDB_MODE=offline to sync later); metrics.jsonl has every record")

@@ -804,7 +804,7 @@ class StepLog:
     two steps ahead of the host: the host then waits, so queued batches stay bounded); `write` fetches every
     pending step at once and writes one line: the mean of each metric over the steps since the last line (the
     learning rate: the last step's), and throughput over the wall time they took (eval and checkpoint time
-    excluded). A non-finite loss stops the run after a line of the steps before it."""
+    excluded). A non-finite loss or gradient norm stops the run after a line of the steps before it."""
 
     SHOWN = ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
     PRINTED = SHOWN[:2] + ("grad_norm", "lr") + SHOWN[2:] + ("step_time",)  # the line without a bar
@@ -857,7 +857,7 @@ class StepLog:
         seconds = time.perf_counter() - self.started - self.excluded
         line = {k: float(np.mean([m[k] for _, m, _, _ in self.on_host])) for k in self.on_host[-1][1]}
         line["lr"] = self.on_host[-1][1]["lr"]  # the rate at the line's step, not a mean over a warmup's
-        timed = [info for step, _, info, _ in self.on_host if step > (self.timed_from or 0) and with_throughput]
+        timed = [info for step, _, info, _ in self.on_host if step > (self.timed_from or 0)] if with_throughput else []
         if timed:  # (a line of the compiling step alone has no throughput)
             line.update(self.throughput_of(timed, seconds))
             line["step_time"] = seconds / len(timed)
