@@ -58,7 +58,7 @@ def test_one_rule_changes_from_the_command_line(monkeypatch):
     from absl import flags
     from ml_collections import config_flags
 
-    from zephyr_jax import train
+    from zephyr_jax import train, train_checks
     from zephyr_jax.sharding import rules_table
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ def test_one_rule_changes_from_the_command_line(monkeypatch):
     # the spelling a shell makes of "fsdp,tensor" without the parentheses: one axis name that is not a mesh axis
     cfg.mesh.rules.mlp = ("fsdp,tensor",)
     with pytest.raises(ValueError, match=r"sharding rule 'mlp': \['fsdp,tensor'\] is not a mesh axis"):
-        train.check_config(cfg)
+        train_checks.check_config(cfg)
 
 
 def test_the_engines_kv_cache_follows_the_rules():

@@ -19,7 +19,7 @@ import torch
 import transformers
 from flax import nnx
 
-from zephyr_jax import checkpoint, hf, train, train_steps
+from zephyr_jax import checkpoint, hf, metrics, train, train_checks, train_steps
 from zephyr_jax.config_common import load_config
 from zephyr_jax.data import pack_pairs, pad_sft, preference_example, sft_example
 from zephyr_jax.data.batches import loss_positions, multiples
@@ -144,7 +144,7 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
     cfg = tiny_config(stage, data_dir, **{k: v for k, v in overrides.items() if k != "stage"})
     cfg.stage = overrides.get("stage", stage)
     with pytest.raises(ValueError, match=message):
-        train.check_config(cfg)
+        train_checks.check_config(cfg)
 
 
 @pytest.mark.parametrize("variant, overrides", [
@@ -218,7 +218,7 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     added.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     hf.save_pretrained(Mistral(v3.replace(vocab_size=32002), rngs=nnx.Rngs(0)), str(tmp_path / "v1_added"),
                        tokenizer=added)
-    train.check_default_tokenizer(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(
+    train_checks.check_default_tokenizer(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(
         tmp_path / "v1_added")}), 32002, load_tokenizer())
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "model_config.json").write_text("{}")
@@ -240,7 +240,7 @@ def test_a_workdir_config_json_that_is_not_json_is_named_by_every_reader(data_di
     (tmp_path / "model_config.json").write_text("{}")
     (tmp_path / "config.json").write_text('{"stage": "sft", "tok')
     named = rf"{tmp_path / 'config.json'}: not valid JSON"
-    for read in (lambda: train.resume_settings(tiny_config("sft", data_dir), str(tmp_path)),
+    for read in (lambda: train_checks.resume_settings(tiny_config("sft", data_dir), str(tmp_path)),
                  lambda: evaluate.train_config(str(tmp_path)), lambda: tokenizer.tokenizer_source(str(tmp_path))):
         with pytest.raises(ValueError, match=named):
             read()
@@ -287,7 +287,7 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
     with pytest.raises(ValueError, match="stage: 'sft' -> 'dpo'"):
         train.run(tiny_config("dpo", data_dir), sft)
     # The same data folder written another way is the same run.
-    train.resume_settings(tiny_sft(**{"data.train": str(data_dir / "sft") + "/"}), sft)
+    train_checks.resume_settings(tiny_sft(**{"data.train": str(data_dir / "sft") + "/"}), sft)
     assert sorted(checkpoint.manager(sft).all_steps()) == [3]
 
     dpo_cfg = lambda steps: tiny_config("dpo", data_dir, **{  # noqa: E731
@@ -304,7 +304,7 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
         with open(config_json, "w") as f:
             json.dump({**saved, "tokenizer": recorded}, f)
         resumed = dpo_cfg(1)
-        assert train.resume_settings(resumed, dpo) and resumed.tokenizer == recorded
+        assert train_checks.resume_settings(resumed, dpo) and resumed.tokenizer == recorded
     first = json.loads(open(os.path.join(dpo, "metrics.jsonl")).readline())  # policy == reference at step 1
     assert abs(first["rewards/margins"]) < 1e-6 and abs(first["loss"] - np.log(2)) < 1e-5
     train.run(tiny_sft(**{"train.max_steps": 6}), sft)  # SFT goes on
@@ -623,7 +623,7 @@ def test_steps_queued_when_an_eval_or_save_starts_count_as_step_time(monkeypatch
         return x
 
     monkeypatch.setattr(train.jax, "block_until_ready", block_until_ready)
-    log = train.StepLog(None, types.SimpleNamespace(update=lambda n: None), None, "", None)
+    log = metrics.StepLog(None, types.SimpleNamespace(update=lambda n: None), None, "", None)
     log.add(1, {"loss": 0.0}, None)
     with log.paused():
         block_until_ready(None)  # the eval's first fetch
@@ -793,8 +793,8 @@ def test_wandb_asked_for_but_not_installed_is_refused_before_any_work(data_dir, 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match="wandb_project='zephyr', but wandb is not installed"):
-        train.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}))
-    train.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}), check_model_source=False)
+        train_checks.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}))
+    train_checks.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}), check_model_source=False)
 
 
 # --- Honest throughput: real tokens only, the padding share, MFU from the sequences actually processed. ---

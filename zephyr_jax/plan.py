@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zephyr_jax import train, xla_flags
+from zephyr_jax import train, train_checks, xla_flags
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import sequence_lengths
 from zephyr_jax.data.preference import PreferenceExample, truncate_pair
@@ -487,7 +487,7 @@ def compiled_bytes(compiled) -> dict:
 def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> dict:
     """Compiles cfg's train step for `topology` ("local", a TPU slice or GPUs: see target_for) and returns the
     report."""
-    train.check_config(cfg, check_model_source=False)
+    train_checks.check_config(cfg, check_model_source=False)
     target = target_for(topology)
     mesh = train.mesh_for(cfg, target.devices)
     mcfg, model_source = planned_model_config(cfg)

@@ -4,23 +4,19 @@
     python -m zephyr_jax.train --config=configs/dpo.py --workdir=DIR --config.model.path=SFT_WORKDIR
 
 Reads top to bottom: check the config -> mesh -> data -> model -> optimizer -> (DPO reference) -> resume ->
-loop (step, log, eval, checkpoint) -> final eval and checkpoint. The step itself lives in train_steps.py.
+loop (step, log, eval, checkpoint) -> final eval and checkpoint. The step itself lives in train_steps.py, the
+checks of the config, the workdir and the data in train_checks.py, the log lines in metrics.py.
 Multi-process runs (TPU pods, SLURM, N local processes) pass --distributed or the --coordinator_address trio.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
-import importlib.util
 import json
-import math
-import numbers
 import os
 import signal
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -33,177 +29,21 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from zephyr_jax import checkpoint, hf, profiling
+from zephyr_jax import train_checks as checks
 from zephyr_jax import train_steps as steps
-from zephyr_jax.config_common import TINY_ARCH, parse_flags
+from zephyr_jax.config_common import parse_flags
 from zephyr_jax.data import Loader, default_buckets, pad_sft
 from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, sequence_lengths, stack_rows
-from zephyr_jax.data.errors import ON_BAD_ROW
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
-from zephyr_jax.data.sft import LOSS_ON, TOO_LONG
-from zephyr_jax.loading import is_workdir, load_model, run_config
-from zephyr_jax.losses import check_dpo_settings
-from zephyr_jax.metrics import MetricWriter, peak_flops, step_flops
+from zephyr_jax.loading import load_model
+from zephyr_jax.metrics import MetricWriter, StepLog, peak_flops, throughput
 from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs, rules_table
+from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 
 # ---------------------------------------------------------------------------------------------------------
-# Config checks: every mistake a config can hold is reported here, before anything is loaded or compiled.
-
-
-def check_config(cfg, check_model_source: bool = True) -> None:
-    """check_model_source=False (the planner) skips what only the training machine needs: the init checkpoint on
-    disk, and wandb installed when logging.wandb_project is set."""
-    if cfg.stage not in ("sft", "dpo"):
-        raise ValueError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
-    if ("dpo" in cfg) != (cfg.stage == "dpo"):
-        raise ValueError(f"config.stage={cfg.stage!r} in a config {'with' if 'dpo' in cfg else 'without'} a dpo "
-                         "section: the stage is the config file's (configs/sft.py or configs/dpo.py)")
-    for key in ("model.dtype", "model.param_dtype", "optim.mu_dtype", "dpo.reference_dtype"):
-        group, name = key.split(".")
-        if group in cfg:
-            check_float_dtype(cfg[group][name], key)
-    check_optim(cfg.optim)
-    rules_table(cfg.mesh.rules)  # a rule naming something other than a mesh axis
-    if cfg.model.init not in ("hf", "orbax", "random"):
-        raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
-    if cfg.model.init != "random" and cfg.model.arch.to_dict() != TINY_ARCH:  # else unused, yet in config.json
-        changed = sorted(k for k, v in cfg.model.arch.items() if TINY_ARCH.get(k) != v)
-        raise ValueError(f"config.model.arch ({', '.join(changed)}) applies only to model.init='random'; with "
-                         f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
-    if check_model_source:
-        check_model_source_exists(cfg.model)
-        if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:  # now, not after the data work
-            raise ValueError(f"config.logging.wandb_project={cfg.logging.wandb_project!r}, but wandb is not "
-                             "installed: pip install wandb, or leave logging.wandb_project unset (metrics.jsonl "
-                             "and TensorBoard still get every record)")
-    t = cfg.train
-    for key in ("global_batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
-        if t[key] < 1:  # keep_checkpoints=0 would keep none, the final one included
-            raise ValueError(f"train.{key}={t[key]}: must be at least 1")
-    for key in ("eval_every", "save_every", "profile_start"):
-        if t[key] < 0:
-            raise ValueError(f"train.{key}={t[key]}: must be 0 (off) or positive")
-    if t.profile_start and t.profile_steps < 1:
-        raise ValueError(f"train.profile_steps={t.profile_steps} with train.profile_start={t.profile_start}: must "
-                         "be at least 1 (profile_start=0 turns the trace off)")
-    if t.global_batch_size % t.grad_accum:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                         f"train.grad_accum={t.grad_accum}")
-    if t.max_steps <= 0 and t.num_epochs < 1:
-        raise ValueError(f"train.num_epochs={t.num_epochs} with train.max_steps={t.max_steps}: nothing to train "
-                         "(set num_epochs >= 1, or max_steps)")
-    for key in ("pack_window", "packed_rows"):  # 0: automatic (all examples at once / about four sequences a row)
-        if key in cfg.data and cfg.data[key] < 0:
-            raise ValueError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
-    for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"{key}={tuple(values)!r}: expected whole numbers")
-    check_buckets(cfg)
-    for key, allowed in (("on_bad_row", ON_BAD_ROW), ("loss_on", LOSS_ON), ("too_long", TOO_LONG)):
-        if key in cfg.data and cfg.data[key] not in allowed:  # else raised only once the source is read
-            raise ValueError(f"data.{key}={cfg.data[key]!r}: expected one of {allowed}")
-    if cfg.stage == "dpo":
-        try:  # the loss type, beta and label smoothing, by the rules dpo_loss itself applies
-            check_dpo_settings(cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.label_smoothing)
-        except ValueError as e:
-            raise ValueError(f"config.dpo (beta={cfg.dpo.beta}, label_smoothing={cfg.dpo.label_smoothing}): {e}") \
-                from None
-        if not 1 <= cfg.data.max_prompt_length < cfg.data.max_length:
-            raise ValueError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be at least 1 and below "
-                             f"data.max_length={cfg.data.max_length}")
-
-
-def check_float_dtype(value, key: str) -> None:
-    try:
-        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{key}={value!r}: expected a floating-point dtype name (float32, bfloat16, float16)")
-
-
-def check_optim(o) -> None:
-    """AdamW's and the schedule's settings in the ranges where they mean what the recipe means."""
-    if o.schedule not in steps.SCHEDULES:
-        raise ValueError(f"optim.schedule={o.schedule!r}: expected one of {steps.SCHEDULES}")
-    rules = {"lr": (o.lr > 0, "must be positive"), "warmup_ratio": (0 <= o.warmup_ratio <= 1, "must lie in [0, 1]"),
-             "b1": (0 <= o.b1 < 1, "must lie in [0, 1)"), "b2": (0 <= o.b2 < 1, "must lie in [0, 1)"),
-             "eps": (o.eps >= 0, "must be at least 0"), "weight_decay": (o.weight_decay >= 0, "must be at least 0"),
-             "clip_norm": (o.clip_norm >= 0, "must be 0 (off) or positive")}
-    for key, (ok, rule) in rules.items():
-        if not ok:
-            raise ValueError(f"optim.{key}={o[key]}: {rule}")
-
-
-def check_buckets(cfg) -> None:
-    """data.buckets must hold the longest row an example can make, else the first batch holding one fails mid-run:
-    max_length - 1 positions (an example of max_length tokens), or exactly max_length for packed dSFT rows."""
-    buckets, n = tuple(cfg.data.buckets), cfg.data.max_length
-    if not buckets:
-        return
-    if cfg.stage == "sft" and cfg.data.packing:
-        if n not in buckets:
-            raise ValueError(f"data.buckets={buckets} lacks data.max_length={n}, the length of every packed dSFT row")
-    elif max(buckets) < n - 1:
-        raise ValueError(f"data.buckets={buckets}: an example of data.max_length={n} tokens needs {n - 1} positions, "
-                         "more than the largest bucket")
-
-
-# Settings that give a workdir's checkpoints their meaning (the step, the loader's position, the optimizer state,
-# the DPO reference): a run that resumes from them must share them. The mesh, grad_accum, eval, logging and the
-# kernels may change (a resume on another mesh continues exactly).
-RESUME_KEYS = ("stage", "seed", "tokenizer", "model.init", "model.path", "model.step", "model.arch",
-               "data.train", "data.train_split", "data.max_train_examples", "data.max_length",
-               "data.max_prompt_length", "data.packing", "data.pack_window", "data.packed_rows", "data.loss_on",
-               "data.too_long", "train.global_batch_size", "dpo.reference_free")
-# Allowed (more steps, a lower lr, another beta), and said with what follows from the change.
-_SCHEDULE = "the learning-rate schedule follows the new values from here on"
-RESIZING_KEYS = {"train.max_steps": _SCHEDULE, "train.num_epochs": _SCHEDULE, "optim": _SCHEDULE,
-                 "dpo": "the DPO loss follows the new values from here on"}
-
-
-def _setting(tree: dict, key: str):
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return "<absent>"
-        tree = tree[part]
-    return tree
-
-
-def resume_settings(cfg, workdir: str) -> bool:
-    """When `workdir` holds checkpoints (returns True): refuses a config that changes RESUME_KEYS from the run that
-    wrote them (its config.json), naming each change; takes that run's init step where this config says "latest"
-    (-1), so a DPO run resumed after its SFT workdir gained a checkpoint keeps its reference model, and a dDPO
-    run's tokenizer where this config leaves it unset (the one it tokenized with)."""
-    saved_path = os.path.join(workdir, "config.json")
-    ckpts = os.path.join(workdir, "checkpoints")
-    if not (os.path.exists(saved_path) and os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
-        return False
-    saved = run_config(workdir)
-    new = json.loads(cfg.to_json_best_effort())
-    if cfg.model.step == -1 and isinstance(_setting(saved, "model.step"), int):
-        cfg.model.step = new["model"]["step"] = saved["model"]["step"]
-    if cfg.stage == "dpo" and cfg.tokenizer is None and _setting(saved, "tokenizer") != "<absent>":
-        cfg.tokenizer = new["tokenizer"] = saved["tokenizer"]
-    def same(k, old, now):  # "/x/sft/" names the data "/x/sft" does
-        paths = k in ("data.train", "model.path") and isinstance(old, str) and isinstance(now, str)
-        return old == now or (paths and "://" not in old and os.path.normpath(old) == os.path.normpath(now))
-
-    # A key either config lacks does not apply (a stage's own key, or one that an older release kept elsewhere).
-    pairs = [(k, _setting(saved, k), _setting(new, k)) for k in RESUME_KEYS
-             if not (k == "model.arch" and cfg.model.init != "random")]
-    changed = [f"{k}: {old!r} -> {now!r}" for k, old, now in pairs
-               if "<absent>" not in (old, now) and not same(k, old, now)]
-    if changed:
-        raise ValueError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
-                         "not continue it. Changed: " + "; ".join(changed) + ". Use another --workdir, or the "
-                         "settings of that run.")
-    for k, consequence in RESIZING_KEYS.items():
-        if _setting(saved, k) not in ("<absent>", _setting(new, k)) and jax.process_index() == 0:
-            print(f"resuming {workdir} with {k} changed ({_setting(saved, k)} -> {_setting(new, k)}): {consequence}")
-    return True
+# What the config implies: the remat that runs, the compilation cache, the mesh and the batches it takes.
 
 
 def effective_remat(cfg) -> str:
@@ -233,18 +73,6 @@ def use_compilation_cache(path: str | None) -> None:
     if path:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # skip the trivial programs
-
-
-def check_model_source_exists(model_cfg) -> None:
-    if model_cfg.init == "hf" and is_workdir(model_cfg.path):
-        raise ValueError(f"config.model.path={model_cfg.path!r} is a zephyr_jax training workdir: set "
-                         "config.model.init='orbax' to start from its checkpoint")
-    if model_cfg.init == "orbax" and not os.path.isdir(os.path.join(model_cfg.path, "checkpoints")):
-        raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no zephyr_jax workdir with checkpoints "
-                                "there (train the SFT stage first, or set config.model.init='hf')")
-    if model_cfg.init == "hf" and (model_cfg.path.startswith((".", "/")) or os.path.sep * 2 in model_cfg.path) \
-            and not os.path.isdir(model_cfg.path):
-        raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no such Hugging Face checkpoint directory")
 
 
 def check_batch_fits_mesh(cfg, mesh) -> None:
@@ -425,38 +253,6 @@ def eval_batches(examples, batch_size: int, batcher, rows=None):
         yield batcher(chunk, rows)[0], real
 
 
-def check_token_ids(examples, vocab_size: int, where: str, tokenizer: str | None) -> None:
-    """Refuses token ids the model has no embedding for (a tokenizer with added tokens over a model without them):
-    they embedded as NaN and the run stopped at its first log line on a NaN loss, naming neither."""
-    arrays = (a for e in examples for a in ((e.prompt, e.chosen, e.rejected) if hasattr(e, "prompt") else (e.ids,)))
-    most = max((int(a.max()) for a in arrays if a.size), default=-1)
-    if most >= vocab_size:
-        raise ValueError(f"{where} holds token id {most}, but the model's vocabulary has {vocab_size} entries: "
-                         f"config.tokenizer={tokenizer!r} has tokens the model lacks. Use the model's own tokenizer, "
-                         "or a model with embeddings for every id")
-
-
-def check_default_tokenizer(cfg, vocab_size: int, tok) -> None:
-    """With config.tokenizer unset, a model read from a checkpoint trains with Mistral-7B-v0.1's tokenizer. Where
-    the model's vocabulary is of another size and its own tokenizer (tokenizer_source) numbers the tokens otherwise,
-    that is refused: Mistral-7B-v0.3 put 768 control tokens first, so every v0.1 id, all in range, meant another
-    token. A v0.1 model with tokens added after its 32,000 trains as before; one without a tokenizer is said."""
-    if cfg.tokenizer is not None or cfg.model.init == "random" or vocab_size == len(tok):
-        return
-    source = tokenizer_source(cfg.model.path)
-    if source is None:
-        if jax.process_index() == 0:
-            print(f"model.path={cfg.model.path!r} has a vocabulary of {vocab_size} tokens and no tokenizer: training "
-                  f"with Mistral-7B-v0.1's ({len(tok)} tokens; config.tokenizer names another)")
-        return
-    own = load_tokenizer(source)
-    n = min(len(tok), len(own))
-    if own.convert_ids_to_tokens(list(range(n))) != tok.convert_ids_to_tokens(list(range(n))):
-        raise ValueError(f"model.path={cfg.model.path!r} has a vocabulary of {vocab_size} tokens, and its own "
-                         f"tokenizer ({source}) numbers them unlike Mistral-7B-v0.1's, which training takes while "
-                         f"config.tokenizer is unset: set config.tokenizer={source!r}")
-
-
 def eval_split(cfg, examples, log=print) -> list:
     """The held-out split as eval batches take it: dSFT with packing packs it into rows of max_length (in file
     order: its metrics are sums over tokens), so eval spends no compute on padding (an example a row padded to a
@@ -563,48 +359,16 @@ class Preempted(RuntimeError):
     needs its result (dDPO after dSFT, an export) must not go on; the same call resumes it."""
 
 
-def check_workdir(workdir: str) -> None:
-    """A URL (gs://...) is refused: the workdir is written with Python's file functions, which would make a local
-    directory named 'gs:' (and orbax fails at the first save, hours in). A bucket mounted with GCSFuse is a path."""
-    if "://" in workdir:
-        raise ValueError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
-                         "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
-
-
-SHARED_MARK = "process_0_mark"  # at every start, process 0 makes WORKDIR/process_0_mark.<random>; the others look
-
-
-def check_shared_workdir(workdir: str) -> None:
-    """Every process must see what process 0 writes in the workdir: on a disk of its own, orbax's first save waits
-    10 minutes for a directory process 0 made, and then every process hangs. The mark has a new name at every
-    start, so no host's metadata cache (NFS, GCSFuse) holds an answer for it. Every process calls this (it runs
-    collectives) and all raise alike."""
-    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(16), np.uint8))  # process 0's
-    path = os.path.join(workdir, f"{SHARED_MARK}.{np.asarray(token, np.uint8).tobytes().hex()}")
-    if jax.process_index() == 0:
-        for old in glob.glob(os.path.join(workdir, SHARED_MARK + ".*")):
-            os.remove(old)
-        open(path, "w").close()
-    multihost_utils.sync_global_devices("zephyr_jax: process 0's workdir mark is written")
-    seen = multihost_utils.process_allgather(np.int32(os.path.exists(path)))
-    blind = [p for p in range(len(seen)) if not seen[p]]
-    if blind:
-        raise ValueError(f"--workdir={workdir} is not shared: processes {blind} do not see what process 0 wrote there "
-                         f"({os.path.basename(path)}); every process must write the same directory (NFS/Filestore "
-                         "or a GCSFuse mount on several hosts; a relative path is taken from each process's own "
-                         "directory)")
-
-
 def run(cfg, workdir: str) -> dict:
     """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics. Raises
     Preempted when SIGTERM / a preemption notice stopped it (after saving: the same call resumes)."""
     cfg = cfg.copy_and_resolve_references()  # this run's copy: model.step is set to the step it starts from
-    check_workdir(workdir)
+    checks.check_workdir(workdir)
     workdir, cfg.model.path = os.path.expanduser(workdir), os.path.expanduser(cfg.model.path)
-    check_config(cfg)
+    checks.check_config(cfg)
     use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = mesh_for(cfg)
-    resumed = resume_settings(cfg, workdir)
+    resumed = checks.resume_settings(cfg, workdir)
     if cfg.stage == "dpo" and cfg.tokenizer is None and cfg.model.init != "random" and not resumed:
         # the SFT model's own tokenizer and chat template: what it was trained on (config.json records it)
         cfg.tokenizer = tokenizer_source(cfg.model.path)
@@ -623,7 +387,7 @@ def run(cfg, workdir: str) -> dict:
     mcfg = model_config(cfg)
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
     tok = load_tokenizer(cfg.tokenizer)
-    check_default_tokenizer(cfg, mcfg.vocab_size, tok)
+    checks.check_default_tokenizer(cfg, mcfg.vocab_size, tok)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         print(cfg)
@@ -650,7 +414,7 @@ def run(cfg, workdir: str) -> dict:
     train_examples, _ = load_examples(cfg.data, cfg.stage, tok, "train")
     eval_examples, _ = load_examples(cfg.data, cfg.stage, tok, "eval")
     for split, examples in (("train", train_examples), ("eval", eval_examples)):
-        check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})", cfg.tokenizer)
+        checks.check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})", cfg.tokenizer)
     eval_examples = eval_split(cfg, eval_examples)
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
     train_rows = local_rows(sharding, num_rows)
@@ -662,7 +426,7 @@ def run(cfg, workdir: str) -> dict:
             raise ValueError(f"processes {differ} hold other training examples than process 0 (this one, process "
                              f"{jax.process_index()}: {len(train_examples)} examples, digest {loader.digest[:12]}): "
                              "every process must read the same data files with the same code")
-        check_shared_workdir(workdir)
+        checks.check_shared_workdir(workdir)
     sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
     left_out = len(train_examples) % cfg.train.global_batch_size
@@ -797,105 +561,6 @@ def run(cfg, workdir: str) -> dict:
         raise Preempted(f"stopped by SIGTERM / a preemption notice at step {step} of {total_steps}, saved in "
                         f"{os.path.join(workdir, 'checkpoints')}: the same command resumes it")
     return last_eval
-
-
-class StepLog:
-    """Train metrics on their way from the device to the log. `add` keeps a step's metrics on the device (at most
-    two steps ahead of the host: the host then waits, so queued batches stay bounded); `write` fetches every
-    pending step at once and writes one line: the mean of each metric over the steps since the last line (the
-    learning rate: the last step's), and throughput over the wall time they took (eval and checkpoint time
-    excluded). A non-finite loss or gradient norm stops the run after a line of the steps before it."""
-
-    SHOWN = ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
-    PRINTED = SHOWN[:2] + ("grad_norm", "lr") + SHOWN[2:] + ("step_time",)  # the line without a bar
-
-    def __init__(self, writer, bar, mngr, workdir: str, throughput_of):
-        """throughput_of(the steps' BatchInfos, their wall seconds) -> train.throughput's figures."""
-        self.writer, self.bar, self.mngr, self.workdir, self.throughput_of = writer, bar, mngr, workdir, throughput_of
-        self.on_device, self.on_host, self.excluded = [], [], 0.0
-        self.started, self.timed_from = time.perf_counter(), None
-
-    def time_from(self, step: int, metrics) -> None:
-        """Throughput counts the steps after `step` (whose call compiled the train step) from when it is done."""
-        jax.block_until_ready(metrics)
-        self.started, self.excluded, self.timed_from = time.perf_counter(), 0.0, step
-
-    def add(self, step: int, metrics, info, **extra) -> None:
-        self.on_device.append((step, metrics, info, extra))
-        if len(self.on_device) > 2:
-            jax.block_until_ready(self.on_device[-3][1])
-        self.bar.update(1)
-
-    def check_finite(self) -> None:
-        """Fetches the pending metrics; a non-finite loss stops the run (the step's state is never saved)."""
-        if not self.on_device:
-            return
-        fetched = steps.to_host([m for _, m, _, _ in self.on_device])
-        for (step, _, info, extra), metrics in zip(self.on_device, fetched):
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # a bad gradient: the update is bad
-                self.mngr.wait_until_finished()
-                self._write_line(with_throughput=False)  # the finite steps before it: what led up to it
-                checkpoints, saved = os.path.join(self.workdir, "checkpoints"), self.mngr.latest_step()
-                raise FloatingPointError(
-                    f"loss is {loss} and grad_norm {grad_norm} at step {step}: stopping. "
-                    + (f"The last good checkpoint is step {saved} in {checkpoints} (no later step was saved)"
-                       if saved is not None else f"No checkpoint was saved in {checkpoints}")
-                    + "; lower optim.lr, check the data, or use float32 compute to find the cause.")
-            self.on_host.append((step, {k: float(v) for k, v in metrics.items()}, info, extra))
-        self.on_device = []
-
-    def write(self) -> None:
-        self.check_finite()
-        self._write_line(with_throughput=True)
-
-    def _write_line(self, with_throughput: bool) -> None:
-        """One record of the steps on the host. with_throughput=False leaves out throughput (a run stopping on a bad
-        step: the wall time since the last line also holds steps after these)."""
-        if not self.on_host:
-            return
-        seconds = time.perf_counter() - self.started - self.excluded
-        line = {k: float(np.mean([m[k] for _, m, _, _ in self.on_host])) for k in self.on_host[-1][1]}
-        line["lr"] = self.on_host[-1][1]["lr"]  # the rate at the line's step, not a mean over a warmup's
-        timed = [info for step, _, info, _ in self.on_host if step > (self.timed_from or 0)] if with_throughput else []
-        if timed:  # (a line of the compiling step alone has no throughput)
-            line.update(self.throughput_of(timed, seconds))
-            line["step_time"] = seconds / len(timed)
-        line.update(self.on_host[-1][3])
-        step = self.on_host[-1][0]
-        self.writer.write(step, line)
-        self.bar.set_postfix({k: f"{line[k]:.4g}" for k in self.SHOWN if k in line})
-        if self.bar.disable and jax.process_index() == 0:  # no bar (train.progress=False, batch jobs' logs)
-            print(f"step {step}: " + " ".join(f"{k}={line[k]:.4g}" for k in self.PRINTED if k in line), flush=True)
-        self.on_host, self.excluded, self.started = [], 0.0, time.perf_counter()
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside (eval, checkpoints) is not step time. The steps still queued on the device are: they
-        finish first (an eval or save waits behind them, which counted their time as paused)."""
-        if self.on_device:
-            jax.block_until_ready(self.on_device[-1][1])
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.excluded += time.perf_counter() - start
-
-
-def throughput(mcfg, sequences, positions: int, seconds: float, devices: int, *, frozen_reference: bool,
-               peak) -> dict:
-    """Throughput of steps that took `seconds` over `positions` positions (rows x length, summed) holding sequences
-    of real lengths `sequences` (one list per example: a pair's two, a packed row's segments): real tokens only,
-    the share of positions that were padding, and MFU from the FLOPs of those real sequences."""
-    lengths = [n for seqs in sequences for n in seqs]
-    real = sum(lengths)
-    flops = step_flops(mcfg, lengths, frozen_reference)
-    out = {"step_time": seconds, "tokens_per_sec": real / seconds,
-           "tokens_per_sec_per_device": real / seconds / devices, "padding_fraction": 1 - real / positions,
-           "tflops_per_device": flops / seconds / devices / 1e12}
-    if peak:
-        out["mfu"] = flops / seconds / (peak * devices)
-    return out
 
 
 def train_state_shardings(tx, abstract_params, param_shardings, mesh) -> steps.TrainState:

@@ -1,0 +1,272 @@
+"""What training checks before it spends compute: the config (every mistake it can hold, before anything is
+loaded or compiled), a workdir's earlier run (resume_settings), the workdir itself, and the token ids the data holds
+against the model's vocabulary. train.run calls each where its inputs are first known; the planner calls
+check_config.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import numbers
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from zephyr_jax import train_steps as steps
+from zephyr_jax.config_common import TINY_ARCH
+from zephyr_jax.data.errors import ON_BAD_ROW
+from zephyr_jax.data.sft import LOSS_ON, TOO_LONG
+from zephyr_jax.loading import is_workdir, run_config
+from zephyr_jax.losses import check_dpo_settings
+from zephyr_jax.sharding import rules_table
+from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
+
+# ---------------------------------------------------------------------------------------------------------
+# The config: every mistake a config can hold is reported here, before anything is loaded or compiled.
+
+
+def check_config(cfg, check_model_source: bool = True) -> None:
+    """check_model_source=False (the planner) skips what only the training machine needs: the init checkpoint on
+    disk, and wandb installed when logging.wandb_project is set."""
+    if cfg.stage not in ("sft", "dpo"):
+        raise ValueError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
+    if ("dpo" in cfg) != (cfg.stage == "dpo"):
+        raise ValueError(f"config.stage={cfg.stage!r} in a config {'with' if 'dpo' in cfg else 'without'} a dpo "
+                         "section: the stage is the config file's (configs/sft.py or configs/dpo.py)")
+    for key in ("model.dtype", "model.param_dtype", "optim.mu_dtype", "dpo.reference_dtype"):
+        group, name = key.split(".")
+        if group in cfg:
+            check_float_dtype(cfg[group][name], key)
+    check_optim(cfg.optim)
+    rules_table(cfg.mesh.rules)  # a rule naming something other than a mesh axis
+    if cfg.model.init not in ("hf", "orbax", "random"):
+        raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
+    if cfg.model.init != "random" and cfg.model.arch.to_dict() != TINY_ARCH:  # else unused, yet in config.json
+        changed = sorted(k for k, v in cfg.model.arch.items() if TINY_ARCH.get(k) != v)
+        raise ValueError(f"config.model.arch ({', '.join(changed)}) applies only to model.init='random'; with "
+                         f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
+    if check_model_source:
+        check_model_source_exists(cfg.model)
+        if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:  # now, not after the data work
+            raise ValueError(f"config.logging.wandb_project={cfg.logging.wandb_project!r}, but wandb is not "
+                             "installed: pip install wandb, or leave logging.wandb_project unset (metrics.jsonl "
+                             "and TensorBoard still get every record)")
+    t = cfg.train
+    for key in ("global_batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
+        if t[key] < 1:  # keep_checkpoints=0 would keep none, the final one included
+            raise ValueError(f"train.{key}={t[key]}: must be at least 1")
+    for key in ("eval_every", "save_every", "profile_start"):
+        if t[key] < 0:
+            raise ValueError(f"train.{key}={t[key]}: must be 0 (off) or positive")
+    if t.profile_start and t.profile_steps < 1:
+        raise ValueError(f"train.profile_steps={t.profile_steps} with train.profile_start={t.profile_start}: must "
+                         "be at least 1 (profile_start=0 turns the trace off)")
+    if t.global_batch_size % t.grad_accum:
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                         f"train.grad_accum={t.grad_accum}")
+    if t.max_steps <= 0 and t.num_epochs < 1:
+        raise ValueError(f"train.num_epochs={t.num_epochs} with train.max_steps={t.max_steps}: nothing to train "
+                         "(set num_epochs >= 1, or max_steps)")
+    for key in ("pack_window", "packed_rows"):  # 0: automatic (all examples at once / about four sequences a row)
+        if key in cfg.data and cfg.data[key] < 0:
+            raise ValueError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
+    for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{key}={tuple(values)!r}: expected whole numbers")
+    check_buckets(cfg)
+    for key, allowed in (("on_bad_row", ON_BAD_ROW), ("loss_on", LOSS_ON), ("too_long", TOO_LONG)):
+        if key in cfg.data and cfg.data[key] not in allowed:  # else raised only once the source is read
+            raise ValueError(f"data.{key}={cfg.data[key]!r}: expected one of {allowed}")
+    if cfg.stage == "dpo":
+        try:  # the loss type, beta and label smoothing, by the rules dpo_loss itself applies
+            check_dpo_settings(cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.label_smoothing)
+        except ValueError as e:
+            raise ValueError(f"config.dpo (beta={cfg.dpo.beta}, label_smoothing={cfg.dpo.label_smoothing}): {e}") \
+                from None
+        if not 1 <= cfg.data.max_prompt_length < cfg.data.max_length:
+            raise ValueError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be at least 1 and below "
+                             f"data.max_length={cfg.data.max_length}")
+
+
+def check_float_dtype(value, key: str) -> None:
+    try:
+        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{key}={value!r}: expected a floating-point dtype name (float32, bfloat16, float16)")
+
+
+def check_optim(o) -> None:
+    """AdamW's and the schedule's settings in the ranges where they mean what the recipe means."""
+    if o.schedule not in steps.SCHEDULES:
+        raise ValueError(f"optim.schedule={o.schedule!r}: expected one of {steps.SCHEDULES}")
+    rules = {"lr": (o.lr > 0, "must be positive"), "warmup_ratio": (0 <= o.warmup_ratio <= 1, "must lie in [0, 1]"),
+             "b1": (0 <= o.b1 < 1, "must lie in [0, 1)"), "b2": (0 <= o.b2 < 1, "must lie in [0, 1)"),
+             "eps": (o.eps >= 0, "must be at least 0"), "weight_decay": (o.weight_decay >= 0, "must be at least 0"),
+             "clip_norm": (o.clip_norm >= 0, "must be 0 (off) or positive")}
+    for key, (ok, rule) in rules.items():
+        if not ok:
+            raise ValueError(f"optim.{key}={o[key]}: {rule}")
+
+
+def check_buckets(cfg) -> None:
+    """data.buckets must hold the longest row an example can make, else the first batch holding one fails mid-run:
+    max_length - 1 positions (an example of max_length tokens), or exactly max_length for packed dSFT rows."""
+    buckets, n = tuple(cfg.data.buckets), cfg.data.max_length
+    if not buckets:
+        return
+    if cfg.stage == "sft" and cfg.data.packing:
+        if n not in buckets:
+            raise ValueError(f"data.buckets={buckets} lacks data.max_length={n}, the length of every packed dSFT row")
+    elif max(buckets) < n - 1:
+        raise ValueError(f"data.buckets={buckets}: an example of data.max_length={n} tokens needs {n - 1} positions, "
+                         "more than the largest bucket")
+
+
+def check_model_source_exists(model_cfg) -> None:
+    if model_cfg.init == "hf" and is_workdir(model_cfg.path):
+        raise ValueError(f"config.model.path={model_cfg.path!r} is a zephyr_jax training workdir: set "
+                         "config.model.init='orbax' to start from its checkpoint")
+    if model_cfg.init == "orbax" and not os.path.isdir(os.path.join(model_cfg.path, "checkpoints")):
+        raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no zephyr_jax workdir with checkpoints "
+                                "there (train the SFT stage first, or set config.model.init='hf')")
+    if model_cfg.init == "hf" and (model_cfg.path.startswith((".", "/")) or os.path.sep * 2 in model_cfg.path) \
+            and not os.path.isdir(model_cfg.path):
+        raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no such Hugging Face checkpoint directory")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming: a workdir's checkpoints continue only the run that wrote them.
+
+
+# Settings that give a workdir's checkpoints their meaning (the step, the loader's position, the optimizer state,
+# the DPO reference): a run that resumes from them must share them. The mesh, grad_accum, eval, logging and the
+# kernels may change (a resume on another mesh continues exactly).
+RESUME_KEYS = ("stage", "seed", "tokenizer", "model.init", "model.path", "model.step", "model.arch",
+               "data.train", "data.train_split", "data.max_train_examples", "data.max_length",
+               "data.max_prompt_length", "data.packing", "data.pack_window", "data.packed_rows", "data.loss_on",
+               "data.too_long", "train.global_batch_size", "dpo.reference_free")
+# Allowed (more steps, a lower lr, another beta), and said with what follows from the change.
+_SCHEDULE = "the learning-rate schedule follows the new values from here on"
+RESIZING_KEYS = {"train.max_steps": _SCHEDULE, "train.num_epochs": _SCHEDULE, "optim": _SCHEDULE,
+                 "dpo": "the DPO loss follows the new values from here on"}
+
+
+def _setting(tree: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "<absent>"
+        tree = tree[part]
+    return tree
+
+
+def resume_settings(cfg, workdir: str) -> bool:
+    """When `workdir` holds checkpoints (returns True): refuses a config that changes RESUME_KEYS from the run that
+    wrote them (its config.json), naming each change; takes that run's init step where this config says "latest"
+    (-1), so a DPO run resumed after its SFT workdir gained a checkpoint keeps its reference model, and a dDPO
+    run's tokenizer where this config leaves it unset (the one it tokenized with)."""
+    saved_path = os.path.join(workdir, "config.json")
+    ckpts = os.path.join(workdir, "checkpoints")
+    if not (os.path.exists(saved_path) and os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
+        return False
+    saved = run_config(workdir)
+    new = json.loads(cfg.to_json_best_effort())
+    if cfg.model.step == -1 and isinstance(_setting(saved, "model.step"), int):
+        cfg.model.step = new["model"]["step"] = saved["model"]["step"]
+    if cfg.stage == "dpo" and cfg.tokenizer is None and _setting(saved, "tokenizer") != "<absent>":
+        cfg.tokenizer = new["tokenizer"] = saved["tokenizer"]
+    def same(k, old, now):  # "/x/sft/" names the data "/x/sft" does
+        paths = k in ("data.train", "model.path") and isinstance(old, str) and isinstance(now, str)
+        return old == now or (paths and "://" not in old and os.path.normpath(old) == os.path.normpath(now))
+
+    # A key either config lacks does not apply (a stage's own key, or one that an older release kept elsewhere).
+    pairs = [(k, _setting(saved, k), _setting(new, k)) for k in RESUME_KEYS
+             if not (k == "model.arch" and cfg.model.init != "random")]
+    changed = [f"{k}: {old!r} -> {now!r}" for k, old, now in pairs
+               if "<absent>" not in (old, now) and not same(k, old, now)]
+    if changed:
+        raise ValueError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
+                         "not continue it. Changed: " + "; ".join(changed) + ". Use another --workdir, or the "
+                         "settings of that run.")
+    for k, consequence in RESIZING_KEYS.items():
+        if _setting(saved, k) not in ("<absent>", _setting(new, k)) and jax.process_index() == 0:
+            print(f"resuming {workdir} with {k} changed ({_setting(saved, k)} -> {_setting(new, k)}): {consequence}")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The workdir every process writes.
+
+
+def check_workdir(workdir: str) -> None:
+    """A URL (gs://...) is refused: the workdir is written with Python's file functions, which would make a local
+    directory named 'gs:' (and orbax fails at the first save, hours in). A bucket mounted with GCSFuse is a path."""
+    if "://" in workdir:
+        raise ValueError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
+                         "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
+
+
+SHARED_MARK = "process_0_mark"  # at every start, process 0 makes WORKDIR/process_0_mark.<random>; the others look
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Every process must see what process 0 writes in the workdir: on a disk of its own, orbax's first save waits
+    10 minutes for a directory process 0 made, and then every process hangs. The mark has a new name at every
+    start, so no host's metadata cache (NFS, GCSFuse) holds an answer for it. Every process calls this (it runs
+    collectives) and all raise alike."""
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(16), np.uint8))  # process 0's
+    path = os.path.join(workdir, f"{SHARED_MARK}.{np.asarray(token, np.uint8).tobytes().hex()}")
+    if jax.process_index() == 0:
+        for old in glob.glob(os.path.join(workdir, SHARED_MARK + ".*")):
+            os.remove(old)
+        open(path, "w").close()
+    multihost_utils.sync_global_devices("zephyr_jax: process 0's workdir mark is written")
+    seen = multihost_utils.process_allgather(np.int32(os.path.exists(path)))
+    blind = [p for p in range(len(seen)) if not seen[p]]
+    if blind:
+        raise ValueError(f"--workdir={workdir} is not shared: processes {blind} do not see what process 0 wrote there "
+                         f"({os.path.basename(path)}); every process must write the same directory (NFS/Filestore "
+                         "or a GCSFuse mount on several hosts; a relative path is taken from each process's own "
+                         "directory)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The data's token ids against the model's vocabulary.
+
+
+def check_token_ids(examples, vocab_size: int, where: str, tokenizer: str | None) -> None:
+    """Refuses token ids the model has no embedding for (a tokenizer with added tokens over a model without them):
+    they embedded as NaN and the run stopped at its first log line on a NaN loss, naming neither."""
+    arrays = (a for e in examples for a in ((e.prompt, e.chosen, e.rejected) if hasattr(e, "prompt") else (e.ids,)))
+    most = max((int(a.max()) for a in arrays if a.size), default=-1)
+    if most >= vocab_size:
+        raise ValueError(f"{where} holds token id {most}, but the model's vocabulary has {vocab_size} entries: "
+                         f"config.tokenizer={tokenizer!r} has tokens the model lacks. Use the model's own tokenizer, "
+                         "or a model with embeddings for every id")
+
+
+def check_default_tokenizer(cfg, vocab_size: int, tok) -> None:
+    """With config.tokenizer unset, a model read from a checkpoint trains with Mistral-7B-v0.1's tokenizer. Where
+    the model's vocabulary is of another size and its own tokenizer (tokenizer_source) numbers the tokens otherwise,
+    that is refused: Mistral-7B-v0.3 put 768 control tokens first, so every v0.1 id, all in range, meant another
+    token. A v0.1 model with tokens added after its 32,000 trains as before; one without a tokenizer is said."""
+    if cfg.tokenizer is not None or cfg.model.init == "random" or vocab_size == len(tok):
+        return
+    source = tokenizer_source(cfg.model.path)
+    if source is None:
+        if jax.process_index() == 0:
+            print(f"model.path={cfg.model.path!r} has a vocabulary of {vocab_size} tokens and no tokenizer: training "
+                  f"with Mistral-7B-v0.1's ({len(tok)} tokens; config.tokenizer names another)")
+        return
+    own = load_tokenizer(source)
+    n = min(len(tok), len(own))
+    if own.convert_ids_to_tokens(list(range(n))) != tok.convert_ids_to_tokens(list(range(n))):
+        raise ValueError(f"model.path={cfg.model.path!r} has a vocabulary of {vocab_size} tokens, and its own "
+                         f"tokenizer ({source}) numbers them unlike Mistral-7B-v0.1's, which training takes while "
+                         f"config.tokenizer is unset: set config.tokenizer={source!r}")
