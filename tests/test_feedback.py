@@ -16,11 +16,12 @@ import time
 
 import pytest
 
-from zephyr_jax.data import feedback
+from zephyr_jax.data import feedback, feedback_prompts
 from zephyr_jax.data.backends import CallableBackend, Reply
 from zephyr_jax.data.binarize import ASPECTS, binarize
 from zephyr_jax.data.errors import SkipCounter
-from zephyr_jax.data.feedback import RUBRICS, TYPED_ASPECTS, collect_feedback
+from zephyr_jax.data.feedback import collect_feedback
+from zephyr_jax.data.feedback_prompts import RUBRICS, TYPED_ASPECTS
 from zephyr_jax.data.sources import load_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +156,7 @@ def test_programmatic_judge_schema_binarize_and_ties(tmp_path):
         assert [c["sample_index"] for c in row["completions"]] == [0, 1, 2, 3]
         for c in row["completions"]:
             assert set(c["annotations"]) == set(ASPECTS) and c["model"] in row["models"]
-            assert c["principle"] in feedback.PRINCIPLES and c["custom_system_prompt"]
+            assert c["principle"] in feedback_prompts.PRINCIPLES and c["custom_system_prompt"]
             if c["response"] is None:  # the "wrong" generator's failures: kept, unrated, with the error
                 failed += 1
                 assert c["model"] == "wrong" and "generator down" in c["error"]
@@ -211,7 +212,7 @@ def test_draws_are_fixed_by_seed_and_prompt():
     assert feedback.pick_generators(5, 4, 43, "p") != a[0] or feedback.pick_generators(5, 4, 42, "q") != a[0]
     draws = collections.Counter(feedback.pick_principle("sharegpt", "ultrafeedback", 0, f"p{i}", 0)[0]
                                 for i in range(2000))
-    assert 0.55 < draws["helpfulness"] / 2000 < 0.65 and set(draws) == set(feedback.PRINCIPLES)
+    assert 0.55 < draws["helpfulness"] / 2000 < 0.65 and set(draws) == set(feedback_prompts.PRINCIPLES)
     tqa = collections.Counter(feedback.pick_principle("truthful_qa", "ultrafeedback", 0, f"p{i}", 0)[0]
                               for i in range(2000))
     assert "helpfulness" not in tqa and 0.44 < tqa["truthfulness"] / 2000 < 0.56
@@ -231,23 +232,24 @@ def test_draws_are_fixed_by_seed_and_prompt():
 def test_parsers():
     typed = ("**Output for Text 2**\nType: None\nRationale: fine\nRating: 4/5\nRationale: ok\n\n"
              "### Output for Text 1\nType: 3, 1\nRationale: a\nmulti-line\nRating: 2\nRationale For Rating: b")
-    assert feedback.parse_rating_reply(typed, "truthfulness", 2) == [
+    assert feedback_prompts.parse_rating_reply(typed, "truthfulness", 2) == [
         {"Type": ["1", "3"], "Rationale": "a\nmulti-line", "Rating": "2", "Rationale For Rating": "b"},
         {"Type": ["None"], "Rationale": "fine", "Rating": "4", "Rationale For Rating": "ok"}]
     plain = "#### Output for Text 1\nRating: N/A\nRationale: creative\n#### Output for Text 2\nRating: 5\nRationale: x"
-    assert [a["Rating"] for a in feedback.parse_rating_reply(plain, "honesty", 2)] == ["N/A", "5"]
+    assert [a["Rating"] for a in feedback_prompts.parse_rating_reply(plain, "honesty", 2)] == ["N/A", "5"]
     for bad, aspect, n in ((plain, "instruction_following", 2), (plain, "honesty", 3), ("Rating: 5", "honesty", 1),
                            (plain.replace("5", "7"), "honesty", 2), (plain.replace("5", "0"), "honesty", 2),
                            (plain.replace("x", " "), "honesty", 2)):  # ratings run 1-5: 0 and 7 are asked again
-        with pytest.raises(feedback.FormatError):
-            feedback.parse_rating_reply(bad, aspect, n)
-    assert feedback.parse_critique_reply("### Feedback\nGood.\nOverall Score: 1/10") == ("Good.", 1.0)
-    assert feedback.parse_critique_reply("Feedback: Fine.\n**Overall Score:** 7.5") == ("Fine.", 7.5)
+        with pytest.raises(feedback_prompts.FormatError):
+            feedback_prompts.parse_rating_reply(bad, aspect, n)
+    assert feedback_prompts.parse_critique_reply("### Feedback\nGood.\nOverall Score: 1/10") == ("Good.", 1.0)
+    assert feedback_prompts.parse_critique_reply("Feedback: Fine.\n**Overall Score:** 7.5") == ("Fine.", 7.5)
     for bad in ("Nice.", "Overall Score: 8", "Meh.\nOverall Score: 11"):
-        with pytest.raises(feedback.FormatError):
-            feedback.parse_critique_reply(bad)
-    with pytest.raises(feedback.FormatError):  # int() of 4,301+ digits raised ValueError, which ended the run
-        feedback.parse_rating_reply("#### Output for Text " + "1" * 4400 + "\nRating: 4\nRationale: ok", "honesty", 1)
+        with pytest.raises(feedback_prompts.FormatError):
+            feedback_prompts.parse_critique_reply(bad)
+    with pytest.raises(feedback_prompts.FormatError):  # int() of 4,301+ digits raised ValueError, which ended the run
+        feedback_prompts.parse_rating_reply("#### Output for Text " + "1" * 4400 + "\nRating: 4\nRationale: ok",
+                                            "honesty", 1)
 
 
 class ScriptedJudge:
