@@ -16,8 +16,8 @@ import time
 import pytest
 
 from zephyr_jax.data.backends import Call, CallableBackend, Reply
-from zephyr_jax.data.dialogues import (Seed, SettingsMismatch, builtin_seeds, check_turn, load_seeds,
-                                       looks_like_opening, make_dialogues, tidy_user_turn)
+from zephyr_jax.data.dialogue_seeds import Seed, builtin_seeds, load_seeds, looks_like_opening
+from zephyr_jax.data.dialogues import SettingsMismatch, check_turn, make_dialogues, tidy_user_turn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALL_LOG, SLEEP = "DIALOGUES_TEST_CALL_LOG", "DIALOGUES_TEST_SLEEP"  # read by the callables in CLI subprocesses
