@@ -19,7 +19,7 @@ import torch
 import transformers
 from flax import nnx
 
-from zephyr_jax import checkpoint, hf, metrics, train, train_checks, train_steps
+from zephyr_jax import checkpoint, hf, train, train_checks, train_log, train_steps
 from zephyr_jax.config_common import load_config
 from zephyr_jax.data import pack_pairs, pad_sft, preference_example, sft_example
 from zephyr_jax.data.batches import loss_positions, multiples
@@ -622,8 +622,8 @@ def test_steps_queued_when_an_eval_or_save_starts_count_as_step_time(monkeypatch
         time.sleep(queued.pop("work", 0.0))
         return x
 
-    monkeypatch.setattr(train.jax, "block_until_ready", block_until_ready)
-    log = metrics.StepLog(None, types.SimpleNamespace(update=lambda n: None), None, "", None)
+    monkeypatch.setattr(train_log.jax, "block_until_ready", block_until_ready)
+    log = train_log.StepLog(None, types.SimpleNamespace(update=lambda n: None), None, "", None)
     log.add(1, {"loss": 0.0}, None)
     with log.paused():
         block_until_ready(None)  # the eval's first fetch
@@ -794,7 +794,8 @@ def test_wandb_asked_for_but_not_installed_is_refused_before_any_work(data_dir, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match="wandb_project='zephyr', but wandb is not installed"):
         train_checks.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}))
-    train_checks.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}), check_model_source=False)
+    train_checks.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}),
+                              check_model_source=False)
 
 
 # --- Honest throughput: real tokens only, the padding share, MFU from the sequences actually processed. ---

@@ -5,7 +5,7 @@
 
 Reads top to bottom: check the config -> mesh -> data -> model -> optimizer -> (DPO reference) -> resume ->
 loop (step, log, eval, checkpoint) -> final eval and checkpoint. The step itself lives in train_steps.py, the
-checks of the config, the workdir and the data in train_checks.py, the log lines in metrics.py.
+checks of the config, the workdir and the data in train_checks.py, the log lines in train_log.py.
 Multi-process runs (TPU pods, SLURM, N local processes) pass --distributed or the --coordinator_address trio.
 """
 
@@ -37,10 +37,11 @@ from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, s
 from zephyr_jax.data.loader import padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.loading import load_model
-from zephyr_jax.metrics import MetricWriter, StepLog, peak_flops, throughput
+from zephyr_jax.metrics import MetricWriter, peak_flops, throughput
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
+from zephyr_jax.train_log import StepLog
 
 # ---------------------------------------------------------------------------------------------------------
 # What the config implies: the remat that runs, the compilation cache, the mesh and the batches it takes.

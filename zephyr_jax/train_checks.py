@@ -1,7 +1,7 @@
 """What training checks before it spends compute: the config (every mistake it can hold, before anything is
 loaded or compiled), a workdir's earlier run (resume_settings), the workdir itself, and the token ids the data holds
 against the model's vocabulary. train.run calls each where its inputs are first known; the planner calls
-check_config.
+check_config. (Whether the batch sizes divide over the mesh is checked where the mesh is made: train.mesh_for.)
 """
 
 from __future__ import annotations

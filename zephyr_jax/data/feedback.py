@@ -210,6 +210,10 @@ def read_prompts(rows, *, limit: int | None = None, counter: SkipCounter, on_bad
     return prompts
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Annotations: an unrated aspect, and a completion's mean rating
+
+
 def empty_annotation(aspect: str) -> dict:
     """An unrated aspect: what a parse failure, a failed call or a missing generation leaves."""
     if aspect in TYPED_ASPECTS:

@@ -13,6 +13,10 @@ import re
 PRINCIPLES = ("helpfulness", "honesty", "truthfulness", "verbalized_calibration")
 TYPED_ASPECTS = ("truthfulness", "helpfulness")  # rated with a Type first, then Rating and "Rationale For Rating"
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The texts the models are shown
+
 # UltraFeedback's draw of a completion's principle by prompt source (its comparison_data_generation/main.py):
 # equal-weight choices from these lists; then "honesty" becomes "verbalized_calibration" one time in ten.
 PRINCIPLE_MIX = {
@@ -149,6 +153,14 @@ Feedback: <your feedback>
 Overall Score: <1-10>"""
 
 
+def prompts_digest() -> str:
+    """SHA-256 of every text and draw setting above that shapes a run's output: a run resumed after one of them
+    changed is refused (data/feedback.py's settings hold it)."""
+    texts = json.dumps([SYSTEM_PROMPTS, PRINCIPLE_MIX, CALIBRATION_SHARE, JUDGE_SYSTEM, RUBRICS, CRITIQUE_SYSTEM,
+                        CRITIQUE_PROMPT], sort_keys=True)
+    return hashlib.sha256(texts.encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The LLM judge's messages, and the parsers of its replies
 
@@ -280,11 +292,3 @@ def parse_critique_reply(reply: str) -> tuple[str, float]:
         raise FormatError(f"overall score {m.group(1)} is not between 1 and 10")
     feedback = re.sub(r"^\s*(?:#+\s*)?Feedback\s*:?\s*", "", text[:m.start()], flags=re.I)
     return _text(feedback, "feedback"), score
-
-
-def prompts_digest() -> str:
-    """SHA-256 of every text and draw setting above that shapes a run's output: a run resumed after one of them
-    changed is refused (data/feedback.py's settings hold it)."""
-    texts = json.dumps([SYSTEM_PROMPTS, PRINCIPLE_MIX, CALIBRATION_SHARE, JUDGE_SYSTEM, RUBRICS, CRITIQUE_SYSTEM,
-                        CRITIQUE_PROMPT], sort_keys=True)
-    return hashlib.sha256(texts.encode()).hexdigest()
