@@ -1,4 +1,4 @@
-"""LM head + per-token log-probs, forward + backward: the full head, losses.head_logps, tokamax's chunked_xla.
+"""LM head + per-token log-probs, forward + backward: the full head, logprobs.head_logps, tokamax's chunked_xla.
 
     python bench/head_logps.py [--batch 4 --length 1024 --embed 1024 --vocab 32000 --chunk-size 256]
                                [--dtypes float32,bfloat16] [--runs 3]
@@ -7,8 +7,8 @@ The loss is DPO-shaped: minus the masked sum of per-token log-probs (a prompt pr
 differentiated with respect to the hidden states and the head kernel. Compared, for each dtype (hidden and
 kernel both in it; the head multiplies in that dtype with float32 accumulation):
 
-  (a) full:      logits = hidden @ kernel as float32 [B, K, V] (the model's head), then losses.token_logps
-  (b) head_logps: losses.head_logps, the head computed chunk by chunk inside the log-softmax and its VJP
+  (a) full:      logits = hidden @ kernel as float32 [B, K, V] (the model's head), then logprobs.token_logps
+  (b) head_logps: logprobs.head_logps, the head computed chunk by chunk inside the log-softmax and its VJP
   (c) tokamax:   tokamax.linear_softmax_cross_entropy_loss(implementation="chunked_xla", reduction="none")
                  on the flattened [B*K, E] tokens; only if tokamax with chunked_xla imports (tokamax >= 0.0.13,
                  which needs Python >= 3.12), otherwise the row says why it is missing
@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zephyr_jax import losses  # noqa: E402
+from zephyr_jax import logprobs  # noqa: E402
 
 MIB = 2**20
 
@@ -92,10 +92,10 @@ def make_inputs(batch, length, embed, vocab, seed=0):
 def methods(chunk, vocab, tokamax_fn):
     def full(h, w, t, m):
         logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        return -jnp.sum(m * losses.token_logps(logits, t, chunk))
+        return -jnp.sum(m * logprobs.token_logps(logits, t, chunk))
 
     def fused(h, w, t, m):
-        return -jnp.sum(m * losses.head_logps(h, w, t, chunk)[0])
+        return -jnp.sum(m * logprobs.head_logps(h, w, t, chunk)[0])
 
     out = {"(a) full": full, "(b) head_logps": fused}
     if tokamax_fn is not None:
@@ -135,7 +135,7 @@ def main():
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--embed", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--chunk-size", type=int, default=losses.DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--chunk-size", type=int, default=logprobs.DEFAULT_CHUNK_SIZE)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()

@@ -1,12 +1,12 @@
-"""The log-softmax inside `losses.token_logps` / `losses.head_logps` against two simpler ways to write it.
+"""The log-softmax inside `logprobs.token_logps` / `logprobs.head_logps` against two simpler ways to write it.
 
     python bench/log_softmax.py [--batch 2 --length 512 --embed 64 --vocab 32000 --chunk-size 128 --runs 5]
 
-`losses._chunk_stats` computes log p(target) as (target - max) - log1p(sum of the other terms + ties - 1), the
+`logprobs._chunk_stats` computes log p(target) as (target - max) - log1p(sum of the other terms + ties - 1), the
 sum and the tie count in one variadic reduce: a near-certain token keeps its digits. Compared, by swapping that
 one function:
 
-  current:  losses._chunk_stats as it is
+  current:  logprobs._chunk_stats as it is
   plain:    target - logsumexp(x) (the sum holds the top term, 1, and rounds the rest at ulp(1) = 1.2e-7)
   two_sums: the current formula with the sum and the tie count as two jnp.sum calls (left to XLA to fuse)
 
@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zephyr_jax import losses  # noqa: E402
+from zephyr_jax import logprobs  # noqa: E402
 
 MIB = 2**20
 
@@ -53,7 +53,7 @@ def two_sums(x, t):
     return top + rest, (tgt - top) - rest
 
 
-VARIANTS = {"current": losses._chunk_stats, "plain": plain, "two_sums": two_sums}
+VARIANTS = {"current": logprobs._chunk_stats, "plain": plain, "two_sums": two_sums}
 
 
 def median_seconds(fn, args, runs):
@@ -73,7 +73,7 @@ def near_certain_error(chunk_size, vocab, rng):
     np.put_along_axis(logits, targets[..., None], np.float32(30.0), axis=-1)
     x64 = logits.astype(np.float64)
     ref = 30.0 - (x64.max(-1) + np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1)))
-    got = np.asarray(losses.token_logps(jnp.asarray(logits), jnp.asarray(targets), chunk_size=chunk_size))
+    got = np.asarray(logprobs.token_logps(jnp.asarray(logits), jnp.asarray(targets), chunk_size=chunk_size))
     return float(np.max(np.abs(got - ref))), float(np.mean(ref))
 
 
@@ -96,19 +96,19 @@ def main():
     print("| variant | token_logps fwd+bwd ms | head_logps fwd+bwd ms | head_logps temp MiB | near-certain |err| "
           "| mean log p |")
     print("|---|---|---|---|---|---|")
-    original = losses._chunk_stats
+    original = logprobs._chunk_stats
     try:
         for name, fn in VARIANTS.items():
-            losses._chunk_stats = fn
-            tok = jax.jit(jax.grad(lambda x: losses.token_logps(x, targets, a.chunk_size).sum()))
-            head = jax.jit(jax.grad(lambda h, w: losses.head_logps(h, w, targets, a.chunk_size)[0].sum(), (0, 1)))
+            logprobs._chunk_stats = fn
+            tok = jax.jit(jax.grad(lambda x: logprobs.token_logps(x, targets, a.chunk_size).sum()))
+            head = jax.jit(jax.grad(lambda h, w: logprobs.head_logps(h, w, targets, a.chunk_size)[0].sum(), (0, 1)))
             temp = head.lower(hidden, kernel).compile().memory_analysis().temp_size_in_bytes
             err, mean = near_certain_error(a.chunk_size, a.vocab, np.random.default_rng(1))
             print(f"| {name} | {median_seconds(tok, (logits,), a.runs) * 1e3:.1f} | "
                   f"{median_seconds(head, (hidden, kernel), a.runs) * 1e3:.1f} | {temp / MIB:.1f} | {err:.2e} "
                   f"| {mean:.2e} |")
     finally:
-        losses._chunk_stats = original
+        logprobs._chunk_stats = original
 
 
 if __name__ == "__main__":

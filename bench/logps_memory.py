@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from zephyr_jax import losses  # noqa: E402
+from zephyr_jax import logprobs, losses  # noqa: E402
 
 MIB = 2**20
 
@@ -63,7 +63,7 @@ def compiled_memory(fn, batch, length, vocab, dtype, grad=True):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunk-size", type=int, default=losses.DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--chunk-size", type=int, default=logprobs.DEFAULT_CHUNK_SIZE)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batches", default="1,2,4")

@@ -1,5 +1,5 @@
-"""zephyr_jax.losses.head_logps (LM head fused into the chunked log-softmax) against the full-head path:
-float32 logits = hidden @ kernel for every position, then losses.token_logps."""
+"""zephyr_jax.logprobs.head_logps (LM head fused into the chunked log-softmax) against the full-head path:
+float32 logits = hidden @ kernel for every position, then logprobs.token_logps."""
 
 import re
 
@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 from tests.xla_memory import temp_bytes
-from zephyr_jax import losses
+from zephyr_jax import logprobs
 from zephyr_jax.sharding import logical_to_spec, make_mesh
 
 
@@ -44,7 +44,7 @@ def _full_path(hidden, kernel, targets, chunk_size=None):
     logits = _full_logits(hidden, kernel)
     vocab = kernel.shape[-1]
     correct = (jnp.argmax(logits, axis=-1) == targets) & (targets >= 0) & (targets < vocab)
-    return losses.token_logps(logits, targets, chunk_size), correct
+    return logprobs.token_logps(logits, targets, chunk_size), correct
 
 
 def _weighted_grads(fn, hidden, kernel, targets, weights):
@@ -61,7 +61,7 @@ def _assert_close_relative(got, ref, rel):
 @pytest.mark.parametrize("chunk_size", [None, 1, 7, 16])  # 7 and 16 do not divide K = 45; None: one chunk
 def test_head_logps_float32_equals_full_head_path(chunk_size):
     hidden, kernel, targets, weights = _inputs(0)
-    logps, correct = losses.head_logps(hidden, kernel, targets, chunk_size)
+    logps, correct = logprobs.head_logps(hidden, kernel, targets, chunk_size)
     ref_logps, ref_correct = _full_path(hidden, kernel, targets)
     assert logps.shape == correct.shape == targets.shape
     assert logps.dtype == jnp.float32 and correct.dtype == jnp.bool_
@@ -69,7 +69,7 @@ def test_head_logps_float32_equals_full_head_path(chunk_size):
     np.testing.assert_array_equal(correct, ref_correct)
     assert 0 < int(correct.sum()) < correct.size
 
-    fused = lambda h, w, t: losses.head_logps(h, w, t, chunk_size)  # noqa: E731
+    fused = lambda h, w, t: logprobs.head_logps(h, w, t, chunk_size)  # noqa: E731
     d_hidden, d_kernel = _weighted_grads(fused, hidden, kernel, targets, weights)
     ref_hidden, ref_kernel = _weighted_grads(_full_path, hidden, kernel, targets, weights)
     assert d_hidden.dtype == hidden.dtype and d_kernel.dtype == kernel.dtype
@@ -89,12 +89,12 @@ def test_head_logps_bfloat16_matches_full_head_path_with_the_same_matmul():
     real error (a wrong softmax, a missing or doubled chunk moves entries by tens of percent).
     """
     hidden, kernel, targets, weights = _inputs(1, dtype=jnp.bfloat16)
-    logps, correct = losses.head_logps(hidden, kernel, targets, 7)
+    logps, correct = logprobs.head_logps(hidden, kernel, targets, 7)
     ref_logps, ref_correct = _full_path(hidden, kernel, targets)
     np.testing.assert_allclose(logps, ref_logps, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(correct, ref_correct)
 
-    fused = lambda h, w, t: losses.head_logps(h, w, t, 7)  # noqa: E731
+    fused = lambda h, w, t: logprobs.head_logps(h, w, t, 7)  # noqa: E731
     d_hidden, d_kernel = _weighted_grads(fused, hidden, kernel, targets, weights)
     ref_hidden, ref_kernel = _weighted_grads(_full_path, hidden, kernel, targets, weights)
     assert d_hidden.dtype == d_kernel.dtype == jnp.bfloat16
@@ -107,10 +107,10 @@ def test_head_logps_float32_kernel_with_bfloat16_hidden():
     float32 and is the float32 sum of the bf16 products."""
     hidden, kernel, targets, weights = _inputs(2, dtype=jnp.bfloat16)
     kernel32 = kernel.astype(jnp.float32) * 1.001  # not bf16-representable: the cast must happen inside
-    logps, _ = losses.head_logps(hidden, kernel32, targets, 16)
+    logps, _ = logprobs.head_logps(hidden, kernel32, targets, 16)
     ref_logps, _ = _full_path(hidden, kernel32, targets)
     np.testing.assert_allclose(logps, ref_logps, rtol=1e-5, atol=1e-5)
-    fused = lambda h, w, t: losses.head_logps(h, w, t, 16)  # noqa: E731
+    fused = lambda h, w, t: logprobs.head_logps(h, w, t, 16)  # noqa: E731
     d_hidden, d_kernel = _weighted_grads(fused, hidden, kernel32, targets, weights)
     ref_hidden, ref_kernel = _weighted_grads(_full_path, hidden, kernel32, targets, weights)
     assert d_hidden.dtype == jnp.bfloat16 and d_kernel.dtype == jnp.float32
@@ -130,7 +130,7 @@ def test_head_logps_never_materialises_the_full_logits(dtype):
     def fwd_bwd(fn):
         return jax.value_and_grad(lambda h, w, t, m: jnp.sum(m * fn(h, w, t, chunk)[0]), argnums=(0, 1))
 
-    fused = temp_bytes(fwd_bwd(losses.head_logps), *args)
+    fused = temp_bytes(fwd_bwd(logprobs.head_logps), *args)
     full = temp_bytes(fwd_bwd(_full_path), *args)
     assert fused < 0.35 * full_f32, (fused, full_f32)
     assert full >= full_f32, (full, full_f32)
@@ -146,7 +146,7 @@ def test_head_logps_sharded_equals_one_device(dtype):
     hidden, kernel, targets, weights = _inputs(3, batch=4, length=40, embed=16, vocab=64, dtype=dtype)
 
     def loss(h, w, t, m):
-        logps, correct = losses.head_logps(h, w, t, 6)
+        logps, correct = logprobs.head_logps(h, w, t, 6)
         return jnp.sum(m * logps), correct
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -175,14 +175,14 @@ def test_head_logps_sharded_equals_one_device(dtype):
 def test_head_logps_bad_arguments_raise():
     hidden, kernel, targets, _ = _inputs(4, batch=2, length=5, embed=8, vocab=11)
     with pytest.raises(ValueError, match="hidden must be"):
-        losses.head_logps(hidden[0], kernel, targets)
+        logprobs.head_logps(hidden[0], kernel, targets)
     with pytest.raises(ValueError, match="kernel must be"):
-        losses.head_logps(hidden, kernel.T, targets)
+        logprobs.head_logps(hidden, kernel.T, targets)
     with pytest.raises(ValueError, match="targets shape"):
-        losses.head_logps(hidden, kernel, targets[:, :4])
+        logprobs.head_logps(hidden, kernel, targets[:, :4])
     with pytest.raises(ValueError, match="integer"):
-        losses.head_logps(hidden, kernel, targets.astype(jnp.float32))
+        logprobs.head_logps(hidden, kernel, targets.astype(jnp.float32))
     with pytest.raises(ValueError, match="floating"):
-        losses.head_logps(hidden.astype(jnp.int32), kernel, targets)
+        logprobs.head_logps(hidden.astype(jnp.int32), kernel, targets)
     with pytest.raises(ValueError, match="chunk_size"):
-        losses.head_logps(hidden, kernel, targets, chunk_size=0)
+        logprobs.head_logps(hidden, kernel, targets, chunk_size=0)

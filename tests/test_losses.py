@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tests.xla_memory import temp_bytes
-from zephyr_jax import losses
+from zephyr_jax import logprobs, losses
 
 IGNORE = -100
 
@@ -97,7 +97,7 @@ def test_token_logps_per_position():
     x = torch.tensor(logits, dtype=torch.float64)
     t = torch.tensor(np.where(mask, targets, 0), dtype=torch.long)
     ref = torch.log_softmax(x, -1).gather(-1, t[..., None])[..., 0].numpy()
-    got = np.asarray(losses.token_logps(logits, np.where(mask, targets, 0), chunk_size=6))
+    got = np.asarray(logprobs.token_logps(logits, np.where(mask, targets, 0), chunk_size=6))
     assert got.shape == (2, 20) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -119,20 +119,20 @@ def test_near_certain_tokens_keep_their_log_probs(top):
     assert -4e-6 < ref.min() and ref.max() < -1e-6
     # Torch's float32 log_softmax, which sums the top term with the others, is off by up to 2.3 eps here.
     tol = 3 * np.finfo(np.float32).eps
-    np.testing.assert_allclose(losses.token_logps(logits, targets), ref, rtol=0, atol=tol)
-    np.testing.assert_allclose(jax.jit(losses.token_logps)(logits, targets), ref, rtol=0, atol=tol)
-    np.testing.assert_allclose(losses.token_logps(logits, targets, chunk_size=8), ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(logprobs.token_logps(logits, targets), ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(jax.jit(logprobs.token_logps)(logits, targets), ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(logprobs.token_logps(logits, targets, chunk_size=8), ref, rtol=0, atol=tol)
     # The fused head: hidden states through an identity kernel give the same logits.
-    got, _ = losses.head_logps(logits, np.eye(vocab, dtype=np.float32), targets)
+    got, _ = logprobs.head_logps(logits, np.eye(vocab, dtype=np.float32), targets)
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
-    got, _ = losses.head_logps(logits, np.eye(vocab, dtype=np.float32), targets, 8)
+    got, _ = logprobs.head_logps(logits, np.eye(vocab, dtype=np.float32), targets, 8)
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
     # Tied top logits (common in bfloat16): each counts once.
     tied = logits.copy()
     tied[..., 0] = np.where(targets == 0, np.float32(top - 1), np.float32(top))
     ref = torch.log_softmax(torch.tensor(tied, dtype=torch.float64), -1).gather(
         -1, torch.tensor(targets, dtype=torch.long)[..., None])[..., 0].numpy()
-    np.testing.assert_allclose(losses.token_logps(tied, targets, chunk_size=8), ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(logprobs.token_logps(tied, targets, chunk_size=8), ref, rtol=0, atol=tol)
 
 
 def test_bfloat16_logits():

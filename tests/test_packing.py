@@ -2,7 +2,7 @@
 
 The reference is the plain path nobody optimised: the model's full logits for each sequence in a row of its own
 (model(...) and losses.sequence_logps / losses.sft_loss), then losses.dpo_loss. The train step's path packs
-sequences into shared rows (segments), applies the LM head only at loss positions (losses.head_logps) and puts
+sequences into shared rows (segments), applies the LM head only at loss positions (logprobs.head_logps) and puts
 pairs back together from per-segment sums.
 """
 

@@ -351,7 +351,7 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     forward = layer_fwd + attention_fwd + head_fwd
     recompute = {"none": 0.0, "full": layer_fwd + attention_fwd, "save_all_but_mlp": mlp,
                  "save_dots": attention_fwd, "offload": attention_fwd}[remat or mcfg.remat]
-    recompute += head_fwd  # losses.head_logps recomputes each chunk's logits in the backward pass
+    recompute += head_fwd  # logprobs.head_logps recomputes each chunk's logits in the backward pass
     return 3 * forward + recompute + (forward if frozen_reference else 0.0)
 
 

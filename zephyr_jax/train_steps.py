@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from zephyr_jax import losses
+from zephyr_jax import logprobs, losses
 from zephyr_jax.sharding import DEFAULT_RULES, constrain
 
 
@@ -77,7 +77,7 @@ def decay_weights(rate: float) -> optax.GradientTransformation:
 
 def loss_position_logps(graphdef, params, batch, max_segments: int | None = None, layer_grad_sum=None):
     """Log-probs of the targets at each row's loss positions, the LM head applied there only (fused with the
-    log-softmax, chunked: losses.head_logps). Returns (logps, correct, valid, segment), each [rows, K]: valid
+    log-softmax, chunked: logprobs.head_logps). Returns (logps, correct, valid, segment), each [rows, K]: valid
     marks real entries of batch["loss_positions"] (-1 fills the rest), segment is their segment id.
     layer_grad_sum: gradient accumulation's running sum for params["layers"] (model/accumulate.py)."""
     model = nnx.merge(graphdef, params)
@@ -88,7 +88,7 @@ def loss_position_logps(graphdef, params, batch, max_segments: int | None = None
     where = jnp.maximum(where, 0)
     pick = lambda x: jnp.take_along_axis(x, where, axis=1)
     hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)
-    logps, correct = losses.head_logps(hidden, model.head_kernel(), pick(batch["targets"]))
+    logps, correct = logprobs.head_logps(hidden, model.head_kernel(), pick(batch["targets"]))
     return jnp.where(valid, logps, 0.0), correct & valid, valid, pick(batch["segment_ids"])
 
 

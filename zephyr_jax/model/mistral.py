@@ -223,7 +223,7 @@ class Mistral(nnx.Module):
     """Mistral-7B's architecture as an NNX module: `Mistral(MistralConfig(...), rngs=nnx.Rngs(seed))` draws random
     weights (zephyr_jax.load reads a checkpoint's). Parameter names mirror Hugging Face's, the decoder layers
     stacked on a leading axis (`layers.*`). `model(ids)`: all logits; `hidden_states`: the final norm's output,
-    for the loss at chosen positions (losses.head_logps); `with_cache`: prefill and decoding over a KVCache."""
+    for the loss at chosen positions (logprobs.head_logps); `with_cache`: prefill and decoding over a KVCache."""
 
     def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -247,7 +247,7 @@ class Mistral(nnx.Module):
     def hidden_states(self, input_ids, positions=None, segment_ids=None, attention_mask=None, max_segments=None,
                       grad_sum=None):
         """The final norm's output [B, T, hidden] in the compute dtype: what the LM head reads. Training applies
-        the head only at the loss positions (losses.head_logps). max_segments: the most sequences a row holds
+        the head only at the loss positions (logprobs.head_logps). max_segments: the most sequences a row holds
         (static; GPU attention needs it for segment ids, see attention.attend). grad_sum: see run_layers."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
