@@ -1,5 +1,6 @@
-"""zephyr_jax.losses against independent references: torch float64 log-softmax / cross-entropy, an unchunked
-JAX log-softmax, float64 numpy versions of the DPO-family formulas in RECIPE.md, and hand-computed cases."""
+"""zephyr_jax.losses, and the logprobs.token_logps / head_logps they are built from, against independent
+references: torch float64 log-softmax / cross-entropy, an unchunked JAX log-softmax, float64 numpy versions of the
+DPO-family formulas in RECIPE.md, and hand-computed cases."""
 
 import math
 

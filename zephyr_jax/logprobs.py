@@ -14,7 +14,7 @@
 
 Both are custom VJPs over a `jax.lax.fori_loop` of chunks. Targets are already aligned with the logits
 (targets[:, t] is the token that logits[:, t] predicts); out-of-range targets are clipped into the vocabulary, so
-masked positions may hold anything (a pad id, -100, ...). Every result is float32 whatever the input dtype.
+masked positions may hold anything (a pad id, -100, ...). Every log-prob is float32 whatever the input dtype.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zephyr_jax.logprobs import check_shapes, token_logps
+from zephyr_jax import logprobs
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -55,8 +55,8 @@ def sequence_logps(
     GPU/TPU slice bf16 natively, and float32 logits (what the model returns) are unaffected.
     """
     mask = _as_mask(loss_mask)
-    check_shapes(jnp.asarray(logits), jnp.asarray(targets), mask)
-    logps = token_logps(logits, targets, chunk_size)
+    logprobs.check_shapes(jnp.asarray(logits), jnp.asarray(targets), mask)
+    logps = logprobs.token_logps(logits, targets, chunk_size)
     return jnp.sum(jnp.where(mask, logps, 0.0), axis=-1)
 
 
@@ -98,8 +98,8 @@ def sft_loss(
     """
     mask = _as_mask(loss_mask)
     logits = jnp.asarray(logits)
-    check_shapes(logits, jnp.asarray(targets), mask)
-    loss = sft_loss_from_logps(token_logps(logits, targets, chunk_size), mask, normalizer)
+    logprobs.check_shapes(logits, jnp.asarray(targets), mask)
+    loss = sft_loss_from_logps(logprobs.token_logps(logits, targets, chunk_size), mask, normalizer)
     num_tokens = jnp.sum(mask, dtype=jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets) & mask
     metrics = {
