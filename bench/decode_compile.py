@@ -3,8 +3,8 @@
     python bench/decode_compile.py [--topology=h200-1] [--layers=2] [--rows=64] [--max_length=4096] [--kv=1024]
 
 Compiles engine._decode (8 tokens a call, greedy, attention over --kv of --max_length cached positions) for one
-device of --topology (plan.target_for: "h100-1", "h200-1", "a100-1" with JAX's CUDA plugin, "v5e-4" ... with
-libtpu) on a Mistral-7B-wide model of --layers layers in bf16, once with the cache stored heads first and once
+device of --topology (compile_targets.target_for: "h100-1", "h200-1", "a100-1" with JAX's CUDA plugin, "v5e-4"
+... with libtpu) on a Mistral-7B-wide model of --layers layers in bf16, once with the cache stored heads first and once
 positions first (model/kv_cache.py), from abstract shapes: nothing is allocated. Prints each program's scratch
 memory and the transposes it makes of a whole cache buffer outside the decoding loop (a copy of the cache on
 every call). Nothing is timed: bench/decode_step.py times the call on a device.
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zephyr_jax import engine, plan
+from zephyr_jax import compile_targets, engine
 from zephyr_jax.model import KVCache, Mistral, MistralConfig
 
 
@@ -54,7 +54,7 @@ def main():
     parser.add_argument("--max_length", type=int, default=4096)
     parser.add_argument("--kv", type=int, default=1024)
     args = parser.parse_args()
-    target = plan.target_for(args.topology)
+    target = compile_targets.target_for(args.topology)
     device = target.devices[0]
     cfg = MistralConfig(num_hidden_layers=args.layers, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                         max_position_embeddings=args.max_length)
@@ -63,7 +63,7 @@ def main():
     print("| cache stored | scratch MiB | whole-cache transposes |")
     print("|---|---|---|")
     for heads_first in (True, False):
-        with plan.cudnn_checks_for(target):
+        with compile_targets.cudnn_checks_for(target):
             compiled, shape = compile_decode(device, cfg, args.rows, args.max_length, args.kv, heads_first)
         print(f"| {'heads first' if heads_first else 'positions first'} "
               f"| {compiled.memory_analysis().temp_size_in_bytes / 2 ** 20:,.0f} "

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax import engine, plan, profiling
+from zephyr_jax import compile_targets, engine, profiling
 from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.metrics import device_name
 from zephyr_jax.model import KVCache, Mistral, MistralConfig
@@ -61,10 +61,10 @@ def copy_bandwidth() -> float:
 
 
 def datasheet_bandwidth() -> float | None:
-    """The planner's GPU table (plan.GPUS, SXM data sheets) for the device metrics names exactly: None for other
-    devices (an H100 PCIe's 2.0 TB/s or NVL's 3.9 are not the SXM's 3.35)."""
+    """The bandwidth in compile_targets.GPUS (SXM data sheets) for the device metrics names exactly: None for
+    other devices (an H100 PCIe's 2.0 TB/s or NVL's 3.9 are not the SXM's 3.35)."""
     name = device_name()
-    return plan.GPUS[name].bandwidth if name in plan.GPUS else None
+    return compile_targets.GPUS[name].bandwidth if name in compile_targets.GPUS else None
 
 
 def greedy(rows: int) -> tuple:

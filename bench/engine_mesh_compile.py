@@ -4,8 +4,8 @@
         [--prefill=P,T,KV ...] [--decode=R,KV ...]
 
 Mistral-7B in bf16 from abstract shapes (nothing is allocated), its parameters laid out by the sharding rules over
-the --mesh of --topology (plan.target_for), the KV cache as Engine lays it out (Engine._cache_sharding, the
-platform's storage order). Each --prefill compiles engine._prefill for P prompts of T tokens attending over KV
+the --mesh of --topology (compile_targets.target_for), the KV cache as Engine lays it out (Engine._cache_sharding,
+the platform's storage order). Each --prefill compiles engine._prefill for P prompts of T tokens attending over KV
 cached positions; each --decode engine._decode for R rows (8 tokens a call) over KV positions. Prints the bytes a
 chip holds (parameters, cache) and each program's temporaries and peak against the chip's memory. Nothing is
 timed.
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax import engine, plan
+from zephyr_jax import compile_targets, engine, plan
 from zephyr_jax.model import Mistral, MistralConfig, kv_cache
 from zephyr_jax.sharding import DEFAULT_RULES, make_mesh, mesh_shape, named, param_specs
 
@@ -37,7 +37,7 @@ def main():
     p.add_argument("--prefill", action="append", default=[], help="P,T,KV")
     p.add_argument("--decode", action="append", default=[], help="R,KV")
     args = p.parse_args()
-    target = plan.target_for(args.topology)
+    target = compile_targets.target_for(args.topology)
     mesh = make_mesh(args.mesh, target.devices)
     cfg = MistralConfig.mistral_7b_v0_1(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))

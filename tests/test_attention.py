@@ -276,7 +276,7 @@ def test_splash_compiles_to_a_mosaic_kernel_for_a_tpu_slice():
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding
 from zephyr_jax.model.attention import _specs, attend
-from zephyr_jax.plan import tpu_target
+from zephyr_jax.compile_targets import tpu_target
 from zephyr_jax.sharding import make_mesh
 
 mesh = make_mesh((1, 2, 2), devices=tpu_target("v5e-4").devices)

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from zephyr_jax import plan, xla_flags
+from zephyr_jax import compile_targets, plan, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
@@ -119,17 +119,18 @@ def test_a_config_that_does_not_fit_says_by_how_much_what_is_largest_and_which_c
 
 def test_unknown_topology_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown TPU topology 'v5e-3'.*v4-8.*v5e-64.*v5p-32.*v6e-256"):
-        plan.tpu_target("v5e-3")
+        compile_targets.tpu_target("v5e-3")
     with pytest.raises(ValueError, match="unknown TPU topology 'v4-9'"):
-        plan.tpu_target("v4-9")
-    assert len(plan.tpu_target("v5litepod-8").devices) == 8  # Cloud TPU's name for v5e, as tpu_pod.sh takes it
+        compile_targets.tpu_target("v4-9")
+    # Cloud TPU's name for v5e, as tpu_pod.sh takes it
+    assert len(compile_targets.tpu_target("v5litepod-8").devices) == 8
 
 
 def test_unknown_gpu_topology_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown GPU topology 'h100-3'.*a100-1.*h100-8.*h200-256"):
-        plan.target_for("h100-3")
+        compile_targets.target_for("h100-3")
     with pytest.raises(ValueError, match="unknown TPU topology 'v5x-8'.*GPUs: a100-1"):
-        plan.target_for("v5x-8")
+        compile_targets.target_for("v5x-8")
 
 
 # JAX's CUDA plugin (.ci/run installs it there; about 1.7 GB) compiles for GPUs on this CPU-only machine.
@@ -274,7 +275,7 @@ def test_the_total_is_xla_tpus_own_peak_on_a_tpu_and_the_parts_sum_elsewhere():
 
     step = jax.jit(lambda x: jnp.tanh(x @ x) @ x)
     x = jnp.ones((256, 256), jnp.float32)
-    tpu = jax.sharding.SingleDeviceSharding(plan.tpu_target("v5e-4").devices[0])
+    tpu = jax.sharding.SingleDeviceSharding(compile_targets.tpu_target("v5e-4").devices[0])
     compiled = step.lower(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=tpu)).compile()
     assert plan.compiled_bytes(compiled)["total"] == compiled.memory_analysis().peak_memory_in_bytes
     cpu = plan.compiled_bytes(step.lower(x).compile())
@@ -419,7 +420,7 @@ def test_a_prefill_of_several_rows_copies_no_kv_cache_on_a_tpu():
     from zephyr_jax.model import MistralConfig
     from zephyr_jax.sharding import make_mesh
 
-    mesh = make_mesh((1, 1, 4), plan.tpu_target("v4-8").devices)
+    mesh = make_mesh((1, 1, 4), compile_targets.tpu_target("v4-8").devices)
     cfg = MistralConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
                         num_attention_heads=8, num_key_value_heads=8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     rows, length = 2, 512
@@ -447,7 +448,7 @@ def test_decoding_on_a_tpu_copies_neither_weights_nor_the_kv_cache(topology, mes
     from zephyr_jax.model import MistralConfig
     from zephyr_jax.sharding import make_mesh
 
-    mesh = make_mesh(mesh_shape, plan.tpu_target(topology).devices[:int(np.prod(mesh_shape))])
+    mesh = make_mesh(mesh_shape, compile_targets.tpu_target(topology).devices[:int(np.prod(mesh_shape))])
     cfg = MistralConfig(vocab_size=1024, hidden_size=4096, intermediate_size=1024, num_hidden_layers=2,  # 7B-wide
                         num_attention_heads=32, num_key_value_heads=8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     graphdef, state, cache, buffer, sampling = _abstract_engine_inputs(mesh, cfg, 64, 1024, rows)
