@@ -43,7 +43,8 @@ class StepLog:
         self.bar.update(1)
 
     def check_finite(self) -> None:
-        """Fetches the pending metrics; a non-finite loss stops the run (the step's state is never saved)."""
+        """Fetches the pending metrics; a non-finite loss or gradient norm stops the run (the step's state is never
+        saved)."""
         if not self.on_device:
             return
         fetched = to_host([m for _, m, _, _ in self.on_device])
