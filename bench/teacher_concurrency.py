@@ -71,5 +71,6 @@ def main():
             print(f"\nfleet: {len(one.log) - before} requests to the first URL, {len(two.log)} to the second; "
                   f"most in flight at once on the second server: {two.max_in_flight} (bound {args.fleet})")
 
+
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
 from zephyr_jax.sharding import constrain
 
+
 class Linear(nnx.Module):
     """y = x @ kernel (no bias); kernel [in, out] is HF's weight transposed."""
 
