@@ -312,10 +312,10 @@ def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
     from zephyr_jax.lm_eval_adapter import ZephyrJaxLM
 
     pairs = [("Hello", "world"), ("It is", "n't"), ("The sky is ", "blue"),
-             ("x =", "  42"), ("", "Hello world"), ("Long " * 80, " tail end")]
+             ("x =", "  42"), ("", "Hello world"), ("", "<s>Hello"), ("Long " * 80, " tail end")]
     requests = [Instance("loglikelihood", {}, p, 0) for p in pairs]
-    reference = HFLM(pretrained=model_dir, backend="causal", dtype="float32", batch_size=4, max_length=64,
-                     device="cpu").loglikelihood(requests)
+    hflm = HFLM(pretrained=model_dir, backend="causal", dtype="float32", batch_size=4, max_length=64, device="cpu")
+    reference = hflm.loglikelihood(requests)
     ours = ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64).loglikelihood(requests)
     for pair, (want, want_greedy), (got, greedy) in zip(pairs, reference, ours):
         assert got == pytest.approx(want, abs=1e-4), pair
@@ -330,6 +330,15 @@ def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
     lm = ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64)
     ctx, cont = lm._encode_pair("Paris is in Fr", "ance")
     assert ctx + cont == lm.tok_encode("Paris is in France") and len(cont) >= 1
+    with pytest.raises(ValueError, match="empty continuation"):  # HFLM refuses it; it is not the context's end
+        lm.loglikelihood([Instance("loglikelihood", {}, ("The answer is", ""), 0)])
+    # --apply_chat_template with a task's gen_prefix: lm-eval asks for no generation prompt, and the assistant
+    # prefix is continued (not closed with </s>), the same text as HFLM's.
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "Answer:"}]
+    text = lm.apply_chat_template(chat, add_generation_prompt=False)
+    assert text == hflm.apply_chat_template(chat, add_generation_prompt=False) and text.endswith("Answer:")
+    assert lm.apply_chat_template(chat[:2]) == hflm.apply_chat_template(chat[:2])
 
 
 def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):

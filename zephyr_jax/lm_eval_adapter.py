@@ -139,11 +139,16 @@ class ZephyrJaxLM(LM):
         context's own token count, so the continuation's tokens are those the model sees in the joint text, also
         where the tokenizer merges across the boundary ("It is" + "n't"). Spaces at the end of the context move
         to the continuation (lm-eval's convention). An empty context becomes `<s>`."""
+        if not continuation:  # HFLM refuses it too; the split below would score the context's last token
+            raise ValueError(f"an empty continuation after the context {context[-40:]!r}: nothing to score")
         stripped = context.rstrip()
         if len(stripped) < len(context):
             continuation, context = context[len(stripped):] + continuation, stripped
         if not context:
-            return [self.bos], self.tok_encode(continuation, bos=False)
+            cont = self.tok_encode(continuation, bos=False)
+            if cont[:1] == [self.bos] and len(cont) > 1:  # a continuation that brings its own <s> (as HFLM reads it)
+                return cont[:1], cont[1:]
+            return [self.bos], cont
         whole = self.tok_encode(context + continuation)
         ctx = self.tok_encode(context)
         if len(whole) > len(ctx):
@@ -259,7 +264,12 @@ class ZephyrJaxLM(LM):
     # --- chat templates (lm_eval --apply_chat_template) ---------------------------------------------------
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
+        """lm-eval asks for no generation prompt when the history ends with an assistant prefix (a task's
+        gen_prefix, "Answer:"): that turn is continued, as HFLM does, not closed with `</s>`."""
+        ends_with_reply = bool(chat_history) and chat_history[-1].get("role") == "assistant"
+        continue_final = ends_with_reply and not add_generation_prompt
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final)
 
     @property
     def tokenizer_name(self) -> str:

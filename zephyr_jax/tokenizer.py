@@ -138,20 +138,24 @@ def is_zephyr_template(tok) -> bool:
     return all(marker in template for marker in ("<|system|>", "<|user|>", "<|assistant|>"))
 
 
-def render_template(tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[dict], str]:
+def render_template(tok, messages: list[dict], add_generation_prompt: bool = False,
+                    continue_final_message: bool = False) -> tuple[list[dict], str]:
     """(the messages as the template renders them, its text). The Zephyr template (is_zephyr_template) gets an
     empty system turn first when the conversation has none, as the recipe trains; any other template renders the
     messages as given, as transformers and vLLM render them (Mistral-Instruct-v0.3's would put the empty system
     text into the first user turn, ChatML's add a turn its models never saw, Qwen's lose its default system
-    prompt)."""
+    prompt). continue_final_message: the last (assistant) message is a prefix for the model to continue, left
+    open rather than closed with `</s>` (transformers' option of that name)."""
     check_chat(messages)
     messages = with_system_message(messages) if is_zephyr_template(tok) else list(messages)
-    return messages, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return messages, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
 
 
-def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
+                continue_final_message: bool = False) -> str:
     """The conversation as template text (render_template: the Zephyr template with an empty system turn)."""
-    return render_template(tok, messages, add_generation_prompt)[1]
+    return render_template(tok, messages, add_generation_prompt, continue_final_message)[1]
 
 
 def adds_bos(tok, text: str) -> bool:
