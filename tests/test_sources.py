@@ -38,6 +38,11 @@ def write_jsonl(path, rows):
 def test_save_to_disk_dataset_and_dict(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
     assert rows_of(load_rows(tmp_path / "one", "train_sft")) == ROWS  # a single Dataset: split ignored
+    # ... unless it records the split it was saved from: an eval split pointed at it would read training rows.
+    datasets.Dataset.from_list(ROWS, split=datasets.NamedSplit("train_sft")).save_to_disk(str(tmp_path / "train"))
+    assert rows_of(load_rows(tmp_path / "train", "train_sft")) == ROWS
+    with pytest.raises(ValueError, match=r"saved from split 'train_sft', not 'test_sft'"):
+        load_rows(tmp_path / "train", "test_sft")
     datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(ROWS[:2]),
                           "test_sft": datasets.Dataset.from_list(ROWS[2:])}).save_to_disk(str(tmp_path / "dict"))
     assert rows_of(load_rows(str(tmp_path / "dict"), "train_sft")) == ROWS[:2]
@@ -74,6 +79,11 @@ def test_directory_split_convention(tmp_path):
     datasets.Dataset.from_list(ROWS[:1]).to_parquet(str(repo / "data" / "train_sft-00000-of-00002-abc.parquet"))
     datasets.Dataset.from_list(ROWS[1:]).to_parquet(str(repo / "data" / "train_sft-00001-of-00002-abc.parquet"))
     assert rows_of(load_rows(repo, "train_sft")) == ROWS
+    # One split in two layouts: an error naming both, not the first layout's rows alone.
+    write_jsonl(repo / "train_sft-extra.jsonl", ROWS[:1])
+    with pytest.raises(ValueError, match=r"matches more than one layout: train_sft-\*\.jsonl: \['train_sft-extra"
+                                         r"\.jsonl'\]; data/train_sft-\*\.parquet"):
+        load_rows(repo, "train_sft")
 
 
 def test_missing_local_paths(tmp_path):
@@ -234,3 +244,5 @@ def test_one_row_of_another_type_changes_no_other_row(tmp_path):
         except BadRow as e:
             bad.append(str(e))
     assert bad == ["row 3: messages[1].content is not a string"]
+    # The same file as a URL (file:// stands in for gs:// and s3://: fsspec reads all three) reads the same.
+    assert [dict(r) for r in load_rows(path.as_uri(), None)] == rows

@@ -4,13 +4,15 @@
 
 - a hub dataset name, e.g. `load_rows(ULTRACHAT, "train_sft")` -> `datasets.load_dataset(name, split=split)`.
   It needs the network (or a datasets cache that already holds it); offline, the error names the dataset.
-- a directory written by `Dataset.save_to_disk` (split ignored) or `DatasetDict.save_to_disk` (split picks one).
+- a directory written by `Dataset.save_to_disk` (any split, unless the Dataset records another: then an error)
+  or `DatasetDict.save_to_disk` (split picks one).
 - a URL to such a file (gs://, s3://, https://): handed to `datasets`, which reads it with fsspec.
 - local `*.jsonl` / `*.json` / `*.parquet` data: one file or a glob (split ignored: the files are the split),
-  or a directory. In a directory the split picks, first match wins:
+  or a directory. In a directory the split picks its files by one of these layouts:
       DIR/{split}.jsonl   DIR/{split}.json   DIR/{split}.parquet
       DIR/{split}-*.jsonl  DIR/{split}-*.parquet          (shards: train_prefs-00000-of-00001.parquet)
       DIR/data/{split}-*.parquet  DIR/data/{split}-*.jsonl (the layout of a downloaded hub dataset repo)
+  Files of one split in two of these layouts are an error (not the first layout's files alone).
   With split=None a directory gives all of its data files (which must share one format).
   This is the layout that `python -m zephyr_jax.data.binarize` writes (DIR/train_prefs.jsonl, DIR/test_prefs.jsonl).
 - `tfds:NAME` (NAME may carry a config and version, "name/config:1.0.0"): `tfds.data_source(NAME, split=split,
@@ -21,10 +23,10 @@
 
 Hub and file sources return a `datasets.Dataset` (`rows[i]` is a dict), or with `streaming=True` a
 `datasets.IterableDataset`; TFDS sources return a sequence of dicts (`streaming` has no effect: it is lazy).
-Local JSON that `datasets`' reader refuses, or reads only by typing a field as Json (its rows disagree in type,
-and the reader would decode every string in it), is read with the json module: a bad line is named by file and
-line, and columns are typed from every row (the reader types them from the first 10 MB), or, where rows disagree
-in a field's type, the rows come as a list of dicts as they are, so the malformed one is named or skipped.
+JSON (local or a URL) that `datasets`' reader refuses, or reads only by typing a field as Json (its rows disagree
+in type, and the reader would decode every string in it), is read with the json module: a bad line is named by
+file and line, and columns are typed from every row (the reader types them from the first 10 MB), or, where rows
+disagree in a field's type, the rows come as a list of dicts as they are, so the malformed one is named or skipped.
 """
 
 from __future__ import annotations
@@ -112,6 +114,11 @@ def _load_saved(path: Path, split, streaming):
         if split not in ds:
             raise ValueError(f"split {split!r} is not in the DatasetDict at {path} (it has {sorted(ds)})")
         ds = ds[split]
+    elif split is not None and ds.split is not None and str(ds.split) != split:
+        # A single Dataset serves whatever split is asked, except one it says it is not: an eval split pointed
+        # at a saved train split would evaluate on the training rows.
+        raise ValueError(f"the Dataset at {path} was saved from split {str(ds.split)!r}, not {split!r}: point this "
+                         "split at its own data (or save a DatasetDict)")
     return ds.to_iterable_dataset() if streaming else ds
 
 
@@ -119,11 +126,13 @@ def _split_files(directory: Path, split) -> list[str]:
     if split is None:
         files = sorted(str(p) for p in directory.iterdir() if p.suffix in FORMATS and p.is_file())
     else:
-        files = []
-        for pattern in SPLIT_PATTERNS:
-            files = sorted(glob.glob(str(directory / pattern.format(split=glob.escape(split)))))
-            if files:
-                break
+        matches = {p: sorted(glob.glob(str(directory / p.format(split=glob.escape(split))))) for p in SPLIT_PATTERNS}
+        matches = {p: found for p, found in matches.items() if found}
+        if len(matches) > 1:  # two layouts of one split (train_sft.jsonl and train_sft-0.parquet): not half of it
+            raise ValueError(f"split {split!r} in {directory} matches more than one layout: " + "; ".join(
+                f"{p.format(split=split)}: {[os.path.relpath(f, directory) for f in found][:3]}"
+                for p, found in matches.items()) + ". Keep one, or name the files as the source")
+        files = next(iter(matches.values()), [])
     if not files:
         present = sorted(p.name for p in directory.iterdir())[:20]
         want = ", ".join(p.format(split=split) for p in SPLIT_PATTERNS) if split else "*.jsonl/json/parquet"
@@ -139,14 +148,14 @@ def _load_files(files: list[str], streaming: bool):
     if None in formats or len(formats) != 1:
         raise ValueError(f"data files must all be one of {'/'.join(FORMATS)} formats, got {files[:5]}")
     builder = formats.pop()
-    local_json = builder == "json" and not streaming and not any("://" in f for f in files)
+    json_rows = builder == "json" and not streaming
     try:
         rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
     except Exception as e:
-        if local_json:
+        if json_rows:
             return _load_json_rows(files, e)
         raise ValueError(f"could not read {_names(files)}: {_root_cause(e)}") from e
-    if local_json and _has_json_feature(rows.features):
+    if json_rows and _has_json_feature(rows.features):
         # A field whose rows disagree in type (a number in one row's content, strings in the others) is typed
         # Json, and every string in it is then decoded as JSON: "8" became 8, "null" None, '"hi"' hi.
         return _load_json_rows(files)
@@ -178,11 +187,20 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+def _open_text(path):
+    """A local file, or a URL (gs://, s3://, https://) through fsspec, as `datasets` reads it."""
+    if "://" in str(path):
+        import fsspec
+
+        return fsspec.open(str(path), "rt", encoding="utf-8").open()
+    return open(path, encoding="utf-8")
+
+
 def read_json_lines(path) -> list:
-    """The values of a JSON Lines file (blank lines skipped); ValueError naming the file and line of one that is
-    not JSON."""
+    """The values of a JSON Lines file (blank lines skipped; a URL too); ValueError naming the file and line of
+    one that is not JSON."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -194,18 +212,18 @@ def read_json_lines(path) -> list:
 
 
 def _load_json_rows(files: list[str], error: Exception | None = None):
-    """Local JSON files that `datasets`' reader refused or typed as Json, read with the json module: a line that
-    is not a JSON object is named by file and line, and rows that parse become a Dataset whose column types are
-    inferred from every row (`datasets` takes them from the first 10 MB, so a field that stays null there, such
-    as feedback's `error`, cannot hold a string later on), or, where rows disagree in a field's type, the list
-    of rows as they are, so that whoever reads them names or counts the malformed row."""
+    """JSON files (local or URLs) that `datasets`' reader refused or typed as Json, read with the json module: a
+    line that is not a JSON object is named by file and line, and rows that parse become a Dataset whose column
+    types are inferred from every row (`datasets` takes them from the first 10 MB, so a field that stays null
+    there, such as feedback's `error`, cannot hold a string later on), or, where rows disagree in a field's type,
+    the list of rows as they are, so that whoever reads them names or counts the malformed row."""
     import datasets
 
     rows, where = [], []
     for f in files:
         value = None
         if Path(f).suffix == ".json":  # a JSON array of rows, or (as datasets also reads it) JSON Lines
-            with open(f, encoding="utf-8") as handle:
+            with _open_text(f) as handle:
                 try:
                     value = json.load(handle)
                 except json.JSONDecodeError:
