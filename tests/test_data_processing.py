@@ -75,7 +75,7 @@ def test_other_templates_train_on_what_inference_renders(tok):
     assert [other.decode(targets[a:b]) for a, b in _runs(mask)] == [
         m["content"] + "</s>" for m in DIALOGUE if m["role"] == "assistant"]
     with pytest.raises(BadRow, match="row 3: the chat template refused the conversation: Conversation roles must"):
-        sft_example({"messages": [DIALOGUE[0]] + DIALOGUE}, 3, other)
+        sft_example({"messages": [{"role": "system", "content": "Be brief."}] + DIALOGUE}, 3, other)  # no system
     other.chat_template = tok.chat_template + (  # accepts whole conversations only, not the prefixes read for the mask
         "{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('must end with a reply') }}{% endif %}")
     with pytest.raises(BadRow, match="row 4: the chat template refused the conversation: must end with a reply"):
@@ -143,6 +143,29 @@ def test_pairs_whose_prompts_differ_and_replies_cut_to_nothing_are_bad_rows(tok)
     long_question = {"messages": [user("word " * 100), bot("ok")]}
     with pytest.raises(BadRow, match="no target left"):
         sft_example(long_question, 0, tok, loss_on="assistant", max_length=32)
+
+
+def test_turns_out_of_order_and_a_prompt_column_that_disagrees_are_bad_rows(tok):
+    """Turns alternate user, assistant after an optional system turn (a dialogue that starts with a reply, or has
+    two user turns in a row, was put together wrong); a dSFT dialogue ends with a reply; a binarized row's
+    `prompt` column is one of chosen's user turns (a row joined wrong trained on another prompt's pair)."""
+    user, bot = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    system = {"role": "system", "content": "Be brief."}
+    for messages, at, wanted in [([bot("Hi"), user("Hello"), bot("Hey")], 0, "user"),
+                                 ([user("A"), user("B"), bot("C")], 1, "assistant"),
+                                 ([system, user("A"), bot("B"), bot("C")], 3, "user")]:
+        with pytest.raises(BadRow, match=rf"row 5: messages\[{at}\] is '\w+' where '{wanted}' belongs"):
+            sft_example({"messages": messages}, 5, tok)
+    with pytest.raises(BadRow, match="row 5: the dialogue ends with a user turn that has no reply"):
+        sft_example({"messages": [user("A"), bot("B"), user("C")]}, 5, tok)
+    assert sft_example({"messages": [system, user("A"), bot("B")]}, 5, tok).loss_mask.any()
+    with pytest.raises(BadRow, match=r"row 6: rejected\[1\] is 'user' where 'assistant' belongs"):
+        split_prompt({"chosen": [user("Q"), bot("A")], "rejected": [user("Q"), user("again"), bot("B")]}, 6)
+    row = {"prompt": "What is 2+2?", "chosen": [user("What is 2+2?"), bot("4")],
+           "rejected": [user("What is 2+2?"), bot("5")]}
+    assert split_prompt(row, 7)[0] == [user("What is 2+2?")]
+    with pytest.raises(BadRow, match="row 7: the 'prompt' column is none of chosen's user turns"):
+        split_prompt({**row, "prompt": "What is 3+3?"}, 7)
 
 
 def test_packed_row_logits_equal_separate_examples(tok):

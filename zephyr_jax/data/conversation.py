@@ -42,6 +42,14 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
             raise BadRow(index, f"{field}[{i}] contains special-token text {SPECIAL_TEXTS}", source)
         if m["role"] == "system" and i != 0:
             raise BadRow(index, f"system message at {field}[{i}] (only the first may be)", source)
+    # Turns alternate user, assistant, user, ... after the system message (UltraChat's and UltraFeedback's
+    # schema): two user turns in a row, or a reply with no question, is a row put together wrong.
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i in range(first, len(messages)):
+        want = ("user", "assistant")[(i - first) % 2]
+        if messages[i]["role"] != want:
+            raise BadRow(index, f"{field}[{i}] is {messages[i]['role']!r} where {want!r} belongs (turns alternate "
+                                "user, assistant after an optional system message)", source)
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

@@ -27,7 +27,8 @@ class PreferenceExample(NamedTuple):
 
 
 def split_prompt(row, index, source=None):
-    """(prompt messages, chosen reply, rejected reply) from a binarized row; checks both share the prompt."""
+    """(prompt messages, chosen reply, rejected reply) from a binarized row; checks both share the prompt, and
+    that a string `prompt` column (ultrafeedback_binarized's) is one of its user turns."""
     for key in ("chosen", "rejected"):
         if not isinstance(row, dict) or key not in row:
             raise BadRow(index, f"missing key {key!r}", source)
@@ -40,6 +41,9 @@ def split_prompt(row, index, source=None):
             raise BadRow(index, f"{key} has no prompt before its reply", source)
     if chosen[:-1] != rejected[:-1]:
         raise BadRow(index, "chosen and rejected have different prompts", source)
+    prompt = row.get("prompt")  # ultrafeedback_binarized's copy of the user turn: a row joined wrong differs
+    if isinstance(prompt, str) and prompt.strip() not in [m["content"].strip() for m in chosen if m["role"] == "user"]:
+        raise BadRow(index, "the 'prompt' column is none of chosen's user turns", source)
     if chosen[-1]["content"] == rejected[-1]["content"]:
         raise BadRow(index, "chosen == rejected", source)
     return chosen[:-1], chosen[-1], rejected[-1]

@@ -33,6 +33,8 @@ def sft_example(row, index, tok, *, loss_on="all", max_length=2048, too_long="tr
     messages = check_messages(row["messages"], index, source)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow(index, "no assistant turn", source)
+    if messages[-1]["role"] != "assistant":
+        raise BadRow(index, "the dialogue ends with a user turn that has no reply", source)
     ids, assistant = encode_conversation(tok, messages, index, source)
     loss_mask = assistant.copy() if loss_on == "assistant" else np.ones(len(ids), bool)
     loss_mask[0] = False  # BOS is context, never a target
