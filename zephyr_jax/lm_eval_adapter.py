@@ -102,6 +102,8 @@ class ZephyrJaxLM(LM):
                 else tokenizer_for(None, tokenizer)
         self.pretrained = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
         if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
+            log.warning("zephyr_jax does not search for a batch size (batch_size=%s): it scores 8 rows at a time; "
+                        "pass batch_size=N for more", batch_size)
             batch_size = 8
         self.batch_size = int(batch_size)
         cfg = self.model.config
