@@ -141,11 +141,11 @@ class ZephyrJaxLM(LM):
         context's own token count, so the continuation's tokens are those the model sees in the joint text, also
         where the tokenizer merges across the boundary ("It is" + "n't"). Spaces at the end of the context move
         to the continuation (lm-eval's convention). An empty context becomes `<s>`."""
-        if not continuation:  # HFLM refuses it too; the split below would score the context's last token
-            raise ValueError(f"an empty continuation after the context {context[-40:]!r}: nothing to score")
         stripped = context.rstrip()
         if len(stripped) < len(context):
             continuation, context = context[len(stripped):] + continuation, stripped
+        if not continuation:  # HFLM refuses it too; the split below would score the context's last token
+            raise ValueError(f"an empty continuation after the context {context[-40:]!r}: nothing to score")
         if not context:
             cont = self.tok_encode(continuation, bos=False)
             if cont[:1] == [self.bos] and len(cont) > 1:  # a continuation that brings its own <s> (as HFLM reads it)
