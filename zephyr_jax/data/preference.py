@@ -34,11 +34,9 @@ def split_prompt(row, index, source=None):
             raise BadRow(index, f"missing key {key!r}", source)
     chosen = check_messages(row["chosen"], index, source, "chosen")
     rejected = check_messages(row["rejected"], index, source, "rejected")
-    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):  # alternating turns: a reply has a user turn
         if msgs[-1]["role"] != "assistant":
             raise BadRow(index, f"{key} does not end with an assistant reply", source)
-        if len(msgs) < 2:
-            raise BadRow(index, f"{key} has no prompt before its reply", source)
     if chosen[:-1] != rejected[:-1]:
         raise BadRow(index, "chosen and rejected have different prompts", source)
     prompt = row.get("prompt")  # ultrafeedback_binarized's copy of the user turn: a row joined wrong differs
