@@ -73,12 +73,11 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path):
         assert abs(other[k] - expected[k]) <= 1e-6 * max(1.0, abs(expected[k])), (k, other[k], expected[k])
 
 
-def test_prefs_policy_against_itself(dpo_workdir, data_dir, monkeypatch):  # noqa: F811
+def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
     """--model/--reference: the same model twice gives zero rewards, loss log 2, and the policy's log-probs;
     the policy reuses the reference's compiled eval function (same architecture)."""
     expected = _last_eval(dpo_workdir)
-    made, make = [], evaluate.steps.make_eval_fn
-    monkeypatch.setattr(evaluate.steps, "make_eval_fn", lambda *a, **kw: made.append(a) or make(*a, **kw))
+    evaluate.steps.make_eval_fn.cache_clear()
     got = evaluate.main(["prefs", f"--model={dpo_workdir}", f"--reference={dpo_workdir}",
                          f"--data={data_dir / 'prefs'}", "--max_examples=8", "--max_length=128",
                          "--max_prompt_length=64", "--batch_size=8"])
@@ -87,7 +86,8 @@ def test_prefs_policy_against_itself(dpo_workdir, data_dir, monkeypatch):  # noq
     assert got["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for k in ("logps/chosen", "logps/rejected"):
         assert got[k] == pytest.approx(expected[k], abs=1e-4)
-    assert len(made) == 1
+    made = evaluate.steps.make_eval_fn.cache_info()
+    assert (made.misses, made.hits) == (1, 1)  # one jitted function: made for the reference, reused by the policy
     sharded = evaluate.main(["prefs", f"--model={dpo_workdir}", "--reference_free", f"--data={data_dir / 'prefs'}",
                              "--max_examples=8", "--max_length=128", "--max_prompt_length=64", "--batch_size=8",
                              "--mesh=1,4,2"])  # the model over 8 devices

@@ -105,7 +105,7 @@ def _python_children(proc):
         p.cmdline())]
 
 
-PREEMPT_ARGS = ["--config=configs/sft.py:tiny", "--config.train.max_steps=30", "--config.train.save_every=0",
+PREEMPT_ARGS = ["--config=configs/sft.py:tiny", "--config.train.max_steps=12", "--config.train.save_every=0",
                 "--config.train.eval_every=0", "--config.train.progress=False", "--config.logging.tensorboard=False"]
 
 
@@ -115,7 +115,7 @@ def _data_args(data_dir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-    """The parameters of the same 2-process run left to finish its 30 steps."""
+    """The parameters of the same 2-process run left to finish its 12 steps."""
     root = tmp_path_factory.mktemp("uninterrupted")
     (root / "logs").mkdir()
     code, out = _finish(_local_sh(2, 2, root / "logs", f"--workdir={root / 'w'}", *PREEMPT_ARGS,
@@ -152,7 +152,7 @@ def test_sigterm_saves_the_same_step_everywhere_and_resumes_exactly(data_dir, tm
     assert time.time() - sent < 60  # both processes stopped promptly, no hang in a collective
     logs = out + (tmp_path / "logs" / "process_1.log").read_text()
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
-    assert len(saved) == 1 and 3 <= saved[0] < 30, saved
+    assert len(saved) == 1 and 3 <= saved[0] < 12, saved
     for p in (0, 1):
         assert f"process {p} saved step {saved[0]}; exiting" in logs
 
@@ -161,6 +161,6 @@ def test_sigterm_saves_the_same_step_everywhere_and_resumes_exactly(data_dir, tm
     assert code == 0 and f"resumed from step {saved[0]}" in out, out[-3000:]
     full_step, full_params = uninterrupted
     step, params = _params(workdir)
-    assert step == full_step == 30
+    assert step == full_step == 12
     for a, b in zip(full_params, params):
         np.testing.assert_array_equal(a, b)

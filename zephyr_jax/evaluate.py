@@ -111,14 +111,14 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
 
 
-def pair_logps(model, examples, batch_size: int, buckets=None, eval_fn=None) -> np.ndarray:
+def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples (on its devices),
-    through the training code's eval batches and eval function (pass one `eval_fn` for models of one
-    architecture: each of its batch shapes then compiles once). buckets=None: packed, as training packs dDPO
+    through the training code's eval batches and eval function (one per architecture: make_eval_fn is cached,
+    so another model of the same shapes, or another call, compiles nothing again). buckets=None: packed, as training packs dDPO
     batches (about four sequences a row, rows in multiples of 128); else a row per sequence, padded to
     `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like lengths)."""
     graphdef, state = nnx.split(model)
-    eval_fn = eval_fn or steps.make_eval_fn("dpo", graphdef, batch_size)
+    eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
     if buckets is None:
         rows = max(1, batch_size // 2)
         longest = max(positions_needed(e) for e in examples) + 1
@@ -152,14 +152,10 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     if tokenizer is None or isinstance(tokenizer, str):
         tokenizer = tokenizer_for(model if isinstance(model, str) else None, tokenizer)
     examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
-    eval_fns = {}  # by architecture: the policy reuses the reference's compiled batches
 
-    def logps_of(m):
+    def logps_of(m):  # packed rows; the policy reuses the reference's compiled batches (same architecture)
         m = load_model(m, dtype, local_mesh(mesh)) if isinstance(m, str) else m
-        graphdef = nnx.graphdef(m)
-        if graphdef not in eval_fns:
-            eval_fns[graphdef] = steps.make_eval_fn("dpo", graphdef, batch_size)
-        return pair_logps(m, examples, batch_size, eval_fn=eval_fns[graphdef])  # packed rows
+        return pair_logps(m, examples, batch_size)
 
     if reference_free:
         ref_logps = np.zeros((len(examples), 2), np.float32)

@@ -134,7 +134,7 @@ class MixBatch(NamedTuple):
 def batches_of_mix(cfg, mesh, spec: str, num_steps: int = 8) -> list[MixBatch]:
     """Up to `num_steps` global batches that train.py's batching code (SFT packing or padding; DPO pairs packed
     into rows or a row per sequence) makes from the length mix."""
-    n = 4 * cfg.train.global_batch_size
+    n = 2 * num_steps * cfg.train.global_batch_size  # a row holds one example or more: fewer never fill the steps
     while True:
         batches = _batches(cfg, mesh, length_mix(spec, cfg.stage, cfg.seed, n), num_steps)
         if len(batches) >= num_steps or not spec.startswith("lognormal:"):

@@ -8,6 +8,7 @@ pair's chosen and rejected sequences as segments of its rows; "sequence_pair" ma
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -205,6 +206,7 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
 
 # --- Evaluation and reference passes: per-example numbers, aggregated on the host. ---
 
+@functools.lru_cache(maxsize=8)  # models of one architecture share the jitted function: a batch shape compiles once
 def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None, max_segments: int | None = 1):
     """SFT: per-row (sum of target NLL, tokens, correct tokens) of rows holding up to max_segments examples
     (train.max_segments(cfg, rows)). DPO: pair log-probs [num_pairs, 2] (the pairs of an eval batch, in order)."""
