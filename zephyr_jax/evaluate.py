@@ -114,9 +114,10 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
 def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples (on its devices),
     through the training code's eval batches and eval function (one per architecture: make_eval_fn is cached,
-    so another model of the same shapes, or another call, compiles nothing again). buckets=None: packed, as training packs dDPO
-    batches (about four sequences a row, rows in multiples of 128); else a row per sequence, padded to
-    `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like lengths)."""
+    so another model of the same shapes, or another call, compiles nothing again). buckets=None: packed, as
+    training packs dDPO batches (about four sequences a row, rows in multiples of 128); else a row per sequence,
+    padded to `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like
+    lengths)."""
     graphdef, state = nnx.split(model)
     eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
     if buckets is None:
