@@ -21,6 +21,17 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: a test of a minute or more on 2 cores (trainings or compiles in "
+                            "subprocesses); started first")
+
+
+def pytest_collection_modifyitems(items):
+    """The long tests first, each group in collection order: xdist hands tests out in this order, and a long test
+    handed out last kept one worker busy for a minute or two after the other had finished."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(autouse=True)
 def _no_process_left_behind():
     """Kills what a test started and left running (a check that failed before its run was stopped), so that

@@ -342,6 +342,7 @@ def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
     assert lm.apply_chat_template(chat[:2]) == hflm.apply_chat_template(chat[:2])
 
 
+@pytest.mark.long
 def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager

@@ -44,6 +44,7 @@ def _finish(proc, timeout=300):
 
 # --- A process's devices need not hold a contiguous block of the batch: rows go by global index. ---
 
+@pytest.mark.long
 def test_interleaved_processes_match_one_process(data_dir, tmp_path):
     """2 processes x 4 devices, with the mesh's device order alternating between the processes (process 0 holds
     batch rows 0, 2, 4, ...), give the losses, precomputed reference log-probs and eval metrics of 1 process x 8
@@ -124,6 +125,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     return _params(root / "w")
 
 
+@pytest.mark.long
 @pytest.mark.xdist_group("uninterrupted")  # one worker trains the shared 2-process baseline once, for both
 @pytest.mark.parametrize("targets", [[1], [1, 0]], ids=["one_process", "both_at_different_moments"])
 def test_sigterm_saves_the_same_step_everywhere_and_resumes_exactly(data_dir, tmp_path, uninterrupted, targets):

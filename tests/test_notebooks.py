@@ -32,6 +32,7 @@ def test_stored_without_outputs_and_colab_ready(name):
     assert 'os.environ.get("ZEPHYR_NOTEBOOK_SMALL"' in code[1].source  # the scale switch
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_runs_end_to_end_at_small_scale(name, tmp_path, monkeypatch):
     monkeypatch.setenv("ZEPHYR_NOTEBOOK_SMALL", "1")

@@ -96,6 +96,7 @@ def test_counted_flops_agree_with_xlas_own_count(pairs_file):
     assert 0.9 < r["xla_estimate"]["share_of_counted"] < 1.15, r["xla_estimate"]
 
 
+@pytest.mark.long
 def test_a_config_that_does_not_fit_says_by_how_much_what_is_largest_and_which_change_fits():
     r = _plan("--config=configs/sft.py:tiny", "--topology=v5e-4", "--config.train.global_batch_size=4096",
               "--suggest")

@@ -64,6 +64,7 @@ def _cli(*args, env=None, timeout=600, **kw):
 
 # --- The command line, end to end: dSFT -> dDPO from the SFT workdir -> export -> transformers. ---
 
+@pytest.mark.long
 def test_cli_sft_then_dpo_then_export(data_dir, tmp_path):
     sft_dir, dpo_dir, hf_dir = tmp_path / "sft", tmp_path / "dpo", tmp_path / "hf"
     data = lambda folder: [f"--config.data.train={data_dir / folder}", f"--config.data.eval={data_dir / folder}"]
@@ -516,6 +517,7 @@ exit $status
 """
 
 
+@pytest.mark.long
 def test_two_processes_match_one_process(data_dir, tmp_path):
     args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
             f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=4", "--config.train.progress=False",
@@ -554,6 +556,7 @@ def _params(workdir):
     return step, jax.tree.leaves(nnx.state(model))
 
 
+@pytest.mark.long
 def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
     args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
             f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=10", "--config.train.save_every=2",
