@@ -64,6 +64,7 @@ def get_config(arg=None):
         c.train.max_steps = 6
         c.train.eval_every, c.train.save_every, c.train.log_every = 3, 3, 1
         c.optim.lr = 1e-3
+        c.logging.tensorboard = False  # tensorboardX imports torch: 3-4 s of each test run (test_metrics has it)
     else:
         raise ValueError(f"unknown variant {variant!r}: expected zephyr, handbook, demo or tiny")
     return c

@@ -51,7 +51,7 @@ def test_interleaved_processes_match_one_process(data_dir, tmp_path):
     devices. IPO's length normalisation and eval's filler rows (8 eval pairs in a batch of 32) are both exercised."""
     args = ["--config=configs/dpo.py:tiny", f"--config.data.train={data_dir / 'prefs'}",
             f"--config.data.eval={data_dir / 'prefs'}", "--config.train.max_steps=3", "--config.train.eval_every=2",
-            "--config.train.save_every=0", "--config.train.progress=False", "--config.logging.tensorboard=False",
+            "--config.train.save_every=0", "--config.train.progress=False",
             "--config.mesh.shape=(8,1,1)", "--config.mesh.device_order=interleave_processes",
             "--config.dpo.precompute_reference=True", "--config.dpo.loss_type=ipo"]
     multi = _local_sh(2, 4, tmp_path, f"--workdir={tmp_path / 'two'}", *args)
@@ -107,7 +107,7 @@ def _python_children(proc):
 
 
 PREEMPT_ARGS = ["--config=configs/sft.py:tiny", "--config.train.max_steps=12", "--config.train.save_every=0",
-                "--config.train.eval_every=0", "--config.train.progress=False", "--config.logging.tensorboard=False"]
+                "--config.train.eval_every=0", "--config.train.progress=False"]
 
 
 def _data_args(data_dir):

@@ -104,10 +104,13 @@ def length_mix(spec: str, stage: str, seed: int = 0, n: int = 4096) -> list:
             raise ValueError(f"length mix {spec}: {e}") from e
         if counts.shape[1] != width:
             raise ValueError(f"length mix {spec}: expected {width} integer(s) per line for {stage}")
-    ones = lambda k: np.ones(int(k), np.int32)
+    # Views of one read-only array: only the lengths matter, and 65,536 arrays of their own took seconds to make.
+    ids, mask = np.ones(int(counts.max(initial=0)), np.int32), np.ones(int(counts.max(initial=0)), bool)
+    ids.setflags(write=False)
+    mask.setflags(write=False)
     if stage == "dpo":
-        return [PreferenceExample(ones(p), ones(c), ones(r), False) for p, c, r in counts]
-    return [SFTExample(ones(k), ones(k).astype(bool), False) for (k,) in counts]
+        return [PreferenceExample(ids[:p], ids[:c], ids[:r], False) for p, c, r in counts.tolist()]
+    return [SFTExample(ids[:k], mask[:k], False) for (k,) in counts.tolist()]
 
 
 def fit_to_config(examples, cfg) -> list:
