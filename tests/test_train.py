@@ -48,7 +48,7 @@ def tiny_config(stage, data_dir, **overrides):
     folder = "sft" if stage == "sft" else "prefs"
     return load_config(os.path.join(ROOT, "configs", f"{stage}.py:tiny"), **{
         "data.train": str(data_dir / folder), "data.eval": str(data_dir / folder), "train.progress": False,
-        "logging.tensorboard": False, **overrides})
+        **overrides})
 
 
 def train_losses(workdir):
@@ -170,7 +170,8 @@ def test_a_note_says_when_the_frozen_reference_is_not_the_initial_policy(variant
 
 
 def test_load_config_names_a_key_the_config_lacks():
-    for key in ("dpo.beta", "train.max_stepz", "data.packed_rows"):  # a dDPO section / key on the dSFT config
+    # a dDPO section / key on the dSFT config; a key below a value (seed is a number: was "int is not iterable")
+    for key in ("dpo.beta", "train.max_stepz", "data.packed_rows", "seed.x", "train.max_steps.y"):
         with pytest.raises(KeyError, match=f"configs/sft.py:tiny has no key '{key}'"):
             load_config(os.path.join(ROOT, "configs", "sft.py:tiny"), **{key: 1})
 

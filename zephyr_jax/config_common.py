@@ -96,14 +96,11 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
     cfg.lock()
     for key, value in overrides.items():
         node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            if p not in node:
+        for p in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or p not in node:  # ("seed.x": seed is a number)
                 raise KeyError(f"config {spec} has no key {key!r}")
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config {spec} has no key {key!r}")
-        node[leaf] = value
+            parent, node = node, node[p]
+        parent[p] = value
     return cfg
 
 
