@@ -250,10 +250,12 @@ def loss_positions(loss_mask: np.ndarray, width: int) -> np.ndarray:
 
 def loss_width(most: int, length: int, buckets) -> int:
     """Loss positions per row: the first of a quarter, half and three quarters of the row length (each rounded up
-    to a bucket) and the whole length that holds the row with the most. At most four widths per length: any
-    bucket below the length multiplied the shapes that compile (57 over the recipe's 3 dDPO epochs)."""
-    quarters = {min([b for b in buckets if b >= k * length / 4 and b < length], default=length) for k in (1, 2, 3)}
-    return bucket(max(most, 1), sorted(quarters | {length}))
+    to a bucket below the length, else to a multiple of 8) and the whole length that holds the row with the most.
+    At most four widths per length: any bucket below the length multiplied the shapes that compile (57 over the
+    recipe's 3 dDPO epochs)."""
+    quarters = {min([b for b in buckets if k * length / 4 <= b < length], default=-(-k * length // 32) * 8)
+                for k in (1, 2, 3)}
+    return bucket(max(most, 1), sorted(q for q in quarters | {length} if q <= length))
 
 
 def packed_pair_buckets(pairs: int, rows: int, max_length: int) -> tuple:
