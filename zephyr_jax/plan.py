@@ -105,7 +105,8 @@ def length_mix(spec: str, stage: str, seed: int = 0, n: int = 4096) -> list:
         if counts.shape[1] != width:
             raise ValueError(f"length mix {spec}: expected {width} integer(s) per line for {stage}")
     # Views of one read-only array: only the lengths matter, and 65,536 arrays of their own took seconds to make.
-    ids, mask = np.ones(int(counts.max(initial=0)), np.int32), np.ones(int(counts.max(initial=0)), bool)
+    longest = int(counts.max(initial=0))
+    ids, mask = np.ones(longest, np.int32), np.ones(longest, bool)
     ids.setflags(write=False)
     mask.setflags(write=False)
     if stage == "dpo":
