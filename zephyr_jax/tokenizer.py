@@ -64,9 +64,9 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
             shutil.copyfile(mistral_v0_1_model_file(), os.path.join(tmp, "tokenizer.model"))
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
                 json.dump(MISTRAL_TOKENIZER_CONFIG, f)
-            # The class by name, as AutoTokenizer would pick it: AutoTokenizer's import brings in torch (seconds
-            # at every start of a training process, which uses no torch).
-            tok = transformers.LlamaTokenizer.from_pretrained(tmp)
+            # The class the config names, as AutoTokenizer would pick it: AutoTokenizer's import brings in torch
+            # (seconds at every start of a training process, which uses no torch).
+            tok = getattr(transformers, MISTRAL_TOKENIZER_CONFIG["tokenizer_class"]).from_pretrained(tmp)
         # transformers 5 does not write `legacy` back on save unless it is in init_kwargs; without it a saved
         # copy reloads with another pre-tokenizer and encodes text after `</s>` differently.
         tok.init_kwargs["legacy"] = True
