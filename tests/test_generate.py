@@ -376,6 +376,19 @@ def test_stop_strings_decode_only_the_replys_tail_until_one_appears(small, monke
             break
     whole = tok.decode(reply)
     assert r.finish_reason == "stop" and r.text == whole[:whole.index("🦜")]
+    # A call that ends inside a character's bytes: its text ends in a U+FFFD a byte, which become one character
+    # when the next call brings the last byte, so the text shrinks; a stop string right after that character, or
+    # ending in it, was searched for past where it starts and missed.
+    abc, math_a, han = (tok.encode(t, add_special_tokens=False) for t in ("abc", "𝔸", "㐀"))
+    math_a, han = math_a[-4:], han[-3:]  # their bytes (without the word-start "▁")
+    for reply, cut_after, stop, text in ((abc + math_a + [newline], len(abc) + 3, "\n", "abc𝔸"),
+                                         (abc + han + [newline], len(abc) + 2, "㐀", "abc")):
+        r = Request([5], SamplingParams(max_tokens=100, stop=(stop,)))
+        for call in (reply[:cut_after], reply[cut_after:]):
+            r.tokens.extend(call), r.logprobs.extend([0.0] * len(call)), r.top_logprobs.extend([[]] * len(call))
+            if engine._stop_string(r, len(call)):
+                break
+        assert (r.finish_reason, r.text, r.tokens) == ("stop", text, reply[:len(reply) - (stop == "㐀")]), stop
 
 
 def test_streamed_text_holds_back_what_may_start_a_stop_string():
@@ -457,6 +470,14 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
     # Values of another type were cut to whole numbers (2.5 tokens ran as 3, seed 1.9 as 1, token 2.7 as 2).
     for bad, name in [(dict(max_tokens=2.5), "max_tokens"), (dict(seed=1.9), "seed"), (dict(top_k=2.5), "top_k")]:
         with pytest.raises(ValueError, match=f"{name}={list(bad.values())[0]}: must be a whole number"):
+            engine.submit(Request([5], SamplingParams(**bad)))
+    # A stop id of 297.5 stopped the device's scan at 297, where the host, comparing 297.5, went on: every call cut
+    # short, and the reply never stopped. A log-prob count of 2.5 is not one either.
+    for bad, message in [(dict(stop_token_ids=(11, 297.5)), r"stop_token_ids=\(11, 297.5\): must be whole numbers"),
+                         (dict(stop_token_ids=(True,)), r"stop_token_ids=\(True,\): must be whole numbers"),
+                         (dict(logprobs=2.5), "logprobs=2.5: must be None or a whole number"),
+                         (dict(prompt_logprobs=1.0), "prompt_logprobs=1.0: must be None or a whole number")]:
+        with pytest.raises(ValueError, match=message):
             engine.submit(Request([5], SamplingParams(**bad)))
     with pytest.raises(ValueError, match="Request.prompt must be a list of token ids .whole numbers., got float64"):
         engine.submit(Request([1, 2.7], SamplingParams()))

@@ -85,11 +85,13 @@ class SamplingParams:
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("seed", 0 <= self.seed < 2 ** 32, "must be in [0, 2**32)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            # (the device compares ids as int32: 297.5 stopped there, and the host, comparing 297, went on)
+            ("stop_token_ids", all(map(whole, self.stop_token_ids)), "must be whole numbers"),
             ("stop_token_ids", len(self.stop_token_ids) < MAX_STOP_TOKENS, f"at most {MAX_STOP_TOKENS - 1}"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS,
-             f"must be in [0, {TOP_LOGPROBS}]"),
-            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= TOP_LOGPROBS,
-             f"must be in [0, {TOP_LOGPROBS}]"),
+            ("logprobs", self.logprobs is None or whole(self.logprobs) and 0 <= self.logprobs <= TOP_LOGPROBS,
+             f"must be None or a whole number in [0, {TOP_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or whole(self.prompt_logprobs)
+             and 0 <= self.prompt_logprobs <= TOP_LOGPROBS, f"must be None or a whole number in [0, {TOP_LOGPROBS}]"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -708,7 +710,9 @@ class Engine:
             if _first_stop(self._decode_text(r.tokens[tail:]), r.params.stop) is None:
                 return False
         text = self._decode_text(r.tokens)
-        cut = _first_stop(text, r.params.stop, max(0, r._stop_scan - longest))
+        # Searched from where a new stop string can begin: the last call's text less `longest`, and 2 more where
+        # that text ended in a character cut short (its 1-3 bytes decoded to as many U+FFFD, then to one).
+        cut = _first_stop(text, r.params.stop, max(0, r._stop_scan - longest - 2))
         r._stop_scan, r._stop_tokens = len(text), len(r.tokens)
         if cut is None:
             return False
