@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import random
 
@@ -112,6 +113,12 @@ def test_scores():
             with pytest.raises(BadRow, match=f"row 4: a rating outside {scale} "):
                 binarize_row({"instruction": "q", "completions": [bad, rows[1]["completions"][0]]}, 4,
                              rank_by=rank_by, rng=random.Random(0))
+    # The same ratings in another order tie (a plain sum gave 2.825 and 2.8249999999999997, and B was rejected
+    # though it ties with the chosen A).
+    a, b = completion("A", [1.1, 2.2, 3.3, 4.7], 5), completion("B", [4.7, 3.3, 2.2, 1.1], 5)
+    assert completion_score(a) == completion_score(b) == math.fsum([1.1, 2.2, 3.3, 4.7]) / 4
+    with pytest.raises(BadRow, match="no other response scores below the best"):
+        binarize_row(raw_row("q", [a, b]), 0, rng=random.Random(0))
 
 
 def test_seeds():

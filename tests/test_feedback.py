@@ -247,6 +247,17 @@ def test_parsers():
     for bad in ("Nice.", "Overall Score: 8", "Meh.\nOverall Score: 11"):
         with pytest.raises(feedback_prompts.FormatError):
             feedback_prompts.parse_critique_reply(bad)
+    # A reply in \r\n lines (its headings matched nothing, so every call was re-asked and the aspect lost).
+    assert feedback_prompts.parse_rating_reply(typed.replace("\n", "\r\n"), "truthfulness", 2) == \
+        feedback_prompts.parse_rating_reply(typed, "truthfulness", 2)
+    assert feedback_prompts.parse_critique_reply("Fine.\r\nOverall Score: 7\r\n") == ("Fine.", 7.0)
+    # A judge that corrects itself in a section: its first rating was kept, the second read as rationale.
+    corrected = plain.replace("Rationale: creative", "Rationale: creative\nRating: 2\nRationale: no, weak")
+    with pytest.raises(feedback_prompts.FormatError, match="text 1: more than one Rating line"):
+        feedback_prompts.parse_rating_reply(corrected, "honesty", 2)
+    with pytest.raises(feedback_prompts.FormatError, match="text 1: more than one Type line"):
+        feedback_prompts.parse_rating_reply(typed.replace("Rationale: a\n", "Rationale: a\nType: 2\n"),
+                                            "truthfulness", 2)
     with pytest.raises(feedback_prompts.FormatError):  # int() of 4,301+ digits raised ValueError, which ended the run
         feedback_prompts.parse_rating_reply("#### Output for Text " + "1" * 4400 + "\nRating: 4\nRationale: ok",
                                             "honesty", 1)
@@ -641,6 +652,15 @@ def test_programmatic_ratings_may_be_numpy_numbers():
         assert annotations["honesty"]["Rating"] == shown
     with pytest.raises(ValueError, match="is not a number from 1 to 5"):
         feedback.programmatic_annotations(np.int64(6), "checker")
+    # A reward model's close scores stay apart: written with 6 digits (and overall_score rounded to 4 places) they
+    # tied, and binarize skipped the prompt.
+    close = [feedback.programmatic_annotations(x, "rm") for x in (4.1234564, 4.1234561)]
+    assert [a["helpfulness"]["Rating"] for a in close] == ["4.1234564", "4.1234561"]
+    completions = [{"response": text, "annotations": a, "overall_score": feedback.overall_from_mean(
+        feedback.mean_rating(a))} for text, a in zip("AB", close)]
+    for rank_by in ("mean", "overall"):
+        (pair,) = binarize([{"instruction": "q", "completions": completions}], rank_by=rank_by)
+        assert (pair["chosen"][1]["content"], pair["rejected"][1]["content"]) == ("A", "B"), rank_by
 
 
 def test_cli_fails_when_every_generation_failed(tmp_path, capsys):

@@ -47,7 +47,8 @@ Judges:
 - Programmatic judge (`judge_fn`, "module:function"): fn(row, response) -> a number in [1, 5] used as every
   aspect's Rating, or a dict aspect -> number (aspects left out stay "N/A"). row is the input row, so a checker
   can read its answer column. overall_score = 1 + 9 * (mean rating - 1) / 4, the mean rating mapped linearly
-  onto 1-10, so ranking by overall_score and by the mean aspect rating agree (ties included). Rationales and the
+  onto 1-10, so ranking by overall_score and by the mean aspect rating agree, ties included (but for two
+  means a few units in the last place apart, which may map to one score). Rationales and the
   critique read "programmatic: module:function". An exception or an invalid value is counted (judge_errors)
   and the completion stays unrated.
 
@@ -93,6 +94,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import numbers
 import os
 import random
@@ -229,7 +231,7 @@ def mean_rating(annotations: dict) -> float | None:
             values.append(float(annotations[a]["Rating"]))
         except (KeyError, TypeError, ValueError):
             pass
-    return sum(values) / len(values) if values else None
+    return math.fsum(values) / len(values) if values else None  # as binarize.completion_score
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,16 +260,18 @@ def programmatic_annotations(value, name: str) -> dict:
             continue
         if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 1 <= r <= 5:  # numpy numbers are Real
             raise ValueError(f"rating {r!r} for {aspect} is not a number from 1 to 5")
-        r = float(r)
-        out[aspect] = {"Rating": f"{r:g}", "Rationale": why}
+        r = float(r)  # written whole ("4") or in full ("4.1234564"): 6 digits made close scores tie
+        text = str(int(r)) if r.is_integer() else repr(r)
+        out[aspect] = {"Rating": text, "Rationale": why}
         if aspect in TYPED_ASPECTS:
-            out[aspect] = {"Type": ["None"], "Rationale": why, "Rating": f"{r:g}", "Rationale For Rating": why}
+            out[aspect] = {"Type": ["None"], "Rationale": why, "Rating": text, "Rationale For Rating": why}
     return out
 
 
 def overall_from_mean(mean: float | None) -> float | None:
-    """The programmatic judge's overall_score: the mean rating (1-5) mapped linearly onto 1-10."""
-    return None if mean is None else round(1 + 9 * (mean - 1) / 4, 4)
+    """The programmatic judge's overall_score: the mean rating (1-5) mapped linearly onto 1-10 (not rounded:
+    rounding to 4 places made means 1e-5 apart tie)."""
+    return None if mean is None else 1 + 9 * (mean - 1) / 4
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -251,9 +251,14 @@ def _text(value: str, what: str) -> str:
     return value
 
 
+def _plain_lines(reply: str) -> str:
+    """The reply without markdown bold, its lines ending in \\n (a reply in \\r\\n lines matched no heading)."""
+    return reply.replace("**", "").replace("\r\n", "\n").replace("\r", "\n")
+
+
 def parse_rating_reply(reply: str, aspect: str, n: int) -> list[dict]:
     """One annotation per text, in the order shown, from a judge's reply (FormatError when it does not fit)."""
-    parts = _SECTION.split(reply.replace("**", ""))
+    parts = _SECTION.split(_plain_lines(reply))
     numbers = [int(x) for x in parts[1::2]]
     if sorted(numbers) != list(range(1, n + 1)):
         found = ", ".join(map(str, numbers)) or "none"
@@ -261,6 +266,11 @@ def parse_rating_reply(reply: str, aspect: str, n: int) -> list[dict]:
     annotations: list = [None] * n
     for number, body in zip(numbers, parts[2::2]):
         body = body.strip()
+        # A second Rating (or Type) line in a section, a judge correcting itself, was read as part of the rationale
+        # and its first rating kept: the section is a format error, re-asked.
+        repeated = [key for key in ("Type", "Rating") if len(re.findall(rf"^\s*{key}\s*:", body, re.I | re.M)) > 1]
+        if repeated:
+            raise FormatError(f"text {number}: more than one {repeated[0]} line")
         if aspect in TYPED_ASPECTS:
             m = _TYPED.match(body)
             if not m:
@@ -283,7 +293,7 @@ _SCORE = re.compile(r"Overall\s+Score\s*:\s*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*
 def parse_critique_reply(reply: str) -> tuple[str, float]:
     """(feedback, overall score 1-10) from a critique reply: feedback text, then a last line "Overall Score: N".
     "N/10" reads as N (UltraFeedback's known bug turned some 1s into 10s)."""
-    text = reply.replace("**", "").strip()
+    text = _plain_lines(reply).strip()
     m = _SCORE.search(text)
     if not m:
         raise FormatError("expected the feedback, then a last line 'Overall Score: <1-10>'")
