@@ -148,6 +148,7 @@ def test_a_wrongly_shaped_200_is_a_failure_and_a_lone_surrogate_is_replaced():
     completion = {"choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}
     bodies = {"completion to chat": completion, "choices a string": {"choices": "hi"}, "no choices": {},
               "number content": {"choices": [{"index": 0, "message": {"role": "assistant", "content": 5}}]},
+              "message a string": {"choices": [{"index": 0, "message": "hi"}]},  # was a successful empty reply
               "surrogate": {"choices": [{"index": 0, "finish_reason": "stop",
                                          "message": {"role": "assistant", "content": "half \ud83d emoji"}}]},
               "odd usage": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
@@ -157,14 +158,15 @@ def test_a_wrongly_shaped_200_is_a_failure_and_a_lone_surrogate_is_replaced():
         ep = Endpoint("teacher", [server.base_url], backoff=0.01)
         replies = dict(zip(bodies, run_all(ep, [user(k) for k in bodies])))
     expected = {"completion to chat": "has no 'message'", "choices a string": "'choices' is str",
-                "no choices": "'choices' is NoneType", "number content": "text is int 5, not a string"}
+                "no choices": "'choices' is NoneType", "number content": "text is int 5, not a string",
+                "message a string": "message is str 'hi', not an object with 'content'"}
     for name, error in expected.items():
         reply = replies[name]
         assert reply.text is None and "malformed reply" in reply.error and error in reply.error, (name, reply)
         assert reply.attempts == 1, name
     assert replies["surrogate"].text == "half \ufffd emoji"
     assert replies["odd usage"].text == "ok" and replies["odd usage"].prompt_tokens == 0
-    assert ep.stats["lone_surrogates_replaced"] == 1 and ep.stats["failures"] == 4
+    assert ep.stats["lone_surrogates_replaced"] == 1 and ep.stats["failures"] == 5
     assert "1 replies with lone surrogates" in ep.summary()
 
 

@@ -44,7 +44,10 @@ def _choice_text(choices, chat: bool) -> str | None:
         message = getattr(choice, "message", None)
         if message is None:
             raise ValueError("choices[0] has no 'message' (a /v1/completions reply to a chat request?)")
-        text = getattr(message, "content", None)
+        text = getattr(message, "content", _MISSING)  # (a message built from an object has it, None or not)
+        if text is _MISSING:
+            raise ValueError(f"choices[0]'s message is {type(message).__name__} {message!r:.40}, not an object with "
+                             "'content'")
     else:
         text = getattr(choice, "text", _MISSING)
         if text is _MISSING:
