@@ -4,6 +4,7 @@ kill -9 and resume, settings checks, and the way through binarize into a dDPO ru
 The generator and judge functions below are also loaded by the CLI tests (callable:tests.test_feedback:NAME), so
 this module's top-level imports stay light."""
 
+import asyncio
 import collections
 import json
 import os
@@ -17,7 +18,7 @@ import time
 import pytest
 
 from zephyr_jax.data import feedback, feedback_prompts
-from zephyr_jax.data.backends import CallableBackend, Reply
+from zephyr_jax.data.backends import Call, CallableBackend, Reply
 from zephyr_jax.data.binarize import ASPECTS, binarize
 from zephyr_jax.data.errors import SkipCounter
 from zephyr_jax.data.feedback import collect_feedback
@@ -596,6 +597,18 @@ def test_engine_on_policy_samples_and_garbage_judge(tiny_model_dir, tmp_path):
                                  max_tokens=6, judge_max_tokens=8, parse_retries=1, log=lambda s: None)
         scored = collect_feedback(rows, [engine], check_sum, tmp_path / "programmatic", completions_per_prompt=2,
                                   principles="none", max_tokens=6, log=lambda s: None)
+        # A chat template that refuses a system turn (as some models' do) fails the call, not the run: its
+        # jinja2 TemplateError escaped Backend.complete.
+        template, engine.tokenizer.chat_template = engine.tokenizer.chat_template, (
+            "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+            "{% endif %}{{ m['content'] }}{% endfor %}")
+        try:
+            refused = asyncio.run(engine.complete(Call(messages=[{"role": "system", "content": "Be brief."},
+                                                                 {"role": "user", "content": "Hi"}])))
+        finally:
+            engine.tokenizer.chat_template = template
+        assert refused.text is None and "chat template cannot render this call: TemplateError: System role not " \
+            "supported" in refused.error
     finally:
         engine.close()
     # garbage ratings: every judge call is re-asked once, then counted as a parse failure; nothing crashes

@@ -170,6 +170,8 @@ class EngineBackend(Backend):
         return encode_text(self.tokenizer, text)  # one BOS first, as in training and the server
 
     async def _complete(self, call: Call) -> Reply:
+        import jinja2
+
         from zephyr_jax.engine import Request, SamplingParams
         from zephyr_jax.generate import request_seed
 
@@ -180,7 +182,10 @@ class EngineBackend(Backend):
             if r.finish_reason is not None:
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(r))
 
-        ids = self.prompt_ids(call)
+        try:
+            ids = self.prompt_ids(call)
+        except (ValueError, TypeError, jinja2.TemplateError) as e:  # e.g. a template that refuses a system turn
+            return Reply(None, error=f"{self.name}'s chat template cannot render this call: {type(e).__name__}: {e}")
         room = self.engine.max_length - len(ids)
         if room <= 0:
             return Reply(None, prompt_tokens=len(ids), error=f"prompt of {len(ids)} tokens exceeds the context "
