@@ -273,6 +273,9 @@ def test_seeds_from_files(tmp_path):
     bad.write_text('{"question": "ok?"}\n{"text": "no seed column"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl row 1: no seed column"):
         load_seeds(bad)
+    bad.write_text('{"question": "ok?", "sector": ["world"]}\n')  # a list raised TypeError (unhashable)
+    with pytest.raises(ValueError, match=r"bad.jsonl row 0: unknown sector \['world'\]"):
+        load_seeds(bad)
     bad.write_text('{"question": "half \\ud83d an emoji?"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl row 1: text with a lone surrogate"):
         load_seeds(bad)
@@ -509,6 +512,12 @@ def test_one_seed_or_one_stop_string_is_not_taken_for_many(tmp_path):
     """A string where a list belongs was iterated: a dialogue seeded by each character, a stop at each one."""
     with pytest.raises(TypeError, match="seeds is one seed .str.: pass a list of them"):
         make_dialogues("Direct preference optimization", None, CallableBackend(scripted_assistant), tmp_path)
+    # A Seed of a sector that has no turn range: refused before any call (a KeyError after the paid openings).
+    calls = []
+    with pytest.raises(ValueError, match=r"seeds\[1\] 'gardening': unknown sector 'science'"):
+        make_dialogues([Seed("What is rain?"), Seed("gardening", "science", True)], None,
+                       CallableBackend(lambda call: calls.append(call) or "ok"), tmp_path / "sector")
+    assert calls == []
     assert Call(messages=[{"role": "user", "content": "Hi"}], stop="END").stop == ("END",)
     with pytest.raises(TypeError, match="assistant='callable:tests.test_dialogues:scripted_assistant': pass a Backend"):
         make_dialogues(["a topic"], None, "callable:tests.test_dialogues:scripted_assistant", tmp_path)
