@@ -107,7 +107,7 @@ def test_hub_name_offline_fails_fast_and_names_it(monkeypatch):
     assert time.monotonic() - start < 5
 
 
-def test_missing_demo_data_says_it_is_not_here_and_how_to_make_it(monkeypatch, tmp_path):
+def test_missing_demo_data_says_it_is_not_here_and_how_to_make_it(monkeypatch, tmp_path, capsys):
     """A fresh clone has no demo_data/: the error says the local path is missing and which command makes it."""
     import huggingface_hub.constants
 
@@ -119,6 +119,19 @@ def test_missing_demo_data_says_it_is_not_here_and_how_to_make_it(monkeypatch, t
     message = str(err.value)
     assert f"'demo_data/sft' is not a local path (nothing at {tmp_path / 'demo_data' / 'sft'})" in message
     assert "python -m zephyr_jax.demo make-data --out=demo_data" in message
+    # The data CLIs end with that message on one line (they caught FileNotFoundError, not ConnectionError: three
+    # chained tracebacks).
+    from zephyr_jax.data import binarize, dialogues, feedback
+
+    for cli, args in ((binarize.main, ["--input=demo_data/raw", "--output=out"]),
+                      (feedback.main, ["--prompts=demo_data/prompts", "--output=out", "--judge_fn=tests.test_feedback:check_sum",
+                                       "--generators=callable:tests.test_feedback:slow_right"]),
+                      (dialogues.main, ["--seeds=demo_data/seeds", "--output=out",
+                                        "--assistant=callable:tests.test_dialogues:scripted_assistant"])):
+        with pytest.raises(SystemExit) as stop:
+            cli(args)
+        said = str(stop.value.code) if cli is not feedback.main else capsys.readouterr().err
+        assert said.startswith("error: 'demo_data/") and "is not a local path" in said, (cli.__module__, said)
 
 
 def test_tfds_missing_package_is_explained(monkeypatch):

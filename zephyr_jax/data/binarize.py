@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
         rows = load_rows(args.input, args.split, data_dir=args.data_dir)
         kept = binarize(rows, rank_by=args.rank_by, seed=args.seed, counter=counter, source=name, progress=True,
                         drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else ())
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, and ConnectionError for a hub name
         sys.exit(f"error: {e}")
     if args.test_size >= len(kept):
         print(counter.summary())  # why so few were kept

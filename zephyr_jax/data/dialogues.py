@@ -568,7 +568,7 @@ def main(argv=None) -> dict:
                                   concurrency=args.concurrency, max_tokens=args.max_tokens,
                                   temperature=args.temperature, max_turn_chars=args.max_turn_chars,
                                   tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except (SettingsMismatch, ValueError, FileNotFoundError) as e:
+    except (SettingsMismatch, ValueError, OSError) as e:  # OSError: a missing file; a hub name unreachable
         sys.exit(f"error: {e}")
     if not stats["kept"]:  # a script's next step (training) must not start on empty splits
         sys.exit(f"error: no dialogue of {stats['dialogues']} was kept ({stats['dropped']}; failed calls: "

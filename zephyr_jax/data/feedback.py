@@ -719,7 +719,7 @@ def main(argv=None) -> dict:
                                     temperature=args.temperature, top_p=args.top_p,
                                     parse_retries=args.parse_retries, judge_max_tokens=args.judge_max_tokens,
                                     principles=args.principles, limit=args.limit, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file; a hub name unreachable
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if stats["completions"] and stats["failed_generations"] == stats["completions"]:
