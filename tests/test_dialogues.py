@@ -252,6 +252,9 @@ def test_turn_checks(role, text, reason):
 def test_user_turns_are_tidied():
     assert tidy_user_turn(' User: "Why is the sky blue?"\nAssistant: Because...') == "Why is the sky blue?"
     assert tidy_user_turn("Human: tell me more") == "tell me more"
+    # Quotes that open and close the message, not quotes around its parts (their outer two were cut).
+    assert tidy_user_turn("'Hi' she said, 'bye'") == "'Hi' she said, 'bye'"
+    assert tidy_user_turn('"Dune" or "Foundation"') == '"Dune" or "Foundation"'
 
 
 def test_seeds_from_files(tmp_path):

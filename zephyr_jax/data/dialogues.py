@@ -67,8 +67,9 @@ A failure in a later message truncates the dialogue to its last complete turn be
 "truncated", by reason); a failure in the first turn drops the dialogue (counted in "dropped", by reason).
 Openings are made first for all dialogues; a dialogue whose normalized opening repeats an earlier dialogue's is
 dropped ("duplicate opening prompt") before anything more is asked for it. The user simulator's messages are
-tidied before the checks (a leading "User:" label and wrapping quotes removed, anything after a line starting
-"Assistant:" cut); a seed that is the opening is taken as it is. Nothing is dropped silently: stats.json and the
+tidied before the checks (a leading "User:", "Human:", "Me:" or "Person:" label and quotes around the whole
+message removed, anything from a line starting "Assistant:", "AI:", "Bot:" or "Chatbot:" on cut: a reply the
+simulator wrote itself); a seed that is the opening is taken as it is. Nothing is dropped silently: stats.json and the
 printed summary count every drop and truncation by reason.
 
 Determinism and resume. All randomness of dialogue i comes from random.Random(f"{seed}:{i}"), and each call
@@ -172,8 +173,8 @@ def tidy_user_turn(text: str) -> str:
     """The user simulator's message without a "User:" label, wrapping quotes, or a reply it wrote itself."""
     text = _ASSISTANT_LINE.split(text, maxsplit=1)[0]
     text = _USER_LABEL.sub("", text).strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1].strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text[0] not in text[1:-1]:
+        text = text[1:-1].strip()  # one quoted message; not "'Hi' she said, 'bye'", which has quotes inside
     return text
 
 
