@@ -124,7 +124,8 @@ def test_missing_demo_data_says_it_is_not_here_and_how_to_make_it(monkeypatch, t
     from zephyr_jax.data import binarize, dialogues, feedback
 
     for cli, args in ((binarize.main, ["--input=demo_data/raw", "--output=out"]),
-                      (feedback.main, ["--prompts=demo_data/prompts", "--output=out", "--judge_fn=tests.test_feedback:check_sum",
+                      (feedback.main, ["--prompts=demo_data/prompts", "--output=out",
+                                       "--judge_fn=tests.test_feedback:check_sum",
                                        "--generators=callable:tests.test_feedback:slow_right"]),
                       (dialogues.main, ["--seeds=demo_data/seeds", "--output=out",
                                         "--assistant=callable:tests.test_dialogues:scripted_assistant"])):
