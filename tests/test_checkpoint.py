@@ -1,5 +1,6 @@
 """Orbax checkpoints written before the decoder layers were stacked (layers/0/..., layers/1/...) still restore."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -10,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 from zephyr_jax import checkpoint
+from zephyr_jax.loading import load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import make_mesh, named, param_specs
 from zephyr_jax.train import train_state_shardings
@@ -79,6 +82,26 @@ def test_a_checkpoint_with_unstacked_layers_restores_into_the_scanned_model(tmp_
     assert int(state.step) == 7 and meta["loader"] == {"epoch": 0, "step": 7}
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.opt_state,
                  opt_state)
+
+    # Without a mesh, as zephyr_jax.load(workdir) and export read it (a layer's sharding was taken from a mesh
+    # spec that one device's sharding does not have: AttributeError).
+    checkpoint.save_model_config(str(tmp_path), CFG)
+    np.testing.assert_array_equal(load_model(str(tmp_path), "float32")(ids), model(ids))
+    # Another architecture over it: the error names the step and the parameter (orbax's named neither, offered
+    # to pad or truncate, and an absent parameter was a bare KeyError), as for a checkpoint in today's layout.
+    for change, message in (({"intermediate_size": 96}, r"params layers/mlp/down_proj/kernel/value has shape "
+                              r"\(64, 32\) a layer, but this model's is \(96, 32\) a layer"),
+                            ({"hidden_size": 64}, r"params embed_tokens/value has shape \(128, 32\), but this "
+                             r"model's is \(128, 64\)"),
+                            ({"tie_word_embeddings": True}, "only in the checkpoint: lm_head/kernel/value")):
+        other = dataclasses.replace(CFG, **change)
+        _, other_abstract = nnx.split(nnx.eval_shape(lambda: Mistral(other, rngs=nnx.Rngs(0))))
+        with pytest.raises(ValueError, match="checkpoint step 7 in .*" + message):
+            checkpoint.restore_params(str(tmp_path), other_abstract, named(mesh, param_specs(other_abstract)))
+    fewer = dataclasses.replace(CFG, num_hidden_layers=2)
+    _, fewer_abstract = nnx.split(nnx.eval_shape(lambda: Mistral(fewer, rngs=nnx.Rngs(0))))
+    with pytest.raises(ValueError, match=r"has layers \[0, 1, 2\] of layers/.*; this model has 2"):
+        checkpoint.restore_params(str(tmp_path), fewer_abstract, named(mesh, param_specs(fewer_abstract)))
 
 
 def test_a_seed_draws_the_weights_the_unstacked_model_drew():

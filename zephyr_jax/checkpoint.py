@@ -83,44 +83,52 @@ def _restore_item(mngr, step: int, item: str, target):
     saved = ocp.StandardCheckpointHandler().metadata(epath.Path(mngr.directory) / str(step) / item)
     saved = saved.tree if hasattr(saved, "tree") else saved
     saved_leaves = {tuple(map(_key, p)): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    if not any(_stacked_path(p)[1] is not None for p in saved_leaves):
-        wanted = {tuple(map(_key, p)) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
-        if wanted != set(saved_leaves):  # e.g. a tied model's config over an untied run's checkpoint
-            name = lambda paths: ", ".join(sorted("/".join(p) for p in paths)[:4]) or "none"
-            raise ValueError(f"checkpoint step {step} in {mngr.directory}: its {item} do not match this model's "
-                             f"(only in the checkpoint: {name(set(saved_leaves) - wanted)}; only in the model: "
-                             f"{name(wanted - set(saved_leaves))}): "
-                             + ("the architecture (tie_word_embeddings, ...) differs from the run that saved it"
-                                if item == "params" else "the optimizer state's structure differs from the one "
-                                "saved (another optimizer, or another optax version)"))
-        for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:  # orbax's own error names neither
-            stored = getattr(saved_leaves.get(tuple(map(_key, path))), "shape", None)
-            if stored is not None and tuple(stored) != tuple(leaf.shape):
-                raise ValueError(f"checkpoint step {step} in {mngr.directory}: {item} {'/'.join(map(_key, path))} "
-                                 f"has shape {tuple(stored)}, but this model's is {tuple(leaf.shape)} (the "
-                                 "architecture differs from the run that saved it)")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    new = {tuple(map(_key, p)): leaf for p, leaf in leaves}
+    legacy = any(_stacked_path(p)[1] is not None for p in saved_leaves)
+    # A legacy item's entries by the stacked model's names, with a layer's shape (the stacked shape less its
+    # first axis); the layer counts are checked after reading.
+    stored = {}
+    for path, leaf in saved_leaves.items():
+        stacked, layer = _stacked_path(path)
+        shape = getattr(leaf, "shape", None)
+        stored[stacked] = (layer is not None, None if shape is None else tuple(shape))
+    if set(new) != set(stored):  # e.g. a tied model's config over an untied run's checkpoint
+        name = lambda paths: ", ".join(sorted("/".join(p) for p in paths)[:4]) or "none"
+        raise ValueError(f"checkpoint step {step} in {mngr.directory}: its {item} do not match this model's "
+                         f"(only in the checkpoint: {name(set(stored) - set(new))}; only in the model: "
+                         f"{name(set(new) - set(stored))}): "
+                         + ("the architecture (tie_word_embeddings, ...) differs from the run that saved it"
+                            if item == "params" else "the optimizer state's structure differs from the one "
+                            "saved (another optimizer, or another optax version)"))
+    for path, leaf in new.items():  # orbax's own error names neither (and offers to pad or truncate)
+        per_layer, shape = stored[path]
+        wanted, each = (tuple(leaf.shape[1:]), " a layer") if per_layer else (tuple(leaf.shape), "")
+        if shape is not None and shape != wanted:
+            raise ValueError(f"checkpoint step {step} in {mngr.directory}: {item} {'/'.join(path)} has shape "
+                             f"{shape}{each}, but this model's is {wanted}{each} (the architecture differs from the "
+                             "run that saved it)")
+
+    def read(restore_target):
         try:
-            return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+            return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(restore_target)}))[item]
         except Exception as e:  # orbax/TensorStore's error runs to hundreds of lines and names the step nowhere
             raise _unreadable(mngr, step, item, e) from e
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    new = {tuple(map(_key, p)): leaf for p, leaf in leaves}
+    if not legacy:
+        return read(target)
 
-    def legacy_leaf(path, _):
+    def layer_target(path, _):  # a layer's slice of the stacked parameter, on that parameter's sharding less axis 0
         stacked, layer = _stacked_path(tuple(map(_key, path)))
-        if stacked not in new:
-            raise ValueError(f"checkpoint step {step} in {mngr.directory} has {item} entry {'/'.join(stacked)}, "
-                             "which this model does not have (a different architecture?)")
         leaf = new[stacked]
         if layer is None:
             return leaf
-        spec = jax.sharding.PartitionSpec(*tuple(leaf.sharding.spec)[1:])
-        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
-                                    sharding=jax.sharding.NamedSharding(leaf.sharding.mesh, spec))
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)  # (one device: as it is)
 
-    old_target = jax.tree_util.tree_map_with_path(legacy_leaf, saved)
-    old = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(old_target)}))[item]
+    old = read(jax.tree_util.tree_map_with_path(layer_target, saved))
     layers = {}
     for path, value in jax.tree_util.tree_flatten_with_path(old)[0]:
         stacked, layer = _stacked_path(tuple(map(_key, path)))
