@@ -283,7 +283,9 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
         "tokenizer": str(tmp_path / "chatml"), "train.max_steps": 3, "train.eval_every": 0, **kw})
     train.run(tiny_sft(), sft)
     for change, named in (({"train.global_batch_size": 16}, "train.global_batch_size: 8 -> 16"),
-                          ({"seed": 1}, "seed: 42 -> 1"), ({"tokenizer": None}, "tokenizer: '.*chatml' -> None")):
+                          ({"seed": 1}, "seed: 42 -> 1"), ({"tokenizer": None}, "tokenizer: '.*chatml' -> None"),
+                          # orbax cast the float32 master weights to bfloat16 without a word
+                          ({"model.param_dtype": "bfloat16"}, "model.param_dtype: 'float32' -> 'bfloat16'")):
         with pytest.raises(ValueError, match=f"holds checkpoints of a run with other settings.*{named}"):
             train.run(tiny_sft(**change), sft)
     with pytest.raises(ValueError, match="stage: 'sft' -> 'dpo'"):

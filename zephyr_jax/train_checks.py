@@ -148,8 +148,9 @@ def check_model_source_exists(model_cfg) -> None:
 # Settings that give a workdir's checkpoints their meaning (the step, the loader's position, the optimizer state,
 # the DPO reference): a run that resumes from them must share them. The mesh, grad_accum, eval, logging and the
 # kernels may change (a resume on another mesh continues exactly).
+# model.param_dtype: orbax casts the saved master weights and Adam moments to the new dtype without a word.
 RESUME_KEYS = ("stage", "seed", "tokenizer", "model.init", "model.path", "model.step", "model.arch",
-               "data.train", "data.train_split", "data.max_train_examples", "data.max_length",
+               "model.param_dtype", "data.train", "data.train_split", "data.max_train_examples", "data.max_length",
                "data.max_prompt_length", "data.packing", "data.pack_window", "data.packed_rows", "data.loss_on",
                "data.too_long", "train.global_batch_size", "dpo.reference_free")
 # Allowed (more steps, a lower lr, another beta), and said with what follows from the change.
