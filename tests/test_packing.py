@@ -16,7 +16,8 @@ from flax import nnx
 from zephyr_jax import losses, train_steps
 from zephyr_jax.data import pack, pack_pairs, pad_sft
 from zephyr_jax.data.batches import (PackedRow, best_fit_decreasing, loss_count, loss_positions, multiples, pack_rows,
-                                     pair_sequence_lengths, plan_length, plan_pairs, stack_rows)
+                                     pair_sequence_lengths, plan_length, plan_pairs, preference_rows,
+                                     stack_rows)
 from zephyr_jax.data.preference import PreferenceExample
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.model import Mistral, MistralConfig
@@ -120,6 +121,13 @@ def test_dpo_pairs_of_a_micro_batch_stay_in_its_rows():
         held = batch["sequence_pair"][row][batch["sequence_pair"][row] >= 0] // 2
         assert set(held % 2) <= {row % 2}
     assert sorted(batch["sequence_pair"][batch["sequence_pair"] >= 0].tolist()) == list(range(16))
+    # A row planned longer than the batch: named before it is placed (numpy's broadcast error named no row).
+    plan = plan_pairs(pairs, 4, multiples(16, 512), micro_batches=2)
+    short = plan_length(pairs, plan) - 1
+    fullest = max(range(4), key=lambda r: sum(pair_sequence_lengths(pairs[p])[s] for p, s in plan[r]))
+    with pytest.raises(ValueError, match=f"row {fullest} needs {short + 1} positions, more than the batch length "
+                                         f"{short}"):
+        preference_rows(pairs, plan, short, 16)
 
 
 def test_segment_sums_are_exact_additions_not_a_matmul():

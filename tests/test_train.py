@@ -148,6 +148,22 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
         train_checks.check_config(cfg)
 
 
+def test_packed_dpo_buckets_must_hold_the_fullest_row_a_batch_can_make():
+    """Packed dDPO rows hold several sequences; data.buckets that hold one example of max_length (all check_config
+    can ask) but not a row of them made the first batch of long pairs fail, mid-run: refused as the batcher is
+    made. The default (no buckets) and buckets that reach the bound are taken."""
+    cfg = load_config("configs/dpo.py:zephyr", **{"data.buckets": (256, 512, 1024)})
+    train_checks.check_buckets(cfg)  # one example fits
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1})
+    with pytest.raises(ValueError, match=r"data.buckets=\(256, 512, 1024\): 32 pairs packed into 16 rows may need "
+                                         r"rows of 5120 positions"):
+        train.preference_batcher(cfg, mesh, 32)
+    cfg.data.buckets = (1024, 5120)
+    train.preference_batcher(cfg, mesh, 32)
+    cfg.data.buckets = ()
+    train.preference_batcher(cfg, mesh, 32)
+
+
 @pytest.mark.parametrize("variant, overrides", [
     ("zephyr", {}), ("handbook", {}), ("demo", {}), ("tiny", {}),
     ("zephyr", {"model.dtype": "float32"}),  # float32 compute, the bf16 copy

@@ -137,6 +137,13 @@ def preference_batcher(cfg, mesh, pairs: int, micro_batches: int = 1):
     buckets = buckets_for(cfg.data)
     if cfg.data.packing and not cfg.data.buckets:
         buckets = packed_pair_buckets(pairs, rows, cfg.data.max_length)
+    elif cfg.data.packing:  # checked here, not at the batch of long pairs that would not fit, hours in
+        need = packed_pair_buckets(pairs, rows, cfg.data.max_length)[-1]
+        if max(buckets) < need:
+            raise ValueError(f"data.buckets={tuple(cfg.data.buckets)}: {pairs} pairs packed into {rows} rows may "
+                             f"need rows of {need} positions (their share of sequences and one more, each up to "
+                             f"data.max_length={cfg.data.max_length}), more than the largest bucket; add one of "
+                             f"{need}, or leave data.buckets empty (packed_pair_buckets' lengths)")
     return pair_batcher(rows, buckets, micro_batches)
 
 

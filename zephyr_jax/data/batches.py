@@ -118,7 +118,8 @@ def plan_pairs(examples, num_rows: int, buckets, micro_batches: int = 1) -> list
     Micro-batch m (rows m, m + n, m + 2n, ...: train_steps.split_micro's split) holds pairs m, m + n, ..., both
     sequences of each. The row length is the shortest bucket into which best-fit decreasing packs every
     micro-batch's sequences within its rows. num_rows = 2 * len(examples) puts every sequence in a row of its
-    own (no packing), in pair order: pair p's are rows 2p and 2p + 1."""
+    own (no packing), in pair order within each micro-batch: with one micro-batch, pair p's are rows 2p and 2p + 1
+    ("sequence_pair" says where each is in any case)."""
     n = micro_batches
     if num_rows % n or len(examples) % n:
         raise ValueError(f"{num_rows} rows and {len(examples)} pairs do not split into {n} micro-batches")
@@ -159,6 +160,9 @@ def preference_rows(examples, plan_rows, length: int, slots: int) -> dict:
     for r, row in enumerate(plan_rows):
         if len(row) > slots:
             raise ValueError(f"a row holds {len(row)} sequences, more than its {slots} slots")
+        need = sum(pair_sequence_lengths(examples[p])[side] for p, side in row)
+        if need > length:  # before placing them: numpy's broadcast error names no row
+            raise ValueError(f"row {r} needs {need} positions, more than the batch length {length}")
         start = 0
         for s, (p, side) in enumerate(row):
             ex = examples[p]
@@ -169,8 +173,6 @@ def preference_rows(examples, plan_rows, length: int, slots: int) -> dict:
             batch["sequence_pair"][r, s] = 2 * p + side
             if with_reference:
                 batch["reference_logps"][r, s] = ex.reference[side]
-        if start > length:
-            raise ValueError(f"row {r} needs {start} positions, more than the batch length {length}")
     return batch
 
 
