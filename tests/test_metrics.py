@@ -75,7 +75,7 @@ def test_a_resumed_run_moves_the_records_of_steps_it_does_again_aside(tmp_path, 
     assert [(r["step"], r["loss"]) for r in map(json.loads, superseded[:2])] == [(7, 7.0), (8, 8.0)]
     assert superseded[2:] == ['{"step": 9, "split": "tr']  # the cut line, kept whole, on a line of its own
     assert "3 records of steps the resumed run does again moved" in capsys.readouterr().out
-    writer = MetricWriter(str(tmp_path), tensorboard=False, resumed_from=10, final=True)  # the finished run again:
+    writer = MetricWriter(str(tmp_path), tensorboard=False, resumed_from=10, evaluates_start=True)  # the finished run again:
     writer.write(10, {"loss": 190.0}, "eval")  # its final eval again, nothing else
     writer.close()
     records = read("metrics.jsonl")
@@ -136,7 +136,7 @@ def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_
               if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
     assert purges == [7]
     for _ in range(2):  # the finished run started twice more: its final eval again, not again in TensorBoard
-        writer = MetricWriter(str(tmp_path), resumed_from=9, final=True)
+        writer = MetricWriter(str(tmp_path), resumed_from=9, evaluates_start=True)
         writer.write(9, {"loss": 1.5}, "eval")
         writer.close()
     evals = lambda: [(e.step, v.simple_value) for e in _tensorboard_events(tmp_path / "tensorboard")  # noqa: E731
@@ -147,7 +147,7 @@ def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_
     writer = MetricWriter(str(tmp_path), resumed_from=9)
     writer.write(12, {"loss": 12.0})
     writer.close()
-    writer = MetricWriter(str(tmp_path), resumed_from=12, final=True)
+    writer = MetricWriter(str(tmp_path), resumed_from=12, evaluates_start=True)
     writer.write(12, {"loss": 2.5}, "eval")
     writer.close()
     assert evals()[-1] == (12, 2.5)

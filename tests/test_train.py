@@ -716,11 +716,24 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"] and evals == []
     assert handlers[0] is not outside and signal.getsignal(signal.SIGTERM) is outside
 
-    # The eval the preemption skipped is the resumed run's first work: no eval step goes unrecorded.
+    # The eval the preemption skipped is the resumed run's first work: no eval step goes unrecorded. A resumed
+    # run that dies before its next checkpoint (a bad batch at step 5 here; a kill alike) evaluates step 3 again
+    # when resumed once more: that record replaces the one before (metrics.jsonl and TensorBoard kept both).
+    import zephyr_jax.data.loader as loader_module
+
+    real_next, calls = loader_module.Loader.__next__, []
+    monkeypatch.setattr(loader_module.Loader, "__next__", lambda self: calls.append(1) or (
+        real_next(self) if len(calls) != 2 else (_ for _ in ()).throw(RuntimeError("a bad batch"))))
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
+                                                  "train.eval_every": 3}), str(workdir))
+    monkeypatch.setattr(loader_module.Loader, "__next__", real_next)
     train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
                                               "train.eval_every": 3}), str(workdir))
     records = [(r["step"], r["split"]) for r in map(json.loads, open(workdir / "metrics.jsonl"))]
-    assert [step for step, split in records if split == "eval"] == [3, 6] and len(evals) == 2
+    assert [step for step, split in records if split == "eval"] == [3, 6] and len(evals) == 3
+    superseded = [(r["step"], r["split"]) for r in map(json.loads, open(workdir / "metrics.superseded.jsonl"))]
+    assert (3, "eval") in superseded
     assert records.index((3, "eval")) < records.index((4, "train"))  # before training on: step 3's parameters
     # Preempted at its last step (whose final eval it skipped), resumed for more steps: that step is evaluated.
     preempt_at[0], more = 6, tmp_path / "more"

@@ -100,10 +100,11 @@ def wandb_run_id(workdir: str) -> str:
         return f.read().strip()
 
 
-def set_aside_replayed(workdir: str, step: int, final: bool = False) -> list[str]:
+def set_aside_replayed(workdir: str, step: int, evaluates_start: bool = False) -> list[str]:
     """A run resumed from `step` trains the steps after it again, and evaluates `step` again when it is the last
-    (`final`): the interrupted run's records of them move from metrics.jsonl to metrics.superseded.jsonl, so
-    metrics.jsonl holds one record per step and split. Returns the lines that moved."""
+    or was preempted before its eval (`evaluates_start`): the interrupted run's records of them move from
+    metrics.jsonl to metrics.superseded.jsonl, so metrics.jsonl holds one record per step and split. Returns the
+    lines that moved."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
@@ -113,7 +114,7 @@ def set_aside_replayed(workdir: str, step: int, final: bool = False) -> list[str
     def replayed(line: str) -> bool:
         try:
             r = json.loads(line)
-            return r["step"] > step or (final and r["step"] == step and r["split"] == "eval")
+            return r["step"] > step or (evaluates_start and r["step"] == step and r["split"] == "eval")
         except (ValueError, TypeError, KeyError):  # not a record of this writer's
             return True
 
@@ -140,25 +141,27 @@ def _is_eval_of(line: str, step: int) -> bool:
 class MetricWriter:
     """Writes on process 0 only: one JSON line per record, TensorBoard scalars, W&B if configured.
 
-    resumed_from: the step a resumed run starts from. The records of what it does again (set_aside_replayed)
+    resumed_from: the step a resumed run starts from; evaluates_start: whether it evaluates that step (the last
+    step, or one a preemption saved before its eval). The records of what it does again (set_aside_replayed)
     move to metrics.superseded.jsonl, and TensorBoard hides the interrupted run's events after it (purge_step).
     W&B drops a resumed run's steps up to the last one it has (its own rule)."""
 
     def __init__(self, workdir: str, tensorboard: bool = True, wandb_project: str | None = None, config=None,
-                 resumed_from: int | None = None, final: bool = False):
+                 resumed_from: int | None = None, evaluates_start: bool = False):
         self.active = jax.process_index() == 0
         self.tb = self.wandb = self.tb_done_step = None
         if not self.active:
             return
         if resumed_from is not None:
-            moved = set_aside_replayed(workdir, resumed_from, final)
+            moved = set_aside_replayed(workdir, resumed_from, evaluates_start)
             if moved:
                 print(f"metrics.jsonl: {len(moved)} records of steps the resumed run does again moved to "
                       "metrics.superseded.jsonl")
-            # A finished run started again evaluates its last step again: where the earlier run wrote that eval,
-            # TensorBoard keeps it (the purge starts after that step) and the repeat is not written there (each
-            # restart added a copy); a run stopped before its final eval gets it written.
-            if final and any(_is_eval_of(line, resumed_from) for line in moved):
+            # A finished run started again evaluates its last step again (and a run preempted at an eval step,
+            # then stopped again before its next checkpoint, the step it resumes from): where an earlier run
+            # wrote that eval, TensorBoard keeps it (the purge starts after that step) and the repeat is not
+            # written there (each restart added a copy); a run stopped before that eval gets it written.
+            if evaluates_start and any(_is_eval_of(line, resumed_from) for line in moved):
                 self.tb_done_step = resumed_from
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         if tensorboard:

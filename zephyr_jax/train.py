@@ -480,8 +480,9 @@ def run(cfg, workdir: str) -> dict:
                                 frozen_reference=reference is not None,
                                 max_segments=max_segments(cfg, train_examples))
     start = int(jax.device_get(state.step))  # 0, or the step resumed from: the records after it are written again
+    evaluates_start = start == total_steps or (eval_skipped and bool(cfg.train.eval_every))  # (as below)
     writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
-                          resumed_from=start, final=start == total_steps)
+                          resumed_from=start, evaluates_start=evaluates_start)
 
     def evaluate(step):
         with jax.set_mesh(mesh):
