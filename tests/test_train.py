@@ -120,6 +120,8 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     ("sft", {"optim.b2": 2.0}, r"optim.b2=2.0: must lie in \[0, 1\)"),
     ("sft", {"optim.weight_decay": -0.1}, r"optim.weight_decay=-0.1: must be at least 0"),
     ("sft", {"optim.clip_norm": -1.0}, r"optim.clip_norm=-1.0: must be 0 \(off\) or positive"),
+    ("sft", {"optim.eps": 0.0}, r"optim.eps=0.0: must be positive"),  # NaN weights behind a finite step
+    ("sft", {"train.peak_tflops": -5.0}, r"train.peak_tflops=-5.0: must be 0 \(the data sheet's\) or positive"),
     ("sft", {"optim.schedule": "cosin"}, r"optim.schedule='cosin': expected one of"),  # raised after tokenizing
     ("sft", {"optim.mu_dtype": "bf16"}, r"optim.mu_dtype='bf16': expected a floating-point dtype"),
     ("dpo", {"dpo.reference_dtype": "int8"}, r"dpo.reference_dtype='int8': expected a floating-point dtype"),

@@ -63,6 +63,8 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     for key in ("eval_every", "save_every", "profile_start"):
         if t[key] < 0:
             raise ValueError(f"train.{key}={t[key]}: must be 0 (off) or positive")
+    if t.peak_tflops < 0:  # an MFU below zero
+        raise ValueError(f"train.peak_tflops={t.peak_tflops}: must be 0 (the data sheet's) or positive")
     if t.profile_start and t.profile_steps < 1:
         raise ValueError(f"train.profile_steps={t.profile_steps} with train.profile_start={t.profile_start}: must "
                          "be at least 1 (profile_start=0 turns the trace off)")
@@ -108,7 +110,9 @@ def check_optim(o) -> None:
         raise ValueError(f"optim.schedule={o.schedule!r}: expected one of {steps.SCHEDULES}")
     rules = {"lr": (o.lr > 0, "must be positive"), "warmup_ratio": (0 <= o.warmup_ratio <= 1, "must lie in [0, 1]"),
              "b1": (0 <= o.b1 < 1, "must lie in [0, 1)"), "b2": (0 <= o.b2 < 1, "must lie in [0, 1)"),
-             "eps": (o.eps >= 0, "must be at least 0"), "weight_decay": (o.weight_decay >= 0, "must be at least 0"),
+             # eps=0: Adam's update of a parameter without gradient (the embedding of a token no batch holds) is
+             # 0/0, NaN weights after a step whose loss and gradient norm were finite (and which was saved)
+             "eps": (o.eps > 0, "must be positive"), "weight_decay": (o.weight_decay >= 0, "must be at least 0"),
              "clip_norm": (o.clip_norm >= 0, "must be 0 (off) or positive")}
     for key, (ok, rule) in rules.items():
         if not ok:
