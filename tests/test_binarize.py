@@ -247,7 +247,8 @@ def test_strategy_reaches_both_outcomes():
         # no deadline or too-slow check: a loaded machine (CI's 2 cores) must not fail a search that succeeds
         no_shrinking = settings(database=None, phases=[Phase.generate], deadline=None,
                                 suppress_health_check=[HealthCheck.too_slow])
-        find(good_rows, lambda r, rank_by=rank_by: kept(r, rank_by), settings=no_shrinking)  # the property is not vacuous
+        # the property is not vacuous
+        find(good_rows, lambda r, rank_by=rank_by: kept(r, rank_by), settings=no_shrinking)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

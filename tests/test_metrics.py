@@ -75,7 +75,8 @@ def test_a_resumed_run_moves_the_records_of_steps_it_does_again_aside(tmp_path, 
     assert [(r["step"], r["loss"]) for r in map(json.loads, superseded[:2])] == [(7, 7.0), (8, 8.0)]
     assert superseded[2:] == ['{"step": 9, "split": "tr']  # the cut line, kept whole, on a line of its own
     assert "3 records of steps the resumed run does again moved" in capsys.readouterr().out
-    writer = MetricWriter(str(tmp_path), tensorboard=False, resumed_from=10, evaluates_start=True)  # the finished run again:
+    # The finished run again:
+    writer = MetricWriter(str(tmp_path), tensorboard=False, resumed_from=10, evaluates_start=True)
     writer.write(10, {"loss": 190.0}, "eval")  # its final eval again, nothing else
     writer.close()
     records = read("metrics.jsonl")
