@@ -196,6 +196,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(body={**chat, "include_stop_str_in_output": True}), 400, "include_stop_str_in_output"),
         (dict(body={**chat, "temprature": 0.2}), 400, "temprature"),
         (dict(body={**chat, "echo": True}), 400, "echo"),  # a completions field
+        (dict(body={**chat, "stop": ["x"] * 33}), 400, "stop"),
     ]
     for kwargs, status, param in cases:
         r = _post(base, "/v1/chat/completions", kwargs.get("body"), kwargs.get("key", KEY), kwargs.get("raw"))
@@ -206,6 +207,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     for prompt in ([True, False], ["a", [1, 2]], [[1, 2], "a"]):  # JSON booleans are not token ids; no mixing
         assert _post(base, "/v1/completions", {"model": NAME, "prompt": prompt}).json()["error"]["param"] == "prompt"
     assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "min_p": 0.1}).status_code == 400
+    # lm-eval's local-completions sends a task's every `until` string and the EOS (humaneval: 6): OpenAI's limit of
+    # 4 made such tasks fail with a 400.
+    humaneval = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]
+    assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 2,
+                                           "stop": humaneval}).status_code == 200
     assert _post(base, "/v1/chat/completions", {**chat, "user": "u1", "metadata": {"k": "v"}}).status_code == 200
     # More sequences than slots + queue (4 + 4) can never be held: 400, not a 429 asking to retry.
     many = _post(base, "/v1/completions", {"model": NAME, "prompt": ["a", "b", "c"], "n": 3})

@@ -80,13 +80,17 @@ def _check_unicode(text: str, what: str, param: str) -> None:
         raise ApiError(400, f"{what} is not valid Unicode (a lone surrogate at {e.start})", param) from e
 
 
+MAX_STOP_STRINGS = 32  # OpenAI takes 4; lm-eval's local-completions sends a task's every `until` and the EOS
+
+
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or \
+            len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", "stop")
     return tuple(stops)
 
 
