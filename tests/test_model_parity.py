@@ -122,7 +122,8 @@ def test_inputs_the_model_cannot_read_are_named():
     for field, value, message in [("sliding_window", "4096", "a whole number or None"),
                                   ("scan_layers", "False", "must be True or False"),
                                   ("param_dtype", "int8", "a floating-point dtype"),
-                                  ("hidden_size", 32.0, "must be a whole number >= 1")]:
+                                  ("hidden_size", 32.0, "must be a whole number >= 1"),
+                                  ("head_dim", 7, "must be even, RoPE rotates")]:  # a numpy split error named none
         with pytest.raises(ValueError, match=f"{field}={value!r}: {message}" if field != "param_dtype" else message):
             cfg.replace(**{field: value})
 

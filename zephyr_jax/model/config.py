@@ -80,6 +80,9 @@ class MistralConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.head_dim % 2:  # (numpy's "array split does not result in an equal division" named nothing)
+            raise ValueError(f"head_dim={self.head_dim}: must be even, RoPE rotates the two halves of each head "
+                             "(where not given, it is hidden_size / num_attention_heads)")
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if isinstance(self.eos_token_id, list):  # from JSON; a tuple keeps the config hashable

@@ -1,5 +1,6 @@
 """Mistral-7B in Flax NNX, top to bottom: embedding -> N x (RMSNorm, GQA attention with RoPE, RMSNorm, SwiGLU)
--> RMSNorm -> untied LM head. Parameter names mirror Hugging Face's so the weight mapping in hf.py is obvious.
+-> RMSNorm -> LM head (its own, or the embedding's with tie_word_embeddings). Parameter names mirror Hugging
+Face's so the weight mapping in hf.py is obvious.
 
 Every parameter carries `logical_axes` metadata; sharding.py maps those names onto the device mesh.
 """
