@@ -88,7 +88,7 @@ def test_replies_across_the_attention_length_buckets_match_transformers(tmp_path
 @pytest.mark.parametrize("heads_first", [True, False])
 def test_cache_writes_land_at_their_row_and_position_padding_is_dropped_and_reads_are_laid_out_for_attention(
         heads_first):
-    layers, slots, length, heads, dim = 2, 4, 10, 3, 5
+    layers, slots, length, heads, dim = 2, 4, 10, 3, 6  # all unequal, so a mixed-up axis shows
     cfg = MistralConfig(num_hidden_layers=layers, num_key_value_heads=heads, head_dim=dim, num_attention_heads=heads)
     cache = KVCache.init(cfg, slots, length, dtype=jnp.float32, heads_first=heads_first)
     assert cache.max_length == length
