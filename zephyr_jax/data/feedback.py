@@ -94,7 +94,6 @@ import collections
 import dataclasses
 import hashlib
 import json
-import math
 import numbers
 import os
 import random
@@ -105,7 +104,7 @@ from typing import Callable
 
 from zephyr_jax.data.backends import (ENGINE_MESH_HELP, Backend, BackendSet, Call, load_callable,
                                       map_bounded)
-from zephyr_jax.data.binarize import ASPECTS, is_text, prompt_id, write_jsonl
+from zephyr_jax.data.binarize import ASPECTS, completion_score, is_text, prompt_id, write_jsonl
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.feedback_prompts import (CALIBRATION_SHARE, PRINCIPLES, SYSTEM_PROMPTS, TYPED_ASPECTS, FormatError,
                                               critique_messages, parse_critique_reply, parse_rating_reply,
@@ -224,14 +223,8 @@ def empty_annotation(aspect: str) -> dict:
 
 
 def mean_rating(annotations: dict) -> float | None:
-    """Mean of the numeric aspect ratings ("N/A" ignored), as binarize ranks them; None if there is none."""
-    values = []
-    for a in ASPECTS:
-        try:
-            values.append(float(annotations[a]["Rating"]))
-        except (KeyError, TypeError, ValueError):
-            pass
-    return math.fsum(values) / len(values) if values else None  # as binarize.completion_score
+    """Mean of the numeric aspect ratings ("N/A" ignored), binarize's own ranking score; None if there is none."""
+    return completion_score({"annotations": annotations}, "mean")
 
 
 # ---------------------------------------------------------------------------------------------------------------
