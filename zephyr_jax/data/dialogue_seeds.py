@@ -215,9 +215,14 @@ def _row_seed(row, index: int, where: str, column: str | None, sector: str | Non
     else:
         is_topic = False
     row_sector = row_sector or "world"
-    if not isinstance(row_sector, str) or row_sector not in SECTOR_TURNS:  # (a list raised TypeError: unhashable)
-        raise ValueError(f"{where} row {index}: unknown sector {row_sector!r} (expected {sorted(SECTOR_TURNS)})")
+    _check_sector(row_sector, f"{where} row {index}")
     return Seed(text, row_sector, is_topic)
+
+
+def _check_sector(sector, where: str) -> None:
+    """ValueError naming `where` for a sector without a turn range (a list raised TypeError: unhashable)."""
+    if not isinstance(sector, str) or sector not in SECTOR_TURNS:
+        raise ValueError(f"{where}: unknown sector {sector!r} (expected {sorted(SECTOR_TURNS)})")
 
 
 def load_seeds(source, *, split: str = "train", column: str | None = None, sector: str | None = None,
@@ -245,9 +250,7 @@ def as_seed(s, index: int = 0, seed: int = 0) -> Seed:
     """A Seed from a Seed, a string (opening or topic by `looks_like_opening`) or a dict row (as row `index` of a
     seeds file read with `seed`: a "material" row draws its question template from both, as load_seeds does)."""
     if isinstance(s, Seed):  # its sector checked before any call is paid for (a KeyError at its first round)
-        if not isinstance(s.sector, str) or s.sector not in SECTOR_TURNS:
-            raise ValueError(f"seeds[{index}] {s.text!r:.40}: unknown sector {s.sector!r} (expected "
-                             f"{sorted(SECTOR_TURNS)})")
+        _check_sector(s.sector, f"seeds[{index}] {s.text!r:.40}")
         return s
     if isinstance(s, str):
         return Seed(s.strip(), "world", not looks_like_opening(s))
