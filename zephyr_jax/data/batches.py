@@ -143,9 +143,14 @@ def plan_pairs(examples, num_rows: int, buckets, micro_batches: int = 1) -> list
     return plan
 
 
+def row_length(examples, row) -> int:
+    """Positions a planned row's sequences take."""
+    return sum(pair_sequence_lengths(examples[p])[side] for p, side in row)
+
+
 def plan_length(examples, plan) -> int:
     """Positions the fullest row of a plan needs."""
-    return max(sum(pair_sequence_lengths(examples[p])[side] for p, side in row) for row in plan)
+    return max(row_length(examples, row) for row in plan)
 
 
 def preference_rows(examples, plan_rows, length: int, slots: int) -> dict:
@@ -160,7 +165,7 @@ def preference_rows(examples, plan_rows, length: int, slots: int) -> dict:
     for r, row in enumerate(plan_rows):
         if len(row) > slots:
             raise ValueError(f"a row holds {len(row)} sequences, more than its {slots} slots")
-        need = sum(pair_sequence_lengths(examples[p])[side] for p, side in row)
+        need = row_length(examples, row)
         if need > length:  # before placing them: numpy's broadcast error names no row
             raise ValueError(f"row {r} needs {need} positions, more than the batch length {length}")
         start = 0
