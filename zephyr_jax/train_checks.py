@@ -121,7 +121,9 @@ def check_optim(o) -> None:
 
 def check_buckets(cfg) -> None:
     """data.buckets must hold the longest row an example can make, else the first batch holding one fails mid-run:
-    max_length - 1 positions (an example of max_length tokens), or exactly max_length for packed dSFT rows."""
+    max_length - 1 positions (an example of max_length tokens), or exactly max_length for packed dSFT rows. Packed
+    dDPO rows, whose bound depends on the mesh's rows, are checked where their batcher is made
+    (train.preference_batcher)."""
     buckets, n = tuple(cfg.data.buckets), cfg.data.max_length
     if not buckets:
         return
