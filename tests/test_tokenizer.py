@@ -1,7 +1,7 @@
 """The real Mistral-7B-v0.1 tokenizer (offline, from mistral-common) and the Zephyr chat template."""
 
 import os
-import shutil
+import textwrap
 
 import pytest
 import sentencepiece as spm
@@ -83,14 +83,16 @@ def test_another_template_gets_no_system_turn_and_one_bos(tmp_path):
     assert encode_text(zephyr, prompt) == zephyr(prompt).input_ids and encode_text(zephyr, prompt)[:2] != [1, 1]
 
 
-def test_encoding_matches_independent_tokenizers(tok, tmp_path):
-    """Same ids as (a) a transformers tokenizer built separately from the same file and (b) sentencepiece
-    itself, encoding each text piece between `</s>` tokens (each piece starting a fresh "▁"-prefixed text)."""
-    shutil.copyfile(mistral_v0_1_model_file(), os.path.join(tmp_path, "tokenizer.model"))
-    other = transformers.LlamaTokenizer.from_pretrained(str(tmp_path), legacy=True, add_bos_token=True)
-    ids = tok(RENDERED).input_ids
-    assert other(RENDERED).input_ids == ids
+# Texts where a tokenizer converted with merges out of score order, or one that drops a leading space, parts from
+# sentencepiece: runs of spaces (code's indentation), a leading space, a tab, byte fallback, CJK and an emoji.
+AWKWARD = ["def f(x):\n    if x:\n        return 1\n    return 0", "Sure.  Here  it is:\n\n  - a\n  - b",
+           " leading space", "   ", "a\tb \t c", "x\u00a0y \u2028 z", "中文  테스트 😀😀", "end  "]
 
+
+def test_encoding_matches_sentencepiece(tok, tmp_path):
+    """Same ids as sentencepiece itself (the tokenizer Mistral was trained with) for a rendered conversation,
+    encoding each text piece between `</s>` tokens (each piece starting a fresh "▁"-prefixed text), and for the
+    awkward texts, also from a saved copy reloaded by transformers; the ids decode to the text."""
     sp = spm.SentencePieceProcessor(model_file=mistral_v0_1_model_file())
     expected = [1]
     pieces = RENDERED.split("</s>")
@@ -99,9 +101,16 @@ def test_encoding_matches_independent_tokenizers(tok, tmp_path):
             expected += sp.encode(piece)
         if i < len(pieces) - 1:
             expected.append(2)
+    ids = tok(RENDERED).input_ids
     assert ids == expected
     assert ids.count(1) == 1 and ids[0] == 1  # one BOS: the template emits none
     assert ids.count(2) == 3  # every turn ends in </s>
+
+    tok.save_pretrained(str(tmp_path))
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in AWKWARD + [open(textwrap.__file__, encoding="utf-8").read()]:  # Python, indented
+        assert tok(text).input_ids == reloaded(text).input_ids == [1] + sp.encode(text), text[:40]
+        assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
 
 
 def test_tokenizer_from_directory_gets_template(tok, tmp_path):

@@ -2,7 +2,7 @@
 
 BOS/EOS policy (the same everywhere in zephyr_jax):
 - Every sequence starts with exactly one BOS (`<s>`, id 1), added by the tokenizer when it encodes a whole
-  rendered conversation (`add_bos_token=True`). The chat template itself emits no BOS, so rendering and then
+  rendered conversation (its post-processor). The chat template itself emits no BOS, so rendering and then
   encoding never doubles it.
 - Every turn ends in EOS (`</s>`, id 2): the template writes `eos_token` after each message, and the tokenizer
   reads that text back as the single special token. `</s>` is a learned target, never treated as padding:
@@ -11,10 +11,7 @@ BOS/EOS policy (the same everywhere in zephyr_jax):
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 
 import transformers
 
@@ -22,22 +19,6 @@ from zephyr_jax.hub import local_dir
 
 # Zephyr's chat template, exactly as in HuggingFaceH4/zephyr-7b-beta (see shared/RECIPE.md).
 ZEPHYR_CHAT_TEMPLATE = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
-
-# The settings of mistralai/Mistral-7B-v0.1's tokenizer_config.json. legacy=True keeps its tokenizer.json's
-# behaviour of starting every text piece (also the one after a special token such as `</s>`) with "▁".
-MISTRAL_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "legacy": True,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": None,
-    "clean_up_tokenization_spaces": False,
-    "model_max_length": 32768,
-}
-
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # one of them makes a tokenizer
 
@@ -56,20 +37,12 @@ def mistral_v0_1_model_file() -> str:
 def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTokenizerBase:
     """A transformers tokenizer with the Zephyr chat template.
 
-    None: the real Mistral-7B-v0.1 tokenizer, offline, from `mistral-common`. A directory or hub name: that
-    tokenizer (hub names need the network), given the Zephyr template if it has no chat template of its own.
+    None: the real Mistral-7B-v0.1 tokenizer, offline, from `mistral-common` (sentencepiece_tokenizer). A directory
+    or hub name: that tokenizer (hub names need the network), given the Zephyr template if it has no chat template
+    of its own.
     """
     if path_or_name is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copyfile(mistral_v0_1_model_file(), os.path.join(tmp, "tokenizer.model"))
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                json.dump(MISTRAL_TOKENIZER_CONFIG, f)
-            # The class the config names, as AutoTokenizer would pick it: AutoTokenizer's import brings in torch
-            # (seconds at every start of a training process, which uses no torch).
-            tok = getattr(transformers, MISTRAL_TOKENIZER_CONFIG["tokenizer_class"]).from_pretrained(tmp)
-        # transformers 5 does not write `legacy` back on save unless it is in init_kwargs; without it a saved
-        # copy reloads with another pre-tokenizer and encodes text after `</s>` differently.
-        tok.init_kwargs["legacy"] = True
+        tok = sentencepiece_tokenizer(mistral_v0_1_model_file())
     else:
         _check_tokenizer_path(path_or_name)
         tok = transformers.AutoTokenizer.from_pretrained(os.path.expanduser(path_or_name))
@@ -78,6 +51,39 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise ValueError(f"tokenizer {path_or_name or 'mistral-7b-v0.1'} lacks a BOS or EOS token")
     return tok
+
+
+def sentencepiece_tokenizer(model_file: str) -> transformers.PreTrainedTokenizerFast:
+    """A fast tokenizer that encodes and decodes as the sentencepiece BPE model in `model_file` does, as Mistral-7B
+    was trained: BOS first, no pad token, and "▁" before every text piece, also the one after a special token such
+    as `</s>` (Mistral-7B-v0.1's tokenizer.json, transformers' `legacy=True`).
+
+    Built here from the model's pieces: transformers 5 converts a tokenizer.model with its merges ranked by piece
+    id rather than score (runs of spaces, such as code's indentation, then split otherwise), and its LlamaTokenizer
+    installs a pre-tokenizer that drops a text's leading space. Saved, it reloads as it is (tokenizer.json).
+    """
+    import sentencepiece
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    special = [i for i in vocab.values() if sp.is_control(i) or sp.is_unknown(i)]
+    pieces = {p for p, i in vocab.items() if not (i in special or sp.is_byte(i))}
+    # sentencepiece BPE joins the adjacent pair whose union scores highest: that piece's score is the merge's rank.
+    merges = sorted(((-sp.get_score(vocab[p]), vocab[p], vocab[p[:k]]), (p[:k], p[k:]))
+                    for p in pieces for k in range(1, len(p)) if p[:k] in pieces and p[k:] in pieces)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[pair for _, pair in merges], unk_token=sp.id_to_piece(
+        sp.unk_id()), fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])  # the "▁" the normalizer put first
+    backend.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in special])
+    bos = sp.id_to_piece(sp.bos_id())
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, sp.bos_id())])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=sp.id_to_piece(sp.eos_id()),
+        unk_token=sp.id_to_piece(sp.unk_id()), model_max_length=32768, clean_up_tokenization_spaces=False)
 
 
 def _check_tokenizer_path(path_or_name: str) -> None:
@@ -105,7 +111,7 @@ def tokenizer_source(path: str | None) -> str | None:
     if not (path and isinstance(path, str)):
         return None
     local = hf.resolve(path)
-    if os.path.exists(os.path.join(local, "tokenizer_config.json")):
+    if any(os.path.exists(os.path.join(local, f)) for f in ("tokenizer_config.json", "tokenizer.json")):
         return local if os.path.isdir(os.path.expanduser(path)) else path  # a hub name: not this machine's cache
     if is_workdir(local):
         return (run_config(local) or {}).get("tokenizer")
