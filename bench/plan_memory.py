@@ -25,7 +25,7 @@ DEVICES = flags.DEFINE_integer("devices", 1, "CPU devices (XLA_FLAGS=--xla_force
 def main(argv):
     del argv
     flag = f"--xla_force_host_platform_device_count={DEVICES.value}"
-    os.environ["XLA_FLAGS"] = f"{flag} {os.environ.get('XLA_FLAGS', '')}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"  # the last of a flag given twice wins
     os.environ["JAX_PLATFORMS"] = "cpu"  # read when the first array is made, after this
 
     import jax

@@ -90,8 +90,8 @@ def length_mix(spec: str, stage: str, seed: int = 0, n: int = 4096) -> list:
         if len(medians) != (2 if stage == "dpo" else 1):
             raise ValueError(f"length mix {spec!r}: expected lognormal:" +
                              ("PROMPT,COMPLETION,SIGMA for DPO" if stage == "dpo" else "MEDIAN,SIGMA for SFT"))
-        if min(medians) <= 0 or sigma < 0:
-            raise ValueError(f"length mix {spec!r}: the medians must be positive and SIGMA at least 0")
+        if not all(map(math.isfinite, [*medians, sigma])) or min(medians) <= 0 or sigma < 0:
+            raise ValueError(f"length mix {spec!r}: the medians must be positive and SIGMA at least 0 (finite)")
         medians = [medians[0], medians[1], medians[1]] if stage == "dpo" else medians
         counts = np.stack([rng.lognormal(math.log(m), sigma, n) for m in medians], 1)
         counts = np.maximum(2, counts).astype(int)
@@ -104,6 +104,11 @@ def length_mix(spec: str, stage: str, seed: int = 0, n: int = 4096) -> list:
             raise ValueError(f"length mix {spec}: {e}") from e
         if counts.shape[1] != width:
             raise ValueError(f"length mix {spec}: expected {width} integer(s) per line for {stage}")
+        # An SFT example needs a token to predict from; a pair, a prompt and two completions (a slice's bound).
+        short = np.flatnonzero((counts < (1 if stage == "dpo" else 2)).any(1))
+        if short.size:
+            raise ValueError(f"length mix {spec}: example {short[0]} ({counts[short[0]].tolist()}) is shorter "
+                             f"than {'1 token a part' if stage == 'dpo' else '2 tokens'}")
     # Views of one read-only array: only the lengths matter, and 65,536 arrays of their own took seconds to make.
     longest = int(counts.max(initial=0))
     ids, mask = np.ones(longest, np.int32), np.ones(longest, bool)
@@ -177,7 +182,10 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     attention_fwd = 4 * layers * mcfg.num_attention_heads * mcfg.head_dim * attention_pairs
     head_fwd = 2 * e * v * head_positions
     forward = layer_fwd + attention_fwd + head_fwd
-    recompute = {"none": 0.0, "full": layer_fwd + attention_fwd, "save_all_but_mlp": mlp,
+    # Full remat recomputes a layer's forward but its down_proj: the backward needs only that matmul's input (the
+    # layer's output is the next layer's saved input), and JAX drops the rest.
+    down_fwd = 2 * e * mcfg.intermediate_size * layers * positions
+    recompute = {"none": 0.0, "full": layer_fwd + attention_fwd - down_fwd, "save_all_but_mlp": mlp,
                  "save_dots": attention_fwd, "offload": attention_fwd}[remat or mcfg.remat]
     recompute += head_fwd  # logprobs.head_logps recomputes each chunk's logits in the backward pass
     return 3 * forward + recompute + (forward if frozen_reference else 0.0)
@@ -600,7 +608,8 @@ def cli():
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
-        del argv
+        if len(argv) > 1:  # `plan ... v5e-64` meant --topology=v5e-64: not a local plan without a word
+            sys.exit(f"error: unexpected arguments {argv[1:]}: flags are --name=value")
         if topology.value != "local" and not os.environ.get("JAX_PLATFORMS"):
             jax.config.update("jax_platforms", "cpu")  # a CPU default backend; libtpu only compiles
         if topology.value in known_gpu_topologies() and not os.environ.get("XLA_FLAGS"):
