@@ -20,7 +20,7 @@ def get_config(arg=None):
     c.data.packing = True  # paper: packing; here each example keeps its own segment (no cross-attention)
     c.data.pack_window = 1000  # best-fit decreasing over this many shuffled examples at a time (0: all at once)
     c.data.loss_on = "all"  # the recipe learns every token; "assistant" learns replies only
-    c.data.too_long = "truncate"  # or "drop"
+    c.data.too_long = "truncate"  # or "drop" (counted as skipped, also with on_bad_row="raise")
 
     c.optim.lr = 2e-5  # paper: peak lr 2e-5
     c.optim.schedule = "cosine"  # paper: cosine

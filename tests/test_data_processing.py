@@ -1,5 +1,7 @@
 """SFT and preference tokenization, packing, batches and the loader, on the real Mistral-7B-v0.1 tokenizer."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from zephyr_jax.data import (BadRow, Loader, default_buckets, pack, pack_pairs, pad_sft, preference_example,
                              process_rows, sft_example)
+from zephyr_jax.data import pipeline
 from zephyr_jax.data.loader import padded_batcher
 from zephyr_jax.data.preference import split_prompt, truncate_pair
 from zephyr_jax.model import Mistral, MistralConfig
@@ -94,7 +97,7 @@ def test_sft_all_learns_every_token_after_bos(tok):
     assert eos_targets.sum() == 5 and batch["loss_mask"][0][eos_targets].all()  # </s> is never excluded
 
 
-def test_sft_too_long_truncates_or_drops(tok):
+def test_sft_too_long_truncates_or_drops(tok, monkeypatch):
     ex = sft_example({"messages": DIALOGUE}, 0, tok, max_length=20)
     assert len(ex.ids) == 20 and ex.truncated
     with pytest.raises(BadRow, match="row 3: longer than max_length=20"):
@@ -102,6 +105,14 @@ def test_sft_too_long_truncates_or_drops(tok):
     examples, counter = process_rows([{"messages": DIALOGUE}] * 3, lambda r, i: sft_example(
         r, i, tok, max_length=20, too_long="drop"), on_bad_row="skip", progress=False, log=lambda s: None)
     assert examples == [] and counter.as_dict()["skipped"] == 3
+    # on_bad_row="raise" is about malformed rows: a long row dropped on purpose is counted, in workers as here.
+    rows = [{"messages": DIALOGUE}, {"messages": DIALOGUE[:2]}] * 2
+    monkeypatch.setattr(pipeline, "MIN_ROWS_PER_PROCESS", 1)  # two worker processes for 4 rows
+    for num_proc in (1, 2):
+        examples, counter = process_rows(rows, functools.partial(sft_example, tok=tok, max_length=64,
+                                                                 too_long="drop"),
+                                         on_bad_row="raise", progress=False, log=lambda s: None, num_proc=num_proc)
+        assert len(examples) == 2 and counter.as_dict()["reasons"] == {"longer than max_length=64": 2}
 
 
 def test_preference_prompt_plus_completion_is_the_whole_conversation(tok):

@@ -1,8 +1,9 @@
 """Bad input rows: one error type that names the row, and a counter for rows skipped on purpose.
 
 Every stage of the data pipeline raises `BadRow(index, reason, source)` for a row it cannot use. The caller
-decides, through `on_bad_row`, whether that stops the run ("raise") or is counted and skipped ("skip"); skipped
-rows are never lost silently: `SkipCounter.summary()` reports them by reason.
+decides, through `on_bad_row`, whether that stops the run ("raise") or is counted and skipped ("skip"); a row left
+out by a setting (`DroppedRow`) is counted either way. Skipped rows are never lost silently:
+`SkipCounter.summary()` reports them by reason.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class BadRow(ValueError):
 
     def __reduce__(self):  # keeps the fields across pickling (multiprocessing data workers)
         return type(self), (self.index, self.reason, self.source)
+
+
+class DroppedRow(BadRow):
+    """A usable row left out on purpose (data.too_long="drop"): counted, never raised, whatever on_bad_row says
+    (on_bad_row="raise" is strictness about malformed rows, not a reason to stop at the first long one)."""
 
 
 def reason_kind(reason: str) -> str:
@@ -77,9 +83,9 @@ def check_on_bad_row(on_bad_row: str) -> None:
 
 
 def handle_bad_row(err: BadRow, on_bad_row: str, counter: SkipCounter | None) -> None:
-    """"raise": re-raises `err`; "skip": counts it in `counter` and returns."""
+    """"raise": re-raises `err`; "skip": counts it in `counter` and returns. A DroppedRow is always counted."""
     check_on_bad_row(on_bad_row)
-    if on_bad_row == "raise":
+    if on_bad_row == "raise" and not isinstance(err, DroppedRow):
         raise err
     if counter is not None:
         counter.skip(err.reason)

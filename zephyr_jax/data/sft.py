@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from zephyr_jax.data.conversation import check_messages, encode_conversation
-from zephyr_jax.data.errors import BadRow
+from zephyr_jax.data.errors import BadRow, DroppedRow
 
 LOSS_ON = ("all", "assistant")
 TOO_LONG = ("truncate", "drop")
@@ -41,7 +41,7 @@ def sft_example(row, index, tok, *, loss_on="all", max_length=2048, too_long="tr
     truncated = len(ids) > max_length
     if truncated:
         if too_long == "drop":
-            raise BadRow(index, f"longer than max_length={max_length}", source)
+            raise DroppedRow(index, f"longer than max_length={max_length}", source)
         ids, loss_mask = ids[:max_length], loss_mask[:max_length]
         if not loss_mask[1:].any():
             raise BadRow(index, f"no target left after truncation to max_length={max_length}", source)
