@@ -34,13 +34,11 @@ def _v3_tokenizer(tmp_path):
     """Mistral-7B-v0.3's tokenizer (768 control tokens first), from the sentencepiece model mistral-common ships."""
     import mistral_common
 
-    from zephyr_jax.tokenizer import MISTRAL_TOKENIZER_CONFIG
+    from zephyr_jax.tokenizer import sentencepiece_tokenizer
 
     folder = tmp_path / "v3_tokenizer"
-    folder.mkdir()
-    shutil.copyfile(os.path.join(os.path.dirname(mistral_common.__file__), "data",
-                                 "mistral_instruct_tokenizer_240323.model.v3"), folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps(MISTRAL_TOKENIZER_CONFIG))
+    sentencepiece_tokenizer(os.path.join(os.path.dirname(mistral_common.__file__), "data",
+                                         "mistral_instruct_tokenizer_240323.model.v3")).save_pretrained(str(folder))
     return load_tokenizer(str(folder))
 
 
@@ -122,6 +120,7 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     ("sft", {"optim.clip_norm": -1.0}, r"optim.clip_norm=-1.0: must be 0 \(off\) or positive"),
     ("sft", {"optim.eps": 0.0}, r"optim.eps=0.0: must be positive"),  # NaN weights behind a finite step
     ("sft", {"train.peak_tflops": -5.0}, r"train.peak_tflops=-5.0: must be 0 \(the data sheet's\) or positive"),
+    ("sft", {"data.max_length": -5}, r"data.max_length=-5: must be at least 2"),  # was "a row of -5"
     ("sft", {"optim.schedule": "cosin"}, r"optim.schedule='cosin': expected one of"),  # raised after tokenizing
     ("sft", {"optim.mu_dtype": "bf16"}, r"optim.mu_dtype='bf16': expected a floating-point dtype"),
     ("dpo", {"dpo.reference_dtype": "int8"}, r"dpo.reference_dtype='int8': expected a floating-point dtype"),

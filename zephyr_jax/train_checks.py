@@ -80,6 +80,8 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
             raise ValueError(f"{key}={tuple(values)!r}: expected whole numbers")
+    if cfg.data.max_length < 2:  # one token predicts nothing
+        raise ValueError(f"data.max_length={cfg.data.max_length}: must be at least 2")
     check_buckets(cfg)
     for key, allowed in (("on_bad_row", ON_BAD_ROW), ("loss_on", LOSS_ON), ("too_long", TOO_LONG)):
         if key in cfg.data and cfg.data[key] not in allowed:  # else raised only once the source is read
