@@ -180,6 +180,11 @@ def test_one_run_per_journal(tmp_path):
         Journal(tmp_path / "j.jsonl", {"a": 2})
     with Journal(tmp_path / "j.jsonl", {"a": 1}) as journal:  # free again, also after a refused open
         journal.append(("k",), {"v": 1})
+    # A setting the journal predates is taken, then kept: the next resume with another value is refused.
+    with Journal(tmp_path / "j.jsonl", {"a": 1, "temperature": 0.7}) as journal:
+        assert journal.resumed == 1
+    with pytest.raises(SettingsMismatch, match=r"temperature: 0\.7 on disk, 1\.0 now"):
+        Journal(tmp_path / "j.jsonl", {"a": 1, "temperature": 1.0})
 
 
 def test_a_seed_that_is_the_opening_is_taken_as_it_is(tmp_path):

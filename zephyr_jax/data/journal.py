@@ -66,21 +66,27 @@ class Journal:
         if self.settings_path.exists():
             with open(self.settings_path, encoding="utf-8") as f:
                 old = json.load(f)
-            # A setting the journal predates (added to a CLI later) is not held against it.
             diff = sorted(k for k in old if old[k] != settings.get(k))
             if diff:
                 changes = "; ".join(f"{k}: {old.get(k)!r} on disk, {settings.get(k)!r} now" for k in diff)
                 raise SettingsMismatch(f"{self.path} was made with other settings ({changes}); rerun with the "
                                        f"same settings to resume, or pass --overwrite to start afresh")
+            # A setting the journal predates (added to a CLI later) is not held against it, and is written down
+            # now, so the runs that resume this one keep to its value.
+            if settings.keys() - old.keys():
+                self._write_settings({**settings, **old})
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.settings_path.with_name(self.settings_path.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(settings, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.settings_path)
+            self._write_settings(settings)
         self.done: dict[tuple, dict] = {}
         self.resumed = self._read()
         self._file = open(self.path, "ab")
+
+    def _write_settings(self, settings: dict) -> None:
+        tmp = self.settings_path.with_name(self.settings_path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.settings_path)  # whole or not at all
 
     def _read(self) -> int:
         """Loads the finished items; cuts off a partial last line. Returns how many items were read."""
