@@ -30,8 +30,8 @@ Measured 2026-12-01 on 2 cores, greedy exact match dSFT -> dDPO: on-policy 54.8%
 credit to a wrong answer near the right one (so 23% of the pairs preferred one wrong answer to another) reached
 80.8% (seed 0).
 
-Held out: digit lists are split between train and test by a hash of the list, so no test list (in any
-phrasing) occurs in the training data.
+Held out: digit sets are split between train and test by a hash of the set, so no test question's digits (in
+any order or phrasing) occur in the training data.
 
 Files (`make_demo_data`), laid out for `zephyr_jax.data.sources.load_rows(DIR, split)`:
     DIR/sft/train_sft.jsonl   DIR/sft/test_sft.jsonl        load_rows(DIR + "/sft", "train_sft")
@@ -78,8 +78,9 @@ SCORE_CORRECT = 10.0
 
 
 def _is_test_list(digits) -> bool:
-    """Train/test split of digit lists by a hash (stable across runs, Python versions and machines)."""
-    h = hashlib.sha256(("".join(map(str, digits))).encode()).digest()
+    """Train/test split of digit sets by a hash (stable across runs, Python versions and machines): the answer
+    depends only on the set and the kind, so a test list's digits must not reach training in another order."""
+    h = hashlib.sha256(("".join(map(str, sorted(digits)))).encode()).digest()
     return int.from_bytes(h[:8], "big") / 2.0**64 < TEST_FRACTION
 
 
