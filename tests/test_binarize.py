@@ -110,7 +110,7 @@ def test_scores():
     huge = {"response": "a", "overall_score": 10 ** 400, "annotations": {a: {"Rating": -10 ** 400} for a in ASPECTS}}
     for rank_by, scale in (("mean", "1-5"), ("overall", "1-10")):  # a corrupt rating must not decide the pair
         for bad in (off, huge):  # huge: an int no float holds raised OverflowError out of the CLI
-            with pytest.raises(BadRow, match=f"row 4: a rating outside {scale} "):
+            with pytest.raises(BadRow, match=f"row 5: a rating outside {scale} "):
                 binarize_row({"instruction": "q", "completions": [bad, rows[1]["completions"][0]]}, 4,
                              rank_by=rank_by, rng=random.Random(0))
     # The same ratings in another order tie (a plain sum gave 2.825 and 2.8249999999999997, and B was rejected
@@ -136,7 +136,7 @@ def test_drop_truthful_qa():
 
 
 def test_raise_names_row():
-    with pytest.raises(BadRow, match=r"^row 3 of raw:train: no other response scores below the best$") as e:
+    with pytest.raises(BadRow, match=r"^row 4 of raw:train: no other response scores below the best$") as e:
         binarize(fixture_rows(), on_bad_row="raise", source="raw:train")
     assert (e.value.index, e.value.source) == (3, "raw:train")
     with pytest.raises(ValueError, match="on_bad_row"):
@@ -145,7 +145,7 @@ def test_raise_names_row():
 
 def test_errors_helpers():
     err = BadRow(17, "unknown role 'bot' in messages[2]", "HuggingFaceH4/ultrachat_200k:train_sft")
-    assert str(err) == "row 17 of HuggingFaceH4/ultrachat_200k:train_sft: unknown role 'bot' in messages[2]"
+    assert str(err) == "row 18 of HuggingFaceH4/ultrachat_200k:train_sft: unknown role 'bot' in messages[2]"
     counter = SkipCounter()
     handle_bad_row(err, "skip", counter)
     handle_bad_row(BadRow(3, "unknown role 'bot' in messages[0]"), "skip", counter)

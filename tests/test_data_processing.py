@@ -77,11 +77,11 @@ def test_other_templates_train_on_what_inference_renders(tok):
     targets, mask = pad_sft([ex], 128)["targets"][0], pad_sft([ex], 128)["loss_mask"][0].astype(bool)
     assert [other.decode(targets[a:b]) for a, b in _runs(mask)] == [
         m["content"] + "</s>" for m in DIALOGUE if m["role"] == "assistant"]
-    with pytest.raises(BadRow, match="row 3: the chat template refused the conversation: Conversation roles must"):
+    with pytest.raises(BadRow, match="row 4: the chat template refused the conversation: Conversation roles must"):
         sft_example({"messages": [{"role": "system", "content": "Be brief."}] + DIALOGUE}, 3, other)  # no system
     other.chat_template = tok.chat_template + (  # accepts whole conversations only, not the prefixes read for the mask
         "{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('must end with a reply') }}{% endif %}")
-    with pytest.raises(BadRow, match="row 4: the chat template refused the conversation: must end with a reply"):
+    with pytest.raises(BadRow, match="row 5: the chat template refused the conversation: must end with a reply"):
         sft_example({"messages": DIALOGUE}, 4, other)
     other.chat_template = "{{ bos_token }}" + tok.chat_template  # the Zephyr template, writing its own <s>
     assert list(sft_example({"messages": DIALOGUE}, 0, other).ids) == _whole_conversation_ids(tok, DIALOGUE)
@@ -100,7 +100,7 @@ def test_sft_all_learns_every_token_after_bos(tok):
 def test_sft_too_long_truncates_or_drops(tok, monkeypatch):
     ex = sft_example({"messages": DIALOGUE}, 0, tok, max_length=20)
     assert len(ex.ids) == 20 and ex.truncated
-    with pytest.raises(BadRow, match="row 3: longer than max_length=20"):
+    with pytest.raises(BadRow, match="row 4: longer than max_length=20"):
         sft_example({"messages": DIALOGUE}, 3, tok, max_length=20, too_long="drop")
     examples, counter = process_rows([{"messages": DIALOGUE}] * 3, lambda r, i: sft_example(
         r, i, tok, max_length=20, too_long="drop"), on_bad_row="skip", progress=False, log=lambda s: None)
@@ -165,17 +165,17 @@ def test_turns_out_of_order_and_a_prompt_column_that_disagrees_are_bad_rows(tok)
     for messages, at, wanted in [([bot("Hi"), user("Hello"), bot("Hey")], 0, "user"),
                                  ([user("A"), user("B"), bot("C")], 1, "assistant"),
                                  ([system, user("A"), bot("B"), bot("C")], 3, "user")]:
-        with pytest.raises(BadRow, match=rf"row 5: messages\[{at}\] is '\w+' where '{wanted}' belongs"):
+        with pytest.raises(BadRow, match=rf"row 6: messages\[{at}\] is '\w+' where '{wanted}' belongs"):
             sft_example({"messages": messages}, 5, tok)
-    with pytest.raises(BadRow, match="row 5: the dialogue ends with a user turn that has no reply"):
+    with pytest.raises(BadRow, match="row 6: the dialogue ends with a user turn that has no reply"):
         sft_example({"messages": [user("A"), bot("B"), user("C")]}, 5, tok)
     assert sft_example({"messages": [system, user("A"), bot("B")]}, 5, tok).loss_mask.any()
-    with pytest.raises(BadRow, match=r"row 6: rejected\[1\] is 'user' where 'assistant' belongs"):
+    with pytest.raises(BadRow, match=r"row 7: rejected\[1\] is 'user' where 'assistant' belongs"):
         split_prompt({"chosen": [user("Q"), bot("A")], "rejected": [user("Q"), user("again"), bot("B")]}, 6)
     row = {"prompt": "What is 2+2?", "chosen": [user("What is 2+2?"), bot("4")],
            "rejected": [user("What is 2+2?"), bot("5")]}
     assert split_prompt(row, 7)[0] == [user("What is 2+2?")]
-    with pytest.raises(BadRow, match="row 7: the 'prompt' column is none of chosen's user turns"):
+    with pytest.raises(BadRow, match="row 8: the 'prompt' column is none of chosen's user turns"):
         split_prompt({**row, "prompt": "What is 3+3?"}, 7)
 
 
@@ -251,7 +251,7 @@ def test_sft_rows_fuzz(tok, row, index):
     try:
         ex = sft_example(row, index, tok, loss_on="assistant", max_length=64)
     except BadRow as err:
-        assert str(err).startswith(f"row {index}") and err.reason
+        assert str(err).startswith(f"row {index + 1}: ") and err.index == index and err.reason
     else:
         assert ex.ids[0] == tok.bos_token_id and ex.loss_mask.any()
         assert tok.unk_token_id not in ex.ids.tolist()  # byte fallback: only the text "<unk>" could give id 0
@@ -265,7 +265,7 @@ def test_preference_rows_fuzz(tok, prompt, chosen, rejected, keys, index):
     try:
         ex = preference_example(row, index, tok, max_length=64, max_prompt_length=32)
     except BadRow as err:
-        assert str(err).startswith(f"row {index}") and err.reason
+        assert str(err).startswith(f"row {index + 1}: ") and err.index == index and err.reason
     else:
         assert len(ex.chosen) and len(ex.rejected) and ex.prompt[0] == tok.bos_token_id
 
@@ -274,14 +274,14 @@ def test_preference_rows_fuzz(tok, prompt, chosen, rejected, keys, index):
 def test_special_token_text_in_a_message_is_a_bad_row(tok, special):
     """The tokenizer reads these as control tokens ("<unk>" is id 0), so the row would not train on its text."""
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"the {special} token"}]}
-    with pytest.raises(BadRow, match=r"row 3: messages\[1\] contains special-token text"):
+    with pytest.raises(BadRow, match=r"row 4: messages\[1\] contains special-token text"):
         sft_example(row, 3, tok, loss_on="assistant", max_length=64)
 
 
 def test_a_lone_surrogate_in_a_message_is_a_bad_row(tok):
     """Valid JSON ("\\ud83d", an emoji cut in half) that the tokenizer refuses with a TypeError naming no row."""
     row = {"messages": [{"role": "user", "content": "cut \ud83d"}, {"role": "assistant", "content": "ok"}]}
-    with pytest.raises(BadRow, match=r"row 3: messages\[0\].content is not valid Unicode"):
+    with pytest.raises(BadRow, match=r"row 4: messages\[0\].content is not valid Unicode"):
         sft_example(row, 3, tok, loss_on="assistant", max_length=64)
 
 

@@ -279,10 +279,10 @@ def test_seeds_from_files(tmp_path):
     assert seeds[3] == Seed("Explain this to a child:\n\nBees dance.", "writing")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok?"}\n{"text": "no seed column"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl row 1: no seed column"):
+    with pytest.raises(ValueError, match=r"bad.jsonl row 2: no seed column"):
         load_seeds(bad)
     bad.write_text('{"question": "ok?", "sector": ["world"]}\n')  # a list raised TypeError (unhashable)
-    with pytest.raises(ValueError, match=r"bad.jsonl row 0: unknown sector \['world'\]"):
+    with pytest.raises(ValueError, match=r"bad.jsonl row 1: unknown sector \['world'\]"):
         load_seeds(bad)
     bad.write_text('{"question": "half \\ud83d an emoji?"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl row 1: text with a lone surrogate"):

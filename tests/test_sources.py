@@ -257,6 +257,6 @@ def test_one_row_of_another_type_changes_no_other_row(tmp_path):
             sft_example(row, i, tok)
         except BadRow as e:
             bad.append(str(e))
-    assert bad == ["row 3: messages[1].content is not a string"]
+    assert bad == ["row 4: messages[1].content is not a string"]
     # The same file as a URL (file:// stands in for gs:// and s3://: fsspec reads all three) reads the same.
     assert [dict(r) for r in load_rows(path.as_uri(), None)] == rows

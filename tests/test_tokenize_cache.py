@@ -107,7 +107,7 @@ def test_parallel_raise_names_the_same_first_bad_row(bad_data, tok, parallel_spy
             _load(_cfg(bad_data, "sft", on_bad_row="raise", num_proc=num_proc), "sft", tok)
         errors.append(str(err.value))
     assert parallel_spy == [2]
-    assert errors[0] == errors[1] == f"row 3 of {bad_data / 'sft'}:train_sft: no assistant turn"
+    assert errors[0] == errors[1] == f"row 4 of {bad_data / 'sft'}:train_sft: no assistant turn"
 
 
 def test_worker_count():

@@ -187,20 +187,21 @@ def looks_like_opening(text: str) -> bool:
 
 
 def _row_seed(row, index: int, where: str, column: str | None, sector: str | None, seed: int) -> Seed:
-    """One seed from a row of a seeds file (see the module docstring for the columns)."""
+    """One seed from row `index` (from 0) of a seeds file (see the module docstring for the columns); `where`
+    names it in errors."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where} row {index}: not a JSON object")
+        raise ValueError(f"{where}: not a JSON object")
     # Per row: a file read by `datasets` gives every row every column, None where the row had none.
     column = column or next((c for c in SEED_COLUMNS if row.get(c) is not None), None)
     if column is None or row.get(column) is None:
         present = sorted(k for k, v in row.items() if v is not None)
-        raise ValueError(f"{where} row {index}: no seed column (expected one of {SEED_COLUMNS} or --seed_column; "
+        raise ValueError(f"{where}: no seed column (expected one of {SEED_COLUMNS} or --seed_column; "
                          f"the row has {present})")
     text = row[column]
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where} row {index}: {column!r} is not a non-empty string")
+        raise ValueError(f"{where}: {column!r} is not a non-empty string")
     if not is_text(text):
-        raise ValueError(f"{where} row {index}: {column!r} is not valid Unicode (a lone surrogate)")
+        raise ValueError(f"{where}: {column!r} is not valid Unicode (a lone surrogate)")
     text = text.strip()
     row_sector = row.get("sector") or sector
     if column == "material":
@@ -215,7 +216,7 @@ def _row_seed(row, index: int, where: str, column: str | None, sector: str | Non
     else:
         is_topic = False
     row_sector = row_sector or "world"
-    _check_sector(row_sector, f"{where} row {index}")
+    _check_sector(row_sector, where)
     return Seed(text, row_sector, is_topic)
 
 
@@ -240,7 +241,7 @@ def load_seeds(source, *, split: str = "train", column: str | None = None, secto
         from zephyr_jax.data.sources import load_rows
 
         rows = load_rows(source, split)
-    seeds = [_row_seed(row, i, source, column, sector, seed) for i, row in enumerate(rows)]
+    seeds = [_row_seed(row, i, f"{source} row {i + 1}", column, sector, seed) for i, row in enumerate(rows)]
     if not seeds:
         raise ValueError(f"seeds file {source!r} holds no seeds")
     return seeds
@@ -255,5 +256,5 @@ def as_seed(s, index: int = 0, seed: int = 0) -> Seed:
     if isinstance(s, str):
         return Seed(s.strip(), "world", not looks_like_opening(s))
     if isinstance(s, dict):
-        return _row_seed(s, index, "seeds", None, None, seed)
+        return _row_seed(s, index, f"seeds[{index}]", None, None, seed)
     raise TypeError(f"a seed is a Seed, str or dict, not {type(s).__name__}")

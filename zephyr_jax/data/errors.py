@@ -16,11 +16,12 @@ ON_BAD_ROW = ("raise", "skip")
 
 class BadRow(ValueError):
     """A row that cannot be used. `reason` is a short stable string ("missing key 'messages'", "empty content
-    in messages[3]"), `index` the row's position in `source` (a "name:split" or a file path)."""
+    in messages[3]"), `index` the row's position in `source` (a "name:split" or a file path), from 0; the message
+    counts rows from 1, as a file's lines are counted (index 0 is "row 1")."""
 
     def __init__(self, index: int | None, reason: str, source: str | None = None):
         self.index, self.reason, self.source = index, reason, source
-        where = "row" if index is None else f"row {index}"
+        where = "row" if index is None else f"row {index + 1}"
         if source:
             where += f" of {source}"
         super().__init__(f"{where}: {reason}")

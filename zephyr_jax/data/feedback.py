@@ -428,7 +428,7 @@ class _Run:
         try:
             annotations = programmatic_annotations(self.judge_fn(p.row, gen["response"]), self.judge_name)
         except Exception as e:  # noqa: BLE001 - a checker's failure is recorded, the run goes on
-            message = f"{self.judge_name} failed on row {p.index}: {type(e).__name__}: {e}"
+            message = f"{self.judge_name} failed on row {p.index + 1}: {type(e).__name__}: {e}"
             return {"annotations": {a: empty_annotation(a) for a in ASPECTS}, "critique": None,
                     "overall_score": None, "judge_errors": [message]}
         return {"annotations": annotations, "critique": f"programmatic: {self.judge_name}",
