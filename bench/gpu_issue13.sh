@@ -10,7 +10,8 @@
 #                                             launch/slurm_gpu.sbatch's XLA flags), logsoftmax (bench/log_softmax.py
 #                                             at the 1B model's head shapes), profile (the 1B steps' kernel
 #                                             time by XLA operation: bench/throughput.py --profile)
-#   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet
+#   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet, or that the
+#                                             budget cut short (a part skipped, or stopped before its limit)
 #   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU
 #
 # BUDGET_S=N: the seconds this call may take. A stage starts only when what is left covers its usual length (NEED
@@ -85,16 +86,18 @@ else
 fi
 
 SUMMARY="$OUT/summary.md"
-STARTED=/tmp/gpu_issue13.started  # the stages this machine has started (resume skips them)
+STARTED=/tmp/gpu_issue13.started  # the stages this machine has started and the budget did not cut (resume skips)
 left() { echo $(( ${BUDGET_S:-86400} - ($(date +%s) - T0) )); }
+CUT=0  # set by stage() when the budget's end skipped a part of the current stage or stopped it early
 stage() {  # name[:variant] seconds command...: runs it under `timeout` (its seconds or what is left of the
   # budget), appends its output to $OUT/name.log
-  local name=$1 log=${1%%:*} seconds=$2 start rc cmd
+  local name=$1 log=${1%%:*} seconds=$2 start rc cmd short=0
   shift 2
   cmd="${*:1:3}" && cmd="\`${cmd:0:60} ...\`"
-  (( seconds > $(left) - 5 )) && seconds=$(( $(left) - 5 ))
+  (( seconds > $(left) - 5 )) && seconds=$(( $(left) - 5 )) && short=1
   if (( seconds < 10 )); then
     echo "| $name | $cmd | skipped: out of time | 0 |" >>"$SUMMARY"
+    CUT=1
     return 1
   fi
   start=$(date +%s)
@@ -102,6 +105,7 @@ stage() {  # name[:variant] seconds command...: runs it under `timeout` (its sec
   timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee -a "$OUT/$log.log"
   rc=${PIPESTATUS[0]}
   echo "| $name | $cmd | $rc | $(( $(date +%s) - start )) |" >>"$SUMMARY"
+  (( short && (rc == 124 || rc == 137) )) && CUT=1  # stopped by the budget, not by its own limit
   return "$rc"
 }
 
@@ -164,7 +168,7 @@ run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed r
     read -r extra batch <<<"$variant"
     [ "$extra" = none ] && extra=""
     local before
-    before=$(wc -l <"$OUT/dpo7b.log" 2>/dev/null || echo 0)
+    before=$({ wc -l <"$OUT/dpo7b.log"; } 2>/dev/null || echo 0)
     stage dpo7b 240 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch --batches=1 \
       --warmup=1 --repeats=3 && break
     # Another failure (a kernel error, a NaN, the time limit) would fail every variant the same way.
@@ -191,7 +195,8 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
 # replaces them with what its summary.md shows): a stage starts only when this much of the budget is left.
 declare -A NEED=([env]=20 [parity]=90 [train]=180 [dpo7b]=200 [decode]=120 [trl]=200 [remat]=200 [flags]=200
                  [logsoftmax]=60 [profile]=200)
-if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=5; done; fi
+# (15 at least: stage() runs nothing with under 15 s left.)
+if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=15; done; fi
 DEFAULT="env parity train trl dpo7b decode"  # the issue's items in order: parity, training (and TRL), 7B, decode
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
 if [ "${1:-}" = resume ]; then
@@ -210,8 +215,11 @@ for s in "${@:-$DEFAULT}"; do
       echo "| $name | (not started) | skipped: $(left) s left, it needs about ${NEED[$name]} s | 0 |" >>"$SUMMARY"
       continue
     fi
-    echo "$name" >>"$STARTED"
+    echo "$name" >>"$STARTED"  # before it runs: a stage that hangs the machine is not started again
+    CUT=0
     "run_$name"
+    # A stage the budget cut short (a part skipped, or stopped before its own limit) is resume's to run again.
+    (( CUT )) && sed -i "/^$name\$/d" "$STARTED"
   done
 done
 echo; echo "### tables"
