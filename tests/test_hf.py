@@ -286,6 +286,9 @@ def test_tokenizer_and_chat_template_are_exported(loaded, tmp_path):
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
         assert reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == text
         assert reloaded(text).input_ids == tok(text).input_ids
+    # A class transformers 4 has too (5 writes TokenizersBackend, which 4 cannot load), reading the same file.
+    with open(tmp_path / "tokenizer_config.json") as f:
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 _SMALL = dict(architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=128, hidden_size=64,

@@ -106,6 +106,11 @@ def test_encoding_matches_sentencepiece(tok, tmp_path):
     assert ids.count(1) == 1 and ids[0] == 1  # one BOS: the template emits none
     assert ids.count(2) == 3  # every turn ends in </s>
 
+    # Its flags say what it does: transformers 5 rebuilds the post-processor from them when one is set.
+    flagged = load_tokenizer()
+    flagged.add_eos_token = False
+    assert flagged.add_bos_token and flagged("Hi").input_ids == [1, 15359]
+
     tok.save_pretrained(str(tmp_path))
     reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for text in AWKWARD + [open(textwrap.__file__, encoding="utf-8").read()]:  # Python, indented

@@ -482,7 +482,21 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(cfg))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+        _portable_tokenizer_class(out_dir)
     _write_json(os.path.join(out_dir, CONFIG_NAME), config)  # last: the directory is complete
+
+
+def _portable_tokenizer_class(out_dir: str) -> None:
+    """transformers 5 names a tokenizer.json-backed tokenizer `TokenizersBackend`, a class transformers 4 lacks;
+    `PreTrainedTokenizerFast` (5's alias of it) reads the same tokenizer.json in both."""
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        _write_json(path, tokenizer_config)
 
 
 def generation_config(cfg: MistralConfig) -> dict:

@@ -275,7 +275,7 @@ class ZephyrJaxLM(LM):
 
     @property
     def tokenizer_name(self) -> str:
-        return str(getattr(self.tokenizer, "name_or_path", "mistral-7b-v0.1")).replace("/", "__")
+        return str(getattr(self.tokenizer, "name_or_path", "") or "mistral-7b-v0.1").replace("/", "__")
 
     def chat_template(self, chat_template=False) -> str | None:
         return self.tokenizer.chat_template

@@ -81,9 +81,11 @@ def sentencepiece_tokenizer(model_file: str) -> transformers.PreTrainedTokenizer
     bos = sp.id_to_piece(sp.bos_id())
     backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, sp.bos_id())])
+    # add_bos_token says what the post-processor does: transformers 5 rebuilds it from these flags when one is set.
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=sp.id_to_piece(sp.eos_id()),
-        unk_token=sp.id_to_piece(sp.unk_id()), model_max_length=32768, clean_up_tokenization_spaces=False)
+        unk_token=sp.id_to_piece(sp.unk_id()), model_max_length=32768, clean_up_tokenization_spaces=False,
+        add_bos_token=True, add_eos_token=False)
 
 
 def _check_tokenizer_path(path_or_name: str) -> None:

@@ -112,8 +112,8 @@ def _stat(files) -> list:
 
 
 def tokenizer_fingerprint(tok) -> str:
-    """A hash of what the tokenizer does (not where it was loaded from: load_tokenizer() uses a temporary
-    directory, and hosts may keep their copies in different places)."""
+    """A hash of what the tokenizer does (not where it was loaded from: hosts may keep their copies in different
+    places)."""
     backend = getattr(tok, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else sorted(tok.get_vocab().items())
     flags = {k: getattr(tok, k, tok.init_kwargs.get(k)) for k in TOKENIZER_FLAGS}

@@ -343,7 +343,7 @@ def _settings(run: _Run) -> dict:
                                   .encode()).hexdigest(), "format": FORMAT_VERSION,
     }
     if run.magpie:
-        # What the tokenizer does, not where it was loaded from (load_tokenizer() uses a new temporary directory)
+        # What the tokenizer does, not where it was loaded from (hosts keep their copies in different places)
         settings.update(template_prefix=run.magpie.prefix([]), stop=list(run.magpie.stop),
                         tokenizer=tokenizer_fingerprint(run.magpie.tokenizer))
     return settings
