@@ -19,6 +19,8 @@ class BadRow(ValueError):
     in messages[3]"), `index` the row's position in `source` (a "name:split" or a file path), from 0; the message
     counts rows from 1, as a file's lines are counted (index 0 is "row 1")."""
 
+    stops_a_strict_run = True  # on_bad_row="raise" stops at it
+
     def __init__(self, index: int | None, reason: str, source: str | None = None):
         self.index, self.reason, self.source = index, reason, source
         where = "row" if index is None else f"row {index + 1}"
@@ -33,6 +35,8 @@ class BadRow(ValueError):
 class DroppedRow(BadRow):
     """A usable row left out on purpose (data.too_long="drop"): counted, never raised, whatever on_bad_row says
     (on_bad_row="raise" is strictness about malformed rows, not a reason to stop at the first long one)."""
+
+    stops_a_strict_run = False
 
 
 def reason_kind(reason: str) -> str:
@@ -86,7 +90,7 @@ def check_on_bad_row(on_bad_row: str) -> None:
 def handle_bad_row(err: BadRow, on_bad_row: str, counter: SkipCounter | None) -> None:
     """"raise": re-raises `err`; "skip": counts it in `counter` and returns. A DroppedRow is always counted."""
     check_on_bad_row(on_bad_row)
-    if on_bad_row == "raise" and not isinstance(err, DroppedRow):
+    if on_bad_row == "raise" and err.stops_a_strict_run:
         raise err
     if counter is not None:
         counter.skip(err.reason)

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from zephyr_jax.data.errors import BadRow, DroppedRow, SkipCounter, check_on_bad_row, handle_bad_row
+from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 
 MAX_AUTO_PROCESSES = 8  # num_proc=0: this many worker processes at most
 # A worker takes seconds to start (a fresh interpreter importing transformers and the main module): give each
@@ -148,7 +148,7 @@ def _run_chunk(task) -> list:
             outcomes.append(make_example(row, index))
         except BadRow as err:
             outcomes.append(err)
-            if stop_at_bad_row and not isinstance(err, DroppedRow):
+            if stop_at_bad_row and err.stops_a_strict_run:
                 break
     return outcomes
 
