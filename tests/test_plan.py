@@ -8,19 +8,34 @@ import subprocess
 import sys
 import types
 
+import jax
 import pytest
 
 from zephyr_jax import compile_targets, plan, xla_flags
+from zephyr_jax.config_common import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
 
 
 def _plan(*args, env=None) -> dict:
+    """The planner's command line, its --json report."""
     out = subprocess.run([sys.executable, "-m", "zephyr_jax.plan", *args, "--json"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def _plan_here(config: str, topology: str, length_mix=None, suggest=False, **overrides) -> dict:
+    """The same report planned in this process (each command line pays ~8 s of imports and libtpu's start on 2
+    cores), read back through JSON as the command line prints it. overrides: {"dpo.beta": 0.05}."""
+    cfg = load_config(os.path.join(ROOT, config), **overrides)
+    mix = None if length_mix is None else str(length_mix)
+    with jax.default_matmul_precision(None):  # the command line's program (conftest makes float32 matmuls exact)
+        report = plan.plan(cfg, topology, mix)
+        if suggest:
+            report["suggestions"] = plan.suggest(cfg, report, topology, mix)
+    return json.loads(json.dumps(report, default=str))
 
 
 # Eight pairs (prompt, chosen, rejected token counts) within the tiny config's limits: one global batch.
@@ -64,9 +79,8 @@ def test_tiny_dpo_fits_a_v5e_slice_with_exact_input_bytes_and_flops(pairs_file):
 def test_precomputed_reference_log_probs_replace_the_frozen_copy(pairs_file):
     """With dpo.precompute_reference the step holds no reference parameters and runs no reference forward; each
     batch carries one float32 reference log-prob per sequence slot instead."""
-    r = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", f"--length_mix={pairs_file}",
-              "--config.dpo.precompute_reference=True")
-    frozen = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", f"--length_mix={pairs_file}")
+    r = _plan_here("configs/dpo.py:tiny", "v5e-4", pairs_file, **{"dpo.precompute_reference": True})
+    frozen = _plan_here("configs/dpo.py:tiny", "v5e-4", pairs_file)
     c, m = r["config"], r["memory"]
     assert r["verdict"].startswith("fits with") and c["reference"] == "precomputed log-probs"
     assert m["reference"] == 0 and m["parameters"] == frozen["memory"]["reference"]
@@ -77,8 +91,7 @@ def test_precomputed_reference_log_probs_replace_the_frozen_copy(pairs_file):
 def test_bf16_first_moment_takes_a_quarter_off_the_optimizer_state(pairs_file):
     """optim.mu_dtype=bfloat16 (optax.adamw's mu_dtype): Adam's first moment in 2 bytes a parameter, the second
     moment still float32."""
-    r = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", f"--length_mix={pairs_file}",
-              "--config.optim.mu_dtype=bfloat16")
+    r = _plan_here("configs/dpo.py:tiny", "v5e-4", pairs_file, **{"optim.mu_dtype": "bfloat16"})
     assert r["memory"]["optimizer_state"] == 6 * r["model"]["params"] + 2 * 4
 
 
@@ -88,9 +101,8 @@ def test_counted_flops_agree_with_xlas_own_count(pairs_file):
     # does not count a Pallas kernel's FLOPs). A 512-token vocabulary keeps the LM head a small part: with a single
     # chunk, XLA merges the head's backward recompute with its forward (a real 7B step has many chunks), and with
     # the 32000-token vocabulary on a 64-wide model the head is 90% of the step.
-    r = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", f"--length_mix={pairs_file}",
-              "--config.model.attention_impl=xla", "--config.model.scan_layers=False",
-              "--config.model.arch.vocab_size=512")
+    r = _plan_here("configs/dpo.py:tiny", "v5e-4", pairs_file, **{
+        "model.attention_impl": "xla", "model.scan_layers": False, "model.arch.vocab_size": 512})
     assert r["config"]["loss_positions"] <= 256
     assert r["attention"].startswith("XLA einsum attention")
     assert 0.9 < r["xla_estimate"]["share_of_counted"] < 1.15, r["xla_estimate"]
@@ -98,8 +110,7 @@ def test_counted_flops_agree_with_xlas_own_count(pairs_file):
 
 @pytest.mark.long
 def test_a_config_that_does_not_fit_says_by_how_much_what_is_largest_and_which_change_fits():
-    r = _plan("--config=configs/sft.py:tiny", "--topology=v5e-4", "--config.train.global_batch_size=4096",
-              "--suggest")
+    r = _plan_here("configs/sft.py:tiny", "v5e-4", suggest=True, **{"train.global_batch_size": 4096})
     m = r["memory"]
     assert r["verdict"].startswith("does not fit by"), r["verdict"]
     assert m["total"] > m["hbm"] == int(15.75 * GiB)
@@ -225,11 +236,7 @@ def _matmul_flops(jaxpr) -> float:
 def test_counted_flops_are_the_matmuls_of_the_traced_step(config, remat):
     """step_flops_spent against the matmul FLOPs in the train step's jaxpr, for each remat policy (einsum
     attention, so attention is matmuls too). Full remat recomputed no down_proj: it was counted, 5-6% at 7B."""
-    import jax
-
     from zephyr_jax import train
-    from zephyr_jax.config_common import load_config
-
     cfg = load_config(os.path.join(ROOT, config), **{"model.remat": remat, "model.attention_impl": "xla",
                                                       "model.arch.vocab_size": 512})
     mesh = train.mesh_for(cfg, jax.devices()[:1])
@@ -249,8 +256,6 @@ def test_counted_flops_are_the_matmuls_of_the_traced_step(config, remat):
 
 def test_more_micro_batches_count_the_recompute_of_every_layer():
     """grad_accum > 1 recomputes each layer (model/accumulate.py) whatever model.remat says: so do the FLOPs."""
-    from zephyr_jax.config_common import load_config
-
     cfg = lambda accum, remat="none": load_config(os.path.join(ROOT, "configs/sft.py:tiny"), **{  # noqa: E731
         "model.remat": remat, "train.grad_accum": accum, "train.global_batch_size": 16})
     one, two, full = plan.plan(cfg(1)), plan.plan(cfg(2)), plan.plan(cfg(2, "full"))
@@ -277,8 +282,6 @@ def test_planned_bytes_match_the_measured_peak_of_a_real_step(config, devices, o
 
 
 def test_the_planned_model_is_read_without_weights(tiny_model_dir):
-    from zephyr_jax.config_common import load_config
-
     local, source = plan.planned_model_config(load_config("configs/sft.py", **{"model.path": tiny_model_dir}))
     assert (local.hidden_size, local.num_hidden_layers, source) == (32, 2, tiny_model_dir)
     base, source = plan.planned_model_config(load_config("configs/dpo.py"))  # before dSFT has run
@@ -326,11 +329,10 @@ def test_the_total_is_xla_tpus_own_peak_on_a_tpu_and_the_parts_sum_elsewhere():
     8-layer tiny dDPO step it is below (temporaries and arguments share space; at 7B on v5e-8 the step compiles at
     a 15.58 GiB peak whose parts sum to 17.83 GiB), for a small step above. A CPU has one buffer of temporaries
     beside the arguments, so there the total is the sum."""
-    import jax
     import jax.numpy as jnp
 
-    r = _plan("--config=configs/dpo.py:tiny", "--topology=v5e-4", "--config.model.arch.num_hidden_layers=8",
-              "--config.train.global_batch_size=64")
+    r = _plan_here("configs/dpo.py:tiny", "v5e-4", **{"model.arch.num_hidden_layers": 8,
+                                                       "train.global_batch_size": 64})
     m = r["memory"]
     assert m["sum_of_parts"] == sum(m[k] for k in ("parameters", "optimizer_state", "reference", "batch",
                                                    "temporaries", "outputs_not_donated", "code"))
@@ -352,8 +354,6 @@ def test_the_total_is_xla_tpus_own_peak_on_a_tpu_and_the_parts_sum_elsewhere():
 def test_suggest_combines_the_changes_that_lower_the_bytes_when_none_fits_alone(monkeypatch):
     """suggest()'s choices over a stand-in for plan() (the compiles are the other tests'): each change alone, the
     error of one the config cannot take, then the lowering ones together, most effective first, until one fits."""
-    from zephyr_jax.config_common import load_config
-
     cfg = load_config("configs/dpo.py:tiny", **{"mesh.shape": (2, 1, 1)})
     saved = {"dpo.precompute_reference": 3, "optim.mu_dtype": 2, "model.remat": 1, "train.grad_accum": -4}
     planned = _fake_plans(monkeypatch, cfg, lambda key, value: saved[key], hbm=14.5)
@@ -411,8 +411,6 @@ def test_suggest_doubles_the_micro_batches_until_the_run_fits_or_they_no_longer_
                                                                                       tried):
     """Each doubling of train.grad_accum saves 2 GiB here: suggest() stops at the first that fits, or at the last
     the batch splits into (8 micro-batches)."""
-    from zephyr_jax.config_common import load_config
-
     cfg = load_config("configs/dpo.py:tiny", **{"dpo.precompute_reference": True, "model.remat": "full",
                                                  "optim.mu_dtype": "bfloat16"})  # leaves grad_accum alone
     planned = _fake_plans(monkeypatch, cfg, lambda key, value: 2 * value.bit_length() - 2, hbm)
@@ -427,8 +425,6 @@ def test_suggest_combines_more_micro_batches_without_remat_and_nothing_when_the_
     """More micro-batches recompute every layer (model/accumulate.py), so a combination with them leaves
     model.remat out, and a config that already has them is not offered remat at all. Without the device's
     capacity (--topology=local on CPUs) nothing is combined: nothing can be said to fit."""
-    from zephyr_jax.config_common import load_config
-
     cfg = load_config("configs/dpo.py:tiny")  # remat "none", frozen reference, float32 Adam
     saved = {"dpo.precompute_reference": 3, "optim.mu_dtype": 2, "model.remat": 1}
     saving = lambda key, value: 2 * value.bit_length() - 2 if key == "train.grad_accum" else saved[key]
@@ -452,7 +448,6 @@ def _abstract_engine_inputs(mesh, cfg, slots: int, length: int, rows: int):
     """A bf16 model's abstract parameters laid out over `mesh` by the sharding rules, its KV cache as Engine lays
     it out on a TPU (one chip's buffer: the third value), and `rows` rows of sampling settings. Nothing is
     allocated."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -478,7 +473,6 @@ def test_a_prefill_of_several_rows_copies_no_kv_cache_on_a_tpu():
     """The engine's prefill compiled for TPU v4-8 (tensor=4, so a chip holds 2 of 8 KV heads): written as one
     scatter, two prompts of 512 tokens made XLA:TPU lay the whole cache out anew and back (temporaries the size of
     the cache: 8 GiB for a 7B's 64 slots x 4,096, which then did not fit a v5e chip); row by row it copies nothing."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -506,7 +500,6 @@ def test_decoding_on_a_tpu_copies_neither_weights_nor_the_kv_cache(topology, mes
     several rows made XLA:TPU copy the stacked q/k/v kernels into another layout every call (a 7B on one v4 chip:
     1.5 GiB); one row (a lone request) all-gathered the whole cache in every layer over fsdp (a 7B's 64 x 4,096
     cache then needed 25.7 GiB of a v5e chip), or laid it out anew and back with one KV head a chip."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
 

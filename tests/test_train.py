@@ -519,7 +519,7 @@ def test_gradient_accumulation_holds_one_float32_gradient_tree():
     assert temporaries[4] <= temporaries[1] + 0.1 * layer_bytes, (temporaries, layer_bytes)
 
 
-# --- Two processes x two devices (launch/local.sh, launch/slurm_gpu.sbatch) equal one process with four. ---
+# --- Two processes x two devices (launch/slurm_gpu.sbatch) equal one process with four. ---
 
 # A stand-in for SLURM's srun on one machine: SLURM_NTASKS copies of the command, each with the variables srun
 # sets (jax.distributed.initialize() reads SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and
@@ -542,12 +542,10 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
             f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=4", "--config.train.progress=False",
             "--config.train.eval_every=0"]
+    # launch/slurm_gpu.sbatch's srun tasks, 2 processes x 2 CPU devices (launch/local.sh's processes are
+    # checked against one process in test_multihost.py).
     two_devices = {"LOG_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
                    "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    out = subprocess.run(["bash", "launch/local.sh", "2", "--cpu_devices=2", "--", f"--workdir={tmp_path / 'mp'}",
-                          *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **two_devices},
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
@@ -562,8 +560,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     single = _cli("zephyr_jax.train", f"--workdir={tmp_path / 'sp'}", *args,
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert single.returncode == 0, single.stderr[-3000:]
-    assert len(train_losses(tmp_path / "mp")) == len(train_losses(tmp_path / "slurm")) == 4
-    np.testing.assert_allclose(train_losses(tmp_path / "mp"), train_losses(tmp_path / "sp"), rtol=1e-5)
+    assert len(train_losses(tmp_path / "slurm")) == 4
     # The sbatch script runs the configs' attention_impl="auto" (einsum attention on CPU, cuDNN on GPUs).
     np.testing.assert_allclose(train_losses(tmp_path / "slurm"), train_losses(tmp_path / "sp"), rtol=1e-5)
 
