@@ -99,6 +99,34 @@ def test_a_workdir_the_processes_do_not_share_is_refused_at_once(data_dir, tmp_p
     assert not os.path.exists(tmp_path / "host0" / "w" / "checkpoints")
 
 
+def test_an_eval_split_that_differs_between_processes_is_refused_at_once(data_dir, tmp_path):
+    """A relative data.eval read from each host's own disk, one copy stale (an answer changed): each process builds
+    its rows of every eval batch from its own copy, so the metrics were a silent mix of the two. Both processes stop
+    with the error before training, as for the training split."""
+    rows = (data_dir / "sft" / "test_sft.jsonl").read_text().splitlines(keepends=True)
+    stale = json.loads(rows[-1])
+    stale["messages"][-1]["content"] += "0"
+    procs, port = [], _free_port()
+    for i, copy in enumerate((rows, rows[:-1] + [json.dumps(stale) + "\n"])):
+        (tmp_path / f"host{i}" / "ev").mkdir(parents=True)
+        (tmp_path / f"host{i}" / "ev" / "test_sft.jsonl").write_text("".join(copy))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "zephyr_jax.train", f"--workdir={tmp_path / 'w'}",
+             f"--config={ROOT}/configs/sft.py:tiny", *PREEMPT_ARGS[1:], f"--config.data.train={data_dir / 'sft'}",
+             "--config.data.eval=ev", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={i}"],
+            cwd=tmp_path / f"host{i}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **CPU, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}))
+    try:
+        errors = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, err in zip(procs, errors):
+        assert p.returncode != 0 and "processes [1] hold other eval examples than process 0" in err, err[-3000:]
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 # --- SIGTERM to one process: every process saves the same step and exits 75; the resumed run is exact. ---
 
 def _python_children(proc):

@@ -196,6 +196,15 @@ def test_load_config_names_a_key_the_config_lacks():
 def test_config_errors_before_compiling(data_dir, tmp_path):
     with pytest.raises(ValueError, match="does not divide over the mesh"):
         train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 6}), str(tmp_path / "a"))
+    # The rows split as the "batch" rule says (6 passed a data x fsdp check, then XLA refused it after the data)
+    with pytest.raises(ValueError, match=r"global_batch_size / grad_accum\)=6 does not divide over the mesh's "
+                                         r"data x fsdp x tensor = 4 batch shards \(config.mesh.rules.batch\)"):
+        train.run(tiny_config("sft", data_dir, **{
+            "train.global_batch_size": 6, "train.eval_batch_size": 4, "mesh.shape": (1, 2, 2), "mesh.num_devices": 4,
+            "mesh.rules.batch": ("data", "fsdp", "tensor")}), str(tmp_path / "a2"))
+    with pytest.raises(ValueError, match=r"data.train's 64 examples packed into \d+ rows of 128 tokens cannot "
+                                         r"fill one global batch of 32 rows \(with data.packing, train.global_batch"):
+        train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 32}), str(tmp_path / "a3"))
     with pytest.raises(ValueError, match=r"needs 3 devices; 8 are available"):
         train.run(tiny_config("sft", data_dir, **{"mesh.shape": (3, 1, 1)}), str(tmp_path / "b"))
     with pytest.raises(FileNotFoundError, match="no zephyr_jax workdir"):

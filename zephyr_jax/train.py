@@ -34,7 +34,7 @@ from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import parse_flags
 from zephyr_jax.data import Loader, default_buckets, pad_sft
 from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, sequence_lengths, stack_rows
-from zephyr_jax.data.loader import padded_batcher, pair_batcher
+from zephyr_jax.data.loader import examples_digest, padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.loading import load_model
 from zephyr_jax.metrics import MetricWriter, peak_flops, throughput
@@ -77,13 +77,15 @@ def use_compilation_cache(path: str | None) -> None:
 
 
 def check_batch_fits_mesh(cfg, mesh) -> None:
-    shards = batch_shards(mesh)
+    shards = batch_shards(mesh, cfg.mesh.rules)
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
     sizes = [("micro-batch (global_batch_size / grad_accum)", micro),
              ("train.eval_batch_size", cfg.train.eval_batch_size)]
+    axes = " x ".join(batch_axes(cfg.mesh.rules)) or "no axis"
     for name, size in sizes:
         if size % shards:
-            raise ValueError(f"{name}={size} does not divide over the mesh's data x fsdp = {shards} batch shards")
+            raise ValueError(f"{name}={size} does not divide over the mesh's {axes} = {shards} batch shards "
+                             "(config.mesh.rules.batch)")
     rows = cfg.data.packed_rows if cfg.stage == "dpo" and cfg.data.packing else 0
     if rows % (shards * cfg.train.grad_accum):
         raise ValueError(f"data.packed_rows={rows} must be a multiple of train.grad_accum x the mesh's batch shards "
@@ -116,8 +118,14 @@ def buckets_for(data_cfg) -> tuple:
     return tuple(data_cfg.buckets) or default_buckets(data_cfg.max_length, min(128, data_cfg.max_length))
 
 
-def batch_shards(mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_axes(rules) -> tuple:
+    """The mesh axes a batch's rows split over: the "batch" rule's (data and fsdp by default)."""
+    axes = logical_to_spec(("batch",), rules)[0]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_shards(mesh, rules) -> int:
+    return int(np.prod([mesh.shape[a] for a in batch_axes(rules)]))
 
 
 def preference_rows_for(cfg, mesh, pairs: int, micro_batches: int) -> int:
@@ -126,7 +134,7 @@ def preference_rows_for(cfg, mesh, pairs: int, micro_batches: int) -> int:
     splits evenly over the batch shards."""
     if not cfg.data.packing:
         return 2 * pairs
-    unit = batch_shards(mesh) * micro_batches
+    unit = batch_shards(mesh, cfg.mesh.rules) * micro_batches
     return cfg.data.packed_rows or max(unit, -(-pairs // 2 // unit) * unit)
 
 
@@ -210,6 +218,22 @@ def frozen_copy(params, shardings, dtype):
 # Batches: host numpy -> global arrays on the mesh, row by global row index.
 
 
+def check_same_examples_everywhere(splits: dict) -> None:
+    """{split: (examples, digest)}: every process must hold the same examples of each split, as each builds its
+    rows of the same global batches (a host's stale copy of a file trained, or was scored, as a mix). Raised on
+    every process alike, so none is left waiting in a collective."""
+    names = list(splits)
+    mine = np.stack([np.frombuffer(bytes.fromhex(splits[n][1]), np.uint8) for n in names])
+    everyone = multihost_utils.process_allgather(mine)  # [processes, splits, 16]
+    for i, name in enumerate(names):
+        differ = [p for p in range(len(everyone)) if not np.array_equal(everyone[p, i], everyone[0, i])]
+        if differ:
+            examples, digest = splits[name]
+            raise ValueError(f"processes {differ} hold other {name} examples than process 0 (this one, process "
+                             f"{jax.process_index()}: {len(examples)} examples, digest {digest[:12]}): every "
+                             "process must read the same data files with the same code")
+
+
 def batch_sharding(mesh, rules):
     return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
@@ -279,7 +303,7 @@ def eval_size(cfg, mesh, count: int) -> int:
     size = cfg.train.eval_batch_size
     if cfg.stage == "dpo":
         return size
-    shards = batch_shards(mesh)
+    shards = batch_shards(mesh, cfg.mesh.rules)
     return min(size, max(1, -(-count // shards)) * shards)
 
 
@@ -424,16 +448,18 @@ def run(cfg, workdir: str) -> dict:
     for split, examples in (("train", train_examples), ("eval", eval_examples)):
         checks.check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})", cfg.tokenizer)
     eval_examples = eval_split(cfg, eval_examples)
+    read = len(train_examples)
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
+    # Packed rows too few for a batch: said here, as the Loader would call them examples.
+    if len(train_examples) < cfg.train.global_batch_size and len(train_examples) < read:
+        raise ValueError(f"data.train's {read} examples packed into {len(train_examples)} rows of "
+                         f"{cfg.data.max_length} tokens cannot fill one global batch of {cfg.train.global_batch_size} "
+                         "rows (with data.packing, train.global_batch_size counts packed rows)")
     train_rows = local_rows(sharding, num_rows)
     loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
     if jax.process_count() > 1:  # each process builds its rows of the same global batches: same list, or wrong data
-        digests = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(loader.digest), np.uint8))
-        differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
-        if differ:  # raised on every process alike (none is left waiting in a collective)
-            raise ValueError(f"processes {differ} hold other training examples than process 0 (this one, process "
-                             f"{jax.process_index()}: {len(train_examples)} examples, digest {loader.digest[:12]}): "
-                             "every process must read the same data files with the same code")
+        check_same_examples_everywhere({"training": (train_examples, loader.digest),
+                                        "eval": (eval_examples, examples_digest(eval_examples))})
         checks.check_shared_workdir(workdir)
     sequences = [sequence_lengths(e) for e in train_examples]  # real positions, for honest throughput
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else loader.steps_per_epoch * cfg.train.num_epochs
