@@ -186,3 +186,19 @@ def test_head_logps_bad_arguments_raise():
         logprobs.head_logps(hidden.astype(jnp.int32), kernel, targets)
     with pytest.raises(ValueError, match="chunk_size"):
         logprobs.head_logps(hidden, kernel, targets, chunk_size=0)
+
+
+def test_no_positions_give_empty_log_probs_and_no_loss():
+    """A length of 0 (a batch without completion tokens): empty [B, 0] log-probs, a zero loss and zero gradients,
+    as log_softmax gives (the chunk loop sliced one position out of none and failed while tracing)."""
+    from zephyr_jax import losses
+
+    hidden, kernel, targets = jnp.ones((2, 0, 8)), jnp.ones((8, 11)), jnp.zeros((2, 0), jnp.int32)
+    logps, correct = logprobs.head_logps(hidden, kernel, targets)
+    assert logps.shape == correct.shape == (2, 0) and logps.dtype == jnp.float32 and correct.dtype == bool
+    d_hidden, d_kernel = jax.grad(lambda h, k: logprobs.head_logps(h, k, targets)[0].sum(), (0, 1))(hidden, kernel)
+    assert d_hidden.shape == (2, 0, 8) and not d_kernel.any()
+    logits = jnp.ones((2, 0, 11))
+    assert logprobs.token_logps(logits, targets).shape == (2, 0)
+    assert float(losses.sft_loss(logits, targets, jnp.zeros((2, 0)))[0]) == 0.0
+    np.testing.assert_array_equal(losses.sequence_logps(logits, targets, jnp.zeros((2, 0))), [0.0, 0.0])

@@ -159,6 +159,8 @@ def token_logps(logits: jax.Array, targets: jax.Array, chunk_size: int | None = 
     # Junk targets at masked positions (-100, a pad id) read a real logit instead of going out of bounds;
     # forward and backward both see the clipped ids, so the gradient matches the value.
     targets = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
+    if targets.shape[1] == 0:  # no positions: no chunk to loop over
+        return jnp.zeros(targets.shape, jnp.float32)
     return _token_logps(logits, targets, int(chunk_size))
 
 
@@ -304,6 +306,8 @@ def head_logps(
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     vocab = kernel.shape[-1]
+    if targets.shape[1] == 0:  # no positions: no chunk to loop over
+        return jnp.zeros(targets.shape, jnp.float32), jnp.zeros(targets.shape, bool)
     clipped = jnp.clip(targets.astype(jnp.int32), 0, vocab - 1)
     logps, correct = _head_logps(hidden, kernel, clipped, int(chunk_size))
     return logps, correct & (targets >= 0) & (targets < vocab)
