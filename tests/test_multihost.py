@@ -76,17 +76,15 @@ def test_interleaved_processes_match_one_process(data_dir, tmp_path):
     assert sorted(os.listdir(two / "reference_logps")) == sorted(os.listdir(one / "reference_logps"))
 
 
-def test_a_workdir_the_processes_do_not_share_is_refused_at_once(data_dir, tmp_path):
-    """The same relative --workdir from two directories (as two hosts with their own disks): both processes stop
-    with the error before training (orbax's first save waited 10 minutes for process 0's directory, then hung)."""
-    port = _free_port()
-    procs = []
+def _two_hosts(tmp_path, *train_args) -> list:
+    """Two trainers of one job, each started in its own folder tmp_path/host{i} (as two hosts with their own
+    disks; relative paths resolve there), 1 CPU device each: [(process, its stderr)] when both have ended."""
+    port, procs = _free_port(), []
     for i in range(2):
-        (tmp_path / f"host{i}").mkdir()
+        (tmp_path / f"host{i}").mkdir(exist_ok=True)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "zephyr_jax.train", "--workdir=w", f"--config={ROOT}/configs/sft.py:tiny",
-             *PREEMPT_ARGS[1:], *_data_args(data_dir),
-             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            [sys.executable, "-m", "zephyr_jax.train", f"--config={ROOT}/configs/sft.py:tiny", *PREEMPT_ARGS[1:],
+             *train_args, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
             cwd=tmp_path / f"host{i}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **CPU, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}))
     try:
@@ -94,7 +92,13 @@ def test_a_workdir_the_processes_do_not_share_is_refused_at_once(data_dir, tmp_p
     finally:
         for p in procs:
             p.kill()
-    for p, err in zip(procs, errors):
+    return list(zip(procs, errors))
+
+
+def test_a_workdir_the_processes_do_not_share_is_refused_at_once(data_dir, tmp_path):
+    """The same relative --workdir from two directories (as two hosts with their own disks): both processes stop
+    with the error before training (orbax's first save waited 10 minutes for process 0's directory, then hung)."""
+    for p, err in _two_hosts(tmp_path, "--workdir=w", *_data_args(data_dir)):
         assert p.returncode != 0 and "--workdir=w is not shared: processes [1] do not see" in err, err[-3000:]
     assert not os.path.exists(tmp_path / "host0" / "w" / "checkpoints")
 
@@ -106,23 +110,11 @@ def test_an_eval_split_that_differs_between_processes_is_refused_at_once(data_di
     rows = (data_dir / "sft" / "test_sft.jsonl").read_text().splitlines(keepends=True)
     stale = json.loads(rows[-1])
     stale["messages"][-1]["content"] += "0"
-    procs, port = [], _free_port()
     for i, copy in enumerate((rows, rows[:-1] + [json.dumps(stale) + "\n"])):
         (tmp_path / f"host{i}" / "ev").mkdir(parents=True)
         (tmp_path / f"host{i}" / "ev" / "test_sft.jsonl").write_text("".join(copy))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "zephyr_jax.train", f"--workdir={tmp_path / 'w'}",
-             f"--config={ROOT}/configs/sft.py:tiny", *PREEMPT_ARGS[1:], f"--config.data.train={data_dir / 'sft'}",
-             "--config.data.eval=ev", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-             f"--process_id={i}"],
-            cwd=tmp_path / f"host{i}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **CPU, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}))
-    try:
-        errors = [p.communicate(timeout=180)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, err in zip(procs, errors):
+    for p, err in _two_hosts(tmp_path, f"--workdir={tmp_path / 'w'}", f"--config.data.train={data_dir / 'sft'}",
+                             "--config.data.eval=ev"):
         assert p.returncode != 0 and "processes [1] hold other eval examples than process 0" in err, err[-3000:]
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 

@@ -190,7 +190,7 @@ def test_packed_sft_eval_gives_the_unpacked_evals_metrics_on_fewer_positions(mod
     """The dSFT eval packs the held-out split as training packs its rows (it padded an example a row to a power of
     two): the same loss, token accuracy and token count as the unpacked eval."""
     from zephyr_jax import train
-    from zephyr_jax.sharding import DEFAULT_RULES
+    from zephyr_jax.sharding import DEFAULT_RULES, rules_table
 
     graphdef, params = model
     examples = random_sft(30)
@@ -201,7 +201,7 @@ def test_packed_sft_eval_gives_the_unpacked_evals_metrics_on_fewer_positions(mod
     for packing in (False, True):
         cfg = ml_collections.ConfigDict({"stage": "sft", "train": {"eval_batch_size": 4, "progress": False},
                                          "data": {"packing": packing, "max_length": 96, "pack_window": 1000,
-                                                  "buckets": ()}})
+                                                  "buckets": ()}, "mesh": {"rules": dict(rules_table(DEFAULT_RULES))}})
         split = train.eval_split(cfg, examples, log=lambda _: None)
         batcher, _ = train.eval_batcher(cfg, mesh)
         positions[packing] = sum(b["inputs"].size for b, _ in train.eval_batches(split, 4, batcher))
