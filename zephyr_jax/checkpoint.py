@@ -72,7 +72,8 @@ def _unreadable(mngr, step: int, item: str, error: Exception) -> ValueError:
     fallback = (f"restore another (steps {others}: model.step=N for an init checkpoint; for a resume, move this "
                 "step's directory away)") if others else "no other step is saved to fall back on"
     return ValueError(f"checkpoint step {step} in {mngr.directory}: its {item} could not be read "
-                      f"({type(error).__name__}: {cause}); if the step is damaged or partly written, {fallback}")
+                      f"({type(error).__name__}: {cause}); if the step is damaged or partly written (or a run still "
+                      f"training here rotated it away), {fallback}")
 
 
 def _restore_item(mngr, step: int, item: str, target):
@@ -80,7 +81,10 @@ def _restore_item(mngr, step: int, item: str, target):
     (per-layer subtrees) is read in its saved layout, each layer onto its slice's sharding, then stacked."""
     # The item's handler, not a StandardCheckpointer: that looks for the step's _CHECKPOINT_METADATA inside the
     # item's directory and warns "Metadata file does not exist" on every load.
-    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(mngr.directory) / str(step) / item)
+    try:  # a step missing its files (an interrupted copy, a rotation by a run still saving here) fails here
+        saved = ocp.StandardCheckpointHandler().metadata(epath.Path(mngr.directory) / str(step) / item)
+    except Exception as e:
+        raise _unreadable(mngr, step, item, e) from e
     saved = saved.tree if hasattr(saved, "tree") else saved
     saved_leaves = {tuple(map(_key, p)): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
