@@ -63,7 +63,7 @@ def _cli(*args, env=None, timeout=600, **kw):
 # --- The command line, end to end: dSFT -> dDPO from the SFT workdir -> export -> transformers. ---
 
 @pytest.mark.long
-def test_cli_sft_then_dpo_then_export(data_dir, tmp_path):
+def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
     sft_dir, dpo_dir, hf_dir = tmp_path / "sft", tmp_path / "dpo", tmp_path / "hf"
     data = lambda folder: [f"--config.data.train={data_dir / folder}", f"--config.data.eval={data_dir / folder}"]
     out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={sft_dir}", *data("sft"))
@@ -85,6 +85,18 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path):
         f.write('{"step": 2, "split": "ev')  # a line cut short by a kill: skipped, as resuming skips it
     card = open(os.path.join(export(str(dpo_dir), str(tmp_path / "hf3"), step=3, dtype="float32"), "README.md")).read()
     assert "step 3" in card and "| step | 3 |" in card and "| step | 6 |" not in card  # that step's metrics
+
+    # Killed while writing the weights over an earlier export: no config.json (the sign of a complete export), and
+    # the card is the new one (an export killed after its weights had none).
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    killed_dir = shutil.copytree(hf_dir, tmp_path / "hf4")
+    monkeypatch.setattr(hf, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(str(dpo_dir), str(killed_dir), step=3, dtype="float32")
+    monkeypatch.undo()
+    assert not os.path.exists(killed_dir / "config.json") and "| step | 3 |" in open(killed_dir / "README.md").read()
     with pytest.raises(ValueError, match="is the workdir itself"):
         export(str(dpo_dir), str(dpo_dir))
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir .its config.json would be replaced"):
