@@ -92,7 +92,7 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     killed_dir = shutil.copytree(hf_dir, tmp_path / "hf4")
-    monkeypatch.setattr(hf, "save_pretrained", killed)
+    monkeypatch.setattr(hf, "_write_safetensors", killed)
     with pytest.raises(KeyboardInterrupt):
         export(str(dpo_dir), str(killed_dir), step=3, dtype="float32")
     monkeypatch.undo()

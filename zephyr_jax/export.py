@@ -86,14 +86,8 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))
     card = model_card(workdir, step, train_config, final_metrics(workdir, step),
                       zephyr_template=is_zephyr_template(tok))
-    # The card before the weights, an earlier export's config.json gone first: save_pretrained writes config.json
-    # last, the sign of a complete export (one killed after the weights had no card).
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, hf.CONFIG_NAME)):
-        os.remove(os.path.join(out_dir, hf.CONFIG_NAME))
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(card)
-    hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype))
+    hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype),
+                       model_card=card)
     print(f"exported {workdir} step {step} -> {out_dir}")
     return out_dir
 

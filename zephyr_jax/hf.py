@@ -423,9 +423,9 @@ def load_pretrained(path_or_name: str, dtype=jnp.float32, **options) -> Mistral:
 
 
 def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size: int | str = "5GB",
-                    dtype=None) -> None:
+                    dtype=None, model_card: str | None = None) -> None:
     """Writes a HF checkpoint transformers loads: safetensors shards (+ index), config.json,
-    generation_config.json, and the tokenizer (with its chat template) when given.
+    generation_config.json, and the tokenizer (with its chat template) and a model card (README.md) when given.
 
     dtype: the saved dtype (e.g. jnp.bfloat16); default: the parameters' own dtype.
     """
@@ -463,6 +463,9 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     if os.path.exists(os.path.join(out_dir, CONFIG_NAME)):
         os.remove(os.path.join(out_dir, CONFIG_NAME))
     _remove_stale_weights(out_dir, keep=set(files) | ({INDEX_NAME} if split.is_sharded else set()))
+    if model_card is not None:  # before the weights: a save killed after them would have had no card
+        with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card)
 
     def blocks(name):
         tensor, transposed = tensors[name]
