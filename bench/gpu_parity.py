@@ -20,7 +20,8 @@ Tolerance (stated before measuring): relative error ||x - ref|| / ||ref|| at mos
 outputs and gradients (bf16 keeps 8 mantissa bits: one rounding is 2^-9 = 0.2% relative); zephyr_jax's bf16
 logits at most 2x transformers' own bf16 logits' error (through two layers and the LM head the roundings add up
 to about 1-2% on this CPU for both); float32 logits within 1e-4 max |diff| (tests/test_model_parity.py's
-bound). A NaN fails. Prints one table; --json also writes every figure.
+bound). A NaN fails. Prints one table, each row as its check ends (a run stopped at its limit keeps those);
+--json also writes every figure.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -54,6 +56,9 @@ def record(check: str, figure: float, bound: float | None, ok: bool | None = Non
     if ok is None:
         ok = bool(np.isfinite(figure)) and (bound is None or figure <= bound)
     rows.append({"check": check, "figure": float(figure), "bound": bound, "ok": bool(ok), "note": note})
+    # Printed as it comes: a run stopped at its time limit keeps the rows it reached.
+    shown = "" if bound is None else f"{bound:.1e}"
+    print(f"| {check} | {float(figure):.3g} | {shown} | {'yes' if ok else '**NO**'} | {note} |", flush=True)
 
 
 def rel(x, ref, where=None) -> float:
@@ -211,17 +216,18 @@ def main():
     args = parser.parse_args()
     gpu = jax.default_backend() == "gpu"
     device = jax.devices()[0]
-    print(f"{device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    check_attention("cudnn" if gpu else "xla")
-    check_logits_and_generation("cuda" if gpu else "cpu", args.tokens)
     import torch
     import transformers
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"{device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
     print("| check | figure | bound | ok | note |")
     print("|---|---|---|---|---|")
-    for r in rows:
-        bound = "" if r["bound"] is None else f"{r['bound']:.1e}"
-        print(f"| {r['check']} | {r['figure']:.3g} | {bound} | {'yes' if r['ok'] else '**NO**'} | {r['note']} |")
+    for part, run in (("attention", lambda: check_attention("cudnn" if gpu else "xla")),
+                      ("logits and generation", lambda: check_logits_and_generation("cuda" if gpu else "cpu",
+                                                                                   args.tokens))):
+        start = time.perf_counter()
+        run()
+        print(f"({part}: {time.perf_counter() - start:.0f} s, compiles included)", flush=True)
     failed = [r["check"] for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)}/{len(rows)} checks hold" + (f"; failed: {failed}" if failed else ""))
     if args.json:

@@ -141,3 +141,22 @@ def test_a_cpu_loop_thunk_counts_its_own_time_not_its_body(tmp_path):
     assert {r["op"]: (r["calls"], round(r["seconds"] * 1e6, 6)) for r in rows} == {
         "while.3": (1, 3.0), "ynn_fusion.1": (2, 8.0), "add_fusion.2": (1, 4.0), "copy.4": (1, 1.0)}
     assert facts["planes"] == ["/host:CPU"] and facts["devices"] == 1
+
+
+def test_a_gpu_command_buffer_is_split_by_kernel(tmp_path):
+    """XLA:GPU runs a loop body as one command buffer (a CUDA graph) whose kernels all name it as their operation:
+    each kernel is its own row there, with its own kind, not the first kernel's (a decode step read as 99% copy)."""
+    us, module = 1_000_000, {"hlo_module": "jit__decode"}
+    buffer = {"hlo_op": "command_buffer_24", **module}
+    gpu = _plane(1, "/device:GPU:0", [("Stream #13(Kernel)", [
+        ("memcpy128", 0, 1 * us, buffer), ("sm90_xmma_gemm_bf16", 1 * us, 6 * us, buffer),
+        ("loop_add_fusion", 7 * us, 2 * us, buffer), ("sm90_xmma_gemm_bf16", 9 * us, 6 * us, buffer),
+        ("memcpy128", 15 * us, 1 * us, buffer), ("copy_3", 16 * us, 1 * us, {"hlo_op": "copy.3", **module})])])
+    path = tmp_path / "gpu.xplane.pb"
+    path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(gpu))
+    rows, _ = profiling.op_times(str(path))
+    got = {(r["op"], r["kernel"]): (r["calls"], round(r["seconds"] * 1e6, 6), r["kind"]) for r in rows}
+    assert got == {("command_buffer_24", "sm90_xmma_gemm_bf16"): (2, 12.0, "matmul"),
+                   ("command_buffer_24", "memcpy128"): (2, 2.0, "copy"),
+                   ("command_buffer_24", "loop_add_fusion"): (1, 2.0, "other"),
+                   ("copy.3", "copy_3"): (1, 1.0, "copy")}

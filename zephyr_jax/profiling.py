@@ -33,6 +33,7 @@ KINDS = (
     ("collective", r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|nccl|allreduce"),
     ("copy", r"copy|memcpy|memset|transpose|dynamic-update-slice"),
 )
+COMMAND_BUFFER = re.compile(r"command_buffer")  # XLA:GPU's name for an operation that is a CUDA graph
 
 
 class TraceWindow:
@@ -148,13 +149,15 @@ def op_times(path: str) -> tuple[list[dict], dict]:
     for ops in chosen.values():
         for op, module, kernel, seconds, device in ops:
             devices.add(device)
-            row = rows.setdefault((module, op), {"module": module, "op": op, "kernel": kernel, "calls": 0,
-                                                 "seconds": 0.0})
+            # A GPU command buffer (a CUDA graph) runs many operations' kernels under its own name: one row a
+            # kernel there, so each kernel's kind counts (else the first kernel's name labels them all).
+            key = (module, op, kernel) if COMMAND_BUFFER.match(op) else (module, op)
+            row = rows.setdefault(key, {"module": module, "op": op, "kernel": kernel, "calls": 0, "seconds": 0.0})
             row["calls"] += 1
             row["seconds"] += seconds
     ordered = sorted(rows.values(), key=lambda r: -r["seconds"])
     for row in ordered:
-        row["kind"] = kind_of(row["op"], row["kernel"])
+        row["kind"] = kind_of(row["kernel"]) if COMMAND_BUFFER.match(row["op"]) else kind_of(row["op"], row["kernel"])
     return ordered, {"planes": sorted(chosen), "devices": len(devices), "steps": sorted(steps)}
 
 

@@ -178,10 +178,20 @@ def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: kv_cache.C
 
 def stacked_layers(cfg: MistralConfig, rngs: nnx.Rngs) -> DecoderLayer:
     """num_hidden_layers decoder layers as one DecoderLayer with a leading "layers" axis on every parameter. The
-    layers are drawn one after another, as separate modules would be, so a seed gives the same weights as ever."""
-    layers = [DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)]
-    graphdef, first = nnx.split(layers[0])
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first, *[nnx.state(layer) for layer in layers[1:]])
+    layers take the random stream one after another, as separate modules would, in a scan that carries it: one
+    layer's program however deep the model (a Python loop of 32 layers stacked at the end took XLA:GPU 113 s to
+    compile at 7B, the scan 2 s)."""
+    graphdef = None
+
+    def draw(stream, _):
+        nonlocal graphdef
+        here = nnx.merge(rng_graph, stream)
+        graphdef, layer = nnx.split(DecoderLayer(cfg, here))
+        return nnx.state(here), layer
+
+    rng_graph, stream = nnx.split(rngs)
+    stream, stacked = jax.lax.scan(draw, stream, None, length=cfg.num_hidden_layers)
+    nnx.update(rngs, stream)  # the draws after the layers (norm, LM head) continue the stream
     for _, param in nnx.iter_graph(stacked):
         if isinstance(param, nnx.Param):  # the sharding rules see the new axis (replicated by default)
             param.set_metadata("logical_axes", ("layers",) + tuple(param.get_metadata()["logical_axes"]))
