@@ -3,7 +3,8 @@ tokens/s with many concurrent requests.
 
     python bench/decode_step.py [--arch=small|7b] [--dtype=float32|bfloat16] [--rows=32[,R2...]] [--steps=8]
         [--kv=128,256,512,1024] [--cache-order=platform|heads_first|positions_first[,...]]
-        [--requests=0] [--prompt=128] [--max-tokens=256] [--no-parts] [--profile=DIR]
+        [--layer-weights=platform|stacked|own[,...]] [--requests=0] [--prompt=128] [--max-tokens=256] [--no-parts]
+        [--profile=DIR]
 
 Times engine._decode (every slot decoding, greedy, `steps` tokens a call, attention over `kv` cache positions) per
 token, for each number of rows and each cache order listed (one process, one copy of the weights). Each token reads
@@ -17,7 +18,9 @@ run twice; the second run's output tokens/s (no compile in it) is reported. --pr
 of the first rows, order and KV length traced (zephyr_jax.profiling): the decoding kernels' time a token against
 the calls' wall time (how busy the device is), and the operations' table. Random weights (param dtype = --dtype)
 on whatever device JAX picks, the KV cache stored in that platform's order unless --cache-order names one
-(model/kv_cache.py).
+(model/kv_cache.py), and the layer weights in the engine's layout for that platform unless --layer-weights names
+one (each listed is timed): stacked (one array a kind of weight, the layers on its first axis) or own (each layer's
+in buffers of its own: mistral.per_layer_weights, the engine's default on GPUs).
 
 --arch=small: serve_throughput.py's model (hidden 256, 4 layers); 7b: Mistral-7B-v0.1's shape.
 """
@@ -35,7 +38,7 @@ from flax import nnx
 from zephyr_jax import compile_targets, engine, profiling
 from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.metrics import device_name
-from zephyr_jax.model import KVCache, Mistral, MistralConfig
+from zephyr_jax.model import KVCache, Mistral, MistralConfig, mistral
 from zephyr_jax.sampling import sample
 
 ARCHS = {"small": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -89,7 +92,7 @@ def decode_call(graphdef, state, cfg, args, rows, heads_first, kv):
     return call, box[0].heads_first
 
 
-def decode_per_token(graphdef, state, cfg, args, rows, heads_first, param_bytes, bandwidths) -> None:
+def decode_per_token(graphdef, state, cfg, args, rows, heads_first, param_bytes, bandwidths, layout) -> None:
     measured, sheet = bandwidths
     item = jnp.dtype(cfg.dtype).itemsize
     for kv in map(int, args.kv.split(",")):
@@ -102,7 +105,7 @@ def decode_per_token(graphdef, state, cfg, args, rows, heads_first, param_bytes,
         bounds = [read / bw * 1e3 if bw else None for bw in (measured, sheet)]
         cells = " | ".join("n/a | n/a" if b is None else f"{b:.2f} | {100 * b / ms:.0f}%" for b in bounds)
         order = "heads first" if stored_heads_first else "positions first"
-        print(f"| {rows} | {order} | {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")
+        print(f"| {rows} | {order} | {layout} | {kv} | {ms:.2f} | {rows * 1e3 / ms:,.0f} | {cells} |")
 
 
 def profile_decode(graphdef, state, cfg, args, rows, heads_first, kv) -> None:
@@ -141,9 +144,10 @@ def parts(graphdef, state, cfg, rows) -> None:
     print(f"greedy sampling:        {milliseconds(lambda: jax.block_until_ready(pick(logits))):6.2f} ms")
 
 
-def concurrent_requests(model, args, heads_first) -> None:
+def concurrent_requests(model, args, heads_first, per_layer) -> None:
     n = args.requests
-    eng = Engine(model, max_slots=n, max_length=args.prompt + args.max_tokens, heads_first_cache=heads_first)
+    eng = Engine(model, max_slots=n, max_length=args.prompt + args.max_tokens, heads_first_cache=heads_first,
+                 per_layer_weights=per_layer)
     prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (n, args.prompt)).tolist()
     for run in ("compile", "measure"):
         requests = [Request(p, SamplingParams(max_tokens=args.max_tokens)) for p in prompts]
@@ -166,6 +170,9 @@ def main():
     parser.add_argument("--max_length", type=int, default=2048)
     parser.add_argument("--cache-order", default="platform",
                         help="comma-separated, each timed: platform, heads_first or positions_first")
+    parser.add_argument("--layer-weights", default="platform",
+                        help="comma-separated, each timed: platform, stacked or own (a layer's weights in buffers of "
+                        "their own)")
     parser.add_argument("--requests", type=int, default=0)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -177,10 +184,18 @@ def main():
     unknown = sorted(set(orders) - {"platform", "heads_first", "positions_first"})
     if unknown:
         parser.error(f"--cache-order: unknown {unknown}; expected platform, heads_first or positions_first")
+    unknown = sorted(set(args.layer_weights.split(",")) - {"platform", "stacked", "own"})
+    if unknown:
+        parser.error(f"--layer-weights: unknown {unknown}; expected platform, stacked or own")
     dtype = jnp.dtype(args.dtype)
     cfg = MistralConfig(**ARCHS[args.arch], max_position_embeddings=args.max_length, dtype=dtype, param_dtype=dtype)
     model = Mistral(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
+    gpu = jax.default_backend() == "gpu"  # the engine's default layout there: each layer's weights their own
+    layouts = {}  # "stacked" / "own" -> (graphdef, state), one copy each however often listed
+    for name in args.layer_weights.split(","):
+        name = ("own" if gpu else "stacked") if name == "platform" else name
+        layouts.setdefault(name, nnx.split(mistral.per_layer_weights(model)) if name == "own" else (graphdef, state))
     heads_firsts = [None if o == "platform" else o == "heads_first" for o in orders]
     rows = [int(r) for r in args.rows.split(",")]
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.arch} ({cfg.num_params / 1e9:.2f}B params, "
@@ -189,16 +204,19 @@ def main():
     print(f"parameters {param_bytes / 1e9:.2f} GB; copy bandwidth {bandwidths[0] / 1e9:,.0f} GB/s measured"
           + (f", {bandwidths[1] / 1e9:,.0f} GB/s data sheet" if bandwidths[1] else ""))
     print(f"{args.steps} tokens a call, every row decoding")
-    print("| rows | cache stored | KV positions | ms/token | tokens/s (all rows) | bound ms/token (measured BW) "
-          "| of bound | bound ms/token (data sheet) | of bound |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| rows | cache stored | layer weights | KV positions | ms/token | tokens/s (all rows) "
+          "| bound ms/token (measured BW) | of bound | bound ms/token (data sheet) | of bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in rows:
         for heads_first in heads_firsts:
-            decode_per_token(graphdef, state, cfg, args, n, heads_first, param_bytes, bandwidths)
+            for layout, (graphdef, state) in layouts.items():
+                decode_per_token(graphdef, state, cfg, args, n, heads_first, param_bytes, bandwidths, layout)
+    first = next(iter(layouts))
+    graphdef, state = layouts[first]
     if not args.no_parts:
         parts(graphdef, state, cfg, rows[0])
     if args.requests:
-        concurrent_requests(model, args, heads_firsts[0])
+        concurrent_requests(model, args, heads_firsts[0], first == "own")
     if args.profile:  # last, and a profiler that fails (no CUPTI on a GPU machine) costs none of the figures above
         try:
             profile_decode(graphdef, state, cfg, args, rows[0], heads_firsts[0], int(args.kv.split(",")[0]))

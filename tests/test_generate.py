@@ -45,16 +45,20 @@ def _hf_greedy(tm, prompt, new_tokens=NEW_TOKENS):
     # Window 16, three layers: the short rows cross it only while decoding.
     (dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=16, num_hidden_layers=3), [20, 7, 2, 17]),
 ])
-@pytest.mark.parametrize("heads_first", [True, False])  # the KV cache's storage orders (CPU and GPU's; TPU's)
-def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path, fields, lengths, heads_first):
+# The platforms' layouts: the KV cache's storage order, and the layer weights stacked or in buffers of their own
+# (mistral.per_layer_weights): CPUs', TPUs', GPUs'.
+@pytest.mark.parametrize("heads_first,per_layer", [(True, False), (False, False), (True, True)])
+def test_greedy_matches_transformers_with_requests_arriving_mid_decode(tmp_path, fields, lengths, heads_first,
+                                                                       per_layer):
     # A sharper output distribution keeps greedy choices away from near-ties, where float rounding could flip one.
     tm = torch_mistral(seed=len(lengths) + lengths[0], initializer_range=0.2, **fields)
     model = load_model(save_torch(tm, tmp_path), dtype="float32")
     prompts = _prompts(lengths[0], lengths)
     budgets = [NEW_TOKENS, 12, NEW_TOKENS, 25]  # the short second reply frees its slot while the first decodes
     engine = Engine(model, max_slots=2, max_length=96, prefill_chunk=16, decode_steps=4, eos_id=EOS,
-                    heads_first_cache=heads_first)
+                    heads_first_cache=heads_first, per_layer_weights=per_layer)
     assert engine.cache.heads_first == heads_first
+    assert isinstance(nnx.merge(engine.graphdef, engine.state).layers, nnx.List) == per_layer
     requests = engine.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
     refs = [_hf_greedy(tm, p, n) for p, n in zip(prompts, budgets)]
     assert len({t for ref in refs for t in ref}) > 5, "degenerate reference (a repeated token) would prove little"
@@ -541,9 +545,14 @@ def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
     # The KV cache's storage orders, its KV heads split over "tensor"; the mesh given, or the parameters' own
     # (README's zephyr_jax.load(..., mesh=...) then generate(...): the cache went to device 0 and every call failed).
     # With 4 slots, also the slots split over the batch axes (fsdp=4: each device holds its requests' part).
-    for heads_first, given, slots in ((True, mesh, 2), (False, None, 2), (True, None, 4)):
+    # And the layer weights in buffers of their own (GPUs' layout), each sharded as its stacked weights were.
+    for heads_first, given, slots, per_layer in ((True, mesh, 2, False), (False, None, 2, False),
+                                                 (True, None, 4, False), (True, None, 2, True)):
         engine = Engine(sharded, max_slots=slots, max_length=64, eos_id=None, mesh=given,
-                        heads_first_cache=heads_first)
+                        heads_first_cache=heads_first, per_layer_weights=per_layer)
+        if per_layer:
+            q = nnx.merge(engine.graphdef, engine.state).layers[1].self_attn.q_proj.kernel.get_value()
+            assert q.sharding.shard_shape(q.shape) == (64 // 4, q.shape[1] // 2)  # fsdp x tensor, as stacked
         spec, axes = engine.cache.k.sharding.spec, kv_cache.axes(heads_first)
         assert spec[axes.index("kv_heads")] == "tensor" and list(spec).count("tensor") == 1
         assert spec[axes.index("slots")] == ("fsdp" if slots == 4 else None)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax.model import KVCache, kv_cache
+from zephyr_jax.model import KVCache, kv_cache, mistral
 from zephyr_jax.sampling import sample
 from zephyr_jax.sharding import logical_to_spec, make_mesh
 
@@ -283,7 +283,8 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, max_slots: int = 16, max_length: int | None = None,
                  prefill_chunk: int = 512, decode_steps: int = 8, max_queue: int | None = None,
-                 eos_id: int | None = None, mesh=None, heads_first_cache: bool | None = None):
+                 eos_id: int | None = None, mesh=None, heads_first_cache: bool | None = None,
+                 per_layer_weights: bool | None = None):
         cfg = model.config
         for name, value, least in (("max_slots", max_slots, 1), ("decode_steps", decode_steps, 1),
                                    ("prefill_chunk", prefill_chunk, 1),
@@ -311,6 +312,11 @@ class Engine:
         # heads_first_cache: the cache's storage order (model/kv_cache.py); None: the platform's.
         platform = jax.devices()[0].platform if mesh is None else mesh.devices.flat[0].platform
         heads_first = kv_cache.heads_first_on(platform) if heads_first_cache is None else heads_first_cache
+        # per_layer_weights: each layer's weights in buffers of their own (mistral.per_layer_weights), so the
+        # matmuls read them in place; None: on GPUs, where a layer's slice of the stacked weights is a copy (3x a
+        # token's bytes). The engine then holds its own copy of the layer weights beside the caller's model.
+        if platform == "gpu" if per_layer_weights is None else per_layer_weights:
+            self.graphdef, self.state = nnx.split(mistral.per_layer_weights(model))
         self._new_cache = functools.partial(KVCache.init, cfg, self.max_slots, self.max_length,
                                             heads_first=heads_first, sharding=self._cache_sharding(mesh, heads_first))
         self.cache = self._new_cache()
