@@ -4,12 +4,13 @@
 # fails or runs long leaves the others' figures; the tables come last.
 #
 #   bash bench/gpu_issue13.sh wheels          here, before the device calls: fetch the wheels the GPU machine lacks
-#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity dpo7b decode train trl
-#                                             (default: all, in that order); on request: remat (the 1B SFT step
-#                                             with remat save_dots and none), flags (the 1B steps under
-#                                             launch/slurm_gpu.sbatch's XLA flags), logsoftmax (bench/log_softmax.py
-#                                             at the 1B model's head shapes), profile (the 1B steps' kernel
-#                                             time by XLA operation: bench/throughput.py --profile)
+#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity dpo7b decode profile trl
+#                                             remat (default: all, in that order; profile: the train stage's 1B
+#                                             steps, then their kernel time by XLA operation; remat: the 1B SFT
+#                                             step with remat save_dots and none); on request: train (the 1B
+#                                             steps alone), flags (the 1B steps under launch/slurm_gpu.sbatch's
+#                                             XLA flags), logsoftmax (bench/log_softmax.py at the 1B model's head
+#                                             shapes)
 #   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet, or that the
 #                                             budget cut short (a part skipped, or stopped before its limit)
 #   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU
@@ -146,9 +147,9 @@ run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flag
   train_1b sft train:xla_flags
   train_1b dpo train:xla_flags
 )
-run_profile() {  # optional: where the 1B steps' GPU time goes (kernel time by XLA operation and kind), for an
-  # MFU below the goal; the traces stay on the machine (they can exceed what comes back), the tables go to
-  # profile.log, which the closing tables leave out
+run_profile() {  # the train stage's timings, then where the 1B steps' GPU time goes (kernel time by XLA operation
+  # and kind), for an MFU below the goal; the traces stay on the machine (they can exceed what comes back), the
+  # tables go to profile.log, whose operation rows the closing tables leave out
   train_1b sft profile --profile=/tmp/gpu_issue13_profile
   train_1b dpo profile --profile=/tmp/gpu_issue13_profile
 }
@@ -195,13 +196,13 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
 # Each stage's usual seconds on an H200 with a cold compilation cache (2026-12-04's summary.md: env 16, train
 # 74, trl 128, decode 50; parity and dpo7b ran out of their limits, so these are estimates): a stage starts only
 # when this much of the budget is left.
-declare -A NEED=([env]=20 [parity]=150 [train]=80 [dpo7b]=150 [decode]=100 [trl]=130 [remat]=160 [flags]=160
-                 [logsoftmax]=60 [profile]=160)
+declare -A NEED=([env]=20 [parity]=150 [train]=80 [dpo7b]=150 [decode]=100 [trl]=130 [remat]=110 [flags]=160
+                 [logsoftmax]=60 [profile]=110)
 # (15 at least: stage() runs nothing with under 15 s left.)
 if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=15; done; fi
 # What 2026-12-04 left unmeasured first (parity, the 7B DPO step), then decoding with the per-layer weights, then
-# what it measured again (training and TRL); remat and profile (on request) are the MFU goals' next questions.
-DEFAULT="env parity dpo7b decode train trl"
+# the training steps again with their profile (the MFU goals were missed), TRL, and what remat costs.
+DEFAULT="env parity dpo7b decode profile trl remat"
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
 if [ "${1:-}" = resume ]; then
   set -- $(for name in $DEFAULT; do grep -qx "$name" "$STARTED" 2>/dev/null || echo "$name"; done)
@@ -228,6 +229,7 @@ for s in "${@:-$DEFAULT}"; do
 done
 echo; echo "### tables"
 grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' -e 'busy' -e '^kinds:' \
-  "$OUT"/parity.log "$OUT"/train.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log 2>/dev/null \
+  "$OUT"/parity.log "$OUT"/train.log "$OUT"/profile.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log \
+  2>/dev/null \
   | grep -v -e '^|---' -e '| jit_' -e '^| operation |'  # (a profile's operation rows stay in its log)
 echo; cat "$SUMMARY"

@@ -529,6 +529,34 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         engine.stop()
 
 
+
+def test_layer_weights_have_buffers_of_their_own_on_gpus_and_stay_stacked_where_that_does_not_fit(small,
+                                                                                                monkeypatch):
+    """The engine's default: per-layer buffers on GPUs only (TPUs read the stacked weights in place; CPUs are the
+    tests' platform). Where the copy runs out of GPU memory and nobody asked for it, the stacked weights stay, with
+    a warning; asked for, the error stands."""
+    from zephyr_jax import engine as engine_module
+
+    _, model = small
+    own = engine_module._own_layer_buffers(model, None, "gpu")
+    assert isinstance(own.layers, nnx.List) and len(own.layers) == model.config.num_hidden_layers
+    np.testing.assert_array_equal(own.layers[1].mlp.up_proj.kernel.get_value(),
+                                  model.layers.mlp.up_proj.kernel.get_value()[1])
+    assert not isinstance(model.layers, nnx.List)  # the caller's model keeps its stacked layers
+    assert engine_module._own_layer_buffers(model, None, "tpu") is None
+    assert engine_module._own_layer_buffers(model, None, "cpu") is None
+    assert engine_module._own_layer_buffers(model, False, "gpu") is None
+
+    def out_of_memory(_):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 58720256 bytes.")
+
+    monkeypatch.setattr(engine_module.mistral, "per_layer_weights", out_of_memory)
+    with pytest.warns(UserWarning, match=r"no room for a per-layer copy of the layer weights \(RESOURCE_EXHAUSTED: "
+                                         r"Out of memory .*per_layer_weights=False"):
+        assert engine_module._own_layer_buffers(model, None, "gpu") is None
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        engine_module._own_layer_buffers(model, True, "gpu")
+
 def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
     from zephyr_jax.sharding import make_mesh
 

@@ -196,6 +196,26 @@ def _parameters_mesh(state):
     return None
 
 
+def _own_layer_buffers(model, asked: bool | None, platform: str):
+    """The model with each layer's weights in buffers of their own (mistral.per_layer_weights), which the decoding
+    matmuls read in place, or None (keep the stacked weights). asked None: on GPUs, where a layer's slice of the
+    stacked weights is a copy (a token read its weights three times). The engine then holds its own copy of the
+    layer weights beside the caller's model; where that does not fit on a GPU and nobody asked, the stacked
+    weights stay, with a warning."""
+    if not (platform == "gpu" if asked is None else asked):
+        return None
+    try:
+        return mistral.per_layer_weights(model)
+    except jax.errors.JaxRuntimeError as e:
+        if asked or "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        warnings.warn(f"Engine: no room for a per-layer copy of the layer weights ({str(e).splitlines()[0][:200]}), "
+                      "so decoding reads the stacked weights, at about a third of the bandwidth bound (XLA:GPU "
+                      "copies each layer's slice first); per_layer_weights=False says so without trying",
+                      stacklevel=3)
+        return None
+
+
 def _top_pairs(logprobs, ids, k: int) -> list[tuple[int, float]]:
     """The first k of lax.top_k's (values, indices) as (token id, log-prob) pairs."""
     return list(zip(ids[:k].tolist(), logprobs[:k].tolist()))
@@ -312,11 +332,9 @@ class Engine:
         # heads_first_cache: the cache's storage order (model/kv_cache.py); None: the platform's.
         platform = jax.devices()[0].platform if mesh is None else mesh.devices.flat[0].platform
         heads_first = kv_cache.heads_first_on(platform) if heads_first_cache is None else heads_first_cache
-        # per_layer_weights: each layer's weights in buffers of their own (mistral.per_layer_weights), so the
-        # matmuls read them in place; None: on GPUs, where a layer's slice of the stacked weights is a copy (3x a
-        # token's bytes). The engine then holds its own copy of the layer weights beside the caller's model.
-        if platform == "gpu" if per_layer_weights is None else per_layer_weights:
-            self.graphdef, self.state = nnx.split(mistral.per_layer_weights(model))
+        own = _own_layer_buffers(model, per_layer_weights, platform)
+        if own is not None:
+            self.graphdef, self.state = nnx.split(own)
         self._new_cache = functools.partial(KVCache.init, cfg, self.max_slots, self.max_length,
                                             heads_first=heads_first, sharding=self._cache_sharding(mesh, heads_first))
         self.cache = self._new_cache()
