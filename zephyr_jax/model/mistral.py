@@ -156,9 +156,13 @@ def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: kv_cache.C
 
     A pure scan over (parameters, inputs) rather than nnx.scan: nothing is written back into the module, so it
     also runs on a model merged from arrays of an outer trace (the frozen DPO reference inside value_and_grad).
-    `layers` may instead be a list of DecoderLayers (per_layer_weights), run one after another.
+    `layers` may instead be a list of DecoderLayers (per_layer_weights), run one after another (remat then does
+    not apply: they are for decoding).
     """
     if isinstance(layers, (list, nnx.List)):
+        if grad_sum is not None:  # gradient accumulation into the stacked layers' sum: nothing to add into here
+            raise ValueError("grad_sum: per-layer weights (per_layer_weights) are for decoding; train the stacked "
+                             "model")
         buffers = None if cache is None else (cache.k, cache.v)
         for i, layer in enumerate(layers):
             step = None if cache is None else cache._replace(k=buffers[0], v=buffers[1], layer=jnp.int32(i))
