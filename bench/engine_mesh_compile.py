@@ -1,14 +1,16 @@
-"""The engine's prefill and decoding calls for a 7B over a TPU slice's mesh, compiled on this machine (libtpu).
+"""The engine's prefill and decoding calls for a 7B over a TPU slice's or GPUs' mesh, compiled on this machine
+(libtpu; JAX's CUDA plugin on PYTHONPATH for GPUs, as the planner's GPU topologies).
 
     python bench/engine_mesh_compile.py [--topology=v5e-8] [--mesh=1,-1,1] [--slots=64] [--max_length=4096] \
-        [--prefill=P,T,KV ...] [--decode=R,KV ...]
+        [--prefill=P,T,KV ...] [--decode=R,KV ...] [--layer-weights=platform|stacked|own]
 
 Mistral-7B in bf16 from abstract shapes (nothing is allocated), its parameters laid out by the sharding rules over
 the --mesh of --topology (compile_targets.target_for), the KV cache as Engine lays it out (Engine._cache_sharding,
-the platform's storage order). Each --prefill compiles engine._prefill for P prompts of T tokens attending over KV
-cached positions; each --decode engine._decode for R rows (8 tokens a call) over KV positions. Prints the bytes a
-chip holds (parameters, cache) and each program's temporaries and peak against the chip's memory. Nothing is
-timed.
+the platform's storage order), the layer weights stacked or in buffers of their own as Engine keeps them
+(--layer-weights=platform: own on GPUs, mistral.per_layer_weights). Each --prefill compiles engine._prefill for P
+prompts of T tokens attending over KV cached positions; each --decode engine._decode for R rows (8 tokens a call)
+over KV positions. Prints the bytes a chip holds (parameters, cache) and each program's temporaries and peak
+against the chip's memory. Nothing is timed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from zephyr_jax import compile_targets, engine, plan
-from zephyr_jax.model import Mistral, MistralConfig, kv_cache
+from zephyr_jax.model import Mistral, MistralConfig, kv_cache, mistral
 from zephyr_jax.sharding import DEFAULT_RULES, make_mesh, mesh_shape, named, param_specs
 
 GiB = 2 ** 30
@@ -36,11 +38,15 @@ def main():
     p.add_argument("--max_length", type=int, default=4096)
     p.add_argument("--prefill", action="append", default=[], help="P,T,KV")
     p.add_argument("--decode", action="append", default=[], help="R,KV")
+    p.add_argument("--layer-weights", choices=["platform", "stacked", "own"], default="platform")
     args = p.parse_args()
     target = compile_targets.target_for(args.topology)
     mesh = make_mesh(args.mesh, target.devices)
     cfg = MistralConfig.mistral_7b_v0_1(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
+    own = args.layer_weights == "own" or (args.layer_weights == "platform" and target.devices[0].platform == "gpu")
+    build = (lambda: mistral.per_layer_weights(Mistral(cfg, rngs=nnx.Rngs(0)))) if own else \
+        (lambda: Mistral(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                          named(mesh, param_specs(abstract, DEFAULT_RULES)))
     heads_first = kv_cache.heads_first_on(target.devices[0].platform)
@@ -52,7 +58,8 @@ def main():
     buffer = jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=cache_sharding)
     cache = kv_cache.KVCache(k=buffer, v=buffer, heads_first=heads_first)
     chip = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize  # noqa: E731
-    print(f"{args.topology}, mesh {dict(mesh.shape)}, {args.slots} slots x {args.max_length}, cache "
+    print(f"{args.topology}, mesh {dict(mesh.shape)}, layer weights {'own' if own else 'stacked'}, "
+          f"{args.slots} slots x {args.max_length}, cache "
           f"{cache_sharding.spec}: parameters {sum(map(chip, jax.tree.leaves(state))) / GiB:.2f} GiB a chip, cache "
           f"{2 * chip(buffer) / GiB:.2f} GiB a chip, of {target.hbm_bytes / GiB:.2f}")
     of = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
