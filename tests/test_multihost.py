@@ -119,6 +119,24 @@ def test_an_eval_split_that_differs_between_processes_is_refused_at_once(data_di
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+
+def test_a_differing_split_is_named_in_its_own_units(monkeypatch):
+    """The error counts what each process holds: examples, or, for packed dSFT training, packed rows (one process
+    here, the other process's digest differing)."""
+    from zephyr_jax import train
+    from zephyr_jax.data.batches import PackedRow
+
+    def other_process_differs(mine):
+        return np.stack([mine, np.where(np.arange(mine.shape[1]) == 0, mine ^ 1, mine)])
+
+    monkeypatch.setattr(train.multihost_utils, "process_allgather", other_process_differs)
+    rows = [PackedRow((), 64)] * 3
+    with pytest.raises(ValueError, match=r"processes \[1\] hold other training examples than process 0 \(this one, "
+                                         r"process 0: 3 packed rows, digest 00112233"):
+        train.check_same_examples_everywhere({"training": (rows, "00112233" * 4)})
+    with pytest.raises(ValueError, match=r"hold other eval examples .*: 2 examples, digest"):
+        train.check_same_examples_everywhere({"eval": (["a", "b"], "ff" * 16)})
+
 # --- SIGTERM to one process: every process saves the same step and exits 75; the resumed run is exact. ---
 
 def _python_children(proc):

@@ -229,8 +229,9 @@ def check_same_examples_everywhere(splits: dict) -> None:
         differ = [p for p in range(len(everyone)) if not np.array_equal(everyone[p, i], everyone[0, i])]
         if differ:
             examples, digest = splits[name]
+            unit = "packed rows" if examples and isinstance(examples[0], PackedRow) else "examples"
             raise ValueError(f"processes {differ} hold other {name} examples than process 0 (this one, process "
-                             f"{jax.process_index()}: {len(examples)} examples, digest {digest[:12]}): every "
+                             f"{jax.process_index()}: {len(examples)} {unit}, digest {digest[:12]}): every "
                              "process must read the same data files with the same code")
 
 
