@@ -543,6 +543,7 @@ def test_layer_weights_have_buffers_of_their_own_on_gpus_and_stay_stacked_where_
     np.testing.assert_array_equal(own.layers[1].mlp.up_proj.kernel.get_value(),
                                   model.layers.mlp.up_proj.kernel.get_value()[1])
     assert not isinstance(model.layers, nnx.List)  # the caller's model keeps its stacked layers
+    assert engine_module._own_layer_buffers(own, True, "gpu") is own  # already per-layer: not split again
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (2, 9)), jnp.int32)
     np.testing.assert_allclose(own(ids), model(ids), rtol=0, atol=1e-5)  # the layers one after another, not scanned
     assert engine_module._own_layer_buffers(model, None, "tpu") is None

@@ -8,12 +8,12 @@ and XProf find it; every train step in it carries its number (a jax.profiler.Ste
 traces: processes that share a host would write the same file.
 
 The table sums, per XLA operation (its `hlo_op`), the time its kernels ran: on a GPU the device planes' kernels
-and copies, on a TPU its "XLA Ops" line, on a CPU the XLA:CPU thunks; a loop counts its own time, not its
-body's. Kernels on concurrent streams overlap, so the shares are of the summed kernel time, not of the wall time.
-The kind (matmul, attention, collective, copy, other) is read from the operation's and its kernel's names: a first
-look at what to speed up, not a roofline (XProf's op profile is that). An eval or a save inside the window runs
-programs of its own: the table lists them with their module, and "a step" counts only the train step's
-(jit_train_step).
+and copies (a command buffer, a CUDA graph of many operations' kernels under one name, a row per kernel), on a
+TPU its "XLA Ops" line, on a CPU the XLA:CPU thunks; a loop counts its own time, not its body's. Kernels on
+concurrent streams overlap, so the shares are of the summed kernel time, not of the wall time. The kind (matmul,
+attention, collective, copy, other) is read from the operation's and its kernel's names: a first look at what to
+speed up, not a roofline (XProf's op profile is that). An eval or a save inside the window runs programs of its
+own: the table lists them with their module, and "a step" counts only the train step's (jit_train_step).
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ def _xla_ops_line(plane):
 
 def op_times(path: str) -> tuple[list[dict], dict]:
     """(one row per XLA operation, most time first: module, op, kernel (the first seen), kind, calls (kernel runs:
-    one operation may launch several kernels), seconds; facts about the trace: the planes read, how many devices
-    ran operations, the step numbers it marks)."""
+    one operation may launch several kernels), seconds; a GPU command buffer one row per kernel; facts about the
+    trace: the planes read, how many devices ran operations, the step numbers it marks)."""
     data = jax.profiler.ProfileData.from_file(path)
     # A GPU's or TPU's kernels are on its device plane; XLA:CPU's on the host's, read only where no device plane
     # holds any (libtpu's Megascale trace, where jax[tpu] is installed, is a "/device:" plane without operations).

@@ -192,7 +192,8 @@ def stacked_layers(cfg: MistralConfig, rngs: nnx.Rngs) -> DecoderLayer:
     """num_hidden_layers decoder layers as one DecoderLayer with a leading "layers" axis on every parameter. The
     layers take the random stream one after another, as separate modules would, in a scan that carries it: one
     layer's program however deep the model (a Python loop of 32 layers stacked at the end took XLA:GPU 113 s to
-    compile at 7B, the scan 2 s)."""
+    compile at 7B, the scan 2 s). Under jit, as training draws them, a seed gives the weights it always gave; op
+    by op (no jit) a float32 draw's last bit may differ from before."""
     graphdef = None
 
     def draw(stream, _):
@@ -215,7 +216,9 @@ def per_layer_weights(model: "Mistral") -> "Mistral":
     decoding on GPUs: there a layer's slice of the stacked weights is a copy, so each token read the weights,
     wrote and read them again (3x the bytes: 30% of the bandwidth bound for a 7B on an H200); the layers' own
     buffers are read where they lie. A new model beside `model` (the layer weights twice while both are held):
-    the layers run one after another, not as a scan."""
+    the layers run one after another, not as a scan. A model already so is returned as it is."""
+    if isinstance(model.layers, nnx.List):
+        return model
     graphdef, stacked = nnx.split(model.layers)
     layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
                        for i in range(model.config.num_hidden_layers)])
