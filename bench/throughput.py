@@ -196,6 +196,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
             "mfu_causal": causal_flops / seconds / (peak * len(devices)) if peak else None,
             "params_m": arch_cfg.num_params / 1e6, "devices": len(devices), "device": devices[0].device_kind,
             "reference": "frozen" if reference is not None else ("precomputed" if dpo else "-"), "loss": loss,
+            "remat": cfg.model.remat,
             "peak_gib": memory["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in memory else None,
             "device_gib": memory["bytes_limit"] / 2 ** 30 if "bytes_limit" in memory else None,
             "xla_gib": max(plan.compiled_bytes(c)["total"] for c in compiled.values()) / 2 ** 30,
@@ -206,16 +207,16 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
 def report(results) -> None:
     print(f"device: {results[0]['devices']} x {results[0]['device']} ({jax.default_backend()}), "
           f"jax {jax.__version__}, model {results[0]['params_m']:.1f}M params")
-    print("| stage | batch | length mix | rows x length | real tokens | reference | compiles (s) | mean step s "
-          "| real tokens/s | positions/s | TFLOP/s | MFU | MFU (causal attention) | peak memory GiB | XLA GiB "
-          "| CPU s/step | other load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| stage | batch | length mix | rows x length | real tokens | reference | remat | compiles (s) "
+          "| mean step s | real tokens/s | positions/s | TFLOP/s | MFU | MFU (causal attention) | peak memory GiB "
+          "| XLA GiB | CPU s/step | other load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mfu_causal = "n/a" if r["mfu_causal"] is None else f"{100 * r['mfu_causal']:.1f}%"
         shapes = ", ".join(f"{a}x{b}" for a, b in r["shapes"])
         print(f"| {r['stage']} | {r['batch']} | {r['mix']} | {shapes} | {100 * r['real_fraction']:.1f}% "
-              f"| {r['reference']} | {r['compiles']} ({r['compile_s']:.1f}) | {r['step_s']:.3f} "
+              f"| {r['reference']} | {r['remat']} | {r['compiles']} ({r['compile_s']:.1f}) | {r['step_s']:.3f} "
               f"| {r['real_tokens_per_s']:,.0f} | {r['positions_per_s']:,.0f} | {r['tflops']:.3f} | {mfu} "
               f"| {mfu_causal} "
               f"| {peak_memory(r)} | {r['xla_gib']:.1f} | {fmt(r['cpu_s'])} | {fmt_load(r['other_load'])} |")
