@@ -332,12 +332,12 @@ class Engine:
         # heads_first_cache: the cache's storage order (model/kv_cache.py); None: the platform's.
         platform = jax.devices()[0].platform if mesh is None else mesh.devices.flat[0].platform
         heads_first = kv_cache.heads_first_on(platform) if heads_first_cache is None else heads_first_cache
-        own = _own_layer_buffers(model, per_layer_weights, platform)
-        if own is not None:
-            self.graphdef, self.state = nnx.split(own)
         self._new_cache = functools.partial(KVCache.init, cfg, self.max_slots, self.max_length,
                                             heads_first=heads_first, sharding=self._cache_sharding(mesh, heads_first))
         self.cache = self._new_cache()
+        own = _own_layer_buffers(model, per_layer_weights, platform)  # after the cache: it yields to the cache
+        if own is not None:
+            self.graphdef, self.state = nnx.split(own)
         self.slots: list[Request | None] = [None] * self.max_slots
         self.waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
