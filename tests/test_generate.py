@@ -529,7 +529,6 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         engine.stop()
 
 
-
 def test_layer_weights_have_buffers_of_their_own_on_gpus_and_stay_stacked_where_that_does_not_fit(small,
                                                                                                 monkeypatch):
     """The engine's default: per-layer buffers on GPUs only (TPUs read the stacked weights in place; CPUs are the
@@ -559,6 +558,7 @@ def test_layer_weights_have_buffers_of_their_own_on_gpus_and_stay_stacked_where_
         assert engine_module._own_layer_buffers(model, None, "gpu") is None
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         engine_module._own_layer_buffers(model, True, "gpu")
+
 
 def test_generation_with_fsdp_sharded_parameters_equals_one_device(tmp_path):
     from zephyr_jax.sharding import make_mesh

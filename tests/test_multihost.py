@@ -119,7 +119,6 @@ def test_an_eval_split_that_differs_between_processes_is_refused_at_once(data_di
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
-
 def test_a_differing_split_is_named_in_its_own_units(monkeypatch):
     """The error counts what each process holds: examples, or, for packed dSFT training, packed rows (one process
     here, the other process's digest differing)."""
@@ -136,6 +135,7 @@ def test_a_differing_split_is_named_in_its_own_units(monkeypatch):
         train.check_same_examples_everywhere({"training": (rows, "00112233" * 4)})
     with pytest.raises(ValueError, match=r"hold other eval examples .*: 2 examples, digest"):
         train.check_same_examples_everywhere({"eval": (["a", "b"], "ff" * 16)})
+
 
 # --- SIGTERM to one process: every process saves the same step and exits 75; the resumed run is exact. ---
 
