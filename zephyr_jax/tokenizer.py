@@ -45,7 +45,13 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
         tok = sentencepiece_tokenizer(mistral_v0_1_model_file())
     else:
         _check_tokenizer_path(path_or_name)
-        tok = transformers.AutoTokenizer.from_pretrained(os.path.expanduser(path_or_name))
+        path = os.path.expanduser(path_or_name)
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            # tokenizer.json as written: transformers 5's LlamaTokenizer (the class Mistral-7B-v0.1's
+            # tokenizer_config.json names) rebuilds its pre-tokenizer and drops a text's leading space.
+            tok = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tok = transformers.AutoTokenizer.from_pretrained(path)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     if tok.bos_token_id is None or tok.eos_token_id is None:
