@@ -30,8 +30,10 @@ def compile_decode(device, cfg, rows: int, max_length: int, kv_length: int, head
                    per_layer: bool = False):
     sharding = jax.sharding.SingleDeviceSharding(device)
     placed = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-    build = (lambda: mistral.per_layer_weights(Mistral(cfg, rngs=nnx.Rngs(0)))) if per_layer else \
-        (lambda: Mistral(cfg, rngs=nnx.Rngs(0)))
+    def build():
+        model = Mistral(cfg, rngs=nnx.Rngs(0))
+        return mistral.per_layer_weights(model) if per_layer else model
+
     graphdef, state = nnx.split(nnx.eval_shape(build))
     state = jax.tree.map(placed, state)
     cache = jax.tree.map(placed, jax.eval_shape(lambda: KVCache.init(cfg, rows, max_length, heads_first=heads_first)))

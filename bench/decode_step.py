@@ -191,10 +191,10 @@ def main():
     cfg = MistralConfig(**ARCHS[args.arch], max_position_embeddings=args.max_length, dtype=dtype, param_dtype=dtype)
     model = Mistral(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    gpu = jax.default_backend() == "gpu"  # the engine's default layout there: each layer's weights their own
+    platform_layout = "own" if engine.per_layer_weights_on(jax.default_backend()) else "stacked"
     layouts = {}  # "stacked" / "own" -> (graphdef, state), one copy each however often listed
     for name in args.layer_weights.split(","):
-        name = ("own" if gpu else "stacked") if name == "platform" else name
+        name = platform_layout if name == "platform" else name
         layouts.setdefault(name, nnx.split(mistral.per_layer_weights(model)) if name == "own" else (graphdef, state))
     heads_firsts = [None if o == "platform" else o == "heads_first" for o in orders]
     rows = [int(r) for r in args.rows.split(",")]

@@ -43,9 +43,13 @@ def main():
     target = compile_targets.target_for(args.topology)
     mesh = make_mesh(args.mesh, target.devices)
     cfg = MistralConfig.mistral_7b_v0_1(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    own = args.layer_weights == "own" or (args.layer_weights == "platform" and target.devices[0].platform == "gpu")
-    build = (lambda: mistral.per_layer_weights(Mistral(cfg, rngs=nnx.Rngs(0)))) if own else \
-        (lambda: Mistral(cfg, rngs=nnx.Rngs(0)))
+    own = args.layer_weights == "own" or (args.layer_weights == "platform"
+                                          and engine.per_layer_weights_on(target.devices[0].platform))
+
+    def build():
+        model = Mistral(cfg, rngs=nnx.Rngs(0))
+        return mistral.per_layer_weights(model) if own else model
+
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                          named(mesh, param_specs(abstract, DEFAULT_RULES)))

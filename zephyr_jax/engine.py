@@ -196,13 +196,19 @@ def _parameters_mesh(state):
     return None
 
 
+def per_layer_weights_on(platform: str) -> bool:
+    """Whether the engine keeps each layer's weights in buffers of their own on a platform ("cpu", "tpu", "gpu"):
+    on GPUs, where a layer's slice of the stacked weights is a copy (a token read its weights three times); TPUs
+    read the stacked weights in place, and CPUs are the tests' platform."""
+    return platform == "gpu"
+
+
 def _own_layer_buffers(model, asked: bool | None, platform: str):
     """The model with each layer's weights in buffers of their own (mistral.per_layer_weights), which the decoding
-    matmuls read in place, or None (keep the stacked weights). asked None: on GPUs, where a layer's slice of the
-    stacked weights is a copy (a token read its weights three times). The engine then holds its own copy of the
-    layer weights beside the caller's model; where that does not fit on a GPU and nobody asked, the stacked
-    weights stay, with a warning."""
-    if not (platform == "gpu" if asked is None else asked):
+    matmuls read in place, or None (keep the stacked weights). asked None: per_layer_weights_on(platform). The
+    engine then holds its own copy of the layer weights beside the caller's model; where that does not fit on a
+    GPU and nobody asked, the stacked weights stay, with a warning."""
+    if not (per_layer_weights_on(platform) if asked is None else asked):
         return None
     try:
         return mistral.per_layer_weights(model)
