@@ -206,7 +206,7 @@ def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
     monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
-    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "traced_platform", lambda: "gpu")
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
     q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
     segments = None if max_segments is None else _rows(128, *TRACE_ROWS[max_segments])
@@ -223,18 +223,12 @@ def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
     assert ("dot_product_attention_fwd" in jaxpr) == (max_segments in (None, 1))
 
 
-@pytest.mark.parametrize("max_segments", [1, 3])
-def test_cudnn_gradients_at_padding_are_zero_whatever_the_kernel_leaves_there(monkeypatch, max_segments):
-    """cuDNN writes no output or dq/dk/dv rows at slots outside every sequence. A stand-in for jax's cuDNN call
-    (the XLA path, with NaN in those rows forward and backward) must not reach attend's gradients: finite, 0 at
-    padding, and the XLA path's at the real slots."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-    packed = ((1, 30),), ((1, 20), (2, 14), (3, 10))  # then padding: 34 and 20 slots
-    segments = _rows(64, *packed) if max_segments == 3 else _rows(64, ((1, 64),), ((1, 40),))
+def _kernel_leaving_padding_unwritten(segments):
+    """A stand-in for jax's cuDNN call: the XLA path, with NaN in the rows outside every sequence, forward and
+    backward (cuDNN writes no output or dq/dk/dv rows there)."""
     real = (segments > 0)[:, :, None, None]
 
-    def unwritten_padding(q, k, v, *args, sliding_window_length=None, **kwargs):
+    def call(q, k, v, *args, sliding_window_length=None, **kwargs):
         @jax.custom_vjp
         def kernel(q, k, v):
             return jnp.where(real, attention._xla_self_attention(q, k, v, segments, sliding_window_length), jnp.nan)
@@ -249,9 +243,25 @@ def test_cudnn_gradients_at_padding_are_zero_whatever_the_kernel_leaves_there(mo
         kernel.defvjp(fwd, bwd)
         return kernel(q, k, v)
 
-    monkeypatch.setattr(cudnn, "dot_product_attention", unwritten_padding)
-    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    return call
+
+
+def _as_on_a_hopper_gpu(monkeypatch, segments):
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "dot_product_attention", _kernel_leaving_padding_unwritten(segments))
+    monkeypatch.setattr(attention, "traced_platform", lambda: "gpu")
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
+
+
+@pytest.mark.parametrize("max_segments", [1, 3])
+def test_cudnn_gradients_at_padding_are_zero_whatever_the_kernel_leaves_there(monkeypatch, max_segments):
+    """What cuDNN leaves in the rows outside every sequence (here NaN, forward and backward) must not reach
+    attend's gradients: finite, 0 at padding, and the XLA path's at the real slots."""
+    packed = ((1, 30),), ((1, 20), (2, 14), (3, 10))  # then padding: 34 and 20 slots
+    segments = _rows(64, *packed) if max_segments == 3 else _rows(64, ((1, 64),), ((1, 40),))
+    real = (segments > 0)[:, :, None, None]
+    _as_on_a_hopper_gpu(monkeypatch, segments)
     q, k, v = _qkv(2, 64, 4, 2, 16, dtype=jnp.bfloat16)
     cot = jax.random.normal(jax.random.key(1), q.shape, jnp.float32) * real  # padding outputs carry no loss
 
@@ -266,6 +276,31 @@ def test_cudnn_gradients_at_padding_are_zero_whatever_the_kernel_leaves_there(mo
         assert np.isfinite(got).all()
         assert (got[pad] == 0).all()
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())  # both bf16; rounding only
+
+
+def test_cudnn_padding_masks_cross_a_layer_scan_as_rows(monkeypatch):
+    """Under a layer scan JAX hoists loop-invariant residuals out of the loop: masks made by jnp.where over
+    [B, T, N, D] became full arrays that every layer read, forward and backward (XLA:GPU, the 1B model's SFT step:
+    640 MiB a layer for the output's select where 256 do). The cuDNN path keeps its masks [B, T]: no boolean
+    array of q's shape goes into or out of the scans of a 2-layer stack's gradient."""
+    segments = _rows(64, ((1, 30),), ((1, 20), (2, 14), (3, 10)))
+    _as_on_a_hopper_gpu(monkeypatch, segments)
+    q = _qkv(2, 64, 4, 2, 16, dtype=jnp.bfloat16)[0]
+    mix = jnp.asarray(np.random.default_rng(3).standard_normal((2, 16, 16)), jnp.bfloat16)
+
+    def loss(q, mix):
+        def layer(x, w):
+            x = jnp.einsum("btnd,de->btne", x, w)
+            out = attend(x, x[:, :, :2], x[:, :, 2:], segments, sliding_window=8, impl="cudnn", max_segments=3)
+            return out, None
+
+        return jnp.sum(jax.lax.scan(jax.checkpoint(layer), q, mix)[0].astype(jnp.float32))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, mix)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 2  # forward, backward
+    crossing = [v.aval for e in scans for v in (*e.invars, *e.outvars) if hasattr(v, "aval")]
+    assert not [a for a in crossing if a.dtype == jnp.bool_ and a.shape == q.shape], crossing
 
 
 def test_splash_compiles_to_a_mosaic_kernel_for_a_tpu_slice():

@@ -202,3 +202,24 @@ def test_no_positions_give_empty_log_probs_and_no_loss():
     assert logprobs.token_logps(logits, targets).shape == (2, 0)
     assert float(losses.sft_loss(logits, targets, jnp.zeros((2, 0)))[0]) == 0.0
     np.testing.assert_array_equal(losses.sequence_logps(logits, targets, jnp.zeros((2, 0))), [0.0, 0.0])
+
+
+def test_correct_follows_argmax_on_tied_logits():
+    """Two equal kernel columns (ids 5 and 9) tie for the top logit: jnp.argmax gives the first, so a target of 5
+    is `correct` and one of 9 is not, and both get the same log-prob (the chunk's one pass finds the first top
+    index as argmax does, rather than asking whether the target is a top logit)."""
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((16, 40)) / 4.0
+    kernel[:, 9] = kernel[:, 5]
+    hidden = np.stack([kernel[:, 5] * 8.0, kernel[:, 5] * 8.0, rng.standard_normal(16)])[None]
+    hidden, kernel = jnp.asarray(hidden, jnp.float32), jnp.asarray(kernel, jnp.float32)
+    targets = jnp.asarray([[5, 9, 9]], jnp.int32)
+    logits = _full_logits(hidden, kernel)
+    assert logits[0, 0, 5] == logits[0, 0, 9] == logits[0, 0].max()  # a real tie, in float32
+    for chunk_size in (1, 2, None):
+        logps, correct = logprobs.head_logps(hidden, kernel, targets, chunk_size)
+        ref_logps, ref_correct = _full_path(hidden, kernel, targets)
+        np.testing.assert_array_equal(correct, ref_correct)
+        assert correct[0, :2].tolist() == [True, False]
+        assert logps[0, 0] == logps[0, 1]
+        np.testing.assert_allclose(logps, ref_logps, rtol=1e-6)

@@ -46,7 +46,8 @@ def _chunk_start(i, length: int, chunk: int):
 
 
 def _chunk_stats(x, t):
-    """float32 logsumexp and target log-prob of one chunk. x: [B, C, V] any float dtype, t: [B, C] int."""
+    """float32 logsumexp and target log-prob of one chunk, and whether the target is the (first) argmax. x: [B, C, V]
+    any float dtype, t: [B, C] int."""
     # A gather of the target logits rather than a one-hot select-and-sum: the select would be a second
     # [B, C, V] float32 temporary on XLA:CPU. (`token_logps` has clipped t into the vocabulary.)
     # (target - max) - log1p(the other terms' sum) rather than target - logsumexp(x): the logsumexp is rounded at
@@ -56,23 +57,28 @@ def _chunk_stats(x, t):
     # took a near-certain token's log-prob (about -1e-6) to 0 or to twice its value, a bias summed over every
     # completion token.
     x32 = x.astype(jnp.float32)
-    top = jnp.max(x32, axis=-1)
-    is_top = x32 == top[..., None]
-    # One pass (a variadic reduce, no [B, C, V] temporary): the other terms' sum and the number of tied top logits.
-    # (Two plain sums were 25% faster on XLA:CPU but kept one more float32 [B, C, V] block alive in head_logps.)
-    terms = (jnp.where(is_top, 0.0, jnp.exp(x32 - top[..., None])), is_top.astype(jnp.float32))
-    others, ties = jax.lax.reduce(terms, (jnp.float32(0), jnp.float32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]),
-                                  (x32.ndim - 1,))
-    rest = jnp.log1p(others + (ties - 1))
+    top = jnp.max(x32, axis=-1, keepdims=True)
+    vocab = x32.shape[-1]
+    # One pass after the max (a variadic reduce, no [B, C, V] temporary): the other terms' sum, the number of tied
+    # top logits, and the first index of the top one (jnp.argmax's tie rule). Three different comparisons, each used
+    # once: XLA:GPU wrote one shared `x == top` out as a [B, C, V] mask (a kernel and a read of the logits more),
+    # and jnp.argmax was a second pass over the logits. (Two plain sums were 25% faster on XLA:CPU but kept one
+    # more float32 [B, C, V] block alive in head_logps.)
+    terms = (jnp.where(x32 < top, jnp.exp(x32 - top), 0.0), (x32 >= top).astype(jnp.float32),
+             jnp.where(x32 == top, jax.lax.broadcasted_iota(jnp.int32, x32.shape, x32.ndim - 1), vocab))
+    others, ties, first_top = jax.lax.reduce(
+        terms, (jnp.float32(0), jnp.float32(0), jnp.int32(vocab)),
+        lambda a, b: (a[0] + b[0], a[1] + b[1], jnp.minimum(a[2], b[2])), (x32.ndim - 1,))
+    top, rest = top[..., 0], jnp.log1p(others + (ties - 1))
     tgt = jnp.take_along_axis(x, t[..., None], axis=-1)[..., 0].astype(jnp.float32)
-    return top + rest, (tgt - top) - rest
+    return top + rest, (tgt - top) - rest, first_top == t
 
 
 def _token_logps_fwd_impl(logits, targets, chunk_size):
     batch, length, _ = logits.shape
     n, chunk = _num_chunks(length, chunk_size)
     if n == 1:
-        lse, logp = _chunk_stats(logits, targets)
+        lse, logp, _ = _chunk_stats(logits, targets)
         return logp, lse
 
     def body(i, carry):
@@ -80,7 +86,7 @@ def _token_logps_fwd_impl(logits, targets, chunk_size):
         start = _chunk_start(i, length, chunk)
         x = jax.lax.dynamic_slice_in_dim(logits, start, chunk, axis=1)
         t = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
-        lse, logp = _chunk_stats(x, t)
+        lse, logp, _ = _chunk_stats(x, t)
         logps = jax.lax.dynamic_update_slice_in_dim(logps, logp, start, axis=1)
         lses = jax.lax.dynamic_update_slice_in_dim(lses, lse, start, axis=1)
         return logps, lses
@@ -191,8 +197,8 @@ def _head_weight(kernel, dtype):
 
 def _head_chunk_fwd(h, w, t):
     logits = _head_logits(h, w)
-    lse, logp = _chunk_stats(logits, t)
-    return logp, lse, jnp.argmax(logits, axis=-1) == t
+    lse, logp, correct = _chunk_stats(logits, t)
+    return logp, lse, correct
 
 
 def _head_logps_fwd_impl(hidden, kernel, targets, chunk_size):

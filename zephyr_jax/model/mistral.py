@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from zephyr_jax.model import kv_cache
 from zephyr_jax.model.accumulate import scan_layers_into
-from zephyr_jax.model.attention import attend, cache_attention
+from zephyr_jax.model.attention import attend, cache_attention, traced_platform
 from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
 from zephyr_jax.sharding import constrain
@@ -47,12 +47,13 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rope_tables(positions, head_dim, theta):
-    """cos, sin [B, T, head_dim] in float32 for HF's rotate-half RoPE."""
+def rope_tables(positions, head_dim, theta, dtype):
+    """cos, sin [B, T, head_dim] for HF's rotate-half RoPE, computed in float32 and cast to the activations' dtype
+    (as HF casts them) once here rather than in every layer."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -101,6 +102,14 @@ class Attention(nnx.Module):
         return self.o_proj(out), cache
 
 
+def fuse_gate_up_on(platform: str) -> bool:
+    """Whether training and scoring compute SwiGLU's gate and up projections as one matmul on a platform ("cpu",
+    "tpu", "gpu"): XLA:GPU then writes both their gradients in one pass over the activations (the 1B model's SFT
+    step for an H200: 3.1 -> 2.2 GiB of memory traffic a layer in the backward pass); XLA:TPU reads more with the
+    stacked kernel (v5e-4, the same step: 2.6% more bytes accessed, 0.33 GiB more temporaries)."""
+    return platform != "tpu"
+
+
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -111,8 +120,17 @@ class MLP(nnx.Module):
         self.down_proj = Linear(i, h, ("mlp", "embed"), cfg, rngs)
         self.rules = cfg.sharding_rules
 
-    def __call__(self, x):
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    def __call__(self, x, fuse_gate_up: bool = False):
+        """fuse_gate_up: gate and up as one matmul against their kernels stacked [E, 2, F] (see fuse_gate_up_on).
+        Not for decoding: there the weights are read in place, and the stack would copy them every step."""
+        if fuse_gate_up:
+            dtype = self.gate_proj.dtype
+            kernel = jnp.stack([self.gate_proj.kernel[...].astype(dtype), self.up_proj.kernel[...].astype(dtype)], 1)
+            gate_up = jnp.einsum("bte,ekf->btkf", x.astype(dtype), kernel)
+            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = jax.nn.silu(gate) * up
         return self.down_proj(constrain(hidden, ("batch", "length", "mlp"), self.rules))
 
 
@@ -127,7 +145,8 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, segment_ids, cache=None, max_segments=None):
         attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache, max_segments)
         x = checkpoint_name(x + attn_out, "attention_residual")
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        fuse_gate_up = cache is None and fuse_gate_up_on(traced_platform())
+        x = x + self.mlp(self.post_attention_layernorm(x), fuse_gate_up=fuse_gate_up)
         return constrain(x, ("batch", "length", "embed"), self.rules), cache
 
 
@@ -304,7 +323,7 @@ class Mistral(nnx.Module):
         if positions is None:
             real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
             positions = default_positions(real, segment_ids)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
         x, _ = run_layers(self.layers, self._embed(input_ids), cos, sin, segment_ids, remat=cfg.remat,
                           max_segments=max_segments, unroll=not cfg.scan_layers, grad_sum=grad_sum)
         return self.norm(x)
@@ -323,7 +342,7 @@ class Mistral(nnx.Module):
             mask = mask & (positions[:, :, None] - keys[None, None, :] < cfg.sliding_window)
         step = kv_cache.CacheStep(cache.k, cache.v, jnp.zeros((), jnp.int32), rows, positions, mask[:, None],
                                   cache.heads_first)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
         x, cache = run_layers(self.layers, self._embed(input_ids), cos, sin, None, step,
                               unroll=not cfg.scan_layers)
         return self.norm(x), cache
