@@ -117,8 +117,12 @@ def check_attention(impl: str, b=2, t=1024, n=32, k=8, d=128) -> None:
             if kind == "cudnn":  # the kernel that ran, from the compiled program: forward and backward custom calls
                 calls = re.findall(r"__cudnn\$fmha\w*", hlo)
                 n_bwd = sum(c.endswith("Backward") for c in calls)
+                layout = ""
+                if max_segments is not None and max_segments > 1:  # packed: which K/V went in (jax's offsets fix)
+                    repeated = attention.PACKED_KV_STRIDED_BY_QUERY_HEADS
+                    layout = f"; K/V {'repeated to' if repeated else 'grouped, not repeated to'} q's {n} heads"
                 record(label + ": cuDNN fmha custom calls in compiled HLO", len(calls), None,
-                       n_bwd >= 1 and len(calls) > n_bwd, f"{sorted(set(calls))}")
+                       n_bwd >= 1 and len(calls) > n_bwd, f"{sorted(set(calls))}{layout}")
             pad = ~real
             record(label + ": max |dq, dk, dv| at padding slots (exactly 0 in the reference)",
                    max(float(np.abs(np.asarray(g, np.float32)[pad]).max(initial=0)) for g in grads), 0.0)

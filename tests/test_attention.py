@@ -223,6 +223,31 @@ def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
     assert ("dot_product_attention_fwd" in jaxpr) == (max_segments in (None, 1))
 
 
+@pytest.mark.parametrize("strided_by_query_heads", [True, False])
+def test_packed_rows_repeat_grouped_kv_only_where_jax_needs_it(monkeypatch, strided_by_query_heads):
+    """Before jax 0.11.1 its cuDNN front end strided packed K/V offsets by the query heads
+    (attention.PACKED_KV_STRIDED_BY_QUERY_HEADS): there grouped K/V go in repeated to q's 8 heads, elsewhere as
+    their own 2; jax's own checks take both, forward and backward (traced as if on a Hopper GPU)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(attention, "traced_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
+    monkeypatch.setattr(attention, "PACKED_KV_STRIDED_BY_QUERY_HEADS", strided_by_query_heads)
+    assert attention.PACKED_KV_STRIDED_BY_QUERY_HEADS == strided_by_query_heads
+    q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
+    segments = _rows(128, *TRACE_ROWS[3])
+    loss = lambda q, k, v: attend(q, k, v, segments, sliding_window=32, impl="cudnn",
+                                  max_segments=3).astype(jnp.float32).sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    calls = [e for e in jaxpr.jaxpr.eqns if "dot_product_attention" in e.primitive.name]
+    assert any("fwd" in e.primitive.name for e in calls) and any("bwd" in e.primitive.name for e in calls)
+    for call in calls:
+        assert call.invars[1].aval.shape[2] == (8 if strided_by_query_heads else 2)  # K's heads
+
+
 def _kernel_leaving_padding_unwritten(segments):
     """A stand-in for jax's cuDNN call: the XLA path, with NaN in the rows outside every sequence, forward and
     backward (cuDNN writes no output or dq/dk/dv rows there)."""
@@ -254,14 +279,17 @@ def _as_on_a_hopper_gpu(monkeypatch, segments):
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
 
 
-@pytest.mark.parametrize("max_segments", [1, 3])
-def test_cudnn_gradients_at_padding_are_zero_whatever_the_kernel_leaves_there(monkeypatch, max_segments):
+@pytest.mark.parametrize("max_segments,strided_by_query_heads", [(1, True), (3, True), (3, False)])
+def test_cudnn_gradients_at_padding_are_zero_whatever_the_kernel_leaves_there(monkeypatch, max_segments,
+                                                                              strided_by_query_heads):
     """What cuDNN leaves in the rows outside every sequence (here NaN, forward and backward) must not reach
-    attend's gradients: finite, 0 at padding, and the XLA path's at the real slots."""
+    attend's gradients: finite, 0 at padding, and the XLA path's at the real slots; packed rows with grouped K/V
+    repeated to q's heads (jax before 0.11.1) or not."""
     packed = ((1, 30),), ((1, 20), (2, 14), (3, 10))  # then padding: 34 and 20 slots
     segments = _rows(64, *packed) if max_segments == 3 else _rows(64, ((1, 64),), ((1, 40),))
     real = (segments > 0)[:, :, None, None]
     _as_on_a_hopper_gpu(monkeypatch, segments)
+    monkeypatch.setattr(attention, "PACKED_KV_STRIDED_BY_QUERY_HEADS", strided_by_query_heads)
     q, k, v = _qkv(2, 64, 4, 2, 16, dtype=jnp.bfloat16)
     cot = jax.random.normal(jax.random.key(1), q.shape, jnp.float32) * real  # padding outputs carry no loss
 

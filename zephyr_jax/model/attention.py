@@ -27,6 +27,9 @@ from zephyr_jax import sharding
 from zephyr_jax.model.config import ATTENTION_IMPLS
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# Before jax 0.11.1 its cuDNN front end strided packed K/V offsets by the query heads (fixed in jax-ml/jax#39521,
+# "Fix cuDNN packed-attention kv_offsets for GQA/MQA"): grouped K/V read the wrong keys there, unless repeated.
+PACKED_KV_STRIDED_BY_QUERY_HEADS = jax.__version_info__ < (0, 11, 1)
 
 
 def make_mask(length: int, segment_ids=None, sliding_window=None) -> jax.Array:
@@ -369,11 +372,9 @@ def _cudnn(q, k, v, segment_ids, *, sliding_window, max_segments):
         lengths = jnp.maximum(lengths, 1)
         out = call(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, mask_type=MaskType.PADDING_CAUSAL)
     else:
-        # jax 0.10.2 strides packed K/V offsets by the query heads, so K/V go in with as many heads as q (right on
-        # releases that stride by the K/V heads too, at G times the K/V bytes: drop it only where every supported
-        # jax strides by K/V heads).
-        groups = q.shape[2] // k.shape[2]
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        if PACKED_KV_STRIDED_BY_QUERY_HEADS:  # K/V in with as many heads as q, at G times their bytes
+            groups = q.shape[2] // k.shape[2]
+            k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         out = call(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
                    mask_type=MaskType.PADDING_CAUSAL)
     # cuDNN leaves padding queries unwritten: zeros there; rows the lengths/offsets misdescribe: NaN, loud not wrong
