@@ -363,8 +363,8 @@ def _cudnn(q, k, v, segment_ids, *, sliding_window, max_segments):
     if segment_ids is None:
         return call(q, k, v, mask_type=MaskType.CAUSAL)
     lengths, offsets, ok = segment_offsets(segment_ids, max_segments)
-    # cuDNN writes no dq/dk/dv rows (nor outputs) at slots outside every sequence: zero the inputs there, so the
-    # select's transpose discards whatever the backward kernel left in those rows (the kernel never reads them).
+    # cuDNN neither reads nor writes the slots outside every sequence (no output, no dq/dk/dv rows there): the
+    # cotangents of q, k, v are zeroed at those slots, so whatever the backward kernel left in them goes nowhere.
     real = segment_ids > 0
     q, k, v = (_zero_cotangent_outside(x, real) for x in (q, k, v))
     if offsets is None:
