@@ -159,7 +159,7 @@ run_logsoftmax() {  # optional: what keeping near-certain tokens' log-probs cost
 }
 run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed reference log-probs
   # The recipe's 32 pairs first; where that runs out of memory (and only then), the next smallest change: 2
-  # micro-batches (float32 Adam kept; planned at 118.2 GiB against 125.3 for one), then Adam's first moment in
+  # micro-batches (float32 Adam kept; planned at 117.7 GiB against 123.3 for one), then Adam's first moment in
   # bf16, then also 16 pairs a step. The table's "XLA GiB" is the planner's figure for the same step
   # (`python -m zephyr_jax.plan --topology=local`), beside the allocator's measured peak.
   local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True" extra batch
