@@ -1,7 +1,7 @@
 """Memory traffic of the train step as XLA:GPU compiles it, kernel by kernel, for a GPU this machine does not have.
 
     python bench/step_traffic.py --config=configs/sft.py [--config.key=value ...] [--topology=h200-1]
-        [--length_mix=SPEC] [--top=25]
+        [--length_mix=SPEC] [--top=25] [--grouped_kv]
 
 Compiles the train step that train.py jits (the planner's way: zephyr_jax.plan, same function, shardings and
 batch shapes: the largest of the length mix's batches) for --topology (compile_targets.target_for; GPUs need JAX's
@@ -13,6 +13,11 @@ from the rest: the rest is bandwidth-bound work (normalisation, RoPE, SwiGLU, ma
 copies), whose bytes over the HBM bandwidth are time a step spends outside its matmuls. A static estimate from the
 program, not a measurement: the autotuner here picks kernels without a GPU, and caches are ignored. XLA:TPU's
 programs are read too, but without trip counts (each loop counted once, and named).
+
+XLA_FLAGS is what the environment says (unset: XLA's defaults, as bench/throughput.py runs); the program a
+launch/slurm_gpu.sbatch job runs: `XLA_FLAGS="$(python -m zephyr_jax.xla_flags)"` (cuBLAS GEMMs, no XLA
+rematerialisation: its fusions differ). --grouped_kv: cuDNN's packed rows take grouped K/V as they are, as on jax
+0.11.1 and later, whatever this machine's jax (attention.PACKED_KV_STRIDED_BY_QUERY_HEADS).
 
 Prints each loop's and the whole step's bytes, the time the non-matmul bytes take at --bandwidth GB/s, and the
 --top non-matmul kernels of the whole step (bytes times trips) with the JAX operation each came from.
@@ -33,6 +38,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from zephyr_jax import plan, train  # noqa: E402
 from zephyr_jax.compile_targets import cudnn_checks_for, target_for  # noqa: E402
+from zephyr_jax.model import attention  # noqa: E402
 
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
          "f64": 8, "s64": 8, "u64": 8}
@@ -144,19 +150,22 @@ def kernels(comps: dict, name: str) -> list[dict]:
 
 def loops(comps: dict, entry: str) -> list[tuple[str, int]]:
     """(computation, times it runs a step): the entry once, each while body its known trip count times its
-    enclosing computation's count (XLA:GPU records the count; a loop without one counts once, and is named)."""
+    enclosing computation's count (XLA:GPU records the count; a loop without one counts once, and is named), a
+    called computation as often as its caller."""
     runs, todo = [(entry, 1)], [(entry, 1)]
     while todo:
         name, times = todo.pop()
         for line in comps[name]:
-            if " while(" not in line:
-                continue
-            body = re.search(r"body=%([\w.\-]+)", line).group(1)
-            trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
-            if trips is None:
-                print(f"note: loop {body} has no known trip count; counted once")
-            runs.append((body, times * (int(trips.group(1)) if trips else 1)))
-            todo.append(runs[-1])
+            if " while(" in line:
+                body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+                if trips is None:
+                    print(f"note: loop {body} has no known trip count; counted once")
+                runs.append((body, times * (int(trips.group(1)) if trips else 1)))
+                todo.append(runs[-1])
+            elif " call(" in line:
+                runs.append((re.search(r"to_apply=%([\w.\-]+)", line).group(1), times))
+                todo.append(runs[-1])
     return runs
 
 
@@ -172,11 +181,15 @@ def compile_step(cfg, topology: str, spec: str | None):
         return step.lower(inputs.state, inputs.batch, inputs.reference).compile(), target
 
 
-def report(cfg, topology: str, spec: str | None, bandwidth: float, top_n: int) -> None:
+def report(cfg, topology: str, spec: str | None, bandwidth: float, top_n: int, grouped_kv: bool) -> None:
+    if grouped_kv:
+        attention.PACKED_KV_STRIDED_BY_QUERY_HEADS = False
     compiled, target = compile_step(cfg, topology, spec)
     comps, entry = computations(compiled.as_text())
     gib = lambda b: f"{b / 2 ** 30:,.2f}"  # noqa: E731
-    print(f"train step ({cfg.stage}) for {target.name}, per device; GiB read + written, from the compiled program")
+    kv = "repeated to q's heads" if attention.PACKED_KV_STRIDED_BY_QUERY_HEADS else "grouped"
+    print(f"train step ({cfg.stage}) for {target.name}, per device; GiB read + written, from the compiled program "
+          f"(XLA_FLAGS: {os.environ.get('XLA_FLAGS') or 'none'}; cuDNN packed K/V {kv})")
     print("| computation | runs a step | matmuls | attention | other | other x runs |")
     print("| --- | --- | --- | --- | --- | --- |")
     totals, top = collections.Counter(), collections.Counter()
@@ -210,9 +223,11 @@ def cli():
     top = flags.DEFINE_integer("top", 25, "how many of the largest non-matmul kernels to list")
     bandwidth = flags.DEFINE_float("bandwidth", 3300.0, "GB/s for the time estimate (an H200's device-to-device "
                                    "copy measured 3,524 GB/s, 2026-12-04)")
+    grouped_kv = flags.DEFINE_bool("grouped_kv", False, "cuDNN's packed rows take grouped K/V unrepeated, as on "
+                                   "jax >= 0.11.1, whatever this machine's jax")
     flags.mark_flags_as_required(["config"])
-    app.run(lambda argv: report(config.value, topology.value, mix.value, bandwidth.value, top.value),
-            flags_parser=parse_flags)
+    app.run(lambda argv: report(config.value, topology.value, mix.value, bandwidth.value, top.value,
+                                grouped_kv.value), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

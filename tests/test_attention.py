@@ -236,7 +236,6 @@ def test_packed_rows_repeat_grouped_kv_only_where_jax_needs_it(monkeypatch, stri
     monkeypatch.setattr(attention, "traced_platform", lambda: "gpu")
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
     monkeypatch.setattr(attention, "PACKED_KV_STRIDED_BY_QUERY_HEADS", strided_by_query_heads)
-    assert attention.PACKED_KV_STRIDED_BY_QUERY_HEADS == strided_by_query_heads
     q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
     segments = _rows(128, *TRACE_ROWS[3])
     loss = lambda q, k, v: attend(q, k, v, segments, sliding_window=32, impl="cudnn",

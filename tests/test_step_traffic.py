@@ -11,8 +11,8 @@ spec.loader.exec_module(step_traffic)
 
 # A 3-layer loop over stacked float32 weights [3, 8, 16]: each trip casts its layer's slice to bf16 (a fusion that
 # reads only the slice), multiplies (a GEMM fusion), applies a mask that XLA hoisted out of the loop as a full
-# [4, 16] array, and writes its output into a [3, 4, 16] stack in place; a gather reads 4 of 1,024 logits through a
-# bitcast. The entry zeroes the stack and runs the loop.
+# [4, 16] array, and writes its output into a [3, 4, 16] stack in place. The entry zeroes the stack, runs the
+# loop, and calls a computation whose gather reads 4 of 1,024 logits through a bitcast.
 HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
 
 %fused_cast (param_0: f32[3,8,16], param_1: s32[]) -> bf16[1,8,16] {
@@ -72,6 +72,12 @@ HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
   ROOT %lt = pred[] compare(%i, %n), direction=LT
 }
 
+%head (logits: f32[4,256], idx: s32[4,1]) -> f32[4,1] {
+  %logits = f32[4,256]{1,0} parameter(0)
+  %idx = s32[4,1]{1,0} parameter(1)
+  ROOT %gather_fusion = f32[4,1]{1,0} fusion(%logits, %idx), kind=kLoop, calls=%fused_gather
+}
+
 ENTRY %main (w: f32[3,8,16], x: bf16[4,8], m: pred[4,16], logits: f32[4,256], idx: s32[4,1]) -> f32[4,1] {
   %w = f32[3,8,16]{2,1,0} parameter(0)
   %x = bf16[4,8]{1,0} parameter(1)
@@ -79,10 +85,11 @@ ENTRY %main (w: f32[3,8,16], x: bf16[4,8], m: pred[4,16], logits: f32[4,256], id
   %logits = f32[4,256]{1,0} parameter(3)
   %idx = s32[4,1]{1,0} parameter(4)
   %zero = s32[] constant(0)
-  %ys = bf16[3,4,16]{2,1,0} broadcast(%zero), dimensions={}
+  %none = bf16[] constant(0)
+  %ys = bf16[3,4,16]{2,1,0} broadcast(%none), dimensions={}
   %init = LOOP_STATE tuple(%zero, %w, %x, %m, %ys)
   %loop = LOOP_STATE while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
-  ROOT %gather_fusion = f32[4,1]{1,0} fusion(%logits, %idx), kind=kLoop, calls=%fused_gather
+  ROOT %called = f32[4,1]{1,0} call(%logits, %idx), to_apply=%head
 }
 """.replace("LOOP_STATE", "(s32[], f32[3,8,16]{2,1,0}, bf16[4,8]{1,0}, pred[4,16]{1,0}, bf16[3,4,16]{2,1,0})").replace(
     "GATHER_DIMS", "offset_dims={1}, collapsed_slice_dims={}, start_index_map={0}, index_vector_dim=1, slice_sizes={1}"
@@ -94,7 +101,7 @@ ENTRY %main (w: f32[3,8,16], x: bf16[4,8], m: pred[4,16], logits: f32[4,256], id
 def test_kernels_read_what_they_take_and_loop_bodies_count_their_trips():
     comps, entry = step_traffic.computations(HLO)
     assert entry == "main"
-    assert step_traffic.loops(comps, entry) == [("main", 1), ("body", 3)]
+    assert step_traffic.loops(comps, entry) == [("main", 1), ("body", 3), ("head", 1)]
     body = {k["name"]: k for k in step_traffic.kernels(comps, "body")}
     assert set(body) == {"cast_fusion", "gemm_fusion", "mask_fusion", "next"}
     # One layer's float32 slice read (8 x 16 x 4), its bf16 copy written (8 x 16 x 2): not the whole stack (and
@@ -107,5 +114,7 @@ def test_kernels_read_what_they_take_and_loop_bodies_count_their_trips():
     assert body["mask_fusion"]["bytes"] == 4 * 16 * 2 + 4 * 16 * 1 + 4 * 16 * 2 + 4
     assert body["mask_fusion"]["source"] == "jit(_where)/select_n"
     entry_kernels = {k["name"]: k for k in step_traffic.kernels(comps, "main")}
-    assert entry_kernels["ys"]["bytes"] == 3 * 4 * 16 * 2 + 4  # the zeroed stack written once (and its scalar)
-    assert entry_kernels["gather_fusion"]["bytes"] == 3 * 4 * 4  # 4 logits (through a bitcast), the indices, out
+    assert set(entry_kernels) == {"ys"}  # the call is followed, not counted as a kernel
+    assert entry_kernels["ys"]["bytes"] == 3 * 4 * 16 * 2 + 2  # the zeroed stack written once (and its scalar)
+    head = step_traffic.kernels(comps, "head")
+    assert [k["bytes"] for k in head] == [3 * 4 * 4]  # 4 logits (through a bitcast), the indices, out

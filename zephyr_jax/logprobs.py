@@ -60,7 +60,8 @@ def _chunk_stats(x, t):
     top = jnp.max(x32, axis=-1, keepdims=True)
     vocab = x32.shape[-1]
     # One pass after the max (a variadic reduce, no [B, C, V] temporary): the other terms' sum, the number of tied
-    # top logits, and the first index of the top one (jnp.argmax's tie rule). Three different comparisons, each used
+    # top logits, and the first index of the top one (jnp.argmax's tie rule; a NaN logit, which jnp.argmax would
+    # pick, makes the row's logps NaN and no target correct). Three different comparisons, each used
     # once: XLA:GPU wrote one shared `x == top` out as a [B, C, V] mask (a kernel and a read of the logits more),
     # and jnp.argmax was a second pass over the logits. (Two plain sums were 25% faster on XLA:CPU but kept one
     # more float32 [B, C, V] block alive in head_logps.)

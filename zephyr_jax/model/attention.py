@@ -363,8 +363,9 @@ def _cudnn(q, k, v, segment_ids, *, sliding_window, max_segments):
     if segment_ids is None:
         return call(q, k, v, mask_type=MaskType.CAUSAL)
     lengths, offsets, ok = segment_offsets(segment_ids, max_segments)
-    # cuDNN neither reads nor writes the slots outside every sequence (no output, no dq/dk/dv rows there): the
-    # cotangents of q, k, v are zeroed at those slots, so whatever the backward kernel left in them goes nowhere.
+    # cuDNN writes no output or dq/dk/dv rows at slots outside every sequence (and reads nothing from them but an
+    # all-padding row's slot 0, below): the cotangents of q, k, v are zeroed at those slots, so whatever the backward
+    # kernel left there goes nowhere, and the output's are replaced.
     real = segment_ids > 0
     q, k, v = (_zero_cotangent_outside(x, real) for x in (q, k, v))
     if offsets is None:

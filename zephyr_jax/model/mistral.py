@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from zephyr_jax.model import kv_cache
 from zephyr_jax.model.accumulate import scan_layers_into
-from zephyr_jax.model.attention import attend, cache_attention, traced_platform
+from zephyr_jax.model.attention import attend, cache_attention
 from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
 from zephyr_jax.sharding import constrain
@@ -102,14 +102,6 @@ class Attention(nnx.Module):
         return self.o_proj(out), cache
 
 
-def fuse_gate_up_on(platform: str) -> bool:
-    """Whether training and scoring compute SwiGLU's gate and up projections as one matmul on a platform ("cpu",
-    "tpu", "gpu"): XLA:GPU then writes both their gradients in one pass over the activations (the 1B model's SFT
-    step for an H200: 3.1 -> 2.2 GiB of memory traffic a layer in the backward pass); XLA:TPU reads more with the
-    stacked kernel (v5e-4, the same step: 2.6% more bytes accessed, 0.33 GiB more temporaries)."""
-    return platform != "tpu"
-
-
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -120,17 +112,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(i, h, ("mlp", "embed"), cfg, rngs)
         self.rules = cfg.sharding_rules
 
-    def __call__(self, x, fuse_gate_up: bool = False):
-        """fuse_gate_up: gate and up as one matmul against their kernels stacked [E, 2, F] (see fuse_gate_up_on).
-        Not for decoding: there the weights are read in place, and the stack would copy them every step."""
-        if fuse_gate_up:
-            dtype = self.gate_proj.dtype
-            kernel = jnp.stack([self.gate_proj.kernel[...].astype(dtype), self.up_proj.kernel[...].astype(dtype)], 1)
-            gate_up = jnp.einsum("bte,ekf->btkf", x.astype(dtype), kernel)
-            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        hidden = jax.nn.silu(gate) * up
+    def __call__(self, x):
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(constrain(hidden, ("batch", "length", "mlp"), self.rules))
 
 
@@ -145,8 +128,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, segment_ids, cache=None, max_segments=None):
         attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache, max_segments)
         x = checkpoint_name(x + attn_out, "attention_residual")
-        fuse_gate_up = cache is None and fuse_gate_up_on(traced_platform())
-        x = x + self.mlp(self.post_attention_layernorm(x), fuse_gate_up=fuse_gate_up)
+        x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "embed"), self.rules), cache
 
 
