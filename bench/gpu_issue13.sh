@@ -159,10 +159,21 @@ run_logsoftmax() {  # optional: what keeping near-certain tokens' log-probs cost
 }
 run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed reference log-probs
   # The recipe's 32 pairs first; where that runs out of memory (and only then), the next smallest change: 2
-  # micro-batches (float32 Adam kept; planned at 117.7 GiB against 123.3 for one), then Adam's first moment in
+  # micro-batches (float32 Adam kept; planned at 118.2 GiB against 124.3 for one), then Adam's first moment in
   # bf16, then also 16 pairs a step. The table's "XLA GiB" is the planner's figure for the same step
   # (`python -m zephyr_jax.plan --topology=local`), beside the allocator's measured peak.
+  # Under launch/slurm_gpu.sbatch's XLA flags, as a job runs: without them XLA's own rematerialisation, near the
+  # memory limit at 7B, recomputes fusions up to 8 times a layer (compiled for an H200 on a CPU, the 32 pairs:
+  # 1,507 against 1,155 GiB a step outside the matmuls, bench/step_traffic.py). Without them where this jax
+  # refuses one (XLA stops at an unknown flag), said in the log.
   local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True" extra batch
+  local sbatch_flags xla_flags=""
+  sbatch_flags=$("$PY" -m zephyr_jax.xla_flags)
+  if XLA_FLAGS=$sbatch_flags timeout 120 "$PY" -c "import jax; jax.devices()" >/dev/null 2>&1; then
+    xla_flags=$sbatch_flags
+  fi
+  echo "dpo7b: XLA_FLAGS=${xla_flags:-(none: this jax refused those of launch/slurm_gpu.sbatch)}" \
+    | tee -a "$OUT/dpo7b.log"
   for variant in "none $DPO_BATCH" "--config.train.grad_accum=2 $DPO_BATCH" \
                  "--config.optim.mu_dtype=bfloat16 $DPO_BATCH" \
                  "--config.optim.mu_dtype=bfloat16 $(( DPO_BATCH / 2 ))"; do
@@ -170,8 +181,8 @@ run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed r
     [ "$extra" = none ] && extra=""
     local before
     before=$({ wc -l <"$OUT/dpo7b.log"; } 2>/dev/null || echo 0)
-    stage dpo7b 240 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch --batches=1 \
-      --warmup=1 --repeats=3 && break
+    XLA_FLAGS=$xla_flags stage dpo7b 240 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch \
+      --batches=1 --warmup=1 --repeats=3 && break
     # Another failure (a kernel error, a NaN, the time limit) would fail every variant the same way.
     tail -n +$(( before + 1 )) "$OUT/dpo7b.log" | grep -qiE 'RESOURCE_EXHAUSTED|out of memory' || break
   done
