@@ -4,12 +4,12 @@
 # fails or runs long leaves the others' figures; the tables come last.
 #
 #   bash bench/gpu_issue13.sh wheels          here, before the device calls: fetch the wheels the GPU machine lacks
-#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity dpo7b decode profile trl
-#                                             remat (default: all, in that order; profile: the train stage's 1B
-#                                             steps, then their kernel time by XLA operation; remat: the 1B SFT
-#                                             step with remat save_dots and none); on request: train (the 1B
-#                                             steps alone), flags (the 1B steps under launch/slurm_gpu.sbatch's
-#                                             XLA flags), logsoftmax (bench/log_softmax.py at the 1B model's head
+#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity dpo7b decode profile flags
+#                                             trl remat (default: all, in that order; profile: the train stage's 1B
+#                                             steps, then their kernel time by XLA operation; flags: the 1B steps
+#                                             under launch/slurm_gpu.sbatch's XLA flags; remat: the 1B SFT step
+#                                             with remat save_dots and none); on request: train (the 1B steps
+#                                             alone), logsoftmax (bench/log_softmax.py at the 1B model's head
 #                                             shapes)
 #   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet, or that the
 #                                             budget cut short (a part skipped, or stopped before its limit)
@@ -140,13 +140,13 @@ run_remat() {  # optional (not in the default list): what the configs' full rema
     train_1b sft train:remat_$policy --config.model.remat=$policy
   done
 }
-run_flags() (  # optional: the 1B steps under launch/slurm_gpu.sbatch's XLA flags (MaxText's), against `train`
-  XLA_FLAGS=$("$PY" -m zephyr_jax.xla_flags)
-  export XLA_FLAGS
-  echo "XLA_FLAGS=$XLA_FLAGS" >>"$OUT/train.log"
-  train_1b sft train:xla_flags
-  train_1b dpo train:xla_flags
-)
+run_flags() {  # the 1B steps under launch/slurm_gpu.sbatch's XLA flags (MaxText's), against `train`/`profile`
+  local xla_flags
+  xla_flags=$("$PY" -m zephyr_jax.xla_flags)
+  echo "XLA_FLAGS=$xla_flags" >>"$OUT/train.log"
+  XLA_FLAGS=$xla_flags train_1b sft train:xla_flags
+  XLA_FLAGS=$xla_flags train_1b dpo train:xla_flags
+}
 run_profile() {  # the train stage's timings, then where the 1B steps' GPU time goes (kernel time by XLA operation
   # and kind), for an MFU below the goal; the traces stay on the machine (they can exceed what comes back), the
   # tables go to profile.log, whose operation rows the closing tables leave out
@@ -212,8 +212,9 @@ declare -A NEED=([env]=20 [parity]=150 [train]=80 [dpo7b]=150 [decode]=100 [trl]
 # (15 at least: stage() runs nothing with under 15 s left.)
 if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=15; done; fi
 # What 2026-12-04 left unmeasured first (parity, the 7B DPO step), then decoding with the per-layer weights, then
-# the training steps again with their profile (the MFU goals were missed), TRL, and what remat costs.
-DEFAULT="env parity dpo7b decode profile trl remat"
+# the training steps again with their profile (the MFU goals were missed), under the sbatch's XLA flags (their
+# programs read 12-15% less outside the matmuls, bench/step_traffic.py), TRL, and what remat costs.
+DEFAULT="env parity dpo7b decode profile flags trl remat"
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
 if [ "${1:-}" = resume ]; then
   set -- $(for name in $DEFAULT; do grep -qx "$name" "$STARTED" 2>/dev/null || echo "$name"; done)
