@@ -206,7 +206,7 @@ def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
     monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
-    monkeypatch.setattr(attention, "traced_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
     q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
     segments = None if max_segments is None else _rows(128, *TRACE_ROWS[max_segments])
@@ -233,7 +233,7 @@ def test_packed_rows_repeat_grouped_kv_only_where_jax_needs_it(monkeypatch, stri
     monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
-    monkeypatch.setattr(attention, "traced_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
     monkeypatch.setattr(attention, "PACKED_KV_STRIDED_BY_QUERY_HEADS", strided_by_query_heads)
     q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
@@ -274,7 +274,7 @@ def _as_on_a_hopper_gpu(monkeypatch, segments):
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     monkeypatch.setattr(cudnn, "dot_product_attention", _kernel_leaving_padding_unwritten(segments))
-    monkeypatch.setattr(attention, "traced_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
 
 

@@ -61,10 +61,10 @@ def _chunk_stats(x, t):
     vocab = x32.shape[-1]
     # One pass after the max (a variadic reduce, no [B, C, V] temporary): the other terms' sum, the number of tied
     # top logits, and the first index of the top one (jnp.argmax's tie rule; a NaN logit, which jnp.argmax would
-    # pick, makes the row's logps NaN and no target correct). Three different comparisons, each used
-    # once: XLA:GPU wrote one shared `x == top` out as a [B, C, V] mask (a kernel and a read of the logits more),
-    # and jnp.argmax was a second pass over the logits. (Two plain sums were 25% faster on XLA:CPU but kept one
-    # more float32 [B, C, V] block alive in head_logps.)
+    # pick, makes the row's logps NaN and no target correct). Three different comparisons, each used once: XLA:GPU
+    # wrote one shared `x == top` out as a [B, C, V] mask (a kernel and a read of the logits more), and jnp.argmax
+    # was a second pass over the logits. (Two plain sums were 25% faster on XLA:CPU but kept one more float32
+    # [B, C, V] block alive in head_logps.)
     terms = (jnp.where(x32 < top, jnp.exp(x32 - top), 0.0), (x32 >= top).astype(jnp.float32),
              jnp.where(x32 == top, jax.lax.broadcasted_iota(jnp.int32, x32.shape, x32.ndim - 1), vocab))
     others, ties, first_top = jax.lax.reduce(

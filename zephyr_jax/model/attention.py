@@ -108,7 +108,7 @@ def attend(q, k, v, segment_ids, *, sliding_window, impl="auto", rules=None, int
     _check_shapes(q, k, v, segment_ids)
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
-    platform = traced_platform()
+    platform = _platform()
     if impl == "auto":
         impl = _auto_impl(platform, q, k, segment_ids, max_segments, rules)
     if impl == "xla":
@@ -132,7 +132,7 @@ def _check_shapes(q, k, v, segment_ids):
         raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = {(b, t)}")
 
 
-def traced_platform() -> str:
+def _platform() -> str:
     """The platform the program is traced for: the mesh's devices (which may be a TPU slice compiled for from a
     CPU host), else the default backend."""
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
@@ -363,9 +363,9 @@ def _cudnn(q, k, v, segment_ids, *, sliding_window, max_segments):
     if segment_ids is None:
         return call(q, k, v, mask_type=MaskType.CAUSAL)
     lengths, offsets, ok = segment_offsets(segment_ids, max_segments)
-    # cuDNN writes no output or dq/dk/dv rows at slots outside every sequence (and reads nothing from them but an
-    # all-padding row's slot 0, below): the cotangents of q, k, v are zeroed at those slots, so whatever the backward
-    # kernel left there goes nowhere, and the output's are replaced.
+    # cuDNN writes no output or dq/dk/dv rows at slots outside every sequence and reads none of them (but an
+    # all-padding row's slot 0, below): the output's rows there are replaced, and the cotangents of q, k, v zeroed
+    # there, so whatever the backward kernel left in those rows goes nowhere.
     real = segment_ids > 0
     q, k, v = (_zero_cotangent_outside(x, real) for x in (q, k, v))
     if offsets is None:
