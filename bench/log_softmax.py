@@ -3,8 +3,8 @@
     python bench/log_softmax.py [--batch 2 --length 512 --embed 64 --vocab 32000 --chunk-size 128 --runs 5]
 
 `logprobs._chunk_stats` computes log p(target) as (target - max) - log1p(sum of the other terms + ties - 1), the
-sum and the tie count in one variadic reduce: a near-certain token keeps its digits. Compared, by swapping that
-one function:
+sum, the tie count and the first top index (head_logps' `correct`) in one variadic reduce: a near-certain token
+keeps its digits. Compared, by swapping that one function (the other two find `correct` with jnp.argmax):
 
   current:  logprobs._chunk_stats as it is
   plain:    target - logsumexp(x) (the sum holds the top term, 1, and rounds the rest at ulp(1) = 1.2e-7)
@@ -39,7 +39,7 @@ def plain(x, t):
     x32 = x.astype(jnp.float32)
     lse = jax.nn.logsumexp(x32, axis=-1)
     tgt = jnp.take_along_axis(x32, t[..., None], axis=-1)[..., 0]
-    return lse, tgt - lse
+    return lse, tgt - lse, jnp.argmax(x32, axis=-1) == t
 
 
 def two_sums(x, t):
@@ -50,7 +50,7 @@ def two_sums(x, t):
     ties = jnp.sum(is_top, axis=-1, dtype=jnp.float32)
     rest = jnp.log1p(others + (ties - 1))
     tgt = jnp.take_along_axis(x32, t[..., None], axis=-1)[..., 0]
-    return top + rest, (tgt - top) - rest
+    return top + rest, (tgt - top) - rest, jnp.argmax(x32, axis=-1) == t
 
 
 VARIANTS = {"current": logprobs._chunk_stats, "plain": plain, "two_sums": two_sums}
