@@ -197,10 +197,8 @@ def test_cudnn_refuses_what_it_cannot_honour():
 TRACE_ROWS = {1: (((1, 100),), ((1, 50),)), 3: (((1, 100),), ((1, 50), (2, 40), (3, 38)))}
 
 
-@pytest.mark.parametrize("max_segments", [None, 1, 3])
-def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
-    """Traced (not run) as if on a Hopper GPU: jax's fused-attention front end checks shapes, dtypes and the
-    packed layout of what attend passes, forward and backward."""
+def _traced_as_on_a_hopper_gpu(monkeypatch):
+    """attend traces its cuDNN path here as on a Hopper GPU, through jax's own front-end checks (nothing runs)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
@@ -208,6 +206,13 @@ def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
     monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
     monkeypatch.setattr(attention, "_platform", lambda: "gpu")
     monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
+
+
+@pytest.mark.parametrize("max_segments", [None, 1, 3])
+def test_cudnn_call_passes_jaxs_own_checks(monkeypatch, max_segments):
+    """Traced (not run) as if on a Hopper GPU: jax's fused-attention front end checks shapes, dtypes and the
+    packed layout of what attend passes, forward and backward."""
+    _traced_as_on_a_hopper_gpu(monkeypatch)
     q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
     segments = None if max_segments is None else _rows(128, *TRACE_ROWS[max_segments])
     loss = lambda q, k, v: attend(q, k, v, segments, sliding_window=32, impl="auto",
@@ -228,13 +233,7 @@ def test_packed_rows_repeat_grouped_kv_only_where_jax_needs_it(monkeypatch, stri
     """Before jax 0.11.1 its cuDNN front end strided packed K/V offsets by the query heads
     (attention.PACKED_KV_STRIDED_BY_QUERY_HEADS): there grouped K/V go in repeated to q's 8 heads, elsewhere as
     their own 2; jax's own checks take both, forward and backward (traced as if on a Hopper GPU)."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
-    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
-    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
+    _traced_as_on_a_hopper_gpu(monkeypatch)
     monkeypatch.setattr(attention, "PACKED_KV_STRIDED_BY_QUERY_HEADS", strided_by_query_heads)
     q, k, v = _qkv(2, 128, 8, 2, 64, dtype=jnp.bfloat16)
     segments = _rows(128, *TRACE_ROWS[3])
