@@ -42,8 +42,7 @@ def main(argv):
     mesh = train.mesh_for(cfg)
     mcfg, _ = plan.planned_model_config(cfg)
     batches = plan.batches_of_mix(cfg, mesh, plan.DEFAULT_MIX[cfg.stage])  # the planner's own (same seed)
-    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, plan.abstract_batch(batches),
-                                              train.max_segments(cfg, [b.batch for b in batches]))
+    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, batches)
     _, params, _ = train.init_params(cfg, mcfg, mesh)
     state_shardings, batch_shardings, ref_shardings = inputs.shardings
     tx, _ = steps.make_optimizer(cfg.optim, 1000)

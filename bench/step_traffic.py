@@ -175,8 +175,7 @@ def compile_step(cfg, topology: str, spec: str | None):
     mesh = train.mesh_for(cfg, target.devices)
     mcfg, _ = plan.planned_model_config(cfg)
     batches = plan.batches_of_mix(cfg, mesh, spec or plan.DEFAULT_MIX[cfg.stage])
-    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, plan.abstract_batch(batches),
-                                              train.max_segments(cfg, [b.batch for b in batches]))
+    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, batches)
     with jax.set_mesh(mesh), cudnn_checks_for(target):
         return step.lower(inputs.state, inputs.batch, inputs.reference).compile(), target
 

@@ -242,11 +242,10 @@ def test_counted_flops_are_the_matmuls_of_the_traced_step(config, remat):
     mesh = train.mesh_for(cfg, jax.devices()[:1])
     mcfg, _ = plan.planned_model_config(cfg)
     batches = plan.batches_of_mix(cfg, mesh, plan.DEFAULT_MIX[cfg.stage])
-    batch = plan.abstract_batch(batches)
-    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, batch,
-                                              train.max_segments(cfg, [b.batch for b in batches]))
+    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, batches)
     with jax.set_mesh(mesh):
         traced = jax.make_jaxpr(step)(inputs.state, inputs.batch, inputs.reference)
+    batch = inputs.batch
     rows, length = batch["inputs"].shape
     counted = plan.step_flops_spent(mcfg, positions=rows * length, attention_pairs=rows * length ** 2,
                                     head_positions=rows * batch["loss_positions"].shape[1],

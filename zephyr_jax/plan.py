@@ -215,9 +215,11 @@ class StepInputs(NamedTuple):
     shardings: tuple  # (state, batch, reference) shardings, the trees of the three above
 
 
-def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batch: dict, max_segments: int | None):
-    """(train.py's jitted train step for cfg, its abstract inputs for the abstract `batch`); max_segments: of the
-    batches `batch` stands for (train.max_segments(cfg, rows))."""
+def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batches: list[MixBatch]):
+    """(train.py's jitted train step for cfg, its abstract inputs): the batch is abstract_batch(batches), the
+    step's max_segments what train.py finds in their rows (train.max_segments)."""
+    batch = abstract_batch(batches)
+    max_segments = train.max_segments(cfg, [b.batch for b in batches])
     dpo = cfg.stage == "dpo"
     frozen = dpo and not cfg.dpo.reference_free and not cfg.dpo.precompute_reference
     graphdef, params, param_shardings = train.abstract_params(cfg, mcfg, mesh)
@@ -348,7 +350,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
         "model": {"source": model_source, "params": mcfg.num_params}}
 
     # Compile, then the bytes per chip: the inputs from their shapes and shardings, the rest from XLA.
-    step, inputs = train_step_and_inputs(cfg, mcfg, mesh, batch, train.max_segments(cfg, [b.batch for b in batches]))
+    step, inputs = train_step_and_inputs(cfg, mcfg, mesh, batches)
     buffers = input_buffers(inputs)
     parts = input_bytes(buffers)
     start = time.perf_counter()
