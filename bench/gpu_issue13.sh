@@ -135,17 +135,25 @@ run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, M
   train_1b sft train
   train_1b dpo train
 }
-run_remat() {  # optional (not in the default list): what the configs' full remat costs the 1B SFT step
+run_remat() {  # what the configs' full remat costs the 1B SFT step
   for policy in save_dots none; do
     train_1b sft train:remat_$policy --config.model.remat=$policy
   done
 }
-run_flags() {  # the 1B steps under launch/slurm_gpu.sbatch's XLA flags (MaxText's), against `train`/`profile`
-  local xla_flags
-  xla_flags=$("$PY" -m zephyr_jax.xla_flags)
-  echo "XLA_FLAGS=$xla_flags" >>"$OUT/train.log"
-  XLA_FLAGS=$xla_flags train_1b sft train:xla_flags
-  XLA_FLAGS=$xla_flags train_1b dpo train:xla_flags
+SBATCH_XLA_FLAGS=unread
+sbatch_xla_flags() {  # SBATCH_XLA_FLAGS: launch/slurm_gpu.sbatch's XLA flags (MaxText's), or none where this jax
+  # refuses one of them (XLA stops at an unknown flag); read and tried once a call of this script
+  if [ "$SBATCH_XLA_FLAGS" = unread ]; then
+    SBATCH_XLA_FLAGS=$("$PY" -m zephyr_jax.xla_flags)
+    XLA_FLAGS=$SBATCH_XLA_FLAGS timeout 120 "$PY" -c "import jax; jax.devices()" >/dev/null 2>&1 || SBATCH_XLA_FLAGS=""
+  fi
+  echo "XLA_FLAGS of launch/slurm_gpu.sbatch: ${SBATCH_XLA_FLAGS:-(none: this jax refused them)}"
+}
+run_flags() {  # the 1B steps under launch/slurm_gpu.sbatch's XLA flags, against `train`/`profile`
+  sbatch_xla_flags >>"$OUT/train.log"
+  [ -n "$SBATCH_XLA_FLAGS" ] || return 0  # without them the steps are the profile stage's
+  XLA_FLAGS=$SBATCH_XLA_FLAGS train_1b sft train:xla_flags
+  XLA_FLAGS=$SBATCH_XLA_FLAGS train_1b dpo train:xla_flags
 }
 run_profile() {  # the train stage's timings, then where the 1B steps' GPU time goes (kernel time by XLA operation
   # and kind), for an MFU below the goal; the traces stay on the machine (they can exceed what comes back), the
@@ -162,18 +170,11 @@ run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed r
   # micro-batches (float32 Adam kept; planned at 118.2 GiB against 124.3 for one), then Adam's first moment in
   # bf16, then also 16 pairs a step. The table's "XLA GiB" is the planner's figure for the same step
   # (`python -m zephyr_jax.plan --topology=local`), beside the allocator's measured peak.
-  # Under launch/slurm_gpu.sbatch's XLA flags, as a job runs: without them XLA's own rematerialisation, near the
-  # memory limit at 7B, recomputes fusions up to 8 times a layer (compiled for an H200 on a CPU, the 32 pairs:
-  # 1,507 against 1,155 GiB a step outside the matmuls, bench/step_traffic.py). Without them where this jax
-  # refuses one (XLA stops at an unknown flag), said in the log.
+  # Under launch/slurm_gpu.sbatch's XLA flags, as a job runs (where this jax takes them): without them XLA's own
+  # rematerialisation, near the memory limit at 7B, recomputes fusions up to 8 times a layer (compiled for an
+  # H200 on a CPU, the 32 pairs: 1,743 against 1,088 GiB a step outside the matmuls, bench/step_traffic.py).
   local flags="--config=configs/dpo.py $(arch $SEVEN_B) --config.dpo.precompute_reference=True" extra batch
-  local sbatch_flags xla_flags=""
-  sbatch_flags=$("$PY" -m zephyr_jax.xla_flags)
-  if XLA_FLAGS=$sbatch_flags timeout 120 "$PY" -c "import jax; jax.devices()" >/dev/null 2>&1; then
-    xla_flags=$sbatch_flags
-  fi
-  echo "dpo7b: XLA_FLAGS=${xla_flags:-(none: this jax refused those of launch/slurm_gpu.sbatch)}" \
-    | tee -a "$OUT/dpo7b.log"
+  sbatch_xla_flags >>"$OUT/dpo7b.log"
   for variant in "none $DPO_BATCH" "--config.train.grad_accum=2 $DPO_BATCH" \
                  "--config.optim.mu_dtype=bfloat16 $DPO_BATCH" \
                  "--config.optim.mu_dtype=bfloat16 $(( DPO_BATCH / 2 ))"; do
@@ -181,7 +182,7 @@ run_dpo7b() {  # full parameters: float32 master weights and Adam, precomputed r
     [ "$extra" = none ] && extra=""
     local before
     before=$({ wc -l <"$OUT/dpo7b.log"; } 2>/dev/null || echo 0)
-    XLA_FLAGS=$xla_flags stage dpo7b 240 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch \
+    XLA_FLAGS=$SBATCH_XLA_FLAGS stage dpo7b 240 "$PY" bench/throughput.py $flags $extra --stage=dpo --batch=$batch \
       --batches=1 --warmup=1 --repeats=3 && break
     # Another failure (a kernel error, a NaN, the time limit) would fail every variant the same way.
     tail -n +$(( before + 1 )) "$OUT/dpo7b.log" | grep -qiE 'RESOURCE_EXHAUSTED|out of memory' || break
