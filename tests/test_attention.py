@@ -329,6 +329,60 @@ def test_cudnn_padding_masks_cross_a_layer_scan_as_rows(monkeypatch):
     assert not [a for a in crossing if a.dtype == jnp.bool_ and a.shape == q.shape], crossing
 
 
+def _live_forward_kernels(jaxpr) -> int:
+    """Splash's and cuDNN's forward kernels a jaxpr runs, after dead-code elimination (JAX leaves a recompute
+    nothing reads in the jaxpr; XLA drops it), a scan's body counted once."""
+    from jax._src.interpreters import partial_eval as pe
+    from jax.extend import core
+
+    def count(j):
+        n = 0
+        for e in j.eqns:
+            n += e.primitive.name == "dot_product_attention_fwd_wrapper" or (
+                e.primitive.name == "pallas_call" and "_fwd" in str(e.params["name"]))
+            subs = [v for p in e.params.values() for v in (p if isinstance(p, (tuple, list)) else [p])]
+            n += sum(count(v.jaxpr if isinstance(v, core.ClosedJaxpr) else v) for v in subs
+                     if isinstance(v, (core.ClosedJaxpr, core.Jaxpr)))
+        return n
+
+    live, _ = pe.dce_jaxpr(jaxpr.jaxpr, [True] * len(jaxpr.jaxpr.outvars))
+    return count(live)
+
+
+@pytest.mark.parametrize("impl", ["splash", "cudnn"])
+def test_remat_policies_but_full_keep_the_attention_kernels_residuals(monkeypatch, impl):
+    """A 2-layer model's loss and gradients: the backward pass runs splash's or cuDNN's forward kernel again only
+    under remat="full" (save_dots used to recompute it, since a kernel's output is not a weight matmul's; so did
+    save_all_but_mlp). Splash runs here (interpret mode): its gradients under each policy equal those without
+    remat. cuDNN is traced as on a Hopper GPU."""
+    from flax import nnx
+
+    from zephyr_jax.model import Mistral, MistralConfig
+
+    if impl == "cudnn":
+        _traced_as_on_a_hopper_gpu(monkeypatch)
+    dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 128)), jnp.int32)
+    segments = _rows(128, ((1, 128),), ((1, 50), (2, 60)))
+    grads = {}
+    for remat in ["none", "full", "save_dots", "save_all_but_mlp", "offload"]:
+        cfg = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, dtype=dtype,
+                            attention_impl=impl, remat=remat)
+        graphdef, params = nnx.split(Mistral(cfg, rngs=nnx.Rngs(0)))
+
+        def loss(params):
+            x = nnx.merge(graphdef, params).hidden_states(ids, segment_ids=segments, max_segments=2)
+            return jnp.sum(jnp.tanh(x.astype(jnp.float32)))
+
+        kernels = _live_forward_kernels(jax.make_jaxpr(jax.value_and_grad(loss))(params))
+        assert kernels == {"none": 1, "full": 2}.get(remat, 1), (remat, kernels)  # the forward scan's, the backward's
+        if impl == "splash" and remat != "offload":  # (pinned host memory: TPU/GPU)
+            grads[remat] = jax.grad(loss)(params)
+    for remat, g in grads.items():
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), g, grads["none"])
+
+
 def test_splash_compiles_to_a_mosaic_kernel_for_a_tpu_slice():
     """attend(impl="auto") under a mesh of v5e chips (compiled on this CPU with libtpu) is splash attention, per
     shard, forward and backward. In a child process: libtpu and its environment stay out of this one."""

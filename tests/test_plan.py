@@ -13,6 +13,7 @@ import pytest
 
 from zephyr_jax import compile_targets, plan, xla_flags
 from zephyr_jax.config_common import load_config
+from zephyr_jax.model import MistralConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
@@ -251,6 +252,24 @@ def test_counted_flops_are_the_matmuls_of_the_traced_step(config, remat):
                                     head_positions=rows * batch["loss_positions"].shape[1],
                                     frozen_reference=cfg.stage == "dpo", remat=remat)
     assert _matmul_flops(traced.jaxpr) == pytest.approx(counted, rel=1e-9)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "save_dots", "save_all_but_mlp", "offload"])
+def test_counted_attention_recompute_follows_the_kernels_residuals(remat):
+    """With splash or cuDNN, attention's forward is recomputed under full remat only (the kernel's residuals are
+    kept otherwise: tests/test_attention.py::test_remat_policies_but_full_keep_the_attention_kernels_residuals);
+    einsum attention's is recomputed under save_dots and offload too (its matmuls have batch dimensions)."""
+    mcfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    count = lambda remat, kernel, pairs=1e6: plan.step_flops_spent(  # noqa: E731
+        mcfg, positions=2048, attention_pairs=pairs, head_positions=2048, frozen_reference=False, remat=remat,
+        kernel_attention=kernel)
+    attention_fwd = count("none", True, 2e6) - count("none", True)  # what another 1e6 pairs cost, 3 passes' worth
+    recomputed = lambda kernel: (count(remat, kernel) - count("none", kernel)) - (  # noqa: E731
+        count(remat, kernel, 0.0) - count("none", kernel, 0.0))  # the recompute's attention part
+    assert recomputed(True) == pytest.approx(attention_fwd / 3 if remat == "full" else 0.0)
+    einsum = attention_fwd / 3 if remat in ("full", "save_dots", "offload") else 0.0
+    assert recomputed(False) == pytest.approx(einsum)
 
 
 def test_more_micro_batches_count_the_recompute_of_every_layer():

@@ -169,12 +169,14 @@ def _batches(cfg, mesh, examples, num_steps: int) -> list[MixBatch]:
 
 
 def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: float, head_positions: float,
-                     frozen_reference: bool, remat: str | None = None) -> float:
+                     frozen_reference: bool, remat: str | None = None, kernel_attention: bool = False) -> float:
     """FLOPs of one train step: the decoder layers at `positions` (padding included), attention over
     `attention_pairs` query-key pairs (what the kernel computes: a whole row for einsum attention, each segment's
     own for a kernel that skips masked blocks), the LM head at `head_positions`. Forward and backward (3 forward
     passes' worth), the frozen DPO reference's forward, and what is recomputed: the remat policy's part of the
-    layers (`remat`, default mcfg.remat), and the head's logits (the fused head keeps none)."""
+    layers (`remat`, default mcfg.remat), and the head's logits (the fused head keeps none). kernel_attention:
+    splash or cuDNN, whose residuals every policy but full keeps (mistral.remat_policy); einsum attention's
+    probabilities are recomputed under save_dots."""
     e, v, layers = mcfg.hidden_size, mcfg.vocab_size, mcfg.num_hidden_layers
     layer_params = mcfg.matmul_params - v * e  # the LM head is head_fwd's
     mlp = 2 * 3 * e * mcfg.intermediate_size * layers * positions
@@ -185,8 +187,9 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     # Full remat recomputes a layer's forward but its down_proj: the backward needs only that matmul's input (the
     # layer's output is the next layer's saved input), and JAX drops the rest.
     down_fwd = 2 * e * mcfg.intermediate_size * layers * positions
+    dots = 0.0 if kernel_attention else attention_fwd  # save_dots keeps no matmul with batch dimensions
     recompute = {"none": 0.0, "full": layer_fwd + attention_fwd - down_fwd, "save_all_but_mlp": mlp,
-                 "save_dots": attention_fwd, "offload": attention_fwd}[remat or mcfg.remat]
+                 "save_dots": dots, "offload": dots}[remat or mcfg.remat]
     recompute += head_fwd  # logprobs.head_logps recomputes each chunk's logits in the backward pass
     return 3 * forward + recompute + (forward if frozen_reference else 0.0)
 
@@ -380,7 +383,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     # Tokens and FLOPs of the mix's batches, counted from what the step computes and from what it had to.
     skips = any(k in report.get("attention", _expected_kernel(cfg, mcfg, target, length)) for k in ("splash", "cuDNN"))
     spent = lambda p, pairs, head: step_flops_spent(mcfg, positions=p, attention_pairs=pairs, head_positions=head,
-                                                    frozen_reference=frozen, remat=remat)
+                                                    frozen_reference=frozen, remat=remat, kernel_attention=skips)
     per_batch = []
     for b in batches:
         real = sum(b.sequences)

@@ -31,6 +31,19 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # "Fix cuDNN packed-attention kv_offsets for GQA/MQA"): grouped K/V read the wrong keys there, unless repeated.
 PACKED_KV_STRIDED_BY_QUERY_HEADS = jax.__version_info__ < (0, 11, 1)
 
+# A flash kernel's backward reads its forward's output and log-sum-exp. Under a remat policy that keeps them
+# (kernel_residuals_saveable), the backward pass does not run the forward kernel a second time.
+KERNEL_RESIDUALS = "attention_kernel_residuals"  # the name splash gives them (residual_checkpoint_name)
+_CUDNN_FORWARD = "dot_product_attention_fwd_wrapper"  # jax's cuDNN forward primitive: its residuals have no name
+_NAMED_KERNEL_RESIDUALS = jax.checkpoint_policies.save_only_these_names(KERNEL_RESIDUALS)
+
+
+def kernel_residuals_saveable(prim, *args, **params) -> bool:
+    """A jax.checkpoint policy: keep what the splash or cuDNN forward kernel hands its backward kernel (about a
+    layer's attention output in bytes), so the backward pass runs no second forward kernel. Einsum attention has
+    no such residuals: its probabilities are recomputed as the policy it joins says."""
+    return prim.name == _CUDNN_FORWARD or _NAMED_KERNEL_RESIDUALS(prim, *args, **params)
+
 
 def make_mask(length: int, segment_ids=None, sliding_window=None) -> jax.Array:
     """Boolean [B, 1, T, T] self-attention mask (True = may attend) over T = `length` slots; segment_ids: [B, T]
@@ -249,7 +262,7 @@ def _splash(q, k, v, segment_ids, *, sliding_window, interpret):
     blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * n), block_sizes=blocks, head_shards=1,
-                                    q_seq_shards=1, interpret=interpret)
+                                    q_seq_shards=1, residual_checkpoint_name=KERNEL_RESIDUALS, interpret=interpret)
     heads_first = lambda x: x.swapaxes(1, 2)  # the kernel takes [heads, T, D] per batch row
     q = heads_first(q * (1 / math.sqrt(d))).astype(q.dtype)  # the kernel does not scale
     k, v = heads_first(k), heads_first(v)

@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from zephyr_jax.model import kv_cache
 from zephyr_jax.model.accumulate import scan_layers_into
-from zephyr_jax.model.attention import attend, cache_attention
+from zephyr_jax.model.attention import attend, cache_attention, kernel_residuals_saveable
 from zephyr_jax.model.config import MistralConfig
 from zephyr_jax.model.kv_cache import KVCache
 from zephyr_jax.sharding import constrain
@@ -133,15 +133,22 @@ class DecoderLayer(nnx.Module):
 
 
 def remat_policy(name: str):
-    """What the backward pass keeps of a layer's forward (the rest is recomputed). "none" keeps everything."""
+    """What the backward pass keeps of a layer's forward (the rest is recomputed). "none" keeps everything.
+    Every policy but "full" also keeps the attention kernel's residuals (attention.kernel_residuals_saveable):
+    without them the backward pass would run splash's or cuDNN's forward kernel again."""
     policies = jax.checkpoint_policies
     attention_side = ("q", "k", "v", "attention", "attention_residual")
+    # True (kept in device memory) for the kernel's residuals, else what `policy` says (it may say offload).
+    with_kernel_residuals = lambda policy: lambda prim, *args, **params: (
+        kernel_residuals_saveable(prim, *args, **params) or policy(prim, *args, **params))
     table = {
         "full": policies.nothing_saveable,  # keep only each layer's input: +1 forward of FLOPs, least memory
-        "save_dots": policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs: recompute the cheap ops
-        "save_all_but_mlp": policies.save_only_these_names(*attention_side),  # recompute the [T, 14336] MLP only
+        # Keep weight matmul outputs: recompute the cheap ops.
+        "save_dots": with_kernel_residuals(policies.dots_with_no_batch_dims_saveable),
+        # Recompute the [T, 14336] MLP only.
+        "save_all_but_mlp": with_kernel_residuals(policies.save_only_these_names(*attention_side)),
         # Like save_dots, but the matmul outputs wait in pinned host memory (TPU/GPU) instead of HBM.
-        "offload": policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+        "offload": with_kernel_residuals(policies.offload_dot_with_no_batch_dims("device", "pinned_host")),
     }
     return table[name]
 
