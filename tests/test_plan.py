@@ -404,6 +404,44 @@ def test_suggest_combines_the_changes_that_lower_the_bytes_when_none_fits_alone(
     assert text.rstrip().endswith("14.00 GiB  fits with 0.50 GiB free")
 
 
+def test_suggest_lists_the_remat_policies_that_recompute_less_when_the_run_fits(monkeypatch):
+    """A run that fits is also planned with each remat policy that recomputes less than its own: the bytes,
+    whether it still fits, the FLOPs per real token (stand-in plans: each lighter policy 6 GiB more and 10% fewer
+    FLOPs). Not for a run that does not fit, nor with more micro-batches (they recompute every layer)."""
+    cfg = load_config("configs/sft.py:tiny", **{"model.remat": "full", "mesh.shape": (1, 1, 1)})
+
+    def fake_plan(changed, topology, mix, hbm=25):
+        lighter = plan.REMAT_BY_RECOMPUTE.index(changed.model.remat)
+        memory = {"total": (10 + 6 * lighter) * GiB, "hbm": hbm * GiB, "largest_inputs": []}
+        return {"config": {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}}, "memory": memory,
+                "verdict": plan.verdict(memory), "tokens": {"flops_per_real_token": 100.0 - 10 * lighter}}
+
+    monkeypatch.setattr(plan, "plan", fake_plan)
+    rows = plan.suggest(cfg, fake_plan(cfg, "h200-1", None), "h200-1")
+    assert [(x["change"], x["fits"], x["flops_per_real_token"]) for x in rows if x.get("faster")] == [
+        ("--config.model.remat=save_all_but_mlp", True, 90), ("--config.model.remat=save_dots", True, 80),
+        ("--config.model.remat=none", False, 70)]
+    assert not [x for x in rows if x.get("faster") and "cost" not in x]
+    assert not [x for x in plan.suggest(cfg, fake_plan(cfg, "h200-1", None, hbm=8), "h200-1") if x.get("faster")]
+    accumulating = load_config("configs/sft.py:tiny", **{"model.remat": "save_dots", "train.grad_accum": 2,
+                                                          "train.global_batch_size": 16})
+    assert plan.speed_changes(accumulating) == [] and plan.speed_changes(cfg)[-1][:2] == ("model.remat", "none")
+    tokens = {k: 1 for k in ("real_tokens_per_step", "padded_positions_per_step", "padding_fraction",
+                             "head_positions_per_step", "loss_tokens_per_step", "ideal_flops_per_real_token",
+                             "overhead_vs_ideal", "model_flops_per_real_token", "length_mix", "batches",
+                             "attention_flops_counted")}
+    text = plan.format_report({"config": {"stage": "sft", "mesh": {}, "global_batch_size": 8, "rows": 1, "length": 1,
+                                          "loss_positions": 1, "grad_accum": 1, "packing": True, "reference": None,
+                                          "param_dtype": "f", "dtype": "b", "remat": "full"},
+                               "target": {"name": "h200-1", "chips": 1}, "model": {"params": 10 ** 6, "source": "s"},
+                               "memory": {"total": 10 * GiB, "hbm": 25 * GiB, "parameters": 1}, "verdict": "v",
+                               "tokens": {**tokens, "flops_per_real_token": 100.0}, "compile_seconds": 1.0,
+                               "suggestions": rows})
+    faster = text.split("less recomputed")[1].splitlines()
+    assert "--config.model.remat=save_dots" in faster[2] and "fits with" in faster[2] and "80 (0.80x)" in faster[2]
+    assert "--config.model.remat=save_dots" not in text.split("less recomputed")[0]
+
+
 def _fake_plans(monkeypatch, cfg, saving, hbm: float) -> list:
     """plan() replaced by 20 GiB less saving(key, value) GiB for each key changed from cfg (GiB of usable `hbm`);
     a changed mesh, or more than 8 micro-batches, cannot split the batch. Returns the list of what was planned."""

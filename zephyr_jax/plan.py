@@ -448,11 +448,37 @@ def memory_changes(cfg, mesh: dict) -> list[tuple[str, Any, str]]:
     return changes
 
 
+REMAT_BY_RECOMPUTE = ("full", "save_all_but_mlp", "save_dots", "none")  # most recomputed first
+_REMAT_KEEPS = {"save_all_but_mlp": "the attention side kept, the MLP recomputed",
+                "save_dots": "weight matmul outputs kept, the elementwise ops recomputed",
+                "none": "every activation kept, nothing recomputed"}
+
+
+def speed_changes(cfg) -> list[tuple[str, Any, str]]:
+    """Single config changes that lower the FLOPs a step computes, each with what it keeps in memory instead:
+    each remat policy that recomputes less than cfg's. --suggest plans them when the run fits: which still fit.
+    (Not offload's neighbours, nor with more micro-batches, which recompute every layer whatever the policy.)"""
+    remat = train.effective_remat(cfg)
+    if remat != cfg.model.remat or remat not in REMAT_BY_RECOMPUTE:
+        return []
+    return [("model.remat", r, _REMAT_KEEPS[r]) for r in REMAT_BY_RECOMPUTE[REMAT_BY_RECOMPUTE.index(remat) + 1:]]
+
+
 def suggest(cfg, report: dict, topology: str, length_mix_spec: str | None = None) -> list[dict]:
     """plan() with each of memory_changes applied alone to cfg (planned as `report`): the change, its cost, the
     bytes per chip and the verdict. More micro-batches are doubled again while the run does not fit and the bytes
     keep falling. When no change fits alone, those that lowered the bytes are combined, the most effective first,
-    one more at a time until the run fits (rows with "together": True)."""
+    one more at a time until the run fits (rows with "together": True). When the run fits, each of speed_changes
+    too, with the FLOPs per real token it would compute (rows with "faster": True)."""
+    memory = report["memory"]
+    if memory.get("hbm") and memory["total"] <= memory["hbm"]:
+        faster = [{**_planned_change(cfg, {key: value}, topology, length_mix_spec), "cost": cost, "faster": True}
+                  for key, value, cost in speed_changes(cfg)]
+        return _memory_suggestions(cfg, report, topology, length_mix_spec) + faster
+    return _memory_suggestions(cfg, report, topology, length_mix_spec)
+
+
+def _memory_suggestions(cfg, report: dict, topology: str, length_mix_spec: str | None) -> list[dict]:
     out, lowering = [], []
     for key, value, cost in memory_changes(cfg, report["config"]["mesh"]):
         row = _planned_change(cfg, {key: value}, topology, length_mix_spec)
@@ -490,7 +516,8 @@ def _planned_change(cfg, changes: dict, topology: str, length_mix_spec: str | No
     except ValueError as e:  # e.g. a batch that two micro-batches cannot split over the mesh
         return {**row, "error": str(e)}
     total, hbm = planned["memory"]["total"], planned["memory"]["hbm"]
-    return {**row, "total": total, "fits": total <= hbm if hbm else None, "verdict": planned["verdict"]}
+    flops = {"flops_per_real_token": planned["tokens"]["flops_per_real_token"]} if "tokens" in planned else {}
+    return {**row, "total": total, "fits": total <= hbm if hbm else None, "verdict": planned["verdict"], **flops}
 
 
 def verdict(memory: dict) -> str:
@@ -582,11 +609,19 @@ def format_report(r: dict) -> str:
         result = lambda x: f"error: {x['error']}" if "error" in x else \
             f"{gib(x['total'])}  {x['verdict'].split(' (')[0]}"
         lines.append("  one change at a time (--suggest):")
-        lines += [f"    {x['change']:40s}{result(x)}  [{x['cost']}]" for x in r["suggestions"] if "cost" in x]
+        lines += [f"    {x['change']:40s}{result(x)}  [{x['cost']}]" for x in r["suggestions"]
+                  if "cost" in x and not x.get("faster")]
         together = [x for x in r["suggestions"] if x.get("together")]
         if together:
             lines.append("  no single change fits; those that lower the bytes, together, most effective first:")
             lines += [f"    {x['change']}\n      {result(x)}" for x in together]
+        faster = [x for x in r["suggestions"] if x.get("faster")]
+        if faster:
+            now = tok["flops_per_real_token"]
+            lines.append(f"  less recomputed, FLOPs per real token against {now:.3g} now (memory traffic not counted):")
+            flops = lambda x: f"  {x['flops_per_real_token']:.3g} ({x['flops_per_real_token'] / now:.2f}x)" \
+                if "flops_per_real_token" in x else ""
+            lines += [f"    {x['change']:40s}{result(x)}{flops(x)}  [{x['cost']}]" for x in faster]
     return "\n".join(lines)
 
 
@@ -609,7 +644,8 @@ def cli():
                               "(DPO), or a file of example lengths (see plan.length_mix): real tokens per step")
     as_json = flags.DEFINE_bool("json", False, "print the report as JSON")
     suggestions = flags.DEFINE_bool("suggest", False, "also plan each single config change that lowers the "
-                                    "memory (plan.memory_changes): which one makes the step fit")
+                                    "memory (plan.memory_changes): which one makes the step fit; and when it "
+                                    "fits, each remat that recomputes less (plan.speed_changes): which still fit")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
