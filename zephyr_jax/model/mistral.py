@@ -188,8 +188,8 @@ def run_layers(layers: DecoderLayer, x, cos, sin, segment_ids, cache: kv_cache.C
         x, step = nnx.merge(graphdef, state)(x, cos, sin, segment_ids, step, max_segments)
         return (x, None if step is None else (step.k, step.v)), None
 
-    if remat != "none":
-        body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
+    if remat != "none":  # unrolled, XLA's CSE would merge the recompute into the forward: remat undone
+        body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=bool(unroll))
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
     buffers = None if cache is None else (cache.k, cache.v)
     (x, buffers), _ = jax.lax.scan(body, (x, buffers), (stacked, jnp.arange(num_layers)), unroll=unroll)
