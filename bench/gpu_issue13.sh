@@ -4,11 +4,12 @@
 # fails or runs long leaves the others' figures; the tables come last.
 #
 #   bash bench/gpu_issue13.sh wheels          here, before the device calls: fetch the wheels the GPU machine lacks
-#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity dpo7b decode profile flags
-#                                             trl remat (default: all, in that order; profile: the train stage's 1B
-#                                             steps, then their kernel time by XLA operation; flags: the 1B steps
-#                                             under launch/slurm_gpu.sbatch's XLA flags; remat: the 1B SFT step
-#                                             with remat save_dots and none); on request: train (the 1B steps
+#   bash bench/gpu_issue13.sh [STAGE ...]     stages, most important first: env parity dpo7b decode profile remat
+#                                             trl trl_none flags (default: all, in that order; profile: the train
+#                                             stage's 1B steps, then their kernel time by XLA operation; remat: the
+#                                             1B steps without remat, layers unrolled, and SFT's with save_dots;
+#                                             trl_none: trl without remat on either side; flags: the 1B steps
+#                                             under launch/slurm_gpu.sbatch's XLA flags); on request: train (the 1B steps
 #                                             alone), logsoftmax (bench/log_softmax.py at the 1B model's head
 #                                             shapes)
 #   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet, or that the
@@ -25,7 +26,7 @@
 #   BUDGET_S=$LEFT bash bench/gpu_issue13.sh resume     timeout_s LEFT + 20 (at most 600: LEFT at most 570)
 #
 # Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage (remat, flags and
-# logsoftmax write into train.log) plus summary.md, 8 files at most (all that comes back). Wheels in .whl/ (WHEELS
+# logsoftmax write into train.log, trl_none into trl.log) plus summary.md, 8 files at most (all that comes back). Wheels in .whl/ (WHEELS
 # below) are installed into /tmp/site first when present.
 set -u
 cd "$(dirname "$0")/.."
@@ -135,10 +136,13 @@ run_train() {  # zephyr_jax alone on the recipe's length mixes (real tokens/s, M
   train_1b sft train
   train_1b dpo train
 }
-run_remat() {  # what the configs' full remat costs the 1B SFT step
-  for policy in save_dots none; do
-    train_1b sft train:remat_$policy --config.model.remat=$policy
-  done
+run_remat() {  # what the configs' full remat costs the 1B steps, which fit on an H200 without it: no remat with
+  # the layers unrolled (under the layer scan XLA:GPU copies every saved activation into the scan's stacks: 1B
+  # SFT 467 GiB outside the matmuls scanned, 195 unrolled, against full remat's 257; bench/step_traffic.py,
+  # RESULTS.md 2026-12-04 (night)), then save_dots (scanned: 291 GiB)
+  train_1b sft train:remat_none_unrolled --config.model.remat=none --config.model.scan_layers=False
+  train_1b dpo train:remat_none_unrolled --config.model.remat=none --config.model.scan_layers=False
+  train_1b sft train:remat_save_dots --config.model.remat=save_dots
 }
 SBATCH_XLA_FLAGS=unread
 sbatch_xla_flags() {  # SBATCH_XLA_FLAGS: launch/slurm_gpu.sbatch's XLA flags (MaxText's), or none where this jax
@@ -204,18 +208,27 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
     --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
     $(trl_arch $ONE_B)
 }
+run_trl_none() {  # the same without remat on either side (zephyr_jax: layers unrolled; TRL: no gradient
+  # checkpointing): the 1B model's activations fit on an H200
+  stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --remat=none --stage=sft \
+    --length=$SFT_LEN --batch=$SFT_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
+  stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --remat=none --stage=dpo \
+    --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
+    $(trl_arch $ONE_B)
+}
 
 # Each stage's usual seconds on an H200 with a cold compilation cache (2026-12-04's summary.md: env 16, train
 # 74, trl 128, decode 50; parity and dpo7b ran out of their limits, so these are estimates): a stage starts only
 # when this much of the budget is left.
-declare -A NEED=([env]=20 [parity]=150 [train]=80 [dpo7b]=150 [decode]=100 [trl]=130 [remat]=110 [flags]=160
-                 [logsoftmax]=60 [profile]=110)
+declare -A NEED=([env]=20 [parity]=150 [train]=80 [dpo7b]=150 [decode]=100 [trl]=130 [remat]=150 [flags]=160
+                 [trl_none]=130 [logsoftmax]=60 [profile]=110)
 # (15 at least: stage() runs nothing with under 15 s left.)
 if [ "${SMOKE:-0}" = 1 ]; then for name in "${!NEED[@]}"; do NEED[$name]=15; done; fi
 # What 2026-12-04 left unmeasured first (parity, the 7B DPO step), then decoding with the per-layer weights, then
-# the training steps again with their profile (the MFU goals were missed), under the sbatch's XLA flags (their
-# programs read 12-15% less outside the matmuls, bench/step_traffic.py), TRL, and what remat costs.
-DEFAULT="env parity dpo7b decode profile flags trl remat"
+# the training steps again with their profile (the MFU goals were missed), without remat (predicted to meet them),
+# TRL with and without remat, and the steps under the sbatch's XLA flags (12-15% less memory traffic outside the
+# matmuls, bench/step_traffic.py).
+DEFAULT="env parity dpo7b decode profile remat trl trl_none flags"
 [ -f "$SUMMARY" ] || printf '| stage | command | exit | seconds |\n|---|---|---|---|\n' >"$SUMMARY"
 if [ "${1:-}" = resume ]; then
   set -- $(for name in $DEFAULT; do grep -qx "$name" "$STARTED" 2>/dev/null || echo "$name"; done)

@@ -3,7 +3,7 @@
     python bench/trl_side_by_side.py [--stage=dpo|sft] [--device=cpu|cuda] [--precision=float32|bf16]
         [--batch=4] [--prompt=64] [--completion=64] [--length=2048] [--steps=10] [--warmup=3]
         [--hidden=256] [--intermediate=768] [--layers=4] [--heads=4] [--kv-heads=2] [--vocab=32000]
-        [--torch-threads=2]
+        [--torch-threads=2] [--remat=configs|none]
 
 Same Mistral architecture (random weights), same batch, every sequence the same length, so both run the model
 on the same tokens. DPO (default): B pairs, each sequence prompt + completion = T tokens, [2B, T] in one pass
@@ -16,6 +16,9 @@ evaluation, logging or checkpoints.
 --precision=bf16: float32 master weights and bf16 compute with the configs' remat ("full"; zephyr_jax: the
 stage config's defaults, attention "auto": cuDNN on NVIDIA GPUs, the frozen DPO reference stored in bf16; TRL:
 bf16=True autocast over the float32 model and reference, gradient_checkpointing=True, attn_implementation="sdpa").
+--remat=none (with bf16): nothing recomputed on either side, for a model whose activations fit (zephyr_jax:
+remat "none" with its layers unrolled, scan_layers=False: under a scan, XLA:GPU copies every saved activation into
+the scan's stacked buffers; TRL: gradient_checkpointing=False).
 Each side runs in its own fresh process, one after the other.
 
 zephyr_jax: bench/throughput.py's measure() on the stage's config with this architecture (the trainer's own
@@ -66,6 +69,8 @@ def run_zephyr_jax(args) -> dict:
         cfg.model.init = "random"
         cfg.model.arch.update(arch(args))
         cfg.mesh.shape = (1, -1, 1)
+        if args.remat == "none":
+            cfg.model.remat, cfg.model.scan_layers = "none", False
         if args.stage == "dpo":
             cfg.dpo.beta, cfg.dpo.loss_type = 0.1, "sigmoid"
             cfg.data.max_length, cfg.data.max_prompt_length = args.prompt + args.completion, args.prompt
@@ -134,10 +139,11 @@ def run_trl(args) -> dict:
         common = dict(
             output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
             max_steps=args.warmup + args.steps, learning_rate=5e-7, lr_scheduler_type="linear", max_grad_norm=1.0,
-            weight_decay=0.0, bf16=bf16, fp16=False, gradient_checkpointing=bf16, use_cpu=not cuda,
+            weight_decay=0.0, bf16=bf16, fp16=False, gradient_checkpointing=bf16 and args.remat != "none",
+            use_cpu=not cuda,
             report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, seed=42)
-        if bf16:
+        if common["gradient_checkpointing"]:
             common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
         if args.stage == "dpo":
             dpo_args = trl.DPOConfig(max_length=args.prompt + args.completion, padding_free=False,
@@ -228,6 +234,8 @@ def main():
     p.add_argument("--stage", choices=["dpo", "sft"], default="dpo")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where PyTorch runs (JAX: its default)")
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
+    p.add_argument("--remat", choices=["configs", "none"], default="configs",
+                   help="configs: bf16 recomputes each layer on both sides (float32: neither); none: neither does")
     for name, default in (("batch", 4), ("prompt", 64), ("completion", 64), ("length", 2048), ("steps", 10),
                           ("warmup", 3), ("hidden", 256), ("intermediate", 768), ("layers", 4), ("heads", 4),
                           ("kv-heads", 2), ("vocab", 32000), ("torch-threads", 2)):
@@ -244,7 +252,8 @@ def main():
     shape = (f"batch {args.batch} pairs, T = {args.prompt} + {args.completion} = {args.prompt + args.completion}, "
              f"tokens/step = 2*B*T = {tokens(args)}" if args.stage == "dpo" else
              f"batch {args.batch} rows, T = {args.length}, tokens/step = B*T = {tokens(args)}")
-    print(f"\nMistral {arch(args)}, {ours['params_m']:.1f}M params, {args.precision}; {shape}; "
+    remat = "nothing recomputed" if args.remat == "none" or args.precision == "float32" else "layers recomputed"
+    print(f"\nMistral {arch(args)}, {ours['params_m']:.1f}M params, {args.precision}, {remat}; {shape}; "
           f"median of {args.steps} steps after {args.warmup} warm-up; {len(os.sched_getaffinity(0))} usable cores")
     print(f"jax {jax.__version__} ({ours['devices']} x {ours['device']}, MFU {throughput.fmt(ours['mfu'])}, "
           f"peak {throughput.peak_memory(ours)} GiB); {theirs['versions']} "
