@@ -485,13 +485,14 @@ def test_fsdp_holds_an_eighth_of_parameter_and_optimizer_bytes(data_dir):
 
 # --- Gradient accumulation: 4 x B/4 is the update of one batch of B. ---
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_gradient_accumulation_matches_one_batch(data_dir, stage):
+@pytest.mark.parametrize("stage,scan_layers", [("sft", True), ("dpo", True), ("sft", False)])
+def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
+    """(scan_layers=False: the unrolled layers' backward, behind its optimization barrier, model/accumulate.py)"""
     tok = load_tokenizer()
     cfg = tiny_config(stage, data_dir)
     rows = [json.loads(line) for line in open(data_dir / ("sft" if stage == "sft" else "prefs") /
                                               f"train_{stage if stage == 'sft' else 'prefs'}.jsonl")][:8]
-    mcfg = MistralConfig(**cfg.model.arch.to_dict())
+    mcfg = MistralConfig(**cfg.model.arch.to_dict(), scan_layers=scan_layers)
     graphdef, params = nnx.split(Mistral(mcfg, rngs=nnx.Rngs(0)))
     tx, schedule = train_steps.make_optimizer(cfg.optim, 10)
     results = []

@@ -188,7 +188,10 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     # layer's output is the next layer's saved input), and JAX drops the rest.
     down_fwd = 2 * e * mcfg.intermediate_size * layers * positions
     dots = 0.0 if kernel_attention else attention_fwd  # save_dots keeps no matmul with batch dimensions
-    recompute = {"none": 0.0, "full": layer_fwd + attention_fwd - down_fwd, "save_all_but_mlp": mlp,
+    # save_all_but_mlp: gate and up again (not down_proj, as above); einsum attention's scores too (the names keep
+    # its output, not its probabilities), a kernel's nothing.
+    but_mlp = mlp - down_fwd + (0.0 if kernel_attention else attention_fwd / 2)
+    recompute = {"none": 0.0, "full": layer_fwd + attention_fwd - down_fwd, "save_all_but_mlp": but_mlp,
                  "save_dots": dots, "offload": dots}[remat or mcfg.remat]
     recompute += head_fwd  # logprobs.head_logps recomputes each chunk's logits in the backward pass
     return 3 * forward + recompute + (forward if frozen_reference else 0.0)
@@ -458,8 +461,8 @@ def speed_changes(cfg) -> list[tuple[str, Any, str]]:
     """Single config changes that lower the FLOPs a step computes, each with what it keeps in memory instead:
     each remat policy that recomputes less than cfg's. --suggest plans them when the run fits: which still fit.
     (Not offload's neighbours, nor with more micro-batches, which recompute every layer whatever the policy.)"""
-    remat = train.effective_remat(cfg)
-    if remat != cfg.model.remat or remat not in REMAT_BY_RECOMPUTE:
+    remat = cfg.model.remat
+    if cfg.train.grad_accum > 1 or remat not in REMAT_BY_RECOMPUTE:
         return []
     return [("model.remat", r, _REMAT_KEEPS[r]) for r in REMAT_BY_RECOMPUTE[REMAT_BY_RECOMPUTE.index(remat) + 1:]]
 
