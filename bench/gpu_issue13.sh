@@ -9,9 +9,9 @@
 #                                             stage's 1B steps, then their kernel time by XLA operation; remat: the
 #                                             1B steps without remat, layers unrolled, and SFT's with save_dots;
 #                                             trl_none: trl without remat on either side; flags: the 1B steps
-#                                             under launch/slurm_gpu.sbatch's XLA flags); on request: train (the 1B steps
-#                                             alone), logsoftmax (bench/log_softmax.py at the 1B model's head
-#                                             shapes)
+#                                             under launch/slurm_gpu.sbatch's XLA flags); on request: train (the
+#                                             1B steps alone), logsoftmax (bench/log_softmax.py at the 1B model's
+#                                             head shapes)
 #   bash bench/gpu_issue13.sh resume          the default stages this machine has not started yet, or that the
 #                                             budget cut short (a part skipped, or stopped before its limit)
 #   SMOKE=1 bash bench/gpu_issue13.sh ...     tiny shapes: checks the script on a CPU
@@ -26,8 +26,8 @@
 #   BUDGET_S=$LEFT bash bench/gpu_issue13.sh resume     timeout_s LEFT + 20 (at most 600: LEFT at most 570)
 #
 # Logs go to $OUT (the device tool's folder; default /tmp/gpu_issue13): one per stage (remat, flags and
-# logsoftmax write into train.log, trl_none into trl.log) plus summary.md, 8 files at most (all that comes back). Wheels in .whl/ (WHEELS
-# below) are installed into /tmp/site first when present.
+# logsoftmax write into train.log, trl_none into trl.log) plus summary.md, 8 files at most (all that comes back).
+# Wheels in .whl/ (WHEELS below) are installed into /tmp/site first when present.
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)  # BUDGET_S counts from here, the wheels' install included
@@ -210,9 +210,9 @@ run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and T
 }
 run_trl_none() {  # the same without remat on either side (zephyr_jax: layers unrolled; TRL: no gradient
   # checkpointing): the 1B model's activations fit on an H200
-  stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --remat=none --stage=sft \
+  stage trl:none 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --remat=none --stage=sft \
     --length=$SFT_LEN --batch=$SFT_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
-  stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --remat=none --stage=dpo \
+  stage trl:none 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --remat=none --stage=dpo \
     --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
     $(trl_arch $ONE_B)
 }
