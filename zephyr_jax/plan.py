@@ -175,8 +175,8 @@ def step_flops_spent(mcfg: MistralConfig, *, positions: float, attention_pairs: 
     own for a kernel that skips masked blocks), the LM head at `head_positions`. Forward and backward (3 forward
     passes' worth), the frozen DPO reference's forward, and what is recomputed: the remat policy's part of the
     layers (`remat`, default mcfg.remat), and the head's logits (the fused head keeps none). kernel_attention:
-    splash or cuDNN, whose residuals every policy but full keeps (mistral.remat_policy); einsum attention's
-    probabilities are recomputed under save_dots."""
+    splash or cuDNN, whose residuals every policy but full keeps (mistral.remat_policy); einsum attention is
+    recomputed under save_dots, and its scores under save_all_but_mlp."""
     e, v, layers = mcfg.hidden_size, mcfg.vocab_size, mcfg.num_hidden_layers
     layer_params = mcfg.matmul_params - v * e  # the LM head is head_fwd's
     mlp = 2 * 3 * e * mcfg.intermediate_size * layers * positions

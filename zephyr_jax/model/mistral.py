@@ -145,7 +145,7 @@ def remat_policy(name: str):
         "full": policies.nothing_saveable,  # keep only each layer's input: +1 forward of FLOPs, least memory
         # Keep weight matmul outputs: recompute the cheap ops.
         "save_dots": with_kernel_residuals(policies.dots_with_no_batch_dims_saveable),
-        # Recompute the [T, 14336] MLP only.
+        # Recompute the MLP's [T, 14336] gate and up only.
         "save_all_but_mlp": with_kernel_residuals(policies.save_only_these_names(*attention_side)),
         # Like save_dots, but the matmul outputs wait in pinned host memory (TPU/GPU) instead of HBM.
         "offload": with_kernel_residuals(policies.offload_dot_with_no_batch_dims("device", "pinned_host")),
