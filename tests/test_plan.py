@@ -412,18 +412,7 @@ def test_suggest_combines_the_changes_that_lower_the_bytes_when_none_fits_alone(
     assert [x["fits"] for x in together] == [False, True] and together[1]["total"] == 14 * GiB
     # each change once, grad_accum 4 once more (it did not lower the bytes), then two combinations
     assert len(planned) == 5 + 1 + 2
-    text = plan.format_report({"config": {"stage": "dpo", "mesh": {}, "global_batch_size": 8, "rows": 1, "length": 1,
-                                          "loss_positions": 1, "grad_accum": 1, "packing": True, "reference": None,
-                                          "param_dtype": "f", "dtype": "b", "remat": "none"},
-                               "target": {"name": "v5e-4", "chips": 4}, "model": {"params": 10 ** 6, "source": "s"},
-                               "memory": {"total": 20 * GiB, "hbm": 15 * GiB, "parameters": 1}, "verdict": "v",
-                               "tokens": {k: 1 for k in ("real_tokens_per_step", "padded_positions_per_step",
-                                                         "padding_fraction", "head_positions_per_step",
-                                                         "loss_tokens_per_step", "flops_per_real_token",
-                                                         "ideal_flops_per_real_token", "overhead_vs_ideal",
-                                                         "model_flops_per_real_token", "length_mix", "batches",
-                                                         "attention_flops_counted")},
-                               "compile_seconds": 1.0, "suggestions": rows})
+    text = plan.format_report(_stand_in_report("dpo", "v5e-4", rows, total=20, hbm=15))
     assert "error: micro-batch does not divide" in text and "no single change fits" in text
     assert text.rstrip().endswith("14.00 GiB  fits with 0.50 GiB free")
 
@@ -453,20 +442,27 @@ def test_suggest_lists_the_remat_policies_that_recompute_less_when_the_run_fits(
                                                                "train.global_batch_size": 16})
     assert plan.speed_changes(accumulating) == plan.speed_changes(full_accumulating) == []
     assert plan.speed_changes(cfg)[-1][:2] == ("model.remat", "none")
+    text = plan.format_report(_stand_in_report("sft", "h200-1", rows, total=10, hbm=25, flops_per_real_token=100.0))
+    faster = text.split("less recomputed")[1].splitlines()
+    assert "--config.model.remat=save_dots" in faster[2] and "fits with" in faster[2] and "80 (0.80x)" in faster[2]
+    assert "--config.model.remat=save_dots" not in text.split("less recomputed")[0]
+
+
+def _stand_in_report(stage: str, target: str, suggestions: list, total: float, hbm: float,
+                     flops_per_real_token: float = 1.0) -> dict:
+    """A plan() report for format_report with placeholder figures but the total and usable GiB, the FLOPs per real
+    token and the suggestions."""
     tokens = {k: 1 for k in ("real_tokens_per_step", "padded_positions_per_step", "padding_fraction",
                              "head_positions_per_step", "loss_tokens_per_step", "ideal_flops_per_real_token",
                              "overhead_vs_ideal", "model_flops_per_real_token", "length_mix", "batches",
                              "attention_flops_counted")}
-    text = plan.format_report({"config": {"stage": "sft", "mesh": {}, "global_batch_size": 8, "rows": 1, "length": 1,
-                                          "loss_positions": 1, "grad_accum": 1, "packing": True, "reference": None,
-                                          "param_dtype": "f", "dtype": "b", "remat": "full"},
-                               "target": {"name": "h200-1", "chips": 1}, "model": {"params": 10 ** 6, "source": "s"},
-                               "memory": {"total": 10 * GiB, "hbm": 25 * GiB, "parameters": 1}, "verdict": "v",
-                               "tokens": {**tokens, "flops_per_real_token": 100.0}, "compile_seconds": 1.0,
-                               "suggestions": rows})
-    faster = text.split("less recomputed")[1].splitlines()
-    assert "--config.model.remat=save_dots" in faster[2] and "fits with" in faster[2] and "80 (0.80x)" in faster[2]
-    assert "--config.model.remat=save_dots" not in text.split("less recomputed")[0]
+    return {"config": {"stage": stage, "mesh": {}, "global_batch_size": 8, "rows": 1, "length": 1,
+                       "loss_positions": 1, "grad_accum": 1, "packing": True, "reference": None, "param_dtype": "f",
+                       "dtype": "b", "remat": "none"},
+            "target": {"name": target, "chips": 1}, "model": {"params": 10 ** 6, "source": "s"},
+            "memory": {"total": total * GiB, "hbm": hbm * GiB, "parameters": 1}, "verdict": "v",
+            "tokens": {**tokens, "flops_per_real_token": flops_per_real_token}, "compile_seconds": 1.0,
+            "suggestions": suggestions}
 
 
 def _fake_plans(monkeypatch, cfg, saving, hbm: float) -> list:
