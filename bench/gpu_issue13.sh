@@ -200,22 +200,21 @@ run_decode() {  # one process: batch 1 against the bound, 64 rows, in the platfo
     --kv=$DECODE_KV --cache-order=platform --layer-weights=own,stacked --no-parts --requests=$REQUESTS \
     --prompt=128 --max-tokens=$NEW_TOKENS --profile=/tmp/gpu_issue13_profile/decode
 }
-run_trl() {  # the same model and batch of fixed-length rows in zephyr_jax and TRL, each in its own process (one
-  # example a row and 2,048 positions: not train's packed program, so zephyr_jax compiles again, untimed)
-  stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=sft \
+trl_1b() {  # LABEL [FLAG ...]: the same model and batch of fixed-length rows in zephyr_jax and TRL, SFT then DPO,
+  # each side in its own process (one example a row and 2,048 positions: not train's packed program, so zephyr_jax
+  # compiles again, untimed)
+  local label=$1
+  shift
+  stage "$label" 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 "$@" --stage=sft \
     --length=$SFT_LEN --batch=$SFT_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
-  stage trl 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --stage=dpo \
+  stage "$label" 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 "$@" --stage=dpo \
     --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
     $(trl_arch $ONE_B)
 }
-run_trl_none() {  # the same without remat on either side (zephyr_jax: layers unrolled; TRL: no gradient
-  # checkpointing): the 1B model's activations fit on an H200
-  stage trl:none 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --remat=none --stage=sft \
-    --length=$SFT_LEN --batch=$SFT_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 $(trl_arch $ONE_B)
-  stage trl:none 150 "$PY" bench/trl_side_by_side.py --device=$TORCH_DEVICE --precision=bf16 --remat=none --stage=dpo \
-    --prompt=$DPO_LEN --completion=$DPO_LEN --batch=$TRL_BATCH --steps=$STEPS --warmup=$WARM --torch-threads=8 \
-    $(trl_arch $ONE_B)
-}
+run_trl() { trl_1b trl; }  # the configs' remat on both sides
+# Without remat on either side (zephyr_jax: layers unrolled; TRL: no gradient checkpointing): the 1B model's
+# activations fit on an H200.
+run_trl_none() { trl_1b trl:none --remat=none; }
 
 # Each stage's usual seconds on an H200 with a cold compilation cache (2026-12-04's summary.md: env 16, train
 # 74, trl 128, decode 50; parity and dpo7b ran out of their limits, so these are estimates): a stage starts only

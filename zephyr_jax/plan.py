@@ -473,12 +473,12 @@ def suggest(cfg, report: dict, topology: str, length_mix_spec: str | None = None
     keep falling. When no change fits alone, those that lowered the bytes are combined, the most effective first,
     one more at a time until the run fits (rows with "together": True). When the run fits, each of speed_changes
     too, with the FLOPs per real token it would compute (rows with "faster": True)."""
+    out = _memory_suggestions(cfg, report, topology, length_mix_spec)
     memory = report["memory"]
     if memory.get("hbm") and memory["total"] <= memory["hbm"]:
-        faster = [{**_planned_change(cfg, {key: value}, topology, length_mix_spec), "cost": cost, "faster": True}
-                  for key, value, cost in speed_changes(cfg)]
-        return _memory_suggestions(cfg, report, topology, length_mix_spec) + faster
-    return _memory_suggestions(cfg, report, topology, length_mix_spec)
+        out += [{**_planned_change(cfg, {key: value}, topology, length_mix_spec), "cost": cost, "faster": True}
+                for key, value, cost in speed_changes(cfg)]
+    return out
 
 
 def _memory_suggestions(cfg, report: dict, topology: str, length_mix_spec: str | None) -> list[dict]:
