@@ -117,6 +117,9 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr  # one line, not ml_collections' traceback
     assert ("a --config override names a key the config does not have: 'no_such_key' (overrides given: "
             "--config.train.no_such_key)") in out.stderr
+    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--config.seed.x=1")
+    assert out.returncode != 0 and "Traceback" not in out.stderr  # was ml_collections' KeyError and traceback
+    assert "--config.seed.x: config.seed is a value, not a section with keys" in out.stderr
     # --num_processes / --process_id without a coordinator trained the whole job as process 0 of 1
     out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--num_processes=2",
                "--process_id=1")
@@ -177,6 +180,24 @@ def test_packed_dpo_buckets_must_hold_the_fullest_row_a_batch_can_make():
     train.preference_batcher(cfg, mesh, 32)
 
 
+def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_rows_fill():
+    """A packed batch's rows, not its pairs, split over the batch shards: the recipe's 32 pairs go into rows a
+    multiple of 64 on 64 chips. data.packed_rows counts the rows of train.global_batch_size pairs: an eval batch
+    of twice the pairs gets twice the rows (it had the train batch's rows, each twice as long)."""
+    cfg = load_config("configs/dpo.py:zephyr")
+    mesh = lambda fsdp: types.SimpleNamespace(shape={"data": 1, "fsdp": fsdp, "tensor": 1})  # noqa: E731
+    train.check_batch_fits_mesh(cfg, mesh(64))
+    assert [train.preference_rows_for(cfg, mesh(f), 32, 1) for f in (1, 8, 64)] == [16, 16, 64]
+    assert train.preference_rows_for(cfg, mesh(8), 32, 4) == 32  # 4 micro-batches of 8 rows
+    cfg.data.packed_rows = 8
+    assert [train.preference_rows_for(cfg, mesh(8), pairs, 1) for pairs in (32, 64, 8)] == [8, 16, 8]
+    cfg.data.packing = False  # a row per sequence: 2 x 32 rows
+    train.check_batch_fits_mesh(cfg, mesh(64))
+    with pytest.raises(ValueError, match=r"rows of a micro-batch \(2 x global_batch_size / grad_accum pairs\)=64 "
+                                         r"does not divide over the mesh's data x fsdp = 128 batch shards"):
+        train.check_batch_fits_mesh(cfg, mesh(128))
+
+
 @pytest.mark.parametrize("variant, overrides", [
     ("zephyr", {}), ("handbook", {}), ("demo", {}), ("tiny", {}),
     ("zephyr", {"model.dtype": "float32"}),  # float32 compute, the bf16 copy
@@ -203,6 +224,17 @@ def test_load_config_names_a_key_the_config_lacks():
     for key in ("dpo.beta", "train.max_stepz", "data.packed_rows", "seed.x", "train.max_steps.y"):
         with pytest.raises(KeyError, match=f"configs/sft.py:tiny has no key '{key}'"):
             load_config(os.path.join(ROOT, "configs", "sft.py:tiny"), **{key: 1})
+
+
+def test_a_random_model_takes_every_architecture_field_from_the_command_line():
+    """config.model.arch held only TINY_ARCH's sizes: rope_theta, head_dim or tied embeddings were unknown keys."""
+    changes = {"rope_theta": 1e6, "head_dim": 32, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
+    tiny, sft = os.path.join(ROOT, "configs", "sft.py:tiny"), os.path.join(ROOT, "configs", "sft.py")
+    mcfg = train.model_config(load_config(tiny, **{f"model.arch.{k}": v for k, v in changes.items()}))
+    assert {k: getattr(mcfg, k) for k in changes} == changes and mcfg.hidden_size == 64
+    assert train.model_config(load_config(tiny)).head_dim == 16  # hidden_size / heads where not given
+    with pytest.raises(ValueError, match=r"config.model.arch \(rope_theta\) applies only to model.init='random'"):
+        train_checks.check_config(load_config(sft, **{"model.arch.rope_theta": 1.0}))
 
 
 def test_config_errors_before_compiling(data_dir, tmp_path):
@@ -308,10 +340,12 @@ def test_the_reference_cache_key_follows_the_model_and_every_token(data_dir):
         assert train.reference_key(tiny_config("dpo", data_dir, **change), examples) != key, change
 
 
-def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path, capsys):
+def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path, capsys,
+                                                                             monkeypatch):
     """Another stage or batch size over a workdir's checkpoints is refused (it resumed silently and wrong, and
     rotated the other run's checkpoints away); a dDPO run keeps the SFT step it started from, also when its SFT
-    workdir has gained a later checkpoint since, and the SFT run's tokenizer and chat template."""
+    workdir has gained a later checkpoint since, and the SFT run's tokenizer and chat template. Local paths are
+    recorded absolute: a run given them relative resumes when given them absolute, or from another directory."""
     sft, dpo = str(tmp_path / "sft"), str(tmp_path / "dpo")
     chatml = load_tokenizer()  # the same vocabulary, another chat template
     chatml.chat_template = ("{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + eos_token }}"
@@ -319,7 +353,11 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
     chatml.save_pretrained(tmp_path / "chatml")
     tiny_sft = lambda **kw: tiny_config("sft", data_dir, **{  # noqa: E731
         "tokenizer": str(tmp_path / "chatml"), "train.max_steps": 3, "train.eval_every": 0, **kw})
-    train.run(tiny_sft(), sft)
+    with monkeypatch.context() as m:
+        m.chdir(data_dir)
+        train.run(tiny_sft(**{"data.train": "sft", "data.eval": "./sft/"}), sft)
+    recorded = json.load(open(os.path.join(sft, "config.json")))["data"]
+    assert recorded["train"] == recorded["eval"] == str(data_dir / "sft")
     for change, named in (({"train.global_batch_size": 16}, "train.global_batch_size: 8 -> 16"),
                           ({"seed": 1}, "seed: 42 -> 1"), ({"tokenizer": None}, "tokenizer: '.*chatml' -> None"),
                           # orbax cast the float32 master weights to bfloat16 without a word
@@ -328,8 +366,17 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
             train.run(tiny_sft(**change), sft)
     with pytest.raises(ValueError, match="stage: 'sft' -> 'dpo'"):
         train.run(tiny_config("dpo", data_dir), sft)
-    # The same data folder written another way is the same run.
+    # The same data folder written another way is the same run; so is a workdir's relative path from before
+    # paths were recorded absolute, from the directory it names the folder from (and only from there).
     train_checks.resume_settings(tiny_sft(**{"data.train": str(data_dir / "sft") + "/"}), sft)
+    saved = json.load(open(os.path.join(sft, "config.json")))
+    json.dump({**saved, "data": {**saved["data"], "train": "sft"}}, open(os.path.join(sft, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"data.train: 'sft' -> '.*sft'"):
+        train_checks.resume_settings(tiny_sft(), sft)
+    with monkeypatch.context() as m:
+        m.chdir(data_dir)
+        train_checks.resume_settings(tiny_sft(), sft)
+    json.dump(saved, open(os.path.join(sft, "config.json"), "w"))
     assert sorted(checkpoint.manager(sft).all_steps()) == [3]
 
     dpo_cfg = lambda steps: tiny_config("dpo", data_dir, **{  # noqa: E731
@@ -384,13 +431,15 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
 def test_meshes_give_the_same_losses(data_dir, tmp_path, stage):
     # (mesh, devices, micro-batches): the last one also sums its layer gradients in place across a sharded mesh
     # (pure data parallelism, (8, 1, 1), is tests/test_multihost.py's interleaved run, against one process)
+    # dDPO: 6 pairs, which the 8 and 4 batch shards do not divide: its rows, not its pairs, split over them
     meshes = {"one_device": ((1, 1, 1), 1, 1), "fsdp8": ((1, 8, 1), -1, 1), "2x2x2": ((2, 2, 2), -1, 1),
               "2x2x2_accum2": ((2, 2, 2), -1, 2)}
+    pairs = {"train.global_batch_size": 6, "train.eval_batch_size": 6} if stage == "dpo" else {}
     losses = {}
     for name, (shape, devices, accum) in meshes.items():
         cfg = tiny_config(stage, data_dir, **{"mesh.shape": shape, "mesh.num_devices": devices,
                                               "train.grad_accum": accum, "train.max_steps": 5,
-                                              "train.eval_every": 0, "train.save_every": 0})
+                                              "train.eval_every": 0, "train.save_every": 0, **pairs})
         train.run(cfg, str(tmp_path / name))
         losses[name] = train_losses(tmp_path / name)
     for name, values in losses.items():

@@ -4,13 +4,30 @@ The stage configs set the recipe's values on top of these; every field can be ov
 (`--config.train.global_batch_size=64`). A key that is not defined here or in the stage config is an error.
 """
 
+import dataclasses
+import re
+
 import ml_collections
 
+from zephyr_jax.model.config import HF_FIELDS, MistralConfig
 from zephyr_jax.sharding import DEFAULT_RULES, rules_table
 
 # A small Mistral-shaped model for the demo and the tests: the real 32000-token vocabulary, tiny everything else.
 TINY_ARCH = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, sliding_window=4096)
+
+
+def random_arch() -> dict:
+    """config.model.arch's values: every architecture field of MistralConfig (config.json's names: rope_theta,
+    tie_word_embeddings, head_dim, ...), at its defaults, with TINY_ARCH's sizes."""
+    defaults = {f.name: f.default for f in dataclasses.fields(MistralConfig) if f.name in HF_FIELDS}
+    return {**defaults, **TINY_ARCH}
+
+
+def _arch_config() -> ml_collections.ConfigDict:
+    # A field whose default is None takes a value from the command line through a typed placeholder.
+    return ml_collections.ConfigDict({k: ml_collections.config_dict.placeholder(int) if v is None else v
+                                      for k, v in random_arch().items()})
 
 
 def base(stage: str) -> ml_collections.ConfigDict:
@@ -22,7 +39,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.model.init = "hf"  # "hf": a HF directory or hub name; "orbax": a zephyr_jax workdir; "random"
     c.model.path = "mistralai/Mistral-7B-v0.1"
     c.model.step = -1  # orbax init: the checkpoint step (-1: latest)
-    c.model.arch = ml_collections.ConfigDict(TINY_ARCH)  # random init only: MistralConfig fields
+    c.model.arch = _arch_config()  # random init only: the architecture (random_arch)
     c.model.dtype = "bfloat16"  # compute (paper: bf16)
     c.model.param_dtype = "float32"  # master weights
     c.model.attention_impl = "auto"  # the platform's kernel: splash (TPU), cuDNN (GPU), else "xla" einsum
@@ -123,6 +140,11 @@ def parse_flags(argv):
             reason = reason.args[0]
         key = str(reason).split("\n")[0].strip("'\"")
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        below = re.search(r"Attempting to lookup: ([\w.]+)", str(reason))  # "--config.seed.x": seed is a number
+        if below and f"--config.{below.group(1)}" in overrides:
+            path = below.group(1)
+            sys.exit(f"FATAL Flags parsing error: --config.{path}: config.{path.rsplit('.', 1)[0]} is a value, not "
+                     f"a section with keys")
         if not any(key in o.split(".")[1:] for o in overrides):
             raise  # not an override's key: an error inside the config file itself
         sys.exit(f"FATAL Flags parsing error: a --config override names a key the config does not have: "

@@ -12,6 +12,7 @@ Multi-process runs (TPU pods, SLURM, N local processes) pass --distributed or th
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -77,10 +78,19 @@ def use_compilation_cache(path: str | None) -> None:
 
 
 def check_batch_fits_mesh(cfg, mesh) -> None:
+    """Every micro-batch's rows split evenly over the mesh's batch shards. dDPO's rows are sequences, not pairs:
+    packed, preference_rows_for rounds them up to the shards (data.packed_rows is checked here), so any number of
+    pairs fits (the recipe's 32 on 64 chips); unpacked, a pair is two rows."""
     shards = batch_shards(mesh, cfg.mesh.rules)
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
-    sizes = [("micro-batch (global_batch_size / grad_accum)", micro),
-             ("train.eval_batch_size", cfg.train.eval_batch_size)]
+    if cfg.stage != "dpo":
+        sizes = [("micro-batch (global_batch_size / grad_accum)", micro),
+                 ("train.eval_batch_size", cfg.train.eval_batch_size)]
+    elif not cfg.data.packing:
+        sizes = [("rows of a micro-batch (2 x global_batch_size / grad_accum pairs)", 2 * micro),
+                 ("rows of an eval batch (2 x train.eval_batch_size pairs)", 2 * cfg.train.eval_batch_size)]
+    else:
+        sizes = []
     axes = " x ".join(batch_axes(cfg.mesh.rules)) or "no axis"
     for name, size in sizes:
         if size % shards:
@@ -130,12 +140,15 @@ def batch_shards(mesh, rules) -> int:
 
 def preference_rows_for(cfg, mesh, pairs: int, micro_batches: int) -> int:
     """Rows a batch of `pairs` preference pairs goes into: 2 * pairs without packing (a row per sequence); with
-    packing data.packed_rows, or by default about four sequences a row, rounded up so that every micro-batch
-    splits evenly over the batch shards."""
+    packing about four sequences a row, or data.packed_rows for train.global_batch_size pairs (an eval batch of
+    other size: as many sequences a row), rounded up so that every micro-batch splits evenly over the batch
+    shards."""
     if not cfg.data.packing:
         return 2 * pairs
     unit = batch_shards(mesh, cfg.mesh.rules) * micro_batches
-    return cfg.data.packed_rows or max(unit, -(-pairs // 2 // unit) * unit)
+    packed_rows, batch = cfg.data.packed_rows, cfg.train.global_batch_size
+    wanted = -(-packed_rows * pairs // batch) if packed_rows else -(-pairs // 2)
+    return max(unit, -(-wanted // unit) * unit)
 
 
 def preference_batcher(cfg, mesh, pairs: int, micro_batches: int = 1):
@@ -397,7 +410,9 @@ def run(cfg, workdir: str) -> dict:
     Preempted when SIGTERM / a preemption notice stopped it (after saving: the same call resumes)."""
     cfg = cfg.copy_and_resolve_references()  # this run's copy: model.step is set to the step it starts from
     checks.check_workdir(workdir)
-    workdir, cfg.model.path = os.path.expanduser(workdir), os.path.expanduser(cfg.model.path)
+    workdir = os.path.expanduser(workdir)
+    cfg.model.path = absolute_if_local(cfg.model.path)
+    cfg.data.train, cfg.data.eval = absolute_if_local(cfg.data.train), absolute_if_local(cfg.data.eval)
     checks.check_config(cfg)
     use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = mesh_for(cfg)
@@ -597,6 +612,16 @@ def run(cfg, workdir: str) -> dict:
         raise Preempted(f"stopped by SIGTERM / a preemption notice at step {step} of {total_steps}, saved in "
                         f"{os.path.join(workdir, 'checkpoints')}: the same command resumes it")
     return last_eval
+
+
+def absolute_if_local(source):
+    """A local path (file, directory or glob) made absolute: config.json and the DPO reference cache then name the
+    same files whichever directory a resumed run starts in (a relative path was refused as a change when given
+    absolute, and taken when it named other files from another directory). A hub name or URL is kept."""
+    if not isinstance(source, str) or not source or "://" in source:
+        return source
+    path = os.path.expanduser(source)
+    return os.path.abspath(path) if os.path.exists(path) or glob.has_magic(path) else source
 
 
 def train_state_shardings(tx, abstract_params, param_shardings, mesh) -> steps.TrainState:

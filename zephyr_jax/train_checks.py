@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from zephyr_jax import train_steps as steps
-from zephyr_jax.config_common import TINY_ARCH
+from zephyr_jax.config_common import random_arch
 from zephyr_jax.data.errors import ON_BAD_ROW
 from zephyr_jax.data.sft import LOSS_ON, TOO_LONG
 from zephyr_jax.loading import is_workdir, run_config
@@ -46,8 +46,8 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     rules_table(cfg.mesh.rules)  # a rule naming something other than a mesh axis
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
-    if cfg.model.init != "random" and cfg.model.arch.to_dict() != TINY_ARCH:  # else unused, yet in config.json
-        changed = sorted(k for k, v in cfg.model.arch.items() if TINY_ARCH.get(k) != v)
+    if cfg.model.init != "random" and cfg.model.arch.to_dict() != random_arch():  # else unused, yet in config.json
+        changed = sorted(k for k, v in cfg.model.arch.to_dict().items() if random_arch().get(k) != v)
         raise ValueError(f"config.model.arch ({', '.join(changed)}) applies only to model.init='random'; with "
                          f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
     if check_model_source:
@@ -190,9 +190,12 @@ def resume_settings(cfg, workdir: str) -> bool:
         cfg.model.step = new["model"]["step"] = saved["model"]["step"]
     if cfg.stage == "dpo" and cfg.tokenizer is None and _setting(saved, "tokenizer") != "<absent>":
         cfg.tokenizer = new["tokenizer"] = saved["tokenizer"]
-    def same(k, old, now):  # "/x/sft/" names the data "/x/sft" does
+    def same(k, old, now):
+        # "/x/sft/" names the data "/x/sft" does, and so does "sft" in /x: a workdir written before run() made
+        # local paths absolute (train.absolute_if_local) recorded them as given
         paths = k in ("data.train", "model.path") and isinstance(old, str) and isinstance(now, str)
-        return old == now or (paths and "://" not in old and os.path.normpath(old) == os.path.normpath(now))
+        return old == now or (paths and "://" not in old and
+                              os.path.abspath(os.path.expanduser(old)) == os.path.abspath(now))
 
     # A key either config lacks does not apply (a stage's own key, or one that an older release kept elsewhere).
     pairs = [(k, _setting(saved, k), _setting(new, k)) for k in RESUME_KEYS

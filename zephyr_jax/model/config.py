@@ -12,7 +12,7 @@ import numpy as np
 from zephyr_jax.sharding import rules_table
 
 # Fields that describe the architecture and appear in a Hugging Face config.json.
-_HF_FIELDS = (
+HF_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
     "rms_norm_eps", "rope_theta", "sliding_window", "tie_word_embeddings", "bos_token_id", "eos_token_id",
@@ -142,10 +142,10 @@ class MistralConfig:
                 params.get("rope_type", "default") != "default":
             raise ValueError(f"rope scaling {rope or params} is not supported (Mistral-7B-v0.1 uses plain RoPE)")
         # Keys starting with "_" are transformers' bookkeeping (e.g. _attn_implementation_autoset, 4.48-4.50).
-        unknown = sorted(k for k in d if k not in _HF_FIELDS and k not in _HF_IGNORED and not k.startswith("_"))
+        unknown = sorted(k for k in d if k not in HF_FIELDS and k not in _HF_IGNORED and not k.startswith("_"))
         if unknown:
             raise ValueError(f"config.json has fields zephyr_jax does not know: {unknown}")
-        fields = {**_HF_CLASS_DEFAULTS, **{k: d[k] for k in _HF_FIELDS if k in d}}
+        fields = {**_HF_CLASS_DEFAULTS, **{k: d[k] for k in HF_FIELDS if k in d}}
         nested = rope or params  # transformers>=5: a rope_scaling replaces rope_parameters; its theta comes first
         if "rope_theta" in nested:
             fields["rope_theta"] = nested["rope_theta"]
@@ -167,7 +167,7 @@ class MistralConfig:
             raise ValueError(f"{file}: {e}") from e
 
     def to_hf_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in _HF_FIELDS}
+        d = {k: getattr(self, k) for k in HF_FIELDS}
         d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}  # transformers>=5 reads this
         d.update(architectures=["MistralForCausalLM"], model_type="mistral",
