@@ -151,6 +151,41 @@ def test_openai_client_streaming_and_completion_logprobs(client, local):
     assert draw(seed=7) == draw(seed=7)
 
 
+def test_completions_list_the_stop_token_and_keep_the_replys_leading_space(client, local):
+    """lm-eval scores a continuation with max_tokens=1, echo and logprobs, and reads the entries after the context
+    but the last (the next token's): a reply that stopped at once (EOS next) listed no entry after the prompt, and
+    the continuation lost its last token's log-prob. The stop token is listed, adding no text, as vLLM does. And
+    the reply's text is what it adds to the prompt's (its first token's leading space was dropped unechoed)."""
+    import jax
+    import jax.numpy as jnp
+
+    model, _, tok = local
+    prompt = "The sky is blue and"
+    ids = tok(prompt).input_ids
+    logps = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0, -1]))
+    after = int(np.argmax(logps))  # the greedy next token, made the stop token (as EOS would be)
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1,
+                                    extra_body={"stop_token_ids": [after]})
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == prompt and out.usage.completion_tokens == 1
+    assert len(choice.logprobs.token_logprobs) == len(ids) + 1 and choice.logprobs.text_offset[-1] == len(prompt)
+    np.testing.assert_allclose(choice.logprobs.token_logprobs[-1], logps[after], atol=1e-4)
+
+    # A prompt whose greedy reply starts with a word ("▁" piece): echoed or not, the text joins to the prompt's.
+    for prompt in ("The sky is blue and", "Once upon a time", "Hello there", "I like", "Tell me", "We"):
+        first = int(np.argmax(model(jnp.asarray([tok(prompt).input_ids]))[0, -1]))
+        if tok.convert_ids_to_tokens(first).startswith("\u2581"):
+            break
+    else:
+        pytest.fail("no prompt's greedy reply starts with a word")
+    echoed = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, echo=True)
+    alone = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
+    text, lp = alone.choices[0].text, alone.choices[0].logprobs
+    assert text.startswith(" ") and echoed.choices[0].text == prompt + text
+    shown = [t if t not in tok.all_special_tokens else "" for t in lp.tokens]
+    assert "".join(shown) == text and all(text[at:at + len(t)] == t for at, t in zip(lp.text_offset, shown))
+
+
 def _post(base, path, body, key=KEY, raw=None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = raw if raw is not None else json.dumps(body)
@@ -176,7 +211,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(body={**chat, "top_k": 10 ** 12}), 400, "top_k"),
         (dict(body={**chat, "stop_token_ids": [2 ** 40]}), 400, "stop_token_ids"),
         (dict(body={**chat, "max_completion_tokens": 0}), 400, "max_completion_tokens"),
+        (dict(body={**chat, "max_completion_tokens": 3, "max_tokens": "3"}), 400, "max_tokens"),
         (dict(body={**chat, "stream": True, "stream_options": ["x"]}), 400, "stream_options"),
+        (dict(body={**chat, "stream_options": {"include_usage": True}}), 400, "stream_options"),  # stream off
         # Falsy values of the wrong kind are refused too, not read as "none" (0 is a token id).
         (dict(body={**chat, "stop_token_ids": 0}), 400, "stop_token_ids"),
         (dict(body={**chat, "stream": True, "stream_options": []}), 400, "stream_options"),

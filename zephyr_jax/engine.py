@@ -114,6 +114,8 @@ class Request:
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" (then see `error`)
     error: str | None = None
     generated: int = 0  # tokens sampled, the stop token included (usage.completion_tokens)
+    # With logprobs, the stop token that ended the reply (not in `tokens` or the text): (id, log-prob, top pairs).
+    stop_token: tuple[int, float, list[tuple[int, float]]] | None = None
     text: str = ""  # the reply's text (cut before a stop string); final once done
     submitted_at: float = 0.0
     first_token_at: float | None = None
@@ -699,14 +701,18 @@ class Engine:
         r.generated += 1
         r._last_token = token
         self.stats["tokens"] += 1
+        wants = r.params.logprobs is not None
+        if wants:
+            top = [] if top is None else _top_pairs(top[0], top[1], r.params.logprobs)
         if token in self._stop_ids(r):
+            if wants:  # completions' log-probs list it (lm-eval scores a continuation with the next token)
+                r.stop_token = (token, logprob, top)
             self._finish(r, "stop")
             return
         r.tokens.append(token)
-        if r.params.logprobs is not None:
+        if wants:
             r.logprobs.append(logprob)
-            k = r.params.logprobs
-            r.top_logprobs.append([] if top is None else _top_pairs(top[0], top[1], k))
+            r.top_logprobs.append(top)
         if r.generated >= r.params.max_tokens:
             self._finish(r, "length")
 

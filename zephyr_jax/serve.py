@@ -215,9 +215,8 @@ class Server:
                    low: int = 1) -> int:
         """max_completion_tokens, else max_tokens, else `default`, or all the room left (None). `low`: 0 where a
         request may only score its prompt (completions with echo)."""
-        asked = _field(body, "max_completion_tokens", int, None, low=low)
-        if asked is None:
-            asked = _field(body, "max_tokens", int, None, low=low)
+        newer, older = (_field(body, k, int, None, low=low) for k in ("max_completion_tokens", "max_tokens"))
+        asked = older if newer is None else newer  # (both checked: a bad one beside a good one is still refused)
         room = self.engine.max_length - prompt_length
         if room < 0 or (room == 0 and asked != 0):
             raise ApiError(400, f"the prompt has {prompt_length} tokens, more than the context of "
@@ -293,30 +292,30 @@ class Server:
     # --- response bodies ----------------------------------------------------------------------------------
 
     def completion_text(self, r: Request, echo: bool) -> str:
-        """The reply (as the engine and lm-eval's HF model decode it: alone), after the prompt's text with echo,
-        where the space its first token carries after the prompt is kept."""
-        if not echo:
-            return r.text
+        """What the reply adds to the prompt's text (as OpenAI and vLLM: the space its first token carries after
+        the prompt is kept, which the reply decoded alone, r.text, drops), after the prompt's text with echo."""
         lead = ""
         if r.text:
             alone = self.strings.share([], r.tokens[0])
             after = self.strings.share(r.prompt[-TokenStrings.TAIL:], r.tokens[0])
             lead = after[:len(after) - len(alone)] if after.endswith(alone) else ""
-        return self.tokenizer.decode(r.prompt, skip_special_tokens=True) + lead + r.text
+        return (self.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + lead + r.text
 
     def completion_logprobs(self, r: Request, echo: bool) -> dict:
         """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, and text_offset (where
-        each token's text starts in the choice's text)."""
-        ids, logprobs, tops = [], [], []
-        if echo:
-            ids, logprobs, tops = list(r.prompt), list(r.prompt_logprobs), list(r.prompt_top_logprobs)
-        ids += r.tokens
-        logprobs += r.logprobs
-        tops += r.top_logprobs
+        each token's text starts in the choice's text). The prompt's with echo; then the reply's, and the stop
+        token that ended it, which adds no text (as vLLM lists it: lm-eval reads a continuation's log-probs as
+        all entries after the context but the last, the next token's)."""
+        stop = [] if r.stop_token is None else [r.stop_token]
+        every = [*r.prompt, *r.tokens, *(token for token, _, _ in stop)]
+        start = 0 if echo else len(r.prompt)
+        logprobs = (list(r.prompt_logprobs) if echo else []) + r.logprobs + [lp for _, lp, _ in stop]
+        tops = (list(r.prompt_top_logprobs) if echo else []) + r.top_logprobs + [top for _, _, top in stop]
         strings, top_dicts, offsets, at = [], [], [], 0
-        for k, (token, top) in enumerate(zip(ids, tops)):
-            context = ids[max(0, k - TokenStrings.TAIL):k]  # with echo the prompt before it, else the reply
+        for k, (token, top) in enumerate(zip(every[start:], tops), start):
+            context = every[max(0, k - TokenStrings.TAIL):k]  # the prompt's tokens before the reply's first
             shown, share, _ = self.strings.describe(context, token)
+            share = "" if stop and k == len(every) - 1 else share  # (a stop token id may be a word's)
             strings.append(shown)
             top_dicts.append(None if top is None else {self.strings.describe(context, i)[0]: lp for i, lp in top})
             offsets.append(at)
@@ -483,6 +482,8 @@ def create_app(server: Server):
                                   logprobs=(top or 0) if want else None, seed_offset=i) for i in range(n)]
         stream = _field(body, "stream", bool, False)
         options = body.get("stream_options")
+        if options is not None and not stream:  # (OpenAI's answer too: it would change nothing)
+            raise ApiError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options")
         options = {} if options is None else options
         if not isinstance(options, dict):
             raise ApiError(400, "'stream_options' must be an object, e.g. {\"include_usage\": true}", "stream_options")
