@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, Phase, event, find, given, settings
 from hypothesis import strategies as st
 
 from zephyr_jax.data.binarize import ASPECTS, binarize, binarize_row, completion_score, main, train_test_split
+from zephyr_jax.data.conversation import SPECIAL_TEXTS, check_messages
 from zephyr_jax.data.errors import BadRow, SkipCounter, handle_bad_row
 from zephyr_jax.data.sources import load_rows
 
@@ -213,8 +214,8 @@ junk = st.one_of(st.none(), st.text(max_size=3), st.integers(-2, 12), st.boolean
                 st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers(), max_size=2))
 ratings = mostly(st.sampled_from(["1", "2", "3", "4", "5", "N/A"]), st.one_of(st.sampled_from([" 4 ", "", "x"]), junk))
 good_completions = st.fixed_dictionaries({
-    "response": mostly(st.sampled_from(["a", "b", "c", "d", "e"]),
-                       st.one_of(st.sampled_from(["", " ", "\ud800"]), junk)),  # a lone surrogate cannot be written
+    "response": mostly(st.sampled_from(["a", "b", "c", "d", "e"]),  # a lone surrogate cannot be written; the loader
+                       st.one_of(st.sampled_from(["", " ", "\ud800", "<s>x</s>", "<unk>"]), junk)),  # refuses "<s>"
     "annotations": st.fixed_dictionaries({a: st.fixed_dictionaries({"Rating": ratings}) for a in ASPECTS}),
     "overall_score": mostly(st.sampled_from([1.0, 5.5, 7.0, 9.0]), junk),
 })
@@ -226,7 +227,7 @@ junk_completions = st.one_of(junk, st.fixed_dictionaries({}, optional={
 }))
 good_rows = st.fixed_dictionaries({
     "instruction": mostly(st.sampled_from(["Why?", "Write a poem."]),
-                          st.one_of(st.sampled_from(["", " ", "a\udfff"]), st.text())),
+                          st.one_of(st.sampled_from(["", " ", "a\udfff", "Why </s>?"]), st.text())),
     "completions": st.lists(mostly(good_completions, junk_completions), max_size=5),
 }, optional={"source": st.sampled_from(["evol_instruct", "truthful_qa"])})
 junk_rows = st.one_of(junk, st.fixed_dictionaries({}, optional={"instruction": st.one_of(st.text(max_size=3), junk),
@@ -264,7 +265,8 @@ def test_junk_rows_are_skipped_with_a_reason(row, rank_by):
 
 
 def check_binarized_or_skipped(row, rank_by, seed):
-    """Either a valid pair from the row's own responses, or a BadRow; no other exception."""
+    """Either a valid pair from the row's own responses that the training loader takes, or a BadRow; no other
+    exception."""
     try:
         out = binarize_row(row, 0, rank_by=rank_by, rng=random.Random(seed))
     except BadRow as e:
@@ -277,10 +279,13 @@ def check_binarized_or_skipped(row, rank_by, seed):
     assert out["score_chosen"] > out["score_rejected"]
     assert reply(out["chosen"]) in responses and reply(out["rejected"]) in responses
     assert reply(out["chosen"]) != reply(out["rejected"])
+    usable = lambda c: isinstance(c.get("response"), str) and c["response"].strip() and c["response"] != "\ud800" \
+        and all(t not in c["response"] for t in SPECIAL_TEXTS)  # noqa: E731
     scores = {(c["response"], completion_score(c, rank_by)) for c in row["completions"]
-              if isinstance(c, dict) and isinstance(c.get("response"), str) and c["response"].strip()
-              and c["response"] != "\ud800"}
+              if isinstance(c, dict) and usable(c)}
     json.dumps(out, ensure_ascii=False).encode("utf-8")  # can be written
+    for side in ("chosen", "rejected"):  # and read for dDPO (a pair the loader refused lost its prompt)
+        check_messages(out[side], 0, None, side)
     assert (reply(out["chosen"]), out["score_chosen"]) in scores
     assert (reply(out["rejected"]), out["score_rejected"]) in scores
     assert out["score_chosen"] == max(s for _, s in scores if s is not None)

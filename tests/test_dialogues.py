@@ -40,6 +40,9 @@ def scripted_user(call):
     last = call.messages[-1]["content"]
     own = sum(m["role"] == "assistant" for m in call.messages)  # its earlier messages, roles flipped
     if own == 0:
+        like = re.search(r"of the same kind as this one.*?:\n\n(.*)\n\nWrite only", last, re.S)
+        if like:  # a later pass over a seed that is an opening
+            return f"Something like '{like.group(1)}', but mine ({call.seed % 10007})?"
         topic = re.search(r"about this topic: (.*?)\. Write only", last).group(1)
         return f'User: "What should I know about {topic}?"'
     roles = [m["role"] for m in call.messages]
@@ -195,6 +198,19 @@ def test_a_seed_that_is_the_opening_is_taken_as_it_is(tmp_path):
     assert row["messages"][0]["content"] == row["prompt"] == opening
 
 
+def test_a_later_pass_over_openings_asks_for_others_of_their_kind(tmp_path):
+    """Dialogue i takes seed i mod the seeds: a seed that is an opening, taken as it is again, was dropped as a
+    duplicate (100,000 dialogues from the 2,140 built-in seeds kept a few thousand). From the second pass on, the
+    user simulator writes another opening of the seed's kind."""
+    seeds = [Seed("Write a poem about tides.", "writing"), Seed("Summarise: the moon pulls the sea.", "materials")]
+    stats = _run(tmp_path, seeds, num_dialogues=6, min_turns=1, max_turns=1, test_size=0)
+    openings = [r["prompt"] for r in _rows(tmp_path / "train_sft.jsonl")]
+    assert stats["kept"] == 6 and openings[:2] == [s.text for s in seeds]
+    for i, opening in enumerate(openings[2:], 2):
+        assert opening.startswith(f"Something like '{seeds[i % 2].text}', but mine ("), opening
+    assert len(set(openings)) == 6
+
+
 FILTER_SEEDS = [  # (opening, what becomes of it with 3 turns)
     ("Tell me about tides?", "kept"),
     ("Please explain REFUSE rules.", "truncated: refusal in assistant turn"),
@@ -268,6 +284,14 @@ def test_seeds_from_files(tmp_path):
     assert load_seeds(txt) == [Seed("volcanoes", "world", True), Seed("Why is the sea salty?", "world"),
                                Seed("Write a poem about frost.", "world")]
     assert not looks_like_opening("the Roman roads") and looks_like_opening("Summarize the Roman roads")
+    # Names that start like a sentence are topics (they were openings, sent to the assistant as they are), and a
+    # file can say what its lines are
+    names = ["Will Smith", "My Chemical Romance", "I, Robot", "Name of the Rose"]
+    assert not any(looks_like_opening(n) for n in names)
+    assert [s.is_topic for s in load_seeds(txt, seeds_are="topics")] == [True] * 3
+    assert [s.is_topic for s in load_seeds(txt, seeds_are="openings")] == [False] * 3
+    with pytest.raises(ValueError, match=r"seeds_are='names': expected one of \('auto', 'topics', 'openings'\)"):
+        load_seeds(txt, seeds_are="names")
     jsonl = tmp_path / "seeds.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in (
         {"topic": "glaciers", "sector": "world"}, {"question": "What is rust?"},

@@ -636,6 +636,25 @@ def test_engine_on_policy_samples_and_garbage_judge(tiny_model_dir, tmp_path):
     assert on_mesh["judge_errors"] == 0 and len(load_rows(tmp_path / "mesh", "train")) == 1
 
 
+def test_an_engine_on_a_training_workdir_is_named_with_its_checkpoint_step(data_dir, tmp_path):
+    """engine:workdirs/sft was named "sft" whatever its latest step: a feedback journal resumed after the workdir
+    gained a checkpoint went on under the same name with another model's completions."""
+    from tests.test_train import tiny_config
+    from zephyr_jax import train
+    from zephyr_jax.data.backends import backend_from_spec
+
+    workdir = tmp_path / "sft"
+    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 2, "train.eval_every": 0, "train.save_every": 1}),
+              str(workdir))
+    engine = backend_from_spec(f"engine:{workdir}", dtype="float32", max_slots=2, max_length=256)
+    try:
+        assert engine.name == "sft@step2"
+        reply = asyncio.run(engine.complete(Call(messages=[{"role": "user", "content": "Hi"}], max_tokens=2)))
+        assert reply.ok
+    finally:
+        engine.close()
+
+
 def test_programmatic_judge_errors_are_counted_not_fatal(tmp_path):
     rows = arithmetic_rows(3)[:3]
 
@@ -686,6 +705,14 @@ def test_cli_fails_when_every_generation_failed(tmp_path, capsys):
                        "--judge=callable:tests.test_feedback:slow_judge"])
     assert exit_.value.code == 1
     assert re.search(r"error: every one of the 4 generations failed \(first errors: .*connection refused",
+                     capsys.readouterr().err)
+    # A judge whose every call fails (a wrong key) left no rating to binarize, and exited 0
+    with pytest.raises(SystemExit) as exit_:
+        feedback.main([f"--prompts={prompts}", f"--output={tmp_path / 'unjudged'}", "--completions_per_prompt=2",
+                       "--generators=callable:tests.test_feedback:slow_right",
+                       "--judge=callable:tests.test_dialogues:unreachable", "--parse_retries=0", "--max_retries=0"])
+    assert exit_.value.code == 1
+    assert re.search(r"error: none of the 4 completions got a rating \(first errors: .*connection refused",
                      capsys.readouterr().err)
 
 

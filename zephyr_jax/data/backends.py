@@ -155,12 +155,18 @@ class EngineBackend(Backend):
     def from_path(cls, path: str, dtype: str = "bfloat16", mesh: tuple | str | None = None,
                   **options) -> "EngineBackend":
         """mesh: a (data, fsdp, tensor) shape, or the CLIs' "1,1,8", over this process's devices (a 7B and its KV
-        cache fit no TPU v5e chip); None: the default device."""
-        from zephyr_jax.loading import load
+        cache fit no TPU v5e chip); None: the default device. A training workdir's latest checkpoint is read and
+        named ("sft@step936"): a journal resumed after the workdir gained a checkpoint is refused as other
+        settings, not continued with another model's replies under the same name."""
+        from zephyr_jax.checkpoint import resolve_step
+        from zephyr_jax.loading import is_workdir, load
         from zephyr_jax.sharding import local_mesh, mesh_shape
 
-        model, tok = load(path, dtype=dtype, mesh=local_mesh(mesh_shape(mesh) if isinstance(mesh, str) else mesh))
-        return cls(model, tok, name=options.pop("name", None) or path.rstrip("/").split("/")[-1], **options)
+        step = resolve_step(path) if is_workdir(path) else -1
+        model, tok = load(path, dtype=dtype, mesh=local_mesh(mesh_shape(mesh) if isinstance(mesh, str) else mesh),
+                          step=step)
+        name = path.rstrip("/").split("/")[-1] + (f"@step{step}" if step != -1 else "")
+        return cls(model, tok, name=options.pop("name", None) or name, **options)
 
     def prompt_ids(self, call: Call) -> list[int]:
         from zephyr_jax.tokenizer import encode_text, render_chat

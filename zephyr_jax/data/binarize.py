@@ -8,7 +8,8 @@ and given an overall_score (1-10). `binarize_row` turns it into
 Rules (the paper's, §4 and the dataset card):
 - score: rank_by="mean" (default) = mean of the numeric aspect ratings, "N/A" and other non-numbers ignored;
   rank_by="overall" = overall_score. A completion is usable if it has a score and a non-blank response
-  (valid UTF-8).
+  (valid UTF-8) free of special-token text ("<s>", "</s>", "<unk>"), which the training loader refuses (a pair
+  built on one lost its prompt there though another pair was there to take).
 - chosen: the highest score; among equal maxima, the first in list order.
 - rejected: drawn uniformly from the other usable completions whose score is strictly below chosen's and whose
   response text differs from chosen's. Completions tied with chosen are never rejected (the paper's intent;
@@ -16,7 +17,8 @@ Rules (the paper's, §4 and the dataset card):
   and it ranked by overall_score).
 - randomness: one `rng.choice` per kept row, in row order; skipped rows draw nothing. So a seed fixes the
   output for a given input order.
-- skipped (BadRow, counted by reason): missing/empty instruction, fewer than 2 usable completions, no other
+- skipped (BadRow, counted by reason): missing/empty instruction or one with special-token text, fewer than 2
+  usable completions, no other
   response scored strictly below the best (e.g. all scores equal), a rating off its scale (aspects 1-5,
   overall_score 1-10: a corrupt or mis-scaled row).
 - drop_sources: rows whose `source` is listed are dropped before binarizing (counted). The later H4 revision
@@ -43,6 +45,7 @@ import random
 import sys
 from pathlib import Path
 
+from zephyr_jax.data.conversation import SPECIAL_TEXTS
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
@@ -80,6 +83,10 @@ def is_text(x) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def has_special_text(text: str) -> bool:
+    return any(s in text for s in SPECIAL_TEXTS)
 
 
 SCALES = {"mean": (1.0, 5.0), "overall": (1.0, 10.0)}  # UltraFeedback: aspect ratings 1-5, overall_score 1-10
@@ -124,6 +131,8 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
         raise BadRow(index, "empty instruction", source)
     if not is_text(prompt):
         raise BadRow(index, "instruction is not valid UTF-8 text", source)
+    if has_special_text(prompt):
+        raise BadRow(index, f"instruction contains special-token text {SPECIAL_TEXTS}", source)
     completions = row["completions"]
     if not isinstance(completions, (list, tuple)):
         raise BadRow(index, "completions is not a list", source)
@@ -134,7 +143,7 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
         except OffScale as e:
             raise BadRow(index, f"{e} ({'overall_score' if rank_by == 'overall' else 'aspect ratings'})", source)
         response = c.get("response") if isinstance(c, dict) else None
-        if score is not None and is_text(response):
+        if score is not None and is_text(response) and not has_special_text(response):
             usable.append((score, response))
     if len(usable) < 2:
         raise BadRow(index, "fewer than 2 usable completions", source)

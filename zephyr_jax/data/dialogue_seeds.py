@@ -173,20 +173,25 @@ def builtin_seeds(sector: str = "all", seed: int = 42) -> list[Seed]:
 
 # ------------------------------------------------------------------------------------------------ seeds from files
 
+# Not "i", "my", "will" or "name": the first words of names too ("I, Robot", "My Chemical Romance", "Will Smith",
+# "The Name of the Rose" less its article), which a file of Wikidata-style topics holds.
 _OPENING_WORDS = {"what", "why", "how", "when", "where", "who", "which", "whom", "whose", "is", "are", "can",
-                  "could", "would", "should", "do", "does", "did", "will", "please", "write", "explain",
+                  "could", "would", "should", "do", "does", "did", "please", "write", "explain",
                   "describe", "summarise", "summarize", "give", "list", "tell", "compare", "create", "draft",
-                  "compose", "translate", "rewrite", "help", "suggest", "recommend", "name", "i", "i'm", "my"}
+                  "compose", "translate", "rewrite", "help", "suggest", "recommend", "i'm"}
+SEEDS_ARE = ("auto", "topics", "openings")  # how a "seed" column (a .txt line) is read: see looks_like_opening
 
 
 def looks_like_opening(text: str) -> bool:
-    """True for a question or an instruction (used as the opening as it is), False for a bare topic."""
+    """True for a question or an instruction (used as the opening as it is), False for a bare topic. A guess
+    (load_seeds(seeds_are=...) says it outright for a whole file)."""
     text = text.strip()
     first = re.sub(r"[^\w']", "", text.split(maxsplit=1)[0].lower()) if text else ""
     return text.endswith("?") or "\n" in text or first in _OPENING_WORDS
 
 
-def _row_seed(row, index: int, where: str, column: str | None, sector: str | None, seed: int) -> Seed:
+def _row_seed(row, index: int, where: str, column: str | None, sector: str | None, seed: int,
+              seeds_are: str = "auto") -> Seed:
     """One seed from row `index` (from 0) of a seeds file (see the module docstring for the columns); `where`
     names it in errors."""
     if not isinstance(row, dict):
@@ -212,7 +217,7 @@ def _row_seed(row, index: int, where: str, column: str | None, sector: str | Non
     elif column == "topic":
         is_topic = True
     elif column == "seed":
-        is_topic = not looks_like_opening(text)
+        is_topic = seeds_are == "topics" or (seeds_are == "auto" and not looks_like_opening(text))
     else:
         is_topic = False
     row_sector = row_sector or "world"
@@ -227,9 +232,12 @@ def _check_sector(sector, where: str) -> None:
 
 
 def load_seeds(source, *, split: str = "train", column: str | None = None, sector: str | None = None,
-               seed: int = 42) -> list[Seed]:
+               seed: int = 42, seeds_are: str = "auto") -> list[Seed]:
     """Seeds from a .txt file (one a line, blank lines skipped) or any `sources.load_rows` source. `sector` is
-    the sector of rows without a "sector" column (default: materials for a material, else world)."""
+    the sector of rows without a "sector" column (default: materials for a material, else world). `seeds_are`:
+    whether a "seed" column (a .txt line) holds topics, openings, or each is guessed (looks_like_opening)."""
+    if seeds_are not in SEEDS_ARE:
+        raise ValueError(f"seeds_are={seeds_are!r}: expected one of {SEEDS_ARE}")
     source = os.fspath(source)
     if Path(source).suffix and "://" not in source and "*" not in source and not os.path.exists(source):
         raise FileNotFoundError(f"seeds file {source!r} does not exist")
@@ -241,7 +249,8 @@ def load_seeds(source, *, split: str = "train", column: str | None = None, secto
         from zephyr_jax.data.sources import load_rows
 
         rows = load_rows(source, split)
-    seeds = [_row_seed(row, i, f"{source} row {i + 1}", column, sector, seed) for i, row in enumerate(rows)]
+    seeds = [_row_seed(row, i, f"{source} row {i + 1}", column, sector, seed, seeds_are)
+             for i, row in enumerate(rows)]
     if not seeds:
         raise ValueError(f"seeds file {source!r} holds no seeds")
     return seeds

@@ -3,7 +3,8 @@ turns, and the kept dialogues are written in the ultrachat_200k schema.
 
 CLI:
     python -m zephyr_jax.data.dialogues --user=SPEC --assistant=SPEC --output=DIR
-        [--seeds=FILE [--seeds_split=train] [--seed_column=COL]] [--sector=world|writing|materials|all]
+        [--seeds=FILE [--seeds_split=train] [--seed_column=COL] [--seeds_are=auto|topics|openings]]
+        [--sector=world|writing|materials|all]
         [--num_dialogues=N] [--min_turns=A --max_turns=B] [--seed=42] [--test_size=0.1]
         [--concurrency=16] [--max_tokens=1024] [--temperature=1.0] [--max_turn_chars=8000]
         [--timeout=120] [--max_retries=6] [--api_key_env=OPENAI_API_KEY] [--mesh=D,F,T] [--overwrite]
@@ -23,10 +24,13 @@ or from --seeds (`load_seeds`): a .txt file (one seed a line) or anything `sourc
 column "material", "seed", "topic", "question", "prompt" or "instruction" (the first a row has, or
 --seed_column), and optionally "sector". A "topic" is handed to the user simulator to open with; a "question",
 "prompt" or "instruction" is the opening itself; a "material" passage is wrapped in a materials template (or
-follows the row's "instruction"/"question", if it has one); a "seed" (and a .txt line) is an opening when it
-looks like one (ends with "?", starts with a question word or an imperative verb, or spans lines), else a
-topic. Rows without a sector take --sector's (default: materials for a material, else world). Dialogue i uses
-seed i mod the number of seeds; --num_dialogues defaults to the number of seeds.
+follows the row's "instruction"/"question", if it has one); a "seed" (and a .txt line) is an opening when it looks
+like one (ends with "?", starts with a question word or an imperative verb, or spans lines), else a topic, unless
+--seeds_are=topics or openings says which for the whole file. Rows without a sector take --sector's (default:
+materials for a material, else world). Dialogue i uses seed i mod the number of seeds; --num_dialogues defaults to
+the number of seeds. On later passes over the seeds (i >= their number) a seed that is an opening is not taken as
+it is again (it would be dropped as a duplicate): the user simulator writes another opening of its kind
+(VARIATION_REQUEST); a topic gets a new opening anyway.
 
 A turn is one user message and the assistant's reply; each dialogue draws its number of turns from its
 sector's range, or from --min_turns..--max_turns (one alone: --min_turns defaults to 1, --max_turns to
@@ -106,7 +110,8 @@ from zephyr_jax.data.backends import ENGINE_MESH_HELP, Backend, BackendSet, Call
 from zephyr_jax.data.binarize import prompt_id, train_test_split, write_train_and_test
 from zephyr_jax.data.cache import tokenizer_fingerprint
 from zephyr_jax.data.conversation import SPECIAL_TEXTS
-from zephyr_jax.data.dialogue_seeds import SECTOR_TURNS, SEED_COLUMNS, Seed, as_seed, builtin_seeds, load_seeds
+from zephyr_jax.data.dialogue_seeds import (SECTOR_TURNS, SEED_COLUMNS, SEEDS_ARE, Seed, as_seed, builtin_seeds,
+                                            load_seeds)
 from zephyr_jax.data.errors import SkipCounter
 from zephyr_jax.data.journal import Journal, SettingsMismatch
 
@@ -128,6 +133,9 @@ USER_TOPIC = " The conversation is about: {topic}."
 OPENING_REQUEST = ("Open a conversation with the assistant about this topic: {topic}. Write only your first "
                    "message to the assistant: a question or a request a real person might have.")
 OPENING_GIVEN = "Open a conversation with the assistant: write your first message to it."  # the seed was it
+VARIATION_REQUEST = ("Open a conversation with the assistant with a request of your own of the same kind as this "
+                     "one (another subject, or another task on the same text):\n\n{opening}\n\nWrite only your "
+                     "first message to the assistant.")
 
 # ------------------------------------------------------------------------------------------------ filters
 
@@ -261,6 +269,12 @@ class _Run:
     def seed_of(self, i: int) -> Seed:
         return self.seeds[i % len(self.seeds)] if self.seeds else Seed("", "magpie")
 
+    def varies(self, i: int, seed: Seed) -> bool:
+        """Whether dialogue i opens with another message of its seed's kind: a seed that is an opening, on a later
+        pass over the seeds (taken as it is again, it was dropped as a duplicate: 100,000 dialogues from the
+        2,140 built-in seeds kept a few thousand)."""
+        return self.mode != "magpie" and not seed.is_topic and i >= len(self.seeds)
+
     def rounds(self, i: int, seed: Seed) -> int:
         lo, hi = self.turns or (MAGPIE_TURNS if self.mode == "magpie" else SECTOR_TURNS[seed.sector])
         return random.Random(f"{self.seed}:{i}").randint(lo, hi)
@@ -296,7 +310,8 @@ class _Run:
         system = USER_SYSTEM + (USER_TOPIC.format(topic=d.seed.text) if d.seed.is_topic else "")
         # The request for the opening comes first, so the roles alternate from a user turn, as strict chat
         # templates (Mistral-Instruct's, Llama-2's) require.
-        request = OPENING_REQUEST.format(topic=d.seed.text) if d.seed.is_topic else OPENING_GIVEN
+        request = OPENING_REQUEST.format(topic=d.seed.text) if d.seed.is_topic else \
+            VARIATION_REQUEST.format(opening=d.seed.text) if self.varies(d.index, d.seed) else OPENING_GIVEN
         view = [{"role": "user", "content": request}, *flipped(messages)]
         return self.user, self.call(d.index, t, messages=({"role": "system", "content": system}, *view))
 
@@ -304,7 +319,7 @@ class _Run:
         """(text, None) for message len(d.messages) of dialogue d, or (None, the reason it ends here)."""
         t = len(d.messages)
         role = "user" if t % 2 == 0 else "assistant"
-        given = t == 0 and self.mode != "magpie" and not d.seed.is_topic  # the seed is the opening, as it is
+        given = t == 0 and self.mode != "magpie" and not d.seed.is_topic and not self.varies(d.index, d.seed)
         value = {"text": d.seed.text} if given else await self.message(d.index, t, *self.request(d, t))
         if value["text"] is None:
             return None, f"failed {role} call"
@@ -339,8 +354,8 @@ def _settings(run: _Run) -> dict:
         "max_tokens": run.max_tokens, "temperature": run.temperature, "max_turn_chars": run.max_turn_chars,
         "assistant": run.assistant.name, "user": run.user.name if run.user else None,
         "seeds": hashlib.sha256(json.dumps(seeds).encode()).hexdigest(), "num_seeds": len(seeds),
-        "prompts": hashlib.sha256("\n".join((USER_SYSTEM, USER_TOPIC, OPENING_REQUEST, OPENING_GIVEN))
-                                  .encode()).hexdigest(), "format": FORMAT_VERSION,
+        "prompts": hashlib.sha256("\n".join((USER_SYSTEM, USER_TOPIC, OPENING_REQUEST, OPENING_GIVEN,
+                                             VARIATION_REQUEST)).encode()).hexdigest(), "format": FORMAT_VERSION,
     }
     if run.magpie:
         # What the tokenizer does, not where it was loaded from (hosts keep their copies in different places)
@@ -522,6 +537,8 @@ def _parser() -> argparse.ArgumentParser:
                                                  "default: the built-in seeds of --sector")
     p.add_argument("--seeds_split", default="train", help="split of --seeds when it is a directory or hub name")
     p.add_argument("--seed_column", default=None, help=f"column of --seeds to use (default: first of {SEED_COLUMNS})")
+    p.add_argument("--seeds_are", choices=SEEDS_ARE, default="auto",
+                   help="a 'seed' column or .txt line: topics, openings, or auto (guessed one by one)")
     p.add_argument("--sector", choices=(*SECTOR_TURNS, "all"), default="all",
                    help="built-in seeds to use; with --seeds, the sector of rows that name none")
     p.add_argument("--num_dialogues", type=int, default=None, help="default: one per seed")
@@ -561,7 +578,8 @@ def main(argv=None) -> dict:
             if args.mode == "ultrachat":
                 sector = None if args.sector == "all" else args.sector
                 seeds = (load_seeds(args.seeds, split=args.seeds_split, column=args.seed_column, sector=sector,
-                                    seed=args.seed) if args.seeds else builtin_seeds(args.sector, args.seed))
+                                    seed=args.seed, seeds_are=args.seeds_are)
+                         if args.seeds else builtin_seeds(args.sector, args.seed))
             user = backends.get(args.user) if args.user else None
             stats = make_dialogues(seeds, user, backends.get(args.assistant), args.output, mode=args.mode,
                                   num_dialogues=args.num_dialogues, min_turns=args.min_turns,

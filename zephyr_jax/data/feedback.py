@@ -462,6 +462,7 @@ class _Run:
                 "sample_index": slot.sample, "seed": g["seed"], "prompt_tokens": g["prompt_tokens"],
                 "completion_tokens": g["completion_tokens"], "finish_reason": g["finish_reason"],
                 "error": g["error"], "judge_errors": j["judge_errors"]})
+        self.out["rated_completions"] += sum(c["fine-grained_score"] is not None for c in completions)
         return {"source": p.source, "prompt_id": p.pid, "instruction": p.instruction,
                 "models": [c["model"] for c in completions], "completions": completions,
                 "correct_answers": _strings(p.row.get("correct_answers")),
@@ -599,6 +600,7 @@ def _stats(run: _Run, counter: SkipCounter, resumed: int, settings: dict, backen
         "output": str(out_dir / OUTPUT_FILE),
         "prompts": out["prompts"], "completions": out["completions"],
         "failed_generations": out["failed_generations"],
+        "rated_completions": out["rated_completions"],  # with a mean rating: what binarize ranks
         "parse_failures": {"rating": out["rating_parse_failures"], "critique": out["critique_parse_failures"]},
         "failed_judge_calls": {"rating": out["failed_rating_calls"], "critique": out["failed_critique_calls"]},
         "judge_errors": run.judge_errors,
@@ -627,6 +629,8 @@ def summary(stats: dict) -> str:
     ]
     if stats["completions"] and stats["failed_generations"] == stats["completions"]:
         lines.append("  WARNING: every generation failed (see the first error below)")
+    elif stats["completions"] and not stats["rated_completions"]:
+        lines.append("  WARNING: no completion got a rating: every judge call failed or was unreadable")
     lines += [f"  first {kind} error: {error}" for kind, error in r["first_errors"].items()]
     lines += [f"  {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in sorted(s.items())) for name, s in stats["backends"].items()]
@@ -719,6 +723,11 @@ def main(argv=None) -> dict:
         # a script's next step (binarize, training) must not start on completions that are all errors
         print(f"error: every one of the {stats['completions']} generations failed (first errors: "
               f"{stats['this_run']['first_errors']}); the journal keeps what finished", file=sys.stderr)
+        raise SystemExit(1)
+    if stats["completions"] and not stats["rated_completions"]:  # a judge with a wrong key: nothing to binarize
+        print(f"error: none of the {stats['completions'] - stats['failed_generations']} completions got a rating "
+              f"(first errors: {stats['this_run']['first_errors']}); the journal keeps what finished",
+              file=sys.stderr)
         raise SystemExit(1)
     return stats
 
