@@ -55,8 +55,11 @@ case "${1:-}" in
     train="$VENV/bin/python -m zephyr_jax.train --distributed$args"
     follow="pid=\$! && tail -n +1 -f --pid=\$pid $LOG && wait \$pid"  # its output, then its exit status
     # The log is emptied before the trainer starts: tail must neither find it missing (and end, losing the exit
-    # status) nor show the previous run's lines.
-    ssh_all "cd zephyr_jax && : >$LOG && { setsid -w nohup $train >>$LOG 2>&1 </dev/null & } && $follow" ;;
+    # status) nor show the previous run's lines. Not while a trainer runs (a `run` again after a dropped
+    # connection, for `wait`): its log would be emptied and a second trainer would find the TPUs taken.
+    busy="a trainer is running on \$(hostname): launch/tpu_pod.sh wait (or stop) first"
+    idle="if pgrep -f '$TRAINER' >/dev/null; then echo \"$busy\" >&2; exit 1; fi"
+    ssh_all "cd zephyr_jax && $idle && : >$LOG && { setsid -w nohup $train >>$LOG 2>&1 </dev/null & } && $follow" ;;
   logs)
     gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=0 --command "tail -n 100 -f $LOG" ;;
   wait)

@@ -189,14 +189,20 @@ def test_mt_bench_bad_question_file(tmp_path):
     with pytest.raises(ValueError, match="question_id 1.*turns"):
         evaluate.read_questions(str(path))
     for bad, match in (({"question_id": [1], "turns": ["q"]}, "no question_id"),
-                       ({"question_id": 2, "category": ["math"], "turns": ["q"]}, "'category' must be a string")):
+                       ({"question_id": 2, "category": ["math"], "turns": ["q"]}, "'category' must be a string"),
+                       ({"question_id": 3, "turns": ["q", " "]}, "non-blank strings")):  # was asked as it is
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=match):
             evaluate.read_questions(str(path))
+    path.write_text("")  # wrote "0 answers" for FastChat's judge to trip over
+    with pytest.raises(ValueError, match=r"q.jsonl holds no questions"):
+        evaluate.read_questions(str(path))
     broken = tmp_path / "alpaca.json"
-    broken.write_text('[{"instruction": "a",}]')
-    with pytest.raises(ValueError, match=r"alpaca.json: not valid JSON"):
-        evaluate.read_instructions(str(broken))
+    for text, match in (('[{"instruction": "a",}]', "not valid JSON"), ("[]", "expected a non-empty list"),
+                        ('[{"instruction": " "}]', r"item 1 has no 'instruction' string \(non-blank\)")):
+        broken.write_text(text)
+        with pytest.raises(ValueError, match=f"alpaca.json: {match}"):
+            evaluate.read_instructions(str(broken))
 
 
 def test_alpaca_eval_outputs(model_dir, tmp_path):

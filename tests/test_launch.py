@@ -32,12 +32,15 @@ def test_tpu_pod_runs_the_training_command_on_every_worker(tmp_path):
     command = argv[argv.index("--command") + 1]
     # in a session of its own (a dropped ssh connection leaves it training), its output followed until it exits
     # (the log emptied first: tail neither finds it missing, which lost the exit status, nor shows the last run's)
-    assert command == ("cd zephyr_jax && : >$HOME/zephyr_train.log && { setsid -w nohup "
+    # (and not while a trainer runs there: a second `run` emptied its log and found the TPUs taken)
+    trainer = "'^[^ ]*python[0-9.]* -m zephyr_jax[.]train --distributed'"
+    assert command == ("cd zephyr_jax && if pgrep -f " + trainer + " >/dev/null; then echo \"a trainer is running "
+                       "on $(hostname): launch/tpu_pod.sh wait (or stop) first\" >&2; exit 1; fi && "
+                       ": >$HOME/zephyr_train.log && { setsid -w nohup "
                        "$HOME/zephyr_venv/bin/python -m zephyr_jax.train "
                        "--distributed --config=configs/dpo.py --workdir=/mnt/shared/dpo "
                        "--config.model.path=/mnt/shared/sft\\ dir >>$HOME/zephyr_train.log 2>&1 </dev/null & } "
                        "&& pid=$! && tail -n +1 -f --pid=$pid $HOME/zephyr_train.log && wait $pid")
-    trainer = "'^[^ ]*python[0-9.]* -m zephyr_jax[.]train --distributed'"
     for sub, remote in (("wait", f"while pgrep -f {trainer}"), ("stop", f"pkill -TERM -f {trainer}")):
         out, argv = _tpu_pod(tmp_path, sub, TPU_NAME="zephyr", ZONE="us-central2-b")
         assert out.returncode == 0 and "--worker=all" in argv and argv[argv.index("--command") + 1].startswith(remote)
@@ -50,8 +53,9 @@ def test_tpu_pod_runs_the_training_command_on_every_worker(tmp_path):
 
 def test_tpu_pod_stop_ends_the_trainers_and_run_returns_their_exit_status(tmp_path):
     """`run` attached, then `stop`: each worker's trainer saves and exits 75, and `run` returns 75 (stop's pattern
-    also matched run's remote shell, so run died with 143). A stand-in gcloud runs each command under `bash -c` in
-    a stand-in home (as sshd on each worker); the stand-in trainer is `python -m zephyr_jax.train` from it."""
+    also matched run's remote shell, so run died with 143); a second `run` meanwhile is refused. A stand-in gcloud
+    runs each command under `bash -c` in a stand-in home (as sshd on each worker); the stand-in trainer is
+    `python -m zephyr_jax.train` from it."""
     home = tmp_path / "home"
     (home / "zephyr_jax" / "zephyr_jax").mkdir(parents=True)
     (home / "zephyr_jax" / "zephyr_jax" / "__init__.py").write_text("")
@@ -69,6 +73,9 @@ def test_tpu_pod_stop_ends_the_trainers_and_run_returns_their_exit_status(tmp_pa
         log, deadline = home / "zephyr_train.log", time.time() + 30
         while time.time() < deadline and not (log.exists() and "training" in log.read_text()):
             time.sleep(0.1)
+        again = subprocess.run(["bash", "launch/tpu_pod.sh", "run", "--", "--config=x"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=30)  # refused: the log is kept
+        assert again.returncode == 1 and "a trainer is running on" in again.stderr and "training" in log.read_text()
         stop = subprocess.run(["bash", "launch/tpu_pod.sh", "stop"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=30)
         assert stop.returncode == 0, stop.stderr

@@ -135,8 +135,11 @@ def test_unknown_topology_lists_the_known_ones():
         compile_targets.tpu_target("v5e-3")
     with pytest.raises(ValueError, match="unknown TPU topology 'v4-9'"):
         compile_targets.tpu_target("v4-9")
-    # Cloud TPU's name for v5e, as tpu_pod.sh takes it
+    # Cloud TPU's name for v5e, as tpu_pod.sh takes it; v5e-8 and v6e-8 are one host of 8 chips (were two of 4),
+    # the larger slices hosts of 4
+    hosts = lambda name: len({d.process_index for d in compile_targets.tpu_target(name).devices})  # noqa: E731
     assert len(compile_targets.tpu_target("v5litepod-8").devices) == 8
+    assert [hosts(n) for n in ("v5litepod-8", "v6e-8", "v4-8", "v5e-16", "v5e-64")] == [1, 1, 1, 4, 16]
 
 
 def test_unknown_gpu_topology_lists_the_known_ones():

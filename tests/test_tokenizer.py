@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import textwrap
 
 import pytest
@@ -145,6 +146,29 @@ def test_a_hub_format_tokenizer_directory_encodes_as_sentencepiece(tok, tmp_path
         assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == text
     assert loaded(RENDERED).input_ids == tok(RENDERED).input_ids
     assert (loaded.bos_token_id, loaded.eos_token_id) == (1, 2)
+
+
+def test_a_sentencepiece_only_tokenizer_directory_encodes_as_sentencepiece(tmp_path):
+    """A directory with tokenizer.model and no tokenizer.json (older uploads): transformers' conversion split code's
+    indentation and dropped a leading space (" leading space": [1, 5374, 2764], not [1, 28705, 5374, 2764]).
+    Built from sentencepiece's pieces instead, with the folder's chat template and added tokens."""
+    sp = spm.SentencePieceProcessor(model_file=mistral_v0_1_model_file())
+    shutil.copy(mistral_v0_1_model_file(), tmp_path / "tokenizer.model")
+    template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
+              "chat_template": template,
+              "added_tokens_decoder": {"2": {"content": "</s>", "special": True},
+                                       "32000": {"content": "<|extra|>", "special": True}}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = load_tokenizer(str(tmp_path))
+    for text in AWKWARD + ["def f(x):\n    return 1"]:
+        assert loaded(text).input_ids == [1] + sp.encode(text), text
+    assert loaded.chat_template == template and loaded.convert_tokens_to_ids("<|extra|>") == 32000
+    config["added_tokens_decoder"] = {"32001": {"content": "<|extra|>", "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"added token '<\|extra\|>' has id 32001, but .*tokenizer.model gives it "
+                                         r"32000"):
+        load_tokenizer(str(tmp_path))
 
 
 def _save_without_template(tok, path):

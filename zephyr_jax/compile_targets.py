@@ -67,12 +67,15 @@ def tpu_target(name: str) -> Target:
                          f"(GPUs: {', '.join(known_gpu_topologies()[:4])}, ...; or 'local' for this job's own "
                          "devices)")
     quiet_libtpu(name)
+    # Hosts of 4 chips, but v5e-8 and v6e-8 are one host of 8 (Cloud TPU's v5litepod-8, v6e-8): planned as two,
+    # they compiled for two processes.
+    per_host = (2, 4, 1) if chips == 8 and chip.shapes is _TWO_D else (2, 2, 1) if chips >= 4 else (1, 1, 1)
     try:
         from jax.experimental import topologies
 
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=f"{chip.prefix}:{chip.shapes[chips]}", chip_config_name=chip.chip_config,
-            chips_per_host_bounds=(2, 2, 1) if chips >= 4 else (1, 1, 1), num_slices=1)
+            chips_per_host_bounds=per_host, num_slices=1)
     except Exception as e:  # no libtpu: say how to get it
         raise RuntimeError(f"compiling for {name} needs libtpu (pip install -e .[tpu]): {e}") from e
     return Target(name, list(desc.devices), chip.hbm_bytes, chip.peak_flops)

@@ -195,17 +195,20 @@ MT_BENCH_DEFAULT_TEMPERATURE = 0.7
 def read_questions(path: str) -> list[dict]:
     """FastChat's question.jsonl: one {"question_id", "category", "turns": [str, ...]} per line."""
     questions = read_json_lines(path)
+    if not questions:  # (an empty answer file went on to FastChat's judging)
+        raise ValueError(f"{path} holds no questions")
     seen = set()
     for number, q in enumerate(questions, 1):
         where = f"{path}: question {number}"
-        if not isinstance(q, dict) or not isinstance(q.get("question_id"), (int, str)):
+        if not isinstance(q, dict) or not isinstance(q.get("question_id"), (int, str)) or \
+                isinstance(q["question_id"], bool):  # (true was question 1 again)
             raise ValueError(f"{where}: no question_id (an int or a string)")
         if not isinstance(q.get("category", ""), str):
             raise ValueError(f"{where} (question_id {q['question_id']}): 'category' must be a string")
         turns = q.get("turns")
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise ValueError(f"{where} (question_id {q['question_id']}): 'turns' must be a non-empty list of "
-                             "strings")
+                             "non-blank strings")
         if q["question_id"] in seen:
             raise ValueError(f"{where}: question_id {q['question_id']} appears twice")
         seen.add(q["question_id"])
@@ -269,11 +272,11 @@ def read_instructions(source: str, split: str = "eval") -> list[dict]:
         from zephyr_jax.data.sources import load_rows
 
         rows = [dict(r) for r in load_rows(source, split)]
-    if not isinstance(rows, list):
-        raise ValueError(f"{source}: expected a list of {{'instruction': ...}} objects")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{source}: expected a non-empty list of {{'instruction': ...}} objects")
     for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise ValueError(f"{source}: item {number} has no 'instruction' string")
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise ValueError(f"{source}: item {number} has no 'instruction' string (non-blank)")
     return rows
 
 

@@ -50,6 +50,10 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
             # tokenizer.json as written: transformers 5's LlamaTokenizer (the class Mistral-7B-v0.1's
             # tokenizer_config.json names) rebuilds its pre-tokenizer and drops a text's leading space.
             tok = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+        elif os.path.isfile(os.path.join(path, "tokenizer.model")):
+            # Not transformers' conversion of it (see sentencepiece_tokenizer): code's indentation and a leading
+            # space came out as other ids than Mistral's.
+            tok = _with_folder_config(sentencepiece_tokenizer(os.path.join(path, "tokenizer.model")), path)
         else:
             tok = transformers.AutoTokenizer.from_pretrained(path)
     if not getattr(tok, "chat_template", None):
@@ -92,6 +96,29 @@ def sentencepiece_tokenizer(model_file: str) -> transformers.PreTrainedTokenizer
         tokenizer_object=backend, bos_token=bos, eos_token=sp.id_to_piece(sp.eos_id()),
         unk_token=sp.id_to_piece(sp.unk_id()), model_max_length=32768, clean_up_tokenization_spaces=False,
         add_bos_token=True, add_eos_token=False)
+
+
+def _with_folder_config(tok, path: str):
+    """A sentencepiece-built tokenizer given its folder's tokenizer_config.json: its chat template, and the
+    tokens it adds past the model's pieces at the ids it names."""
+    import json
+
+    from tokenizers import AddedToken
+
+    config_file = os.path.join(path, "tokenizer_config.json")
+    config = json.load(open(config_file)) if os.path.isfile(config_file) else {}
+    if isinstance(config.get("chat_template"), str):
+        tok.chat_template = config["chat_template"]
+    added = config.get("added_tokens_decoder") or {}
+    for index, token in sorted(((int(i), t) for i, t in added.items()), key=lambda item: item[0]):
+        if token["content"] not in tok.get_vocab():
+            tok.add_tokens([AddedToken(token["content"], special=token.get("special", True), normalized=False)],
+                           special_tokens=token.get("special", True))
+        if tok.convert_tokens_to_ids(token["content"]) != index:
+            raise ValueError(f"{config_file}: added token {token['content']!r} has id {index}, but "
+                             f"{os.path.join(path, 'tokenizer.model')} gives it "
+                             f"{tok.convert_tokens_to_ids(token['content'])}")
+    return tok
 
 
 def _check_tokenizer_path(path_or_name: str) -> None:
