@@ -168,6 +168,14 @@ def test_train_test_split():
     assert train_test_split(list(range(10)), 3, seed=1) == (train, test)
     with pytest.raises(ValueError):
         train_test_split(list(range(3)), 3)
+    # By prompt: a prompt held twice (raw UltraFeedback repeats some instructions) lands in one split, not both
+    rows = [{"prompt_id": p, "n": n} for n, p in enumerate("abcadbe")]
+    for seed in range(20):
+        train, test = train_test_split(rows, 2, seed, key=lambda r: r["prompt_id"])
+        assert len({r["prompt_id"] for r in test}) == 2 and not {r["prompt_id"] for r in train} & \
+            {r["prompt_id"] for r in test} and sorted(r["n"] for r in train + test) == list(range(7))
+    with pytest.raises(ValueError, match="test_size=5 needs 0 <= test_size < the 5 kept prompts"):
+        train_test_split(rows, 5, key=lambda r: r["prompt_id"])
 
 
 def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
@@ -195,7 +203,8 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
             main([*argv, f"--output={tmp_path / 'bad'}"])
         assert stop.value.code != 0 and (message is None or message in str(stop.value.code))
     printed = capsys.readouterr()
-    assert "--test_size=-1 is negative" in printed.err and "must be below the 6 kept rows" in printed.err
+    assert "--test_size=-1 is negative" in printed.err and "must be below the 6 prompts of the 6 kept rows" in \
+        printed.err
     assert "skipped 3 of 9 rows" in printed.out  # the summary before the refusal
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(fixture_rows()[0]) + "\n{not json\n")
@@ -297,7 +306,8 @@ def test_a_kill_between_the_two_split_files_leaves_no_train_file(tmp_path, monke
     (data.dialogues writes train_sft / test_sft through the same function.)"""
     from zephyr_jax.data import binarize as module
 
-    module.write_splits([{"n": i} for i in range(10)], tmp_path, test_size=2)
+    pairs = lambda n: [{"prompt_id": str(i)} for i in range(n)]  # noqa: E731
+    module.write_splits(pairs(10), tmp_path, test_size=2)
     real, written = module.write_jsonl, []
 
     def killed_after_one_file(rows, path):
@@ -308,8 +318,8 @@ def test_a_kill_between_the_two_split_files_leaves_no_train_file(tmp_path, monke
 
     monkeypatch.setattr(module, "write_jsonl", killed_after_one_file)
     with pytest.raises(KeyboardInterrupt):
-        module.write_splits([{"n": i} for i in range(20)], tmp_path, test_size=4)
+        module.write_splits(pairs(20), tmp_path, test_size=4)
     assert written == ["test_prefs.jsonl"] and sorted(os.listdir(tmp_path)) == ["test_prefs.jsonl"]
     monkeypatch.setattr(module, "write_jsonl", real)
-    train, test = module.write_splits([{"n": i} for i in range(20)], tmp_path, test_size=4)
+    train, test = module.write_splits(pairs(20), tmp_path, test_size=4)
     assert [json.loads(line) for line in open(tmp_path / "train_prefs.jsonl")] == train and len(test) == 4

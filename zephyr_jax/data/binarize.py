@@ -30,8 +30,9 @@ CLI:
         [--seed=42] [--test_size=2000] [--drop_truthful_qa]
 RAW is anything `sources.load_rows` reads (jsonl/parquet file, directory, hub name such as openbmb/UltraFeedback).
 DIR receives train_prefs.jsonl and test_prefs.jsonl, so `load_rows(DIR, "train_prefs")` reads them back.
-The test rows are `random.Random(seed).sample` of the kept rows (a generator separate from the rejected draws);
-both splits keep the input order.
+The test rows are those of `random.Random(seed).sample` of the kept rows' prompts (--test_size prompts; a prompt
+the input holds twice goes to one split), a generator separate from the rejected draws; both splits keep the
+input order.
 """
 
 from __future__ import annotations
@@ -199,12 +200,17 @@ def _len(rows):
         return None
 
 
-def train_test_split(rows: list, test_size: int, seed: int = 42) -> tuple[list, list]:
-    """(train, test): test is `random.Random(seed).sample` of the row positions; both keep the input order."""
-    if not 0 <= test_size < len(rows):
-        raise ValueError(f"test_size={test_size} needs 0 <= test_size < the {len(rows)} kept rows")
-    test = set(random.Random(seed).sample(range(len(rows)), test_size))
-    return [r for i, r in enumerate(rows) if i not in test], [r for i, r in enumerate(rows) if i in test]
+def train_test_split(rows: list, test_size: int, seed: int = 42, key=None) -> tuple[list, list]:
+    """(train, test): test is `random.Random(seed).sample` of the row positions; both keep the input order. With
+    `key` (a row -> its prompt's id), test_size counts prompts: every row of a sampled prompt goes to test, so a
+    prompt that appears twice in the input is never in both splits."""
+    keys = [i for i in range(len(rows))] if key is None else [key(r) for r in rows]
+    groups = list(dict.fromkeys(keys))  # first-seen order
+    if not 0 <= test_size < len(groups):
+        raise ValueError(f"test_size={test_size} needs 0 <= test_size < the {len(groups)} kept "
+                         f"{'rows' if key is None else 'prompts'}")
+    test = set(random.Random(seed).sample(groups, test_size))
+    return [r for r, k in zip(rows, keys) if k not in test], [r for r, k in zip(rows, keys) if k in test]
 
 
 def write_jsonl(rows, path) -> None:
@@ -225,8 +231,9 @@ def write_train_and_test(train: list, test: list, train_path, test_path) -> None
 
 
 def write_splits(pairs: list, output_dir, test_size: int, seed: int = 42) -> tuple[list, list]:
-    """Splits the pairs (train_test_split) into output_dir/train_prefs.jsonl and test_prefs.jsonl."""
-    train, test = train_test_split(pairs, test_size, seed)
+    """Splits the pairs by prompt (train_test_split, test_size prompts) into output_dir/train_prefs.jsonl and
+    test_prefs.jsonl."""
+    train, test = train_test_split(pairs, test_size, seed, key=lambda pair: pair["prompt_id"])
     os.makedirs(output_dir, exist_ok=True)
     write_train_and_test(train, test, os.path.join(output_dir, "train_prefs.jsonl"),
                          os.path.join(output_dir, "test_prefs.jsonl"))
@@ -259,9 +266,10 @@ def main(argv=None) -> dict:
                         drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else ())
     except (ValueError, OSError) as e:  # OSError: FileNotFoundError, and ConnectionError for a hub name
         sys.exit(f"error: {e}")
-    if args.test_size >= len(kept):
+    prompts = len({pair["prompt_id"] for pair in kept})
+    if args.test_size >= prompts:
         print(counter.summary())  # why so few were kept
-        p.error(f"--test_size={args.test_size} must be below the {len(kept)} kept rows")
+        p.error(f"--test_size={args.test_size} must be below the {prompts} prompts of the {len(kept)} kept rows")
     train, test = write_splits(kept, args.output, args.test_size, args.seed)
     print(counter.summary())
     print(f"kept {len(kept)} rows: {len(train)} train_prefs, {len(test)} test_prefs -> {args.output}")
