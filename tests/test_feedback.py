@@ -277,9 +277,10 @@ class ScriptedJudge:
         with self.lock:
             n = self.calls[key]
             self.calls[key] += 1
-        if n < self.bad.get((kind, instruction), 0):
-            assert n == 0 or "does not follow the format" in call.messages[-1]["content"]  # a re-ask says why
-            return "I think they are all fine."
+        if n < self.bad.get((kind, instruction), 0):  # a re-ask says why, and asks for less after a cut reply
+            assert n == 0 or ("does not follow the format" in call.messages[-1]["content"] and
+                              "the reply was cut off at 1024 tokens" in call.messages[-1]["content"])
+            return Reply("I think they are all fine.", finish_reason="length")
         return Reply(well_formed(call.messages), prompt_tokens=10, completion_tokens=5)
 
     def count(self, kind, instruction):

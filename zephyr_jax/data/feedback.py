@@ -347,6 +347,8 @@ class _Run:
                 return {**result, "parsed": parse(reply.text), "parse_failure": False, "error": None}
             except FormatError as e:
                 error = str(e)
+                if reply.finish_reason == "length":  # the same budget again would cut it again: ask for less
+                    error += f"; the reply was cut off at {o['judge_max_tokens']} tokens: keep the rationales short"
             if attempt < o["parse_retries"]:
                 self.reasks[kind] += 1
                 # Show the bad reply and what is wrong: at temperature 0 the same question gets the same answer.
