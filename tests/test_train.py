@@ -860,6 +860,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     with pytest.raises(FloatingPointError, match=r"grad_norm nan at step 7.*last good checkpoint is step 6"):
         train.run(cfg, workdir)
     assert _params(workdir)[0] == 6
+    # An eval step that is no log step: the bad step is caught before the eval (which put NaN metrics on record)
+    cfg.train.log_every, cfg.train.eval_every = 5, 1
+    with pytest.raises(FloatingPointError, match=r"at step 7.*last good checkpoint is step 6"):
+        train.run(cfg, workdir)
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert not [r for r in records if r["split"] == "eval" and r["step"] > 6]
 
 
 def test_a_divergence_keeps_the_steps_before_it_on_record(data_dir, tmp_path):
