@@ -721,6 +721,55 @@ def test_steps_queued_when_an_eval_or_save_starts_count_as_step_time(monkeypatch
     assert log.excluded < 0.1 and "work" not in queued
 
 
+def test_a_batch_shape_first_met_after_the_first_step_compiles_outside_the_step_time(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    """dDPO batches come in bucketed shapes, each compiled when first met (~13 in the recipe's run, 43 s each for
+    7B on a v5e-64): those after the first step were step time, and their log lines read tokens/s and MFU several
+    times low. The stand-in compile: 3 s at a shape's first call."""
+    real, shapes = train.jit_train_step, set()
+
+    def jit_train_step(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def first_call_slow(state, batch, reference):
+            if train.batch_shape(batch) not in shapes:
+                shapes.add(train.batch_shape(batch))
+                time.sleep(3.0)
+            return step(state, batch, reference)
+        return first_call_slow
+
+    monkeypatch.setattr(train, "jit_train_step", jit_train_step)
+    # Rows padded to a bucket: 2 long dialogues among 32, so some batches of 8 are 64 wide and some 256
+    rows = [{"prompt": q, "prompt_id": str(i), "messages": [{"role": "user", "content": q},
+                                                            {"role": "assistant", "content": "Yes."}]}
+            for i, q in enumerate(["word " * 150 if i in (5, 20) else f"Is {i} even?" for i in range(32)])]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train_sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.run(tiny_config("sft", data_dir, **{
+        "data.train": str(tmp_path / "data"), "data.packing": False, "data.max_length": 256, "data.buckets": (64, 256),
+        "train.max_steps": 8, "train.eval_every": 0, "train.save_every": 0}), str(tmp_path / "run"))
+    timed = [r["step_time"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))
+             if r["split"] == "train" and r["step"] > 1]
+    assert len(shapes) == 2 and len(timed) == 7 and max(timed) < 2.0, (shapes, timed)
+
+
+def test_starting_and_stopping_a_profile_is_not_step_time(monkeypatch, tmp_path):
+    """The trace window's start_trace and stop_trace (which writes the trace: 0.6 s for a 0.1 ms step, seconds for
+    a 7B one) ran inside the timed steps. The stand-ins take 0.3 s each."""
+    from zephyr_jax import profiling
+
+    monkeypatch.setattr(profiling.jax.profiler, "start_trace", lambda logdir: time.sleep(0.3))
+    monkeypatch.setattr(profiling.jax.profiler, "stop_trace", lambda: time.sleep(0.3))
+    monkeypatch.setattr(profiling, "newest_trace", lambda logdir: "trace.xplane.pb")
+    log = train_log.StepLog(None, types.SimpleNamespace(update=lambda n: None), None, "", None)
+    trace = profiling.TraceWindow(2, 1, str(tmp_path), untimed=log.untimed)
+    trace.before(1)
+    assert log.excluded == 0
+    trace.before(2)
+    trace.after(2, None)
+    assert 0.6 <= log.excluded < 1.0 and not trace.active
+
+
 def test_the_sigterm_flag_is_set_inside_the_loop_and_the_old_handler_returns_after():
     """The loop's SIGTERM handler only lives as long as the loop: a caller that goes on after train.run (the
     demo's feedback stage) must still stop on SIGTERM."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import os
 import re
@@ -41,16 +42,18 @@ class TraceWindow:
     `before(step, pending)` just before dispatching a step (numbered from 1; `pending`: the outputs of the steps
     still running, which finish before the trace starts), `after(step, outputs)` after it, and `close()` when the
     loop ends, also on an error: a trace still open then (the loop stopped inside the window) keeps the steps
-    it holds."""
+    it holds. `untimed`: a context for the starting and stopping (the training loop's: not step time; writing a
+    7B step's trace takes seconds)."""
 
-    def __init__(self, start: int, count: int, logdir: str):
-        self.start, self.last, self.logdir = start, start + count - 1, logdir
+    def __init__(self, start: int, count: int, logdir: str, untimed=contextlib.nullcontext):
+        self.start, self.last, self.logdir, self.untimed = start, start + count - 1, logdir, untimed
         self.active, self.traced = False, None
 
     def before(self, step: int, pending=None) -> None:
         if self.start and step == self.start and jax.process_index() == 0:
             jax.block_until_ready(pending)  # steps still queued on the device finish outside the trace
-            jax.profiler.start_trace(self.logdir)
+            with self.untimed():
+                jax.profiler.start_trace(self.logdir)
             self.active = True
 
     def after(self, step: int, outputs) -> None:
@@ -63,7 +66,8 @@ class TraceWindow:
     def close(self) -> None:
         if self.active:
             self.active = False
-            jax.profiler.stop_trace()
+            with self.untimed():
+                jax.profiler.stop_trace()
             steps = f"steps {self.start}-{self.traced}" if self.traced else f"step {self.start} (stopped inside it)"
             print(f"profile of {steps}: {newest_trace(self.logdir)} (TensorBoard's "
                   f"Profile tab; `python -m zephyr_jax.profiling {self.logdir}` lists its operations)")

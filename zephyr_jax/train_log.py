@@ -87,6 +87,16 @@ class StepLog:
         self.on_host, self.excluded, self.started = [], 0.0, time.perf_counter()
 
     @contextlib.contextmanager
+    def untimed(self):
+        """Host work between steps, with the device idle (starting or stopping a profile), that is not step time;
+        unlike paused(), nothing is waited for first."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+    @contextlib.contextmanager
     def paused(self):
         """Time spent inside (eval, checkpoints) is not step time. The steps still queued on the device are: they
         finish first (an eval or save waits behind them, which counted their time as paused)."""
