@@ -81,9 +81,13 @@ def run_zephyr_jax(args) -> dict:
     line = f"{args.prompt} {args.completion} {args.completion}\n" if args.stage == "dpo" else f"{args.length}\n"
     with open(mix, "w") as f:
         f.write(line * (args.batch * args.steps))
-    r = throughput.measure(cfg, args.stage, args.batch, mix, args.steps, args.warmup)
-    # The median, as TRL's row (measure reports the mean); every row holds tokens(args) real tokens.
-    return dict(r, step_s=r["median_s"], tokens_per_s=tokens(args) / r["median_s"])
+    # One batch (every batch is alike), stepped `warmup` times untimed and `steps` times timed, as TRL's run is
+    # (a pass over `steps` batches per warm-up warmed up `warmup` x `steps` steps).
+    r = throughput.measure(cfg, args.stage, args.batch, mix, num_batches=1, warmup=args.warmup, repeats=args.steps)
+    # The median, as TRL's row (measure reports the mean, and its MFU from it); every row holds tokens(args) real
+    # tokens.
+    return dict(r, step_s=r["median_s"], tokens_per_s=tokens(args) / r["median_s"],
+                mfu=r["mfu"] * r["step_s"] / r["median_s"] if r["mfu"] is not None else None)
 
 
 def run_trl(args) -> dict:
@@ -255,7 +259,8 @@ def main():
     remat = "nothing recomputed" if args.remat == "none" or args.precision == "float32" else "layers recomputed"
     print(f"\nMistral {arch(args)}, {ours['params_m']:.1f}M params, {args.precision}, {remat}; {shape}; "
           f"median of {args.steps} steps after {args.warmup} warm-up; {len(os.sched_getaffinity(0))} usable cores")
-    print(f"jax {jax.__version__} ({ours['devices']} x {ours['device']}, MFU {throughput.fmt(ours['mfu'])}, "
+    mfu = "n/a" if ours["mfu"] is None else f"{100 * ours['mfu']:.1f}% (median step)"
+    print(f"jax {jax.__version__} ({ours['devices']} x {ours['device']}, MFU {mfu}, "
           f"peak {throughput.peak_memory(ours)} GiB); {theirs['versions']} "
           f"(optim {theirs['optimizer']}, {args.torch_threads} threads)")
     print("| implementation | median step s (min-max) | tokens/s | vs TRL | CPU s/step | vs TRL | other load |")
