@@ -340,6 +340,23 @@ def test_the_reference_cache_key_follows_the_model_and_every_token(data_dir):
         assert train.reference_key(tiny_config("dpo", data_dir, **change), examples) != key, change
 
 
+def test_the_reference_cache_key_follows_the_checkpoint_not_only_its_path_and_step(data_dir, tmp_path):
+    """An SFT workdir trained again in place to the same step has other weights: keyed by path and step alone, a
+    dDPO workdir reused after deleting its checkpoints served the old model's reference log-probs."""
+    from zephyr_jax.data.preference import PreferenceExample
+
+    sft = str(tmp_path / "sft")
+    examples = [PreferenceExample(np.arange(3, 8), np.arange(4, 9), np.arange(5, 9), False)]
+    dpo = tiny_config("dpo", data_dir, **{"model.init": "orbax", "model.path": sft, "model.step": 1})
+    keys = []
+    for _ in range(2):
+        shutil.rmtree(sft, ignore_errors=True)
+        train.run(tiny_config("sft", data_dir, **{"train.max_steps": 1, "train.eval_every": 0}), sft)
+        keys.append(train.reference_key(dpo, examples))
+        assert keys[-1] == train.reference_key(dpo, examples)  # the same checkpoint: the same key
+    assert keys[0] != keys[1]
+
+
 def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(data_dir, tmp_path, capsys,
                                                                              monkeypatch):
     """Another stage or batch size over a workdir's checkpoints is refused (it resumed silently and wrong, and

@@ -180,6 +180,21 @@ def resolve_step(workdir: str, step: int = -1) -> int:
         mngr.close()
 
 
+def committed_at(workdir: str, step: int) -> int | None:
+    """When orbax committed checkpoint `step` of a workdir (ns since the epoch; None where its metadata has no
+    time): it tells the checkpoint from another of the same step written later (a run trained again in place)."""
+    from absl import logging
+
+    mngr = _reader(workdir)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # (reading metadata warns of every item it was not asked to restore)
+    try:
+        return mngr.metadata(step).commit_timestamp_nsecs
+    finally:
+        logging.set_verbosity(verbosity)
+        mngr.close()
+
+
 def restore_params(workdir: str, abstract_params, shardings, step: int = -1):
     """(params, step): only the parameters of a workdir's checkpoint, read in the dtypes of `abstract_params`
     (orbax casts each shard on the host as it reads it) onto `shardings`. step -1: latest."""

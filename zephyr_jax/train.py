@@ -350,6 +350,8 @@ def reference_key(cfg, examples) -> str:
     model = {k: cfg.model[k] for k in ("init", "path", "step", "dtype", "param_dtype")}
     if cfg.model.init == "random":
         model.update(arch=cfg.model.arch.to_dict(), seed=cfg.seed)
+    if cfg.model.init == "orbax":  # the checkpoint itself: an SFT run trained again in place has other weights
+        model.update(committed_at=checkpoint.committed_at(cfg.model.path, cfg.model.step))
     h.update(json.dumps(model, sort_keys=True, default=str).encode())
     for ex in examples:
         for part in (ex.prompt, ex.chosen, ex.rejected):
