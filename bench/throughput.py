@@ -145,12 +145,11 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
                   for b in batches]
         compiled, compile_s = {}, 0.0
         for x in placed:  # one compile per batch shape, before any timing
-            shapes = tuple(sorted((k, v.shape) for k, v in x.items()))
-            if shapes not in compiled:
+            if train.batch_shape(x) not in compiled:
                 t0 = time.perf_counter()
-                compiled[shapes] = step_fn.lower(state, x, reference).compile()
+                compiled[train.batch_shape(x)] = step_fn.lower(state, x, reference).compile()
                 compile_s += time.perf_counter() - t0
-        run = lambda x: compiled[tuple(sorted((k, v.shape) for k, v in x.items()))]
+        run = lambda x: compiled[train.batch_shape(x)]
         times, load = [], CpuUse()
         for i in range(warmup + repeats):
             if i == warmup:

@@ -102,8 +102,5 @@ class StepLog:
         finish first (an eval or save waits behind them, which counted their time as paused)."""
         if self.on_device:
             jax.block_until_ready(self.on_device[-1][1])
-        start = time.perf_counter()
-        try:
+        with self.untimed():
             yield
-        finally:
-            self.excluded += time.perf_counter() - start

@@ -46,7 +46,7 @@ import random
 import sys
 from pathlib import Path
 
-from zephyr_jax.data.conversation import SPECIAL_TEXTS
+from zephyr_jax.data.conversation import SPECIAL_TEXTS, has_special_text
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
@@ -84,10 +84,6 @@ def is_text(x) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def has_special_text(text: str) -> bool:
-    return any(s in text for s in SPECIAL_TEXTS)
 
 
 SCALES = {"mean": (1.0, 5.0), "overall": (1.0, 10.0)}  # UltraFeedback: aspect ratings 1-5, overall_score 1-10
@@ -204,7 +200,7 @@ def train_test_split(rows: list, test_size: int, seed: int = 42, key=None) -> tu
     """(train, test): test is `random.Random(seed).sample` of the row positions; both keep the input order. With
     `key` (a row -> its prompt's id), test_size counts prompts: every row of a sampled prompt goes to test, so a
     prompt that appears twice in the input is never in both splits."""
-    keys = [i for i in range(len(rows))] if key is None else [key(r) for r in rows]
+    keys = list(range(len(rows))) if key is None else [key(r) for r in rows]
     groups = list(dict.fromkeys(keys))  # first-seen order
     if not 0 <= test_size < len(groups):
         raise ValueError(f"test_size={test_size} needs 0 <= test_size < the {len(groups)} kept "

@@ -21,6 +21,10 @@ from zephyr_jax.tokenizer import CHAT_ROLES, adds_bos, render_template
 SPECIAL_TEXTS = ("<s>", "</s>", "<unk>")
 
 
+def has_special_text(text: str) -> bool:
+    return any(s in text for s in SPECIAL_TEXTS)
+
+
 def check_messages(messages, index, source, field="messages") -> list[dict]:
     """Validates a message list; raises BadRow naming the row and the reason."""
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -38,7 +42,7 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
             raise BadRow(index, f"{field}[{i}].content is not valid Unicode (a lone surrogate)", source) from None
         if m["role"] != "system" and not m["content"].strip():
             raise BadRow(index, f"empty content in {field}[{i}]", source)
-        if any(s in m["content"] for s in SPECIAL_TEXTS):
+        if has_special_text(m["content"]):
             raise BadRow(index, f"{field}[{i}] contains special-token text {SPECIAL_TEXTS}", source)
         if m["role"] == "system" and i != 0:
             raise BadRow(index, f"system message at {field}[{i}] (only the first may be)", source)
