@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from zephyr_jax.data import (BadRow, Loader, default_buckets, pack, pack_pairs, pad_sft, preference_example,
                              process_rows, sft_example)
 from zephyr_jax.data import pipeline
+from zephyr_jax.data.errors import DroppedRow
 from zephyr_jax.data.loader import padded_batcher
 from zephyr_jax.data.preference import split_prompt, truncate_pair
 from zephyr_jax.model import Mistral, MistralConfig
@@ -152,8 +153,15 @@ def test_pairs_whose_prompts_differ_and_replies_cut_to_nothing_are_bad_rows(tok)
     with pytest.raises(BadRow, match="different prompts"):
         split_prompt({"chosen": [user("What is 2+2?"), bot("4")], "rejected": [user("What is 3+3?"), bot("5")]}, 0)
     long_question = {"messages": [user("word " * 100), bot("ok")]}
-    with pytest.raises(BadRow, match="no target left"):
+    with pytest.raises(DroppedRow, match="no target left"):
         sft_example(long_question, 0, tok, loss_on="assistant", max_length=32)
+    # A well-formed row that is only too long is counted, as too_long="drop" counts it: a strict run goes on.
+    short = {"messages": [user("Hi"), bot("Hello.")]}
+    examples, counter = process_rows([short, long_question, short], functools.partial(
+        sft_example, tok=tok, loss_on="assistant", max_length=32), on_bad_row="raise", progress=False,
+        log=lambda s: None)
+    assert len(examples) == 2 and counter.as_dict()["reasons"] == {
+        "no target left after truncation to max_length=32": 1}
 
 
 def test_turns_out_of_order_and_a_prompt_column_that_disagrees_are_bad_rows(tok):

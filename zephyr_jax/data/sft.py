@@ -43,6 +43,6 @@ def sft_example(row, index, tok, *, loss_on="all", max_length=2048, too_long="tr
         if too_long == "drop":
             raise DroppedRow(index, f"longer than max_length={max_length}", source)
         ids, loss_mask = ids[:max_length], loss_mask[:max_length]
-        if not loss_mask[1:].any():
-            raise BadRow(index, f"no target left after truncation to max_length={max_length}", source)
+        if not loss_mask[1:].any():  # a usable row, too long: counted like a dropped one, never stops a run
+            raise DroppedRow(index, f"no target left after truncation to max_length={max_length}", source)
     return SFTExample(ids, loss_mask, truncated)
