@@ -86,6 +86,20 @@ def test_directory_split_convention(tmp_path):
         load_rows(repo, "train_sft")
 
 
+def test_paths_with_glob_characters_are_read_as_themselves(tmp_path):
+    """A run directory named like "sweep[lr=1e-6]" or "run*" is a path: its brackets are not a character class."""
+    from zephyr_jax.data.cache import local_files
+
+    for name in ("sweep[lr=1e-6]", "run*?"):
+        directory = tmp_path / name
+        directory.mkdir()
+        write_jsonl(directory / "train_sft.jsonl", ROWS)
+        assert rows_of(load_rows(directory, "train_sft")) == ROWS
+        assert rows_of(load_rows(str(directory / "train_sft.jsonl"), None)) == ROWS
+        assert local_files(str(directory), "train_sft") == local_files(str(directory / "train_sft.jsonl"), None) == [
+            str(directory / "train_sft.jsonl")]
+
+
 def test_missing_local_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no data file matches"):
         load_rows(str(tmp_path / "nope.jsonl"), "train")

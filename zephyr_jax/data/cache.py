@@ -93,7 +93,7 @@ def data_fingerprint(source: str, split, rows):
 def local_files(source: str, split) -> list[str] | None:
     """The local files `load_rows(source, split)` reads (the same resolution rules); None for hub, URL and TFDS
     sources."""
-    from zephyr_jax.data.sources import FORMATS, _split_files
+    from zephyr_jax.data.sources import FORMATS, _split_files, matching_files
 
     if source.startswith("tfds:") or "://" in source:
         return None
@@ -103,7 +103,7 @@ def local_files(source: str, split) -> list[str] | None:
             return sorted(str(p) for p in path.rglob("*") if p.is_file())
         return _split_files(path, split)
     if path.suffix in FORMATS or glob.has_magic(source):
-        return sorted(f for f in glob.glob(source) if os.path.isfile(f))
+        return matching_files(source)
     return None
 
 

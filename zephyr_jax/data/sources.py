@@ -60,7 +60,7 @@ def load_rows(source, split: str | None, *, data_dir: str | os.PathLike | None =
     if "://" in source and Path(source.split("://", 1)[1]).suffix in FORMATS:
         return _load_files([source], streaming)  # gs://, s3://, https://: fsspec resolves it (and its globs)
     if path.suffix in FORMATS or glob.has_magic(source):
-        files = sorted(f for f in glob.glob(source) if os.path.isfile(f))
+        files = matching_files(source)
         if not files:
             raise FileNotFoundError(f"no data file matches {source!r}")
         return _load_files(files, streaming)
@@ -122,11 +122,16 @@ def _load_saved(path: Path, split, streaming):
     return ds.to_iterable_dataset() if streaming else ds
 
 
+def matching_files(source: str) -> list[str]:
+    """The files a file-or-glob source names: a file that exists is itself, even with [ ] * ? in its path."""
+    return [source] if os.path.isfile(source) else sorted(f for f in glob.glob(source) if os.path.isfile(f))
+
+
 def _split_files(directory: Path, split) -> list[str]:
     if split is None:
         files = sorted(str(p) for p in directory.iterdir() if p.suffix in FORMATS and p.is_file())
     else:
-        matches = {p: sorted(glob.glob(str(directory / p.format(split=glob.escape(split))))) for p in SPLIT_PATTERNS}
+        matches = {p: sorted(glob.glob(os.path.join(glob.escape(str(directory)), p.format(split=glob.escape(split))))) for p in SPLIT_PATTERNS}
         matches = {p: found for p, found in matches.items() if found}
         if len(matches) > 1:  # two layouts of one split (train_sft.jsonl and train_sft-0.parquet): not half of it
             raise ValueError(f"split {split!r} in {directory} matches more than one layout: " + "; ".join(
