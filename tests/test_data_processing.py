@@ -286,6 +286,20 @@ def test_special_token_text_in_a_message_is_a_bad_row(tok, special):
         sft_example(row, 3, tok, loss_on="assistant", max_length=64)
 
 
+def test_a_special_token_the_tokenizer_adds_is_a_bad_row_in_message_text():
+    """A tokenizer with a ChatML end-of-turn token would read it as that control token inside a reply, and train
+    the model to emit it there."""
+    tok = load_tokenizer()  # its own copy: the module's tokenizer keeps its vocabulary
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    reply = {"role": "assistant", "content": "Sure: <|im_end|>"}
+    with pytest.raises(BadRow, match=r"row 4: messages\[1\] contains special-token text .*<\|im_end\|>"):
+        sft_example({"messages": [{"role": "user", "content": "hi"}, reply]}, 3, tok, loss_on="assistant")
+    pair = {"chosen": [{"role": "user", "content": "hi"}, reply],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]}
+    with pytest.raises(BadRow, match="contains special-token text"):
+        preference_example(pair, 3, tok)
+
+
 def test_a_lone_surrogate_in_a_message_is_a_bad_row(tok):
     """Valid JSON ("\\ud83d", an emoji cut in half) that the tokenizer refuses with a TypeError naming no row."""
     row = {"messages": [{"role": "user", "content": "cut \ud83d"}, {"role": "assistant", "content": "ok"}]}

@@ -25,6 +25,13 @@ def has_special_text(text: str) -> bool:
     return any(s in text for s in SPECIAL_TEXTS)
 
 
+def special_texts(tok) -> tuple[str, ...]:
+    """SPECIAL_TEXTS and the text of every special token `tok` adds (a ChatML "<|im_end|>"): each would be read as
+    its control token inside message text."""
+    added = (t.content for t in tok.added_tokens_decoder.values() if t.special)
+    return tuple(dict.fromkeys((*SPECIAL_TEXTS, *added)))
+
+
 def check_messages(messages, index, source, field="messages") -> list[dict]:
     """Validates a message list; raises BadRow naming the row and the reason."""
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -63,6 +70,10 @@ def encode_conversation(tok, messages, index=None, source=None, add_generation_p
 
     assistant_mask marks each assistant reply's tokens and its closing `</s>`.
     """
+    specials = special_texts(tok)
+    for k, m in enumerate(messages):  # check_messages knows only SPECIAL_TEXTS; this tokenizer may add others
+        if any(s in m["content"] for s in specials):
+            raise BadRow(index, f"messages[{k}] contains special-token text {specials}", source)
     try:
         messages, text = render_template(tok, messages, add_generation_prompt)
         # where each message's text ends
