@@ -108,6 +108,10 @@ def test_parallel_raise_names_the_same_first_bad_row(bad_data, tok, parallel_spy
         errors.append(str(err.value))
     assert parallel_spy == [2]
     assert errors[0] == errors[1] == f"row 4 of {bad_data / 'sft'}:train_sft: no assistant turn"
+    # A file given with no split is named as itself.
+    with pytest.raises(BadRow, match=rf"^row 4 of {bad_data / 'sft' / 'train_sft.jsonl'}: no assistant turn$"):
+        _load(_cfg(bad_data, "sft", train=str(bad_data / "sft" / "train_sft.jsonl"), train_split=None,
+                   on_bad_row="raise"), "sft", tok)
 
 
 def test_worker_count():

@@ -38,7 +38,7 @@ from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import packed_pair_buckets, positions_needed
 from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
-from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines
+from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines, source_name
 from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.loading import load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
@@ -165,7 +165,7 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     policy_logps = logps_of(model)
     lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
     metrics = steps.dpo_eval_metrics(policy_logps, ref_logps, lengths, dpo_cfg)
-    return {**metrics, "num_pairs": len(examples), "data": f"{data}:{split}"}
+    return {**metrics, "num_pairs": len(examples), "data": source_name(data, split)}
 
 
 # ---------------------------------------------------------------------------------------------------------

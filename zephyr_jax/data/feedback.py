@@ -538,7 +538,7 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
                                  overwrite: bool = False, on_bad_row: str = "skip", data_dir=None,
                                  log: Callable[[str], None] = print) -> dict:
     """`collect_feedback` inside a running event loop."""
-    from zephyr_jax.data.sources import load_rows
+    from zephyr_jax.data.sources import load_rows, source_name
 
     check_on_bad_row(on_bad_row)
     _check(generators, judge, completions_per_prompt, parse_retries, principles, concurrency)
@@ -547,16 +547,16 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
             "top_p": top_p, "parse_retries": parse_retries, "judge_max_tokens": judge_max_tokens,
             "principles": principles}
     out_dir = Path(output_dir)
-    source_name = os.fspath(rows_or_source) if isinstance(rows_or_source, (str, os.PathLike)) else "rows"
+    source = "rows"
     if isinstance(rows_or_source, (str, os.PathLike)):
-        source_name = f"{source_name}:{split}"
+        source = source_name(rows_or_source, split)
         rows = load_rows(rows_or_source, split, data_dir=data_dir)
     else:
         rows = rows_or_source
-    counter = SkipCounter(source_name)
-    prompts = read_prompts(rows, limit=limit, counter=counter, on_bad_row=on_bad_row, source=source_name)
+    counter = SkipCounter(source)
+    prompts = read_prompts(rows, limit=limit, counter=counter, on_bad_row=on_bad_row, source=source)
     if not prompts:
-        raise ValueError(f"no usable prompt in {source_name} ({counter.summary()})")
+        raise ValueError(f"no usable prompt in {source} ({counter.summary()})")
     settings = _settings(generators, judge_name, opts)
     start = time.time()
     with Journal(out_dir / JOURNAL_FILE, settings, overwrite=overwrite) as journal:

@@ -160,10 +160,10 @@ def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print):
     Tokenizes with data_cfg.num_proc processes, and reads / writes the tokenized-example cache in
     data_cfg.cache_dir (see data/cache.py). On a miss every process tokenizes; process 0 writes the entry."""
     from zephyr_jax.data import cache
-    from zephyr_jax.data.sources import load_rows
+    from zephyr_jax.data.sources import load_rows, source_name
 
     source, split = data_cfg.get(which), data_cfg.get(f"{which}_split")
-    name = f"{source}:{split}"
+    name = source_name(source, split)
     limit = data_cfg.get(f"max_{which}_examples", -1)
     limit = -1 if limit is None or limit < 0 else limit
     rows = load_rows(source, split, data_dir=data_cfg.get("data_dir"))
@@ -205,11 +205,13 @@ def _cache_entry(data_cfg, stage, tok, which, rows, limit, args, log):
     directory = cache.cache_dir(data_cfg.get("cache_dir"))
     if not directory:
         return None, None
+    from zephyr_jax.data.sources import source_name
+
     source, split = data_cfg.get(which), data_cfg.get(f"{which}_split")
     parts = cache.key_parts(stage=stage, source=source, split=split, data_dir=data_cfg.get("data_dir"), limit=limit,
                             rows=rows, tok=tok, args=args, on_bad_row=data_cfg.on_bad_row)
     if parts is None:
-        log(f"not caching the tokenized examples of {source}:{split}: its rows cannot be fingerprinted")
+        log(f"not caching the tokenized examples of {source_name(source, split)}: its rows cannot be fingerprinted")
         return None, None
     return cache.entry_path(directory, parts), parts
 

@@ -122,6 +122,11 @@ def _load_saved(path: Path, split, streaming):
     return ds.to_iterable_dataset() if streaming else ds
 
 
+def source_name(source, split) -> str:
+    """How messages name a split of a source: "DIR:train_sft", or the file alone when there is no split."""
+    return os.fspath(source) if split is None else f"{os.fspath(source)}:{split}"
+
+
 def matching_files(source: str) -> list[str]:
     """The files a file-or-glob source names: a file that exists is itself, even with [ ] * ? in its path."""
     return [source] if os.path.isfile(source) else sorted(f for f in glob.glob(source) if os.path.isfile(f))
