@@ -10,7 +10,7 @@ import sentencepiece as spm
 import transformers
 
 from zephyr_jax.tokenizer import (ZEPHYR_CHAT_TEMPLATE, encode_text, load_tokenizer, mistral_v0_1_model_file,
-                                  render_chat, with_system_message)
+                                  render_chat, tokenizer_source, with_system_message)
 
 # The rendering given in shared/RECIPE.md for this conversation.
 CONVERSATION = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"},
@@ -154,6 +154,7 @@ def test_a_sentencepiece_only_tokenizer_directory_encodes_as_sentencepiece(tmp_p
     Built from sentencepiece's pieces instead, with the folder's chat template and added tokens."""
     sp = spm.SentencePieceProcessor(model_file=mistral_v0_1_model_file())
     shutil.copy(mistral_v0_1_model_file(), tmp_path / "tokenizer.model")
+    assert tokenizer_source(str(tmp_path)) == str(tmp_path)  # a model folder's own, not Mistral-7B-v0.1's
     template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
     config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
               "chat_template": template,

@@ -372,9 +372,11 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
         "tokenizer": str(tmp_path / "chatml"), "train.max_steps": 3, "train.eval_every": 0, **kw})
     with monkeypatch.context() as m:
         m.chdir(data_dir)
-        train.run(tiny_sft(**{"data.train": "sft", "data.eval": "./sft/"}), sft)
-    recorded = json.load(open(os.path.join(sft, "config.json")))["data"]
-    assert recorded["train"] == recorded["eval"] == str(data_dir / "sft")
+        train.run(tiny_sft(**{"data.train": "sft", "data.eval": "./sft/",
+                              "tokenizer": os.path.relpath(tmp_path / "chatml", data_dir)}), sft)
+    recorded = json.load(open(os.path.join(sft, "config.json")))
+    assert recorded["data"]["train"] == recorded["data"]["eval"] == str(data_dir / "sft")
+    assert recorded["tokenizer"] == str(tmp_path / "chatml")  # export and zephyr_jax.load read it from anywhere
     for change, named in (({"train.global_batch_size": 16}, "train.global_batch_size: 8 -> 16"),
                           ({"seed": 1}, "seed: 42 -> 1"), ({"tokenizer": None}, "tokenizer: '.*chatml' -> None"),
                           # orbax cast the float32 master weights to bfloat16 without a word

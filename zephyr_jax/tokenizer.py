@@ -146,7 +146,7 @@ def tokenizer_source(path: str | None) -> str | None:
     if not (path and isinstance(path, str)):
         return None
     local = hf.resolve(path)
-    if any(os.path.exists(os.path.join(local, f)) for f in ("tokenizer_config.json", "tokenizer.json")):
+    if any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES):
         return local if os.path.isdir(os.path.expanduser(path)) else path  # a hub name: not this machine's cache
     if is_workdir(local):
         return (run_config(local) or {}).get("tokenizer")

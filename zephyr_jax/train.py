@@ -415,6 +415,7 @@ def run(cfg, workdir: str) -> dict:
     workdir = os.path.expanduser(workdir)
     cfg.model.path = absolute_if_local(cfg.model.path)
     cfg.data.train, cfg.data.eval = absolute_if_local(cfg.data.train), absolute_if_local(cfg.data.eval)
+    cfg.tokenizer = absolute_if_local(cfg.tokenizer)  # export and zephyr_jax.load read it from any directory
     checks.check_config(cfg)
     use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = mesh_for(cfg)

@@ -193,7 +193,7 @@ def resume_settings(cfg, workdir: str) -> bool:
     def same(k, old, now):
         # "/x/sft/" names the data "/x/sft" does, and so does "sft" in /x: a workdir written before run() made
         # local paths absolute (train.absolute_if_local) recorded them as given
-        paths = k in ("data.train", "model.path") and isinstance(old, str) and isinstance(now, str)
+        paths = k in ("data.train", "model.path", "tokenizer") and isinstance(old, str) and isinstance(now, str)
         return old == now or (paths and "://" not in old and
                               os.path.abspath(os.path.expanduser(old)) == os.path.abspath(now))
 
