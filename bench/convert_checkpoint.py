@@ -232,7 +232,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--out", default=None, help="working directory (default: a temporary one, removed)")
+    parser.add_argument("--out", default=None, help="the directory its temporary working directory goes in "
+                        "(removed at the end; default: the system's temporary directory)")
     parser.add_argument("--shard-size", default="300MB", help="shard size of the synthetic and re-saved files")
     parser.add_argument("--fsdp", type=int, default=1, help="simulated CPU devices to shard the parameters over")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)

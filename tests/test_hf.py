@@ -256,6 +256,14 @@ def test_a_save_killed_over_an_earlier_one_leaves_no_model_that_loads(loaded, tm
     assert max_diff(jax_logits(load_model(str(tmp_path), jnp.float32)), jax_logits(loaded)) == 0
 
 
+def test_a_weight_past_float16s_range_is_refused_not_saved_as_inf(tmp_path):
+    model = Mistral(MistralConfig(**TINY), rngs=nnx.Rngs(0))
+    model.norm.scale.set_value(model.norm.scale.get_value().at[0].set(1e5))
+    with pytest.raises(ValueError, match=r"model.norm.weight has a value of magnitude 1e\+05, past float16's"):
+        hf.save_pretrained(model, str(tmp_path), dtype=jnp.float16)
+    hf.save_pretrained(model, str(tmp_path), dtype=jnp.bfloat16)  # bfloat16 has float32's range
+
+
 def test_bf16_save_reloads(loaded, tmp_path):
     out = str(tmp_path)
     hf.save_pretrained(loaded, out, dtype=jnp.bfloat16)
@@ -273,13 +281,18 @@ def test_bf16_save_reloads(loaded, tmp_path):
 
 
 def test_tokenizer_and_chat_template_are_exported(loaded, tmp_path):
-    tokenizer_module = pytest.importorskip("zephyr_jax.tokenizer")
-    try:
-        tok = tokenizer_module.load_tokenizer()
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"tokenizer unavailable: {e}")
-    hf.save_pretrained(loaded, str(tmp_path), tokenizer=tok)
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    with pytest.raises(ValueError, match="the tokenizer has 32000 tokens and the model a vocabulary of 128"):
+        hf.save_pretrained(loaded, str(tmp_path / "small"), tokenizer=tok)  # ids past 127 have no embedding
+    model = Mistral(MistralConfig(**{**TINY, "vocab_size": len(tok)}), rngs=nnx.Rngs(0))
+    # An earlier save's tokenizer files that this one does not write would override it on loading.
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<unk>", "pad_token": "<unk>"}))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 32000}))
+    hf.save_pretrained(model, str(tmp_path), tokenizer=tok)
     reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (reloaded.bos_token, len(reloaded)) == ("<s>", 32000)
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "How are you?"}]
     for prompt in (False, True):

@@ -85,6 +85,9 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
         f.write('{"step": 2, "split": "ev')  # a line cut short by a kill: skipped, as resuming skips it
     card = open(os.path.join(export(str(dpo_dir), str(tmp_path / "hf3"), step=3, dtype="float32"), "README.md")).read()
     assert "step 3" in card and "| step | 3 |" in card and "| step | 6 |" not in card  # that step's metrics
+    # The SFT checkpoint it started from; not model.arch, which configures random weights only (here the tiny
+    # default, not the exported architecture).
+    assert f"- init: orbax `{sft_dir}`, step 6" in card and '"arch"' not in card
 
     # Killed while writing the weights over an earlier export: no config.json (the sign of a complete export), and
     # the card is the new one (an export killed after its weights had none).

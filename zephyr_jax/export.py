@@ -41,6 +41,10 @@ def model_card(workdir: str, step: int, train_config: dict, metrics: dict, zephy
     what = {"sft": "distilled supervised fine-tuning (dSFT)", "dpo": "distilled direct preference optimization "
             "(dDPO)"}.get(stage, stage)
     data = train_config.get("data", {})
+    model = train_config.get("model", {})
+    init = model.get("init")
+    if init != "random":  # model.arch configures a random model only: the card shows config.json's architecture
+        train_config = {**train_config, "model": {k: v for k, v in model.items() if k != "arch"}}
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [zephyr_jax, mistral, "
         f"{stage}]", "---", "", "# zephyr_jax checkpoint", "",
@@ -49,7 +53,9 @@ def model_card(workdir: str, step: int, train_config: dict, metrics: dict, zephy
         f"- training workdir: `{os.path.abspath(workdir)}`, step {step}",
         f"- data: `{data.get('train')}` ({data.get('train_split')}), evaluated on `{data.get('eval')}` "
         f"({data.get('eval_split')})",
-        f"- init: {train_config.get('model', {}).get('init')} `{train_config.get('model', {}).get('path')}`", "",
+        "- init: " + ("random weights" if init == "random" else f"{init} `{model.get('path')}`"
+                      + (f", step {model.get('step')}" if init == "orbax" else "")),
+        "- architecture: the exported `config.json`", "",
         "## Chat format", "",
         ("The Zephyr template (`tokenizer.apply_chat_template`): `<|system|>`, `<|user|>`, `<|assistant|>` turns, "
          "each ending in `</s>`; generation starts after `<|assistant|>\\n`. Prompt it as it was trained: an empty "

@@ -394,13 +394,26 @@ class _LayerSlice:
         return _fetch(self.param[self.layer])
 
 
-def _hf_blocks(param, transposed: bool, dtype):
+def _hf_blocks(param, transposed: bool, dtype, name: str = "?"):
     """One parameter in HF's layout and the save dtype, as C-order row blocks (transposed and cast per block,
     so the host holds the fetched parameter, a view of the device buffer on CPU, plus one block)."""
     host = param.fetch() if isinstance(param, _LayerSlice) else _fetch(param)
     src = host.T if transposed else host
     for rows in _row_blocks(src.shape, np.dtype(dtype).itemsize):
-        yield np.ascontiguousarray(src[rows], dtype=dtype)
+        with np.errstate(over="ignore"):  # an overflow is checked below, and named
+            block = np.ascontiguousarray(src[rows], dtype=dtype)
+        # float16 tops out at 65504: a larger weight would be saved as inf, and every output NaN
+        if block.dtype == np.float16 and not np.isfinite(block).all() and np.isfinite(src[rows]).all():
+            big = float(np.abs(np.asarray(src[rows], np.float32)).max())
+            raise ValueError(f"{name} has a value of magnitude {big:.4g}, past float16's largest (65504): save it "
+                             "as bfloat16 or float32")
+        yield block
+
+
+# Files a tokenizer's save_pretrained may write (or an older release wrote): an earlier save's that this one does
+# not overwrite would change the saved tokenizer (a special_tokens_map.json's bos, an added_tokens.json's ids).
+TOKENIZER_ARTIFACTS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                       "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def _remove_stale_weights(out_dir: str, keep: set[str]) -> None:
@@ -433,6 +446,10 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
         raise TypeError(f"tokenizer={tokenizer!r}: pass a tokenizer object (zephyr_jax.tokenizer.load_tokenizer("
                         "path) reads one), or None")
     cfg: MistralConfig = model.config
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens and the model a vocabulary of {cfg.vocab_size}: "
+                         f"ids from {cfg.vocab_size} on have no embedding (a tokenizer with tokens added that the "
+                         "model lacks). Save the model's own tokenizer")
     params = {_dotted(p): var.get_value() for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     names = hf_names(cfg)
     to_flax = {name: hf_to_flax_name(name) for name in names}
@@ -469,7 +486,7 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
 
     def blocks(name):
         tensor, transposed = tensors[name]
-        return lambda: _hf_blocks(tensor, transposed, save_dtype[name])
+        return lambda: _hf_blocks(tensor, transposed, save_dtype[name], name)
 
     for file, shard in zip(files, shards):
         entries = [(name, shapes[name], save_dtype[name], blocks(name)) for name in shard]
@@ -484,6 +501,9 @@ def save_pretrained(model: Mistral, out_dir: str, tokenizer=None, max_shard_size
     config.update(dtype=dtype_name, torch_dtype=dtype_name)  # transformers>=4.56 reads dtype, older torch_dtype
     _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(cfg))
     if tokenizer is not None:
+        for name in TOKENIZER_ARTIFACTS:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
         tokenizer.save_pretrained(out_dir)
         _portable_tokenizer_class(out_dir)
     _write_json(os.path.join(out_dir, CONFIG_NAME), config)  # last: the directory is complete
