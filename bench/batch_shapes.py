@@ -4,9 +4,9 @@ loader and batcher over a synthetic length mix (plan.length_mix), no model.
     python bench/batch_shapes.py --config=configs/dpo.py [--steps=1910] [--epochs=3] [--shards=8] [--mix=SPEC]
 
 Prints the distinct (row length, loss-position width, segment slots) shapes, the step at which each first
-appears, the LM head's positions (rows x width) against the rows' positions, the periodic eval's batch shapes and
-real-token fraction, and the process's peak host memory (the examples, and for dSFT the packed rows the loader
-holds). --shards: the batch shards of the mesh the rows must divide over (8: one 8-GPU node).
+appears, the LM head's positions (rows x width) against the rows' positions and the loss tokens among them, the
+periodic eval's batch shapes and real-token fraction, and the process's peak host memory (the examples, and for
+dSFT the packed rows the loader holds). --shards: the batch shards of the mesh the rows must divide over (8: one 8-GPU node).
 """
 
 import argparse
@@ -41,7 +41,7 @@ def main():
     mix = plan.length_mix(args.mix or plan.DEFAULT_MIX[cfg.stage], cfg.stage, cfg.seed, n)
     examples, batcher, _ = train.training_batches(cfg, mesh, plan.fit_to_config(mix, cfg), log=lambda *a: None)
     loader = Loader(examples, cfg.train.global_batch_size, batcher, seed=cfg.seed)
-    shapes, first, head, positions = collections.Counter(), {}, 0, 0
+    shapes, first, head, positions, loss = collections.Counter(), {}, 0, 0, 0
     for step in range(min(args.steps, loader.steps_per_epoch) * args.epochs):
         batch, info = next(loader)
         slots = batch["sequence_pair"].shape[1] if "sequence_pair" in batch else 1
@@ -49,10 +49,11 @@ def main():
         shapes[key] += 1
         first.setdefault(key, step)
         head += batch["loss_positions"].size
+        loss += int((batch["loss_positions"] >= 0).sum())
         positions += batch["inputs"].size
     held_out = args.eval_examples or (2000 if cfg.stage == "dpo" else 23110)
     mix = plan.length_mix(args.mix or plan.DEFAULT_MIX[cfg.stage], cfg.stage, cfg.seed + 1, held_out)
-    split = plan.fit_to_config(mix, cfg)
+    split = train.eval_split(cfg, plan.fit_to_config(mix, cfg), log=lambda *a: None)  # dSFT: packed rows
     eval_shapes, eval_real, eval_positions = set(), 0, 0
     size = train.eval_size(cfg, mesh, len(split))
     for batch, _ in train.eval_batches(split, size, train.eval_batcher(cfg, mesh, size)[0]):
@@ -64,6 +65,7 @@ def main():
                       "widths": len({k[1] for k in shapes}),
                       "slots": sorted({k[2] for k in shapes}), "first_seen": sorted(first.values()),
                       "head_positions_per_row_position": round(head / positions, 4),
+                      "loss_tokens_per_head_position": round(loss / head, 4),
                       "eval_shapes": len(eval_shapes), "eval_real_fraction": round(eval_real / eval_positions, 4),
                       "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 

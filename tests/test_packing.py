@@ -273,13 +273,16 @@ def test_bin_packing_places_every_item_once_within_bounds():
 
 def test_dpo_batches_come_in_few_shapes():
     """Each (row length, loss width, segment slots) compiles the train step: the width takes one of four values a
-    length, and packed rows have a fixed slot count (a row per sequence: one)."""
+    length from a quarter of it up (powers of two below, for rows of few loss tokens), and packed rows have a fixed
+    slot count (a row per sequence: one)."""
     from zephyr_jax.data.batches import loss_width, multiples, slots_for
 
     buckets = multiples(128, 4096)
     widths = {loss_width(most, 1024, buckets) for most in range(1, 1025)}
-    assert widths == {256, 512, 768, 1024}
-    assert loss_width(200, 1152, buckets) == 384 and loss_width(1000, 1152, buckets) == 1152
+    assert widths == {8, 16, 32, 64, 128, 256, 512, 768, 1024}
+    assert loss_width(3, 256, buckets) == 8 and loss_width(65, 256, buckets) == 128  # not 128 for 3 loss tokens
+    assert loss_width(300, 1152, buckets) == 384 and loss_width(200, 1152, buckets) == 256
+    assert loss_width(1000, 1152, buckets) == 1152
     assert {slots_for([[0] * n, [1]]) for n in range(2, 17)} == {16} and slots_for([[0] * 17]) == 32
     assert slots_for([[0], [1]]) == 1
 

@@ -257,12 +257,15 @@ def loss_positions(loss_mask: np.ndarray, width: int) -> np.ndarray:
 
 def loss_width(most: int, length: int, buckets) -> int:
     """Loss positions per row: the first of a quarter, half and three quarters of the row length (each rounded up
-    to a bucket below the length, else to a multiple of 8) and the whole length that holds the row with the most.
-    At most four widths per length: any bucket below the length multiplied the shapes that compile (57 over the
-    recipe's 3 dDPO epochs)."""
+    to a bucket below the length, else to a multiple of 8) and the whole length that holds the row with the most;
+    below the quarter, powers of two from 8 (rows of few loss tokens, as short replies make: the demo's dDPO head
+    ran at 23% loss tokens, now 42%; the recipe's rows never reach them). Few widths per length: any bucket below
+    the length multiplied the shapes that compile (57 over the recipe's 3 dDPO epochs; 13 now,
+    bench/batch_shapes.py)."""
     quarters = {min([b for b in buckets if k * length / 4 <= b < length], default=-(-k * length // 32) * 8)
                 for k in (1, 2, 3)}
-    return bucket(max(most, 1), sorted(q for q in quarters | {length} if q <= length))
+    small = {8 << k for k in range(20) if 8 << k < min(quarters)}
+    return bucket(max(most, 1), sorted(q for q in quarters | small | {length} if q <= length))
 
 
 def packed_pair_buckets(pairs: int, rows: int, max_length: int) -> tuple:
