@@ -63,8 +63,9 @@ class KVCache:
                      kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
         shape = tuple(sizes[a] for a in axes(heads_first))
         dtype = cfg.dtype if dtype is None else dtype
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        return cls(k=zeros(), v=zeros(), heads_first=heads_first)
+        # jnp.zeros(device=) compiles once per shape and sharding (a jit of a new lambda compiled per Engine)
+        return cls(k=jnp.zeros(shape, dtype, device=sharding), v=jnp.zeros(shape, dtype, device=sharding),
+                   heads_first=heads_first)
 
 
 def write(buffer, heads_first: bool, layer, rows, positions, new):
