@@ -119,6 +119,19 @@ def test_an_eval_split_that_differs_between_processes_is_refused_at_once(data_di
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+def test_an_error_on_one_process_ends_every_process_soon_and_is_printed(data_dir, tmp_path):
+    """Data that only host 0 has: process 1 fails while process 0 waits for it in a collective. Both exit non-zero
+    within a minute, process 1 printing its error (they hung for minutes in jax.distributed's shutdown, then
+    aborted with a dump that named no cause)."""
+    (tmp_path / "host0").mkdir()
+    os.symlink(data_dir / "sft", tmp_path / "host0" / "d")
+    start = time.monotonic()
+    (p0, err0), (p1, err1) = _two_hosts(tmp_path, f"--workdir={tmp_path / 'w'}", "--config.data.train=d",
+                                        "--config.data.eval=d")
+    assert time.monotonic() - start < 120 and p0.returncode == p1.returncode == 1, err0[-2000:] + err1[-2000:]
+    assert "'d' is not a local path" in err1 and "process 1 of 2 failed: exiting now" in err1, err1[-3000:]
+
+
 def test_a_differing_split_is_named_in_its_own_units(monkeypatch):
     """The error counts what each process holds: examples, or, for packed dSFT training, packed rows (one process
     here, the other process's digest differing)."""

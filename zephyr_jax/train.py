@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -751,6 +752,17 @@ def cli():
         except Preempted as e:
             print(f"process {jax.process_index()}: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
+        except (Exception, KeyboardInterrupt):
+            if jax.process_count() == 1:
+                raise
+            # The other processes wait for this one in a collective. A normal exit would wait minutes more in
+            # jax.distributed's shutdown barrier, then abort every process with a dump that names no cause; this
+            # way the error is printed and the others stop when the coordinator misses this process.
+            traceback.print_exc()
+            print(f"process {jax.process_index()} of {jax.process_count()} failed: exiting now", file=sys.stderr,
+                  flush=True)
+            sys.stdout.flush()
+            os._exit(1)
 
     app.run(main, flags_parser=parse_flags)
 
