@@ -374,11 +374,12 @@ def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
 
     # The command line: lm_eval's own CLI through the adapter module (which registers the model first).
     cli = subprocess.run([sys.executable, "-m", "zephyr_jax.lm_eval_adapter", "--model", "zephyr_jax",
-                          "--model_args", f"pretrained={model_dir},batch_size=4", "--tasks", "zj_mc",
+                          "--model_args", f"pretrained={model_dir}", "--tasks", "zj_mc",
                           "--include_path", tasks, "--output_path", str(tmp_path / "out")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert cli.returncode == 0, cli.stderr[-3000:]
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results")]
     assert len(files) == 1, files
-    saved = _read_json(files[0])["results"]["zj_mc"]
-    assert saved["acc,none"] == pytest.approx(results["zj_mc"]["acc,none"])
+    saved = _read_json(files[0])
+    assert saved["results"]["zj_mc"]["acc,none"] == pytest.approx(results["zj_mc"]["acc,none"])
+    assert str(saved["config"]["batch_size"]) == "8"  # the model's default, not lm_eval's 1 (a row at a time)

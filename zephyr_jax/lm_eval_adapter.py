@@ -8,7 +8,8 @@ no plugin hook for models, so `lm_eval --model zephyr_jax` alone does not find i
         --model_args pretrained=HF_DIR_OR_WORKDIR,dtype=bfloat16,batch_size=16 \\
         --tasks arc_challenge --num_fewshot 25 [--include_path MY_TASKS_DIR] [--output_path out/]
 
---num_fewshot holds for every task of a run. The Open LLM Leaderboard (v1) figures RECIPE.md quotes for
+--num_fewshot holds for every task of a run. Without --batch_size (or batch_size in model_args) it scores 8 rows at a
+time, as from Python. The Open LLM Leaderboard (v1) figures RECIPE.md quotes for
 Zephyr-7B-beta took ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU 5-shot and TruthfulQA (mc2) 0-shot: one run
 per few-shot count.
 
@@ -290,6 +291,8 @@ def main(argv=None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not any(a in ("--batch_size", "-b") or a.startswith(("--batch_size=", "-b=")) for a in args):
+        args += ["--batch_size", "8"]  # this model's default; lm_eval's own (1) scored a row at a time
+    sys.argv = [sys.argv[0], *args]
     cli_evaluate()
