@@ -386,6 +386,20 @@ def test_failed_calls_are_made_again_on_a_rerun(tmp_path):
 # Settings
 
 
+def test_the_prompts_digest_covers_the_wording_the_message_builders_add(monkeypatch):
+    """A resumed run is refused when the judge would be asked otherwise: the rubric texts, and also the draw
+    fallback and the wording that the functions write around them (answer format, re-ask, knowledge labels)."""
+    from zephyr_jax.data import feedback_prompts as fp
+
+    before = fp.prompts_digest()
+    for name, value in (("DEFAULT_MIX", ("honesty",)), ("_answer_format", lambda aspect, n: "Answer."),
+                        ("reask_message", lambda error, what: {"role": "user", "content": "Again."})):
+        with monkeypatch.context() as m:
+            m.setattr(fp, name, value)
+            assert fp.prompts_digest() != before, name
+    assert fp.prompts_digest() == before
+
+
 def test_other_settings_are_refused_and_overwrite_starts_afresh(tmp_path):
     rows = arithmetic_rows(2)[:2]
     collect_feedback(rows, pool("right", "off"), check_sum, tmp_path, completions_per_prompt=2, log=lambda s: None)

@@ -93,7 +93,6 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
-import json
 import numbers
 import os
 import random
@@ -104,7 +103,7 @@ from typing import Callable
 
 from zephyr_jax.data.backends import (ENGINE_MESH_HELP, Backend, BackendSet, Call, load_callable,
                                       map_bounded)
-from zephyr_jax.data.binarize import ASPECTS, completion_score, is_text, prompt_id, write_jsonl
+from zephyr_jax.data.binarize import ASPECTS, completion_score, is_text, prompt_id, write_json, write_jsonl
 from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.feedback_prompts import (CALIBRATION_SHARE, PRINCIPLES, SYSTEM_PROMPTS, TYPED_ASPECTS, FormatError,
                                               critique_messages, parse_critique_reply, parse_rating_reply,
@@ -382,7 +381,7 @@ class _Run:
         key = ("critique", p.pid, slot.sample)
         if key in self.journal:
             return self.journal.get(key)
-        messages = critique_messages(p.instruction, gen["response"], gen["principle"], gen["custom_system_prompt"])
+        messages = critique_messages(p.instruction, gen["response"], gen["custom_system_prompt"])
         result = await self.ask("critique", messages, parse_critique_reply, "the feedback and the overall score",
                                 derive_seed(self.o["seed"], p.pid, slot.sample, "critique"))
         parsed = result.pop("parsed")
@@ -640,14 +639,6 @@ def summary(stats: dict) -> str:
         lines.append(f"  estimated cost: {stats['estimated_cost']:.4f}")
     lines.append(f"  -> {stats['output']}")
     return "\n".join(lines)
-
-
-def write_json(obj, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

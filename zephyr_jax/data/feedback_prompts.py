@@ -154,10 +154,15 @@ Overall Score: <1-10>"""
 
 
 def prompts_digest() -> str:
-    """SHA-256 of every text and draw setting above that shapes a run's output: a run resumed after one of them
-    changed is refused (data/feedback.py's settings hold it)."""
-    texts = json.dumps([SYSTEM_PROMPTS, PRINCIPLE_MIX, CALIBRATION_SHARE, JUDGE_SYSTEM, RUBRICS, CRITIQUE_SYSTEM,
-                        CRITIQUE_PROMPT], sort_keys=True)
+    """SHA-256 of the draw settings and of every message this module writes (the texts above, and the wording the
+    functions below add, rendered on sample inputs): a run resumed after one of them changed is refused
+    (data/feedback.py's settings hold it)."""
+    knowledge = world_knowledge({"correct_answers": ["c"], "incorrect_answers": ["i"]}, "truthful_qa")
+    rendered = [rating_messages(a, "<instruction>", ["<text>"], knowledge) for a in RUBRICS] + [
+        critique_messages("<instruction>", "<response>", "<system prompt>"), reask_message("<error>", "<what>"),
+        world_knowledge({}, "false_qa")]
+    texts = json.dumps([SYSTEM_PROMPTS, PRINCIPLE_MIX, DEFAULT_MIX, CALIBRATION_SHARE, JUDGE_SYSTEM, RUBRICS,
+                        CRITIQUE_SYSTEM, CRITIQUE_PROMPT, rendered], sort_keys=True)
     return hashlib.sha256(texts.encode()).hexdigest()
 
 
@@ -201,7 +206,7 @@ def rating_messages(aspect: str, instruction: str, texts: list[str], knowledge: 
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def critique_messages(instruction: str, response: str, principle: str, system_prompt: str) -> list[dict]:
+def critique_messages(instruction: str, response: str, system_prompt: str) -> list[dict]:
     # The writer's guideline is shown so that feedback fits it (e.g. a stated confidence was asked for).
     note = f"(The answer was written under this guideline: {system_prompt})\n" if system_prompt else ""
     user = CRITIQUE_PROMPT.format(instruction=instruction, note=note, response=response)
