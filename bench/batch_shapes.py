@@ -6,7 +6,8 @@ loader and batcher over a synthetic length mix (plan.length_mix), no model.
 Prints the distinct (row length, loss-position width, segment slots) shapes, the step at which each first
 appears, the LM head's positions (rows x width) against the rows' positions and the loss tokens among them, the
 periodic eval's batch shapes and real-token fraction, and the process's peak host memory (the examples, and for
-dSFT the packed rows the loader holds). --shards: the batch shards of the mesh the rows must divide over (8: one 8-GPU node).
+dSFT the packed rows the loader holds). --shards: the batch shards of the mesh the rows must divide over (8: one
+8-GPU node).
 """
 
 import argparse

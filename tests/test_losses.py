@@ -1,6 +1,7 @@
 """zephyr_jax.losses, and the logprobs.token_logps / head_logps they are built from, against independent
 references: torch float64 log-softmax / cross-entropy, an unchunked JAX log-softmax, float64 numpy versions of the
-DPO-family formulas in RECIPE.md, and hand-computed cases."""
+DPO-family formulas (the DPO paper's eq. 7, IPO's eq. 17, TRL's hinge and robust losses), and
+hand-computed cases."""
 
 import math
 
@@ -250,7 +251,7 @@ def _log_sigmoid(x):
 
 
 def _numpy_dpo(pc, pr, rc, rr, beta, loss_type, eps=0.0, len_w=None, len_l=None):
-    """The RECIPE.md formulas, float64, written independently of the JAX code."""
+    """The papers' and TRL's formulas, float64, written independently of the JAX code."""
     pc, pr, rc, rr = (np.asarray(a, np.float64) for a in (pc, pr, rc, rr))
     delta_w, delta_l = pc - rc, pr - rr
     z = delta_w - delta_l

@@ -12,7 +12,7 @@ import transformers
 from zephyr_jax.tokenizer import (ZEPHYR_CHAT_TEMPLATE, encode_text, load_tokenizer, mistral_v0_1_model_file,
                                   render_chat, tokenizer_source, with_system_message)
 
-# The rendering given in shared/RECIPE.md for this conversation.
+# zephyr-7b-beta's chat template's rendering of this conversation.
 CONVERSATION = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}]
 RENDERED = "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n"

@@ -38,10 +38,10 @@ _TWO_D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8
 _THREE_D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
 CHIPS = {
-    "v4": Chip("v4", "megacore", 2, int(30.75 * GiB), 275e12, _THREE_D),
-    "v5e": Chip("v5e", "default", 1, int(15.75 * GiB), 197e12, _TWO_D),
-    "v5p": Chip("v5", "megacore", 2, int(95.74 * GiB), 459e12, _THREE_D),
-    "v6e": Chip("v6e", "default", 1, int(31.25 * GiB), 918e12, _TWO_D),
+    "v4": Chip("v4", "megacore", 2, int(30.75 * GiB), PEAK_FLOPS["tpu v4"], _THREE_D),
+    "v5e": Chip("v5e", "default", 1, int(15.75 * GiB), PEAK_FLOPS["tpu v5e"], _TWO_D),
+    "v5p": Chip("v5", "megacore", 2, int(95.74 * GiB), PEAK_FLOPS["tpu v5p"], _THREE_D),
+    "v6e": Chip("v6e", "default", 1, int(31.25 * GiB), PEAK_FLOPS["tpu v6e"], _TWO_D),
 }
 
 

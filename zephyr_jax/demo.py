@@ -64,7 +64,7 @@ import sys
 
 import numpy as np
 
-from zephyr_jax.data.binarize import prompt_id
+from zephyr_jax.data.binarize import prompt_id, write_jsonl
 
 # (kind, template): kind picks max or min; {digits} is the list, space-separated (every digit its own token).
 TEMPLATES = (
@@ -173,8 +173,7 @@ def _task_row(rng, test):
 
 def _write_jsonl(path: str, rows) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_jsonl(rows, path)
     return path
 
 

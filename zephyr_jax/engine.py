@@ -120,14 +120,14 @@ class Request:
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
-    # Engine-private.
     done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
     cancelled: bool = False
+    # Engine-private.
     _slot: int | None = None
     _prefilled: int = 0
     _last_token: int = 0
     _stop_scan: int = 0  # characters of the reply searched for stop strings
-    _stop_tokens: int = 0  # tokens of the reply those characters came from
+    _stop_tokens: int = 0  # tokens of the reply already searched for stop strings
     _sent: int = 0  # characters new_text has returned
     _streamed: str = ""  # the text of tokens[:_read], settled (for streaming)
     _read: int = 0
@@ -306,6 +306,12 @@ def _decode(graphdef, state, cache, rows, tokens, lengths, active, remaining, st
     return carry[0], out
 
 
+def default_max_length(cfg) -> int:
+    """Positions a sequence may take when none are asked for: the model's max_position_embeddings, at most 4096
+    (Mistral v0.1's sliding window; its 32,768 would size every KV cache and scoring bucket eight times over)."""
+    return min(int(cfg.max_position_embeddings), 4096)
+
+
 class Engine:
     """Continuous batching over `max_slots` KV-cache rows of `max_length` tokens (prompt + reply)."""
 
@@ -330,7 +336,7 @@ class Engine:
         self.max_slots, self.decode_steps = int(max_slots), int(decode_steps)
         self.prefill_chunk = int(prefill_chunk)
         # A chunk's bucket may run past the cache's end: those padding positions' writes are dropped.
-        self.max_length = int(max_length or min(cfg.max_position_embeddings, 4096))
+        self.max_length = int(max_length or default_max_length(cfg))
         if self.max_length > cfg.max_position_embeddings:  # allowed (as in transformers), but said
             warnings.warn(f"Engine max_length={self.max_length} is above the model's max_position_embeddings="
                           f"{cfg.max_position_embeddings}: positions past it were never trained", stacklevel=2)

@@ -36,6 +36,7 @@ from flax import nnx
 from zephyr_jax import checkpoint, train
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import packed_pair_buckets, positions_needed
+from zephyr_jax.data.binarize import write_json
 from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines, source_name
@@ -303,9 +304,7 @@ def alpaca_eval_outputs(model, tok, instructions: list[dict], generator: str, *,
 def _write_json(path: str, obj) -> None:
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    write_json(obj, path)
 
 
 def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
@@ -355,7 +354,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=None,
                    help=f"preference pairs per scoring batch (default {d['batch_size']})")
     p.add_argument("--dtype", default=None,
-                   help=f"compute and weight dtype (default {d['dtype']}: the training eval's numbers)")
+                   help=f"compute and weight dtype (default {d['dtype']}: exact numbers; a run's own eval "
+                        "computes in its model.dtype, bfloat16 in the recipe's configs)")
     p.add_argument("--tokenizer", default=None, help="default: the policy's own, else Mistral-7B-v0.1")
     p.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP + " (--workdir: instead of the "
                    "run's mesh, which may need other devices)")

@@ -2,8 +2,9 @@
 
     python -m zephyr_jax.export --workdir=DIR [--step=N] --out=HF_DIR [--dtype=bfloat16] [--max_shard_size=5GB]
 
-Writes sharded safetensors + index, config.json, generation_config.json, the tokenizer with the Zephyr chat
-template, and a model card (README.md) recording the training config and the final metrics.
+Writes the weights as safetensors (shards of --max_shard_size and an index when they need more than one file),
+config.json, generation_config.json, the run's tokenizer with its chat template (the Zephyr template unless the
+tokenizer has its own), and a model card (README.md) recording the training config and the final metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from zephyr_jax import checkpoint, hf
 from zephyr_jax.loading import is_workdir, load_model, run_config
-from zephyr_jax.tokenizer import is_zephyr_template, load_tokenizer
+from zephyr_jax.tokenizer import is_zephyr_template, tokenizer_for
 
 
 def final_metrics(workdir: str, step: int | None = None) -> dict:
@@ -89,7 +90,7 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
     model = load_model(workdir, dtype, step=step)
     train_config = run_config(workdir) or {}
-    tok = load_tokenizer(tokenizer or train_config.get("tokenizer"))
+    tok = tokenizer_for(workdir, tokenizer)
     card = model_card(workdir, step, train_config, final_metrics(workdir, step),
                       zephyr_template=is_zephyr_template(tok))
     hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype),

@@ -9,9 +9,8 @@ no plugin hook for models, so `lm_eval --model zephyr_jax` alone does not find i
         --tasks arc_challenge --num_fewshot 25 [--include_path MY_TASKS_DIR] [--output_path out/]
 
 --num_fewshot holds for every task of a run. Without --batch_size (or batch_size in model_args) it scores 8 rows at a
-time, as from Python. The Open LLM Leaderboard (v1) figures RECIPE.md quotes for
-Zephyr-7B-beta took ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU 5-shot and TruthfulQA (mc2) 0-shot: one run
-per few-shot count.
+time, as from Python. The Open LLM Leaderboard (v1) figures of Zephyr-7B-beta (its model card) took ARC-Challenge
+25-shot, HellaSwag 10-shot, MMLU 5-shot and TruthfulQA (mc2) 0-shot: one run per few-shot count.
 
 Python:
 
@@ -54,7 +53,7 @@ from tqdm.auto import tqdm
 
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import bucket, default_buckets
-from zephyr_jax.engine import SamplingParams
+from zephyr_jax.engine import SamplingParams, default_max_length
 from zephyr_jax.generate import request_seed, run
 from zephyr_jax.sharding import local_mesh, mesh_shape
 from zephyr_jax.tokenizer import render_chat
@@ -85,7 +84,9 @@ def _flag(x, name: str) -> bool:
 class ZephyrJaxLM(LM):
     def __init__(self, pretrained, tokenizer=None, dtype="float32", batch_size=8, max_length=None,
                  max_gen_toks=256, add_bos_token=True, seed=0, device=None, max_batch_size=None, mesh=None,
-                 trust_remote_code=None, **unknown):  # trust_remote_code: lm_eval's own flag adds it; no remote code
+                 trust_remote_code=None, **unknown):
+        # device, max_batch_size and trust_remote_code come from lm_eval's own flags and are not used: the mesh
+        # places the model, batch_size is fixed (no search), and nothing is loaded as remote code.
         if unknown:  # a misspelt model_arg (dtpye=bfloat16) ran with the default, unsaid
             known = sorted(set(inspect.signature(ZephyrJaxLM.__init__).parameters) - {"self", "unknown"})
             raise TypeError(f"zephyr_jax model_args: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
@@ -108,7 +109,7 @@ class ZephyrJaxLM(LM):
             batch_size = 8
         self.batch_size = int(batch_size)
         cfg = self.model.config
-        self.max_length = int(max_length) if max_length else min(int(cfg.max_position_embeddings), 4096)
+        self.max_length = int(max_length) if max_length else default_max_length(cfg)
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.seed = int(seed)

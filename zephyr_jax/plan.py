@@ -384,7 +384,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     report["memory"]["largest_inputs"] = buffers[:5]
 
     # Tokens and FLOPs of the mix's batches, counted from what the step computes and from what it had to.
-    skips = any(k in report.get("attention", _expected_kernel(cfg, mcfg, target, length)) for k in ("splash", "cuDNN"))
+    skips = any(k in report.get("attention", _expected_kernel(mcfg, target, length)) for k in ("splash", "cuDNN"))
     spent = lambda p, pairs, head: step_flops_spent(mcfg, positions=p, attention_pairs=pairs, head_positions=head,
                                                     frozen_reference=frozen, remat=remat, kernel_attention=skips)
     per_batch = []
@@ -416,8 +416,9 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     return report
 
 
-def _expected_kernel(cfg, mcfg, target, length: int) -> str:
-    """The attention kernel a program XLA refused would have used (for counting its FLOPs)."""
+def _expected_kernel(mcfg, target, length: int) -> str:
+    """The attention kernel of a program XLA:TPU refused as out of memory (there is no compiled program to ask),
+    for counting its FLOPs."""
     platform = target.devices[0].platform
     if mcfg.attention_impl == "splash" or (mcfg.attention_impl == "auto" and platform == "tpu" and length % 128 == 0):
         return "splash"

@@ -2,7 +2,7 @@
 `local-completions`, AlpacaEval / MT-Bench judges, distilabel and the `openai` client.
 
     python -m zephyr_jax.serve --model=HF_DIR_OR_WORKDIR [--host=127.0.0.1] [--port=8000] [--dtype=bfloat16]
-        [--api-key=KEY] [--max-slots=16] [--max-length=4096] [--max-queue=256] [--served-model-name=NAME] [--warmup]
+        [--api-key=KEY] [--max-slots=16] [--max-length=N] [--max-queue=256] [--served-model-name=NAME] [--warmup]
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template; `stream` gives
 server-sent events ending in `data: [DONE]`), POST /v1/completions (a prompt as text or token ids, one or a

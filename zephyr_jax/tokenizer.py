@@ -17,7 +17,7 @@ import transformers
 
 from zephyr_jax.hub import local_dir
 
-# Zephyr's chat template, exactly as in HuggingFaceH4/zephyr-7b-beta (see shared/RECIPE.md).
+# Zephyr's chat template, exactly as in HuggingFaceH4/zephyr-7b-beta's tokenizer_config.json.
 ZEPHYR_CHAT_TEMPLATE = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # one of them makes a tokenizer

@@ -592,7 +592,7 @@ def run(cfg, workdir: str) -> dict:
                 preempted = mngr.reached_preemption(step) or sigterm["now"]
                 eval_step = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
                 if eval_step and step < total_steps and not preempted:
-                    log.check_finite()  # no eval of weights a bad step made (its NaN metrics went on record)
+                    log.check_finite()  # no eval of weights a bad step made (it put NaN eval metrics on record)
                     with log.paused():
                         last_eval = evaluate(step)
                 if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:

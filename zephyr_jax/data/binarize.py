@@ -217,6 +217,16 @@ def write_jsonl(rows, path) -> None:
     os.replace(tmp, path)
 
 
+def write_json(obj, path) -> None:
+    """obj as indented JSON at path, replacing the file whole (a kill leaves the old one or the new one)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def write_train_and_test(train: list, test: list, train_path, test_path) -> None:
     """The earlier train file goes first and the new one comes last: a kill between the two replaces leaves no
     train file (a clear error for a reader), never a new train file beside an earlier run's test file, whose rows

@@ -192,7 +192,7 @@ def looks_like_opening(text: str) -> bool:
 
 def _row_seed(row, index: int, where: str, column: str | None, sector: str | None, seed: int,
               seeds_are: str = "auto") -> Seed:
-    """One seed from row `index` (from 0) of a seeds file (see the module docstring for the columns); `where`
+    """One seed from row `index` (from 0) of a seeds file (data/dialogues.py's docstring lists the columns); `where`
     names it in errors."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: not a JSON object")

@@ -83,7 +83,7 @@ seeds the output does not depend on completion order, concurrency or resuming. E
 messages without calling again and goes on where it stopped, so after kill -9 at any moment the same command
 finishes with no dialogue doubled or missing, and (with such a teacher) the same rows as an uninterrupted
 run. Failed calls are counted but not journaled: a rerun tries them again. The settings that
-decide the messages (mode, seeds, turn ranges, seed, sampling, filters, model names, prompts) are the
+decide the messages (mode, seeds, turn ranges, seed, sampling, max_turn_chars, model names, prompts) are the
 journal's settings: a rerun with other settings is refused, naming them, unless --overwrite is given, which
 starts afresh. --num_dialogues, --test_size and --concurrency are not among them: a rerun with a larger
 --num_dialogues reuses every finished dialogue. The final files are assembled from the journal in dialogue
@@ -98,7 +98,6 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -107,7 +106,7 @@ from pathlib import Path
 import jinja2
 
 from zephyr_jax.data.backends import ENGINE_MESH_HELP, Backend, BackendSet, Call, map_bounded
-from zephyr_jax.data.binarize import prompt_id, train_test_split, write_train_and_test
+from zephyr_jax.data.binarize import prompt_id, train_test_split, write_json, write_train_and_test
 from zephyr_jax.data.cache import tokenizer_fingerprint
 from zephyr_jax.data.conversation import SPECIAL_TEXTS
 from zephyr_jax.data.dialogue_seeds import (SECTOR_TURNS, SEED_COLUMNS, SEEDS_ARE, Seed, as_seed, builtin_seeds,
@@ -387,12 +386,6 @@ def _row(d: _Dialogue, models: dict) -> dict:
             "models": models}
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, output_dir, *, mode: str = "ultrachat",
                           num_dialogues: int | None = None, min_turns: int | None = None,
                           max_turns: int | None = None, seed: int = 42, test_size: float = 0.1,
@@ -493,7 +486,7 @@ def _write_outputs(run: _Run, dialogues: list[_Dialogue], output_dir: Path, test
                    for k in ("prompt_tokens", "completion_tokens")},
         "models": models, "backends": counters,
     }
-    _write_json(output_dir / "stats.json", stats)
+    write_json(stats, output_dir / "stats.json")
     backends = dict.fromkeys(b for b in (run.user, run.assistant) if b is not None)  # one line per model
     log("\n".join([summary(stats, output_dir), *(b.summary() for b in backends)]))
     return stats

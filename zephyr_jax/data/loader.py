@@ -78,15 +78,14 @@ def examples_digest(examples: Sequence) -> str:
 
 
 class Loader:
-    def __init__(self, examples: Sequence, global_batch_size: int, batcher: Callable, *, seed: int = 0,
-                 shuffle: bool = True, rows=None):
+    def __init__(self, examples: Sequence, global_batch_size: int, batcher: Callable, *, seed: int = 0, rows=None):
         """batcher(the global batch's examples, rows) -> (those rows of the batch as a dict of [rows, length]
         arrays, length, rows in the global batch): padded_batcher or pair_batcher.
         rows: the rows of each global batch this process builds (default: all of them; train.local_rows)."""
         self.examples, self.global_batch_size, self.batcher = examples, global_batch_size, batcher
         if len(examples) < global_batch_size:
             raise ValueError(f"{len(examples)} examples cannot fill one global batch of {global_batch_size}")
-        self.seed, self.shuffle, self.rows = seed, shuffle, rows
+        self.seed, self.rows = seed, rows
         self.epoch, self.step = 0, 0
         self.digest = examples_digest(examples)
 
@@ -95,8 +94,6 @@ class Loader:
         return len(self.examples) // self.global_batch_size  # the remainder is left out of that epoch
 
     def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.examples))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
 
     def state(self) -> dict:

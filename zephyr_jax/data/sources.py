@@ -136,7 +136,8 @@ def _split_files(directory: Path, split) -> list[str]:
     if split is None:
         files = sorted(str(p) for p in directory.iterdir() if p.suffix in FORMATS and p.is_file())
     else:
-        matches = {p: sorted(glob.glob(os.path.join(glob.escape(str(directory)), p.format(split=glob.escape(split))))) for p in SPLIT_PATTERNS}
+        root = glob.escape(str(directory))  # a directory named "run[1]" is itself, not a character class
+        matches = {p: sorted(glob.glob(os.path.join(root, p.format(split=glob.escape(split))))) for p in SPLIT_PATTERNS}
         matches = {p: found for p, found in matches.items() if found}
         if len(matches) > 1:  # two layouts of one split (train_sft.jsonl and train_sft-0.parquet): not half of it
             raise ValueError(f"split {split!r} in {directory} matches more than one layout: " + "; ".join(
