@@ -4,6 +4,7 @@ server did, failures are counted replies, the per-URL concurrency bound holds, a
 import asyncio
 import email.utils
 import json
+import re
 import time
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 
 from tests.scripted_server import ScriptedServer, drop, raw, sleep, status, text
 from zephyr_jax.data.backends import Call, backend_from_spec
-from zephyr_jax.data.endpoint import Endpoint, retry_after_seconds
+from zephyr_jax.data.endpoint import Endpoint, EndpointRefused, retry_after_seconds
 
 RETRY_AFTER = 0.3  # seconds: the one wait a test must really sit through
 
@@ -106,33 +107,78 @@ def test_always_failing_call_is_a_counted_failure_and_the_run_goes_on():
             return status(500, message="disk on fire")
         if c == "bad":
             return status(400, message="max_tokens is too large")
-        if c == "denied":
-            return status(401, message="no key")
         return text(f"fine {c}")
 
     with ScriptedServer(respond) as server:
         ep = Endpoint("teacher", [server.base_url], backoff=0.01, max_retries=4)
-        replies = run_all(ep, [user("a"), user("broken"), user("bad"), user("denied"), user("b")])
-    a, broken, bad, denied, b = replies
+        replies = run_all(ep, [user("a"), user("broken"), user("bad"), user("b")])
+    a, broken, bad, b = replies
     assert a.text == "fine a" and b.text == "fine b"
     assert broken.text is None and broken.attempts == 5
     assert "HTTP 500" in broken.error and "disk on fire" in broken.error and server.base_url in broken.error
     assert sum(content_of(e["body"]) == "broken" for e in server.log) == ep.max_retries + 1
     assert bad.text is None and bad.attempts == 1 and "HTTP 400" in bad.error and "max_tokens is too large" in bad.error
-    assert denied.attempts == 1 and "HTTP 401" in denied.error
-    assert server.counts() == {"text": 2, "500": 5, "400": 1, "401": 1}
-    assert ep.stats["failures"] == 3 and ep.stats["calls"] == 5
+    assert server.counts() == {"text": 2, "500": 5, "400": 1}
+    assert ep.stats["failures"] == 2 and ep.stats["calls"] == 4
     assert ep.stats["retries"] == ep.stats["retry_5xx"] == 4
 
 
-def test_unreachable_url_gives_up_with_the_url_in_the_error():
+def test_unreachable_url_gives_up_with_the_url_in_the_error_and_one_never_reached_stops_the_run():
     with ScriptedServer(lambda body, attempt: text("x")) as server:
         url = server.base_url
-    ep = Endpoint("teacher", [url], backoff=0.01, max_retries=2, timeout=2.0)
-    (reply,) = run_all(ep, [user("anyone there?")])
+        ep = Endpoint("teacher", [url], backoff=0.01, max_retries=2, timeout=2.0)
+        assert run_all(ep, [user("hello")])[0].text == "x"
+    (reply,) = run_all(ep, [user("anyone there?")])  # it has answered before: a counted failure, the run goes on
     assert reply.text is None and reply.attempts == 3
     assert url in reply.error and "connection" in reply.error
     assert ep.stats["retry_connection"] == 2 and ep.stats["failures"] == 1
+    never = Endpoint("teacher", [url], backoff=0.01, max_retries=2, timeout=2.0)  # a wrong port, a server not up
+    with pytest.raises(EndpointRefused, match=rf"^teacher: no base URL has answered \({re.escape(url)}\)"):
+        run_all(never, [user("anyone there?")])
+
+
+@pytest.mark.parametrize("answer, named", [
+    (status(401, message="bad key"), "HTTP 401: bad key (the API key from $ZJ_TEST_KEY, which is not set)"),
+    (status(404, message="no such model"), "HTTP 404: no such model"),
+    (raw(json.dumps({"error": {"message": "over quota", "code": "insufficient_quota"}}), code=429),
+     "HTTP 429: over quota")], ids=["401", "404", "quota"])
+def test_a_status_every_call_would_get_stops_the_run_naming_it(answer, named, monkeypatch):
+    """A bad key or model name failed each call on its own (each paid for, with the user simulator's failures only
+    counted as truncated dialogues, exit status 0)."""
+    monkeypatch.delenv("ZJ_TEST_KEY", raising=False)
+    with ScriptedServer(lambda body, attempt: answer) as server:
+        ep = Endpoint("teacher", [server.base_url], api_key_env="ZJ_TEST_KEY", backoff=0.01)
+        with pytest.raises(EndpointRefused, match=re.escape(f"teacher at {server.base_url}: {named}")):
+            run_all(ep, [user("q")])
+    assert len(server.log) == 1
+
+
+def test_an_error_in_a_200_body_is_retried_by_its_code_and_named():
+    """Some gateways answer 200 with {"error": {...}}: a 502 there is retried, and its message kept."""
+    def respond(body, attempt):
+        code = 502 if content_of(body) == "busy" and attempt == 0 else 400 if content_of(body) == "wrong" else None
+        return raw(json.dumps({"error": {"message": f"upstream said {code}", "code": code}})) if code else text("ok")
+
+    with ScriptedServer(respond) as server:
+        ep = Endpoint("teacher", [server.base_url], backoff=0.01)
+        busy, wrong = run_all(ep, [user("busy"), user("wrong")])
+    assert busy.text == "ok" and busy.attempts == 2 and ep.stats["retry_5xx"] == 1
+    assert wrong.text is None and wrong.attempts == 1 and "upstream said 400" in wrong.error
+
+
+def test_a_fleet_retries_at_another_replica_and_rests_one_that_failed():
+    """A URL that fails fast has no calls in flight, so "fewest in flight" sent retries back to it: with one of two
+    replicas down, calls gave up there."""
+    with ScriptedServer(lambda body, attempt: text("x")) as dead:
+        dead_url = dead.base_url
+    with ScriptedServer(lambda body, attempt: sleep(0.05, "up")) as up:
+        ep = Endpoint("teacher", [dead_url, up.base_url], concurrency=4, backoff=0.01, max_retries=1)
+        first = run_all(ep, [user(f"q{i}") for i in range(12)])
+        retries = ep.stats["retries"]
+        later = run_all(ep, [user(f"r{i}") for i in range(6)])  # the dead URL rests: none goes there
+    assert all(r.text == "up" for r in first + later) and ep.stats["failures"] == 0
+    assert 0 < retries == ep.stats["retry_connection"] and ep.stats["retries"] == retries
+    assert len(up.log) == 18 and all(r.attempts == 1 for r in later)
 
 
 def test_malformed_body_is_a_failure_not_a_crash():

@@ -386,6 +386,28 @@ def test_failed_calls_are_made_again_on_a_rerun(tmp_path):
 # Settings
 
 
+def test_empty_replies_are_not_judged_and_cut_off_ones_are_counted(tmp_path):
+    """A generator whose reply is empty (content null, a tool call only) counted as a success, and the judge was
+    paid to rate the empty text; one cut off at max_tokens went by uncounted."""
+    empty = CallableBackend(lambda call: Reply("", finish_reason="tool_calls"), name="empty")
+    cut = CallableBackend(lambda call: Reply(str(_sum(_question(call)) or 0) + " and the", finish_reason="length"),
+                          name="cut")
+    judged = []
+
+    def judge(row, response):
+        judged.append(response)
+        return check_sum(row, response)
+
+    rows = arithmetic_rows(3)[:3]
+    stats = collect_feedback(rows, [empty, cut], judge, tmp_path, completions_per_prompt=2, log=lambda s: None)
+    assert stats["unusable_generations"] == {"empty reply": 3} and stats["cut_off_generations"] == 3
+    assert stats["failed_generations"] == 0 and stats["rated_completions"] == 3 and "" not in judged
+    for row in load_rows(tmp_path, "train"):
+        by_model = {c["model"]: c for c in row["completions"]}
+        assert by_model["empty"]["judge_errors"] == ["not judged: empty reply"]
+        assert by_model["empty"]["fine-grained_score"] is None and by_model["cut"]["fine-grained_score"] is not None
+
+
 def test_the_prompts_digest_covers_the_wording_the_message_builders_add(monkeypatch):
     """A resumed run is refused when the judge would be asked otherwise: the rubric texts, and also the draw
     fallback and the wording that the functions write around them (answer format, re-ask, knowledge labels)."""

@@ -1,14 +1,18 @@
 """An OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, TGI, zephyr_jax.serve) as a `Backend`.
 
 One model may sit behind several base URLs (a fleet of replicas): each call goes to the URL with the fewest calls in
-flight, and each URL admits at most `concurrency` requests at once. Rate limits (429), server errors (5xx, 408),
-timeouts and dropped connections are retried with exponential backoff and jitter, or after the server's
-Retry-After / retry-after-ms (cut to `max_backoff`, so one odd header cannot stall a run); other client errors
-(400, 401, 403, 404, 422, ...) and malformed 200 bodies fail at once. Retries are this class's own (the openai
-client's are switched off) so that every one is counted in `stats`: "retries", and by reason "retry_429",
-"retry_5xx", "retry_timeout", "retry_connection". A call that still fails is a `Reply` with `text=None` and an
-`error` that names the last error and the URL; the run goes on. Connection pools belong to the event loop that
-made them and close when it ends (asyncio.run), or at `await aclose()`.
+flight, and each URL admits at most `concurrency` requests at once. A URL that fails (connection, timeout, 5xx)
+rests for REST_S while another is open, and the retry goes to another URL at once. Rate limits (429), server
+errors (5xx, 408, or a 200 whose body is an error with such a code), timeouts and dropped connections are retried
+with exponential backoff and jitter, or after the server's Retry-After / retry-after-ms (cut to `max_backoff`, so
+one odd header cannot stall a run), with a line on stderr every 30 s per URL while that goes on. Statuses every
+call would get (401 and 403: the key; 404: the model or path; 429 out of quota), and a server that never
+answered at all, raise `EndpointRefused`, which stops the run naming the URL. Other client errors (400, 422, ...)
+and malformed 200 bodies fail that call at once. Retries are this class's own (the openai client's are switched
+off) so that every one is counted in `stats`: "retries", and by reason "retry_429", "retry_5xx", "retry_timeout",
+"retry_connection". A call that still fails is a `Reply` with `text=None` and an `error` that names the last
+error and the URL; the run goes on. Connection pools belong to the event loop that made them and close when it
+ends (asyncio.run), or at `await aclose()`.
 
     backend = Endpoint("gpt-4o", ["https://api.openai.com/v1"], price_per_million=(2.5, 10.0))
     reply = await backend.complete(Call(messages=[{"role": "user", "content": "Hi"}]))
@@ -23,6 +27,7 @@ import email.utils
 import math
 import os
 import random
+import sys
 import time
 import urllib.parse
 
@@ -31,6 +36,26 @@ from zephyr_jax.data.backends import Backend, Call, Reply
 import openai
 
 RETRY_REASONS = ("429", "5xx", "timeout", "connection")
+# Statuses that every call of the backend would get (a bad or missing key, no such model or path): the run stops.
+REFUSED_STATUSES = (401, 403, 404)
+REST_S = 30.0  # a URL that failed (connection, timeout, 5xx) takes no new calls for this long while another can
+
+
+class EndpointRefused(ValueError):
+    """The server refuses every call of this backend (401, 403, 404, or 429 out of quota), or no base URL ever
+    answered: the run stops, naming the URL and the reason, rather than paying for each call's failure. What
+    finished is journaled, so the same command resumes once it is fixed."""
+
+
+class _ErrorBody(Exception):
+    """A 200 whose body is an error ({"error": {"message", "code"}}, as some gateways send)."""
+
+    def __init__(self, error):
+        inner = error if isinstance(error, dict) else {"message": str(error)}
+        self.message = str(inner.get("message") or inner)
+        code = inner.get("code")
+        self.status = int(code) if isinstance(code, int) or (isinstance(code, str) and code.isdigit()) else None
+        super().__init__(self.message)
 
 
 def _choice_text(choices, chat: bool) -> str | None:
@@ -107,6 +132,16 @@ def _server_message(e: openai.APIStatusError) -> str:
     return str(e.message)
 
 
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def _say(message: str) -> None:
+    """A line on stderr that leaves the progress bars whole."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
 def _check_url(url: str) -> str:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -118,17 +153,25 @@ class _LoopState:
     """Clients, per-URL semaphores and in-flight counts of one event loop (asyncio objects are bound to a loop,
     so a second asyncio.run gets its own)."""
 
-    def __init__(self, loop, clients, concurrency: int):
+    def __init__(self, loop, clients, concurrency: int, resting_until: list[float]):
         self.loop, self.clients = loop, clients
         self.closer = None
         self.limits = [asyncio.Semaphore(concurrency) for _ in clients]
         self.in_flight = [0] * len(clients)
+        self.resting_until = resting_until  # the endpoint's: a URL's health outlives an event loop
         self.turn = 0  # rotates the tie-break, so idle URLs share the first calls
 
-    def pick(self) -> int:
+    def open_urls(self, avoid: int | None = None) -> list[int]:
+        """URLs not resting after a failure (all of them when every one is), without `avoid` where another is
+        open. A URL that fails fast has no calls in flight, so "fewest in flight" alone sent it every call."""
+        now = time.monotonic()
+        urls = [i for i in range(len(self.clients)) if self.resting_until[i] <= now] or list(range(len(self.clients)))
+        return [i for i in urls if i != avoid] or urls
+
+    def pick(self, avoid: int | None = None) -> int:
         n = len(self.clients)
         start, self.turn = self.turn, (self.turn + 1) % n
-        return min(((start + k) % n for k in range(n)), key=lambda i: self.in_flight[i])
+        return min(sorted(self.open_urls(avoid), key=lambda i: (i - start) % n), key=lambda i: self.in_flight[i])
 
 
 async def _close_at_loop_end(endpoint: "Endpoint", loop, clients):
@@ -167,6 +210,9 @@ class Endpoint(Backend):
         self.max_retries, self.backoff, self.max_backoff = max_retries, float(backoff), float(max_backoff)
         self.price_per_million = tuple(float(p) for p in price_per_million)
         self._states: dict = {}  # event loop -> _LoopState
+        self._answered = False  # some URL has answered (a reply or an HTTP error): it is up
+        self._resting_until = [0.0] * len(self.base_urls)  # time.monotonic() until which a URL that failed rests
+        self._said_at: dict = {}  # URL -> when a retry there was last printed
 
     # -- clients, one set per event loop --------------------------------------------------------------------------
     async def _state(self) -> _LoopState:
@@ -176,9 +222,12 @@ class Endpoint(Backend):
             for old in [lp for lp in self._states if lp.is_closed()]:
                 del self._states[old]
             key = os.environ.get(self.api_key_env) or "none"  # local servers accept any key
+            if key == "none" and any(urllib.parse.urlparse(u).hostname not in _LOCAL_HOSTS for u in self.base_urls):
+                _say(f"warning: {self.name}: ${self.api_key_env} is not set; calling {self.base_urls[0]} without a "
+                     "key (--api_key_env names the variable)")
             clients = [openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=0, timeout=self.timeout)
                        for u in self.base_urls]
-            state = self._states[loop] = _LoopState(loop, clients, self.concurrency)
+            state = self._states[loop] = _LoopState(loop, clients, self.concurrency, self._resting_until)
             # asyncio.run closes every live async generator before it closes the loop: this one's `finally`
             # closes the pools then, so a caller that never awaits aclose() leaves no sockets open
             state.closer = _close_at_loop_end(self, loop, clients)
@@ -205,7 +254,7 @@ class Endpoint(Backend):
             del self._states[loop]
 
     # -- one call ---------------------------------------------------------------------------------------------------
-    async def _request(self, client, call: Call) -> Reply:
+    async def _request(self, client, url: str, call: Call) -> Reply:
         kwargs = dict(model=self.name, temperature=call.temperature, top_p=call.top_p, max_tokens=call.max_tokens)
         if call.seed is not None:
             kwargs["seed"] = call.seed
@@ -216,8 +265,10 @@ class Endpoint(Backend):
         else:
             response = await client.completions.create(prompt=call.prompt, **kwargs)
         choices = getattr(response, "choices", None)
+        if choices is None and getattr(response, "error", None) is not None:
+            raise _ErrorBody(response.error)
         if choices == []:
-            return Reply(None, error=f"{self.name} at {client.base_url}: the server's reply has no choices")
+            return Reply(None, error=f"{self.name} at {url}: the server's reply has no choices")
         usage = getattr(response, "usage", None)
         return Reply(_choice_text(choices, chat=call.messages is not None) or "",  # an empty reply is the
                      prompt_tokens=_count(getattr(usage, "prompt_tokens", 0)),  # caller's to filter, not an error
@@ -232,46 +283,71 @@ class Endpoint(Backend):
 
     async def _complete(self, call: Call) -> Reply:
         state = await self._state()
+        i = None
         for attempt in range(self.max_retries + 1):
-            i = state.pick()
+            i = state.pick(avoid=i)  # a retry goes to another URL where one is open
             url = self.base_urls[i]
             state.in_flight[i] += 1
             hint = None
             try:
                 async with state.limits[i]:
-                    reply = await asyncio.wait_for(self._request(state.clients[i], call), self.timeout)
+                    reply = await asyncio.wait_for(self._request(state.clients[i], url, call), self.timeout)
                 reply.attempts = attempt + 1
+                self._answered, state.resting_until[i] = True, 0.0
                 return reply
             except (openai.APITimeoutError, asyncio.TimeoutError):
                 reason, error = "timeout", f"timed out after {self.timeout:g} s"
             except openai.APIConnectionError as e:
                 cause = e.__cause__ or e.__context__
                 reason, error = "connection", f"connection error: {cause or e}"
-            except openai.APIStatusError as e:
-                code = e.status_code
-                error = f"HTTP {code}: {_server_message(e)}"
+            except (openai.APIStatusError, _ErrorBody) as e:
+                self._answered = True
+                code = e.status_code if isinstance(e, openai.APIStatusError) else e.status
+                message = _server_message(e) if isinstance(e, openai.APIStatusError) else e.message
+                error = f"HTTP {code}: {message}" if isinstance(e, openai.APIStatusError) else \
+                    f"an error in a 200 reply (code {code}): {message}"
+                if code in REFUSED_STATUSES or (code == 429 and getattr(e, "code", None) == "insufficient_quota"):
+                    key = (f" (the API key from ${self.api_key_env}, which is "
+                           f"{'set' if os.environ.get(self.api_key_env) else 'not set'})" if code in (401, 403) else "")
+                    raise EndpointRefused(f"{self.name} at {url}: {error}{key}: every call would get this") from None
                 if code == 429:
                     reason = "429"
-                elif code >= 500:
+                elif code is not None and code >= 500:
                     reason = "5xx"
                 elif code == 408:  # the server's own request timeout
                     reason = "timeout"
                 else:  # the request itself is wrong: asking again gives the same answer
                     return Reply(None, error=f"{self.name} at {url}: {error}", attempts=attempt + 1)
-                hint = retry_after_seconds(getattr(e.response, "headers", None))
+                hint = retry_after_seconds(getattr(getattr(e, "response", None), "headers", None))
             except (openai.OpenAIError, ValueError) as e:  # a 200 whose body is not a completion (bad JSON, wrong
                 # shape): the server's answer, not a transient fault, so it is not asked again
                 return Reply(None, error=f"{self.name} at {url}: malformed reply: {type(e).__name__}: {e}",
                              attempts=attempt + 1)
             finally:
                 state.in_flight[i] -= 1
+            if reason != "429":  # a rate limit is the account's, not this URL's
+                state.resting_until[i] = time.monotonic() + min(REST_S, self.max_backoff or REST_S)
             if attempt == self.max_retries:
                 break
             self.stats["retries"] += 1
             self.stats[f"retry_{reason}"] += 1
-            await asyncio.sleep(self._delay(attempt, hint))  # outside the semaphore: a waiting call holds no slot
+            elsewhere = reason != "429" and state.open_urls(avoid=i) != [i]
+            self._say_retry(url, error, elsewhere)
+            if not elsewhere:  # outside the semaphore: a waiting call holds no slot
+                await asyncio.sleep(self._delay(attempt, hint))
+        if reason == "connection" and not self._answered:  # a wrong URL or a server not started: every call waits
+            raise EndpointRefused(f"{self.name}: no base URL has answered ({', '.join(self.base_urls)}); the last "
+                                  f"call gave up after {self.max_retries + 1} attempts: {error}")
         return Reply(None, error=f"{self.name} at {url}: {error} (gave up after {self.max_retries + 1} attempts)",
                      attempts=self.max_retries + 1)
+
+    def _say_retry(self, url: str, error: str, elsewhere: bool) -> None:
+        """One line per URL every 30 s while calls are retried there (stats count each one)."""
+        now = time.monotonic()
+        if now - self._said_at.get(url, -math.inf) >= 30.0:
+            self._said_at[url] = now
+            _say(f"{self.name} at {url}: {error}; retrying{' at another URL' if elsewhere else ''} "
+                 f"({self.stats['retries']} retries so far)")
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def cost(self) -> float:

@@ -68,7 +68,11 @@ of this run: calls, re-asks, parse failures, failed calls, tokens, each backend'
 estimated cost).
 
 Failed generations (the backend gave up: see its retries) are kept in the output with response null and the
-error, counted, and not judged; binarize skips them (a completion without a response is not usable).
+error, counted, and not judged; binarize skips them (a completion without a response is not usable). So are empty
+replies (content null, a tool call only: stats "unusable_generations"), which are journaled. Replies cut off at
+max_tokens (finish_reason "length") are judged and counted ("cut_off_generations"). A backend that refuses every
+call (401, 403, 404, 429 out of quota, or a server that never answered: data.endpoint.EndpointRefused) stops the
+run with its URL and status; what finished is journaled.
 
 Ties are kept in the raw output; binarize decides, as for the published data: it ranks by the mean aspect
 rating, chooses the first maximum, never rejects a completion tied with the chosen one, and skips a row whose
@@ -291,6 +295,7 @@ class _Run:
         self.parse_failures = {"rating": 0, "critique": 0}  # judge calls given up on, this run
         self.judge_errors = 0  # programmatic judge exceptions / invalid values
         self.out: collections.Counter = collections.Counter()  # counts of the output (see `tally`)
+        self.unusable: collections.Counter = collections.Counter()  # replied, but not judged: by reason
         self.first_errors: dict[str, str] = {}  # kind -> the first error of that kind (a wrong key, a bad URL)
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -395,7 +400,7 @@ class _Run:
     async def prompt(self, p: Prompt) -> dict:
         slots = self.slots(p)
         gens = await asyncio.gather(*(self.generate(p, s) for s in slots))
-        done = [(s, g) for s, g in zip(slots, gens) if g["response"] is not None]
+        done = [(s, g) for s, g in zip(slots, gens) if unusable(g) is None]
         if self.judge_fn is not None:
             judged = await asyncio.gather(*(asyncio.to_thread(self.judge_programmatic, p, g) for _, g in done))
             for j in judged:  # counted here, in the event loop, not in the worker threads
@@ -418,6 +423,8 @@ class _Run:
         out["prompts"] += 1
         out["completions"] += len(gens)
         out["failed_generations"] += sum(g["response"] is None for g in gens)
+        self.unusable.update(unusable(g) for g in gens if g["response"] is not None and unusable(g))
+        out["cut_off_generations"] += sum(g.get("finish_reason") == "length" and not unusable(g) for g in gens)
         for kind, values in (("rating", ratings), ("critique", critiques)):
             out[f"{kind}_parse_failures"] += sum(bool(v["parse_failure"]) for v in values)
             out[f"failed_{kind}_calls"] += sum(bool(v["error"]) and not v["parse_failure"] for v in values)
@@ -454,7 +461,7 @@ class _Run:
         for slot, g in zip(slots, gens):
             j = judged.get(slot.sample) or {"annotations": {a: empty_annotation(a) for a in ASPECTS},
                                             "critique": None, "overall_score": None,
-                                            "judge_errors": ["not judged: generation failed"]}
+                                            "judge_errors": [f"not judged: {unusable(g)}"]}
             completions.append({
                 "model": slot.generator.name, "principle": g["principle"],
                 "custom_system_prompt": g["custom_system_prompt"], "response": g["response"],
@@ -468,6 +475,17 @@ class _Run:
                 "models": [c["model"] for c in completions], "completions": completions,
                 "correct_answers": _strings(p.row.get("correct_answers")),
                 "incorrect_answers": _strings(p.row.get("incorrect_answers"))}
+
+
+def unusable(gen: dict) -> str | None:
+    """Why a completion is not judged, or None: a failed call, or an empty reply (content null, a tool call only;
+    journaled, so a rerun does not pay for it again, and counted in stats["unusable_generations"]). A reply cut
+    off at max_tokens is judged (the judge sees it end mid-way) and counted in stats["cut_off_generations"]."""
+    if gen["response"] is None:
+        return "generation failed"
+    if not gen["response"].strip():
+        return "empty reply"
+    return None
 
 
 def _strings(value) -> list[str]:
@@ -601,6 +619,8 @@ def _stats(run: _Run, counter: SkipCounter, resumed: int, settings: dict, backen
         "output": str(out_dir / OUTPUT_FILE),
         "prompts": out["prompts"], "completions": out["completions"],
         "failed_generations": out["failed_generations"],
+        "unusable_generations": dict(run.unusable),  # replied, but not judged: by reason
+        "cut_off_generations": out["cut_off_generations"],  # judged, though cut at max_tokens
         "rated_completions": out["rated_completions"],  # with a mean rating: what binarize ranks
         "parse_failures": {"rating": out["rating_parse_failures"], "critique": out["critique_parse_failures"]},
         "failed_judge_calls": {"rating": out["failed_rating_calls"], "critique": out["failed_critique_calls"]},
@@ -621,7 +641,9 @@ def summary(stats: dict) -> str:
     r, pf, fj = stats["this_run"], stats["parse_failures"], stats["failed_judge_calls"]
     lines = [
         f"feedback: {stats['prompts']} prompts ({stats['input']['skipped']} input rows skipped), "
-        f"{stats['completions']} completions ({stats['failed_generations']} failed generations)",
+        f"{stats['completions']} completions ({stats['failed_generations']} failed generations"
+        + "".join(f", {n} {why}" for why, n in stats["unusable_generations"].items())
+        + (f", {stats['cut_off_generations']} cut off at max_tokens" if stats["cut_off_generations"] else "") + ")",
         f"  judge: parse failures {pf['rating']} aspect ratings + {pf['critique']} critiques; failed calls "
         f"{fj['rating']} + {fj['critique']}; programmatic judge errors {stats['judge_errors']}",
         f"  tokens: {stats['tokens']['prompt']} prompt + {stats['tokens']['completion']} completion",
