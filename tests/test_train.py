@@ -140,8 +140,21 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     ("sft", {"train.peak_tflops": -5.0}, r"train.peak_tflops=-5.0: must be 0 \(the data sheet's\) or positive"),
     ("sft", {"data.max_length": -5}, r"data.max_length=-5: must be at least 2"),  # was "a row of -5"
     ("sft", {"optim.schedule": "cosin"}, r"optim.schedule='cosin': expected one of"),  # raised after tokenizing
-    ("sft", {"optim.mu_dtype": "bf16"}, r"optim.mu_dtype='bf16': expected a floating-point dtype"),
-    ("dpo", {"dpo.reference_dtype": "int8"}, r"dpo.reference_dtype='int8': expected a floating-point dtype"),
+    ("sft", {"optim.mu_dtype": "bf16"}, r"optim.mu_dtype='bf16': expected one of float32, bfloat16, float16"),
+    ("dpo", {"dpo.reference_dtype": "int8"}, r"dpo.reference_dtype='int8': expected one of"),
+    ("sft", {"model.dtype": "float8_e4m3fn"}, r"model.dtype='float8_e4m3fn': expected one of"),  # learnt nothing
+    ("sft", {"model.param_dtype": "float64"}, r"model.param_dtype='float64': expected one of"),  # ran as float32
+    ("sft", {"seed": -1}, r"config.seed=-1: must be a whole number >= 0"),  # numpy's error, after tokenizing
+    ("sft", {"model.arch.rope_theta": -1.0}, r"config.model.arch.rope_theta=-1.0: must be positive"),  # a NaN loss
+    ("sft", {"model.arch.initializer_range": 0.0}, r"arch.initializer_range=0.0: must be positive"),  # no gradient
+    ("sft", {"mesh.rules.embed": ("fsdp", "fsdp")}, r"sharding rule 'embed': \('fsdp', 'fsdp'\) names a mesh axis "
+                                                   r"twice"),  # jax's DuplicateSpecError, naming no rule
+    # The kernels' static needs, found by the first step after the data work:
+    ("sft", {"model.attention_impl": "cudnn"}, r"attention_impl='cudnn' with model.dtype='float32'"),
+    ("sft", {"model.attention_impl": "splash", "data.max_length": 100, "data.buckets": ()},
+     r"attention_impl='splash' needs lengths that are multiples of 128; batches here can be 100 long"),
+    ("dpo", {"dpo.precompute_reference": True, "dpo.reference_free": True},
+     r"precompute_reference=True with dpo.reference_free=True"),  # the precompute was skipped, unsaid
     ("dpo", {"dpo.beta": 0.0}, r"config.dpo \(beta=0.0.*beta must be positive"),  # raised after the reference pass
     ("dpo", {"dpo.label_smoothing": 0.7}, r"label_smoothing must be in \[0, 0.5\]"),
     ("dpo", {"data.max_prompt_length": 0}, r"data.max_prompt_length=0 must be at least 1"),  # cut prompts to BOS

@@ -54,6 +54,8 @@ def rules_table(rules=None) -> tuple:
         if bad:
             raise ValueError(f"sharding rule {name!r}: {bad} is not a mesh axis {MESH_AXES} (config.mesh.rules."
                              f"{name}: a tuple of mesh axes, e.g. \"('fsdp','tensor')\", or () to leave it unsplit)")
+        if len(set(flat)) < len(flat):  # jax's DuplicateSpecError at the first sharding, naming no rule
+            raise ValueError(f"sharding rule {name!r}: {flat} names a mesh axis twice (config.mesh.rules.{name})")
         table.append((str(name), flat))
     return tuple(table)
 

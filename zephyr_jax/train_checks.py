@@ -44,6 +44,12 @@ def check_config(cfg, check_model_source: bool = True) -> None:
             check_float_dtype(cfg[group][name], key)
     check_optim(cfg.optim)
     rules_table(cfg.mesh.rules)  # a rule naming something other than a mesh axis
+    if not isinstance(cfg.seed, numbers.Integral) or cfg.seed < 0:  # numpy's generators take none below 0
+        raise ValueError(f"config.seed={cfg.seed!r}: must be a whole number >= 0")
+    if cfg.model.init == "random":
+        for key in ("rope_theta", "rms_norm_eps", "initializer_range"):  # NaN at step 1, or no gradient at all
+            if key in cfg.model.arch and not cfg.model.arch[key] > 0:
+                raise ValueError(f"config.model.arch.{key}={cfg.model.arch[key]}: must be positive")
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
     if cfg.model.init != "random" and cfg.model.arch.to_dict() != random_arch():  # else unused, yet in config.json
@@ -83,6 +89,7 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     if cfg.data.max_length < 2:  # one token predicts nothing
         raise ValueError(f"data.max_length={cfg.data.max_length}: must be at least 2")
     check_buckets(cfg)
+    check_attention_kernel(cfg)
     for key, allowed in (("on_bad_row", ON_BAD_ROW), ("loss_on", LOSS_ON), ("too_long", TOO_LONG)):
         if key in cfg.data and cfg.data[key] not in allowed:  # else raised only once the source is read
             raise ValueError(f"data.{key}={cfg.data[key]!r}: expected one of {allowed}")
@@ -92,18 +99,46 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         except ValueError as e:
             raise ValueError(f"config.dpo (beta={cfg.dpo.beta}, label_smoothing={cfg.dpo.label_smoothing}): {e}") \
                 from None
+        if cfg.dpo.precompute_reference and cfg.dpo.reference_free:
+            raise ValueError("dpo.precompute_reference=True with dpo.reference_free=True: a reference-free loss has "
+                             "no reference log-probs to compute; set one of them")
         if not 1 <= cfg.data.max_prompt_length < cfg.data.max_length:
             raise ValueError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be at least 1 and below "
                              f"data.max_length={cfg.data.max_length}")
 
 
+TRAINING_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def check_float_dtype(value, key: str) -> None:
+    """float8 trained nothing (compute) or failed in the first step (weights, Adam); float64 ran as float32 unless
+    jax_enable_x64 is set, while config.json and an export said float64."""
     try:
-        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        name = jnp.dtype(value).name
     except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{key}={value!r}: expected a floating-point dtype name (float32, bfloat16, float16)")
+        name = None
+    if name not in TRAINING_DTYPES:
+        raise ValueError(f"{key}={value!r}: expected one of {', '.join(TRAINING_DTYPES)}")
+
+
+def check_attention_kernel(cfg) -> None:
+    """An explicit kernel's static needs, which the first step would otherwise find after the data work: cuDNN
+    computes in bfloat16 or float16, splash takes lengths that are multiples of 128 (every length a batch can
+    take: data.buckets', or packed dDPO rows' multiples of min(128, max_length))."""
+    from zephyr_jax.train import buckets_for  # (train imports this module)
+
+    impl, d = cfg.model.attention_impl, cfg.data
+    if impl == "cudnn" and jnp.dtype(cfg.model.dtype).name not in ("bfloat16", "float16"):
+        raise ValueError(f"model.attention_impl='cudnn' with model.dtype={cfg.model.dtype!r}: cuDNN flash attention "
+                         "computes in bfloat16 or float16 (set model.dtype, or attention_impl='auto' or 'xla')")
+    if impl == "splash":
+        packed_pairs = cfg.stage == "dpo" and d.packing and not d.buckets
+        lengths = (min(128, d.max_length),) if packed_pairs else buckets_for(d)
+        bad = [n for n in lengths if n % 128]
+        if bad:
+            raise ValueError(f"model.attention_impl='splash' needs lengths that are multiples of 128; batches here "
+                             f"can be {bad[0]} long (data.max_length={d.max_length}, data.buckets="
+                             f"{tuple(d.buckets)}): set them so, or attention_impl='auto' (einsum attention there)")
 
 
 def check_optim(o) -> None:

@@ -98,6 +98,9 @@ class MistralConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        for name in ("rope_theta", "rms_norm_eps"):  # a NaN loss at the first step, blamed on the learning rate
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
         object.__setattr__(self, "sharding_rules", rules_table(self.sharding_rules))  # hashable: jit keys on it
