@@ -196,6 +196,13 @@ def test_packed_dpo_buckets_must_hold_the_fullest_row_a_batch_can_make():
     train.preference_batcher(cfg, mesh, 32)
 
 
+def test_packed_dpo_buckets_too_short_are_refused_before_the_data_is_read(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "load_examples", lambda *a, **k: pytest.fail("the data was read first"))
+    with pytest.raises(ValueError, match=r"data.buckets=\(128,\): .* more than the largest bucket"):
+        train.run(tiny_config("dpo", data_dir, **{"data.buckets": (128,), "model.init": "random"}),
+                  str(tmp_path / "w"))
+
+
 def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_rows_fill():
     """A packed batch's rows, not its pairs, split over the batch shards: the recipe's 32 pairs go into rows a
     multiple of 64 on 64 chips. data.packed_rows counts the rows of train.global_batch_size pairs: an eval batch

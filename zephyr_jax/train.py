@@ -438,6 +438,8 @@ def run(cfg, workdir: str) -> dict:
                 "step back, or start this run again in a new workdir") from e
     mcfg = model_config(cfg)
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
+    if cfg.stage == "dpo":  # packed rows' data.buckets against this mesh's rows: also before the data work
+        preference_batcher(cfg, mesh, cfg.train.global_batch_size, cfg.train.grad_accum)
     tok = load_tokenizer(cfg.tokenizer)
     checks.check_default_tokenizer(cfg, mcfg.vocab_size, tok)
     os.makedirs(workdir, exist_ok=True)
