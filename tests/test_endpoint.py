@@ -181,6 +181,15 @@ def test_a_fleet_retries_at_another_replica_and_rests_one_that_failed():
     assert len(up.log) == 18 and all(r.attempts == 1 for r in later)
 
 
+def test_a_fleet_whose_replicas_all_failed_backs_off_as_one_url_does():
+    with ScriptedServer(lambda body, attempt: text("a")) as one, ScriptedServer(lambda body, attempt: text("b")) as two:
+        ep = Endpoint("teacher", [one.base_url, two.base_url], backoff=0.2, max_retries=3)
+        assert {r.text for r in run_all(ep, [user("q1"), user("q2")])} == {"a", "b"}
+    started = time.monotonic()
+    (reply,) = run_all(ep, [user("anyone?")])  # both down now: the second URL at once, then the backoff
+    assert reply.text is None and reply.attempts == 4 and time.monotonic() - started >= 0.3
+
+
 def test_malformed_body_is_a_failure_not_a_crash():
     with ScriptedServer(lambda body, attempt: raw("{not json")) as server:
         ep = Endpoint("teacher", [server.base_url], backoff=0.01)

@@ -161,11 +161,13 @@ class _LoopState:
         self.resting_until = resting_until  # the endpoint's: a URL's health outlives an event loop
         self.turn = 0  # rotates the tie-break, so idle URLs share the first calls
 
+    def resting(self, i: int) -> bool:
+        return self.resting_until[i] > time.monotonic()
+
     def open_urls(self, avoid: int | None = None) -> list[int]:
         """URLs not resting after a failure (all of them when every one is), without `avoid` where another is
         open. A URL that fails fast has no calls in flight, so "fewest in flight" alone sent it every call."""
-        now = time.monotonic()
-        urls = [i for i in range(len(self.clients)) if self.resting_until[i] <= now] or list(range(len(self.clients)))
+        urls = [i for i in range(len(self.clients)) if not self.resting(i)] or list(range(len(self.clients)))
         return [i for i in urls if i != avoid] or urls
 
     def pick(self, avoid: int | None = None) -> int:
@@ -331,7 +333,8 @@ class Endpoint(Backend):
                 break
             self.stats["retries"] += 1
             self.stats[f"retry_{reason}"] += 1
-            elsewhere = reason != "429" and state.open_urls(avoid=i) != [i]
+            # at once to another URL that is not resting; when every one is, the backoff as for a single URL
+            elsewhere = reason != "429" and any(j != i and not state.resting(j) for j in range(len(self.base_urls)))
             self._say_retry(url, error, elsewhere)
             if not elsewhere:  # outside the semaphore: a waiting call holds no slot
                 await asyncio.sleep(self._delay(attempt, hint))
