@@ -447,6 +447,7 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
     assert json.load(open(os.path.join(dpo, "config.json")))["model"]["step"] == 3
     reference_free = dpo_cfg(3)
     reference_free.dpo.reference_free = True  # another objective: not a continuation of the run
+    reference_free.dpo.precompute_reference = False  # (it has no reference to precompute)
     with pytest.raises(ValueError, match="dpo.reference_free: False -> True"):
         train.run(reference_free, dpo)
     assert len(os.listdir(os.path.join(dpo, "reference_logps"))) == 2  # train + eval: no reference of step 6
