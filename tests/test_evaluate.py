@@ -349,6 +349,22 @@ def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
     assert lm.apply_chat_template(chat[:2]) == hflm.apply_chat_template(chat[:2])
 
 
+def test_lm_eval_command_line_gets_the_models_batch_size_only_where_it_evaluates(monkeypatch):
+    """lm_eval's own --batch_size default (1) scored a row at a time; its other subcommands take no --batch_size
+    (`ls tasks` failed with "unrecognized arguments"), and a batch size given in any spelling stays."""
+    lm_eval_main = pytest.importorskip("lm_eval.__main__")
+    from zephyr_jax import lm_eval_adapter
+
+    seen = []
+    monkeypatch.setattr(lm_eval_main, "cli_evaluate", lambda: seen.append(sys.argv[1:]))
+    for args in (["--model", "zephyr_jax"], ["run", "--model", "zephyr_jax"], ["ls", "tasks"], ["--help"], [],
+                 ["--model", "zephyr_jax", "--batch", "16"], ["--model", "zephyr_jax", "-b", "4"]):
+        lm_eval_adapter.main(args)
+    assert seen == [["--model", "zephyr_jax", "--batch_size", "8"], ["run", "--model", "zephyr_jax", "--batch_size",
+                    "8"], ["ls", "tasks"], ["--help"], [], ["--model", "zephyr_jax", "--batch", "16"],
+                    ["--model", "zephyr_jax", "-b", "4"]]
+
+
 @pytest.mark.long
 def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")

@@ -749,7 +749,7 @@ def test_cli_fails_when_every_generation_failed(tmp_path, capsys):
                        "--generators=callable:tests.test_feedback:slow_right",
                        "--judge=callable:tests.test_dialogues:unreachable", "--parse_retries=0", "--max_retries=0"])
     assert exit_.value.code == 1
-    assert re.search(r"error: none of the 4 completions got a rating \(first errors: .*connection refused",
+    assert re.search(r"error: none of the 4 completions judged got a rating \(first errors: .*connection refused",
                      capsys.readouterr().err)
 
 

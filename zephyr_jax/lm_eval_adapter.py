@@ -293,7 +293,8 @@ def main(argv=None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     args = sys.argv[1:] if argv is None else list(argv)
-    if not any(a in ("--batch_size", "-b") or a.startswith(("--batch_size=", "-b=")) for a in args):
+    evaluates = args and args[0] not in ("ls", "validate") and not {"-h", "--help"} & set(args)
+    if evaluates and not any(a.startswith(("--batch", "-b")) for a in args):
         args += ["--batch_size", "8"]  # this model's default; lm_eval's own (1) scored a row at a time
     sys.argv = [sys.argv[0], *args]
     cli_evaluate()

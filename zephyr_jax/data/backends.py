@@ -4,7 +4,8 @@ in-process by the engine, or a Python callable.
 Every backend answers one `Call` (chat messages, or a raw prompt for /v1/completions-style text such as Magpie's)
 with one `Reply`, asynchronously, so the data CLIs drive thousands of calls with plain asyncio and each backend
 bounds its own concurrency (the endpoint per base URL, the engine by its KV-cache slots). A failed call is a
-`Reply` with `text=None` and `error` set, counted in `stats`: never an exception that ends the run.
+`Reply` with `text=None` and `error` set, counted in `stats`; the one exception that ends the run is an endpoint
+that refuses every call (data.endpoint.EndpointRefused: a bad key or model name, no quota, a server never up).
 
 Backend specs (the CLIs' --user/--assistant/--generators/--judge flags):
     endpoint:MODEL@URL[,URL...]   an OpenAI-compatible server (several URLs spread the load over a fleet);

@@ -259,9 +259,9 @@ def loss_width(most: int, length: int, buckets) -> int:
     """Loss positions per row: the first of a quarter, half and three quarters of the row length (each rounded up
     to a bucket below the length, else to a multiple of 8) and the whole length that holds the row with the most;
     below the quarter, powers of two from 8 (rows of few loss tokens, as short replies make: the demo's dDPO head
-    ran at 23% loss tokens, now 42%; the recipe's rows never reach them). Few widths per length: any bucket below
-    the length multiplied the shapes that compile (57 over the recipe's 3 dDPO epochs; 13 now,
-    bench/batch_shapes.py)."""
+    ran at 23% loss tokens, now 42%; the recipe's rows never reach them): at most about log2(length / 8) + 4 widths
+    a length, of which a run meets few. Any bucket below the length multiplied the shapes that compile (57 over the
+    recipe's 3 dDPO epochs; 13 now, bench/batch_shapes.py)."""
     quarters = {min([b for b in buckets if k * length / 4 <= b < length], default=-(-k * length // 32) * 8)
                 for k in (1, 2, 3)}
     small = {8 << k for k in range(20) if 8 << k < min(quarters)}

@@ -6,8 +6,8 @@ rests for REST_S while another is open, and the retry goes to another URL at onc
 errors (5xx, 408, or a 200 whose body is an error with such a code), timeouts and dropped connections are retried
 with exponential backoff and jitter, or after the server's Retry-After / retry-after-ms (cut to `max_backoff`, so
 one odd header cannot stall a run), with a line on stderr every 30 s per URL while that goes on. Statuses every
-call would get (401 and 403: the key; 404: the model or path; 429 out of quota), and a server that never
-answered at all, raise `EndpointRefused`, which stops the run naming the URL. Other client errors (400, 422, ...)
+call would get (401: the key; 404: the model or path; 429 out of quota), and a server that never
+answered at all, raise `EndpointRefused`, which stops the run naming the URL. Other client errors (400, 403, 422, ...)
 and malformed 200 bodies fail that call at once. Retries are this class's own (the openai client's are switched
 off) so that every one is counted in `stats`: "retries", and by reason "retry_429", "retry_5xx", "retry_timeout",
 "retry_connection". A call that still fails is a `Reply` with `text=None` and an `error` that names the last
@@ -37,12 +37,12 @@ import openai
 
 RETRY_REASONS = ("429", "5xx", "timeout", "connection")
 # Statuses that every call of the backend would get (a bad or missing key, no such model or path): the run stops.
-REFUSED_STATUSES = (401, 403, 404)
+REFUSED_STATUSES = (401, 404)  # (403 stays a call's own: some gateways refuse one flagged prompt with it)
 REST_S = 30.0  # a URL that failed (connection, timeout, 5xx) takes no new calls for this long while another can
 
 
 class EndpointRefused(ValueError):
-    """The server refuses every call of this backend (401, 403, 404, or 429 out of quota), or no base URL ever
+    """The server refuses every call of this backend (401, 404, or 429 out of quota), or no base URL ever
     answered: the run stops, naming the URL and the reason, rather than paying for each call's failure. What
     finished is journaled, so the same command resumes once it is fixed."""
 
@@ -310,7 +310,7 @@ class Endpoint(Backend):
                     f"an error in a 200 reply (code {code}): {message}"
                 if code in REFUSED_STATUSES or (code == 429 and getattr(e, "code", None) == "insufficient_quota"):
                     key = (f" (the API key from ${self.api_key_env}, which is "
-                           f"{'set' if os.environ.get(self.api_key_env) else 'not set'})" if code in (401, 403) else "")
+                           f"{'set' if os.environ.get(self.api_key_env) else 'not set'})" if code == 401 else "")
                     raise EndpointRefused(f"{self.name} at {url}: {error}{key}: every call would get this") from None
                 if code == 429:
                     reason = "429"
@@ -338,7 +338,8 @@ class Endpoint(Backend):
             self._say_retry(url, error, elsewhere)
             if not elsewhere:  # outside the semaphore: a waiting call holds no slot
                 await asyncio.sleep(self._delay(attempt, hint))
-        if reason == "connection" and not self._answered:  # a wrong URL or a server not started: every call waits
+        if reason == "connection" and not self._answered and all(state.resting(j) for j in range(len(self.base_urls))):
+            # a wrong URL or a server not started: every URL failed, none has answered, and every call would wait
             raise EndpointRefused(f"{self.name}: no base URL has answered ({', '.join(self.base_urls)}); the last "
                                   f"call gave up after {self.max_retries + 1} attempts: {error}")
         return Reply(None, error=f"{self.name} at {url}: {error} (gave up after {self.max_retries + 1} attempts)",

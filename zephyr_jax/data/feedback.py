@@ -71,7 +71,7 @@ Failed generations (the backend gave up: see its retries) are kept in the output
 error, counted, and not judged; binarize skips them (a completion without a response is not usable). So are empty
 replies (content null, a tool call only: stats "unusable_generations"), which are journaled. Replies cut off at
 max_tokens (finish_reason "length") are judged and counted ("cut_off_generations"). A backend that refuses every
-call (401, 403, 404, 429 out of quota, or a server that never answered: data.endpoint.EndpointRefused) stops the
+call (401, 404, 429 out of quota, or a server that never answered: data.endpoint.EndpointRefused) stops the
 run with its URL and status; what finished is journaled.
 
 Ties are kept in the raw output; binarize decides, as for the published data: it ranks by the mean aspect
@@ -740,7 +740,8 @@ def main(argv=None) -> dict:
               f"{stats['this_run']['first_errors']}); the journal keeps what finished", file=sys.stderr)
         raise SystemExit(1)
     if stats["completions"] and not stats["rated_completions"]:  # a judge with a wrong key: nothing to binarize
-        print(f"error: none of the {stats['completions'] - stats['failed_generations']} completions got a rating "
+        judged = stats["completions"] - stats["failed_generations"] - sum(stats["unusable_generations"].values())
+        print(f"error: none of the {judged} completions judged got a rating "
               f"(first errors: {stats['this_run']['first_errors']}); the journal keeps what finished",
               file=sys.stderr)
         raise SystemExit(1)
