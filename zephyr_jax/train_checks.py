@@ -23,6 +23,7 @@ from zephyr_jax.data.errors import ON_BAD_ROW
 from zephyr_jax.data.sft import LOSS_ON, TOO_LONG
 from zephyr_jax.loading import is_workdir, run_config
 from zephyr_jax.losses import check_dpo_settings
+from zephyr_jax.model.attention import CUDNN_DTYPES
 from zephyr_jax.sharding import rules_table
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 
@@ -128,7 +129,7 @@ def check_attention_kernel(cfg) -> None:
     from zephyr_jax.train import buckets_for  # (train imports this module)
 
     impl, d = cfg.model.attention_impl, cfg.data
-    if impl == "cudnn" and jnp.dtype(cfg.model.dtype).name not in ("bfloat16", "float16"):
+    if impl == "cudnn" and jnp.dtype(cfg.model.dtype) not in CUDNN_DTYPES:
         raise ValueError(f"model.attention_impl='cudnn' with model.dtype={cfg.model.dtype!r}: cuDNN flash attention "
                          "computes in bfloat16 or float16 (set model.dtype, or attention_impl='auto' or 'xla')")
     if impl == "splash":

@@ -304,10 +304,10 @@ class Endpoint(Backend):
                 reason, error = "connection", f"connection error: {cause or e}"
             except (openai.APIStatusError, _ErrorBody) as e:
                 self._answered = True
-                code = e.status_code if isinstance(e, openai.APIStatusError) else e.status
-                message = _server_message(e) if isinstance(e, openai.APIStatusError) else e.message
-                error = f"HTTP {code}: {message}" if isinstance(e, openai.APIStatusError) else \
-                    f"an error in a 200 reply (code {code}): {message}"
+                if isinstance(e, openai.APIStatusError):
+                    code, error = e.status_code, f"HTTP {e.status_code}: {_server_message(e)}"
+                else:
+                    code, error = e.status, f"an error in a 200 reply (code {e.status}): {e.message}"
                 if code in REFUSED_STATUSES or (code == 429 and getattr(e, "code", None) == "insufficient_quota"):
                     key = (f" (the API key from ${self.api_key_env}, which is "
                            f"{'set' if os.environ.get(self.api_key_env) else 'not set'})" if code == 401 else "")
