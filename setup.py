@@ -33,8 +33,8 @@ setup(
         "openai>=1.30",  # data.dialogues / data.feedback: the one HTTP client for teachers, generators and judges
     ],
     extras_require={
-        # torch is pinned: the parity tests compare against transformers' PyTorch Mistral on the CPU, and an
-        # unpinned torch pulls several GB of CUDA wheels.
+        # torch (the parity tests' reference: transformers' PyTorch Mistral on the CPU) is pinned to the release
+        # whose CPU wheel CI installs; PyPI's Linux torch pulls several GB of CUDA wheels (README: the CPU index).
         "test": ["pytest>=8", "pytest-xdist>=3.0",  # CI runs the suite on 2 workers (--dist loadgroup)
                  "hypothesis>=6.100", "torch==2.13.0", "psutil>=5.9",
                  # CI executes the notebooks in a Jupyter kernel

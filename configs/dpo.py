@@ -58,7 +58,7 @@ def get_config(arg=None):
         c.dpo.beta = 1.0  # beta 0.1 broke the one-digit reply format on this tiny model
     elif variant == "tiny":
         _small(c, "workdirs/tiny_sft")
-        c.model.init = "random"  # tests start from random weights unless they pass an SFT workdir
+        c.model.init = "random"  # the tests' starting point; --config.model.init=orbax starts from workdirs/tiny_sft
         c.data.max_train_examples, c.data.max_eval_examples = 32, 8
         c.train.global_batch_size = 8
         c.train.max_steps = 6

@@ -123,6 +123,10 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--config.seed.x=1")
     assert out.returncode != 0 and "Traceback" not in out.stderr  # was ml_collections' KeyError and traceback
     assert "--config.seed.x: config.seed is a value, not a section with keys" in out.stderr
+    for config in (["--config=configs/sftt.py:tiny", "--config.seed=1"], ["--config", "configs/sftt.py"]):
+        out = _cli("zephyr_jax.train", *config, f"--workdir={tmp_path}")  # was two chained tracebacks
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert "no file 'configs/sftt.py'" in out.stderr
     # --num_processes / --process_id without a coordinator trained the whole job as process 0 of 1
     out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--num_processes=2",
                "--process_id=1")

@@ -124,12 +124,21 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def parse_flags(argv):
-    """absl's flag parsing (app.run's flags_parser), with an override of a key the config lacks said in one line:
-    ml_collections raises it from inside absl as a bare AttributeError/KeyError and its traceback."""
+    """absl's flag parsing (app.run's flags_parser), with a missing config file and an override of a key the
+    config lacks said in one line: ml_collections raises them from inside absl, with their tracebacks."""
+    import os
     import sys
 
     from absl import flags
 
+    # ml_collections loads the file only when the config is first read: a mistyped path came out there as two
+    # chained tracebacks, the cause (no such file) inside the second.
+    given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    given += [b for a, b in zip(argv[1:], argv[2:]) if a == "--config"]
+    for spec in given:
+        if not os.path.exists(spec.split(":")[0]):
+            sys.exit(f"FATAL Flags parsing error: --config={spec}: no file {spec.split(':')[0]!r} (from "
+                     f"{os.getcwd()}; the configs are configs/sft.py and configs/dpo.py in the repository)")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -149,3 +158,4 @@ def parse_flags(argv):
             raise  # not an override's key: an error inside the config file itself
         sys.exit(f"FATAL Flags parsing error: a --config override names a key the config does not have: "
                  f"{str(reason).replace(chr(10), '; ')} (overrides given: {', '.join(overrides)})")
+    return argv
