@@ -24,6 +24,7 @@ def _plan(*args, env=None) -> dict:
     out = subprocess.run([sys.executable, "-m", "zephyr_jax.plan", *args, "--json"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "plan: compiling the " in out.stderr  # minutes of compiling at 7B are not silent
     return json.loads(out.stdout[out.stdout.index("{"):])
 
 

@@ -360,6 +360,9 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
     buffers = input_buffers(inputs)
     parts = input_bytes(buffers)
     start = time.perf_counter()
+    # A 7B step compiles for minutes: say what, on stderr (stdout holds the report, or its JSON).
+    print(f"plan: compiling the {cfg.stage} step for {target.name}, mesh {dict(mesh.shape)}, {rows} x {length} "
+          "positions...", file=sys.stderr, flush=True)
     try:
         with jax.set_mesh(mesh), cudnn_checks_for(target):
             compiled = step.lower(inputs.state, inputs.batch, inputs.reference).compile()
@@ -517,6 +520,7 @@ def _planned_change(cfg, changes: dict, topology: str, length_mix_spec: str | No
     changed.update_from_flattened_dict(changes)
     shown = lambda v: f"'{v}'".replace(" ", "") if isinstance(v, tuple) else v  # as a shell takes it
     row = {"change": " ".join(f"--config.{key}={shown(value)}" for key, value in changes.items())}
+    print(f"plan --suggest: {row['change']}", file=sys.stderr, flush=True)
     try:
         planned = plan(changed, topology, length_mix_spec)
     except ValueError as e:  # e.g. a batch that two micro-batches cannot split over the mesh
