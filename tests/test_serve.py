@@ -37,8 +37,8 @@ def server(tiny_model_dir, tmp_path_factory):
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "zephyr_jax.serve", f"--model={tiny_model_dir}", "--dtype=float32",
-         f"--port={port}", f"--api-key={KEY}", f"--served-model-name={NAME}", "--max-slots=4", "--max-queue=4",
-         "--max-length=1024", "--decode-steps=4"],
+         f"--port={port}", f"--api-key={KEY}", f"--served-model-name={NAME}", "--max-slots=4", "--max_queue=4",
+         "--max-length=1024", "--decode_steps=4"],  # underscores as the other commands spell flags: taken too
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "XLA_FLAGS": ""})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180

@@ -44,16 +44,17 @@ def reply(engine: Engine, tok, messages, out=sys.stdout, *, max_new_tokens: int,
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Chat with a zephyr_jax or Hugging Face Mistral model.")
+    parser = argparse.ArgumentParser(prog="python -m zephyr_jax.chat",
+                                     description="Chat with a zephyr_jax or Hugging Face Mistral model.")
     parser.add_argument("--model", required=True, help="HF directory / hub name, or a zephyr_jax workdir")
     parser.add_argument("--tokenizer", default=None, help="default: the model directory's, else Mistral v0.1")
     parser.add_argument("--system", default="", help="system message")
     parser.add_argument("--prompt", default=None, help="one-shot: answer this and exit")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_k", type=int, default=50)
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="reply tokens at most (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="default 0.7; 0 for greedy")
+    parser.add_argument("--top_k", type=int, default=50, help="default 50; 0 for all tokens")
+    parser.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: default 0.95; 1.0 for all")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--dtype", default="bfloat16", help="compute and weight dtype (float32 for exact numbers)")
     parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)

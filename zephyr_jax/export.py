@@ -100,7 +100,7 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
 
 
 def cli(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m zephyr_jax.export", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (checkpoints/, model_config.json)")
     parser.add_argument("--out", required=True, help="output Hugging Face directory")
     parser.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")

@@ -193,7 +193,8 @@ def report(path: str, top: int = 25) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="The XLA operations of a jax.profiler trace, most time first.")
+    parser = argparse.ArgumentParser(prog="python -m zephyr_jax.profiling",
+                                     description="The XLA operations of a jax.profiler trace, most time first.")
     parser.add_argument("path", help="a training workdir, a folder holding traces, or an .xplane.pb file")
     parser.add_argument("--top", type=int, default=25, help="operations to list")
     args = parser.parse_args(argv)

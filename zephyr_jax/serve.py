@@ -580,7 +580,8 @@ def create_app(server: Server):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="OpenAI-compatible server for a zephyr_jax or Hugging Face model.")
+    parser = argparse.ArgumentParser(prog="python -m zephyr_jax.serve",
+                                     description="OpenAI-compatible server for a zephyr_jax or Hugging Face model.")
     parser.add_argument("--model", required=True, help="HF directory / hub name, or a zephyr_jax workdir")
     parser.add_argument("--step", type=int, default=-1, help="workdir checkpoint step (-1: latest)")
     parser.add_argument("--tokenizer", default=None, help="default: the model's own, else Mistral-7B-v0.1")
@@ -602,7 +603,9 @@ def main(argv=None) -> None:
     parser.add_argument("--compilation-cache", default="~/.cache/zephyr_jax/xla",
                         help="JAX's persistent compilation cache, so a restart skips compiling ('' = off)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
-    args = parser.parse_args(argv)
+    # vLLM's spelling (--max-slots); the underscores the other zephyr_jax commands use are taken too.
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args([re.sub(r"^--\w+", lambda m: m.group(0).replace("_", "-"), a) for a in argv])
 
     import uvicorn
 
