@@ -240,6 +240,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         assert r.status_code == status, (kwargs, r.text)
         error = r.json()["error"]
         assert error["message"] and error["type"] and error["param"] == param, r.text
+        if param == "temprature":  # the message names the endpoint as clients address it
+            assert "this server's /v1/chat/completions (it reads " in error["message"], r.text
     assert _post(base, "/v1/completions", {"model": NAME, "prompt": [[5, 99999]]}).status_code == 400
     for prompt in ([True, False], ["a", [1, 2]], [[1, 2], "a"]):  # JSON booleans are not token ids; no mixing
         assert _post(base, "/v1/completions", {"model": NAME, "prompt": prompt}).json()["error"]["param"] == "prompt"

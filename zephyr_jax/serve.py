@@ -105,7 +105,7 @@ UNSUPPORTED = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "rep
 # that silently ignored it would not be what the client asked for. IGNORED: metadata that changes no reply.
 SAMPLING_FIELDS = {"model", "n", "seed", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "ignore_eos",
                    "max_tokens", "max_completion_tokens", "logprobs", "stream"}
-FIELDS = {"chat": SAMPLING_FIELDS | {"messages", "top_logprobs", "stream_options"},
+FIELDS = {"chat/completions": SAMPLING_FIELDS | {"messages", "top_logprobs", "stream_options"},
           "completions": SAMPLING_FIELDS | {"prompt", "echo"}}
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 
@@ -469,7 +469,7 @@ def create_app(server: Server):
 
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
-        body = await body_of(http, "chat")
+        body = await body_of(http, "chat/completions")
         # Tokenizing on a worker thread: a long prompt (megabytes) would otherwise hold the event loop, and every
         # other client's stream, for seconds before it is refused.
         prompt = await asyncio.to_thread(server.chat_prompt, body)
