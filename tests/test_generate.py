@@ -170,7 +170,8 @@ def test_greedy_tokens_and_logprobs_equal_argmax_and_log_softmax():
     without top-n alternatives, and none when none are asked (top_n=-1)."""
     logits = jax.random.normal(jax.random.key(0), (8, 1000)) * 4  # 1,000: not a whole number of 128-token blocks
     logits = (logits.at[1, 7].set(50.0).at[1, 900].set(50.0).at[2].set(0.0)  # a tie at the top, a flat row
-              .at[3, 999].set(60.0).at[4, 130].set(70.0).at[4, 129].set(70.0))  # the last token; a tie in block 1
+              .at[3, 999].set(60.0).at[4, 130].set(70.0).at[4, 129].set(70.0)  # the last token; a tie in block 1
+              .at[5].set(-jnp.abs(logits[5]) - 1.0))  # all below 0: the last block's padding must not win
     rows = logits.shape[0]
     zeros = jnp.zeros((rows,), jnp.uint32)
     for top_n in (-1, 0, 3):
