@@ -978,19 +978,29 @@ def test_a_divergence_keeps_the_steps_before_it_on_record(data_dir, tmp_path):
 
 def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(data_dir, tmp_path, capsys):
     """A log line is the mean of its steps' metrics, but the learning rate logged was the mean over a warmup's
-    steps: a rate no step used. Without the bar (train.progress=False, a batch job's log), each log line and each
-    eval during training is printed."""
-    cfg = tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.log_every": 3, "train.save_every": 0,
-                                          "train.eval_every": 3, "optim.warmup_ratio": 0.5})
-    train.run(cfg, str(tmp_path))
+    steps: a rate no step used. The schedule runs over optimizer steps, not micro-batches (grad_accum 2). Without
+    the bar (train.progress=False, a batch job's log), each log line and each eval during training is printed."""
+    settings = {"train.max_steps": 6, "train.save_every": 0, "train.grad_accum": 2, "train.global_batch_size": 16,
+                "optim.warmup_ratio": 0.5, "optim.schedule": "cosine"}
+    cfg = tiny_config("sft", data_dir, **settings, **{"train.log_every": 3, "train.eval_every": 3})
+    train.run(cfg, str(tmp_path / "every_3"))
     _, schedule = train_steps.make_optimizer(cfg.optim, 6)
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    logged = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
-    assert logged == {3: pytest.approx(float(schedule(2))), 6: pytest.approx(float(schedule(5)))}
+    records = [json.loads(line) for line in open(tmp_path / "every_3" / "metrics.jsonl")]
+    lines = [r for r in records if r["split"] == "train"]
+    assert {r["step"]: r["lr"] for r in lines} == {3: pytest.approx(float(schedule(2))),
+                                                   6: pytest.approx(float(schedule(5)))}
     assert float(schedule(2)) != pytest.approx(np.mean([float(schedule(i)) for i in range(3)]))
     out = capsys.readouterr().out
     assert "step 3: loss=" in out and "step 6: loss=" in out
     assert "eval at step 3: {" in out and "eval at step 6: {" in out
+    # The same run logged every step: each 3-step line is the mean of its steps' lines.
+    train.run(tiny_config("sft", data_dir, **settings, **{"train.log_every": 1, "train.eval_every": 0}),
+              str(tmp_path / "every_1"))
+    steps = [r for r in map(json.loads, open(tmp_path / "every_1" / "metrics.jsonl")) if r["split"] == "train"]
+    assert [r["lr"] for r in steps] == pytest.approx([float(schedule(i)) for i in range(6)])
+    for line, part in zip(lines, (steps[:3], steps[3:])):
+        for key in ("loss", "grad_norm", "num_tokens"):
+            assert line[key] == pytest.approx(np.mean([r[key] for r in part]), rel=1e-6), key
 
 
 def test_wandb_asked_for_but_not_installed_is_refused_before_any_work(data_dir, monkeypatch):
