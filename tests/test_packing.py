@@ -242,6 +242,14 @@ def test_packed_sft_rows_give_the_padded_rows_and_the_full_head_reference(model)
     np.testing.assert_allclose(metrics_b["correct"], metrics_a["correct"])
     np.testing.assert_allclose(metrics_a["correct"] / metrics_a["num_tokens"], ref_metrics["token_accuracy"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_b, grads_a)
+    # Targets the model's own argmax: every real loss token is right, and the -1 slots that fill loss_positions
+    # (they read position 0) count for nothing (a random model's accuracy, near 0, could not show it).
+    for b in (padded, packed):
+        logits = m(b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
+        b = dict(b, targets=np.asarray(jnp.argmax(logits, -1), np.int32))
+        assert (b["loss_positions"] < 0).any()
+        _, metrics = train_steps.sft_loss_fn(params, graphdef, b, normalizer)
+        assert float(metrics["correct"]) == float(metrics["num_tokens"]) == normalizer
 
 
 def test_bin_packing_places_every_item_once_within_bounds():
