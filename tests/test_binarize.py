@@ -174,6 +174,13 @@ def test_train_test_split():
         train, test = train_test_split(rows, 2, seed, key=lambda r: r["prompt_id"])
         assert len({r["prompt_id"] for r in test}) == 2 and not {r["prompt_id"] for r in train} & \
             {r["prompt_id"] for r in test} and sorted(r["n"] for r in train + test) == list(range(7))
+    # Prompts are drawn, not rows: a prompt of many rows is no likelier to be held out, and the test split
+    # always holds test_size prompts.
+    rows = [{"prompt_id": p, "n": n} for n, p in enumerate("aaaaaaaaabc")]
+    for seed in range(20):
+        _, test = train_test_split(rows, 2, seed, key=lambda r: r["prompt_id"])
+        assert len({r["prompt_id"] for r in test}) == 2
+    rows = [{"prompt_id": p, "n": n} for n, p in enumerate("abcadbe")]
     with pytest.raises(ValueError, match="test_size=5 needs 0 <= test_size < the 5 kept prompts"):
         train_test_split(rows, 5, key=lambda r: r["prompt_id"])
 

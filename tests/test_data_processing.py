@@ -101,6 +101,9 @@ def test_sft_all_learns_every_token_after_bos(tok):
 def test_sft_too_long_truncates_or_drops(tok, monkeypatch):
     ex = sft_example({"messages": DIALOGUE}, 0, tok, max_length=20)
     assert len(ex.ids) == 20 and ex.truncated
+    whole = len(sft_example({"messages": DIALOGUE}, 0, tok, max_length=10**6).ids)
+    exact = sft_example({"messages": DIALOGUE}, 0, tok, max_length=whole, too_long="drop")  # fits: kept whole
+    assert len(exact.ids) == whole and not exact.truncated
     with pytest.raises(BadRow, match="row 4: longer than max_length=20"):
         sft_example({"messages": DIALOGUE}, 3, tok, max_length=20, too_long="drop")
     examples, counter = process_rows([{"messages": DIALOGUE}] * 3, lambda r, i: sft_example(

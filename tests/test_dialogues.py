@@ -158,6 +158,25 @@ def test_replies_with_unicode_line_separators_resume(tmp_path):
         assert journal.resumed == 2 and journal.get(("k",)) == {"text": text}
 
 
+def test_a_line_cut_by_a_kill_is_dropped_so_every_later_run_resumes(tmp_path):
+    """A run killed mid-write leaves half a line: the next run cuts it off before appending (glued to it, the
+    next item made a line that stopped the run after)."""
+    from zephyr_jax.data.journal import Journal
+
+    path = tmp_path / "j.jsonl"
+    with Journal(path, {"a": 1}) as journal:
+        journal.append(("k1",), {"v": 1})
+    with open(path, "ab") as f:
+        f.write(b'{"key": ["k2"], "val')
+    for run in range(2):
+        with Journal(path, {"a": 1}) as journal:
+            assert journal.resumed == 1 + run and journal.get(("k1",)) == {"v": 1}
+            if run == 0:
+                journal.append(("k2",), {"v": 2})
+            else:
+                assert journal.get(("k2",)) == {"v": 2}
+
+
 @pytest.mark.parametrize("junk", [b"\xff\xfe garbage", b'{"key": [[1]], "value": {}}'])
 def test_a_damaged_journal_line_is_named(tmp_path, junk):
     """Bytes that are not UTF-8 and keys holding lists raised bare UnicodeDecodeError / TypeError."""
