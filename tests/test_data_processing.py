@@ -203,6 +203,8 @@ def test_packed_row_logits_equal_separate_examples(tok):
     for ex in sorted(examples, key=lambda e: -len(e.ids)):  # best-fit decreasing places the longest first
         alone = np.asarray(model(jnp.asarray(ex.ids[None, :-1])))[0]
         np.testing.assert_allclose(logits[start:start + len(alone)], alone, atol=1e-5)
+        # Positions restart at each example (RoPE sees only offsets, so the logits alone could not tell)
+        np.testing.assert_array_equal(packed["positions"][0, start:start + len(alone)], np.arange(len(alone)))
         start += len(alone)
     assert (packed["segment_ids"][0, start:] == 0).all() and (packed["loss_mask"][0, start:] == 0).all()
 
