@@ -143,11 +143,12 @@ def test_bf16_compute_within_documented_tolerance(pair):
     assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()
 
 
-def test_bf16_compute_keeps_norms_and_softmax_in_float32(pair):
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float32])  # inference's weights; training's
+def test_bf16_compute_keeps_norms_and_softmax_in_float32(pair, param_dtype):
     """As transformers does, RMSNorm and the attention softmax compute in float32 under bf16 activations: every
     reduction, exp and rsqrt of the bf16 forward pass takes float32 operands. (Logit tolerances cannot see this on
     tiny models, where plain bf16 rounding is already ~2%.)"""
-    model = load_model(pair[2], jnp.bfloat16)
+    model = load_model(pair[2], jnp.bfloat16, param_dtype=param_dtype)
     graphdef, state = nnx.split(model)
     ids = jnp.asarray(_random_ids(np.random.default_rng(5), 2, 8))
     jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids))(state)
@@ -167,6 +168,12 @@ def test_bf16_compute_keeps_norms_and_softmax_in_float32(pair):
     walk(jaxpr.jaxpr)
     assert {name for name, _ in seen} == checked, seen  # norms (sum, rsqrt) and softmax (max, exp, sum) were found
     assert all(dtypes == {"float32"} for _, dtypes in seen), seen
+    # The residual stream between layers (the layer scan's carry) is bf16, and the LM head's matmul, the last
+    # one, accumulates into float32 logits (logit tolerances cannot see either).
+    (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert str(scan.outvars[0].aval.dtype) == "bfloat16" and scan.outvars[0].aval.shape == (2, 8, 64)
+    head = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"][-1]
+    assert str(head.outvars[0].aval.dtype) == "float32" and head.outvars[0].aval.shape[-1] == 128
 
 
 def test_splash_option_honours_window_segments_and_padding(pair):
