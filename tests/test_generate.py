@@ -89,6 +89,23 @@ def test_replies_across_the_attention_length_buckets_match_transformers(tmp_path
                                    atol=1e-4)
 
 
+@pytest.mark.parametrize("max_slots,lengths", [(2, [5, 60]), (4, [5, 6, 7, 60])])
+def test_a_prompt_prefilled_in_chunks_beside_decoding_rows_keeps_its_cache(tmp_path, max_slots, lengths):
+    """A long prompt prefills in chunks of 16 while the short ones decode: the decoding calls' writes that must
+    be dropped (a lone row's companion write, rows idle or still prefilling) never land in its cache rows, where
+    later chunks would not overwrite them all. Every reply equals transformers' greedy one."""
+    tm = torch_mistral(seed=11, initializer_range=0.2, max_position_embeddings=256)
+    model = load_model(save_torch(tm, tmp_path), dtype="float32")
+    engine = Engine(model, max_slots=max_slots, max_length=96, prefill_chunk=16, decode_steps=8, eos_id=None)
+    prompts = _prompts(7, lengths)
+    requests = engine.generate([Request(p, SamplingParams(max_tokens=10)) for p in prompts])
+    for prompt, request in zip(prompts, requests):
+        with torch.no_grad():
+            out = tm.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=0,
+                              eos_token_id=None, pad_token_id=0)
+        assert request.tokens == out[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("heads_first", [True, False])
 def test_cache_writes_land_at_their_row_and_position_padding_is_dropped_and_reads_are_laid_out_for_attention(
         heads_first):
