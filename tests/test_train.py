@@ -85,6 +85,11 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
         f.write('{"step": 2, "split": "ev')  # a line cut short by a kill: skipped, as resuming skips it
     card = open(os.path.join(export(str(dpo_dir), str(tmp_path / "hf3"), step=3, dtype="float32"), "README.md")).read()
     assert "step 3" in card and "| step | 3 |" in card and "| step | 6 |" not in card  # that step's metrics
+    weights = lambda *a, **k: jax.tree.leaves(nnx.state(load_model(*a, **k)))  # and that step's weights
+    exported, at_3, at_6 = (weights(str(tmp_path / "hf3"), "float32"), weights(str(dpo_dir), "float32", step=3),
+                            weights(str(dpo_dir), "float32"))
+    assert all(np.array_equal(a, b) for a, b in zip(exported, at_3, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(exported, at_6, strict=True))
     # The SFT checkpoint it started from; not model.arch, which configures random weights only (here the tiny
     # default, not the exported architecture).
     assert f"- init: orbax `{sft_dir}`, step 6" in card and '"arch"' not in card
