@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from zephyr_jax.data import dialogues
 from zephyr_jax.data.backends import Call, CallableBackend, Reply
 from zephyr_jax.data.dialogue_seeds import Seed, builtin_seeds, load_seeds, looks_like_opening
 from zephyr_jax.data.dialogues import SettingsMismatch, check_turn, make_dialogues, tidy_user_turn
@@ -572,3 +573,107 @@ def test_one_seed_or_one_stop_string_is_not_taken_for_many(tmp_path):
     assert Call(messages=[{"role": "user", "content": "Hi"}], stop="END").stop == ("END",)
     with pytest.raises(TypeError, match="assistant='callable:tests.test_dialogues:scripted_assistant': pass a Backend"):
         make_dialogues(["a topic"], None, "callable:tests.test_dialogues:scripted_assistant", tmp_path)
+
+
+# --- Found by mutation testing: what a subtly wrong dialogue loop would still have passed. ---
+
+def test_truncated_dialogues_end_on_an_assistant_turn(tmp_path):
+    seeds = [Seed(t, "writing") for t, _ in FILTER_SEEDS]
+    _run(tmp_path, seeds, min_turns=3, max_turns=3, max_turn_chars=500, test_size=0)
+    for row in _rows(tmp_path / "train_sft.jsonl"):
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and len(roles) % 2 == 0, (row["prompt"], roles)
+
+
+def test_turn_counts_are_drawn_per_dialogue_over_the_whole_range(tmp_path):
+    seeds = [Seed(f"Question number {i} about tides?", "world") for i in range(20)]
+    _run(tmp_path, seeds, min_turns=1, max_turns=4, test_size=0)
+    turns = [len(r["messages"]) // 2 for r in _rows(tmp_path / "train_sft.jsonl")]
+    assert len(turns) == 20 and set(turns) == {1, 2, 3, 4}, turns  # both ends reached (seeded: fixed)
+
+
+def test_turn_range_defaults():
+    assert dialogues._turn_range(None, 3) == (1, 3) and dialogues._turn_range(2, None) == (2, 2)
+    assert dialogues._turn_range(None, 1) == (1, 1)
+
+
+def test_a_fraction_test_size_leaves_train_a_row():
+    assert dialogues._test_count(0.9, 1) == 0 and dialogues._test_count(0.99, 10) == 9
+
+
+def test_a_turn_of_exactly_max_turn_chars_is_kept():
+    assert check_turn("assistant", "x" * 10, "stop", [], 10) is None
+    assert check_turn("assistant", "x" * 11, "stop", [], 10) == "assistant turn over 10 chars"
+
+
+def test_a_message_that_repeats_the_other_side_is_a_repeat():
+    said = [{"role": "user", "content": "What about tides?"}, {"role": "assistant", "content": "Tides, as said."}]
+    assert check_turn("user", "tides as said", "stop", said, 8000) == "repeated user turn"
+    assert check_turn("assistant", "What about tides", "stop", said[:1], 8000) == "repeated assistant turn"
+
+
+def test_a_failed_call_is_not_journaled_and_a_rerun_makes_it(tmp_path):
+    broken = {"on": True}
+
+    def flaky(call):
+        if broken["on"] and "FLAKY" in call.messages[0]["content"]:
+            raise RuntimeError("down")
+        return scripted_assistant(call)
+
+    seeds = [Seed("Tell me about FLAKY tides?", "writing"), Seed("Why is the sea salty?", "writing")]
+
+    def run():
+        return make_dialogues(seeds, CallableBackend(scripted_user, name="u"),
+                                        CallableBackend(flaky, name="a"), tmp_path, min_turns=2, max_turns=2,
+                                        test_size=0, log=lambda s: None)
+    first = run()
+    assert first["kept"] == 1 and first["dropped"] == {"failed assistant call": 1}
+    broken["on"] = False
+    second = run()
+    # made again: the failed reply (message 1), then messages 2 and 3 of that dialogue; nothing else
+    assert second["kept"] == 2 and second["backends"]["assistant"]["calls"] == 2
+    assert second["backends"]["user"]["calls"] == 1
+
+
+def test_the_user_simulator_is_told_the_topic_on_every_turn(tmp_path):
+    systems = []
+
+    def user(call):
+        systems.append((call.messages[0]["content"], call.messages[1]["content"]))
+        return scripted_user(call)
+
+    seeds = [Seed("volcanoes", "world", True), Seed("Why is the sea salty?", "writing")]
+    make_dialogues(seeds, CallableBackend(user, concurrency=1), CallableBackend(scripted_assistant),
+                             tmp_path, min_turns=2, max_turns=2, test_size=0, log=lambda s: None)
+    for system, first in systems:
+        topic = "about this topic: volcanoes" in first
+        assert system.endswith(" The conversation is about: volcanoes.") == topic, (system, first)
+    assert any("volcanoes" in f for _, f in systems)
+
+
+def test_stats_turns_count_turns_not_messages(tmp_path):
+    seeds = [Seed(t, "writing") for t, _ in FILTER_SEEDS]
+    stats = _run(tmp_path, seeds, min_turns=3, max_turns=3, max_turn_chars=500, test_size=0)
+    assert stats["turns"] == sum(len(r["messages"]) // 2 for r in _rows(tmp_path / "train_sft.jsonl")) == 3 + 6
+
+
+def test_a_seed_that_spans_lines_is_an_opening():
+    from zephyr_jax.data.dialogue_seeds import as_seed, looks_like_opening
+    text = "Customer: my router blinks red.\nAgent: restart it."
+    assert looks_like_opening(text) and not as_seed(text).is_topic
+
+
+def test_reason_kind_blanks_multi_digit_positions():
+    from zephyr_jax.data.errors import SkipCounter, reason_kind
+    assert reason_kind("empty content in messages[12]") == "empty content in messages[*]"
+    c = SkipCounter()
+    c.skip("empty content in messages[3]")
+    c.skip("empty content in messages[117]")
+    assert dict(c.skipped) == {"empty content in messages[*]": 2}
+
+
+def test_a_setting_on_disk_that_the_rerun_lacks_is_refused(tmp_path):
+    from zephyr_jax.data.journal import Journal, SettingsMismatch
+    Journal(tmp_path / "j.jsonl", {"a": 1, "b": 2}).close()
+    with pytest.raises(SettingsMismatch, match=r"b: 2 on disk, None now"):
+        Journal(tmp_path / "j.jsonl", {"a": 1})

@@ -302,3 +302,111 @@ def test_backend_from_spec_and_bad_specs(monkeypatch):
         Endpoint("m", ["localhost:8000"])
     with pytest.raises(ValueError, match="concurrency"):
         Endpoint("m", ["http://a/v1"], concurrency=0)
+
+
+# --- Found by mutation testing: retries, resting URLs, rotation and usage that were untested. ---
+
+def test_408_is_retried_as_a_timeout():
+    with ScriptedServer(lambda body, attempt: status(408) if attempt == 0 else text("ok")) as server:
+        ep = Endpoint("teacher", [server.base_url], backoff=0.01, max_retries=2)
+        (reply,) = run_all(ep, [user("q")])
+    assert reply.text == "ok" and reply.attempts == 2 and ep.stats["retry_timeout"] == 1
+
+
+def test_a_429_does_not_rest_the_url():
+    def respond(body, attempt):
+        return status(429, retry_after=0.05) if body["messages"][-1]["content"] == "first" and attempt == 0 \
+            else text("ok")
+    with ScriptedServer(respond) as one, ScriptedServer(lambda body, attempt: text("ok")) as two:
+        ep = Endpoint("teacher", [one.base_url, two.base_url], backoff=0.01, max_retries=2)
+        (first,) = run_all(ep, [user("first")])  # 429 at one, then answered at two
+        assert len(one.log) == 1
+        assert first.text == "ok"
+        n_one = len(one.log)
+        later = [run_all(ep, [user(f"q{i}")])[0] for i in range(4)]  # one at a time
+    assert all(r.text == "ok" for r in later)
+    assert len(one.log) - n_one > 0, "the URL that answered 429 got no later call: it was rested"
+
+
+def test_sequential_calls_rotate_over_a_fleet():
+    with ScriptedServer(lambda body, attempt: text("a")) as one, ScriptedServer(lambda body, attempt: text("b")) as two:
+        ep = Endpoint("teacher", [one.base_url, two.base_url])
+
+        async def one_at_a_time():
+            return [await ep.complete(user(f"q{i}")) for i in range(4)]
+        replies = asyncio.run(one_at_a_time())
+    assert sorted(r.text for r in replies) == ["a", "a", "b", "b"]
+
+
+def test_a_retry_after_a_429_goes_to_another_url():
+    """429 does not rest a URL, and a URL that answers 429 fast has the fewest calls in flight: without `avoid`
+    every retry went back to it."""
+    with ScriptedServer(lambda body, attempt: status(429, retry_after=0.01)) as limited, \
+            ScriptedServer(lambda body, attempt: sleep(0.2, "ok")) as fine:
+        ep = Endpoint("teacher", [limited.base_url, fine.base_url], backoff=0.01, max_retries=1)
+        replies = run_all(ep, [user(f"q{i}") for i in range(8)])
+    assert all(r.text == "ok" for r in replies), [r.error for r in replies if not r.ok]
+
+
+def test_a_url_that_answers_again_stops_resting():
+    def respond(body, attempt):
+        return drop() if body["messages"][-1]["content"] == "a" and attempt == 0 else text("ok")
+    with ScriptedServer(respond) as one, ScriptedServer(respond) as two:
+        ep = Endpoint("teacher", [one.base_url, two.base_url], backoff=0.01, max_retries=3)
+        (a,) = run_all(ep, [user("a")])  # one drops, two drops (both rest), then one answers: it is up again
+        assert a.text == "ok" and a.attempts == 3
+        n_two = len(two.log)
+
+        async def one_at_a_time():
+            return [await ep.complete(user(f"b{i}")) for i in range(4)]
+        later = asyncio.run(one_at_a_time())
+    assert all(r.text == "ok" for r in later)
+    assert len(two.log) == n_two, "calls went to the URL still resting, though the other had answered"
+
+
+def test_retry_after_is_cut_to_max_backoff():
+    import time as _t
+    with ScriptedServer(lambda body, attempt: status(429, retry_after=20) if attempt == 0 else text("ok")) as server:
+        ep = Endpoint("teacher", [server.base_url], max_backoff=0.2)
+        started = _t.monotonic()
+        (reply,) = run_all(ep, [user("q")])
+    assert reply.text == "ok" and _t.monotonic() - started < 5
+
+
+def test_negative_usage_counts_as_zero():
+    with ScriptedServer(lambda body, attempt: text("ok", prompt_tokens=-5, completion_tokens=-2)) as server:
+        ep = Endpoint("teacher", [server.base_url])
+        (reply,) = run_all(ep, [user("q")])
+    assert reply.text == "ok" and (reply.prompt_tokens, reply.completion_tokens) == (0, 0)
+    assert ep.stats["prompt_tokens"] == ep.stats["completion_tokens"] == 0
+
+
+def test_a_callable_backend_holds_its_concurrency_for_async_functions():
+    from zephyr_jax.data.backends import CallableBackend
+    state = {"now": 0, "max": 0}
+
+    async def fn(call):
+        state["now"] += 1
+        state["max"] = max(state["max"], state["now"])
+        await asyncio.sleep(0.02)
+        state["now"] -= 1
+        return "ok"
+
+    backend = CallableBackend(fn, concurrency=3)
+
+    async def main():
+        return await asyncio.gather(*(backend.complete(user(str(i))) for i in range(12)))
+    assert all(r.text == "ok" for r in asyncio.run(main())) and state["max"] == 3
+
+
+def test_map_bounded_holds_its_concurrency():
+    from zephyr_jax.data.backends import map_bounded
+    state = {"now": 0, "max": 0}
+
+    async def fn(x):
+        state["now"] += 1
+        state["max"] = max(state["max"], state["now"])
+        await asyncio.sleep(0.01)
+        state["now"] -= 1
+        return x * 2
+    assert asyncio.run(map_bounded(fn, range(10), 3, "t")) == [x * 2 for x in range(10)] and state["max"] == 3

@@ -757,3 +757,133 @@ def test_one_generator_where_a_pool_belongs_is_named(tmp_path):
     """A Backend passed as `generators` failed with "'CallableBackend' object is not iterable"."""
     with pytest.raises(ValueError, match="generators must be a non-empty list of Backend objects"):
         collect_feedback(arithmetic_rows(2), CallableBackend(slow_right), slow_judge, tmp_path)
+
+
+# --- Found by mutation testing: parsers and feedback runs that were untested at these edges. ---
+
+def test_hallucination_and_informativeness_types_run_1_to_3():
+    from zephyr_jax.data.feedback_prompts import FormatError, parse_rating_reply
+    ok = "#### Output for Text 1\nType: 1, 3\nRationale: r\nRating: 4\nRationale For Rating: x"
+    assert parse_rating_reply(ok, "truthfulness", 1)[0]["Type"] == ["1", "3"]
+    for bad in ("4", "1, 4", "0"):
+        with pytest.raises(FormatError):
+            parse_rating_reply(ok.replace("Type: 1, 3", f"Type: {bad}"), "truthfulness", 1)
+
+
+def test_a_text_rated_twice_is_a_format_error():
+    from zephyr_jax.data.feedback_prompts import FormatError, parse_rating_reply
+    sec = "#### Output for Text {}\nRating: {}\nRationale: r\n"
+    assert [a["Rating"] for a in parse_rating_reply(sec.format(1, 2) + sec.format(2, 4), "honesty", 2)] == ["2", "4"]
+    with pytest.raises(FormatError, match="found 1, 1, 2"):
+        parse_rating_reply(sec.format(1, 2) + sec.format(1, 5) + sec.format(2, 4), "honesty", 2)
+
+
+def test_an_overall_score_of_0_is_a_format_error():
+    from zephyr_jax.data.feedback_prompts import FormatError, parse_critique_reply
+    assert parse_critique_reply("Weak.\nOverall Score: 1") == ("Weak.", 1.0)
+    for score in ("0", "0.5"):
+        with pytest.raises(FormatError, match="not between 1 and 10"):
+            parse_critique_reply(f"Weak.\nOverall Score: {score}")
+
+
+def test_world_knowledge_goes_to_truthfulness_and_helpfulness_only():
+    from zephyr_jax.data.feedback_prompts import rating_messages
+    shown = {a: "Some correct answers" in rating_messages(a, "q", ["t"], 'Some correct answers: ["c"]')[1]["content"]
+             for a in ("instruction_following", "honesty", "truthfulness", "helpfulness")}
+    assert shown == {"instruction_following": False, "honesty": False, "truthfulness": True, "helpfulness": True}
+
+
+def test_honesty_becomes_verbalized_calibration_one_time_in_ten():
+    draws = collections.Counter(feedback.pick_principle("truthful_qa", "ultrafeedback", 0, f"p{i}", 0)[0]
+                                for i in range(4000))
+    assert 0.03 < draws["verbalized_calibration"] / 4000 < 0.08  # 0.5 * 0.1
+    assert 0.40 < draws["honesty"] / 4000 < 0.50
+
+
+def test_a_failed_critique_call_is_made_again_on_a_rerun(tmp_path):
+    rows = arithmetic_rows(2)[:2]
+    broken = {"on": True}
+
+    def judge(call):
+        kind, instruction, _ = judge_request(call.messages)
+        if broken["on"] and kind == "critique" and instruction == rows[0]["prompt"]:
+            raise RuntimeError("judge down")
+        return well_formed(call.messages)
+
+    def run():
+        return collect_feedback(rows, pool("right", "off"), CallableBackend(judge, name="judge"), tmp_path,
+                                completions_per_prompt=2, log=lambda s: None)
+    first = run()
+    assert first["failed_judge_calls"] == {"rating": 0, "critique": 2}
+    broken["on"] = False
+    second = run()
+    assert second["this_run"]["calls"] == {"generation": 0, "rating": 0, "critique": 2}
+    assert second["failed_judge_calls"] == {"rating": 0, "critique": 0}
+
+
+def test_tokens_of_reasked_judge_replies_are_counted(tmp_path):
+    seen = set()
+
+    def judge(call):
+        kind, instruction, _ = judge_request(call.messages)
+        if kind == "honesty" and kind not in seen:
+            seen.add(kind)
+            return Reply("not the format", prompt_tokens=100, completion_tokens=50)
+        return Reply(well_formed(call.messages), prompt_tokens=10, completion_tokens=5)
+
+    rows = arithmetic_rows(1)[:1]
+    stats = collect_feedback(rows, pool("right"), CallableBackend(judge, name="judge"), tmp_path,
+                             completions_per_prompt=1, log=lambda s: None)
+    assert stats["this_run"]["reasks"]["rating"] == 1
+    # a fresh run: the output's tokens are every call's, re-asks and critiques included
+    for k in ("prompt", "completion"):
+        assert stats["tokens"][k] == sum(b[f"{k}_tokens"] for b in stats["backends"].values()), k
+
+
+def test_a_parse_failure_is_not_a_failed_call(tmp_path):
+
+    def judge(call):
+        kind, _, _ = judge_request(call.messages)
+        return "not the format" if kind in ("honesty", "critique") else well_formed(call.messages)
+
+    stats = collect_feedback(arithmetic_rows(1)[:1], pool("right"), CallableBackend(judge, name="judge"), tmp_path,
+                             completions_per_prompt=1, parse_retries=0, log=lambda s: None)
+    assert stats["parse_failures"] == {"rating": 1, "critique": 1}
+    assert stats["failed_judge_calls"] == {"rating": 0, "critique": 0}
+
+
+def test_a_programmatic_rating_below_1_is_an_error():
+    from zephyr_jax.data.feedback import programmatic_annotations
+    assert programmatic_annotations(1, "f")["honesty"]["Rating"] == "1"
+    for bad in (0, 0.5, 5.5, {"honesty": 0}):
+        with pytest.raises(ValueError, match="not a number from 1 to 5"):
+            programmatic_annotations(bad, "f")
+
+
+def test_limit_is_the_number_of_prompts_used():
+    from zephyr_jax.data.feedback import read_prompts
+    rows = [{"prompt": f"q{i}"} for i in range(5)]
+    assert [p.instruction for p in read_prompts(rows, limit=2, counter=SkipCounter())] == ["q0", "q1"]
+    assert read_prompts(rows, limit=0, counter=SkipCounter()) == []
+
+
+def test_another_k_is_refused_on_resume(tmp_path):
+    from zephyr_jax.data.journal import SettingsMismatch
+    rows = arithmetic_rows(1)[:1]
+    collect_feedback(rows, pool("right", "off"), check_sum, tmp_path, completions_per_prompt=2, log=lambda s: None)
+    with pytest.raises(SettingsMismatch, match=r"k: 2 on disk, 3 now"):
+        collect_feedback(rows, pool("right", "off"), check_sum, tmp_path, completions_per_prompt=3,
+                         log=lambda s: None)
+
+
+def test_instruction_is_read_before_prompt():
+    from zephyr_jax.data.feedback import instruction_of
+    assert instruction_of({"instruction": "a", "prompt": "b", "messages": [{"role": "user", "content": "c"}]}, 0) == "a"
+    assert instruction_of({"prompt": "b", "messages": [{"role": "user", "content": "c"}]}, 0) == "b"
+
+
+def test_an_empty_reply_cut_at_max_tokens_is_not_a_cut_off_generation(tmp_path):
+    empty = CallableBackend(lambda call: Reply("", finish_reason="length"), name="empty")
+    stats = collect_feedback(arithmetic_rows(2)[:2], [empty], check_sum, tmp_path, completions_per_prompt=1,
+                             log=lambda s: None)
+    assert stats["unusable_generations"] == {"empty reply": 2} and stats["cut_off_generations"] == 0
