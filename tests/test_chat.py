@@ -69,3 +69,15 @@ def test_interactive_multi_turn_over_stdin(model_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "error: the conversation has" in out.stderr and "/reset it" in out.stderr
     assert out.stdout.count("zephyr> ") == 2 and "(history cleared)" in out.stdout
+
+
+def test_each_interactive_turn_samples_with_its_own_seed(monkeypatch, tiny_model_dir):
+    import io
+
+    from zephyr_jax import chat
+
+    seeds = []
+    monkeypatch.setattr(chat, "reply", lambda engine, tok, messages, seed, **kw: seeds.append(seed) or "ok")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n/reset\nOnce more\n/exit\n"))
+    chat.main([f"--model={tiny_model_dir}", "--dtype=float32", "--seed=5", "--max_length=64"])
+    assert seeds == [5, 6, 5]  # per turn; /reset starts the count over

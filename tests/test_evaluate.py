@@ -399,3 +399,72 @@ def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
     saved = _read_json(files[0])
     assert saved["results"]["zj_mc"]["acc,none"] == pytest.approx(results["zj_mc"]["acc,none"])
     assert str(saved["config"]["batch_size"]) == "8"  # the model's default, not lm_eval's 1 (a row at a time)
+
+
+# --- Found by mutation testing: seeds, the reference, FastChat's temperatures and reply stripping. ---
+
+def test_mt_bench_choices_are_drawn_with_different_seeds(monkeypatch):
+    seeds = []
+    monkeypatch.setattr(evaluate, "generate_chats",
+                        lambda model, tok, convs, **kw: seeds.append(kw["seed"]) or ["x"] * len(convs))
+    q = [{"question_id": 1, "category": "writing", "turns": ["a", "b"]}]
+    evaluate.mt_bench_answers(None, None, q, "m", num_choices=2)
+    assert len(seeds) == 4 and len(set(seeds)) == 4  # (choice, turn): each its own stream
+
+
+def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir):
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    rng = np.random.default_rng(0)
+    drawn = {}
+
+    def fake_logps(model, examples, batch_size):
+        return drawn.setdefault(model, rng.normal(-50, 5, (len(examples), 2)).astype(np.float32))
+
+    monkeypatch.setattr(evaluate, "load_model", lambda path, *a, **k: path)
+    monkeypatch.setattr(evaluate, "pair_logps", fake_logps)
+    got = evaluate.prefs("POLICY", "REFERENCE", data=str(data_dir / "prefs"), split="test_prefs", max_examples=8,
+                         max_length=128, max_prompt_length=64, tokenizer=load_tokenizer(), log=lambda *_: None)
+    policy, reference = drawn["POLICY"], drawn["REFERENCE"]
+    assert got["logps/chosen"] == pytest.approx(float(policy[:, 0].mean()), rel=1e-6)
+    margins = 0.1 * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    assert got["rewards/margins"] == pytest.approx(float(margins.mean()), rel=1e-5, abs=1e-6)
+
+
+def test_mt_bench_temperature_of_every_fastchat_category():
+    # fastchat/llm_judge/common.py temperature_config
+    fastchat = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
+                "stem": 0.1, "humanities": 0.1}
+    assert {c: evaluate.question_temperature({"category": c}) for c in fastchat} == fastchat
+    assert evaluate.question_temperature({"category": "other"}) == 0.7
+
+
+def test_generate_chats_strips_replies_as_fastchat_does(monkeypatch):
+    import zephyr_jax.generate
+
+    monkeypatch.setattr(zephyr_jax.generate, "generate", lambda *a, **k: ["  Paris.\n", "\nYes "])
+    assert evaluate.generate_chats(None, None, [[], []]) == ["Paris.", "Yes"]
+
+
+def test_generate_until_seeds_each_request_and_keeps_a_long_prompts_tail(model_dir, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from zephyr_jax import lm_eval_adapter
+
+    lm = lm_eval_adapter.ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64)
+
+    seen = {}
+
+    def fake_run(model, prompts, params, tokenizer, **kw):
+        seen.update(prompts=prompts, params=params)
+        return [type("R", (), {"text": "t"})() for _ in prompts]
+
+    monkeypatch.setattr(lm_eval_adapter, "run", fake_run)
+    kwargs = {"until": ["\n"], "max_gen_toks": 4, "do_sample": True, "temperature": 1.0}
+    long_prompt = "one two three four five six seven eight nine ten " * 8
+    lm.generate_until([Instance("generate_until", {}, ("Hi", kwargs), 0),
+                       Instance("generate_until", {}, ("Hi", kwargs), 1),
+                       Instance("generate_until", {}, (long_prompt, kwargs), 2)])
+    assert seen["params"][0].seed != seen["params"][1].seed  # two samples of one prompt are two draws
+    assert seen["prompts"][2] == lm.tok_encode(long_prompt)[-(64 - 4):]  # left-truncated to leave the reply room

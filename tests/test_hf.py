@@ -224,6 +224,7 @@ def test_sharded_save_writes_a_correct_index(loaded, tmp_path):
         assert sum(t.nbytes for t in tensors.values()) <= 40_000 or len(tensors) == 1
         total += sum(t.nbytes for t in tensors.values())
     assert index["metadata"]["total_size"] == total
+    assert index["metadata"]["total_parameters"] == sum(t.size for f in files for t in tensors_of(f).values())
     expected = jax_logits(loaded)
     assert max_diff(torch_logits(load_hf(out)), expected) <= 2e-5
     assert max_diff(jax_logits(load_model(out, jnp.float32)), expected) <= 2e-5
@@ -456,3 +457,14 @@ def test_load_onto_mesh_shardings_and_save_back(hf_dir, loaded, mesh_shape, tmp_
     assert all(getattr(p, "_npy_value", None) is None for p in params), "a host copy stayed cached on a param"
     want, again = flat_params(loaded), flat_params(load_model(str(tmp_path), jnp.float32))
     assert all(np.array_equal(again[name], want[name]) for name in want)
+
+
+def test_the_model_card_shows_the_last_records_up_to_the_exported_step(tmp_path):
+    from zephyr_jax.export import final_metrics
+
+    records = [{"step": s, "split": "train", "loss": 1.0 / s} for s in range(1, 7)]
+    records += [{"step": s, "split": "eval", "loss": 2.0 / s} for s in (3, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    got = final_metrics(str(tmp_path), 3)
+    assert got["train"]["step"] == 3 and got["eval"]["step"] == 3
+    assert final_metrics(str(tmp_path))["train"]["step"] == 6

@@ -413,3 +413,70 @@ def test_the_server_as_teacher_generator_and_judge_of_the_data_clis(server, tmp_
     assert judge.stats["calls"] == 2 * (4 + 2) and judge.stats["failures"] == 0
     out = list(load_rows(tmp_path / "feedback", "train"))
     assert len(out) == 1 and all(isinstance(c["response"], str) for c in out[0]["completions"])
+
+
+# --- Found by mutation testing: the stream's framing, the reply budget and log-prob counts. ---
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Say something."}]}
+
+
+def _events(base, body):
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [line for line in r.iter_lines() if line]
+
+
+def test_a_stream_opens_each_choice_with_its_role_and_ends_with_done(server):
+    lines = _events(server[0], {**CHAT, "max_tokens": 5, "n": 2, "temperature": 1.0, "seed": 3, "stream": True})
+    assert lines[-1] == "data: [DONE]" and sum(line == "data: [DONE]" for line in lines) == 1
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    first = {}
+    for c in chunks:
+        for choice in c["choices"]:
+            first.setdefault(choice["index"], choice)
+    assert sorted(first) == [0, 1] and all(f["delta"].get("role") == "assistant" for f in first.values())
+
+
+def test_a_chat_without_max_tokens_may_fill_the_whole_context(server):
+    r = _post(server[0], "/v1/chat/completions", {**CHAT, "ignore_eos": True, "temperature": 0})
+    assert r.status_code == 200, r.text
+    usage, choice = r.json()["usage"], r.json()["choices"][0]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 1024 and choice["finish_reason"] == "length"
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server):
+    body = {**CHAT, "ignore_eos": True, "temperature": 0, "max_completion_tokens": 3, "max_tokens": 7}
+    assert _post(server[0], "/v1/chat/completions", body).json()["usage"]["completion_tokens"] == 3
+
+
+def test_exactly_slots_plus_queue_sequences_are_accepted(server):
+    r = _post(server[0], "/v1/completions", {"model": NAME, "prompt": ["a", "b"], "n": 4, "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8, r.text
+
+
+def test_a_prompt_that_fills_the_context_can_still_be_scored(server):
+    ids = [1] + [415] * 1023  # 1024 tokens: no room for a reply, but echo + max_tokens=0 only scores it
+    r = _post(server[0], "/v1/completions", {"model": NAME, "prompt": ids, "max_tokens": 0, "echo": True,
+                                              "logprobs": 0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == 1024
+
+
+def test_chat_logprobs_without_top_logprobs_list_no_alternatives(server):
+    r = _post(server[0], "/v1/chat/completions", {**CHAT, "max_tokens": 4, "temperature": 0, "logprobs": True})
+    entries = r.json()["choices"][0]["logprobs"]["content"]
+    assert entries and all(e["top_logprobs"] == [] for e in entries)
+
+
+def test_n_above_the_slots_is_refused(server):
+    r = _post(server[0], "/v1/completions", {"model": NAME, "prompt": "x", "n": 5, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
+def test_completion_top_logprobs_hold_as_many_alternatives_as_asked(server):
+    r = _post(server[0], "/v1/completions", {"model": NAME, "prompt": "The sky is blue and", "max_tokens": 5,
+                                              "temperature": 0, "echo": True, "logprobs": 3})
+    tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+    # at most 3: alternatives keyed by their text may merge two ids that decode alike
+    assert tops[0] is None and all(1 <= len(t) <= 3 for t in tops[1:]) and max(len(t) for t in tops[1:]) == 3
