@@ -381,17 +381,24 @@ def test_negative_usage_counts_as_zero():
     assert ep.stats["prompt_tokens"] == ep.stats["completion_tokens"] == 0
 
 
-def test_a_callable_backend_holds_its_concurrency_for_async_functions():
-    from zephyr_jax.data.backends import CallableBackend
+def _counting_in_flight(result):
+    """(an async function that sleeps a moment and returns result(x), the most calls it had in flight at once)."""
     state = {"now": 0, "max": 0}
 
-    async def fn(call):
+    async def fn(x):
         state["now"] += 1
         state["max"] = max(state["max"], state["now"])
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.01)
         state["now"] -= 1
-        return "ok"
+        return result(x)
 
+    return fn, state
+
+
+def test_a_callable_backend_holds_its_concurrency_for_async_functions():
+    from zephyr_jax.data.backends import CallableBackend
+
+    fn, state = _counting_in_flight(lambda call: "ok")
     backend = CallableBackend(fn, concurrency=3)
 
     async def main():
@@ -401,12 +408,6 @@ def test_a_callable_backend_holds_its_concurrency_for_async_functions():
 
 def test_map_bounded_holds_its_concurrency():
     from zephyr_jax.data.backends import map_bounded
-    state = {"now": 0, "max": 0}
 
-    async def fn(x):
-        state["now"] += 1
-        state["max"] = max(state["max"], state["now"])
-        await asyncio.sleep(0.01)
-        state["now"] -= 1
-        return x * 2
+    fn, state = _counting_in_flight(lambda x: x * 2)
     assert asyncio.run(map_bounded(fn, range(10), 3, "t")) == [x * 2 for x in range(10)] and state["max"] == 3
