@@ -99,15 +99,24 @@ def base(stage: str) -> ml_collections.ConfigDict:
     return c
 
 
+def config_file(spec: str) -> str:
+    """The file of a --config value ("configs/dpo.py:demo" -> "configs/dpo.py"); FileNotFoundError naming it and
+    the directory when there is none."""
+    import os
+
+    path = spec.partition(":")[0]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no file {path!r} (from {os.getcwd()}; the configs are configs/sft.py and "
+                                "configs/dpo.py in the repository)")
+    return path
+
+
 def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
     """The config of "configs/dpo.py:demo" (as --config takes it), with dotted-key overrides applied:
     load_config("configs/dpo.py:demo", **{"dpo.beta": 0.05}). Unknown keys raise, as on the command line."""
     import importlib.util
-    import os
 
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} not found (paths are relative to the repository root)")
+    path, arg = config_file(spec), spec.partition(":")[2]
     module_spec = importlib.util.spec_from_file_location(f"zephyr_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -126,7 +135,6 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
 def parse_flags(argv):
     """absl's flag parsing (app.run's flags_parser), with a missing config file and an override of a key the
     config lacks said in one line: ml_collections raises them from inside absl, with their tracebacks."""
-    import os
     import sys
 
     from absl import flags
@@ -136,9 +144,10 @@ def parse_flags(argv):
     given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
     given += [b for a, b in zip(argv[1:], argv[2:]) if a == "--config"]
     for spec in given:
-        if not os.path.exists(spec.split(":")[0]):
-            sys.exit(f"FATAL Flags parsing error: --config={spec}: no file {spec.split(':')[0]!r} (from "
-                     f"{os.getcwd()}; the configs are configs/sft.py and configs/dpo.py in the repository)")
+        try:
+            config_file(spec)
+        except FileNotFoundError as e:
+            sys.exit(f"FATAL Flags parsing error: --config={spec}: {e}")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
