@@ -658,7 +658,7 @@ def test_stats_turns_count_turns_not_messages(tmp_path):
 
 
 def test_a_seed_that_spans_lines_is_an_opening():
-    from zephyr_jax.data.dialogue_seeds import as_seed, looks_like_opening
+    from zephyr_jax.data.dialogue_seeds import as_seed
     text = "Customer: my router blinks red.\nAgent: restart it."
     assert looks_like_opening(text) and not as_seed(text).is_topic
 

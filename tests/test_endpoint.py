@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.scripted_server import ScriptedServer, drop, raw, sleep, status, text
-from zephyr_jax.data.backends import Call, backend_from_spec
+from zephyr_jax.data.backends import Call, CallableBackend, backend_from_spec, map_bounded
 from zephyr_jax.data.endpoint import Endpoint, EndpointRefused, retry_after_seconds
 
 RETRY_AFTER = 0.3  # seconds: the one wait a test must really sit through
@@ -365,12 +365,11 @@ def test_a_url_that_answers_again_stops_resting():
 
 
 def test_retry_after_is_cut_to_max_backoff():
-    import time as _t
     with ScriptedServer(lambda body, attempt: status(429, retry_after=20) if attempt == 0 else text("ok")) as server:
         ep = Endpoint("teacher", [server.base_url], max_backoff=0.2)
-        started = _t.monotonic()
+        started = time.monotonic()
         (reply,) = run_all(ep, [user("q")])
-    assert reply.text == "ok" and _t.monotonic() - started < 5
+    assert reply.text == "ok" and time.monotonic() - started < 5
 
 
 def test_negative_usage_counts_as_zero():
@@ -396,8 +395,6 @@ def _counting_in_flight(result):
 
 
 def test_a_callable_backend_holds_its_concurrency_for_async_functions():
-    from zephyr_jax.data.backends import CallableBackend
-
     fn, state = _counting_in_flight(lambda call: "ok")
     backend = CallableBackend(fn, concurrency=3)
 
@@ -407,7 +404,5 @@ def test_a_callable_backend_holds_its_concurrency_for_async_functions():
 
 
 def test_map_bounded_holds_its_concurrency():
-    from zephyr_jax.data.backends import map_bounded
-
     fn, state = _counting_in_flight(lambda x: x * 2)
     assert asyncio.run(map_bounded(fn, range(10), 3, "t")) == [x * 2 for x in range(10)] and state["max"] == 3

@@ -762,33 +762,31 @@ def test_one_generator_where_a_pool_belongs_is_named(tmp_path):
 # --- Found by mutation testing: parsers and feedback runs that were untested at these edges. ---
 
 def test_hallucination_and_informativeness_types_run_1_to_3():
-    from zephyr_jax.data.feedback_prompts import FormatError, parse_rating_reply
     ok = "#### Output for Text 1\nType: 1, 3\nRationale: r\nRating: 4\nRationale For Rating: x"
-    assert parse_rating_reply(ok, "truthfulness", 1)[0]["Type"] == ["1", "3"]
+    assert feedback_prompts.parse_rating_reply(ok, "truthfulness", 1)[0]["Type"] == ["1", "3"]
     for bad in ("4", "1, 4", "0"):
-        with pytest.raises(FormatError):
-            parse_rating_reply(ok.replace("Type: 1, 3", f"Type: {bad}"), "truthfulness", 1)
+        with pytest.raises(feedback_prompts.FormatError):
+            feedback_prompts.parse_rating_reply(ok.replace("Type: 1, 3", f"Type: {bad}"), "truthfulness", 1)
 
 
 def test_a_text_rated_twice_is_a_format_error():
-    from zephyr_jax.data.feedback_prompts import FormatError, parse_rating_reply
     sec = "#### Output for Text {}\nRating: {}\nRationale: r\n"
-    assert [a["Rating"] for a in parse_rating_reply(sec.format(1, 2) + sec.format(2, 4), "honesty", 2)] == ["2", "4"]
-    with pytest.raises(FormatError, match="found 1, 1, 2"):
-        parse_rating_reply(sec.format(1, 2) + sec.format(1, 5) + sec.format(2, 4), "honesty", 2)
+    rated = feedback_prompts.parse_rating_reply(sec.format(1, 2) + sec.format(2, 4), "honesty", 2)
+    assert [a["Rating"] for a in rated] == ["2", "4"]
+    with pytest.raises(feedback_prompts.FormatError, match="found 1, 1, 2"):
+        feedback_prompts.parse_rating_reply(sec.format(1, 2) + sec.format(1, 5) + sec.format(2, 4), "honesty", 2)
 
 
 def test_an_overall_score_of_0_is_a_format_error():
-    from zephyr_jax.data.feedback_prompts import FormatError, parse_critique_reply
-    assert parse_critique_reply("Weak.\nOverall Score: 1") == ("Weak.", 1.0)
+    assert feedback_prompts.parse_critique_reply("Weak.\nOverall Score: 1") == ("Weak.", 1.0)
     for score in ("0", "0.5"):
-        with pytest.raises(FormatError, match="not between 1 and 10"):
-            parse_critique_reply(f"Weak.\nOverall Score: {score}")
+        with pytest.raises(feedback_prompts.FormatError, match="not between 1 and 10"):
+            feedback_prompts.parse_critique_reply(f"Weak.\nOverall Score: {score}")
 
 
 def test_world_knowledge_goes_to_truthfulness_and_helpfulness_only():
-    from zephyr_jax.data.feedback_prompts import rating_messages
-    shown = {a: "Some correct answers" in rating_messages(a, "q", ["t"], 'Some correct answers: ["c"]')[1]["content"]
+    knowledge = 'Some correct answers: ["c"]'
+    shown = {a: "Some correct answers" in feedback_prompts.rating_messages(a, "q", ["t"], knowledge)[1]["content"]
              for a in ("instruction_following", "honesty", "truthfulness", "helpfulness")}
     assert shown == {"instruction_following": False, "honesty": False, "truthfulness": True, "helpfulness": True}
 
@@ -853,18 +851,16 @@ def test_a_parse_failure_is_not_a_failed_call(tmp_path):
 
 
 def test_a_programmatic_rating_below_1_is_an_error():
-    from zephyr_jax.data.feedback import programmatic_annotations
-    assert programmatic_annotations(1, "f")["honesty"]["Rating"] == "1"
+    assert feedback.programmatic_annotations(1, "f")["honesty"]["Rating"] == "1"
     for bad in (0, 0.5, 5.5, {"honesty": 0}):
         with pytest.raises(ValueError, match="not a number from 1 to 5"):
-            programmatic_annotations(bad, "f")
+            feedback.programmatic_annotations(bad, "f")
 
 
 def test_limit_is_the_number_of_prompts_used():
-    from zephyr_jax.data.feedback import read_prompts
     rows = [{"prompt": f"q{i}"} for i in range(5)]
-    assert [p.instruction for p in read_prompts(rows, limit=2, counter=SkipCounter())] == ["q0", "q1"]
-    assert read_prompts(rows, limit=0, counter=SkipCounter()) == []
+    assert [p.instruction for p in feedback.read_prompts(rows, limit=2, counter=SkipCounter())] == ["q0", "q1"]
+    assert feedback.read_prompts(rows, limit=0, counter=SkipCounter()) == []
 
 
 def test_another_k_is_refused_on_resume(tmp_path):
@@ -877,9 +873,9 @@ def test_another_k_is_refused_on_resume(tmp_path):
 
 
 def test_instruction_is_read_before_prompt():
-    from zephyr_jax.data.feedback import instruction_of
-    assert instruction_of({"instruction": "a", "prompt": "b", "messages": [{"role": "user", "content": "c"}]}, 0) == "a"
-    assert instruction_of({"prompt": "b", "messages": [{"role": "user", "content": "c"}]}, 0) == "b"
+    messages = [{"role": "user", "content": "c"}]
+    assert feedback.instruction_of({"instruction": "a", "prompt": "b", "messages": messages}, 0) == "a"
+    assert feedback.instruction_of({"prompt": "b", "messages": messages}, 0) == "b"
 
 
 def test_an_empty_reply_cut_at_max_tokens_is_not_a_cut_off_generation(tmp_path):
