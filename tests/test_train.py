@@ -480,7 +480,7 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
 # --- Sharding: the same losses on every mesh; FSDP splits parameter and optimizer bytes. ---
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_meshes_give_the_same_losses(data_dir, tmp_path, stage):
+def test_meshes_give_the_same_losses(data_dir, tmp_path, stage, monkeypatch):
     # (mesh, devices, micro-batches): the last one also sums its layer gradients in place across a sharded mesh
     # (pure data parallelism, (8, 1, 1), is tests/test_multihost.py's interleaved run, against one process)
     # dDPO: 6 pairs, which the 8 and 4 batch shards do not divide: its rows, not its pairs, split over them
@@ -494,6 +494,24 @@ def test_meshes_give_the_same_losses(data_dir, tmp_path, stage):
                                               "train.eval_every": 0, "train.save_every": 0, **pairs})
         train.run(cfg, str(tmp_path / name))
         losses[name] = train_losses(tmp_path / name)
+    # Preempted at step 3 on fsdp8, resumed on 2x2x2 with 2 micro-batches (README: a run resumes exactly, also on
+    # another mesh or grad_accum): orbax reshards the parameters, Adam's moments and the step; the loader goes on.
+    real_manager = checkpoint.manager
+
+    def preempted_at_3(*args, **kwargs):
+        mngr = real_manager(*args, **kwargs)
+        mngr.reached_preemption = lambda step: step == 3
+        return mngr
+
+    run = lambda shape, accum: train.run(tiny_config(stage, data_dir, **{  # noqa: E731
+        "mesh.shape": shape, "train.grad_accum": accum, "train.max_steps": 5, "train.eval_every": 0,
+        "train.save_every": 0, **pairs}), str(tmp_path / "resumed"))
+    with monkeypatch.context() as m:
+        m.setattr(train.checkpoint, "manager", preempted_at_3)
+        with pytest.raises(train.Preempted, match="at step 3 of 5"):
+            run((1, 8, 1), 1)
+    run((2, 2, 2), 2)
+    losses["fsdp8_resumed_on_2x2x2_accum2"] = train_losses(tmp_path / "resumed")
     for name, values in losses.items():
         np.testing.assert_allclose(values, losses["one_device"], rtol=1e-5, err_msg=name)
 
