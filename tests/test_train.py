@@ -1027,6 +1027,49 @@ def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(
             assert line[key] == pytest.approx(np.mean([r[key] for r in part]), rel=1e-6), key
 
 
+def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(data_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The recipe's runs are sized in epochs (max_steps -1), every other test in steps. 20 unpacked examples in
+    batches of 8: 2 full batches an epoch (4 examples left out, said), 2 epochs = 4 steps, and the schedule runs
+    over those 4; the second epoch is another order. Resumed with more epochs and half the lr, the schedule follows
+    the new values (README); only the last train.keep_checkpoints remain; a position saved over another example
+    list is refused through train.run, not only by the Loader (an edited row)."""
+    import zephyr_jax.data.loader as loader_module
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir / "sft", data / "sft")
+    drawn, real_next = [], loader_module.Loader.__next__
+    monkeypatch.setattr(loader_module.Loader, "__next__", lambda self: (lambda out: drawn.append(out[1].indices)
+                                                                        or out)(real_next(self)))
+    cfg = lambda epochs, lr: tiny_config("sft", data, **{  # noqa: E731
+        "data.packing": False, "data.max_train_examples": 20,
+        "train.max_steps": -1, "train.num_epochs": epochs, "optim.lr": lr, "train.save_every": 1,
+        "train.keep_checkpoints": 2, "train.eval_every": 0, "train.log_every": 1})
+    workdir = tmp_path / "w"
+    train.run(cfg(2, 1e-3), str(workdir))
+    assert "each epoch trains 2 full batches: 4 of its 20 examples are left out" in capsys.readouterr().out
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"}
+    _, schedule = train_steps.make_optimizer(cfg(2, 1e-3).optim, 4)
+    assert lrs == {s: pytest.approx(float(schedule(s - 1))) for s in (1, 2, 3, 4)}
+    epochs = [np.concatenate(drawn[:2]), np.concatenate(drawn[2:4])]
+    assert len(drawn) == 4 and all(len(set(e)) == 16 and set(e) <= set(range(20)) for e in epochs)
+    assert list(epochs[0]) != list(epochs[1])
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
+
+    train.run(cfg(3, 5e-4), str(workdir))  # 2 more steps, on a schedule of 6 steps with the new lr
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"}
+    _, resized = train_steps.make_optimizer(cfg(3, 5e-4).optim, 6)
+    assert {s: lrs[s] for s in (5, 6)} == {s: pytest.approx(float(resized(s - 1))) for s in (5, 6)}
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["5", "6"]
+
+    rows = open(data / "sft" / "train_sft.jsonl").readlines()
+    edited = json.loads(rows[0])
+    edited["messages"][1]["content"] += "0"
+    open(data / "sft" / "train_sft.jsonl", "w").writelines([json.dumps(edited) + "\n", *rows[1:]])
+    with pytest.raises(ValueError, match="the checkpoint's data position indexes another example list"):
+        train.run(cfg(4, 5e-4), str(workdir))
+
+
 def test_wandb_asked_for_but_not_installed_is_refused_before_any_work(data_dir, monkeypatch):
     import importlib.util
 
