@@ -19,7 +19,7 @@ import torch
 import transformers
 from flax import nnx
 
-from zephyr_jax import checkpoint, hf, train, train_checks, train_log, train_steps
+from zephyr_jax import checkpoint, export, hf, train, train_checks, train_log, train_steps
 from zephyr_jax.config_common import load_config
 from zephyr_jax.data import pack_pairs, pad_sft, preference_example, sft_example
 from zephyr_jax.data.batches import loss_positions, multiples
@@ -79,11 +79,10 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
     out = _cli("zephyr_jax.export", f"--workdir={dpo_dir}", f"--out={hf_dir}", "--dtype=float32")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rewards/accuracies" in open(hf_dir / "README.md").read()
-    from zephyr_jax.export import export
-
     with open(dpo_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "split": "ev')  # a line cut short by a kill: skipped, as resuming skips it
-    card = open(os.path.join(export(str(dpo_dir), str(tmp_path / "hf3"), step=3, dtype="float32"), "README.md")).read()
+    exported_dir = export.export(str(dpo_dir), str(tmp_path / "hf3"), step=3, dtype="float32")
+    card = open(os.path.join(exported_dir, "README.md")).read()
     assert "step 3" in card and "| step | 3 |" in card and "| step | 6 |" not in card  # that step's metrics
     weights = lambda *a, **k: jax.tree.leaves(nnx.state(load_model(*a, **k)))  # and that step's weights
     exported, at_3, at_6 = (weights(str(tmp_path / "hf3"), "float32"), weights(str(dpo_dir), "float32", step=3),
@@ -102,13 +101,13 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
     killed_dir = shutil.copytree(hf_dir, tmp_path / "hf4")
     monkeypatch.setattr(hf, "_write_safetensors", killed)
     with pytest.raises(KeyboardInterrupt):
-        export(str(dpo_dir), str(killed_dir), step=3, dtype="float32")
+        export.export(str(dpo_dir), str(killed_dir), step=3, dtype="float32")
     monkeypatch.undo()
     assert not os.path.exists(killed_dir / "config.json") and "| step | 3 |" in open(killed_dir / "README.md").read()
     with pytest.raises(ValueError, match="is the workdir itself"):
-        export(str(dpo_dir), str(dpo_dir))
+        export.export(str(dpo_dir), str(dpo_dir))
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir .its config.json would be replaced"):
-        export(str(dpo_dir), str(sft_dir))  # another run's: its training config.json was overwritten
+        export.export(str(dpo_dir), str(sft_dir))  # another run's: its training config.json was overwritten
 
     ours = load_model(str(dpo_dir), "float32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
@@ -409,6 +408,12 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
     recorded = json.load(open(os.path.join(sft, "config.json")))
     assert recorded["data"]["train"] == recorded["data"]["eval"] == str(data_dir / "sft")
     assert recorded["tokenizer"] == str(tmp_path / "chatml")  # export and zephyr_jax.load read it from anywhere
+    # Export ships the template the run trained on, and its model card says so (not the Zephyr template's text).
+    export.export(sft, str(tmp_path / "hf"), dtype="float32")
+    talk = [{"role": "user", "content": "Which is the largest: 1 2 3 4?"}]
+    assert (transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(talk, tokenize=False)
+            == chatml.apply_chat_template(talk, tokenize=False) == "### user:\nWhich is the largest: 1 2 3 4?</s>")
+    assert "The tokenizer's own chat template" in open(tmp_path / "hf" / "README.md").read()
     for change, named in (({"train.global_batch_size": 16}, "train.global_batch_size: 8 -> 16"),
                           ({"seed": 1}, "seed: 42 -> 1"), ({"tokenizer": None}, "tokenizer: '.*chatml' -> None"),
                           # orbax cast the float32 master weights to bfloat16 without a word
