@@ -31,15 +31,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    """The server process (float32, 4 slots, at most 4 waiting), its base URL and its log file."""
+    """The server process (float32, 4 slots, at most 4 waiting, the API key from $ZEPHYR_JAX_API_KEY), its base
+    URL and its log file."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "zephyr_jax.serve", f"--model={tiny_model_dir}", "--dtype=float32",
-         f"--port={port}", f"--api-key={KEY}", f"--served-model-name={NAME}", "--max-slots=4", "--max_queue=4",
+         f"--port={port}", f"--served-model-name={NAME}", "--max-slots=4", "--max_queue=4",
          "--max-length=1024", "--decode_steps=4"],  # underscores as the other commands spell flags: taken too
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "XLA_FLAGS": ""})
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,  # the key from the environment, --api-key's default
+        env={**os.environ, "XLA_FLAGS": "", "ZEPHYR_JAX_API_KEY": KEY})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
