@@ -872,6 +872,25 @@ def test_another_k_is_refused_on_resume(tmp_path):
                          log=lambda s: None)
 
 
+def test_more_prompts_reuse_what_is_done(tmp_path):
+    """The prompts are not a setting (module docstring): a rerun with a larger --limit makes only the new
+    prompts' calls, and writes what one run over all of them writes."""
+    rows = arithmetic_rows(3)[:3]
+
+    def run(out, n):
+        judge = CallableBackend(lambda call: well_formed(call.messages), name="judge")
+        return collect_feedback(rows[:n], pool("right", "off"), judge, out, completions_per_prompt=2,
+                                log=lambda s: None)
+
+    two = run(tmp_path / "a", 2)["this_run"]["calls"]
+    three = run(tmp_path / "a", 3)["this_run"]
+    assert three["calls"] == {kind: n // 2 for kind, n in two.items()}
+    assert three["resumed_calls"] == sum(two.values())
+    assert len(load_rows(tmp_path / "a", "train")) == 3
+    run(tmp_path / "b", 3)
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
+
+
 def test_instruction_is_read_before_prompt():
     messages = [{"role": "user", "content": "c"}]
     assert feedback.instruction_of({"instruction": "a", "prompt": "b", "messages": messages}, 0) == "a"
