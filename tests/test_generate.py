@@ -128,6 +128,30 @@ def test_cache_writes_land_at_their_row_and_position_padding_is_dropped_and_read
 
 
 @pytest.mark.parametrize("heads_first", [True, False])
+def test_a_lone_tokens_write_changes_its_row_and_position_only_and_the_cache_takes_the_models_dtype(heads_first):
+    """One token of one row (a lone request's decoding) is written beside a second, dropped update past the last
+    slot (kv_cache.write): against numpy's assignment of that one token, nothing else of the cache may change,
+    the last slot's row included. And the cache is stored in the model's compute dtype unless told otherwise, in
+    the platform's order (heads first here on the CPU, kv_cache.heads_first_on)."""
+    layers, slots, length, heads, dim = 2, 4, 10, 3, 6
+    cfg = MistralConfig(num_hidden_layers=layers, num_key_value_heads=heads, head_dim=dim, num_attention_heads=heads,
+                        dtype=jnp.bfloat16)
+    default = KVCache.init(cfg, slots, length)
+    assert default.k.dtype == cfg.dtype and default.v.dtype == cfg.dtype
+    assert default.heads_first == kv_cache.heads_first_on(jax.devices()[0].platform)
+    rng = np.random.default_rng(1)
+    start = rng.standard_normal((layers, slots, length, heads, dim)).astype(np.float32)  # positions first
+    buffer = jnp.asarray(start.transpose(0, 1, 3, 2, 4) if heads_first else start)
+    new = rng.standard_normal((1, 1, heads, dim)).astype(np.float32)
+    for row, position in ((0, 3), (slots - 1, 9), (2, 0)):
+        got = kv_cache.write(buffer, heads_first, jnp.int32(1), jnp.asarray([row]), jnp.asarray([[position]]),
+                             jnp.asarray(new))
+        expected = start.copy()
+        expected[1, row, position] = new[0, 0]
+        np.testing.assert_array_equal(got, expected.transpose(0, 1, 3, 2, 4) if heads_first else expected)
+
+
+@pytest.mark.parametrize("heads_first", [True, False])
 def test_prefill_and_decode_through_the_cache_equal_one_forward_pass(tmp_path, heads_first):
     """with_cache in chunks and one token at a time, into arbitrary cache rows, gives the full pass's logits."""
     tm = torch_mistral(num_attention_heads=4, num_key_value_heads=2, sliding_window=5)

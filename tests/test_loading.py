@@ -176,3 +176,12 @@ def test_a_model_path_under_home_loads_its_own_tokenizer(tiny_model_dir, monkeyp
     path = "~/" + os.path.basename(tiny_model_dir)
     assert tokenizer_source(path) == tiny_model_dir
     assert tokenizer_for(path).get_vocab() == load_tokenizer(tiny_model_dir).get_vocab()
+
+
+def test_a_step_asked_of_a_model_that_is_not_a_workdir_is_refused(tmp_path):
+    """step selects one of a training workdir's checkpoints; a Hugging Face directory has one set of weights, so
+    any step asked of it (0 included) is refused, not ignored: the weights read would not be that step's."""
+    hf.save_pretrained(Mistral(CFG, rngs=nnx.Rngs(0)), str(tmp_path))
+    for step in (0, 3):
+        with pytest.raises(ValueError, match=f"step={step}: .* is not a zephyr_jax training workdir"):
+            load_model(str(tmp_path), step=step)

@@ -76,6 +76,22 @@ def test_tiny_dpo_fits_a_v5e_slice_with_exact_input_bytes_and_flops(pairs_file):
     assert t["padded_positions_per_step"] == t["positions_per_step"] == 4 * c["length"]
     assert c["length"] % 128 == 0 and c["length"] < 128 + real / 4  # best-fit rows: at most one bucket above even
     assert 1 <= t["overhead_vs_ideal"] < 4 * c["length"] / real * 1.5
+    # The FLOPs per real token, padding and step time of this one batch against counts from the pairs' own lengths:
+    # splash skips the masked blocks, so attention is each sequence's l x l (no padding segment); the LM head at the
+    # rows' loss positions; model FLOPs as PaLM counts them (6N per token, 12 L H D l^2 per sequence), and a third
+    # more for the frozen reference's forward pass.
+    lengths = [n for p, c_, rj in pairs for n in (p + c_ - 1, p + rj - 1)]
+    mcfg, _ = plan.planned_model_config(load_config(os.path.join(ROOT, "configs/dpo.py:tiny")))
+    spent = plan.step_flops_spent(mcfg, positions=4 * c["length"], attention_pairs=sum(n * n for n in lengths),
+                                  head_positions=4 * c["loss_positions"], frozen_reference=True, remat="none",
+                                  kernel_attention=True)
+    assert t["flops_per_real_token"] * real == pytest.approx(spent, rel=1e-9)
+    assert t["padding_fraction"] == pytest.approx(1 - real / (4 * c["length"]), rel=1e-9)
+    assert r["ideal_step_seconds"] == pytest.approx(spent / (197e12 * 4), rel=1e-9)
+    n = mcfg.num_params - mcfg.vocab_size * mcfg.hidden_size - (2 * mcfg.num_hidden_layers + 1) * mcfg.hidden_size
+    layers = mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim
+    model = sum(6 * n * ln + 12 * layers * ln ** 2 for ln in lengths) * 4 / 3
+    assert t["model_flops_per_real_token"] * real == pytest.approx(model, rel=1e-9)
 
 
 def test_precomputed_reference_log_probs_replace_the_frozen_copy(pairs_file):
@@ -141,6 +157,21 @@ def test_unknown_topology_lists_the_known_ones():
     hosts = lambda name: len({d.process_index for d in compile_targets.tpu_target(name).devices})  # noqa: E731
     assert len(compile_targets.tpu_target("v5litepod-8").devices) == 8
     assert [hosts(n) for n in ("v5litepod-8", "v6e-8", "v4-8", "v5e-16", "v5e-64")] == [1, 1, 1, 4, 16]
+
+
+def test_every_listed_topology_is_one_tpu_target_compiles_for_with_hosts_of_four_chips():
+    """The names an unknown topology's error lists are names tpu_target accepts (v4 and v5p names count
+    TensorCores, two a chip), with as many devices as the name's chips, in hosts of 4 chips past 8 chips (v5e-8
+    and v6e-8 are one host of 8; a v4-16's 8 chips, a 2x2x2 cube, are two hosts of 4 like any 3D slice)."""
+    for name in compile_targets.known_topologies():
+        gen, _, count = name.partition("-")
+        chips = int(count) // compile_targets.CHIPS[gen].cores_in_name
+        if chips > 16:  # the small slices of each generation: a second each to describe
+            continue
+        devices = compile_targets.tpu_target(name).devices
+        assert len(devices) == chips, name
+        if chips > 8 or (chips == 8 and compile_targets.CHIPS[gen].shapes is compile_targets._THREE_D):
+            assert len({d.process_index for d in devices}) == chips // 4, name
 
 
 def test_unknown_gpu_topology_lists_the_known_ones():
@@ -608,3 +639,100 @@ def test_decoding_on_a_tpu_copies_neither_weights_nor_the_kv_cache(topology, mes
         if dims in kernels or np.prod(dims) >= np.prod(shard(buffer)):
             big.append((op, dims))
     assert not big, big
+
+
+def test_planned_input_bytes_are_xlas_argument_bytes():
+    """input_buffers (each array's shard shape and dtype) against XLA's own memory analysis of the compiled step:
+    the argument bytes one device holds, with weights and the optimizer state sharded over fsdp, the batch over
+    data and fsdp, Adam's first moment in bf16. The frozen reference is stored in dpo.reference_dtype (bf16: half
+    the float32 parameters' bytes), not in the parameters' dtype."""
+    import jax.numpy as jnp
+
+    from zephyr_jax import train
+    cfg = load_config(os.path.join(ROOT, "configs/dpo.py:tiny"), **{
+        "mesh.shape": (2, 4, 1), "dpo.reference_dtype": "bfloat16", "optim.mu_dtype": "bfloat16"})
+    mesh = train.mesh_for(cfg, jax.devices()[:8])
+    mcfg, _ = plan.planned_model_config(cfg)
+    step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, plan.batches_of_mix(cfg, mesh, plan.DEFAULT_MIX["dpo"]))
+    with jax.set_mesh(mesh):
+        compiled = step.lower(inputs.state, inputs.batch, inputs.reference).compile()
+    buffers = plan.input_buffers(inputs)
+    # XLA drops an argument the step never reads (a DPO step reads no loss_mask: its loss positions say where the
+    # loss is), which the batch placed on the devices still holds
+    assert sum(b for _, b in buffers) - dict(buffers)["batch.loss_mask"] == \
+        compiled.memory_analysis().argument_size_in_bytes
+    parts = plan.input_bytes(buffers)
+    assert 2 * parts["reference"] == parts["parameters"]  # float32 parameters
+    assert {x.dtype for x in jax.tree.leaves(inputs.reference)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_outputs_that_reuse_a_donated_argument_are_not_counted_again():
+    """compiled_bytes' outputs_not_donated: a step that donates its input writes its output there (the train
+    step's state): nothing more; one that does not holds its output beside the input, the array's bytes."""
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((512, 256), jnp.float32)
+    double = lambda a: a * 2  # noqa: E731
+    donated = plan.compiled_bytes(jax.jit(double, donate_argnums=0).lower(x).compile())
+    kept = plan.compiled_bytes(jax.jit(double).lower(x).compile())
+    assert donated["outputs_not_donated"] == 0 and kept["outputs_not_donated"] == 512 * 256 * 4
+    assert kept["total"] - donated["total"] == 512 * 256 * 4
+
+
+def test_memory_changes_keep_the_devices_and_offer_only_what_the_config_can_change():
+    """--suggest's single changes: folding the data axis into fsdp keeps the mesh's devices (the mesh code builds
+    it over the same 8), more micro-batches means more than the config has now, and a reference-free DPO run has no
+    reference log-probs to precompute."""
+    from zephyr_jax import train
+    cfg = load_config(os.path.join(ROOT, "configs/dpo.py:tiny"), **{
+        "mesh.shape": (2, 2, 2), "train.grad_accum": 2, "train.global_batch_size": 32})
+    mesh = train.mesh_for(cfg, jax.devices()[:8])
+    changes = {key: value for key, value, _ in plan.memory_changes(cfg, dict(mesh.shape))}
+    folded = load_config(os.path.join(ROOT, "configs/dpo.py:tiny"), **{
+        "mesh.shape": changes["mesh.shape"], "train.grad_accum": 2, "train.global_batch_size": 32})
+    assert dict(train.mesh_for(folded, jax.devices()[:8]).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert changes["train.grad_accum"] > cfg.train.grad_accum
+    assert "dpo.precompute_reference" in changes
+    free = load_config(os.path.join(ROOT, "configs/dpo.py:tiny"), **{"dpo.reference_free": True})
+    assert "dpo.precompute_reference" not in [key for key, _, _ in plan.memory_changes(free, dict(mesh.shape))]
+
+
+def test_a_lognormal_length_mix_has_the_medians_it_names_and_no_example_too_short():
+    """lognormal:PROMPT,COMPLETION,SIGMA draws chosen and rejected around COMPLETION (both completions, not the
+    prompt's median again), and every SFT example has the 2 tokens a file of lengths must give it."""
+    import numpy as np
+
+    pairs = plan.length_mix("lognormal:117,276,0.7", "dpo")
+    lengths = np.array([[len(e.prompt), len(e.chosen), len(e.rejected)] for e in pairs])
+    assert np.median(lengths, 0) == pytest.approx([117, 276, 276], rel=0.05)
+    sft = plan.length_mix("lognormal:1400,0.5", "sft")
+    assert np.median([len(e.ids) for e in sft]) == pytest.approx(1400, rel=0.05)
+    assert min(len(e.ids) for e in plan.length_mix("lognormal:1,0.5", "sft")) == 2
+
+
+@pytest.mark.parametrize("config", ["configs/sft.py:tiny", "configs/dpo.py:tiny"])
+def test_the_planned_batch_holds_the_largest_of_the_mixs_batches(config):
+    """The step is compiled for one batch shape: each dimension the largest any of the mix's batches has (the
+    memory's worst case), so every batch the batching code made fits in it, and none is smaller than needed."""
+    from zephyr_jax import train
+    cfg = load_config(os.path.join(ROOT, config))
+    if cfg.stage == "sft":  # a row per example, padded to its batch's bucket
+        cfg = load_config(os.path.join(ROOT, config), **{"data.packing": False, "data.buckets": (16, 32, 64, 128)})
+    mix = "lognormal:12,1.0" if cfg.stage == "sft" else "lognormal:6,8,1.0"  # short: batches of several shapes
+    batches = plan.batches_of_mix(cfg, train.mesh_for(cfg, jax.devices()[:1]), mix)
+    shapes = {k: {b.batch[k].shape for b in batches} for k in batches[0].batch}
+    assert any(len(s) > 1 for s in shapes.values()), shapes  # the batches differ in some dimension
+    for k, x in plan.abstract_batch(batches).items():
+        assert x.dtype == batches[0].batch[k].dtype
+        assert x.shape == tuple(max(s[i] for s in shapes[k]) for i in range(len(x.shape))), k
+
+
+def test_xlas_flop_count_is_shown_within_4x_of_the_count_over_all_chips():
+    """xla_estimate compares XLA's FLOPs per chip, times the chips, with the counted FLOPs of the whole step: on 4
+    chips a per-chip count of 0.2 of the step's is 80% of it (shown), 1.25 of it is 500% (left out)."""
+    import types
+
+    compiled = lambda flops: types.SimpleNamespace(cost_analysis=lambda: {"flops": flops})  # noqa: E731
+    shown = plan.xla_estimate(compiled(20.0), 100.0, 4, None)
+    assert shown["flops_per_chip"] == 20.0 and shown["share_of_counted"] == pytest.approx(0.8)
+    assert "flops_per_chip" not in plan.xla_estimate(compiled(125.0), 100.0, 4, None)

@@ -4,6 +4,7 @@ import glob
 import os
 
 import jax
+import pytest
 
 from zephyr_jax import profiling, train
 from tests.test_train import tiny_config
@@ -160,3 +161,31 @@ def test_a_gpu_command_buffer_is_split_by_kernel(tmp_path):
                    ("command_buffer_24", "memcpy128"): (2, 2.0, "copy"),
                    ("command_buffer_24", "loop_add_fusion"): (1, 2.0, "other"),
                    ("copy.3", "copy_3"): (1, 1.0, "copy")}
+
+
+def test_self_times_on_a_line_add_up_to_the_time_it_was_busy(tmp_path):
+    """On a TPU's XLA Ops line an operation may start before the one that spans it ends and run past its end: the
+    spanning one loses only the overlap. Each line's self times then add up to the wall time it was busy (0-14 us
+    and 20-23 us here), the union of its events."""
+    us = 1_000_000
+    tpu = _plane(1, "/device:TPU:0", [("XLA Modules", [("jit_train_step(1)", 0, 30 * us, {})]),
+                                      ("XLA Ops", [("while.1", 0, 10 * us, {}), ("fusion.2", 2 * us, 3 * us, {}),
+                                                   ("fusion.3", 8 * us, 6 * us, {}), ("copy.4", 20 * us, 3 * us, {})])])
+    path = tmp_path / "tpu.xplane.pb"
+    path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(tpu))
+    rows, _ = profiling.op_times(str(path))
+    assert sum(r["seconds"] for r in rows) * 1e6 == pytest.approx(14 + 3)
+    assert {r["op"]: round(r["seconds"] * 1e6, 6) for r in rows} == {"while.1": 5.0, "fusion.2": 3.0,
+                                                                      "fusion.3": 6.0, "copy.4": 3.0}
+
+
+def test_derived_lines_that_name_their_operations_are_not_counted_again(tmp_path):
+    """xprof's derived lines (XLA Ops, XLA Modules, Steps, Framework Ops, ...) repeat the time of a GPU's kernels;
+    where their events carry hlo_op too, only the kernels' own stream line counts: the op's time is its kernels'."""
+    us, named = 1_000_000, {"hlo_op": "dot.1", "hlo_module": "jit_train_step"}
+    gpu = _plane(1, "/device:GPU:0", [("Stream #13(Kernel)", [("sm90_xmma_gemm_bf16", 0, 3 * us, named)])]
+                 + [(line, [("dot.1", 0, 3 * us, named)]) for line in profiling.DERIVED_LINES])
+    path = tmp_path / "gpu.xplane.pb"
+    path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(gpu))
+    rows, _ = profiling.op_times(str(path))
+    assert [(r["op"], r["calls"], round(r["seconds"] * 1e6, 6)) for r in rows] == [("dot.1", 1, 3.0)]

@@ -1,6 +1,7 @@
 """Parallel tokenization (same examples, skips and errors as in one process) and the tokenized-example cache."""
 
 import json
+import operator
 import os
 import pickle
 import shutil
@@ -118,6 +119,8 @@ def test_worker_count():
     assert pipeline.worker_count(1, 10**6) == 1 and pipeline.worker_count(4, None) == 1
     assert pipeline.worker_count(4, 3 * pipeline.MIN_ROWS_PER_PROCESS) == 3  # enough rows for 3 workers only
     assert 1 <= pipeline.worker_count(0, 10**7) <= pipeline.MAX_AUTO_PROCESSES
+    # one worker per CPU this process may run on, up to MAX_AUTO_PROCESSES
+    assert pipeline.worker_count(0, 10**7) == min(pipeline.MAX_AUTO_PROCESSES, len(os.sched_getaffinity(0)))
     assert base("sft").data.num_proc == 0 and base("sft").data.cache_dir is None
 
 
@@ -288,3 +291,87 @@ def test_tokenizer_workers_end_with_a_killed_parent():
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"worker processes {left} outlived their parent"
+
+
+def test_parallel_rows_that_leave_the_last_chunk_short(parallel_spy):
+    """37 rows in two workers' chunks of 2: the last chunk holds one row. Every row comes back once, in order,
+    with its own index, as in this process (operator.add: the row plus the index it was given)."""
+    rows = [10 * i for i in range(37)]
+    here, _ = pipeline.process_rows(rows, operator.add, progress=False, log=lambda s: None, num_proc=1)
+    there, _ = pipeline.process_rows(rows, operator.add, progress=False, log=lambda s: None, num_proc=2)
+    assert parallel_spy == [2]
+    assert there == here and len(here) == len(rows)
+
+
+def test_a_data_file_edited_to_the_same_size_is_tokenized_again(bad_data, tok, tmp_path):
+    """The key holds each local file's size and its mtime: an edit that keeps the size (a reply's digit changed)
+    read back the old file's examples. Against the edited file's examples tokenized without a cache."""
+    cfg = _cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"))
+    _load(cfg, "sft", tok)
+    path = bad_data / "sft" / "train_sft.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    row = json.loads(lines[0])
+    reply = row["messages"][-1]
+    reply["content"] = reply["content"].translate(str.maketrans("0123456789", "1234567890"))
+    edited = json.dumps(row) + "\n"
+    assert edited != lines[0] and len(edited) == len(lines[0])
+    before = os.stat(path)
+    path.write_text(edited + "".join(lines[1:]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10 ** 9))  # saved a second later
+    assert os.path.getsize(path) == before.st_size
+    fresh, _, _ = _load(_cfg(bad_data, "sft"), "sft", tok)
+    again, _, log = _load(cfg, "sft", tok)
+    assert not log[0].startswith("tokenized examples of") and "cached to" in log[-1]
+    _assert_same(again, fresh)
+
+
+def test_a_strict_run_is_not_served_a_skipping_runs_entry(bad_data, tok, tmp_path):
+    """on_bad_row is part of the key: a run with on_bad_row="raise" stops at the first bad row, as it does
+    without a cache, even after a run that skipped the bad rows cached its examples."""
+    cfg = _cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"))
+    _load(cfg, "sft", tok)
+    strict = _cfg(bad_data, "sft", on_bad_row="raise")
+    with pytest.raises(BadRow) as uncached:
+        _load(strict, "sft", tok)
+    strict.cache_dir = cfg.cache_dir
+    with pytest.raises(BadRow) as cached:
+        _load(strict, "sft", tok)
+    assert str(cached.value) == str(uncached.value)
+
+
+@pytest.mark.parametrize("too_long", ["drop", "truncate"])
+def test_too_long_reaches_the_loaded_examples_and_their_cache_key(bad_data, tok, tmp_path, too_long):
+    """data.too_long decides what load_examples makes of a row over max_length ("drop": skipped, "truncate": cut),
+    fresh and from the cache, with an entry of the other setting beside it: against sft_example on each row."""
+    from zephyr_jax.data import sft_example
+    from zephyr_jax.data.sources import load_rows
+
+    path = bad_data / "sft" / "train_sft.jsonl"
+    long = {"prompt": "x", "messages": [{"role": "user", "content": "word " * 80}, REPLY]}
+    path.write_text(path.read_text() + json.dumps(long) + "\n")  # one row over max_length=64
+    rows = load_rows(str(bad_data / "sft"), "train_sft")
+    expected = []
+    for index, row in enumerate(rows):
+        try:
+            expected.append(sft_example(row, index, tok, loss_on="all", max_length=64, too_long=too_long))
+        except BadRow:
+            pass
+    other = "truncate" if too_long == "drop" else "drop"
+    _load(_cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"), loss_on="all", too_long=other), "sft", tok)
+    for _ in range(2):  # tokenized, then read from the cache
+        examples, _, _ = _load(_cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"), loss_on="all",
+                                    too_long=too_long), "sft", tok)
+        _assert_same(examples, expected)
+
+
+def test_skip_counts_read_back_from_an_entry_in_the_order_they_were_met():
+    """An entry's skip counts keep their reasons in the order rows met them: the summary breaks ties by that
+    order, so a run that reads the cache prints the summary the tokenizing run printed (not an alphabetical one)."""
+    from zephyr_jax.data.errors import SkipCounter
+
+    counter = SkipCounter("src")
+    counter.keep(5)
+    for reason in ("zeta", "alpha", "zeta", "alpha", "mu"):
+        counter.skip(reason)
+    back = cache._counter_from(json.loads(json.dumps(cache._counter_state(counter))))
+    assert back.summary() == counter.summary() and back.as_dict() == counter.as_dict()

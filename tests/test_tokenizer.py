@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import textwrap
 
@@ -37,6 +38,47 @@ def test_template_renders_recipe_string(tok):
     # No system message given: an empty one is inserted, as the recipe does.
     assert render_chat(tok, CONVERSATION[1:]) == RENDERED
     assert with_system_message(CONVERSATION) == CONVERSATION
+
+
+def test_a_message_the_template_would_drop_is_refused_naming_it(tok):
+    """A role the template does not know (a tool turn, "human") or content that is not text (None, a list of parts)
+    rendered as nothing or as "None": the question was lost without a word. Refused, naming the message."""
+    for bad in ({"role": "tool", "content": "42"}, {"role": "human", "content": "Hi"},
+                {"role": "user", "content": None}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "user"}):
+        with pytest.raises(ValueError, match=r"messages\[1\] must be \{'role': system\|user\|assistant, 'content': "
+                                             r"str\}, got "):
+            render_chat(tok, [{"role": "user", "content": "Hi"}, bad])
+
+
+def test_a_template_with_zephyrs_user_and_assistant_tags_but_no_system_turn_gets_none(tok):
+    """Only a template that writes all three of Zephyr's turns gets the recipe's empty system turn: one with
+    <|user|> and <|assistant|> that refuses a system role (Phi-3-mini's first template did) renders the
+    conversation as given, as transformers renders it."""
+    other = load_tokenizer()
+    other.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '<|end|>\\n' }}"
+        "{% else %}{{ '<|assistant|>\\n' + m['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    messages = CONVERSATION[1:]
+    rendered = other.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|assistant|>\n"
+    assert render_chat(other, messages, add_generation_prompt=True) == rendered
+
+
+def test_a_tokenizer_without_bos_or_eos_is_refused(tok, tmp_path):
+    """Every sequence starts with BOS and every turn ends in EOS: a tokenizer lacking either (one set to None in
+    its config) would train sequences without them. Refused, naming the folder."""
+    for missing in ("bos_token", "eos_token"):
+        folder = tmp_path / missing
+        tok.save_pretrained(str(folder))
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config[missing] = None
+        config_file.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=f"tokenizer {re.escape(str(folder))} lacks a BOS or EOS token"):
+            load_tokenizer(str(folder))
 
 
 # Mistral-Instruct-v0.1's rule (roles alternate from a user turn, no system role), with its own BOS.

@@ -1,9 +1,11 @@
 """The training loop: CLI, meshes, gradient accumulation, multi-process, resume, preemption, DPO reference
 modes, NaN and config errors. Tiny configs (configs/*.py:tiny) on small local data in the real schemas."""
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -180,12 +183,148 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     # The checkpoint's architecture is trained; the override would be written to config.json as if it were.
     ("dpo", {"model.init": "orbax", "model.arch.num_hidden_layers": 5},
      r"config.model.arch \(num_hidden_layers\) applies only to model.init='random'"),
+    # Each bound where it lies (the values just past it), not only far outside:
+    ("sft", {"seed": None}, r"config.seed=None: must be a whole number >= 0"),  # was a TypeError from "<"
+    ("sft", {"model.arch.rms_norm_eps": 0.0}, r"config.model.arch.rms_norm_eps=0.0: must be positive"),  # 0/0 NaN
+    ("sft", {"train.global_batch_size": 0}, r"train.global_batch_size=0: must be at least 1"),
+    ("sft", {"train.grad_accum": 0}, r"train.grad_accum=0: must be at least 1"),
+    ("sft", {"train.save_every": -1}, r"train.save_every=-1: must be 0 \(off\) or positive"),
+    ("sft", {"train.eval_every": -1}, r"train.eval_every=-1: must be 0 \(off\) or positive"),
+    ("sft", {"train.grad_accum": 3}, r"train.global_batch_size=8 is not divisible by train.grad_accum=3"),
+    ("sft", {"train.num_epochs": 0, "train.max_steps": 0}, r"train.num_epochs=0 with train.max_steps=0: nothing"),
+    ("sft", {"data.max_length": 1}, r"data.max_length=1: must be at least 2"),  # one token predicts nothing
+    ("dpo", {"data.max_prompt_length": 128}, r"data.max_prompt_length=128 must be at least 1 and below "
+                                             r"data.max_length=128"),  # no room left for a completion
+    ("sft", {"optim.b1": 1.0}, r"optim.b1=1.0: must lie in \[0, 1\)"),  # Adam's bias correction divides by 0
+    ("sft", {"optim.b2": 1.0}, r"optim.b2=1.0: must lie in \[0, 1\)"),
+    ("sft", {"train.peak_tflops": -0.5}, r"train.peak_tflops=-0.5: must be 0 \(the data sheet's\) or positive"),
+    ("sft", {"model.attention_impl": "splash", "data.max_length": 192, "data.buckets": (192,)},
+     r"attention_impl='splash' needs lengths that are multiples of 128; batches here can be 192 long"),
+    ("dpo", {"model.attention_impl": "splash", "data.packing": False, "data.max_length": 192},  # unpacked pairs
+     r"attention_impl='splash' needs lengths that are multiples of 128; batches here can be 192 long"),
 ])
 def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, stage, overrides, message):
     cfg = tiny_config(stage, data_dir, **{k: v for k, v in overrides.items() if k != "stage"})
     cfg.stage = overrides.get("stage", stage)
     with pytest.raises(ValueError, match=message):
         train_checks.check_config(cfg)
+
+
+@pytest.mark.parametrize("stage, overrides", [
+    ("sft", {"optim.warmup_ratio": 1.0, "optim.b1": 0.0, "optim.b2": 0.0, "optim.clip_norm": 0.0, "seed": 0,
+             "train.peak_tflops": 0.0, "train.eval_every": 0, "train.save_every": 0}),
+    ("sft", {"model.dtype": "float16", "model.param_dtype": "float16", "optim.mu_dtype": "float16"}),
+    ("dpo", {"dpo.reference_dtype": "float16", "model.dtype": "float16"}),
+    ("sft", {"data.max_length": 2, "data.buckets": (2,)}),  # packed dSFT rows: exactly max_length
+    ("sft", {"data.packing": False, "data.max_length": 64, "data.buckets": (32, 63)}),  # 64 tokens: 63 positions
+    ("dpo", {"data.max_length": 64, "data.max_prompt_length": 63, "data.buckets": (63,)}),
+    ("sft", {"train.max_steps": 1, "train.num_epochs": 0}),  # a step count stands in for epochs
+    ("sft", {"model.attention_impl": "splash", "data.max_length": 256}),  # default buckets 128, 256
+    ("dpo", {"model.attention_impl": "splash", "data.max_length": 192}),  # packed pairs: rows in 128s
+])
+def test_config_values_at_the_edges_of_their_ranges_are_taken(data_dir, stage, overrides):
+    """The other side of each bound: a warmup over the whole run, Adam without momentum, float16 compute (cuDNN's
+    other dtype), two-token sequences, buckets of exactly the positions an example needs, a prompt one token
+    below max_length, a step count with no epochs, splash over lengths that are multiples of 128: each a setting
+    that trains, and check_config lets it through."""
+    train_checks.check_config(tiny_config(stage, data_dir, **overrides))
+
+
+def _setting(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+# The recipe as the Zephyr paper (arXiv 2310.16944, sections 4-5) and the alignment-handbook's 2024-01 revision
+# of recipes/zephyr-7b-beta give it (../shared/RECIPE.md), written here from those sources, not from the configs.
+_SFT_PAPER = {"model.init": "hf", "model.path": "mistralai/Mistral-7B-v0.1", "model.dtype": "bfloat16",
+              "data.train": "HuggingFaceH4/ultrachat_200k", "data.train_split": "train_sft",
+              "data.eval_split": "test_sft", "data.max_length": 2048, "data.packing": True, "data.loss_on": "all",
+              "optim.lr": 2e-5, "optim.schedule": "cosine", "optim.warmup_ratio": 0.1, "optim.weight_decay": 0.0,
+              "train.global_batch_size": 512, "train.num_epochs": 1}
+_DPO_PAPER = {"model.init": "orbax", "model.dtype": "bfloat16", "data.train": "HuggingFaceH4/ultrafeedback_binarized",
+              "data.train_split": "train_prefs", "data.eval_split": "test_prefs", "data.max_length": 1024,
+              "data.max_prompt_length": 512, "dpo.beta": 0.1, "dpo.loss_type": "sigmoid", "dpo.label_smoothing": 0.0,
+              "dpo.reference_free": False, "optim.lr": 5e-7, "optim.schedule": "linear", "optim.warmup_ratio": 0.1,
+              "optim.weight_decay": 0.0, "train.global_batch_size": 32, "train.num_epochs": 3}
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("sft.py", _SFT_PAPER), ("sft.py:zephyr", _SFT_PAPER),
+    ("sft.py:handbook", {**_SFT_PAPER, "train.global_batch_size": 128}),
+    ("dpo.py", _DPO_PAPER), ("dpo.py:zephyr", _DPO_PAPER),
+    ("dpo.py:handbook", {**_DPO_PAPER, "dpo.beta": 0.01, "optim.schedule": "cosine", "train.num_epochs": 1,
+                         "train.global_batch_size": 128}),
+])
+def test_the_recipe_configs_carry_the_papers_and_the_handbooks_numbers(spec, expected):
+    """A mistyped number in configs/*.py trains another recipe for hours, and no run says so: the zephyr variant
+    (the default) holds the paper's values, handbook the handbook revision's, and both HF Trainer's AdamW,
+    clipping and seed defaults (transformers.TrainingArguments', which the recipe ran with)."""
+    trainer = {f.name: f.default for f in dataclasses.fields(transformers.TrainingArguments)}
+    expected = {**expected, "optim.b1": trainer["adam_beta1"], "optim.b2": trainer["adam_beta2"],
+                "optim.eps": trainer["adam_epsilon"], "optim.clip_norm": trainer["max_grad_norm"],
+                "seed": trainer["seed"]}
+    cfg = load_config(os.path.join(ROOT, "configs", spec))
+    assert {k: _setting(cfg, k) for k in expected} == expected
+    train_checks.check_config(cfg, check_model_source=False)
+
+
+def test_token_ids_up_to_the_last_embedding_are_taken_and_one_past_is_refused():
+    """An id equal to the vocabulary size has no embedding row (ids run 0 .. vocab_size - 1); every array of a
+    preference pair is read, the rejected completion's too."""
+    sft = lambda *ids: types.SimpleNamespace(ids=np.asarray(ids))  # noqa: E731
+    pair = lambda rejected: types.SimpleNamespace(prompt=np.asarray([1, 5]), chosen=np.asarray([7, 2]),  # noqa: E731
+                                                  rejected=np.asarray(rejected))
+    train_checks.check_token_ids([sft(1, 999), sft()], 1000, "data.train (x)", None)
+    train_checks.check_token_ids([pair([999, 2])], 1000, "data.train (x)", None)
+    for examples in ([sft(1, 1000)], [pair([1000, 2])]):
+        with pytest.raises(ValueError, match=r"data.train \(x\) holds token id 1000, but the model's vocabulary has "
+                                             r"1000 entries: config.tokenizer='t' has tokens the model lacks"):
+            train_checks.check_token_ids(examples, 1000, "data.train (x)", "t")
+
+
+@pytest.mark.parametrize("stage, change, named", [
+    ("sft", {"data.max_length": 64}, "data.max_length: 128 -> 64"),
+    ("sft", {"data.loss_on": "assistant"}, "data.loss_on: 'all' -> 'assistant'"),
+    ("sft", {"data.too_long": "drop"}, "data.too_long: 'truncate' -> 'drop'"),
+    ("sft", {"data.packing": False}, "data.packing: True -> False"),
+    ("sft", {"data.pack_window": 10}, "data.pack_window: 1000 -> 10"),
+    ("sft", {"data.max_train_examples": 32}, "data.max_train_examples: 64 -> 32"),
+    ("sft", {"model.arch.hidden_size": 32}, "model.arch: "),
+    ("dpo", {"data.max_prompt_length": 32}, "data.max_prompt_length: 64 -> 32"),
+    ("dpo", {"data.packed_rows": 8}, "data.packed_rows: 0 -> 8"),
+])
+def test_resuming_refuses_each_change_of_what_the_batches_are_made_of(data_dir, tmp_path, stage, change, named):
+    """Another length limit, loss mask, truncation rule, packing or example count makes other batches: the saved
+    step and loader position would point into another run. Refused, naming the change, before anything is read."""
+    workdir = tmp_path / "w"
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    (workdir / "config.json").write_text(tiny_config(stage, data_dir).to_json_best_effort())
+    assert train_checks.resume_settings(tiny_config(stage, data_dir), str(workdir))
+    with pytest.raises(ValueError, match=f"holds checkpoints of a run with other settings.*{re.escape(named)}"):
+        train_checks.resume_settings(tiny_config(stage, data_dir, **change), str(workdir))
+
+
+def test_resuming_names_a_tokenizer_folder_as_the_run_recorded_it_in_any_spelling(data_dir, tmp_path):
+    """The recorded tokenizer folder, given with a trailing slash or through "..", is the same tokenizer (as a data
+    folder is): the run resumes."""
+    workdir, folder = tmp_path / "w", tmp_path / "tok"
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    (workdir / "config.json").write_text(tiny_config("sft", data_dir, tokenizer=str(folder)).to_json_best_effort())
+    for spelling in (str(folder) + "/", str(tmp_path / "w" / ".." / "tok")):
+        assert train_checks.resume_settings(tiny_config("sft", data_dir, tokenizer=spelling), str(workdir))
+    with pytest.raises(ValueError, match=r"tokenizer: '.*tok' -> '.*other'"):
+        train_checks.resume_settings(tiny_config("sft", data_dir, tokenizer=str(tmp_path / "other")), str(workdir))
+
+
+def test_an_hf_model_path_that_is_a_missing_directory_is_named(data_dir, tmp_path):
+    """An absolute or ./ path is a directory, never a hub name: one that is not there is said before the data work
+    (the hub client would ask for a valid repo id, or try the network)."""
+    for path in (str(tmp_path / "no_model"), "./no_model_here"):
+        with pytest.raises(FileNotFoundError, match=f"config.model.path={re.escape(repr(path))}: no such Hugging Face "
+                                                    "checkpoint directory"):
+            train_checks.check_config(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": path}))
 
 
 def test_packed_dpo_buckets_must_hold_the_fullest_row_a_batch_can_make():
@@ -526,7 +665,6 @@ def test_weight_decay_leaves_the_norms_alone_as_transformers_trainer_does(tmp_pa
     two parameter groups (get_decay_parameter_names: every weight but norms and biases; optax.adamw had decayed
     the RMSNorm scales too). The optimizer state keeps optax.adamw's structure, so a checkpoint saved before, or
     resumed with another weight_decay, restores."""
-    import optax
     from ml_collections import ConfigDict
 
     from tests.torch_reference import save_torch, torch_mistral
@@ -611,14 +749,17 @@ def test_fsdp_holds_an_eighth_of_parameter_and_optimizer_bytes(data_dir):
 
 @pytest.mark.parametrize("stage,scan_layers", [("sft", True), ("dpo", True), ("sft", False)])
 def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
-    """(scan_layers=False: the unrolled layers' backward, behind its optimization barrier, model/accumulate.py)"""
+    """(scan_layers=False: the unrolled layers' backward, behind its optimization barrier, model/accumulate.py)
+    The step is plain SGD at rate 1, so the parameters after it compare the gradients themselves: AdamW's first
+    step was at its warmup's rate of 0 (the parameters unchanged), and past warmup Adam's first step divides each
+    gradient by its own size (a sign flip, or a layer's gradient in another's slot, moves nothing it compares)."""
     tok = load_tokenizer()
     cfg = tiny_config(stage, data_dir)
     rows = [json.loads(line) for line in open(data_dir / ("sft" if stage == "sft" else "prefs") /
                                               f"train_{stage if stage == 'sft' else 'prefs'}.jsonl")][:8]
     mcfg = MistralConfig(**cfg.model.arch.to_dict(), scan_layers=scan_layers)
     graphdef, params = nnx.split(Mistral(mcfg, rngs=nnx.Rngs(0)))
-    tx, schedule = train_steps.make_optimizer(cfg.optim, 10)
+    tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
     results = []
     for accum in (1, 4):
         if stage == "sft":
@@ -637,6 +778,8 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
     (one, m1), (four, m4) = results
     assert abs(float(m1["loss"]) - float(m4["loss"])) <= 1e-5 * abs(float(m1["loss"]))
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-5)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(params)))
+    assert moved > 1e-3, moved
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -664,6 +807,39 @@ def test_gradient_accumulation_holds_one_float32_gradient_tree():
         temporaries[accum] = plan.compiled_bytes(step.lower(state, batch, None).compile())["temporaries"]
     assert temporaries[2] <= temporaries[1] + 0.1 * layer_bytes, (temporaries, layer_bytes)
     assert temporaries[4] <= temporaries[1] + 0.1 * layer_bytes, (temporaries, layer_bytes)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_the_layers_backward_adds_this_micro_batchs_gradient_into_the_running_sum(scan_layers):
+    """jax.grad through hidden_states(grad_sum=S) hands the stacked layers S plus this micro-batch's gradient,
+    each layer its own, and every other parameter its own gradient: against plain jax.grad of the same loss
+    without grad_sum (model/accumulate.py). The update test above compares the loss, the gradient's norm (which
+    a flipped sign keeps) and one optimizer step, not the gradient itself. Rows packed with two sequences, so
+    the layers' recompute must see the segment ids; a running sum unlike in every layer, so a layer's gradient
+    added into another's shows."""
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, scan_layers=scan_layers)
+    graphdef, params = nnx.split(Mistral(cfg, rngs=nnx.Rngs(0)))
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [2] * 3])
+    weights = jax.random.normal(jax.random.key(2), (2, 12, cfg.hidden_size))
+
+    def loss(params, grad_sum):
+        h = nnx.merge(graphdef, params).hidden_states(ids, segment_ids=segment_ids, grad_sum=grad_sum)
+        return jnp.mean(h.astype(jnp.float32) * weights)  # gradients about the size of one step's
+
+    plain = jax.jit(jax.grad(loss))(params, None)
+    leaves, treedef = jax.tree.flatten(params["layers"])
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    running = jax.tree.unflatten(treedef, [1e-3 * jax.random.normal(k, x.shape, x.dtype) for k, x in
+                                                zip(keys, leaves)])
+    into = jax.jit(jax.grad(loss))(params, running)
+    for want, got in zip(jax.tree.leaves(jax.tree.map(jnp.add, running, plain["layers"])),
+                         jax.tree.leaves(into["layers"])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for name in ("embed_tokens", "norm", "lm_head"):
+        for want, got in zip(jax.tree.leaves(plain[name]), jax.tree.leaves(into[name])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # --- Two processes x two devices (launch/slurm_gpu.sbatch) equal one process with four. ---
@@ -1121,3 +1297,35 @@ def test_logged_throughput_counts_real_tokens_and_their_flops(data_dir, tmp_path
         assert record["padding_fraction"] == pytest.approx(1 - real / seg.size, rel=1e-9)
         assert 0 < record["padding_fraction"] < 1
         assert record["mfu"] == pytest.approx(flops / record["step_time"] / (0.5e12 * jax.device_count()), rel=1e-9)
+
+
+def test_a_log_line_of_several_steps_gives_the_time_of_one_and_forgets_the_last_lines_pauses(monkeypatch):
+    """A line's step_time is the wall time of its timed steps per step (with log_every > 1 it read the line's whole
+    time), and time paused before one line (an eval) is taken off that line only, not off the next too. Bounds from
+    the wall clock around stand-in steps of 0.2 s and an eval of 0.3 s."""
+    monkeypatch.setattr(train_log.jax, "block_until_ready", lambda x: x)
+    records = []
+    writer = types.SimpleNamespace(write=lambda step, line: records.append(line))
+    bar = types.SimpleNamespace(update=lambda n: None, set_postfix=lambda d: None, disable=False)
+    log = train_log.StepLog(writer, bar, None, "", lambda infos, seconds: {"tokens_per_sec": sum(infos) / seconds})
+    metrics = {"loss": 1.0, "grad_norm": 1.0, "lr": 0.1}
+    log.add(1, metrics, 100)
+    log.time_from(1, metrics)  # the step that compiled: no throughput
+    log.write()
+    start = time.perf_counter()
+    with log.paused():
+        time.sleep(0.3)
+    for step in (2, 3):
+        time.sleep(0.2)
+        log.add(step, metrics, 100)
+    log.write()
+    two = time.perf_counter() - start
+    start = time.perf_counter()
+    time.sleep(0.2)
+    log.add(4, metrics, 100)
+    log.write()
+    one = time.perf_counter() - start
+    assert "step_time" not in records[0]
+    assert 0.2 <= records[1]["step_time"] <= (two - 0.3) / 2
+    assert records[1]["tokens_per_sec"] * records[1]["step_time"] == pytest.approx(100, rel=1e-9)
+    assert 0.2 <= records[2]["step_time"] <= one
