@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -195,6 +196,16 @@ def test_on_policy_pairs_prefer_a_right_reply_to_a_wrong_one(tmp_path):
         assert p["rejected"][1]["content"].strip() in wrong
 
 
+def test_on_policy_replies_that_all_tie_are_said_to_give_no_pairs(tmp_path):
+    """A dSFT model that has not learned the reply format is wrong on every sample: no prompt gives a pair, and
+    the demo says so, with the tie counts (it said "test_size=0 needs 0 <= test_size < the 0 kept prompts")."""
+    from zephyr_jax.data.backends import CallableBackend
+
+    with pytest.raises(ValueError, match=r"on-policy feedback: 20 prompts x 4 samples gave 0 pairs: .*"
+                                         r"--pairs=synthetic.*\n.*skipped 20 of 20 rows"):
+        demo.on_policy_prefs(CallableBackend(lambda call: "I am not sure."), tmp_path, seed=0, n=20, samples=4)
+
+
 def test_a_missing_configs_directory_stops_the_demo_before_it_makes_data(tmp_path, monkeypatch):
     """`pip install .` (not -e) copies the package without configs/: the demo says so at once and writes nothing."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,3 +215,39 @@ def test_a_missing_configs_directory_stops_the_demo_before_it_makes_data(tmp_pat
     with pytest.raises(FileNotFoundError, match="configs/sft.py and configs/dpo.py.*pip install -e"):
         demo.run_demo(str(tmp_path / "out"), repo_root=str(tmp_path))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.long
+def test_the_whole_demo_connects_its_stages_at_a_small_size(tmp_path, monkeypatch, capsys):
+    """run_demo, the README's first command, end to end at a small size (its parts have their own tests; this one
+    checks that they connect): the teacher's dialogues train dSFT, the dSFT checkpoint samples the on-policy pairs
+    on the engine, dDPO starts from that checkpoint on those pairs and is evaluated on the scripted held-out pairs,
+    the export holds dDPO's last weights, and the table compares the two models."""
+    import functools
+
+    import numpy as np
+
+    from zephyr_jax.loading import load_model
+
+    monkeypatch.setattr(demo, "make_demo_data", functools.partial(demo.make_demo_data, **SIZES))
+    monkeypatch.setattr(demo, "distill_sft_data", functools.partial(demo.distill_sft_data, n=4000))
+    monkeypatch.setattr(demo, "on_policy_prefs", functools.partial(demo.on_policy_prefs, n=200))
+    out = tmp_path / "out"
+    results = demo.run_demo(str(out), repo_root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    printed = capsys.readouterr().out
+    sft, dpo = (json.load(open(out / stage / "config.json")) for stage in ("sft", "dpo"))
+    assert sft["data"]["train"] == str(out / "data" / "dialogues")
+    assert len(read(out / "data" / "dialogues" / "train_sft.jsonl")) == 4000 - 400  # (a tenth held out)
+    assert dpo["model"]["init"] == "orbax" and dpo["model"]["path"] == str(out / "sft")
+    assert dpo["model"]["step"] == 3600 // 32  # dSFT's last step: 1 epoch in batches of 32
+    assert dpo["data"]["train"] == str(out / "data" / "on_policy" / "prefs")
+    assert dpo["data"]["eval"] == str(out / "data" / "prefs")
+    train, test = (len(read(out / "data" / "on_policy" / "prefs" / f"{s}_prefs.jsonl")) for s in ("train", "test"))
+    assert f"on-policy feedback: 200 prompts x 4 samples -> {train + test} pairs ({train} train)" in printed
+    exported = jax.tree.leaves(nnx.state(load_model(str(out / "hf"), dtype="float32")))
+    trained = jax.tree.leaves(nnx.state(load_model(str(out / "dpo"), dtype="float32")))
+    assert all(np.array_equal(a, b) for a, b in zip(exported, trained, strict=True))
+    for stage in ("sft", "dpo"):
+        assert set(results[stage]) == {"task_accuracy", "preference_accuracy"}
+        assert all(0 <= v <= 1 for v in results[stage].values())
+    assert "held-out effect of dDPO (on-policy pairs)" in printed and "sample chat reply" in printed

@@ -278,13 +278,20 @@ def on_policy_prefs(generator, out_dir, seed: int = 0, n: int = 3000, samples: i
     wrong) tie and give no pair. The held-out pairs stay the scripted DIR/prefs/test_prefs, so both kinds of
     pairs are measured on the same test."""
     from zephyr_jax.data.binarize import binarize, write_splits
+    from zephyr_jax.data.errors import SkipCounter
     from zephyr_jax.data.feedback import collect_feedback
     from zephyr_jax.data.sources import load_rows
 
     prompts = [{"prompt": q} for q in unique_questions(n, seed + 1)]
     collect_feedback(prompts, [generator], judge, os.path.join(out_dir, "feedback"), completions_per_prompt=samples,
                      principles="none", max_tokens=8, seed=seed, concurrency=64, log=lambda s: None)
-    pairs = binarize(load_rows(os.path.join(out_dir, "feedback"), "train"), seed=seed)
+    counter = SkipCounter("on-policy feedback")
+    pairs = binarize(load_rows(os.path.join(out_dir, "feedback"), "train"), seed=seed, counter=counter)
+    if len(pairs) < 2:  # (was "test_size=0 needs 0 <= test_size < the 0 kept prompts")
+        raise ValueError(f"on-policy feedback: {n} prompts x {samples} samples gave {len(pairs)} pairs: the dSFT "
+                         "model's replies to almost every prompt were all right or all wrong (a tie gives no "
+                         "pair); train dSFT on more dialogues, or use the scripted pairs (--pairs=synthetic).\n"
+                         + counter.summary())
     train, _ = write_splits(pairs, os.path.join(out_dir, "prefs"), min(200, len(pairs) // 10), seed)
     print(f"on-policy feedback: {n} prompts x {samples} samples -> {len(pairs)} pairs ({len(train)} train)")
     return os.path.join(out_dir, "prefs")
