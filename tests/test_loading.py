@@ -185,3 +185,29 @@ def test_a_step_asked_of_a_model_that_is_not_a_workdir_is_refused(tmp_path):
     for step in (0, 3):
         with pytest.raises(ValueError, match=f"step={step}: .* is not a zephyr_jax training workdir"):
             load_model(str(tmp_path), step=step)
+
+
+def test_a_float32_checkpoint_loads_in_bfloat16_without_a_float32_copy(tmp_path, monkeypatch):
+    """A bf16 load of a float32 checkpoint never holds float32 weights (7B of them are 28 GB of host memory): each
+    tensor comes from the file in row blocks, cast as they land in the bf16 parameter. numpy's allocations, as
+    tracemalloc counts them: the peak is the bf16 parameters and a block or two, not a float32 tensor (here a block
+    is 256 KiB, as 32 MiB is beside a 7B model's 0.5 GB embedding), let alone the float32 model."""
+    import glob
+    import tracemalloc
+
+    monkeypatch.setattr(hf, "_BLOCK_BYTES", 256 * 1024)
+    cfg = MistralConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2)
+    hf.save_pretrained(Mistral(cfg, rngs=nnx.Rngs(0)), str(tmp_path), dtype=jnp.float32)
+    float32 = sum(os.path.getsize(f) for f in glob.glob(str(tmp_path / "*.safetensors")))
+    tracemalloc.start()
+    try:
+        model = load_model(str(tmp_path), "bfloat16")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    params = jax.tree.leaves(nnx.state(model))
+    held = sum(x.nbytes for x in params)
+    assert {x.dtype for x in params} == {jnp.dtype(jnp.bfloat16)} and held == pytest.approx(float32 / 2, rel=1e-3)
+    largest = max(x.size for x in params) * 4  # the embedding's float32 bytes: 2 MiB
+    assert peak - held < min(largest, 2**20), (peak - held, largest)
