@@ -51,7 +51,7 @@ case "${1:-}" in
     ssh_all "umask 077 && mkdir -p \$HOME/.cache/huggingface && printf %s $token >\$HOME/.cache/huggingface/token" ;;
   run)
     shift; [[ "${1:-}" == "--" ]] && shift
-    args=$(printf ' %q' "$@")
+    args=""; (( $# == 0 )) || args=$(printf ' %q' "$@")  # (no arguments: nothing, not printf's lone '')
     train="$VENV/bin/python -m zephyr_jax.train --distributed$args"
     follow="pid=\$! && tail -n +1 -f --pid=\$pid $LOG && wait \$pid"  # its output, then its exit status
     # The log is emptied before the trainer starts: tail must neither find it missing (and end, losing the exit

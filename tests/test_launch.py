@@ -41,6 +41,8 @@ def test_tpu_pod_runs_the_training_command_on_every_worker(tmp_path):
                        "--distributed --config=configs/dpo.py --workdir=/mnt/shared/dpo "
                        "--config.model.path=/mnt/shared/sft\\ dir >>$HOME/zephyr_train.log 2>&1 </dev/null & } "
                        "&& pid=$! && tail -n +1 -f --pid=$pid $HOME/zephyr_train.log && wait $pid")
+    out, argv = _tpu_pod(tmp_path, "run", TPU_NAME="zephyr", ZONE="us-central2-b")  # no arguments: none passed
+    assert out.returncode == 0 and "zephyr_jax.train --distributed >>" in argv[argv.index("--command") + 1]
     for sub, remote in (("wait", f"while pgrep -f {trainer}"), ("stop", f"pkill -TERM -f {trainer}")):
         out, argv = _tpu_pod(tmp_path, sub, TPU_NAME="zephyr", ZONE="us-central2-b")
         assert out.returncode == 0 and "--worker=all" in argv and argv[argv.index("--command") + 1].startswith(remote)
@@ -233,3 +235,208 @@ def test_local_launcher_inside_a_slurm_allocation_gives_each_process_its_share_o
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["gpus=0,1", "localid=unset"]
     assert (tmp_path / "process_1.log").read_text().split() == ["gpus=2,3", "localid=unset"]
+
+
+# --- What each launcher hands the trainers (stand-ins record it), and how local.sh combines their exit statuses. ---
+
+_RECORD_ARGV = 'id=x; for a; do case $a in --process_id=*) id=${a#*=} ;; esac; done\n' \
+               'printf "%s\\n" "$@" > "$LOG_DIR/argv_$id"\n' \
+               'printf "%s\\n" "${JAX_PLATFORMS-unset}" "${XLA_FLAGS-unset}" > "$LOG_DIR/env_$id"\n' \
+               'rc=RC_$id; exit "${!rc:-0}"\n'
+
+
+def test_local_launcher_gives_each_process_its_rank_one_coordinator_and_the_args_verbatim(tmp_path):
+    """Process i of N gets --process_id=i (0..N-1, each once), --num_processes=N, the one coordinator address every
+    process dials, and the training arguments exactly as given (a workdir with a space stays one argument);
+    --cpu_devices=K reaches each process's JAX (exported, not a shell variable of the launcher)."""
+    env = _shims(tmp_path, python=_RECORD_ARGV)
+    for var in ("JAX_PLATFORMS", "XLA_FLAGS", "COORDINATOR_PORT"):
+        env.pop(var, None)
+    train_args = ["--config=configs/sft.py:tiny", f"--workdir={tmp_path / 'a dir' / 'w'}", "--config.seed=3"]
+    out = subprocess.run(["bash", "launch/local.sh", "3", "--cpu_devices=2", "--", *train_args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    argvs = [(tmp_path / f"argv_{i}").read_text().splitlines() for i in range(3)]
+    coordinators = {a[2] for a in argvs}
+    assert len(coordinators) == 1 and next(iter(coordinators)).startswith("--coordinator_address=localhost:")
+    coordinator = next(iter(coordinators))
+    for i, argv in enumerate(argvs):
+        assert argv == ["-m", "zephyr_jax.train", coordinator, "--num_processes=3", f"--process_id={i}",
+                        *train_args], argv
+        assert (tmp_path / f"env_{i}").read_text().splitlines() == [
+            "cpu", "--xla_force_host_platform_device_count=2"]
+    out = subprocess.run(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, capture_output=True,
+                         text=True, env={**env, "COORDINATOR_PORT": "23456", "CUDA_VISIBLE_DEVICES": ""}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for i in range(2):
+        assert "--coordinator_address=localhost:23456" in (tmp_path / f"argv_{i}").read_text().splitlines()
+
+
+def test_local_launcher_fails_if_any_process_fails_else_75_if_any_stopped_early(tmp_path):
+    """The launcher's status is the job's: 1 if any process failed (whichever it is, and whatever the others did,
+    a 75 included), else 75 if any stopped early after saving (so a dDPO stage chained on it does not start), else
+    0. A stand-in python exits with RC_<process id>."""
+    env = _shims(tmp_path, python=_RECORD_ARGV)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU to split
+    cases = [({}, 0), ({"RC_1": "1"}, 1), ({"RC_0": "1"}, 1), ({"RC_2": "3"}, 1), ({"RC_1": "75"}, 75),
+             ({"RC_0": "75", "RC_1": "75", "RC_2": "75"}, 75), ({"RC_0": "1", "RC_1": "75"}, 1),
+             ({"RC_0": "75", "RC_2": "1"}, 1)]
+    for rcs, expected in cases:
+        out = subprocess.run(["bash", "launch/local.sh", "3", "--", "--config=x"], cwd=ROOT, capture_output=True,
+                             text=True, env={**env, **rcs}, timeout=60)
+        assert out.returncode == expected, (rcs, out.returncode, out.stderr)
+        for key, rc in rcs.items():
+            i = int(key[3:])
+            if rc == "75":
+                assert f"process {i} stopped early after saving (status 75)" in out.stderr
+            else:
+                assert f"process {i} failed with status {rc}" in out.stderr, out.stderr
+                if i:
+                    assert f"log: {tmp_path / f'process_{i}.log'}" in out.stderr
+
+
+def _sbatch_directives(path):
+    """The #SBATCH options as sbatch reads them: from the lines before the script's first command only."""
+    options = {}
+    for line in open(path).read().splitlines()[1:]:
+        if line.strip() and not line.lstrip().startswith("#"):
+            break
+        if line.startswith("#SBATCH "):
+            key, _, value = line[len("#SBATCH "):].strip().partition("=")
+            options[key] = value
+    return options
+
+
+def test_slurm_gpu_runs_one_distributed_trainer_per_gpu_with_the_args_verbatim(tmp_path):
+    """srun starts `python -m zephyr_jax.train --distributed` with the sbatch arguments unchanged (a path with a
+    space stays one argument) and the GPU memory fraction exported (the user's wins); the job asks for one task
+    per GPU and a SIGTERM (train's saved stop) before its time limit, all read by sbatch (before any command)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$LOG_DIR/argv"\n'
+                                  'printf "%s" "${XLA_PYTHON_CLIENT_MEM_FRACTION-unset}" > "$LOG_DIR/fraction"\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "SLURM_CPUS_PER_TASK")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", LOG_DIR=str(tmp_path), XLA_FLAGS="--x")
+    args = ["--config=configs/sft.py", "--workdir=/shared/zephyr dir/sft", "--config.mesh.shape=(1,16,1)"]
+    out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *args], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[argv.index("python"):] == ["python", "-m", "zephyr_jax.train", "--distributed", *args], argv
+    assert (tmp_path / "fraction").read_text() == "0.92"
+    out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *args], cwd=ROOT, capture_output=True, text=True,
+                         env={**env, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}, timeout=60)
+    assert out.returncode == 0 and (tmp_path / "fraction").read_text() == "0.5"
+
+    options = _sbatch_directives(os.path.join(ROOT, "launch", "slurm_gpu.sbatch"))
+    assert options["--ntasks-per-node"] == options["--gpus-per-node"], options  # one process per GPU
+    signal_name, _, seconds = options["--signal"].partition("@")
+    assert signal_name in ("TERM", "SIGTERM") and int(seconds) > 0, options  # train saves on SIGTERM
+    assert "--nodes" in options and "--time" in options
+
+
+def test_tpu_pod_logs_follows_worker_0_and_delete_names_the_zone(tmp_path):
+    out, argv = _tpu_pod(tmp_path, "logs", TPU_NAME="zephyr", ZONE="us-central2-b")
+    assert out.returncode == 0 and argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "zephyr"]
+    assert "--worker=0" in argv and "--worker=all" not in argv and argv[argv.index("--zone") + 1] == "us-central2-b"
+    tail = argv[argv.index("--command") + 1].split()
+    assert tail[0] == "tail" and "-f" in tail and tail[-1] == "$HOME/zephyr_train.log", tail  # follows `run`'s log
+    out, argv = _tpu_pod(tmp_path, "delete", TPU_NAME="zephyr", ZONE="us-central2-b")
+    assert out.returncode == 0 and argv[:5] == ["compute", "tpus", "tpu-vm", "delete", "zephyr"]
+    assert argv[argv.index("--zone") + 1] == "us-central2-b" and "--quiet" in argv  # no prompt
+
+
+def test_tpu_pod_install_clones_then_updates_keeps_the_venv_and_stops_at_a_failed_step(tmp_path):
+    """`install` run by sshd's `bash -c` in a stand-in home, with stand-ins for git and uv that record their calls:
+    the first install clones and makes the venv; a second one pulls the checkout and reinstalls into the same venv
+    (not a new one); a step that fails (the clone) fails the install before anything is installed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    calls = tmp_path / "calls"
+    env = _bash_c_gcloud(tmp_path, home, CALLS=str(calls), REPO="https://example.invalid/fork.git")
+    _shims(tmp_path,
+           git='echo "git $*" >>"$CALLS"\n[[ -n "${GIT_FAIL:-}" ]] && exit 128\n'
+               '[[ "$1" == clone ]] && mkdir -p "${@: -1}"\nexit 0\n',
+           uv='echo "uv $* (in $(basename "$PWD"))" >>"$CALLS"\n'
+              'if [[ "$1" == venv ]]; then mkdir -p "${@: -1}/bin" && touch "${@: -1}/bin/python" '
+              '&& chmod +x "${@: -1}/bin/python"; fi\n')
+    venv = home / "zephyr_venv"
+
+    def install(**extra):
+        calls.write_text("")
+        out = subprocess.run(["bash", "launch/tpu_pod.sh", "install"], cwd=ROOT, env={**env, **extra},
+                             capture_output=True, text=True, timeout=60)
+        return out, calls.read_text().splitlines()
+
+    out, first = install()
+    assert out.returncode == 0, out.stderr
+    assert first[0] == "git clone https://example.invalid/fork.git zephyr_jax", first
+    assert f"uv venv -p 3.11 {venv} (in zephyr_jax)" in first
+    assert first[-1] == f"uv pip install -p {venv}/bin/python -e .[tpu] (in zephyr_jax)", first
+    out, second = install()
+    assert out.returncode == 0, out.stderr
+    assert second == ["git pull", f"uv pip install -p {venv}/bin/python -e .[tpu] (in zephyr_jax)"], second
+    (home / "zephyr_jax").rmdir()
+    out, failed = install(GIT_FAIL="1")
+    assert out.returncode != 0 and failed == ["git clone https://example.invalid/fork.git zephyr_jax"], failed
+
+
+def _readme_blocks():
+    text = open(os.path.join(ROOT, "launch", "README.md")).read()
+    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("bash\n")]
+
+
+def _flag(argv, name):
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    assert len(values) == 1, (name, argv)
+    return values[0]
+
+
+def test_readme_recipes_chain_ddpo_on_the_finished_dsft_workdir(tmp_path):
+    """launch/README.md's recipes, run as written with stand-ins for sbatch, python and launch/tpu_pod.sh that
+    record their arguments: each dDPO starts from the dSFT workdir launched before it (model.path), only once
+    that dSFT has finished (SLURM: afterok on its job id, which a dSFT stopped with status 75 never satisfies;
+    TPU: `wait` between the two), and the export reads the dDPO workdir."""
+    blocks = _readme_blocks()
+    assert blocks
+    record = 'printf "%s\\x1f" "$(basename "$0")" "$@" >>"$CALLS"; echo >>"$CALLS"\n'
+    env = _shims(tmp_path, sbatch=record + '[[ " $* " == *" --parsable "* ]] && echo 4242\nexit 0\n',
+                 python=record)
+    (tmp_path / "cwd" / "launch").mkdir(parents=True)
+    (tmp_path / "cwd" / "launch" / "tpu_pod.sh").write_text("#!/usr/bin/env bash\n" + record)
+    (tmp_path / "cwd" / "launch" / "tpu_pod.sh").chmod(0o755)
+    calls = tmp_path / "calls"
+    chained = 0
+    for block in blocks:
+        calls.write_text("")
+        out = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path / "cwd", capture_output=True,
+                             text=True, env={**env, "CALLS": str(calls)}, timeout=60)
+        assert out.returncode == 0, (block, out.stderr)
+        runs = [line.split("\x1f")[:-1] for line in calls.read_text().splitlines()]
+        sft_workdir = dpo_workdir = sft_job = None
+        waited = False
+        for argv in runs:
+            program, args = argv[0], argv[1:]
+            if program == "tpu_pod.sh" and args[:1] == ["wait"]:
+                waited = True
+            launch = program == "sbatch" or (program == "tpu_pod.sh" and args[:1] == ["run"])
+            configs = [a for a in args if a.startswith("--config=")] if launch else []
+            if configs == ["--config=configs/sft.py"]:
+                sft_workdir, waited = _flag(args, "workdir"), False
+                if program == "sbatch":
+                    assert "--parsable" in args
+                    sft_job = "4242"
+            elif configs == ["--config=configs/dpo.py"]:
+                assert sft_workdir is not None, block
+                assert _flag(args, "config.model.path") == sft_workdir, args
+                dpo_workdir = _flag(args, "workdir")
+                assert dpo_workdir != sft_workdir
+                if program == "sbatch":
+                    assert _flag(args, "dependency") == f"afterok:{sft_job}", args
+                else:
+                    assert waited, args
+                chained += 1
+            elif args[:2] == ["-m", "zephyr_jax.export"]:
+                assert _flag(args, "workdir") == dpo_workdir, args
+    assert chained == 3  # 16 A100s, the large TPU pods, the one-host slices

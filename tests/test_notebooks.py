@@ -48,3 +48,100 @@ def test_runs_end_to_end_at_small_scale(name, tmp_path, monkeypatch):
     assert len(images) >= PLOTS.get(name, 0), f"{name} drew {len(images)} figures"
     if name == "quickstart.ipynb":
         assert (tmp_path / "exported_model" / "config.json").exists()
+
+
+# --- What the training notebooks train, from what, and which run each reported number comes from. ---
+
+TRAINING = ["table3_small_scale.ipynb", "dpo_beta_and_loss_ablation.ipynb"]
+
+
+def _execute_with_stand_ins(name, tmp_path, monkeypatch, small):
+    """Every code cell, in this process, with train.run, the model loader, the demo data and the held-out scores
+    replaced by stand-ins (seconds, at either scale): train.run records (config, workdir) and returns eval metrics
+    of its own (its index / 100); a checkpoint's held-out preference accuracy is its run's index / 100 (a workdir
+    never trained raises). Returns the notebook's variables and the runs."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import zephyr_jax
+    import zephyr_jax.tokenizer
+    from zephyr_jax import demo, train
+
+    monkeypatch.chdir(tmp_path)
+    if small:
+        monkeypatch.setenv("ZEPHYR_NOTEBOOK_SMALL", "1")
+    else:
+        monkeypatch.delenv("ZEPHYR_NOTEBOOK_SMALL", raising=False)
+    runs = []
+
+    def run(config, workdir):
+        workdir = os.path.normpath(os.fspath(workdir))
+        assert workdir not in [w for _, w in runs], f"{workdir} trained twice (the second run resumes the first)"
+        runs.append((config, workdir))
+        os.makedirs(workdir, exist_ok=True)
+        index = len(runs) - 1  # as the held-out scores number the runs
+        final = {"rewards/accuracies": index / 100, "rewards/margins": float(index)}
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            for split in ("train", "eval"):
+                f.write(json.dumps({"split": split, "step": 1, **final}) + "\n")
+        return final
+
+    def load(workdir, **_):
+        return ("model", [w for _, w in runs].index(os.path.normpath(os.fspath(workdir)))), "tokenizer"
+
+    monkeypatch.setattr(train, "run", run)
+    monkeypatch.setattr(zephyr_jax, "load", load)
+    monkeypatch.setattr(zephyr_jax.tokenizer, "load_tokenizer", lambda *a, **k: "tokenizer")
+    monkeypatch.setattr(demo, "make_demo_data", lambda out, **_: {
+        k: os.path.join(out, k) for k in ("sft", "prefs", "test_prompts")})
+    monkeypatch.setattr(demo, "task_replies", lambda model, tok, prompts: ([{"answer": "1"}], ["1"]))
+    monkeypatch.setattr(demo, "preference_accuracy", lambda model, tok, prefs: model[1] / 100)
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+    namespace = {}
+    for cell in _read(name).cells:
+        if cell.cell_type == "code":
+            exec(compile(cell.source, name, "exec"), namespace)
+    plt.close("all")
+    return namespace, runs
+
+
+def _is_demo_variant(config, stage, small):
+    """configs/{stage}.py:demo, and at full scale as long as the demo variant trains (one epoch)."""
+    from zephyr_jax.config_common import load_config
+
+    demo = load_config(os.path.join(ROOT, f"configs/{stage}.py:demo"))
+    return (config.stage == stage and config.optim == demo.optim and config.seed == demo.seed
+            and (small or config.train.max_steps == demo.train.max_steps))
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small", "full"])
+@pytest.mark.parametrize("name", TRAINING)
+def test_training_notebooks_chain_the_right_runs_and_report_each_runs_own_numbers(name, small, tmp_path,
+                                                                                   monkeypatch):
+    ns, runs = _execute_with_stand_ins(name, tmp_path, monkeypatch, small)
+    (sft, sft_dir), *dpo_runs = runs
+    assert _is_demo_variant(sft, "sft", small) and sft.train.max_steps == ns["SFT_STEPS"]
+    assert sft.data.train == ns["paths"]["sft"]
+    for config, _ in dpo_runs:
+        assert _is_demo_variant(config, "dpo", small) and config.train.max_steps == ns["DPO_STEPS"], config
+        assert config.data.train == ns["paths"]["prefs"]
+    if name == "table3_small_scale.ipynb":
+        (chained, chained_dir), (alone, alone_dir) = dpo_runs
+        assert chained.model.init == "orbax" and chained.model.path == sft_dir  # dDPO from the dSFT model
+        assert alone.model.init == "random" and alone.model.arch == sft.model.arch  # the same model, untrained
+        arms = ns["arms"]
+        assert set(arms) == set(ns["order"]) == {"dSFT", "dSFT + dDPO", "dDPO (no dSFT)"}
+        assert [arms[a]["preference_accuracy"] for a in ("dSFT", "dSFT + dDPO", "dDPO (no dSFT)")] == [0, .01, .02]
+    else:
+        assert len(dpo_runs) == len(ns["GRID"]) == (2 if small else 8)
+        assert ns["baseline"]["preference_accuracy"] == 0
+        for i, ((loss_type, beta), (config, workdir)) in enumerate(zip(ns["GRID"], dpo_runs), start=1):
+            assert config.model.init == "orbax" and config.model.path == sft_dir
+            assert (config.dpo.loss_type, config.dpo.beta) == (loss_type, beta)
+            run = ns["runs"][f"{loss_type} beta={beta}"]
+            assert os.path.normpath(run["workdir"]) == workdir
+            assert run["eval"]["rewards/accuracies"] == i / 100 and run["preference_accuracy"] == i / 100
