@@ -189,3 +189,20 @@ def test_derived_lines_that_name_their_operations_are_not_counted_again(tmp_path
     path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(gpu))
     rows, _ = profiling.op_times(str(path))
     assert [(r["op"], r["calls"], round(r["seconds"] * 1e6, 6)) for r in rows] == [("dot.1", 1, 3.0)]
+
+
+def test_only_process_0_traces(monkeypatch, tmp_path):
+    """Every process runs the loop's TraceWindow, and only process 0 writes a trace (the module's docstring): a
+    pod's every host tracing into one shared workdir wrote N traces of the same steps."""
+    calls = []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda logdir: calls.append(("start", logdir)))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
+    monkeypatch.setattr(profiling, "newest_trace", lambda path: path)
+    for process in (1, 0):
+        monkeypatch.setattr(jax, "process_index", lambda: process)
+        window = profiling.TraceWindow(2, 1, str(tmp_path))
+        for step in (1, 2, 3):
+            window.before(step)
+            window.after(step, None)
+        window.close()
+        assert calls == ([] if process else [("start", str(tmp_path)), ("stop",)]), process
