@@ -284,11 +284,42 @@ def test_lm_eval_adapter_numbers(model_dir):
     assert len(lm.tok_encode(long_text)) > 64
     (windowed,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", (long_text,))])
     assert np.isfinite(windowed) and windowed < rolling[0]
+    # ... and its value is the sum over lm-eval's own rolling windows (after <s>, max_length tokens each, every
+    # token predicted once) of the unpadded PyTorch log-probs: every window counts, each once.
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    long_text = long_text * 2
+    tokens = lm.tok_encode(long_text, bos=False)
+    assert len(tokens) > 2 * 64  # three windows
+    want = 0.0
+    for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(tokens, prefix_token=1, max_seq_len=64,
+                                                                          context_len=1)):
+        with torch.no_grad():
+            logits = reference(torch.tensor([(ctx + pred)[:-1]])).logits[0, -len(pred):].double()
+        want += torch.log_softmax(logits, -1)[torch.arange(len(pred)), torch.tensor(pred)].sum().item()
+    (windowed,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", (long_text,))])
+    assert windowed == pytest.approx(want, abs=1e-3)
     # is_greedy is True for the model's own argmax token.
     ids = lm._encode_pair(*pairs[0])[0]
     with torch.no_grad():
         top = int(reference(torch.tensor([ids])).logits[0, -1].argmax())
     assert [g for _, g in lm._score_rows([(ids + [top], 1), (ids + [(top + 1) % 32000], 1)])] == [True, False]
+    # Several continuation tokens: greedy only when every one is the argmax (one right and one wrong is not), and
+    # continuations of 9 and 17 tokens (just past the power-of-two loss-position widths) are scored whole; each
+    # against the unpadded PyTorch forward pass.
+    with torch.no_grad():
+        second = int(reference(torch.tensor([ids + [top]])).logits[0, -1].argmax())
+    text_ids = lm.tok_encode("one two three four five six seven eight nine ten " * 2)
+    assert len(text_ids) >= 18
+    rows = [(ids + [top, second], 2), (ids + [top, (second + 1) % 32000], 2), (ids + [(top + 1) % 32000, second], 2),
+            (text_ids[:10], 9), (text_ids[:18], 17)]
+    for (ids_, n), (logp, greedy) in zip(rows, lm._score_rows(rows)):
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids_[:-1]])).logits[0, -n:].double()
+        cont = torch.tensor(ids_[-n:])
+        assert logp == pytest.approx(torch.log_softmax(logits, -1)[torch.arange(n), cont].sum().item(), abs=1e-4)
+        assert greedy == bool((logits.argmax(-1) == cont).all()), (ids_, n)
+    assert [g for _, g in lm._score_rows(rows[:3])] == [True, False, False]
     # Greedy generation does not depend on what else is in the batch (left padding, filler rows).
     gen = lambda prompt: req("generate_until", (prompt, {"until": ["\n\n"], "max_gen_toks": 4}))
     alone = lm.generate_until([gen("Hi there")])
@@ -306,6 +337,8 @@ def test_lm_eval_adapter_numbers(model_dir):
         lm._sampling({"max_gen_toks": 64})
     with pytest.raises(ValueError, match="continuation of 70 tokens does not fit max_length=64"):
         lm._score_rows([([1] + [5] * 70, 70)])
+    with pytest.raises(ValueError, match="continuation of 65 tokens does not fit max_length=64"):
+        lm._score_rows([([1] + [5] * 65, 65)])  # one token more than the 64 predicted positions: not scored in part
 
 
 def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
@@ -334,6 +367,10 @@ def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
     # Where the joint text has no more tokens than the context ("Fr" + "ance" is one token: HFLM asserts),
     # the joint text is still what is scored, split before the first token that differs.
     lm = ZephyrJaxLM(pretrained=model_dir, batch_size=4, max_length=64)
+    # A context that brings its own <s> (a chat template's bos_token) gets no second one, as in HFLM.
+    bos_pair = [Instance("loglikelihood", {}, ("<s>Question: 2+2?\nAnswer:", " 4"), 0)]
+    ((got, greedy),), ((want, want_greedy),) = lm.loglikelihood(bos_pair), hflm.loglikelihood(bos_pair)
+    assert got == pytest.approx(want, abs=1e-4) and greedy == want_greedy
     ctx, cont = lm._encode_pair("Paris is in Fr", "ance")
     assert ctx + cont == lm.tok_encode("Paris is in France") and len(cont) >= 1
     with pytest.raises(ValueError, match="empty continuation"):  # HFLM refuses it; it is not the context's end
@@ -412,13 +449,14 @@ def test_mt_bench_choices_are_drawn_with_different_seeds(monkeypatch):
     assert len(seeds) == 4 and len(set(seeds)) == 4  # (choice, turn): each its own stream
 
 
-def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir):
+def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir, tmp_path):
     from zephyr_jax.tokenizer import load_tokenizer
 
     rng = np.random.default_rng(0)
     drawn = {}
 
     def fake_logps(model, examples, batch_size):
+        drawn["examples"] = examples
         return drawn.setdefault(model, rng.normal(-50, 5, (len(examples), 2)).astype(np.float32))
 
     monkeypatch.setattr(evaluate, "load_model", lambda path, *a, **k: path)
@@ -429,6 +467,22 @@ def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir):
     assert got["logps/chosen"] == pytest.approx(float(policy[:, 0].mean()), rel=1e-6)
     margins = 0.1 * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
     assert got["rewards/margins"] == pytest.approx(float(margins.mean()), rel=1e-5, abs=1e-6)
+    # IPO averages each log-ratio over its own completion's tokens (TRL's ipo: logps / completion length, then
+    # (chosen - rejected - 1 / (2 beta))^2): chosen and rejected lengths must not be swapped.
+    # (Rejected replies of other lengths than the chosen ones: the toy task's are one digit each.)
+    rows = [json.loads(line) for line in (data_dir / "prefs" / "test_prefs.jsonl").read_text().splitlines()][:8]
+    for i, row in enumerate(rows):
+        row["rejected"][-1]["content"] += " or so" * i
+    (tmp_path / "test_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn.clear()
+    got = evaluate.prefs("POLICY", "REFERENCE", data=str(tmp_path), split="test_prefs", max_examples=8,
+                         max_length=128, max_prompt_length=64, tokenizer=load_tokenizer(), log=lambda *_: None,
+                         loss_type="ipo")
+    policy, reference = drawn["POLICY"], drawn["REFERENCE"]
+    lengths = np.array([[len(e.chosen), len(e.rejected)] for e in drawn["examples"]], np.float64)
+    assert np.any(lengths[:, 0] != lengths[:, 1])
+    ratios = (policy.astype(np.float64) - reference) / lengths
+    assert got["loss"] == pytest.approx(float(np.mean((ratios[:, 0] - ratios[:, 1] - 1 / (2 * 0.1)) ** 2)), rel=1e-5)
 
 
 def test_mt_bench_temperature_of_every_fastchat_category():
@@ -463,8 +517,16 @@ def test_generate_until_seeds_each_request_and_keeps_a_long_prompts_tail(model_d
     monkeypatch.setattr(lm_eval_adapter, "run", fake_run)
     kwargs = {"until": ["\n"], "max_gen_toks": 4, "do_sample": True, "temperature": 1.0}
     long_prompt = "one two three four five six seven eight nine ten " * 8
+    # lm-eval's gen_kwargs of a sampling task: each stop string (and EOS), the length and the sampling settings
+    # reach the engine.
+    sampled = {"until": ["\n\n", "Question:"], "max_gen_toks": 5, "do_sample": True, "temperature": 0.5,
+               "top_k": 7, "top_p": 0.9}
     lm.generate_until([Instance("generate_until", {}, ("Hi", kwargs), 0),
                        Instance("generate_until", {}, ("Hi", kwargs), 1),
-                       Instance("generate_until", {}, (long_prompt, kwargs), 2)])
+                       Instance("generate_until", {}, (long_prompt, kwargs), 2),
+                       Instance("generate_until", {}, ("Hi", sampled), 3)])
+    p = seen["params"][3]
+    assert (p.max_tokens, p.temperature, p.top_k, p.top_p) == (5, 0.5, 7, 0.9)
+    assert set(p.stop) == {"\n\n", "Question:", lm.tokenizer.decode([lm.eos])}
     assert seen["params"][0].seed != seen["params"][1].seed  # two samples of one prompt are two draws
     assert seen["prompts"][2] == lm.tok_encode(long_prompt)[-(64 - 4):]  # left-truncated to leave the reply room

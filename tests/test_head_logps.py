@@ -102,20 +102,40 @@ def test_head_logps_bfloat16_matches_full_head_path_with_the_same_matmul():
     _assert_close_relative(d_kernel, ref_kernel, 2e-2)
 
 
-def test_head_logps_float32_kernel_with_bfloat16_hidden():
+@pytest.mark.parametrize("chunk_size", [16, None])  # None: one chunk (K = 45), the train step's usual case
+def test_head_logps_float32_kernel_with_bfloat16_hidden(chunk_size):
     """A float32 kernel (the parameter) with bf16 activations: the head computes in bf16, d_kernel comes back
-    float32 and is the float32 sum of the bf16 products."""
+    float32 and is the float32 sum of the bf16 products. Both backward paths: the chunk loop and the single
+    chunk (K <= chunk_size, as most train steps' loss positions are), which has its own d_kernel cast."""
     hidden, kernel, targets, weights = _inputs(2, dtype=jnp.bfloat16)
     kernel32 = kernel.astype(jnp.float32) * 1.001  # not bf16-representable: the cast must happen inside
-    logps, _ = logprobs.head_logps(hidden, kernel32, targets, 16)
+    logps, _ = logprobs.head_logps(hidden, kernel32, targets, chunk_size)
     ref_logps, _ = _full_path(hidden, kernel32, targets)
     np.testing.assert_allclose(logps, ref_logps, rtol=1e-5, atol=1e-5)
-    fused = lambda h, w, t: logprobs.head_logps(h, w, t, 16)  # noqa: E731
+    fused = lambda h, w, t: logprobs.head_logps(h, w, t, chunk_size)  # noqa: E731
     d_hidden, d_kernel = _weighted_grads(fused, hidden, kernel32, targets, weights)
     ref_hidden, ref_kernel = _weighted_grads(_full_path, hidden, kernel32, targets, weights)
     assert d_hidden.dtype == jnp.bfloat16 and d_kernel.dtype == jnp.float32
     _assert_close_relative(d_hidden, ref_hidden, 2e-2)  # bf16 d_logits, as in the test above
     _assert_close_relative(d_kernel, ref_kernel, 2e-2)
+
+
+@pytest.mark.parametrize("chunk_size", [7, None])
+def test_head_logps_bfloat16_matmuls_all_take_bfloat16_operands(chunk_size):
+    """bf16 hidden and kernel: every matmul of the compiled forward + backward multiplies bf16 operands into a float32
+    result, as the model's head does, including the two backward ones that turn d_logits into d_hidden and
+    d_kernel (d_logits is cast to the compute dtype first, as the docstring says). A float32 d_logits there
+    promotes those matmuls to float32 x float32 (several times slower on TPU/GPU, and a second float32
+    [B, chunk, V] block), while the values stay close enough that the tolerance of the gradient tests above
+    cannot see it."""
+    hidden, kernel, targets, weights = _inputs(1, dtype=jnp.bfloat16)
+    fn = jax.value_and_grad(lambda h, w: jnp.sum(weights * logprobs.head_logps(h, w, targets, chunk_size)[0]),
+                            argnums=(0, 1))
+    text = jax.jit(fn).lower(hidden, kernel).as_text()
+    dots = re.findall(r"stablehlo\.dot_general .*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", text)
+    assert len(dots) >= 4, text  # the forward head, its recomputation, d_hidden and d_kernel
+    for lhs, rhs, out in dots:
+        assert lhs.endswith("bf16>") and rhs.endswith("bf16>") and out.endswith("f32>"), (lhs, rhs, out)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
