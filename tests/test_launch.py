@@ -311,13 +311,11 @@ def test_slurm_gpu_runs_one_distributed_trainer_per_gpu_with_the_args_verbatim(t
     """srun starts `python -m zephyr_jax.train --distributed` with the sbatch arguments unchanged (a path with a
     space stays one argument) and the GPU memory fraction exported (the user's wins); the job asks for one task
     per GPU and a SIGTERM (train's saved stop) before its time limit, all read by sbatch (before any command)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$LOG_DIR/argv"\n'
-                                  'printf "%s" "${XLA_PYTHON_CLIENT_MEM_FRACTION-unset}" > "$LOG_DIR/fraction"\n')
-    (bin_dir / "srun").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "SLURM_CPUS_PER_TASK")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", LOG_DIR=str(tmp_path), XLA_FLAGS="--x")
+    env = _shims(tmp_path, srun='printf "%s\\n" "$@" > "$LOG_DIR/argv"\n'
+                                'printf "%s" "${XLA_PYTHON_CLIENT_MEM_FRACTION-unset}" > "$LOG_DIR/fraction"\n')
+    for var in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "SLURM_CPUS_PER_TASK"):
+        env.pop(var, None)
+    env["XLA_FLAGS"] = "--x"
     args = ["--config=configs/sft.py", "--workdir=/shared/zephyr dir/sft", "--config.mesh.shape=(1,16,1)"]
     out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *args], cwd=ROOT, capture_output=True, text=True,
                          env=env, timeout=60)

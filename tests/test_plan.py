@@ -730,8 +730,6 @@ def test_the_planned_batch_holds_the_largest_of_the_mixs_batches(config):
 def test_xlas_flop_count_is_shown_within_4x_of_the_count_over_all_chips():
     """xla_estimate compares XLA's FLOPs per chip, times the chips, with the counted FLOPs of the whole step: on 4
     chips a per-chip count of 0.2 of the step's is 80% of it (shown), 1.25 of it is 500% (left out)."""
-    import types
-
     compiled = lambda flops: types.SimpleNamespace(cost_analysis=lambda: {"flops": flops})  # noqa: E731
     shown = plan.xla_estimate(compiled(20.0), 100.0, 4, None)
     assert shown["flops_per_chip"] == 20.0 and shown["share_of_counted"] == pytest.approx(0.8)

@@ -20,6 +20,7 @@ import transformers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group("server")  # one worker starts the module's server, for all its tests
 KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 NAME = "tiny-zephyr"
 
 
@@ -264,7 +265,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         == "logprobs"
     assert httpx.get(base + "/v1/nowhere").status_code == 404
     assert httpx.get(base + "/v1/models").status_code == 401
-    models = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    models = httpx.get(base + "/v1/models", headers=AUTH).json()
     assert [m["id"] for m in models["data"]] == [NAME]
     ok = _post(base, "/v1/chat/completions", chat)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
@@ -350,8 +351,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     base, log_path = server
     body = {"model": NAME, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 450,
             "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -419,7 +419,6 @@ def test_the_server_as_teacher_generator_and_judge_of_the_data_clis(server, tmp_
 
 # --- Found by mutation testing: the stream's framing, the reply budget and log-prob counts. ---
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Say something."}]}
 
 
