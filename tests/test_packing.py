@@ -180,7 +180,10 @@ def test_packed_sft_rows_refer_to_their_examples_and_build_the_batches_arrays_di
     as_dicts = [{k: v[i] for k, v in arrays.items()} for i in range(len(rows))]
     assert len(rows) == len(arrays["inputs"]) and examples_digest(rows) == examples_digest(as_dicts)
     batch, length, _ = batcher(rows[4:8], [1, 3])
-    assert length == 96 and all((batch[k] == arrays[k][[5, 7]]).all() for k in arrays)
+    mask = arrays.pop("loss_mask")[[5, 7]]  # listed as loss_positions; the devices get no mask
+    assert length == 96 and set(batch) == set(arrays) | {"loss_positions"}
+    assert all((batch[k] == arrays[k][[5, 7]]).all() for k in arrays)
+    assert (batch["loss_positions"] == loss_positions(mask, batch["loss_positions"].shape[1])).all()
     for r, d in zip(rows, as_dicts):
         ids = d["segment_ids"]
         assert sequence_lengths(r) == np.bincount(ids[ids > 0]).tolist()[1:]

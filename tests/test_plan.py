@@ -61,12 +61,13 @@ def test_tiny_dpo_fits_a_v5e_slice_with_exact_input_bytes_and_flops(pairs_file):
     c, m = r["config"], r["memory"]
     # Data parallelism replicates the float32 parameters: every chip holds all of them, Adam's two moments and the
     # float32 frozen reference; the batch is split over 4 chips: the 16 sequences packed into 4 rows (one per
-    # chip) of 5 int32 fields, plus each row's loss positions and segment slots.
+    # chip) of 4 int32 fields (inputs, targets, positions, segment ids), plus each row's loss positions and segment
+    # slots: no loss mask (the positions list the same tokens).
     params = r["model"]["params"]
     assert m["parameters"] == 4 * params and m["reference"] == 4 * params
     assert m["optimizer_state"] == 8 * params + 2 * 4  # mu, nu, and the int32 step counts of Adam and the schedule
     assert c["rows"] == 4
-    assert m["batch"] == 4 * (5 * c["length"] + c["loss_positions"] + c["segment_slots"]) * 4 // 4
+    assert m["batch"] == 4 * (4 * c["length"] + c["loss_positions"] + c["segment_slots"]) * 4 // 4
     assert m["total"] >= m["parameters"] + m["optimizer_state"] + m["reference"] + m["batch"] + m["temporaries"]
     assert r["attention"] == "Pallas splash attention" and r["compile_seconds"] > 0  # auto on a TPU
 
@@ -102,7 +103,7 @@ def test_precomputed_reference_log_probs_replace_the_frozen_copy(pairs_file):
     c, m = r["config"], r["memory"]
     assert r["verdict"].startswith("fits with") and c["reference"] == "precomputed log-probs"
     assert m["reference"] == 0 and m["parameters"] == frozen["memory"]["reference"]
-    assert m["batch"] == 4 * (5 * c["length"] + c["loss_positions"] + 2 * c["segment_slots"]) * 4 // 4
+    assert m["batch"] == 4 * (4 * c["length"] + c["loss_positions"] + 2 * c["segment_slots"]) * 4 // 4
     assert r["tokens"]["flops_per_step"] < frozen["tokens"]["flops_per_step"]
 
 
@@ -657,10 +658,10 @@ def test_planned_input_bytes_are_xlas_argument_bytes():
     with jax.set_mesh(mesh):
         compiled = step.lower(inputs.state, inputs.batch, inputs.reference).compile()
     buffers = plan.input_buffers(inputs)
-    # XLA drops an argument the step never reads (a DPO step reads no loss_mask: its loss positions say where the
-    # loss is), which the batch placed on the devices still holds
-    assert sum(b for _, b in buffers) - dict(buffers)["batch.loss_mask"] == \
-        compiled.memory_analysis().argument_size_in_bytes
+    # every array placed is one the step reads: a loss mask would be an argument XLA drops (loss_positions list
+    # the same tokens), bytes on the devices that the compiled step does not count
+    assert "batch.loss_mask" not in dict(buffers)
+    assert sum(b for _, b in buffers) == compiled.memory_analysis().argument_size_in_bytes
     parts = plan.input_bytes(buffers)
     assert 2 * parts["reference"] == parts["parameters"]  # float32 parameters
     assert {x.dtype for x in jax.tree.leaves(inputs.reference)} == {jnp.dtype(jnp.bfloat16)}

@@ -177,7 +177,9 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
         return loss / grad_accum, {k: v / grad_accum for k, v in metrics.items()}  # means of equal-sized parts
 
     def train_step(state: TrainState, batch, reference):
-        normalizer = jnp.maximum(batch["loss_mask"].sum(), 1).astype(jnp.float32) if stage == "sft" else None
+        # SFT: the mean over every token with a loss in the global batch (-1 fills loss_positions past a row's own)
+        normalizer = jnp.maximum((batch["loss_positions"] >= 0).sum(), 1).astype(jnp.float32) \
+            if stage == "sft" else None
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def accumulate(grads, micro):

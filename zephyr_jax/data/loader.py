@@ -41,7 +41,7 @@ def padded_batcher(make_rows: Callable, buckets) -> Callable:
         rows = range(len(examples)) if rows is None else rows
         batch = make_rows([examples[r] for r in rows], length)
         width = loss_width(max(loss_count(e) for e in examples), length, buckets)
-        batch["loss_positions"] = loss_positions(batch["loss_mask"], width)
+        batch["loss_positions"] = loss_positions(batch.pop("loss_mask"), width)  # the same tokens, listed
         return batch, length, len(examples)
 
     return batcher
@@ -57,7 +57,7 @@ def pair_batcher(num_rows: int, buckets, micro_batches: int = 1) -> Callable:
         batch = preference_rows(examples, [plan[r] for r in rows], length, slots_for(plan))
         completions = lambda row: sum(len(examples[p].rejected if side else examples[p].chosen) for p, side in row)
         width = loss_width(max(completions(row) for row in plan), length, buckets)
-        batch["loss_positions"] = loss_positions(batch["loss_mask"], width)
+        batch["loss_positions"] = loss_positions(batch.pop("loss_mask"), width)  # the same tokens, listed
         return batch, length, num_rows
 
     return batcher
@@ -80,7 +80,8 @@ def examples_digest(examples: Sequence) -> str:
 class Loader:
     def __init__(self, examples: Sequence, global_batch_size: int, batcher: Callable, *, seed: int = 0, rows=None):
         """batcher(the global batch's examples, rows) -> (those rows of the batch as a dict of [rows, length]
-        arrays, length, rows in the global batch): padded_batcher or pair_batcher.
+        arrays, length, rows in the global batch): padded_batcher or pair_batcher. The rows' loss_mask becomes
+        loss_positions there and is not sent to the devices (the steps read only the positions).
         rows: the rows of each global batch this process builds (default: all of them; train.local_rows)."""
         self.examples, self.global_batch_size, self.batcher = examples, global_batch_size, batcher
         if len(examples) < global_batch_size:
