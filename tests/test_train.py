@@ -121,7 +121,7 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray([ids]))), ref_logits, atol=1e-4)
 
 
-def test_unknown_config_key_is_a_clear_error(tmp_path):
+def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}",
                "--config.train.no_such_key=1")
     assert out.returncode != 0 and "Traceback" not in out.stderr  # one line, not ml_collections' traceback
@@ -139,6 +139,10 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
                "--process_id=1")
     assert out.returncode != 0 and ("--num_processes, --process_id given: --coordinator_address, --num_processes "
                                     "and --process_id go together") in out.stderr, out.stderr[-2000:]
+    # a value out of range (train_checks.ConfigError): the message, not a traceback that ends in it
+    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--config.optim.lr=-1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == "error: optim.lr=-1.0: must be positive", out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("stage, overrides, message", [
@@ -765,11 +769,11 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
         if stage == "sft":
             batch = pad_sft([sft_example(r, i, tok) for i, r in enumerate(rows)], 48)
             batch["loss_mask"][0, np.flatnonzero(batch["loss_mask"][0])[3:]] = 0  # micro-batches of unequal tokens:
-            batch["loss_positions"] = loss_positions(batch["loss_mask"], 48)  # a mean of their means would differ
+            batch["loss_positions"] = loss_positions(batch.pop("loss_mask"), 48)  # a mean of their means would differ
         else:  # 8 pairs packed into 8 rows, planned per micro-batch
             batch = pack_pairs([preference_example(r, i, tok) for i, r in enumerate(rows)], 8,
                                multiples(16, 512), accum)
-            batch["loss_positions"] = loss_positions(batch["loss_mask"], batch["loss_mask"].shape[1])
+            batch["loss_positions"] = loss_positions(batch.pop("loss_mask"), batch["inputs"].shape[1])
         step = jax.jit(train_steps.make_train_step(stage, graphdef, tx, schedule, accum, cfg.get("dpo"),
                                                    num_pairs=8))
         state = train_steps.TrainState(params, tx.init(params), jnp.asarray(3))
@@ -798,7 +802,7 @@ def test_gradient_accumulation_holds_one_float32_gradient_tree():
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
     tx, schedule = train_steps.make_optimizer(cfg.optim, 10)
     state = train_steps.TrainState(params, tx.init(params), jnp.asarray(0))
-    batch = {k: jnp.zeros((8, 32), jnp.int32) for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask",
+    batch = {k: jnp.zeros((8, 32), jnp.int32) for k in ("inputs", "targets", "positions", "segment_ids",
                                                          "loss_positions")}
     temporaries = {}
     for accum in (1, 2, 4):

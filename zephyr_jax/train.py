@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from zephyr_jax import checkpoint, hf, profiling
 from zephyr_jax import train_checks as checks
+from zephyr_jax.train_checks import ConfigError
 from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import parse_flags
 from zephyr_jax.data import Loader, default_buckets, pad_sft
@@ -95,12 +96,12 @@ def check_batch_fits_mesh(cfg, mesh) -> None:
     axes = " x ".join(batch_axes(cfg.mesh.rules)) or "no axis"
     for name, size in sizes:
         if size % shards:
-            raise ValueError(f"{name}={size} does not divide over the mesh's {axes} = {shards} batch shards "
-                             "(config.mesh.rules.batch)")
+            raise ConfigError(f"{name}={size} does not divide over the mesh's {axes} = {shards} batch shards "
+                              "(config.mesh.rules.batch)")
     rows = cfg.data.packed_rows if cfg.stage == "dpo" and cfg.data.packing else 0
     if rows % (shards * cfg.train.grad_accum):
-        raise ValueError(f"data.packed_rows={rows} must be a multiple of train.grad_accum x the mesh's batch shards "
-                         f"({cfg.train.grad_accum} x {shards})")
+        raise ConfigError(f"data.packed_rows={rows} must be a multiple of train.grad_accum x the mesh's batch shards "
+                          f"({cfg.train.grad_accum} x {shards})")
 
 
 def mesh_for(cfg, devices=None):
@@ -119,8 +120,8 @@ def first_devices(devices, n: int) -> list:
     per, left = divmod(n, len(processes))
     held = {p: [d for d in devices if d.process_index == p] for p in processes}
     if left or per < 1 or any(len(held[p]) < per for p in processes):
-        raise ValueError(f"config.mesh.num_devices={n}: must be a multiple of the {len(processes)} processes, each "
-                         f"giving an equal part of at most {min(len(h) for h in held.values())} devices")
+        raise ConfigError(f"config.mesh.num_devices={n}: must be a multiple of the {len(processes)} processes, each "
+                          f"giving an equal part of at most {min(len(h) for h in held.values())} devices")
     return [d for p in processes for d in held[p][:per]]
 
 
@@ -162,10 +163,10 @@ def preference_batcher(cfg, mesh, pairs: int, micro_batches: int = 1):
     elif cfg.data.packing:  # checked here, not at the batch of long pairs that would not fit, hours in
         need = packed_pair_buckets(pairs, rows, cfg.data.max_length)[-1]
         if max(buckets) < need:
-            raise ValueError(f"data.buckets={tuple(cfg.data.buckets)}: {pairs} pairs packed into {rows} rows may "
-                             f"need rows of {need} positions (their share of sequences and one more, each up to "
-                             f"data.max_length={cfg.data.max_length}), more than the largest bucket; add one of "
-                             f"{need}, or leave data.buckets empty (packed_pair_buckets' lengths)")
+            raise ConfigError(f"data.buckets={tuple(cfg.data.buckets)}: {pairs} pairs packed into {rows} rows may "
+                              f"need rows of {need} positions (their share of sequences and one more, each up to "
+                              f"data.max_length={cfg.data.max_length}), more than the largest bucket; add one of "
+                              f"{need}, or leave data.buckets empty (packed_pair_buckets' lengths)")
     return pair_batcher(rows, buckets, micro_batches)
 
 
@@ -190,8 +191,8 @@ def model_config(cfg) -> MistralConfig:
         mcfg = hf.load_config(hf.resolve(cfg.model.path), **jax_settings)
     if mcfg.attention_dropout:  # inference never drops; training here would silently differ from transformers'
         source = "config.model.arch" if cfg.model.init == "random" else cfg.model.path
-        raise ValueError(f"the model's attention_dropout={mcfg.attention_dropout} ({source}): attention dropout is "
-                         "not implemented in training; set it to 0.0 (Mistral-7B's value)")
+        raise ConfigError(f"the model's attention_dropout={mcfg.attention_dropout} ({source}): attention dropout is "
+                          "not implemented in training; set it to 0.0 (Mistral-7B's value)")
     return mcfg
 
 
@@ -474,9 +475,9 @@ def run(cfg, workdir: str) -> dict:
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
     # Packed rows too few for a batch: said here, as the Loader would call them examples.
     if len(train_examples) < cfg.train.global_batch_size and len(train_examples) < read:
-        raise ValueError(f"data.train's {read} examples packed into {len(train_examples)} rows of "
-                         f"{cfg.data.max_length} tokens cannot fill one global batch of {cfg.train.global_batch_size} "
-                         "rows (with data.packing, train.global_batch_size counts packed rows)")
+        raise ConfigError(f"data.train's {read} examples packed into {len(train_examples)} rows of "
+                          f"{cfg.data.max_length} tokens cannot fill one global batch of {cfg.train.global_batch_size} "
+                          "rows (with data.packing, train.global_batch_size counts packed rows)")
     train_rows = local_rows(sharding, num_rows)
     loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
     if jax.process_count() > 1:  # each process builds its rows of the same global batches: same list, or wrong data
@@ -754,13 +755,18 @@ def cli():
         except Preempted as e:
             print(f"process {jax.process_index()}: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
-        except (Exception, KeyboardInterrupt):
-            if jax.process_count() == 1:
+        except (Exception, KeyboardInterrupt) as e:
+            if isinstance(e, ConfigError):  # its message names the setting: no traceback to read through
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                if jax.process_count() == 1:
+                    sys.exit(1)
+            elif jax.process_count() == 1:
                 raise
+            else:
+                traceback.print_exc()
             # The other processes wait for this one in a collective. A normal exit would wait minutes more in
             # jax.distributed's shutdown barrier, then abort every process with a dump that names no cause; this
             # way the error is printed and the others stop when the coordinator misses this process.
-            traceback.print_exc()
             print(f"process {jax.process_index()} of {jax.process_count()} failed: exiting now", file=sys.stderr,
                   flush=True)
             sys.stdout.flush()

@@ -27,6 +27,12 @@ from zephyr_jax.model.attention import CUDNN_DTYPES
 from zephyr_jax.sharding import rules_table
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 
+
+class ConfigError(ValueError):
+    """A setting that cannot work (a value out of range, two that conflict, a workdir of another run, a model
+    that does not fit the data). The message names the setting; the command line prints it without a traceback."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The config: every mistake a config can hold is reported here, before anything is loaded or compiled.
 
@@ -35,10 +41,10 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     """check_model_source=False (the planner) skips what only the training machine needs: the init checkpoint on
     disk, and wandb installed when logging.wandb_project is set."""
     if cfg.stage not in ("sft", "dpo"):
-        raise ValueError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
+        raise ConfigError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
     if ("dpo" in cfg) != (cfg.stage == "dpo"):
-        raise ValueError(f"config.stage={cfg.stage!r} in a config {'with' if 'dpo' in cfg else 'without'} a dpo "
-                         "section: the stage is the config file's (configs/sft.py or configs/dpo.py)")
+        raise ConfigError(f"config.stage={cfg.stage!r} in a config {'with' if 'dpo' in cfg else 'without'} a dpo "
+                          "section: the stage is the config file's (configs/sft.py or configs/dpo.py)")
     for key in ("model.dtype", "model.param_dtype", "optim.mu_dtype", "dpo.reference_dtype"):
         group, name = key.split(".")
         if group in cfg:
@@ -46,66 +52,66 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     check_optim(cfg.optim)
     rules_table(cfg.mesh.rules)  # a rule naming something other than a mesh axis
     if not isinstance(cfg.seed, numbers.Integral) or cfg.seed < 0:  # numpy's generators take none below 0
-        raise ValueError(f"config.seed={cfg.seed!r}: must be a whole number >= 0")
+        raise ConfigError(f"config.seed={cfg.seed!r}: must be a whole number >= 0")
     if cfg.model.init == "random":
         for key in ("rope_theta", "rms_norm_eps", "initializer_range"):  # NaN at step 1, or no gradient at all
             if key in cfg.model.arch and not cfg.model.arch[key] > 0:
-                raise ValueError(f"config.model.arch.{key}={cfg.model.arch[key]}: must be positive")
+                raise ConfigError(f"config.model.arch.{key}={cfg.model.arch[key]}: must be positive")
     if cfg.model.init not in ("hf", "orbax", "random"):
-        raise ValueError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
+        raise ConfigError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
     if cfg.model.init != "random" and cfg.model.arch.to_dict() != random_arch():  # else unused, yet in config.json
         changed = sorted(k for k, v in cfg.model.arch.to_dict().items() if random_arch().get(k) != v)
-        raise ValueError(f"config.model.arch ({', '.join(changed)}) applies only to model.init='random'; with "
-                         f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
+        raise ConfigError(f"config.model.arch ({', '.join(changed)}) applies only to model.init='random'; with "
+                          f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
     if check_model_source:
         check_model_source_exists(cfg.model)
         if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:  # now, not after the data work
-            raise ValueError(f"config.logging.wandb_project={cfg.logging.wandb_project!r}, but wandb is not "
-                             "installed: pip install wandb, or leave logging.wandb_project unset (metrics.jsonl "
-                             "and TensorBoard still get every record)")
+            raise ConfigError(f"config.logging.wandb_project={cfg.logging.wandb_project!r}, but wandb is not "
+                              "installed: pip install wandb, or leave logging.wandb_project unset (metrics.jsonl "
+                              "and TensorBoard still get every record)")
     t = cfg.train
     for key in ("global_batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
         if t[key] < 1:  # keep_checkpoints=0 would keep none, the final one included
-            raise ValueError(f"train.{key}={t[key]}: must be at least 1")
+            raise ConfigError(f"train.{key}={t[key]}: must be at least 1")
     for key in ("eval_every", "save_every", "profile_start"):
         if t[key] < 0:
-            raise ValueError(f"train.{key}={t[key]}: must be 0 (off) or positive")
+            raise ConfigError(f"train.{key}={t[key]}: must be 0 (off) or positive")
     if t.peak_tflops < 0:  # an MFU below zero
-        raise ValueError(f"train.peak_tflops={t.peak_tflops}: must be 0 (the data sheet's) or positive")
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops}: must be 0 (the data sheet's) or positive")
     if t.profile_start and t.profile_steps < 1:
-        raise ValueError(f"train.profile_steps={t.profile_steps} with train.profile_start={t.profile_start}: must "
-                         "be at least 1 (profile_start=0 turns the trace off)")
+        raise ConfigError(f"train.profile_steps={t.profile_steps} with train.profile_start={t.profile_start}: must "
+                          "be at least 1 (profile_start=0 turns the trace off)")
     if t.global_batch_size % t.grad_accum:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                         f"train.grad_accum={t.grad_accum}")
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"train.grad_accum={t.grad_accum}")
     if t.max_steps <= 0 and t.num_epochs < 1:
-        raise ValueError(f"train.num_epochs={t.num_epochs} with train.max_steps={t.max_steps}: nothing to train "
-                         "(set num_epochs >= 1, or max_steps)")
+        raise ConfigError(f"train.num_epochs={t.num_epochs} with train.max_steps={t.max_steps}: nothing to train "
+                          "(set num_epochs >= 1, or max_steps)")
     for key in ("pack_window", "packed_rows"):  # 0: automatic (all examples at once / about four sequences a row)
         if key in cfg.data and cfg.data[key] < 0:
-            raise ValueError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
+            raise ConfigError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
     for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"{key}={tuple(values)!r}: expected whole numbers")
+            raise ConfigError(f"{key}={tuple(values)!r}: expected whole numbers")
     if cfg.data.max_length < 2:  # one token predicts nothing
-        raise ValueError(f"data.max_length={cfg.data.max_length}: must be at least 2")
+        raise ConfigError(f"data.max_length={cfg.data.max_length}: must be at least 2")
     check_buckets(cfg)
     check_attention_kernel(cfg)
     for key, allowed in (("on_bad_row", ON_BAD_ROW), ("loss_on", LOSS_ON), ("too_long", TOO_LONG)):
         if key in cfg.data and cfg.data[key] not in allowed:  # else raised only once the source is read
-            raise ValueError(f"data.{key}={cfg.data[key]!r}: expected one of {allowed}")
+            raise ConfigError(f"data.{key}={cfg.data[key]!r}: expected one of {allowed}")
     if cfg.stage == "dpo":
         try:  # the loss type, beta and label smoothing, by the rules dpo_loss itself applies
             check_dpo_settings(cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.label_smoothing)
         except ValueError as e:
-            raise ValueError(f"config.dpo (beta={cfg.dpo.beta}, label_smoothing={cfg.dpo.label_smoothing}): {e}") \
+            raise ConfigError(f"config.dpo (beta={cfg.dpo.beta}, label_smoothing={cfg.dpo.label_smoothing}): {e}") \
                 from None
         if cfg.dpo.precompute_reference and cfg.dpo.reference_free:
-            raise ValueError("dpo.precompute_reference=True with dpo.reference_free=True: a reference-free loss has "
-                             "no reference log-probs to compute; set one of them")
+            raise ConfigError("dpo.precompute_reference=True with dpo.reference_free=True: a reference-free loss has "
+                              "no reference log-probs to compute; set one of them")
         if not 1 <= cfg.data.max_prompt_length < cfg.data.max_length:
-            raise ValueError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be at least 1 and below "
-                             f"data.max_length={cfg.data.max_length}")
+            raise ConfigError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be at least 1 and below "
+                              f"data.max_length={cfg.data.max_length}")
 
 
 TRAINING_DTYPES = ("float32", "bfloat16", "float16")
@@ -119,7 +125,7 @@ def check_float_dtype(value, key: str) -> None:
     except TypeError:
         name = None
     if name not in TRAINING_DTYPES:
-        raise ValueError(f"{key}={value!r}: expected one of {', '.join(TRAINING_DTYPES)}")
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(TRAINING_DTYPES)}")
 
 
 def check_attention_kernel(cfg) -> None:
@@ -130,22 +136,22 @@ def check_attention_kernel(cfg) -> None:
 
     impl, d = cfg.model.attention_impl, cfg.data
     if impl == "cudnn" and jnp.dtype(cfg.model.dtype) not in CUDNN_DTYPES:
-        raise ValueError(f"model.attention_impl='cudnn' with model.dtype={cfg.model.dtype!r}: cuDNN flash attention "
-                         "computes in bfloat16 or float16 (set model.dtype, or attention_impl='auto' or 'xla')")
+        raise ConfigError(f"model.attention_impl='cudnn' with model.dtype={cfg.model.dtype!r}: cuDNN flash attention "
+                          "computes in bfloat16 or float16 (set model.dtype, or attention_impl='auto' or 'xla')")
     if impl == "splash":
         packed_pairs = cfg.stage == "dpo" and d.packing and not d.buckets
         lengths = (min(128, d.max_length),) if packed_pairs else buckets_for(d)
         bad = [n for n in lengths if n % 128]
         if bad:
-            raise ValueError(f"model.attention_impl='splash' needs lengths that are multiples of 128; batches here "
-                             f"can be {bad[0]} long (data.max_length={d.max_length}, data.buckets="
-                             f"{tuple(d.buckets)}): set them so, or attention_impl='auto' (einsum attention there)")
+            raise ConfigError(f"model.attention_impl='splash' needs lengths that are multiples of 128; batches here "
+                              f"can be {bad[0]} long (data.max_length={d.max_length}, data.buckets="
+                              f"{tuple(d.buckets)}): set them so, or attention_impl='auto' (einsum attention there)")
 
 
 def check_optim(o) -> None:
     """AdamW's and the schedule's settings in the ranges where they mean what the recipe means."""
     if o.schedule not in steps.SCHEDULES:
-        raise ValueError(f"optim.schedule={o.schedule!r}: expected one of {steps.SCHEDULES}")
+        raise ConfigError(f"optim.schedule={o.schedule!r}: expected one of {steps.SCHEDULES}")
     rules = {"lr": (o.lr > 0, "must be positive"), "warmup_ratio": (0 <= o.warmup_ratio <= 1, "must lie in [0, 1]"),
              "b1": (0 <= o.b1 < 1, "must lie in [0, 1)"), "b2": (0 <= o.b2 < 1, "must lie in [0, 1)"),
              # eps=0: Adam's update of a parameter without gradient (the embedding of a token no batch holds) is
@@ -154,7 +160,7 @@ def check_optim(o) -> None:
              "clip_norm": (o.clip_norm >= 0, "must be 0 (off) or positive")}
     for key, (ok, rule) in rules.items():
         if not ok:
-            raise ValueError(f"optim.{key}={o[key]}: {rule}")
+            raise ConfigError(f"optim.{key}={o[key]}: {rule}")
 
 
 def check_buckets(cfg) -> None:
@@ -167,16 +173,16 @@ def check_buckets(cfg) -> None:
         return
     if cfg.stage == "sft" and cfg.data.packing:
         if n not in buckets:
-            raise ValueError(f"data.buckets={buckets} lacks data.max_length={n}, the length of every packed dSFT row")
+            raise ConfigError(f"data.buckets={buckets} lacks data.max_length={n}, the length of every packed dSFT row")
     elif max(buckets) < n - 1:
-        raise ValueError(f"data.buckets={buckets}: an example of data.max_length={n} tokens needs {n - 1} positions, "
-                         "more than the largest bucket")
+        raise ConfigError(f"data.buckets={buckets}: an example of data.max_length={n} tokens needs {n - 1} positions, "
+                          "more than the largest bucket")
 
 
 def check_model_source_exists(model_cfg) -> None:
     if model_cfg.init == "hf" and is_workdir(model_cfg.path):
-        raise ValueError(f"config.model.path={model_cfg.path!r} is a zephyr_jax training workdir: set "
-                         "config.model.init='orbax' to start from its checkpoint")
+        raise ConfigError(f"config.model.path={model_cfg.path!r} is a zephyr_jax training workdir: set "
+                          "config.model.init='orbax' to start from its checkpoint")
     if model_cfg.init == "orbax" and not os.path.isdir(os.path.join(model_cfg.path, "checkpoints")):
         raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no zephyr_jax workdir with checkpoints "
                                 "there (train the SFT stage first, or set config.model.init='hf')")
@@ -239,9 +245,9 @@ def resume_settings(cfg, workdir: str) -> bool:
     changed = [f"{k}: {old!r} -> {now!r}" for k, old, now in pairs
                if "<absent>" not in (old, now) and not same(k, old, now)]
     if changed:
-        raise ValueError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
-                         "not continue it. Changed: " + "; ".join(changed) + ". Use another --workdir, or the "
-                         "settings of that run.")
+        raise ConfigError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
+                          "not continue it. Changed: " + "; ".join(changed) + ". Use another --workdir, or the "
+                          "settings of that run.")
     for k, consequence in RESIZING_KEYS.items():
         if _setting(saved, k) not in ("<absent>", _setting(new, k)) and jax.process_index() == 0:
             print(f"resuming {workdir} with {k} changed ({_setting(saved, k)} -> {_setting(new, k)}): {consequence}")
@@ -256,8 +262,8 @@ def check_workdir(workdir: str) -> None:
     """A URL (gs://...) is refused: the workdir is written with Python's file functions, which would make a local
     directory named 'gs:' (and orbax fails at the first save, hours in). A bucket mounted with GCSFuse is a path."""
     if "://" in workdir:
-        raise ValueError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
-                         "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
+        raise ConfigError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
+                          "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
 
 
 SHARED_MARK = "process_0_mark"  # at every start, process 0 makes WORKDIR/process_0_mark.<random>; the others look
@@ -278,10 +284,10 @@ def check_shared_workdir(workdir: str) -> None:
     seen = multihost_utils.process_allgather(np.int32(os.path.exists(path)))
     blind = [p for p in range(len(seen)) if not seen[p]]
     if blind:
-        raise ValueError(f"--workdir={workdir} is not shared: processes {blind} do not see what process 0 wrote there "
-                         f"({os.path.basename(path)}); every process must write the same directory (NFS/Filestore "
-                         "or a GCSFuse mount on several hosts; a relative path is taken from each process's own "
-                         "directory)")
+        raise ConfigError(f"--workdir={workdir} is not shared: processes {blind} do not see what process 0 wrote there "
+                          f"({os.path.basename(path)}); every process must write the same directory (NFS/Filestore "
+                          "or a GCSFuse mount on several hosts; a relative path is taken from each process's own "
+                          "directory)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,9 +300,9 @@ def check_token_ids(examples, vocab_size: int, where: str, tokenizer: str | None
     arrays = (a for e in examples for a in ((e.prompt, e.chosen, e.rejected) if hasattr(e, "prompt") else (e.ids,)))
     most = max((int(a.max()) for a in arrays if a.size), default=-1)
     if most >= vocab_size:
-        raise ValueError(f"{where} holds token id {most}, but the model's vocabulary has {vocab_size} entries: "
-                         f"config.tokenizer={tokenizer!r} has tokens the model lacks. Use the model's own tokenizer, "
-                         "or a model with embeddings for every id")
+        raise ConfigError(f"{where} holds token id {most}, but the model's vocabulary has {vocab_size} entries: "
+                          f"config.tokenizer={tokenizer!r} has tokens the model lacks. Use the model's own tokenizer, "
+                          "or a model with embeddings for every id")
 
 
 def check_default_tokenizer(cfg, vocab_size: int, tok) -> None:
@@ -315,6 +321,6 @@ def check_default_tokenizer(cfg, vocab_size: int, tok) -> None:
     own = load_tokenizer(source)
     n = min(len(tok), len(own))
     if own.convert_ids_to_tokens(list(range(n))) != tok.convert_ids_to_tokens(list(range(n))):
-        raise ValueError(f"model.path={cfg.model.path!r} has a vocabulary of {vocab_size} tokens, and its own "
-                         f"tokenizer ({source}) numbers them unlike Mistral-7B-v0.1's, which training takes while "
-                         f"config.tokenizer is unset: set config.tokenizer={source!r}")
+        raise ConfigError(f"model.path={cfg.model.path!r} has a vocabulary of {vocab_size} tokens, and its own "
+                          f"tokenizer ({source}) numbers them unlike Mistral-7B-v0.1's, which training takes while "
+                          f"config.tokenizer is unset: set config.tokenizer={source!r}")
