@@ -902,12 +902,19 @@ def _params(workdir):
 
 @pytest.mark.long
 def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
+    """Also: the restarts compile nothing. Every program the first run compiled (any compile time: JAX's own
+    setting) is in the persistent compilation cache, and the killed and the resumed run add no entry: each
+    program's cache key is the same in another process (the train step's, minutes for 7B, included)."""
+    cache = tmp_path / "xla"
     args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
             f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=10", "--config.train.save_every=2",
-            "--config.train.eval_every=0", "--config.train.progress=False"]
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+            "--config.train.eval_every=0", "--config.train.progress=False",
+            f"--config.train.compilation_cache_dir={cache}"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     full = _cli("zephyr_jax.train", f"--workdir={tmp_path / 'full'}", *args, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
+    compiled = sorted(os.listdir(cache))
+    assert sum(name.startswith("jit_train_step-") for name in compiled) == 1, compiled
 
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "zephyr_jax.train", f"--workdir={killed_dir}", *args], cwd=ROOT,
@@ -922,6 +929,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
     resumed = _cli("zephyr_jax.train", f"--workdir={killed_dir}", *args, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stdout
+    assert sorted(os.listdir(cache)) == compiled
 
     full_step, full_params = _params(tmp_path / "full")
     killed_step, killed_params = _params(killed_dir)

@@ -73,10 +73,10 @@ def rounded_reference_note(cfg) -> str | None:
 def use_compilation_cache(path: str | None) -> None:
     """JAX's persistent compilation cache: a restart, or a later run with the same shapes, loads each compiled
     step instead of compiling it again (minutes for a 7B step). Any path JAX can write, including gs:// buckets;
-    "" turns it off."""
+    "" turns it off. Programs that compile in under a second are not stored (JAX's default;
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS sets another bound)."""
     if path:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # skip the trivial programs
 
 
 def check_batch_fits_mesh(cfg, mesh) -> None:
