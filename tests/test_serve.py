@@ -481,3 +481,48 @@ def test_completion_top_logprobs_hold_as_many_alternatives_as_asked(server):
     tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
     # at most 3: alternatives keyed by their text may merge two ids that decode alike
     assert tops[0] is None and all(1 <= len(t) <= 3 for t in tops[1:]) and max(len(t) for t in tops[1:]) == 3
+
+
+def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatch):
+    """The command's --warmup and --mesh reach the engine (in process, uvicorn.run standing in): the model is
+    split over the mesh, the warm-up compiles before serving, so a greedy completion then adds no program, and
+    its text is the one-device engine's. (The engine laid its cache out as P(None, None, 'tensor', None, None)
+    and the calls handed it back as P(None, None, 'tensor'): the same layout, but the first request's decoding
+    call missed the warm-up's jit cache entry and traced again.)"""
+    import jax
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    import zephyr_jax
+    from zephyr_jax import serve
+    from zephyr_jax.engine import Engine
+    from zephyr_jax.generate import generate
+
+    engines, seen = [], {}
+
+    class Recorded(serve.Engine):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            engines.append(self)
+
+    def serve_once(app, **kw):
+        before = Engine.compiled_programs()
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", headers=AUTH, json={
+                "model": NAME, "prompt": "The sky is", "max_tokens": 6, "temperature": 0})
+        seen.update(response=r, compiled=Engine.compiled_programs() - before)
+
+    monkeypatch.setattr(serve, "Engine", Recorded)
+    monkeypatch.setattr(uvicorn, "run", serve_once)
+    serve.main([f"--model={tiny_model_dir}", "--dtype=float32", "--max-slots=2", "--max-length=32",
+                "--warmup", "--mesh=1,-1,2", f"--api-key={KEY}", f"--served-model-name={NAME}",
+                "--compilation-cache="])
+    (engine,) = engines
+    weights = jax.tree.leaves(engine.state)
+    assert {tuple(x.sharding.mesh.shape.items()) for x in weights} == {(("data", 1), ("fsdp", 4), ("tensor", 2))}
+    assert sum(not x.sharding.is_fully_replicated for x in weights) >= len(weights) // 2  # split, not copied
+    assert seen["response"].status_code == 200, seen["response"].text
+    assert seen["compiled"] == 0
+    model, tok = zephyr_jax.load(tiny_model_dir, dtype="float32")
+    assert seen["response"].json()["choices"][0]["text"] == \
+        generate(model, tok, ["The sky is"], max_new_tokens=6, temperature=0.0)[0]

@@ -98,7 +98,9 @@ def test_the_engines_kv_cache_follows_the_rules():
     def spec(rules, slots=4, kv_heads=2, heads_first=True):
         cfg = MistralConfig(num_key_value_heads=kv_heads, sharding_rules=rules)
         sharding = Engine._cache_sharding(SimpleNamespace(config=cfg, max_slots=slots), mesh, heads_first)
-        return dict(zip(kv_cache.axes(heads_first), sharding.spec))
+        axes, given = kv_cache.axes(heads_first), tuple(sharding.spec)
+        assert given[-1:] != (None,)  # the form the engine's calls hand the cache back in (trailing axes left out)
+        return dict(zip(axes, given + (None,) * (len(axes) - len(given))))
 
     replace = lambda **new: tuple((name, new.get(name, axes)) for name, axes in DEFAULT_RULES)  # noqa: E731
     assert spec(None) == dict(layers=None, slots=("data", "fsdp"), kv_heads="tensor", length=None, head_dim=None)

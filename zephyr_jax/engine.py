@@ -377,6 +377,8 @@ class Engine:
             if not split or sizes[axis] % math.prod(mesh.shape[a] for a in split):
                 split = ()  # unsplit: nothing to split it over, or it does not divide
             spec.append(split[0] if len(split) == 1 else split or None)
+        while spec and spec[-1] is None:  # as the calls hand the cache back: one cache entry a shape, not two
+            spec.pop()
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
     # --- requests ---------------------------------------------------------------------------------------
