@@ -50,7 +50,10 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         if group in cfg:
             check_float_dtype(cfg[group][name], key)
     check_optim(cfg.optim)
-    rules_table(cfg.mesh.rules)  # a rule naming something other than a mesh axis
+    try:
+        rules_table(cfg.mesh.rules)  # a rule naming something other than a mesh axis
+    except ValueError as e:  # (sharding.py's own error, for the planner's and the engine's rules too)
+        raise ConfigError(str(e)) from e
     if not isinstance(cfg.seed, numbers.Integral) or cfg.seed < 0:  # numpy's generators take none below 0
         raise ConfigError(f"config.seed={cfg.seed!r}: must be a whole number >= 0")
     if cfg.model.init == "random":
