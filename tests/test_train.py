@@ -139,10 +139,18 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
                "--process_id=1")
     assert out.returncode != 0 and ("--num_processes, --process_id given: --coordinator_address, --num_processes "
                                     "and --process_id go together") in out.stderr, out.stderr[-2000:]
-    # a value out of range (train_checks.ConfigError): the message, not a traceback that ends in it
-    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--config.optim.lr=-1")
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == "error: optim.lr=-1.0: must be positive", out.stderr[-2000:]
+    # A value out of range, a mesh the devices cannot fill, a missing init checkpoint (train_checks.ConfigError):
+    # the message, not a traceback that ends in it.
+    for overrides, message in (
+            (["--config.optim.lr=-1"], "error: optim.lr=-1.0: must be positive"),
+            (["--config.mesh.shape=(1,1,3)"], "error: config.mesh: mesh shape (1, 1, 3) needs 3 devices; 8 are "
+                                              "available (1 process(es))"),
+            (["--config.model.init=orbax", f"--config.model.path={tmp_path / 'none'}"],
+             f"error: config.model.path='{tmp_path / 'none'}': no zephyr_jax workdir with checkpoints there")):
+        out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides,
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("stage, overrides, message", [

@@ -108,7 +108,10 @@ def mesh_for(cfg, devices=None):
     """The config's mesh over its devices (default: this job's), checked against the batch sizes."""
     devices = jax.devices() if devices is None else devices
     devices = devices if cfg.mesh.num_devices == -1 else first_devices(devices, cfg.mesh.num_devices)
-    mesh = make_mesh(cfg.mesh.shape, devices, order=cfg.mesh.device_order)
+    try:
+        mesh = make_mesh(cfg.mesh.shape, devices, order=cfg.mesh.device_order)
+    except ValueError as e:  # (sharding.py's own error, also for the engine's --mesh)
+        raise ConfigError(f"config.mesh: {e}") from e
     check_batch_fits_mesh(cfg, mesh)
     return mesh
 
@@ -430,10 +433,11 @@ def run(cfg, workdir: str) -> dict:
             cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
         except FileNotFoundError as e:
             if not resumed:
-                raise
+                raise checks.ConfigPathError(f"config.model.path={cfg.model.path}, config.model.step="
+                                             f"{cfg.model.step}: {e}") from e
             # The run started from that step (its reference model too), and the init workdir's own later saves
             # rotated it away (train.keep_checkpoints).
-            raise FileNotFoundError(
+            raise checks.ConfigPathError(
                 f"{workdir} started from step {cfg.model.step} of config.model.path={cfg.model.path}, which is gone "
                 f"there ({e}); a run that went on in that workdir deleted it (its train.keep_checkpoints). Put the "
                 "step back, or start this run again in a new workdir") from e

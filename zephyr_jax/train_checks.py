@@ -33,6 +33,10 @@ class ConfigError(ValueError):
     that does not fit the data). The message names the setting; the command line prints it without a traceback."""
 
 
+class ConfigPathError(ConfigError, FileNotFoundError):
+    """A path the config names that holds no model (or no longer the step a run started from)."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The config: every mistake a config can hold is reported here, before anything is loaded or compiled.
 
@@ -187,11 +191,11 @@ def check_model_source_exists(model_cfg) -> None:
         raise ConfigError(f"config.model.path={model_cfg.path!r} is a zephyr_jax training workdir: set "
                           "config.model.init='orbax' to start from its checkpoint")
     if model_cfg.init == "orbax" and not os.path.isdir(os.path.join(model_cfg.path, "checkpoints")):
-        raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no zephyr_jax workdir with checkpoints "
-                                "there (train the SFT stage first, or set config.model.init='hf')")
+        raise ConfigPathError(f"config.model.path={model_cfg.path!r}: no zephyr_jax workdir with checkpoints "
+                              "there (train the SFT stage first, or set config.model.init='hf')")
     if model_cfg.init == "hf" and (model_cfg.path.startswith((".", "/")) or os.path.sep * 2 in model_cfg.path) \
             and not os.path.isdir(model_cfg.path):
-        raise FileNotFoundError(f"config.model.path={model_cfg.path!r}: no such Hugging Face checkpoint directory")
+        raise ConfigPathError(f"config.model.path={model_cfg.path!r}: no such Hugging Face checkpoint directory")
 
 
 # ---------------------------------------------------------------------------------------------------------
