@@ -239,6 +239,7 @@ def resume_settings(cfg, workdir: str) -> bool:
         cfg.model.step = new["model"]["step"] = saved["model"]["step"]
     if cfg.stage == "dpo" and cfg.tokenizer is None and _setting(saved, "tokenizer") != "<absent>":
         cfg.tokenizer = new["tokenizer"] = saved["tokenizer"]
+
     def same(k, old, now):
         # "/x/sft/" names the data "/x/sft" does, and so does "sft" in /x: a workdir written before run() made
         # local paths absolute (train.absolute_if_local) recorded them as given
