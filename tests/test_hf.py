@@ -5,6 +5,7 @@ import copy
 import glob
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -469,3 +470,15 @@ def test_the_model_card_shows_the_last_records_up_to_the_exported_step(tmp_path)
     got = final_metrics(str(tmp_path), 3)
     assert got["train"]["step"] == 3 and got["eval"]["step"] == 3
     assert final_metrics(str(tmp_path))["train"]["step"] == 6
+
+
+def test_the_export_command_names_a_missing_checkpoint_in_one_line(tmp_path, tiny_model_dir):
+    """A workdir without checkpoints (a typo, or a Hugging Face directory where a training workdir goes): the
+    command exits with the message, not a traceback that ends in it."""
+    from zephyr_jax import export
+
+    for workdir in (tmp_path / "no_such_run", tiny_model_dir):
+        with pytest.raises(SystemExit, match=f"^error: no checkpoint in {re.escape(str(workdir))}: it has no "
+                                             "checkpoints/ directory"):
+            export.cli([f"--workdir={workdir}", f"--out={tmp_path / 'hf'}"])
+    assert not (tmp_path / "hf").exists()

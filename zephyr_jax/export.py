@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import jax.numpy as jnp
 
@@ -109,7 +110,10 @@ def cli(argv=None):
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir/hub name (default: the training config's)")
     args = parser.parse_args(argv)
-    export(args.workdir, args.out, args.step, args.dtype, args.max_shard_size, args.tokenizer)
+    try:  # no such workdir or step, a checkpoint of another shape: the message names it; no traceback
+        export(args.workdir, args.out, args.step, args.dtype, args.max_shard_size, args.tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
