@@ -563,6 +563,7 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         assert waiting.done.wait(60) and waiting.finish_reason == "length" and len(waiting.tokens) == 3
         # A call that raises ends the requests it held with an error, and the engine goes on.
         decode, failed = engine._decode, []
+
         def lost():  # as when a call fails after its donated cache was consumed
             failed.append(1)
             engine.cache.k.delete()

@@ -183,6 +183,7 @@ def test_save_load_is_bitwise(tmp_path, tied, monkeypatch):
                               lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
         assert all(np.array_equal(a, b) for a, b in zip(flat_params(load_model(with_head, jnp.float32)).values(),
                                                           before.values()))
+
         # A head of its own under a tied config: transformers unties them and keeps it; dropping it loaded another
         # model, so it is refused, naming the fix (here the difference is in the last, partial block)
         def own(tensors):
