@@ -30,6 +30,7 @@ def compile_decode(device, cfg, rows: int, max_length: int, kv_length: int, head
                    per_layer: bool = False):
     sharding = jax.sharding.SingleDeviceSharding(device)
     placed = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+
     def build():
         model = Mistral(cfg, rngs=nnx.Rngs(0))
         return mistral.per_layer_weights(model) if per_layer else model

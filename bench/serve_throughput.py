@@ -194,6 +194,7 @@ def bench_static(model_dir: str, loads, warmups: int) -> list[dict]:
 
     model, tok = zephyr_jax.load(model_dir, dtype="float32")
     encode = lambda p: tok(render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)).input_ids
+
     def serve(clients, requests):
         prompts = [encode(p) for p, _ in requests]
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in requests]

@@ -164,7 +164,8 @@ def _batches(cfg, mesh, examples, num_steps: int) -> list[MixBatch]:
     for start in range(0, min(len(examples) - size + 1, num_steps * size), size):
         group = examples[start:start + size]
         batch = batcher(group)[0]
-        out.append(MixBatch(batch, [n for e in group for n in sequence_lengths(e)], int((batch["loss_positions"] >= 0).sum())))
+        losses = int((batch["loss_positions"] >= 0).sum())  # (-1 fills a row past its own)
+        out.append(MixBatch(batch, [n for e in group for n in sequence_lengths(e)], losses))
     return out
 
 
