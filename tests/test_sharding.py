@@ -132,12 +132,13 @@ def test_num_devices_takes_as_many_devices_from_every_process():
     from types import SimpleNamespace
 
     from zephyr_jax.train import first_devices
+    from zephyr_jax.train_checks import ConfigError
 
     devices = [SimpleNamespace(id=i, process_index=i // 4) for i in range(8)]
     assert [d.id for d in first_devices(devices, 4)] == [0, 1, 4, 5]
     assert [d.id for d in first_devices(devices[:4], 3)] == [0, 1, 2]  # one process: its first 3
     for n in (3, 10):
-        with pytest.raises(ValueError, match=f"num_devices={n}: must be a multiple of the 2 processes"):
+        with pytest.raises(ConfigError, match=f"num_devices={n}: must be a multiple of the 2 processes"):
             first_devices(devices, n)
 
 

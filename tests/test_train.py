@@ -29,6 +29,7 @@ from zephyr_jax.data.batches import loss_positions, multiples
 from zephyr_jax.loading import load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
+from zephyr_jax.train_checks import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,7 +219,7 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
 def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, stage, overrides, message):
     cfg = tiny_config(stage, data_dir, **{k: v for k, v in overrides.items() if k != "stage"})
     cfg.stage = overrides.get("stage", stage)
-    with pytest.raises(train_checks.ConfigError, match=message):  # (the command line prints it as one line)
+    with pytest.raises(ConfigError, match=message):  # (the command line prints it as one line)
         train_checks.check_config(cfg)
 
 
@@ -291,7 +292,7 @@ def test_token_ids_up_to_the_last_embedding_are_taken_and_one_past_is_refused():
     train_checks.check_token_ids([sft(1, 999), sft()], 1000, "data.train (x)", None)
     train_checks.check_token_ids([pair([999, 2])], 1000, "data.train (x)", None)
     for examples in ([sft(1, 1000)], [pair([1000, 2])]):
-        with pytest.raises(ValueError, match=r"data.train \(x\) holds token id 1000, but the model's vocabulary has "
+        with pytest.raises(ConfigError, match=r"data.train \(x\) holds token id 1000, but the model's vocabulary has "
                                              r"1000 entries: config.tokenizer='t' has tokens the model lacks"):
             train_checks.check_token_ids(examples, 1000, "data.train (x)", "t")
 
@@ -314,7 +315,7 @@ def test_resuming_refuses_each_change_of_what_the_batches_are_made_of(data_dir, 
     (workdir / "checkpoints" / "3").mkdir(parents=True)
     (workdir / "config.json").write_text(tiny_config(stage, data_dir).to_json_best_effort())
     assert train_checks.resume_settings(tiny_config(stage, data_dir), str(workdir))
-    with pytest.raises(ValueError, match=f"holds checkpoints of a run with other settings.*{re.escape(named)}"):
+    with pytest.raises(ConfigError, match=f"holds checkpoints of a run with other settings.*{re.escape(named)}"):
         train_checks.resume_settings(tiny_config(stage, data_dir, **change), str(workdir))
 
 
@@ -346,7 +347,7 @@ def test_packed_dpo_buckets_must_hold_the_fullest_row_a_batch_can_make():
     cfg = load_config("configs/dpo.py:zephyr", **{"data.buckets": (256, 512, 1024)})
     train_checks.check_buckets(cfg)  # one example fits
     mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1})
-    with pytest.raises(ValueError, match=r"data.buckets=\(256, 512, 1024\): 32 pairs packed into 16 rows may need "
+    with pytest.raises(ConfigError, match=r"data.buckets=\(256, 512, 1024\): 32 pairs packed into 16 rows may need "
                                          r"rows of 5120 positions"):
         train.preference_batcher(cfg, mesh, 32)
     cfg.data.buckets = (1024, 5120)
@@ -357,7 +358,7 @@ def test_packed_dpo_buckets_must_hold_the_fullest_row_a_batch_can_make():
 
 def test_packed_dpo_buckets_too_short_are_refused_before_the_data_is_read(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_examples", lambda *a, **k: pytest.fail("the data was read first"))
-    with pytest.raises(ValueError, match=r"data.buckets=\(128,\): .* more than the largest bucket"):
+    with pytest.raises(ConfigError, match=r"data.buckets=\(128,\): .* more than the largest bucket"):
         train.run(tiny_config("dpo", data_dir, **{"data.buckets": (128,), "model.init": "random"}),
                   str(tmp_path / "w"))
 
@@ -420,10 +421,10 @@ def test_a_random_model_takes_every_architecture_field_from_the_command_line():
 
 
 def test_config_errors_before_compiling(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="does not divide over the mesh"):
+    with pytest.raises(ConfigError, match="does not divide over the mesh"):
         train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 6}), str(tmp_path / "a"))
     # The rows split as the "batch" rule says (6 passed a data x fsdp check, then XLA refused it after the data)
-    with pytest.raises(ValueError, match=r"global_batch_size / grad_accum\)=6 does not divide over the mesh's "
+    with pytest.raises(ConfigError, match=r"global_batch_size / grad_accum\)=6 does not divide over the mesh's "
                                          r"data x fsdp x tensor = 4 batch shards \(config.mesh.rules.batch\)"):
         train.run(tiny_config("sft", data_dir, **{
             "train.global_batch_size": 6, "train.eval_batch_size": 4, "mesh.shape": (1, 2, 2), "mesh.num_devices": 4,
@@ -441,29 +442,29 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     for key in ("keep_checkpoints", "log_every", "eval_batch_size"):  # 0 kept no checkpoint / divided by zero
         with pytest.raises(ValueError, match=f"train.{key}=0: must be at least 1"):
             train.run(tiny_config("sft", data_dir, **{f"train.{key}": 0}), str(tmp_path / "e"))
-    with pytest.raises(ValueError, match=r"data.packed_rows=3 must be a multiple of train.grad_accum x the mesh's "
+    with pytest.raises(ConfigError, match=r"data.packed_rows=3 must be a multiple of train.grad_accum x the mesh's "
                                          r"batch shards \(1 x 8\)"):
         train.run(tiny_config("dpo", data_dir, **{"data.packed_rows": 3}), str(tmp_path / "f"))
-    with pytest.raises(ValueError, match=r"parameter embed.* 32000 does not divide over mesh axes \('tensor',\)"):
+    with pytest.raises(ConfigError, match=r"parameter embed.* 32000 does not divide over mesh axes \('tensor',\)"):
         train.run(tiny_config("sft", data_dir, **{"mesh.shape": (1, 1, 3), "mesh.num_devices": 3}),
                   str(tmp_path / "g"))
     with pytest.raises(ValueError, match=r"data.max_length=64 tokens needs 63 positions, more than the largest"):
         train.run(tiny_config("dpo", data_dir, **{"data.max_length": 64, "data.buckets": (32,)}), str(tmp_path / "i"))
-    with pytest.raises(ValueError, match=r"data.buckets=\(32,\) lacks data.max_length=64, the length of every packed"):
+    with pytest.raises(ConfigError, match=r"data.buckets=\(32,\) lacks data.max_length=64, the length of every packed"):
         train.run(tiny_config("sft", data_dir, **{"data.max_length": 64, "data.buckets": (32,),
                                                  "data.packing": True}), str(tmp_path / "j"))
-    with pytest.raises(ValueError, match=r"attention_dropout=0.1 \(config.model.arch\): attention dropout is not"):
+    with pytest.raises(ConfigError, match=r"attention_dropout=0.1 \(config.model.arch\): attention dropout is not"):
         dropout = tiny_config("sft", data_dir)
         with dropout.unlocked():  # a checkpoint's config.json may carry it (transformers reads it)
             dropout.model.arch.attention_dropout = 0.1
         train.run(dropout, str(tmp_path / "k"))
-    with pytest.raises(ValueError, match=r"data.train \(.*\) holds token id \d+, but the model's vocabulary has "
+    with pytest.raises(ConfigError, match=r"data.train \(.*\) holds token id \d+, but the model's vocabulary has "
                                          r"1000 entries: config.tokenizer=None has tokens the model lacks"):
         train.run(tiny_config("sft", data_dir, **{"model.arch.vocab_size": 1000}), str(tmp_path / "vocab"))
     v3 = MistralConfig(vocab_size=32768, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1)  # Mistral-7B-v0.3's vocabulary and tokenizer
     hf.save_pretrained(Mistral(v3, rngs=nnx.Rngs(0)), str(tmp_path / "v3"), tokenizer=_v3_tokenizer(tmp_path))
-    with pytest.raises(ValueError, match=r"has a vocabulary of 32768 tokens, and its own tokenizer .* numbers them "
+    with pytest.raises(ConfigError, match=r"has a vocabulary of 32768 tokens, and its own tokenizer .* numbers them "
                                          r"unlike Mistral-7B-v0.1's, which training takes while config.tokenizer is"):
         train.run(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "v3")}),
                   str(tmp_path / "l"))
@@ -479,7 +480,7 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):
         train.run(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "workdir")}),
                   str(tmp_path / "h"))
-    with pytest.raises(ValueError, match="a URL; the workdir must be a path every process can write"):
+    with pytest.raises(ConfigError, match="a URL; the workdir must be a path every process can write"):
         train.run(tiny_config("sft", data_dir), "gs://bucket/run")  # made ./gs:/bucket/run, failed at the first save
     assert not os.path.exists("gs:")
     assert not any((tmp_path / d).exists() for d in "abcdefghijkl")  # refused before the workdir was made
@@ -569,7 +570,7 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
                           ({"seed": 1}, "seed: 42 -> 1"), ({"tokenizer": None}, "tokenizer: '.*chatml' -> None"),
                           # orbax cast the float32 master weights to bfloat16 without a word
                           ({"model.param_dtype": "bfloat16"}, "model.param_dtype: 'float32' -> 'bfloat16'")):
-        with pytest.raises(ValueError, match=f"holds checkpoints of a run with other settings.*{named}"):
+        with pytest.raises(ConfigError, match=f"holds checkpoints of a run with other settings.*{named}"):
             train.run(tiny_sft(**change), sft)
     with pytest.raises(ValueError, match="stage: 'sft' -> 'dpo'"):
         train.run(tiny_config("dpo", data_dir), sft)

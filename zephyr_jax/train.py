@@ -202,8 +202,11 @@ def model_config(cfg) -> MistralConfig:
 def abstract_params(cfg, mcfg: MistralConfig, mesh):
     """(graphdef, parameter shapes and dtypes, their shardings on `mesh`): nothing is allocated."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(mcfg, rngs=nnx.Rngs(cfg.seed))))
-    specs = param_specs(abstract, cfg.mesh.rules)
-    check_params_fit_mesh(abstract, specs, mesh)
+    try:
+        specs = param_specs(abstract, cfg.mesh.rules)
+        check_params_fit_mesh(abstract, specs, mesh)
+    except ValueError as e:  # sharding.py names the parameter and its rule: a mistake of the config's mesh
+        raise ConfigError(str(e)) from e
     return graphdef, abstract, named(mesh, specs)
 
 
