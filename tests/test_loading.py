@@ -211,3 +211,19 @@ def test_a_float32_checkpoint_loads_in_bfloat16_without_a_float32_copy(tmp_path,
     assert {x.dtype for x in params} == {jnp.dtype(jnp.bfloat16)} and held == pytest.approx(float32 / 2, rel=1e-3)
     largest = max(x.size for x in params) * 4  # the embedding's float32 bytes: 2 MiB
     assert peak - held < min(largest, 2**20), (peak - held, largest)
+
+
+@pytest.mark.parametrize("command, args", [
+    ("chat", ["--prompt=Hi"]),
+    ("serve", []),
+    ("evaluate", ["mt_bench", "--question_file=q.jsonl", "--model_id=m"]),
+])
+def test_the_model_commands_name_a_missing_model_or_an_unfit_mesh_in_one_line(command, args, tiny_model_dir):
+    """chat, serve and evaluate end with the loader's or the mesh's message, not a traceback that ends in it."""
+    import importlib
+
+    main = importlib.import_module(f"zephyr_jax.{command}").main
+    with pytest.raises(SystemExit, match=r"^error: model /no/such/model does not exist \(neither a local directory"):
+        main(args + ["--model=/no/such/model"])
+    with pytest.raises(SystemExit, match=r"^error: mesh shape \(1, 1, 3\) needs 3 devices; 8 are available"):
+        main(args + [f"--model={tiny_model_dir}", "--mesh=1,1,3"])

@@ -60,7 +60,10 @@ def main(argv=None):
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
     args = parser.parse_args(argv)
 
-    model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
+    try:  # no such model, a checkpoint of another shape, a mesh the devices cannot fill: its message alone
+        model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     engine = Engine(model, tok, max_slots=1, max_length=args.max_length)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p)

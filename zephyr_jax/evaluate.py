@@ -25,6 +25,7 @@ import argparse
 import inspect
 import json
 import os
+import sys
 import time
 import uuid
 
@@ -416,7 +417,10 @@ def main(argv=None):
         print(json.dumps(metrics, indent=2))
         return metrics
 
-    model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
+    try:  # no such model, a checkpoint of another shape, a mesh the devices cannot fill: its message alone
+        model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     batch_size=args.batch_size, system=args.system)
     if args.command == "mt_bench":

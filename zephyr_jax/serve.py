@@ -619,9 +619,12 @@ def main(argv=None) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     use_compilation_cache(args.compilation_cache)
-    mesh = local_mesh(args.mesh)
-    model, tokenizer = zephyr_jax.load(args.model, dtype=args.dtype, mesh=mesh, step=args.step,
-                                       tokenizer=args.tokenizer)
+    try:  # no such model or step, a mesh the devices cannot fill: its message alone, no traceback
+        mesh = local_mesh(args.mesh)
+        model, tokenizer = zephyr_jax.load(args.model, dtype=args.dtype, mesh=mesh, step=args.step,
+                                           tokenizer=args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_length=args.max_length,
                     prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps, max_queue=args.max_queue,
                     mesh=mesh)
