@@ -293,7 +293,7 @@ def test_token_ids_up_to_the_last_embedding_are_taken_and_one_past_is_refused():
     train_checks.check_token_ids([pair([999, 2])], 1000, "data.train (x)", None)
     for examples in ([sft(1, 1000)], [pair([1000, 2])]):
         with pytest.raises(ConfigError, match=r"data.train \(x\) holds token id 1000, but the model's vocabulary has "
-                                             r"1000 entries: config.tokenizer='t' has tokens the model lacks"):
+                                              r"1000 entries: config.tokenizer='t' has tokens the model lacks"):
             train_checks.check_token_ids(examples, 1000, "data.train (x)", "t")
 
 
@@ -327,7 +327,7 @@ def test_resuming_names_a_tokenizer_folder_as_the_run_recorded_it_in_any_spellin
     (workdir / "config.json").write_text(tiny_config("sft", data_dir, tokenizer=str(folder)).to_json_best_effort())
     for spelling in (str(folder) + "/", str(tmp_path / "w" / ".." / "tok")):
         assert train_checks.resume_settings(tiny_config("sft", data_dir, tokenizer=spelling), str(workdir))
-    with pytest.raises(ValueError, match=r"tokenizer: '.*tok' -> '.*other'"):
+    with pytest.raises(ConfigError, match=r"tokenizer: '.*tok' -> '.*other'"):
         train_checks.resume_settings(tiny_config("sft", data_dir, tokenizer=str(tmp_path / "other")), str(workdir))
 
 
@@ -348,7 +348,7 @@ def test_packed_dpo_buckets_must_hold_the_fullest_row_a_batch_can_make():
     train_checks.check_buckets(cfg)  # one example fits
     mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1})
     with pytest.raises(ConfigError, match=r"data.buckets=\(256, 512, 1024\): 32 pairs packed into 16 rows may need "
-                                         r"rows of 5120 positions"):
+                                          r"rows of 5120 positions"):
         train.preference_batcher(cfg, mesh, 32)
     cfg.data.buckets = (1024, 5120)
     train.preference_batcher(cfg, mesh, 32)
@@ -376,8 +376,8 @@ def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_row
     assert [train.preference_rows_for(cfg, mesh(8), pairs, 1) for pairs in (32, 64, 8)] == [8, 16, 8]
     cfg.data.packing = False  # a row per sequence: 2 x 32 rows
     train.check_batch_fits_mesh(cfg, mesh(64))
-    with pytest.raises(ValueError, match=r"rows of a micro-batch \(2 x global_batch_size / grad_accum pairs\)=64 "
-                                         r"does not divide over the mesh's data x fsdp = 128 batch shards"):
+    with pytest.raises(ConfigError, match=r"rows of a micro-batch \(2 x global_batch_size / grad_accum pairs\)=64 "
+                                          r"does not divide over the mesh's data x fsdp = 128 batch shards"):
         train.check_batch_fits_mesh(cfg, mesh(128))
 
 
@@ -416,7 +416,7 @@ def test_a_random_model_takes_every_architecture_field_from_the_command_line():
     mcfg = train.model_config(load_config(tiny, **{f"model.arch.{k}": v for k, v in changes.items()}))
     assert {k: getattr(mcfg, k) for k in changes} == changes and mcfg.hidden_size == 64
     assert train.model_config(load_config(tiny)).head_dim == 16  # hidden_size / heads where not given
-    with pytest.raises(ValueError, match=r"config.model.arch \(rope_theta\) applies only to model.init='random'"):
+    with pytest.raises(ConfigError, match=r"config.model.arch \(rope_theta\) applies only to model.init='random'"):
         train_checks.check_config(load_config(sft, **{"model.arch.rope_theta": 1.0}))
 
 
@@ -425,30 +425,30 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
         train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 6}), str(tmp_path / "a"))
     # The rows split as the "batch" rule says (6 passed a data x fsdp check, then XLA refused it after the data)
     with pytest.raises(ConfigError, match=r"global_batch_size / grad_accum\)=6 does not divide over the mesh's "
-                                         r"data x fsdp x tensor = 4 batch shards \(config.mesh.rules.batch\)"):
+                                          r"data x fsdp x tensor = 4 batch shards \(config.mesh.rules.batch\)"):
         train.run(tiny_config("sft", data_dir, **{
             "train.global_batch_size": 6, "train.eval_batch_size": 4, "mesh.shape": (1, 2, 2), "mesh.num_devices": 4,
             "mesh.rules.batch": ("data", "fsdp", "tensor")}), str(tmp_path / "a2"))
-    with pytest.raises(ValueError, match=r"data.train's 64 examples packed into \d+ rows of 128 tokens cannot "
-                                         r"fill one global batch of 32 rows \(with data.packing, train.global_batch"):
+    with pytest.raises(ConfigError, match=r"data.train's 64 examples packed into \d+ rows of 128 tokens cannot "
+                                          r"fill one global batch of 32 rows \(with data.packing, train.global_batch"):
         train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 32}), str(tmp_path / "a3"))
-    with pytest.raises(ValueError, match=r"needs 3 devices; 8 are available"):
+    with pytest.raises(ConfigError, match=r"needs 3 devices; 8 are available"):
         train.run(tiny_config("sft", data_dir, **{"mesh.shape": (3, 1, 1)}), str(tmp_path / "b"))
     with pytest.raises(FileNotFoundError, match="no zephyr_jax workdir"):
         train.run(tiny_config("dpo", data_dir, **{"model.init": "orbax", "model.path": str(tmp_path / "none")}),
                   str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(ConfigError, match="loss_type"):
         train.run(tiny_config("dpo", data_dir, **{"dpo.loss_type": "kto"}), str(tmp_path / "d"))
     for key in ("keep_checkpoints", "log_every", "eval_batch_size"):  # 0 kept no checkpoint / divided by zero
-        with pytest.raises(ValueError, match=f"train.{key}=0: must be at least 1"):
+        with pytest.raises(ConfigError, match=f"train.{key}=0: must be at least 1"):
             train.run(tiny_config("sft", data_dir, **{f"train.{key}": 0}), str(tmp_path / "e"))
     with pytest.raises(ConfigError, match=r"data.packed_rows=3 must be a multiple of train.grad_accum x the mesh's "
-                                         r"batch shards \(1 x 8\)"):
+                                          r"batch shards \(1 x 8\)"):
         train.run(tiny_config("dpo", data_dir, **{"data.packed_rows": 3}), str(tmp_path / "f"))
     with pytest.raises(ConfigError, match=r"parameter embed.* 32000 does not divide over mesh axes \('tensor',\)"):
         train.run(tiny_config("sft", data_dir, **{"mesh.shape": (1, 1, 3), "mesh.num_devices": 3}),
                   str(tmp_path / "g"))
-    with pytest.raises(ValueError, match=r"data.max_length=64 tokens needs 63 positions, more than the largest"):
+    with pytest.raises(ConfigError, match=r"data.max_length=64 tokens needs 63 positions, more than the largest"):
         train.run(tiny_config("dpo", data_dir, **{"data.max_length": 64, "data.buckets": (32,)}), str(tmp_path / "i"))
     with pytest.raises(ConfigError, match=r"data.buckets=\(32,\) lacks data.max_length=64, the length of every packed"):
         train.run(tiny_config("sft", data_dir, **{"data.max_length": 64, "data.buckets": (32,),
@@ -459,13 +459,13 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
             dropout.model.arch.attention_dropout = 0.1
         train.run(dropout, str(tmp_path / "k"))
     with pytest.raises(ConfigError, match=r"data.train \(.*\) holds token id \d+, but the model's vocabulary has "
-                                         r"1000 entries: config.tokenizer=None has tokens the model lacks"):
+                                          r"1000 entries: config.tokenizer=None has tokens the model lacks"):
         train.run(tiny_config("sft", data_dir, **{"model.arch.vocab_size": 1000}), str(tmp_path / "vocab"))
     v3 = MistralConfig(vocab_size=32768, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1)  # Mistral-7B-v0.3's vocabulary and tokenizer
     hf.save_pretrained(Mistral(v3, rngs=nnx.Rngs(0)), str(tmp_path / "v3"), tokenizer=_v3_tokenizer(tmp_path))
     with pytest.raises(ConfigError, match=r"has a vocabulary of 32768 tokens, and its own tokenizer .* numbers them "
-                                         r"unlike Mistral-7B-v0.1's, which training takes while config.tokenizer is"):
+                                          r"unlike Mistral-7B-v0.1's, which training takes while config.tokenizer is"):
         train.run(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "v3")}),
                   str(tmp_path / "l"))
     # ... while a v0.1 model with tokens added after its 32,000 (OpenHermes-2.5's ChatML) trains as before
@@ -477,7 +477,7 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
         tmp_path / "v1_added")}), 32002, load_tokenizer())
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "model_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):
+    with pytest.raises(ConfigError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):
         train.run(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "workdir")}),
                   str(tmp_path / "h"))
     with pytest.raises(ConfigError, match="a URL; the workdir must be a path every process can write"):
@@ -572,14 +572,14 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
                           ({"model.param_dtype": "bfloat16"}, "model.param_dtype: 'float32' -> 'bfloat16'")):
         with pytest.raises(ConfigError, match=f"holds checkpoints of a run with other settings.*{named}"):
             train.run(tiny_sft(**change), sft)
-    with pytest.raises(ValueError, match="stage: 'sft' -> 'dpo'"):
+    with pytest.raises(ConfigError, match="stage: 'sft' -> 'dpo'"):
         train.run(tiny_config("dpo", data_dir), sft)
     # The same data folder written another way is the same run; so is a workdir's relative path from before
     # paths were recorded absolute, from the directory it names the folder from (and only from there).
     train_checks.resume_settings(tiny_sft(**{"data.train": str(data_dir / "sft") + "/"}), sft)
     saved = json.load(open(os.path.join(sft, "config.json")))
     json.dump({**saved, "data": {**saved["data"], "train": "sft"}}, open(os.path.join(sft, "config.json"), "w"))
-    with pytest.raises(ValueError, match=r"data.train: 'sft' -> '.*sft'"):
+    with pytest.raises(ConfigError, match=r"data.train: 'sft' -> '.*sft'"):
         train_checks.resume_settings(tiny_sft(), sft)
     with monkeypatch.context() as m:
         m.chdir(data_dir)
@@ -614,7 +614,7 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
     reference_free = dpo_cfg(3)
     reference_free.dpo.reference_free = True  # another objective: not a continuation of the run
     reference_free.dpo.precompute_reference = False  # (it has no reference to precompute)
-    with pytest.raises(ValueError, match="dpo.reference_free: False -> True"):
+    with pytest.raises(ConfigError, match="dpo.reference_free: False -> True"):
         train.run(reference_free, dpo)
     assert len(os.listdir(os.path.join(dpo, "reference_logps"))) == 2  # train + eval: no reference of step 6
     # SFT's keep_checkpoints rotated step 3 away: said, naming the cause (was "no checkpoint for step 3")
@@ -1277,7 +1277,7 @@ def test_wandb_asked_for_but_not_installed_is_refused_before_any_work(data_dir, 
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ValueError, match="wandb_project='zephyr', but wandb is not installed"):
+    with pytest.raises(ConfigError, match="wandb_project='zephyr', but wandb is not installed"):
         train_checks.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}))
     train_checks.check_config(tiny_config("sft", data_dir, **{"logging.wandb_project": "zephyr"}),
                               check_model_source=False)
