@@ -514,6 +514,9 @@ def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatc
 
     monkeypatch.setattr(serve, "Engine", Recorded)
     monkeypatch.setattr(uvicorn, "run", serve_once)
+    for name, value in (("handlers", list(serve.log.handlers)), ("propagate", serve.log.propagate),
+                        ("level", serve.log.level)):  # serve.main sets its logger up for the process: undone after
+        monkeypatch.setattr(serve.log, name, value)
     serve.main([f"--model={tiny_model_dir}", "--dtype=float32", "--max-slots=2", "--max-length=32",
                 "--warmup", "--mesh=1,-1,2", f"--api-key={KEY}", f"--served-model-name={NAME}",
                 "--compilation-cache="])

@@ -613,9 +613,10 @@ def main(argv=None) -> None:
     from zephyr_jax.train import use_compilation_cache
 
     # Our own handler: libraries imported above may already have configured the root logger.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    log.addHandler(handler)
+    if not log.handlers:  # (once: main may run again in one process)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
     use_compilation_cache(args.compilation_cache)
