@@ -57,6 +57,16 @@ def _shared_helper(process) -> bool:
     return "multiprocessing.resource_tracker" in command or "multiprocessing.forkserver" in command
 
 
+@pytest.fixture
+def serve_logger(monkeypatch):
+    """serve.main sets its logger up for the whole process (a handler, no propagation): put back after the test."""
+    from zephyr_jax import serve
+
+    for name, value in (("handlers", list(serve.log.handlers)), ("propagate", serve.log.propagate),
+                        ("level", serve.log.level)):
+        monkeypatch.setattr(serve.log, name, value)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny Mistral (real 32000-token vocabulary) saved as a HF directory with the Zephyr tokenizer."""

@@ -219,16 +219,11 @@ def test_a_float32_checkpoint_loads_in_bfloat16_without_a_float32_copy(tmp_path,
     ("evaluate", ["mt_bench", "--question_file=q.jsonl", "--model_id=m"]),
 ])
 def test_the_model_commands_name_a_missing_model_or_an_unfit_mesh_in_one_line(command, args, tiny_model_dir,
-                                                                               monkeypatch):
+                                                                               serve_logger):
     """chat, serve and evaluate end with the loader's or the mesh's message, not a traceback that ends in it."""
     import importlib
 
-    module = importlib.import_module(f"zephyr_jax.{command}")
-    main = module.main
-    if command == "serve":  # serve.main sets its logger up for the process: undone after the test
-        for name, value in (("handlers", list(module.log.handlers)), ("propagate", module.log.propagate),
-                            ("level", module.log.level)):
-            monkeypatch.setattr(module.log, name, value)
+    main = importlib.import_module(f"zephyr_jax.{command}").main
     with pytest.raises(SystemExit, match=r"^error: model /no/such/model does not exist \(neither a local directory"):
         main(args + ["--model=/no/such/model"])
     with pytest.raises(SystemExit, match=r"^error: mesh shape \(1, 1, 3\) needs 3 devices; 8 are available"):

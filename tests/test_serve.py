@@ -483,7 +483,7 @@ def test_completion_top_logprobs_hold_as_many_alternatives_as_asked(server):
     assert tops[0] is None and all(1 <= len(t) <= 3 for t in tops[1:]) and max(len(t) for t in tops[1:]) == 3
 
 
-def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatch):
+def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatch, serve_logger):
     """The command's --warmup and --mesh reach the engine (in process, uvicorn.run standing in): the model is
     split over the mesh, the warm-up compiles before serving, so a greedy completion then adds no program, and
     its text is the one-device engine's. (The engine laid its cache out as P(None, None, 'tensor', None, None)
@@ -514,9 +514,6 @@ def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatc
 
     monkeypatch.setattr(serve, "Engine", Recorded)
     monkeypatch.setattr(uvicorn, "run", serve_once)
-    for name, value in (("handlers", list(serve.log.handlers)), ("propagate", serve.log.propagate),
-                        ("level", serve.log.level)):  # serve.main sets its logger up for the process: undone after
-        monkeypatch.setattr(serve.log, name, value)
     serve.main([f"--model={tiny_model_dir}", "--dtype=float32", "--max-slots=2", "--max-length=32",
                 "--warmup", "--mesh=1,-1,2", f"--api-key={KEY}", f"--served-model-name={NAME}",
                 "--compilation-cache="])

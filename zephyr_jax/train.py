@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from zephyr_jax import checkpoint, hf, profiling
 from zephyr_jax import train_checks as checks
-from zephyr_jax.train_checks import ConfigError
+from zephyr_jax.train_checks import ConfigError, ConfigPathError
 from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import parse_flags
 from zephyr_jax.data import Loader, default_buckets, pad_sft
@@ -436,11 +436,11 @@ def run(cfg, workdir: str) -> dict:
             cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
         except FileNotFoundError as e:
             if not resumed:
-                raise checks.ConfigPathError(f"config.model.path={cfg.model.path}, config.model.step="
-                                             f"{cfg.model.step}: {e}") from e
+                raise ConfigPathError(f"config.model.path={cfg.model.path}, config.model.step={cfg.model.step}: "
+                                      f"{e}") from e
             # The run started from that step (its reference model too), and the init workdir's own later saves
             # rotated it away (train.keep_checkpoints).
-            raise checks.ConfigPathError(
+            raise ConfigPathError(
                 f"{workdir} started from step {cfg.model.step} of config.model.path={cfg.model.path}, which is gone "
                 f"there ({e}); a run that went on in that workdir deleted it (its train.keep_checkpoints). Put the "
                 "step back, or start this run again in a new workdir") from e
