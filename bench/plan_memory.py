@@ -44,8 +44,8 @@ def main(argv):
     batches = plan.batches_of_mix(cfg, mesh, plan.DEFAULT_MIX[cfg.stage])  # the planner's own (same seed)
     step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, batches)
     _, params, _ = train.init_params(cfg, mcfg, mesh)
-    state_shardings, batch_shardings, ref_shardings = inputs.shardings
-    tx, _ = steps.make_optimizer(cfg.optim, 1000)
+    state_shardings, batch_shardings, ref_shardings, _ = inputs.shardings
+    tx = steps.make_optimizer(cfg.optim, steps.make_schedule(cfg.optim, 1000))
     state = train.initial_state(tx, params, state_shardings)
     rng = np.random.default_rng(0)
     batch = jax.device_put({k: rng.integers(1, 100, x.shape).astype(x.dtype) for k, x in inputs.batch.items()},
@@ -53,13 +53,13 @@ def main(argv):
     reference = None if inputs.reference is None else train.frozen_copy(params, ref_shardings,
                                                                         jnp.dtype(cfg.dpo.reference_dtype))
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, batch, reference).compile()
+        compiled = step.lower(state, batch, reference, inputs.hparams).compile()
         # What the devices hold: every device's shards (a replicated array is held once per device).
         resident = sum(s.data.nbytes for x in jax.tree.leaves((state, batch, reference)) for s in x.addressable_shards)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
         before = _status("VmRSS")
-        jax.block_until_ready(compiled(state, batch, reference))
+        jax.block_until_ready(compiled(state, batch, reference, inputs.hparams))
         peak = _status("VmHWM")
     measured = (peak - before + resident) / mesh.size
     print(json.dumps({"stage": cfg.stage, "devices": mesh.size, "mesh": dict(mesh.shape),

@@ -177,7 +177,7 @@ def compile_step(cfg, topology: str, spec: str | None):
     batches = plan.batches_of_mix(cfg, mesh, spec or plan.DEFAULT_MIX[cfg.stage])
     step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, batches)
     with jax.set_mesh(mesh), cudnn_checks_for(target):
-        return step.lower(inputs.state, inputs.batch, inputs.reference).compile(), target
+        return step.lower(inputs.state, inputs.batch, inputs.reference, inputs.hparams).compile(), target
 
 
 def report(cfg, topology: str, spec: str | None, bandwidth: float, top_n: int, grouped_kv: bool) -> None:

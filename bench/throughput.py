@@ -127,8 +127,8 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
 
     # Model, optimizer state and reference, as train.run builds them.
     graphdef, params, param_shardings = train.init_params(cfg, arch_cfg, mesh)
-    # A fixed schedule length: its constants are baked into the program, so runs of any length share one compile.
-    tx, schedule = steps.make_optimizer(cfg.optim, 1000)
+    tx = steps.make_optimizer(cfg.optim, steps.make_schedule(cfg.optim, 1000))
+    hparams = steps.step_hparams(cfg, cfg.optim.lr)  # the learning rate is an argument: no schedule to run
     state_shardings = train.train_state_shardings(tx, params, param_shardings, mesh)
     state = train.initial_state(tx, params, state_shardings)
     reference = None
@@ -136,7 +136,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
         reference = train.frozen_copy(params, param_shardings, jnp.dtype(cfg.dpo.reference_dtype))
     if not (dpo and cfg.dpo.precompute_reference):
         batches = [b._replace(batch={k: v for k, v in b.batch.items() if k != "reference_logps"}) for b in batches]
-    step_fn = train.jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
+    step_fn = train.jit_train_step(cfg, graphdef, state_shardings, sharding,
                                    frozen_reference=reference is not None,
                                    max_segments=train.max_segments(cfg, [b.batch for b in batches]))
 
@@ -147,7 +147,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
         for x in placed:  # one compile per batch shape, before any timing
             if train.batch_shape(x) not in compiled:
                 t0 = time.perf_counter()
-                compiled[train.batch_shape(x)] = step_fn.lower(state, x, reference).compile()
+                compiled[train.batch_shape(x)] = step_fn.lower(state, x, reference, hparams).compile()
                 compile_s += time.perf_counter() - t0
         run = lambda x: compiled[train.batch_shape(x)]
         times, load = [], CpuUse()
@@ -156,7 +156,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
                 load.start()
             for x in placed:
                 t0 = time.perf_counter()
-                state, metrics = run(x)(state, x, reference)
+                state, metrics = run(x)(state, x, reference, hparams)
                 jax.block_until_ready((state, metrics))
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
@@ -168,7 +168,7 @@ def measure(cfg, stage: str, batch: int | None = None, spec: str | None = None, 
                 for i, x in enumerate(placed, 1):
                     trace.before(i)
                     with jax.profiler.StepTraceAnnotation(stage, step_num=i):
-                        state, metrics = run(x)(state, x, reference)
+                        state, metrics = run(x)(state, x, reference, hparams)
                     trace.after(i, (state, metrics))
                 profile = profiling.newest_trace(profile_dir)
             except Exception as e:  # noqa: BLE001  (a profiler that fails costs none of the timings)

@@ -302,7 +302,7 @@ def test_counted_flops_are_the_matmuls_of_the_traced_step(config, remat):
     batches = plan.batches_of_mix(cfg, mesh, plan.DEFAULT_MIX[cfg.stage])
     step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, batches)
     with jax.set_mesh(mesh):
-        traced = jax.make_jaxpr(step)(inputs.state, inputs.batch, inputs.reference)
+        traced = jax.make_jaxpr(step)(inputs.state, inputs.batch, inputs.reference, inputs.hparams)
     batch = inputs.batch
     rows, length = batch["inputs"].shape
     counted = plan.step_flops_spent(mcfg, positions=rows * length, attention_pairs=rows * length ** 2,
@@ -656,7 +656,7 @@ def test_planned_input_bytes_are_xlas_argument_bytes():
     mcfg, _ = plan.planned_model_config(cfg)
     step, inputs = plan.train_step_and_inputs(cfg, mcfg, mesh, plan.batches_of_mix(cfg, mesh, plan.DEFAULT_MIX["dpo"]))
     with jax.set_mesh(mesh):
-        compiled = step.lower(inputs.state, inputs.batch, inputs.reference).compile()
+        compiled = step.lower(inputs.state, inputs.batch, inputs.reference, inputs.hparams).compile()
     buffers = plan.input_buffers(inputs)
     # every array placed is one the step reads: a loss mask would be an argument XLA drops (loss_positions list
     # the same tokens), bytes on the devices that the compiled step does not count

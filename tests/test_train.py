@@ -2,6 +2,7 @@
 modes, NaN and config errors. Tiny configs (configs/*.py:tiny) on small local data in the real schemas."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -690,7 +691,7 @@ def test_weight_decay_leaves_the_norms_alone_as_transformers_trainer_does(tmp_pa
     graphdef, params = nnx.split(model, nnx.Param)
     optim = ConfigDict(dict(lr=1e-2, schedule="constant", warmup_ratio=0.0, clip_norm=0.0, b1=0.9, b2=0.99,
                             eps=1e-8, weight_decay=0.1, mu_dtype="float32"))
-    tx, _ = train_steps.make_optimizer(optim, 10)
+    tx = train_steps.make_optimizer(optim, train_steps.make_schedule(optim, 10))
     torch_opt = torch.optim.AdamW([{"params": [named[n] for n in named if n in decayed], "weight_decay": 0.1},
                                    {"params": [named[n] for n in named if n not in decayed], "weight_decay": 0.0}],
                                   lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
@@ -720,7 +721,7 @@ def test_learning_rate_schedules_equal_transformers(schedule):
     for total in (10, 194, 195, 1003):
         optim = ConfigDict(dict(lr=2e-5, schedule=schedule, warmup_ratio=0.1, clip_norm=1.0, b1=0.9, b2=0.999,
                                 eps=1e-8, weight_decay=0.0, mu_dtype="float32"))
-        _, ours = train_steps.make_optimizer(optim, total)
+        ours = train_steps.learning_rates(train_steps.make_schedule(optim, total), total)  # each step's rate
         try:
             args = transformers.TrainingArguments("unused", warmup_steps=0.1)
         except ValueError:  # transformers 4.x: the ratio has its own field (warmup_steps takes ints only)
@@ -734,7 +735,7 @@ def test_learning_rate_schedules_equal_transformers(schedule):
             want.append(reference.get_last_lr()[0])
             torch_opt.step()
             reference.step()
-        np.testing.assert_allclose([float(ours(k)) for k in range(total)], want, rtol=1e-5, atol=1e-12,
+        np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-12,
                                    err_msg=f"{schedule}, {total} steps")
 
 
@@ -743,7 +744,7 @@ def test_fsdp_holds_an_eighth_of_parameter_and_optimizer_bytes(data_dir):
     mesh = train.make_mesh(cfg.mesh.shape)
     mcfg = train.model_config(cfg)
     _, params, shardings = train.init_params(cfg, mcfg, mesh)
-    tx, _ = train_steps.make_optimizer(cfg.optim, 10)
+    tx = train_steps.make_optimizer(cfg.optim, train_steps.make_schedule(cfg.optim, 10))
     opt_state = jax.jit(tx.init, out_shardings=train._opt_shardings(tx, jax.eval_shape(tx.init, params),
                                                                      shardings, mesh))(params)
     for tree in (params, opt_state):
@@ -772,7 +773,8 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
                                               f"train_{stage if stage == 'sft' else 'prefs'}.jsonl")][:8]
     mcfg = MistralConfig(**cfg.model.arch.to_dict(), scan_layers=scan_layers)
     graphdef, params = nnx.split(Mistral(mcfg, rngs=nnx.Rngs(0)))
-    tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+    optimizer = optax.sgd  # the step builds it at the rate it is given, 1; its state is a schedule's count
+    tx = optimizer(optax.constant_schedule(1.0))
     results = []
     for accum in (1, 4):
         if stage == "sft":
@@ -783,11 +785,12 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
             batch = pack_pairs([preference_example(r, i, tok) for i, r in enumerate(rows)], 8,
                                multiples(16, 512), accum)
             batch["loss_positions"] = loss_positions(batch.pop("loss_mask"), batch["inputs"].shape[1])
-        step = jax.jit(train_steps.make_train_step(stage, graphdef, tx, schedule, accum, cfg.get("dpo"),
+        step = jax.jit(train_steps.make_train_step(stage, graphdef, optimizer, accum, cfg.get("dpo"),
                                                    num_pairs=8))
         state = train_steps.TrainState(params, tx.init(params), jnp.asarray(3))
         reference = jax.tree.map(lambda x: x * 0.9, params) if stage == "dpo" else None
-        results.append(step(state, {k: jnp.asarray(v) for k, v in batch.items()}, reference))
+        results.append(step(state, {k: jnp.asarray(v) for k, v in batch.items()}, reference,
+                            train_steps.step_hparams(cfg, 1.0)))
     (one, m1), (four, m4) = results
     assert abs(float(m1["loss"]) - float(m4["loss"])) <= 1e-5 * abs(float(m1["loss"]))
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-5)
@@ -809,15 +812,17 @@ def test_gradient_accumulation_holds_one_float32_gradient_tree():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, remat="full")
     graphdef, params = nnx.split(Mistral(mcfg, rngs=nnx.Rngs(0)))
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
-    tx, schedule = train_steps.make_optimizer(cfg.optim, 10)
+    optimizer = functools.partial(train_steps.make_optimizer, cfg.optim)
+    tx = optimizer(train_steps.make_schedule(cfg.optim, 10))
     state = train_steps.TrainState(params, tx.init(params), jnp.asarray(0))
     batch = {k: jnp.zeros((8, 32), jnp.int32) for k in ("inputs", "targets", "positions", "segment_ids",
                                                          "loss_positions")}
     temporaries = {}
     for accum in (1, 2, 4):
-        step = jax.jit(train_steps.make_train_step("sft", graphdef, tx, schedule, accum, max_segments=1),
+        step = jax.jit(train_steps.make_train_step("sft", graphdef, optimizer, accum, max_segments=1),
                        donate_argnums=0)
-        temporaries[accum] = plan.compiled_bytes(step.lower(state, batch, None).compile())["temporaries"]
+        lowered = step.lower(state, batch, None, train_steps.step_hparams(cfg, 1e-5))
+        temporaries[accum] = plan.compiled_bytes(lowered.compile())["temporaries"]
     assert temporaries[2] <= temporaries[1] + 0.1 * layer_bytes, (temporaries, layer_bytes)
     assert temporaries[4] <= temporaries[1] + 0.1 * layer_bytes, (temporaries, layer_bytes)
 
@@ -953,6 +958,36 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
     assert steps == list(range(1, 11))  # one timeline: the killed run's records of replayed steps are set aside
 
 
+def test_another_rate_schedule_length_or_dpo_beta_reuses_the_compiled_step(data_dir, tmp_path):
+    """The learning rate, the schedule's length and DPO's beta and label smoothing are arguments of the train step
+    (train_steps.step_hparams), not constants of its program: a second run that changes them (a sweep's next
+    point, or a resume with more steps) loads the train step and the eval programs from the persistent
+    compilation cache and compiles only its schedule's table. It trains on its own values: its logged rates are
+    its schedule's, and its losses differ once the policy has moved (log 2 at any beta while it is the reference)."""
+    cache = tmp_path / "xla"
+    args = ["--config=configs/dpo.py:tiny", f"--config.data.train={data_dir / 'prefs'}",
+            f"--config.data.eval={data_dir / 'prefs'}", "--config.train.progress=False", "--config.train.log_every=1",
+            "--config.train.save_every=0", f"--config.train.compilation_cache_dir={cache}"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    runs = {"first": [], "second": ["--config.train.max_steps=8", "--config.optim.lr=5e-4", "--config.dpo.beta=0.3",
+                                    "--config.dpo.label_smoothing=0.1"]}
+    programs, records = {}, {}
+    for name, changes in runs.items():
+        out = _cli("zephyr_jax.train", f"--workdir={tmp_path / name}", *args, *changes, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        programs[name] = {f for f in os.listdir(cache) if f.startswith(("jit_train_step-", "jit_dpo_eval-"))}
+        records[name] = [r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if r["split"] == "train"]
+    assert sum(f.startswith("jit_train_step-") for f in programs["first"]) == 1, programs
+    assert programs["second"] == programs["first"]
+    second = load_config(os.path.join(ROOT, "configs/dpo.py:tiny"), **{"train.max_steps": 8, "optim.lr": 5e-4})
+    rates = train_steps.learning_rates(train_steps.make_schedule(second.optim, 8), 8)
+    assert [r["lr"] for r in records["second"]] == pytest.approx(rates.tolist())
+    first, second = ([r["loss"] for r in records[name]] for name in runs)
+    # the policy is the reference until step 2 (step 1's rate is the warmup's 0)
+    assert first[:2] == pytest.approx([math.log(2)] * 2) and second[:2] == pytest.approx([math.log(2)] * 2)
+    assert all(a != pytest.approx(b, rel=1e-2) for a, b in zip(first[2:], second[2:6]))
+
+
 def test_sigterm_saves_the_current_step(data_dir, tmp_path):
     workdir = tmp_path / "w"
     args = ["--config=configs/sft.py:tiny", f"--config.data.train={data_dir / 'sft'}",
@@ -1004,11 +1039,11 @@ def test_a_batch_shape_first_met_after_the_first_step_compiles_outside_the_step_
     def jit_train_step(*args, **kwargs):
         step = real(*args, **kwargs)
 
-        def first_call_slow(state, batch, reference):
+        def first_call_slow(state, batch, reference, hparams):
             if train.batch_shape(batch) not in shapes:
                 shapes.add(train.batch_shape(batch))
                 time.sleep(3.0)
-            return step(state, batch, reference)
+            return step(state, batch, reference, hparams)
         return first_call_slow
 
     monkeypatch.setattr(train, "jit_train_step", jit_train_step)
@@ -1210,7 +1245,7 @@ def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(
                 "optim.warmup_ratio": 0.5, "optim.schedule": "cosine"}
     cfg = tiny_config("sft", data_dir, **settings, **{"train.log_every": 3, "train.eval_every": 3})
     train.run(cfg, str(tmp_path / "every_3"))
-    _, schedule = train_steps.make_optimizer(cfg.optim, 6)
+    schedule = train_steps.make_schedule(cfg.optim, 6)
     records = [json.loads(line) for line in open(tmp_path / "every_3" / "metrics.jsonl")]
     lines = [r for r in records if r["split"] == "train"]
     assert {r["step"]: r["lr"] for r in lines} == {3: pytest.approx(float(schedule(2))),
@@ -1251,7 +1286,7 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     train.run(cfg(2, 1e-3), str(workdir))
     assert "each epoch trains 2 full batches: 4 of its 20 examples are left out" in capsys.readouterr().out
     lrs = {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"}
-    _, schedule = train_steps.make_optimizer(cfg(2, 1e-3).optim, 4)
+    schedule = train_steps.make_schedule(cfg(2, 1e-3).optim, 4)
     assert lrs == {s: pytest.approx(float(schedule(s - 1))) for s in (1, 2, 3, 4)}
     epochs = [np.concatenate(drawn[:2]), np.concatenate(drawn[2:4])]
     assert len(drawn) == 4 and all(len(set(e)) == 16 and set(e) <= set(range(20)) for e in epochs)
@@ -1260,7 +1295,7 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
 
     train.run(cfg(3, 5e-4), str(workdir))  # 2 more steps, on a schedule of 6 steps with the new lr
     lrs = {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"}
-    _, resized = train_steps.make_optimizer(cfg(3, 5e-4).optim, 6)
+    resized = train_steps.make_schedule(cfg(3, 5e-4).optim, 6)
     assert {s: lrs[s] for s in (5, 6)} == {s: pytest.approx(float(resized(s - 1))) for s in (5, 6)}
     assert sorted(os.listdir(workdir / "checkpoints")) == ["5", "6"]
 

@@ -219,7 +219,8 @@ class StepInputs(NamedTuple):
     state: steps.TrainState  # ShapeDtypeStructs
     batch: dict
     reference: Any  # frozen DPO reference parameters, or None
-    shardings: tuple  # (state, batch, reference) shardings, the trees of the three above
+    hparams: dict  # train_steps.step_hparams: the step's learning rate (and DPO's beta, label smoothing)
+    shardings: tuple  # (state, batch, reference, hparams) shardings, the trees of the four above
 
 
 def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batches: list[MixBatch]):
@@ -230,7 +231,7 @@ def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batches: list[MixBatch
     dpo = cfg.stage == "dpo"
     frozen = dpo and not cfg.dpo.reference_free and not cfg.dpo.precompute_reference
     graphdef, params, param_shardings = train.abstract_params(cfg, mcfg, mesh)
-    tx, schedule = steps.make_optimizer(cfg.optim, 1000)  # the schedule's length changes no shape
+    tx = steps.make_optimizer(cfg.optim, steps.make_schedule(cfg.optim, 1000))
     state_shardings = train.train_state_shardings(tx, params, param_shardings, mesh)
     state = steps.TrainState(params, jax.eval_shape(tx.init, params), jax.ShapeDtypeStruct((), jnp.int32))
     batch_sharding = train.batch_sharding(mesh, cfg.mesh.rules)
@@ -238,16 +239,19 @@ def train_step_and_inputs(cfg, mcfg: MistralConfig, mesh, batches: list[MixBatch
     if frozen:
         ref_dtype = jnp.dtype(cfg.dpo.reference_dtype)
         reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), params)
-    step = train.jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding,
+    step = train.jit_train_step(cfg, graphdef, state_shardings, batch_sharding,
                                 frozen_reference=frozen, max_segments=max_segments)
-    shardings = (state_shardings, jax.tree.map(lambda _: batch_sharding, batch), param_shardings if frozen else None)
-    return step, StepInputs(state, batch, reference, shardings)
+    hparams = steps.step_hparams(cfg, 0.0)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = (state_shardings, jax.tree.map(lambda _: batch_sharding, batch), param_shardings if frozen else None,
+                 jax.tree.map(lambda _: replicated, hparams))
+    return step, StepInputs(state, batch, reference, hparams, shardings)
 
 
 def input_buffers(inputs: StepInputs) -> list[tuple[str, int]]:
     """(name, bytes one chip holds) of every input array of the step, largest first."""
     out = []
-    for name, tree, sh in zip(("state", "batch", "reference"), inputs[:3], inputs.shardings):
+    for name, tree, sh in zip(("state", "batch", "reference", "hparams"), inputs[:4], inputs.shardings):
         if tree is None:
             continue
         shards = jax.tree.leaves(sh, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
@@ -258,7 +262,8 @@ def input_buffers(inputs: StepInputs) -> list[tuple[str, int]]:
 
 
 def input_bytes(buffers) -> dict:
-    """Per-chip bytes of the step's inputs by kind: parameters, optimizer state, DPO reference, batch."""
+    """Per-chip bytes of the step's inputs by kind: parameters, optimizer state, DPO reference, batch (not the
+    step's hparams: a few bytes)."""
     kinds = {"parameters": "state.params.", "optimizer_state": "state.opt_state.", "reference": "reference.",
              "batch": "batch."}
     return {kind: sum(b for n, b in buffers if n.startswith(prefix)) for kind, prefix in kinds.items()}
@@ -366,7 +371,7 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
           "positions...", file=sys.stderr, flush=True)
     try:
         with jax.set_mesh(mesh), cudnn_checks_for(target):
-            compiled = step.lower(inputs.state, inputs.batch, inputs.reference).compile()
+            compiled = step.lower(inputs.state, inputs.batch, inputs.reference, inputs.hparams).compile()
     except Exception as e:
         oom = out_of_memory(e)
         if oom is None:

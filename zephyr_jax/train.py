@@ -12,6 +12,7 @@ Multi-process runs (TPU pods, SLURM, N local processes) pass --distributed or th
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -503,7 +504,9 @@ def run(cfg, workdir: str) -> dict:
     graphdef, params, param_shardings = init_params(cfg, mcfg, mesh)
     if jax.process_index() == 0:
         checkpoint.save_model_config(workdir, mcfg)
-    tx, schedule = steps.make_optimizer(cfg.optim, total_steps)
+    schedule = steps.make_schedule(cfg.optim, total_steps)
+    tx = steps.make_optimizer(cfg.optim, schedule)
+    rates = steps.learning_rates(schedule, total_steps)  # each step's, an argument of the step (step_hparams)
     state_shardings = train_state_shardings(tx, params, param_shardings, mesh)
     state = initial_state(tx, params, state_shardings)
     eval_fn = steps.make_eval_fn(cfg.stage, graphdef, cfg.train.eval_batch_size, max_segments(cfg, eval_examples))
@@ -532,7 +535,7 @@ def run(cfg, workdir: str) -> dict:
         if int(state.step) > total_steps:
             print(f"step {int(state.step)} is past this run's {total_steps} steps: nothing to train")
 
-    train_step = jit_train_step(cfg, graphdef, tx, schedule, state_shardings, sharding,
+    train_step = jit_train_step(cfg, graphdef, state_shardings, sharding,
                                 frozen_reference=reference is not None,
                                 max_segments=max_segments(cfg, train_examples))
     start = int(jax.device_get(state.step))  # 0, or the step resumed from: the records after it are written again
@@ -586,7 +589,7 @@ def run(cfg, workdir: str) -> dict:
                 shapes.add(shape)
                 with log.paused() if compiles else contextlib.nullcontext(), jax.set_mesh(mesh), \
                         jax.profiler.StepTraceAnnotation(cfg.stage, step_num=step + 1):
-                    state, metrics = train_step(state, batch, reference)
+                    state, metrics = train_step(state, batch, reference, steps.step_hparams(cfg, rates[step]))
                 step += 1
                 trace.after(step, metrics)
                 if step < total_steps:
@@ -680,17 +683,19 @@ def max_segments(cfg, rows) -> int | None:
     return 1 << (most - 1).bit_length()
 
 
-def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_sharding_, *, frozen_reference: bool,
+def jit_train_step(cfg, graphdef, state_shardings, batch_sharding_, *, frozen_reference: bool,
                    max_segments: int | None):
-    """The jitted train step of this config: the state donated, batches sharded over the batch axes, and a
-    frozen DPO reference (when it runs in the step) laid out like the parameters. max_segments: see
-    max_segments(cfg, rows) (what the step's batches hold). The planner (zephyr_jax/plan.py) compiles this same
-    function ahead of time."""
+    """The jitted train step of this config: step(state, batch, reference, hparams), the state donated, batches
+    sharded over the batch axes, a frozen DPO reference (when it runs in the step) laid out like the parameters,
+    and steps.step_hparams replicated. max_segments: see max_segments(cfg, rows) (what the step's batches hold).
+    The planner (zephyr_jax/plan.py) compiles this same function ahead of time."""
     ref_shardings = state_shardings.params if frozen_reference else None  # frozen_copy keeps the params' layout
-    step = steps.make_train_step(cfg.stage, graphdef, tx, schedule, cfg.train.grad_accum, cfg.get("dpo"),
+    optimizer = functools.partial(steps.make_optimizer, cfg.optim)
+    step = steps.make_train_step(cfg.stage, graphdef, optimizer, cfg.train.grad_accum, cfg.get("dpo"),
                                  rules=cfg.mesh.rules, num_pairs=cfg.train.global_batch_size,
                                  max_segments=max_segments)
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding_, ref_shardings),
+    replicated = jax.sharding.NamedSharding(batch_sharding_.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding_, ref_shardings, replicated),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 

@@ -31,29 +31,48 @@ class TrainState(NamedTuple):
 SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
 
 
-def make_optimizer(optim_cfg, total_steps: int):
-    """AdamW with linear warmup, then cosine or linear decay to 0 or a constant rate (optim.schedule), sized on the
-    real number of optimizer steps. Warmup is joined by hand: optax.warmup_constant_schedule(0, lr, 0) gives 0 at
-    every step, and a warmup_ratio of 0 must give lr from the first step."""
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then cosine or linear decay to 0 or a constant rate (optim.schedule), sized on the real
+    number of optimizer steps. Warmup is joined by hand: optax.warmup_constant_schedule(0, lr, 0) gives 0 at every
+    step, and a warmup_ratio of 0 must give lr from the first step."""
     warmup = math.ceil(optim_cfg.warmup_ratio * total_steps)  # as transformers' TrainingArguments rounds it
     if optim_cfg.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, optim_cfg.lr, warmup, max(total_steps, warmup + 1))
-    elif optim_cfg.schedule == "linear":
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, warmup),
-                                         optax.linear_schedule(optim_cfg.lr, 0.0, max(total_steps - warmup, 1))],
-                                        [warmup])
-    elif optim_cfg.schedule == "constant":
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, warmup),
-                                         optax.constant_schedule(optim_cfg.lr)], [warmup])
-    else:
-        raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: expected one of {SCHEDULES}")
+        return optax.warmup_cosine_decay_schedule(0.0, optim_cfg.lr, warmup, max(total_steps, warmup + 1))
+    if optim_cfg.schedule == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, warmup),
+                                     optax.linear_schedule(optim_cfg.lr, 0.0, max(total_steps - warmup, 1))],
+                                    [warmup])
+    if optim_cfg.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, warmup),
+                                     optax.constant_schedule(optim_cfg.lr)], [warmup])
+    raise ValueError(f"optim.schedule={optim_cfg.schedule!r}: expected one of {SCHEDULES}")
+
+
+def make_optimizer(optim_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Gradient clipping, then AdamW at the rates `schedule` gives. Its state has optax.adamw's structure whatever
+    the schedule: the train step builds it again with its own argument as the rate (make_train_step)."""
     adamw = optax.chain(  # optax.adamw's three steps, its decay on decayed_weights only
         optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                             mu_dtype=jnp.dtype(optim_cfg.mu_dtype)),
         decay_weights(optim_cfg.weight_decay),
         optax.scale_by_learning_rate(schedule))
     clip = optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity()
-    return optax.chain(clip, adamw), schedule
+    return optax.chain(clip, adamw)
+
+
+def learning_rates(schedule: optax.Schedule, total_steps: int) -> np.ndarray:
+    """The rate of each of a run's steps (0-based, as optax counts them), computed once, as one small program."""
+    return np.asarray(jax.jit(jax.vmap(schedule))(np.arange(total_steps)), np.float32)
+
+
+def step_hparams(cfg, lr) -> dict:
+    """The float settings a train step takes as arguments, not as constants of its program, so a run with another
+    learning rate, schedule length, DPO beta or label smoothing (a sweep, or a resume that changes them) reuses
+    the compiled step: this step's rate and, for dDPO, the loss's beta and label smoothing."""
+    hparams = {"lr": np.float32(lr)}
+    if cfg.stage == "dpo":
+        hparams.update(beta=np.float32(cfg.dpo.beta), label_smoothing=np.float32(cfg.dpo.label_smoothing))
+    return hparams
 
 
 def decayed_weights(params):
@@ -136,10 +155,14 @@ def sft_loss_fn(params, graphdef, batch, normalizer, max_segments=None, layer_gr
 
 
 def dpo_loss_fn(params, graphdef, batch, reference_logps, dpo_cfg, num_pairs: int, micro_batches: int,
-                layer_grad_sum=None):
+                layer_grad_sum=None, hparams=None):
+    """losses.dpo_loss on the batch's pairs. beta and label smoothing: hparams' (the train step's arguments),
+    else dpo_cfg's."""
+    hparams = hparams or {"beta": dpo_cfg.beta, "label_smoothing": dpo_cfg.label_smoothing}
     policy, lengths = pair_logps(graphdef, params, batch, num_pairs, micro_batches, layer_grad_sum)
     return losses.dpo_loss(policy[:, 0], policy[:, 1], reference_logps[:, 0], reference_logps[:, 1],
-                           beta=dpo_cfg.beta, loss_type=dpo_cfg.loss_type, label_smoothing=dpo_cfg.label_smoothing,
+                           beta=hparams["beta"], loss_type=dpo_cfg.loss_type,
+                           label_smoothing=hparams["label_smoothing"],
                            chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
                            reference_free=dpo_cfg.reference_free)
 
@@ -154,15 +177,17 @@ def split_micro(batch, n: int):
 _tree_norm = getattr(optax.tree_utils, "tree_norm", None) or optax.tree_utils.tree_l2_norm
 
 
-def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg=None, rules=DEFAULT_RULES,
+def make_train_step(stage: str, graphdef, optimizer, grad_accum: int, dpo_cfg=None, rules=DEFAULT_RULES,
                     num_pairs: int | None = None, max_segments: int | None = None):
-    """train_step(state, batch, reference) -> (state, metrics). reference: DPO only, either frozen reference
-    parameters (an nnx.State) or None when the batch carries precomputed per-sequence "reference_logps".
+    """train_step(state, batch, reference, hparams) -> (state, metrics). reference: DPO only, either frozen
+    reference parameters (an nnx.State) or None when the batch carries precomputed per-sequence "reference_logps".
+    hparams: step_hparams(cfg, rate of this step). optimizer: schedule -> optax transformation (train.py:
+    make_optimizer with the config's optim), called in the step with the constant schedule hparams["lr"].
     num_pairs: DPO pairs per global batch. max_segments: SFT, the most sequences a row holds
     (train.max_segments(cfg, rows): 1 for unpacked rows).
     rules: the logical-axis rules that shard each micro-batch's rows (under `jax.set_mesh`)."""
 
-    def micro_loss(params, micro, reference, normalizer, layer_grad_sum):
+    def micro_loss(params, micro, reference, normalizer, layer_grad_sum, hparams):
         micro = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), rules), micro)
         if stage == "sft":
             return sft_loss_fn(params, graphdef, micro, normalizer, max_segments, layer_grad_sum)
@@ -173,10 +198,11 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
             ref = jnp.zeros((pairs, 2), jnp.float32)
         else:
             ref = jax.lax.stop_gradient(pair_logps(graphdef, reference, micro, pairs, grad_accum)[0])
-        loss, metrics = dpo_loss_fn(params, graphdef, micro, ref, dpo_cfg, pairs, grad_accum, layer_grad_sum)
+        loss, metrics = dpo_loss_fn(params, graphdef, micro, ref, dpo_cfg, pairs, grad_accum, layer_grad_sum,
+                                    hparams)
         return loss / grad_accum, {k: v / grad_accum for k, v in metrics.items()}  # means of equal-sized parts
 
-    def train_step(state: TrainState, batch, reference):
+    def train_step(state: TrainState, batch, reference, hparams):
         # SFT: the mean over every token with a loss in the global batch (-1 fills loss_positions past a row's own)
         normalizer = jnp.maximum((batch["loss_positions"] >= 0).sum(), 1).astype(jnp.float32) \
             if stage == "sft" else None
@@ -184,11 +210,11 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
 
         def accumulate(grads, micro):
             if grad_accum == 1:
-                (_, metrics), g = grad_fn(state.params, micro, reference, normalizer, None)
+                (_, metrics), g = grad_fn(state.params, micro, reference, normalizer, None, hparams)
                 return jax.tree.map(jnp.add, grads, g), metrics
             # The layers' backward adds into grads["layers"] in place and returns the sum (model/accumulate.py):
             # one float32 tree of layer gradients, not a micro-batch's beside the running sum.
-            (_, metrics), g = grad_fn(state.params, micro, reference, normalizer, grads["layers"])
+            (_, metrics), g = grad_fn(state.params, micro, reference, normalizer, grads["layers"], hparams)
             add = lambda path, total, new: new if path[0].key == "layers" else total + new
             return jax.tree_util.tree_map_with_path(add, grads, g), metrics
 
@@ -198,7 +224,8 @@ def make_train_step(stage: str, graphdef, tx, schedule, grad_accum: int, dpo_cfg
         if stage == "sft":
             metrics["token_accuracy"] = metrics.pop("correct") / jnp.maximum(metrics["num_tokens"], 1)
         metrics["grad_norm"] = _tree_norm(grads)
-        metrics["lr"] = schedule(state.step)
+        metrics["lr"] = hparams["lr"]
+        tx = optimizer(lambda _: hparams["lr"])  # the rate is an argument: no schedule's constants in the program
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), metrics
