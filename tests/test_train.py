@@ -959,7 +959,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
 
 
 def test_another_rate_schedule_length_or_dpo_beta_reuses_the_compiled_step(data_dir, tmp_path):
-    """The learning rate, the schedule's length and DPO's beta and label smoothing are arguments of the train step
+    """The learning rate, the schedule's length and DPO's beta are arguments of the train step
     (train_steps.step_hparams), not constants of its program: a second run that changes them (a sweep's next
     point, or a resume with more steps) loads the train step and the eval programs from the persistent
     compilation cache and compiles only its schedule's table. It trains on its own values: its logged rates are
@@ -969,8 +969,7 @@ def test_another_rate_schedule_length_or_dpo_beta_reuses_the_compiled_step(data_
             f"--config.data.eval={data_dir / 'prefs'}", "--config.train.progress=False", "--config.train.log_every=1",
             "--config.train.save_every=0", f"--config.train.compilation_cache_dir={cache}"]
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    runs = {"first": [], "second": ["--config.train.max_steps=8", "--config.optim.lr=5e-4", "--config.dpo.beta=0.3",
-                                    "--config.dpo.label_smoothing=0.1"]}
+    runs = {"first": [], "second": ["--config.train.max_steps=8", "--config.optim.lr=5e-4", "--config.dpo.beta=0.3"]}
     programs, records = {}, {}
     for name, changes in runs.items():
         out = _cli("zephyr_jax.train", f"--workdir={tmp_path / name}", *args, *changes, env=env)

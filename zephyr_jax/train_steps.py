@@ -67,11 +67,12 @@ def learning_rates(schedule: optax.Schedule, total_steps: int) -> np.ndarray:
 
 def step_hparams(cfg, lr) -> dict:
     """The float settings a train step takes as arguments, not as constants of its program, so a run with another
-    learning rate, schedule length, DPO beta or label smoothing (a sweep, or a resume that changes them) reuses
-    the compiled step: this step's rate and, for dDPO, the loss's beta and label smoothing."""
+    learning rate, schedule length or DPO beta (a sweep, or a resume that changes them) reuses the compiled step:
+    this step's rate and, for dDPO, the loss's beta. (dpo.label_smoothing stays a constant: the robust loss
+    weighs by 1 / (1 - 2 eps) from the Python float, which float32 would round to a division by 0 near 0.5.)"""
     hparams = {"lr": np.float32(lr)}
     if cfg.stage == "dpo":
-        hparams.update(beta=np.float32(cfg.dpo.beta), label_smoothing=np.float32(cfg.dpo.label_smoothing))
+        hparams["beta"] = np.float32(cfg.dpo.beta)
     return hparams
 
 
@@ -156,13 +157,11 @@ def sft_loss_fn(params, graphdef, batch, normalizer, max_segments=None, layer_gr
 
 def dpo_loss_fn(params, graphdef, batch, reference_logps, dpo_cfg, num_pairs: int, micro_batches: int,
                 layer_grad_sum=None, hparams=None):
-    """losses.dpo_loss on the batch's pairs. beta and label smoothing: hparams' (the train step's arguments),
-    else dpo_cfg's."""
-    hparams = hparams or {"beta": dpo_cfg.beta, "label_smoothing": dpo_cfg.label_smoothing}
+    """losses.dpo_loss on the batch's pairs. beta: hparams' (the train step's argument), else dpo_cfg's."""
+    beta = dpo_cfg.beta if hparams is None else hparams["beta"]
     policy, lengths = pair_logps(graphdef, params, batch, num_pairs, micro_batches, layer_grad_sum)
     return losses.dpo_loss(policy[:, 0], policy[:, 1], reference_logps[:, 0], reference_logps[:, 1],
-                           beta=hparams["beta"], loss_type=dpo_cfg.loss_type,
-                           label_smoothing=hparams["label_smoothing"],
+                           beta=beta, loss_type=dpo_cfg.loss_type, label_smoothing=dpo_cfg.label_smoothing,
                            chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
                            reference_free=dpo_cfg.reference_free)
 
