@@ -113,6 +113,16 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
         export.export(str(dpo_dir), str(dpo_dir))
     with pytest.raises(ValueError, match="is a zephyr_jax training workdir .its config.json would be replaced"):
         export.export(str(dpo_dir), str(sft_dir))  # another run's: its training config.json was overwritten
+    project = tmp_path / "project"  # a folder of other files: its README.md and config.json were replaced
+    project.mkdir()
+    (project / "README.md").write_text("# my notes\n")
+    (project / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="is not empty and holds no Hugging Face model"):
+        export.export(str(dpo_dir), str(project))
+    assert (project / "README.md").read_text() == "# my notes\n" and sorted(os.listdir(project)) == [
+        "README.md", "config.json"]
+    os.remove(killed_dir / "model.safetensors")  # killed before its weights: only its card says what it is
+    assert export.holds_a_model(str(killed_dir)) and not export.holds_a_model(str(project))
 
     ours = load_model(str(dpo_dir), "float32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
@@ -148,11 +158,26 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
             (["--config.mesh.shape=(1,1,3)"], "error: config.mesh: mesh shape (1, 1, 3) needs 3 devices; 8 are "
                                               "available (1 process(es))"),
             (["--config.model.init=orbax", f"--config.model.path={tmp_path / 'none'}"],
-             f"error: config.model.path='{tmp_path / 'none'}': no zephyr_jax workdir with checkpoints there")):
+             f"error: config.model.path='{tmp_path / 'none'}': no zephyr_jax workdir with checkpoints there"),
+            (["--config.model.arch.num_key_value_heads=3"], "error: config.model.arch: num_attention_heads=4 is not "
+                                                            "a multiple of num_key_value_heads=3"),
+            ([f"--config.tokenizer={tmp_path / 'none'}"], f"error: config.tokenizer='{tmp_path / 'none'}': "
+                                                          f"tokenizer {tmp_path / 'none'} does not exist")):
         out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides,
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-2000:]
+    # An exported Hugging Face model as the workdir: training replaced its config.json with the run's (the
+    # folder then loaded in no library), and wrote checkpoints beside its weights.
+    hf_dir = tmp_path / "exported"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={hf_dir}")
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        f"error: --workdir={hf_dir} is a Hugging Face model directory: training would replace its config.json; use "
+        "another --workdir (a model to start from goes in config.model.path)"), out.stderr[-2000:]
+    assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "mistral"
+    assert sorted(os.listdir(hf_dir)) == ["config.json"]
 
 
 @pytest.mark.parametrize("stage, overrides, message", [
@@ -176,6 +201,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
                                                    r"twice"),  # jax's DuplicateSpecError, naming no rule
     # The kernels' static needs, found by the first step after the data work:
     ("sft", {"model.attention_impl": "cudnn"}, r"attention_impl='cudnn' with model.dtype='float32'"),
+    ("sft", {"model.attention_impl": "flash"}, r"model.attention_impl='flash': expected one of \('auto'"),
+    ("sft", {"model.remat": "partial"}, r"model.remat='partial': expected one of \('none'"),  # (MistralConfig's)
     ("sft", {"model.attention_impl": "splash", "data.max_length": 100, "data.buckets": ()},
      r"attention_impl='splash' needs lengths that are multiples of 128; batches here can be 100 long"),
     ("dpo", {"dpo.precompute_reference": True, "dpo.reference_free": True},

@@ -38,6 +38,9 @@ def final_metrics(workdir: str, step: int | None = None) -> dict:
     return last
 
 
+CARD_TITLE = "# zephyr_jax checkpoint"
+
+
 def model_card(workdir: str, step: int, train_config: dict, metrics: dict, zephyr_template: bool = True) -> str:
     stage = train_config.get("stage", "?")
     what = {"sft": "distilled supervised fine-tuning (dSFT)", "dpo": "distilled direct preference optimization "
@@ -49,7 +52,7 @@ def model_card(workdir: str, step: int, train_config: dict, metrics: dict, zephy
         train_config = {**train_config, "model": {k: v for k, v in model.items() if k != "arch"}}
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [zephyr_jax, mistral, "
-        f"{stage}]", "---", "", "# zephyr_jax checkpoint", "",
+        f"{stage}]", "---", "", CARD_TITLE, "",
         f"Mistral-architecture model trained with zephyr_jax by {what}, following Zephyr "
         "(arXiv 2310.16944).", "",
         f"- training workdir: `{os.path.abspath(workdir)}`, step {step}",
@@ -87,6 +90,10 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     if is_workdir(out_dir) or os.path.isdir(os.path.join(out_dir, "checkpoints")):  # ... or another run's
         raise ValueError(f"--out={out_dir} is a zephyr_jax training workdir (its config.json would be replaced): "
                          "export to another directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not holds_a_model(out_dir):
+        raise ValueError(f"--out={out_dir} is not empty and holds no Hugging Face model: the export would replace "
+                         "files of the same names there (README.md, config.json, ...); export to a new or empty "
+                         "directory")
     step = checkpoint.resolve_step(workdir, step)
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
     model = load_model(workdir, dtype, step=step)
@@ -98,6 +105,15 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
                        model_card=card)
     print(f"exported {workdir} step {step} -> {out_dir}")
     return out_dir
+
+
+def holds_a_model(out_dir: str) -> bool:
+    """An earlier export (or another model's folder), which an export replaces: a config.json with a model_type,
+    weights, or this module's model card (an export killed before its weights: hf.save_pretrained writes the card,
+    then the weights, then config.json)."""
+    card = os.path.join(out_dir, "README.md")
+    return ("model_type" in (run_config(out_dir) or {}) or any(f.endswith(".safetensors") for f in os.listdir(out_dir))
+            or (os.path.isfile(card) and CARD_TITLE in open(card, encoding="utf-8", errors="replace").read()))
 
 
 def cli(argv=None):

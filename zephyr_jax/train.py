@@ -188,7 +188,10 @@ def model_config(cfg) -> MistralConfig:
     """The architecture: from the HF checkpoint, the SFT workdir, or config.model.arch for random init."""
     jax_settings = model_settings(cfg)
     if cfg.model.init == "random":
-        mcfg = MistralConfig(**cfg.model.arch.to_dict(), **jax_settings)
+        try:
+            mcfg = MistralConfig(**cfg.model.arch.to_dict(), **jax_settings)
+        except ValueError as e:  # heads that do not divide, an odd head size, ...
+            raise ConfigError(f"config.model.arch: {e}") from None
     elif cfg.model.init == "orbax":
         mcfg = checkpoint.load_model_config(cfg.model.path, **jax_settings)
     else:
@@ -449,7 +452,12 @@ def run(cfg, workdir: str) -> dict:
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
     if cfg.stage == "dpo":  # packed rows' data.buckets against this mesh's rows: also before the data work
         preference_batcher(cfg, mesh, cfg.train.global_batch_size, cfg.train.grad_accum)
-    tok = load_tokenizer(cfg.tokenizer)
+    try:
+        tok = load_tokenizer(cfg.tokenizer)
+    except FileNotFoundError as e:
+        raise ConfigPathError(f"config.tokenizer={cfg.tokenizer!r}: {e}") from None
+    except ValueError as e:  # no BOS or EOS token
+        raise ConfigError(f"config.tokenizer={cfg.tokenizer!r}: {e}") from None
     checks.check_default_tokenizer(cfg, mcfg.vocab_size, tok)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:

@@ -24,6 +24,7 @@ from zephyr_jax.data.sft import LOSS_ON, TOO_LONG
 from zephyr_jax.loading import is_workdir, run_config
 from zephyr_jax.losses import check_dpo_settings
 from zephyr_jax.model.attention import CUDNN_DTYPES
+from zephyr_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES
 from zephyr_jax.sharding import rules_table
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 
@@ -103,6 +104,9 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     if cfg.data.max_length < 2:  # one token predicts nothing
         raise ConfigError(f"data.max_length={cfg.data.max_length}: must be at least 2")
     check_buckets(cfg)
+    for key, allowed in (("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
+        if cfg.model[key] not in allowed:  # (MistralConfig's own check, with the setting's name)
+            raise ConfigError(f"model.{key}={cfg.model[key]!r}: expected one of {allowed}")
     check_attention_kernel(cfg)
     for key, allowed in (("on_bad_row", ON_BAD_ROW), ("loss_on", LOSS_ON), ("too_long", TOO_LONG)):
         if key in cfg.data and cfg.data[key] not in allowed:  # else raised only once the source is read
@@ -268,10 +272,21 @@ def resume_settings(cfg, workdir: str) -> bool:
 
 def check_workdir(workdir: str) -> None:
     """A URL (gs://...) is refused: the workdir is written with Python's file functions, which would make a local
-    directory named 'gs:' (and orbax fails at the first save, hours in). A bucket mounted with GCSFuse is a path."""
+    directory named 'gs:' (and orbax fails at the first save, hours in). A bucket mounted with GCSFuse is a path.
+    So is a directory whose config.json is not a training run's (an exported Hugging Face model's): the run would
+    replace it."""
     if "://" in workdir:
         raise ConfigError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
                           "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
+    try:
+        saved = run_config(os.path.expanduser(workdir))
+    except ValueError:  # not JSON: resume_settings names the file
+        return
+    if saved is not None and not (isinstance(saved, dict) and "stage" in saved):
+        what = "a Hugging Face model directory" if isinstance(saved, dict) and "model_type" in saved else \
+            "a directory whose config.json is not a zephyr_jax training run's"
+        raise ConfigError(f"--workdir={workdir} is {what}: training would replace its config.json; use another "
+                          "--workdir (a model to start from goes in config.model.path)")
 
 
 SHARED_MARK = "process_0_mark"  # at every start, process 0 makes WORKDIR/process_0_mark.<random>; the others look
