@@ -368,6 +368,28 @@ def test_an_hf_model_path_that_is_a_missing_directory_is_named(data_dir, tmp_pat
             train_checks.check_config(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": path}))
 
 
+def test_a_wrong_or_damaged_hf_checkpoint_is_named_before_the_data_work(data_dir, tmp_path, monkeypatch):
+    """model.init='hf' weights of other shapes than their config.json gives, or a file cut short, were found while
+    reading them, after tokenizing both splits (minutes on UltraChat), as a traceback: now from the headers and
+    file sizes (hf.check_weights), before any data is read, as a ConfigError naming the setting."""
+    from tests.torch_reference import save_torch, torch_mistral
+
+    path = save_torch(torch_mistral(vocab_size=32000), tmp_path / "hf")
+    monkeypatch.setattr(train, "load_examples", lambda *a, **k: pytest.fail("data read before the weights' check"))
+    cfg = lambda: tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": path})  # noqa: E731
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(ConfigError, match=rf"config.model.path='{re.escape(path)}': .*model.safetensors: tensor "
+                                          r"model.layers.\d.mlp.\w+_proj.weight has shape \((96, 64|64, 96)\), but the "
+                                          r"config needs \((128, 64|64, 128)\)"):
+        train.run(cfg(), str(tmp_path / "w"))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    weights = tmp_path / "hf" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    with pytest.raises(ConfigError, match=r"model.safetensors is truncated inside tensor "):
+        train.run(cfg(), str(tmp_path / "w"))
+
+
 def test_packed_dpo_buckets_must_hold_the_fullest_row_a_batch_can_make():
     """Packed dDPO rows hold several sequences; data.buckets that hold one example of max_length (all check_config
     can ask) but not a row of them made the first batch of long pairs fail, mid-run: refused as the batcher is

@@ -307,12 +307,40 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 
 
 def _read_tensor(file, name, info, data_start, transposed, target: np.ndarray) -> None:
-    """One checkpoint tensor into `target` (the parameter, or one layer's slice of it), checking its shape."""
+    """One checkpoint tensor into `target` (the parameter, or one layer's slice of it: _checked_weights has
+    checked its shape)."""
     dtype, shape, begin = tensor_layout(file, name, info)
-    hf_shape = target.shape[::-1] if transposed else target.shape
-    if shape != tuple(hf_shape):
-        raise ValueError(f"{file}: tensor {name} has shape {shape}, but the config needs {tuple(hf_shape)}")
     _read_into(file, data_start + begin, dtype, shape, target.T if transposed else target, name)
+
+
+def _checked_weights(path: str, params: dict) -> tuple[dict, dict, set]:
+    """(files, headers, names to read) of the weights in `path` for `params` ({dotted name: abstract Variable}),
+    checked from the headers and file sizes alone: every tensor present and used, of a dtype and the shape the
+    config needs, its bytes inside its file."""
+    files = _weight_files(path)
+    used = _check_names(files, params)
+    headers = {file: read_safetensors_header(file) for file in sorted(set(files.values()))}
+    for name in used:
+        file = files[name]
+        header, data_start = headers[file]
+        if name not in header:
+            raise ValueError(f"{file} lacks tensor {name}, which the index places in it")
+        dtype, shape, begin = tensor_layout(file, name, header[name])
+        flax_name, layer, transposed = hf_to_flax_name(name)
+        need = params[flax_name].get_value().shape[0 if layer is None else 1:]
+        if shape != tuple(need[::-1] if transposed else need):
+            raise ValueError(f"{file}: tensor {name} has shape {shape}, but the config needs "
+                             f"{tuple(need[::-1] if transposed else need)}")
+        if data_start + begin + math.prod(shape) * dtype.itemsize > os.path.getsize(file):
+            raise ValueError(f"{file} is truncated inside tensor {name}")
+    return files, headers, used
+
+
+def check_weights(path: str, cfg: MistralConfig) -> None:
+    """read_weights' checks without reading any weight (seconds for a 7B): what training runs before its data
+    work, so a wrong or damaged checkpoint is named before minutes of tokenizing."""
+    _, state = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
+    _checked_weights(path, {_dotted(p): var for p, var in nnx.to_flat_state(state)})
 
 
 def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
@@ -326,9 +354,7 @@ def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
     params = {_dotted(p): var for p, var in nnx.to_flat_state(state)}  # values: ShapeDtypeStructs
     placement = _flat_shardings(shardings, params)
-    files = _weight_files(path)
-    used = _check_names(files, params)
-    headers = {file: read_safetensors_header(file) for file in sorted(set(files.values()))}
+    files, headers, used = _checked_weights(path, params)
     if cfg.tie_word_embeddings:
         _check_tied_head(files, headers)
     sources = {}  # parameter -> [(layer, HF name)], in file order so each file is read front to back
@@ -343,8 +369,6 @@ def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
         for layer, name in parts:
             file = files[name]
             header, data_start = headers[file]
-            if name not in header:
-                raise ValueError(f"{file} lacks tensor {name}, which the index places in it")
             _, _, transposed = hf_to_flax_name(name)
             target = host if layer is None else host[layer]
             _read_tensor(file, name, header[name], data_start, transposed, target)

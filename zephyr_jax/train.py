@@ -450,6 +450,11 @@ def run(cfg, workdir: str) -> dict:
                 "step back, or start this run again in a new workdir") from e
     mcfg = model_config(cfg)
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
+    if cfg.model.init == "hf":  # and the weights' names, shapes and sizes, from their headers
+        try:
+            hf.check_weights(hf.resolve(cfg.model.path), mcfg)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"config.model.path={cfg.model.path!r}: {e}") from None
     if cfg.stage == "dpo":  # packed rows' data.buckets against this mesh's rows: also before the data work
         preference_batcher(cfg, mesh, cfg.train.global_batch_size, cfg.train.grad_accum)
     try:
@@ -509,7 +514,12 @@ def run(cfg, workdir: str) -> dict:
               "epoch, as the order is shuffled)")
 
     # Model and optimizer, created directly with their shardings.
-    graphdef, params, param_shardings = init_params(cfg, mcfg, mesh)
+    try:
+        graphdef, params, param_shardings = init_params(cfg, mcfg, mesh)
+    except (ValueError, FileNotFoundError) as e:  # a damaged checkpoint: its message, not orbax's chain of causes
+        if cfg.model.init == "random":
+            raise
+        raise ConfigError(f"config.model.path={cfg.model.path!r}: {e}") from None
     if jax.process_index() == 0:
         checkpoint.save_model_config(workdir, mcfg)
     schedule = steps.make_schedule(cfg.optim, total_steps)
