@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 
 import pytest
 from hypothesis import HealthCheck, Phase, event, find, given, settings
@@ -122,6 +123,81 @@ def test_scores():
         binarize_row(raw_row("q", [a, b]), 0, rng=random.Random(0))
 
 
+def with_annotations(c, annotations):
+    return {**c, "annotations": annotations}
+
+
+def test_an_unreadable_rating_makes_the_whole_row_bad():
+    """The best completion, rated "five" (or whose annotations were not a dict), was dropped without a word and the
+    row binarized from the others: the pair chose the second best. Now the row is a bad row naming the field."""
+    best, good, bad = completion("best", [5, 5, 5, 5], 10), completion("good", [3, 3, 3, 3], 6), \
+        completion("bad", [1, 1, 1, 1], 2)
+    aspect = {"Rating": "5", "Rationale": "because"}
+    unreadable = {  # the best completion as written -> the reason
+        "Rating 'five'": (completion("best", ["five"] * 4, 10),
+                          "completions[1].annotations.instruction_following.Rating='five' is not a number"),
+        "one Rating 'five'": (completion("best", [5, "five", 5, 5], 10),
+                              "completions[1].annotations.honesty.Rating='five' is not a number"),
+        "Rating ''": (completion("best", [5, 5, 5, ""], 10),
+                      "completions[1].annotations.helpfulness.Rating='' is not a number"),
+        "Rating True": (with_annotations(best, {a: {"Rating": True} for a in ASPECTS}),
+                        "completions[1].annotations.instruction_following.Rating=True is not a number"),
+        "Rating 'nan'": (completion("best", [5, 5, "nan", 5], 10),
+                         "completions[1].annotations.truthfulness.Rating='nan' is not a number"),
+        "annotations a string": (with_annotations(best, "5 5 5 5"),
+                                 "completions[1].annotations='5 5 5 5' is not a dict"),
+        "an aspect a string": (with_annotations(best, {"instruction_following": aspect, "honesty": "5"}),
+                               "completions[1].annotations.honesty='5' is not a dict"),
+        "completion a string": ("best answer", "completions[1] is not a dict"),
+    }
+    for case, (written, reason) in unreadable.items():
+        row = raw_row("Which?", [good, written, bad]) if isinstance(written, dict) else \
+            {"instruction": "Which?", "completions": [good, written, bad]}
+        counter = SkipCounter()
+        assert binarize([row], counter=counter) == [], case
+        assert counter.as_dict() == {"kept": 0, "skipped": 1, "reasons": {reason.replace("[1]", "[*]"): 1}}, case
+        with pytest.raises(BadRow, match=f"^row 1 of raw: {re.escape(reason)}$"):
+            binarize([row], on_bad_row="raise", source="raw")
+    # rank_by="overall" reads overall_score alone, by the same rules
+    for score, reason in (("ten", "completions[1].overall_score='ten' is not a number"),
+                          ([10], "completions[1].overall_score=[10] is not a number")):
+        row = raw_row("Which?", [good, {**best, "overall_score": score}, bad])
+        with pytest.raises(BadRow, match=f"^row 1: {re.escape(reason)}$"):
+            binarize([row], rank_by="overall", on_bad_row="raise")
+    # an infinite rating is a number off its scale (it was ignored, as a word was)
+    with pytest.raises(BadRow, match="^row 1: a rating outside 1-5 "):
+        binarize([raw_row("Which?", [good, completion("best", [5, "inf", 5, 5], 10), bad])], on_bad_row="raise")
+
+
+def test_missing_and_numeric_ratings_still_rank():
+    """What a rating may be, as before: a number, a numeric string, or missing ("N/A", null, an aspect or the
+    annotations left out), which the mean leaves out; a completion with no rating is not usable, the row still is."""
+    best = with_annotations(completion("best", [5] * 4, 10), {"instruction_following": {"Rating": " 5 "},
+                                                                "honesty": {"Rating": 5}, "truthfulness": None,
+                                                                "helpfulness": {"Rating": None}})
+    half = with_annotations(completion("half", [0] * 4, 4),
+                            {"honesty": {"Rating": 4.5}, "helpfulness": {"Rating": "n/a"}})
+    unrated = [with_annotations(completion(f"unrated{i}", [0] * 4, 7), a) for i, a in enumerate((None, {}))]
+    low = completion("low", [2, "N/A", "2", 2.0], 3)
+    rows = [raw_row("Which?", [half, *unrated, best, low])]
+    (pair,) = binarize(rows)
+    assert (reply(pair["chosen"]), pair["score_chosen"]) == ("answer best", 5.0)
+    assert {completion_score(c) for c in (half, low, *unrated)} == {4.5, 2.0, None}
+    (pair,) = binarize(rows, rank_by="overall")  # overall_score: null and "N/A" are missing too
+    assert reply(pair["chosen"]) == "answer best"
+    for missing in (None, "N/A"):
+        assert completion_score({**best, "overall_score": missing}, "overall") is None
+    # datasets (Arrow: a parquet file, the hub) fills an aspect that another completion has and this one lacks with
+    # null, as in UltraFeedback's own rows
+    import datasets
+
+    partial = with_annotations(completion("partial", [0] * 4, 4), {"honesty": {"Rating": "4", "Rationale": "ok"}})
+    rows = [raw_row("Which?", [completion("full", [5, 5, "N/A", 5], 10), partial])]
+    arrow_rows = datasets.Dataset.from_list(rows)
+    assert arrow_rows[0]["completions"][1]["annotations"]["helpfulness"] is None
+    assert binarize(arrow_rows) == binarize(rows) != []
+
+
 def test_seeds():
     rows = fixture_rows() * 5
     assert binarize(rows, seed=3) == binarize(rows, seed=3)
@@ -221,19 +297,21 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
 
 # --------------------------------------------------------------------------------------------- property
 
-def mostly(good, bad):
-    """good 3 times in 4 (st.one_of would weigh each of bad's own branches like good)."""
-    return st.integers(0, 3).flatmap(lambda k: bad if k == 0 else good)
+def mostly(good, bad, one_in=4):
+    """bad once in `one_in` draws, else good (st.one_of would weigh each of bad's own branches like good)."""
+    return st.integers(0, one_in - 1).flatmap(lambda k: bad if k == 0 else good)
 
 
 junk = st.one_of(st.none(), st.text(max_size=3), st.integers(-2, 12), st.booleans(),
                 st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers(), max_size=2))
-ratings = mostly(st.sampled_from(["1", "2", "3", "4", "5", "N/A"]), st.one_of(st.sampled_from([" 4 ", "", "x"]), junk))
+# a rating that is not a number makes the whole row bad, so it is rarer than other junk: most rows stay usable
+ratings = mostly(st.sampled_from(["1", "2", "3", "4", "5", "N/A"]), st.one_of(st.sampled_from([" 4 ", "", "x"]), junk),
+                 one_in=16)
 good_completions = st.fixed_dictionaries({
     "response": mostly(st.sampled_from(["a", "b", "c", "d", "e"]),  # a lone surrogate cannot be written; the loader
                        st.one_of(st.sampled_from(["", " ", "\ud800", "<s>x</s>", "<unk>"]), junk)),  # refuses "<s>"
     "annotations": st.fixed_dictionaries({a: st.fixed_dictionaries({"Rating": ratings}) for a in ASPECTS}),
-    "overall_score": mostly(st.sampled_from([1.0, 5.5, 7.0, 9.0]), junk),
+    "overall_score": mostly(st.sampled_from([1.0, 5.5, 7.0, 9.0]), junk, one_in=16),  # a rating, as above
 })
 junk_completions = st.one_of(junk, st.fixed_dictionaries({}, optional={
     "response": st.one_of(st.sampled_from(["a", "b"]), junk),
@@ -244,7 +322,7 @@ junk_completions = st.one_of(junk, st.fixed_dictionaries({}, optional={
 good_rows = st.fixed_dictionaries({
     "instruction": mostly(st.sampled_from(["Why?", "Write a poem."]),
                           st.one_of(st.sampled_from(["", " ", "a\udfff", "Why </s>?"]), st.text())),
-    "completions": st.lists(mostly(good_completions, junk_completions), max_size=5),
+    "completions": st.lists(mostly(good_completions, junk_completions, one_in=8), max_size=5),
 }, optional={"source": st.sampled_from(["evol_instruct", "truthful_qa"])})
 junk_rows = st.one_of(junk, st.fixed_dictionaries({}, optional={"instruction": st.one_of(st.text(max_size=3), junk),
                                                                  "completions": st.one_of(st.lists(junk_completions,

@@ -6,8 +6,9 @@ and given an overall_score (1-10). `binarize_row` turns it into
      messages = chosen, score_chosen, score_rejected}.
 
 Rules (the paper's, §4 and the dataset card):
-- score: rank_by="mean" (default) = mean of the numeric aspect ratings, "N/A" and other non-numbers ignored;
-  rank_by="overall" = overall_score. A completion is usable if it has a score and a non-blank response
+- score: rank_by="mean" (default) = mean of the numeric aspect ratings, missing ones ("N/A", null, an aspect or
+  annotations left out) ignored; rank_by="overall" = overall_score (null or "N/A": none). A rating is a number or a
+  numeric string. A completion is usable if it has a score and a non-blank response
   (valid UTF-8) free of special-token text ("<s>", "</s>", "<unk>"), which the training loader refuses (a pair
   built on one lost its prompt there though another pair was there to take).
 - chosen: the highest score; among equal maxima, the first in list order.
@@ -20,7 +21,9 @@ Rules (the paper's, §4 and the dataset card):
 - skipped (BadRow, counted by reason): missing/empty instruction or one with special-token text, fewer than 2
   usable completions, no other
   response scored strictly below the best (e.g. all scores equal), a rating off its scale (aspects 1-5,
-  overall_score 1-10: a corrupt or mis-scaled row).
+  overall_score 1-10: a corrupt or mis-scaled row), a completion that is not a dict, or a rating that cannot be
+  read (a word such as "five", annotations or an aspect that is not a dict; the reason names the field): dropping
+  that completion alone could drop the best one and choose another.
 - drop_sources: rows whose `source` is listed are dropped before binarizing (counted). The later H4 revision
   dropped "truthful_qa" (TruthfulQA contamination of the Open LLM Leaderboard); here it is off unless asked
   (`--drop_truthful_qa`).
@@ -43,6 +46,7 @@ import json
 import math
 import os
 import random
+import reprlib
 import sys
 from pathlib import Path
 
@@ -60,7 +64,8 @@ def prompt_id(prompt: str) -> str:
 
 
 def _number(x) -> float | None:
-    """A finite float from a rating (int/float or numeric string); None for "N/A", None, or anything else."""
+    """A float from a rating (int/float or numeric string; NaN is none, an infinity is off every scale); None for
+    anything else."""
     if isinstance(x, bool):
         return None
     if isinstance(x, str):
@@ -70,7 +75,7 @@ def _number(x) -> float | None:
             return None
     if isinstance(x, int):  # clipped first: float(10**400) raises OverflowError (and is off any scale)
         x = float(max(-2 ** 1000, min(x, 2 ** 1000)))
-    if isinstance(x, float) and math.isfinite(x):
+    if isinstance(x, float) and not math.isnan(x):
         return x
     return None
 
@@ -93,18 +98,52 @@ class OffScale(ValueError):
     """A rating outside its scale: a corrupt or mis-scaled row, which must not decide a pair."""
 
 
+class UnreadableRating(ValueError):
+    """A rating (or the annotations that hold it) that is neither a number nor missing; the message names the field
+    within the completion ("annotations.honesty.Rating='five' is not a number")."""
+
+
+def _is_missing(x) -> bool:
+    """UltraFeedback's unrated: "N/A", or null (Arrow fills a field that another row has and this one lacks)."""
+    return x is None or isinstance(x, str) and x.strip().upper() == "N/A"
+
+
+def _rating(x, field: str) -> float | None:
+    """The rating as a float, None if missing; UnreadableRating for anything else."""
+    if _is_missing(x):
+        return None
+    number = _number(x)
+    if number is None:
+        raise UnreadableRating(f"{field}={reprlib.repr(x)} is not a number")
+    return number
+
+
+def _aspect_ratings(annotations) -> list[float | None]:
+    if annotations is None:  # null, or left out: unrated
+        return []
+    if not isinstance(annotations, dict):
+        raise UnreadableRating(f"annotations={reprlib.repr(annotations)} is not a dict")
+    ratings = []
+    for aspect in ASPECTS:
+        field = f"annotations.{aspect}"
+        value = annotations.get(aspect)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise UnreadableRating(f"{field}={reprlib.repr(value)} is not a dict")
+        ratings.append(_rating(value.get("Rating"), f"{field}.Rating"))
+    return ratings
+
+
 def completion_score(completion, rank_by: str = "mean") -> float | None:
-    """The completion's score, or None if it has none (no numeric rating / overall_score). OffScale for a
-    rating outside its scale (SCALES)."""
+    """The completion's score, or None if it has none (its ratings / overall_score missing, see _is_missing).
+    OffScale for a rating outside its scale (SCALES), UnreadableRating for one that is not a number."""
     if not isinstance(completion, dict):
         return None
     if rank_by == "overall":
-        ratings = [_number(completion.get("overall_score"))]
+        ratings = [_rating(completion.get("overall_score"), "overall_score")]
     else:
-        annotations = completion.get("annotations")
-        if not isinstance(annotations, dict):
-            return None
-        ratings = [_number(a.get("Rating")) for k in ASPECTS if isinstance(a := annotations.get(k), dict)]
+        ratings = _aspect_ratings(completion.get("annotations"))
     ratings = [r for r in ratings if r is not None]
     low, high = SCALES[rank_by]
     if any(not low <= r <= high for r in ratings):
@@ -134,12 +173,16 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
     if not isinstance(completions, (list, tuple)):
         raise BadRow(index, "completions is not a list", source)
     usable = []  # (score, response) in list order
-    for c in completions:
+    for i, c in enumerate(completions):
+        if not isinstance(c, dict):
+            raise BadRow(index, f"completions[{i}] is not a dict", source)
         try:
             score = completion_score(c, rank_by)
         except OffScale as e:
             raise BadRow(index, f"{e} ({'overall_score' if rank_by == 'overall' else 'aspect ratings'})", source)
-        response = c.get("response") if isinstance(c, dict) else None
+        except UnreadableRating as e:
+            raise BadRow(index, f"completions[{i}].{e}", source)
+        response = c.get("response")
         if score is not None and is_text(response) and not has_special_text(response):
             usable.append((score, response))
     if len(usable) < 2:
