@@ -295,6 +295,21 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
         main([f"--input={bad}", f"--output={tmp_path / 'bad'}"])
 
 
+def test_cli_says_when_no_row_was_kept(tmp_path, capsys, monkeypatch):
+    """It said "--test_size=0 must be below the 0 prompts of the 0 kept rows"; the reasons stay above the error."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # keep the cache in tmp
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(fixture_rows()[i]) + "\n" for i in (3, 4)))  # all equal, a single completion
+    with pytest.raises(SystemExit) as stop:
+        main([f"--input={raw}", "--test_size=0", f"--output={tmp_path / 'prefs'}"])
+    assert stop.value.code == f"error: no row of {raw}:train was kept (2 of 2 skipped, by reason above)"
+    assert capsys.readouterr().out == (f"skipped 2 of 2 rows of {raw}:train:\n  1 x no other response scores below "
+                                       "the best\n  1 x fewer than 2 usable completions\n")
+    assert not (tmp_path / "prefs").exists()
+
+
 # --------------------------------------------------------------------------------------------- property
 
 def mostly(good, bad, one_in=4):

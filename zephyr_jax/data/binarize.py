@@ -315,6 +315,9 @@ def main(argv=None) -> dict:
                         drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else ())
     except (ValueError, OSError) as e:  # OSError: FileNotFoundError, and ConnectionError for a hub name
         sys.exit(f"error: {e}")
+    if not kept:
+        print(counter.summary())  # why none was kept
+        sys.exit(f"error: no row of {name} was kept ({counter.total} of {counter.seen} skipped, by reason above)")
     prompts = len({pair["prompt_id"] for pair in kept})
     if args.test_size >= prompts:
         print(counter.summary())  # why so few were kept
