@@ -332,7 +332,7 @@ def test_token_ids_up_to_the_last_embedding_are_taken_and_one_past_is_refused():
     ("sft", {"data.packing": False}, "data.packing: True -> False"),
     ("sft", {"data.pack_window": 10}, "data.pack_window: 1000 -> 10"),
     ("sft", {"data.max_train_examples": 32}, "data.max_train_examples: 64 -> 32"),
-    ("sft", {"model.arch.hidden_size": 32}, "model.arch: "),
+    ("sft", {"model.arch.hidden_size": 32}, "Changed: model.arch.hidden_size: 64 -> 32. Use"),  # not both sections
     ("dpo", {"data.max_prompt_length": 32}, "data.max_prompt_length: 64 -> 32"),
     ("dpo", {"data.packed_rows": 8}, "data.packed_rows: 0 -> 8"),
 ])
@@ -1342,6 +1342,9 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
 
     train.run(cfg(3, 5e-4), str(workdir))  # 2 more steps, on a schedule of 6 steps with the new lr
+    said = capsys.readouterr().out  # each changed value, not the optim section twice
+    assert f"resuming {workdir} with optim.lr: 0.001 -> 0.0005: the learning-rate schedule follows" in said
+    assert f"resuming {workdir} with train.num_epochs: 2 -> 3: the learning-rate schedule follows" in said
     lrs = {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"}
     resized = train_steps.make_schedule(cfg(3, 5e-4).optim, 6)
     assert {s: lrs[s] for s in (5, 6)} == {s: pytest.approx(float(resized(s - 1))) for s in (5, 6)}

@@ -220,6 +220,15 @@ RESIZING_KEYS = {"train.max_steps": _SCHEDULE, "train.num_epochs": _SCHEDULE, "o
                  "dpo": "the DPO loss follows the new values from here on"}
 
 
+def _differences(key: str, old, now) -> list[str]:
+    """"key: old -> new" for each value that differs, inside sections too (model.arch.hidden_size, not the whole
+    model.arch section twice)."""
+    if isinstance(old, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(old) | set(now))
+                for d in _differences(f"{key}.{k}", old.get(k, "<absent>"), now.get(k, "<absent>"))]
+    return [] if old == now else [f"{key}: {old!r} -> {now!r}"]
+
+
 def _setting(tree: dict, key: str):
     for part in key.split("."):
         if not isinstance(tree, dict) or part not in tree:
@@ -254,15 +263,16 @@ def resume_settings(cfg, workdir: str) -> bool:
     # A key either config lacks does not apply (a stage's own key, or one that an older release kept elsewhere).
     pairs = [(k, _setting(saved, k), _setting(new, k)) for k in RESUME_KEYS
              if not (k == "model.arch" and cfg.model.init != "random")]
-    changed = [f"{k}: {old!r} -> {now!r}" for k, old, now in pairs
-               if "<absent>" not in (old, now) and not same(k, old, now)]
+    changed = [d for k, old, now in pairs if "<absent>" not in (old, now) and not same(k, old, now)
+               for d in _differences(k, old, now)]
     if changed:
         raise ConfigError(f"{workdir} holds checkpoints of a run with other settings ({saved_path}): resuming would "
                           "not continue it. Changed: " + "; ".join(changed) + ". Use another --workdir, or the "
                           "settings of that run.")
     for k, consequence in RESIZING_KEYS.items():
         if _setting(saved, k) not in ("<absent>", _setting(new, k)) and jax.process_index() == 0:
-            print(f"resuming {workdir} with {k} changed ({_setting(saved, k)} -> {_setting(new, k)}): {consequence}")
+            print(f"resuming {workdir} with {'; '.join(_differences(k, _setting(saved, k), _setting(new, k)))}: "
+                  f"{consequence}")
     return True
 
 
