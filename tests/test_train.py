@@ -218,6 +218,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("sft", {"train.profile_start": 5, "train.profile_steps": 0}, r"train.profile_steps=0 .*at least 1"),
     ("sft", {"train.profile_start": -1}, r"train.profile_start=-1: must be 0 \(off\) or positive"),
     ("sft", {"data.on_bad_row": "skipp"}, r"data.on_bad_row='skipp': expected one of"),  # raised after reading
+    ("sft", {"data.eval": ""}, r"data.eval is empty"),  # no data files for split 'test_sft' in '.'
+    ("dpo", {"data.eval": "/no/such/prefs"}, r"data.eval='/no/such/prefs': no such file"),  # after data.train's work
     ("sft", {"data.loss_on": "assistants"}, r"data.loss_on='assistants': expected one of"),
     ("sft", {"stage": "dpo"}, r"config.stage='dpo' in a config without a dpo section"),
     ("dpo", {"stage": "sft"}, r"config.stage='sft' in a config with a dpo section"),

@@ -71,8 +71,16 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         changed = sorted(k for k, v in cfg.model.arch.to_dict().items() if random_arch().get(k) != v)
         raise ConfigError(f"config.model.arch ({', '.join(changed)}) applies only to model.init='random'; with "
                           f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
+    for split in ("train", "eval"):
+        if not cfg.data[split]:  # "--config.data.eval=": the eval split was looked for in the working directory
+            raise ConfigError(f"data.{split} is empty: name a dataset (a hub name, a folder, or data files)")
     if check_model_source:
         check_model_source_exists(cfg.model)
+        for split in ("train", "eval"):  # a local path: now, not after the other split is tokenized
+            path = cfg.data[split]
+            if path.startswith((".", "/", "~")) and not glob.has_magic(path) and \
+                    not os.path.exists(os.path.expanduser(path)):
+                raise ConfigPathError(f"data.{split}={path!r}: no such file or directory")
         if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:  # now, not after the data work
             raise ConfigError(f"config.logging.wandb_project={cfg.logging.wandb_project!r}, but wandb is not "
                               "installed: pip install wandb, or leave logging.wandb_project unset (metrics.jsonl "
