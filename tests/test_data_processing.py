@@ -190,6 +190,15 @@ def test_turns_out_of_order_and_a_prompt_column_that_disagrees_are_bad_rows(tok)
         split_prompt({**row, "prompt": "What is 3+3?"}, 7)
 
 
+def test_a_messages_field_that_is_not_a_list_says_what_it_is(tok):
+    """A parquet column of JSON-encoded text, a key other rows have and this one lacks (null): each reason said
+    (all four read "messages is not a non-empty list", counted alike)."""
+    for value, found in ((None, r"missing \(null: a row without the key"), ("[]", r"a str \(JSON-encoded text\?\)"),
+                         ([], "an empty list"), ({"role": "user"}, "a dict")):
+        with pytest.raises(BadRow, match=rf"row 3: messages is {found}.*, not a non-empty list"):
+            sft_example({"messages": value}, 2, tok)
+
+
 def test_packed_row_logits_equal_separate_examples(tok):
     cfg = MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=None)

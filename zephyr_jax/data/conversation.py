@@ -44,7 +44,10 @@ def special_texts(tok) -> tuple[str, ...]:
 def check_messages(messages, index, source, field="messages") -> list[dict]:
     """Validates a message list; raises BadRow naming the row and the reason."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise BadRow(index, f"{field} is not a non-empty list", source)
+        found = ("missing (null: a row without the key, where other rows have it)" if messages is None else
+                 "an empty list" if isinstance(messages, (list, tuple)) else
+                 "a str (JSON-encoded text?)" if isinstance(messages, str) else f"a {type(messages).__name__}")
+        raise BadRow(index, f"{field} is {found}, not a non-empty list", source)
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRow(index, f"{field}[{i}] lacks 'role' or 'content'", source)
