@@ -438,6 +438,18 @@ def test_other_settings_are_refused_and_overwrite_starts_afresh(tmp_path):
         collect_feedback(rows, pool("right", "right"), check_sum, tmp_path / "x", log=lambda s: None)
     with pytest.raises(ValueError, match="no usable prompt"):
         collect_feedback([{"text": "x"}], pool("right"), check_sum, tmp_path / "y", log=lambda s: None)
+    for key in ("max_tokens", "judge_max_tokens"):  # 0 was taken: replies of nothing, each judged or refused
+        with pytest.raises(ValueError, match=f"{key}=0: must be at least 1"):
+            collect_feedback(rows, pool("right"), check_sum, tmp_path / "z", **{key: 0}, log=lambda s: None)
+
+
+def test_the_summary_says_why_input_rows_were_skipped(tmp_path):
+    """It gave their number only; the reasons were in stats.json."""
+    logged = []
+    collect_feedback([*arithmetic_rows(2)[:2], {"text": "x"}], pool("right"), check_sum, tmp_path,
+                     completions_per_prompt=1, log=logged.append)
+    summary = logged[-1].splitlines()
+    assert "(1 input rows skipped)" in summary[0] and summary[1].startswith("  input rows skipped: 1 x "), summary
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -502,7 +502,7 @@ def _settings(generators, judge_name: str, o: dict) -> dict:
                {"parse_retries": o["parse_retries"], "judge_max_tokens": o["judge_max_tokens"]})}
 
 
-def _check(generators, judge, k: int, parse_retries: int, principles: str, concurrency: int):
+def _check(generators, judge, k: int, parse_retries: int, principles: str, concurrency: int, opts: dict):
     if isinstance(generators, Backend) or not generators or not all(isinstance(g, Backend) for g in generators):
         raise ValueError("generators must be a non-empty list of Backend objects (see zephyr_jax.data.backends; "
                          "backend_from_spec makes one from a spec string)")
@@ -514,6 +514,9 @@ def _check(generators, judge, k: int, parse_retries: int, principles: str, concu
     if k < 1 or parse_retries < 0 or concurrency < 1:
         raise ValueError(f"need completions_per_prompt >= 1, parse_retries >= 0 and concurrency >= 1, got {k}, "
                          f"{parse_retries}, {concurrency}")
+    for key in ("max_tokens", "judge_max_tokens"):  # 0 asks for replies of nothing, and each is judged or refused
+        if opts[key] < 1:
+            raise ValueError(f"{key}={opts[key]}: must be at least 1")
     if principles not in ("ultrafeedback", "none", *PRINCIPLES):
         raise ValueError(f"principles={principles!r}; expected ultrafeedback, none or one of {PRINCIPLES}")
     if judge is None:
@@ -558,11 +561,11 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
     from zephyr_jax.data.sources import load_rows, source_name
 
     check_on_bad_row(on_bad_row)
-    _check(generators, judge, completions_per_prompt, parse_retries, principles, concurrency)
-    judge_backend, judge_fn, judge_name = _resolve_judge(judge)
     opts = {"k": completions_per_prompt, "seed": seed, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p, "parse_retries": parse_retries, "judge_max_tokens": judge_max_tokens,
             "principles": principles}
+    _check(generators, judge, completions_per_prompt, parse_retries, principles, concurrency, opts)
+    judge_backend, judge_fn, judge_name = _resolve_judge(judge)
     out_dir = Path(output_dir)
     source = "rows"
     if isinstance(rows_or_source, (str, os.PathLike)):
@@ -644,6 +647,7 @@ def summary(stats: dict) -> str:
         f"{stats['completions']} completions ({stats['failed_generations']} failed generations"
         + "".join(f", {n} {why}" for why, n in stats["unusable_generations"].items())
         + (f", {stats['cut_off_generations']} cut off at max_tokens" if stats["cut_off_generations"] else "") + ")",
+        *[f"  input rows skipped: {n} x {why}" for why, n in stats["input"]["reasons"].items()],
         f"  judge: parse failures {pf['rating']} aspect ratings + {pf['critique']} critiques; failed calls "
         f"{fj['rating']} + {fj['critique']}; programmatic judge errors {stats['judge_errors']}",
         f"  tokens: {stats['tokens']['prompt']} prompt + {stats['tokens']['completion']} completion",
