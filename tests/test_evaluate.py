@@ -121,6 +121,7 @@ def test_prefs_argument_errors(dpo_workdir, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--model={dpo_workdir}", "--reference_free", "--step=3"])
     assert "--step goes with --workdir" in capsys.readouterr().err
+    assert "no data files for split 'nosuch'" in _cli_error(["prefs", f"--workdir={dpo_workdir}", "--split=nosuch"])
     with pytest.raises(ValueError, match="max_prompt_length"):
         evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
     # refused before any data or model is read (it was refused after scoring both models on every pair)
@@ -128,6 +129,31 @@ def test_prefs_argument_errors(dpo_workdir, capsys):
                          (dict(beta=0.0), "beta must be positive"), (dict(loss_type="kto"), "unknown loss_type")]:
         with pytest.raises(ValueError, match=message):
             evaluate.prefs("no/such-model", "no/such-reference", data="no/such-data", **bad)
+
+
+def _cli_error(argv) -> str:
+    """The one-line `error: ...` that evaluate.main exits with (exit status 1, no traceback)."""
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(argv)
+    message = exit_.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_prefs_workdir_that_is_no_ddpo_run_and_a_missing_split_are_one_line_errors(tiny_model_dir, data_dir,
+                                                                                   tmp_path):
+    # A Hugging Face directory has a config.json too: it failed as AttributeError: 'stage'.
+    message = _cli_error(["prefs", f"--workdir={tiny_model_dir}"])
+    assert "is a Hugging Face model directory, not a zephyr_jax training workdir" in message and "--model" in message
+    assert "no such directory" in _cli_error(["prefs", f"--workdir={tmp_path / 'nowhere'}"])
+    sft = tmp_path / "sft_run"
+    (sft / "checkpoints").mkdir(parents=True)
+    (sft / "model_config.json").write_text("{}")
+    (sft / "config.json").write_text('{"stage": "sft"}')
+    assert "is a 'sft' run: --workdir needs a dDPO workdir" in _cli_error(["prefs", f"--workdir={sft}"])
+    assert "no data files for split 'nosuch'" in _cli_error(
+        ["prefs", f"--model={tiny_model_dir}", f"--reference={tiny_model_dir}", f"--data={data_dir / 'prefs'}",
+         "--split=nosuch"])
 
 
 # --- MT-Bench and AlpacaEval ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines, source_name
 from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
-from zephyr_jax.loading import load, load_model, run_config
+from zephyr_jax.loading import is_workdir, load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 
@@ -52,6 +52,12 @@ from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 
 def train_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved training config a run saved in workdir/config.json (JSON lists back to tuples)."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{workdir}: no such directory (a zephyr_jax training workdir was expected)")
+    if not is_workdir(workdir) and os.path.isfile(os.path.join(workdir, "config.json")):
+        # (its config.json is the model's, not a run's: it failed as AttributeError 'stage')
+        raise ValueError(f"{workdir} is a Hugging Face model directory, not a zephyr_jax training workdir: pass it "
+                         "as --model (the policy) or --reference instead of --workdir")
     saved = run_config(workdir)
     if saved is None:
         raise FileNotFoundError(f"{os.path.join(workdir, 'config.json')} is missing: {workdir} is not a zephyr_jax "
@@ -76,7 +82,8 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
     (data, fsdp, tensor) shape over this job's devices instead of the run's (which may need other devices)."""
     cfg = train_config(workdir)
     if cfg.stage != "dpo":
-        raise ValueError(f"{workdir} is a {cfg.stage!r} run: preference metrics need a dDPO workdir")
+        raise ValueError(f"{workdir} is a {cfg.stage!r} run: --workdir needs a dDPO workdir (any other model: pass "
+                         "it as --model or --reference)")
     with cfg.unlocked():
         if data is not None:
             cfg.data.eval = data
@@ -393,7 +400,10 @@ def main(argv=None):
                              f"workdir's config: {', '.join(given + ['--reference_free'] * args.reference_free)} "
                              "would be ignored (use --model/--reference to set them)")
             step = -1 if args.step is None else args.step
-            metrics = prefs_from_workdir(args.workdir, step, args.data, args.split, args.max_examples, args.mesh)
+            try:  # not a dDPO workdir, no such split: its message alone
+                metrics = prefs_from_workdir(args.workdir, step, args.data, args.split, args.max_examples, args.mesh)
+            except (FileNotFoundError, ValueError) as e:
+                sys.exit(f"error: {e}")
         else:
             if not args.model:
                 parser.error("prefs: pass --workdir=DPO_WORKDIR, or --model and --reference")
@@ -403,13 +413,17 @@ def main(argv=None):
                 parser.error("prefs: --step goes with --workdir (--model takes a workdir's latest checkpoint)")
             for k, default in PREFS_MODEL_DEFAULTS.items():
                 setattr(args, k, default if getattr(args, k) is None else getattr(args, k))
-            metrics = prefs(args.model, args.reference, data=args.data or ULTRAFEEDBACK_BINARIZED,
-                            split=args.split or "test_prefs",
-                            max_examples=-1 if args.max_examples is None else args.max_examples,
-                            data_dir=args.data_dir, beta=args.beta, loss_type=args.loss_type,
-                            label_smoothing=args.label_smoothing, reference_free=args.reference_free,
-                            max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                            batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer, mesh=args.mesh)
+            try:  # no such model, data or split, settings out of range: its message alone
+                metrics = prefs(args.model, args.reference, data=args.data or ULTRAFEEDBACK_BINARIZED,
+                                split=args.split or "test_prefs",
+                                max_examples=-1 if args.max_examples is None else args.max_examples,
+                                data_dir=args.data_dir, beta=args.beta, loss_type=args.loss_type,
+                                label_smoothing=args.label_smoothing, reference_free=args.reference_free,
+                                max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer,
+                                mesh=args.mesh)
+            except (FileNotFoundError, ValueError) as e:
+                sys.exit(f"error: {e}")
         metrics = {**metrics, "policy": args.workdir or args.model,
                    "reference": "config" if args.workdir else (args.reference or "none")}
         if args.out:
