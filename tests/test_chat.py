@@ -81,3 +81,16 @@ def test_each_interactive_turn_samples_with_its_own_seed(monkeypatch, tiny_model
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n/reset\nOnce more\n/exit\n"))
     chat.main([f"--model={tiny_model_dir}", "--dtype=float32", "--seed=5", "--max_length=64"])
     assert seeds == [5, 6, 5]  # per turn; /reset starts the count over
+
+
+def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch):
+    from zephyr_jax import chat
+
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr(chat, "load", no_load)
+    for flag, expected in [("--max_new_tokens=0", "--max_new_tokens=0: must be at least 1")]:
+        with pytest.raises(SystemExit) as exit_:
+            chat.main(["--model=m", "--prompt=Hi", flag])
+        assert exit_.value.code == f"error: {expected}", flag

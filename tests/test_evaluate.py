@@ -231,6 +231,31 @@ def test_mt_bench_bad_question_file(tmp_path):
             evaluate.read_instructions(str(broken))
 
 
+def test_mt_bench_and_alpaca_eval_refuse_a_bad_file_or_flag_before_loading_the_model(monkeypatch, tmp_path):
+    """The question / instruction file was read after the model (minutes for a 7B); --num_choices=0 and
+    --max_new_tokens=0 wrote empty answers and exited 0."""
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr(evaluate, "load", no_load)
+    questions, broken = tmp_path / "question.jsonl", tmp_path / "broken.jsonl"
+    _write_questions(questions)
+    broken.write_text('{"question_id": 1, "turns": ["hi"]\n')
+    mt_bench = ["mt_bench", "--model=m", "--model_id=m", f"--answer_file={tmp_path / 'a.jsonl'}"]
+    alpaca_eval = ["alpaca_eval", "--model=m", "--generator=g", f"--out={tmp_path / 'o.json'}"]
+    for argv, expected in [
+        (mt_bench + [f"--question_file={tmp_path / 'none.jsonl'}"], f"{tmp_path / 'none.jsonl'}: No such file"),
+        (mt_bench + [f"--question_file={broken}"], f"{broken}:1: not valid JSON"),
+        (alpaca_eval + [f"--instructions={tmp_path / 'none.json'}"], f"{tmp_path / 'none.json'}: No such file"),
+        (alpaca_eval + [f"--instructions={broken}"], f"{broken}:1: not valid JSON"),
+        (mt_bench + [f"--question_file={questions}", "--num_choices=0"], "--num_choices=0: must be at least 1"),
+        (mt_bench + [f"--question_file={questions}", "--max_new_tokens=0"], "--max_new_tokens=0: must be at least 1"),
+        (alpaca_eval + [f"--instructions={broken}", "--max_new_tokens=-1"], "--max_new_tokens=-1: must be at least 1"),
+        (alpaca_eval + [f"--instructions={broken}", "--batch_size=0"], "--batch_size=0: must be at least 1"),
+    ]:
+        assert _cli_error(argv).startswith(f"error: {expected}"), argv
+
+
 def test_alpaca_eval_outputs(model_dir, tmp_path):
     instructions = [{"instruction": "Name a color.", "dataset": "helpful_base"},
                     {"instruction": "Say hi.", "dataset": "koala"}, {"instruction": "Count to three."}]

@@ -59,6 +59,8 @@ def main(argv=None):
     parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:  # 0 printed an empty reply and exited 0
+        sys.exit(f"error: --max_new_tokens={args.max_new_tokens}: must be at least 1")
 
     try:  # no such model, a checkpoint of another shape, a mesh the devices cannot fill: its message alone
         model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)

@@ -431,6 +431,19 @@ def main(argv=None):
         print(json.dumps(metrics, indent=2))
         return metrics
 
+    for flag in ("max_new_tokens", "batch_size", "num_choices"):
+        value = getattr(args, flag, 1)  # (alpaca_eval has no --num_choices)
+        if value < 1:  # 0 wrote empty answers, or none, and exited 0
+            sys.exit(f"error: --{flag}={value}: must be at least 1")
+    try:  # before the model, which takes minutes to load: a missing or malformed file is found now
+        if args.command == "mt_bench":
+            questions = read_questions(args.question_file)
+        else:
+            rows = read_instructions(args.instructions, args.split)
+    except OSError as e:
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     try:  # no such model, a checkpoint of another shape, a mesh the devices cannot fill: its message alone
         model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -438,7 +451,6 @@ def main(argv=None):
     sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     batch_size=args.batch_size, system=args.system)
     if args.command == "mt_bench":
-        questions = read_questions(args.question_file)
         records = mt_bench_answers(model, tok, questions, args.model_id, temperature=args.temperature,
                                    num_choices=args.num_choices, **sampling)
         path = args.answer_file or os.path.join("model_answer", f"{args.model_id}.jsonl")
@@ -448,7 +460,6 @@ def main(argv=None):
             f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         print(f"wrote {len(records)} answers to {path}")
         return records
-    rows = read_instructions(args.instructions, args.split)
     records = alpaca_eval_outputs(model, tok, rows, args.generator, temperature=args.temperature, **sampling)
     _write_json(args.out, records)
     print(f"wrote {len(records)} outputs to {args.out}")
