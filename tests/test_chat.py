@@ -90,7 +90,10 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch):
         raise AssertionError("the model was loaded before the mistake was found")
 
     monkeypatch.setattr(chat, "load", no_load)
-    for flag, expected in [("--max_new_tokens=0", "--max_new_tokens=0: must be at least 1")]:
+    dtypes = "expected one of float32, bfloat16, float16"
+    for flag, expected in [("--max_new_tokens=0", "--max_new_tokens=0: must be at least 1"),
+                           ("--dtype=fp8", f"--dtype=fp8: {dtypes}"),  # a TypeError deep in numpy
+                           ("--dtype=int8", f"--dtype=int8: {dtypes}")]:  # blamed a workdir's model_config.json
         with pytest.raises(SystemExit) as exit_:
             chat.main(["--model=m", "--prompt=Hi", flag])
         assert exit_.value.code == f"error: {expected}", flag

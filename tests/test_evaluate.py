@@ -256,6 +256,20 @@ def test_mt_bench_and_alpaca_eval_refuse_a_bad_file_or_flag_before_loading_the_m
         assert _cli_error(argv).startswith(f"error: {expected}"), argv
 
 
+def test_a_dtype_that_is_no_float_type_is_refused_before_loading(monkeypatch, tmp_path):
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr(evaluate, "load", no_load)
+    monkeypatch.setattr(evaluate, "prefs", no_load)
+    questions = tmp_path / "question.jsonl"
+    _write_questions(questions)
+    for argv in (["mt_bench", "--model=m", "--model_id=m", f"--question_file={questions}"],
+                 ["alpaca_eval", "--model=m", "--generator=g", f"--instructions={questions}", "--out=o.json"],
+                 ["prefs", "--model=m", "--reference=r"]):
+        assert _cli_error(argv + ["--dtype=fp8"]) == "error: --dtype=fp8: expected one of float32, bfloat16, float16"
+
+
 def test_alpaca_eval_outputs(model_dir, tmp_path):
     instructions = [{"instruction": "Name a color.", "dataset": "helpful_base"},
                     {"instruction": "Say hi.", "dataset": "koala"}, {"instruction": "Count to three."}]

@@ -483,6 +483,21 @@ def test_completion_top_logprobs_hold_as_many_alternatives_as_asked(server):
     assert tops[0] is None and all(1 <= len(t) <= 3 for t in tops[1:]) and max(len(t) for t in tops[1:]) == 3
 
 
+def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve_logger):
+    """--dtype=fp8 was a TypeError deep in numpy."""
+    import zephyr_jax
+    from zephyr_jax import serve
+
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr(zephyr_jax, "load", no_load)
+    for flag, expected in [("--dtype=fp8", "--dtype=fp8: expected one of float32, bfloat16, float16")]:
+        with pytest.raises(SystemExit) as exit_:
+            serve.main(["--model=m", "--compilation-cache=", flag])
+        assert exit_.value.code == f"error: {expected}", flag
+
+
 def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatch, serve_logger):
     """The command's --warmup and --mesh reach the engine (in process, uvicorn.run standing in): the model is
     split over the mesh, the warm-up compiles before serving, so a greedy completion then adds no program, and

@@ -17,6 +17,7 @@ from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.loading import load
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import encode_text, render_chat
+from zephyr_jax.train_checks import TRAINING_DTYPES
 
 
 def reply(engine: Engine, tok, messages, out=sys.stdout, *, max_new_tokens: int, temperature: float = 0.7,
@@ -59,6 +60,8 @@ def main(argv=None):
     parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
     args = parser.parse_args(argv)
+    if args.dtype not in TRAINING_DTYPES:  # (fp8: a TypeError deep in numpy)
+        sys.exit(f"error: --dtype={args.dtype}: expected one of {', '.join(TRAINING_DTYPES)}")
     if args.max_new_tokens < 1:  # 0 printed an empty reply and exited 0
         sys.exit(f"error: --max_new_tokens={args.max_new_tokens}: must be at least 1")
 

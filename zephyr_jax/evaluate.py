@@ -45,6 +45,7 @@ from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.loading import is_workdir, load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
+from zephyr_jax.train_checks import TRAINING_DTYPES
 
 # ---------------------------------------------------------------------------------------------------------
 # Preference metrics.
@@ -389,6 +390,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.7, help="default 0.7, top_p 1.0, 2048 new tokens: "
                    "AlpacaEval's zephyr-7b-beta generation config")
     args = parser.parse_args(argv)
+    if args.dtype is not None and args.dtype not in TRAINING_DTYPES:  # (fp8: a TypeError deep in numpy)
+        sys.exit(f"error: --dtype={args.dtype}: expected one of {', '.join(TRAINING_DTYPES)}")
 
     if args.command == "prefs":
         if args.workdir:

@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from zephyr_jax.engine import TOP_LOGPROBS, Engine, QueueFull, Request, SamplingParams
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import encode_text
+from zephyr_jax.train_checks import TRAINING_DTYPES
 
 log = logging.getLogger("zephyr_jax.serve")
 
@@ -606,6 +607,8 @@ def main(argv=None) -> None:
     # vLLM's spelling (--max-slots); the underscores the other zephyr_jax commands use are taken too.
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args([re.sub(r"^--\w+", lambda m: m.group(0).replace("_", "-"), a) for a in argv])
+    if args.dtype not in TRAINING_DTYPES:  # (fp8: a TypeError deep in numpy)
+        sys.exit(f"error: --dtype={args.dtype}: expected one of {', '.join(TRAINING_DTYPES)}")
 
     import uvicorn
 
