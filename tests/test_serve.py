@@ -484,7 +484,8 @@ def test_completion_top_logprobs_hold_as_many_alternatives_as_asked(server):
 
 
 def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve_logger):
-    """--dtype=fp8 was a TypeError deep in numpy."""
+    """--dtype=fp8 was a TypeError deep in numpy; --max-slots=0 and the like failed in Engine after the model had
+    loaded."""
     import zephyr_jax
     from zephyr_jax import serve
 
@@ -492,7 +493,12 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve
         raise AssertionError("the model was loaded before the mistake was found")
 
     monkeypatch.setattr(zephyr_jax, "load", no_load)
-    for flag, expected in [("--dtype=fp8", "--dtype=fp8: expected one of float32, bfloat16, float16")]:
+    for flag, expected in [("--dtype=fp8", "--dtype=fp8: expected one of float32, bfloat16, float16"),
+                           ("--max-slots=0", "--max-slots=0: must be at least 1"),
+                           ("--max_queue=-1", "--max-queue=-1: must be at least 0"),
+                           ("--prefill-chunk=0", "--prefill-chunk=0: must be at least 1"),
+                           ("--decode-steps=0", "--decode-steps=0: must be at least 1"),
+                           ("--max-length=1", "--max-length=1: must be at least 2")]:
         with pytest.raises(SystemExit) as exit_:
             serve.main(["--model=m", "--compilation-cache=", flag])
         assert exit_.value.code == f"error: {expected}", flag

@@ -609,6 +609,13 @@ def main(argv=None) -> None:
     args = parser.parse_args([re.sub(r"^--\w+", lambda m: m.group(0).replace("_", "-"), a) for a in argv])
     if args.dtype not in TRAINING_DTYPES:  # (fp8: a TypeError deep in numpy)
         sys.exit(f"error: --dtype={args.dtype}: expected one of {', '.join(TRAINING_DTYPES)}")
+    # The Engine's lower bounds, now and not after the model loads (a negative max_queue turned away requests
+    # that free slots could take).
+    least = {"max_slots": 1, "max_length": 2, "max_queue": 0, "prefill_chunk": 1, "decode_steps": 1}
+    for flag, low in least.items():
+        value = getattr(args, flag)
+        if value is not None and value < low:  # (max_length None: the model's default)
+            sys.exit(f"error: --{flag.replace('_', '-')}={value}: must be at least {low}")
 
     import uvicorn
 
