@@ -504,8 +504,43 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve
         assert exit_.value.code == f"error: {expected}", flag
 
 
+def test_serving_is_logged_once_the_port_is_bound(tiny_model_dir, monkeypatch, serve_logger):
+    """With the port in use, "serving ... on http://..." was logged and then uvicorn failed to bind."""
+    import logging
+
+    import uvicorn
+
+    import zephyr_jax
+    from zephyr_jax import serve
+
+    loaded = zephyr_jax.load(tiny_model_dir, dtype="float32")  # once for both runs
+    monkeypatch.setattr(zephyr_jax, "load", lambda *args, **kw: loaded)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    serve.log.addHandler(handler)
+    argv = [f"--model={tiny_model_dir}", "--dtype=float32", "--max-slots=1", "--max-length=32",
+            "--compilation-cache="]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit):  # uvicorn's: it logs the bind error itself
+            serve.main(argv + [f"--port={taken.getsockname()[1]}"])
+    assert not [m for m in messages if m.startswith("serving")], messages
+
+    # On a free port it is said once the server listens (which then stops at once: no main loop).
+    async def no_main_loop(self):
+        pass
+
+    monkeypatch.setattr(uvicorn.Server, "main_loop", no_main_loop)
+    port = _free_port()
+    serve.main(argv + [f"--port={port}"])
+    assert [m for m in messages if m.startswith("serving")] == \
+        [f"serving {tiny_model_dir} on http://127.0.0.1:{port}/v1 (1 slots of 32 tokens)"], messages
+
+
 def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatch, serve_logger):
-    """The command's --warmup and --mesh reach the engine (in process, uvicorn.run standing in): the model is
+    """The command's --warmup and --mesh reach the engine (in process, uvicorn.Server.run standing in): the model is
     split over the mesh, the warm-up compiles before serving, so a greedy completion then adds no program, and
     its text is the one-device engine's. (The engine laid its cache out as P(None, None, 'tensor', None, None)
     and the calls handed it back as P(None, None, 'tensor'): the same layout, but the first request's decoding
@@ -534,7 +569,7 @@ def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatc
         seen.update(response=r, compiled=Engine.compiled_programs() - before)
 
     monkeypatch.setattr(serve, "Engine", Recorded)
-    monkeypatch.setattr(uvicorn, "run", serve_once)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: serve_once(self.config.app))
     serve.main([f"--model={tiny_model_dir}", "--dtype=float32", "--max-slots=2", "--max-length=32",
                 "--warmup", "--mesh=1,-1,2", f"--api-key={KEY}", f"--served-model-name={NAME}",
                 "--compilation-cache="])

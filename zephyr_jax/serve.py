@@ -643,10 +643,15 @@ def main(argv=None) -> None:
         log.info("warm-up: compiled %d decoding and prefill programs", engine.warmup(progress=True))
     engine.start()
     server = Server(engine, tokenizer, args.served_model_name or args.model, args.api_key)
-    log.info("serving %s on http://%s:%d/v1 (%d slots of %d tokens)", server.model_name, args.host, args.port,
-             engine.max_slots, engine.max_length)
+
+    class Listening(uvicorn.Server):
+        async def startup(self, sockets=None):  # it exits when the port cannot be bound (in use, not allowed)
+            await super().startup(sockets)  # so "serving" is said only once the server listens
+            log.info("serving %s on http://%s:%d/v1 (%d slots of %d tokens)", server.model_name, args.host,
+                     args.port, engine.max_slots, engine.max_length)
+
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+        Listening(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning")).run()
     finally:
         engine.stop()
 
