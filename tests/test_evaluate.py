@@ -467,6 +467,15 @@ def test_lm_eval_command_line_gets_the_models_batch_size_only_where_it_evaluates
                     ["--model", "zephyr_jax", "-b", "4"]]
 
 
+def test_lm_eval_adapter_refuses_a_dtype_that_is_no_float_type():
+    pytest.importorskip("lm_eval")
+    from zephyr_jax.lm_eval_adapter import ZephyrJaxLM
+
+    # (a TypeError deep in numpy; refused before the model, so no such model is looked for)
+    with pytest.raises(ValueError, match="dtype='fp8': expected one of float32, bfloat16, float16"):
+        ZephyrJaxLM(pretrained="no/such-model", dtype="fp8")
+
+
 @pytest.mark.long
 def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")

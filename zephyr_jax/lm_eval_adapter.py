@@ -57,6 +57,7 @@ from zephyr_jax.engine import SamplingParams, default_max_length
 from zephyr_jax.generate import request_seed, run
 from zephyr_jax.sharding import local_mesh, mesh_shape
 from zephyr_jax.tokenizer import render_chat
+from zephyr_jax.train_checks import check_float_dtype
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -91,6 +92,7 @@ class ZephyrJaxLM(LM):
             known = sorted(set(inspect.signature(ZephyrJaxLM.__init__).parameters) - {"self", "unknown"})
             raise TypeError(f"zephyr_jax model_args: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
         add_bos_token = _flag(add_bos_token, "add_bos_token")  # before the model loads
+        check_float_dtype(dtype, "dtype")  # (fp8: a TypeError deep in numpy)
         super().__init__()
         from zephyr_jax.loading import load
         from zephyr_jax.tokenizer import tokenizer_for
