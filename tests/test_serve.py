@@ -505,7 +505,8 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve
 
 
 def test_serving_is_logged_once_the_port_is_bound(tiny_model_dir, monkeypatch, serve_logger):
-    """With the port in use, "serving ... on http://..." was logged and then uvicorn failed to bind."""
+    """With the port in use, "serving ... on http://..." was logged and then uvicorn failed to bind, after the
+    model had loaded: now refused before loading. On a free port the line comes once the server listens."""
     import logging
 
     import uvicorn
@@ -524,9 +525,12 @@ def test_serving_is_logged_once_the_port_is_bound(tiny_model_dir, monkeypatch, s
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        with pytest.raises(SystemExit):  # uvicorn's: it logs the bind error itself
-            serve.main(argv + [f"--port={taken.getsockname()[1]}"])
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(zephyr_jax, "load", lambda *a, **k: pytest.fail("loaded before the port was checked"))
+        with pytest.raises(SystemExit, match=rf"error: --host=127.0.0.1 --port={port}: cannot listen there"):
+            serve.main(argv + [f"--port={port}"])  # (uvicorn failed to bind after the model had loaded)
     assert not [m for m in messages if m.startswith("serving")], messages
+    monkeypatch.setattr(zephyr_jax, "load", lambda *args, **kw: loaded)
 
     # On a free port it is said once the server listens (which then stops at once: no main loop).
     async def no_main_loop(self):

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import time
 import types
@@ -616,6 +617,10 @@ def main(argv=None) -> None:
         value = getattr(args, flag)
         if value is not None and value < low:  # (max_length None: the model's default)
             sys.exit(f"error: --{flag.replace('_', '-')}={value}: must be at least {low}")
+    try:  # a port in use (or a host not here) now, not after minutes of loading a 7B; uvicorn binds it again later
+        socket.create_server((args.host, args.port)).close()  # (SO_REUSEADDR, as uvicorn binds)
+    except OSError as e:
+        sys.exit(f"error: --host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
 
     import uvicorn
 
