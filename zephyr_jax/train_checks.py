@@ -291,8 +291,8 @@ def resume_settings(cfg, workdir: str) -> bool:
 def check_workdir(workdir: str) -> None:
     """A URL (gs://...) is refused: the workdir is written with Python's file functions, which would make a local
     directory named 'gs:' (and orbax fails at the first save, hours in). A bucket mounted with GCSFuse is a path.
-    So is a directory whose config.json is not a training run's (an exported Hugging Face model's): the run would
-    replace it."""
+    A directory whose config.json is not a training run's (an exported Hugging Face model's) is refused too: the
+    run would replace it."""
     if "://" in workdir:
         raise ConfigError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
                           "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
