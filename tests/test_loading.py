@@ -1,6 +1,7 @@
 """zephyr_jax.load: one loader for Hugging Face directories and zephyr_jax training workdirs, in the asked dtype,
 straight onto the mesh. Tiny models, CPU only, no network."""
 
+import json
 import logging
 import os
 import subprocess
@@ -215,14 +216,16 @@ def test_a_float32_checkpoint_loads_in_bfloat16_without_a_float32_copy(tmp_path,
 
 @pytest.mark.parametrize("command, args", [
     ("chat", ["--prompt=Hi"]),
-    ("serve", []),
-    ("evaluate", ["mt_bench", "--question_file=q.jsonl", "--model_id=m"]),
+    ("serve", ["--port=0"]),  # (any free port: serve checks it can listen before it loads)
+    ("evaluate", ["mt_bench", "--question_file={tmp}/q.jsonl", "--model_id=m"]),  # (read before the model)
 ])
 def test_the_model_commands_name_a_missing_model_or_an_unfit_mesh_in_one_line(command, args, tiny_model_dir,
-                                                                               serve_logger):
+                                                                               serve_logger, tmp_path):
     """chat, serve and evaluate end with the loader's or the mesh's message, not a traceback that ends in it."""
     import importlib
 
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 1, "category": "writing", "turns": ["Hi"]}) + "\n")
+    args = [a.format(tmp=tmp_path) for a in args]
     main = importlib.import_module(f"zephyr_jax.{command}").main
     with pytest.raises(SystemExit, match=r"^error: model /no/such/model does not exist \(neither a local directory"):
         main(args + ["--model=/no/such/model"])

@@ -576,7 +576,7 @@ def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatc
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: serve_once(self.config.app))
     serve.main([f"--model={tiny_model_dir}", "--dtype=float32", "--max-slots=2", "--max-length=32",
                 "--warmup", "--mesh=1,-1,2", f"--api-key={KEY}", f"--served-model-name={NAME}",
-                "--compilation-cache="])
+                "--compilation-cache=", "--port=0"])  # (uvicorn stands in; the port is only checked)
     (engine,) = engines
     weights = jax.tree.leaves(engine.state)
     assert {tuple(x.sharding.mesh.shape.items()) for x in weights} == {(("data", 1), ("fsdp", 4), ("tensor", 2))}

@@ -661,7 +661,7 @@ def test_a_workdir_resumes_only_the_run_that_wrote_it_and_keeps_its_reference(da
     other_beta.dpo.beta = 0.2
     capsys.readouterr()
     train.run(other_beta, dpo)  # resumes from the SFT step it started from, with its cached reference
-    assert "dpo changed" in capsys.readouterr().out  # a new beta is allowed, and said
+    assert f"resuming {dpo} with dpo.beta: 0.1 -> 0.2: the DPO loss follows" in capsys.readouterr().out  # allowed
     assert json.load(open(os.path.join(dpo, "config.json")))["model"]["step"] == 3
     reference_free = dpo_cfg(3)
     reference_free.dpo.reference_free = True  # another objective: not a continuation of the run
