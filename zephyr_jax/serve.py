@@ -618,7 +618,8 @@ def main(argv=None) -> None:
         if value is not None and value < low:  # (max_length None: the model's default)
             sys.exit(f"error: --{flag.replace('_', '-')}={value}: must be at least {low}")
     try:  # a port in use (or a host not here) now, not after minutes of loading a 7B; uvicorn binds it again later
-        socket.create_server((args.host, args.port)).close()  # (SO_REUSEADDR, as uvicorn binds)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # (--host=:: for IPv6)
+        socket.create_server((args.host, args.port), family=family).close()  # (SO_REUSEADDR, as uvicorn binds)
     except OSError as e:
         sys.exit(f"error: --host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
 
