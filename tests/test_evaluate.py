@@ -233,7 +233,7 @@ def test_mt_bench_bad_question_file(tmp_path):
 
 def test_mt_bench_and_alpaca_eval_refuse_a_bad_file_or_flag_before_loading_the_model(monkeypatch, tmp_path):
     """The question / instruction file was read after the model (minutes for a 7B); --num_choices=0 and
-    --max_new_tokens=0 wrote empty answers and exited 0."""
+    --max_new_tokens=0 wrote empty answers and exited 0; an output path that cannot be written failed at the end."""
     def no_load(*args, **kw):
         raise AssertionError("the model was loaded before the mistake was found")
 
@@ -241,6 +241,8 @@ def test_mt_bench_and_alpaca_eval_refuse_a_bad_file_or_flag_before_loading_the_m
     questions, broken = tmp_path / "question.jsonl", tmp_path / "broken.jsonl"
     _write_questions(questions)
     broken.write_text('{"question_id": 1, "turns": ["hi"]\n')
+    instructions = tmp_path / "instructions.json"
+    instructions.write_text(json.dumps([{"instruction": "Name a color.", "dataset": "helpful_base"}]))
     mt_bench = ["mt_bench", "--model=m", "--model_id=m", f"--answer_file={tmp_path / 'a.jsonl'}"]
     alpaca_eval = ["alpaca_eval", "--model=m", "--generator=g", f"--out={tmp_path / 'o.json'}"]
     for argv, expected in [
@@ -252,6 +254,11 @@ def test_mt_bench_and_alpaca_eval_refuse_a_bad_file_or_flag_before_loading_the_m
         (mt_bench + [f"--question_file={questions}", "--max_new_tokens=0"], "--max_new_tokens=0: must be at least 1"),
         (alpaca_eval + [f"--instructions={broken}", "--max_new_tokens=-1"], "--max_new_tokens=-1: must be at least 1"),
         (alpaca_eval + [f"--instructions={broken}", "--batch_size=0"], "--batch_size=0: must be at least 1"),
+        # an output that cannot be written was found after the generations (which it lost)
+        (mt_bench + [f"--question_file={questions}", f"--answer_file={tmp_path}"], f"--answer_file={tmp_path}: is a "
+                                                                                    "directory"),
+        (alpaca_eval + [f"--instructions={instructions}", f"--out={questions}/o.json"],
+         f"--out={questions}/o.json: {questions} is not a folder this process can write"),
     ]:
         assert _cli_error(argv).startswith(f"error: {expected}"), argv
 

@@ -310,6 +310,18 @@ def alpaca_eval_outputs(model, tok, instructions: list[dict], generator: str, *,
 # Command line.
 
 
+def _writable(path: str) -> str | None:
+    """Why `path` cannot be written (a directory, or its nearest existing folder read-only), or None."""
+    if os.path.isdir(path):
+        return "is a directory"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return f"{folder} is not a folder this process can write"
+    return None
+
+
 def _write_json(path: str, obj) -> None:
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -447,6 +459,10 @@ def main(argv=None):
         sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     except ValueError as e:
         sys.exit(f"error: {e}")
+    flag, out = (("--answer_file", args.answer_file or os.path.join("model_answer", f"{args.model_id}.jsonl"))
+                 if args.command == "mt_bench" else ("--out", args.out))
+    if (why := _writable(out)) is not None:  # found after the generations, which it lost
+        sys.exit(f"error: {flag}={out}: {why}")
     try:  # no such model, a checkpoint of another shape, a mesh the devices cannot fill: its message alone
         model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -456,16 +472,15 @@ def main(argv=None):
     if args.command == "mt_bench":
         records = mt_bench_answers(model, tok, questions, args.model_id, temperature=args.temperature,
                                    num_choices=args.num_choices, **sampling)
-        path = args.answer_file or os.path.join("model_answer", f"{args.model_id}.jsonl")
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        if os.path.dirname(out):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        print(f"wrote {len(records)} answers to {path}")
+        print(f"wrote {len(records)} answers to {out}")
         return records
     records = alpaca_eval_outputs(model, tok, rows, args.generator, temperature=args.temperature, **sampling)
-    _write_json(args.out, records)
-    print(f"wrote {len(records)} outputs to {args.out}")
+    _write_json(out, records)
+    print(f"wrote {len(records)} outputs to {out}")
     return records
 
 
