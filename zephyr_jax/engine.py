@@ -312,6 +312,11 @@ def default_max_length(cfg) -> int:
     return min(int(cfg.max_position_embeddings), 4096)
 
 
+# Each size's least value (max_length None and max_queue None: the model's default, no bound). decode_steps=0
+# would decode nothing, for ever; a negative max_queue turned away requests that free slots could take.
+SIZE_BOUNDS = {"max_slots": 1, "max_length": 2, "max_queue": 0, "prefill_chunk": 1, "decode_steps": 1}
+
+
 class Engine:
     """Continuous batching over `max_slots` KV-cache rows of `max_length` tokens (prompt + reply)."""
 
@@ -320,11 +325,11 @@ class Engine:
                  eos_id: int | None = None, mesh=None, heads_first_cache: bool | None = None,
                  per_layer_weights: bool | None = None):
         cfg = model.config
-        for name, value, least in (("max_slots", max_slots, 1), ("decode_steps", decode_steps, 1),
-                                   ("prefill_chunk", prefill_chunk, 1),
-                                   ("max_length", 2 if max_length is None else max_length, 2)):
-            if value < least:  # decode_steps=0 would decode nothing, for ever
-                raise ValueError(f"Engine {name}={value}: must be at least {least}")
+        sizes = dict(max_slots=max_slots, max_length=max_length, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                     decode_steps=decode_steps)
+        for name, least in SIZE_BOUNDS.items():
+            if sizes[name] is not None and sizes[name] < least:
+                raise ValueError(f"Engine {name}={sizes[name]}: must be at least {least}")
         self.config, self.tokenizer = cfg, tokenizer
         self.graphdef, self.state = nnx.split(model)
         mesh = mesh if mesh is not None else _parameters_mesh(self.state)

@@ -38,7 +38,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from zephyr_jax.engine import TOP_LOGPROBS, Engine, QueueFull, Request, SamplingParams
+from zephyr_jax.engine import SIZE_BOUNDS, TOP_LOGPROBS, Engine, QueueFull, Request, SamplingParams
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import encode_text
 from zephyr_jax.train_checks import TRAINING_DTYPES
@@ -610,13 +610,10 @@ def main(argv=None) -> None:
     args = parser.parse_args([re.sub(r"^--\w+", lambda m: m.group(0).replace("_", "-"), a) for a in argv])
     if args.dtype not in TRAINING_DTYPES:  # (fp8: a TypeError deep in numpy)
         sys.exit(f"error: --dtype={args.dtype}: expected one of {', '.join(TRAINING_DTYPES)}")
-    # The Engine's lower bounds, now and not after the model loads (a negative max_queue turned away requests
-    # that free slots could take).
-    least = {"max_slots": 1, "max_length": 2, "max_queue": 0, "prefill_chunk": 1, "decode_steps": 1}
-    for flag, low in least.items():
+    for flag, least in SIZE_BOUNDS.items():  # the Engine's, now and not after the model loads
         value = getattr(args, flag)
-        if value is not None and value < low:  # (max_length None: the model's default)
-            sys.exit(f"error: --{flag.replace('_', '-')}={value}: must be at least {low}")
+        if value is not None and value < least:
+            sys.exit(f"error: --{flag.replace('_', '-')}={value}: must be at least {least}")
     try:  # a port in use (or a host not here) now, not after minutes of loading a 7B; uvicorn binds it again later
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # (--host=:: for IPv6)
         socket.create_server((args.host, args.port), family=family).close()  # (SO_REUSEADDR, as uvicorn binds)
