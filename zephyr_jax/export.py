@@ -111,9 +111,13 @@ def holds_a_model(out_dir: str) -> bool:
     """An earlier export (or another model's folder), which an export replaces: a config.json with a model_type,
     weights, or this module's model card (an export killed before its weights: hf.save_pretrained writes the card,
     then the weights, then config.json)."""
+    if "model_type" in (run_config(out_dir) or {}) or any(f.endswith(".safetensors") for f in os.listdir(out_dir)):
+        return True
     card = os.path.join(out_dir, "README.md")
-    return ("model_type" in (run_config(out_dir) or {}) or any(f.endswith(".safetensors") for f in os.listdir(out_dir))
-            or (os.path.isfile(card) and CARD_TITLE in open(card, encoding="utf-8", errors="replace").read()))
+    if not os.path.isfile(card):
+        return False
+    with open(card, encoding="utf-8", errors="replace") as f:
+        return CARD_TITLE in f.read()
 
 
 def cli(argv=None):

@@ -327,10 +327,10 @@ def _checked_weights(path: str, params: dict) -> tuple[dict, dict, set]:
             raise ValueError(f"{file} lacks tensor {name}, which the index places in it")
         dtype, shape, begin = tensor_layout(file, name, header[name])
         flax_name, layer, transposed = hf_to_flax_name(name)
-        need = params[flax_name].get_value().shape[0 if layer is None else 1:]
-        if shape != tuple(need[::-1] if transposed else need):
-            raise ValueError(f"{file}: tensor {name} has shape {shape}, but the config needs "
-                             f"{tuple(need[::-1] if transposed else need)}")
+        need = params[flax_name].get_value().shape[0 if layer is None else 1:]  # (a layer's slice of the stack)
+        need = tuple(need[::-1] if transposed else need)
+        if shape != need:
+            raise ValueError(f"{file}: tensor {name} has shape {shape}, but the config needs {need}")
         if data_start + begin + math.prod(shape) * dtype.itemsize > os.path.getsize(file):
             raise ValueError(f"{file} is truncated inside tensor {name}")
     return files, headers, used

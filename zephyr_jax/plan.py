@@ -219,7 +219,7 @@ class StepInputs(NamedTuple):
     state: steps.TrainState  # ShapeDtypeStructs
     batch: dict
     reference: Any  # frozen DPO reference parameters, or None
-    hparams: dict  # train_steps.step_hparams: the step's learning rate (and DPO's beta, label smoothing)
+    hparams: dict  # train_steps.step_hparams: the step's learning rate (and DPO's beta)
     shardings: tuple  # (state, batch, reference, hparams) shardings, the trees of the four above
 
 

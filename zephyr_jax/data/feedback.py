@@ -502,7 +502,8 @@ def _settings(generators, judge_name: str, o: dict) -> dict:
                {"parse_retries": o["parse_retries"], "judge_max_tokens": o["judge_max_tokens"]})}
 
 
-def _check(generators, judge, k: int, parse_retries: int, principles: str, concurrency: int, opts: dict):
+def _check(generators, judge, o: dict, concurrency: int):
+    k, parse_retries, principles = o["k"], o["parse_retries"], o["principles"]
     if isinstance(generators, Backend) or not generators or not all(isinstance(g, Backend) for g in generators):
         raise ValueError("generators must be a non-empty list of Backend objects (see zephyr_jax.data.backends; "
                          "backend_from_spec makes one from a spec string)")
@@ -515,8 +516,8 @@ def _check(generators, judge, k: int, parse_retries: int, principles: str, concu
         raise ValueError(f"need completions_per_prompt >= 1, parse_retries >= 0 and concurrency >= 1, got {k}, "
                          f"{parse_retries}, {concurrency}")
     for key in ("max_tokens", "judge_max_tokens"):  # 0 asks for replies of nothing, and each is judged or refused
-        if opts[key] < 1:
-            raise ValueError(f"{key}={opts[key]}: must be at least 1")
+        if o[key] < 1:
+            raise ValueError(f"{key}={o[key]}: must be at least 1")
     if principles not in ("ultrafeedback", "none", *PRINCIPLES):
         raise ValueError(f"principles={principles!r}; expected ultrafeedback, none or one of {PRINCIPLES}")
     if judge is None:
@@ -564,7 +565,7 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
     opts = {"k": completions_per_prompt, "seed": seed, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p, "parse_retries": parse_retries, "judge_max_tokens": judge_max_tokens,
             "principles": principles}
-    _check(generators, judge, completions_per_prompt, parse_retries, principles, concurrency, opts)
+    _check(generators, judge, opts, concurrency)
     judge_backend, judge_fn, judge_name = _resolve_judge(judge)
     out_dir = Path(output_dir)
     source = "rows"
