@@ -263,7 +263,9 @@ def test_mt_bench_and_alpaca_eval_refuse_a_bad_file_or_flag_before_loading_the_m
         assert _cli_error(argv).startswith(f"error: {expected}"), argv
 
 
-def test_a_dtype_that_is_no_float_type_is_refused_before_loading(monkeypatch, tmp_path):
+def test_a_dtype_that_is_no_float_type_is_refused_before_loading(monkeypatch, tmp_path, capsys):
+    from tests.conftest import assert_refused_dtype
+
     def no_load(*args, **kw):
         raise AssertionError("the model was loaded before the mistake was found")
 
@@ -274,7 +276,7 @@ def test_a_dtype_that_is_no_float_type_is_refused_before_loading(monkeypatch, tm
     for argv in (["mt_bench", "--model=m", "--model_id=m", f"--question_file={questions}"],
                  ["alpaca_eval", "--model=m", "--generator=g", f"--instructions={questions}", "--out=o.json"],
                  ["prefs", "--model=m", "--reference=r"]):
-        assert _cli_error(argv + ["--dtype=fp8"]) == "error: --dtype=fp8: expected one of float32, bfloat16, float16"
+        assert_refused_dtype(lambda: evaluate.main(argv + ["--dtype=fp8"]), "fp8", capsys)
 
 
 def test_alpaca_eval_outputs(model_dir, tmp_path):

@@ -56,12 +56,11 @@ def main(argv=None):
     parser.add_argument("--top_k", type=int, default=50, help="default 50; 0 for all tokens")
     parser.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: default 0.95; 1.0 for all")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--dtype", default="bfloat16", help="compute and weight dtype (float32 for exact numbers)")
+    parser.add_argument("--dtype", default="bfloat16", choices=TRAINING_DTYPES,
+                        help="compute and weight dtype (float32 for exact numbers)")
     parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
     args = parser.parse_args(argv)
-    if args.dtype not in TRAINING_DTYPES:  # (fp8: a TypeError deep in numpy)
-        sys.exit(f"error: --dtype={args.dtype}: expected one of {', '.join(TRAINING_DTYPES)}")
     if args.max_new_tokens < 1:  # 0 printed an empty reply and exited 0
         sys.exit(f"error: --max_new_tokens={args.max_new_tokens}: must be at least 1")
 

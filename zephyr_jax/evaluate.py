@@ -331,7 +331,8 @@ def _write_json(path: str, obj) -> None:
 def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
     p.add_argument("--model", required=True, help="HF directory / hub name, or a zephyr_jax workdir")
     p.add_argument("--tokenizer", default=None, help="default: the model's own, else Mistral-7B-v0.1")
-    p.add_argument("--dtype", default="bfloat16", help="compute and weight dtype (float32 for exact numbers)")
+    p.add_argument("--dtype", default="bfloat16", choices=TRAINING_DTYPES,
+                   help="compute and weight dtype (float32 for exact numbers)")
     p.add_argument("--batch_size", type=int, default=8,
                    help="the engine's KV-cache slots: replies decoded at once (every prompt is queued at once)")
     p.add_argument("--max_new_tokens", type=int, default=sampling_defaults["max_new_tokens"])
@@ -374,7 +375,7 @@ def main(argv=None):
     p.add_argument("--max_prompt_length", type=int, default=None, help=f"default {d['max_prompt_length']}")
     p.add_argument("--batch_size", type=int, default=None,
                    help=f"preference pairs per scoring batch (default {d['batch_size']})")
-    p.add_argument("--dtype", default=None,
+    p.add_argument("--dtype", default=None, choices=TRAINING_DTYPES,
                    help=f"compute and weight dtype (default {d['dtype']}: exact numbers; a run's own eval "
                         "computes in its model.dtype, bfloat16 in the recipe's configs)")
     p.add_argument("--tokenizer", default=None, help="default: the policy's own, else Mistral-7B-v0.1")
@@ -402,8 +403,6 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.7, help="default 0.7, top_p 1.0, 2048 new tokens: "
                    "AlpacaEval's zephyr-7b-beta generation config")
     args = parser.parse_args(argv)
-    if args.dtype is not None and args.dtype not in TRAINING_DTYPES:  # (fp8: a TypeError deep in numpy)
-        sys.exit(f"error: --dtype={args.dtype}: expected one of {', '.join(TRAINING_DTYPES)}")
 
     if args.command == "prefs":
         if args.workdir:

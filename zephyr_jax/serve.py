@@ -590,7 +590,7 @@ def main(argv=None) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", choices=TRAINING_DTYPES)
     parser.add_argument("--api-key", default=os.environ.get("ZEPHYR_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $ZEPHYR_JAX_API_KEY, else none)")
     parser.add_argument("--max-slots", type=int, default=16, help="sequences decoded at once (KV-cache rows)")
@@ -608,8 +608,6 @@ def main(argv=None) -> None:
     # vLLM's spelling (--max-slots); the underscores the other zephyr_jax commands use are taken too.
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args([re.sub(r"^--\w+", lambda m: m.group(0).replace("_", "-"), a) for a in argv])
-    if args.dtype not in TRAINING_DTYPES:  # (fp8: a TypeError deep in numpy)
-        sys.exit(f"error: --dtype={args.dtype}: expected one of {', '.join(TRAINING_DTYPES)}")
     for flag, least in SIZE_BOUNDS.items():  # the Engine's, now and not after the model loads
         value = getattr(args, flag)
         if value is not None and value < least:
