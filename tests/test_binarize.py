@@ -213,9 +213,14 @@ def test_drop_truthful_qa():
 
 
 def test_raise_names_row():
-    with pytest.raises(BadRow, match=r"^row 4 of raw:train: no other response scores below the best$") as e:
-        binarize(fixture_rows(), on_bad_row="raise", source="raw:train")
-    assert (e.value.index, e.value.source) == (3, "raw:train")
+    """on_bad_row="raise" stops at the first malformed row (the empty instruction, row 6); rows 4 and 5 are
+    well-formed and give no pair (all tied, a single completion): counted, as with "skip"."""
+    counter = SkipCounter()
+    with pytest.raises(BadRow, match=r"^row 6 of raw:train: empty instruction$") as e:
+        binarize(fixture_rows(), on_bad_row="raise", source="raw:train", counter=counter)
+    assert (e.value.index, e.value.source) == (5, "raw:train")
+    assert counter.as_dict() == {"kept": 3, "skipped": 2, "reasons": {
+        "no other response scores below the best": 1, "fewer than 2 usable completions": 1}}
     with pytest.raises(ValueError, match="on_bad_row"):
         binarize(fixture_rows(), on_bad_row="ignore")
 
@@ -293,6 +298,11 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     bad.write_text(json.dumps(fixture_rows()[0]) + "\n{not json\n")
     with pytest.raises(SystemExit, match=r"bad.jsonl:2"):
         main([f"--input={bad}", f"--output={tmp_path / 'bad'}"])
+    # --on_bad_row=raise stops at the malformed row, naming it, and writes nothing (it always skipped)
+    with pytest.raises(SystemExit) as stop:
+        main([f"--input={raw}", f"--output={tmp_path / 'strict'}", "--test_size=1", "--on_bad_row=raise"])
+    assert stop.value.code == f"error: row 6 of {raw}:train: empty instruction"
+    assert not (tmp_path / "strict").exists()
 
 
 def test_cli_says_when_no_row_was_kept(tmp_path, capsys, monkeypatch):

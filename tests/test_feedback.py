@@ -765,6 +765,22 @@ def test_cli_fails_when_every_generation_failed(tmp_path, capsys):
                      capsys.readouterr().err)
 
 
+def test_cli_on_bad_row_raise_stops_at_the_row_before_any_call(tmp_path, capsys):
+    """The CLI always skipped a row without a prompt (on_bad_row was the Python call's only)."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = arithmetic_rows(2)[:2]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], {"prompt": "  "}, rows[1]]))
+    argv = [f"--prompts={prompts}", "--completions_per_prompt=1",
+            "--generators=callable:tests.test_feedback:slow_right", "--judge=callable:tests.test_feedback:slow_judge"]
+    with pytest.raises(SystemExit) as exit_:
+        feedback.main([*argv, f"--output={tmp_path / 'strict'}", "--on_bad_row=raise"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"\nerror: row 2 of {prompts}:train: empty prompt\n")
+    assert not (tmp_path / "strict").exists()  # nothing called, no journal
+    stats = feedback.main([*argv, f"--output={tmp_path / 'lenient'}"])
+    assert stats["input"] == {"kept": 2, "skipped": 1, "reasons": {"empty prompt": 1}}
+
+
 def test_one_generator_where_a_pool_belongs_is_named(tmp_path):
     """A Backend passed as `generators` failed with "'CallableBackend' object is not iterable"."""
     with pytest.raises(ValueError, match="generators must be a non-empty list of Backend objects"):

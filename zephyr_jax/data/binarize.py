@@ -18,19 +18,21 @@ Rules (the paper's, §4 and the dataset card):
   and it ranked by overall_score).
 - randomness: one `rng.choice` per kept row, in row order; skipped rows draw nothing. So a seed fixes the
   output for a given input order.
-- skipped (BadRow, counted by reason): missing/empty instruction or one with special-token text, fewer than 2
-  usable completions, no other
-  response scored strictly below the best (e.g. all scores equal), a rating off its scale (aspects 1-5,
-  overall_score 1-10: a corrupt or mis-scaled row), a completion that is not a dict, or a rating that cannot be
-  read (a word such as "five", annotations or an aspect that is not a dict; the reason names the field): dropping
-  that completion alone could drop the best one and choose another.
+- skipped (BadRow, counted by reason; on_bad_row="raise" stops at it): missing/empty instruction or one with
+  special-token text, a rating off its scale (aspects 1-5, overall_score 1-10: a corrupt or mis-scaled row), a
+  completion that is not a dict, or a rating that cannot be read (a word such as "five", annotations or an aspect
+  that is not a dict; the reason names the field): dropping that completion alone could drop the best one and
+  choose another.
+- dropped (DroppedRow, counted by reason whatever on_bad_row says): a well-formed row that gives no pair, with
+  fewer than 2 usable completions (failed generations leave none) or no other response scored strictly below the
+  best (e.g. all scores equal).
 - drop_sources: rows whose `source` is listed are dropped before binarizing (counted). The later H4 revision
   dropped "truthful_qa" (TruthfulQA contamination of the Open LLM Leaderboard); here it is off unless asked
   (`--drop_truthful_qa`).
 
 CLI:
     python -m zephyr_jax.data.binarize --input=RAW --split=train --output=DIR [--rank_by=mean|overall]
-        [--seed=42] [--test_size=2000] [--drop_truthful_qa]
+        [--seed=42] [--test_size=2000] [--drop_truthful_qa] [--on_bad_row=skip|raise]
 RAW is anything `sources.load_rows` reads (jsonl/parquet file, directory, hub name such as openbmb/UltraFeedback).
 DIR receives train_prefs.jsonl and test_prefs.jsonl, so `load_rows(DIR, "train_prefs")` reads them back.
 The test rows are those of `random.Random(seed).sample` of the kept rows' prompts (--test_size prompts; a prompt
@@ -51,7 +53,7 @@ import sys
 from pathlib import Path
 
 from zephyr_jax.data.conversation import SPECIAL_TEXTS, has_special_text
-from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
+from zephyr_jax.data.errors import ON_BAD_ROW, BadRow, DroppedRow, SkipCounter, check_on_bad_row, handle_bad_row
 
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 RANK_BY = ("mean", "overall")
@@ -185,13 +187,14 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
         response = c.get("response")
         if score is not None and is_text(response) and not has_special_text(response):
             usable.append((score, response))
+    # A well-formed row that gives no pair (failed generations, tied ratings) is counted, not a reason to stop.
     if len(usable) < 2:
-        raise BadRow(index, "fewer than 2 usable completions", source)
+        raise DroppedRow(index, "fewer than 2 usable completions", source)
     best = max(score for score, _ in usable)
     chosen = next(c for c in usable if c[0] == best)  # the first of the maxima
     eligible = [c for c in usable if c[0] < best and c[1] != chosen[1]]
     if not eligible:
-        raise BadRow(index, "no other response scores below the best", source)
+        raise DroppedRow(index, "no other response scores below the best", source)
     rejected = rng.choice(eligible)
 
     def pair(response):
@@ -299,6 +302,9 @@ def main(argv=None) -> dict:
     p.add_argument("--test_size", type=int, default=2000)
     p.add_argument("--drop_truthful_qa", action="store_true", help="drop rows whose source is truthful_qa")
     p.add_argument("--data_dir", default=None, help="TFDS data dir for --input=tfds:NAME")
+    p.add_argument("--on_bad_row", choices=ON_BAD_ROW, default="skip",
+                   help="a malformed row: counted and skipped (default), or the run stops at it and writes nothing "
+                        "(a well-formed row that gives no pair, all ratings tied, is counted either way)")
     args = p.parse_args(argv)
     if args.output.endswith((".jsonl", ".json")):
         p.error("--output is a directory (it receives train_prefs.jsonl and test_prefs.jsonl)")
@@ -312,7 +318,7 @@ def main(argv=None) -> dict:
     try:  # a missing file or a malformed one ends with its message (file and line), not a traceback
         rows = load_rows(args.input, args.split, data_dir=args.data_dir)
         kept = binarize(rows, rank_by=args.rank_by, seed=args.seed, counter=counter, source=name, progress=True,
-                        drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else ())
+                        drop_sources=(TRUTHFUL_QA,) if args.drop_truthful_qa else (), on_bad_row=args.on_bad_row)
     except (ValueError, OSError) as e:  # OSError: FileNotFoundError, and ConnectionError for a hub name
         sys.exit(f"error: {e}")
     if not kept:

@@ -6,7 +6,7 @@ CLI:
         (--judge=SPEC | --judge_fn=module:function) --output=DIR [--completions_per_prompt=4] [--seed=42]
         [--concurrency=16] [--max_tokens=1024] [--parse_retries=10] [--principles=ultrafeedback] [--limit=N]
         [--timeout=120] [--max_retries=6] [--api_key_env=OPENAI_API_KEY] [--judge_price=IN,OUT]
-        [--generator_price=IN,OUT] [--mesh=D,F,T] [--overwrite]
+        [--generator_price=IN,OUT] [--mesh=D,F,T] [--overwrite] [--on_bad_row=skip|raise]
 SPEC is a backend spec (zephyr_jax.data.backends): endpoint:MODEL@URL[,URL...], engine:PATH or
 callable:module:function. Repeat --generators for a pool (endpoint specs hold commas between their URLs). The
 Python API is `collect_feedback(...)` (below); it takes Backend objects. For example:
@@ -108,7 +108,7 @@ from typing import Callable
 from zephyr_jax.data.backends import (ENGINE_MESH_HELP, Backend, BackendSet, Call, load_callable,
                                       map_bounded)
 from zephyr_jax.data.binarize import ASPECTS, completion_score, is_text, prompt_id, write_json, write_jsonl
-from zephyr_jax.data.errors import BadRow, SkipCounter, check_on_bad_row, handle_bad_row
+from zephyr_jax.data.errors import ON_BAD_ROW, BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.feedback_prompts import (CALIBRATION_SHARE, PRINCIPLES, SYSTEM_PROMPTS, TYPED_ASPECTS, FormatError,
                                               critique_messages, parse_critique_reply, parse_rating_reply,
                                               principle_mix, prompts_digest, rating_messages, reask_message,
@@ -713,6 +713,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="generator endpoints' price per million tokens (input, output)")
     p.add_argument("--overwrite", action="store_true", help="discard the journal and start afresh")
     p.add_argument("--data_dir", default=None, help="TFDS data dir for --prompts=tfds:NAME")
+    p.add_argument("--on_bad_row", choices=ON_BAD_ROW, default="skip",
+                   help="a prompt row without a usable prompt: counted and skipped (default), or the run stops at "
+                        "it before any call")
     return p
 
 
@@ -735,7 +738,8 @@ def main(argv=None) -> dict:
                                     seed=args.seed, concurrency=args.concurrency, max_tokens=args.max_tokens,
                                     temperature=args.temperature, top_p=args.top_p,
                                     parse_retries=args.parse_retries, judge_max_tokens=args.judge_max_tokens,
-                                    principles=args.principles, limit=args.limit, overwrite=args.overwrite)
+                                    principles=args.principles, limit=args.limit, overwrite=args.overwrite,
+                                    on_bad_row=args.on_bad_row)
     except (ValueError, OSError) as e:  # OSError: a missing file; a hub name unreachable
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
