@@ -285,8 +285,8 @@ def _dpo_inputs(draw):
 
 
 @pytest.mark.parametrize(
-    "loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.0), ("robust", 0.2), ("hinge", 0.0),
-                      ("ipo", 0.0)]
+    "loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.5), ("robust", 0.0), ("robust", 0.2),
+                      ("hinge", 0.0), ("ipo", 0.0)]  # (sigmoid 0.5: cDPO's bound is inclusive, robust DPO's is not)
 )
 @settings(max_examples=40, deadline=None)
 @given(inputs=_dpo_inputs())

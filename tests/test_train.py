@@ -264,6 +264,7 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
     ("sft", {"train.max_steps": 1, "train.num_epochs": 0}),  # a step count stands in for epochs
     ("sft", {"model.attention_impl": "splash", "data.max_length": 256}),  # default buckets 128, 256
     ("dpo", {"model.attention_impl": "splash", "data.max_length": 192}),  # packed pairs: rows in 128s
+    ("dpo", {"dpo.label_smoothing": 0.5}),  # conservative DPO's bound is inclusive (robust DPO's is not)
 ])
 def test_config_values_at_the_edges_of_their_ranges_are_taken(data_dir, stage, overrides):
     """The other side of each bound: a warmup over the whole run, Adam without momentum, float16 compute (cuDNN's
@@ -1276,15 +1277,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
 
 
 def test_a_divergence_keeps_the_steps_before_it_on_record(data_dir, tmp_path):
-    """A NaN (or Inf) at step 2 with log_every 4 stopped the run before step 1's record was written: the steps
-    that led up to the divergence were lost. LR 1e30: step 1's loss is finite, its update is not."""
+    """A NaN (or Inf) at step 3 with log_every 4 stopped the run before the record of steps 1-2 was written: the
+    steps that led up to the divergence were lost. LR 1e30 after a 2-step warmup: step 1's rate is 0, step 2's
+    loss is finite and its update is not. The record has no throughput: its wall time holds step 3's too (step 2
+    is a timed step, so a line written with throughput would carry it)."""
     cfg = tiny_config("sft", data_dir, **{"train.max_steps": 4, "train.log_every": 4, "train.save_every": 0,
-                                          "train.eval_every": 0, "optim.lr": 1e30, "optim.warmup_ratio": 0.0})
-    with pytest.raises(FloatingPointError, match=r"at step 2: stopping\. No checkpoint was saved"):
+                                          "train.eval_every": 0, "optim.lr": 1e30, "optim.warmup_ratio": 0.5,
+                                          "optim.schedule": "constant"})
+    with pytest.raises(FloatingPointError, match=r"at step 3: stopping\. No checkpoint was saved"):
         train.run(cfg, str(tmp_path))
     (record,) = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert record["step"] == 1 and math.isfinite(record["loss"]) and record["lr"] == pytest.approx(1e30, rel=1e-6)
-    assert "tokens_per_sec" not in record  # its wall time would hold step 2's too
+    rate = float(train_steps.make_schedule(cfg.optim, 4)(1))  # step 2's, the line's last step
+    assert record["step"] == 2 and math.isfinite(record["loss"]) and record["lr"] == pytest.approx(rate, rel=1e-6)
+    assert "tokens_per_sec" not in record and "step_time" not in record
 
 
 def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(data_dir, tmp_path, capsys):
