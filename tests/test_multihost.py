@@ -148,6 +148,11 @@ def test_a_differing_split_is_named_in_its_own_units(monkeypatch):
         train.check_same_examples_everywhere({"training": (rows, "00112233" * 4)})
     with pytest.raises(ValueError, match=r"hold other eval examples .*: 2 examples, digest"):
         train.check_same_examples_everywhere({"eval": (["a", "b"], "ff" * 16)})
+    # Each split against its own digest on process 0: one that differs after one that agrees is found too.
+    monkeypatch.setattr(train.multihost_utils, "process_allgather",
+                        lambda mine: np.stack([mine, np.concatenate([mine[:1], mine[1:] ^ 1])]))
+    with pytest.raises(ValueError, match=r"processes \[1\] hold other eval examples .*: 2 examples, digest ff"):
+        train.check_same_examples_everywhere({"training": (rows, "00112233" * 4), "eval": (["a", "b"], "ff" * 16)})
 
 
 # --- SIGTERM to one process: every process saves the same step and exits 75; the resumed run is exact. ---

@@ -6,6 +6,8 @@ sequences into shared rows (segments), applies the LM head only at loss position
 pairs back together from per-segment sums.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -221,6 +223,8 @@ def test_packed_sft_eval_gives_the_unpacked_evals_metrics_on_fewer_positions(mod
     big = ml_collections.ConfigDict(cfg.to_dict())
     big.train.eval_batch_size = 64
     assert train.eval_size(big, mesh, len(split)) == len(split) < 64 and train.eval_size(cfg, mesh, len(split)) == 4
+    four_shards = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 1})  # 6 rows: one batch of 8
+    assert train.eval_size(big, four_shards, 6) == 8 and train.eval_size(big, four_shards, 3) == 4
     np.testing.assert_allclose(train.eval_metrics(big, eval_fn, params, split, None, sharding)["loss"],
                                metrics[True]["loss"], rtol=1e-6)
 

@@ -3,6 +3,7 @@ modes, NaN and config errors. Tiny configs (configs/*.py:tiny) on small local da
 
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
@@ -362,6 +363,19 @@ def test_resuming_names_a_tokenizer_folder_as_the_run_recorded_it_in_any_spellin
         train_checks.resume_settings(tiny_config("sft", data_dir, tokenizer=str(tmp_path / "other")), str(workdir))
 
 
+def test_a_relative_glob_is_recorded_absolute_and_urls_and_hub_names_as_given(data_dir, monkeypatch):
+    """A relative glob of local files (data.train="sft/*.jsonl"), which no file is named, is made absolute as a
+    folder is, so a run resumed from another directory reads the same files; a URL, also one with a glob that
+    fsspec expands (gs://bucket/train-*.jsonl), and a hub name are kept as given (made absolute, a URL became a
+    local path under the working directory)."""
+    monkeypatch.chdir(data_dir)
+    recorded = train.absolute_if_local("sft/*_sft.jsonl")
+    assert sorted(glob.glob(recorded)) == [str(data_dir / "sft" / f"{s}_sft.jsonl") for s in ("test", "train")]
+    assert recorded == os.path.join(os.getcwd(), "sft", "*_sft.jsonl")
+    for kept in ("gs://bucket/train-*.jsonl", "https://host/data/part-[0-9].jsonl", "HuggingFaceH4/ultrachat_200k"):
+        assert train.absolute_if_local(kept) == kept
+
+
 def test_an_hf_model_path_that_is_a_missing_directory_is_named(data_dir, tmp_path):
     """An absolute or ./ path is a directory, never a hub name: one that is not there is said before the data work
     (the hub client would ask for a valid repo id, or try the network)."""
@@ -427,6 +441,7 @@ def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_row
     assert train.preference_rows_for(cfg, mesh(8), 32, 4) == 32  # 4 micro-batches of 8 rows
     cfg.data.packed_rows = 8
     assert [train.preference_rows_for(cfg, mesh(8), pairs, 1) for pairs in (32, 64, 8)] == [8, 16, 8]
+    assert train.preference_rows_for(cfg, mesh(1), 6, 1) == 2  # 12 sequences, at most 8 a row: rounded up
     cfg.data.packing = False  # a row per sequence: 2 x 32 rows
     train.check_batch_fits_mesh(cfg, mesh(64))
     with pytest.raises(ConfigError, match=r"rows of a micro-batch \(2 x global_batch_size / grad_accum pairs\)=64 "
@@ -704,6 +719,7 @@ def test_meshes_give_the_same_losses(data_dir, tmp_path, stage, monkeypatch):
                                               "train.eval_every": 0, "train.save_every": 0, **pairs})
         train.run(cfg, str(tmp_path / name))
         losses[name] = train_losses(tmp_path / name)
+        assert checkpoint.resolve_step(str(tmp_path / name)) == 5  # save_every 0: the last step is saved still
     # Preempted at step 3 on fsdp8, resumed on 2x2x2 with 2 micro-batches (README: a run resumes exactly, also on
     # another mesh or grad_accum): orbax reshards the parameters, Adam's moments and the step; the loader goes on.
     real_manager = checkpoint.manager
@@ -832,6 +848,13 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
         if stage == "sft":
             batch = pad_sft([sft_example(r, i, tok) for i, r in enumerate(rows)], 48)
             batch["loss_mask"][0, np.flatnonzero(batch["loss_mask"][0])[3:]] = 0  # micro-batches of unequal tokens:
+            # Every third position's target is the full logits' argmax, so token accuracy is not 0: the share of
+            # loss tokens the unchunked model guesses, over the whole batch (not a mean of micro-batch shares).
+            guess = np.asarray(jnp.argmax(nnx.merge(graphdef, params)(
+                batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]), -1))
+            mask = batch["loss_mask"].astype(bool)
+            batch["targets"] = np.where(mask & (np.arange(48) % 3 == 0), guess, batch["targets"])
+            accuracy = float(np.mean(guess[mask] == batch["targets"][mask]))
             batch["loss_positions"] = loss_positions(batch.pop("loss_mask"), 48)  # a mean of their means would differ
         else:  # 8 pairs packed into 8 rows, planned per micro-batch
             batch = pack_pairs([preference_example(r, i, tok) for i, r in enumerate(rows)], 8,
@@ -845,6 +868,10 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
                             train_steps.step_hparams(cfg, 1.0)))
     (one, m1), (four, m4) = results
     assert abs(float(m1["loss"]) - float(m4["loss"])) <= 1e-5 * abs(float(m1["loss"]))
+    if stage == "sft":
+        assert 0 < accuracy < 1
+        for m in (m1, m4):
+            np.testing.assert_allclose(float(m["token_accuracy"]), accuracy, rtol=1e-6)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-5)
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(params)))
     assert moved > 1e-3, moved
@@ -1217,11 +1244,18 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     with pytest.raises(train.Preempted, match="at step 6 of 6"):
         train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
                                                   "train.eval_every": 4}), str(more))
+    evals_at = lambda: [r["step"] for r in map(json.loads, open(more / "metrics.jsonl")) if r["split"] == "eval"]
+    assert evals_at() == [4]  # the grace period goes to the save: no final eval after it
     preempt_at[0] = None
     train.run(tiny_config("sft", data_dir, **{"train.max_steps": 8, "train.save_every": 0,
                                               "train.eval_every": 4}), str(more))
-    records = [(r["step"], r["split"]) for r in map(json.loads, open(more / "metrics.jsonl"))]
-    assert [step for step, split in records if split == "eval"] == [4, 6, 8]
+    assert evals_at() == [4, 6, 8]
+    # A finished run started again trains nothing and evaluates its last step again: that record replaces the
+    # one before it (one record per step and split in metrics.jsonl).
+    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 8, "train.save_every": 0,
+                                              "train.eval_every": 4}), str(more))
+    assert evals_at() == [4, 6, 8]
+    assert [r["step"] for r in map(json.loads, open(more / "metrics.superseded.jsonl")) if r["split"] == "eval"] == [8]
 
 
 # --- DPO reference modes, NaN. ---
@@ -1244,6 +1278,20 @@ def test_frozen_reference_with_remat_equals_without(data_dir, tmp_path):
     train.run(tiny_config("dpo", data_dir, **base), str(tmp_path / "plain"))
     train.run(tiny_config("dpo", data_dir, **base, **{"model.remat": "full"}), str(tmp_path / "remat"))
     np.testing.assert_allclose(train_losses(tmp_path / "remat"), train_losses(tmp_path / "plain"), rtol=1e-5)
+
+
+def test_a_reference_free_run_rewards_beta_times_the_policys_log_probs(data_dir, tmp_path):
+    """dpo.reference_free=True: the reference log-probs are 0, so each record's rewards are beta times its policy
+    log-probs (TRL's definition), in training and in the final eval, at the run's beta: 0.3, not the configs'
+    0.1 (the train step takes beta as an argument, train_steps.step_hparams)."""
+    cfg = tiny_config("dpo", data_dir, **{"dpo.reference_free": True, "dpo.beta": 0.3, "train.max_steps": 1,
+                                          "train.eval_every": 0, "train.save_every": 0})
+    train.run(cfg, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["split"] for r in records] == ["train", "eval"]
+    for r in records:
+        for side in ("chosen", "rejected"):
+            assert r[f"rewards/{side}"] == pytest.approx(0.3 * r[f"logps/{side}"], rel=1e-6), (r, side)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -1296,25 +1344,27 @@ def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(
     """A log line is the mean of its steps' metrics, but the learning rate logged was the mean over a warmup's
     steps: a rate no step used. The schedule runs over optimizer steps, not micro-batches (grad_accum 2). Without
     the bar (train.progress=False, a batch job's log), each log line and each eval during training is printed."""
-    settings = {"train.max_steps": 6, "train.save_every": 0, "train.grad_accum": 2, "train.global_batch_size": 16,
+    settings = {"train.max_steps": 7, "train.save_every": 0, "train.grad_accum": 2, "train.global_batch_size": 16,
                 "optim.warmup_ratio": 0.5, "optim.schedule": "cosine"}
     cfg = tiny_config("sft", data_dir, **settings, **{"train.log_every": 3, "train.eval_every": 3})
     train.run(cfg, str(tmp_path / "every_3"))
-    schedule = train_steps.make_schedule(cfg.optim, 6)
+    schedule = train_steps.make_schedule(cfg.optim, 7)
     records = [json.loads(line) for line in open(tmp_path / "every_3" / "metrics.jsonl")]
     lines = [r for r in records if r["split"] == "train"]
+    # the last step, no multiple of log_every, has its line (of step 7 alone)
     assert {r["step"]: r["lr"] for r in lines} == {3: pytest.approx(float(schedule(2))),
-                                                   6: pytest.approx(float(schedule(5)))}
+                                                   6: pytest.approx(float(schedule(5))),
+                                                   7: pytest.approx(float(schedule(6)))}
     assert float(schedule(2)) != pytest.approx(np.mean([float(schedule(i)) for i in range(3)]))
     out = capsys.readouterr().out
     assert "step 3: loss=" in out and "step 6: loss=" in out
     assert "eval at step 3: {" in out and "eval at step 6: {" in out
-    # The same run logged every step: each 3-step line is the mean of its steps' lines.
+    # The same run logged every step: each line (of 3 steps, the last of 1) is the mean of its steps' lines.
     train.run(tiny_config("sft", data_dir, **settings, **{"train.log_every": 1, "train.eval_every": 0}),
               str(tmp_path / "every_1"))
     steps = [r for r in map(json.loads, open(tmp_path / "every_1" / "metrics.jsonl")) if r["split"] == "train"]
-    assert [r["lr"] for r in steps] == pytest.approx([float(schedule(i)) for i in range(6)])
-    for line, part in zip(lines, (steps[:3], steps[3:])):
+    assert [r["lr"] for r in steps] == pytest.approx([float(schedule(i)) for i in range(7)])
+    for line, part in zip(lines, (steps[:3], steps[3:6], steps[6:]), strict=True):
         for key in ("loss", "grad_norm", "num_tokens"):
             assert line[key] == pytest.approx(np.mean([r[key] for r in part]), rel=1e-6), key
 
@@ -1340,9 +1390,10 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     workdir = tmp_path / "w"
     train.run(cfg(2, 1e-3), str(workdir))
     assert "each epoch trains 2 full batches: 4 of its 20 examples are left out" in capsys.readouterr().out
-    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"}
+    lines = [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"]
     schedule = train_steps.make_schedule(cfg(2, 1e-3).optim, 4)
-    assert lrs == {s: pytest.approx(float(schedule(s - 1))) for s in (1, 2, 3, 4)}
+    assert {r["step"]: r["lr"] for r in lines} == {s: pytest.approx(float(schedule(s - 1))) for s in (1, 2, 3, 4)}
+    assert [r["epoch"] for r in lines] == [(r["step"] - 1) // 2 for r in lines]  # each record: its batch's epoch
     epochs = [np.concatenate(drawn[:2]), np.concatenate(drawn[2:4])]
     assert len(drawn) == 4 and all(len(set(e)) == 16 and set(e) <= set(range(20)) for e in epochs)
     assert list(epochs[0]) != list(epochs[1])
@@ -1355,6 +1406,8 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     lrs = {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"}
     resized = train_steps.make_schedule(cfg(3, 5e-4).optim, 6)
     assert {s: lrs[s] for s in (5, 6)} == {s: pytest.approx(float(resized(s - 1))) for s in (5, 6)}
+    assert [r["epoch"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
+            if r["split"] == "train" and r["step"] > 4] == [2, 2]  # the third epoch's two batches
     assert sorted(os.listdir(workdir / "checkpoints")) == ["5", "6"]
 
     rows = open(data / "sft" / "train_sft.jsonl").readlines()
