@@ -442,6 +442,10 @@ def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_row
     cfg.data.packed_rows = 8
     assert [train.preference_rows_for(cfg, mesh(8), pairs, 1) for pairs in (32, 64, 8)] == [8, 16, 8]
     assert train.preference_rows_for(cfg, mesh(1), 6, 1) == 2  # 12 sequences, at most 8 a row: rounded up
+    cfg.train.grad_accum = 2  # each micro-batch's 4 rows, not only the batch's 8, must divide over the 8 shards
+    with pytest.raises(ConfigError, match=r"data.packed_rows=8 must be a multiple of .* \(2 x 8\)"):
+        train.check_batch_fits_mesh(cfg, mesh(8))
+    cfg.train.grad_accum = 1
     cfg.data.packing = False  # a row per sequence: 2 x 32 rows
     train.check_batch_fits_mesh(cfg, mesh(64))
     with pytest.raises(ConfigError, match=r"rows of a micro-batch \(2 x global_batch_size / grad_accum pairs\)=64 "
