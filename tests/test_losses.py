@@ -261,8 +261,8 @@ def _numpy_dpo(pc, pr, rc, rr, beta, loss_type, eps=0.0, len_w=None, len_l=None)
         per_example = (-(1 - eps) * _log_sigmoid(beta * z) + eps * _log_sigmoid(-beta * z)) / (1 - 2 * eps)
     elif loss_type == "hinge":
         per_example = np.maximum(0.0, 1 - beta * z)
-    elif loss_type == "ipo":
-        per_example = (delta_w / len_w - delta_l / len_l - 1 / (2 * beta)) ** 2
+    elif loss_type == "ipo":  # TRL 1.16 clamps the token counts: completion_mask.sum(dim=1).clamp(min=1.0)
+        per_example = (delta_w / np.maximum(len_w, 1) - delta_l / np.maximum(len_l, 1) - 1 / (2 * beta)) ** 2
     chosen, rejected = beta * delta_w, beta * delta_l
     metrics = {
         "rewards/chosen": chosen.mean(),
@@ -280,7 +280,7 @@ def _dpo_inputs(draw):
     batch = draw(st.integers(1, 6))
     logps = draw(hnp.arrays(np.float32, (4, batch), elements=st.floats(-300, 0, width=32)))
     beta = draw(st.floats(0.01, 1.0))
-    lengths = draw(hnp.arrays(np.int32, (2, batch), elements=st.integers(1, 512)))
+    lengths = draw(hnp.arrays(np.int32, (2, batch), elements=st.integers(0, 512)))  # 0: an empty completion
     return logps, beta, lengths
 
 
@@ -344,6 +344,10 @@ def test_dpo_hand_computed_case():
     )
     np.testing.assert_allclose(loss, 0.25, rtol=1e-6)
     assert float(metrics["rewards/chosen"]) == 1.0  # rewards stay beta * summed log-ratios for ipo
+    # An empty completion (0 tokens) counts as one token, as in TRL, not a division by zero
+    loss, _ = losses.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo", chosen_lengths=jnp.array([0]),
+                              rejected_lengths=jnp.array([3]))
+    np.testing.assert_allclose(loss, _numpy_dpo(pc, pr, rc, rr, 0.5, "ipo", len_w=0, len_l=3)[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("eps", [0.4999, 0.4999999, 0.49999999])
