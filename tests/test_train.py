@@ -1388,9 +1388,9 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     drawn, real_next = [], loader_module.Loader.__next__
     monkeypatch.setattr(loader_module.Loader, "__next__", lambda self: (lambda out: drawn.append(out[1].indices)
                                                                         or out)(real_next(self)))
-    cfg = lambda epochs, lr: tiny_config("sft", data, **{  # noqa: E731
+    cfg = lambda epochs, lr, max_steps=-1: tiny_config("sft", data, **{  # noqa: E731
         "data.packing": False, "data.max_train_examples": 20,
-        "train.max_steps": -1, "train.num_epochs": epochs, "optim.lr": lr, "train.save_every": 1,
+        "train.max_steps": max_steps, "train.num_epochs": epochs, "optim.lr": lr, "train.save_every": 1,
         "train.keep_checkpoints": 2, "train.eval_every": 0, "train.log_every": 1})
     workdir = tmp_path / "w"
     train.run(cfg(2, 1e-3), str(workdir))
@@ -1404,7 +1404,8 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     assert list(epochs[0]) != list(epochs[1])
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
 
-    train.run(cfg(3, 5e-4), str(workdir))  # 2 more steps, on a schedule of 6 steps with the new lr
+    # 2 more steps, on a schedule of 6 steps with the new lr (max_steps 0, as -1: a run sized in epochs)
+    train.run(cfg(3, 5e-4, max_steps=0), str(workdir))
     said = capsys.readouterr().out  # each changed value, not the optim section twice
     assert f"resuming {workdir} with optim.lr: 0.001 -> 0.0005: the learning-rate schedule follows" in said
     assert f"resuming {workdir} with train.num_epochs: 2 -> 3: the learning-rate schedule follows" in said
