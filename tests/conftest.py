@@ -57,15 +57,20 @@ def _shared_helper(process) -> bool:
     return "multiprocessing.resource_tracker" in command or "multiprocessing.forkserver" in command
 
 
-def assert_refused_dtype(run_cli, dtype: str, capsys) -> None:
-    """A command-line tool refuses --dtype=dtype through argparse's choices (usage error, exit status 2), naming
-    the value and every dtype it takes, before any model loads."""
-    with pytest.raises(SystemExit) as exit_:
-        run_cli()
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument --dtype: invalid choice: '{dtype}'" in err, err
-    assert all(name in err for name in ("float32", "bfloat16", "float16")), err
+@pytest.fixture
+def assert_refused_dtype(capsys):
+    """check(run_cli, dtype): a command-line tool refuses --dtype=dtype through argparse's choices (usage error,
+    exit status 2), naming the value and every dtype it takes, before any model loads."""
+
+    def check(run_cli, dtype: str) -> None:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli()
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --dtype: invalid choice: '{dtype}'" in err, err
+        assert all(name in err for name in ("float32", "bfloat16", "float16")), err
+
+    return check
 
 
 @pytest.fixture

@@ -83,9 +83,8 @@ def test_each_interactive_turn_samples_with_its_own_seed(monkeypatch, tiny_model
     assert seeds == [5, 6, 5]  # per turn; /reset starts the count over
 
 
-def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, capsys):
+def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, assert_refused_dtype):
     from zephyr_jax import chat
-    from tests.conftest import assert_refused_dtype
 
     def no_load(*args, **kw):
         raise AssertionError("the model was loaded before the mistake was found")
@@ -96,4 +95,4 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, capsy
     assert exit_.value.code == "error: --max_new_tokens=0: must be at least 1"
     # fp8 was a TypeError deep in numpy; int8 blamed a workdir's model_config.json
     for dtype in ("fp8", "int8"):
-        assert_refused_dtype(lambda: chat.main(["--model=m", "--prompt=Hi", f"--dtype={dtype}"]), dtype, capsys)
+        assert_refused_dtype(lambda: chat.main(["--model=m", "--prompt=Hi", f"--dtype={dtype}"]), dtype)

@@ -263,9 +263,7 @@ def test_mt_bench_and_alpaca_eval_refuse_a_bad_file_or_flag_before_loading_the_m
         assert _cli_error(argv).startswith(f"error: {expected}"), argv
 
 
-def test_a_dtype_that_is_no_float_type_is_refused_before_loading(monkeypatch, tmp_path, capsys):
-    from tests.conftest import assert_refused_dtype
-
+def test_a_dtype_that_is_no_float_type_is_refused_before_loading(monkeypatch, tmp_path, assert_refused_dtype):
     def no_load(*args, **kw):
         raise AssertionError("the model was loaded before the mistake was found")
 
@@ -276,7 +274,7 @@ def test_a_dtype_that_is_no_float_type_is_refused_before_loading(monkeypatch, tm
     for argv in (["mt_bench", "--model=m", "--model_id=m", f"--question_file={questions}"],
                  ["alpaca_eval", "--model=m", "--generator=g", f"--instructions={questions}", "--out=o.json"],
                  ["prefs", "--model=m", "--reference=r"]):
-        assert_refused_dtype(lambda: evaluate.main(argv + ["--dtype=fp8"]), "fp8", capsys)
+        assert_refused_dtype(lambda: evaluate.main(argv + ["--dtype=fp8"]), "fp8")
 
 
 def test_alpaca_eval_outputs(model_dir, tmp_path):

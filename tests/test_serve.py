@@ -483,18 +483,17 @@ def test_completion_top_logprobs_hold_as_many_alternatives_as_asked(server):
     assert tops[0] is None and all(1 <= len(t) <= 3 for t in tops[1:]) and max(len(t) for t in tops[1:]) == 3
 
 
-def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve_logger, capsys):
+def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve_logger, assert_refused_dtype):
     """--dtype=fp8 was a TypeError deep in numpy; --max-slots=0 and the like failed in Engine after the model had
     loaded."""
     import zephyr_jax
     from zephyr_jax import serve
-    from tests.conftest import assert_refused_dtype
 
     def no_load(*args, **kw):
         raise AssertionError("the model was loaded before the mistake was found")
 
     monkeypatch.setattr(zephyr_jax, "load", no_load)
-    assert_refused_dtype(lambda: serve.main(["--model=m", "--compilation-cache=", "--dtype=fp8"]), "fp8", capsys)
+    assert_refused_dtype(lambda: serve.main(["--model=m", "--compilation-cache=", "--dtype=fp8"]), "fp8")
     for flag, expected in [("--max-slots=0", "--max-slots=0: must be at least 1"),
                            ("--max_queue=-1", "--max-queue=-1: must be at least 0"),
                            ("--prefill-chunk=0", "--prefill-chunk=0: must be at least 1"),
