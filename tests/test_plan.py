@@ -230,7 +230,11 @@ def test_unrolled_layers_keep_their_remat_on_a_gpu(grad_accum):
     into its forward: remat="full" (jax.checkpoint(prevent_cse=False), right under a scan only) and gradient
     accumulation's own recompute (model/accumulate.py) held about what no remat holds (XLA:GPU for an H200, 4
     layers 1024 wide, micro-batches of 8 x 2,048: 2,857 and 3,146 MiB of temporaries unrolled, against 2,939
-    without remat). Unrolled, they now hold about what the layer scan holds. Under XLA's defaults."""
+    without remat). Unrolled, they now hold about what the layer scan holds. Under XLA's defaults.
+    jax 0.11.2's XLA:GPU (the H200 machine's) also started a layer's recompute in accumulation's backward before the
+    layer above had added its weight gradients, two layers' MLP activations live: 2,898 MiB unrolled against 1,111
+    scanned (grad_accum 2), 1,211 since the recompute waits on the running sum too. jax 0.10.2 kept that order
+    anyway (1,343 and 1,313 MiB), so only a run at 0.11.2 catches its loss."""
     shape = ["--config=configs/sft.py", "--topology=h200-1", "--config.model.init=random", "--config.model.remat=full",
              "--config.model.dtype=bfloat16", f"--config.train.global_batch_size={8 * grad_accum}",
              f"--config.train.grad_accum={grad_accum}", "--config.data.max_length=2048",

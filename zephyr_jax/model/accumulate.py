@@ -39,8 +39,10 @@ def scan_layers_into(graphdef, stacked, running_sum, x, cos, sin, segment_ids, m
         def body(carry, per_layer):
             d_h, running_sum = carry
             i, state, h = per_layer
-            if unroll:  # straight-line code: XLA's CSE would merge the recompute into the forward (all kept)
-                state, h, d_h = jax.lax.optimization_barrier((state, h, d_h))
+            if unroll:  # straight-line code: XLA's CSE would merge the recompute into the forward (all kept),
+                # and its scheduler would start this layer's recompute before the layer above has added its
+                # weight gradients (two layers' activations live): the recompute waits for the running sum
+                state, h, d_h, running_sum = jax.lax.optimization_barrier((state, h, d_h, running_sum))
             d_state, d_h = jax.vjp(layer, state, h)[1](d_h)  # the layer recomputed, then differentiated
             add = lambda total, d: jax.lax.dynamic_update_index_in_dim(
                 total, jax.lax.dynamic_index_in_dim(total, i, keepdims=False) + d.astype(total.dtype), i, 0)
