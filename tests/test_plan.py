@@ -144,7 +144,7 @@ def test_a_config_that_does_not_fit_says_by_how_much_what_is_largest_and_which_c
                              "--config.optim.mu_dtype=bfloat16", "--config.train.grad_accum=2"]
     # Remat and micro-batches shrink the activations, gigabytes here. FSDP and bf16 moments shrink this tiny
     # model's state by about 0.01 GiB, less than libtpu releases move its temporaries (0.0.42: both lower the
-    # total; 0.0.48: FSDP's all-gathers hold 0.05 GiB more): the planner reports each as compiled.
+    # total; 0.0.48 compiles FSDP with 0.05 GiB more temporaries): the planner reports each as compiled.
     lowered = {change for change, x in changes.items() if x["total"] < m["total"]}
     assert {"--config.model.remat=full", "--config.train.grad_accum=2"} <= lowered, changes
     assert all(x["total"] > 0 and x["verdict"] for x in changes.values())
