@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["zephyr_jax", "zephyr_jax.*"]),
     install_requires=[
         # Lower bounds found by running the tests at older releases (2026-12-02): CI runs jax 0.10.2 / flax 0.12.8;
-        # the library and the pipeline also ran at jax 0.11.2 (Python 3.12).
+        # the suite also passes at the GPU machine's jax 0.11.2 / flax 0.12.10 (Python 3.12; bench/RESULTS.md).
         "jax>=0.10.1",  # AbstractDevice.platform (attention picks its kernel by the mesh's platform)
         "flax>=0.12.2",  # Variable.get_value/set_value (0.12.1); nnx.jit that jax 0.10 accepts (0.12.2)
         "optax>=0.2.4",
