@@ -13,15 +13,10 @@ import psutil
 import pytest
 
 from tests.test_serve import _free_port
-from tests.test_train import _params
+from tests.test_train import _params, split_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = {"JAX_PLATFORMS": "cpu"}
-
-
-def _records(workdir, split):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
 
 
 def _local_sh(num_processes, cpu_devices, log_dir, *train_args, **popen):
@@ -64,7 +59,7 @@ def test_interleaved_processes_match_one_process(data_dir, tmp_path):
 
     two, one = tmp_path / "two", tmp_path / "one"
     for split in ("train", "eval"):
-        a, b = _records(two, split), _records(one, split)
+        a, b = split_records(two, split), split_records(one, split)
         assert [r["step"] for r in a] == [r["step"] for r in b] and a
         for ra, rb in zip(a, b):
             for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
@@ -191,7 +186,7 @@ def test_sigterm_saves_the_same_step_everywhere_and_resumes_exactly(data_dir, tm
     proc = _local_sh(2, 2, tmp_path / "logs", f"--workdir={workdir}", *args)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (workdir / "metrics.jsonl").exists() and len(_records(workdir, "train")) >= 3:
+        if (workdir / "metrics.jsonl").exists() and len(split_records(workdir, "train")) >= 3:
             break
         time.sleep(0.05)
     workers = _python_children(proc)

@@ -55,10 +55,14 @@ def tiny_config(stage, data_dir, **overrides):
         **overrides})
 
 
+def split_records(workdir, split, file="metrics.jsonl"):
+    """A run's records of one split ("train", "eval"), in the order written."""
+    with open(os.path.join(workdir, file)) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
 def train_losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [r["loss"] for r in records if r["split"] == "train"]
+    return [r["loss"] for r in split_records(workdir, "train")]
 
 
 def _cli(*args, env=None, timeout=600, **kw):
@@ -1034,11 +1038,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
     assert full_step == killed_step == 10
     for a, b in zip(full_params, killed_params):
         np.testing.assert_array_equal(a, b)
-    by_step = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))
-                         if r["split"] == "train"}
+    by_step = lambda d: {r["step"]: r["loss"] for r in split_records(d, "train")}
     full_losses, killed_losses = by_step(tmp_path / "full"), by_step(killed_dir)
     assert all(killed_losses[s] == full_losses[s] for s in killed_losses)
-    steps = [r["step"] for r in map(json.loads, open(killed_dir / "metrics.jsonl")) if r["split"] == "train"]
+    steps = [r["step"] for r in split_records(killed_dir, "train")]
     assert steps == list(range(1, 11))  # one timeline: the killed run's records of replayed steps are set aside
 
 
@@ -1059,7 +1062,7 @@ def test_another_rate_schedule_length_or_dpo_beta_reuses_the_compiled_step(data_
         out = _cli("zephyr_jax.train", f"--workdir={tmp_path / name}", *args, *changes, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         programs[name] = {f for f in os.listdir(cache) if f.startswith(("jit_train_step-", "jit_dpo_eval-"))}
-        records[name] = [r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if r["split"] == "train"]
+        records[name] = split_records(tmp_path / name, "train")
     assert sum(f.startswith("jit_train_step-") for f in programs["first"]) == 1, programs
     assert programs["second"] == programs["first"]
     second = load_config(os.path.join(ROOT, "configs/dpo.py:tiny"), **{"train.max_steps": 8, "optim.lr": 5e-4})
@@ -1139,8 +1142,7 @@ def test_a_batch_shape_first_met_after_the_first_step_compiles_outside_the_step_
     train.run(tiny_config("sft", data_dir, **{
         "data.train": str(tmp_path / "data"), "data.packing": False, "data.max_length": 256, "data.buckets": (64, 256),
         "train.max_steps": 8, "train.eval_every": 0, "train.save_every": 0}), str(tmp_path / "run"))
-    timed = [r["step_time"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))
-             if r["split"] == "train" and r["step"] > 1]
+    timed = [r["step_time"] for r in split_records(tmp_path / "run", "train") if r["step"] > 1]
     assert len(shapes) == 2 and len(timed) == 7 and max(timed) < 2.0, (shapes, timed)
 
 
@@ -1249,7 +1251,7 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     with pytest.raises(train.Preempted, match="at step 6 of 6"):
         train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
                                                   "train.eval_every": 4}), str(more))
-    evals_at = lambda: [r["step"] for r in map(json.loads, open(more / "metrics.jsonl")) if r["split"] == "eval"]
+    evals_at = lambda: [r["step"] for r in split_records(more, "eval")]
     assert evals_at() == [4]  # the grace period goes to the save: no final eval after it
     preempt_at[0] = None
     train.run(tiny_config("sft", data_dir, **{"train.max_steps": 8, "train.save_every": 0,
@@ -1260,7 +1262,7 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     train.run(tiny_config("sft", data_dir, **{"train.max_steps": 8, "train.save_every": 0,
                                               "train.eval_every": 4}), str(more))
     assert evals_at() == [4, 6, 8]
-    assert [r["step"] for r in map(json.loads, open(more / "metrics.superseded.jsonl")) if r["split"] == "eval"] == [8]
+    assert [r["step"] for r in split_records(more, "eval", "metrics.superseded.jsonl")] == [8]
 
 
 # --- DPO reference modes, NaN. ---
@@ -1367,7 +1369,7 @@ def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(
     # The same run logged every step: each line (of 3 steps, the last of 1) is the mean of its steps' lines.
     train.run(tiny_config("sft", data_dir, **settings, **{"train.log_every": 1, "train.eval_every": 0}),
               str(tmp_path / "every_1"))
-    steps = [r for r in map(json.loads, open(tmp_path / "every_1" / "metrics.jsonl")) if r["split"] == "train"]
+    steps = split_records(tmp_path / "every_1", "train")
     assert [r["lr"] for r in steps] == pytest.approx([float(schedule(i)) for i in range(7)])
     for line, part in zip(lines, (steps[:3], steps[3:6], steps[6:]), strict=True):
         for key in ("loss", "grad_norm", "num_tokens"):
@@ -1395,7 +1397,7 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     workdir = tmp_path / "w"
     train.run(cfg(2, 1e-3), str(workdir))
     assert "each epoch trains 2 full batches: 4 of its 20 examples are left out" in capsys.readouterr().out
-    lines = [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"]
+    lines = split_records(workdir, "train")
     schedule = train_steps.make_schedule(cfg(2, 1e-3).optim, 4)
     assert {r["step"]: r["lr"] for r in lines} == {s: pytest.approx(float(schedule(s - 1))) for s in (1, 2, 3, 4)}
     assert [r["epoch"] for r in lines] == [(r["step"] - 1) // 2 for r in lines]  # each record: its batch's epoch
@@ -1409,11 +1411,11 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     said = capsys.readouterr().out  # each changed value, not the optim section twice
     assert f"resuming {workdir} with optim.lr: 0.001 -> 0.0005: the learning-rate schedule follows" in said
     assert f"resuming {workdir} with train.num_epochs: 2 -> 3: the learning-rate schedule follows" in said
-    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"}
+    lines = split_records(workdir, "train")
+    lrs = {r["step"]: r["lr"] for r in lines}
     resized = train_steps.make_schedule(cfg(3, 5e-4).optim, 6)
     assert {s: lrs[s] for s in (5, 6)} == {s: pytest.approx(float(resized(s - 1))) for s in (5, 6)}
-    assert [r["epoch"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
-            if r["split"] == "train" and r["step"] > 4] == [2, 2]  # the third epoch's two batches
+    assert [r["epoch"] for r in lines if r["step"] > 4] == [2, 2]  # the third epoch's two batches
     assert sorted(os.listdir(workdir / "checkpoints")) == ["5", "6"]
 
     rows = open(data / "sft" / "train_sft.jsonl").readlines()
@@ -1444,7 +1446,7 @@ def test_logged_throughput_counts_real_tokens_and_their_flops(data_dir, tmp_path
     cfg = tiny_config("dpo", data_dir, **{"train.max_steps": 3, "train.eval_every": 0, "train.save_every": 0,
                                           "train.peak_tflops": 0.5})
     train.run(cfg, str(tmp_path))
-    logged = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
+    logged = split_records(tmp_path, "train")
 
     # The same global batches, rebuilt; real tokens counted from their segment ids.
     examples, _ = load_examples(cfg.data, "dpo", load_tokenizer(), "train", log=lambda *_: None)
