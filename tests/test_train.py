@@ -167,7 +167,13 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
             (["--config.model.arch.num_key_value_heads=3"], "error: config.model.arch: num_attention_heads=4 is not "
                                                             "a multiple of num_key_value_heads=3"),
             ([f"--config.tokenizer={tmp_path / 'none'}"], f"error: config.tokenizer='{tmp_path / 'none'}': "
-                                                          f"tokenizer {tmp_path / 'none'} does not exist")):
+                                                          f"tokenizer {tmp_path / 'none'} does not exist"),
+            # hub names the hub does not give (conftest sets HF_HUB_OFFLINE): two chained tracebacks before
+            (["--config.model.init=hf", "--config.model.path=someone/no-such-model"],
+             "error: config.model.path: 'someone/no-such-model' is not a local directory and could not be fetched "
+             "from the Hugging Face Hub (LocalEntryNotFoundError: "),
+            (["--config.tokenizer=someone/no-such-tokenizer"],
+             "error: config.tokenizer='someone/no-such-tokenizer': tokenizer 'someone/no-such-tokenizer': ")):
         out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides,
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]

@@ -182,16 +182,19 @@ def _write_safetensors(file: str, tensors: list[tuple[str, tuple, np.dtype, call
 # Loading.
 
 def resolve(path_or_hub_name: str) -> str:
-    """A local checkpoint directory, downloading a hub name (config, safetensors, tokenizer) when needed."""
+    """A local checkpoint directory, downloading a hub name (config, safetensors, tokenizer) when needed.
+    FileNotFoundError, on one line, for a name the hub does not give (no such repo, no network, a gated model):
+    the CLIs print it as their error."""
     path = local_dir(path_or_hub_name, "checkpoint directory")
     if path is not None:
         return path
     try:
         return huggingface_hub.snapshot_download(path_or_hub_name, allow_patterns=HUB_PATTERNS)
     except Exception as e:
-        raise OSError(f"{path_or_hub_name!r} is not a local directory and could not be fetched from the Hugging "
-                      f"Face Hub ({type(e).__name__}: {e}). Check the name, your network / HF_HUB_OFFLINE, and "
-                      "your token for gated models, or pass a local directory.") from e
+        why = " ".join(f"{type(e).__name__}: {e}".split())  # the hub client's messages span several lines
+        raise FileNotFoundError(f"{path_or_hub_name!r} is not a local directory and could not be fetched from the "
+                                f"Hugging Face Hub ({why}). Check the name, your network / HF_HUB_OFFLINE, and your "
+                                "token for gated models, or pass a local directory.") from e
 
 
 def load_config(path: str, **jax_settings) -> MistralConfig:

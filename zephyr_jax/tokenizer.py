@@ -55,7 +55,10 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
             # space came out as other ids than Mistral's.
             tok = _with_folder_config(sentencepiece_tokenizer(os.path.join(path, "tokenizer.model")), path)
         else:
-            tok = transformers.AutoTokenizer.from_pretrained(path)
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(path)
+            except OSError as e:  # a hub name it could not fetch: one line, as hf.resolve says it of models
+                raise FileNotFoundError(f"tokenizer {path_or_name!r}: {' '.join(str(e).split())}") from e
     if not getattr(tok, "chat_template", None):
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     if tok.bos_token_id is None or tok.eos_token_id is None:

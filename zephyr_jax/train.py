@@ -429,6 +429,11 @@ def run(cfg, workdir: str) -> dict:
     cfg.data.train, cfg.data.eval = absolute_if_local(cfg.data.train), absolute_if_local(cfg.data.eval)
     cfg.tokenizer = absolute_if_local(cfg.tokenizer)  # export and zephyr_jax.load read it from any directory
     checks.check_config(cfg)
+    if cfg.model.init == "hf":  # a hub name is fetched here (then read from the hub's cache), before any other work
+        try:
+            hf.resolve(cfg.model.path)
+        except FileNotFoundError as e:
+            raise ConfigPathError(f"config.model.path: {e}") from None
     use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = mesh_for(cfg)
     resumed = checks.resume_settings(cfg, workdir)
