@@ -431,7 +431,7 @@ def run(cfg, workdir: str) -> dict:
     checks.check_config(cfg)
     if cfg.model.init == "hf":  # a hub name is fetched here (then read from the hub's cache), before any other work
         try:
-            hf.resolve(cfg.model.path)
+            hf_dir = hf.resolve(cfg.model.path)
         except FileNotFoundError as e:
             raise ConfigPathError(f"config.model.path: {e}") from None
     use_compilation_cache(cfg.train.compilation_cache_dir)
@@ -457,7 +457,7 @@ def run(cfg, workdir: str) -> dict:
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
     if cfg.model.init == "hf":  # and the weights' names, shapes and sizes, from their headers
         try:
-            hf.check_weights(hf.resolve(cfg.model.path), mcfg)
+            hf.check_weights(hf_dir, mcfg)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"config.model.path={cfg.model.path!r}: {e}") from None
     if cfg.stage == "dpo":  # packed rows' data.buckets against this mesh's rows: also before the data work
