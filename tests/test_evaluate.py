@@ -154,6 +154,10 @@ def test_prefs_workdir_that_is_no_ddpo_run_and_a_missing_split_are_one_line_erro
     assert "no data files for split 'nosuch'" in _cli_error(
         ["prefs", f"--model={tiny_model_dir}", f"--reference={tiny_model_dir}", f"--data={data_dir / 'prefs'}",
          "--split=nosuch"])
+    # A hub dataset the hub does not give (conftest sets HF_HUB_OFFLINE): datasets' ConnectionError, a traceback
+    assert "as a hub dataset it failed: Hugging Face dataset 'someone/no-such-data' (split 'test_prefs') could not " \
+           "be reached" in _cli_error(["prefs", f"--model={tiny_model_dir}", "--reference_free",
+                                       "--data=someone/no-such-data"])
 
 
 # --- MT-Bench and AlpacaEval ---------------------------------------------------------------------------

@@ -173,7 +173,9 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
              "error: config.model.path: 'someone/no-such-model' is not a local directory and could not be fetched "
              "from the Hugging Face Hub (LocalEntryNotFoundError: "),
             (["--config.tokenizer=someone/no-such-tokenizer"],
-             "error: config.tokenizer='someone/no-such-tokenizer': tokenizer 'someone/no-such-tokenizer': ")):
+             "error: config.tokenizer='someone/no-such-tokenizer': tokenizer 'someone/no-such-tokenizer': "),
+            (["--config.data.train=someone/no-such-data"],
+             "error: data.train='someone/no-such-data': 'someone/no-such-data' is not a local path")):
         out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides,
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]

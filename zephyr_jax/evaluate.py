@@ -416,7 +416,7 @@ def main(argv=None):
             step = -1 if args.step is None else args.step
             try:  # not a dDPO workdir, no such split: its message alone
                 metrics = prefs_from_workdir(args.workdir, step, args.data, args.split, args.max_examples, args.mesh)
-            except (FileNotFoundError, ValueError) as e:
+            except (FileNotFoundError, ConnectionError, ValueError) as e:  # ConnectionError: a hub dataset
                 sys.exit(f"error: {e}")
         else:
             if not args.model:
@@ -427,7 +427,7 @@ def main(argv=None):
                 parser.error("prefs: --step goes with --workdir (--model takes a workdir's latest checkpoint)")
             for k, default in PREFS_MODEL_DEFAULTS.items():
                 setattr(args, k, default if getattr(args, k) is None else getattr(args, k))
-            try:  # no such model, data or split, settings out of range: its message alone
+            try:  # no such model, data (or a hub dataset not reached) or split, settings out of range: its message
                 metrics = prefs(args.model, args.reference, data=args.data or ULTRAFEEDBACK_BINARIZED,
                                 split=args.split or "test_prefs",
                                 max_examples=-1 if args.max_examples is None else args.max_examples,
@@ -436,7 +436,7 @@ def main(argv=None):
                                 max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                                 batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer,
                                 mesh=args.mesh)
-            except (FileNotFoundError, ValueError) as e:
+            except (FileNotFoundError, ConnectionError, ValueError) as e:
                 sys.exit(f"error: {e}")
         metrics = {**metrics, "policy": args.workdir or args.model,
                    "reference": "config" if args.workdir else (args.reference or "none")}

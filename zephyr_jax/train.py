@@ -492,9 +492,14 @@ def run(cfg, workdir: str) -> dict:
     sharding = batch_sharding(mesh, rules)
 
     # Data.
-    train_examples, _ = load_examples(cfg.data, cfg.stage, tok, "train")
-    eval_examples, _ = load_examples(cfg.data, cfg.stage, tok, "eval")
-    for split, examples in (("train", train_examples), ("eval", eval_examples)):
+    loaded = {}
+    for split in ("train", "eval"):
+        try:
+            loaded[split], _ = load_examples(cfg.data, cfg.stage, tok, split)
+        except (ConnectionError, FileNotFoundError) as e:  # a hub dataset not reached, or not there
+            raise ConfigPathError(f"data.{split}={cfg.data[split]!r}: {e}") from None
+    train_examples, eval_examples = loaded["train"], loaded["eval"]
+    for split, examples in loaded.items():
         checks.check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})", cfg.tokenizer)
     eval_examples = eval_split(cfg, eval_examples)
     read = len(train_examples)
