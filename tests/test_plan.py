@@ -368,13 +368,22 @@ def test_planned_bytes_match_the_measured_peak_of_a_real_step(config, devices, o
     assert 0.9 < result["ratio"] < 1.1, result
 
 
-def test_the_planned_model_is_read_without_weights(tiny_model_dir):
+def test_the_planned_model_is_read_without_weights(tiny_model_dir, monkeypatch):
     local, source = plan.planned_model_config(load_config("configs/sft.py", **{"model.path": tiny_model_dir}))
     assert (local.hidden_size, local.num_hidden_layers, source) == (32, 2, tiny_model_dir)
     base, source = plan.planned_model_config(load_config("configs/dpo.py"))  # before dSFT has run
     assert base.num_params == 7_241_732_096 and "recipe's base" in source
     with pytest.raises(ValueError, match="'someone/elses-model': not a local directory"):  # the hub is offline here
         plan.planned_model_config(load_config("configs/sft.py", **{"model.path": "someone/elses-model"}))
+    import huggingface_hub
+
+    def not_found(*args, **kwargs):  # the hub client's messages span lines; the CLI prints one
+        raise OSError("404 Client Error.\n\nRepository Not Found for url: https://huggingface.co/someone/elses-model")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
+    with pytest.raises(ValueError, match=r"\(OSError: 404 Client Error\. Repository Not Found for url: https") as e:
+        plan.planned_model_config(load_config("configs/sft.py", **{"model.path": "someone/elses-model"}))
+    assert "\n" not in str(e.value)
 
 
 def test_both_of_xla_tpus_out_of_memory_messages_are_read():

@@ -65,8 +65,9 @@ def planned_model_config(cfg) -> tuple[MistralConfig, str]:
     try:
         config_file = hf_hub_download(path, hf.CONFIG_NAME)
     except Exception as e:
+        why = " ".join(f"{type(e).__name__}: {e}".split())  # the hub client's messages span several lines
         raise ValueError(f"config.model.path={path!r}: not a local directory, and its {hf.CONFIG_NAME} could not be "
-                         f"fetched from the Hugging Face Hub ({type(e).__name__}: {e})") from e
+                         f"fetched from the Hugging Face Hub ({why})") from e
     return hf.load_config(os.path.dirname(config_file), **jax_settings), f"{path} ({hf.CONFIG_NAME} from the hub)"
 
 
