@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zephyr_jax.hub import local_dir
+from zephyr_jax.hub import hub_error, local_dir
 from zephyr_jax.model import Mistral, MistralConfig
 
 CONFIG_NAME = "config.json"
@@ -191,9 +191,8 @@ def resolve(path_or_hub_name: str) -> str:
     try:
         return huggingface_hub.snapshot_download(path_or_hub_name, allow_patterns=HUB_PATTERNS)
     except Exception as e:
-        why = " ".join(f"{type(e).__name__}: {e}".split())  # the hub client's messages span several lines
         raise FileNotFoundError(f"{path_or_hub_name!r} is not a local directory and could not be fetched from the "
-                                f"Hugging Face Hub ({why}). Check the name, your network / HF_HUB_OFFLINE, and your "
+                                f"Hugging Face Hub ({hub_error(e)}). Check the name, your network / HF_HUB_OFFLINE, and your "
                                 "token for gated models, or pass a local directory.") from e
 
 

@@ -23,3 +23,8 @@ def local_dir(path_or_name: str, what: str) -> str | None:
         raise FileNotFoundError(f"{what} {path_or_name} does not exist (neither a local directory nor a Hugging "
                                 "Face hub name)") from None
     return None
+
+
+def hub_error(e: BaseException) -> str:
+    """The hub client's (or transformers') error as one line, for a message the CLIs print: theirs span lines."""
+    return " ".join(f"{type(e).__name__}: {e}".split())

@@ -36,6 +36,7 @@ from zephyr_jax.data.batches import sequence_lengths
 from zephyr_jax.data.preference import PreferenceExample, truncate_pair
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.compile_targets import GiB, cudnn_checks_for, known_gpu_topologies, known_topologies, target_for
+from zephyr_jax.hub import hub_error
 from zephyr_jax.metrics import step_flops
 from zephyr_jax.model import MistralConfig
 
@@ -65,9 +66,8 @@ def planned_model_config(cfg) -> tuple[MistralConfig, str]:
     try:
         config_file = hf_hub_download(path, hf.CONFIG_NAME)
     except Exception as e:
-        why = " ".join(f"{type(e).__name__}: {e}".split())  # the hub client's messages span several lines
         raise ValueError(f"config.model.path={path!r}: not a local directory, and its {hf.CONFIG_NAME} could not be "
-                         f"fetched from the Hugging Face Hub ({why})") from e
+                         f"fetched from the Hugging Face Hub ({hub_error(e)})") from e
     return hf.load_config(os.path.dirname(config_file), **jax_settings), f"{path} ({hf.CONFIG_NAME} from the hub)"
 
 

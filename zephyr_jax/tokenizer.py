@@ -15,7 +15,7 @@ import os
 
 import transformers
 
-from zephyr_jax.hub import local_dir
+from zephyr_jax.hub import hub_error, local_dir
 
 # Zephyr's chat template, exactly as in HuggingFaceH4/zephyr-7b-beta's tokenizer_config.json.
 ZEPHYR_CHAT_TEMPLATE = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
@@ -58,7 +58,7 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
             try:
                 tok = transformers.AutoTokenizer.from_pretrained(path)
             except OSError as e:  # a hub name it could not fetch: one line, as hf.resolve says it of models
-                raise FileNotFoundError(f"tokenizer {path_or_name!r}: {' '.join(str(e).split())}") from e
+                raise FileNotFoundError(f"tokenizer {path_or_name!r}: {hub_error(e)}") from e
     if not getattr(tok, "chat_template", None):
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     if tok.bos_token_id is None or tok.eos_token_id is None:
