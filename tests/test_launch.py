@@ -396,16 +396,18 @@ def test_readme_recipes_chain_ddpo_on_the_finished_dsft_workdir(tmp_path):
     record their arguments: each dDPO starts from the dSFT workdir launched before it (model.path), only once
     that dSFT has finished (SLURM: afterok on its job id, which a dSFT stopped with status 75 never satisfies;
     TPU: `wait` between the two), and the export reads the dDPO workdir."""
+    from zephyr_jax import hf
+
     blocks = _readme_blocks()
     assert blocks
     record = 'printf "%s\\x1f" "$(basename "$0")" "$@" >>"$CALLS"; echo >>"$CALLS"\n'
     env = _shims(tmp_path, sbatch=record + '[[ " $* " == *" --parsable "* ]] && echo 4242\nexit 0\n',
-                 python=record)
+                 python=record, hf=record)
     (tmp_path / "cwd" / "launch").mkdir(parents=True)
     (tmp_path / "cwd" / "launch" / "tpu_pod.sh").write_text("#!/usr/bin/env bash\n" + record)
     (tmp_path / "cwd" / "launch" / "tpu_pod.sh").chmod(0o755)
     calls = tmp_path / "calls"
-    chained = 0
+    chained = downloads = 0
     for block in blocks:
         calls.write_text("")
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path / "cwd", capture_output=True,
@@ -437,4 +439,9 @@ def test_readme_recipes_chain_ddpo_on_the_finished_dsft_workdir(tmp_path):
                 chained += 1
             elif args[:2] == ["-m", "zephyr_jax.export"]:
                 assert _flag(args, "workdir") == dpo_workdir, args
+            elif program == "hf" and "--repo-type" not in args:  # the weights fetched to shared storage
+                included = [args[i + 1] for i, a in enumerate(args) if a == "--include"]
+                assert sorted(included) == sorted(hf.HUB_PATTERNS), args  # the files training reads
+                downloads += 1
     assert chained == 3  # 16 A100s, the large TPU pods, the one-host slices
+    assert downloads == 1
