@@ -192,8 +192,8 @@ def resolve(path_or_hub_name: str) -> str:
         return huggingface_hub.snapshot_download(path_or_hub_name, allow_patterns=HUB_PATTERNS)
     except Exception as e:
         raise FileNotFoundError(f"{path_or_hub_name!r} is not a local directory and could not be fetched from the "
-                                f"Hugging Face Hub ({hub_error(e)}). Check the name, your network / HF_HUB_OFFLINE, and your "
-                                "token for gated models, or pass a local directory.") from e
+                                f"Hugging Face Hub ({hub_error(e)}). Check the name, your network / HF_HUB_OFFLINE, "
+                                "and your token for gated models, or pass a local directory.") from e
 
 
 def load_config(path: str, **jax_settings) -> MistralConfig:
