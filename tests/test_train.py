@@ -158,6 +158,9 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
                                     "and --process_id go together") in out.stderr, out.stderr[-2000:]
     # A value out of range, a mesh the devices cannot fill, a missing init checkpoint (train_checks.ConfigError):
     # the message, not a traceback that ends in it.
+    bad_data = tmp_path / "bad_data"
+    bad_data.mkdir()
+    (bad_data / "train_prefs.jsonl").write_text('{"prompt": "cut short\n')
     for overrides, message in (
             (["--config.optim.lr=-1"], "error: optim.lr=-1.0: must be positive"),
             (["--config.mesh.shape=(1,1,3)"], "error: config.mesh: mesh shape (1, 1, 3) needs 3 devices; 8 are "
@@ -175,7 +178,10 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
             (["--config.tokenizer=someone/no-such-tokenizer"],
              "error: config.tokenizer='someone/no-such-tokenizer': tokenizer 'someone/no-such-tokenizer': "),
             (["--config.data.train=someone/no-such-data"],
-             "error: data.train='someone/no-such-data': 'someone/no-such-data' is not a local path")):
+             "error: data.train='someone/no-such-data': 'someone/no-such-data' is not a local path"),
+            # the data's own errors (a line that is not JSON here) name the file, the line and the setting
+            ([f"--config.data.train={bad_data}"],
+             f"error: data.train='{bad_data}': {bad_data / 'train_prefs.jsonl'}:1: not valid JSON")):
         out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides,
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]

@@ -497,7 +497,9 @@ def run(cfg, workdir: str) -> dict:
         try:
             loaded[split], _ = load_examples(cfg.data, cfg.stage, tok, split)
         except (ConnectionError, FileNotFoundError) as e:  # a hub dataset not reached, or not there
-            raise ConfigPathError(f"data.{split}={cfg.data[split]!r}: {e}") from None
+            raise ConfigPathError(f"data.{split}={cfg.data[split]!r}: {e}") from e
+        except ValueError as e:  # a line that is not JSON, a bad row (data.on_bad_row="raise"), no usable row
+            raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from e
     train_examples, eval_examples = loaded["train"], loaded["eval"]
     for split, examples in loaded.items():
         checks.check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})", cfg.tokenizer)
