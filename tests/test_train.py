@@ -31,7 +31,7 @@ from zephyr_jax.data.batches import loss_positions, multiples
 from zephyr_jax.loading import load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
-from zephyr_jax.train_checks import ConfigError
+from zephyr_jax.train_checks import ConfigError, ConfigPathError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,9 +158,6 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
                                     "and --process_id go together") in out.stderr, out.stderr[-2000:]
     # A value out of range, a mesh the devices cannot fill, a missing init checkpoint (train_checks.ConfigError):
     # the message, not a traceback that ends in it.
-    bad_data = tmp_path / "bad_data"
-    bad_data.mkdir()
-    (bad_data / "train_prefs.jsonl").write_text('{"prompt": "cut short\n')
     for overrides, message in (
             (["--config.optim.lr=-1"], "error: optim.lr=-1.0: must be positive"),
             (["--config.mesh.shape=(1,1,3)"], "error: config.mesh: mesh shape (1, 1, 3) needs 3 devices; 8 are "
@@ -171,17 +168,11 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
                                                             "a multiple of num_key_value_heads=3"),
             ([f"--config.tokenizer={tmp_path / 'none'}"], f"error: config.tokenizer='{tmp_path / 'none'}': "
                                                           f"tokenizer {tmp_path / 'none'} does not exist"),
-            # hub names the hub does not give (conftest sets HF_HUB_OFFLINE): two chained tracebacks before
+            # a hub name the hub does not give (conftest sets HF_HUB_OFFLINE): two chained tracebacks before
+            # (test_config_errors_before_compiling has the tokenizer's and the data's)
             (["--config.model.init=hf", "--config.model.path=someone/no-such-model"],
              "error: config.model.path: 'someone/no-such-model' is not a local directory and could not be fetched "
-             "from the Hugging Face Hub (LocalEntryNotFoundError: "),
-            (["--config.tokenizer=someone/no-such-tokenizer"],
-             "error: config.tokenizer='someone/no-such-tokenizer': tokenizer 'someone/no-such-tokenizer': "),
-            (["--config.data.train=someone/no-such-data"],
-             "error: data.train='someone/no-such-data': 'someone/no-such-data' is not a local path"),
-            # the data's own errors (a line that is not JSON here) name the file, the line and the setting
-            ([f"--config.data.train={bad_data}"],
-             f"error: data.train='{bad_data}': {bad_data / 'train_prefs.jsonl'}:1: not valid JSON")):
+             "from the Hugging Face Hub (LocalEntryNotFoundError: ")):
         out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides,
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -575,6 +566,19 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
         train.run(tiny_config("sft", data_dir), "gs://bucket/run")  # made ./gs:/bucket/run, failed at the first save
     assert not os.path.exists("gs:")
     assert not any((tmp_path / d).exists() for d in "abcdefghijkl")  # refused before the workdir was made
+    # Names the hub does not give (conftest sets HF_HUB_OFFLINE), and data that cannot be read: each a
+    # ConfigError naming the setting (the command line prints its message alone; they were tracebacks).
+    with pytest.raises(ConfigError, match="config.tokenizer='someone/no-such-tokenizer': tokenizer "
+                                          "'someone/no-such-tokenizer': OSError: "):
+        train.run(tiny_config("sft", data_dir, tokenizer="someone/no-such-tokenizer"), str(tmp_path / "m"))
+    with pytest.raises(ConfigPathError, match="data.train='someone/no-such-data': 'someone/no-such-data' is not a "
+                                              "local path .* could not be reached"):
+        train.run(tiny_config("sft", data_dir, **{"data.train": "someone/no-such-data"}), str(tmp_path / "n"))
+    (tmp_path / "bad_data").mkdir()
+    (tmp_path / "bad_data" / "train_sft.jsonl").write_text('{"prompt": "cut short\n')  # a line that is not JSON
+    with pytest.raises(ConfigError, match=re.escape(f"data.train='{tmp_path / 'bad_data'}': "
+                                                    f"{tmp_path / 'bad_data' / 'train_sft.jsonl'}:1: not valid JSON")):
+        train.run(tiny_config("sft", data_dir, **{"data.train": str(tmp_path / "bad_data")}), str(tmp_path / "o"))
 
 
 def test_a_workdir_config_json_that_is_not_json_is_named_by_every_reader(data_dir, tmp_path):
