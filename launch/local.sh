@@ -33,7 +33,8 @@ log_dir=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$log_dir"  # else process 1 could not start, and process 0 waited for it until the coordinator timed out
 gpu_ids=()  # the GPUs to split: CUDA_VISIBLE_DEVICES's when set, else every GPU nvidia-smi lists
 if [[ -n "$cpu_devices" ]]; then
-  export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$cpu_devices"
+  # the caller's XLA_FLAGS kept (a dump, a debug flag), the device count last: XLA takes a repeated flag's last value
+  export JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$cpu_devices"
 elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set: these GPUs only ("", -1 or SLURM's NoDevFiles: none)
   [[ "$CUDA_VISIBLE_DEVICES" =~ ^(-1|NoDevFiles)?$ ]] || IFS=, read -ra gpu_ids <<< "$CUDA_VISIBLE_DEVICES"
 elif command -v nvidia-smi >/dev/null; then

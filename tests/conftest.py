@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests import cpu_xla
+
+os.environ.setdefault("XLA_FLAGS", cpu_xla.flags(8))  # (and compiling faster: cpu_xla)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"  # always: a test that reaches for the hub fails instead of downloading
 os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -265,6 +265,14 @@ def test_local_launcher_gives_each_process_its_rank_one_coordinator_and_the_args
                         *train_args], argv
         assert (tmp_path / f"env_{i}").read_text().splitlines() == [
             "cpu", "--xla_force_host_platform_device_count=2"]
+    # The caller's XLA_FLAGS are kept, the device count after them (XLA takes a repeated flag's last value).
+    out = subprocess.run(["bash", "launch/local.sh", "1", "--cpu_devices=2", "--", *train_args], cwd=ROOT,
+                         env={**env, "XLA_FLAGS": "--xla_dump_hlo_as_text --xla_force_host_platform_device_count=8"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "env_0").read_text().splitlines() == ["cpu", "--xla_dump_hlo_as_text "
+                                                              "--xla_force_host_platform_device_count=8 "
+                                                              "--xla_force_host_platform_device_count=2"]
     out = subprocess.run(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, capture_output=True,
                          text=True, env={**env, "COORDINATOR_PORT": "23456", "CUDA_VISIBLE_DEVICES": ""}, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -12,6 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
+from tests import cpu_xla
 from tests.test_serve import _free_port
 from tests.test_train import _params, split_records
 
@@ -54,7 +55,7 @@ def test_interleaved_processes_match_one_process(data_dir, tmp_path):
     assert code == 0, out[-3000:] + (tmp_path / "process_1.log").read_text()[-3000:]
     single = subprocess.run([sys.executable, "-m", "zephyr_jax.train", f"--workdir={tmp_path / 'one'}", *args],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **CPU, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                            env={**os.environ, **CPU, "XLA_FLAGS": cpu_xla.flags(8)})
     assert single.returncode == 0, single.stderr[-3000:]
 
     two, one = tmp_path / "two", tmp_path / "one"
@@ -81,7 +82,7 @@ def _two_hosts(tmp_path, *train_args) -> list:
             [sys.executable, "-m", "zephyr_jax.train", f"--config={ROOT}/configs/sft.py:tiny", *PREEMPT_ARGS[1:],
              *train_args, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
             cwd=tmp_path / f"host{i}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **CPU, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}))
+            env={**os.environ, **CPU, "PYTHONPATH": ROOT, "XLA_FLAGS": cpu_xla.flags(1)}))
     try:
         errors = [p.communicate(timeout=180)[1] for p in procs]
     finally:

@@ -7,6 +7,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests import cpu_xla
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(ROOT, "notebooks")) if f.endswith(".ipynb"))
 # Notebooks that must draw their results (the ablations' plots).
@@ -36,7 +38,7 @@ def test_stored_without_outputs_and_colab_ready(name):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_runs_end_to_end_at_small_scale(name, tmp_path, monkeypatch):
     monkeypatch.setenv("ZEPHYR_NOTEBOOK_SMALL", "1")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as on a Colab CPU runtime
+    monkeypatch.setenv("XLA_FLAGS", cpu_xla.flags(1))  # one CPU device, as on a Colab CPU runtime
     # The checkout's package, also where it is not pip-installed (the install cell then finds it, no network).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")

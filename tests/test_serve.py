@@ -17,6 +17,8 @@ import pytest
 import torch
 import transformers
 
+from tests import cpu_xla
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group("server")  # one worker starts the module's server, for all its tests
 KEY = "sk-test-key"
@@ -42,7 +44,7 @@ def server(tiny_model_dir, tmp_path_factory):
          f"--port={port}", f"--served-model-name={NAME}", "--max-slots=4", "--max_queue=4",
          "--max-length=1024", "--decode_steps=4"],  # underscores as the other commands spell flags: taken too
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,  # the key from the environment, --api-key's default
-        env={**os.environ, "XLA_FLAGS": "", "ZEPHYR_JAX_API_KEY": KEY})
+        env={**os.environ, "XLA_FLAGS": cpu_xla.flags(1), "ZEPHYR_JAX_API_KEY": KEY})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -24,6 +24,7 @@ import torch
 import transformers
 from flax import nnx
 
+from tests import cpu_xla
 from zephyr_jax import checkpoint, export, hf, train, train_checks, train_log, train_steps
 from zephyr_jax.config_common import load_config
 from zephyr_jax.data import pack_pairs, pad_sft, preference_example, sft_example
@@ -156,36 +157,41 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
                "--process_id=1")
     assert out.returncode != 0 and ("--num_processes, --process_id given: --coordinator_address, --num_processes "
                                     "and --process_id go together") in out.stderr, out.stderr[-2000:]
-    # A value out of range, a mesh the devices cannot fill, a missing init checkpoint (train_checks.ConfigError):
-    # the message, not a traceback that ends in it.
+    # A value out of range and a hub name the hub does not give (conftest sets HF_HUB_OFFLINE; it was two chained
+    # tracebacks): the message, not a traceback that ends in it (train_checks.ConfigError).
     for overrides, message in (
             (["--config.optim.lr=-1"], "error: optim.lr=-1.0: must be positive"),
-            (["--config.mesh.shape=(1,1,3)"], "error: config.mesh: mesh shape (1, 1, 3) needs 3 devices; 8 are "
-                                              "available (1 process(es))"),
-            (["--config.model.init=orbax", f"--config.model.path={tmp_path / 'none'}"],
-             f"error: config.model.path='{tmp_path / 'none'}': no zephyr_jax workdir with checkpoints there"),
-            (["--config.model.arch.num_key_value_heads=3"], "error: config.model.arch: num_attention_heads=4 is not "
-                                                            "a multiple of num_key_value_heads=3"),
-            ([f"--config.tokenizer={tmp_path / 'none'}"], f"error: config.tokenizer='{tmp_path / 'none'}': "
-                                                          f"tokenizer {tmp_path / 'none'} does not exist"),
-            # a hub name the hub does not give (conftest sets HF_HUB_OFFLINE): two chained tracebacks before
-            # (test_config_errors_before_compiling has the tokenizer's and the data's)
             (["--config.model.init=hf", "--config.model.path=someone/no-such-model"],
              "error: config.model.path: 'someone/no-such-model' is not a local directory and could not be fetched "
              "from the Hugging Face Hub (LocalEntryNotFoundError: ")):
         out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides,
-                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                   env={"XLA_FLAGS": cpu_xla.flags(8)})
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-2000:]
+    # More ConfigErrors, which the command line prints the same way: raised here in-process (a subprocess each
+    # was ~5 s of the suite). test_config_errors_before_compiling has the tokenizer's and the data's hub names.
+    for overrides, message in (
+            ({"mesh.shape": (1, 1, 3)}, "config.mesh: mesh shape (1, 1, 3) needs 3 devices; 8 are available "
+                                        "(1 process(es))"),
+            ({"model.init": "orbax", "model.path": str(tmp_path / "none")},
+             f"config.model.path='{tmp_path / 'none'}': no zephyr_jax workdir with checkpoints there"),
+            ({"model.arch.num_key_value_heads": 3}, "config.model.arch: num_attention_heads=4 is not a multiple of "
+                                                    "num_key_value_heads=3"),
+            ({"tokenizer": str(tmp_path / "none")}, f"config.tokenizer='{tmp_path / 'none'}': tokenizer "
+                                                    f"{tmp_path / 'none'} does not exist")):
+        with pytest.raises(ConfigError) as error:
+            train.run(load_config(os.path.join(ROOT, "configs", "dpo.py:tiny"), **overrides), str(tmp_path / "w"))
+        assert "\n" not in str(error.value) and str(error.value).startswith(message), str(error.value)
     # An exported Hugging Face model as the workdir: training replaced its config.json with the run's (the
     # folder then loaded in no library), and wrote checkpoints beside its weights.
     hf_dir = tmp_path / "exported"
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
-    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={hf_dir}")
-    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
-        f"error: --workdir={hf_dir} is a Hugging Face model directory: training would replace its config.json; use "
-        "another --workdir (a model to start from goes in config.model.path)"), out.stderr[-2000:]
+    with pytest.raises(ConfigError) as error:
+        train.run(load_config(os.path.join(ROOT, "configs", "sft.py:tiny")), str(hf_dir))
+    assert str(error.value) == (
+        f"--workdir={hf_dir} is a Hugging Face model directory: training would replace its config.json; use "
+        "another --workdir (a model to start from goes in config.model.path)")
     assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "mistral"
     assert sorted(os.listdir(hf_dir)) == ["config.json"]
 
@@ -992,7 +998,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     # launch/slurm_gpu.sbatch's srun tasks, 2 processes x 2 CPU devices (launch/local.sh's processes are
     # checked against one process in test_multihost.py).
     two_devices = {"LOG_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
-                   "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+                   "XLA_FLAGS": cpu_xla.flags(2)}
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
@@ -1005,7 +1011,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     assert out.returncode == 0, logs
     assert "process 0 of 2" in (tmp_path / "task_0.log").read_text()
     single = _cli("zephyr_jax.train", f"--workdir={tmp_path / 'sp'}", *args,
-                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                  env={"XLA_FLAGS": cpu_xla.flags(4)})
     assert single.returncode == 0, single.stderr[-3000:]
     assert len(train_losses(tmp_path / "slurm")) == 4
     # The sbatch script runs the configs' attention_impl="auto" (einsum attention on CPU, cuDNN on GPUs).
@@ -1030,7 +1036,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
             f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=10", "--config.train.save_every=2",
             "--config.train.eval_every=0", "--config.train.progress=False",
             f"--config.train.compilation_cache_dir={cache}"]
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {"XLA_FLAGS": cpu_xla.flags(1), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     full = _cli("zephyr_jax.train", f"--workdir={tmp_path / 'full'}", *args, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
     compiled = sorted(os.listdir(cache))
@@ -1073,7 +1079,7 @@ def test_another_rate_schedule_length_or_dpo_beta_reuses_the_compiled_step(data_
     args = ["--config=configs/dpo.py:tiny", f"--config.data.train={data_dir / 'prefs'}",
             f"--config.data.eval={data_dir / 'prefs'}", "--config.train.progress=False", "--config.train.log_every=1",
             "--config.train.save_every=0", f"--config.train.compilation_cache_dir={cache}"]
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {"XLA_FLAGS": cpu_xla.flags(1), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     runs = {"first": [], "second": ["--config.train.max_steps=8", "--config.optim.lr=5e-4", "--config.dpo.beta=0.3"]}
     programs, records = {}, {}
     for name, changes in runs.items():
@@ -1098,7 +1104,7 @@ def test_sigterm_saves_the_current_step(data_dir, tmp_path):
             f"--config.data.eval={data_dir / 'sft'}", "--config.train.max_steps=100000",
             "--config.train.save_every=0", "--config.train.eval_every=0", "--config.train.progress=False"]
     proc = subprocess.Popen([sys.executable, "-m", "zephyr_jax.train", f"--workdir={workdir}", *args], cwd=ROOT,
-                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                            env={**os.environ, "XLA_FLAGS": cpu_xla.flags(1)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
