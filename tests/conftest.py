@@ -6,6 +6,9 @@ from tests import cpu_xla
 
 os.environ.setdefault("XLA_FLAGS", cpu_xla.flags(8))  # (and compiling faster: cpu_xla)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every program into the persistent compilation cache (jax keeps only those of 1 s or more), where one is on: the
+# trainers, servers and notebooks the tests start compile many of the same programs.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"  # always: a test that reaches for the hub fails instead of downloading
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
