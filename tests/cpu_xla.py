@@ -1,7 +1,8 @@
 """XLA_FLAGS for the tests' CPU devices, for the test process and the subprocesses it starts.
 
 The suite's models are tiny, so compiling is most of its time on a machine whose compilation cache is empty, as
-CI's is (the whole suite: ~1,790 s there, ~1,100 s with a warm cache). XLA:CPU's older elemental emitters compile a
+CI's is (the whole suite took ~1,790 s there without these flags, ~1,100 s with a warm cache; ~1,100 s cold with
+them and conftest's persistent-cache setting). XLA:CPU's older elemental emitters compile a
 tiny model's programs ~30% faster than its MLIR fusion emitters (bench: 13.7 s -> 9.6 s of backend compile for
 generation and train-step programs of three sizes), with the same results in every test. LLVM at -O0 or -O1 would
 compile faster still, but changes float32 rounding (two DPO steps then differ from TRL's by 1.04e-4 > 1e-4): not
