@@ -6,6 +6,7 @@
 #   HF_TOKEN=hf_... TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh login   (Mistral-7B-v0.1 is gated)
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh run -- --config=configs/sft.py --workdir=/mnt/shared/sft
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh logs | wait | stop
+#   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh export -- --workdir=/mnt/shared/dpo --out=/mnt/shared/hf
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh delete
 #
 # `run` shows every worker's output and returns with the job's exit status, but the job does not depend on the ssh
@@ -13,6 +14,8 @@
 # dropped connection or a closed laptop leaves it training. Then `logs` follows worker 0's log again, `wait`
 # returns when every worker's trainer has exited (before starting dDPO on dSFT's workdir), and `stop` sends them
 # SIGTERM: the run saves a checkpoint at the same step everywhere and exits with status 75 (not finished).
+# `export` runs `python -m zephyr_jax.export` on worker 0 alone: it reads the weights into host memory, and starts
+# no TPU (a lone process would wait for the slice's other hosts).
 # Every worker runs `python -m zephyr_jax.train --distributed ...`; jax.distributed.initialize() finds the other
 # workers through the TPU metadata. The workdir must be visible to every worker (Filestore/NFS, or GCSFuse).
 # The TPU VM images run Python 3.10 and current JAX needs 3.11: `install` makes a Python 3.11 environment with uv
@@ -66,8 +69,13 @@ case "${1:-}" in
     ssh_all "while pgrep -f '$TRAINER' >/dev/null; do sleep 30; done" ;;
   stop)
     ssh_all "pkill -TERM -f '$TRAINER' || true" ;;
+  export)
+    shift; [[ "${1:-}" == "--" ]] && shift
+    args=""; (( $# == 0 )) || args=$(printf ' %q' "$@")
+    gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=0 \
+      --command "cd zephyr_jax && $VENV/bin/python -m zephyr_jax.export$args" ;;
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)
-    echo "usage: launch/tpu_pod.sh create|install|login|run -- TRAIN_ARGS|logs|wait|stop|delete" >&2; exit 2 ;;
+    echo "usage: launch/tpu_pod.sh create|install|login|run -- TRAIN_ARGS|logs|wait|stop|export -- EXPORT_ARGS|delete" >&2; exit 2 ;;
 esac

@@ -342,12 +342,19 @@ def test_slurm_gpu_runs_one_distributed_trainer_per_gpu_with_the_args_verbatim(t
     assert "--nodes" in options and "--time" in options
 
 
-def test_tpu_pod_logs_follows_worker_0_and_delete_names_the_zone(tmp_path):
+def test_tpu_pod_logs_and_export_run_on_worker_0_and_delete_names_the_zone(tmp_path):
     out, argv = _tpu_pod(tmp_path, "logs", TPU_NAME="zephyr", ZONE="us-central2-b")
     assert out.returncode == 0 and argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "zephyr"]
     assert "--worker=0" in argv and "--worker=all" not in argv and argv[argv.index("--zone") + 1] == "us-central2-b"
     tail = argv[argv.index("--command") + 1].split()
     assert tail[0] == "tail" and "-f" in tail and tail[-1] == "$HOME/zephyr_train.log", tail  # follows `run`'s log
+    # export: one process, on worker 0 alone (it starts no TPU, so no other host need join), the args verbatim
+    out, argv = _tpu_pod(tmp_path, "export", "--", "--workdir=/mnt/shared/dpo", "--out=/mnt/shared/my model",
+                         TPU_NAME="zephyr", ZONE="us-central2-b")
+    assert out.returncode == 0 and argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "zephyr"]
+    assert "--worker=0" in argv and "--worker=all" not in argv and argv[argv.index("--zone") + 1] == "us-central2-b"
+    assert argv[argv.index("--command") + 1] == ("cd zephyr_jax && $HOME/zephyr_venv/bin/python -m zephyr_jax.export "
+                                                 "--workdir=/mnt/shared/dpo --out=/mnt/shared/my\\ model")
     out, argv = _tpu_pod(tmp_path, "delete", TPU_NAME="zephyr", ZONE="us-central2-b")
     assert out.returncode == 0 and argv[:5] == ["compute", "tpus", "tpu-vm", "delete", "zephyr"]
     assert argv[argv.index("--zone") + 1] == "us-central2-b" and "--quiet" in argv  # no prompt
@@ -403,7 +410,7 @@ def test_readme_recipes_chain_ddpo_on_the_finished_dsft_workdir(tmp_path):
     """launch/README.md's recipes, run as written with stand-ins for sbatch, python and launch/tpu_pod.sh that
     record their arguments: each dDPO starts from the dSFT workdir launched before it (model.path), only once
     that dSFT has finished (SLURM: afterok on its job id, which a dSFT stopped with status 75 never satisfies;
-    TPU: `wait` between the two), and the export reads the dDPO workdir."""
+    TPU: `wait` between the two), and the export reads the dDPO workdir (TPU: after a `wait`, on worker 0)."""
     from zephyr_jax import hf
 
     blocks = _readme_blocks()
@@ -415,7 +422,7 @@ def test_readme_recipes_chain_ddpo_on_the_finished_dsft_workdir(tmp_path):
     (tmp_path / "cwd" / "launch" / "tpu_pod.sh").write_text("#!/usr/bin/env bash\n" + record)
     (tmp_path / "cwd" / "launch" / "tpu_pod.sh").chmod(0o755)
     calls = tmp_path / "calls"
-    chained = downloads = 0
+    chained = downloads = exports = 0
     for block in blocks:
         calls.write_text("")
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path / "cwd", capture_output=True,
@@ -444,12 +451,14 @@ def test_readme_recipes_chain_ddpo_on_the_finished_dsft_workdir(tmp_path):
                     assert _flag(args, "dependency") == f"afterok:{sft_job}", args
                 else:
                     assert waited, args
-                chained += 1
-            elif args[:2] == ["-m", "zephyr_jax.export"]:
+                chained, waited = chained + 1, False
+            elif args[:2] == ["-m", "zephyr_jax.export"] or (program == "tpu_pod.sh" and args[:1] == ["export"]):
                 assert _flag(args, "workdir") == dpo_workdir, args
+                assert program != "tpu_pod.sh" or waited, args  # dDPO's final step
+                exports += 1
             elif program == "hf" and "--repo-type" not in args:  # the weights fetched to shared storage
                 included = [args[i + 1] for i, a in enumerate(args) if a == "--include"]
                 assert sorted(included) == sorted(hf.HUB_PATTERNS), args  # the files training reads
                 downloads += 1
-    assert chained == 3  # 16 A100s, the large TPU pods, the one-host slices
+    assert chained == exports == 3  # 16 A100s, the large TPU pods, the one-host slices
     assert downloads == 1

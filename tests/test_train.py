@@ -87,8 +87,14 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
     records = [json.loads(line) for line in open(dpo_dir / "metrics.jsonl")]
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen"} <= set(records[-1])
     assert records[-1]["split"] == "eval"
-    out = _cli("zephyr_jax.export", f"--workdir={dpo_dir}", f"--out={hf_dir}", "--dtype=float32")
+    # The command with no JAX_PLATFORMS of the caller's: it starts the CPU backend alone (on one worker of a TPU
+    # pod, starting the TPUs would wait for the other hosts), and prints the platforms JAX was left with.
+    show_platforms = "; import jax; print('platforms:', jax.config.jax_platforms, *{d.platform for d in jax.devices()})"
+    out = subprocess.run([sys.executable, "-c", "import sys; from zephyr_jax import export; export.cli(sys.argv[1:])"
+                          + show_platforms, f"--workdir={dpo_dir}", f"--out={hf_dir}", "--dtype=float32"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": ""}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == "platforms: cpu cpu", out.stdout
     assert "rewards/accuracies" in open(hf_dir / "README.md").read()
     with open(dpo_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "split": "ev')  # a line cut short by a kill: skipped, as resuming skips it

@@ -5,6 +5,11 @@
 Writes the weights as safetensors (shards of --max_shard_size and an index when they need more than one file),
 config.json, generation_config.json, the run's tokenizer with its chat template (the Zephyr template unless the
 tokenizer has its own), and a model card (README.md) recording the training config and the final metrics.
+
+The weights go through host memory only (the CPU device; 14.5 GB for Mistral-7B in bf16, 29 GB in float32): an
+export needs no GPU or TPU, and the command does not start one. So it runs on any machine that sees the workdir,
+beside a training job that holds the accelerators, or on one worker of a TPU pod slice (a lone JAX process that
+starts a multi-host slice's TPUs waits for the other hosts).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 
 from zephyr_jax import checkpoint, hf
@@ -96,7 +102,9 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
                          "directory")
     step = checkpoint.resolve_step(workdir, step)
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
-    model = load_model(workdir, dtype, step=step)
+    # Onto the CPU device: the writer reads them there without a copy, and no accelerator memory is used.
+    with jax.default_device(host_device()):
+        model = load_model(workdir, dtype, step=step)
     train_config = run_config(workdir) or {}
     tok = tokenizer_for(workdir, tokenizer)
     card = model_card(workdir, step, train_config, final_metrics(workdir, step),
@@ -105,6 +113,14 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
                        model_card=card)
     print(f"exported {workdir} step {step} -> {out_dir}")
     return out_dir
+
+
+def host_device() -> jax.Device | None:
+    """The CPU device, or None (the default device) where the CPU platform is left out (JAX_PLATFORMS=tpu)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def holds_a_model(out_dir: str) -> bool:
@@ -130,6 +146,8 @@ def cli(argv=None):
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir/hub name (default: the training config's)")
     args = parser.parse_args(argv)
+    if not os.environ.get("JAX_PLATFORMS"):  # (a JAX_PLATFORMS of the caller's is kept)
+        jax.config.update("jax_platforms", "cpu")  # the CPU backend only: see the module's docstring
     try:  # no such workdir or step, a checkpoint of another shape: the message names it; no traceback
         export(args.workdir, args.out, args.step, args.dtype, args.max_shard_size, args.tokenizer)
     except (ValueError, FileNotFoundError) as e:
