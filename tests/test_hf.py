@@ -474,6 +474,32 @@ def test_the_model_card_shows_the_last_records_up_to_the_exported_step(tmp_path)
     assert final_metrics(str(tmp_path))["train"]["step"] == 6
 
 
+def test_the_model_card_names_the_hub_model_and_datasets_the_runs_before_it_started_from(tmp_path):
+    """dDPO from a dSFT workdir that started from a Hub model: the card's metadata, read back by huggingface_hub's
+    own parser, names that model and both runs' Hub datasets; local paths name nothing."""
+    from huggingface_hub import ModelCard
+
+    from zephyr_jax.export import model_card
+
+    sft, local_data = tmp_path / "sft", str(tmp_path / "my_prefs")
+    sft.mkdir()
+    sft_config = {"stage": "sft", "model": {"init": "hf", "path": "mistralai/Mistral-7B-v0.1"},
+                  "data": {"train": "HuggingFaceH4/ultrachat_200k"}}
+    (sft / "config.json").write_text(json.dumps(sft_config))
+    dpo = {"stage": "dpo", "model": {"init": "orbax", "path": str(sft)},
+           "data": {"train": "HuggingFaceH4/ultrafeedback_binarized"}}
+    card = ModelCard(model_card(str(tmp_path / "dpo"), 6, dpo, {})).data
+    assert card.base_model == "mistralai/Mistral-7B-v0.1"
+    assert card.datasets == ["HuggingFaceH4/ultrachat_200k", "HuggingFaceH4/ultrafeedback_binarized"]
+    assert card.library_name == "transformers" and card.tags == ["zephyr_jax", "mistral", "dpo"]
+    # Local data, a local model directory, an init workdir gone since: no lineage, and the card still reads.
+    gone = {"stage": "dpo", "model": {"init": "orbax", "path": str(tmp_path / "gone")}, "data": {"train": local_data}}
+    local = {"stage": "sft", "model": {"init": "hf", "path": str(tmp_path / "mistral")}, "data": {"train": local_data}}
+    for config in (gone, local):
+        card = ModelCard(model_card(str(tmp_path / "run"), 6, config, {})).data
+        assert card.base_model is None and card.datasets is None and card.library_name == "transformers"
+
+
 def test_the_export_command_names_a_missing_checkpoint_in_one_line(tmp_path, tiny_model_dir):
     """A workdir without checkpoints (a typo, or a Hugging Face directory where a training workdir goes): the
     command exits with the message, not a traceback that ends in it."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import jax
@@ -45,6 +46,32 @@ def final_metrics(workdir: str, step: int | None = None) -> dict:
 
 
 CARD_TITLE = "# zephyr_jax checkpoint"
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
+
+
+def _hub_name(value) -> str | None:
+    """value when it names a Hub repository: training records local paths as absolute ones (train.run)."""
+    return value if isinstance(value, str) and not os.path.isabs(value) and HUB_NAME.fullmatch(value) else None
+
+
+def hub_lineage(train_config: dict, depth: int = 8) -> tuple[str | None, list[str]]:
+    """(the Hub model the run started from, the Hub datasets it and the runs before it trained on, earliest first),
+    for the card's metadata: a run initialised from another workdir (model.init=orbax: dDPO from dSFT) reads that
+    workdir's config.json in turn. A local directory or file names nothing on the Hub and is left out."""
+    base, datasets, config = None, [], train_config
+    for _ in range(depth):
+        model, data = config.get("model") or {}, config.get("data") or {}
+        if (name := _hub_name(data.get("train"))) and name not in datasets:
+            datasets.insert(0, name)
+        if model.get("init") == "hf":
+            base = _hub_name(model.get("path"))
+        if model.get("init") != "orbax" or not isinstance(model.get("path"), str):
+            break
+        try:
+            config = run_config(model["path"]) or {}
+        except (ValueError, OSError):  # the init workdir gone or its config unreadable: the card says what it can
+            break
+    return base, datasets
 
 
 def model_card(workdir: str, step: int, train_config: dict, metrics: dict, zephyr_template: bool = True) -> str:
@@ -56,9 +83,12 @@ def model_card(workdir: str, step: int, train_config: dict, metrics: dict, zephy
     init = model.get("init")
     if init != "random":  # model.arch configures a random model only: the card shows config.json's architecture
         train_config = {**train_config, "model": {k: v for k, v in model.items() if k != "arch"}}
+    base, datasets = hub_lineage(train_config)
+    lineage = ([f"base_model: {json.dumps(base)}"] if base else []) + (
+        [f"datasets: {json.dumps(datasets)}"] if datasets else [])  # (JSON is YAML: the Hub links them)
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [zephyr_jax, mistral, "
-        f"{stage}]", "---", "", CARD_TITLE, "",
+        f"{stage}]", *lineage, "---", "", CARD_TITLE, "",
         f"Mistral-architecture model trained with zephyr_jax by {what}, following Zephyr "
         "(arXiv 2310.16944).", "",
         f"- training workdir: `{os.path.abspath(workdir)}`, step {step}",
