@@ -167,6 +167,8 @@ def holds_a_model(out_dir: str) -> bool:
 
 
 def cli(argv=None):
+    """`python -m zephyr_jax.export`. It leaves this process's JAX the CPU backend alone unless JAX_PLATFORMS is
+    set (from Python, call `export`, which only places the weights on the CPU)."""
     parser = argparse.ArgumentParser(prog="python -m zephyr_jax.export", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (checkpoints/, model_config.json)")
     parser.add_argument("--out", required=True, help="output Hugging Face directory")
