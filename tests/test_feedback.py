@@ -195,6 +195,17 @@ def test_unusable_prompts_are_counted_skips():
                                "duplicate prompt": 1, "no 'instruction', 'prompt' or 'messages' column": 1}
 
 
+def test_a_prompt_binarize_would_refuse_is_skipped_before_any_call(tmp_path):
+    # binarize refuses an instruction with special-token text ("</s>") as a bad row: judging it paid K generations,
+    # 4 ratings and K critiques for nothing, and `binarize --on_bad_row=raise` stopped at feedback's own output.
+    rows = [{"prompt": "What does the HTML tag <s> do?"}, *arithmetic_rows(2)[:2]]
+    stats = collect_feedback(rows, pool("right", "off"), check_sum, tmp_path, completions_per_prompt=2,
+                             log=lambda s: None)
+    assert stats["prompts"] == 2 and stats["this_run"]["calls"]["generation"] == 4
+    assert stats["input"]["reasons"] == {"prompt contains special-token text ('<s>', '</s>', '<unk>')": 1}
+    assert len(binarize(load_rows(tmp_path, "train"), on_bad_row="raise")) == 2
+
+
 def test_pool_smaller_than_k_samples_with_replacement(tmp_path):
     rows = arithmetic_rows(3)[:3]
     collect_feedback(rows, pool("right"), check_sum, tmp_path, completions_per_prompt=4, principles="none",

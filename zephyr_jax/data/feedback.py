@@ -23,7 +23,8 @@ Python API is `collect_feedback(...)` (below); it takes Backend objects. For exa
 
 Prompts: any source `sources.load_rows` reads; the prompt is the row's "instruction", else its "prompt", else the
 first user turn of its "messages"; "source" (default "custom") picks the principle mix. prompt_id =
-sha256(prompt) hex. Rows without a prompt and repeated prompts are skipped and counted.
+sha256(prompt) hex. Rows without a prompt, repeated prompts and prompts with special-token text ("</s>", which
+binarize refuses) are skipped and counted.
 
 Completions: for each prompt, K generators are drawn from the pool, without replacement when the pool has K or
 more, else with replacement (one generator sampled K times: on-policy data); sample index s = 0..K-1 tells the
@@ -108,6 +109,7 @@ from typing import Callable
 from zephyr_jax.data.backends import (ENGINE_MESH_HELP, Backend, BackendSet, Call, load_callable,
                                       map_bounded)
 from zephyr_jax.data.binarize import ASPECTS, completion_score, is_text, prompt_id, write_json, write_jsonl
+from zephyr_jax.data.conversation import SPECIAL_TEXTS, has_special_text
 from zephyr_jax.data.errors import ON_BAD_ROW, BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.feedback_prompts import (CALIBRATION_SHARE, PRINCIPLES, SYSTEM_PROMPTS, TYPED_ASPECTS, FormatError,
                                               critique_messages, parse_critique_reply, parse_rating_reply,
@@ -189,6 +191,8 @@ def instruction_of(row, index: int, source: str | None = None) -> str:
         raise BadRow(index, "empty prompt", source)
     if not is_text(text):
         raise BadRow(index, "prompt is not valid Unicode (a lone surrogate)", source)
+    if has_special_text(text):  # binarize refuses the row: its calls would be paid for nothing
+        raise BadRow(index, f"prompt contains special-token text {SPECIAL_TEXTS}", source)
     return text
 
 
