@@ -644,6 +644,17 @@ def _stats(run: _Run, counter: SkipCounter, resumed: int, settings: dict, backen
     }
 
 
+def _judged(stats: dict) -> int:
+    """Completions handed to the judge: neither failed nor unusable (an empty reply is never judged)."""
+    return stats["completions"] - stats["failed_generations"] - sum(stats["unusable_generations"].values())
+
+
+def _unjudged(stats: dict) -> str:
+    """Why no generation was judged, by reason: "2 failed, 4 empty reply"."""
+    return ", ".join([f"{stats['failed_generations']} failed",
+                      *(f"{n} {why}" for why, n in stats["unusable_generations"].items())])
+
+
 def summary(stats: dict) -> str:
     """The end-of-run report (counts of the output, then what this run did)."""
     r, pf, fj = stats["this_run"], stats["parse_failures"], stats["failed_judge_calls"]
@@ -661,6 +672,8 @@ def summary(stats: dict) -> str:
     ]
     if stats["completions"] and stats["failed_generations"] == stats["completions"]:
         lines.append("  WARNING: every generation failed (see the first error below)")
+    elif stats["completions"] and not _judged(stats):  # the judge was never called
+        lines.append(f"  WARNING: no generation could be judged ({_unjudged(stats)})")
     elif stats["completions"] and not stats["rated_completions"]:
         lines.append("  WARNING: no completion got a rating: every judge call failed or was unreadable")
     lines += [f"  first {kind} error: {error}" for kind, error in r["first_errors"].items()]
@@ -752,9 +765,12 @@ def main(argv=None) -> dict:
         print(f"error: every one of the {stats['completions']} generations failed (first errors: "
               f"{stats['this_run']['first_errors']}); the journal keeps what finished", file=sys.stderr)
         raise SystemExit(1)
+    if stats["completions"] and not _judged(stats):  # failed or empty replies only: no judge call
+        print(f"error: none of the {stats['completions']} generations could be judged ({_unjudged(stats)}); the "
+              "journal keeps what finished", file=sys.stderr)
+        raise SystemExit(1)
     if stats["completions"] and not stats["rated_completions"]:  # a judge with a wrong key: nothing to binarize
-        judged = stats["completions"] - stats["failed_generations"] - sum(stats["unusable_generations"].values())
-        print(f"error: none of the {judged} completions judged got a rating "
+        print(f"error: none of the {_judged(stats)} completions judged got a rating "
               f"(first errors: {stats['this_run']['first_errors']}); the journal keeps what finished",
               file=sys.stderr)
         raise SystemExit(1)
