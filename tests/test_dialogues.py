@@ -351,6 +351,16 @@ def test_seeds_from_files(tmp_path):
         CallableBackend(scripted_user, concurrency=0)
 
 
+def test_what_load_rows_reads_is_not_refused_as_a_missing_seeds_file(tmp_path, monkeypatch):
+    """A hub name with a dot in it ("teknium/OpenHermes-2.5") and a glob with "?" were refused as missing files."""
+    from zephyr_jax.data import sources
+
+    (tmp_path / "part1.jsonl").write_text('{"question": "From a glob?"}\n')
+    assert load_seeds(str(tmp_path / "part?.jsonl")) == [Seed("From a glob?", "world")]
+    monkeypatch.setattr(sources, "load_rows", lambda source, split: [{"prompt": f"From {source}:{split}?"}])
+    assert load_seeds("teknium/OpenHermes-2.5") == [Seed("From teknium/OpenHermes-2.5:train?", "world")]
+
+
 def test_a_callable_backend_runs_concurrency_calls_at_once():
     """Each sync call waits until all 12 are in flight: asyncio's shared default pool (min(32, CPUs + 4) threads,
     6 on 2 cores) could never hold them all, so every call broke the barrier."""

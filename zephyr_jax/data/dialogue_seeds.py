@@ -6,6 +6,7 @@ this project's own words; load_seeds reads seeds from a file (see data/dialogues
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import os
 import random
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 
 from zephyr_jax.data.binarize import is_text
+from zephyr_jax.data.sources import FORMATS
 
 SECTOR_TURNS = {"world": (3, 7), "writing": (2, 4), "materials": (2, 4)}  # UltraChat's rounds per sector
 SEED_COLUMNS = ("material", "seed", "topic", "question", "prompt", "instruction")  # the first present is used
@@ -239,7 +241,9 @@ def load_seeds(source, *, split: str = "train", column: str | None = None, secto
     if seeds_are not in SEEDS_ARE:
         raise ValueError(f"seeds_are={seeds_are!r}: expected one of {SEEDS_ARE}")
     source = os.fspath(source)
-    if Path(source).suffix and "://" not in source and "*" not in source and not os.path.exists(source):
+    # A file's suffix only: a hub name may hold a dot ("teknium/OpenHermes-2.5"), and a glob is load_rows' to match
+    if Path(source).suffix in (".txt", *FORMATS) and "://" not in source and not glob.has_magic(source) and \
+            not os.path.exists(source):
         raise FileNotFoundError(f"seeds file {source!r} does not exist")
     if source.endswith(".txt"):
         with open(source, encoding="utf-8") as f:
