@@ -605,6 +605,8 @@ def test_turn_counts_are_drawn_per_dialogue_over_the_whole_range(tmp_path):
 def test_turn_range_defaults():
     assert dialogues._turn_range(None, 3) == (1, 3) and dialogues._turn_range(2, None) == (2, 2)
     assert dialogues._turn_range(None, 1) == (1, 1)
+    with pytest.raises(ValueError, match="min_turns=0"):  # --min_turns=0 --max_turns=3 ran as 1..3
+        dialogues._turn_range(0, 3)
 
 
 def test_a_fraction_test_size_leaves_train_a_row():

@@ -443,7 +443,7 @@ def _turn_range(min_turns: int | None, max_turns: int | None) -> tuple[int, int]
     """(min, max) turns per dialogue, or None for each sector's range. One alone: min defaults to 1, max to min."""
     if min_turns is None and max_turns is None:
         return None
-    turns = (min_turns or 1, max_turns if max_turns is not None else min_turns)
+    turns = (1 if min_turns is None else min_turns, max_turns if max_turns is not None else min_turns)
     if not 1 <= turns[0] <= turns[1]:
         raise ValueError(f"need 1 <= min_turns <= max_turns, got min_turns={min_turns}, max_turns={max_turns}")
     return turns
