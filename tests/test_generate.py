@@ -381,9 +381,10 @@ def test_stop_token_ids_and_stop_strings_end_a_reply(small):
     # ... and where an EOS follows it in that call: the EOS is not counted either.
     later = [t for k, t in enumerate(free.tokens) if k > len(cut.tokens) and t not in free.tokens[:k]]
     eos_after = Engine(model, tok, max_slots=2, max_length=64, eos_id=later[0], decode_steps=NEW_TOKENS)
-    ended = eos_after.generate([Request(prompt, SamplingParams(max_tokens=NEW_TOKENS, stop=(stop,)))])[0]
+    ended = eos_after.generate([Request(prompt, SamplingParams(max_tokens=NEW_TOKENS, stop=(stop,), logprobs=0))])[0]
     assert (ended.finish_reason, ended.text, ended.tokens, ended.generated) == \
         ("stop", cut.text, cut.tokens, cut.generated)
+    assert ended.stop_token is None and len(ended.logprobs) == len(cut.tokens)  # nor listed with the log-probs
 
 
 def test_stop_strings_decode_only_the_replys_tail_until_one_appears(small, monkeypatch):

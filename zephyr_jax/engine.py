@@ -795,7 +795,8 @@ class Engine:
             cut = _first_stop(r.text, r.params.stop)  # completed in the call that also reached max_tokens or EOS
             if cut is not None:
                 self._drop_after_stop(r, len(r.tokens) - r._stop_tokens)
-                r.generated = len(r.tokens)  # an EOS sampled after the stop string is not the reply's either
+                r.generated = len(r.tokens)  # an EOS sampled after the stop string is not the reply's either,
+                r.stop_token = None  # nor its log-prob (completions listed it after the stop string's tokens)
                 r.text, reason = r.text[:cut], "stop"
         r.finish_reason, r.finished_at = reason, time.perf_counter()
         if r._slot is not None and self.slots[r._slot] is r:
