@@ -774,28 +774,22 @@ def test_cli_fails_when_every_generation_failed(tmp_path, capsys):
     assert exit_.value.code == 1
     assert re.search(r"error: none of the 4 completions judged got a rating \(first errors: .*connection refused",
                      capsys.readouterr().err)
-
-
-def empty_reply(call):
-    """CLI generator: no content (a reasoning model cut off before its answer, a tool call only)."""
-    return Reply("", finish_reason="length")
-
-
-def test_cli_names_empty_replies_when_no_generation_could_be_judged(tmp_path, capsys):
-    """Every reply empty: the judge was never called, yet the warning said every judge call failed and the error
-    spoke of "none of the 0 completions judged"."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(2)[:2]))
+    # Every reply empty (a reasoning model cut off before its answer): the judge was never called, yet the warning
+    # said every judge call failed and the error spoke of "none of the 0 completions judged"
     with pytest.raises(SystemExit) as exit_:
-        feedback.main([f"--prompts={prompts}", f"--output={tmp_path / 'out'}", "--completions_per_prompt=2",
+        feedback.main([f"--prompts={prompts}", f"--output={tmp_path / 'empty'}", "--completions_per_prompt=2",
                        "--generators=callable:tests.test_feedback:empty_reply",
                        "--judge=callable:tests.test_feedback:slow_judge"])
     assert exit_.value.code == 1
     captured = capsys.readouterr()
     assert "WARNING: no generation could be judged (0 failed, 4 empty reply)" in captured.out
     assert "judge call" not in captured.out
-    assert re.search(r"error: none of the 4 generations could be judged \(0 failed, 4 empty reply\)",
-                     captured.err)
+    assert "error: none of the 4 generations could be judged (0 failed, 4 empty reply)" in captured.err
+
+
+def empty_reply(call):
+    """CLI generator: no content (a reasoning model cut off before its answer, a tool call only)."""
+    return Reply("", finish_reason="length")
 
 
 def test_cli_on_bad_row_raise_stops_at_the_row_before_any_call(tmp_path, capsys):
