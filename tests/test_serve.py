@@ -363,6 +363,55 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert "finish=cancelled" in log_path.read_text()
 
 
+def test_a_client_gone_before_its_stream_starts_frees_its_slot(tiny_model_dir):
+    """The client goes away while the server writes the stream's headers (the app called in process through ASGI,
+    as uvicorn calls it, so the disconnect is read before the first event): Starlette cancels the response before
+    the event generator starts, so the generator's cleanup never ran and the request decoded on to max_tokens,
+    holding its slot."""
+    import asyncio
+
+    import zephyr_jax
+    from zephyr_jax.engine import Engine
+    from zephyr_jax.serve import Server, create_app
+
+    model, tok = zephyr_jax.load(tiny_model_dir, dtype="float32")
+    engine = Engine(model, tok, max_slots=2, max_length=1024, decode_steps=4)
+    submitted, submit = [], engine.submit
+    engine.submit = lambda r: submitted.append(r) or submit(r)
+    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "Go on forever."}], "stream": True,
+                       "max_tokens": 900, "ignore_eos": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+
+    async def serve_one():  # the server's event loop lives on after the response, as uvicorn's does
+        messages, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message["type"])
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(0.5)  # a slow first write: the disconnect arrives meanwhile
+
+        await create_app(Server(engine, tok, NAME))(scope, receive, send)
+        deadline = time.time() + 60
+        while engine.busy() and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        return sent
+
+    engine.start()
+    try:
+        sent = asyncio.run(serve_one())
+    finally:
+        engine.stop()
+    assert sent == ["http.response.start"]  # the stream never began
+    (r,) = submitted
+    assert r.finish_reason == "cancelled" and len(r.tokens) < 900, (r.finish_reason, len(r.tokens))
+
+
 def test_lm_eval_local_completions_scores_like_the_in_process_adapter(server, tiny_model_dir, tmp_path,
                                                                       monkeypatch):
     """A local multiple-choice task through lm-eval's local-completions model (the server, token ids) and through

@@ -37,6 +37,7 @@ import jinja2
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from zephyr_jax.engine import SIZE_BOUNDS, TOP_LOGPROBS, Engine, QueueFull, Request, SamplingParams
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
@@ -550,7 +551,10 @@ def create_app(server: Server):
             finally:  # also when the client goes away mid-stream: free the slots
                 cancel_unfinished(requests)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # And after the response, whatever happened: a client gone before the stream's first event cancels the
+        # response before events() starts, so its `finally` never runs and the requests held their slots.
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 background=BackgroundTask(cancel_unfinished, requests))
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
