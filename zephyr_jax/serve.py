@@ -551,8 +551,8 @@ def create_app(server: Server):
             finally:  # also when the client goes away mid-stream: free the slots
                 cancel_unfinished(requests)
 
-        # And after the response, whatever happened: a client gone before the stream's first event cancels the
-        # response before events() starts, so its `finally` never runs and the requests held their slots.
+        # And after the response (under uvicorn's ASGI 2.3 Starlette runs this however the stream ended): a client
+        # gone before the first event cancels the response before events() starts, whose `finally` then never runs.
         return StreamingResponse(events(), media_type="text/event-stream",
                                  background=BackgroundTask(cancel_unfinished, requests))
 
