@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 import jax
 import jax.numpy as jnp
 
 from zephyr_jax import checkpoint, hf
+from zephyr_jax.hub import is_hub_name
 from zephyr_jax.loading import is_workdir, load_model, run_config
 from zephyr_jax.tokenizer import is_zephyr_template, tokenizer_for
 
@@ -46,25 +46,20 @@ def final_metrics(workdir: str, step: int | None = None) -> dict:
 
 
 CARD_TITLE = "# zephyr_jax checkpoint"
-HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
-
-
-def _hub_name(value) -> str | None:
-    """value when it names a Hub repository: training records local paths as absolute ones (train.run)."""
-    return value if isinstance(value, str) and not os.path.isabs(value) and HUB_NAME.fullmatch(value) else None
 
 
 def hub_lineage(train_config: dict, depth: int = 8) -> tuple[str | None, list[str]]:
     """(the Hub model the run started from, the Hub datasets it and the runs before it trained on, earliest first),
     for the card's metadata: a run initialised from another workdir (model.init=orbax: dDPO from dSFT) reads that
-    workdir's config.json in turn. A local directory or file names nothing on the Hub and is left out."""
+    workdir's config.json in turn. A local directory or file names nothing on the Hub and is left out: training
+    records local paths as absolute ones (train.absolute_if_local), which no hub name is."""
     base, datasets, config = None, [], train_config
     for _ in range(depth):
         model, data = config.get("model") or {}, config.get("data") or {}
-        if (name := _hub_name(data.get("train"))) and name not in datasets:
-            datasets.insert(0, name)
-        if model.get("init") == "hf":
-            base = _hub_name(model.get("path"))
+        if is_hub_name(data.get("train")) and data["train"] not in datasets:
+            datasets.insert(0, data["train"])
+        if model.get("init") == "hf" and is_hub_name(model.get("path")):
+            base = model["path"]
         if model.get("init") != "orbax" or not isinstance(model.get("path"), str):
             break
         try:

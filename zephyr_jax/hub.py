@@ -17,12 +17,21 @@ def local_dir(path_or_name: str, what: str) -> str | None:
         return path
     if os.path.exists(path):
         raise FileNotFoundError(f"{what} {path} is a file: pass the directory that holds it")
-    try:
-        validate_repo_id(path_or_name)
-    except HFValidationError:
+    if not is_hub_name(path_or_name):
         raise FileNotFoundError(f"{what} {path_or_name} does not exist (neither a local directory nor a Hugging "
-                                "Face hub name)") from None
+                                "Face hub name)")
     return None
+
+
+def is_hub_name(name) -> bool:
+    """A valid hub repository id ("org/name", "gpt2") by the hub client's own rule; nothing is looked up."""
+    if not isinstance(name, str):  # (the rule lets None through)
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def hub_error(e: BaseException) -> str:
