@@ -207,6 +207,9 @@ def test_a_sentencepiece_only_tokenizer_directory_encodes_as_sentencepiece(tmp_p
     for text in AWKWARD + ["def f(x):\n    return 1"]:
         assert loaded(text).input_ids == [1] + sp.encode(text), text
     assert loaded.chat_template == template and loaded.convert_tokens_to_ids("<|extra|>") == 32000
+    # Where transformers (4.47 on) saves it, and reads it first: not Zephyr's in its place.
+    (tmp_path / "chat_template.jinja").write_text(template.replace("eos_token", "eos_token + '\\n'"))
+    assert load_tokenizer(str(tmp_path)).chat_template == (tmp_path / "chat_template.jinja").read_text()
     config["added_tokens_decoder"] = {"32001": {"content": "<|extra|>", "special": True}}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"added token '<\|extra\|>' has id 32001, but .*tokenizer.model gives it "

@@ -102,15 +102,20 @@ def sentencepiece_tokenizer(model_file: str) -> transformers.PreTrainedTokenizer
 
 
 def _with_folder_config(tok, path: str):
-    """A sentencepiece-built tokenizer given its folder's tokenizer_config.json: its chat template, and the
-    tokens it adds past the model's pieces at the ids it names."""
+    """A sentencepiece-built tokenizer given its folder's tokenizer_config.json: its chat template (from
+    chat_template.jinja first, as transformers reads it), and the tokens it adds past the model's pieces at the ids
+    it names."""
     import json
 
     from tokenizers import AddedToken
 
     config_file = os.path.join(path, "tokenizer_config.json")
     config = json.load(open(config_file)) if os.path.isfile(config_file) else {}
-    if isinstance(config.get("chat_template"), str):
+    template_file = os.path.join(path, "chat_template.jinja")  # where transformers 4.47 on saves the template
+    if os.path.isfile(template_file):
+        with open(template_file, encoding="utf-8") as f:
+            tok.chat_template = f.read()
+    elif isinstance(config.get("chat_template"), str):
         tok.chat_template = config["chat_template"]
     added = config.get("added_tokens_decoder") or {}
     for index, token in sorted(((int(i), t) for i, t in added.items()), key=lambda item: item[0]):
