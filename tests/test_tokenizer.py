@@ -207,9 +207,16 @@ def test_a_sentencepiece_only_tokenizer_directory_encodes_as_sentencepiece(tmp_p
     for text in AWKWARD + ["def f(x):\n    return 1"]:
         assert loaded(text).input_ids == [1] + sp.encode(text), text
     assert loaded.chat_template == template and loaded.convert_tokens_to_ids("<|extra|>") == 32000
-    # Where transformers (4.47 on) saves it, and reads it first: not Zephyr's in its place.
+    # Where transformers (4.47 on) saves it, and reads it first: not Zephyr's in its place. And the special tokens it
+    # names (a ChatML fine-tune's end of turn), as transformers takes them: the template's eos_token, and the token
+    # generation stops at.
     (tmp_path / "chat_template.jinja").write_text(template.replace("eos_token", "eos_token + '\\n'"))
-    assert load_tokenizer(str(tmp_path)).chat_template == (tmp_path / "chat_template.jinja").read_text()
+    for eos in ("<|extra|>", {"__type": "AddedToken", "content": "<|extra|>", "special": True}):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": eos}))
+        loaded = load_tokenizer(str(tmp_path))
+        assert loaded.chat_template == (tmp_path / "chat_template.jinja").read_text()
+        assert (loaded.eos_token, loaded.eos_token_id, loaded.bos_token_id) == ("<|extra|>", 32000, 1)
+        assert loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi<|extra|>\n"
     config["added_tokens_decoder"] = {"32001": {"content": "<|extra|>", "special": True}}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"added token '<\|extra\|>' has id 32001, but .*tokenizer.model gives it "

@@ -103,8 +103,8 @@ def sentencepiece_tokenizer(model_file: str) -> transformers.PreTrainedTokenizer
 
 def _with_folder_config(tok, path: str):
     """A sentencepiece-built tokenizer given its folder's tokenizer_config.json: its chat template (from
-    chat_template.jinja first, as transformers reads it), and the tokens it adds past the model's pieces at the ids
-    it names."""
+    chat_template.jinja first, as transformers reads it), the tokens it adds past the model's pieces at the ids it
+    names, and its BOS, EOS and unknown tokens."""
     import json
 
     from tokenizers import AddedToken
@@ -126,6 +126,11 @@ def _with_folder_config(tok, path: str):
             raise ValueError(f"{config_file}: added token {token['content']!r} has id {index}, but "
                              f"{os.path.join(path, 'tokenizer.model')} gives it "
                              f"{tok.convert_tokens_to_ids(token['content'])}")
+    # The special tokens it names (a ChatML fine-tune's eos_token "<|im_end|>"), as transformers takes them: the
+    # template's eos_token and the token generation stops at. A value is the text or an AddedToken's dict.
+    named = {key: value.get("content") if isinstance(value, dict) else value
+             for key in ("bos_token", "eos_token", "unk_token") if (value := config.get(key)) is not None}
+    tok.add_special_tokens({key: text for key, text in named.items() if isinstance(text, str)})
     return tok
 
 
