@@ -244,6 +244,11 @@ def test_a_tokenizer_path_that_is_not_one_is_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"tokenizer .*/tokenizer.json is a file: pass the directory"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
+    saved = tmp_path / "cut"  # a copy cut short: the JSON reader's message names no file
+    load_tokenizer().save_pretrained(str(saved))
+    (saved / "tokenizer_config.json").write_text((saved / "tokenizer_config.json").read_text()[:20])
+    with pytest.raises(ValueError, match=r"tokenizer .*/cut: .*/cut/tokenizer_config.json is not valid JSON \(Un"):
+        load_tokenizer(str(saved))
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"tokenizer directory .*/model holds none of tokenizer.json, "

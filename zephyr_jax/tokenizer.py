@@ -11,6 +11,7 @@ BOS/EOS policy (the same everywhere in zephyr_jax):
 
 from __future__ import annotations
 
+import json
 import os
 
 import transformers
@@ -46,24 +47,43 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
     else:
         _check_tokenizer_path(path_or_name)
         path = os.path.expanduser(path_or_name)
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            # tokenizer.json as written: transformers 5's LlamaTokenizer (the class Mistral-7B-v0.1's
-            # tokenizer_config.json names) rebuilds its pre-tokenizer and drops a text's leading space.
-            tok = transformers.PreTrainedTokenizerFast.from_pretrained(path)
-        elif os.path.isfile(os.path.join(path, "tokenizer.model")):
-            # Not transformers' conversion of it (see sentencepiece_tokenizer): code's indentation and a leading
-            # space came out as other ids than Mistral's.
-            tok = _with_folder_config(sentencepiece_tokenizer(os.path.join(path, "tokenizer.model")), path)
-        else:
-            try:
-                tok = transformers.AutoTokenizer.from_pretrained(path)
-            except OSError as e:  # a hub name it could not fetch: one line, as hf.resolve says it of models
-                raise FileNotFoundError(f"tokenizer {path_or_name!r}: {hub_error(e)}") from e
+        try:
+            tok = _folder_or_hub_tokenizer(path, path_or_name)
+        except json.JSONDecodeError as e:  # a file cut short, say: the JSON reader's message names none
+            raise ValueError(f"tokenizer {path}: {_invalid_json_file(path)} is not valid JSON ({e})") from e
     if not getattr(tok, "chat_template", None):
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise ValueError(f"tokenizer {path_or_name or 'mistral-7b-v0.1'} lacks a BOS or EOS token")
     return tok
+
+
+def _folder_or_hub_tokenizer(path: str, path_or_name: str):
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        # tokenizer.json as written: transformers 5's LlamaTokenizer (the class Mistral-7B-v0.1's
+        # tokenizer_config.json names) rebuilds its pre-tokenizer and drops a text's leading space.
+        return transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        # Not transformers' conversion of it (see sentencepiece_tokenizer): code's indentation and a leading
+        # space came out as other ids than Mistral's.
+        return _with_folder_config(sentencepiece_tokenizer(os.path.join(path, "tokenizer.model")), path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # a hub name it could not fetch: one line, as hf.resolve says it of models
+        raise FileNotFoundError(f"tokenizer {path_or_name!r}: {hub_error(e)}") from e
+
+
+def _invalid_json_file(path: str) -> str:
+    """The first of a tokenizer folder's JSON files that does not parse."""
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json"):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                json.load(f)
+        except json.JSONDecodeError:
+            return os.path.join(path, name)
+        except OSError:  # not there
+            continue
+    return "one of its JSON files"
 
 
 def sentencepiece_tokenizer(model_file: str) -> transformers.PreTrainedTokenizerFast:
@@ -105,8 +125,6 @@ def _with_folder_config(tok, path: str):
     """A sentencepiece-built tokenizer given its folder's tokenizer_config.json: its chat template (from
     chat_template.jinja first, as transformers reads it), the tokens it adds past the model's pieces at the ids it
     names, and its BOS, EOS and unknown tokens."""
-    import json
-
     from tokenizers import AddedToken
 
     config_file = os.path.join(path, "tokenizer_config.json")
