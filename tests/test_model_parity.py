@@ -123,7 +123,9 @@ def test_inputs_the_model_cannot_read_are_named():
                                   ("scan_layers", "False", "must be True or False"),
                                   ("param_dtype", "int8", "a floating-point dtype"),
                                   ("hidden_size", 32.0, "must be a whole number >= 1"),
-                                  ("head_dim", 7, "must be even, RoPE rotates")]:  # a numpy split error named none
+                                  ("head_dim", 7, "must be even, RoPE rotates"),  # a numpy split error named none
+                                  ("rope_theta", "1e6", "must be a positive number"),  # a TypeError naming none
+                                  ("rms_norm_eps", True, "must be a positive number")]:  # ran as eps = 1
         with pytest.raises(ValueError, match=f"{field}={value!r}: {message}" if field != "param_dtype" else message):
             cfg.replace(**{field: value})
 

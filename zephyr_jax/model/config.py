@@ -98,9 +98,10 @@ class MistralConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        real = lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)  # noqa: E731
         for name in ("rope_theta", "rms_norm_eps"):  # a NaN loss at the first step, blamed on the learning rate
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
+            if not (real(getattr(self, name)) and getattr(self, name) > 0):  # (True ran as 1, "1e6" failed unnamed)
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive number")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
         object.__setattr__(self, "sharding_rules", rules_table(self.sharding_rules))  # hashable: jit keys on it
