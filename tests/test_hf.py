@@ -346,6 +346,9 @@ def test_other_architecture_is_refused(hf_dir, tmp_path):
     (path / "config.json").write_text(json.dumps(config)[:-20])  # cut short: named, not a bare JSONDecodeError
     with pytest.raises(ValueError, match=r"llama/config\.json: not valid JSON"):
         load_model(str(path), jnp.float32)
+    (path / "config.json").write_text(json.dumps([config]))  # valid JSON, not an object: an AttributeError named none
+    with pytest.raises(ValueError, match=r"llama/config\.json: a JSON object of config fields, not a list"):
+        load_model(str(path), jnp.float32)
 
 
 def test_wrong_shape_names_the_tensor(hf_dir, tmp_path):

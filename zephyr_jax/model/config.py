@@ -136,6 +136,8 @@ class MistralConfig:
     @classmethod
     def from_hf_dict(cls, d: dict, **jax_settings) -> MistralConfig:
         """Builds the config from a HF config.json dict; refuses other architectures and unknown fields."""
+        if not isinstance(d, dict):  # (a list's missing .get was an AttributeError naming nothing)
+            raise ValueError(f"a JSON object of config fields, not a {type(d).__name__}")
         arch = d.get("architectures") or []
         if d.get("model_type", "mistral") != "mistral" or any(a != "MistralForCausalLM" for a in arch):
             raise ValueError(f"config.json describes model_type={d.get('model_type')!r}, architectures={arch}; "
