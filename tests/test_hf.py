@@ -398,6 +398,13 @@ def test_missing_shard_file_is_named(loaded, tmp_path):
     os.remove(shards[1])
     with pytest.raises(FileNotFoundError, match=rf"lists shard {os.path.basename(shards[1])}, which is missing"):
         load_model(str(tmp_path), jnp.float32)
+    index = tmp_path / hf.INDEX_NAME
+    index.write_text(index.read_text()[:-20])  # cut short: named, not a bare JSONDecodeError
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not valid JSON"):
+        load_model(str(tmp_path), jnp.float32)
+    index.write_text("[]")  # valid JSON, not an object: an AttributeError named none
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json has no weight_map"):
+        load_model(str(tmp_path), jnp.float32)
 
 
 def test_pytorch_bin_checkpoint_says_safetensors_only(hf_dir, tmp_path):

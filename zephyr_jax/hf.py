@@ -212,7 +212,11 @@ def _weight_files(path: str) -> dict[str, str]:
         return {name: single for name in header}
     if os.path.exists(index):
         with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+            try:
+                index_json = json.load(f)
+            except json.JSONDecodeError as e:  # (a bare JSONDecodeError named no file)
+                raise ValueError(f"{index}: not valid JSON ({e})") from e
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no weight_map")
         files = {name: os.path.join(path, file) for name, file in weight_map.items()}
