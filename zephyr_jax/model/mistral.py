@@ -293,7 +293,7 @@ class Mistral(nnx.Module):
 
         input_ids [B, T]; positions [B, T] (default: counted from attention_mask / segment_ids);
         segment_ids [B, T] (packed rows: a token attends only inside its own segment; 0 = padding);
-        attention_mask [B, T] (1 = real token, 0 = padding, left or right).
+        attention_mask [B, T] (1 = real token, 0 = padding: left, right, or a gap, which positions skip).
         """
         return self.logits(self.hidden_states(input_ids, positions, segment_ids, attention_mask))
 
@@ -306,12 +306,12 @@ class Mistral(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         check_inputs(cfg, input_ids, positions=positions, segment_ids=segment_ids, attention_mask=attention_mask)
         b, t = input_ids.shape
+        if positions is None:  # counted before the mask joins the segment ids: a gap in it is no segment boundary
+            real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+            positions = default_positions(real, segment_ids)
         if attention_mask is not None:  # padding is segment 0, which attends only to itself and carries no loss
             real = attention_mask.astype(jnp.int32)
             segment_ids = real if segment_ids is None else segment_ids * real
-        if positions is None:
-            real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
-            positions = default_positions(real, segment_ids)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
         x, _ = run_layers(self.layers, self._embed(input_ids), cos, sin, segment_ids, remat=cfg.remat,
                           max_segments=max_segments, unroll=not cfg.scan_layers, grad_sum=grad_sum)
