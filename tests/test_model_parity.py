@@ -119,6 +119,11 @@ def test_inputs_the_model_cannot_read_are_named():
         model(ids, positions=jnp.zeros((1, 3), jnp.int32))
     with pytest.raises(ValueError, match=r"input_ids must be integer token ids of shape \[batch, length\], got float"):
         model(jnp.ones((1, 6)))
+    # Nested lists are read as input_ids are (positions, segment ids and mask failed in .astype or list indexing).
+    as_arrays = dict(positions=jnp.asarray([[0, 1, 2, 0, 1, 2]]), segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 2]]),
+                     attention_mask=jnp.asarray([[1, 1, 1, 1, 1, 0]]))
+    np.testing.assert_array_equal(model(ids.tolist(), **{k: v.tolist() for k, v in as_arrays.items()}),
+                                  model(ids, **as_arrays))
     # Traced ids go unchecked, and the jitted call runs: the same logits up to float32 rounding (XLA fuses the
     # jitted program differently from the op-by-op eager one; on an AMD EPYC host 110 of 768 differ by <= 6e-8).
     np.testing.assert_allclose(nnx.jit(lambda m, i: m(i))(model, ids), model(ids), rtol=1e-5, atol=1e-6)

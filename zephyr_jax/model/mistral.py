@@ -304,6 +304,8 @@ class Mistral(nnx.Module):
         (static; GPU attention needs it for segment ids, see attention.attend). grad_sum: see run_layers."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
+        positions, segment_ids, attention_mask = (  # nested lists too, as input_ids (a list has no .astype)
+            None if x is None else jnp.asarray(x) for x in (positions, segment_ids, attention_mask))
         check_inputs(cfg, input_ids, positions=positions, segment_ids=segment_ids, attention_mask=attention_mask)
         b, t = input_ids.shape
         if positions is None:  # counted before the mask joins the segment ids: a gap in it is no segment boundary
