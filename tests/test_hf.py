@@ -343,6 +343,12 @@ def test_other_architecture_is_refused(hf_dir, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config\.json.*llama.*only Mistral"):
         load_model(str(path), jnp.float32)
+    quantized = {**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                 "quantization_config": {"quant_method": "gptq", "bits": 4}}  # not "tensors ... does not use"
+    (path / "config.json").write_text(json.dumps(quantized))
+    with pytest.raises(ValueError, match=r"llama/config\.json: quantization_config \(quant_method='gptq'\): "
+                                         "quantized checkpoints are not supported"):
+        load_model(str(path), jnp.float32)
     (path / "config.json").write_text(json.dumps(config)[:-20])  # cut short: named, not a bare JSONDecodeError
     with pytest.raises(ValueError, match=r"llama/config\.json: not valid JSON"):
         load_model(str(path), jnp.float32)

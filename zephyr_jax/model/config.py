@@ -23,7 +23,7 @@ _HF_IGNORED = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
     "_name_or_path", "output_hidden_states", "output_attentions", "return_dict", "is_encoder_decoder",
     "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "rope_scaling", "rope_parameters",
-    "tokenizer_class", "quantization_config",
+    "tokenizer_class",
 }
 # What transformers' MistralConfig assumes for a key config.json leaves out, where it differs from the defaults
 # below (Mistral-7B-v0.1's values, which its config.json states).
@@ -147,6 +147,11 @@ class MistralConfig:
         if (rope and rope.get("rope_type", rope.get("type")) not in (None, "default")) or \
                 params.get("rope_type", "default") != "default":
             raise ValueError(f"rope scaling {rope or params} is not supported (Mistral-7B-v0.1 uses plain RoPE)")
+        quantization = d.get("quantization_config")
+        if quantization:  # (its packed weights and scales failed as "tensors this Mistral config does not use")
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+            raise ValueError(f"quantization_config (quant_method={method!r}): quantized checkpoints are not "
+                             "supported; load the unquantized weights")
         # Keys starting with "_" are transformers' bookkeeping (e.g. _attn_implementation_autoset, 4.48-4.50).
         unknown = sorted(k for k in d if k not in HF_FIELDS and k not in _HF_IGNORED and not k.startswith("_"))
         if unknown:
