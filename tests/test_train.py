@@ -1409,14 +1409,28 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     batches of 8: 2 full batches an epoch (4 examples left out, said), 2 epochs = 4 steps, and the schedule runs
     over those 4; the second epoch is another order. Resumed with more epochs and half the lr, the schedule follows
     the new values (README); only the last train.keep_checkpoints remain; a position saved over another example
-    list is refused through train.run, not only by the Loader (an edited row)."""
+    list is refused through train.run, not only by the Loader (an edited row). The resumed run's initial weights
+    are gone by its first batch: the checkpoint's replace them (a resumed run held both on the devices)."""
+    import weakref
+
     import zephyr_jax.data.loader as loader_module
 
     data = tmp_path / "data"
     shutil.copytree(data_dir / "sft", data / "sft")
     drawn, real_next = [], loader_module.Loader.__next__
-    monkeypatch.setattr(loader_module.Loader, "__next__", lambda self: (lambda out: drawn.append(out[1].indices)
-                                                                        or out)(real_next(self)))
+    initial, initial_alive, real_init = [], [], train.init_params
+
+    def draw(self):
+        initial_alive.append(sum(ref() is not None for ref in initial))
+        return (lambda out: drawn.append(out[1].indices) or out)(real_next(self))
+
+    def init_params(*args):
+        graphdef, params, shardings = real_init(*args)
+        initial[:] = [weakref.ref(x) for x in jax.tree.leaves(params)]
+        return graphdef, params, shardings
+
+    monkeypatch.setattr(loader_module.Loader, "__next__", draw)
+    monkeypatch.setattr(train, "init_params", init_params)
     cfg = lambda epochs, lr, max_steps=-1: tiny_config("sft", data, **{  # noqa: E731
         "data.packing": False, "data.max_train_examples": 20,
         "train.max_steps": max_steps, "train.num_epochs": epochs, "optim.lr": lr, "train.save_every": 1,
@@ -1444,6 +1458,7 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     assert {s: lrs[s] for s in (5, 6)} == {s: pytest.approx(float(resized(s - 1))) for s in (5, 6)}
     assert [r["epoch"] for r in lines if r["step"] > 4] == [2, 2]  # the third epoch's two batches
     assert sorted(os.listdir(workdir / "checkpoints")) == ["5", "6"]
+    assert initial_alive[-2:] == [0, 0]  # the resumed run's two batches: no initial parameter left
 
     rows = open(data / "sft" / "train_sft.jsonl").readlines()
     edited = json.loads(rows[0])

@@ -558,7 +558,11 @@ def run(cfg, workdir: str) -> dict:
     mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints)
     eval_skipped = False  # a preemption at an eval step saved before evaluating: the resumed run evaluates first
     if mngr.latest_step() is not None:
-        state, meta = checkpoint.restore(mngr, mngr.latest_step(), jax.eval_shape(lambda: state), state_shardings)
+        abstract_state = jax.eval_shape(lambda: state)
+        # The initial weights and optimizer state are let go before the checkpoint's are read: `params` kept the
+        # initial weights on the devices for the whole resumed run (a second float32 copy of the model).
+        state = params = None
+        state, meta = checkpoint.restore(mngr, mngr.latest_step(), abstract_state, state_shardings)
         loader.restore(meta["loader"])
         eval_skipped = bool(meta.get("eval_skipped"))
         print(f"resumed from step {int(state.step)} of {workdir}")
