@@ -506,11 +506,14 @@ def run(cfg, workdir: str) -> dict:
     eval_examples = eval_split(cfg, eval_examples)
     read = len(train_examples)
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
-    # Packed rows too few for a batch: said here, as the Loader would call them examples.
+    # Too few for a batch: said here, naming the setting (the Loader would call packed rows examples).
     if len(train_examples) < cfg.train.global_batch_size and len(train_examples) < read:
         raise ConfigError(f"data.train's {read} examples packed into {len(train_examples)} rows of "
                           f"{cfg.data.max_length} tokens cannot fill one global batch of {cfg.train.global_batch_size} "
                           "rows (with data.packing, train.global_batch_size counts packed rows)")
+    if len(train_examples) < cfg.train.global_batch_size:
+        raise ConfigError(f"data.train={cfg.data.train!r}: its {read} {'pairs' if dpo else 'examples'} cannot fill "
+                          f"one global batch of train.global_batch_size={cfg.train.global_batch_size}")
     train_rows = local_rows(sharding, num_rows)
     loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
     if jax.process_count() > 1:  # each process builds its rows of the same global batches: same list, or wrong data
