@@ -423,6 +423,12 @@ def test_packed_dpo_buckets_too_short_are_refused_before_the_data_is_read(data_d
     with pytest.raises(ConfigError, match=r"data.buckets=\(128,\): .* more than the largest bucket"):
         train.run(tiny_config("dpo", data_dir, **{"data.buckets": (128,), "model.init": "random"}),
                   str(tmp_path / "w"))
+    # Buckets that hold a train batch's rows (8 pairs in 8 rows: 384) but not an eval batch's (32 pairs in 16
+    # rows): refused with the train batch's, not at the first eval, after train.eval_every steps (reference-free)
+    with pytest.raises(ConfigError, match=r"data.buckets=\(128, 256, 384\): 32 pairs packed into 16 rows may need "
+                                          r"rows of 640 positions"):
+        train.run(tiny_config("dpo", data_dir, **{"data.buckets": (128, 256, 384), "dpo.reference_free": True}),
+                  str(tmp_path / "w2"))
 
 
 def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_rows_fill():

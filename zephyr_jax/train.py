@@ -462,6 +462,7 @@ def run(cfg, workdir: str) -> dict:
             raise ConfigError(f"config.model.path={cfg.model.path!r}: {e}") from None
     if cfg.stage == "dpo":  # packed rows' data.buckets against this mesh's rows: also before the data work
         preference_batcher(cfg, mesh, cfg.train.global_batch_size, cfg.train.grad_accum)
+        eval_batcher(cfg, mesh)  # (eval batches of other size: their rows may need longer buckets)
     try:
         tok = load_tokenizer(cfg.tokenizer)
     except FileNotFoundError as e:
