@@ -641,7 +641,8 @@ def test_the_reference_cache_key_follows_the_model_and_every_token(data_dir):
 
 def test_the_reference_cache_key_follows_the_checkpoint_not_only_its_path_and_step(data_dir, tmp_path):
     """An SFT workdir trained again in place to the same step has other weights: keyed by path and step alone, a
-    dDPO workdir reused after deleting its checkpoints served the old model's reference log-probs."""
+    dDPO workdir reused after deleting its checkpoints served the old model's reference log-probs. So has a Hugging
+    Face folder written again."""
     from zephyr_jax.data.preference import PreferenceExample
 
     sft = str(tmp_path / "sft")
@@ -653,6 +654,18 @@ def test_the_reference_cache_key_follows_the_checkpoint_not_only_its_path_and_st
         train.run(tiny_config("sft", data_dir, **{"train.max_steps": 1, "train.eval_every": 0}), sft)
         keys.append(train.reference_key(dpo, examples))
         assert keys[-1] == train.reference_key(dpo, examples)  # the same checkpoint: the same key
+    assert keys[0] != keys[1]
+    # A Hugging Face folder written again in place (an SFT model exported anew): keyed by its path alone, the
+    # old model's reference log-probs were served
+    small = MistralConfig(vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1)
+    hf_dpo = tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": str(tmp_path / "hf_sft")})
+    keys = []
+    for seed in (0, 1):
+        hf.save_pretrained(Mistral(small, rngs=nnx.Rngs(seed)), str(tmp_path / "hf_sft"))
+        keys.append(train.reference_key(hf_dpo, examples))
+        os.utime(tmp_path / "hf_sft" / hf.WEIGHTS_NAME, ns=(1, 1))  # another host's copy: the same weights, key
+        assert keys[-1] == train.reference_key(hf_dpo, examples)
     assert keys[0] != keys[1]
 
 

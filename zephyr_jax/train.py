@@ -364,12 +364,29 @@ def reference_key(cfg, examples) -> str:
         model.update(arch=cfg.model.arch.to_dict(), seed=cfg.seed)
     if cfg.model.init == "orbax":  # the checkpoint itself: an SFT run trained again in place has other weights
         model.update(committed_at=checkpoint.committed_at(cfg.model.path, cfg.model.step))
+    if cfg.model.init == "hf" and os.path.isdir(cfg.model.path):  # and a folder exported again in place
+        model.update(weights=weights_fingerprint(cfg.model.path))
     h.update(json.dumps(model, sort_keys=True, default=str).encode())
     for ex in examples:
         for part in (ex.prompt, ex.chosen, ex.rejected):
             h.update(np.asarray(part, np.int32).tobytes())
             h.update(b"|")
     return h.hexdigest()[:16]
+
+
+def weights_fingerprint(folder: str, samples: int = 16) -> str:
+    """A Hugging Face folder's weight files: their names, sizes and 64 KiB read at `samples` places in each. The
+    same on every host that holds a copy (modification times are not), and quick (hashing a 7B model's 14 GB
+    whole takes a minute)."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(folder, "model*.safetensors"))):
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)}:{size}|".encode())
+        with open(path, "rb") as f:
+            for i in range(samples):
+                f.seek(size * i // samples)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()
 
 
 def reference_cache_path(cfg, workdir, examples, name: str) -> str:
