@@ -119,12 +119,19 @@ def test_counted_flops_agree_with_xlas_own_count(pairs_file):
     # body once: these rows have under 256 loss positions, one chunk of the fused head) and einsum attention (it
     # does not count a Pallas kernel's FLOPs). A 512-token vocabulary keeps the LM head a small part: with a single
     # chunk, XLA merges the head's backward recompute with its forward (a real 7B step has many chunks), and with
-    # the 32000-token vocabulary on a 64-wide model the head is 90% of the step.
+    # the 32000-token vocabulary on a 64-wide model the head is 90% of the step. On 2 of the slice's 4 chips
+    # (mesh.num_devices): the step's FLOPs are shared by the mesh's chips, not the slice's (were 4: XLA's count
+    # read as twice ours, and the step time at peak as half).
     r = _plan_here("configs/dpo.py:tiny", "v5e-4", pairs_file, **{
-        "model.attention_impl": "xla", "model.scan_layers": False, "model.arch.vocab_size": 512})
+        "model.attention_impl": "xla", "model.scan_layers": False, "model.arch.vocab_size": 512,
+        "mesh.num_devices": 2})
+    assert r["config"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
     assert r["config"]["loss_positions"] <= 256
     assert r["attention"].startswith("XLA einsum attention")
     assert 0.9 < r["xla_estimate"]["share_of_counted"] < 1.15, r["xla_estimate"]
+    t = r["tokens"]
+    spent = t["flops_per_real_token"] * t["real_tokens_per_step"]
+    assert r["ideal_step_seconds"] == pytest.approx(spent / (2 * 197e12))
 
 
 @pytest.mark.long

@@ -418,10 +418,11 @@ def plan(cfg, topology: str = "local", length_mix_spec: str | None = None) -> di
         # Per segment: the real sequences' FLOPs, l^2 each as PaLM counts them. The kernels' own work differs: cuDNN
         # computes each segment's causal half, splash the causal block triangle of the whole row.
         "attention_flops_counted": "each segment (l^2)" if skips else "whole rows"}
+    # The mesh's chips share the step: config.mesh.num_devices may leave some of the target's out.
     if target.peak_flops:
-        report["ideal_step_seconds"] = mean("spent") / (target.peak_flops * len(target.devices))
+        report["ideal_step_seconds"] = mean("spent") / (target.peak_flops * mesh.size)
     if "attention" in report:
-        report["xla_estimate"] = xla_estimate(compiled, flops, len(target.devices), report.get("ideal_step_seconds"))
+        report["xla_estimate"] = xla_estimate(compiled, flops, mesh.size, report.get("ideal_step_seconds"))
     report["verdict"] = verdict(report["memory"])
     return report
 
