@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,9 +67,12 @@ def search(row, log) -> dict:
         return fits(reports[k])
 
     fitted = run(grad_accum)
-    size = reports[grad_accum]["config"]["global_batch_size"]
-    data, fsdp, _ = ast.literal_eval(mesh)
-    valid = lambda k: size % k == 0 and (size // k) % (data * fsdp) == 0
+    c = reports[grad_accum]["config"]
+    size, shards = c["global_batch_size"], math.prod(ast.literal_eval(mesh)[:2])
+    # A micro-batch's rows split over the batch shards (train.check_batch_fits_mesh): SFT's are its examples,
+    # unpacked dDPO's two a pair; packed dDPO's are rounded up to the shards, so any number of pairs splits.
+    rows = lambda k: 0 if c["stage"] == "dpo" and c["packing"] else size // k * (2 if c["stage"] == "dpo" else 1)
+    valid = lambda k: size % k == 0 and rows(k) % shards == 0
     if fitted:
         while grad_accum > 1 and valid(grad_accum // 2) and run(grad_accum // 2):
             grad_accum //= 2

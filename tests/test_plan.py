@@ -760,3 +760,27 @@ def test_xlas_flop_count_is_shown_within_4x_of_the_count_over_all_chips():
     shown = plan.xla_estimate(compiled(20.0), 100.0, 4, None)
     assert shown["flops_per_chip"] == 20.0 and shown["share_of_counted"] == pytest.approx(0.8)
     assert "flops_per_chip" not in plan.xla_estimate(compiled(125.0), 100.0, 4, None)
+
+
+@pytest.mark.parametrize("stage, packing, tried", [("dpo", True, [1, 2, 4]), ("dpo", False, [1, 2]),
+                                                   ("sft", True, [1])])
+def test_plan_table_doubles_the_micro_batches_the_mesh_can_split(monkeypatch, stage, packing, tried):
+    """bench/plan_table.py's search over stand-in plans of 32 examples on a mesh of 32 batch shards that fit at 4
+    micro-batches: dDPO's packed rows are rounded up to the shards (train.preference_rows_for), so any number of
+    pairs splits; its unpacked rows are two a pair, so 16 pairs a micro-batch split (8 do not); SFT's 16 rows do
+    not. (The search counted pairs as rows: the recipe's 32 pairs on 32 chips stopped at one micro-batch.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_table", os.path.join(ROOT, "bench", "plan_table.py"))
+    plan_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_table)
+    planned = []
+
+    def plan_once(config, topology, mesh, grad_accum):
+        planned.append(grad_accum)
+        return {"verdict": "fits with" if grad_accum >= 4 else "does not fit",
+                "config": {"stage": stage, "packing": packing, "global_batch_size": 32}}
+
+    monkeypatch.setattr(plan_table, "plan_once", plan_once)
+    report = plan_table.search((f"configs/{stage}.py:zephyr", "v5e-64", "(1,32,1)", 1), log=lambda r: None)
+    assert planned == tried and report["config"]["global_batch_size"] == 32
