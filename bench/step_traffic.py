@@ -8,9 +8,10 @@ batch shapes: the largest of the length mix's batches) for --topology (compile_t
 CUDA plugin: `PYTHONPATH=.ci/cuda`, and `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the planner's memory) and reads
 the optimized program: every kernel's bytes read and written, from its operands' and result's shapes (a dynamic
 slice or a gather reads what it takes, a dynamic-update-slice writes its update in place), each loop body's
-kernels times the loop's trip count. Matmuls (cuBLAS or Triton GEMM fusions) and cuDNN attention are counted apart
-from the rest: the rest is bandwidth-bound work (normalisation, RoPE, SwiGLU, masks, the optimizer, casts,
-copies), whose bytes over the HBM bandwidth are time a step spends outside its matmuls. A static estimate from the
+kernels times the loop's trip count. Matmuls (cuBLAS or Triton GEMM fusions), cuDNN attention and collectives
+(their bytes cross the interconnect) are counted apart from the rest: the rest is bandwidth-bound work
+(normalisation, RoPE, SwiGLU, masks, the optimizer, casts, copies), whose bytes over the HBM bandwidth are time a
+step spends outside its matmuls. A static estimate from the
 program, not a measurement: the autotuner here picks kernels without a GPU, and caches are ignored. XLA:TPU's
 programs are read too, but without trip counts (each loop counted once, and named).
 
@@ -107,10 +108,15 @@ def fused_traffic(body: list[dict], operand_shapes: list[str], result: str) -> t
     return read, written
 
 
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
 def kind(ins: dict, comps: dict) -> str:
     line = ins["line"]
     if "__cudnn$fmha" in line:
         return "attention"
+    if ins["op"].removesuffix("-start") in COLLECTIVES:  # over the interconnect, overlapped: no HBM-bound kernel
+        return "collective"
     if ins["op"] in ("dot", "convolution") or "__cublas" in line or (
             ins["op"] == "fusion" and any(" dot(" in x or " convolution(" in x
                                           for x in comps.get(_called(line) or "", []))):
@@ -204,7 +210,8 @@ def report(cfg, topology: str, spec: str | None, bandwidth: float, top_n: int, g
               f"| {gib(times * by['other'])} |")
     seconds = totals["other"] / (bandwidth * 1e9)
     print(f"\nstep: {gib(totals['matmul'])} GiB in matmuls, {gib(totals['attention'])} in attention, "
-          f"{gib(totals['other'])} in everything else: {seconds * 1e3:.1f} ms at {bandwidth:,.0f} GB/s")
+          f"{gib(totals['collective'])} in collectives (not timed here), {gib(totals['other'])} in everything else: "
+          f"{seconds * 1e3:.1f} ms at {bandwidth:,.0f} GB/s")
     print(f"\nthe {top_n} largest of everything else (GiB a step):")
     for (name, times, kernel, result, source), b in top.most_common(top_n):
         print(f"  {gib(b):>7}  {kernel} in {name} x{times}: {result}  ({source})")

@@ -118,3 +118,13 @@ def test_kernels_read_what_they_take_and_loop_bodies_count_their_trips():
     assert entry_kernels["ys"]["bytes"] == 3 * 4 * 16 * 2 + 2  # the zeroed stack written once (and its scalar)
     head = step_traffic.kernels(comps, "head")
     assert [k["bytes"] for k in head] == [3 * 4 * 4]  # 4 logits (through a bitcast), the indices, out
+
+
+def test_collectives_are_counted_apart_from_the_bandwidth_bound_kernels():
+    """An FSDP step's all-gathers and reduce-scatters move their bytes over the interconnect, overlapped with the
+    layers: they were "other", HBM-bound time outside the matmuls (an h100-8 tiny SFT step's reduce-scatter was
+    its fifth largest such kernel)."""
+    line = "%all-gather-start.2 = (bf16[8,16]{1,0}, bf16[64,16]{1,0}) all-gather-start(%w), dimensions={0}"
+    for op in ("all-gather-start", "reduce-scatter", "all-reduce-start", "all-to-all", "collective-permute-start"):
+        assert step_traffic.kind({"op": op, "line": line.replace("all-gather-start(", f"{op}(")}, {}) == "collective"
+    assert step_traffic.kind({"op": "copy-start", "line": "%c = f32[4]{0} copy-start(%x)"}, {}) == "other"
