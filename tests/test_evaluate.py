@@ -111,7 +111,7 @@ def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):
     np.testing.assert_allclose(packed, one_per_row, rtol=1e-5, atol=1e-4)
 
 
-def test_prefs_argument_errors(dpo_workdir, capsys):
+def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--model={dpo_workdir}"])  # no reference
     # --workdir takes these from its config: they were accepted and silently ignored (the same numbers)
@@ -122,6 +122,9 @@ def test_prefs_argument_errors(dpo_workdir, capsys):
         evaluate.main(["prefs", f"--model={dpo_workdir}", "--reference_free", "--step=3"])
     assert "--step goes with --workdir" in capsys.readouterr().err
     assert "no data files for split 'nosuch'" in _cli_error(["prefs", f"--workdir={dpo_workdir}", "--split=nosuch"])
+    # refused before scoring: the metrics were computed, then lost to an IsADirectoryError traceback
+    assert _cli_error(["prefs", f"--workdir={dpo_workdir}", f"--out={tmp_path}"]) == \
+        f"error: --out={tmp_path}: is a directory"
     with pytest.raises(ValueError, match="max_prompt_length"):
         evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
     # refused before any data or model is read (it was refused after scoring both models on every pair)

@@ -405,6 +405,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "prefs":
+        if args.out and (why := _writable(args.out)) is not None:  # found after the scoring, which it lost
+            sys.exit(f"error: --out={args.out}: {why}")
         if args.workdir:
             if args.model or args.reference:
                 parser.error("prefs: pass either --workdir or --model/--reference, not both")
