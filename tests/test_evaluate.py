@@ -129,7 +129,9 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
         evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
     # refused before any data or model is read (it was refused after scoring both models on every pair)
     for bad, message in [(dict(loss_type="hinge", label_smoothing=0.1), "does not use label_smoothing"),
-                         (dict(beta=0.0), "beta must be positive"), (dict(loss_type="kto"), "unknown loss_type")]:
+                         (dict(beta=0.0), "beta must be positive"), (dict(loss_type="kto"), "unknown loss_type"),
+                         (dict(batch_size=0), "batch_size=0: must be at least 1"),  # range() arg 3 must not be zero
+                         (dict(batch_size=-2), "batch_size=-2: must be at least 1")]:  # KeyError 'logps'
         with pytest.raises(ValueError, match=message):
             evaluate.prefs("no/such-model", "no/such-reference", data="no/such-data", **bad)
 

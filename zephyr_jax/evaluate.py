@@ -152,6 +152,8 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     check_dpo_settings(loss_type, beta, label_smoothing)  # now, not after scoring both models on every pair
     if max_prompt_length >= max_length:
         raise ValueError("max_prompt_length must be below max_length")
+    if batch_size < 1:  # 0 failed after the reference had scored ('range() arg 3 must not be zero'), < 0 as a KeyError
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if reference is None and not reference_free:
         raise ValueError("pass a reference model (or reference_free=True; or evaluate a dDPO workdir with "
                          "--workdir, which takes the reference from its config)")
