@@ -263,6 +263,11 @@ def test_mt_bench_and_alpaca_eval_refuse_a_bad_file_or_flag_before_loading_the_m
         (mt_bench + [f"--question_file={questions}", "--max_new_tokens=0"], "--max_new_tokens=0: must be at least 1"),
         (alpaca_eval + [f"--instructions={broken}", "--max_new_tokens=-1"], "--max_new_tokens=-1: must be at least 1"),
         (alpaca_eval + [f"--instructions={broken}", "--batch_size=0"], "--batch_size=0: must be at least 1"),
+        # the engine refused these at the first reply, after the model's load, with a traceback
+        (mt_bench + [f"--question_file={questions}", "--temperature=-1"], "temperature=-1.0: must be in [0, 100]"),
+        (alpaca_eval + [f"--instructions={instructions}", "--top_p=0"], "top_p=0.0: must be in (0, 1]"),
+        (alpaca_eval + [f"--instructions={instructions}", "--top_k=-3"], "top_k=-3: must be >= 0"),
+        (mt_bench + [f"--question_file={questions}", "--seed=-1"], "seed=-1: must be in [0, 2**32)"),
         # an output that cannot be written was found after the generations (which it lost)
         (mt_bench + [f"--question_file={questions}", f"--answer_file={tmp_path}"], f"--answer_file={tmp_path}: is a "
                                                                                     "directory"),

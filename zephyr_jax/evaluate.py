@@ -41,6 +41,7 @@ from zephyr_jax.data.binarize import write_json
 from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines, source_name
+from zephyr_jax.engine import SamplingParams
 from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.loading import is_workdir, load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
@@ -453,6 +454,11 @@ def main(argv=None):
         value = getattr(args, flag, 1)  # (alpaca_eval has no --num_choices)
         if value < 1:  # 0 wrote empty answers, or none, and exited 0
             sys.exit(f"error: --{flag}={value}: must be at least 1")
+    try:  # the engine's own ranges (it refused them at the first reply, after the model's load, with a traceback)
+        SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature or 0.0, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed).check()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     try:  # before the model, which takes minutes to load: a missing or malformed file is found now
         if args.command == "mt_bench":
             questions = read_questions(args.question_file)
