@@ -526,3 +526,11 @@ def test_the_export_command_names_a_missing_checkpoint_in_one_line(tmp_path, tin
                                              "checkpoints/ directory"):
             export.cli([f"--workdir={workdir}", f"--out={tmp_path / 'hf'}"])
     assert not (tmp_path / "hf").exists()
+    # An --out that is a file, or inside one: refused before the model is read (a FileExistsError or
+    # NotADirectoryError traceback once the weights were loaded, minutes for a 7B)
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "hf"):
+        with pytest.raises(SystemExit, match=f"^error: --out={re.escape(str(out))}: "
+                                             f"{re.escape(str(tmp_path / 'notes.txt'))} is a file, not a folder"):
+            export.cli([f"--workdir={tmp_path / 'no_such_run'}", f"--out={out}"])
+    assert (tmp_path / "notes.txt").read_text() == "mine"

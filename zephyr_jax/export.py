@@ -121,6 +121,11 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
     if is_workdir(out_dir) or os.path.isdir(os.path.join(out_dir, "checkpoints")):  # ... or another run's
         raise ValueError(f"--out={out_dir} is a zephyr_jax training workdir (its config.json would be replaced): "
                          "export to another directory")
+    existing = os.path.abspath(out_dir)  # out_dir or the folder it would be made in
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):  # found by os.makedirs after the weights' load, as a traceback
+        raise ValueError(f"--out={out_dir}: {existing} is a file, not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not holds_a_model(out_dir):
         raise ValueError(f"--out={out_dir} is not empty and holds no Hugging Face model: the export would replace "
                          "files of the same names there (README.md, config.json, ...); export to a new or empty "
