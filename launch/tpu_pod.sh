@@ -51,7 +51,9 @@ case "${1:-}" in
     # `run`'s command line, where every worker's process list would show it for the whole run
     : "${HF_TOKEN:?set HF_TOKEN (a Hugging Face token with access to the gated mistralai/Mistral-7B-v0.1)}"
     token=$(printf %q "$HF_TOKEN")
-    ssh_all "umask 077 && mkdir -p \$HOME/.cache/huggingface && printf %s $token >\$HOME/.cache/huggingface/token" ;;
+    # (removed first: a file there before, written by hand or by an older huggingface-cli login, keeps its mode)
+    file='$HOME/.cache/huggingface/token'
+    ssh_all "umask 077 && mkdir -p \$HOME/.cache/huggingface && rm -f $file && printf %s $token >$file" ;;
   run)
     shift; [[ "${1:-}" == "--" ]] && shift
     args=""; (( $# == 0 )) || args=$(printf ' %q' "$@")  # (no arguments: nothing, not printf's lone '')

@@ -217,6 +217,13 @@ def test_tpu_pod_login_writes_the_token_where_huggingface_hub_reads_it_and_only_
     assert out.returncode == 0, out.stderr
     path = home / ".cache" / "huggingface" / "token"
     assert path.read_text() == token and (path.stat().st_mode & 0o777) == 0o600
+    # A token file there before (written by hand, or by an older huggingface-cli login) ends mode 600: it kept 644
+    path.write_text("hf_old")
+    path.chmod(0o644)
+    out = subprocess.run(["bash", "launch/tpu_pod.sh", "login"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert path.read_text() == token and (path.stat().st_mode & 0o777) == 0o600
     del env["HF_TOKEN"]
     out = subprocess.run(["bash", "launch/tpu_pod.sh", "login"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=30)
