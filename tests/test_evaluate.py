@@ -121,6 +121,9 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--model={dpo_workdir}", "--reference_free", "--step=3"])
     assert "--step goes with --workdir" in capsys.readouterr().err
+    # the reference was not loaded, and the output named it as the reference of reference-free metrics
+    assert "--reference and --reference_free exclude each other" in _cli_error(
+        ["prefs", f"--model={dpo_workdir}", f"--reference={dpo_workdir}", "--reference_free"])
     assert "no data files for split 'nosuch'" in _cli_error(["prefs", f"--workdir={dpo_workdir}", "--split=nosuch"])
     # refused before scoring: the metrics were computed, then lost to an IsADirectoryError traceback
     assert _cli_error(["prefs", f"--workdir={dpo_workdir}", f"--out={tmp_path}"]) == \

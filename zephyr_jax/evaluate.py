@@ -158,6 +158,8 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     if reference is None and not reference_free:
         raise ValueError("pass a reference model (or reference_free=True; or evaluate a dDPO workdir with "
                          "--workdir, which takes the reference from its config)")
+    if reference is not None and reference_free:  # it was ignored, and the CLI's output named it the reference
+        raise ValueError("--reference and --reference_free exclude each other: pass one")
     data_cfg = ml_collections.ConfigDict(dict(
         eval=os.fspath(data), eval_split=split, max_eval_examples=max_examples, data_dir=data_dir,
         on_bad_row=on_bad_row, max_length=max_length, max_prompt_length=max_prompt_length, buckets=()))
