@@ -93,6 +93,13 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, asser
     with pytest.raises(SystemExit) as exit_:
         chat.main(["--model=m", "--prompt=Hi", "--max_new_tokens=0"])
     assert exit_.value.code == "error: --max_new_tokens=0: must be at least 1"
+    # Sampling values out of the engine's ranges: refused at the first reply, after the model's load
+    for flag, message in (("--temperature=-1", "temperature=-1.0: must be in [0, 100]"),
+                          ("--top_p=0", "top_p=0.0: must be in (0, 1]"), ("--top_k=-3", "top_k=-3: must be >= 0"),
+                          ("--seed=-1", "seed=-1: must be in [0, 2**32)")):
+        with pytest.raises(SystemExit) as exit_:
+            chat.main(["--model=m", "--prompt=Hi", flag])
+        assert exit_.value.code == f"error: {message}"
     # fp8 was a TypeError deep in numpy; int8 blamed a workdir's model_config.json
     for dtype in ("fp8", "int8"):
         assert_refused_dtype(lambda: chat.main(["--model=m", "--prompt=Hi", f"--dtype={dtype}"]), dtype)

@@ -63,6 +63,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:  # 0 printed an empty reply and exited 0
         sys.exit(f"error: --max_new_tokens={args.max_new_tokens}: must be at least 1")
+    try:  # the engine's own ranges: it refused them at the first reply, after the model's load (and every turn)
+        SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed).check()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
     try:  # no such model, a checkpoint of another shape, a mesh the devices cannot fill: its message alone
         model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
