@@ -534,3 +534,5 @@ def test_the_export_command_names_a_missing_checkpoint_in_one_line(tmp_path, tin
                                              f"{re.escape(str(tmp_path / 'notes.txt'))} is a file, not a folder"):
             export.cli([f"--workdir={tmp_path / 'no_such_run'}", f"--out={out}"])
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit, match=r"^error: max_shard_size='5G': use an int \(bytes\) or a string such as "):
+        export.cli([f"--workdir={tmp_path / 'no_such_run'}", f"--out={tmp_path / 'hf'}", "--max_shard_size=5G"])

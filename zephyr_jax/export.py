@@ -130,6 +130,7 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
         raise ValueError(f"--out={out_dir} is not empty and holds no Hugging Face model: the export would replace "
                          "files of the same names there (README.md, config.json, ...); export to a new or empty "
                          "directory")
+    hf.parse_size(max_shard_size)  # a malformed size ("5G"): now, not after the weights' load
     step = checkpoint.resolve_step(workdir, step)
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
     # Onto the CPU device: the writer reads them there without a copy, and no accelerator memory is used.
