@@ -43,13 +43,19 @@ def question(prompt):
     return kind, [int(d) for d in digits.split()]
 
 
-def test_same_seed_same_files_other_seed_other_files(data, tmp_path):
+def test_same_seed_same_files_other_seed_other_files(data, tmp_path, capsys):
     again = demo.make_demo_data(tmp_path / "again", seed=0, **SIZES)
     other = demo.make_demo_data(tmp_path / "other", seed=1, **SIZES)
     for name in FILES:
         assert filecmp.cmp(data[name], again[name], shallow=False), name
         assert not filecmp.cmp(data[name], other[name], shallow=False), name
     assert [len(read(data[n])) for n in FILES] == [200, 40, 100, 40, 40]
+    # A count below 1 is refused: it wrote an empty file, and training failed on it later
+    for flag in ("--n_sft=-1", "--n_pref=0", "--n_test=0"):
+        with pytest.raises(SystemExit):
+            demo.main(["make-data", f"--out={tmp_path / 'none'}", flag])
+        assert f"{flag}: must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_layout_loads_with_load_rows(data):

@@ -390,6 +390,9 @@ def main(argv=None):
             print(f"demo stopped: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
     elif args.command == "make-data":
+        for flag in ("n_sft", "n_pref", "n_test"):  # (an empty file was written, and training failed on it later)
+            if getattr(args, flag) < 1:
+                parser.error(f"--{flag}={getattr(args, flag)}: must be at least 1")
         paths = make_demo_data(args.out, seed=args.seed, n_sft=args.n_sft, n_pref=args.n_pref, n_test=args.n_test)
         for name, path in paths.items():
             print(f"{name}: {path}")
