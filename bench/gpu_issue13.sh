@@ -116,7 +116,10 @@ run_env() {
     --format=csv 2>/dev/null; $PY -c 'import sys, jax, flax, optax, torch, transformers, ml_collections, datasets, trl; \
     print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \
     \"torch\", torch.__version__, \"transformers\", transformers.__version__, \"trl\", trl.__version__, \
-    \"datasets\", datasets.__version__, jax.devices())'"
+    \"datasets\", datasets.__version__, jax.devices())'; \
+    $PY -c 'import torch; p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; \
+    print(\"device properties (zephyr_jax.compile_targets.GPUS for the planner):\", p, \
+    \"L2 bytes\", getattr(p, \"L2_cache_size\", None))'"
 }
 run_parity() {  # JAX and PyTorch share the GPU in this one: JAX allocates as it goes instead of up front
   stage parity "$PARITY_LIMIT" env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" bench/gpu_parity.py --tokens=32
