@@ -249,6 +249,16 @@ def test_a_tokenizer_path_that_is_not_one_is_named(tmp_path):
     (saved / "tokenizer_config.json").write_text((saved / "tokenizer_config.json").read_text()[:20])
     with pytest.raises(ValueError, match=r"tokenizer .*/cut: .*/cut/tokenizer_config.json is not valid JSON \(Un"):
         load_tokenizer(str(saved))
+    # A tokenizer saved with add_eos_token=True: every prompt ended in </s> (dDPO refused every row as "prompt ids
+    # are not a prefix of the conversation's ids"; dSFT ended each turn on two)
+    load_tokenizer().save_pretrained(str(tmp_path / "eos"))
+    spec = json.loads((tmp_path / "eos" / "tokenizer.json").read_text())
+    spec["post_processor"]["single"].append({"SpecialToken": {"id": "</s>", "type_id": 0}})
+    spec["post_processor"]["special_tokens"]["</s>"] = {"id": "</s>", "ids": [2], "tokens": ["</s>"]}
+    (tmp_path / "eos" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"tokenizer .*/eos: it ends every text with EOS '</s>' \(saved with "
+                                         r"add_eos_token=True"):
+        load_tokenizer(str(tmp_path / "eos"))
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"tokenizer directory .*/model holds none of tokenizer.json, "

@@ -55,6 +55,10 @@ def load_tokenizer(path_or_name: str | None = None) -> transformers.PreTrainedTo
         tok.chat_template = ZEPHYR_CHAT_TEMPLATE
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise ValueError(f"tokenizer {path_or_name or 'mistral-7b-v0.1'} lacks a BOS or EOS token")
+    if tok("a").input_ids[-1:] == [tok.eos_token_id]:  # every prompt would end the conversation before the reply
+        raise ValueError(f"tokenizer {path_or_name}: it ends every text with EOS {tok.eos_token!r} (saved with "
+                         "add_eos_token=True: its tokenizer.json's post-processor appends it); zephyr_jax's chat "
+                         "template writes EOS after each turn itself: save it with add_eos_token=False")
     return tok
 
 
