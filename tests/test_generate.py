@@ -656,13 +656,14 @@ def test_warmup_compiles_every_decoding_bucket_and_leaves_the_cache_as_it_was(sm
     from zephyr_jax import engine as engine_module
 
     _, model = small
-    engine = Engine(model, max_slots=4, max_length=200, eos_id=None)
+    engine = Engine(model, max_slots=4, max_length=193, eos_id=None)
     # Decoding: rows 1, 2, or all 4 slots (3 decoding rows round up to 4, over half) x attention over 128, 192 or
-    # 200 positions. Prefill, one row: chunks of 16, 24, 32, 48, 64, 96, 128, 192 or 256 tokens (prompts up to
-    # 199), attending over 128 positions up to the chunk of 128 and over all 200 after.
+    # 193 positions. Prefill, one row: chunks of 16, 24, 32, 48, 64, 96, 128, 192 or 256 tokens (prompts up to
+    # 193: the last only scored, max_tokens=0, and the only one in a chunk of 256), attending over 128 positions
+    # up to the chunk of 128 and over all 193 after.
     assert engine.warmup() == 9 + 9
-    prompts = _prompts(11, [3, 150, 40, 9, 90, 20, 60])
-    budgets = [30, 45, 5, 20, 12, 40, 33]
+    prompts = _prompts(11, [3, 150, 40, 9, 90, 20, 60, 193])
+    budgets = [30, 43, 5, 20, 12, 40, 33, 0]  # 150 + 43: the context's end
     compiled = engine.compiled_programs()
     alone = [engine.generate([Request(p, SamplingParams(max_tokens=n))])[0] for p, n in zip(prompts, budgets)]
     assert engine.compiled_programs() == compiled
@@ -671,7 +672,7 @@ def test_warmup_compiles_every_decoding_bucket_and_leaves_the_cache_as_it_was(sm
     compiled = engine_module._decode._cache_size()
     done = engine.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
     assert engine_module._decode._cache_size() == compiled
-    fresh = Engine(model, max_slots=4, max_length=200, eos_id=None)
+    fresh = Engine(model, max_slots=4, max_length=193, eos_id=None)
     expected = fresh.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
     assert [r.tokens for r in done] == [r.tokens for r in expected]
     assert [len(r.tokens) for r in done] == budgets

@@ -478,8 +478,9 @@ class Engine:
 
         shapes = sorted({self._decode_rows(k) for k in range(1, self.max_slots + 1)})
         kv_lengths = sorted({_fine_bucket(k, 128, self.max_length) for k in range(1, self.max_length + 1)})
-        chunks = {(start, self._chunk_length(n - start)) for n in range(1, self.max_length)
-                  for start in range(0, n, self.prefill_chunk)}  # every chunk of every prompt length
+        # every chunk of every prompt length, max_length's too (a prompt only scored, max_tokens=0)
+        chunks = {(start, self._chunk_length(n - start)) for n in range(1, self.max_length + 1)
+                  for start in range(0, n, self.prefill_chunk)}
         prefills = sorted({(length, self._prefill_kv_length(start + length)) for start, length in chunks})
         calls = [("decode", shape, kv) for shape, kv in itertools.product(shapes, kv_lengths)]
         calls += [("prefill", length, kv) for length, kv in prefills]
