@@ -194,6 +194,29 @@ def test_logprobs_of_prompt_and_reply_equal_a_full_forward_pass(small):
         np.testing.assert_allclose([lp for _, lp in top], logps[position, best], atol=1e-5)
 
 
+def test_a_vocabulary_smaller_than_the_most_alternatives_gives_them_all():
+    """A model of 16 tokens, fewer than the TOP_LOGPROBS alternatives a call computes for whoever asks: a request
+    for 2 gets the top 2 of the log-softmax, one for 20 (the most allowed) all 16, not a failed call."""
+    from zephyr_jax.model import Mistral
+
+    cfg = MistralConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, initializer_range=0.5)
+    model = Mistral(cfg, rngs=nnx.Rngs(0))
+    engine = Engine(model, max_slots=2, max_length=32, eos_id=None)
+    prompt = [3, 9, 4, 12, 7]
+    few, every = engine.generate([Request(prompt, SamplingParams(max_tokens=4, logprobs=2, prompt_logprobs=2)),
+                                  Request(prompt, SamplingParams(max_tokens=4, logprobs=20))])
+    logps = np.asarray(jax.nn.log_softmax(model(jnp.asarray([prompt + few.tokens]))[0], axis=-1))
+    ranked = np.argsort(-logps, axis=-1)
+    listed = [(position, top) for position, top in enumerate(few.prompt_top_logprobs[1:])]
+    listed += [(len(prompt) - 1 + k, top) for k, top in enumerate(few.top_logprobs)]
+    listed += [(len(prompt) - 1 + k, top) for k, top in enumerate(every.top_logprobs)]
+    assert every.tokens == few.tokens and len(listed) == 4 + 4 + 4
+    for position, top in listed:
+        assert [t for t, _ in top] == ranked[position, :len(top)].tolist() and len(top) in (2, 16)
+        np.testing.assert_allclose([lp for _, lp in top], logps[position, [t for t, _ in top]], atol=1e-5)
+
+
 def _filtered_softmax(logits, temperature, top_k, top_p):
     """What sampling draws from, as transformers' temperature, top-k and top-p warpers give it (float64)."""
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,

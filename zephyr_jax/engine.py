@@ -269,7 +269,7 @@ def _prefill(graphdef, state, cache, tokens, positions, rows, last, targets, sam
         logps = jax.nn.log_softmax(model.logits(hidden), axis=-1)
         scores["logprobs"] = jnp.take_along_axis(logps, targets[..., None], axis=-1)[..., 0]
         if prompt_top_n:
-            scores["top"] = jax.lax.top_k(logps, prompt_top_n)
+            scores["top"] = jax.lax.top_k(logps, min(prompt_top_n, logps.shape[-1]))  # (a vocabulary below 20)
     final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
     logits = model.logits(final)[:, 0]
     token, logprob, top = sample(logits, *sampling, top_n=top_n)

@@ -36,7 +36,8 @@ def row_keys(seeds, counters):
 
 
 def sample(logits, temperature, top_k, top_p, seeds, counters, top_n: int = 0):
-    """(token [B] int32, its log-prob [B], top-n (log-probs, ids) [B, n] or None) for float32 logits [B, V].
+    """(token [B] int32, its log-prob [B], top-n (log-probs, ids) [B, min(n, V)] or None) for float32 logits
+    [B, V].
     Log-probs are the model's own (before temperature and filters), as OpenAI and vLLM report them.
     top_n = -1: nobody asked for log-probs, so none are computed (the log-prob is None)."""
     logits = logits.astype(jnp.float32)
@@ -59,6 +60,7 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, top_n: int = 0):
     top = jnp.max(block_max, axis=-1)
     logsumexp = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
     logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - logsumexp
+    top_n = min(top_n, logits.shape[-1])  # a vocabulary smaller than the alternatives asked: all of it
     top_alternatives = jax.lax.top_k(logits - logsumexp[:, None], top_n) if top_n else None
     return token, logprob, top_alternatives
 
