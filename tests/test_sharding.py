@@ -140,6 +140,9 @@ def test_num_devices_takes_as_many_devices_from_every_process():
     for n in (3, 10):
         with pytest.raises(ConfigError, match=f"num_devices={n}: must be a multiple of the 2 processes"):
             first_devices(devices, n)
+    for n in (0, -2):  # (0 and -2 are multiples of 2: that message gave no reason)
+        with pytest.raises(ConfigError, match=rf"num_devices={n}: must be -1 \(every device\) or positive"):
+            first_devices(devices, n)
 
 
 def test_the_default_rules_split_every_weight_matrix_over_fsdp_and_tensor():

@@ -120,6 +120,8 @@ def mesh_for(cfg, devices=None):
 def first_devices(devices, n: int) -> list:
     """config.mesh.num_devices=n: the first n devices, as many from each process. (The first n of the job were
     all process 0's: the others held no part of the mesh, and one crashed while another waited for ever.)"""
+    if n < 1:  # (-1 never comes here: mesh_for takes every device)
+        raise ConfigError(f"config.mesh.num_devices={n}: must be -1 (every device) or positive")
     processes = sorted({d.process_index for d in devices})
     per, left = divmod(n, len(processes))
     held = {p: [d for d in devices if d.process_index == p] for p in processes}
