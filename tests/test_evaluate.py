@@ -125,6 +125,10 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     assert "--reference and --reference_free exclude each other" in _cli_error(
         ["prefs", f"--model={dpo_workdir}", f"--reference={dpo_workdir}", "--reference_free"])
     assert "no data files for split 'nosuch'" in _cli_error(["prefs", f"--workdir={dpo_workdir}", "--split=nosuch"])
+    # a --mesh that cannot be made is named as the shape given (it was blamed on config.mesh.num_devices=0)
+    for mesh in ("0,8,1", "-2,1,1"):
+        message = _cli_error(["prefs", f"--workdir={dpo_workdir}", f"--mesh={mesh}"])
+        assert f"mesh shape ({mesh.replace(',', ', ')}): sizes must be positive" in message, message
     # refused before scoring: the metrics were computed, then lost to an IsADirectoryError traceback
     assert _cli_error(["prefs", f"--workdir={dpo_workdir}", f"--out={tmp_path}"]) == \
         f"error: --out={tmp_path}: is a directory"

@@ -93,9 +93,9 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             cfg.data.eval_split = split
         if max_examples is not None:
             cfg.data.max_eval_examples = max_examples
-        if mesh is not None:  # over this job's devices, or as many as a shape without -1 names
-            cfg.mesh.shape = tuple(mesh)
-            cfg.mesh.num_devices = -1 if -1 in mesh else int(np.prod(mesh))
+        if mesh is not None:  # over this job's devices, or as many as a shape of positive sizes names
+            cfg.mesh.shape = tuple(mesh)  # (one of 0 or below: make_mesh names the shape, not num_devices)
+            cfg.mesh.num_devices = int(np.prod(mesh)) if min(mesh) > 0 else -1
     mesh, rules = train.mesh_for(cfg), cfg.mesh.rules
     sharding = train.batch_sharding(mesh, rules)
     tok = load_tokenizer(cfg.tokenizer)
