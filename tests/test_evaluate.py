@@ -50,7 +50,7 @@ def _last_eval(workdir):
 
 # --- prefs ---------------------------------------------------------------------------------------------
 
-def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path):
+def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monkeypatch):
     expected = _last_eval(dpo_workdir)
     out = tmp_path / "prefs.json"
     evaluate.main(["prefs", f"--workdir={dpo_workdir}", f"--out={out}"])
@@ -71,6 +71,16 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path):
     other = evaluate.prefs_from_workdir(dpo_workdir, mesh=(1, 2, 2))
     for k in DPO_METRICS:
         assert abs(other[k] - expected[k]) <= 1e-6 * max(1.0, abs(expected[k])), (k, other[k], expected[k])
+    # Only the eval batches need split over that mesh: a run of 8 packed rows in 8 micro-batches on one device was
+    # refused on (1, 2, 2) ("data.packed_rows=8 must be a multiple of train.grad_accum x the mesh's batch shards").
+    saved = evaluate.train_config(dpo_workdir)
+    with saved.unlocked():
+        saved.mesh.shape, saved.mesh.num_devices, saved.train.grad_accum, saved.data.packed_rows = (1, 1, 1), 1, 8, 8
+    monkeypatch.setattr(evaluate, "train_config", lambda workdir: saved)
+    one_device = evaluate.prefs_from_workdir(dpo_workdir)
+    split = evaluate.prefs_from_workdir(dpo_workdir, mesh=(1, 2, 2))
+    for k in DPO_METRICS:
+        assert abs(split[k] - one_device[k]) <= 1e-6 * max(1.0, abs(one_device[k])), (k, split[k], one_device[k])
 
 
 def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811

@@ -80,40 +80,42 @@ def use_compilation_cache(path: str | None) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
 
 
-def check_batch_fits_mesh(cfg, mesh) -> None:
+def check_batch_fits_mesh(cfg, mesh, training: bool = True) -> None:
     """Every micro-batch's rows split evenly over the mesh's batch shards. dDPO's rows are sequences, not pairs:
     packed, preference_rows_for rounds them up to the shards (data.packed_rows is checked here), so any number of
-    pairs fits (the recipe's 32 on 64 chips); unpacked, a pair is two rows."""
+    pairs fits (the recipe's 32 on 64 chips); unpacked, a pair is two rows. training=False (an evaluation of a
+    run's checkpoint): the eval batches only."""
     shards = batch_shards(mesh, cfg.mesh.rules)
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
     if cfg.stage != "dpo":
-        sizes = [("micro-batch (global_batch_size / grad_accum)", micro),
-                 ("train.eval_batch_size", cfg.train.eval_batch_size)]
+        train_sizes = [("micro-batch (global_batch_size / grad_accum)", micro)]
+        eval_sizes = [("train.eval_batch_size", cfg.train.eval_batch_size)]
     elif not cfg.data.packing:
-        sizes = [("rows of a micro-batch (2 x global_batch_size / grad_accum pairs)", 2 * micro),
-                 ("rows of an eval batch (2 x train.eval_batch_size pairs)", 2 * cfg.train.eval_batch_size)]
+        train_sizes = [("rows of a micro-batch (2 x global_batch_size / grad_accum pairs)", 2 * micro)]
+        eval_sizes = [("rows of an eval batch (2 x train.eval_batch_size pairs)", 2 * cfg.train.eval_batch_size)]
     else:
-        sizes = []
+        train_sizes, eval_sizes = [], []
     axes = " x ".join(batch_axes(cfg.mesh.rules)) or "no axis"
-    for name, size in sizes:
+    for name, size in (train_sizes if training else []) + eval_sizes:
         if size % shards:
             raise ConfigError(f"{name}={size} does not divide over the mesh's {axes} = {shards} batch shards "
                               "(config.mesh.rules.batch)")
-    rows = cfg.data.packed_rows if cfg.stage == "dpo" and cfg.data.packing else 0
+    rows = cfg.data.packed_rows if training and cfg.stage == "dpo" and cfg.data.packing else 0
     if rows % (shards * cfg.train.grad_accum):
         raise ConfigError(f"data.packed_rows={rows} must be a multiple of train.grad_accum x the mesh's batch shards "
                           f"({cfg.train.grad_accum} x {shards})")
 
 
-def mesh_for(cfg, devices=None):
-    """The config's mesh over its devices (default: this job's), checked against the batch sizes."""
+def mesh_for(cfg, devices=None, training: bool = True):
+    """The config's mesh over its devices (default: this job's), checked against the batch sizes (training=False:
+    the eval batches' only)."""
     devices = jax.devices() if devices is None else devices
     devices = devices if cfg.mesh.num_devices == -1 else first_devices(devices, cfg.mesh.num_devices)
     try:
         mesh = make_mesh(cfg.mesh.shape, devices, order=cfg.mesh.device_order)
     except ValueError as e:  # (sharding.py's own error, also for the engine's --mesh)
         raise ConfigError(f"config.mesh: {e}") from e
-    check_batch_fits_mesh(cfg, mesh)
+    check_batch_fits_mesh(cfg, mesh, training)
     return mesh
 
 
