@@ -15,7 +15,7 @@ import pytest
 
 from zephyr_jax.model import attention
 from zephyr_jax.model.attention import attend, make_mask, segment_offsets
-from zephyr_jax.sharding import make_mesh
+from zephyr_jax.sharding import DEFAULT_RULES, make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +101,19 @@ def test_splash_refuses_a_length_or_head_split_it_cannot_run():
     np.testing.assert_allclose(auto, attend(q, k, v, None, sliding_window=None, impl="xla"), atol=1e-6)
     with pytest.raises(ValueError, match="attention impl 'flash'"):
         attend(q, k, v, None, sliding_window=None, impl="flash")
+
+
+def test_splash_refuses_query_and_kv_heads_split_over_other_axes():
+    """Per shard, the kernel pairs a shard's query heads with that shard's KV heads: with the KV heads left whole
+    (--config.mesh.rules.kv_heads=()) and the query heads split, query head 2 of 4 met KV head 0 of 2, not 1
+    (wrong outputs, no error). Refused for splash, and "auto" takes einsum attention on a TPU."""
+    q, k, v = _qkv(2, 128, 4, 2, 128, seed=1)
+    rules = tuple((name, () if name == "kv_heads" else axes) for name, axes in DEFAULT_RULES)
+    with jax.set_mesh(make_mesh((1, 1, 2), jax.devices()[:2])):
+        with pytest.raises(ValueError, match=r"heads and kv_heads must split over the same mesh axes \(tensor and "
+                                             r"none, "):
+            attend(q, k, v, None, sliding_window=None, impl="splash", rules=rules, interpret=True)
+        assert attention._auto_impl("tpu", q, k, None, None, rules) == "xla"
 
 
 def test_auto_is_einsum_attention_on_cpu():

@@ -195,8 +195,13 @@ def _specs(rules):
 
 def _split(entry, sizes) -> int:
     """How many ways a PartitionSpec entry (None, an axis name, or a tuple of them) splits its dimension."""
+    return math.prod(sizes[a] for a in _split_axes(entry, sizes))
+
+
+def _split_axes(entry, sizes) -> tuple:
+    """The mesh axes of more than one device that a PartitionSpec entry splits its dimension over."""
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return math.prod(sizes[a] for a in names)
+    return tuple(a for a in names if sizes[a] > 1)
 
 
 def _shard_problem(q, k, rules) -> str | None:
@@ -213,6 +218,12 @@ def _shard_problem(q, k, rules) -> str | None:
         if x.shape[2] % _split(spec[2], sizes) or x.shape[0] % _split(spec[0], sizes):
             return (f"{x.shape[2]} {heads} and batch {x.shape[0]} must divide over the mesh axes {spec[2]} and "
                     f"{spec[0]} ({sizes}): change the mesh or use impl='xla'")
+    # A shard's query heads attend to that shard's KV heads: the grouping holds only if both split alike.
+    q_heads, kv_heads = (_split_axes(spec[2], sizes) for spec in (q_spec, kv_spec))
+    if q_heads != kv_heads:
+        name = lambda axes: " x ".join(axes) or "none"  # noqa: E731
+        return (f"heads and kv_heads must split over the same mesh axes ({name(q_heads)} and {name(kv_heads)}, "
+                f"{sizes}) for the kernels' grouped heads: change the rules (config.mesh.rules) or use impl='xla'")
     return None
 
 
