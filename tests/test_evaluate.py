@@ -81,6 +81,12 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monk
     split = evaluate.prefs_from_workdir(dpo_workdir, mesh=(1, 2, 2))
     for k in DPO_METRICS:
         assert abs(split[k] - one_device[k]) <= 1e-6 * max(1.0, abs(one_device[k])), (k, split[k], one_device[k])
+    # A run's mesh of more devices than this job has: the error says what to do about it (--mesh)
+    with saved.unlocked():
+        saved.mesh.shape, saved.mesh.num_devices = (1, -1, 1), 16
+    with pytest.raises(evaluate.train.ConfigError, match=r"config.mesh.num_devices=16: .* \(the run's mesh, on this "
+                                                          r"job's 8 devices\): pass --mesh, e.g. --mesh=1,-1,1"):
+        evaluate.prefs_from_workdir(dpo_workdir)
 
 
 def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811

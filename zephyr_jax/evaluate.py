@@ -96,7 +96,15 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
         if mesh is not None:  # over this job's devices, or as many as a shape of positive sizes names
             cfg.mesh.shape = tuple(mesh)  # (one of 0 or below: make_mesh names the shape, not num_devices)
             cfg.mesh.num_devices = int(np.prod(mesh)) if min(mesh) > 0 else -1
-    mesh, rules = train.mesh_for(cfg, training=False), cfg.mesh.rules  # (the run's micro-batches need not split)
+    asked = mesh
+    try:
+        mesh = train.mesh_for(cfg, training=False)  # (the run's micro-batches need not split)
+    except train.ConfigError as e:
+        if asked is not None:
+            raise
+        raise train.ConfigError(f"{e} (the run's mesh, on this job's {jax.device_count()} devices): pass --mesh, "
+                                "e.g. --mesh=1,-1,1 for all of them") from e
+    rules = cfg.mesh.rules
     sharding = train.batch_sharding(mesh, rules)
     tok = load_tokenizer(cfg.tokenizer)
     examples, _ = load_examples(cfg.data, "dpo", tok, "eval", log=log)
