@@ -1475,7 +1475,8 @@ def test_an_epoch_sized_run_counts_its_steps_reshuffles_and_resizes_on_resume(da
     # 2 more steps, on a schedule of 6 steps with the new lr (max_steps 0, as -1: a run sized in epochs)
     train.run(cfg(3, 5e-4, max_steps=0), str(workdir))
     said = capsys.readouterr().out  # each changed value, not the optim section twice
-    assert f"resuming {workdir} with optim.lr: 0.001 -> 0.0005: the learning-rate schedule follows" in said
+    assert f"resuming {workdir} with optim.lr: 0.001 -> 0.0005: the optimizer follows the new values from here on, " \
+        "its learning-rate schedule too" in said
     assert f"resuming {workdir} with train.num_epochs: 2 -> 3: the learning-rate schedule follows" in said
     lines = split_records(workdir, "train")
     lrs = {r["step"]: r["lr"] for r in lines}

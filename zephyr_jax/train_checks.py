@@ -224,7 +224,8 @@ RESUME_KEYS = ("stage", "seed", "tokenizer", "model.init", "model.path", "model.
                "data.too_long", "train.global_batch_size", "dpo.reference_free")
 # Allowed (more steps, a lower lr, another beta), and said with what follows from the change.
 _SCHEDULE = "the learning-rate schedule follows the new values from here on"
-RESIZING_KEYS = {"train.max_steps": _SCHEDULE, "train.num_epochs": _SCHEDULE, "optim": _SCHEDULE,
+RESIZING_KEYS = {"train.max_steps": _SCHEDULE, "train.num_epochs": _SCHEDULE,  # (optim: also clip_norm, mu_dtype)
+                 "optim": "the optimizer follows the new values from here on, its learning-rate schedule too",
                  "dpo": "the DPO loss follows the new values from here on"}
 
 
