@@ -518,6 +518,13 @@ def test_lm_eval_adapter_refuses_a_dtype_that_is_no_float_type():
     # (a TypeError deep in numpy; refused before the model, so no such model is looked for)
     with pytest.raises(ValueError, match="dtype='fp8': expected one of float32, bfloat16, float16"):
         ZephyrJaxLM(pretrained="no/such-model", dtype="fp8")
+    # batch_size=-1 scored nothing and returned None for every request; 0 failed as "range() arg 3 must not be
+    # zero"; max_length=-8 dropped each row's first 8 tokens
+    for args, message in (({"batch_size": -1}, "batch_size=-1: must be at least 1"),
+                          ({"batch_size": "0"}, "batch_size=0: must be at least 1"),
+                          ({"max_length": -8}, "max_length=-8: must be at least 1")):
+        with pytest.raises(ValueError, match=message):
+            ZephyrJaxLM(pretrained="no/such-model", **args)
 
 
 @pytest.mark.long

@@ -93,6 +93,10 @@ class ZephyrJaxLM(LM):
             raise TypeError(f"zephyr_jax model_args: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
         add_bos_token = _flag(add_bos_token, "add_bos_token")  # before the model loads
         check_float_dtype(dtype, "dtype")  # (fp8: a TypeError deep in numpy)
+        # (batch_size=-1 scored nothing and returned None for every request; max_length=-8 dropped tokens)
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if value is not None and str(value).lstrip("-").isdigit() and int(value) < 1:
+                raise ValueError(f"{name}={int(value)}: must be at least 1")
         super().__init__()
         from zephyr_jax.loading import load
         from zephyr_jax.tokenizer import tokenizer_for
