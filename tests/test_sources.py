@@ -274,3 +274,11 @@ def test_one_row_of_another_type_changes_no_other_row(tmp_path):
     assert bad == ["row 4: messages[1].content is not a string"]
     # The same file as a URL (file:// stands in for gs:// and s3://: fsspec reads all three) reads the same.
     assert [dict(r) for r in load_rows(path.as_uri(), None)] == rows
+    # Behind a first shard (or 10 MB) of good rows: datasets typed the field from those and cast the rest to it,
+    # a number to text ("5") and, where a shard's rows disagreed, every string of it JSON-encoded ("8" -> '"8"').
+    for later in (rows, rows[3:4]):
+        shards = tmp_path / f"shards{len(later)}"
+        shards.mkdir()
+        write_jsonl(shards / "train-0.jsonl", rows[-1:])  # strings only
+        write_jsonl(shards / "train-1.jsonl", later)
+        assert [dict(r) for r in load_rows(str(shards), "train")] == rows[-1:] + later

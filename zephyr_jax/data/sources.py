@@ -23,10 +23,11 @@
 
 Hub and file sources return a `datasets.Dataset` (`rows[i]` is a dict), or with `streaming=True` a
 `datasets.IterableDataset`; TFDS sources return a sequence of dicts (`streaming` has no effect: it is lazy).
-JSON (local or a URL) that `datasets`' reader refuses, or reads only by typing a field as Json (its rows disagree
-in type, and the reader would decode every string in it), is read with the json module: a bad line is named by
-file and line, and columns are typed from every row (the reader types them from the first 10 MB), or, where rows
-disagree in a field's type, the rows come as a list of dicts as they are, so the malformed one is named or skipped.
+JSON (local or a URL) that `datasets`' reader refuses, or whose rows disagree in a field's type (the reader would
+type it Json and decode every string in it, or cast rows past its first 10 MB to the first rows' types), is read with
+the json module: a bad line is named by file and line, and columns are typed from every row (the reader types them
+from the first 10 MB), or, where rows disagree in a field's type, the rows come as a list of dicts as they are, so
+the malformed one is named or skipped.
 """
 
 from __future__ import annotations
@@ -166,11 +167,31 @@ def _load_files(files: list[str], streaming: bool):
         if json_rows:
             return _load_json_rows(files, e)
         raise ValueError(f"could not read {_names(files)}: {_root_cause(e)}") from e
-    if json_rows and _has_json_feature(rows.features):
+    if json_rows and (_has_json_feature(rows.features) or not _json_types_agree(files)):
         # A field whose rows disagree in type (a number in one row's content, strings in the others) is typed
         # Json, and every string in it is then decoded as JSON: "8" became 8, "null" None, '"hi"' hi.
         return _load_json_rows(files)
     return rows
+
+
+def _json_types_agree(files) -> bool:
+    """Whether every row of every file gives each field one type, as pyarrow's JSON Lines reader sees them (it
+    refuses a type that changes from one row to another). `datasets` types the fields from its first 10 MB chunk
+    only (what _has_json_feature sees) and casts later chunks and files to them: a number in a later row's content
+    became text ("5"), and every string of a later chunk whose rows disagreed was JSON-encoded ('"hi"')."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.json as paj
+
+    schemas = []
+    try:
+        for f in files:
+            with fsspec.open(f, "rb") as handle:  # blocks of 64 MB: a long row straddling two is no disagreement
+                schemas.append(paj.read_json(handle, read_options=paj.ReadOptions(block_size=64 << 20)).schema)
+        pa.unify_schemas(schemas, promote_options="permissive")  # (an int64 and a double field merge)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):  # also a JSON array: json module
+        return False
+    return True
 
 
 def _has_json_feature(feature) -> bool:
