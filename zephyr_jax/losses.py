@@ -66,8 +66,8 @@ def sequence_logps(
 
 
 def sft_loss_from_logps(logps: jax.Array, loss_mask: jax.Array, normalizer=None) -> jax.Array:
-    """-sum_{masked} logps / normalizer (default: the number of masked tokens, clamped to at least 1): the
-    cross-entropy of `sft_loss` from per-token log-probs, e.g. the train step's (logprobs.head_logps)."""
+    """-sum_{masked} logps / normalizer (default: the number of masked tokens; either is clamped to at least 1):
+    the cross-entropy of `sft_loss` from per-token log-probs, e.g. the train step's (logprobs.head_logps)."""
     mask = _as_mask(loss_mask)
     denom = jnp.sum(mask, dtype=jnp.float32) if normalizer is None else jnp.asarray(normalizer, jnp.float32)
     return -jnp.sum(jnp.where(mask, logps, 0.0)) / jnp.maximum(denom, 1.0)
