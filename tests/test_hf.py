@@ -261,11 +261,22 @@ def test_a_save_killed_over_an_earlier_one_leaves_no_model_that_loads(loaded, tm
 
 
 def test_a_weight_past_float16s_range_is_refused_not_saved_as_inf(tmp_path):
-    model = Mistral(MistralConfig(**TINY), rngs=nnx.Rngs(0))
+    model = Mistral(MistralConfig(**{**TINY, "vocab_size": 32000}), rngs=nnx.Rngs(0))  # (the export's tokenizer's)
     model.norm.scale.set_value(model.norm.scale.get_value().at[0].set(1e5))
     with pytest.raises(ValueError, match=r"model.norm.weight has a value of magnitude 1e\+05, past float16's"):
         hf.save_pretrained(model, str(tmp_path), dtype=jnp.float16)
     hf.save_pretrained(model, str(tmp_path), dtype=jnp.bfloat16)  # bfloat16 has float32's range
+    # An export reads the checkpoint straight into float16 (orbax casts on the host): the weight arrives as inf.
+    from tests.test_loading import save_checkpoint
+    from zephyr_jax import checkpoint, export
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    checkpoint.save_model_config(str(workdir), model.config)
+    save_checkpoint(workdir, 1, nnx.state(model))
+    with pytest.raises(ValueError, match=r"step 1 of .*run: model.norm.weight has a value past float16's largest "):
+        export.export(str(workdir), str(tmp_path / "f16"), dtype="float16")
+    assert not (tmp_path / "f16").exists()
 
 
 def test_bf16_save_reloads(loaded, tmp_path):
