@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -82,6 +83,14 @@ def test_a_checkpoint_with_unstacked_layers_restores_into_the_scanned_model(tmp_
     assert int(state.step) == 7 and meta["loader"] == {"epoch": 0, "step": 7}
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.opt_state,
                  opt_state)
+    # A step whose meta is cut short or missing (an interrupted copy): named as its params or opt_state would be,
+    # not as orbax's KeyError or a bare JSONDecodeError, which named neither the step nor the directory.
+    meta_dir = tmp_path / "checkpoints" / "7" / "meta"
+    for damage in (lambda: (meta_dir / "metadata").write_text('{"step": 7, "loa'), lambda: shutil.rmtree(meta_dir)):
+        damage()
+        with pytest.raises(ValueError, match=r"checkpoint step 7 in .*checkpoints: its meta could not be read \(.*"
+                                             r"\); if the step is damaged or partly written"):
+            checkpoint.restore(checkpoint.manager(str(tmp_path)), 7, abstract_state, state_shardings)
 
     # Without a mesh, as zephyr_jax.load(workdir) and export read it (a layer's sharding was taken from a mesh
     # spec that one device's sharding does not have: AttributeError).

@@ -41,10 +41,13 @@ def _abstract(tree, shardings):
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, state_shardings):
     """(TrainState, meta) of `step`, placed on `state_shardings` (a TrainState of shardings)."""
+    try:  # first, before the weights' read (missing: orbax's KeyError; cut short: a JSONDecodeError, both unnamed)
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:
+        raise _unreadable(mngr, step, "meta", e) from e
     target = _abstract(abstract_state, state_shardings)
     params = _restore_item(mngr, step, "params", target.params)
     opt_state = _restore_item(mngr, step, "opt_state", target.opt_state)
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     step_array = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state_shardings.step)
     return type(abstract_state)(params, opt_state, step_array), meta
 
