@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zephyr_jax import checkpoint, hf
@@ -114,6 +115,23 @@ def load_model(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | No
         check_params_fit_mesh(abstract, specs, mesh)  # before any weight is read
         shardings = named(mesh, specs)
     if not workdir:
-        return hf.read_weights(local, cfg, shardings)
-    params, _ = checkpoint.restore_params(local, abstract, shardings, step)
-    return nnx.merge(graphdef, params)
+        model = hf.read_weights(local, cfg, shardings)
+    else:
+        params, step = checkpoint.restore_params(local, abstract, shardings, step)
+        model = nnx.merge(graphdef, params)
+    if cfg.param_dtype == jnp.float16:
+        _check_float16_range(model, f"{path_or_name} step {step}" if workdir else path_or_name)
+    return model
+
+
+def _check_float16_range(model: Mistral, where: str) -> None:
+    """Weights are cast to float16 as they are read (numpy's cast, orbax's), which turns one past float16's largest
+    (65504) into inf with at most a warning: every output would be NaN. Named here, by its HF name."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, value = hf._dotted(path), var.get_value()
+        layered = name.startswith("layers.")  # (stacked: finite per layer, to name that layer's tensor)
+        finite = np.asarray(jnp.isfinite(value).all(axis=tuple(range(1 if layered else 0, value.ndim))))
+        if not finite.all():
+            hf_name = hf.flax_to_hf_name(name, int(np.argmin(finite)) if layered else None)[0]
+            raise ValueError(f"{where}: {hf_name} has a value past float16's largest (65504), or not finite: "
+                             "use bfloat16 or float32")
