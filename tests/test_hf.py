@@ -193,6 +193,9 @@ def test_save_load_is_bitwise(tmp_path, tied, monkeypatch):
         with pytest.raises(ValueError, match=r"tie_word_embeddings=true, but the checkpoint's lm_head.weight "
                                              r"\(F32 \[128, 64\]\) differs from model.embed_tokens.weight: set"):
             load_model(own_head, jnp.float32)
+        with pytest.raises(ValueError, match=r"differs from model.embed_tokens.weight"):  # training's early check
+            hf.check_weights(own_head, again.config)
+        hf.check_weights(with_head, again.config)
 
 
 def test_row_block_streaming_is_exact(hf_dir, monkeypatch, tmp_path):

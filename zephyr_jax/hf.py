@@ -343,10 +343,12 @@ def _checked_weights(path: str, params: dict) -> tuple[dict, dict, set]:
 
 
 def check_weights(path: str, cfg: MistralConfig) -> None:
-    """read_weights' checks without reading any weight (seconds for a 7B): what training runs before its data
-    work, so a wrong or damaged checkpoint is named before minutes of tokenizing."""
+    """read_weights' checks without reading any weight but a tied config's head (seconds for a 7B): what training
+    runs before its data work, so a wrong or damaged checkpoint is named before minutes of tokenizing."""
     _, state = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
-    _checked_weights(path, {_dotted(p): var for p, var in nnx.to_flat_state(state)})
+    files, headers, _ = _checked_weights(path, {_dotted(p): var for p, var in nnx.to_flat_state(state)})
+    if cfg.tie_word_embeddings:
+        _check_tied_head(files, headers)
 
 
 def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
