@@ -88,7 +88,9 @@ else
 fi
 
 SUMMARY="$OUT/summary.md"
-STARTED=/tmp/gpu_issue13.started  # the stages this machine has started and the budget did not cut (resume skips)
+# The stages this machine has started and the budget did not cut (resume skips); STARTED=FILE: another file (a
+# test's, which must not touch the real one)
+STARTED=${STARTED:-/tmp/gpu_issue13.started}
 left() { echo $(( ${BUDGET_S:-86400} - ($(date +%s) - T0) )); }
 CUT=0  # set by stage() when the budget's end skipped a part of the current stage or stopped it early
 stage() {  # name[:variant] seconds command...: runs it under `timeout` (its seconds or what is left of the
@@ -111,13 +113,13 @@ stage() {  # name[:variant] seconds command...: runs it under `timeout` (its sec
   return "$rc"
 }
 
-run_env() {
+run_env() {  # the stage's exit is the imports' (then the device query's): a package missing fails it
   stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv 2>/dev/null; $PY -c 'import sys, jax, flax, optax, torch, transformers, ml_collections, datasets, trl; \
     print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \
     \"torch\", torch.__version__, \"transformers\", transformers.__version__, \"trl\", trl.__version__, \
-    \"datasets\", datasets.__version__, jax.devices())'; \
-    $PY -c 'import torch; p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; \
+    \"datasets\", datasets.__version__, jax.devices())' \
+    && $PY -c 'import torch; p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; \
     print(\"device properties (zephyr_jax.compile_targets.GPUS for the planner):\", p, \
     \"L2 bytes\", getattr(p, \"L2_cache_size\", None))'"
 }

@@ -1,0 +1,33 @@
+"""The prepared GPU run (bench/gpu_issue13.sh): what its summary says about a stage, checked on this CPU with a
+stand-in Python (a shell script) in place of the real one, so no stage computes anything."""
+
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_stages(tmp_path, python_body: str, *stages: str) -> str:
+    """bench/gpu_issue13.sh STAGES in SMOKE mode with PYTHON a script running `python_body` (bash; "$*" holds
+    its arguments); its output, the closing tables and summary included. The wheels of a checkout's .whl/ (a
+    GPU session's) "install"."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\n[ "$1 $2" = "-m pip" ] && exit 0\n{python_body}\n')
+    python.chmod(0o755)
+    env = dict(os.environ, SMOKE="1", PYTHON=str(python), OUT=str(tmp_path / "out"),
+               STARTED=str(tmp_path / "started"), BUDGET_S="600")
+    out = subprocess.run(["bash", "bench/gpu_issue13.sh", *stages], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    return out.stdout + out.stderr
+
+
+def summary_row(output: str, stage: str) -> list[str]:
+    return next(line.split(" | ") for line in output.splitlines() if line.startswith(f"| {stage} | "))
+
+
+def test_an_env_stage_whose_imports_fail_shows_as_failed(tmp_path):
+    """The env stage ran the import check and then the device query in one `bash -c`: its exit was the query's,
+    so a Python lacking trl (or a flax that does not import under the image's jax) read as exit 0."""
+    output = run_stages(tmp_path, 'case "$*" in *trl*) echo "No module named trl" >&2; exit 1;; esac', "env")
+    assert "No module named trl" in output
+    assert summary_row(output, "env")[2] == "1", output
