@@ -257,8 +257,9 @@ for s in "${@:-$DEFAULT}"; do
     (( CUT )) && sed -i "/^$name\$/d" "$STARTED"
   done
 done
-echo; echo "### tables"
-grep -h -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' -e 'busy' -e '^kinds:' \
+echo; echo "### tables"  # each stage's rows under its '=== stage: command' line (the flags, the dpo7b try)
+grep -h -e '^=== ' -e '^XLA_FLAGS of' -e '^|' -e '^device:' -e '^jax ' -e 'tokens/s' -e 'checks hold' -e 'busy' \
+  -e '^kinds:' \
   "$OUT"/parity.log "$OUT"/train.log "$OUT"/profile.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log \
   2>/dev/null \
   | grep -v -e '^|---' -e '| jit_' -e '^| operation |'  # (a profile's operation rows stay in its log)

@@ -31,3 +31,23 @@ def test_an_env_stage_whose_imports_fail_shows_as_failed(tmp_path):
     output = run_stages(tmp_path, 'case "$*" in *trl*) echo "No module named trl" >&2; exit 1;; esac', "env")
     assert "No module named trl" in output
     assert summary_row(output, "env")[2] == "1", output
+
+
+def test_the_closing_tables_say_which_stage_and_command_each_figure_came_from(tmp_path):
+    """The tables kept only the scripts' rows: the flags stage's steps (under the sbatch's XLA flags) read like the
+    default ones, and a dpo7b figure did not say which fallback (2 micro-batches, a bf16 Adam moment, 16 pairs)
+    gave it. Here the first dpo7b try runs out of memory and the second gives a row."""
+    python = """case "$*" in
+  *zephyr_jax.xla_flags*) echo "--xla_gpu_enable_latency_hiding_scheduler=true";;
+  *grad_accum=2*) echo "| dpo | 4 | row of the 2 micro-batches |";;
+  *dpo.py*precompute_reference*) echo "RESOURCE_EXHAUSTED: out of memory" >&2; exit 1;;
+  *throughput.py*) echo "| sft or dpo | row under the sbatch's flags |";;
+esac"""
+    output = run_stages(tmp_path, python, "dpo7b", "flags")
+    tables = output.split("### tables")[1].splitlines()
+
+    def label(row: str) -> str:  # the nearest '=== ' line above the row
+        return next((line for line in reversed(tables[:tables.index(row)]) if line.startswith("=== ")), "(none)")
+
+    assert "grad_accum=2" in label("| dpo | 4 | row of the 2 micro-batches |")
+    assert label("| sft or dpo | row under the sbatch's flags |").startswith("=== train:xla_flags: ")
