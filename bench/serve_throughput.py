@@ -263,10 +263,13 @@ def main():
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
 
+    clients, requests = args.clients.split(","), args.requests.split(",")
+    if len(clients) != len(requests):  # (zip dropped the loads past the shorter list)
+        parser.error(f"--clients={args.clients} names {len(clients)} loads but --requests={args.requests} "
+                     f"{len(requests)}: give one request count per client count")
     workdir = tempfile.mkdtemp(prefix="serve_bench_")
     model_dir = args.model or make_model(os.path.join(workdir, "model"))
-    loads = [(int(c), request_set(int(n), seed=int(c))) for c, n in zip(args.clients.split(","),
-                                                                         args.requests.split(","))]
+    loads = [(int(c), request_set(int(n), seed=int(c))) for c, n in zip(clients, requests)]
     systems = args.systems.split(",")
     max_clients = max(c for c, _ in loads)
     rows = []

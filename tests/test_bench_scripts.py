@@ -1,8 +1,9 @@
-"""The prepared GPU run (bench/gpu_issue13.sh): what its summary says about a stage, checked on this CPU with a
-stand-in Python (a shell script) in place of the real one, so no stage computes anything."""
+"""The bench scripts' bookkeeping, nothing computed: the prepared GPU run (bench/gpu_issue13.sh), with a stand-in
+Python (a shell script) in place of the real one, and what the scripts accept on their command lines."""
 
 import os
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,3 +52,12 @@ esac"""
 
     assert "grad_accum=2" in label("| dpo | 4 | row of the 2 micro-batches |")
     assert label("| sft or dpo | row under the sbatch's flags |").startswith("=== train:xla_flags: ")
+
+
+def test_serve_throughput_refuses_client_counts_without_request_counts():
+    """--clients=1,8,32,64 beside the default --requests=8,32,64 zipped the lists: the 64-client load was dropped
+    without a word."""
+    out = subprocess.run([sys.executable, "bench/serve_throughput.py", "--clients=1,8,32,64", "--systems=",
+                          "--model=unused"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--clients=1,8,32,64 names 4 loads but --requests=8,32,64 3" in out.stderr
