@@ -12,8 +12,8 @@ keeps its digits. Compared, by swapping that one function (the other two find `c
 
 Columns: median wall time of forward + backward (token_logps on float32 logits, head_logps on float32
 hidden/kernel), the compiled temporary bytes of head_logps' forward + backward (XLA memory_analysis), and the
-largest error of log p for near-certain tokens (top logit 30, the rest N(0, 1): log p about -1e-11 * V) against
-float64.
+largest error of log p for near-certain tokens (top logit 30, the rest N(0, 1): log p about -e^-29.5 V = -1.5e-13 V,
+-4.9e-9 at V = 32,000) against float64.
 """
 
 from __future__ import annotations
