@@ -6,11 +6,12 @@
         [--torch-threads=2] [--remat=configs|none]
 
 Same Mistral architecture (random weights), same batch, every sequence the same length, so both run the model
-on the same tokens. DPO (default): B pairs, each sequence prompt + completion = T tokens, [2B, T] in one pass
-(chosen and rejected), sigmoid DPO loss (beta 0.1), frozen reference model forward every step. SFT: B rows of
---length tokens, one example a row (a packed row of one full-length example: no padding on either side), the
-next-token loss on every position. Both: AdamW with grad-norm clipping 1.0, no gradient accumulation, no
-evaluation, logging or checkpoints.
+on the same tokens. DPO (default): B pairs, each sequence prompt + completion = T tokens, all 2B in one pass
+(chosen and rejected: TRL's [2B, T]; zephyr_jax's trainer packs them, about four sequences a row, each its own
+segment: [4, 4096] for 8 pairs of 512 + 512), sigmoid DPO loss (beta 0.1), frozen reference model forward every
+step. SFT: B rows of --length tokens, one example a row (a packed row of one full-length example: no padding on
+either side), the next-token loss on every position. Both: AdamW with grad-norm clipping 1.0, no gradient
+accumulation, no evaluation, logging or checkpoints.
 
 --precision=float32 (default): float32 everywhere, no gradient checkpointing (zephyr_jax: configs/*.py:tiny).
 --precision=bf16: float32 master weights and bf16 compute with the configs' remat ("full"; zephyr_jax: the
