@@ -111,7 +111,10 @@ def main():
     parser.add_argument("--out", default="bench/plan_table.jsonl")
     parser.add_argument("--only", default=None, help="CONFIG_SUFFIX@TOPOLOGY, e.g. dpo.py:zephyr@v5e-64")
     args = parser.parse_args()
-    rows = [r for r in ROWS if args.only is None or f"{r[0].split('/')[-1]}@{r[1]}" == args.only]
+    name = lambda r: f"{r[0].split('/')[-1]}@{r[1]}"  # noqa: E731
+    rows = [r for r in ROWS if args.only is None or name(r) == args.only]
+    if not rows:  # (a typo printed an empty table)
+        parser.error(f"--only={args.only}: no row; rows: {', '.join(map(name, ROWS))}")
 
     def log(report):
         with open(args.out, "a") as f:

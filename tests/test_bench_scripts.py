@@ -61,3 +61,11 @@ def test_serve_throughput_refuses_client_counts_without_request_counts():
                           "--model=unused"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "--clients=1,8,32,64 names 4 loads but --requests=8,32,64 3" in out.stderr
+
+
+def test_plan_table_refuses_an_only_that_names_no_row(tmp_path):
+    """--only with a slice or config the table has no row for (v5e-8, a typo) printed an empty table."""
+    out = subprocess.run([sys.executable, "bench/plan_table.py", "--only=dpo.py:zephyr@v5e-8",
+                          f"--out={tmp_path / 'plans.jsonl'}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--only=dpo.py:zephyr@v5e-8: no row; rows: sft.py:zephyr@v4-64, " in out.stderr
