@@ -195,7 +195,8 @@ def main():
     layouts = {}  # "stacked" / "own" -> (graphdef, state), one copy each however often listed
     for name in args.layer_weights.split(","):
         name = platform_layout if name == "platform" else name
-        layouts.setdefault(name, nnx.split(mistral.per_layer_weights(model)) if name == "own" else (graphdef, state))
+        split = nnx.split(mistral.per_layer_weights(model)) if name == "own" else (graphdef, state)
+        layouts.setdefault(name, (engine._hashed_once(split[0]), split[1]))  # (as the engine passes it to jit)
     heads_firsts = [None if o == "platform" else o == "heads_first" for o in orders]
     rows = [int(r) for r in args.rows.split(",")]
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.arch} ({cfg.num_params / 1e9:.2f}B params, "
