@@ -225,11 +225,14 @@ def test_mt_bench_turn_two_sees_turn_one_and_category_temperatures(monkeypatch):
     assert calls[1][1][0][:2] == [{"role": "system", "content": "Be brief."}, conv[0]]
 
 
-def test_mt_bench_answer_file(model_dir, tmp_path):
+def test_mt_bench_answer_file(model_dir, tmp_path, monkeypatch):
     questions, answers = tmp_path / "question.jsonl", tmp_path / "model_answer" / "tiny.jsonl"
     _write_questions(questions)
+    caches = []  # the engine's programs come from JAX's persistent cache, as train's and serve's do
+    monkeypatch.setattr(train, "use_compilation_cache", caches.append)
     evaluate.main(["mt_bench", f"--model={model_dir}", f"--question_file={questions}", f"--answer_file={answers}",
                    "--model_id=tiny", "--max_new_tokens=5", "--batch_size=2", "--temperature=0"])
+    assert caches == ["~/.cache/zephyr_jax/xla"]
     lines = _read_jsonl(answers)
     assert [r["question_id"] for r in lines] == [81, 111]
     assert len({r["answer_id"] for r in lines}) == 2

@@ -415,7 +415,11 @@ def main(argv=None):
     p.add_argument("--generator", required=True, help="the model's name in AlpacaEval's leaderboard")
     p.add_argument("--temperature", type=float, default=0.7, help="default 0.7, top_p 1.0, 2048 new tokens: "
                    "AlpacaEval's zephyr-7b-beta generation config")
+    for p in sub.choices.values():  # (as serve's: the engine's programs, a 7B's, take minutes to compile)
+        p.add_argument("--compilation_cache", default="~/.cache/zephyr_jax/xla",
+                       help="JAX's persistent compilation cache, so a later run skips compiling ('' = off)")
     args = parser.parse_args(argv)
+    train.use_compilation_cache(args.compilation_cache)
 
     if args.command == "prefs":
         if args.out and (why := _writable(args.out)) is not None:  # found after the scoring, which it lost
