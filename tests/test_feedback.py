@@ -912,10 +912,13 @@ def test_a_programmatic_rating_below_1_is_an_error():
             feedback.programmatic_annotations(bad, "f")
 
 
-def test_limit_is_the_number_of_prompts_used():
+def test_limit_is_the_number_of_prompts_used(tmp_path):
     rows = [{"prompt": f"q{i}"} for i in range(5)]
     assert [p.instruction for p in feedback.read_prompts(rows, limit=2, counter=SkipCounter())] == ["q0", "q1"]
     assert feedback.read_prompts(rows, limit=0, counter=SkipCounter()) == []
+    for bad in (0, -1):  # a setting that reads no prompt is named, not reported as "no usable prompt in rows"
+        with pytest.raises(ValueError, match=f"limit={bad}: must be at least 1"):
+            collect_feedback(rows, pool("right"), check_sum, tmp_path, limit=bad, log=lambda s: None)
 
 
 def test_another_k_is_refused_on_resume(tmp_path):

@@ -570,6 +570,8 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
             "top_p": top_p, "parse_retries": parse_retries, "judge_max_tokens": judge_max_tokens,
             "principles": principles}
     _check(generators, judge, opts, concurrency)
+    if limit is not None and limit < 1:  # it would read no prompt, and the error would blame the input
+        raise ValueError(f"limit={limit}: must be at least 1 (None: every prompt)")
     judge_backend, judge_fn, judge_name = _resolve_judge(judge)
     out_dir = Path(output_dir)
     source = "rows"
