@@ -110,9 +110,11 @@ def test_scores():
     assert completion_score(rows[6]["completions"][1], "overall") == 9.0
     off = {"response": "a", "overall_score": 11, "annotations": {a: {"Rating": "50"} for a in ASPECTS}}
     huge = {"response": "a", "overall_score": 10 ** 400, "annotations": {a: {"Rating": -10 ** 400} for a in ASPECTS}}
-    for rank_by, scale in (("mean", "1-5"), ("overall", "1-10")):  # a corrupt rating must not decide the pair
+    # a corrupt rating must not decide the pair; the reason names it among the row's 4 x 4 ratings
+    for rank_by, field, scale in (("mean", "annotations.instruction_following.Rating", "1-5"),
+                                  ("overall", "overall_score", "1-10")):
         for bad in (off, huge):  # huge: an int no float holds raised OverflowError out of the CLI
-            with pytest.raises(BadRow, match=f"row 5: a rating outside {scale} "):
+            with pytest.raises(BadRow, match=rf"^row 5: completions\[0\]\.{re.escape(field)}=\S+ is outside {scale}$"):
                 binarize_row({"instruction": "q", "completions": [bad, rows[1]["completions"][0]]}, 4,
                              rank_by=rank_by, rng=random.Random(0))
     # The same ratings in another order tie (a plain sum gave 2.825 and 2.8249999999999997, and B was rejected
@@ -165,7 +167,7 @@ def test_an_unreadable_rating_makes_the_whole_row_bad():
         with pytest.raises(BadRow, match=f"^row 1: {re.escape(reason)}$"):
             binarize([row], rank_by="overall", on_bad_row="raise")
     # an infinite rating is a number off its scale (it was ignored, as a word was)
-    with pytest.raises(BadRow, match="^row 1: a rating outside 1-5 "):
+    with pytest.raises(BadRow, match=r"^row 1: completions\[1\]\.annotations\.honesty\.Rating='inf' is outside 1-5$"):
         binarize([raw_row("Which?", [good, completion("best", [5, "inf", 5, 5], 10), bad])], on_bad_row="raise")
 
 

@@ -110,13 +110,17 @@ def _is_missing(x) -> bool:
     return x is None or isinstance(x, str) and x.strip().upper() == "N/A"
 
 
-def _rating(x, field: str) -> float | None:
-    """The rating as a float, None if missing; UnreadableRating for anything else."""
+def _rating(x, field: str, rank_by: str) -> float | None:
+    """The rating as a float, None if missing; OffScale outside its scale, UnreadableRating for anything else (both
+    name the field: one row holds 16 aspect ratings)."""
     if _is_missing(x):
         return None
     number = _number(x)
     if number is None:
         raise UnreadableRating(f"{field}={reprlib.repr(x)} is not a number")
+    low, high = SCALES[rank_by]
+    if not low <= number <= high:
+        raise OffScale(f"{field}={reprlib.repr(x)} is outside {low:g}-{high:g}")
     return number
 
 
@@ -133,7 +137,7 @@ def _aspect_ratings(annotations) -> list[float | None]:
             continue
         if not isinstance(value, dict):
             raise UnreadableRating(f"{field}={reprlib.repr(value)} is not a dict")
-        ratings.append(_rating(value.get("Rating"), f"{field}.Rating"))
+        ratings.append(_rating(value.get("Rating"), f"{field}.Rating", "mean"))
     return ratings
 
 
@@ -143,13 +147,10 @@ def completion_score(completion, rank_by: str = "mean") -> float | None:
     if not isinstance(completion, dict):
         return None
     if rank_by == "overall":
-        ratings = [_rating(completion.get("overall_score"), "overall_score")]
+        ratings = [_rating(completion.get("overall_score"), "overall_score", "overall")]
     else:
         ratings = _aspect_ratings(completion.get("annotations"))
     ratings = [r for r in ratings if r is not None]
-    low, high = SCALES[rank_by]
-    if any(not low <= r <= high for r in ratings):
-        raise OffScale(f"a rating outside {low:g}-{high:g}")
     # fsum: the sum correctly rounded, so the same ratings in another order give the same mean (a plain sum of
     # 1.1, 2.2, 3.3, 4.7 and of its reverse differ in the last bit, and the tie was broken)
     return math.fsum(ratings) / len(ratings) if ratings else None
@@ -180,9 +181,7 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
             raise BadRow(index, f"completions[{i}] is not a dict", source)
         try:
             score = completion_score(c, rank_by)
-        except OffScale as e:
-            raise BadRow(index, f"{e} ({'overall_score' if rank_by == 'overall' else 'aspect ratings'})", source)
-        except UnreadableRating as e:
+        except (OffScale, UnreadableRating) as e:
             raise BadRow(index, f"completions[{i}].{e}", source)
         response = c.get("response")
         if score is not None and is_text(response) and not has_special_text(response):
