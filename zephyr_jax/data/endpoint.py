@@ -2,11 +2,11 @@
 
 One model may sit behind several base URLs (a fleet of replicas): each call goes to the URL with the fewest calls in
 flight, and each URL admits at most `concurrency` requests at once. A URL that fails (connection, timeout, 5xx)
-rests for REST_S while another is open, and the retry goes to another URL at once. Rate limits (429), server
-errors (5xx, 408, or a 200 whose body is an error with such a code), timeouts and dropped connections are retried
-with exponential backoff and jitter, or after the server's Retry-After / retry-after-ms (cut to `max_backoff`, so
-one odd header cannot stall a run), with a line on stderr every 30 s per URL while that goes on. Statuses every
-call would get (401: the key; 404: the model or path; 429 out of quota), and a server that never
+rests for REST_S (max_backoff if shorter) while another is open, and the retry goes to another URL at once. Rate
+limits (429), server errors (5xx, 408, or a 200 whose body is an error with such a code), timeouts and dropped
+connections are retried with exponential backoff and jitter, or after the server's Retry-After / retry-after-ms
+(cut to `max_backoff`, so one odd header cannot stall a run), with a line on stderr every 30 s per URL while that
+goes on. Statuses every call would get (401: the key; 404: the model or path; 429 out of quota), and a server that never
 answered at all, raise `EndpointRefused`, which stops the run naming the URL. Other client errors (400, 403, 422, ...)
 and malformed 200 bodies fail that call at once. Retries are this class's own (the openai client's are switched
 off) so that every one is counted in `stats`: "retries", and by reason "retry_429", "retry_5xx", "retry_timeout",
