@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from zephyr_jax import train
 from zephyr_jax.loading import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,8 +80,11 @@ def test_each_interactive_turn_samples_with_its_own_seed(monkeypatch, tiny_model
     seeds = []
     monkeypatch.setattr(chat, "reply", lambda engine, tok, messages, seed, **kw: seeds.append(seed) or "ok")
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n/reset\nOnce more\n/exit\n"))
+    caches = []  # the engine's programs come from JAX's persistent cache, as serve's and evaluate's do
+    monkeypatch.setattr(train, "use_compilation_cache", caches.append)
     chat.main([f"--model={tiny_model_dir}", "--dtype=float32", "--seed=5", "--max_length=64"])
     assert seeds == [5, 6, 5]  # per turn; /reset starts the count over
+    assert caches == ["~/.cache/zephyr_jax/xla"]
 
 
 def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, assert_refused_dtype):

@@ -60,6 +60,8 @@ def main(argv=None):
                         help="compute and weight dtype (float32 for exact numbers)")
     parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
+    parser.add_argument("--compilation_cache", default="~/.cache/zephyr_jax/xla",
+                        help="JAX's persistent compilation cache, so a later chat skips compiling ('' = off)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:  # 0 printed an empty reply and exited 0
         sys.exit(f"error: --max_new_tokens={args.max_new_tokens}: must be at least 1")
@@ -69,6 +71,9 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
 
+    from zephyr_jax.train import use_compilation_cache  # (as serve and evaluate: not at import time)
+
+    use_compilation_cache(args.compilation_cache)
     try:  # no such model, a checkpoint of another shape, a mesh the devices cannot fill: its message alone
         model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
