@@ -262,5 +262,6 @@ grep -h -e '^=== ' -e '^XLA_FLAGS of' -e '^|' -e '^device:' -e '^jax ' -e 'token
   -e '^kinds:' \
   "$OUT"/parity.log "$OUT"/train.log "$OUT"/profile.log "$OUT"/trl.log "$OUT"/dpo7b.log "$OUT"/decode.log \
   2>/dev/null \
-  | grep -v -e '^|---' -e '| jit_' -e '^| operation |'  # (a profile's operation rows stay in its log)
+  | grep -v -e '^|---' -e '| jit_' -e '^| operation |' -e '^=== Source Location Trace'  # (a profile's operation
+  # rows stay in its log; libtpu's trace lines, where jax[tpu] is installed, are noise)
 echo; cat "$SUMMARY"
