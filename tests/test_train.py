@@ -461,6 +461,7 @@ def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_row
     ("demo", {"dpo.reference_dtype": "bfloat16"}),
     ("zephyr", {"dpo.reference_dtype": "float16"}),  # as wide as bf16 compute, other roundings
     ("zephyr", {"dpo.reference_dtype": "float32"}),  # wider than bf16 compute: exact (cast to bf16, the policy)
+    ("zephyr", {"model.dtype": "float32", "model.param_dtype": "bfloat16"}),  # the weights' own dtype: exact
 ])
 def test_a_note_says_when_the_frozen_reference_is_not_the_initial_policy(variant, overrides):
     """The note appears exactly where the stored copy, computed at model.dtype, differs from the policy's weights

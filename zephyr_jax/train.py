@@ -64,7 +64,8 @@ def rounded_reference_note(cfg) -> str | None:
     if cfg.stage != "dpo" or cfg.dpo.reference_free or cfg.dpo.precompute_reference:
         return None
     ref, compute = jnp.dtype(cfg.dpo.reference_dtype), jnp.dtype(cfg.model.dtype)
-    if ref == compute or ref.itemsize > compute.itemsize:  # float16 and bfloat16 round differently
+    exact = (compute, jnp.dtype(cfg.model.param_dtype))  # the weights' own dtype copies them as they are
+    if ref in exact or ref.itemsize > compute.itemsize:  # float16 and bfloat16 round differently
         return None
     return (f"dpo.reference_dtype={ref.name} is not model.dtype={compute.name}: the frozen reference is the "
             f"initial policy rounded to {ref.name}, so the rewards and margins do not start at 0 "
