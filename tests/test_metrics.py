@@ -117,9 +117,23 @@ def test_tensorboard_records_reach_the_disk_within_seconds_without_a_close(tmp_p
     assert steps == [1, 2, 3]
 
 
+def _tensorboard_shows(events, tag) -> list:
+    """(step, value) of `tag` as TensorBoard shows them: a SessionLog START at step s (a purge) drops the events
+    before it of steps s and on (its purge_orphaned_data rule)."""
+    from tensorboardX.proto import event_pb2
+
+    shown = []
+    for e in events:
+        if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START:
+            shown = [(step, value) for step, value in shown if step < e.step]
+        shown += [(e.step, v.simple_value) for v in e.summary.value if v.tag == tag]
+    return shown
+
+
 def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_step(tmp_path, monkeypatch):
     """A run resumed from step 6 writes steps 7 on again: its event file starts with a purge at step 7, so
-    TensorBoard drops the interrupted run's events of steps 7 on and keeps step 6's."""
+    TensorBoard drops the interrupted run's events of steps 7 on and keeps step 6's. A run that evaluates the step
+    it resumes from again purges from that step, and its train records come back from metrics.jsonl."""
     from tensorboardX import event_file_writer
     from tensorboardX.proto import event_pb2
 
@@ -140,9 +154,8 @@ def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_
         writer = MetricWriter(str(tmp_path), resumed_from=9, evaluates_start=True)
         writer.write(9, {"loss": 1.5}, "eval")
         writer.close()
-    evals = lambda: [(e.step, v.simple_value) for e in _tensorboard_events(tmp_path / "tensorboard")  # noqa: E731
-                     for v in e.summary.value if v.tag == "eval/loss"]
-    assert evals() == [(8, 1.5), (9, 1.5)]  # (step 8's: the interrupted run's, before the purge at 7)
+    shows = lambda tag: _tensorboard_shows(_tensorboard_events(tmp_path / "tensorboard"), tag)  # noqa: E731
+    assert shows("eval/loss") == [(9, 1.5)]
     # A run stopped after saving its last step but before its final eval (preempted, killed): started again, its
     # final eval is written to TensorBoard too.
     writer = MetricWriter(str(tmp_path), resumed_from=9)
@@ -151,7 +164,23 @@ def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_
     writer = MetricWriter(str(tmp_path), resumed_from=12, evaluates_start=True)
     writer.write(12, {"loss": 2.5}, "eval")
     writer.close()
-    assert evals()[-1] == (12, 2.5)
+    assert shows("eval/loss") == [(9, 1.5), (12, 2.5)]
+    # Preempted at its eval step 15 (no eval written), resumed: it evaluates step 15 and is killed (kill -9) within
+    # the second before its TensorBoard events reach the disk (a writer without TensorBoard leaves what that kill
+    # leaves: the record in metrics.jsonl only). Started once more, it evaluates step 15 again: TensorBoard shows
+    # that eval once (it was left out, an earlier run's record of it taken for one written there).
+    writer = MetricWriter(str(tmp_path), resumed_from=12)
+    for step in (13, 14, 15):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    killed = MetricWriter(str(tmp_path), tensorboard=False, resumed_from=15, evaluates_start=True)
+    killed.write(15, {"loss": 3.5}, "eval")
+    writer = MetricWriter(str(tmp_path), resumed_from=15, evaluates_start=True)
+    writer.write(15, {"loss": 3.5}, "eval")
+    writer.close()
+    killed.close()
+    assert shows("eval/loss") == [(9, 1.5), (12, 2.5), (15, 3.5)]
+    assert shows("train/loss") == [(s, float(s)) for s in (*range(1, 10), 12, 13, 14, 15)]
 
 
 @pytest.mark.parametrize("window", [None, 5])

@@ -130,12 +130,12 @@ def set_aside_replayed(workdir: str, step: int, evaluates_start: bool = False) -
     return moved
 
 
-def _is_eval_of(line: str, step: int) -> bool:
-    try:
-        r = json.loads(line)
-        return r["step"] == step and r["split"] == "eval"
-    except (ValueError, TypeError, KeyError):
-        return False
+def _records_of(path: str, step: int) -> list[dict]:
+    """The records of `step` in a metrics.jsonl."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, filter(str.strip, f)) if r["step"] == step]
 
 
 class MetricWriter:
@@ -143,13 +143,14 @@ class MetricWriter:
 
     resumed_from: the step a resumed run starts from; evaluates_start: whether it evaluates that step (the last
     step, or one a preemption saved before its eval). The records of what it does again (set_aside_replayed)
-    move to metrics.superseded.jsonl, and TensorBoard hides the interrupted run's events after it (purge_step).
+    move to metrics.superseded.jsonl, and TensorBoard hides the interrupted run's events after it (purge_step;
+    from it, when it evaluates that step again).
     W&B drops a resumed run's steps up to the last one it has (its own rule)."""
 
     def __init__(self, workdir: str, tensorboard: bool = True, wandb_project: str | None = None, config=None,
                  resumed_from: int | None = None, evaluates_start: bool = False):
         self.active = jax.process_index() == 0
-        self.tb = self.wandb = self.tb_done_step = None
+        self.tb = self.wandb = None
         if not self.active:
             return
         if resumed_from is not None:
@@ -157,23 +158,24 @@ class MetricWriter:
             if moved:
                 print(f"metrics.jsonl: {len(moved)} records of steps the resumed run does again moved to "
                       "metrics.superseded.jsonl")
-            # A finished run started again evaluates its last step again (and a run preempted at an eval step,
-            # then stopped again before its next checkpoint, the step it resumes from): where an earlier run
-            # wrote that eval, TensorBoard keeps it (the purge starts after that step) and the repeat is not
-            # written there (each restart added a copy); a run stopped before that eval gets it written.
-            if evaluates_start and any(_is_eval_of(line, resumed_from) for line in moved):
-                self.tb_done_step = resumed_from
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                purge = None if resumed_from is None else resumed_from + 1
+                # A run that evaluates its start step again (a finished run started again, a run preempted at an
+                # eval step) purges from that step, not after it: an earlier run's eval of it is not shown twice,
+                # and one lost with that run's last second of events (a kill -9) is not left out. The train
+                # records of that step come back from metrics.jsonl.
+                purge = None if resumed_from is None else resumed_from + (0 if evaluates_start else 1)
                 # flush_secs: tensorboardX's 120 s lost up to two minutes of records at a kill -9, those before
                 # the checkpoint the resumed run starts after included (which it does not write again).
                 self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge, flush_secs=1)
             except ImportError:
                 print("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
+        if self.tb is not None and evaluates_start:
+            for record in _records_of(os.path.join(workdir, "metrics.jsonl"), resumed_from):
+                self._to_tensorboard(record["step"], record["split"], record)
         if wandb_project:
             import wandb  # installed: train_checks.check_config refuses wandb_project without it, before any work
 
@@ -192,12 +194,15 @@ class MetricWriter:
         clean = {k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v) and k == "mfu")}
         self.jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
         self.jsonl.flush()
-        if self.tb is not None and step != self.tb_done_step:
-            for k, v in clean.items():
-                if isinstance(v, float):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.tb is not None:
+            self._to_tensorboard(step, prefix, clean)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
+
+    def _to_tensorboard(self, step: int, prefix: str, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def flush(self) -> None:
         """metrics.jsonl and what TensorBoard's writer thread has taken so far on disk (after each checkpoint save:
