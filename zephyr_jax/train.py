@@ -308,11 +308,12 @@ def training_batches(cfg, mesh, examples, log=print):
 
 def eval_batches(examples, batch_size: int, batcher, rows=None):
     """All examples in order, in global batches of batch_size examples (the last one filled with repeats of its
-    last example), each with its count of real examples; the process builds the batch rows `rows`."""
+    example of fewest positions: their outputs are dropped, and a long pair's repeats lengthened packed dDPO rows),
+    each with its count of real examples; the process builds the batch rows `rows`."""
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         real = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - real)
+        chunk += [min(chunk, key=lambda e: sum(sequence_lengths(e)))] * (batch_size - real)
         yield batcher(chunk, rows)[0], real
 
 
