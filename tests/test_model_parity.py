@@ -205,6 +205,12 @@ def test_bf16_norm_scale_gradient_sums_the_tokens_in_float32():
     normed = np.asarray(jnp.asarray(normed, jnp.float32).astype(jnp.bfloat16), np.float64)  # as HF casts it
     want = (np.asarray(g, np.float64) * normed).sum((0, 1))
     assert np.abs(got - want).max() <= 2.0 ** -8 * np.abs(want).max()
+    # What the backward pass keeps of the norm (all of it under remat "none"): activations in the compute dtype,
+    # not float32 copies of them (twice a layer's hidden states in bytes, twice a layer).
+    from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
+
+    kept = saved_residuals(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    assert all(a.dtype == jnp.bfloat16 for a, _ in kept if a.shape == x.shape), kept
 
 
 def test_splash_option_honours_window_segments_and_padding(pair):
