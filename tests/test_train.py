@@ -266,9 +266,9 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
 ])
 def test_config_values_at_the_edges_of_their_ranges_are_taken(data_dir, stage, overrides):
     """The other side of each bound: a warmup over the whole run, Adam without momentum, float16 weights and
-    moments, a float16 frozen reference, two-token sequences, buckets of exactly the positions an example needs, a prompt one token
-    below max_length, a step count with no epochs, splash over lengths that are multiples of 128: each a setting
-    that trains, and check_config lets it through."""
+    moments, a float16 frozen reference, two-token sequences, buckets of exactly the positions an example needs, a
+    prompt one token below max_length, a step count with no epochs, splash over lengths that are multiples of 128:
+    each a setting that trains, and check_config lets it through."""
     train_checks.check_config(tiny_config(stage, data_dir, **overrides))
 
 
