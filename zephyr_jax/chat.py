@@ -13,6 +13,7 @@ import sys
 
 import jinja2
 
+from zephyr_jax.config_common import COMPILATION_CACHE_DIR
 from zephyr_jax.engine import Engine, Request, SamplingParams
 from zephyr_jax.loading import load
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
@@ -60,7 +61,7 @@ def main(argv=None):
                         help="compute and weight dtype (float32 for exact numbers)")
     parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
-    parser.add_argument("--compilation_cache", default="~/.cache/zephyr_jax/xla",
+    parser.add_argument("--compilation_cache", default=COMPILATION_CACHE_DIR,
                         help="JAX's persistent compilation cache, so a later chat skips compiling ('' = off)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:  # 0 printed an empty reply and exited 0

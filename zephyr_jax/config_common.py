@@ -12,6 +12,10 @@ import ml_collections
 from zephyr_jax.model.config import HF_FIELDS, MistralConfig
 from zephyr_jax.sharding import DEFAULT_RULES, rules_table
 
+# JAX's persistent compilation cache: train's default (train.compilation_cache_dir) and chat's, serve's and
+# evaluate's --compilation_cache, so every command finds what another compiled.
+COMPILATION_CACHE_DIR = "~/.cache/zephyr_jax/xla"
+
 # A small Mistral-shaped model for the demo and the tests: the real 32000-token vocabulary, tiny everything else.
 TINY_ARCH = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, sliding_window=4096)
@@ -79,7 +83,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.train.save_every = 200
     c.train.keep_checkpoints = 2
     c.train.progress = True  # tqdm bar
-    c.train.compilation_cache_dir = "~/.cache/zephyr_jax/xla"  # JAX's persistent compilation cache; "": off
+    c.train.compilation_cache_dir = COMPILATION_CACHE_DIR  # JAX's persistent compilation cache; "": off
     c.train.peak_tflops = 0.0  # per device, for MFU; 0: the data-sheet figure (metrics.PEAK_FLOPS); none on CPUs
     # A jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 in WORKDIR/tensorboard
     # (TensorBoard's Profile tab; `python -m zephyr_jax.profiling WORKDIR` lists its operations); 0: none.

@@ -36,6 +36,7 @@ from flax import nnx
 
 from zephyr_jax import checkpoint, train
 from zephyr_jax import train_steps as steps
+from zephyr_jax.config_common import COMPILATION_CACHE_DIR
 from zephyr_jax.data.batches import packed_pair_buckets, positions_needed
 from zephyr_jax.data.binarize import write_json
 from zephyr_jax.data.loader import pair_batcher
@@ -416,7 +417,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.7, help="default 0.7, top_p 1.0, 2048 new tokens: "
                    "AlpacaEval's zephyr-7b-beta generation config")
     for p in sub.choices.values():  # (as serve's: the engine's programs, a 7B's, take minutes to compile)
-        p.add_argument("--compilation_cache", default="~/.cache/zephyr_jax/xla",
+        p.add_argument("--compilation_cache", default=COMPILATION_CACHE_DIR,
                        help="JAX's persistent compilation cache, so a later run skips compiling ('' = off)")
     args = parser.parse_args(argv)
     train.use_compilation_cache(args.compilation_cache)

@@ -39,6 +39,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
+from zephyr_jax.config_common import COMPILATION_CACHE_DIR
 from zephyr_jax.engine import SIZE_BOUNDS, TOP_LOGPROBS, Engine, QueueFull, Request, SamplingParams
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import encode_text
@@ -606,7 +607,7 @@ def main(argv=None) -> None:
                         help="compile the decoding call for every bucket of rows and attention length, and the "
                              "prefill of a lone prompt of any length, before serving (Engine.warmup), so no request "
                              "waits for those compiles")
-    parser.add_argument("--compilation-cache", default="~/.cache/zephyr_jax/xla",
+    parser.add_argument("--compilation-cache", default=COMPILATION_CACHE_DIR,
                         help="JAX's persistent compilation cache, so a restart skips compiling ('' = off)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
     # vLLM's spelling (--max-slots); the underscores the other zephyr_jax commands use are taken too.
