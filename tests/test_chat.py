@@ -85,6 +85,11 @@ def test_each_interactive_turn_samples_with_its_own_seed(monkeypatch, tiny_model
     chat.main([f"--model={tiny_model_dir}", "--dtype=float32", "--seed=5", "--max_length=64"])
     assert seeds == [5, 6, 5]  # per turn; /reset starts the count over
     assert caches == ["~/.cache/zephyr_jax/xla"]
+    # The last seed allowed: the next turn's wraps to 0 (2**32 was refused, and so was every later turn)
+    seeds.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n/exit\n"))
+    chat.main([f"--model={tiny_model_dir}", "--dtype=float32", f"--seed={2 ** 32 - 1}", "--max_length=64"])
+    assert seeds == [2 ** 32 - 1, 0]
 
 
 def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, assert_refused_dtype):

@@ -106,7 +106,8 @@ def main(argv=None):
         asked = history + [{"role": "user", "content": line.rstrip("\n")}]
         print("zephyr> ", end="", flush=True)
         try:
-            answer = reply(engine, tok, asked, seed=args.seed + turn, **sampling)
+            # (wrapped as the server's n choices wrap: past 2**32 - 1 every later turn was refused)
+            answer = reply(engine, tok, asked, seed=(args.seed + turn) % 2 ** 32, **sampling)
         except (ValueError, jinja2.TemplateError) as e:  # the context is full: the session goes on (/reset)
             print(f"\nerror: {e}", file=sys.stderr)
             continue
