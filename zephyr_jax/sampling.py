@@ -16,7 +16,7 @@ def filter_logits(logits, temperature, top_k, top_p):
     temperature, top_p: [B] float; top_k: [B] int (0 = no limit); top_p 1.0 = no limit. A token tied in value
     with the last one a filter keeps is kept too (transformers' top-p keeps whichever its sort puts first)."""
     vocab = logits.shape[-1]
-    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+    scaled = scale(logits.astype(jnp.float32), temperature)
     ranked = -jnp.sort(-scaled, axis=-1)  # descending
     # Top-k by value, as transformers' TopKLogitsWarper: tokens tied with the k-th stay in, and in top-p's mass.
     kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
@@ -28,6 +28,16 @@ def filter_logits(logits, temperature, top_k, top_p):
     kept = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
     cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(scaled < cutoff, -jnp.inf, scaled)
+
+
+def scale(logits, temperature):
+    """logits [B, V] / temperature [B], as transformers' TemperatureLogitsWarper divides them. A row of a
+    temperature below 1e-6 is first shifted to a maximum of 0, which changes none of its probabilities, so that its
+    division cannot overflow to inf (inf - inf is NaN); rows of temperature 0 (greedy: never drawn from) stay as
+    they are. (Dividing by at least 1e-6 drew between logits 2e-6 apart almost evenly at any smaller temperature.)"""
+    t = temperature[:, None]
+    shift = jnp.where((t > 0) & (t < 1e-6), jnp.max(logits, axis=-1, keepdims=True), 0.0)
+    return (logits - shift) / jnp.where(t > 0, t, 1.0)
 
 
 def row_keys(seeds, counters):
@@ -46,7 +56,7 @@ def sample(logits, temperature, top_k, top_p, seeds, counters, top_n: int = 0):
     def draw():
         # The sort in filter_logits is the costly part: skip it when no sampling row has a top-k or top-p.
         filters = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1.0)))
-        scaled = lambda: logits / jnp.maximum(temperature, 1e-6)[:, None]
+        scaled = lambda: scale(logits, temperature)
         filtered = jax.lax.cond(filters, lambda: filter_logits(logits, temperature, top_k, top_p), scaled)
         keys = row_keys(seeds, counters)
         return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
