@@ -127,6 +127,22 @@ def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):
     np.testing.assert_allclose(packed, one_per_row, rtol=1e-5, atol=1e-4)
 
 
+def test_pair_logps_refuses_token_ids_outside_the_models_vocabulary(data_dir):
+    """A tokenizer with ids the model has no embedding for (--tokenizer of another model): the jitted eval embedded
+    them as NaN, and prefs reported loss, rewards and log-probs of NaN without an error."""
+    from flax import nnx
+
+    from zephyr_jax.data.pipeline import load_examples
+    from zephyr_jax.model import Mistral, MistralConfig
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    examples, _ = load_examples(tiny_config("dpo", data_dir).data, "dpo", load_tokenizer(), "eval", log=lambda *_: None)
+    small = Mistral(MistralConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"holds token id \d+, but the model's vocabulary has 1000 entries"):
+        evaluate.pair_logps(small, examples, 8)
+
+
 def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--model={dpo_workdir}"])  # no reference

@@ -47,7 +47,7 @@ from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.loading import is_workdir, load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
-from zephyr_jax.train_checks import TRAINING_DTYPES
+from zephyr_jax.train_checks import TRAINING_DTYPES, largest_token_id
 
 # ---------------------------------------------------------------------------------------------------------
 # Preference metrics.
@@ -138,6 +138,10 @@ def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     training packs dDPO batches (about four sequences a row, rows in multiples of 128); else a row per sequence,
     padded to `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like
     lengths)."""
+    vocab_size, most = model.config.vocab_size, largest_token_id(examples)
+    if most >= vocab_size:  # the jitted eval embeds it as NaN: metrics of NaN, and no error
+        raise ValueError(f"the preference data holds token id {most}, but the model's vocabulary has {vocab_size} "
+                         "entries: the tokenizer has tokens the model lacks (pass the model's own with --tokenizer)")
     graphdef, state = nnx.split(model)
     eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
     if buckets is None:

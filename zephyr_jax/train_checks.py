@@ -340,11 +340,16 @@ def check_shared_workdir(workdir: str) -> None:
 # The data's token ids against the model's vocabulary.
 
 
+def largest_token_id(examples) -> int:
+    """The largest token id in SFT examples or preference pairs (-1 for none)."""
+    arrays = (a for e in examples for a in ((e.prompt, e.chosen, e.rejected) if hasattr(e, "prompt") else (e.ids,)))
+    return max((int(a.max()) for a in arrays if a.size), default=-1)
+
+
 def check_token_ids(examples, vocab_size: int, where: str, tokenizer: str | None) -> None:
     """Refuses token ids the model has no embedding for (a tokenizer with added tokens over a model without them):
     they embedded as NaN and the run stopped at its first log line on a NaN loss, naming neither."""
-    arrays = (a for e in examples for a in ((e.prompt, e.chosen, e.rejected) if hasattr(e, "prompt") else (e.ids,)))
-    most = max((int(a.max()) for a in arrays if a.size), default=-1)
+    most = largest_token_id(examples)
     if most >= vocab_size:
         raise ConfigError(f"{where} holds token id {most}, but the model's vocabulary has {vocab_size} entries: "
                           f"config.tokenizer={tokenizer!r} has tokens the model lacks. Use the model's own tokenizer, "
