@@ -467,6 +467,11 @@ def test_lm_eval_adapter_numbers(model_dir):
         lm._score_rows([([1] + [5] * 70, 70)])
     with pytest.raises(ValueError, match="continuation of 65 tokens does not fit max_length=64"):
         lm._score_rows([([1] + [5] * 65, 65)])  # one token more than the 64 predicted positions: not scored in part
+    # An id the model has no embedding for (a tokenizer=... of another model): an input embedded as NaN, a target
+    # was clipped to the last token and scored as it; both returned without an error.
+    for ids_ in ([1, 32000, 5], [1, 5, 32000]):
+        with pytest.raises(ValueError, match=r"request 0 holds token id 32000, outside the model's vocabulary"):
+            lm._score_rows([(ids_, 1)])
 
 
 def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):

@@ -182,6 +182,9 @@ class ZephyrJaxLM(LM):
             prepared = []
             for i in chunk:
                 tokens, n = rows[i]
+                if max(tokens) >= self.model.config.vocab_size:  # jit embeds it as NaN, or scores a clipped target
+                    raise ValueError(f"request {i} holds token id {max(tokens)}, outside the model's vocabulary of "
+                                     f"{self.model.config.vocab_size}: the tokenizer has tokens the model lacks")
                 inputs, targets = tokens[:-1][-self.max_length:], tokens[1:][-self.max_length:]
                 if n > len(targets):  # lm-eval refuses this too: only part of the continuation would be scored
                     raise ValueError(f"a continuation of {n} tokens does not fit max_length={self.max_length} "
