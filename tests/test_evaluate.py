@@ -170,7 +170,9 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     for bad, message in [(dict(loss_type="hinge", label_smoothing=0.1), "does not use label_smoothing"),
                          (dict(beta=0.0), "beta must be positive"), (dict(loss_type="kto"), "unknown loss_type"),
                          (dict(batch_size=0), "batch_size=0: must be at least 1"),  # range() arg 3 must not be zero
-                         (dict(batch_size=-2), "batch_size=-2: must be at least 1")]:  # KeyError 'logps'
+                         (dict(batch_size=-2), "batch_size=-2: must be at least 1"),  # KeyError 'logps'
+                         # (training refuses it too: every long pair's prompt was cut to its BOS alone)
+                         (dict(max_prompt_length=0), "max_prompt_length=0 must be at least 1")]:
         with pytest.raises(ValueError, match=message):
             evaluate.prefs("no/such-model", "no/such-reference", data="no/such-data", **bad)
 

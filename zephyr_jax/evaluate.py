@@ -164,8 +164,8 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     on one device) or Mistral modules; `tokenizer`: a tokenizer, a path, or None (the policy's).
     Defaults: the paper's test_prefs split, beta 0.1, sigmoid loss, max_length 1024, max_prompt_length 512."""
     check_dpo_settings(loss_type, beta, label_smoothing)  # now, not after scoring both models on every pair
-    if max_prompt_length >= max_length:
-        raise ValueError("max_prompt_length must be below max_length")
+    if not 1 <= max_prompt_length < max_length:  # (0 cut every long pair's prompt to its BOS alone)
+        raise ValueError(f"max_prompt_length={max_prompt_length} must be at least 1 and below max_length={max_length}")
     if batch_size < 1:  # 0 failed after the reference had scored ('range() arg 3 must not be zero'), < 0 as a KeyError
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if reference is None and not reference_free:
