@@ -87,6 +87,18 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monk
     with pytest.raises(evaluate.train.ConfigError, match=r"config.mesh.num_devices=16: .* \(the run's mesh, on this "
                                                           r"job's 8 devices\): pass --mesh, e.g. --mesh=1,-1,1"):
         evaluate.prefs_from_workdir(dpo_workdir)
+    # Other data whose ids the model has no embedding for (a tokenizer's added tokens the run's data never held):
+    # refused before the checkpoint is read, not scored as NaN metrics
+    monkeypatch.undo()
+    loaded = evaluate.load_examples
+
+    def with_an_added_token(*args, **kwargs):
+        examples, info = loaded(*args, **kwargs)
+        return [examples[0]._replace(chosen=np.append(examples[0].chosen, 32000))] + examples[1:], info
+    monkeypatch.setattr(evaluate, "load_examples", with_an_added_token)
+    with pytest.raises(evaluate.train.ConfigError, match=r"data.eval \(.*\) holds token id 32000, but the model's "
+                                                          r"vocabulary has 32000 entries"):
+        evaluate.prefs_from_workdir(dpo_workdir)
 
 
 def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811

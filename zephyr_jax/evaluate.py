@@ -47,7 +47,7 @@ from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.loading import is_workdir, load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
-from zephyr_jax.train_checks import TRAINING_DTYPES, largest_token_id
+from zephyr_jax.train_checks import TRAINING_DTYPES, check_token_ids, largest_token_id
 
 # ---------------------------------------------------------------------------------------------------------
 # Preference metrics.
@@ -114,6 +114,8 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
     policy_cfg = ml_collections.ConfigDict(cfg.to_dict())
     policy_cfg.model.init, policy_cfg.model.path, policy_cfg.model.step = "orbax", os.path.abspath(workdir), step
     mcfg = train.model_config(policy_cfg)
+    # (training checked its own data; other data may hold ids of added tokens the model lacks: NaN metrics)
+    check_token_ids(examples, mcfg.vocab_size, f"data.eval ({cfg.data.eval})", cfg.tokenizer)
     graphdef, params, _ = train.init_params(policy_cfg, mcfg, mesh)
     checkpoint_step = checkpoint.resolve_step(workdir, step)
     eval_fn = steps.make_eval_fn("dpo", graphdef, cfg.train.eval_batch_size)
