@@ -183,6 +183,10 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("sft", {"optim.weight_decay": -0.1}, r"optim.weight_decay=-0.1: must be at least 0"),
     ("sft", {"optim.clip_norm": -1.0}, r"optim.clip_norm=-1.0: must be 0 \(off\) or positive"),
     ("sft", {"optim.eps": 0.0}, r"optim.eps=0.0: must be positive"),  # NaN weights behind a finite step
+    # NaN weights after a step whose loss and gradient norm were finite, saved as "the last good checkpoint"
+    ("sft", {"optim.lr": float("inf")}, r"optim.lr=inf: must be positive and finite"),
+    ("sft", {"optim.weight_decay": float("inf")}, r"optim.weight_decay=inf: must be at least 0 and finite"),
+    ("sft", {"optim.eps": float("inf")}, r"optim.eps=inf: must be positive and finite"),  # every update 0
     ("sft", {"train.peak_tflops": -5.0}, r"train.peak_tflops=-5.0: must be 0 \(the data sheet's\) or positive"),
     ("sft", {"data.max_length": -5}, r"data.max_length=-5: must be at least 2"),  # was "a row of -5"
     ("sft", {"optim.schedule": "cosin"}, r"optim.schedule='cosin': expected one of"),  # raised after tokenizing

@@ -175,11 +175,15 @@ def check_optim(o) -> None:
     """AdamW's and the schedule's settings in the ranges where they mean what the recipe means."""
     if o.schedule not in steps.SCHEDULES:
         raise ConfigError(f"optim.schedule={o.schedule!r}: expected one of {steps.SCHEDULES}")
-    rules = {"lr": (o.lr > 0, "must be positive"), "warmup_ratio": (0 <= o.warmup_ratio <= 1, "must lie in [0, 1]"),
+    # lr or weight_decay inf: the first update makes every weight NaN while that step's loss and gradient norm are
+    # finite, so it was saved as the last good checkpoint
+    rules = {"lr": (0 < o.lr < np.inf, "must be positive and finite"),
+             "warmup_ratio": (0 <= o.warmup_ratio <= 1, "must lie in [0, 1]"),
              "b1": (0 <= o.b1 < 1, "must lie in [0, 1)"), "b2": (0 <= o.b2 < 1, "must lie in [0, 1)"),
              # eps=0: Adam's update of a parameter without gradient (the embedding of a token no batch holds) is
              # 0/0, NaN weights after a step whose loss and gradient norm were finite (and which was saved)
-             "eps": (o.eps > 0, "must be positive"), "weight_decay": (o.weight_decay >= 0, "must be at least 0"),
+             "eps": (0 < o.eps < np.inf, "must be positive and finite"),  # inf: every update 0, nothing learnt
+             "weight_decay": (0 <= o.weight_decay < np.inf, "must be at least 0 and finite"),
              "clip_norm": (o.clip_norm >= 0, "must be 0 (off) or positive")}
     for key, (ok, rule) in rules.items():
         if not ok:
