@@ -92,17 +92,25 @@ class Journal:
         """Loads the finished items; cuts off a partial last line. Returns how many items were read."""
         if not self.path.exists():
             return 0
+        whole = 0  # bytes up to the end of the last whole line
+        # Line by line, not read whole and split: that held the file twice over beside its items (feedback on 16k
+        # prompts, a 372 MB journal, peaked at 1.44 GB, now 0.71 GB; UltraFeedback has 64k). A binary file's lines
+        # end at b"\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which json.dumps with
+        # ensure_ascii=False leaves unescaped inside a reply's text.
         with open(self.path, "rb") as f:
-            data = f.read()
-        whole = data.rfind(b"\n") + 1  # bytes up to the end of the last whole line
-        if whole < len(data):
+            for n, raw in enumerate(f, 1):
+                if not raw.endswith(b"\n"):  # a last line cut off mid-write
+                    break
+                whole += len(raw)
+                self._read_line(raw, n)
+        if whole < self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(whole)
-        # Split on b"\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which json.dumps with
-        # ensure_ascii=False leaves unescaped inside a reply's text.
-        for n, raw in enumerate(data[:whole].split(b"\n"), 1):
-            if not raw.strip():
-                continue
+        return len(self.done)
+
+    def _read_line(self, raw: bytes, n: int) -> None:
+        """Loads line n (from 1) of the journal; blank lines are skipped."""
+        if raw.strip():
             try:
                 item = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError
                 key, value = tuple(item["key"]), item["value"]
@@ -111,7 +119,6 @@ class Journal:
                 raise ValueError(f"{self.path}:{n}: not a journal line ({e}); the file was edited or damaged, "
                                  f"rerun with --overwrite to start afresh") from e
             self.done.setdefault(key, value)
-        return len(self.done)
 
     def __contains__(self, key) -> bool:
         return tuple(key) in self.done
