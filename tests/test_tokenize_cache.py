@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from zephyr_jax.config_common import base
-from zephyr_jax.data import BadRow, cache, pipeline
+from zephyr_jax.data import BadRow, cache, pipeline, sources
 from zephyr_jax.tokenizer import load_tokenizer
 
 USER, REPLY = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
@@ -133,6 +133,8 @@ def test_second_call_reads_the_cache(bad_data, tok, stage, tmp_path, monkeypatch
     assert [f for f in os.listdir(tmp_path / "cache")] == [os.path.basename(log[-1].split(" cached to ")[1])]
 
     monkeypatch.setattr(pipeline, "process_rows", lambda *a, **k: pytest.fail("tokenized again"))
+    # Nor read again: local files are keyed by their stat (a hit type-checked every row: 10 s of 18 s on 40k rows)
+    monkeypatch.setattr(sources, "load_rows", lambda *a, **k: pytest.fail("rows read again"))
     again, counter, log = _load(cfg, stage, tok)
     _assert_same(first, again)
     assert counter.as_dict() == first_counter.as_dict() and log[1] == first_counter.summary()

@@ -60,7 +60,7 @@ def cache_dir(setting: str | None) -> str | None:
 def key_parts(*, stage: str, source, split, data_dir, limit, rows, tok, args: dict, on_bad_row: str) -> dict | None:
     """Everything that decides the examples, as JSON-able values; None when the rows cannot be fingerprinted
     (then nothing is cached: a cache that might serve stale data is worse than none). `rows` are the loaded
-    rows before the limit is applied."""
+    rows before the limit is applied (None for local files, which their stat alone fingerprints)."""
     data = data_fingerprint(os.fspath(source), split, rows)
     if data is None:
         return None
