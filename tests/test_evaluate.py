@@ -649,9 +649,9 @@ def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir, t
 
 
 def test_mt_bench_temperature_of_every_fastchat_category():
-    # fastchat/llm_judge/common.py temperature_config
+    # fastchat/llm_judge/common.py temperature_config (lm-sys/FastChat 631d62f6, 2023-10-12, onwards)
     fastchat = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
-                "stem": 0.1, "humanities": 0.1}
+                "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
     assert {c: evaluate.question_temperature({"category": c}) for c in fastchat} == fastchat
     assert evaluate.question_temperature({"category": "other"}) == 0.7
 

@@ -215,10 +215,10 @@ def generate_chats(model, tok, conversations: list[list[dict]], *, batch_size: i
     return [text.strip() for text in replies]
 
 
-# FastChat's MT-Bench sampling temperatures per question category (fastchat/llm_judge/common.py); other
-# categories get 0.7, as FastChat's gen_model_answer does.
+# FastChat's MT-Bench sampling temperatures per question category (fastchat/llm_judge/common.py, with its
+# arena-hard-200 question set's); other categories get 0.7, as FastChat's gen_model_answer does.
 MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
-                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
 MT_BENCH_DEFAULT_TEMPERATURE = 0.7
 
 
@@ -410,7 +410,7 @@ def main(argv=None):
     p.add_argument("--model_id", required=True, help="the name FastChat's judge and tables show")
     p.add_argument("--temperature", type=float, default=None, help="one temperature for every question "
                    "(default: FastChat's per category: writing/roleplay 0.7, extraction/math/coding/reasoning 0, "
-                   "stem/humanities 0.1)")
+                   "stem/humanities 0.1, arena-hard-200 0)")
     p.add_argument("--num_choices", type=int, default=1)
 
     p = sub.add_parser("alpaca_eval", help="AlpacaEval model outputs (JSON list)")
