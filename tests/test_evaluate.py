@@ -656,6 +656,25 @@ def test_mt_bench_temperature_of_every_fastchat_category():
     assert evaluate.question_temperature({"category": "other"}) == 0.7
 
 
+def test_mt_bench_and_alpaca_eval_sample_as_their_references_by_default(monkeypatch, tmp_path):
+    """FastChat's gen_model_answer and AlpacaEval's zephyr-7b-beta config (huggingface_local_completions) call
+    transformers' generate with temperature, max_new_tokens (and top_p 1.0) only: its top_k default of 50 stays."""
+    seen = {}
+    monkeypatch.setattr(evaluate, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(evaluate, "mt_bench_answers", lambda *a, **k: seen.update(mt_bench=k) or [])
+    monkeypatch.setattr(evaluate, "alpaca_eval_outputs", lambda *a, **k: seen.update(alpaca_eval=k) or [])
+    questions, instructions = tmp_path / "question.jsonl", tmp_path / "instructions.json"
+    _write_questions(questions)
+    instructions.write_text(json.dumps([{"instruction": "Name a color."}]))
+    evaluate.main(["mt_bench", "--model=m", "--model_id=m", f"--question_file={questions}",
+                   f"--answer_file={tmp_path / 'a.jsonl'}"])
+    evaluate.main(["alpaca_eval", "--model=m", "--generator=g", f"--instructions={instructions}",
+                   f"--out={tmp_path / 'o.json'}"])
+    sampling = lambda k: (k["temperature"], k["top_k"], k["top_p"], k["max_new_tokens"])  # noqa: E731
+    assert sampling(seen["mt_bench"]) == (None, 50, 1.0, 1024)  # None: FastChat's per-category temperatures
+    assert sampling(seen["alpaca_eval"]) == (0.7, 50, 1.0, 2048)
+
+
 def test_generate_chats_strips_replies_as_fastchat_does(monkeypatch):
     import zephyr_jax.generate
 

@@ -220,6 +220,9 @@ def generate_chats(model, tok, conversations: list[list[dict]], *, batch_size: i
 MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
                          "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
 MT_BENCH_DEFAULT_TEMPERATURE = 0.7
+# FastChat's gen_model_answer and AlpacaEval's zephyr-7b-beta config (huggingface_local_completions) pass
+# transformers' generate no top_k, so a sampled reply keeps its default top-k of 50.
+REFERENCE_TOP_K = 50
 
 
 def read_questions(path: str) -> list[dict]:
@@ -258,8 +261,8 @@ def _system_turn(system: str) -> list[dict]:
 
 
 def mt_bench_answers(model, tok, questions: list[dict], model_id: str, *, max_new_tokens: int = 1024,
-                     temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, batch_size: int = 8,
-                     num_choices: int = 1, seed: int = 0, system: str = "") -> list[dict]:
+                     temperature: float | None = None, top_k: int = REFERENCE_TOP_K, top_p: float = 1.0,
+                     batch_size: int = 8, num_choices: int = 1, seed: int = 0, system: str = "") -> list[dict]:
     """FastChat model_answer records, one per question in the questions' order. Each turn is answered with the
     conversation so far (turn 2 sees turn 1's question and this model's answer); questions are batched per
     sampling temperature (FastChat's per-category table unless `temperature` overrides it)."""
@@ -311,8 +314,8 @@ def read_instructions(source: str, split: str = "eval") -> list[dict]:
 
 
 def alpaca_eval_outputs(model, tok, instructions: list[dict], generator: str, *, max_new_tokens: int = 2048,
-                        temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, batch_size: int = 8,
-                        seed: int = 0, system: str = "") -> list[dict]:
+                        temperature: float = 0.7, top_k: int = REFERENCE_TOP_K, top_p: float = 1.0,
+                        batch_size: int = 8, seed: int = 0, system: str = "") -> list[dict]:
     """AlpacaEval model outputs: [{"instruction", "output", "generator", "dataset" (when the input has it)}]."""
     chats = [[*_system_turn(system), {"role": "user", "content": r["instruction"]}] for r in instructions]
     outputs = generate_chats(model, tok, chats, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -356,7 +359,7 @@ def _model_args(p: argparse.ArgumentParser, sampling_defaults: dict) -> None:
     p.add_argument("--batch_size", type=int, default=8,
                    help="the engine's KV-cache slots: replies decoded at once (every prompt is queued at once)")
     p.add_argument("--max_new_tokens", type=int, default=sampling_defaults["max_new_tokens"])
-    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_k", type=int, default=sampling_defaults["top_k"], help="0: no top-k limit")
     p.add_argument("--top_p", type=float, default=sampling_defaults["top_p"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default="", help="system message (none: the Zephyr template's empty one)")
@@ -404,7 +407,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the metrics here as JSON")
 
     p = sub.add_parser("mt_bench", help="FastChat MT-Bench answers (model_answer jsonl)")
-    _model_args(p, {"max_new_tokens": 1024, "top_p": 1.0})
+    _model_args(p, {"max_new_tokens": 1024, "top_k": REFERENCE_TOP_K, "top_p": 1.0})
     p.add_argument("--question_file", required=True, help="FastChat data/mt_bench/question.jsonl")
     p.add_argument("--answer_file", default=None, help="default: model_answer/<model_id>.jsonl")
     p.add_argument("--model_id", required=True, help="the name FastChat's judge and tables show")
@@ -414,14 +417,14 @@ def main(argv=None):
     p.add_argument("--num_choices", type=int, default=1)
 
     p = sub.add_parser("alpaca_eval", help="AlpacaEval model outputs (JSON list)")
-    _model_args(p, {"max_new_tokens": 2048, "top_p": 1.0})
+    _model_args(p, {"max_new_tokens": 2048, "top_k": REFERENCE_TOP_K, "top_p": 1.0})
     p.add_argument("--instructions", required=True, help="AlpacaEval eval set: JSON list / jsonl of "
                    "{instruction, dataset, ...}, or a hub dataset / dataset dir")
     p.add_argument("--split", default="eval", help="split of a hub dataset / dataset dir")
     p.add_argument("--out", required=True, help="outputs JSON for alpaca_eval --model_outputs")
     p.add_argument("--generator", required=True, help="the model's name in AlpacaEval's leaderboard")
-    p.add_argument("--temperature", type=float, default=0.7, help="default 0.7, top_p 1.0, 2048 new tokens: "
-                   "AlpacaEval's zephyr-7b-beta generation config")
+    p.add_argument("--temperature", type=float, default=0.7, help="default 0.7, top_k 50, top_p 1.0, 2048 new "
+                   "tokens: AlpacaEval's zephyr-7b-beta generation config (top_k: transformers' default)")
     for p in sub.choices.values():  # (as serve's: the engine's programs, a 7B's, take minutes to compile)
         p.add_argument("--compilation_cache", default=COMPILATION_CACHE_DIR,
                        help="JAX's persistent compilation cache, so a later run skips compiling ('' = off)")
