@@ -32,6 +32,10 @@ def get_config(arg=None):
     c.dpo.precompute_reference = False  # True: one pass of reference log-probs before training, cached in workdir
     c.dpo.reference_dtype = "bfloat16"  # storage of the frozen reference copy (exact: the policy computes in bf16)
 
+    # Optimizer: AdamW without weight decay (config_common), as the paper states. The released Zephyr-7B-β was
+    # trained with RMSprop (the alignment-handbook's first dpo recipe, 2023-11: optim: rmsprop; its authors in
+    # huggingface/alignment-handbook#43: "the paper and the model cards ... are incorrect"), which zephyr_jax does
+    # not offer; the handbook's 2024-01 revision (:handbook) went to adamw_torch.
     c.optim.lr = 5e-7  # paper: peak lr 5e-7
     c.optim.schedule = "linear"  # paper: linear decay
     c.optim.warmup_ratio = 0.1  # paper: 10% warmup
