@@ -6,6 +6,13 @@ ids, so prompt + completion is exactly the encoding of the conversation (no re-t
 Too long (prompt + longer completion > max_length): the prompt is cut from the left to max_prompt_length
 (BOS kept), then the completions from the right to max_length - max_prompt_length, as TRL's DPOTrainer of the
 recipe (0.7.x) cuts them, however short the prompt.
+
+Departures from the recipe's tokens (alignment-handbook's apply_chat_template task="dpo" + TRL 0.7.7's
+tokenize_row): there the prompt ends at the last user turn's `</s>\\n` and each completion is `<|assistant|>\\n`
+(7 tokens) + reply + `</s>` + `\\n` (2 tokens) + an appended `</s>`: 10 tokens more than here, counted against
+max_length - max_prompt_length; its left cut of a long prompt drops BOS. The shared `<|assistant|>\\n` cancels in
+the DPO margin z (same tokens, same context on both sides); the three trailing ones do not, and logps/* metrics
+and IPO's per-token means differ by them.
 """
 
 from __future__ import annotations
