@@ -20,6 +20,9 @@ def get_config(arg=None):
     c.data.packing = True  # paper: packing; here each example keeps its own segment (no cross-attention)
     c.data.pack_window = 1000  # best-fit decreasing over this many shuffled examples at a time (0: all at once)
     c.data.loss_on = "all"  # the recipe learns every token; "assistant" learns replies only
+    # A dialogue longer than max_length is cut to it (the count is logged) or dropped. A departure: the recipe's
+    # packing (TRL 0.7's ConstantLengthDataset) concatenates the dialogues and cuts the stream into rows, so a long
+    # one spills into the next row and every token is learned.
     c.data.too_long = "truncate"  # or "drop" (counted as skipped, also with on_bad_row="raise")
 
     c.optim.lr = 2e-5  # paper: peak lr 2e-5
