@@ -3,6 +3,7 @@ coordinated preemption through launch/local.sh. Tiny configs on CPU devices (the
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,62 @@ def test_an_error_on_one_process_ends_every_process_soon_and_is_printed(data_dir
                                         "--config.data.eval=d")
     assert time.monotonic() - start < 120 and p0.returncode == p1.returncode == 1, err0[-2000:] + err1[-2000:]
     assert "'d' is not a local path" in err1 and "process 1 of 2 failed: exiting now" in err1, err1[-3000:]
+
+
+# Each of 2 processes (2 CPU devices each) reads a Hugging Face folder onto a mesh over all 4 devices: argv[1]
+# (the same folder), then argv[2 + process] (its own copy). It prints the most bytes one all-gather took.
+_READ_WEIGHTS = """
+import sys
+import jax
+import numpy as np
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[4]}", 2, int(sys.argv[5]))
+from flax import nnx
+from jax.experimental import multihost_utils
+from zephyr_jax.loading import load_model
+from zephyr_jax.sharding import make_mesh
+gathered, allgather = [0], multihost_utils.process_allgather
+def counted(tree, tiled=False):
+    gathered.append(sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree)))
+    return allgather(tree, tiled)
+multihost_utils.process_allgather = counted
+model = load_model(sys.argv[1], "float32", make_mesh((1, -1, 1)))
+with jax.default_device(jax.local_devices()[0]):  # (the default device is process 0's)
+    local = load_model(sys.argv[1], "float32")
+for ours, whole in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(local))):
+    for shard in ours.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(whole)[shard.index])
+print("largest all-gather:", max(gathered), "bytes", flush=True)
+try:
+    load_model(sys.argv[2 + jax.process_index()], "float32", make_mesh((1, -1, 1)))
+except ValueError as e:
+    print("own copies:", e, flush=True)
+"""
+
+
+def test_weights_read_over_processes_gather_no_parameter_and_copies_that_differ_are_named(tiny_model_dir, tmp_path):
+    """A Hugging Face checkpoint read onto a mesh over 2 processes: each process places the shards its devices hold
+    (jax.device_put of the host copy first all-gathered the whole parameter from every process onto every device to
+    compare them: 7.5 GB float32 of Mistral-7B's stacked MLP weights times the processes on each chip); host copies
+    that differ (a stale copy of the folder on one host) are still refused, naming the parameter."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    with open(other / "model.safetensors", "r+b") as f:  # the last value of the last tensor, changed
+        f.seek(-4, os.SEEK_END)
+        f.write(np.float32(7.0).tobytes())
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _READ_WEIGHTS, tiny_model_dir, tiny_model_dir, str(other),
+                               str(port), str(i)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, **CPU, "XLA_FLAGS": cpu_xla.flags(2)})
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=90)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "largest all-gather:" in out, out[-3000:]
+        assert int(out.split("largest all-gather:")[1].split()[0]) <= 64, out[-3000:]  # digests, not weights
+        assert "own copies: parameter " in out and "differs between processes [1] and process 0" in out, out[-3000:]
 
 
 def test_a_differing_split_is_named_in_its_own_units(monkeypatch):
