@@ -146,8 +146,7 @@ def counted(tree, tiled=False):
     return allgather(tree, tiled)
 multihost_utils.process_allgather = counted
 model = load_model(sys.argv[1], "float32", make_mesh((1, -1, 1)))
-with jax.default_device(jax.local_devices()[0]):  # (the default device is process 0's)
-    local = load_model(sys.argv[1], "float32")
+local = load_model(sys.argv[1], "float32")  # on this process's default device
 for ours, whole in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(local))):
     for shard in ours.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(whole)[shard.index])

@@ -55,10 +55,11 @@ def run_config(workdir: str) -> dict | None:
 
 
 def _default_device() -> jax.Device:
+    """JAX's default device: this process's first (jax.devices()[0] is process 0's in a multi-process job)."""
     device = jax.config.jax_default_device
     if isinstance(device, jax.Device):
         return device
-    return (jax.devices(device) if isinstance(device, str) else jax.devices())[0]
+    return jax.local_devices(backend=device if isinstance(device, str) else None)[0]
 
 
 def load(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None, *, tokenizer: str | None = None,
