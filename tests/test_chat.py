@@ -109,6 +109,11 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, asser
         with pytest.raises(SystemExit) as exit_:
             chat.main(["--model=m", "--prompt=Hi", flag])
         assert exit_.value.code == f"error: {message}"
+    # The engine's sizes: a ValueError traceback once the model was loaded
+    for max_length in (1, 0, -5):
+        with pytest.raises(SystemExit) as exit_:
+            chat.main(["--model=m", "--prompt=Hi", f"--max_length={max_length}"])
+        assert exit_.value.code == f"error: --max_length={max_length}: must be at least 2"
     # fp8 was a TypeError deep in numpy; int8 blamed a workdir's model_config.json
     for dtype in ("fp8", "int8"):
         assert_refused_dtype(lambda: chat.main(["--model=m", "--prompt=Hi", f"--dtype={dtype}"]), dtype)

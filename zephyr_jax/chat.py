@@ -14,7 +14,7 @@ import sys
 import jinja2
 
 from zephyr_jax.config_common import COMPILATION_CACHE_DIR
-from zephyr_jax.engine import Engine, Request, SamplingParams
+from zephyr_jax.engine import SIZE_BOUNDS, Engine, Request, SamplingParams
 from zephyr_jax.loading import load
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import encode_text, render_chat
@@ -66,6 +66,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:  # 0 printed an empty reply and exited 0
         sys.exit(f"error: --max_new_tokens={args.max_new_tokens}: must be at least 1")
+    if args.max_length is not None and args.max_length < SIZE_BOUNDS["max_length"]:  # the Engine's, before the load
+        sys.exit(f"error: --max_length={args.max_length}: must be at least {SIZE_BOUNDS['max_length']}")
     try:  # the engine's own ranges: it refused them at the first reply, after the model's load (and every turn)
         SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed).check()
