@@ -553,3 +553,24 @@ def test_the_export_command_names_a_missing_checkpoint_in_one_line(tmp_path, tin
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(SystemExit, match=r"^error: max_shard_size='5G': use an int \(bytes\) or a string such as "):
         export.cli([f"--workdir={tmp_path / 'no_such_run'}", f"--out={tmp_path / 'hf'}", "--max_shard_size=5G"])
+
+
+def test_the_export_command_names_a_missing_tokenizer_before_reading_the_weights(tmp_path, monkeypatch):
+    """--tokenizer with a typo was found after the weights' load (minutes for a 7B)."""
+    from tests.test_loading import save_checkpoint
+    from zephyr_jax import checkpoint, export
+
+    model = Mistral(MistralConfig(**TINY), rngs=nnx.Rngs(0))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    checkpoint.save_model_config(str(workdir), model.config)
+    save_checkpoint(workdir, 1, nnx.state(model))
+
+    def no_load(*args, **kw):
+        raise AssertionError("the weights were read before the tokenizer was found missing")
+
+    monkeypatch.setattr(export, "load_model", no_load)
+    with pytest.raises(SystemExit, match=f"^error: tokenizer {re.escape(str(tmp_path / 'no_tokenizer'))} does not "
+                                         "exist"):
+        export.cli([f"--workdir={workdir}", f"--out={tmp_path / 'hf'}", f"--tokenizer={tmp_path / 'no_tokenizer'}"])
+    assert not (tmp_path / "hf").exists()

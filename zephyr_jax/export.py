@@ -132,12 +132,12 @@ def export(workdir: str, out_dir: str, step: int = -1, dtype: str = "bfloat16", 
                          "directory")
     hf.parse_size(max_shard_size)  # a malformed size ("5G"): now, not after the weights' load
     step = checkpoint.resolve_step(workdir, step)
+    tok = tokenizer_for(workdir, tokenizer)  # a --tokenizer that is not there: now, not after the weights' load
     # Read straight into the saved dtype (orbax casts on the host): a bf16 export never holds float32 weights.
     # Onto the CPU device: the writer reads them there without a copy, and no accelerator memory is used.
     with jax.default_device(host_device()):
         model = load_model(workdir, dtype, step=step)
     train_config = run_config(workdir) or {}
-    tok = tokenizer_for(workdir, tokenizer)
     card = model_card(workdir, step, train_config, final_metrics(workdir, step),
                       zephyr_template=is_zephyr_template(tok))
     hf.save_pretrained(model, out_dir, tokenizer=tok, max_shard_size=max_shard_size, dtype=jnp.dtype(dtype),
