@@ -808,6 +808,27 @@ def test_cli_on_bad_row_raise_stops_at_the_row_before_any_call(tmp_path, capsys)
     assert stats["input"] == {"kept": 2, "skipped": 1, "reasons": {"empty prompt": 1}}
 
 
+def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, capsys, monkeypatch):
+    """They were checked inside collect_feedback, after every engine: backend had loaded its model (minutes)."""
+    from zephyr_jax.data import backends
+
+    def no_load(*args, **kw):
+        raise AssertionError("an engine model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(backends.EngineBackend, "from_path", no_load)
+    argv = [f"--prompts={tmp_path / 'prompts.jsonl'}", f"--output={tmp_path / 'out'}", "--generators=engine:sft",
+            "--judge=engine:judge"]
+    for flag, message in (("--completions_per_prompt=0", "need completions_per_prompt >= 1, parse_retries >= 0 "
+                                                         "and concurrency >= 1, got 0, 10, 16"),
+                          ("--concurrency=0", "got 4, 10, 0"), ("--max_tokens=0", "max_tokens=0: must be at least 1"),
+                          ("--principles=helpful", "principles='helpful'; expected ultrafeedback"),
+                          ("--limit=0", "limit=0: must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            feedback.main([*argv, flag])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, flag
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_generator_where_a_pool_belongs_is_named(tmp_path):
     """A Backend passed as `generators` failed with "'CallableBackend' object is not iterable"."""
     with pytest.raises(ValueError, match="generators must be a non-empty list of Backend objects"):

@@ -506,8 +506,7 @@ def _settings(generators, judge_name: str, o: dict) -> dict:
                {"parse_retries": o["parse_retries"], "judge_max_tokens": o["judge_max_tokens"]})}
 
 
-def _check(generators, judge, o: dict, concurrency: int):
-    k, parse_retries, principles = o["k"], o["parse_retries"], o["principles"]
+def _check(generators, judge, o: dict, concurrency: int, limit: int | None):
     if isinstance(generators, Backend) or not generators or not all(isinstance(g, Backend) for g in generators):
         raise ValueError("generators must be a non-empty list of Backend objects (see zephyr_jax.data.backends; "
                          "backend_from_spec makes one from a spec string)")
@@ -516,6 +515,14 @@ def _check(generators, judge, o: dict, concurrency: int):
     if repeated:
         raise ValueError(f"generator names must differ (they key the journal): {repeated} given more than once; "
                          f"a smaller pool is sampled with replacement, so one generator is enough for K samples")
+    _check_options(o, concurrency, limit)
+    if judge is None:
+        raise ValueError("a judge is needed: a Backend (LLM judge) or a function / 'module:function' (programmatic)")
+
+
+def _check_options(o: dict, concurrency: int, limit: int | None):
+    """The numbers and principles (the CLI checks them before its engine: backends load their models)."""
+    k, parse_retries, principles = o["k"], o["parse_retries"], o["principles"]
     if k < 1 or parse_retries < 0 or concurrency < 1:
         raise ValueError(f"need completions_per_prompt >= 1, parse_retries >= 0 and concurrency >= 1, got {k}, "
                          f"{parse_retries}, {concurrency}")
@@ -524,8 +531,8 @@ def _check(generators, judge, o: dict, concurrency: int):
             raise ValueError(f"{key}={o[key]}: must be at least 1")
     if principles not in ("ultrafeedback", "none", *PRINCIPLES):
         raise ValueError(f"principles={principles!r}; expected ultrafeedback, none or one of {PRINCIPLES}")
-    if judge is None:
-        raise ValueError("a judge is needed: a Backend (LLM judge) or a function / 'module:function' (programmatic)")
+    if limit is not None and limit < 1:  # it would read no prompt, and the error would blame the input
+        raise ValueError(f"limit={limit}: must be at least 1 (None: every prompt)")
 
 
 def _resolve_judge(judge):
@@ -569,9 +576,7 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
     opts = {"k": completions_per_prompt, "seed": seed, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p, "parse_retries": parse_retries, "judge_max_tokens": judge_max_tokens,
             "principles": principles}
-    _check(generators, judge, opts, concurrency)
-    if limit is not None and limit < 1:  # it would read no prompt, and the error would blame the input
-        raise ValueError(f"limit={limit}: must be at least 1 (None: every prompt)")
+    _check(generators, judge, opts, concurrency, limit)
     judge_backend, judge_fn, judge_name = _resolve_judge(judge)
     out_dir = Path(output_dir)
     source = "rows"
@@ -748,6 +753,9 @@ def main(argv=None) -> dict:
         return {"price_per_million": value} if value is not None and spec.startswith("endpoint:") else {}
 
     try:  # settings mismatch, bad specs, missing sources: one clear line
+        _check_options({"k": args.completions_per_prompt, "parse_retries": args.parse_retries,
+                        "max_tokens": args.max_tokens, "judge_max_tokens": args.judge_max_tokens,
+                        "principles": args.principles}, args.concurrency, args.limit)
         with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
                         max_retries=args.max_retries, mesh=args.mesh) as backends:
             generators = [backends.get(spec, **price(spec, args.generator_price)) for spec in args.generators]
