@@ -592,6 +592,23 @@ def test_cli_fails_when_no_dialogue_was_kept(tmp_path):
                         "--num_dialogues=2", "--test_size=0"])
 
 
+def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, monkeypatch):
+    """They were checked inside make_dialogues, after the engine: teacher had loaded its model (minutes)."""
+    from zephyr_jax.data import backends, dialogues
+
+    def no_load(*args, **kw):
+        raise AssertionError("an engine model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(backends.EngineBackend, "from_path", no_load)
+    for flags, message in ((["--test_size=2.5"], "test_size=2.5: expected a fraction in [0, 1) or a whole count"),
+                           (["--concurrency=0"], "concurrency=0: at least 1 dialogue must be in flight"),
+                           (["--num_dialogues=-1"], "num_dialogues=-1 is negative"),
+                           (["--min_turns=3", "--max_turns=2"], "need 1 <= min_turns <= max_turns, got min_turns=3")):
+        with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
+            dialogues.main([f"--output={tmp_path / 'out'}", "--assistant=engine:teacher", *flags])
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_seed_or_one_stop_string_is_not_taken_for_many(tmp_path):
     """A string where a list belongs was iterated: a dialogue seeded by each character, a stop at each one."""
     with pytest.raises(TypeError, match="seeds is one seed .str.: pass a list of them"):

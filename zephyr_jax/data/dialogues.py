@@ -401,11 +401,7 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
         if not (isinstance(backend, Backend) or (name == "user" and backend is None)):
             raise TypeError(f"{name}={backend!r}: pass a Backend (data.backends.backend_from_spec makes one from "
                             "a spec string)")
-    _check_test_size(test_size)
-    if concurrency < 1:  # a semaphore of 0 would wait forever, holding the journal's lock
-        raise ValueError(f"concurrency={concurrency}: at least 1 dialogue must be in flight")
-    if num_dialogues is not None and num_dialogues < 0:
-        raise ValueError(f"num_dialogues={num_dialogues} is negative")
+    _check_sizes(test_size, concurrency, num_dialogues, min_turns, max_turns)
     if mode == "magpie":
         if seeds or user not in (None, assistant):
             raise ValueError("magpie mode takes no seeds and no user backend: the assistant model writes the user "
@@ -437,6 +433,17 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
         return _write_outputs(run, dialogues, output_dir, test_size, log)
     finally:  # after the outputs: the journal's lock keeps a second run out until they are written
         run.journal.close()
+
+
+def _check_sizes(test_size: float, concurrency: int, num_dialogues: int | None, min_turns: int | None,
+                 max_turns: int | None) -> None:
+    """The numbers' ranges (the CLI checks them before its engine: backends load their models)."""
+    _check_test_size(test_size)
+    if concurrency < 1:  # a semaphore of 0 would wait forever, holding the journal's lock
+        raise ValueError(f"concurrency={concurrency}: at least 1 dialogue must be in flight")
+    if num_dialogues is not None and num_dialogues < 0:
+        raise ValueError(f"num_dialogues={num_dialogues} is negative")
+    _turn_range(min_turns, max_turns)
 
 
 def _turn_range(min_turns: int | None, max_turns: int | None) -> tuple[int, int] | None:
@@ -565,6 +572,7 @@ def main(argv=None) -> dict:
         p.error("--mode=magpie needs --num_dialogues")
     # Bad input (a seeds file, a spec, other settings on disk) ends with its message, not a traceback.
     try:
+        _check_sizes(args.test_size, args.concurrency, args.num_dialogues, args.min_turns, args.max_turns)
         with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
                         max_retries=args.max_retries, mesh=args.mesh) as backends:
             seeds = None
