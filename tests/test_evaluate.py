@@ -176,6 +176,11 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     # refused before scoring: the metrics were computed, then lost to an IsADirectoryError traceback
     assert _cli_error(["prefs", f"--workdir={dpo_workdir}", f"--out={tmp_path}"]) == \
         f"error: --out={tmp_path}: is a directory"
+    # --max_examples=-3 scored every pair; 0 blamed the data ("no usable examples ... skipped 0 of 0 rows")
+    for n in (0, -3):
+        for model in ([f"--workdir={dpo_workdir}"], [f"--model={dpo_workdir}", "--reference_free"]):
+            assert _cli_error(["prefs", *model, f"--max_examples={n}"]) == \
+                f"error: --max_examples={n}: must be at least 1 (leave it out for every pair)"
     with pytest.raises(ValueError, match="max_prompt_length"):
         evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
     # refused before any data or model is read (it was refused after scoring both models on every pair)

@@ -434,6 +434,8 @@ def main(argv=None):
     if args.command == "prefs":
         if args.out and (why := _writable(args.out)) is not None:  # found after the scoring, which it lost
             sys.exit(f"error: --out={args.out}: {why}")
+        if args.max_examples is not None and args.max_examples < 1:  # -3 scored every pair; 0 blamed the data
+            sys.exit(f"error: --max_examples={args.max_examples}: must be at least 1 (leave it out for every pair)")
         if args.workdir:
             if args.model or args.reference:
                 parser.error("prefs: pass either --workdir or --model/--reference, not both")
