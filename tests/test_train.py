@@ -158,6 +158,10 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
         out = _cli("zephyr_jax.train", *config, f"--workdir={tmp_path}")  # was two chained tracebacks
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert "no file 'configs/sftt.py'" in out.stderr
+    # A stray word (`--workdir=runs/sft handbook` meant the variant) was dropped: the default recipe trained
+    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "handbook")
+    assert out.returncode != 0 and "unexpected arguments ['handbook']: flags are --name=value" in out.stderr, \
+        out.stderr[-2000:]
     # --num_processes / --process_id without a coordinator trained the whole job as process 0 of 1
     out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--num_processes=2",
                "--process_id=1")

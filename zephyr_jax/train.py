@@ -810,7 +810,8 @@ def cli():
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(argv):
-        del argv
+        if len(argv) > 1:  # `--workdir=runs/sft handbook` meant the variant: not the default recipe without a word
+            raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
         logging.set_verbosity(logging.WARNING)  # orbax and jax log every checkpoint write at INFO
         given = {"--coordinator_address": coordinator.value, "--num_processes": num_processes.value,
                  "--process_id": process_id.value}
