@@ -206,3 +206,11 @@ def test_only_process_0_traces(monkeypatch, tmp_path):
             window.after(step, None)
         window.close()
         assert calls == ([] if process else [("start", str(tmp_path)), ("stop",)]), process
+
+
+def test_a_top_below_1_is_refused(tmp_path):
+    """--top=-3 listed every operation but the last 3 (rows[:-3]), and --top=0 an empty table, without a word."""
+    for top in (0, -3):
+        with pytest.raises(SystemExit) as exit_:
+            profiling.main([str(tmp_path), f"--top={top}"])
+        assert exit_.value.code == f"error: --top={top}: must be at least 1"

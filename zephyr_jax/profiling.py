@@ -198,6 +198,8 @@ def main(argv=None) -> None:
     parser.add_argument("path", help="a training workdir, a folder holding traces, or an .xplane.pb file")
     parser.add_argument("--top", type=int, default=25, help="operations to list")
     args = parser.parse_args(argv)
+    if args.top < 1:  # -3 listed all but the last 3 operations (rows[:top])
+        raise SystemExit(f"error: --top={args.top}: must be at least 1")
     try:
         print(report(newest_trace(args.path), args.top))
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: not an XSpace (or cut short)
