@@ -216,6 +216,9 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("dpo", {"dpo.beta": 0.0}, r"config.dpo \(beta=0.0.*beta must be positive"),  # raised after the reference pass
     ("dpo", {"dpo.label_smoothing": 0.7}, r"label_smoothing must be in \[0, 0.5\]"),
     ("dpo", {"data.max_prompt_length": 0}, r"data.max_prompt_length=0 must be at least 1"),  # cut prompts to BOS
+    # 0 read no row and blamed the data ("no usable examples ... skipped 0 of 0 rows"); -5 read every row
+    ("sft", {"data.max_train_examples": 0}, r"data.max_train_examples=0: must be -1 \(all\) or positive"),
+    ("dpo", {"data.max_eval_examples": -5}, r"data.max_eval_examples=-5: must be -1 \(all\) or positive"),
     ("sft", {"train.num_epochs": 0, "train.max_steps": -1}, r"train.num_epochs=0 .*nothing to train"),
     ("dpo", {"data.packed_rows": -8}, r"data.packed_rows=-8: must be 0 \(automatic\) or positive"),
     ("sft", {"data.pack_window": -5}, r"data.pack_window=-5: must be 0 \(automatic\) or positive"),  # no data
