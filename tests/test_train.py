@@ -554,6 +554,13 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
         "another --workdir (a model to start from goes in config.model.path)")
     assert json.loads((hf_dir / "config.json").read_text())["model_type"] == "mistral"
     assert sorted(os.listdir(hf_dir)) == ["config.json"]
+    # A file as the workdir, or a folder inside one: os.makedirs' traceback once the model and tokenizer were
+    # checked (a hub model fetched first)
+    (tmp_path / "notes").write_text("mine")
+    for workdir in (tmp_path / "notes", tmp_path / "notes" / "run"):
+        with pytest.raises(ConfigError) as error:
+            train.run(tiny_config("sft", data_dir), str(workdir))
+        assert str(error.value) == f"--workdir={workdir}: {tmp_path / 'notes'} is a file, not a directory"
     with pytest.raises(ConfigError, match="loss_type"):
         train.run(tiny_config("dpo", data_dir, **{"dpo.loss_type": "kto"}), str(tmp_path / "d"))
     for key in ("keep_checkpoints", "log_every", "eval_batch_size"):  # 0 kept no checkpoint / divided by zero

@@ -308,6 +308,11 @@ def check_workdir(workdir: str) -> None:
     if "://" in workdir:
         raise ConfigError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
                           "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
+    existing = os.path.abspath(os.path.expanduser(workdir))  # (os.makedirs' traceback, after the model's checks)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--workdir={workdir}: {existing} is a file, not a directory")
     try:
         saved = run_config(os.path.expanduser(workdir))
     except ValueError:  # not JSON: resume_settings names the file
