@@ -307,6 +307,17 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "strict").exists()
 
 
+def test_cli_refuses_an_output_that_is_a_file_before_reading_the_input(tmp_path, capsys):
+    """A FileExistsError / NotADirectoryError traceback once every row had been read and binarized."""
+    (tmp_path / "notes").write_text("mine")
+    for out in (tmp_path / "notes", tmp_path / "notes" / "prefs"):
+        with pytest.raises(SystemExit) as stop:
+            main([f"--input={tmp_path / 'missing.jsonl'}", f"--output={out}"])
+        assert stop.value.code == 2
+        assert f"--output={out}: {tmp_path / 'notes'} is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_cli_says_when_no_row_was_kept(tmp_path, capsys, monkeypatch):
     """It said "--test_size=0 must be below the 0 prompts of the 0 kept rows"; the reasons stay above the error."""
     import datasets

@@ -592,7 +592,7 @@ def test_cli_fails_when_no_dialogue_was_kept(tmp_path):
                         "--num_dialogues=2", "--test_size=0"])
 
 
-def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, monkeypatch):
+def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, monkeypatch, capsys):
     """They were checked inside make_dialogues, after the engine: teacher had loaded its model (minutes)."""
     from zephyr_jax.data import backends, dialogues
 
@@ -607,6 +607,11 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
             dialogues.main([f"--output={tmp_path / 'out'}", "--assistant=engine:teacher", *flags])
     assert not (tmp_path / "out").exists()
+    (tmp_path / "notes").write_text("mine")  # (an error from the journal's folder, after the model's load)
+    with pytest.raises(SystemExit):
+        dialogues.main([f"--output={tmp_path / 'notes'}", "--assistant=engine:teacher"])
+    assert f"--output={tmp_path / 'notes'}: {tmp_path / 'notes'} is a file, not a directory" in \
+        capsys.readouterr().err
 
 
 def test_one_seed_or_one_stop_string_is_not_taken_for_many(tmp_path):

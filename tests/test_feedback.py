@@ -827,6 +827,11 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, capsys, monkey
             feedback.main([*argv, flag])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "out").exists()
+    (tmp_path / "notes").write_text("mine")  # (an error from the journal's folder, after the models' load)
+    with pytest.raises(SystemExit):
+        feedback.main([*argv, f"--output={tmp_path / 'notes'}"])
+    assert f"--output={tmp_path / 'notes'}: {tmp_path / 'notes'} is a file, not a directory" in \
+        capsys.readouterr().err
 
 
 def test_one_generator_where_a_pool_belongs_is_named(tmp_path):

@@ -272,6 +272,15 @@ def write_json(obj, path) -> None:
     os.replace(tmp, path)
 
 
+def output_dir_problem(path) -> str | None:
+    """Why `path` cannot be made the directory of a CLI's outputs (it, or a folder above it, is a file), or None:
+    os.makedirs found it only once the outputs were written, after the work."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return None if os.path.isdir(existing) else f"{existing} is a file, not a directory"
+
+
 def write_train_and_test(train: list, test: list, train_path, test_path) -> None:
     """The earlier train file goes first and the new one comes last: a kill between the two replaces leaves no
     train file (a clear error for a reader), never a new train file beside an earlier run's test file, whose rows
@@ -307,6 +316,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.output.endswith((".jsonl", ".json")):
         p.error("--output is a directory (it receives train_prefs.jsonl and test_prefs.jsonl)")
+    if (why := output_dir_problem(args.output)) is not None:
+        p.error(f"--output={args.output}: {why}")
     if args.test_size < 0:
         p.error(f"--test_size={args.test_size} is negative")
 

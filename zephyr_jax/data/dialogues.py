@@ -106,7 +106,8 @@ from pathlib import Path
 import jinja2
 
 from zephyr_jax.data.backends import ENGINE_MESH_HELP, Backend, BackendSet, Call, map_bounded
-from zephyr_jax.data.binarize import prompt_id, train_test_split, write_json, write_train_and_test
+from zephyr_jax.data.binarize import (output_dir_problem, prompt_id, train_test_split, write_json,
+                                     write_train_and_test)
 from zephyr_jax.data.cache import tokenizer_fingerprint
 from zephyr_jax.data.conversation import SPECIAL_TEXTS
 from zephyr_jax.data.dialogue_seeds import (SECTOR_TURNS, SEED_COLUMNS, SEEDS_ARE, Seed, as_seed, builtin_seeds,
@@ -566,6 +567,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.output.endswith((".jsonl", ".json")):
         p.error("--output is a directory (it receives train_sft.jsonl, test_sft.jsonl and stats.json)")
+    if (why := output_dir_problem(args.output)) is not None:  # (found by the journal, after the models' load)
+        p.error(f"--output={args.output}: {why}")
     if args.mode == "magpie" and (args.seeds or args.user):
         p.error("--mode=magpie takes neither --seeds nor --user: the assistant model writes both sides")
     if args.mode == "magpie" and args.num_dialogues is None:

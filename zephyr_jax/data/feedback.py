@@ -108,7 +108,8 @@ from typing import Callable
 
 from zephyr_jax.data.backends import (ENGINE_MESH_HELP, Backend, BackendSet, Call, load_callable,
                                       map_bounded)
-from zephyr_jax.data.binarize import ASPECTS, completion_score, is_text, prompt_id, write_json, write_jsonl
+from zephyr_jax.data.binarize import (ASPECTS, completion_score, is_text, output_dir_problem, prompt_id, write_json,
+                                     write_jsonl)
 from zephyr_jax.data.conversation import SPECIAL_TEXTS, has_special_text
 from zephyr_jax.data.errors import ON_BAD_ROW, BadRow, SkipCounter, check_on_bad_row, handle_bad_row
 from zephyr_jax.data.feedback_prompts import (CALIBRATION_SHARE, PRINCIPLES, SYSTEM_PROMPTS, TYPED_ASPECTS, FormatError,
@@ -748,6 +749,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.output.endswith((".jsonl", ".json")):
         p.error("--output is a directory (it receives train.jsonl, stats.json and journal.jsonl)")
+    if (why := output_dir_problem(args.output)) is not None:  # (found by the journal, after the models' load)
+        p.error(f"--output={args.output}: {why}")
 
     def price(spec, value):  # an estimated cost only means something for a paid endpoint
         return {"price_per_million": value} if value is not None and spec.startswith("endpoint:") else {}
