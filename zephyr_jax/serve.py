@@ -617,6 +617,8 @@ def main(argv=None) -> None:
         value = getattr(args, flag)
         if value is not None and value < least:
             sys.exit(f"error: --{flag.replace('_', '-')}={value}: must be at least {least}")
+    if not 0 <= args.port <= 65535:  # bind() raised OverflowError, a traceback
+        sys.exit(f"error: --port={args.port}: must be from 0 to 65535")
     try:  # a port in use (or a host not here) now, not after minutes of loading a 7B; uvicorn binds it again later
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # (--host=:: for IPv6)
         socket.create_server((args.host, args.port), family=family).close()  # (SO_REUSEADDR, as uvicorn binds)
