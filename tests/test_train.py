@@ -274,6 +274,7 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
     ("sft", {"model.attention_impl": "splash", "data.max_length": 256}),  # default buckets 128, 256
     ("dpo", {"model.attention_impl": "splash", "data.max_length": 192}),  # packed pairs: rows in 128s
     ("dpo", {"dpo.label_smoothing": 0.5}),  # conservative DPO's bound is inclusive (robust DPO's is not)
+    ("sft", {"data.max_train_examples": None, "data.max_eval_examples": 1}),  # None: all, as the pipeline reads it
 ])
 def test_config_values_at_the_edges_of_their_ranges_are_taken(data_dir, stage, overrides):
     """The other side of each bound: a warmup over the whole run, Adam without momentum, float16 weights and

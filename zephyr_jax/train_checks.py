@@ -108,7 +108,7 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         raise ConfigError(f"train.num_epochs={t.num_epochs} with train.max_steps={t.max_steps}: nothing to train "
                           "(set num_epochs >= 1, or max_steps)")
     for key in ("max_train_examples", "max_eval_examples"):  # 0 read no row and blamed the data; -5 read them all
-        if cfg.data[key] == 0 or cfg.data[key] < -1:
+        if cfg.data.get(key) is not None and (cfg.data[key] == 0 or cfg.data[key] < -1):  # (None: all, as -1)
             raise ConfigError(f"data.{key}={cfg.data[key]}: must be -1 (all) or positive")
     for key in ("pack_window", "packed_rows"):  # 0: automatic (all examples at once / about four sequences a row)
         if key in cfg.data and cfg.data[key] < 0:
