@@ -223,6 +223,14 @@ def test_a_missing_configs_directory_stops_the_demo_before_it_makes_data(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["make-data", "run"])
+def test_an_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys, command):
+    (tmp_path / "notes").write_text("")
+    with pytest.raises(SystemExit) as exit_info:  # was NotADirectoryError's traceback
+        demo.main([command, f"--out={tmp_path / 'notes' / 'demo'}"])
+    assert exit_info.value.code == 2 and f"{tmp_path / 'notes'} is a file, not a directory" in capsys.readouterr().err
+
+
 @pytest.mark.long
 def test_the_whole_demo_connects_its_stages_at_a_small_size(tmp_path, monkeypatch, capsys):
     """run_demo, the README's first command, end to end at a small size (its parts have their own tests; this one

@@ -64,7 +64,7 @@ import sys
 
 import numpy as np
 
-from zephyr_jax.data.binarize import prompt_id, write_jsonl
+from zephyr_jax.data.binarize import output_dir_problem, prompt_id, write_jsonl
 
 # (kind, template): kind picks max or min; {digits} is the list, space-separated (every digit its own token).
 TEMPLATES = (
@@ -377,6 +377,8 @@ def main(argv=None):
     run.add_argument("--pairs", choices=("on-policy", "synthetic"), default="on-policy",
                      help="dDPO pairs: the dSFT model's own samples rated by a checker, or the scripted ones")
     args = parser.parse_args(argv)
+    if (why := output_dir_problem(args.out)) is not None:  # (NotADirectoryError's traceback)
+        parser.error(f"--out={args.out}: {why}")
     if args.command == "run":
         from zephyr_jax.train import PREEMPTED_EXIT_CODE, Preempted
 
