@@ -15,7 +15,7 @@ import pytest
 
 from tests import cpu_xla
 from tests.test_serve import _free_port
-from tests.test_train import _params, split_records
+from tests.test_train import _params, split_records, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = {"JAX_PLATFORMS": "cpu"}
@@ -274,3 +274,24 @@ def test_sigterm_saves_the_same_step_everywhere_and_resumes_exactly(data_dir, tm
     assert step == full_step == 12
     for a, b in zip(full_params, params):
         np.testing.assert_array_equal(a, b)
+
+
+def test_settings_that_differ_between_processes_are_named_by_section(monkeypatch, data_dir):
+    """A host given another learning rate or seed (a command line edited on one host) trained a silent mix: every
+    process now stops, naming the sections that differ (one process here, the other's digests from another
+    config). Host-local paths may differ: each host's copy of the same data, checked by the examples' digest."""
+    from zephyr_jax import train
+
+    cfg = tiny_config("sft", data_dir)
+    other = tiny_config("sft", data_dir, **{"optim.lr": 3e-3, "seed": 7})
+
+    def gathered(other_cfg):
+        return lambda mine: np.stack([mine, train.settings_digests(other_cfg)])
+
+    monkeypatch.setattr(train.multihost_utils, "process_allgather", gathered(other))
+    with pytest.raises(train.ConfigError, match=r"config.seed differs on processes \[1\] from process 0's; "
+                                                r"config.optim differs on processes \[1\]"):
+        train.check_same_settings_everywhere(cfg)
+    elsewhere = tiny_config("sft", data_dir, **{"data.train": "/host1/sft", "data.cache_dir": "/host1/cache"})
+    monkeypatch.setattr(train.multihost_utils, "process_allgather", gathered(elsewhere))
+    train.check_same_settings_everywhere(cfg)

@@ -265,6 +265,40 @@ def check_same_examples_everywhere(splits: dict) -> None:
                              "process must read the same data files with the same code")
 
 
+# The settings each process must share, by section; host-local paths may differ (each host's copy of the same data
+# or weights, which the examples' and weights' digests check).
+SETTINGS_SECTIONS = ("stage", "seed", "model", "data", "optim", "train", "dpo", "mesh", "logging")
+HOST_LOCAL_SETTINGS = {"model": ("path",), "data": ("train", "eval", "cache_dir", "data_dir"),
+                       "train": ("compilation_cache_dir",)}
+
+
+def settings_digests(cfg) -> np.ndarray:
+    """[sections, 16] uint8: a digest of each of SETTINGS_SECTIONS (an absent one digests as null)."""
+    rows = []
+    for name in SETTINGS_SECTIONS:
+        value = cfg.get(name)
+        value = value.to_dict() if hasattr(value, "to_dict") else value
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in HOST_LOCAL_SETTINGS.get(name, ())}
+        text = json.dumps(value, sort_keys=True, default=repr)
+        rows.append(np.frombuffer(hashlib.blake2b(text.encode(), digest_size=16).digest(), np.uint8))
+    return np.stack(rows)
+
+
+def check_same_settings_everywhere(cfg) -> None:
+    """Every process must run the same settings (each builds its rows of the same global batches and applies the
+    same updates): a host given another seed, learning rate or beta trained a silent mix. Raised on every process
+    alike, before any other check, so none is left waiting in a collective."""
+    everyone = multihost_utils.process_allgather(settings_digests(cfg))  # [processes, sections, 16]
+    differ = {name: [p for p in range(len(everyone)) if not np.array_equal(everyone[p, i], everyone[0, i])]
+              for i, name in enumerate(SETTINGS_SECTIONS)}
+    differ = {name: procs for name, procs in differ.items() if procs}
+    if differ:
+        raise ConfigError("the processes were given other settings: " + "; ".join(
+            f"config.{name} differs on processes {procs} from process 0's" for name, procs in differ.items()) +
+            " (each prints its config). Give every process the same command line")
+
+
 def batch_sharding(mesh, rules):
     return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
@@ -446,6 +480,8 @@ def run(cfg, workdir: str) -> dict:
     """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics. Raises
     Preempted when SIGTERM / a preemption notice stopped it (after saving: the same call resumes)."""
     cfg = cfg.copy_and_resolve_references()  # this run's copy: model.step is set to the step it starts from
+    if jax.process_count() > 1:
+        check_same_settings_everywhere(cfg)
     checks.check_workdir(workdir)
     workdir = os.path.expanduser(workdir)
     cfg.model.path = absolute_if_local(cfg.model.path)
