@@ -181,11 +181,13 @@ def small(tmp_path_factory):
 
 def test_logprobs_of_prompt_and_reply_equal_a_full_forward_pass(small):
     """Prompt log-probs (across prefill chunks) and the sampled tokens' log-probs and top alternatives are the
-    log-softmax of one forward pass over prompt + reply."""
+    log-softmax of one forward pass over prompt + reply: the model's own, not those of the temperature-scaled,
+    top-k / top-p filtered distribution the tokens are drawn from (sampling.sample's docstring, README)."""
     _, model = small
     prompt = _prompts(3, [37])[0]
     engine = Engine(model, max_slots=2, max_length=128, prefill_chunk=16, eos_id=None)
-    params = SamplingParams(max_tokens=12, temperature=1.0, seed=4, logprobs=3, prompt_logprobs=2)
+    params = SamplingParams(max_tokens=12, temperature=0.7, top_k=20, top_p=0.9, seed=4, logprobs=3,
+                            prompt_logprobs=2)
     (r,) = engine.generate([Request(prompt, params)])
     whole = prompt + r.tokens
     logps = np.asarray(jax.nn.log_softmax(model(jnp.asarray([whole]))[0], axis=-1))
