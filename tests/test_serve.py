@@ -198,6 +198,22 @@ def _post(base, path, body, key=KEY, raw=None):
                       timeout=60)
 
 
+def test_a_requests_sampling_fields_reach_the_engine():
+    """temperature, top_p and top_k as the request gives them (every request of the tests below sends a temperature
+    of 0 or 1 and leaves top_p and top_k out: a server that sampled every request at 1.0 with no filters passed),
+    with the other fields of SamplingParams, and OpenAI's defaults where they are left out."""
+    from zephyr_jax.serve import sampling_params
+
+    body = {"temperature": 0.3, "top_p": 0.85, "top_k": 7, "seed": 5, "stop": ["x"], "stop_token_ids": [9],
+            "ignore_eos": True}
+    got = sampling_params(body, max_tokens=4, logprobs=2, seed_offset=1)
+    assert (got.temperature, got.top_p, got.top_k, got.seed, got.stop, got.stop_token_ids, got.ignore_eos,
+            got.max_tokens, got.logprobs) == (0.3, 0.85, 7, 6, ("x",), (9,), True, 4, 2)
+    default = sampling_params({}, max_tokens=4)
+    assert (default.temperature, default.top_p, default.top_k, default.stop, default.ignore_eos) == (1.0, 1.0, 0, (),
+                                                                                                    False)
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     base, _ = server
     chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
