@@ -335,7 +335,7 @@ def test_a_requests_samples_depend_on_its_seed_only(small):
     sampled ones stay greedy; top_k=1 and a tiny top_p are greedy."""
     _, model = small
     prompts = _prompts(1, [7, 4, 11])
-    sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=5)
+    sampled = SamplingParams(max_tokens=24, temperature=0.8, top_k=40, seed=5)  # (checked against sample below)
     alone = generate_ids(model, prompts[:1], max_new_tokens=24, temperature=1.0)  # seeds from the call's seed
     engine = Engine(model, max_slots=4, max_length=64, eos_id=None)
     greedy = SamplingParams(max_tokens=24)
@@ -343,7 +343,7 @@ def test_a_requests_samples_depend_on_its_seed_only(small):
                              Request(prompts[0], sampled), Request(prompts[0], greedy)])
     again = engine.generate([Request(prompts[0], sampled)])
     assert mixed[2].tokens == again[0].tokens
-    assert mixed[2].tokens != mixed[3].tokens  # temperature 1 really samples
+    assert mixed[2].tokens != mixed[3].tokens  # temperature 0.8 really samples
     assert mixed[1].tokens != mixed[2].tokens and alone[0] != mixed[2].tokens  # other seeds, other draws
     assert engine.generate([Request(prompts[0], SamplingParams(max_tokens=24, temperature=1.0, seed=6))])[0].tokens \
         != mixed[2].tokens
@@ -359,12 +359,13 @@ def test_a_requests_samples_depend_on_its_seed_only(small):
     one_a_call = Engine(model, max_slots=4, max_length=64, eos_id=None, decode_steps=1)
     assert engine.decode_steps > 1 and one_a_call.generate([Request(prompts[0], sampled)])[0].tokens == mixed[2].tokens
     # Token i of a reply is drawn from transformers' logits at its position with key (seed, i): each token its own
-    # key (an off-by-one counter drew the first two with one key).
+    # key (an off-by-one counter drew the first two with one key), at the request's temperature and top-k (an
+    # engine that sampled every row at temperature 1 with no filters passed at 1.0).
     tm, _ = small
     whole = prompts[0] + mixed[2].tokens
     logits = torch_logits(tm, [whole])[0, len(prompts[0]) - 1:len(whole) - 1]
     one = lambda x, dtype=None: jnp.full((len(logits),), x, dtype)  # noqa: E731
-    drawn, _, _ = sample(jnp.asarray(logits), one(1.0), one(0), one(1.0), one(5, jnp.uint32),
+    drawn, _, _ = sample(jnp.asarray(logits), one(0.8), one(40), one(1.0), one(5, jnp.uint32),
                          jnp.arange(len(logits), dtype=jnp.uint32), top_n=-1)
     assert np.asarray(drawn).tolist() == mixed[2].tokens
 
