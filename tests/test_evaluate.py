@@ -630,10 +630,11 @@ def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir, t
     monkeypatch.setattr(evaluate, "load_model", lambda path, *a, **k: path)
     monkeypatch.setattr(evaluate, "pair_logps", fake_logps)
     got = evaluate.prefs("POLICY", "REFERENCE", data=str(data_dir / "prefs"), split="test_prefs", max_examples=8,
-                         max_length=128, max_prompt_length=64, tokenizer=load_tokenizer(), log=lambda *_: None)
+                         max_length=128, max_prompt_length=64, tokenizer=load_tokenizer(), log=lambda *_: None,
+                         beta=0.3)  # not the default 0.1, which a prefs that ignored its beta would use
     policy, reference = drawn["POLICY"], drawn["REFERENCE"]
     assert got["logps/chosen"] == pytest.approx(float(policy[:, 0].mean()), rel=1e-6)
-    margins = 0.1 * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    margins = 0.3 * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
     assert got["rewards/margins"] == pytest.approx(float(margins.mean()), rel=1e-5, abs=1e-6)
     # IPO averages each log-ratio over its own completion's tokens (TRL's ipo: logps / completion length, then
     # (chosen - rejected - 1 / (2 beta))^2): chosen and rejected lengths must not be swapped.
@@ -645,12 +646,12 @@ def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir, t
     drawn.clear()
     got = evaluate.prefs("POLICY", "REFERENCE", data=str(tmp_path), split="test_prefs", max_examples=8,
                          max_length=128, max_prompt_length=64, tokenizer=load_tokenizer(), log=lambda *_: None,
-                         loss_type="ipo")
+                         loss_type="ipo", beta=0.3)
     policy, reference = drawn["POLICY"], drawn["REFERENCE"]
     lengths = np.array([[len(e.chosen), len(e.rejected)] for e in drawn["examples"]], np.float64)
     assert np.any(lengths[:, 0] != lengths[:, 1])
     ratios = (policy.astype(np.float64) - reference) / lengths
-    assert got["loss"] == pytest.approx(float(np.mean((ratios[:, 0] - ratios[:, 1] - 1 / (2 * 0.1)) ** 2)), rel=1e-5)
+    assert got["loss"] == pytest.approx(float(np.mean((ratios[:, 0] - ratios[:, 1] - 1 / (2 * 0.3)) ** 2)), rel=1e-5)
 
 
 def test_mt_bench_temperature_of_every_fastchat_category():
