@@ -631,11 +631,14 @@ def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir, t
     monkeypatch.setattr(evaluate, "pair_logps", fake_logps)
     got = evaluate.prefs("POLICY", "REFERENCE", data=str(data_dir / "prefs"), split="test_prefs", max_examples=8,
                          max_length=128, max_prompt_length=64, tokenizer=load_tokenizer(), log=lambda *_: None,
-                         beta=0.3)  # not the default 0.1, which a prefs that ignored its beta would use
+                         beta=0.3, label_smoothing=0.2)  # not the defaults, which a prefs ignoring them would use
     policy, reference = drawn["POLICY"], drawn["REFERENCE"]
     assert got["logps/chosen"] == pytest.approx(float(policy[:, 0].mean()), rel=1e-6)
     margins = 0.3 * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
     assert got["rewards/margins"] == pytest.approx(float(margins.mean()), rel=1e-5, abs=1e-6)
+    log_sigmoid = lambda x: -np.logaddexp(0.0, -np.asarray(x, np.float64))  # noqa: E731
+    cdpo = -0.8 * log_sigmoid(margins) - 0.2 * log_sigmoid(-margins)  # cDPO, label smoothing 0.2
+    assert got["loss"] == pytest.approx(float(cdpo.mean()), rel=1e-5)
     # IPO averages each log-ratio over its own completion's tokens (TRL's ipo: logps / completion length, then
     # (chosen - rejected - 1 / (2 beta))^2): chosen and rejected lengths must not be swapped.
     # (Rejected replies of other lengths than the chosen ones: the toy task's are one digit each.)
