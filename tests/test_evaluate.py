@@ -181,6 +181,9 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
         for model in ([f"--workdir={dpo_workdir}"], [f"--model={dpo_workdir}", "--reference_free"]):
             assert _cli_error(["prefs", *model, f"--max_examples={n}"]) == \
                 f"error: --max_examples={n}: must be at least 1 (leave it out for every pair)"
+        # and by the functions the command calls (0 read no pair and blamed the data, -3 scored every pair)
+        with pytest.raises(ValueError, match=rf"^max_examples={n}: must be -1 \(all\) or positive"):
+            evaluate.prefs_from_workdir(dpo_workdir, max_examples=n)
     with pytest.raises(ValueError, match="max_prompt_length"):
         evaluate.prefs("m", "r", max_length=64, max_prompt_length=64)
     # refused before any data or model is read (it was refused after scoring both models on every pair)
@@ -189,7 +192,9 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
                          (dict(batch_size=0), "batch_size=0: must be at least 1"),  # range() arg 3 must not be zero
                          (dict(batch_size=-2), "batch_size=-2: must be at least 1"),  # KeyError 'logps'
                          # (training refuses it too: every long pair's prompt was cut to its BOS alone)
-                         (dict(max_prompt_length=0), "max_prompt_length=0 must be at least 1")]:
+                         (dict(max_prompt_length=0), "max_prompt_length=0 must be at least 1"),
+                         (dict(max_examples=0), r"max_examples=0: must be -1 \(all\) or positive"),
+                         (dict(max_examples=-3), r"max_examples=-3: must be -1 \(all\) or positive")]:
         with pytest.raises(ValueError, match=message):
             evaluate.prefs("no/such-model", "no/such-reference", data="no/such-data", **bad)
 

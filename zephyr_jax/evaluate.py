@@ -83,6 +83,7 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
     mesh, jitted eval function, reference log-probs (the workdir's cache, else the config's initial model) and
     metric function. On the run's eval split and final step the result equals its last eval record. `mesh`: a
     (data, fsdp, tensor) shape over this job's devices instead of the run's (which may need other devices)."""
+    _check_max_examples(max_examples)  # now, not after the tokenizer and the data (None: the config's)
     cfg = train_config(workdir)
     if cfg.stage != "dpo":
         raise ValueError(f"{workdir} is a {cfg.stage!r} run: --workdir needs a dDPO workdir (any other model: pass "
@@ -133,6 +134,13 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
 
 
+def _check_max_examples(max_examples: int | None) -> None:
+    """-1 (every pair) or positive, as training's data.max_eval_examples: 0 read no pair and blamed the data, and
+    -3 scored every pair."""
+    if max_examples is not None and (max_examples == 0 or max_examples < -1):
+        raise ValueError(f"max_examples={max_examples}: must be -1 (all) or positive")
+
+
 def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples (on its devices),
     through the training code's eval batches and eval function (one per architecture: make_eval_fn is cached,
@@ -168,6 +176,7 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     check_dpo_settings(loss_type, beta, label_smoothing)  # now, not after scoring both models on every pair
     if not 1 <= max_prompt_length < max_length:  # (0 cut every long pair's prompt to its BOS alone)
         raise ValueError(f"max_prompt_length={max_prompt_length} must be at least 1 and below max_length={max_length}")
+    _check_max_examples(max_examples)
     if batch_size < 1:  # 0 failed after the reference had scored ('range() arg 3 must not be zero'), < 0 as a KeyError
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if reference is None and not reference_free:
