@@ -826,6 +826,9 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, capsys, monkey
         with pytest.raises(SystemExit) as exit_:
             feedback.main([*argv, flag])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, flag
+    with pytest.raises(SystemExit) as exit_:  # a --judge_fn that does not import: after the generators' load too
+        feedback.main([*argv[:3], "--judge_fn=no_such_module:judge"])
+    assert exit_.value.code == 2 and "cannot load 'no_such_module:judge'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "notes").write_text("mine")  # (an error from the journal's folder, after the models' load)
     with pytest.raises(SystemExit):

@@ -759,6 +759,8 @@ def main(argv=None) -> dict:
         _check_options({"k": args.completions_per_prompt, "parse_retries": args.parse_retries,
                         "max_tokens": args.max_tokens, "judge_max_tokens": args.judge_max_tokens,
                         "principles": args.principles}, args.concurrency, args.limit)
+        if args.judge_fn:  # a typo in it: now, not once every generator has loaded its model
+            _resolve_judge(args.judge_fn)
         with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
                         max_retries=args.max_retries, mesh=args.mesh) as backends:
             generators = [backends.get(spec, **price(spec, args.generator_price)) for spec in args.generators]
