@@ -576,6 +576,11 @@ def main(argv=None) -> dict:
     # Bad input (a seeds file, a spec, other settings on disk) ends with its message, not a traceback.
     try:
         _check_sizes(args.test_size, args.concurrency, args.num_dialogues, args.min_turns, args.max_turns)
+        tokenizer = args.tokenizer
+        if args.mode == "magpie":  # a typo in it: now, not once an engine: assistant has loaded its model
+            from zephyr_jax.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer)
         with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
                         max_retries=args.max_retries, mesh=args.mesh) as backends:
             seeds = None
@@ -590,7 +595,7 @@ def main(argv=None) -> dict:
                                   max_turns=args.max_turns, seed=args.seed, test_size=args.test_size,
                                   concurrency=args.concurrency, max_tokens=args.max_tokens,
                                   temperature=args.temperature, max_turn_chars=args.max_turn_chars,
-                                  tokenizer=args.tokenizer, overwrite=args.overwrite)
+                                  tokenizer=tokenizer, overwrite=args.overwrite)
     except (SettingsMismatch, ValueError, OSError) as e:  # OSError: a missing file; a hub name unreachable
         sys.exit(f"error: {e}")
     if not stats["kept"]:  # a script's next step (training) must not start on empty splits
