@@ -407,7 +407,7 @@ def _lm_eval_tasks(root):
     return str(root)
 
 
-def test_lm_eval_adapter_numbers(model_dir):
+def test_lm_eval_adapter_numbers(model_dir, monkeypatch):
     """loglikelihood equals an unpadded forward pass; rolling equals loglikelihood after <s>; greedy flags."""
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
@@ -496,6 +496,12 @@ def test_lm_eval_adapter_numbers(model_dir):
     for ids_ in ([1, 32000, 5], [1, 5, 32000]):
         with pytest.raises(ValueError, match=r"request 0 holds token id 32000, outside the model's vocabulary"):
             lm._score_rows([(ids_, 1)])
+    # ... before any row is scored: it was found in its own batch, after the longer rows' batches (hours of them)
+    import zephyr_jax.lm_eval_adapter as adapter
+
+    monkeypatch.setattr(adapter, "_score", lambda *a: pytest.fail("a batch was scored before the rows were checked"))
+    with pytest.raises(ValueError, match=r"request 4 holds token id 32000, outside the model's vocabulary"):
+        lm._score_rows([([1] + [5] * 10, 1)] * 4 + [([1, 32000, 5], 1)])
 
 
 def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):

@@ -174,6 +174,11 @@ class ZephyrJaxLM(LM):
     def _score_rows(self, rows: list[tuple[list[int], int]], desc: str = "") -> list[tuple[float, bool]]:
         """rows: (token ids, n): the log-prob of the last n tokens given everything before them, and whether
         greedy decoding produces them. Inputs keep their last max_length tokens (left truncation)."""
+        vocab = self.model.config.vocab_size
+        for i, (tokens, _) in enumerate(rows):  # all before any batch: a short row is scored last, after hours
+            if max(tokens) >= vocab:  # jit embeds it as NaN, or scores a clipped target
+                raise ValueError(f"request {i} holds token id {max(tokens)}, outside the model's vocabulary of "
+                                 f"{vocab}: the tokenizer has tokens the model lacks")
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         results = [None] * len(rows)
         bs = self.batch_size
@@ -182,9 +187,6 @@ class ZephyrJaxLM(LM):
             prepared = []
             for i in chunk:
                 tokens, n = rows[i]
-                if max(tokens) >= self.model.config.vocab_size:  # jit embeds it as NaN, or scores a clipped target
-                    raise ValueError(f"request {i} holds token id {max(tokens)}, outside the model's vocabulary of "
-                                     f"{self.model.config.vocab_size}: the tokenizer has tokens the model lacks")
                 inputs, targets = tokens[:-1][-self.max_length:], tokens[1:][-self.max_length:]
                 if n > len(targets):  # lm-eval refuses this too: only part of the continuation would be scored
                     raise ValueError(f"a continuation of {n} tokens does not fit max_length={self.max_length} "
