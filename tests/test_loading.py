@@ -4,6 +4,7 @@ straight onto the mesh. Tiny models, CPU only, no network."""
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -177,6 +178,16 @@ def test_a_model_path_under_home_loads_its_own_tokenizer(tiny_model_dir, monkeyp
     path = "~/" + os.path.basename(tiny_model_dir)
     assert tokenizer_source(path) == tiny_model_dir
     assert tokenizer_for(path).get_vocab() == load_tokenizer(tiny_model_dir).get_vocab()
+
+
+def test_a_tokenizer_that_is_not_there_is_named_before_the_weights_are_read(tiny_model_dir, tmp_path, monkeypatch):
+    """chat's, serve's and evaluate's --tokenizer with a typo was found after the weights' load (minutes for a 7B),
+    as export's was."""
+    from zephyr_jax import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the weights were read first"))
+    with pytest.raises(FileNotFoundError, match=f"^tokenizer {re.escape(str(tmp_path / 'none'))} does not exist"):
+        loading.load(tiny_model_dir, tokenizer=str(tmp_path / "none"))
 
 
 def test_a_step_asked_of_a_model_that_is_not_a_workdir_is_refused(tmp_path):

@@ -66,9 +66,11 @@ def load(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = N
          **options) -> tuple[Mistral, transformers.PreTrainedTokenizerBase]:
     """(model, tokenizer): load_model(path_or_name, dtype, mesh, **options) and the tokenizer that goes with it
     (`tokenizer`, a directory or hub name, if given; else tokenizer.tokenizer_for's)."""
-    from zephyr_jax.tokenizer import tokenizer_for
+    from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 
-    return load_model(path_or_name, dtype, mesh, **options), tokenizer_for(path_or_name, tokenizer)
+    given = None if tokenizer is None else load_tokenizer(tokenizer)  # not there: now, not after the weights' load
+    model = load_model(path_or_name, dtype, mesh, **options)
+    return model, given if given is not None else tokenizer_for(path_or_name)
 
 
 def load_model(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None, *, step: int = -1,
