@@ -151,6 +151,9 @@ for ours, whole in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.st
     for shard in ours.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(whole)[shard.index])
 print("largest all-gather:", max(gathered), "bytes", flush=True)
+from zephyr_jax.model.kv_cache import KVCache
+(device,) = KVCache.init(local.config, 1, 8).k.sharding.device_set  # an engine's cache beside uncommitted weights
+print("cache on process", device.process_index, flush=True)
 try:
     load_model(sys.argv[2 + jax.process_index()], "float32", make_mesh((1, -1, 1)))
 except ValueError as e:
@@ -181,6 +184,7 @@ def test_weights_read_over_processes_gather_no_parameter_and_copies_that_differ_
     for p, out in zip(procs, outs):
         assert p.returncode == 0 and "largest all-gather:" in out, out[-3000:]
         assert int(out.split("largest all-gather:")[1].split()[0]) <= 64, out[-3000:]  # digests, not weights
+        assert f"cache on process {procs.index(p)}" in out, out[-3000:]  # (was process 0's device on both)
         assert "own copies: parameter " in out and "differs between processes [1] and process 0" in out, out[-3000:]
 
 

@@ -193,7 +193,7 @@ def _parameters_mesh(state):
             return sharding.mesh
         if isinstance(sharding, jax.sharding.SingleDeviceSharding) and getattr(leaf, "committed", False):
             (device,) = sharding.device_set
-            if device != jax.devices()[0]:
+            if device != jax.local_devices()[0]:  # (KVCache.init's default)
                 return make_mesh((1, 1, 1), [device])
     return None
 

@@ -52,11 +52,12 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg, slots: int, max_length: int, dtype=None, sharding=None, heads_first=None) -> "KVCache":
-        """Zeroed buffers (on `sharding`'s devices, else the first device). heads_first None: the platform's
+        """Zeroed buffers (on `sharding`'s devices, else this process's first device). heads_first None: the platform's
         order (heads_first_on)."""
         # Committed to a device even without a sharding: calls that take it then compile as they will later,
         # when the cache they take is a previous call's output.
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # (this process's first device: jax.devices()[0] is process 0's in a multi-process job)
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         if heads_first is None:
             heads_first = heads_first_on(next(iter(sharding.device_set)).platform)
         sizes = dict(layers=cfg.num_hidden_layers, slots=slots, length=max_length,
