@@ -299,3 +299,9 @@ def test_settings_that_differ_between_processes_are_named_by_section(monkeypatch
     elsewhere = tiny_config("sft", data_dir, **{"data.train": "/host1/sft", "data.cache_dir": "/host1/cache"})
     monkeypatch.setattr(train.multihost_utils, "process_allgather", gathered(elsewhere))
     train.check_same_settings_everywhere(cfg)
+    # An orbax init's workdir is no host-local copy: each process restores its shards from it, unchecked
+    ddpo = tiny_config("dpo", data_dir, **{"model.init": "orbax", "model.path": "/shared/sft"})
+    monkeypatch.setattr(train.multihost_utils, "process_allgather", gathered(
+        tiny_config("dpo", data_dir, **{"model.init": "orbax", "model.path": "/shared/other_sft"})))
+    with pytest.raises(train.ConfigError, match=r"^the processes were given other settings: config.model differs"):
+        train.check_same_settings_everywhere(ddpo)

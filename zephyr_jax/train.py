@@ -266,7 +266,7 @@ def check_same_examples_everywhere(splits: dict) -> None:
 
 
 # The settings each process must share, by section; host-local paths may differ (each host's copy of the same data
-# or weights, which the examples' and weights' digests check).
+# or Hugging Face weights, which the examples' and weights' digests check; an orbax init's workdir is shared).
 SETTINGS_SECTIONS = ("stage", "seed", "model", "data", "optim", "train", "dpo", "mesh", "logging")
 HOST_LOCAL_SETTINGS = {"model": ("path",), "data": ("train", "eval", "cache_dir", "data_dir"),
                        "train": ("compilation_cache_dir",)}
@@ -279,7 +279,10 @@ def settings_digests(cfg) -> np.ndarray:
         value = cfg.get(name)
         value = value.to_dict() if hasattr(value, "to_dict") else value
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in HOST_LOCAL_SETTINGS.get(name, ())}
+            local = HOST_LOCAL_SETTINGS.get(name, ())
+            if name == "model" and value.get("init") != "hf":  # nothing compares the checkpoints each restores from
+                local = ()
+            value = {k: v for k, v in value.items() if k not in local}
         text = json.dumps(value, sort_keys=True, default=repr)
         rows.append(np.frombuffer(hashlib.blake2b(text.encode(), digest_size=16).digest(), np.uint8))
     return np.stack(rows)
