@@ -576,7 +576,8 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve
 
 def test_serving_is_logged_once_the_port_is_bound(tiny_model_dir, monkeypatch, serve_logger):
     """With the port in use, "serving ... on http://..." was logged and then uvicorn failed to bind, after the
-    model had loaded: now refused before loading. On a free port the line comes once the server listens."""
+    model had loaded: now refused before loading. On a free port the line comes once the server listens, naming
+    the port bound (with --port=0 it said port 0)."""
     import logging
 
     import uvicorn
@@ -603,14 +604,21 @@ def test_serving_is_logged_once_the_port_is_bound(tiny_model_dir, monkeypatch, s
     monkeypatch.setattr(zephyr_jax, "load", lambda *args, **kw: loaded)
 
     # On a free port it is said once the server listens (which then stops at once: no main loop).
+    bound = []
+
     async def no_main_loop(self):
-        pass
+        bound.append(self.servers[0].sockets[0].getsockname()[1])
 
     monkeypatch.setattr(uvicorn.Server, "main_loop", no_main_loop)
     port = _free_port()
     serve.main(argv + [f"--port={port}"])
     assert [m for m in messages if m.startswith("serving")] == \
         [f"serving {tiny_model_dir} on http://127.0.0.1:{port}/v1 (1 slots of 32 tokens)"], messages
+    # --port=0: the OS picks the port, and the line names the one bound (it said port 0: no one could connect).
+    messages.clear()
+    serve.main(argv + ["--port=0"])
+    assert bound[-1] != 0 and [m for m in messages if m.startswith("serving")] == \
+        [f"serving {tiny_model_dir} on http://127.0.0.1:{bound[-1]}/v1 (1 slots of 32 tokens)"], messages
 
 
 def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatch, serve_logger):

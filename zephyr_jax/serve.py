@@ -655,8 +655,9 @@ def main(argv=None) -> None:
     class Listening(uvicorn.Server):
         async def startup(self, sockets=None):  # it exits when the port cannot be bound (in use, not allowed)
             await super().startup(sockets)  # so "serving" is said only once the server listens
+            port = self.servers[0].sockets[0].getsockname()[1]  # the one bound: --port=0 lets the OS pick
             log.info("serving %s on http://%s:%d/v1 (%d slots of %d tokens)", server.model_name, args.host,
-                     args.port, engine.max_slots, engine.max_length)
+                     port, engine.max_slots, engine.max_length)
 
     try:
         Listening(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning")).run()
