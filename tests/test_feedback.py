@@ -809,7 +809,8 @@ def test_cli_on_bad_row_raise_stops_at_the_row_before_any_call(tmp_path, capsys)
 
 
 def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, capsys, monkeypatch):
-    """They were checked inside collect_feedback, after every engine: backend had loaded its model (minutes)."""
+    """They were checked inside collect_feedback, after every engine: backend had loaded its model (minutes); so
+    was a missing --prompts source found."""
     from zephyr_jax.data import backends
 
     def no_load(*args, **kw):
@@ -835,6 +836,13 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, capsys, monkey
         feedback.main([*argv, f"--output={tmp_path / 'notes'}"])
     assert f"--output={tmp_path / 'notes'}: {tmp_path / 'notes'} is a file, not a directory" in \
         capsys.readouterr().err
+    # --prompts not there: it was read only once every engine had loaded its model.
+    for prompts, message in ((tmp_path / "prompts.jsonl", f"no data file matches '{tmp_path / 'prompts.jsonl'}'"),
+                             (tmp_path, f"no data files for split 'train' in {tmp_path}"),
+                             (tmp_path / "no_dir", f"'{tmp_path / 'no_dir'}' is neither a directory nor a")):
+        with pytest.raises(SystemExit) as exit_:
+            feedback.main([f"--prompts={prompts}", *argv[1:]])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, prompts
 
 
 def test_one_generator_where_a_pool_belongs_is_named(tmp_path):

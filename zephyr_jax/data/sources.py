@@ -75,6 +75,20 @@ def load_rows(source, split: str | None, *, data_dir: str | os.PathLike | None =
                                 f"hub dataset it failed: {e}{_how_to_make(source)}") from e
 
 
+def check_local_source(source, split: str | None) -> None:
+    """load_rows' FileNotFoundError for a local source that is not there, found without reading a row (so a
+    command says it before loading its models). Hub, URL and TFDS sources are left to load_rows."""
+    from zephyr_jax.data.cache import local_files
+
+    source = os.fspath(source)
+    files = local_files(source, split)  # a directory without the split's files raises here
+    if files == []:
+        raise FileNotFoundError(f"no data file matches {source!r}")
+    local = not source.startswith("tfds:") and "://" not in source
+    if files is None and local and (Path(source).is_absolute() or source.startswith(".") or os.path.exists(source)):
+        raise FileNotFoundError(f"{source!r} is neither a directory nor a {'/'.join(FORMATS)} file")
+
+
 def _how_to_make(source: str) -> str:
     if Path(source).parts[0] == "demo_data":
         return "\nThe demo's data is made by: python -m zephyr_jax.demo make-data --out=demo_data"
