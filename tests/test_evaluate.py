@@ -502,6 +502,13 @@ def test_lm_eval_adapter_numbers(model_dir, monkeypatch):
     monkeypatch.setattr(adapter, "_score", lambda *a: pytest.fail("a batch was scored before the rows were checked"))
     with pytest.raises(ValueError, match=r"request 4 holds token id 32000, outside the model's vocabulary"):
         lm._score_rows([([1] + [5] * 10, 1)] * 4 + [([1, 32000, 5], 1)])
+    # ... and so is a continuation too long (it was found in its batch, after the longer rows had been scored)
+    with pytest.raises(ValueError, match=r"continuation of 70 tokens does not fit max_length=64 \(request 4:"):
+        lm._score_rows([([1] + [5] * 100, 1)] * 4 + [([1] + [5] * 70, 70)])
+    # Rolling windows are named by their request's index (it said "request 3": the second request's last window).
+    monkeypatch.setattr(lm, "tok_encode", lambda text, bos=None: [5] * 100 + ([32000] if text == "bad" else []))
+    with pytest.raises(ValueError, match=r"request 1 holds token id 32000, outside the model's vocabulary"):
+        lm.loglikelihood_rolling([req("loglikelihood_rolling", (text,)) for text in ("good", "bad")])
 
 
 def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):

@@ -171,14 +171,20 @@ class ZephyrJaxLM(LM):
 
     # --- scoring ----------------------------------------------------------------------------------------
 
-    def _score_rows(self, rows: list[tuple[list[int], int]], desc: str = "") -> list[tuple[float, bool]]:
+    def _score_rows(self, rows: list[tuple[list[int], int]], desc: str = "",
+                    owner: list[int] | None = None) -> list[tuple[float, bool]]:
         """rows: (token ids, n): the log-prob of the last n tokens given everything before them, and whether
-        greedy decoding produces them. Inputs keep their last max_length tokens (left truncation)."""
+        greedy decoding produces them. Inputs keep their last max_length tokens (left truncation). owner: each
+        row's request index, for the errors (default: row i is request i)."""
         vocab = self.model.config.vocab_size
-        for i, (tokens, _) in enumerate(rows):  # all before any batch: a short row is scored last, after hours
+        owner = range(len(rows)) if owner is None else owner
+        for i, (tokens, n) in enumerate(rows):  # all before any batch: a short row is scored last, after hours
             if max(tokens) >= vocab:  # jit embeds it as NaN, or scores a clipped target
-                raise ValueError(f"request {i} holds token id {max(tokens)}, outside the model's vocabulary of "
-                                 f"{vocab}: the tokenizer has tokens the model lacks")
+                raise ValueError(f"request {owner[i]} holds token id {max(tokens)}, outside the model's vocabulary "
+                                 f"of {vocab}: the tokenizer has tokens the model lacks")
+            if n > min(len(tokens) - 1, self.max_length):  # lm-eval refuses it too: only part would be scored
+                raise ValueError(f"a continuation of {n} tokens does not fit max_length={self.max_length} "
+                                 f"(request {owner[i]}: {self.tokenizer.decode(tokens[-n:][:12])!r}...)")
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         results = [None] * len(rows)
         bs = self.batch_size
@@ -188,9 +194,6 @@ class ZephyrJaxLM(LM):
             for i in chunk:
                 tokens, n = rows[i]
                 inputs, targets = tokens[:-1][-self.max_length:], tokens[1:][-self.max_length:]
-                if n > len(targets):  # lm-eval refuses this too: only part of the continuation would be scored
-                    raise ValueError(f"a continuation of {n} tokens does not fit max_length={self.max_length} "
-                                     f"(request {i}: {self.tokenizer.decode(tokens[-n:][:12])!r}...)")
                 prepared.append((inputs, targets, n))
             length = bucket(max(len(p[0]) for p in prepared), self.buckets)
             width = min(1 << max(max(p[2] for p in prepared) - 1, 7).bit_length(), length)  # >= 8, few shapes
@@ -228,7 +231,7 @@ class ZephyrJaxLM(LM):
                 rows.append((ctx + pred, len(pred)))
                 owner.append(k)
         totals = [0.0] * len(requests)
-        for k, (logp, _) in zip(owner, self._score_rows(rows, "loglikelihood_rolling")):
+        for k, (logp, _) in zip(owner, self._score_rows(rows, "loglikelihood_rolling", owner)):
             totals[k] += logp
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
