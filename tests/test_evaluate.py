@@ -139,7 +139,8 @@ def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):
     np.testing.assert_allclose(packed, one_per_row, rtol=1e-5, atol=1e-4)
 
 
-def test_pair_logps_refuses_token_ids_outside_the_models_vocabulary(data_dir):
+def test_pair_logps_refuses_token_ids_outside_the_models_vocabulary(data_dir, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
     """A tokenizer with ids the model has no embedding for (--tokenizer of another model): the jitted eval embedded
     them as NaN, and prefs reported loss, rewards and log-probs of NaN without an error."""
     from flax import nnx
@@ -153,6 +154,17 @@ def test_pair_logps_refuses_token_ids_outside_the_models_vocabulary(data_dir):
                                   num_attention_heads=2, num_key_value_heads=1), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"holds token id \d+, but the model's vocabulary has 1000 entries"):
         evaluate.pair_logps(small, examples, 8)
+    # prefs with --model paths: the ids are checked against the config's vocabulary before any weight is read (it
+    # was found in pair_logps, once the reference model had loaded: minutes for a 7B).
+    folder = tmp_path / "small"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**json.loads(open(f"{tiny_model_dir}/config.json").read()),
+                                                    "vocab_size": 1000}))
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("loaded before the ids were checked"))
+    for model, reference in ((tiny_model_dir, str(folder)), (str(folder), tiny_model_dir)):
+        with pytest.raises(ValueError, match=r"holds token id \d+, but the model's vocabulary has 1000 entries"):
+            evaluate.prefs(model, reference, data=str(data_dir / "prefs"), split="test_prefs",
+                           tokenizer=load_tokenizer())
 
 
 def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):

@@ -44,7 +44,7 @@ from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines, source_name
 from zephyr_jax.engine import SamplingParams
 from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
-from zephyr_jax.loading import is_workdir, load, load_model, run_config
+from zephyr_jax.loading import config_vocab_size, is_workdir, load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
 from zephyr_jax.train_checks import TRAINING_DTYPES, check_token_ids, largest_token_id
@@ -141,6 +141,13 @@ def _check_max_examples(max_examples: int | None) -> None:
         raise ValueError(f"max_examples={max_examples}: must be -1 (all) or positive")
 
 
+def _check_vocabulary(examples, vocab_size: int) -> None:
+    most = largest_token_id(examples)
+    if most >= vocab_size:  # the jitted eval embeds it as NaN: metrics of NaN, and no error
+        raise ValueError(f"the preference data holds token id {most}, but the model's vocabulary has {vocab_size} "
+                         "entries: the tokenizer has tokens the model lacks (pass the model's own with --tokenizer)")
+
+
 def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples (on its devices),
     through the training code's eval batches and eval function (one per architecture: make_eval_fn is cached,
@@ -148,10 +155,7 @@ def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     training packs dDPO batches (about four sequences a row, rows in multiples of 128); else a row per sequence,
     padded to `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like
     lengths)."""
-    vocab_size, most = model.config.vocab_size, largest_token_id(examples)
-    if most >= vocab_size:  # the jitted eval embeds it as NaN: metrics of NaN, and no error
-        raise ValueError(f"the preference data holds token id {most}, but the model's vocabulary has {vocab_size} "
-                         "entries: the tokenizer has tokens the model lacks (pass the model's own with --tokenizer)")
+    _check_vocabulary(examples, model.config.vocab_size)
     graphdef, state = nnx.split(model)
     eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
     if buckets is None:
@@ -192,6 +196,9 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     if tokenizer is None or isinstance(tokenizer, str):
         tokenizer = tokenizer_for(model if isinstance(model, str) else None, tokenizer)
     examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
+    for m in (reference, model):  # local paths: from their configs, before minutes of loading weights
+        if isinstance(m, str) and (vocab_size := config_vocab_size(m)) is not None:
+            _check_vocabulary(examples, vocab_size)
 
     def logps_of(m):  # packed rows; the policy reuses the reference's compiled batches (same architecture)
         m = load_model(m, dtype, local_mesh(mesh)) if isinstance(m, str) else m

@@ -127,6 +127,17 @@ def load_model(path_or_name: str, dtype="bfloat16", mesh: jax.sharding.Mesh | No
     return model
 
 
+def config_vocab_size(path_or_name: str) -> int | None:
+    """The vocabulary size a local model's config file gives (no weight is read); None for a hub name (nothing is
+    downloaded here) or where there is no config file (load_model names what is missing)."""
+    local = local_dir(path_or_name, "model")
+    if local is not None and is_workdir(local):
+        return checkpoint.load_model_config(local).vocab_size
+    if local is None or not os.path.exists(os.path.join(local, hf.CONFIG_NAME)):
+        return None
+    return hf.load_config(local).vocab_size
+
+
 def _check_float16_range(model: Mistral, where: str) -> None:
     """Weights are cast to float16 as they are read (numpy's cast, orbax's), which turns one past float16's largest
     (65504) into inf with at most a warning: every output would be NaN. Named here, by its HF name."""
