@@ -13,8 +13,8 @@ from zephyr_jax.data import (BadRow, Loader, default_buckets, pack, pack_pairs, 
                              process_rows, sft_example)
 from zephyr_jax.data import pipeline
 from zephyr_jax.data.errors import DroppedRow
-from zephyr_jax.data.loader import padded_batcher
-from zephyr_jax.data.preference import split_prompt, truncate_pair
+from zephyr_jax.data.loader import examples_digest, padded_batcher
+from zephyr_jax.data.preference import PreferenceExample, split_prompt, truncate_pair
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.tokenizer import load_tokenizer
 
@@ -241,17 +241,27 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
         with pytest.raises(ValueError, match=f"indexes another example list \\(20 examples.*this run's "
                                              f"\\({len(other)} examples"):
             Loader(other, 4, padded_batcher(pad_sft, (64,)), seed=3).restore(saved)
+    # The same tokens with a pair's prompt/completion boundary moved (other loss targets) are other data.
+    ids = np.arange(1, 9, dtype=np.int32)
+    assert (examples_digest([PreferenceExample(ids[:4], ids[4:6], ids[6:], False)])
+            != examples_digest([PreferenceExample(ids[:3], ids[3:6], ids[6:], False)]))
     assert {x["inputs"].shape[1] for x, _ in first} <= {16, 32, 64}
-    # Processes holding interleaved rows of the global batch (as on a pod) build exactly those rows.
-    parts = [Loader(examples, 4, padded_batcher(pad_sft, (64,)), seed=3, rows=rows) for rows in ([0, 2], [1, 3])]
-    whole = Loader(examples, 4, padded_batcher(pad_sft, (64,)), seed=3)
-    for _ in range(3):
+    # Processes holding interleaved rows of the global batch (as on a pod) build exactly those rows, at the length
+    # and loss width of the whole global batch (several buckets: a process's own rows may fit a shorter one).
+    buckets = default_buckets(64, smallest=16)
+    parts = [Loader(examples, 4, padded_batcher(pad_sft, buckets), seed=3, rows=rows) for rows in ([0, 2], [1, 3])]
+    whole = Loader(examples, 4, padded_batcher(pad_sft, buckets), seed=3)
+    for _ in range(5):
         (even, _), (odd, _), (full, info) = next(parts[0]), next(parts[1]), next(whole)
-        np.testing.assert_array_equal(even["inputs"], full["inputs"][[0, 2]])
-        np.testing.assert_array_equal(odd["inputs"], full["inputs"][[1, 3]])
+        for key in ("inputs", "loss_positions"):
+            np.testing.assert_array_equal(even[key], full[key][[0, 2]])
+            np.testing.assert_array_equal(odd[key], full[key][[1, 3]])
         np.testing.assert_array_equal(full["inputs"][1][:len(examples[info.indices[1]].ids) - 1],
                                       examples[info.indices[1]].ids[:-1])
     assert make().order(0).tolist() != make().order(1).tolist()  # a new shuffle each epoch
+    # 19 examples: the 3 left over are left out of the epoch; every batch is a whole global batch.
+    short = Loader(examples[:19], 4, padded_batcher(pad_sft, (64,)), seed=3)
+    assert short.steps_per_epoch == 4 and [len(next(short)[1].indices) for _ in range(6)] == [4] * 6
 
 
 # --- Bad rows: processed, or a BadRow naming the index; nothing else escapes. ---
