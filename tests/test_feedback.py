@@ -256,7 +256,7 @@ def test_parsers():
             feedback_prompts.parse_rating_reply(bad, aspect, n)
     assert feedback_prompts.parse_critique_reply("### Feedback\nGood.\nOverall Score: 1/10") == ("Good.", 1.0)
     assert feedback_prompts.parse_critique_reply("Feedback: Fine.\n**Overall Score:** 7.5") == ("Fine.", 7.5)
-    for bad in ("Nice.", "Overall Score: 8", "Meh.\nOverall Score: 11"):
+    for bad in ("Nice.", "Overall Score: 8", "Meh.\nOverall Score: 11", "Meh.\nOverall Score: 0.5"):  # scores 1-10
         with pytest.raises(feedback_prompts.FormatError):
             feedback_prompts.parse_critique_reply(bad)
     # A reply in \r\n lines (its headings matched nothing, so every call was re-asked and the aspect lost).
