@@ -241,3 +241,7 @@ def test_throughput_per_device_figures_divide_by_the_devices():
     assert eight["tflops_per_device"] == pytest.approx(step_flops(cfg, [100, 50]) / 2.0 / 8 / 1e12)
     assert eight["mfu"] == pytest.approx(eight["tflops_per_device"] * 1e12 / 1e12)
     assert eight["tokens_per_sec"] == 75.0 and eight["tokens_per_sec_per_device"] == 75.0 / 8
+    assert eight["padding_fraction"] == pytest.approx(1 - 150 / 256)  # 150 real tokens in 256 positions
+    # a frozen DPO reference inside the step adds its forward pass: a third of the policy's step
+    with_reference = throughput(cfg, [[100, 50]], 256, 2.0, 8, frozen_reference=True, peak=1e12)
+    assert with_reference["mfu"] == pytest.approx(eight["mfu"] * 4 / 3)
