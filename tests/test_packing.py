@@ -20,6 +20,7 @@ from zephyr_jax.data import pack, pack_pairs, pad_sft
 from zephyr_jax.data.batches import (PackedRow, best_fit_decreasing, loss_count, loss_positions, multiples, pack_rows,
                                      pair_sequence_lengths, plan_length, plan_pairs, preference_rows,
                                      stack_rows)
+from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.preference import PreferenceExample
 from zephyr_jax.data.sft import SFTExample
 from zephyr_jax.model import Mistral, MistralConfig
@@ -123,6 +124,16 @@ def test_dpo_pairs_of_a_micro_batch_stay_in_its_rows():
         held = batch["sequence_pair"][row][batch["sequence_pair"][row] >= 0] // 2
         assert set(held % 2) <= {row % 2}
     assert sorted(batch["sequence_pair"][batch["sequence_pair"] >= 0].tolist()) == list(range(16))
+    # Processes holding interleaved rows (as on a pod) build exactly those rows of the whole global batch: its
+    # length and loss width, not their own rows' (micro-batch 1, rows 1 and 3, holds only short pairs here).
+    uneven = [ex if p % 2 == 0 else ex._replace(prompt=ex.prompt[:2], chosen=ex.chosen[:1], rejected=ex.rejected[:1])
+              for p, ex in enumerate(pairs)]
+    batcher = pair_batcher(4, multiples(16, 512), micro_batches=2)
+    whole = batcher(uneven)[0]
+    for rows in ([0, 2], [1, 3]):
+        part = batcher(uneven, rows)[0]
+        for key in whole:
+            np.testing.assert_array_equal(part[key], whole[key][rows], err_msg=key)
     # A row planned longer than the batch: named before it is placed (numpy's broadcast error named no row).
     plan = plan_pairs(pairs, 4, multiples(16, 512), micro_batches=2)
     short = plan_length(pairs, plan) - 1
