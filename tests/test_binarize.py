@@ -249,6 +249,7 @@ def test_train_test_split():
     assert len(test) == 3 and sorted(train + test) == list(range(10))
     assert train == sorted(train) and test == sorted(test)
     assert train_test_split(list(range(10)), 3, seed=1) == (train, test)
+    assert train_test_split(list(range(10)), 3, seed=2)[1] != test  # the seed is the one asked for
     with pytest.raises(ValueError):
         train_test_split(list(range(3)), 3)
     # By prompt: a prompt held twice (raw UltraFeedback repeats some instructions) lands in one split, not both
