@@ -259,6 +259,7 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
         np.testing.assert_array_equal(full["inputs"][1][:len(examples[info.indices[1]].ids) - 1],
                                       examples[info.indices[1]].ids[:-1])
     assert make().order(0).tolist() != make().order(1).tolist()  # a new shuffle each epoch
+    assert make().order(0).tolist() != Loader(examples, 4, padded_batcher(pad_sft, (64,)), seed=4).order(0).tolist()
     # 19 examples: the 3 left over are left out of the epoch; every batch is a whole global batch.
     short = Loader(examples[:19], 4, padded_batcher(pad_sft, (64,)), seed=3)
     assert short.steps_per_epoch == 4 and [len(next(short)[1].indices) for _ in range(6)] == [4] * 6
