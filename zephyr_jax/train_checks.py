@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import random_arch
+from zephyr_jax.data.binarize import output_dir_problem
 from zephyr_jax.data.errors import ON_BAD_ROW
 from zephyr_jax.data.sft import LOSS_ON, TOO_LONG
 from zephyr_jax.loading import is_workdir, run_config
@@ -308,11 +309,8 @@ def check_workdir(workdir: str) -> None:
     if "://" in workdir:
         raise ConfigError(f"--workdir={workdir}: a URL; the workdir must be a path every process can write (a local "
                           "disk for one host; NFS/Filestore, or a bucket mounted with GCSFuse, for several)")
-    existing = os.path.abspath(os.path.expanduser(workdir))  # (os.makedirs' traceback, after the model's checks)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(f"--workdir={workdir}: {existing} is a file, not a directory")
+    if (why := output_dir_problem(os.path.expanduser(workdir))) is not None:  # (os.makedirs' traceback, later)
+        raise ConfigError(f"--workdir={workdir}: {why}")
     try:
         saved = run_config(os.path.expanduser(workdir))
     except ValueError:  # not JSON: resume_settings names the file
