@@ -88,7 +88,7 @@ def test_directory_split_convention(tmp_path):
 
 def test_paths_with_glob_characters_are_read_as_themselves(tmp_path):
     """A run directory named like "sweep[lr=1e-6]" or "run*" is a path: its brackets are not a character class."""
-    from zephyr_jax.data.cache import local_files
+    from zephyr_jax.data.sources import local_files
 
     for name in ("sweep[lr=1e-6]", "run*?"):
         directory = tmp_path / name
@@ -101,13 +101,16 @@ def test_paths_with_glob_characters_are_read_as_themselves(tmp_path):
 
 
 def test_missing_local_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no data file matches"):
-        load_rows(str(tmp_path / "nope.jsonl"), "train")
-    with pytest.raises(FileNotFoundError, match="no data file matches"):
-        load_rows(str(tmp_path / "*.parquet"), "train")
+    """load_rows and local_files (the cache key's and the early checks' resolver) refuse alike, reading no row."""
+    from zephyr_jax.data.sources import local_files
+
     (tmp_path / "rows.csv").write_text("a\n1\n")
-    with pytest.raises(FileNotFoundError, match="neither a directory nor"):
-        load_rows(str(tmp_path / "rows.csv"), "train")
+    for source, message in ((tmp_path / "nope.jsonl", "no data file matches"), (tmp_path / "*.parquet", "no data "
+                            "file matches"), (tmp_path / "rows.csv", "neither a directory nor"),
+                            (tmp_path, "no data files for split 'train'")):
+        for read in (load_rows, local_files):
+            with pytest.raises(FileNotFoundError, match=message):
+                read(str(source), "train")
 
 
 def test_hub_name_offline_fails_fast_and_names_it(monkeypatch):

@@ -34,6 +34,7 @@ import numpy as np
 from zephyr_jax.data.errors import SkipCounter
 from zephyr_jax.data.preference import PreferenceExample
 from zephyr_jax.data.sft import SFTExample
+from zephyr_jax.data.sources import local_files
 
 FORMAT_VERSION = 1  # bump when the file layout changes
 ENV_VAR = "ZEPHYR_JAX_CACHE"
@@ -88,23 +89,6 @@ def data_fingerprint(source: str, split, rows):
         return _stat(sorted(str(p) for p in Path(tfds_dir).rglob("*") if p.is_file())) if tfds_dir else None
     fingerprint = getattr(rows, "_fingerprint", None)
     return {"datasets_fingerprint": fingerprint} if fingerprint else None
-
-
-def local_files(source: str, split) -> list[str] | None:
-    """The local files `load_rows(source, split)` reads (the same resolution rules); None for hub, URL and TFDS
-    sources."""
-    from zephyr_jax.data.sources import FORMATS, _split_files, matching_files
-
-    if source.startswith("tfds:") or "://" in source:
-        return None
-    path = Path(source)
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # save_to_disk: all of it
-            return sorted(str(p) for p in path.rglob("*") if p.is_file())
-        return _split_files(path, split)
-    if path.suffix in FORMATS or glob.has_magic(source):
-        return matching_files(source)
-    return None
 
 
 def _stat(files) -> list:

@@ -745,7 +745,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    from zephyr_jax.data.sources import check_local_source
+    from zephyr_jax.data.sources import local_files
 
     p = _parser()
     args = p.parse_args(argv)
@@ -763,7 +763,7 @@ def main(argv=None) -> dict:
                         "principles": args.principles}, args.concurrency, args.limit)
         if args.judge_fn:  # a typo in it: now, not once every generator has loaded its model
             _resolve_judge(args.judge_fn)
-        check_local_source(args.prompts, args.split)  # (collect_feedback reads it after the models' load)
+        local_files(args.prompts, args.split)  # raises for missing local data (collect_feedback reads it late)
         with BackendSet(api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
                         max_retries=args.max_retries, mesh=args.mesh) as backends:
             generators = [backends.get(spec, **price(spec, args.generator_price)) for spec in args.generators]

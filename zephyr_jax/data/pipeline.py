@@ -160,7 +160,7 @@ def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print):
     Tokenizes with data_cfg.num_proc processes, and reads / writes the tokenized-example cache in
     data_cfg.cache_dir (see data/cache.py). On a miss every process tokenizes; process 0 writes the entry."""
     from zephyr_jax.data import cache
-    from zephyr_jax.data.sources import load_rows, source_name
+    from zephyr_jax.data.sources import load_rows, local_files, source_name
 
     source, split = data_cfg.get(which), data_cfg.get(f"{which}_split")
     name = source_name(source, split)
@@ -168,7 +168,7 @@ def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print):
     limit = -1 if limit is None or limit < 0 else limit
     # Local files are keyed by their paths, sizes and mtimes, so their rows are read only when the cache misses:
     # a hit read and type-checked every row of them anyway (10 s of the 18 s of a hit on 40k UltraChat-like rows).
-    local = cache.cache_dir(data_cfg.get("cache_dir")) and cache.local_files(os.fspath(source), split) is not None
+    local = cache.cache_dir(data_cfg.get("cache_dir")) and local_files(source, split) is not None
     rows = None if local else load_rows(source, split, data_dir=data_cfg.get("data_dir"))
     args = example_args(data_cfg, stage)
     path, parts = _cache_entry(data_cfg, stage, tok, which, rows, limit, args, log)

@@ -53,20 +53,11 @@ def load_rows(source, split: str | None, *, data_dir: str | os.PathLike | None =
     source = os.fspath(source)
     if source.startswith("tfds:"):
         return load_tfds(source[len("tfds:"):], split, data_dir=data_dir)
-    path = Path(source)
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            return _load_saved(path, split, streaming)
-        return _load_files(_split_files(path, split), streaming)
     if "://" in source and Path(source.split("://", 1)[1]).suffix in FORMATS:
         return _load_files([source], streaming)  # gs://, s3://, https://: fsspec resolves it (and its globs)
-    if path.suffix in FORMATS or glob.has_magic(source):
-        files = matching_files(source)
-        if not files:
-            raise FileNotFoundError(f"no data file matches {source!r}")
-        return _load_files(files, streaming)
-    if path.is_absolute() or source.startswith(".") or os.path.exists(source):
-        raise FileNotFoundError(f"{source!r} is neither a directory nor a {'/'.join(FORMATS)} file")
+    files = local_files(source, split)
+    if files is not None:
+        return _load_saved(Path(source), split, streaming) if _is_saved(Path(source)) else _load_files(files, streaming)
     try:
         return load_hub(source, split, streaming=streaming)
     except (ConnectionError, FileNotFoundError) as e:
@@ -75,18 +66,31 @@ def load_rows(source, split: str | None, *, data_dir: str | os.PathLike | None =
                                 f"hub dataset it failed: {e}{_how_to_make(source)}") from e
 
 
-def check_local_source(source, split: str | None) -> None:
-    """load_rows' FileNotFoundError for a local source that is not there, found without reading a row (so a
-    command says it before loading its models). Hub, URL and TFDS sources are left to load_rows."""
-    from zephyr_jax.data.cache import local_files
-
+def local_files(source, split: str | None) -> list[str] | None:
+    """The local files `load_rows(source, split)` reads, found without reading a row: the tokenized cache keys on
+    their stats, and a command checks its data is there before loading its models. None for hub, URL and TFDS
+    sources; a local source that is not there raises load_rows' FileNotFoundError."""
     source = os.fspath(source)
-    files = local_files(source, split)  # a directory without the split's files raises here
-    if files == []:
-        raise FileNotFoundError(f"no data file matches {source!r}")
-    local = not source.startswith("tfds:") and "://" not in source
-    if files is None and local and (Path(source).is_absolute() or source.startswith(".") or os.path.exists(source)):
+    if source.startswith("tfds:") or "://" in source:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        if _is_saved(path):  # save_to_disk: all of it
+            return sorted(str(p) for p in path.rglob("*") if p.is_file())
+        return _split_files(path, split)
+    if path.suffix in FORMATS or glob.has_magic(source):
+        files = matching_files(source)
+        if not files:
+            raise FileNotFoundError(f"no data file matches {source!r}")
+        return files
+    if path.is_absolute() or source.startswith(".") or os.path.exists(source):
         raise FileNotFoundError(f"{source!r} is neither a directory nor a {'/'.join(FORMATS)} file")
+    return None  # a hub dataset's name
+
+
+def _is_saved(path: Path) -> bool:
+    """A directory written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
 
 
 def _how_to_make(source: str) -> str:
