@@ -330,12 +330,12 @@ def test_token_ids_up_to_the_last_embedding_are_taken_and_one_past_is_refused():
     sft = lambda *ids: types.SimpleNamespace(ids=np.asarray(ids))  # noqa: E731
     pair = lambda rejected: types.SimpleNamespace(prompt=np.asarray([1, 5]), chosen=np.asarray([7, 2]),  # noqa: E731
                                                   rejected=np.asarray(rejected))
-    train_checks.check_token_ids([sft(1, 999), sft()], 1000, "data.train (x)", None)
-    train_checks.check_token_ids([pair([999, 2])], 1000, "data.train (x)", None)
+    train_checks.check_token_ids([sft(1, 999), sft()], 1000, "data.train (x)")
+    train_checks.check_token_ids([pair([999, 2])], 1000, "data.train (x)")
     for examples in ([sft(1, 1000)], [pair([1000, 2])]):
         with pytest.raises(ConfigError, match=r"data.train \(x\) holds token id 1000, but the model's vocabulary has "
                                               r"1000 entries: config.tokenizer='t' has tokens the model lacks"):
-            train_checks.check_token_ids(examples, 1000, "data.train (x)", "t")
+            train_checks.check_token_ids(examples, 1000, "data.train (x)", "config.tokenizer='t'")
 
 
 @pytest.mark.parametrize("stage, change, named", [

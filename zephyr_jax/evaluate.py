@@ -47,7 +47,7 @@ from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.loading import config_vocab_size, is_workdir, load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
-from zephyr_jax.train_checks import TRAINING_DTYPES, check_token_ids, largest_token_id
+from zephyr_jax.train_checks import TRAINING_DTYPES, check_token_ids
 
 # ---------------------------------------------------------------------------------------------------------
 # Preference metrics.
@@ -116,7 +116,7 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
     policy_cfg.model.init, policy_cfg.model.path, policy_cfg.model.step = "orbax", os.path.abspath(workdir), step
     mcfg = train.model_config(policy_cfg)
     # (training checked its own data; other data may hold ids of added tokens the model lacks: NaN metrics)
-    check_token_ids(examples, mcfg.vocab_size, f"data.eval ({cfg.data.eval})", cfg.tokenizer)
+    check_token_ids(examples, mcfg.vocab_size, f"data.eval ({cfg.data.eval})", f"config.tokenizer={cfg.tokenizer!r}")
     graphdef, params, _ = train.init_params(policy_cfg, mcfg, mesh)
     checkpoint_step = checkpoint.resolve_step(workdir, step)
     eval_fn = steps.make_eval_fn("dpo", graphdef, cfg.train.eval_batch_size)
@@ -141,13 +141,6 @@ def _check_max_examples(max_examples: int | None) -> None:
         raise ValueError(f"max_examples={max_examples}: must be -1 (all) or positive")
 
 
-def _check_vocabulary(examples, vocab_size: int) -> None:
-    most = largest_token_id(examples)
-    if most >= vocab_size:  # the jitted eval embeds it as NaN: metrics of NaN, and no error
-        raise ValueError(f"the preference data holds token id {most}, but the model's vocabulary has {vocab_size} "
-                         "entries: the tokenizer has tokens the model lacks (pass the model's own with --tokenizer)")
-
-
 def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples (on its devices),
     through the training code's eval batches and eval function (one per architecture: make_eval_fn is cached,
@@ -155,7 +148,7 @@ def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     training packs dDPO batches (about four sequences a row, rows in multiples of 128); else a row per sequence,
     padded to `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like
     lengths)."""
-    _check_vocabulary(examples, model.config.vocab_size)
+    check_token_ids(examples, model.config.vocab_size, "the preference data")  # else NaN metrics, no error
     graphdef, state = nnx.split(model)
     eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
     if buckets is None:
@@ -198,7 +191,8 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
     examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
     for m in (reference, model):  # local paths: from their configs, before minutes of loading weights
         if isinstance(m, str) and (vocab_size := config_vocab_size(m)) is not None:
-            _check_vocabulary(examples, vocab_size)
+            which = f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r}"
+            check_token_ids(examples, vocab_size, source_name(data, split), which)
 
     def logps_of(m):  # packed rows; the policy reuses the reference's compiled batches (same architecture)
         m = load_model(m, dtype, local_mesh(mesh)) if isinstance(m, str) else m

@@ -565,7 +565,8 @@ def run(cfg, workdir: str) -> dict:
             raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from e
     train_examples, eval_examples = loaded["train"], loaded["eval"]
     for split, examples in loaded.items():
-        checks.check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})", cfg.tokenizer)
+        checks.check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})",
+                              f"config.tokenizer={cfg.tokenizer!r}")
     eval_examples = eval_split(cfg, eval_examples)
     read = len(train_examples)
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)

@@ -356,14 +356,15 @@ def largest_token_id(examples) -> int:
     return max((int(a.max()) for a in arrays if a.size), default=-1)
 
 
-def check_token_ids(examples, vocab_size: int, where: str, tokenizer: str | None) -> None:
+def check_token_ids(examples, vocab_size: int, where: str, tokenizer: str = "the tokenizer") -> None:
     """Refuses token ids the model has no embedding for (a tokenizer with added tokens over a model without them):
-    they embedded as NaN and the run stopped at its first log line on a NaN loss, naming neither."""
+    they embed as NaN, so training stopped at its first log line on a NaN loss and evaluation reported NaN
+    metrics, naming neither. `tokenizer` says which setting chose the tokenizer."""
     most = largest_token_id(examples)
     if most >= vocab_size:
         raise ConfigError(f"{where} holds token id {most}, but the model's vocabulary has {vocab_size} entries: "
-                          f"config.tokenizer={tokenizer!r} has tokens the model lacks. Use the model's own tokenizer, "
-                          "or a model with embeddings for every id")
+                          f"{tokenizer} has tokens the model lacks. Use the model's own tokenizer, or a model with "
+                          "embeddings for every id")
 
 
 def check_default_tokenizer(cfg, vocab_size: int, tok) -> None:
