@@ -202,7 +202,7 @@ def test_a_requests_sampling_fields_reach_the_engine():
     """temperature, top_p and top_k as the request gives them (every request of the tests below sends a temperature
     of 0 or 1 and leaves top_p and top_k out: a server that sampled every request at 1.0 with no filters passed),
     with the other fields of SamplingParams, and OpenAI's defaults where they are left out."""
-    from zephyr_jax.serve import sampling_params
+    from zephyr_jax.serve import ApiError, sampling_params
 
     body = {"temperature": 0.3, "top_p": 0.85, "top_k": 7, "seed": 5, "stop": ["x"], "stop_token_ids": [9],
             "ignore_eos": True}
@@ -212,6 +212,15 @@ def test_a_requests_sampling_fields_reach_the_engine():
     default = sampling_params({}, max_tokens=4)
     assert (default.temperature, default.top_p, default.top_k, default.stop, default.ignore_eos) == (1.0, 1.0, 0, (),
                                                                                                     False)
+    # OpenAI and vLLM take any 64-bit seed, and vLLM's top_k=-1 for "no limit": both were a 400 here. A seed is
+    # folded into the engine's 32 bits, the same every time; one past 64 bits is still refused.
+    wide = [sampling_params({"seed": s}, max_tokens=4).seed for s in (-1, -1, 2 ** 40 + 5, 2 ** 63 - 1, -2 ** 63)]
+    assert wide == [2 ** 32 - 1, 2 ** 32 - 1, 5, 2 ** 32 - 1, 0]
+    assert sampling_params({"top_k": -1}, max_tokens=4).top_k == 0
+    for field, value in (("seed", 2 ** 63), ("seed", -2 ** 63 - 1), ("top_k", -2)):
+        with pytest.raises(ApiError) as refused:
+            sampling_params({field: value}, max_tokens=4)
+        assert refused.value.status == 400 and refused.value.param == field
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):

@@ -127,9 +127,11 @@ def check_supported(body: dict, endpoint: str) -> None:
 def sampling_params(body: dict, *, max_tokens: int, logprobs: int | None = None,
                     prompt_logprobs: int | None = None, seed_offset: int = 0) -> SamplingParams:
     temperature = _field(body, "temperature", float, 1.0, low=0.0, high=2.0)
-    seed = _field(body, "seed", int, None, low=0, high=2 ** 32 - 1)
+    # Any 64-bit seed, as OpenAI and vLLM take (a client's -1 or random 64-bit seed), folded into the engine's 32.
+    seed = _field(body, "seed", int, None, low=-2 ** 63, high=2 ** 63 - 1)
     if seed is None:  # OpenAI samples differently on every call unless a seed is given
         seed = int.from_bytes(os.urandom(4), "little")
+    top_k = max(0, _field(body, "top_k", int, 0, low=-1))  # vLLM's -1 for no limit, 0 here
     stop_ids = body.get("stop_token_ids")
     stop_ids = [] if stop_ids is None else stop_ids
     if not isinstance(stop_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
@@ -137,7 +139,7 @@ def sampling_params(body: dict, *, max_tokens: int, logprobs: int | None = None,
     return SamplingParams(
         max_tokens=max_tokens, temperature=float(temperature), top_p=float(_field(body, "top_p", float, 1.0,
                                                                                   low=1e-9, high=1.0)),
-        top_k=_field(body, "top_k", int, 0, low=0), seed=(seed + seed_offset) % 2 ** 32, stop=_stop(body),
+        top_k=top_k, seed=(seed + seed_offset) % 2 ** 32, stop=_stop(body),
         stop_token_ids=tuple(stop_ids), ignore_eos=_field(body, "ignore_eos", bool, False), logprobs=logprobs,
         prompt_logprobs=prompt_logprobs)
 
