@@ -149,7 +149,7 @@ def test_openai_client_streaming_and_completion_logprobs(client, local):
     assert len(lp.token_logprobs) == len(ids) + 5 and lp.token_logprobs[0] is None
     logps = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0], axis=-1))
     np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], logps[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
-    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert all(len(t) <= 3 for t in lp.top_logprobs[1:])  # the top 2 and the token itself
     # Sampling with a seed repeats; without one it is fresh each call.
     draw = lambda **kw: client.completions.create(model=NAME, prompt="Once upon", max_tokens=12, temperature=1.0,
                                                   **kw).choices[0].text
@@ -554,9 +554,17 @@ def test_n_above_the_slots_is_refused(server):
 def test_completion_top_logprobs_hold_as_many_alternatives_as_asked(server):
     r = _post(server[0], "/v1/completions", {"model": NAME, "prompt": "The sky is blue and", "max_tokens": 5,
                                               "temperature": 0, "echo": True, "logprobs": 3})
-    tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
-    # at most 3: alternatives keyed by their text may merge two ids that decode alike
-    assert tops[0] is None and all(1 <= len(t) <= 3 for t in tops[1:]) and max(len(t) for t in tops[1:]) == 3
+    lp = r.json()["choices"][0]["logprobs"]
+    tops = lp["top_logprobs"]
+    # The top 3 and the token itself, as OpenAI ("up to logprobs+1 elements") and vLLM list them: at most 4 (ids
+    # that decode alike share a key), 4 where a prompt token is not among its top 3.
+    assert tops[0] is None and all(1 <= len(t) <= 4 for t in tops[1:]) and max(len(t) for t in tops[1:]) == 4
+    assert all(t[token] == v for token, v, t in zip(lp["tokens"][1:], lp["token_logprobs"][1:], tops[1:]))
+    # logprobs=0: each token's own entry alone (it was an empty dict), sampled tokens' too.
+    r = _post(server[0], "/v1/completions", {"model": NAME, "prompt": "The sky is blue and", "max_tokens": 5,
+                                              "temperature": 1.0, "seed": 2, "echo": True, "logprobs": 0})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert [{token: v} for token, v in zip(lp["tokens"][1:], lp["token_logprobs"][1:])] == lp["top_logprobs"][1:]
 
 
 def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve_logger, assert_refused_dtype):

@@ -308,22 +308,24 @@ class Server:
         return (self.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + lead + r.text
 
     def completion_logprobs(self, r: Request, echo: bool) -> dict:
-        """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, and text_offset (where
-        each token's text starts in the choice's text). The prompt's with echo; then the reply's, and the stop
-        token that ended it, which adds no text (as vLLM lists it: lm-eval reads a continuation's log-probs as
-        all entries after the context but the last, the next token's)."""
+        """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs (each token's own entry and
+        its top n), and text_offset (where each token's text starts in the choice's text). The prompt's with
+        echo; then the reply's, and the stop token that ended it, which adds no text (as vLLM lists it: lm-eval
+        reads a continuation's log-probs as all entries after the context but the last, the next token's)."""
         stop = [] if r.stop_token is None else [r.stop_token]
         every = [*r.prompt, *r.tokens, *(token for token, _, _ in stop)]
         start = 0 if echo else len(r.prompt)
         logprobs = (list(r.prompt_logprobs) if echo else []) + r.logprobs + [lp for _, lp, _ in stop]
         tops = (list(r.prompt_top_logprobs) if echo else []) + r.top_logprobs + [top for _, _, top in stop]
         strings, top_dicts, offsets, at = [], [], [], 0
-        for k, (token, top) in enumerate(zip(every[start:], tops), start):
+        for k, (token, top, logprob) in enumerate(zip(every[start:], tops, logprobs), start):
             context = every[max(0, k - TokenStrings.TAIL):k]  # the prompt's tokens before the reply's first
             shown, share, _ = self.strings.describe(context, token)
             share = "" if stop and k == len(every) - 1 else share  # (a stop token id may be a word's)
             strings.append(shown)
-            top_dicts.append(None if top is None else {self.strings.describe(context, i)[0]: lp for i, lp in top})
+            # The token itself, then the top n, as OpenAI ("up to logprobs+1 elements") and vLLM list them.
+            top_dicts.append(None if top is None else {
+                shown: logprob, **{self.strings.describe(context, i)[0]: lp for i, lp in top}})
             offsets.append(at)
             at += len(share)
         return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": top_dicts, "text_offset": offsets}
