@@ -231,6 +231,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(body={**chat, "model": "gpt-17"}), 400, "model"),
         (dict(body={**chat, "messages": [{"role": "user", "content": "word " * 1100}]}), 400, "messages"),
         (dict(body={**chat, "max_tokens": 100000}), 400, "max_tokens"),
+        (dict(body={**chat, "max_completion_tokens": 100000}), 400, "max_completion_tokens"),  # (named max_tokens)
         (dict(body={**chat, "temperature": 7}), 400, "temperature"),
         (dict(body={**chat, "top_p": "high"}), 400, "top_p"),
         (dict(body={**chat, "messages": []}), 400, "messages"),

@@ -223,14 +223,15 @@ class Server:
         request may only score its prompt (completions with echo)."""
         newer, older = (_field(body, k, int, None, low=low) for k in ("max_completion_tokens", "max_tokens"))
         asked = older if newer is None else newer  # (both checked: a bad one beside a good one is still refused)
+        name = "max_tokens" if newer is None else "max_completion_tokens"  # the one an error names
         room = self.engine.max_length - prompt_length
         if room < 0 or (room == 0 and asked != 0):
             raise ApiError(400, f"the prompt has {prompt_length} tokens, more than the context of "
                                 f"{self.engine.max_length} allows", prompt_param, "context_length_exceeded")
         value = min(room, default if default is not None else room) if asked is None else asked
         if prompt_length + value > self.engine.max_length:
-            raise ApiError(400, f"the prompt has {prompt_length} tokens and max_tokens is {value}: more than the "
-                                f"context of {self.engine.max_length}", "max_tokens", "context_length_exceeded")
+            raise ApiError(400, f"the prompt has {prompt_length} tokens and {name} is {value}: more than the "
+                                f"context of {self.engine.max_length}", name, "context_length_exceeded")
         return value
 
     def chat_prompt(self, body: dict) -> list[int]:
