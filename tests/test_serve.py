@@ -250,6 +250,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(body={**chat, "stream": True, "stream_options": []}), 400, "stream_options"),
         (dict(body={**chat, "stream": True, "stream_options": {"continuous_usage_stats": True}}), 400,
          "stream_options"),
+        (dict(body={**chat, "stream": True, "stream_options": {"include_usage": "yes"}}), 400,
+         "stream_options.include_usage"),  # (the param said include_usage, a field the body has not)
         (dict(body={**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}), 400,
          "messages"),
         (dict(raw='{"model": "%s", "messages": [{"role": "user", "content": "half \\ud800"}]}' % NAME), 400,

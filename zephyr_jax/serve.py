@@ -62,11 +62,13 @@ class ApiError(Exception):
 # Request bodies -> engine requests.
 
 
-def _field(body: dict, name: str, kind, default=None, *, low=None, high=None):
-    """body[name] checked for type and range; ApiError(400) naming the field otherwise."""
+def _field(body: dict, name: str, kind, default=None, *, low=None, high=None, within: str = ""):
+    """body[name] checked for type and range; ApiError(400) naming the field otherwise (as `within`.name for a
+    field of the object `within`)."""
     value = body.get(name, default)
     if value is None:
         return default
+    name = f"{within}.{name}" if within else name
     types = (int, float) if kind is float else kind
     if not isinstance(value, types) or (kind is not bool and isinstance(value, bool)):
         raise ApiError(400, f"'{name}' must be of type {getattr(kind, '__name__', kind)}, got {value!r}", name)
@@ -499,7 +501,7 @@ def create_app(server: Server):
         unread = sorted(set(options) - {"include_usage"})  # vLLM's continuous_usage_stats, ...: refused, not ignored
         if unread:
             raise ApiError(400, f"'stream_options' reads include_usage only, not {unread}", "stream_options")
-        include_usage = _field(options, "include_usage", bool, False)
+        include_usage = _field(options, "include_usage", bool, False, within="stream_options")
         if not stream:
             requests, updates = submit_all([(prompt, p) for p in params], "n")
         else:
