@@ -228,7 +228,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     cases = [
         (dict(raw="{not json"), 400, None),
-        (dict(body={**chat, "model": "gpt-17"}), 400, "model"),
+        (dict(body={**chat, "model": "gpt-17"}), 404, "model"),  # OpenAI's and vLLM's status for no such model
         (dict(body={**chat, "messages": [{"role": "user", "content": "word " * 1100}]}), 400, "messages"),
         (dict(body={**chat, "max_tokens": 100000}), 400, "max_tokens"),
         (dict(body={**chat, "max_completion_tokens": 100000}), 400, "max_completion_tokens"),  # (named max_tokens)
@@ -482,6 +482,15 @@ def test_the_server_as_teacher_generator_and_judge_of_the_data_clis(server, tmp_
                            min_turns=1, max_turns=2, max_tokens=12, test_size=0, seed=0, log=lambda s: None)
     assert teacher.stats["calls"] >= 2 and teacher.stats["failures"] == 0
     assert stats["dialogues"] == 2 and stats["kept"] + sum(stats["dropped"].values()) == 2
+    # A model name the server does not serve stops the run at the first call (a 404, as from OpenAI and vLLM; a 400
+    # was each call's own failure, and the run went on failing every call).
+    from zephyr_jax.data.endpoint import EndpointRefused
+
+    wrong = backend_from_spec(f"endpoint:zephyr-typo@{base}/v1", api_key_env="ZEPHYR_TEST_KEY", concurrency=1,
+                              timeout=120, max_retries=0)
+    with pytest.raises(EndpointRefused, match="zephyr-typo.*does not exist"):
+        make_dialogues(["What is two plus two?"], None, wrong, tmp_path / "typo", min_turns=1, max_turns=1,
+                       max_tokens=4, test_size=0, seed=0, log=lambda s: None)
 
     judge = backend_from_spec(spec, api_key_env="ZEPHYR_TEST_KEY", concurrency=4, timeout=120, max_retries=3)
     rows = [{"prompt": "What is two plus two?"}]

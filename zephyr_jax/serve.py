@@ -11,10 +11,10 @@ list; `echo` and `logprobs` score the prompt, as lm-eval's local-completions use
 string's tokens are listed too, as vLLM does). Errors are OpenAI-shaped ({"error": {"message", "type", "param",
 "code"}}): 400 for a bad request (a field this server does not read, such as frequency_penalty, response_format or
 vLLM's min_p, included: it is not silently ignored; FIELDS and IGNORED list what is read and what is metadata),
-401 without the --api-key, 429 (with Retry-After) when the queue is full: a request is accepted only when
-the engine can hold it. Streamed deltas are taken on the engine's thread, where a reply is not changing. A
-client that disconnects cancels its request and frees its slot. One log line per request: id, prompt and
-completion tokens, seconds, finish reason.
+401 without the --api-key, 404 for a model it does not serve, 429 (with Retry-After) when the queue is full: a
+request is accepted only when the engine can hold it. Streamed deltas are taken on the engine's thread, where a
+reply is not changing. A client that disconnects cancels its request and frees its slot. One log line per
+request: id, prompt and completion tokens, seconds, finish reason.
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ class Server:
     def check_model(self, body: dict) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise ApiError(400, f"model {model!r} does not exist: this server serves {self.model_name!r}", "model",
+            # 404, as OpenAI and vLLM answer: clients (data.endpoint) stop at it rather than fail every call
+            raise ApiError(404, f"model {model!r} does not exist: this server serves {self.model_name!r}", "model",
                            "model_not_found")
 
     def n(self, body: dict) -> int:
