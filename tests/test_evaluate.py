@@ -296,6 +296,26 @@ def test_mt_bench_answer_file(model_dir, tmp_path, monkeypatch):
         assert len(turns) == 2 and all(isinstance(t, str) and t for t in turns)
 
 
+def test_a_sampled_mt_bench_answer_is_the_same_whatever_else_the_question_file_holds(model_dir):
+    """Each answer's seed is keyed by its question_id, choice and turn: the questions are batched per temperature,
+    and a seed from the position in that batch gave question 83 another answer in a file of fewer questions or
+    with --temperature (which puts every category in one batch)."""
+    import zephyr_jax
+
+    model, tok = zephyr_jax.load(model_dir, dtype="float32")
+    questions = [{"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it rhyme."]},
+                 {"question_id": 82, "category": "roleplay", "turns": ["Pretend to be a cat."]},
+                 {"question_id": 83, "category": "writing", "turns": ["Describe snow.", "Shorter."]}]
+    answer = lambda qs, **kw: evaluate.mt_bench_answers(  # noqa: E731
+        model, tok, qs, "m", max_new_tokens=4, batch_size=1, **kw)[-1]["choices"]
+    whole = answer(questions)
+    assert answer(questions[2:]) == whole and answer(questions[1:], temperature=0.7) == whole
+    assert answer(questions[2:], seed=1) != whole
+    from zephyr_jax.generate import request_seeds
+    with pytest.raises(ValueError, match="seed holds 1 seeds for 2 prompts"):
+        request_seeds([5], 2)
+
+
 def test_mt_bench_bad_question_file(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question_id": 1, "turns": "not a list"}) + "\n")
@@ -641,7 +661,7 @@ def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
 def test_mt_bench_choices_are_drawn_with_different_seeds(monkeypatch):
     seeds = []
     monkeypatch.setattr(evaluate, "generate_chats",
-                        lambda model, tok, convs, **kw: seeds.append(kw["seed"]) or ["x"] * len(convs))
+                        lambda model, tok, convs, **kw: seeds.extend(kw["seed"]) or ["x"] * len(convs))
     q = [{"question_id": 1, "category": "writing", "turns": ["a", "b"]}]
     evaluate.mt_bench_answers(None, None, q, "m", num_choices=2)
     assert len(seeds) == 4 and len(set(seeds)) == 4  # (choice, turn): each its own stream

@@ -22,6 +22,7 @@ workdir's cached reference log-probs), so they equal the run's eval records.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import os
@@ -213,7 +214,8 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
 
 
 def generate_chats(model, tok, conversations: list[list[dict]], *, batch_size: int = 8, max_new_tokens: int = 1024,
-                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   seed: int | list[int] = 0) -> list[str]:
     """The assistant's reply to each conversation (message lists): all of them on the engine at once, batch_size
     KV-cache slots (a finished reply's slot goes to the next conversation). Replies are stripped of surrounding
     whitespace, as FastChat does."""
@@ -270,6 +272,14 @@ def _system_turn(system: str) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
+def answer_seed(seed: int, question_id, choice: int, turn: int) -> int:
+    """The sampling seed of one MT-Bench answer, keyed by its question_id: a question is answered alike whatever
+    else the question file holds (the questions are batched per temperature, and a seed from the position in a
+    batch changed with every other question of its category, with --temperature, or a file of fewer questions)."""
+    key = json.dumps([seed, question_id, choice, turn]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
+
+
 def mt_bench_answers(model, tok, questions: list[dict], model_id: str, *, max_new_tokens: int = 1024,
                      temperature: float | None = None, top_k: int = REFERENCE_TOP_K, top_p: float = 1.0,
                      batch_size: int = 8, num_choices: int = 1, seed: int = 0, system: str = "") -> list[dict]:
@@ -288,9 +298,10 @@ def mt_bench_answers(model, tok, questions: list[dict], model_id: str, *, max_ne
                 active = [i for i in members if turn < len(questions[i]["turns"])]
                 for i in active:
                     history[i].append({"role": "user", "content": questions[i]["turns"][turn]})
+                seeds = [answer_seed(seed, questions[i]["question_id"], c, turn) for i in active]
                 replies = generate_chats(model, tok, [history[i] for i in active], batch_size=batch_size,
                                          max_new_tokens=max_new_tokens, temperature=temp, top_k=top_k, top_p=top_p,
-                                         seed=seed + 1000 * c + 100 * turn)
+                                         seed=seeds)
                 for i, reply in zip(active, replies):
                     history[i].append({"role": "assistant", "content": reply})
                     answers[i].append(reply)

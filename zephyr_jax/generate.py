@@ -22,6 +22,19 @@ def request_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def request_seeds(seed, count: int) -> list[int]:
+    """Each prompt's seed: request_seed(seed, i) for an int `seed`; a list is one seed per prompt, taken as given
+    (a caller whose prompts are met in other batches, such as MT-Bench's per-temperature groups, keys them itself)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise ValueError(f"seed holds {len(seed)} seeds for {count} prompts")
+        for s in seed:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2 ** 32:
+                raise ValueError(f"seed={s!r}: a prompt's seed must be a whole number in [0, 2**32)")
+        return [int(s) for s in seed]
+    return [request_seed(seed, i) for i in range(count)]
+
+
 def _prompt_list(prompts, what: str) -> None:
     """TypeError for one prompt where a list of them belongs: a string ran one request per character."""
     if isinstance(prompts, (str, dict)):
@@ -46,19 +59,22 @@ def run(model, prompts: list[list[int]], params: list[SamplingParams], tokenizer
 
 
 def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, **engine_options) -> list[list[int]]:
-    """The new token ids after each prompt (a list of ids), up to and excluding `eos_id` (None: never stop)."""
+                 top_p: float = 1.0, seed: int | list[int] = 0, eos_id: int | None = None,
+                 **engine_options) -> list[list[int]]:
+    """The new token ids after each prompt (a list of ids), up to and excluding `eos_id` (None: never stop).
+    `seed`: as generate's."""
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=request_seed(seed, i)) for i in range(len(prompts))]
+                             seed=s) for s in request_seeds(seed, len(prompts))]
     return [r.tokens for r in run(model, prompts, params, eos_id=eos_id, **engine_options)]
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stop: str | tuple[str, ...] = (), progress: bool = False,
+             top_p: float = 1.0, seed: int | list[int] = 0, stop: str | tuple[str, ...] = (), progress: bool = False,
              **engine_options) -> list[str]:
     """Completions for `prompts`: strings (encoded as they are, with one BOS) or chat message lists (rendered
     with the chat template and the assistant generation prompt). Each stops at EOS, a `stop` string (cut
-    before it) or max_new_tokens."""
+    before it) or max_new_tokens. `seed`: an int gives prompt i the stream request_seed(seed, i), so a prompt's
+    draws follow its position in the call; a list gives each prompt its own seed, whatever else is in the call."""
     from zephyr_jax.tokenizer import check_chat, encode_text, render_chat
 
     _prompt_list(prompts, "prompt (a string or a message list)")
@@ -71,7 +87,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
         texts.append(p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True))
     encoded = [encode_text(tokenizer, t) for t in texts]
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=request_seed(seed, i), stop=stop) for i in range(len(prompts))]
+                             seed=s, stop=stop) for s in request_seeds(seed, len(prompts))]
     done = run(model, encoded, params, tokenizer, eos_id=tokenizer.eos_token_id, progress=progress,
                **engine_options)
     return [r.text for r in done]
