@@ -771,3 +771,10 @@ def test_generate_until_seeds_each_request_and_keeps_a_long_prompts_tail(model_d
     assert set(p.stop) == {"\n\n", "Question:", lm.tokenizer.decode([lm.eos])}
     assert seen["params"][0].seed != seen["params"][1].seed  # two samples of one prompt are two draws
     assert seen["prompts"][2] == lm.tok_encode(long_prompt)[-(64 - 4):]  # left-truncated to leave the reply room
+    # A request's draws do not depend on what else lm-eval hands over in the call (every task's requests come in
+    # one list): keyed by its task, document, index and prompt; `repeats` copies of one instance are several draws.
+    gsm = Instance("generate_until", {}, ("Q: 2+2?", kwargs), 0, ("gsm8k", 7, 2))
+    lm.generate_until([gsm, gsm])
+    alone = [p.seed for p in seen["params"]]
+    lm.generate_until([Instance("generate_until", {}, ("Q: 2+3?", kwargs), 0, ("other", 0, 1)), gsm, gsm])
+    assert [p.seed for p in seen["params"][1:]] == alone and alone[0] != alone[1]

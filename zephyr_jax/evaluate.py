@@ -22,7 +22,6 @@ workdir's cached reference log-probs), so they equal the run's eval records.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import os
@@ -276,8 +275,9 @@ def answer_seed(seed: int, question_id, choice: int, turn: int) -> int:
     """The sampling seed of one MT-Bench answer, keyed by its question_id: a question is answered alike whatever
     else the question file holds (the questions are batched per temperature, and a seed from the position in a
     batch changed with every other question of its category, with --temperature, or a file of fewer questions)."""
-    key = json.dumps([seed, question_id, choice, turn]).encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
+    from zephyr_jax.generate import keyed_seed
+
+    return keyed_seed(seed, question_id, choice, turn)
 
 
 def mt_bench_answers(model, tok, questions: list[dict], model_id: str, *, max_new_tokens: int = 1024,

@@ -7,6 +7,9 @@ other, and a short reply frees its slot for the next prompt.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 
 from zephyr_jax.engine import Engine, Request, SamplingParams
@@ -20,6 +23,12 @@ def request_seed(seed: int, index: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r}: must be a whole number >= 0")
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def keyed_seed(*parts) -> int:
+    """A 32-bit seed fixed by `parts` (JSON values: a run's seed and what names one request, such as a question
+    id), the same in every process and whatever else shares the call."""
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "big")
 
 
 def request_seeds(seed, count: int) -> list[int]:

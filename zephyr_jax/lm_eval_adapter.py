@@ -20,7 +20,8 @@ Python:
 model_args: pretrained (HF dir / hub name / workdir, or a Mistral module from Python), tokenizer (default: the
 model's own, else Mistral-7B-v0.1), dtype (float32), batch_size (8), max_length (default: the smaller of the
 model's max_position_embeddings and 4096, Mistral v0.1's sliding window), max_gen_toks (256), add_bos_token
-(True: every sequence starts with `<s>`, the format the model was trained on), seed (0).
+(True: every sequence starts with `<s>`, the format the model was trained on), seed (0: with a request's task,
+document, index and prompt it keys that request's draws, whatever other tasks run beside it).
 
 Scoring runs one jitted forward per batch of `batch_size` rows padded to a power-of-two length, so a task
 compiles a handful of shapes; generation runs on the engine (zephyr_jax/engine.py: continuous batching
@@ -37,6 +38,7 @@ if __name__ == "__main__":  # `python -m zephyr_jax.lm_eval_adapter`: register u
     main()
     raise SystemExit(0)
 
+import collections
 import functools
 import inspect
 import logging
@@ -54,7 +56,7 @@ from tqdm.auto import tqdm
 from zephyr_jax import train_steps as steps
 from zephyr_jax.data.batches import bucket, default_buckets
 from zephyr_jax.engine import SamplingParams, default_max_length
-from zephyr_jax.generate import request_seed, run
+from zephyr_jax.generate import keyed_seed, run
 from zephyr_jax.sharding import local_mesh, mesh_shape
 from zephyr_jax.tokenizer import render_chat
 from zephyr_jax.train_checks import check_float_dtype
@@ -261,17 +263,27 @@ class ZephyrJaxLM(LM):
             log.warning("zephyr_jax ignores these generation settings: %s", ignored)
         return tuple(until), max_gen, temperature, top_k, top_p
 
+    def _request_seed(self, request, occurrences: collections.Counter) -> int:
+        """The request's seed, keyed by its task, document, index and prompt, and by how many times the same
+        request came before it in this call (lm-eval repeats one instance `repeats` times for several samples):
+        lm-eval hands every task's requests over in one list, and a seed from the position in that list gave a
+        task's samples other draws when it ran beside other tasks."""
+        key = (request.task_name, request.doc_id, request.idx, request.args[0])
+        occurrences[key] += 1
+        return keyed_seed(self.seed, *key, occurrences[key] - 1)
+
     def generate_until(self, requests) -> list[str]:
         """Every request on the engine at once (continuous batching over batch_size slots): each stops at its
         own `until` strings, EOS or max_gen_toks, and its prompt keeps its last max_length - max_gen_toks
         tokens."""
-        prompts, params = [], []
-        for i, request in enumerate(requests):
+        prompts, params, occurrences = [], [], collections.Counter()
+        for request in requests:
             until, max_gen, temperature, top_k, top_p = self._sampling(request.args[1])
             keep = max(self.max_length - max_gen, 1)
             prompts.append(self.tok_encode(request.args[0])[-keep:])
             params.append(SamplingParams(max_tokens=max_gen, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         seed=request_seed(self.seed, i), stop=tuple(s for s in until if s)))
+                                         seed=self._request_seed(request, occurrences),
+                                         stop=tuple(s for s in until if s)))
         done = run(self.model, prompts, params, self.tokenizer, max_slots=self.batch_size, eos_id=self.eos,
                    max_length=self.max_length, progress=len(requests) > self.batch_size)
         results = [r.text for r in done]
