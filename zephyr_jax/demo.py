@@ -367,13 +367,15 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make-data", help="write the demo's SFT, preference and task jsonl files")
     make.add_argument("--out", default="demo_data", help="output directory (default: demo_data)")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=int, default=0, help="the data's seed (default 0)")
     make.add_argument("--n_sft", type=int, default=10000)
     make.add_argument("--n_pref", type=int, default=3000)
     make.add_argument("--n_test", type=int, default=500)
     run = sub.add_parser("run", help="data -> dSFT -> dDPO -> export -> sample reply, with dDPO's held-out effect")
     run.add_argument("--out", default="workdirs/demo", help="where data, workdirs and the export go")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="the data's seed: the task's files, the teacher's dialogues, the on-policy samples and their "
+                          "pairs (default 0); the models' initialisation and shuffles keep the configs' seed, 42")
     run.add_argument("--pairs", choices=("on-policy", "synthetic"), default="on-policy",
                      help="dDPO pairs: the dSFT model's own samples rated by a checker, or the scripted ones")
     args = parser.parse_args(argv)
