@@ -627,6 +627,49 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         engine.stop()
 
 
+def test_a_failing_callback_or_cache_never_leaves_a_request_waiting(small, monkeypatch):
+    """An on_update that raises (its event loop closed: a data run stopped midway left its calls running) ended
+    the engine's thread, from inside the error path that ends the other requests: every request then waited for
+    ever. Such a request is cancelled, with a warning, and the others go on. A failure the engine cannot recover
+    from (no cache can be made again) ends every request with the error, and later submits are refused."""
+    _, model = small
+    engine = Engine(model, max_slots=2, max_length=64, eos_id=None)
+
+    def closed(r):
+        raise RuntimeError("Event loop is closed")
+
+    engine.start()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"req-\d+'s on_update raised RuntimeError: Event loop is closed; "
+                                                r"the request is cancelled"):
+            gone = [engine.submit(Request([5, 6], SamplingParams(max_tokens=40), on_update=closed))
+                    for _ in range(2)]
+            assert all(r.done.wait(20) for r in gone), "the engine's thread died"
+        assert [r.finish_reason for r in gone] == ["cancelled"] * 2
+        after = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
+        assert after.done.wait(20) and after.finish_reason == "length" and len(after.tokens) == 5
+
+        def lost():
+            engine.cache.k.delete()
+            raise RuntimeError("device lost")
+
+        def no_memory():
+            raise MemoryError("RESOURCE_EXHAUSTED: no room for the cache")
+
+        engine._decode, engine._new_cache = lost, no_memory
+        ended = []  # the thread's own error is still raised there (and printed, outside a test)
+        monkeypatch.setattr(threading, "excepthook", ended.append)
+        doomed = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
+        assert doomed.done.wait(20) and doomed.finish_reason == "error" and "device lost" in doomed.error
+        engine._thread.join(20)
+        assert [type(x.exc_value) for x in ended] == [MemoryError]
+        with pytest.raises(RuntimeError, match=r"the engine's thread stopped \(MemoryError: RESOURCE_EXHAUSTED: no "
+                                               r"room for the cache\): make a new Engine"):
+            engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
+    finally:
+        engine.stop()
+
+
 def test_layer_weights_have_buffers_of_their_own_on_gpus_and_stay_stacked_where_that_does_not_fit(small,
                                                                                                 monkeypatch):
     """The engine's default: per-layer buffers on GPUs only (TPUs read the stacked weights in place; CPUs are the

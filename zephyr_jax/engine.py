@@ -18,7 +18,8 @@ out over the same mesh, and XLA gathers what each layer needs.
 
 Use it synchronously (`generate`) or from a server (`start` runs the loop on a thread; `submit` and `cancel` may
 be called from any thread; a request's `on_update` is called on the engine's thread after each call that gave it
-new tokens, and when it ends).
+new tokens, and when it ends; one that raises cancels its request, with a warning). A call that fails ends the
+requests it held with an error; if the loop itself cannot go on, it ends every request and `submit` refuses more.
 """
 
 from __future__ import annotations
@@ -381,6 +382,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stopped_by: str | None = None  # why the loop's thread ended, when it was not stop()
         self._ids = itertools.count()
         self.stats = collections.Counter()  # calls and tokens, for benchmarks and logs
 
@@ -443,6 +445,8 @@ class Engine:
         `max_queue` requests already wait."""
         self.check(request)
         with self._wake:
+            if self._stopped_by is not None:  # nothing would ever run it
+                raise RuntimeError(f"the engine's thread stopped ({self._stopped_by}): make a new Engine")
             free = sum(s is None for s in self.slots)  # about to be taken: waiting there does not count
             if self.max_queue is not None and len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting) - free} requests are already waiting for a slot "
@@ -541,28 +545,33 @@ class Engine:
             self._thread.join()
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self.busy():
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 -- a failed call must not strand the requests waiting on it
+                    self._fail_all(f"{type(e).__name__}: {e}")
+                    if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):  # donated to the failed call
+                        self.cache = self._new_cache()
+        except BaseException as e:  # no cache could be made again: nothing runs any more, so nobody may wait
             with self._wake:
-                while not self._stopping and not self.busy():
-                    self._wake.wait()
-                if self._stopping:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # noqa: BLE001 -- a failed call must not strand the requests waiting on it
-                self._fail_all(f"{type(e).__name__}: {e}")
+                self._stopped_by = f"{type(e).__name__}: {e}"
+            self._fail_all(self._stopped_by)
+            raise
 
     def _fail_all(self, error: str) -> None:
-        """Ends every admitted and waiting request with finish_reason "error" (the server answers 500); the
-        engine goes on with the next requests."""
+        """Ends every admitted and waiting request with finish_reason "error" (the server answers 500)."""
         with self._wake:
             victims = [r for r in self.slots if r is not None] + list(self.waiting)
             self.waiting.clear()
         for r in victims:
             r.error = error
             self._finish(r, "error")
-        if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):  # donated to the call that failed
-            self.cache = self._new_cache()
 
     # --- one scheduling step ------------------------------------------------------------------------------
 
@@ -756,8 +765,21 @@ class Engine:
             return
         if r.params.stop and self._stop_string(r, new):
             return
-        if r.on_update is not None:
+        self._notify(r)
+
+    def _notify(self, r: Request) -> None:
+        """r.on_update(r). One that raises (its event loop closed: the caller is gone) cancels its request; it must
+        not end the loop's thread, which every other request waits on."""
+        if r.on_update is None:
+            return
+        try:
             r.on_update(r)
+        except Exception as e:  # noqa: BLE001
+            if not r.cancelled:  # (said once; a request its caller cancelled is not news)
+                then = "; the request is cancelled" if r.finish_reason is None else ""
+                warnings.warn(f"{r.id}'s on_update raised {type(e).__name__}: {e}{then}", RuntimeWarning,
+                              stacklevel=2)
+            r.cancelled = True
 
     def _stop_string(self, r: Request, new: int) -> bool:
         """Whether the reply now holds a stop string. If so, the request ends with its text cut before it, and
@@ -823,5 +845,4 @@ class Engine:
             self.slots[r._slot] = None
         self.stats["finished"] += 1
         r.done.set()
-        if r.on_update is not None:
-            r.on_update(r)
+        self._notify(r)
