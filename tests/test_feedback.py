@@ -669,6 +669,22 @@ def test_engine_on_policy_samples_and_garbage_judge(tiny_model_dir, tmp_path):
             engine.tokenizer.chat_template = template
         assert refused.text is None and "chat template cannot render this call: TemplateError: System role not " \
             "supported" in refused.error
+        # A call cancelled (a run stopped midway: asyncio.run cancels its tasks) cancels its request. It ran on to
+        # its max_tokens, holding its slot, then called into the closed event loop.
+        submitted, submit, eos = [], engine.engine.submit, engine.engine.eos_id
+        engine.engine.submit, engine.engine.eos_id = lambda r: submitted.append(r) or submit(r), None
+
+        async def stopped():
+            task = asyncio.create_task(engine.complete(Call(prompt="Hi", max_tokens=900)))
+            while not (submitted and submitted[0].generated):
+                await asyncio.sleep(0.01)
+            task.cancel()
+
+        try:
+            asyncio.run(stopped())
+            assert submitted[0].done.wait(20) and submitted[0].finish_reason == "cancelled", submitted[0].generated
+        finally:
+            engine.engine.submit, engine.engine.eos_id = submit, eos
     finally:
         engine.close()
     # garbage ratings: every judge call is re-asked once, then counted as a parse failure; nothing crashes

@@ -186,7 +186,7 @@ class EngineBackend(Backend):
         done = loop.create_future()
 
         def on_update(r):  # the engine's thread
-            if r.finish_reason is not None:
+            if r.finish_reason is not None and not r.cancelled:  # (cancelled: nobody awaits it, the loop may be closed)
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(r))
 
         try:
@@ -201,10 +201,14 @@ class EngineBackend(Backend):
         params = SamplingParams(max_tokens=min(call.max_tokens, room), temperature=call.temperature,
                                 top_p=call.top_p, seed=seed, stop=tuple(call.stop))
         try:
-            self.engine.submit(Request(ids, params, on_update=on_update))
+            request = self.engine.submit(Request(ids, params, on_update=on_update))
         except ValueError as e:
             return Reply(None, prompt_tokens=len(ids), error=str(e))
-        r = await done
+        try:
+            r = await done
+        except asyncio.CancelledError:  # the run stopped (asyncio.run cancels its tasks): free the slot now
+            self.engine.cancel(request)
+            raise
         if r.finish_reason == "error":
             return Reply(None, prompt_tokens=len(ids), error=r.error or "engine error")
         return Reply(r.text, prompt_tokens=len(ids), completion_tokens=r.generated, finish_reason=r.finish_reason)
