@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -693,3 +694,42 @@ def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatc
     model, tok = zephyr_jax.load(tiny_model_dir, dtype="float32")
     assert seen["response"].json()["choices"][0]["text"] == \
         generate(model, tok, ["The sky is"], max_new_tokens=6, temperature=0.0)[0]
+
+
+def test_a_server_whose_engine_has_stopped_says_so_on_health_and_every_request(local, monkeypatch):
+    """The engine's thread ends only when it cannot go on (a failed call after which no cache can be made again).
+    /health still answered 200 "ok", so no supervisor restarted the server, and every request failed after it;
+    /health now answers 503 with the cause, and a request is refused with the same 503 before it is queued."""
+    from fastapi.testclient import TestClient
+
+    from zephyr_jax.engine import Engine
+    from zephyr_jax.serve import Server, create_app
+
+    model, _, tok = local
+    engine = Engine(model, tok, max_slots=1, max_length=64)
+
+    def lost():
+        engine.cache.k.delete()
+        raise RuntimeError("device lost")
+
+    def no_memory():
+        raise MemoryError("RESOURCE_EXHAUSTED: no room for the cache")
+
+    engine._decode, engine._new_cache = lost, no_memory
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the thread's error, printed outside a test)
+    engine.start()
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 3}
+    try:
+        with TestClient(create_app(Server(engine, tok, NAME))) as http:
+            assert http.get("/health").json()["status"] == "ok"
+            failed = http.post("/v1/completions", json=body)
+            assert failed.status_code == 500 and "device lost" in failed.json()["error"]["message"], failed.text
+            engine._thread.join(20)
+            health = http.get("/health")
+            assert health.status_code == 503, health.text
+            assert health.json()["error"] == ("the engine's thread stopped (MemoryError: RESOURCE_EXHAUSTED: no room "
+                                              "for the cache): restart the server")
+            refused = http.post("/v1/completions", json=body)
+            assert refused.status_code == 503 and refused.json()["error"]["message"] == health.json()["error"]
+    finally:
+        engine.stop()

@@ -382,7 +382,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._stopped_by: str | None = None  # why the loop's thread ended, when it was not stop()
+        self.stopped_by: str | None = None  # why the loop's thread ended, when it was not stop(): it runs nothing more
         self._ids = itertools.count()
         self.stats = collections.Counter()  # calls and tokens, for benchmarks and logs
 
@@ -445,8 +445,8 @@ class Engine:
         `max_queue` requests already wait."""
         self.check(request)
         with self._wake:
-            if self._stopped_by is not None:  # nothing would ever run it
-                raise RuntimeError(f"the engine's thread stopped ({self._stopped_by}): make a new Engine")
+            if self.stopped_by is not None:  # nothing would ever run it
+                raise RuntimeError(f"the engine's thread stopped ({self.stopped_by}): make a new Engine")
             free = sum(s is None for s in self.slots)  # about to be taken: waiting there does not count
             if self.max_queue is not None and len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting) - free} requests are already waiting for a slot "
@@ -560,8 +560,8 @@ class Engine:
                         self.cache = self._new_cache()
         except BaseException as e:  # no cache could be made again: nothing runs any more, so nobody may wait
             with self._wake:
-                self._stopped_by = f"{type(e).__name__}: {e}"
-            self._fail_all(self._stopped_by)
+                self.stopped_by = f"{type(e).__name__}: {e}"
+            self._fail_all(self.stopped_by)
             raise
 
     def _fail_all(self, error: str) -> None:

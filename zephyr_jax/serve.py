@@ -12,9 +12,10 @@ string's tokens are listed too, as vLLM does). Errors are OpenAI-shaped ({"error
 "code"}}): 400 for a bad request (a field this server does not read, such as frequency_penalty, response_format or
 vLLM's min_p, included: it is not silently ignored; FIELDS and IGNORED list what is read and what is metadata),
 401 without the --api-key, 404 for a model it does not serve, 429 (with Retry-After) when the queue is full: a
-request is accepted only when the engine can hold it. Streamed deltas are taken on the engine's thread, where a
-reply is not changing. A client that disconnects cancels its request and frees its slot. One log line per
-request: id, prompt and completion tokens, seconds, finish reason.
+request is accepted only when the engine can hold it; 503, and /health too, once the engine's thread has stopped
+(restart the server). Streamed deltas are taken on the engine's thread, where a reply is not changing. A client
+that disconnects cancels its request and frees its slot. One log line per request: id, prompt and completion
+tokens, seconds, finish reason.
 """
 
 from __future__ import annotations
@@ -289,9 +290,19 @@ class Server:
                 raise ApiError(400, f"'prompt' token ids must be non-empty lists of ints in [0, {vocab})", "prompt")
         return out
 
+    def stopped(self) -> str | None:
+        """Why this server can answer no request any more (its engine's thread ended), or None."""
+        if self.engine.stopped_by is None:
+            return None
+        return f"the engine's thread stopped ({self.engine.stopped_by}): restart the server"
+
     def submit(self, prompt: list[int], params: SamplingParams, rid: str, notify) -> Request:
         try:
             return self.engine.submit(Request(prompt, params, id=rid, on_update=notify))
+        except RuntimeError:
+            if self.stopped() is None:
+                raise
+            raise ApiError(503, self.stopped(), None, None, "server_error") from None
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry shortly", None, "queue_full",
                            "rate_limit_error") from e
@@ -424,6 +435,8 @@ def create_app(server: Server):
     @app.get("/health")
     async def health():
         engine = server.engine
+        if server.stopped() is not None:  # every request would fail: a supervisor should restart the server
+            return JSONResponse({"status": "error", "error": server.stopped()}, status_code=503)
         return {"status": "ok", "waiting": len(engine.waiting),
                 "running": sum(s is not None for s in engine.slots), "slots": engine.max_slots,
                 "stats": {**engine.stats, "compiled_programs": engine.compiled_programs()}}
