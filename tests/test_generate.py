@@ -623,6 +623,16 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         engine._decode = decode
         after = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
         assert after.done.wait(60) and after.finish_reason == "length" and len(after.tokens) == 5
+        # Stopped and started again (a notebook between serving and generate()): the new thread ended at once,
+        # and a request submitted then waited for ever; generate() was refused for good.
+        engine.stop()
+        engine.start()
+        again = engine.submit(Request([5, 6], SamplingParams(max_tokens=2)))
+        assert again.done.wait(20), "the engine's loop did not run again"
+        with pytest.raises(RuntimeError, match="the engine's thread is already running"):
+            engine.start()
+        engine.stop()
+        assert engine.generate([Request([5, 6], SamplingParams(max_tokens=2))])[0].finish_reason == "length"
     finally:
         engine.stop()
 

@@ -534,15 +534,21 @@ class Engine:
     # --- the loop on a thread (the server) ----------------------------------------------------------------
 
     def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():  # two loops would step the same slots at once
+            raise RuntimeError("the engine's thread is already running: stop() it first")
+        self._stopping = False  # (left set by stop(): the new thread's loop ended at once, and requests waited)
         self._thread = threading.Thread(target=self._loop, name="zephyr-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the loop's thread after its current step (requests still queued stay queued for the next start()
+        or generate())."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
 
     def _loop(self) -> None:
         try:
