@@ -633,6 +633,10 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
             engine.start()
         engine.stop()
         assert engine.generate([Request([5, 6], SamplingParams(max_tokens=2))])[0].finish_reason == "length"
+        # A request submitted to a stopped engine (a backend used after its BackendSet closed) waited for ever.
+        with pytest.raises(RuntimeError, match=r"the engine is stopped: nothing would run this request; start\(\) "
+                                               r"it again, or call generate\(\)"):
+            engine.submit(Request([5, 6], SamplingParams(max_tokens=2)))
     finally:
         engine.stop()
 

@@ -442,11 +442,17 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         """Queues a request (any thread). ValueError for a request that cannot run (`check`), QueueFull when
-        `max_queue` requests already wait."""
+        `max_queue` requests already wait, RuntimeError when nothing would run it (the engine stopped)."""
+        return self._queue(request, by_generate=False)
+
+    def _queue(self, request: Request, by_generate: bool) -> Request:
         self.check(request)
         with self._wake:
             if self.stopped_by is not None:  # nothing would ever run it
                 raise RuntimeError(f"the engine's thread stopped ({self.stopped_by}): make a new Engine")
+            if self._stopping and not by_generate:
+                raise RuntimeError("the engine is stopped: nothing would run this request; start() it again, or "
+                                   "call generate()")
             free = sum(s is None for s in self.slots)  # about to be taken: waiting there does not count
             if self.max_queue is not None and len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting) - free} requests are already waiting for a slot "
@@ -480,7 +486,7 @@ class Engine:
         while pending or self.busy():
             while pending and len(self.waiting) < self.max_slots:  # feed the queue, never beyond its bound
                 try:
-                    self.submit(pending[0])
+                    self._queue(pending[0], by_generate=True)
                 except QueueFull:
                     break
                 pending.popleft()
