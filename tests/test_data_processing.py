@@ -86,6 +86,15 @@ def test_other_templates_train_on_what_inference_renders(tok):
         sft_example({"messages": DIALOGUE}, 4, other)
     other.chat_template = "{{ bos_token }}" + tok.chat_template  # the Zephyr template, writing its own <s>
     assert list(sft_example({"messages": DIALOGUE}, 0, other).ids) == _whole_conversation_ids(tok, DIALOGUE)
+    other.chat_template = CHATML_TEMPLATE  # replies end in <|im_end|>, not the EOS generation stops at: say so
+    with pytest.raises(BadRow, match=r"row 1: the chat template does not end messages\[1\] \(an assistant reply\) "
+                                     r"with the tokenizer's EOS '</s>'"):
+        sft_example({"messages": DIALOGUE}, 0, other)
+
+
+# ChatML (<|im_start|> / <|im_end|> as text): a template whose turns do not end in the tokenizer's EOS.
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def test_sft_all_learns_every_token_after_bos(tok):

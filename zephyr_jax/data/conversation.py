@@ -100,6 +100,10 @@ def encode_conversation(tok, messages, index=None, source=None, add_generation_p
     for k, (m, end) in enumerate(zip(messages, ends)):
         if m["role"] == "assistant":
             at = text.find(m["content"] + eos, start, end)
+            if at < 0 and text.find(m["content"], start, end) >= 0:  # e.g. ChatML's <|im_end|>, as text
+                raise BadRow(index, f"the chat template does not end messages[{k}] (an assistant reply) with the "
+                             f"tokenizer's EOS {eos!r}, which training learns as the stop and generation stops at: "
+                             "use a template that writes eos_token after each reply", source)
             if at < 0:
                 raise BadRow(index, f"the chat template did not render messages[{k}] verbatim", source)
             spans.append((at, at + len(m["content"]) + len(eos)))
