@@ -14,7 +14,8 @@ Three public functions (the design doc's public surface), for anyone holding log
 What training runs (train_steps.py): `logprobs.head_logps` (the LM head fused into the chunked log-softmax) at
 the loss positions, then `sft_loss_from_logps` (dSFT), or per-sequence sums of those log-probs into `dpo_loss`
 (dDPO). A change to the objective goes into those two functions (`sft_loss` is `sft_loss_from_logps` on full
-logits; `sequence_logps` the same sum on full logits).
+logits; `sequence_logps` the same sum on full logits); a new config.dpo setting reaches `dpo_loss` through
+`train_steps.dpo_loss_settings`, which the train step and the eval metrics both call.
 
 Conventions: `targets` are already aligned with `logits` (targets[:, t] is the token that logits[:, t]
 predicts); `loss_mask` is 0/1 or bool, and targets at masked positions are never read for the result, so they

@@ -155,15 +155,20 @@ def sft_loss_fn(params, graphdef, batch, normalizer, max_segments=None, layer_gr
                   "num_tokens": valid.sum(dtype=jnp.float32)}
 
 
+def dpo_loss_settings(dpo_cfg) -> dict:
+    """losses.dpo_loss's keyword settings from config.dpo, beta aside (the train step's argument): the one place
+    the train step and the eval metrics read them, so a setting added here reaches both."""
+    return dict(loss_type=dpo_cfg.loss_type, label_smoothing=dpo_cfg.label_smoothing,
+                reference_free=dpo_cfg.reference_free)
+
+
 def dpo_loss_fn(params, graphdef, batch, reference_logps, dpo_cfg, num_pairs: int, micro_batches: int,
                 layer_grad_sum=None, hparams=None):
     """losses.dpo_loss on the batch's pairs. beta: hparams' (the train step's argument), else dpo_cfg's."""
     beta = dpo_cfg.beta if hparams is None else hparams["beta"]
     policy, lengths = pair_logps(graphdef, params, batch, num_pairs, micro_batches, layer_grad_sum)
-    return losses.dpo_loss(policy[:, 0], policy[:, 1], reference_logps[:, 0], reference_logps[:, 1],
-                           beta=beta, loss_type=dpo_cfg.loss_type, label_smoothing=dpo_cfg.label_smoothing,
-                           chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
-                           reference_free=dpo_cfg.reference_free)
+    return losses.dpo_loss(policy[:, 0], policy[:, 1], reference_logps[:, 0], reference_logps[:, 1], beta=beta,
+                           chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1], **dpo_loss_settings(dpo_cfg))
 
 
 def split_micro(batch, n: int):
@@ -280,8 +285,7 @@ def sft_eval_metrics(out) -> dict:
 def dpo_eval_metrics(policy, reference, lengths, dpo_cfg) -> dict:
     """DPO metrics over a whole split (one call over every pair, so they are exact means)."""
     loss, metrics = losses.dpo_loss(jnp.asarray(policy[:, 0]), jnp.asarray(policy[:, 1]),
-                                    jnp.asarray(reference[:, 0]), jnp.asarray(reference[:, 1]),
-                                    beta=dpo_cfg.beta, loss_type=dpo_cfg.loss_type,
-                                    label_smoothing=dpo_cfg.label_smoothing, chosen_lengths=jnp.asarray(lengths[:, 0]),
-                                    rejected_lengths=jnp.asarray(lengths[:, 1]), reference_free=dpo_cfg.reference_free)
+                                    jnp.asarray(reference[:, 0]), jnp.asarray(reference[:, 1]), beta=dpo_cfg.beta,
+                                    chosen_lengths=jnp.asarray(lengths[:, 0]),
+                                    rejected_lengths=jnp.asarray(lengths[:, 1]), **dpo_loss_settings(dpo_cfg))
     return {k: float(v) for k, v in metrics.items()}
