@@ -49,7 +49,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m zephyr_jax.chat",
                                      description="Chat with a zephyr_jax or Hugging Face Mistral model.")
     parser.add_argument("--model", required=True, help="HF directory / hub name, or a zephyr_jax workdir")
-    parser.add_argument("--tokenizer", default=None, help="default: the model directory's, else Mistral v0.1")
+    parser.add_argument("--tokenizer", default=None, help="default: the model's own (a workdir's: its training "
+                        "tokenizer), else Mistral-7B-v0.1")
     parser.add_argument("--system", default="", help="system message")
     parser.add_argument("--prompt", default=None, help="one-shot: answer this and exit")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="reply tokens at most (default 256)")

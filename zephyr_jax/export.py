@@ -175,7 +175,8 @@ def cli(argv=None):
     parser.add_argument("--out", required=True, help="output Hugging Face directory")
     parser.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: latest)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
-                        help="dtype of the saved weights")
+                        help="dtype of the saved weights (default bfloat16; float32 keeps "
+                        "the float32 master weights exactly)")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir/hub name (default: the training config's)")
     args = parser.parse_args(argv)
