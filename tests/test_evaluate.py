@@ -4,6 +4,7 @@ lm-evaluation-harness adapter, on a tiny random HF model and a tiny dDPO workdir
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,10 +162,14 @@ def test_pair_logps_refuses_token_ids_outside_the_models_vocabulary(data_dir, ti
     (folder / "config.json").write_text(json.dumps({**json.loads(open(f"{tiny_model_dir}/config.json").read()),
                                                     "vocab_size": 1000}))
     monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("loaded before the ids were checked"))
-    for model, reference in ((tiny_model_dir, str(folder)), (str(folder), tiny_model_dir)):
-        with pytest.raises(ValueError, match=r"holds token id \d+, but the model's vocabulary has 1000 entries"):
-            evaluate.prefs(model, reference, data=str(data_dir / "prefs"), split="test_prefs",
-                           tokenizer=load_tokenizer())
+    # The message names what chose the tokenizer (it said "the tokenizer ''" for one passed without a name).
+    for model, reference, tokenizer, named in (
+            (tiny_model_dir, str(folder), load_tokenizer(), "the tokenizer passed"),
+            (str(folder), tiny_model_dir, tiny_model_dir, re.escape(f"--tokenizer={tiny_model_dir!r}")),
+            (tiny_model_dir, str(folder), None, re.escape(f"the policy's own tokenizer ({tiny_model_dir})"))):
+        with pytest.raises(ValueError, match=r"holds token id \d+, but the model's vocabulary has 1000 entries: "
+                                             rf"{named} has tokens the model lacks"):
+            evaluate.prefs(model, reference, data=str(data_dir / "prefs"), split="test_prefs", tokenizer=tokenizer)
 
 
 def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):

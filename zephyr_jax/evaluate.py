@@ -46,7 +46,7 @@ from zephyr_jax.engine import SamplingParams
 from zephyr_jax.losses import LOSS_TYPES, check_dpo_settings
 from zephyr_jax.loading import config_vocab_size, is_workdir, load, load_model, run_config
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
-from zephyr_jax.tokenizer import load_tokenizer, tokenizer_for
+from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 from zephyr_jax.train_checks import TRAINING_DTYPES, check_token_ids
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,13 +186,19 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
         on_bad_row=on_bad_row, max_length=max_length, max_prompt_length=max_prompt_length, buckets=()))
     dpo_cfg = ml_collections.ConfigDict(dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                              reference_free=reference_free))
-    if tokenizer is None or isinstance(tokenizer, str):
-        tokenizer = tokenizer_for(model if isinstance(model, str) else None, tokenizer)
+    # What chose the tokenizer, for an error about its ids (one built from a model file has no name).
+    if isinstance(tokenizer, str):
+        chosen_by, tokenizer = f"--tokenizer={tokenizer!r}", load_tokenizer(tokenizer)
+    elif tokenizer is None:  # the policy's own, as zephyr_jax.load reads it (tokenizer_for)
+        source = tokenizer_source(model) if isinstance(model, str) else None
+        chosen_by, tokenizer = f"the policy's own tokenizer ({source or 'Mistral-7B-v0.1'})", load_tokenizer(source)
+    else:
+        name = getattr(tokenizer, "name_or_path", "")
+        chosen_by = f"the tokenizer {name!r}" if name else "the tokenizer passed"
     examples, _ = load_examples(data_cfg, "dpo", tokenizer, "eval", log=log)
     for m in (reference, model):  # local paths: from their configs, before minutes of loading weights
         if isinstance(m, str) and (vocab_size := config_vocab_size(m)) is not None:
-            which = f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r}"
-            check_token_ids(examples, vocab_size, source_name(data, split), which)
+            check_token_ids(examples, vocab_size, source_name(data, split), chosen_by)
 
     def logps_of(m):  # packed rows; the policy reuses the reference's compiled batches (same architecture)
         m = load_model(m, dtype, local_mesh(mesh)) if isinstance(m, str) else m
