@@ -685,6 +685,17 @@ def test_engine_on_policy_samples_and_garbage_judge(tiny_model_dir, tmp_path):
             assert submitted[0].done.wait(20) and submitted[0].finish_reason == "cancelled", submitted[0].generated
         finally:
             engine.engine.submit, engine.engine.eos_id = submit, eos
+        # An engine whose thread could not go on (no cache could be made again) refuses every call: the run stops,
+        # as at an endpoint that refuses every call, with the CLIs' one-line error (it was a RuntimeError's traceback).
+        from zephyr_jax.data.endpoint import EndpointRefused
+
+        engine.engine.stopped_by = "MemoryError: RESOURCE_EXHAUSTED"
+        try:
+            with pytest.raises(EndpointRefused, match=rf"^{re.escape(engine.name)}: every call is refused: the "
+                                                      r"engine's thread stopped \(MemoryError: RESOURCE_EXHAUSTED\)"):
+                asyncio.run(engine.complete(Call(prompt="Hi", max_tokens=2)))
+        finally:
+            engine.engine.stopped_by = None
     finally:
         engine.close()
     # garbage ratings: every judge call is re-asked once, then counted as a parse failure; nothing crashes

@@ -4,8 +4,9 @@ in-process by the engine, or a Python callable.
 Every backend answers one `Call` (chat messages, or a raw prompt for /v1/completions-style text such as Magpie's)
 with one `Reply`, asynchronously, so the data CLIs drive thousands of calls with plain asyncio and each backend
 bounds its own concurrency (the endpoint per base URL, the engine by its KV-cache slots). A failed call is a
-`Reply` with `text=None` and `error` set, counted in `stats`; the one exception that ends the run is an endpoint
-that refuses every call (data.endpoint.EndpointRefused: a bad key or model name, no quota, a server never up).
+`Reply` with `text=None` and `error` set, counted in `stats`; the one exception that ends the run is a backend
+that refuses every call (data.endpoint.EndpointRefused: a bad key or model name, no quota, a server never up, an
+engine whose thread stopped).
 
 Backend specs (the CLIs' --user/--assistant/--generators/--judge flags):
     endpoint:MODEL@URL[,URL...]   an OpenAI-compatible server (several URLs spread the load over a fleet);
@@ -204,6 +205,10 @@ class EngineBackend(Backend):
             request = self.engine.submit(Request(ids, params, on_update=on_update))
         except ValueError as e:
             return Reply(None, prompt_tokens=len(ids), error=str(e))
+        except RuntimeError as e:  # the engine stopped (its thread could not go on): every call would be refused
+            from zephyr_jax.data.endpoint import EndpointRefused
+
+            raise EndpointRefused(f"{self.name}: every call is refused: {e}") from None
         try:
             r = await done
         except asyncio.CancelledError:  # the run stopped (asyncio.run cancels its tasks): free the slot now

@@ -43,8 +43,8 @@ REST_S = 30.0  # a URL that failed (connection, timeout, 5xx) takes no new calls
 
 class EndpointRefused(ValueError):
     """The server refuses every call of this backend (401, 404, or 429 out of quota), or no base URL ever
-    answered: the run stops, naming the URL and the reason, rather than paying for each call's failure. What
-    finished is journaled, so the same command resumes once it is fixed."""
+    answered (or an engine backend's thread stopped): the run stops, naming the URL and the reason, rather than
+    paying for each call's failure. What finished is journaled, so the same command resumes once it is fixed."""
 
 
 class _ErrorBody(Exception):
