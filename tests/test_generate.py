@@ -609,18 +609,22 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         engine.cancel(first)
         assert first.done.wait(60) and first.finish_reason == "cancelled" and len(first.tokens) < 50
         assert waiting.done.wait(60) and waiting.finish_reason == "length" and len(waiting.tokens) == 3
-        # A call that raises ends the requests it held with an error, and the engine goes on.
-        decode, failed = engine._decode, []
+        # A call that raises ends the requests it held with an error, and the engine goes on; a request waiting for
+        # a slot was in no failed call and runs (it was ended with the same error).
+        decode, spared_waits = engine._decode, threading.Event()
 
         def lost():  # as when a call fails after its donated cache was consumed
-            failed.append(1)
+            engine._decode = decode  # (once)
+            assert spared_waits.wait(20)
             engine.cache.k.delete()
             raise RuntimeError("device lost")
 
         engine._decode = lost
         doomed = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
+        spared = engine.submit(Request([7, 8], SamplingParams(max_tokens=5)))  # the only slot is doomed's
+        spared_waits.set()
         assert doomed.done.wait(60) and doomed.finish_reason == "error" and "device lost" in doomed.error
-        engine._decode = decode
+        assert spared.done.wait(60) and (spared.finish_reason, len(spared.tokens)) == ("length", 5), spared.error
         after = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
         assert after.done.wait(60) and after.finish_reason == "length" and len(after.tokens) == 5
         # Stopped and started again (a notebook between serving and generate()): the new thread ended at once,

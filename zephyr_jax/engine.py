@@ -19,7 +19,8 @@ out over the same mesh, and XLA gathers what each layer needs.
 Use it synchronously (`generate`) or from a server (`start` runs the loop on a thread; `submit` and `cancel` may
 be called from any thread; a request's `on_update` is called on the engine's thread after each call that gave it
 new tokens, and when it ends; one that raises cancels its request, with a warning). A call that fails ends the
-requests it held with an error; if the loop itself cannot go on, it ends every request and `submit` refuses more.
+requests in slots (whose shared cache it may have consumed) with an error, and those still queued go on; if the
+loop itself cannot go on, it ends every request and `submit` refuses more.
 """
 
 from __future__ import annotations
@@ -567,20 +568,22 @@ class Engine:
                 try:
                     self.step()
                 except Exception as e:  # noqa: BLE001 -- a failed call must not strand the requests waiting on it
-                    self._fail_all(f"{type(e).__name__}: {e}")
+                    self._fail_all(f"{type(e).__name__}: {e}", waiting=False)  # (those queued were in no call)
                     if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):  # donated to the failed call
                         self.cache = self._new_cache()
         except BaseException as e:  # no cache could be made again: nothing runs any more, so nobody may wait
             with self._wake:
                 self.stopped_by = f"{type(e).__name__}: {e}"
-            self._fail_all(self.stopped_by)
+            self._fail_all(self.stopped_by, waiting=True)
             raise
 
-    def _fail_all(self, error: str) -> None:
-        """Ends every admitted and waiting request with finish_reason "error" (the server answers 500)."""
+    def _fail_all(self, error: str, waiting: bool) -> None:
+        """Ends every admitted request (a failed call may have consumed the cache that held them all), and with
+        `waiting` the queued ones too, with finish_reason "error" (the server answers 500)."""
         with self._wake:
-            victims = [r for r in self.slots if r is not None] + list(self.waiting)
-            self.waiting.clear()
+            victims = [r for r in self.slots if r is not None] + (list(self.waiting) if waiting else [])
+            if waiting:
+                self.waiting.clear()
         for r in victims:
             r.error = error
             self._finish(r, "error")
