@@ -684,6 +684,8 @@ def test_a_failing_callback_or_cache_never_leaves_a_request_waiting(small, monke
         with pytest.raises(RuntimeError, match=r"the engine's thread stopped \(MemoryError: RESOURCE_EXHAUSTED: no "
                                                r"room for the cache\): make a new Engine"):
             engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
+        with pytest.raises(RuntimeError, match=r"the engine's thread stopped \(MemoryError"):  # not "use submit()"
+            engine.generate([Request([5, 6], SamplingParams(max_tokens=5))])
     finally:
         engine.stop()
 

@@ -473,6 +473,8 @@ class Engine:
 
     def generate(self, requests: list[Request], progress: bool = False) -> list[Request]:
         """Runs the requests to completion on this thread (the engine must not be `start`ed)."""
+        if self.stopped_by is not None:  # (its thread died: submit() is refused too, and no cache is left)
+            raise RuntimeError(f"the engine's thread stopped ({self.stopped_by}): make a new Engine")
         if self._thread is not None:
             raise RuntimeError("this engine runs on its own thread: submit() and wait on request.done instead")
         from tqdm.auto import tqdm
