@@ -147,3 +147,37 @@ def test_training_notebooks_chain_the_right_runs_and_report_each_runs_own_number
             run = ns["runs"][f"{loss_type} beta={beta}"]
             assert os.path.normpath(run["workdir"]) == workdir
             assert run["eval"]["rewards/accuracies"] == i / 100 and run["preference_accuracy"] == i / 100
+
+
+def test_quickstart_scale_follows_the_devices_memory_unless_the_switch_is_set(monkeypatch):
+    """Colab's default runtime is a CPU (12 GB of RAM) and its free GPU a 16 GB T4 (11 GiB for XLA): at full scale
+    they download 14.5 GB of weights and then run out of memory. Unset, the scale switch picks full scale only
+    where the devices hold the 7B model in bf16; ZEPHYR_NOTEBOOK_SMALL, when set, decides."""
+    import jax
+
+    cell = [c for c in _read("quickstart.ipynb").cells if c.cell_type == "code"][1].source
+    GiB = 2 ** 30
+
+    class Device:
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return None if self.limit is None else {"bytes_limit": self.limit}
+
+    def small(env, *limits):
+        if env is None:
+            monkeypatch.delenv("ZEPHYR_NOTEBOOK_SMALL", raising=False)
+        else:
+            monkeypatch.setenv("ZEPHYR_NOTEBOOK_SMALL", env)
+        monkeypatch.setattr(jax, "devices", lambda *a: [Device(limit) for limit in limits])
+        namespace = {"os": os}
+        exec(compile(cell, "quickstart.ipynb", "exec"), namespace)
+        return namespace["SMALL"]
+
+    assert small(None, None)  # a CPU runtime: no device memory figure
+    assert small(None, 11.3 * GiB)  # a T4: 75% of 15 GiB
+    assert not small(None, 16.9 * GiB)  # an L4 (75% of 22.5 GiB)
+    assert not small(None, 15.75 * GiB)  # a v5e-1 TPU
+    assert not small(None, *[7.5 * GiB] * 8)  # a TPU v2-8, FSDP over its 8 cores
+    assert small("1", 60 * GiB) and not small("0", None)
