@@ -181,3 +181,31 @@ def test_quickstart_scale_follows_the_devices_memory_unless_the_switch_is_set(mo
     assert not small(None, 15.75 * GiB)  # a v5e-1 TPU
     assert not small(None, *[7.5 * GiB] * 8)  # a TPU v2-8, FSDP over its 8 cores
     assert small("1", 60 * GiB) and not small("0", None)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_keeps_the_runtimes_accelerator_plugin_in_step_with_jax(name, tmp_path, monkeypatch):
+    """On Colab the install cell clones and pip-installs the repository; where it raises jax (jax>=0.10.1) above
+    the runtime's, the runtime's CUDA plugin or libtpu, built for its older jaxlib, would stay behind and jax would
+    run on the CPU. So a runtime with jax's CUDA 12 plugin installs the `gpu` extra, one with libtpu the `tpu`
+    extra (each brings the plugin matching the new jax), a CPU runtime neither. Stand-ins for find_spec and
+    subprocess record what would be run."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    cell = [c for c in _read(name).cells if c.cell_type == "code"][0].source
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the cell puts the clone first
+
+    def installed(*present):
+        commands = []
+        monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: object() if mod in present else None)
+        monkeypatch.setattr(subprocess, "run", lambda argv, **kw: commands.append(argv))
+        exec(compile(cell, name, "exec"), {})
+        assert commands[0][:2] == ["git", "clone"], commands
+        return commands[-1][-1]
+
+    assert installed() == "zephyr_jax_repo"
+    assert installed("jax_cuda12_plugin") == "zephyr_jax_repo[gpu]"
+    assert installed("libtpu") == "zephyr_jax_repo[tpu]"
