@@ -209,3 +209,14 @@ def test_install_cell_keeps_the_runtimes_accelerator_plugin_in_step_with_jax(nam
     assert installed() == "zephyr_jax_repo"
     assert installed("jax_cuda12_plugin") == "zephyr_jax_repo[gpu]"
     assert installed("libtpu") == "zephyr_jax_repo[tpu]"
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_training_notebooks_keep_each_scales_runs_apart(name, tmp_path, monkeypatch):
+    """A researcher runs a notebook small to check it, then in full in the same Colab session: the full runs must
+    neither resume the small ones' checkpoints (train.run goes on from them, and a dDPO run keeps the dSFT step it
+    started from, the small dSFT's) nor write their data over the small runs' files."""
+    small_ns, small = _execute_with_stand_ins(name, tmp_path, monkeypatch, small=True)
+    full_ns, full = _execute_with_stand_ins(name, tmp_path, monkeypatch, small=False)
+    assert not {w for _, w in small} & {w for _, w in full}
+    assert not set(small_ns["paths"].values()) & set(full_ns["paths"].values())
