@@ -79,6 +79,24 @@ def assert_refused_dtype(capsys):
 
 
 @pytest.fixture
+def fail_for_good():
+    """fail(engine): the engine's next decoding call consumes its cache and raises "device lost", and no cache can
+    be made again ("RESOURCE_EXHAUSTED: no room for the cache"), so its loop's thread cannot go on."""
+
+    def fail(engine) -> None:
+        def lost():
+            engine.cache.k.delete()
+            raise RuntimeError("device lost")
+
+        def no_memory():
+            raise MemoryError("RESOURCE_EXHAUSTED: no room for the cache")
+
+        engine._decode, engine._new_cache = lost, no_memory
+
+    return fail
+
+
+@pytest.fixture
 def serve_logger(monkeypatch):
     """serve.main sets its logger up for the whole process (a handler, no propagation): put back after the test."""
     from zephyr_jax import serve

@@ -645,7 +645,7 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         engine.stop()
 
 
-def test_a_failing_callback_or_cache_never_leaves_a_request_waiting(small, monkeypatch):
+def test_a_failing_callback_or_cache_never_leaves_a_request_waiting(small, monkeypatch, fail_for_good):
     """An on_update that raises (its event loop closed: a data run stopped midway left its calls running) ended
     the engine's thread, from inside the error path that ends the other requests: every request then waited for
     ever. Such a request is cancelled, with a warning, and the others go on. A failure the engine cannot recover
@@ -667,14 +667,7 @@ def test_a_failing_callback_or_cache_never_leaves_a_request_waiting(small, monke
         after = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
         assert after.done.wait(20) and after.finish_reason == "length" and len(after.tokens) == 5
 
-        def lost():
-            engine.cache.k.delete()
-            raise RuntimeError("device lost")
-
-        def no_memory():
-            raise MemoryError("RESOURCE_EXHAUSTED: no room for the cache")
-
-        engine._decode, engine._new_cache = lost, no_memory
+        fail_for_good(engine)
         ended = []  # the thread's own error is still raised there (and printed, outside a test)
         monkeypatch.setattr(threading, "excepthook", ended.append)
         doomed = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))

@@ -696,7 +696,7 @@ def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatc
         generate(model, tok, ["The sky is"], max_new_tokens=6, temperature=0.0)[0]
 
 
-def test_a_server_whose_engine_has_stopped_says_so_on_health_and_every_request(local, monkeypatch):
+def test_a_server_whose_engine_has_stopped_says_so_on_health_and_every_request(local, monkeypatch, fail_for_good):
     """The engine's thread ends only when it cannot go on (a failed call after which no cache can be made again).
     /health still answered 200 "ok", so no supervisor restarted the server, and every request failed after it;
     /health now answers 503 with the cause, and a request is refused with the same 503 before it is queued."""
@@ -707,15 +707,7 @@ def test_a_server_whose_engine_has_stopped_says_so_on_health_and_every_request(l
 
     model, _, tok = local
     engine = Engine(model, tok, max_slots=1, max_length=64)
-
-    def lost():
-        engine.cache.k.delete()
-        raise RuntimeError("device lost")
-
-    def no_memory():
-        raise MemoryError("RESOURCE_EXHAUSTED: no room for the cache")
-
-    engine._decode, engine._new_cache = lost, no_memory
+    fail_for_good(engine)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the thread's error, printed outside a test)
     engine.start()
     body = {"model": NAME, "prompt": "Hi", "max_tokens": 3}
