@@ -199,12 +199,22 @@ def test_save_load_is_bitwise(tmp_path, tied, monkeypatch):
 
 
 def test_row_block_streaming_is_exact(hf_dir, monkeypatch, tmp_path):
-    """Tensors move in row blocks; blocks of a few rows (and a partial last one) change nothing."""
+    """Tensors move in row blocks, and to or from a kernel's transposed layout in strips of rows or columns;
+    blocks of a few rows and strips of 5 (both with a partial last one) change nothing, in float32 and cast to
+    bfloat16 on the way in or out."""
     monkeypatch.setattr(hf, "_BLOCK_BYTES", 1000)
+    monkeypatch.setattr(hf, "_STRIP", 5)
+    original = tensors_of(os.path.join(hf_dir[0], hf.WEIGHTS_NAME))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = load_model(hf_dir[0], dtype)
+        params = flat_params(model)
+        for name, value in original.items():  # each parameter is the tensor (transposed), cast as numpy casts
+            flax_name, layer, transposed = hf.hf_to_flax_name(name)
+            loaded = params[flax_name] if layer is None else params[flax_name][layer]
+            assert np.array_equal(loaded, (value.T if transposed else value).astype(dtype)), (name, dtype)
     model = load_model(hf_dir[0], jnp.float32)
     assert max_diff(jax_logits(model), hf_dir[1]) <= 2e-5
     hf.save_pretrained(model, str(tmp_path), dtype=jnp.bfloat16)
-    original = tensors_of(os.path.join(hf_dir[0], hf.WEIGHTS_NAME))
     with safetensors.safe_open(str(tmp_path / hf.WEIGHTS_NAME), "pt") as f:
         for name, value in original.items():
             assert torch.equal(f.get_tensor(name), torch.from_numpy(value).bfloat16()), name
