@@ -162,6 +162,25 @@ def test_encoding_matches_sentencepiece(tok, tmp_path):
         assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
 
 
+def test_a_process_builds_a_sentencepiece_models_merges_once_and_each_load_is_its_own(tok, monkeypatch):
+    """Ranking the merges from sentencepiece's pieces takes ~0.5 s of Python, and train.run, evaluate and the tests
+    load the same tokenizer many times in one process: a second load builds nothing, encodes as the first, and is
+    a tokenizer of its own (a template or flag set on one is no other's)."""
+    built = []
+    real = spm.SentencePieceProcessor
+    monkeypatch.setattr(spm, "SentencePieceProcessor", lambda *a, **k: built.append(k) or real(*a, **k))
+    again = load_tokenizer()
+    assert built == []
+    assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    assert again(RENDERED).input_ids == tok(RENDERED).input_ids
+    assert again.backend_tokenizer is not tok.backend_tokenizer
+    again.chat_template, again.add_eos_token = "{{ messages }}", True
+    again.add_tokens(["<|new|>"])
+    fresh = load_tokenizer()
+    assert fresh.chat_template == ZEPHYR_CHAT_TEMPLATE and not fresh.add_eos_token and len(fresh) == 32000
+    assert fresh(RENDERED).input_ids == tok(RENDERED).input_ids and tok.chat_template == ZEPHYR_CHAT_TEMPLATE
+
+
 def test_tokenizer_from_directory_gets_template(tok, tmp_path):
     plain = transformers.AutoTokenizer.from_pretrained(_save_without_template(tok, tmp_path))
     assert not plain.chat_template

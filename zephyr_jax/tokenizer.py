@@ -11,6 +11,7 @@ BOS/EOS policy (the same everywhere in zephyr_jax):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -98,11 +99,26 @@ def sentencepiece_tokenizer(model_file: str) -> transformers.PreTrainedTokenizer
     Built here from the model's pieces: transformers 5 converts a tokenizer.model with its merges ranked by piece
     id rather than score (runs of spaces, such as code's indentation, then split otherwise), and its LlamaTokenizer
     installs a pre-tokenizer that drops a text's leading space. Saved, it reloads as it is (tokenizer.json).
+    Each call returns a tokenizer of its own; a process ranks each model's merges once (_built).
     """
+    with open(model_file, "rb") as f:
+        backend, bos, eos, unk = _built(f.read())
+    # add_bos_token says what the post-processor does: transformers 5 rebuilds it from these flags when one is set.
+    # (transformers deep-copies tokenizer_object: the cached backend is never the returned tokenizer's.)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, model_max_length=32768,
+        clean_up_tokenization_spaces=False, add_bos_token=True, add_eos_token=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _built(model: bytes):
+    """(tokenizers.Tokenizer, BOS, EOS, unknown token) of the sentencepiece model serialized in `model`, keyed by
+    its bytes. Ranking the merges takes ~0.5 s of Python, and train.run, evaluate and the tests load the same
+    tokenizer many times in one process."""
     import sentencepiece
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     special = [i for i in vocab.values() if sp.is_control(i) or sp.is_unknown(i)]
     pieces = {p for p, i in vocab.items() if not (i in special or sp.is_byte(i))}
@@ -118,11 +134,7 @@ def sentencepiece_tokenizer(model_file: str) -> transformers.PreTrainedTokenizer
     bos = sp.id_to_piece(sp.bos_id())
     backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, sp.bos_id())])
-    # add_bos_token says what the post-processor does: transformers 5 rebuilds it from these flags when one is set.
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=sp.id_to_piece(sp.eos_id()),
-        unk_token=sp.id_to_piece(sp.unk_id()), model_max_length=32768, clean_up_tokenization_spaces=False,
-        add_bos_token=True, add_eos_token=False)
+    return backend, bos, sp.id_to_piece(sp.eos_id()), sp.id_to_piece(sp.unk_id())
 
 
 def _with_folder_config(tok, path: str):
