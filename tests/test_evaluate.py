@@ -783,3 +783,6 @@ def test_generate_until_seeds_each_request_and_keeps_a_long_prompts_tail(model_d
     alone = [p.seed for p in seen["params"]]
     lm.generate_until([Instance("generate_until", {}, ("Q: 2+3?", kwargs), 0, ("other", 0, 1)), gsm, gsm])
     assert [p.seed for p in seen["params"][1:]] == alone and alone[0] != alone[1]
+    # Another task's request of the same document, index and prompt (gsm8k and gsm8k_cot) is drawn apart.
+    lm.generate_until([Instance("generate_until", {}, ("Q: 2+2?", kwargs), 0, ("gsm8k_cot", 7, 2))])
+    assert seen["params"][0].seed != alone[0]
