@@ -283,10 +283,11 @@ def test_each_row_draws_from_its_own_filtered_softmax(settings):
 
 def test_temperatures_below_a_millionth_sharpen_as_transformers_divides():
     """Logits 2e-6 apart: at temperature 1e-6 the second is drawn 12% of the time, at 1e-7 and below (almost)
-    never, as transformers' division gives; not temperature 1e-6's draws for every smaller one."""
+    never, as transformers' division gives; not temperature 1e-6's draws for every smaller one. The largest logit is
+    1, which divided by 1e-40 overflows to inf (and inf - inf is NaN) unless the row is shifted first."""
     settings = [(1e-6, 0, 1.0), (1e-7, 0, 1.0), (1e-8, 2, 0.9), (1e-30, 0, 1.0), (1e-40, 0, 0.5)]
     rows, n = len(settings), 4000
-    logits = jnp.tile(jnp.asarray([[0.0, -2e-6, -1.0, -5.0]]), (rows, 1))
+    logits = jnp.tile(jnp.asarray([[1.0, 1.0 - 2e-6, 0.0, -4.0]]), (rows, 1))
     temperature, top_k, top_p = (jnp.asarray(c) for c in zip(*settings))
     draw = jax.jit(jax.vmap(lambda c: sample(logits, temperature, top_k, top_p, jnp.full((rows,), 9, jnp.uint32),
                                              jnp.full((rows,), c, jnp.uint32))[0]))
