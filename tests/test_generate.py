@@ -669,10 +669,21 @@ def test_a_failing_callback_or_cache_never_leaves_a_request_waiting(small, monke
         assert after.done.wait(20) and after.finish_reason == "length" and len(after.tokens) == 5
 
         fail_for_good(engine)
+        lost, queued = engine._decode, threading.Event()
+
+        def lost_once_queued():  # the failing call starts once requests wait behind it
+            assert queued.wait(20)
+            lost()
+
+        engine._decode = lost_once_queued
         ended = []  # the thread's own error is still raised there (and printed, outside a test)
         monkeypatch.setattr(threading, "excepthook", ended.append)
         doomed = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
+        behind = [engine.submit(Request([5, 6], SamplingParams(max_tokens=5))) for _ in range(2)]  # (2 slots)
+        queued.set()
         assert doomed.done.wait(20) and doomed.finish_reason == "error" and "device lost" in doomed.error
+        # those still queued are ended too: no thread would ever run them
+        assert all(r.done.wait(20) and r.finish_reason == "error" for r in behind), [r.finish_reason for r in behind]
         engine._thread.join(20)
         assert [type(x.exc_value) for x in ended] == [MemoryError]
         with pytest.raises(RuntimeError, match=r"the engine's thread stopped \(MemoryError: RESOURCE_EXHAUSTED: no "
