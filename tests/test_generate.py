@@ -3,6 +3,7 @@ with requests arriving while others decode; chunked prefill against one pass; lo
 forward; sampling against the filtered-softmax formula; seeds, stops, cancellation and sharded parameters."""
 
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -665,6 +666,9 @@ def test_a_failing_callback_or_cache_never_leaves_a_request_waiting(small, monke
                     for _ in range(2)]
             assert all(r.done.wait(20) for r in gone), "the engine's thread died"
         assert [r.finish_reason for r in gone] == ["cancelled"] * 2
+        with warnings.catch_warnings():  # said once: raising again for a cancelled request is not news
+            warnings.simplefilter("error")
+            engine._notify(gone[0])
         after = engine.submit(Request([5, 6], SamplingParams(max_tokens=5)))
         assert after.done.wait(20) and after.finish_reason == "length" and len(after.tokens) == 5
 
