@@ -319,6 +319,10 @@ def test_a_sampled_mt_bench_answer_is_the_same_whatever_else_the_question_file_h
     from zephyr_jax.generate import request_seeds
     with pytest.raises(ValueError, match="seed holds 1 seeds for 2 prompts"):
         request_seeds([5], 2)
+    assert request_seeds([0, 2 ** 32 - 1], 2) == [0, 2 ** 32 - 1]
+    for bad in (True, 2 ** 32, -1, 1.0):  # (a JSON true, one past 32 bits, a float: named here, not in the engine)
+        with pytest.raises(ValueError, match=rf"seed={bad!r}: a prompt's seed must be a whole number"):
+            request_seeds([5, bad], 2)
 
 
 def test_mt_bench_bad_question_file(tmp_path):
