@@ -111,6 +111,10 @@ def test_missing_local_paths(tmp_path):
         for read in (load_rows, local_files):
             with pytest.raises(FileNotFoundError, match=message):
                 read(str(source), "train")
+    # Remote and TFDS sources are no local files, even named with a data file's extension (feedback's early check
+    # refused a URL that load_rows reads).
+    for source in ("https://example.com/prompts.jsonl", "gs://bucket/train-*.parquet", "tfds:mbpp", "org/name"):
+        assert local_files(source, "train") is None, source
 
 
 def test_hub_name_offline_fails_fast_and_names_it(monkeypatch):
