@@ -268,6 +268,11 @@ def test_a_tokenizer_path_that_is_not_one_is_named(tmp_path):
     (saved / "tokenizer_config.json").write_text((saved / "tokenizer_config.json").read_text()[:20])
     with pytest.raises(ValueError, match=r"tokenizer .*/cut: .*/cut/tokenizer_config.json is not valid JSON \(Un"):
         load_tokenizer(str(saved))
+    # ... also past a JSON file the folder lacks (tokenizer_config.json is optional)
+    (saved / "tokenizer_config.json").unlink()
+    (saved / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ValueError, match=r"tokenizer .*/cut: .*/cut/tokenizer.json is not valid JSON"):
+        load_tokenizer(str(saved))
     # A tokenizer saved with add_eos_token=True: every prompt ended in </s> (dDPO refused every row as "prompt ids
     # are not a prefix of the conversation's ids"; dSFT ended each turn on two)
     load_tokenizer().save_pretrained(str(tmp_path / "eos"))
