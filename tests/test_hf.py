@@ -293,6 +293,13 @@ def test_a_weight_past_float16s_range_is_refused_not_saved_as_inf(tmp_path):
     with pytest.raises(ValueError, match=r"run step 1: model.norm.weight has a value past float16's largest "):
         export.export(str(workdir), str(tmp_path / "f16"), dtype="float16")
     assert not (tmp_path / "f16").exists()
+    # A stacked layer weight is named by the layer that holds the value.
+    model.norm.scale.set_value(model.norm.scale.get_value().at[0].set(1.0))
+    norms = model.layers.post_attention_layernorm.scale
+    norms.set_value(norms.get_value().at[1, 0].set(1e5))
+    hf.save_pretrained(model, str(tmp_path / "layer"), dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"model.layers.1.post_attention_layernorm.weight has a value past float16"):
+        load_model(str(tmp_path / "layer"), "float16")
 
 
 def test_bf16_save_reloads(loaded, tmp_path):
