@@ -466,6 +466,12 @@ def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_row
     with pytest.raises(ConfigError, match=r"rows of a micro-batch \(2 x global_batch_size / grad_accum pairs\)=64 "
                                           r"does not divide over the mesh's data x fsdp = 128 batch shards"):
         train.check_batch_fits_mesh(cfg, mesh(128))
+    # An evaluation of the run's checkpoint (training=False) splits its eval batches only: not the micro-batches,
+    # nor the packed rows of one
+    cfg.train.eval_batch_size = 64
+    train.check_batch_fits_mesh(cfg, mesh(128), training=False)
+    cfg.data.packing, cfg.train.grad_accum = True, 2
+    train.check_batch_fits_mesh(cfg, mesh(8), training=False)
 
 
 @pytest.mark.parametrize("variant, overrides", [
