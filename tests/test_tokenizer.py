@@ -260,6 +260,8 @@ def test_a_tokenizer_path_that_is_not_one_is_named(tmp_path):
     tokenizer that sentencepiece is not installed."""
     with pytest.raises(FileNotFoundError, match=r"tokenizer .*/missing does not exist"):
         load_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer 'no-such-org/no-such-tokenizer': "):  # (hub, offline)
+        load_tokenizer("no-such-org/no-such-tokenizer")
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"tokenizer .*/tokenizer.json is a file: pass the directory"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
