@@ -542,10 +542,13 @@ def test_the_model_card_names_the_hub_model_and_datasets_the_runs_before_it_star
     assert card.base_model == "mistralai/Mistral-7B-v0.1"
     assert card.datasets == ["HuggingFaceH4/ultrachat_200k", "HuggingFaceH4/ultrafeedback_binarized"]
     assert card.library_name == "transformers" and card.tags == ["zephyr_jax", "mistral", "dpo"]
-    # Local data, a local model directory, an init workdir gone since: no lineage, and the card still reads.
+    # Local data, a local model directory, an init workdir gone since or unreadable: no lineage, and the card still
+    # reads.
     gone = {"stage": "dpo", "model": {"init": "orbax", "path": str(tmp_path / "gone")}, "data": {"train": local_data}}
     local = {"stage": "sft", "model": {"init": "hf", "path": str(tmp_path / "mistral")}, "data": {"train": local_data}}
-    for config in (gone, local):
+    (tmp_path / "odd" / "config.json").mkdir(parents=True)  # (open() raises IsADirectoryError)
+    unreadable = {**gone, "model": {"init": "orbax", "path": str(tmp_path / "odd")}}
+    for config in (gone, local, unreadable):
         card = ModelCard(model_card(str(tmp_path / "run"), 6, config, {})).data
         assert card.base_model is None and card.datasets is None and card.library_name == "transformers"
 
