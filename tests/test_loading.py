@@ -21,7 +21,7 @@ import zephyr_jax
 from tests.test_checkpoint import legacy_layout
 from tests.torch_reference import save_torch, torch_mistral
 from zephyr_jax import checkpoint, hf
-from zephyr_jax.loading import load_model
+from zephyr_jax.loading import config_vocab_size, load_model
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import logical_to_spec, make_mesh
 from zephyr_jax.train_steps import TrainState
@@ -124,6 +124,8 @@ def test_workdir_step_selection_and_missing_step(workdir, caplog):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 5 in .* \(have steps \[3, 6\]\)"):
         load_model(path, step=5)
     assert checkpoint.resolve_step(path) == 6 and checkpoint.resolve_step(path, 3) == 3
+    # (evaluate's early check of the data's token ids reads a workdir's vocabulary without its weights)
+    assert config_vocab_size(path) == CFG.vocab_size and config_vocab_size("no-such-org/model") is None
 
 
 def test_legacy_unstacked_checkpoint_restores_in_bf16_onto_the_mesh(tmp_path):
