@@ -598,6 +598,7 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve
                            ("--max-length=1", "--max-length=1: must be at least 2"),
                            # an OverflowError traceback from bind()
                            ("--port=70000", "--port=70000: must be from 0 to 65535"),
+                           ("--port=65536", "--port=65536: must be from 0 to 65535"),
                            ("--port=-1", "--port=-1: must be from 0 to 65535")]:
         with pytest.raises(SystemExit) as exit_:
             serve.main(["--model=m", "--compilation-cache=", flag])
