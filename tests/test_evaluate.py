@@ -211,7 +211,8 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
                          # (training refuses it too: every long pair's prompt was cut to its BOS alone)
                          (dict(max_prompt_length=0), "max_prompt_length=0 must be at least 1"),
                          (dict(max_examples=0), r"max_examples=0: must be -1 \(all\) or positive"),
-                         (dict(max_examples=-3), r"max_examples=-3: must be -1 \(all\) or positive")]:
+                         (dict(max_examples=-3), r"max_examples=-3: must be -1 \(all\) or positive"),
+                         (dict(max_examples=-2), r"max_examples=-2: must be -1 \(all\) or positive")]:
         with pytest.raises(ValueError, match=message):
             evaluate.prefs("no/such-model", "no/such-reference", data="no/such-data", **bad)
 
