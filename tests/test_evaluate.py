@@ -190,6 +190,7 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     for mesh in ("0,8,1", "-2,1,1"):
         message = _cli_error(["prefs", f"--workdir={dpo_workdir}", f"--mesh={mesh}"])
         assert f"mesh shape ({mesh.replace(',', ', ')}): sizes must be positive" in message, message
+        assert "pass --mesh" not in message, message  # (the advice for the run's own mesh, not for one given)
     # refused before scoring: the metrics were computed, then lost to an IsADirectoryError traceback
     assert _cli_error(["prefs", f"--workdir={dpo_workdir}", f"--out={tmp_path}"]) == \
         f"error: --out={tmp_path}: is a directory"
