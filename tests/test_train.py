@@ -392,6 +392,10 @@ def test_an_hf_model_path_that_is_a_missing_directory_is_named(data_dir, tmp_pat
         with pytest.raises(FileNotFoundError, match=f"config.model.path={re.escape(repr(path))}: no such Hugging Face "
                                                     "checkpoint directory"):
             train_checks.check_config(tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": path}))
+    # A hub name the hub does not give (offline here): named as the setting, which the command prints in one line
+    hub = tiny_config("dpo", data_dir, **{"model.init": "hf", "model.path": "no-such-org/no-such-model"})
+    with pytest.raises(ConfigPathError, match=r"^config.model.path: 'no-such-org/no-such-model' is not "):
+        train.run(hub, str(tmp_path / "run"))
 
 
 def test_a_wrong_or_damaged_hf_checkpoint_is_named_before_the_data_work(data_dir, tmp_path, monkeypatch):
