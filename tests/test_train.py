@@ -533,9 +533,9 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
         train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 32}), str(tmp_path / "a3"))
     # Unpacked examples or dDPO pairs too few: the Loader's ValueError named neither the split nor the setting
     for stage, unit in (("sft", "examples"), ("dpo", "pairs")):
-        with pytest.raises(ConfigError, match=rf"data.train='.*': its 4 {unit} cannot fill one global batch of "
-                                              r"train.global_batch_size=8"):
-            train.run(tiny_config(stage, data_dir, **{"data.packing": False, "data.max_train_examples": 4}),
+        with pytest.raises(ConfigError, match=rf"data.train='.*': its 7 {unit} cannot fill one global batch of "
+                                              r"train.global_batch_size=8"):  # (one short of it)
+            train.run(tiny_config(stage, data_dir, **{"data.packing": False, "data.max_train_examples": 7}),
                       str(tmp_path / "a4"))
     # The message is all the command line prints ("error: " + it, one line; the command-line test checks that
     # printing in a subprocess).
