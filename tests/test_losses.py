@@ -4,6 +4,7 @@ DPO-family formulas (the DPO paper's eq. 7, IPO's eq. 17, TRL's hinge and robust
 hand-computed cases."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -405,6 +406,11 @@ def test_dpo_bad_arguments(monkeypatch):
     for zero in (np.float32(0.0), jnp.float32(0.0)):  # numpy and concrete jax scalars are checked too
         with pytest.raises(ValueError, match="beta must be positive"):
             losses.dpo_loss(x, x, x, x, beta=zero)
+    # beta x a margin of 0 (the first step's) is NaN; 1e39 is inf in float32, where the loss computes
+    for inf in (float("inf"), np.float32(np.inf), 1e39):
+        with pytest.raises(ValueError, match=re.escape(f"beta must be positive and finite, got {inf}")):
+            losses.dpo_loss(x, x, x, x, beta=inf)
+    losses.dpo_loss(x, x, x, x, beta=float(np.finfo(np.float32).max))  # the largest float32 is taken
     # A name added to LOSS_TYPES without its formula: refused, not computed by another loss's branch, and not
     # given a label smoothing it would ignore.
     monkeypatch.setattr(losses, "LOSS_TYPES", (*losses.LOSS_TYPES, "new"))

@@ -214,6 +214,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("dpo", {"dpo.precompute_reference": True, "dpo.reference_free": True},
      r"precompute_reference=True with dpo.reference_free=True"),  # the precompute was skipped, unsaid
     ("dpo", {"dpo.beta": 0.0}, r"config.dpo \(beta=0.0.*beta must be positive"),  # raised after the reference pass
+    # every loss NaN from the first step (inf x a margin of 0), found after the data work and the compile
+    ("dpo", {"dpo.beta": float("inf")}, r"config.dpo \(beta=inf.*beta must be positive and finite, got inf"),
     ("dpo", {"dpo.label_smoothing": 0.7}, r"label_smoothing must be in \[0, 0.5\]"),
     ("dpo", {"data.max_prompt_length": 0}, r"data.max_prompt_length=0 must be at least 1"),  # cut prompts to BOS
     # 0 read no row and blamed the data ("no usable examples ... skipped 0 of 0 rows"); -5 read every row

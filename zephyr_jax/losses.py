@@ -128,8 +128,9 @@ def check_dpo_settings(loss_type: str, beta=0.1, label_smoothing=0.0) -> None:
     their range is the caller's to check)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
-    if _is_static_number(beta) and not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    # inf (or past float32's range, where the loss computes): inf x the first step's margin of 0 is NaN
+    if _is_static_number(beta) and not 0 < float(beta) <= float(np.finfo(np.float32).max):
+        raise ValueError(f"beta must be positive and finite, got {beta}")
     if _is_static_number(label_smoothing):
         eps = float(label_smoothing)
         if loss_type == "robust" and not 0.0 <= eps < 0.5:
