@@ -225,6 +225,13 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("dpo", {"data.packed_rows": -8}, r"data.packed_rows=-8: must be 0 \(automatic\) or positive"),
     ("sft", {"data.pack_window": -5}, r"data.pack_window=-5: must be 0 \(automatic\) or positive"),  # no data
     ("dpo", {"data.buckets": ("",)}, r"data.buckets=\(''.*expected whole numbers"),  # "--config.data.buckets="
+    # An example of 100 tokens was padded to 256 positions, with max_length 128 (2.6x its compute on padding)
+    ("sft", {"data.packing": False, "data.buckets": (64, 256)},
+     r"data.buckets=\(64, 256\): 256 is longer than data.max_length=128"),
+    ("dpo", {"data.packing": False, "data.buckets": (64, 129)},
+     r"data.buckets=\(64, 129\): 129 is longer than data.max_length=128"),
+    ("sft", {"data.buckets": (128, 129)}, r"data.buckets=\(128, 129\): 129 is longer than data.max_length=128"),
+    ("sft", {"data.buckets": (0, 128)}, r"data.buckets=\(0, 128\): a bucket of 0 positions"),
     ("sft", {"mesh.shape": (1.0, -1, 1)}, r"mesh.shape=\(1.0, -1, 1\): expected whole numbers"),
     ("sft", {"train.profile_start": 5, "train.profile_steps": 0}, r"train.profile_steps=0 .*at least 1"),
     ("sft", {"train.profile_start": -1}, r"train.profile_start=-1: must be 0 \(off\) or positive"),
@@ -272,6 +279,8 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
     ("sft", {"data.max_length": 2, "data.buckets": (2,)}),  # packed dSFT rows: exactly max_length
     ("sft", {"data.packing": False, "data.max_length": 64, "data.buckets": (32, 63)}),  # 64 tokens: 63 positions
     ("dpo", {"data.max_length": 64, "data.max_prompt_length": 63, "data.buckets": (63,)}),
+    ("sft", {"data.packing": False, "data.buckets": (1, 128)}),  # a two-token example's one position; max_length's
+    ("dpo", {"data.buckets": (64, 129, 1024)}),  # packed dDPO rows hold several sequences: past max_length
     ("sft", {"train.max_steps": 1, "train.num_epochs": 0}),  # a step count stands in for epochs
     ("sft", {"model.attention_impl": "splash", "data.max_length": 256}),  # default buckets 128, 256
     ("dpo", {"model.attention_impl": "splash", "data.max_length": 192}),  # packed pairs: rows in 128s

@@ -198,10 +198,17 @@ def check_buckets(cfg) -> None:
     """data.buckets must hold the longest row an example can make, else the first batch holding one fails mid-run:
     max_length - 1 positions (an example of max_length tokens), or exactly max_length for packed dSFT rows. Packed
     dDPO rows, whose bound depends on the mesh's rows, are checked where their batcher is made
-    (train.preference_batcher)."""
+    (train.preference_batcher). Only they hold more than max_length positions: elsewhere a longer bucket pads
+    every row past the bucket below it to more than any row needs."""
     buckets, n = tuple(cfg.data.buckets), cfg.data.max_length
     if not buckets:
         return
+    if min(buckets) < 1:
+        raise ConfigError(f"data.buckets={buckets}: a bucket of {min(buckets)} positions holds no row")
+    packed_pairs = cfg.stage == "dpo" and cfg.data.packing
+    if not packed_pairs and max(buckets) > n:
+        raise ConfigError(f"data.buckets={buckets}: {max(buckets)} is longer than data.max_length={n}, which no row "
+                          "exceeds (rows past the bucket below it would be padded to it)")
     if cfg.stage == "sft" and cfg.data.packing:
         if n not in buckets:
             raise ConfigError(f"data.buckets={buckets} lacks data.max_length={n}, the length of every packed dSFT row")
