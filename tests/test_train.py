@@ -203,6 +203,13 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("sft", {"seed": -1}, r"config.seed=-1: must be a whole number >= 0"),  # numpy's error, after tokenizing
     ("sft", {"model.arch.rope_theta": -1.0}, r"config.model.arch.rope_theta=-1.0: must be positive"),  # a NaN loss
     ("sft", {"model.arch.initializer_range": 0.0}, r"arch.initializer_range=0.0: must be positive"),  # no gradient
+    # inf passed "positive": inf weights (NaN from the first step), or an MFU of NaN / 0 in every log line
+    ("sft", {"model.arch.initializer_range": float("inf")}, r"arch.initializer_range=inf: must be positive and finite"),
+    ("sft", {"model.arch.rope_theta": float("inf")}, r"arch.rope_theta=inf: must be positive and finite"),
+    ("sft", {"train.peak_tflops": float("nan")}, r"train.peak_tflops=nan: must be 0 \(the data sheet's\) or positive "
+                                                 r"and finite"),
+    ("sft", {"train.peak_tflops": float("inf")}, r"train.peak_tflops=inf: must be 0 \(the data sheet's\) or positive "
+                                                 r"and finite"),
     ("sft", {"mesh.rules.embed": ("fsdp", "fsdp")}, r"sharding rule 'embed': \('fsdp', 'fsdp'\) names a mesh axis "
                                                    r"twice"),  # jax's DuplicateSpecError, naming no rule
     # The kernels' static needs, found by the first step after the data work:

@@ -67,9 +67,10 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     if not isinstance(cfg.seed, numbers.Integral) or cfg.seed < 0:  # numpy's generators take none below 0
         raise ConfigError(f"config.seed={cfg.seed!r}: must be a whole number >= 0")
     if cfg.model.init == "random":
-        for key in ("rope_theta", "rms_norm_eps", "initializer_range"):  # NaN at step 1, or no gradient at all
-            if key in cfg.model.arch and not cfg.model.arch[key] > 0:
-                raise ConfigError(f"config.model.arch.{key}={cfg.model.arch[key]}: must be positive")
+        # NaN at step 1 (0, or an inf initializer_range), no gradient at all, or inf in config.json
+        for key in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            if key in cfg.model.arch and not 0 < cfg.model.arch[key] < np.inf:
+                raise ConfigError(f"config.model.arch.{key}={cfg.model.arch[key]}: must be positive and finite")
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ConfigError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
     if cfg.model.init != "random" and cfg.model.arch.to_dict() != random_arch():  # else unused, yet in config.json
@@ -97,8 +98,8 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     for key in ("eval_every", "save_every", "profile_start"):
         if t[key] < 0:
             raise ConfigError(f"train.{key}={t[key]}: must be 0 (off) or positive")
-    if t.peak_tflops < 0:  # an MFU below zero
-        raise ConfigError(f"train.peak_tflops={t.peak_tflops}: must be 0 (the data sheet's) or positive")
+    if not 0 <= t.peak_tflops < np.inf:  # an MFU below zero, NaN (nan passed "< 0") or 0 (inf)
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops}: must be 0 (the data sheet's) or positive and finite")
     if t.profile_start and t.profile_steps < 1:
         raise ConfigError(f"train.profile_steps={t.profile_steps} with train.profile_start={t.profile_start}: must "
                           "be at least 1 (profile_start=0 turns the trace off)")
