@@ -231,6 +231,7 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("sft", {"train.num_epochs": 0, "train.max_steps": -1}, r"train.num_epochs=0 .*nothing to train"),
     ("dpo", {"data.packed_rows": -8}, r"data.packed_rows=-8: must be 0 \(automatic\) or positive"),
     ("sft", {"data.pack_window": -5}, r"data.pack_window=-5: must be 0 \(automatic\) or positive"),  # no data
+    ("dpo", {"data.num_proc": -1}, r"data.num_proc=-1: must be 0 \(automatic\) or positive"),  # one process, unsaid
     ("dpo", {"data.buckets": ("",)}, r"data.buckets=\(''.*expected whole numbers"),  # "--config.data.buckets="
     # An example of 100 tokens was padded to 256 positions, with max_length 128 (2.6x its compute on padding)
     ("sft", {"data.packing": False, "data.buckets": (64, 256)},

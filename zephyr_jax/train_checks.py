@@ -112,7 +112,9 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     for key in ("max_train_examples", "max_eval_examples"):  # 0 read no row and blamed the data; -5 read them all
         if cfg.data.get(key) is not None and (cfg.data[key] == 0 or cfg.data[key] < -1):  # (None: all, as -1)
             raise ConfigError(f"data.{key}={cfg.data[key]}: must be -1 (all) or positive")
-    for key in ("pack_window", "packed_rows"):  # 0: automatic (all examples at once / about four sequences a row)
+    # 0: automatic (all examples at once / about four sequences a row / min(8, CPUs) processes); num_proc=-1 (all
+    # CPUs, as joblib reads it) tokenized in this one process
+    for key in ("pack_window", "packed_rows", "num_proc"):
         if key in cfg.data and cfg.data[key] < 0:
             raise ConfigError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
     for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
