@@ -252,6 +252,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     # The checkpoint's architecture is trained; the override would be written to config.json as if it were.
     ("dpo", {"model.init": "orbax", "model.arch.num_hidden_layers": 5},
      r"config.model.arch \(num_hidden_layers\) applies only to model.init='random'"),
+    # A step of a random or Hugging Face init was ignored: the run trained from other weights than the step named
+    ("dpo", {"model.step": 5}, r"config.model.step=5 applies only to model.init='orbax'"),
     # Each bound where it lies (the values just past it), not only far outside:
     ("sft", {"seed": None}, r"config.seed=None: must be a whole number >= 0"),  # was a TypeError from "<"
     ("sft", {"model.arch.rms_norm_eps": 0.0}, r"config.model.arch.rms_norm_eps=0.0: must be positive"),  # 0/0 NaN

@@ -77,6 +77,9 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         changed = sorted(k for k, v in cfg.model.arch.to_dict().items() if random_arch().get(k) != v)
         raise ConfigError(f"config.model.arch ({', '.join(changed)}) applies only to model.init='random'; with "
                           f"model.init={cfg.model.init!r} the architecture is {cfg.model.path!r}'s own")
+    if cfg.model.init != "orbax" and cfg.model.step != -1:  # else the weights of another step than the one named
+        raise ConfigError(f"config.model.step={cfg.model.step} applies only to model.init='orbax' (a zephyr_jax "
+                          f"workdir's checkpoint); model.init={cfg.model.init!r} has no steps to choose from")
     for split in ("train", "eval"):
         if not cfg.data[split]:  # "--config.data.eval=": the eval split was looked for in the working directory
             raise ConfigError(f"data.{split} is empty: name a dataset (a hub name, a folder, or data files)")
