@@ -1456,7 +1456,8 @@ def test_a_divergence_keeps_the_steps_before_it_on_record(data_dir, tmp_path):
 def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(data_dir, tmp_path, capsys):
     """A log line is the mean of its steps' metrics, but the learning rate logged was the mean over a warmup's
     steps: a rate no step used. The schedule runs over optimizer steps, not micro-batches (grad_accum 2). Without
-    the bar (train.progress=False, a batch job's log), each log line and each eval during training is printed."""
+    the bar (train.progress=False, a batch job's log), each log line and each eval during training is printed, and
+    no bar at all is shown."""
     settings = {"train.max_steps": 7, "train.save_every": 0, "train.grad_accum": 2, "train.global_batch_size": 16,
                 "optim.warmup_ratio": 0.5, "optim.schedule": "cosine"}
     cfg = tiny_config("sft", data_dir, **settings, **{"train.log_every": 3, "train.eval_every": 3})
@@ -1469,8 +1470,9 @@ def test_logged_learning_rate_is_the_last_steps_and_the_console_has_the_records(
                                                    6: pytest.approx(float(schedule(5))),
                                                    7: pytest.approx(float(schedule(6)))}
     assert float(schedule(2)) != pytest.approx(np.mean([float(schedule(i)) for i in range(3)]))
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "step 3: loss=" in out and "step 6: loss=" in out
+    assert "it/s]" not in err and "examples/s]" not in err, err[-2000:]  # the data's bars were in the job's log
     assert "eval at step 3: {" in out and "eval at step 6: {" in out
     # The same run logged every step: each line (of 3 steps, the last of 1) is the mean of its steps' lines.
     train.run(tiny_config("sft", data_dir, **settings, **{"train.log_every": 1, "train.eval_every": 0}),

@@ -83,7 +83,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 64  # rows of an eval batch: examples, pairs, or packed dSFT rows (train.eval_split)
     c.train.save_every = 200
     c.train.keep_checkpoints = 2
-    c.train.progress = True  # tqdm bar
+    c.train.progress = True  # tqdm bars: the steps, the reference pass, the data's loading and tokenizing
     c.train.compilation_cache_dir = COMPILATION_CACHE_DIR  # JAX's persistent compilation cache; "": off
     c.train.peak_tflops = 0.0  # per device, for MFU; 0: the data-sheet figure (metrics.PEAK_FLOPS); none on CPUs
     # A jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 in WORKDIR/tensorboard

@@ -558,7 +558,7 @@ def run(cfg, workdir: str) -> dict:
     loaded = {}
     for split in ("train", "eval"):
         try:
-            loaded[split], _ = load_examples(cfg.data, cfg.stage, tok, split)
+            loaded[split], _ = load_examples(cfg.data, cfg.stage, tok, split, progress=cfg.train.progress)
         except (ConnectionError, FileNotFoundError) as e:  # a hub dataset not reached, or not there
             raise ConfigPathError(f"data.{split}={cfg.data[split]!r}: {e}") from e
         except ValueError as e:  # a line that is not JSON, a bad row (data.on_bad_row="raise"), no usable row

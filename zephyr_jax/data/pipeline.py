@@ -6,6 +6,7 @@ result in the tokenized-example cache (data/cache.py), so a restart or another h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import multiprocessing.connection
@@ -153,12 +154,33 @@ def _run_chunk(task) -> list:
     return outcomes
 
 
-def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print):
+def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print, progress: bool = True):
     """Tokenized examples of the config's train or eval split ("train" / "eval"), with bad rows handled per
     data_cfg.on_bad_row. Every process loads the same list (the loader then takes each process's slice).
 
     Tokenizes with data_cfg.num_proc processes, and reads / writes the tokenized-example cache in
-    data_cfg.cache_dir (see data/cache.py). On a miss every process tokenizes; process 0 writes the entry."""
+    data_cfg.cache_dir (see data/cache.py). On a miss every process tokenizes; process 0 writes the entry.
+    progress=False (train.progress): no progress bars, the datasets library's included."""
+    with _datasets_bars(progress):
+        return _load_examples(data_cfg, stage, tok, which, log, progress)
+
+
+@contextlib.contextmanager
+def _datasets_bars(shown: bool):
+    """The datasets library's own progress bars (reading files, "Generating train split") off while not `shown`."""
+    import datasets
+
+    hide = not shown and not datasets.are_progress_bars_disabled()
+    if hide:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            datasets.enable_progress_bars()
+
+
+def _load_examples(data_cfg, stage, tok, which, log, progress):
     from zephyr_jax.data import cache
     from zephyr_jax.data.sources import load_rows, local_files, source_name
 
@@ -183,7 +205,7 @@ def load_examples(data_cfg, stage: str, tok, which: str, log: Callable = print):
         if 0 <= limit < len(rows):
             rows = rows.select(range(limit)) if hasattr(rows, "select") else rows[:limit]
         examples, counter = process_rows(rows, example_maker(stage, tok, args, name), on_bad_row=data_cfg.on_bad_row,
-                                         source=name, log=log, num_proc=data_cfg.get("num_proc", 0))
+                                         source=name, progress=progress, log=log, num_proc=data_cfg.get("num_proc", 0))
     if not examples:
         raise ValueError(f"no usable examples in {name} ({counter.summary()})")
     log_truncated(examples, args, name, log)
