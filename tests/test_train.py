@@ -206,6 +206,7 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     # inf passed "positive": inf weights (NaN from the first step), or an MFU of NaN / 0 in every log line
     ("sft", {"model.arch.initializer_range": float("inf")}, r"arch.initializer_range=inf: must be positive and finite"),
     ("sft", {"model.arch.rope_theta": float("inf")}, r"arch.rope_theta=inf: must be positive and finite"),
+    ("sft", {"model.arch.rope_theta": None}, r"arch.rope_theta=None: must be positive and finite"),  # (TypeError)
     ("sft", {"train.peak_tflops": float("nan")}, r"train.peak_tflops=nan: must be 0 \(the data sheet's\) or positive "
                                                  r"and finite"),
     ("sft", {"train.peak_tflops": float("inf")}, r"train.peak_tflops=inf: must be 0 \(the data sheet's\) or positive "
@@ -255,7 +256,16 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     # A step of a random or Hugging Face init was ignored: the run trained from other weights than the step named
     ("dpo", {"model.step": 5}, r"config.model.step=5 applies only to model.init='orbax'"),
     # Each bound where it lies (the values just past it), not only far outside:
-    ("sft", {"seed": None}, r"config.seed=None: must be a whole number >= 0"),  # was a TypeError from "<"
+    ("sft", {"seed": None}, r"config.seed=None: the setting takes a value"),  # was a TypeError from "<"
+    # None and booleans, which ConfigDict takes for any key from Python (the command line refuses them): a
+    # TypeError from the range checks that named no key, or another setting without a word
+    ("sft", {"train.global_batch_size": None}, r"config.train.global_batch_size=None: the setting takes a value"),
+    ("dpo", {"optim.lr": None}, r"config.optim.lr=None: the setting takes a value"),
+    ("dpo", {"data.max_prompt_length": None}, r"config.data.max_prompt_length=None: the setting takes a value"),
+    ("sft", {"data.packing": None}, r"config.data.packing=None: the setting takes a value"),  # trained unpacked
+    ("dpo", {"dpo.beta": None}, r"config.dpo.beta=None: the setting takes a value"),  # a TypeError in the step
+    ("sft", {"train.global_batch_size": True}, r"config.train.global_batch_size=True: a number, not a boolean"),
+    ("dpo", {"data.max_prompt_length": False}, r"config.data.max_prompt_length=False: a number, not a boolean"),
     ("sft", {"model.arch.rms_norm_eps": 0.0}, r"config.model.arch.rms_norm_eps=0.0: must be positive"),  # 0/0 NaN
     ("sft", {"train.global_batch_size": 0}, r"train.global_batch_size=0: must be at least 1"),
     ("sft", {"train.grad_accum": 0}, r"train.grad_accum=0: must be at least 1"),
@@ -296,6 +306,8 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
     ("dpo", {"model.attention_impl": "splash", "data.max_length": 192}),  # packed pairs: rows in 128s
     ("dpo", {"dpo.label_smoothing": 0.5}),  # conservative DPO's bound is inclusive (robust DPO's is not)
     ("sft", {"data.max_train_examples": None, "data.max_eval_examples": 1}),  # None: all, as the pipeline reads it
+    ("dpo", {"tokenizer": None, "data.cache_dir": None, "data.data_dir": None, "logging.wandb_project": None,
+             "data.train_split": None, "train.compilation_cache_dir": None}),  # unset (a placeholder), or off
 ])
 def test_config_values_at_the_edges_of_their_ranges_are_taken(data_dir, stage, overrides):
     """The other side of each bound: a warmup over the whole run, Adam without momentum, float16 weights and

@@ -46,6 +46,7 @@ class ConfigPathError(ConfigError, FileNotFoundError):
 def check_config(cfg, check_model_source: bool = True) -> None:
     """check_model_source=False (the planner) skips what only the training machine needs: the init checkpoint on
     disk, and wandb installed when logging.wandb_project is set."""
+    check_value_types(cfg)
     if cfg.stage not in ("sft", "dpo"):
         raise ConfigError(f"config.stage={cfg.stage!r}: expected 'sft' or 'dpo'")
     if ("dpo" in cfg) != (cfg.stage == "dpo"):
@@ -69,7 +70,8 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     if cfg.model.init == "random":
         # NaN at step 1 (0, or an inf initializer_range), no gradient at all, or inf in config.json
         for key in ("rope_theta", "rms_norm_eps", "initializer_range"):
-            if key in cfg.model.arch and not 0 < cfg.model.arch[key] < np.inf:
+            value = cfg.model.arch.get(key)
+            if key in cfg.model.arch and not (isinstance(value, numbers.Real) and 0 < value < np.inf):
                 raise ConfigError(f"config.model.arch.{key}={cfg.model.arch[key]}: must be positive and finite")
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ConfigError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
@@ -145,6 +147,40 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         if not 1 <= cfg.data.max_prompt_length < cfg.data.max_length:
             raise ConfigError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be at least 1 and below "
                               f"data.max_length={cfg.data.max_length}")
+
+
+# The settings None means something for: unset (a placeholder), all examples, or off.
+NULLABLE = ("tokenizer", "data.data_dir", "data.cache_dir", "data.train_split", "data.eval_split",
+            "data.max_train_examples", "data.max_eval_examples", "logging.wandb_project", "train.compilation_cache_dir")
+# The switches of the stage configs' own sections (base's are found from its values).
+STAGE_SWITCHES = ("dpo.reference_free", "dpo.precompute_reference")
+
+
+def check_value_types(cfg) -> None:
+    """None and booleans where a setting takes neither. ConfigDict takes both for any key from Python (load_config,
+    a notebook), though the command line refuses them: they failed the range checks as a TypeError naming no key, or
+    passed as another setting (data.packing=None trained unpacked, train.global_batch_size=True in batches of 1; a
+    boolean given for a float is 0.0 or 1.0 before this sees it). model.arch and mesh.rules are MistralConfig's and
+    sharding.py's to check."""
+    from zephyr_jax.config_common import base
+
+    switches = {k for k, v in _leaves(base("sft").to_dict()) if isinstance(v, bool)} | set(STAGE_SWITCHES)
+    for key, value in _leaves(cfg.to_dict()):
+        if key.startswith(("model.arch.", "mesh.rules.")):
+            continue
+        if value is None and key not in NULLABLE:
+            raise ConfigError(f"config.{key}=None: the setting takes a value (None is taken by {', '.join(NULLABLE)})")
+        if isinstance(value, bool) and key not in switches:
+            raise ConfigError(f"config.{key}={value}: a number, not a boolean")
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every setting in a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 TRAINING_DTYPES = ("float32", "bfloat16", "float16")
