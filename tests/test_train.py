@@ -231,6 +231,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("dpo", {"data.max_eval_examples": -5}, r"data.max_eval_examples=-5: must be -1 \(all\) or positive"),
     ("sft", {"train.num_epochs": 0, "train.max_steps": -1}, r"train.num_epochs=0 .*nothing to train"),
     ("dpo", {"data.packed_rows": -8}, r"data.packed_rows=-8: must be 0 \(automatic\) or positive"),
+    # unpacked, a pair is two rows whatever it says (as label_smoothing with a loss that does not smooth)
+    ("dpo", {"data.packing": False, "data.packed_rows": 8}, r"data.packed_rows=8 applies only with data.packing=True"),
     ("sft", {"data.pack_window": -5}, r"data.pack_window=-5: must be 0 \(automatic\) or positive"),  # no data
     ("dpo", {"data.num_proc": -1}, r"data.num_proc=-1: must be 0 \(automatic\) or positive"),  # one process, unsaid
     ("dpo", {"data.buckets": ("",)}, r"data.buckets=\(''.*expected whole numbers"),  # "--config.data.buckets="

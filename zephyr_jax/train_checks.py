@@ -122,6 +122,8 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     for key in ("pack_window", "packed_rows", "num_proc"):
         if key in cfg.data and cfg.data[key] < 0:
             raise ConfigError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
+    if cfg.data.get("packed_rows") and not cfg.data.packing:  # (unpacked, a pair is two rows)
+        raise ConfigError(f"data.packed_rows={cfg.data.packed_rows} applies only with data.packing=True")
     for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
             raise ConfigError(f"{key}={tuple(values)!r}: expected whole numbers")
