@@ -310,7 +310,7 @@ def test_filters_drop_or_truncate_and_count_each_reason(tmp_path):
     ("assistant", "Tides, as said.", "repeated assistant turn"),
 ])
 def test_turn_checks(role, text, reason):
-    assert check_turn(role, text, "stop", [{"role": "assistant", "content": "tides as said"}], 8000) == reason
+    assert check_turn(role, text, "stop", {"tides as said"}, 8000) == reason
 
 
 def test_user_turns_are_tidied():
@@ -651,6 +651,16 @@ def test_turn_counts_are_drawn_per_dialogue_over_the_whole_range(tmp_path):
     assert len(turns) == 20 and set(turns) == {1, 2, 3, 4}, turns  # both ends reached (seeded: fixed)
 
 
+def test_each_message_is_normalized_a_bounded_number_of_times(tmp_path, monkeypatch):
+    # The repeat check normalized every earlier message again for each new one: a dialogue of n messages cost
+    # n(n+1)/2 normalizations (40 turns: 3,240), a third of a resumed 20,000-dialogue run's time.
+    calls = []
+    monkeypatch.setattr(dialogues, "normalize", lambda text: calls.append(text) or text.lower())
+    _run(tmp_path, [Seed("What about tides?", "world")], min_turns=40, max_turns=40, test_size=0)
+    assert len(_rows(tmp_path / "train_sft.jsonl")[0]["messages"]) == 80
+    assert len(calls) <= 2 * 80 + 1, len(calls)
+
+
 def test_turn_range_defaults():
     assert dialogues._turn_range(None, 3) == (1, 3) and dialogues._turn_range(2, None) == (2, 2)
     assert dialogues._turn_range(None, 1) == (1, 1)
@@ -663,14 +673,14 @@ def test_a_fraction_test_size_leaves_train_a_row():
 
 
 def test_a_turn_of_exactly_max_turn_chars_is_kept():
-    assert check_turn("assistant", "x" * 10, "stop", [], 10) is None
-    assert check_turn("assistant", "x" * 11, "stop", [], 10) == "assistant turn over 10 chars"
+    assert check_turn("assistant", "x" * 10, "stop", set(), 10) is None
+    assert check_turn("assistant", "x" * 11, "stop", set(), 10) == "assistant turn over 10 chars"
 
 
 def test_a_message_that_repeats_the_other_side_is_a_repeat():
-    said = [{"role": "user", "content": "What about tides?"}, {"role": "assistant", "content": "Tides, as said."}]
-    assert check_turn("user", "tides as said", "stop", said, 8000) == "repeated user turn"
-    assert check_turn("assistant", "What about tides", "stop", said[:1], 8000) == "repeated assistant turn"
+    said = [dialogues.normalize("What about tides?"), dialogues.normalize("Tides, as said.")]
+    assert check_turn("user", "tides as said", "stop", set(said), 8000) == "repeated user turn"
+    assert check_turn("assistant", "What about tides", "stop", set(said[:1]), 8000) == "repeated assistant turn"
 
 
 def test_a_failed_call_is_not_journaled_and_a_rerun_makes_it(tmp_path):

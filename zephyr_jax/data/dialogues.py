@@ -96,6 +96,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -172,6 +173,7 @@ _USER_LABEL = re.compile(r"^\s*(?:user|human|me|person)\s*:\s*", re.IGNORECASE)
 _ASSISTANT_LINE = re.compile(r"\n\s*(?:assistant|ai|chatbot|bot)\s*:", re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=1024)  # check_turn and then _Dialogue.add ask for the same message's form
 def normalize(text: str) -> str:
     """Lower case, words only: the form compared for repeated turns and duplicate openings."""
     return " ".join(re.findall(r"\w+", text.lower()))
@@ -186,8 +188,9 @@ def tidy_user_turn(text: str) -> str:
     return text
 
 
-def check_turn(role: str, text: str, finish_reason: str | None, earlier: list[dict], max_chars: int) -> str | None:
-    """Why this message ends the dialogue, or None when it is fine (the filters of the module docstring)."""
+def check_turn(role: str, text: str, finish_reason: str | None, said: set[str], max_chars: int) -> str | None:
+    """Why this message ends the dialogue, or None when it is fine (the filters of the module docstring). `said`
+    holds the earlier messages' normalized texts (`normalize`), each made once as its message was added."""
     if not text.strip():
         return f"empty {role} turn"
     if any(m in text for m in MARKERS):
@@ -203,7 +206,7 @@ def check_turn(role: str, text: str, finish_reason: str | None, earlier: list[di
         return "AI boilerplate in assistant turn"
     if role == "user" and USER_AS_MODEL.search(plain):
         return "user simulator broke character"
-    if normalize(text) in {normalize(m["content"]) for m in earlier}:
+    if normalize(text) in said:
         return f"repeated {role} turn"
     return None
 
@@ -253,6 +256,11 @@ class _Dialogue:
     seed: Seed
     messages: list[dict]
     reason: str | None = None
+    said: set[str] = dataclasses.field(default_factory=set)  # normalize() of each message, for the repeat check
+
+    def add(self, role: str, text: str) -> None:
+        self.messages.append({"role": role, "content": text})
+        self.said.add(normalize(text))
 
 
 class _Run:
@@ -324,14 +332,14 @@ class _Run:
         if value["text"] is None:
             return None, f"failed {role} call"
         text = tidy_user_turn(value["text"]) if role == "user" and not given else value["text"].strip()
-        reason = check_turn(role, text, value.get("finish_reason"), d.messages, self.max_turn_chars)
+        reason = check_turn(role, text, value.get("finish_reason"), d.said, self.max_turn_chars)
         return (None, reason) if reason else (text, None)
 
     async def opening(self, i: int) -> _Dialogue:
         d = _Dialogue(i, self.seed_of(i), [])
         text, d.reason = await self.next_message(d)
         if text is not None:
-            d.messages.append({"role": "user", "content": text})
+            d.add("user", text)
         return d
 
     async def finish(self, d: _Dialogue) -> _Dialogue:
@@ -342,7 +350,8 @@ class _Run:
             if reason:
                 d.messages, d.reason = d.messages[:t - t % 2], reason
                 break
-            d.messages.append({"role": "user" if t % 2 == 0 else "assistant", "content": text})
+            d.add("user" if t % 2 == 0 else "assistant", text)
+        d.said.clear()  # needed only while it runs: 200,000 finished dialogues would hold a copy of their text
         return d
 
 
