@@ -976,6 +976,23 @@ def test_a_programmatic_rating_below_1_is_an_error():
             feedback.programmatic_annotations(bad, "f")
 
 
+def test_prompts_keep_only_the_columns_the_run_reads():
+    """Every prompt kept its whole input row for the run: with raw UltraFeedback as the prompts (each row holding its
+    4 rated completions), 16,000 prompts held 0.44 GB, and reading them formatted every completion (8 s). An LLM
+    judge reads the answer columns only; a programmatic judge gets the whole row."""
+    import datasets
+
+    rows = [{"instruction": f"q{i}", "source": "truthful_qa", "correct_answers": ["yes"], "incorrect_answers": [],
+             "completions": [{"response": "r" * 1000}] * 4} for i in range(3)]
+    table = datasets.Dataset.from_list(rows)
+    for given in (rows, table):
+        prompts = feedback.read_prompts(given, counter=SkipCounter())
+        assert [(p.instruction, p.source, p.row) for p in prompts] == [
+            (f"q{i}", "truthful_qa", {"correct_answers": ["yes"], "incorrect_answers": []}) for i in range(3)]
+        whole = feedback.read_prompts(given, counter=SkipCounter(), whole_rows=True)
+        assert [p.row for p in whole] == rows
+
+
 def test_limit_is_the_number_of_prompts_used(tmp_path):
     rows = [{"prompt": f"q{i}"} for i in range(5)]
     assert [p.instruction for p in feedback.read_prompts(rows, limit=2, counter=SkipCounter())] == ["q0", "q1"]
