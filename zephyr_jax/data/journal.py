@@ -21,6 +21,10 @@ import os
 import threading
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+PROGRESS_DELAY = 2.0  # seconds: a resume's read that lasts longer shows a bar (UltraFeedback's journal: 12 s+)
+
 
 class SettingsMismatch(ValueError):
     pass
@@ -97,12 +101,15 @@ class Journal:
         # prompts, a 372 MB journal, peaked at 1.44 GB, now 0.71 GB; UltraFeedback has 64k). A binary file's lines
         # end at b"\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which json.dumps with
         # ensure_ascii=False leaves unescaped inside a reply's text.
-        with open(self.path, "rb") as f:
+        with open(self.path, "rb") as f, tqdm(total=self.path.stat().st_size, desc=f"reading {self.path.name}",
+                                              unit="B", unit_scale=True, delay=PROGRESS_DELAY, leave=False) as bar:
             for n, raw in enumerate(f, 1):
                 if not raw.endswith(b"\n"):  # a last line cut off mid-write
                     break
                 whole += len(raw)
                 self._read_line(raw, n)
+                if n % 1024 == 0:
+                    bar.update(whole - bar.n)
         if whole < self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(whole)
