@@ -255,10 +255,17 @@ def train_test_split(rows: list, test_size: int, seed: int = 42, key=None) -> tu
 
 
 def write_jsonl(rows, path) -> None:
+    """rows as JSON Lines at path, replacing the file whole; a write that lasts over journal.PROGRESS_DELAY
+    seconds shows a bar (64,000 feedback rows: 15 s)."""
+    from tqdm.auto import tqdm
+
+    from zephyr_jax.data import journal
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with open(tmp, "w", encoding="utf-8") as f, tqdm(rows, desc=f"writing {path.name}", unit=" rows", total=_len(rows),
+                                                     delay=journal.PROGRESS_DELAY, leave=False) as bar:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in bar)
     os.replace(tmp, path)
 
 
