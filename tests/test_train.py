@@ -1612,6 +1612,35 @@ def test_logged_throughput_counts_real_tokens_and_their_flops(data_dir, tmp_path
         assert record["mfu"] == pytest.approx(flops / record["step_time"] / (0.5e12 * jax.device_count()), rel=1e-9)
 
 
+def test_a_log_line_fetches_its_steps_metrics_in_one_round_trip(monkeypatch):
+    """A log line's metrics come to the host in one round trip: every value's copy is started before the host waits
+    on any (a fetch per value waited 120 times, one after the other, for a line of 10 steps of 12 metrics; the
+    device stays idle meanwhile, as the line waits on the step just queued). The line is still the exact mean of
+    each step's own values."""
+    from jax._src import array
+
+    events, value = [], array.ArrayImpl._value
+    start_copy = array.ArrayImpl.copy_to_host_async
+    monkeypatch.setattr(array.ArrayImpl, "copy_to_host_async", lambda x: (events.append("start"), start_copy(x))[1])
+    monkeypatch.setattr(array.ArrayImpl, "_value", property(lambda x: (events.append("wait"), value.fget(x))[1]))
+    records = []
+    writer = types.SimpleNamespace(write=lambda step, line: records.append(line))
+    bar = types.SimpleNamespace(update=lambda n: None, set_postfix=lambda d: None, disable=False)
+    log = train_log.StepLog(writer, bar, None, "", lambda infos, seconds: {})
+    step_metrics = jax.jit(lambda x: {"loss": x / 3, "grad_norm": x * x / 7, "lr": x / 11, "other": jnp.sin(x)})
+    steps = [step_metrics(jnp.float32(s)) for s in range(1, 11)]
+    for s, metrics in enumerate(steps, start=1):
+        log.add(s, metrics, None)
+    jax.block_until_ready(steps)
+    events.clear()
+    log.write()
+    assert events.index("wait") == events.count("start") == 40, events
+    expected = [{k: float(np.asarray(v)) for k, v in m.items()} for m in steps]
+    for k in ("loss", "grad_norm", "other"):
+        assert records[0][k] == float(np.mean([m[k] for m in expected]))
+    assert records[0]["lr"] == expected[-1]["lr"]
+
+
 def test_a_log_line_of_several_steps_gives_the_time_of_one_and_forgets_the_last_lines_pauses(monkeypatch):
     """A line's step_time is the wall time of its timed steps per step (with log_every > 1 it read the line's whole
     time), and time paused before one line (an eval) is taken off that line only, not off the next too. Bounds from
