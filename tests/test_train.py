@@ -1641,6 +1641,28 @@ def test_a_log_line_fetches_its_steps_metrics_in_one_round_trip(monkeypatch):
     assert records[0]["lr"] == expected[-1]["lr"]
 
 
+def test_eval_batches_are_queued_one_ahead_of_the_fetch_of_their_outputs(monkeypatch):
+    """An eval (or reference) pass builds, places and queues the next batch before it waits on this one's outputs,
+    so the device does not sit idle while the host works (it waited on each batch before building the next: an
+    eval's 63 batches of 32 pairs, a reference pass's 1,900). The outputs are those of one batch at a time, in
+    order, each cut to its real rows."""
+    events, to_host = [], train_steps.to_host
+    monkeypatch.setattr(train_steps, "to_host", lambda tree: (events.append("fetch"), to_host(tree))[1])
+    eval_fn = jax.jit(lambda params, batch: {"nll": batch["x"] * params, "tokens": batch["x"].sum(-1)})
+
+    def place(batch):
+        events.append("queue")
+        return jax.device_put(batch)
+
+    batches = [({"x": np.arange(8, dtype=np.float32).reshape(4, 2) + 10 * k}, real) for k, real in
+               enumerate((4, 4, 3))]
+    out = train_steps.run_eval_batches(eval_fn, jnp.float32(2.0), iter(batches), place)
+    assert events == ["queue", "queue", "fetch", "queue", "fetch", "fetch"], events
+    expected = [jax.device_get(eval_fn(jnp.float32(2.0), b)) for b, _ in batches]
+    for k in ("nll", "tokens"):
+        np.testing.assert_array_equal(out[k], np.concatenate([e[k][:real] for e, (_, real) in zip(expected, batches)]))
+
+
 def test_a_log_line_of_several_steps_gives_the_time_of_one_and_forgets_the_last_lines_pauses(monkeypatch):
     """A line's step_time is the wall time of its timed steps per step (with log_every > 1 it read the line's whole
     time), and time paused before one line (an eval) is taken off that line only, not off the next too. Bounds from

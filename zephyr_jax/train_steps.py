@@ -268,12 +268,21 @@ def to_host(tree):
 
 
 def run_eval_batches(eval_fn, params, batches, place) -> dict:
-    """Concatenates eval_fn outputs over batches ((batch dict, number of real rows) pairs)."""
-    out = {}
-    for batch, real in batches:
-        result = to_host(eval_fn(params, place(batch)))
-        for k, v in result.items():
+    """Concatenates eval_fn outputs over batches ((batch dict, number of real rows) pairs). A batch's outputs are
+    fetched once the next batch is built, placed and queued: the device runs one while the host makes the next."""
+    out, queued = {}, None
+
+    def fetch(outputs, real):
+        for k, v in to_host(outputs).items():
             out.setdefault(k, []).append(np.asarray(v)[:real])
+
+    for batch, real in batches:
+        outputs = eval_fn(params, place(batch))
+        if queued is not None:
+            fetch(*queued)
+        queued = outputs, real
+    if queued is not None:
+        fetch(*queued)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
