@@ -180,6 +180,43 @@ def small(tmp_path_factory):
     return tm, load_model(save_torch(tm, tmp_path_factory.mktemp("small")), dtype="float32")
 
 
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_a_decoding_calls_tokens_are_taken_as_one_token_at_a_time_takes_them(small, logprobs):
+    """The engine takes a decoding call's tokens for a request a call at a time (a token at a time was most of the
+    host's work between calls, with the device idle): the reply, its log-probs and alternatives, the stop token,
+    the counts and the finish reason are those of taking each token in turn up to the first stop token or the
+    max_tokens-th, wherever the call stopped the row."""
+    _, model = small
+    engine = Engine(model, max_slots=1, max_length=64, eos_id=5)
+    rng = np.random.default_rng(0)
+
+    def request(left):
+        r = Request([1, 2], SamplingParams(max_tokens=10, logprobs=logprobs, stop_token_ids=(9,)))
+        r.generated, r.tokens, r.first_token_at = 10 - left, [7] * (10 - left), 1.0
+        return r
+
+    fields = ("tokens", "logprobs", "top_logprobs", "stop_token", "generated", "_last_token", "finish_reason")
+    for left in (1, 3, 8, 10):
+        for stop_at in (None, 0, 2, 7):
+            ids = rng.integers(10, 30, 8)
+            if stop_at is not None:
+                ids[stop_at] = 5 if stop_at % 2 else 9
+            emitted = 8 if stop_at is None else stop_at + 1  # past max_tokens too: the host stops there
+            ids = ids[:emitted].tolist()
+            lps, top = rng.normal(size=emitted).astype(np.float32), (rng.normal(size=(emitted, 3)).astype(np.float32),
+                                                                     rng.integers(0, 30, (emitted, 3)))
+            one, call = request(left), request(left)
+            start = engine.stats["tokens"]
+            for j, token in enumerate(ids):
+                if one.finish_reason is None:
+                    engine._accept(one, token, float(lps[j]), (top[0][j], top[1][j]))
+            middle = engine.stats["tokens"]
+            engine._accept_call(call, ids, lps.tolist(), top)
+            assert engine.stats["tokens"] - middle == middle - start == min(emitted, left)
+            for field in fields:
+                assert getattr(call, field) == getattr(one, field), (left, stop_at, field)
+
+
 def test_logprobs_of_prompt_and_reply_equal_a_full_forward_pass(small):
     """Prompt log-probs (across prefill chunks) and the sampled tokens' log-probs and top alternatives are the
     log-softmax of one forward pass over prompt + reply: the model's own, not those of the temperature-scaled,

@@ -704,12 +704,14 @@ class Engine:
         new, logprob, top, emitted = jax.device_get(out)
         self.stats["decode_calls"] += 1
         self.stats["decode_positions"] += n * self.decode_steps  # computed, idle rows included
+        # Per row, as lists: a row emits for its first steps only (it stops inside the call, for good).
+        counts, new = emitted.sum(axis=0).tolist(), new.T.tolist()
+        logprob = None if logprob is None else logprob.T.tolist()
         for r, i in zip(decoding, places):
-            before = len(r.tokens)
-            for step in range(self.decode_steps):
-                if r.finish_reason is None and emitted[step, i]:
-                    self._accept(r, int(new[step, i]), None if logprob is None else float(logprob[step, i]),
-                                 None if top is None else (top[0][step, i], top[1][step, i]))
+            before, count = len(r.tokens), counts[i]
+            if count and r.finish_reason is None:
+                self._accept_call(r, new[i][:count], None if logprob is None else logprob[i][:count],
+                                  None if top is None else (top[0][:count, i], top[1][:count, i]))
             self._settle(r, len(r.tokens) - before)
 
     def _decode_inputs(self, decoding, places, n: int, everyone: bool) -> tuple:
@@ -773,6 +775,32 @@ class Engine:
             r.logprobs.append(logprob)
             r.top_logprobs.append(top)
         if r.generated >= r.params.max_tokens:
+            self._finish(r, "length")
+
+    def _accept_call(self, r: Request, ids: list[int], logprobs: list[float] | None, top) -> None:
+        """A decoding call's tokens for one request, as `_accept` takes them one at a time (up to the first stop
+        token or the max_tokens-th, where the call stopped the row), a call at a time: a token at a time took
+        0.6-1.0 ms of host work between two calls of 64 rows of 8 tokens, the device idle; now 0.3 ms."""
+        stops = self._stop_ids(r)
+        end = min(len(ids), r.params.max_tokens - r.generated)
+        end = next((j + 1 for j, token in enumerate(ids[:end]) if token in stops), end)
+        stop = ids[end - 1] in stops
+        kept = end - 1 if stop else end
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        r.generated += end
+        r._last_token = ids[end - 1]
+        self.stats["tokens"] += end
+        r.tokens.extend(ids[:kept])
+        if r.params.logprobs is not None:
+            tops = [[] if top is None else _top_pairs(top[0][j], top[1][j], r.params.logprobs) for j in range(end)]
+            r.logprobs.extend(logprobs[:kept])
+            r.top_logprobs.extend(tops[:kept])
+            if stop:  # completions' log-probs list it (as _accept)
+                r.stop_token = (ids[end - 1], logprobs[end - 1], tops[-1])
+        if stop:
+            self._finish(r, "stop")
+        elif r.generated >= r.params.max_tokens:
             self._finish(r, "length")
 
     def _settle(self, r: Request, new: int) -> None:
