@@ -217,6 +217,23 @@ def test_a_decoding_calls_tokens_are_taken_as_one_token_at_a_time_takes_them(sma
                 assert getattr(call, field) == getattr(one, field), (left, stop_at, field)
 
 
+def test_a_prefill_calls_outputs_come_in_one_round_trip(small, monkeypatch):
+    """The first reply token and the prompt's log-probs of a prefill call come to the host in one round trip,
+    every copy started before the host waits on any (two fetches, one after the other, left the device idle for
+    the second's)."""
+    from jax._src import array
+
+    _, model = small
+    engine = Engine(model, max_slots=1, max_length=64, prefill_chunk=16, eos_id=None)
+    events, value, start_copy = [], array.ArrayImpl._value, array.ArrayImpl.copy_to_host_async
+    monkeypatch.setattr(array.ArrayImpl, "copy_to_host_async", lambda x: (events.append("start"), start_copy(x))[1])
+    monkeypatch.setattr(array.ArrayImpl, "_value", property(lambda x: (events.append("wait"), value.fget(x))[1]))
+    (r,) = engine.generate([Request(_prompts(1, [9])[0], SamplingParams(max_tokens=1, logprobs=2,
+                                                                         prompt_logprobs=2))])
+    assert r.finish_reason == "length" and len(r.prompt_logprobs) == 9 and len(r.top_logprobs[0]) == 2
+    assert events.index("wait") == events.count("start") == 7, events  # token, log-prob, top; prompt's, top
+
+
 def test_logprobs_of_prompt_and_reply_equal_a_full_forward_pass(small):
     """Prompt log-probs (across prefill chunks) and the sampled tokens' log-probs and top alternatives are the
     log-softmax of one forward pass over prompt + reply: the model's own, not those of the temperature-scaled,

@@ -657,8 +657,7 @@ class Engine:
         self.cache, first, scores = _prefill(
             self.graphdef, self.state, self.cache, tokens, positions, slots, last, targets, sampling,
             kv_length=kv_length, top_n=top_n, prompt_top_n=prompt_top_n)
-        first = jax.device_get(first)
-        scores = jax.device_get(scores)
+        first, scores = jax.device_get((first, scores))  # one round trip
         self.stats["prefill_calls"] += 1
         self.stats["prefill_positions"] += rows * length  # computed, padding included
         self.stats["prefill_tokens"] += sum(min(length, len(r.prompt) - r._prefilled) for r in requests)
