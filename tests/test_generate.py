@@ -181,11 +181,11 @@ def small(tmp_path_factory):
 
 
 @pytest.mark.parametrize("logprobs", [None, 2])
-def test_a_decoding_calls_tokens_are_taken_as_one_token_at_a_time_takes_them(small, logprobs):
-    """The engine takes a decoding call's tokens for a request a call at a time (a token at a time was most of the
-    host's work between calls, with the device idle): the reply, its log-probs and alternatives, the stop token,
-    the counts and the finish reason are those of taking each token in turn up to the first stop token or the
-    max_tokens-th, wherever the call stopped the row."""
+def test_a_calls_tokens_are_taken_as_the_rule_takes_them_one_at_a_time(small, logprobs):
+    """The engine takes a call's tokens for a request a call at a time (a token at a time was most of the host's
+    work between decoding calls, with the device idle): the reply, its log-probs and alternatives, the stop token,
+    the counts and the finish reason are the rule's, applied a token at a time up to the first stop token or the
+    max_tokens-th, wherever the call stopped the row. And a call of one token (prefill's) is the same rule."""
     _, model = small
     engine = Engine(model, max_slots=1, max_length=64, eos_id=5)
     rng = np.random.default_rng(0)
@@ -194,6 +194,22 @@ def test_a_decoding_calls_tokens_are_taken_as_one_token_at_a_time_takes_them(sma
         r = Request([1, 2], SamplingParams(max_tokens=10, logprobs=logprobs, stop_token_ids=(9,)))
         r.generated, r.tokens, r.first_token_at = 10 - left, [7] * (10 - left), 1.0
         return r
+
+    def one_at_a_time(r, ids, lps, top):  # the rule: eos 5 or stop id 9 ends it (listed apart), else max_tokens 10
+        for j, token in enumerate(ids):
+            if r.finish_reason is not None:
+                return
+            r.generated, r._last_token = r.generated + 1, token
+            pairs = list(zip(top[1][j].tolist(), top[0][j].tolist()))[:logprobs]
+            if token in (5, 9):
+                r.stop_token, r.finish_reason = (None if logprobs is None else (token, float(lps[j]), pairs)), "stop"
+                return
+            r.tokens.append(token)
+            if logprobs is not None:
+                r.logprobs.append(float(lps[j]))
+                r.top_logprobs.append(pairs)
+            if r.generated == 10:
+                r.finish_reason = "length"
 
     fields = ("tokens", "logprobs", "top_logprobs", "stop_token", "generated", "_last_token", "finish_reason")
     for left in (1, 3, 8, 10):
@@ -205,16 +221,17 @@ def test_a_decoding_calls_tokens_are_taken_as_one_token_at_a_time_takes_them(sma
             ids = ids[:emitted].tolist()
             lps, top = rng.normal(size=emitted).astype(np.float32), (rng.normal(size=(emitted, 3)).astype(np.float32),
                                                                      rng.integers(0, 30, (emitted, 3)))
-            one, call = request(left), request(left)
+            expected, call, singly = request(left), request(left), request(left)
+            one_at_a_time(expected, ids, lps, top)
             start = engine.stats["tokens"]
+            engine._accept(call, ids, lps.tolist(), top)
+            assert engine.stats["tokens"] - start == min(emitted, left)
             for j, token in enumerate(ids):
-                if one.finish_reason is None:
-                    engine._accept(one, token, float(lps[j]), (top[0][j], top[1][j]))
-            middle = engine.stats["tokens"]
-            engine._accept_call(call, ids, lps.tolist(), top)
-            assert engine.stats["tokens"] - middle == middle - start == min(emitted, left)
+                if singly.finish_reason is None:
+                    engine._accept(singly, [token], [float(lps[j])], (top[0][j:j + 1], top[1][j:j + 1]))
             for field in fields:
-                assert getattr(call, field) == getattr(one, field), (left, stop_at, field)
+                assert getattr(call, field) == getattr(expected, field) == getattr(singly, field), \
+                    (left, stop_at, field)
 
 
 def test_a_prefill_calls_outputs_come_in_one_round_trip(small, monkeypatch):

@@ -670,8 +670,8 @@ class Engine:
                 if r.params.max_tokens == 0:
                     self._finish(r, "length")
                 else:
-                    self._accept(r, int(first[0][row]), None if first[1] is None else float(first[1][row]),
-                                 None if first[2] is None else (first[2][0][row], first[2][1][row]))
+                    self._accept(r, [int(first[0][row])], None if first[1] is None else [float(first[1][row])],
+                                 None if first[2] is None else (first[2][0][row][None], first[2][1][row][None]))
                     self._settle(r, 1)
 
     def _record_prompt_scores(self, r: Request, row: int, n: int, scores) -> None:
@@ -709,8 +709,8 @@ class Engine:
         for r, i in zip(decoding, places):
             before, count = len(r.tokens), counts[i]
             if count and r.finish_reason is None:
-                self._accept_call(r, new[i][:count], None if logprob is None else logprob[i][:count],
-                                  None if top is None else (top[0][:count, i], top[1][:count, i]))
+                self._accept(r, new[i][:count], None if logprob is None else logprob[i][:count],
+                             None if top is None else (top[0][:count, i], top[1][:count, i]))
             self._settle(r, len(r.tokens) - before)
 
     def _decode_inputs(self, decoding, places, n: int, everyone: bool) -> tuple:
@@ -754,32 +754,11 @@ class Engine:
 
     # --- outputs ------------------------------------------------------------------------------------------
 
-    def _accept(self, r: Request, token: int, logprob: float | None, top) -> None:
-        """One sampled token: record it, and finish the request at a stop token or its max_tokens."""
-        if r.first_token_at is None:
-            r.first_token_at = time.perf_counter()
-        r.generated += 1
-        r._last_token = token
-        self.stats["tokens"] += 1
-        wants = r.params.logprobs is not None
-        if wants:
-            top = [] if top is None else _top_pairs(top[0], top[1], r.params.logprobs)
-        if token in self._stop_ids(r):
-            if wants:  # completions' log-probs list it (lm-eval scores a continuation with the next token)
-                r.stop_token = (token, logprob, top)
-            self._finish(r, "stop")
-            return
-        r.tokens.append(token)
-        if wants:
-            r.logprobs.append(logprob)
-            r.top_logprobs.append(top)
-        if r.generated >= r.params.max_tokens:
-            self._finish(r, "length")
-
-    def _accept_call(self, r: Request, ids: list[int], logprobs: list[float] | None, top) -> None:
-        """A decoding call's tokens for one request, as `_accept` takes them one at a time (up to the first stop
-        token or the max_tokens-th, where the call stopped the row), a call at a time: a token at a time took
-        0.6-1.0 ms of host work between two calls of 64 rows of 8 tokens, the device idle; now 0.3 ms."""
+    def _accept(self, r: Request, ids: list[int], logprobs: list[float] | None, top) -> None:
+        """A call's sampled tokens for one request (top: its alternatives' values and ids, a row a token): record
+        them up to the first stop token or the max_tokens-th, where the call stopped the row, and finish the request
+        there. A call at a time, not a token at a time (0.6-1.0 ms of host work between two decoding calls of 64
+        rows of 8 tokens, the device idle; now 0.3 ms)."""
         stops = self._stop_ids(r)
         end = min(len(ids), r.params.max_tokens - r.generated)
         end = next((j + 1 for j, token in enumerate(ids[:end]) if token in stops), end)
@@ -795,7 +774,7 @@ class Engine:
             tops = [[] if top is None else _top_pairs(top[0][j], top[1][j], r.params.logprobs) for j in range(end)]
             r.logprobs.extend(logprobs[:kept])
             r.top_logprobs.extend(tops[:kept])
-            if stop:  # completions' log-probs list it (as _accept)
+            if stop:  # completions' log-probs list it (lm-eval scores a continuation with the next token)
                 r.stop_token = (ids[end - 1], logprobs[end - 1], tops[-1])
         if stop:
             self._finish(r, "stop")
