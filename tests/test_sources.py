@@ -280,6 +280,18 @@ def test_the_type_check_reads_a_file_in_pieces(tmp_path, monkeypatch):
     assert not sources._json_types_agree([str(good), str(bad)])
     largest = max(t.nbytes for t in tables[:-1])  # the whole of `dates` is read again, once its pieces disagree
     assert len(tables) > 16 and largest < 4 * (1 << 16), (len(tables), largest)
+    # Pieces that each agree within but not with each other: every piece's schema counts, not the first's only.
+    late = tmp_path / "late.jsonl"
+    write_jsonl(late, rows[:100] + [{"i": -1}] * 20000 + [{"i": -1, "text": 5}])  # strings, 3 pieces without, a number
+    assert not sources._json_types_agree([str(late)])
+    # A line longer than a piece is one piece, parsed as one block however long (pyarrow refuses a row longer
+    # than its block, which is no disagreement).
+    long = tmp_path / "long.jsonl"
+    write_jsonl(long, [{"i": -1, "error": None, "text": "y" * (3 << 20)}] + rows[:3])  # (no newline in its first read)
+    assert sources._json_types_agree([str(long)])
+    unended = tmp_path / "unended.jsonl"  # the last line, with no newline after it, is read too
+    unended.write_text(good.read_text() + json.dumps({"i": -1, "error": None, "text": 5}), encoding="utf-8")
+    assert not sources._json_types_agree([str(unended)])
 
 
 def test_one_row_of_another_type_changes_no_other_row(tmp_path):
