@@ -257,6 +257,7 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
      r"config.model.arch \(num_hidden_layers\) applies only to model.init='random'"),
     # A step of a random or Hugging Face init was ignored: the run trained from other weights than the step named
     ("dpo", {"model.step": 5}, r"config.model.step=5 applies only to model.init='orbax'"),
+    ("dpo", {"model.step": 0}, r"config.model.step=0 applies only to model.init='orbax'"),  # -1 alone means unset
     # Each bound where it lies (the values just past it), not only far outside:
     ("sft", {"seed": None}, r"config.seed=None: the setting takes a value"),  # was a TypeError from "<"
     # None and booleans, which ConfigDict takes for any key from Python (the command line refuses them): a
@@ -310,6 +311,8 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
     ("sft", {"data.max_train_examples": None, "data.max_eval_examples": 1}),  # None: all, as the pipeline reads it
     ("dpo", {"tokenizer": None, "data.cache_dir": None, "data.data_dir": None, "logging.wandb_project": None,
              "data.train_split": None, "train.compilation_cache_dir": None}),  # unset (a placeholder), or off
+    ("dpo", {"data.eval_split": None, "data.max_eval_examples": None}),
+    ("sft", {"mesh.rules.embed": None}),  # replicated, as sharding.py reads it (its rules are its to check)
 ])
 def test_config_values_at_the_edges_of_their_ranges_are_taken(data_dir, stage, overrides):
     """The other side of each bound: a warmup over the whole run, Adam without momentum, float16 weights and
