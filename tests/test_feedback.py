@@ -991,6 +991,10 @@ def test_prompts_keep_only_the_columns_the_run_reads():
             (f"q{i}", "truthful_qa", {"correct_answers": ["yes"], "incorrect_answers": []}) for i in range(3)]
         whole = feedback.read_prompts(given, counter=SkipCounter(), whole_rows=True)
         assert [p.row for p in whole] == rows
+    # A Dataset's prompt is still found in each column it may come from ("instruction", "prompt", "messages").
+    for column, value in (("prompt", "q"), ("messages", [{"role": "user", "content": "q"}])):
+        table = datasets.Dataset.from_list([{column: value, "completions": ["r"]}])
+        assert [p.instruction for p in feedback.read_prompts(table, counter=SkipCounter())] == ["q"], column
 
 
 def test_limit_is_the_number_of_prompts_used(tmp_path):
