@@ -670,9 +670,12 @@ def test_each_message_is_normalized_a_bounded_number_of_times(tmp_path, monkeypa
     # n(n+1)/2 normalizations (40 turns: 3,240), a third of a resumed 20,000-dialogue run's time.
     calls = []
     monkeypatch.setattr(dialogues, "normalize", lambda text: calls.append(text) or text.lower())
+    made, add = [], dialogues._Dialogue.add
+    monkeypatch.setattr(dialogues._Dialogue, "add", lambda d, role, text: (made.append(d), add(d, role, text))[1])
     _run(tmp_path, [Seed("What about tides?", "world")], min_turns=40, max_turns=40, test_size=0)
     assert len(_rows(tmp_path / "train_sft.jsonl")[0]["messages"]) == 80
     assert len(calls) <= 2 * 80 + 1, len(calls)
+    assert made and not any(d.said for d in made)  # a finished dialogue lets go of its normalized texts
 
 
 def test_turn_range_defaults():
