@@ -429,9 +429,20 @@ def test_a_slow_write_shows_its_progress(tmp_path, monkeypatch, capsys):
     16,000 prompts: 324 MB, 3-5 s; 64,000: 15 s); a write that lasts over PROGRESS_DELAY seconds shows a bar."""
     from zephyr_jax.data import binarize, journal
 
+    import tqdm.auto
+
     monkeypatch.setattr(journal, "PROGRESS_DELAY", 0)
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):  # the rows it counted, out of the rows it was told of
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     binarize.write_jsonl([{"a": 1}, {"a": 2}], tmp_path / "rows.jsonl")
     assert "writing rows.jsonl" in capsys.readouterr().err
+    assert bars[0] == (2, 2), bars
     assert load_rows(str(tmp_path / "rows.jsonl"), None)["a"] == [1, 2]
 
 

@@ -208,11 +208,21 @@ def test_a_slow_journal_read_shows_its_progress(tmp_path, monkeypatch, capsys):
 
     path = tmp_path / "j.jsonl"
     with journal.Journal(path, {}) as j:
-        j.append(("k",), {"v": 1})
+        for i in range(2048):  # the bar moves every 1,024 lines
+            j.append(("k", i), {"v": i})
     capsys.readouterr()
     monkeypatch.setattr(journal, "PROGRESS_DELAY", 0, raising=False)
+    bars = []
+
+    class Bar(journal.tqdm):  # the bytes it counted, out of the bytes it was told of
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(journal, "tqdm", Bar)
     journal.Journal(path, {}).close()
     assert "reading j.jsonl" in capsys.readouterr().err
+    assert bars[0] == (path.stat().st_size, path.stat().st_size), bars
 
 
 @pytest.mark.parametrize("junk", [b"\xff\xfe garbage", b'{"key": [[1]], "value": {}}'])
