@@ -1644,6 +1644,25 @@ def test_a_log_line_fetches_its_steps_metrics_in_one_round_trip(monkeypatch):
     assert records[0]["lr"] == expected[-1]["lr"]
 
 
+def test_to_host_gathers_only_the_arrays_split_over_processes(monkeypatch):
+    """Under several processes an array split over them is all-gathered (device_get cannot read another host's
+    shards) and one every process holds whole comes in the one device_get; each is the array's value."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    split = jax.device_put(jnp.arange(16.0), NamedSharding(mesh, PartitionSpec("x")))
+    whole = jax.device_put(jnp.arange(3.0), NamedSharding(mesh, PartitionSpec()))
+    gathered = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x, tiled: (gathered.append(x), jax.device_get(x))[1])
+    out = train_steps.to_host({"split": split, "whole": whole})
+    assert len(gathered) == 1 and gathered[0] is split
+    np.testing.assert_array_equal(out["split"], np.arange(16.0))
+    np.testing.assert_array_equal(out["whole"], np.arange(3.0))
+
+
 def test_eval_batches_are_queued_one_ahead_of_the_fetch_of_their_outputs(monkeypatch):
     """An eval (or reference) pass builds, places and queues the next batch before it waits on this one's outputs,
     so the device does not sit idle while the host works (it waited on each batch before building the next: an
