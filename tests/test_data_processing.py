@@ -360,3 +360,24 @@ def test_a_short_prompt_leaves_its_completions_the_recipes_room(tok):
     full = preference_example(row, 0, tok, max_length=4096, max_prompt_length=4096)
     assert ex.truncated and list(ex.prompt) == list(full.prompt) and len(ex.prompt) < 128
     assert list(ex.chosen) == list(full.chosen[:128]) and list(ex.rejected) == list(full.rejected)
+
+
+def test_datasets_bars_hidden_for_a_load_come_back_as_they_were():
+    """load_examples(progress=False) hides the datasets library's own bars while it loads, then leaves them as it
+    found them: shown again, or still hidden where the caller had hidden them."""
+    import datasets
+
+    was_hidden = datasets.are_progress_bars_disabled()
+    try:
+        datasets.enable_progress_bars()
+        with pipeline._datasets_bars(False):
+            assert datasets.are_progress_bars_disabled()
+        with pipeline._datasets_bars(True):
+            assert not datasets.are_progress_bars_disabled()
+        assert not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()
+        with pipeline._datasets_bars(False):
+            pass
+        assert datasets.are_progress_bars_disabled()
+    finally:
+        (datasets.disable_progress_bars if was_hidden else datasets.enable_progress_bars)()
