@@ -256,21 +256,24 @@ def test_logprobs_of_prompt_and_reply_equal_a_full_forward_pass(small):
     log-softmax of one forward pass over prompt + reply: the model's own, not those of the temperature-scaled,
     top-k / top-p filtered distribution the tokens are drawn from (sampling.sample's docstring, README)."""
     _, model = small
-    prompt = _prompts(3, [37])[0]
+    prompts = _prompts(3, [37, 21])  # two at once: each row's own values
     engine = Engine(model, max_slots=2, max_length=128, prefill_chunk=16, eos_id=None)
     params = SamplingParams(max_tokens=12, temperature=0.7, top_k=20, top_p=0.9, seed=4, logprobs=3,
                             prompt_logprobs=2)
-    (r,) = engine.generate([Request(prompt, params)])
-    whole = prompt + r.tokens
-    logps = np.asarray(jax.nn.log_softmax(model(jnp.asarray([whole]))[0], axis=-1))
-    expected = logps[np.arange(len(whole) - 1), whole[1:]]
-    assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(prompt)
-    np.testing.assert_allclose(r.prompt_logprobs[1:], expected[:len(prompt) - 1], atol=1e-5)
-    np.testing.assert_allclose(r.logprobs, expected[len(prompt) - 1:], atol=1e-5)
-    for position, top in [(3, r.prompt_top_logprobs[4]), (len(prompt) + 2, r.top_logprobs[3])]:
-        best = np.argsort(-logps[position])[:len(top)]
-        assert [t for t, _ in top] == best.tolist()
-        np.testing.assert_allclose([lp for _, lp in top], logps[position, best], atol=1e-5)
+    replies = engine.generate([Request(prompt, params) for prompt in prompts])
+    wholes = [prompt + r.tokens for prompt, r in zip(prompts, replies, strict=True)]
+    n = max(map(len, wholes))  # one forward pass for both: padding at the end changes no earlier position (causal)
+    passes = np.asarray(jax.nn.log_softmax(model(jnp.asarray([w + [0] * (n - len(w)) for w in wholes])), axis=-1))
+    for prompt, r, whole, logps in zip(prompts, replies, wholes, passes):
+        expected = logps[np.arange(len(whole) - 1), whole[1:]]
+        assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(prompt)
+        np.testing.assert_allclose(r.prompt_logprobs[1:], expected[:len(prompt) - 1], atol=1e-5)
+        np.testing.assert_allclose(r.logprobs, expected[len(prompt) - 1:], atol=1e-5)
+        # a prompt position's, then every reply token's: the first sampled by the prefill call, the others decoded
+        for position, top in [(3, r.prompt_top_logprobs[4]), *enumerate(r.top_logprobs, start=len(prompt) - 1)]:
+            best = np.argsort(-logps[position])[:len(top)]
+            assert [t for t, _ in top] == best.tolist()
+            np.testing.assert_allclose([lp for _, lp in top], logps[position, best], atol=1e-5)
 
 
 def test_a_vocabulary_smaller_than_the_most_alternatives_gives_them_all():
