@@ -219,7 +219,7 @@ def binarize(rows, *, rank_by: str = "mean", seed: int = 42, drop_sources=(), on
     if progress:
         from tqdm import tqdm
 
-        rows = tqdm(rows, desc="binarize", unit=" rows", total=_len(rows))
+        rows = tqdm(rows, desc="binarize", unit=" rows")  # tqdm takes len(rows) when there is one
     out = []
     for i, row in enumerate(rows):
         if drop_sources and isinstance(row, dict) and row.get("source") in drop_sources:
@@ -232,13 +232,6 @@ def binarize(rows, *, rank_by: str = "mean", seed: int = 42, drop_sources=(), on
             continue
         counter.keep()
     return out
-
-
-def _len(rows):
-    try:
-        return len(rows)
-    except TypeError:
-        return None
 
 
 def train_test_split(rows: list, test_size: int, seed: int = 42, key=None) -> tuple[list, list]:
@@ -263,7 +256,7 @@ def write_jsonl(rows, path) -> None:
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f, tqdm(rows, desc=f"writing {path.name}", unit=" rows", total=_len(rows),
+    with open(tmp, "w", encoding="utf-8") as f, tqdm(rows, desc=f"writing {path.name}", unit=" rows",
                                                      delay=journal.PROGRESS_DELAY, leave=False) as bar:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in bar)
     os.replace(tmp, path)
