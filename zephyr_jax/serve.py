@@ -620,7 +620,8 @@ def main(argv=None) -> None:
     parser.add_argument("--api-key", default=os.environ.get("ZEPHYR_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $ZEPHYR_JAX_API_KEY, else none)")
     parser.add_argument("--max-slots", type=int, default=16, help="sequences decoded at once (KV-cache rows)")
-    parser.add_argument("--max-length", type=int, default=None, help="prompt + reply tokens per sequence")
+    parser.add_argument("--max-length", type=int, default=None, help="prompt + reply tokens per sequence "
+                        "(default: the model's max_position_embeddings, at most 4096)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=8, help="tokens per decoding call")
