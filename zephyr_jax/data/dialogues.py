@@ -552,7 +552,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sector", choices=(*SECTOR_TURNS, "all"), default="all",
                    help="built-in seeds to use; with --seeds, the sector of rows that name none")
     p.add_argument("--num_dialogues", type=int, default=None, help="default: one per seed")
-    p.add_argument("--min_turns", type=int, default=None, help="default: the sector's range")
+    p.add_argument("--min_turns", type=int, default=None, help="default: the sector's range (magpie: 1)")
     p.add_argument("--max_turns", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--test_size", type=float, default=0.1, help="test_sft rows: a fraction below 1, else a count")
