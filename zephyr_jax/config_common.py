@@ -62,9 +62,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
     # Tokenized examples are cached here (data/cache.py): None: $ZEPHYR_JAX_CACHE or ~/.cache/zephyr_jax/tokenized;
     # "": off. Keyed by the data files, tokenizer and processing args, so it never serves stale examples.
     c.data.cache_dir = ml_collections.config_dict.placeholder(str)
-    # Padded lengths; (): powers of two up to max_length, multiples of 128 for packed DPO rows (given ones must
-    # reach the fullest row: max_length for packed SFT, (ceil(2 * pairs / rows) + 1) * max_length for packed DPO;
-    # only packed DPO rows may pass max_length)
+    # Padded lengths; (): powers of two up to max_length, multiples of min(128, max_length) for packed DPO rows
+    # (given ones must reach the fullest row: max_length for packed SFT, (ceil(2 * pairs / rows) + 1) * max_length
+    # for packed DPO; only packed DPO rows may pass max_length)
     c.data.buckets = ()
     c.data.packing = True  # several sequences per row, each its own segment (data/batches.py); False: one a row
 

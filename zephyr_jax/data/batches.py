@@ -270,8 +270,8 @@ def loss_width(most: int, length: int, buckets) -> int:
 
 def packed_pair_buckets(pairs: int, rows: int, max_length: int) -> tuple:
     """Row lengths for `pairs` preference pairs packed into `rows` rows: multiples of 128 (what the TPU splash
-    kernel's blocks need) up to what the fullest row could need (its share of sequences, and one more, each of up
-    to max_length positions)."""
+    kernel's blocks need; of max_length when it is shorter) up to what the fullest row could need (its share of
+    sequences, and one more, each of up to max_length positions)."""
     return multiples(min(128, max_length), (-(-2 * pairs // rows) + 1) * max_length)
 
 
