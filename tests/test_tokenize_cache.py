@@ -171,6 +171,13 @@ def test_cache_misses_when_anything_that_changes_the_examples_changes(bad_data, 
                                       rows=[], tok=t, args=pipeline.example_args(cfg, "sft"), on_bad_row="skip")
     assert cache.entry_path("d", parts(tok)) == cache.entry_path("d", parts(load_tokenizer()))  # no temp paths
     assert cache.entry_path("d", parts(tok)) != cache.entry_path("d", parts(other))
+    # Another end-of-turn token (the template writes eos_token after each turn) with the same backend definition.
+    other = pickle.loads(pickle.dumps(tok))
+    other.eos_token = "<unk>"
+    from zephyr_jax.data import sft_example
+
+    ids = lambda t: sft_example({"messages": [USER, REPLY]}, 0, t, loss_on="all", max_length=64).ids.tolist()
+    assert ids(tok) != ids(other) and cache.entry_path("d", parts(tok)) != cache.entry_path("d", parts(other))
     cfg.max_train_examples = 10
     _, counter, log = _load(cfg, "sft", tok)
     assert "cached to" in log[-1] and counter.seen == 10
@@ -365,6 +372,18 @@ def test_too_long_reaches_the_loaded_examples_and_their_cache_key(bad_data, tok,
         examples, _, _ = _load(_cfg(bad_data, "sft", cache_dir=str(tmp_path / "cache"), loss_on="all",
                                     too_long=too_long), "sft", tok)
         _assert_same(examples, expected)
+
+
+def test_every_module_the_example_builders_call_is_in_the_cache_key():
+    """Editing a module whose functions turn rows into examples must invalidate every entry: each zephyr_jax
+    module that the builders' modules take functions or classes from is one whose code the key hashes."""
+    import importlib
+
+    builders = ("zephyr_jax.data.sft", "zephyr_jax.data.preference", "zephyr_jax.data.conversation")
+    used = {getattr(value, "__module__", None) for name in builders
+            for value in vars(importlib.import_module(name)).values() if callable(value)}
+    used = {m for m in used if m and m.startswith("zephyr_jax")}
+    assert {"zephyr_jax.tokenizer", "zephyr_jax.data.errors"} <= used and used <= set(cache.CODE)
 
 
 def test_skip_counts_read_back_from_an_entry_in_the_order_they_were_met():
