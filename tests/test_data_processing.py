@@ -242,6 +242,16 @@ def test_loader_is_deterministic_resumable_and_sliced(tok):
         resumed.restore(state)
         for x, _ in first[3:]:
             np.testing.assert_array_equal(next(resumed)[0]["inputs"], x["inputs"])
+    # Each epoch gives every example once, in a new order; a position saved past the epoch boundary (epoch 1,
+    # step 2) resumes with the batches the uninterrupted run goes on to.
+    run = make()
+    drawn = [next(run)[1].indices.tolist() for _ in range(7)]
+    after = make()
+    after.restore(run.state())
+    drawn += [next(run)[1].indices.tolist() for _ in range(3)]
+    assert [next(after)[1].indices.tolist() for _ in range(3)] == drawn[7:]
+    epochs = [sum(drawn[:5], []), sum(drawn[5:], [])]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(20)) and epochs[0] != epochs[1]
     # A position saved over other data is refused: one example edited, other loss masks (loss_on or the template's
     # assistant spans changed), or one more example.
     edited = examples[:5] + [examples[5]._replace(ids=examples[5].ids[::-1].copy())] + examples[6:]
