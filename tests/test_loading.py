@@ -124,6 +124,16 @@ def test_workdir_step_selection_and_missing_step(workdir, caplog):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 5 in .* \(have steps \[3, 6\]\)"):
         load_model(path, step=5)
     assert checkpoint.resolve_step(path) == 6 and checkpoint.resolve_step(path, 3) == 3
+    # A resume reads back the step and loader position checkpoint.save wrote with the weights.
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Mistral(CFG, rngs=nnx.Rngs(0))))
+    abstract_state = jax.eval_shape(lambda: TrainState(abstract, optax.sgd(0.1).init(abstract),
+                                                       jnp.zeros((), jnp.int32)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mngr = checkpoint.manager(path, async_save=False)
+    state, meta = checkpoint.restore(mngr, 3, abstract_state, jax.tree.map(lambda _: device, abstract_state))
+    mngr.close()
+    assert int(state.step) == 3 and meta == {"loader": {"epoch": 0, "step": 3}, "step": 3}
+    np.testing.assert_array_equal(np.asarray(state.params["embed_tokens"].get_value()), weights[3]["embed_tokens"])
     # (evaluate's early check of the data's token ids reads a workdir's vocabulary without its weights)
     assert config_vocab_size(path) == CFG.vocab_size and config_vocab_size("no-such-org/model") is None
 
