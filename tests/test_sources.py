@@ -79,6 +79,11 @@ def test_directory_split_convention(tmp_path):
     datasets.Dataset.from_list(ROWS[:1]).to_parquet(str(repo / "data" / "train_sft-00000-of-00002-abc.parquet"))
     datasets.Dataset.from_list(ROWS[1:]).to_parquet(str(repo / "data" / "train_sft-00001-of-00002-abc.parquet"))
     assert rows_of(load_rows(repo, "train_sft")) == ROWS
+    assert rows_of(load_rows(repo / "data", None)) == ROWS  # a directory of parquet files: every one
+    jsonl_repo = tmp_path / "jsonl_snapshot"  # the same layout in JSON Lines
+    (jsonl_repo / "data").mkdir(parents=True)
+    write_jsonl(jsonl_repo / "data" / "test_sft-00000-of-00001.jsonl", ROWS[2:])
+    assert rows_of(load_rows(jsonl_repo, "test_sft")) == ROWS[2:]
     # One split in two layouts: an error naming both, not the first layout's rows alone.
     write_jsonl(repo / "train_sft-extra.jsonl", ROWS[:1])
     with pytest.raises(ValueError, match=r"matches more than one layout: train_sft-\*\.jsonl: \['train_sft-extra"
