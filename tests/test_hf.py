@@ -244,6 +244,8 @@ def test_sharded_save_writes_a_correct_index(loaded, tmp_path):
     expected = jax_logits(loaded)
     assert max_diff(torch_logits(load_hf(out)), expected) <= 2e-5
     assert max_diff(jax_logits(load_model(out, jnp.float32)), expected) <= 2e-5
+    hf.save_pretrained(loaded, out)  # one file again: no shard and no index is left of the sharded save
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_a_save_killed_over_an_earlier_one_leaves_no_model_that_loads(loaded, tmp_path, monkeypatch):
@@ -302,13 +304,16 @@ def test_a_weight_past_float16s_range_is_refused_not_saved_as_inf(tmp_path):
         load_model(str(tmp_path / "layer"), "float16")
 
 
-def test_bf16_save_reloads(loaded, tmp_path):
-    out = str(tmp_path)
-    hf.save_pretrained(loaded, out, dtype=jnp.bfloat16)
-    with safetensors.safe_open(os.path.join(out, hf.WEIGHTS_NAME), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+def test_bf16_save_reloads(loaded, hf_dir, tmp_path):
     want = {k: v.astype(jnp.bfloat16) for k, v in flat_params(loaded).items()}
+    # dtype=bfloat16, and a model holding bf16 weights saved in its own dtype (no dtype given)
+    for out, model, dtype in ((str(tmp_path), loaded, jnp.bfloat16),
+                              (str(tmp_path / "own"), load_model(hf_dir[0], jnp.bfloat16), None)):
+        hf.save_pretrained(model, out, dtype=dtype)
+        with safetensors.safe_open(os.path.join(out, hf.WEIGHTS_NAME), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert json.loads(open(os.path.join(out, "config.json")).read())["dtype"] == "bfloat16"
+    out = str(tmp_path / "own")
     again = flat_params(load_model(out, jnp.bfloat16))
     for name, value in want.items():
         assert again[name].dtype == jnp.bfloat16 and np.array_equal(again[name], value), name
