@@ -386,6 +386,20 @@ def test_every_module_the_example_builders_call_is_in_the_cache_key():
     assert {"zephyr_jax.tokenizer", "zephyr_jax.data.errors"} <= used and used <= set(cache.CODE)
 
 
+def test_the_eval_split_is_read_with_its_own_source_split_and_limit(bad_data, tok, tmp_path):
+    """which="eval" takes data.eval, eval_split and max_eval_examples (not the train split's, nor its limit),
+    against sft_example on the eval file's first rows."""
+    from zephyr_jax.data import sft_example
+
+    rows = [{"messages": [{"role": "user", "content": f"eval question {i}"}, REPLY]} for i in range(6)]
+    _write(bad_data / "sft" / "test_sft.jsonl", rows)
+    expected = [sft_example(row, i, tok, loss_on="assistant", max_length=64, too_long="truncate")
+                for i, row in enumerate(rows[:4])]
+    cfg = _cfg(bad_data, "sft", eval=str(bad_data / "sft"), eval_split="test_sft", max_eval_examples=4,
+               max_train_examples=2)
+    _assert_same(pipeline.load_examples(cfg, "sft", tok, "eval", log=lambda *_: None)[0], expected)
+
+
 def test_skip_counts_read_back_from_an_entry_in_the_order_they_were_met():
     """An entry's skip counts keep their reasons in the order rows met them: the summary breaks ties by that
     order, so a run that reads the cache prints the summary the tokenizing run printed (not an alphabetical one)."""
