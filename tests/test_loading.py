@@ -47,9 +47,12 @@ def save_checkpoint(workdir, step, params):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A training workdir (model_config.json + float32 checkpoints at steps 3 and 6) and each step's weights."""
+    """A training workdir (model_config.json, config.json + float32 checkpoints at steps 3 and 6) and each step's
+    weights."""
     path = tmp_path_factory.mktemp("workdir")
     checkpoint.save_model_config(str(path), CFG)
+    # Training also writes its run config as config.json, the name of a Hugging Face directory's model config.
+    (path / "config.json").write_text(json.dumps({"stage": "sft", "model": {"init": "random"}}))
     weights = {}
     for step, seed in STEPS.items():
         model = Mistral(CFG, rngs=nnx.Rngs(seed))
@@ -74,6 +77,10 @@ def test_zephyr_jax_load_is_the_loader_and_import_stays_cheap(tmp_path):
     path = save_torch(torch_mistral(seed=3), tmp_path)
     model, tok = zephyr_jax.load(path, dtype="float32")
     assert isinstance(model, Mistral) and tok.bos_token_id == 1 and tok.chat_template
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # a tokenizer= of one's own
+    tok.save_pretrained(str(tmp_path / "my_tokenizer"))
+    assert zephyr_jax.load(path, "float32", tokenizer=str(tmp_path / "my_tokenizer"))[1].chat_template == \
+        tok.chat_template
     pretrained = hf.load_pretrained(path, dtype=jnp.float32)
     assert pretrained.config == model.config
     for name, value in flat(pretrained).items():
