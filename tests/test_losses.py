@@ -103,6 +103,12 @@ def test_token_logps_per_position():
     got = np.asarray(logprobs.token_logps(logits, np.where(mask, targets, 0), chunk_size=6))
     assert got.shape == (2, 20) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # Junk targets (-100, vocab + 3) read the clipped id's log-prob, as documented: finite, so a caller's
+    # logps * mask stays finite too.
+    clipped = torch.tensor(np.clip(targets, 0, logits.shape[-1] - 1), dtype=torch.long)
+    junk = np.asarray(logprobs.token_logps(logits, targets, chunk_size=6))
+    np.testing.assert_allclose(junk, torch.log_softmax(x, -1).gather(-1, clipped[..., None])[..., 0].numpy(),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("top", [30.0, 60.0])
@@ -210,6 +216,11 @@ def test_sft_loss_token_accuracy_and_empty_batch():
     targets = np.array([[2, 3, 0]], np.int32)
     _, metrics = losses.sft_loss(logits, targets, np.array([[1, 1, 0]]))
     assert float(metrics["token_accuracy"]) == 0.5 and float(metrics["num_tokens"]) == 2
+
+    # One loss token: its own cross-entropy (the normalizer's clamp at 1 leaves a count of 1 alone).
+    loss, _ = losses.sft_loss(logits, targets, np.array([[1, 0, 0]]))
+    np.testing.assert_allclose(float(loss), -float(torch.log_softmax(torch.tensor(logits[0, 0], dtype=torch.float64),
+                                                                     -1)[2]), rtol=1e-6)
 
     loss, metrics = losses.sft_loss(logits, targets, np.zeros((1, 3), bool))
     assert float(loss) == 0.0 and float(metrics["token_accuracy"]) == 0.0 and float(metrics["num_tokens"]) == 0
