@@ -14,7 +14,7 @@ from flax import nnx
 from tests.torch_reference import positions_from_mask, save_torch, torch_logits, torch_mistral
 from zephyr_jax.loading import load_model
 from zephyr_jax.model import MistralConfig
-from zephyr_jax.model.mistral import RMSNorm
+from zephyr_jax.model.mistral import RMSNorm, default_positions
 
 CONFIGS = {
     # GQA ratio 1 (plain multi-head attention), no sliding window.
@@ -84,7 +84,9 @@ def test_logits_match_transformers_far_into_the_context(pair):
 def test_logits_match_transformers_padded(pair, side):
     tm, model, _ = pair
     ids, mask = _padded(np.random.default_rng(1), [17, 11], side)
-    ours = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    # Left and middle: padding that carries its row's segment id (1) is still hidden by the attention mask.
+    segments = None if side == "right" else jnp.ones(ids.shape, jnp.int32)
+    ours = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), segment_ids=segments)
     # transformers counts positions from the first column; give it the token-counting positions zephyr_jax uses.
     ref = torch_logits(tm, ids, attention_mask=mask, position_ids=positions_from_mask(mask))
     _assert_close(ours, ref, where=mask.astype(bool))
@@ -105,6 +107,12 @@ def test_packed_row_equals_examples_run_alone(pair):
     ours = np.asarray(model(jnp.asarray(packed), segment_ids=jnp.asarray(segments)))
     _assert_close(ours[:, :7], torch_logits(tm, a))
     _assert_close(ours[:, 7:], torch_logits(tm, b))
+    # The positions each example has run alone (RoPE's relative angles would hide an offset from the logits),
+    # padding in front or not.
+    alone = list(range(7)) + list(range(9))
+    assert default_positions(jnp.ones((1, 16), jnp.int32), jnp.asarray(segments)).tolist() == [alone]
+    real, front = np.array([[0] * 3 + [1] * 16]), np.array([[1] * 3 + [1] * 7 + [2] * 9])
+    assert default_positions(jnp.asarray(real), jnp.asarray(front)).tolist() == [[0] * 3 + alone]
 
 
 def test_inputs_the_model_cannot_read_are_named():
