@@ -124,6 +124,16 @@ def test_dpo_pairs_of_a_micro_batch_stay_in_its_rows():
         held = batch["sequence_pair"][row][batch["sequence_pair"][row] >= 0] // 2
         assert set(held % 2) <= {row % 2}
     assert sorted(batch["sequence_pair"][batch["sequence_pair"] >= 0].tolist()) == list(range(16))
+    # Precomputed reference log-probs come back to their own pair and side, whole and per micro-batch.
+    reference = -np.arange(1, 17, dtype=np.float32).reshape(8, 2)
+    with_reference = pack_pairs([ex._replace(reference=r) for ex, r in zip(pairs, reference)], 4,
+                                multiples(16, 512), micro_batches=2)
+    np.testing.assert_array_equal(train_steps.per_pair(with_reference["reference_logps"],
+                                                       with_reference["sequence_pair"], 8), reference)
+    micro = train_steps.split_micro({k: with_reference[k] for k in ("reference_logps", "sequence_pair")}, 2)
+    for m in range(2):
+        np.testing.assert_array_equal(train_steps.per_pair(micro["reference_logps"][m], micro["sequence_pair"][m],
+                                                           4, 2), reference[m::2])
     # Processes holding interleaved rows (as on a pod) build exactly those rows of the whole global batch: its
     # length and loss width, not their own rows' (micro-batch 1, rows 1 and 3, holds only short pairs here).
     uneven = [ex if p % 2 == 0 else ex._replace(prompt=ex.prompt[:2], chosen=ex.chosen[:1], rejected=ex.rejected[:1])
@@ -246,6 +256,16 @@ def test_packed_sft_rows_give_the_padded_rows_and_the_full_head_reference(model)
     padded = with_loss_positions(pad_sft(examples, 64))
     packed = with_loss_positions(pack(examples, 96))
     assert packed["inputs"].shape[0] < 12
+    # Each packed segment holds its example's padded row, positions restarting at 0, under an id of its own.
+    for r, row in enumerate(pack_rows(examples, 96)):
+        start, ids = 0, set()
+        for ex in row.examples:
+            i, n = next(k for k, e in enumerate(examples) if e is ex), len(ex.ids) - 1
+            for key in ("inputs", "targets", "loss_mask", "positions"):
+                np.testing.assert_array_equal(packed[key][r, start:start + n], padded[key][i, :n], err_msg=key)
+            ids |= set(np.asarray(packed["segment_ids"][r, start:start + n]).tolist())
+            start += n
+        assert len(ids) == len(row.examples) and 0 not in ids
     normalizer = float(padded["loss_mask"].sum())
     assert normalizer == float(packed["loss_mask"].sum())
     grad = lambda b: jax.value_and_grad(train_steps.sft_loss_fn, has_aux=True)(params, graphdef, b, normalizer)
