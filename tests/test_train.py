@@ -982,11 +982,14 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
             batch["loss_mask"][0, np.flatnonzero(batch["loss_mask"][0])[3:]] = 0  # micro-batches of unequal tokens:
             # Every third position's target is the full logits' argmax, so token accuracy is not 0: the share of
             # loss tokens the unchunked model guesses, over the whole batch (not a mean of micro-batch shares).
-            guess = np.asarray(jnp.argmax(nnx.merge(graphdef, params)(
-                batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]), -1))
+            logits = nnx.merge(graphdef, params)(batch["inputs"], positions=batch["positions"],
+                                                 segment_ids=batch["segment_ids"])
+            guess = np.asarray(jnp.argmax(logits, -1))
             mask = batch["loss_mask"].astype(bool)
             batch["targets"] = np.where(mask & (np.arange(48) % 3 == 0), guess, batch["targets"])
             accuracy = float(np.mean(guess[mask] == batch["targets"][mask]))
+            full_logits_loss = torch.nn.functional.cross_entropy(  # every loss token, each row's first too
+                torch.tensor(np.asarray(logits)[mask]), torch.tensor(batch["targets"][mask], dtype=torch.long)).item()
             batch["loss_positions"] = loss_positions(batch.pop("loss_mask"), 48)  # a mean of their means would differ
         else:  # 8 pairs packed into 8 rows, planned per micro-batch
             batch = pack_pairs([preference_example(r, i, tok) for i, r in enumerate(rows)], 8,
@@ -1001,6 +1004,7 @@ def test_gradient_accumulation_matches_one_batch(data_dir, stage, scan_layers):
     (one, m1), (four, m4) = results
     assert abs(float(m1["loss"]) - float(m4["loss"])) <= 1e-5 * abs(float(m1["loss"]))
     if stage == "sft":
+        np.testing.assert_allclose(float(m1["loss"]), full_logits_loss, rtol=1e-5)
         assert 0 < accuracy < 1
         for m in (m1, m4):
             np.testing.assert_allclose(float(m["token_accuracy"]), accuracy, rtol=1e-6)
