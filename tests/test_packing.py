@@ -239,6 +239,18 @@ def test_packed_sft_eval_gives_the_unpacked_evals_metrics_on_fewer_positions(mod
     np.testing.assert_allclose(metrics[True]["loss"], metrics[False]["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics[True]["token_accuracy"], metrics[False]["token_accuracy"], rtol=1e-6)
     assert positions[True] < positions[False] / 2
+    # Both are the full logits' loss and token accuracy (float64 numpy; a few of the random model's guesses are right).
+    padded = pad_sft(examples, 96)
+    mask = padded["loss_mask"].astype(bool)
+    logits = np.asarray(nnx.merge(graphdef, params)(padded["inputs"], positions=padded["positions"],
+                                                    segment_ids=padded["segment_ids"]), np.float64)[mask]
+    targets = padded["targets"][mask]
+    top = logits.max(-1)
+    nll = top + np.log(np.exp(logits - top[:, None]).sum(-1)) - logits[np.arange(len(targets)), targets]
+    accuracy = np.mean(logits.argmax(-1) == targets)
+    np.testing.assert_allclose(metrics[True]["loss"], nll.mean(), rtol=1e-5)
+    assert 0 < accuracy < 0.5
+    np.testing.assert_allclose(metrics[True]["token_accuracy"], accuracy, rtol=1e-6)
     # A split smaller than an eval batch: the fewest rows that hold it (it was filled to eval_batch_size with
     # repeats of its last row), the same metrics.
     big = ml_collections.ConfigDict(cfg.to_dict())
