@@ -174,7 +174,7 @@ def test_clear_errors(workdir, tmp_path):
             local_dir(bad, "model")
     with pytest.raises(FileNotFoundError, match="tokenizer .*/file is a file: pass the directory that holds it"):
         local_dir(str(tmp_path / "file"), "tokenizer")
-    with pytest.raises(FileNotFoundError, match="^tokenizer is empty: name a local directory or a Hugging Face hub"):
+    with pytest.raises(FileNotFoundError, match="^tokenizer is an empty string: name a local directory or a"):
         local_dir("", "tokenizer")
     with pytest.raises(TypeError, match=r"mesh=\(1, 1, 8\): pass a jax Mesh, e.g. sharding.make_mesh\(\(1, 1, 8\)\)"):
         load_model(str(workdir[0]), mesh=(1, 1, 8))  # the CLIs' --mesh shape: failed deep in sharding.py

@@ -13,7 +13,7 @@ def local_dir(path_or_name: str, what: str) -> str | None:
     A file, or a path that is neither a directory nor a valid hub name (absolute, ./ or ~, three parts, a//b),
     raises FileNotFoundError naming `what` (transformers and the hub client would ask for a valid repo id)."""
     if path_or_name == "":  # (the message below would name nothing)
-        raise FileNotFoundError(f"{what} is empty: name a local directory or a Hugging Face hub name")
+        raise FileNotFoundError(f"{what} is an empty string: name a local directory or a Hugging Face hub name")
     path = os.path.expanduser(path_or_name)
     if os.path.isdir(path):
         return path
