@@ -60,7 +60,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--dtype", default="bfloat16", choices=TRAINING_DTYPES,
                         help="compute and weight dtype (float32 for exact numbers)")
-    parser.add_argument("--max_length", type=int, default=None, help="conversation tokens (default: up to 4096)")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="conversation tokens (default: the model's max_position_embeddings, at most 4096)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
     parser.add_argument("--compilation_cache", default=COMPILATION_CACHE_DIR,
                         help="JAX's persistent compilation cache, so a later chat skips compiling ('' = off)")
