@@ -5,6 +5,9 @@ import os
 from tests import cpu_xla
 
 os.environ.setdefault("XLA_FLAGS", cpu_xla.flags(8))  # (and compiling faster: cpu_xla)
+if cpu_xla.one_thread_flags():  # an xdist worker for each core: one thread each for XLA and torch (cpu_xla)
+    os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys([*os.environ["XLA_FLAGS"].split(), *cpu_xla.one_thread_flags()]))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every program into the persistent compilation cache (jax keeps only those of 1 s or more), where one is on: the
 # trainers, servers and notebooks the tests start compile many of the same programs.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from zephyr_jax import demo
+from zephyr_jax import config_common, demo
 from zephyr_jax.data import preference_example, sft_example
 from zephyr_jax.data.sources import load_rows
 from zephyr_jax.model import Mistral, MistralConfig
@@ -244,13 +244,17 @@ def test_the_whole_demo_connects_its_stages_at_a_small_size(tmp_path, monkeypatc
     from zephyr_jax.loading import load_model
 
     monkeypatch.setattr(demo, "make_demo_data", functools.partial(demo.make_demo_data, **SIZES))
+    # One CPU device, as the README's command runs on a laptop (dSFT took 65 s on the suite's 8, 34 s on 1)
+    load_config = config_common.load_config
+    monkeypatch.setattr(config_common, "load_config", lambda spec, **overrides: load_config(
+        spec, **overrides, **{"mesh.num_devices": 1}))
     monkeypatch.setattr(demo, "distill_sft_data", functools.partial(demo.distill_sft_data, n=4000))
     monkeypatch.setattr(demo, "on_policy_prefs", functools.partial(demo.on_policy_prefs, n=200))
     out = tmp_path / "out"
     results = demo.run_demo(str(out), repo_root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     printed = capsys.readouterr().out
     sft, dpo = (json.load(open(out / stage / "config.json")) for stage in ("sft", "dpo"))
-    assert sft["data"]["train"] == str(out / "data" / "dialogues")
+    assert sft["data"]["train"] == str(out / "data" / "dialogues") and sft["mesh"]["num_devices"] == 1
     assert len(read(out / "data" / "dialogues" / "train_sft.jsonl")) == 4000 - 400  # (a tenth held out)
     assert dpo["model"]["init"] == "orbax" and dpo["model"]["path"] == str(out / "sft")
     assert dpo["model"]["step"] == 3600 // 32  # dSFT's last step: 1 epoch in batches of 32
