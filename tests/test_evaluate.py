@@ -27,6 +27,10 @@ def model_dir(tiny_model_dir):
     return tiny_model_dir
 
 
+# Its tests on one worker (xdist_group): each worker that ran one trained the run again.
+ON_DPO_WORKDIR = pytest.mark.xdist_group("dpo_workdir")
+
+
 @pytest.fixture(scope="module")
 def dpo_workdir(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("dpo_run"))
@@ -51,6 +55,7 @@ def _last_eval(workdir):
 
 # --- prefs ---------------------------------------------------------------------------------------------
 
+@ON_DPO_WORKDIR
 def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monkeypatch):
     expected = _last_eval(dpo_workdir)
     out = tmp_path / "prefs.json"
@@ -102,6 +107,7 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monk
         evaluate.prefs_from_workdir(dpo_workdir)
 
 
+@ON_DPO_WORKDIR
 def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
     """--model/--reference: the same model twice gives zero rewards, loss log 2, and the policy's log-probs;
     the policy reuses the reference's compiled eval function (same architecture)."""
@@ -124,6 +130,7 @@ def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
         assert sharded[k] == pytest.approx(got[k], abs=1e-4)
 
 
+@ON_DPO_WORKDIR
 def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):
     """evaluate.prefs scores packed rows (as training's eval does): the same log-probs as a row per sequence,
     in about half the positions."""
@@ -172,6 +179,7 @@ def test_pair_logps_refuses_token_ids_outside_the_models_vocabulary(data_dir, ti
             evaluate.prefs(model, reference, data=str(data_dir / "prefs"), split="test_prefs", tokenizer=tokenizer)
 
 
+@ON_DPO_WORKDIR
 def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--model={dpo_workdir}"])  # no reference
