@@ -647,9 +647,9 @@ def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
     import zephyr_jax.lm_eval_adapter  # noqa: F401  (registers "zephyr_jax")
 
     tasks = _lm_eval_tasks(tmp_path / "tasks")
+    task_manager = TaskManager(include_path=tasks)  # (one: it indexes lm_eval's thousands of task files, 7 s)
     out = lm_eval.simple_evaluate(model="zephyr_jax", model_args=f"pretrained={model_dir},batch_size=4",
-                                  tasks=["zj_mc", "zj_gen", "zj_rolling"],
-                                  task_manager=TaskManager(include_path=tasks), bootstrap_iters=0,
+                                  tasks=["zj_mc", "zj_gen", "zj_rolling"], task_manager=task_manager, bootstrap_iters=0,
                                   log_samples=False)
     results = out["results"]
     assert 0.0 <= results["zj_mc"]["acc,none"] <= 1.0 and "acc_norm,none" in results["zj_mc"]
@@ -658,7 +658,7 @@ def test_lm_eval_simple_evaluate_and_cli(model_dir, tmp_path):
         zephyr_jax.lm_eval_adapter.ZephyrJaxLM(pretrained=model_dir, add_bos_token="ture")
     with pytest.raises(TypeError, match="zephyr_jax model_args: unknown dtpye, max_lenght"):  # ran with defaults
         lm_eval.simple_evaluate(model="zephyr_jax", model_args=f"pretrained={model_dir},dtpye=bfloat16,max_lenght=64",
-                                tasks=["zj_mc"], task_manager=TaskManager(include_path=tasks))
+                                tasks=["zj_mc"], task_manager=task_manager)
     assert 0.0 <= results["zj_gen"]["exact_match,none"] <= 1.0
     assert results["zj_rolling"]["word_perplexity,none"] > 1.0 and "bits_per_byte,none" in results["zj_rolling"]
 
