@@ -20,7 +20,7 @@ import sys
 
 FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false",)
 ONE_THREAD = ("--xla_cpu_multi_thread_eigen=false",)
-_KNOWN = "ZEPHYR_JAX_TEST_FAST_COMPILE"  # "1"/"0": the probe's answer, inherited by xdist workers and subprocesses
+_KNOWN = "ZEPHYR_JAX_TEST_XLA_FLAGS_KNOWN"  # "1"/"0": the probe's answer, inherited by xdist workers and subprocesses
 
 
 def known(flags: tuple[str, ...]) -> tuple[str, ...]:
