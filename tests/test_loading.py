@@ -176,6 +176,8 @@ def test_clear_errors(workdir, tmp_path):
         local_dir(str(tmp_path / "file"), "tokenizer")
     with pytest.raises(FileNotFoundError, match="^tokenizer is an empty string: name a local directory or a"):
         local_dir("", "tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"^model is blank \(' \\t'\): name a local directory or a"):
+        local_dir(" \t", "model")  # (was "model  \t does not exist")
     with pytest.raises(TypeError, match=r"mesh=\(1, 1, 8\): pass a jax Mesh, e.g. sharding.make_mesh\(\(1, 1, 8\)\)"):
         load_model(str(workdir[0]), mesh=(1, 1, 8))  # the CLIs' --mesh shape: failed deep in sharding.py
     with pytest.raises(FileNotFoundError, match=r"neither a Hugging Face model directory .* nor a zephyr_jax"):

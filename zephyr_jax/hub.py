@@ -12,8 +12,9 @@ def local_dir(path_or_name: str, what: str) -> str | None:
     """The local directory `path_or_name` names (~ expanded), or None for a hub name ("org/name", "gpt2").
     A file, or a path that is neither a directory nor a valid hub name (absolute, ./ or ~, three parts, a//b),
     raises FileNotFoundError naming `what` (transformers and the hub client would ask for a valid repo id)."""
-    if path_or_name == "":  # (the message below would name nothing)
-        raise FileNotFoundError(f"{what} is an empty string: name a local directory or a Hugging Face hub name")
+    if not str(path_or_name).strip():  # (the message below would name nothing visible; a pathlib.Path is fine)
+        blank = "an empty string" if path_or_name == "" else f"blank ({path_or_name!r})"
+        raise FileNotFoundError(f"{what} is {blank}: name a local directory or a Hugging Face hub name")
     path = os.path.expanduser(path_or_name)
     if os.path.isdir(path):
         return path
