@@ -23,7 +23,7 @@ from tests.torch_reference import save_torch, torch_mistral
 from zephyr_jax import checkpoint, hf
 from zephyr_jax.loading import config_vocab_size, load_model
 from zephyr_jax.model import Mistral, MistralConfig
-from zephyr_jax.sharding import logical_to_spec, make_mesh
+from zephyr_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, rules_table
 from zephyr_jax.train_steps import TrainState
 
 CFG = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -117,6 +117,30 @@ def test_workdir_restores_in_bf16_onto_the_mesh(workdir):
     for name, value in flat(model).items():
         assert value.dtype == jnp.bfloat16, name
         np.testing.assert_array_equal(np.asarray(value), weights[6][name].astype(jnp.bfloat16), err_msg=name)
+
+
+def test_custom_rules_place_the_weights_and_the_activations(workdir):
+    """load_model(rules=...): the weights go where the rules say, and so do the activations (the model config's
+    sharding_rules, which its forward's constraints read: "batch" names no weight), with the default rules'
+    logits."""
+    path, _ = workdir
+    mesh = make_mesh((1, 4, 2), jax.devices()[:8])
+    rules = {**dict(rules_table()), "batch": (), "vocab": ()}  # rows, the LM head and the logits unsplit
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, CFG.vocab_size, (4, 12)))
+    forward = nnx.jit(lambda model, x: model(x))
+    logits = {}
+    for name, given in (("default", DEFAULT_RULES), ("custom", rules)):
+        model = load_model(path, "float32", mesh, rules=given)
+        assert model.config.sharding_rules == rules_table(given)
+        head = model.lm_head.kernel.get_value()
+        assert head.sharding.is_equivalent_to(NamedSharding(mesh, logical_to_spec(("embed", "vocab"), given)), 2)
+        with jax.set_mesh(mesh):  # (where the model's activation constraints apply)
+            logits[name] = forward(model, ids)
+        want = NamedSharding(mesh, logical_to_spec(("batch", "length", "vocab"), given))
+        assert logits[name].sharding.is_equivalent_to(want, 3), (name, logits[name].sharding)
+    shapes = {name: x.sharding.shard_shape(x.shape) for name, x in logits.items()}  # rows and vocab split or not
+    assert shapes == {"default": (1, 12, CFG.vocab_size // 2), "custom": (4, 12, CFG.vocab_size)}, shapes
+    np.testing.assert_allclose(np.asarray(logits["custom"]), np.asarray(logits["default"]), rtol=1e-5, atol=1e-5)
 
 
 def test_workdir_step_selection_and_missing_step(workdir, caplog):
