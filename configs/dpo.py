@@ -15,7 +15,7 @@ def get_config(arg=None):
     c = base("dpo")
     c.model.init = "orbax"  # paper: dDPO starts from the dSFT model (a zephyr_jax SFT workdir)
     c.model.path = "workdirs/sft"  # or init="hf" with a HF directory/hub name of an SFT model
-    c.data.train = "HuggingFaceH4/ultrafeedback_binarized"  # the paper's AI-feedback data
+    c.data.train = "HuggingFaceH4/ultrafeedback_binarized"  # the paper's; another: chosen/rejected rows (README: Data)
     c.data.train_split = "train_prefs"  # 61,135 pairs
     c.data.eval = "HuggingFaceH4/ultrafeedback_binarized"
     c.data.eval_split = "test_prefs"  # 2,000 pairs

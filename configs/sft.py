@@ -12,7 +12,7 @@ from zephyr_jax.config_common import base
 def get_config(arg=None):
     variant = arg or "zephyr"
     c = base("sft")
-    c.data.train = "HuggingFaceH4/ultrachat_200k"  # the paper's dSFT data
+    c.data.train = "HuggingFaceH4/ultrachat_200k"  # the paper's dSFT data; another: rows of `messages` (README: Data)
     c.data.train_split = "train_sft"  # 207,865 dialogues
     c.data.eval = "HuggingFaceH4/ultrachat_200k"
     c.data.eval_split = "test_sft"  # 23,110 dialogues

@@ -208,6 +208,20 @@ def test_a_messages_field_that_is_not_a_list_says_what_it_is(tok):
             sft_example({"messages": value}, 2, tok)
 
 
+def test_a_row_of_another_schema_names_its_keys_and_the_roles_read(tok):
+    """A ShareGPT row ({conversation: [{from, value}]}, roles human / gpt) or a {question, good, bad} pair: the
+    reason names the keys the row has and the roles that are read (it said "missing key 'messages'" and "unknown
+    role 'human'" alone, leaving the schema to be found in the code)."""
+    with pytest.raises(BadRow, match=r"^row 3: missing key 'messages' \(the row's keys: 'conversation', 'id'\)$"):
+        sft_example({"conversation": [{"from": "human", "value": "Hi"}], "id": 7}, 2, tok)
+    with pytest.raises(BadRow, match=r"^row 3: missing key 'chosen' \(the row's keys: 'bad', 'good', 'question'\)$"):
+        split_prompt({"question": "Q", "good": "A", "bad": "B"}, 2)
+    human = {"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello."}]}
+    with pytest.raises(BadRow, match=r"^row 3: unknown role 'human' in messages\[0\] \(expected system, user or "
+                                     r"assistant\)$"):
+        sft_example(human, 2, tok)
+
+
 def test_packed_row_logits_equal_separate_examples(tok):
     cfg = MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=None)

@@ -53,7 +53,8 @@ import sys
 from pathlib import Path
 
 from zephyr_jax.data.conversation import SPECIAL_TEXTS, has_special_text
-from zephyr_jax.data.errors import ON_BAD_ROW, BadRow, DroppedRow, SkipCounter, check_on_bad_row, handle_bad_row
+from zephyr_jax.data.errors import (ON_BAD_ROW, BadRow, DroppedRow, SkipCounter, check_on_bad_row, handle_bad_row,
+                                    missing_key)
 
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 RANK_BY = ("mean", "overall")
@@ -164,7 +165,7 @@ def binarize_row(row, index: int, *, rank_by: str = "mean", rng: random.Random, 
         raise BadRow(index, "row is not a dict", source)
     for key in ("instruction", "completions"):
         if key not in row:
-            raise BadRow(index, f"missing key {key!r}", source)
+            raise BadRow(index, missing_key(row, key), source)
     prompt = row["instruction"]
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRow(index, "empty instruction", source)

@@ -52,7 +52,8 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRow(index, f"{field}[{i}] lacks 'role' or 'content'", source)
         if m["role"] not in CHAT_ROLES:
-            raise BadRow(index, f"unknown role {m['role']!r} in {field}[{i}]", source)
+            raise BadRow(index, f"unknown role {m['role']!r} in {field}[{i}] (expected {', '.join(CHAT_ROLES[:-1])} "
+                                f"or {CHAT_ROLES[-1]})", source)
         if not isinstance(m["content"], str):
             raise BadRow(index, f"{field}[{i}].content is not a string", source)
         try:

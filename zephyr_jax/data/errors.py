@@ -15,9 +15,9 @@ ON_BAD_ROW = ("raise", "skip")
 
 
 class BadRow(ValueError):
-    """A row that cannot be used. `reason` is a short stable string ("missing key 'messages'", "empty content
-    in messages[3]"), `index` the row's position in `source` (a "name:split" or a file path), from 0; the message
-    counts rows from 1, as a file's lines are counted (index 0 is "row 1")."""
+    """A row that cannot be used. `reason` is a short stable string ("missing key 'messages' (the row's keys:
+    'text')", "empty content in messages[3]"), `index` the row's position in `source` (a "name:split" or a file
+    path), from 0; the message counts rows from 1, as a file's lines are counted (index 0 is "row 1")."""
 
     stops_a_strict_run = True  # on_bad_row="raise" stops at it
 
@@ -37,6 +37,18 @@ class DroppedRow(BadRow):
     (on_bad_row="raise" is strictness about malformed rows, not a reason to stop at the first long one)."""
 
     stops_a_strict_run = False
+
+
+def missing_key(row, key: str) -> str:
+    """The reason for a row without `key`, with the keys it has: a file of another schema (ShareGPT's
+    conversations, a question / good / bad pair) is recognised from the skip count, not from the code."""
+    if not isinstance(row, dict):
+        return f"missing key {key!r} (the row is a {type(row).__name__}, not a dict)"
+    keys = sorted(map(str, row))
+    if not keys:
+        return f"missing key {key!r} (the row has no keys)"
+    shown = ", ".join(map(repr, keys[:8])) + (", ..." if len(keys) > 8 else "")
+    return f"missing key {key!r} (the row's keys: {shown})"
 
 
 def reason_kind(reason: str) -> str:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from zephyr_jax.data.conversation import check_messages, encode_conversation
-from zephyr_jax.data.errors import BadRow
+from zephyr_jax.data.errors import BadRow, missing_key
 
 
 class PreferenceExample(NamedTuple):
@@ -38,7 +38,7 @@ def split_prompt(row, index, source=None):
     that a string `prompt` column (ultrafeedback_binarized's) is one of its user turns."""
     for key in ("chosen", "rejected"):
         if not isinstance(row, dict) or key not in row:
-            raise BadRow(index, f"missing key {key!r}", source)
+            raise BadRow(index, missing_key(row, key), source)
     chosen = check_messages(row["chosen"], index, source, "chosen")
     rejected = check_messages(row["rejected"], index, source, "rejected")
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):  # alternating turns: a reply has a user turn

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from zephyr_jax.data.conversation import check_messages, encode_conversation
-from zephyr_jax.data.errors import BadRow, DroppedRow
+from zephyr_jax.data.errors import BadRow, DroppedRow, missing_key
 
 LOSS_ON = ("all", "assistant")
 TOO_LONG = ("truncate", "drop")
@@ -29,7 +29,7 @@ def sft_example(row, index, tok, *, loss_on="all", max_length=2048, too_long="tr
     if loss_on not in LOSS_ON or too_long not in TOO_LONG:
         raise ValueError(f"loss_on={loss_on!r} (expected {LOSS_ON}), too_long={too_long!r} (expected {TOO_LONG})")
     if not isinstance(row, dict) or "messages" not in row:
-        raise BadRow(index, "missing key 'messages'", source)
+        raise BadRow(index, missing_key(row, "messages"), source)
     messages = check_messages(row["messages"], index, source)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow(index, "no assistant turn", source)
