@@ -173,6 +173,17 @@ def test_the_default_rules_split_every_weight_matrix_over_fsdp_and_tensor():
     assert matrices == 9  # embed_tokens, q/k/v/o, gate/up/down, lm_head
 
 
+def test_a_mesh_axis_splits_the_first_dimension_whose_rule_names_it():
+    """What sharding.py's docstring tells a researcher who moves the MLP onto fsdp: under the default embed=fsdp,
+    --config.mesh.rules.mlp=fsdp splits down_proj [mlp, embed] on mlp, leaves gate/up [embed, mlp] on embed,
+    and leaves no MLP weight on tensor (the docstring offered it as a plain one-rule example)."""
+    moved = {**dict(DEFAULT_RULES), "mlp": "fsdp"}
+    assert logical_to_spec(("embed", "mlp"), DEFAULT_RULES) == PartitionSpec("fsdp", "tensor")
+    assert logical_to_spec(("mlp", "embed"), DEFAULT_RULES) == PartitionSpec("tensor", "fsdp")
+    assert logical_to_spec(("embed", "mlp"), moved) == PartitionSpec("fsdp", None)  # gate_proj, up_proj
+    assert logical_to_spec(("mlp", "embed"), moved) == PartitionSpec("fsdp", None)  # down_proj
+
+
 def test_bad_rules_and_meshes_are_named():
     """A rule naming a mesh axis twice, a parameter that does not divide over the product of its mesh axes, a
     mesh without an axis a rule names, and mesh shapes that cannot be made: each a ValueError that says which,

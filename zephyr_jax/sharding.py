@@ -4,7 +4,14 @@ A parameter declares its axes where it is created (`nnx.Param(..., logical_axes=
 activation where it is computed (`constrain(x, ("batch", "length", "embed"), rules)`). The rules (one line per
 logical name: DEFAULT_RULES below; in the config `config.mesh.rules`, carried by `MistralConfig.sharding_rules`)
 say which mesh axes, if any, split that dimension. One rule from the command line: `--config.mesh.rules.vocab=()`
-(not split), `--config.mesh.rules.mlp=fsdp`, `--config.mesh.rules.embed="('fsdp','tensor')"`.
+(not split), `--config.mesh.rules.embed="('fsdp','tensor')"`.
+
+A mesh axis splits at most one dimension of an array: the first, left to right, whose rule names it
+(`logical_to_spec`). So `--config.mesh.rules.mlp=fsdp` under the default `embed=fsdp` splits down_proj
+[mlp, embed] on mlp but leaves gate_proj and up_proj [embed, mlp] split on embed, and puts no MLP weight on
+`tensor` (every tensor shard holds the whole MLP); the MLP's model dimension (hidden_size) is named `embed`, as
+in every other weight, so taking fsdp off it moves every weight's. Where each weight lands, nothing allocated:
+`train.abstract_params(cfg, train.model_config(cfg), train.mesh_for(cfg))[2]` (NamedShardings).
 
 The mesh is JAX's own context (`with jax.set_mesh(mesh):`), which jit keys its cache on, and the rules are an
 argument: nothing here is module-global, so a function traced outside a mesh is retraced inside one. Without a
