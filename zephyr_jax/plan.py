@@ -2,6 +2,10 @@
 
     python -m zephyr_jax.plan --config=configs/dpo.py[:VARIANT] --topology=v5e-64 [--config.key=value ...] [--json]
 
+The model is config.model.path's (its config.json, or Mistral-7B-v0.1's shape for the recipe's paths); another
+size without a checkpoint: --config.model.init=random --config.model.arch.hidden_size=2048 ... (MistralConfig's
+config.json fields).
+
 The train step that train.py jits (same function, shardings, donation, gradient accumulation, and DPO reference
 parameters or precomputed log-probs) is lowered from abstract shapes and compiled by XLA for a TPU slice
 (libtpu compiles for TPUs on a CPU-only machine: `pip install -e .[tpu]`), for NVIDIA GPUs (h100-8, h200-1, ...:
