@@ -209,9 +209,10 @@ def test_a_messages_field_that_is_not_a_list_says_what_it_is(tok):
 
 
 def test_a_row_of_another_schema_names_its_keys_and_the_roles_read(tok):
-    """A ShareGPT row ({conversation: [{from, value}]}, roles human / gpt) or a {question, good, bad} pair: the
-    reason names the keys the row has and the roles that are read (it said "missing key 'messages'" and "unknown
-    role 'human'" alone, leaving the schema to be found in the code)."""
+    """A ShareGPT row ({conversation: [{from, value}]}, roles human / gpt), a {question, good, bad} pair or TRL's
+    string prompt / chosen / rejected: the reason names the keys the row has, the roles that are read and the
+    turns a reply is given as (it said "missing key 'messages'", "unknown role 'human'" and "not a non-empty
+    list" alone, leaving the schema to be found in the code)."""
     with pytest.raises(BadRow, match=r"^row 3: missing key 'messages' \(the row's keys: 'conversation', 'id'\)$"):
         sft_example({"conversation": [{"from": "human", "value": "Hi"}], "id": 7}, 2, tok)
     with pytest.raises(BadRow, match=r"^row 3: missing key 'chosen' \(the row's keys: 'bad', 'good', 'question'\)$"):
@@ -220,6 +221,9 @@ def test_a_row_of_another_schema_names_its_keys_and_the_roles_read(tok):
     with pytest.raises(BadRow, match=r"^row 3: unknown role 'human' in messages\[0\] \(expected system, user or "
                                      r"assistant\)$"):
         sft_example(human, 2, tok)
+    with pytest.raises(BadRow, match=r"^row 3: chosen is a str \(JSON-encoded text\?\), not a non-empty list of "
+                                     r"\{role, content\} turns$"):  # TRL's prompt / chosen / rejected strings
+        split_prompt({"prompt": "Q", "chosen": "A", "rejected": "B"}, 2)
 
 
 def test_packed_row_logits_equal_separate_examples(tok):

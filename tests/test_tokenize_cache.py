@@ -99,7 +99,8 @@ def test_parallel_equals_in_process(bad_data, tok, stage, parallel_spy):
     if stage == "sft":
         assert here_log[0].splitlines()[1:] == [
             "  2 x no assistant turn", "  1 x empty content in messages[*]",
-            "  1 x messages is missing (null: a row without the key, where other rows have it), not a non-empty list"]
+            "  1 x messages is missing (null: a row without the key, where other rows have it), not a non-empty list "
+            "of {role, content} turns"]
 
 
 def test_parallel_raise_names_the_same_first_bad_row(bad_data, tok, parallel_spy):

@@ -47,7 +47,7 @@ def check_messages(messages, index, source, field="messages") -> list[dict]:
         found = ("missing (null: a row without the key, where other rows have it)" if messages is None else
                  "an empty list" if isinstance(messages, (list, tuple)) else
                  "a str (JSON-encoded text?)" if isinstance(messages, str) else f"a {type(messages).__name__}")
-        raise BadRow(index, f"{field} is {found}, not a non-empty list", source)
+        raise BadRow(index, f"{field} is {found}, not a non-empty list of {{role, content}} turns", source)
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRow(index, f"{field}[{i}] lacks 'role' or 'content'", source)
