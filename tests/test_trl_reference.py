@@ -99,19 +99,20 @@ def _split_dir(folder, split: str, rows: list):
 
 def _trl_args(config_class, tmp_path, batch_size: int, **fields):
     """Two steps of the whole data set, AdamW with a constant LR, in float32: TRL's configs default bf16 to True,
-    which autocasts even on the CPU (and wraps DPO's reference model's forward)."""
-    return config_class(
-        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=batch_size, max_steps=STEPS, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9,
-        adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", bf16=False, max_length=None, logging_steps=1,
-        per_device_eval_batch_size=8, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-        dataloader_drop_last=False,
-        model_init_kwargs={"dtype": torch.float32, "attn_implementation": "eager"}, **fields)
+    which autocasts even on the CPU (and wraps DPO's reference model's forward). fields: more, or others (a
+    schedule, epochs: bench/trl_trajectory.py)."""
+    return config_class(**{
+        "output_dir": str(tmp_path / "trl"), "per_device_train_batch_size": batch_size, "max_steps": STEPS,
+        "learning_rate": LR, "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+        "max_grad_norm": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "optim": "adamw_torch",
+        "bf16": False, "max_length": None, "logging_steps": 1, "per_device_eval_batch_size": 8, "save_strategy": "no",
+        "report_to": "none", "use_cpu": True, "seed": 0, "dataloader_drop_last": False,
+        "model_init_kwargs": {"dtype": torch.float32, "attn_implementation": "eager"}, **fields})
 
 
 def _our_run(tmp_path, stage: str, model_dir: str, data, **overrides) -> tuple[dict, str]:
     """zephyr_jax's training loop for two steps with the same optimizer, then its evaluation on the same data:
-    (metrics by step and under "eval", workdir)."""
+    (metrics by step and under "eval", workdir). overrides: more config, or other (a schedule, epochs)."""
     split = "train_sft" if stage == "sft" else "train_prefs"
     cfg = load_config(f"{ROOT}/configs/{stage}.py:tiny", **{
         "model.init": "hf", "model.path": model_dir, "tokenizer": model_dir, "data.train": str(data),
