@@ -5,13 +5,14 @@
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh install
 #   HF_TOKEN=hf_... TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh login   (Mistral-7B-v0.1 is gated)
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh run -- --config=configs/sft.py --workdir=/mnt/shared/sft
-#   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh logs | wait | stop
+#   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh logs [WORKER] | wait | stop
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh export -- --workdir=/mnt/shared/dpo --out=/mnt/shared/hf
 #   TPU_NAME=zephyr ZONE=us-central2-b launch/tpu_pod.sh delete
 #
 # `run` shows every worker's output and returns with the job's exit status, but the job does not depend on the ssh
 # sessions: each worker's trainer runs in its own session (setsid, nohup; output in ~/zephyr_train.log), so a
-# dropped connection or a closed laptop leaves it training. Then `logs` follows worker 0's log again, `wait`
+# dropped connection or a closed laptop leaves it training. Then `logs` follows worker 0's log again (`logs 3`:
+# worker 3's; an error found on one worker is printed there, and the others may end in an abort dump), `wait`
 # returns when every worker's trainer has exited (before starting dDPO on dSFT's workdir), and `stop` sends them
 # SIGTERM: the run saves a checkpoint at the same step everywhere and exits with status 75 (not finished).
 # `export` runs `python -m zephyr_jax.export` on worker 0 alone: it reads the weights into host memory, and starts
@@ -66,7 +67,9 @@ case "${1:-}" in
     idle="if pgrep -f '$TRAINER' >/dev/null; then echo \"$busy\" >&2; exit 1; fi"
     ssh_all "cd zephyr_jax && $idle && : >$LOG && { setsid -w nohup $train >>$LOG 2>&1 </dev/null & } && $follow" ;;
   logs)
-    gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=0 --command "tail -n 100 -f $LOG" ;;
+    worker=${2:-0}
+    [[ "$worker" =~ ^[0-9]+$ ]] || { echo "logs takes a worker number (0, 1, ...), not '$worker'" >&2; exit 2; }
+    gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker="$worker" --command "tail -n 100 -f $LOG" ;;
   wait)
     ssh_all "while pgrep -f '$TRAINER' >/dev/null; do sleep 30; done" ;;
   stop)
@@ -79,5 +82,5 @@ case "${1:-}" in
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)
-    echo "usage: launch/tpu_pod.sh create|install|login|run -- TRAIN_ARGS|logs|wait|stop|export -- EXPORT_ARGS|delete" >&2; exit 2 ;;
+    echo "usage: launch/tpu_pod.sh create|install|login|run -- TRAIN_ARGS|logs [WORKER]|wait|stop|export -- EXPORT_ARGS|delete" >&2; exit 2 ;;
 esac

@@ -349,12 +349,17 @@ def test_slurm_gpu_runs_one_distributed_trainer_per_gpu_with_the_args_verbatim(t
     assert "--nodes" in options and "--time" in options
 
 
-def test_tpu_pod_logs_and_export_run_on_worker_0_and_delete_names_the_zone(tmp_path):
+def test_tpu_pod_logs_follow_one_worker_export_runs_on_worker_0_and_delete_names_the_zone(tmp_path):
     out, argv = _tpu_pod(tmp_path, "logs", TPU_NAME="zephyr", ZONE="us-central2-b")
     assert out.returncode == 0 and argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "zephyr"]
     assert "--worker=0" in argv and "--worker=all" not in argv and argv[argv.index("--zone") + 1] == "us-central2-b"
     tail = argv[argv.index("--command") + 1].split()
     assert tail[0] == "tail" and "-f" in tail and tail[-1] == "$HOME/zephyr_train.log", tail  # follows `run`'s log
+    # another worker's log: where an error found on that worker is printed (the others may end in an abort dump)
+    out, argv = _tpu_pod(tmp_path, "logs", "3", TPU_NAME="zephyr", ZONE="us-central2-b")
+    assert out.returncode == 0 and "--worker=3" in argv and "--worker=0" not in argv
+    out, argv = _tpu_pod(tmp_path, "logs", "all", TPU_NAME="zephyr", ZONE="us-central2-b")
+    assert out.returncode == 2 and "logs takes a worker number" in out.stderr and "'all'" in out.stderr
     # export: one process, on worker 0 alone (it starts no TPU, so no other host need join), the args verbatim
     out, argv = _tpu_pod(tmp_path, "export", "--", "--workdir=/mnt/shared/dpo", "--out=/mnt/shared/my model",
                          TPU_NAME="zephyr", ZONE="us-central2-b")
