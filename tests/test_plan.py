@@ -97,14 +97,21 @@ def test_tiny_dpo_fits_a_v5e_slice_with_exact_input_bytes_and_flops(pairs_file):
 
 def test_precomputed_reference_log_probs_replace_the_frozen_copy(pairs_file):
     """With dpo.precompute_reference the step holds no reference parameters and runs no reference forward; each
-    batch carries one float32 reference log-prob per sequence slot instead."""
+    batch carries one float32 reference log-prob per sequence slot instead. (The frozen copy's step is
+    test_tiny_dpo_fits_a_v5e_slice_with_exact_input_bytes_and_flops': planned here too, it compiled that program
+    a second time.)"""
     r = _plan_here("configs/dpo.py:tiny", "v5e-4", pairs_file, **{"dpo.precompute_reference": True})
-    frozen = _plan_here("configs/dpo.py:tiny", "v5e-4", pairs_file)
     c, m = r["config"], r["memory"]
     assert r["verdict"].startswith("fits with") and c["reference"] == "precomputed log-probs"
-    assert m["reference"] == 0 and m["parameters"] == frozen["memory"]["reference"]
+    assert m["reference"] == 0 and m["parameters"] == 4 * r["model"]["params"]  # the frozen copy's bytes, kept
     assert m["batch"] == 4 * (4 * c["length"] + c["loss_positions"] + 2 * c["segment_slots"]) * 4 // 4
-    assert r["tokens"]["flops_per_step"] < frozen["tokens"]["flops_per_step"]
+    # The step's FLOPs at its compiled shape, without the reference's forward pass (splash; tiny's remat "none").
+    mcfg, _ = plan.planned_model_config(load_config(os.path.join(ROOT, "configs/dpo.py:tiny")))
+    counted = lambda frozen: plan.step_flops_spent(  # noqa: E731
+        mcfg, positions=4 * c["length"], attention_pairs=4 * c["length"] ** 2, head_positions=4 * c["loss_positions"],
+        frozen_reference=frozen, remat="none", kernel_attention=True)
+    assert r["tokens"]["flops_per_step"] == pytest.approx(counted(False), rel=1e-9)
+    assert counted(False) < counted(True)
 
 
 def test_bf16_first_moment_takes_a_quarter_off_the_optimizer_state(pairs_file):
