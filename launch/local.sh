@@ -9,6 +9,7 @@
 # Process 0 prints to the terminal; process i logs to $LOG_DIR/process_i.log (default: a temporary directory).
 # SIGTERM/SIGINT is passed on to every process (each saves and exits with status 75, as train does when stopped
 # early), and the script waits for all of them. It fails (1) if any process fails, else exits 75 if any stopped early.
+# COORDINATOR_PORT=P: the coordinator's port (default: a free one, picked below); a port in use is refused.
 set -euo pipefail
 usage="usage: launch/local.sh NUM_PROCESSES [--cpu_devices=K] -- TRAIN_ARGS"
 num_processes=${1:?$usage}
@@ -28,7 +29,18 @@ done
 if [[ -n "$cpu_devices" ]] && ! [[ $cpu_devices =~ ^[1-9][0-9]*$ ]]; then  # XLA crashes on 0 or text
   echo "--cpu_devices=$cpu_devices is not a positive number; $usage" >&2; exit 2
 fi
-port=${COORDINATOR_PORT:-$((20000 + RANDOM % 20000))}
+# The coordinator's port. A port in use crashes process 0's coordinator (gRPC cannot bind it) while the others wait
+# for it until JAX's initialization times out, minutes later. So: one nothing on this machine listens on, below
+# Linux's ephemeral range (32768 up), where the kernel takes ports for outgoing connections.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if [[ -n "${COORDINATOR_PORT:-}" ]]; then
+  port=$COORDINATOR_PORT
+  if port_in_use "$port"; then
+    echo "COORDINATOR_PORT=$port is in use on this machine: name another, or unset it for a free one" >&2; exit 2
+  fi
+else
+  for _ in {1..100}; do port=$((20000 + RANDOM % 12000)); port_in_use "$port" || break; done
+fi
 log_dir=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$log_dir"  # else process 1 could not start, and process 0 waited for it until the coordinator timed out
 gpu_ids=()  # the GPUs to split: CUDA_VISIBLE_DEVICES's when set, else every GPU nvidia-smi lists

@@ -4,6 +4,7 @@ tests/test_train.py::test_two_processes_match_one_process.)"""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -285,6 +286,17 @@ def test_local_launcher_gives_each_process_its_rank_one_coordinator_and_the_args
     assert out.returncode == 0, out.stderr
     for i in range(2):
         assert "--coordinator_address=localhost:23456" in (tmp_path / f"argv_{i}").read_text().splitlines()
+    # A port something listens on is refused before any process starts (process 0's coordinator could not bind it,
+    # and the others waited for it until JAX's initialization timed out); the launcher's own pick is free and
+    # below Linux's ephemeral range, where outgoing connections take theirs.
+    assert 20000 <= int(coordinator.rsplit(":", 1)[1]) < 32768
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = str(taken.getsockname()[1])
+        out = subprocess.run(["bash", "launch/local.sh", "2", "--", "--config=x"], cwd=ROOT, capture_output=True,
+                             text=True, env={**env, "COORDINATOR_PORT": busy, "LOG_DIR": str(tmp_path / "busy")},
+                             timeout=60)
+    assert out.returncode == 2 and f"COORDINATOR_PORT={busy} is in use" in out.stderr
+    assert not (tmp_path / "busy").exists()  # no process was started
 
 
 def test_local_launcher_fails_if_any_process_fails_else_75_if_any_stopped_early(tmp_path):
