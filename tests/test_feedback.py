@@ -493,12 +493,13 @@ def test_scripted_server_faults_and_counts(tmp_path):
             return status(500) if question == q[4] else answer  # q4: gen-b fails for good
         if attempt > 0:
             return answer
-        faults = {q[0]: status(429, retry_after=0.3), q[1]: status(500), q[2]: sleep(1.5, answer), q[3]: drop()}
+        faults = {q[0]: status(429, retry_after=0.3), q[1]: status(500), q[2]: sleep(3.6, answer), q[3]: drop()}
         return faults.get(question, answer)
 
     with ScriptedServer(respond) as server:
         spec = lambda model: f"endpoint:{model}@{server.base_url}"  # noqa: E731
-        options = dict(concurrency=4, timeout=0.6, max_retries=2, backoff=0.01, max_backoff=1.0)
+        # timeout: q2's sleep must outlast it, and nothing else may on a loaded machine (test_endpoint's TIMEOUT)
+        options = dict(concurrency=4, timeout=3.0, max_retries=2, backoff=0.01, max_backoff=1.0)
         generators = [backend_from_spec(spec(m), **options) for m in ("gen-a", "gen-b")]
         judge = backend_from_spec(spec("judge"), **options)
         stats = collect_feedback(rows, generators, judge, tmp_path, completions_per_prompt=2, parse_retries=2,
