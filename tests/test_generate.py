@@ -676,13 +676,17 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
                                                   eos_id=None).generate(queued))
     engine.start()
     try:
-        seen = threading.Event()
-        first = engine.submit(Request([5, 6], SamplingParams(max_tokens=50), on_update=lambda r: seen.set()))
+        # first's update holds the engine's thread until the cancel is in: its 50 tokens take 20 ms, which a
+        # loaded machine's pause of this thread outlasted (first then finished, "length", once in 100 tries)
+        seen, cancelled = threading.Event(), threading.Event()
+        first = engine.submit(Request([5, 6], SamplingParams(max_tokens=50),
+                                      on_update=lambda r: seen.set() or cancelled.wait(20)))
         assert seen.wait(60)  # first is decoding in the only slot
         waiting = engine.submit(Request([7], SamplingParams(max_tokens=3)))
         with pytest.raises(QueueFull):
             engine.submit(Request([8], SamplingParams(max_tokens=3)))
         engine.cancel(first)
+        cancelled.set()
         assert first.done.wait(60) and first.finish_reason == "cancelled" and len(first.tokens) < 50
         assert waiting.done.wait(60) and waiting.finish_reason == "length" and len(waiting.tokens) == 3
         # A call that raises ends the requests it held with an error, and the engine goes on; a request waiting for
