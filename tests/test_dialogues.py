@@ -5,6 +5,7 @@ deterministic Python callables defined here, so the CLI subprocesses reach them 
 callable:tests.test_dialogues:NAME."""
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -21,17 +22,21 @@ from zephyr_jax.data.dialogue_seeds import Seed, builtin_seeds, load_seeds, look
 from zephyr_jax.data.dialogues import SettingsMismatch, check_turn, make_dialogues, tidy_user_turn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALL_LOG, SLEEP = "DIALOGUES_TEST_CALL_LOG", "DIALOGUES_TEST_SLEEP"  # read by the callables in CLI subprocesses
+# read by the callables in CLI subprocesses
+CALL_LOG, SLEEP, HOLD_FROM = "DIALOGUES_TEST_CALL_LOG", "DIALOGUES_TEST_SLEEP", "DIALOGUES_TEST_HOLD_FROM"
+_calls_started = itertools.count(1)  # numbers this process's calls (next() is atomic)
 
 
 # --------------------------------------------------------------------------------------- scripted teachers
 
 def _note_call(call):
-    """Appends the call's seed to $DIALOGUES_TEST_CALL_LOG (one line per call) and sleeps $DIALOGUES_TEST_SLEEP."""
+    """Appends the call's seed to $DIALOGUES_TEST_CALL_LOG (one line per call) and sleeps $DIALOGUES_TEST_SLEEP;
+    the $DIALOGUES_TEST_HOLD_FROM-th call and those after it wait for the test's kill, so the run cannot end first."""
     if os.environ.get(CALL_LOG):
         with open(os.environ[CALL_LOG], "a") as f:
             f.write(f"{call.seed}\n")
-    time.sleep(float(os.environ.get(SLEEP, 0)))
+    held = next(_calls_started) >= int(os.environ.get(HOLD_FROM, sys.maxsize))
+    time.sleep(300 if held else float(os.environ.get(SLEEP, 0)))
 
 
 def scripted_user(call):
@@ -449,8 +454,8 @@ CLI = ["--user=callable:tests.test_dialogues:scripted_user", "--assistant=callab
        "--concurrency=3", "--test_size=2"]
 
 
-def _cli(out, log, *extra, sleep=0.0):
-    env = {**os.environ, CALL_LOG: str(log), SLEEP: str(sleep)}
+def _cli(out, log, *extra, sleep=0.0, hold_from=None):
+    env = {**os.environ, CALL_LOG: str(log), SLEEP: str(sleep), **({HOLD_FROM: str(hold_from)} if hold_from else {})}
     return subprocess.Popen([sys.executable, "-m", "zephyr_jax.data.dialogues", f"--output={out}", *CLI, *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -492,7 +497,9 @@ def test_kill9_at_several_points_then_rerun_equals_uninterrupted_run(tmp_path):
     assert total == len(_lines(tmp_path / "ref.calls")) > 20
     for n in (1, total // 2, total - 3):
         out, journal = tmp_path / f"kill{n}", tmp_path / f"kill{n}" / "journal" / "dialogues.jsonl"
-        _kill_after(_cli(out, tmp_path / f"kill{n}.calls", sleep=0.05), journal, n)
+        # The last call waits for the kill: the run's last 3 calls took 83-143 ms, which a loaded machine's pause
+        # of this poll can outlast (paused up to 100-305 ms a minute on 2 busy cores): the kill found a finished run.
+        _kill_after(_cli(out, tmp_path / f"kill{n}.calls", sleep=0.05, hold_from=total), journal, n)
         done = {json.loads(line)["value"]["seed"] for line in _lines(journal)}
         assert len(done) >= n and not (out / "train_sft.jsonl").exists()
         assert n > total // 2 or len(done) < total  # killed mid-run: the rerun has calls left to make

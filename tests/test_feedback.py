@@ -6,6 +6,7 @@ this module's top-level imports stay light."""
 
 import asyncio
 import collections
+import itertools
 import json
 import os
 import re
@@ -111,12 +112,18 @@ def well_formed(messages) -> str:
     return "\n\n".join(blocks)
 
 
+_calls_made = itertools.count(1)  # this process's calls (next() is atomic)
+
+
 def _log_call(kind: str) -> None:
-    """Appends the call's kind to $FEEDBACK_CALL_LOG (the CLI tests count the calls each run makes)."""
+    """Appends the call's kind to $FEEDBACK_CALL_LOG (the CLI tests count the calls each run makes); the
+    $FEEDBACK_TEST_HOLD_FROM-th call and those after it wait for the test's kill, so the run cannot end first."""
     path = os.environ.get("FEEDBACK_CALL_LOG")
     if path:
         with open(path, "a") as f:
             f.write(kind + "\n")
+    if next(_calls_made) >= int(os.environ.get("FEEDBACK_TEST_HOLD_FROM", sys.maxsize)):
+        time.sleep(300)
 
 
 def slow_right(call):
@@ -558,7 +565,10 @@ def _cli(tmp_path, out, log, *extra, kill_at=None):
            "--generators=callable:tests.test_feedback:slow_off", "--judge=callable:tests.test_feedback:slow_judge",
            "--completions_per_prompt=2", "--concurrency=2", *extra]
     with open(tmp_path / "output.txt", "w") as output:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "FEEDBACK_CALL_LOG": str(log)},
+        # With kill_at, the 64th call waits for the kill: the run's last 9 calls took 0.2 s, which a loaded
+        # machine's pause of this poll can outlast (up to 100-305 ms a minute on 2 busy cores): a finished run.
+        hold = {"FEEDBACK_TEST_HOLD_FROM": "64"} if kill_at is not None else {}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "FEEDBACK_CALL_LOG": str(log), **hold},
                                 stdout=output, stderr=subprocess.STDOUT)
         try:
             if kill_at is not None:
