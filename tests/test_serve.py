@@ -258,6 +258,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(raw='{"model": "%s", "messages": [{"role": "user", "content": "half \\ud800"}]}' % NAME), 400,
          "messages"),
         (dict(raw="[" * 100_000), 400, None),
+        # A lone surrogate in a field's name is echoed in the error: that body could not be encoded, a 500.
+        (dict(raw='{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}' % NAME), 400,
+         "\ud800"),
         (dict(raw=json.dumps({**chat, "temperature": float("nan")})), 400, "temperature"),
         (dict(body={**chat, "frequency_penalty": 2}), 400, "frequency_penalty"),
         (dict(body={**chat, "response_format": {"type": "json_object"}}), 400, "response_format"),

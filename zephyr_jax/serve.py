@@ -388,27 +388,35 @@ def log_line(r: Request) -> None:
 # HTTP.
 
 
+class ErrorResponse(JSONResponse):
+    """An error body in ASCII JSON: a message may echo the request's text, and a lone surrogate there (a field
+    named "\\ud800" is valid JSON) cannot be encoded as UTF-8; escaped, it is valid JSON again."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content).encode()
+
+
 def create_app(server: Server):
     app = FastAPI(title="zephyr_jax", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
         headers = {"Retry-After": "1"} if e.status == 429 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        return ErrorResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(404)
     async def not_found(request, _):
-        return JSONResponse(ApiError(404, f"no route {request.method} {request.url.path}").body(), status_code=404)
+        return ErrorResponse(ApiError(404, f"no route {request.method} {request.url.path}").body(), status_code=404)
 
     @app.exception_handler(Exception)
     async def unexpected(request, e: Exception):  # still an OpenAI-shaped body (uvicorn logs the traceback)
-        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
-                            status_code=500)
+        return ErrorResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
+                             status_code=500)
 
     @app.exception_handler(405)
     async def wrong_method(request, _):
-        return JSONResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(),
-                            status_code=405)
+        return ErrorResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(),
+                             status_code=405)
 
     def authorize(request: HttpRequest) -> None:
         if server.api_key is not None and request.headers.get("authorization", "") != f"Bearer {server.api_key}":
