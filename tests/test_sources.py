@@ -242,6 +242,17 @@ def test_bad_json_lines_are_named_by_file_and_line(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="hold no rows"):
         load_rows(str(tmp_path / "empty.jsonl"), None)
+    # Bytes that are not UTF-8: pyarrow's reader took them, and reading that row raised UnicodeDecodeError from
+    # inside pyarrow naming no file; beside a row the json module reads, its decoder's error named neither.
+    good = json.dumps(ROWS[0]).encode()
+    for name, tail in (("latin1.jsonl", b'{"a": "caf\xe9"}\n'), ("mixed.jsonl", b'{"a": 5}\n{"a": "caf\xe9"}\n')):
+        (tmp_path / name).write_bytes(good + b"\n" + tail)
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + r":\d: not UTF-8 \(byte 0xe9 at column"):
+            rows_of(load_rows(str(tmp_path / name), None))
+    # A byte-order mark before the first row (Windows tools write one): pyarrow's reader skips it, and so does
+    # the json module's reader, which a row of another type in the same file makes the one that reads it.
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b'\r\n{"prompt": 5}\r\n')
+    assert [dict(r) for r in load_rows(str(tmp_path / "bom.jsonl"), None)] == [ROWS[0], {"prompt": 5}]
 
 
 def test_a_column_that_stays_null_for_the_first_10_mb_still_reads(tmp_path):

@@ -202,12 +202,16 @@ def _json_types_agree(files) -> bool:
     Each file is parsed in pieces of about TYPE_CHECK_BYTES, so no more than a piece is held as Arrow (parsed
     whole, a 248 MB file took 0.48 GB of Arrow memory; in pieces 0.03 GB), and the pieces' schemas are merged. A
     piece whose strings of a field all look like dates types it as a timestamp, which no other piece's strings
-    merge with: such a file is read whole, as one reader that sees every row decides."""
+    merge with: such a file is read whole, as one reader that sees every row decides.
+
+    False too where a piece is not UTF-8: pyarrow reads such bytes unchecked, and the row that holds them then
+    fails when it is read (UnicodeDecodeError, naming no file); the json module's reader names its line."""
     import fsspec
     import pyarrow as pa
     import pyarrow.json as paj
 
     def schema(data: bytes):  # one block: no row straddles two (a row longer than a block is refused)
+        str(data, "utf-8")  # (pieces end at a line's end, never inside a character)
         block = paj.ReadOptions(block_size=max(len(data), 1 << 20))
         return paj.read_json(pa.BufferReader(data), read_options=block).schema
 
@@ -222,7 +226,8 @@ def _json_types_agree(files) -> bool:
                 with fsspec.open(f, "rb") as handle:
                     schemas.append(schema(handle.read()))
         pa.unify_schemas(schemas, promote_options="permissive")  # (an int64 and a double field merge)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):  # also a JSON array: json module
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,  # also a JSON array: json module
+            UnicodeDecodeError):
         return False
     return True
 
@@ -266,21 +271,31 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _open_text(path):
+def _open_binary(path):
     """A local file, or a URL (gs://, s3://, https://) through fsspec, as `datasets` reads it."""
     if "://" in str(path):
         import fsspec
 
-        return fsspec.open(str(path), "rt", encoding="utf-8").open()
-    return open(path, encoding="utf-8")
+        return fsspec.open(str(path), "rb").open()
+    return open(path, "rb")
+
+
+def _decode_line(raw: bytes, path, number: int) -> str:
+    """A line's text: UTF-8, after a byte-order mark on the first line (which pyarrow's reader skips too)."""
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                         "re-encode the file as UTF-8") from None
 
 
 def read_json_lines(path) -> list:
     """The values of a JSON Lines file (blank lines skipped; a URL too); ValueError naming the file and line of
-    one that is not JSON."""
+    one that is not UTF-8 or not JSON."""
     rows = []
-    with _open_text(path) as f:
-        for number, line in enumerate(f, 1):
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            line = _decode_line(raw, path, number)
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -302,10 +317,10 @@ def _load_json_rows(files: list[str], error: Exception | None = None):
     for f in files:
         value = None
         if Path(f).suffix == ".json":  # a JSON array of rows, or (as datasets also reads it) JSON Lines
-            with _open_text(f) as handle:
+            with _open_binary(f) as handle:
                 try:
-                    value = json.load(handle)
-                except json.JSONDecodeError:
+                    value = json.loads(handle.read().decode("utf-8-sig"))
+                except (json.JSONDecodeError, UnicodeDecodeError):  # read_json_lines names the line
                     pass
         if value is not None and not isinstance(value, list):
             reason = _root_cause(error) if error else f"a JSON {type(value).__name__}, expected a list of rows"
