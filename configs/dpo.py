@@ -22,7 +22,8 @@ def get_config(arg=None):
     c.data.max_length = 1024  # paper and handbook: max_length 1024
     c.data.max_prompt_length = 512  # paper and handbook: max_prompt_length 512, prompt cut from the left
     # and a too-long pair's completions to max_length - max_prompt_length (TRL 0.7's DPOTrainer, the recipe's)
-    c.data.packed_rows = 0  # packing: rows per global batch (0: about four sequences a row, mesh-aligned)
+    c.data.packed_rows = 0  # packing: rows per global batch (0: about four sequences a row, mesh-aligned; at most 2 x
+    # global_batch_size, a sequence a row)
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1  # paper: beta 0.1

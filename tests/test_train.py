@@ -233,6 +233,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("dpo", {"data.packed_rows": -8}, r"data.packed_rows=-8: must be 0 \(automatic\) or positive"),
     # unpacked, a pair is two rows whatever it says (as label_smoothing with a loss that does not smooth)
     ("dpo", {"data.packing": False, "data.packed_rows": 8}, r"data.packed_rows=8 applies only with data.packing=True"),
+    # More rows than a batch has sequences (2 x 8 pairs) are padding only; 2**31 rows hung building the batches
+    ("dpo", {"data.packed_rows": 24}, r"data.packed_rows=24: more rows than the 16 sequences of a global batch"),
     ("sft", {"data.pack_window": -5}, r"data.pack_window=-5: must be 0 \(automatic\) or positive"),  # no data
     ("dpo", {"data.num_proc": -1}, r"data.num_proc=-1: must be 0 \(automatic\) or positive"),  # one process, unsaid
     ("dpo", {"data.buckets": ("",)}, r"data.buckets=\(''.*expected whole numbers"),  # "--config.data.buckets="

@@ -124,6 +124,11 @@ def check_config(cfg, check_model_source: bool = True) -> None:
             raise ConfigError(f"data.{key}={cfg.data[key]}: must be 0 (automatic) or positive")
     if cfg.data.get("packed_rows") and not cfg.data.packing:  # (unpacked, a pair is two rows)
         raise ConfigError(f"data.packed_rows={cfg.data.packed_rows} applies only with data.packing=True")
+    sequences = 2 * t.global_batch_size  # (dDPO: a pair is two sequences)
+    if cfg.data.get("packed_rows", 0) > sequences:  # (2**31 rows hung building the batches)
+        raise ConfigError(f"data.packed_rows={cfg.data.packed_rows}: more rows than the {sequences} sequences of a "
+                          f"global batch (train.global_batch_size={t.global_batch_size} pairs), so some rows would be "
+                          "padding only")
     for key, values in (("mesh.shape", cfg.mesh.shape), ("data.buckets", cfg.data.buckets)):
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
             raise ConfigError(f"{key}={tuple(values)!r}: expected whole numbers")
