@@ -147,6 +147,12 @@ def test_inputs_the_model_cannot_read_are_named():
                                   ("rms_norm_eps", True, "must be a positive number")]:  # ran as eps = 1
         with pytest.raises(ValueError, match=f"{field}={value!r}: {message}" if field != "param_dtype" else message):
             cfg.replace(**{field: value})
+    # A size int32 cannot hold failed in jax with an OverflowError ("argument path is y") naming no field, and more
+    # heads than hidden_size gave head_dim 0, a model that reached the train step.
+    with pytest.raises(ValueError, match=r"num_hidden_layers=2147483648: above 2\*\*31 - 1"):
+        cfg.replace(num_hidden_layers=2 ** 31)
+    with pytest.raises(ValueError, match=r"head_dim=0 \(hidden_size=32 // num_attention_heads=64\): must be at least"):
+        cfg.replace(num_attention_heads=64, head_dim=None)  # (None: hidden_size // num_attention_heads)
 
 
 def test_bf16_compute_within_documented_tolerance(pair):

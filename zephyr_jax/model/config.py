@@ -28,6 +28,7 @@ _HF_IGNORED = {
 # What transformers' MistralConfig assumes for a key config.json leaves out, where it differs from the defaults
 # below (Mistral-7B-v0.1's values, which its config.json states).
 _HF_CLASS_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32}
+INT32_MAX = 2 ** 31 - 1  # the most a size may be: jax indexes (and shapes) in int32
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # model/attention.py attend's kernels
 REMAT_POLICIES = ("none", "full", "save_dots", "save_all_but_mlp", "offload")  # see model/mistral.py remat_policy
 
@@ -73,6 +74,8 @@ class MistralConfig:
                 continue
             if not whole(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a whole number >= 1")
+            if getattr(self, name) > INT32_MAX:  # jax's int32 shapes and indices: an OverflowError naming none
+                raise ValueError(f"{name}={getattr(self, name)}: above 2**31 - 1, more than int32 indices can address")
         if not (self.sliding_window is None or whole(self.sliding_window)):
             raise ValueError(f"sliding_window={self.sliding_window!r}: a whole number or None")
         for name in ("tie_word_embeddings", "scan_layers"):
@@ -80,6 +83,9 @@ class MistralConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+            if self.head_dim < 1:  # more heads than hidden units: a model with empty heads ran on
+                raise ValueError(f"head_dim=0 (hidden_size={self.hidden_size} // num_attention_heads="
+                                 f"{self.num_attention_heads}): must be at least 1")
         if self.head_dim % 2:  # (numpy's "array split does not result in an equal division" named nothing)
             raise ValueError(f"head_dim={self.head_dim}: must be even, RoPE rotates the two halves of each head "
                              "(where not given, it is hidden_size / num_attention_heads)")
