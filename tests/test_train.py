@@ -279,6 +279,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("sft", {"train.grad_accum": 3}, r"train.global_batch_size=8 is not divisible by train.grad_accum=3"),
     ("sft", {"train.num_epochs": 0, "train.max_steps": 0}, r"train.num_epochs=0 with train.max_steps=0: nothing"),
     ("sft", {"data.max_length": 1}, r"data.max_length=1: must be at least 2"),  # one token predicts nothing
+    # Positions are int32: the packed dDPO row lengths up to it were listed first (a MemoryError naming nothing)
+    ("dpo", {"data.max_length": 2 ** 31}, r"data.max_length=2147483648: above 2\*\*31 - 1"),
     ("dpo", {"data.max_prompt_length": 128}, r"data.max_prompt_length=128 must be at least 1 and below "
                                              r"data.max_length=128"),  # no room left for a completion
     ("sft", {"optim.b1": 1.0}, r"optim.b1=1.0: must lie in \[0, 1\)"),  # Adam's bias correction divides by 0

@@ -25,7 +25,7 @@ from zephyr_jax.data.sft import LOSS_ON, TOO_LONG
 from zephyr_jax.loading import is_workdir, run_config
 from zephyr_jax.losses import check_dpo_settings
 from zephyr_jax.model.attention import CUDNN_DTYPES
-from zephyr_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES
+from zephyr_jax.model.config import ATTENTION_IMPLS, INT32_MAX, REMAT_POLICIES
 from zephyr_jax.sharding import rules_table
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
 
@@ -134,6 +134,8 @@ def check_config(cfg, check_model_source: bool = True) -> None:
             raise ConfigError(f"{key}={tuple(values)!r}: expected whole numbers")
     if cfg.data.max_length < 2:  # one token predicts nothing
         raise ConfigError(f"data.max_length={cfg.data.max_length}: must be at least 2")
+    if cfg.data.max_length > INT32_MAX:  # positions are int32 (the packed dDPO row lengths were a MemoryError)
+        raise ConfigError(f"data.max_length={cfg.data.max_length}: above 2**31 - 1, more positions than int32 holds")
     check_buckets(cfg)
     for key, allowed in (("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
         if cfg.model[key] not in allowed:  # (MistralConfig's own check, with the setting's name)
