@@ -317,6 +317,10 @@ def test_cli_refuses_an_output_that_is_a_file_before_reading_the_input(tmp_path,
         assert stop.value.code == 2
         assert f"--output={out}: {tmp_path / 'notes'} is a file, not a directory" in capsys.readouterr().err
     assert (tmp_path / "notes").read_text() == "mine"
+    # An empty --output (an unset variable in a script): os.makedirs('') raised FileNotFoundError after the work
+    with pytest.raises(SystemExit) as stop:
+        main([f"--input={tmp_path / 'missing.jsonl'}", "--output="])
+    assert stop.value.code == 2 and "--output=: an empty path names no directory" in capsys.readouterr().err
 
 
 def test_cli_says_when_no_row_was_kept(tmp_path, capsys, monkeypatch):

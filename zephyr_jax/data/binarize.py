@@ -276,6 +276,8 @@ def write_json(obj, path) -> None:
 def output_dir_problem(path) -> str | None:
     """Why `path` cannot be made the directory of a CLI's outputs (it, or a folder above it, is a file), or None:
     os.makedirs found it only once the outputs were written, after the work."""
+    if not str(path):  # ("" is the working directory to abspath, and no directory to os.makedirs)
+        return "an empty path names no directory"
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
