@@ -635,6 +635,9 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, monkeypatch, c
     for flags, message in ((["--test_size=2.5"], "test_size=2.5: expected a fraction in [0, 1) or a whole count"),
                            (["--concurrency=0"], "concurrency=0: at least 1 dialogue must be in flight"),
                            (["--num_dialogues=-1"], "num_dialogues=-1 is negative"),
+                           # inf: an OverflowError traceback; nan passed, and failed at the split, unnamed
+                           (["--test_size=inf"], "test_size=inf: expected a fraction in [0, 1) or a whole count"),
+                           (["--test_size=nan"], "test_size=nan: expected a fraction in [0, 1) or a whole count"),
                            (["--min_turns=3", "--max_turns=2"], "need 1 <= min_turns <= max_turns, got min_turns=3")):
         with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
             dialogues.main([f"--output={tmp_path / 'out'}", "--assistant=engine:teacher", *flags])

@@ -99,6 +99,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import random
 import re
 import sys
@@ -375,7 +376,7 @@ def _settings(run: _Run) -> dict:
 
 def _check_test_size(test_size: float) -> None:
     """Its form, before any teacher call; whether a count is below the kept dialogues is known only at the end."""
-    if test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
+    if not math.isfinite(test_size) or test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
         raise ValueError(f"test_size={test_size}: expected a fraction in [0, 1) or a whole count of rows")
 
 
