@@ -201,6 +201,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     # no loss scaling: the LM head's small gradients underflowed to 0 (60% of its entries over 16k tokens)
     ("dpo", {"model.dtype": "float16"}, r"model.dtype=float16: training in float16 needs loss scaling"),
     ("sft", {"seed": -1}, r"config.seed=-1: must be a whole number >= 0"),  # numpy's error, after tokenizing
+    # JAX keys take a seed's low 32 bits: 2**32 initialised as 0 did, and 2**63 was an OverflowError from jax.random
+    ("sft", {"seed": 2 ** 32}, r"config.seed=4294967296: above 2\*\*32 - 1"),
     ("sft", {"model.arch.rope_theta": -1.0}, r"config.model.arch.rope_theta=-1.0: must be positive"),  # a NaN loss
     ("sft", {"model.arch.initializer_range": 0.0}, r"arch.initializer_range=0.0: must be positive"),  # no gradient
     # inf passed "positive": inf weights (NaN from the first step), or an MFU of NaN / 0 in every log line

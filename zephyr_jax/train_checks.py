@@ -67,6 +67,9 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         raise ConfigError(str(e)) from e
     if not isinstance(cfg.seed, numbers.Integral) or cfg.seed < 0:  # numpy's generators take none below 0
         raise ConfigError(f"config.seed={cfg.seed!r}: must be a whole number >= 0")
+    if cfg.seed > 2 ** 32 - 1:  # JAX's keys take its low 32 bits: 2**32 initialises as 0 does (2**63 overflowed)
+        raise ConfigError(f"config.seed={cfg.seed}: above 2**32 - 1, and the model's initialisation reads the low 32 "
+                          "bits only (seeds s and s + 2**32 would initialise the same model)")
     if cfg.model.init == "random":
         # NaN at step 1 (0, or an inf initializer_range), no gradient at all, or inf in config.json
         for key in ("rope_theta", "rms_norm_eps", "initializer_range"):
