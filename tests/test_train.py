@@ -280,6 +280,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("sft", {"train.eval_every": -1}, r"train.eval_every=-1: must be 0 \(off\) or positive"),
     ("sft", {"train.grad_accum": 3}, r"train.global_batch_size=8 is not divisible by train.grad_accum=3"),
     ("sft", {"train.num_epochs": 0, "train.max_steps": 0}, r"train.num_epochs=0 with train.max_steps=0: nothing"),
+    # optax counts steps in int32; 2**31 steps were a 16 GiB MemoryError listing their learning rates
+    ("sft", {"train.max_steps": 2 ** 31}, r"train.max_steps=2147483648: above 2\*\*31 - 1"),
     ("sft", {"data.max_length": 1}, r"data.max_length=1: must be at least 2"),  # one token predicts nothing
     # Positions are int32: the packed dDPO row lengths up to it were listed first (a MemoryError naming nothing)
     ("dpo", {"data.max_length": 2 ** 31}, r"data.max_length=2147483648: above 2\*\*31 - 1"),

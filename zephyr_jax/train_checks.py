@@ -114,6 +114,8 @@ def check_config(cfg, check_model_source: bool = True) -> None:
     if t.global_batch_size % t.grad_accum:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"train.grad_accum={t.grad_accum}")
+    if t.max_steps > INT32_MAX:  # optax counts steps in int32 (and the run lists every step's learning rate)
+        raise ConfigError(f"train.max_steps={t.max_steps}: above 2**31 - 1, more steps than optax's int32 count holds")
     if t.max_steps <= 0 and t.num_epochs < 1:
         raise ConfigError(f"train.num_epochs={t.num_epochs} with train.max_steps={t.max_steps}: nothing to train "
                           "(set num_epochs >= 1, or max_steps)")
