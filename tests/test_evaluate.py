@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -309,6 +310,10 @@ def test_mt_bench_answer_file(model_dir, tmp_path, monkeypatch):
         assert len(r["choices"]) == 1 and r["choices"][0]["index"] == 0
         turns = r["choices"][0]["turns"]
         assert len(turns) == 2 and all(isinstance(t, str) and t for t in turns)
+    # A top_k above the vocabulary, known once the model is loaded: the engine's ValueError was a traceback
+    assert _cli_error(["mt_bench", f"--model={model_dir}", f"--question_file={questions}", "--model_id=tiny",
+                       f"--answer_file={answers}", "--max_new_tokens=5", "--top_k=32001"]) == \
+        "error: --top_k=32001: more than the 32000 tokens of the model's vocabulary"
 
 
 def test_a_sampled_mt_bench_answer_is_the_same_whatever_else_the_question_file_holds(model_dir):
@@ -738,7 +743,8 @@ def test_mt_bench_and_alpaca_eval_sample_as_their_references_by_default(monkeypa
     """FastChat's gen_model_answer and AlpacaEval's zephyr-7b-beta config (huggingface_local_completions) call
     transformers' generate with temperature, max_new_tokens (and top_p 1.0) only: its top_k default of 50 stays."""
     seen = {}
-    monkeypatch.setattr(evaluate, "load", lambda *a, **k: (None, None))
+    vocabulary = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=32000))  # (--top_k is checked on it)
+    monkeypatch.setattr(evaluate, "load", lambda *a, **k: (vocabulary, None))
     monkeypatch.setattr(evaluate, "mt_bench_answers", lambda *a, **k: seen.update(mt_bench=k) or [])
     monkeypatch.setattr(evaluate, "alpaca_eval_outputs", lambda *a, **k: seen.update(alpaca_eval=k) or [])
     questions, instructions = tmp_path / "question.jsonl", tmp_path / "instructions.json"

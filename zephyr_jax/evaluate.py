@@ -529,6 +529,9 @@ def main(argv=None):
         model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.top_k > model.config.vocab_size:  # (the engine's ValueError, a traceback at the first reply)
+        sys.exit(f"error: --top_k={args.top_k}: more than the {model.config.vocab_size} tokens of the model's "
+                 "vocabulary")
     sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     batch_size=args.batch_size, system=args.system)
     if args.command == "mt_bench":
