@@ -90,6 +90,14 @@ def test_each_interactive_turn_samples_with_its_own_seed(monkeypatch, tiny_model
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n/exit\n"))
     chat.main([f"--model={tiny_model_dir}", "--dtype=float32", f"--seed={2 ** 32 - 1}", "--max_length=64"])
     assert seeds == [2 ** 32 - 1, 0]
+    # A top_k above the model's vocabulary, known once it is loaded: one error before the first turn (it was the
+    # engine's ValueError at every turn)
+    seeds.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n/exit\n"))
+    with pytest.raises(SystemExit) as exit_:
+        chat.main([f"--model={tiny_model_dir}", "--dtype=float32", "--top_k=32001", "--max_length=64"])
+    assert exit_.value.code == "error: top_k=32001: must be in [0, 32000] (the model's vocabulary)"
+    assert seeds == []
 
 
 def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, assert_refused_dtype):

@@ -313,7 +313,7 @@ def test_mt_bench_answer_file(model_dir, tmp_path, monkeypatch):
     # A top_k above the vocabulary, known once the model is loaded: the engine's ValueError was a traceback
     assert _cli_error(["mt_bench", f"--model={model_dir}", f"--question_file={questions}", "--model_id=tiny",
                        f"--answer_file={answers}", "--max_new_tokens=5", "--top_k=32001"]) == \
-        "error: --top_k=32001: more than the 32000 tokens of the model's vocabulary"
+        "error: top_k=32001: must be in [0, 32000] (the model's vocabulary)"
 
 
 def test_a_sampled_mt_bench_answer_is_the_same_whatever_else_the_question_file_holds(model_dir):

@@ -70,9 +70,10 @@ def main(argv=None):
         sys.exit(f"error: --max_new_tokens={args.max_new_tokens}: must be at least 1")
     if args.max_length is not None and args.max_length < SIZE_BOUNDS["max_length"]:  # the Engine's, before the load
         sys.exit(f"error: --max_length={args.max_length}: must be at least {SIZE_BOUNDS['max_length']}")
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
     try:  # the engine's own ranges: it refused them at the first reply, after the model's load (and every turn)
-        SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed).check()
+        params.check()
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -82,6 +83,10 @@ def main(argv=None):
     try:  # no such model, a checkpoint of another shape, a mesh the devices cannot fill: its message alone
         model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    try:  # and those that need its vocabulary (a top_k above it): once, not at every turn
+        params.check(model.config.vocab_size)
+    except ValueError as e:
         sys.exit(f"error: {e}")
     engine = Engine(model, tok, max_slots=1, max_length=args.max_length)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

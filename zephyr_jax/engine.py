@@ -70,9 +70,9 @@ class SamplingParams:
         object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(() if stop is None else stop))
         object.__setattr__(self, "stop_token_ids", tuple(() if ids is None else ids))
 
-    def check(self) -> None:
+    def check(self, vocab_size: int | None = None) -> None:
         """ValueError naming the first field of another type (2.5 tokens ran as 3, seed 1.9 as 1) or out of
-        range."""
+        range; with a vocab_size, also top_k and stop_token_ids beyond the model's vocabulary."""
         whole = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)  # noqa: E731
         real = lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)  # noqa
         for name, kind in (("max_tokens", whole), ("top_k", whole), ("seed", whole), ("temperature", real),
@@ -98,6 +98,11 @@ class SamplingParams:
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+        if vocab_size is not None and self.top_k > vocab_size:
+            raise ValueError(f"top_k={self.top_k}: must be in [0, {vocab_size}] (the model's vocabulary)")
+        if vocab_size is not None and any(not 0 <= i < vocab_size for i in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={list(self.stop_token_ids)}: must be in [0, {vocab_size}) (the model's "
+                             "vocabulary)")
 
 
 @dataclasses.dataclass(eq=False)
@@ -414,7 +419,7 @@ class Engine:
         """ValueError for a request that cannot run here (too long, bad sampling values, ids outside the
         vocabulary): raised to its submitter, never on the engine's thread, where it would fail every request."""
         params = request.params
-        params.check()
+        params.check(self.config.vocab_size)
         if isinstance(request.prompt, str):
             raise TypeError("Request.prompt is token ids: encode the text first (generate() takes text)")
         if request.finish_reason is not None or request.submitted_at:  # its slot would never be freed: a hang
@@ -430,10 +435,6 @@ class Engine:
         vocab = self.config.vocab_size
         if prompt.min() < 0 or prompt.max() >= vocab:  # on the array already made, not a second pass in Python
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if params.top_k > vocab:
-            raise ValueError(f"top_k={params.top_k}: must be in [0, {vocab}] (the vocabulary)")
-        if any(not 0 <= i < vocab for i in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids={list(params.stop_token_ids)}: must be in [0, {vocab})")
         total = len(request.prompt) + params.max_tokens
         if total > self.max_length:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens and max_tokens is {params.max_tokens}: "

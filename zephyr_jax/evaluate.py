@@ -507,9 +507,10 @@ def main(argv=None):
         value = getattr(args, flag, 1)  # (alpaca_eval has no --num_choices)
         if value < 1:  # 0 wrote empty answers, or none, and exited 0
             sys.exit(f"error: --{flag}={value}: must be at least 1")
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature or 0.0, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
     try:  # the engine's own ranges (it refused them at the first reply, after the model's load, with a traceback)
-        SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature or 0.0, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed).check()
+        params.check()
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:  # before the model, which takes minutes to load: a missing or malformed file is found now
@@ -529,9 +530,10 @@ def main(argv=None):
         model, tok = load(args.model, args.dtype, local_mesh(args.mesh), tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.top_k > model.config.vocab_size:  # (the engine's ValueError, a traceback at the first reply)
-        sys.exit(f"error: --top_k={args.top_k}: more than the {model.config.vocab_size} tokens of the model's "
-                 "vocabulary")
+    try:  # and those that need its vocabulary, before any generation
+        params.check(model.config.vocab_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     batch_size=args.batch_size, system=args.system)
     if args.command == "mt_bench":
