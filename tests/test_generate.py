@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tests.torch_reference import save_torch, torch_logits, torch_mistral
 from zephyr_jax.engine import Engine, QueueFull, Request, SamplingParams
@@ -155,6 +157,29 @@ def test_a_lone_tokens_write_changes_its_row_and_position_only_and_the_cache_tak
         expected = start.copy()
         expected[1, row, position] = new[0, 0]
         np.testing.assert_array_equal(got, expected.transpose(0, 1, 3, 2, 4) if heads_first else expected)
+
+
+def test_a_cache_larger_than_a_devices_free_memory_is_refused_with_its_sizes(monkeypatch):
+    """KVCache.init checks the bytes of its k and v shards on each device against what the device's allocator can
+    still give (an out-of-memory traceback from inside jax was all a too large serve --max-slots said). The CPU
+    does not say what is free, so a device that does stands in; the bytes checked are those then allocated."""
+    cfg = MistralConfig(num_hidden_layers=2, num_key_value_heads=2, head_dim=8, num_attention_heads=4,
+                        dtype=jnp.bfloat16)
+    mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4])
+    sharding = NamedSharding(mesh, P(None, "data", "tensor"))  # slots over one axis, heads over the other
+    monkeypatch.setattr(kv_cache, "free_device_bytes", lambda device: None)  # (the CPU's own answer)
+    cache = KVCache.init(cfg, 6, 40, sharding=sharding)
+    shard_bytes = cache.k.addressable_shards[0].data.nbytes + cache.v.addressable_shards[0].data.nbytes
+    assert shard_bytes == 2 * 2 * (2 * 3 * 1 * 40 * 8)  # k and v, bf16, [layers, slots/2, kv_heads/2, length, dim]
+    free = {d: 2 ** 30 for d in mesh.devices.flat} | {mesh.devices.flat[3]: shard_bytes - 1}
+    monkeypatch.setattr(kv_cache, "free_device_bytes", free.get)
+    with pytest.raises(ValueError) as error:
+        KVCache.init(cfg, 6, 40, sharding=sharding)
+    assert str(error.value) == (f"the KV cache of 6 slots x 40 tokens needs {shard_bytes / 2**30:.2f} GiB on "
+                                f"{mesh.devices.flat[3]}, which has {(shard_bytes - 1) / 2**30:.2f} GiB free: use "
+                                "fewer slots or a shorter max_length")
+    free[mesh.devices.flat[3]] = shard_bytes  # exactly enough
+    assert KVCache.init(cfg, 6, 40, sharding=sharding).k.shape == cache.k.shape
 
 
 @pytest.mark.parametrize("heads_first", [True, False])

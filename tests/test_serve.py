@@ -653,6 +653,14 @@ def test_serving_is_logged_once_the_port_is_bound(tiny_model_dir, monkeypatch, s
     serve.main(argv + ["--port=0"])
     assert bound[-1] != 0 and [m for m in messages if m.startswith("serving")] == \
         [f"serving {tiny_model_dir} on http://127.0.0.1:{bound[-1]}/v1 (1 slots of 32 tokens)"], messages
+    # A KV cache larger than a device's free memory: one line with its sizes, where it was jax's out-of-memory
+    # traceback (the CPU does not say what is free: a device that does stands in)
+    from zephyr_jax.model import kv_cache
+
+    monkeypatch.setattr(kv_cache, "free_device_bytes", lambda device: 2 ** 20)
+    with pytest.raises(SystemExit, match=r"^error: the KV cache of 5000 slots x 32 tokens needs 0\.04 GiB on .*, "
+                                         r"which has 0\.00 GiB free: use fewer slots or a shorter max_length$"):
+        serve.main(argv + ["--port=0", "--max-slots=5000"])
 
 
 def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatch, serve_logger):

@@ -674,9 +674,12 @@ def main(argv=None) -> None:
                                            tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    engine = Engine(model, tokenizer, max_slots=args.max_slots, max_length=args.max_length,
-                    prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps, max_queue=args.max_queue,
-                    mesh=mesh)
+    try:  # a KV cache larger than the devices' free memory: its sizes, not jax's out-of-memory traceback
+        engine = Engine(model, tokenizer, max_slots=args.max_slots, max_length=args.max_length,
+                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps, max_queue=args.max_queue,
+                        mesh=mesh)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if args.warmup:
         log.info("warm-up: compiled %d decoding and prefill programs", engine.warmup(progress=True))
     engine.start()

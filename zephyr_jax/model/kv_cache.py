@@ -26,6 +26,7 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def heads_first_on(platform: str) -> bool:
@@ -64,9 +65,28 @@ class KVCache:
                      kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
         shape = tuple(sizes[a] for a in axes(heads_first))
         dtype = cfg.dtype if dtype is None else dtype
+        check_fits(sharding, shape, dtype, slots, max_length)
         # jnp.zeros(device=) compiles once per shape and sharding (a jit of a new lambda compiled per Engine)
         return cls(k=jnp.zeros(shape, dtype, device=sharding), v=jnp.zeros(shape, dtype, device=sharding),
                    heads_first=heads_first)
+
+
+def free_device_bytes(device) -> int | None:
+    """What the device's allocator can still hand out; None where it does not say (CPU)."""
+    stats = device.memory_stats()
+    return None if not stats or "bytes_limit" not in stats else stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def check_fits(sharding, shape, dtype, slots: int, max_length: int) -> None:
+    """ValueError when the k and v buffers' shards do not fit a device's free memory (an out-of-memory traceback
+    from inside jax, once the model had loaded, was all a too large --max-slots said)."""
+    need = 2 * jnp.dtype(dtype).itemsize * int(np.prod(sharding.shard_shape(shape), dtype=np.int64))
+    for device in sorted(sharding.device_set, key=lambda d: d.id):
+        free = free_device_bytes(device)
+        if free is not None and need > free:
+            raise ValueError(f"the KV cache of {slots} slots x {max_length} tokens needs {need / 2**30:.2f} GiB on "
+                             f"{device}, which has {free / 2**30:.2f} GiB free: use fewer slots or a shorter "
+                             "max_length")
 
 
 def write(buffer, heads_first: bool, layer, rows, positions, new):
