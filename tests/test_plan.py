@@ -237,9 +237,21 @@ def test_compiles_for_two_hosts_of_a100s_without_one():
     assert r["attention"].startswith("XLA einsum attention") and r["verdict"].startswith("fits with")
 
 
+def _plans_in_one_process(overrides: list[dict], env: dict) -> list[dict]:
+    """The reports of configs/sft.py with each of `overrides` planned for an H200, one after another in one
+    subprocess (the CUDA plugin loads only at a process's start; each command line paid ~6 s of imports again)."""
+    script = ("import json, sys\nfrom zephyr_jax import plan\nfrom zephyr_jax.config_common import load_config\n"
+              "for o in json.loads(sys.argv[1]):\n"
+              "    print(json.dumps(plan.plan(load_config('configs/sft.py', **o), 'h200-1'), default=str), flush=True)")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(overrides)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
 @needs_cuda_plugin
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_unrolled_layers_keep_their_remat_on_a_gpu(grad_accum):
+@pytest.mark.long
+def test_unrolled_layers_keep_their_remat_on_a_gpu():
     """scan_layers=False makes the layers straight-line code, where XLA's CSE merged each layer's recompute back
     into its forward: remat="full" (jax.checkpoint(prevent_cse=False), right under a scan only) and gradient
     accumulation's own recompute (model/accumulate.py) held about what no remat holds (XLA:GPU for an H200, 4
@@ -248,17 +260,19 @@ def test_unrolled_layers_keep_their_remat_on_a_gpu(grad_accum):
     jax 0.11.2's XLA:GPU (the H200 machine's) also started a layer's recompute in accumulation's backward before the
     layer above had added its weight gradients, two layers' MLP activations live: 2,898 MiB unrolled against 1,111
     scanned (grad_accum 2), 1,211 since the recompute waits on the running sum too. jax 0.10.2 kept that order
-    anyway (1,343 and 1,313 MiB), so only a run at 0.11.2 catches its loss."""
-    shape = ["--config=configs/sft.py", "--topology=h200-1", "--config.model.init=random", "--config.model.remat=full",
-             "--config.model.dtype=bfloat16", f"--config.train.global_batch_size={8 * grad_accum}",
-             f"--config.train.grad_accum={grad_accum}", "--config.data.max_length=2048",
-             "--config.model.arch.num_hidden_layers=4", "--config.model.arch.hidden_size=1024",
-             "--config.model.arch.intermediate_size=4096", "--config.model.arch.num_attention_heads=8",
-             "--config.model.arch.num_key_value_heads=2", "--config.model.arch.vocab_size=1024"]
+    anyway (1,343 and 1,313 MiB), so only a run at 0.11.2 catches its loss. grad_accum 1 and 2, scanned and
+    unrolled: four plans in one process, as the planner's command line makes each (load_config, then plan)."""
+    shape = {"model.init": "random", "model.remat": "full", "model.dtype": "bfloat16", "data.max_length": 2048,
+             "model.arch.num_hidden_layers": 4, "model.arch.hidden_size": 1024, "model.arch.intermediate_size": 4096,
+             "model.arch.num_attention_heads": 8, "model.arch.num_key_value_heads": 2, "model.arch.vocab_size": 1024}
+    cases = [(grad_accum, scan) for grad_accum in (1, 2) for scan in (True, False)]
     env = {**_gpu_env("0.9"), "XLA_FLAGS": "--xla_dump_hlo_as_text=false"}  # a default: no sbatch flags added
-    temporaries = {scan: _plan(*shape, f"--config.model.scan_layers={scan}", env=env)["memory"]["temporaries"]
-                   for scan in (True, False)}
-    assert temporaries[False] < 1.3 * temporaries[True], temporaries
+    reports = _plans_in_one_process([{**shape, "train.global_batch_size": 8 * grad_accum,
+                                      "train.grad_accum": grad_accum, "model.scan_layers": scan}
+                                     for grad_accum, scan in cases], env)
+    temporaries = {case: r["memory"]["temporaries"] for case, r in zip(cases, reports, strict=True)}
+    for grad_accum in (1, 2):
+        assert temporaries[grad_accum, False] < 1.3 * temporaries[grad_accum, True], temporaries
 
 
 def test_bad_length_mix_is_named(tmp_path):
