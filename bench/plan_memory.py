@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -36,6 +37,11 @@ def main(argv):
     from zephyr_jax import train_steps as steps
 
     cfg = CONFIG.value
+    # The planner compiles this very step: kept in a cache of this run's own, the step below loads it (once
+    # more, it took as long to compile as the step took to run).
+    cache = tempfile.TemporaryDirectory()
+    jax.config.update("jax_compilation_cache_dir", cache.name)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     planned = plan.plan(cfg, "local")["memory"]["total"]
 
     # The same step with real arrays: parameters on the mesh, random tokens in the planner's batch shapes.
