@@ -71,6 +71,51 @@ def _cli(*args, env=None, timeout=600, **kw):
                           env={**os.environ, **(env or {})}, timeout=timeout, **kw)
 
 
+# Runs each [argv, env] of argv[1] as `python -m zephyr_jax.train *argv` with env added would: a fork of one
+# process that imported the trainer once (each command line's own process had ~5 s of imports). The child ends as
+# the interpreter ends a script: an uncaught exception's traceback on stderr and status 1; SystemExit's code.
+_FORKED_TRAIN_CLI = """
+import json, os, sys, tempfile, traceback
+from zephyr_jax import train
+results = []
+for argv, env in json.loads(sys.argv[1]):
+    with tempfile.TemporaryFile("w+") as err:
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(err.fileno(), 2)
+            os.environ.update(env)
+            sys.argv = [train.__file__, *argv]
+            code = 0
+            try:
+                train.cli()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, int | None):
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        err.seek(0)
+        results.append({"returncode": status, "stderr": err.read()})
+print(json.dumps(results))
+"""
+
+
+def _train_cli_runs(*cases):
+    """[(returncode, stderr)] of `python -m zephyr_jax.train *argv` for each (argv, env) case, run as forks of one
+    process (_FORKED_TRAIN_CLI). env: XLA_FLAGS only, which JAX reads when its backend starts, after the fork
+    (JAX_* variables are read at import, before it)."""
+    assert all(set(env) <= {"XLA_FLAGS"} for _, env in cases), cases
+    out = subprocess.run([sys.executable, "-c", _FORKED_TRAIN_CLI, json.dumps(cases)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [types.SimpleNamespace(**r) for r in json.loads(out.stdout.splitlines()[-1])]
+
+
 # --- The command line, end to end: dSFT -> dDPO from the SFT workdir -> export -> transformers. ---
 
 @pytest.mark.long
@@ -146,36 +191,40 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
 
 
 def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
-    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}",
-               "--config.train.no_such_key=1")
+    sft = ["--config=configs/sft.py:tiny", f"--workdir={tmp_path}"]
+    # A value out of range and a hub name the hub does not give (conftest sets HF_HUB_OFFLINE; it was two chained
+    # tracebacks): the message, not a traceback that ends in it (train_checks.ConfigError).
+    dpo_errors = (
+        (["--config.optim.lr=-1"], "error: optim.lr=-1.0: must be positive"),
+        (["--config.model.init=hf", "--config.model.path=someone/no-such-model"],
+         "error: config.model.path: 'someone/no-such-model' is not a local directory and could not be fetched "
+         "from the Hugging Face Hub (LocalEntryNotFoundError: "))
+    no_key, seed_x, sftt, sftt_no_variant, stray, no_coordinator, *dpo = _train_cli_runs(
+        ([*sft, "--config.train.no_such_key=1"], {}), ([*sft, "--config.seed.x=1"], {}),
+        *(([*config, f"--workdir={tmp_path}"], {}) for config in (["--config=configs/sftt.py:tiny", "--config.seed=1"],
+                                                                 ["--config", "configs/sftt.py"])),
+        ([*sft, "handbook"], {}), ([*sft, "--num_processes=2", "--process_id=1"], {}),
+        *((["--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides], {"XLA_FLAGS": cpu_xla.flags(8)})
+          for overrides, _ in dpo_errors))
+    out = no_key
     assert out.returncode != 0 and "Traceback" not in out.stderr  # one line, not ml_collections' traceback
     assert ("a --config override names a key the config does not have: 'no_such_key' (overrides given: "
             "--config.train.no_such_key)") in out.stderr
-    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--config.seed.x=1")
+    out = seed_x
     assert out.returncode != 0 and "Traceback" not in out.stderr  # was ml_collections' KeyError and traceback
     assert "--config.seed.x: config.seed is a value, not a section with keys" in out.stderr
-    for config in (["--config=configs/sftt.py:tiny", "--config.seed=1"], ["--config", "configs/sftt.py"]):
-        out = _cli("zephyr_jax.train", *config, f"--workdir={tmp_path}")  # was two chained tracebacks
+    for out in (sftt, sftt_no_variant):  # was two chained tracebacks
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert "no file 'configs/sftt.py'" in out.stderr
     # A stray word (`--workdir=runs/sft handbook` meant the variant) was dropped: the default recipe trained
-    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "handbook")
+    out = stray
     assert out.returncode != 0 and "unexpected arguments ['handbook']: flags are --name=value" in out.stderr, \
         out.stderr[-2000:]
     # --num_processes / --process_id without a coordinator trained the whole job as process 0 of 1
-    out = _cli("zephyr_jax.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--num_processes=2",
-               "--process_id=1")
+    out = no_coordinator
     assert out.returncode != 0 and ("--num_processes, --process_id given: --coordinator_address, --num_processes "
                                     "and --process_id go together") in out.stderr, out.stderr[-2000:]
-    # A value out of range and a hub name the hub does not give (conftest sets HF_HUB_OFFLINE; it was two chained
-    # tracebacks): the message, not a traceback that ends in it (train_checks.ConfigError).
-    for overrides, message in (
-            (["--config.optim.lr=-1"], "error: optim.lr=-1.0: must be positive"),
-            (["--config.model.init=hf", "--config.model.path=someone/no-such-model"],
-             "error: config.model.path: 'someone/no-such-model' is not a local directory and could not be fetched "
-             "from the Hugging Face Hub (LocalEntryNotFoundError: ")):
-        out = _cli("zephyr_jax.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}", *overrides,
-                   env={"XLA_FLAGS": cpu_xla.flags(8)})
+    for out, (_, message) in zip(dpo, dpo_errors, strict=True):
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-2000:]
 
