@@ -154,6 +154,14 @@ print("largest all-gather:", max(gathered), "bytes", flush=True)
 from zephyr_jax.model.kv_cache import KVCache
 (device,) = KVCache.init(local.config, 1, 8).k.sharding.device_set  # an engine's cache beside uncommitted weights
 print("cache on process", device.process_index, flush=True)
+from zephyr_jax.model import kv_cache
+def free(device):  # each process checks the memory of its own devices only (another's memory_stats is not its)
+    assert device.process_index == jax.process_index(), device
+    return 2 ** 40
+kv_cache.free_device_bytes = free
+whole = jax.sharding.NamedSharding(make_mesh((1, -1, 1)), jax.sharding.PartitionSpec(None, "fsdp"))
+shards = KVCache.init(local.config, 4, 8, sharding=whole).k.addressable_shards
+print("global cache shards here:", len(shards), flush=True)
 try:
     load_model(sys.argv[2 + jax.process_index()], "float32", make_mesh((1, -1, 1)))
 except ValueError as e:
@@ -185,6 +193,7 @@ def test_weights_read_over_processes_gather_no_parameter_and_copies_that_differ_
         assert p.returncode == 0 and "largest all-gather:" in out, out[-3000:]
         assert int(out.split("largest all-gather:")[1].split()[0]) <= 64, out[-3000:]  # digests, not weights
         assert f"cache on process {procs.index(p)}" in out, out[-3000:]  # (was process 0's device on both)
+        assert "global cache shards here: 2" in out, out[-3000:]  # (it asked another process's devices too)
         assert "own copies: parameter " in out and "differs between processes [1] and process 0" in out, out[-3000:]
 
 

@@ -81,7 +81,7 @@ def check_fits(sharding, shape, dtype, slots: int, max_length: int) -> None:
     """ValueError when the k and v buffers' shards do not fit a device's free memory (an out-of-memory traceback
     from inside jax, once the model had loaded, was all a too large --max-slots said)."""
     need = 2 * jnp.dtype(dtype).itemsize * int(np.prod(sharding.shard_shape(shape), dtype=np.int64))
-    for device in sorted(sharding.device_set, key=lambda d: d.id):
+    for device in sorted(sharding.addressable_devices, key=lambda d: d.id):  # (another host's: its own check)
         free = free_device_bytes(device)
         if free is not None and need > free:
             raise ValueError(f"the KV cache of {slots} slots x {max_length} tokens needs {need / 2**30:.2f} GiB on "
