@@ -1304,14 +1304,15 @@ def test_a_batch_shape_first_met_after_the_first_step_compiles_outside_the_step_
     """dDPO batches come in bucketed shapes, each compiled when first met (~13 in the recipe's run, 43 s each for
     7B on a v5e-64): those after the first step were step time, and their log lines read tokens/s and MFU several
     times low. The stand-in compile: 3 s at a shape's first call."""
-    real, shapes = train.jit_train_step, set()
+    real, shapes, calls = train.jit_train_step, {}, []
 
     def jit_train_step(*args, **kwargs):
         step = real(*args, **kwargs)
 
         def first_call_slow(state, batch, reference, hparams):
+            calls.append(None)
             if train.batch_shape(batch) not in shapes:
-                shapes.add(train.batch_shape(batch))
+                shapes[train.batch_shape(batch)] = len(calls)  # the step that first met it
                 time.sleep(3.0)
             return step(state, batch, reference, hparams)
         return first_call_slow
@@ -1326,8 +1327,12 @@ def test_a_batch_shape_first_met_after_the_first_step_compiles_outside_the_step_
     train.run(tiny_config("sft", data_dir, **{
         "data.train": str(tmp_path / "data"), "data.packing": False, "data.max_length": 256, "data.buckets": (64, 256),
         "train.max_steps": 8, "train.eval_every": 0, "train.save_every": 0}), str(tmp_path / "run"))
-    timed = [r["step_time"] for r in split_records(tmp_path / "run", "train") if r["step"] > 1]
-    assert len(shapes) == 2 and len(timed) == 7 and max(timed) < 2.0, (shapes, timed)
+    timed = {r["step"]: r["step_time"] for r in split_records(tmp_path / "run", "train") if r["step"] > 1}
+    first, later = sorted(shapes.values())
+    assert first == 1 and later > 1 and sorted(timed) == list(range(2, 9)), (shapes, timed)
+    # Below the stand-in's 3 s alone: the compile is not in the step's time (the other steps are not compared, so a
+    # loaded machine's pause elsewhere does not count: one of 3.5 s at another step failed a max() over them all)
+    assert timed[later] < 3.0, (shapes, timed)
 
 
 def test_starting_and_stopping_a_profile_is_not_step_time(monkeypatch, tmp_path):
