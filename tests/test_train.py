@@ -71,9 +71,10 @@ def _cli(*args, env=None, timeout=600, **kw):
                           env={**os.environ, **(env or {})}, timeout=timeout, **kw)
 
 
-# Runs each [argv, env] of argv[1] as `python -m zephyr_jax.train *argv` with env added would: a fork of one
-# process that imported the trainer once (each command line's own process had ~5 s of imports). The child ends as
-# the interpreter ends a script: an uncaught exception's traceback on stderr and status 1; SystemExit's code.
+# Runs each (argv, env) pair in sys.argv[1] as `python -m zephyr_jax.train *argv`, with env added, would run: in a
+# fork of one process that imported the trainer once (each command line's own process had ~5 s of imports). The
+# fork ends as the interpreter ends a script: an uncaught exception's traceback on stderr and status 1; SystemExit's
+# code.
 _FORKED_TRAIN_CLI = """
 import json, os, sys, tempfile, traceback
 from zephyr_jax import train
@@ -106,7 +107,7 @@ print(json.dumps(results))
 
 
 def _train_cli_runs(*cases):
-    """[(returncode, stderr)] of `python -m zephyr_jax.train *argv` for each (argv, env) case, run as forks of one
+    """The returncode and stderr of `python -m zephyr_jax.train *argv` for each (argv, env) case, run as forks of one
     process (_FORKED_TRAIN_CLI). env: XLA_FLAGS only, which JAX reads when its backend starts, after the fork
     (JAX_* variables are read at import, before it)."""
     assert all(set(env) <= {"XLA_FLAGS"} for _, env in cases), cases
