@@ -597,6 +597,28 @@ def test_a_note_says_when_the_frozen_reference_is_not_the_initial_policy(variant
         assert f"dpo.reference_dtype={cfg.dpo.reference_dtype} is not model.dtype={cfg.model.dtype}" in note
 
 
+def test_the_setting_notes_and_a_rotated_away_init_step_name_their_settings(monkeypatch):
+    """What train.run prints of settings that run otherwise than they read, and a resumed run's init step gone."""
+    cfg = load_config(os.path.join(ROOT, "configs", "dpo.py:tiny"), **{"train.grad_accum": 2, "model.remat": "none"})
+    mesh = types.SimpleNamespace(shape={"tensor": 2})
+    notes = train.setting_notes(cfg, types.SimpleNamespace(num_key_value_heads=3), mesh)
+    assert len(notes) == 2 and notes[0].startswith("the 3 KV heads do not split over tensor=2")
+    assert "model.remat='none' has no effect" in notes[1]
+    cfg = load_config(os.path.join(ROOT, "configs", "dpo.py:tiny"))
+    assert train.setting_notes(cfg, types.SimpleNamespace(num_key_value_heads=4), mesh) == []
+
+    def gone(path, step):
+        raise FileNotFoundError(f"no step {step}")
+
+    monkeypatch.setattr(checkpoint, "resolve_step", gone)
+    with cfg.unlocked():
+        cfg.model.init, cfg.model.path, cfg.model.step = "orbax", "/sft", 7
+    with pytest.raises(ConfigPathError, match=r"config.model.path=/sft, config.model.step=7: no step 7"):
+        train.orbax_init_step(cfg, "/dpo", resumed=False)
+    with pytest.raises(ConfigPathError, match=r"/dpo started from step 7 of config.model.path=/sft, which is gone"):
+        train.orbax_init_step(cfg, "/dpo", resumed=True)
+
+
 def test_load_config_names_a_key_the_config_lacks():
     # a dDPO section / key on the dSFT config; a key below a value (seed is a number: was "int is not iterable")
     for key in ("dpo.beta", "train.max_stepz", "data.packed_rows", "seed.x", "train.max_steps.y"):

@@ -466,6 +466,95 @@ def eval_metrics(cfg, eval_fn, params, examples, reference, sharding) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The run's set-up: each step's failures as errors that name the setting.
+
+
+def orbax_init_step(cfg, workdir: str, resumed: bool) -> int:
+    """The number of the checkpoint step an orbax-initialised run starts from (config.model.step may say
+    "latest"); a missing one named as the init path's or, for a resumed run, as rotated away there."""
+    try:
+        return checkpoint.resolve_step(cfg.model.path, cfg.model.step)
+    except FileNotFoundError as e:
+        if not resumed:
+            raise ConfigPathError(f"config.model.path={cfg.model.path}, config.model.step={cfg.model.step}: "
+                                  f"{e}") from e
+        # The run started from that step (its reference model too), and the init workdir's own later saves
+        # rotated it away (train.keep_checkpoints).
+        raise ConfigPathError(
+            f"{workdir} started from step {cfg.model.step} of config.model.path={cfg.model.path}, which is gone "
+            f"there ({e}); a run that went on in that workdir deleted it (its train.keep_checkpoints). Put the "
+            "step back, or start this run again in a new workdir") from e
+
+
+def run_tokenizer(cfg):
+    """config.tokenizer, loaded; a missing one or one without BOS or EOS named as the setting."""
+    try:
+        return load_tokenizer(cfg.tokenizer)
+    except FileNotFoundError as e:
+        raise ConfigPathError(f"config.tokenizer={cfg.tokenizer!r}: {e}") from None
+    except ValueError as e:  # no BOS or EOS token
+        raise ConfigError(f"config.tokenizer={cfg.tokenizer!r}: {e}") from None
+
+
+def write_run_config(cfg, workdir: str) -> None:
+    """Process 0 prints the resolved config and writes it to workdir/config.json, which resume, export and
+    evaluate read."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        print(cfg)
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:  # replaced whole: other hosts read it (resume_settings)
+            f.write(cfg.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
+
+
+def setting_notes(cfg, mcfg: MistralConfig, mesh) -> list[str]:
+    """What to say of settings that run otherwise than they read: KV heads the tensor axis does not divide,
+    a model.remat that gradient accumulation overrides, a rounded frozen reference."""
+    notes = []
+    tensor = mesh.shape["tensor"]
+    if tensor > 1 and mcfg.num_key_value_heads % tensor:
+        notes.append(f"the {mcfg.num_key_value_heads} KV heads do not split over tensor={tensor}: the K/V "
+                     "projections are split inside a head, XLA gathers the keys and values, and attention runs "
+                     "without its fused kernel (einsum attention); a tensor axis that divides the KV heads avoids it")
+    if effective_remat(cfg) != cfg.model.remat:
+        notes.append(f"train.grad_accum={cfg.train.grad_accum}: the layers are recomputed in the backward pass, as "
+                     f"model.remat='full' does (model/accumulate.py), so model.remat={cfg.model.remat!r} has no "
+                     "effect")
+    if note := rounded_reference_note(cfg):
+        notes.append(note)
+    return notes
+
+
+def load_split(cfg, tok, split: str, vocab_size: int) -> list:
+    """data.train's or data.eval's examples, their token ids checked against the model's vocabulary; a source
+    not reached or not there, or bad rows, named as the setting."""
+    try:
+        examples, _ = load_examples(cfg.data, cfg.stage, tok, split, progress=cfg.train.progress)
+    except (ConnectionError, FileNotFoundError) as e:  # a hub dataset not reached, or not there
+        raise ConfigPathError(f"data.{split}={cfg.data[split]!r}: {e}") from e
+    except ValueError as e:  # a line that is not JSON, a bad row (data.on_bad_row="raise"), no usable row
+        raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from e
+    checks.check_token_ids(examples, vocab_size, f"data.{split} ({cfg.data[split]})",
+                          f"config.tokenizer={cfg.tokenizer!r}")
+    return examples
+
+
+def check_fills_a_batch(cfg, read: int, rows: int) -> None:
+    """The `read` training examples, made into `rows` (packed dSFT: fewer), fill at least one global batch. Said
+    here, naming the setting (the Loader would call packed rows examples)."""
+    batch = cfg.train.global_batch_size
+    if rows < batch and rows < read:
+        raise ConfigError(f"data.train's {read} examples packed into {rows} rows of {cfg.data.max_length} tokens "
+                          f"cannot fill one global batch of {batch} rows (with data.packing, "
+                          "train.global_batch_size counts packed rows)")
+    if rows < batch:
+        unit = "pairs" if cfg.stage == "dpo" else "examples"
+        raise ConfigError(f"data.train={cfg.data.train!r}: its {read} {unit} cannot fill one global batch of "
+                          f"train.global_batch_size={batch}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The run.
 
 
@@ -503,18 +592,7 @@ def run(cfg, workdir: str) -> dict:
         # the SFT model's own tokenizer and chat template: what it was trained on (config.json records it)
         cfg.tokenizer = tokenizer_source(cfg.model.path)
     if cfg.model.init == "orbax":  # the number, not "latest": config.json records it, the reference cache keys on it
-        try:
-            cfg.model.step = checkpoint.resolve_step(cfg.model.path, cfg.model.step)
-        except FileNotFoundError as e:
-            if not resumed:
-                raise ConfigPathError(f"config.model.path={cfg.model.path}, config.model.step={cfg.model.step}: "
-                                      f"{e}") from e
-            # The run started from that step (its reference model too), and the init workdir's own later saves
-            # rotated it away (train.keep_checkpoints).
-            raise ConfigPathError(
-                f"{workdir} started from step {cfg.model.step} of config.model.path={cfg.model.path}, which is gone "
-                f"there ({e}); a run that went on in that workdir deleted it (its train.keep_checkpoints). Put the "
-                "step back, or start this run again in a new workdir") from e
+        cfg.model.step = orbax_init_step(cfg, workdir, resumed)
     mcfg = model_config(cfg)
     abstract_params(cfg, mcfg, mesh)  # every parameter splits over the mesh: checked before any data is read
     if cfg.model.init == "hf":  # and the weights' names, shapes and sizes, from their headers
@@ -525,59 +603,22 @@ def run(cfg, workdir: str) -> dict:
     if cfg.stage == "dpo":  # packed rows' data.buckets against this mesh's rows: also before the data work
         preference_batcher(cfg, mesh, cfg.train.global_batch_size, cfg.train.grad_accum)
         eval_batcher(cfg, mesh)  # (eval batches of other size: their rows may need longer buckets)
-    try:
-        tok = load_tokenizer(cfg.tokenizer)
-    except FileNotFoundError as e:
-        raise ConfigPathError(f"config.tokenizer={cfg.tokenizer!r}: {e}") from None
-    except ValueError as e:  # no BOS or EOS token
-        raise ConfigError(f"config.tokenizer={cfg.tokenizer!r}: {e}") from None
+    tok = run_tokenizer(cfg)
     checks.check_default_tokenizer(cfg, mcfg.vocab_size, tok)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        print(cfg)
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w") as f:  # replaced whole: other hosts read it (resume_settings)
-            f.write(cfg.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
+    write_run_config(cfg, workdir)
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
           f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}")
-    tensor = mesh.shape["tensor"]
-    if tensor > 1 and mcfg.num_key_value_heads % tensor and jax.process_index() == 0:
-        print(f"the {mcfg.num_key_value_heads} KV heads do not split over tensor={tensor}: the K/V projections are "
-              "split inside a head, XLA gathers the keys and values, and attention runs without its fused kernel "
-              "(einsum attention); a tensor axis that divides the KV heads avoids it")
-    if effective_remat(cfg) != cfg.model.remat and jax.process_index() == 0:
-        print(f"train.grad_accum={cfg.train.grad_accum}: the layers are recomputed in the backward pass, as "
-              f"model.remat='full' does (model/accumulate.py), so model.remat={cfg.model.remat!r} has no effect")
-    if (note := rounded_reference_note(cfg)) and jax.process_index() == 0:
-        print(note)
-    rules, dpo = cfg.mesh.rules, cfg.stage == "dpo"
-    sharding = batch_sharding(mesh, rules)
+    if jax.process_index() == 0:
+        for note in setting_notes(cfg, mcfg, mesh):
+            print(note)
+    sharding = batch_sharding(mesh, cfg.mesh.rules)
 
     # Data.
-    loaded = {}
-    for split in ("train", "eval"):
-        try:
-            loaded[split], _ = load_examples(cfg.data, cfg.stage, tok, split, progress=cfg.train.progress)
-        except (ConnectionError, FileNotFoundError) as e:  # a hub dataset not reached, or not there
-            raise ConfigPathError(f"data.{split}={cfg.data[split]!r}: {e}") from e
-        except ValueError as e:  # a line that is not JSON, a bad row (data.on_bad_row="raise"), no usable row
-            raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from e
-    train_examples, eval_examples = loaded["train"], loaded["eval"]
-    for split, examples in loaded.items():
-        checks.check_token_ids(examples, mcfg.vocab_size, f"data.{split} ({cfg.data[split]})",
-                              f"config.tokenizer={cfg.tokenizer!r}")
+    train_examples, eval_examples = (load_split(cfg, tok, split, mcfg.vocab_size) for split in ("train", "eval"))
     eval_examples = eval_split(cfg, eval_examples)
     read = len(train_examples)
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
-    # Too few for a batch: said here, naming the setting (the Loader would call packed rows examples).
-    if len(train_examples) < cfg.train.global_batch_size and len(train_examples) < read:
-        raise ConfigError(f"data.train's {read} examples packed into {len(train_examples)} rows of "
-                          f"{cfg.data.max_length} tokens cannot fill one global batch of {cfg.train.global_batch_size} "
-                          "rows (with data.packing, train.global_batch_size counts packed rows)")
-    if len(train_examples) < cfg.train.global_batch_size:
-        raise ConfigError(f"data.train={cfg.data.train!r}: its {read} {'pairs' if dpo else 'examples'} cannot fill "
-                          f"one global batch of train.global_batch_size={cfg.train.global_batch_size}")
+    check_fills_a_batch(cfg, read, len(train_examples))
     train_rows = local_rows(sharding, num_rows)
     loader = Loader(train_examples, cfg.train.global_batch_size, batcher, seed=cfg.seed, rows=train_rows)
     if jax.process_count() > 1:  # each process builds its rows of the same global batches: same list, or wrong data
@@ -611,14 +652,14 @@ def run(cfg, workdir: str) -> dict:
     # DPO reference: from the initial parameters, before any checkpoint is restored.
     reference, eval_reference = None, None
     with jax.set_mesh(mesh):
-        if dpo and not cfg.dpo.reference_free:
+        if cfg.stage == "dpo" and not cfg.dpo.reference_free:
             if cfg.dpo.precompute_reference:
                 logps = reference_logps(cfg, workdir, train_examples, eval_fn, params, sharding, "train")
                 train_examples[:] = [ex._replace(reference=lp) for ex, lp in zip(train_examples, logps)]
             else:
                 reference = frozen_copy(params, param_shardings, jnp.dtype(cfg.dpo.reference_dtype))
             eval_reference = reference_logps(cfg, workdir, eval_examples, eval_fn, params, sharding, "eval")
-        elif dpo:
+        elif cfg.stage == "dpo":
             eval_reference = np.zeros((len(eval_examples), 2), np.float32)
 
     # Resume.
