@@ -241,6 +241,12 @@ def empty_annotation(aspect: str) -> dict:
     return {"Rating": "N/A", "Rationale": None}
 
 
+def not_judged(error: str) -> dict:
+    """The judgement of a completion that got none (its generation unusable, the programmatic judge failed)."""
+    return {"annotations": {a: empty_annotation(a) for a in ASPECTS}, "critique": None, "overall_score": None,
+            "judge_errors": [error]}
+
+
 def mean_rating(annotations: dict) -> float | None:
     """Mean of the numeric aspect ratings ("N/A" ignored), binarize's own ranking score; None if there is none."""
     return completion_score({"annotations": annotations}, "mean")
@@ -452,9 +458,7 @@ class _Run:
         try:
             annotations = programmatic_annotations(self.judge_fn(p.row, gen["response"]), self.judge_name)
         except Exception as e:  # noqa: BLE001 - a checker's failure is recorded, the run goes on
-            message = f"{self.judge_name} failed on row {p.index + 1}: {type(e).__name__}: {e}"
-            return {"annotations": {a: empty_annotation(a) for a in ASPECTS}, "critique": None,
-                    "overall_score": None, "judge_errors": [message]}
+            return not_judged(f"{self.judge_name} failed on row {p.index + 1}: {type(e).__name__}: {e}")
         return {"annotations": annotations, "critique": f"programmatic: {self.judge_name}",
                 "overall_score": overall_from_mean(mean_rating(annotations)), "judge_errors": []}
 
@@ -475,9 +479,7 @@ class _Run:
     def row(self, p: Prompt, slots: list[Slot], gens: list[dict], judged: dict) -> dict:
         completions = []
         for slot, g in zip(slots, gens):
-            j = judged.get(slot.sample) or {"annotations": {a: empty_annotation(a) for a in ASPECTS},
-                                            "critique": None, "overall_score": None,
-                                            "judge_errors": [f"not judged: {unusable(g)}"]}
+            j = judged.get(slot.sample) or not_judged(f"not judged: {unusable(g)}")
             completions.append({
                 "model": slot.generator.name, "principle": g["principle"],
                 "custom_system_prompt": g["custom_system_prompt"], "response": g["response"],
@@ -603,6 +605,7 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
     if not prompts:
         raise ValueError(f"no usable prompt in {source} ({counter.summary()})")
     settings = _settings(generators, judge_name, opts)
+    backends = [b for b in (*generators, judge_backend) if b is not None]
     start = time.time()
     with Journal(out_dir / JOURNAL_FILE, settings, overwrite=overwrite) as journal:
         if journal.resumed:
@@ -611,11 +614,10 @@ async def collect_feedback_async(rows_or_source, generators: list[Backend], judg
         try:
             rows_out = await map_bounded(run.prompt, prompts, concurrency, desc="feedback", unit=" prompts")
         finally:
-            for b in {id(b): b for b in [*generators, judge_backend] if b is not None}.values():
+            for b in {id(b): b for b in backends}.values():
                 if hasattr(b, "aclose"):
                     await b.aclose()  # connection pools belong to this event loop
         write_jsonl(rows_out, out_dir / OUTPUT_FILE)  # the journal's lock held until the outputs are written
-        backends = [*generators, *[judge_backend] * bool(judge_backend)]
         stats = _stats(run, counter, journal.resumed, settings, backends, time.time() - start, out_dir)
         write_json(stats, out_dir / STATS_FILE)
     log(summary(stats))
