@@ -445,10 +445,11 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queues a request (any thread). ValueError for a request that cannot run (`check`), QueueFull when
         `max_queue` requests already wait, RuntimeError when nothing would run it (the engine stopped)."""
+        self.check(request)
         return self._queue(request, by_generate=False)
 
     def _queue(self, request: Request, by_generate: bool) -> Request:
-        self.check(request)
+        """Queues a checked request (generate() checks all of them before it queues any)."""
         with self._wake:
             if self.stopped_by is not None:  # nothing would ever run it
                 raise RuntimeError(f"the engine's thread stopped ({self.stopped_by}): make a new Engine")
