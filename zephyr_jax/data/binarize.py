@@ -284,6 +284,15 @@ def output_dir_problem(path) -> str | None:
     return None if os.path.isdir(existing) else f"{existing} is a file, not a directory"
 
 
+def check_output_flag(parser, output: str, receives: str) -> None:
+    """A data CLI's --output is a directory that can be made (it `receives` its files): parser.error, before any
+    work, when it names a file (.jsonl / .json) or cannot be made (output_dir_problem)."""
+    if output.endswith((".jsonl", ".json")):
+        parser.error(f"--output is a directory (it receives {receives})")
+    if (why := output_dir_problem(output)) is not None:
+        parser.error(f"--output={output}: {why}")
+
+
 def write_train_and_test(train: list, test: list, train_path, test_path) -> None:
     """The earlier train file goes first and the new one comes last: a kill between the two replaces leaves no
     train file (a clear error for a reader), never a new train file beside an earlier run's test file, whose rows
@@ -317,10 +326,7 @@ def main(argv=None) -> dict:
                    help="a malformed row: counted and skipped (default), or the run stops at it and writes nothing "
                         "(a well-formed row that gives no pair, all ratings tied, is counted either way)")
     args = p.parse_args(argv)
-    if args.output.endswith((".jsonl", ".json")):
-        p.error("--output is a directory (it receives train_prefs.jsonl and test_prefs.jsonl)")
-    if (why := output_dir_problem(args.output)) is not None:
-        p.error(f"--output={args.output}: {why}")
+    check_output_flag(p, args.output, "train_prefs.jsonl and test_prefs.jsonl")
     if args.test_size < 0:
         p.error(f"--test_size={args.test_size} is negative")
 

@@ -108,7 +108,7 @@ from pathlib import Path
 import jinja2
 
 from zephyr_jax.data.backends import ENGINE_MESH_HELP, Backend, BackendSet, Call, map_bounded
-from zephyr_jax.data.binarize import (output_dir_problem, prompt_id, train_test_split, write_json,
+from zephyr_jax.data.binarize import (check_output_flag, prompt_id, train_test_split, write_json,
                                      write_train_and_test)
 from zephyr_jax.data.cache import tokenizer_fingerprint
 from zephyr_jax.data.conversation import SPECIAL_TEXTS
@@ -575,10 +575,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     p = _parser()
     args = p.parse_args(argv)
-    if args.output.endswith((".jsonl", ".json")):
-        p.error("--output is a directory (it receives train_sft.jsonl, test_sft.jsonl and stats.json)")
-    if (why := output_dir_problem(args.output)) is not None:  # (found by the journal, after the models' load)
-        p.error(f"--output={args.output}: {why}")
+    # now: a file as --output was found only by the journal, after the models had loaded
+    check_output_flag(p, args.output, "train_sft.jsonl, test_sft.jsonl and stats.json")
     if args.mode == "magpie" and (args.seeds or args.user):
         p.error("--mode=magpie takes neither --seeds nor --user: the assistant model writes both sides")
     if args.mode == "magpie" and args.num_dialogues is None:

@@ -108,7 +108,7 @@ from typing import Callable
 
 from zephyr_jax.data.backends import (ENGINE_MESH_HELP, Backend, BackendSet, Call, load_callable,
                                       map_bounded)
-from zephyr_jax.data.binarize import (ASPECTS, completion_score, is_text, output_dir_problem, prompt_id, write_json,
+from zephyr_jax.data.binarize import (ASPECTS, check_output_flag, completion_score, is_text, prompt_id, write_json,
                                      write_jsonl)
 from zephyr_jax.data.conversation import SPECIAL_TEXTS, has_special_text
 from zephyr_jax.data.errors import ON_BAD_ROW, BadRow, SkipCounter, check_on_bad_row, handle_bad_row
@@ -763,10 +763,8 @@ def main(argv=None) -> dict:
 
     p = _parser()
     args = p.parse_args(argv)
-    if args.output.endswith((".jsonl", ".json")):
-        p.error("--output is a directory (it receives train.jsonl, stats.json and journal.jsonl)")
-    if (why := output_dir_problem(args.output)) is not None:  # (found by the journal, after the models' load)
-        p.error(f"--output={args.output}: {why}")
+    # now: a file as --output was found only by the journal, after the models had loaded
+    check_output_flag(p, args.output, "train.jsonl, stats.json and journal.jsonl")
 
     def price(spec, value):  # an estimated cost only means something for a paid endpoint
         return {"price_per_million": value} if value is not None and spec.startswith("endpoint:") else {}
