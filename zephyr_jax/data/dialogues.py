@@ -374,15 +374,10 @@ def _settings(run: _Run) -> dict:
     return settings
 
 
-def _check_test_size(test_size: float) -> None:
-    """Its form, before any teacher call; whether a count is below the kept dialogues is known only at the end."""
-    if not math.isfinite(test_size) or test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
-        raise ValueError(f"test_size={test_size}: expected a fraction in [0, 1) or a whole count of rows")
-
-
 def _test_count(test_size: float, n: int) -> int:
-    """Rows for test_sft: test_size itself when >= 1, else that fraction of n (leaving train at least one)."""
-    _check_test_size(test_size)
+    """Rows for test_sft: test_size itself when >= 1, else that fraction of n (leaving train at least one).
+    test_size's form was checked before any teacher call (_check_sizes); whether a count is below the kept
+    dialogues is known only here, at the end."""
     if test_size >= 1:
         if test_size >= n:
             raise ValueError(f"test_size={test_size} must be a whole count below the {n} kept dialogues "
@@ -449,7 +444,8 @@ async def amake_dialogues(seeds, user: Backend | None, assistant: Backend, outpu
 def _check_sizes(test_size: float, concurrency: int, num_dialogues: int | None, min_turns: int | None,
                  max_turns: int | None) -> None:
     """The numbers' ranges (the CLI checks them before its engine: backends load their models)."""
-    _check_test_size(test_size)
+    if not math.isfinite(test_size) or test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
+        raise ValueError(f"test_size={test_size}: expected a fraction in [0, 1) or a whole count of rows")
     if concurrency < 1:  # a semaphore of 0 would wait forever, holding the journal's lock
         raise ValueError(f"concurrency={concurrency}: at least 1 dialogue must be in flight")
     if num_dialogues is not None and num_dialogues < 0:
