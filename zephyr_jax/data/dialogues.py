@@ -571,7 +571,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     p = _parser()
     args = p.parse_args(argv)
-    # now: a file as --output was found only by the journal, after the models had loaded
+    # before the models load (the journal would find a bad --output only after it)
     check_output_flag(p, args.output, "train_sft.jsonl, test_sft.jsonl and stats.json")
     if args.mode == "magpie" and (args.seeds or args.user):
         p.error("--mode=magpie takes neither --seeds nor --user: the assistant model writes both sides")

@@ -763,7 +763,7 @@ def main(argv=None) -> dict:
 
     p = _parser()
     args = p.parse_args(argv)
-    # now: a file as --output was found only by the journal, after the models had loaded
+    # before the models load (the journal would find a bad --output only after it)
     check_output_flag(p, args.output, "train.jsonl, stats.json and journal.jsonl")
 
     def price(spec, value):  # an estimated cost only means something for a paid endpoint
