@@ -199,6 +199,62 @@ def _post(base, path, body, key=KEY, raw=None):
                       timeout=60)
 
 
+def test_logprob_strings_of_byte_tokens_join_to_the_tokenizers_decode():
+    """Byte-fallback tokens (`<0xF0>`: one character over several tokens) against the tokenizer's own decode: the
+    token strings join to the decoded text also where the bytes are not valid UTF-8 (an emoji cut short by
+    max_tokens, a random model's stray bytes: the decoder writes a U+FFFD for each byte, and the strings lost them
+    in 236 of 500 random replies), each byte token's `bytes` are its own byte, joining to the text's UTF-8 where it
+    is valid, a stream's entries (sent up to the last piece until the end) equal the whole reply's, and the
+    openai client parses the response."""
+    import random
+
+    from openai.types.chat import ChatCompletion
+
+    from zephyr_jax.engine import Request
+    from zephyr_jax.serve import Server
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    server = Server(None, tok, NAME)
+    byte_ids = tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(256)])
+    parrot = tok("ok 🦜 café", add_special_tokens=False).input_ids
+    rng = random.Random(0)
+    replies = [parrot, parrot[:3 + [tok.convert_ids_to_tokens(t) for t in parrot].index("<0xF0>")]] + [
+        [rng.choice(byte_ids) if rng.random() < 0.4 else rng.choice([tok.eos_token_id, *parrot, rng.randrange(32000)])
+         for _ in range(rng.randrange(1, 12))] for _ in range(60)]
+    for ids in replies:
+        text = tok.decode(ids, skip_special_tokens=True)
+        r = Request([1, *parrot], tokens=list(ids), logprobs=[-1.0] * len(ids), text=text,
+                    top_logprobs=[[(t, -2.0), (byte_ids[0x9C], -3.0)] for t in ids],
+                    prompt_logprobs=[None] + [-1.0] * len(parrot), prompt_top_logprobs=[None] * (len(parrot) + 1))
+        lp = server.chat_logprobs(r)
+        body = {"id": "x", "object": "chat.completion", "created": 0, "model": NAME, "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": "stop"}]}
+        parsed = ChatCompletion.model_validate(json.loads(json.dumps(body))).choices[0].logprobs.content
+        entries = [e for e in parsed if e.token != tok.eos_token]  # a special token shows as itself, adds no text
+        assert "".join(e.token for e in entries) == text, (ids, [e.token for e in parsed])
+        assert all(e.bytes == [int(tok.convert_ids_to_tokens(t)[3:5], 16)] for e, t in zip(parsed, ids)
+                   if t in byte_ids)
+        joined = bytes(b for e in entries for b in e.bytes)
+        assert joined.decode(errors="replace") == text or "\ufffd" in text
+        # Streamed: each chunk lists the tokens up to the last piece (a byte's string waits for its run's end).
+        streamed, sent = [], 0
+        for n in range(1, len(ids) + 1):
+            end = n if n == len(ids) else server.strings.settled(ids[:n])
+            streamed += server.chat_logprobs(Request([1], tokens=ids[:end], logprobs=r.logprobs[:end],
+                                                     top_logprobs=r.top_logprobs[:end]), sent)["content"]
+            sent = end
+        assert streamed == lp["content"]
+        completion = server.completion_logprobs(r, echo=True)  # the legacy API's strings join to its text too
+        shown = ["" if t in tok.all_special_tokens else t for t in completion["tokens"]]
+        assert "".join(shown) == server.completion_text(r, echo=True)
+    whole = server.chat_logprobs(Request([1], tokens=parrot, logprobs=[-1.0] * len(parrot),
+                                         top_logprobs=[[(byte_ids[0x9C], -3.0)]] * len(parrot)))["content"]
+    assert bytes(b for e in whole for b in e["bytes"]).decode() == tok.decode(parrot)
+    # The emoji's last byte as an alternative after its first three completes the character.
+    assert [e["top_logprobs"][0]["token"] for e in whole if e["token"] == "🦜"] == ["🦜"]
+
+
 def test_a_requests_sampling_fields_reach_the_engine():
     """temperature, top_p and top_k as the request gives them (every request of the tests below sends a temperature
     of 0 or 1 and leaves top_p and top_k out: a server that sampled every request at 1.0 with no filters passed),

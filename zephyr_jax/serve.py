@@ -7,22 +7,21 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template; `stream` gives
 server-sent events ending in `data: [DONE]`), POST /v1/completions (a prompt as text or token ids, one or a
 list; `echo` and `logprobs` score the prompt, as lm-eval's local-completions uses them). Every response has
-`usage` (each prompt counted once). Log-prob token strings join to the text (each token read in context; a stop
-string's tokens are listed too, as vLLM does). Errors are OpenAI-shaped ({"error": {"message", "type", "param",
-"code"}}): 400 for a bad request (a field this server does not read, such as frequency_penalty, response_format or
-vLLM's min_p, included: it is not silently ignored; FIELDS and IGNORED list what is read and what is metadata),
-401 without the --api-key, 404 for a model it does not serve, 429 (with Retry-After) when the queue is full: a
-request is accepted only when the engine can hold it; 503, and /health too, once the engine's thread has stopped
-(restart the server). Streamed deltas are taken on the engine's thread, where a reply is not changing. A client
-that disconnects cancels its request and frees its slot. One log line per request: id, prompt and completion
-tokens, seconds, finish reason.
+`usage` (each prompt counted once). Log-prob token strings join to the text (each token read in context, a byte
+token's at the end of its run: token_strings; a stop string's tokens are listed too, as vLLM does). Errors are
+OpenAI-shaped ({"error": {"message", "type", "param", "code"}}): 400 for a bad request (a field this server does
+not read, such as frequency_penalty, response_format or vLLM's min_p, included: it is not silently ignored; FIELDS
+and IGNORED list what is read and what is metadata), 401 without the --api-key, 404 for a model it does not
+serve, 429 (with Retry-After) when the queue is full: a request is accepted only when the engine can hold it;
+503, and /health too, once the engine's thread has stopped (restart the server). Streamed deltas are taken on the
+engine's thread, where a reply is not changing. A client that disconnects cancels its request and frees its slot.
+One log line per request: id, prompt and completion tokens, seconds, finish reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ from starlette.background import BackgroundTask
 from zephyr_jax.config_common import COMPILATION_CACHE_DIR
 from zephyr_jax.engine import SIZE_BOUNDS, TOP_LOGPROBS, Engine, QueueFull, Request, SamplingParams
 from zephyr_jax.sharding import MESH_FLAG_HELP, local_mesh, mesh_shape
+from zephyr_jax.token_strings import TokenStrings
 from zephyr_jax.tokenizer import encode_text
 from zephyr_jax.train_checks import TRAINING_DTYPES
 
@@ -145,62 +145,6 @@ def sampling_params(body: dict, *, max_tokens: int, logprobs: int | None = None,
         top_k=top_k, seed=(seed + seed_offset) % 2 ** 32, stop=_stop(body),
         stop_token_ids=tuple(stop_ids), ignore_eos=_field(body, "ignore_eos", bool, False), logprobs=logprobs,
         prompt_logprobs=prompt_logprobs)
-
-
-class TokenStrings:
-    """Logprobs' token strings: the text each token adds after the tokens before it. A piece decoded alone loses
-    its leading space, and a byte of a multi-byte character alone decodes to U+FFFD, so each is read in context:
-    a piece after a few tokens (from a character boundary), a byte token through an incremental UTF-8 decoder
-    fed the byte tokens before it. A byte that does not complete a character adds ""; its `bytes` are its own
-    byte. So the strings join to the decoded text and the bytes to its UTF-8. Special tokens show as themselves
-    and add no text (decoding skips them); an id the tokenizer does not have shows as "<id N>"."""
-    CONTEXT = 6  # tokens before a piece: enough for its leading space (the window's first piece loses its own)
-    TAIL = 16  # the most of a context that is read (CONTEXT, and a character's bytes before it): callers pass that
-    BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.special = tokenizer, set(tokenizer.all_special_ids)
-
-    def _piece(self, token: int) -> str | None:
-        return self.tokenizer.convert_ids_to_tokens(token) if 0 <= token < len(self.tokenizer) else None
-
-    def _byte(self, token: int) -> int | None:
-        match = self.BYTE.fullmatch(self._piece(token) or "")
-        return None if match is None else int(match.group(1), 16)
-
-    def share(self, context: list[int], token: int) -> str:
-        """The text `token` adds after `context`."""
-        if token in self.special or self._piece(token) is None:
-            return ""
-        byte = self._byte(token)
-        if byte is not None:
-            before = bytearray()
-            for t in reversed(context[-3:]):  # a UTF-8 character has at most 3 bytes before its last
-                b = self._byte(t)
-                if b is None:
-                    break
-                before.insert(0, b)
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            decoder.decode(bytes(before))
-            return decoder.decode(bytes([byte]))
-        start = max(0, len(context) - self.CONTEXT)
-        while start > 0 and 0x80 <= (self._byte(context[start]) or 0) < 0xC0:
-            start -= 1  # not inside a character: its bytes decode only together
-        window = context[start:]
-        before, after = self.tokenizer.decode(window, skip_special_tokens=True), \
-            self.tokenizer.decode([*window, token], skip_special_tokens=True)
-        if after.startswith(before):
-            return after[len(before):]
-        return self.tokenizer.convert_tokens_to_string([self._piece(token)])
-
-    def describe(self, context: list[int], token: int) -> tuple[str, str, list[int]]:
-        """(the string shown for the token, the text it adds, its bytes)."""
-        piece, share = self._piece(token), self.share(context, token)
-        byte = self._byte(token)
-        if piece is None:
-            return f"<id {token}>", "", []
-        shown = piece if token in self.special else share
-        return shown, share, [byte] if byte is not None else list(shown.encode())
 
 
 class Server:
@@ -317,8 +261,8 @@ class Server:
         the prompt is kept, which the reply decoded alone, r.text, drops), after the prompt's text with echo."""
         lead = ""
         if r.text:
-            alone = self.strings.share([], r.tokens[0])
-            after = self.strings.share(r.prompt[-TokenStrings.TAIL:], r.tokens[0])
+            alone = self.strings.shares(r.tokens[:1])[0]
+            after = self.strings.alternative(r.prompt, len(r.prompt), r.tokens[0])[1]
             lead = after[:len(after) - len(alone)] if after.endswith(alone) else ""
         return (self.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + lead + r.text
 
@@ -332,31 +276,28 @@ class Server:
         start = 0 if echo else len(r.prompt)
         logprobs = (list(r.prompt_logprobs) if echo else []) + r.logprobs + [lp for _, lp, _ in stop]
         tops = (list(r.prompt_top_logprobs) if echo else []) + r.top_logprobs + [top for _, _, top in stop]
+        entries = self.strings.entries(every, start)  # (the reply's first keeps the space it adds after the prompt)
         strings, top_dicts, offsets, at = [], [], [], 0
-        for k, (token, top, logprob) in enumerate(zip(every[start:], tops, logprobs), start):
-            context = every[max(0, k - TokenStrings.TAIL):k]  # the prompt's tokens before the reply's first
-            shown, share, _ = self.strings.describe(context, token)
+        for k, (token, top, logprob, (shown, share, _)) in enumerate(zip(every[start:], tops, logprobs, entries),
+                                                                    start):
             share = "" if stop and k == len(every) - 1 else share  # (a stop token id may be a word's)
             strings.append(shown)
             # The token itself, then the top n, as OpenAI ("up to logprobs+1 elements") and vLLM list them.
             top_dicts.append(None if top is None else {
-                shown: logprob, **{self.strings.describe(context, i)[0]: lp for i, lp in top}})
+                shown: logprob, **{self.strings.alternative(every, k, i)[0]: lp for i, lp in top}})
             offsets.append(at)
             at += len(share)
         return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": top_dicts, "text_offset": offsets}
 
     def chat_logprobs(self, r: Request, start: int = 0) -> dict:
-        """OpenAI's chat logprobs for the reply's tokens from `start` on: the tokens' strings join to the
-        content, and their bytes to its UTF-8 (a byte token of a multi-byte character has its one byte)."""
-        def entry(context, token, logprob):
-            shown, _, raw = self.strings.describe(context, token)
-            return {"token": shown, "logprob": logprob, "bytes": raw}
-
+        """OpenAI's chat logprobs for the reply's tokens from `start` on: their strings join to the content, and
+        their bytes to its UTF-8 where the model wrote valid UTF-8 (token_strings)."""
+        end = min(len(r.tokens), len(r.logprobs))
         content = []
-        for k in range(start, min(len(r.tokens), len(r.logprobs))):
-            context = r.tokens[max(0, k - TokenStrings.TAIL):k]
-            content.append({**entry(context, r.tokens[k], r.logprobs[k]),
-                            "top_logprobs": [entry(context, i, v) for i, v in r.top_logprobs[k]]})
+        for k, (shown, _, raw) in enumerate(self.strings.entries(r.tokens[:end], start), start):
+            tops = [(*self.strings.alternative(r.tokens, k, i), v) for i, v in r.top_logprobs[k]]
+            content.append({"token": shown, "logprob": r.logprobs[k], "bytes": raw,
+                            "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, _, b, v in tops]})
         return {"content": content}
 
     @staticmethod
@@ -542,9 +483,11 @@ def create_app(server: Server):
                     return i, "", None, "error", f"{type(e).__name__}: {e}"
                 scores = None
                 if want and (text or done):
-                    scores = (types.SimpleNamespace(tokens=list(r.tokens), logprobs=list(r.logprobs),
-                                                    top_logprobs=list(r.top_logprobs)), sent[i])
-                    sent[i] = len(r.tokens)
+                    # Up to the last piece until the end: a byte token's string waits for the end of its run.
+                    end = len(r.tokens) if done else server.strings.settled(r.tokens)
+                    scores = (types.SimpleNamespace(tokens=r.tokens[:end], logprobs=r.logprobs[:end],
+                                                    top_logprobs=r.top_logprobs[:end]), sent[i])
+                    sent[i] = end
                 return i, text, scores, finish_reason(r) if done else None, None
 
             requests, updates = submit_all([(prompt, p) for p in params], "n", delta)
