@@ -327,6 +327,15 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(body={**chat, "temprature": 0.2}), 400, "temprature"),
         (dict(body={**chat, "echo": True}), 400, "echo"),  # a completions field
         (dict(body={**chat, "stop": ["x"] * 33}), 400, "stop"),
+        (dict(body={**chat, "logprobs": True, "top_logprobs": 21}), 400, "top_logprobs"),  # OpenAI's limit: 20
+        (dict(body={**chat, "logprobs": 1}), 400, "logprobs"),  # a bool in the chat API
+        (dict(body={**chat, "temperature": -0.5}), 400, "temperature"),
+        (dict(body={**chat, "max_tokens": 0}), 400, "max_tokens"),
+        (dict(body={**chat, "n": 0}), 400, "n"),
+        (dict(body={**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "http://127.0.0.1/x.png"}}]}]}), 400, "messages"),
+        (dict(body={**chat, "messages": [{"role": "user", "content": None}]}), 400, "messages"),
+        (dict(body={**chat, "messages": [{"role": "tool", "content": "4", "tool_call_id": "1"}]}), 400, "messages"),
     ]
     for kwargs, status, param in cases:
         r = _post(base, "/v1/chat/completions", kwargs.get("body"), kwargs.get("key", KEY), kwargs.get("raw"))
@@ -345,6 +354,23 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 2,
                                            "stop": humaneval}).status_code == 200
     assert _post(base, "/v1/chat/completions", {**chat, "user": "u1", "metadata": {"k": "v"}}).status_code == 200
+    # What OpenAI accepts is answered: text content parts are the text they join to, a developer message is a
+    # system one (OpenAI's name for it since o1; it was a 400), a system message alone gets a reply, and n > 1
+    # streams with top_logprobs=0 (each entry without alternatives).
+    greedy = lambda messages, **kw: _post(base, "/v1/chat/completions", {  # noqa: E731
+        **chat, "messages": messages, "temperature": 0, "max_tokens": 6, **kw}).json()["choices"][0]["message"]
+    parts = [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]
+    assert greedy([{"role": "user", "content": parts}]) == greedy([{"role": "user", "content": "Say hi."}])
+    terse = "Be terse."
+    assert greedy([{"role": "developer", "content": terse}, {"role": "user", "content": "Hi"}]) == \
+        greedy([{"role": "system", "content": terse}, {"role": "user", "content": "Hi"}])
+    assert greedy([{"role": "system", "content": terse}], ignore_eos=True)["content"]
+    stream = httpx.post(base + "/v1/chat/completions", headers=AUTH, timeout=60, json={
+        **chat, "n": 2, "stream": True, "logprobs": True, "top_logprobs": 0, "stop": list("abcdef")}).text
+    events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    assert {c["index"] for e in events for c in e["choices"]} == {0, 1} and stream.endswith("data: [DONE]\n\n")
+    entries = [x for e in events for c in e["choices"] if c["logprobs"] for x in c["logprobs"]["content"]]
+    assert entries and all(x["top_logprobs"] == [] for x in entries)
     # More sequences than slots + queue (4 + 4) can never be held: 400, not a 429 asking to retry.
     many = _post(base, "/v1/completions", {"model": NAME, "prompt": ["a", "b", "c"], "n": 3})
     assert many.status_code == 400 and many.json()["error"]["param"] == "prompt", many.text

@@ -197,12 +197,13 @@ class Server:
                     raise ApiError(400, f"messages[{i}].content: only text parts ({{'type': 'text', 'text': str}}) "
                                         "are supported", "messages")
                 content = "".join(p["text"] for p in content)
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
-                    not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}",
-                               "messages")
+            role = m.get("role") if isinstance(m, dict) else None
+            role = "system" if role == "developer" else role  # OpenAI's name for system instructions since o1
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}] must be {{'role': system|developer|user|assistant, 'content': "
+                                    "str}", "messages")
             _check_unicode(content, f"messages[{i}].content", "messages")
-            clean.append({"role": m["role"], "content": content})
+            clean.append({"role": role, "content": content})
         try:
             text = render_chat(self.tokenizer, clean, add_generation_prompt=True)
         except jinja2.TemplateError as e:  # e.g. a template that refuses this order of roles
