@@ -324,6 +324,11 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("sft", {"train.global_batch_size": True}, r"config.train.global_batch_size=True: a number, not a boolean"),
     ("dpo", {"data.max_prompt_length": False}, r"config.data.max_prompt_length=False: a number, not a boolean"),
     ("sft", {"model.arch.rms_norm_eps": 0.0}, r"config.model.arch.rms_norm_eps=0.0: must be positive"),  # 0/0 NaN
+    # Ids past the embedding went to the export's config.json and generation_config.json (an EOS never emitted)
+    ("sft", {"model.arch.eos_token_id": 32000}, r"config.model.arch.eos_token_id=32000: a token id in \[0, "
+                                                r"vocab_size=32000\)"),
+    ("dpo", {"model.arch.bos_token_id": -1}, r"config.model.arch.bos_token_id=-1: a token id in \[0, vocab_size="),
+    ("sft", {"model.arch.pad_token_id": 40000}, r"config.model.arch.pad_token_id=40000: a token id in \[0, "),
     ("sft", {"train.global_batch_size": 0}, r"train.global_batch_size=0: must be at least 1"),
     ("sft", {"train.grad_accum": 0}, r"train.grad_accum=0: must be at least 1"),
     ("sft", {"train.save_every": -1}, r"train.save_every=-1: must be 0 \(off\) or positive"),
@@ -371,6 +376,7 @@ def test_config_values_out_of_range_are_named_before_anything_runs(data_dir, sta
              "data.train_split": None, "train.compilation_cache_dir": None}),  # unset (a placeholder), or off
     ("dpo", {"data.eval_split": None, "data.max_eval_examples": None}),
     ("sft", {"mesh.rules.embed": None}),  # replicated, as sharding.py reads it (its rules are its to check)
+    ("sft", {"model.arch.eos_token_id": 31999, "model.arch.bos_token_id": 0, "model.arch.pad_token_id": None}),
 ])
 def test_config_values_at_the_edges_of_their_ranges_are_taken(data_dir, stage, overrides):
     """The other side of each bound: a warmup over the whole run, Adam without momentum, float16 weights and

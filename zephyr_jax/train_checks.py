@@ -76,6 +76,7 @@ def check_config(cfg, check_model_source: bool = True) -> None:
             value = cfg.model.arch.get(key)
             if key in cfg.model.arch and not (isinstance(value, numbers.Real) and 0 < value < np.inf):
                 raise ConfigError(f"config.model.arch.{key}={cfg.model.arch[key]}: must be positive and finite")
+        check_special_token_ids(cfg.model.arch)
     if cfg.model.init not in ("hf", "orbax", "random"):
         raise ConfigError(f"config.model.init={cfg.model.init!r}: expected 'hf', 'orbax' or 'random'")
     if cfg.model.init != "random" and cfg.model.arch.to_dict() != random_arch():  # else unused, yet in config.json
@@ -161,6 +162,22 @@ def check_config(cfg, check_model_source: bool = True) -> None:
         if not 1 <= cfg.data.max_prompt_length < cfg.data.max_length:
             raise ConfigError(f"data.max_prompt_length={cfg.data.max_prompt_length} must be at least 1 and below "
                               f"data.max_length={cfg.data.max_length}")
+
+
+def check_special_token_ids(arch) -> None:
+    """A random model's bos/eos/pad ids name rows of its own embedding: training never reads them (the tokenizer's
+    ids are the data's), but the export writes them to config.json and generation_config.json, where an id past the
+    vocabulary is a token the model can never emit (generate never stops at that EOS). None: no such token."""
+    vocab = arch.vocab_size
+    if not isinstance(vocab, numbers.Integral):  # (MistralConfig names it)
+        return
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = arch.get(key)
+        for token in value if isinstance(value, (tuple, list)) else (value,):
+            if token is not None and not (isinstance(token, numbers.Integral) and not isinstance(token, bool)
+                                          and 0 <= token < vocab):
+                raise ConfigError(f"config.model.arch.{key}={value!r}: a token id in [0, vocab_size={vocab}), or "
+                                  "None for none")
 
 
 # The settings None means something for: unset (a placeholder), all examples, or off.
