@@ -607,11 +607,13 @@ def test_the_setting_notes_and_a_rotated_away_init_step_name_their_settings(monk
     """What train.run prints of settings that run otherwise than they read, and a resumed run's init step gone."""
     cfg = load_config(os.path.join(ROOT, "configs", "dpo.py:tiny"), **{"train.grad_accum": 2, "model.remat": "none"})
     mesh = types.SimpleNamespace(shape={"tensor": 2})
-    notes = train.setting_notes(cfg, types.SimpleNamespace(num_key_value_heads=3), mesh)
+    model = types.SimpleNamespace(num_key_value_heads=3, max_position_embeddings=1 << 20)
+    notes = train.setting_notes(cfg, model, mesh)
     assert len(notes) == 2 and notes[0].startswith("the 3 KV heads do not split over tensor=2")
     assert "model.remat='none' has no effect" in notes[1]
     cfg = load_config(os.path.join(ROOT, "configs", "dpo.py:tiny"))
-    assert train.setting_notes(cfg, types.SimpleNamespace(num_key_value_heads=4), mesh) == []
+    model.num_key_value_heads = 4
+    assert train.setting_notes(cfg, model, mesh) == []
 
     def gone(path, step):
         raise FileNotFoundError(f"no step {step}")
@@ -623,6 +625,16 @@ def test_the_setting_notes_and_a_rotated_away_init_step_name_their_settings(monk
         train.orbax_init_step(cfg, "/dpo", resumed=False)
     with pytest.raises(ConfigPathError, match=r"/dpo started from step 7 of config.model.path=/sft, which is gone"):
         train.orbax_init_step(cfg, "/dpo", resumed=True)
+
+
+def test_a_note_says_when_data_max_length_passes_the_models_max_position_embeddings(data_dir):
+    """Allowed (transformers and the Engine take longer inputs: RoPE has no limit), and said."""
+    for positions, said in ((128, False), (127, True)):  # tiny: data.max_length=128
+        cfg = tiny_config("sft", data_dir, **{"model.arch.max_position_embeddings": positions})
+        note = train.positions_note(cfg, train.model_config(cfg))
+        assert (note is not None) == said, (positions, note)
+    assert note.startswith("data.max_length=128 is above the model's max_position_embeddings=127 "
+                           "(config.model.arch): training goes on"), note
 
 
 def test_load_config_names_a_key_the_config_lacks():

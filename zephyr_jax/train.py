@@ -72,6 +72,18 @@ def rounded_reference_note(cfg) -> str | None:
             f"(dpo.reference_dtype={compute.name} or dpo.precompute_reference=True gives the exact reference)")
 
 
+def positions_note(cfg, mcfg) -> str | None:
+    """What to say when data.max_length passes the model's max_position_embeddings. Allowed, as transformers and the
+    Engine allow it (RoPE computes any position; Mistral-7B-v0.1 states 32768 over a 4096 sliding window), but the
+    model's positions past it were never trained. None when every position is within it."""
+    if cfg.data.max_length <= mcfg.max_position_embeddings:
+        return None
+    source = "config.model.arch" if cfg.model.init == "random" else cfg.model.path
+    return (f"data.max_length={cfg.data.max_length} is above the model's max_position_embeddings="
+            f"{mcfg.max_position_embeddings} ({source}): training goes on, and teaches positions it was not "
+            "trained at")
+
+
 def use_compilation_cache(path: str | None) -> None:
     """JAX's persistent compilation cache: a restart, or a later run with the same shapes, loads each compiled
     step instead of compiling it again (minutes for a 7B step). Any path JAX can write, including gs:// buckets;
@@ -510,7 +522,7 @@ def write_run_config(cfg, workdir: str) -> None:
 
 def setting_notes(cfg, mcfg: MistralConfig, mesh) -> list[str]:
     """What to say of settings that run otherwise than they read: KV heads the tensor axis does not divide,
-    a model.remat that gradient accumulation overrides, a rounded frozen reference."""
+    a model.remat that gradient accumulation overrides, a rounded frozen reference, positions past the model's."""
     notes = []
     tensor = mesh.shape["tensor"]
     if tensor > 1 and mcfg.num_key_value_heads % tensor:
@@ -521,8 +533,7 @@ def setting_notes(cfg, mcfg: MistralConfig, mesh) -> list[str]:
         notes.append(f"train.grad_accum={cfg.train.grad_accum}: the layers are recomputed in the backward pass, as "
                      f"model.remat='full' does (model/accumulate.py), so model.remat={cfg.model.remat!r} has no "
                      "effect")
-    if note := rounded_reference_note(cfg):
-        notes.append(note)
+    notes += [note for note in (rounded_reference_note(cfg), positions_note(cfg, mcfg)) if note]
     return notes
 
 
