@@ -635,6 +635,9 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, monkeypatch, c
     for flags, message in ((["--test_size=2.5"], "test_size=2.5: expected a fraction in [0, 1) or a whole count"),
                            (["--concurrency=0"], "concurrency=0: at least 1 dialogue must be in flight"),
                            (["--num_dialogues=-1"], "num_dialogues=-1 is negative"),
+                           # a MemoryError listing 2**31 indices after the engine's load (magpie's alike)
+                           (["--num_dialogues=2147483648"], "num_dialogues=2147483648: more than the 10,000,000"),
+                           (["--mode=magpie", "--num_dialogues=10000001"], "num_dialogues=10000001: more than the"),
                            # inf: an OverflowError traceback; nan passed, and failed at the split, unnamed
                            (["--test_size=inf"], "test_size=inf: expected a fraction in [0, 1) or a whole count"),
                            (["--test_size=nan"], "test_size=nan: expected a fraction in [0, 1) or a whole count"),

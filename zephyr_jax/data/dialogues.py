@@ -28,9 +28,10 @@ follows the row's "instruction"/"question", if it has one); a "seed" (and a .txt
 like one (ends with "?", starts with a question word or an imperative verb, or spans lines), else a topic, unless
 --seeds_are=topics or openings says which for the whole file. Rows without a sector take --sector's (default:
 materials for a material, else world). Dialogue i uses seed i mod the number of seeds; --num_dialogues defaults to
-the number of seeds. On later passes over the seeds (i >= their number) a seed that is an opening is not taken as
-it is again (it would be dropped as a duplicate): the user simulator writes another opening of its kind
-(VARIATION_REQUEST); a topic gets a new opening anyway.
+the number of seeds, and takes at most MAX_DIALOGUES (10M; a run holds them all in memory). On later passes over
+the seeds (i >= their number) a seed that is an opening is not taken as it is again (it would be dropped as a
+duplicate): the user simulator writes another opening of its kind (VARIATION_REQUEST); a topic gets a new opening
+anyway.
 
 A turn is one user message and the assistant's reply; each dialogue draws its number of turns from its
 sector's range, or from --min_turns..--max_turns (one alone: --min_turns defaults to 1, --max_turns to
@@ -120,6 +121,10 @@ from zephyr_jax.data.journal import Journal, SettingsMismatch
 MODES = ("ultrachat", "magpie")
 MAGPIE_TURNS = (1, 1)
 JOURNAL = "journal/dialogues.jsonl"
+# A run holds every dialogue (and its journal every message) in memory until the files are written: openings are
+# deduplicated across the run and the split is drawn over them all. 10M is ~7x UltraChat's 1.5M dialogues, ~60 GB
+# of text at its ~6 KB a dialogue; 2**31 was a MemoryError listing the indices. More: runs with other --seed values.
+MAX_DIALOGUES = 10_000_000
 FORMAT_VERSION = 2  # bump when the calls change in a way the prompts' texts do not show (2: alternating roles)
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -450,6 +455,9 @@ def _check_sizes(test_size: float, concurrency: int, num_dialogues: int | None, 
         raise ValueError(f"concurrency={concurrency}: at least 1 dialogue must be in flight")
     if num_dialogues is not None and num_dialogues < 0:
         raise ValueError(f"num_dialogues={num_dialogues} is negative")
+    if num_dialogues is not None and num_dialogues > MAX_DIALOGUES:
+        raise ValueError(f"num_dialogues={num_dialogues}: more than the {MAX_DIALOGUES:,} one run holds in memory "
+                         "until its files are written; make a larger corpus in several runs (other --seed values)")
     _turn_range(min_turns, max_turns)
 
 
