@@ -1,6 +1,7 @@
 """Row sources on small local data in the real schemas: save_to_disk dirs, jsonl/json/parquet, the hub offline, TFDS."""
 
 import json
+import re
 import sys
 import time
 
@@ -8,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 
-from zephyr_jax.data.sources import ULTRACHAT, load_rows, tfds_to_python
+from zephyr_jax.data.sources import ULTRACHAT, load_hub, load_rows, tfds_to_python
 
 ROWS = [  # the HuggingFaceH4/ultrachat_200k schema
     {"prompt": "Hi", "prompt_id": "a1",
@@ -131,6 +132,18 @@ def test_hub_name_offline_fails_fast_and_names_it(monkeypatch):
     with pytest.raises(ConnectionError, match=rf"{ULTRACHAT}.*train_sft.*could not be reached.*offline"):
         load_rows(ULTRACHAT, "train_sft")
     assert time.monotonic() - start < 5
+
+
+def test_hub_files_that_do_not_parse_are_a_value_error_naming_the_dataset(tmp_path, monkeypatch):
+    """datasets' DatasetGenerationError (no ValueError) passed train.run's wrapping as a traceback naming neither
+    the dataset nor data.train. A local folder in a hub repo's layout goes through load_hub's own loader."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "train_sft-00000-of-00001.jsonl").write_text(
+        '{"prompt": "a", "messages": [{"role": "user", "content": "a"}]}\n{"prompt": "b", "messages": [\n')
+    with pytest.raises(ValueError, match=rf"Hugging Face dataset '{re.escape(str(tmp_path))}/repo' \(split "
+                                         r"'train_sft'\): its files could not be read: ArrowInvalid: JSON parse"):
+        load_hub(str(tmp_path / "repo"), "train_sft")
 
 
 def test_missing_demo_data_says_it_is_not_here_and_how_to_make_it(monkeypatch, tmp_path, capsys):

@@ -118,6 +118,10 @@ def load_hub(name: str, split: str | None, *, streaming: bool = False):
         raise FileNotFoundError(f"{what} was not found: {e}") from e
     except ValueError as e:  # e.g. an unknown split
         raise ValueError(f"{what}: {e}") from e
+    except datasets.exceptions.DatasetsError as e:  # files that do not parse, checksums or split sizes that differ
+        # (the direct cause: the JSON reader's error; deeper lies its pandas fallback's, which says less)
+        cause = e if e.__cause__ is None else e.__cause__
+        raise ValueError(f"{what}: its files could not be read: {type(cause).__name__}: {cause}") from e
 
 
 def _offline() -> bool:
