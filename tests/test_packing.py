@@ -98,6 +98,27 @@ def test_packed_dpo_batch_gives_the_padded_batch_and_the_full_head_reference(mod
         np.testing.assert_allclose(metrics_b[k], ref_metrics[k], rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_b, grads_a)
 
+    # An eval split smaller than train.eval_batch_size goes in one batch of its own pairs (32 filled 24 with
+    # repeats, in twice the rows), through the eval function made for 32: the same log-probs
+    from zephyr_jax import train
+    from zephyr_jax.sharding import DEFAULT_RULES, rules_table
+
+    cfg = ml_collections.ConfigDict({"stage": "dpo", "train": {"eval_batch_size": 32, "global_batch_size": 8,
+                                                               "progress": False},
+                                     "data": {"packing": True, "packed_rows": 0, "max_length": 64, "buckets": ()},
+                                     "mesh": {"rules": dict(rules_table(DEFAULT_RULES))}})
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), (jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:1])
+    assert train.eval_size(cfg, mesh, len(pairs)) == 8 and train.eval_size(cfg, mesh, 40) == 32
+    with jax.set_mesh(mesh):
+        got = train.run_eval(cfg, train_steps.make_eval_fn("dpo", graphdef, 32), params, pairs,
+                             train.batch_sharding(mesh, DEFAULT_RULES))["logps"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    eight_shards = types.SimpleNamespace(shape={"data": 1, "fsdp": 8, "tensor": 1})
+    assert train.eval_size(cfg, eight_shards, 3) == 3  # packed: rows rounded up to the shards, not pairs
+    cfg.data.packing = False  # a row per sequence: 2 x 3 pairs rounded up to 8 rows, 4 pairs
+    assert train.eval_size(cfg, eight_shards, 3) == 4 and train.eval_size(cfg, eight_shards, 5) == 8
+
     # IPO divides each completion's log-prob by its length: the train step's and the eval's per-pair lengths are
     # the completions' own, each on its own side of the pair.
     ipo = ml_collections.ConfigDict({**DPO.to_dict(), "loss_type": "ipo"})

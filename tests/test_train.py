@@ -549,6 +549,16 @@ def test_packed_dpo_buckets_too_short_are_refused_before_the_data_is_read(data_d
                                           r"rows of 640 positions"):
         train.run(tiny_config("dpo", data_dir, **{"data.buckets": (128, 256, 384), "dpo.reference_free": True}),
                   str(tmp_path / "w2"))
+    # An eval split smaller than an eval batch goes in fewer pairs (train.eval_size), whose rows may be fuller: 20
+    # pairs in 16 rows need 512 positions, 16 pairs in 8 rows (the 8 devices' rows) 640; refused once the split is
+    # read, before the model is built (it was the first eval's error, after train.eval_every steps)
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "init_params", lambda *a, **k: pytest.fail("the model was built first"))
+    with pytest.raises(ConfigError, match=r"data.buckets=\(128, 256, 384, 512\): 16 pairs packed into 8 rows may "
+                                          r"need rows of 640 positions"):
+        train.run(tiny_config("dpo", data_dir, **{"data.buckets": (128, 256, 384, 512), "dpo.reference_free": True,
+                                                  "train.eval_batch_size": 20, "data.max_eval_examples": 16}),
+                  str(tmp_path / "w3"))
 
 
 def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_rows_fill():

@@ -16,6 +16,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -378,14 +379,13 @@ def eval_split(cfg, examples, log=print) -> list:
 
 
 def eval_size(cfg, mesh, count: int) -> int:
-    """Examples (rows) per eval batch for a split of `count`: train.eval_batch_size, or for a dSFT split smaller
-    than that the fewest rows over the batch shards that hold it (a split of 6 packed rows filled 64 with repeats).
-    DPO eval programs are compiled for eval_batch_size pairs."""
-    size = cfg.train.eval_batch_size
-    if cfg.stage == "dpo":
-        return size
+    """Examples (rows) or pairs per eval batch for a split of `count`: train.eval_batch_size, or for a split smaller
+    than that the fewest that hold it and still split over the batch shards (a split of 6 packed rows filled 64 with
+    repeats; 8 dDPO pairs were 32, in twice the rows). Packed pairs fit any shards (preference_rows_for rounds their
+    rows); unpacked, a pair is two rows. The DPO eval function, made for eval_batch_size pairs, takes fewer."""
     shards = batch_shards(mesh, cfg.mesh.rules)
-    return min(size, max(1, -(-count // shards)) * shards)
+    unit = shards if cfg.stage != "dpo" else 1 if cfg.data.packing else shards // math.gcd(2, shards)
+    return min(cfg.train.eval_batch_size, max(1, -(-count // unit)) * unit)
 
 
 def eval_batcher(cfg, mesh, size: int | None = None):
@@ -627,6 +627,9 @@ def run(cfg, workdir: str) -> dict:
     # Data.
     train_examples, eval_examples = (load_split(cfg, tok, split, mcfg.vocab_size) for split in ("train", "eval"))
     eval_examples = eval_split(cfg, eval_examples)
+    if dpo:  # a split smaller than an eval batch goes in fewer pairs (eval_size), whose rows may need longer buckets
+        for examples in (train_examples, eval_examples):
+            eval_batcher(cfg, mesh, eval_size(cfg, mesh, len(examples)))
     read = len(train_examples)
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
     check_fills_a_batch(cfg, read, len(train_examples))

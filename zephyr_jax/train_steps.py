@@ -242,7 +242,9 @@ def make_train_step(stage: str, graphdef, optimizer, grad_accum: int, dpo_cfg=No
 @functools.lru_cache(maxsize=8)  # models of one architecture share the jitted function: a batch shape compiles once
 def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None, max_segments: int | None = 1):
     """SFT: per-row (sum of target NLL, tokens, correct tokens) of rows holding up to max_segments examples
-    (train.max_segments(cfg, rows)). DPO: pair log-probs [num_pairs, 2] (the pairs of an eval batch, in order)."""
+    (train.max_segments(cfg, rows)). DPO: pair log-probs [num_pairs, 2] (the pairs of an eval batch, in order; a
+    batch of fewer pairs, a split smaller than train.eval_batch_size, leaves zeros after them, which
+    run_eval_batches drops)."""
 
     def sft_eval(params, batch):
         logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments=max_segments)
