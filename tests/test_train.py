@@ -693,6 +693,9 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
              FileNotFoundError),  # (ConfigPathError: a ConfigError and a FileNotFoundError)
             ("c2", {"model.arch.num_key_value_heads": 3}, "config.model.arch: num_attention_heads=4 is not a "
                                                           "multiple of num_key_value_heads=3", ConfigError),
+            # (its own error, not the out-of-range EOS id that every id is in an empty vocabulary)
+            ("c4", {"model.arch.vocab_size": 0}, "config.model.arch: vocab_size=0: must be a whole number >= 1",
+             ConfigError),
             ("c3", {"tokenizer": str(tmp_path / "none")}, f"config.tokenizer='{tmp_path / 'none'}': tokenizer "
                                                           f"{tmp_path / 'none'} does not exist", ConfigError)):
         with pytest.raises(ConfigError) as error:

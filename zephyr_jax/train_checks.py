@@ -169,7 +169,7 @@ def check_special_token_ids(arch) -> None:
     ids are the data's), but the export writes them to config.json and generation_config.json, where an id past the
     vocabulary is a token the model can never emit (generate never stops at that EOS). None: no such token."""
     vocab = arch.vocab_size
-    if not isinstance(vocab, numbers.Integral):  # (MistralConfig names it)
+    if not isinstance(vocab, numbers.Integral) or vocab < 1:  # MistralConfig names the vocabulary's own mistake
         return
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = arch.get(key)
