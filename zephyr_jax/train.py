@@ -627,7 +627,7 @@ def run(cfg, workdir: str) -> dict:
     # Data.
     train_examples, eval_examples = (load_split(cfg, tok, split, mcfg.vocab_size) for split in ("train", "eval"))
     eval_examples = eval_split(cfg, eval_examples)
-    if cfg.stage == "dpo":  # a split smaller than an eval batch goes in fewer pairs (eval_size), whose rows may need longer buckets
+    if cfg.stage == "dpo":  # a split smaller than an eval batch: fewer pairs (eval_size), which may need longer buckets
         for examples in (train_examples, eval_examples):
             eval_batcher(cfg, mesh, eval_size(cfg, mesh, len(examples)))
     read = len(train_examples)
