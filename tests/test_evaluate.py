@@ -132,9 +132,9 @@ def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
 
 
 @ON_DPO_WORKDIR
-def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):
+def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir, monkeypatch):
     """evaluate.prefs scores packed rows (as training's eval does): the same log-probs as a row per sequence,
-    in about half the positions."""
+    in about half the positions; a split of fewer pairs than batch_size in one batch of its own pairs."""
     from zephyr_jax.data.pipeline import load_examples
     from zephyr_jax.loading import load_model
     from zephyr_jax.tokenizer import load_tokenizer
@@ -146,6 +146,15 @@ def test_pair_logps_packed_rows_equal_a_row_per_sequence(dpo_workdir, data_dir):
     one_per_row = evaluate.pair_logps(model, examples, 8, buckets=(64, 128, 256))
     assert packed.shape == (len(examples), 2)
     np.testing.assert_allclose(packed, one_per_row, rtol=1e-5, atol=1e-4)
+    # 3 pairs with batch_size 8: 3 pairs in 2 rows (train.eval_size), not filled to 8 with repeats in 4 rows
+    run, computed = evaluate.steps.run_eval_batches, []
+
+    def counting(eval_fn, params, batches, place):
+        seen = lambda b: computed.append(((b["sequence_pair"] >= 0).sum() // 2, len(b["inputs"])))
+        return run(eval_fn, params, ((seen(b) or b, real) for b, real in batches), place)
+    monkeypatch.setattr(evaluate.steps, "run_eval_batches", counting)
+    np.testing.assert_allclose(evaluate.pair_logps(model, examples[:3], 8), packed[:3], rtol=1e-6)
+    assert computed == [(3, 2)]
 
 
 def test_pair_logps_refuses_token_ids_outside_the_models_vocabulary(data_dir, tiny_model_dir, tmp_path,

@@ -37,9 +37,8 @@ from flax import nnx
 from zephyr_jax import checkpoint, train
 from zephyr_jax import train_steps as steps
 from zephyr_jax.config_common import COMPILATION_CACHE_DIR
-from zephyr_jax.data.batches import packed_pair_buckets, positions_needed
+from zephyr_jax.data.batches import positions_needed
 from zephyr_jax.data.binarize import write_json
-from zephyr_jax.data.loader import pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.data.sources import ULTRAFEEDBACK_BINARIZED, read_json_lines, source_name
 from zephyr_jax.engine import SamplingParams
@@ -147,17 +146,19 @@ def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
     so another model of the same shapes, or another call, compiles nothing again). buckets=None: packed, as
     training packs dDPO batches (about four sequences a row, rows in multiples of 128); else a row per sequence,
     padded to `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like
-    lengths)."""
+    lengths). A split of fewer than batch_size pairs goes in one batch of its own pairs (train.eval_size)."""
     check_token_ids(examples, model.config.vocab_size, "the preference data")  # else NaN metrics, no error
     graphdef, state = nnx.split(model)
     eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
-    if buckets is None:
-        rows = max(1, batch_size // 2)
-        longest = max(positions_needed(e) for e in examples) + 1
-        batcher = pair_batcher(rows, packed_pair_buckets(batch_size, rows, longest))
-    else:
-        batcher = pair_batcher(2 * batch_size, buckets)
-    batches = train.eval_batches(examples, batch_size, batcher)
+    # Training's eval batches (train.eval_size, eval_batcher) for these settings. The batch goes whole to the
+    # default device (jax.device_put): an empty batch rule, so no mesh to split it over.
+    cfg = ml_collections.ConfigDict({
+        "stage": "dpo", "mesh": {"rules": {"batch": ()}},
+        "train": {"eval_batch_size": batch_size, "global_batch_size": batch_size},
+        "data": {"packing": buckets is None, "packed_rows": 0, "buckets": tuple(buckets or ()),
+                 "max_length": max(positions_needed(e) for e in examples) + 1}})  # packed rows' bucket step
+    size = train.eval_size(cfg, None, len(examples))
+    batches = train.eval_batches(examples, size, train.eval_batcher(cfg, None, size)[0])
     return steps.run_eval_batches(eval_fn, state, batches, jax.device_put)["logps"]
 
 
