@@ -114,6 +114,11 @@ def test_packed_dpo_batch_gives_the_padded_batch_and_the_full_head_reference(mod
         got = train.run_eval(cfg, train_steps.make_eval_fn("dpo", graphdef, 32), params, pairs,
                              train.batch_sharding(mesh, DEFAULT_RULES))["logps"]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    # and one made for fewer pairs than a batch holds refuses it before the call (its segment_sum dropped the
+    # pairs past them: 4 pairs' log-probs came back for 8)
+    with pytest.raises(ValueError, match=r"an eval batch of 8 pairs for an eval function made for 4 \(make_eval_fn"):
+        train_steps.run_eval_batches(train_steps.make_eval_fn("dpo", graphdef, 4), params, iter([(packed, 8)]),
+                                     lambda b: b)
     eight_shards = types.SimpleNamespace(shape={"data": 1, "fsdp": 8, "tensor": 1})
     assert train.eval_size(cfg, eight_shards, 3) == 3  # packed: rows rounded up to the shards, not pairs
     cfg.data.packing = False  # a row per sequence: 2 x 3 pairs rounded up to 8 rows, 4 pairs

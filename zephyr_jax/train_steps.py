@@ -244,7 +244,7 @@ def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None, max_segment
     """SFT: per-row (sum of target NLL, tokens, correct tokens) of rows holding up to max_segments examples
     (train.max_segments(cfg, rows)). DPO: pair log-probs [num_pairs, 2] (the pairs of an eval batch, in order; a
     batch of fewer pairs, a split smaller than train.eval_batch_size, leaves zeros after them, which
-    run_eval_batches drops)."""
+    run_eval_batches drops; a batch of more is its ValueError)."""
 
     def sft_eval(params, batch):
         logps, correct, valid, _ = loss_position_logps(graphdef, params, batch, max_segments=max_segments)
@@ -253,7 +253,11 @@ def make_eval_fn(stage: str, graphdef, num_pairs: int | None = None, max_segment
     def dpo_eval(params, batch):
         return {"logps": pair_logps(graphdef, params, batch, num_pairs)[0]}
 
-    return jax.jit(sft_eval if stage == "sft" else dpo_eval)
+    eval_fn = jax.jit(sft_eval if stage == "sft" else dpo_eval)
+    # per_pair's segment_sum drops pairs past num_pairs without a word, and a packed batch's shapes do not give its
+    # pair count: run_eval_batches checks each batch's on the host, before the call
+    eval_fn.num_pairs = num_pairs if stage == "dpo" else None
+    return eval_fn
 
 
 def to_host(tree):
@@ -279,6 +283,7 @@ def run_eval_batches(eval_fn, params, batches, place) -> dict:
             out.setdefault(k, []).append(np.asarray(v)[:real])
 
     for batch, real in batches:
+        check_pair_count(eval_fn, batch)
         outputs = eval_fn(params, place(batch))
         if queued is not None:
             fetch(*queued)
@@ -286,6 +291,18 @@ def run_eval_batches(eval_fn, params, batches, place) -> dict:
     if queued is not None:
         fetch(*queued)
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def check_pair_count(eval_fn, batch) -> None:
+    """A DPO batch (host arrays: the rows this process built) of more pairs than its eval function was made for
+    is a ValueError: the log-probs of the pairs past them would be dropped."""
+    made_for = getattr(eval_fn, "num_pairs", None)
+    if made_for is None or not batch["sequence_pair"].size:
+        return
+    pairs = int(batch["sequence_pair"].max()) // 2 + 1
+    if pairs > made_for:
+        raise ValueError(f"an eval batch of {pairs} pairs for an eval function made for {made_for} "
+                         f"(make_eval_fn's num_pairs): the pairs past the first {made_for} would be dropped")
 
 
 def sft_eval_metrics(out) -> dict:
