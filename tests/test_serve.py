@@ -747,10 +747,10 @@ def test_serving_is_logged_once_the_port_is_bound(tiny_model_dir, monkeypatch, s
 
 def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatch, serve_logger):
     """The command's --warmup and --mesh reach the engine (in process, uvicorn.Server.run standing in): the model is
-    split over the mesh, the warm-up compiles before serving, so a greedy completion then adds no program, and
-    its text is the one-device engine's. (The engine laid its cache out as P(None, None, 'tensor', None, None)
-    and the calls handed it back as P(None, None, 'tensor'): the same layout, but the first request's decoding
-    call missed the warm-up's jit cache entry and traced again.)"""
+    split over the mesh, the warm-up compiles before serving, so a greedy completion then adds no program (nor do
+    others of other prompts and sampling settings), and its text is the one-device engine's. (The engine laid its
+    cache out as P(None, None, 'tensor', None, None) and the calls handed it back as P(None, None, 'tensor'): the
+    same layout, but the first request's decoding call missed the warm-up's jit cache entry and traced again.)"""
     import jax
     import uvicorn
     from fastapi.testclient import TestClient
@@ -772,7 +772,12 @@ def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatc
         with TestClient(app) as client:
             r = client.post("/v1/completions", headers=AUTH, json={
                 "model": NAME, "prompt": "The sky is", "max_tokens": 6, "temperature": 0})
-        seen.update(response=r, compiled=Engine.compiled_programs() - before)
+            # Sampling settings are arrays of the calls, not part of the programs: none compiles one.
+            others = [client.post("/v1/completions", headers=AUTH, json={
+                "model": NAME, "prompt": prompt, "max_tokens": 5, **sampling}) for prompt, sampling in (
+                    ("The sky", {"temperature": 1, "top_p": 0.9, "seed": 3}),
+                    ("The sea is", {"temperature": 0.7, "top_k": 5, "seed": 2**40, "stop": ["e", "the"]}))]
+        seen.update(response=r, others=others, compiled=Engine.compiled_programs() - before)
 
     monkeypatch.setattr(serve, "Engine", Recorded)
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: serve_once(self.config.app))
@@ -784,6 +789,7 @@ def test_serve_warms_up_and_shards_over_its_mesh_flag(tiny_model_dir, monkeypatc
     assert {tuple(x.sharding.mesh.shape.items()) for x in weights} == {(("data", 1), ("fsdp", 4), ("tensor", 2))}
     assert sum(not x.sharding.is_fully_replicated for x in weights) >= len(weights) // 2  # split, not copied
     assert seen["response"].status_code == 200, seen["response"].text
+    assert [o.status_code for o in seen["others"]] == [200] * 2, [o.text for o in seen["others"]]
     assert seen["compiled"] == 0
     model, tok = zephyr_jax.load(tiny_model_dir, dtype="float32")
     assert seen["response"].json()["choices"][0]["text"] == \
