@@ -6,6 +6,7 @@ transformers' greedy generation on the same weights, for concurrent requests arr
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -199,6 +200,17 @@ def _post(base, path, body, key=KEY, raw=None):
                       timeout=60)
 
 
+def _byte_runs(tok, ids: list[int], special: set[int]) -> list[list[int]]:
+    """The positions of ids' byte-fallback tokens, in runs that a piece ends (`special` tokens decode to nothing)."""
+    runs, run = [], []
+    for k, piece in enumerate(tok.convert_ids_to_tokens(ids)):
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            run.append(k)
+        elif ids[k] not in special:
+            runs, run = runs + [run] * bool(run), []
+    return runs + [run] * bool(run)
+
+
 def test_logprob_strings_of_byte_tokens_join_to_the_tokenizers_decode():
     """Byte-fallback tokens (`<0xF0>`: one character over several tokens) against the tokenizer's own decode: the
     token strings join to the decoded text also where the bytes are not valid UTF-8 (an emoji cut short by
@@ -218,8 +230,12 @@ def test_logprob_strings_of_byte_tokens_join_to_the_tokenizers_decode():
     server = Server(None, tok, NAME)
     byte_ids = tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(256)])
     parrot = tok("ok 🦜 café", add_special_tokens=False).input_ids
+    special, special_strings = set(tok.all_special_ids), set(tok.all_special_tokens)
     rng = random.Random(0)
-    replies = [parrot, parrot[:3 + [tok.convert_ids_to_tokens(t) for t in parrot].index("<0xF0>")]] + [
+    # (a run of two characters, one of them two bytes; a space byte after a piece: decoded alone, it is stripped)
+    two = [byte_ids[b] for b in "ü🦜".encode()] + parrot[:1]
+    replies = [parrot, parrot[:3 + [tok.convert_ids_to_tokens(t) for t in parrot].index("<0xF0>")], two,
+               [*parrot[:1], byte_ids[0x20], byte_ids[0x41], *parrot[1:2]]] + [
         [rng.choice(byte_ids) if rng.random() < 0.4 else rng.choice([tok.eos_token_id, *parrot, rng.randrange(32000)])
          for _ in range(rng.randrange(1, 12))] for _ in range(60)]
     for ids in replies:
@@ -237,13 +253,29 @@ def test_logprob_strings_of_byte_tokens_join_to_the_tokenizers_decode():
                    if t in byte_ids)
         joined = bytes(b for e in entries for b in e.bytes)
         assert joined.decode(errors="replace") == text or "\ufffd" in text
+        assert all(e.token == tok.convert_ids_to_tokens(t) for e, t in zip(parsed, ids) if t in special)
+        # Inside a run of byte tokens: valid UTF-8 shows each character at the byte that completes it (the strings
+        # so far are the UTF-8 decoder's reading of the bytes so far), invalid bytes a U+FFFD each, as decoded.
+        for run in _byte_runs(tok, ids, special):
+            raw, strings = bytes(int(tok.convert_ids_to_tokens(ids[k])[3:5], 16) for k in run), \
+                [parsed[k].token for k in run]
+            try:
+                raw.decode()
+            except UnicodeDecodeError:
+                assert strings == ["\ufffd"] * len(run), (ids, strings)
+            else:
+                assert ["".join(strings[:n]) for n in range(1, len(run) + 1)] == \
+                    [raw[:n].decode(errors="ignore") for n in range(1, len(run) + 1)], (ids, strings)
         # Streamed: each chunk lists the tokens up to the last piece (a byte's string waits for its run's end).
         streamed, sent = [], 0
         for n in range(1, len(ids) + 1):
-            end = n if n == len(ids) else server.strings.settled(ids[:n])
-            streamed += server.chat_logprobs(Request([1], tokens=ids[:end], logprobs=r.logprobs[:end],
-                                                     top_logprobs=r.top_logprobs[:end]), sent)["content"]
-            sent = end
+            part = server.streamable(Request([1], tokens=ids[:n], logprobs=r.logprobs[:n],
+                                             top_logprobs=r.top_logprobs[:n]), done=n == len(ids))
+            streamed += server.chat_logprobs(part, sent)["content"]
+            sent = len(part.tokens)
+            if ids[n - 1] not in byte_ids and ids[n - 1] not in special:  # a piece last: all the text so far is sent
+                assert "".join(e["token"] for e in streamed if e["token"] not in special_strings) == \
+                    tok.decode(ids[:n], skip_special_tokens=True), (ids[:n], streamed)
         assert streamed == lp["content"]
         completion = server.completion_logprobs(r, echo=True)  # the legacy API's strings join to its text too
         shown = ["" if t in tok.all_special_tokens else t for t in completion["tokens"]]

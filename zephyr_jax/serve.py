@@ -290,6 +290,14 @@ class Server:
             at += len(share)
         return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": top_dicts, "text_offset": offsets}
 
+    def streamable(self, r: Request, done: bool) -> types.SimpleNamespace:
+        """The reply's tokens whose log-prob entries a stream may send now, as plain data (taken on the engine's
+        thread): all of them once it is done, else up to the last piece (a byte token's string waits for the end of
+        its run: token_strings)."""
+        end = len(r.tokens) if done else self.strings.settled(r.tokens)
+        return types.SimpleNamespace(tokens=r.tokens[:end], logprobs=r.logprobs[:end],
+                                     top_logprobs=r.top_logprobs[:end])
+
     def chat_logprobs(self, r: Request, start: int = 0) -> dict:
         """OpenAI's chat logprobs for the reply's tokens from `start` on: their strings join to the content, and
         their bytes to its UTF-8 where the model wrote valid UTF-8 (token_strings)."""
@@ -484,11 +492,8 @@ def create_app(server: Server):
                     return i, "", None, "error", f"{type(e).__name__}: {e}"
                 scores = None
                 if want and (text or done):
-                    # Up to the last piece until the end: a byte token's string waits for the end of its run.
-                    end = len(r.tokens) if done else server.strings.settled(r.tokens)
-                    scores = (types.SimpleNamespace(tokens=r.tokens[:end], logprobs=r.logprobs[:end],
-                                                    top_logprobs=r.top_logprobs[:end]), sent[i])
-                    sent[i] = end
+                    scores = (server.streamable(r, done), sent[i])
+                    sent[i] = len(scores[0].tokens)
                 return i, text, scores, finish_reason(r) if done else None, None
 
             requests, updates = submit_all([(prompt, p) for p in params], "n", delta)
