@@ -559,6 +559,23 @@ def test_packed_dpo_buckets_too_short_are_refused_before_the_data_is_read(data_d
         train.run(tiny_config("dpo", data_dir, **{"data.buckets": (128, 256, 384, 512), "dpo.reference_free": True,
                                                   "train.eval_batch_size": 20, "data.max_eval_examples": 16}),
                   str(tmp_path / "w3"))
+    # A train split as small goes through eval batches only for precomputed reference log-probs: else its run
+    # passes the checks (it was refused, by an eval batch of its pairs that never runs)
+    small_train = {"data.buckets": (128, 256, 384, 512), "train.eval_batch_size": 20, "data.max_train_examples": 16,
+                   "data.eval_split": "train_prefs", "data.max_eval_examples": 40}
+
+    class Built(Exception):
+        pass
+
+    def built(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(train, "init_params", built)
+    with pytest.raises(Built):  # every check passed
+        train.run(tiny_config("dpo", data_dir, **small_train), str(tmp_path / "w4"))
+    with pytest.raises(ConfigError, match=r"16 pairs packed into 8 rows may need rows of 640 positions"):
+        train.run(tiny_config("dpo", data_dir, **small_train, **{"dpo.precompute_reference": True}),
+                  str(tmp_path / "w5"))
 
 
 def test_packed_dpo_rows_split_over_the_mesh_and_eval_batches_keep_the_train_rows_fill():

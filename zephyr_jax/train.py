@@ -628,7 +628,10 @@ def run(cfg, workdir: str) -> dict:
     train_examples, eval_examples = (load_split(cfg, tok, split, mcfg.vocab_size) for split in ("train", "eval"))
     eval_examples = eval_split(cfg, eval_examples)
     if cfg.stage == "dpo":  # a split smaller than an eval batch: fewer pairs (eval_size), which may need longer buckets
-        for examples in (train_examples, eval_examples):
+        scored = [eval_examples]  # the splits eval batches read: the train split for its reference log-probs only
+        if cfg.dpo.precompute_reference and not cfg.dpo.reference_free:
+            scored.append(train_examples)
+        for examples in scored:
             eval_batcher(cfg, mesh, eval_size(cfg, mesh, len(examples)))
     read = len(train_examples)
     train_examples, batcher, num_rows = training_batches(cfg, mesh, train_examples)
