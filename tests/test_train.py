@@ -17,6 +17,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -328,6 +329,7 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("sft", {"model.arch.eos_token_id": 32000}, r"config.model.arch.eos_token_id=32000: a token id in \[0, "
                                                 r"vocab_size=32000\)"),
     ("dpo", {"model.arch.bos_token_id": -1}, r"config.model.arch.bos_token_id=-1: a token id in \[0, vocab_size="),
+    ("sft", {"model.arch.eos_token_id": True}, r"config.model.arch.eos_token_id=True: a token id in \[0, "),  # not 1
     ("sft", {"model.arch.pad_token_id": 40000}, r"config.model.arch.pad_token_id=40000: a token id in \[0, "),
     ("sft", {"train.global_batch_size": 0}, r"train.global_batch_size=0: must be at least 1"),
     ("sft", {"train.grad_accum": 0}, r"train.grad_accum=0: must be at least 1"),
@@ -438,6 +440,13 @@ def test_token_ids_up_to_the_last_embedding_are_taken_and_one_past_is_refused():
         with pytest.raises(ConfigError, match=r"data.train \(x\) holds token id 1000, but the model's vocabulary has "
                                               r"1000 entries: config.tokenizer='t' has tokens the model lacks"):
             train_checks.check_token_ids(examples, 1000, "data.train (x)", "config.tokenizer='t'")
+    # A random model's special ids (config.json and generation_config.json name them), a list of EOS ids too
+    arch = ml_collections.ConfigDict({"vocab_size": 1000, "bos_token_id": 0, "eos_token_id": [2, 999]})
+    train_checks.check_special_token_ids(arch)
+    arch.eos_token_id = [2, 1000]
+    with pytest.raises(ConfigError, match=r"config.model.arch.eos_token_id=\[2, 1000\]: a token id in \[0, "
+                                          r"vocab_size=1000\)"):
+        train_checks.check_special_token_ids(arch)
 
 
 @pytest.mark.parametrize("stage, change, named", [
@@ -641,6 +650,11 @@ def test_the_setting_notes_and_a_rotated_away_init_step_name_their_settings(monk
     cfg = load_config(os.path.join(ROOT, "configs", "dpo.py:tiny"))
     model.num_key_value_heads = 4
     assert train.setting_notes(cfg, model, mesh) == []
+    # a frozen reference rounded to bfloat16 and positions past the model's: each function's own note, in order
+    cfg = load_config(os.path.join(ROOT, "configs", "dpo.py:tiny"), **{"dpo.reference_dtype": "bfloat16"})
+    model.max_position_embeddings = cfg.data.max_length - 1
+    notes = [train.rounded_reference_note(cfg), train.positions_note(cfg, model)]
+    assert all(notes) and train.setting_notes(cfg, model, mesh) == notes
 
     def gone(path, step):
         raise FileNotFoundError(f"no step {step}")
@@ -658,10 +672,14 @@ def test_a_note_says_when_data_max_length_passes_the_models_max_position_embeddi
     """Allowed (transformers and the Engine take longer inputs: RoPE has no limit), and said."""
     for positions, said in ((128, False), (127, True)):  # tiny: data.max_length=128
         cfg = tiny_config("sft", data_dir, **{"model.arch.max_position_embeddings": positions})
-        note = train.positions_note(cfg, train.model_config(cfg))
+        mcfg = train.model_config(cfg)
+        note = train.positions_note(cfg, mcfg)
         assert (note is not None) == said, (positions, note)
     assert note.startswith("data.max_length=128 is above the model's max_position_embeddings=127 "
                            "(config.model.arch): training goes on"), note
+    with cfg.unlocked():  # a model read from a path is named by it
+        cfg.model.init, cfg.model.path = "hf", "/models/mistral"
+    assert "max_position_embeddings=127 (/models/mistral): training" in train.positions_note(cfg, mcfg)
 
 
 def test_load_config_names_a_key_the_config_lacks():
