@@ -144,6 +144,14 @@ def test_hub_files_that_do_not_parse_are_a_value_error_naming_the_dataset(tmp_pa
     with pytest.raises(ValueError, match=rf"Hugging Face dataset '{re.escape(str(tmp_path))}/repo' \(split "
                                          r"'train_sft'\): its files could not be read: ArrowInvalid: JSON parse"):
         load_hub(str(tmp_path / "repo"), "train_sft")
+    # Split sizes other than the dataset card states: datasets' own error, with no cause behind it
+    (tmp_path / "sized" / "data").mkdir(parents=True)
+    (tmp_path / "sized" / "README.md").write_text("---\ndataset_info:\n  splits:\n  - name: train_sft\n"
+                                                  "    num_examples: 5\n---\n")
+    (tmp_path / "sized" / "data" / "train_sft-00000-of-00001.jsonl").write_text('{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"/sized' \(split 'train_sft'\): its files could not be read: "
+                                         r"NonMatchingSplitsSizesError: \[\{'expected'"):
+        load_hub(str(tmp_path / "sized"), "train_sft")
 
 
 def test_missing_demo_data_says_it_is_not_here_and_how_to_make_it(monkeypatch, tmp_path, capsys):
