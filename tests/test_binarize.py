@@ -321,10 +321,12 @@ def test_cli_refuses_an_output_that_is_a_file_before_reading_the_input(tmp_path,
     with pytest.raises(SystemExit) as stop:
         main([f"--input={tmp_path / 'missing.jsonl'}", "--output="])
     assert stop.value.code == 2 and "--output=: an empty path names no directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as stop:  # a file's name: the directory's files would go into prefs.jsonl/
-        main([f"--input={tmp_path / 'missing.jsonl'}", f"--output={tmp_path / 'prefs.jsonl'}"])
-    assert stop.value.code == 2
-    assert "--output is a directory (it receives train_prefs.jsonl and test_prefs.jsonl)" in capsys.readouterr().err
+    for name in ("prefs.jsonl", "prefs.json"):  # a file's name: the directory's files would go into prefs.jsonl/
+        with pytest.raises(SystemExit) as stop:
+            main([f"--input={tmp_path / 'missing.jsonl'}", f"--output={tmp_path / name}"])
+        assert stop.value.code == 2
+        assert "--output is a directory (it receives train_prefs.jsonl and test_prefs.jsonl)" in \
+            capsys.readouterr().err
 
 
 def test_cli_says_when_no_row_was_kept(tmp_path, capsys, monkeypatch):

@@ -644,6 +644,7 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, monkeypatch, c
                            (["--min_turns=3", "--max_turns=2"], "need 1 <= min_turns <= max_turns, got min_turns=3")):
         with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
             dialogues.main([f"--output={tmp_path / 'out'}", "--assistant=engine:teacher", *flags])
+    dialogues._check_sizes(0.2, 1, dialogues.MAX_DIALOGUES, None, None)  # the bound itself is taken
     # magpie's --tokenizer, read for its template: a typo was found once the teacher had loaded its model too
     with pytest.raises(SystemExit, match=f"error: tokenizer {re.escape(str(tmp_path / 'no_tokenizer'))} does not"):
         dialogues.main([f"--output={tmp_path / 'out'}", "--assistant=engine:teacher", "--mode=magpie",
