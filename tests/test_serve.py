@@ -254,6 +254,9 @@ def test_logprob_strings_of_byte_tokens_join_to_the_tokenizers_decode():
         joined = bytes(b for e in entries for b in e.bytes)
         assert joined.decode(errors="replace") == text or "\ufffd" in text
         assert all(e.token == tok.convert_ids_to_tokens(t) for e, t in zip(parsed, ids) if t in special)
+        # An alternative is read after the TAIL tokens before it as after the whole reply before it
+        assert all(server.strings.alternative(ids, k, t) == server.strings.entries([*ids[:k], t], k)[0]
+                   for k in range(len(ids)) for t, _ in r.top_logprobs[k])
         # Inside a run of byte tokens: valid UTF-8 shows each character at the byte that completes it (the strings
         # so far are the UTF-8 decoder's reading of the bytes so far), invalid bytes a U+FFFD each, as decoded.
         for run in _byte_runs(tok, ids, special):
