@@ -4,9 +4,10 @@
     python -m zephyr_jax.serve --model=HF_DIR_OR_WORKDIR [--host=127.0.0.1] [--port=8000] [--dtype=bfloat16]
         [--api-key=KEY] [--max-slots=16] [--max-length=N] [--max-queue=256] [--served-model-name=NAME] [--warmup]
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template; `stream` gives
-server-sent events ending in `data: [DONE]`), POST /v1/completions (a prompt as text or token ids, one or a
-list; `echo` and `logprobs` score the prompt, as lm-eval's local-completions uses them). Every response has
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template, a `developer`
+message read as a `system` one; `stream` gives server-sent events ending in `data: [DONE]`), POST /v1/completions
+(a prompt as text or token ids, one or a list; `echo` and `logprobs` score the prompt, as lm-eval's
+local-completions uses them). Every response has
 `usage` (each prompt counted once). Log-prob token strings join to the text (each token read in context, a byte
 token's at the end of its run: token_strings; a stop string's tokens are listed too, as vLLM does). Errors are
 OpenAI-shaped ({"error": {"message", "type", "param", "code"}}): 400 for a bad request (a field this server does
