@@ -3,7 +3,8 @@
 `load_rows(source, split)` accepts:
 
 - a hub dataset name, e.g. `load_rows(ULTRACHAT, "train_sft")` -> `datasets.load_dataset(name, split=split)`.
-  It needs the network (or a datasets cache that already holds it); offline, the error names the dataset.
+  It needs the network (or a datasets cache that already holds it); offline, or with files that `datasets`
+  cannot read (a parse error, a split size or checksum that differs), the error names the dataset and split.
 - a directory written by `Dataset.save_to_disk` (any split, unless the Dataset records another: then an error)
   or `DatasetDict.save_to_disk` (split picks one).
 - a URL to such a file (gs://, s3://, https://): handed to `datasets`, which reads it with fsspec.
