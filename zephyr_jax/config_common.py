@@ -80,7 +80,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.train.max_steps = -1  # -1: num_epochs worth of steps
     c.train.log_every = 10
     c.train.eval_every = 200  # 0: only at the end
-    c.train.eval_batch_size = 64  # rows of an eval batch: examples, pairs, or packed dSFT rows (train.eval_split)
+    # An eval batch's examples, pairs, or packed dSFT rows (train.eval_split); a split of fewer goes in one batch
+    # just large enough to hold it and split over the batch shards (train.eval_size), not filled with repeats
+    c.train.eval_batch_size = 64
     c.train.save_every = 200
     c.train.keep_checkpoints = 2
     c.train.progress = True  # tqdm bars: the steps, the reference pass, the data's loading and tokenizing

@@ -275,7 +275,8 @@ def to_host(tree):
 
 def run_eval_batches(eval_fn, params, batches, place) -> dict:
     """Concatenates eval_fn outputs over batches ((batch dict, number of real rows) pairs). A batch's outputs are
-    fetched once the next batch is built, placed and queued: the device runs one while the host makes the next."""
+    fetched once the next batch is built, placed and queued: the device runs one while the host makes the next. A DPO
+    batch of more pairs than eval_fn was made for is a ValueError before its call (check_pair_count)."""
     out, queued = {}, None
 
     def fetch(outputs, real):
