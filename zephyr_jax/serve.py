@@ -4,19 +4,18 @@
     python -m zephyr_jax.serve --model=HF_DIR_OR_WORKDIR [--host=127.0.0.1] [--port=8000] [--dtype=bfloat16]
         [--api-key=KEY] [--max-slots=16] [--max-length=N] [--max-queue=256] [--served-model-name=NAME] [--warmup]
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template, a `developer`
-message read as a `system` one; `stream` gives server-sent events ending in `data: [DONE]`), POST /v1/completions
-(a prompt as text or token ids, one or a list; `echo` and `logprobs` score the prompt, as lm-eval's
-local-completions uses them). Every response has
-`usage` (each prompt counted once). Log-prob token strings join to the text (each token read in context, a byte
-token's at the end of its run: token_strings; a stop string's tokens are listed too, as vLLM does). Errors are
-OpenAI-shaped ({"error": {"message", "type", "param", "code"}}): 400 for a bad request (a field this server does
-not read, such as frequency_penalty, response_format or vLLM's min_p, included: it is not silently ignored; FIELDS
-and IGNORED list what is read and what is metadata), 401 without the --api-key, 404 for a model it does not
-serve, 429 (with Retry-After) when the queue is full: a request is accepted only when the engine can hold it;
-503, and /health too, once the engine's thread has stopped (restart the server). Streamed deltas are taken on the
-engine's thread, where a reply is not changing. A client that disconnects cancels its request and frees its slot.
-One log line per request: id, prompt and completion tokens, seconds, finish reason.
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (the model's chat template, a `developer` message
+read as a `system` one; `stream` gives server-sent events ending in `data: [DONE]`), POST /v1/completions (a prompt
+as text or token ids, one or a list; `echo` and `logprobs` score the prompt, as lm-eval's local-completions uses
+them). Every response has `usage` (each prompt counted once). Log-prob token strings join to the text (each token
+read in context, a byte token's at the end of its run: token_strings; a stop string's tokens are listed too, as vLLM
+does). Errors are OpenAI-shaped ({"error": {"message", "type", "param", "code"}}): 400 for a bad request (a field
+this server does not read, such as frequency_penalty, response_format or vLLM's min_p, included: it is not silently
+ignored; FIELDS and IGNORED list what is read and what is metadata), 401 without the --api-key, 404 for a model it
+does not serve, 429 (with Retry-After) when the queue is full: a request is accepted only when the engine can hold
+it; 503, and /health too, once the engine's thread has stopped (restart the server). Streamed deltas are taken on
+the engine's thread, where a reply is not changing. A client that disconnects cancels its request and frees its
+slot. One log line per request: id, prompt and completion tokens, seconds, finish reason.
 """
 
 from __future__ import annotations

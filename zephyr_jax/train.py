@@ -544,7 +544,7 @@ def load_split(cfg, tok, split: str, vocab_size: int) -> list:
         examples, _ = load_examples(cfg.data, cfg.stage, tok, split, progress=cfg.train.progress)
     except (ConnectionError, FileNotFoundError) as e:  # a hub dataset not reached, or not there
         raise ConfigPathError(f"data.{split}={cfg.data[split]!r}: {e}") from e
-    except ValueError as e:  # a line that is not JSON, a bad row (data.on_bad_row="raise"), no usable row
+    except ValueError as e:  # not JSON, a bad row (data.on_bad_row="raise"), no usable row, hub files unread
         raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from e
     checks.check_token_ids(examples, vocab_size, f"data.{split} ({cfg.data[split]})",
                           f"config.tokenizer={cfg.tokenizer!r}")
