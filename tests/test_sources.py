@@ -263,9 +263,20 @@ def test_bad_json_lines_are_named_by_file_and_line(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="hold no rows"):
         load_rows(str(tmp_path / "empty.jsonl"), None)
+    (tmp_path / "scalar.json").write_text("5")  # was datasets' pandas fallback's "DataFrame constructor not ..."
+    with pytest.raises(ValueError, match=r"could not read \S*scalar\.json: a JSON int, expected a list of rows"):
+        load_rows(str(tmp_path / "scalar.json"), None)
+    # A `null` line: pyarrow's JSON reader ended the process (a segmentation fault) where one starts a block (the
+    # first line, also after a byte-order mark; datasets' reader cuts blocks at any line's end), and elsewhere
+    # read it as a row of nulls.
+    good = json.dumps(ROWS[0]).encode()
+    for name, data in (("null.jsonl", b"null\n" + good + b"\n"), ("bom.json", b"\xef\xbb\xbf null"),
+                       ("late.jsonl", good + b"\n\n \tnull\r\n" + good)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + r" row [12]: a JSON NoneType, expected an"):
+            load_rows(str(tmp_path / name), None)
     # Bytes that are not UTF-8: pyarrow's reader took them, and reading that row raised UnicodeDecodeError from
     # inside pyarrow naming no file; beside a row the json module reads, its decoder's error named neither.
-    good = json.dumps(ROWS[0]).encode()
     for name, tail in (("latin1.jsonl", b'{"a": "caf\xe9"}\n'), ("mixed.jsonl", b'{"a": 5}\n{"a": "caf\xe9"}\n')):
         (tmp_path / name).write_bytes(good + b"\n" + tail)
         with pytest.raises(ValueError, match=name.replace(".", r"\.") + r":\d: not UTF-8 \(byte 0xe9 at column"):

@@ -24,11 +24,11 @@
 
 Hub and file sources return a `datasets.Dataset` (`rows[i]` is a dict), or with `streaming=True` a
 `datasets.IterableDataset`; TFDS sources return a sequence of dicts (`streaming` has no effect: it is lazy).
-JSON (local or a URL) that `datasets`' reader refuses, or whose rows disagree in a field's type (the reader would
-type it Json and decode every string in it, or cast rows past its first 10 MB to the first rows' types), is read with
-the json module: a bad line is named by file and line, and columns are typed from every row (the reader types them
-from the first 10 MB), or, where rows disagree in a field's type, the rows come as a list of dicts as they are, so
-the malformed one is named or skipped.
+JSON (local or a URL) that `datasets`' reader refuses, that holds a `null` line (pyarrow's reader crashes the
+process on one), or whose rows disagree in a field's type (the reader would type it Json and decode every string in
+it, or cast rows past its first 10 MB to the first rows' types), is read with the json module: a bad line is named
+by file and line, and columns are typed from every row (the reader types them from the first 10 MB), or, where rows
+disagree in a field's type, the rows come as a list of dicts as they are, so the malformed one is named or skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,13 +186,17 @@ def _load_files(files: list[str], streaming: bool):
         raise ValueError(f"data files must all be one of {'/'.join(FORMATS)} formats, got {files[:5]}")
     builder = formats.pop()
     json_rows = builder == "json" and not streaming
+    # Checked before datasets' reader sees the files: it crashes the process on a `null` line (see _NULL_LINE), and
+    # rows it would type wrong are read once, by the json module, not twice.
+    if json_rows and not _json_types_agree(files):
+        return _load_json_rows(files)
     try:
         rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
     except Exception as e:
         if json_rows:
             return _load_json_rows(files, e)
         raise ValueError(f"could not read {_names(files)}: {_root_cause(e)}") from e
-    if json_rows and (_has_json_feature(rows.features) or not _json_types_agree(files)):
+    if json_rows and _has_json_feature(rows.features):
         # A field whose rows disagree in type (a number in one row's content, strings in the others) is typed
         # Json, and every string in it is then decoded as JSON: "8" became 8, "null" None, '"hi"' hi.
         return _load_json_rows(files)
@@ -210,7 +215,8 @@ def _json_types_agree(files) -> bool:
     merge with: such a file is read whole, as one reader that sees every row decides.
 
     False too where a piece is not UTF-8: pyarrow reads such bytes unchecked, and the row that holds them then
-    fails when it is read (UnicodeDecodeError, naming no file); the json module's reader names its line."""
+    fails when it is read (UnicodeDecodeError, naming no file); the json module's reader names its line. And False
+    where a line is `null`, which pyarrow's reader must not see (_NULL_LINE)."""
     import fsspec
     import pyarrow as pa
     import pyarrow.json as paj
@@ -223,8 +229,12 @@ def _json_types_agree(files) -> bool:
     schemas = []
     try:
         for f in files:
+            pieces = []
             with fsspec.open(f, "rb") as handle:
-                pieces = [schema(piece) for piece in _line_pieces(handle, TYPE_CHECK_BYTES)]
+                for piece in _line_pieces(handle, TYPE_CHECK_BYTES):
+                    if _has_null_line(piece):
+                        return False
+                    pieces.append(schema(piece))
             try:
                 schemas.append(pa.unify_schemas(pieces, promote_options="permissive"))
             except (pa.ArrowInvalid, pa.ArrowTypeError):  # the one reader sees every row
@@ -235,6 +245,19 @@ def _json_types_agree(files) -> bool:
             UnicodeDecodeError):
         return False
     return True
+
+
+# pyarrow's JSON reader (26.0) ends the process with a segmentation fault where a block it parses starts with a
+# `null` line, and datasets' reader cuts its blocks at any line's end: such a file goes to the json module's reader,
+# which names the line (a JSON NoneType, expected an object).
+_NULL_LINE = re.compile(rb"\n[ \t\r]*null[ \t\r]*(?:\n|\Z)")  # (an alternative of \A took 40 times as long)
+
+
+def _has_null_line(piece) -> bool:
+    """Whether a line of `piece` (bytes that start at a line's start) is `null`, the first line included (after a
+    byte-order mark, which pyarrow skips)."""
+    first = bytes(piece[:64]).removeprefix(b"\xef\xbb\xbf")
+    return _NULL_LINE.search(b"\n" + first) is not None or _NULL_LINE.search(piece) is not None
 
 
 def _line_pieces(handle, size: int):
