@@ -85,6 +85,15 @@ def test_directory_split_convention(tmp_path):
     (jsonl_repo / "data").mkdir(parents=True)
     write_jsonl(jsonl_repo / "data" / "test_sft-00000-of-00001.jsonl", ROWS[2:])
     assert rows_of(load_rows(jsonl_repo, "test_sft")) == ROWS[2:]
+    # Files of two formats, or a glob that takes a file of none: named, not "must all be one of .jsonl/.json/
+    # .parquet formats" (which both of .jsonl and .parquet are).
+    datasets.Dataset.from_list(ROWS[:1]).to_parquet(str(jsonl_repo / "data" / "extra.parquet"))
+    with pytest.raises(ValueError, match=r"share one format.*: got parquet files \(e\.g\. \S*extra\.parquet\) and "
+                                         r"json files \(e\.g\. \S*test_sft-0\S*\.jsonl\)"):
+        load_rows(jsonl_repo / "data", None)
+    (jsonl_repo / "data" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"not a \.jsonl/\.json/\.parquet data file: \['\S*notes\.txt'\]"):
+        load_rows(str(jsonl_repo / "data" / "*"), None)
     # One split in two layouts: an error naming both, not the first layout's rows alone.
     write_jsonl(repo / "train_sft-extra.jsonl", ROWS[:1])
     with pytest.raises(ValueError, match=r"matches more than one layout: train_sft-\*\.jsonl: \['train_sft-extra"

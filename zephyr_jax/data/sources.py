@@ -181,10 +181,16 @@ def _split_files(directory: Path, split) -> list[str]:
 def _load_files(files: list[str], streaming: bool):
     import datasets
 
-    formats = {FORMATS.get(Path(f).suffix) for f in files}
-    if None in formats or len(formats) != 1:
-        raise ValueError(f"data files must all be one of {'/'.join(FORMATS)} formats, got {files[:5]}")
-    builder = formats.pop()
+    others = [f for f in files if Path(f).suffix not in FORMATS]  # a glob that takes notes.txt
+    if others:
+        raise ValueError(f"not a {'/'.join(FORMATS)} data file: {_names(others)}")
+    first_of = {}  # format -> its first file, to name each
+    for f in files:
+        first_of.setdefault(FORMATS[Path(f).suffix], f)
+    if len(first_of) > 1:
+        raise ValueError("data files of one source must share one format, JSON (.jsonl/.json) or parquet: got "
+                         + " and ".join(f"{builder} files (e.g. {f})" for builder, f in first_of.items()))
+    builder = next(iter(first_of))
     json_rows = builder == "json" and not streaming
     # Checked before datasets' reader sees the files: it crashes the process on a `null` line (see _NULL_LINE), and
     # rows it would type wrong are read once, by the json module, not twice.
