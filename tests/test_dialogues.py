@@ -386,6 +386,17 @@ def test_seeds_from_files(tmp_path):
     for missing in ("missing.txt", "missing.jsonl"):
         with pytest.raises(FileNotFoundError, match=f"seeds file .*{missing}' does not exist"):
             load_seeds(tmp_path / missing)
+    # A .txt file: bytes that are not UTF-8 are named by file and line (the decoder's error named neither), a
+    # byte-order mark is not part of the first seed, and a file of blank lines holds none.
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("tea\r\ncaf\xe9 culture\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt:2: not UTF-8 \(byte 0xe9 at column 4\)"):
+        load_seeds(latin)
+    latin.write_bytes(b"\xef\xbb\xbfWhy is tea bitter?\r\ncoffee\r\n")
+    assert load_seeds(latin) == [Seed("Why is tea bitter?", "world"), Seed("coffee", "world", True)]
+    latin.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"seeds file .*latin\.txt' holds no seeds"):
+        load_seeds(latin)
     # Rows given to make_dialogues as dicts are the rows of a seeds file: each material row draws its own
     # question template (they all drew the first row's).
     rows = [{"material": f"Passage {i} about gardens and bread."} for i in range(8)]

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from zephyr_jax.data.binarize import is_text
-from zephyr_jax.data.sources import FORMATS
+from zephyr_jax.data.sources import FORMATS, decode_line
 
 SECTOR_TURNS = {"world": (3, 7), "writing": (2, 4), "materials": (2, 4)}  # UltraChat's rounds per sector
 SEED_COLUMNS = ("material", "seed", "topic", "question", "prompt", "instruction")  # the first present is used
@@ -246,9 +246,9 @@ def load_seeds(source, *, split: str = "train", column: str | None = None, secto
             not os.path.exists(source):
         raise FileNotFoundError(f"seeds file {source!r} does not exist")
     if source.endswith(".txt"):
-        with open(source, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-        rows = [{"seed": line, **({"sector": sector} if sector else {})} for line in lines]
+        with open(source, "rb") as f:  # (bytes that are not UTF-8 named by file and line; a byte-order mark dropped)
+            lines = [decode_line(raw, source, number).strip() for number, raw in enumerate(f, 1)]
+        rows = [{"seed": line, **({"sector": sector} if sector else {})} for line in lines if line]
     else:
         from zephyr_jax.data.sources import load_rows
 

@@ -314,7 +314,7 @@ def _open_binary(path):
     return open(path, "rb")
 
 
-def _decode_line(raw: bytes, path, number: int) -> str:
+def decode_line(raw: bytes, path, number: int) -> str:
     """A line's text: UTF-8, after a byte-order mark on the first line (which pyarrow's reader skips too)."""
     try:
         return raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -329,7 +329,7 @@ def read_json_lines(path) -> list:
     rows = []
     with _open_binary(path) as f:
         for number, raw in enumerate(f, 1):
-            line = _decode_line(raw, path, number)
+            line = decode_line(raw, path, number)
             if line.strip():
                 try:
                     rows.append(json.loads(line))
