@@ -164,6 +164,8 @@ def test_pairs_whose_prompts_differ_and_replies_cut_to_nothing_are_bad_rows(tok)
     user, bot = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
     with pytest.raises(BadRow, match="different prompts"):
         split_prompt({"chosen": [user("What is 2+2?"), bot("4")], "rejected": [user("What is 3+3?"), bot("5")]}, 0)
+    with pytest.raises(BadRow, match="^row 2: chosen == rejected$"):  # a margin of 0 whatever the model
+        split_prompt({"chosen": [user("What is 2+2?"), bot("4")], "rejected": [user("What is 2+2?"), bot("4")]}, 1)
     long_question = {"messages": [user("word " * 100), bot("ok")]}
     with pytest.raises(DroppedRow, match="no target left"):
         sft_example(long_question, 0, tok, loss_on="assistant", max_length=32)
@@ -187,6 +189,8 @@ def test_turns_out_of_order_and_a_prompt_column_that_disagrees_are_bad_rows(tok)
                                  ([system, user("A"), bot("B"), bot("C")], 3, "user")]:
         with pytest.raises(BadRow, match=rf"row 6: messages\[{at}\] is '\w+' where '{wanted}' belongs"):
             sft_example({"messages": messages}, 5, tok)
+    with pytest.raises(BadRow, match=r"row 6: system message at messages\[2\] \(only the first may be\)"):
+        sft_example({"messages": [user("A"), bot("B"), system, user("C"), bot("D")]}, 5, tok)
     with pytest.raises(BadRow, match="row 6: the dialogue ends with a user turn that has no reply"):
         sft_example({"messages": [user("A"), bot("B"), user("C")]}, 5, tok)
     assert sft_example({"messages": [system, user("A"), bot("B")]}, 5, tok).loss_mask.any()

@@ -65,15 +65,13 @@ def preference_example(row, index, tok, *, max_length=1024, max_prompt_length=51
         if not np.array_equal(ids[:len(prompt)], prompt):
             raise BadRow(index, "prompt ids are not a prefix of the conversation's ids", source)
         completions.append(ids[len(prompt):])
-    example = truncate_pair(prompt, *completions, max_length, max_prompt_length)
-    if len(example.chosen) == 0 or len(example.rejected) == 0:
-        raise BadRow(index, "a completion is empty after truncation", source)
-    return example
+    return truncate_pair(prompt, *completions, max_length, max_prompt_length)
 
 
 def truncate_pair(prompt, chosen, rejected, max_length: int, max_prompt_length: int) -> PreferenceExample:
     """A pair cut to fit max_length only when it is too long: the prompt from the left (BOS kept) to
-    max_prompt_length, then both completions to max_length - max_prompt_length (TRL 0.7's rule: the recipe's)."""
+    max_prompt_length, then both completions to max_length - max_prompt_length (TRL 0.7's rule: the recipe's).
+    A completion keeps at least one token (a room below 1 is refused), so none is cut to nothing."""
     truncated = len(prompt) + max(len(chosen), len(rejected)) > max_length
     if truncated:
         if len(prompt) > max_prompt_length:  # keep BOS, drop the oldest context
