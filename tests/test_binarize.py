@@ -225,6 +225,12 @@ def test_raise_names_row():
         "no other response scores below the best": 1, "fewer than 2 usable completions": 1}}
     with pytest.raises(ValueError, match="on_bad_row"):
         binarize(fixture_rows(), on_bad_row="ignore")
+    with pytest.raises(ValueError, match=r"rank_by='max'; expected one of \('mean', 'overall'\)"):
+        binarize(fixture_rows(), rank_by="max")
+    # An instruction the training loader would refuse (its tokenizer reads "</s>" as EOS): refused here too.
+    row = raw_row("End your reply with </s>.", fixture_rows()[0]["completions"])
+    with pytest.raises(BadRow, match=r"^row 1: instruction contains special-token text \('<s>', '</s>', '<unk>'\)$"):
+        binarize([row], on_bad_row="raise")
 
 
 def test_errors_helpers():

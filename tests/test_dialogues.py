@@ -722,6 +722,9 @@ def test_turn_range_defaults():
 
 def test_a_fraction_test_size_leaves_train_a_row():
     assert dialogues._test_count(0.9, 1) == 0 and dialogues._test_count(0.99, 10) == 9
+    assert dialogues._test_count(2, 3) == 2  # a count: checked against the kept dialogues, known at the end
+    with pytest.raises(ValueError, match=r"test_size=3 must be a whole count below the 3 kept dialogues"):
+        dialogues._test_count(3, 3)
 
 
 def test_a_turn_of_exactly_max_turn_chars_is_kept():

@@ -205,6 +205,7 @@ def test_a_wrongly_shaped_200_is_a_failure_and_a_lone_surrogate_is_replaced():
     """The openai client does not validate a 200's shape; each of these would otherwise raise deep in a run."""
     completion = {"choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}
     bodies = {"completion to chat": completion, "choices a string": {"choices": "hi"}, "no choices": {},
+              "empty choices": {"choices": []},
               "number content": {"choices": [{"index": 0, "message": {"role": "assistant", "content": 5}}]},
               "message a string": {"choices": [{"index": 0, "message": "hi"}]},  # was a successful empty reply
               "surrogate": {"choices": [{"index": 0, "finish_reason": "stop",
@@ -222,9 +223,11 @@ def test_a_wrongly_shaped_200_is_a_failure_and_a_lone_surrogate_is_replaced():
         reply = replies[name]
         assert reply.text is None and "malformed reply" in reply.error and error in reply.error, (name, reply)
         assert reply.attempts == 1, name
+    assert replies["empty choices"].text is None and replies["empty choices"].attempts == 1
+    assert replies["empty choices"].error == f"teacher at {server.base_url}: the server's reply has no choices"
     assert replies["surrogate"].text == "half \ufffd emoji"
     assert replies["odd usage"].text == "ok" and replies["odd usage"].prompt_tokens == 0
-    assert ep.stats["lone_surrogates_replaced"] == 1 and ep.stats["failures"] == 5
+    assert ep.stats["lone_surrogates_replaced"] == 1 and ep.stats["failures"] == 6
     assert "1 replies with lone surrogates" in ep.summary()
 
 
@@ -285,6 +288,12 @@ def test_retry_after_parsing():
     date = email.utils.formatdate(1_000_030, usegmt=True)
     assert retry_after_seconds(httpx.Headers({"retry-after": date}), now=1_000_000) == pytest.approx(30)
     assert retry_after_seconds(httpx.Headers({"retry-after": "soon"})) is None
+    for ms in ("soon", "inf", "nan"):  # an unreadable retry-after-ms leaves Retry-After to decide
+        assert retry_after_seconds(httpx.Headers({"retry-after-ms": ms, "retry-after": "2"})) == 2.0, ms
+    assert retry_after_seconds(httpx.Headers({"retry-after-ms": "-5"})) == 0.0
+    assert retry_after_seconds(httpx.Headers({"retry-after": "inf"})) is None
+    no_zone = email.utils.formatdate(1_000_030)[:-6]  # a date without its GMT is no HTTP date
+    assert retry_after_seconds(httpx.Headers({"retry-after": no_zone}), now=1_000_000) is None
     assert retry_after_seconds(httpx.Headers({})) is None
     assert retry_after_seconds(None) is None
 

@@ -194,12 +194,13 @@ def test_programmatic_judge_schema_binarize_and_ties(tmp_path):
 
 def test_unusable_prompts_are_counted_skips():
     rows = [{"prompt": "ok?"}, {"prompt": "  "}, {"prompt": json.loads('"half \\ud83d"')}, {"prompt": "ok?"},
-            {"text": "no prompt"}]
+            {"text": "no prompt"}, ["ok?"], {"messages": [{"role": "assistant", "content": "a reply alone"}]}]
     counter = SkipCounter()
     prompts = feedback.read_prompts(rows, counter=counter)
     assert [p.instruction for p in prompts] == ["ok?"]
     assert counter.skipped == {"empty prompt": 1, "prompt is not valid Unicode (a lone surrogate)": 1,
-                               "duplicate prompt": 1, "no 'instruction', 'prompt' or 'messages' column": 1}
+                               "duplicate prompt": 1, "no 'instruction', 'prompt' or 'messages' column": 1,
+                               "row is not a dict": 1, "no user turn in messages": 1}
 
 
 def test_a_prompt_binarize_would_refuse_is_skipped_before_any_call(tmp_path):
@@ -985,6 +986,8 @@ def test_a_programmatic_rating_below_1_is_an_error():
     for bad in (0, 0.5, 5.5, {"honesty": 0}):
         with pytest.raises(ValueError, match="not a number from 1 to 5"):
             feedback.programmatic_annotations(bad, "f")
+    with pytest.raises(ValueError, match=r"unknown aspects \['helpful'\]; expected some of \('instruction_follow"):
+        feedback.programmatic_annotations({"helpful": 5, "honesty": 4}, "f")  # a misspelt aspect, not ignored
 
 
 def test_prompts_keep_only_the_columns_the_run_reads():
