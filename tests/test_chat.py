@@ -1,6 +1,7 @@
 """Streaming generation and the terminal chat (one-shot and interactive over stdin)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -68,7 +69,7 @@ def test_interactive_multi_turn_over_stdin(model_dir):
     out = _chat(model_dir, "--max_length=64", stdin="Tell me about the sea, the sky and the stars. " * 4 + "\n"
                 "/reset\nHi\n/exit\n")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "error: the conversation has" in out.stderr and "/reset it" in out.stderr
+    assert "error: the conversation has" in out.stderr and "/reset clears the history" in out.stderr
     assert out.stdout.count("zephyr> ") == 2 and "(history cleared)" in out.stdout
 
 
@@ -77,6 +78,12 @@ def test_each_interactive_turn_samples_with_its_own_seed(monkeypatch, tiny_model
 
     from zephyr_jax import chat
 
+    # A one-shot prompt longer than the context: the error names the flags that make room (it said "/reset it",
+    # which a one-shot run has no way to do)
+    with pytest.raises(SystemExit) as exit_:
+        chat.main([f"--model={tiny_model_dir}", "--dtype=float32", "--max_length=64", "--prompt=" + "sea " * 80])
+    assert re.fullmatch(r"error: the conversation has \d+ tokens, the context 64: a shorter --prompt or --system, "
+                        r"or a larger --max_length, makes room", exit_.value.code), exit_.value.code
     seeds = []
     monkeypatch.setattr(chat, "reply", lambda engine, tok, messages, seed, **kw: seeds.append(seed) or "ok")
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n/reset\nOnce more\n/exit\n"))

@@ -21,16 +21,20 @@ from zephyr_jax.tokenizer import encode_text, render_chat
 from zephyr_jax.train_checks import TRAINING_DTYPES
 
 
+RESET = "/reset clears the history"  # what makes room in the interactive mode
+
+
 def reply(engine: Engine, tok, messages, out=sys.stdout, *, max_new_tokens: int, temperature: float = 0.7,
-          top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+          top_k: int = 0, top_p: float = 1.0, seed: int = 0, room_hint: str = RESET) -> str:
     """Streams the assistant's reply to `out` as the engine produces it, and returns it. Near the end of the
-    context the reply gets the room left (said on stderr when that is below max_new_tokens)."""
+    context the reply gets the room left (said on stderr when that is below max_new_tokens, with `room_hint`: what
+    makes more)."""
     prompt = encode_text(tok, render_chat(tok, messages, add_generation_prompt=True))
     room = engine.max_length - len(prompt)
     if room < 1:
-        raise ValueError(f"the conversation has {len(prompt)} tokens, the context {engine.max_length}: /reset it")
+        raise ValueError(f"the conversation has {len(prompt)} tokens, the context {engine.max_length}: {room_hint}")
     if room < max_new_tokens:
-        print(f"(the reply has room for {room} tokens of the context's {engine.max_length}: /reset for more)",
+        print(f"(the reply has room for {room} tokens of the context's {engine.max_length}: {room_hint})",
               file=sys.stderr)
     params = SamplingParams(max_tokens=min(max_new_tokens, room), temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed)
@@ -94,7 +98,8 @@ def main(argv=None):
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         try:
-            reply(engine, tok, history + [{"role": "user", "content": args.prompt}], seed=args.seed, **sampling)
+            reply(engine, tok, history + [{"role": "user", "content": args.prompt}], seed=args.seed, **sampling,
+                  room_hint="a shorter --prompt or --system, or a larger --max_length, makes room")  # (no /reset)
         except (ValueError, jinja2.TemplateError) as e:
             sys.exit(f"error: {e}")
         return
