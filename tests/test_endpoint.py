@@ -314,6 +314,12 @@ def test_backend_from_spec_and_bad_specs(monkeypatch):
         Endpoint("m", ["localhost:8000"])
     with pytest.raises(ValueError, match="concurrency"):
         Endpoint("m", ["http://a/v1"], concurrency=0)
+    for spec, message in (("gpt-4o", "unknown backend spec 'gpt-4o': expected endpoint:MODEL@URL[,URL...]"),
+                          ("engine:", "unknown backend spec 'engine:'"),
+                          ("callable:os", "'os' is not 'module:function'"),
+                          ("callable:os:sep", "'os:sep' is not callable")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            backend_from_spec(spec)
 
 
 # --- Found by mutation testing: retries, resting URLs, rotation and usage that were untested. ---
@@ -413,6 +419,9 @@ def test_a_callable_backend_holds_its_concurrency_for_async_functions():
     async def main():
         return await asyncio.gather(*(backend.complete(user(str(i))) for i in range(12)))
     assert all(r.text == "ok" for r in asyncio.run(main())) and state["max"] == 3
+    # A function that returns something else (None, a dict): that call fails, named, and the run goes on
+    odd = asyncio.run(CallableBackend(lambda call: {"text": "ok"}, name="checker").complete(user("q")))
+    assert odd.text is None and odd.error == "checker returned dict, not str or Reply"
 
 
 def test_map_bounded_holds_its_concurrency():

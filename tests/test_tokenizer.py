@@ -49,6 +49,8 @@ def test_a_message_the_template_would_drop_is_refused_naming_it(tok):
         with pytest.raises(ValueError, match=r"messages\[1\] must be \{'role': system\|user\|assistant, 'content': "
                                              r"str\}, got "):
             render_chat(tok, [{"role": "user", "content": "Hi"}, bad])
+    with pytest.raises(ValueError, match=r"^messages is a str, not a list of \{'role', 'content'\} messages$"):
+        render_chat(tok, "Hi")  # a prompt where a conversation belongs: not read as turns of one character
 
 
 def test_a_template_with_zephyrs_user_and_assistant_tags_but_no_system_turn_gets_none(tok):
