@@ -3,8 +3,8 @@ beside it.
 
 Each finished call (a completion, a rating, a dialogue turn) is one line `{"key": [...], "value": {...}}`,
 written and flushed as soon as it is known, so a killed run (kill -9, preemption, a lost node) keeps everything
-it paid for. Flushed lines survive the process; only a power loss can take the last ones (pass fsync=True to
-cover that too). A rerun with the same settings reads the journal, skips the keys it holds, and does only the
+it paid for. Flushed lines survive the process; only a power loss can take the last ones, which a rerun makes
+again. A rerun with the same settings reads the journal, skips the keys it holds, and does only the
 rest; the final output is assembled from the journal in input order, so it equals an uninterrupted run's.
 
 The last line of a killed run may be cut off mid-write: it is dropped (and the file cut back to the last whole
@@ -39,10 +39,9 @@ def _normal(settings: dict) -> dict:
 
 
 class Journal:
-    def __init__(self, path: str | os.PathLike, settings: dict, *, overwrite: bool = False, fsync: bool = False):
+    def __init__(self, path: str | os.PathLike, settings: dict, *, overwrite: bool = False):
         self.path = Path(path)
         self.settings_path = self.path.with_name(self.path.name + ".settings.json")
-        self.fsync = fsync
         self._lock = threading.Lock()
         self._hold(self.path.with_name(self.path.name + ".lock"))
         try:
@@ -143,8 +142,6 @@ class Journal:
             self.done[key] = value
             self._file.write(line)
             self._file.flush()
-            if self.fsync:
-                os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
