@@ -570,6 +570,19 @@ def test_magpie_raw_prompt_is_the_template_prefix(tmp_path):
         make_dialogues(None, None, CallableBackend(magpie_model), tmp_path / "b", mode="magpie", num_dialogues=1,
                        test_size=1.5)
     assert not MAGPIE_CALLS and not (tmp_path / "b").exists()
+    # Another template (ChatML): transformers 5 renders no empty conversation, which every template but Zephyr's
+    # got here (a ValueError: magpie mode took none of them)
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    chatml = load_tokenizer()
+    chatml.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                            "'<|im_end|>\\n' }}{% endfor %}"
+                            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    magpie = dialogues.MagpieTemplate(chatml)
+    assert magpie.prefix([]) == "<|im_start|>user\n"
+    assert magpie.prefix([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]) == \
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\n"
+    assert set(magpie.stop) == {"<|im_end|>", "<|im_start|>assistant", "<|im_start|>user", "</s>"}
 
 
 # --------------------------------------------------------------------------------------- over real HTTP

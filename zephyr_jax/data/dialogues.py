@@ -244,7 +244,9 @@ class MagpieTemplate:
         generation = render_chat(tokenizer, probe, add_generation_prompt=True)[len(head) + len(self.SENTINEL):]
         try:  # the text ahead of the user turn (e.g. the Zephyr template's empty system turn)
             before_user = render_chat(tokenizer, [])
-        except jinja2.TemplateError:  # a template that reads messages[0]
+        # a template that reads messages[0]; and transformers 5 renders no empty conversation (ValueError): every
+        # template but Zephyr's (given its empty system turn) was refused, and magpie mode with it
+        except (jinja2.TemplateError, ValueError):
             before_user = ""
         markers = (tail, generation[len(tail):], head[len(before_user):], tokenizer.eos_token)
         self.stop = tuple(dict.fromkeys(m.strip() for m in markers if m and m.strip()))
