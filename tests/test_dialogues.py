@@ -560,6 +560,13 @@ def test_magpie_raw_prompt_is_the_template_prefix(tmp_path):
     assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 2 and row["sector"] == "magpie"
     with pytest.raises(ValueError, match="magpie mode takes no seeds"):
         make_dialogues(["a?"], None, CallableBackend(magpie_model), tmp_path, mode="magpie", num_dialogues=1)
+    with pytest.raises(ValueError, match="^magpie mode needs num_dialogues$"):  # (it has no seeds to count)
+        make_dialogues(None, None, CallableBackend(magpie_model), tmp_path, mode="magpie")
+    for seeds in (None, []):  # ultrachat mode with nothing to start from
+        with pytest.raises(ValueError, match=r"^no seeds: pass seeds \(see builtin_seeds / load_seeds\)$"):
+            make_dialogues(seeds, None, CallableBackend(magpie_model), tmp_path)
+    with pytest.raises(ValueError, match=r"^mode='self_chat': expected one of \('ultrachat', 'magpie'\)$"):
+        make_dialogues(["a?"], None, CallableBackend(magpie_model), tmp_path, mode="self_chat")
     # The same command again resumes (the default tokenizer loads from a new temporary directory each time).
     MAGPIE_CALLS.clear()
     again = make_dialogues(None, None, CallableBackend(magpie_model, concurrency=1), tmp_path, mode="magpie",

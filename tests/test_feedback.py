@@ -243,6 +243,12 @@ def test_draws_are_fixed_by_seed_and_prompt():
                                    for i in range(1000))
         assert set(flan) == {"helpfulness", "verbalized_calibration"}, source
         assert 0.15 < flan["verbalized_calibration"] / 1000 < 0.25, source
+    for principle in feedback_prompts.PRINCIPLES:  # principles=<a name>: that one for all, with its own prompts
+        picks = {feedback.pick_principle(source, principle, 0, f"p{i}", 0) for i in range(50)
+                 for source in ("truthful_qa", "flan_v2_cot", "custom")}
+        assert {name for name, _ in picks} == {principle}, principle  # (honesty too: no calibration draw)
+        assert {system for _, system in picks} == set(feedback_prompts.SYSTEM_PROMPTS[principle]), principle
+    assert feedback.pick_principle("truthful_qa", "none", 0, "p", 0) == ("none", "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
