@@ -868,7 +868,12 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, capsys, monkey
                                                          "and concurrency >= 1, got 0, 10, 16"),
                           ("--concurrency=0", "got 4, 10, 0"), ("--max_tokens=0", "max_tokens=0: must be at least 1"),
                           ("--principles=helpful", "principles='helpful'; expected ultrafeedback"),
-                          ("--limit=0", "limit=0: must be at least 1")):
+                          ("--limit=0", "limit=0: must be at least 1"),
+                          # (read by nothing before: a negative or nan price gave that cost estimate)
+                          ("--judge_price=2.5", "argument --judge_price: '2.5' is not IN,OUT (prices per million"),
+                          ("--generator_price=-1,5", "argument --generator_price: '-1,5': prices per million tokens "
+                                                     "are finite and at least 0"),
+                          ("--judge_price=nan,10", "'nan,10': prices per million tokens are finite")):
         with pytest.raises(SystemExit) as exit_:
             feedback.main([*argv, flag])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, flag

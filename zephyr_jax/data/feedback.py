@@ -98,6 +98,7 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
+import math
 import numbers
 import os
 import random
@@ -718,6 +719,8 @@ def _price(text: str | None) -> tuple[float, float] | None:
         price_in, price_out = (float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not IN,OUT (prices per million tokens)") from None
+    if not all(math.isfinite(p) and p >= 0 for p in (price_in, price_out)):  # a negative or nan cost estimate
+        raise argparse.ArgumentTypeError(f"{text!r}: prices per million tokens are finite and at least 0")
     return price_in, price_out
 
 
