@@ -899,6 +899,19 @@ def test_one_generator_where_a_pool_belongs_is_named(tmp_path):
     """A Backend passed as `generators` failed with "'CallableBackend' object is not iterable"."""
     with pytest.raises(ValueError, match="generators must be a non-empty list of Backend objects"):
         collect_feedback(arithmetic_rows(2), CallableBackend(slow_right), slow_judge, tmp_path)
+    # And the judge's other forms, and a call from inside a running event loop (a notebook's): each named
+    with pytest.raises(ValueError, match=r"^a judge is needed: a Backend \(LLM judge\) or a function"):
+        collect_feedback(arithmetic_rows(2), pool("right"), None, tmp_path)
+    with pytest.raises(ValueError, match=r"^judge 5 is neither a Backend nor a function nor 'module:function'$"):
+        collect_feedback(arithmetic_rows(2), pool("right"), 5, tmp_path)
+
+    async def in_a_notebook():
+        return collect_feedback(arithmetic_rows(2), pool("right"), slow_judge, tmp_path)
+    with pytest.raises(RuntimeError, match=r"inside a running event loop .*use `await collect_feedback_async"):
+        asyncio.run(in_a_notebook())
+    assert not any(tmp_path.iterdir())  # refused before the journal
+    # A judge and a generator of one model name (at other URLs): the stats keep both, the second one numbered
+    assert list(feedback._backend_stats(pool("right", "right"))) == ["right", "right#2"]
 
 
 # --- Found by mutation testing: parsers and feedback runs that were untested at these edges. ---
