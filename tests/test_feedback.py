@@ -268,6 +268,11 @@ def test_parsers():
                            (plain.replace("x", " "), "honesty", 2)):  # ratings run 1-5: 0 and 7 are asked again
         with pytest.raises(feedback_prompts.FormatError):
             feedback_prompts.parse_rating_reply(bad, aspect, n)
+    # A section without one of its lines is asked again, naming the text and the lines it needs
+    with pytest.raises(feedback_prompts.FormatError, match="^text 2: expected the lines Type, Rationale, Rating, "):
+        feedback_prompts.parse_rating_reply(typed.replace("Type: None\n", ""), "truthfulness", 2)
+    with pytest.raises(feedback_prompts.FormatError, match="^text 1: expected the lines Rating and Rationale$"):
+        feedback_prompts.parse_rating_reply(plain.replace("Rating: N/A\n", ""), "honesty", 2)
     assert feedback_prompts.parse_critique_reply("### Feedback\nGood.\nOverall Score: 1/10") == ("Good.", 1.0)
     assert feedback_prompts.parse_critique_reply("Feedback: Fine.\n**Overall Score:** 7.5") == ("Fine.", 7.5)
     for bad in ("Nice.", "Overall Score: 8", "Meh.\nOverall Score: 11", "Meh.\nOverall Score: 0.5"):  # scores 1-10
