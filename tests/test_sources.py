@@ -199,10 +199,12 @@ def test_tfds_missing_package_is_explained(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- TFDS
 
-RAW = [  # a slice of the openbmb/UltraFeedback schema: a sequence of dicts with a nested dict inside
-    {"instruction": "Why?", "completions": [
+RAW = [  # a slice of the openbmb/UltraFeedback schema: a sequence of dicts with a nested dict inside, a sequence of
+    # text (models), and a row whose sequences are empty
+    {"instruction": "Why?", "models": ["ultralm-13b", "gpt-4"], "completions": [
         {"response": "Because.", "overall_score": 7.5, "annotations": {"helpfulness": {"Rating": "4"}}},
         {"response": "No idea", "overall_score": 2.0, "annotations": {"helpfulness": {"Rating": "N/A"}}}]},
+    {"instruction": "And?", "models": [], "completions": []},
 ]
 
 
@@ -231,7 +233,8 @@ def build_tfds(data_dir):
         def _info(self):
             completion = {"response": f.Text(), "overall_score": f.Scalar(dtype=np.float32),
                           "annotations": {"helpfulness": {"Rating": f.Text()}}}
-            features = f.FeaturesDict({"instruction": f.Text(), "completions": f.Sequence(completion)})
+            features = f.FeaturesDict({"instruction": f.Text(), "models": f.Sequence(f.Text()),
+                                       "completions": f.Sequence(completion)})
             return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
