@@ -680,6 +680,12 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit, match=f"error: tokenizer {re.escape(str(tmp_path / 'no_tokenizer'))} does not"):
         dialogues.main([f"--output={tmp_path / 'out'}", "--assistant=engine:teacher", "--mode=magpie",
                         "--num_dialogues=2", f"--tokenizer={tmp_path / 'no_tokenizer'}"])
+    for flags, message in ((["--num_dialogues=2", "--user=engine:user"], "--mode=magpie takes neither --seeds nor "
+                                                                           "--user: the assistant model writes both"),
+                           ([], "--mode=magpie needs --num_dialogues")):
+        with pytest.raises(SystemExit):
+            dialogues.main([f"--output={tmp_path / 'out'}", "--assistant=engine:teacher", "--mode=magpie", *flags])
+        assert message in capsys.readouterr().err, flags
     assert not (tmp_path / "out").exists()
     (tmp_path / "notes").write_text("mine")  # (an error from the journal's folder, after the model's load)
     with pytest.raises(SystemExit):
