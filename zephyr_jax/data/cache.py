@@ -108,16 +108,12 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 def code_hash() -> str:
-    h = hashlib.sha256()
-    for name in CODE:
-        h.update(Path(sys.modules[name].__file__ if name in sys.modules else _module_file(name)).read_bytes())
-    return h.hexdigest()
-
-
-def _module_file(name: str) -> str:
     import importlib
 
-    return importlib.import_module(name).__file__
+    h = hashlib.sha256()
+    for name in CODE:  # (import_module: the loaded module, or loaded now)
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()
 
 
 def _label(parts: dict) -> str:
