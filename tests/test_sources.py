@@ -161,6 +161,17 @@ def test_hub_files_that_do_not_parse_are_a_value_error_naming_the_dataset(tmp_pa
     with pytest.raises(ValueError, match=r"/sized' \(split 'train_sft'\): its files could not be read: "
                                          r"NonMatchingSplitsSizesError: \[\{'expected'"):
         load_hub(str(tmp_path / "sized"), "train_sft")
+    # A split the dataset lacks, no split, a repo without data files: each names the dataset and the split
+    (tmp_path / "good" / "data").mkdir(parents=True)
+    (tmp_path / "good" / "data" / "train_sft-00000-of-00001.jsonl").write_text('{"prompt": "a"}\n')
+    good = re.escape(str(tmp_path / "good"))
+    for split, message in (("test_sft", r"\(split 'test_sft'\): Unknown split \"test_sft\""),
+                           (None, r"\(split None\): pass a split")):
+        with pytest.raises(ValueError, match=rf"^Hugging Face dataset '{good}' {message}"):
+            load_hub(str(tmp_path / "good"), split)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"/bare' \(split 'train'\) was not found: .*any data files"):
+        load_hub(str(tmp_path / "bare"), "train")
 
 
 def test_missing_demo_data_says_it_is_not_here_and_how_to_make_it(monkeypatch, tmp_path, capsys):
