@@ -314,6 +314,17 @@ def test_backend_from_spec_and_bad_specs(monkeypatch):
         Endpoint("m", ["localhost:8000"])
     with pytest.raises(ValueError, match="concurrency"):
         Endpoint("m", ["http://a/v1"], concurrency=0)
+    # The CLIs' --timeout / --max_retries reach these: each refused with its value
+    for options, message in (({"max_retries": -1}, "max_retries must be at least 0, got -1"),
+                             ({"timeout": 0}, "timeout must be positive, got 0"),
+                             ({"timeout": float("nan")}, "timeout must be positive, got nan"),
+                             ({"backoff": -1.0}, "backoff and max_backoff must be non-negative, got -1.0, 60.0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Endpoint("m", ["http://a/v1"], **options)
+    with pytest.raises(ValueError, match="an endpoint needs a model name"):
+        Endpoint("", ["http://a/v1"])
+    with pytest.raises(ValueError, match="endpoint 'm' needs at least one base URL"):
+        Endpoint("m", " , ")
     for spec, message in (("gpt-4o", "unknown backend spec 'gpt-4o': expected endpoint:MODEL@URL[,URL...]"),
                           ("engine:", "unknown backend spec 'engine:'"),
                           ("callable:os", "'os' is not 'module:function'"),
