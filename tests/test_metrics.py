@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from zephyr_jax.metrics import MetricWriter, flops_per_token, peak_flops, step_flops, throughput
+from zephyr_jax.metrics import MetricWriter, flops_per_token, padding_fraction, peak_flops, step_flops, throughput
 from zephyr_jax.model import MistralConfig
 
 
@@ -235,13 +235,13 @@ def test_flops_per_token_is_what_torch_counts_for_transformers_mistral(seq_len):
 def test_throughput_per_device_figures_divide_by_the_devices():
     cfg = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2)
-    one = throughput(cfg, [[100, 50]], 256, 2.0, 1, frozen_reference=False, peak=1e12)
-    eight = throughput(cfg, [[100, 50]], 256, 2.0, 8, frozen_reference=False, peak=1e12)
+    one = throughput(cfg, [[100, 50]], 2.0, 1, frozen_reference=False, peak=1e12)
+    eight = throughput(cfg, [[100, 50]], 2.0, 8, frozen_reference=False, peak=1e12)
     assert eight["tflops_per_device"] == pytest.approx(one["tflops_per_device"] / 8)
     assert eight["tflops_per_device"] == pytest.approx(step_flops(cfg, [100, 50]) / 2.0 / 8 / 1e12)
     assert eight["mfu"] == pytest.approx(eight["tflops_per_device"] * 1e12 / 1e12)
     assert eight["tokens_per_sec"] == 75.0 and eight["tokens_per_sec_per_device"] == 75.0 / 8
-    assert eight["padding_fraction"] == pytest.approx(1 - 150 / 256)  # 150 real tokens in 256 positions
+    assert padding_fraction([[100, 50]], 256) == pytest.approx(1 - 150 / 256)  # 150 real tokens in 256 positions
     # a frozen DPO reference inside the step adds its forward pass: a third of the policy's step
-    with_reference = throughput(cfg, [[100, 50]], 256, 2.0, 8, frozen_reference=True, peak=1e12)
+    with_reference = throughput(cfg, [[100, 50]], 2.0, 8, frozen_reference=True, peak=1e12)
     assert with_reference["mfu"] == pytest.approx(eight["mfu"] * 4 / 3)

@@ -1759,14 +1759,15 @@ def test_logged_throughput_counts_real_tokens_and_their_flops(data_dir, tmp_path
         lengths = np.array([(row == s).sum() for row in seg for s in range(1, row.max() + 1)])  # packed sequences
         assert len(lengths) == 2 * cfg.train.global_batch_size and seg.shape[0] < len(lengths)
         real = lengths.sum()
+        # The batch's, for every step: the compiling one too (a resumed run's first line left out its first step)
+        assert record["padding_fraction"] == pytest.approx(1 - real / seg.size, rel=1e-9)
+        assert 0 < record["padding_fraction"] < 1
         if record["step"] == 1:  # the call that compiled the step: no throughput (its seconds were compiling)
             assert not {"tokens_per_sec", "mfu", "step_time"} & record.keys()
             continue
         train_flops = (6 * n * lengths + 12 * per_layer * lengths ** 2).sum()
         flops = train_flops * 4 / 3  # + the frozen reference's forward pass
         assert record["tokens_per_sec"] * record["step_time"] == pytest.approx(real, rel=1e-9)
-        assert record["padding_fraction"] == pytest.approx(1 - real / seg.size, rel=1e-9)
-        assert 0 < record["padding_fraction"] < 1
         assert record["mfu"] == pytest.approx(flops / record["step_time"] / (0.5e12 * jax.device_count()), rel=1e-9)
 
 

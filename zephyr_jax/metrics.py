@@ -73,20 +73,25 @@ def step_flops(cfg, lengths, frozen_reference: bool = False, causal: bool = Fals
             + (sequence_flops(cfg, lengths, training=False, causal=causal) if frozen_reference else 0.))
 
 
-def throughput(mcfg, sequences, positions: int, seconds: float, devices: int, *, frozen_reference: bool,
-               peak) -> dict:
-    """Throughput of steps that took `seconds` over `positions` positions (rows x length, summed) holding sequences
-    of real lengths `sequences` (one list per example: a pair's two, a packed row's segments): real tokens only,
-    the share of positions that were padding, and MFU from the FLOPs of those real sequences."""
+def throughput(mcfg, sequences, seconds: float, devices: int, *, frozen_reference: bool, peak) -> dict:
+    """Throughput of steps that took `seconds` over sequences of real lengths `sequences` (one list per example: a
+    pair's two, a packed row's segments): real tokens only, and MFU from the FLOPs of those real sequences."""
     lengths = [n for seqs in sequences for n in seqs]
     real = sum(lengths)
     flops = step_flops(mcfg, lengths, frozen_reference)
     out = {"step_time": seconds, "tokens_per_sec": real / seconds,
-           "tokens_per_sec_per_device": real / seconds / devices, "padding_fraction": 1 - real / positions,
+           "tokens_per_sec_per_device": real / seconds / devices,
            "tflops_per_device": flops / seconds / devices / 1e12}
     if peak:
         out["mfu"] = flops / seconds / (peak * devices)
     return out
+
+
+def padding_fraction(sequences, positions: int) -> float:
+    """The share of `positions` (rows x length, summed over steps) that held no token of `sequences` (one list of
+    real lengths per example). A property of the batches, not of time: a log line counts all its steps, the one
+    whose call compiled included (counting only the timed ones gave a resumed run's first line another value)."""
+    return 1 - sum(n for seqs in sequences for n in seqs) / positions
 
 
 def wandb_run_id(workdir: str) -> str:

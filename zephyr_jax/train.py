@@ -42,7 +42,7 @@ from zephyr_jax.data.batches import PackedRow, pack_rows, packed_pair_buckets, s
 from zephyr_jax.data.loader import examples_digest, padded_batcher, pair_batcher
 from zephyr_jax.data.pipeline import load_examples
 from zephyr_jax.loading import load_model
-from zephyr_jax.metrics import MetricWriter, peak_flops, throughput
+from zephyr_jax.metrics import MetricWriter, padding_fraction, peak_flops, throughput
 from zephyr_jax.model import Mistral, MistralConfig
 from zephyr_jax.sharding import check_params_fit_mesh, logical_to_spec, make_mesh, named, param_specs
 from zephyr_jax.tokenizer import load_tokenizer, tokenizer_source
@@ -715,9 +715,11 @@ def run(cfg, workdir: str) -> dict:
     step = start
     bar = tqdm(total=total_steps, initial=step, desc=cfg.stage, disable=not cfg.train.progress or
                jax.process_index() != 0, dynamic_ncols=True)
+    real = lambda infos: [sequences[i] for info in infos for i in info.indices]
     log = StepLog(writer, bar, mngr, workdir, lambda infos, seconds: throughput(
-        mcfg, [sequences[i] for info in infos for i in info.indices], sum(info.rows * info.length for info in infos),
-        seconds, mesh.size, frozen_reference=reference is not None, peak=cfg.train.peak_tflops * 1e12 or peak_flops()))
+        mcfg, real(infos), seconds, mesh.size, frozen_reference=reference is not None,
+        peak=cfg.train.peak_tflops * 1e12 or peak_flops()),
+        padding_of=lambda infos: padding_fraction(real(infos), sum(info.rows * info.length for info in infos)))
 
     first = cfg.train.profile_start  # a window that runs past the last step ends with it, before its log and save
     trace = profiling.TraceWindow(first, min(cfg.train.profile_steps, total_steps + 1 - first),

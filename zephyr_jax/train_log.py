@@ -19,15 +19,18 @@ class StepLog:
     """Train metrics on their way from the device to the log. `add` keeps a step's metrics on the device (at most
     two steps ahead of the host: the host then waits, so queued batches stay bounded); `write` fetches every
     pending step at once and writes one line: the mean of each metric over the steps since the last line (the
-    learning rate: the last step's), and throughput over the wall time they took (eval and checkpoint time
-    excluded). A non-finite loss or gradient norm stops the run after a line of the steps before it."""
+    learning rate: the last step's), throughput over the wall time they took (eval and checkpoint time excluded;
+    not the step whose call compiled), and the padding fraction of all their batches. A non-finite loss or
+    gradient norm stops the run after a line of the steps before it."""
 
     SHOWN = ("loss", "rewards/accuracies", "tokens_per_sec", "padding_fraction", "mfu")
     PRINTED = SHOWN[:2] + ("grad_norm", "lr") + SHOWN[2:] + ("step_time",)  # the line without a bar
 
-    def __init__(self, writer, bar, mngr, workdir: str, throughput_of):
-        """throughput_of(the steps' BatchInfos, their wall seconds) -> metrics.throughput's figures."""
-        self.writer, self.bar, self.mngr, self.workdir, self.throughput_of = writer, bar, mngr, workdir, throughput_of
+    def __init__(self, writer, bar, mngr, workdir: str, throughput_of, padding_of=None):
+        """throughput_of(the timed steps' BatchInfos, their wall seconds) -> metrics.throughput's figures;
+        padding_of(every step's BatchInfos) -> metrics.padding_fraction (None: not logged)."""
+        self.writer, self.bar, self.mngr, self.workdir = writer, bar, mngr, workdir
+        self.throughput_of, self.padding_of = throughput_of, padding_of
         self.on_device, self.on_host, self.excluded = [], [], 0.0
         self.started, self.timed_from = time.perf_counter(), None
 
@@ -78,6 +81,8 @@ class StepLog:
         if timed:  # (a line of the compiling step alone has no throughput)
             line.update(self.throughput_of(timed, seconds))
             line["step_time"] = seconds / len(timed)
+        if self.padding_of is not None:
+            line["padding_fraction"] = self.padding_of([info for _, _, info, _ in self.on_host])
         line.update(self.on_host[-1][3])
         step = self.on_host[-1][0]
         self.writer.write(step, line)
