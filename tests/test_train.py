@@ -1484,7 +1484,8 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
                                                                                   monkeypatch):
     """A preemption noticed at an eval step saves at once (a grace period spent on an eval may end in SIGKILL
     before the save), and the save is committed while the loop's SIGTERM handler is still in place (a second
-    SIGTERM used to kill the commit)."""
+    SIGTERM used to kill the commit). Preempted between log steps, it also saves the steps of its unfinished log
+    line: the resumed run writes that line where an uninterrupted run does, over the same steps."""
     real_manager, handlers, preempt_at = checkpoint.manager, [], [3]
 
     def manager(*args, **kwargs):
@@ -1499,9 +1500,9 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     monkeypatch.setattr(train, "eval_metrics", lambda *a, **kw: evals.append(a) or {})
     workdir = tmp_path / "w"
     outside = signal.getsignal(signal.SIGTERM)
+    settings = {"train.max_steps": 6, "train.save_every": 0, "train.eval_every": 3, "train.log_every": 2}
     with pytest.raises(train.Preempted, match="at step 3 of 6"):  # not a return: a demo or notebook goes no further
-        train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
-                                                  "train.eval_every": 3}), str(workdir))
+        train.run(tiny_config("sft", data_dir, **settings), str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"] and evals == []
     assert handlers[0] is not outside and signal.getsignal(signal.SIGTERM) is outside
 
@@ -1514,16 +1515,21 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     monkeypatch.setattr(loader_module.Loader, "__next__", lambda self: calls.append(1) or (
         real_next(self) if len(calls) != 2 else (_ for _ in ()).throw(RuntimeError("a bad batch"))))
     with pytest.raises(RuntimeError, match="a bad batch"):
-        train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
-                                                  "train.eval_every": 3}), str(workdir))
+        train.run(tiny_config("sft", data_dir, **settings), str(workdir))
     monkeypatch.setattr(loader_module.Loader, "__next__", real_next)
-    train.run(tiny_config("sft", data_dir, **{"train.max_steps": 6, "train.save_every": 0,
-                                              "train.eval_every": 3}), str(workdir))
+    train.run(tiny_config("sft", data_dir, **settings), str(workdir))
     records = [(r["step"], r["split"]) for r in map(json.loads, open(workdir / "metrics.jsonl"))]
     assert [step for step, split in records if split == "eval"] == [3, 6] and len(evals) == 3
     superseded = [(r["step"], r["split"]) for r in map(json.loads, open(workdir / "metrics.superseded.jsonl"))]
-    assert (3, "eval") in superseded
+    assert (3, "eval") in superseded and (3, "train") in superseded  # (step 3's line: a step short)
     assert records.index((3, "eval")) < records.index((4, "train"))  # before training on: step 3's parameters
+    # The train lines are an uninterrupted run's: steps 3 and 4 in one line (a line of step 3 and one of step 4
+    # were written), the same means of the same steps. (Not step time: its steps are not timed alike.)
+    preempt_at[0] = None
+    train.run(tiny_config("sft", data_dir, **settings), str(tmp_path / "whole"))
+    timed = ("step_time", "tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_device", "mfu")
+    lines = lambda d: [{k: v for k, v in r.items() if k not in timed} for r in split_records(d, "train")]
+    assert [r["step"] for r in lines(workdir)] == [2, 4, 6] and lines(workdir) == lines(tmp_path / "whole")
     # Preempted at its last step (whose final eval it skipped), resumed for more steps: that step is evaluated.
     preempt_at[0], more = 6, tmp_path / "more"
     with pytest.raises(train.Preempted, match="at step 6 of 6"):

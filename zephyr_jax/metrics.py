@@ -105,9 +105,11 @@ def wandb_run_id(workdir: str) -> str:
         return f.read().strip()
 
 
-def set_aside_replayed(workdir: str, step: int, evaluates_start: bool = False) -> list[str]:
-    """A run resumed from `step` trains the steps after it again, and evaluates `step` again when it is the last
-    or was preempted before its eval (`evaluates_start`): the interrupted run's records of them move from
+def set_aside_replayed(workdir: str, step: int, evaluates_start: bool = False,
+                       rewrites_start: bool = False) -> list[str]:
+    """A run resumed from `step` trains the steps after it again, evaluates `step` again when it is the last or
+    was preempted before its eval (`evaluates_start`), and writes the train line that `step` cut short again when a
+    preemption saved that line's steps (`rewrites_start`): the interrupted run's records of them move from
     metrics.jsonl to metrics.superseded.jsonl, so metrics.jsonl holds one record per step and split. Returns the
     lines that moved."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -119,7 +121,8 @@ def set_aside_replayed(workdir: str, step: int, evaluates_start: bool = False) -
     def replayed(line: str) -> bool:
         try:
             r = json.loads(line)
-            return r["step"] > step or (evaluates_start and r["step"] == step and r["split"] == "eval")
+            again = {"eval": evaluates_start, "train": rewrites_start}.get(r["split"], False)
+            return r["step"] > step or (again and r["step"] == step)
         except (ValueError, TypeError, KeyError):  # not a record of this writer's
             return True
 
@@ -147,19 +150,20 @@ class MetricWriter:
     """Writes on process 0 only: one JSON line per record, TensorBoard scalars, W&B if configured.
 
     resumed_from: the step a resumed run starts from; evaluates_start: whether it evaluates that step (the last
-    step, or one a preemption saved before its eval). The records of what it does again (set_aside_replayed)
-    move to metrics.superseded.jsonl, and TensorBoard hides the interrupted run's events after it (purge_step;
-    from it, when it evaluates that step again).
+    step, or one a preemption saved before its eval); rewrites_start: whether it writes that step's train line
+    again (a preemption between log steps saved the line's steps). The records of what it does again
+    (set_aside_replayed) move to metrics.superseded.jsonl, and TensorBoard hides the interrupted run's events after
+    it (purge_step; from it, when it evaluates that step or writes its line again).
     W&B drops a resumed run's steps up to the last one it has (its own rule)."""
 
     def __init__(self, workdir: str, tensorboard: bool = True, wandb_project: str | None = None, config=None,
-                 resumed_from: int | None = None, evaluates_start: bool = False):
+                 resumed_from: int | None = None, evaluates_start: bool = False, rewrites_start: bool = False):
         self.active = jax.process_index() == 0
         self.tb = self.wandb = None
         if not self.active:
             return
         if resumed_from is not None:
-            moved = set_aside_replayed(workdir, resumed_from, evaluates_start)
+            moved = set_aside_replayed(workdir, resumed_from, evaluates_start, rewrites_start)
             if moved:
                 print(f"metrics.jsonl: {len(moved)} records of steps the resumed run does again moved to "
                       "metrics.superseded.jsonl")
@@ -171,8 +175,10 @@ class MetricWriter:
                 # A run that evaluates its start step again (a finished run started again, a run preempted at an
                 # eval step) purges from that step, not after it: an earlier run's eval of it is not shown twice,
                 # and one lost with that run's last second of events (a kill -9) is not left out. The train
-                # records of that step come back from metrics.jsonl.
-                purge = None if resumed_from is None else resumed_from + (0 if evaluates_start else 1)
+                # records of that step come back from metrics.jsonl. So does a run that writes the train line its
+                # start step cut short again (at a later step: the short line's point goes).
+                again = evaluates_start or rewrites_start
+                purge = None if resumed_from is None else resumed_from + (0 if again else 1)
                 # flush_secs: tensorboardX's 120 s lost up to two minutes of records at a kill -9, those before
                 # the checkpoint the resumed run starts after included (which it does not write again).
                 self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge, flush_secs=1)

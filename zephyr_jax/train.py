@@ -682,6 +682,7 @@ def run(cfg, workdir: str) -> dict:
     # Resume.
     mngr = checkpoint.manager(workdir, keep=cfg.train.keep_checkpoints)
     eval_skipped = False  # a preemption at an eval step saved before evaluating: the resumed run evaluates first
+    unwritten = []  # and one between log steps saved the steps of its unfinished log line: the resumed run ends it
     if mngr.latest_step() is not None:
         abstract_state = jax.eval_shape(lambda: state)
         # The initial weights and optimizer state are let go before the checkpoint's are read: `params` kept the
@@ -690,6 +691,7 @@ def run(cfg, workdir: str) -> dict:
         state, meta = checkpoint.restore(mngr, mngr.latest_step(), abstract_state, state_shardings)
         loader.restore(meta["loader"])
         eval_skipped = bool(meta.get("eval_skipped"))
+        unwritten = meta.get("unwritten_log", [])
         print(f"resumed from step {int(state.step)} of {workdir}")
         if int(state.step) > total_steps:
             print(f"step {int(state.step)} is past this run's {total_steps} steps: nothing to train")
@@ -700,7 +702,7 @@ def run(cfg, workdir: str) -> dict:
     start = int(jax.device_get(state.step))  # 0, or the step resumed from: the records after it are written again
     evaluates_start = start == total_steps or (eval_skipped and bool(cfg.train.eval_every))  # (as below)
     writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
-                          resumed_from=start, evaluates_start=evaluates_start)
+                          resumed_from=start, evaluates_start=evaluates_start, rewrites_start=bool(unwritten))
 
     def evaluate(step):
         with jax.set_mesh(mesh):
@@ -720,6 +722,7 @@ def run(cfg, workdir: str) -> dict:
         mcfg, real(infos), seconds, mesh.size, frozen_reference=reference is not None,
         peak=cfg.train.peak_tflops * 1e12 or peak_flops()),
         padding_of=lambda infos: padding_fraction(real(infos), sum(info.rows * info.length for info in infos)))
+    log.carry_over(unwritten)
 
     first = cfg.train.profile_start  # a window that runs past the last step ends with it, before its log and save
     trace = profiling.TraceWindow(first, min(cfg.train.profile_steps, total_steps + 1 - first),
@@ -772,10 +775,16 @@ def run(cfg, workdir: str) -> dict:
                 if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
                     # The steps up to the checkpoint on record (save_every need not be a log step), and never a
                     # save of a step whose loss went bad (write checks every queued step first).
+                    # A preemption off the run's own line and save steps: its line's steps go in the checkpoint too,
+                    # for the resumed run to end that line where the uninterrupted run does (its record written
+                    # here stands until then).
+                    scheduled = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps
+                    carried = log.unwritten() if preempted and not scheduled else []
                     log.write()
                     skipped = preempted and (eval_step or step == total_steps)  # (the resumed run's first work)
                     with log.paused():
-                        checkpoint.save(mngr, state, {"loader": position, "eval_skipped": skipped})
+                        checkpoint.save(mngr, state, {"loader": position, "eval_skipped": skipped,
+                                                      "unwritten_log": carried})
                         writer.flush()  # the records up to this step on disk before the checkpoint commits
                 if preempted:
                     print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")

@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 
+from zephyr_jax.data.loader import BatchInfo
 from zephyr_jax.train_steps import to_host
 
 
@@ -44,6 +45,20 @@ class StepLog:
         if len(self.on_device) > 2:
             jax.block_until_ready(self.on_device[-3][1])
         self.bar.update(1)
+
+    def unwritten(self) -> list[dict]:
+        """The steps of the line not yet written, as JSON (after check_finite): a preempted run saves them with its
+        checkpoint, so the resumed run's line averages the same steps as an uninterrupted run's (carry_over)."""
+        self.check_finite()
+        return [{"step": step, "metrics": metrics, "indices": [int(i) for i in info.indices],
+                 "length": int(info.length), "rows": int(info.rows), "extra": extra}
+                for step, metrics, info, extra in self.on_host]
+
+    def carry_over(self, records: list[dict]) -> None:
+        """unwritten()'s steps of the run a preemption stopped, back in this run's line (they are not timed: they
+        are at or before the step it starts from)."""
+        self.on_host = [(r["step"], r["metrics"], BatchInfo(r["indices"], r["length"], r["rows"]), r["extra"])
+                        for r in records] + self.on_host
 
     def check_finite(self) -> None:
         """Fetches the pending metrics; a non-finite loss or gradient norm stops the run (the step's state is never
