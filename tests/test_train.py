@@ -1505,6 +1505,9 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
         train.run(tiny_config("sft", data_dir, **settings), str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"] and evals == []
     assert handlers[0] is not outside and signal.getsignal(signal.SIGTERM) is outside
+    # Resumed with no step left to train (train.max_steps lowered to it), the short line of step 3 stays on record.
+    train.run(tiny_config("sft", data_dir, **{**settings, "train.max_steps": 3}), str(workdir))
+    assert [r["step"] for r in split_records(workdir, "train")] == [2, 3]
 
     # The eval the preemption skipped is the resumed run's first work: no eval step goes unrecorded. A resumed
     # run that dies before its next checkpoint (a bad batch at step 5 here; a kill alike) evaluates step 3 again
@@ -1519,7 +1522,7 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     monkeypatch.setattr(loader_module.Loader, "__next__", real_next)
     train.run(tiny_config("sft", data_dir, **settings), str(workdir))
     records = [(r["step"], r["split"]) for r in map(json.loads, open(workdir / "metrics.jsonl"))]
-    assert [step for step, split in records if split == "eval"] == [3, 6] and len(evals) == 3
+    assert [step for step, split in records if split == "eval"] == [3, 6] and len(evals) == 4
     superseded = [(r["step"], r["split"]) for r in map(json.loads, open(workdir / "metrics.superseded.jsonl"))]
     assert (3, "eval") in superseded and (3, "train") in superseded  # (step 3's line: a step short)
     assert records.index((3, "eval")) < records.index((4, "train"))  # before training on: step 3's parameters

@@ -701,6 +701,7 @@ def run(cfg, workdir: str) -> dict:
                                 max_segments=max_segments(cfg, train_examples))
     start = int(jax.device_get(state.step))  # 0, or the step resumed from: the records after it are written again
     evaluates_start = start == total_steps or (eval_skipped and bool(cfg.train.eval_every))  # (as below)
+    unwritten = unwritten if start < total_steps else []  # no step left to end the line at: the short one stands
     writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
                           resumed_from=start, evaluates_start=evaluates_start, rewrites_start=bool(unwritten))
 
