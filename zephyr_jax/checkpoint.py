@@ -4,7 +4,8 @@ step may donate the buffers; on CPU devices orbax holds views of the arrays unti
 copies instead of donating for that one step); restoring takes target shardings, so a run may resume on another
 mesh.
 
-Layout: WORKDIR/checkpoints/<step>/{params, opt_state, meta (step, loader position)}, WORKDIR/model_config.json.
+Layout: WORKDIR/checkpoints/<step>/{params, opt_state, meta (step, loader position, and for a preemption's save
+whether it skipped the step's eval and the steps of the log line it cut short)}, WORKDIR/model_config.json.
 
 Checkpoints written before the decoder layers were stacked (one subtree per layer: layers/0/..., layers/1/...)
 still restore: `_restore_item` reads them in their own layout and stacks each parameter's layers.
