@@ -685,6 +685,13 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         engine.submit(Request([1, 2.7], SamplingParams()))
     with pytest.raises(TypeError, match="Request.prompt is token ids: encode the text first"):
         engine.submit(Request("hello", SamplingParams()))
+    with pytest.raises(ValueError, match="the prompt is empty: give at least one token"):
+        engine.submit(Request([], SamplingParams()))
+    with pytest.raises(ValueError, match="stop strings need an engine with a tokenizer"):  # (this one has none)
+        engine.submit(Request([5], SamplingParams(max_tokens=2, stop="x")))
+    for seed in (-1, 1.5, True):  # a call's seed, before any engine is made
+        with pytest.raises(ValueError, match=rf"^seed={seed!r}: must be a whole number >= 0$"):
+            generate_ids(model, [[5]], max_new_tokens=2, seed=seed)
     assert SamplingParams(stop="END").stop == ("END",)  # one stop string, not a stop at each of E, N and D
     assert SamplingParams(stop_token_ids=np.array([11, 3])).stop_token_ids == (11, 3)
     # A Request run again, or twice in one call: its slot was never freed, and generate() waited for ever.
@@ -696,9 +703,10 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
     with pytest.raises(ValueError, match="the same Request appears twice"):
         engine.generate([twice, twice])
     # More requests than slots + queue: generate() submits the ones a full queue refused again, once there is room
-    queued = [Request([5, 6], SamplingParams(max_tokens=3)) for _ in range(4)]
-    assert all(len(r.tokens) == 3 for r in Engine(model, max_slots=1, max_length=64, max_queue=0,
-                                                  eos_id=None).generate(queued))
+    # (12 tokens outlast a step, a prefill and 8 decoded, so the next one is refused while the slot is taken)
+    queued = [Request([5, 6], SamplingParams(max_tokens=12)) for _ in range(4)]
+    assert all(len(r.tokens) == 12 for r in Engine(model, max_slots=1, max_length=64, max_queue=0,
+                                                   eos_id=None).generate(queued))
     engine.start()
     try:
         # first's update holds the engine's thread until the cancel is in: its 50 tokens take 20 ms, which a
@@ -707,6 +715,8 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         first = engine.submit(Request([5, 6], SamplingParams(max_tokens=50),
                                       on_update=lambda r: seen.set() or cancelled.wait(20)))
         assert seen.wait(60)  # first is decoding in the only slot
+        with pytest.raises(RuntimeError, match="this engine runs on its own thread: submit"):
+            engine.generate([Request([7], SamplingParams(max_tokens=3))])
         waiting = engine.submit(Request([7], SamplingParams(max_tokens=3)))
         with pytest.raises(QueueFull):
             engine.submit(Request([8], SamplingParams(max_tokens=3)))
@@ -714,6 +724,16 @@ def test_bad_requests_are_refused_and_a_cancelled_request_frees_its_slot(small):
         cancelled.set()
         assert first.done.wait(60) and first.finish_reason == "cancelled" and len(first.tokens) < 50
         assert waiting.done.wait(60) and waiting.finish_reason == "length" and len(waiting.tokens) == 3
+        # One cancelled while it waits for a slot (its client gone) leaves the queue at the next step, unrun.
+        held, release = threading.Event(), threading.Event()
+        busy = engine.submit(Request([5, 6], SamplingParams(max_tokens=3),
+                                     on_update=lambda r: held.set() or release.wait(20)))
+        assert held.wait(60)  # busy holds the only slot, and the engine's thread
+        queued = engine.submit(Request([7], SamplingParams(max_tokens=3)))
+        engine.cancel(queued)
+        release.set()
+        assert queued.done.wait(60) and (queued.finish_reason, queued.generated, queued._slot) == ("cancelled", 0, None)
+        assert busy.done.wait(60) and busy.finish_reason == "length" and not engine.waiting
         # A call that raises ends the requests it held with an error, and the engine goes on; a request waiting for
         # a slot was in no failed call and runs (it was ended with the same error).
         decode, spared_waits = engine._decode, threading.Event()
