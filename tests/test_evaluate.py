@@ -2,6 +2,7 @@
 lm-evaluation-harness adapter, on a tiny random HF model and a tiny dDPO workdir trained on local data."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -200,6 +201,12 @@ def test_prefs_argument_errors(dpo_workdir, capsys, tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["prefs", f"--model={dpo_workdir}", "--reference_free", "--step=3"])
     assert "--step goes with --workdir" in capsys.readouterr().err
+    for argv, message in ((["prefs", f"--workdir={dpo_workdir}", f"--model={dpo_workdir}"],
+                           "pass either --workdir or --model/--reference, not both"),
+                          (["prefs"], "pass --workdir=DPO_WORKDIR, or --model and --reference")):
+        with pytest.raises(SystemExit):
+            evaluate.main(argv)
+        assert message in capsys.readouterr().err
     # the reference was not loaded, and the output named it as the reference of reference-free metrics
     assert "--reference and --reference_free exclude each other" in _cli_error(
         ["prefs", f"--model={dpo_workdir}", f"--reference={dpo_workdir}", "--reference_free"])
@@ -251,6 +258,14 @@ def test_prefs_workdir_that_is_no_ddpo_run_and_a_missing_split_are_one_line_erro
     message = _cli_error(["prefs", f"--workdir={tiny_model_dir}"])
     assert "is a Hugging Face model directory, not a zephyr_jax training workdir" in message and "--model" in message
     assert "no such directory" in _cli_error(["prefs", f"--workdir={tmp_path / 'nowhere'}"])
+    assert _cli_error(["prefs", f"--workdir={tmp_path}"]) == \
+        f"error: {tmp_path / 'config.json'} is missing: {tmp_path} is not a zephyr_jax training workdir"
+    # and a model that is not there, for the answer-file commands: the loader's one line, no traceback
+    questions = tmp_path / "question.jsonl"
+    _write_questions(questions)
+    assert _cli_error(["mt_bench", f"--model={tmp_path / 'nowhere'}", "--model_id=m", f"--question_file={questions}",
+                       f"--answer_file={tmp_path / 'a.jsonl'}"]) == \
+        f"error: model {tmp_path / 'nowhere'} does not exist (neither a local directory nor a Hugging Face hub name)"
     sft = tmp_path / "sft_run"
     (sft / "checkpoints").mkdir(parents=True)
     (sft / "model_config.json").write_text("{}")
@@ -360,6 +375,9 @@ def test_mt_bench_bad_question_file(tmp_path):
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=match):
             evaluate.read_questions(str(path))
+    path.write_text("".join(json.dumps({"question_id": 4, "turns": [turn]}) + "\n" for turn in ("q", "r")))
+    with pytest.raises(ValueError, match="q.jsonl: question 2: question_id 4 appears twice"):
+        evaluate.read_questions(str(path))
     path.write_text("")  # wrote "0 answers" for FastChat's judge to trip over
     with pytest.raises(ValueError, match=r"q.jsonl holds no questions"):
         evaluate.read_questions(str(path))
@@ -775,7 +793,7 @@ def test_generate_chats_strips_replies_as_fastchat_does(monkeypatch):
     assert evaluate.generate_chats(None, None, [[], []]) == ["Paris.", "Yes"]
 
 
-def test_generate_until_seeds_each_request_and_keeps_a_long_prompts_tail(model_dir, monkeypatch):
+def test_generate_until_seeds_each_request_and_keeps_a_long_prompts_tail(model_dir, monkeypatch, caplog):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
@@ -815,3 +833,15 @@ def test_generate_until_seeds_each_request_and_keeps_a_long_prompts_tail(model_d
     # Another task's request of the same document, index and prompt (gsm8k and gsm8k_cot) is drawn apart.
     lm.generate_until([Instance("generate_until", {}, ("Q: 2+2?", kwargs), 0, ("gsm8k_cot", 7, 2))])
     assert seen["params"][0].seed != alone[0]
+    # A setting the engine does not implement is said, once a run, not dropped unsaid; so is batch_size=auto (no
+    # search), for a model built in Python too (its own module and tokenizer, no load).
+    beams = Instance("generate_until", {}, ("Hi", {**kwargs, "num_beams": 4}), 0)
+    with caplog.at_level(logging.WARNING, logger="zephyr_jax.lm_eval_adapter"):
+        lm.generate_until([beams, beams])
+        built = lm_eval_adapter.ZephyrJaxLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size="auto")
+    assert [r.getMessage() for r in caplog.records if r.name == "zephyr_jax.lm_eval_adapter"] == [
+        "zephyr_jax ignores these generation settings: ['num_beams']",
+        "zephyr_jax does not search for a batch size (batch_size=auto): it scores 8 rows at a time; pass "
+        "batch_size=N for more"]
+    assert (built.model, built.tokenizer, built.batch_size, built.pretrained) == (lm.model, lm.tokenizer, 8,
+                                                                                   "Mistral")
