@@ -42,6 +42,11 @@ def test_a_profile_window_traces_exactly_its_steps_and_lists_their_operations(da
     assert lines[2].startswith("modules: jit_train_step ")
     table = [line for line in lines if line.startswith("| ") and "operation" not in line]
     assert len(table) == 5
+    # The command line prints that table for the trace file named itself too; a --top below 1 is refused
+    profiling.main([traces[0], "--top=5"])
+    assert capsys.readouterr().out == text + "\n"
+    with pytest.raises(SystemExit, match=r"^error: --top=0: must be at least 1$"):
+        profiling.main([traces[0], "--top=0"])
 
 
 def test_a_window_past_the_last_step_ends_with_the_loop(data_dir, tmp_path, capsys):
@@ -63,6 +68,9 @@ def test_a_run_that_never_reaches_the_window_says_it_traces_nothing(data_dir, tm
     train.run(cfg, str(tmp_path))  # resumed from step 2
     assert "train.profile_start=1: this run starts after step 2, so no profile" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "tensorboard" / "plugins")
+    with pytest.raises(SystemExit, match=r"^error: no \.xplane\.pb trace under .* \(train with "
+                                         r"--config\.train\.profile_start=N\)$"):
+        profiling.main([str(tmp_path)])
 
 
 def test_kinds_come_from_the_operation_and_kernel_names():
