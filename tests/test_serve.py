@@ -315,6 +315,22 @@ def test_a_requests_sampling_fields_reach_the_engine():
         assert refused.value.status == 400 and refused.value.param == field
 
 
+def test_a_chat_template_that_refuses_the_messages_is_a_400():
+    """A served model's own template may refuse a conversation (Mistral-Instruct's: roles must alternate) through
+    transformers' raise_exception: the client's mistake, named, not a 500."""
+    from zephyr_jax.serve import ApiError, Server
+    from zephyr_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()  # (a new tokenizer each call: the template change stays in this test)
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    with pytest.raises(ApiError) as refused:
+        Server(engine=None, tokenizer=tok, model_name=NAME).chat_prompt({"messages": [{"role": "user",
+                                                                                       "content": "hi"}]})
+    assert (refused.value.status, refused.value.param) == (400, "messages")
+    assert refused.value.message == "the model's chat template refused the messages: Conversation roles must " \
+                                    "alternate user/assistant/user/assistant"
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     base, _ = server
     chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -349,6 +365,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (dict(raw='{"model": "%s", "messages": [{"role": "user", "content": "half \\ud800"}]}' % NAME), 400,
          "messages"),
         (dict(raw="[" * 100_000), 400, None),
+        (dict(raw='["hi"]'), 400, None),  # JSON, but not an object
         # A lone surrogate in a field's name is echoed in the error: that body could not be encoded, a 500.
         (dict(raw='{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}' % NAME), 400,
          "\ud800"),
@@ -383,6 +400,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     for prompt in ([True, False], ["a", [1, 2]], [[1, 2], "a"]):  # JSON booleans are not token ids; no mixing
         assert _post(base, "/v1/completions", {"model": NAME, "prompt": prompt}).json()["error"]["param"] == "prompt"
     assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "min_p": 0.1}).status_code == 400
+    for body, param in (({"prompt": ""}, "prompt"), ({"prompt": ["x", ""]}, "prompt"),
+                        ({"prompt": "x", "stream": True}, "stream")):  # (no text to tokenize; streams are chat's)
+        refused = _post(base, "/v1/completions", {"model": NAME, **body})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (body, refused.text)
     # lm-eval's local-completions sends a task's every `until` string and the EOS (humaneval: 6): OpenAI's limit of
     # 4 made such tasks fail with a 400.
     humaneval = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]
@@ -415,6 +436,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert _post(base, "/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 9}).json()["error"]["param"] \
         == "logprobs"
     assert httpx.get(base + "/v1/nowhere").status_code == 404
+    wrong_method = httpx.get(base + "/v1/chat/completions", headers=AUTH)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"] == \
+        "GET is not allowed on /v1/chat/completions", wrong_method.text
     assert httpx.get(base + "/v1/models").status_code == 401
     models = httpx.get(base + "/v1/models", headers=AUTH).json()
     assert [m["id"] for m in models["data"]] == [NAME]
@@ -516,7 +540,7 @@ def test_a_client_gone_before_its_stream_starts_frees_its_slot(tiny_model_dir):
     """The client goes away while the server writes the stream's headers (the app called in process through ASGI,
     as uvicorn calls it, so the disconnect is read before the first event): Starlette cancels the response before
     the event generator starts, so the generator's cleanup never ran and the request decoded on to max_tokens,
-    holding its slot."""
+    holding its slot. And a client of an unstreamed reply that goes away (its timeout) cancels it too."""
     import asyncio
 
     import zephyr_jax
@@ -534,7 +558,7 @@ def test_a_client_gone_before_its_stream_starts_frees_its_slot(tiny_model_dir):
              "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
 
-    async def serve_one():  # the server's event loop lives on after the response, as uvicorn's does
+    async def serve_one(body):  # the server's event loop lives on after the response, as uvicorn's does
         messages, sent = [{"type": "http.request", "body": body, "more_body": False}], []
 
         async def receive():
@@ -553,12 +577,19 @@ def test_a_client_gone_before_its_stream_starts_frees_its_slot(tiny_model_dir):
 
     engine.start()
     try:
-        sent = asyncio.run(serve_one())
+        sent = asyncio.run(serve_one(body))
+        # Unstreamed: the server looks for the disconnect every 0.5 s while it waits; each decoding call is slowed
+        # so the reply outlasts that (900 tokens could finish first on a fast machine).
+        decode = engine._decode
+        engine._decode = lambda: time.sleep(0.01) or decode()
+        whole_reply = asyncio.run(serve_one(body.replace(b'"stream": true', b'"stream": false')))
     finally:
         engine.stop()
     assert sent == ["http.response.start"]  # the stream never began
-    (r,) = submitted
-    assert r.finish_reason == "cancelled" and len(r.tokens) < 900, (r.finish_reason, len(r.tokens))
+    assert whole_reply == ["http.response.start", "http.response.body"]  # (written to nobody)
+    for r in submitted:
+        assert r.finish_reason == "cancelled" and len(r.tokens) < 900, (r.finish_reason, len(r.tokens))
+    assert len(submitted) == 2
 
 
 def test_lm_eval_local_completions_scores_like_the_in_process_adapter(server, tiny_model_dir, tmp_path,
@@ -709,6 +740,7 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve
     def no_load(*args, **kw):
         raise AssertionError("the model was loaded before the mistake was found")
 
+    load = zephyr_jax.load
     monkeypatch.setattr(zephyr_jax, "load", no_load)
     assert_refused_dtype(lambda: serve.main(["--model=m", "--compilation-cache=", "--dtype=fp8"]), "fp8")
     for flag, expected in [("--max-slots=0", "--max-slots=0: must be at least 1"),
@@ -723,6 +755,12 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve
         with pytest.raises(SystemExit) as exit_:
             serve.main(["--model=m", "--compilation-cache=", flag])
         assert exit_.value.code == f"error: {expected}", flag
+    # A model that is not there: the loader's message, one line (no traceback)
+    monkeypatch.setattr(zephyr_jax, "load", load)
+    with pytest.raises(SystemExit) as exit_:
+        serve.main(["--model=./no/such/model", "--compilation-cache=", "--port=0"])
+    assert exit_.value.code == "error: model ./no/such/model does not exist (neither a local directory nor a " \
+                               "Hugging Face hub name)"
 
 
 def test_serving_is_logged_once_the_port_is_bound(tiny_model_dir, monkeypatch, serve_logger):
@@ -842,13 +880,27 @@ def test_a_server_whose_engine_has_stopped_says_so_on_health_and_every_request(l
 
     model, _, tok = local
     engine = Engine(model, tok, max_slots=1, max_length=64)
-    fail_for_good(engine)
+    decode = engine._decode
+
+    def lost_once():  # a call that fails once: its stream ends in an error event, and the engine goes on
+        engine._decode = decode
+        raise RuntimeError("device lost")
+
+    engine._decode = lost_once
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the thread's error, printed outside a test)
     engine.start()
     body = {"model": NAME, "prompt": "Hi", "max_tokens": 3}
     try:
         with TestClient(create_app(Server(engine, tok, NAME))) as http:
             assert http.get("/health").json()["status"] == "ok"
+            stream = http.post("/v1/chat/completions", json={"model": NAME, "stream": True, "max_tokens": 3,
+                                                             "messages": [{"role": "user", "content": "Hi"}]})
+            events = [line[6:] for line in stream.text.splitlines() if line.startswith("data: ")]
+            assert stream.status_code == 200 and events[-1] == "[DONE]", stream.text
+            assert json.loads(events[-2]) == {"error": {"message": "RuntimeError: device lost", "type": "server_error",
+                                                        "param": None, "code": None}}, stream.text
+            assert http.post("/v1/completions", json=body).status_code == 200
+            fail_for_good(engine)
             failed = http.post("/v1/completions", json=body)
             assert failed.status_code == 500 and "device lost" in failed.json()["error"]["message"], failed.text
             engine._thread.join(20)
