@@ -607,6 +607,13 @@ def test_streamed_text_holds_back_what_may_start_a_stop_string():
     r.finish_reason, r.text = "stop", "Hello world "  # as the engine ends it at the stop string
     pieces.append(r.new_text(tok))
     assert "END" not in pieces[0] and "".join(pieces) == r.text, pieces
+    # A stop string may begin in the space the reply's first token takes after the prompt (Request._lead, which the
+    # reply decoded alone drops): "Hello" is held back while " Hello!" may follow (it was sent, then cut away).
+    lead = Request([1], SamplingParams(stop=(" Hello!",)), _lead=" ")
+    lead.tokens.extend(ids[:1])
+    assert lead.new_text(tok) == ""
+    lead.tokens.extend(ids[1:2])
+    assert lead.new_text(tok) == "Hello world"
 
 
 def test_streamed_text_joins_to_the_reply_never_takes_back_and_decodes_each_token_a_few_times():

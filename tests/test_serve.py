@@ -191,6 +191,12 @@ def test_completions_list_the_stop_token_and_keep_the_replys_leading_space(clien
     assert text.startswith(" ") and echoed.choices[0].text == prompt + text
     shown = [t if t not in tok.all_special_tokens else "" for t in lp.tokens]
     assert "".join(shown) == text and all(text[at:at + len(t)] == t for at, t in zip(lp.text_offset, shown))
+    # A stop string is matched in that text, the space included: one that begins with it ends the reply at once
+    # (the engine searched the reply decoded alone, without the space: " vm" came back, stop=" vm" unseen); one
+    # that begins there but never completes cuts nothing.
+    for stop, want in ((text[:2], ("", "stop")), (text[:2] + "\x00", (text, alone.choices[0].finish_reason))):
+        cut = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, stop=[stop])
+        assert (cut.choices[0].text, cut.choices[0].finish_reason) == want, stop
 
 
 def _post(base, path, body, key=KEY, raw=None):
