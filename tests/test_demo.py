@@ -56,6 +56,10 @@ def test_same_seed_same_files_other_seed_other_files(data, tmp_path, capsys):
             demo.main(["make-data", f"--out={tmp_path / 'none'}", flag])
         assert f"{flag}: must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+    # The command line writes the same files for the same seed and sizes, and names each
+    demo.main(["make-data", f"--out={tmp_path / 'cli'}", *(f"--{k}={v}" for k, v in SIZES.items())])
+    listed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert set(listed) == set(data) and all(filecmp.cmp(data[n], listed[n], shallow=False) for n in FILES)
 
 
 def test_layout_loads_with_load_rows(data):
@@ -224,6 +228,17 @@ def test_a_missing_configs_directory_stops_the_demo_before_it_makes_data(tmp_pat
     with pytest.raises(FileNotFoundError, match="configs/sft.py and configs/dpo.py.*pip install -e"):
         demo.run_demo(str(tmp_path / "out"), repo_root=str(tmp_path))
     assert not (tmp_path / "out").exists()
+    # A training stage preempted (SIGTERM): the command exits with train's preempted status, as train does, so a
+    # scheduler requeues it
+    from zephyr_jax.train import PREEMPTED_EXIT_CODE, Preempted
+
+    def preempted(*args, **kw):
+        raise Preempted("saved at step 3")
+
+    monkeypatch.setattr(demo, "run_demo", preempted)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["run", f"--out={tmp_path / 'out'}"])
+    assert exit_.value.code == PREEMPTED_EXIT_CODE
 
 
 @pytest.mark.parametrize("command", ["make-data", "run"])
