@@ -607,9 +607,9 @@ def test_streamed_text_holds_back_what_may_start_a_stop_string():
     r.finish_reason, r.text = "stop", "Hello world "  # as the engine ends it at the stop string
     pieces.append(r.new_text(tok))
     assert "END" not in pieces[0] and "".join(pieces) == r.text, pieces
-    # A stop string may begin in the space the reply's first token takes after the prompt (Request._lead, which the
+    # A stop string may begin in the space the reply's first token takes after the prompt (Request.lead, which the
     # reply decoded alone drops): "Hello" is held back while " Hello!" may follow (it was sent, then cut away).
-    lead = Request([1], SamplingParams(stop=(" Hello!",)), _lead=" ")
+    lead = Request([1], SamplingParams(stop=(" Hello!",)), lead=" ")
     lead.tokens.extend(ids[:1])
     assert lead.new_text(tok) == ""
     lead.tokens.extend(ids[1:2])

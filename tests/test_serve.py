@@ -228,7 +228,7 @@ def test_logprob_strings_of_byte_tokens_join_to_the_tokenizers_decode():
 
     from openai.types.chat import ChatCompletion
 
-    from zephyr_jax.engine import Request
+    from zephyr_jax.engine import Request, reply_lead
     from zephyr_jax.serve import Server
     from zephyr_jax.tokenizer import load_tokenizer
 
@@ -247,6 +247,7 @@ def test_logprob_strings_of_byte_tokens_join_to_the_tokenizers_decode():
     for ids in replies:
         text = tok.decode(ids, skip_special_tokens=True)
         r = Request([1, *parrot], tokens=list(ids), logprobs=[-1.0] * len(ids), text=text,
+                    lead=reply_lead(tok, [1, *parrot], ids[0]),  # (as the engine sets it)
                     top_logprobs=[[(t, -2.0), (byte_ids[0x9C], -3.0)] for t in ids],
                     prompt_logprobs=[None] + [-1.0] * len(parrot), prompt_top_logprobs=[None] * (len(parrot) + 1))
         lp = server.chat_logprobs(r)

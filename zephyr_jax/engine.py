@@ -124,6 +124,9 @@ class Request:
     # With logprobs, the stop token that ended the reply (not in `tokens` or the text): (id, log-prob, top pairs).
     stop_token: tuple[int, float, list[tuple[int, float]]] | None = None
     text: str = ""  # the reply's text (cut before a stop string); final once done
+    # The space the reply's first token takes after the prompt ("▁vm" reads " vm"), which `text`, the reply decoded
+    # alone, drops: a completion's text is lead + text (as OpenAI's and vLLM's), and stop strings are matched in it.
+    lead: str = ""
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -133,10 +136,7 @@ class Request:
     _slot: int | None = None
     _prefilled: int = 0
     _last_token: int = 0
-    _stop_scan: int = 0  # characters of the reply searched for stop strings (after _lead)
-    # The space the reply's first token takes after the prompt ("▁vm" reads " vm"), which the reply decoded alone
-    # drops: stop strings are matched after it, as in the text a completion returns (a stop " vm" went unseen).
-    _lead: str = ""
+    _stop_scan: int = 0  # characters of the reply searched for stop strings (after `lead`)
     _stop_tokens: int = 0  # tokens of the reply already searched for stop strings
     _sent: int = 0  # characters new_text has returned
     _streamed: str = ""  # the text of tokens[:_read], settled (for streaming)
@@ -173,7 +173,7 @@ class Request:
                     self._joined, self._read = self._read, end
             safe = self._streamed
             for stop in self.params.stop:
-                seen = self._lead + safe  # (a stop string may begin in the lead)
+                seen = self.lead + safe  # (a stop string may begin in the lead)
                 for n in range(min(len(stop) - 1, len(seen)), 0, -1):
                     if seen.endswith(stop[:n]):
                         safe = safe[:max(0, len(safe) - n)]
@@ -256,6 +256,17 @@ def _own_layer_buffers(model, asked: bool | None, platform: str):
 def _top_pairs(logprobs, ids, k: int) -> list[tuple[int, float]]:
     """The first k of lax.top_k's (values, indices) as (token id, log-prob) pairs."""
     return list(zip(ids[:k].tolist(), logprobs[:k].tolist()))
+
+
+def reply_lead(tokenizer, prompt: list[int], first: int) -> str:
+    """What a reply's first token adds after the prompt before its own text decoded alone: the space of a piece
+    that begins a word ("▁vm" reads " vm"), or a space byte's (which the decoder strips as a reply's first
+    character), read after the prompt's last tokens (Request.lead)."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    context = prompt[-8:]
+    before, after, alone = decode(context), decode([*context, first]), decode([first])
+    added = after[len(before):] if after.startswith(before) else alone
+    return added[:len(added) - len(alone)] if added.endswith(alone) else ""
 
 
 def _first_stop(text: str, stops, start: int = 0) -> int | None:
@@ -772,8 +783,8 @@ class Engine:
         kept = end - 1 if stop else end
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
-            if r.params.stop and kept:
-                r._lead = self._lead(r.prompt, ids[0])
+            if kept and self.tokenizer is not None:
+                r.lead = reply_lead(self.tokenizer, r.prompt, ids[0])
         r.generated += end
         r._last_token = ids[end - 1]
         self.stats["tokens"] += end
@@ -831,7 +842,7 @@ class Engine:
             r._stop_tokens = len(r.tokens)
             if _first_stop(self._decode_text(r.tokens[tail:]), r.params.stop) is None:
                 return False
-        text = r._lead + self._decode_text(r.tokens)
+        text = r.lead + self._decode_text(r.tokens)
         # Searched from where a new stop string can begin: the last call's text less `longest`, and 2 more where
         # that text ended in a character cut short (its 1-3 bytes decoded to as many U+FFFD, then to one).
         cut = _first_stop(text, r.params.stop, max(0, r._stop_scan - longest - 2))
@@ -839,20 +850,11 @@ class Engine:
         if cut is None:
             return False
         self._drop_after_stop(r, new)
-        self._finish(r, "stop", text[len(r._lead):max(cut, len(r._lead))])
+        self._finish(r, "stop", text[len(r.lead):max(cut, len(r.lead))])
         return True
 
     def _decode_text(self, tokens) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def _lead(self, prompt: list[int], first: int) -> str:
-        """What the reply's first token adds after the prompt before its own text (decoded alone): the space of a
-        piece that begins a word, read after the prompt's last tokens."""
-        context = prompt[-8:]
-        before, after = self._decode_text(context), self._decode_text([*context, first])
-        alone = self._decode_text([first])
-        added = after[len(before):] if after.startswith(before) else alone
-        return added[:len(added) - len(alone)] if alone and added.endswith(alone) else ""
 
     @functools.cached_property
     def _special_ids(self) -> frozenset:
@@ -861,7 +863,7 @@ class Engine:
     def _drop_after_stop(self, r: Request, new: int) -> None:
         """Drops the tokens after the one (among the last `new`) that completed a stop string, as if the reply
         had stopped there: its log-probs and usage count then do not depend on where a decoding call ended."""
-        completes = lambda k: any(stop in r._lead + self._decode_text(r.tokens[:k])  # noqa: E731
+        completes = lambda k: any(stop in r.lead + self._decode_text(r.tokens[:k])  # noqa: E731
                                   for stop in r.params.stop)
         keep = next((k for k in range(len(r.tokens) - new + 1, len(r.tokens) + 1) if completes(k)), len(r.tokens))
         r.generated -= len(r.tokens) - keep
@@ -875,12 +877,12 @@ class Engine:
             r.text = text
         elif self.tokenizer is not None:
             r.text = self._decode_text(r.tokens)
-            cut = _first_stop(r._lead + r.text, r.params.stop)  # completed in the call that also ended the reply
+            cut = _first_stop(r.lead + r.text, r.params.stop)  # completed in the call that also ended the reply
             if cut is not None:
                 self._drop_after_stop(r, len(r.tokens) - r._stop_tokens)
                 r.generated = len(r.tokens)  # an EOS sampled after the stop string is not the reply's either,
                 r.stop_token = None  # nor its log-prob (completions listed it after the stop string's tokens)
-                r.text, reason = r.text[:max(0, cut - len(r._lead))], "stop"
+                r.text, reason = r.text[:max(0, cut - len(r.lead))], "stop"
         r.finish_reason, r.finished_at = reason, time.perf_counter()
         if r._slot is not None and self.slots[r._slot] is r:
             self.slots[r._slot] = None

@@ -259,13 +259,9 @@ class Server:
 
     def completion_text(self, r: Request, echo: bool) -> str:
         """What the reply adds to the prompt's text (as OpenAI and vLLM: the space its first token carries after
-        the prompt is kept, which the reply decoded alone, r.text, drops), after the prompt's text with echo."""
-        lead = ""
-        if r.text:
-            alone = self.strings.shares(r.tokens[:1])[0]
-            after = self.strings.alternative(r.prompt, len(r.prompt), r.tokens[0])[1]
-            lead = after[:len(after) - len(alone)] if after.endswith(alone) else ""
-        return (self.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + lead + r.text
+        the prompt, r.lead, is kept; the reply decoded alone, r.text, drops it), after the prompt's text with echo."""
+        return (self.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + (
+            r.lead + r.text if r.text else "")
 
     def completion_logprobs(self, r: Request, echo: bool) -> dict:
         """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs (each token's own entry and
