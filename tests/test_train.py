@@ -306,6 +306,8 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     ("dpo", {"data.eval": "/no/such/prefs"}, r"data.eval='/no/such/prefs': no such file"),  # after data.train's work
     ("sft", {"data.loss_on": "assistants"}, r"data.loss_on='assistants': expected one of"),
     ("sft", {"stage": "dpo"}, r"config.stage='dpo' in a config without a dpo section"),
+    ("sft", {"stage": "ppo"}, r"config.stage='ppo': expected 'sft' or 'dpo'"),
+    ("dpo", {"model.init": "hub"}, r"config.model.init='hub': expected 'hf', 'orbax' or 'random'"),
     ("dpo", {"stage": "sft"}, r"config.stage='sft' in a config with a dpo section"),
     # The checkpoint's architecture is trained; the override would be written to config.json as if it were.
     ("dpo", {"model.init": "orbax", "model.arch.num_hidden_layers": 5},
@@ -719,10 +721,27 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
             train.run(tiny_config(stage, data_dir, **{"data.packing": False, "data.max_train_examples": 7}),
                       str(tmp_path / "a4"))
     # The message is all the command line prints ("error: " + it, one line; the command-line test checks that
-    # printing in a subprocess).
+    # printing in a subprocess). A model folder without config.json, a workdir whose model_config.json or whose
+    # own config.json is not JSON: their errors came as tracebacks.
+    no_config, bad_json, no_step = tmp_path / "no_config", tmp_path / "bad_json", tmp_path / "no_step"
+    for folder in (no_config, bad_json / "checkpoints" / "3", no_step / "checkpoints", tmp_path / "r" / "checkpoints"
+                   / "3"):
+        folder.mkdir(parents=True)
+    (bad_json / "model_config.json").write_text('{"vocab_size": 32000,')
+    (tmp_path / "r" / "config.json").write_text('{"stage": "dpo",')
     for key, overrides, message, kind in (
             ("b", {"mesh.shape": (3, 1, 1)}, "config.mesh: mesh shape (3, 1, 1) needs 3 devices; 8 are available "
                                              "(1 process(es))", ConfigError),
+            ("b2", {"mesh.shape": (1, 8)}, "config.mesh: mesh shape (1, 8) must give one size per axis ('data', "
+                                           "'fsdp', 'tensor')", ConfigError),
+            ("c5", {"model.init": "hf", "model.path": str(no_config)},
+             f"config.model.path='{no_config}': {no_config} has no config.json", FileNotFoundError),
+            ("c6", {"model.init": "orbax", "model.path": str(bad_json)},
+             f"config.model.path='{bad_json}': {bad_json / 'model_config.json'}: not valid JSON", ConfigError),
+            ("c7", {"model.init": "orbax", "model.path": str(no_step)},
+             f"config.model.path={no_step}, config.model.step=-1: no checkpoint in {no_step / 'checkpoints'}",
+             FileNotFoundError),
+            ("r", {}, f"--workdir={tmp_path / 'r'}: {tmp_path / 'r' / 'config.json'}: not valid JSON", ConfigError),
             ("c", {"model.init": "orbax", "model.path": str(tmp_path / "none")},
              f"config.model.path='{tmp_path / 'none'}': no zephyr_jax workdir with checkpoints there",
              FileNotFoundError),  # (ConfigPathError: a ConfigError and a FileNotFoundError)

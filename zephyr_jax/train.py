@@ -210,10 +210,16 @@ def model_config(cfg) -> MistralConfig:
             mcfg = MistralConfig(**cfg.model.arch.to_dict(), **jax_settings)
         except ValueError as e:  # heads that do not divide, an odd head size, ...
             raise ConfigError(f"config.model.arch: {e}") from None
-    elif cfg.model.init == "orbax":
-        mcfg = checkpoint.load_model_config(cfg.model.path, **jax_settings)
-    else:
-        mcfg = hf.load_config(hf.resolve(cfg.model.path), **jax_settings)
+    else:  # a file missing or not a Mistral config.json: named as the setting (the command line printed a traceback)
+        try:
+            if cfg.model.init == "orbax":
+                mcfg = checkpoint.load_model_config(cfg.model.path, **jax_settings)
+            else:
+                mcfg = hf.load_config(hf.resolve(cfg.model.path), **jax_settings)
+        except FileNotFoundError as e:
+            raise ConfigPathError(f"config.model.path={cfg.model.path!r}: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"config.model.path={cfg.model.path!r}: {e}") from None
     if mcfg.attention_dropout:  # inference never drops; training here would silently differ from transformers'
         source = "config.model.arch" if cfg.model.init == "random" else cfg.model.path
         raise ConfigError(f"the model's attention_dropout={mcfg.attention_dropout} ({source}): attention dropout is "

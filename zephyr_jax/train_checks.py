@@ -347,7 +347,11 @@ def resume_settings(cfg, workdir: str) -> bool:
     ckpts = os.path.join(workdir, "checkpoints")
     if not (os.path.exists(saved_path) and os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
         return False
-    saved = run_config(workdir)
+    try:
+        saved = run_config(workdir)
+    except ValueError as e:  # an edit gone wrong: one line, not a traceback (the file's own error names it)
+        raise ConfigError(f"--workdir={workdir}: {e}; its checkpoints are resumed only with the settings recorded "
+                          "there (fix the file, or use another --workdir)") from None
     new = json.loads(cfg.to_json_best_effort())
     if cfg.model.step == -1 and isinstance(_setting(saved, "model.step"), int):
         cfg.model.step = new["model"]["step"] = saved["model"]["step"]
