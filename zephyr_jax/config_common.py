@@ -174,4 +174,3 @@ def parse_flags(argv):
             raise  # not an override's key: an error inside the config file itself
         sys.exit(f"FATAL Flags parsing error: a --config override names a key the config does not have: "
                  f"{str(reason).replace(chr(10), '; ')} (overrides given: {', '.join(overrides)})")
-    return argv
