@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -388,6 +389,14 @@ def test_other_architecture_is_refused(hf_dir, tmp_path):
     with pytest.raises(ValueError, match=r"llama/config\.json: quantization_config \(quant_method='gptq'\): "
                                          "quantized checkpoints are not supported"):
         load_model(str(path), jnp.float32)
+    mistral = {k: v for k, v in quantized.items() if k != "quantization_config"}
+    for extra, message in (({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling .* is not "
+                            "supported"),
+                           ({"sliding_windw": 4096}, r"config.json has fields zephyr_jax does not know: "
+                                                     r"\['sliding_windw'")):
+        (path / "config.json").write_text(json.dumps({**mistral, **extra}))
+        with pytest.raises(ValueError, match=rf"llama/config\.json: {message}"):
+            load_model(str(path), jnp.float32)
     (path / "config.json").write_text(json.dumps(config)[:-20])  # cut short: named, not a bare JSONDecodeError
     with pytest.raises(ValueError, match=r"llama/config\.json: not valid JSON"):
         load_model(str(path), jnp.float32)
@@ -435,6 +444,27 @@ def test_truncated_file_is_named(hf_dir, tmp_path):
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"model\.safetensors is truncated inside tensor"):
         load_model(str(path), jnp.float32)
+    # A file that is not safetensors (a download that saved an HTML error page), a damaged header, a header entry
+    # zephyr_jax cannot read (float8) or whose byte range does not match its shape: each named with the file.
+    whole = open(os.path.join(hf_dir[0], hf.WEIGHTS_NAME), "rb").read()
+    header, start = hf.read_safetensors_header(os.path.join(hf_dir[0], hf.WEIGHTS_NAME))
+
+    def with_header(name, **entry):
+        edited = json.dumps({**header, name: {**header[name], **entry}}).encode()
+        return struct.pack("<Q", len(edited)) + edited + whole[start:]
+
+    embed = header["model.embed_tokens.weight"]
+    for data, message in ((b"<!DOCTYPE html><html>Not Found</html>", r"is not a safetensors file \(bad header "
+                                                                        r"length\)"),
+                          (whole[:9] + b"{" + whole[10:], "has a corrupt safetensors header"),
+                          (with_header("model.norm.weight", dtype="F8_E4M3"), "tensor model.norm.weight has dtype "
+                           "F8_E4M3, which zephyr_jax cannot load"),
+                          (with_header("model.embed_tokens.weight", data_offsets=[embed["data_offsets"][0],
+                                                                                  embed["data_offsets"][1] - 4]),
+                           r"tensor model.embed_tokens.weight has \d+ bytes for shape")):
+        file.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"model\.safetensors:? {message}"):
+            load_model(str(path), jnp.float32)
 
 
 def test_missing_shard_file_is_named(loaded, tmp_path):

@@ -144,11 +144,16 @@ def test_inputs_the_model_cannot_read_are_named():
                                   ("hidden_size", 32.0, "must be a whole number >= 1"),
                                   ("head_dim", 7, "must be even, RoPE rotates"),  # a numpy split error named none
                                   ("rope_theta", "1e6", "must be a positive number"),  # a TypeError naming none
-                                  ("rms_norm_eps", True, "must be a positive number")]:  # ran as eps = 1
+                                  ("rms_norm_eps", True, "must be a positive number"),  # ran as eps = 1
+                                  ("hidden_act", "gelu", "only 'silu'"),
+                                  ("attention_impl", "flash", "expected one of"),
+                                  ("remat", "partial", "expected one of")]:
         with pytest.raises(ValueError, match=f"{field}={value!r}: {message}" if field != "param_dtype" else message):
             cfg.replace(**{field: value})
     # A size int32 cannot hold failed in jax with an OverflowError ("argument path is y") naming no field, and more
     # heads than hidden_size gave head_dim 0, a model that reached the train step.
+    with pytest.raises(ValueError, match=r"sliding_window=0 must be positive or None"):
+        cfg.replace(sliding_window=0)
     with pytest.raises(ValueError, match=r"num_hidden_layers=2147483648: above 2\*\*31 - 1"):
         cfg.replace(num_hidden_layers=2 ** 31)
     with pytest.raises(ValueError, match=r"head_dim=0 \(hidden_size=32 // num_attention_heads=64\): must be at least"):
