@@ -706,7 +706,7 @@ def test_a_random_model_takes_every_architecture_field_from_the_command_line():
         train_checks.check_config(load_config(sft, **{"model.arch.rope_theta": 1.0}))
 
 
-def test_config_errors_before_compiling(data_dir, tmp_path):
+def test_config_errors_before_compiling(data_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="does not divide over the mesh"):
         train.run(tiny_config("sft", data_dir, **{"train.global_batch_size": 6}), str(tmp_path / "a"))
     # The rows split as the "batch" rule says (6 passed a data x fsdp check, then XLA refused it after the data)
@@ -817,6 +817,14 @@ def test_config_errors_before_compiling(data_dir, tmp_path):
                        tokenizer=added)
     train_checks.check_default_tokenizer(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(
         tmp_path / "v1_added")}), 32002, load_tokenizer())
+    # ... and one of another vocabulary without a tokenizer of its own trains with v0.1's, which is said
+    hf.save_pretrained(Mistral(v3, rngs=nnx.Rngs(0)), str(tmp_path / "v3_bare"))
+    capsys.readouterr()
+    train_checks.check_default_tokenizer(tiny_config("sft", data_dir, **{"model.init": "hf", "model.path": str(
+        tmp_path / "v3_bare")}), 32768, load_tokenizer())
+    assert capsys.readouterr().out == (f"model.path='{tmp_path / 'v3_bare'}' has a vocabulary of 32768 tokens and no "
+                                       "tokenizer: training with Mistral-7B-v0.1's (32000 tokens; config.tokenizer "
+                                       "names another)\n")
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "model_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="is a zephyr_jax training workdir: set config.model.init='orbax'"):
