@@ -312,25 +312,11 @@ def _check_tied_head(files: dict[str, str], headers: dict) -> None:
                          "them)")
 
 
-def _flat_shardings(shardings, names) -> dict:
-    """{dotted param name: Sharding} from a pytree matching nnx.state(model) (or one Sharding for all)."""
-    if shardings is None:
-        return dict.fromkeys(names)
-    if isinstance(shardings, jax.sharding.Sharding):
-        return dict.fromkeys(names, shardings)
+def _flat_shardings(shardings) -> dict:
+    """{dotted param name: Sharding} from a pytree of Shardings matching nnx.state(model) (load_model's)."""
     is_leaf = lambda x: isinstance(x, (jax.sharding.Sharding, nnx.Variable))
-    flat = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_leaf)[0]:
-        leaf = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-        if not isinstance(leaf, jax.sharding.Sharding):
-            raise TypeError(f"shardings[{_dotted(key_path)}] is {leaf!r}, not a jax Sharding (wrap "
-                            "PartitionSpecs in NamedSharding(mesh, spec))")
-        flat[_dotted(key_path)] = leaf
-    uncovered = sorted(set(names) - set(flat))
-    if uncovered:
-        raise ValueError(f"shardings has no entry for {', '.join(uncovered[:10])}: pass a pytree matching "
-                         "nnx.state(model)")
-    return flat
+    return {_dotted(key_path): leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_leaf)[0]}
 
 
 def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -380,17 +366,16 @@ def check_weights(path: str, cfg: MistralConfig) -> None:
         _check_tied_head(files, headers)
 
 
-def read_weights(path: str, cfg: MistralConfig, shardings=None) -> Mistral:
+def read_weights(path: str, cfg: MistralConfig, shardings) -> Mistral:
     """A Mistral(cfg) holding the safetensors weights of the local HF directory `path` (internal: the reader
     behind zephyr_jax.load, which resolves hub names and builds `cfg` from config.json).
 
     Parameters are stored in cfg.param_dtype. shardings: a pytree of jax Shardings matching nnx.state(model)
-    (e.g. NamedSharding over sharding.param_specs), or one Sharding for every parameter; None puts them on the
-    default device.
+    (load_model's: NamedShardings over sharding.param_specs, or the default device's).
     """
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))
     params = {_dotted(p): var for p, var in nnx.to_flat_state(state)}  # values: ShapeDtypeStructs
-    placement = _flat_shardings(shardings, params)
+    placement = _flat_shardings(shardings)
     files, headers, used = _checked_weights(path, params)
     if cfg.tie_word_embeddings:
         _check_tied_head(files, headers)
@@ -419,7 +404,7 @@ def _place_weight(host: np.ndarray, sharding, name: str, path: str) -> jax.Array
     hold, once a digest of its copy matches process 0's: jax.device_put all-gathered the whole parameter from every
     process onto every device to compare the copies (Mistral-7B's stacked MLP weights, 7.5 GB in float32, times
     the processes on each chip)."""
-    if sharding is None or sharding.is_fully_addressable:
+    if sharding.is_fully_addressable:
         # A fresh buffer of our own, so letting the CPU backend alias it is safe; elsewhere this is the transfer.
         return jax.device_put(host, sharding, may_alias=True)
     if len({d.process_index for d in sharding.device_set}) == jax.process_count():  # (each process gets here)
