@@ -11,7 +11,7 @@ import types
 import jax
 import pytest
 
-from zephyr_jax import compile_targets, plan, xla_flags
+from zephyr_jax import compile_targets, plan, train, xla_flags
 from zephyr_jax.config_common import load_config
 from zephyr_jax.model import MistralConfig
 
@@ -284,6 +284,15 @@ def test_bad_length_mix_is_named(tmp_path):
         plan.length_mix("lognormal:100,0.5", "dpo")
     with pytest.raises(ValueError, match="medians must be positive"):
         plan.length_mix("lognormal:0,0.5", "sft")
+    with pytest.raises(ValueError, match=r"'lognormal:a,b': expected lognormal:MEDIAN,SIGMA for SFT"):  # not numbers
+        plan.length_mix("lognormal:a,b", "sft")
+    (tmp_path / "pairs_for_sft.txt").write_text("100 50 60\n")
+    with pytest.raises(ValueError, match=r"pairs_for_sft.txt: expected 1 integer\(s\) per line for sft"):
+        plan.length_mix(str(tmp_path / "pairs_for_sft.txt"), "sft")
+    (tmp_path / "two.txt").write_text("100\n200\n")  # two examples cannot fill a batch of 8 rows
+    cfg = load_config(os.path.join(ROOT, "configs/sft.py:tiny"), **{"data.packing": False})
+    with pytest.raises(ValueError, match=r"the length mix .*two.txt holds fewer than one global batch of 8"):
+        plan.batches_of_mix(cfg, train.mesh_for(cfg), str(tmp_path / "two.txt"))
     with pytest.raises(ValueError, match="neither lognormal:... nor a file"):
         plan.length_mix(str(tmp_path / "nope.txt"), "sft")
     (tmp_path / "bad.txt").write_text("12\nabc\n")
