@@ -474,6 +474,12 @@ def test_missing_shard_file_is_named(loaded, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"lists shard {os.path.basename(shards[1])}, which is missing"):
         load_model(str(tmp_path), jnp.float32)
     index = tmp_path / hf.INDEX_NAME
+    shutil.copy(shards[0], shards[1])  # back, with the first shard's tensors: the index places others in it
+    placed = {n for n, f in json.loads(index.read_text())["weight_map"].items() if f == os.path.basename(shards[1])}
+    with pytest.raises(ValueError, match=rf"{os.path.basename(shards[1])} lacks tensor (\S+), which the index places "
+                                         "in it") as error:
+        load_model(str(tmp_path), jnp.float32)
+    assert re.search(r"lacks tensor (\S+),", str(error.value)).group(1) in placed
     index.write_text(index.read_text()[:-20])  # cut short: named, not a bare JSONDecodeError
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not valid JSON"):
         load_model(str(tmp_path), jnp.float32)
@@ -486,6 +492,8 @@ def test_pytorch_bin_checkpoint_says_safetensors_only(hf_dir, tmp_path):
     path = tmp_path / "bin"
     path.mkdir()
     shutil.copy(os.path.join(hf_dir[0], "config.json"), path)
+    with pytest.raises(FileNotFoundError, match=r"bin has neither model\.safetensors nor model\.safetensors\.index"):
+        load_model(str(path), jnp.float32)  # (no weights at all)
     torch.save({"model.norm.weight": torch.ones(64)}, path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin.*safetensors only.*safe_serialization=True"):
         load_model(str(path), jnp.float32)
