@@ -193,10 +193,15 @@ def test_completions_list_the_stop_token_and_keep_the_replys_leading_space(clien
     assert "".join(shown) == text and all(text[at:at + len(t)] == t for at, t in zip(lp.text_offset, shown))
     # A stop string is matched in that text, the space included: one that begins with it ends the reply at once
     # (the engine searched the reply decoded alone, without the space: " vm" came back, stop=" vm" unseen); one
-    # that begins there but never completes cuts nothing.
-    for stop, want in ((text[:2], ("", "stop")), (text[:2] + "\x00", (text, alone.choices[0].finish_reason))):
+    # that begins there but never completes cuts nothing. The text is the uncut one's up to the stop (one right
+    # after the space left "", not " "), and the reply the tokens that complete it (as their strings show).
+    for stop, want in ((text[:2], ("", "stop")), (text[1:3], (text[:text.find(text[1:3])], "stop")),
+                       (text[-2:], (text[:text.find(text[-2:])], "stop")),
+                       (text[:2] + "\x00", (text, alone.choices[0].finish_reason))):
         cut = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, stop=[stop])
         assert (cut.choices[0].text, cut.choices[0].finish_reason) == want, stop
+        if want[1] == "stop":
+            assert cut.usage.completion_tokens == next(k for k in range(1, 7) if stop in "".join(shown[:k])), stop
 
 
 def _post(base, path, body, key=KEY, raw=None):

@@ -125,7 +125,8 @@ class Request:
     stop_token: tuple[int, float, list[tuple[int, float]]] | None = None
     text: str = ""  # the reply's text (cut before a stop string); final once done
     # The space the reply's first token takes after the prompt ("▁vm" reads " vm"), which `text`, the reply decoded
-    # alone, drops: a completion's text is lead + text (as OpenAI's and vLLM's), and stop strings are matched in it.
+    # alone, drops: a completion's text is lead + text (as OpenAI's and vLLM's), and stop strings are matched in it
+    # (one that begins in the lead cuts it too; one right after it leaves the lead alone: " " for stop="vm").
     lead: str = ""
     submitted_at: float = 0.0
     first_token_at: float | None = None
@@ -850,7 +851,8 @@ class Engine:
         if cut is None:
             return False
         self._drop_after_stop(r, new)
-        self._finish(r, "stop", text[len(r.lead):max(cut, len(r.lead))])
+        r.lead, kept = text[:min(cut, len(r.lead))], text[len(r.lead):max(cut, len(r.lead))]  # (lead cut too)
+        self._finish(r, "stop", kept)
         return True
 
     def _decode_text(self, tokens) -> str:
@@ -882,7 +884,7 @@ class Engine:
                 self._drop_after_stop(r, len(r.tokens) - r._stop_tokens)
                 r.generated = len(r.tokens)  # an EOS sampled after the stop string is not the reply's either,
                 r.stop_token = None  # nor its log-prob (completions listed it after the stop string's tokens)
-                r.text, reason = r.text[:max(0, cut - len(r.lead))], "stop"
+                r.lead, r.text, reason = r.lead[:cut], r.text[:max(0, cut - len(r.lead))], "stop"
         r.finish_reason, r.finished_at = reason, time.perf_counter()
         if r._slot is not None and self.slots[r._slot] is r:
             self.slots[r._slot] = None

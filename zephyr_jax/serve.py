@@ -260,8 +260,7 @@ class Server:
     def completion_text(self, r: Request, echo: bool) -> str:
         """What the reply adds to the prompt's text (as OpenAI and vLLM: the space its first token carries after
         the prompt, r.lead, is kept; the reply decoded alone, r.text, drops it), after the prompt's text with echo."""
-        return (self.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + (
-            r.lead + r.text if r.text else "")
+        return (self.tokenizer.decode(r.prompt, skip_special_tokens=True) if echo else "") + r.lead + r.text
 
     def completion_logprobs(self, r: Request, echo: bool) -> dict:
         """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs (each token's own entry and
