@@ -296,8 +296,9 @@ def test_bad_json_lines_are_named_by_file_and_line(tmp_path):
     for name, data in (("null.jsonl", b"null\n" + good + b"\n"), ("bom.json", b"\xef\xbb\xbf null"),
                        ("late.jsonl", good + b"\n\n \tnull\r\n" + good)):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(ValueError, match=name.replace(".", r"\.") + r" row [12]: a JSON NoneType, expected an"):
-            load_rows(str(tmp_path / name), None)
+        for streaming in (False, True):  # (streamed, the reader crashed the same way)
+            with pytest.raises(ValueError, match=name.replace(".", r"\.") + r" row [12]: a JSON NoneType, expected"):
+                load_rows(str(tmp_path / name), None, streaming=streaming)
     # Bytes that are not UTF-8: pyarrow's reader took them, and reading that row raised UnicodeDecodeError from
     # inside pyarrow naming no file; beside a row the json module reads, its decoder's error named neither.
     for name, tail in (("latin1.jsonl", b'{"a": "caf\xe9"}\n'), ("mixed.jsonl", b'{"a": 5}\n{"a": "caf\xe9"}\n')):

@@ -196,6 +196,9 @@ def _load_files(files: list[str], streaming: bool):
     # rows it would type wrong are read once, by the json module, not twice.
     if json_rows and not _json_types_agree(files):
         return _load_json_rows(files)
+    if builder == "json" and streaming and _null_line_in(files):  # (streamed, pyarrow's reader parses it too)
+        rows = _load_json_rows(files)  # which names the line: a null row is no object
+        return rows.to_iterable_dataset() if isinstance(rows, datasets.Dataset) else rows
     try:
         rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
     except Exception as e:
@@ -264,6 +267,17 @@ def _has_null_line(piece) -> bool:
     byte-order mark, which pyarrow skips)."""
     first = bytes(piece[:64]).removeprefix(b"\xef\xbb\xbf")
     return _NULL_LINE.search(b"\n" + first) is not None or _NULL_LINE.search(piece) is not None
+
+
+def _null_line_in(files) -> bool:
+    """Whether a line of the files is `null` (_NULL_LINE), read in pieces as _json_types_agree reads them."""
+    import fsspec
+
+    for f in files:
+        with fsspec.open(f, "rb") as handle:
+            if any(_has_null_line(piece) for piece in _line_pieces(handle, TYPE_CHECK_BYTES)):
+                return True
+    return False
 
 
 def _line_pieces(handle, size: int):
