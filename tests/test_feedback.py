@@ -878,10 +878,14 @@ def test_cli_refuses_bad_numbers_before_an_engine_loads(tmp_path, capsys, monkey
                           ("--judge_price=2.5", "argument --judge_price: '2.5' is not IN,OUT (prices per million"),
                           ("--generator_price=-1,5", "argument --generator_price: '-1,5': prices per million tokens "
                                                      "are finite and at least 0"),
-                          ("--judge_price=nan,10", "'nan,10': prices per million tokens are finite")):
+                          ("--judge_price=nan,10", "'nan,10': prices per million tokens are finite"),
+                          ("--judge_price=1,-2", "'1,-2': prices per million"),  # (each of the two is checked)
+                          ("--generator_price=3,inf", "'3,inf': prices per million tokens are finite")):
         with pytest.raises(SystemExit) as exit_:
             feedback.main([*argv, flag])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, flag
+    args = feedback._parser().parse_args([*argv, "--judge_price=0,0", "--generator_price=0.15,6e-1"])  # (a free one)
+    assert (args.judge_price, args.generator_price) == ((0.0, 0.0), (0.15, 0.6))
     with pytest.raises(SystemExit) as exit_:  # a --judge_fn that does not import: after the generators' load too
         feedback.main([*argv[:3], "--judge_fn=no_such_module:judge"])
     assert exit_.value.code == 2 and "cannot load 'no_such_module:judge'" in capsys.readouterr().err
