@@ -181,6 +181,15 @@ def test_tensorboard_purges_the_interrupted_runs_events_from_the_first_replayed_
     killed.close()
     assert shows("eval/loss") == [(9, 1.5), (12, 2.5), (15, 3.5)]
     assert shows("train/loss") == [(s, float(s)) for s in (*range(1, 10), 12, 13, 14, 15)]
+    # Preempted at 17 between log steps: its short line (16-17) is written again at 18 by the resumed run, which
+    # carries those steps over; TensorBoard shows the line of 16-18 alone, not the short one's point at 17 too.
+    writer = MetricWriter(str(tmp_path), resumed_from=15)
+    writer.write(17, {"loss": 16.5})
+    writer.close()
+    writer = MetricWriter(str(tmp_path), resumed_from=17, rewrites_start=True)
+    writer.write(18, {"loss": 17.0})
+    writer.close()
+    assert shows("train/loss")[-2:] == [(15, 15.0), (18, 17.0)]
 
 
 @pytest.mark.parametrize("window", [None, 5])

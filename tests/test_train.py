@@ -1838,6 +1838,27 @@ def test_a_log_line_fetches_its_steps_metrics_in_one_round_trip(monkeypatch):
     for k in ("loss", "grad_norm", "other"):
         assert records[0][k] == float(np.mean([m[k] for m in expected]))
     assert records[0]["lr"] == expected[-1]["lr"]
+    # A line's padding fraction counts every step's batch, the untimed (a compiling call, a preempted run's steps
+    # carried over through the checkpoint's JSON) with the timed; throughput the timed steps alone.
+    from zephyr_jax.data.loader import BatchInfo
+
+    timed, padded = [], []
+    infos = [BatchInfo(np.arange(2 * s, 2 * s + 2), 8 * s, 2) for s in range(1, 5)]
+    as_tuples = lambda infos: [(list(map(int, i.indices)), i.length, i.rows) for i in infos]  # noqa: E731
+    make_log = lambda: train_log.StepLog(writer, bar, None, "", lambda infos, seconds: timed.append(infos) or {},
+                                         padding_of=lambda infos: padded.append(infos) or 0.25)  # noqa: E731
+    preempted, resumed = make_log(), make_log()
+    for log, first, last in ((preempted, 1, 2), (resumed, 3, 4)):
+        if log is resumed:
+            resumed.carry_over(json.loads(json.dumps(preempted.unwritten())))
+        for s in range(first, last + 1):
+            log.add(s, steps[s - 1], infos[s - 1], epoch=0)
+            if not log.timed_from:
+                log.time_from(s, steps[s - 1])
+    resumed.write()
+    assert as_tuples(padded[0]) == as_tuples(infos) and [as_tuples(t) for t in timed] == [as_tuples(infos[3:])]
+    assert records[-1]["padding_fraction"] == 0.25 and records[-1]["epoch"] == 0
+    assert records[-1]["loss"] == float(np.mean([m["loss"] for m in expected[:4]]))
 
 
 def test_to_host_gathers_only_the_arrays_split_over_processes(monkeypatch):
