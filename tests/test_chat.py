@@ -44,9 +44,10 @@ def test_streamed_reply_equals_batched_greedy(model_dir, capsys):
     # Near the context's end the reply is shorter than asked, and the chat says so.
     prompt = encode_text(tok, render_chat(tok, messages, add_generation_prompt=True))
     cut = reply(Engine(model, tok, max_slots=1, max_length=len(prompt) + 5), tok, messages, io.StringIO(),
-                max_new_tokens=12, temperature=0.0)
+                max_new_tokens=12, temperature=0.0, room_hint="a shorter --prompt makes room")  # (one-shot's)
     assert cut == generate(model, tok, [messages], max_new_tokens=5)[0]
-    assert f"room for 5 tokens of the context's {len(prompt) + 5}" in capsys.readouterr().err
+    assert f"room for 5 tokens of the context's {len(prompt) + 5}: a shorter --prompt makes room)" in \
+        capsys.readouterr().err
 
 
 def _chat(model_dir, *args, stdin=None):
