@@ -7,12 +7,18 @@ Too long (prompt + longer completion > max_length): the prompt is cut from the l
 (BOS kept), then the completions from the right to max_length - max_prompt_length, as TRL's DPOTrainer of the
 recipe (0.7.x) cuts them, however short the prompt.
 
-Departures from the recipe's tokens (alignment-handbook's apply_chat_template task="dpo" + TRL 0.7.7's
-tokenize_row): there the prompt ends at the last user turn's `</s>\\n` and each completion is `<|assistant|>\\n`
-(7 tokens) + reply + `</s>` + `\\n` (2 tokens) + an appended `</s>`: 10 tokens more than here, counted against
-max_length - max_prompt_length; its left cut of a long prompt drops BOS. The shared `<|assistant|>\\n` cancels in
-the DPO margin z (same tokens, same context on both sides); the three trailing ones do not, and logps/* metrics
-and IPO's per-token means differ by them.
+Departures from the recipe's tokens (alignment-handbook's apply_chat_template task="dpo" + TRL's DPOTrainer):
+- its 2024-01 revision (:handbook; TRL 0.7.7's tokenize_row): the prompt ends at the last user turn's `</s>\\n` and
+  each completion is `<|assistant|>\\n` (7 tokens) + reply + `</s>` + `\\n` (2 tokens) + an appended `</s>`: 10
+  tokens more than here, counted against max_length - max_prompt_length; its left cut of a long prompt drops BOS.
+  The shared `<|assistant|>\\n` cancels in the DPO margin z (same tokens, same context on both sides); the three
+  trailing ones do not, and logps/* metrics and IPO's per-token means differ by them.
+- its 2023-11 recipe, the paper's values (TRL 0.7.4's DPODataCollatorWithPadding; 0.7.2, of the released model's
+  time, tokenizes alike): the prompt ends in `<|assistant|>\\n`, as here, and each completion is reply + `</s>` +
+  `\\n` + an appended `</s>` (3 tokens more), with no BOS anywhere, the completion tokenized apart from its prompt
+  (so its first piece takes sentencepiece's leading "▁": "▁Hello", id 22557, where the model writes "Hello", 16230,
+  after `<|assistant|>\\n`), and every `</s>` of prompt and completion but the appended one masked out of attention
+  (pad = EOS).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """dSFT examples: an UltraChat row {messages: [{role, content}, ...]} -> token ids and a loss mask.
 
 loss_on="all" learns every token after BOS (the Zephyr recipe); "assistant" learns only assistant replies,
-each with its closing `</s>`. `</s>` is never masked out as padding (the PyTorch recipe's pad = EOS defect).
+each with its closing `</s>`. `</s>` is never masked out as padding (TRL's unpacked SFT masks it, its pad being EOS;
+the recipe's packed rows learned it, as here).
 """
 
 from __future__ import annotations
