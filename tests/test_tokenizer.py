@@ -38,6 +38,14 @@ def test_template_renders_recipe_string(tok):
     # No system message given: an empty one is inserted, as the recipe does.
     assert render_chat(tok, CONVERSATION[1:]) == RENDERED
     assert with_system_message(CONVERSATION) == CONVERSATION
+    # The ids zephyr-7b-beta's own tokenizer gives this prompt (tjake/Jlama's TestCorrectness, testPromptSupport):
+    # "▁" before the text after each </s>, none before the "<" after a newline, <|assistant|>\n last.
+    pirate = [{"role": "system", "content": "You are a friendly chatbot who always responds in the style of a pirate"},
+              {"role": "user", "content": "How many helicopters can a human eat in one sitting?"}]
+    assert encode_text(tok, render_chat(tok, pirate, add_generation_prompt=True)) == [1] + [
+        523, 28766, 6574, 28766, 28767, 13, 1976, 460, 264, 10131, 10706, 10093, 693, 1743, 2603, 3673, 297, 272, 3238,
+        302, 264, 17368, 380, 2, 28705, 13, 28789, 28766, 1838, 28766, 28767, 13, 5660, 1287, 19624, 410, 1532, 541,
+        264, 2930, 5310, 297, 624, 6398, 28804, 2, 28705, 13, 28789, 28766, 489, 11143, 28766, 28767, 13]
 
 
 def test_a_message_the_template_would_drop_is_refused_naming_it(tok):
