@@ -1472,16 +1472,33 @@ def test_starting_and_stopping_a_profile_is_not_step_time(monkeypatch, tmp_path)
     assert 0.6 <= log.excluded < 1.0 and not trace.active
 
 
-def test_the_sigterm_flag_is_set_inside_the_loop_and_the_old_handler_returns_after():
-    """The loop's SIGTERM handler only lives as long as the loop: a caller that goes on after train.run (the
-    demo's feedback stage) must still stop on SIGTERM."""
+def test_stop_signals_end_set_up_at_once_are_noted_in_the_loop_and_the_old_handlers_return_after():
+    """StopSignals lives as long as the run: a caller that goes on after train.run (the demo's feedback stage) must
+    still stop on SIGTERM and Ctrl-C. Before defer() (set-up) a signal ends the run at once; after it, it is noted
+    for the loop, but abandons work run through unless_stopped (an eval). A second SIGTERM is only noted (it must
+    not cut a save short); a second Ctrl-C is Python's KeyboardInterrupt."""
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
-        with train._sigterm_flag() as flag:
-            assert not flag["now"]
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert flag["now"] and seen == []
+        with train.StopSignals() as stop:
+            with pytest.raises(train._StopAsked):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.asked == "SIGTERM" and "SIGTERM" in stop.name()
+        with train.StopSignals() as stop:
+            stop.defer()
+            assert stop.unless_stopped(lambda: 7) == 7
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.asked == "SIGINT" and stop.name() == "SIGINT (Ctrl-C)" and seen == []
+            assert stop.unless_stopped(lambda: seen.append("work")) is train.STOPPED and seen == []  # not begun
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        with train.StopSignals() as stop:
+            stop.defer()
+            assert stop.unless_stopped(lambda: os.kill(os.getpid(), signal.SIGTERM) or seen.append("rest")) \
+                is train.STOPPED and seen == []  # cut where the signal came
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one: noted, never raised
+        assert stop.asked == "SIGTERM"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         os.kill(os.getpid(), signal.SIGTERM)
         assert seen == [signal.SIGTERM]
     finally:
@@ -1564,6 +1581,49 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
     timed = ("step_time", "tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_device", "mfu")
     lines = lambda d: [{k: v for k, v in r.items() if k not in timed} for r in split_records(d, "train")]
     assert [r["step"] for r in lines(workdir)] == [2, 4, 6] and lines(workdir) == lines(tmp_path / "whole")
+    # SIGTERM or Ctrl-C in set-up or an eval stops with Preempted too (the CLI's 75, a launcher's "resume me"): it
+    # killed the process (-15) or was a KeyboardInterrupt's traceback. Set-up ends at once, an eval is abandoned and
+    # its step saved as one whose eval was skipped; the resumed runs' records are the uninterrupted run's.
+    stopped_dir, real_split, real_eval, calls, plan = tmp_path / "stopped", train.load_split, train.eval_metrics, {}, {}
+
+    def signalling(where, real):  # sends plan[where]'s signal to this process at that call
+        def call(*args, **kwargs):
+            calls[where] = calls.get(where, 0) + 1
+            if plan.get(where, (0,))[0] == calls[where]:
+                os.kill(os.getpid(), plan[where][1])
+            return real(*args, **kwargs)
+        return call
+
+    def caller_handler(signum, frame):  # where run handles no signal the test fails here (it killed pytest)
+        raise AssertionError(f"signal {signum} reached the caller's handler")
+
+    def stopped(stage: dict, message: str):
+        calls.clear()
+        plan.clear()
+        plan.update(stage)
+        with pytest.raises(train.Preempted, match=message):
+            train.run(tiny_config("sft", data_dir, **settings), str(stopped_dir))
+        assert signal.getsignal(signal.SIGTERM) is caller_handler
+
+    monkeypatch.setattr(train, "load_split", signalling("load_split", real_split))
+    monkeypatch.setattr(train, "eval_metrics", signalling("eval_metrics", real_eval))
+    previous = signal.signal(signal.SIGTERM, caller_handler), signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stopped({"load_split": (1, signal.SIGTERM)}, "SIGTERM / a preemption notice during set-up")
+        assert not (stopped_dir / "checkpoints").exists()
+        stopped({"eval_metrics": (1, signal.SIGTERM)}, "SIGTERM / a preemption notice at step 3 of 6")
+        assert sorted(os.listdir(stopped_dir / "checkpoints")) == ["3"] and split_records(stopped_dir, "eval") == []
+        # Resumed: step 3's skipped eval first, steps 4-6, and Ctrl-C in the final eval
+        stopped({"eval_metrics": (2, signal.SIGINT)}, r"SIGINT \(Ctrl-C\) at step 6 of 6")
+        assert sorted(os.listdir(stopped_dir / "checkpoints")) == ["3", "6"] and calls["eval_metrics"] == 2
+        plan.clear()
+        train.run(tiny_config("sft", data_dir, **settings), str(stopped_dir))  # nothing to train: the final eval
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    records = lambda d: [{k: v for k, v in r.items() if k not in timed}
+                         for r in map(json.loads, open(d / "metrics.jsonl"))]
+    assert records(stopped_dir) == records(tmp_path / "whole")
     # Preempted at its last step (whose final eval it skipped), resumed for more steps: that step is evaluated.
     preempt_at[0], more = 6, tmp_path / "more"
     with pytest.raises(train.Preempted, match="at step 6 of 6"):

@@ -581,13 +581,23 @@ PREEMPTED_EXIT_CODE = 75
 
 
 class Preempted(RuntimeError):
-    """`run` stopped on SIGTERM or a preemption notice after saving its step: the run is not finished, so what
-    needs its result (dDPO after dSFT, an export) must not go on; the same call resumes it."""
+    """`run` stopped on SIGTERM, Ctrl-C or a preemption notice (StopSignals), its steps saved: the run is not
+    finished, so what needs its result (dDPO after dSFT, an export) must not go on; the same call resumes it."""
 
 
 def run(cfg, workdir: str) -> dict:
     """Trains per `cfg` in `workdir` (resuming from its latest checkpoint); returns the final eval metrics. Raises
-    Preempted when SIGTERM / a preemption notice stopped it (after saving: the same call resumes)."""
+    Preempted when SIGTERM, a first Ctrl-C or a preemption notice stopped it, at any phase (StopSignals): the same
+    call resumes."""
+    with StopSignals() as stop:
+        try:
+            return _run(cfg, workdir, stop)
+        except _StopAsked:
+            raise Preempted(f"stopped by {stop.name()} during set-up, before this run trained a step: the same "
+                            "command runs it again (from its latest checkpoint, if any)") from None
+
+
+def _run(cfg, workdir: str, stop: StopSignals) -> dict:
     cfg = cfg.copy_and_resolve_references()  # this run's copy: model.step is set to the step it starts from
     if jax.process_count() > 1:
         check_same_settings_everywhere(cfg)
@@ -706,6 +716,7 @@ def run(cfg, workdir: str) -> dict:
                                 frozen_reference=reference is not None,
                                 max_segments=max_segments(cfg, train_examples))
     start = int(jax.device_get(state.step))  # 0, or the step resumed from: the records after it are written again
+    stop.defer()  # from here a stop signal is a flag the loop reads: the steps and their records are this run's
     evaluates_start = start == total_steps or (eval_skipped and bool(cfg.train.eval_every))  # (as below)
     unwritten = unwritten if start < total_steps else []  # no step left to end the line at: the short one stands
     writer = MetricWriter(workdir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
@@ -747,10 +758,11 @@ def run(cfg, workdir: str) -> dict:
     shapes = set()  # the batch shapes the step has compiled for
     try:
         if eval_skipped and cfg.train.eval_every and step < total_steps:  # (at the last step: the final eval)
-            last_eval = evaluate(step)
-        with _sigterm_flag() as sigterm, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
-            upcoming = prefetch.submit(next_batch)
-            while step < total_steps:
+            last_eval = stop.unless_stopped(lambda: evaluate(step))
+            preempted = last_eval is STOPPED  # (its checkpoint still says the eval was skipped)
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+            upcoming = prefetch.submit(next_batch) if not preempted else None
+            while step < total_steps and not preempted:
                 batch, info, position = upcoming.result()
                 trace.before(step + 1, state)
                 # A shape first met after the first step compiles in this call (a dDPO run meets ~13 bucketed
@@ -771,14 +783,16 @@ def run(cfg, workdir: str) -> dict:
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     log.write()
                 # Preemption: every process sees the same answer at the same step (orbax over JAX's preemption
-                # sync manager when jax.distributed runs; this process's own SIGTERM flag when it runs alone).
-                # Asked before the eval, so a preempted run spends its grace period saving, not evaluating.
-                preempted = mngr.reached_preemption(step) or sigterm["now"]
+                # sync manager when jax.distributed runs; this process's own StopSignals when it runs alone).
+                # Asked before the eval, so a preempted run spends its grace period saving, not evaluating; a
+                # signal during the eval abandons it, and the step is saved as one whose eval was skipped.
+                preempted = mngr.reached_preemption(step) or stop.asked is not None
                 eval_step = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
                 if eval_step and step < total_steps and not preempted:
                     log.check_finite()  # no eval of weights a bad step made (it put NaN eval metrics on record)
                     with log.paused():
-                        last_eval = evaluate(step)
+                        last_eval = stop.unless_stopped(lambda: evaluate(step))
+                    preempted = last_eval is STOPPED
                 if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
                     # The steps up to the checkpoint on record (save_every need not be a log step), and never a
                     # save of a step whose loss went bad (write checks every queued step first).
@@ -794,15 +808,17 @@ def run(cfg, workdir: str) -> dict:
                                                       "unwritten_log": carried})
                         writer.flush()  # the records up to this step on disk before the checkpoint commits
                 if preempted:
-                    print(f"preempted (SIGTERM): process {jax.process_index()} saved step {step}; exiting")
+                    print(f"preempted ({'SIGINT' if stop.asked == 'SIGINT' else 'SIGTERM'}): process "
+                          f"{jax.process_index()} saved step {step}; exiting")
                     break
             bar.close()
             trace.close()  # a loop stopped inside the window (preempted): before the final save and eval
-            # The last save is committed while SIGTERM is still caught (a second one would cut the commit short)
-            # and before the final eval, which SIGTERM no longer stops.
+            # The last save is committed before the final eval, which a stop signal abandons (the resumed run,
+            # with no step left to train, evaluates the last step).
             mngr.wait_until_finished()
         if not preempted and step == total_steps:
-            last_eval = evaluate(step)
+            last_eval = stop.unless_stopped(lambda: evaluate(step))
+            preempted = last_eval is STOPPED
     finally:
         # Also when the loop raised (a bad batch, an out-of-memory on a new shape, Ctrl-C): a checkpoint still
         # being written is finished, not left as a .orbax-checkpoint-tmp directory.
@@ -811,7 +827,7 @@ def run(cfg, workdir: str) -> dict:
         mngr.close()
         writer.close()
     if preempted:
-        raise Preempted(f"stopped by SIGTERM / a preemption notice at step {step} of {total_steps}, saved in "
+        raise Preempted(f"stopped by {stop.name()} at step {step} of {total_steps}, saved in "
                         f"{os.path.join(workdir, 'checkpoints')}: the same command resumes it")
     return last_eval
 
@@ -886,28 +902,77 @@ def _opt_shardings(tx, abstract_opt, param_shardings, mesh):
                                  transform_non_params=lambda _: replicated)
 
 
-@contextlib.contextmanager
-def _sigterm_flag():
-    """SIGTERM (a preempted TPU VM, `scancel`, a job scheduler) asks the loop to save and exit cleanly. Only for
-    a process running alone: under jax.distributed, JAX's preemption notifier owns SIGTERM and propagates the
-    notice to every process (read through mngr.reached_preemption), which a Python handler would break. The
-    previous handler comes back when the loop ends, so a caller that goes on (the demo) can still be stopped."""
-    flag = {"now": False}
+STOPPED = object()  # StopSignals.unless_stopped's result for work a stop signal abandoned
 
-    def handler(signum, frame):
-        flag["now"] = True
 
-    previous = None
-    if os.name == "posix" and not jax.distributed.is_initialized():
+class _StopAsked(BaseException):
+    """A stop signal where nothing is to be saved. A BaseException, as KeyboardInterrupt is: an `except Exception`
+    on its way up (checkpoint.restore's, which names a damaged step) must not take it for an error of its own."""
+
+
+class StopSignals:
+    """SIGTERM (a preempted TPU VM, `scancel`, a job scheduler) and a first Ctrl-C (SIGINT) stop a run at any phase
+    with a saved state: `run` raises Preempted (train's PREEMPTED_EXIT_CODE, which launchers read as "resume me").
+    Until `defer()` (set-up: reading weights, tokenizing, scoring the DPO reference) the signal ends the run at
+    once: nothing is trained yet that a resumed run would not do again. After it, the loop reads the signal at its
+    next step (`asked`) and saves that step; `unless_stopped` work (an eval) is abandoned at once, the checkpoint
+    marking the eval for the resumed run. A second SIGTERM never cuts a save short; a second Ctrl-C stops at once
+    (Python's KeyboardInterrupt: the resumed run starts from the last committed checkpoint).
+
+    Only for a process running alone: under jax.distributed, JAX's preemption notifier owns SIGTERM and spreads
+    the notice to every process (read through mngr.reached_preemption), which a Python handler would break, and a
+    Ctrl-C reaching one process could not stop the others at the same step. Nor where SIGINT was ignored when the
+    process started (a launcher's background process), or off the main thread (a notebook worker). The previous
+    handlers come back when the run ends, so a caller that goes on (the demo) can still be stopped."""
+
+    def __init__(self):
+        self.asked = None  # the first stop signal's name
+        self._raises = True  # set-up: a signal ends the run at once
+        self._previous = {}
+
+    def __enter__(self):
+        if os.name != "posix" or jax.distributed.is_initialized():
+            return self
+        wanted = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        for signum in wanted:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handler
+                break
+        return self
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def _handle(self, signum, frame):
+        first = self.asked is None
+        self.asked = self.asked or signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C: Python's own (KeyboardInterrupt)
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+        if first and self._raises:
+            raise _StopAsked()
+
+    def name(self) -> str:
+        """What stopped the run, for its message (JAX's preemption notice comes from a SIGTERM too)."""
+        return "SIGINT (Ctrl-C)" if self.asked == "SIGINT" else "SIGTERM / a preemption notice"
+
+    def defer(self) -> None:
+        """From here a stop signal is only noted (`asked`): the loop saves its step first."""
+        self._raises = False
+
+    def unless_stopped(self, work):
+        """work()'s result, or STOPPED where a stop signal came before or during it (then abandoned at once: an
+        eval of 7B weights outlasted SLURM's 300 s of notice, which went to the save)."""
+        if self.asked is not None:
+            return STOPPED
+        self._raises = True
         try:
-            previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
-            pass
-    try:
-        yield flag
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            return work()
+        except _StopAsked:
+            return STOPPED
+        finally:
+            self._raises = False
 
 
 # ---------------------------------------------------------------------------------------------------------
