@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -37,14 +38,16 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """The server process (float32, 4 slots, at most 4 waiting, the API key from $ZEPHYR_JAX_API_KEY), its base
-    URL and its log file."""
+    URL and its log file. Its end checks SIGTERM's: a reply in progress is cut (--shutdown-timeout=0), not decoded
+    to its 990 tokens first (uvicorn's default waited for every request, the queued ones too, past a caller's
+    grace period), and the server exits with SIGTERM's status."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "zephyr_jax.serve", f"--model={tiny_model_dir}", "--dtype=float32",
          f"--port={port}", f"--served-model-name={NAME}", "--max-slots=4", "--max_queue=4",
-         "--max-length=1024", "--decode_steps=4"],  # underscores as the other commands spell flags: taken too
+         "--max-length=1024", "--decode_steps=4", "--shutdown-timeout=0"],  # (underscores: taken too)
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,  # the key from the environment, --api-key's default
         env={**os.environ, "XLA_FLAGS": cpu_xla.flags(1), "ZEPHYR_JAX_API_KEY": KEY})
     base = f"http://127.0.0.1:{port}"
@@ -60,13 +63,27 @@ def server(tiny_model_dir, tmp_path_factory):
         proc.kill()
         pytest.fail("the server did not come up in 180 s:\n" + log_path.read_text()[-3000:])
     yield base, log_path
-    proc.terminate()
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 990,
+            "ignore_eos": True, "stream": True}
     try:
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+            lines = r.iter_lines()
+            assert r.status_code == 200, r.read()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.terminate()
+            events = [first]
+            try:
+                events += [line for line in lines if line.startswith("data: ")]  # until the server cuts the stream
+            except httpx.HTTPError:
+                pass
         proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
-    log.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == -signal.SIGTERM, log_path.read_text()[-3000:]
+    assert "data: [DONE]" not in events and len(events) < 990, (len(events), log_path.read_text()[-3000:])
 
 
 @pytest.fixture(scope="module")

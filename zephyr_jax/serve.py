@@ -584,6 +584,9 @@ def main(argv=None) -> None:
     parser.add_argument("--compilation-cache", default=COMPILATION_CACHE_DIR,
                         help="JAX's persistent compilation cache, so a restart skips compiling ('' = off)")
     parser.add_argument("--mesh", type=mesh_shape, default=None, help=MESH_FLAG_HELP)
+    parser.add_argument("--shutdown-timeout", type=int, default=10,
+                        help="seconds SIGTERM or Ctrl-C lets the requests in progress and queued run before they are "
+                             "cut and the server exits (default 10; uvicorn's own default waited for every one)")
     # vLLM's spelling (--max-slots); the underscores the other zephyr_jax commands use are taken too.
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args([re.sub(r"^--\w+", lambda m: m.group(0).replace("_", "-"), a) for a in argv])
@@ -591,6 +594,8 @@ def main(argv=None) -> None:
         value = getattr(args, flag)
         if value is not None and value < least:
             sys.exit(f"error: --{flag.replace('_', '-')}={value}: must be at least {least}")
+    if args.shutdown_timeout < 0:
+        sys.exit(f"error: --shutdown-timeout={args.shutdown_timeout}: must be 0 or more seconds")
     if not 0 <= args.port <= 65535:  # bind() raised OverflowError, a traceback
         sys.exit(f"error: --port={args.port}: must be from 0 to 65535")
     try:  # a port in use (or a host not here) now, not after minutes of loading a 7B; uvicorn binds it again later
@@ -637,7 +642,11 @@ def main(argv=None) -> None:
                      port, engine.max_slots, engine.max_length)
 
     try:
-        Listening(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning")).run()
+        # SIGTERM (systemd, Kubernetes, a job scheduler) and Ctrl-C: uvicorn stops taking requests and, after the
+        # timeout, cancels those still running (their slots freed); without it, up to --max-queue replies of
+        # thousands of tokens each ran first, past the caller's own grace period and its SIGKILL.
+        Listening(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
+                                 timeout_graceful_shutdown=args.shutdown_timeout)).run()
     finally:
         engine.stop()
 
