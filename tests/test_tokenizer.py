@@ -236,6 +236,13 @@ def test_a_sentencepiece_only_tokenizer_directory_encodes_as_sentencepiece(tmp_p
     for text in AWKWARD + ["def f(x):\n    return 1"]:
         assert loaded(text).input_ids == [1] + sp.encode(text), text
     assert loaded.chat_template == template and loaded.convert_tokens_to_ids("<|extra|>") == 32000
+    # Named templates (a list in tokenizer_config.json) as transformers reads them, not Zephyr's in their place
+    named = [{"name": "default", "template": template}, {"name": "tool_use", "template": "{{ tools }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    assert load_tokenizer(str(tmp_path)).chat_template == transformers.PreTrainedTokenizerFast(
+        tokenizer_object=loaded.backend_tokenizer, chat_template=named).chat_template == {
+            "default": template, "tool_use": "{{ tools }}"}
+    assert render_chat(load_tokenizer(str(tmp_path)), [{"role": "user", "content": "hi"}]) == "hi</s>"
     # Where transformers (4.47 on) saves it, and reads it first: not Zephyr's in its place. And the special tokens it
     # names (a ChatML fine-tune's end of turn), as transformers takes them: the template's eos_token, and the token
     # generation stops at.

@@ -151,6 +151,8 @@ def _with_folder_config(tok, path: str):
             tok.chat_template = f.read()
     elif isinstance(config.get("chat_template"), str):
         tok.chat_template = config["chat_template"]
+    elif isinstance(config.get("chat_template"), list):  # named templates ("default", "tool_use"): transformers' dict
+        tok.chat_template = {t["name"]: t["template"] for t in config["chat_template"]}
     added = config.get("added_tokens_decoder") or {}
     for index, token in sorted(((int(i), t) for i, t in added.items()), key=lambda item: item[0]):
         if token["content"] not in tok.get_vocab():
