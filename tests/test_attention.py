@@ -5,6 +5,7 @@ Mosaic kernel for a TPU slice. cuDNN cannot run here: its sequence lengths / off
 make_mask, its call against jax's own shape checks, and its refusals of what it cannot honour."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -101,6 +102,25 @@ def test_splash_refuses_a_length_or_head_split_it_cannot_run():
     np.testing.assert_allclose(auto, attend(q, k, v, None, sliding_window=None, impl="xla"), atol=1e-6)
     with pytest.raises(ValueError, match="attention impl 'flash'"):
         attend(q, k, v, None, sliding_window=None, impl="flash")
+    # A rule that splits the sequence (length over tensor) leaves a kernel no whole sequence: refused, auto is einsum
+    rules = tuple((name, "tensor" if name == "length" else axes) for name, axes in DEFAULT_RULES)
+    with jax.set_mesh(make_mesh((1, 1, 2), jax.devices()[:2])):
+        with pytest.raises(ValueError, match="attention kernels need whole sequences and heads on each device; the "
+                                             "rules split length or head_dim"):
+            attend(q, k, v, None, sliding_window=None, impl="splash", rules=rules, interpret=True)
+        assert attention._auto_impl("tpu", q, k, None, None, rules) == "xla"
+
+
+def test_attend_refuses_keys_values_or_segment_ids_of_other_shapes():
+    """Checked before any kernel or mask: keys of another length, head count not dividing the query heads', or
+    segment ids not [B, T] are named with every shape (not an einsum or broadcast error inside XLA)."""
+    q, k, v = _qkv(1, 64, 4, 2, 16)
+    for bad_k, bad_v in ((k[:, :32], v[:, :32]), (k, v[..., :8]), (*_qkv(1, 64, 4, 3, 16)[1:],)):
+        with pytest.raises(ValueError, match=re.escape(f"q {q.shape} [B, T, N, D] needs k, v [B, T, K, D] with N a "
+                                                       f"multiple of K; got k {bad_k.shape}, v {bad_v.shape}")):
+            attend(q, bad_k, bad_v, None, sliding_window=None, impl="xla")
+    with pytest.raises(ValueError, match=re.escape("segment_ids (1, 63) must be [B, T] = (1, 64)")):
+        attend(q, k, v, jnp.ones((1, 63), jnp.int32), sliding_window=None, impl="xla")
 
 
 def test_splash_refuses_query_and_kv_heads_split_over_other_axes():
@@ -227,6 +247,8 @@ def test_cudnn_refuses_what_it_cannot_honour():
         attend(q, k, v, packed, sliding_window=4, impl="cudnn", max_segments=1)
     with pytest.raises(ValueError, match="runs on NVIDIA GPUs; this program is for cpu"):
         attend(q, k, v, packed, sliding_window=4, impl="cudnn", max_segments=2)
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs; this program is for cpu"):  # traced ids: unread
+        jax.jit(lambda s: attend(q, k, v, s, sliding_window=4, impl="cudnn", max_segments=1))(packed)
 
 
 TRACE_ROWS = {1: (((1, 100),), ((1, 50),)), 3: (((1, 100),), ((1, 50), (2, 40), (3, 38)))}
