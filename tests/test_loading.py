@@ -104,6 +104,12 @@ def test_hf_directory_holds_the_transformers_weights(tmp_path):
     assert {v.dtype for v in bf16.values()} == {jnp.dtype(jnp.bfloat16)}
     assert {d for v in bf16.values() for d in v.sharding.device_set} == {jax.devices()[0]}
     np.testing.assert_array_equal(bf16["embed_tokens"], ours["embed_tokens"].astype(jnp.bfloat16))
+    # float16 weights in range load as they are (the range check names only a weight past float16's largest)
+    f16 = flat(load_model(str(tmp_path), "float16"))
+    assert {v.dtype for v in f16.values()} == {jnp.dtype(jnp.float16)}
+    np.testing.assert_array_equal(f16["layers.mlp.down_proj.kernel"], ours["layers.mlp.down_proj.kernel"].astype(
+        jnp.float16))
+    assert config_vocab_size(str(tmp_path)) == tm.config.vocab_size  # (read from config.json, no weight)
 
 
 def test_workdir_restores_in_bf16_onto_the_mesh(workdir):
@@ -210,6 +216,11 @@ def test_clear_errors(workdir, tmp_path):
     checkpoint.save_model_config(str(empty), CFG)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*empty_run"):
         load_model(str(empty))
+    (empty / "config.json").write_text('{"stage": "sft", "tokeni')  # the run's config cut short: named
+    from zephyr_jax.tokenizer import tokenizer_for
+
+    with pytest.raises(ValueError, match=r"/empty_run/config.json: not valid JSON \(Unterminated string"):
+        tokenizer_for(str(empty))  # (zephyr_jax.load's tokenizer: the workdir's config names it)
     assert not (empty / "checkpoints").exists()  # reading never creates the directory
     hf.save_pretrained(Mistral(CFG, rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
     with pytest.raises(ValueError, match=r"step=3: .* is not a zephyr_jax training workdir"):

@@ -169,6 +169,10 @@ def test_bad_shapes_raise():
         losses.sequence_logps(logits, targets, mask[:, :4])
     with pytest.raises(ValueError, match="chunk_size"):
         losses.sequence_logps(logits, targets, mask, chunk_size=0)
+    with pytest.raises(ValueError, match=r"logits must be \[batch, length, vocab\], got shape \(10, 7\)"):
+        logprobs.token_logps(logits.reshape(10, 7), targets.reshape(10))
+    with pytest.raises(ValueError, match="targets must be integer token ids, got dtype float32"):  # (not a mask)
+        logprobs.token_logps(logits, targets.astype(jnp.float32))
 
 
 def test_chunked_gradient_memory_stays_below_one_float32_logits_copy():

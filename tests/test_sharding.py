@@ -216,11 +216,13 @@ def test_bad_rules_and_meshes_are_named():
         check_params_fit_mesh({"w": jax.ShapeDtypeStruct((8,), jnp.float32)}, {"w": PartitionSpec("tensor")},
                               two_axes)
     for shape, message in (((-1, -1, 1), "at most one -1"), ((0, -1, 1), "sizes must be positive"),
-                           ((0, 8, 1), "sizes must be positive"), ((3, -1, 1), "cannot fill 8 devices")):
+                           ((0, 8, 1), "sizes must be positive"), ((3, -1, 1), "cannot fill 8 devices"),
+                           ((1, 8), "must give one size per axis")):
         with pytest.raises(ValueError, match=re.escape(f"mesh shape {shape}") + ".*" + message):
             make_mesh(shape)
     with pytest.raises(ValueError, match="mesh device order 'interleave'"):
         make_mesh((1, 8, 1), order="interleave")
+    assert dict(make_mesh((2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "tensor": 1}  # -1: the devices left over
 
 
 def test_the_interleaved_device_order_deals_each_processes_devices_in_turn(monkeypatch):
