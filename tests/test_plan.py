@@ -198,11 +198,24 @@ def test_every_listed_topology_is_one_tpu_target_compiles_for_with_hosts_of_four
             assert len({d.process_index for d in devices}) == chips // 4, name
 
 
-def test_unknown_gpu_topology_lists_the_known_ones():
+def test_unknown_gpu_topology_lists_the_known_ones(monkeypatch):
     with pytest.raises(ValueError, match="unknown GPU topology 'h100-3'.*a100-1.*h100-8.*h200-256"):
         compile_targets.target_for("h100-3")
     with pytest.raises(ValueError, match="unknown TPU topology 'v5x-8'.*GPUs: a100-1"):
         compile_targets.target_for("v5x-8")
+    # A known one whose compiler is not installed (jax's words where its CUDA plugin is absent): what to install
+    from jax.experimental import topologies
+
+    def absent(**kwargs):
+        raise RuntimeError(f"topology not implemented for {kwargs['platform']}")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", absent)
+    with pytest.raises(RuntimeError, match=r"^compiling for h100-8 needs JAX's CUDA plugin \(pip install -e "
+                                           r"\.\[gpu\]\): topology not implemented for cuda$"):
+        compile_targets.target_for("h100-8")
+    with pytest.raises(RuntimeError, match=r"^compiling for v5e-8 needs libtpu \(pip install -e \.\[tpu\]\): "
+                                           r"topology not implemented for tpu$"):
+        compile_targets.target_for("v5e-8")
 
 
 # JAX's CUDA plugin (.ci/run installs it there; about 1.7 GB) compiles for GPUs on this CPU-only machine.
@@ -430,6 +443,13 @@ def test_the_planned_model_is_read_without_weights(tiny_model_dir, monkeypatch):
     with pytest.raises(ValueError, match=r"\(OSError: 404 Client Error\. Repository Not Found for url: https") as e:
         plan.planned_model_config(load_config("configs/sft.py", **{"model.path": "someone/elses-model"}))
     assert "\n" not in str(e.value)
+    # Found: its config.json alone is fetched (here the tiny model's, as the hub client would hand it back)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name: asked.append((repo, name)) or os.path.join(tiny_model_dir, name))
+    hub, source = plan.planned_model_config(load_config("configs/sft.py", **{"model.path": "someone/elses-model"}))
+    assert asked == [("someone/elses-model", "config.json")] and hub == local
+    assert source == "someone/elses-model (config.json from the hub)"
 
 
 def test_both_of_xla_tpus_out_of_memory_messages_are_read():
@@ -515,6 +535,11 @@ def test_suggest_combines_the_changes_that_lower_the_bytes_when_none_fits_alone(
     text = plan.format_report(_stand_in_report("dpo", "v5e-4", rows, total=20, hbm=15))
     assert "error: micro-batch does not divide" in text and "no single change fits" in text
     assert text.rstrip().endswith("14.00 GiB  fits with 0.50 GiB free")
+    # With 13 GiB, not even all three together fit: each combination is listed, the last of all three
+    _fake_plans(monkeypatch, cfg, lambda key, value: saved[key], hbm=13)
+    together = [x for x in plan.suggest(cfg, {**report, "memory": {"total": 20 * GiB, "hbm": 13 * GiB}}, "v5e-4")
+                if x.get("together")]
+    assert [(x["total"], x["fits"]) for x in together] == [(15 * GiB, False), (14 * GiB, False)]
 
 
 def test_suggest_lists_the_remat_policies_that_recompute_less_when_the_run_fits(monkeypatch):
@@ -760,6 +785,7 @@ def test_memory_changes_keep_the_devices_and_offer_only_what_the_config_can_chan
     assert "dpo.precompute_reference" in changes
     free = load_config(os.path.join(ROOT, "configs/dpo.py:tiny"), **{"dpo.reference_free": True})
     assert "dpo.precompute_reference" not in [key for key, _, _ in plan.memory_changes(free, dict(mesh.shape))]
+    assert plan._reference_kind(free) == "none (reference-free)"  # (the report's config.reference)
 
 
 def test_a_lognormal_length_mix_has_the_medians_it_names_and_no_example_too_short():
@@ -773,6 +799,11 @@ def test_a_lognormal_length_mix_has_the_medians_it_names_and_no_example_too_shor
     sft = plan.length_mix("lognormal:1400,0.5", "sft")
     assert np.median([len(e.ids) for e in sft]) == pytest.approx(1400, rel=0.05)
     assert min(len(e.ids) for e in plan.length_mix("lognormal:1,0.5", "sft")) == 2
+    # Packed, short examples fill fewer rows than they are: more are drawn until the 8 steps' batches are full
+    cfg = load_config(os.path.join(ROOT, "configs/sft.py:tiny"))  # (packed rows of 128 tokens, 8 a batch)
+    batches = plan.batches_of_mix(cfg, train.mesh_for(cfg, jax.devices()[:1]), "lognormal:12,1.0")
+    assert [b.batch["inputs"].shape for b in batches] == [(8, 128)] * 8
+    assert all(sum(b.sequences) > 6 * 128 for b in batches)  # rows of several examples each, mostly full
 
 
 @pytest.mark.parametrize("config", ["configs/sft.py:tiny", "configs/dpo.py:tiny"])
@@ -799,6 +830,11 @@ def test_xlas_flop_count_is_shown_within_4x_of_the_count_over_all_chips():
     shown = plan.xla_estimate(compiled(20.0), 100.0, 4, None)
     assert shown["flops_per_chip"] == 20.0 and shown["share_of_counted"] == pytest.approx(0.8)
     assert "flops_per_chip" not in plan.xla_estimate(compiled(125.0), 100.0, 4, None)
+
+    def no_analysis():
+        raise NotImplementedError("no cost analysis on this backend")
+
+    assert plan.xla_estimate(types.SimpleNamespace(cost_analysis=no_analysis), 100.0, 4, 1.0) == {}
 
 
 @pytest.mark.parametrize("stage, packing, tried", [("dpo", True, [1, 2, 4]), ("dpo", False, [1, 2]),
