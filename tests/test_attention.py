@@ -84,6 +84,9 @@ def test_splash_per_shard_under_a_mesh_equals_the_unsharded_kernel():
         out, grads = _output_and_grads("splash", q, k, v, segments, 64, interpret=True)
         text = jax.jit(lambda q, k, v, s: attend(q, k, v, s, sliding_window=64, impl="splash")).lower(
             q, k, v, segments).as_text()
+        # rows without segment ids (one whole sequence each: scoring, prefill) per shard too, against einsum
+        whole = jax.jit(lambda q, k, v: attend(q, k, v, None, sliding_window=64, impl="splash", interpret=True))
+        _assert_close(whole(q, k, v), attend(q, k, v, None, sliding_window=64, impl="xla"))
     assert "manual_computation" in text  # shard_map: the kernel runs per shard, not on gathered arrays
     _assert_close(out, ref, rel=1e-6)
     for g, r in zip(grads, ref_grads):
@@ -137,6 +140,9 @@ def test_splash_refuses_query_and_kv_heads_split_over_other_axes():
 
 
 def test_auto_is_einsum_attention_on_cpu():
+    assert not attention._hopper_or_newer()  # no GPU to ask: packed rows are not given cuDNN's packed layout
+    with jax.set_mesh(make_mesh((1, 8, 1))):  # nor under a mesh of CPU devices (no compute capability)
+        assert not attention._hopper_or_newer()
     q, k, v = _qkv(2, 128, 4, 2, 16, dtype=jnp.bfloat16)
     segments = _rows(128, ((1, 100),), ((1, 50), (2, 78)))
     f = lambda impl: (lambda q, k, v, s: attend(q, k, v, s, sliding_window=32, impl=impl))
