@@ -315,6 +315,14 @@ def test_logprob_strings_of_byte_tokens_join_to_the_tokenizers_decode():
     whole = server.chat_logprobs(Request([1], tokens=parrot, logprobs=[-1.0] * len(parrot),
                                          top_logprobs=[[(byte_ids[0x9C], -3.0)]] * len(parrot)))["content"]
     assert bytes(b for e in whole for b in e["bytes"]).decode() == tok.decode(parrot)
+    # An id past the tokenizer's (a model's vocabulary padded past it) shows as "<id N>" and adds no text; decoding
+    # skips it, so the bytes on either side still make their character
+    unknown = len(tok) + 1
+    ids = [*parrot[:1], byte_ids[0xC3], unknown, byte_ids[0xA9], *parrot[1:2]]
+    entries = server.strings.entries(ids)
+    assert entries[2] == (f"<id {unknown}>", "", [])
+    assert [text for _, text, _ in entries][1:4] == ["", "", "é"]  # the character at the byte that completes it
+    assert "".join(text for _, text, _ in entries) == tok.decode([t for t in ids if t != unknown])
     # The emoji's last byte as an alternative after its first three completes the character.
     assert [e["top_logprobs"][0]["token"] for e in whole if e["token"] == "🦜"] == ["🦜"]
 
