@@ -565,6 +565,7 @@ def test_the_model_card_shows_the_last_records_up_to_the_exported_step(tmp_path)
     got = final_metrics(str(tmp_path), 3)
     assert got["train"]["step"] == 3 and got["eval"]["step"] == 3
     assert final_metrics(str(tmp_path))["train"]["step"] == 6
+    assert final_metrics(str(tmp_path / "no_metrics_yet")) == {}  # (a run that logged nothing: the card has none)
 
 
 def test_the_model_card_names_the_hub_model_and_datasets_the_runs_before_it_started_from(tmp_path):
@@ -594,6 +595,18 @@ def test_the_model_card_names_the_hub_model_and_datasets_the_runs_before_it_star
     for config in (gone, local, unreadable):
         card = ModelCard(model_card(str(tmp_path / "run"), 6, config, {})).data
         assert card.base_model is None and card.datasets is None and card.library_name == "transformers"
+    # A run initialised from itself (a workdir's config edited by hand): the walk stops, each dataset named once
+    (tmp_path / "loop").mkdir()
+    looped = {"stage": "dpo", "model": {"init": "orbax", "path": str(tmp_path / "loop")},
+              "data": {"train": "HuggingFaceH4/ultrafeedback_binarized"}}
+    (tmp_path / "loop" / "config.json").write_text(json.dumps(looped))
+    card = ModelCard(model_card(str(tmp_path / "loop"), 6, looped, {})).data
+    assert card.base_model is None and card.datasets == ["HuggingFaceH4/ultrafeedback_binarized"]
+    # model.arch is a random model's architecture, shown only for one (otherwise config.json's is the model's)
+    arch = {"hidden_size": 64, "num_hidden_layers": 2}
+    for init, shown in (("random", True), ("hf", False)):
+        text = model_card(str(tmp_path / "run"), 6, {"stage": "sft", "model": {"init": init, "arch": arch}}, {})
+        assert ('"hidden_size": 64' in text) == shown and ("random weights" in text) == shown, init
 
 
 def test_the_export_command_names_a_missing_checkpoint_in_one_line(tmp_path, tiny_model_dir):

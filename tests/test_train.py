@@ -182,6 +182,8 @@ def test_cli_sft_then_dpo_then_export(data_dir, tmp_path, monkeypatch):
         "README.md", "config.json"]
     os.remove(killed_dir / "model.safetensors")  # killed before its weights: only its card says what it is
     assert export.holds_a_model(str(killed_dir)) and not export.holds_a_model(str(project))
+    os.remove(project / "README.md")  # other files, no card at all
+    assert not export.holds_a_model(str(project))
 
     ours = load_model(str(dpo_dir), "float32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
