@@ -226,6 +226,8 @@ def test_a_sentencepiece_only_tokenizer_directory_encodes_as_sentencepiece(tmp_p
     sp = spm.SentencePieceProcessor(model_file=mistral_v0_1_model_file())
     shutil.copy(mistral_v0_1_model_file(), tmp_path / "tokenizer.model")
     assert tokenizer_source(str(tmp_path)) == str(tmp_path)  # a model folder's own, not Mistral-7B-v0.1's
+    assert load_tokenizer(str(tmp_path)).chat_template == ZEPHYR_CHAT_TEMPLATE  # no config: no template of its own
+    assert tokenizer_source(None) is None  # (no model path: Mistral-7B-v0.1's)
     template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
     config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
               "chat_template": template,
@@ -272,7 +274,7 @@ def _save_without_template(tok, path):
     return str(path)
 
 
-def test_a_tokenizer_path_that_is_not_one_is_named(tmp_path):
+def test_a_tokenizer_path_that_is_not_one_is_named(tmp_path, monkeypatch):
     """transformers said of a missing path that a repo id must look like 'repo_name', and of a directory without a
     tokenizer that sentencepiece is not installed."""
     with pytest.raises(FileNotFoundError, match=r"tokenizer .*/missing does not exist"):
@@ -307,3 +309,9 @@ def test_a_tokenizer_path_that_is_not_one_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"tokenizer directory .*/model holds none of tokenizer.json, "
                                                 r"tokenizer.model, tokenizer_config.json \(it holds \['config.json'\]"):
         load_tokenizer(str(tmp_path / "model"))
+    import mistral_common  # a release without the v0.1 model: which one to install
+
+    monkeypatch.setattr(mistral_common, "__file__", str(tmp_path / "old_release" / "__init__.py"))
+    with pytest.raises(FileNotFoundError, match=r"old_release/data/tokenizer.model.v1 is missing: this "
+                                                r"mistral-common release .* install mistral-common>=1.5"):
+        load_tokenizer()
