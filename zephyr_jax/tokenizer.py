@@ -144,7 +144,10 @@ def _with_folder_config(tok, path: str):
     from tokenizers import AddedToken
 
     config_file = os.path.join(path, "tokenizer_config.json")
-    config = json.load(open(config_file)) if os.path.isfile(config_file) else {}
+    config = {}
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
     template_file = os.path.join(path, "chat_template.jinja")  # where transformers 4.47 on saves the template
     if os.path.isfile(template_file):
         with open(template_file, encoding="utf-8") as f:
