@@ -203,9 +203,9 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
         (["--config.model.init=hf", "--config.model.path=someone/no-such-model"],
          "error: config.model.path: 'someone/no-such-model' is not a local directory and could not be fetched "
          "from the Hugging Face Hub (LocalEntryNotFoundError: "))
-    no_key, seed_x, not_int, sftt, sftt_no_variant, stray, no_coordinator, *dpo = _train_cli_runs(
+    no_key, seed_x, not_int, variant, sftt, sftt_no_variant, stray, no_coordinator, *dpo = _train_cli_runs(
         ([*sft, "--config.train.no_such_key=1"], {}), ([*sft, "--config.seed.x=1"], {}),
-        ([*sft, "--config.train.max_steps=abc"], {}),
+        ([*sft, "--config.train.max_steps=abc"], {}), (["--config=configs/sft.py:tiyn", f"--workdir={tmp_path}"], {}),
         *(([*config, f"--workdir={tmp_path}"], {}) for config in (["--config=configs/sftt.py:tiny", "--config.seed=1"],
                                                                  ["--config", "configs/sftt.py"])),
         ([*sft, "handbook"], {}), ([*sft, "--num_processes=2", "--process_id=1"], {}),
@@ -221,6 +221,10 @@ def test_config_mistakes_on_the_command_line_are_one_line_errors(tmp_path):
     out = not_int  # absl's own flag error (parse_flags' flags.Error): one line too
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "flag --config.train.max_steps=abc: invalid literal for int()" in out.stderr
+    out = variant  # get_config's own error: ml_collections put its traceback into absl's message
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert ("FATAL Flags parsing error: flag --config=configs/sft.py:tiyn: ValueError: unknown variant 'tiyn': "
+            "expected zephyr, handbook, demo or tiny") in out.stderr, out.stderr[-2000:]
     for out in (sftt, sftt_no_variant):  # was two chained tracebacks
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert "no file 'configs/sftt.py'" in out.stderr

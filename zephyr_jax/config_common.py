@@ -158,7 +158,12 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+        message = str(e)
+        # A config file's get_config that refuses its variant (configs/sft.py:tiyn): ml_collections puts the whole
+        # traceback into the message; its last line is the config's own error.
+        if "Error whilst parsing config file" in message and "Traceback" in message:
+            message = f"{message.split(': Error whilst parsing', 1)[0]}: {message.strip().splitlines()[-1]}"
+        sys.exit(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.")
     except (AttributeError, KeyError) as e:
         reason = e
         while isinstance(reason, BaseException) and reason.args:  # AttributeError(KeyError("'key'\nDid you ..."))
