@@ -58,10 +58,11 @@ def _last_eval(workdir):
 # --- prefs ---------------------------------------------------------------------------------------------
 
 @ON_DPO_WORKDIR
-def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monkeypatch):
+def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monkeypatch, capsys):
     expected = _last_eval(dpo_workdir)
     out = tmp_path / "prefs.json"
     evaluate.main(["prefs", f"--workdir={dpo_workdir}", f"--out={out}"])
+    assert "policy log-probs (test_prefs): 100%" in capsys.readouterr().err  # a bar over minutes of a 7B's split
     got = _read_json(out)
     assert got["step"] == expected["step"] == 3 and got["num_pairs"] == 8
     for k in DPO_METRICS:
@@ -110,7 +111,7 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monk
 
 
 @ON_DPO_WORKDIR
-def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
+def test_prefs_policy_against_itself(dpo_workdir, data_dir, capsys):  # noqa: F811
     """--model/--reference: the same model twice gives zero rewards, loss log 2, and the policy's log-probs;
     the policy reuses the reference's compiled eval function (same architecture)."""
     expected = _last_eval(dpo_workdir)
@@ -118,6 +119,8 @@ def test_prefs_policy_against_itself(dpo_workdir, data_dir):  # noqa: F811
     got = evaluate.main(["prefs", f"--model={dpo_workdir}", f"--reference={dpo_workdir}",
                          f"--data={data_dir / 'prefs'}", "--max_examples=8", "--max_length=128",
                          "--max_prompt_length=64", "--batch_size=8"])
+    bars = capsys.readouterr().err
+    assert "reference log-probs: 100%" in bars and "policy log-probs: 100%" in bars
     assert got["num_pairs"] == 8
     assert got["rewards/chosen"] == got["rewards/margins"] == got["rewards/accuracies"] == 0.0
     assert got["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -724,7 +727,7 @@ def test_prefs_reports_the_policy_against_the_reference(monkeypatch, data_dir, t
     rng = np.random.default_rng(0)
     drawn = {}
 
-    def fake_logps(model, examples, batch_size):
+    def fake_logps(model, examples, batch_size, desc=None):
         drawn["examples"] = examples
         return drawn.setdefault(model, rng.normal(-50, 5, (len(examples), 2)).astype(np.float32))
 

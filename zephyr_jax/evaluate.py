@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from zephyr_jax import checkpoint, train
 from zephyr_jax import train_steps as steps
@@ -88,6 +89,7 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
         raise ValueError(f"{workdir} is a {cfg.stage!r} run: --workdir needs a dDPO workdir (any other model: pass "
                          "it as --model or --reference)")
     with cfg.unlocked():
+        cfg.train.progress = True  # bars over the log-prob passes, also for a run trained without them (a batch job)
         if data is not None:
             cfg.data.eval = data
         if split is not None:
@@ -128,7 +130,8 @@ def prefs_from_workdir(workdir: str, step: int = -1, data: str | None = None, sp
             # cache) is the reference model -- the run's initial one -- loaded.
             reference = train.reference_logps(cfg, workdir, examples, eval_fn,
                                               lambda: train.init_params(cfg, mcfg, mesh)[1], sharding, "eval")
-        metrics = train.eval_metrics(cfg, eval_fn, params, examples, reference, sharding)
+        metrics = train.eval_metrics(cfg, eval_fn, params, examples, reference, sharding,
+                                     desc=f"policy log-probs ({cfg.data.eval_split})")
     return {**metrics, "num_pairs": len(examples), "step": checkpoint_step,
             "data": f"{cfg.data.eval}:{cfg.data.eval_split}"}
 
@@ -140,13 +143,14 @@ def _check_max_examples(max_examples: int | None) -> None:
         raise ValueError(f"max_examples={max_examples}: must be -1 (all) or positive")
 
 
-def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
+def pair_logps(model, examples, batch_size: int, buckets=None, desc: str | None = None) -> np.ndarray:
     """[N, 2] summed completion log-probs (chosen, rejected) of `model` on preference examples (on its devices),
     through the training code's eval batches and eval function (one per architecture: make_eval_fn is cached,
     so another model of the same shapes, or another call, compiles nothing again). buckets=None: packed, as
     training packs dDPO batches (about four sequences a row, rows in multiples of 128); else a row per sequence,
     padded to `buckets` (a row per sequence computed 2x the positions of packed rows on UltraFeedback-like
-    lengths). A split of fewer than batch_size pairs goes in one batch of its own pairs (train.eval_size)."""
+    lengths). A split of fewer than batch_size pairs goes in one batch of its own pairs (train.eval_size). desc
+    names a progress bar over the batches."""
     check_token_ids(examples, model.config.vocab_size, "the preference data")  # else NaN metrics, no error
     graphdef, state = nnx.split(model)
     eval_fn = steps.make_eval_fn("dpo", graphdef, batch_size)
@@ -159,6 +163,8 @@ def pair_logps(model, examples, batch_size: int, buckets=None) -> np.ndarray:
                  "max_length": max(positions_needed(e) for e in examples) + 1}})  # packed rows' bucket step
     size = train.eval_size(cfg, None, len(examples))
     batches = train.eval_batches(examples, size, train.eval_batcher(cfg, None, size)[0])
+    if desc:
+        batches = tqdm(batches, desc=desc, total=-(-len(examples) // size))
     return steps.run_eval_batches(eval_fn, state, batches, jax.device_put)["logps"]
 
 
@@ -201,15 +207,15 @@ def prefs(model, reference=None, *, data: str = ULTRAFEEDBACK_BINARIZED, split: 
         if isinstance(m, str) and (vocab_size := config_vocab_size(m)) is not None:
             check_token_ids(examples, vocab_size, source_name(data, split), chosen_by)
 
-    def logps_of(m):  # packed rows; the policy reuses the reference's compiled batches (same architecture)
+    def logps_of(m, name):  # packed rows; the policy reuses the reference's compiled batches (same architecture)
         m = load_model(m, dtype, local_mesh(mesh)) if isinstance(m, str) else m
-        return pair_logps(m, examples, batch_size)
+        return pair_logps(m, examples, batch_size, desc=f"{name} log-probs")
 
     if reference_free:
         ref_logps = np.zeros((len(examples), 2), np.float32)
     else:  # the reference first, released (when loaded here) before the policy: one model in memory at a time
-        ref_logps = logps_of(reference)
-    policy_logps = logps_of(model)
+        ref_logps = logps_of(reference, "reference")
+    policy_logps = logps_of(model, "policy")
     lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
     metrics = steps.dpo_eval_metrics(policy_logps, ref_logps, lengths, dpo_cfg)
     return {**metrics, "num_pairs": len(examples), "data": source_name(data, split)}

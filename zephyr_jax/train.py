@@ -473,10 +473,11 @@ def reference_logps(cfg, workdir, examples, eval_fn, params, sharding, name: str
     return logps
 
 
-def eval_metrics(cfg, eval_fn, params, examples, reference, sharding) -> dict:
+def eval_metrics(cfg, eval_fn, params, examples, reference, sharding, desc=None) -> dict:
     """Metrics over a whole held-out split: SFT loss and token accuracy, or the DPO metrics against `reference`
-    log-probs [N, 2]. Call inside `jax.set_mesh(mesh)`."""
-    out = run_eval(cfg, eval_fn, params, examples, sharding)
+    log-probs [N, 2]; `desc` names a progress bar (none inside training, whose own bar stays). Call inside
+    `jax.set_mesh(mesh)`."""
+    out = run_eval(cfg, eval_fn, params, examples, sharding, desc=desc)
     if cfg.stage != "dpo":
         return steps.sft_eval_metrics(out)
     lengths = np.array([[len(e.chosen), len(e.rejected)] for e in examples])
