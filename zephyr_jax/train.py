@@ -965,15 +965,17 @@ class StopSignals:
     def unless_stopped(self, work):
         """work()'s result, or STOPPED where a stop signal came before or during it (then abandoned at once: an
         eval of 7B weights outlasted SLURM's 300 s of notice, which went to the save)."""
-        if self.asked is not None:
-            return STOPPED
-        self._raises = True
+        # _raises is set before `asked` is read and reset inside the outer try: a signal landing just before the
+        # read (it was only noted, and the eval ran on) or in the `finally` after work() returned (its _StopAsked
+        # escaped the run, as one in set-up, the step unsaved) is STOPPED too.
         try:
-            return work()
+            try:
+                self._raises = True
+                return STOPPED if self.asked is not None else work()
+            finally:
+                self._raises = False
         except _StopAsked:
             return STOPPED
-        finally:
-            self._raises = False
 
 
 # ---------------------------------------------------------------------------------------------------------
