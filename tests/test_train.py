@@ -1666,12 +1666,20 @@ def test_a_preempted_run_saves_before_any_eval_and_commits_while_sigterm_is_caug
 
     monkeypatch.setattr(train, "load_split", signalling("load_split", real_split))
     monkeypatch.setattr(train, "eval_metrics", signalling("eval_metrics", real_eval))
+    monkeypatch.setattr(train, "batch_shape", signalling("batch_shape", train.batch_shape))  # (once a step)
     previous = signal.signal(signal.SIGTERM, caller_handler), signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stopped({"load_split": (1, signal.SIGTERM)}, "SIGTERM / a preemption notice during set-up")
         assert not (stopped_dir / "checkpoints").exists()
+        # During step 2 (after set-up: noted, the step finished and saved), then in the eval of step 3
+        stopped({"batch_shape": (2, signal.SIGTERM)}, "SIGTERM / a preemption notice at step 2 of 6")
+        assert sorted(os.listdir(stopped_dir / "checkpoints")) == ["2"]
         stopped({"eval_metrics": (1, signal.SIGTERM)}, "SIGTERM / a preemption notice at step 3 of 6")
-        assert sorted(os.listdir(stopped_dir / "checkpoints")) == ["3"] and split_records(stopped_dir, "eval") == []
+        assert sorted(os.listdir(stopped_dir / "checkpoints")) == ["2", "3"]
+        assert split_records(stopped_dir, "eval") == []
+        # Resumed: Ctrl-C in step 3's skipped eval, its first work, stops it there (no step trained, none saved)
+        stopped({"eval_metrics": (1, signal.SIGINT)}, r"SIGINT \(Ctrl-C\) at step 3 of 6")
+        assert sorted(os.listdir(stopped_dir / "checkpoints")) == ["2", "3"] and "batch_shape" not in calls
         # Resumed: step 3's skipped eval first, steps 4-6, and Ctrl-C in the final eval
         stopped({"eval_metrics": (2, signal.SIGINT)}, r"SIGINT \(Ctrl-C\) at step 6 of 6")
         assert sorted(os.listdir(stopped_dir / "checkpoints")) == ["3", "6"] and calls["eval_metrics"] == 2
