@@ -785,6 +785,8 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(monkeypatch, serve
                            ("--prefill-chunk=0", "--prefill-chunk=0: must be at least 1"),
                            ("--decode-steps=0", "--decode-steps=0: must be at least 1"),
                            ("--max-length=1", "--max-length=1: must be at least 2"),
+                           # (uvicorn took a negative one as 0: every request cut at once)
+                           ("--shutdown-timeout=-1", "--shutdown-timeout=-1: must be 0 or more seconds"),
                            # an OverflowError traceback from bind()
                            ("--port=70000", "--port=70000: must be from 0 to 65535"),
                            ("--port=65536", "--port=65536: must be from 0 to 65535"),
