@@ -592,10 +592,14 @@ def run(cfg, workdir: str) -> dict:
     call resumes."""
     with StopSignals() as stop:
         try:
-            return _run(cfg, workdir, stop)
+            final_eval = _run(cfg, workdir, stop)
         except _StopAsked:
             raise Preempted(f"stopped by {stop.name()} during set-up, before this run trained a step: the same "
                             "command runs it again (from its latest checkpoint, if any)") from None
+        if stop.asked is not None:  # noted after the final eval (closing the checkpoints and logs): it was swallowed
+            raise Preempted(f"stopped by {stop.name()} after the final eval, the last step saved: the same command "
+                            "evaluates that step again")
+        return final_eval
 
 
 def _run(cfg, workdir: str, stop: StopSignals) -> dict:
