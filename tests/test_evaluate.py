@@ -640,6 +640,14 @@ def test_lm_eval_loglikelihood_equals_lm_evals_own_hflm(model_dir):
     text = lm.apply_chat_template(chat, add_generation_prompt=False)
     assert text == hflm.apply_chat_template(chat, add_generation_prompt=False) and text.endswith("Answer:")
     assert lm.apply_chat_template(chat[:2]) == hflm.apply_chat_template(chat[:2])
+    assert lm.chat_template(True) == hflm.chat_template(True)
+    # Named templates (a dict): the one lm-eval records is HFLM's choice, a string it can hash.
+    named = {"default": hflm.tokenizer.chat_template, "tool_use": "{{ tools }}"}
+    lm.tokenizer.chat_template = hflm.tokenizer.chat_template = named
+    for choice in (True, "tool_use", "default"):
+        assert lm.chat_template(choice) == hflm.chat_template(choice), choice
+    with pytest.raises(ValueError, match=r"none is named 'chatml'"):
+        lm.chat_template("chatml")
 
 
 def test_lm_eval_command_line_gets_the_models_batch_size_only_where_it_evaluates(monkeypatch):

@@ -305,8 +305,17 @@ class ZephyrJaxLM(LM):
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", "") or "mistral-7b-v0.1").replace("/", "__")
 
-    def chat_template(self, chat_template=False) -> str | None:
-        return self.tokenizer.chat_template
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template lm-eval records with the results, chosen as HFLM chooses it from a tokenizer's named
+        templates (a dict: --apply_chat_template=NAME's, else "default"; lm-eval hashes a string)."""
+        template = self.tokenizer.chat_template
+        if not isinstance(template, dict):
+            return template
+        name = chat_template if isinstance(chat_template, str) else "default"
+        if name not in template:
+            raise ValueError(f"--apply_chat_template={chat_template}: the tokenizer's chat templates are "
+                             f"{sorted(template)}, and none is named {name!r}")
+        return template[name]
 
     def get_model_info(self) -> dict:
         return {"model_name": self.pretrained, "max_length": self.max_length, "add_bos_token": self.add_bos_token}
