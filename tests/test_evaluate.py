@@ -62,8 +62,10 @@ def test_prefs_from_workdir_equals_the_training_eval(dpo_workdir, tmp_path, monk
     expected = _last_eval(dpo_workdir)
     out = tmp_path / "prefs.json"
     evaluate.main(["prefs", f"--workdir={dpo_workdir}", f"--out={out}"])
-    assert "policy log-probs (test_prefs): 100%" in capsys.readouterr().err  # a bar over minutes of a 7B's split
+    printed = capsys.readouterr()
+    assert "policy log-probs (test_prefs): 100%" in printed.err  # a bar over minutes of a 7B's split
     got = _read_json(out)
+    assert json.loads(printed.out) == got  # stdout holds the JSON alone (`> prefs.json`); the loading lines: stderr
     assert got["step"] == expected["step"] == 3 and got["num_pairs"] == 8
     for k in DPO_METRICS:
         assert abs(got[k] - expected[k]) <= 1e-6, (k, got[k], expected[k])
@@ -119,8 +121,9 @@ def test_prefs_policy_against_itself(dpo_workdir, data_dir, capsys):  # noqa: F8
     got = evaluate.main(["prefs", f"--model={dpo_workdir}", f"--reference={dpo_workdir}",
                          f"--data={data_dir / 'prefs'}", "--max_examples=8", "--max_length=128",
                          "--max_prompt_length=64", "--batch_size=8"])
-    bars = capsys.readouterr().err
-    assert "reference log-probs: 100%" in bars and "policy log-probs: 100%" in bars
+    printed = capsys.readouterr()
+    assert "reference log-probs: 100%" in printed.err and "policy log-probs: 100%" in printed.err
+    assert json.loads(printed.out) == got
     assert got["num_pairs"] == 8
     assert got["rewards/chosen"] == got["rewards/margins"] == got["rewards/accuracies"] == 0.0
     assert got["loss"] == pytest.approx(math.log(2), abs=1e-6)

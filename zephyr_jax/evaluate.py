@@ -22,6 +22,7 @@ workdir's cached reference log-probs), so they equal the run's eval records.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -480,7 +481,9 @@ def main(argv=None):
                              "would be ignored (use --model/--reference to set them)")
             step = -1 if args.step is None else args.step
             try:  # not a dDPO workdir, no such split: its message alone
-                metrics = prefs_from_workdir(args.workdir, step, args.data, args.split, args.max_examples, args.mesh)
+                with contextlib.redirect_stdout(sys.stderr):  # (stdout: the JSON alone, for `> prefs.json` or jq)
+                    metrics = prefs_from_workdir(args.workdir, step, args.data, args.split, args.max_examples,
+                                                 args.mesh)
             except (FileNotFoundError, ConnectionError, ValueError) as e:  # ConnectionError: a hub dataset
                 sys.exit(f"error: {e}")
         else:
@@ -493,14 +496,15 @@ def main(argv=None):
             for k, default in PREFS_MODEL_DEFAULTS.items():
                 setattr(args, k, default if getattr(args, k) is None else getattr(args, k))
             try:  # no such model, data (or a hub dataset not reached) or split, settings out of range: its message
-                metrics = prefs(args.model, args.reference, data=args.data or ULTRAFEEDBACK_BINARIZED,
-                                split=args.split or "test_prefs",
-                                max_examples=-1 if args.max_examples is None else args.max_examples,
-                                data_dir=args.data_dir, beta=args.beta, loss_type=args.loss_type,
-                                label_smoothing=args.label_smoothing, reference_free=args.reference_free,
-                                max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer,
-                                mesh=args.mesh)
+                with contextlib.redirect_stdout(sys.stderr):  # (as above)
+                    metrics = prefs(args.model, args.reference, data=args.data or ULTRAFEEDBACK_BINARIZED,
+                                    split=args.split or "test_prefs",
+                                    max_examples=-1 if args.max_examples is None else args.max_examples,
+                                    data_dir=args.data_dir, beta=args.beta, loss_type=args.loss_type,
+                                    label_smoothing=args.label_smoothing, reference_free=args.reference_free,
+                                    max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                    batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer,
+                                    mesh=args.mesh)
             except (FileNotFoundError, ConnectionError, ValueError) as e:
                 sys.exit(f"error: {e}")
         metrics = {**metrics, "policy": args.workdir or args.model,
