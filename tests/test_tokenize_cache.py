@@ -304,6 +304,18 @@ def test_tokenizer_workers_end_with_a_killed_parent():
     assert not left, f"worker processes {left} outlived their parent"
 
 
+def _sigint_handler_here(row, index):  # (run in a worker process)
+    return signal.getsignal(signal.SIGINT)
+
+
+def test_tokenizer_workers_leave_ctrl_c_to_their_parent(parallel_spy):
+    """Ctrl-C reaches the whole foreground process group: the workers ignore it (the parent stops, train saving
+    its state, and ends them), so no worker prints a KeyboardInterrupt traceback of its own."""
+    handlers, _ = pipeline.process_rows(list(range(4)), _sigint_handler_here, progress=False, log=lambda s: None,
+                                        num_proc=2)
+    assert parallel_spy == [2] and handlers == [signal.SIG_IGN] * 4
+
+
 def test_parallel_rows_that_leave_the_last_chunk_short(parallel_spy):
     """37 rows in two workers' chunks of 2: the last chunk holds one row. Every row comes back once, in order,
     with its own index, as in this process (operator.add: the row plus the index it was given)."""

@@ -12,6 +12,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import signal
 import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -126,6 +127,9 @@ _WORKER: dict = {}
 
 def _init_worker(rows, make_example):
     _WORKER.update(rows=rows, make_example=make_example)
+    # Ctrl-C reaches the whole foreground process group: the parent stops (train saves its state) and ends the
+    # workers after their running chunk, so a worker's own KeyboardInterrupt would only add its traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A worker waits on the executor's queue, whose write end it holds itself: when the parent is killed (kill -9,
     # the OOM killer) it would wait forever, holding its memory. It ends with its parent instead.
     parent = multiprocessing.parent_process()
