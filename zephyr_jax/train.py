@@ -798,13 +798,13 @@ def _run(cfg, workdir: str, stop: StopSignals) -> dict:
                     with log.paused():
                         last_eval = stop.unless_stopped(lambda: evaluate(step))
                     preempted = last_eval is STOPPED
-                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps or preempted:
+                scheduled = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps
+                if scheduled or preempted:
                     # The steps up to the checkpoint on record (save_every need not be a log step), and never a
                     # save of a step whose loss went bad (write checks every queued step first).
                     # A preemption off the run's own line and save steps: its line's steps go in the checkpoint too,
                     # for the resumed run to end that line where the uninterrupted run does (its record written
                     # here stands until then).
-                    scheduled = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps
                     carried = log.unwritten() if preempted and not scheduled else []
                     log.write()
                     skipped = preempted and (eval_step or step == total_steps)  # (the resumed run's first work)
